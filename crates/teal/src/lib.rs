@@ -1,0 +1,5 @@
+//! teal: Llama-family inference with TEAL activation sparsity.
+
+pub mod chat;
+pub mod gguf;
+pub mod tokenizer;
