@@ -1,4 +1,6 @@
 //! Kernels for teal. Every op has a plain scalar reference in [`reference`]; every fast path
-//! (SIMD, threads) is tested against it.
+//! (SIMD, threads) in [`cpu`] is tested against it.
 
+pub mod cpu;
 pub mod quant;
+pub mod reference;

@@ -1,5 +1,21 @@
 //! teal: Llama-family inference with TEAL activation sparsity.
+//!
+//! request → [`generate`] → [`models::llama`] → [`linear`] → `teal_kernels`.
 
+pub mod assets;
 pub mod chat;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod generate;
 pub mod gguf;
+pub mod kv_cache;
+pub mod linear;
+pub mod load;
+pub mod loader;
+pub mod models;
+pub mod sampler;
 pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use load::ModelFiles;

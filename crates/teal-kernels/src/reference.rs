@@ -1,0 +1,131 @@
+//! Plain scalar reference implementations of every op. Slow, obvious, and the oracle that each
+//! fast path is tested against.
+
+/// `y = Wt^T x` for input-major weights `wt[in, out]`: `y[o] = sum_j x[j] * wt[j * n_out + o]`.
+pub fn gemv_t(wt: &[f32], n_in: usize, n_out: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(wt.len(), n_in * n_out);
+    assert_eq!(x.len(), n_in);
+    assert_eq!(y.len(), n_out);
+    y.fill(0.0);
+    for (j, &xj) in x.iter().enumerate() {
+        let row = &wt[j * n_out..(j + 1) * n_out];
+        for (yo, &w) in y.iter_mut().zip(row) {
+            *yo += xj * w;
+        }
+    }
+}
+
+/// TEAL sparse GEMV: `y = Wt^T s_t(x)` with `s_t(x) = x * [|x| > t]`; rows of zeroed inputs are
+/// never read.
+pub fn gemv_t_sparse(wt: &[f32], n_in: usize, n_out: usize, x: &[f32], t: f32, y: &mut [f32]) {
+    assert_eq!(wt.len(), n_in * n_out);
+    assert_eq!(x.len(), n_in);
+    assert_eq!(y.len(), n_out);
+    y.fill(0.0);
+    for (j, &xj) in x.iter().enumerate() {
+        if xj.abs() > t {
+            let row = &wt[j * n_out..(j + 1) * n_out];
+            for (yo, &w) in y.iter_mut().zip(row) {
+                *yo += xj * w;
+            }
+        }
+    }
+}
+
+/// `y[T, out] = x[T, in] * wt[in, out]`.
+pub fn matmul_t(x: &[f32], n_tok: usize, wt: &[f32], n_in: usize, n_out: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), n_tok * n_in);
+    assert_eq!(y.len(), n_tok * n_out);
+    for t in 0..n_tok {
+        gemv_t(wt, n_in, n_out, &x[t * n_in..(t + 1) * n_in], &mut y[t * n_out..(t + 1) * n_out]);
+    }
+}
+
+/// TEAL's sparsification rule `s_t(x) = x * [|x| > t]` (strict).
+pub fn sparsify(x: &[f32], t: f32, out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = if v.abs() > t { v } else { 0.0 };
+    }
+}
+
+/// RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w`, in f32 as the models' own code does.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
+/// Rotary embedding, NeoX / Hugging Face layout: dimension `i` pairs with `i + head_dim/2`.
+/// `cos`/`sin` hold `head_dim/2` values for this position.
+pub fn rope_neox(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = head.len() / 2;
+    for i in 0..half {
+        let (a, b) = (head[i], head[i + half]);
+        head[i] = a * cos[i] - b * sin[i];
+        head[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// In-place numerically stable softmax.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= s;
+    }
+}
+
+/// `out = silu(gate) * up`.
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+/// Causal attention of `n_q` query positions (absolute positions `pos0..pos0+n_q`) over the
+/// first `pos0 + n_q` cached keys, grouped-query: query head `h` reads KV head `h / group`.
+/// `q[n_q, n_head*hd]`, `k`,`v`: `[n_kv_total, n_kv_head*hd]`, `out[n_q, n_head*hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_q: usize,
+    pos0: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    let group = n_head / n_kv_head;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (qs, kvs) = (n_head * hd, n_kv_head * hd);
+    for t in 0..n_q {
+        let n_keys = pos0 + t + 1;
+        for h in 0..n_head {
+            let kh = h / group;
+            let qh = &q[t * qs + h * hd..t * qs + (h + 1) * hd];
+            let mut scores: Vec<f32> = (0..n_keys)
+                .map(|p| {
+                    let kp = &k[p * kvs + kh * hd..p * kvs + (kh + 1) * hd];
+                    qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            softmax(&mut scores);
+            let o = &mut out[t * qs + h * hd..t * qs + (h + 1) * hd];
+            o.fill(0.0);
+            for (p, &s) in scores.iter().enumerate() {
+                let vp = &v[p * kvs + kh * hd..p * kvs + (kh + 1) * hd];
+                for (oi, &vi) in o.iter_mut().zip(vp) {
+                    *oi += s * vi;
+                }
+            }
+        }
+    }
+}

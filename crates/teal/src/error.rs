@@ -1,0 +1,62 @@
+//! The library's one error type. Every variant names what was wrong and where.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Chat(#[from] crate::chat::ChatError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("unsupported architecture '{0}' (supported: llama, mistral, qwen2)")]
+    UnsupportedArchitecture(String),
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("tensor '{name}' missing from {source_desc}")]
+    MissingTensor { name: String, source_desc: String },
+    #[error("tensor '{name}': shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor '{name}': {msg}")]
+    Tensor { name: String, msg: String },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("{what} of {got} tokens is longer than the context of {ctx} tokens")]
+    ContextOverflow {
+        what: &'static str,
+        got: usize,
+        ctx: usize,
+    },
+    #[error("{path}: not valid UTF-8 text (first bad byte at offset {offset})")]
+    NotUtf8 { path: PathBuf, offset: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Reads a whole text file, naming the file in every error.
+pub fn read_text(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    String::from_utf8(bytes).map_err(|e| Error::NotUtf8 {
+        path: path.into(),
+        offset: e.utf8_error().valid_up_to(),
+    })
+}

@@ -1,0 +1,3 @@
+//! Quality evaluation.
+
+pub mod perplexity;

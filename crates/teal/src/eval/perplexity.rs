@@ -1,0 +1,81 @@
+//! Perplexity, protocol P512 (DESIGN §4): the whole text tokenized as stored (no BOS), the first
+//! K non-overlapping windows of `ctx` tokens, each run from an empty cache, tokens 1..ctx-1 of
+//! each scored; PPL = exp(mean NLL).
+
+use crate::error::{Error, Result};
+use crate::models::llama::{Llama, Logits};
+
+#[derive(Clone, Debug)]
+pub struct PplOptions {
+    pub ctx: usize,
+    /// First K windows; `None`: every full window.
+    pub chunks: Option<usize>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PplResult {
+    pub ppl: f64,
+    pub nll: f64,
+    pub tokens_scored: usize,
+    pub chunks: usize,
+    pub ctx: usize,
+    /// Mean NLL of each window.
+    pub chunk_nll: Vec<f64>,
+}
+
+/// `-log softmax(logits)[target]`, accumulated in f64.
+pub fn nll(logits: &[f32], target: u32) -> f64 {
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+    lse - logits[target as usize] as f64
+}
+
+/// The windows P512 scores: `(start, end)` token ranges.
+pub fn windows(n_tokens: usize, opts: &PplOptions) -> Result<Vec<(usize, usize)>> {
+    if opts.ctx < 2 {
+        return Err(Error::Invalid(format!("context {} is too short to score any token", opts.ctx)));
+    }
+    let full = n_tokens / opts.ctx;
+    if full == 0 {
+        return Err(Error::Invalid(format!(
+            "the text has {n_tokens} tokens, fewer than one window of {} tokens",
+            opts.ctx
+        )));
+    }
+    let k = match opts.chunks {
+        Some(0) => return Err(Error::Invalid("--chunks must be at least 1".into())),
+        Some(k) if k > full => {
+            return Err(Error::Invalid(format!("asked for {k} windows but the text has only {full} of {} tokens", opts.ctx)))
+        }
+        Some(k) => k,
+        None => full,
+    };
+    Ok((0..k).map(|i| (i * opts.ctx, (i + 1) * opts.ctx)).collect())
+}
+
+/// Runs P512 on `tokens`; `progress(done, total)` is called after each window.
+pub fn perplexity(
+    model: &Llama,
+    tokens: &[u32],
+    opts: &PplOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<PplResult> {
+    let wins = windows(tokens.len(), opts)?;
+    let vocab = model.config.vocab_size;
+    let mut cache = model.new_cache(opts.ctx);
+    let mut chunk_nll = Vec::with_capacity(wins.len());
+    let mut total = 0.0;
+    let mut scored = 0;
+    for (i, &(s, e)) in wins.iter().enumerate() {
+        cache.clear();
+        let w = &tokens[s..e];
+        let logits = model.prefill(w, &mut cache, Logits::All)?;
+        let sum: f64 = (1..w.len()).map(|t| nll(&logits[(t - 1) * vocab..t * vocab], w[t])).sum();
+        chunk_nll.push(sum / (w.len() - 1) as f64);
+        total += sum;
+        scored += w.len() - 1;
+        progress(i + 1, wins.len());
+    }
+    let mean = total / scored as f64;
+    Ok(PplResult { ppl: mean.exp(), nll: mean, tokens_scored: scored, chunks: wins.len(), ctx: opts.ctx, chunk_nll })
+}

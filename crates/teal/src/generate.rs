@@ -1,0 +1,100 @@
+//! Text generation: prefill the prompt, then decode one token at a time with the KV cache,
+//! streaming each piece of text as it is complete.
+
+use crate::error::{Error, Result};
+use crate::models::llama::{DecodeScratch, Llama, Logits};
+use crate::sampler::{Sampler, SamplerConfig};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Context length (KV cache capacity).
+    pub ctx: usize,
+    pub stop_at_eos: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    ContextFull,
+    Caller,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub stop: StopReason,
+    pub prompt_tokens: usize,
+    pub prompt_secs: f64,
+    pub decode_tokens: usize,
+    pub decode_secs: f64,
+}
+
+impl Generation {
+    pub fn prompt_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prompt_secs.max(1e-9)
+    }
+    /// Decode speed: tokens after the first (the first comes from the prefill's logits).
+    pub fn decode_tok_s(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+/// Generates up to `params.max_tokens` tokens after `prompt`. `on_text` receives each new piece
+/// of text as soon as it is complete UTF-8 and returns `false` to stop.
+pub fn generate(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    if prompt.len() >= params.ctx {
+        return Err(Error::ContextOverflow { what: "the prompt", got: prompt.len(), ctx: params.ctx });
+    }
+    let mut cache = model.new_cache(params.ctx);
+    let mut scratch = DecodeScratch::new(&model.config, params.ctx);
+    let mut sampler = Sampler::new(params.sampler.clone());
+    let mut stream = StreamDecoder::new(tokenizer);
+
+    let t0 = Instant::now();
+    let logits = model.prefill(prompt, &mut cache, Logits::Last)?;
+    let prompt_secs = t0.elapsed().as_secs_f64();
+    let mut tokens = Vec::with_capacity(params.max_tokens);
+    let mut next = sampler.sample(&logits);
+    let t1 = Instant::now();
+    let stop = loop {
+        if params.stop_at_eos && tokenizer.eos_ids().contains(&next) {
+            break StopReason::Eos;
+        }
+        tokens.push(next);
+        let piece = stream.push(next)?;
+        if !on_text(&piece) {
+            break StopReason::Caller;
+        }
+        if tokens.len() >= params.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        if cache.len() >= params.ctx {
+            break StopReason::ContextFull;
+        }
+        let logits = model.decode(next, &mut cache, &mut scratch)?;
+        next = sampler.sample(logits);
+    };
+    Ok(Generation {
+        decode_tokens: tokens.len().saturating_sub(1),
+        decode_secs: t1.elapsed().as_secs_f64(),
+        tokens,
+        stop,
+        prompt_tokens: prompt.len(),
+        prompt_secs,
+    })
+}

@@ -1,0 +1,282 @@
+//! Where tensors come from: a GGUF file or a Hugging Face safetensors directory, both memory
+//! mapped. The model asks by Hugging Face name and gets row-major f32 in Hugging Face layout;
+//! this module maps names, dequantizes, converts and undoes GGUF's q/k row permutation.
+
+use crate::config::{Arch, Config};
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A source of named tensors in Hugging Face naming and layout.
+pub trait TensorSource {
+    /// Row-major f32 values of `name`, checked against `shape` (Hugging Face order, e.g.
+    /// `[out, in]` for a projection).
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    fn contains(&self, name: &str) -> bool;
+    /// Every tensor: Hugging Face name, shape, storage type name.
+    fn describe(&self) -> Vec<(String, Vec<usize>, String)>;
+    fn label(&self) -> String;
+}
+
+/// Maps a Hugging Face tensor name to its GGUF name (llama.cpp's convention).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// The inverse of [`gguf_name`].
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let h = match module {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{h}.{kind}"))
+}
+
+/// llama.cpp's converter reorders the rows of Llama q/k projections so that rotary pairs are
+/// adjacent (`(head, i, half)` -> `(head, half, i)`). This restores the Hugging Face order, in
+/// which dimension `i` pairs with `i + head_dim/2`. Works for weights (`cols` = in) and biases
+/// (`cols` = 1).
+pub fn unpermute_rows(w: &[f32], n_head: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0; w.len()];
+    for h in 0..n_head {
+        for k in 0..half {
+            for i in 0..2 {
+                let src = h * head_dim + k * 2 + i;
+                let dst = h * head_dim + i * half + k;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`unpermute_rows`] (what llama.cpp's converter does), for writing GGUF files.
+pub fn permute_rows(w: &[f32], n_head: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0; w.len()];
+    for h in 0..n_head {
+        for k in 0..half {
+            for i in 0..2 {
+                let dst = h * head_dim + k * 2 + i;
+                let src = h * head_dim + i * half + k;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+pub struct GgufSource {
+    pub file: GgufFile,
+    config: Config,
+}
+
+impl GgufSource {
+    pub fn new(file: GgufFile, config: Config) -> Self {
+        GgufSource { file, config }
+    }
+
+    /// GGUF stores Llama-arch q/k permuted for llama.cpp's rotary layout; Qwen2 is not.
+    fn permutation(&self, hf: &str) -> Option<usize> {
+        if self.config.arch == Arch::Qwen2 {
+            return None;
+        }
+        if hf.contains("self_attn.q_proj.") {
+            Some(self.config.num_attention_heads)
+        } else if hf.contains("self_attn.k_proj.") {
+            Some(self.config.num_key_value_heads)
+        } else {
+            None
+        }
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let missing = || Error::MissingTensor { name: name.to_string(), source_desc: self.label() };
+        let gname = gguf_name(name).ok_or_else(missing)?;
+        let t = self.file.tensor(&gname).ok_or_else(missing)?;
+        // GGUF lists dims fastest first: the reverse of the row-major shape.
+        let got: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        if got != shape {
+            return Err(Error::TensorShape { name: gname, got, expected: shape.to_vec() });
+        }
+        let data = self.file.dequantize(t)?;
+        Ok(match self.permutation(name) {
+            Some(n_head) => {
+                let cols = if shape.len() == 2 { shape[1] } else { 1 };
+                unpermute_rows(&data, n_head, self.config.head_dim, cols)
+            }
+            None => data,
+        })
+    }
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.file.tensor(&g).is_some())
+    }
+    fn describe(&self) -> Vec<(String, Vec<usize>, String)> {
+        self.file
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    hf_name(&t.name).unwrap_or_else(|| t.name.clone()),
+                    t.dims.iter().rev().map(|&d| d as usize).collect(),
+                    t.ty.name().to_string(),
+                )
+            })
+            .collect()
+    }
+    fn label(&self) -> String {
+        self.file.path.display().to_string()
+    }
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// A Hugging Face model directory: `model.safetensors` or a sharded index, f32/f16/bf16.
+pub struct SafetensorsSource {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// name -> shard index
+    index: HashMap<String, usize>,
+}
+
+impl SafetensorsSource {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index_path.exists() {
+            let text = crate::error::read_text(&index_path)?;
+            let j: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.clone(), source })?;
+            let map = j.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Safetensors {
+                path: index_path.clone(),
+                msg: "no 'weight_map' object".into(),
+            })?;
+            let mut f: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            f.sort();
+            f.dedup();
+            f.iter().map(|n| dir.join(n)).collect()
+        } else {
+            return Err(Error::Safetensors {
+                path: dir.into(),
+                msg: "neither model.safetensors nor model.safetensors.index.json".into(),
+            });
+        };
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for path in files {
+            let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            // SAFETY: the file is opened read-only; like every mmap-based loader we assume it is
+            // not truncated by another process while mapped.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
+            let st = safetensors::SafeTensors::deserialize(&mmap)
+                .map_err(|e| Error::Safetensors { path: path.clone(), msg: e.to_string() })?;
+            for name in st.names() {
+                index.insert(name.to_string(), shards.len());
+            }
+            drop(st);
+            shards.push(Shard { path, mmap });
+        }
+        Ok(SafetensorsSource { dir: dir.into(), shards, index })
+    }
+
+    fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
+        let i = *self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into(), source_desc: self.label() })?;
+        let s = &self.shards[i];
+        let st = safetensors::SafeTensors::deserialize(&s.mmap)
+            .map_err(|e| Error::Safetensors { path: s.path.clone(), msg: e.to_string() })?;
+        let v = st.tensor(name).map_err(|e| Error::Safetensors { path: s.path.clone(), msg: e.to_string() })?;
+        Ok((v, &s.path))
+    }
+}
+
+impl TensorSource for SafetensorsSource {
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        use safetensors::Dtype;
+        let (v, _) = self.view(name)?;
+        if v.shape() != shape {
+            return Err(Error::TensorShape { name: name.into(), got: v.shape().to_vec(), expected: shape.to_vec() });
+        }
+        let b = v.data();
+        let out: Vec<f32> = match v.dtype() {
+            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => {
+                return Err(Error::Tensor { name: name.into(), msg: format!("unsupported safetensors dtype {other:?}") })
+            }
+        };
+        Ok(out)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+    fn describe(&self) -> Vec<(String, Vec<usize>, String)> {
+        let mut names: Vec<&String> = self.index.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|n| self.view(n).ok().map(|(v, _)| (n.clone(), v.shape().to_vec(), format!("{:?}", v.dtype()))))
+            .collect()
+    }
+    fn label(&self) -> String {
+        self.dir.display().to_string()
+    }
+}

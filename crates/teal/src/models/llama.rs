@@ -1,0 +1,371 @@
+//! The Llama family (Llama-2/3, SmolLM2, TinyLlama, Mistral, Qwen2): one forward pass, top to
+//! bottom. Prefill (many positions, optionally logits for every one) and decode (one position,
+//! preallocated scratch, no allocation) are separate functions. Every projection goes through
+//! [`Linear`], which owns precision and sparsity.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::loader::TensorSource;
+use teal_kernels::{cpu, reference};
+
+/// The four places in a block where an input enters projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// Post-RMSNorm attention input: q_proj, k_proj, v_proj.
+    Qkv,
+    /// Attention output (heads concatenated): o_proj.
+    O,
+    /// Post-RMSNorm MLP input: gate_proj, up_proj.
+    GateUp,
+    /// `act(gate(x)) * up(x)`: down_proj.
+    Down,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::Qkv, Site::O, Site::GateUp, Site::Down];
+}
+
+/// Receives every row of activations at each site during prefill (calibration).
+pub trait Observer {
+    fn observe(&mut self, layer: usize, site: Site, rows: &[f32], width: usize);
+}
+
+pub struct Block {
+    pub input_layernorm: Vec<f32>,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub post_attention_layernorm: Vec<f32>,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct Llama {
+    pub config: Config,
+    /// `[vocab, hidden]` rows.
+    pub embed_tokens: Vec<f32>,
+    pub layers: Vec<Block>,
+    pub norm: Vec<f32>,
+    pub lm_head: Linear,
+    inv_freq: Vec<f32>,
+}
+
+/// What prefill returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Logits of the last position only (`[vocab]`).
+    Last,
+    /// Logits of every position (`[n_tokens, vocab]`).
+    All,
+}
+
+impl Llama {
+    pub fn load(config: Config, src: &dyn TensorSource) -> Result<Llama> {
+        let c = &config;
+        let (d, ff, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = src.load(&format!("{name}.weight"), &[out, inp])?;
+            check_finite(&format!("{name}.weight"), &w)?;
+            let b = if bias { Some(src.load(&format!("{name}.bias"), &[out])?) } else { None };
+            Ok(Linear::from_rows(out, inp, &w, b))
+        };
+        let vector = |name: &str, n: usize| -> Result<Vec<f32>> {
+            let v = src.load(name, &[n])?;
+            check_finite(name, &v)?;
+            Ok(v)
+        };
+        let embed_tokens = src.load("model.embed_tokens.weight", &[c.vocab_size, d])?;
+        check_finite("model.embed_tokens.weight", &embed_tokens)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Block {
+                input_layernorm: vector(&format!("{p}.input_layernorm.weight"), d)?,
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), q, d, c.attention_bias)?,
+                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv, d, c.attention_bias)?,
+                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv, d, c.attention_bias)?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), d, q, false)?,
+                post_attention_layernorm: vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), ff, d, false)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), ff, d, false)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), d, ff, false)?,
+            });
+        }
+        let lm_head = if src.contains("lm_head.weight") {
+            linear("lm_head", c.vocab_size, d, false)?
+        } else {
+            Linear::from_rows(c.vocab_size, d, &embed_tokens, None)
+        };
+        Ok(Llama {
+            inv_freq: config.rope_inv_freq(),
+            embed_tokens,
+            layers,
+            norm: vector("model.norm.weight", d)?,
+            lm_head,
+            config,
+        })
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(&self.config, capacity)
+    }
+
+    /// Bytes of weights stored in the projections and the LM head.
+    pub fn linear_weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|b| b.linears())
+            .map(|(_, l)| l.weight_bytes())
+            .sum::<usize>()
+            + self.lm_head.weight_bytes()
+    }
+
+    fn rope_tables(&self, pos0: usize, n: usize, cos: &mut [f32], sin: &mut [f32]) {
+        let half = self.inv_freq.len();
+        for t in 0..n {
+            let p = (pos0 + t) as f32;
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let a = p * f;
+                cos[t * half + i] = a.cos();
+                sin[t * half + i] = a.sin();
+            }
+        }
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        match tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            Some(t) => Err(Error::Invalid(format!("token id {t} is outside the vocabulary of {}", self.config.vocab_size))),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the cache and
+    /// returns logits as asked.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+        self.prefill_observed(tokens, cache, logits, None)
+    }
+
+    /// [`Llama::prefill`], reporting the input of every projection site to `observer`.
+    pub fn prefill_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        mut observer: Option<&mut dyn Observer>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::EmptyPrompt);
+        }
+        let pos0 = cache.len();
+        if pos0 + n > cache.capacity() {
+            return Err(Error::ContextOverflow { what: "the input", got: pos0 + n, ctx: cache.capacity() });
+        }
+        self.check_tokens(tokens)?;
+        let (d, ff, qd, kvd, hd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let half = hd / 2;
+        let mut cos = vec![0.0; n * half];
+        let mut sin = vec![0.0; n * half];
+        self.rope_tables(pos0, n, &mut cos, &mut sin);
+
+        let mut x = vec![0.0f32; n * d];
+        for (t, &tok) in tokens.iter().enumerate() {
+            x[t * d..(t + 1) * d].copy_from_slice(&self.embed_tokens[tok as usize * d..(tok as usize + 1) * d]);
+        }
+        let mut h = vec![0.0f32; n * d];
+        let mut q = vec![0.0f32; n * qd];
+        let mut att = vec![0.0f32; n * qd];
+        let mut g = vec![0.0f32; n * ff];
+        let mut u = vec![0.0f32; n * ff];
+        let mut out = vec![0.0f32; n * d];
+
+        for (l, b) in self.layers.iter().enumerate() {
+            // Attention.
+            for t in 0..n {
+                reference::rmsnorm(&x[t * d..(t + 1) * d], &b.input_layernorm, c.rms_norm_eps, &mut h[t * d..(t + 1) * d]);
+            }
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(l, Site::Qkv, &h, d);
+            }
+            b.q_proj.forward_batch(&h, n, &mut q);
+            let kc = &mut cache.k[l][pos0 * kvd..(pos0 + n) * kvd];
+            b.k_proj.forward_batch(&h, n, kc);
+            let vc = &mut cache.v[l][pos0 * kvd..(pos0 + n) * kvd];
+            b.v_proj.forward_batch(&h, n, vc);
+            for t in 0..n {
+                let (ct, st) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                for head in q[t * qd..(t + 1) * qd].chunks_mut(hd) {
+                    reference::rope_neox(head, ct, st);
+                }
+                for head in cache.k[l][(pos0 + t) * kvd..(pos0 + t + 1) * kvd].chunks_mut(hd) {
+                    reference::rope_neox(head, ct, st);
+                }
+            }
+            let keys = &cache.k[l][..(pos0 + n) * kvd];
+            let values = &cache.v[l][..(pos0 + n) * kvd];
+            cpu::attention(&q, keys, values, n, pos0, c.num_attention_heads, c.num_key_value_heads, hd, &mut att);
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(l, Site::O, &att, qd);
+            }
+            b.o_proj.forward_batch(&att, n, &mut out);
+            add_assign(&mut x, &out);
+
+            // MLP.
+            for t in 0..n {
+                reference::rmsnorm(
+                    &x[t * d..(t + 1) * d],
+                    &b.post_attention_layernorm,
+                    c.rms_norm_eps,
+                    &mut h[t * d..(t + 1) * d],
+                );
+            }
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(l, Site::GateUp, &h, d);
+            }
+            b.gate_proj.forward_batch(&h, n, &mut g);
+            b.up_proj.forward_batch(&h, n, &mut u);
+            let gc = g.clone();
+            reference::silu_mul(&gc, &u, &mut g);
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(l, Site::Down, &g, ff);
+            }
+            b.down_proj.forward_batch(&g, n, &mut out);
+            add_assign(&mut x, &out);
+        }
+        cache.advance(n);
+
+        let rows: Vec<usize> = match logits {
+            Logits::Last => vec![n - 1],
+            Logits::All => (0..n).collect(),
+        };
+        let mut normed = vec![0.0f32; rows.len() * d];
+        for (i, &t) in rows.iter().enumerate() {
+            reference::rmsnorm(&x[t * d..(t + 1) * d], &self.norm, c.rms_norm_eps, &mut normed[i * d..(i + 1) * d]);
+        }
+        let mut lg = vec![0.0f32; rows.len() * c.vocab_size];
+        self.lm_head.forward_batch(&normed, rows.len(), &mut lg);
+        Ok(lg)
+    }
+
+    /// One decode step: runs `token` at position `cache.len()` and returns its logits. Uses only
+    /// the preallocated buffers in `s`.
+    pub fn decode<'s>(&self, token: u32, cache: &mut KvCache, s: &'s mut DecodeScratch) -> Result<&'s [f32]> {
+        let c = &self.config;
+        let pos = cache.len();
+        if pos + 1 > cache.capacity() {
+            return Err(Error::ContextOverflow { what: "the sequence", got: pos + 1, ctx: cache.capacity() });
+        }
+        self.check_tokens(&[token])?;
+        if s.scores.len() < c.num_attention_heads * (pos + 1) {
+            return Err(Error::Invalid(format!("decode scratch was sized for fewer than {} positions", pos + 1)));
+        }
+        let (d, kvd, hd) = (c.hidden_size, c.kv_dim(), c.head_dim);
+        self.rope_tables(pos, 1, &mut s.cos, &mut s.sin);
+        s.x.copy_from_slice(&self.embed_tokens[token as usize * d..(token as usize + 1) * d]);
+        for (l, b) in self.layers.iter().enumerate() {
+            reference::rmsnorm(&s.x, &b.input_layernorm, c.rms_norm_eps, &mut s.h);
+            b.q_proj.forward(&s.h, &mut s.q);
+            b.k_proj.forward(&s.h, &mut cache.k[l][pos * kvd..(pos + 1) * kvd]);
+            b.v_proj.forward(&s.h, &mut cache.v[l][pos * kvd..(pos + 1) * kvd]);
+            for head in s.q.chunks_mut(hd) {
+                reference::rope_neox(head, &s.cos, &s.sin);
+            }
+            for head in cache.k[l][pos * kvd..(pos + 1) * kvd].chunks_mut(hd) {
+                reference::rope_neox(head, &s.cos, &s.sin);
+            }
+            cpu::attention_decode(
+                &s.q,
+                &cache.k[l][..(pos + 1) * kvd],
+                &cache.v[l][..(pos + 1) * kvd],
+                pos + 1,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                hd,
+                &mut s.scores,
+                &mut s.att,
+            );
+            b.o_proj.forward(&s.att, &mut s.out);
+            add_assign(&mut s.x, &s.out);
+
+            reference::rmsnorm(&s.x, &b.post_attention_layernorm, c.rms_norm_eps, &mut s.h);
+            b.gate_proj.forward(&s.h, &mut s.g);
+            b.up_proj.forward(&s.h, &mut s.u);
+            reference::silu_mul(&s.g, &s.u, &mut s.a);
+            b.down_proj.forward(&s.a, &mut s.out);
+            add_assign(&mut s.x, &s.out);
+        }
+        cache.advance(1);
+        reference::rmsnorm(&s.x, &self.norm, c.rms_norm_eps, &mut s.h);
+        self.lm_head.forward(&s.h, &mut s.logits);
+        Ok(&s.logits)
+    }
+}
+
+impl Block {
+    /// The seven projections with their checkpoint names.
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("o_proj", &self.o_proj),
+            ("gate_proj", &self.gate_proj),
+            ("up_proj", &self.up_proj),
+            ("down_proj", &self.down_proj),
+        ]
+    }
+}
+
+/// Buffers for one decode step, sized once for the model and the context.
+pub struct DecodeScratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    att: Vec<f32>,
+    out: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    a: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl DecodeScratch {
+    pub fn new(c: &Config, ctx: usize) -> DecodeScratch {
+        let z = |n: usize| vec![0.0f32; n];
+        DecodeScratch {
+            x: z(c.hidden_size),
+            h: z(c.hidden_size),
+            q: z(c.q_dim()),
+            att: z(c.q_dim()),
+            out: z(c.hidden_size),
+            g: z(c.intermediate_size),
+            u: z(c.intermediate_size),
+            a: z(c.intermediate_size),
+            cos: z(c.head_dim / 2),
+            sin: z(c.head_dim / 2),
+            scores: z(c.num_attention_heads * ctx),
+            logits: z(c.vocab_size),
+        }
+    }
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn check_finite(name: &str, v: &[f32]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(Error::Tensor { name: name.into(), msg: format!("non-finite value {} at index {i}", v[i]) }),
+        None => Ok(()),
+    }
+}

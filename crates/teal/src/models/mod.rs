@@ -1,0 +1,3 @@
+//! Model families. One file per family; field names are the checkpoint's names.
+
+pub mod llama;

@@ -1,0 +1,222 @@
+//! Golden tests on a tiny random model written by the test itself: GGUF and safetensors load to
+//! identical logits, the engine matches a naive forward pass written here from the definitions,
+//! and prefill, chunked prefill and decode agree.
+
+mod common;
+use common::*;
+use teal::config::{Arch, Config};
+use teal::gguf::GgufFile;
+use teal::loader::{GgufSource, SafetensorsSource};
+use teal::models::llama::{DecodeScratch, Llama, Logits};
+
+/// Differences between two float paths computing the same sums in a different order, on logits of
+/// size ~10: measured around 1e-6; 1e-4 leaves room and still catches any real error.
+const LOGIT_TOL: f32 = 1e-4;
+
+const TOKENS: [u32; 11] = [1, 5, 96, 17, 17, 0, 42, 63, 8, 2, 77];
+
+fn load_both(arch: Arch) -> (Llama, Llama, Weights, Config) {
+    let c = tiny_config(arch);
+    let w = random_weights(&c, 7);
+    let dir = tempfile::tempdir().unwrap();
+    let gpath = dir.path().join("tiny.gguf");
+    write_gguf(&gpath, &c, &w);
+    write_safetensors(&dir.path().join("hf"), &c, &w);
+
+    let g = GgufFile::open(&gpath).unwrap();
+    let gc = Config::from_gguf(&g).unwrap();
+    assert_eq!(gc, c, "config read back from GGUF metadata");
+    let m_gguf = Llama::load(gc.clone(), &GgufSource::new(g, gc)).unwrap();
+    let hc = Config::from_hf_json(&dir.path().join("hf/config.json")).unwrap();
+    assert_eq!(hc, c, "config read back from config.json");
+    let m_st = Llama::load(hc, &SafetensorsSource::open(&dir.path().join("hf")).unwrap()).unwrap();
+    (m_gguf, m_st, w, c)
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * y.abs().max(1.0), "{what}: index {i}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn gguf_and_safetensors_give_identical_logits() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let (a, b, _, c) = load_both(arch);
+        let la = a.prefill(&TOKENS, &mut a.new_cache(32), Logits::All).unwrap();
+        let lb = b.prefill(&TOKENS, &mut b.new_cache(32), Logits::All).unwrap();
+        assert_eq!(la.len(), TOKENS.len() * c.vocab_size);
+        assert_eq!(la, lb, "{arch:?}: GGUF and safetensors logits must be bit-identical");
+    }
+}
+
+/// A naive forward pass straight from the definitions, on the Hugging Face layout: y = W x.
+fn naive_forward(c: &Config, w: &Weights, tokens: &[u32]) -> Vec<f32> {
+    let get = |n: &str| &w[n].1;
+    let (d, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+    let matvec = |m: &[f32], x: &[f32], out: usize| -> Vec<f32> {
+        (0..out).map(|o| (0..x.len()).map(|i| m[o * x.len() + i] * x[i]).sum()).collect()
+    };
+    let rms = |x: &[f32], g: &[f32]| -> Vec<f32> {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        x.iter().zip(g).map(|(v, g)| v / (ms + c.rms_norm_eps).sqrt() * g).collect()
+    };
+    let rope = |v: &mut [f32], pos: usize| {
+        for h in v.chunks_mut(hd) {
+            let orig = h.to_vec();
+            for i in 0..hd / 2 {
+                let th = pos as f32 / c.rope_theta.powf(2.0 * i as f32 / hd as f32);
+                h[i] = orig[i] * th.cos() - orig[i + hd / 2] * th.sin();
+                h[i + hd / 2] = orig[i + hd / 2] * th.cos() + orig[i] * th.sin();
+            }
+        }
+    };
+    let add_bias = |v: &mut Vec<f32>, n: &str| {
+        if let Some((_, b)) = w.get(n) {
+            v.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+        }
+    };
+    let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| get("model.embed_tokens.weight")[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let (mut ks, mut vs, mut qs) = (vec![], vec![], vec![]);
+        for (pos, x) in xs.iter().enumerate() {
+            let h = rms(x, get(&format!("{p}.input_layernorm.weight")));
+            let mut q = matvec(get(&format!("{p}.self_attn.q_proj.weight")), &h, nh * hd);
+            let mut k = matvec(get(&format!("{p}.self_attn.k_proj.weight")), &h, nkv * hd);
+            let mut v = matvec(get(&format!("{p}.self_attn.v_proj.weight")), &h, nkv * hd);
+            add_bias(&mut q, &format!("{p}.self_attn.q_proj.bias"));
+            add_bias(&mut k, &format!("{p}.self_attn.k_proj.bias"));
+            add_bias(&mut v, &format!("{p}.self_attn.v_proj.bias"));
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(v);
+        }
+        for t in 0..xs.len() {
+            let mut att = vec![0.0f32; nh * hd];
+            for h in 0..nh {
+                let kh = h / (nh / nkv);
+                let q = &qs[t][h * hd..(h + 1) * hd];
+                let s: Vec<f32> = (0..=t)
+                    .map(|p| q.iter().zip(&ks[p][kh * hd..(kh + 1) * hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
+                    .collect();
+                let m = s.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = s.iter().map(|v| (v - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for p in 0..=t {
+                    for i in 0..hd {
+                        att[h * hd + i] += e[p] / z * vs[p][kh * hd + i];
+                    }
+                }
+            }
+            let o = matvec(get(&format!("{p}.self_attn.o_proj.weight")), &att, d);
+            xs[t].iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let h = rms(&xs[t], get(&format!("{p}.post_attention_layernorm.weight")));
+            let g = matvec(get(&format!("{p}.mlp.gate_proj.weight")), &h, c.intermediate_size);
+            let u = matvec(get(&format!("{p}.mlp.up_proj.weight")), &h, c.intermediate_size);
+            let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let dn = matvec(get(&format!("{p}.mlp.down_proj.weight")), &a, d);
+            xs[t].iter_mut().zip(&dn).for_each(|(x, o)| *x += o);
+        }
+    }
+    let head = w.get("lm_head.weight").unwrap_or(&w["model.embed_tokens.weight"]).1.clone();
+    xs.iter().flat_map(|x| matvec(&head, &rms(x, get("model.norm.weight")), c.vocab_size)).collect()
+}
+
+#[test]
+fn engine_matches_naive_forward() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let (m, _, w, c) = load_both(arch);
+        let got = m.prefill(&TOKENS, &mut m.new_cache(32), Logits::All).unwrap();
+        let want = naive_forward(&c, &w, &TOKENS);
+        assert_close(&got, &want, LOGIT_TOL, &format!("{arch:?} prefill vs naive"));
+    }
+}
+
+#[test]
+fn decode_and_chunked_prefill_match_full_prefill() {
+    let (m, _, _, c) = load_both(Arch::Llama);
+    let v = c.vocab_size;
+    let full = m.prefill(&TOKENS, &mut m.new_cache(32), Logits::All).unwrap();
+
+    // Prefill 4 tokens, then decode the rest one by one.
+    let mut cache = m.new_cache(32);
+    let mut scratch = DecodeScratch::new(&c, 32);
+    let first = m.prefill(&TOKENS[..4], &mut cache, Logits::Last).unwrap();
+    assert_close(&first, &full[3 * v..4 * v], LOGIT_TOL, "prefill last");
+    for (i, &t) in TOKENS.iter().enumerate().skip(4) {
+        let l = m.decode(t, &mut cache, &mut scratch).unwrap();
+        assert_close(l, &full[i * v..(i + 1) * v], LOGIT_TOL, &format!("decode at {i}"));
+    }
+
+    // Two prefill chunks.
+    let mut cache = m.new_cache(32);
+    m.prefill(&TOKENS[..5], &mut cache, Logits::Last).unwrap();
+    let rest = m.prefill(&TOKENS[5..], &mut cache, Logits::All).unwrap();
+    assert_close(&rest, &full[5 * v..], LOGIT_TOL, "chunked prefill");
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let (m, _, _, c) = load_both(Arch::Llama);
+    let mut cache = m.new_cache(4);
+    assert!(matches!(m.prefill(&[], &mut cache, Logits::Last), Err(teal::Error::EmptyPrompt)));
+    let e = m.prefill(&TOKENS, &mut cache, Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("longer than the context"), "{e}");
+    let e = m.prefill(&[c.vocab_size as u32], &mut m.new_cache(4), Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+
+    // A missing tensor and a wrong shape are named.
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = random_weights(&c, 1);
+    w.remove("model.layers.1.mlp.up_proj.weight");
+    write_safetensors(dir.path(), &c, &w);
+    let e = Llama::load(c.clone(), &SafetensorsSource::open(dir.path()).unwrap()).err().unwrap();
+    assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+
+    let mut w = random_weights(&c, 1);
+    w.insert("model.layers.0.mlp.down_proj.weight".into(), (vec![c.hidden_size, 5], vec![0.0; c.hidden_size * 5]));
+    let gpath = dir.path().join("bad.gguf");
+    write_gguf(&gpath, &c, &w);
+    let g = GgufFile::open(&gpath).unwrap();
+    let e = Llama::load(c.clone(), &GgufSource::new(g, c.clone())).err().unwrap();
+    assert!(e.to_string().contains("blk.0.ffn_down.weight") && e.to_string().contains("shape"), "{e}");
+}
+
+#[test]
+fn unknown_architecture_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = tiny_config(Arch::Llama);
+    write_safetensors(dir.path(), &c, &random_weights(&c, 1));
+    let p = dir.path().join("config.json");
+    let s = std::fs::read_to_string(&p).unwrap().replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+    std::fs::write(&p, s).unwrap();
+    let e = Config::from_hf_json(&p).unwrap_err();
+    assert!(e.to_string().contains("unsupported architecture 'GPTNeoXForCausalLM'"), "{e}");
+}
+
+#[test]
+fn llama3_rope_scaling_follows_the_reference_formula() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("config.json");
+    let j = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    });
+    std::fs::write(&p, j.to_string()).unwrap();
+    let c = Config::from_hf_json(&p).unwrap();
+    let f = c.rope_inv_freq();
+    assert_eq!(f.len(), 64);
+    // Highest frequency untouched, lowest divided by the factor (wavelength > 8192/1).
+    assert_eq!(f[0], 1.0);
+    let base_last = 1.0 / 500000f32.powf(126.0 / 128.0);
+    assert!((f[63] - base_last / 8.0).abs() < 1e-12);
+    // Frequencies stay monotonically decreasing through the smooth band.
+    assert!(f.windows(2).all(|w| w[0] > w[1]));
+}
