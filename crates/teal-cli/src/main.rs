@@ -38,6 +38,20 @@ enum Cmd {
     Ppl(PplArgs),
     /// Architecture, dimensions, tensor types and tokenizer of a model.
     Inspect(InspectArgs),
+    /// Token ids and pieces of a text, as the model's tokenizer splits it.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The text.
+    #[arg(short = 'p', long)]
+    prompt: String,
+    /// Prepend BOS (default: the model's own setting).
+    #[arg(long)]
+    bos: Option<bool>,
 }
 
 #[derive(Args)]
@@ -115,6 +129,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Ppl(a) => cmd_ppl(a),
         Cmd::Inspect(a) => cmd_inspect(a),
+        Cmd::Tokenize(a) => cmd_tokenize(a),
     }
 }
 
@@ -274,6 +289,16 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         for (name, shape, ty) in &tensors {
             println!("  {name:50} {ty:>6} {shape:?}");
         }
+    }
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
+    let files = a.common.open()?;
+    let tok = &files.tokenizer;
+    let ids = tok.encode(&a.prompt, a.bos.unwrap_or(tok.add_bos_default()))?;
+    for id in &ids {
+        println!("{id:6} -> {:?}", tok.token_str(*id).unwrap_or_default());
     }
     Ok(())
 }

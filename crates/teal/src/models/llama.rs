@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::loader::TensorSource;
+use std::sync::Arc;
 use teal_kernels::{cpu, reference};
 
 /// The four places in a block where an input enters projections.
@@ -32,6 +33,7 @@ pub trait Observer {
     fn observe(&mut self, layer: usize, site: Site, rows: &[f32], width: usize);
 }
 
+#[derive(Clone)]
 pub struct Block {
     pub input_layernorm: Vec<f32>,
     pub q_proj: Linear,
@@ -44,10 +46,11 @@ pub struct Block {
     pub down_proj: Linear,
 }
 
+#[derive(Clone)]
 pub struct Llama {
     pub config: Config,
-    /// `[vocab, hidden]` rows.
-    pub embed_tokens: Vec<f32>,
+    /// `[vocab, hidden]` rows (shared between the dense model and its sparse variants).
+    pub embed_tokens: Arc<Vec<f32>>,
     pub layers: Vec<Block>,
     pub norm: Vec<f32>,
     pub lm_head: Linear,
@@ -102,12 +105,25 @@ impl Llama {
         };
         Ok(Llama {
             inv_freq: config.rope_inv_freq(),
-            embed_tokens,
+            embed_tokens: Arc::new(embed_tokens),
             layers,
             norm: vector("model.norm.weight", d)?,
             lm_head,
             config,
         })
+    }
+
+    /// The same weights (shared, not copied) with TEAL thresholds, one row of seven per layer.
+    pub fn with_thresholds(&self, per_layer: &[[Option<f32>; 7]]) -> Result<Llama> {
+        if per_layer.len() != self.layers.len() {
+            return Err(Error::Invalid(format!(
+                "thresholds for {} layers, the model has {}",
+                per_layer.len(),
+                self.layers.len()
+            )));
+        }
+        let layers = self.layers.iter().zip(per_layer).map(|(b, t)| b.with_thresholds(t)).collect();
+        Ok(Llama { layers, ..self.clone() })
     }
 
     pub fn new_cache(&self, capacity: usize) -> KvCache {
@@ -122,6 +138,14 @@ impl Llama {
             .map(|(_, l)| l.weight_bytes())
             .sum::<usize>()
             + self.lm_head.weight_bytes()
+    }
+
+    /// Rotary cos/sin tables (`[n, head_dim/2]` each) for positions `pos0..pos0+n`.
+    pub fn rope_tables_for(&self, pos0: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (vec![0.0; n * half], vec![0.0; n * half]);
+        self.rope_tables(pos0, n, &mut cos, &mut sin);
+        (cos, sin)
     }
 
     fn rope_tables(&self, pos0: usize, n: usize, cos: &mut [f32], sin: &mut [f32]) {
@@ -167,75 +191,17 @@ impl Llama {
             return Err(Error::ContextOverflow { what: "the input", got: pos0 + n, ctx: cache.capacity() });
         }
         self.check_tokens(tokens)?;
-        let (d, ff, qd, kvd, hd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), c.head_dim);
-        let half = hd / 2;
-        let mut cos = vec![0.0; n * half];
-        let mut sin = vec![0.0; n * half];
-        self.rope_tables(pos0, n, &mut cos, &mut sin);
+        let d = c.hidden_size;
+        let (cos, sin) = self.rope_tables_for(pos0, n);
 
         let mut x = vec![0.0f32; n * d];
         for (t, &tok) in tokens.iter().enumerate() {
             x[t * d..(t + 1) * d].copy_from_slice(&self.embed_tokens[tok as usize * d..(tok as usize + 1) * d]);
         }
-        let mut h = vec![0.0f32; n * d];
-        let mut q = vec![0.0f32; n * qd];
-        let mut att = vec![0.0f32; n * qd];
-        let mut g = vec![0.0f32; n * ff];
-        let mut u = vec![0.0f32; n * ff];
-        let mut out = vec![0.0f32; n * d];
-
+        let mut ws = PrefillBuffers::new(c, n);
         for (l, b) in self.layers.iter().enumerate() {
-            // Attention.
-            for t in 0..n {
-                reference::rmsnorm(&x[t * d..(t + 1) * d], &b.input_layernorm, c.rms_norm_eps, &mut h[t * d..(t + 1) * d]);
-            }
-            if let Some(o) = observer.as_deref_mut() {
-                o.observe(l, Site::Qkv, &h, d);
-            }
-            b.q_proj.forward_batch(&h, n, &mut q);
-            let kc = &mut cache.k[l][pos0 * kvd..(pos0 + n) * kvd];
-            b.k_proj.forward_batch(&h, n, kc);
-            let vc = &mut cache.v[l][pos0 * kvd..(pos0 + n) * kvd];
-            b.v_proj.forward_batch(&h, n, vc);
-            for t in 0..n {
-                let (ct, st) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
-                for head in q[t * qd..(t + 1) * qd].chunks_mut(hd) {
-                    reference::rope_neox(head, ct, st);
-                }
-                for head in cache.k[l][(pos0 + t) * kvd..(pos0 + t + 1) * kvd].chunks_mut(hd) {
-                    reference::rope_neox(head, ct, st);
-                }
-            }
-            let keys = &cache.k[l][..(pos0 + n) * kvd];
-            let values = &cache.v[l][..(pos0 + n) * kvd];
-            cpu::attention(&q, keys, values, n, pos0, c.num_attention_heads, c.num_key_value_heads, hd, &mut att);
-            if let Some(o) = observer.as_deref_mut() {
-                o.observe(l, Site::O, &att, qd);
-            }
-            b.o_proj.forward_batch(&att, n, &mut out);
-            add_assign(&mut x, &out);
-
-            // MLP.
-            for t in 0..n {
-                reference::rmsnorm(
-                    &x[t * d..(t + 1) * d],
-                    &b.post_attention_layernorm,
-                    c.rms_norm_eps,
-                    &mut h[t * d..(t + 1) * d],
-                );
-            }
-            if let Some(o) = observer.as_deref_mut() {
-                o.observe(l, Site::GateUp, &h, d);
-            }
-            b.gate_proj.forward_batch(&h, n, &mut g);
-            b.up_proj.forward_batch(&h, n, &mut u);
-            let gc = g.clone();
-            reference::silu_mul(&gc, &u, &mut g);
-            if let Some(o) = observer.as_deref_mut() {
-                o.observe(l, Site::Down, &g, ff);
-            }
-            b.down_proj.forward_batch(&g, n, &mut out);
-            add_assign(&mut x, &out);
+            let obs = observer.as_mut().map(|o| (l, &mut **o as &mut dyn Observer));
+            b.prefill(c, &mut x, n, pos0, (&cos, &sin), (&mut cache.k[l], &mut cache.v[l]), &mut ws, obs);
         }
         cache.advance(n);
 
@@ -307,6 +273,90 @@ impl Llama {
 }
 
 impl Block {
+    /// Runs this block on `n` positions (`x[n, hidden]`, updated in place) at absolute positions
+    /// `pos0..pos0+n`, writing their keys and values into this layer's cache buffers `kv` (which
+    /// must already hold positions `0..pos0`). `rope` holds the cos/sin tables of these positions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill(
+        &self,
+        c: &Config,
+        x: &mut [f32],
+        n: usize,
+        pos0: usize,
+        rope: (&[f32], &[f32]),
+        kv: (&mut [f32], &mut [f32]),
+        ws: &mut PrefillBuffers,
+        mut observer: Option<(usize, &mut dyn Observer)>,
+    ) {
+        let (d, ff, qd, kvd, hd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let half = hd / 2;
+        let (cos, sin) = rope;
+        let (kc, vc) = kv;
+        let PrefillBuffers { h, q, att, g, u, out } = ws;
+        let (h, q, att) = (&mut h[..n * d], &mut q[..n * qd], &mut att[..n * qd]);
+        let (g, u, out) = (&mut g[..n * ff], &mut u[..n * ff], &mut out[..n * d]);
+        let mut observe = |site: Site, rows: &[f32], width: usize| {
+            if let Some((l, o)) = observer.as_mut() {
+                o.observe(*l, site, rows, width);
+            }
+        };
+
+        // Attention.
+        for t in 0..n {
+            reference::rmsnorm(&x[t * d..(t + 1) * d], &self.input_layernorm, c.rms_norm_eps, &mut h[t * d..(t + 1) * d]);
+        }
+        observe(Site::Qkv, h, d);
+        self.q_proj.forward_batch(h, n, q);
+        self.k_proj.forward_batch(h, n, &mut kc[pos0 * kvd..(pos0 + n) * kvd]);
+        self.v_proj.forward_batch(h, n, &mut vc[pos0 * kvd..(pos0 + n) * kvd]);
+        for t in 0..n {
+            let (ct, st) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+            for head in q[t * qd..(t + 1) * qd].chunks_mut(hd) {
+                reference::rope_neox(head, ct, st);
+            }
+            for head in kc[(pos0 + t) * kvd..(pos0 + t + 1) * kvd].chunks_mut(hd) {
+                reference::rope_neox(head, ct, st);
+            }
+        }
+        let (keys, values) = (&kc[..(pos0 + n) * kvd], &vc[..(pos0 + n) * kvd]);
+        cpu::attention(q, keys, values, n, pos0, c.num_attention_heads, c.num_key_value_heads, hd, att);
+        observe(Site::O, att, qd);
+        self.o_proj.forward_batch(att, n, out);
+        add_assign(x, out);
+
+        // MLP.
+        for t in 0..n {
+            reference::rmsnorm(
+                &x[t * d..(t + 1) * d],
+                &self.post_attention_layernorm,
+                c.rms_norm_eps,
+                &mut h[t * d..(t + 1) * d],
+            );
+        }
+        observe(Site::GateUp, h, d);
+        self.gate_proj.forward_batch(h, n, g);
+        self.up_proj.forward_batch(h, n, u);
+        silu_mul_in_place(g, u);
+        observe(Site::Down, g, ff);
+        self.down_proj.forward_batch(g, n, out);
+        add_assign(x, out);
+    }
+
+    /// The same weights with a TEAL threshold on each of the seven projections, in the order of
+    /// [`Block::linears`] (`None`: dense).
+    pub fn with_thresholds(&self, t: &[Option<f32>; 7]) -> Block {
+        Block {
+            q_proj: self.q_proj.with_threshold(t[0]),
+            k_proj: self.k_proj.with_threshold(t[1]),
+            v_proj: self.v_proj.with_threshold(t[2]),
+            o_proj: self.o_proj.with_threshold(t[3]),
+            gate_proj: self.gate_proj.with_threshold(t[4]),
+            up_proj: self.up_proj.with_threshold(t[5]),
+            down_proj: self.down_proj.with_threshold(t[6]),
+            ..self.clone()
+        }
+    }
+
     /// The seven projections with their checkpoint names.
     pub fn linears(&self) -> [(&'static str, &Linear); 7] {
         [
@@ -354,6 +404,37 @@ impl DecodeScratch {
             scores: z(c.num_attention_heads * ctx),
             logits: z(c.vocab_size),
         }
+    }
+}
+
+/// Activations of one prefill, sized for `n` positions and reused across layers.
+pub struct PrefillBuffers {
+    h: Vec<f32>,
+    q: Vec<f32>,
+    att: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl PrefillBuffers {
+    pub fn new(c: &Config, n: usize) -> PrefillBuffers {
+        let z = |w: usize| vec![0.0f32; n * w];
+        PrefillBuffers {
+            h: z(c.hidden_size),
+            q: z(c.q_dim()),
+            att: z(c.q_dim()),
+            g: z(c.intermediate_size),
+            u: z(c.intermediate_size),
+            out: z(c.hidden_size),
+        }
+    }
+}
+
+/// `g = silu(g) * u`, the same arithmetic as [`reference::silu_mul`].
+fn silu_mul_in_place(g: &mut [f32], u: &[f32]) {
+    for (a, &b) in g.iter_mut().zip(u) {
+        *a = *a / (1.0 + (-*a).exp()) * b;
     }
 }
 
