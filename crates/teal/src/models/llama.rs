@@ -288,44 +288,73 @@ impl Block {
         ws: &mut PrefillBuffers,
         mut observer: Option<(usize, &mut dyn Observer)>,
     ) {
-        let (d, ff, qd, kvd, hd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        self.attention_residual(c, x, n, pos0, 0, rope, kv, ws, &mut observer);
+        self.mlp_residual(c, x, n, ws, &mut observer);
+    }
+
+    /// The attention half of the block: `x += o_proj(attention(q, k, v))`. Keys and values are
+    /// computed for all `n` positions; queries (and the update of `x`) only for rows
+    /// `q_from..n`, so callers that need only the last rows (greedy calibration) skip the rest.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_residual(
+        &self,
+        c: &Config,
+        x: &mut [f32],
+        n: usize,
+        pos0: usize,
+        q_from: usize,
+        rope: (&[f32], &[f32]),
+        kv: (&mut [f32], &mut [f32]),
+        ws: &mut PrefillBuffers,
+        observer: &mut Option<(usize, &mut dyn Observer)>,
+    ) {
+        let (d, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
         let half = hd / 2;
         let (cos, sin) = rope;
         let (kc, vc) = kv;
-        let PrefillBuffers { h, q, att, g, u, out } = ws;
-        let (h, q, att) = (&mut h[..n * d], &mut q[..n * qd], &mut att[..n * qd]);
-        let (g, u, out) = (&mut g[..n * ff], &mut u[..n * ff], &mut out[..n * d]);
-        let mut observe = |site: Site, rows: &[f32], width: usize| {
-            if let Some((l, o)) = observer.as_mut() {
-                o.observe(*l, site, rows, width);
-            }
-        };
-
-        // Attention.
+        let nq = n - q_from;
+        let PrefillBuffers { h, q, att, out, .. } = ws;
+        let (h, q, att, out) = (&mut h[..n * d], &mut q[..nq * qd], &mut att[..nq * qd], &mut out[..nq * d]);
         for t in 0..n {
             reference::rmsnorm(&x[t * d..(t + 1) * d], &self.input_layernorm, c.rms_norm_eps, &mut h[t * d..(t + 1) * d]);
         }
-        observe(Site::Qkv, h, d);
-        self.q_proj.forward_batch(h, n, q);
+        observe(observer, Site::Qkv, h, d);
+        self.q_proj.forward_batch(&h[q_from * d..], nq, q);
         self.k_proj.forward_batch(h, n, &mut kc[pos0 * kvd..(pos0 + n) * kvd]);
         self.v_proj.forward_batch(h, n, &mut vc[pos0 * kvd..(pos0 + n) * kvd]);
         for t in 0..n {
             let (ct, st) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
-            for head in q[t * qd..(t + 1) * qd].chunks_mut(hd) {
-                reference::rope_neox(head, ct, st);
+            if t >= q_from {
+                for head in q[(t - q_from) * qd..(t - q_from + 1) * qd].chunks_mut(hd) {
+                    reference::rope_neox(head, ct, st);
+                }
             }
             for head in kc[(pos0 + t) * kvd..(pos0 + t + 1) * kvd].chunks_mut(hd) {
                 reference::rope_neox(head, ct, st);
             }
         }
         let (keys, values) = (&kc[..(pos0 + n) * kvd], &vc[..(pos0 + n) * kvd]);
-        cpu::attention(q, keys, values, n, pos0, c.num_attention_heads, c.num_key_value_heads, hd, att);
-        observe(Site::O, att, qd);
-        self.o_proj.forward_batch(att, n, out);
-        add_assign(x, out);
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        cpu::attention(q, keys, values, nq, pos0 + q_from, nh, nkv, hd, att);
+        observe(observer, Site::O, att, qd);
+        self.o_proj.forward_batch(att, nq, out);
+        add_assign(&mut x[q_from * d..n * d], out);
+    }
 
-        // MLP.
-        for t in 0..n {
+    /// The MLP half of the block on `m` rows: `x += down(silu(gate(h)) * up(h))`,
+    /// `h = rmsnorm(x)`.
+    pub fn mlp_residual(
+        &self,
+        c: &Config,
+        x: &mut [f32],
+        m: usize,
+        ws: &mut PrefillBuffers,
+        observer: &mut Option<(usize, &mut dyn Observer)>,
+    ) {
+        let (d, ff) = (c.hidden_size, c.intermediate_size);
+        let PrefillBuffers { h, g, u, out, .. } = ws;
+        let (h, g, u, out) = (&mut h[..m * d], &mut g[..m * ff], &mut u[..m * ff], &mut out[..m * d]);
+        for t in 0..m {
             reference::rmsnorm(
                 &x[t * d..(t + 1) * d],
                 &self.post_attention_layernorm,
@@ -333,13 +362,13 @@ impl Block {
                 &mut h[t * d..(t + 1) * d],
             );
         }
-        observe(Site::GateUp, h, d);
-        self.gate_proj.forward_batch(h, n, g);
-        self.up_proj.forward_batch(h, n, u);
+        observe(observer, Site::GateUp, h, d);
+        self.gate_proj.forward_batch(h, m, g);
+        self.up_proj.forward_batch(h, m, u);
         silu_mul_in_place(g, u);
-        observe(Site::Down, g, ff);
-        self.down_proj.forward_batch(g, n, out);
-        add_assign(x, out);
+        observe(observer, Site::Down, g, ff);
+        self.down_proj.forward_batch(g, m, out);
+        add_assign(&mut x[..m * d], out);
     }
 
     /// The same weights with a TEAL threshold on each of the seven projections, in the order of
@@ -435,6 +464,12 @@ impl PrefillBuffers {
 fn silu_mul_in_place(g: &mut [f32], u: &[f32]) {
     for (a, &b) in g.iter_mut().zip(u) {
         *a = *a / (1.0 + (-*a).exp()) * b;
+    }
+}
+
+fn observe(observer: &mut Option<(usize, &mut dyn Observer)>, site: Site, rows: &[f32], width: usize) {
+    if let Some((l, o)) = observer.as_mut() {
+        o.observe(*l, site, rows, width);
     }
 }
 
