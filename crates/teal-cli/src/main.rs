@@ -2,14 +2,19 @@
 //! subcommand, as in llama.cpp's tools.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::PathBuf;
 use teal::chat::{ChatTemplate, Message};
 use teal::eval::perplexity::{perplexity, PplOptions};
-use teal::generate::{generate, GenerateParams};
+use teal::eval::sparse::compare;
+use teal::sparsity::calibrate::{calibrate, CalibOptions};
+use teal::sparsity::greedy::GreedyOptions;
+use teal::generate::{generate, GenerateParams, Models};
 use teal::sampler::SamplerConfig;
+use teal::sparsity::thresholds::{check_target, Fingerprint};
+use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
 use teal::ModelFiles;
 
 #[derive(Parser)]
@@ -30,12 +35,99 @@ struct Common {
     threads: Option<usize>,
 }
 
+/// TEAL sparsity, the same flags in every subcommand.
+#[derive(Args, Clone)]
+struct SparseArgs {
+    /// Model-wide activation sparsity in [0, 1) (0: dense).
+    #[arg(long, default_value_t = 0.0)]
+    sparsity: f64,
+    /// Thresholds file from `teal calibrate` (default: the cached one for this model).
+    #[arg(long)]
+    thresholds: Option<PathBuf>,
+    /// How the target is spread over the seven projections of each block.
+    #[arg(long, value_enum, default_value_t = AllocationArg::Greedy)]
+    allocation: AllocationArg,
+    /// How thresholds are read from the statistics: TEAL's signed histogram, or exact |x|.
+    #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
+    quantile: QuantileArg,
+    /// Which positions are sparsified: all, half (last half of each window), decode-only.
+    #[arg(long, value_enum, default_value_t = ModeArg::All)]
+    mode: ModeArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AllocationArg {
+    Uniform,
+    Greedy,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantileArg {
+    Teal,
+    Abs,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    All,
+    Half,
+    DecodeOnly,
+}
+
+impl SparseArgs {
+    fn spec(&self) -> SparsitySpec {
+        SparsitySpec {
+            target: self.sparsity,
+            allocation: match self.allocation {
+                AllocationArg::Uniform => Allocation::Uniform,
+                AllocationArg::Greedy => Allocation::Greedy,
+            },
+            quantile: match self.quantile {
+                QuantileArg::Teal => Quantile::Teal,
+                QuantileArg::Abs => Quantile::Abs,
+            },
+            mode: match self.mode {
+                ModeArg::All => Mode::All,
+                ModeArg::Half => Mode::Half,
+                ModeArg::DecodeOnly => Mode::DecodeOnly,
+            },
+        }
+    }
+
+    /// The per-layer thresholds for this request, checked against the model; `None` when dense.
+    fn resolve(&self, files: &ModelFiles) -> Result<Option<(Vec<[Option<f32>; 7]>, Thresholds, PathBuf)>> {
+        check_target(self.sparsity)?;
+        if self.sparsity == 0.0 {
+            return Ok(None);
+        }
+        let fp = Fingerprint::of(&files.config, files.source.as_ref());
+        let path = match &self.thresholds {
+            Some(p) => p.clone(),
+            None => {
+                let p = teal::assets::thresholds_path(&fp);
+                if !p.exists() {
+                    bail!(
+                        "--sparsity needs thresholds: none given and none cached for this model ({}).\n\
+                         Calibrate once with: teal calibrate -m MODEL --greedy   (or pass --thresholds FILE)",
+                        p.display()
+                    );
+                }
+                p
+            }
+        };
+        let th = Thresholds::load(&path)?;
+        th.check_model(&fp).with_context(|| format!("thresholds {}", path.display()))?;
+        let t = th.resolve(&self.spec())?;
+        Ok(Some((t, th, path)))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate text from a prompt.
     Run(RunArgs),
-    /// Perplexity of a text file, protocol P512 (DESIGN §4).
+    /// Perplexity of a text file, protocol P512 (DESIGN §4); with --sparsity, against dense.
     Ppl(PplArgs),
+    /// Calibrate TEAL thresholds (activation statistics, optional greedy allocation).
+    Calibrate(CalibrateArgs),
     /// Architecture, dimensions, tensor types and tokenizer of a model.
     Inspect(InspectArgs),
     /// Token ids and pieces of a text, as the model's tokenizer splits it.
@@ -87,6 +179,8 @@ struct RunArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    #[command(flatten)]
+    sparse: SparseArgs,
 }
 
 #[derive(Args)]
@@ -105,6 +199,44 @@ struct PplArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    sparse: SparseArgs,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Calibration text (default: the C4 sample from scripts/fetch-assets.sh calib).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 10)]
+    samples: usize,
+    /// Tokens per window (capped at the model's context).
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Also run TEAL's block-wise greedy allocation.
+    #[arg(long)]
+    greedy: bool,
+    /// Windows of dense block inputs the greedy search scores on.
+    #[arg(long, default_value_t = 2)]
+    greedy_samples: usize,
+    /// Positions per greedy window (the last quarter is scored).
+    #[arg(long, default_value_t = 256)]
+    greedy_seq_len: usize,
+    /// Greedy step (a projection's sparsity rises by step / its relative size).
+    #[arg(long, default_value_t = 0.05)]
+    greedy_step: f64,
+    /// Quantile reading the greedy search uses.
+    #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
+    quantile: QuantileArg,
+    /// Output file (default: the cache, where run/ppl find it).
+    #[arg(short = 'o', long)]
+    output: Option<PathBuf>,
+    /// Recalibrate even if the output exists.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -128,6 +260,7 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Ppl(a) => cmd_ppl(a),
+        Cmd::Calibrate(a) => cmd_calibrate(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Tokenize(a) => cmd_tokenize(a),
     }
@@ -175,6 +308,30 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let model = files.load_model()?;
     eprintln!("loaded {} ({}) in {:.2}s", files.config.arch.name(), files.format, t0.elapsed().as_secs_f64());
+    let sparse = match a.sparse.resolve(&files)? {
+        Some((t, th, path)) => {
+            let spec = a.sparse.spec();
+            if spec.mode == Mode::Half {
+                bail!("--mode half is an evaluation mode (teal ppl); for generation use all or decode-only");
+            }
+            eprintln!(
+                "TEAL: sparsity {} ({} allocation, {} quantile, mode {}; planned model-wide {:.3}) from {}",
+                spec.target,
+                spec.allocation.name(),
+                spec.quantile.name(),
+                spec.mode.name(),
+                th.planned_sparsity(&spec, &files.config)?,
+                path.display()
+            );
+            Some((model.with_thresholds(&t)?, spec.mode))
+        }
+        None => None,
+    };
+    let models = match &sparse {
+        None => Models::single(&model),
+        Some((m, Mode::DecodeOnly)) => Models { prefill: &model, decode: m },
+        Some((m, _)) => Models::single(m),
+    };
 
     let text = if a.chat {
         let template = match tok.chat_template() {
@@ -206,7 +363,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     if !a.chat {
         write!(out, "{}", a.prompt)?;
     }
-    let g = generate(&model, tok, &prompt, &params, |piece| {
+    let g = generate(models, tok, &prompt, &params, |piece| {
         let ok = write!(out, "{piece}").and_then(|_| out.flush()).is_ok();
         ok
     })?;
@@ -232,11 +389,55 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     let bar = ProgressBar::new(n_windows as u64);
     bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, {elapsed} (eta {eta})")?);
     bar.set_message("perplexity");
+    let model_path = a.common.model_path()?.display().to_string();
+    if let Some((t, th, path)) = a.sparse.resolve(&files)? {
+        let spec = a.sparse.spec();
+        let sparse = model.with_thresholds(&t)?;
+        let r = compare(&files.config, &model, &sparse, &t, spec.mode, &tokens, &opts, |d, _| bar.set_position(d as u64))?;
+        bar.finish_and_clear();
+        let planned = th.planned_sparsity(&spec, &files.config)?;
+        if a.json {
+            let site: serde_json::Map<String, serde_json::Value> =
+                r.site_sparsity.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+            let j = serde_json::json!({
+                "model": model_path,
+                "file": a.file.display().to_string(),
+                "thresholds": path.display().to_string(),
+                "sparsity": spec.target,
+                "planned_sparsity": planned,
+                "ppl": r.ppl,
+                "dense_ppl": r.dense_ppl,
+                "ppl_ratio": r.ppl_ratio,
+                "kl": r.kl,
+                "top1": r.top1,
+                "model_sparsity": r.model_sparsity,
+                "site_sparsity": site,
+                "allocation": spec.allocation.name(),
+                "quantile": spec.quantile.name(),
+                "mode": r.mode,
+                "tokens_scored": r.tokens_scored,
+                "chunks": r.chunks,
+                "ctx": r.ctx,
+            });
+            println!("{j}");
+        } else {
+            println!(
+                "sparsity {} ({} allocation, {} quantile, mode {}): PPL {:.4} vs dense {:.4} (x{:.4}), KL {:.5}, top-1 {:.4}",
+                spec.target, spec.allocation.name(), spec.quantile.name(), r.mode, r.ppl, r.dense_ppl, r.ppl_ratio, r.kl, r.top1
+            );
+            println!("model-wide sparsity (parameter-weighted, realized): {:.4} (planned {:.4})", r.model_sparsity, planned);
+            for (name, s) in &r.site_sparsity {
+                println!("  {name:10} {s:.4}");
+            }
+            println!("{} tokens scored in {} windows of {}", r.tokens_scored, r.chunks, r.ctx);
+        }
+        return Ok(());
+    }
     let r = perplexity(&model, &tokens, &opts, |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     if a.json {
         let j = serde_json::json!({
-            "model": a.common.model_path()?.display().to_string(),
+            "model": model_path,
             "file": a.file.display().to_string(),
             "ppl": r.ppl,
             "nll": r.nll,
@@ -244,6 +445,9 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
             "chunks": r.chunks,
             "ctx": r.ctx,
             "text_tokens": tokens.len(),
+            "sparsity": 0.0,
+            "model_sparsity": 0.0,
+            "mode": "dense",
             "chunk_nll": r.chunk_nll,
         });
         println!("{j}");
@@ -253,6 +457,69 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
             r.ppl, r.nll, r.tokens_scored, r.chunks, r.ctx, tokens.len()
         );
     }
+    Ok(())
+}
+
+fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
+    let files = a.common.open()?;
+    let fp = Fingerprint::of(&files.config, files.source.as_ref());
+    let out = a.output.clone().unwrap_or_else(|| teal::assets::thresholds_path(&fp));
+    if out.exists() && !a.force {
+        let th = Thresholds::load(&out)?;
+        th.check_model(&fp)?;
+        if !a.greedy || th.greedy.is_some() {
+            eprintln!("thresholds already calibrated: {} (use --force to redo)", out.display());
+            println!("{}", out.display());
+            return Ok(());
+        }
+    }
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => teal::assets::cached("data", "c4.utf8").ok_or_else(|| {
+            anyhow::anyhow!("no --data given and the C4 calibration sample is not cached: run scripts/fetch-assets.sh calib")
+        })?,
+    };
+    let text = teal::error::read_text(&data)?;
+    let tokens = files.tokenizer.encode(&text, false)?;
+    let model = files.load_model()?;
+    let seq_len = a.seq_len.min(files.config.max_position_embeddings);
+    let greedy = a.greedy.then(|| {
+        (
+            GreedyOptions { samples: a.greedy_samples, seq_len: a.greedy_seq_len.min(seq_len), step: a.greedy_step, max_sparsity: 0.9 },
+            match a.quantile {
+                QuantileArg::Teal => Quantile::Teal,
+                QuantileArg::Abs => Quantile::Abs,
+            },
+        )
+    });
+    let opts = CalibOptions {
+        samples: a.samples,
+        seq_len,
+        greedy,
+        text_label: data.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        text_bytes: text.len(),
+    };
+    let bar = ProgressBar::new(files.config.num_hidden_layers as u64);
+    bar.set_style(ProgressStyle::with_template("{msg:24} [{bar:30}] {pos}/{len} layers, {elapsed} (eta {eta})")?);
+    let t0 = std::time::Instant::now();
+    let th = calibrate(&model, fp, &tokens, &opts, &mut |stage, done, _| {
+        bar.set_message(stage.to_string());
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    th.save(&out)?;
+    eprintln!(
+        "calibrated on {} x {} tokens of {}{} in {:.1}s",
+        opts.samples,
+        opts.seq_len,
+        opts.text_label,
+        if a.greedy { " with greedy allocation" } else { "" },
+        t0.elapsed().as_secs_f64()
+    );
+    println!("{}", out.display());
     Ok(())
 }
 

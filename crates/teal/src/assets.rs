@@ -28,3 +28,9 @@ pub fn cached(sub: &str, file: &str) -> Option<PathBuf> {
     let p = cache_dir().join(sub).join(file);
     p.exists().then_some(p)
 }
+
+/// Where `teal calibrate` keeps thresholds for a model by default: one file per model
+/// fingerprint, so a cached file is never used with another model.
+pub fn thresholds_path(fp: &crate::sparsity::thresholds::Fingerprint) -> PathBuf {
+    cache_dir().join("thresholds").join(format!("{}-{}L-{}.json", fp.arch, fp.num_hidden_layers, fp.tensor_hash))
+}

@@ -45,10 +45,24 @@ impl Generation {
     }
 }
 
+/// The model that runs the prompt and the one that decodes: the same for dense or `all`-mode
+/// sparse generation; dense and sparse for TEAL's `decode-only` mode. They share weights.
+#[derive(Clone, Copy)]
+pub struct Models<'a> {
+    pub prefill: &'a Llama,
+    pub decode: &'a Llama,
+}
+
+impl<'a> Models<'a> {
+    pub fn single(m: &'a Llama) -> Models<'a> {
+        Models { prefill: m, decode: m }
+    }
+}
+
 /// Generates up to `params.max_tokens` tokens after `prompt`. `on_text` receives each new piece
 /// of text as soon as it is complete UTF-8 and returns `false` to stop.
 pub fn generate(
-    model: &Llama,
+    models: Models<'_>,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
@@ -60,13 +74,14 @@ pub fn generate(
     if prompt.len() >= params.ctx {
         return Err(Error::ContextOverflow { what: "the prompt", got: prompt.len(), ctx: params.ctx });
     }
+    let model = models.decode;
     let mut cache = model.new_cache(params.ctx);
     let mut scratch = DecodeScratch::new(&model.config, params.ctx);
     let mut sampler = Sampler::new(params.sampler.clone());
     let mut stream = StreamDecoder::new(tokenizer);
 
     let t0 = Instant::now();
-    let logits = model.prefill(prompt, &mut cache, Logits::Last)?;
+    let logits = models.prefill.prefill(prompt, &mut cache, Logits::Last)?;
     let prompt_secs = t0.elapsed().as_secs_f64();
     let mut tokens = Vec::with_capacity(params.max_tokens);
     let mut next = sampler.sample(&logits);

@@ -15,6 +15,7 @@ pub mod load;
 pub mod loader;
 pub mod models;
 pub mod sampler;
+pub mod sparsity;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -51,7 +51,7 @@ fn greedy(files: &ModelFiles, prompt: &str, n: usize) -> (Vec<u32>, String) {
         stop_at_eos: false,
     };
     let mut text = String::new();
-    let g = generate(&model, tok, &ids, &params, |p| {
+    let g = generate(teal::generate::Models::single(&model), tok, &ids, &params, |p| {
         text.push_str(p);
         true
     })

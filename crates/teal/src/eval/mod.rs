@@ -1,3 +1,4 @@
 //! Quality evaluation.
 
 pub mod perplexity;
+pub mod sparse;

@@ -1,0 +1,143 @@
+//! Sparse quality against dense on the same tokens: perplexity of both, KL divergence of the
+//! sparse next-token distribution from the dense one, top-1 agreement, and the realized sparsity
+//! of every projection (exact zeros counted at its input, over the sparsified positions).
+
+use super::perplexity::{nll, windows, PplOptions};
+use crate::config::Config;
+use crate::error::Result;
+use crate::models::llama::{Llama, Logits, Observer, Site};
+use crate::sparsity::{effective_sparsity, size_weights, Mode, PROJ_NAMES, PROJ_SITE};
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SparseReport {
+    pub dense_ppl: f64,
+    pub ppl: f64,
+    pub ppl_ratio: f64,
+    /// Mean KL(dense || sparse) over scored positions, in nats.
+    pub kl: f64,
+    /// Fraction of scored positions whose argmax agrees with dense.
+    pub top1: f64,
+    pub tokens_scored: usize,
+    pub chunks: usize,
+    pub ctx: usize,
+    /// Realized sparsity per projection (`PROJ_NAMES` order), over all layers.
+    pub site_sparsity: Vec<(String, f64)>,
+    /// Parameter-weighted realized sparsity of the whole model's projections.
+    pub model_sparsity: f64,
+    pub mode: String,
+}
+
+/// Counts inputs that the thresholds zero (or that are exactly zero) at each projection.
+struct ZeroCounter<'a> {
+    thresholds: &'a [[Option<f32>; 7]],
+    /// `[layer][proj]`: (zeros, total)
+    counts: Vec<[(u64, u64); 7]>,
+}
+
+impl Observer for ZeroCounter<'_> {
+    fn observe(&mut self, layer: usize, site: Site, rows: &[f32], _width: usize) {
+        let si = Site::ALL.iter().position(|&s| s == site).expect("a known site");
+        for p in (0..7).filter(|&p| PROJ_SITE[p] == si) {
+            let zeros = match self.thresholds[layer][p] {
+                Some(t) => rows.iter().filter(|v| v.abs() <= t).count(),
+                None => rows.iter().filter(|&&v| v == 0.0).count(),
+            };
+            let c = &mut self.counts[layer][p];
+            c.0 += zeros as u64;
+            c.1 += rows.len() as u64;
+        }
+    }
+}
+
+/// Mean KL(p || q) and argmax agreement for one position's logits.
+fn kl_top1(dense: &[f32], sparse: &[f32]) -> (f64, bool) {
+    let lse = |l: &[f32]| {
+        let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        l.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m
+    };
+    let (lp, lq) = (lse(dense), lse(sparse));
+    let kl = dense
+        .iter()
+        .zip(sparse)
+        .map(|(&a, &b)| {
+            let la = a as f64 - lp;
+            la.exp() * (la - (b as f64 - lq))
+        })
+        .sum::<f64>();
+    let am = crate::sampler::argmax(dense) == crate::sampler::argmax(sparse);
+    (kl, am)
+}
+
+/// Runs P512 with the dense model and its sparse variant on the same windows.
+pub fn compare(
+    config: &Config,
+    dense: &Llama,
+    sparse: &Llama,
+    thresholds: &[[Option<f32>; 7]],
+    mode: Mode,
+    tokens: &[u32],
+    opts: &PplOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<SparseReport> {
+    let wins = windows(tokens.len(), opts)?;
+    let v = config.vocab_size;
+    let mut cache = dense.new_cache(opts.ctx);
+    let mut counter = ZeroCounter { thresholds, counts: vec![[(0, 0); 7]; config.num_hidden_layers] };
+    let (mut nll_d, mut nll_s, mut kl, mut agree, mut scored) = (0.0, 0.0, 0.0, 0usize, 0usize);
+    for (i, &(s, e)) in wins.iter().enumerate() {
+        let w = &tokens[s..e];
+        cache.clear();
+        let ld = dense.prefill(w, &mut cache, Logits::All)?;
+        // Positions 0..dense_upto run dense; the rest sparse.
+        let dense_upto = match mode {
+            Mode::All => 0,
+            Mode::Half => w.len() / 2,
+            Mode::DecodeOnly => 1,
+        };
+        cache.clear();
+        let mut ls = Vec::with_capacity(w.len() * v);
+        if dense_upto > 0 {
+            ls.extend(dense.prefill(&w[..dense_upto], &mut cache, Logits::All)?);
+        }
+        ls.extend(sparse.prefill_observed(&w[dense_upto..], &mut cache, Logits::All, Some(&mut counter))?);
+        for t in 1..w.len() {
+            let (pd, ps) = (&ld[(t - 1) * v..t * v], &ls[(t - 1) * v..t * v]);
+            nll_d += nll(pd, w[t]);
+            nll_s += nll(ps, w[t]);
+            let (k, a) = kl_top1(pd, ps);
+            kl += k;
+            agree += a as usize;
+            scored += 1;
+        }
+        progress(i + 1, wins.len());
+    }
+    let n = scored as f64;
+    let per_proj: Vec<f64> = (0..7)
+        .map(|p| {
+            let (z, t) = counter.counts.iter().fold((0u64, 0u64), |a, c| (a.0 + c[p].0, a.1 + c[p].1));
+            z as f64 / t.max(1) as f64
+        })
+        .collect();
+    let w = size_weights(config);
+    let model_sparsity = counter
+        .counts
+        .iter()
+        .map(|c| effective_sparsity(&std::array::from_fn(|p| c[p].0 as f64 / c[p].1.max(1) as f64), &w))
+        .sum::<f64>()
+        / config.num_hidden_layers as f64;
+    let (dense_ppl, ppl) = ((nll_d / n).exp(), (nll_s / n).exp());
+    Ok(SparseReport {
+        dense_ppl,
+        ppl,
+        ppl_ratio: ppl / dense_ppl,
+        kl: kl / n,
+        top1: agree as f64 / n,
+        tokens_scored: scored,
+        chunks: wins.len(),
+        ctx: opts.ctx,
+        site_sparsity: PROJ_NAMES.iter().zip(per_proj).map(|(n, s)| (n.to_string(), s)).collect(),
+        model_sparsity,
+        mode: mode.name().into(),
+    })
+}

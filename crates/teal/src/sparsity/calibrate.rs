@@ -1,0 +1,152 @@
+//! Calibration: run the dense model on calibration text block by block, collect every value at
+//! the four sites of each layer, and turn them into per-site quantile tables (TEAL's histogram
+//! reading and the exact |x| quantile); optionally run the greedy search on each block's dense
+//! inputs. Layer-wise processing keeps only one layer's activations in memory.
+
+use super::greedy::{greedy_block, GreedyOptions};
+use super::histogram::{abs_quantiles, check_finite, TealHistogram};
+use super::thresholds::{default_levels, Fingerprint, GreedyTables, Provenance, Quantile, SiteTable, Thresholds, FORMAT, VERSION};
+use super::size_weights;
+use crate::error::{Error, Result};
+use crate::models::llama::{Llama, Observer, PrefillBuffers, Site};
+
+#[derive(Clone, Debug)]
+pub struct CalibOptions {
+    pub samples: usize,
+    pub seq_len: usize,
+    /// Greedy search, with the quantile reading it uses to turn sparsities into thresholds.
+    pub greedy: Option<(GreedyOptions, Quantile)>,
+    /// Name of the calibration text, for the provenance record.
+    pub text_label: String,
+    pub text_bytes: usize,
+}
+
+/// Collects every value of each site of the current layer.
+struct Collector {
+    values: [Vec<f32>; 4],
+}
+
+impl Observer for Collector {
+    fn observe(&mut self, _layer: usize, site: Site, rows: &[f32], _width: usize) {
+        let i = Site::ALL.iter().position(|&s| s == site).expect("a known site");
+        self.values[i].extend_from_slice(rows);
+    }
+}
+
+const SITE_NAMES: [&str; 4] = ["qkv (attention input)", "o (attention output)", "gate/up (MLP input)", "down (MLP hidden)"];
+
+/// Calibrates `model` on `tokens` (the tokenized calibration text: the first `samples`
+/// non-overlapping windows of `seq_len` tokens). `progress(stage, done, total)`.
+pub fn calibrate(
+    model: &Llama,
+    fingerprint: Fingerprint,
+    tokens: &[u32],
+    opts: &CalibOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Thresholds> {
+    let c = &model.config;
+    let (n, len, d) = (opts.samples, opts.seq_len, c.hidden_size);
+    if n == 0 || len < 4 {
+        return Err(Error::Invalid(format!("calibration needs at least 1 sample of 4 tokens (got {n} x {len})")));
+    }
+    if tokens.len() < n * len {
+        return Err(Error::Invalid(format!(
+            "calibration text too short: {} tokens, {n} samples x {len} tokens need {}",
+            tokens.len(),
+            n * len
+        )));
+    }
+    if len > c.max_position_embeddings {
+        return Err(Error::Invalid(format!("--seq-len {len} exceeds the model's context of {}", c.max_position_embeddings)));
+    }
+    let greedy = match &opts.greedy {
+        Some((g, q)) => {
+            if g.samples == 0 || g.samples > n || g.seq_len < 4 || g.seq_len > len {
+                return Err(Error::Invalid(format!(
+                    "greedy search on {} x {} tokens must fit in the {n} x {len} calibration tokens",
+                    g.samples, g.seq_len
+                )));
+            }
+            Some((g, *q))
+        }
+        None => None,
+    };
+    let levels = default_levels();
+    let weights = size_weights(c);
+    let (cos, sin) = model.rope_tables_for(0, len);
+
+    // Hidden states of every sample, advanced one block at a time.
+    let mut h = vec![0.0f32; n * len * d];
+    for (i, &t) in tokens[..n * len].iter().enumerate() {
+        if t as usize >= c.vocab_size {
+            return Err(Error::Invalid(format!("token id {t} outside the vocabulary")));
+        }
+        h[i * d..(i + 1) * d].copy_from_slice(&model.embed_tokens[t as usize * d..(t as usize + 1) * d]);
+    }
+    let mut ws = PrefillBuffers::new(c, len);
+    let mut kc = vec![0.0f32; len * c.kv_dim()];
+    let mut vc = vec![0.0f32; len * c.kv_dim()];
+    let mut sites = Vec::with_capacity(c.num_hidden_layers);
+    let mut greedy_layers = Vec::new();
+    let total = c.num_hidden_layers;
+    for (l, block) in model.layers.iter().enumerate() {
+        // The greedy search needs this block's dense inputs (a prefix of each sample).
+        let greedy_inputs: Option<Vec<f32>> = greedy.map(|(g, _)| {
+            (0..g.samples).flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied()).collect()
+        });
+        let mut col = Collector { values: Default::default() };
+        for s in 0..n {
+            let x = &mut h[s * len * d..(s + 1) * len * d];
+            block.prefill(c, x, len, 0, (&cos, &sin), (&mut kc, &mut vc), &mut ws, Some((l, &mut col)));
+        }
+        let mut tables = Vec::with_capacity(4);
+        for (si, v) in col.values.iter().enumerate() {
+            if let Err(i) = check_finite(v) {
+                return Err(Error::Invalid(format!(
+                    "calibration: non-finite activation {} in layer {l} at site {} (value #{i})",
+                    v[i], SITE_NAMES[si]
+                )));
+            }
+            let hist = TealHistogram::build(v);
+            tables.push(SiteTable {
+                teal: levels.iter().map(|&s| if s == 0.0 { -1.0 } else { hist.threshold(s) }).collect(),
+                abs: abs_quantiles(v, &levels),
+                hist_lo: hist.lo,
+                hist_hi: hist.hi,
+            });
+        }
+        drop(col);
+        let tables: [SiteTable; 4] = tables.try_into().expect("four sites");
+        if let (Some((g, q)), Some(inp)) = (greedy, greedy_inputs) {
+            progress(&format!("greedy layer {l}"), l, total);
+            let lookup = |site: usize, s: f64| tables[site].threshold(&levels, s, q);
+            let gl = g.seq_len;
+            greedy_layers.push(greedy_block(c, block, &inp, g.samples, gl, (&cos[..gl * cos.len() / len], &sin[..gl * sin.len() / len]), &lookup, &weights, g));
+        }
+        sites.push(tables);
+        progress("calibrate", l + 1, total);
+    }
+    Ok(Thresholds {
+        format: FORMAT.into(),
+        version: VERSION,
+        model: fingerprint,
+        calibration: Provenance {
+            text: opts.text_label.clone(),
+            text_bytes: opts.text_bytes,
+            samples: n,
+            seq_len: len,
+            tokens: n * len,
+            engine: format!("teal {}", env!("CARGO_PKG_VERSION")),
+        },
+        levels,
+        sites,
+        greedy: greedy.map(|(g, q)| GreedyTables {
+            step: g.step,
+            quantile: q,
+            samples: g.samples,
+            seq_len: g.seq_len,
+            size_weights: weights,
+            layers: greedy_layers,
+        }),
+    })
+}

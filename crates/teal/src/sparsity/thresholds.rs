@@ -1,0 +1,325 @@
+//! The thresholds file: versioned, self-describing JSON that carries the model's fingerprint,
+//! the calibration provenance, per-site quantile tables (both TEAL's signed-histogram reading and
+//! the exact |x| quantile) and the greedy per-layer tables, so one file serves any target
+//! sparsity. Written atomically.
+
+use super::{effective_sparsity, size_weights, PROJ_SITE};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::loader::TensorSource;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const FORMAT: &str = "teal-thresholds";
+pub const VERSION: u32 = 1;
+
+/// How a threshold is read from the calibration statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantile {
+    /// TEAL's reading: the signed quantile icdf(0.5 + s/2) of its 10,000-bin histogram.
+    Teal,
+    /// The exact |x| quantile: P(|x| <= t) = s.
+    Abs,
+}
+
+/// How the model-wide target is spread over the seven projections of each block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Allocation {
+    /// The same sparsity at every projection.
+    Uniform,
+    /// TEAL's block-wise greedy search on dense block inputs.
+    Greedy,
+}
+
+/// Which positions are sparsified (DESIGN §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Every position, prompt included.
+    All,
+    /// In evaluation, the last half of each window (TEAL's quality protocol).
+    Half,
+    /// Prompt (prefill) dense, generated tokens sparse.
+    DecodeOnly,
+}
+
+impl Quantile {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantile::Teal => "teal",
+            Quantile::Abs => "abs",
+        }
+    }
+}
+impl Allocation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Allocation::Uniform => "uniform",
+            Allocation::Greedy => "greedy",
+        }
+    }
+}
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::All => "all",
+            Mode::Half => "half",
+            Mode::DecodeOnly => "decode-only",
+        }
+    }
+}
+
+/// A request for sparsity: target, allocation, quantile reading, mode.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparsitySpec {
+    pub target: f64,
+    pub allocation: Allocation,
+    pub quantile: Quantile,
+    pub mode: Mode,
+}
+
+/// Identifies the model a thresholds file belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub arch: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub vocab_size: usize,
+    /// FNV-1a 64 of the sorted tensor names and shapes.
+    pub tensor_hash: String,
+}
+
+impl Fingerprint {
+    pub fn of(c: &Config, src: &dyn TensorSource) -> Fingerprint {
+        let mut t: Vec<String> = src.describe().into_iter().map(|(n, s, _)| format!("{n}:{s:?}")).collect();
+        t.sort();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in t.join("\n").bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        Fingerprint {
+            arch: c.arch.name().into(),
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            vocab_size: c.vocab_size,
+            tensor_hash: format!("{h:016x}"),
+        }
+    }
+}
+
+/// Where the statistics came from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub text: String,
+    pub text_bytes: usize,
+    pub samples: usize,
+    pub seq_len: usize,
+    pub tokens: usize,
+    pub engine: String,
+}
+
+/// Quantile tables of one site: thresholds at each of [`Thresholds::levels`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteTable {
+    pub teal: Vec<f32>,
+    pub abs: Vec<f32>,
+    /// TEAL histogram bounds (1% and 99% order statistics).
+    pub hist_lo: f32,
+    pub hist_hi: f32,
+}
+
+impl SiteTable {
+    /// The threshold for sparsity `s`, interpolated linearly between the stored `levels`;
+    /// `None` for s = 0 (dense).
+    pub fn threshold(&self, levels: &[f64], s: f64, q: Quantile) -> Option<f32> {
+        if s <= 0.0 {
+            return None;
+        }
+        let tab = match q {
+            Quantile::Teal => &self.teal,
+            Quantile::Abs => &self.abs,
+        };
+        let i = levels.partition_point(|&x| x <= s).clamp(1, levels.len() - 1);
+        let f = ((s - levels[i - 1]) / (levels[i] - levels[i - 1])).clamp(0.0, 1.0);
+        Some((tab[i - 1] as f64 + f * (tab[i] as f64 - tab[i - 1] as f64)) as f32)
+    }
+}
+
+/// One step of the greedy search in one block.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GreedyStep {
+    /// Parameter-weighted block sparsity after this step.
+    pub sparsity: f64,
+    /// Relative L2 error of the block output against dense (last 25% of positions).
+    pub error: f64,
+    /// The seven sparsities, `PROJ_NAMES` order.
+    pub s: [f64; 7],
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GreedyTables {
+    pub step: f64,
+    pub quantile: Quantile,
+    /// Dense-input positions per sample and samples used for the search.
+    pub samples: usize,
+    pub seq_len: usize,
+    pub size_weights: [f64; 7],
+    /// Per layer, the steps from all-zero up to 0.9.
+    pub layers: Vec<Vec<GreedyStep>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    pub format: String,
+    pub version: u32,
+    pub model: Fingerprint,
+    pub calibration: Provenance,
+    /// Sparsity levels of the site tables, ascending, starting at 0.
+    pub levels: Vec<f64>,
+    /// `[layer][site]`, sites: qkv, o, gate/up, down.
+    pub sites: Vec<[SiteTable; 4]>,
+    pub greedy: Option<GreedyTables>,
+}
+
+/// The sparsity levels at which site tables are stored: 0 to 0.995 by 0.005.
+pub fn default_levels() -> Vec<f64> {
+    (0..200).map(|i| i as f64 * 0.005).collect()
+}
+
+impl Thresholds {
+    /// Reads and checks a thresholds file.
+    pub fn load(path: &Path) -> Result<Thresholds> {
+        let text = crate::error::read_text(path)?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
+        let bad = |m: String| Error::Invalid(format!("{}: {m}", path.display()));
+        if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+            return Err(bad(format!("not a teal thresholds file (\"format\" is not \"{FORMAT}\")")));
+        }
+        match v.get("version").and_then(|f| f.as_u64()) {
+            Some(x) if x == VERSION as u64 => {}
+            other => return Err(bad(format!("unsupported thresholds file version {other:?} (this teal reads {VERSION})"))),
+        }
+        let t: Thresholds = serde_json::from_value(v).map_err(|source| Error::Json { path: path.into(), source })?;
+        t.validate().map_err(|m| bad(m))?;
+        Ok(t)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let n = self.levels.len();
+        if n < 2 || self.levels[0] != 0.0 || self.levels.windows(2).any(|w| w[1] <= w[0]) || *self.levels.last().unwrap() >= 1.0 {
+            return Err("levels must ascend from 0 to below 1".into());
+        }
+        if self.sites.len() != self.model.num_hidden_layers {
+            return Err(format!("{} layers of site tables for a {}-layer model", self.sites.len(), self.model.num_hidden_layers));
+        }
+        for (l, row) in self.sites.iter().enumerate() {
+            for (s, t) in row.iter().enumerate() {
+                if t.teal.len() != n || t.abs.len() != n {
+                    return Err(format!("layer {l} site {s}: table length differs from levels"));
+                }
+                if t.teal.iter().chain(&t.abs).any(|v| !v.is_finite()) {
+                    return Err(format!("layer {l} site {s}: non-finite threshold"));
+                }
+            }
+        }
+        if let Some(g) = &self.greedy {
+            if g.layers.len() != self.model.num_hidden_layers || g.layers.iter().any(|l| l.is_empty()) {
+                return Err("greedy tables: one non-empty table per layer expected".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the file atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string(self).map_err(|source| Error::Json { path: path.into(), source })?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).map_err(|source| Error::Io { path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.into(), source })
+    }
+
+    /// Fails with a clear error when the file was made for another model.
+    pub fn check_model(&self, fp: &Fingerprint) -> Result<()> {
+        if &self.model != fp {
+            return Err(Error::Invalid(format!(
+                "thresholds file was calibrated for another model: file has {} {}x{} layers={} tensors {}, model is {} {}x{} layers={} tensors {}",
+                self.model.arch,
+                self.model.hidden_size,
+                self.model.intermediate_size,
+                self.model.num_hidden_layers,
+                self.model.tensor_hash,
+                fp.arch,
+                fp.hidden_size,
+                fp.intermediate_size,
+                fp.num_hidden_layers,
+                fp.tensor_hash
+            )));
+        }
+        Ok(())
+    }
+
+    /// The threshold of `site` in `layer` for sparsity `s`, interpolated linearly between the
+    /// stored levels. `None` for s = 0 (dense).
+    pub fn site_threshold(&self, layer: usize, site: usize, s: f64, q: Quantile) -> Option<f32> {
+        self.sites[layer][site].threshold(&self.levels, s, q)
+    }
+
+    /// The seven per-projection sparsities of each layer for a spec.
+    pub fn allocate(&self, spec: &SparsitySpec) -> Result<Vec<[f64; 7]>> {
+        check_target(spec.target)?;
+        let n = self.model.num_hidden_layers;
+        match spec.allocation {
+            Allocation::Uniform => Ok(vec![[spec.target; 7]; n]),
+            Allocation::Greedy => {
+                let g = self.greedy.as_ref().ok_or_else(|| {
+                    Error::Invalid("this thresholds file has no greedy tables: calibrate with --greedy".into())
+                })?;
+                Ok(g
+                    .layers
+                    .iter()
+                    .map(|steps| {
+                        let best = steps
+                            .iter()
+                            .min_by(|a, b| (a.sparsity - spec.target).abs().total_cmp(&(b.sparsity - spec.target).abs()))
+                            .expect("validated non-empty");
+                        best.s
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Thresholds for every projection of every layer (`None`: dense).
+    pub fn resolve(&self, spec: &SparsitySpec) -> Result<Vec<[Option<f32>; 7]>> {
+        let alloc = self.allocate(spec)?;
+        Ok(alloc
+            .iter()
+            .enumerate()
+            .map(|(l, s)| std::array::from_fn(|p| self.site_threshold(l, PROJ_SITE[p], s[p], spec.quantile)))
+            .collect())
+    }
+
+    /// Planned parameter-weighted sparsity of a spec (mean over blocks).
+    pub fn planned_sparsity(&self, spec: &SparsitySpec, c: &Config) -> Result<f64> {
+        let w = size_weights(c);
+        let a = self.allocate(spec)?;
+        Ok(a.iter().map(|s| effective_sparsity(s, &w)).sum::<f64>() / a.len() as f64)
+    }
+}
+
+/// Sparsity must lie in [0, 1).
+pub fn check_target(s: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&s) {
+        return Err(Error::Invalid(format!("sparsity {s} is outside [0, 1)")));
+    }
+    Ok(())
+}
