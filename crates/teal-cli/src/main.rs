@@ -1,6 +1,8 @@
 //! `teal`: run, ppl, inspect. A thin layer over the `teal` library; flags mean the same in every
 //! subcommand, as in llama.cpp's tools.
 
+mod report;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -128,6 +130,8 @@ enum Cmd {
     Ppl(PplArgs),
     /// Calibrate TEAL thresholds (activation statistics, optional greedy allocation).
     Calibrate(CalibrateArgs),
+    /// Quality vs sparsity for each allocation method (markdown + PNG) and activation plots.
+    Report(ReportArgs),
     /// Architecture, dimensions, tensor types and tokenizer of a model.
     Inspect(InspectArgs),
     /// Token ids and pieces of a text, as the model's tokenizer splits it.
@@ -240,6 +244,35 @@ struct CalibrateArgs {
 }
 
 #[derive(Args)]
+struct ReportArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Thresholds file (default: the cached one for this model).
+    #[arg(long)]
+    thresholds: Option<PathBuf>,
+    /// Evaluation text (UTF-8).
+    #[arg(short = 'f', long)]
+    file: PathBuf,
+    /// Target sparsities.
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.4,0.5,0.65,0.75")]
+    sparsities: Vec<f64>,
+    /// Windows of 512 tokens scored per point.
+    #[arg(long, default_value_t = 8)]
+    chunks: usize,
+    #[arg(short = 'c', long, default_value_t = 512)]
+    ctx: usize,
+    /// Layers whose activation distributions are plotted (default: first, middle, last).
+    #[arg(long, value_delimiter = ',')]
+    layers: Vec<usize>,
+    /// Which positions are sparsified.
+    #[arg(long, value_enum, default_value_t = ModeArg::All)]
+    mode: ModeArg,
+    /// Output directory.
+    #[arg(short = 'o', long, default_value = "report")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     #[command(flatten)]
     common: Common,
@@ -261,6 +294,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Ppl(a) => cmd_ppl(a),
         Cmd::Calibrate(a) => cmd_calibrate(a),
+        Cmd::Report(a) => cmd_report(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Tokenize(a) => cmd_tokenize(a),
     }
@@ -520,6 +554,108 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     println!("{}", out.display());
+    Ok(())
+}
+
+fn cmd_report(a: ReportArgs) -> Result<()> {
+    let files = a.common.open()?;
+    let sparse_args = SparseArgs {
+        sparsity: a.sparsities.iter().cloned().fold(0.0, f64::max),
+        thresholds: a.thresholds.clone(),
+        allocation: AllocationArg::Uniform,
+        quantile: QuantileArg::Teal,
+        mode: a.mode,
+    };
+    for &s in &a.sparsities {
+        check_target(s)?;
+    }
+    let Some((_, th, path)) = sparse_args.resolve(&files)? else {
+        bail!("--sparsities must include a value above 0");
+    };
+    let text = teal::error::read_text(&a.file)?;
+    let tokens = files.tokenizer.encode(&text, false)?;
+    let model = files.load_model()?;
+    let opts = PplOptions { ctx: a.ctx, chunks: Some(a.chunks) };
+    let mut methods = vec![(Allocation::Uniform, Quantile::Teal), (Allocation::Uniform, Quantile::Abs)];
+    if let Some(g) = &th.greedy {
+        methods.push((Allocation::Greedy, g.quantile));
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    report::register_font()?;
+    let bar = ProgressBar::new((methods.len() * a.sparsities.len()) as u64);
+    bar.set_style(ProgressStyle::with_template("{msg:28} [{bar:30}] {pos}/{len} points, {elapsed} (eta {eta})")?);
+    let mode = sparse_args.spec().mode;
+    let mut rows = Vec::new();
+    let mut dense_ppl = f64::NAN;
+    for &(allocation, quantile) in &methods {
+        let name = format!("{} / {} quantile", allocation.name(), quantile.name());
+        for &target in a.sparsities.iter().filter(|&&s| s > 0.0) {
+            bar.set_message(format!("{name} @ {target}"));
+            let spec = SparsitySpec { target, allocation, quantile, mode };
+            let t = th.resolve(&spec)?;
+            let sparse = model.with_thresholds(&t)?;
+            let r = compare(&files.config, &model, &sparse, &t, mode, &tokens, &opts, |_, _| {})?;
+            dense_ppl = r.dense_ppl;
+            rows.push(report::Row { method: name.clone(), target, report: r });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let md = report::markdown(&rows, dense_ppl);
+    let ppl_png = a.out.join("ppl_vs_sparsity.png");
+    report::plot_ppl(&rows, dense_ppl, &ppl_png)?;
+
+    // Activation distributions on the first window.
+    let n_layers = files.config.num_hidden_layers;
+    let layers = if a.layers.is_empty() { vec![0, n_layers / 2, n_layers - 1] } else { a.layers.clone() };
+    if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
+        bail!("--layers: layer {l} does not exist (the model has {n_layers})");
+    }
+    struct Grab {
+        layers: Vec<usize>,
+        values: std::collections::BTreeMap<(usize, usize), Vec<f32>>,
+    }
+    impl teal::models::llama::Observer for Grab {
+        fn observe(&mut self, layer: usize, site: teal::models::llama::Site, rows: &[f32], _: usize) {
+            if self.layers.contains(&layer) {
+                let si = teal::models::llama::Site::ALL.iter().position(|&s| s == site).unwrap_or(0);
+                self.values.entry((layer, si)).or_default().extend_from_slice(rows);
+            }
+        }
+    }
+    let mut grab = Grab { layers: layers.clone(), values: Default::default() };
+    let first = &tokens[..a.ctx.min(tokens.len())];
+    model.prefill_observed(first, &mut model.new_cache(first.len()), teal::models::llama::Logits::Last, Some(&mut grab))?;
+    let site_names = ["q/k/v input", "o input", "gate/up input", "down input"];
+    let mut pngs = vec![ppl_png];
+    for &l in &layers {
+        let sites: Vec<(&str, Vec<f32>)> =
+            (0..4).map(|si| (site_names[si], grab.values.remove(&(l, si)).unwrap_or_default())).collect();
+        let p = a.out.join(format!("activations_layer{l}.png"));
+        report::plot_activations(l, &sites, &p)?;
+        pngs.push(p);
+    }
+    let header = format!(
+        "# TEAL report\n\nModel `{}`, thresholds `{}` (calibrated on {} x {} tokens of {}), text `{}`, \
+         {} windows of {} tokens, sparsify mode `{}`.\n\n",
+        a.common.model_path()?.display(),
+        path.display(),
+        th.calibration.samples,
+        th.calibration.seq_len,
+        th.calibration.text,
+        a.file.display(),
+        a.chunks,
+        a.ctx,
+        mode.name()
+    );
+    let figures: String = pngs
+        .iter()
+        .map(|p| format!("![{0}]({0})\n", p.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()))
+        .collect();
+    let doc = format!("{header}{md}\n{figures}");
+    std::fs::write(a.out.join("report.md"), &doc).with_context(|| format!("writing {}", a.out.join("report.md").display()))?;
+    print!("{doc}");
+    eprintln!("wrote {}", a.out.display());
     Ok(())
 }
 

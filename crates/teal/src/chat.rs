@@ -1,0 +1,350 @@
+//! Chat templates: the Jinja templates shipped with models (`tokenizer.chat_template` in GGUF,
+//! `chat_template` in `tokenizer_config.json`), rendered with minijinja the way Hugging Face's
+//! `apply_chat_template` renders them: `trim_blocks` and `lstrip_blocks` on, `raise_exception`,
+//! `strftime_now`, a Python-style `tojson`, and Python string / dict methods (`.strip()`,
+//! `.startswith()`, `.items()`, ... through `minijinja-contrib`'s pycompat).
+
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Environment, ErrorKind, UndefinedBehavior};
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Errors from compiling or rendering a chat template.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("chat template does not compile: {0}")]
+    Syntax(String),
+    #[error("chat template failed to render: {0}")]
+    Render(String),
+}
+
+const NAME: &str = "chat_template";
+
+/// The ChatML template (SmolLM2, Qwen2.5 and many others use this format).
+pub const CHATML: &str = r"{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}";
+
+/// Meta's Llama-3 Instruct template (as in Meta-Llama-3-8B-Instruct's tokenizer_config.json).
+pub const LLAMA3: &str = r"{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+fn render_error(e: minijinja::Error) -> ChatError {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    ChatError::Render(msg)
+}
+
+impl ChatTemplate {
+    /// Compiles a Jinja chat template.
+    pub fn new(source: &str) -> Result<Self, ChatError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_keep_trailing_newline(false);
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(NAME, python_string_continuations(source))
+            .map_err(|e| match render_error(e) {
+                ChatError::Render(m) | ChatError::Syntax(m) => ChatError::Syntax(m),
+            })?;
+        Ok(ChatTemplate {
+            env,
+            source: source.to_string(),
+        })
+    }
+
+    /// The built-in ChatML template.
+    pub fn chatml() -> Self {
+        Self::new(CHATML).expect("built-in ChatML template compiles")
+    }
+
+    /// The built-in Llama-3 Instruct template.
+    pub fn llama3() -> Self {
+        Self::new(LLAMA3).expect("built-in Llama-3 template compiles")
+    }
+
+    /// The template's source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders `messages` into the prompt text. With `add_generation_prompt`, the text ends with
+    /// the header of an assistant turn. `bos_token` / `eos_token` are the tokens' texts (templates
+    /// that start with `{{ bos_token }}` emit BOS themselves: don't add another when encoding).
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, ChatError> {
+        let tmpl = self.env.get_template(NAME).map_err(render_error)?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        })
+        .map_err(render_error)
+    }
+}
+
+/// Python's Jinja treats a backslash before a newline inside a string literal as a line
+/// continuation (both vanish; Mistral's templates rely on it), minijinja does not: drop such
+/// pairs inside `{{ }}` / `{% %}` tags. Other escapes are left for minijinja.
+fn python_string_continuations(source: &str) -> String {
+    if !source.contains("\\\n") {
+        return source.to_string();
+    }
+    let b = source.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    let mut close: Option<&[u8]> = None; // inside a tag: its closing delimiter
+    let mut quote: Option<u8> = None; // inside a string literal in a tag: its quote
+    while i < b.len() {
+        match (close, quote) {
+            (None, _) => {
+                if b[i] == b'{' && matches!(b.get(i + 1), Some(b'{') | Some(b'%')) {
+                    close = Some(if b[i + 1] == b'{' { b"}}" } else { b"%}" });
+                    out.extend_from_slice(&b[i..i + 2]);
+                    i += 2;
+                    continue;
+                }
+            }
+            (Some(end), None) => {
+                if b[i..].starts_with(end) {
+                    close = None;
+                    out.extend_from_slice(end);
+                    i += 2;
+                    continue;
+                }
+                if b[i] == b'"' || b[i] == b'\'' {
+                    quote = Some(b[i]);
+                }
+            }
+            (Some(_), Some(q)) => {
+                if b[i] == b'\\' {
+                    match b.get(i + 1) {
+                        Some(b'\n') => i += 2,
+                        Some(b'\r') if b.get(i + 2) == Some(&b'\n') => i += 3,
+                        Some(&c) => {
+                            out.push(b'\\');
+                            out.push(c);
+                            i += 2;
+                        }
+                        None => i += 1,
+                    }
+                    continue;
+                }
+                if b[i] == q {
+                    quote = None;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap_or_else(|_| source.to_string())
+}
+
+fn raise_exception(msg: String) -> Result<Value, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// `strftime_now(format)`: the current UTC time, formatted with the common strftime codes.
+fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Ok(strftime(&format, secs))
+}
+
+/// Formats a Unix time (UTC) with strftime codes `%Y %y %m %d %e %b %B %a %A %H %I %M %S %p %j %%`.
+pub fn strftime(format: &str, unix_secs: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    let days = unix_secs.div_euclid(86_400);
+    let rem = unix_secs.rem_euclid(86_400);
+    let (hour, minute, second) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy_mar + 2) / 153;
+    let day = doy_mar - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let cum = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = cum[(month - 1) as usize] + day + if leap && month > 2 { 1 } else { 0 };
+    let weekday = DAYS[days.rem_euclid(7) as usize];
+    let month_name = MONTHS[(month - 1) as usize];
+
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('e') => out.push_str(&format!("{day:>2}")),
+            Some('-') => match chars.next() {
+                Some('d') => out.push_str(&day.to_string()),
+                Some('m') => out.push_str(&month.to_string()),
+                Some('H') => out.push_str(&hour.to_string()),
+                Some(o) => {
+                    out.push_str("%-");
+                    out.push(o);
+                }
+                None => out.push_str("%-"),
+            },
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('B') => out.push_str(month_name),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('H') => out.push_str(&format!("{hour:02}")),
+            Some('I') => out.push_str(&format!(
+                "{:02}",
+                if hour % 12 == 0 { 12 } else { hour % 12 }
+            )),
+            Some('M') => out.push_str(&format!("{minute:02}")),
+            Some('S') => out.push_str(&format!("{second:02}")),
+            Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// `tojson` as Hugging Face's templates expect it (Python `json.dumps`: `", "` and `": "`
+/// separators, no HTML escaping, non-ASCII kept, optional `indent`).
+fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
+    let indent = match indent {
+        Some(v) => Some(v),
+        None => kwargs.get::<Option<Value>>("indent")?,
+    };
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => Some(usize::try_from(v)?),
+    };
+    // Accepted and ignored: ensure_ascii (always false here), sort_keys, separators.
+    let _ = kwargs.get::<Option<Value>>("ensure_ascii")?;
+    let _ = kwargs.get::<Option<Value>>("sort_keys")?;
+    let _ = kwargs.get::<Option<Value>>("separators")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    write_json(&json, indent, 0, &mut out);
+    Ok(Value::from(out))
+}
+
+fn write_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                write_json(x, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        J::Object(o) if !o.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in o.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push_str(": ");
+                write_json(x, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
+    }
+}

@@ -78,7 +78,7 @@ pub fn generate(
     let mut cache = model.new_cache(params.ctx);
     let mut scratch = DecodeScratch::new(&model.config, params.ctx);
     let mut sampler = Sampler::new(params.sampler.clone());
-    let mut stream = StreamDecoder::new(tokenizer);
+    let mut stream = StreamDecoder::with_context(tokenizer, prompt);
 
     let t0 = Instant::now();
     let logits = models.prefill.prefill(prompt, &mut cache, Logits::Last)?;

@@ -70,6 +70,7 @@ fn kl_top1(dense: &[f32], sparse: &[f32]) -> (f64, bool) {
 }
 
 /// Runs P512 with the dense model and its sparse variant on the same windows.
+#[allow(clippy::too_many_arguments)]
 pub fn compare(
     config: &Config,
     dense: &Llama,

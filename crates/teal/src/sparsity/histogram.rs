@@ -300,7 +300,8 @@ fn chunk_len(n: usize) -> usize {
 /// all `-1.0`. Levels `>= 1` give the largest `|x|`.
 ///
 /// Exact radix selection on the bit patterns: two parallel passes over the data (plus one per
-/// 16 further distinct buckets), no copy; about 0.2 s for 100M values on 2 cores.
+/// 16 further distinct buckets), no copy. 100M values: ~0.15 CPU-s for one level, ~0.5 CPU-s
+/// for 19 levels (`TealHistogram::build`: ~0.8 CPU-s), on this project's 2-core machine.
 /// Never panics; NaNs order above +Inf (call [`check_finite`] first).
 pub fn abs_quantiles(values: &[f32], levels: &[f64]) -> Vec<f32> {
     let n = values.len();

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The main job on the default model: fetch SmolLM2-135M-Instruct (cached), calibrate TEAL once
+# (cached), generate dense and with 50% activation sparsity, and print the decode speed of both
+# and the quality change on WikiText-2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+model="$(scripts/fetch-assets.sh default)"
+scripts/fetch-assets.sh calib >/dev/null
+cargo build --release --quiet --bin teal
+teal=target/release/teal
+
+"$teal" calibrate -m "$model" --greedy >/dev/null
+
+prompt="${1:-The history of the city of Paris begins}"
+echo "== dense =="
+"$teal" run -m "$model" -p "$prompt" -n 64 --temp 0
+echo
+echo "== TEAL, 50% activation sparsity (greedy allocation) =="
+"$teal" run -m "$model" -p "$prompt" -n 64 --temp 0 --sparsity 0.5
+echo
+text=../shared/data/wikitext-2-raw-test.raw
+[ -f "$text" ] || text="$(scripts/fetch-assets.sh calib | tail -n1)"
+echo "== quality at 50% sparsity vs dense, same tokens ($(basename "$text"), 4 windows of 512) =="
+"$teal" ppl -m "$model" -f "$text" --chunks 4 --sparsity 0.5
