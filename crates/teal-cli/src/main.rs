@@ -337,6 +337,7 @@ impl Common {
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
+    check_target(a.sparse.sparsity)?;
     let files = a.common.open()?;
     let tok = &files.tokenizer;
     let t0 = std::time::Instant::now();
@@ -414,6 +415,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
 }
 
 fn cmd_ppl(a: PplArgs) -> Result<()> {
+    check_target(a.sparse.sparsity)?;
     let files = a.common.open()?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;

@@ -1,0 +1,84 @@
+//! Bad input through the `teal` binary: a clear error naming the problem, a non-zero exit code,
+//! never a panic. Uses the real SmolLM2 file when it is cached (skips otherwise, or fails under
+//! TEAL_REQUIRE_ASSETS=1).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("TEAL_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(teal::assets::default_model_path);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("TEAL_REQUIRE_ASSETS").as_deref() == Ok("1") {
+        panic!("{} missing: run scripts/fetch-assets.sh", p.display());
+    }
+    eprintln!("skipped: {} not found", p.display());
+    None
+}
+
+/// Runs teal and returns (exit code, stderr); asserts it failed without panicking.
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_teal")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "teal {args:?} succeeded; stderr: {err}");
+    assert_ne!(out.status.code(), Some(101), "teal {args:?} panicked: {err}");
+    assert!(!err.contains("panicked"), "teal {args:?} panicked: {err}");
+    err
+}
+
+#[test]
+fn corrupt_model_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_magic = dir.path().join("bad.gguf");
+    std::fs::write(&bad_magic, b"NOPE\x03\x00\x00\x00 and some more bytes").unwrap();
+    let e = fails(&["inspect", "-m", bad_magic.to_str().unwrap()]);
+    assert!(e.contains("bad.gguf") && e.to_lowercase().contains("magic"), "{e}");
+
+    let missing = dir.path().join("missing.gguf");
+    let e = fails(&["run", "-m", missing.to_str().unwrap(), "-p", "hi"]);
+    assert!(e.contains("missing.gguf"), "{e}");
+
+    let Some(real) = smollm2() else { return };
+    let bytes = std::fs::read(&real).unwrap();
+    let cut = dir.path().join("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = fails(&["run", "-m", cut.to_str().unwrap(), "-p", "hi", "-n", "1"]);
+    assert!(e.contains("truncated.gguf"), "{e}");
+}
+
+#[test]
+fn bad_prompts_and_texts_are_clear_errors() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let e = fails(&["run", "-m", m, "-p", "", "-n", "4"]);
+    assert!(e.contains("prompt is empty"), "{e}");
+
+    let long = "word ".repeat(300);
+    let e = fails(&["run", "-m", m, "-p", &long, "-c", "64", "-n", "4"]);
+    assert!(e.contains("longer than the context of 64"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("latin1.txt");
+    std::fs::write(&bin, b"caf\xe9 au lait").unwrap();
+    let e = fails(&["ppl", "-m", m, "-f", bin.to_str().unwrap()]);
+    assert!(e.contains("latin1.txt") && e.contains("not valid UTF-8"), "{e}");
+
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "only a few words").unwrap();
+    let e = fails(&["ppl", "-m", m, "-f", short.to_str().unwrap()]);
+    assert!(e.contains("fewer than one window"), "{e}");
+
+    let e = fails(&["ppl", "-m", m, "-f", short.to_str().unwrap(), "--sparsity", "1.5"]);
+    assert!(e.contains("outside [0, 1)"), "{e}");
+
+    let th = dir.path().join("t.json");
+    std::fs::write(&th, "{\"format\": \"teal-thresholds\", \"version\": 7}").unwrap();
+    let e = fails(&["run", "-m", m, "-p", "hi", "--sparsity", "0.5", "--thresholds", th.to_str().unwrap()]);
+    assert!(e.contains("unsupported thresholds file version"), "{e}");
+
+    let e = fails(&["run", "-m", m, "-p", "hi", "-t", "0"]);
+    assert!(e.contains("at least 1"), "{e}");
+}
