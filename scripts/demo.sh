@@ -10,13 +10,13 @@ scripts/fetch-assets.sh calib >/dev/null
 cargo build --release --quiet --bin teal
 teal=target/release/teal
 
-"$teal" calibrate -m "$model" --greedy >/dev/null
+"$teal" calibrate -m "$model" >/dev/null
 
 prompt="${1:-The history of the city of Paris begins}"
 echo "== dense =="
 "$teal" run -m "$model" -p "$prompt" -n 64 --temp 0
 echo
-echo "== TEAL, 50% activation sparsity (greedy allocation) =="
+echo "== TEAL, 50% activation sparsity =="
 "$teal" run -m "$model" -p "$prompt" -n 64 --temp 0 --sparsity 0.5
 echo
 text=../shared/data/wikitext-2-raw-test.raw

@@ -46,8 +46,9 @@ struct SparseArgs {
     /// Thresholds file from `teal calibrate` (default: the cached one for this model).
     #[arg(long)]
     thresholds: Option<PathBuf>,
-    /// How the target is spread over the seven projections of each block.
-    #[arg(long, value_enum, default_value_t = AllocationArg::Greedy)]
+    /// How the target is spread over the seven projections of each block (auto: greedy when the
+    /// thresholds file has greedy tables, else uniform).
+    #[arg(long, value_enum, default_value_t = AllocationArg::Auto)]
     allocation: AllocationArg,
     /// How thresholds are read from the statistics: TEAL's signed histogram, or exact |x|.
     #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
@@ -59,6 +60,7 @@ struct SparseArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum AllocationArg {
+    Auto,
     Uniform,
     Greedy,
 }
@@ -75,11 +77,13 @@ enum ModeArg {
 }
 
 impl SparseArgs {
-    fn spec(&self) -> SparsitySpec {
+    /// The request; `auto` allocation is decided by what `th` holds.
+    fn spec(&self, th: Option<&Thresholds>) -> SparsitySpec {
         SparsitySpec {
             target: self.sparsity,
             allocation: match self.allocation {
-                AllocationArg::Uniform => Allocation::Uniform,
+                AllocationArg::Auto if th.is_some_and(|t| t.greedy.is_some()) => Allocation::Greedy,
+                AllocationArg::Auto | AllocationArg::Uniform => Allocation::Uniform,
                 AllocationArg::Greedy => Allocation::Greedy,
             },
             quantile: match self.quantile {
@@ -95,7 +99,7 @@ impl SparseArgs {
     }
 
     /// The per-layer thresholds for this request, checked against the model; `None` when dense.
-    fn resolve(&self, files: &ModelFiles) -> Result<Option<(Vec<[Option<f32>; 7]>, Thresholds, PathBuf)>> {
+    fn resolve(&self, files: &ModelFiles) -> Result<Option<(Vec<[Option<f32>; 7]>, SparsitySpec, Thresholds, PathBuf)>> {
         check_target(self.sparsity)?;
         if self.sparsity == 0.0 {
             return Ok(None);
@@ -117,8 +121,9 @@ impl SparseArgs {
         };
         let th = Thresholds::load(&path)?;
         th.check_model(&fp).with_context(|| format!("thresholds {}", path.display()))?;
-        let t = th.resolve(&self.spec())?;
-        Ok(Some((t, th, path)))
+        let spec = self.spec(Some(&th));
+        let t = th.resolve(&spec)?;
+        Ok(Some((t, spec, th, path)))
     }
 }
 
@@ -344,8 +349,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let model = files.load_model()?;
     eprintln!("loaded {} ({}) in {:.2}s", files.config.arch.name(), files.format, t0.elapsed().as_secs_f64());
     let sparse = match a.sparse.resolve(&files)? {
-        Some((t, th, path)) => {
-            let spec = a.sparse.spec();
+        Some((t, spec, th, path)) => {
             if spec.mode == Mode::Half {
                 bail!("--mode half is an evaluation mode (teal ppl); for generation use all or decode-only");
             }
@@ -426,8 +430,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, {elapsed} (eta {eta})")?);
     bar.set_message("perplexity");
     let model_path = a.common.model_path()?.display().to_string();
-    if let Some((t, th, path)) = a.sparse.resolve(&files)? {
-        let spec = a.sparse.spec();
+    if let Some((t, spec, th, path)) = a.sparse.resolve(&files)? {
         let sparse = model.with_thresholds(&t)?;
         let r = compare(&files.config, &model, &sparse, &t, spec.mode, &tokens, &opts, |d, _| bar.set_position(d as u64))?;
         bar.finish_and_clear();
@@ -571,7 +574,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     for &s in &a.sparsities {
         check_target(s)?;
     }
-    let Some((_, th, path)) = sparse_args.resolve(&files)? else {
+    let Some((_, spec0, th, path)) = sparse_args.resolve(&files)? else {
         bail!("--sparsities must include a value above 0");
     };
     let text = teal::error::read_text(&a.file)?;
@@ -586,7 +589,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     report::register_font()?;
     let bar = ProgressBar::new((methods.len() * a.sparsities.len()) as u64);
     bar.set_style(ProgressStyle::with_template("{msg:28} [{bar:30}] {pos}/{len} points, {elapsed} (eta {eta})")?);
-    let mode = sparse_args.spec().mode;
+    let mode = spec0.mode;
     let mut rows = Vec::new();
     let mut dense_ppl = f64::NAN;
     for &(allocation, quantile) in &methods {
