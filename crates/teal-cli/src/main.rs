@@ -6,7 +6,7 @@ mod report;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use teal::chat::{ChatTemplate, Message};
 use teal::eval::perplexity::{perplexity, PplOptions};
@@ -541,9 +541,13 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let bar = ProgressBar::new(files.config.num_hidden_layers as u64);
     bar.set_style(ProgressStyle::with_template("{msg:24} [{bar:30}] {pos}/{len} layers, {elapsed} (eta {eta})")?);
     let t0 = std::time::Instant::now();
-    let th = calibrate(&model, fp, &tokens, &opts, &mut |stage, done, _| {
+    let tty = std::io::stderr().is_terminal();
+    let th = calibrate(&model, fp, &tokens, &opts, &mut |stage, done, total| {
         bar.set_message(stage.to_string());
         bar.set_position(done as u64);
+        if !tty {
+            eprintln!("{stage}: {done}/{total} layers, {:.0}s", t0.elapsed().as_secs_f64());
+        }
     })?;
     bar.finish_and_clear();
     if let Some(dir) = out.parent() {
