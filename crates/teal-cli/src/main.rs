@@ -11,16 +11,20 @@ use std::path::PathBuf;
 use teal::chat::{ChatTemplate, Message};
 use teal::eval::perplexity::{perplexity, PplOptions};
 use teal::eval::sparse::compare;
-use teal::sparsity::calibrate::{calibrate, CalibOptions};
-use teal::sparsity::greedy::GreedyOptions;
 use teal::generate::{generate, GenerateParams, Models};
 use teal::sampler::SamplerConfig;
+use teal::sparsity::calibrate::{calibrate, CalibOptions};
+use teal::sparsity::greedy::GreedyOptions;
 use teal::sparsity::thresholds::{check_target, Fingerprint};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
 use teal::ModelFiles;
 
 #[derive(Parser)]
-#[command(name = "teal", version, about = "Llama-family inference with TEAL activation sparsity")]
+#[command(
+    name = "teal",
+    version,
+    about = "Llama-family inference with TEAL activation sparsity"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -99,7 +103,10 @@ impl SparseArgs {
     }
 
     /// The per-layer thresholds for this request, checked against the model; `None` when dense.
-    fn resolve(&self, files: &ModelFiles) -> Result<Option<(Vec<[Option<f32>; 7]>, SparsitySpec, Thresholds, PathBuf)>> {
+    fn resolve(
+        &self,
+        files: &ModelFiles,
+    ) -> Result<Option<(Vec<[Option<f32>; 7]>, SparsitySpec, Thresholds, PathBuf)>> {
         check_target(self.sparsity)?;
         if self.sparsity == 0.0 {
             return Ok(None);
@@ -120,7 +127,8 @@ impl SparseArgs {
             }
         };
         let th = Thresholds::load(&path)?;
-        th.check_model(&fp).with_context(|| format!("thresholds {}", path.display()))?;
+        th.check_model(&fp)
+            .with_context(|| format!("thresholds {}", path.display()))?;
         let spec = self.spec(Some(&th));
         let t = th.resolve(&spec)?;
         Ok(Some((t, spec, th, path)))
@@ -322,7 +330,9 @@ impl Common {
     }
 
     fn setup_threads(&self) -> Result<()> {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let n = self.threads.unwrap_or(cores);
         if n == 0 {
             bail!("-t/--threads must be at least 1");
@@ -330,7 +340,10 @@ impl Common {
         if n > cores {
             eprintln!("warning: {n} threads on {cores} cores: threads will share cores and decode slows down");
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the thread pool")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("starting the thread pool")?;
         Ok(())
     }
 
@@ -347,7 +360,12 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let tok = &files.tokenizer;
     let t0 = std::time::Instant::now();
     let model = files.load_model()?;
-    eprintln!("loaded {} ({}) in {:.2}s", files.config.arch.name(), files.format, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded {} ({}) in {:.2}s",
+        files.config.arch.name(),
+        files.format,
+        t0.elapsed().as_secs_f64()
+    );
     let sparse = match a.sparse.resolve(&files)? {
         Some((t, spec, th, path)) => {
             if spec.mode == Mode::Half {
@@ -368,7 +386,10 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     };
     let models = match &sparse {
         None => Models::single(&model),
-        Some((m, Mode::DecodeOnly)) => Models { prefill: &model, decode: m },
+        Some((m, Mode::DecodeOnly)) => Models {
+            prefill: &model,
+            decode: m,
+        },
         Some((m, _)) => Models::single(m),
     };
 
@@ -379,22 +400,47 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         };
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
-            msgs.push(Message { role: "system".into(), content: s.clone() });
+            msgs.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        msgs.push(Message { role: "user".into(), content: a.prompt.clone() });
-        let bos = tok.bos_id().and_then(|i| tok.token_str(i)).unwrap_or_default();
-        let eos = tok.eos_ids().first().and_then(|&i| tok.token_str(i)).unwrap_or_default();
+        msgs.push(Message {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        let bos = tok
+            .bos_id()
+            .and_then(|i| tok.token_str(i))
+            .unwrap_or_default();
+        let eos = tok
+            .eos_ids()
+            .first()
+            .and_then(|&i| tok.token_str(i))
+            .unwrap_or_default();
         template.render(&msgs, true, &bos, &eos)?
     } else {
         a.prompt.clone()
     };
     // A rendered chat template already starts with its own BOS where the model wants one.
-    let add_bos = tok.add_bos_default() && !(a.chat && tok.bos_id().and_then(|i| tok.token_str(i)).is_some_and(|b| text.starts_with(&b)));
+    let add_bos = tok.add_bos_default()
+        && !(a.chat
+            && tok
+                .bos_id()
+                .and_then(|i| tok.token_str(i))
+                .is_some_and(|b| text.starts_with(&b)));
     let prompt = tok.encode(&text, add_bos)?;
-    let ctx = a.ctx.unwrap_or(files.config.max_position_embeddings.min(4096));
+    let ctx = a
+        .ctx
+        .unwrap_or(files.config.max_position_embeddings.min(4096));
     let params = GenerateParams {
         max_tokens: a.n_predict,
-        sampler: SamplerConfig { temperature: a.temp, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        sampler: SamplerConfig {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
         ctx,
         stop_at_eos: !a.ignore_eos,
     };
@@ -424,20 +470,37 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
     let model = files.load_model()?;
-    let opts = PplOptions { ctx: a.ctx, chunks: a.chunks };
+    let opts = PplOptions {
+        ctx: a.ctx,
+        chunks: a.chunks,
+    };
     let n_windows = teal::eval::perplexity::windows(tokens.len(), &opts)?.len();
     let bar = ProgressBar::new(n_windows as u64);
-    bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, {elapsed} (eta {eta})")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{msg} [{bar:30}] {pos}/{len} windows, {elapsed} (eta {eta})",
+    )?);
     bar.set_message("perplexity");
     let model_path = a.common.model_path()?.display().to_string();
     if let Some((t, spec, th, path)) = a.sparse.resolve(&files)? {
         let sparse = model.with_thresholds(&t)?;
-        let r = compare(&files.config, &model, &sparse, &t, spec.mode, &tokens, &opts, |d, _| bar.set_position(d as u64))?;
+        let r = compare(
+            &files.config,
+            &model,
+            &sparse,
+            &t,
+            spec.mode,
+            &tokens,
+            &opts,
+            |d, _| bar.set_position(d as u64),
+        )?;
         bar.finish_and_clear();
         let planned = th.planned_sparsity(&spec, &files.config)?;
         if a.json {
-            let site: serde_json::Map<String, serde_json::Value> =
-                r.site_sparsity.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+            let site: serde_json::Map<String, serde_json::Value> = r
+                .site_sparsity
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+                .collect();
             let j = serde_json::json!({
                 "model": model_path,
                 "file": a.file.display().to_string(),
@@ -464,15 +527,23 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
                 "sparsity {} ({} allocation, {} quantile, mode {}): PPL {:.4} vs dense {:.4} (x{:.4}), KL {:.5}, top-1 {:.4}",
                 spec.target, spec.allocation.name(), spec.quantile.name(), r.mode, r.ppl, r.dense_ppl, r.ppl_ratio, r.kl, r.top1
             );
-            println!("model-wide sparsity (parameter-weighted, realized): {:.4} (planned {:.4})", r.model_sparsity, planned);
+            println!(
+                "model-wide sparsity (parameter-weighted, realized): {:.4} (planned {:.4})",
+                r.model_sparsity, planned
+            );
             for (name, s) in &r.site_sparsity {
                 println!("  {name:10} {s:.4}");
             }
-            println!("{} tokens scored in {} windows of {}", r.tokens_scored, r.chunks, r.ctx);
+            println!(
+                "{} tokens scored in {} windows of {}",
+                r.tokens_scored, r.chunks, r.ctx
+            );
         }
         return Ok(());
     }
-    let r = perplexity(&model, &tokens, &opts, |done, _| bar.set_position(done as u64))?;
+    let r = perplexity(&model, &tokens, &opts, |done, _| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
     if a.json {
         let j = serde_json::json!({
@@ -493,7 +564,12 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     } else {
         println!(
             "PPL = {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {}; text has {} tokens",
-            r.ppl, r.nll, r.tokens_scored, r.chunks, r.ctx, tokens.len()
+            r.ppl,
+            r.nll,
+            r.tokens_scored,
+            r.chunks,
+            r.ctx,
+            tokens.len()
         );
     }
     Ok(())
@@ -502,12 +578,18 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
 fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let files = a.common.open()?;
     let fp = Fingerprint::of(&files.config, files.source.as_ref());
-    let out = a.output.clone().unwrap_or_else(|| teal::assets::thresholds_path(&fp));
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| teal::assets::thresholds_path(&fp));
     if out.exists() && !a.force {
         let th = Thresholds::load(&out)?;
         th.check_model(&fp)?;
         if !a.greedy || th.greedy.is_some() {
-            eprintln!("thresholds already calibrated: {} (use --force to redo)", out.display());
+            eprintln!(
+                "thresholds already calibrated: {} (use --force to redo)",
+                out.display()
+            );
             println!("{}", out.display());
             return Ok(());
         }
@@ -524,7 +606,12 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let seq_len = a.seq_len.min(files.config.max_position_embeddings);
     let greedy = a.greedy.then(|| {
         (
-            GreedyOptions { samples: a.greedy_samples, seq_len: a.greedy_seq_len.min(seq_len), step: a.greedy_step, max_sparsity: 0.9 },
+            GreedyOptions {
+                samples: a.greedy_samples,
+                seq_len: a.greedy_seq_len.min(seq_len),
+                step: a.greedy_step,
+                max_sparsity: 0.9,
+            },
             match a.quantile {
                 QuantileArg::Teal => Quantile::Teal,
                 QuantileArg::Abs => Quantile::Abs,
@@ -535,18 +622,26 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         samples: a.samples,
         seq_len,
         greedy,
-        text_label: data.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        text_label: data
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         text_bytes: text.len(),
     };
     let bar = ProgressBar::new(files.config.num_hidden_layers as u64);
-    bar.set_style(ProgressStyle::with_template("{msg:24} [{bar:30}] {pos}/{len} layers, {elapsed} (eta {eta})")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{msg:24} [{bar:30}] {pos}/{len} layers, {elapsed} (eta {eta})",
+    )?);
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let th = calibrate(&model, fp, &tokens, &opts, &mut |stage, done, total| {
         bar.set_message(stage.to_string());
         bar.set_position(done as u64);
         if !tty {
-            eprintln!("{stage}: {done}/{total} layers, {:.0}s", t0.elapsed().as_secs_f64());
+            eprintln!(
+                "{stage}: {done}/{total} layers, {:.0}s",
+                t0.elapsed().as_secs_f64()
+            );
         }
     })?;
     bar.finish_and_clear();
@@ -559,7 +654,11 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         opts.samples,
         opts.seq_len,
         opts.text_label,
-        if a.greedy { " with greedy allocation" } else { "" },
+        if a.greedy {
+            " with greedy allocation"
+        } else {
+            ""
+        },
         t0.elapsed().as_secs_f64()
     );
     println!("{}", out.display());
@@ -584,15 +683,23 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
     let model = files.load_model()?;
-    let opts = PplOptions { ctx: a.ctx, chunks: Some(a.chunks) };
-    let mut methods = vec![(Allocation::Uniform, Quantile::Teal), (Allocation::Uniform, Quantile::Abs)];
+    let opts = PplOptions {
+        ctx: a.ctx,
+        chunks: Some(a.chunks),
+    };
+    let mut methods = vec![
+        (Allocation::Uniform, Quantile::Teal),
+        (Allocation::Uniform, Quantile::Abs),
+    ];
     if let Some(g) = &th.greedy {
         methods.push((Allocation::Greedy, g.quantile));
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     report::register_font()?;
     let bar = ProgressBar::new((methods.len() * a.sparsities.len()) as u64);
-    bar.set_style(ProgressStyle::with_template("{msg:28} [{bar:30}] {pos}/{len} points, {elapsed} (eta {eta})")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{msg:28} [{bar:30}] {pos}/{len} points, {elapsed} (eta {eta})",
+    )?);
     let mode = spec0.mode;
     let mut rows = Vec::new();
     let mut dense_ppl = f64::NAN;
@@ -600,12 +707,30 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         let name = format!("{} / {} quantile", allocation.name(), quantile.name());
         for &target in a.sparsities.iter().filter(|&&s| s > 0.0) {
             bar.set_message(format!("{name} @ {target}"));
-            let spec = SparsitySpec { target, allocation, quantile, mode };
+            let spec = SparsitySpec {
+                target,
+                allocation,
+                quantile,
+                mode,
+            };
             let t = th.resolve(&spec)?;
             let sparse = model.with_thresholds(&t)?;
-            let r = compare(&files.config, &model, &sparse, &t, mode, &tokens, &opts, |_, _| {})?;
+            let r = compare(
+                &files.config,
+                &model,
+                &sparse,
+                &t,
+                mode,
+                &tokens,
+                &opts,
+                |_, _| {},
+            )?;
             dense_ppl = r.dense_ppl;
-            rows.push(report::Row { method: name.clone(), target, report: r });
+            rows.push(report::Row {
+                method: name.clone(),
+                target,
+                report: r,
+            });
             bar.inc(1);
         }
     }
@@ -616,7 +741,11 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
 
     // Activation distributions on the first window.
     let n_layers = files.config.num_hidden_layers;
-    let layers = if a.layers.is_empty() { vec![0, n_layers / 2, n_layers - 1] } else { a.layers.clone() };
+    let layers = if a.layers.is_empty() {
+        vec![0, n_layers / 2, n_layers - 1]
+    } else {
+        a.layers.clone()
+    };
     if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
         bail!("--layers: layer {l} does not exist (the model has {n_layers})");
     }
@@ -625,21 +754,47 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         values: std::collections::BTreeMap<(usize, usize), Vec<f32>>,
     }
     impl teal::models::llama::Observer for Grab {
-        fn observe(&mut self, layer: usize, site: teal::models::llama::Site, rows: &[f32], _: usize) {
+        fn observe(
+            &mut self,
+            layer: usize,
+            site: teal::models::llama::Site,
+            rows: &[f32],
+            _: usize,
+        ) {
             if self.layers.contains(&layer) {
-                let si = teal::models::llama::Site::ALL.iter().position(|&s| s == site).unwrap_or(0);
-                self.values.entry((layer, si)).or_default().extend_from_slice(rows);
+                let si = teal::models::llama::Site::ALL
+                    .iter()
+                    .position(|&s| s == site)
+                    .unwrap_or(0);
+                self.values
+                    .entry((layer, si))
+                    .or_default()
+                    .extend_from_slice(rows);
             }
         }
     }
-    let mut grab = Grab { layers: layers.clone(), values: Default::default() };
+    let mut grab = Grab {
+        layers: layers.clone(),
+        values: Default::default(),
+    };
     let first = &tokens[..a.ctx.min(tokens.len())];
-    model.prefill_observed(first, &mut model.new_cache(first.len()), teal::models::llama::Logits::Last, Some(&mut grab))?;
+    model.prefill_observed(
+        first,
+        &mut model.new_cache(first.len()),
+        teal::models::llama::Logits::Last,
+        Some(&mut grab),
+    )?;
     let site_names = ["q/k/v input", "o input", "gate/up input", "down input"];
     let mut pngs = vec![ppl_png];
     for &l in &layers {
-        let sites: Vec<(&str, Vec<f32>)> =
-            (0..4).map(|si| (site_names[si], grab.values.remove(&(l, si)).unwrap_or_default())).collect();
+        let sites: Vec<(&str, Vec<f32>)> = (0..4)
+            .map(|si| {
+                (
+                    site_names[si],
+                    grab.values.remove(&(l, si)).unwrap_or_default(),
+                )
+            })
+            .collect();
         let p = a.out.join(format!("activations_layer{l}.png"));
         report::plot_activations(l, &sites, &p)?;
         pngs.push(p);
@@ -659,10 +814,18 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     );
     let figures: String = pngs
         .iter()
-        .map(|p| format!("![{0}]({0})\n", p.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()))
+        .map(|p| {
+            format!(
+                "![{0}]({0})\n",
+                p.file_name()
+                    .map(|f| f.to_string_lossy())
+                    .unwrap_or_default()
+            )
+        })
         .collect();
     let doc = format!("{header}{md}\n{figures}");
-    std::fs::write(a.out.join("report.md"), &doc).with_context(|| format!("writing {}", a.out.join("report.md").display()))?;
+    std::fs::write(a.out.join("report.md"), &doc)
+        .with_context(|| format!("writing {}", a.out.join("report.md").display()))?;
     print!("{doc}");
     eprintln!("wrote {}", a.out.display());
     Ok(())
@@ -677,15 +840,33 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     println!("layers:        {}", c.num_hidden_layers);
     println!("hidden:        {}", c.hidden_size);
     println!("ffn:           {}", c.intermediate_size);
-    println!("heads:         {} (KV {}), head_dim {}", c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    println!(
+        "heads:         {} (KV {}), head_dim {}",
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    );
     println!("vocab:         {}", c.vocab_size);
     println!("context:       {}", c.max_position_embeddings);
-    println!("rope:          theta {} scaling {:?}", c.rope_theta, rope_kind(&c.rope_scaling));
+    println!(
+        "rope:          theta {} scaling {:?}",
+        c.rope_theta,
+        rope_kind(&c.rope_scaling)
+    );
     println!("rms_norm_eps:  {}", c.rms_norm_eps);
     println!("tied embed:    {}", c.tie_word_embeddings);
     println!("qkv bias:      {}", c.attention_bias);
-    println!("tokenizer:     {} ({} tokens)", files.tokenizer.kind(), files.tokenizer.vocab_size());
-    println!("chat template: {}", if files.tokenizer.chat_template().is_some() { "yes" } else { "no" });
+    println!(
+        "tokenizer:     {} ({} tokens)",
+        files.tokenizer.kind(),
+        files.tokenizer.vocab_size()
+    );
+    println!(
+        "chat template: {}",
+        if files.tokenizer.chat_template().is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
     let tensors = files.source.describe();
     let mut by_type: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
     for (_, shape, ty) in &tensors {

@@ -21,10 +21,20 @@ fn smollm2() -> Option<PathBuf> {
 
 /// Runs teal and returns (exit code, stderr); asserts it failed without panicking.
 fn fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_teal")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args(args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "teal {args:?} succeeded; stderr: {err}");
-    assert_ne!(out.status.code(), Some(101), "teal {args:?} panicked: {err}");
+    assert!(
+        !out.status.success(),
+        "teal {args:?} succeeded; stderr: {err}"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "teal {args:?} panicked: {err}"
+    );
     assert!(!err.contains("panicked"), "teal {args:?} panicked: {err}");
     err
 }
@@ -35,7 +45,10 @@ fn corrupt_model_files_are_named() {
     let bad_magic = dir.path().join("bad.gguf");
     std::fs::write(&bad_magic, b"NOPE\x03\x00\x00\x00 and some more bytes").unwrap();
     let e = fails(&["inspect", "-m", bad_magic.to_str().unwrap()]);
-    assert!(e.contains("bad.gguf") && e.to_lowercase().contains("magic"), "{e}");
+    assert!(
+        e.contains("bad.gguf") && e.to_lowercase().contains("magic"),
+        "{e}"
+    );
 
     let missing = dir.path().join("missing.gguf");
     let e = fails(&["run", "-m", missing.to_str().unwrap(), "-p", "hi"]);
@@ -64,19 +77,40 @@ fn bad_prompts_and_texts_are_clear_errors() {
     let bin = dir.path().join("latin1.txt");
     std::fs::write(&bin, b"caf\xe9 au lait").unwrap();
     let e = fails(&["ppl", "-m", m, "-f", bin.to_str().unwrap()]);
-    assert!(e.contains("latin1.txt") && e.contains("not valid UTF-8"), "{e}");
+    assert!(
+        e.contains("latin1.txt") && e.contains("not valid UTF-8"),
+        "{e}"
+    );
 
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "only a few words").unwrap();
     let e = fails(&["ppl", "-m", m, "-f", short.to_str().unwrap()]);
     assert!(e.contains("fewer than one window"), "{e}");
 
-    let e = fails(&["ppl", "-m", m, "-f", short.to_str().unwrap(), "--sparsity", "1.5"]);
+    let e = fails(&[
+        "ppl",
+        "-m",
+        m,
+        "-f",
+        short.to_str().unwrap(),
+        "--sparsity",
+        "1.5",
+    ]);
     assert!(e.contains("outside [0, 1)"), "{e}");
 
     let th = dir.path().join("t.json");
     std::fs::write(&th, "{\"format\": \"teal-thresholds\", \"version\": 7}").unwrap();
-    let e = fails(&["run", "-m", m, "-p", "hi", "--sparsity", "0.5", "--thresholds", th.to_str().unwrap()]);
+    let e = fails(&[
+        "run",
+        "-m",
+        m,
+        "-p",
+        "hi",
+        "--sparsity",
+        "0.5",
+        "--thresholds",
+        th.to_str().unwrap(),
+    ]);
     assert!(e.contains("unsupported thresholds file version"), "{e}");
 
     let e = fails(&["run", "-m", m, "-p", "hi", "-t", "0"]);

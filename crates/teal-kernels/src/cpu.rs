@@ -104,7 +104,10 @@ unsafe fn gemv_tile_avx2(
         let mut i = 0;
         while i < w8 {
             let acc = _mm256_loadu_ps(yp.add(i));
-            _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(xv, _mm256_loadu_ps(rp.add(i)), acc));
+            _mm256_storeu_ps(
+                yp.add(i),
+                _mm256_fmadd_ps(xv, _mm256_loadu_ps(rp.add(i)), acc),
+            );
             i += 8;
         }
         for i in w8..w {
@@ -218,7 +221,11 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut i = 0;
     while i < n8 {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
+        acc = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+            acc,
+        );
         i += 8;
     }
     let mut buf = [0.0f32; 8];
@@ -255,7 +262,10 @@ unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     let mut i = 0;
     while i < n8 {
         let yv = _mm256_loadu_ps(y.as_ptr().add(i));
-        _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), yv));
+        _mm256_storeu_ps(
+            y.as_mut_ptr().add(i),
+            _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), yv),
+        );
         i += 8;
     }
     for i in n8..n {

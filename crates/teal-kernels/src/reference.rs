@@ -37,7 +37,13 @@ pub fn matmul_t(x: &[f32], n_tok: usize, wt: &[f32], n_in: usize, n_out: usize, 
     assert_eq!(x.len(), n_tok * n_in);
     assert_eq!(y.len(), n_tok * n_out);
     for t in 0..n_tok {
-        gemv_t(wt, n_in, n_out, &x[t * n_in..(t + 1) * n_in], &mut y[t * n_out..(t + 1) * n_out]);
+        gemv_t(
+            wt,
+            n_in,
+            n_out,
+            &x[t * n_in..(t + 1) * n_in],
+            &mut y[t * n_out..(t + 1) * n_out],
+        );
     }
 }
 

@@ -23,7 +23,12 @@ fn assert_close(a: &[f32], b: &[f32], scale: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len());
     for i in 0..a.len() {
         let lim = tol * scale[i].max(1.0);
-        assert!((a[i] - b[i]).abs() <= lim, "{what}: index {i}: {} vs {} (limit {lim})", a[i], b[i]);
+        assert!(
+            (a[i] - b[i]).abs() <= lim,
+            "{what}: index {i}: {} vs {} (limit {lim})",
+            a[i],
+            b[i]
+        );
     }
 }
 
@@ -36,7 +41,15 @@ fn abs_scale(wt: &[f32], n_in: usize, n_out: usize, x: &[f32]) -> Vec<f32> {
     s
 }
 
-const SHAPES: &[(usize, usize)] = &[(1, 1), (3, 7), (17, 9), (64, 64), (576, 1536), (1536, 577), (13, 1029)];
+const SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (3, 7),
+    (17, 9),
+    (64, 64),
+    (576, 1536),
+    (1536, 577),
+    (13, 1029),
+];
 
 #[test]
 fn gemv_dense_matches_reference() {
@@ -46,7 +59,13 @@ fn gemv_dense_matches_reference() {
         let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
         reference::gemv_t(&wt, n_in, n_out, &x, &mut a);
         cpu::gemv_t(&wt, n_in, n_out, &x, &mut b);
-        assert_close(&b, &a, &abs_scale(&wt, n_in, n_out, &x), GEMV_REL_TOL, "gemv_t");
+        assert_close(
+            &b,
+            &a,
+            &abs_scale(&wt, n_in, n_out, &x),
+            GEMV_REL_TOL,
+            "gemv_t",
+        );
     }
 }
 
@@ -60,9 +79,18 @@ fn gemv_sparse_matches_reference_at_every_sparsity() {
             let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
             reference::gemv_t_sparse(&wt, n_in, n_out, &x, t, &mut a);
             cpu::gemv_t_sparse(&wt, n_in, n_out, &x, t, &mut b);
-            assert_close(&b, &a, &abs_scale(&wt, n_in, n_out, &x), GEMV_REL_TOL, "gemv_t_sparse");
+            assert_close(
+                &b,
+                &a,
+                &abs_scale(&wt, n_in, n_out, &x),
+                GEMV_REL_TOL,
+                "gemv_t_sparse",
+            );
             if t >= 1.0 {
-                assert!(b.iter().all(|&v| v == 0.0), "100% sparsity must give exact zeros");
+                assert!(
+                    b.iter().all(|&v| v == 0.0),
+                    "100% sparsity must give exact zeros"
+                );
             }
         }
     }

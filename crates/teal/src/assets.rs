@@ -14,7 +14,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("teal");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("teal")
 }
 
@@ -32,5 +34,8 @@ pub fn cached(sub: &str, file: &str) -> Option<PathBuf> {
 /// Where `teal calibrate` keeps thresholds for a model by default: one file per model
 /// fingerprint, so a cached file is never used with another model.
 pub fn thresholds_path(fp: &crate::sparsity::thresholds::Fingerprint) -> PathBuf {
-    cache_dir().join("thresholds").join(format!("{}-{}L-{}.json", fp.arch, fp.num_hidden_layers, fp.tensor_hash))
+    cache_dir().join("thresholds").join(format!(
+        "{}-{}L-{}.json",
+        fp.arch, fp.num_hidden_layers, fp.tensor_hash
+    ))
 }

@@ -72,7 +72,11 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let c = self;
         let bad = |m: String| Err(Error::Config(m));
-        if c.hidden_size == 0 || c.num_hidden_layers == 0 || c.vocab_size == 0 || c.intermediate_size == 0 {
+        if c.hidden_size == 0
+            || c.num_hidden_layers == 0
+            || c.vocab_size == 0
+            || c.intermediate_size == 0
+        {
             return bad(format!("zero dimension in {c:?}"));
         }
         if c.num_attention_heads == 0 || c.num_key_value_heads == 0 {
@@ -89,7 +93,11 @@ impl Config {
         }
         if let RopeScaling::Factors(f) = &c.rope_scaling {
             if f.len() != c.head_dim / 2 {
-                return bad(format!("rope_freqs has {} values, expected {}", f.len(), c.head_dim / 2));
+                return bad(format!(
+                    "rope_freqs has {} values, expected {}",
+                    f.len(),
+                    c.head_dim / 2
+                ));
             }
         }
         if !(c.rms_norm_eps > 0.0) || !(c.rope_theta > 0.0) {
@@ -144,7 +152,10 @@ impl Config {
         let hidden_size = u("embedding_length")?;
         let num_attention_heads = u("attention.head_count")?;
         let num_key_value_heads = match g.get(&k("attention.head_count_kv")) {
-            Some(v) => v.as_u64().ok_or_else(|| Error::Config("attention.head_count_kv is not an integer".into()))? as usize,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| Error::Config("attention.head_count_kv is not an integer".into()))?
+                as usize,
             None => num_attention_heads,
         };
         let head_dim = match g.get(&k("attention.key_length")) {
@@ -157,7 +168,9 @@ impl Config {
             None => g.get_array("tokenizer.ggml.tokens")?.len(),
         };
         let rope_theta = match g.get(&k("rope.freq_base")) {
-            Some(v) => v.as_f32().ok_or_else(|| Error::Config("rope.freq_base is not a float".into()))?,
+            Some(v) => v
+                .as_f32()
+                .ok_or_else(|| Error::Config("rope.freq_base is not a float".into()))?,
             None => 10000.0,
         };
         let rope_scaling = match g.tensor("rope_freqs.weight") {
@@ -188,26 +201,47 @@ impl Config {
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Config> {
         let text = crate::error::read_text(path)?;
-        let j: HfConfig = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
+        let j: HfConfig = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.into(),
+            source,
+        })?;
         let arch_name = j
             .architectures
             .as_ref()
             .and_then(|a| a.first().cloned())
             .or(j.model_type.clone())
-            .ok_or_else(|| Error::Config(format!("{}: neither 'architectures' nor 'model_type'", path.display())))?;
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: neither 'architectures' nor 'model_type'",
+                    path.display()
+                ))
+            })?;
         let arch = Arch::parse(&arch_name)?;
         let num_key_value_heads = j.num_key_value_heads.unwrap_or(j.num_attention_heads);
-        let head_dim = j.head_dim.unwrap_or(if j.num_attention_heads > 0 { j.hidden_size / j.num_attention_heads } else { 0 });
+        let head_dim = j.head_dim.unwrap_or(if j.num_attention_heads > 0 {
+            j.hidden_size / j.num_attention_heads
+        } else {
+            0
+        });
         let rope_scaling = match &j.rope_scaling {
             Some(s) if s.rope_type.as_deref().or(s.kind.as_deref()) == Some("llama3") => {
-                let need = |v: Option<f32>, n: &str| v.ok_or_else(|| Error::Config(format!("{}: rope_scaling.{n} missing", path.display())));
+                let need = |v: Option<f32>, n: &str| {
+                    v.ok_or_else(|| {
+                        Error::Config(format!("{}: rope_scaling.{n} missing", path.display()))
+                    })
+                };
                 RopeScaling::Llama3(Llama3RopeScaling {
                     factor: need(s.factor, "factor")?,
                     low_freq_factor: need(s.low_freq_factor, "low_freq_factor")?,
                     high_freq_factor: need(s.high_freq_factor, "high_freq_factor")?,
-                    original_max_position_embeddings: s.original_max_position_embeddings.ok_or_else(|| {
-                        Error::Config(format!("{}: rope_scaling.original_max_position_embeddings missing", path.display()))
-                    })?,
+                    original_max_position_embeddings: s
+                        .original_max_position_embeddings
+                        .ok_or_else(|| {
+                            Error::Config(format!(
+                                "{}: rope_scaling.original_max_position_embeddings missing",
+                                path.display()
+                            ))
+                        })?,
                 })
             }
             Some(s) => {

@@ -54,7 +54,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Reads a whole text file, naming the file in every error.
 pub fn read_text(path: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
     String::from_utf8(bytes).map_err(|e| Error::NotUtf8 {
         path: path.into(),
         offset: e.utf8_error().valid_up_to(),

@@ -55,7 +55,10 @@ pub struct Models<'a> {
 
 impl<'a> Models<'a> {
     pub fn single(m: &'a Llama) -> Models<'a> {
-        Models { prefill: m, decode: m }
+        Models {
+            prefill: m,
+            decode: m,
+        }
     }
 }
 
@@ -72,7 +75,11 @@ pub fn generate(
         return Err(Error::EmptyPrompt);
     }
     if prompt.len() >= params.ctx {
-        return Err(Error::ContextOverflow { what: "the prompt", got: prompt.len(), ctx: params.ctx });
+        return Err(Error::ContextOverflow {
+            what: "the prompt",
+            got: prompt.len(),
+            ctx: params.ctx,
+        });
     }
     let model = models.decode;
     let mut cache = model.new_cache(params.ctx);

@@ -42,12 +42,21 @@ impl Linear {
         if let Some(b) = &bias {
             assert_eq!(b.len(), out_dim);
         }
-        Linear { in_dim, out_dim, weight: Arc::new(Weight::F32(wt)), bias: bias.map(Arc::new), threshold: None }
+        Linear {
+            in_dim,
+            out_dim,
+            weight: Arc::new(Weight::F32(wt)),
+            bias: bias.map(Arc::new),
+            threshold: None,
+        }
     }
 
     /// The same weights (shared, not copied) with a TEAL threshold; `None` makes it dense.
     pub fn with_threshold(&self, threshold: Option<f32>) -> Linear {
-        Linear { threshold, ..self.clone() }
+        Linear {
+            threshold,
+            ..self.clone()
+        }
     }
 
     pub fn threshold(&self) -> Option<f32> {

@@ -23,20 +23,33 @@ impl ModelFiles {
         if !path.exists() {
             return Err(Error::Io {
                 path: path.into(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
             });
         }
         if path.is_dir() {
             let config = Config::from_hf_json(&path.join("config.json"))?;
             let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
             let source = SafetensorsSource::open(path)?;
-            Ok(ModelFiles { config, source: Box::new(source), tokenizer, format: "safetensors" })
+            Ok(ModelFiles {
+                config,
+                source: Box::new(source),
+                tokenizer,
+                format: "safetensors",
+            })
         } else {
             let file = GgufFile::open(path)?;
             let config = Config::from_gguf(&file)?;
             let tokenizer = Tokenizer::from_gguf(&file)?;
             let source = GgufSource::new(file, config.clone());
-            Ok(ModelFiles { config, source: Box::new(source), tokenizer, format: "gguf" })
+            Ok(ModelFiles {
+                config,
+                source: Box::new(source),
+                tokenizer,
+                format: "gguf",
+            })
         }
     }
 

@@ -141,13 +141,20 @@ impl GgufSource {
 
 impl TensorSource for GgufSource {
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let missing = || Error::MissingTensor { name: name.to_string(), source_desc: self.label() };
+        let missing = || Error::MissingTensor {
+            name: name.to_string(),
+            source_desc: self.label(),
+        };
         let gname = gguf_name(name).ok_or_else(missing)?;
         let t = self.file.tensor(&gname).ok_or_else(missing)?;
         // GGUF lists dims fastest first: the reverse of the row-major shape.
         let got: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         if got != shape {
-            return Err(Error::TensorShape { name: gname, got, expected: shape.to_vec() });
+            return Err(Error::TensorShape {
+                name: gname,
+                got,
+                expected: shape.to_vec(),
+            });
         }
         let data = self.file.dequantize(t)?;
         Ok(match self.permutation(name) {
@@ -201,12 +208,21 @@ impl SafetensorsSource {
         } else if index_path.exists() {
             let text = crate::error::read_text(&index_path)?;
             let j: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.clone(), source })?;
-            let map = j.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Safetensors {
-                path: index_path.clone(),
-                msg: "no 'weight_map' object".into(),
-            })?;
-            let mut f: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: index_path.clone(),
+                    source,
+                })?;
+            let map = j
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Safetensors {
+                    path: index_path.clone(),
+                    msg: "no 'weight_map' object".into(),
+                })?;
+            let mut f: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
             f.sort();
             f.dedup();
             f.iter().map(|n| dir.join(n)).collect()
@@ -219,30 +235,49 @@ impl SafetensorsSource {
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for path in files {
-            let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            let file = std::fs::File::open(&path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
             // SAFETY: the file is opened read-only; like every mmap-based loader we assume it is
             // not truncated by another process while mapped.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
-            let st = safetensors::SafeTensors::deserialize(&mmap)
-                .map_err(|e| Error::Safetensors { path: path.clone(), msg: e.to_string() })?;
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let st =
+                safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?;
             for name in st.names() {
                 index.insert(name.to_string(), shards.len());
             }
             drop(st);
             shards.push(Shard { path, mmap });
         }
-        Ok(SafetensorsSource { dir: dir.into(), shards, index })
+        Ok(SafetensorsSource {
+            dir: dir.into(),
+            shards,
+            index,
+        })
     }
 
     fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
-        let i = *self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { name: name.into(), source_desc: self.label() })?;
+        let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            source_desc: self.label(),
+        })?;
         let s = &self.shards[i];
-        let st = safetensors::SafeTensors::deserialize(&s.mmap)
-            .map_err(|e| Error::Safetensors { path: s.path.clone(), msg: e.to_string() })?;
-        let v = st.tensor(name).map_err(|e| Error::Safetensors { path: s.path.clone(), msg: e.to_string() })?;
+        let st =
+            safetensors::SafeTensors::deserialize(&s.mmap).map_err(|e| Error::Safetensors {
+                path: s.path.clone(),
+                msg: e.to_string(),
+            })?;
+        let v = st.tensor(name).map_err(|e| Error::Safetensors {
+            path: s.path.clone(),
+            msg: e.to_string(),
+        })?;
         Ok((v, &s.path))
     }
 }
@@ -252,15 +287,31 @@ impl TensorSource for SafetensorsSource {
         use safetensors::Dtype;
         let (v, _) = self.view(name)?;
         if v.shape() != shape {
-            return Err(Error::TensorShape { name: name.into(), got: v.shape().to_vec(), expected: shape.to_vec() });
+            return Err(Error::TensorShape {
+                name: name.into(),
+                got: v.shape().to_vec(),
+                expected: shape.to_vec(),
+            });
         }
         let b = v.data();
         let out: Vec<f32> = match v.dtype() {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             other => {
-                return Err(Error::Tensor { name: name.into(), msg: format!("unsupported safetensors dtype {other:?}") })
+                return Err(Error::Tensor {
+                    name: name.into(),
+                    msg: format!("unsupported safetensors dtype {other:?}"),
+                })
             }
         };
         Ok(out)
@@ -273,7 +324,11 @@ impl TensorSource for SafetensorsSource {
         names.sort();
         names
             .into_iter()
-            .filter_map(|n| self.view(n).ok().map(|(v, _)| (n.clone(), v.shape().to_vec(), format!("{:?}", v.dtype()))))
+            .filter_map(|n| {
+                self.view(n)
+                    .ok()
+                    .map(|(v, _)| (n.clone(), v.shape().to_vec(), format!("{:?}", v.dtype())))
+            })
             .collect()
     }
     fn label(&self) -> String {

@@ -16,7 +16,12 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.0, top_k: 40, top_p: 0.95, seed: 42 }
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 42,
+        }
     }
 }
 
@@ -39,7 +44,11 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Sampler {
-        Sampler { rng: StdRng::seed_from_u64(cfg.seed), cfg, cand: Vec::new() }
+        Sampler {
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            cand: Vec::new(),
+        }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -47,9 +56,14 @@ impl Sampler {
             return argmax(logits);
         }
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &v)| (v, i as u32)));
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &v)| (v, i as u32)));
         let by_logit = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
-        let k = if self.cfg.top_k == 0 { self.cand.len() } else { self.cfg.top_k.min(self.cand.len()) };
+        let k = if self.cfg.top_k == 0 {
+            self.cand.len()
+        } else {
+            self.cfg.top_k.min(self.cand.len())
+        };
         if k < self.cand.len() {
             self.cand.select_nth_unstable_by(k - 1, by_logit);
             self.cand.truncate(k);
@@ -92,16 +106,29 @@ mod tests {
 
     #[test]
     fn greedy_is_argmax() {
-        let mut s = Sampler::new(SamplerConfig { temperature: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0]), 1);
     }
 
     #[test]
     fn top_k_one_is_greedy_and_seed_reproduces() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 17) as f32 * 0.3).collect();
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 1 });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+            seed: 1,
+        });
         assert_eq!(s.sample(&logits), argmax(&logits));
-        let cfg = SamplerConfig { temperature: 0.8, top_k: 20, top_p: 0.9, seed: 7 };
+        let cfg = SamplerConfig {
+            temperature: 0.8,
+            top_k: 20,
+            top_p: 0.9,
+            seed: 7,
+        };
         let (mut a, mut b) = (Sampler::new(cfg.clone()), Sampler::new(cfg));
         let ra: Vec<u32> = (0..50).map(|_| a.sample(&logits)).collect();
         let rb: Vec<u32> = (0..50).map(|_| b.sample(&logits)).collect();
@@ -112,7 +139,12 @@ mod tests {
     fn sampling_follows_the_distribution() {
         // Two tokens with p = e^1/(e^1+e^0) = 0.731 at temperature 1.
         let logits = [1.0f32, 0.0];
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 3,
+        });
         let n = 20000;
         let ones = (0..n).filter(|_| s.sample(&logits) == 0).count() as f64 / n as f64;
         // 4.5 standard deviations of a binomial proportion at n = 20000.
@@ -122,7 +154,12 @@ mod tests {
     #[test]
     fn top_p_cuts_the_tail() {
         let logits = [10.0f32, 0.0, 0.0, 0.0];
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 5 });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 5,
+        });
         assert!((0..1000).all(|_| s.sample(&logits) == 0));
     }
 }

@@ -8,7 +8,9 @@ use teal::models::llama::{Llama, Logits};
 use teal::sparsity::calibrate::{calibrate, CalibOptions};
 use teal::sparsity::greedy::{greedy_block, GreedyOptions};
 use teal::sparsity::thresholds::{Fingerprint, Thresholds};
-use teal::sparsity::{effective_sparsity, size_weights, Allocation, Mode, Quantile, SparsitySpec, PROJ_SITE};
+use teal::sparsity::{
+    effective_sparsity, size_weights, Allocation, Mode, Quantile, SparsitySpec, PROJ_SITE,
+};
 
 fn model() -> (Llama, Config, Fingerprint) {
     let c = tiny_config(Arch::Llama);
@@ -22,7 +24,10 @@ fn model() -> (Llama, Config, Fingerprint) {
 }
 
 fn tokens(n: usize, seed: u64) -> Vec<u32> {
-    rand_vec(n, seed, 1.0).iter().map(|v| ((v + 1.0) * 48.0) as u32 % 97).collect()
+    rand_vec(n, seed, 1.0)
+        .iter()
+        .map(|v| ((v + 1.0) * 48.0) as u32 % 97)
+        .collect()
 }
 
 fn calibrated(greedy: bool) -> (Llama, Config, Fingerprint, Thresholds) {
@@ -30,7 +35,17 @@ fn calibrated(greedy: bool) -> (Llama, Config, Fingerprint, Thresholds) {
     let opts = CalibOptions {
         samples: 3,
         seq_len: 64,
-        greedy: greedy.then(|| (GreedyOptions { samples: 2, seq_len: 32, step: 0.05, max_sparsity: 0.9 }, Quantile::Abs)),
+        greedy: greedy.then(|| {
+            (
+                GreedyOptions {
+                    samples: 2,
+                    seq_len: 32,
+                    step: 0.05,
+                    max_sparsity: 0.9,
+                },
+                Quantile::Abs,
+            )
+        }),
         text_label: "random".into(),
         text_bytes: 0,
     };
@@ -39,22 +54,33 @@ fn calibrated(greedy: bool) -> (Llama, Config, Fingerprint, Thresholds) {
 }
 
 fn spec(target: f64, allocation: Allocation, quantile: Quantile) -> SparsitySpec {
-    SparsitySpec { target, allocation, quantile, mode: Mode::All }
+    SparsitySpec {
+        target,
+        allocation,
+        quantile,
+        mode: Mode::All,
+    }
 }
 
 #[test]
 fn zero_sparsity_reproduces_dense_logits_bit_for_bit() {
     let (m, _, _, th) = calibrated(false);
-    let t = th.resolve(&spec(0.0, Allocation::Uniform, Quantile::Abs)).unwrap();
+    let t = th
+        .resolve(&spec(0.0, Allocation::Uniform, Quantile::Abs))
+        .unwrap();
     assert!(t.iter().flatten().all(|x| x.is_none()));
     let sparse = m.with_thresholds(&t).unwrap();
     let toks = tokens(20, 9);
     let a = m.prefill(&toks, &mut m.new_cache(32), Logits::All).unwrap();
-    let b = sparse.prefill(&toks, &mut sparse.new_cache(32), Logits::All).unwrap();
+    let b = sparse
+        .prefill(&toks, &mut sparse.new_cache(32), Logits::All)
+        .unwrap();
     assert_eq!(a, b);
     // A threshold below every |x| keeps everything, through the sparse kernels too.
     let keep_all = m.with_thresholds(&vec![[Some(-1.0f32); 7]; 3]).unwrap();
-    let c = keep_all.prefill(&toks, &mut keep_all.new_cache(32), Logits::All).unwrap();
+    let c = keep_all
+        .prefill(&toks, &mut keep_all.new_cache(32), Logits::All)
+        .unwrap();
     assert_eq!(a, c);
 }
 
@@ -72,7 +98,13 @@ fn calibrated_thresholds_hit_the_target_on_calibration_data() {
             let mut total = 0usize;
             struct Obs<'a>(&'a mut usize, &'a mut usize, f32);
             impl teal::models::llama::Observer for Obs<'_> {
-                fn observe(&mut self, layer: usize, site: teal::models::llama::Site, rows: &[f32], _: usize) {
+                fn observe(
+                    &mut self,
+                    layer: usize,
+                    site: teal::models::llama::Site,
+                    rows: &[f32],
+                    _: usize,
+                ) {
                     if layer == 0 && site == teal::models::llama::Site::Qkv {
                         *self.0 += rows.iter().filter(|v| v.abs() <= self.2).count();
                         *self.1 += rows.len();
@@ -81,7 +113,9 @@ fn calibrated_thresholds_hit_the_target_on_calibration_data() {
             }
             for w in toks.chunks(64) {
                 let mut o = Obs(&mut zeros, &mut total, t[0][0].unwrap());
-                sparse.prefill_observed(w, &mut sparse.new_cache(64), Logits::Last, Some(&mut o)).unwrap();
+                sparse
+                    .prefill_observed(w, &mut sparse.new_cache(64), Logits::Last, Some(&mut o))
+                    .unwrap();
             }
             let got = zeros as f64 / total as f64;
             // 3 x 64 x 48 = 9216 values: the exact quantile is exact up to 1/9216 plus the
@@ -103,21 +137,35 @@ fn thresholds_file_round_trips_and_rejects_other_models() {
     assert!(back == th, "thresholds changed in a save/load round trip");
     back.check_model(&fp).unwrap();
 
-    let other = Fingerprint { hidden_size: c.hidden_size + 1, ..fp.clone() };
+    let other = Fingerprint {
+        hidden_size: c.hidden_size + 1,
+        ..fp.clone()
+    };
     let e = back.check_model(&other).unwrap_err().to_string();
     assert!(e.contains("another model"), "{e}");
 
-    let text = std::fs::read_to_string(&p).unwrap().replacen("\"version\":1", "\"version\":99", 1);
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replacen("\"version\":1", "\"version\":99", 1);
     std::fs::write(&p, text).unwrap();
     let e = Thresholds::load(&p).unwrap_err().to_string();
     assert!(e.contains("unsupported thresholds file version"), "{e}");
     std::fs::write(&p, "{\"format\": \"something else\"}").unwrap();
-    assert!(Thresholds::load(&p).unwrap_err().to_string().contains("not a teal thresholds file"));
+    assert!(Thresholds::load(&p)
+        .unwrap_err()
+        .to_string()
+        .contains("not a teal thresholds file"));
     std::fs::write(&p, "{not json").unwrap();
-    assert!(Thresholds::load(&p).unwrap_err().to_string().contains("invalid JSON"));
+    assert!(Thresholds::load(&p)
+        .unwrap_err()
+        .to_string()
+        .contains("invalid JSON"));
 
     for bad in [-0.1, 1.0, 1.5, f64::NAN] {
-        let e = back.resolve(&spec(bad, Allocation::Uniform, Quantile::Abs)).unwrap_err().to_string();
+        let e = back
+            .resolve(&spec(bad, Allocation::Uniform, Quantile::Abs))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("outside [0, 1)"), "{e}");
     }
 }
@@ -143,16 +191,47 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
     let mut inputs = Vec::new();
     for s in 0..2 {
         let w = &toks[s * 64..s * 64 + 32];
-        let mut x: Vec<f32> = w.iter().flat_map(|&t| m.embed_tokens[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
+        let mut x: Vec<f32> = w
+            .iter()
+            .flat_map(|&t| m.embed_tokens[t as usize * d..(t as usize + 1) * d].to_vec())
+            .collect();
         let mut ws = teal::models::llama::PrefillBuffers::new(&c, 32);
         let (mut kc, mut vc) = (vec![0.0; 32 * c.kv_dim()], vec![0.0; 32 * c.kv_dim()]);
-        m.layers[0].prefill(&c, &mut x, 32, 0, (&cos, &sin), (&mut kc, &mut vc), &mut ws, None);
+        m.layers[0].prefill(
+            &c,
+            &mut x,
+            32,
+            0,
+            (&cos, &sin),
+            (&mut kc, &mut vc),
+            &mut ws,
+            None,
+        );
         inputs.extend(x);
     }
-    let lookup = |site: usize, s: f64| th.sites[layer][site].threshold(&th.levels, s, Quantile::Abs);
-    let opts = GreedyOptions { samples: 2, seq_len: 32, step: 0.05, max_sparsity: 0.9 };
-    let steps = greedy_block(&c, &m.layers[layer], &inputs, 2, 32, (&cos, &sin), &lookup, &w, &opts);
-    assert_eq!(steps, g.layers[layer], "the search is deterministic given its inputs");
+    let lookup =
+        |site: usize, s: f64| th.sites[layer][site].threshold(&th.levels, s, Quantile::Abs);
+    let opts = GreedyOptions {
+        samples: 2,
+        seq_len: 32,
+        step: 0.05,
+        max_sparsity: 0.9,
+    };
+    let steps = greedy_block(
+        &c,
+        &m.layers[layer],
+        &inputs,
+        2,
+        32,
+        (&cos, &sin),
+        &lookup,
+        &w,
+        &opts,
+    );
+    assert_eq!(
+        steps, g.layers[layer],
+        "the search is deterministic given its inputs"
+    );
 
     // Each single-step candidate's error, computed independently with the full block prefill.
     let errs: Vec<f64> = (0..7)
@@ -167,8 +246,26 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
                 let mut xs = xd.clone();
                 let mut ws = teal::models::llama::PrefillBuffers::new(&c, 32);
                 let (mut kc, mut vc) = (vec![0.0; 32 * c.kv_dim()], vec![0.0; 32 * c.kv_dim()]);
-                m.layers[layer].prefill(&c, &mut xd, 32, 0, (&cos, &sin), (&mut kc, &mut vc), &mut ws, None);
-                b.prefill(&c, &mut xs, 32, 0, (&cos, &sin), (&mut kc, &mut vc), &mut ws, None);
+                m.layers[layer].prefill(
+                    &c,
+                    &mut xd,
+                    32,
+                    0,
+                    (&cos, &sin),
+                    (&mut kc, &mut vc),
+                    &mut ws,
+                    None,
+                );
+                b.prefill(
+                    &c,
+                    &mut xs,
+                    32,
+                    0,
+                    (&cos, &sin),
+                    (&mut kc, &mut vc),
+                    &mut ws,
+                    None,
+                );
                 for i in 24 * d..32 * d {
                     num += ((xs[i] - xd[i]) as f64).powi(2);
                     den += (xd[i] as f64).powi(2);
@@ -181,13 +278,26 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
     let first = &steps[1];
     let chosen = (0..7).find(|&p| first.s[p] > 0.0).unwrap();
     assert_eq!(chosen, best, "errors per candidate: {errs:?}");
-    assert!((first.error - errs[best]).abs() < 1e-4 * errs[best].max(1e-6), "{} vs {}", first.error, errs[best]);
+    assert!(
+        (first.error - errs[best]).abs() < 1e-4 * errs[best].max(1e-6),
+        "{} vs {}",
+        first.error,
+        errs[best]
+    );
 }
 
 #[test]
 fn calibration_text_too_short_is_an_error() {
     let (m, _, fp) = model();
-    let opts = CalibOptions { samples: 4, seq_len: 64, greedy: None, text_label: "x".into(), text_bytes: 0 };
-    let e = calibrate(&m, fp, &tokens(100, 1), &opts, &mut |_, _, _| {}).unwrap_err().to_string();
+    let opts = CalibOptions {
+        samples: 4,
+        seq_len: 64,
+        greedy: None,
+        text_label: "x".into(),
+        text_bytes: 0,
+    };
+    let e = calibrate(&m, fp, &tokens(100, 1), &opts, &mut |_, _, _| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("calibration text too short"), "{e}");
 }

@@ -29,14 +29,21 @@ fn load_both(arch: Arch) -> (Llama, Llama, Weights, Config) {
     let m_gguf = Llama::load(gc.clone(), &GgufSource::new(g, gc)).unwrap();
     let hc = Config::from_hf_json(&dir.path().join("hf/config.json")).unwrap();
     assert_eq!(hc, c, "config read back from config.json");
-    let m_st = Llama::load(hc, &SafetensorsSource::open(&dir.path().join("hf")).unwrap()).unwrap();
+    let m_st = Llama::load(
+        hc,
+        &SafetensorsSource::open(&dir.path().join("hf")).unwrap(),
+    )
+    .unwrap();
     (m_gguf, m_st, w, c)
 }
 
 fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol * y.abs().max(1.0), "{what}: index {i}: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= tol * y.abs().max(1.0),
+            "{what}: index {i}: {x} vs {y}"
+        );
     }
 }
 
@@ -44,23 +51,40 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 fn gguf_and_safetensors_give_identical_logits() {
     for arch in [Arch::Llama, Arch::Qwen2] {
         let (a, b, _, c) = load_both(arch);
-        let la = a.prefill(&TOKENS, &mut a.new_cache(32), Logits::All).unwrap();
-        let lb = b.prefill(&TOKENS, &mut b.new_cache(32), Logits::All).unwrap();
+        let la = a
+            .prefill(&TOKENS, &mut a.new_cache(32), Logits::All)
+            .unwrap();
+        let lb = b
+            .prefill(&TOKENS, &mut b.new_cache(32), Logits::All)
+            .unwrap();
         assert_eq!(la.len(), TOKENS.len() * c.vocab_size);
-        assert_eq!(la, lb, "{arch:?}: GGUF and safetensors logits must be bit-identical");
+        assert_eq!(
+            la, lb,
+            "{arch:?}: GGUF and safetensors logits must be bit-identical"
+        );
     }
 }
 
 /// A naive forward pass straight from the definitions, on the Hugging Face layout: y = W x.
 fn naive_forward(c: &Config, w: &Weights, tokens: &[u32]) -> Vec<f32> {
     let get = |n: &str| &w[n].1;
-    let (d, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+    let (d, hd, nh, nkv) = (
+        c.hidden_size,
+        c.head_dim,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+    );
     let matvec = |m: &[f32], x: &[f32], out: usize| -> Vec<f32> {
-        (0..out).map(|o| (0..x.len()).map(|i| m[o * x.len() + i] * x[i]).sum()).collect()
+        (0..out)
+            .map(|o| (0..x.len()).map(|i| m[o * x.len() + i] * x[i]).sum())
+            .collect()
     };
     let rms = |x: &[f32], g: &[f32]| -> Vec<f32> {
         let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-        x.iter().zip(g).map(|(v, g)| v / (ms + c.rms_norm_eps).sqrt() * g).collect()
+        x.iter()
+            .zip(g)
+            .map(|(v, g)| v / (ms + c.rms_norm_eps).sqrt() * g)
+            .collect()
     };
     let rope = |v: &mut [f32], pos: usize| {
         for h in v.chunks_mut(hd) {
@@ -77,7 +101,10 @@ fn naive_forward(c: &Config, w: &Weights, tokens: &[u32]) -> Vec<f32> {
             v.iter_mut().zip(b).for_each(|(x, b)| *x += b);
         }
     };
-    let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| get("model.embed_tokens.weight")[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
+    let mut xs: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&t| get("model.embed_tokens.weight")[t as usize * d..(t as usize + 1) * d].to_vec())
+        .collect();
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         let (mut ks, mut vs, mut qs) = (vec![], vec![], vec![]);
@@ -101,7 +128,13 @@ fn naive_forward(c: &Config, w: &Weights, tokens: &[u32]) -> Vec<f32> {
                 let kh = h / (nh / nkv);
                 let q = &qs[t][h * hd..(h + 1) * hd];
                 let s: Vec<f32> = (0..=t)
-                    .map(|p| q.iter().zip(&ks[p][kh * hd..(kh + 1) * hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
+                    .map(|p| {
+                        q.iter()
+                            .zip(&ks[p][kh * hd..(kh + 1) * hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            / (hd as f32).sqrt()
+                    })
                     .collect();
                 let m = s.iter().cloned().fold(f32::MIN, f32::max);
                 let e: Vec<f32> = s.iter().map(|v| (v - m).exp()).collect();
@@ -115,24 +148,49 @@ fn naive_forward(c: &Config, w: &Weights, tokens: &[u32]) -> Vec<f32> {
             let o = matvec(get(&format!("{p}.self_attn.o_proj.weight")), &att, d);
             xs[t].iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = rms(&xs[t], get(&format!("{p}.post_attention_layernorm.weight")));
-            let g = matvec(get(&format!("{p}.mlp.gate_proj.weight")), &h, c.intermediate_size);
-            let u = matvec(get(&format!("{p}.mlp.up_proj.weight")), &h, c.intermediate_size);
-            let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let g = matvec(
+                get(&format!("{p}.mlp.gate_proj.weight")),
+                &h,
+                c.intermediate_size,
+            );
+            let u = matvec(
+                get(&format!("{p}.mlp.up_proj.weight")),
+                &h,
+                c.intermediate_size,
+            );
+            let a: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let dn = matvec(get(&format!("{p}.mlp.down_proj.weight")), &a, d);
             xs[t].iter_mut().zip(&dn).for_each(|(x, o)| *x += o);
         }
     }
-    let head = w.get("lm_head.weight").unwrap_or(&w["model.embed_tokens.weight"]).1.clone();
-    xs.iter().flat_map(|x| matvec(&head, &rms(x, get("model.norm.weight")), c.vocab_size)).collect()
+    let head = w
+        .get("lm_head.weight")
+        .unwrap_or(&w["model.embed_tokens.weight"])
+        .1
+        .clone();
+    xs.iter()
+        .flat_map(|x| matvec(&head, &rms(x, get("model.norm.weight")), c.vocab_size))
+        .collect()
 }
 
 #[test]
 fn engine_matches_naive_forward() {
     for arch in [Arch::Llama, Arch::Qwen2] {
         let (m, _, w, c) = load_both(arch);
-        let got = m.prefill(&TOKENS, &mut m.new_cache(32), Logits::All).unwrap();
+        let got = m
+            .prefill(&TOKENS, &mut m.new_cache(32), Logits::All)
+            .unwrap();
         let want = naive_forward(&c, &w, &TOKENS);
-        assert_close(&got, &want, LOGIT_TOL, &format!("{arch:?} prefill vs naive"));
+        assert_close(
+            &got,
+            &want,
+            LOGIT_TOL,
+            &format!("{arch:?} prefill vs naive"),
+        );
     }
 }
 
@@ -140,7 +198,9 @@ fn engine_matches_naive_forward() {
 fn decode_and_chunked_prefill_match_full_prefill() {
     let (m, _, _, c) = load_both(Arch::Llama);
     let v = c.vocab_size;
-    let full = m.prefill(&TOKENS, &mut m.new_cache(32), Logits::All).unwrap();
+    let full = m
+        .prefill(&TOKENS, &mut m.new_cache(32), Logits::All)
+        .unwrap();
 
     // Prefill 4 tokens, then decode the rest one by one.
     let mut cache = m.new_cache(32);
@@ -149,7 +209,12 @@ fn decode_and_chunked_prefill_match_full_prefill() {
     assert_close(&first, &full[3 * v..4 * v], LOGIT_TOL, "prefill last");
     for (i, &t) in TOKENS.iter().enumerate().skip(4) {
         let l = m.decode(t, &mut cache, &mut scratch).unwrap();
-        assert_close(l, &full[i * v..(i + 1) * v], LOGIT_TOL, &format!("decode at {i}"));
+        assert_close(
+            l,
+            &full[i * v..(i + 1) * v],
+            LOGIT_TOL,
+            &format!("decode at {i}"),
+        );
     }
 
     // Two prefill chunks.
@@ -163,10 +228,15 @@ fn decode_and_chunked_prefill_match_full_prefill() {
 fn bad_inputs_are_errors() {
     let (m, _, _, c) = load_both(Arch::Llama);
     let mut cache = m.new_cache(4);
-    assert!(matches!(m.prefill(&[], &mut cache, Logits::Last), Err(teal::Error::EmptyPrompt)));
+    assert!(matches!(
+        m.prefill(&[], &mut cache, Logits::Last),
+        Err(teal::Error::EmptyPrompt)
+    ));
     let e = m.prefill(&TOKENS, &mut cache, Logits::Last).unwrap_err();
     assert!(e.to_string().contains("longer than the context"), "{e}");
-    let e = m.prefill(&[c.vocab_size as u32], &mut m.new_cache(4), Logits::Last).unwrap_err();
+    let e = m
+        .prefill(&[c.vocab_size as u32], &mut m.new_cache(4), Logits::Last)
+        .unwrap_err();
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
 
     // A missing tensor and a wrong shape are named.
@@ -174,16 +244,29 @@ fn bad_inputs_are_errors() {
     let mut w = random_weights(&c, 1);
     w.remove("model.layers.1.mlp.up_proj.weight");
     write_safetensors(dir.path(), &c, &w);
-    let e = Llama::load(c.clone(), &SafetensorsSource::open(dir.path()).unwrap()).err().unwrap();
-    assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+    let e = Llama::load(c.clone(), &SafetensorsSource::open(dir.path()).unwrap())
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
 
     let mut w = random_weights(&c, 1);
-    w.insert("model.layers.0.mlp.down_proj.weight".into(), (vec![c.hidden_size, 5], vec![0.0; c.hidden_size * 5]));
+    w.insert(
+        "model.layers.0.mlp.down_proj.weight".into(),
+        (vec![c.hidden_size, 5], vec![0.0; c.hidden_size * 5]),
+    );
     let gpath = dir.path().join("bad.gguf");
     write_gguf(&gpath, &c, &w);
     let g = GgufFile::open(&gpath).unwrap();
-    let e = Llama::load(c.clone(), &GgufSource::new(g, c.clone())).err().unwrap();
-    assert!(e.to_string().contains("blk.0.ffn_down.weight") && e.to_string().contains("shape"), "{e}");
+    let e = Llama::load(c.clone(), &GgufSource::new(g, c.clone()))
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("blk.0.ffn_down.weight") && e.to_string().contains("shape"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -192,10 +275,16 @@ fn unknown_architecture_is_a_clear_error() {
     let c = tiny_config(Arch::Llama);
     write_safetensors(dir.path(), &c, &random_weights(&c, 1));
     let p = dir.path().join("config.json");
-    let s = std::fs::read_to_string(&p).unwrap().replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+    let s = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
     std::fs::write(&p, s).unwrap();
     let e = Config::from_hf_json(&p).unwrap_err();
-    assert!(e.to_string().contains("unsupported architecture 'GPTNeoXForCausalLM'"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("unsupported architecture 'GPTNeoXForCausalLM'"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -26,14 +26,22 @@ pub struct PplResult {
 /// `-log softmax(logits)[target]`, accumulated in f64.
 pub fn nll(logits: &[f32], target: u32) -> f64 {
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+    let lse = logits
+        .iter()
+        .map(|&v| (v as f64 - m).exp())
+        .sum::<f64>()
+        .ln()
+        + m;
     lse - logits[target as usize] as f64
 }
 
 /// The windows P512 scores: `(start, end)` token ranges.
 pub fn windows(n_tokens: usize, opts: &PplOptions) -> Result<Vec<(usize, usize)>> {
     if opts.ctx < 2 {
-        return Err(Error::Invalid(format!("context {} is too short to score any token", opts.ctx)));
+        return Err(Error::Invalid(format!(
+            "context {} is too short to score any token",
+            opts.ctx
+        )));
     }
     let full = n_tokens / opts.ctx;
     if full == 0 {
@@ -45,7 +53,10 @@ pub fn windows(n_tokens: usize, opts: &PplOptions) -> Result<Vec<(usize, usize)>
     let k = match opts.chunks {
         Some(0) => return Err(Error::Invalid("--chunks must be at least 1".into())),
         Some(k) if k > full => {
-            return Err(Error::Invalid(format!("asked for {k} windows but the text has only {full} of {} tokens", opts.ctx)))
+            return Err(Error::Invalid(format!(
+                "asked for {k} windows but the text has only {full} of {} tokens",
+                opts.ctx
+            )))
         }
         Some(k) => k,
         None => full,
@@ -70,12 +81,21 @@ pub fn perplexity(
         cache.clear();
         let w = &tokens[s..e];
         let logits = model.prefill(w, &mut cache, Logits::All)?;
-        let sum: f64 = (1..w.len()).map(|t| nll(&logits[(t - 1) * vocab..t * vocab], w[t])).sum();
+        let sum: f64 = (1..w.len())
+            .map(|t| nll(&logits[(t - 1) * vocab..t * vocab], w[t]))
+            .sum();
         chunk_nll.push(sum / (w.len() - 1) as f64);
         total += sum;
         scored += w.len() - 1;
         progress(i + 1, wins.len());
     }
     let mean = total / scored as f64;
-    Ok(PplResult { ppl: mean.exp(), nll: mean, tokens_scored: scored, chunks: wins.len(), ctx: opts.ctx, chunk_nll })
+    Ok(PplResult {
+        ppl: mean.exp(),
+        nll: mean,
+        tokens_scored: scored,
+        chunks: wins.len(),
+        ctx: opts.ctx,
+        chunk_nll,
+    })
 }

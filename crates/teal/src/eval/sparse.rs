@@ -37,7 +37,10 @@ struct ZeroCounter<'a> {
 
 impl Observer for ZeroCounter<'_> {
     fn observe(&mut self, layer: usize, site: Site, rows: &[f32], _width: usize) {
-        let si = Site::ALL.iter().position(|&s| s == site).expect("a known site");
+        let si = Site::ALL
+            .iter()
+            .position(|&s| s == site)
+            .expect("a known site");
         for p in (0..7).filter(|&p| PROJ_SITE[p] == si) {
             let zeros = match self.thresholds[layer][p] {
                 Some(t) => rows.iter().filter(|v| v.abs() <= t).count(),
@@ -84,7 +87,10 @@ pub fn compare(
     let wins = windows(tokens.len(), opts)?;
     let v = config.vocab_size;
     let mut cache = dense.new_cache(opts.ctx);
-    let mut counter = ZeroCounter { thresholds, counts: vec![[(0, 0); 7]; config.num_hidden_layers] };
+    let mut counter = ZeroCounter {
+        thresholds,
+        counts: vec![[(0, 0); 7]; config.num_hidden_layers],
+    };
     let (mut nll_d, mut nll_s, mut kl, mut agree, mut scored) = (0.0, 0.0, 0.0, 0usize, 0usize);
     for (i, &(s, e)) in wins.iter().enumerate() {
         let w = &tokens[s..e];
@@ -101,7 +107,12 @@ pub fn compare(
         if dense_upto > 0 {
             ls.extend(dense.prefill(&w[..dense_upto], &mut cache, Logits::All)?);
         }
-        ls.extend(sparse.prefill_observed(&w[dense_upto..], &mut cache, Logits::All, Some(&mut counter))?);
+        ls.extend(sparse.prefill_observed(
+            &w[dense_upto..],
+            &mut cache,
+            Logits::All,
+            Some(&mut counter),
+        )?);
         for t in 1..w.len() {
             let (pd, ps) = (&ld[(t - 1) * v..t * v], &ls[(t - 1) * v..t * v]);
             nll_d += nll(pd, w[t]);
@@ -116,7 +127,10 @@ pub fn compare(
     let n = scored as f64;
     let per_proj: Vec<f64> = (0..7)
         .map(|p| {
-            let (z, t) = counter.counts.iter().fold((0u64, 0u64), |a, c| (a.0 + c[p].0, a.1 + c[p].1));
+            let (z, t) = counter
+                .counts
+                .iter()
+                .fold((0u64, 0u64), |a, c| (a.0 + c[p].0, a.1 + c[p].1));
             z as f64 / t.max(1) as f64
         })
         .collect();
@@ -124,7 +138,12 @@ pub fn compare(
     let model_sparsity = counter
         .counts
         .iter()
-        .map(|c| effective_sparsity(&std::array::from_fn(|p| c[p].0 as f64 / c[p].1.max(1) as f64), &w))
+        .map(|c| {
+            effective_sparsity(
+                &std::array::from_fn(|p| c[p].0 as f64 / c[p].1.max(1) as f64),
+                &w,
+            )
+        })
         .sum::<f64>()
         / config.num_hidden_layers as f64;
     let (dense_ppl, ppl) = ((nll_d / n).exp(), (nll_s / n).exp());
@@ -137,7 +156,11 @@ pub fn compare(
         tokens_scored: scored,
         chunks: wins.len(),
         ctx: opts.ctx,
-        site_sparsity: PROJ_NAMES.iter().zip(per_proj).map(|(n, s)| (n.to_string(), s)).collect(),
+        site_sparsity: PROJ_NAMES
+            .iter()
+            .zip(per_proj)
+            .map(|(n, s)| (n.to_string(), s))
+            .collect(),
         model_sparsity,
         mode: mode.name().into(),
     })

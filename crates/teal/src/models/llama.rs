@@ -73,7 +73,11 @@ impl Llama {
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = src.load(&format!("{name}.weight"), &[out, inp])?;
             check_finite(&format!("{name}.weight"), &w)?;
-            let b = if bias { Some(src.load(&format!("{name}.bias"), &[out])?) } else { None };
+            let b = if bias {
+                Some(src.load(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
             Ok(Linear::from_rows(out, inp, &w, b))
         };
         let vector = |name: &str, n: usize| -> Result<Vec<f32>> {
@@ -92,7 +96,10 @@ impl Llama {
                 k_proj: linear(&format!("{p}.self_attn.k_proj"), kv, d, c.attention_bias)?,
                 v_proj: linear(&format!("{p}.self_attn.v_proj"), kv, d, c.attention_bias)?,
                 o_proj: linear(&format!("{p}.self_attn.o_proj"), d, q, false)?,
-                post_attention_layernorm: vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
+                post_attention_layernorm: vector(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    d,
+                )?,
                 gate_proj: linear(&format!("{p}.mlp.gate_proj"), ff, d, false)?,
                 up_proj: linear(&format!("{p}.mlp.up_proj"), ff, d, false)?,
                 down_proj: linear(&format!("{p}.mlp.down_proj"), d, ff, false)?,
@@ -122,8 +129,16 @@ impl Llama {
                 self.layers.len()
             )));
         }
-        let layers = self.layers.iter().zip(per_layer).map(|(b, t)| b.with_thresholds(t)).collect();
-        Ok(Llama { layers, ..self.clone() })
+        let layers = self
+            .layers
+            .iter()
+            .zip(per_layer)
+            .map(|(b, t)| b.with_thresholds(t))
+            .collect();
+        Ok(Llama {
+            layers,
+            ..self.clone()
+        })
     }
 
     pub fn new_cache(&self, capacity: usize) -> KvCache {
@@ -161,8 +176,14 @@ impl Llama {
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
-        match tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            Some(t) => Err(Error::Invalid(format!("token id {t} is outside the vocabulary of {}", self.config.vocab_size))),
+        match tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            Some(t) => Err(Error::Invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.config.vocab_size
+            ))),
             None => Ok(()),
         }
     }
@@ -188,7 +209,11 @@ impl Llama {
         }
         let pos0 = cache.len();
         if pos0 + n > cache.capacity() {
-            return Err(Error::ContextOverflow { what: "the input", got: pos0 + n, ctx: cache.capacity() });
+            return Err(Error::ContextOverflow {
+                what: "the input",
+                got: pos0 + n,
+                ctx: cache.capacity(),
+            });
         }
         self.check_tokens(tokens)?;
         let d = c.hidden_size;
@@ -196,12 +221,24 @@ impl Llama {
 
         let mut x = vec![0.0f32; n * d];
         for (t, &tok) in tokens.iter().enumerate() {
-            x[t * d..(t + 1) * d].copy_from_slice(&self.embed_tokens[tok as usize * d..(tok as usize + 1) * d]);
+            x[t * d..(t + 1) * d]
+                .copy_from_slice(&self.embed_tokens[tok as usize * d..(tok as usize + 1) * d]);
         }
         let mut ws = PrefillBuffers::new(c, n);
         for (l, b) in self.layers.iter().enumerate() {
-            let obs = observer.as_mut().map(|o| (l, &mut **o as &mut dyn Observer));
-            b.prefill(c, &mut x, n, pos0, (&cos, &sin), (&mut cache.k[l], &mut cache.v[l]), &mut ws, obs);
+            let obs = observer
+                .as_mut()
+                .map(|o| (l, &mut **o as &mut dyn Observer));
+            b.prefill(
+                c,
+                &mut x,
+                n,
+                pos0,
+                (&cos, &sin),
+                (&mut cache.k[l], &mut cache.v[l]),
+                &mut ws,
+                obs,
+            );
         }
         cache.advance(n);
 
@@ -211,7 +248,12 @@ impl Llama {
         };
         let mut normed = vec![0.0f32; rows.len() * d];
         for (i, &t) in rows.iter().enumerate() {
-            reference::rmsnorm(&x[t * d..(t + 1) * d], &self.norm, c.rms_norm_eps, &mut normed[i * d..(i + 1) * d]);
+            reference::rmsnorm(
+                &x[t * d..(t + 1) * d],
+                &self.norm,
+                c.rms_norm_eps,
+                &mut normed[i * d..(i + 1) * d],
+            );
         }
         let mut lg = vec![0.0f32; rows.len() * c.vocab_size];
         self.lm_head.forward_batch(&normed, rows.len(), &mut lg);
@@ -220,15 +262,27 @@ impl Llama {
 
     /// One decode step: runs `token` at position `cache.len()` and returns its logits. Uses only
     /// the preallocated buffers in `s`.
-    pub fn decode<'s>(&self, token: u32, cache: &mut KvCache, s: &'s mut DecodeScratch) -> Result<&'s [f32]> {
+    pub fn decode<'s>(
+        &self,
+        token: u32,
+        cache: &mut KvCache,
+        s: &'s mut DecodeScratch,
+    ) -> Result<&'s [f32]> {
         let c = &self.config;
         let pos = cache.len();
         if pos + 1 > cache.capacity() {
-            return Err(Error::ContextOverflow { what: "the sequence", got: pos + 1, ctx: cache.capacity() });
+            return Err(Error::ContextOverflow {
+                what: "the sequence",
+                got: pos + 1,
+                ctx: cache.capacity(),
+            });
         }
         self.check_tokens(&[token])?;
         if s.scores.len() < c.num_attention_heads * (pos + 1) {
-            return Err(Error::Invalid(format!("decode scratch was sized for fewer than {} positions", pos + 1)));
+            return Err(Error::Invalid(format!(
+                "decode scratch was sized for fewer than {} positions",
+                pos + 1
+            )));
         }
         let (d, kvd, hd) = (c.hidden_size, c.kv_dim(), c.head_dim);
         self.rope_tables(pos, 1, &mut s.cos, &mut s.sin);
@@ -236,8 +290,10 @@ impl Llama {
         for (l, b) in self.layers.iter().enumerate() {
             reference::rmsnorm(&s.x, &b.input_layernorm, c.rms_norm_eps, &mut s.h);
             b.q_proj.forward(&s.h, &mut s.q);
-            b.k_proj.forward(&s.h, &mut cache.k[l][pos * kvd..(pos + 1) * kvd]);
-            b.v_proj.forward(&s.h, &mut cache.v[l][pos * kvd..(pos + 1) * kvd]);
+            b.k_proj
+                .forward(&s.h, &mut cache.k[l][pos * kvd..(pos + 1) * kvd]);
+            b.v_proj
+                .forward(&s.h, &mut cache.v[l][pos * kvd..(pos + 1) * kvd]);
             for head in s.q.chunks_mut(hd) {
                 reference::rope_neox(head, &s.cos, &s.sin);
             }
@@ -314,16 +370,31 @@ impl Block {
         let (kc, vc) = kv;
         let nq = n - q_from;
         let PrefillBuffers { h, q, att, out, .. } = ws;
-        let (h, q, att, out) = (&mut h[..n * d], &mut q[..nq * qd], &mut att[..nq * qd], &mut out[..nq * d]);
+        let (h, q, att, out) = (
+            &mut h[..n * d],
+            &mut q[..nq * qd],
+            &mut att[..nq * qd],
+            &mut out[..nq * d],
+        );
         for t in 0..n {
-            reference::rmsnorm(&x[t * d..(t + 1) * d], &self.input_layernorm, c.rms_norm_eps, &mut h[t * d..(t + 1) * d]);
+            reference::rmsnorm(
+                &x[t * d..(t + 1) * d],
+                &self.input_layernorm,
+                c.rms_norm_eps,
+                &mut h[t * d..(t + 1) * d],
+            );
         }
         observe(observer, Site::Qkv, h, d);
         self.q_proj.forward_batch(&h[q_from * d..], nq, q);
-        self.k_proj.forward_batch(h, n, &mut kc[pos0 * kvd..(pos0 + n) * kvd]);
-        self.v_proj.forward_batch(h, n, &mut vc[pos0 * kvd..(pos0 + n) * kvd]);
+        self.k_proj
+            .forward_batch(h, n, &mut kc[pos0 * kvd..(pos0 + n) * kvd]);
+        self.v_proj
+            .forward_batch(h, n, &mut vc[pos0 * kvd..(pos0 + n) * kvd]);
         for t in 0..n {
-            let (ct, st) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+            let (ct, st) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
             if t >= q_from {
                 for head in q[(t - q_from) * qd..(t - q_from + 1) * qd].chunks_mut(hd) {
                     reference::rope_neox(head, ct, st);
@@ -353,7 +424,12 @@ impl Block {
     ) {
         let (d, ff) = (c.hidden_size, c.intermediate_size);
         let PrefillBuffers { h, g, u, out, .. } = ws;
-        let (h, g, u, out) = (&mut h[..m * d], &mut g[..m * ff], &mut u[..m * ff], &mut out[..m * d]);
+        let (h, g, u, out) = (
+            &mut h[..m * d],
+            &mut g[..m * ff],
+            &mut u[..m * ff],
+            &mut out[..m * d],
+        );
         for t in 0..m {
             reference::rmsnorm(
                 &x[t * d..(t + 1) * d],
@@ -467,7 +543,12 @@ fn silu_mul_in_place(g: &mut [f32], u: &[f32]) {
     }
 }
 
-fn observe(observer: &mut Option<(usize, &mut dyn Observer)>, site: Site, rows: &[f32], width: usize) {
+fn observe(
+    observer: &mut Option<(usize, &mut dyn Observer)>,
+    site: Site,
+    rows: &[f32],
+    width: usize,
+) {
     if let Some((l, o)) = observer.as_mut() {
         o.observe(*l, site, rows, width);
     }
@@ -481,7 +562,10 @@ fn add_assign(x: &mut [f32], y: &[f32]) {
 
 fn check_finite(name: &str, v: &[f32]) -> Result<()> {
     match v.iter().position(|x| !x.is_finite()) {
-        Some(i) => Err(Error::Tensor { name: name.into(), msg: format!("non-finite value {} at index {i}", v[i]) }),
+        Some(i) => Err(Error::Tensor {
+            name: name.into(),
+            msg: format!("non-finite value {} at index {i}", v[i]),
+        }),
         None => Ok(()),
     }
 }

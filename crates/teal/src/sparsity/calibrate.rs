@@ -5,8 +5,11 @@
 
 use super::greedy::{greedy_block, GreedyOptions};
 use super::histogram::{abs_quantiles, check_finite, TealHistogram};
-use super::thresholds::{default_levels, Fingerprint, GreedyTables, Provenance, Quantile, SiteTable, Thresholds, FORMAT, VERSION};
 use super::size_weights;
+use super::thresholds::{
+    default_levels, Fingerprint, GreedyTables, Provenance, Quantile, SiteTable, Thresholds, FORMAT,
+    VERSION,
+};
 use crate::error::{Error, Result};
 use crate::models::llama::{Llama, Observer, PrefillBuffers, Site};
 
@@ -28,12 +31,20 @@ struct Collector {
 
 impl Observer for Collector {
     fn observe(&mut self, _layer: usize, site: Site, rows: &[f32], _width: usize) {
-        let i = Site::ALL.iter().position(|&s| s == site).expect("a known site");
+        let i = Site::ALL
+            .iter()
+            .position(|&s| s == site)
+            .expect("a known site");
         self.values[i].extend_from_slice(rows);
     }
 }
 
-const SITE_NAMES: [&str; 4] = ["qkv (attention input)", "o (attention output)", "gate/up (MLP input)", "down (MLP hidden)"];
+const SITE_NAMES: [&str; 4] = [
+    "qkv (attention input)",
+    "o (attention output)",
+    "gate/up (MLP input)",
+    "down (MLP hidden)",
+];
 
 /// Calibrates `model` on `tokens` (the tokenized calibration text: the first `samples`
 /// non-overlapping windows of `seq_len` tokens). `progress(stage, done, total)`.
@@ -47,7 +58,9 @@ pub fn calibrate(
     let c = &model.config;
     let (n, len, d) = (opts.samples, opts.seq_len, c.hidden_size);
     if n == 0 || len < 4 {
-        return Err(Error::Invalid(format!("calibration needs at least 1 sample of 4 tokens (got {n} x {len})")));
+        return Err(Error::Invalid(format!(
+            "calibration needs at least 1 sample of 4 tokens (got {n} x {len})"
+        )));
     }
     if tokens.len() < n * len {
         return Err(Error::Invalid(format!(
@@ -57,7 +70,10 @@ pub fn calibrate(
         )));
     }
     if len > c.max_position_embeddings {
-        return Err(Error::Invalid(format!("--seq-len {len} exceeds the model's context of {}", c.max_position_embeddings)));
+        return Err(Error::Invalid(format!(
+            "--seq-len {len} exceeds the model's context of {}",
+            c.max_position_embeddings
+        )));
     }
     let greedy = match &opts.greedy {
         Some((g, q)) => {
@@ -79,9 +95,12 @@ pub fn calibrate(
     let mut h = vec![0.0f32; n * len * d];
     for (i, &t) in tokens[..n * len].iter().enumerate() {
         if t as usize >= c.vocab_size {
-            return Err(Error::Invalid(format!("token id {t} outside the vocabulary")));
+            return Err(Error::Invalid(format!(
+                "token id {t} outside the vocabulary"
+            )));
         }
-        h[i * d..(i + 1) * d].copy_from_slice(&model.embed_tokens[t as usize * d..(t as usize + 1) * d]);
+        h[i * d..(i + 1) * d]
+            .copy_from_slice(&model.embed_tokens[t as usize * d..(t as usize + 1) * d]);
     }
     let mut ws = PrefillBuffers::new(c, len);
     let mut kc = vec![0.0f32; len * c.kv_dim()];
@@ -92,12 +111,25 @@ pub fn calibrate(
     for (l, block) in model.layers.iter().enumerate() {
         // The greedy search needs this block's dense inputs (a prefix of each sample).
         let greedy_inputs: Option<Vec<f32>> = greedy.map(|(g, _)| {
-            (0..g.samples).flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied()).collect()
+            (0..g.samples)
+                .flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied())
+                .collect()
         });
-        let mut col = Collector { values: Default::default() };
+        let mut col = Collector {
+            values: Default::default(),
+        };
         for s in 0..n {
             let x = &mut h[s * len * d..(s + 1) * len * d];
-            block.prefill(c, x, len, 0, (&cos, &sin), (&mut kc, &mut vc), &mut ws, Some((l, &mut col)));
+            block.prefill(
+                c,
+                x,
+                len,
+                0,
+                (&cos, &sin),
+                (&mut kc, &mut vc),
+                &mut ws,
+                Some((l, &mut col)),
+            );
         }
         let mut tables = Vec::with_capacity(4);
         for (si, v) in col.values.iter().enumerate() {
@@ -109,7 +141,10 @@ pub fn calibrate(
             }
             let hist = TealHistogram::build(v);
             tables.push(SiteTable {
-                teal: levels.iter().map(|&s| if s == 0.0 { -1.0 } else { hist.threshold(s) }).collect(),
+                teal: levels
+                    .iter()
+                    .map(|&s| if s == 0.0 { -1.0 } else { hist.threshold(s) })
+                    .collect(),
                 abs: abs_quantiles(v, &levels),
                 hist_lo: hist.lo,
                 hist_hi: hist.hi,
@@ -121,7 +156,17 @@ pub fn calibrate(
             progress(&format!("greedy layer {l}"), l, total);
             let lookup = |site: usize, s: f64| tables[site].threshold(&levels, s, q);
             let gl = g.seq_len;
-            greedy_layers.push(greedy_block(c, block, &inp, g.samples, gl, (&cos[..gl * cos.len() / len], &sin[..gl * sin.len() / len]), &lookup, &weights, g));
+            greedy_layers.push(greedy_block(
+                c,
+                block,
+                &inp,
+                g.samples,
+                gl,
+                (&cos[..gl * cos.len() / len], &sin[..gl * sin.len() / len]),
+                &lookup,
+                &weights,
+                g,
+            ));
         }
         sites.push(tables);
         progress("calibrate", l + 1, total);

@@ -23,7 +23,12 @@ pub struct GreedyOptions {
 
 impl Default for GreedyOptions {
     fn default() -> Self {
-        GreedyOptions { samples: 2, seq_len: 256, step: 0.05, max_sparsity: 0.9 }
+        GreedyOptions {
+            samples: 2,
+            seq_len: 256,
+            step: 0.05,
+            max_sparsity: 0.9,
+        }
     }
 }
 
@@ -57,7 +62,17 @@ pub fn greedy_block(
         let mut out = Vec::with_capacity(samples * tail * d);
         for s in 0..samples {
             let mut x = inputs[s * len * d..(s + 1) * len * d].to_vec();
-            b.attention_residual(c, &mut x, len, 0, tail_from, rope, (&mut kc, &mut vc), ws, &mut None);
+            b.attention_residual(
+                c,
+                &mut x,
+                len,
+                0,
+                tail_from,
+                rope,
+                (&mut kc, &mut vc),
+                ws,
+                &mut None,
+            );
             out.extend_from_slice(&x[tail_from * d..]);
         }
         out
@@ -65,22 +80,44 @@ pub fn greedy_block(
     let mlp = |b: &Block, att: &[f32], ws: &mut PrefillBuffers| -> Vec<f32> {
         let mut x = att.to_vec();
         for s in 0..samples {
-            b.mlp_residual(c, &mut x[s * tail * d..(s + 1) * tail * d], tail, ws, &mut None);
+            b.mlp_residual(
+                c,
+                &mut x[s * tail * d..(s + 1) * tail * d],
+                tail,
+                ws,
+                &mut None,
+            );
         }
         x
     };
-    let with = |s: &[f64; 7]| -> Block { block.with_thresholds(&std::array::from_fn(|p| threshold(PROJ_SITE[p], s[p]))) };
+    let with = |s: &[f64; 7]| -> Block {
+        block.with_thresholds(&std::array::from_fn(|p| threshold(PROJ_SITE[p], s[p])))
+    };
 
     let dense_att = attention(block, &mut ws);
     let target = mlp(block, &dense_att, &mut ws);
-    let norm: f64 = target.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+    let norm: f64 = target
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
     let rel_err = |y: &[f32]| -> f64 {
-        y.iter().zip(&target).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt() / norm
+        y.iter()
+            .zip(&target)
+            .map(|(&a, &b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            / norm
     };
 
     let mut s = [0.0f64; 7];
     let mut att = dense_att;
-    let mut steps = vec![GreedyStep { sparsity: 0.0, error: 0.0, s }];
+    let mut steps = vec![GreedyStep {
+        sparsity: 0.0,
+        error: 0.0,
+        s,
+    }];
     while effective_sparsity(&s, weights) < opts.max_sparsity {
         let mut best: Option<(f64, usize, [f64; 7], Option<Vec<f32>>)> = None;
         for p in 0..7 {
@@ -100,12 +137,18 @@ pub fn greedy_block(
                 best = Some((err, p, cand, new_att));
             }
         }
-        let Some((err, _, cand, new_att)) = best else { break };
+        let Some((err, _, cand, new_att)) = best else {
+            break;
+        };
         s = cand;
         if let Some(a) = new_att {
             att = a;
         }
-        steps.push(GreedyStep { sparsity: effective_sparsity(&s, weights), error: err, s });
+        steps.push(GreedyStep {
+            sparsity: effective_sparsity(&s, weights),
+            error: err,
+            s,
+        });
     }
     steps
 }

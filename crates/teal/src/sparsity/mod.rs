@@ -9,7 +9,15 @@ pub mod thresholds;
 pub use thresholds::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
 
 /// The seven projections in the order used everywhere (`Block::linears`).
-pub const PROJ_NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const PROJ_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// Site index (0 qkv, 1 o, 2 gate/up, 3 down) whose activations feed each projection.
 pub const PROJ_SITE: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
@@ -17,9 +25,22 @@ pub const PROJ_SITE: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
 /// Parameter count of each projection relative to `q_proj` (TEAL's size weights `w_p`,
 /// derived from the config, not hard-coded).
 pub fn size_weights(c: &crate::config::Config) -> [f64; 7] {
-    let (d, ff, q, kv) = (c.hidden_size as f64, c.intermediate_size as f64, c.q_dim() as f64, c.kv_dim() as f64);
+    let (d, ff, q, kv) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.q_dim() as f64,
+        c.kv_dim() as f64,
+    );
     let base = q * d;
-    [q * d / base, kv * d / base, kv * d / base, d * q / base, ff * d / base, ff * d / base, d * ff / base]
+    [
+        q * d / base,
+        kv * d / base,
+        kv * d / base,
+        d * q / base,
+        ff * d / base,
+        ff * d / base,
+        d * ff / base,
+    ]
 }
 
 /// Parameter-weighted sparsity of one block: the fraction of its projection weights not read.

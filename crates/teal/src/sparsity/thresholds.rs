@@ -96,7 +96,11 @@ pub struct Fingerprint {
 
 impl Fingerprint {
     pub fn of(c: &Config, src: &dyn TensorSource) -> Fingerprint {
-        let mut t: Vec<String> = src.describe().into_iter().map(|(n, s, _)| format!("{n}:{s:?}")).collect();
+        let mut t: Vec<String> = src
+            .describe()
+            .into_iter()
+            .map(|(n, s, _)| format!("{n}:{s:?}"))
+            .collect();
         t.sort();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in t.join("\n").bytes() {
@@ -148,7 +152,9 @@ impl SiteTable {
             Quantile::Teal => &self.teal,
             Quantile::Abs => &self.abs,
         };
-        let i = levels.partition_point(|&x| x <= s).clamp(1, levels.len() - 1);
+        let i = levels
+            .partition_point(|&x| x <= s)
+            .clamp(1, levels.len() - 1);
         let f = ((s - levels[i - 1]) / (levels[i] - levels[i - 1])).clamp(0.0, 1.0);
         Some((tab[i - 1] as f64 + f * (tab[i] as f64 - tab[i - 1] as f64)) as f32)
     }
@@ -199,32 +205,54 @@ impl Thresholds {
     /// Reads and checks a thresholds file.
     pub fn load(path: &Path) -> Result<Thresholds> {
         let text = crate::error::read_text(path)?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.into(),
+            source,
+        })?;
         let bad = |m: String| Error::Invalid(format!("{}: {m}", path.display()));
         if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
-            return Err(bad(format!("not a teal thresholds file (\"format\" is not \"{FORMAT}\")")));
+            return Err(bad(format!(
+                "not a teal thresholds file (\"format\" is not \"{FORMAT}\")"
+            )));
         }
         match v.get("version").and_then(|f| f.as_u64()) {
             Some(x) if x == VERSION as u64 => {}
-            other => return Err(bad(format!("unsupported thresholds file version {other:?} (this teal reads {VERSION})"))),
+            other => {
+                return Err(bad(format!(
+                    "unsupported thresholds file version {other:?} (this teal reads {VERSION})"
+                )))
+            }
         }
-        let t: Thresholds = serde_json::from_value(v).map_err(|source| Error::Json { path: path.into(), source })?;
+        let t: Thresholds = serde_json::from_value(v).map_err(|source| Error::Json {
+            path: path.into(),
+            source,
+        })?;
         t.validate().map_err(|m| bad(m))?;
         Ok(t)
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
         let n = self.levels.len();
-        if n < 2 || self.levels[0] != 0.0 || self.levels.windows(2).any(|w| w[1] <= w[0]) || *self.levels.last().unwrap() >= 1.0 {
+        if n < 2
+            || self.levels[0] != 0.0
+            || self.levels.windows(2).any(|w| w[1] <= w[0])
+            || *self.levels.last().unwrap() >= 1.0
+        {
             return Err("levels must ascend from 0 to below 1".into());
         }
         if self.sites.len() != self.model.num_hidden_layers {
-            return Err(format!("{} layers of site tables for a {}-layer model", self.sites.len(), self.model.num_hidden_layers));
+            return Err(format!(
+                "{} layers of site tables for a {}-layer model",
+                self.sites.len(),
+                self.model.num_hidden_layers
+            ));
         }
         for (l, row) in self.sites.iter().enumerate() {
             for (s, t) in row.iter().enumerate() {
                 if t.teal.len() != n || t.abs.len() != n {
-                    return Err(format!("layer {l} site {s}: table length differs from levels"));
+                    return Err(format!(
+                        "layer {l} site {s}: table length differs from levels"
+                    ));
                 }
                 if t.teal.iter().chain(&t.abs).any(|v| !v.is_finite()) {
                     return Err(format!("layer {l} site {s}: non-finite threshold"));
@@ -232,7 +260,9 @@ impl Thresholds {
             }
         }
         if let Some(g) = &self.greedy {
-            if g.layers.len() != self.model.num_hidden_layers || g.layers.iter().any(|l| l.is_empty()) {
+            if g.layers.len() != self.model.num_hidden_layers
+                || g.layers.iter().any(|l| l.is_empty())
+            {
                 return Err("greedy tables: one non-empty table per layer expected".into());
             }
         }
@@ -241,10 +271,19 @@ impl Thresholds {
 
     /// Writes the file atomically (temporary file, then rename).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string(self).map_err(|source| Error::Json { path: path.into(), source })?;
+        let text = serde_json::to_string(self).map_err(|source| Error::Json {
+            path: path.into(),
+            source,
+        })?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|source| Error::Io { path: tmp.clone(), source })?;
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.into(), source })
+        std::fs::write(&tmp, text).map_err(|source| Error::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
     }
 
     /// Fails with a clear error when the file was made for another model.
@@ -281,15 +320,20 @@ impl Thresholds {
             Allocation::Uniform => Ok(vec![[spec.target; 7]; n]),
             Allocation::Greedy => {
                 let g = self.greedy.as_ref().ok_or_else(|| {
-                    Error::Invalid("this thresholds file has no greedy tables: calibrate with --greedy".into())
+                    Error::Invalid(
+                        "this thresholds file has no greedy tables: calibrate with --greedy".into(),
+                    )
                 })?;
-                Ok(g
-                    .layers
+                Ok(g.layers
                     .iter()
                     .map(|steps| {
                         let best = steps
                             .iter()
-                            .min_by(|a, b| (a.sparsity - spec.target).abs().total_cmp(&(b.sparsity - spec.target).abs()))
+                            .min_by(|a, b| {
+                                (a.sparsity - spec.target)
+                                    .abs()
+                                    .total_cmp(&(b.sparsity - spec.target).abs())
+                            })
                             .expect("validated non-empty");
                         best.s
                     })
@@ -304,7 +348,9 @@ impl Thresholds {
         Ok(alloc
             .iter()
             .enumerate()
-            .map(|(l, s)| std::array::from_fn(|p| self.site_threshold(l, PROJ_SITE[p], s[p], spec.quantile)))
+            .map(|(l, s)| {
+                std::array::from_fn(|p| self.site_threshold(l, PROJ_SITE[p], s[p], spec.quantile))
+            })
             .collect())
     }
 

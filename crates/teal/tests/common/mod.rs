@@ -48,24 +48,47 @@ pub fn random_weights(c: &Config, seed: u64) -> Weights {
     let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
         k += 1;
         let n = shape.iter().product();
-        let v = rand_vec(n, k, scale).into_iter().map(|x| x + offset).collect();
+        let v = rand_vec(n, k, scale)
+            .into_iter()
+            .map(|x| x + offset)
+            .collect();
         w.insert(name, (shape, v));
     };
     let (d, ff, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-    put("model.embed_tokens.weight".into(), vec![c.vocab_size, d], 1.0, 0.0);
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, d],
+        1.0,
+        0.0,
+    );
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         put(format!("{p}.input_layernorm.weight"), vec![d], 0.2, 1.0);
         put(format!("{p}.self_attn.q_proj.weight"), vec![q, d], 0.3, 0.0);
-        put(format!("{p}.self_attn.k_proj.weight"), vec![kv, d], 0.3, 0.0);
-        put(format!("{p}.self_attn.v_proj.weight"), vec![kv, d], 0.3, 0.0);
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, d],
+            0.3,
+            0.0,
+        );
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, d],
+            0.3,
+            0.0,
+        );
         if c.attention_bias {
             put(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.1, 0.0);
             put(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.1, 0.0);
             put(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.1, 0.0);
         }
         put(format!("{p}.self_attn.o_proj.weight"), vec![d, q], 0.2, 0.0);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![d], 0.2, 1.0);
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            0.2,
+            1.0,
+        );
         put(format!("{p}.mlp.gate_proj.weight"), vec![ff, d], 0.2, 0.0);
         put(format!("{p}.mlp.up_proj.weight"), vec![ff, d], 0.2, 0.0);
         put(format!("{p}.mlp.down_proj.weight"), vec![d, ff], 0.2, 0.0);
@@ -85,11 +108,20 @@ pub fn write_gguf(path: &Path, c: &Config, w: &Weights) {
     g.add_meta(&format!("{a}.embedding_length"), u(c.hidden_size));
     g.add_meta(&format!("{a}.feed_forward_length"), u(c.intermediate_size));
     g.add_meta(&format!("{a}.block_count"), u(c.num_hidden_layers));
-    g.add_meta(&format!("{a}.attention.head_count"), u(c.num_attention_heads));
-    g.add_meta(&format!("{a}.attention.head_count_kv"), u(c.num_key_value_heads));
+    g.add_meta(
+        &format!("{a}.attention.head_count"),
+        u(c.num_attention_heads),
+    );
+    g.add_meta(
+        &format!("{a}.attention.head_count_kv"),
+        u(c.num_key_value_heads),
+    );
     g.add_meta(&format!("{a}.context_length"), u(c.max_position_embeddings));
     g.add_meta(&format!("{a}.vocab_size"), u(c.vocab_size));
-    g.add_meta(&format!("{a}.attention.layer_norm_rms_epsilon"), MetaValue::F32(c.rms_norm_eps));
+    g.add_meta(
+        &format!("{a}.attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(c.rms_norm_eps),
+    );
     g.add_meta(&format!("{a}.rope.freq_base"), MetaValue::F32(c.rope_theta));
     for (name, (shape, v)) in w {
         let n_head = if name.contains("q_proj") {
@@ -100,7 +132,12 @@ pub fn write_gguf(path: &Path, c: &Config, w: &Weights) {
             None
         };
         let data = match n_head {
-            Some(h) if c.arch != Arch::Qwen2 => permute_rows(v, h, c.head_dim, if shape.len() == 2 { shape[1] } else { 1 }),
+            Some(h) if c.arch != Arch::Qwen2 => permute_rows(
+                v,
+                h,
+                c.head_dim,
+                if shape.len() == 2 { shape[1] } else { 1 },
+            ),
             _ => v.clone(),
         };
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
@@ -113,11 +150,23 @@ pub fn write_safetensors(dir: &Path, c: &Config, w: &Weights) {
     std::fs::create_dir_all(dir).unwrap();
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
         .iter()
-        .map(|(n, (s, v))| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .map(|(n, (s, v))| {
+            (
+                n.clone(),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     let arch = match c.arch {
