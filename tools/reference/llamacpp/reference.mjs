@@ -150,6 +150,14 @@ async function evalWindow(sequence, toks, nVocab) {
     return {nll, argmax, maxSumDev};
 }
 
+// JSON with one key per line but every array of scalars on a single line (keeps results.json small
+// and diff-friendly). Safe: JSON strings never contain a raw newline, so only whitespace between
+// tokens changes.
+function formatJson(obj) {
+    return JSON.stringify(obj, null, 1)
+        .replace(/\[\s*([^\[\]{}]*?)\s*\]/g, (_, inner) => "[" + inner.replace(/\n\s*/g, " ") + "]") + "\n";
+}
+
 async function main() {
     const args = parseArgs(process.argv);
     const llama = await getLlama({gpu: false, build: "never", maxThreads: args.threads, logLevel: args.logLevel});
@@ -296,7 +304,7 @@ async function main() {
     let merged = {};
     if (fs.existsSync(args.results)) merged = JSON.parse(fs.readFileSync(args.results, "utf8"));
     merged[args.label] = {...(merged[args.label] ?? {}), ...result};
-    fs.writeFileSync(args.results, JSON.stringify(merged, null, 1) + "\n");
+    fs.writeFileSync(args.results, formatJson(merged));
     console.log(JSON.stringify({label: args.label, greedy: result.greedy?.ids, ppl: result.ppl?.ppl, tokens_scored: result.ppl?.tokens_scored}));
 }
 
