@@ -73,6 +73,15 @@ enum QuantileArg {
     Teal,
     Abs,
 }
+impl From<QuantileArg> for Quantile {
+    fn from(q: QuantileArg) -> Quantile {
+        match q {
+            QuantileArg::Teal => Quantile::Teal,
+            QuantileArg::Abs => Quantile::Abs,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
     All,
@@ -90,10 +99,7 @@ impl SparseArgs {
                 AllocationArg::Auto | AllocationArg::Uniform => Allocation::Uniform,
                 AllocationArg::Greedy => Allocation::Greedy,
             },
-            quantile: match self.quantile {
-                QuantileArg::Teal => Quantile::Teal,
-                QuantileArg::Abs => Quantile::Abs,
-            },
+            quantile: self.quantile.into(),
             mode: match self.mode {
                 ModeArg::All => Mode::All,
                 ModeArg::Half => Mode::Half,
@@ -612,10 +618,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
                 step: a.greedy_step,
                 max_sparsity: 0.9,
             },
-            match a.quantile {
-                QuantileArg::Teal => Quantile::Teal,
-                QuantileArg::Abs => Quantile::Abs,
-            },
+            a.quantile.into(),
         )
     });
     let opts = CalibOptions {
