@@ -344,14 +344,35 @@ class Sparsifier:
         return a
 
 
-def evaluate(m: Model, ids, n_windows, ctx, configs, mode):
-    """configs: list of (label, method, s, thresholds-or-None); the first must be dense."""
+def evaluate(m: Model, ids, n_windows, ctx, configs, mode, checkpoint=None):
+    """configs: list of (label, method, s, thresholds-or-None); the first must be dense.
+    checkpoint: file where the accumulated state is saved after every window and resumed from
+    (only if it was written for the same configs, thresholds, mode and window length)."""
+    import pickle
     need = n_windows * ctx
     if len(ids) < need:
         raise SystemExit(f"eval text has {len(ids)} tokens, need {need}")
     st = {c[0]: dict(nll=[], kl=0.0, top1=0, n=0, sp=Sparsifier(m, c[3], mode), secs=0.0) for c in configs}
     dense_label = configs[0][0]
-    for w in range(n_windows):
+    key = json.dumps([[c[0], c[3]] for c in configs] + [mode, ctx, hashlib.sha256(np.asarray(ids).tobytes()).hexdigest()])
+    w0 = 0
+    if checkpoint and os.path.exists(checkpoint):
+        with open(checkpoint, "rb") as fh:
+            saved = pickle.load(fh)
+        if saved["key"] == key:
+            w0 = min(saved["windows_done"], n_windows)
+            for label, S in st.items():
+                for f in ("nll", "kl", "top1", "n", "secs"):
+                    S[f] = saved["st"][label][f]
+                S["nll"] = S["nll"][:w0]
+                S["sp"].zeros[:] = saved["st"][label]["zeros"]
+                S["sp"].total[:] = saved["st"][label]["total"]
+            if saved["windows_done"] > n_windows:
+                raise SystemExit(f"{checkpoint} holds {saved['windows_done']} windows > --windows {n_windows}; remove it")
+            log(f"resumed {w0} windows from {checkpoint}")
+        else:
+            log(f"{checkpoint} is for other settings; starting over")
+    for w in range(w0, n_windows):
         ids_w = np.asarray(ids[w * ctx:(w + 1) * ctx])
         tgt = ids_w[1:]
         lp_dense = None
@@ -381,6 +402,13 @@ def evaluate(m: Model, ids, n_windows, ctx, configs, mode):
         msg = ", ".join(f"{c[0]} {math.exp(np.concatenate(st[c[0]]['nll']).mean()):.4f}" for c in configs)
         log(f"window {w + 1}/{n_windows}: running PPL {msg}")
         del lp_dense, p_dense
+        if checkpoint:
+            saved = dict(key=key, windows_done=w + 1, st={
+                label: dict(nll=S["nll"], kl=S["kl"], top1=S["top1"], n=S["n"], secs=S["secs"],
+                            zeros=S["sp"].zeros, total=S["sp"].total) for label, S in st.items()})
+            with open(checkpoint + ".tmp", "wb") as fh:
+                pickle.dump(saved, fh)
+            os.replace(checkpoint + ".tmp", checkpoint)
     dense_nll = np.concatenate(st[dense_label]["nll"])
     dense_ppl = math.exp(dense_nll.mean())
     total_params = sum(m.params.values())
@@ -523,7 +551,8 @@ def main():
         configs = [("dense", None, 0.0, None)]
         configs += [(f"teal_icdf s={s:.2f}", "teal_icdf", s, thr["teal_icdf"][s]) for s in levels]
         configs += [(f"exact_abs_quantile s={s:.2f}", "exact_abs_quantile", s, thr["exact_abs_quantile"][s]) for s in exact_levels]
-        rows = evaluate(m, eval_ids, args.windows, args.ctx, configs, args.mode)
+        rows = evaluate(m, eval_ids, args.windows, args.ctx, configs, args.mode,
+                        checkpoint=os.path.join(work, f"eval_checkpoint_{args.mode}.pkl"))
     t_eval = time.time() - t0
 
     res = dict(
