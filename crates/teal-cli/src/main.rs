@@ -17,6 +17,7 @@ use teal::sparsity::calibrate::{calibrate, CalibOptions};
 use teal::sparsity::greedy::GreedyOptions;
 use teal::sparsity::thresholds::{check_target, Fingerprint};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
+use teal::linear::InputMask;
 use teal::ModelFiles;
 
 #[derive(Parser)]
@@ -72,12 +73,14 @@ enum AllocationArg {
 enum QuantileArg {
     Teal,
     Abs,
+    Wina,
 }
 impl From<QuantileArg> for Quantile {
     fn from(q: QuantileArg) -> Quantile {
         match q {
             QuantileArg::Teal => Quantile::Teal,
             QuantileArg::Abs => Quantile::Abs,
+            QuantileArg::Wina => Quantile::Wina,
         }
     }
 }
@@ -112,7 +115,7 @@ impl SparseArgs {
     fn resolve(
         &self,
         files: &ModelFiles,
-    ) -> Result<Option<(Vec<[Option<f32>; 7]>, SparsitySpec, Thresholds, PathBuf)>> {
+    ) -> Result<Option<(Vec<[Option<InputMask>; 7]>, SparsitySpec, Thresholds, PathBuf)>> {
         check_target(self.sparsity)?;
         if self.sparsity == 0.0 {
             return Ok(None);
@@ -386,7 +389,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
                 th.planned_sparsity(&spec, &files.config)?,
                 path.display()
             );
-            Some((model.with_thresholds(&t)?, spec.mode))
+            Some((model.with_masks(&t)?, spec.mode))
         }
         None => None,
     };
@@ -488,12 +491,11 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     bar.set_message("perplexity");
     let model_path = a.common.model_path()?.display().to_string();
     if let Some((t, spec, th, path)) = a.sparse.resolve(&files)? {
-        let sparse = model.with_thresholds(&t)?;
+        let sparse = model.with_masks(&t)?;
         let r = compare(
             &files.config,
             &model,
             &sparse,
-            &t,
             spec.mode,
             &tokens,
             &opts,
@@ -694,6 +696,9 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         (Allocation::Uniform, Quantile::Teal),
         (Allocation::Uniform, Quantile::Abs),
     ];
+    if th.wina.is_some() {
+        methods.push((Allocation::Uniform, Quantile::Wina));
+    }
     if let Some(g) = &th.greedy {
         methods.push((Allocation::Greedy, g.quantile));
     }
@@ -717,12 +722,11 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
                 mode,
             };
             let t = th.resolve(&spec)?;
-            let sparse = model.with_thresholds(&t)?;
+            let sparse = model.with_masks(&t)?;
             let r = compare(
                 &files.config,
                 &model,
                 &sparse,
-                &t,
                 mode,
                 &tokens,
                 &opts,

@@ -54,6 +54,16 @@ pub fn sparsify(x: &[f32], t: f32, out: &mut [f32]) {
     }
 }
 
+/// Per-channel TEAL mask: `out = x * [|x| > t_j]` for rows of `t.len()` channels.
+pub fn sparsify_channels(x: &[f32], t: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len() % t.len().max(1), 0, "sparsify_channels: row size");
+    for (xr, or) in x.chunks(t.len()).zip(out.chunks_mut(t.len())) {
+        for ((o, &v), &tj) in or.iter_mut().zip(xr).zip(t) {
+            *o = if v.abs() > tj { v } else { 0.0 };
+        }
+    }
+}
+
 /// RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w`, in f32 as the models' own code does.
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;

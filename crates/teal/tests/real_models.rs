@@ -205,7 +205,7 @@ fn smollm2_teal_uniform_sparsity() {
             mode: Mode::All,
         };
         let t = th.resolve(&spec).unwrap();
-        let sparse = model.with_thresholds(&t).unwrap();
+        let sparse = model.with_masks(&t).unwrap();
         let r = compare(
             &files.config,
             &model,

@@ -3,6 +3,7 @@
 mod common;
 use common::*;
 use teal::config::{Arch, Config};
+use teal::linear::InputMask;
 use teal::loader::SafetensorsSource;
 use teal::models::llama::{Llama, Logits};
 use teal::sparsity::calibrate::{calibrate, CalibOptions};
@@ -69,7 +70,7 @@ fn zero_sparsity_reproduces_dense_logits_bit_for_bit() {
         .resolve(&spec(0.0, Allocation::Uniform, Quantile::Abs))
         .unwrap();
     assert!(t.iter().flatten().all(|x| x.is_none()));
-    let sparse = m.with_thresholds(&t).unwrap();
+    let sparse = m.with_masks(&t).unwrap();
     let toks = tokens(20, 9);
     let a = m.prefill(&toks, &mut m.new_cache(32), Logits::All).unwrap();
     let b = sparse
@@ -77,7 +78,7 @@ fn zero_sparsity_reproduces_dense_logits_bit_for_bit() {
         .unwrap();
     assert_eq!(a, b);
     // A threshold below every |x| keeps everything, through the sparse kernels too.
-    let keep_all = m.with_thresholds(&vec![[Some(-1.0f32); 7]; 3]).unwrap();
+    let keep_all = m.with_masks(&vec![[Some(InputMask::Threshold(-1.0)); 7]; 3]).unwrap();
     let c = keep_all
         .prefill(&toks, &mut keep_all.new_cache(32), Logits::All)
         .unwrap();
@@ -89,14 +90,14 @@ fn calibrated_thresholds_hit_the_target_on_calibration_data() {
     let (m, c, _, th) = calibrated(false);
     let toks = tokens(3 * 64, 5);
     for s in [0.25, 0.5, 0.75] {
-        for q in [Quantile::Abs, Quantile::Teal] {
+        for q in [Quantile::Abs, Quantile::Teal, Quantile::Wina] {
             let t = th.resolve(&spec(s, Allocation::Uniform, q)).unwrap();
-            let sparse = m.with_thresholds(&t).unwrap();
+            let sparse = m.with_masks(&t).unwrap();
             // Realized sparsity of layer 0's q_proj input on the same calibration windows:
             // layer 0 sees the same (dense) inputs during calibration and here.
-            let mut zeros = 0usize;
+            let mut zeros = [0usize; 3];
             let mut total = 0usize;
-            struct Obs<'a>(&'a mut usize, &'a mut usize, f32);
+            struct Obs<'a>(&'a mut [usize; 3], &'a mut usize, &'a teal::models::llama::Block);
             impl teal::models::llama::Observer for Obs<'_> {
                 fn observe(
                     &mut self,
@@ -106,22 +107,27 @@ fn calibrated_thresholds_hit_the_target_on_calibration_data() {
                     _: usize,
                 ) {
                     if layer == 0 && site == teal::models::llama::Site::Qkv {
-                        *self.0 += rows.iter().filter(|v| v.abs() <= self.2).count();
+                        for (p, z) in self.0.iter_mut().enumerate() {
+                            *z += self.2.linears()[p].1.count_zeroed(rows);
+                        }
                         *self.1 += rows.len();
                     }
                 }
             }
             for w in toks.chunks(64) {
-                let mut o = Obs(&mut zeros, &mut total, t[0][0].unwrap());
+                let mut o = Obs(&mut zeros, &mut total, &sparse.layers[0]);
                 sparse
                     .prefill_observed(w, &mut sparse.new_cache(64), Logits::Last, Some(&mut o))
                     .unwrap();
             }
-            let got = zeros as f64 / total as f64;
-            // 3 x 64 x 48 = 9216 values: the exact quantile is exact up to 1/9216 plus the
-            // 0.005 level spacing interpolation; TEAL's signed reading assumes symmetry.
-            let tol = if q == Quantile::Abs { 0.005 } else { 0.05 };
-            assert!((got - s).abs() < tol, "{q:?} s={s}: realized {got}");
+            for (p, &z) in zeros.iter().enumerate() {
+                let got = z as f64 / total as f64;
+                // 3 x 64 x 48 = 9216 values: the exact quantiles (of |x| or of the weight-aware
+                // score) are exact up to 1/9216 plus the 0.005 level spacing interpolation;
+                // TEAL's signed reading assumes symmetry.
+                let tol = if q == Quantile::Teal { 0.05 } else { 0.005 };
+                assert!((got - s).abs() < tol, "{q:?} s={s} proj {p}: realized {got}");
+            }
         }
     }
     let _ = c;
@@ -209,8 +215,11 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
         );
         inputs.extend(x);
     }
-    let lookup =
-        |site: usize, s: f64| th.sites[layer][site].threshold(&th.levels, s, Quantile::Abs);
+    let lookup = |p: usize, s: f64| {
+        th.sites[layer][PROJ_SITE[p]]
+            .threshold(&th.levels, s, Quantile::Abs)
+            .map(InputMask::Threshold)
+    };
     let opts = GreedyOptions {
         samples: 2,
         seq_len: 32,
@@ -238,8 +247,8 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
         .map(|p| {
             let mut s = [0.0; 7];
             s[p] = 0.05 / w[p];
-            let t: [Option<f32>; 7] = std::array::from_fn(|q| lookup(PROJ_SITE[q], s[q]));
-            let b = m.layers[layer].with_thresholds(&t);
+            let t: [Option<InputMask>; 7] = std::array::from_fn(|q| lookup(q, s[q]));
+            let b = m.layers[layer].with_masks(&t);
             let (mut num, mut den) = (0.0f64, 0.0f64);
             for smp in 0..2 {
                 let mut xd = inputs[smp * 32 * d..(smp + 1) * 32 * d].to_vec();

@@ -28,9 +28,9 @@ pub struct SparseReport {
     pub mode: String,
 }
 
-/// Counts inputs that the thresholds zero (or that are exactly zero) at each projection.
+/// Counts inputs that each projection's mask zeroes (or that are exactly zero).
 struct ZeroCounter<'a> {
-    thresholds: &'a [[Option<f32>; 7]],
+    model: &'a Llama,
     /// `[layer][proj]`: (zeros, total)
     counts: Vec<[(u64, u64); 7]>,
 }
@@ -41,11 +41,9 @@ impl Observer for ZeroCounter<'_> {
             .iter()
             .position(|&s| s == site)
             .expect("a known site");
+        let linears = self.model.layers[layer].linears();
         for p in (0..7).filter(|&p| PROJ_SITE[p] == si) {
-            let zeros = match self.thresholds[layer][p] {
-                Some(t) => rows.iter().filter(|v| v.abs() <= t).count(),
-                None => rows.iter().filter(|&&v| v == 0.0).count(),
-            };
+            let zeros = linears[p].1.count_zeroed(rows);
             let c = &mut self.counts[layer][p];
             c.0 += zeros as u64;
             c.1 += rows.len() as u64;
@@ -78,7 +76,6 @@ pub fn compare(
     config: &Config,
     dense: &Llama,
     sparse: &Llama,
-    thresholds: &[[Option<f32>; 7]],
     mode: Mode,
     tokens: &[u32],
     opts: &PplOptions,
@@ -88,7 +85,7 @@ pub fn compare(
     let v = config.vocab_size;
     let mut cache = dense.new_cache(opts.ctx);
     let mut counter = ZeroCounter {
-        thresholds,
+        model: sparse,
         counts: vec![[(0, 0); 7]; config.num_hidden_layers],
     };
     let (mut nll_d, mut nll_s, mut kl, mut agree, mut scored) = (0.0, 0.0, 0.0, 0usize, 0usize);

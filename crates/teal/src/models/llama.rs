@@ -6,7 +6,7 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::linear::Linear;
+use crate::linear::{InputMask, Linear};
 use crate::loader::TensorSource;
 use std::sync::Arc;
 use teal_kernels::{cpu, reference};
@@ -120,8 +120,8 @@ impl Llama {
         })
     }
 
-    /// The same weights (shared, not copied) with TEAL thresholds, one row of seven per layer.
-    pub fn with_thresholds(&self, per_layer: &[[Option<f32>; 7]]) -> Result<Llama> {
+    /// The same weights (shared, not copied) with input masks, one row of seven per layer.
+    pub fn with_masks(&self, per_layer: &[[Option<InputMask>; 7]]) -> Result<Llama> {
         if per_layer.len() != self.layers.len() {
             return Err(Error::Invalid(format!(
                 "thresholds for {} layers, the model has {}",
@@ -133,7 +133,7 @@ impl Llama {
             .layers
             .iter()
             .zip(per_layer)
-            .map(|(b, t)| b.with_thresholds(t))
+            .map(|(b, t)| b.with_masks(t))
             .collect();
         Ok(Llama {
             layers,
@@ -447,17 +447,17 @@ impl Block {
         add_assign(&mut x[..m * d], out);
     }
 
-    /// The same weights with a TEAL threshold on each of the seven projections, in the order of
+    /// The same weights with an input mask on each of the seven projections, in the order of
     /// [`Block::linears`] (`None`: dense).
-    pub fn with_thresholds(&self, t: &[Option<f32>; 7]) -> Block {
+    pub fn with_masks(&self, t: &[Option<InputMask>; 7]) -> Block {
         Block {
-            q_proj: self.q_proj.with_threshold(t[0]),
-            k_proj: self.k_proj.with_threshold(t[1]),
-            v_proj: self.v_proj.with_threshold(t[2]),
-            o_proj: self.o_proj.with_threshold(t[3]),
-            gate_proj: self.gate_proj.with_threshold(t[4]),
-            up_proj: self.up_proj.with_threshold(t[5]),
-            down_proj: self.down_proj.with_threshold(t[6]),
+            q_proj: self.q_proj.with_mask(t[0]),
+            k_proj: self.k_proj.with_mask(t[1]),
+            v_proj: self.v_proj.with_mask(t[2]),
+            o_proj: self.o_proj.with_mask(t[3]),
+            gate_proj: self.gate_proj.with_mask(t[4]),
+            up_proj: self.up_proj.with_mask(t[5]),
+            down_proj: self.down_proj.with_mask(t[6]),
             ..self.clone()
         }
     }

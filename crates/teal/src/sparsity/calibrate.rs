@@ -5,12 +5,13 @@
 
 use super::greedy::{greedy_block, GreedyOptions};
 use super::histogram::{abs_quantiles, check_finite, TealHistogram};
-use super::size_weights;
+use super::{size_weights, PROJ_SITE};
 use super::thresholds::{
-    default_levels, Fingerprint, GreedyTables, Provenance, Quantile, SiteTable, Thresholds, FORMAT,
+    default_levels, interpolate, Fingerprint, GreedyTables, Provenance, Quantile, SiteTable, Thresholds, FORMAT,
     VERSION,
 };
 use crate::error::{Error, Result};
+use crate::linear::InputMask;
 use crate::models::llama::{Llama, Observer, PrefillBuffers, Site};
 
 #[derive(Clone, Debug)]
@@ -106,6 +107,7 @@ pub fn calibrate(
     let mut kc = vec![0.0f32; len * c.kv_dim()];
     let mut vc = vec![0.0f32; len * c.kv_dim()];
     let mut sites = Vec::with_capacity(c.num_hidden_layers);
+    let mut wina = Vec::with_capacity(c.num_hidden_layers);
     let mut greedy_layers = Vec::new();
     let total = c.num_hidden_layers;
     for (l, block) in model.layers.iter().enumerate() {
@@ -150,11 +152,28 @@ pub fn calibrate(
                 hist_hi: hist.hi,
             });
         }
+        // Weight-aware scores |x_j| * ||W[:, j]|| of each projection, from its site's values.
+        let linears = block.linears();
+        let wina_row: [Vec<f32>; 7] = std::array::from_fn(|p| {
+            let norms = linears[p].1.input_norms();
+            let scores: Vec<f32> = col.values[PROJ_SITE[p]]
+                .chunks(norms.len())
+                .flat_map(|r| r.iter().zip(norms).map(|(x, n)| x.abs() * n))
+                .collect();
+            abs_quantiles(&scores, &levels)
+        });
         drop(col);
         let tables: [SiteTable; 4] = tables.try_into().expect("four sites");
         if let (Some((g, q)), Some(inp)) = (greedy, greedy_inputs) {
             progress(&format!("greedy layer {l}"), l, total);
-            let lookup = |site: usize, s: f64| tables[site].threshold(&levels, s, q);
+            let lookup = |p: usize, s: f64| match q {
+                Quantile::Wina => {
+                    interpolate(&levels, &wina_row[p], s).map(InputMask::WeightAware)
+                }
+                _ => tables[PROJ_SITE[p]]
+                    .threshold(&levels, s, q)
+                    .map(InputMask::Threshold),
+            };
             let gl = g.seq_len;
             greedy_layers.push(greedy_block(
                 c,
@@ -169,6 +188,7 @@ pub fn calibrate(
             ));
         }
         sites.push(tables);
+        wina.push(wina_row);
         progress("calibrate", l + 1, total);
     }
     Ok(Thresholds {
@@ -185,6 +205,7 @@ pub fn calibrate(
         },
         levels,
         sites,
+        wina: Some(wina),
         greedy: greedy.map(|(g, q)| GreedyTables {
             step: g.step,
             quantile: q,

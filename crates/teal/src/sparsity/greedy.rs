@@ -9,8 +9,9 @@
 //! attention half of the current state.
 
 use super::thresholds::GreedyStep;
-use super::{effective_sparsity, PROJ_SITE};
+use super::effective_sparsity;
 use crate::config::Config;
+use crate::linear::InputMask;
 use crate::models::llama::{Block, PrefillBuffers};
 
 #[derive(Clone, Debug)]
@@ -36,8 +37,8 @@ impl Default for GreedyOptions {
 pub const MAX_PROJ_SPARSITY: f64 = 0.99;
 
 /// Runs the greedy search for one block. `inputs` holds `samples` sequences of `len` dense block
-/// inputs (`[samples, len, hidden]`); `threshold(site, s)` reads a site's threshold for sparsity
-/// `s`; `rope` holds cos/sin tables for positions `0..len`.
+/// inputs (`[samples, len, hidden]`); `mask(proj, s)` gives a projection's input mask for
+/// sparsity `s`; `rope` holds cos/sin tables for positions `0..len`.
 #[allow(clippy::too_many_arguments)]
 pub fn greedy_block(
     c: &Config,
@@ -46,7 +47,7 @@ pub fn greedy_block(
     samples: usize,
     len: usize,
     rope: (&[f32], &[f32]),
-    threshold: &dyn Fn(usize, f64) -> Option<f32>,
+    mask: &dyn Fn(usize, f64) -> Option<InputMask>,
     weights: &[f64; 7],
     opts: &GreedyOptions,
 ) -> Vec<GreedyStep> {
@@ -91,7 +92,7 @@ pub fn greedy_block(
         x
     };
     let with = |s: &[f64; 7]| -> Block {
-        block.with_thresholds(&std::array::from_fn(|p| threshold(PROJ_SITE[p], s[p])))
+        block.with_masks(&std::array::from_fn(|p| mask(p, s[p])))
     };
 
     let dense_att = attention(block, &mut ws);

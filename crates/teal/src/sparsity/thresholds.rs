@@ -6,6 +6,7 @@
 use super::{effective_sparsity, size_weights, PROJ_SITE};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::linear::InputMask;
 use crate::loader::TensorSource;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -21,6 +22,9 @@ pub enum Quantile {
     Teal,
     /// The exact |x| quantile: P(|x| <= t) = s.
     Abs,
+    /// Weight-aware (WINA): the exact quantile of `|x_j| * ||W[:, j]||`, per projection; the
+    /// mask keeps the inputs whose contribution to the output is largest in norm.
+    Wina,
 }
 
 /// How the model-wide target is spread over the seven projections of each block.
@@ -50,6 +54,7 @@ impl Quantile {
         match self {
             Quantile::Teal => "teal",
             Quantile::Abs => "abs",
+            Quantile::Wina => "wina",
         }
     }
 }
@@ -142,22 +147,28 @@ pub struct SiteTable {
 }
 
 impl SiteTable {
-    /// The threshold for sparsity `s`, interpolated linearly between the stored `levels`;
-    /// `None` for s = 0 (dense).
+    /// The threshold for sparsity `s` read with `q` (TEAL's or the |x| quantile), interpolated
+    /// linearly between the stored `levels`; `None` for s = 0 (dense).
     pub fn threshold(&self, levels: &[f64], s: f64, q: Quantile) -> Option<f32> {
-        if s <= 0.0 {
-            return None;
-        }
         let tab = match q {
             Quantile::Teal => &self.teal,
-            Quantile::Abs => &self.abs,
+            Quantile::Abs | Quantile::Wina => &self.abs,
         };
-        let i = levels
-            .partition_point(|&x| x <= s)
-            .clamp(1, levels.len() - 1);
-        let f = ((s - levels[i - 1]) / (levels[i] - levels[i - 1])).clamp(0.0, 1.0);
-        Some((tab[i - 1] as f64 + f * (tab[i] as f64 - tab[i - 1] as f64)) as f32)
+        interpolate(levels, tab, s)
     }
+}
+
+/// A quantile table read at sparsity `s`, linearly between the stored `levels`; `None` for
+/// s = 0 (dense).
+pub(crate) fn interpolate(levels: &[f64], tab: &[f32], s: f64) -> Option<f32> {
+    if s <= 0.0 {
+        return None;
+    }
+    let i = levels
+        .partition_point(|&x| x <= s)
+        .clamp(1, levels.len() - 1);
+    let f = ((s - levels[i - 1]) / (levels[i] - levels[i - 1])).clamp(0.0, 1.0);
+    Some((tab[i - 1] as f64 + f * (tab[i] as f64 - tab[i - 1] as f64)) as f32)
 }
 
 /// One step of the greedy search in one block.
@@ -193,6 +204,10 @@ pub struct Thresholds {
     pub levels: Vec<f64>,
     /// `[layer][site]`, sites: qkv, o, gate/up, down.
     pub sites: Vec<[SiteTable; 4]>,
+    /// `[layer][projection]`: exact quantiles of the weight-aware score `|x_j| * ||W[:, j]||`
+    /// at each level (absent in files calibrated without them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wina: Option<Vec<[Vec<f32>; 7]>>,
     pub greedy: Option<GreedyTables>,
 }
 
@@ -259,6 +274,20 @@ impl Thresholds {
                 }
             }
         }
+        if let Some(w) = &self.wina {
+            if w.len() != self.model.num_hidden_layers {
+                return Err("wina tables: one row per layer expected".into());
+            }
+            for (l, row) in w.iter().enumerate() {
+                for (p, t) in row.iter().enumerate() {
+                    if t.len() != n || t.iter().any(|v| !v.is_finite()) {
+                        return Err(format!(
+                            "layer {l} projection {p}: bad wina table (length or non-finite)"
+                        ));
+                    }
+                }
+            }
+        }
         if let Some(g) = &self.greedy {
             if g.layers.len() != self.model.num_hidden_layers
                 || g.layers.iter().any(|l| l.is_empty())
@@ -312,6 +341,30 @@ impl Thresholds {
         self.sites[layer][site].threshold(&self.levels, s, q)
     }
 
+    /// Fails unless the file holds the tables that reading `q` needs.
+    pub fn check_quantile(&self, q: Quantile) -> Result<()> {
+        if q == Quantile::Wina && self.wina.is_none() {
+            return Err(Error::Invalid(
+                "this thresholds file has no weight-aware (wina) tables: recalibrate with this teal"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The mask of projection `proj` (`PROJ_NAMES` order) in `layer` for sparsity `s`
+    /// (`None`: dense). Call [`Thresholds::check_quantile`] first.
+    pub fn mask(&self, layer: usize, proj: usize, s: f64, q: Quantile) -> Option<InputMask> {
+        match (q, &self.wina) {
+            (Quantile::Wina, Some(w)) => {
+                interpolate(&self.levels, &w[layer][proj], s).map(InputMask::WeightAware)
+            }
+            _ => self
+                .site_threshold(layer, PROJ_SITE[proj], s, q)
+                .map(InputMask::Threshold),
+        }
+    }
+
     /// The seven per-projection sparsities of each layer for a spec.
     pub fn allocate(&self, spec: &SparsitySpec) -> Result<Vec<[f64; 7]>> {
         check_target(spec.target)?;
@@ -342,15 +395,14 @@ impl Thresholds {
         }
     }
 
-    /// Thresholds for every projection of every layer (`None`: dense).
-    pub fn resolve(&self, spec: &SparsitySpec) -> Result<Vec<[Option<f32>; 7]>> {
+    /// The mask of every projection of every layer (`None`: dense).
+    pub fn resolve(&self, spec: &SparsitySpec) -> Result<Vec<[Option<InputMask>; 7]>> {
+        self.check_quantile(spec.quantile)?;
         let alloc = self.allocate(spec)?;
         Ok(alloc
             .iter()
             .enumerate()
-            .map(|(l, s)| {
-                std::array::from_fn(|p| self.site_threshold(l, PROJ_SITE[p], s[p], spec.quantile))
-            })
+            .map(|(l, s)| std::array::from_fn(|p| self.mask(l, p, s[p], spec.quantile)))
             .collect())
     }
 
