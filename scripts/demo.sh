@@ -10,7 +10,7 @@ scripts/fetch-assets.sh calib >/dev/null
 cargo build --release --quiet --bin teal
 teal=target/release/teal
 
-"$teal" calibrate -m "$model" >/dev/null
+"$teal" calibrate -m "$model" --no-wina >/dev/null
 
 prompt="${1:-The history of the city of Paris begins}"
 echo "== dense =="

@@ -257,6 +257,9 @@ struct CalibrateArgs {
     /// Quantile reading the greedy search uses.
     #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
     quantile: QuantileArg,
+    /// Skip the weight-aware (wina) tables (calibration is faster; `--quantile wina` unavailable).
+    #[arg(long)]
+    no_wina: bool,
     /// Output file (default: the cache, where run/ppl find it).
     #[arg(short = 'o', long)]
     output: Option<PathBuf>,
@@ -624,6 +627,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         )
     });
     let opts = CalibOptions {
+        weight_aware: !a.no_wina,
         samples: a.samples,
         seq_len,
         greedy,

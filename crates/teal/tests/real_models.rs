@@ -185,6 +185,7 @@ fn smollm2_teal_uniform_sparsity() {
     let fp = Fingerprint::of(&files.config, files.source.as_ref());
     let cal_tokens = files.tokenizer.encode(&cal, false).unwrap();
     let opts = CalibOptions {
+        weight_aware: false,
         samples: 2,
         seq_len: 512,
         greedy: None,
@@ -261,6 +262,7 @@ fn smollm2_thresholds_match_the_teal_reference() {
     let fp = Fingerprint::of(&files.config, files.source.as_ref());
     let tokens = files.tokenizer.encode(&cal, false).unwrap();
     let opts = CalibOptions {
+        weight_aware: false,
         samples: 10,
         seq_len: 2048,
         greedy: None,

@@ -34,6 +34,7 @@ fn tokens(n: usize, seed: u64) -> Vec<u32> {
 fn calibrated(greedy: bool) -> (Llama, Config, Fingerprint, Thresholds) {
     let (m, c, fp) = model();
     let opts = CalibOptions {
+        weight_aware: true,
         samples: 3,
         seq_len: 64,
         greedy: greedy.then(|| {
@@ -299,6 +300,7 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
 fn calibration_text_too_short_is_an_error() {
     let (m, _, fp) = model();
     let opts = CalibOptions {
+        weight_aware: true,
         samples: 4,
         seq_len: 64,
         greedy: None,

@@ -20,6 +20,8 @@ pub struct CalibOptions {
     pub seq_len: usize,
     /// Greedy search, with the quantile reading it uses to turn sparsities into thresholds.
     pub greedy: Option<(GreedyOptions, Quantile)>,
+    /// Also compute the weight-aware (wina) score quantiles of every projection.
+    pub weight_aware: bool,
     /// Name of the calibration text, for the provenance record.
     pub text_label: String,
     pub text_bytes: usize,
@@ -77,6 +79,11 @@ pub fn calibrate(
         )));
     }
     let greedy = match &opts.greedy {
+        Some((_, Quantile::Wina)) if !opts.weight_aware => {
+            return Err(Error::Invalid(
+                "a greedy search with the wina reading needs the weight-aware tables".into(),
+            ))
+        }
         Some((g, q)) => {
             if g.samples == 0 || g.samples > n || g.seq_len < 4 || g.seq_len > len {
                 return Err(Error::Invalid(format!(
@@ -154,22 +161,25 @@ pub fn calibrate(
         }
         // Weight-aware scores |x_j| * ||W[:, j]|| of each projection, from its site's values.
         let linears = block.linears();
-        let wina_row: [Vec<f32>; 7] = std::array::from_fn(|p| {
-            let norms = linears[p].1.input_norms();
-            let scores: Vec<f32> = col.values[PROJ_SITE[p]]
-                .chunks(norms.len())
-                .flat_map(|r| r.iter().zip(norms).map(|(x, n)| x.abs() * n))
-                .collect();
-            abs_quantiles(&scores, &levels)
+        let wina_row: Option<[Vec<f32>; 7]> = opts.weight_aware.then(|| {
+            std::array::from_fn(|p| {
+                let norms = linears[p].1.input_norms();
+                let scores: Vec<f32> = col.values[PROJ_SITE[p]]
+                    .chunks(norms.len())
+                    .flat_map(|r| r.iter().zip(norms).map(|(x, n)| x.abs() * n))
+                    .collect();
+                abs_quantiles(&scores, &levels)
+            })
         });
         drop(col);
         let tables: [SiteTable; 4] = tables.try_into().expect("four sites");
         if let (Some((g, q)), Some(inp)) = (greedy, greedy_inputs) {
             progress(&format!("greedy layer {l}"), l, total);
             let lookup = |p: usize, s: f64| match q {
-                Quantile::Wina => {
-                    interpolate(&levels, &wina_row[p], s).map(InputMask::WeightAware)
-                }
+                Quantile::Wina => wina_row
+                    .as_ref()
+                    .and_then(|w| interpolate(&levels, &w[p], s))
+                    .map(InputMask::WeightAware),
                 _ => tables[PROJ_SITE[p]]
                     .threshold(&levels, s, q)
                     .map(InputMask::Threshold),
@@ -188,7 +198,9 @@ pub fn calibrate(
             ));
         }
         sites.push(tables);
-        wina.push(wina_row);
+        if let Some(w) = wina_row {
+            wina.push(w);
+        }
         progress("calibrate", l + 1, total);
     }
     Ok(Thresholds {
@@ -205,7 +217,7 @@ pub fn calibrate(
         },
         levels,
         sites,
-        wina: Some(wina),
+        wina: opts.weight_aware.then_some(wina),
         greedy: greedy.map(|(g, q)| GreedyTables {
             step: g.step,
             quantile: q,
