@@ -1,0 +1,740 @@
+//! CUDA backend. The driver, NVRTC and cuBLAS are loaded at run time (cudarc's dynamic
+//! loading), and the kernels in `kernels.cu` are embedded in the binary and compiled by NVRTC
+//! at first use, so the binary builds without a CUDA toolkit and runs with a driver alone (plus
+//! libnvrtc). Every entry point returns [`CudaError`], which names the cause: no driver, no GPU,
+//! no NVRTC, out of device memory, an unsupported dtype.
+//!
+//! Layout: weights are f16 or bf16, stored input-major (`wt[in, out]`) so that a zero input
+//! skips one contiguous row; activations are f32 `[batch, n]`, batch <= [`MAX_BATCH`].
+
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{
+    result::DriverError, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream,
+    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use half::{bf16, f16};
+
+/// The embedded CUDA C source of every kernel.
+pub const KERNELS_CU: &str = include_str!("kernels.cu");
+
+/// Largest batch the sparse GEMV takes in one launch (the rows it reads are the union of the
+/// batch's nonzero inputs).
+pub const MAX_BATCH: usize = 8;
+
+const GEMV_TILE: usize = 256;
+const GEMV_THREADS: u32 = 256;
+/// Largest input chunk one GEMV block handles (bounds its shared memory under 48 KiB).
+pub const MAX_ROWS_PER_CHUNK: usize = 1024;
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// Why the CUDA backend could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("no CUDA driver: libcuda.so could not be loaded (is the NVIDIA driver installed?)")]
+    NoDriver,
+    #[error("no CUDA GPU: {0}")]
+    NoGpu(String),
+    #[error(
+        "NVRTC missing: libnvrtc.so could not be loaded; install the CUDA runtime compiler \
+         (CUDA toolkit or the nvidia-cuda-nvrtc package) and add its lib directory to \
+         LD_LIBRARY_PATH"
+    )]
+    NoNvrtc,
+    #[error("cuBLAS missing: libcublas.so could not be loaded")]
+    NoCublas,
+    #[error("CUDA kernel compilation failed: {0}")]
+    Compile(String),
+    #[error("out of device memory: allocating {bytes} bytes failed ({free} bytes free)")]
+    OutOfMemory { bytes: usize, free: usize },
+    #[error("unsupported dtype for the device: {0}")]
+    UnsupportedDtype(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] DriverError),
+    #[error("cuBLAS error: {0}")]
+    Cublas(#[from] cudarc::cublas::result::CublasError),
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+/// Weight element types the GPU kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F16,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F16 => "f16",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Parse a dtype name; anything but f16/bf16 is [`CudaError::UnsupportedDtype`].
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f16" | "fp16" | "float16" => Ok(WeightDtype::F16),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            other => Err(CudaError::UnsupportedDtype(format!(
+                "{other} (the GPU GEMV reads f16 or bf16 weights)"
+            ))),
+        }
+    }
+
+    /// Round f32 values to this dtype's bits (round to nearest even).
+    pub fn encode(self, v: &[f32]) -> Vec<u16> {
+        match self {
+            WeightDtype::F16 => v.iter().map(|&x| f16::from_f32(x).to_bits()).collect(),
+            WeightDtype::Bf16 => v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect(),
+        }
+    }
+
+    /// The f32 value of one stored element.
+    pub fn decode(self, bits: u16) -> f32 {
+        match self {
+            WeightDtype::F16 => f16::from_bits(bits).to_f32(),
+            WeightDtype::Bf16 => bf16::from_bits(bits).to_f32(),
+        }
+    }
+}
+
+/// NVRTC output, compiled once per process and architecture.
+static PTX: OnceLock<std::result::Result<(String, String), String>> = OnceLock::new();
+
+/// Compile [`KERNELS_CU`] to PTX for `arch` (e.g. `sm_90`). Needs libnvrtc, not a GPU.
+pub fn compile_kernels(arch: &'static str) -> Result<String> {
+    // SAFETY: only checks whether the shared library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::NoNvrtc);
+    }
+    let cached = PTX.get_or_init(|| {
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            options: vec!["--std=c++17".into()],
+            ..Default::default()
+        };
+        cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts)
+            .map(|p| (arch.to_string(), p.to_src()))
+            .map_err(|e| compile_error_text(&e))
+    });
+    match cached {
+        Ok((a, ptx)) if a == arch => Ok(ptx.clone()),
+        Ok((a, _)) => Err(CudaError::Compile(format!(
+            "kernels already compiled for {a} in this process, asked for {arch}"
+        ))),
+        Err(e) => Err(CudaError::Compile(e.clone())),
+    }
+}
+
+fn compile_error_text(e: &cudarc::nvrtc::CompileError) -> String {
+    match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+            format!("NVRTC: {}", log.to_string_lossy())
+        }
+        other => format!("NVRTC: {other:?}"),
+    }
+}
+
+fn arch_name(major: i32, minor: i32) -> Result<&'static str> {
+    Ok(match (major, minor) {
+        (7, 0) => "sm_70",
+        (7, 5) => "sm_75",
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 7) => "sm_87",
+        (8, 9) => "sm_89",
+        (9, 0) => "sm_90",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        (a, b) => {
+            return Err(CudaError::NoGpu(format!(
+                "compute capability {a}.{b} is not supported by these kernels"
+            )))
+        }
+    })
+}
+
+/// A GPU with the teal kernels loaded, one stream.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    gemv: Vec<CudaFunction>,
+    rmsnorm: CudaFunction,
+    rope: CudaFunction,
+    attn: CudaFunction,
+    silu_mul: CudaFunction,
+    argmax: CudaFunction,
+    read_probe: CudaFunction,
+    name: String,
+    sms: usize,
+}
+
+fn gemv_kernel_index(dtype: WeightDtype, batch: usize, vec: bool) -> usize {
+    let d = match dtype {
+        WeightDtype::F16 => 0,
+        WeightDtype::Bf16 => 1,
+    };
+    ((batch - 1) * 2 + d) * 2 + usize::from(!vec)
+}
+
+/// A weight matrix on the device, input-major `wt[n_in, n_out]`, with its GEMV workspace.
+/// `segments` splits the columns into up to three fused projections (e.g. q|k|v) that each
+/// have their own threshold.
+pub struct GpuLinear {
+    pub n_in: usize,
+    pub n_out: usize,
+    pub dtype: WeightDtype,
+    segments: Vec<usize>,
+    wt: CudaSlice<u16>,
+    acc: CudaSlice<f32>,
+    counters: CudaSlice<u32>,
+}
+
+impl GpuLinear {
+    /// Column boundaries of the fused projections (end of each).
+    pub fn segments(&self) -> &[usize] {
+        &self.segments
+    }
+
+    /// The weight bits on the device, input-major.
+    pub fn weights(&self) -> &CudaSlice<u16> {
+        &self.wt
+    }
+
+    /// Device bytes of the weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.n_in * self.n_out * 2
+    }
+}
+
+/// How a GEMV launch splits its input rows: `rows_per_chunk` input rows per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvPlan {
+    pub rows_per_chunk: usize,
+}
+
+impl Gpu {
+    /// Open GPU `ordinal`, compile (or reuse) the kernels and load them.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only checks whether the shared library can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        let count = CudaContext::device_count().map_err(|e| match e.0 {
+            sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+                CudaError::NoGpu("the driver reports no CUDA device".into())
+            }
+            _ => CudaError::NoGpu(format!("driver initialisation failed: {e}")),
+        })?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::NoGpu(format!(
+                "cuda:{ordinal} asked for, {count} device(s) present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream, ordered by construction: cudarc's per-buffer event tracking is not
+        // needed and would put event records into every launch (and into captured graphs).
+        // SAFETY: every launch goes through `self.stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability()?;
+        let ptx = compile_kernels(arch_name(major, minor)?)?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+        let mut gemv = Vec::with_capacity(MAX_BATCH * 4);
+        for b in 1..=MAX_BATCH {
+            for d in ["f16", "bf16"] {
+                for v in ["vec", "any"] {
+                    gemv.push(module.load_function(&format!("gemv_{d}_b{b}_{v}"))?);
+                }
+            }
+        }
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+        Ok(Gpu {
+            name: ctx.name()?,
+            stream: ctx.new_stream()?,
+            rmsnorm: module.load_function("rmsnorm_f32")?,
+            rope: module.load_function("rope_neox_f32")?,
+            attn: module.load_function("attn_decode_f32")?,
+            silu_mul: module.load_function("silu_mul_f32")?,
+            argmax: module.load_function("argmax_f32")?,
+            read_probe: module.load_function("read_probe")?,
+            _module: module,
+            gemv,
+            ctx,
+            sms,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    fn oom(&self, bytes: usize, e: DriverError) -> CudaError {
+        if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            let free = self.ctx.mem_get_info().map(|(f, _)| f).unwrap_or(0);
+            CudaError::OutOfMemory { bytes, free }
+        } else {
+            CudaError::Driver(e)
+        }
+    }
+
+    /// Zeroed device buffer of `n` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(|e| self.oom(n * std::mem::size_of::<T>(), e))
+    }
+
+    /// Copy host data to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(v)
+            .map_err(|e| self.oom(std::mem::size_of_val(v), e))
+    }
+
+    /// Overwrite a device buffer's first `v.len()` elements.
+    pub fn write<T: DeviceRepr>(&self, v: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+        if v.len() > dst.len() {
+            return Err(CudaError::Invalid(format!(
+                "writing {} elements into a buffer of {}",
+                v.len(),
+                dst.len()
+            )));
+        }
+        let mut view = dst.slice_mut(0..v.len());
+        Ok(self.stream.memcpy_htod(v, &mut view)?)
+    }
+
+    /// Copy a device buffer back (synchronizes).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, src: &CudaSlice<T>) -> Result<Vec<T>> {
+        Ok(self.stream.clone_dtoh(src)?)
+    }
+
+    /// Upload weights given input-major in f32 (`wt[n_in, n_out]`), rounded to `dtype`.
+    pub fn linear_from_f32(
+        &self,
+        wt: &[f32],
+        n_in: usize,
+        n_out: usize,
+        dtype: WeightDtype,
+        segments: &[usize],
+    ) -> Result<GpuLinear> {
+        if wt.len() != n_in * n_out {
+            return Err(CudaError::Invalid(format!(
+                "weights hold {} values, {n_in} x {n_out} expected",
+                wt.len()
+            )));
+        }
+        self.linear_from_bits(&dtype.encode(wt), n_in, n_out, dtype, segments)
+    }
+
+    /// Upload weights already encoded as f16/bf16 bits, input-major.
+    pub fn linear_from_bits(
+        &self,
+        bits: &[u16],
+        n_in: usize,
+        n_out: usize,
+        dtype: WeightDtype,
+        segments: &[usize],
+    ) -> Result<GpuLinear> {
+        if bits.len() != n_in * n_out || n_in == 0 || n_out == 0 {
+            return Err(CudaError::Invalid(format!(
+                "weights hold {} values, {n_in} x {n_out} expected",
+                bits.len()
+            )));
+        }
+        if n_in > i32::MAX as usize || n_out > i32::MAX as usize {
+            return Err(CudaError::Invalid("matrix dimension over 2^31".into()));
+        }
+        let segments = if segments.is_empty() {
+            vec![n_out]
+        } else {
+            segments.to_vec()
+        };
+        let ok_segments = segments.len() <= 3
+            && segments.last() == Some(&n_out)
+            && segments.windows(2).all(|w| w[0] < w[1])
+            && segments[..segments.len() - 1]
+                .iter()
+                .all(|&s| s % GEMV_TILE == 0);
+        if !ok_segments {
+            return Err(CudaError::Invalid(format!(
+                "fused segments {segments:?}: at most 3, increasing, ending at {n_out}, inner \
+                 boundaries multiples of {GEMV_TILE}"
+            )));
+        }
+        Ok(GpuLinear {
+            n_in,
+            n_out,
+            dtype,
+            segments,
+            wt: self.upload(bits)?,
+            acc: self.zeros(MAX_BATCH * n_out)?,
+            counters: self.zeros(n_out.div_ceil(GEMV_TILE))?,
+        })
+    }
+
+    /// Default split of the input rows: enough blocks to keep every multiprocessor streaming
+    /// (about 4 per SM at the expected density), without chunks so small that the per-block
+    /// work (compaction, reduction, atomics) dominates.
+    pub fn gemv_plan(&self, n_in: usize, n_out: usize, density: f32) -> GemvPlan {
+        let tiles = n_out.div_ceil(GEMV_TILE);
+        let target_blocks = 4 * self.sms;
+        let chunks = target_blocks.div_ceil(tiles).max(1);
+        let rows = n_in.div_ceil(chunks);
+        // At low density a chunk holds few kept rows: widen it so each warp still has work.
+        let min_rows = (128.0 / density.clamp(0.05, 1.0)) as usize;
+        let rows = rows.max(min_rows).clamp(32, MAX_ROWS_PER_CHUNK).min(n_in.max(1));
+        GemvPlan {
+            rows_per_chunk: rows.div_ceil(32) * 32,
+        }
+    }
+
+    /// `y[b, :] = beta * y[b, :] + Wt^T s_t(x[b, :])` for b < batch, with one threshold per
+    /// fused segment (`thresholds.len() == w.segments().len()`); a negative threshold keeps
+    /// every input (dense). `x` is `[batch, n_in]`, `y` is `[batch, n_out]`, both f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(
+        &self,
+        w: &mut GpuLinear,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        batch: usize,
+        thresholds: &[f32],
+        beta: f32,
+        plan: Option<GemvPlan>,
+    ) -> Result<()> {
+        if batch == 0 || batch > MAX_BATCH {
+            return Err(CudaError::Invalid(format!(
+                "batch {batch}: 1..={MAX_BATCH} supported"
+            )));
+        }
+        if x.len() < batch * w.n_in || y.len() < batch * w.n_out {
+            return Err(CudaError::Invalid("gemv buffers too small".into()));
+        }
+        if thresholds.len() != w.segments.len() {
+            return Err(CudaError::Invalid(format!(
+                "{} thresholds for {} fused segments",
+                thresholds.len(),
+                w.segments.len()
+            )));
+        }
+        let plan = plan.unwrap_or_else(|| self.gemv_plan(w.n_in, w.n_out, 1.0));
+        let r = plan.rows_per_chunk.clamp(1, MAX_ROWS_PER_CHUNK);
+        let vec = w.n_out % 8 == 0;
+        let f = &self.gemv[gemv_kernel_index(w.dtype, batch, vec)];
+        let t = |i: usize| thresholds.get(i).copied().unwrap_or(f32::INFINITY);
+        let seg = |i: usize| w.segments.get(i).copied().unwrap_or(w.n_out) as i32;
+        let (t0, t1, t2) = (t(0), t(1), t(2));
+        let (seg1, seg2) = (seg(0), seg(1));
+        let (n_in, n_out, r_i) = (w.n_in as i32, w.n_out as i32, r as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                w.n_out.div_ceil(GEMV_TILE) as u32,
+                w.n_in.div_ceil(r) as u32,
+                1,
+            ),
+            block_dim: (GEMV_THREADS, 1, 1),
+            shared_mem_bytes: ((batch * r + r) * 4 + 8 * GEMV_TILE * 4) as u32,
+        };
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&w.wt)
+            .arg(x)
+            .arg(y)
+            .arg(&mut w.acc)
+            .arg(&mut w.counters)
+            .arg(&n_in)
+            .arg(&n_out)
+            .arg(&r_i)
+            .arg(&t0)
+            .arg(&t1)
+            .arg(&t2)
+            .arg(&seg1)
+            .arg(&seg2)
+            .arg(&beta);
+        // SAFETY: argument list matches GEMV_ARGS in kernels.cu; buffer sizes checked above.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// RMSNorm of `rows` rows of length `n`.
+    pub fn rmsnorm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<()> {
+        if x.len() < rows * n || out.len() < rows * n || w.len() < n {
+            return Err(CudaError::Invalid("rmsnorm buffers too small".into()));
+        }
+        let n_i = n as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&self.rmsnorm);
+        l.arg(x).arg(w).arg(out).arg(&n_i).arg(&eps);
+        // SAFETY: matches rmsnorm_f32; sizes checked.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// NeoX RoPE in place on `x[b, head * hd ..]` for `n_heads` heads of each of `batch` rows
+    /// (row stride `row_stride`), at positions `pos[b]` (device), tables `[positions, hd/2]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_neox(
+        &self,
+        x: &mut CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        batch: usize,
+        n_heads: usize,
+        hd: usize,
+        row_stride: usize,
+    ) -> Result<()> {
+        if hd % 2 != 0 || x.len() < batch * row_stride || pos.len() < batch {
+            return Err(CudaError::Invalid("rope arguments".into()));
+        }
+        let (hd_i, rs_i) = (hd as i32, row_stride as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n_heads as u32, batch as u32, 1),
+            block_dim: ((hd as u32 / 2).clamp(32, 256).div_ceil(32) * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&self.rope);
+        l.arg(x).arg(cos).arg(sin).arg(pos).arg(&hd_i).arg(&rs_i);
+        // SAFETY: matches rope_neox_f32; sizes checked.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Decode attention: one query row per sequence over `n_keys[b]` cached keys (device).
+    /// `k`/`v` hold `batch` caches of `max_keys` rows of `n_kv_head * hd`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n_keys: &CudaSlice<i32>,
+        batch: usize,
+        n_head: usize,
+        n_kv_head: usize,
+        hd: usize,
+        max_keys: usize,
+    ) -> Result<()> {
+        if hd == 0 || hd > 256 || 256 % hd != 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+            return Err(CudaError::Invalid(format!(
+                "attention: head dim {hd} must divide 256, heads {n_head} a multiple of {n_kv_head}"
+            )));
+        }
+        let smem = (hd + 256 + max_keys) * 4;
+        if smem > 48 * 1024 {
+            return Err(CudaError::Invalid(format!(
+                "attention: {max_keys} keys exceed the decode kernel's shared memory"
+            )));
+        }
+        let cache = max_keys * n_kv_head * hd;
+        if k.len() < batch * cache || v.len() < batch * cache || q.len() < batch * n_head * hd {
+            return Err(CudaError::Invalid("attention buffers too small".into()));
+        }
+        let (nh, nkv, hd_i) = (n_head as i32, n_kv_head as i32, hd as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n_head as u32, batch as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut l = self.stream.launch_builder(&self.attn);
+        l.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(out)
+            .arg(n_keys)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&hd_i)
+            .arg(&cache);
+        // SAFETY: matches attn_decode_f32; sizes checked.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `out[b, i] = silu(gu[b, i]) * gu[b, n + i]`.
+    pub fn silu_mul(
+        &self,
+        gu: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        batch: usize,
+    ) -> Result<()> {
+        if gu.len() < 2 * n * batch || out.len() < n * batch {
+            return Err(CudaError::Invalid("silu_mul buffers too small".into()));
+        }
+        let (n_i, b_i) = (n as i32, batch as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((n * batch).div_ceil(256).min(4096) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&self.silu_mul);
+        l.arg(gu).arg(out).arg(&n_i).arg(&b_i);
+        // SAFETY: matches silu_mul_f32; sizes checked.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Index of the largest value of each of `rows` rows of length `n` (first on ties).
+    pub fn argmax(
+        &self,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<u32>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        if x.len() < rows * n || out.len() < rows {
+            return Err(CudaError::Invalid("argmax buffers too small".into()));
+        }
+        let n_i = n as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&self.argmax);
+        l.arg(x).arg(&n_i).arg(out);
+        // SAFETY: matches argmax_f32; sizes checked.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Stream every 16-byte word of `buf` once (a read-bandwidth probe).
+    pub fn read_probe(&self, buf: &CudaSlice<u16>, sink: &mut CudaSlice<u32>) -> Result<()> {
+        let n16 = buf.len() / 8;
+        let cfg = LaunchConfig {
+            grid_dim: (self.sms as u32 * 8, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&self.read_probe);
+        l.arg(buf).arg(&n16).arg(sink);
+        // SAFETY: matches read_probe; n16 words lie inside buf.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// cuBLAS on the same problem, for comparison: `y = W x` with `W` `[n_out, n_in]`
+    /// row-major (PyTorch's layout) or, with `input_major`, `Wt[n_in, n_out]`; x and W in
+    /// `dtype`, f32 accumulate and output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cublas_gemv(
+        &self,
+        blas: &cudarc::cublas::CudaBlas,
+        w: &CudaSlice<u16>,
+        x: &CudaSlice<u16>,
+        y: &mut CudaSlice<f32>,
+        n_in: usize,
+        n_out: usize,
+        dtype: WeightDtype,
+        input_major: bool,
+    ) -> Result<()> {
+        use cudarc::cublas::sys as bs;
+        let ty = match dtype {
+            WeightDtype::F16 => bs::cudaDataType::CUDA_R_16F,
+            WeightDtype::Bf16 => bs::cudaDataType::CUDA_R_16BF,
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (wp, _g1) = w.device_ptr(&self.stream);
+        let (xp, _g2) = x.device_ptr(&self.stream);
+        let (yp, _g3) = y.device_ptr(&self.stream);
+        // Column-major view: W row-major [out, in] is A = [in, out] col-major, y = A^T x;
+        // Wt row-major [in, out] is [out, in] col-major, y = A x.
+        let (op, lda) = if input_major {
+            (bs::cublasOperation_t::CUBLAS_OP_N, n_out)
+        } else {
+            (bs::cublasOperation_t::CUBLAS_OP_T, n_in)
+        };
+        // SAFETY: pointers are live device buffers of the sizes described by the arguments.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                op,
+                bs::cublasOperation_t::CUBLAS_OP_N,
+                n_out as i32,
+                1,
+                n_in as i32,
+                &alpha as *const f32 as *const _,
+                wp as *const _,
+                ty,
+                lda as i32,
+                xp as *const _,
+                ty,
+                n_in as i32,
+                &beta as *const f32 as *const _,
+                yp as *mut _,
+                bs::cudaDataType::CUDA_R_32F,
+                n_out as i32,
+                bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A cuBLAS handle on this GPU's stream and its workspace (keep both alive together);
+    /// [`CudaError::NoCublas`] without libcublas.
+    pub fn cublas(&self) -> Result<(cudarc::cublas::CudaBlas, CudaSlice<u8>)> {
+        // SAFETY: only checks whether the shared library can be opened.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(CudaError::NoCublas);
+        }
+        let blas = cudarc::cublas::CudaBlas::new(self.stream.clone())?;
+        // An explicit workspace, so that cuBLAS calls can be captured into a graph.
+        let ws = self.zeros::<u8>(CUBLAS_WORKSPACE)?;
+        let (p, _g) = ws.device_ptr(&self.stream);
+        // SAFETY: the workspace outlives the handle: both are returned together.
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut _, CUBLAS_WORKSPACE)
+        }
+        .result()?;
+        drop(_g);
+        Ok((blas, ws))
+    }
+}
+
+/// Open `cuda:ordinal`, or say why not. Tests and benchmarks use this to skip with a message
+/// where there is no driver or no GPU (CI), and to fail on any other error.
+pub fn try_gpu(ordinal: usize) -> Result<Option<Gpu>> {
+    match Gpu::new(ordinal) {
+        Ok(g) => Ok(Some(g)),
+        Err(CudaError::NoDriver) | Err(CudaError::NoGpu(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
