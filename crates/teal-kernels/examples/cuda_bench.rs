@@ -67,8 +67,8 @@ fn time_graph(stream: &Arc<CudaStream>, mut f: impl FnMut() -> Res<()>) -> Res<f
     let ctx = stream.context();
     let mut times = Vec::with_capacity(REPS);
     for _ in 0..REPS {
-        let a = ctx.new_event(None)?;
-        let b = ctx.new_event(None)?;
+        let a = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let b = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         a.record(stream)?;
         graph.launch()?;
         b.record(stream)?;
@@ -85,8 +85,8 @@ fn time_stream(stream: &Arc<CudaStream>, mut f: impl FnMut() -> Res<()>) -> Res<
     let ctx = stream.context();
     let mut times = Vec::with_capacity(REPS);
     for _ in 0..REPS {
-        let a = ctx.new_event(None)?;
-        let b = ctx.new_event(None)?;
+        let a = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let b = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         a.record(stream)?;
         f()?;
         b.record(stream)?;
@@ -104,8 +104,8 @@ fn bandwidth(g: &Gpu, out: &mut String) -> Res<f64> {
     let ctx = s.context().clone();
     let mut copy = Vec::new();
     for _ in 0..10 {
-        let a = ctx.new_event(None)?;
-        let b = ctx.new_event(None)?;
+        let a = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let b = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         a.record(&s)?;
         s.memcpy_dtod(&src, &mut dst)?;
         b.record(&s)?;
@@ -116,8 +116,8 @@ fn bandwidth(g: &Gpu, out: &mut String) -> Res<f64> {
     let mut sink = g.zeros::<u32>(1)?;
     let mut read = Vec::new();
     for _ in 0..10 {
-        let a = ctx.new_event(None)?;
-        let b = ctx.new_event(None)?;
+        let a = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let b = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         a.record(&s)?;
         g.read_probe(&src, &mut sink)?;
         b.record(&s)?;
@@ -135,29 +135,9 @@ fn bandwidth(g: &Gpu, out: &mut String) -> Res<f64> {
     Ok(copy_bw)
 }
 
-struct Shape {
-    model: &'static str,
-    name: &'static str,
-    n_in: usize,
-    n_out: usize,
-}
-
-const SHAPES: &[Shape] = &[
-    Shape { model: "llama3-8b", name: "q", n_in: 4096, n_out: 4096 },
-    Shape { model: "llama3-8b", name: "k", n_in: 4096, n_out: 1024 },
-    Shape { model: "llama3-8b", name: "v", n_in: 4096, n_out: 1024 },
-    Shape { model: "llama3-8b", name: "o", n_in: 4096, n_out: 4096 },
-    Shape { model: "llama3-8b", name: "gate", n_in: 4096, n_out: 14336 },
-    Shape { model: "llama3-8b", name: "up", n_in: 4096, n_out: 14336 },
-    Shape { model: "llama3-8b", name: "down", n_in: 14336, n_out: 4096 },
-    Shape { model: "llama-70b", name: "q", n_in: 8192, n_out: 8192 },
-    Shape { model: "llama-70b", name: "k", n_in: 8192, n_out: 1024 },
-    Shape { model: "llama-70b", name: "v", n_in: 8192, n_out: 1024 },
-    Shape { model: "llama-70b", name: "o", n_in: 8192, n_out: 8192 },
-    Shape { model: "llama-70b", name: "gate", n_in: 8192, n_out: 28672 },
-    Shape { model: "llama-70b", name: "up", n_in: 8192, n_out: 28672 },
-    Shape { model: "llama-70b", name: "down", n_in: 28672, n_out: 8192 },
-];
+/// Model dimensions: hidden, key/value width, MLP width.
+const MODELS: &[(&str, usize, usize, usize)] =
+    &[("llama3-8b", 4096, 1024, 14336), ("llama-70b", 8192, 1024, 28672)];
 
 /// Weight copies of one shape, each with its own GEMV workspace, plus the matching inputs.
 struct Copies {
@@ -187,14 +167,22 @@ fn make_copies(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, segs: &[u
     })
 }
 
-fn time_ours(g: &Gpu, c: &mut Copies, ts: &[f32], plan: Option<GemvPlan>, graph: bool) -> Res<f64> {
+fn time_ours(
+    g: &Gpu,
+    c: &mut Copies,
+    t: f32,
+    plan: Option<GemvPlan>,
+    accumulate: bool,
+    graph: bool,
+) -> Res<f64> {
     let s = g.stream().clone();
     let Copies { lin, x32, y, .. } = c;
     let n = lin.len();
+    let ts = vec![t; lin[0].segments().len()];
     let mut i = 0usize;
     let f = || -> Res<()> {
         for _ in 0..LAUNCHES {
-            g.gemv(&mut lin[i % n], x32, y, 1, ts, 0.0, plan)?;
+            g.gemv(&mut lin[i % n], x32, y, 1, &ts, 0.0, accumulate, plan)?;
             i += 1;
         }
         Ok(())
@@ -226,6 +214,81 @@ fn time_cublas(g: &Gpu, blas: &cudarc::cublas::CudaBlas, c: &mut Copies, graph: 
     }
 }
 
+fn cublas_best(g: &Gpu, blas: &cudarc::cublas::CudaBlas, c: &mut Copies) -> Res<f64> {
+    let stream = time_cublas(g, blas, c, false)?;
+    Ok(match time_cublas(g, blas, c, true) {
+        Ok(t) => t.min(stream),
+        Err(e) => {
+            eprintln!("cuBLAS graph capture failed ({e}); using stream timing");
+            stream
+        }
+    })
+}
+
+/// One projection shape measured at every sparsity.
+struct Row {
+    s: f64,
+    ours: f64,
+    ours_acc: f64,
+    ours_nopdl: f64,
+    rows: usize,
+    tuned: f64,
+    tuned_rows: usize,
+    floor: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    g: &mut Gpu,
+    blas: &cudarc::cublas::CudaBlas,
+    n_in: usize,
+    n_out: usize,
+    segs: &[usize],
+    dtype: WeightDtype,
+    sparsities: &[f64],
+    bw: f64,
+    tune: bool,
+    full: bool,
+) -> Res<(f64, Vec<Row>)> {
+    let mut c = make_copies(g, n_in, n_out, dtype, segs)?;
+    let cub = cublas_best(g, blas, &mut c)?;
+    let mut rows = Vec::new();
+    for &s in sparsities {
+        let t = threshold_for(&c.host_x, s);
+        let real = c.host_x.iter().filter(|v| v.abs() <= t).count() as f64 / n_in as f64;
+        let plan = g.gemv_plan(n_in, n_out, (1.0 - s) as f32);
+        let ours_acc = time_ours(g, &mut c, t, Some(plan), true, true)?;
+        let (mut ours, mut ours_nopdl) = (f64::NAN, f64::NAN);
+        if full {
+            ours = time_ours(g, &mut c, t, Some(plan), false, true)?;
+            g.set_programmatic_launch(false);
+            ours_nopdl = time_ours(g, &mut c, t, Some(plan), false, true)?;
+            g.set_programmatic_launch(true);
+        }
+        let (mut tuned, mut tuned_rows) = (ours_acc, plan.rows_per_chunk);
+        if tune {
+            for r in [64usize, 128, 256, 512, 1024] {
+                let tt = time_ours(g, &mut c, t, Some(GemvPlan { rows_per_chunk: r }), true, true)?;
+                if tt < tuned {
+                    tuned = tt;
+                    tuned_rows = r;
+                }
+            }
+        }
+        rows.push(Row {
+            s: real,
+            ours,
+            ours_acc,
+            ours_nopdl,
+            rows: plan.rows_per_chunk,
+            tuned,
+            tuned_rows,
+            floor: (1.0 - real) * (n_in * n_out * 2) as f64 / bw * 1e6,
+        });
+    }
+    Ok((cub, rows))
+}
+
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -234,7 +297,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         .iter()
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1).cloned());
-    let g = match teal_kernels::cuda::try_gpu(0)? {
+    let mut g = match teal_kernels::cuda::try_gpu(0)? {
         Some(g) => g,
         None => {
             eprintln!("no GPU: {}", Gpu::new(0).err().map(|e| e.to_string()).unwrap_or_default());
@@ -247,83 +310,70 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     report.push_str(&head);
     let bw = bandwidth(&g, &mut report)?;
     let (blas, _blas_ws) = g.cublas()?;
-    let mut rows_json = Vec::new();
     let sparsities: &[f64] = if quick { &[0.0, 0.5, 0.9] } else { SPARSITIES };
-    let dtypes = [WeightDtype::F16, WeightDtype::Bf16];
-    // per (model, dtype, s): sums for the block table
-    let mut block: std::collections::BTreeMap<(String, &str, usize), (f64, f64, f64)> =
-        Default::default();
+    let mut json = Vec::new();
+    let mut blocks = String::from(
+        "\nper block, graph replay, microseconds. sep: q,k,v,o,gate,up,down as 7 launches; fused: q|k|v, o, gate|up, down as 4 launches (accumulate mode)\n\
+         model      dtype     s  floor   sep_ours sep_acc fused_acc cublas_sep cublas_fused  fused/floor  vs_cublas_sep vs_cublas_fused\n",
+    );
     println!(
-        "{:<10} {:<5} {:>6} {:>6} {:<5} {:>5} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>7}",
-        "model", "proj", "in", "out", "dtype", "s", "ours_us", "floor_us", "xfloor", "rows", "cublas_us", "speedup", "stream"
+        "{:<10} {:<7} {:>6} {:>6} {:<5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>6} {:>8} {:>8}",
+        "model", "proj", "in", "out", "dtype", "s", "floor", "ours", "acc", "no_pdl", "rows", "tuned", "trows", "cublas", "acc/flr"
     );
-    for sh in SHAPES {
-        if quick && sh.model != "llama3-8b" {
+    for &(model, d, kv, ffn) in MODELS {
+        if quick && model != "llama3-8b" {
             continue;
         }
-        if sh.name == "v" || sh.name == "up" {
-            // same shape as k / gate: reuse those measurements in the block sums
-            continue;
-        }
-        let mult = if sh.name == "k" || sh.name == "gate" { 2.0 } else { 1.0 };
-        for dtype in dtypes {
-            let mut c = make_copies(&g, sh.n_in, sh.n_out, dtype, &[])?;
-            let cub_stream = time_cublas(&g, &blas, &mut c, false)?;
-            let cub = match time_cublas(&g, &blas, &mut c, true) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("cuBLAS graph capture failed ({e}); using stream timing");
-                    cub_stream
+        for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+            let shapes: [(&str, usize, usize, Vec<usize>, bool); 7] = [
+                ("q", d, d, vec![], true),
+                ("k", d, kv, vec![], true),
+                ("o", d, d, vec![], true),
+                ("gate", d, ffn, vec![], true),
+                ("down", ffn, d, vec![], true),
+                ("qkv", d, d + 2 * kv, vec![d, d + kv, d + 2 * kv], false),
+                ("gateup", d, 2 * ffn, vec![ffn, 2 * ffn], false),
+            ];
+            let mut res = Vec::new();
+            for (name, n_in, n_out, segs, full) in shapes.iter() {
+                let (cub, rows) =
+                    measure(&mut g, &blas, *n_in, *n_out, segs, dtype, sparsities, bw, tune, *full)?;
+                for r in &rows {
+                    println!(
+                        "{:<10} {:<7} {:>6} {:>6} {:<5} {:>5.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>8.2} {:>6} {:>8.2} {:>8.2}",
+                        model, name, n_in, n_out, dtype.name(), r.s, r.floor, r.ours, r.ours_acc,
+                        r.ours_nopdl, r.rows, r.tuned, r.tuned_rows, cub, r.ours_acc / r.floor
+                    );
+                    json.push(format!(
+                        "{{\"model\":\"{model}\",\"proj\":\"{name}\",\"in\":{n_in},\"out\":{n_out},\"dtype\":\"{}\",\"s\":{:.4},\"floor_us\":{:.3},\"ours_us\":{:.3},\"ours_accumulate_us\":{:.3},\"ours_no_pdl_us\":{:.3},\"rows_per_chunk\":{},\"tuned_us\":{:.3},\"tuned_rows\":{},\"cublas_us\":{:.3}}}",
+                        dtype.name(), r.s, r.floor, r.ours, r.ours_acc, r.ours_nopdl, r.rows, r.tuned, r.tuned_rows, cub
+                    ).replace("NaN", "null"));
                 }
-            };
-            for (si, &s) in sparsities.iter().enumerate() {
-                let t = threshold_for(&c.host_x, s);
-                let real = c.host_x.iter().filter(|v| v.abs() <= t).count() as f64 / sh.n_in as f64;
-                let density = (1.0 - s).max(0.0) as f32;
-                let plan = g.gemv_plan(sh.n_in, sh.n_out, density);
-                let mut ours = time_ours(&g, &mut c, &[t], Some(plan), true)?;
-                let mut rows = plan.rows_per_chunk;
-                let ours_stream = time_ours(&g, &mut c, &[t], Some(plan), false)?;
-                if tune {
-                    for r in [64usize, 128, 256, 512, 1024] {
-                        let p = GemvPlan { rows_per_chunk: r };
-                        let tt = time_ours(&g, &mut c, &[t], Some(p), true)?;
-                        if tt < ours {
-                            ours = tt;
-                            rows = r;
-                        }
-                    }
-                }
-                let floor = (1.0 - real) * (sh.n_in * sh.n_out * 2) as f64 / bw * 1e6;
-                println!(
-                    "{:<10} {:<5} {:>6} {:>6} {:<5} {:>5.2} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>9.2} {:>9.2} {:>7.2}",
-                    sh.model, sh.name, sh.n_in, sh.n_out, dtype.name(), real, ours, floor,
-                    ours / floor, rows, cub, cub / ours, ours_stream
-                );
-                rows_json.push(format!(
-                    "{{\"model\":\"{}\",\"proj\":\"{}\",\"in\":{},\"out\":{},\"dtype\":\"{}\",\"s\":{:.4},\"ours_us\":{:.3},\"ours_stream_us\":{:.3},\"floor_us\":{:.3},\"rows_per_chunk\":{},\"cublas_us\":{:.3},\"cublas_stream_us\":{:.3}}}",
-                    sh.model, sh.name, sh.n_in, sh.n_out, dtype.name(), real, ours, ours_stream, floor, rows, cub, cub_stream
-                ));
-                let e = block.entry((sh.model.to_string(), dtype.name(), si)).or_default();
-                e.0 += mult * ours;
-                e.1 += mult * floor;
-                e.2 += mult * cub;
+                std::io::stdout().flush()?;
+                res.push((cub, rows));
             }
-            std::io::stdout().flush()?;
+            for (si, &s) in sparsities.iter().enumerate() {
+                let at = |i: usize| &res[i].1[si];
+                let sep = |f: &dyn Fn(&Row) -> f64| {
+                    f(at(0)) + 2.0 * f(at(1)) + f(at(2)) + 2.0 * f(at(3)) + f(at(4))
+                };
+                let floor = sep(&|r| r.floor);
+                let sep_ours = sep(&|r| r.ours);
+                let sep_acc = sep(&|r| r.ours_acc);
+                let fused = at(5).ours_acc + at(2).ours_acc + at(6).ours_acc + at(4).ours_acc;
+                let cub_sep = res[0].0 + 2.0 * res[1].0 + res[2].0 + 2.0 * res[3].0 + res[4].0;
+                let cub_fused = res[5].0 + res[2].0 + res[6].0 + res[4].0;
+                blocks.push_str(&format!(
+                    "{:<10} {:<5} {:>5.2} {:>6.1} {:>9.1} {:>7.1} {:>9.1} {:>10.1} {:>12.1} {:>12.2} {:>14.2} {:>15.2}\n",
+                    model, dtype.name(), s, floor, sep_ours, sep_acc, fused, cub_sep, cub_fused,
+                    fused / floor, cub_sep / fused, cub_fused / fused
+                ));
+            }
         }
     }
-    let mut table = String::from(
-        "\nper block (q,k,v,o,gate,up,down as 7 separate launches; graph replay):\n\
-         model      dtype     s   ours_us  floor_us  xfloor  cublas_us  speedup_vs_cublas\n",
-    );
-    for ((model, dtype, si), (o, f, c)) in &block {
-        table.push_str(&format!(
-            "{:<10} {:<5} {:>5.2} {:>9.2} {:>9.2} {:>7.2} {:>10.2} {:>8.2}\n",
-            model, dtype, sparsities[*si], o, f, o / f, c, c / o
-        ));
-    }
-    print!("{table}");
-    report.push_str(&table);
+    print!("{blocks}");
+    report.push_str(&blocks);
+    let rows_json = json;
     if let Some(p) = json_path {
         std::fs::write(
             p,

@@ -90,7 +90,7 @@ fn check_gemv(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, batch: usi
     for rows in [32usize, 96, 1024] {
         let plan = Some(teal_kernels::cuda::GemvPlan { rows_per_chunk: rows });
         for _ in 0..2 {
-            g.gemv(&mut lin, &xd, &mut yd, batch, &[t], 0.0, plan).unwrap();
+            g.gemv(&mut lin, &xd, &mut yd, batch, &[t], 0.0, false, plan).unwrap();
             let y = g.download(&yd).unwrap();
             for b in 0..batch {
                 let xb = &x[b * n_in..(b + 1) * n_in];
@@ -137,7 +137,7 @@ fn gemv_batches_up_to_eight() {
 
 #[test]
 fn gemv_fused_segments_and_residual_add() {
-    let Some(g) = gpu() else { return };
+    let Some(mut g) = gpu() else { return };
     let (n_in, segs) = (700, [512usize, 768, 1000]);
     let n_out = segs[2];
     let dtype = WeightDtype::Bf16;
@@ -150,17 +150,31 @@ fn gemv_fused_segments_and_residual_add() {
     let resid = rand_vec(n_out, 9);
     let xd = g.upload(&x).unwrap();
     let mut yd = g.upload(&resid).unwrap();
-    g.gemv(&mut lin, &xd, &mut yd, 1, &ts, 1.0, None).unwrap();
+    g.gemv(&mut lin, &xd, &mut yd, 1, &ts, 1.0, false, None).unwrap();
     let y = g.download(&yd).unwrap();
+    // The same through f32 atomics straight into the residual, with and without
+    // programmatic dependent launch.
+    for pdl in [false, true] {
+        g.set_programmatic_launch(pdl);
+        let mut yd2 = g.upload(&resid).unwrap();
+        g.gemv(&mut lin, &xd, &mut yd2, 1, &ts, 0.0, true, None).unwrap();
+        let y2 = g.download(&yd2).unwrap();
+        check_fused(&y2, &wq, &x, &resid, &segs, &ts, n_in, n_out);
+    }
+    check_fused(&y, &wq, &x, &resid, &segs, &ts, n_in, n_out);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_fused(y: &[f32], wq: &[f32], x: &[f32], resid: &[f32], segs: &[usize], ts: &[f32], n_in: usize, n_out: usize) {
     let mut want = vec![0.0; n_out];
     let mut scale = vec![0.0; n_out];
     let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
     let mut start = 0;
-    for (seg, &t) in segs.iter().zip(&ts) {
+    for (seg, &t) in segs.iter().zip(ts) {
         let mut full = vec![0.0; n_out];
-        reference::gemv_t_sparse(&wq, n_in, n_out, &x, t, &mut full);
+        reference::gemv_t_sparse(wq, n_in, n_out, x, t, &mut full);
         let mut xs = vec![0.0; n_in];
-        reference::sparsify(&x, t, &mut xs);
+        reference::sparsify(x, t, &mut xs);
         let xa: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
         let mut sc = vec![0.0; n_out];
         reference::gemv_t(&wa, n_in, n_out, &xa, &mut sc);
@@ -170,7 +184,7 @@ fn gemv_fused_segments_and_residual_add() {
         }
         start = *seg;
     }
-    assert_close(&y, &want, &scale, GPU_GEMV_REL_TOL, "fused q|k|v with residual add");
+    assert_close(y, &want, &scale, GPU_GEMV_REL_TOL, "fused q|k|v with residual add");
 }
 
 #[test]
@@ -276,5 +290,42 @@ fn rope_and_decode_attention_match_reference() {
         reference::attention(qs, kb, vb, 1, nk - 1, n_head, n_kv, hd, &mut o);
         let ones = vec![1.0; o.len()];
         assert_close(&got[b * n_head * hd..(b + 1) * n_head * hd], &o, &ones, GPU_ATTN_TOL, "attention_decode");
+    }
+}
+
+#[test]
+fn gemv_back_to_back_launches_stay_ordered() {
+    let Some(mut g) = gpu() else { return };
+    let (n_in, n_out) = (2048, 1024);
+    let dtype = WeightDtype::F16;
+    let bits = dtype.encode(&rand_vec(n_in * n_out, 41));
+    let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
+    let x = rand_vec(n_in, 42);
+    let t = threshold_for(&x, 0.5);
+    let mut want = vec![0.0; n_out];
+    reference::gemv_t_sparse(&wq, n_in, n_out, &x, t, &mut want);
+    let mut xs = vec![0.0; n_in];
+    reference::sparsify(&x, t, &mut xs);
+    let xa: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
+    let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
+    let mut scale = vec![0.0; n_out];
+    reference::gemv_t(&wa, n_in, n_out, &xa, &mut scale);
+    let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
+    let xd = g.upload(&x).unwrap();
+    for pdl in [false, true] {
+        g.set_programmatic_launch(pdl);
+        // 10 accumulating launches, then 10 self-contained ones that each add y once more
+        // (beta = 1), with no synchronisation in between: y = 20 * W s_t(x).
+        let mut yd = g.zeros::<f32>(n_out).unwrap();
+        for _ in 0..10 {
+            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], 0.0, true, None).unwrap();
+        }
+        for _ in 0..10 {
+            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], 1.0, false, None).unwrap();
+        }
+        let y = g.download(&yd).unwrap();
+        let want20: Vec<f32> = want.iter().map(|v| 20.0 * v).collect();
+        let scale20: Vec<f32> = scale.iter().map(|v| 20.0 * v).collect();
+        assert_close(&y, &want20, &scale20, GPU_GEMV_REL_TOL, &format!("20 chained launches, pdl {pdl}"));
     }
 }

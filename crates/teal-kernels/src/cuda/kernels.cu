@@ -11,6 +11,16 @@ typedef unsigned int u32;
 #define GEMV_WARPS 8
 #define GEMV_TILE 256  // output columns per block: 32 lanes x 8 columns (one 16-byte load)
 
+// Programmatic dependent launch (Hopper+): every kernel lets the next one in the stream start
+// launching at once, and waits for the previous one's memory before touching any. Without the
+// launch attribute (or before sm_90) both are no-ops.
+__device__ __forceinline__ void pdl_begin() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float f16_to_f32(u32 h) {
     float f;
     asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
@@ -78,13 +88,16 @@ __device__ __forceinline__ void fma8(float (&a)[B][8], uint4 w, const float* xs,
 //     accumulator `acc` with f32 atomics (no f16 atomics);
 //  4. the last block of a column tile (a counter per tile) writes y and resets `acc` and its
 //     counter to zero, so the workspace is clean for the next call without a memset.
+// With `accumulate` set, step 3 adds straight into y (y += W s_t(x): y must hold zeros or the
+// residual) and step 4 is skipped: two dependent memory round trips fewer.
 // Fused projections: column tiles before seg1 use t0, before seg2 t1, the rest t2.
 template <class WT, int B, bool VEC>
 __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const float* __restrict__ x,
                                           float* __restrict__ y, float* __restrict__ acc,
                                           u32* __restrict__ counters, int n_in, int n_out, int R,
                                           float t0, float t1, float t2, int seg1, int seg2,
-                                          float beta) {
+                                          float beta, int accumulate) {
+    pdl_begin();
     extern __shared__ float smem[];
     float* xs = smem;                       // [B][R] thresholded inputs of the kept rows
     int* idx = (int*)(smem + B * R);        // [R] kept row numbers
@@ -135,21 +148,20 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
 
     const int col = col_base + lane * 8;
     if (col < n_out) {
+        // Rows in flight per warp before the first use: 8 where registers allow.
+        constexpr int U = B <= 2 ? 8 : 4;
         int s = warp;
-        for (; s + 3 * GEMV_WARPS < cnt; s += 4 * GEMV_WARPS) {
-            const uint4 w0 = load8<VEC>(wt, idx[s], col, n_out);
-            const uint4 w1 = load8<VEC>(wt, idx[s + GEMV_WARPS], col, n_out);
-            const uint4 w2 = load8<VEC>(wt, idx[s + 2 * GEMV_WARPS], col, n_out);
-            const uint4 w3 = load8<VEC>(wt, idx[s + 3 * GEMV_WARPS], col, n_out);
-            fma8<WT, B>(a, w0, xs, s, R);
-            fma8<WT, B>(a, w1, xs, s + GEMV_WARPS, R);
-            fma8<WT, B>(a, w2, xs, s + 2 * GEMV_WARPS, R);
-            fma8<WT, B>(a, w3, xs, s + 3 * GEMV_WARPS, R);
+        for (; s + (U - 1) * GEMV_WARPS < cnt; s += U * GEMV_WARPS) {
+            uint4 w[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) w[u] = load8<VEC>(wt, idx[s + u * GEMV_WARPS], col, n_out);
+#pragma unroll
+            for (int u = 0; u < U; ++u) fma8<WT, B>(a, w[u], xs, s + u * GEMV_WARPS, R);
         }
         for (; s < cnt; s += GEMV_WARPS) fma8<WT, B>(a, load8<VEC>(wt, idx[s], col, n_out), xs, s, R);
     }
 
-    const bool split = gridDim.y > 1;
+    const bool split = gridDim.y > 1 && !accumulate;
     const int c = col_base + tid;
 #pragma unroll
     for (int b = 0; b < B; ++b) {
@@ -162,7 +174,8 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
         for (int w = 0; w < GEMV_WARPS; ++w) sum += red[w * GEMV_TILE + tid];
         if (c < n_out) {
             const size_t o = (size_t)b * n_out + c;
-            if (split) atomicAdd(&acc[o], sum);
+            if (accumulate) atomicAdd(&y[o], sum);
+            else if (split) atomicAdd(&acc[o], sum);
             else y[o] = beta != 0.0f ? fmaf(beta, y[o], sum) : sum;
         }
         __syncthreads();
@@ -190,8 +203,8 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
 #define GEMV_ARGS                                                                             \
     const u16 *__restrict__ wt, const float *__restrict__ x, float *__restrict__ y,          \
         float *__restrict__ acc, u32 *__restrict__ counters, int n_in, int n_out, int R,     \
-        float t0, float t1, float t2, int seg1, int seg2, float beta
-#define GEMV_PASS wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta
+        float t0, float t1, float t2, int seg1, int seg2, float beta, int accumulate
+#define GEMV_PASS wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta, accumulate
 
 #define GEMV_KERNEL(NAME, WT, B, VEC)                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) NAME(GEMV_ARGS) {             \
@@ -260,6 +273,7 @@ __device__ float block_max(float v) {
 // RMSNorm of each row: out = x / sqrt(mean(x^2) + eps) * w. One block per row.
 extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                        float* __restrict__ out, int n, float eps) {
+    pdl_begin();
     const float* xr = x + (size_t)blockIdx.x * n;
     float* o = out + (size_t)blockIdx.x * n;
     float ss = 0.0f;
@@ -275,6 +289,7 @@ extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float*
 extern "C" __global__ void rope_neox_f32(float* __restrict__ x, const float* __restrict__ cos_t,
                                          const float* __restrict__ sin_t,
                                          const int* __restrict__ pos, int hd, int row_stride) {
+    pdl_begin();
     const int half = hd >> 1;
     const int p = pos[blockIdx.y];
     float* h = x + (size_t)blockIdx.y * row_stride + (size_t)blockIdx.x * hd;
@@ -293,6 +308,7 @@ extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const fl
                                            const float* __restrict__ v, float* __restrict__ out,
                                            const int* __restrict__ n_keys, int n_head,
                                            int n_kv_head, int hd, size_t cache_stride) {
+    pdl_begin();
     extern __shared__ float sm[];
     float* qs = sm;
     float* red = sm + hd;
@@ -343,6 +359,7 @@ extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const fl
 // gate|up GEMV writes them.
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ gu, float* __restrict__ out,
                                         int n, int batch) {
+    pdl_begin();
     const size_t total = (size_t)n * batch;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
@@ -354,6 +371,7 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gu, float* __r
 
 // Index of the largest value of each row (first one on ties). One block per row.
 extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, u32* __restrict__ out) {
+    pdl_begin();
     __shared__ float bv[32];
     __shared__ int bi[32];
     const float* r = x + (size_t)blockIdx.x * n;
@@ -383,6 +401,7 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, u32* _
 // Read-only bandwidth probe: each thread sums 16-byte words; the sum is written so the loads
 // cannot be removed.
 extern "C" __global__ void read_probe(const uint4* __restrict__ p, size_t n16, u32* __restrict__ sink) {
+    pdl_begin();
     u32 s = 0;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16;
          i += (size_t)gridDim.x * blockDim.x) {

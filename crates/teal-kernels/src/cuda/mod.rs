@@ -9,10 +9,17 @@
 
 use std::sync::{Arc, OnceLock};
 
+use std::ffi::c_void;
+
 use cudarc::driver::{
     result::DriverError, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream,
-    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
+
+/// Kernel parameter list: the address of each argument, in the kernel's order.
+macro_rules! params {
+    ($($a:expr),* $(,)?) => { [$( &$a as *const _ as *mut c_void ),*] };
+}
 use half::{bf16, f16};
 
 /// The embedded CUDA C source of every kernel.
@@ -172,6 +179,7 @@ pub struct Gpu {
     read_probe: CudaFunction,
     name: String,
     sms: usize,
+    pdl: bool,
 }
 
 fn gemv_kernel_index(dtype: WeightDtype, batch: usize, vec: bool) -> usize {
@@ -266,6 +274,7 @@ impl Gpu {
             read_probe: module.load_function("read_probe")?,
             _module: module,
             gemv,
+            pdl: major >= 9,
             ctx,
             sms,
         })
@@ -289,6 +298,50 @@ impl Gpu {
 
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
+    }
+
+    /// Launch with programmatic dependent launch (on by default from sm_90): the next kernel
+    /// starts launching while this one drains; each kernel waits for its predecessor's memory
+    /// before touching any (`pdl_begin` in kernels.cu).
+    pub fn set_programmatic_launch(&mut self, on: bool) {
+        self.pdl = on;
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> sys::CUdeviceptr {
+        s.device_ptr(&self.stream).0
+    }
+
+    fn ptr_mut<T>(&self, s: &mut CudaSlice<T>) -> sys::CUdeviceptr {
+        s.device_ptr_mut(&self.stream).0
+    }
+
+    /// # Safety
+    /// `params` must match the kernel's parameter list and every pointer must be valid for
+    /// the accesses the kernel makes under `cfg`.
+    unsafe fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<()> {
+        // SAFETY: zero is a valid bit pattern for this plain C struct/union.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let c = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.pdl),
+        };
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the caller guarantees the parameters; the config is well formed.
+        unsafe {
+            sys::cuLaunchKernelEx(&c, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+        }
+        .result()?;
+        Ok(())
     }
 
     fn oom(&self, bytes: usize, e: DriverError) -> CudaError {
@@ -396,25 +449,27 @@ impl Gpu {
         })
     }
 
-    /// Default split of the input rows: enough blocks to keep every multiprocessor streaming
-    /// (about 4 per SM at the expected density), without chunks so small that the per-block
-    /// work (compaction, reduction, atomics) dominates.
+    /// Default split of the input rows, fitted to the H200 sweep (docs/perf-cuda.md): about
+    /// 13.6 blocks per multiprocessor (1792 on 132 SMs), chunks a power of two between 64 and
+    /// 1024 rows, twice as long below 30% density so that each warp still has rows to read.
     pub fn gemv_plan(&self, n_in: usize, n_out: usize, density: f32) -> GemvPlan {
-        let tiles = n_out.div_ceil(GEMV_TILE);
-        let target_blocks = 4 * self.sms;
-        let chunks = target_blocks.div_ceil(tiles).max(1);
-        let rows = n_in.div_ceil(chunks);
-        // At low density a chunk holds few kept rows: widen it so each warp still has work.
-        let min_rows = (128.0 / density.clamp(0.05, 1.0)) as usize;
-        let rows = rows.max(min_rows).clamp(32, MAX_ROWS_PER_CHUNK).min(n_in.max(1));
+        let tiles = n_out.div_ceil(GEMV_TILE) as f64;
+        let mut rows = n_in as f64 * tiles / (13.6 * self.sms as f64);
+        if density < 0.3 {
+            rows *= 2.0;
+        }
+        let pow2 = 2f64.powf(rows.max(1.0).log2().round()) as usize;
+        let rows = pow2.clamp(64, MAX_ROWS_PER_CHUNK).min(n_in.div_ceil(32) * 32);
         GemvPlan {
-            rows_per_chunk: rows.div_ceil(32) * 32,
+            rows_per_chunk: rows,
         }
     }
 
     /// `y[b, :] = beta * y[b, :] + Wt^T s_t(x[b, :])` for b < batch, with one threshold per
     /// fused segment (`thresholds.len() == w.segments().len()`); a negative threshold keeps
     /// every input (dense). `x` is `[batch, n_in]`, `y` is `[batch, n_out]`, both f32.
+    /// With `accumulate`, `beta` is ignored and the partial sums are added into y with f32
+    /// atomics (y += ...): y must already hold zeros or the residual to add onto.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv(
         &self,
@@ -424,6 +479,7 @@ impl Gpu {
         batch: usize,
         thresholds: &[f32],
         beta: f32,
+        accumulate: bool,
         plan: Option<GemvPlan>,
     ) -> Result<()> {
         if batch == 0 || batch > MAX_BATCH {
@@ -459,24 +515,12 @@ impl Gpu {
             block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: ((batch * r + r) * 4 + 8 * GEMV_TILE * 4) as u32,
         };
-        let mut l = self.stream.launch_builder(f);
-        l.arg(&w.wt)
-            .arg(x)
-            .arg(y)
-            .arg(&mut w.acc)
-            .arg(&mut w.counters)
-            .arg(&n_in)
-            .arg(&n_out)
-            .arg(&r_i)
-            .arg(&t0)
-            .arg(&t1)
-            .arg(&t2)
-            .arg(&seg1)
-            .arg(&seg2)
-            .arg(&beta);
-        // SAFETY: argument list matches GEMV_ARGS in kernels.cu; buffer sizes checked above.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        let acc_mode = i32::from(accumulate);
+        let (wp, xp, yp) = (self.ptr(&w.wt), self.ptr(x), self.ptr_mut(y));
+        let (ap, cp) = (self.ptr_mut(&mut w.acc), self.ptr_mut(&mut w.counters));
+        let mut p = params![wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode];
+        // SAFETY: parameters match GEMV_ARGS in kernels.cu; buffer sizes checked above.
+        unsafe { self.launch(f, cfg, &mut p) }
     }
 
     /// RMSNorm of `rows` rows of length `n`.
@@ -498,11 +542,10 @@ impl Gpu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = self.stream.launch_builder(&self.rmsnorm);
-        l.arg(x).arg(w).arg(out).arg(&n_i).arg(&eps);
+        let (xp, wp, op) = (self.ptr(x), self.ptr(w), self.ptr_mut(out));
+        let mut p = params![xp, wp, op, n_i, eps];
         // SAFETY: matches rmsnorm_f32; sizes checked.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch(&self.rmsnorm, cfg, &mut p) }
     }
 
     /// NeoX RoPE in place on `x[b, head * hd ..]` for `n_heads` heads of each of `batch` rows
@@ -528,11 +571,10 @@ impl Gpu {
             block_dim: ((hd as u32 / 2).clamp(32, 256).div_ceil(32) * 32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = self.stream.launch_builder(&self.rope);
-        l.arg(x).arg(cos).arg(sin).arg(pos).arg(&hd_i).arg(&rs_i);
+        let (xp, cp, sp, pp) = (self.ptr_mut(x), self.ptr(cos), self.ptr(sin), self.ptr(pos));
+        let mut p = params![xp, cp, sp, pp, hd_i, rs_i];
         // SAFETY: matches rope_neox_f32; sizes checked.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch(&self.rope, cfg, &mut p) }
     }
 
     /// Decode attention: one query row per sequence over `n_keys[b]` cached keys (device).
@@ -572,19 +614,11 @@ impl Gpu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let mut l = self.stream.launch_builder(&self.attn);
-        l.arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(out)
-            .arg(n_keys)
-            .arg(&nh)
-            .arg(&nkv)
-            .arg(&hd_i)
-            .arg(&cache);
+        let (qp, kp, vp) = (self.ptr(q), self.ptr(k), self.ptr(v));
+        let (op, np) = (self.ptr_mut(out), self.ptr(n_keys));
+        let mut p = params![qp, kp, vp, op, np, nh, nkv, hd_i, cache];
         // SAFETY: matches attn_decode_f32; sizes checked.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch(&self.attn, cfg, &mut p) }
     }
 
     /// `out[b, i] = silu(gu[b, i]) * gu[b, n + i]`.
@@ -604,11 +638,10 @@ impl Gpu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = self.stream.launch_builder(&self.silu_mul);
-        l.arg(gu).arg(out).arg(&n_i).arg(&b_i);
+        let (gp, op) = (self.ptr(gu), self.ptr_mut(out));
+        let mut p = params![gp, op, n_i, b_i];
         // SAFETY: matches silu_mul_f32; sizes checked.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch(&self.silu_mul, cfg, &mut p) }
     }
 
     /// Index of the largest value of each of `rows` rows of length `n` (first on ties).
@@ -628,11 +661,10 @@ impl Gpu {
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = self.stream.launch_builder(&self.argmax);
-        l.arg(x).arg(&n_i).arg(out);
+        let (xp, op) = (self.ptr(x), self.ptr_mut(out));
+        let mut p = params![xp, n_i, op];
         // SAFETY: matches argmax_f32; sizes checked.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch(&self.argmax, cfg, &mut p) }
     }
 
     /// Stream every 16-byte word of `buf` once (a read-bandwidth probe).
@@ -643,11 +675,10 @@ impl Gpu {
             block_dim: (512, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = self.stream.launch_builder(&self.read_probe);
-        l.arg(buf).arg(&n16).arg(sink);
+        let (bp, sp) = (self.ptr(buf), self.ptr_mut(sink));
+        let mut p = params![bp, n16, sp];
         // SAFETY: matches read_probe; n16 words lie inside buf.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch(&self.read_probe, cfg, &mut p) }
     }
 
     /// cuBLAS on the same problem, for comparison: `y = W x` with `W` `[n_out, n_in]`
@@ -671,9 +702,7 @@ impl Gpu {
             WeightDtype::Bf16 => bs::cudaDataType::CUDA_R_16BF,
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let (wp, _g1) = w.device_ptr(&self.stream);
-        let (xp, _g2) = x.device_ptr(&self.stream);
-        let (yp, _g3) = y.device_ptr(&self.stream);
+        let (wp, xp, yp) = (self.ptr(w), self.ptr(x), self.ptr_mut(y));
         // Column-major view: W row-major [out, in] is A = [in, out] col-major, y = A^T x;
         // Wt row-major [in, out] is [out, in] col-major, y = A x.
         let (op, lda) = if input_major {
@@ -718,13 +747,12 @@ impl Gpu {
         let blas = cudarc::cublas::CudaBlas::new(self.stream.clone())?;
         // An explicit workspace, so that cuBLAS calls can be captured into a graph.
         let ws = self.zeros::<u8>(CUBLAS_WORKSPACE)?;
-        let (p, _g) = ws.device_ptr(&self.stream);
+        let p = self.ptr(&ws);
         // SAFETY: the workspace outlives the handle: both are returned together.
         unsafe {
             cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut _, CUBLAS_WORKSPACE)
         }
         .result()?;
-        drop(_g);
         Ok((blas, ws))
     }
 }
