@@ -329,3 +329,49 @@ fn gemv_back_to_back_launches_stay_ordered() {
         assert_close(&y, &want20, &scale20, GPU_GEMV_REL_TOL, &format!("20 chained launches, pdl {pdl}"));
     }
 }
+
+#[test]
+fn decode_helpers_fill_embed_kv_append_advance() {
+    let Some(g) = gpu() else { return };
+    for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+        // Random fill: inside [-scale, scale], mean near 0, not constant, deterministic.
+        let n = 1 << 16;
+        let mut w = g.zeros::<u16>(n).unwrap();
+        g.fill_random(&mut w, dtype, 5, 0.5).unwrap();
+        let a: Vec<f32> = g.download(&w).unwrap().iter().map(|&b| dtype.decode(b)).collect();
+        let mean = a.iter().sum::<f32>() / n as f32;
+        assert!(a.iter().all(|v| v.abs() <= 0.5), "{}: fill out of range", dtype.name());
+        assert!(mean.abs() < 0.01, "{}: fill mean {mean}", dtype.name());
+        let var = a.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        assert!((var - 0.25 / 3.0).abs() < 0.005, "{}: fill variance {var}", dtype.name());
+        let mut w2 = g.zeros::<u16>(n).unwrap();
+        g.fill_random(&mut w2, dtype, 5, 0.5).unwrap();
+        assert_eq!(g.download(&w).unwrap(), g.download(&w2).unwrap());
+
+        // Embedding row lookup, exact.
+        let (vocab, d) = (37, 300);
+        let table = dtype.encode(&rand_vec(vocab * d, 51));
+        let td = g.upload(&table).unwrap();
+        let tok = g.upload(&[29u32]).unwrap();
+        let mut h = g.zeros::<f32>(d).unwrap();
+        g.embed(&td, dtype, &tok, &mut h, d).unwrap();
+        let want: Vec<f32> = table[29 * d..30 * d].iter().map(|&b| dtype.decode(b)).collect();
+        assert_eq!(g.download(&h).unwrap(), want);
+    }
+    // KV append at a device-held position, then advance it.
+    let (q_dim, kv_dim, max_pos) = (64, 32, 5);
+    let qkv = rand_vec(q_dim + 2 * kv_dim, 52);
+    let qd = g.upload(&qkv).unwrap();
+    let mut kc = g.zeros::<f32>(max_pos * kv_dim).unwrap();
+    let mut vc = g.zeros::<f32>(max_pos * kv_dim).unwrap();
+    let mut pos = g.upload(&[3i32]).unwrap();
+    let mut nk = g.upload(&[4i32]).unwrap();
+    g.kv_append(&qd, &mut kc, &mut vc, &pos, q_dim, kv_dim).unwrap();
+    g.advance_position(&mut pos, &mut nk).unwrap();
+    let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
+    assert_eq!(&k[3 * kv_dim..4 * kv_dim], &qkv[q_dim..q_dim + kv_dim]);
+    assert_eq!(&v[3 * kv_dim..4 * kv_dim], &qkv[q_dim + kv_dim..]);
+    assert!(k[..3 * kv_dim].iter().chain(&k[4 * kv_dim..]).all(|&x| x == 0.0));
+    assert_eq!(g.download(&pos).unwrap(), vec![4]);
+    assert_eq!(g.download(&nk).unwrap(), vec![5]);
+}

@@ -410,3 +410,58 @@ extern "C" __global__ void read_probe(const uint4* __restrict__ p, size_t n16, u
     }
     if (s == 0x9e3779b9u) sink[0] = s;
 }
+
+// Deterministic pseudo-random weights on the device (benchmarks with random weights at model
+// scale): w[i] = scale * u, u uniform in [-1, 1) from a hash of (seed, i), as f16 or bf16 bits.
+extern "C" __global__ void fill_random_u16(u16* __restrict__ w, size_t n, u32 seed, float scale,
+                                           int is_bf16) {
+    pdl_begin();
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        u32 h = (u32)i * 0x9E3779B1u ^ (u32)(i >> 32) * 0x85EBCA77u ^ seed * 0xC2B2AE3Du;
+        h ^= h >> 16; h *= 0x7FEB352Du; h ^= h >> 15; h *= 0x846CA68Bu; h ^= h >> 16;
+        const float v = scale * ((float)(h >> 8) * (1.0f / 8388608.0f) - 1.0f);
+        u16 bits;
+        if (is_bf16) {
+            const u32 f = __float_as_uint(v);
+            bits = (u16)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
+        } else {
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(v));
+        }
+        w[i] = bits;
+    }
+}
+
+// Append this step's key and value rows (columns [q_dim, q_dim + kv_dim) and
+// [q_dim + kv_dim, q_dim + 2 kv_dim) of the fused q|k|v output) to the caches at row pos[0].
+extern "C" __global__ void kv_append_f32(const float* __restrict__ qkv, float* __restrict__ kc,
+                                         float* __restrict__ vc, const int* __restrict__ pos,
+                                         int q_dim, int kv_dim) {
+    pdl_begin();
+    const size_t row = (size_t)pos[0] * kv_dim;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < kv_dim; i += gridDim.x * blockDim.x) {
+        kc[row + i] = qkv[q_dim + i];
+        vc[row + i] = qkv[q_dim + kv_dim + i];
+    }
+}
+
+// h = table[tok[0], :] as f32 (embedding lookup of the token argmax just wrote).
+extern "C" __global__ void embed_row(const u16* __restrict__ table, const u32* __restrict__ tok,
+                                     float* __restrict__ h, int d, int is_bf16) {
+    pdl_begin();
+    const u16* r = table + (size_t)tok[0] * d;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < d; i += gridDim.x * blockDim.x) {
+        const u32 b = r[i];
+        h[i] = is_bf16 ? __uint_as_float(b << 16) : f16_to_f32(b);
+    }
+}
+
+// Advance the decode position held on the device: pos[0] += 1, n_keys[0] += 1 (the last
+// kernel of a captured decode step, so that replays need no host writes).
+extern "C" __global__ void advance_position(int* __restrict__ pos, int* __restrict__ n_keys) {
+    pdl_begin();
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        pos[0] += 1;
+        n_keys[0] += 1;
+    }
+}

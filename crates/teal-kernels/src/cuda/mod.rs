@@ -177,6 +177,10 @@ pub struct Gpu {
     silu_mul: CudaFunction,
     argmax: CudaFunction,
     read_probe: CudaFunction,
+    fill_random: CudaFunction,
+    kv_append: CudaFunction,
+    embed: CudaFunction,
+    advance: CudaFunction,
     name: String,
     sms: usize,
     pdl: bool,
@@ -272,6 +276,10 @@ impl Gpu {
             silu_mul: module.load_function("silu_mul_f32")?,
             argmax: module.load_function("argmax_f32")?,
             read_probe: module.load_function("read_probe")?,
+            fill_random: module.load_function("fill_random_u16")?,
+            kv_append: module.load_function("kv_append_f32")?,
+            embed: module.load_function("embed_row")?,
+            advance: module.load_function("advance_position")?,
             _module: module,
             gemv,
             pdl: major >= 9,
@@ -421,23 +429,7 @@ impl Gpu {
         if n_in > i32::MAX as usize || n_out > i32::MAX as usize {
             return Err(CudaError::Invalid("matrix dimension over 2^31".into()));
         }
-        let segments = if segments.is_empty() {
-            vec![n_out]
-        } else {
-            segments.to_vec()
-        };
-        let ok_segments = segments.len() <= 3
-            && segments.last() == Some(&n_out)
-            && segments.windows(2).all(|w| w[0] < w[1])
-            && segments[..segments.len() - 1]
-                .iter()
-                .all(|&s| s % GEMV_TILE == 0);
-        if !ok_segments {
-            return Err(CudaError::Invalid(format!(
-                "fused segments {segments:?}: at most 3, increasing, ending at {n_out}, inner \
-                 boundaries multiples of {GEMV_TILE}"
-            )));
-        }
+        let segments = check_segments(n_out, segments)?;
         Ok(GpuLinear {
             n_in,
             n_out,
@@ -447,6 +439,129 @@ impl Gpu {
             acc: self.zeros(MAX_BATCH * n_out)?,
             counters: self.zeros(n_out.div_ceil(GEMV_TILE))?,
         })
+    }
+
+    /// A `[n_in, n_out]` weight matrix of pseudo-random values uniform in `[-scale, scale)`,
+    /// generated on the device from `seed` (benchmarks at model scale without host traffic).
+    pub fn linear_random(
+        &self,
+        n_in: usize,
+        n_out: usize,
+        dtype: WeightDtype,
+        segments: &[usize],
+        seed: u32,
+        scale: f32,
+    ) -> Result<GpuLinear> {
+        let segments = check_segments(n_out, segments)?;
+        let mut wt = self.zeros::<u16>(n_in * n_out)?;
+        self.fill_random(&mut wt, dtype, seed, scale)?;
+        Ok(GpuLinear {
+            n_in,
+            n_out,
+            dtype,
+            segments,
+            wt,
+            acc: self.zeros(MAX_BATCH * n_out)?,
+            counters: self.zeros(n_out.div_ceil(GEMV_TILE))?,
+        })
+    }
+
+    /// Fill `w` with pseudo-random `dtype` values uniform in `[-scale, scale)`.
+    pub fn fill_random(&self, w: &mut CudaSlice<u16>, dtype: WeightDtype, seed: u32, scale: f32) -> Result<()> {
+        let n = w.len();
+        let bf = i32::from(dtype == WeightDtype::Bf16);
+        let cfg = LaunchConfig {
+            grid_dim: ((n.div_ceil(256)).min(self.sms * 32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let wp = self.ptr_mut(w);
+        let mut p = params![wp, n, seed, scale, bf];
+        // SAFETY: matches fill_random_u16; n elements in w.
+        unsafe { self.launch(&self.fill_random, cfg, &mut p) }
+    }
+
+    /// Copy the key and value parts of a fused q|k|v row into the caches at row `pos[0]`.
+    pub fn kv_append(
+        &self,
+        qkv: &CudaSlice<f32>,
+        kc: &mut CudaSlice<f32>,
+        vc: &mut CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        q_dim: usize,
+        kv_dim: usize,
+    ) -> Result<()> {
+        if qkv.len() < q_dim + 2 * kv_dim || kc.len() < kv_dim || vc.len() < kv_dim {
+            return Err(CudaError::Invalid("kv_append buffers too small".into()));
+        }
+        let (q_i, kv_i) = (q_dim as i32, kv_dim as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (kv_dim.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (qp, kp, vp, pp) = (self.ptr(qkv), self.ptr_mut(kc), self.ptr_mut(vc), self.ptr(pos));
+        let mut p = params![qp, kp, vp, pp, q_i, kv_i];
+        // SAFETY: matches kv_append_f32; the caller sizes the caches for every position used.
+        unsafe { self.launch(&self.kv_append, cfg, &mut p) }
+    }
+
+    /// `h = table[tok[0], :]` for a `[vocab, d]` f16/bf16 table.
+    pub fn embed(
+        &self,
+        table: &CudaSlice<u16>,
+        dtype: WeightDtype,
+        tok: &CudaSlice<u32>,
+        h: &mut CudaSlice<f32>,
+        d: usize,
+    ) -> Result<()> {
+        if h.len() < d || table.len() < d {
+            return Err(CudaError::Invalid("embed buffers too small".into()));
+        }
+        let (d_i, bf) = (d as i32, i32::from(dtype == WeightDtype::Bf16));
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (tp, kp, hp) = (self.ptr(table), self.ptr(tok), self.ptr_mut(h));
+        let mut p = params![tp, kp, hp, d_i, bf];
+        // SAFETY: matches embed_row; token ids come from argmax over the table's rows.
+        unsafe { self.launch(&self.embed, cfg, &mut p) }
+    }
+
+    /// `pos[0] += 1; n_keys[0] += 1` on the device.
+    pub fn advance_position(&self, pos: &mut CudaSlice<i32>, n_keys: &mut CudaSlice<i32>) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pp, np) = (self.ptr_mut(pos), self.ptr_mut(n_keys));
+        let mut p = params![pp, np];
+        // SAFETY: matches advance_position; both buffers hold at least one element.
+        unsafe { self.launch(&self.advance, cfg, &mut p) }
+    }
+
+    /// Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written), median of
+    /// 10 copies of a 2 GiB buffer: the `BW` of every byte floor.
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        let n = 1usize << 30;
+        let mut src = self.zeros::<u16>(n)?;
+        self.fill_random(&mut src, WeightDtype::F16, 1, 1.0)?;
+        let mut dst = self.zeros::<u16>(n)?;
+        let mut times = Vec::new();
+        for _ in 0..10 {
+            let a = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            let b = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            a.record(&self.stream)?;
+            self.stream.memcpy_dtod(&src, &mut dst)?;
+            b.record(&self.stream)?;
+            b.synchronize()?;
+            times.push(a.elapsed_ms(&b)? as f64 * 1e-3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(2.0 * (n * 2) as f64 / times[times.len() / 2])
     }
 
     /// Default split of the input rows, fitted to the H200 sweep (docs/perf-cuda.md): about
@@ -754,6 +869,30 @@ impl Gpu {
         }
         .result()?;
         Ok((blas, ws))
+    }
+}
+
+/// Column boundaries of fused projections: at most 3, increasing, ending at `n_out`, inner
+/// boundaries on GEMV tiles (each block reads one threshold).
+fn check_segments(n_out: usize, segments: &[usize]) -> Result<Vec<usize>> {
+    let segments = if segments.is_empty() {
+        vec![n_out]
+    } else {
+        segments.to_vec()
+    };
+    let ok = segments.len() <= 3
+        && segments.last() == Some(&n_out)
+        && segments.windows(2).all(|w| w[0] < w[1])
+        && segments[..segments.len() - 1]
+            .iter()
+            .all(|&s| s % GEMV_TILE == 0);
+    if ok {
+        Ok(segments)
+    } else {
+        Err(CudaError::Invalid(format!(
+            "fused segments {segments:?}: at most 3, increasing, ending at {n_out}, inner \
+             boundaries multiples of {GEMV_TILE}"
+        )))
     }
 }
 
