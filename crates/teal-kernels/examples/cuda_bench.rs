@@ -10,7 +10,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaSlice, CudaStream};
-use teal_kernels::cuda::{CudaError, GemvPlan, Gpu, GpuLinear, WeightDtype};
+use teal_kernels::cuda::{CudaError, GemvOpts, GemvPlan, Gpu, GpuLinear, WeightDtype};
 
 type Res<T> = std::result::Result<T, CudaError>;
 
@@ -182,7 +182,7 @@ fn time_ours(
     let mut i = 0usize;
     let f = || -> Res<()> {
         for _ in 0..LAUNCHES {
-            g.gemv(&mut lin[i % n], x32, y, 1, &ts, 0.0, accumulate, plan)?;
+            g.gemv(&mut lin[i % n], x32, y, 1, &ts, GemvOpts { accumulate, plan, ..Default::default() })?;
             i += 1;
         }
         Ok(())

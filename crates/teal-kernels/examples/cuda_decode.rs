@@ -2,6 +2,9 @@
 //! d 4096, 32 heads / 8 KV heads of 128, MLP 14336, vocabulary 128256), weights generated on
 //! the device, greedy decoding fully on the device (embedding lookup, 32 blocks, final norm,
 //! LM head, argmax feeding the next step), one decode step captured as one CUDA graph.
+//! Per block: RMSNorm, fused q|k|v GEMV, RoPE + KV append, attention, o GEMV into the
+//! residual, RMSNorm, fused gate|up GEMV, down GEMV (SiLU*mul in its prologue) into the
+//! residual: 8 launches.
 //!
 //! Thresholds are calibrated on the model itself: a few dense decode steps record every input
 //! of the four TEAL sites (q|k|v, o, gate|up, down) per layer, and the threshold for target
@@ -11,7 +14,7 @@
 //! Usage: cuda_decode [--dtype f16|bf16] [--steps N]
 
 use cudarc::driver::{sys, CudaSlice};
-use teal_kernels::cuda::{CudaError, Gpu, GpuLinear, WeightDtype};
+use teal_kernels::cuda::{CudaError, GemvOpts, Gpu, GpuLinear, WeightDtype};
 
 type Res<T> = std::result::Result<T, CudaError>;
 
@@ -73,6 +76,9 @@ struct Model {
     pos: CudaSlice<i32>,
     n_keys: CudaSlice<i32>,
 }
+
+/// Called with (layer, site, site input) during uncaptured steps.
+type Observer<'a> = dyn FnMut(usize, usize, &CudaSlice<f32>) -> Res<()> + 'a;
 
 /// Thresholds of one layer: q, k, v, o, gate, up, down.
 type LayerT = [f32; 7];
@@ -143,37 +149,43 @@ impl Model {
         &mut self,
         g: &Gpu,
         ts: &[LayerT],
-        mut observe: Option<&mut dyn FnMut(usize, usize, &CudaSlice<f32>) -> Res<()>>,
+        mut observe: Option<&mut Observer<'_>>,
     ) -> Res<()> {
         let c = &self.cfg;
-        let (d, kv) = (c.d, c.n_kv * c.hd);
+        let d = c.d;
         g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d)?;
         for (li, (l, t)) in self.layers.iter_mut().zip(ts).enumerate() {
             g.rmsnorm(&self.h, &l.attn_norm, &mut self.xn, 1, d, c.eps)?;
             if let Some(f) = observe.as_mut() {
                 f(li, 0, &self.xn)?;
             }
-            g.gemv(&mut l.qkv, &self.xn, &mut self.qkv, 1, &t[0..3], 0.0, false, None)?;
-            g.rope_neox(&mut self.qkv, &self.cos, &self.sin, &self.pos, 1, c.n_head + c.n_kv, c.hd, d + 2 * kv)?;
-            g.kv_append(&self.qkv, &mut l.kc, &mut l.vc, &self.pos, d, kv)?;
+            let (plain, acc) = (
+                GemvOpts::default(),
+                GemvOpts { accumulate: true, ..Default::default() },
+            );
+            g.gemv(&mut l.qkv, &self.xn, &mut self.qkv, 1, &t[0..3], plain)?;
+            g.rope_kv_append(&mut self.qkv, &self.cos, &self.sin, &self.pos, &mut l.kc, &mut l.vc, c.n_head, c.n_kv, c.hd)?;
             g.attention_decode(&self.qkv, &l.kc, &l.vc, &mut self.attn, &self.n_keys, 1, c.n_head, c.n_kv, c.hd, c.max_pos)?;
             if let Some(f) = observe.as_mut() {
                 f(li, 1, &self.attn)?;
             }
-            g.gemv(&mut l.o, &self.attn, &mut self.h, 1, &t[3..4], 0.0, true, None)?;
+            // o and down add straight into the residual stream h.
+            g.gemv(&mut l.o, &self.attn, &mut self.h, 1, &t[3..4], acc)?;
             g.rmsnorm(&self.h, &l.ffn_norm, &mut self.xn, 1, d, c.eps)?;
             if let Some(f) = observe.as_mut() {
                 f(li, 2, &self.xn)?;
             }
-            g.gemv(&mut l.gateup, &self.xn, &mut self.gu, 1, &t[4..6], 0.0, false, None)?;
-            g.silu_mul(&self.gu, &mut self.act, c.ffn, 1)?;
+            g.gemv(&mut l.gateup, &self.xn, &mut self.gu, 1, &t[4..6], plain)?;
             if let Some(f) = observe.as_mut() {
+                // The down projection computes silu(gate) * up itself; observing needs it here.
+                g.silu_mul(&self.gu, &mut self.act, c.ffn, 1)?;
                 f(li, 3, &self.act)?;
             }
-            g.gemv(&mut l.down, &self.act, &mut self.h, 1, &t[6..7], 0.0, true, None)?;
+            let glu = GemvOpts { silu_mul_input: true, ..acc };
+            g.gemv(&mut l.down, &self.gu, &mut self.h, 1, &t[6..7], glu)?;
         }
         g.rmsnorm(&self.h, &self.final_norm, &mut self.xn, 1, d, c.eps)?;
-        g.gemv(&mut self.lm_head, &self.xn, &mut self.logits, 1, &[-1.0], 0.0, false, None)?;
+        g.gemv(&mut self.lm_head, &self.xn, &mut self.logits, 1, &[-1.0], GemvOpts::default())?;
         g.argmax(&self.logits, &mut self.tok, 1, c.vocab)?;
         g.advance_position(&mut self.pos, &mut self.n_keys)
     }
@@ -185,6 +197,63 @@ impl Model {
         let per_layer = (d * (d + 2 * kv) + d * d + d * 2 * c.ffn + c.ffn * d) as f64 * 2.0;
         c.layers as f64 * per_layer * (1.0 - s) + (d * c.vocab * 2) as f64
     }
+}
+
+/// Median time per launch (µs) of `f` captured 100 times into one graph and replayed.
+fn time_small(g: &Gpu, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
+    let stream = g.stream().clone();
+    f()?;
+    g.synchronize()?;
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let mut r = Ok(());
+    for _ in 0..100 {
+        r = r.and_then(|_| f());
+    }
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
+    r?;
+    let graph = graph.ok_or_else(|| CudaError::Invalid("empty graph".into()))?;
+    graph.launch()?;
+    g.synchronize()?;
+    let ctx = stream.context();
+    let mut t = Vec::new();
+    for _ in 0..5 {
+        let a = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let b = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        a.record(&stream)?;
+        graph.launch()?;
+        b.record(&stream)?;
+        b.synchronize()?;
+        t.push(a.elapsed_ms(&b)? as f64 * 10.0);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[2])
+}
+
+/// Per-launch time of the step's small kernels (chained, as in the step), at 128 cached keys.
+fn breakdown(g: &Gpu, m: &mut Model) -> Res<()> {
+    let (d, c_ffn) = (m.cfg.d, m.cfg.ffn);
+    let (n_head, n_kv, hd, max_pos, eps, vocab) =
+        (m.cfg.n_head, m.cfg.n_kv, m.cfg.hd, m.cfg.max_pos, m.cfg.eps, m.cfg.vocab);
+    g.write(&[128i32], &mut m.pos)?;
+    g.write(&[129i32], &mut m.n_keys)?;
+    let l = &mut m.layers[0];
+    let rms = time_small(g, || g.rmsnorm(&m.h, &l.attn_norm, &mut m.xn, 1, d, eps))?;
+    let rope = time_small(g, || {
+        g.rope_kv_append(&mut m.qkv, &m.cos, &m.sin, &m.pos, &mut l.kc, &mut l.vc, n_head, n_kv, hd)
+    })?;
+    let attn = time_small(g, || {
+        g.attention_decode(&m.qkv, &l.kc, &l.vc, &mut m.attn, &m.n_keys, 1, n_head, n_kv, hd, max_pos)
+    })?;
+    let silu = time_small(g, || g.silu_mul(&m.gu, &mut m.act, c_ffn, 1))?;
+    let argmax = time_small(g, || g.argmax(&m.logits, &mut m.tok, 1, vocab))?;
+    let embed = time_small(g, || g.embed(&m.embed, m.dtype, &m.tok, &mut m.h, d))?;
+    println!(
+        "small kernels, us per launch (graph of 100 chained launches): rmsnorm {rms:.2}, rope+kv_append {rope:.2}, \
+         attention@129 keys {attn:.2}, silu_mul {silu:.2} (not in the step), argmax {argmax:.2}, embed {embed:.2}; \
+         per token 32 x (2 rmsnorm + rope + attention) = {:.0} us",
+        32.0 * (2.0 * rms + rope + attn)
+    );
+    Ok(())
 }
 
 fn quantile(v: &mut [f32], s: f64) -> f32 {
@@ -221,6 +290,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         dtype.name(),
         m.bytes_per_token(0.0) / 1e9
     );
+
+    breakdown(&g, &mut m)?;
 
     // Calibration: |x| at every site of every layer over 8 dense steps.
     let dense: Vec<LayerT> = vec![[-1.0; 7]; n_layers];

@@ -2,7 +2,7 @@
 //! Needs a GPU with a driver and libnvrtc; without a driver or a GPU every test prints why and
 //! passes (CI has no GPU). Run them on the GPU machine with the test binary.
 
-use teal_kernels::cuda::{try_gpu, Gpu, WeightDtype};
+use teal_kernels::cuda::{try_gpu, GemvOpts, Gpu, WeightDtype};
 use teal_kernels::reference;
 
 /// GEMV: f32 accumulation in another order than the reference, relative to sum |x_j w_jo|.
@@ -90,7 +90,7 @@ fn check_gemv(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, batch: usi
     for rows in [32usize, 96, 1024] {
         let plan = Some(teal_kernels::cuda::GemvPlan { rows_per_chunk: rows });
         for _ in 0..2 {
-            g.gemv(&mut lin, &xd, &mut yd, batch, &[t], 0.0, false, plan).unwrap();
+            g.gemv(&mut lin, &xd, &mut yd, batch, &[t], GemvOpts { plan, ..Default::default() }).unwrap();
             let y = g.download(&yd).unwrap();
             for b in 0..batch {
                 let xb = &x[b * n_in..(b + 1) * n_in];
@@ -150,14 +150,14 @@ fn gemv_fused_segments_and_residual_add() {
     let resid = rand_vec(n_out, 9);
     let xd = g.upload(&x).unwrap();
     let mut yd = g.upload(&resid).unwrap();
-    g.gemv(&mut lin, &xd, &mut yd, 1, &ts, 1.0, false, None).unwrap();
+    g.gemv(&mut lin, &xd, &mut yd, 1, &ts, GemvOpts { beta: 1.0, ..Default::default() }).unwrap();
     let y = g.download(&yd).unwrap();
     // The same through f32 atomics straight into the residual, with and without
     // programmatic dependent launch.
     for pdl in [false, true] {
         g.set_programmatic_launch(pdl);
         let mut yd2 = g.upload(&resid).unwrap();
-        g.gemv(&mut lin, &xd, &mut yd2, 1, &ts, 0.0, true, None).unwrap();
+        g.gemv(&mut lin, &xd, &mut yd2, 1, &ts, GemvOpts { accumulate: true, ..Default::default() }).unwrap();
         let y2 = g.download(&yd2).unwrap();
         check_fused(&y2, &wq, &x, &resid, &segs, &ts, n_in, n_out);
     }
@@ -263,8 +263,8 @@ fn rope_and_decode_attention_match_reference() {
     g.rope_neox(&mut qd, &cd, &sd, &pd, batch, n_head, hd, n_head * hd).unwrap();
     let got = g.download(&qd).unwrap();
     let mut want = q.clone();
-    for b in 0..batch {
-        let p = pos[b] as usize;
+    for (b, &p) in pos.iter().enumerate() {
+        let p = p as usize;
         for h in 0..n_head {
             let o = b * n_head * hd + h * hd;
             reference::rope_neox(&mut want[o..o + hd], &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
@@ -318,10 +318,10 @@ fn gemv_back_to_back_launches_stay_ordered() {
         // (beta = 1), with no synchronisation in between: y = 20 * W s_t(x).
         let mut yd = g.zeros::<f32>(n_out).unwrap();
         for _ in 0..10 {
-            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], 0.0, true, None).unwrap();
+            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], GemvOpts { accumulate: true, ..Default::default() }).unwrap();
         }
         for _ in 0..10 {
-            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], 1.0, false, None).unwrap();
+            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], GemvOpts { beta: 1.0, ..Default::default() }).unwrap();
         }
         let y = g.download(&yd).unwrap();
         let want20: Vec<f32> = want.iter().map(|v| 20.0 * v).collect();
@@ -374,4 +374,62 @@ fn decode_helpers_fill_embed_kv_append_advance() {
     assert!(k[..3 * kv_dim].iter().chain(&k[4 * kv_dim..]).all(|&x| x == 0.0));
     assert_eq!(g.download(&pos).unwrap(), vec![4]);
     assert_eq!(g.download(&nk).unwrap(), vec![5]);
+}
+
+#[test]
+fn gemv_with_silu_mul_input_matches_reference() {
+    let Some(g) = gpu() else { return };
+    let (n_in, n_out, batch) = (1000, 264, 2);
+    let dtype = WeightDtype::Bf16;
+    let bits = dtype.encode(&rand_vec(n_in * n_out, 61));
+    let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
+    let gu: Vec<f32> = rand_vec(batch * 2 * n_in, 62).iter().map(|v| 4.0 * v).collect();
+    let mut act = vec![0.0; batch * n_in];
+    for b in 0..batch {
+        let row = &gu[b * 2 * n_in..(b + 1) * 2 * n_in];
+        reference::silu_mul(&row[..n_in], &row[n_in..], &mut act[b * n_in..(b + 1) * n_in]);
+    }
+    let t = threshold_for(&act[..n_in], 0.5);
+    let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
+    let gud = g.upload(&gu).unwrap();
+    let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
+    let opts = GemvOpts { silu_mul_input: true, ..Default::default() };
+    g.gemv(&mut lin, &gud, &mut yd, batch, &[t], opts).unwrap();
+    let y = g.download(&yd).unwrap();
+    let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
+    for b in 0..batch {
+        let a = &act[b * n_in..(b + 1) * n_in];
+        let mut want = vec![0.0; n_out];
+        reference::gemv_t_sparse(&wq, n_in, n_out, a, t, &mut want);
+        let aa: Vec<f32> = a.iter().map(|v| v.abs()).collect();
+        let mut scale = vec![0.0; n_out];
+        reference::gemv_t(&wa, n_in, n_out, &aa, &mut scale);
+        assert_close(&y[b * n_out..(b + 1) * n_out], &want, &scale, GPU_GEMV_REL_TOL, "gemv silu*mul input");
+    }
+}
+
+#[test]
+fn rope_kv_append_matches_reference() {
+    let Some(g) = gpu() else { return };
+    let (n_head, n_kv, hd, max_pos, p) = (6usize, 2usize, 64usize, 9usize, 7usize);
+    let half = hd / 2;
+    let cos: Vec<f32> = rand_vec(max_pos * half, 71);
+    let sin: Vec<f32> = rand_vec(max_pos * half, 72);
+    let qkv = rand_vec((n_head + 2 * n_kv) * hd, 73);
+    let mut qd = g.upload(&qkv).unwrap();
+    let (cd, sd, pd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap(), g.upload(&[p as i32]).unwrap());
+    let mut kc = g.zeros::<f32>(max_pos * n_kv * hd).unwrap();
+    let mut vc = g.zeros::<f32>(max_pos * n_kv * hd).unwrap();
+    g.rope_kv_append(&mut qd, &cd, &sd, &pd, &mut kc, &mut vc, n_head, n_kv, hd).unwrap();
+    let mut want = qkv.clone();
+    for h in 0..n_head + n_kv {
+        reference::rope_neox(&mut want[h * hd..(h + 1) * hd], &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+    }
+    let ones = vec![1.0; want.len()];
+    assert_close(&g.download(&qd).unwrap(), &want, &ones, 4.0 * GPU_ELEMWISE_TOL, "rope q|k");
+    let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
+    let row = p * n_kv * hd;
+    let ones = vec![1.0; n_kv * hd];
+    assert_close(&k[row..row + n_kv * hd], &want[n_head * hd..(n_head + n_kv) * hd], &ones, 4.0 * GPU_ELEMWISE_TOL, "k cache");
+    assert_eq!(&v[row..row + n_kv * hd], &qkv[(n_head + n_kv) * hd..]);
 }

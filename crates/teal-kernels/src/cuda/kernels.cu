@@ -88,6 +88,8 @@ __device__ __forceinline__ void fma8(float (&a)[B][8], uint4 w, const float* xs,
 //     accumulator `acc` with f32 atomics (no f16 atomics);
 //  4. the last block of a column tile (a counter per tile) writes y and resets `acc` and its
 //     counter to zero, so the workspace is clean for the next call without a memset.
+// With `glu` set, x is [B, 2 n_in] = gate | up and the input is silu(gate) * up, computed in
+// step 1 (the MLP's down projection without a separate SiLU*mul kernel).
 // With `accumulate` set, step 3 adds straight into y (y += W s_t(x): y must hold zeros or the
 // residual) and step 4 is skipped: two dependent memory round trips fewer.
 // Fused projections: column tiles before seg1 use t0, before seg2 t1, the rest t2.
@@ -96,7 +98,7 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
                                           float* __restrict__ y, float* __restrict__ acc,
                                           u32* __restrict__ counters, int n_in, int n_out, int R,
                                           float t0, float t1, float t2, int seg1, int seg2,
-                                          float beta, int accumulate) {
+                                          float beta, int accumulate, int glu) {
     pdl_begin();
     extern __shared__ float smem[];
     float* xs = smem;                       // [B][R] thresholded inputs of the kept rows
@@ -118,7 +120,14 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
         bool keep = false;
 #pragma unroll
         for (int b = 0; b < B; ++b) {
-            v[b] = j < k1 ? x[(size_t)b * n_in + j] : 0.0f;
+            if (j >= k1) {
+                v[b] = 0.0f;
+            } else if (glu) {
+                const float g = x[(size_t)b * 2 * n_in + j], u = x[(size_t)b * 2 * n_in + n_in + j];
+                v[b] = g / (1.0f + expf(-g)) * u;
+            } else {
+                v[b] = x[(size_t)b * n_in + j];
+            }
             keep |= (j < k1) && (fabsf(v[b]) > t);
         }
         const u32 m = __ballot_sync(0xffffffffu, keep);
@@ -203,8 +212,8 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
 #define GEMV_ARGS                                                                             \
     const u16 *__restrict__ wt, const float *__restrict__ x, float *__restrict__ y,          \
         float *__restrict__ acc, u32 *__restrict__ counters, int n_in, int n_out, int R,     \
-        float t0, float t1, float t2, int seg1, int seg2, float beta, int accumulate
-#define GEMV_PASS wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta, accumulate
+        float t0, float t1, float t2, int seg1, int seg2, float beta, int accumulate, int glu
+#define GEMV_PASS wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta, accumulate, glu
 
 #define GEMV_KERNEL(NAME, WT, B, VEC)                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) NAME(GEMV_ARGS) {             \
@@ -303,7 +312,9 @@ extern "C" __global__ void rope_neox_f32(float* __restrict__ x, const float* __r
 
 // Decode attention of one query row per sequence over its KV cache, grouped-query.
 // q, out: [batch, n_head * hd]; k, v: [batch][max_pos, n_kv_head * hd]; n_keys[b] keys valid.
-// Grid: (n_head, batch); 256 threads; 256 % hd == 0. Shared memory: hd + max_keys + 256 floats.
+// Grid: (n_head, batch); blockDim a multiple of hd; hd % 4 == 0. Scores: one thread per key
+// (16-byte loads along the key, all keys of a pass in flight at once); weighted sum: threads
+// over (dimension, key group). Shared memory: hd + blockDim + max_keys floats.
 extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const float* __restrict__ k,
                                            const float* __restrict__ v, float* __restrict__ out,
                                            const int* __restrict__ n_keys, int n_head,
@@ -323,17 +334,21 @@ extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const fl
     const float scale = 1.0f / sqrtf((float)hd);
     for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = qh[d];
     __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (int p = warp; p < nk; p += nwarps) {
-        const float* kp = kb + (size_t)p * kvs;
-        float dot = 0.0f;
-        for (int d = lane; d < hd; d += 32) dot = fmaf(qs[d], kp[d], dot);
-        dot = warp_sum(dot);
-        if (lane == 0) sc[p] = dot * scale;
-    }
-    __syncthreads();
     float m = NEG_INF;
-    for (int p = threadIdx.x; p < nk; p += blockDim.x) m = fmaxf(m, sc[p]);
+    for (int p = threadIdx.x; p < nk; p += blockDim.x) {
+        const float4* kp = (const float4*)(kb + (size_t)p * kvs);
+        float dot = 0.0f;
+#pragma unroll 8
+        for (int d4 = 0; d4 < (hd >> 2); ++d4) {
+            const float4 kv = kp[d4];
+            dot = fmaf(qs[4 * d4], kv.x, dot);
+            dot = fmaf(qs[4 * d4 + 1], kv.y, dot);
+            dot = fmaf(qs[4 * d4 + 2], kv.z, dot);
+            dot = fmaf(qs[4 * d4 + 3], kv.w, dot);
+        }
+        sc[p] = dot * scale;
+        m = fmaxf(m, dot * scale);
+    }
     m = block_max(m);
     float s = 0.0f;
     for (int p = threadIdx.x; p < nk; p += blockDim.x) {
@@ -345,6 +360,7 @@ extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const fl
     const int groups = blockDim.x / hd;
     const int d = threadIdx.x % hd, g = threadIdx.x / hd;
     float acc = 0.0f;
+#pragma unroll 4
     for (int p = g; p < nk; p += groups) acc = fmaf(sc[p], vb[(size_t)p * kvs + d], acc);
     red[threadIdx.x] = acc;
     __syncthreads();
@@ -352,6 +368,38 @@ extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const fl
         float o = 0.0f;
         for (int i = 0; i < groups; ++i) o += red[i * hd + d];
         out[(size_t)b * n_head * hd + (size_t)h * hd + d] = o / s;
+    }
+}
+
+// Decode-step RoPE and cache append in one kernel, on a fused q|k|v row: heads
+// [0, n_head) are queries (rotated in place), [n_head, n_head + n_kv) keys (rotated in place
+// and stored at cache row pos[0]), the next n_kv values (stored). Grid: n_head + 2 n_kv.
+extern "C" __global__ void rope_kv_append_f32(float* __restrict__ qkv, const float* __restrict__ cos_t,
+                                              const float* __restrict__ sin_t,
+                                              const int* __restrict__ pos, float* __restrict__ kc,
+                                              float* __restrict__ vc, int n_head, int n_kv, int hd) {
+    pdl_begin();
+    const int half = hd >> 1;
+    const int p = pos[0];
+    const int h = blockIdx.x;
+    float* x = qkv + (size_t)h * hd;
+    const size_t crow = (size_t)p * n_kv * hd;
+    if (h >= n_head + n_kv) {
+        float* dst = vc + crow + (size_t)(h - n_head - n_kv) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = x[i];
+        return;
+    }
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
+        const float a = x[i], b = x[i + half];
+        const float ra = a * c - b * s, rb = b * c + a * s;
+        x[i] = ra;
+        x[i + half] = rb;
+        if (h >= n_head) {
+            float* dst = kc + crow + (size_t)(h - n_head) * hd;
+            dst[i] = ra;
+            dst[i + half] = rb;
+        }
     }
 }
 

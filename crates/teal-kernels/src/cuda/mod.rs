@@ -181,6 +181,7 @@ pub struct Gpu {
     kv_append: CudaFunction,
     embed: CudaFunction,
     advance: CudaFunction,
+    rope_kv: CudaFunction,
     name: String,
     sms: usize,
     pdl: bool,
@@ -222,6 +223,19 @@ impl GpuLinear {
     pub fn weight_bytes(&self) -> usize {
         self.n_in * self.n_out * 2
     }
+}
+
+/// Options of one GEMV launch; the default is `y = W s_t(x)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GemvOpts {
+    /// `y = beta * y + W s_t(x)` (ignored with `accumulate`).
+    pub beta: f32,
+    /// Add the partial sums into y with f32 atomics: y must hold zeros or the residual.
+    pub accumulate: bool,
+    /// x is `[batch, 2 * n_in]` = gate | up and the input is `silu(gate) * up`.
+    pub silu_mul_input: bool,
+    /// Row split; `None` uses [`Gpu::gemv_plan`] at full density.
+    pub plan: Option<GemvPlan>,
 }
 
 /// How a GEMV launch splits its input rows: `rows_per_chunk` input rows per block.
@@ -280,6 +294,7 @@ impl Gpu {
             kv_append: module.load_function("kv_append_f32")?,
             embed: module.load_function("embed_row")?,
             advance: module.load_function("advance_position")?,
+            rope_kv: module.load_function("rope_kv_append_f32")?,
             _module: module,
             gemv,
             pdl: major >= 9,
@@ -530,6 +545,37 @@ impl Gpu {
         unsafe { self.launch(&self.embed, cfg, &mut p) }
     }
 
+    /// Decode step on a fused q|k|v row: NeoX RoPE on the `n_head` query and `n_kv` key heads
+    /// in place, and the rotated keys and the values stored at cache row `pos[0]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_append(
+        &self,
+        qkv: &mut CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        kc: &mut CudaSlice<f32>,
+        vc: &mut CudaSlice<f32>,
+        n_head: usize,
+        n_kv: usize,
+        hd: usize,
+    ) -> Result<()> {
+        if !hd.is_multiple_of(2) || qkv.len() < (n_head + 2 * n_kv) * hd || kc.len() < n_kv * hd || vc.len() < n_kv * hd {
+            return Err(CudaError::Invalid("rope_kv_append arguments".into()));
+        }
+        let (nh, nkv, hd_i) = (n_head as i32, n_kv as i32, hd as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((n_head + 2 * n_kv) as u32, 1, 1),
+            block_dim: ((hd as u32 / 2).clamp(32, 512).div_ceil(32) * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (qp, cp, sp, pp) = (self.ptr_mut(qkv), self.ptr(cos), self.ptr(sin), self.ptr(pos));
+        let (kp, vp) = (self.ptr_mut(kc), self.ptr_mut(vc));
+        let mut p = params![qp, cp, sp, pp, kp, vp, nh, nkv, hd_i];
+        // SAFETY: matches rope_kv_append_f32; the caller sizes the caches for every position.
+        unsafe { self.launch(&self.rope_kv, cfg, &mut p) }
+    }
+
     /// `pos[0] += 1; n_keys[0] += 1` on the device.
     pub fn advance_position(&self, pos: &mut CudaSlice<i32>, n_keys: &mut CudaSlice<i32>) -> Result<()> {
         let cfg = LaunchConfig {
@@ -583,9 +629,7 @@ impl Gpu {
     /// `y[b, :] = beta * y[b, :] + Wt^T s_t(x[b, :])` for b < batch, with one threshold per
     /// fused segment (`thresholds.len() == w.segments().len()`); a negative threshold keeps
     /// every input (dense). `x` is `[batch, n_in]`, `y` is `[batch, n_out]`, both f32.
-    /// With `accumulate`, `beta` is ignored and the partial sums are added into y with f32
-    /// atomics (y += ...): y must already hold zeros or the residual to add onto.
-    #[allow(clippy::too_many_arguments)]
+    /// See [`GemvOpts`] for accumulation into y, a SiLU*mul input and the row split.
     pub fn gemv(
         &self,
         w: &mut GpuLinear,
@@ -593,16 +637,21 @@ impl Gpu {
         y: &mut CudaSlice<f32>,
         batch: usize,
         thresholds: &[f32],
-        beta: f32,
-        accumulate: bool,
-        plan: Option<GemvPlan>,
+        opts: GemvOpts,
     ) -> Result<()> {
+        let GemvOpts {
+            beta,
+            accumulate,
+            silu_mul_input,
+            plan,
+        } = opts;
+        let x_width = if silu_mul_input { 2 * w.n_in } else { w.n_in };
         if batch == 0 || batch > MAX_BATCH {
             return Err(CudaError::Invalid(format!(
                 "batch {batch}: 1..={MAX_BATCH} supported"
             )));
         }
-        if x.len() < batch * w.n_in || y.len() < batch * w.n_out {
+        if x.len() < batch * x_width || y.len() < batch * w.n_out {
             return Err(CudaError::Invalid("gemv buffers too small".into()));
         }
         if thresholds.len() != w.segments.len() {
@@ -614,7 +663,7 @@ impl Gpu {
         }
         let plan = plan.unwrap_or_else(|| self.gemv_plan(w.n_in, w.n_out, 1.0));
         let r = plan.rows_per_chunk.clamp(1, MAX_ROWS_PER_CHUNK);
-        let vec = w.n_out % 8 == 0;
+        let vec = w.n_out.is_multiple_of(8);
         let f = &self.gemv[gemv_kernel_index(w.dtype, batch, vec)];
         let t = |i: usize| thresholds.get(i).copied().unwrap_or(f32::INFINITY);
         let seg = |i: usize| w.segments.get(i).copied().unwrap_or(w.n_out) as i32;
@@ -630,10 +679,10 @@ impl Gpu {
             block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: ((batch * r + r) * 4 + 8 * GEMV_TILE * 4) as u32,
         };
-        let acc_mode = i32::from(accumulate);
+        let (acc_mode, glu) = (i32::from(accumulate), i32::from(silu_mul_input));
         let (wp, xp, yp) = (self.ptr(&w.wt), self.ptr(x), self.ptr_mut(y));
         let (ap, cp) = (self.ptr_mut(&mut w.acc), self.ptr_mut(&mut w.counters));
-        let mut p = params![wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode];
+        let mut p = params![wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu];
         // SAFETY: parameters match GEMV_ARGS in kernels.cu; buffer sizes checked above.
         unsafe { self.launch(f, cfg, &mut p) }
     }
@@ -654,7 +703,7 @@ impl Gpu {
         let n_i = n as i32;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         let (xp, wp, op) = (self.ptr(x), self.ptr(w), self.ptr_mut(out));
@@ -677,7 +726,7 @@ impl Gpu {
         hd: usize,
         row_stride: usize,
     ) -> Result<()> {
-        if hd % 2 != 0 || x.len() < batch * row_stride || pos.len() < batch {
+        if !hd.is_multiple_of(2) || x.len() < batch * row_stride || pos.len() < batch {
             return Err(CudaError::Invalid("rope arguments".into()));
         }
         let (hd_i, rs_i) = (hd as i32, row_stride as i32);
@@ -708,12 +757,19 @@ impl Gpu {
         hd: usize,
         max_keys: usize,
     ) -> Result<()> {
-        if hd == 0 || hd > 256 || 256 % hd != 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+        const THREADS: usize = 1024;
+        if hd == 0
+            || !hd.is_multiple_of(4)
+            || !THREADS.is_multiple_of(hd)
+            || n_kv_head == 0
+            || !n_head.is_multiple_of(n_kv_head)
+        {
             return Err(CudaError::Invalid(format!(
-                "attention: head dim {hd} must divide 256, heads {n_head} a multiple of {n_kv_head}"
+                "attention: head dim {hd} must be a multiple of 4 dividing {THREADS}, heads \
+                 {n_head} a multiple of {n_kv_head}"
             )));
         }
-        let smem = (hd + 256 + max_keys) * 4;
+        let smem = (hd + THREADS + max_keys) * 4;
         if smem > 48 * 1024 {
             return Err(CudaError::Invalid(format!(
                 "attention: {max_keys} keys exceed the decode kernel's shared memory"
@@ -726,7 +782,7 @@ impl Gpu {
         let (nh, nkv, hd_i) = (n_head as i32, n_kv_head as i32, hd as i32);
         let cfg = LaunchConfig {
             grid_dim: (n_head as u32, batch as u32, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let (qp, kp, vp) = (self.ptr(q), self.ptr(k), self.ptr(v));
