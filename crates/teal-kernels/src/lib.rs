@@ -4,3 +4,4 @@
 pub mod cpu;
 pub mod quant;
 pub mod reference;
+pub mod cuda;

@@ -145,3 +145,14 @@ pub fn attention(
         }
     }
 }
+
+/// Index of the largest value (the first one on ties); 0 for an empty slice.
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,963 @@
+//! CUDA backend. The driver, NVRTC and cuBLAS are loaded at run time (cudarc's dynamic
+//! loading), and the kernels in `kernels.cu` are embedded in the binary and compiled by NVRTC
+//! at first use, so the binary builds without a CUDA toolkit and runs with a driver alone (plus
+//! libnvrtc). Every entry point returns [`CudaError`], which names the cause: no driver, no GPU,
+//! no NVRTC, out of device memory, an unsupported dtype.
+//!
+//! Layout: weights are f16 or bf16, stored input-major (`wt[in, out]`) so that a zero input
+//! skips one contiguous row; activations are f32 `[batch, n]`, batch <= [`MAX_BATCH`].
+
+use std::sync::{Arc, OnceLock};
+
+use std::ffi::c_void;
+
+use cudarc::driver::{
+    result::DriverError, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream,
+    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, ValidAsZeroBits,
+};
+
+/// Kernel parameter list: the address of each argument, in the kernel's order.
+macro_rules! params {
+    ($($a:expr),* $(,)?) => { [$( &$a as *const _ as *mut c_void ),*] };
+}
+use half::{bf16, f16};
+
+/// The embedded CUDA C source of every kernel.
+pub const KERNELS_CU: &str = include_str!("kernels.cu");
+
+/// Largest batch the sparse GEMV takes in one launch (the rows it reads are the union of the
+/// batch's nonzero inputs).
+pub const MAX_BATCH: usize = 8;
+
+const GEMV_TILE: usize = 256;
+const GEMV_THREADS: u32 = 256;
+/// Largest input chunk one GEMV block handles (bounds its shared memory under 48 KiB).
+pub const MAX_ROWS_PER_CHUNK: usize = 1024;
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// Why the CUDA backend could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("no CUDA driver: libcuda.so could not be loaded (is the NVIDIA driver installed?)")]
+    NoDriver,
+    #[error("no CUDA GPU: {0}")]
+    NoGpu(String),
+    #[error(
+        "NVRTC missing: libnvrtc.so could not be loaded; install the CUDA runtime compiler \
+         (CUDA toolkit or the nvidia-cuda-nvrtc package) and add its lib directory to \
+         LD_LIBRARY_PATH"
+    )]
+    NoNvrtc,
+    #[error("cuBLAS missing: libcublas.so could not be loaded")]
+    NoCublas,
+    #[error("CUDA kernel compilation failed: {0}")]
+    Compile(String),
+    #[error("out of device memory: allocating {bytes} bytes failed ({free} bytes free)")]
+    OutOfMemory { bytes: usize, free: usize },
+    #[error("unsupported dtype for the device: {0}")]
+    UnsupportedDtype(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] DriverError),
+    #[error("cuBLAS error: {0}")]
+    Cublas(#[from] cudarc::cublas::result::CublasError),
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+/// Weight element types the GPU kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F16,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F16 => "f16",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Parse a dtype name; anything but f16/bf16 is [`CudaError::UnsupportedDtype`].
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f16" | "fp16" | "float16" => Ok(WeightDtype::F16),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            other => Err(CudaError::UnsupportedDtype(format!(
+                "{other} (the GPU GEMV reads f16 or bf16 weights)"
+            ))),
+        }
+    }
+
+    /// Round f32 values to this dtype's bits (round to nearest even).
+    pub fn encode(self, v: &[f32]) -> Vec<u16> {
+        match self {
+            WeightDtype::F16 => v.iter().map(|&x| f16::from_f32(x).to_bits()).collect(),
+            WeightDtype::Bf16 => v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect(),
+        }
+    }
+
+    /// The f32 value of one stored element.
+    pub fn decode(self, bits: u16) -> f32 {
+        match self {
+            WeightDtype::F16 => f16::from_bits(bits).to_f32(),
+            WeightDtype::Bf16 => bf16::from_bits(bits).to_f32(),
+        }
+    }
+}
+
+/// NVRTC output, compiled once per process and architecture.
+static PTX: OnceLock<std::result::Result<(String, String), String>> = OnceLock::new();
+
+/// Compile [`KERNELS_CU`] to PTX for `arch` (e.g. `sm_90`). Needs libnvrtc, not a GPU.
+pub fn compile_kernels(arch: &'static str) -> Result<String> {
+    // SAFETY: only checks whether the shared library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::NoNvrtc);
+    }
+    let cached = PTX.get_or_init(|| {
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            options: vec!["--std=c++17".into()],
+            ..Default::default()
+        };
+        cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts)
+            .map(|p| (arch.to_string(), p.to_src()))
+            .map_err(|e| compile_error_text(&e))
+    });
+    match cached {
+        Ok((a, ptx)) if a == arch => Ok(ptx.clone()),
+        Ok((a, _)) => Err(CudaError::Compile(format!(
+            "kernels already compiled for {a} in this process, asked for {arch}"
+        ))),
+        Err(e) => Err(CudaError::Compile(e.clone())),
+    }
+}
+
+fn compile_error_text(e: &cudarc::nvrtc::CompileError) -> String {
+    match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+            format!("NVRTC: {}", log.to_string_lossy())
+        }
+        other => format!("NVRTC: {other:?}"),
+    }
+}
+
+fn arch_name(major: i32, minor: i32) -> Result<&'static str> {
+    Ok(match (major, minor) {
+        (7, 0) => "sm_70",
+        (7, 5) => "sm_75",
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 7) => "sm_87",
+        (8, 9) => "sm_89",
+        (9, 0) => "sm_90",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        (a, b) => {
+            return Err(CudaError::NoGpu(format!(
+                "compute capability {a}.{b} is not supported by these kernels"
+            )))
+        }
+    })
+}
+
+/// A GPU with the teal kernels loaded, one stream.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    gemv: Vec<CudaFunction>,
+    rmsnorm: CudaFunction,
+    rope: CudaFunction,
+    attn: CudaFunction,
+    silu_mul: CudaFunction,
+    argmax: CudaFunction,
+    read_probe: CudaFunction,
+    fill_random: CudaFunction,
+    kv_append: CudaFunction,
+    embed: CudaFunction,
+    advance: CudaFunction,
+    rope_kv: CudaFunction,
+    name: String,
+    sms: usize,
+    pdl: bool,
+}
+
+fn gemv_kernel_index(dtype: WeightDtype, batch: usize, vec: bool) -> usize {
+    let d = match dtype {
+        WeightDtype::F16 => 0,
+        WeightDtype::Bf16 => 1,
+    };
+    ((batch - 1) * 2 + d) * 2 + usize::from(!vec)
+}
+
+/// A weight matrix on the device, input-major `wt[n_in, n_out]`, with its GEMV workspace.
+/// `segments` splits the columns into up to three fused projections (e.g. q|k|v) that each
+/// have their own threshold.
+pub struct GpuLinear {
+    pub n_in: usize,
+    pub n_out: usize,
+    pub dtype: WeightDtype,
+    segments: Vec<usize>,
+    wt: CudaSlice<u16>,
+    acc: CudaSlice<f32>,
+    counters: CudaSlice<u32>,
+}
+
+impl GpuLinear {
+    /// Column boundaries of the fused projections (end of each).
+    pub fn segments(&self) -> &[usize] {
+        &self.segments
+    }
+
+    /// The weight bits on the device, input-major.
+    pub fn weights(&self) -> &CudaSlice<u16> {
+        &self.wt
+    }
+
+    /// Device bytes of the weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.n_in * self.n_out * 2
+    }
+}
+
+/// Options of one GEMV launch; the default is `y = W s_t(x)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GemvOpts {
+    /// `y = beta * y + W s_t(x)` (ignored with `accumulate`).
+    pub beta: f32,
+    /// Add the partial sums into y with f32 atomics: y must hold zeros or the residual.
+    pub accumulate: bool,
+    /// x is `[batch, 2 * n_in]` = gate | up and the input is `silu(gate) * up`.
+    pub silu_mul_input: bool,
+    /// Row split; `None` uses [`Gpu::gemv_plan`] at full density.
+    pub plan: Option<GemvPlan>,
+}
+
+/// How a GEMV launch splits its input rows: `rows_per_chunk` input rows per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvPlan {
+    pub rows_per_chunk: usize,
+}
+
+impl Gpu {
+    /// Open GPU `ordinal`, compile (or reuse) the kernels and load them.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only checks whether the shared library can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        let count = CudaContext::device_count().map_err(|e| match e.0 {
+            sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+                CudaError::NoGpu("the driver reports no CUDA device".into())
+            }
+            _ => CudaError::NoGpu(format!("driver initialisation failed: {e}")),
+        })?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::NoGpu(format!(
+                "cuda:{ordinal} asked for, {count} device(s) present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream, ordered by construction: cudarc's per-buffer event tracking is not
+        // needed and would put event records into every launch (and into captured graphs).
+        // SAFETY: every launch goes through `self.stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability()?;
+        let ptx = compile_kernels(arch_name(major, minor)?)?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+        let mut gemv = Vec::with_capacity(MAX_BATCH * 4);
+        for b in 1..=MAX_BATCH {
+            for d in ["f16", "bf16"] {
+                for v in ["vec", "any"] {
+                    gemv.push(module.load_function(&format!("gemv_{d}_b{b}_{v}"))?);
+                }
+            }
+        }
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+        Ok(Gpu {
+            name: ctx.name()?,
+            stream: ctx.new_stream()?,
+            rmsnorm: module.load_function("rmsnorm_f32")?,
+            rope: module.load_function("rope_neox_f32")?,
+            attn: module.load_function("attn_decode_f32")?,
+            silu_mul: module.load_function("silu_mul_f32")?,
+            argmax: module.load_function("argmax_f32")?,
+            read_probe: module.load_function("read_probe")?,
+            fill_random: module.load_function("fill_random_u16")?,
+            kv_append: module.load_function("kv_append_f32")?,
+            embed: module.load_function("embed_row")?,
+            advance: module.load_function("advance_position")?,
+            rope_kv: module.load_function("rope_kv_append_f32")?,
+            _module: module,
+            gemv,
+            pdl: major >= 9,
+            ctx,
+            sms,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Launch with programmatic dependent launch (on by default from sm_90): the next kernel
+    /// starts launching while this one drains; each kernel waits for its predecessor's memory
+    /// before touching any (`pdl_begin` in kernels.cu).
+    pub fn set_programmatic_launch(&mut self, on: bool) {
+        self.pdl = on;
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> sys::CUdeviceptr {
+        s.device_ptr(&self.stream).0
+    }
+
+    fn ptr_mut<T>(&self, s: &mut CudaSlice<T>) -> sys::CUdeviceptr {
+        s.device_ptr_mut(&self.stream).0
+    }
+
+    /// # Safety
+    /// `params` must match the kernel's parameter list and every pointer must be valid for
+    /// the accesses the kernel makes under `cfg`.
+    unsafe fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<()> {
+        // SAFETY: zero is a valid bit pattern for this plain C struct/union.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let c = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.pdl),
+        };
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the caller guarantees the parameters; the config is well formed.
+        unsafe {
+            sys::cuLaunchKernelEx(&c, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+        }
+        .result()?;
+        Ok(())
+    }
+
+    fn oom(&self, bytes: usize, e: DriverError) -> CudaError {
+        if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            let free = self.ctx.mem_get_info().map(|(f, _)| f).unwrap_or(0);
+            CudaError::OutOfMemory { bytes, free }
+        } else {
+            CudaError::Driver(e)
+        }
+    }
+
+    /// Zeroed device buffer of `n` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(|e| self.oom(n * std::mem::size_of::<T>(), e))
+    }
+
+    /// Copy host data to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(v)
+            .map_err(|e| self.oom(std::mem::size_of_val(v), e))
+    }
+
+    /// Overwrite a device buffer's first `v.len()` elements.
+    pub fn write<T: DeviceRepr>(&self, v: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+        if v.len() > dst.len() {
+            return Err(CudaError::Invalid(format!(
+                "writing {} elements into a buffer of {}",
+                v.len(),
+                dst.len()
+            )));
+        }
+        let mut view = dst.slice_mut(0..v.len());
+        Ok(self.stream.memcpy_htod(v, &mut view)?)
+    }
+
+    /// Copy a device buffer back (synchronizes).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, src: &CudaSlice<T>) -> Result<Vec<T>> {
+        Ok(self.stream.clone_dtoh(src)?)
+    }
+
+    /// Upload weights given input-major in f32 (`wt[n_in, n_out]`), rounded to `dtype`.
+    pub fn linear_from_f32(
+        &self,
+        wt: &[f32],
+        n_in: usize,
+        n_out: usize,
+        dtype: WeightDtype,
+        segments: &[usize],
+    ) -> Result<GpuLinear> {
+        if wt.len() != n_in * n_out {
+            return Err(CudaError::Invalid(format!(
+                "weights hold {} values, {n_in} x {n_out} expected",
+                wt.len()
+            )));
+        }
+        self.linear_from_bits(&dtype.encode(wt), n_in, n_out, dtype, segments)
+    }
+
+    /// Upload weights already encoded as f16/bf16 bits, input-major.
+    pub fn linear_from_bits(
+        &self,
+        bits: &[u16],
+        n_in: usize,
+        n_out: usize,
+        dtype: WeightDtype,
+        segments: &[usize],
+    ) -> Result<GpuLinear> {
+        if bits.len() != n_in * n_out || n_in == 0 || n_out == 0 {
+            return Err(CudaError::Invalid(format!(
+                "weights hold {} values, {n_in} x {n_out} expected",
+                bits.len()
+            )));
+        }
+        if n_in > i32::MAX as usize || n_out > i32::MAX as usize {
+            return Err(CudaError::Invalid("matrix dimension over 2^31".into()));
+        }
+        let segments = check_segments(n_out, segments)?;
+        Ok(GpuLinear {
+            n_in,
+            n_out,
+            dtype,
+            segments,
+            wt: self.upload(bits)?,
+            acc: self.zeros(MAX_BATCH * n_out)?,
+            counters: self.zeros(n_out.div_ceil(GEMV_TILE))?,
+        })
+    }
+
+    /// A `[n_in, n_out]` weight matrix of pseudo-random values uniform in `[-scale, scale)`,
+    /// generated on the device from `seed` (benchmarks at model scale without host traffic).
+    pub fn linear_random(
+        &self,
+        n_in: usize,
+        n_out: usize,
+        dtype: WeightDtype,
+        segments: &[usize],
+        seed: u32,
+        scale: f32,
+    ) -> Result<GpuLinear> {
+        let segments = check_segments(n_out, segments)?;
+        let mut wt = self.zeros::<u16>(n_in * n_out)?;
+        self.fill_random(&mut wt, dtype, seed, scale)?;
+        Ok(GpuLinear {
+            n_in,
+            n_out,
+            dtype,
+            segments,
+            wt,
+            acc: self.zeros(MAX_BATCH * n_out)?,
+            counters: self.zeros(n_out.div_ceil(GEMV_TILE))?,
+        })
+    }
+
+    /// Fill `w` with pseudo-random `dtype` values uniform in `[-scale, scale)`.
+    pub fn fill_random(&self, w: &mut CudaSlice<u16>, dtype: WeightDtype, seed: u32, scale: f32) -> Result<()> {
+        let n = w.len();
+        let bf = i32::from(dtype == WeightDtype::Bf16);
+        let cfg = LaunchConfig {
+            grid_dim: ((n.div_ceil(256)).min(self.sms * 32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let wp = self.ptr_mut(w);
+        let mut p = params![wp, n, seed, scale, bf];
+        // SAFETY: matches fill_random_u16; n elements in w.
+        unsafe { self.launch(&self.fill_random, cfg, &mut p) }
+    }
+
+    /// Copy the key and value parts of a fused q|k|v row into the caches at row `pos[0]`.
+    pub fn kv_append(
+        &self,
+        qkv: &CudaSlice<f32>,
+        kc: &mut CudaSlice<f32>,
+        vc: &mut CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        q_dim: usize,
+        kv_dim: usize,
+    ) -> Result<()> {
+        if qkv.len() < q_dim + 2 * kv_dim || kc.len() < kv_dim || vc.len() < kv_dim {
+            return Err(CudaError::Invalid("kv_append buffers too small".into()));
+        }
+        let (q_i, kv_i) = (q_dim as i32, kv_dim as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (kv_dim.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (qp, kp, vp, pp) = (self.ptr(qkv), self.ptr_mut(kc), self.ptr_mut(vc), self.ptr(pos));
+        let mut p = params![qp, kp, vp, pp, q_i, kv_i];
+        // SAFETY: matches kv_append_f32; the caller sizes the caches for every position used.
+        unsafe { self.launch(&self.kv_append, cfg, &mut p) }
+    }
+
+    /// `h = table[tok[0], :]` for a `[vocab, d]` f16/bf16 table.
+    pub fn embed(
+        &self,
+        table: &CudaSlice<u16>,
+        dtype: WeightDtype,
+        tok: &CudaSlice<u32>,
+        h: &mut CudaSlice<f32>,
+        d: usize,
+    ) -> Result<()> {
+        if h.len() < d || table.len() < d {
+            return Err(CudaError::Invalid("embed buffers too small".into()));
+        }
+        let (d_i, bf) = (d as i32, i32::from(dtype == WeightDtype::Bf16));
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (tp, kp, hp) = (self.ptr(table), self.ptr(tok), self.ptr_mut(h));
+        let mut p = params![tp, kp, hp, d_i, bf];
+        // SAFETY: matches embed_row; token ids come from argmax over the table's rows.
+        unsafe { self.launch(&self.embed, cfg, &mut p) }
+    }
+
+    /// Decode step on a fused q|k|v row: NeoX RoPE on the `n_head` query and `n_kv` key heads
+    /// in place, and the rotated keys and the values stored at cache row `pos[0]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_append(
+        &self,
+        qkv: &mut CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        kc: &mut CudaSlice<f32>,
+        vc: &mut CudaSlice<f32>,
+        n_head: usize,
+        n_kv: usize,
+        hd: usize,
+    ) -> Result<()> {
+        if !hd.is_multiple_of(2) || qkv.len() < (n_head + 2 * n_kv) * hd || kc.len() < n_kv * hd || vc.len() < n_kv * hd {
+            return Err(CudaError::Invalid("rope_kv_append arguments".into()));
+        }
+        let (nh, nkv, hd_i) = (n_head as i32, n_kv as i32, hd as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((n_head + 2 * n_kv) as u32, 1, 1),
+            block_dim: ((hd as u32 / 2).clamp(32, 512).div_ceil(32) * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (qp, cp, sp, pp) = (self.ptr_mut(qkv), self.ptr(cos), self.ptr(sin), self.ptr(pos));
+        let (kp, vp) = (self.ptr_mut(kc), self.ptr_mut(vc));
+        let mut p = params![qp, cp, sp, pp, kp, vp, nh, nkv, hd_i];
+        // SAFETY: matches rope_kv_append_f32; the caller sizes the caches for every position.
+        unsafe { self.launch(&self.rope_kv, cfg, &mut p) }
+    }
+
+    /// `pos[0] += 1; n_keys[0] += 1` on the device.
+    pub fn advance_position(&self, pos: &mut CudaSlice<i32>, n_keys: &mut CudaSlice<i32>) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pp, np) = (self.ptr_mut(pos), self.ptr_mut(n_keys));
+        let mut p = params![pp, np];
+        // SAFETY: matches advance_position; both buffers hold at least one element.
+        unsafe { self.launch(&self.advance, cfg, &mut p) }
+    }
+
+    /// Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written), median of
+    /// 10 copies of a 2 GiB buffer: the `BW` of every byte floor.
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        let n = 1usize << 30;
+        let mut src = self.zeros::<u16>(n)?;
+        self.fill_random(&mut src, WeightDtype::F16, 1, 1.0)?;
+        let mut dst = self.zeros::<u16>(n)?;
+        let mut times = Vec::new();
+        for _ in 0..10 {
+            let a = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            let b = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            a.record(&self.stream)?;
+            self.stream.memcpy_dtod(&src, &mut dst)?;
+            b.record(&self.stream)?;
+            b.synchronize()?;
+            times.push(a.elapsed_ms(&b)? as f64 * 1e-3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(2.0 * (n * 2) as f64 / times[times.len() / 2])
+    }
+
+    /// Default split of the input rows, fitted to the H200 sweep (docs/perf-cuda.md): about
+    /// 13.6 blocks per multiprocessor (1792 on 132 SMs), chunks a power of two between 64 and
+    /// 1024 rows, twice as long below 30% density so that each warp still has rows to read.
+    pub fn gemv_plan(&self, n_in: usize, n_out: usize, density: f32) -> GemvPlan {
+        let tiles = n_out.div_ceil(GEMV_TILE) as f64;
+        let mut rows = n_in as f64 * tiles / (13.6 * self.sms as f64);
+        if density < 0.3 {
+            rows *= 2.0;
+        }
+        let pow2 = 2f64.powf(rows.max(1.0).log2().round()) as usize;
+        let rows = pow2.clamp(64, MAX_ROWS_PER_CHUNK).min(n_in.div_ceil(32) * 32);
+        GemvPlan {
+            rows_per_chunk: rows,
+        }
+    }
+
+    /// `y[b, :] = beta * y[b, :] + Wt^T s_t(x[b, :])` for b < batch, with one threshold per
+    /// fused segment (`thresholds.len() == w.segments().len()`); a negative threshold keeps
+    /// every input (dense). `x` is `[batch, n_in]`, `y` is `[batch, n_out]`, both f32.
+    /// See [`GemvOpts`] for accumulation into y, a SiLU*mul input and the row split.
+    pub fn gemv(
+        &self,
+        w: &mut GpuLinear,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        batch: usize,
+        thresholds: &[f32],
+        opts: GemvOpts,
+    ) -> Result<()> {
+        let GemvOpts {
+            beta,
+            accumulate,
+            silu_mul_input,
+            plan,
+        } = opts;
+        let x_width = if silu_mul_input { 2 * w.n_in } else { w.n_in };
+        if batch == 0 || batch > MAX_BATCH {
+            return Err(CudaError::Invalid(format!(
+                "batch {batch}: 1..={MAX_BATCH} supported"
+            )));
+        }
+        if x.len() < batch * x_width || y.len() < batch * w.n_out {
+            return Err(CudaError::Invalid("gemv buffers too small".into()));
+        }
+        if thresholds.len() != w.segments.len() {
+            return Err(CudaError::Invalid(format!(
+                "{} thresholds for {} fused segments",
+                thresholds.len(),
+                w.segments.len()
+            )));
+        }
+        let plan = plan.unwrap_or_else(|| self.gemv_plan(w.n_in, w.n_out, 1.0));
+        let r = plan.rows_per_chunk.clamp(1, MAX_ROWS_PER_CHUNK);
+        let vec = w.n_out.is_multiple_of(8);
+        let f = &self.gemv[gemv_kernel_index(w.dtype, batch, vec)];
+        let t = |i: usize| thresholds.get(i).copied().unwrap_or(f32::INFINITY);
+        let seg = |i: usize| w.segments.get(i).copied().unwrap_or(w.n_out) as i32;
+        let (t0, t1, t2) = (t(0), t(1), t(2));
+        let (seg1, seg2) = (seg(0), seg(1));
+        let (n_in, n_out, r_i) = (w.n_in as i32, w.n_out as i32, r as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                w.n_out.div_ceil(GEMV_TILE) as u32,
+                w.n_in.div_ceil(r) as u32,
+                1,
+            ),
+            block_dim: (GEMV_THREADS, 1, 1),
+            shared_mem_bytes: ((batch * r + r) * 4 + 8 * GEMV_TILE * 4) as u32,
+        };
+        let (acc_mode, glu) = (i32::from(accumulate), i32::from(silu_mul_input));
+        let (wp, xp, yp) = (self.ptr(&w.wt), self.ptr(x), self.ptr_mut(y));
+        let (ap, cp) = (self.ptr_mut(&mut w.acc), self.ptr_mut(&mut w.counters));
+        let mut p = params![wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu];
+        // SAFETY: parameters match GEMV_ARGS in kernels.cu; buffer sizes checked above.
+        unsafe { self.launch(f, cfg, &mut p) }
+    }
+
+    /// RMSNorm of `rows` rows of length `n`.
+    pub fn rmsnorm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<()> {
+        if x.len() < rows * n || out.len() < rows * n || w.len() < n {
+            return Err(CudaError::Invalid("rmsnorm buffers too small".into()));
+        }
+        let n_i = n as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xp, wp, op) = (self.ptr(x), self.ptr(w), self.ptr_mut(out));
+        let mut p = params![xp, wp, op, n_i, eps];
+        // SAFETY: matches rmsnorm_f32; sizes checked.
+        unsafe { self.launch(&self.rmsnorm, cfg, &mut p) }
+    }
+
+    /// NeoX RoPE in place on `x[b, head * hd ..]` for `n_heads` heads of each of `batch` rows
+    /// (row stride `row_stride`), at positions `pos[b]` (device), tables `[positions, hd/2]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_neox(
+        &self,
+        x: &mut CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        batch: usize,
+        n_heads: usize,
+        hd: usize,
+        row_stride: usize,
+    ) -> Result<()> {
+        if !hd.is_multiple_of(2) || x.len() < batch * row_stride || pos.len() < batch {
+            return Err(CudaError::Invalid("rope arguments".into()));
+        }
+        let (hd_i, rs_i) = (hd as i32, row_stride as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n_heads as u32, batch as u32, 1),
+            block_dim: ((hd as u32 / 2).clamp(32, 256).div_ceil(32) * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xp, cp, sp, pp) = (self.ptr_mut(x), self.ptr(cos), self.ptr(sin), self.ptr(pos));
+        let mut p = params![xp, cp, sp, pp, hd_i, rs_i];
+        // SAFETY: matches rope_neox_f32; sizes checked.
+        unsafe { self.launch(&self.rope, cfg, &mut p) }
+    }
+
+    /// Decode attention: one query row per sequence over `n_keys[b]` cached keys (device).
+    /// `k`/`v` hold `batch` caches of `max_keys` rows of `n_kv_head * hd`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n_keys: &CudaSlice<i32>,
+        batch: usize,
+        n_head: usize,
+        n_kv_head: usize,
+        hd: usize,
+        max_keys: usize,
+    ) -> Result<()> {
+        const THREADS: usize = 1024;
+        if hd == 0
+            || !hd.is_multiple_of(4)
+            || !THREADS.is_multiple_of(hd)
+            || n_kv_head == 0
+            || !n_head.is_multiple_of(n_kv_head)
+        {
+            return Err(CudaError::Invalid(format!(
+                "attention: head dim {hd} must be a multiple of 4 dividing {THREADS}, heads \
+                 {n_head} a multiple of {n_kv_head}"
+            )));
+        }
+        let smem = (hd + THREADS + max_keys) * 4;
+        if smem > 48 * 1024 {
+            return Err(CudaError::Invalid(format!(
+                "attention: {max_keys} keys exceed the decode kernel's shared memory"
+            )));
+        }
+        let cache = max_keys * n_kv_head * hd;
+        if k.len() < batch * cache || v.len() < batch * cache || q.len() < batch * n_head * hd {
+            return Err(CudaError::Invalid("attention buffers too small".into()));
+        }
+        let (nh, nkv, hd_i) = (n_head as i32, n_kv_head as i32, hd as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n_head as u32, batch as u32, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (qp, kp, vp) = (self.ptr(q), self.ptr(k), self.ptr(v));
+        let (op, np) = (self.ptr_mut(out), self.ptr(n_keys));
+        let mut p = params![qp, kp, vp, op, np, nh, nkv, hd_i, cache];
+        // SAFETY: matches attn_decode_f32; sizes checked.
+        unsafe { self.launch(&self.attn, cfg, &mut p) }
+    }
+
+    /// `out[b, i] = silu(gu[b, i]) * gu[b, n + i]`.
+    pub fn silu_mul(
+        &self,
+        gu: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        batch: usize,
+    ) -> Result<()> {
+        if gu.len() < 2 * n * batch || out.len() < n * batch {
+            return Err(CudaError::Invalid("silu_mul buffers too small".into()));
+        }
+        let (n_i, b_i) = (n as i32, batch as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((n * batch).div_ceil(256).min(4096) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (gp, op) = (self.ptr(gu), self.ptr_mut(out));
+        let mut p = params![gp, op, n_i, b_i];
+        // SAFETY: matches silu_mul_f32; sizes checked.
+        unsafe { self.launch(&self.silu_mul, cfg, &mut p) }
+    }
+
+    /// Index of the largest value of each of `rows` rows of length `n` (first on ties).
+    pub fn argmax(
+        &self,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<u32>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        if x.len() < rows * n || out.len() < rows {
+            return Err(CudaError::Invalid("argmax buffers too small".into()));
+        }
+        let n_i = n as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xp, op) = (self.ptr(x), self.ptr_mut(out));
+        let mut p = params![xp, n_i, op];
+        // SAFETY: matches argmax_f32; sizes checked.
+        unsafe { self.launch(&self.argmax, cfg, &mut p) }
+    }
+
+    /// Stream every 16-byte word of `buf` once (a read-bandwidth probe).
+    pub fn read_probe(&self, buf: &CudaSlice<u16>, sink: &mut CudaSlice<u32>) -> Result<()> {
+        let n16 = buf.len() / 8;
+        let cfg = LaunchConfig {
+            grid_dim: (self.sms as u32 * 8, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (bp, sp) = (self.ptr(buf), self.ptr_mut(sink));
+        let mut p = params![bp, n16, sp];
+        // SAFETY: matches read_probe; n16 words lie inside buf.
+        unsafe { self.launch(&self.read_probe, cfg, &mut p) }
+    }
+
+    /// cuBLAS on the same problem, for comparison: `y = W x` with `W` `[n_out, n_in]`
+    /// row-major (PyTorch's layout) or, with `input_major`, `Wt[n_in, n_out]`; x and W in
+    /// `dtype`, f32 accumulate and output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cublas_gemv(
+        &self,
+        blas: &cudarc::cublas::CudaBlas,
+        w: &CudaSlice<u16>,
+        x: &CudaSlice<u16>,
+        y: &mut CudaSlice<f32>,
+        n_in: usize,
+        n_out: usize,
+        dtype: WeightDtype,
+        input_major: bool,
+    ) -> Result<()> {
+        use cudarc::cublas::sys as bs;
+        let ty = match dtype {
+            WeightDtype::F16 => bs::cudaDataType::CUDA_R_16F,
+            WeightDtype::Bf16 => bs::cudaDataType::CUDA_R_16BF,
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (wp, xp, yp) = (self.ptr(w), self.ptr(x), self.ptr_mut(y));
+        // Column-major view: W row-major [out, in] is A = [in, out] col-major, y = A^T x;
+        // Wt row-major [in, out] is [out, in] col-major, y = A x.
+        let (op, lda) = if input_major {
+            (bs::cublasOperation_t::CUBLAS_OP_N, n_out)
+        } else {
+            (bs::cublasOperation_t::CUBLAS_OP_T, n_in)
+        };
+        // SAFETY: pointers are live device buffers of the sizes described by the arguments.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                op,
+                bs::cublasOperation_t::CUBLAS_OP_N,
+                n_out as i32,
+                1,
+                n_in as i32,
+                &alpha as *const f32 as *const _,
+                wp as *const _,
+                ty,
+                lda as i32,
+                xp as *const _,
+                ty,
+                n_in as i32,
+                &beta as *const f32 as *const _,
+                yp as *mut _,
+                bs::cudaDataType::CUDA_R_32F,
+                n_out as i32,
+                bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A cuBLAS handle on this GPU's stream and its workspace (keep both alive together);
+    /// [`CudaError::NoCublas`] without libcublas.
+    pub fn cublas(&self) -> Result<(cudarc::cublas::CudaBlas, CudaSlice<u8>)> {
+        // SAFETY: only checks whether the shared library can be opened.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(CudaError::NoCublas);
+        }
+        let blas = cudarc::cublas::CudaBlas::new(self.stream.clone())?;
+        // An explicit workspace, so that cuBLAS calls can be captured into a graph.
+        let ws = self.zeros::<u8>(CUBLAS_WORKSPACE)?;
+        let p = self.ptr(&ws);
+        // SAFETY: the workspace outlives the handle: both are returned together.
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut _, CUBLAS_WORKSPACE)
+        }
+        .result()?;
+        Ok((blas, ws))
+    }
+}
+
+/// Column boundaries of fused projections: at most 3, increasing, ending at `n_out`, inner
+/// boundaries on GEMV tiles (each block reads one threshold).
+fn check_segments(n_out: usize, segments: &[usize]) -> Result<Vec<usize>> {
+    let segments = if segments.is_empty() {
+        vec![n_out]
+    } else {
+        segments.to_vec()
+    };
+    let ok = segments.len() <= 3
+        && segments.last() == Some(&n_out)
+        && segments.windows(2).all(|w| w[0] < w[1])
+        && segments[..segments.len() - 1]
+            .iter()
+            .all(|&s| s % GEMV_TILE == 0);
+    if ok {
+        Ok(segments)
+    } else {
+        Err(CudaError::Invalid(format!(
+            "fused segments {segments:?}: at most 3, increasing, ending at {n_out}, inner \
+             boundaries multiples of {GEMV_TILE}"
+        )))
+    }
+}
+
+/// Open `cuda:ordinal`, or say why not. Tests and benchmarks use this to skip with a message
+/// where there is no driver or no GPU (CI), and to fail on any other error.
+pub fn try_gpu(ordinal: usize) -> Result<Option<Gpu>> {
+    match Gpu::new(ordinal) {
+        Ok(g) => Ok(Some(g)),
+        Err(CudaError::NoDriver) | Err(CudaError::NoGpu(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,435 @@
+//! Every CUDA kernel against its scalar reference, at sparsity 0%, 50%, 100% and odd sizes.
+//! Needs a GPU with a driver and libnvrtc; without a driver or a GPU every test prints why and
+//! passes (CI has no GPU). Run them on the GPU machine with the test binary.
+
+use teal_kernels::cuda::{try_gpu, GemvOpts, Gpu, WeightDtype};
+use teal_kernels::reference;
+
+/// GEMV: f32 accumulation in another order than the reference, relative to sum |x_j w_jo|.
+const GPU_GEMV_REL_TOL: f32 = 2e-5;
+/// RMSNorm, RoPE, SiLU*mul: a few f32 roundings apart (GPU expf / sqrt vs Rust's).
+const GPU_ELEMWISE_TOL: f32 = 2e-6;
+/// Decode attention: softmax and weighted sum over up to a few hundred keys.
+const GPU_ATTN_TOL: f32 = 2e-5;
+
+fn gpu() -> Option<Gpu> {
+    match try_gpu(0) {
+        Ok(Some(g)) => Some(g),
+        Ok(None) => {
+            let why = teal_kernels::cuda::Gpu::new(0).err().map(|e| e.to_string());
+            eprintln!("skipping GPU test: {}", why.unwrap_or_default());
+            None
+        }
+        Err(e) => panic!("GPU present but the backend failed: {e}"),
+    }
+}
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], scale: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for i in 0..got.len() {
+        let lim = tol * scale[i].max(1.0);
+        assert!(
+            got[i].is_finite() && (got[i] - want[i]).abs() <= lim,
+            "{what}: index {i}: gpu {} vs reference {} (limit {lim})",
+            got[i],
+            want[i]
+        );
+    }
+}
+
+/// |x| quantile: the threshold that zeroes a fraction `s` of x.
+fn threshold_for(x: &[f32], s: f64) -> f32 {
+    if s <= 0.0 {
+        return -1.0;
+    }
+    let mut a: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    a.sort_by(f32::total_cmp);
+    let k = ((s * a.len() as f64).ceil() as usize).clamp(1, a.len());
+    a[k - 1]
+}
+
+const SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (3, 7),
+    (17, 9),
+    (64, 64),
+    (576, 1536),
+    (1536, 577),
+    (13, 1029),
+    (4096, 1024),
+    (3000, 2056),
+];
+
+fn check_gemv(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, batch: usize, s: f64) {
+    let wt = rand_vec(n_in * n_out, 11 + n_in as u64);
+    let bits = dtype.encode(&wt);
+    let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
+    let x = rand_vec(batch * n_in, 5 + n_out as u64);
+    // One threshold for the whole batch, from the first row.
+    let t = if s >= 1.0 {
+        f32::INFINITY
+    } else {
+        threshold_for(&x[..n_in], s)
+    };
+    let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
+    let xd = g.upload(&x).unwrap();
+    let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
+    // Several plans, each twice: the workspace must be clean after every call.
+    for rows in [32usize, 96, 1024] {
+        let plan = Some(teal_kernels::cuda::GemvPlan { rows_per_chunk: rows });
+        for _ in 0..2 {
+            g.gemv(&mut lin, &xd, &mut yd, batch, &[t], GemvOpts { plan, ..Default::default() }).unwrap();
+            let y = g.download(&yd).unwrap();
+            for b in 0..batch {
+                let xb = &x[b * n_in..(b + 1) * n_in];
+                let mut want = vec![0.0; n_out];
+                reference::gemv_t_sparse(&wq, n_in, n_out, xb, t, &mut want);
+                let mut xs = vec![0.0; n_in];
+                reference::sparsify(xb, t, &mut xs);
+                let xa: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
+                let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
+                let mut scale = vec![0.0; n_out];
+                reference::gemv_t(&wa, n_in, n_out, &xa, &mut scale);
+                let what = format!(
+                    "gemv {n_in}x{n_out} {} batch {batch} row {b} s {s} rows/chunk {rows}",
+                    dtype.name()
+                );
+                assert_close(&y[b * n_out..(b + 1) * n_out], &want, &scale, GPU_GEMV_REL_TOL, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn gemv_matches_reference_dense_sparse_empty() {
+    let Some(g) = gpu() else { return };
+    for &(n_in, n_out) in SHAPES {
+        for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+            for s in [0.0, 0.5, 1.0] {
+                check_gemv(&g, n_in, n_out, dtype, 1, s);
+            }
+        }
+    }
+}
+
+#[test]
+fn gemv_batches_up_to_eight() {
+    let Some(g) = gpu() else { return };
+    for batch in 1..=8 {
+        for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+            check_gemv(&g, 333, 264, dtype, batch, 0.6);
+            check_gemv(&g, 1024, 517, dtype, batch, 0.0);
+        }
+    }
+}
+
+#[test]
+fn gemv_fused_segments_and_residual_add() {
+    let Some(mut g) = gpu() else { return };
+    let (n_in, segs) = (700, [512usize, 768, 1000]);
+    let n_out = segs[2];
+    let dtype = WeightDtype::Bf16;
+    let wt = rand_vec(n_in * n_out, 3);
+    let bits = dtype.encode(&wt);
+    let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
+    let x = rand_vec(n_in, 4);
+    let ts = [threshold_for(&x, 0.3), threshold_for(&x, 0.5), threshold_for(&x, 0.9)];
+    let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &segs).unwrap();
+    let resid = rand_vec(n_out, 9);
+    let xd = g.upload(&x).unwrap();
+    let mut yd = g.upload(&resid).unwrap();
+    g.gemv(&mut lin, &xd, &mut yd, 1, &ts, GemvOpts { beta: 1.0, ..Default::default() }).unwrap();
+    let y = g.download(&yd).unwrap();
+    // The same through f32 atomics straight into the residual, with and without
+    // programmatic dependent launch.
+    for pdl in [false, true] {
+        g.set_programmatic_launch(pdl);
+        let mut yd2 = g.upload(&resid).unwrap();
+        g.gemv(&mut lin, &xd, &mut yd2, 1, &ts, GemvOpts { accumulate: true, ..Default::default() }).unwrap();
+        let y2 = g.download(&yd2).unwrap();
+        check_fused(&y2, &wq, &x, &resid, &segs, &ts, n_in, n_out);
+    }
+    check_fused(&y, &wq, &x, &resid, &segs, &ts, n_in, n_out);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_fused(y: &[f32], wq: &[f32], x: &[f32], resid: &[f32], segs: &[usize], ts: &[f32], n_in: usize, n_out: usize) {
+    let mut want = vec![0.0; n_out];
+    let mut scale = vec![0.0; n_out];
+    let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
+    let mut start = 0;
+    for (seg, &t) in segs.iter().zip(ts) {
+        let mut full = vec![0.0; n_out];
+        reference::gemv_t_sparse(wq, n_in, n_out, x, t, &mut full);
+        let mut xs = vec![0.0; n_in];
+        reference::sparsify(x, t, &mut xs);
+        let xa: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
+        let mut sc = vec![0.0; n_out];
+        reference::gemv_t(&wa, n_in, n_out, &xa, &mut sc);
+        for o in start..*seg {
+            want[o] = full[o] + resid[o];
+            scale[o] = sc[o] + resid[o].abs();
+        }
+        start = *seg;
+    }
+    assert_close(y, &want, &scale, GPU_GEMV_REL_TOL, "fused q|k|v with residual add");
+}
+
+#[test]
+fn unsupported_dtype_is_a_clear_error() {
+    let e = WeightDtype::parse("q4_0").unwrap_err().to_string();
+    assert!(e.contains("unsupported dtype") && e.contains("q4_0"), "{e}");
+}
+
+#[test]
+fn rmsnorm_silu_argmax_match_reference() {
+    let Some(g) = gpu() else { return };
+    for &(rows, n) in &[(1usize, 1usize), (3, 577), (2, 4096)] {
+        let x: Vec<f32> = rand_vec(rows * n, 21).iter().map(|v| v * 3.0).collect();
+        let w = rand_vec(n, 22);
+        let (xd, wd) = (g.upload(&x).unwrap(), g.upload(&w).unwrap());
+        let mut od = g.upload(&vec![f32::NAN; rows * n]).unwrap();
+        g.rmsnorm(&xd, &wd, &mut od, rows, n, 1e-5).unwrap();
+        let got = g.download(&od).unwrap();
+        for r in 0..rows {
+            let mut want = vec![0.0; n];
+            reference::rmsnorm(&x[r * n..(r + 1) * n], &w, 1e-5, &mut want);
+            let scale: Vec<f32> = want.iter().map(|v| v.abs()).collect();
+            assert_close(&got[r * n..(r + 1) * n], &want, &scale, 4.0 * GPU_ELEMWISE_TOL, "rmsnorm");
+        }
+
+        let gu: Vec<f32> = rand_vec(rows * 2 * n, 23).iter().map(|v| v * 6.0).collect();
+        let gud = g.upload(&gu).unwrap();
+        let mut sd = g.upload(&vec![f32::NAN; rows * n]).unwrap();
+        g.silu_mul(&gud, &mut sd, n, rows).unwrap();
+        let got = g.download(&sd).unwrap();
+        for r in 0..rows {
+            let row = &gu[r * 2 * n..(r + 1) * 2 * n];
+            let mut want = vec![0.0; n];
+            reference::silu_mul(&row[..n], &row[n..], &mut want);
+            let scale: Vec<f32> = want.iter().map(|v| v.abs()).collect();
+            assert_close(&got[r * n..(r + 1) * n], &want, &scale, 4.0 * GPU_ELEMWISE_TOL, "silu_mul");
+        }
+
+        let mut am = g.zeros::<u32>(rows).unwrap();
+        let mut xt = x.clone();
+        // A tie: the first index must win.
+        if n > 10 {
+            let m = x[..n].iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+            xt[7] = m;
+            xt[9] = m;
+        }
+        let xtd = g.upload(&xt).unwrap();
+        g.argmax(&xtd, &mut am, rows, n).unwrap();
+        let got = g.download(&am).unwrap();
+        for r in 0..rows {
+            assert_eq!(got[r] as usize, reference::argmax(&xt[r * n..(r + 1) * n]), "argmax row {r}");
+        }
+    }
+}
+
+#[test]
+fn rope_and_decode_attention_match_reference() {
+    let Some(g) = gpu() else { return };
+    let (n_head, n_kv, hd, max_keys, batch) = (8usize, 2usize, 64usize, 300usize, 2usize);
+    let half = hd / 2;
+    let positions = 64;
+    let mut cos = vec![0.0; positions * half];
+    let mut sin = vec![0.0; positions * half];
+    for p in 0..positions {
+        for i in 0..half {
+            let a = p as f32 * 10000f32.powf(-((2 * i) as f32) / hd as f32);
+            cos[p * half + i] = a.cos();
+            sin[p * half + i] = a.sin();
+        }
+    }
+    let q = rand_vec(batch * n_head * hd, 31);
+    let pos = [5i32, 63];
+    let mut qd = g.upload(&q).unwrap();
+    let (cd, sd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap());
+    let pd = g.upload(&pos).unwrap();
+    g.rope_neox(&mut qd, &cd, &sd, &pd, batch, n_head, hd, n_head * hd).unwrap();
+    let got = g.download(&qd).unwrap();
+    let mut want = q.clone();
+    for (b, &p) in pos.iter().enumerate() {
+        let p = p as usize;
+        for h in 0..n_head {
+            let o = b * n_head * hd + h * hd;
+            reference::rope_neox(&mut want[o..o + hd], &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        }
+    }
+    let ones = vec![1.0; want.len()];
+    assert_close(&got, &want, &ones, 4.0 * GPU_ELEMWISE_TOL, "rope_neox");
+
+    let kvs = n_kv * hd;
+    let k = rand_vec(batch * max_keys * kvs, 32);
+    let v = rand_vec(batch * max_keys * kvs, 33);
+    let n_keys = [1i32, 300];
+    let (kd, vd, nkd) = (g.upload(&k).unwrap(), g.upload(&v).unwrap(), g.upload(&n_keys).unwrap());
+    let mut od = g.upload(&vec![f32::NAN; batch * n_head * hd]).unwrap();
+    g.attention_decode(&qd, &kd, &vd, &mut od, &nkd, batch, n_head, n_kv, hd, max_keys).unwrap();
+    let got = g.download(&od).unwrap();
+    for b in 0..batch {
+        let nk = n_keys[b] as usize;
+        let qs = &want[b * n_head * hd..(b + 1) * n_head * hd];
+        let kb = &k[b * max_keys * kvs..b * max_keys * kvs + nk * kvs];
+        let vb = &v[b * max_keys * kvs..b * max_keys * kvs + nk * kvs];
+        let mut o = vec![0.0; n_head * hd];
+        reference::attention(qs, kb, vb, 1, nk - 1, n_head, n_kv, hd, &mut o);
+        let ones = vec![1.0; o.len()];
+        assert_close(&got[b * n_head * hd..(b + 1) * n_head * hd], &o, &ones, GPU_ATTN_TOL, "attention_decode");
+    }
+}
+
+#[test]
+fn gemv_back_to_back_launches_stay_ordered() {
+    let Some(mut g) = gpu() else { return };
+    let (n_in, n_out) = (2048, 1024);
+    let dtype = WeightDtype::F16;
+    let bits = dtype.encode(&rand_vec(n_in * n_out, 41));
+    let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
+    let x = rand_vec(n_in, 42);
+    let t = threshold_for(&x, 0.5);
+    let mut want = vec![0.0; n_out];
+    reference::gemv_t_sparse(&wq, n_in, n_out, &x, t, &mut want);
+    let mut xs = vec![0.0; n_in];
+    reference::sparsify(&x, t, &mut xs);
+    let xa: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
+    let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
+    let mut scale = vec![0.0; n_out];
+    reference::gemv_t(&wa, n_in, n_out, &xa, &mut scale);
+    let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
+    let xd = g.upload(&x).unwrap();
+    for pdl in [false, true] {
+        g.set_programmatic_launch(pdl);
+        // 10 accumulating launches, then 10 self-contained ones that each add y once more
+        // (beta = 1), with no synchronisation in between: y = 20 * W s_t(x).
+        let mut yd = g.zeros::<f32>(n_out).unwrap();
+        for _ in 0..10 {
+            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], GemvOpts { accumulate: true, ..Default::default() }).unwrap();
+        }
+        for _ in 0..10 {
+            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], GemvOpts { beta: 1.0, ..Default::default() }).unwrap();
+        }
+        let y = g.download(&yd).unwrap();
+        let want20: Vec<f32> = want.iter().map(|v| 20.0 * v).collect();
+        let scale20: Vec<f32> = scale.iter().map(|v| 20.0 * v).collect();
+        assert_close(&y, &want20, &scale20, GPU_GEMV_REL_TOL, &format!("20 chained launches, pdl {pdl}"));
+    }
+}
+
+#[test]
+fn decode_helpers_fill_embed_kv_append_advance() {
+    let Some(g) = gpu() else { return };
+    for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+        // Random fill: inside [-scale, scale], mean near 0, not constant, deterministic.
+        let n = 1 << 16;
+        let mut w = g.zeros::<u16>(n).unwrap();
+        g.fill_random(&mut w, dtype, 5, 0.5).unwrap();
+        let a: Vec<f32> = g.download(&w).unwrap().iter().map(|&b| dtype.decode(b)).collect();
+        let mean = a.iter().sum::<f32>() / n as f32;
+        assert!(a.iter().all(|v| v.abs() <= 0.5), "{}: fill out of range", dtype.name());
+        assert!(mean.abs() < 0.01, "{}: fill mean {mean}", dtype.name());
+        let var = a.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        assert!((var - 0.25 / 3.0).abs() < 0.005, "{}: fill variance {var}", dtype.name());
+        let mut w2 = g.zeros::<u16>(n).unwrap();
+        g.fill_random(&mut w2, dtype, 5, 0.5).unwrap();
+        assert_eq!(g.download(&w).unwrap(), g.download(&w2).unwrap());
+
+        // Embedding row lookup, exact.
+        let (vocab, d) = (37, 300);
+        let table = dtype.encode(&rand_vec(vocab * d, 51));
+        let td = g.upload(&table).unwrap();
+        let tok = g.upload(&[29u32]).unwrap();
+        let mut h = g.zeros::<f32>(d).unwrap();
+        g.embed(&td, dtype, &tok, &mut h, d).unwrap();
+        let want: Vec<f32> = table[29 * d..30 * d].iter().map(|&b| dtype.decode(b)).collect();
+        assert_eq!(g.download(&h).unwrap(), want);
+    }
+    // KV append at a device-held position, then advance it.
+    let (q_dim, kv_dim, max_pos) = (64, 32, 5);
+    let qkv = rand_vec(q_dim + 2 * kv_dim, 52);
+    let qd = g.upload(&qkv).unwrap();
+    let mut kc = g.zeros::<f32>(max_pos * kv_dim).unwrap();
+    let mut vc = g.zeros::<f32>(max_pos * kv_dim).unwrap();
+    let mut pos = g.upload(&[3i32]).unwrap();
+    let mut nk = g.upload(&[4i32]).unwrap();
+    g.kv_append(&qd, &mut kc, &mut vc, &pos, q_dim, kv_dim).unwrap();
+    g.advance_position(&mut pos, &mut nk).unwrap();
+    let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
+    assert_eq!(&k[3 * kv_dim..4 * kv_dim], &qkv[q_dim..q_dim + kv_dim]);
+    assert_eq!(&v[3 * kv_dim..4 * kv_dim], &qkv[q_dim + kv_dim..]);
+    assert!(k[..3 * kv_dim].iter().chain(&k[4 * kv_dim..]).all(|&x| x == 0.0));
+    assert_eq!(g.download(&pos).unwrap(), vec![4]);
+    assert_eq!(g.download(&nk).unwrap(), vec![5]);
+}
+
+#[test]
+fn gemv_with_silu_mul_input_matches_reference() {
+    let Some(g) = gpu() else { return };
+    let (n_in, n_out, batch) = (1000, 264, 2);
+    let dtype = WeightDtype::Bf16;
+    let bits = dtype.encode(&rand_vec(n_in * n_out, 61));
+    let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
+    let gu: Vec<f32> = rand_vec(batch * 2 * n_in, 62).iter().map(|v| 4.0 * v).collect();
+    let mut act = vec![0.0; batch * n_in];
+    for b in 0..batch {
+        let row = &gu[b * 2 * n_in..(b + 1) * 2 * n_in];
+        reference::silu_mul(&row[..n_in], &row[n_in..], &mut act[b * n_in..(b + 1) * n_in]);
+    }
+    let t = threshold_for(&act[..n_in], 0.5);
+    let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
+    let gud = g.upload(&gu).unwrap();
+    let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
+    let opts = GemvOpts { silu_mul_input: true, ..Default::default() };
+    g.gemv(&mut lin, &gud, &mut yd, batch, &[t], opts).unwrap();
+    let y = g.download(&yd).unwrap();
+    let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
+    for b in 0..batch {
+        let a = &act[b * n_in..(b + 1) * n_in];
+        let mut want = vec![0.0; n_out];
+        reference::gemv_t_sparse(&wq, n_in, n_out, a, t, &mut want);
+        let aa: Vec<f32> = a.iter().map(|v| v.abs()).collect();
+        let mut scale = vec![0.0; n_out];
+        reference::gemv_t(&wa, n_in, n_out, &aa, &mut scale);
+        assert_close(&y[b * n_out..(b + 1) * n_out], &want, &scale, GPU_GEMV_REL_TOL, "gemv silu*mul input");
+    }
+}
+
+#[test]
+fn rope_kv_append_matches_reference() {
+    let Some(g) = gpu() else { return };
+    let (n_head, n_kv, hd, max_pos, p) = (6usize, 2usize, 64usize, 9usize, 7usize);
+    let half = hd / 2;
+    let cos: Vec<f32> = rand_vec(max_pos * half, 71);
+    let sin: Vec<f32> = rand_vec(max_pos * half, 72);
+    let qkv = rand_vec((n_head + 2 * n_kv) * hd, 73);
+    let mut qd = g.upload(&qkv).unwrap();
+    let (cd, sd, pd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap(), g.upload(&[p as i32]).unwrap());
+    let mut kc = g.zeros::<f32>(max_pos * n_kv * hd).unwrap();
+    let mut vc = g.zeros::<f32>(max_pos * n_kv * hd).unwrap();
+    g.rope_kv_append(&mut qd, &cd, &sd, &pd, &mut kc, &mut vc, n_head, n_kv, hd).unwrap();
+    let mut want = qkv.clone();
+    for h in 0..n_head + n_kv {
+        reference::rope_neox(&mut want[h * hd..(h + 1) * hd], &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+    }
+    let ones = vec![1.0; want.len()];
+    assert_close(&g.download(&qd).unwrap(), &want, &ones, 4.0 * GPU_ELEMWISE_TOL, "rope q|k");
+    let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
+    let row = p * n_kv * hd;
+    let ones = vec![1.0; n_kv * hd];
+    assert_close(&k[row..row + n_kv * hd], &want[n_head * hd..(n_head + n_kv) * hd], &ones, 4.0 * GPU_ELEMWISE_TOL, "k cache");
+    assert_eq!(&v[row..row + n_kv * hd], &qkv[(n_head + n_kv) * hd..]);
+}
