@@ -39,6 +39,30 @@ struct Common {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
+    /// Weight format of the projections and LM head, repacked at load (q8: 8-bit, q4: 4-bit
+    /// with minimum, both in groups of 32 outputs of one input row).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+    Q8,
+    Q4,
+}
+impl From<DtypeArg> for teal::Dtype {
+    fn from(d: DtypeArg) -> teal::Dtype {
+        match d {
+            DtypeArg::F32 => teal::Dtype::F32,
+            DtypeArg::F16 => teal::Dtype::F16,
+            DtypeArg::Bf16 => teal::Dtype::Bf16,
+            DtypeArg::Q8 => teal::Dtype::Q8,
+            DtypeArg::Q4 => teal::Dtype::Q4,
+        }
+    }
 }
 
 /// TEAL sparsity, the same flags in every subcommand.
@@ -353,6 +377,14 @@ impl Common {
         Ok(())
     }
 
+    /// Loads the weights in the requested format.
+    fn load(&self, files: &ModelFiles) -> Result<teal::models::llama::Llama> {
+        let dtype: teal::Dtype = self.dtype.into();
+        files
+            .load_model_as(dtype)
+            .with_context(|| format!("loading the weights as {}", dtype.name()))
+    }
+
     fn open(&self) -> Result<ModelFiles> {
         self.setup_threads()?;
         let path = self.model_path()?;
@@ -365,7 +397,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let files = a.common.open()?;
     let tok = &files.tokenizer;
     let t0 = std::time::Instant::now();
-    let model = files.load_model()?;
+    let model = a.common.load(&files)?;
     eprintln!(
         "loaded {} ({}) in {:.2}s",
         files.config.arch.name(),
@@ -475,7 +507,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     let files = a.common.open()?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
-    let model = files.load_model()?;
+    let model = a.common.load(&files)?;
     let opts = PplOptions {
         ctx: a.ctx,
         chunks: a.chunks,
@@ -608,7 +640,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     };
     let text = teal::error::read_text(&data)?;
     let tokens = files.tokenizer.encode(&text, false)?;
-    let model = files.load_model()?;
+    let model = a.common.load(&files)?;
     let seq_len = a.seq_len.min(files.config.max_position_embeddings);
     let greedy = a.greedy.then(|| {
         (
@@ -685,7 +717,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     };
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
-    let model = files.load_model()?;
+    let model = a.common.load(&files)?;
     let opts = PplOptions {
         ctx: a.ctx,
         chunks: Some(a.chunks),

@@ -20,3 +20,4 @@ pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use load::ModelFiles;
+pub use teal_kernels::packed::Dtype;

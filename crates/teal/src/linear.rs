@@ -3,15 +3,14 @@
 //! what kind of weights sit behind it, and whether the input is sparsified first, is this
 //! module's business.
 
+use crate::error::{Error, Result};
 use std::sync::Arc;
 use teal_kernels::cpu;
+use teal_kernels::packed::{Data, Dtype, PackedT};
 
-/// Weight storage. Input-major (`wt[in, out]`): the weights of one input channel are
-/// contiguous, so a zeroed input skips a whole row.
-#[derive(Debug)]
-enum Weight {
-    F32(Vec<f32>),
-}
+/// Weight storage: input-major (`wt[in, out]`) in one of the formats of
+/// [`teal_kernels::packed`], so a zeroed input skips a whole row (and its scales).
+type Weight = PackedT;
 
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -24,28 +23,48 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// From a row-major `[out, in]` matrix (the checkpoints' layout).
+    /// From a row-major `[out, in]` matrix (the checkpoints' layout), kept in f32.
     pub fn from_rows(out_dim: usize, in_dim: usize, w: &[f32], bias: Option<Vec<f32>>) -> Linear {
-        assert_eq!(w.len(), out_dim * in_dim);
-        let mut wt = vec![0.0f32; w.len()];
-        // Blocked transpose: cache-friendly on both sides.
-        const B: usize = 64;
-        for o0 in (0..out_dim).step_by(B) {
-            for i0 in (0..in_dim).step_by(B) {
-                for o in o0..(o0 + B).min(out_dim) {
-                    for i in i0..(i0 + B).min(in_dim) {
-                        wt[i * out_dim + o] = w[o * in_dim + i];
-                    }
-                }
-            }
+        let wt = transpose(out_dim, in_dim, w);
+        Linear::new(
+            PackedT {
+                n_in: in_dim,
+                n_out: out_dim,
+                data: Data::F32(wt),
+            },
+            bias,
+        )
+    }
+
+    /// From a row-major `[out, in]` matrix, repacked to `dtype`; `name` is for the error.
+    pub fn from_rows_as(
+        dtype: Dtype,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        w: &[f32],
+        bias: Option<Vec<f32>>,
+    ) -> Result<Linear> {
+        if dtype == Dtype::F32 {
+            return Ok(Linear::from_rows(out_dim, in_dim, w, bias));
         }
+        let wt = transpose(out_dim, in_dim, w);
+        let p =
+            PackedT::from_input_major(dtype, &wt, in_dim, out_dim).map_err(|e| Error::Tensor {
+                name: name.into(),
+                msg: format!("cannot be repacked to {}: {e}", dtype.name()),
+            })?;
+        Ok(Linear::new(p, bias))
+    }
+
+    fn new(w: PackedT, bias: Option<Vec<f32>>) -> Linear {
         if let Some(b) = &bias {
-            assert_eq!(b.len(), out_dim);
+            assert_eq!(b.len(), w.n_out);
         }
         Linear {
-            in_dim,
-            out_dim,
-            weight: Arc::new(Weight::F32(wt)),
+            in_dim: w.n_in,
+            out_dim: w.n_out,
+            weight: Arc::new(w),
             bias: bias.map(Arc::new),
             threshold: None,
         }
@@ -63,26 +82,24 @@ impl Linear {
         self.threshold
     }
 
-    /// Bytes of weights stored.
+    /// Bytes of weights stored (scales included).
     pub fn weight_bytes(&self) -> usize {
-        match &*self.weight {
-            Weight::F32(w) => w.len() * 4,
-        }
+        self.weight.bytes()
     }
 
-    /// Weights of input channel `j` (a row of the input-major matrix), for gathers such as
-    /// a tied embedding lookup.
-    pub fn input_row(&self, j: usize) -> &[f32] {
-        match &*self.weight {
-            Weight::F32(w) => &w[j * self.out_dim..(j + 1) * self.out_dim],
-        }
+    /// The weight format.
+    pub fn dtype(&self) -> Dtype {
+        self.weight.dtype()
     }
 
     /// Decode: `y = W s_t(x) + b` for one vector.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
-        match (&*self.weight, self.threshold) {
-            (Weight::F32(w), None) => cpu::gemv_t(w, self.in_dim, self.out_dim, x, y),
-            (Weight::F32(w), Some(t)) => cpu::gemv_t_sparse(w, self.in_dim, self.out_dim, x, t, y),
+        let w = self.weight.mat();
+        match self.threshold {
+            None => cpu::gemv(&w, x, y),
+            Some(t) => {
+                cpu::gemv_sparse(&w, x, t, y);
+            }
         }
         self.add_bias(y);
     }
@@ -99,9 +116,7 @@ impl Linear {
                 &sparsified
             }
         };
-        match &*self.weight {
-            Weight::F32(w) => cpu::matmul_t(x, n_tok, w, self.in_dim, self.out_dim, y),
-        }
+        cpu::matmul_packed(x, n_tok, &self.weight.mat(), y);
         for row in y.chunks_mut(self.out_dim) {
             self.add_bias(row);
         }
@@ -114,4 +129,21 @@ impl Linear {
             }
         }
     }
+}
+
+/// Row-major `[out, in]` to input-major `[in, out]`, blocked: cache-friendly on both sides.
+fn transpose(out_dim: usize, in_dim: usize, w: &[f32]) -> Vec<f32> {
+    assert_eq!(w.len(), out_dim * in_dim);
+    let mut wt = vec![0.0f32; w.len()];
+    const B: usize = 64;
+    for o0 in (0..out_dim).step_by(B) {
+        for i0 in (0..in_dim).step_by(B) {
+            for o in o0..(o0 + B).min(out_dim) {
+                for i in i0..(i0 + B).min(in_dim) {
+                    wt[i * out_dim + o] = w[o * in_dim + i];
+                }
+            }
+        }
+    }
+    wt
 }
