@@ -177,3 +177,8 @@ pub fn gemv_packed(w: &crate::packed::Mat, x: &[f32], y: &mut [f32]) {
     let idx: Vec<u32> = (0..w.n_in as u32).collect();
     gemv_packed_idx(w, &idx, x, y)
 }
+
+/// `sum x[i]` (the streaming read that measures memory bandwidth).
+pub fn sum(x: &[f32]) -> f32 {
+    x.iter().sum()
+}

@@ -169,6 +169,19 @@ fn attention_decode_matches_reference() {
     }
 }
 
+#[test]
+fn sum_matches_reference() {
+    for n in [0, 1, 63, 64, 1000] {
+        let x = rand_vec(n, 21);
+        let scale: f32 = x.iter().map(|v| v.abs()).sum();
+        let (a, b) = (reference::sum(&x), cpu::sum(&x));
+        assert!(
+            (a - b).abs() <= GEMV_REL_TOL * scale.max(1.0),
+            "n={n}: {a} vs {b}"
+        );
+    }
+}
+
 mod packed_formats {
     use super::*;
     use teal_kernels::packed::{Dtype, PackedT, GROUP};
