@@ -2,12 +2,26 @@
 //! columns with rayon's persistent pool. Each function computes exactly what its namesake in
 //! [`crate::reference`] computes (up to float summation order) and is tested against it.
 
-use crate::packed::{Mat, View, GROUP};
+use crate::packed::{Mat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
 use rayon::prelude::*;
 
-/// Output columns per work item: a multiple of 8 (one AVX register) and small enough that one
-/// tile of `y` stays in L1 while every input row streams past it.
-const TILE: usize = 512;
+/// Output columns per tile (f32; formats with fewer bytes per weight take wider tiles): a
+/// multiple of the group, small enough that the tile of `y` stays in L1/L2 while the kept input
+/// rows stream past it, and wide enough that each row is read as one run of 4 KiB, long enough for
+/// the hardware prefetchers.
+const TILE: usize = 1024;
+/// The widest tile of any format (q4).
+const MAX_TILE: usize = 8 * TILE;
+
+/// Tile width for a format: about 4 KiB of weights per row.
+fn tile_width(view: &View) -> usize {
+    match view {
+        View::F32(_) => TILE,
+        View::F16(_) | View::Bf16(_) => 2 * TILE,
+        View::Q8(_) => 4 * TILE,
+        View::Q4(_) => MAX_TILE,
+    }
+}
 
 /// A raw pointer that may cross threads: every user writes a disjoint range.
 #[derive(Clone, Copy)]
@@ -15,11 +29,17 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Number of work items so that each thread of the pool gets a contiguous share of columns.
-fn column_chunks(n_out: usize) -> usize {
+/// Number of work items: at least one per thread (where there are groups enough), at most four
+/// per thread, so each thread gets a contiguous share of columns and stealing can even out a
+/// noisy machine.
+fn column_chunks(n_out: usize, tile: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let tiles = n_out.div_ceil(TILE);
-    tiles.min(threads * 4).max(1)
+    let tiles = n_out.div_ceil(tile);
+    tiles
+        .min(threads * 4)
+        .max(threads)
+        .min(n_out.div_ceil(GROUP))
+        .max(1)
 }
 
 /// Whether the AVX2/FMA/F16C paths run on this CPU (detected once per call site, cached by std).
@@ -159,13 +179,14 @@ fn gemv_rows<R: Rows>(w: &Mat, rows: &R, y: &mut [f32]) {
 /// [`gemv_rows`] with the SIMD choice explicit (tests run the portable path on AVX2 machines).
 fn gemv_rows_on<R: Rows>(w: &Mat, rows: &R, y: &mut [f32], simd: bool) {
     assert_eq!(y.len(), w.n_out, "gemv: output size");
-    let chunks = column_chunks(w.n_out);
+    let tw = tile_width(&w.view);
+    let chunks = column_chunks(w.n_out, tw);
     // A multiple of the quantization group, so every tile starts on a group boundary.
     let per = w.n_out.div_ceil(chunks).next_multiple_of(GROUP);
     y.par_chunks_mut(per).enumerate().for_each(|(c, yc)| {
         let o0 = c * per;
-        for (k, yt) in yc.chunks_mut(TILE).enumerate() {
-            tile(w, rows, o0 + k * TILE, yt, simd);
+        for (k, yt) in yc.chunks_mut(tw).enumerate() {
+            tile(w, rows, o0 + k * tw, yt, simd);
         }
     });
 }
@@ -182,8 +203,8 @@ fn tile<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], simd: bool) {
                 View::F32(a) => tile_f32_avx2(a, w.n_out, rows, o0, yt),
                 View::F16(a) => tile_f16_avx2(a, w.n_out, rows, o0, yt),
                 View::Bf16(a) => tile_bf16_avx2(a, w.n_out, rows, o0, yt),
-                View::Q8 { q, d } => tile_q8_avx2(w, q, d, ng, rows, o0, yt),
-                View::Q4 { q, d, m } => tile_q4_avx2(w, q, d, m, ng, rows, o0, yt),
+                View::Q8(b) => tile_q8_avx2(w, b, ng, rows, o0, yt),
+                View::Q4(b) => tile_q4_avx2(w, b, ng, rows, o0, yt),
             }
         }
         return;
@@ -195,7 +216,7 @@ fn tile<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], simd: bool) {
 /// Portable tile: dequantize each kept row's slice, then accumulate.
 fn tile_portable<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32]) {
     yt.fill(0.0);
-    let mut buf = [0.0f32; TILE];
+    let mut buf = [0.0f32; MAX_TILE];
     let b = &mut buf[..yt.len()];
     for k in 0..rows.len() {
         let (j, xj) = rows.get(k);
@@ -335,139 +356,150 @@ elementwise_tile!(
     |v| v.to_f32()
 );
 
+/// The f16 at `p` (unaligned) as f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn h2f(h: half::f16) -> f32 {
+unsafe fn h2f(p: *const u8) -> f32 {
     use std::arch::x86_64::*;
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// One group of 32 q8 values as four vectors of f32.
+/// The 32 values of a q8 block (scale first) as four vectors of f32, and the scale.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q8_group(p: *const i8) -> [std::arch::x86_64::__m256; 4] {
+unsafe fn q8_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], f32, f32) {
     use std::arch::x86_64::*;
-    let l = |o: usize| {
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-            p.add(o) as *const __m128i
-        )))
-    };
-    [l(0), l(8), l(16), l(24)]
+    let q = p.add(2);
+    let l0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q as *const __m128i)));
+    let l1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+        q.add(8) as *const __m128i
+    )));
+    let l2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+        q.add(16) as *const __m128i
+    )));
+    let l3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+        q.add(24) as *const __m128i
+    )));
+    ([l0, l1, l2, l3], h2f(p), 0.0)
 }
 
-/// One group of 32 q4 values (16 bytes: low nibbles outputs 0..16, high 16..32) as f32.
+/// The 32 nibbles of a q4 block (scale, minimum, 16 bytes: low nibbles are outputs 0..16,
+/// high ones 16..32) as four vectors of f32, the scale and the minimum.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4_group(p: *const u8) -> [std::arch::x86_64::__m256; 4] {
+unsafe fn q4_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], f32, f32) {
     use std::arch::x86_64::*;
-    let v = _mm_loadu_si128(p as *const __m128i);
+    let v = _mm_loadu_si128(p.add(4) as *const __m128i);
     let mask = _mm_set1_epi8(15);
     let lo = _mm_and_si128(v, mask);
     let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    let c = |b: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-    [
-        c(lo),
-        c(_mm_srli_si128(lo, 8)),
-        c(hi),
-        c(_mm_srli_si128(hi, 8)),
-    ]
+    let c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    let c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    let c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    let c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    ([c0, c1, c2, c3], h2f(p), h2f(p.add(2)))
 }
 
-/// AVX2 tile over a grouped format: per group of 32 outputs, four kept rows are accumulated in
-/// registers (`acc += (x_j d_jg) q_j + x_j m_jg`). A trailing partial group (only at the end of
+/// AVX2 tile over a blocked format: kept rows in passes of four (then one by one); per group
+/// of 32 outputs, a pass accumulates its rows in registers (`acc += (x_j d_jg) q_j`, plus
+/// `sum_j x_j m_jg` for formats with a minimum). A trailing partial group (only at the end of
 /// the matrix) goes through the scalar definition.
-macro_rules! grouped_tile {
-    ($name:ident, $qt:ty, $gbytes:expr, $group:ident, $has_min:expr) => {
+macro_rules! blocked_tile {
+    ($name:ident, $pass:ident, $bsize:expr, $block:ident, $has_min:expr) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c")]
-        #[allow(clippy::too_many_arguments)]
         unsafe fn $name<R: Rows>(
             w: &Mat,
-            q: &[$qt],
-            d: &[half::f16],
-            m: &[half::f16],
+            blocks: &[u8],
             ng: usize,
             rows: &R,
             o0: usize,
             yt: &mut [f32],
         ) {
-            use std::arch::x86_64::*;
             yt.fill(0.0);
+            let nr = rows.len();
+            let mut k = 0;
+            while k + 4 <= nr {
+                $pass::<4, R>(w, blocks, ng, rows, k, o0, yt);
+                k += 4;
+            }
+            while k < nr {
+                $pass::<1, R>(w, blocks, ng, rows, k, o0, yt);
+                k += 1;
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $pass<const N: usize, R: Rows>(
+            w: &Mat,
+            blocks: &[u8],
+            ng: usize,
+            rows: &R,
+            k: usize,
+            o0: usize,
+            yt: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
             let n = yt.len();
             let full = n / GROUP;
             let g0 = o0 / GROUP;
             let yp = yt.as_mut_ptr();
-            let (qp, dp, mp) = (q.as_ptr(), d.as_ptr(), m.as_ptr());
-            let nr = rows.len();
-            let mut k = 0;
-            while k < nr {
-                let take = (nr - k).min(4);
-                let mut js = [0usize; 4];
-                let mut xs = [0.0f32; 4];
-                for r in 0..take {
-                    (js[r], xs[r]) = rows.get(k + r);
-                }
-                for g in 0..full {
-                    let gy = yp.add(g * GROUP);
-                    let mut acc = [
-                        _mm256_loadu_ps(gy),
-                        _mm256_loadu_ps(gy.add(8)),
-                        _mm256_loadu_ps(gy.add(16)),
-                        _mm256_loadu_ps(gy.add(24)),
-                    ];
-                    let mut bias = 0.0f32;
-                    for r in 0..take {
-                        let gi = js[r] * ng + g0 + g;
-                        let s = _mm256_set1_ps(xs[r] * h2f(*dp.add(gi)));
-                        if $has_min {
-                            bias += xs[r] * h2f(*mp.add(gi));
-                        }
-                        let qv = $group(qp.add(gi * $gbytes));
-                        for i in 0..4 {
-                            acc[i] = _mm256_fmadd_ps(s, qv[i], acc[i]);
-                        }
+            let bp = blocks.as_ptr();
+            let mut ps = [bp; N];
+            let mut xs = [0.0f32; N];
+            let mut js = [0usize; N];
+            for r in 0..N {
+                (js[r], xs[r]) = rows.get(k + r);
+                ps[r] = bp.add((js[r] * ng + g0) * $bsize);
+            }
+            for g in 0..full {
+                let gy = yp.add(g * GROUP);
+                let mut acc = [
+                    _mm256_loadu_ps(gy),
+                    _mm256_loadu_ps(gy.add(8)),
+                    _mm256_loadu_ps(gy.add(16)),
+                    _mm256_loadu_ps(gy.add(24)),
+                ];
+                let mut bias = 0.0f32;
+                for r in 0..N {
+                    let (qv, d, m) = $block(ps[r].add(g * $bsize));
+                    let s = _mm256_set1_ps(xs[r] * d);
+                    if $has_min {
+                        bias += xs[r] * m;
                     }
-                    let b = _mm256_set1_ps(bias);
-                    for (i, a) in acc.iter().enumerate() {
-                        let a = if $has_min { _mm256_add_ps(*a, b) } else { *a };
-                        _mm256_storeu_ps(gy.add(i * 8), a);
+                    for i in 0..4 {
+                        acc[i] = _mm256_fmadd_ps(s, qv[i], acc[i]);
                     }
                 }
-                if full * GROUP < n {
-                    let mut buf = [0.0f32; GROUP];
-                    let b = &mut buf[..n - full * GROUP];
-                    for r in 0..take {
-                        w.dequant_row(js[r], o0 + full * GROUP, b);
-                        for (i, &v) in b.iter().enumerate() {
-                            *yp.add(full * GROUP + i) += xs[r] * v;
-                        }
+                let b = _mm256_set1_ps(bias);
+                for (i, a) in acc.iter().enumerate() {
+                    let a = if $has_min { _mm256_add_ps(*a, b) } else { *a };
+                    _mm256_storeu_ps(gy.add(i * 8), a);
+                }
+            }
+            if full * GROUP < n {
+                let mut buf = [0.0f32; GROUP];
+                let b = &mut buf[..n - full * GROUP];
+                for r in 0..N {
+                    w.dequant_row(js[r], o0 + full * GROUP, b);
+                    for (i, &v) in b.iter().enumerate() {
+                        *yp.add(full * GROUP + i) += xs[r] * v;
                     }
                 }
-                k += take;
             }
         }
     };
 }
 
-grouped_tile!(tile_q8_avx2_impl, i8, GROUP, q8_group, false);
-grouped_tile!(tile_q4_avx2, u8, GROUP / 2, q4_group, true);
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q8_avx2<R: Rows>(
-    w: &Mat,
-    q: &[i8],
-    d: &[half::f16],
-    ng: usize,
-    rows: &R,
-    o0: usize,
-    yt: &mut [f32],
-) {
-    tile_q8_avx2_impl(w, q, d, &[], ng, rows, o0, yt)
-}
+blocked_tile!(tile_q8_avx2, pass_q8_avx2, Q8_BLOCK, q8_block, false);
+blocked_tile!(tile_q4_avx2, pass_q4_avx2, Q4_BLOCK, q4_block, true);
 
 /// Prefill on packed weights: `y[T, out] = x[T, in] * W^T`. f32 goes straight to
 /// [`matmul_t`]; other formats are dequantized one block of columns at a time into a

@@ -3,17 +3,24 @@
 //!
 //! - `f32`, `f16`, `bf16`: one value per weight.
 //! - `q8`: groups of [`GROUP`] consecutive outputs within one input row share an f16 scale `d`;
-//!   `w = d * q`, `q` in `[-127, 127]` (symmetric, 8.5 bits per weight like GGML's Q8_0).
+//!   `w = d * q`, `q` in `[-127, 127]` (symmetric). A group is a 34-byte block `[d, q0..q31]`
+//!   (8.5 bits per weight, GGML's Q8_0 block, but along the output dimension).
 //! - `q4`: groups of [`GROUP`] consecutive outputs within one input row share an f16 scale `d`
-//!   and an f16 minimum `m`; `w = d * q + m`, `q` in `[0, 15]` (5 bits per weight like Q4_1).
-//!   Byte `b` of a group holds output `b` in its low nibble and output `b + 16` in its high one.
+//!   and an f16 minimum `m`; `w = d * q + m`, `q` in `[0, 15]`. A group is a 20-byte block
+//!   `[d, m, 16 bytes]` (5 bits per weight like Q4_1); byte `b` holds output `b` in its low
+//!   nibble and output `b + 16` in its high one.
 //!
-//! Rows of the quantized formats are padded to a whole number of groups (padding is zero).
+//! Rows of the quantized formats are whole blocks (a partial last group is padded with zeros),
+//! so one kept input row is one contiguous run of blocks, scales inline.
 
 use half::{bf16, f16};
 
 /// Consecutive outputs of one input row that share a scale in `q8` and `q4`.
 pub const GROUP: usize = 32;
+/// Bytes of one q8 block: f16 scale, 32 values.
+pub const Q8_BLOCK: usize = 2 + GROUP;
+/// Bytes of one q4 block: f16 scale, f16 minimum, 32 nibbles.
+pub const Q4_BLOCK: usize = 4 + GROUP / 2;
 
 /// A weight format chosen at load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -67,17 +74,10 @@ pub enum Data {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
-    /// `q[j * stride + o]`, `d[j * groups + g]`, `stride = groups * GROUP`.
-    Q8 {
-        q: Vec<i8>,
-        d: Vec<f16>,
-    },
-    /// `q[j * groups * 16 + g * 16 + b]`, `d`, `m`: `[j * groups + g]`.
-    Q4 {
-        q: Vec<u8>,
-        d: Vec<f16>,
-        m: Vec<f16>,
-    },
+    /// Block `(j, g)` at byte `(j * groups + g) * Q8_BLOCK`.
+    Q8(Vec<u8>),
+    /// Block `(j, g)` at byte `(j * groups + g) * Q4_BLOCK`.
+    Q4(Vec<u8>),
 }
 
 /// A packed input-major matrix.
@@ -95,15 +95,8 @@ pub enum View<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     Bf16(&'a [bf16]),
-    Q8 {
-        q: &'a [i8],
-        d: &'a [f16],
-    },
-    Q4 {
-        q: &'a [u8],
-        d: &'a [f16],
-        m: &'a [f16],
-    },
+    Q8(&'a [u8]),
+    Q4(&'a [u8]),
 }
 
 /// Weights plus dimensions, as the kernels see them.
@@ -155,54 +148,51 @@ impl PackedT {
             Dtype::Bf16 => Data::Bf16(wt.iter().map(|&v| bf16::from_f32(v)).collect()),
             Dtype::Q8 => {
                 f16_range(dtype)?;
-                let mut q = vec![0i8; n_in * ng * GROUP];
-                let mut d = vec![f16::ZERO; n_in * ng];
+                let mut blocks = vec![0u8; n_in * ng * Q8_BLOCK];
                 for j in 0..n_in {
                     let row = &wt[j * n_out..(j + 1) * n_out];
                     for (g, chunk) in row.chunks(GROUP).enumerate() {
+                        let blk = &mut blocks[(j * ng + g) * Q8_BLOCK..(j * ng + g + 1) * Q8_BLOCK];
                         let amax = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-                        let dg = f16::from_f32(amax / 127.0);
-                        d[j * ng + g] = dg;
-                        let inv = if dg.to_f32() > 0.0 {
-                            1.0 / dg.to_f32()
+                        let d = f16::from_f32(amax / 127.0);
+                        blk[..2].copy_from_slice(&d.to_le_bytes());
+                        let inv = if d.to_f32() > 0.0 {
+                            1.0 / d.to_f32()
                         } else {
                             0.0
                         };
-                        let qo = &mut q[(j * ng + g) * GROUP..];
-                        for (qv, &v) in qo.iter_mut().zip(chunk) {
-                            *qv = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                        for (qv, &v) in blk[2..].iter_mut().zip(chunk) {
+                            *qv = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
                         }
                     }
                 }
-                Data::Q8 { q, d }
+                Data::Q8(blocks)
             }
             Dtype::Q4 => {
                 f16_range(dtype)?;
-                let mut q = vec![0u8; n_in * ng * GROUP / 2];
-                let mut d = vec![f16::ZERO; n_in * ng];
-                let mut m = vec![f16::ZERO; n_in * ng];
+                let mut blocks = vec![0u8; n_in * ng * Q4_BLOCK];
                 for j in 0..n_in {
                     let row = &wt[j * n_out..(j + 1) * n_out];
                     for (g, chunk) in row.chunks(GROUP).enumerate() {
+                        let blk = &mut blocks[(j * ng + g) * Q4_BLOCK..(j * ng + g + 1) * Q4_BLOCK];
                         let lo = chunk.iter().fold(f32::INFINITY, |a, &v| a.min(v));
                         let hi = chunk.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                        let mg = f16::from_f32(lo);
-                        let dg = f16::from_f32((hi - mg.to_f32()).max(0.0) / 15.0);
-                        d[j * ng + g] = dg;
-                        m[j * ng + g] = mg;
-                        let inv = if dg.to_f32() > 0.0 {
-                            1.0 / dg.to_f32()
+                        let m = f16::from_f32(lo);
+                        let d = f16::from_f32((hi - m.to_f32()).max(0.0) / 15.0);
+                        blk[..2].copy_from_slice(&d.to_le_bytes());
+                        blk[2..4].copy_from_slice(&m.to_le_bytes());
+                        let inv = if d.to_f32() > 0.0 {
+                            1.0 / d.to_f32()
                         } else {
                             0.0
                         };
-                        let qo = &mut q[(j * ng + g) * GROUP / 2..(j * ng + g + 1) * GROUP / 2];
                         for (i, &v) in chunk.iter().enumerate() {
-                            let n = ((v - mg.to_f32()) * inv).round().clamp(0.0, 15.0) as u8;
-                            qo[i % 16] |= if i < 16 { n } else { n << 4 };
+                            let n = ((v - m.to_f32()) * inv).round().clamp(0.0, 15.0) as u8;
+                            blk[4 + i % 16] |= if i < 16 { n } else { n << 4 };
                         }
                     }
                 }
-                Data::Q4 { q, d, m }
+                Data::Q4(blocks)
             }
         };
         Ok(PackedT { n_in, n_out, data })
@@ -213,8 +203,8 @@ impl PackedT {
             Data::F32(_) => Dtype::F32,
             Data::F16(_) => Dtype::F16,
             Data::Bf16(_) => Dtype::Bf16,
-            Data::Q8 { .. } => Dtype::Q8,
-            Data::Q4 { .. } => Dtype::Q4,
+            Data::Q8(_) => Dtype::Q8,
+            Data::Q4(_) => Dtype::Q4,
         }
     }
 
@@ -223,8 +213,8 @@ impl PackedT {
             Data::F32(w) => View::F32(w),
             Data::F16(w) => View::F16(w),
             Data::Bf16(w) => View::Bf16(w),
-            Data::Q8 { q, d } => View::Q8 { q, d },
-            Data::Q4 { q, d, m } => View::Q4 { q, d, m },
+            Data::Q8(b) => View::Q8(b),
+            Data::Q4(b) => View::Q4(b),
         };
         Mat {
             n_in: self.n_in,
@@ -239,8 +229,7 @@ impl PackedT {
             Data::F32(w) => w.len() * 4,
             Data::F16(w) => w.len() * 2,
             Data::Bf16(w) => w.len() * 2,
-            Data::Q8 { q, d } => q.len() + d.len() * 2,
-            Data::Q4 { q, d, m } => q.len() + (d.len() + m.len()) * 2,
+            Data::Q8(b) | Data::Q4(b) => b.len(),
         }
     }
 }
@@ -265,16 +254,21 @@ impl<'a> Mat<'a> {
         );
         for (i, v) in out.iter_mut().enumerate() {
             let o = o0 + i;
-            let g = j * ng + o / GROUP;
+            let (g, i) = (j * ng + o / GROUP, o % GROUP);
+            let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
             *v = match self.view {
                 View::F32(w) => w[j * n + o],
                 View::F16(w) => w[j * n + o].to_f32(),
                 View::Bf16(w) => w[j * n + o].to_f32(),
-                View::Q8 { q, d } => d[g].to_f32() * q[j * ng * GROUP + o] as f32,
-                View::Q4 { q, d, m } => {
-                    let b = q[g * GROUP / 2 + (o % GROUP) % 16];
-                    let nib = if o % GROUP < 16 { b & 15 } else { b >> 4 };
-                    d[g].to_f32() * nib as f32 + m[g].to_f32()
+                View::Q8(b) => {
+                    let blk = &b[g * Q8_BLOCK..(g + 1) * Q8_BLOCK];
+                    h(blk) * blk[2 + i] as i8 as f32
+                }
+                View::Q4(b) => {
+                    let blk = &b[g * Q4_BLOCK..(g + 1) * Q4_BLOCK];
+                    let byte = blk[4 + i % 16];
+                    let nib = if i < 16 { byte & 15 } else { byte >> 4 };
+                    h(blk) * nib as f32 + h(&blk[2..])
                 }
             };
         }
