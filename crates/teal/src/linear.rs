@@ -147,3 +147,70 @@ fn transpose(out_dim: usize, in_dim: usize, w: &[f32]) -> Vec<f32> {
     }
     wt
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// q8 reproduces the f32 layer within its quantization error (relative to sum |x w|).
+    const Q8_LAYER_TOL: f32 = 1e-2;
+
+    fn weights(out: usize, inp: usize) -> Vec<f32> {
+        (0..out * inp)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+            .collect()
+    }
+
+    #[test]
+    fn every_dtype_matches_f32_and_keeps_its_threshold() {
+        let (out, inp) = (77, 37);
+        let w = weights(out, inp);
+        let x: Vec<f32> = (0..inp)
+            .map(|i| ((i * 13 % 11) as f32 - 5.0) / 5.0)
+            .collect();
+        let bias: Vec<f32> = (0..out).map(|o| o as f32 / 100.0).collect();
+        let f = Linear::from_rows(out, inp, &w, Some(bias.clone()));
+        let mut want = vec![0.0; out];
+        f.forward(&x, &mut want);
+        let scale: f32 = x.iter().map(|v| v.abs()).sum();
+        for dtype in Dtype::ALL {
+            let l = Linear::from_rows_as(dtype, "w", out, inp, &w, Some(bias.clone())).unwrap();
+            assert_eq!(l.dtype(), dtype);
+            let mut got = vec![0.0; out];
+            l.forward(&x, &mut got);
+            for (a, b) in want.iter().zip(&got) {
+                assert!(
+                    (a - b).abs() <= Q8_LAYER_TOL * scale * 4.0,
+                    "{dtype:?}: {a} vs {b}"
+                );
+            }
+            // Sparse decode equals the dense layer on the sparsified input, and prefill agrees.
+            let s = l.with_threshold(Some(0.5));
+            let xs: Vec<f32> = x
+                .iter()
+                .map(|&v| if v.abs() > 0.5 { v } else { 0.0 })
+                .collect();
+            let (mut a, mut b, mut c) = (vec![0.0; out], vec![0.0; out], vec![0.0; 2 * out]);
+            s.forward(&x, &mut a);
+            l.forward(&xs, &mut b);
+            let two: Vec<f32> = x.iter().chain(&x).copied().collect();
+            s.forward_batch(&two, 2, &mut c);
+            for o in 0..out {
+                assert!((a[o] - b[o]).abs() <= 1e-5 * scale, "{dtype:?} sparse");
+                assert!(
+                    (a[o] - c[out + o]).abs() <= 1e-4 * scale,
+                    "{dtype:?} prefill"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_weight_beyond_f16_is_a_named_error() {
+        let mut w = weights(4, 4);
+        w[3] = 1e6;
+        let e = Linear::from_rows_as(Dtype::F16, "blk.0.w", 4, 4, &w, None).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("blk.0.w") && msg.contains("f16"), "{msg}");
+    }
+}
