@@ -10,6 +10,8 @@ use rayon::prelude::*;
 /// rows stream past it, and wide enough that each row is read as one run of 4 KiB, long enough for
 /// the hardware prefetchers.
 const TILE: usize = 1024;
+/// How far ahead within a row the elementwise kernels prefetch.
+const PREFETCH_BYTES: usize = 512;
 /// The widest tile of any format (q4).
 const MAX_TILE: usize = 8 * TILE;
 
@@ -243,6 +245,12 @@ macro_rules! elementwise_tile {
             let nr = rows.len();
             let mut k = 0;
             while k + 4 <= nr {
+                // The starts of the next pass's rows, so their first lines are not waited for.
+                for r in k + 4..(k + 8).min(nr) {
+                    let p = base.add(rows.get(r).0 * n_out) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(p);
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+                }
                 let (j0, x0) = rows.get(k);
                 let (j1, x1) = rows.get(k + 1);
                 let (j2, x2) = rows.get(k + 2);
@@ -261,6 +269,12 @@ macro_rules! elementwise_tile {
                 );
                 let mut i = 0;
                 while i < n8 {
+                    // Ahead within the four rows (never faults; past the tile it is wasted).
+                    for r in [r0, r1, r2, r3] {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            r.add(i + PREFETCH_BYTES / std::mem::size_of::<$t>()) as *const i8,
+                        );
+                    }
                     let mut a = _mm256_loadu_ps(yp.add(i));
                     a = _mm256_fmadd_ps(
                         v0,
@@ -420,10 +434,18 @@ macro_rules! blocked_tile {
             o0: usize,
             yt: &mut [f32],
         ) {
+            use std::arch::x86_64::*;
             yt.fill(0.0);
             let nr = rows.len();
+            let seg = blocks.as_ptr().add(o0 / GROUP * $bsize);
             let mut k = 0;
             while k + 4 <= nr {
+                // The starts of the next pass's rows, so their first blocks are not waited for.
+                for r in k + 4..(k + 8).min(nr) {
+                    let p = seg.add(rows.get(r).0 * ng * $bsize);
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(64) as *const i8);
+                }
                 $pass::<4, R>(w, blocks, ng, rows, k, o0, yt);
                 k += 4;
             }
@@ -469,6 +491,8 @@ macro_rules! blocked_tile {
                 ];
                 let mut bias = 0.0f32;
                 for r in 0..N {
+                    // Ahead within the row (never faults; past the tile it is merely wasted).
+                    _mm_prefetch::<_MM_HINT_T0>(ps[r].add((g + 8) * $bsize) as *const i8);
                     let (qv, d, m) = $block(ps[r].add(g * $bsize));
                     let s = _mm256_set1_ps(xs[r] * d);
                     if $has_min {
@@ -747,37 +771,6 @@ pub fn attention_decode(
         });
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::packed::{Dtype, PackedT};
-
-    /// The portable path against the scalar reference, for every format (the SIMD path is
-    /// covered by tests/parity.rs).
-    #[test]
-    fn portable_gemv_matches_reference() {
-        let (n_in, n_out) = (37, 77);
-        let wt: Vec<f32> = (0..n_in * n_out)
-            .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 100.0)
-            .collect();
-        let x: Vec<f32> = (0..n_in)
-            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
-            .collect();
-        for dtype in Dtype::ALL {
-            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
-            let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
-            crate::reference::gemv_packed(&p.mat(), &x, &mut a);
-            gemv_rows_on(&p.mat(), &AllRows(&x), &mut b, false);
-            for (u, v) in a.iter().zip(&b) {
-                assert!(
-                    (u - v).abs() <= 1e-4 * u.abs().max(1.0),
-                    "{dtype:?}: {u} vs {v}"
-                );
-            }
-        }
-    }
-}
-
 /// `sum x[i]` with eight independent accumulators: a pure streaming read, which is how the
 /// benchmark measures this machine's read bandwidth. Single-threaded; callers split the buffer.
 pub fn sum(x: &[f32]) -> f32 {
@@ -810,4 +803,35 @@ unsafe fn sum_avx2(x: &[f32]) -> f32 {
     }
     _mm256_storeu_ps(buf.as_mut_ptr(), total);
     buf.iter().sum::<f32>() + x[n64..].iter().sum::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packed::{Dtype, PackedT};
+
+    /// The portable path against the scalar reference, for every format (the SIMD path is
+    /// covered by tests/parity.rs).
+    #[test]
+    fn portable_gemv_matches_reference() {
+        let (n_in, n_out) = (37, 77);
+        let wt: Vec<f32> = (0..n_in * n_out)
+            .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 100.0)
+            .collect();
+        let x: Vec<f32> = (0..n_in)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        for dtype in Dtype::ALL {
+            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+            let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
+            crate::reference::gemv_packed(&p.mat(), &x, &mut a);
+            gemv_rows_on(&p.mat(), &AllRows(&x), &mut b, false);
+            for (u, v) in a.iter().zip(&b) {
+                assert!(
+                    (u - v).abs() <= 1e-4 * u.abs().max(1.0),
+                    "{dtype:?}: {u} vs {v}"
+                );
+            }
+        }
+    }
 }
