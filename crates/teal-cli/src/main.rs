@@ -40,6 +40,30 @@ struct Common {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
+    /// Weight format of the projections and LM head, repacked at load (q8: 8-bit, q4: 4-bit
+    /// with minimum, both in groups of 32 outputs of one input row).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+    Q8,
+    Q4,
+}
+impl From<DtypeArg> for teal::Dtype {
+    fn from(d: DtypeArg) -> teal::Dtype {
+        match d {
+            DtypeArg::F32 => teal::Dtype::F32,
+            DtypeArg::F16 => teal::Dtype::F16,
+            DtypeArg::Bf16 => teal::Dtype::Bf16,
+            DtypeArg::Q8 => teal::Dtype::Q8,
+            DtypeArg::Q4 => teal::Dtype::Q4,
+        }
+    }
 }
 
 /// TEAL sparsity, the same flags in every subcommand.
@@ -158,6 +182,43 @@ enum Cmd {
     Inspect(InspectArgs),
     /// Token ids and pieces of a text, as the model's tokenizer splits it.
     Tokenize(TokenizeArgs),
+    /// Decode and prompt speed per sparsity, bytes per token and the bandwidth floor
+    /// (in the form of llama-bench).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Model-wide sparsities (uniform allocation from the thresholds file).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,0.25,0.4,0.5,0.65,0.75"
+    )]
+    sparsity: Vec<f64>,
+    /// Thresholds file (default: the cached one for this model).
+    #[arg(long)]
+    thresholds: Option<PathBuf>,
+    /// How thresholds are read from the statistics.
+    #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
+    quantile: QuantileArg,
+    /// Tokens decoded per repetition.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    n_gen: usize,
+    /// Prompt tokens.
+    #[arg(short = 'p', long, default_value_t = 64)]
+    n_prompt: usize,
+    /// Timed repetitions (plus one untimed warm-up).
+    #[arg(short = 'r', long, default_value_t = 5)]
+    reps: usize,
+    /// Buffer for the read-bandwidth measurement, MiB (much larger than the last-level cache).
+    #[arg(long, default_value_t = 1024)]
+    bandwidth_mib: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -322,6 +383,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Report(a) => cmd_report(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Tokenize(a) => cmd_tokenize(a),
+        Cmd::Bench(a) => cmd_bench(a),
     }
 }
 
@@ -352,11 +414,22 @@ impl Common {
         if n > cores {
             eprintln!("warning: {n} threads on {cores} cores: threads will share cores and decode slows down");
         }
+        if !teal::simd_available() {
+            eprintln!("note: this CPU lacks AVX2/FMA/F16C: kernels run on the portable path (correct, slower)");
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
             .context("starting the thread pool")?;
         Ok(())
+    }
+
+    /// Loads the weights in the requested format.
+    fn load(&self, files: &ModelFiles) -> Result<teal::models::llama::Llama> {
+        let dtype: teal::Dtype = self.dtype.into();
+        files
+            .load_model_as(dtype)
+            .with_context(|| format!("loading the weights as {}", dtype.name()))
     }
 
     fn open(&self) -> Result<ModelFiles> {
@@ -371,7 +444,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let files = a.common.open()?;
     let tok = &files.tokenizer;
     let t0 = std::time::Instant::now();
-    let model = files.load_model()?;
+    let model = a.common.load(&files)?;
     eprintln!(
         "loaded {} ({}) in {:.2}s",
         files.config.arch.name(),
@@ -481,7 +554,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     let files = a.common.open()?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
-    let model = files.load_model()?;
+    let model = a.common.load(&files)?;
     let opts = PplOptions {
         ctx: a.ctx,
         chunks: a.chunks,
@@ -613,7 +686,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     };
     let text = teal::error::read_text(&data)?;
     let tokens = files.tokenizer.encode(&text, false)?;
-    let model = files.load_model()?;
+    let model = a.common.load(&files)?;
     let seq_len = a.seq_len.min(files.config.max_position_embeddings);
     let greedy = a.greedy.then(|| {
         (
@@ -691,7 +764,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     };
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
-    let model = files.load_model()?;
+    let model = a.common.load(&files)?;
     let opts = PplOptions {
         ctx: a.ctx,
         chunks: Some(a.chunks),
@@ -912,5 +985,146 @@ fn rope_kind(r: &teal::config::RopeScaling) -> &'static str {
         teal::config::RopeScaling::None => "none",
         teal::config::RopeScaling::Llama3(_) => "llama3",
         teal::config::RopeScaling::Factors(_) => "per-frequency factors (rope_freqs)",
+    }
+}
+
+/// The bench prompt: ordinary English prose, repeated to the requested length.
+const BENCH_TEXT: &str = "The history of the city begins with a small settlement on the river, \
+where traders met to exchange grain, salt and cloth. Over the following centuries the town grew \
+into a regional centre, with a market square, a cathedral and a university whose library still \
+holds many of the manuscripts copied by its first students. ";
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    for &s in &a.sparsity {
+        check_target(s)?;
+    }
+    let files = a.common.open()?;
+    let dtype: teal::Dtype = a.common.dtype.into();
+    let model = a.common.load(&files)?;
+    let base = files.tokenizer.encode(BENCH_TEXT, false)?;
+    if base.is_empty() {
+        bail!("the bench prompt tokenized to nothing");
+    }
+    let prompt: Vec<u32> = base.iter().cycle().take(a.n_prompt).copied().collect();
+    eprintln!(
+        "measuring read bandwidth ({} MiB buffer)...",
+        a.bandwidth_mib
+    );
+    let bw = teal::bench::read_bandwidth(a.bandwidth_mib << 20, 5);
+    eprintln!("read bandwidth: {:.2} GB/s", bw / 1e9);
+    let opts = teal::bench::BenchOptions {
+        n_decode: a.n_gen,
+        reps: a.reps,
+    };
+    let mut results = Vec::new();
+    for &s in &a.sparsity {
+        let sparse = SparseArgs {
+            sparsity: s,
+            thresholds: a.thresholds.clone(),
+            allocation: AllocationArg::Uniform,
+            quantile: a.quantile,
+            mode: ModeArg::All,
+        };
+        let r = match sparse.resolve(&files)? {
+            None => teal::bench::bench_decode(&model, s, &prompt, &opts, bw)?,
+            Some((t, ..)) => {
+                let m = model.with_masks(&t)?;
+                teal::bench::bench_decode(&m, s, &prompt, &opts, bw)?
+            }
+        };
+        if !a.json {
+            eprintln!(
+                "sparsity {:.2}: decode {:.2} tok/s [{:.2}, {:.2}]",
+                s, r.decode.median, r.decode.min, r.decode.max
+            );
+        }
+        results.push(r);
+    }
+    let threads = rayon::current_num_threads();
+    let model_path = a.common.model_path()?.display().to_string();
+    // Speed-ups are relative to the dense row, when there is one.
+    let dense = results.iter().find(|r| r.sparsity == 0.0).cloned();
+    let speedup = |r: &teal::bench::BenchResult| {
+        dense.as_ref().map(|d| {
+            (
+                r.decode.median / d.decode.median,
+                d.bytes_per_token / r.bytes_per_token,
+            )
+        })
+    };
+    if a.json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "sparsity": r.sparsity,
+                    "realized_sparsity": r.realized_sparsity,
+                    "decode_tok_s": r.decode.median,
+                    "decode_tok_s_min": r.decode.min,
+                    "decode_tok_s_max": r.decode.max,
+                    "prompt_tok_s": r.prompt.median,
+                    "prompt_tok_s_min": r.prompt.min,
+                    "prompt_tok_s_max": r.prompt.max,
+                    "bytes_per_token": r.bytes_per_token,
+                    "gb_s": r.gb_s,
+                    "floor_ratio": r.floor_ratio,
+                    "speedup": speedup(r).map(|s| s.0),
+                    "ideal_speedup": speedup(r).map(|s| s.1),
+                })
+            })
+            .collect();
+        let j = serde_json::json!({
+            "results": rows,
+            "machine": {
+                "read_gb_s": bw / 1e9,
+                "threads": threads,
+                "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                "simd": teal_simd_note(),
+            },
+            "model": model_path,
+            "dtype": dtype.name(),
+            "n_prompt": a.n_prompt,
+            "n_gen": a.n_gen,
+            "reps": a.reps,
+        });
+        println!("{j}");
+    } else {
+        println!(
+            "model {model_path} | dtype {} | threads {threads} | read bandwidth {:.2} GB/s | p {} n {} r {}",
+            dtype.name(),
+            bw / 1e9,
+            a.n_prompt,
+            a.n_gen,
+            a.reps
+        );
+        println!("| sparsity | realized | decode tok/s (min-max) | prompt tok/s | MB/token | GB/s | floor ratio | speed-up (ideal) |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in &results {
+            let su = match speedup(r) {
+                Some((s, i)) => format!("{s:.2}x ({i:.2}x)"),
+                None => "-".into(),
+            };
+            println!(
+                "| {:.2} | {:.3} | {:.2} ({:.2}-{:.2}) | {:.1} | {:.1} | {:.2} | {:.2} | {su} |",
+                r.sparsity,
+                r.realized_sparsity,
+                r.decode.median,
+                r.decode.min,
+                r.decode.max,
+                r.prompt.median,
+                r.bytes_per_token / 1e6,
+                r.gb_s,
+                r.floor_ratio,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn teal_simd_note() -> &'static str {
+    if teal::simd_available() {
+        "avx2+fma+f16c"
+    } else {
+        "portable (no AVX2/FMA/F16C)"
     }
 }

@@ -2,11 +2,28 @@
 //! columns with rayon's persistent pool. Each function computes exactly what its namesake in
 //! [`crate::reference`] computes (up to float summation order) and is tested against it.
 
+use crate::packed::{Mat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
 use rayon::prelude::*;
 
-/// Output columns per work item: a multiple of 8 (one AVX register) and small enough that one
-/// tile of `y` stays in L1 while every input row streams past it.
-const TILE: usize = 512;
+/// Output columns per tile (f32; formats with fewer bytes per weight take wider tiles): a
+/// multiple of the group, small enough that the tile of `y` stays in L1/L2 while the kept input
+/// rows stream past it, and wide enough that each row is read as one run of 4 KiB, long enough for
+/// the hardware prefetchers.
+const TILE: usize = 1024;
+/// How far ahead within a row the elementwise kernels prefetch.
+const PREFETCH_BYTES: usize = 512;
+/// The widest tile of any format (q4).
+const MAX_TILE: usize = 8 * TILE;
+
+/// Tile width for a format: about 4 KiB of weights per row.
+fn tile_width(view: &View) -> usize {
+    match view {
+        View::F32(_) => TILE,
+        View::F16(_) | View::Bf16(_) => 2 * TILE,
+        View::Q8(_) => 4 * TILE,
+        View::Q4(_) => MAX_TILE,
+    }
+}
 
 /// A raw pointer that may cross threads: every user writes a disjoint range.
 #[derive(Clone, Copy)]
@@ -14,106 +31,567 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Number of work items so that each thread of the pool gets a contiguous share of columns.
-fn column_chunks(n_out: usize) -> usize {
+/// Number of work items: at least one per thread (where there are groups enough), at most four
+/// per thread, so each thread gets a contiguous share of columns and stealing can even out a
+/// noisy machine.
+fn column_chunks(n_out: usize, tile: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let tiles = n_out.div_ceil(TILE);
-    tiles.min(threads * 4).max(1)
+    let tiles = n_out.div_ceil(tile);
+    tiles
+        .min(threads * 4)
+        .max(threads)
+        .min(n_out.div_ceil(GROUP))
+        .max(1)
 }
 
-/// Dense GEMV on input-major weights: `y = Wt^T x`.
+/// Whether the AVX2/FMA/F16C paths run on this CPU (detected once per call site, cached by std).
+pub fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The inputs a GEMV multiplies: `(input index, value)` pairs.
+trait Rows: Sync {
+    fn len(&self) -> usize;
+    fn get(&self, k: usize) -> (usize, f32);
+}
+
+/// Every input (dense GEMV).
+struct AllRows<'a>(&'a [f32]);
+impl Rows for AllRows<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn get(&self, k: usize) -> (usize, f32) {
+        (k, self.0[k])
+    }
+}
+
+/// A compacted list of kept inputs (sparse GEMV).
+struct Kept<'a> {
+    idx: &'a [u32],
+    val: &'a [f32],
+}
+impl Rows for Kept<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.idx.len()
+    }
+    #[inline(always)]
+    fn get(&self, k: usize) -> (usize, f32) {
+        (self.idx[k] as usize, self.val[k])
+    }
+}
+
+/// Dense GEMV on input-major f32 weights: `y = Wt^T x`.
 pub fn gemv_t(wt: &[f32], n_in: usize, n_out: usize, x: &[f32], y: &mut [f32]) {
-    gemv_t_impl(wt, n_in, n_out, x, None, y)
+    gemv(&Mat::f32(wt, n_in, n_out), x, y)
 }
 
-/// TEAL sparse GEMV with the `|x| > t` test fused: rows of zeroed inputs are never read.
+/// TEAL sparse GEMV on f32 weights with the `|x| > t` test fused: rows of zeroed inputs are
+/// never read.
 pub fn gemv_t_sparse(wt: &[f32], n_in: usize, n_out: usize, x: &[f32], t: f32, y: &mut [f32]) {
-    gemv_t_impl(wt, n_in, n_out, x, Some(t), y)
+    gemv_sparse(&Mat::f32(wt, n_in, n_out), x, t, y);
 }
 
-fn gemv_t_impl(wt: &[f32], n_in: usize, n_out: usize, x: &[f32], t: Option<f32>, y: &mut [f32]) {
-    assert_eq!(wt.len(), n_in * n_out, "gemv_t: weight size");
-    assert_eq!(x.len(), n_in, "gemv_t: input size");
-    assert_eq!(y.len(), n_out, "gemv_t: output size");
-    let chunks = column_chunks(n_out);
-    let per = n_out.div_ceil(chunks).next_multiple_of(8);
+/// Dense GEMV on packed input-major weights: `y = W x`.
+pub fn gemv(w: &Mat, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), w.n_in, "gemv: input size");
+    gemv_rows(w, &AllRows(x), y)
+}
+
+/// GEMV over a compacted index list: `y = sum_k val[k] * w[idx[k], :]`. Any compaction (one
+/// threshold, per-channel thresholds, top-k) feeds this same kernel.
+pub fn gemv_idx(w: &Mat, idx: &[u32], val: &[f32], y: &mut [f32]) {
+    assert_eq!(idx.len(), val.len(), "gemv_idx: index and value lists");
+    assert!(
+        idx.iter().all(|&j| (j as usize) < w.n_in),
+        "gemv_idx: index out of range"
+    );
+    gemv_rows(w, &Kept { idx, val }, y)
+}
+
+thread_local! {
+    /// Compaction scratch of the calling thread, so a decode step allocates nothing.
+    static KEPT: std::cell::RefCell<(Vec<u32>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// TEAL sparse GEMV: compaction of `|x| > t` (fused test), then [`gemv_idx`] over the kept rows.
+/// Returns the number of kept inputs.
+pub fn gemv_sparse(w: &Mat, x: &[f32], t: f32, y: &mut [f32]) -> usize {
+    assert_eq!(x.len(), w.n_in, "gemv_sparse: input size");
+    KEPT.with_borrow_mut(|(idx, val)| {
+        idx.resize(x.len(), 0);
+        val.resize(x.len(), 0.0);
+        let n = compact_abs_gt(x, t, idx, val);
+        gemv_rows(
+            w,
+            &Kept {
+                idx: &idx[..n],
+                val: &val[..n],
+            },
+            y,
+        );
+        n
+    })
+}
+
+/// Sparse GEMV with one threshold per input channel (`|x_j| > t_j`), through the same
+/// [`gemv_idx`] path. Returns the number of kept inputs.
+pub fn gemv_sparse_channels(w: &Mat, x: &[f32], t: &[f32], y: &mut [f32]) -> usize {
+    assert_eq!(x.len(), w.n_in, "gemv_sparse_channels: input size");
+    KEPT.with_borrow_mut(|(idx, val)| {
+        idx.resize(x.len(), 0);
+        val.resize(x.len(), 0.0);
+        let n = compact_abs_gt_channel(x, t, idx, val);
+        gemv_rows(
+            w,
+            &Kept {
+                idx: &idx[..n],
+                val: &val[..n],
+            },
+            y,
+        );
+        n
+    })
+}
+
+/// Writes the indices and values of the inputs with `|x| > t` to the front of `idx`/`val`
+/// (branch-free) and returns how many there are.
+pub fn compact_abs_gt(x: &[f32], t: f32, idx: &mut [u32], val: &mut [f32]) -> usize {
+    assert!(idx.len() >= x.len() && val.len() >= x.len());
+    let mut n = 0;
+    for (j, &v) in x.iter().enumerate() {
+        idx[n] = j as u32;
+        val[n] = v;
+        n += (v.abs() > t) as usize;
+    }
+    n
+}
+
+/// Per-channel compaction: the inputs with `|x_j| > t_j`, as [`compact_abs_gt`].
+pub fn compact_abs_gt_channel(x: &[f32], t: &[f32], idx: &mut [u32], val: &mut [f32]) -> usize {
+    assert_eq!(x.len(), t.len());
+    assert!(idx.len() >= x.len() && val.len() >= x.len());
+    let mut n = 0;
+    for (j, (&v, &tj)) in x.iter().zip(t).enumerate() {
+        idx[n] = j as u32;
+        val[n] = v;
+        n += (v.abs() > tj) as usize;
+    }
+    n
+}
+
+fn gemv_rows<R: Rows>(w: &Mat, rows: &R, y: &mut [f32]) {
+    gemv_rows_on(w, rows, y, simd_available())
+}
+
+/// [`gemv_rows`] with the SIMD choice explicit (tests run the portable path on AVX2 machines).
+fn gemv_rows_on<R: Rows>(w: &Mat, rows: &R, y: &mut [f32], simd: bool) {
+    assert_eq!(y.len(), w.n_out, "gemv: output size");
+    let tw = tile_width(&w.view);
+    let chunks = column_chunks(w.n_out, tw);
+    // A multiple of the quantization group, so every tile starts on a group boundary.
+    let per = w.n_out.div_ceil(chunks).next_multiple_of(GROUP);
     y.par_chunks_mut(per).enumerate().for_each(|(c, yc)| {
         let o0 = c * per;
-        for (k, yt) in yc.chunks_mut(TILE).enumerate() {
-            gemv_tile(wt, n_out, x, t, o0 + k * TILE, yt);
+        for (k, yt) in yc.chunks_mut(tw).enumerate() {
+            tile(w, rows, o0 + k * tw, yt, simd);
         }
     });
 }
 
-/// `yt = sum_{j kept} x[j] * wt[j, o0..o0+yt.len()]`.
-fn gemv_tile(wt: &[f32], n_out: usize, x: &[f32], t: Option<f32>, o0: usize, yt: &mut [f32]) {
+/// `yt = sum_k val_k * w[j_k, o0 .. o0 + yt.len()]`.
+fn tile<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features were just detected; all indices are bounds-checked by slicing.
-            unsafe { gemv_tile_avx2(wt, n_out, x, t, o0, yt) };
-            return;
+    if simd {
+        let ng = w.n_out.div_ceil(GROUP);
+        // SAFETY: the features were detected by `simd_available`; every index stays inside the
+        // matrix (checked by the callers' size asserts and `o0 + yt.len() <= n_out`).
+        unsafe {
+            match w.view {
+                View::F32(a) => tile_f32_avx2(a, w.n_out, rows, o0, yt),
+                View::F16(a) => tile_f16_avx2(a, w.n_out, rows, o0, yt),
+                View::Bf16(a) => tile_bf16_avx2(a, w.n_out, rows, o0, yt),
+                View::Q8(b) => tile_q8_avx2(w, b, ng, rows, o0, yt),
+                View::Q4(b) => tile_q4_avx2(w, b, ng, rows, o0, yt),
+            }
         }
+        return;
     }
-    gemv_tile_portable(wt, n_out, x, t, o0, yt)
+    let _ = simd;
+    tile_portable(w, rows, o0, yt)
 }
 
-fn gemv_tile_portable(
-    wt: &[f32],
-    n_out: usize,
-    x: &[f32],
-    t: Option<f32>,
-    o0: usize,
-    yt: &mut [f32],
-) {
+/// Portable tile: dequantize each kept row's slice, then accumulate.
+fn tile_portable<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32]) {
     yt.fill(0.0);
-    let w = yt.len();
-    for (j, &xj) in x.iter().enumerate() {
-        if t.is_some_and(|t| xj.abs() <= t) {
-            continue;
-        }
-        let row = &wt[j * n_out + o0..j * n_out + o0 + w];
-        for (a, &b) in yt.iter_mut().zip(row) {
-            *a += xj * b;
+    let mut buf = [0.0f32; MAX_TILE];
+    let b = &mut buf[..yt.len()];
+    for k in 0..rows.len() {
+        let (j, xj) = rows.get(k);
+        w.dequant_row(j, o0, b);
+        for (a, &v) in yt.iter_mut().zip(b.iter()) {
+            *a += xj * v;
         }
     }
 }
 
+/// AVX2 tile over a format with one value per weight: four kept rows per pass over `yt`, so
+/// the tile is loaded and stored once per four rows.
+macro_rules! elementwise_tile {
+    ($name:ident, $t:ty, |$p:ident| $load:expr, |$v:ident| $scalar:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name<R: Rows>(w: &[$t], n_out: usize, rows: &R, o0: usize, yt: &mut [f32]) {
+            use std::arch::x86_64::*;
+            yt.fill(0.0);
+            let n = yt.len();
+            let n8 = n / 8 * 8;
+            let yp = yt.as_mut_ptr();
+            let base = w.as_ptr().add(o0);
+            let nr = rows.len();
+            let mut k = 0;
+            while k + 4 <= nr {
+                // The starts of the next pass's rows, so their first lines are not waited for.
+                for r in k + 4..(k + 8).min(nr) {
+                    let p = base.add(rows.get(r).0 * n_out) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(p);
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+                }
+                let (j0, x0) = rows.get(k);
+                let (j1, x1) = rows.get(k + 1);
+                let (j2, x2) = rows.get(k + 2);
+                let (j3, x3) = rows.get(k + 3);
+                let (r0, r1, r2, r3) = (
+                    base.add(j0 * n_out),
+                    base.add(j1 * n_out),
+                    base.add(j2 * n_out),
+                    base.add(j3 * n_out),
+                );
+                let (v0, v1, v2, v3) = (
+                    _mm256_set1_ps(x0),
+                    _mm256_set1_ps(x1),
+                    _mm256_set1_ps(x2),
+                    _mm256_set1_ps(x3),
+                );
+                let mut i = 0;
+                while i < n8 {
+                    // Ahead within the four rows (never faults; past the tile it is wasted).
+                    for r in [r0, r1, r2, r3] {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            r.add(i + PREFETCH_BYTES / std::mem::size_of::<$t>()) as *const i8,
+                        );
+                    }
+                    let mut a = _mm256_loadu_ps(yp.add(i));
+                    a = _mm256_fmadd_ps(
+                        v0,
+                        {
+                            let $p = r0.add(i);
+                            $load
+                        },
+                        a,
+                    );
+                    a = _mm256_fmadd_ps(
+                        v1,
+                        {
+                            let $p = r1.add(i);
+                            $load
+                        },
+                        a,
+                    );
+                    a = _mm256_fmadd_ps(
+                        v2,
+                        {
+                            let $p = r2.add(i);
+                            $load
+                        },
+                        a,
+                    );
+                    a = _mm256_fmadd_ps(
+                        v3,
+                        {
+                            let $p = r3.add(i);
+                            $load
+                        },
+                        a,
+                    );
+                    _mm256_storeu_ps(yp.add(i), a);
+                    i += 8;
+                }
+                for i in n8..n {
+                    let s =
+                        [(r0, x0), (r1, x1), (r2, x2), (r3, x3)]
+                            .iter()
+                            .fold(0.0, |s, &(r, x)| {
+                                let $v = *r.add(i);
+                                s + x * $scalar
+                            });
+                    *yp.add(i) += s;
+                }
+                k += 4;
+            }
+            while k < nr {
+                let (j, x) = rows.get(k);
+                let r = base.add(j * n_out);
+                let v = _mm256_set1_ps(x);
+                let mut i = 0;
+                while i < n8 {
+                    let a = _mm256_loadu_ps(yp.add(i));
+                    _mm256_storeu_ps(
+                        yp.add(i),
+                        _mm256_fmadd_ps(
+                            v,
+                            {
+                                let $p = r.add(i);
+                                $load
+                            },
+                            a,
+                        ),
+                    );
+                    i += 8;
+                }
+                for i in n8..n {
+                    let $v = *r.add(i);
+                    *yp.add(i) += x * $scalar;
+                }
+                k += 1;
+            }
+        }
+    };
+}
+
+elementwise_tile!(tile_f32_avx2, f32, |p| _mm256_loadu_ps(p), |v| v);
+elementwise_tile!(
+    tile_f16_avx2,
+    half::f16,
+    |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+    |v| v.to_f32()
+);
+elementwise_tile!(
+    tile_bf16_avx2,
+    half::bf16,
+    |p| _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+        16
+    )),
+    |v| v.to_f32()
+);
+
+/// The f16 at `p` (unaligned) as f32.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gemv_tile_avx2(
-    wt: &[f32],
-    n_out: usize,
-    x: &[f32],
-    t: Option<f32>,
-    o0: usize,
-    yt: &mut [f32],
-) {
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn h2f(p: *const u8) -> f32 {
     use std::arch::x86_64::*;
-    yt.fill(0.0);
-    let w = yt.len();
-    let w8 = w / 8 * 8;
-    for (j, &xj) in x.iter().enumerate() {
-        if t.is_some_and(|t| xj.abs() <= t) {
-            continue;
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// The 32 values of a q8 block (scale first) as four vectors of f32, and the scale.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q8_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], f32, f32) {
+    use std::arch::x86_64::*;
+    let q = p.add(2);
+    let l0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q as *const __m128i)));
+    let l1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+        q.add(8) as *const __m128i
+    )));
+    let l2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+        q.add(16) as *const __m128i
+    )));
+    let l3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+        q.add(24) as *const __m128i
+    )));
+    ([l0, l1, l2, l3], h2f(p), 0.0)
+}
+
+/// The 32 nibbles of a q4 block (scale, minimum, 16 bytes: low nibbles are outputs 0..16,
+/// high ones 16..32) as four vectors of f32, the scale and the minimum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], f32, f32) {
+    use std::arch::x86_64::*;
+    let v = _mm_loadu_si128(p.add(4) as *const __m128i);
+    let mask = _mm_set1_epi8(15);
+    let lo = _mm_and_si128(v, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    let c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    let c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    let c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    let c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    ([c0, c1, c2, c3], h2f(p), h2f(p.add(2)))
+}
+
+/// AVX2 tile over a blocked format: kept rows in passes of four (then one by one); per group
+/// of 32 outputs, a pass accumulates its rows in registers (`acc += (x_j d_jg) q_j`, plus
+/// `sum_j x_j m_jg` for formats with a minimum). A trailing partial group (only at the end of
+/// the matrix) goes through the scalar definition.
+macro_rules! blocked_tile {
+    ($name:ident, $pass:ident, $bsize:expr, $block:ident, $has_min:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name<R: Rows>(
+            w: &Mat,
+            blocks: &[u8],
+            ng: usize,
+            rows: &R,
+            o0: usize,
+            yt: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            yt.fill(0.0);
+            let nr = rows.len();
+            let seg = blocks.as_ptr().add(o0 / GROUP * $bsize);
+            let mut k = 0;
+            while k + 4 <= nr {
+                // The starts of the next pass's rows, so their first blocks are not waited for.
+                for r in k + 4..(k + 8).min(nr) {
+                    let p = seg.add(rows.get(r).0 * ng * $bsize);
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(64) as *const i8);
+                }
+                $pass::<4, R>(w, blocks, ng, rows, k, o0, yt);
+                k += 4;
+            }
+            while k < nr {
+                $pass::<1, R>(w, blocks, ng, rows, k, o0, yt);
+                k += 1;
+            }
         }
-        let row = &wt[j * n_out + o0..j * n_out + o0 + w];
-        let xv = _mm256_set1_ps(xj);
-        let (rp, yp) = (row.as_ptr(), yt.as_mut_ptr());
-        let mut i = 0;
-        while i < w8 {
-            let acc = _mm256_loadu_ps(yp.add(i));
-            _mm256_storeu_ps(
-                yp.add(i),
-                _mm256_fmadd_ps(xv, _mm256_loadu_ps(rp.add(i)), acc),
-            );
-            i += 8;
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $pass<const N: usize, R: Rows>(
+            w: &Mat,
+            blocks: &[u8],
+            ng: usize,
+            rows: &R,
+            k: usize,
+            o0: usize,
+            yt: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            let n = yt.len();
+            let full = n / GROUP;
+            let g0 = o0 / GROUP;
+            let yp = yt.as_mut_ptr();
+            let bp = blocks.as_ptr();
+            let mut ps = [bp; N];
+            let mut xs = [0.0f32; N];
+            let mut js = [0usize; N];
+            for r in 0..N {
+                (js[r], xs[r]) = rows.get(k + r);
+                ps[r] = bp.add((js[r] * ng + g0) * $bsize);
+            }
+            for g in 0..full {
+                let gy = yp.add(g * GROUP);
+                let mut acc = [
+                    _mm256_loadu_ps(gy),
+                    _mm256_loadu_ps(gy.add(8)),
+                    _mm256_loadu_ps(gy.add(16)),
+                    _mm256_loadu_ps(gy.add(24)),
+                ];
+                let mut bias = 0.0f32;
+                for r in 0..N {
+                    // Ahead within the row (never faults; past the tile it is merely wasted).
+                    _mm_prefetch::<_MM_HINT_T0>(ps[r].add((g + 8) * $bsize) as *const i8);
+                    let (qv, d, m) = $block(ps[r].add(g * $bsize));
+                    let s = _mm256_set1_ps(xs[r] * d);
+                    if $has_min {
+                        bias += xs[r] * m;
+                    }
+                    for i in 0..4 {
+                        acc[i] = _mm256_fmadd_ps(s, qv[i], acc[i]);
+                    }
+                }
+                let b = _mm256_set1_ps(bias);
+                for (i, a) in acc.iter().enumerate() {
+                    let a = if $has_min { _mm256_add_ps(*a, b) } else { *a };
+                    _mm256_storeu_ps(gy.add(i * 8), a);
+                }
+            }
+            if full * GROUP < n {
+                let mut buf = [0.0f32; GROUP];
+                let b = &mut buf[..n - full * GROUP];
+                for r in 0..N {
+                    w.dequant_row(js[r], o0 + full * GROUP, b);
+                    for (i, &v) in b.iter().enumerate() {
+                        *yp.add(full * GROUP + i) += xs[r] * v;
+                    }
+                }
+            }
         }
-        for i in w8..w {
-            yt[i] = xj.mul_add(row[i], yt[i]);
-        }
+    };
+}
+
+blocked_tile!(tile_q8_avx2, pass_q8_avx2, Q8_BLOCK, q8_block, false);
+blocked_tile!(tile_q4_avx2, pass_q4_avx2, Q4_BLOCK, q4_block, true);
+
+/// Prefill on packed weights: `y[T, out] = x[T, in] * W^T`. f32 goes straight to
+/// [`matmul_t`]; other formats are dequantized one block of columns at a time into a
+/// thread-local f32 buffer and multiplied there.
+pub fn matmul_packed(x: &[f32], n_tok: usize, w: &Mat, y: &mut [f32]) {
+    let (n_in, n_out) = (w.n_in, w.n_out);
+    assert_eq!(x.len(), n_tok * n_in, "matmul_packed: input size");
+    assert_eq!(y.len(), n_tok * n_out, "matmul_packed: output size");
+    if let View::F32(wt) = w.view {
+        return matmul_t(x, n_tok, wt, n_in, n_out, y);
     }
+    if n_tok == 1 {
+        return gemv(w, x, y);
+    }
+    let block = 256;
+    let n_blocks = n_out.div_ceil(block);
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..n_blocks)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf, b| {
+            let yp = yp;
+            let o0 = b * block;
+            let n = block.min(n_out - o0);
+            buf.resize(n_in * n, 0.0);
+            for (j, row) in buf.chunks_mut(n).enumerate() {
+                w.dequant_row(j, o0, row);
+            }
+            // SAFETY: block b writes only columns o0..o0+n of y, disjoint from every other block;
+            // all pointers stay inside the slices whose sizes were checked above.
+            unsafe {
+                matrixmultiply::sgemm(
+                    n_tok,
+                    n_in,
+                    n,
+                    1.0,
+                    x.as_ptr(),
+                    n_in as isize,
+                    1,
+                    buf.as_ptr(),
+                    n as isize,
+                    1,
+                    0.0,
+                    yp.0.add(o0),
+                    n_out as isize,
+                    1,
+                );
+            }
+        });
 }
 
 /// `y[T, out] = x[T, in] * wt[in, out]` (prefill), threaded over column blocks.
@@ -311,4 +789,69 @@ pub fn attention_decode(
                 axpy(s, &v[p * kvs + kh * hd..p * kvs + (kh + 1) * hd], o);
             }
         });
+}
+
+/// `sum x[i]` with eight independent accumulators: a pure streaming read, which is how the
+/// benchmark measures this machine's read bandwidth. Single-threaded; callers split the buffer.
+pub fn sum(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: features detected; every load stays inside `x`.
+        return unsafe { sum_avx2(x) };
+    }
+    x.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sum_avx2(x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n64 = x.len() / 64 * 64;
+    let p = x.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut i = 0;
+    while i < n64 {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_add_ps(*a, _mm256_loadu_ps(p.add(i + 8 * k)));
+        }
+        i += 64;
+    }
+    let mut buf = [0.0f32; 8];
+    let mut total = _mm256_setzero_ps();
+    for a in acc {
+        total = _mm256_add_ps(total, a);
+    }
+    _mm256_storeu_ps(buf.as_mut_ptr(), total);
+    buf.iter().sum::<f32>() + x[n64..].iter().sum::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packed::{Dtype, PackedT};
+
+    /// The portable path against the scalar reference, for every format (the SIMD path is
+    /// covered by tests/parity.rs).
+    #[test]
+    fn portable_gemv_matches_reference() {
+        let (n_in, n_out) = (37, 77);
+        let wt: Vec<f32> = (0..n_in * n_out)
+            .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 100.0)
+            .collect();
+        let x: Vec<f32> = (0..n_in)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        for dtype in Dtype::ALL {
+            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+            let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
+            crate::reference::gemv_packed(&p.mat(), &x, &mut a);
+            gemv_rows_on(&p.mat(), &AllRows(&x), &mut b, false);
+            for (u, v) in a.iter().zip(&b) {
+                assert!(
+                    (u - v).abs() <= 1e-4 * u.abs().max(1.0),
+                    "{dtype:?}: {u} vs {v}"
+                );
+            }
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Kernels for teal. Every op has a plain scalar reference in [`reference`]; every fast path
-//! (SIMD, threads) in [`cpu`] is tested against it.
+//! (SIMD, threads) in [`cpu`] is tested against it. [`packed`] defines the weight formats.
 
 pub mod cpu;
+pub mod packed;
 pub mod quant;
 pub mod reference;
 pub mod cuda;

@@ -156,3 +156,50 @@ pub fn argmax(x: &[f32]) -> usize {
     }
     best
 }
+
+/// TEAL's compaction: the indices and values of the inputs with `|x| > t`, in order.
+pub fn compact_abs_gt(x: &[f32], t: f32) -> (Vec<u32>, Vec<f32>) {
+    x.iter()
+        .enumerate()
+        .filter(|(_, v)| v.abs() > t)
+        .map(|(j, &v)| (j as u32, v))
+        .unzip()
+}
+
+/// Per-channel compaction: the inputs with `|x_j| > t_j`.
+pub fn compact_abs_gt_channel(x: &[f32], t: &[f32]) -> (Vec<u32>, Vec<f32>) {
+    assert_eq!(x.len(), t.len());
+    x.iter()
+        .zip(t)
+        .enumerate()
+        .filter(|(_, (v, t))| v.abs() > **t)
+        .map(|(j, (&v, _))| (j as u32, v))
+        .unzip()
+}
+
+/// `y = sum_k val[k] * w[idx[k], :]` for packed input-major weights: the GEMV over a compacted
+/// index list (the dense GEMV is the list of every input).
+pub fn gemv_packed_idx(w: &crate::packed::Mat, idx: &[u32], val: &[f32], y: &mut [f32]) {
+    assert_eq!(idx.len(), val.len());
+    assert_eq!(y.len(), w.n_out);
+    y.fill(0.0);
+    let mut row = vec![0.0; w.n_out];
+    for (&j, &xj) in idx.iter().zip(val) {
+        w.dequant_row(j as usize, 0, &mut row);
+        for (yo, &r) in y.iter_mut().zip(&row) {
+            *yo += xj * r;
+        }
+    }
+}
+
+/// Dense GEMV on packed input-major weights.
+pub fn gemv_packed(w: &crate::packed::Mat, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), w.n_in);
+    let idx: Vec<u32> = (0..w.n_in as u32).collect();
+    gemv_packed_idx(w, &idx, x, y)
+}
+
+/// `sum x[i]` (the streaming read that measures memory bandwidth).
+pub fn sum(x: &[f32]) -> f32 {
+    x.iter().sum()
+}

@@ -168,3 +168,183 @@ fn attention_decode_matches_reference() {
         }
     }
 }
+
+#[test]
+fn sum_matches_reference() {
+    for n in [0, 1, 63, 64, 1000] {
+        let x = rand_vec(n, 21);
+        let scale: f32 = x.iter().map(|v| v.abs()).sum();
+        let (a, b) = (reference::sum(&x), cpu::sum(&x));
+        assert!(
+            (a - b).abs() <= GEMV_REL_TOL * scale.max(1.0),
+            "n={n}: {a} vs {b}"
+        );
+    }
+}
+
+mod packed_formats {
+    use super::*;
+    use teal_kernels::packed::{Dtype, PackedT, GROUP};
+
+    /// Quantization error bound of q8 per weight, relative to its group's largest |w|: half a
+    /// step (1/254) plus the f16 rounding of the scale.
+    const Q8_PACK_TOL: f32 = 0.5 / 127.0 + 1.0 / 1024.0;
+    /// q4 error per weight, relative to its group's range: half a step (1/30) plus the f16
+    /// rounding of scale and minimum (relative to the group's largest |w|, added below).
+    const Q4_PACK_TOL: f32 = 0.5 / 15.0 + 1.0 / 1024.0;
+    const F16_PACK_TOL: f32 = 1.0 / 2048.0;
+    const BF16_PACK_TOL: f32 = 1.0 / 256.0;
+
+    const PACK_SHAPES: &[(usize, usize)] = &[
+        (1, 1),
+        (37, 77),
+        (64, 64),
+        (13, 1029),
+        (576, 1536),
+        (1536, 577),
+    ];
+
+    fn dequant_all(p: &PackedT) -> Vec<f32> {
+        let m = p.mat();
+        let mut out = vec![0.0; p.n_in * p.n_out];
+        for j in 0..p.n_in {
+            m.dequant_row(j, 0, &mut out[j * p.n_out..(j + 1) * p.n_out]);
+        }
+        out
+    }
+
+    #[test]
+    fn pack_is_within_format_error() {
+        let (n_in, n_out) = (37, 77);
+        let wt = rand_vec(n_in * n_out, 11);
+        for dtype in Dtype::ALL {
+            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+            assert_eq!(p.dtype(), dtype);
+            let dq = dequant_all(&p);
+            for j in 0..n_in {
+                for (g, chunk) in wt[j * n_out..(j + 1) * n_out].chunks(GROUP).enumerate() {
+                    let amax = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                    let lo = chunk.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                    let hi = chunk.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                    for (i, &w) in chunk.iter().enumerate() {
+                        let got = dq[j * n_out + g * GROUP + i];
+                        let lim = match dtype {
+                            Dtype::F32 => 0.0,
+                            Dtype::F16 => F16_PACK_TOL * w.abs(),
+                            Dtype::Bf16 => BF16_PACK_TOL * w.abs(),
+                            Dtype::Q8 => Q8_PACK_TOL * amax,
+                            Dtype::Q4 => Q4_PACK_TOL * (hi - lo) + amax / 1024.0,
+                        };
+                        assert!(
+                            (got - w).abs() <= lim,
+                            "{dtype:?} [{j},{}]: {w} -> {got}",
+                            g * GROUP + i
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pack_rejects_non_finite_and_f16_overflow() {
+        let mut wt = rand_vec(64, 3);
+        wt[5] = 1e6;
+        assert!(PackedT::from_input_major(Dtype::F16, &wt, 8, 8).is_err());
+        assert!(PackedT::from_input_major(Dtype::Q4, &wt, 8, 8).is_err());
+        assert!(PackedT::from_input_major(Dtype::Bf16, &wt, 8, 8).is_ok());
+        wt[5] = f32::NAN;
+        assert!(PackedT::from_input_major(Dtype::Bf16, &wt, 8, 8).is_err());
+        assert!(PackedT::from_input_major(Dtype::F32, &wt[..10], 8, 8).is_err());
+    }
+
+    /// Fast dense and sparse GEMV on every format against the scalar reference on the same packed
+    /// weights, at sparsity 0 %, about 50 % and 100 %.
+    #[test]
+    fn packed_gemv_matches_reference() {
+        for &(n_in, n_out) in PACK_SHAPES {
+            let wt = rand_vec(n_in * n_out, 5);
+            let x = rand_vec(n_in, 6);
+            for dtype in Dtype::ALL {
+                let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+                let m = p.mat();
+                let dq = dequant_all(&p);
+                let scale = abs_scale(&dq, n_in, n_out, &x);
+                let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
+                reference::gemv_packed(&m, &x, &mut a);
+                cpu::gemv(&m, &x, &mut b);
+                assert_close(
+                    &a,
+                    &b,
+                    &scale,
+                    GEMV_REL_TOL,
+                    &format!("dense {dtype:?} {n_in}x{n_out}"),
+                );
+                for t in [-1.0f32, 0.5, 2.0] {
+                    let (idx, val) = reference::compact_abs_gt(&x, t);
+                    reference::gemv_packed_idx(&m, &idx, &val, &mut a);
+                    let kept = cpu::gemv_sparse(&m, &x, t, &mut b);
+                    assert_eq!(kept, idx.len());
+                    assert_close(
+                        &a,
+                        &b,
+                        &scale,
+                        GEMV_REL_TOL,
+                        &format!("sparse t={t} {dtype:?} {n_in}x{n_out}"),
+                    );
+                    if t >= 2.0 {
+                        assert!(b.iter().all(|&v| v == 0.0), "100% sparse must give zeros");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_matches_reference() {
+        let x = rand_vec(1029, 8);
+        let t = rand_vec(1029, 9)
+            .iter()
+            .map(|v| v.abs())
+            .collect::<Vec<f32>>();
+        let (mut idx, mut val) = (vec![0u32; x.len()], vec![0.0f32; x.len()]);
+        let n = cpu::compact_abs_gt(&x, 0.3, &mut idx, &mut val);
+        let (ri, rv) = reference::compact_abs_gt(&x, 0.3);
+        assert_eq!((&idx[..n], &val[..n]), (&ri[..], &rv[..]));
+        let n = cpu::compact_abs_gt_channel(&x, &t, &mut idx, &mut val);
+        let (ri, rv) = reference::compact_abs_gt_channel(&x, &t);
+        assert_eq!((&idx[..n], &val[..n]), (&ri[..], &rv[..]));
+        // The per-channel list feeds the same GEMV.
+        let wt = rand_vec(1029 * 77, 10);
+        let p = PackedT::from_input_major(Dtype::Q8, &wt, 1029, 77).expect("pack");
+        let (mut a, mut b) = (vec![0.0; 77], vec![0.0; 77]);
+        reference::gemv_packed_idx(&p.mat(), &ri, &rv, &mut a);
+        cpu::gemv_idx(&p.mat(), &idx[..n], &val[..n], &mut b);
+        let scale = abs_scale(&dequant_all(&p), 1029, 77, &x);
+        assert_close(&a, &b, &scale, GEMV_REL_TOL, "per-channel q8");
+    }
+
+    #[test]
+    fn packed_matmul_matches_reference() {
+        let (n_tok, n_in, n_out) = (5, 37, 300);
+        let wt = rand_vec(n_in * n_out, 12);
+        let x = rand_vec(n_tok * n_in, 13);
+        for dtype in Dtype::ALL {
+            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+            let dq = dequant_all(&p);
+            let (mut a, mut b) = (vec![0.0; n_tok * n_out], vec![0.0; n_tok * n_out]);
+            reference::matmul_t(&x, n_tok, &dq, n_in, n_out, &mut a);
+            cpu::matmul_packed(&x, n_tok, &p.mat(), &mut b);
+            for t in 0..n_tok {
+                let scale = abs_scale(&dq, n_in, n_out, &x[t * n_in..(t + 1) * n_in]);
+                assert_close(
+                    &a[t * n_out..(t + 1) * n_out],
+                    &b[t * n_out..(t + 1) * n_out],
+                    &scale,
+                    GEMV_REL_TOL,
+                    &format!("matmul {dtype:?}"),
+                );
+            }
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! request → [`generate`] → [`models::llama`] → [`linear`] → `teal_kernels`.
 
 pub mod assets;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -20,3 +21,5 @@ pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use load::ModelFiles;
+pub use teal_kernels::cpu::simd_available;
+pub use teal_kernels::packed::Dtype;

@@ -3,7 +3,9 @@
 //! what kind of weights sit behind it, and whether the input is sparsified first, is this
 //! module's business.
 
+use crate::error::{Error, Result};
 use std::sync::{Arc, OnceLock};
+use teal_kernels::packed::{Data, Dtype, PackedT};
 use teal_kernels::{cpu, reference};
 
 /// Which inputs of a sparse linear layer are zeroed before the product.
@@ -24,17 +26,9 @@ enum Sparsify {
     Channels(Arc<Vec<f32>>),
 }
 
-thread_local! {
-    /// The masked input of a per-channel sparse GEMV (decode), reused across calls.
-    static CHANNEL_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Weight storage. Input-major (`wt[in, out]`): the weights of one input channel are
-/// contiguous, so a zeroed input skips a whole row.
-#[derive(Debug)]
-enum Weight {
-    F32(Vec<f32>),
-}
+/// Weight storage: input-major (`wt[in, out]`) in one of the formats of
+/// [`teal_kernels::packed`], so a zeroed input skips a whole row (and its scales).
+type Weight = PackedT;
 
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -50,28 +44,48 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// From a row-major `[out, in]` matrix (the checkpoints' layout).
+    /// From a row-major `[out, in]` matrix (the checkpoints' layout), kept in f32.
     pub fn from_rows(out_dim: usize, in_dim: usize, w: &[f32], bias: Option<Vec<f32>>) -> Linear {
-        assert_eq!(w.len(), out_dim * in_dim);
-        let mut wt = vec![0.0f32; w.len()];
-        // Blocked transpose: cache-friendly on both sides.
-        const B: usize = 64;
-        for o0 in (0..out_dim).step_by(B) {
-            for i0 in (0..in_dim).step_by(B) {
-                for o in o0..(o0 + B).min(out_dim) {
-                    for i in i0..(i0 + B).min(in_dim) {
-                        wt[i * out_dim + o] = w[o * in_dim + i];
-                    }
-                }
-            }
+        let wt = transpose(out_dim, in_dim, w);
+        Linear::new(
+            PackedT {
+                n_in: in_dim,
+                n_out: out_dim,
+                data: Data::F32(wt),
+            },
+            bias,
+        )
+    }
+
+    /// From a row-major `[out, in]` matrix, repacked to `dtype`; `name` is for the error.
+    pub fn from_rows_as(
+        dtype: Dtype,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        w: &[f32],
+        bias: Option<Vec<f32>>,
+    ) -> Result<Linear> {
+        if dtype == Dtype::F32 {
+            return Ok(Linear::from_rows(out_dim, in_dim, w, bias));
         }
+        let wt = transpose(out_dim, in_dim, w);
+        let p =
+            PackedT::from_input_major(dtype, &wt, in_dim, out_dim).map_err(|e| Error::Tensor {
+                name: name.into(),
+                msg: format!("cannot be repacked to {}: {e}", dtype.name()),
+            })?;
+        Ok(Linear::new(p, bias))
+    }
+
+    fn new(w: PackedT, bias: Option<Vec<f32>>) -> Linear {
         if let Some(b) = &bias {
-            assert_eq!(b.len(), out_dim);
+            assert_eq!(b.len(), w.n_out);
         }
         Linear {
-            in_dim,
-            out_dim,
-            weight: Arc::new(Weight::F32(wt)),
+            in_dim: w.n_in,
+            out_dim: w.n_out,
+            weight: Arc::new(w),
             bias: bias.map(Arc::new),
             input_norms: Arc::new(OnceLock::new()),
             mask: None,
@@ -101,13 +115,15 @@ impl Linear {
         self.mask
     }
 
-    /// `||W[:, j]||` for every input channel `j`.
+    /// `||W[:, j]||` for every input channel `j` (of the weights as stored).
     pub fn input_norms(&self) -> &[f32] {
         self.input_norms.get_or_init(|| {
+            let w = self.weight.mat();
+            let mut row = vec![0.0f32; self.out_dim];
             (0..self.in_dim)
                 .map(|j| {
-                    let r = self.input_row(j);
-                    r.iter().map(|&w| (w as f64) * (w as f64)).sum::<f64>().sqrt() as f32
+                    w.dequant_row(j, 0, &mut row);
+                    row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt() as f32
                 })
                 .collect()
         })
@@ -126,34 +142,27 @@ impl Linear {
         }
     }
 
-    /// Bytes of weights stored.
+    /// Bytes of weights stored (scales included).
     pub fn weight_bytes(&self) -> usize {
-        match &*self.weight {
-            Weight::F32(w) => w.len() * 4,
-        }
+        self.weight.bytes()
     }
 
-    /// Weights of input channel `j` (a row of the input-major matrix), for gathers such as
-    /// a tied embedding lookup.
-    pub fn input_row(&self, j: usize) -> &[f32] {
-        match &*self.weight {
-            Weight::F32(w) => &w[j * self.out_dim..(j + 1) * self.out_dim],
-        }
+    /// The weight format.
+    pub fn dtype(&self) -> Dtype {
+        self.weight.dtype()
     }
 
     /// Decode: `y = W s_t(x) + b` for one vector.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
-        match (&*self.weight, &self.sparsify) {
-            (Weight::F32(w), None) => cpu::gemv_t(w, self.in_dim, self.out_dim, x, y),
-            (Weight::F32(w), Some(Sparsify::Threshold(t))) => {
-                cpu::gemv_t_sparse(w, self.in_dim, self.out_dim, x, *t, y)
+        let w = self.weight.mat();
+        match &self.sparsify {
+            None => cpu::gemv(&w, x, y),
+            Some(Sparsify::Threshold(t)) => {
+                cpu::gemv_sparse(&w, x, *t, y);
             }
-            (Weight::F32(w), Some(Sparsify::Channels(t))) => CHANNEL_SCRATCH.with_borrow_mut(|xs| {
-                // Zero by channel, then the row-skipping kernel skips the zeros (`|0| <= 0`).
-                xs.resize(x.len(), 0.0);
-                reference::sparsify_channels(x, t, xs);
-                cpu::gemv_t_sparse(w, self.in_dim, self.out_dim, xs, 0.0, y)
-            }),
+            Some(Sparsify::Channels(t)) => {
+                cpu::gemv_sparse_channels(&w, x, t, y);
+            }
         }
         self.add_bias(y);
     }
@@ -173,9 +182,7 @@ impl Linear {
                 &sparsified
             }
         };
-        match &*self.weight {
-            Weight::F32(w) => cpu::matmul_t(x, n_tok, w, self.in_dim, self.out_dim, y),
-        }
+        cpu::matmul_packed(x, n_tok, &self.weight.mat(), y);
         for row in y.chunks_mut(self.out_dim) {
             self.add_bias(row);
         }
@@ -190,9 +197,88 @@ impl Linear {
     }
 }
 
+/// Row-major `[out, in]` to input-major `[in, out]`, blocked: cache-friendly on both sides.
+fn transpose(out_dim: usize, in_dim: usize, w: &[f32]) -> Vec<f32> {
+    assert_eq!(w.len(), out_dim * in_dim);
+    let mut wt = vec![0.0f32; w.len()];
+    const B: usize = 64;
+    for o0 in (0..out_dim).step_by(B) {
+        for i0 in (0..in_dim).step_by(B) {
+            for o in o0..(o0 + B).min(out_dim) {
+                for i in i0..(i0 + B).min(in_dim) {
+                    wt[i * out_dim + o] = w[o * in_dim + i];
+                }
+            }
+        }
+    }
+    wt
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// q8 reproduces the f32 layer within its quantization error (relative to sum |x w|).
+    const Q8_LAYER_TOL: f32 = 1e-2;
+
+    fn weights(out: usize, inp: usize) -> Vec<f32> {
+        (0..out * inp)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+            .collect()
+    }
+
+    #[test]
+    fn every_dtype_matches_f32_and_keeps_its_threshold() {
+        let (out, inp) = (77, 37);
+        let w = weights(out, inp);
+        let x: Vec<f32> = (0..inp)
+            .map(|i| ((i * 13 % 11) as f32 - 5.0) / 5.0)
+            .collect();
+        let bias: Vec<f32> = (0..out).map(|o| o as f32 / 100.0).collect();
+        let f = Linear::from_rows(out, inp, &w, Some(bias.clone()));
+        let mut want = vec![0.0; out];
+        f.forward(&x, &mut want);
+        let scale: f32 = x.iter().map(|v| v.abs()).sum();
+        for dtype in Dtype::ALL {
+            let l = Linear::from_rows_as(dtype, "w", out, inp, &w, Some(bias.clone())).unwrap();
+            assert_eq!(l.dtype(), dtype);
+            let mut got = vec![0.0; out];
+            l.forward(&x, &mut got);
+            for (a, b) in want.iter().zip(&got) {
+                assert!(
+                    (a - b).abs() <= Q8_LAYER_TOL * scale * 4.0,
+                    "{dtype:?}: {a} vs {b}"
+                );
+            }
+            // Sparse decode equals the dense layer on the sparsified input, and prefill agrees.
+            let s = l.with_mask(Some(InputMask::Threshold(0.5)));
+            let xs: Vec<f32> = x
+                .iter()
+                .map(|&v| if v.abs() > 0.5 { v } else { 0.0 })
+                .collect();
+            let (mut a, mut b, mut c) = (vec![0.0; out], vec![0.0; out], vec![0.0; 2 * out]);
+            s.forward(&x, &mut a);
+            l.forward(&xs, &mut b);
+            let two: Vec<f32> = x.iter().chain(&x).copied().collect();
+            s.forward_batch(&two, 2, &mut c);
+            for o in 0..out {
+                assert!((a[o] - b[o]).abs() <= 1e-5 * scale, "{dtype:?} sparse");
+                assert!(
+                    (a[o] - c[out + o]).abs() <= 1e-4 * scale,
+                    "{dtype:?} prefill"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_weight_beyond_f16_is_a_named_error() {
+        let mut w = weights(4, 4);
+        w[3] = 1e6;
+        let e = Linear::from_rows_as(Dtype::F16, "blk.0.w", 4, 4, &w, None).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("blk.0.w") && msg.contains("f16"), "{msg}");
+    }
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn values(n: usize, seed: u32) -> Vec<f32> {

@@ -8,6 +8,7 @@ use crate::loader::{GgufSource, SafetensorsSource, TensorSource};
 use crate::models::llama::Llama;
 use crate::tokenizer::Tokenizer;
 use std::path::Path;
+use teal_kernels::packed::Dtype;
 
 /// A model's files, opened and checked, weights not yet loaded.
 pub struct ModelFiles {
@@ -56,5 +57,10 @@ impl ModelFiles {
     /// Loads every weight (dequantized to f32, repacked input-major).
     pub fn load_model(&self) -> Result<Llama> {
         Llama::load(self.config.clone(), self.source.as_ref())
+    }
+
+    /// Loads every weight, the projections and LM head repacked to `dtype`.
+    pub fn load_model_as(&self, dtype: Dtype) -> Result<Llama> {
+        Llama::load_as(self.config.clone(), self.source.as_ref(), dtype)
     }
 }

@@ -9,6 +9,7 @@ use crate::kv_cache::KvCache;
 use crate::linear::{InputMask, Linear};
 use crate::loader::TensorSource;
 use std::sync::Arc;
+use teal_kernels::packed::Dtype;
 use teal_kernels::{cpu, reference};
 
 /// The four places in a block where an input enters projections.
@@ -68,6 +69,12 @@ pub enum Logits {
 
 impl Llama {
     pub fn load(config: Config, src: &dyn TensorSource) -> Result<Llama> {
+        Llama::load_as(config, src, Dtype::F32)
+    }
+
+    /// Loads every weight, the projections and the LM head repacked to `dtype` (embeddings
+    /// and norms stay f32).
+    pub fn load_as(config: Config, src: &dyn TensorSource, dtype: Dtype) -> Result<Llama> {
         let c = &config;
         let (d, ff, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
@@ -78,7 +85,7 @@ impl Llama {
             } else {
                 None
             };
-            Ok(Linear::from_rows(out, inp, &w, b))
+            Linear::from_rows_as(dtype, &format!("{name}.weight"), out, inp, &w, b)
         };
         let vector = |name: &str, n: usize| -> Result<Vec<f32>> {
             let v = src.load(name, &[n])?;
@@ -108,7 +115,14 @@ impl Llama {
         let lm_head = if src.contains("lm_head.weight") {
             linear("lm_head", c.vocab_size, d, false)?
         } else {
-            Linear::from_rows(c.vocab_size, d, &embed_tokens, None)
+            Linear::from_rows_as(
+                dtype,
+                "model.embed_tokens.weight",
+                c.vocab_size,
+                d,
+                &embed_tokens,
+                None,
+            )?
         };
         Ok(Llama {
             inv_freq: config.rope_inv_freq(),

@@ -1,0 +1,276 @@
+//! Input-major weight formats for decode (`wt[in, out]`: the weights of one input channel are
+//! contiguous, so a zeroed input skips a whole row, its scales included).
+//!
+//! - `f32`, `f16`, `bf16`: one value per weight.
+//! - `q8`: groups of [`GROUP`] consecutive outputs within one input row share an f16 scale `d`;
+//!   `w = d * q`, `q` in `[-127, 127]` (symmetric). A group is a 34-byte block `[d, q0..q31]`
+//!   (8.5 bits per weight, GGML's Q8_0 block, but along the output dimension).
+//! - `q4`: groups of [`GROUP`] consecutive outputs within one input row share an f16 scale `d`
+//!   and an f16 minimum `m`; `w = d * q + m`, `q` in `[0, 15]`. A group is a 20-byte block
+//!   `[d, m, 16 bytes]` (5 bits per weight like Q4_1); byte `b` holds output `b` in its low
+//!   nibble and output `b + 16` in its high one.
+//!
+//! Rows of the quantized formats are whole blocks (a partial last group is padded with zeros),
+//! so one kept input row is one contiguous run of blocks, scales inline.
+
+use half::{bf16, f16};
+
+/// Consecutive outputs of one input row that share a scale in `q8` and `q4`.
+pub const GROUP: usize = 32;
+/// Bytes of one q8 block: f16 scale, 32 values.
+pub const Q8_BLOCK: usize = 2 + GROUP;
+/// Bytes of one q4 block: f16 scale, f16 minimum, 32 nibbles.
+pub const Q4_BLOCK: usize = 4 + GROUP / 2;
+
+/// A weight format chosen at load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+    Q8,
+    Q4,
+}
+
+impl Dtype {
+    pub const ALL: [Dtype; 5] = [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::Q8, Dtype::Q4];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+            Dtype::Q8 => "q8",
+            Dtype::Q4 => "q4",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Dtype> {
+        Dtype::ALL.into_iter().find(|d| d.name() == s)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("weight {index} = {value} is not finite")]
+    NotFinite { index: usize, value: f32 },
+    #[error("weight {index} = {value} does not fit in {dtype} (largest finite f16 is 65504)")]
+    OutOfRange {
+        index: usize,
+        value: f32,
+        dtype: &'static str,
+    },
+    #[error("weights of {got} values for a {n_in} x {n_out} matrix")]
+    Size {
+        got: usize,
+        n_in: usize,
+        n_out: usize,
+    },
+}
+
+/// Weights of one matrix in a packed format, input-major.
+#[derive(Debug)]
+pub enum Data {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+    /// Block `(j, g)` at byte `(j * groups + g) * Q8_BLOCK`.
+    Q8(Vec<u8>),
+    /// Block `(j, g)` at byte `(j * groups + g) * Q4_BLOCK`.
+    Q4(Vec<u8>),
+}
+
+/// A packed input-major matrix.
+#[derive(Debug)]
+pub struct PackedT {
+    pub n_in: usize,
+    pub n_out: usize,
+    pub data: Data,
+}
+
+/// A borrowed view of packed weights: what the kernels take, so plain `&[f32]` matrices and
+/// [`PackedT`] share one code path.
+#[derive(Clone, Copy, Debug)]
+pub enum View<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+    Q8(&'a [u8]),
+    Q4(&'a [u8]),
+}
+
+/// Weights plus dimensions, as the kernels see them.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
+    pub n_in: usize,
+    pub n_out: usize,
+    pub view: View<'a>,
+}
+
+fn groups(n_out: usize) -> usize {
+    n_out.div_ceil(GROUP)
+}
+
+impl PackedT {
+    /// Packs an input-major f32 matrix `wt[n_in, n_out]`.
+    pub fn from_input_major(
+        dtype: Dtype,
+        wt: &[f32],
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<PackedT, PackError> {
+        if wt.len() != n_in * n_out {
+            return Err(PackError::Size {
+                got: wt.len(),
+                n_in,
+                n_out,
+            });
+        }
+        if let Some((index, &value)) = wt.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(PackError::NotFinite { index, value });
+        }
+        let f16_range = |dtype: Dtype| match wt.iter().enumerate().find(|(_, v)| v.abs() > 65504.0)
+        {
+            Some((index, &value)) => Err(PackError::OutOfRange {
+                index,
+                value,
+                dtype: dtype.name(),
+            }),
+            None => Ok(()),
+        };
+        let ng = groups(n_out);
+        let data = match dtype {
+            Dtype::F32 => Data::F32(wt.to_vec()),
+            Dtype::F16 => {
+                f16_range(dtype)?;
+                Data::F16(wt.iter().map(|&v| f16::from_f32(v)).collect())
+            }
+            Dtype::Bf16 => Data::Bf16(wt.iter().map(|&v| bf16::from_f32(v)).collect()),
+            Dtype::Q8 => {
+                f16_range(dtype)?;
+                let mut blocks = vec![0u8; n_in * ng * Q8_BLOCK];
+                for j in 0..n_in {
+                    let row = &wt[j * n_out..(j + 1) * n_out];
+                    for (g, chunk) in row.chunks(GROUP).enumerate() {
+                        let blk = &mut blocks[(j * ng + g) * Q8_BLOCK..(j * ng + g + 1) * Q8_BLOCK];
+                        let amax = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                        let d = f16::from_f32(amax / 127.0);
+                        blk[..2].copy_from_slice(&d.to_le_bytes());
+                        let inv = if d.to_f32() > 0.0 {
+                            1.0 / d.to_f32()
+                        } else {
+                            0.0
+                        };
+                        for (qv, &v) in blk[2..].iter_mut().zip(chunk) {
+                            *qv = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
+                        }
+                    }
+                }
+                Data::Q8(blocks)
+            }
+            Dtype::Q4 => {
+                f16_range(dtype)?;
+                let mut blocks = vec![0u8; n_in * ng * Q4_BLOCK];
+                for j in 0..n_in {
+                    let row = &wt[j * n_out..(j + 1) * n_out];
+                    for (g, chunk) in row.chunks(GROUP).enumerate() {
+                        let blk = &mut blocks[(j * ng + g) * Q4_BLOCK..(j * ng + g + 1) * Q4_BLOCK];
+                        let lo = chunk.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                        let hi = chunk.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                        let m = f16::from_f32(lo);
+                        let d = f16::from_f32((hi - m.to_f32()).max(0.0) / 15.0);
+                        blk[..2].copy_from_slice(&d.to_le_bytes());
+                        blk[2..4].copy_from_slice(&m.to_le_bytes());
+                        let inv = if d.to_f32() > 0.0 {
+                            1.0 / d.to_f32()
+                        } else {
+                            0.0
+                        };
+                        for (i, &v) in chunk.iter().enumerate() {
+                            let n = ((v - m.to_f32()) * inv).round().clamp(0.0, 15.0) as u8;
+                            blk[4 + i % 16] |= if i < 16 { n } else { n << 4 };
+                        }
+                    }
+                }
+                Data::Q4(blocks)
+            }
+        };
+        Ok(PackedT { n_in, n_out, data })
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        match self.data {
+            Data::F32(_) => Dtype::F32,
+            Data::F16(_) => Dtype::F16,
+            Data::Bf16(_) => Dtype::Bf16,
+            Data::Q8(_) => Dtype::Q8,
+            Data::Q4(_) => Dtype::Q4,
+        }
+    }
+
+    pub fn mat(&self) -> Mat<'_> {
+        let view = match &self.data {
+            Data::F32(w) => View::F32(w),
+            Data::F16(w) => View::F16(w),
+            Data::Bf16(w) => View::Bf16(w),
+            Data::Q8(b) => View::Q8(b),
+            Data::Q4(b) => View::Q4(b),
+        };
+        Mat {
+            n_in: self.n_in,
+            n_out: self.n_out,
+            view,
+        }
+    }
+
+    /// Bytes stored (values, scales and minimums).
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(w) => w.len() * 4,
+            Data::F16(w) => w.len() * 2,
+            Data::Bf16(w) => w.len() * 2,
+            Data::Q8(b) | Data::Q4(b) => b.len(),
+        }
+    }
+}
+
+impl<'a> Mat<'a> {
+    /// A plain input-major f32 matrix.
+    pub fn f32(wt: &'a [f32], n_in: usize, n_out: usize) -> Mat<'a> {
+        assert_eq!(wt.len(), n_in * n_out, "f32 matrix size");
+        Mat {
+            n_in,
+            n_out,
+            view: View::F32(wt),
+        }
+    }
+
+    /// Writes `w[j, o0 .. o0 + out.len()]` as f32 (scalar; the definition of each format).
+    pub fn dequant_row(&self, j: usize, o0: usize, out: &mut [f32]) {
+        let (n, ng) = (self.n_out, groups(self.n_out));
+        assert!(
+            j < self.n_in && o0 + out.len() <= n,
+            "dequant_row: out of range"
+        );
+        for (i, v) in out.iter_mut().enumerate() {
+            let o = o0 + i;
+            let (g, i) = (j * ng + o / GROUP, o % GROUP);
+            let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+            *v = match self.view {
+                View::F32(w) => w[j * n + o],
+                View::F16(w) => w[j * n + o].to_f32(),
+                View::Bf16(w) => w[j * n + o].to_f32(),
+                View::Q8(b) => {
+                    let blk = &b[g * Q8_BLOCK..(g + 1) * Q8_BLOCK];
+                    h(blk) * blk[2 + i] as i8 as f32
+                }
+                View::Q4(b) => {
+                    let blk = &b[g * Q4_BLOCK..(g + 1) * Q4_BLOCK];
+                    let byte = blk[4 + i % 16];
+                    let nib = if i < 16 { byte & 15 } else { byte >> 4 };
+                    h(blk) * nib as f32 + h(&blk[2..])
+                }
+            };
+        }
+    }
+}
