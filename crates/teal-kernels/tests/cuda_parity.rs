@@ -164,6 +164,38 @@ fn gemv_fused_segments_and_residual_add() {
     check_fused(&y, &wq, &x, &resid, &segs, &ts, n_in, n_out);
 }
 
+/// Three projections written side by side into one output by three launches at offsets
+/// (q|k|v whose boundaries are not on GEMV tiles), with different thresholds, over a residual.
+#[test]
+fn gemv_output_offsets_match_reference() {
+    let Some(g) = gpu() else { return };
+    let (n_in, segs) = (577, [576usize, 768, 960]);
+    let n_out = segs[2];
+    let dtype = WeightDtype::F16;
+    let wt = rand_vec(n_in * n_out, 21);
+    let wq: Vec<f32> = dtype.encode(&wt).iter().map(|&b| dtype.decode(b)).collect();
+    let x = rand_vec(n_in, 22);
+    let ts = [threshold_for(&x, 0.5), -1.0, threshold_for(&x, 0.8)];
+    let resid = rand_vec(n_out, 23);
+    let xd = g.upload(&x).unwrap();
+    let mut yd = g.upload(&resid).unwrap();
+    let mut start = 0;
+    for (&end, &t) in segs.iter().zip(&ts) {
+        let cols = end - start;
+        let part: Vec<f32> = (0..n_in)
+            .flat_map(|j| wq[j * n_out + start..j * n_out + end].to_vec())
+            .collect();
+        let mut lin = g.linear_from_f32(&part, n_in, cols, dtype, &[]).unwrap();
+        let opts = GemvOpts { beta: 1.0, y_offset: start, ..Default::default() };
+        g.gemv(&mut lin, &xd, &mut yd, 1, &[t], opts).unwrap();
+        start = end;
+    }
+    let bad = GemvOpts { y_offset: 1, ..Default::default() };
+    let mut lin = g.linear_from_f32(&wq[..n_in * 8], n_in, 8, dtype, &[]).unwrap();
+    assert!(g.gemv(&mut lin, &xd, &mut yd, 2, &[-1.0], bad).is_err(), "offset with batch 2");
+    check_fused(&g.download(&yd).unwrap(), &wq, &x, &resid, &segs, &ts, n_in, n_out);
+}
+
 #[allow(clippy::too_many_arguments)]
 fn check_fused(y: &[f32], wq: &[f32], x: &[f32], resid: &[f32], segs: &[usize], ts: &[f32], n_in: usize, n_out: usize) {
     let mut want = vec![0.0; n_out];

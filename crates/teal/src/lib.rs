@@ -5,6 +5,7 @@
 pub mod assets;
 pub mod chat;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod generate;

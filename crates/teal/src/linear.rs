@@ -101,6 +101,11 @@ impl Linear {
         self.mask
     }
 
+    /// The bias added after the product, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref().map(|b| b.as_slice())
+    }
+
     /// `||W[:, j]||` for every input channel `j`.
     pub fn input_norms(&self) -> &[f32] {
         self.input_norms.get_or_init(|| {
