@@ -477,14 +477,14 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         ctx,
         stop_at_eos: !a.ignore_eos,
     };
-    let mut out = std::io::stdout().lock();
-    if !a.chat {
-        write!(out, "{}", a.prompt)?;
-    }
     let mut dec = device
         .decoder(models, ctx)
         .with_context(|| format!("opening --device {}", a.common.device))?;
     eprintln!("device: {}", dec.describe());
+    let mut out = std::io::stdout().lock();
+    if !a.chat {
+        write!(out, "{}", a.prompt)?;
+    }
     let g = generate_on(&mut *dec, tok, &prompt, &params, |piece| {
         let ok = write!(out, "{piece}").and_then(|_| out.flush()).is_ok();
         ok
@@ -542,10 +542,27 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
             Some((_, spec, _, _)) => (spec.target, spec.mode.name()),
             None => (0.0, "dense"),
         };
-        println!(
-            "{}: PPL = {:.4} (mean NLL {:.5}) at sparsity {target} (mode {mode}, realized sparsity not measured on the GPU) over {} tokens in {} windows of {}",
-            dec.describe(), r.ppl, r.nll, r.tokens_scored, r.chunks, r.ctx
-        );
+        if a.json {
+            let j = serde_json::json!({
+                "model": model_path,
+                "file": a.file.display().to_string(),
+                "device": dec.describe(),
+                "ppl": r.ppl,
+                "nll": r.nll,
+                "tokens_scored": r.tokens_scored,
+                "chunks": r.chunks,
+                "ctx": r.ctx,
+                "sparsity": target,
+                "mode": mode,
+                "chunk_nll": r.chunk_nll,
+            });
+            println!("{j}");
+        } else {
+            println!(
+                "{}: PPL = {:.4} (mean NLL {:.5}) at sparsity {target} (mode {mode}, realized sparsity not measured on the GPU) over {} tokens in {} windows of {}",
+                dec.describe(), r.ppl, r.nll, r.tokens_scored, r.chunks, r.ctx
+            );
+        }
         return Ok(());
     }
     if let Some((t, spec, th, path)) = resolved {

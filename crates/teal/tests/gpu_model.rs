@@ -18,10 +18,17 @@ use teal::models::llama::{Llama, Logits, Observer, Site};
 use teal::models::random;
 use teal_kernels::cuda::WeightDtype;
 
-/// Logits, GPU vs CPU, relative to max(1, |logit|): the same bf16 weights on both sides, f32
-/// activations, sums in another order (and, sparse, the odd input within rounding of its
-/// threshold kept on one side and dropped on the other).
-const GPU_LOGIT_TOL: f32 = 2e-3;
+/// Dense logits, GPU vs CPU, relative to max(1, |logit|): the same bf16 weights on both sides,
+/// f32 activations, sums in another order. Measured on the H200: 1.0e-6 (Qwen2 tiny), 1.6e-6
+/// (SmolLM2 shape), 1.2e-5 (Llama-3-8B blocks, sums over 14336 inputs).
+const GPU_LOGIT_TOL: f32 = 1e-4;
+/// Sparse logits: a TEAL model is discontinuous. An input within rounding (~1e-6 relative) of
+/// its threshold is kept on one side and dropped on the other, and one such input moves the
+/// logits a lot: on the CPU alone, thresholds shifted by 1e-5 relative move the logits of
+/// these fixtures by up to 6.6e-2 (Llama-3-8B blocks) and 0.33 (SmolLM2 shape), by 0 when
+/// shifted by 1e-6. Measured GPU vs CPU: 1.1e-6 (Qwen2), 1.4e-6 (SmolLM2), 6.1e-2 (Llama-3-8B
+/// blocks, where GPU rounding is ~1e-5). The greedy tokens must still agree exactly.
+const GPU_SPARSE_LOGIT_TOL: f32 = 0.2;
 const TOP_K: usize = 8;
 const STEPS: usize = 16;
 const PROMPT_LEN: usize = 8;
@@ -236,7 +243,8 @@ fn check_shape(name: &str) {
         eprintln!("{name} {label} on {}: max relative logit difference {worst:.2e}", dec.describe());
         assert!(bad.is_empty(), "{name} {label}: best tokens differ:\n{}", bad.join("\n"));
         assert_eq!(ids, case.greedy, "{name} {label}: greedy ids");
-        assert!(worst <= GPU_LOGIT_TOL, "{name} {label}: logits differ by {worst} > {GPU_LOGIT_TOL}");
+        let tol = if case.thresholds.is_some() { GPU_SPARSE_LOGIT_TOL } else { GPU_LOGIT_TOL };
+        assert!(worst <= tol, "{name} {label}: logits differ by {worst} > {tol}");
     }
 }
 

@@ -673,6 +673,43 @@ impl Gpu {
         thresholds: &[f32],
         opts: GemvOpts,
     ) -> Result<()> {
+        self.gemv_with_norm(w, x, None, y, batch, thresholds, opts)
+    }
+
+    /// [`Gpu::gemv`] on `RMSNorm(x) = x / sqrt(mean(x^2) + eps) * norm_w` (each row of x),
+    /// the normalization computed inside the GEMV (no separate RMSNorm launch); the thresholds
+    /// apply to the normalized input. Not with a SiLU*mul input.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_rmsnorm(
+        &self,
+        w: &mut GpuLinear,
+        x: &CudaSlice<f32>,
+        norm_w: &CudaSlice<f32>,
+        eps: f32,
+        y: &mut CudaSlice<f32>,
+        batch: usize,
+        thresholds: &[f32],
+        opts: GemvOpts,
+    ) -> Result<()> {
+        if opts.silu_mul_input || norm_w.len() < w.n_in {
+            return Err(CudaError::Invalid(
+                "gemv_rmsnorm: norm weights shorter than the input, or a SiLU*mul input".into(),
+            ));
+        }
+        self.gemv_with_norm(w, x, Some((norm_w, eps)), y, batch, thresholds, opts)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_with_norm(
+        &self,
+        w: &mut GpuLinear,
+        x: &CudaSlice<f32>,
+        norm: Option<(&CudaSlice<f32>, f32)>,
+        y: &mut CudaSlice<f32>,
+        batch: usize,
+        thresholds: &[f32],
+        opts: GemvOpts,
+    ) -> Result<()> {
         let GemvOpts {
             beta,
             accumulate,
@@ -723,7 +760,11 @@ impl Gpu {
         let yp = self.ptr_mut(y) + (y_offset * std::mem::size_of::<f32>()) as sys::CUdeviceptr;
         let (wp, xp) = (self.ptr(&w.wt), self.ptr(x));
         let (ap, cp) = (self.ptr_mut(&mut w.acc), self.ptr_mut(&mut w.counters));
-        let mut p = params![wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu];
+        let (nw, eps): (sys::CUdeviceptr, f32) = match norm {
+            Some((n, e)) => (self.ptr(n), e),
+            None => (0, 0.0),
+        };
+        let mut p = params![wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu, nw, eps];
         // SAFETY: parameters match GEMV_ARGS in kernels.cu; buffer sizes checked above.
         unsafe { self.launch(f, cfg, &mut p) }
     }

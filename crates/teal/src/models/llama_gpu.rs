@@ -2,9 +2,10 @@
 //!
 //! The weights of a CPU [`Llama`] are copied once, rounded to f16 or bf16, input-major; the
 //! thresholds of its TEAL masks ([`InputMask::Threshold`]) go into the sparse GEMV. One step:
-//! embedding row -> per block [RMSNorm, q|k|v GEMV (+ bias), RoPE + KV append, attention,
-//! o GEMV into the residual, RMSNorm, gate|up GEMV, down GEMV with SiLU*mul in its prologue
-//! into the residual] -> RMSNorm -> LM head (dense). A step is captured once as a CUDA graph
+//! embedding row -> per block [q|k|v GEMV on RMSNorm(h) (+ bias), RoPE + KV append,
+//! attention, o GEMV into the residual h, gate|up GEMV on RMSNorm(h), down GEMV with SiLU*mul
+//! in its prologue into h] -> LM head on RMSNorm(h) (dense). Each RMSNorm is computed inside
+//! the GEMV that reads it. A step is captured once as a CUDA graph
 //! per pass (prefill thresholds, decode thresholds) and replayed; the token is written to the
 //! device before each replay and the position advances on the device.
 //!
@@ -125,11 +126,13 @@ impl Group {
         Ok(Group { launches, bias })
     }
 
-    /// `y = W s_t(x)` (+ bias), or `y += W s_t(x)` with `accumulate` (y holds the residual).
+    /// `y = W s_t(x)` (+ bias), or `y += W s_t(x)` with `accumulate` (y holds the residual);
+    /// with `norm = (w, eps)` the input is RMSNorm(x) with weights w, computed by the GEMV.
     fn run(
         &mut self,
         g: &Gpu,
         x: &DeviceBuffer<f32>,
+        norm: Option<(&DeviceBuffer<f32>, f32)>,
         y: &mut DeviceBuffer<f32>,
         pass: usize,
         base: GemvOpts,
@@ -147,7 +150,11 @@ impl Group {
                 y_offset: l.offset,
                 ..base
             };
-            g.gemv(&mut l.w, x, y, 1, &l.thresholds[pass], opts)?;
+            let t = &l.thresholds[pass];
+            match norm {
+                Some((nw, eps)) => g.gemv_rmsnorm(&mut l.w, x, nw, eps, y, 1, t, opts)?,
+                None => g.gemv(&mut l.w, x, y, 1, t, opts)?,
+            }
         }
         Ok(())
     }
@@ -186,7 +193,6 @@ struct Resident {
     cos: DeviceBuffer<f32>,
     sin: DeviceBuffer<f32>,
     h: DeviceBuffer<f32>,
-    xn: DeviceBuffer<f32>,
     qkv: DeviceBuffer<f32>,
     attn: DeviceBuffer<f32>,
     gu: DeviceBuffer<f32>,
@@ -246,7 +252,6 @@ impl GpuLlama {
             cos: gpu.upload(&cos)?,
             sin: gpu.upload(&sin)?,
             h: gpu.zeros(d)?,
-            xn: gpu.zeros(d)?,
             qkv: gpu.zeros(c.q_dim() + 2 * kvd)?,
             attn: gpu.zeros(c.q_dim())?,
             gu: gpu.zeros(2 * ff)?,
@@ -285,8 +290,8 @@ impl Resident {
         };
         g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d)?;
         for l in &mut self.layers {
-            g.rmsnorm(&self.h, &l.attn_norm, &mut self.xn, 1, d, eps)?;
-            l.qkv.run(g, &self.xn, &mut self.qkv, pass, plain)?;
+            l.qkv
+                .run(g, &self.h, Some((&l.attn_norm, eps)), &mut self.qkv, pass, plain)?;
             g.rope_kv_append(
                 &mut self.qkv,
                 &self.cos,
@@ -310,18 +315,18 @@ impl Resident {
                 hd,
                 self.ctx,
             )?;
-            l.o.run(g, &self.attn, &mut self.h, pass, acc)?;
-            g.rmsnorm(&self.h, &l.ffn_norm, &mut self.xn, 1, d, eps)?;
-            l.gate_up.run(g, &self.xn, &mut self.gu, pass, plain)?;
+            l.o.run(g, &self.attn, None, &mut self.h, pass, acc)?;
+            l.gate_up
+                .run(g, &self.h, Some((&l.ffn_norm, eps)), &mut self.gu, pass, plain)?;
             let glu = GemvOpts {
                 silu_mul_input: true,
                 ..acc
             };
-            l.down.run(g, &self.gu, &mut self.h, pass, glu)?;
+            l.down.run(g, &self.gu, None, &mut self.h, pass, glu)?;
         }
-        g.rmsnorm(&self.h, &self.norm, &mut self.xn, 1, d, eps)?;
+        let norm = Some((&self.norm, eps));
         self.lm_head
-            .run(g, &self.xn, &mut self.logits, pass, plain)?;
+            .run(g, &self.h, norm, &mut self.logits, pass, plain)?;
         g.advance_position(&mut self.pos, &mut self.n_keys)?;
         Ok(())
     }
