@@ -26,9 +26,10 @@ const GPU_LOGIT_TOL: f32 = 1e-4;
 /// its threshold is kept on one side and dropped on the other, and one such input moves the
 /// logits a lot: on the CPU alone, thresholds shifted by 1e-5 relative move the logits of
 /// these fixtures by up to 6.6e-2 (Llama-3-8B blocks) and 0.33 (SmolLM2 shape), by 0 when
-/// shifted by 1e-6. Measured GPU vs CPU: 1.1e-6 (Qwen2), 1.4e-6 (SmolLM2), 6.1e-2 (Llama-3-8B
-/// blocks, where GPU rounding is ~1e-5). The greedy tokens must still agree exactly.
-const GPU_SPARSE_LOGIT_TOL: f32 = 0.2;
+/// shifted by 1e-6. GPU vs CPU on the H200, three runs (the GPU's f32 atomics sum in a varying
+/// order): Qwen2 1.1e-6; SmolLM2 1.4e-6, 1.2e-1, 1.3e-6; Llama-3-8B blocks 6.1e-2, 2.9e-2,
+/// 6.1e-2. This bound only catches gross errors; the greedy tokens must agree exactly.
+const GPU_SPARSE_LOGIT_TOL: f32 = 0.5;
 const TOP_K: usize = 8;
 const STEPS: usize = 16;
 const PROMPT_LEN: usize = 8;

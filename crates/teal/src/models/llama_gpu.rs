@@ -215,6 +215,15 @@ impl GpuLlama {
                 "GPU model: the prefill and decode models differ, or the context is 0".into(),
             ));
         }
+        // The decode attention keeps a block's scores in 48 KiB of shared memory.
+        let max_ctx = 48 * 1024 / 4 - 1024 - c.head_dim;
+        if ctx > max_ctx {
+            return Err(Error::Invalid(format!(
+                "context {ctx} is longer than the GPU decode attention holds ({max_ctx} \
+                 positions for head dim {}); use a shorter -c/--ctx",
+                c.head_dim
+            )));
+        }
         let (d, ff, kvd) = (c.hidden_size, c.intermediate_size, c.kv_dim());
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for (l, (pb, db)) in pm.layers.iter().zip(&dm.layers).enumerate() {
