@@ -95,7 +95,7 @@ impl Group {
             let thresholds = std::array::from_fn(|pass| vec![t[0][pass]]);
             let w = g.linear_from_bits(&fused_bits(&weights, dtype), n_in, n_out, dtype, &[])?;
             vec![Launch { w, offset: 0, thresholds }]
-        } else if on_tiles && parts.len() <= 3 {
+        } else if on_tiles {
             let thresholds = std::array::from_fn(|pass| t.iter().map(|ti| ti[pass]).collect());
             let w = g.linear_from_bits(&fused_bits(&weights, dtype), n_in, n_out, dtype, &ends)?;
             vec![Launch { w, offset: 0, thresholds }]
