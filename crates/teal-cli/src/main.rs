@@ -9,9 +9,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use teal::chat::{ChatTemplate, Message};
-use teal::eval::perplexity::{perplexity, PplOptions};
+use teal::eval::perplexity::PplOptions;
 use teal::eval::sparse::compare;
-use teal::generate::{generate, GenerateParams, Models};
+use teal::device::Device;
+use teal::eval::perplexity::perplexity_on;
+use teal::generate::{generate_on, GenerateParams, Models};
 use teal::sampler::SamplerConfig;
 use teal::sparsity::calibrate::{calibrate, CalibOptions};
 use teal::sparsity::greedy::GreedyOptions;
@@ -44,6 +46,12 @@ struct Common {
     /// with minimum, both in groups of 32 outputs of one input row).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
+    /// Where the model runs: cpu or cuda:N (run and ppl; the other subcommands use the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight type on a GPU: bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    gpu_dtype: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -432,6 +440,18 @@ impl Common {
             .with_context(|| format!("loading the weights as {}", dtype.name()))
     }
 
+    fn device(&self) -> Result<Device> {
+        Ok(Device::parse(&self.device, &self.gpu_dtype)?)
+    }
+
+    /// For subcommands that have no GPU path yet.
+    fn cpu_only(&self, what: &str) -> Result<()> {
+        if self.device()? != Device::Cpu {
+            bail!("teal {what} runs on the CPU only for now (got --device {})", self.device);
+        }
+        Ok(())
+    }
+
     fn open(&self) -> Result<ModelFiles> {
         self.setup_threads()?;
         let path = self.model_path()?;
@@ -441,6 +461,7 @@ impl Common {
 
 fn cmd_run(a: RunArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
+    let device = a.common.device()?;
     let files = a.common.open()?;
     let tok = &files.tokenizer;
     let t0 = std::time::Instant::now();
@@ -529,11 +550,15 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         ctx,
         stop_at_eos: !a.ignore_eos,
     };
+    let mut dec = device
+        .decoder(models, ctx)
+        .with_context(|| format!("opening --device {}", a.common.device))?;
+    eprintln!("device: {}", dec.describe());
     let mut out = std::io::stdout().lock();
     if !a.chat {
         write!(out, "{}", a.prompt)?;
     }
-    let g = generate(models, tok, &prompt, &params, |piece| {
+    let g = generate_on(&mut *dec, tok, &prompt, &params, |piece| {
         let ok = write!(out, "{piece}").and_then(|_| out.flush()).is_ok();
         ok
     })?;
@@ -551,6 +576,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
 
 fn cmd_ppl(a: PplArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
+    let device = a.common.device()?;
     let files = a.common.open()?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
@@ -566,7 +592,53 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     )?);
     bar.set_message("perplexity");
     let model_path = a.common.model_path()?.display().to_string();
-    if let Some((t, spec, th, path)) = a.sparse.resolve(&files)? {
+    let resolved = a.sparse.resolve(&files)?;
+    if device != Device::Cpu {
+        // On a GPU: the perplexity of one model (dense, or sparse at every position); the
+        // dense/sparse comparison with realized sparsity runs on the CPU.
+        let sparse = match &resolved {
+            Some((t, spec, _, _)) if spec.mode == Mode::All => Some(model.with_masks(t)?),
+            Some((_, spec, _, _)) => bail!(
+                "ppl --device {} supports --mode all only (got {}); use --device cpu",
+                a.common.device,
+                spec.mode.name()
+            ),
+            None => None,
+        };
+        let m = sparse.as_ref().unwrap_or(&model);
+        let mut dec = device
+            .decoder(Models::single(m), opts.ctx)
+            .with_context(|| format!("opening --device {}", a.common.device))?;
+        let r = perplexity_on(&mut *dec, &tokens, &opts, |d, _| bar.set_position(d as u64))?;
+        bar.finish_and_clear();
+        let (target, mode) = match &resolved {
+            Some((_, spec, _, _)) => (spec.target, spec.mode.name()),
+            None => (0.0, "dense"),
+        };
+        if a.json {
+            let j = serde_json::json!({
+                "model": model_path,
+                "file": a.file.display().to_string(),
+                "device": dec.describe(),
+                "ppl": r.ppl,
+                "nll": r.nll,
+                "tokens_scored": r.tokens_scored,
+                "chunks": r.chunks,
+                "ctx": r.ctx,
+                "sparsity": target,
+                "mode": mode,
+                "chunk_nll": r.chunk_nll,
+            });
+            println!("{j}");
+        } else {
+            println!(
+                "{}: PPL = {:.4} (mean NLL {:.5}) at sparsity {target} (mode {mode}, realized sparsity not measured on the GPU) over {} tokens in {} windows of {}",
+                dec.describe(), r.ppl, r.nll, r.tokens_scored, r.chunks, r.ctx
+            );
+        }
+        return Ok(());
+    }
+    if let Some((t, spec, th, path)) = resolved {
         let sparse = model.with_masks(&t)?;
         let r = compare(
             &files.config,
@@ -625,7 +697,8 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let r = perplexity(&model, &tokens, &opts, |done, _| {
+    let mut dec = device.decoder(Models::single(&model), opts.ctx)?;
+    let r = perplexity_on(&mut *dec, &tokens, &opts, |done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
@@ -660,6 +733,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
 }
 
 fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
+    a.common.cpu_only("calibrate")?;
     let files = a.common.open()?;
     let fp = Fingerprint::of(&files.config, files.source.as_ref());
     let out = a
@@ -748,6 +822,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 fn cmd_report(a: ReportArgs) -> Result<()> {
+    a.common.cpu_only("report")?;
     let files = a.common.open()?;
     let sparse_args = SparseArgs {
         sparsity: a.sparsities.iter().cloned().fold(0.0, f64::max),
@@ -995,6 +1070,7 @@ into a regional centre, with a market square, a cathedral and a university whose
 holds many of the manuscripts copied by its first students. ";
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
+    a.common.cpu_only("bench")?;
     for &s in &a.sparsity {
         check_target(s)?;
     }

@@ -164,6 +164,87 @@ fn gemv_fused_segments_and_residual_add() {
     check_fused(&y, &wq, &x, &resid, &segs, &ts, n_in, n_out);
 }
 
+/// Three projections written side by side into one output by three launches at offsets
+/// (q|k|v whose boundaries are not on GEMV tiles), with different thresholds, over a residual.
+#[test]
+fn gemv_output_offsets_match_reference() {
+    let Some(g) = gpu() else { return };
+    let (n_in, segs) = (577, [576usize, 768, 960]);
+    let n_out = segs[2];
+    let dtype = WeightDtype::F16;
+    let wt = rand_vec(n_in * n_out, 21);
+    let wq: Vec<f32> = dtype.encode(&wt).iter().map(|&b| dtype.decode(b)).collect();
+    let x = rand_vec(n_in, 22);
+    let ts = [threshold_for(&x, 0.5), -1.0, threshold_for(&x, 0.8)];
+    let resid = rand_vec(n_out, 23);
+    let xd = g.upload(&x).unwrap();
+    let mut yd = g.upload(&resid).unwrap();
+    let mut start = 0;
+    for (&end, &t) in segs.iter().zip(&ts) {
+        let cols = end - start;
+        let part: Vec<f32> = (0..n_in)
+            .flat_map(|j| wq[j * n_out + start..j * n_out + end].to_vec())
+            .collect();
+        let mut lin = g.linear_from_f32(&part, n_in, cols, dtype, &[]).unwrap();
+        let opts = GemvOpts { beta: 1.0, y_offset: start, ..Default::default() };
+        g.gemv(&mut lin, &xd, &mut yd, 1, &[t], opts).unwrap();
+        start = end;
+    }
+    let bad = GemvOpts { y_offset: 1, ..Default::default() };
+    let mut lin = g.linear_from_f32(&wq[..n_in * 8], n_in, 8, dtype, &[]).unwrap();
+    assert!(g.gemv(&mut lin, &xd, &mut yd, 2, &[-1.0], bad).is_err(), "offset with batch 2");
+    check_fused(&g.download(&yd).unwrap(), &wq, &x, &resid, &segs, &ts, n_in, n_out);
+}
+
+/// The GEMV with RMSNorm folded into its prologue against RMSNorm then the sparse GEMV, dense
+/// and with half the normalized inputs below the threshold, batch 1 and 3, f16 and bf16.
+#[test]
+fn gemv_rmsnorm_matches_reference() {
+    let Some(g) = gpu() else { return };
+    let (n_in, n_out, eps) = (1536, 577, 1e-5f32);
+    for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+        let wq: Vec<f32> = dtype.encode(&rand_vec(n_in * n_out, 31)).iter().map(|&b| dtype.decode(b)).collect();
+        let nw: Vec<f32> = rand_vec(n_in, 32).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let mut lin = g.linear_from_f32(&wq, n_in, n_out, dtype, &[]).unwrap();
+        let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
+        for batch in [1usize, 3] {
+            let x: Vec<f32> = rand_vec(batch * n_in, 33 + batch as u64).iter().map(|v| 4.0 * v).collect();
+            let mut xn = vec![0.0; batch * n_in];
+            for b in 0..batch {
+                reference::rmsnorm(&x[b * n_in..(b + 1) * n_in], &nw, eps, &mut xn[b * n_in..(b + 1) * n_in]);
+            }
+            for s in [0.0, 0.5] {
+                // Between two normalized inputs, so that none lies within rounding of t (the
+                // GPU's mean square is summed in another order).
+                let t = if s == 0.0 {
+                    -1.0
+                } else {
+                    let mut a: Vec<f32> = xn.iter().map(|v| v.abs()).collect();
+                    a.sort_by(f32::total_cmp);
+                    let k = a.len() / 2;
+                    0.5 * (a[k - 1] + a[k])
+                };
+                let (xd, nd) = (g.upload(&x).unwrap(), g.upload(&nw).unwrap());
+                let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
+                g.gemv_rmsnorm(&mut lin, &xd, &nd, eps, &mut yd, batch, &[t], GemvOpts::default()).unwrap();
+                let y = g.download(&yd).unwrap();
+                let (mut want, mut scale) = (vec![0.0; batch * n_out], vec![0.0; batch * n_out]);
+                for b in 0..batch {
+                    let xr = &xn[b * n_in..(b + 1) * n_in];
+                    reference::gemv_t_sparse(&wq, n_in, n_out, xr, t, &mut want[b * n_out..(b + 1) * n_out]);
+                    let xa: Vec<f32> = xr.iter().map(|v| v.abs()).collect();
+                    reference::gemv_t(&wa, n_in, n_out, &xa, &mut scale[b * n_out..(b + 1) * n_out]);
+                }
+                assert_close(&y, &want, &scale, GPU_GEMV_REL_TOL, &format!("gemv_rmsnorm {} b{batch} s{s}", dtype.name()));
+            }
+        }
+        let bad = GemvOpts { silu_mul_input: true, ..Default::default() };
+        let (xd, nd) = (g.upload(&vec![0.0f32; 2 * n_in]).unwrap(), g.upload(&nw).unwrap());
+        let mut yd = g.zeros::<f32>(n_out).unwrap();
+        assert!(g.gemv_rmsnorm(&mut lin, &xd, &nd, eps, &mut yd, 1, &[-1.0], bad).is_err());
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn check_fused(y: &[f32], wq: &[f32], x: &[f32], resid: &[f32], segs: &[usize], ts: &[f32], n_in: usize, n_out: usize) {
     let mut want = vec![0.0; n_out];

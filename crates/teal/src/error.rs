@@ -46,6 +46,8 @@ pub enum Error {
     },
     #[error("{path}: not valid UTF-8 text (first bad byte at offset {offset})")]
     NotUtf8 { path: PathBuf, offset: usize },
+    #[error(transparent)]
+    Cuda(#[from] teal_kernels::cuda::CudaError),
     #[error("{0}")]
     Invalid(String),
 }

@@ -1,8 +1,9 @@
 //! Text generation: prefill the prompt, then decode one token at a time with the KV cache,
 //! streaming each piece of text as it is complete.
 
+use crate::device::{CpuDecoder, Decoder};
 use crate::error::{Error, Result};
-use crate::models::llama::{DecodeScratch, Llama, Logits};
+use crate::models::llama::{Llama, Logits};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::time::Instant;
@@ -62,10 +63,23 @@ impl<'a> Models<'a> {
     }
 }
 
-/// Generates up to `params.max_tokens` tokens after `prompt`. `on_text` receives each new piece
-/// of text as soon as it is complete UTF-8 and returns `false` to stop.
+/// Generates up to `params.max_tokens` tokens after `prompt` on the CPU. `on_text` receives
+/// each new piece of text as soon as it is complete UTF-8 and returns `false` to stop.
 pub fn generate(
     models: Models<'_>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation> {
+    let mut dec = CpuDecoder::new(models, params.ctx);
+    generate_on(&mut dec, tokenizer, prompt, params, on_text)
+}
+
+/// [`generate`] with any [`Decoder`] (its capacity is the context; `params.ctx` is not
+/// used). The decoder starts a new sequence.
+pub fn generate_on(
+    dec: &mut dyn Decoder,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
@@ -74,21 +88,21 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
-    if prompt.len() >= params.ctx {
+    let ctx = dec.capacity();
+    if prompt.len() >= ctx {
         return Err(Error::ContextOverflow {
             what: "the prompt",
             got: prompt.len(),
-            ctx: params.ctx,
+            ctx,
         });
     }
-    let model = models.decode;
-    let mut cache = model.new_cache(params.ctx);
-    let mut scratch = DecodeScratch::new(&model.config, params.ctx);
+    dec.clear()?;
+    let greedy = params.sampler.temperature <= 0.0;
     let mut sampler = Sampler::new(params.sampler.clone());
     let mut stream = StreamDecoder::with_context(tokenizer, prompt);
 
     let t0 = Instant::now();
-    let logits = models.prefill.prefill(prompt, &mut cache, Logits::Last)?;
+    let logits = dec.prefill(prompt, Logits::Last)?;
     let prompt_secs = t0.elapsed().as_secs_f64();
     let mut tokens = Vec::with_capacity(params.max_tokens);
     let mut next = sampler.sample(&logits);
@@ -105,11 +119,14 @@ pub fn generate(
         if tokens.len() >= params.max_tokens {
             break StopReason::MaxTokens;
         }
-        if cache.len() >= params.ctx {
+        if dec.position() >= ctx {
             break StopReason::ContextFull;
         }
-        let logits = model.decode(next, &mut cache, &mut scratch)?;
-        next = sampler.sample(logits);
+        next = if greedy {
+            dec.decode_greedy(next)?
+        } else {
+            sampler.sample(dec.decode(next)?)
+        };
     };
     Ok(Generation {
         decode_tokens: tokens.len().saturating_sub(1),

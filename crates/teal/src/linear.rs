@@ -115,14 +115,24 @@ impl Linear {
         self.mask
     }
 
+    /// The bias added after the product, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref().map(|b| b.as_slice())
+    }
+
+    /// The weights of input channel `j` (a row of the input-major matrix) as f32, into `out`
+    /// (`out_dim` values), whatever the stored format.
+    pub fn input_row(&self, j: usize, out: &mut [f32]) {
+        self.weight.mat().dequant_row(j, 0, out);
+    }
+
     /// `||W[:, j]||` for every input channel `j` (of the weights as stored).
     pub fn input_norms(&self) -> &[f32] {
         self.input_norms.get_or_init(|| {
-            let w = self.weight.mat();
             let mut row = vec![0.0f32; self.out_dim];
             (0..self.in_dim)
                 .map(|j| {
-                    w.dequant_row(j, 0, &mut row);
+                    self.input_row(j, &mut row);
                     row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt() as f32
                 })
                 .collect()

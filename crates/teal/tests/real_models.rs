@@ -211,7 +211,6 @@ fn smollm2_teal_uniform_sparsity() {
             &files.config,
             &model,
             &sparse,
-            &t,
             Mode::All,
             &tokens,
             &ppl,

@@ -49,6 +49,51 @@ __device__ __forceinline__ uint4 ld_stream16(const u16* p) {
     return r;
 }
 
+// ---------------------------------------------------------------------------------------
+// Block-wide reductions (blockDim.x a multiple of 32, at most 1024).
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    v = warp_sum(v);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float p = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+        p = warp_sum(p);
+        if (threadIdx.x == 0) total = p;
+    }
+    __syncthreads();
+    return total;
+}
+
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    v = warp_max(v);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float p = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : NEG_INF;
+        p = warp_max(p);
+        if (threadIdx.x == 0) total = p;
+    }
+    __syncthreads();
+    return total;
+}
+
 // Eight weights of row `row` starting at column `col`. VEC: one aligned 16-byte load
 // (n_out % 8 == 0); otherwise scalar loads with bounds checks (odd sizes).
 template <bool VEC>
@@ -93,13 +138,30 @@ __device__ __forceinline__ void fma8(float (&a)[B][8], uint4 w, const float* xs,
 // With `accumulate` set, step 3 adds straight into y (y += W s_t(x): y must hold zeros or the
 // residual) and step 4 is skipped: two dependent memory round trips fewer.
 // Fused projections: column tiles before seg1 use t0, before seg2 t1, the rest t2.
+// With `nw` set (and not `glu`), the input is RMSNorm(x) = x / sqrt(mean(x^2) + eps) * nw,
+// each block computing the row's mean square itself (the RMSNorm kernel folded in).
 template <class WT, int B, bool VEC>
 __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const float* __restrict__ x,
                                           float* __restrict__ y, float* __restrict__ acc,
                                           u32* __restrict__ counters, int n_in, int n_out, int R,
                                           float t0, float t1, float t2, int seg1, int seg2,
-                                          float beta, int accumulate, int glu) {
+                                          float beta, int accumulate, int glu,
+                                          const float* __restrict__ nw, float eps) {
     pdl_begin();
+    __shared__ float inv_rms[B];
+    if (nw != nullptr) {
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            float ss = 0.0f;
+            for (int i = threadIdx.x; i < n_in; i += GEMV_THREADS) {
+                const float v = x[(size_t)b * n_in + i];
+                ss = fmaf(v, v, ss);
+            }
+            ss = block_sum(ss);
+            if (threadIdx.x == 0) inv_rms[b] = 1.0f / sqrtf(ss / (float)n_in + eps);
+        }
+        __syncthreads();
+    }
     extern __shared__ float smem[];
     float* xs = smem;                       // [B][R] thresholded inputs of the kept rows
     int* idx = (int*)(smem + B * R);        // [R] kept row numbers
@@ -125,6 +187,8 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
             } else if (glu) {
                 const float g = x[(size_t)b * 2 * n_in + j], u = x[(size_t)b * 2 * n_in + n_in + j];
                 v[b] = g / (1.0f + expf(-g)) * u;
+            } else if (nw != nullptr) {
+                v[b] = x[(size_t)b * n_in + j] * inv_rms[b] * nw[j];
             } else {
                 v[b] = x[(size_t)b * n_in + j];
             }
@@ -212,8 +276,9 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
 #define GEMV_ARGS                                                                             \
     const u16 *__restrict__ wt, const float *__restrict__ x, float *__restrict__ y,          \
         float *__restrict__ acc, u32 *__restrict__ counters, int n_in, int n_out, int R,     \
-        float t0, float t1, float t2, int seg1, int seg2, float beta, int accumulate, int glu
-#define GEMV_PASS wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta, accumulate, glu
+        float t0, float t1, float t2, int seg1, int seg2, float beta, int accumulate, int glu, \
+        const float *__restrict__ nw, float eps
+#define GEMV_PASS wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta, accumulate, glu, nw, eps
 
 #define GEMV_KERNEL(NAME, WT, B, VEC)                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) NAME(GEMV_ARGS) {             \
@@ -233,51 +298,6 @@ GEMV_KERNELS_B(5)
 GEMV_KERNELS_B(6)
 GEMV_KERNELS_B(7)
 GEMV_KERNELS_B(8)
-
-// ---------------------------------------------------------------------------------------
-// Block-wide reductions (blockDim.x a multiple of 32, at most 1024).
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-__device__ float block_sum(float v) {
-    __shared__ float part[32];
-    __shared__ float total;
-    v = warp_sum(v);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float p = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
-        p = warp_sum(p);
-        if (threadIdx.x == 0) total = p;
-    }
-    __syncthreads();
-    return total;
-}
-
-__device__ float block_max(float v) {
-    __shared__ float part[32];
-    __shared__ float total;
-    v = warp_max(v);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float p = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : NEG_INF;
-        p = warp_max(p);
-        if (threadIdx.x == 0) total = p;
-    }
-    __syncthreads();
-    return total;
-}
 
 // RMSNorm of each row: out = x / sqrt(mean(x^2) + eps) * w. One block per row.
 extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float* __restrict__ w,

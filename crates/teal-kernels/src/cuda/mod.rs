@@ -22,6 +22,9 @@ macro_rules! params {
 }
 use half::{bf16, f16};
 
+/// Device buffer and graph types of the backend, so that users need not name cudarc.
+pub use cudarc::driver::{CudaGraph, CudaSlice as DeviceBuffer};
+
 /// The embedded CUDA C source of every kernel.
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
 
@@ -29,7 +32,8 @@ pub const KERNELS_CU: &str = include_str!("kernels.cu");
 /// batch's nonzero inputs).
 pub const MAX_BATCH: usize = 8;
 
-const GEMV_TILE: usize = 256;
+/// Output columns of one GEMV block; inner boundaries of fused segments lie on these tiles.
+pub const GEMV_TILE: usize = 256;
 const GEMV_THREADS: u32 = 256;
 /// Largest input chunk one GEMV block handles (bounds its shared memory under 48 KiB).
 pub const MAX_ROWS_PER_CHUNK: usize = 1024;
@@ -236,6 +240,9 @@ pub struct GemvOpts {
     pub silu_mul_input: bool,
     /// Row split; `None` uses [`Gpu::gemv_plan`] at full density.
     pub plan: Option<GemvPlan>,
+    /// Write `y` starting at element `y_offset` (batch 1 only): one projection's columns of a
+    /// wider fused output, e.g. k into q|k|v when the segments cannot share one launch.
+    pub y_offset: usize,
 }
 
 /// How a GEMV launch splits its input rows: `rows_per_chunk` input rows per block.
@@ -317,6 +324,33 @@ impl Gpu {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// Record everything `enqueue` launches on this GPU's stream into one CUDA graph
+    /// (nothing runs while recording), ready to replay with [`CudaGraph::launch`].
+    pub fn capture(&self, enqueue: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+        self.stream.begin_capture(
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )?;
+        let recorded = enqueue();
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
+        recorded?;
+        let graph = graph.ok_or_else(|| CudaError::Invalid("captured an empty graph".into()))?;
+        graph.upload()?;
+        Ok(graph)
+    }
+
+    /// `dst[..src.len()] = src` on the device, in stream order (can be captured).
+    pub fn copy(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
+        if src.len() > dst.len() {
+            return Err(CudaError::Invalid(format!(
+                "copying {} elements into a buffer of {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        let mut view = dst.slice_mut(0..src.len());
+        Ok(self.stream.memcpy_dtod(src, &mut view)?)
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -639,11 +673,49 @@ impl Gpu {
         thresholds: &[f32],
         opts: GemvOpts,
     ) -> Result<()> {
+        self.gemv_with_norm(w, x, None, y, batch, thresholds, opts)
+    }
+
+    /// [`Gpu::gemv`] on `RMSNorm(x) = x / sqrt(mean(x^2) + eps) * norm_w` (each row of x),
+    /// the normalization computed inside the GEMV (no separate RMSNorm launch); the thresholds
+    /// apply to the normalized input. Not with a SiLU*mul input.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_rmsnorm(
+        &self,
+        w: &mut GpuLinear,
+        x: &CudaSlice<f32>,
+        norm_w: &CudaSlice<f32>,
+        eps: f32,
+        y: &mut CudaSlice<f32>,
+        batch: usize,
+        thresholds: &[f32],
+        opts: GemvOpts,
+    ) -> Result<()> {
+        if opts.silu_mul_input || norm_w.len() < w.n_in {
+            return Err(CudaError::Invalid(
+                "gemv_rmsnorm: norm weights shorter than the input, or a SiLU*mul input".into(),
+            ));
+        }
+        self.gemv_with_norm(w, x, Some((norm_w, eps)), y, batch, thresholds, opts)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_with_norm(
+        &self,
+        w: &mut GpuLinear,
+        x: &CudaSlice<f32>,
+        norm: Option<(&CudaSlice<f32>, f32)>,
+        y: &mut CudaSlice<f32>,
+        batch: usize,
+        thresholds: &[f32],
+        opts: GemvOpts,
+    ) -> Result<()> {
         let GemvOpts {
             beta,
             accumulate,
             silu_mul_input,
             plan,
+            y_offset,
         } = opts;
         let x_width = if silu_mul_input { 2 * w.n_in } else { w.n_in };
         if batch == 0 || batch > MAX_BATCH {
@@ -651,7 +723,12 @@ impl Gpu {
                 "batch {batch}: 1..={MAX_BATCH} supported"
             )));
         }
-        if x.len() < batch * x_width || y.len() < batch * w.n_out {
+        if y_offset > 0 && batch != 1 {
+            return Err(CudaError::Invalid(format!(
+                "gemv output offset {y_offset} with batch {batch}: offsets need batch 1"
+            )));
+        }
+        if x.len() < batch * x_width || y.len() < y_offset + batch * w.n_out {
             return Err(CudaError::Invalid("gemv buffers too small".into()));
         }
         if thresholds.len() != w.segments.len() {
@@ -680,9 +757,14 @@ impl Gpu {
             shared_mem_bytes: ((batch * r + r) * 4 + 8 * GEMV_TILE * 4) as u32,
         };
         let (acc_mode, glu) = (i32::from(accumulate), i32::from(silu_mul_input));
-        let (wp, xp, yp) = (self.ptr(&w.wt), self.ptr(x), self.ptr_mut(y));
+        let yp = self.ptr_mut(y) + (y_offset * std::mem::size_of::<f32>()) as sys::CUdeviceptr;
+        let (wp, xp) = (self.ptr(&w.wt), self.ptr(x));
         let (ap, cp) = (self.ptr_mut(&mut w.acc), self.ptr_mut(&mut w.counters));
-        let mut p = params![wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu];
+        let (nw, eps): (sys::CUdeviceptr, f32) = match norm {
+            Some((n, e)) => (self.ptr(n), e),
+            None => (0, 0.0),
+        };
+        let mut p = params![wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu, nw, eps];
         // SAFETY: parameters match GEMV_ARGS in kernels.cu; buffer sizes checked above.
         unsafe { self.launch(f, cfg, &mut p) }
     }

@@ -2,7 +2,9 @@
 //! K non-overlapping windows of `ctx` tokens, each run from an empty cache, tokens 1..ctx-1 of
 //! each scored; PPL = exp(mean NLL).
 
+use crate::device::{CpuDecoder, Decoder};
 use crate::error::{Error, Result};
+use crate::generate::Models;
 use crate::models::llama::{Llama, Logits};
 
 #[derive(Clone, Debug)]
@@ -64,23 +66,33 @@ pub fn windows(n_tokens: usize, opts: &PplOptions) -> Result<Vec<(usize, usize)>
     Ok((0..k).map(|i| (i * opts.ctx, (i + 1) * opts.ctx)).collect())
 }
 
-/// Runs P512 on `tokens`; `progress(done, total)` is called after each window.
+/// Runs P512 on `tokens` on the CPU; `progress(done, total)` is called after each window.
 pub fn perplexity(
     model: &Llama,
+    tokens: &[u32],
+    opts: &PplOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<PplResult> {
+    let mut dec = CpuDecoder::new(Models::single(model), opts.ctx);
+    perplexity_on(&mut dec, tokens, opts, progress)
+}
+
+/// [`perplexity`] with any [`Decoder`] whose capacity is at least `opts.ctx`.
+pub fn perplexity_on(
+    dec: &mut dyn Decoder,
     tokens: &[u32],
     opts: &PplOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<PplResult> {
     let wins = windows(tokens.len(), opts)?;
-    let vocab = model.config.vocab_size;
-    let mut cache = model.new_cache(opts.ctx);
+    let vocab = dec.config().vocab_size;
     let mut chunk_nll = Vec::with_capacity(wins.len());
     let mut total = 0.0;
     let mut scored = 0;
     for (i, &(s, e)) in wins.iter().enumerate() {
-        cache.clear();
+        dec.clear()?;
         let w = &tokens[s..e];
-        let logits = model.prefill(w, &mut cache, Logits::All)?;
+        let logits = dec.prefill(w, Logits::All)?;
         let sum: f64 = (1..w.len())
             .map(|t| nll(&logits[(t - 1) * vocab..t * vocab], w[t]))
             .sum();
