@@ -132,39 +132,37 @@ thread_local! {
 /// Returns the number of kept inputs.
 pub fn gemv_sparse(w: &Mat, x: &[f32], t: f32, y: &mut [f32]) -> usize {
     assert_eq!(x.len(), w.n_in, "gemv_sparse: input size");
-    KEPT.with_borrow_mut(|(idx, val)| {
-        idx.resize(x.len(), 0);
-        val.resize(x.len(), 0.0);
-        let n = compact_abs_gt(x, t, idx, val);
-        gemv_rows(
-            w,
-            &Kept {
-                idx: &idx[..n],
-                val: &val[..n],
-            },
-            y,
-        );
-        n
-    })
+    gemv_compacted(w, x.len(), |idx, val| compact_abs_gt(x, t, idx, val), y)
 }
 
 /// Sparse GEMV with one threshold per input channel (`|x_j| > t_j`), through the same
 /// [`gemv_idx`] path. Returns the number of kept inputs.
 pub fn gemv_sparse_channels(w: &Mat, x: &[f32], t: &[f32], y: &mut [f32]) -> usize {
     assert_eq!(x.len(), w.n_in, "gemv_sparse_channels: input size");
+    gemv_compacted(w, x.len(), |idx, val| compact_abs_gt_channel(x, t, idx, val), y)
+}
+
+/// Runs `compact` into the thread-local scratch (no allocation per call), then the GEMV over the
+/// kept rows.
+fn gemv_compacted(
+    w: &Mat,
+    n: usize,
+    compact: impl FnOnce(&mut [u32], &mut [f32]) -> usize,
+    y: &mut [f32],
+) -> usize {
     KEPT.with_borrow_mut(|(idx, val)| {
-        idx.resize(x.len(), 0);
-        val.resize(x.len(), 0.0);
-        let n = compact_abs_gt_channel(x, t, idx, val);
+        idx.resize(n, 0);
+        val.resize(n, 0.0);
+        let kept = compact(idx, val);
         gemv_rows(
             w,
             &Kept {
-                idx: &idx[..n],
-                val: &val[..n],
+                idx: &idx[..kept],
+                val: &val[..kept],
             },
             y,
         );
-        n
+        kept
     })
 }
 

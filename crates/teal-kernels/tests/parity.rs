@@ -295,6 +295,19 @@ mod packed_formats {
                     if t >= 2.0 {
                         assert!(b.iter().all(|&v| v == 0.0), "100% sparse must give zeros");
                     }
+                    // Per-channel thresholds around t (the weight-aware masks' kernel).
+                    let tc: Vec<f32> = (0..n_in).map(|j| t * (0.5 + (j % 3) as f32 * 0.5)).collect();
+                    let (idx, val) = reference::compact_abs_gt_channel(&x, &tc);
+                    reference::gemv_packed_idx(&m, &idx, &val, &mut a);
+                    let kept = cpu::gemv_sparse_channels(&m, &x, &tc, &mut b);
+                    assert_eq!(kept, idx.len());
+                    assert_close(
+                        &a,
+                        &b,
+                        &scale,
+                        GEMV_REL_TOL,
+                        &format!("per-channel t~{t} {dtype:?} {n_in}x{n_out}"),
+                    );
                 }
             }
         }
