@@ -21,18 +21,7 @@ const SHAPES: &[(&str, usize, usize)] = &[
     ("70b", 28672, 8192),
 ];
 
-/// Deterministic values in [-1, 1) (xorshift).
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+use teal_kernels::rand::uniform as rand_vec;
 
 /// The |x| quantile that zeroes a fraction `s` of `x`.
 fn threshold(x: &[f32], s: f64) -> f32 {

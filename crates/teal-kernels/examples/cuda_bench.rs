@@ -19,17 +19,7 @@ const ROTATE_BYTES: usize = 256 << 20;
 const LAUNCHES: usize = 40;
 const REPS: usize = 7;
 
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+use teal_kernels::rand::uniform as rand_vec;
 
 /// Roughly Gaussian activations (sum of four uniforms), as TEAL's inputs are.
 fn activations(n: usize, seed: u64) -> Vec<f32> {

@@ -4,5 +4,6 @@
 pub mod cpu;
 pub mod packed;
 pub mod quant;
+pub mod rand;
 pub mod reference;
 pub mod cuda;

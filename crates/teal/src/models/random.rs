@@ -39,17 +39,11 @@ pub fn shape(name: &str) -> Result<Config> {
     }
 }
 
-/// Deterministic values uniform in `[-scale, scale)` (xorshift).
+/// Deterministic values uniform in `[-scale, scale)`.
 fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-        })
-        .collect()
+    let mut v = teal_kernels::rand::uniform(n, seed);
+    v.iter_mut().for_each(|x| *x *= scale);
+    v
 }
 
 struct MapSource(BTreeMap<String, (Vec<usize>, Vec<f32>)>);
