@@ -9,17 +9,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use teal::chat::{ChatTemplate, Message};
-use teal::eval::perplexity::PplOptions;
-use teal::eval::sparse::compare;
 use teal::device::Device;
 use teal::eval::perplexity::perplexity_on;
+use teal::eval::perplexity::PplOptions;
+use teal::eval::sparse::compare;
 use teal::generate::{generate_on, GenerateParams, Models};
+use teal::linear::InputMask;
 use teal::sampler::SamplerConfig;
 use teal::sparsity::calibrate::{calibrate, CalibOptions};
 use teal::sparsity::greedy::GreedyOptions;
 use teal::sparsity::thresholds::{check_target, Fingerprint};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
-use teal::linear::InputMask;
 use teal::ModelFiles;
 
 #[derive(Parser)]
@@ -147,7 +147,14 @@ impl SparseArgs {
     fn resolve(
         &self,
         files: &ModelFiles,
-    ) -> Result<Option<(Vec<[Option<InputMask>; 7]>, SparsitySpec, Thresholds, PathBuf)>> {
+    ) -> Result<
+        Option<(
+            Vec<[Option<InputMask>; 7]>,
+            SparsitySpec,
+            Thresholds,
+            PathBuf,
+        )>,
+    > {
         check_target(self.sparsity)?;
         if self.sparsity == 0.0 {
             return Ok(None);
@@ -447,7 +454,10 @@ impl Common {
     /// For subcommands that have no GPU path yet.
     fn cpu_only(&self, what: &str) -> Result<()> {
         if self.device()? != Device::Cpu {
-            bail!("teal {what} runs on the CPU only for now (got --device {})", self.device);
+            bail!(
+                "teal {what} runs on the CPU only for now (got --device {})",
+                self.device
+            );
         }
         Ok(())
     }

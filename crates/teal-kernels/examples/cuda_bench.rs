@@ -126,8 +126,10 @@ fn bandwidth(g: &Gpu, out: &mut String) -> Res<f64> {
 }
 
 /// Model dimensions: hidden, key/value width, MLP width.
-const MODELS: &[(&str, usize, usize, usize)] =
-    &[("llama3-8b", 4096, 1024, 14336), ("llama-70b", 8192, 1024, 28672)];
+const MODELS: &[(&str, usize, usize, usize)] = &[
+    ("llama3-8b", 4096, 1024, 14336),
+    ("llama-70b", 8192, 1024, 28672),
+];
 
 /// Weight copies of one shape, each with its own GEMV workspace, plus the matching inputs.
 struct Copies {
@@ -138,7 +140,13 @@ struct Copies {
     host_x: Vec<f32>,
 }
 
-fn make_copies(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, segs: &[usize]) -> Res<Copies> {
+fn make_copies(
+    g: &Gpu,
+    n_in: usize,
+    n_out: usize,
+    dtype: WeightDtype,
+    segs: &[usize],
+) -> Res<Copies> {
     let bytes = n_in * n_out * 2;
     let copies = ROTATE_BYTES.div_ceil(bytes).clamp(2, 64);
     let wt: Vec<f32> = rand_vec(n_in * n_out, 7).iter().map(|v| v * 0.05).collect();
@@ -172,7 +180,18 @@ fn time_ours(
     let mut i = 0usize;
     let f = || -> Res<()> {
         for _ in 0..LAUNCHES {
-            g.gemv(&mut lin[i % n], x32, y, 1, &ts, GemvOpts { accumulate, plan, ..Default::default() })?;
+            g.gemv(
+                &mut lin[i % n],
+                x32,
+                y,
+                1,
+                &ts,
+                GemvOpts {
+                    accumulate,
+                    plan,
+                    ..Default::default()
+                },
+            )?;
             i += 1;
         }
         Ok(())
@@ -258,7 +277,14 @@ fn measure(
         let (mut tuned, mut tuned_rows) = (ours_acc, plan.rows_per_chunk);
         if tune {
             for r in [64usize, 128, 256, 512, 1024] {
-                let tt = time_ours(g, &mut c, t, Some(GemvPlan { rows_per_chunk: r }), true, true)?;
+                let tt = time_ours(
+                    g,
+                    &mut c,
+                    t,
+                    Some(GemvPlan { rows_per_chunk: r }),
+                    true,
+                    true,
+                )?;
                 if tt < tuned {
                     tuned = tt;
                     tuned_rows = r;
@@ -290,7 +316,10 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let mut g = match teal_kernels::cuda::try_gpu(0)? {
         Some(g) => g,
         None => {
-            eprintln!("no GPU: {}", Gpu::new(0).err().map(|e| e.to_string()).unwrap_or_default());
+            eprintln!(
+                "no GPU: {}",
+                Gpu::new(0).err().map(|e| e.to_string()).unwrap_or_default()
+            );
             return Ok(());
         }
     };
@@ -326,8 +355,9 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             ];
             let mut res = Vec::new();
             for (name, n_in, n_out, segs, full) in shapes.iter() {
-                let (cub, rows) =
-                    measure(&mut g, &blas, *n_in, *n_out, segs, dtype, sparsities, bw, tune, *full)?;
+                let (cub, rows) = measure(
+                    &mut g, &blas, *n_in, *n_out, segs, dtype, sparsities, bw, tune, *full,
+                )?;
                 for r in &rows {
                     println!(
                         "{:<10} {:<7} {:>6} {:>6} {:<5} {:>5.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>8.2} {:>6} {:>8.2} {:>8.2}",
@@ -367,7 +397,10 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     if let Some(p) = json_path {
         std::fs::write(
             p,
-            format!("{{\"bandwidth_Bps\":{bw:.0},\"rows\":[\n{}\n]}}\n", rows_json.join(",\n")),
+            format!(
+                "{{\"bandwidth_Bps\":{bw:.0},\"rows\":[\n{}\n]}}\n",
+                rows_json.join(",\n")
+            ),
         )?;
     }
     Ok(())

@@ -91,7 +91,14 @@ impl Model {
         for l in 0..cfg.layers as u32 {
             let seed = 1000 + 10 * l;
             layers.push(Layer {
-                qkv: g.linear_random(d, d + 2 * kv, dtype, &[d, d + kv, d + 2 * kv], seed, sc(d))?,
+                qkv: g.linear_random(
+                    d,
+                    d + 2 * kv,
+                    dtype,
+                    &[d, d + kv, d + 2 * kv],
+                    seed,
+                    sc(d),
+                )?,
                 o: g.linear_random(d, d, dtype, &[], seed + 1, sc(d))?,
                 gateup: g.linear_random(d, 2 * ffn, dtype, &[ffn, 2 * ffn], seed + 2, sc(d))?,
                 down: g.linear_random(ffn, d, dtype, &[], seed + 3, sc(ffn))?,
@@ -145,12 +152,7 @@ impl Model {
     /// Enqueue one greedy decode step. `observe(layer, site, input)` is called after each
     /// site's input is computed, sites 0..4 = inputs of q|k|v, o, gate|up, down (None while
     /// capturing a graph).
-    fn step(
-        &mut self,
-        g: &Gpu,
-        ts: &[LayerT],
-        mut observe: Option<&mut Observer<'_>>,
-    ) -> Res<()> {
+    fn step(&mut self, g: &Gpu, ts: &[LayerT], mut observe: Option<&mut Observer<'_>>) -> Res<()> {
         let c = &self.cfg;
         let d = c.d;
         g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d)?;
@@ -161,11 +163,35 @@ impl Model {
             }
             let (plain, acc) = (
                 GemvOpts::default(),
-                GemvOpts { accumulate: true, ..Default::default() },
+                GemvOpts {
+                    accumulate: true,
+                    ..Default::default()
+                },
             );
             g.gemv(&mut l.qkv, &self.xn, &mut self.qkv, 1, &t[0..3], plain)?;
-            g.rope_kv_append(&mut self.qkv, &self.cos, &self.sin, &self.pos, &mut l.kc, &mut l.vc, c.n_head, c.n_kv, c.hd)?;
-            g.attention_decode(&self.qkv, &l.kc, &l.vc, &mut self.attn, &self.n_keys, 1, c.n_head, c.n_kv, c.hd, c.max_pos)?;
+            g.rope_kv_append(
+                &mut self.qkv,
+                &self.cos,
+                &self.sin,
+                &self.pos,
+                &mut l.kc,
+                &mut l.vc,
+                c.n_head,
+                c.n_kv,
+                c.hd,
+            )?;
+            g.attention_decode(
+                &self.qkv,
+                &l.kc,
+                &l.vc,
+                &mut self.attn,
+                &self.n_keys,
+                1,
+                c.n_head,
+                c.n_kv,
+                c.hd,
+                c.max_pos,
+            )?;
             if let Some(f) = observe.as_mut() {
                 f(li, 1, &self.attn)?;
             }
@@ -181,11 +207,21 @@ impl Model {
                 g.silu_mul(&self.gu, &mut self.act, c.ffn, 1)?;
                 f(li, 3, &self.act)?;
             }
-            let glu = GemvOpts { silu_mul_input: true, ..acc };
+            let glu = GemvOpts {
+                silu_mul_input: true,
+                ..acc
+            };
             g.gemv(&mut l.down, &self.gu, &mut self.h, 1, &t[6..7], glu)?;
         }
         g.rmsnorm(&self.h, &self.final_norm, &mut self.xn, 1, d, c.eps)?;
-        g.gemv(&mut self.lm_head, &self.xn, &mut self.logits, 1, &[-1.0], GemvOpts::default())?;
+        g.gemv(
+            &mut self.lm_head,
+            &self.xn,
+            &mut self.logits,
+            1,
+            &[-1.0],
+            GemvOpts::default(),
+        )?;
         g.argmax(&self.logits, &mut self.tok, 1, c.vocab)?;
         g.advance_position(&mut self.pos, &mut self.n_keys)
     }
@@ -232,17 +268,36 @@ fn time_small(g: &Gpu, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
 /// Per-launch time of the step's small kernels (chained, as in the step), at 128 cached keys.
 fn breakdown(g: &Gpu, m: &mut Model) -> Res<()> {
     let (d, c_ffn) = (m.cfg.d, m.cfg.ffn);
-    let (n_head, n_kv, hd, max_pos, eps, vocab) =
-        (m.cfg.n_head, m.cfg.n_kv, m.cfg.hd, m.cfg.max_pos, m.cfg.eps, m.cfg.vocab);
+    let (n_head, n_kv, hd, max_pos, eps, vocab) = (
+        m.cfg.n_head,
+        m.cfg.n_kv,
+        m.cfg.hd,
+        m.cfg.max_pos,
+        m.cfg.eps,
+        m.cfg.vocab,
+    );
     g.write(&[128i32], &mut m.pos)?;
     g.write(&[129i32], &mut m.n_keys)?;
     let l = &mut m.layers[0];
     let rms = time_small(g, || g.rmsnorm(&m.h, &l.attn_norm, &mut m.xn, 1, d, eps))?;
     let rope = time_small(g, || {
-        g.rope_kv_append(&mut m.qkv, &m.cos, &m.sin, &m.pos, &mut l.kc, &mut l.vc, n_head, n_kv, hd)
+        g.rope_kv_append(
+            &mut m.qkv, &m.cos, &m.sin, &m.pos, &mut l.kc, &mut l.vc, n_head, n_kv, hd,
+        )
     })?;
     let attn = time_small(g, || {
-        g.attention_decode(&m.qkv, &l.kc, &l.vc, &mut m.attn, &m.n_keys, 1, n_head, n_kv, hd, max_pos)
+        g.attention_decode(
+            &m.qkv,
+            &l.kc,
+            &l.vc,
+            &mut m.attn,
+            &m.n_keys,
+            1,
+            n_head,
+            n_kv,
+            hd,
+            max_pos,
+        )
     })?;
     let silu = time_small(g, || g.silu_mul(&m.gu, &mut m.act, c_ffn, 1))?;
     let argmax = time_small(g, || g.argmax(&m.logits, &mut m.tok, 1, vocab))?;
@@ -267,13 +322,20 @@ fn quantile(v: &mut [f32], s: f64) -> f32 {
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned());
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
     let dtype = WeightDtype::parse(&arg("--dtype").unwrap_or_else(|| "bf16".into()))?;
     let steps: usize = arg("--steps").map(|s| s.parse()).transpose()?.unwrap_or(64);
     let g = match teal_kernels::cuda::try_gpu(0)? {
         Some(g) => g,
         None => {
-            eprintln!("no GPU: {}", Gpu::new(0).err().map(|e| e.to_string()).unwrap_or_default());
+            eprintln!(
+                "no GPU: {}",
+                Gpu::new(0).err().map(|e| e.to_string()).unwrap_or_default()
+            );
             return Ok(());
         }
     };
@@ -316,7 +378,9 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     for &s in &[0.0, 0.25, 0.4, 0.5, 0.65] {
         let ts: Vec<LayerT> = (0..n_layers)
             .map(|l| {
-                let q: Vec<f32> = (0..4).map(|site| quantile(&mut samples[l][site].clone(), s)).collect();
+                let q: Vec<f32> = (0..4)
+                    .map(|site| quantile(&mut samples[l][site].clone(), s))
+                    .collect();
                 [q[0], q[0], q[0], q[1], q[2], q[2], q[3]]
             })
             .collect();
@@ -385,7 +449,11 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             tps / floor_tps,
             tps / dense_tps,
             toks,
-            if s > 0.0 && toks == tokens_dense { " (= dense)" } else { "" }
+            if s > 0.0 && toks == tokens_dense {
+                " (= dense)"
+            } else {
+                ""
+            }
         );
     }
     Ok(())

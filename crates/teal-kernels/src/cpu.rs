@@ -139,7 +139,12 @@ pub fn gemv_sparse(w: &Mat, x: &[f32], t: f32, y: &mut [f32]) -> usize {
 /// [`gemv_idx`] path. Returns the number of kept inputs.
 pub fn gemv_sparse_channels(w: &Mat, x: &[f32], t: &[f32], y: &mut [f32]) -> usize {
     assert_eq!(x.len(), w.n_in, "gemv_sparse_channels: input size");
-    gemv_compacted(w, x.len(), |idx, val| compact_abs_gt_channel(x, t, idx, val), y)
+    gemv_compacted(
+        w,
+        x.len(),
+        |idx, val| compact_abs_gt_channel(x, t, idx, val),
+        y,
+    )
 }
 
 /// Runs `compact` into the thread-local scratch (no allocation per call), then the GEMV over the

@@ -6,7 +6,12 @@ use teal_kernels::cuda::{compile_kernels, CudaError};
 fn kernels_compile_with_nvrtc() {
     match compile_kernels("sm_90") {
         Ok(ptx) => {
-            for name in ["gemv_f16_b1_vec", "gemv_bf16_b8_any", "rmsnorm_f32", "attn_decode_f32"] {
+            for name in [
+                "gemv_f16_b1_vec",
+                "gemv_bf16_b8_any",
+                "rmsnorm_f32",
+                "attn_decode_f32",
+            ] {
                 assert!(ptx.contains(name), "{name} missing from the PTX");
             }
         }

@@ -78,9 +78,22 @@ fn check_gemv(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, batch: usi
     let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
     // Several plans, each twice: the workspace must be clean after every call.
     for rows in [32usize, 96, 1024] {
-        let plan = Some(teal_kernels::cuda::GemvPlan { rows_per_chunk: rows });
+        let plan = Some(teal_kernels::cuda::GemvPlan {
+            rows_per_chunk: rows,
+        });
         for _ in 0..2 {
-            g.gemv(&mut lin, &xd, &mut yd, batch, &[t], GemvOpts { plan, ..Default::default() }).unwrap();
+            g.gemv(
+                &mut lin,
+                &xd,
+                &mut yd,
+                batch,
+                &[t],
+                GemvOpts {
+                    plan,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let y = g.download(&yd).unwrap();
             for b in 0..batch {
                 let xb = &x[b * n_in..(b + 1) * n_in];
@@ -96,7 +109,13 @@ fn check_gemv(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, batch: usi
                     "gemv {n_in}x{n_out} {} batch {batch} row {b} s {s} rows/chunk {rows}",
                     dtype.name()
                 );
-                assert_close(&y[b * n_out..(b + 1) * n_out], &want, &scale, GPU_GEMV_REL_TOL, &what);
+                assert_close(
+                    &y[b * n_out..(b + 1) * n_out],
+                    &want,
+                    &scale,
+                    GPU_GEMV_REL_TOL,
+                    &what,
+                );
             }
         }
     }
@@ -135,19 +154,47 @@ fn gemv_fused_segments_and_residual_add() {
     let bits = dtype.encode(&wt);
     let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
     let x = rand_vec(n_in, 4);
-    let ts = [threshold_for(&x, 0.3), threshold_for(&x, 0.5), threshold_for(&x, 0.9)];
-    let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &segs).unwrap();
+    let ts = [
+        threshold_for(&x, 0.3),
+        threshold_for(&x, 0.5),
+        threshold_for(&x, 0.9),
+    ];
+    let mut lin = g
+        .linear_from_bits(&bits, n_in, n_out, dtype, &segs)
+        .unwrap();
     let resid = rand_vec(n_out, 9);
     let xd = g.upload(&x).unwrap();
     let mut yd = g.upload(&resid).unwrap();
-    g.gemv(&mut lin, &xd, &mut yd, 1, &ts, GemvOpts { beta: 1.0, ..Default::default() }).unwrap();
+    g.gemv(
+        &mut lin,
+        &xd,
+        &mut yd,
+        1,
+        &ts,
+        GemvOpts {
+            beta: 1.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let y = g.download(&yd).unwrap();
     // The same through f32 atomics straight into the residual, with and without
     // programmatic dependent launch.
     for pdl in [false, true] {
         g.set_programmatic_launch(pdl);
         let mut yd2 = g.upload(&resid).unwrap();
-        g.gemv(&mut lin, &xd, &mut yd2, 1, &ts, GemvOpts { accumulate: true, ..Default::default() }).unwrap();
+        g.gemv(
+            &mut lin,
+            &xd,
+            &mut yd2,
+            1,
+            &ts,
+            GemvOpts {
+                accumulate: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let y2 = g.download(&yd2).unwrap();
         check_fused(&y2, &wq, &x, &resid, &segs, &ts, n_in, n_out);
     }
@@ -176,14 +223,35 @@ fn gemv_output_offsets_match_reference() {
             .flat_map(|j| wq[j * n_out + start..j * n_out + end].to_vec())
             .collect();
         let mut lin = g.linear_from_f32(&part, n_in, cols, dtype, &[]).unwrap();
-        let opts = GemvOpts { beta: 1.0, y_offset: start, ..Default::default() };
+        let opts = GemvOpts {
+            beta: 1.0,
+            y_offset: start,
+            ..Default::default()
+        };
         g.gemv(&mut lin, &xd, &mut yd, 1, &[t], opts).unwrap();
         start = end;
     }
-    let bad = GemvOpts { y_offset: 1, ..Default::default() };
-    let mut lin = g.linear_from_f32(&wq[..n_in * 8], n_in, 8, dtype, &[]).unwrap();
-    assert!(g.gemv(&mut lin, &xd, &mut yd, 2, &[-1.0], bad).is_err(), "offset with batch 2");
-    check_fused(&g.download(&yd).unwrap(), &wq, &x, &resid, &segs, &ts, n_in, n_out);
+    let bad = GemvOpts {
+        y_offset: 1,
+        ..Default::default()
+    };
+    let mut lin = g
+        .linear_from_f32(&wq[..n_in * 8], n_in, 8, dtype, &[])
+        .unwrap();
+    assert!(
+        g.gemv(&mut lin, &xd, &mut yd, 2, &[-1.0], bad).is_err(),
+        "offset with batch 2"
+    );
+    check_fused(
+        &g.download(&yd).unwrap(),
+        &wq,
+        &x,
+        &resid,
+        &segs,
+        &ts,
+        n_in,
+        n_out,
+    );
 }
 
 /// The GEMV with RMSNorm folded into its prologue against RMSNorm then the sparse GEMV, dense
@@ -193,15 +261,27 @@ fn gemv_rmsnorm_matches_reference() {
     let Some(g) = gpu() else { return };
     let (n_in, n_out, eps) = (1536, 577, 1e-5f32);
     for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
-        let wq: Vec<f32> = dtype.encode(&rand_vec(n_in * n_out, 31)).iter().map(|&b| dtype.decode(b)).collect();
+        let wq: Vec<f32> = dtype
+            .encode(&rand_vec(n_in * n_out, 31))
+            .iter()
+            .map(|&b| dtype.decode(b))
+            .collect();
         let nw: Vec<f32> = rand_vec(n_in, 32).iter().map(|v| 1.0 + 0.3 * v).collect();
         let mut lin = g.linear_from_f32(&wq, n_in, n_out, dtype, &[]).unwrap();
         let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
         for batch in [1usize, 3] {
-            let x: Vec<f32> = rand_vec(batch * n_in, 33 + batch as u64).iter().map(|v| 4.0 * v).collect();
+            let x: Vec<f32> = rand_vec(batch * n_in, 33 + batch as u64)
+                .iter()
+                .map(|v| 4.0 * v)
+                .collect();
             let mut xn = vec![0.0; batch * n_in];
             for b in 0..batch {
-                reference::rmsnorm(&x[b * n_in..(b + 1) * n_in], &nw, eps, &mut xn[b * n_in..(b + 1) * n_in]);
+                reference::rmsnorm(
+                    &x[b * n_in..(b + 1) * n_in],
+                    &nw,
+                    eps,
+                    &mut xn[b * n_in..(b + 1) * n_in],
+                );
             }
             for s in [0.0, 0.5] {
                 // Between two normalized inputs, so that none lies within rounding of t (the
@@ -216,27 +296,73 @@ fn gemv_rmsnorm_matches_reference() {
                 };
                 let (xd, nd) = (g.upload(&x).unwrap(), g.upload(&nw).unwrap());
                 let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
-                g.gemv_rmsnorm(&mut lin, &xd, &nd, eps, &mut yd, batch, &[t], GemvOpts::default()).unwrap();
+                g.gemv_rmsnorm(
+                    &mut lin,
+                    &xd,
+                    &nd,
+                    eps,
+                    &mut yd,
+                    batch,
+                    &[t],
+                    GemvOpts::default(),
+                )
+                .unwrap();
                 let y = g.download(&yd).unwrap();
                 let (mut want, mut scale) = (vec![0.0; batch * n_out], vec![0.0; batch * n_out]);
                 for b in 0..batch {
                     let xr = &xn[b * n_in..(b + 1) * n_in];
-                    reference::gemv_t_sparse(&wq, n_in, n_out, xr, t, &mut want[b * n_out..(b + 1) * n_out]);
+                    reference::gemv_t_sparse(
+                        &wq,
+                        n_in,
+                        n_out,
+                        xr,
+                        t,
+                        &mut want[b * n_out..(b + 1) * n_out],
+                    );
                     let xa: Vec<f32> = xr.iter().map(|v| v.abs()).collect();
-                    reference::gemv_t(&wa, n_in, n_out, &xa, &mut scale[b * n_out..(b + 1) * n_out]);
+                    reference::gemv_t(
+                        &wa,
+                        n_in,
+                        n_out,
+                        &xa,
+                        &mut scale[b * n_out..(b + 1) * n_out],
+                    );
                 }
-                assert_close(&y, &want, &scale, GPU_GEMV_REL_TOL, &format!("gemv_rmsnorm {} b{batch} s{s}", dtype.name()));
+                assert_close(
+                    &y,
+                    &want,
+                    &scale,
+                    GPU_GEMV_REL_TOL,
+                    &format!("gemv_rmsnorm {} b{batch} s{s}", dtype.name()),
+                );
             }
         }
-        let bad = GemvOpts { silu_mul_input: true, ..Default::default() };
-        let (xd, nd) = (g.upload(&vec![0.0f32; 2 * n_in]).unwrap(), g.upload(&nw).unwrap());
+        let bad = GemvOpts {
+            silu_mul_input: true,
+            ..Default::default()
+        };
+        let (xd, nd) = (
+            g.upload(&vec![0.0f32; 2 * n_in]).unwrap(),
+            g.upload(&nw).unwrap(),
+        );
         let mut yd = g.zeros::<f32>(n_out).unwrap();
-        assert!(g.gemv_rmsnorm(&mut lin, &xd, &nd, eps, &mut yd, 1, &[-1.0], bad).is_err());
+        assert!(g
+            .gemv_rmsnorm(&mut lin, &xd, &nd, eps, &mut yd, 1, &[-1.0], bad)
+            .is_err());
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_fused(y: &[f32], wq: &[f32], x: &[f32], resid: &[f32], segs: &[usize], ts: &[f32], n_in: usize, n_out: usize) {
+fn check_fused(
+    y: &[f32],
+    wq: &[f32],
+    x: &[f32],
+    resid: &[f32],
+    segs: &[usize],
+    ts: &[f32],
+    n_in: usize,
+    n_out: usize,
+) {
     let mut want = vec![0.0; n_out];
     let mut scale = vec![0.0; n_out];
     let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
@@ -255,7 +381,13 @@ fn check_fused(y: &[f32], wq: &[f32], x: &[f32], resid: &[f32], segs: &[usize], 
         }
         start = *seg;
     }
-    assert_close(y, &want, &scale, GPU_GEMV_REL_TOL, "fused q|k|v with residual add");
+    assert_close(
+        y,
+        &want,
+        &scale,
+        GPU_GEMV_REL_TOL,
+        "fused q|k|v with residual add",
+    );
 }
 
 #[test]
@@ -278,7 +410,13 @@ fn rmsnorm_silu_argmax_match_reference() {
             let mut want = vec![0.0; n];
             reference::rmsnorm(&x[r * n..(r + 1) * n], &w, 1e-5, &mut want);
             let scale: Vec<f32> = want.iter().map(|v| v.abs()).collect();
-            assert_close(&got[r * n..(r + 1) * n], &want, &scale, 4.0 * GPU_ELEMWISE_TOL, "rmsnorm");
+            assert_close(
+                &got[r * n..(r + 1) * n],
+                &want,
+                &scale,
+                4.0 * GPU_ELEMWISE_TOL,
+                "rmsnorm",
+            );
         }
 
         let gu: Vec<f32> = rand_vec(rows * 2 * n, 23).iter().map(|v| v * 6.0).collect();
@@ -291,7 +429,13 @@ fn rmsnorm_silu_argmax_match_reference() {
             let mut want = vec![0.0; n];
             reference::silu_mul(&row[..n], &row[n..], &mut want);
             let scale: Vec<f32> = want.iter().map(|v| v.abs()).collect();
-            assert_close(&got[r * n..(r + 1) * n], &want, &scale, 4.0 * GPU_ELEMWISE_TOL, "silu_mul");
+            assert_close(
+                &got[r * n..(r + 1) * n],
+                &want,
+                &scale,
+                4.0 * GPU_ELEMWISE_TOL,
+                "silu_mul",
+            );
         }
 
         let mut am = g.zeros::<u32>(rows).unwrap();
@@ -306,7 +450,11 @@ fn rmsnorm_silu_argmax_match_reference() {
         g.argmax(&xtd, &mut am, rows, n).unwrap();
         let got = g.download(&am).unwrap();
         for r in 0..rows {
-            assert_eq!(got[r] as usize, reference::argmax(&xt[r * n..(r + 1) * n]), "argmax row {r}");
+            assert_eq!(
+                got[r] as usize,
+                reference::argmax(&xt[r * n..(r + 1) * n]),
+                "argmax row {r}"
+            );
         }
     }
 }
@@ -331,14 +479,19 @@ fn rope_and_decode_attention_match_reference() {
     let mut qd = g.upload(&q).unwrap();
     let (cd, sd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap());
     let pd = g.upload(&pos).unwrap();
-    g.rope_neox(&mut qd, &cd, &sd, &pd, batch, n_head, hd, n_head * hd).unwrap();
+    g.rope_neox(&mut qd, &cd, &sd, &pd, batch, n_head, hd, n_head * hd)
+        .unwrap();
     let got = g.download(&qd).unwrap();
     let mut want = q.clone();
     for (b, &p) in pos.iter().enumerate() {
         let p = p as usize;
         for h in 0..n_head {
             let o = b * n_head * hd + h * hd;
-            reference::rope_neox(&mut want[o..o + hd], &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            reference::rope_neox(
+                &mut want[o..o + hd],
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
         }
     }
     let ones = vec![1.0; want.len()];
@@ -348,9 +501,16 @@ fn rope_and_decode_attention_match_reference() {
     let k = rand_vec(batch * max_keys * kvs, 32);
     let v = rand_vec(batch * max_keys * kvs, 33);
     let n_keys = [1i32, 300];
-    let (kd, vd, nkd) = (g.upload(&k).unwrap(), g.upload(&v).unwrap(), g.upload(&n_keys).unwrap());
+    let (kd, vd, nkd) = (
+        g.upload(&k).unwrap(),
+        g.upload(&v).unwrap(),
+        g.upload(&n_keys).unwrap(),
+    );
     let mut od = g.upload(&vec![f32::NAN; batch * n_head * hd]).unwrap();
-    g.attention_decode(&qd, &kd, &vd, &mut od, &nkd, batch, n_head, n_kv, hd, max_keys).unwrap();
+    g.attention_decode(
+        &qd, &kd, &vd, &mut od, &nkd, batch, n_head, n_kv, hd, max_keys,
+    )
+    .unwrap();
     let got = g.download(&od).unwrap();
     for b in 0..batch {
         let nk = n_keys[b] as usize;
@@ -360,7 +520,13 @@ fn rope_and_decode_attention_match_reference() {
         let mut o = vec![0.0; n_head * hd];
         reference::attention(qs, kb, vb, 1, nk - 1, n_head, n_kv, hd, &mut o);
         let ones = vec![1.0; o.len()];
-        assert_close(&got[b * n_head * hd..(b + 1) * n_head * hd], &o, &ones, GPU_ATTN_TOL, "attention_decode");
+        assert_close(
+            &got[b * n_head * hd..(b + 1) * n_head * hd],
+            &o,
+            &ones,
+            GPU_ATTN_TOL,
+            "attention_decode",
+        );
     }
 }
 
@@ -389,15 +555,43 @@ fn gemv_back_to_back_launches_stay_ordered() {
         // (beta = 1), with no synchronisation in between: y = 20 * W s_t(x).
         let mut yd = g.zeros::<f32>(n_out).unwrap();
         for _ in 0..10 {
-            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], GemvOpts { accumulate: true, ..Default::default() }).unwrap();
+            g.gemv(
+                &mut lin,
+                &xd,
+                &mut yd,
+                1,
+                &[t],
+                GemvOpts {
+                    accumulate: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         }
         for _ in 0..10 {
-            g.gemv(&mut lin, &xd, &mut yd, 1, &[t], GemvOpts { beta: 1.0, ..Default::default() }).unwrap();
+            g.gemv(
+                &mut lin,
+                &xd,
+                &mut yd,
+                1,
+                &[t],
+                GemvOpts {
+                    beta: 1.0,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         }
         let y = g.download(&yd).unwrap();
         let want20: Vec<f32> = want.iter().map(|v| 20.0 * v).collect();
         let scale20: Vec<f32> = scale.iter().map(|v| 20.0 * v).collect();
-        assert_close(&y, &want20, &scale20, GPU_GEMV_REL_TOL, &format!("20 chained launches, pdl {pdl}"));
+        assert_close(
+            &y,
+            &want20,
+            &scale20,
+            GPU_GEMV_REL_TOL,
+            &format!("20 chained launches, pdl {pdl}"),
+        );
     }
 }
 
@@ -409,12 +603,25 @@ fn decode_helpers_fill_embed_kv_append_advance() {
         let n = 1 << 16;
         let mut w = g.zeros::<u16>(n).unwrap();
         g.fill_random(&mut w, dtype, 5, 0.5).unwrap();
-        let a: Vec<f32> = g.download(&w).unwrap().iter().map(|&b| dtype.decode(b)).collect();
+        let a: Vec<f32> = g
+            .download(&w)
+            .unwrap()
+            .iter()
+            .map(|&b| dtype.decode(b))
+            .collect();
         let mean = a.iter().sum::<f32>() / n as f32;
-        assert!(a.iter().all(|v| v.abs() <= 0.5), "{}: fill out of range", dtype.name());
+        assert!(
+            a.iter().all(|v| v.abs() <= 0.5),
+            "{}: fill out of range",
+            dtype.name()
+        );
         assert!(mean.abs() < 0.01, "{}: fill mean {mean}", dtype.name());
         let var = a.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        assert!((var - 0.25 / 3.0).abs() < 0.005, "{}: fill variance {var}", dtype.name());
+        assert!(
+            (var - 0.25 / 3.0).abs() < 0.005,
+            "{}: fill variance {var}",
+            dtype.name()
+        );
         let mut w2 = g.zeros::<u16>(n).unwrap();
         g.fill_random(&mut w2, dtype, 5, 0.5).unwrap();
         assert_eq!(g.download(&w).unwrap(), g.download(&w2).unwrap());
@@ -426,7 +633,10 @@ fn decode_helpers_fill_embed_kv_append_advance() {
         let tok = g.upload(&[29u32]).unwrap();
         let mut h = g.zeros::<f32>(d).unwrap();
         g.embed(&td, dtype, &tok, &mut h, d).unwrap();
-        let want: Vec<f32> = table[29 * d..30 * d].iter().map(|&b| dtype.decode(b)).collect();
+        let want: Vec<f32> = table[29 * d..30 * d]
+            .iter()
+            .map(|&b| dtype.decode(b))
+            .collect();
         assert_eq!(g.download(&h).unwrap(), want);
     }
     // KV append at a device-held position, then advance it.
@@ -437,12 +647,16 @@ fn decode_helpers_fill_embed_kv_append_advance() {
     let mut vc = g.zeros::<f32>(max_pos * kv_dim).unwrap();
     let mut pos = g.upload(&[3i32]).unwrap();
     let mut nk = g.upload(&[4i32]).unwrap();
-    g.kv_append(&qd, &mut kc, &mut vc, &pos, q_dim, kv_dim).unwrap();
+    g.kv_append(&qd, &mut kc, &mut vc, &pos, q_dim, kv_dim)
+        .unwrap();
     g.advance_position(&mut pos, &mut nk).unwrap();
     let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
     assert_eq!(&k[3 * kv_dim..4 * kv_dim], &qkv[q_dim..q_dim + kv_dim]);
     assert_eq!(&v[3 * kv_dim..4 * kv_dim], &qkv[q_dim + kv_dim..]);
-    assert!(k[..3 * kv_dim].iter().chain(&k[4 * kv_dim..]).all(|&x| x == 0.0));
+    assert!(k[..3 * kv_dim]
+        .iter()
+        .chain(&k[4 * kv_dim..])
+        .all(|&x| x == 0.0));
     assert_eq!(g.download(&pos).unwrap(), vec![4]);
     assert_eq!(g.download(&nk).unwrap(), vec![5]);
 }
@@ -454,17 +668,27 @@ fn gemv_with_silu_mul_input_matches_reference() {
     let dtype = WeightDtype::Bf16;
     let bits = dtype.encode(&rand_vec(n_in * n_out, 61));
     let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
-    let gu: Vec<f32> = rand_vec(batch * 2 * n_in, 62).iter().map(|v| 4.0 * v).collect();
+    let gu: Vec<f32> = rand_vec(batch * 2 * n_in, 62)
+        .iter()
+        .map(|v| 4.0 * v)
+        .collect();
     let mut act = vec![0.0; batch * n_in];
     for b in 0..batch {
         let row = &gu[b * 2 * n_in..(b + 1) * 2 * n_in];
-        reference::silu_mul(&row[..n_in], &row[n_in..], &mut act[b * n_in..(b + 1) * n_in]);
+        reference::silu_mul(
+            &row[..n_in],
+            &row[n_in..],
+            &mut act[b * n_in..(b + 1) * n_in],
+        );
     }
     let t = threshold_for(&act[..n_in], 0.5);
     let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
     let gud = g.upload(&gu).unwrap();
     let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
-    let opts = GemvOpts { silu_mul_input: true, ..Default::default() };
+    let opts = GemvOpts {
+        silu_mul_input: true,
+        ..Default::default()
+    };
     g.gemv(&mut lin, &gud, &mut yd, batch, &[t], opts).unwrap();
     let y = g.download(&yd).unwrap();
     let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
@@ -475,7 +699,13 @@ fn gemv_with_silu_mul_input_matches_reference() {
         let aa: Vec<f32> = a.iter().map(|v| v.abs()).collect();
         let mut scale = vec![0.0; n_out];
         reference::gemv_t(&wa, n_in, n_out, &aa, &mut scale);
-        assert_close(&y[b * n_out..(b + 1) * n_out], &want, &scale, GPU_GEMV_REL_TOL, "gemv silu*mul input");
+        assert_close(
+            &y[b * n_out..(b + 1) * n_out],
+            &want,
+            &scale,
+            GPU_GEMV_REL_TOL,
+            "gemv silu*mul input",
+        );
     }
 }
 
@@ -488,19 +718,40 @@ fn rope_kv_append_matches_reference() {
     let sin: Vec<f32> = rand_vec(max_pos * half, 72);
     let qkv = rand_vec((n_head + 2 * n_kv) * hd, 73);
     let mut qd = g.upload(&qkv).unwrap();
-    let (cd, sd, pd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap(), g.upload(&[p as i32]).unwrap());
+    let (cd, sd, pd) = (
+        g.upload(&cos).unwrap(),
+        g.upload(&sin).unwrap(),
+        g.upload(&[p as i32]).unwrap(),
+    );
     let mut kc = g.zeros::<f32>(max_pos * n_kv * hd).unwrap();
     let mut vc = g.zeros::<f32>(max_pos * n_kv * hd).unwrap();
-    g.rope_kv_append(&mut qd, &cd, &sd, &pd, &mut kc, &mut vc, n_head, n_kv, hd).unwrap();
+    g.rope_kv_append(&mut qd, &cd, &sd, &pd, &mut kc, &mut vc, n_head, n_kv, hd)
+        .unwrap();
     let mut want = qkv.clone();
     for h in 0..n_head + n_kv {
-        reference::rope_neox(&mut want[h * hd..(h + 1) * hd], &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        reference::rope_neox(
+            &mut want[h * hd..(h + 1) * hd],
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
     }
     let ones = vec![1.0; want.len()];
-    assert_close(&g.download(&qd).unwrap(), &want, &ones, 4.0 * GPU_ELEMWISE_TOL, "rope q|k");
+    assert_close(
+        &g.download(&qd).unwrap(),
+        &want,
+        &ones,
+        4.0 * GPU_ELEMWISE_TOL,
+        "rope q|k",
+    );
     let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
     let row = p * n_kv * hd;
     let ones = vec![1.0; n_kv * hd];
-    assert_close(&k[row..row + n_kv * hd], &want[n_head * hd..(n_head + n_kv) * hd], &ones, 4.0 * GPU_ELEMWISE_TOL, "k cache");
+    assert_close(
+        &k[row..row + n_kv * hd],
+        &want[n_head * hd..(n_head + n_kv) * hd],
+        &ones,
+        4.0 * GPU_ELEMWISE_TOL,
+        "k cache",
+    );
     assert_eq!(&v[row..row + n_kv * hd], &qkv[(n_head + n_kv) * hd..]);
 }

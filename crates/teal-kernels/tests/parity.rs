@@ -285,7 +285,9 @@ mod packed_formats {
                         assert!(b.iter().all(|&v| v == 0.0), "100% sparse must give zeros");
                     }
                     // Per-channel thresholds around t (the weight-aware masks' kernel).
-                    let tc: Vec<f32> = (0..n_in).map(|j| t * (0.5 + (j % 3) as f32 * 0.5)).collect();
+                    let tc: Vec<f32> = (0..n_in)
+                        .map(|j| t * (0.5 + (j % 3) as f32 * 0.5))
+                        .collect();
                     let (idx, val) = reference::compact_abs_gt_channel(&x, &tc);
                     reference::gemv_packed_idx(&m, &idx, &val, &mut a);
                     let kept = cpu::gemv_sparse_channels(&m, &x, &tc, &mut b);

@@ -43,9 +43,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::parse("cuda:0", &dtype)?;
     let c = random::shape(&shape)?;
     let model = random::random_llama(&c, 1, None)?;
-    let prompt: Vec<u32> = (0..8u32).map(|i| (i * 7919 + 13) % c.vocab_size as u32).collect();
+    let prompt: Vec<u32> = (0..8u32)
+        .map(|i| (i * 7919 + 13) % c.vocab_size as u32)
+        .collect();
     let mut samples = Samples(vec![Default::default(); c.num_hidden_layers]);
-    model.prefill_observed(&prompt, &mut model.new_cache(64), Logits::Last, Some(&mut samples))?;
+    model.prefill_observed(
+        &prompt,
+        &mut model.new_cache(64),
+        Logits::Last,
+        Some(&mut samples),
+    )?;
     let ctx = prompt.len() + steps + 1;
     println!("shape {shape}, {dtype} weights, {steps} greedy steps after 8 prompt tokens, median of {reps}");
     println!("{:>5} {:>10} {:>9}", "s", "ms/token", "tok/s");
@@ -54,7 +61,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .0
             .iter()
             .map(|l| {
-                let t = |site: usize| (s > 0.0).then(|| InputMask::Threshold(quantile(&l[site], s)));
+                let t =
+                    |site: usize| (s > 0.0).then(|| InputMask::Threshold(quantile(&l[site], s)));
                 [t(0), t(0), t(0), t(1), t(2), t(2), t(3)]
             })
             .collect();
@@ -83,7 +91,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         times.sort_by(f64::total_cmp);
         let t = times[times.len() / 2];
-        println!("{s:>5.2} {:>10.3} {:>9.1}   {} first ids {:?}", t * 1e3, 1.0 / t, dec.describe(), &ids[..6]);
+        println!(
+            "{s:>5.2} {:>10.3} {:>9.1}   {} first ids {:?}",
+            t * 1e3,
+            1.0 / t,
+            dec.describe(),
+            &ids[..6]
+        );
     }
     Ok(())
 }

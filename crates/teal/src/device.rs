@@ -37,7 +37,10 @@ pub trait Decoder {
 pub enum Device {
     Cpu,
     /// CUDA GPU by ordinal, with the element type its weights are stored in.
-    Cuda { ordinal: usize, dtype: WeightDtype },
+    Cuda {
+        ordinal: usize,
+        dtype: WeightDtype,
+    },
 }
 
 impl Device {

@@ -133,7 +133,10 @@ impl Linear {
             (0..self.in_dim)
                 .map(|j| {
                     self.input_row(j, &mut row);
-                    row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt() as f32
+                    row.iter()
+                        .map(|&v| (v as f64) * (v as f64))
+                        .sum::<f64>()
+                        .sqrt() as f32
                 })
                 .collect()
         })
@@ -147,7 +150,12 @@ impl Linear {
             Some(Sparsify::Threshold(t)) => x.iter().filter(|v| v.abs() <= *t).count(),
             Some(Sparsify::Channels(t)) => x
                 .chunks(self.in_dim)
-                .map(|r| r.iter().zip(t.iter()).filter(|(v, t)| v.abs() <= **t).count())
+                .map(|r| {
+                    r.iter()
+                        .zip(t.iter())
+                        .filter(|(v, t)| v.abs() <= **t)
+                        .count()
+                })
                 .sum(),
         }
     }
@@ -312,14 +320,25 @@ mod tests {
         let x = values(3 * in_dim, 2);
         let dense = Linear::from_rows(out_dim, in_dim, &w, Some(values(out_dim, 3)));
         let norms: Vec<f32> = (0..in_dim)
-            .map(|j| (0..out_dim).map(|o| w[o * in_dim + j].powi(2)).sum::<f32>().sqrt())
+            .map(|j| {
+                (0..out_dim)
+                    .map(|o| w[o * in_dim + j].powi(2))
+                    .sum::<f32>()
+                    .sqrt()
+            })
             .collect();
         for (t, want_zeros) in [(-1.0f32, Some(0)), (0.3, None), (1e9, Some(3 * in_dim))] {
             let sparse = dense.with_mask(Some(InputMask::WeightAware(t)));
             let masked: Vec<f32> = x
                 .iter()
                 .enumerate()
-                .map(|(i, &v)| if v.abs() * norms[i % in_dim] > t { v } else { 0.0 })
+                .map(|(i, &v)| {
+                    if v.abs() * norms[i % in_dim] > t {
+                        v
+                    } else {
+                        0.0
+                    }
+                })
                 .collect();
             let zeros = masked.iter().filter(|&&v| v == 0.0).count();
             assert_eq!(sparse.count_zeroed(&x), zeros);

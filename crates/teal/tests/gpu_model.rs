@@ -78,7 +78,11 @@ struct Fixture {
 
 fn top(logits: &[f32]) -> Top {
     let mut i: Vec<u32> = (0..logits.len() as u32).collect();
-    i.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    i.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
     i.truncate(TOP_K);
     Top {
         logits: i.iter().map(|&k| logits[k as usize]).collect(),
@@ -89,7 +93,10 @@ fn top(logits: &[f32]) -> Top {
 fn masks(t: &Option<Vec<[f32; 7]>>, n_layers: usize) -> Vec<[Option<InputMask>; 7]> {
     match t {
         None => vec![[None; 7]; n_layers],
-        Some(t) => t.iter().map(|l| l.map(|v| Some(InputMask::Threshold(v)))).collect(),
+        Some(t) => t
+            .iter()
+            .map(|l| l.map(|v| Some(InputMask::Threshold(v))))
+            .collect(),
     }
 }
 
@@ -140,10 +147,17 @@ fn write_gpu_fixtures() {
     for name in SHAPES {
         let c = shape(name);
         let model = random_model(&c);
-        let prompt: Vec<u32> = (0..PROMPT_LEN as u32).map(|i| (i * 7919 + 13) % c.vocab_size as u32).collect();
+        let prompt: Vec<u32> = (0..PROMPT_LEN as u32)
+            .map(|i| (i * 7919 + 13) % c.vocab_size as u32)
+            .collect();
         let mut samples = Samples(vec![Default::default(); c.num_hidden_layers]);
         model
-            .prefill_observed(&prompt, &mut model.new_cache(64), Logits::Last, Some(&mut samples))
+            .prefill_observed(
+                &prompt,
+                &mut model.new_cache(64),
+                Logits::Last,
+                Some(&mut samples),
+            )
             .unwrap();
         // TEAL thresholds from the prompt's activations: about half the inputs zeroed, with
         // q/k/v and gate/up at different levels so that fused launches carry several.
@@ -164,7 +178,9 @@ fn write_gpu_fixtures() {
             .collect();
         let mut cases = Vec::new();
         for thresholds in [None, Some(sparse)] {
-            let m = model.with_masks(&masks(&thresholds, c.num_hidden_layers)).unwrap();
+            let m = model
+                .with_masks(&masks(&thresholds, c.num_hidden_layers))
+                .unwrap();
             let mut cache = m.new_cache(64);
             let pl = m.prefill(&prompt, &mut cache, Logits::All).unwrap();
             let prefill_top: Vec<Top> = pl.chunks(c.vocab_size).map(top).collect();
@@ -178,9 +194,18 @@ fn write_gpu_fixtures() {
                 greedy.push(next);
                 decode_top.push(t);
             }
-            cases.push(Case { thresholds, greedy, prefill_top, decode_top });
+            cases.push(Case {
+                thresholds,
+                greedy,
+                prefill_top,
+                decode_top,
+            });
         }
-        let f = Fixture { shape: name.into(), prompt, cases };
+        let f = Fixture {
+            shape: name.into(),
+            prompt,
+            cases,
+        };
         let p = fixture_path(name);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, serde_json::to_string(&f).unwrap()).unwrap();
@@ -219,19 +244,38 @@ fn check_shape(name: &str) {
     let c = shape(name);
     let model = random_model(&c);
     for case in &f.cases {
-        let label = if case.thresholds.is_some() { "teal" } else { "dense" };
-        let m = model.with_masks(&masks(&case.thresholds, c.num_hidden_layers)).unwrap();
-        let device = Device::Cuda { ordinal: 0, dtype: WeightDtype::Bf16 };
+        let label = if case.thresholds.is_some() {
+            "teal"
+        } else {
+            "dense"
+        };
+        let m = model
+            .with_masks(&masks(&case.thresholds, c.num_hidden_layers))
+            .unwrap();
+        let device = Device::Cuda {
+            ordinal: 0,
+            dtype: WeightDtype::Bf16,
+        };
         let mut dec = device.decoder(Models::single(&m), 64).unwrap();
         let pl = dec.prefill(&f.prompt, Logits::All).unwrap();
         let (mut worst, mut bad) = (0.0f32, Vec::new());
         for (i, (p, want)) in pl.chunks(c.vocab_size).zip(&case.prefill_top).enumerate() {
-            worst = worst.max(compare(p, want, &format!("{name} {label} prefill {i}"), &mut bad));
+            worst = worst.max(compare(
+                p,
+                want,
+                &format!("{name} {label} prefill {i}"),
+                &mut bad,
+            ));
         }
         // Teacher-forced with the CPU's ids: logits of every step.
         for (s, want) in case.decode_top.iter().enumerate() {
             let l = dec.decode(case.greedy[s]).unwrap();
-            worst = worst.max(compare(l, want, &format!("{name} {label} step {s}"), &mut bad));
+            worst = worst.max(compare(
+                l,
+                want,
+                &format!("{name} {label} step {s}"),
+                &mut bad,
+            ));
         }
         // Free-running greedy with the argmax on the device.
         dec.clear().unwrap();
@@ -241,11 +285,25 @@ fn check_shape(name: &str) {
             let next = dec.decode_greedy(*ids.last().unwrap()).unwrap();
             ids.push(next);
         }
-        eprintln!("{name} {label} on {}: max relative logit difference {worst:.2e}", dec.describe());
-        assert!(bad.is_empty(), "{name} {label}: best tokens differ:\n{}", bad.join("\n"));
+        eprintln!(
+            "{name} {label} on {}: max relative logit difference {worst:.2e}",
+            dec.describe()
+        );
+        assert!(
+            bad.is_empty(),
+            "{name} {label}: best tokens differ:\n{}",
+            bad.join("\n")
+        );
         assert_eq!(ids, case.greedy, "{name} {label}: greedy ids");
-        let tol = if case.thresholds.is_some() { GPU_SPARSE_LOGIT_TOL } else { GPU_LOGIT_TOL };
-        assert!(worst <= tol, "{name} {label}: logits differ by {worst} > {tol}");
+        let tol = if case.thresholds.is_some() {
+            GPU_SPARSE_LOGIT_TOL
+        } else {
+            GPU_LOGIT_TOL
+        };
+        assert!(
+            worst <= tol,
+            "{name} {label}: logits differ by {worst} > {tol}"
+        );
     }
 }
 

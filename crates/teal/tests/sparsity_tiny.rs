@@ -79,7 +79,9 @@ fn zero_sparsity_reproduces_dense_logits_bit_for_bit() {
         .unwrap();
     assert_eq!(a, b);
     // A threshold below every |x| keeps everything, through the sparse kernels too.
-    let keep_all = m.with_masks(&vec![[Some(InputMask::Threshold(-1.0)); 7]; 3]).unwrap();
+    let keep_all = m
+        .with_masks(&vec![[Some(InputMask::Threshold(-1.0)); 7]; 3])
+        .unwrap();
     let c = keep_all
         .prefill(&toks, &mut keep_all.new_cache(32), Logits::All)
         .unwrap();
@@ -98,7 +100,11 @@ fn calibrated_thresholds_hit_the_target_on_calibration_data() {
             // layer 0 sees the same (dense) inputs during calibration and here.
             let mut zeros = [0usize; 3];
             let mut total = 0usize;
-            struct Obs<'a>(&'a mut [usize; 3], &'a mut usize, &'a teal::models::llama::Block);
+            struct Obs<'a>(
+                &'a mut [usize; 3],
+                &'a mut usize,
+                &'a teal::models::llama::Block,
+            );
             impl teal::models::llama::Observer for Obs<'_> {
                 fn observe(
                     &mut self,
@@ -127,7 +133,10 @@ fn calibrated_thresholds_hit_the_target_on_calibration_data() {
                 // score) are exact up to 1/9216 plus the 0.005 level spacing interpolation;
                 // TEAL's signed reading assumes symmetry.
                 let tol = if q == Quantile::Teal { 0.05 } else { 0.005 };
-                assert!((got - s).abs() < tol, "{q:?} s={s} proj {p}: realized {got}");
+                assert!(
+                    (got - s).abs() < tol,
+                    "{q:?} s={s} proj {p}: realized {got}"
+                );
             }
         }
     }

@@ -329,9 +329,8 @@ impl Gpu {
     /// Record everything `enqueue` launches on this GPU's stream into one CUDA graph
     /// (nothing runs while recording), ready to replay with [`CudaGraph::launch`].
     pub fn capture(&self, enqueue: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
-        self.stream.begin_capture(
-            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-        )?;
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         let recorded = enqueue();
         let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
         recorded?;
@@ -375,7 +374,12 @@ impl Gpu {
     /// # Safety
     /// `params` must match the kernel's parameter list and every pointer must be valid for
     /// the accesses the kernel makes under `cfg`.
-    unsafe fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<()> {
+    unsafe fn launch(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
         // SAFETY: zero is a valid bit pattern for this plain C struct/union.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -395,7 +399,12 @@ impl Gpu {
         self.ctx.bind_to_thread()?;
         // SAFETY: the caller guarantees the parameters; the config is well formed.
         unsafe {
-            sys::cuLaunchKernelEx(&c, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+            sys::cuLaunchKernelEx(
+                &c,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
         }
         .result()?;
         Ok(())
@@ -516,7 +525,13 @@ impl Gpu {
     }
 
     /// Fill `w` with pseudo-random `dtype` values uniform in `[-scale, scale)`.
-    pub fn fill_random(&self, w: &mut CudaSlice<u16>, dtype: WeightDtype, seed: u32, scale: f32) -> Result<()> {
+    pub fn fill_random(
+        &self,
+        w: &mut CudaSlice<u16>,
+        dtype: WeightDtype,
+        seed: u32,
+        scale: f32,
+    ) -> Result<()> {
         let n = w.len();
         let bf = i32::from(dtype == WeightDtype::Bf16);
         let cfg = LaunchConfig {
@@ -549,7 +564,12 @@ impl Gpu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (qp, kp, vp, pp) = (self.ptr(qkv), self.ptr_mut(kc), self.ptr_mut(vc), self.ptr(pos));
+        let (qp, kp, vp, pp) = (
+            self.ptr(qkv),
+            self.ptr_mut(kc),
+            self.ptr_mut(vc),
+            self.ptr(pos),
+        );
         let mut p = params![qp, kp, vp, pp, q_i, kv_i];
         // SAFETY: matches kv_append_f32; the caller sizes the caches for every position used.
         unsafe { self.launch(&self.kv_append, cfg, &mut p) }
@@ -594,7 +614,11 @@ impl Gpu {
         n_kv: usize,
         hd: usize,
     ) -> Result<()> {
-        if !hd.is_multiple_of(2) || qkv.len() < (n_head + 2 * n_kv) * hd || kc.len() < n_kv * hd || vc.len() < n_kv * hd {
+        if !hd.is_multiple_of(2)
+            || qkv.len() < (n_head + 2 * n_kv) * hd
+            || kc.len() < n_kv * hd
+            || vc.len() < n_kv * hd
+        {
             return Err(CudaError::Invalid("rope_kv_append arguments".into()));
         }
         let (nh, nkv, hd_i) = (n_head as i32, n_kv as i32, hd as i32);
@@ -603,7 +627,12 @@ impl Gpu {
             block_dim: ((hd as u32 / 2).clamp(32, 512).div_ceil(32) * 32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (qp, cp, sp, pp) = (self.ptr_mut(qkv), self.ptr(cos), self.ptr(sin), self.ptr(pos));
+        let (qp, cp, sp, pp) = (
+            self.ptr_mut(qkv),
+            self.ptr(cos),
+            self.ptr(sin),
+            self.ptr(pos),
+        );
         let (kp, vp) = (self.ptr_mut(kc), self.ptr_mut(vc));
         let mut p = params![qp, cp, sp, pp, kp, vp, nh, nkv, hd_i];
         // SAFETY: matches rope_kv_append_f32; the caller sizes the caches for every position.
@@ -611,7 +640,11 @@ impl Gpu {
     }
 
     /// `pos[0] += 1; n_keys[0] += 1` on the device.
-    pub fn advance_position(&self, pos: &mut CudaSlice<i32>, n_keys: &mut CudaSlice<i32>) -> Result<()> {
+    pub fn advance_position(
+        &self,
+        pos: &mut CudaSlice<i32>,
+        n_keys: &mut CudaSlice<i32>,
+    ) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
@@ -632,8 +665,12 @@ impl Gpu {
         let mut dst = self.zeros::<u16>(n)?;
         let mut times = Vec::new();
         for _ in 0..10 {
-            let a = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-            let b = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            let a = self
+                .ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            let b = self
+                .ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
             a.record(&self.stream)?;
             self.stream.memcpy_dtod(&src, &mut dst)?;
             b.record(&self.stream)?;
@@ -654,7 +691,9 @@ impl Gpu {
             rows *= 2.0;
         }
         let pow2 = 2f64.powf(rows.max(1.0).log2().round()) as usize;
-        let rows = pow2.clamp(64, MAX_ROWS_PER_CHUNK).min(n_in.div_ceil(32) * 32);
+        let rows = pow2
+            .clamp(64, MAX_ROWS_PER_CHUNK)
+            .min(n_in.div_ceil(32) * 32);
         GemvPlan {
             rows_per_chunk: rows,
         }
@@ -764,7 +803,10 @@ impl Gpu {
             Some((n, e)) => (self.ptr(n), e),
             None => (0, 0.0),
         };
-        let mut p = params![wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu, nw, eps];
+        let mut p = params![
+            wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu, nw,
+            eps
+        ];
         // SAFETY: parameters match GEMV_ARGS in kernels.cu; buffer sizes checked above.
         unsafe { self.launch(f, cfg, &mut p) }
     }
@@ -1003,7 +1045,11 @@ impl Gpu {
         let p = self.ptr(&ws);
         // SAFETY: the workspace outlives the handle: both are returned together.
         unsafe {
-            cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut _, CUBLAS_WORKSPACE)
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                p as *mut _,
+                CUBLAS_WORKSPACE,
+            )
         }
         .result()?;
         Ok((blas, ws))

@@ -97,11 +97,19 @@ impl Group {
         let launches = if uniform {
             let thresholds = std::array::from_fn(|pass| vec![t[0][pass]]);
             let w = g.linear_from_bits(&fused_bits(&weights, dtype), n_in, n_out, dtype, &[])?;
-            vec![Launch { w, offset: 0, thresholds }]
+            vec![Launch {
+                w,
+                offset: 0,
+                thresholds,
+            }]
         } else if on_tiles {
             let thresholds = std::array::from_fn(|pass| t.iter().map(|ti| ti[pass]).collect());
             let w = g.linear_from_bits(&fused_bits(&weights, dtype), n_in, n_out, dtype, &ends)?;
-            vec![Launch { w, offset: 0, thresholds }]
+            vec![Launch {
+                w,
+                offset: 0,
+                thresholds,
+            }]
         } else {
             let mut launches = Vec::with_capacity(parts.len());
             for (i, w) in weights.iter().enumerate() {
@@ -209,7 +217,12 @@ struct Resident {
 impl GpuLlama {
     /// Copies the weights of `models` (the prefill and decode models share them) to GPU
     /// `ordinal` in `dtype`, with room for `ctx` positions.
-    pub fn new(models: Models<'_>, ordinal: usize, dtype: WeightDtype, ctx: usize) -> Result<GpuLlama> {
+    pub fn new(
+        models: Models<'_>,
+        ordinal: usize,
+        dtype: WeightDtype,
+        ctx: usize,
+    ) -> Result<GpuLlama> {
         let gpu = Gpu::new(ordinal)?;
         let (pm, dm): (&Llama, &Llama) = (models.prefill, models.decode);
         let c = dm.config.clone();
@@ -302,8 +315,14 @@ impl Resident {
         };
         g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d)?;
         for l in &mut self.layers {
-            l.qkv
-                .run(g, &self.h, Some((&l.attn_norm, eps)), &mut self.qkv, pass, plain)?;
+            l.qkv.run(
+                g,
+                &self.h,
+                Some((&l.attn_norm, eps)),
+                &mut self.qkv,
+                pass,
+                plain,
+            )?;
             g.rope_kv_append(
                 &mut self.qkv,
                 &self.cos,
@@ -328,8 +347,14 @@ impl Resident {
                 self.ctx,
             )?;
             l.o.run(g, &self.attn, None, &mut self.h, pass, acc)?;
-            l.gate_up
-                .run(g, &self.h, Some((&l.ffn_norm, eps)), &mut self.gu, pass, plain)?;
+            l.gate_up.run(
+                g,
+                &self.h,
+                Some((&l.ffn_norm, eps)),
+                &mut self.gu,
+                pass,
+                plain,
+            )?;
             let glu = GemvOpts {
                 silu_mul_input: true,
                 ..acc
@@ -367,7 +392,9 @@ impl GpuLlama {
         }
         self.gpu.write(&[token], &mut self.m.tok)?;
         if let Some(graph) = &self.graphs[pass] {
-            graph.launch().map_err(teal_kernels::cuda::CudaError::from)?;
+            graph
+                .launch()
+                .map_err(teal_kernels::cuda::CudaError::from)?;
         }
         self.len += 1;
         Ok(())
@@ -434,6 +461,11 @@ impl Decoder for GpuLlama {
         Ok(self.gpu.download(&self.m.next)?[0])
     }
     fn describe(&self) -> String {
-        format!("cuda:{} ({}, {})", self.ordinal, self.gpu.name(), self.m.dtype.name())
+        format!(
+            "cuda:{} ({}, {})",
+            self.ordinal,
+            self.gpu.name(),
+            self.m.dtype.name()
+        )
     }
 }

@@ -90,25 +90,58 @@ pub fn random_llama(c: &Config, seed: u64, round_to: Option<WeightDtype>) -> Res
     let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
         k += 1;
         let n = shape.iter().product();
-        let v = uniform(n, k, scale).into_iter().map(|x| x + offset).collect();
+        let v = uniform(n, k, scale)
+            .into_iter()
+            .map(|x| x + offset)
+            .collect();
         w.insert(name, (shape, round(v)));
     };
     let (d, ff, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
     let s = |n: usize| (3.0 / n as f32).sqrt();
-    put("model.embed_tokens.weight".into(), vec![c.vocab_size, d], 1.0, 0.0);
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, d],
+        1.0,
+        0.0,
+    );
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         put(format!("{p}.input_layernorm.weight"), vec![d], 0.2, 1.0);
-        put(format!("{p}.self_attn.q_proj.weight"), vec![q, d], s(d), 0.0);
-        put(format!("{p}.self_attn.k_proj.weight"), vec![kv, d], s(d), 0.0);
-        put(format!("{p}.self_attn.v_proj.weight"), vec![kv, d], s(d), 0.0);
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![q, d],
+            s(d),
+            0.0,
+        );
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, d],
+            s(d),
+            0.0,
+        );
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, d],
+            s(d),
+            0.0,
+        );
         if c.attention_bias {
             put(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.1, 0.0);
             put(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.1, 0.0);
             put(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.1, 0.0);
         }
-        put(format!("{p}.self_attn.o_proj.weight"), vec![d, q], s(q), 0.0);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![d], 0.2, 1.0);
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![d, q],
+            s(q),
+            0.0,
+        );
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            0.2,
+            1.0,
+        );
         put(format!("{p}.mlp.gate_proj.weight"), vec![ff, d], s(d), 0.0);
         put(format!("{p}.mlp.up_proj.weight"), vec![ff, d], s(d), 0.0);
         put(format!("{p}.mlp.down_proj.weight"), vec![d, ff], s(ff), 0.0);

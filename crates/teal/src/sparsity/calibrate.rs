@@ -5,11 +5,11 @@
 
 use super::greedy::{greedy_block, GreedyOptions};
 use super::histogram::{abs_quantiles, check_finite, TealHistogram};
-use super::{size_weights, PROJ_SITE};
 use super::thresholds::{
-    default_levels, interpolate, Fingerprint, GreedyTables, Provenance, Quantile, SiteTable, Thresholds, FORMAT,
-    VERSION,
+    default_levels, interpolate, Fingerprint, GreedyTables, Provenance, Quantile, SiteTable,
+    Thresholds, FORMAT, VERSION,
 };
+use super::{size_weights, PROJ_SITE};
 use crate::error::{Error, Result};
 use crate::linear::InputMask;
 use crate::models::llama::{Llama, Observer, PrefillBuffers, Site};

@@ -8,8 +8,8 @@
 //! computed only there (keys and values need every position), and MLP candidates reuse the
 //! attention half of the current state.
 
-use super::thresholds::GreedyStep;
 use super::effective_sparsity;
+use super::thresholds::GreedyStep;
 use crate::config::Config;
 use crate::linear::InputMask;
 use crate::models::llama::{Block, PrefillBuffers};
@@ -91,9 +91,8 @@ pub fn greedy_block(
         }
         x
     };
-    let with = |s: &[f64; 7]| -> Block {
-        block.with_masks(&std::array::from_fn(|p| mask(p, s[p])))
-    };
+    let with =
+        |s: &[f64; 7]| -> Block { block.with_masks(&std::array::from_fn(|p| mask(p, s[p]))) };
 
     let dense_att = attention(block, &mut ws);
     let target = mlp(block, &dense_att, &mut ws);
