@@ -4,7 +4,8 @@
 //! read bandwidth (the floor a memory-bound decode cannot beat).
 
 use crate::error::{Error, Result};
-use crate::models::llama::{DecodeScratch, Llama, Logits, Observer, Site};
+use crate::eval::sparse::MaskCounter;
+use crate::models::llama::{DecodeScratch, Llama, Logits};
 use std::time::Instant;
 use teal_kernels::cpu;
 
@@ -81,38 +82,6 @@ pub struct BenchResult {
     pub floor_ratio: f64,
 }
 
-/// Counts, per layer and projection, how many decode-position inputs each projection's mask
-/// keeps (every input of a dense projection is read).
-struct DensityCounter<'a> {
-    model: &'a Llama,
-    /// Rows before this position are the prompt and are not counted.
-    skip_rows: usize,
-    kept: Vec<[u64; 7]>,
-    total: Vec<[u64; 7]>,
-}
-
-impl Observer for DensityCounter<'_> {
-    fn observe(&mut self, layer: usize, site: Site, rows: &[f32], width: usize) {
-        let projections: &[usize] = match site {
-            Site::Qkv => &[0, 1, 2],
-            Site::O => &[3],
-            Site::GateUp => &[4, 5],
-            Site::Down => &[6],
-        };
-        let x = &rows[(self.skip_rows * width).min(rows.len())..];
-        let linears = self.model.layers[layer].linears();
-        for &p in projections {
-            let lin = linears[p].1;
-            let kept = match lin.mask() {
-                Some(_) => x.len() - lin.count_zeroed(x),
-                None => x.len(),
-            };
-            self.kept[layer][p] += kept as u64;
-            self.total[layer][p] += x.len() as u64;
-        }
-    }
-}
-
 /// Runs the benchmark for one model variant: `model` is the dense or sparse model (its masks
 /// decide which inputs are read), `prompt` the prompt tokens, `bandwidth` the measured read
 /// bandwidth in bytes/s.
@@ -165,12 +134,7 @@ pub fn bench_decode(
     let decode = Stat::of(decode_s);
 
     // Realized density of each projection on the decoded positions, from the same tokens.
-    let mut counter = DensityCounter {
-        model,
-        skip_rows: prompt.len(),
-        kept: vec![[0; 7]; c.num_hidden_layers],
-        total: vec![[0; 7]; c.num_hidden_layers],
-    };
+    let mut counter = MaskCounter::new(model, prompt.len());
     let all: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
     let mut cache = model.new_cache(ctx);
     model.prefill_observed(&all, &mut cache, Logits::Last, Some(&mut counter))?;
@@ -178,7 +142,12 @@ pub fn bench_decode(
     let (mut proj_bytes, mut dense_proj_bytes) = (0.0, 0.0);
     for (l, b) in model.layers.iter().enumerate() {
         for (p, (_, lin)) in b.linears().iter().enumerate() {
-            let density = counter.kept[l][p] as f64 / counter.total[l][p].max(1) as f64;
+            // A dense projection reads every row, zeros included.
+            let (zeroed, total) = counter.counts[l][p];
+            let density = match lin.mask() {
+                Some(_) => (total - zeroed) as f64 / total.max(1) as f64,
+                None => 1.0,
+            };
             proj_bytes += density * lin.weight_bytes() as f64;
             dense_proj_bytes += lin.weight_bytes() as f64;
         }

@@ -28,25 +28,40 @@ pub struct SparseReport {
     pub mode: String,
 }
 
-/// Counts inputs that each projection's mask zeroes (or that are exactly zero).
-struct ZeroCounter<'a> {
+/// Counts, per layer and projection, the inputs seen and those each projection's mask zeroes
+/// (exact zeros for a dense projection).
+pub struct MaskCounter<'a> {
     model: &'a Llama,
-    /// `[layer][proj]`: (zeros, total)
-    counts: Vec<[(u64, u64); 7]>,
+    /// Rows before this position of each observed batch are not counted.
+    skip_rows: usize,
+    /// `[layer][proj]`: (zeroed, total)
+    pub counts: Vec<[(u64, u64); 7]>,
 }
 
-impl Observer for ZeroCounter<'_> {
-    fn observe(&mut self, layer: usize, site: Site, rows: &[f32], _width: usize) {
+impl<'a> MaskCounter<'a> {
+    /// Counts the masks of `model`'s projections, skipping the first `skip_rows` positions.
+    pub fn new(model: &'a Llama, skip_rows: usize) -> MaskCounter<'a> {
+        MaskCounter {
+            model,
+            skip_rows,
+            counts: vec![[(0, 0); 7]; model.layers.len()],
+        }
+    }
+}
+
+impl Observer for MaskCounter<'_> {
+    fn observe(&mut self, layer: usize, site: Site, rows: &[f32], width: usize) {
         let si = Site::ALL
             .iter()
             .position(|&s| s == site)
             .expect("a known site");
+        let x = &rows[(self.skip_rows * width).min(rows.len())..];
         let linears = self.model.layers[layer].linears();
         for p in (0..7).filter(|&p| PROJ_SITE[p] == si) {
-            let zeros = linears[p].1.count_zeroed(rows);
+            let zeros = linears[p].1.count_zeroed(x);
             let c = &mut self.counts[layer][p];
             c.0 += zeros as u64;
-            c.1 += rows.len() as u64;
+            c.1 += x.len() as u64;
         }
     }
 }
@@ -84,10 +99,7 @@ pub fn compare(
     let wins = windows(tokens.len(), opts)?;
     let v = config.vocab_size;
     let mut cache = dense.new_cache(opts.ctx);
-    let mut counter = ZeroCounter {
-        model: sparse,
-        counts: vec![[(0, 0); 7]; config.num_hidden_layers],
-    };
+    let mut counter = MaskCounter::new(sparse, 0);
     let (mut nll_d, mut nll_s, mut kl, mut agree, mut scored) = (0.0, 0.0, 0.0, 0usize, 0usize);
     for (i, &(s, e)) in wins.iter().enumerate() {
         let w = &tokens[s..e];
