@@ -78,6 +78,40 @@ impl Linear {
         Ok(Linear::new(p, bias))
     }
 
+    /// From an input-major `[in, out]` matrix, repacked to `dtype`; `name` is for the error.
+    pub fn from_input_major_as(
+        dtype: Dtype,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        wt: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Linear> {
+        let p = match dtype {
+            Dtype::F32 => PackedT {
+                n_in: in_dim,
+                n_out: out_dim,
+                data: Data::F32(wt),
+            },
+            _ => PackedT::from_input_major(dtype, &wt, in_dim, out_dim).map_err(|e| {
+                Error::Tensor {
+                    name: name.into(),
+                    msg: format!("cannot be repacked to {}: {e}", dtype.name()),
+                }
+            })?,
+        };
+        Ok(Linear::new(p, bias))
+    }
+
+    /// The whole weight matrix, input-major (`[in, out]`), as f32.
+    pub fn input_major(&self) -> Vec<f32> {
+        let mut wt = vec![0.0f32; self.in_dim * self.out_dim];
+        for (j, row) in wt.chunks_mut(self.out_dim).enumerate() {
+            self.input_row(j, row);
+        }
+        wt
+    }
+
     fn new(w: PackedT, bias: Option<Vec<f32>>) -> Linear {
         if let Some(b) = &bias {
             assert_eq!(b.len(), w.n_out);

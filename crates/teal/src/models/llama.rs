@@ -134,6 +134,25 @@ impl Llama {
         })
     }
 
+    /// The same architecture and rotary tables with other weights (for weight transforms such
+    /// as the rotation experiment in `examples/rotate_eval.rs`).
+    pub fn with_weights(
+        &self,
+        embed_tokens: Vec<f32>,
+        layers: Vec<Block>,
+        norm: Vec<f32>,
+        lm_head: Linear,
+    ) -> Llama {
+        Llama {
+            config: self.config.clone(),
+            embed_tokens: Arc::new(embed_tokens),
+            layers,
+            norm,
+            lm_head,
+            inv_freq: self.inv_freq.clone(),
+        }
+    }
+
     /// The same weights (shared, not copied) with input masks, one row of seven per layer.
     pub fn with_masks(&self, per_layer: &[[Option<InputMask>; 7]]) -> Result<Llama> {
         if per_layer.len() != self.layers.len() {
