@@ -84,7 +84,7 @@ pub struct BenchResult {
     pub bytes_per_token: f64,
     /// `bytes_per_token * decode tok/s`, in GB/s (1e9 bytes).
     pub gb_s: f64,
-    /// `gb_s` over the measured read bandwidth.
+    /// `gb_s` over the device's measured bandwidth ([`Decoder::bandwidth`]).
     pub floor_ratio: f64,
 }
 

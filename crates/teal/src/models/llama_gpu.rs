@@ -100,7 +100,9 @@ impl Group {
             .iter()
             .all(|&e| e % teal_kernels::cuda::GEMV_TILE == 0);
         let uniform = t.iter().all(|ti| *ti == t[0]);
-        let launches = if uniform {
+        // On tiles the fused launch always carries one threshold per part, so that
+        // `set_thresholds` can give the parts different ones later.
+        let launches = if uniform && !on_tiles {
             let thresholds = std::array::from_fn(|pass| vec![t[0][pass]]);
             let w = g.linear_from_bits(&fused_bits(&weights, dtype), n_in, n_out, dtype, &[])?;
             vec![Launch {
