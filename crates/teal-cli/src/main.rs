@@ -16,7 +16,7 @@ use teal::eval::sparse::compare;
 use teal::generate::{generate_on, GenerateParams, Models};
 use teal::linear::InputMask;
 use teal::sampler::SamplerConfig;
-use teal::sparsity::calibrate::{calibrate, CalibOptions};
+use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
 use teal::sparsity::greedy::GreedyOptions;
 use teal::sparsity::thresholds::{check_target, Fingerprint};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
@@ -46,7 +46,8 @@ struct Common {
     /// with minimum, both in groups of 32 outputs of one input row).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
-    /// Where the model runs: cpu or cuda:N (run and ppl; the other subcommands use the CPU).
+    /// Where the model runs: cpu, cuda:N, or auto (cuda:0 where a driver, a GPU and NVRTC are
+    /// present, else the CPU with a note). run, ppl, bench, calibrate; the others use the CPU.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Weight type on a GPU: bf16 or f16.
@@ -228,9 +229,18 @@ struct BenchArgs {
     /// Timed repetitions (plus one untimed warm-up).
     #[arg(short = 'r', long, default_value_t = 5)]
     reps: usize,
-    /// Buffer for the read-bandwidth measurement, MiB (much larger than the last-level cache).
+    /// Buffer for the CPU read-bandwidth measurement, MiB (much larger than the last-level
+    /// cache); a GPU measures a device-to-device copy.
     #[arg(long, default_value_t = 1024)]
     bandwidth_mib: usize,
+    /// Benchmark a seeded random-weights model of this shape instead of a model file
+    /// (smollm2-135m, llama3-8b, llama3-8b-2l, qwen2-tiny), with thresholds calibrated on its
+    /// own activations. Stored in --dtype on the CPU, in --gpu-dtype for a GPU.
+    #[arg(long, value_name = "SHAPE")]
+    random_weights: Option<String>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -342,6 +352,10 @@ struct CalibrateArgs {
     /// Recalibrate even if the output exists.
     #[arg(long)]
     force: bool,
+    /// On a GPU: host memory for the collected activations, MiB; the calibration windows run
+    /// once per group of layers whose values fit.
+    #[arg(long, default_value_t = 4096)]
+    collect_mib: usize,
 }
 
 #[derive(Args)]
@@ -470,13 +484,19 @@ impl Common {
             .with_context(|| format!("loading the weights as {}", dtype.name()))
     }
 
+    /// The device asked for; `auto` is resolved here and notes where it falls back.
     fn device(&self) -> Result<Device> {
-        Ok(Device::parse(&self.device, &self.gpu_dtype)?)
+        let (device, note) = Device::select(&self.device, &self.gpu_dtype)
+            .with_context(|| format!("--device {}", self.device))?;
+        if let Some(n) = note {
+            eprintln!("{n}");
+        }
+        Ok(device)
     }
 
-    /// For subcommands that have no GPU path yet.
+    /// For subcommands that have no GPU path yet (`auto` means the CPU there).
     fn cpu_only(&self, what: &str) -> Result<()> {
-        if self.device()? != Device::Cpu {
+        if self.device != "auto" && Device::parse(&self.device, &self.gpu_dtype)? != Device::Cpu {
             bail!(
                 "teal {what} runs on the CPU only for now (got --device {})",
                 self.device
@@ -765,7 +785,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
 }
 
 fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
-    a.common.cpu_only("calibrate")?;
+    let device = a.common.device()?;
     let files = a.common.open()?;
     let fp = Fingerprint::of(&files.config, files.source.as_ref());
     let out = a
@@ -822,7 +842,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     )?);
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
-    let th = calibrate(&model, fp, &tokens, &opts, &mut |stage, done, total| {
+    let mut progress = |stage: &str, done: usize, total: usize| {
         bar.set_message(stage.to_string());
         bar.set_position(done as u64);
         if !tty {
@@ -831,7 +851,25 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
                 t0.elapsed().as_secs_f64()
             );
         }
-    })?;
+    };
+    let th = match device {
+        Device::Cpu => calibrate(&model, fp, &tokens, &opts, &mut progress)?,
+        gpu => {
+            let mut dec = gpu
+                .decoder(Models::single(&model), seq_len)
+                .with_context(|| format!("opening --device {}", gpu.name()))?;
+            eprintln!("device: {}", dec.describe());
+            calibrate_on(
+                &mut *dec,
+                &model,
+                fp,
+                &tokens,
+                &opts,
+                a.collect_mib << 20,
+                &mut progress,
+            )?
+        }
+    };
     bar.finish_and_clear();
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -1102,44 +1140,99 @@ into a regional centre, with a market square, a cathedral and a university whose
 holds many of the manuscripts copied by its first students. ";
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    a.common.cpu_only("bench")?;
     for &s in &a.sparsity {
         check_target(s)?;
     }
-    let files = a.common.open()?;
-    let dtype: teal::Dtype = a.common.dtype.into();
-    let model = a.common.load(&files)?;
-    let base = files.tokenizer.encode(BENCH_TEXT, false)?;
-    if base.is_empty() {
-        bail!("the bench prompt tokenized to nothing");
-    }
-    let prompt: Vec<u32> = base.iter().cycle().take(a.n_prompt).copied().collect();
+    let device = a.common.device()?;
+    let (model, dtype, model_label, prompt, random_th, files) = match &a.random_weights {
+        Some(shape) => {
+            let dtype = device.host_dtype(a.common.dtype.into());
+            let t0 = std::time::Instant::now();
+            let (model, th) = teal::bench::random_model(shape, dtype, a.seed)
+                .with_context(|| format!("random weights of shape {shape}"))?;
+            eprintln!(
+                "random weights {shape} ({}, seed {}) generated and calibrated on {} in {:.1}s",
+                dtype.name(),
+                a.seed,
+                th.calibration.text,
+                t0.elapsed().as_secs_f64()
+            );
+            let prompt = teal::bench::spread_tokens(a.n_prompt, model.config.vocab_size, 0);
+            (
+                model,
+                dtype,
+                format!("random {shape}"),
+                prompt,
+                Some(th),
+                None,
+            )
+        }
+        None => {
+            let files = a.common.open()?;
+            let model = a.common.load(&files)?;
+            let base = files.tokenizer.encode(BENCH_TEXT, false)?;
+            if base.is_empty() {
+                bail!("the bench prompt tokenized to nothing");
+            }
+            let prompt: Vec<u32> = base.iter().cycle().take(a.n_prompt).copied().collect();
+            let label = a.common.model_path()?.display().to_string();
+            (
+                model,
+                a.common.dtype.into(),
+                label,
+                prompt,
+                None,
+                Some(files),
+            )
+        }
+    };
+    let masks_for = |s: f64| -> Result<Option<Vec<[Option<InputMask>; 7]>>> {
+        let spec = SparsitySpec {
+            target: s,
+            allocation: Allocation::Uniform,
+            quantile: a.quantile.into(),
+            mode: Mode::All,
+        };
+        match (&random_th, &files) {
+            _ if s == 0.0 => Ok(None),
+            (Some(th), _) => Ok(Some(th.resolve(&spec)?)),
+            (None, Some(files)) => {
+                let sparse = SparseArgs {
+                    sparsity: s,
+                    thresholds: a.thresholds.clone(),
+                    allocation: AllocationArg::Uniform,
+                    quantile: a.quantile,
+                    mode: ModeArg::All,
+                };
+                Ok(sparse.resolve(files)?.map(|(t, ..)| t))
+            }
+            (None, None) => bail!("no thresholds"),
+        }
+    };
+    let ctx = prompt.len() + a.n_gen + 1;
+    let mut dec = device
+        .decoder(Models::single(&model), ctx)
+        .with_context(|| format!("opening --device {}", device.name()))?;
+    eprintln!("device: {}", dec.describe());
+    let bw = dec.bandwidth(a.bandwidth_mib << 20)?;
     eprintln!(
-        "measuring read bandwidth ({} MiB buffer)...",
-        a.bandwidth_mib
+        "bandwidth: {:.2} GB/s ({})",
+        bw.bytes_per_s / 1e9,
+        bw.method
     );
-    let bw = teal::bench::read_bandwidth(a.bandwidth_mib << 20, 5);
-    eprintln!("read bandwidth: {:.2} GB/s", bw / 1e9);
     let opts = teal::bench::BenchOptions {
         n_decode: a.n_gen,
         reps: a.reps,
     };
     let mut results = Vec::new();
     for &s in &a.sparsity {
-        let sparse = SparseArgs {
-            sparsity: s,
-            thresholds: a.thresholds.clone(),
-            allocation: AllocationArg::Uniform,
-            quantile: a.quantile,
-            mode: ModeArg::All,
+        let masks = masks_for(s)?;
+        dec.set_masks(masks.as_deref())?;
+        let sparse = match &masks {
+            Some(m) => model.with_masks(m)?,
+            None => model.clone(),
         };
-        let r = match sparse.resolve(&files)? {
-            None => teal::bench::bench_decode(&model, s, &prompt, &opts, bw)?,
-            Some((t, ..)) => {
-                let m = model.with_masks(&t)?;
-                teal::bench::bench_decode(&m, s, &prompt, &opts, bw)?
-            }
-        };
+        let r = teal::bench::bench_decode(&mut *dec, &sparse, s, &prompt, &opts, bw.bytes_per_s)?;
         if !a.json {
             eprintln!(
                 "sparsity {:.2}: decode {:.2} tok/s [{:.2}, {:.2}]",
@@ -1149,7 +1242,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         results.push(r);
     }
     let threads = rayon::current_num_threads();
-    let model_path = a.common.model_path()?.display().to_string();
+    let model_path = model_label;
     // Speed-ups are relative to the dense row, when there is one.
     let dense = results.iter().find(|r| r.sparsity == 0.0).cloned();
     let speedup = |r: &teal::bench::BenchResult| {
@@ -1183,8 +1276,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             .collect();
         let j = serde_json::json!({
             "results": rows,
+            "device": dec.describe(),
             "machine": {
-                "read_gb_s": bw / 1e9,
+                "bandwidth_gb_s": bw.bytes_per_s / 1e9,
+                "bandwidth_method": bw.method,
                 "threads": threads,
                 "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 "simd": teal_simd_note(),
@@ -1198,9 +1293,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         println!("{j}");
     } else {
         println!(
-            "model {model_path} | dtype {} | threads {threads} | read bandwidth {:.2} GB/s | p {} n {} r {}",
+            "model {model_path} | dtype {} | device {} | threads {threads} | bandwidth {:.2} GB/s ({}) | p {} n {} r {}",
             dtype.name(),
-            bw / 1e9,
+            dec.describe(),
+            bw.bytes_per_s / 1e9,
+            bw.method,
             a.n_prompt,
             a.n_gen,
             a.reps

@@ -1,13 +1,19 @@
 //! Decode benchmark in the form of llama-bench: prompt and decode speed per sparsity, the bytes
 //! of weights each decoded token reads (the sparse projections scaled by their realized
-//! density), the effective bandwidth that implies, and its ratio to this machine's measured
-//! read bandwidth (the floor a memory-bound decode cannot beat).
+//! density), the effective bandwidth that implies, and its ratio to the device's measured
+//! bandwidth (the floor a memory-bound decode cannot beat). It drives a [`Decoder`], so the
+//! same code measures the CPU and a GPU.
 
+use crate::device::Decoder;
 use crate::error::{Error, Result};
 use crate::eval::sparse::MaskCounter;
-use crate::models::llama::{DecodeScratch, Llama, Logits};
+use crate::models::llama::{Llama, Logits};
+use crate::sparsity::calibrate::{calibrate, CalibOptions};
+use crate::sparsity::thresholds::Fingerprint;
+use crate::sparsity::Thresholds;
 use std::time::Instant;
 use teal_kernels::cpu;
+use teal_kernels::packed::Dtype;
 
 /// Streaming-read bandwidth of this machine in bytes per second: every thread of the pool sums
 /// its share of a buffer of `bytes` (make it much larger than the last-level cache); best of
@@ -78,14 +84,16 @@ pub struct BenchResult {
     pub bytes_per_token: f64,
     /// `bytes_per_token * decode tok/s`, in GB/s (1e9 bytes).
     pub gb_s: f64,
-    /// `gb_s` over the measured read bandwidth.
+    /// `gb_s` over the device's measured bandwidth ([`Decoder::bandwidth`]).
     pub floor_ratio: f64,
 }
 
-/// Runs the benchmark for one model variant: `model` is the dense or sparse model (its masks
-/// decide which inputs are read), `prompt` the prompt tokens, `bandwidth` the measured read
-/// bandwidth in bytes/s.
+/// Runs the benchmark for one model variant on `dec` (a decoder of `model`, its masks set
+/// with [`Decoder::set_masks`]): `model` carries the same masks on the CPU, to count which
+/// inputs they zero; `prompt` the prompt tokens, `bandwidth` the device's measured bandwidth in
+/// bytes/s ([`Decoder::bandwidth`]).
 pub fn bench_decode(
+    dec: &mut dyn Decoder,
     model: &Llama,
     sparsity: f64,
     prompt: &[u32],
@@ -100,30 +108,28 @@ pub fn bench_decode(
             "bench needs at least one repetition and one decoded token".into(),
         ));
     }
-    let c = &model.config;
     let ctx = prompt.len() + opts.n_decode + 1;
-    if ctx > c.max_position_embeddings {
+    if ctx > dec.capacity() {
         return Err(Error::ContextOverflow {
             what: "prompt plus decoded tokens",
             got: ctx,
-            ctx: c.max_position_embeddings,
+            ctx: dec.capacity(),
         });
     }
     let mut decode_s = Vec::with_capacity(opts.reps);
     let mut prompt_s = Vec::with_capacity(opts.reps);
     let mut generated = Vec::new();
-    let mut scratch = DecodeScratch::new(c, ctx);
     for r in 0..=opts.reps {
-        let mut cache = model.new_cache(ctx);
+        dec.clear()?;
         let t0 = Instant::now();
-        let logits = model.prefill(prompt, &mut cache, Logits::Last)?;
+        let logits = dec.prefill(prompt, Logits::Last)?;
         let tp = t0.elapsed().as_secs_f64();
         let mut next = crate::sampler::argmax(&logits);
         generated.clear();
         let t1 = Instant::now();
         for _ in 0..opts.n_decode {
             generated.push(next);
-            next = crate::sampler::argmax(model.decode(next, &mut cache, &mut scratch)?);
+            next = dec.decode_greedy(next)?;
         }
         let td = t1.elapsed().as_secs_f64();
         if r > 0 {
@@ -134,11 +140,12 @@ pub fn bench_decode(
     let decode = Stat::of(decode_s);
 
     // Realized density of each projection on the decoded positions, from the same tokens.
-    let mut counter = MaskCounter::new(model, prompt.len());
-    let all: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
-    let mut cache = model.new_cache(ctx);
-    model.prefill_observed(&all, &mut cache, Logits::Last, Some(&mut counter))?;
+    let mut counter = MaskCounter::new(model, 0);
+    dec.clear()?;
+    dec.prefill(prompt, Logits::Last)?;
+    dec.prefill_observed(&generated, &mut counter)?;
 
+    let fp = dec.footprint();
     let (mut proj_bytes, mut dense_proj_bytes) = (0.0, 0.0);
     for (l, b) in model.layers.iter().enumerate() {
         for (p, (_, lin)) in b.linears().iter().enumerate() {
@@ -148,14 +155,12 @@ pub fn bench_decode(
                 Some(_) => (total - zeroed) as f64 / total.max(1) as f64,
                 None => 1.0,
             };
-            proj_bytes += density * lin.weight_bytes() as f64;
-            dense_proj_bytes += lin.weight_bytes() as f64;
+            proj_bytes += density * fp.proj[l][p];
+            dense_proj_bytes += fp.proj[l][p];
         }
     }
     let mean_keys = prompt.len() as f64 + (opts.n_decode as f64 + 1.0) / 2.0;
-    let kv_bytes = 2.0 * c.num_hidden_layers as f64 * mean_keys * c.kv_dim() as f64 * 4.0;
-    let bytes_per_token =
-        proj_bytes + model.lm_head.weight_bytes() as f64 + (c.hidden_size * 4) as f64 + kv_bytes;
+    let bytes_per_token = proj_bytes + fp.lm_head + fp.embed_row + fp.kv_per_position * mean_keys;
     let gb_s = bytes_per_token * decode.median / 1e9;
     Ok(BenchResult {
         sparsity,
@@ -166,4 +171,44 @@ pub fn bench_decode(
         gb_s,
         floor_ratio: gb_s * 1e9 / bandwidth,
     })
+}
+
+/// Tokens of calibration a random-weights model is calibrated on ([`random_model`]).
+pub const RANDOM_CALIBRATION_TOKENS: usize = 32;
+
+/// `n` token ids spread over a vocabulary of `vocab` (prompts for random-weights models).
+pub fn spread_tokens(n: usize, vocab: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(7919).wrapping_add(13 + salt * 104_729)) % vocab as u32)
+        .collect()
+}
+
+/// A seeded random-weights model of a named shape ([`crate::models::random::shape`]) stored in
+/// `dtype`, with TEAL statistics calibrated on its own activations by the calibration code
+/// (one window of [`RANDOM_CALIBRATION_TOKENS`] spread token ids, no weight-aware or greedy
+/// tables): thresholds for any sparsity with uniform allocation.
+pub fn random_model(shape: &str, dtype: Dtype, seed: u64) -> Result<(Llama, Thresholds)> {
+    let c = crate::models::random::shape(shape)?;
+    let model = crate::models::random::random_llama_as(&c, seed, dtype)?;
+    let tokens = spread_tokens(RANDOM_CALIBRATION_TOKENS, c.vocab_size, 1);
+    let opts = CalibOptions {
+        samples: 1,
+        seq_len: tokens.len(),
+        greedy: None,
+        weight_aware: false,
+        text_label: format!("{} random token ids", tokens.len()),
+        text_bytes: 0,
+    };
+    let fp = Fingerprint {
+        arch: c.arch.name().into(),
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.num_key_value_heads,
+        vocab_size: c.vocab_size,
+        tensor_hash: format!("random:{shape}:{seed}"),
+    };
+    let th = calibrate(&model, fp, &tokens, &opts, &mut |_, _, _| {})?;
+    Ok((model, th))
 }

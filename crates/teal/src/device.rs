@@ -5,9 +5,33 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generate::Models;
 use crate::kv_cache::KvCache;
-use crate::models::llama::{DecodeScratch, Logits};
+use crate::linear::InputMask;
+use crate::models::llama::{DecodeScratch, Llama, Logits, Observer};
 use crate::models::llama_gpu::GpuLlama;
+use crate::sampler::Sampler;
 use teal_kernels::cuda::WeightDtype;
+use teal_kernels::packed::Dtype;
+
+/// TEAL masks of one model: per layer, q, k, v, o, gate, up, down (`None`: dense).
+pub type Masks = [[Option<InputMask>; 7]];
+
+/// Bytes of memory a decode step reads, as the device stores the model: each projection of
+/// each layer read whole (q, k, v, o, gate, up, down), the LM head, one embedding row, and the
+/// keys and values of one cached position over all layers.
+#[derive(Clone, Debug)]
+pub struct Footprint {
+    pub proj: Vec<[f64; 7]>,
+    pub lm_head: f64,
+    pub embed_row: f64,
+    pub kv_per_position: f64,
+}
+
+/// A measured memory bandwidth in bytes/s and how it was measured.
+#[derive(Clone, Debug)]
+pub struct Bandwidth {
+    pub bytes_per_s: f64,
+    pub method: &'static str,
+}
 
 /// One sequence being run by a model: its KV cache, its position, the logits of each step.
 pub trait Decoder {
@@ -28,6 +52,22 @@ pub trait Decoder {
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
         Ok(crate::sampler::argmax(self.decode(token)?))
     }
+    /// [`Decoder::decode`] followed by `sampler` (greedy, or temperature / top-k / top-p with
+    /// the sampler's random numbers); a device decoder samples on the device where it can.
+    fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
+        Ok(sampler.sample(self.decode(token)?))
+    }
+    /// Runs `tokens` like [`Decoder::prefill`] (no logits) and reports the input of every
+    /// projection site of every layer to `observer`, in position order (a device decoder
+    /// reports one position per call).
+    fn prefill_observed(&mut self, tokens: &[u32], observer: &mut dyn Observer) -> Result<()>;
+    /// Replaces the TEAL masks of both the prefill and the decode model (`None`: dense).
+    fn set_masks(&mut self, masks: Option<&Masks>) -> Result<()>;
+    /// What one decode step reads, as stored on this device.
+    fn footprint(&self) -> Footprint;
+    /// Memory bandwidth of the device, the floor of a memory-bound decode: on the CPU a
+    /// streaming read of `cpu_buffer` bytes, on a GPU a device-to-device copy.
+    fn bandwidth(&self, cpu_buffer: usize) -> Result<Bandwidth>;
     /// Where it runs, for logs: `cpu`, `cuda:0 (NVIDIA H200, bf16)`.
     fn describe(&self) -> String;
 }
@@ -60,6 +100,53 @@ impl Device {
         }
     }
 
+    /// [`Device::parse`], checking that an explicit GPU is there ([`CudaError`] naming what
+    /// is missing), or picks one for `auto`: `cuda:0` when a driver, a GPU and NVRTC are
+    /// present, else the CPU with a one-line note naming what is missing.
+    ///
+    /// [`CudaError`]: teal_kernels::cuda::CudaError
+    pub fn select(device: &str, gpu_dtype: &str) -> Result<(Device, Option<String>)> {
+        if device != "auto" {
+            let d = Device::parse(device, gpu_dtype)?;
+            if let Device::Cuda { ordinal, .. } = d {
+                teal_kernels::cuda::probe(ordinal)?;
+            }
+            return Ok((d, None));
+        }
+        let dtype = WeightDtype::parse(gpu_dtype)?;
+        Ok(match teal_kernels::cuda::probe(0) {
+            Ok(()) => (Device::Cuda { ordinal: 0, dtype }, None),
+            Err(e) => (
+                Device::Cpu,
+                Some(format!("note: --device auto runs on the CPU: {e}")),
+            ),
+        })
+    }
+
+    /// The format a model built for this device is best stored in on the host: `cpu` for the
+    /// CPU, the GPU's weight type for a GPU (its copy then holds exactly the host's values).
+    pub fn host_dtype(self, cpu: Dtype) -> Dtype {
+        match self {
+            Device::Cpu => cpu,
+            Device::Cuda {
+                dtype: WeightDtype::F16,
+                ..
+            } => Dtype::F16,
+            Device::Cuda {
+                dtype: WeightDtype::Bf16,
+                ..
+            } => Dtype::Bf16,
+        }
+    }
+
+    /// The name of the device, as `--device` takes it.
+    pub fn name(self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda { ordinal, .. } => format!("cuda:{ordinal}"),
+        }
+    }
+
     /// A decoder for `models` with room for `ctx` positions. On a GPU the weights are copied
     /// to the device once, in the device's weight type; the masks of the prefill and decode
     /// models become the thresholds of the two passes.
@@ -76,6 +163,8 @@ impl Device {
 /// The CPU model ([`crate::models::llama::Llama`]) with its cache and decode buffers.
 pub struct CpuDecoder<'a> {
     models: Models<'a>,
+    /// The model with masks from [`Decoder::set_masks`], for both passes.
+    masked: Option<Llama>,
     cache: KvCache,
     scratch: DecodeScratch,
 }
@@ -85,8 +174,13 @@ impl<'a> CpuDecoder<'a> {
         CpuDecoder {
             cache: models.decode.new_cache(ctx),
             scratch: DecodeScratch::new(&models.decode.config, ctx),
+            masked: None,
             models,
         }
+    }
+
+    fn decode_model(&self) -> &Llama {
+        self.masked.as_ref().unwrap_or(self.models.decode)
     }
 }
 
@@ -105,12 +199,53 @@ impl Decoder for CpuDecoder<'_> {
         Ok(())
     }
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
-        self.models.prefill.prefill(tokens, &mut self.cache, logits)
+        let m = self.masked.as_ref().unwrap_or(self.models.prefill);
+        m.prefill(tokens, &mut self.cache, logits)
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
-        self.models
-            .decode
-            .decode(token, &mut self.cache, &mut self.scratch)
+        let m = self.masked.as_ref().unwrap_or(self.models.decode);
+        m.decode(token, &mut self.cache, &mut self.scratch)
+    }
+    fn prefill_observed(&mut self, tokens: &[u32], observer: &mut dyn Observer) -> Result<()> {
+        let m = self.masked.as_ref().unwrap_or(self.models.prefill);
+        m.prefill_observed(tokens, &mut self.cache, Logits::Last, Some(observer))?;
+        Ok(())
+    }
+    fn set_masks(&mut self, masks: Option<&Masks>) -> Result<()> {
+        let base = self.models.decode;
+        let dense;
+        let masks = match masks {
+            Some(m) => m,
+            None => {
+                dense = vec![[None; 7]; base.layers.len()];
+                &dense
+            }
+        };
+        self.masked = Some(base.with_masks(masks)?);
+        Ok(())
+    }
+    fn footprint(&self) -> Footprint {
+        let m = self.decode_model();
+        let c = &m.config;
+        Footprint {
+            proj: m
+                .layers
+                .iter()
+                .map(|b| {
+                    let l = b.linears();
+                    std::array::from_fn(|p| l[p].1.weight_bytes() as f64)
+                })
+                .collect(),
+            lm_head: m.lm_head.weight_bytes() as f64,
+            embed_row: (c.hidden_size * 4) as f64,
+            kv_per_position: (2 * c.num_hidden_layers * c.kv_dim() * 4) as f64,
+        }
+    }
+    fn bandwidth(&self, cpu_buffer: usize) -> Result<Bandwidth> {
+        Ok(Bandwidth {
+            bytes_per_s: crate::bench::read_bandwidth(cpu_buffer, 5),
+            method: "streaming read, all threads",
+        })
     }
     fn describe(&self) -> String {
         "cpu".into()

@@ -97,7 +97,6 @@ pub fn generate_on(
         });
     }
     dec.clear()?;
-    let greedy = params.sampler.temperature <= 0.0;
     let mut sampler = Sampler::new(params.sampler.clone());
     let mut stream = StreamDecoder::with_context(tokenizer, prompt);
 
@@ -122,11 +121,7 @@ pub fn generate_on(
         if dec.position() >= ctx {
             break StopReason::ContextFull;
         }
-        next = if greedy {
-            dec.decode_greedy(next)?
-        } else {
-            sampler.sample(dec.decode(next)?)
-        };
+        next = dec.decode_sample(next, &mut sampler)?;
     };
     Ok(Generation {
         decode_tokens: tokens.len().saturating_sub(1),

@@ -251,18 +251,24 @@ impl Linear {
 
 /// Row-major `[out, in]` to input-major `[in, out]`, blocked: cache-friendly on both sides.
 fn transpose(out_dim: usize, in_dim: usize, w: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
     assert_eq!(w.len(), out_dim * in_dim);
     let mut wt = vec![0.0f32; w.len()];
     const B: usize = 64;
-    for o0 in (0..out_dim).step_by(B) {
-        for i0 in (0..in_dim).step_by(B) {
-            for o in o0..(o0 + B).min(out_dim) {
-                for i in i0..(i0 + B).min(in_dim) {
-                    wt[i * out_dim + o] = w[o * in_dim + i];
+    // Each task writes B input rows of wt (all of its columns), tile by tile.
+    wt.par_chunks_mut((B * out_dim).max(1))
+        .enumerate()
+        .for_each(|(c, rows)| {
+            let i0 = c * B;
+            let i1 = (i0 + B).min(in_dim);
+            for o0 in (0..out_dim).step_by(B) {
+                for o in o0..(o0 + B).min(out_dim) {
+                    for i in i0..i1 {
+                        rows[(i - i0) * out_dim + o] = w[o * in_dim + i];
+                    }
                 }
             }
-        }
-    }
+        });
     wt
 }
 

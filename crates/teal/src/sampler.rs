@@ -51,10 +51,26 @@ impl Sampler {
         }
     }
 
+    pub fn config(&self) -> &SamplerConfig {
+        &self.cfg
+    }
+
+    /// The next uniform number in [0, 1) of the seeded generator (one per sampled token).
+    pub fn draw(&mut self) -> f32 {
+        self.rng.random::<f32>()
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.cfg.temperature <= 0.0 {
             return argmax(logits);
         }
+        let r = self.draw();
+        self.sample_with(logits, r)
+    }
+
+    /// Temperature / top-k / top-p sampling with the uniform number `r` in [0, 1) given (what
+    /// [`Sampler::sample`] does with its next [`Sampler::draw`]).
+    pub fn sample_with(&mut self, logits: &[f32], r: f32) -> u32 {
         self.cand.clear();
         self.cand
             .extend(logits.iter().enumerate().map(|(i, &v)| (v, i as u32)));
@@ -89,7 +105,7 @@ impl Sampler {
             }
         }
         let kept_total: f32 = self.cand[..keep].iter().map(|c| c.0).sum();
-        let mut r = self.rng.random::<f32>() * kept_total;
+        let mut r = r * kept_total;
         for c in &self.cand[..keep] {
             r -= c.0;
             if r <= 0.0 {

@@ -339,3 +339,347 @@ fn cuda_device_without_gpu_is_a_clear_error() {
     assert!(Device::parse("gpu", "bf16").is_err());
     assert!(Device::parse("cuda:0", "f32").is_err());
 }
+
+/// Whether a GPU is here; prints why not.
+fn have_gpu(what: &str) -> bool {
+    match teal_kernels::cuda::try_gpu(0) {
+        Ok(Some(_)) => true,
+        Ok(None) => {
+            let why = teal_kernels::cuda::Gpu::new(0).err().map(|e| e.to_string());
+            eprintln!("skipping {what}: {}", why.unwrap_or_default());
+            false
+        }
+        Err(e) => panic!("GPU present but the backend failed: {e}"),
+    }
+}
+
+/// Every site input of every layer, in position order.
+struct AllSites(Vec<[Vec<f32>; 4]>);
+
+impl Observer for AllSites {
+    fn observe(&mut self, layer: usize, site: Site, rows: &[f32], _width: usize) {
+        let s = Site::ALL.iter().position(|&x| x == site).unwrap();
+        self.0[layer][s].extend_from_slice(rows);
+    }
+}
+
+/// Site inputs of a dense model, GPU (observed step) vs CPU, relative to max(1, |x|): the same
+/// bound as the logits.
+const GPU_SITE_TOL: f32 = 1e-4;
+
+/// The observed GPU step reports the CPU's site inputs; thresholds set on a dense GPU decoder
+/// give the fixture's sparse greedy tokens.
+#[test]
+fn gpu_observed_sites_and_set_masks() {
+    if !have_gpu("GPU observed-sites test") {
+        return;
+    }
+    for name in ["qwen2_tiny", "llama3_8b_2layers"] {
+        let f: Fixture = serde_json::from_str(fixture_text(name)).unwrap();
+        let c = shape(name);
+        let model = random_model(&c);
+        let device = Device::Cuda {
+            ordinal: 0,
+            dtype: WeightDtype::Bf16,
+        };
+        let mut cpu = Device::Cpu.decoder(Models::single(&model), 64).unwrap();
+        let mut gpu = device.decoder(Models::single(&model), 64).unwrap();
+        let mut want = AllSites(vec![Default::default(); c.num_hidden_layers]);
+        let mut got = AllSites(vec![Default::default(); c.num_hidden_layers]);
+        cpu.prefill_observed(&f.prompt, &mut want).unwrap();
+        gpu.prefill_observed(&f.prompt, &mut got).unwrap();
+        let mut worst = 0.0f32;
+        for (w, g) in want.0.iter().zip(&got.0) {
+            for s in 0..4 {
+                assert_eq!(w[s].len(), g[s].len(), "{name} site {s} sizes");
+                for (a, b) in w[s].iter().zip(&g[s]) {
+                    worst = worst.max((a - b).abs() / a.abs().max(1.0));
+                }
+            }
+        }
+        eprintln!("{name}: observed sites, max relative difference {worst:.2e}");
+        assert!(worst <= GPU_SITE_TOL, "{name}: sites differ by {worst}");
+
+        // Per-projection thresholds on a decoder built dense need the fused parts on GEMV
+        // tiles (Qwen2-tiny's are not: its q|k|v launch takes one shared threshold).
+        if name == "qwen2_tiny" {
+            continue;
+        }
+        let case = f.cases.iter().find(|c| c.thresholds.is_some()).unwrap();
+        let m = masks(&case.thresholds, c.num_hidden_layers);
+        gpu.clear().unwrap();
+        gpu.set_masks(Some(&m)).unwrap();
+        let first = teal::sampler::argmax(&gpu.prefill(&f.prompt, Logits::Last).unwrap());
+        let mut ids = vec![first];
+        for _ in 0..STEPS {
+            let next = gpu.decode_greedy(*ids.last().unwrap()).unwrap();
+            ids.push(next);
+        }
+        assert_eq!(ids, case.greedy, "{name}: greedy ids after set_masks");
+    }
+}
+
+/// `auto` is cuda:0 where the probe passes, else the CPU with a note naming the cause.
+#[test]
+fn auto_device_falls_back_with_a_note() {
+    let (d, note) = Device::select("auto", "bf16").unwrap();
+    match teal_kernels::cuda::probe(0) {
+        Ok(()) => assert_eq!(d.name(), "cuda:0"),
+        Err(e) => {
+            assert_eq!(d, Device::Cpu);
+            let note = note.unwrap();
+            assert!(note.contains(&e.to_string()), "{note}");
+            assert!(!note.contains('\n'), "one line: {note}");
+            assert!(Device::select("cuda:0", "bf16").is_err());
+        }
+    }
+    assert_eq!(Device::select("cpu", "bf16").unwrap(), (Device::Cpu, None));
+}
+
+/// The device sampler against the CPU sampler on the same logits and the same uniform number:
+/// the same token, except where the number sits within 1e-5 of a boundary between two tokens
+/// (the GPU's expf may differ from the CPU's in the last bits); top-k 1 is the argmax.
+#[test]
+fn gpu_sampler_matches_cpu_sampler() {
+    if !have_gpu("GPU sampler test") {
+        return;
+    }
+    use teal::sampler::{Sampler, SamplerConfig};
+    let g = teal_kernels::cuda::Gpu::new(0).unwrap();
+    let configs = [
+        (1.0f32, 1usize, 1.0f32),
+        (0.8, 40, 0.95),
+        (1.3, 256, 0.5),
+        (0.7, 7, 1.0),
+        (2.0, 100, 0.99),
+    ];
+    let (mut checked, mut near) = (0, 0);
+    for (vi, n) in [1000usize, 49152, 128256].into_iter().enumerate() {
+        let logits: Vec<f32> = teal_kernels::rand::uniform(n, 7 + vi as u64)
+            .iter()
+            .map(|v| v * 6.0)
+            .collect();
+        let x = g.upload(&logits).unwrap();
+        let mut out = g.zeros::<u32>(1).unwrap();
+        let mut r_buf = g.zeros::<f32>(1).unwrap();
+        for &(temperature, top_k, top_p) in &configs {
+            let cfg = SamplerConfig {
+                temperature,
+                top_k,
+                top_p,
+                seed: 0,
+            };
+            let mut cpu = Sampler::new(cfg.clone());
+            for i in 0..64 {
+                let r = (i as f32 + 0.5) / 64.0;
+                g.write(&[r], &mut r_buf).unwrap();
+                g.sample_top_k(&x, n, top_k, 1.0 / temperature, top_p, &r_buf, &mut out)
+                    .unwrap();
+                let got = g.download(&out).unwrap()[0];
+                let want = cpu.sample_with(&logits, r);
+                if top_k == 1 {
+                    assert_eq!(got, teal::sampler::argmax(&logits), "top-1 n {n}");
+                }
+                let boundary = cpu.sample_with(&logits, (r - 1e-5).max(0.0))
+                    != cpu.sample_with(&logits, (r + 1e-5).min(0.99999));
+                if boundary {
+                    near += 1;
+                } else {
+                    assert_eq!(got, want, "n {n}, {cfg:?}, r {r}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    eprintln!("device sampler: {checked} draws equal to the CPU's, {near} near a boundary");
+}
+
+/// Sampling inside the GPU decoder with the CPU's seed: teacher-forced with the CPU's tokens,
+/// each step's sampled token equals the CPU decoder's (same seeded numbers; a flip needs a
+/// number within rounding of a boundary, at most one allowed); top-k 1 gives the greedy ids.
+#[test]
+fn gpu_decode_sample_follows_the_cpu_seed() {
+    if !have_gpu("GPU decode-sample test") {
+        return;
+    }
+    use teal::sampler::{Sampler, SamplerConfig};
+    let name = "qwen2_tiny";
+    let f: Fixture = serde_json::from_str(fixture_text(name)).unwrap();
+    let c = shape(name);
+    let model = random_model(&c);
+    let device = Device::Cuda {
+        ordinal: 0,
+        dtype: WeightDtype::Bf16,
+    };
+    let mut cpu = Device::Cpu.decoder(Models::single(&model), 64).unwrap();
+    let mut gpu = device.decoder(Models::single(&model), 64).unwrap();
+    let dense = f.cases.iter().find(|c| c.thresholds.is_none()).unwrap();
+    let top1 = SamplerConfig {
+        temperature: 0.8,
+        top_k: 1,
+        top_p: 1.0,
+        seed: 3,
+    };
+    let mut s = Sampler::new(top1);
+    gpu.prefill(&f.prompt, Logits::Last).unwrap();
+    let mut ids = vec![dense.greedy[0]];
+    for _ in 0..STEPS {
+        let next = gpu.decode_sample(*ids.last().unwrap(), &mut s).unwrap();
+        ids.push(next);
+    }
+    assert_eq!(ids, dense.greedy, "top-k 1 sampling on the GPU is greedy");
+
+    let cfg = SamplerConfig {
+        temperature: 1.5,
+        top_k: 20,
+        top_p: 0.9,
+        seed: 11,
+    };
+    let (mut sc, mut sg) = (Sampler::new(cfg.clone()), Sampler::new(cfg));
+    cpu.clear().unwrap();
+    gpu.clear().unwrap();
+    cpu.prefill(&f.prompt, Logits::Last).unwrap();
+    gpu.prefill(&f.prompt, Logits::Last).unwrap();
+    let (mut token, mut differ) = (dense.greedy[0], 0);
+    for _ in 0..32 {
+        let want = cpu.decode_sample(token, &mut sc).unwrap();
+        let got = gpu.decode_sample(token, &mut sg).unwrap();
+        differ += usize::from(want != got);
+        token = want;
+    }
+    eprintln!("{name}: 32 sampled steps, {differ} differ from the CPU");
+    assert!(differ <= 1, "{differ} of 32 sampled tokens differ");
+}
+
+/// GPU calibration vs CPU calibration of the same model, relative to max(|t|, 1e-3): the
+/// activations differ by rounding (1e-6 to 1e-5 relative, the same as the logits), and so do
+/// the quantiles read from them.
+/// TEAL's histogram readings are compared up to one bin of its range besides.
+const GPU_CALIBRATION_TOL: f32 = 1e-3;
+/// Uniform bins between the range ends of TEAL's signed histogram (`sparsity::histogram`).
+const TEAL_BINS: f32 = 9_998.0;
+
+/// `teal calibrate --device cuda:N`: the statistics collected on the GPU (observed steps,
+/// site inputs copied back per position, two passes over the windows to exercise the layer
+/// groups) give the CPU calibration's tables.
+#[test]
+fn gpu_calibration_matches_cpu() {
+    if !have_gpu("GPU calibration test") {
+        return;
+    }
+    use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
+    use teal::sparsity::thresholds::Fingerprint;
+    // Qwen2-tiny (q/k/v biases) only: the CPU calibration of the SmolLM2 shape takes over a
+    // minute per run.
+    for name in ["qwen2_tiny"] {
+        let c = shape(name);
+        let model = random_model(&c);
+        let fp = Fingerprint {
+            arch: "llama".into(),
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            vocab_size: c.vocab_size,
+            tensor_hash: "test".into(),
+        };
+        let (samples, seq_len) = (2, 24);
+        let tokens = teal::bench::spread_tokens(samples * seq_len, c.vocab_size, 5);
+        let opts = CalibOptions {
+            samples,
+            seq_len,
+            greedy: None,
+            weight_aware: true,
+            text_label: "spread ids".into(),
+            text_bytes: 0,
+        };
+        let want = calibrate(&model, fp.clone(), &tokens, &opts, &mut |_, _, _| {}).unwrap();
+        let device = Device::Cuda {
+            ordinal: 0,
+            dtype: WeightDtype::Bf16,
+        };
+        let mut dec = device.decoder(Models::single(&model), seq_len).unwrap();
+        let per_layer =
+            samples * seq_len * (2 * c.hidden_size + c.q_dim() + c.intermediate_size) * 4;
+        let budget = per_layer * c.num_hidden_layers.div_ceil(2);
+        let got = calibrate_on(
+            &mut *dec,
+            &model,
+            fp,
+            &tokens,
+            &opts,
+            budget,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let mut worst = 0.0f32;
+        // `slack`: absolute slack on top of the relative bound.
+        let mut cmp = |a: &[f32], b: &[f32], slack: f32, what: String| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (x, y) in a.iter().zip(b) {
+                let d = ((x - y).abs() - slack).max(0.0) / x.abs().max(1e-3);
+                worst = worst.max(d);
+                assert!(d <= GPU_CALIBRATION_TOL, "{what}: {x} vs {y}");
+            }
+        };
+        for (l, (w, g)) in want.sites.iter().zip(&got.sites).enumerate() {
+            for s in 0..4 {
+                cmp(
+                    &w[s].abs,
+                    &g[s].abs,
+                    0.0,
+                    format!("{name} layer {l} site {s} abs"),
+                );
+                // TEAL's histogram reading moves by up to one bin when the range moves.
+                let bin = (w[s].hist_hi - w[s].hist_lo) / TEAL_BINS;
+                let what = format!("{name} layer {l} site {s} teal");
+                cmp(&w[s].teal, &g[s].teal, bin, what);
+            }
+        }
+        let (ww, gw) = (want.wina.unwrap(), got.wina.unwrap());
+        for (l, (w, g)) in ww.iter().zip(&gw).enumerate() {
+            for p in 0..7 {
+                cmp(&w[p], &g[p], 0.0, format!("{name} layer {l} proj {p} wina"));
+            }
+        }
+        assert_eq!(want.sites.len(), got.sites.len());
+        eprintln!("{name}: GPU calibration, max relative threshold difference {worst:.2e}");
+    }
+}
+
+/// `calibrate_on` through the CPU decoder (one prefill per window and layer group) gives
+/// exactly the tables of the block-by-block CPU calibration: the collection, not the device,
+/// is what the GPU test above checks against.
+#[test]
+fn calibrate_on_cpu_decoder_equals_calibrate() {
+    use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
+    use teal::sparsity::thresholds::Fingerprint;
+    let c = shape("qwen2_tiny");
+    let model = random_model(&c);
+    let fp = Fingerprint {
+        arch: "llama".into(),
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.num_key_value_heads,
+        vocab_size: c.vocab_size,
+        tensor_hash: "test".into(),
+    };
+    let tokens = teal::bench::spread_tokens(2 * 24, c.vocab_size, 5);
+    let opts = CalibOptions {
+        samples: 2,
+        seq_len: 24,
+        greedy: None,
+        weight_aware: true,
+        text_label: "spread ids".into(),
+        text_bytes: 0,
+    };
+    let want = calibrate(&model, fp.clone(), &tokens, &opts, &mut |_, _, _| {}).unwrap();
+    let mut dec = Device::Cpu.decoder(Models::single(&model), 24).unwrap();
+    // A budget of one layer: a pass over the windows per layer.
+    let got = calibrate_on(&mut *dec, &model, fp, &tokens, &opts, 1, &mut |_, _, _| {}).unwrap();
+    assert_eq!(want.sites, got.sites);
+    assert_eq!(want.wina, got.wina);
+}

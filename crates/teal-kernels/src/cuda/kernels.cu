@@ -466,6 +466,113 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, u32* _
     }
 }
 
+// Temperature / top-k / top-p sampling of one row of logits, as teal's CPU sampler does it
+// (crates/teal/src/sampler.rs), with its uniform number r[0] in [0, 1) given. One block of 1024
+// threads, k <= SAMPLE_MAX_K. The k largest logits are found by a radix select on order-keeping
+// keys (4 passes of 8 bits), sorted descending (bitonic, ties by index), then one thread runs
+// the CPU's sequential arithmetic: p = exp((l - max) * inv_t), the nucleus prefix reaching
+// top_p, and the walk r * kept_total -= p.
+#define SAMPLE_MAX_K 256
+__device__ __forceinline__ u32 order_key(float v) {
+    const u32 u = __float_as_uint(v);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ bool sample_before(const float* cv, const int* ci, int a, int b) {
+    return cv[a] > cv[b] || (cv[a] == cv[b] && ci[a] < ci[b]);
+}
+extern "C" __global__ void sample_topk_f32(const float* __restrict__ x, int n, int k, float inv_t,
+                                           float top_p, const float* __restrict__ r,
+                                           u32* __restrict__ out) {
+    pdl_begin();
+    __shared__ u32 hist[256];
+    __shared__ u32 s_prefix;
+    __shared__ int s_k, n_gt, n_eq;
+    __shared__ float cv[SAMPLE_MAX_K];
+    __shared__ int ci[SAMPLE_MAX_K];
+    const int tid = threadIdx.x;
+    u32 prefix = 0, mask = 0;
+    int kk = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = tid; i < n; i += blockDim.x) {
+            const u32 key = order_key(x[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            int acc = 0;
+            for (int b = 255; b >= 0; --b) {
+                if (acc + (int)hist[b] >= kk) {
+                    s_prefix = prefix | ((u32)b << shift);
+                    s_k = kk - acc;
+                    break;
+                }
+                acc += (int)hist[b];
+            }
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        kk = s_k;
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    // prefix: key of the k-th largest; kk of the values equal to it are taken.
+    if (tid == 0) { n_gt = 0; n_eq = 0; }
+    for (int i = tid; i < SAMPLE_MAX_K; i += blockDim.x) { cv[i] = NEG_INF; ci[i] = 0x7fffffff; }
+    __syncthreads();
+    for (int i = tid; i < n; i += blockDim.x) {
+        const float v = x[i];
+        const u32 key = order_key(v);
+        if (key > prefix) {
+            const int at = atomicAdd(&n_gt, 1);
+            cv[at] = v; ci[at] = i;
+        } else if (key == prefix) {
+            const int e = atomicAdd(&n_eq, 1);
+            if (e < kk) { cv[k - kk + e] = v; ci[k - kk + e] = i; }
+        }
+    }
+    __syncthreads();
+    for (int size = 2; size <= SAMPLE_MAX_K; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = tid; i < SAMPLE_MAX_K; i += blockDim.x) {
+                const int j = i ^ stride;
+                if (j > i) {
+                    const bool swap = (i & size) == 0 ? sample_before(cv, ci, j, i)
+                                                      : sample_before(cv, ci, i, j);
+                    if (swap) {
+                        const float tv = cv[i]; cv[i] = cv[j]; cv[j] = tv;
+                        const int ti = ci[i]; ci[i] = ci[j]; ci[j] = ti;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (tid == 0) {
+        const float m = cv[0];
+        float total = 0.0f;
+        for (int c = 0; c < k; ++c) { cv[c] = expf((cv[c] - m) * inv_t); total += cv[c]; }
+        int keep = k;
+        if (top_p < 1.0f) {
+            float acc = 0.0f;
+            for (int c = 0; c < k; ++c) {
+                acc += cv[c] / total;
+                if (acc >= top_p) { keep = c + 1; break; }
+            }
+        }
+        float kept = 0.0f;
+        for (int c = 0; c < keep; ++c) kept += cv[c];
+        float rr = r[0] * kept;
+        u32 tok = (u32)ci[keep - 1];
+        for (int c = 0; c < keep; ++c) {
+            rr -= cv[c];
+            if (rr <= 0.0f) { tok = (u32)ci[c]; break; }
+        }
+        out[0] = tok;
+    }
+}
+
 // Read-only bandwidth probe: each thread sums 16-byte words; the sum is written so the loads
 // cannot be removed.
 extern "C" __global__ void read_probe(const uint4* __restrict__ p, size_t n16, u32* __restrict__ sink) {

@@ -32,6 +32,9 @@ pub const KERNELS_CU: &str = include_str!("kernels.cu");
 /// batch's nonzero inputs).
 pub const MAX_BATCH: usize = 8;
 
+/// Largest top-k [`Gpu::sample_top_k`] takes.
+pub const SAMPLE_MAX_K: usize = 256;
+
 /// Output columns of one GEMV block; inner boundaries of fused segments lie on these tiles.
 pub const GEMV_TILE: usize = 256;
 const GEMV_THREADS: u32 = 256;
@@ -180,6 +183,7 @@ pub struct Gpu {
     attn: CudaFunction,
     silu_mul: CudaFunction,
     argmax: CudaFunction,
+    sample: CudaFunction,
     read_probe: CudaFunction,
     fill_random: CudaFunction,
     kv_append: CudaFunction,
@@ -296,6 +300,7 @@ impl Gpu {
             attn: module.load_function("attn_decode_f32")?,
             silu_mul: module.load_function("silu_mul_f32")?,
             argmax: module.load_function("argmax_f32")?,
+            sample: module.load_function("sample_topk_f32")?,
             read_probe: module.load_function("read_probe")?,
             fill_random: module.load_function("fill_random_u16")?,
             kv_append: module.load_function("kv_append_f32")?,
@@ -962,6 +967,38 @@ impl Gpu {
         unsafe { self.launch(&self.argmax, cfg, &mut p) }
     }
 
+    /// Samples one token from the `n` logits `x` as teal's CPU sampler does, with its uniform
+    /// number `r[0]` in [0, 1) given: the `k` largest (1 <= k <= [`SAMPLE_MAX_K`]), softmax at
+    /// `1 / inv_t`, the nucleus prefix reaching `top_p` (1: off), then the token where
+    /// `r * kept total` runs out. Writes the id to `out[0]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_top_k(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        inv_t: f32,
+        top_p: f32,
+        r: &CudaSlice<f32>,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        if x.len() < n || out.is_empty() || r.is_empty() || k == 0 || k > SAMPLE_MAX_K.min(n) {
+            return Err(CudaError::Invalid(format!(
+                "sampling top-{k} of {n} logits (1 <= k <= {SAMPLE_MAX_K} and k <= n)"
+            )));
+        }
+        let (n_i, k_i) = (n as i32, k as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xp, rp, op) = (self.ptr(x), self.ptr(r), self.ptr_mut(out));
+        let mut p = params![xp, n_i, k_i, inv_t, top_p, rp, op];
+        // SAFETY: matches sample_topk_f32; sizes checked.
+        unsafe { self.launch(&self.sample, cfg, &mut p) }
+    }
+
     /// Stream every 16-byte word of `buf` once (a read-bandwidth probe).
     pub fn read_probe(&self, buf: &CudaSlice<u16>, sink: &mut CudaSlice<u32>) -> Result<()> {
         let n16 = buf.len() / 8;
@@ -1078,6 +1115,32 @@ fn check_segments(n_out: usize, segments: &[usize]) -> Result<Vec<usize>> {
              boundaries multiples of {GEMV_TILE}"
         )))
     }
+}
+
+/// Whether `cuda:ordinal` can be opened, without compiling or loading anything: the driver
+/// loads, has that device, and NVRTC (needed to compile the kernels) loads. The error names
+/// the first thing missing.
+pub fn probe(ordinal: usize) -> Result<()> {
+    // SAFETY: only checks whether the shared libraries can be opened.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(CudaError::NoDriver);
+    }
+    let count = CudaContext::device_count().map_err(|e| match e.0 {
+        sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+            CudaError::NoGpu("the driver reports no CUDA device".into())
+        }
+        _ => CudaError::NoGpu(format!("driver initialisation failed: {e}")),
+    })?;
+    if ordinal >= count.max(0) as usize {
+        return Err(CudaError::NoGpu(format!(
+            "cuda:{ordinal} asked for, {count} device(s) present"
+        )));
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::NoNvrtc);
+    }
+    Ok(())
 }
 
 /// Open `cuda:ordinal`, or say why not. Tests and benchmarks use this to skip with a message

@@ -10,20 +10,26 @@
 //! device before each replay and the position advances on the device.
 //!
 //! Prefill runs the prompt one position at a time through the same step (correct, not fast).
-//! Weight-aware masks (per-channel thresholds) are not supported on the GPU.
+//! Weight-aware masks (per-channel thresholds) are not supported on the GPU. An observed step
+//! (a third graph, prefill thresholds) also writes the input of each projection site of every
+//! layer into its own buffer (RMSNorm and SiLU*mul computed separately for that), which is
+//! copied back after the step for calibration and sparsity counting.
 
 use crate::config::Config;
-use crate::device::Decoder;
+use crate::device::{Bandwidth, Decoder, Footprint, Masks};
 use crate::error::{Error, Result};
 use crate::generate::Models;
 use crate::linear::{InputMask, Linear};
-use crate::models::llama::{Llama, Logits};
+use crate::models::llama::{Llama, Logits, Observer, Site};
+use crate::sampler::Sampler;
 use teal_kernels::cuda::{CudaGraph, DeviceBuffer, GemvOpts, Gpu, GpuLinear, WeightDtype};
 
 /// The two threshold sets a model carries: the prefill model's and the decode model's.
 const PASSES: usize = 2;
 const PREFILL: usize = 0;
 const DECODE: usize = 1;
+/// The third graph: a prefill step that also copies out every site's input.
+const OBSERVE: usize = 2;
 
 /// Projections that read the same input and write side by side into one output (q|k|v,
 /// gate|up): one fused launch where the GEMV can give each part its own threshold (part
@@ -94,7 +100,9 @@ impl Group {
             .iter()
             .all(|&e| e % teal_kernels::cuda::GEMV_TILE == 0);
         let uniform = t.iter().all(|ti| *ti == t[0]);
-        let launches = if uniform {
+        // On tiles the fused launch always carries one threshold per part, so that
+        // `set_thresholds` can give the parts different ones later.
+        let launches = if uniform && !on_tiles {
             let thresholds = std::array::from_fn(|pass| vec![t[0][pass]]);
             let w = g.linear_from_bits(&fused_bits(&weights, dtype), n_in, n_out, dtype, &[])?;
             vec![Launch {
@@ -135,6 +143,30 @@ impl Group {
             None
         };
         Ok(Group { launches, bias })
+    }
+
+    /// New thresholds of the parts (both passes), where the launches built for the first ones
+    /// can take them: one per part launch, one per fused segment, or one for a fused launch
+    /// without segments when all parts share it.
+    fn set_thresholds(&mut self, t: &[f32], what: &str) -> Result<()> {
+        if self.launches.len() == t.len() {
+            for (l, &ti) in self.launches.iter_mut().zip(t) {
+                l.thresholds = [vec![ti], vec![ti]];
+            }
+            return Ok(());
+        }
+        let l = &mut self.launches[0];
+        if l.w.segments().len() == t.len() {
+            l.thresholds = [t.to_vec(), t.to_vec()];
+        } else if t.iter().all(|&x| x == t[0]) {
+            l.thresholds = [vec![t[0]], vec![t[0]]];
+        } else {
+            return Err(Error::Invalid(format!(
+                "{what}: the fused projections were uploaded for one shared threshold; \
+                 open a new GPU decoder for per-projection thresholds"
+            )));
+        }
+        Ok(())
     }
 
     /// `y = W s_t(x)` (+ bias), or `y += W s_t(x)` with `accumulate` (y holds the residual);
@@ -180,6 +212,8 @@ struct Layer {
     down: Group,
     k_cache: DeviceBuffer<f32>,
     v_cache: DeviceBuffer<f32>,
+    /// The inputs of the four sites ([`Site::ALL`] order) after an observed step.
+    sites: Option<[DeviceBuffer<f32>; 4]>,
 }
 
 /// A Llama on one GPU with one sequence's KV cache (see the module documentation).
@@ -187,7 +221,8 @@ pub struct GpuLlama {
     gpu: Gpu,
     ordinal: usize,
     m: Resident,
-    graphs: [Option<CudaGraph>; PASSES],
+    /// Prefill, decode and observed step, captured at first use.
+    graphs: [Option<CudaGraph>; 3],
     len: usize,
     host_logits: Vec<f32>,
 }
@@ -210,6 +245,8 @@ struct Resident {
     logits: DeviceBuffer<f32>,
     tok: DeviceBuffer<u32>,
     next: DeviceBuffer<u32>,
+    /// The sampler's uniform number for the device sampler.
+    uniform: DeviceBuffer<f32>,
     pos: DeviceBuffer<i32>,
     n_keys: DeviceBuffer<i32>,
 }
@@ -267,6 +304,7 @@ impl GpuLlama {
                 down: Group::new(&gpu, &[[&pb.down_proj, &db.down_proj]], dtype, &what)?,
                 k_cache: gpu.zeros(ctx * kvd)?,
                 v_cache: gpu.zeros(ctx * kvd)?,
+                sites: None,
             });
         }
         let (cos, sin) = dm.rope_tables_for(0, ctx);
@@ -283,6 +321,7 @@ impl GpuLlama {
             logits: gpu.zeros(c.vocab_size)?,
             tok: gpu.zeros(1)?,
             next: gpu.zeros(1)?,
+            uniform: gpu.zeros(1)?,
             pos: gpu.zeros(1)?,
             n_keys: gpu.upload(&[1i32])?,
             layers,
@@ -293,7 +332,7 @@ impl GpuLlama {
         };
         Ok(GpuLlama {
             host_logits: vec![0.0; m.config.vocab_size],
-            graphs: [None, None],
+            graphs: [None, None, None],
             len: 0,
             m,
             gpu,
@@ -303,8 +342,9 @@ impl GpuLlama {
 }
 
 impl Resident {
-    /// Enqueue one step of `pass` at the device position (see the module documentation).
-    fn enqueue(&mut self, g: &Gpu, pass: usize) -> Result<()> {
+    /// Enqueue one step of `pass` at the device position (see the module documentation);
+    /// with `observe`, each layer's site inputs are also written to its site buffers.
+    fn enqueue(&mut self, g: &Gpu, pass: usize, observe: bool) -> Result<()> {
         let c = &self.config;
         let (d, eps) = (c.hidden_size, c.rms_norm_eps);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -315,6 +355,16 @@ impl Resident {
         };
         g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d)?;
         for l in &mut self.layers {
+            let mut sites = match (observe, l.sites.as_mut()) {
+                (false, _) => None,
+                (true, Some(s)) => Some(s),
+                (true, None) => {
+                    return Err(Error::Invalid("observed step without site buffers".into()))
+                }
+            };
+            if let Some(s) = sites.as_mut() {
+                g.rmsnorm(&self.h, &l.attn_norm, &mut s[0], 1, d, eps)?;
+            }
             l.qkv.run(
                 g,
                 &self.h,
@@ -346,7 +396,13 @@ impl Resident {
                 hd,
                 self.ctx,
             )?;
+            if let Some(s) = sites.as_mut() {
+                g.copy(&self.attn, &mut s[1])?;
+            }
             l.o.run(g, &self.attn, None, &mut self.h, pass, acc)?;
+            if let Some(s) = sites.as_mut() {
+                g.rmsnorm(&self.h, &l.ffn_norm, &mut s[2], 1, d, eps)?;
+            }
             l.gate_up.run(
                 g,
                 &self.h,
@@ -355,6 +411,9 @@ impl Resident {
                 pass,
                 plain,
             )?;
+            if let Some(s) = sites.as_mut() {
+                g.silu_mul(&self.gu, &mut s[3], c.intermediate_size, 1)?;
+            }
             let glu = GemvOpts {
                 silu_mul_input: true,
                 ..acc
@@ -370,9 +429,9 @@ impl Resident {
 }
 
 impl GpuLlama {
-    /// Run `token` at the current position with the thresholds of `pass`; the logits stay on
-    /// the device.
-    fn step(&mut self, token: u32, pass: usize) -> Result<()> {
+    /// Run `token` at the current position as graph `graph` (PREFILL, DECODE or OBSERVE);
+    /// the logits stay on the device.
+    fn step(&mut self, token: u32, graph: usize) -> Result<()> {
         if token as usize >= self.m.config.vocab_size {
             return Err(Error::Invalid(format!(
                 "token id {token} is outside the vocabulary of {}",
@@ -386,12 +445,17 @@ impl GpuLlama {
                 ctx: self.m.ctx,
             });
         }
-        if self.graphs[pass].is_none() {
+        if self.graphs[graph].is_none() {
             let (g, m) = (&self.gpu, &mut self.m);
-            self.graphs[pass] = Some(g.capture(|| m.enqueue(g, pass).map_err(capture_error))?);
+            let (pass, observe) = match graph {
+                OBSERVE => (PREFILL, true),
+                p => (p, false),
+            };
+            self.graphs[graph] =
+                Some(g.capture(|| m.enqueue(g, pass, observe).map_err(capture_error))?);
         }
         self.gpu.write(&[token], &mut self.m.tok)?;
-        if let Some(graph) = &self.graphs[pass] {
+        if let Some(graph) = &self.graphs[graph] {
             graph
                 .launch()
                 .map_err(teal_kernels::cuda::CudaError::from)?;
@@ -459,6 +523,107 @@ impl Decoder for GpuLlama {
         let v = self.m.config.vocab_size;
         self.gpu.argmax(&self.m.logits, &mut self.m.next, 1, v)?;
         Ok(self.gpu.download(&self.m.next)?[0])
+    }
+    /// Greedy: [`Decoder::decode_greedy`]. Otherwise, for top-k up to
+    /// [`teal_kernels::cuda::SAMPLE_MAX_K`], the CPU sampler's arithmetic on the device with the
+    /// sampler's next uniform number (same seed, same numbers); a larger or no top-k cut
+    /// samples on the host from the copied logits.
+    fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
+        let cfg = sampler.config();
+        if cfg.temperature <= 0.0 {
+            return self.decode_greedy(token);
+        }
+        let v = self.m.config.vocab_size;
+        let k = match cfg.top_k {
+            0 => v,
+            k => k.min(v),
+        };
+        if k > teal_kernels::cuda::SAMPLE_MAX_K {
+            return Ok(sampler.sample(self.decode(token)?));
+        }
+        let (inv_t, top_p) = (1.0 / cfg.temperature, cfg.top_p);
+        self.step(token, DECODE)?;
+        let r = sampler.draw();
+        self.gpu.write(&[r], &mut self.m.uniform)?;
+        self.gpu.sample_top_k(
+            &self.m.logits,
+            v,
+            k,
+            inv_t,
+            top_p,
+            &self.m.uniform,
+            &mut self.m.next,
+        )?;
+        Ok(self.gpu.download(&self.m.next)?[0])
+    }
+    fn prefill_observed(&mut self, tokens: &[u32], observer: &mut dyn Observer) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let c = &self.m.config;
+        let widths = [c.hidden_size, c.q_dim(), c.hidden_size, c.intermediate_size];
+        for l in &mut self.m.layers {
+            if l.sites.is_none() {
+                l.sites = Some([
+                    self.gpu.zeros(widths[0])?,
+                    self.gpu.zeros(widths[1])?,
+                    self.gpu.zeros(widths[2])?,
+                    self.gpu.zeros(widths[3])?,
+                ]);
+            }
+        }
+        for &t in tokens {
+            self.step(t, OBSERVE)?;
+            for (li, l) in self.m.layers.iter().enumerate() {
+                if let Some(sites) = &l.sites {
+                    for (si, buf) in sites.iter().enumerate() {
+                        let v = self.gpu.download(buf)?;
+                        observer.observe(li, Site::ALL[si], &v[..widths[si]], widths[si]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    fn set_masks(&mut self, masks: Option<&Masks>) -> Result<()> {
+        let n = self.m.layers.len();
+        if masks.is_some_and(|m| m.len() != n) {
+            return Err(Error::Invalid(format!(
+                "masks for {} layers, the model has {n}",
+                masks.map_or(0, |m| m.len())
+            )));
+        }
+        for (i, l) in self.m.layers.iter_mut().enumerate() {
+            let what = format!("layer {i}");
+            let mut t = [0.0f32; 7];
+            for (p, tp) in t.iter_mut().enumerate() {
+                *tp = threshold(masks.and_then(|m| m[i][p]), &what)?;
+            }
+            l.qkv.set_thresholds(&t[0..3], &what)?;
+            l.o.set_thresholds(&t[3..4], &what)?;
+            l.gate_up.set_thresholds(&t[4..6], &what)?;
+            l.down.set_thresholds(&t[6..7], &what)?;
+        }
+        self.graphs = [None, None, None];
+        Ok(())
+    }
+    fn footprint(&self) -> Footprint {
+        let c = &self.m.config;
+        let (d, ff, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let b = 2.0; // f16 / bf16
+        let proj = [d * q, d * kv, d * kv, q * d, d * ff, d * ff, ff * d].map(|n| n as f64 * b);
+        Footprint {
+            proj: vec![proj; c.num_hidden_layers],
+            lm_head: (c.vocab_size * d) as f64 * b,
+            embed_row: d as f64 * b,
+            kv_per_position: (2 * c.num_hidden_layers * kv * 4) as f64,
+        }
+    }
+    fn bandwidth(&self, _cpu_buffer: usize) -> Result<Bandwidth> {
+        Ok(Bandwidth {
+            bytes_per_s: self.gpu.copy_bandwidth()?,
+            method: "device-to-device copy, bytes read + written",
+        })
     }
     fn describe(&self) -> String {
         format!(

@@ -1,17 +1,25 @@
 //! Seeded random-weights Llama models of real shapes, for tests and benchmarks at model scale
 //! without model files: uniform weights scaled for unit output variance, optionally rounded to
-//! f16/bf16 so that a GPU copy holds exactly the CPU's values.
+//! f16/bf16 so that a GPU copy holds exactly the CPU's values. Each tensor is generated when the
+//! loader asks for it (by all threads), so only the stored model and one tensor in f32 are
+//! ever in memory.
 
 use crate::config::{Arch, Config, RopeScaling};
 use crate::error::{Error, Result};
 use crate::loader::TensorSource;
 use crate::models::llama::Llama;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use teal_kernels::cuda::WeightDtype;
+use teal_kernels::packed::Dtype;
+
+/// Shape names [`shape`] knows.
+pub const SHAPES: [&str; 4] = ["smollm2-135m", "llama3-8b", "llama3-8b-2l", "qwen2-tiny"];
 
 /// A model shape by name: `smollm2-135m` (30 layers, d 576, 9/3 heads, MLP 1536, vocabulary
-/// 49152, tied embeddings), `llama3-8b-2l` (two Llama-3-8B blocks: d 4096, 32/8 heads, MLP
-/// 14336, vocabulary 8192), `qwen2-tiny` (3 layers, d 48, q/k/v biases).
+/// 49152, tied embeddings), `llama3-8b` (32 layers, d 4096, 32/8 heads, MLP 14336, vocabulary
+/// 128256), `llama3-8b-2l` (two Llama-3-8B blocks, vocabulary 8192), `qwen2-tiny` (3 layers,
+/// d 48, q/k/v biases).
 pub fn shape(name: &str) -> Result<Config> {
     let c = |arch, layers, d, heads, kv, ff, vocab, theta, tied| Config {
         arch,
@@ -31,45 +39,149 @@ pub fn shape(name: &str) -> Result<Config> {
     };
     match name {
         "smollm2-135m" => Ok(c(Arch::Llama, 30, 576, 9, 3, 1536, 49152, 100000.0, true)),
+        "llama3-8b" => Ok(c(
+            Arch::Llama,
+            32,
+            4096,
+            32,
+            8,
+            14336,
+            128256,
+            500000.0,
+            false,
+        )),
         "llama3-8b-2l" => Ok(c(Arch::Llama, 2, 4096, 32, 8, 14336, 8192, 500000.0, false)),
         "qwen2-tiny" => Ok(c(Arch::Qwen2, 3, 48, 6, 2, 72, 97, 10000.0, false)),
         other => Err(Error::Invalid(format!(
-            "unknown random model shape '{other}' (smollm2-135m, llama3-8b-2l, qwen2-tiny)"
+            "unknown random model shape '{other}' ({})",
+            SHAPES.join(", ")
         ))),
     }
 }
 
-/// Deterministic values uniform in `[-scale, scale)`.
-fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut v = teal_kernels::rand::uniform(n, seed);
-    v.iter_mut().for_each(|x| *x *= scale);
-    v
+/// How one tensor is drawn: `offset + scale * uniform(seed)`.
+struct Draw {
+    shape: Vec<usize>,
+    seed: u64,
+    scale: f32,
+    offset: f32,
 }
 
-struct MapSource(BTreeMap<String, (Vec<usize>, Vec<f32>)>);
+/// The tensors of a random model, generated on demand.
+struct RandomSource {
+    tensors: BTreeMap<String, Draw>,
+    round_to: Option<WeightDtype>,
+}
 
-impl TensorSource for MapSource {
-    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        match self.0.get(name) {
-            Some((s, v)) if s == shape => Ok(v.clone()),
-            Some((s, _)) => Err(Error::TensorShape {
-                name: name.into(),
-                got: s.clone(),
-                expected: shape.to_vec(),
-            }),
-            None => Err(Error::MissingTensor {
-                name: name.into(),
-                source_desc: self.label(),
-            }),
+impl RandomSource {
+    /// The tensors of shape `c`, seeded from `seed` in a fixed order (the values of every
+    /// earlier version of this module: test fixtures depend on them).
+    fn new(c: &Config, seed: u64, round_to: Option<WeightDtype>) -> RandomSource {
+        let mut tensors = BTreeMap::new();
+        let mut k = seed;
+        let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+            k += 1;
+            tensors.insert(
+                name,
+                Draw {
+                    shape,
+                    seed: k,
+                    scale,
+                    offset,
+                },
+            );
+        };
+        let (d, ff, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let s = |n: usize| (3.0 / n as f32).sqrt();
+        put(
+            "model.embed_tokens.weight".into(),
+            vec![c.vocab_size, d],
+            1.0,
+            0.0,
+        );
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            put(format!("{p}.input_layernorm.weight"), vec![d], 0.2, 1.0);
+            put(
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![q, d],
+                s(d),
+                0.0,
+            );
+            put(
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![kv, d],
+                s(d),
+                0.0,
+            );
+            put(
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![kv, d],
+                s(d),
+                0.0,
+            );
+            if c.attention_bias {
+                put(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.1, 0.0);
+                put(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.1, 0.0);
+                put(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.1, 0.0);
+            }
+            put(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![d, q],
+                s(q),
+                0.0,
+            );
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![d],
+                0.2,
+                1.0,
+            );
+            put(format!("{p}.mlp.gate_proj.weight"), vec![ff, d], s(d), 0.0);
+            put(format!("{p}.mlp.up_proj.weight"), vec![ff, d], s(d), 0.0);
+            put(format!("{p}.mlp.down_proj.weight"), vec![d, ff], s(ff), 0.0);
         }
+        put("model.norm.weight".into(), vec![d], 0.2, 1.0);
+        if !c.tie_word_embeddings {
+            put("lm_head.weight".into(), vec![c.vocab_size, d], s(d), 0.0);
+        }
+        RandomSource { tensors, round_to }
+    }
+}
+
+impl TensorSource for RandomSource {
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            source_desc: self.label(),
+        })?;
+        if t.shape != shape {
+            return Err(Error::TensorShape {
+                name: name.into(),
+                got: t.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        let mut v = vec![0.0f32; shape.iter().product()];
+        teal_kernels::rand::uniform_into(&mut v, t.seed);
+        let round_to = self.round_to;
+        v.par_iter_mut().for_each(|x| {
+            let y = *x * t.scale + t.offset;
+            *x = match round_to {
+                Some(WeightDtype::Bf16) => half::bf16::from_f32(y).to_f32(),
+                Some(WeightDtype::F16) => half::f16::from_f32(y).to_f32(),
+                None => y,
+            };
+        });
+        Ok(v)
     }
     fn contains(&self, name: &str) -> bool {
-        self.0.contains_key(name)
+        self.tensors.contains_key(name)
     }
     fn describe(&self) -> Vec<(String, Vec<usize>, String)> {
-        self.0
+        self.tensors
             .iter()
-            .map(|(n, (s, _))| (n.clone(), s.clone(), "F32".into()))
+            .map(|(n, t)| (n.clone(), t.shape.clone(), "F32".into()))
             .collect()
     }
     fn label(&self) -> String {
@@ -77,78 +189,67 @@ impl TensorSource for MapSource {
     }
 }
 
-/// A model of shape `c` with weights from `seed`, rounded to `round_to` when given.
+/// A model of shape `c` with weights from `seed`, rounded to `round_to` when given, stored in
+/// f32.
 pub fn random_llama(c: &Config, seed: u64, round_to: Option<WeightDtype>) -> Result<Llama> {
-    let round = |v: Vec<f32>| -> Vec<f32> {
-        match round_to {
-            Some(dt) => dt.encode(&v).into_iter().map(|b| dt.decode(b)).collect(),
-            None => v,
+    Llama::load(c.clone(), &RandomSource::new(c, seed, round_to))
+}
+
+/// The same values as [`random_llama`] with `round_to` = `dtype` where that is f16 or bf16,
+/// stored in `dtype` (projections and LM head; embeddings and norms in f32). Fails with
+/// [`Error::Invalid`] before allocating when the machine lacks the memory
+/// ([`host_bytes`] against the available memory).
+pub fn random_llama_as(c: &Config, seed: u64, dtype: Dtype) -> Result<Llama> {
+    let need = host_bytes(c, dtype);
+    if let Some(avail) = available_memory() {
+        if need > avail {
+            return Err(Error::Invalid(format!(
+                "a random-weights model of this shape ({} layers, d {}, vocabulary {}) in {} \
+                 needs about {:.1} GB of memory, {:.1} GB are available; use a smaller shape, \
+                 a smaller --dtype (bf16, q8, q4), or a machine with more memory",
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.vocab_size,
+                dtype.name(),
+                need as f64 / 1e9,
+                avail as f64 / 1e9
+            )));
         }
+    }
+    let round_to = match dtype {
+        Dtype::Bf16 => Some(WeightDtype::Bf16),
+        Dtype::F16 => Some(WeightDtype::F16),
+        _ => None,
     };
-    let mut w = BTreeMap::new();
-    let mut k = seed;
-    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        k += 1;
-        let n = shape.iter().product();
-        let v = uniform(n, k, scale)
-            .into_iter()
-            .map(|x| x + offset)
-            .collect();
-        w.insert(name, (shape, round(v)));
-    };
-    let (d, ff, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-    let s = |n: usize| (3.0 / n as f32).sqrt();
-    put(
-        "model.embed_tokens.weight".into(),
-        vec![c.vocab_size, d],
-        1.0,
-        0.0,
+    Llama::load_as(c.clone(), &RandomSource::new(c, seed, round_to), dtype)
+}
+
+/// Bytes of memory a model of shape `c` stored in `dtype` needs while loading: the
+/// projections and LM head in `dtype`, the embeddings in f32, and the largest tensor three
+/// times in f32 (drawn, transposed, packed).
+pub fn host_bytes(c: &Config, dtype: Dtype) -> u64 {
+    let (d, ff, q, kv) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
     );
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), vec![d], 0.2, 1.0);
-        put(
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![q, d],
-            s(d),
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![kv, d],
-            s(d),
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![kv, d],
-            s(d),
-            0.0,
-        );
-        if c.attention_bias {
-            put(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.1, 0.0);
-            put(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.1, 0.0);
-            put(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.1, 0.0);
-        }
-        put(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![d, q],
-            s(q),
-            0.0,
-        );
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![d],
-            0.2,
-            1.0,
-        );
-        put(format!("{p}.mlp.gate_proj.weight"), vec![ff, d], s(d), 0.0);
-        put(format!("{p}.mlp.up_proj.weight"), vec![ff, d], s(d), 0.0);
-        put(format!("{p}.mlp.down_proj.weight"), vec![d, ff], s(ff), 0.0);
-    }
-    put("model.norm.weight".into(), vec![d], 0.2, 1.0);
-    if !c.tie_word_embeddings {
-        put("lm_head.weight".into(), vec![c.vocab_size, d], s(d), 0.0);
-    }
-    Llama::load(c.clone(), &MapSource(w))
+    let per_layer = 2 * d * q + 2 * d * kv + 3 * d * ff;
+    let head = c.vocab_size as u64 * d;
+    let stored = (c.num_hidden_layers as u64 * per_layer + head) as f64
+        * match dtype {
+            Dtype::F32 => 4.0,
+            Dtype::F16 | Dtype::Bf16 => 2.0,
+            Dtype::Q8 => 34.0 / 32.0,
+            Dtype::Q4 => 20.0 / 32.0,
+        };
+    stored as u64 + 4 * head + 3 * 4 * head.max(d * ff)
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes, where there is one.
+fn available_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

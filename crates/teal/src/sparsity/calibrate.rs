@@ -10,9 +10,10 @@ use super::thresholds::{
     Thresholds, FORMAT, VERSION,
 };
 use super::{size_weights, PROJ_SITE};
+use crate::device::Decoder;
 use crate::error::{Error, Result};
 use crate::linear::InputMask;
-use crate::models::llama::{Llama, Observer, PrefillBuffers, Site};
+use crate::models::llama::{Block, Llama, Observer, PrefillBuffers, Site};
 
 #[derive(Clone, Debug)]
 pub struct CalibOptions {
@@ -140,39 +141,8 @@ pub fn calibrate(
                 Some((l, &mut col)),
             );
         }
-        let mut tables = Vec::with_capacity(4);
-        for (si, v) in col.values.iter().enumerate() {
-            if let Err(i) = check_finite(v) {
-                return Err(Error::Invalid(format!(
-                    "calibration: non-finite activation {} in layer {l} at site {} (value #{i})",
-                    v[i], SITE_NAMES[si]
-                )));
-            }
-            let hist = TealHistogram::build(v);
-            tables.push(SiteTable {
-                teal: levels
-                    .iter()
-                    .map(|&s| if s == 0.0 { -1.0 } else { hist.threshold(s) })
-                    .collect(),
-                abs: abs_quantiles(v, &levels),
-                hist_lo: hist.lo,
-                hist_hi: hist.hi,
-            });
-        }
-        // Weight-aware scores |x_j| * ||W[:, j]|| of each projection, from its site's values.
-        let linears = block.linears();
-        let wina_row: Option<[Vec<f32>; 7]> = opts.weight_aware.then(|| {
-            std::array::from_fn(|p| {
-                let norms = linears[p].1.input_norms();
-                let scores: Vec<f32> = col.values[PROJ_SITE[p]]
-                    .chunks(norms.len())
-                    .flat_map(|r| r.iter().zip(norms).map(|(x, n)| x.abs() * n))
-                    .collect();
-                abs_quantiles(&scores, &levels)
-            })
-        });
+        let (tables, wina_row) = layer_tables(l, block, &col.values, &levels, opts.weight_aware)?;
         drop(col);
-        let tables: [SiteTable; 4] = tables.try_into().expect("four sites");
         if let (Some((g, q)), Some(inp)) = (greedy, greedy_inputs) {
             progress(&format!("greedy layer {l}"), l, total);
             let lookup = |p: usize, s: f64| match q {
@@ -226,5 +196,160 @@ pub fn calibrate(
             size_weights: weights,
             layers: greedy_layers,
         }),
+    })
+}
+
+/// The quantile tables of one layer's four sites from every value seen there, and with
+/// `weight_aware` the weight-aware score quantiles of its seven projections.
+type LayerTables = ([SiteTable; 4], Option<[Vec<f32>; 7]>);
+
+fn layer_tables(
+    l: usize,
+    block: &Block,
+    values: &[Vec<f32>; 4],
+    levels: &[f64],
+    weight_aware: bool,
+) -> Result<LayerTables> {
+    let mut tables = Vec::with_capacity(4);
+    for (si, v) in values.iter().enumerate() {
+        if v.is_empty() {
+            return Err(Error::Invalid(format!(
+                "calibration: no activations seen in layer {l} at site {}",
+                SITE_NAMES[si]
+            )));
+        }
+        if let Err(i) = check_finite(v) {
+            return Err(Error::Invalid(format!(
+                "calibration: non-finite activation {} in layer {l} at site {} (value #{i})",
+                v[i], SITE_NAMES[si]
+            )));
+        }
+        let hist = TealHistogram::build(v);
+        tables.push(SiteTable {
+            teal: levels
+                .iter()
+                .map(|&s| if s == 0.0 { -1.0 } else { hist.threshold(s) })
+                .collect(),
+            abs: abs_quantiles(v, levels),
+            hist_lo: hist.lo,
+            hist_hi: hist.hi,
+        });
+    }
+    // Weight-aware scores |x_j| * ||W[:, j]|| of each projection, from its site's values.
+    let linears = block.linears();
+    let wina_row: Option<[Vec<f32>; 7]> = weight_aware.then(|| {
+        std::array::from_fn(|p| {
+            let norms = linears[p].1.input_norms();
+            let scores: Vec<f32> = values[PROJ_SITE[p]]
+                .chunks(norms.len())
+                .flat_map(|r| r.iter().zip(norms).map(|(x, n)| x.abs() * n))
+                .collect();
+            abs_quantiles(&scores, levels)
+        })
+    });
+    let tables: [SiteTable; 4] = tables
+        .try_into()
+        .map_err(|_| Error::Invalid("four sites".into()))?;
+    Ok((tables, wina_row))
+}
+
+/// Collects every value of each site of the layers `first..first + values.len()`.
+struct RangeCollector {
+    first: usize,
+    values: Vec<[Vec<f32>; 4]>,
+}
+
+impl Observer for RangeCollector {
+    fn observe(&mut self, layer: usize, site: Site, rows: &[f32], _width: usize) {
+        if let Some(v) = layer
+            .checked_sub(self.first)
+            .and_then(|i| self.values.get_mut(i))
+        {
+            let si = Site::ALL
+                .iter()
+                .position(|&s| s == site)
+                .expect("a known site");
+            v[si].extend_from_slice(rows);
+        }
+    }
+}
+
+/// [`calibrate`] with the activations collected from a [`Decoder`] of the dense `model` (a GPU
+/// one: each window runs through the device's observed step, whose site inputs are copied
+/// back): the same statistics and tables, no greedy search. The values of as many layers as
+/// fit in `budget_bytes` are held at once; the windows run again for each group of layers.
+pub fn calibrate_on(
+    dec: &mut dyn Decoder,
+    model: &Llama,
+    fingerprint: Fingerprint,
+    tokens: &[u32],
+    opts: &CalibOptions,
+    budget_bytes: usize,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Thresholds> {
+    let c = &model.config;
+    let (n, len) = (opts.samples, opts.seq_len);
+    if opts.greedy.is_some() {
+        return Err(Error::Invalid(
+            "the greedy search runs on the CPU only (calibrate without --greedy on a GPU)".into(),
+        ));
+    }
+    if n == 0 || len < 4 || tokens.len() < n * len {
+        return Err(Error::Invalid(format!(
+            "calibration needs {n} samples of {len} >= 4 tokens, the text has {} tokens",
+            tokens.len()
+        )));
+    }
+    if len > dec.capacity() {
+        return Err(Error::ContextOverflow {
+            what: "a calibration window",
+            got: len,
+            ctx: dec.capacity(),
+        });
+    }
+    dec.set_masks(None)?;
+    let levels = default_levels();
+    let per_layer = n * len * (2 * c.hidden_size + c.q_dim() + c.intermediate_size) * 4;
+    let group = (budget_bytes / per_layer.max(1)).clamp(1, c.num_hidden_layers.max(1));
+    let total = c.num_hidden_layers;
+    let (mut sites, mut wina) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    for first in (0..total).step_by(group) {
+        let count = group.min(total - first);
+        let mut col = RangeCollector {
+            first,
+            values: vec![Default::default(); count],
+        };
+        for s in 0..n {
+            dec.clear()?;
+            dec.prefill_observed(&tokens[s * len..(s + 1) * len], &mut col)?;
+            progress("collect", first, total);
+        }
+        for (i, values) in col.values.iter().enumerate() {
+            let l = first + i;
+            let (tables, wina_row) =
+                layer_tables(l, &model.layers[l], values, &levels, opts.weight_aware)?;
+            sites.push(tables);
+            if let Some(w) = wina_row {
+                wina.push(w);
+            }
+        }
+        progress("calibrate", first + count, total);
+    }
+    Ok(Thresholds {
+        format: FORMAT.into(),
+        version: VERSION,
+        model: fingerprint,
+        calibration: Provenance {
+            text: opts.text_label.clone(),
+            text_bytes: opts.text_bytes,
+            samples: n,
+            seq_len: len,
+            tokens: n * len,
+            engine: format!("teal {} on {}", env!("CARGO_PKG_VERSION"), dec.describe()),
+        },
+        levels,
+        sites,
+        wina: opts.weight_aware.then_some(wina),
+        greedy: None,
     })
 }
