@@ -213,21 +213,47 @@ fn write_gpu_fixtures() {
     }
 }
 
-/// Largest |gpu - cpu| / max(1, |cpu|) over the fixture's top logits; a line in `bad` when
-/// the GPU's best token differs.
-fn compare(gpu: &[f32], want: &Top, what: &str, bad: &mut Vec<String>) -> f32 {
+/// Largest |gpu - cpu| / max(1, |cpu|) over the fixture's top logits, and whether the GPU's
+/// best token differs from the CPU's as a near tie. A differing best token is a line in `bad`,
+/// except in a sparse case (`ties`) where it is a near tie that the measured discrepancy
+/// explains: the GPU's token is in the CPU's top list and its CPU logit is below the best by no
+/// more than the largest |gpu - cpu| seen at this position (a TEAL input flipping across its
+/// threshold moves the logits by that much; see docs/perf-cuda.md).
+fn compare(gpu: &[f32], want: &Top, what: &str, ties: bool, bad: &mut Vec<String>) -> (f32, bool) {
     let best = teal::sampler::argmax(gpu);
-    if best != want.ids[0] {
+    let abs_err = want
+        .ids
+        .iter()
+        .zip(&want.logits)
+        .map(|(&i, &v)| (gpu[i as usize] - v).abs())
+        .fold(0.0f32, f32::max);
+    let rel_err = want
+        .ids
+        .iter()
+        .zip(&want.logits)
+        .map(|(&i, &v)| (gpu[i as usize] - v).abs() / v.abs().max(1.0))
+        .fold(0.0, f32::max);
+    if best == want.ids[0] {
+        return (rel_err, false);
+    }
+    let near_tie = ties
+        && want
+            .ids
+            .iter()
+            .position(|&i| i == best)
+            .is_some_and(|k| want.logits[0] - want.logits[k] <= abs_err);
+    if near_tie {
+        eprintln!(
+            "{what}: near tie accepted: GPU token {best}, CPU {} (CPU logits {:?}, largest |gpu - cpu| {abs_err:.3})",
+            want.ids[0], want.logits
+        );
+    } else {
         bad.push(format!(
             "{what}: GPU token {best} ({}), CPU {} (top {:?} {:?})",
             gpu[best as usize], want.ids[0], want.ids, want.logits
         ));
     }
-    want.ids
-        .iter()
-        .zip(&want.logits)
-        .map(|(&i, &v)| (gpu[i as usize] - v).abs() / v.abs().max(1.0))
-        .fold(0.0, f32::max)
+    (rel_err, near_tie)
 }
 
 fn check_shape(name: &str) {
@@ -258,24 +284,37 @@ fn check_shape(name: &str) {
         };
         let mut dec = device.decoder(Models::single(&m), 64).unwrap();
         let pl = dec.prefill(&f.prompt, Logits::All).unwrap();
+        let sparse = case.thresholds.is_some();
         let (mut worst, mut bad) = (0.0f32, Vec::new());
+        // Indices into the greedy ids whose position was an accepted near tie.
+        let mut tie_at = Vec::new();
         for (i, (p, want)) in pl.chunks(c.vocab_size).zip(&case.prefill_top).enumerate() {
-            worst = worst.max(compare(
+            let (e, tie) = compare(
                 p,
                 want,
                 &format!("{name} {label} prefill {i}"),
+                sparse,
                 &mut bad,
-            ));
+            );
+            worst = worst.max(e);
+            if tie && i + 1 == f.prompt.len() {
+                tie_at.push(0);
+            }
         }
         // Teacher-forced with the CPU's ids: logits of every step.
         for (s, want) in case.decode_top.iter().enumerate() {
             let l = dec.decode(case.greedy[s]).unwrap();
-            worst = worst.max(compare(
+            let (e, tie) = compare(
                 l,
                 want,
                 &format!("{name} {label} step {s}"),
+                sparse,
                 &mut bad,
-            ));
+            );
+            worst = worst.max(e);
+            if tie {
+                tie_at.push(s + 1);
+            }
         }
         // Free-running greedy with the argmax on the device.
         dec.clear().unwrap();
@@ -294,7 +333,15 @@ fn check_shape(name: &str) {
             "{name} {label}: best tokens differ:\n{}",
             bad.join("\n")
         );
-        assert_eq!(ids, case.greedy, "{name} {label}: greedy ids");
+        // Free-running ids agree up to the end, or up to a position that was an accepted near
+        // tie (after which the two sequences are different prompts).
+        if let Some(k) = ids.iter().zip(&case.greedy).position(|(a, b)| a != b) {
+            assert!(
+                tie_at.contains(&k),
+                "{name} {label}: greedy ids differ at {k} (not a near tie): GPU {ids:?}, CPU {:?}",
+                case.greedy
+            );
+        }
         let tol = if case.thresholds.is_some() {
             GPU_SPARSE_LOGIT_TOL
         } else {
