@@ -159,7 +159,7 @@ impl SparseArgs {
         if self.sparsity == 0.0 {
             return Ok(None);
         }
-        let fp = Fingerprint::of(&files.config, files.source.as_ref());
+        let fp = Fingerprint::of(&files.config, &files.tensors);
         let path = match &self.thresholds {
             Some(p) => p.clone(),
             None => {
@@ -767,7 +767,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
 fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     a.common.cpu_only("calibrate")?;
     let files = a.common.open()?;
-    let fp = Fingerprint::of(&files.config, files.source.as_ref());
+    let fp = Fingerprint::of(&files.config, &files.tensors);
     let out = a
         .output
         .clone()
@@ -1058,9 +1058,9 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             "no"
         }
     );
-    let tensors = files.source.describe();
+    let tensors = &files.tensors;
     let mut by_type: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
-    for (_, shape, ty) in &tensors {
+    for (_, shape, ty) in tensors {
         let e = by_type.entry(ty.clone()).or_default();
         e.0 += 1;
         e.1 += shape.iter().map(|&d| d as u64).product::<u64>();
@@ -1070,7 +1070,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         println!("  {ty:>6}: {n:4} tensors, {:.2} M values", *el as f64 / 1e6);
     }
     if a.tensors {
-        for (name, shape, ty) in &tensors {
+        for (name, shape, ty) in tensors {
             println!("  {name:50} {ty:>6} {shape:?}");
         }
     }
@@ -1109,6 +1109,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let files = a.common.open()?;
     let dtype: teal::Dtype = a.common.dtype.into();
     let model = a.common.load(&files)?;
+    let after_load = teal::bench::resident_memory();
     let base = files.tokenizer.encode(BENCH_TEXT, false)?;
     if base.is_empty() {
         bail!("the bench prompt tokenized to nothing");
@@ -1150,6 +1151,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     }
     let threads = rayon::current_num_threads();
     let model_path = a.common.model_path()?.display().to_string();
+    // Resident memory against the weights in their format plus the KV cache (first row's run).
+    let weight_bytes = model.weight_bytes();
+    let kv_bytes = results.first().map_or(0, |r| r.kv_cache_bytes);
+    let decoding = results.first().and_then(|r| r.resident_bytes);
+    let memory = serde_json::json!({
+        "resident_after_load": after_load.map(|m| m.0),
+        "peak_during_load": after_load.map(|m| m.1),
+        "resident_decoding": decoding,
+        "weight_bytes": weight_bytes,
+        "kv_cache_bytes": kv_bytes,
+        "ratio": decoding.map(|r| r as f64 / (weight_bytes + kv_bytes) as f64),
+    });
     // Speed-ups are relative to the dense row, when there is one.
     let dense = results.iter().find(|r| r.sparsity == 0.0).cloned();
     let speedup = |r: &teal::bench::BenchResult| {
@@ -1189,6 +1202,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 "simd": teal_simd_note(),
             },
+            "memory": memory,
             "model": model_path,
             "dtype": dtype.name(),
             "n_prompt": a.n_prompt,
@@ -1225,6 +1239,19 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 r.floor_ratio,
             );
         }
+        let mb = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1e6));
+        println!(
+            "memory: resident {} MB while decoding ({} MB after load, load peak {} MB) | weights {:.1} MB + KV cache {:.1} MB | ratio {}",
+            mb(decoding),
+            mb(after_load.map(|m| m.0)),
+            mb(after_load.map(|m| m.1)),
+            weight_bytes as f64 / 1e6,
+            kv_bytes as f64 / 1e6,
+            decoding.map_or("-".into(), |r| format!(
+                "{:.3}",
+                r as f64 / (weight_bytes + kv_bytes) as f64
+            )),
+        );
     }
     Ok(())
 }

@@ -30,6 +30,23 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     (buf.len() * 4) as f64 / best
 }
 
+/// This process's resident memory from `/proc/self/status`: `(VmRSS, VmHWM)` in bytes, the
+/// current and the peak resident set. `None` where there is no such file (not Linux).
+pub fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let kib: u64 = line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -80,6 +97,10 @@ pub struct BenchResult {
     pub gb_s: f64,
     /// `gb_s` over the measured read bandwidth.
     pub floor_ratio: f64,
+    /// Bytes of the f32 KV cache of one repetition (prompt plus decoded tokens).
+    pub kv_cache_bytes: usize,
+    /// VmRSS at the end of the warm-up repetition, its KV cache filled and its scratch alive.
+    pub resident_bytes: Option<u64>,
 }
 
 /// Runs the benchmark for one model variant: `model` is the dense or sparse model (its masks
@@ -113,6 +134,7 @@ pub fn bench_decode(
     let mut prompt_s = Vec::with_capacity(opts.reps);
     let mut generated = Vec::new();
     let mut scratch = DecodeScratch::new(c, ctx);
+    let mut resident_bytes = None;
     for r in 0..=opts.reps {
         let mut cache = model.new_cache(ctx);
         let t0 = Instant::now();
@@ -126,6 +148,9 @@ pub fn bench_decode(
             next = crate::sampler::argmax(model.decode(next, &mut cache, &mut scratch)?);
         }
         let td = t1.elapsed().as_secs_f64();
+        if r == 0 {
+            resident_bytes = resident_memory().map(|(rss, _)| rss);
+        }
         if r > 0 {
             prompt_s.push(prompt.len() as f64 / tp);
             decode_s.push(opts.n_decode as f64 / td);
@@ -154,8 +179,10 @@ pub fn bench_decode(
     }
     let mean_keys = prompt.len() as f64 + (opts.n_decode as f64 + 1.0) / 2.0;
     let kv_bytes = 2.0 * c.num_hidden_layers as f64 * mean_keys * c.kv_dim() as f64 * 4.0;
-    let bytes_per_token =
-        proj_bytes + model.lm_head.weight_bytes() as f64 + (c.hidden_size * 4) as f64 + kv_bytes;
+    let bytes_per_token = proj_bytes
+        + model.lm_head.weight_bytes() as f64
+        + model.embed_tokens.row_bytes() as f64
+        + kv_bytes;
     let gb_s = bytes_per_token * decode.median / 1e9;
     Ok(BenchResult {
         sparsity,
@@ -165,5 +192,7 @@ pub fn bench_decode(
         bytes_per_token,
         gb_s,
         floor_ratio: gb_s * 1e9 / bandwidth,
+        kv_cache_bytes: 2 * c.num_hidden_layers * ctx * c.kv_dim() * 4,
+        resident_bytes,
     })
 }
