@@ -160,7 +160,7 @@ impl SparseArgs {
         if self.sparsity == 0.0 {
             return Ok(None);
         }
-        let fp = Fingerprint::of(&files.config, files.source.as_ref());
+        let fp = Fingerprint::of(&files.config, &files.tensors);
         let path = match &self.thresholds {
             Some(p) => p.clone(),
             None => {
@@ -787,7 +787,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
 fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let device = a.common.device()?;
     let files = a.common.open()?;
-    let fp = Fingerprint::of(&files.config, files.source.as_ref());
+    let fp = Fingerprint::of(&files.config, &files.tensors);
     let out = a
         .output
         .clone()
@@ -1096,9 +1096,9 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             "no"
         }
     );
-    let tensors = files.source.describe();
+    let tensors = &files.tensors;
     let mut by_type: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
-    for (_, shape, ty) in &tensors {
+    for (_, shape, ty) in tensors {
         let e = by_type.entry(ty.clone()).or_default();
         e.0 += 1;
         e.1 += shape.iter().map(|&d| d as u64).product::<u64>();
@@ -1108,7 +1108,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         println!("  {ty:>6}: {n:4} tensors, {:.2} M values", *el as f64 / 1e6);
     }
     if a.tensors {
-        for (name, shape, ty) in &tensors {
+        for (name, shape, ty) in tensors {
             println!("  {name:50} {ty:>6} {shape:?}");
         }
     }
@@ -1215,6 +1215,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         .with_context(|| format!("opening --device {}", device.name()))?;
     eprintln!("device: {}", dec.describe());
     let bw = dec.bandwidth(a.bandwidth_mib << 20)?;
+    let after_load = teal::bench::resident_memory();
     eprintln!(
         "bandwidth: {:.2} GB/s ({})",
         bw.bytes_per_s / 1e9,
@@ -1243,6 +1244,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     }
     let threads = rayon::current_num_threads();
     let model_path = model_label;
+    // Resident memory against the weights in their format plus the KV cache (first row's run).
+    let weight_bytes = model.weight_bytes();
+    let kv_bytes = results.first().map_or(0, |r| r.kv_cache_bytes);
+    let decoding = results.first().and_then(|r| r.resident_bytes);
+    let memory = serde_json::json!({
+        "resident_after_load": after_load.map(|m| m.0),
+        "peak_during_load": after_load.map(|m| m.1),
+        "resident_decoding": decoding,
+        "weight_bytes": weight_bytes,
+        "kv_cache_bytes": kv_bytes,
+        "ratio": decoding.map(|r| r as f64 / (weight_bytes + kv_bytes) as f64),
+    });
     // Speed-ups are relative to the dense row, when there is one.
     let dense = results.iter().find(|r| r.sparsity == 0.0).cloned();
     let speedup = |r: &teal::bench::BenchResult| {
@@ -1284,6 +1297,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 "simd": teal_simd_note(),
             },
+            "memory": memory,
             "model": model_path,
             "dtype": dtype.name(),
             "n_prompt": a.n_prompt,
@@ -1322,6 +1336,19 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 r.floor_ratio,
             );
         }
+        let mb = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1e6));
+        println!(
+            "memory: resident {} MB while decoding ({} MB after load, load peak {} MB) | weights {:.1} MB + KV cache {:.1} MB | ratio {}",
+            mb(decoding),
+            mb(after_load.map(|m| m.0)),
+            mb(after_load.map(|m| m.1)),
+            weight_bytes as f64 / 1e6,
+            kv_bytes as f64 / 1e6,
+            decoding.map_or("-".into(), |r| format!(
+                "{:.3}",
+                r as f64 / (weight_bytes + kv_bytes) as f64
+            )),
+        );
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! columns with rayon's persistent pool. Each function computes exactly what its namesake in
 //! [`crate::reference`] computes (up to float summation order) and is tested against it.
 
-use crate::packed::{Mat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
+use crate::packed::{Mat, RowsMat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
 use rayon::prelude::*;
 
 /// Output columns per tile (f32; formats with fewer bytes per weight take wider tiles): a
@@ -30,6 +30,13 @@ fn tile_width(view: &View) -> usize {
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Number of work items: at least one per thread (where there are groups enough), at most four
 /// per thread, so each thread gets a contiguous share of columns and stealing can even out a
@@ -567,7 +574,6 @@ pub fn matmul_packed(x: &[f32], n_tok: usize, w: &Mat, y: &mut [f32]) {
     (0..n_blocks)
         .into_par_iter()
         .for_each_init(Vec::new, |buf, b| {
-            let yp = yp;
             let o0 = b * block;
             let n = block.min(n_out - o0);
             buf.resize(n_in * n, 0.0);
@@ -589,7 +595,319 @@ pub fn matmul_packed(x: &[f32], n_tok: usize, w: &Mat, y: &mut [f32]) {
                     n as isize,
                     1,
                     0.0,
-                    yp.0.add(o0),
+                    yp.get().add(o0),
+                    n_out as isize,
+                    1,
+                );
+            }
+        });
+}
+
+/// Output rows per work item of the dot-product GEMV: a multiple of the four rows of a pass, at
+/// least four items per thread so stealing can even out a noisy machine.
+fn rows_per_chunk(n_out: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    n_out.div_ceil(threads * 4).next_multiple_of(4).max(16)
+}
+
+/// Dense GEMV on an output-major matrix (the LM head): `y[o] = w[o, :] . x`, as dot products,
+/// threaded over output rows.
+pub fn gemv_dot(w: &RowsMat, x: &[f32], y: &mut [f32]) {
+    gemv_dot_on(w, x, y, simd_available())
+}
+
+/// [`gemv_dot`] with the SIMD choice explicit (tests run the portable path on AVX2 machines).
+fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
+    assert_eq!(x.len(), w.n_in, "gemv_dot: input size");
+    assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
+    let per = rows_per_chunk(w.n_out);
+    y.par_chunks_mut(per)
+        .enumerate()
+        .for_each(|(c, yc)| dot_rows(w, x, c * per, yc, simd));
+}
+
+/// `yc[r] = w[o0 + r, :] . x`.
+fn dot_rows(w: &RowsMat, x: &[f32], o0: usize, yc: &mut [f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the features were detected by `simd_available`; the callers checked
+        // `x.len() == n_in` and `o0 + yc.len() <= n_out`, so every row read lies in the matrix.
+        unsafe {
+            match w.view {
+                View::F32(a) => dot_f32_avx2(a, w.n_in, x, o0, yc),
+                View::F16(a) => dot_f16_avx2(a, w.n_in, x, o0, yc),
+                View::Bf16(a) => dot_bf16_avx2(a, w.n_in, x, o0, yc),
+                View::Q8(b) => dot_q8_avx2(b, w.n_in, x, o0, yc),
+                View::Q4(b) => dot_q4_avx2(b, w.n_in, x, o0, yc),
+            }
+        }
+        return;
+    }
+    let _ = simd;
+    let mut row = vec![0.0f32; w.n_in];
+    for (i, yo) in yc.iter_mut().enumerate() {
+        w.dequant_row(o0 + i, &mut row);
+        *yo = row.iter().zip(x).map(|(a, b)| a * b).sum();
+    }
+}
+
+/// The sum of the eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
+/// Rows a dot-product pass works on at once.
+const DOT_ROWS: usize = 4;
+/// How many rows ahead of each stream a pass prefetches.
+const DOT_PREFETCH_ROWS: usize = 2;
+
+/// Runs `pass` over the rows `o0 .. o0 + yc.len()`: [`DOT_ROWS`] rows per pass taken from as many
+/// far-apart stretches of the chunk (row `k` of each quarter), so that memory is read as four
+/// independent streams rather than one (one sequential stream per core leaves the output-major
+/// head about 2x slower than the input-major tiles); the remainder one row at a time.
+#[inline(always)]
+fn dot_streams(
+    o0: usize,
+    yc: &mut [f32],
+    mut pass4: impl FnMut([usize; DOT_ROWS]) -> [f32; DOT_ROWS],
+    mut pass1: impl FnMut([usize; 1]) -> [f32; 1],
+) {
+    let q = yc.len() / DOT_ROWS;
+    for k in 0..q {
+        let out = pass4(std::array::from_fn(|s| o0 + s * q + k));
+        for (s, v) in out.into_iter().enumerate() {
+            yc[s * q + k] = v;
+        }
+    }
+    for (i, y) in yc.iter_mut().enumerate().skip(DOT_ROWS * q) {
+        *y = pass1([o0 + i])[0];
+    }
+}
+
+/// AVX2 dot products over a format with one value per weight: a pass loads `x` once for its
+/// rows, two accumulators per row, and prefetches each stream's coming rows.
+macro_rules! elementwise_dot {
+    ($name:ident, $pass:ident, $t:ty, |$p:ident| $load:expr, |$v:ident| $scalar:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(w: &[$t], n_in: usize, x: &[f32], o0: usize, yc: &mut [f32]) {
+            dot_streams(
+                o0,
+                yc,
+                |os| $pass::<DOT_ROWS>(w, n_in, x, os),
+                |os| $pass::<1>(w, n_in, x, os),
+            );
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn $pass<const N: usize>(
+            w: &[$t],
+            n_in: usize,
+            x: &[f32],
+            os: [usize; N],
+        ) -> [f32; N] {
+            use std::arch::x86_64::*;
+            let n16 = n_in / 16 * 16;
+            let xp = x.as_ptr();
+            let mut rows = [w.as_ptr(); N];
+            for (p, &o) in rows.iter_mut().zip(&os) {
+                *p = w.as_ptr().add(o * n_in);
+            }
+            let ahead = DOT_PREFETCH_ROWS * n_in;
+            let mut acc = [[_mm256_setzero_ps(); 2]; N];
+            let mut i = 0;
+            while i < n16 {
+                let x0 = _mm256_loadu_ps(xp.add(i));
+                let x1 = _mm256_loadu_ps(xp.add(i + 8));
+                for r in 0..N {
+                    // A prefetch never faults, past the matrix included.
+                    _mm_prefetch::<_MM_HINT_T0>(rows[r].wrapping_add(i + ahead) as *const i8);
+                    let a = {
+                        let $p = rows[r].add(i);
+                        $load
+                    };
+                    let b = {
+                        let $p = rows[r].add(i + 8);
+                        $load
+                    };
+                    acc[r][0] = _mm256_fmadd_ps(a, x0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
+                }
+                i += 16;
+            }
+            let mut y = [0.0f32; N];
+            for r in 0..N {
+                let mut s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+                for k in n16..n_in {
+                    let $v = *rows[r].add(k);
+                    s += $scalar * x[k];
+                }
+                y[r] = s;
+            }
+            y
+        }
+    };
+}
+
+elementwise_dot!(
+    dot_f32_avx2,
+    dot_pass_f32,
+    f32,
+    |p| _mm256_loadu_ps(p),
+    |v| v
+);
+elementwise_dot!(
+    dot_f16_avx2,
+    dot_pass_f16,
+    half::f16,
+    |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+    |v| v.to_f32()
+);
+elementwise_dot!(
+    dot_bf16_avx2,
+    dot_pass_bf16,
+    half::bf16,
+    |p| _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+        16
+    )),
+    |v| v.to_f32()
+);
+
+/// AVX2 dot products over a blocked format (blocks of 32 inputs), in passes as
+/// [`elementwise_dot`]: per block, `x` is loaded once for the pass and each row adds
+/// `d * (q . x_block)` (plus `m * sum(x_block)` for formats with a minimum). A partial last block
+/// runs through the same code against a zero-padded copy of `x`'s tail (the padded weights are
+/// zeros, and meet zeros).
+macro_rules! blocked_dot {
+    ($name:ident, $pass:ident, $bsize:expr, $block:ident, $has_min:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(b: &[u8], n_in: usize, x: &[f32], o0: usize, yc: &mut [f32]) {
+            let full = n_in / GROUP;
+            let mut tail = [0.0f32; GROUP];
+            tail[..n_in - full * GROUP].copy_from_slice(&x[full * GROUP..]);
+            dot_streams(
+                o0,
+                yc,
+                |os| $pass::<DOT_ROWS>(b, n_in, x, &tail, os),
+                |os| $pass::<1>(b, n_in, x, &tail, os),
+            );
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn $pass<const N: usize>(
+            b: &[u8],
+            n_in: usize,
+            x: &[f32],
+            tail: &[f32; GROUP],
+            os: [usize; N],
+        ) -> [f32; N] {
+            use std::arch::x86_64::*;
+            let nb = n_in.div_ceil(GROUP);
+            let full = n_in / GROUP;
+            let mut rows = [b.as_ptr(); N];
+            for (p, &o) in rows.iter_mut().zip(&os) {
+                *p = b.as_ptr().add(o * nb * $bsize);
+            }
+            let ahead = DOT_PREFETCH_ROWS * nb * $bsize;
+            let mut acc = [_mm256_setzero_ps(); N];
+            for g in 0..nb {
+                let xg = if g < full {
+                    x.as_ptr().add(g * GROUP)
+                } else {
+                    tail.as_ptr()
+                };
+                let xv = [
+                    _mm256_loadu_ps(xg),
+                    _mm256_loadu_ps(xg.add(8)),
+                    _mm256_loadu_ps(xg.add(16)),
+                    _mm256_loadu_ps(xg.add(24)),
+                ];
+                let xsum = _mm256_add_ps(_mm256_add_ps(xv[0], xv[1]), _mm256_add_ps(xv[2], xv[3]));
+                for r in 0..N {
+                    // A prefetch never faults, past the matrix included.
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        rows[r].wrapping_add(g * $bsize + ahead) as *const i8
+                    );
+                    let (qv, d, m) = $block(rows[r].add(g * $bsize));
+                    let mut t = _mm256_mul_ps(qv[0], xv[0]);
+                    t = _mm256_fmadd_ps(qv[1], xv[1], t);
+                    t = _mm256_fmadd_ps(qv[2], xv[2], t);
+                    t = _mm256_fmadd_ps(qv[3], xv[3], t);
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), t, acc[r]);
+                    if $has_min {
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(m), xsum, acc[r]);
+                    }
+                }
+            }
+            let mut y = [0.0f32; N];
+            for r in 0..N {
+                y[r] = hsum(acc[r]);
+            }
+            y
+        }
+    };
+}
+
+blocked_dot!(dot_q8_avx2, dot_pass_q8, Q8_BLOCK, q8_block, false);
+blocked_dot!(dot_q4_avx2, dot_pass_q4, Q4_BLOCK, q4_block, true);
+
+/// Prefill on an output-major matrix: `y[T, out] = x[T, in] * W^T`, threaded over blocks of 256
+/// output rows. f32 is multiplied in place (W read through transposed strides); other formats
+/// are dequantized one block of rows at a time into a thread-local f32 buffer.
+pub fn matmul_dot(x: &[f32], n_tok: usize, w: &RowsMat, y: &mut [f32]) {
+    let (n_in, n_out) = (w.n_in, w.n_out);
+    assert_eq!(x.len(), n_tok * n_in, "matmul_dot: input size");
+    assert_eq!(y.len(), n_tok * n_out, "matmul_dot: output size");
+    if n_tok == 1 {
+        return gemv_dot(w, x, y);
+    }
+    let block = 256;
+    let n_blocks = n_out.div_ceil(block);
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..n_blocks)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, b| {
+            let o0 = b * block;
+            let n = block.min(n_out - o0);
+            let rows = match w.view {
+                View::F32(a) => &a[o0 * n_in..(o0 + n) * n_in],
+                _ => {
+                    buf.resize(n * n_in, 0.0);
+                    for (i, row) in buf.chunks_mut(n_in).enumerate() {
+                        w.dequant_row(o0 + i, row);
+                    }
+                    &buf[..]
+                }
+            };
+            // SAFETY: block b writes only columns o0..o0+n of y, disjoint from every other block;
+            // `rows` holds the n rows of n_in values read as the [n_in, n] matrix W^T (row
+            // stride 1, column stride n_in); all pointers stay inside the slices checked above.
+            unsafe {
+                matrixmultiply::sgemm(
+                    n_tok,
+                    n_in,
+                    n,
+                    1.0,
+                    x.as_ptr(),
+                    n_in as isize,
+                    1,
+                    rows.as_ptr(),
+                    1,
+                    n_in as isize,
+                    0.0,
+                    yp.get().add(o0),
                     n_out as isize,
                     1,
                 );
@@ -609,7 +927,6 @@ pub fn matmul_t(x: &[f32], n_tok: usize, wt: &[f32], n_in: usize, n_out: usize, 
     let n_blocks = n_out.div_ceil(block);
     let yp = SendPtr(y.as_mut_ptr());
     (0..n_blocks).into_par_iter().for_each(|b| {
-        let yp = yp;
         let o0 = b * block;
         let n = block.min(n_out - o0);
         // SAFETY: block b writes only columns o0..o0+n of y, disjoint from every other block;
@@ -627,7 +944,7 @@ pub fn matmul_t(x: &[f32], n_tok: usize, wt: &[f32], n_in: usize, n_out: usize, 
                 n_out as isize,
                 1,
                 0.0,
-                yp.0.add(o0),
+                yp.get().add(o0),
                 n_out as isize,
                 1,
             );
@@ -660,7 +977,6 @@ pub fn attention(
     (0..n_head * n_q).into_par_iter().for_each_init(
         || vec![0.0f32; n_keys_max],
         |scores, i| {
-            let op = op;
             let (h, t) = (i % n_head, i / n_head);
             let kh = h / group;
             let n_keys = pos0 + t + 1;
@@ -671,7 +987,7 @@ pub fn attention(
             }
             crate::reference::softmax(sc);
             // SAFETY: (t, h) owns out[t*qs + h*hd .. +hd], disjoint across work items.
-            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add(t * qs + h * hd), hd) };
+            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(t * qs + h * hd), hd) };
             o.fill(0.0);
             for (p, &s) in sc.iter().enumerate() {
                 axpy(s, &v[p * kvs + kh * hd..p * kvs + (kh + 1) * hd], o);
@@ -831,7 +1147,7 @@ unsafe fn sum_avx2(x: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed::{Dtype, PackedT};
+    use crate::packed::{Dtype, PackedRows, PackedT};
 
     /// The portable path against the scalar reference, for every format (the SIMD path is
     /// covered by tests/parity.rs).
@@ -849,6 +1165,30 @@ mod tests {
             let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
             crate::reference::gemv_packed(&p.mat(), &x, &mut a);
             gemv_rows_on(&p.mat(), &AllRows(&x), &mut b, false);
+            for (u, v) in a.iter().zip(&b) {
+                assert!(
+                    (u - v).abs() <= 1e-4 * u.abs().max(1.0),
+                    "{dtype:?}: {u} vs {v}"
+                );
+            }
+        }
+    }
+
+    /// The portable dot-product GEMV against the scalar reference, for every format.
+    #[test]
+    fn portable_gemv_dot_matches_reference() {
+        let (n_out, n_in) = (37, 77);
+        let w: Vec<f32> = (0..n_in * n_out)
+            .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 100.0)
+            .collect();
+        let x: Vec<f32> = (0..n_in)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        for dtype in Dtype::ALL {
+            let p = PackedRows::from_rows(dtype, w.clone(), n_out, n_in).expect("pack");
+            let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
+            crate::reference::gemv_dot(&p.mat(), &x, &mut a);
+            gemv_dot_on(&p.mat(), &x, &mut b, false);
             for (u, v) in a.iter().zip(&b) {
                 assert!(
                     (u - v).abs() <= 1e-4 * u.abs().max(1.0),

@@ -12,6 +12,9 @@
 //!
 //! Rows of the quantized formats are whole blocks (a partial last group is padded with zeros),
 //! so one kept input row is one contiguous run of blocks, scales inline.
+//!
+//! Matrices that are never sparsified (the LM head, the token embeddings) use [`PackedRows`]
+//! instead: output-major, quantized along the input like GGML's Q8_0 / Q4_1.
 
 use half::{bf16, f16};
 
@@ -271,6 +274,194 @@ impl<'a> Mat<'a> {
                     h(blk) * nib as f32 + h(&blk[2..])
                 }
             };
+        }
+    }
+}
+
+/// A dense output-major matrix `w[out, in]` (the checkpoints' own layout): for matrices that are
+/// never sparsified (the LM head, the token embedding), so a row is one output's dot product
+/// (or one token's embedding). `f32`, `f16`, `bf16` store one value per weight; `q8` and `q4` cut
+/// each row into blocks of [`GROUP`] consecutive *inputs*, byte for byte GGML's `Q8_0` (`[f16 d,
+/// 32 x i8]`, `w = d q`) and `Q4_1` (`[f16 d, f16 m, 16 bytes]`, `w = d q + m`, byte `b` holding
+/// input `b` in its low nibble and `b + 16` in its high one), quantized as GGML's reference
+/// quantizer does. A partial last block of a row is padded with zeros.
+#[derive(Debug)]
+pub struct PackedRows {
+    pub n_out: usize,
+    pub n_in: usize,
+    /// Row `o` of a float format at `o * n_in`; block `(o, g)` of a quantized one at byte
+    /// `(o * blocks + g) * block size`, `blocks = n_in.div_ceil(GROUP)`.
+    pub data: Data,
+}
+
+/// A borrowed output-major matrix, as the kernels see it.
+#[derive(Clone, Copy, Debug)]
+pub struct RowsMat<'a> {
+    pub n_out: usize,
+    pub n_in: usize,
+    pub view: View<'a>,
+}
+
+/// GGML's `quantize_row_q8_0_ref` on one block (fewer than [`GROUP`] values: zero-padded).
+fn quantize_q8_0(x: &[f32], blk: &mut [u8]) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    for (q, &v) in blk[2..].iter_mut().zip(x) {
+        *q = ((v * id).round() as i8) as u8;
+    }
+}
+
+/// GGML's `quantize_row_q4_1_ref` on one block (fewer than [`GROUP`] values: zero-padded).
+fn quantize_q4_1(x: &[f32], blk: &mut [u8]) {
+    let min = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    blk[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+    for (i, &v) in x.iter().enumerate() {
+        let q = (((v - min) * id + 0.5) as i8).min(15) as u8;
+        blk[4 + i % 16] |= if i < 16 { q } else { q << 4 };
+    }
+}
+
+impl PackedRows {
+    /// Packs an output-major f32 matrix `w[n_out, n_in]` (f32 keeps the vector as it is).
+    pub fn from_rows(
+        dtype: Dtype,
+        w: Vec<f32>,
+        n_out: usize,
+        n_in: usize,
+    ) -> Result<PackedRows, PackError> {
+        if w.len() != n_in * n_out {
+            return Err(PackError::Size {
+                got: w.len(),
+                n_in,
+                n_out,
+            });
+        }
+        if let Some((index, &value)) = w.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(PackError::NotFinite { index, value });
+        }
+        if dtype != Dtype::F32 && dtype != Dtype::Bf16 {
+            if let Some((index, &value)) = w.iter().enumerate().find(|(_, v)| v.abs() > 65504.0) {
+                return Err(PackError::OutOfRange {
+                    index,
+                    value,
+                    dtype: dtype.name(),
+                });
+            }
+        }
+        let quantized = |size: usize, quantize: fn(&[f32], &mut [u8])| {
+            let nb = groups(n_in);
+            let mut blocks = vec![0u8; n_out * nb * size];
+            for (row, out) in w.chunks(n_in.max(1)).zip(blocks.chunks_mut(nb * size)) {
+                for (x, blk) in row.chunks(GROUP).zip(out.chunks_mut(size)) {
+                    quantize(x, blk);
+                }
+            }
+            blocks
+        };
+        let data = match dtype {
+            Dtype::F32 => Data::F32(w),
+            Dtype::F16 => Data::F16(w.iter().map(|&v| f16::from_f32(v)).collect()),
+            Dtype::Bf16 => Data::Bf16(w.iter().map(|&v| bf16::from_f32(v)).collect()),
+            Dtype::Q8 => Data::Q8(quantized(Q8_BLOCK, quantize_q8_0)),
+            Dtype::Q4 => Data::Q4(quantized(Q4_BLOCK, quantize_q4_1)),
+        };
+        Ok(PackedRows { n_out, n_in, data })
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        match self.data {
+            Data::F32(_) => Dtype::F32,
+            Data::F16(_) => Dtype::F16,
+            Data::Bf16(_) => Dtype::Bf16,
+            Data::Q8(_) => Dtype::Q8,
+            Data::Q4(_) => Dtype::Q4,
+        }
+    }
+
+    pub fn mat(&self) -> RowsMat<'_> {
+        let view = match &self.data {
+            Data::F32(w) => View::F32(w),
+            Data::F16(w) => View::F16(w),
+            Data::Bf16(w) => View::Bf16(w),
+            Data::Q8(b) => View::Q8(b),
+            Data::Q4(b) => View::Q4(b),
+        };
+        RowsMat {
+            n_out: self.n_out,
+            n_in: self.n_in,
+            view,
+        }
+    }
+
+    /// Bytes stored (values, scales and minimums).
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(w) => w.len() * 4,
+            Data::F16(w) => w.len() * 2,
+            Data::Bf16(w) => w.len() * 2,
+            Data::Q8(b) | Data::Q4(b) => b.len(),
+        }
+    }
+}
+
+impl<'a> RowsMat<'a> {
+    /// A plain output-major f32 matrix.
+    pub fn f32(w: &'a [f32], n_out: usize, n_in: usize) -> RowsMat<'a> {
+        assert_eq!(w.len(), n_out * n_in, "f32 matrix size");
+        RowsMat {
+            n_out,
+            n_in,
+            view: View::F32(w),
+        }
+    }
+
+    /// Writes row `o` (`n_in` values) as f32: an embedding lookup, or one output's weights
+    /// (scalar; the definition of each format).
+    pub fn dequant_row(&self, o: usize, out: &mut [f32]) {
+        let (n, nb) = (self.n_in, groups(self.n_in));
+        assert!(
+            o < self.n_out && out.len() == n,
+            "dequant_row: out of range"
+        );
+        let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        match self.view {
+            View::F32(w) => out.copy_from_slice(&w[o * n..(o + 1) * n]),
+            View::F16(w) => {
+                for (v, w) in out.iter_mut().zip(&w[o * n..(o + 1) * n]) {
+                    *v = w.to_f32();
+                }
+            }
+            View::Bf16(w) => {
+                for (v, w) in out.iter_mut().zip(&w[o * n..(o + 1) * n]) {
+                    *v = w.to_f32();
+                }
+            }
+            View::Q8(b) => {
+                let row = &b[o * nb * Q8_BLOCK..(o + 1) * nb * Q8_BLOCK];
+                for (blk, y) in row.chunks(Q8_BLOCK).zip(out.chunks_mut(GROUP)) {
+                    let d = h(blk);
+                    for (v, &q) in y.iter_mut().zip(&blk[2..]) {
+                        *v = q as i8 as f32 * d;
+                    }
+                }
+            }
+            View::Q4(b) => {
+                let row = &b[o * nb * Q4_BLOCK..(o + 1) * nb * Q4_BLOCK];
+                for (blk, y) in row.chunks(Q4_BLOCK).zip(out.chunks_mut(GROUP)) {
+                    let (d, m) = (h(blk), h(&blk[2..]));
+                    for (i, v) in y.iter_mut().enumerate() {
+                        let byte = blk[4 + i % 16];
+                        let q = if i < 16 { byte & 15 } else { byte >> 4 };
+                        *v = q as f32 * d + m;
+                    }
+                }
+            }
         }
     }
 }

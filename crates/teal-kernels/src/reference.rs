@@ -199,6 +199,18 @@ pub fn gemv_packed(w: &crate::packed::Mat, x: &[f32], y: &mut [f32]) {
     gemv_packed_idx(w, &idx, x, y)
 }
 
+/// Dense GEMV on an output-major matrix as dot products: `y[o] = sum_i w[o, i] x[i]`, each row
+/// dequantized, summed in order.
+pub fn gemv_dot(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), w.n_in);
+    assert_eq!(y.len(), w.n_out);
+    let mut row = vec![0.0; w.n_in];
+    for (o, yo) in y.iter_mut().enumerate() {
+        w.dequant_row(o, &mut row);
+        *yo = row.iter().zip(x).map(|(a, b)| a * b).sum();
+    }
+}
+
 /// `sum x[i]` (the streaming read that measures memory bandwidth).
 pub fn sum(x: &[f32]) -> f32 {
     x.iter().sum()

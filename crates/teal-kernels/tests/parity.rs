@@ -352,3 +352,175 @@ mod packed_formats {
         }
     }
 }
+
+/// The output-major formats (LM head, embeddings): GGML's Q8_0 / Q4_1 blocks along the input,
+/// the dot-product GEMV and the prefill matmul against the scalar reference.
+mod rows_formats {
+    use super::*;
+    use teal_kernels::packed::{Data, Dtype, PackedRows, GROUP};
+    use teal_kernels::quant::{dequantize, GgmlType};
+
+    /// Dot products of up to ~1000 terms, reordered (blocked, four lanes, FMA): relative to the
+    /// sum of |terms|, as [`GEMV_REL_TOL`].
+    const DOT_REL_TOL: f32 = GEMV_REL_TOL;
+    /// q8 error per weight relative to its block's largest |w|: half a step plus the f16 scale.
+    const Q8_ROW_TOL: f32 = 0.5 / 127.0 + 1.0 / 1024.0;
+    /// q4 error per weight relative to its block's range, plus the f16 minimum's rounding.
+    const Q4_ROW_TOL: f32 = 0.5 / 15.0 + 1.0 / 1024.0;
+    const F16_ROW_TOL: f32 = 1.0 / 2048.0;
+    const BF16_ROW_TOL: f32 = 1.0 / 256.0;
+
+    /// `(n_out, n_in)`, odd sizes included (partial last blocks, row counts not a multiple of 4).
+    const ROW_SHAPES: &[(usize, usize)] = &[
+        (1, 1),
+        (37, 77),
+        (13, 1029),
+        (1000, 577),
+        (64, 576),
+        (3, 31),
+    ];
+
+    fn dequant_all(p: &PackedRows) -> Vec<f32> {
+        let m = p.mat();
+        let mut out = vec![0.0; p.n_in * p.n_out];
+        for o in 0..p.n_out {
+            m.dequant_row(o, &mut out[o * p.n_in..(o + 1) * p.n_in]);
+        }
+        out
+    }
+
+    /// Sum of |w_oi x_i| per output row.
+    fn dot_scale(w: &[f32], n_out: usize, n_in: usize, x: &[f32]) -> Vec<f32> {
+        (0..n_out)
+            .map(|o| {
+                w[o * n_in..(o + 1) * n_in]
+                    .iter()
+                    .zip(x)
+                    .map(|(a, b)| (a * b).abs())
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_pack_is_within_format_error() {
+        for &(n_out, n_in) in ROW_SHAPES {
+            let w = rand_vec(n_out * n_in, 31);
+            for dtype in Dtype::ALL {
+                let p = PackedRows::from_rows(dtype, w.clone(), n_out, n_in).expect("pack");
+                assert_eq!(p.dtype(), dtype);
+                let dq = dequant_all(&p);
+                for o in 0..n_out {
+                    let row = &w[o * n_in..(o + 1) * n_in];
+                    for (g, chunk) in row.chunks(GROUP).enumerate() {
+                        let amax = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                        let lo = chunk.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                        let hi = chunk.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                        for (i, &v) in chunk.iter().enumerate() {
+                            let got = dq[o * n_in + g * GROUP + i];
+                            let lim = match dtype {
+                                Dtype::F32 => 0.0,
+                                Dtype::F16 => F16_ROW_TOL * v.abs(),
+                                Dtype::Bf16 => BF16_ROW_TOL * v.abs(),
+                                Dtype::Q8 => Q8_ROW_TOL * amax,
+                                Dtype::Q4 => Q4_ROW_TOL * (hi - lo) + amax / 1024.0,
+                            };
+                            assert!(
+                                (got - v).abs() <= lim,
+                                "{dtype:?} {n_out}x{n_in} [{o},{}]: {v} -> {got}",
+                                g * GROUP + i
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The blocks are GGML's: ggml's own dequantization of a row's bytes gives the same values,
+    /// and values already on a Q8_0 grid are packed back to the same bytes (a Q8_0-stored
+    /// embedding is reproduced exactly).
+    #[test]
+    fn rows_blocks_are_ggml_q8_0_and_q4_1() {
+        let (n_out, n_in) = (5, 96);
+        let w = rand_vec(n_out * n_in, 32);
+        for (dtype, ty) in [(Dtype::Q8, GgmlType::Q8_0), (Dtype::Q4, GgmlType::Q4_1)] {
+            let p = PackedRows::from_rows(dtype, w.clone(), n_out, n_in).expect("pack");
+            let bytes = match &p.data {
+                Data::Q8(b) | Data::Q4(b) => b.clone(),
+                _ => unreachable!("quantized format"),
+            };
+            let mut ggml = vec![0.0f32; n_out * n_in];
+            dequantize(ty, &bytes, &mut ggml).expect("ggml layout");
+            assert_eq!(ggml, dequant_all(&p), "{ty}");
+            if dtype == Dtype::Q8 {
+                let again = PackedRows::from_rows(dtype, ggml, n_out, n_in).expect("pack");
+                match &again.data {
+                    Data::Q8(b) => assert_eq!(b, &bytes, "Q8_0 values re-packed"),
+                    _ => unreachable!("q8"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_pack_rejects_non_finite_and_f16_overflow() {
+        let mut w = rand_vec(64, 33);
+        w[5] = 1e6;
+        assert!(PackedRows::from_rows(Dtype::F16, w.clone(), 8, 8).is_err());
+        assert!(PackedRows::from_rows(Dtype::Q8, w.clone(), 8, 8).is_err());
+        assert!(PackedRows::from_rows(Dtype::Bf16, w.clone(), 8, 8).is_ok());
+        w[5] = f32::NAN;
+        assert!(PackedRows::from_rows(Dtype::F32, w.clone(), 8, 8).is_err());
+        assert!(PackedRows::from_rows(Dtype::F32, w[..10].to_vec(), 8, 8).is_err());
+    }
+
+    #[test]
+    fn gemv_dot_matches_reference() {
+        for &(n_out, n_in) in ROW_SHAPES {
+            let w = rand_vec(n_out * n_in, 34);
+            let x = rand_vec(n_in, 35);
+            for dtype in Dtype::ALL {
+                let p = PackedRows::from_rows(dtype, w.clone(), n_out, n_in).expect("pack");
+                let scale = dot_scale(&dequant_all(&p), n_out, n_in, &x);
+                let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
+                reference::gemv_dot(&p.mat(), &x, &mut a);
+                cpu::gemv_dot(&p.mat(), &x, &mut b);
+                assert_close(
+                    &a,
+                    &b,
+                    &scale,
+                    DOT_REL_TOL,
+                    &format!("gemv_dot {dtype:?} {n_out}x{n_in}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_dot_matches_reference() {
+        let n_tok = 5;
+        for &(n_out, n_in) in &[(300, 37), (1000, 577), (13, 1029)] {
+            let w = rand_vec(n_out * n_in, 36);
+            let x = rand_vec(n_tok * n_in, 37);
+            for dtype in Dtype::ALL {
+                let p = PackedRows::from_rows(dtype, w.clone(), n_out, n_in).expect("pack");
+                let dq = dequant_all(&p);
+                let mut b = vec![0.0; n_tok * n_out];
+                cpu::matmul_dot(&x, n_tok, &p.mat(), &mut b);
+                for t in 0..n_tok {
+                    let xt = &x[t * n_in..(t + 1) * n_in];
+                    let mut a = vec![0.0; n_out];
+                    reference::gemv_dot(&p.mat(), xt, &mut a);
+                    assert_close(
+                        &a,
+                        &b[t * n_out..(t + 1) * n_out],
+                        &dot_scale(&dq, n_out, n_in, xt),
+                        DOT_REL_TOL,
+                        &format!("matmul_dot {dtype:?} {n_out}x{n_in} token {t}"),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -23,7 +23,7 @@ fn main() {
     let ctoks = files.tokenizer.encode(&c4, false).unwrap();
     let wiki = std::fs::read_to_string("/work/shared/data/wikitext-2-raw-test.raw").unwrap();
     let wtoks = files.tokenizer.encode(&wiki, false).unwrap();
-    let fp = Fingerprint::of(&files.config, files.source.as_ref());
+    let fp = Fingerprint::of(&files.config, &files.tensors);
     let opts = CalibOptions {
         samples: n,
         seq_len: len,
@@ -100,7 +100,7 @@ mod rotate {
     // - the inputs of o_proj and down_proj are not on the residual stream and stay as they are.
 
     use teal::error::{Error, Result};
-    use teal::linear::Linear;
+    use teal::linear::{Dense, Linear};
     use teal::models::llama::{Block, Llama, Logits, Observer, Site};
     use teal_kernels::cpu::matmul_t;
 
@@ -127,8 +127,18 @@ mod rotate {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = scale_inputs(&model.lm_head, &model.norm, "lm_head.weight")?;
-        Ok(model.with_weights(model.embed_tokens.to_vec(), layers, ones, lm_head))
+        let mut head = dense_rows(&model.lm_head);
+        for row in head.chunks_mut(model.config.hidden_size) {
+            row.iter_mut().zip(&model.norm).for_each(|(v, g)| *v *= g);
+        }
+        let lm_head = Dense::from_rows_as(
+            model.lm_head.dtype(),
+            "lm_head.weight",
+            model.lm_head.out_dim,
+            model.lm_head.in_dim,
+            head,
+        )?;
+        Ok(model.with_weights(model.embed_tokens.clone(), layers, ones, lm_head))
     }
 
     /// `model` (any norm weights) in the basis `q` (`[d, d]` row-major, orthonormal columns):
@@ -156,11 +166,9 @@ mod rotate {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = rotate_inputs(&folded.lm_head, &qt, "lm_head.weight")?;
-        let vocab = model.config.vocab_size;
-        // Rows e -> Q^T e, i.e. E -> E Q.
-        let mut embed = vec![0.0f32; vocab * d];
-        matmul_t(&folded.embed_tokens, vocab, q, d, d, &mut embed);
+        // Head rows w -> Q^T w (W Q) and embedding rows e -> Q^T e (E Q).
+        let lm_head = dense_times(&folded.lm_head, q, "lm_head.weight")?;
+        let embed = dense_times(&folded.embed_tokens, q, "model.embed_tokens.weight")?;
         Ok(folded.with_weights(embed, layers, folded.norm.clone(), lm_head))
     }
 
@@ -259,6 +267,23 @@ mod rotate {
     }
 
     /// `W diag(g)`.
+    /// Every row of an output-major layer, as f32.
+    fn dense_rows(l: &Dense) -> Vec<f32> {
+        let mut w = vec![0.0f32; l.out_dim * l.in_dim];
+        for (o, row) in w.chunks_mut(l.in_dim).enumerate() {
+            l.row(o, row);
+        }
+        w
+    }
+
+    /// `W Q` for an output-major layer (its rows times `Q`).
+    fn dense_times(l: &Dense, q: &[f32], name: &str) -> Result<Dense> {
+        let (o, i) = (l.out_dim, l.in_dim);
+        let mut w = vec![0.0f32; o * i];
+        matmul_t(&dense_rows(l), o, q, i, i, &mut w);
+        Dense::from_rows_as(l.dtype(), name, o, i, w)
+    }
+
     fn scale_inputs(l: &Linear, g: &[f32], name: &str) -> Result<Linear> {
         let mut wt = l.input_major();
         for (row, &gj) in wt.chunks_mut(l.out_dim).zip(g) {

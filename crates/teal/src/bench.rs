@@ -36,6 +36,23 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     (buf.len() * 4) as f64 / best
 }
 
+/// This process's resident memory from `/proc/self/status`: `(VmRSS, VmHWM)` in bytes, the
+/// current and the peak resident set. `None` where there is no such file (not Linux).
+pub fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let kib: u64 = line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -86,6 +103,10 @@ pub struct BenchResult {
     pub gb_s: f64,
     /// `gb_s` over the device's measured bandwidth ([`Decoder::bandwidth`]).
     pub floor_ratio: f64,
+    /// Bytes of the f32 KV cache of one repetition (prompt plus decoded tokens).
+    pub kv_cache_bytes: usize,
+    /// VmRSS at the end of the warm-up repetition, its KV cache filled and its scratch alive.
+    pub resident_bytes: Option<u64>,
 }
 
 /// Runs the benchmark for one model variant on `dec` (a decoder of `model`, its masks set
@@ -119,6 +140,7 @@ pub fn bench_decode(
     let mut decode_s = Vec::with_capacity(opts.reps);
     let mut prompt_s = Vec::with_capacity(opts.reps);
     let mut generated = Vec::new();
+    let mut resident_bytes = None;
     for r in 0..=opts.reps {
         dec.clear()?;
         let t0 = Instant::now();
@@ -132,6 +154,9 @@ pub fn bench_decode(
             next = dec.decode_greedy(next)?;
         }
         let td = t1.elapsed().as_secs_f64();
+        if r == 0 {
+            resident_bytes = resident_memory().map(|(rss, _)| rss);
+        }
         if r > 0 {
             prompt_s.push(prompt.len() as f64 / tp);
             decode_s.push(opts.n_decode as f64 / td);
@@ -170,6 +195,8 @@ pub fn bench_decode(
         bytes_per_token,
         gb_s,
         floor_ratio: gb_s * 1e9 / bandwidth,
+        kv_cache_bytes: (fp.kv_per_position * ctx as f64) as usize,
+        resident_bytes,
     })
 }
 

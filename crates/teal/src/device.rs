@@ -237,7 +237,7 @@ impl Decoder for CpuDecoder<'_> {
                 })
                 .collect(),
             lm_head: m.lm_head.weight_bytes() as f64,
-            embed_row: (c.hidden_size * 4) as f64,
+            embed_row: m.embed_tokens.row_bytes() as f64,
             kv_per_position: (2 * c.num_hidden_layers * c.kv_dim() * 4) as f64,
         }
     }

@@ -731,6 +731,16 @@ impl GgufFile {
         &self.bytes()[start..start + t.n_bytes]
     }
 
+    /// Drops the pages of `t`'s data from this process's resident memory (a file-backed,
+    /// read-only mapping: they stay in the page cache and come back if read again), so
+    /// converting a file tensor by tensor does not leave the whole file resident. Nothing for an
+    /// in-memory file.
+    pub fn release(&self, t: &TensorInfo) {
+        if let Storage::Mmap(m) = &self.storage {
+            release_range(m, t.offset as usize, t.n_bytes);
+        }
+    }
+
     /// Whole tensor dequantized to f32 in ggml order (contiguous dim first).
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>, GgufError> {
         let data = self
@@ -756,6 +766,22 @@ impl GgufFile {
         })?;
         Ok(out)
     }
+}
+
+/// `madvise(DONTNEED)` on `len` bytes of a read-only file mapping from `offset` (clamped to the
+/// mapping). Advice only: a failure changes nothing but the memory used.
+pub(crate) fn release_range(m: &memmap2::Mmap, offset: usize, len: usize) {
+    #[cfg(unix)]
+    if offset < m.len() {
+        let len = len.min(m.len() - offset);
+        // SAFETY: the mapping is read-only and file-backed; DONTNEED only drops its pages from
+        // this process, and a later read faults them in again with the same contents. No
+        // reference into the range is invalidated.
+        let _ =
+            unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (m, offset, len);
 }
 
 fn bad_tensor(file: &str, tensor: &str, msg: String) -> GgufError {

@@ -1,11 +1,12 @@
 //! The linear layer: the one place where precision and sparsity live. The model calls
 //! [`Linear::forward`] (one vector, decode) or [`Linear::forward_batch`] (many rows, prefill);
 //! what kind of weights sit behind it, and whether the input is sparsified first, is this
-//! module's business.
+//! module's business. [`Dense`] is the layer that is never sparsified (the LM head): stored
+//! output-major, its rows double as the token embeddings.
 
 use crate::error::{Error, Result};
 use std::sync::{Arc, OnceLock};
-use teal_kernels::packed::{Data, Dtype, PackedT};
+use teal_kernels::packed::{Data, Dtype, PackedRows, PackedT};
 use teal_kernels::{cpu, reference};
 
 /// Which inputs of a sparse linear layer are zeroed before the product.
@@ -246,6 +247,74 @@ impl Linear {
                 *v += b;
             }
         }
+    }
+}
+
+/// A dense layer that is never sparsified, stored output-major (`W[out, in]`, the checkpoints'
+/// layout) in the `--dtype` format of [`teal_kernels::packed::PackedRows`] (q8/q4: GGML's Q8_0 /
+/// Q4_1 blocks along the input). The LM head; a row is also a token's embedding, so a tied
+/// model's embedding table is the head itself (the same `Arc`).
+#[derive(Clone, Debug)]
+pub struct Dense {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    weight: Arc<PackedRows>,
+}
+
+impl Dense {
+    /// From a row-major `[out, in]` matrix, packed to `dtype` (f32 keeps the vector); `name` is
+    /// for the error.
+    pub fn from_rows_as(
+        dtype: Dtype,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        w: Vec<f32>,
+    ) -> Result<Dense> {
+        let p = PackedRows::from_rows(dtype, w, out_dim, in_dim).map_err(|e| Error::Tensor {
+            name: name.into(),
+            msg: format!("cannot be packed to {}: {e}", dtype.name()),
+        })?;
+        Ok(Dense {
+            in_dim,
+            out_dim,
+            weight: Arc::new(p),
+        })
+    }
+
+    /// Row `o` (`in_dim` values) as f32: the embedding of token `o`.
+    pub fn row(&self, o: usize, out: &mut [f32]) {
+        self.weight.mat().dequant_row(o, out);
+    }
+
+    /// Bytes of weights stored (scales included).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.bytes()
+    }
+
+    /// Bytes of one row (an embedding lookup reads one).
+    pub fn row_bytes(&self) -> usize {
+        self.weight.bytes() / self.out_dim.max(1)
+    }
+
+    /// The weight format.
+    pub fn dtype(&self) -> Dtype {
+        self.weight.dtype()
+    }
+
+    /// Whether `other` holds the very same weights (a tied embedding and head).
+    pub fn shares_weights(&self, other: &Dense) -> bool {
+        Arc::ptr_eq(&self.weight, &other.weight)
+    }
+
+    /// Decode: `y = W x`.
+    pub fn forward(&self, x: &[f32], y: &mut [f32]) {
+        cpu::gemv_dot(&self.weight.mat(), x, y);
+    }
+
+    /// Prefill: `y[T, out] = x[T, in] W^T`.
+    pub fn forward_batch(&self, x: &[f32], n_tok: usize, y: &mut [f32]) {
+        cpu::matmul_dot(x, n_tok, &self.weight.mat(), y);
     }
 }
 

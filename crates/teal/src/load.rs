@@ -4,19 +4,24 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::loader::{GgufSource, SafetensorsSource, TensorSource};
+use crate::loader::{GgufSource, SafetensorsSource, TensorDesc, TensorSource};
 use crate::models::llama::Llama;
 use crate::tokenizer::Tokenizer;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use teal_kernels::packed::Dtype;
 
-/// A model's files, opened and checked, weights not yet loaded.
+/// A model's files, opened and checked, weights not yet loaded. Nothing here keeps the files
+/// mapped: the weights are mapped only while [`ModelFiles::load_model_as`] converts them, so
+/// once loaded, the model's own (repacked) weights are all that stays resident.
 pub struct ModelFiles {
     pub config: Config,
-    pub source: Box<dyn TensorSource + Send + Sync>,
     pub tokenizer: Tokenizer,
     /// "gguf" or "safetensors".
     pub format: &'static str,
+    /// The `.gguf` file or the Hugging Face directory.
+    pub path: PathBuf,
+    /// Every tensor: Hugging Face name, shape, storage type.
+    pub tensors: Vec<TensorDesc>,
 }
 
 impl ModelFiles {
@@ -33,34 +38,64 @@ impl ModelFiles {
         if path.is_dir() {
             let config = Config::from_hf_json(&path.join("config.json"))?;
             let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
-            let source = SafetensorsSource::open(path)?;
+            let tensors = SafetensorsSource::open(path)?.describe();
             Ok(ModelFiles {
                 config,
-                source: Box::new(source),
                 tokenizer,
                 format: "safetensors",
+                path: path.into(),
+                tensors,
             })
         } else {
             let file = GgufFile::open(path)?;
             let config = Config::from_gguf(&file)?;
             let tokenizer = Tokenizer::from_gguf(&file)?;
-            let source = GgufSource::new(file, config.clone());
+            let tensors = GgufSource::new(file, config.clone()).describe();
             Ok(ModelFiles {
                 config,
-                source: Box::new(source),
                 tokenizer,
                 format: "gguf",
+                path: path.into(),
+                tensors,
             })
         }
     }
 
-    /// Loads every weight (dequantized to f32, repacked input-major).
-    pub fn load_model(&self) -> Result<Llama> {
-        Llama::load(self.config.clone(), self.source.as_ref())
+    /// The weights, mapped (until the returned source is dropped).
+    pub fn source(&self) -> Result<Box<dyn TensorSource + Send + Sync>> {
+        Ok(if self.path.is_dir() {
+            Box::new(SafetensorsSource::open(&self.path)?)
+        } else {
+            Box::new(GgufSource::new(
+                GgufFile::open(&self.path)?,
+                self.config.clone(),
+            ))
+        })
     }
 
-    /// Loads every weight, the projections and LM head repacked to `dtype`.
+    /// Loads every weight (dequantized to f32, repacked).
+    pub fn load_model(&self) -> Result<Llama> {
+        self.load_model_as(Dtype::F32)
+    }
+
+    /// Loads every weight in `dtype` (see [`Llama::load_as`]); the files are unmapped when it
+    /// returns, and the heap pages that held the f32 copies of the converted tensors are given
+    /// back to the system.
     pub fn load_model_as(&self, dtype: Dtype) -> Result<Llama> {
-        Llama::load_as(self.config.clone(), self.source.as_ref(), dtype)
+        let model = Llama::load_as(self.config.clone(), self.source()?.as_ref(), dtype);
+        release_free_heap();
+        model
+    }
+}
+
+/// Returns the allocator's free pages to the system. glibc keeps freed blocks below its mmap
+/// threshold (which grows to the size of the largest freed mapping, a few MB here) in the heap,
+/// so the transient f32 copies made while converting, interleaved with the packed weights that
+/// stay, would otherwise remain resident (~15 MB for SmolLM2-135M).
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only hands free memory back to the kernel; no live allocation is touched.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

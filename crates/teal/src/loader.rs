@@ -1,6 +1,8 @@
 //! Where tensors come from: a GGUF file or a Hugging Face safetensors directory, both memory
 //! mapped. The model asks by Hugging Face name and gets row-major f32 in Hugging Face layout;
-//! this module maps names, dequantizes, converts and undoes GGUF's q/k row permutation.
+//! this module maps names, dequantizes, converts and undoes GGUF's q/k row permutation. Each
+//! tensor's file pages are dropped from the process once converted, and the whole mapping when
+//! the source is dropped (after loading: see [`crate::ModelFiles`]).
 
 use crate::config::{Arch, Config};
 use crate::error::{Error, Result};
@@ -9,6 +11,9 @@ use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// One tensor as listed: Hugging Face name, shape, storage type name.
+pub type TensorDesc = (String, Vec<usize>, String);
+
 /// A source of named tensors in Hugging Face naming and layout.
 pub trait TensorSource {
     /// Row-major f32 values of `name`, checked against `shape` (Hugging Face order, e.g.
@@ -16,7 +21,7 @@ pub trait TensorSource {
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
     fn contains(&self, name: &str) -> bool;
     /// Every tensor: Hugging Face name, shape, storage type name.
-    fn describe(&self) -> Vec<(String, Vec<usize>, String)>;
+    fn describe(&self) -> Vec<TensorDesc>;
     fn label(&self) -> String;
 }
 
@@ -157,6 +162,7 @@ impl TensorSource for GgufSource {
             });
         }
         let data = self.file.dequantize(t)?;
+        self.file.release(t);
         Ok(match self.permutation(name) {
             Some(n_head) => {
                 let cols = if shape.len() == 2 { shape[1] } else { 1 };
@@ -168,7 +174,7 @@ impl TensorSource for GgufSource {
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).is_some_and(|g| self.file.tensor(&g).is_some())
     }
-    fn describe(&self) -> Vec<(String, Vec<usize>, String)> {
+    fn describe(&self) -> Vec<TensorDesc> {
         self.file
             .tensors
             .iter()
@@ -263,7 +269,8 @@ impl SafetensorsSource {
         })
     }
 
-    fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
+    /// The tensor `name` and the index of its shard.
+    fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, usize)> {
         let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),
             source_desc: self.label(),
@@ -278,14 +285,14 @@ impl SafetensorsSource {
             path: s.path.clone(),
             msg: e.to_string(),
         })?;
-        Ok((v, &s.path))
+        Ok((v, i))
     }
 }
 
 impl TensorSource for SafetensorsSource {
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         use safetensors::Dtype;
-        let (v, _) = self.view(name)?;
+        let (v, shard) = self.view(name)?;
         if v.shape() != shape {
             return Err(Error::TensorShape {
                 name: name.into(),
@@ -314,12 +321,16 @@ impl TensorSource for SafetensorsSource {
                 })
             }
         };
+        // The converted copy is all the model needs: drop the file's pages from this process.
+        let mmap = &self.shards[shard].mmap;
+        let offset = b.as_ptr() as usize - mmap.as_ptr() as usize;
+        crate::gguf::release_range(mmap, offset, b.len());
         Ok(out)
     }
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
-    fn describe(&self) -> Vec<(String, Vec<usize>, String)> {
+    fn describe(&self) -> Vec<TensorDesc> {
         let mut names: Vec<&String> = self.index.keys().collect();
         names.sort();
         names

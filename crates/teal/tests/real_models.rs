@@ -182,7 +182,7 @@ fn smollm2_teal_uniform_sparsity() {
     };
     let files = ModelFiles::open(&path).unwrap();
     let model = files.load_model().unwrap();
-    let fp = Fingerprint::of(&files.config, files.source.as_ref());
+    let fp = Fingerprint::of(&files.config, &files.tensors);
     let cal_tokens = files.tokenizer.encode(&cal, false).unwrap();
     let opts = CalibOptions {
         weight_aware: false,
@@ -258,7 +258,7 @@ fn smollm2_thresholds_match_the_teal_reference() {
         serde_json::from_str(&std::fs::read_to_string(&refp).unwrap()).unwrap();
     let files = ModelFiles::open(&path).unwrap();
     let model = files.load_model().unwrap();
-    let fp = Fingerprint::of(&files.config, files.source.as_ref());
+    let fp = Fingerprint::of(&files.config, &files.tensors);
     let tokens = files.tokenizer.encode(&cal, false).unwrap();
     let opts = CalibOptions {
         weight_aware: false,

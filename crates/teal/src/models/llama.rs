@@ -1,14 +1,14 @@
 //! The Llama family (Llama-2/3, SmolLM2, TinyLlama, Mistral, Qwen2): one forward pass, top to
 //! bottom. Prefill (many positions, optionally logits for every one) and decode (one position,
 //! preallocated scratch, no allocation) are separate functions. Every projection goes through
-//! [`Linear`], which owns precision and sparsity.
+//! [`Linear`], which owns precision and sparsity; the LM head is a [`Dense`] layer, whose rows
+//! are also the token embeddings of a tied model.
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::linear::{InputMask, Linear};
+use crate::linear::{Dense, InputMask, Linear};
 use crate::loader::TensorSource;
-use std::sync::Arc;
 use teal_kernels::packed::Dtype;
 use teal_kernels::{cpu, reference};
 
@@ -50,11 +50,12 @@ pub struct Block {
 #[derive(Clone)]
 pub struct Llama {
     pub config: Config,
-    /// `[vocab, hidden]` rows (shared between the dense model and its sparse variants).
-    pub embed_tokens: Arc<Vec<f32>>,
+    /// `[vocab, hidden]`: row `t` is token `t`'s embedding. For a tied model (no
+    /// `lm_head.weight`) the same weights as `lm_head`.
+    pub embed_tokens: Dense,
     pub layers: Vec<Block>,
     pub norm: Vec<f32>,
-    pub lm_head: Linear,
+    pub lm_head: Dense,
     inv_freq: Vec<f32>,
 }
 
@@ -72,8 +73,9 @@ impl Llama {
         Llama::load_as(config, src, Dtype::F32)
     }
 
-    /// Loads every weight, the projections and the LM head repacked to `dtype` (embeddings
-    /// and norms stay f32).
+    /// Loads every weight: the projections repacked input-major to `dtype`, the LM head and the
+    /// embeddings output-major in `dtype` (one matrix when tied), norms in f32. Tensors are
+    /// converted one at a time, so the f32 copies never outlive their tensor.
     pub fn load_as(config: Config, src: &dyn TensorSource, dtype: Dtype) -> Result<Llama> {
         let c = &config;
         let (d, ff, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
@@ -92,8 +94,12 @@ impl Llama {
             check_finite(name, &v)?;
             Ok(v)
         };
-        let embed_tokens = src.load("model.embed_tokens.weight", &[c.vocab_size, d])?;
-        check_finite("model.embed_tokens.weight", &embed_tokens)?;
+        let dense = |name: &str| -> Result<Dense> {
+            let w = src.load(name, &[c.vocab_size, d])?;
+            check_finite(name, &w)?;
+            Dense::from_rows_as(dtype, name, c.vocab_size, d, w)
+        };
+        let embed_tokens = dense("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -113,20 +119,13 @@ impl Llama {
             });
         }
         let lm_head = if src.contains("lm_head.weight") {
-            linear("lm_head", c.vocab_size, d, false)?
+            dense("lm_head.weight")?
         } else {
-            Linear::from_rows_as(
-                dtype,
-                "model.embed_tokens.weight",
-                c.vocab_size,
-                d,
-                &embed_tokens,
-                None,
-            )?
+            embed_tokens.clone()
         };
         Ok(Llama {
             inv_freq: config.rope_inv_freq(),
-            embed_tokens: Arc::new(embed_tokens),
+            embed_tokens,
             layers,
             norm: vector("model.norm.weight", d)?,
             lm_head,
@@ -138,14 +137,14 @@ impl Llama {
     /// as the rotation experiment in `examples/rotate_eval.rs`).
     pub fn with_weights(
         &self,
-        embed_tokens: Vec<f32>,
+        embed_tokens: Dense,
         layers: Vec<Block>,
         norm: Vec<f32>,
-        lm_head: Linear,
+        lm_head: Dense,
     ) -> Llama {
         Llama {
             config: self.config.clone(),
-            embed_tokens: Arc::new(embed_tokens),
+            embed_tokens,
             layers,
             norm,
             lm_head,
@@ -186,6 +185,28 @@ impl Llama {
             .map(|(_, l)| l.weight_bytes())
             .sum::<usize>()
             + self.lm_head.weight_bytes()
+    }
+
+    /// Bytes of every weight the model holds: projections, LM head, the embedding table when it
+    /// is not the head's, norms.
+    pub fn weight_bytes(&self) -> usize {
+        let embed = if self.embed_tokens.shares_weights(&self.lm_head) {
+            0
+        } else {
+            self.embed_tokens.weight_bytes()
+        };
+        let norms = self
+            .layers
+            .iter()
+            .map(|b| b.input_layernorm.len() + b.post_attention_layernorm.len())
+            .sum::<usize>()
+            + self.norm.len();
+        self.linear_weight_bytes() + embed + 4 * norms
+    }
+
+    /// Writes token `token`'s embedding (`hidden_size` values) into `out`.
+    pub fn embed(&self, token: u32, out: &mut [f32]) {
+        self.embed_tokens.row(token as usize, out);
     }
 
     /// Rotary cos/sin tables (`[n, head_dim/2]` each) for positions `pos0..pos0+n`.
@@ -253,9 +274,8 @@ impl Llama {
         let (cos, sin) = self.rope_tables_for(pos0, n);
 
         let mut x = vec![0.0f32; n * d];
-        for (t, &tok) in tokens.iter().enumerate() {
-            x[t * d..(t + 1) * d]
-                .copy_from_slice(&self.embed_tokens[tok as usize * d..(tok as usize + 1) * d]);
+        for (&tok, xt) in tokens.iter().zip(x.chunks_mut(d)) {
+            self.embed(tok, xt);
         }
         let mut ws = PrefillBuffers::new(c, n);
         for (l, b) in self.layers.iter().enumerate() {
@@ -317,9 +337,9 @@ impl Llama {
                 pos + 1
             )));
         }
-        let (d, kvd, hd) = (c.hidden_size, c.kv_dim(), c.head_dim);
+        let (kvd, hd) = (c.kv_dim(), c.head_dim);
         self.rope_tables(pos, 1, &mut s.cos, &mut s.sin);
-        s.x.copy_from_slice(&self.embed_tokens[token as usize * d..(token as usize + 1) * d]);
+        self.embed(token, &mut s.x);
         for (l, b) in self.layers.iter().enumerate() {
             reference::rmsnorm(&s.x, &b.input_layernorm, c.rms_norm_eps, &mut s.h);
             b.q_proj.forward(&s.h, &mut s.q);

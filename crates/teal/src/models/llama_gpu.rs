@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::device::{Bandwidth, Decoder, Footprint, Masks};
 use crate::error::{Error, Result};
 use crate::generate::Models;
-use crate::linear::{InputMask, Linear};
+use crate::linear::{Dense, InputMask, Linear};
 use crate::models::llama::{Llama, Logits, Observer, Site};
 use crate::sampler::Sampler;
 use teal_kernels::cuda::{CudaGraph, DeviceBuffer, GemvOpts, Gpu, GpuLinear, WeightDtype};
@@ -77,7 +77,45 @@ fn fused_bits(parts: &[&Linear], dtype: WeightDtype) -> Vec<u16> {
     bits
 }
 
+/// The rows of an output-major layer (`[out, in]`), each encoded: the embedding table.
+fn row_bits(m: &Dense, dtype: WeightDtype) -> Vec<u16> {
+    let mut bits = Vec::with_capacity(m.out_dim * m.in_dim);
+    let mut row = vec![0.0f32; m.in_dim];
+    for o in 0..m.out_dim {
+        m.row(o, &mut row);
+        bits.extend(dtype.encode(&row));
+    }
+    bits
+}
+
+/// An output-major layer turned input-major (`bits[j * out + o] = W[o, j]`): the GEMV's layout.
+fn transposed_bits(m: &Dense, dtype: WeightDtype) -> Vec<u16> {
+    let (n_in, n_out) = (m.in_dim, m.out_dim);
+    let mut bits = vec![0u16; n_in * n_out];
+    let mut row = vec![0.0f32; n_in];
+    for o in 0..n_out {
+        m.row(o, &mut row);
+        for (j, b) in dtype.encode(&row).into_iter().enumerate() {
+            bits[j * n_out + o] = b;
+        }
+    }
+    bits
+}
+
 impl Group {
+    /// A dense layer that has no mask in either pass (the LM head): one launch.
+    fn dense(g: &Gpu, m: &Dense, dtype: WeightDtype) -> Result<Group> {
+        let w = g.linear_from_bits(&transposed_bits(m, dtype), m.in_dim, m.out_dim, dtype, &[])?;
+        Ok(Group {
+            launches: vec![Launch {
+                w,
+                offset: 0,
+                thresholds: std::array::from_fn(|_| vec![-1.0]),
+            }],
+            bias: None,
+        })
+    }
+
     /// `parts[i][pass]` is part i as the model of `pass` holds it (same weights, its mask).
     fn new(g: &Gpu, parts: &[[&Linear; PASSES]], dtype: WeightDtype, what: &str) -> Result<Group> {
         let mut t = vec![[0.0f32; PASSES]; parts.len()];
@@ -308,9 +346,9 @@ impl GpuLlama {
             });
         }
         let (cos, sin) = dm.rope_tables_for(0, ctx);
-        let lm_head = Group::new(&gpu, &[[&dm.lm_head, &dm.lm_head]], dtype, "lm_head")?;
+        let lm_head = Group::dense(&gpu, &dm.lm_head, dtype)?;
         let m = Resident {
-            embed: gpu.upload(&dtype.encode(&dm.embed_tokens))?,
+            embed: gpu.upload(&row_bits(&dm.embed_tokens, dtype))?,
             norm: gpu.upload(&dm.norm)?,
             cos: gpu.upload(&cos)?,
             sin: gpu.upload(&sin)?,

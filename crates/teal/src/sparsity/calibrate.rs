@@ -102,14 +102,13 @@ pub fn calibrate(
 
     // Hidden states of every sample, advanced one block at a time.
     let mut h = vec![0.0f32; n * len * d];
-    for (i, &t) in tokens[..n * len].iter().enumerate() {
+    for (&t, ht) in tokens[..n * len].iter().zip(h.chunks_mut(d)) {
         if t as usize >= c.vocab_size {
             return Err(Error::Invalid(format!(
                 "token id {t} outside the vocabulary"
             )));
         }
-        h[i * d..(i + 1) * d]
-            .copy_from_slice(&model.embed_tokens[t as usize * d..(t as usize + 1) * d]);
+        model.embed(t, ht);
     }
     let mut ws = PrefillBuffers::new(c, len);
     let mut kc = vec![0.0f32; len * c.kv_dim()];

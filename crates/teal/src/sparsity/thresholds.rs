@@ -7,7 +7,7 @@ use super::{effective_sparsity, size_weights, PROJ_SITE};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::linear::InputMask;
-use crate::loader::TensorSource;
+use crate::loader::TensorDesc;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -100,10 +100,11 @@ pub struct Fingerprint {
 }
 
 impl Fingerprint {
-    pub fn of(c: &Config, src: &dyn TensorSource) -> Fingerprint {
-        let mut t: Vec<String> = src
-            .describe()
-            .into_iter()
+    /// Of a model's configuration and its tensor list ([`crate::ModelFiles::tensors`],
+    /// [`crate::loader::TensorSource::describe`]).
+    pub fn of(c: &Config, tensors: &[TensorDesc]) -> Fingerprint {
+        let mut t: Vec<String> = tensors
+            .iter()
             .map(|(n, s, _)| format!("{n}:{s:?}"))
             .collect();
         t.sort();
