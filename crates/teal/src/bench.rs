@@ -226,16 +226,7 @@ pub fn random_model(shape: &str, dtype: Dtype, seed: u64) -> Result<(Llama, Thre
         text_label: format!("{} random token ids", tokens.len()),
         text_bytes: 0,
     };
-    let fp = Fingerprint {
-        arch: c.arch.name().into(),
-        hidden_size: c.hidden_size,
-        intermediate_size: c.intermediate_size,
-        num_hidden_layers: c.num_hidden_layers,
-        num_attention_heads: c.num_attention_heads,
-        num_key_value_heads: c.num_key_value_heads,
-        vocab_size: c.vocab_size,
-        tensor_hash: format!("random:{shape}:{seed}"),
-    };
+    let fp = Fingerprint::with_hash(&c, format!("random:{shape}:{seed}"));
     let th = calibrate(&model, fp, &tokens, &opts, &mut |_, _, _| {})?;
     Ok((model, th))
 }

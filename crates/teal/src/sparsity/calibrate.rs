@@ -176,14 +176,7 @@ pub fn calibrate(
         format: FORMAT.into(),
         version: VERSION,
         model: fingerprint,
-        calibration: Provenance {
-            text: opts.text_label.clone(),
-            text_bytes: opts.text_bytes,
-            samples: n,
-            seq_len: len,
-            tokens: n * len,
-            engine: format!("teal {}", env!("CARGO_PKG_VERSION")),
-        },
+        calibration: provenance(opts, format!("teal {}", env!("CARGO_PKG_VERSION"))),
         levels,
         sites,
         wina: opts.weight_aware.then_some(wina),
@@ -338,17 +331,25 @@ pub fn calibrate_on(
         format: FORMAT.into(),
         version: VERSION,
         model: fingerprint,
-        calibration: Provenance {
-            text: opts.text_label.clone(),
-            text_bytes: opts.text_bytes,
-            samples: n,
-            seq_len: len,
-            tokens: n * len,
-            engine: format!("teal {} on {}", env!("CARGO_PKG_VERSION"), dec.describe()),
-        },
+        calibration: provenance(
+            opts,
+            format!("teal {} on {}", env!("CARGO_PKG_VERSION"), dec.describe()),
+        ),
         levels,
         sites,
         wina: opts.weight_aware.then_some(wina),
         greedy: None,
     })
+}
+
+/// The calibration record of a thresholds file: the text, the windows, the engine.
+fn provenance(opts: &CalibOptions, engine: String) -> Provenance {
+    Provenance {
+        text: opts.text_label.clone(),
+        text_bytes: opts.text_bytes,
+        samples: opts.samples,
+        seq_len: opts.seq_len,
+        tokens: opts.samples * opts.seq_len,
+        engine,
+    }
 }

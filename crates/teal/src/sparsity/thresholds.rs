@@ -113,6 +113,12 @@ impl Fingerprint {
             h ^= b as u64;
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
+        Fingerprint::with_hash(c, format!("{h:016x}"))
+    }
+
+    /// Of a model's configuration, with `tensor_hash` naming its weights (a hash of the tensor
+    /// list, or the seed of a random-weights model).
+    pub fn with_hash(c: &Config, tensor_hash: String) -> Fingerprint {
         Fingerprint {
             arch: c.arch.name().into(),
             hidden_size: c.hidden_size,
@@ -121,7 +127,7 @@ impl Fingerprint {
             num_attention_heads: c.num_attention_heads,
             num_key_value_heads: c.num_key_value_heads,
             vocab_size: c.vocab_size,
-            tensor_hash: format!("{h:016x}"),
+            tensor_hash,
         }
     }
 }
