@@ -83,6 +83,39 @@ pub enum Data {
     Q4(Vec<u8>),
 }
 
+impl Data {
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Data::F32(_) => Dtype::F32,
+            Data::F16(_) => Dtype::F16,
+            Data::Bf16(_) => Dtype::Bf16,
+            Data::Q8(_) => Dtype::Q8,
+            Data::Q4(_) => Dtype::Q4,
+        }
+    }
+
+    /// A borrowed view of the values.
+    pub fn view(&self) -> View<'_> {
+        match self {
+            Data::F32(w) => View::F32(w),
+            Data::F16(w) => View::F16(w),
+            Data::Bf16(w) => View::Bf16(w),
+            Data::Q8(b) => View::Q8(b),
+            Data::Q4(b) => View::Q4(b),
+        }
+    }
+
+    /// Bytes stored (values, scales and minimums).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Data::F32(w) => w.len() * 4,
+            Data::F16(w) => w.len() * 2,
+            Data::Bf16(w) => w.len() * 2,
+            Data::Q8(b) | Data::Q4(b) => b.len(),
+        }
+    }
+}
+
 /// A packed input-major matrix.
 #[derive(Debug)]
 pub struct PackedT {
@@ -202,23 +235,11 @@ impl PackedT {
     }
 
     pub fn dtype(&self) -> Dtype {
-        match self.data {
-            Data::F32(_) => Dtype::F32,
-            Data::F16(_) => Dtype::F16,
-            Data::Bf16(_) => Dtype::Bf16,
-            Data::Q8(_) => Dtype::Q8,
-            Data::Q4(_) => Dtype::Q4,
-        }
+        self.data.dtype()
     }
 
     pub fn mat(&self) -> Mat<'_> {
-        let view = match &self.data {
-            Data::F32(w) => View::F32(w),
-            Data::F16(w) => View::F16(w),
-            Data::Bf16(w) => View::Bf16(w),
-            Data::Q8(b) => View::Q8(b),
-            Data::Q4(b) => View::Q4(b),
-        };
+        let view = self.data.view();
         Mat {
             n_in: self.n_in,
             n_out: self.n_out,
@@ -228,12 +249,7 @@ impl PackedT {
 
     /// Bytes stored (values, scales and minimums).
     pub fn bytes(&self) -> usize {
-        match &self.data {
-            Data::F32(w) => w.len() * 4,
-            Data::F16(w) => w.len() * 2,
-            Data::Bf16(w) => w.len() * 2,
-            Data::Q8(b) | Data::Q4(b) => b.len(),
-        }
+        self.data.bytes()
     }
 }
 
@@ -375,23 +391,11 @@ impl PackedRows {
     }
 
     pub fn dtype(&self) -> Dtype {
-        match self.data {
-            Data::F32(_) => Dtype::F32,
-            Data::F16(_) => Dtype::F16,
-            Data::Bf16(_) => Dtype::Bf16,
-            Data::Q8(_) => Dtype::Q8,
-            Data::Q4(_) => Dtype::Q4,
-        }
+        self.data.dtype()
     }
 
     pub fn mat(&self) -> RowsMat<'_> {
-        let view = match &self.data {
-            Data::F32(w) => View::F32(w),
-            Data::F16(w) => View::F16(w),
-            Data::Bf16(w) => View::Bf16(w),
-            Data::Q8(b) => View::Q8(b),
-            Data::Q4(b) => View::Q4(b),
-        };
+        let view = self.data.view();
         RowsMat {
             n_out: self.n_out,
             n_in: self.n_in,
@@ -401,12 +405,7 @@ impl PackedRows {
 
     /// Bytes stored (values, scales and minimums).
     pub fn bytes(&self) -> usize {
-        match &self.data {
-            Data::F32(w) => w.len() * 4,
-            Data::F16(w) => w.len() * 2,
-            Data::Bf16(w) => w.len() * 2,
-            Data::Q8(b) | Data::Q4(b) => b.len(),
-        }
+        self.data.bytes()
     }
 }
 
