@@ -74,7 +74,6 @@ struct Model {
     logits: CudaSlice<f32>,
     tok: CudaSlice<u32>,
     pos: CudaSlice<i32>,
-    n_keys: CudaSlice<i32>,
 }
 
 /// Called with (layer, site, site input) during uncaptured steps.
@@ -135,7 +134,6 @@ impl Model {
             logits: g.zeros(cfg.vocab)?,
             tok: g.upload(&[1u32])?,
             pos: g.upload(&[0i32])?,
-            n_keys: g.upload(&[1i32])?,
             layers,
             dtype,
             cfg,
@@ -145,8 +143,7 @@ impl Model {
     /// Start a new sequence at position 0 with token 1.
     fn reset(&mut self, g: &Gpu) -> Res<()> {
         g.write(&[1u32], &mut self.tok)?;
-        g.write(&[0i32], &mut self.pos)?;
-        g.write(&[1i32], &mut self.n_keys)
+        g.write(&[0i32], &mut self.pos)
     }
 
     /// Enqueue one greedy decode step. `observe(layer, site, input)` is called after each
@@ -169,24 +166,14 @@ impl Model {
                 },
             );
             g.gemv(&mut l.qkv, &self.xn, &mut self.qkv, 1, &t[0..3], plain)?;
-            g.rope_kv_append(
-                &mut self.qkv,
+            g.attention_rope_decode(
+                &self.qkv,
                 &self.cos,
                 &self.sin,
                 &self.pos,
                 &mut l.kc,
                 &mut l.vc,
-                c.n_head,
-                c.n_kv,
-                c.hd,
-            )?;
-            g.attention_decode(
-                &self.qkv,
-                &l.kc,
-                &l.vc,
                 &mut self.attn,
-                &self.n_keys,
-                1,
                 c.n_head,
                 c.n_kv,
                 c.hd,
@@ -223,7 +210,7 @@ impl Model {
             GemvOpts::default(),
         )?;
         g.argmax(&self.logits, &mut self.tok, 1, c.vocab)?;
-        g.advance_position(&mut self.pos, &mut self.n_keys)
+        g.advance_position(&mut self.pos)
     }
 
     /// Weight bytes read per token at uniform sparsity s (every projection at s, LM head dense).
@@ -277,22 +264,17 @@ fn breakdown(g: &Gpu, m: &mut Model) -> Res<()> {
         m.cfg.vocab,
     );
     g.write(&[128i32], &mut m.pos)?;
-    g.write(&[129i32], &mut m.n_keys)?;
     let l = &mut m.layers[0];
     let rms = time_small(g, || g.rmsnorm(&m.h, &l.attn_norm, &mut m.xn, 1, d, eps))?;
-    let rope = time_small(g, || {
-        g.rope_kv_append(
-            &mut m.qkv, &m.cos, &m.sin, &m.pos, &mut l.kc, &mut l.vc, n_head, n_kv, hd,
-        )
-    })?;
     let attn = time_small(g, || {
-        g.attention_decode(
+        g.attention_rope_decode(
             &m.qkv,
-            &l.kc,
-            &l.vc,
+            &m.cos,
+            &m.sin,
+            &m.pos,
+            &mut l.kc,
+            &mut l.vc,
             &mut m.attn,
-            &m.n_keys,
-            1,
             n_head,
             n_kv,
             hd,
@@ -303,10 +285,10 @@ fn breakdown(g: &Gpu, m: &mut Model) -> Res<()> {
     let argmax = time_small(g, || g.argmax(&m.logits, &mut m.tok, 1, vocab))?;
     let embed = time_small(g, || g.embed(&m.embed, m.dtype, &m.tok, &mut m.h, d))?;
     println!(
-        "small kernels, us per launch (graph of 100 chained launches): rmsnorm {rms:.2}, rope+kv_append {rope:.2}, \
-         attention@129 keys {attn:.2}, silu_mul {silu:.2} (not in the step), argmax {argmax:.2}, embed {embed:.2}; \
-         per token 32 x (2 rmsnorm + rope + attention) = {:.0} us",
-        32.0 * (2.0 * rms + rope + attn)
+        "small kernels, us per launch (graph of 100 chained launches): rmsnorm {rms:.2}, \
+         rope + kv append + attention@129 keys {attn:.2}, silu_mul {silu:.2} (not in the step), \
+         argmax {argmax:.2}, embed {embed:.2}; per token 32 x (2 rmsnorm + attention) = {:.0} us",
+        32.0 * (2.0 * rms + attn)
     );
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! Needs a GPU with a driver and libnvrtc; without a driver or a GPU every test prints why and
 //! passes (CI has no GPU). Run them on the GPU machine with the test binary.
 
-use teal_kernels::cuda::{try_gpu, GemvOpts, Gpu, WeightDtype};
+use teal_kernels::cuda::{try_gpu, GemvOpts, Gpu, Norm, Prepare, WeightDtype};
 use teal_kernels::reference;
 
 /// GEMV: f32 accumulation in another order than the reference, relative to sum |x_j w_jo|.
@@ -296,11 +296,11 @@ fn gemv_rmsnorm_matches_reference() {
                 };
                 let (xd, nd) = (g.upload(&x).unwrap(), g.upload(&nw).unwrap());
                 let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
+                let norm = Norm { weight: &nd, eps };
                 g.gemv_rmsnorm(
                     &mut lin,
                     &xd,
-                    &nd,
-                    eps,
+                    norm,
                     &mut yd,
                     batch,
                     &[t],
@@ -346,10 +346,72 @@ fn gemv_rmsnorm_matches_reference() {
             g.upload(&nw).unwrap(),
         );
         let mut yd = g.zeros::<f32>(n_out).unwrap();
+        let norm = Norm { weight: &nd, eps };
         assert!(g
-            .gemv_rmsnorm(&mut lin, &xd, &nd, eps, &mut yd, 1, &[-1.0], bad)
+            .gemv_rmsnorm(&mut lin, &xd, norm, &mut yd, 1, &[-1.0], bad)
             .is_err());
     }
+}
+
+/// The GEMV's side job: another buffer set to a bias or to zeros by the blocks of a launch,
+/// whatever its grid, while the GEMV itself gives the same result.
+#[test]
+fn gemv_prepare_sets_the_other_buffer() {
+    let Some(g) = gpu() else { return };
+    let (n_in, n_out) = (300, 520);
+    let dtype = WeightDtype::F16;
+    let bits = dtype.encode(&rand_vec(n_in * n_out, 91));
+    let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
+    let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
+    let x = rand_vec(n_in, 92);
+    let mut want = vec![0.0; n_out];
+    reference::gemv_t(&wq, n_in, n_out, &x, &mut want);
+    let xd = g.upload(&x).unwrap();
+    // Larger than one element per thread of the grid, and with a bias source.
+    let n_other = 200_003;
+    let bias = rand_vec(n_other, 93);
+    let bd = g.upload(&bias).unwrap();
+    for from in [None, Some(&bd)] {
+        let mut other = g.upload(&vec![f32::NAN; n_other]).unwrap();
+        let mut yd = g.zeros::<f32>(n_out).unwrap();
+        let prep = Prepare {
+            out: &mut other,
+            from,
+        };
+        let opts = GemvOpts {
+            accumulate: true,
+            ..Default::default()
+        };
+        g.gemv_and_prepare(&mut lin, &xd, None, &mut yd, 1, &[-1.0], opts, prep)
+            .unwrap();
+        let o = g.download(&other).unwrap();
+        match from {
+            None => assert!(o.iter().all(|&v| v == 0.0), "prepare: zeros"),
+            Some(_) => assert_eq!(o, bias, "prepare: bias"),
+        }
+        let ones = vec![1.0; n_out];
+        let y = g.download(&yd).unwrap();
+        assert_close(&y, &want, &ones, 1e-4, "gemv with prepare");
+    }
+    let mut other = g.zeros::<f32>(10).unwrap();
+    let short = g.zeros::<f32>(5).unwrap();
+    let mut yd = g.zeros::<f32>(n_out).unwrap();
+    let prep = Prepare {
+        out: &mut other,
+        from: Some(&short),
+    };
+    assert!(g
+        .gemv_and_prepare(
+            &mut lin,
+            &xd,
+            None,
+            &mut yd,
+            1,
+            &[-1.0],
+            GemvOpts::default(),
+            prep
+        )
+        .is_err());
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -646,10 +708,9 @@ fn decode_helpers_fill_embed_kv_append_advance() {
     let mut kc = g.zeros::<f32>(max_pos * kv_dim).unwrap();
     let mut vc = g.zeros::<f32>(max_pos * kv_dim).unwrap();
     let mut pos = g.upload(&[3i32]).unwrap();
-    let mut nk = g.upload(&[4i32]).unwrap();
     g.kv_append(&qd, &mut kc, &mut vc, &pos, q_dim, kv_dim)
         .unwrap();
-    g.advance_position(&mut pos, &mut nk).unwrap();
+    g.advance_position(&mut pos).unwrap();
     let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
     assert_eq!(&k[3 * kv_dim..4 * kv_dim], &qkv[q_dim..q_dim + kv_dim]);
     assert_eq!(&v[3 * kv_dim..4 * kv_dim], &qkv[q_dim + kv_dim..]);
@@ -658,7 +719,6 @@ fn decode_helpers_fill_embed_kv_append_advance() {
         .chain(&k[4 * kv_dim..])
         .all(|&x| x == 0.0));
     assert_eq!(g.download(&pos).unwrap(), vec![4]);
-    assert_eq!(g.download(&nk).unwrap(), vec![5]);
 }
 
 #[test]
@@ -710,48 +770,97 @@ fn gemv_with_silu_mul_input_matches_reference() {
 }
 
 #[test]
-fn rope_kv_append_matches_reference() {
+fn attention_rope_decode_matches_reference() {
     let Some(g) = gpu() else { return };
-    let (n_head, n_kv, hd, max_pos, p) = (6usize, 2usize, 64usize, 9usize, 7usize);
-    let half = hd / 2;
-    let cos: Vec<f32> = rand_vec(max_pos * half, 71);
-    let sin: Vec<f32> = rand_vec(max_pos * half, 72);
-    let qkv = rand_vec((n_head + 2 * n_kv) * hd, 73);
-    let mut qd = g.upload(&qkv).unwrap();
-    let (cd, sd, pd) = (
-        g.upload(&cos).unwrap(),
-        g.upload(&sin).unwrap(),
-        g.upload(&[p as i32]).unwrap(),
-    );
-    let mut kc = g.zeros::<f32>(max_pos * n_kv * hd).unwrap();
-    let mut vc = g.zeros::<f32>(max_pos * n_kv * hd).unwrap();
-    g.rope_kv_append(&mut qd, &cd, &sd, &pd, &mut kc, &mut vc, n_head, n_kv, hd)
-        .unwrap();
-    let mut want = qkv.clone();
-    for h in 0..n_head + n_kv {
-        reference::rope_neox(
-            &mut want[h * hd..(h + 1) * hd],
-            &cos[p * half..(p + 1) * half],
-            &sin[p * half..(p + 1) * half],
-        );
+    // Head dims of SmolLM2/Qwen (64), Llama 3 (128) and the tiny test Qwen2 (8); the first
+    // position, a short cache, and one longer than a pass of the score loop (256 keys at
+    // hd 128) at the cache's end.
+    for (n_head, n_kv, hd, max_pos) in [
+        (6usize, 2usize, 64usize, 300usize),
+        (8, 2, 128, 300),
+        (4, 2, 8, 40),
+    ] {
+        for p in [0usize, 7, max_pos - 1] {
+            let half = hd / 2;
+            let kvs = n_kv * hd;
+            let cos: Vec<f32> = rand_vec(max_pos * half, 71);
+            let sin: Vec<f32> = rand_vec(max_pos * half, 72);
+            let qkv = rand_vec((n_head + 2 * n_kv) * hd, 73 + p as u64);
+            let k_old = rand_vec(max_pos * kvs, 74);
+            let v_old = rand_vec(max_pos * kvs, 75);
+            let qd = g.upload(&qkv).unwrap();
+            let (cd, sd, pd) = (
+                g.upload(&cos).unwrap(),
+                g.upload(&sin).unwrap(),
+                g.upload(&[p as i32]).unwrap(),
+            );
+            let mut kc = g.upload(&k_old).unwrap();
+            let mut vc = g.upload(&v_old).unwrap();
+            let mut od = g.upload(&vec![f32::NAN; n_head * hd]).unwrap();
+            g.attention_rope_decode(
+                &qd, &cd, &sd, &pd, &mut kc, &mut vc, &mut od, n_head, n_kv, hd, max_pos,
+            )
+            .unwrap();
+            let mut rot = qkv.clone();
+            for h in 0..n_head + n_kv {
+                reference::rope_neox(
+                    &mut rot[h * hd..(h + 1) * hd],
+                    &cos[p * half..(p + 1) * half],
+                    &sin[p * half..(p + 1) * half],
+                );
+            }
+            let what = format!("hd {hd}, position {p}");
+            assert_eq!(
+                g.download(&qd).unwrap(),
+                qkv,
+                "{what}: qkv must stay as it was"
+            );
+            let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
+            let row = p * kvs;
+            let ones = vec![1.0; kvs];
+            assert_close(
+                &k[row..row + kvs],
+                &rot[n_head * hd..(n_head + n_kv) * hd],
+                &ones,
+                4.0 * GPU_ELEMWISE_TOL,
+                &format!("{what}: k cache row"),
+            );
+            assert_eq!(&v[row..row + kvs], &qkv[(n_head + n_kv) * hd..], "{what}");
+            assert_eq!(&k[..row], &k_old[..row], "{what}: other k rows");
+            assert_eq!(&k[row + kvs..], &k_old[row + kvs..], "{what}: other k rows");
+            assert_eq!(&v[..row], &v_old[..row], "{what}: other v rows");
+            let mut want = vec![0.0; n_head * hd];
+            reference::attention(
+                &rot[..n_head * hd],
+                &k[..(p + 1) * kvs],
+                &v[..(p + 1) * kvs],
+                1,
+                p,
+                n_head,
+                n_kv,
+                hd,
+                &mut want,
+            );
+            let ones = vec![1.0; want.len()];
+            assert_close(
+                &g.download(&od).unwrap(),
+                &want,
+                &ones,
+                GPU_ATTN_TOL,
+                &format!("{what}: attention"),
+            );
+        }
     }
-    let ones = vec![1.0; want.len()];
-    assert_close(
-        &g.download(&qd).unwrap(),
-        &want,
-        &ones,
-        4.0 * GPU_ELEMWISE_TOL,
-        "rope q|k",
+    // Shapes the kernel does not take: a clear error, no launch.
+    let qd = g.zeros::<f32>(16 * 48).unwrap();
+    let (cd, pd) = (g.zeros::<f32>(1024).unwrap(), g.zeros::<i32>(1).unwrap());
+    let (mut kc, mut vc, mut od) = (
+        g.zeros::<f32>(4096).unwrap(),
+        g.zeros::<f32>(4096).unwrap(),
+        g.zeros::<f32>(1024).unwrap(),
     );
-    let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
-    let row = p * n_kv * hd;
-    let ones = vec![1.0; n_kv * hd];
-    assert_close(
-        &k[row..row + n_kv * hd],
-        &want[n_head * hd..(n_head + n_kv) * hd],
-        &ones,
-        4.0 * GPU_ELEMWISE_TOL,
-        "k cache",
-    );
-    assert_eq!(&v[row..row + n_kv * hd], &qkv[(n_head + n_kv) * hd..]);
+    let e = g
+        .attention_rope_decode(&qd, &cd, &cd, &pd, &mut kc, &mut vc, &mut od, 8, 4, 48, 4)
+        .unwrap_err();
+    assert!(e.to_string().contains("head dim 48"), "{e}");
 }

@@ -14,11 +14,19 @@ typedef unsigned int u32;
 // Programmatic dependent launch (Hopper+): every kernel lets the next one in the stream start
 // launching at once, and waits for the previous one's memory before touching any. Without the
 // launch attribute (or before sm_90) both are no-ops.
-__device__ __forceinline__ void pdl_begin() {
+__device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+__device__ __forceinline__ void pdl_begin() {
+    pdl_trigger();
+    pdl_wait();
 }
 
 __device__ __forceinline__ float f16_to_f32(u32 h) {
@@ -146,16 +154,36 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
                                           u32* __restrict__ counters, int n_in, int n_out, int R,
                                           float t0, float t1, float t2, int seg1, int seg2,
                                           float beta, int accumulate, int glu,
-                                          const float* __restrict__ nw, float eps) {
+                                          const float* __restrict__ nw, float eps,
+                                          float* __restrict__ init_dst,
+                                          const float* __restrict__ init_src, int init_n) {
     pdl_begin();
+    if (init_dst != nullptr) {
+        // Side job: set a later accumulate-mode GEMV's output (whose last reader has finished:
+        // it ran before the kernel this one waited for) to its bias or to zero.
+        const int nb = gridDim.x * gridDim.y;
+        for (int i = (blockIdx.y * gridDim.x + blockIdx.x) * GEMV_THREADS + threadIdx.x;
+             i < init_n; i += nb * GEMV_THREADS)
+            init_dst[i] = init_src != nullptr ? init_src[i] : 0.0f;
+    }
     __shared__ float inv_rms[B];
     if (nw != nullptr) {
 #pragma unroll
         for (int b = 0; b < B; ++b) {
             float ss = 0.0f;
-            for (int i = threadIdx.x; i < n_in; i += GEMV_THREADS) {
-                const float v = x[(size_t)b * n_in + i];
-                ss = fmaf(v, v, ss);
+            if ((n_in & 3) == 0) {
+                // 16-byte loads, several in flight per thread (one L2 round trip for 4096).
+                const float4* x4 = (const float4*)(x + (size_t)b * n_in);
+#pragma unroll 4
+                for (int i = threadIdx.x; i < (n_in >> 2); i += GEMV_THREADS) {
+                    const float4 v = x4[i];
+                    ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
+                }
+            } else {
+                for (int i = threadIdx.x; i < n_in; i += GEMV_THREADS) {
+                    const float v = x[(size_t)b * n_in + i];
+                    ss = fmaf(v, v, ss);
+                }
             }
             ss = block_sum(ss);
             if (threadIdx.x == 0) inv_rms[b] = 1.0f / sqrtf(ss / (float)n_in + eps);
@@ -277,8 +305,11 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
     const u16 *__restrict__ wt, const float *__restrict__ x, float *__restrict__ y,          \
         float *__restrict__ acc, u32 *__restrict__ counters, int n_in, int n_out, int R,     \
         float t0, float t1, float t2, int seg1, int seg2, float beta, int accumulate, int glu, \
-        const float *__restrict__ nw, float eps
-#define GEMV_PASS wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta, accumulate, glu, nw, eps
+        const float *__restrict__ nw, float eps, float *__restrict__ init_dst,                \
+        const float *__restrict__ init_src, int init_n
+#define GEMV_PASS                                                                             \
+    wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta, accumulate, glu, nw, \
+        eps, init_dst, init_src, init_n
 
 #define GEMV_KERNEL(NAME, WT, B, VEC)                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) NAME(GEMV_ARGS) {             \
@@ -330,97 +361,147 @@ extern "C" __global__ void rope_neox_f32(float* __restrict__ x, const float* __r
     }
 }
 
-// Decode attention of one query row per sequence over its KV cache, grouped-query.
-// q, out: [batch, n_head * hd]; k, v: [batch][max_pos, n_kv_head * hd]; n_keys[b] keys valid.
-// Grid: (n_head, batch); blockDim a multiple of hd; hd % 4 == 0. Scores: one thread per key
-// (16-byte loads along the key, all keys of a pass in flight at once); weighted sum: threads
-// over (dimension, key group). Shared memory: hd + blockDim + max_keys floats.
-extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const float* __restrict__ k,
-                                           const float* __restrict__ v, float* __restrict__ out,
-                                           const int* __restrict__ n_keys, int n_head,
-                                           int n_kv_head, int hd, size_t cache_stride) {
-    pdl_begin();
-    extern __shared__ float sm[];
-    float* qs = sm;
-    float* red = sm + hd;
-    float* sc = red + blockDim.x;
-    const int h = blockIdx.x, b = blockIdx.y;
-    const int kh = h / (n_head / n_kv_head);
-    const int nk = n_keys[b];
-    const int kvs = n_kv_head * hd;
-    const float* kb = k + (size_t)b * cache_stride + (size_t)kh * hd;
-    const float* vb = v + (size_t)b * cache_stride + (size_t)kh * hd;
-    const float* qh = q + (size_t)b * n_head * hd + (size_t)h * hd;
+// Attention of one query head over its `nk` keys, for the decode kernels below (one block
+// per head; hd % 4 == 0 and hd / 4 a power of two dividing blockDim). qs: the query in
+// shared memory; kb, vb: the head's column block of the K and V caches, row stride kvs.
+// Keys [0, nk - 1) come from the caches, key nk - 1 from kn / vn when given (shared memory),
+// else from the caches. sc: shared scratch of max(nk, 4 * blockDim) floats.
+// Scores: each key is split over kl lanes (kl a power of two, at most 8 16-byte loads per
+// lane, all in flight at once), so a 1024-thread block scores 256 keys per pass at hd 128 and
+// 512 at hd 64. Weighted sum: hd / 4 lanes per key, one float4 of dimensions each,
+// blockDim / (hd / 4) keys per pass, partial sums reduced in shared memory.
+__device__ void attend(const float* __restrict__ qs, const float* __restrict__ kb,
+                       const float* __restrict__ vb, int kvs, int nk, int hd,
+                       const float* __restrict__ kn, const float* __restrict__ vn,
+                       float* __restrict__ sc, float* __restrict__ out) {
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = qh[d];
-    __syncthreads();
+    const int q4n = hd >> 2;                          // float4s per key
+    const int kl = q4n > 8 ? q4n >> 3 : 1;            // lanes per key
+    const int slice4 = q4n / kl;                      // float4s per lane, <= 8
+    const int part = tid & (kl - 1);
+    const u32 group = kl >= 32 ? 0xffffffffu : ((1u << kl) - 1u) << (lane & ~(kl - 1));
     float m = NEG_INF;
-    for (int p = threadIdx.x; p < nk; p += blockDim.x) {
-        const float4* kp = (const float4*)(kb + (size_t)p * kvs);
+    for (int p = tid / kl; p < nk; p += nt / kl) {
+        const float* kr = (kn != nullptr && p == nk - 1) ? kn : kb + (size_t)p * kvs;
+        const float4* k4 = (const float4*)kr + part * slice4;
+        const float4* q4 = (const float4*)qs + part * slice4;
         float dot = 0.0f;
 #pragma unroll 8
-        for (int d4 = 0; d4 < (hd >> 2); ++d4) {
-            const float4 kv = kp[d4];
-            dot = fmaf(qs[4 * d4], kv.x, dot);
-            dot = fmaf(qs[4 * d4 + 1], kv.y, dot);
-            dot = fmaf(qs[4 * d4 + 2], kv.z, dot);
-            dot = fmaf(qs[4 * d4 + 3], kv.w, dot);
+        for (int i = 0; i < slice4; ++i) {
+            const float4 kv = k4[i], qv = q4[i];
+            dot = fmaf(qv.x, kv.x, fmaf(qv.y, kv.y, fmaf(qv.z, kv.z, fmaf(qv.w, kv.w, dot))));
         }
-        sc[p] = dot * scale;
-        m = fmaxf(m, dot * scale);
+        for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(group, dot, o);
+        dot *= scale;
+        if (part == 0) sc[p] = dot;
+        m = fmaxf(m, dot);
     }
     m = block_max(m);
     float s = 0.0f;
-    for (int p = threadIdx.x; p < nk; p += blockDim.x) {
+    for (int p = tid; p < nk; p += nt) {
         const float e = expf(sc[p] - m);
         sc[p] = e;
         s += e;
     }
     s = block_sum(s);
-    const int groups = blockDim.x / hd;
-    const int d = threadIdx.x % hd, g = threadIdx.x / hd;
-    float acc = 0.0f;
+    const int lanes = hd >> 2, d4 = tid % lanes, g = tid / lanes, groups = nt / lanes;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
-    for (int p = g; p < nk; p += groups) acc = fmaf(sc[p], vb[(size_t)p * kvs + d], acc);
-    red[threadIdx.x] = acc;
+    for (int p = g; p < nk; p += groups) {
+        const float* vr = (vn != nullptr && p == nk - 1) ? vn : vb + (size_t)p * kvs;
+        const float4 v = ((const float4*)vr)[d4];
+        const float w = sc[p];
+        acc.x = fmaf(w, v.x, acc.x);
+        acc.y = fmaf(w, v.y, acc.y);
+        acc.z = fmaf(w, v.z, acc.z);
+        acc.w = fmaf(w, v.w, acc.w);
+    }
+    __syncthreads();  // every score read: sc becomes the reduction buffer
+    float4* red = (float4*)sc;
+    red[g * lanes + d4] = acc;
     __syncthreads();
-    if (g == 0) {
-        float o = 0.0f;
-        for (int i = 0; i < groups; ++i) o += red[i * hd + d];
-        out[(size_t)b * n_head * hd + (size_t)h * hd + d] = o / s;
+    if (tid < lanes) {
+        float4 o = red[tid];
+        for (int i = 1; i < groups; ++i) {
+            const float4 r = red[i * lanes + tid];
+            o.x += r.x;
+            o.y += r.y;
+            o.z += r.z;
+            o.w += r.w;
+        }
+        const float inv = 1.0f / s;
+        ((float4*)out)[tid] = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
     }
 }
 
-// Decode-step RoPE and cache append in one kernel, on a fused q|k|v row: heads
-// [0, n_head) are queries (rotated in place), [n_head, n_head + n_kv) keys (rotated in place
-// and stored at cache row pos[0]), the next n_kv values (stored). Grid: n_head + 2 n_kv.
-extern "C" __global__ void rope_kv_append_f32(float* __restrict__ qkv, const float* __restrict__ cos_t,
-                                              const float* __restrict__ sin_t,
-                                              const int* __restrict__ pos, float* __restrict__ kc,
-                                              float* __restrict__ vc, int n_head, int n_kv, int hd) {
+// Decode attention of one query row per sequence over its KV cache, grouped-query.
+// q, out: [batch, n_head * hd]; k, v: [batch][max_pos, n_kv_head * hd]; n_keys[b] keys valid.
+// Grid: (n_head, batch). Shared memory: hd + max(max_keys, 4 * blockDim) floats.
+extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const float* __restrict__ k,
+                                           const float* __restrict__ v, float* __restrict__ out,
+                                           const int* __restrict__ n_keys, int n_head,
+                                           int n_kv_head, int hd, size_t cache_stride) {
     pdl_begin();
-    const int half = hd >> 1;
+    extern __shared__ float4 sm4[];
+    float* qs = (float*)sm4;
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int kh = h / (n_head / n_kv_head);
+    const float* qh = q + (size_t)b * n_head * hd + (size_t)h * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = qh[d];
+    __syncthreads();
+    const size_t c = (size_t)b * cache_stride + (size_t)kh * hd;
+    attend(qs, k + c, v + c, n_kv_head * hd, n_keys[b], hd, nullptr, nullptr, qs + hd,
+           out + (size_t)b * n_head * hd + (size_t)h * hd);
+}
+
+// One decode step's attention straight from the fused q|k|v row at position p = pos[0]:
+// NeoX RoPE on the block's query head and on its key head, the rotated key and the value
+// stored at cache row p (by the first query head of each group), then attention over keys
+// 0..=p, the newest one taken from shared memory (the other blocks of the group need not wait
+// for the store). The rotated q and k are not written back to qkv. Grid: n_head; batch 1.
+// Shared memory: 3 hd + max(p + 1, 4 * blockDim) floats.
+extern "C" __global__ void attn_rope_decode_f32(const float* __restrict__ qkv,
+                                                const float* __restrict__ cos_t,
+                                                const float* __restrict__ sin_t,
+                                                const int* __restrict__ pos, float* __restrict__ kc,
+                                                float* __restrict__ vc, float* __restrict__ out,
+                                                int n_head, int n_kv, int hd) {
+    extern __shared__ float4 sm4[];
+    float* qs = (float*)sm4;
+    float* kn = qs + hd;
+    float* vn = kn + hd;
+    const int h = blockIdx.x, per = n_head / n_kv, kh = h / per, half = hd >> 1;
+    const int kvs = n_kv * hd;
+    pdl_begin();
     const int p = pos[0];
-    const int h = blockIdx.x;
-    float* x = qkv + (size_t)h * hd;
-    const size_t crow = (size_t)p * n_kv * hd;
-    if (h >= n_head + n_kv) {
-        float* dst = vc + crow + (size_t)(h - n_head - n_kv) * hd;
-        for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = x[i];
-        return;
-    }
+    const bool store = h % per == 0;
+    const float* qh = qkv + (size_t)h * hd;
+    const float* kh_ = qkv + (size_t)(n_head + kh) * hd;
+    const float* vh = qkv + (size_t)(n_head + n_kv + kh) * hd;
+    float* krow = kc + (size_t)p * kvs + (size_t)kh * hd;
+    float* vrow = vc + (size_t)p * kvs + (size_t)kh * hd;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         const float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
-        const float a = x[i], b = x[i + half];
-        const float ra = a * c - b * s, rb = b * c + a * s;
-        x[i] = ra;
-        x[i + half] = rb;
-        if (h >= n_head) {
-            float* dst = kc + crow + (size_t)(h - n_head) * hd;
-            dst[i] = ra;
-            dst[i + half] = rb;
+        const float qa = qh[i], qb = qh[i + half], ka = kh_[i], kb = kh_[i + half];
+        qs[i] = qa * c - qb * s;
+        qs[i + half] = qb * c + qa * s;
+        const float ra = ka * c - kb * s, rb = kb * c + ka * s;
+        kn[i] = ra;
+        kn[i + half] = rb;
+        if (store) {
+            krow[i] = ra;
+            krow[i + half] = rb;
         }
     }
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        const float v = vh[i];
+        vn[i] = v;
+        if (store) vrow[i] = v;
+    }
+    __syncthreads();
+    attend(qs, kc + (size_t)kh * hd, vc + (size_t)kh * hd, kvs, p + 1, hd, kn, vn, vn + hd,
+           out + (size_t)h * hd);
 }
 
 // out[b, i] = silu(gu[b, i]) * gu[b, n + i]: gate and up side by side, as the fused
@@ -437,7 +518,9 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gu, float* __r
     }
 }
 
-// Index of the largest value of each row (first one on ties). One block per row.
+// Index of the largest value of each row (first one on ties). One block per row; each
+// thread reads its indices in increasing order with 8 loads in flight (16-byte loads when
+// n % 4 == 0: 128256 logits take 4 round trips with 1024 threads).
 extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, u32* __restrict__ out) {
     pdl_begin();
     __shared__ float bv[32];
@@ -445,9 +528,34 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, u32* _
     const float* r = x + (size_t)blockIdx.x * n;
     float best = NEG_INF;
     int bidx = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = r[i];
-        if (v > best) { best = v; bidx = i; }
+    const int nt = blockDim.x;
+    if ((n & 3) == 0) {
+        const float4* r4 = (const float4*)r;
+        const int n4 = n >> 2;
+        for (int i0 = threadIdx.x; i0 < n4; i0 += 8 * nt) {
+            float4 v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u)
+                v[u] = i0 + u * nt < n4 ? r4[i0 + u * nt]
+                                        : make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int i = 4 * (i0 + u * nt);
+                if (v[u].x > best) { best = v[u].x; bidx = i; }
+                if (v[u].y > best) { best = v[u].y; bidx = i + 1; }
+                if (v[u].z > best) { best = v[u].z; bidx = i + 2; }
+                if (v[u].w > best) { best = v[u].w; bidx = i + 3; }
+            }
+        }
+    } else {
+        for (int i0 = threadIdx.x; i0 < n; i0 += 8 * nt) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) v[u] = i0 + u * nt < n ? r[i0 + u * nt] : NEG_INF;
+#pragma unroll
+            for (int u = 0; u < 8; ++u)
+                if (v[u] > best) { best = v[u]; bidx = i0 + u * nt; }
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -631,12 +739,9 @@ extern "C" __global__ void embed_row(const u16* __restrict__ table, const u32* _
     }
 }
 
-// Advance the decode position held on the device: pos[0] += 1, n_keys[0] += 1 (the last
-// kernel of a captured decode step, so that replays need no host writes).
-extern "C" __global__ void advance_position(int* __restrict__ pos, int* __restrict__ n_keys) {
+// Advance the decode position held on the device: pos[0] += 1 (the last kernel of a
+// captured decode step, so that replays need no host writes).
+extern "C" __global__ void advance_position(int* __restrict__ pos) {
     pdl_begin();
-    if (threadIdx.x == 0 && blockIdx.x == 0) {
-        pos[0] += 1;
-        n_keys[0] += 1;
-    }
+    if (threadIdx.x == 0 && blockIdx.x == 0) pos[0] += 1;
 }

@@ -41,6 +41,48 @@ const GEMV_THREADS: u32 = 256;
 /// Largest input chunk one GEMV block handles (bounds its shared memory under 48 KiB).
 pub const MAX_ROWS_PER_CHUNK: usize = 1024;
 const CUBLAS_WORKSPACE: usize = 32 << 20;
+/// Threads of a decode attention block (one block per query head).
+const ATTN_THREADS: usize = 1024;
+/// Shared memory a decode attention kernel may use (the default per-block limit).
+const ATTN_SHARED_BYTES: usize = 48 * 1024;
+
+/// Shared floats of the fused decode attention: query, new key and value, then the scores,
+/// which become the reduction buffer of the weighted sum (4 floats per thread).
+fn attention_shared_floats(hd: usize, max_keys: usize) -> usize {
+    3 * hd + max_keys.max(4 * ATTN_THREADS)
+}
+
+/// The longest KV cache (positions) the decode attention kernels take for head dim `hd`: the
+/// scores of one head sit in shared memory.
+pub fn attention_max_keys(hd: usize) -> usize {
+    (ATTN_SHARED_BYTES / 4).saturating_sub(3 * hd)
+}
+
+/// Shapes the decode attention kernels take: hd a multiple of 4 whose quarter divides the
+/// block (a power of two from 4 to 4096), whole key-value groups, and a cache whose scores
+/// fit in shared memory.
+fn check_attention(n_head: usize, n_kv: usize, hd: usize, max_keys: usize) -> Result<()> {
+    if hd < 4
+        || !hd.is_multiple_of(4)
+        || !ATTN_THREADS.is_multiple_of(hd / 4)
+        || n_kv == 0
+        || !n_head.is_multiple_of(n_kv)
+    {
+        return Err(CudaError::Invalid(format!(
+            "attention: head dim {hd} must be a power of two from 4 to {}, heads {n_head} a \
+             multiple of {n_kv}",
+            4 * ATTN_THREADS
+        )));
+    }
+    if max_keys > attention_max_keys(hd) {
+        return Err(CudaError::Invalid(format!(
+            "attention: {max_keys} positions exceed the decode kernel's shared memory ({} for \
+             head dim {hd})",
+            attention_max_keys(hd)
+        )));
+    }
+    Ok(())
+}
 
 /// Why the CUDA backend could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +231,7 @@ pub struct Gpu {
     kv_append: CudaFunction,
     embed: CudaFunction,
     advance: CudaFunction,
-    rope_kv: CudaFunction,
+    attn_rope: CudaFunction,
     name: String,
     sms: usize,
     pdl: bool,
@@ -249,6 +291,22 @@ pub struct GemvOpts {
     pub y_offset: usize,
 }
 
+/// An RMSNorm folded into a GEMV's input: `x / sqrt(mean(x^2) + eps) * weight`.
+#[derive(Clone, Copy)]
+pub struct Norm<'a> {
+    pub weight: &'a CudaSlice<f32>,
+    pub eps: f32,
+}
+
+/// A side job of a GEMV launch: set `out` to `from` (a bias) or to zeros, so that a later
+/// GEMV can add into it (accumulate mode) instead of writing through a workspace. The launch
+/// does it after waiting for its predecessor, so `out`'s last reader must run before this
+/// launch's predecessor ends.
+pub struct Prepare<'a> {
+    pub out: &'a mut CudaSlice<f32>,
+    pub from: Option<&'a CudaSlice<f32>>,
+}
+
 /// How a GEMV launch splits its input rows: `rows_per_chunk` input rows per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvPlan {
@@ -306,7 +364,7 @@ impl Gpu {
             kv_append: module.load_function("kv_append_f32")?,
             embed: module.load_function("embed_row")?,
             advance: module.load_function("advance_position")?,
-            rope_kv: module.load_function("rope_kv_append_f32")?,
+            attn_rope: module.load_function("attn_rope_decode_f32")?,
             _module: module,
             gemv,
             pdl: major >= 9,
@@ -604,60 +662,63 @@ impl Gpu {
         unsafe { self.launch(&self.embed, cfg, &mut p) }
     }
 
-    /// Decode step on a fused q|k|v row: NeoX RoPE on the `n_head` query and `n_kv` key heads
-    /// in place, and the rotated keys and the values stored at cache row `pos[0]`.
+    /// One decode step's attention from the fused q|k|v row (batch 1) at position `pos[0]`:
+    /// NeoX RoPE on the `n_head` query and `n_kv` key heads, the rotated keys and the values
+    /// stored at cache row `pos[0]`, and attention over keys `0..=pos[0]` into `out`
+    /// (`[n_head * hd]`). qkv itself is not changed. The caches hold `max_keys` rows of
+    /// `n_kv * hd`; see [`attention_max_keys`].
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_kv_append(
+    pub fn attention_rope_decode(
         &self,
-        qkv: &mut CudaSlice<f32>,
+        qkv: &CudaSlice<f32>,
         cos: &CudaSlice<f32>,
         sin: &CudaSlice<f32>,
         pos: &CudaSlice<i32>,
         kc: &mut CudaSlice<f32>,
         vc: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
         n_head: usize,
         n_kv: usize,
         hd: usize,
+        max_keys: usize,
     ) -> Result<()> {
-        if !hd.is_multiple_of(2)
-            || qkv.len() < (n_head + 2 * n_kv) * hd
-            || kc.len() < n_kv * hd
-            || vc.len() < n_kv * hd
+        check_attention(n_head, n_kv, hd, max_keys)?;
+        let cache = max_keys * n_kv * hd;
+        if qkv.len() < (n_head + 2 * n_kv) * hd
+            || kc.len() < cache
+            || vc.len() < cache
+            || out.len() < n_head * hd
+            || cos.len() < max_keys * hd / 2
+            || sin.len() < max_keys * hd / 2
         {
-            return Err(CudaError::Invalid("rope_kv_append arguments".into()));
+            return Err(CudaError::Invalid(
+                "attention_rope_decode buffers too small".into(),
+            ));
         }
         let (nh, nkv, hd_i) = (n_head as i32, n_kv as i32, hd as i32);
         let cfg = LaunchConfig {
-            grid_dim: ((n_head + 2 * n_kv) as u32, 1, 1),
-            block_dim: ((hd as u32 / 2).clamp(32, 512).div_ceil(32) * 32, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (n_head as u32, 1, 1),
+            block_dim: (ATTN_THREADS as u32, 1, 1),
+            shared_mem_bytes: (attention_shared_floats(hd, max_keys) * 4) as u32,
         };
-        let (qp, cp, sp, pp) = (
-            self.ptr_mut(qkv),
-            self.ptr(cos),
-            self.ptr(sin),
-            self.ptr(pos),
-        );
-        let (kp, vp) = (self.ptr_mut(kc), self.ptr_mut(vc));
-        let mut p = params![qp, cp, sp, pp, kp, vp, nh, nkv, hd_i];
-        // SAFETY: matches rope_kv_append_f32; the caller sizes the caches for every position.
-        unsafe { self.launch(&self.rope_kv, cfg, &mut p) }
+        let (qp, cp, sp, pp) = (self.ptr(qkv), self.ptr(cos), self.ptr(sin), self.ptr(pos));
+        let (kp, vp, op) = (self.ptr_mut(kc), self.ptr_mut(vc), self.ptr_mut(out));
+        let mut p = params![qp, cp, sp, pp, kp, vp, op, nh, nkv, hd_i];
+        // SAFETY: matches attn_rope_decode_f32; sizes checked, the caller keeps pos[0] below
+        // max_keys.
+        unsafe { self.launch(&self.attn_rope, cfg, &mut p) }
     }
 
-    /// `pos[0] += 1; n_keys[0] += 1` on the device.
-    pub fn advance_position(
-        &self,
-        pos: &mut CudaSlice<i32>,
-        n_keys: &mut CudaSlice<i32>,
-    ) -> Result<()> {
+    /// `pos[0] += 1` on the device.
+    pub fn advance_position(&self, pos: &mut CudaSlice<i32>) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (pp, np) = (self.ptr_mut(pos), self.ptr_mut(n_keys));
-        let mut p = params![pp, np];
-        // SAFETY: matches advance_position; both buffers hold at least one element.
+        let pp = self.ptr_mut(pos);
+        let mut p = params![pp];
+        // SAFETY: matches advance_position; the buffer holds at least one element.
         unsafe { self.launch(&self.advance, cfg, &mut p) }
     }
 
@@ -717,30 +778,41 @@ impl Gpu {
         thresholds: &[f32],
         opts: GemvOpts,
     ) -> Result<()> {
-        self.gemv_with_norm(w, x, None, y, batch, thresholds, opts)
+        self.gemv_with_norm(w, x, None, y, batch, thresholds, opts, None)
     }
 
-    /// [`Gpu::gemv`] on `RMSNorm(x) = x / sqrt(mean(x^2) + eps) * norm_w` (each row of x),
-    /// the normalization computed inside the GEMV (no separate RMSNorm launch); the thresholds
-    /// apply to the normalized input. Not with a SiLU*mul input.
+    /// [`Gpu::gemv`] on `RMSNorm(x) = x / sqrt(mean(x^2) + eps) * norm.weight` (each row of
+    /// x), the normalization computed inside the GEMV (no separate RMSNorm launch); the
+    /// thresholds apply to the normalized input. Not with a SiLU*mul input.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_rmsnorm(
         &self,
         w: &mut GpuLinear,
         x: &CudaSlice<f32>,
-        norm_w: &CudaSlice<f32>,
-        eps: f32,
+        norm: Norm<'_>,
         y: &mut CudaSlice<f32>,
         batch: usize,
         thresholds: &[f32],
         opts: GemvOpts,
     ) -> Result<()> {
-        if opts.silu_mul_input || norm_w.len() < w.n_in {
-            return Err(CudaError::Invalid(
-                "gemv_rmsnorm: norm weights shorter than the input, or a SiLU*mul input".into(),
-            ));
-        }
-        self.gemv_with_norm(w, x, Some((norm_w, eps)), y, batch, thresholds, opts)
+        self.gemv_with_norm(w, x, Some(norm), y, batch, thresholds, opts, None)
+    }
+
+    /// [`Gpu::gemv`] (or [`Gpu::gemv_rmsnorm`] with `norm`) whose blocks also carry out
+    /// `prepare` (see [`Prepare`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_and_prepare(
+        &self,
+        w: &mut GpuLinear,
+        x: &CudaSlice<f32>,
+        norm: Option<Norm<'_>>,
+        y: &mut CudaSlice<f32>,
+        batch: usize,
+        thresholds: &[f32],
+        opts: GemvOpts,
+        prepare: Prepare<'_>,
+    ) -> Result<()> {
+        self.gemv_with_norm(w, x, norm, y, batch, thresholds, opts, Some(prepare))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -748,11 +820,12 @@ impl Gpu {
         &self,
         w: &mut GpuLinear,
         x: &CudaSlice<f32>,
-        norm: Option<(&CudaSlice<f32>, f32)>,
+        norm: Option<Norm<'_>>,
         y: &mut CudaSlice<f32>,
         batch: usize,
         thresholds: &[f32],
         opts: GemvOpts,
+        prepare: Option<Prepare<'_>>,
     ) -> Result<()> {
         let GemvOpts {
             beta,
@@ -762,6 +835,19 @@ impl Gpu {
             y_offset,
         } = opts;
         let x_width = if silu_mul_input { 2 * w.n_in } else { w.n_in };
+        if norm.is_some_and(|n| silu_mul_input || n.weight.len() < w.n_in) {
+            return Err(CudaError::Invalid(
+                "gemv with RMSNorm: norm weights shorter than the input, or a SiLU*mul input"
+                    .into(),
+            ));
+        }
+        if let Some(p) = &prepare {
+            if p.from.is_some_and(|f| f.len() < p.out.len()) || p.out.len() > i32::MAX as usize {
+                return Err(CudaError::Invalid(
+                    "gemv prepare: the source is shorter than the buffer to set".into(),
+                ));
+            }
+        }
         if batch == 0 || batch > MAX_BATCH {
             return Err(CudaError::Invalid(format!(
                 "batch {batch}: 1..={MAX_BATCH} supported"
@@ -805,12 +891,21 @@ impl Gpu {
         let (wp, xp) = (self.ptr(&w.wt), self.ptr(x));
         let (ap, cp) = (self.ptr_mut(&mut w.acc), self.ptr_mut(&mut w.counters));
         let (nw, eps): (sys::CUdeviceptr, f32) = match norm {
-            Some((n, e)) => (self.ptr(n), e),
+            Some(n) => (self.ptr(n.weight), n.eps),
             None => (0, 0.0),
+        };
+        let (init_dst, init_src, init_n): (sys::CUdeviceptr, sys::CUdeviceptr, i32) = match prepare
+        {
+            Some(p) => (
+                self.ptr_mut(p.out),
+                p.from.map_or(0, |f| self.ptr(f)),
+                p.out.len() as i32,
+            ),
+            None => (0, 0, 0),
         };
         let mut p = params![
             wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu, nw,
-            eps
+            eps, init_dst, init_src, init_n
         ];
         // SAFETY: parameters match GEMV_ARGS in kernels.cu; buffer sizes checked above.
         unsafe { self.launch(f, cfg, &mut p) }
@@ -886,33 +981,18 @@ impl Gpu {
         hd: usize,
         max_keys: usize,
     ) -> Result<()> {
-        const THREADS: usize = 1024;
-        if hd == 0
-            || !hd.is_multiple_of(4)
-            || !THREADS.is_multiple_of(hd)
-            || n_kv_head == 0
-            || !n_head.is_multiple_of(n_kv_head)
-        {
-            return Err(CudaError::Invalid(format!(
-                "attention: head dim {hd} must be a multiple of 4 dividing {THREADS}, heads \
-                 {n_head} a multiple of {n_kv_head}"
-            )));
-        }
-        let smem = (hd + THREADS + max_keys) * 4;
-        if smem > 48 * 1024 {
-            return Err(CudaError::Invalid(format!(
-                "attention: {max_keys} keys exceed the decode kernel's shared memory"
-            )));
-        }
+        check_attention(n_head, n_kv_head, hd, max_keys)?;
         let cache = max_keys * n_kv_head * hd;
-        if k.len() < batch * cache || v.len() < batch * cache || q.len() < batch * n_head * hd {
+        let rows = batch * n_head * hd;
+        if k.len() < batch * cache || v.len() < batch * cache || q.len() < rows || out.len() < rows
+        {
             return Err(CudaError::Invalid("attention buffers too small".into()));
         }
         let (nh, nkv, hd_i) = (n_head as i32, n_kv_head as i32, hd as i32);
         let cfg = LaunchConfig {
             grid_dim: (n_head as u32, batch as u32, 1),
-            block_dim: (THREADS as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
+            block_dim: (ATTN_THREADS as u32, 1, 1),
+            shared_mem_bytes: ((attention_shared_floats(hd, max_keys) - 2 * hd) * 4) as u32,
         };
         let (qp, kp, vp) = (self.ptr(q), self.ptr(k), self.ptr(v));
         let (op, np) = (self.ptr_mut(out), self.ptr(n_keys));

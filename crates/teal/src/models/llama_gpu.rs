@@ -2,10 +2,12 @@
 //!
 //! The weights of a CPU [`Llama`] are copied once, rounded to f16 or bf16, input-major; the
 //! thresholds of its TEAL masks ([`InputMask::Threshold`]) go into the sparse GEMV. One step:
-//! embedding row -> per block [q|k|v GEMV on RMSNorm(h) (+ bias), RoPE + KV append,
-//! attention, o GEMV into the residual h, gate|up GEMV on RMSNorm(h), down GEMV with SiLU*mul
-//! in its prologue into h] -> LM head on RMSNorm(h) (dense). Each RMSNorm is computed inside
-//! the GEMV that reads it. A step is captured once as a CUDA graph
+//! embedding row -> per block [q|k|v GEMV on RMSNorm(h) (+ bias), attention with RoPE and the
+//! KV append in the same kernel, o GEMV into the residual h, gate|up GEMV on RMSNorm(h), down
+//! GEMV with SiLU*mul in its prologue into h] -> LM head on RMSNorm(h) (dense): 5 launches per
+//! block. Each RMSNorm is computed inside the GEMV that reads it, and every GEMV adds into its
+//! output with f32 atomics (no workspace pass): outputs that are not the residual are set to
+//! their biases or zeros by an earlier launch (see `enqueue`). A step is captured once as a CUDA graph
 //! per pass (prefill thresholds, decode thresholds) and replayed; the token is written to the
 //! device before each replay and the position advances on the device.
 //!
@@ -22,7 +24,9 @@ use crate::generate::Models;
 use crate::linear::{Dense, InputMask, Linear};
 use crate::models::llama::{Llama, Logits, Observer, Site};
 use crate::sampler::Sampler;
-use teal_kernels::cuda::{CudaGraph, DeviceBuffer, GemvOpts, Gpu, GpuLinear, WeightDtype};
+use teal_kernels::cuda::{
+    CudaGraph, DeviceBuffer, GemvOpts, Gpu, GpuLinear, Norm, Prepare, WeightDtype,
+};
 
 /// The two threshold sets a model carries: the prefill model's and the decode model's.
 const PASSES: usize = 2;
@@ -37,8 +41,6 @@ const OBSERVE: usize = 2;
 /// column offset.
 struct Group {
     launches: Vec<Launch>,
-    /// The parts' biases side by side, copied into the output before the GEMVs add to it.
-    bias: Option<DeviceBuffer<f32>>,
 }
 
 struct Launch {
@@ -102,6 +104,22 @@ fn transposed_bits(m: &Dense, dtype: WeightDtype) -> Vec<u16> {
     bits
 }
 
+/// The parts' biases side by side (zeros for a part without one), or None when no part has
+/// one: what a fused output starts from before its GEMVs add into it.
+fn fused_bias(g: &Gpu, parts: &[&Linear]) -> Result<Option<DeviceBuffer<f32>>> {
+    if parts.iter().all(|w| w.bias().is_none()) {
+        return Ok(None);
+    }
+    let mut b = Vec::new();
+    for w in parts {
+        match w.bias() {
+            Some(v) => b.extend_from_slice(v),
+            None => b.resize(b.len() + w.out_dim, 0.0),
+        }
+    }
+    Ok(Some(g.upload(&b)?))
+}
+
 impl Group {
     /// A dense layer that has no mask in either pass (the LM head): one launch.
     fn dense(g: &Gpu, m: &Dense, dtype: WeightDtype) -> Result<Group> {
@@ -112,7 +130,6 @@ impl Group {
                 offset: 0,
                 thresholds: std::array::from_fn(|_| vec![-1.0]),
             }],
-            bias: None,
         })
     }
 
@@ -168,19 +185,7 @@ impl Group {
             }
             launches
         };
-        let bias = if weights.iter().any(|w| w.bias().is_some()) {
-            let mut b = Vec::with_capacity(n_out);
-            for w in &weights {
-                match w.bias() {
-                    Some(v) => b.extend_from_slice(v),
-                    None => b.resize(b.len() + w.out_dim, 0.0),
-                }
-            }
-            Some(g.upload(&b)?)
-        } else {
-            None
-        };
-        Ok(Group { launches, bias })
+        Ok(Group { launches })
     }
 
     /// New thresholds of the parts (both passes), where the launches built for the first ones
@@ -207,34 +212,31 @@ impl Group {
         Ok(())
     }
 
-    /// `y = W s_t(x)` (+ bias), or `y += W s_t(x)` with `accumulate` (y holds the residual);
-    /// with `norm = (w, eps)` the input is RMSNorm(x) with weights w, computed by the GEMV.
+    /// `y += W s_t(x)`: y holds the residual, or what a [`Prepare`] of an earlier launch set
+    /// (the bias or zeros); with `norm` the input is RMSNorm(x), computed by the GEMV. The
+    /// first launch also carries out `prepare`.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         g: &Gpu,
         x: &DeviceBuffer<f32>,
-        norm: Option<(&DeviceBuffer<f32>, f32)>,
+        norm: Option<Norm<'_>>,
         y: &mut DeviceBuffer<f32>,
+        mut prepare: Option<Prepare<'_>>,
         pass: usize,
         base: GemvOpts,
     ) -> Result<()> {
-        let beta = match &self.bias {
-            Some(b) => {
-                g.copy(b, y)?;
-                1.0
-            }
-            None => 0.0,
-        };
         for l in &mut self.launches {
             let opts = GemvOpts {
-                beta,
+                accumulate: true,
                 y_offset: l.offset,
                 ..base
             };
             let t = &l.thresholds[pass];
-            match norm {
-                Some((nw, eps)) => g.gemv_rmsnorm(&mut l.w, x, nw, eps, y, 1, t, opts)?,
-                None => g.gemv(&mut l.w, x, y, 1, t, opts)?,
+            match (prepare.take(), norm) {
+                (Some(p), n) => g.gemv_and_prepare(&mut l.w, x, n, y, 1, t, opts, p)?,
+                (None, Some(n)) => g.gemv_rmsnorm(&mut l.w, x, n, y, 1, t, opts)?,
+                (None, None) => g.gemv(&mut l.w, x, y, 1, t, opts)?,
             }
         }
         Ok(())
@@ -245,6 +247,8 @@ struct Layer {
     attn_norm: DeviceBuffer<f32>,
     ffn_norm: DeviceBuffer<f32>,
     qkv: Group,
+    /// What gate|up's output starts from (its biases), set by the q|k|v launch.
+    gate_up_bias: Option<DeviceBuffer<f32>>,
     o: Group,
     gate_up: Group,
     down: Group,
@@ -271,6 +275,9 @@ struct Resident {
     dtype: WeightDtype,
     ctx: usize,
     layers: Vec<Layer>,
+    /// What each layer's q|k|v output starts from (its biases), set by the previous layer's o
+    /// launch (the last layer's sets layer 0's, for the next step).
+    qkv_bias: Vec<Option<DeviceBuffer<f32>>>,
     embed: DeviceBuffer<u16>,
     norm: DeviceBuffer<f32>,
     lm_head: Group,
@@ -286,7 +293,6 @@ struct Resident {
     /// The sampler's uniform number for the device sampler.
     uniform: DeviceBuffer<f32>,
     pos: DeviceBuffer<i32>,
-    n_keys: DeviceBuffer<i32>,
 }
 
 impl GpuLlama {
@@ -306,8 +312,8 @@ impl GpuLlama {
                 "GPU model: the prefill and decode models differ, or the context is 0".into(),
             ));
         }
-        // The decode attention keeps a block's scores in 48 KiB of shared memory.
-        let max_ctx = 48 * 1024 / 4 - 1024 - c.head_dim;
+        // The decode attention keeps a head's scores in shared memory.
+        let max_ctx = teal_kernels::cuda::attention_max_keys(c.head_dim);
         if ctx > max_ctx {
             return Err(Error::Invalid(format!(
                 "context {ctx} is longer than the GPU decode attention holds ({max_ctx} \
@@ -317,9 +323,17 @@ impl GpuLlama {
         }
         let (d, ff, kvd) = (c.hidden_size, c.intermediate_size, c.kv_dim());
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut qkv_bias = Vec::with_capacity(c.num_hidden_layers);
         for (l, (pb, db)) in pm.layers.iter().zip(&dm.layers).enumerate() {
             let what = format!("layer {l}");
+            if db.o_proj.bias().is_some() || db.down_proj.bias().is_some() {
+                return Err(Error::Invalid(format!(
+                    "{what}: o_proj or down_proj has a bias, which the GPU model does not add"
+                )));
+            }
+            qkv_bias.push(fused_bias(&gpu, &[&db.q_proj, &db.k_proj, &db.v_proj])?);
             layers.push(Layer {
+                gate_up_bias: fused_bias(&gpu, &[&db.gate_proj, &db.up_proj])?,
                 attn_norm: gpu.upload(&db.input_layernorm)?,
                 ffn_norm: gpu.upload(&db.post_attention_layernorm)?,
                 qkv: Group::new(
@@ -347,13 +361,20 @@ impl GpuLlama {
         }
         let (cos, sin) = dm.rope_tables_for(0, ctx);
         let lm_head = Group::dense(&gpu, &dm.lm_head, dtype)?;
+        // The first step's q|k|v output starts from layer 0's biases; later steps find them
+        // set by the last layer's o launch.
+        let mut qkv = gpu.zeros(c.q_dim() + 2 * kvd)?;
+        if let Some(b) = &qkv_bias[0] {
+            gpu.copy(b, &mut qkv)?;
+        }
         let m = Resident {
+            qkv,
+            qkv_bias,
             embed: gpu.upload(&row_bits(&dm.embed_tokens, dtype))?,
             norm: gpu.upload(&dm.norm)?,
             cos: gpu.upload(&cos)?,
             sin: gpu.upload(&sin)?,
             h: gpu.zeros(d)?,
-            qkv: gpu.zeros(c.q_dim() + 2 * kvd)?,
             attn: gpu.zeros(c.q_dim())?,
             gu: gpu.zeros(2 * ff)?,
             logits: gpu.zeros(c.vocab_size)?,
@@ -361,7 +382,6 @@ impl GpuLlama {
             next: gpu.zeros(1)?,
             uniform: gpu.zeros(1)?,
             pos: gpu.zeros(1)?,
-            n_keys: gpu.upload(&[1i32])?,
             layers,
             lm_head,
             config: c,
@@ -386,13 +406,15 @@ impl Resident {
         let c = &self.config;
         let (d, eps) = (c.hidden_size, c.rms_norm_eps);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let plain = GemvOpts::default();
-        let acc = GemvOpts {
-            accumulate: true,
-            ..plain
-        };
+        let n_layers = self.layers.len();
+        let acc = GemvOpts::default();
         g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d)?;
-        for l in &mut self.layers {
+        // Every GEMV adds into its output. The residual h holds what o and down add to; q|k|v,
+        // gate|up and the logits are set to their biases or zeros by an earlier launch
+        // (`Prepare`) once their last reader has finished: gu by q|k|v (after the previous
+        // down), qkv by o (after attention, for the next layer), the logits by layer 0's
+        // gate|up (after the previous step was read).
+        for (i, l) in self.layers.iter_mut().enumerate() {
             let mut sites = match (observe, l.sites.as_mut()) {
                 (false, _) => None,
                 (true, Some(s)) => Some(s),
@@ -403,32 +425,24 @@ impl Resident {
             if let Some(s) = sites.as_mut() {
                 g.rmsnorm(&self.h, &l.attn_norm, &mut s[0], 1, d, eps)?;
             }
-            l.qkv.run(
-                g,
-                &self.h,
-                Some((&l.attn_norm, eps)),
-                &mut self.qkv,
-                pass,
-                plain,
-            )?;
-            g.rope_kv_append(
-                &mut self.qkv,
+            let norm = Norm {
+                weight: &l.attn_norm,
+                eps,
+            };
+            let prep = Prepare {
+                out: &mut self.gu,
+                from: l.gate_up_bias.as_ref(),
+            };
+            l.qkv
+                .run(g, &self.h, Some(norm), &mut self.qkv, Some(prep), pass, acc)?;
+            g.attention_rope_decode(
+                &self.qkv,
                 &self.cos,
                 &self.sin,
                 &self.pos,
                 &mut l.k_cache,
                 &mut l.v_cache,
-                nh,
-                nkv,
-                hd,
-            )?;
-            g.attention_decode(
-                &self.qkv,
-                &l.k_cache,
-                &l.v_cache,
                 &mut self.attn,
-                &self.n_keys,
-                1,
                 nh,
                 nkv,
                 hd,
@@ -437,18 +451,24 @@ impl Resident {
             if let Some(s) = sites.as_mut() {
                 g.copy(&self.attn, &mut s[1])?;
             }
-            l.o.run(g, &self.attn, None, &mut self.h, pass, acc)?;
+            let prep = Prepare {
+                out: &mut self.qkv,
+                from: self.qkv_bias[(i + 1) % n_layers].as_ref(),
+            };
+            l.o.run(g, &self.attn, None, &mut self.h, Some(prep), pass, acc)?;
             if let Some(s) = sites.as_mut() {
                 g.rmsnorm(&self.h, &l.ffn_norm, &mut s[2], 1, d, eps)?;
             }
-            l.gate_up.run(
-                g,
-                &self.h,
-                Some((&l.ffn_norm, eps)),
-                &mut self.gu,
-                pass,
-                plain,
-            )?;
+            let norm = Norm {
+                weight: &l.ffn_norm,
+                eps,
+            };
+            let prep = (i == 0).then_some(Prepare {
+                out: &mut self.logits,
+                from: None,
+            });
+            l.gate_up
+                .run(g, &self.h, Some(norm), &mut self.gu, prep, pass, acc)?;
             if let Some(s) = sites.as_mut() {
                 g.silu_mul(&self.gu, &mut s[3], c.intermediate_size, 1)?;
             }
@@ -456,12 +476,16 @@ impl Resident {
                 silu_mul_input: true,
                 ..acc
             };
-            l.down.run(g, &self.gu, None, &mut self.h, pass, glu)?;
+            l.down
+                .run(g, &self.gu, None, &mut self.h, None, pass, glu)?;
         }
-        let norm = Some((&self.norm, eps));
+        let norm = Norm {
+            weight: &self.norm,
+            eps,
+        };
         self.lm_head
-            .run(g, &self.h, norm, &mut self.logits, pass, plain)?;
-        g.advance_position(&mut self.pos, &mut self.n_keys)?;
+            .run(g, &self.h, Some(norm), &mut self.logits, None, pass, acc)?;
+        g.advance_position(&mut self.pos)?;
         Ok(())
     }
 }
@@ -523,7 +547,6 @@ impl Decoder for GpuLlama {
     }
     fn clear(&mut self) -> Result<()> {
         self.gpu.write(&[0i32], &mut self.m.pos)?;
-        self.gpu.write(&[1i32], &mut self.m.n_keys)?;
         self.len = 0;
         Ok(())
     }
