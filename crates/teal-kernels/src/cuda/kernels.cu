@@ -366,10 +366,14 @@ extern "C" __global__ void rope_neox_f32(float* __restrict__ x, const float* __r
 // shared memory; kb, vb: the head's column block of the K and V caches, row stride kvs.
 // Keys [0, nk - 1) come from the caches, key nk - 1 from kn / vn when given (shared memory),
 // else from the caches. sc: shared scratch of max(nk, 4 * blockDim) floats.
-// Scores: each key is split over kl lanes (kl a power of two, at most 8 16-byte loads per
-// lane, all in flight at once), so a 1024-thread block scores 256 keys per pass at hd 128 and
-// 512 at hd 64. Weighted sum: hd / 4 lanes per key, one float4 of dimensions each,
-// blockDim / (hd / 4) keys per pass, partial sums reduced in shared memory.
+// Scores: each key is split over kl lanes (kl a power of two, at most 4 16-byte loads per
+// lane, all in flight at once), so a 1024-thread block scores 128 keys per pass at hd 128 and
+// 256 at hd 64. Weighted sum: hd / 4 lanes per key, one float4 of dimensions each,
+// blockDim / (hd / 4) keys per pass, partial sums reduced in shared memory; each thread's
+// first VPRE value rows are loaded before the scores, so that their memory latency overlaps
+// the score pass.
+#define VPRE 4
+#define ATTN_THREADS 1024  // threads of a decode attention block (ATTN_THREADS in mod.rs)
 __device__ void attend(const float* __restrict__ qs, const float* __restrict__ kb,
                        const float* __restrict__ vb, int kvs, int nk, int hd,
                        const float* __restrict__ kn, const float* __restrict__ vn,
@@ -377,17 +381,25 @@ __device__ void attend(const float* __restrict__ qs, const float* __restrict__ k
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
     const float scale = 1.0f / sqrtf((float)hd);
     const int q4n = hd >> 2;                          // float4s per key
-    const int kl = q4n > 8 ? q4n >> 3 : 1;            // lanes per key
-    const int slice4 = q4n / kl;                      // float4s per lane, <= 8
+    const int kl = q4n > 4 ? q4n >> 2 : 1;            // lanes per key
+    const int slice4 = q4n / kl;                      // float4s per lane, <= 4
     const int part = tid & (kl - 1);
     const u32 group = kl >= 32 ? 0xffffffffu : ((1u << kl) - 1u) << (lane & ~(kl - 1));
+    const int lanes = q4n, d4 = tid % lanes, g = tid / lanes, groups = nt / lanes;
+    float4 vpre[VPRE];
+#pragma unroll
+    for (int u = 0; u < VPRE; ++u) {
+        const int p = g + u * groups;
+        const float* vr = (vn != nullptr && p == nk - 1) ? vn : vb + (size_t)p * kvs;
+        vpre[u] = p < nk ? ((const float4*)vr)[d4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     float m = NEG_INF;
     for (int p = tid / kl; p < nk; p += nt / kl) {
         const float* kr = (kn != nullptr && p == nk - 1) ? kn : kb + (size_t)p * kvs;
         const float4* k4 = (const float4*)kr + part * slice4;
         const float4* q4 = (const float4*)qs + part * slice4;
         float dot = 0.0f;
-#pragma unroll 8
+#pragma unroll 4
         for (int i = 0; i < slice4; ++i) {
             const float4 kv = k4[i], qv = q4[i];
             dot = fmaf(qv.x, kv.x, fmaf(qv.y, kv.y, fmaf(qv.z, kv.z, fmaf(qv.w, kv.w, dot))));
@@ -405,10 +417,18 @@ __device__ void attend(const float* __restrict__ qs, const float* __restrict__ k
         s += e;
     }
     s = block_sum(s);
-    const int lanes = hd >> 2, d4 = tid % lanes, g = tid / lanes, groups = nt / lanes;
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int u = 0; u < VPRE; ++u) {
+        const int p = g + u * groups;
+        const float w = p < nk ? sc[p] : 0.0f;
+        acc.x = fmaf(w, vpre[u].x, acc.x);
+        acc.y = fmaf(w, vpre[u].y, acc.y);
+        acc.z = fmaf(w, vpre[u].z, acc.z);
+        acc.w = fmaf(w, vpre[u].w, acc.w);
+    }
 #pragma unroll 4
-    for (int p = g; p < nk; p += groups) {
+    for (int p = g + VPRE * groups; p < nk; p += groups) {
         const float* vr = (vn != nullptr && p == nk - 1) ? vn : vb + (size_t)p * kvs;
         const float4 v = ((const float4*)vr)[d4];
         const float w = sc[p];
@@ -438,7 +458,7 @@ __device__ void attend(const float* __restrict__ qs, const float* __restrict__ k
 // Decode attention of one query row per sequence over its KV cache, grouped-query.
 // q, out: [batch, n_head * hd]; k, v: [batch][max_pos, n_kv_head * hd]; n_keys[b] keys valid.
 // Grid: (n_head, batch). Shared memory: hd + max(max_keys, 4 * blockDim) floats.
-extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const float* __restrict__ k,
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_f32(const float* __restrict__ q, const float* __restrict__ k,
                                            const float* __restrict__ v, float* __restrict__ out,
                                            const int* __restrict__ n_keys, int n_head,
                                            int n_kv_head, int hd, size_t cache_stride) {
@@ -461,7 +481,8 @@ extern "C" __global__ void attn_decode_f32(const float* __restrict__ q, const fl
 // 0..=p, the newest one taken from shared memory (the other blocks of the group need not wait
 // for the store). The rotated q and k are not written back to qkv. Grid: n_head; batch 1.
 // Shared memory: 3 hd + max(p + 1, 4 * blockDim) floats.
-extern "C" __global__ void attn_rope_decode_f32(const float* __restrict__ qkv,
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attn_rope_decode_f32(const float* __restrict__ qkv,
                                                 const float* __restrict__ cos_t,
                                                 const float* __restrict__ sin_t,
                                                 const int* __restrict__ pos, float* __restrict__ kc,
