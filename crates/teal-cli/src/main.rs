@@ -1214,8 +1214,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         .decoder(Models::single(&model), ctx)
         .with_context(|| format!("opening --device {}", device.name()))?;
     eprintln!("device: {}", dec.describe());
-    let bw = dec.bandwidth(a.bandwidth_mib << 20)?;
+    // Before the bandwidth probe, whose buffer would otherwise count as the load's peak.
     let after_load = teal::bench::resident_memory();
+    let bw = dec.bandwidth(a.bandwidth_mib << 20)?;
     eprintln!(
         "bandwidth: {:.2} GB/s ({})",
         bw.bytes_per_s / 1e9,

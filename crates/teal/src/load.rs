@@ -82,9 +82,23 @@ impl ModelFiles {
     /// returns, and the heap pages that held the f32 copies of the converted tensors are given
     /// back to the system.
     pub fn load_model_as(&self, dtype: Dtype) -> Result<Llama> {
+        large_allocations_as_mappings();
         let model = Llama::load_as(self.config.clone(), self.source()?.as_ref(), dtype);
         release_free_heap();
         model
+    }
+}
+
+/// Makes glibc give every allocation of 128 KiB or more its own mapping, returned to the system
+/// when freed. By default the threshold grows with the largest block freed (up to 32 MiB), so
+/// the packed weights and the transient f32 copies of the tensors being converted, made by
+/// several threads at once, end up interleaved in per-thread heaps that stay resident (about
+/// 100 MB, 15% of the weights, for Qwen2.5-0.5B in q8).
+fn large_allocations_as_mappings() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's policy for later allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
     }
 }
 
