@@ -390,6 +390,58 @@ impl PackedRows {
         Ok(PackedRows { n_out, n_in, data })
     }
 
+    /// No rows yet, room for `n_out` of `n_in` values in `dtype`: filled by
+    /// [`PackedRows::push_rows`] a slice of rows at a time, without reallocation.
+    pub fn with_capacity(dtype: Dtype, n_in: usize, n_out: usize) -> PackedRows {
+        let blocks = |size: usize| Vec::with_capacity(n_out * groups(n_in) * size);
+        let data = match dtype {
+            Dtype::F32 => Data::F32(Vec::with_capacity(n_out * n_in)),
+            Dtype::F16 => Data::F16(Vec::with_capacity(n_out * n_in)),
+            Dtype::Bf16 => Data::Bf16(Vec::with_capacity(n_out * n_in)),
+            Dtype::Q8 => Data::Q8(blocks(Q8_BLOCK)),
+            Dtype::Q4 => Data::Q4(blocks(Q4_BLOCK)),
+        };
+        PackedRows {
+            n_out: 0,
+            n_in,
+            data,
+        }
+    }
+
+    /// Appends the rows `w` (`[rows, n_in]`, f32) packed as this matrix is, as
+    /// [`PackedRows::from_rows`] would pack them; error indices count from the first row.
+    pub fn push_rows(&mut self, w: Vec<f32>) -> Result<(), PackError> {
+        let n_in = self.n_in.max(1);
+        let base = self.n_out * self.n_in;
+        let rows = w.len() / n_in;
+        let part =
+            PackedRows::from_rows(self.dtype(), w, rows, self.n_in).map_err(|e| match e {
+                PackError::NotFinite { index, value } => PackError::NotFinite {
+                    index: base + index,
+                    value,
+                },
+                PackError::OutOfRange {
+                    index,
+                    value,
+                    dtype,
+                } => PackError::OutOfRange {
+                    index: base + index,
+                    value,
+                    dtype,
+                },
+                size => size,
+            })?;
+        match (&mut self.data, part.data) {
+            (Data::F32(a), Data::F32(b)) => a.extend(b),
+            (Data::F16(a), Data::F16(b)) => a.extend(b),
+            (Data::Bf16(a), Data::Bf16(b)) => a.extend(b),
+            (Data::Q8(a), Data::Q8(b)) | (Data::Q4(a), Data::Q4(b)) => a.extend(b),
+            _ => unreachable!("a part is packed in the matrix's own format"),
+        }
+        self.n_out += rows;
+        Ok(())
+    }
+
     pub fn dtype(&self) -> Dtype {
         self.data.dtype()
     }

@@ -524,3 +524,38 @@ mod rows_formats {
         }
     }
 }
+
+/// An output-major matrix filled a slice of rows at a time equals the one packed at once, in
+/// every format, including slices that end mid-way through the rows; a non-finite weight is
+/// reported at its index in the whole matrix.
+#[test]
+fn packed_rows_pushed_in_slices_equal_packed_at_once() {
+    use teal_kernels::packed::{Dtype, PackedRows};
+    let (n_out, n_in) = (37, 70);
+    let w = teal_kernels::rand::uniform(n_out * n_in, 77);
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::Q8, Dtype::Q4] {
+        let whole = PackedRows::from_rows(dtype, w.clone(), n_out, n_in).unwrap();
+        let mut parts = PackedRows::with_capacity(dtype, n_in, n_out);
+        for r0 in (0..n_out).step_by(8) {
+            let r1 = (r0 + 8).min(n_out);
+            parts.push_rows(w[r0 * n_in..r1 * n_in].to_vec()).unwrap();
+        }
+        assert_eq!(parts.n_out, n_out);
+        let (mut a, mut b) = (vec![0.0; n_in], vec![0.0; n_in]);
+        for o in 0..n_out {
+            whole.mat().dequant_row(o, &mut a);
+            parts.mat().dequant_row(o, &mut b);
+            assert_eq!(a, b, "{} row {o}", dtype.name());
+        }
+        assert_eq!(whole.bytes(), parts.bytes(), "{}", dtype.name());
+    }
+    let mut bad = w.clone();
+    bad[20 * n_in + 3] = f32::NAN;
+    let mut p = PackedRows::with_capacity(Dtype::Q8, n_in, n_out);
+    p.push_rows(bad[..16 * n_in].to_vec()).unwrap();
+    let e = p.push_rows(bad[16 * n_in..].to_vec()).unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("weight {}", 20 * n_in + 3)),
+        "{e}"
+    );
+}

@@ -741,6 +741,44 @@ impl GgufFile {
         }
     }
 
+    /// Rows `rows` of a 2-D tensor (`dims = [cols, n_rows]`, each row whole quantization
+    /// blocks) dequantized to f32, row-major, and their file pages given back.
+    pub fn dequantize_rows(
+        &self,
+        t: &TensorInfo,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, GgufError> {
+        let bad = |msg: String| bad_tensor(&self.label(), &t.name, msg);
+        let [cols, n_rows] = t.dims[..] else {
+            return Err(bad(format!("{} dims where rows need 2", t.dims.len())));
+        };
+        let (cols, n_rows) = (cols as usize, n_rows as usize);
+        let row_bytes =
+            t.ty.row_bytes(cols)
+                .filter(|&rb| rb * n_rows == t.n_bytes)
+                .ok_or_else(|| bad(format!("rows of {cols} values are not whole blocks")))?;
+        if rows.start > rows.end || rows.end > n_rows {
+            return Err(bad(format!("rows {rows:?} of {n_rows}")));
+        }
+        let start = t.offset as usize + rows.start * row_bytes;
+        let len = rows.len() * row_bytes;
+        let data = self
+            .bytes()
+            .get(start..)
+            .and_then(|d| d.get(..len))
+            .ok_or_else(|| bad("data out of bounds".to_string()))?;
+        let mut out = vec![0f32; rows.len() * cols];
+        quant::dequantize(t.ty, data, &mut out).map_err(|source| GgufError::Quant {
+            file: self.label(),
+            tensor: t.name.clone(),
+            source,
+        })?;
+        if let Storage::Mmap(m) = &self.storage {
+            release_range(m, start, len);
+        }
+        Ok(out)
+    }
+
     /// Whole tensor dequantized to f32 in ggml order (contiguous dim first).
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>, GgufError> {
         let data = self

@@ -282,6 +282,31 @@ impl Dense {
         })
     }
 
+    /// Packs `out_dim` rows read `chunk` rows at a time by `rows(range)` (row-major f32), so
+    /// that only one slice exists in f32 besides the packed matrix; `name` is for errors.
+    pub fn from_row_chunks(
+        dtype: Dtype,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        chunk: usize,
+        mut rows: impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>>,
+    ) -> Result<Dense> {
+        let mut p = PackedRows::with_capacity(dtype, in_dim, out_dim);
+        for r0 in (0..out_dim).step_by(chunk.max(1)) {
+            let w = rows(r0..(r0 + chunk.max(1)).min(out_dim))?;
+            p.push_rows(w).map_err(|e| Error::Tensor {
+                name: name.into(),
+                msg: format!("cannot be packed to {}: {e}", dtype.name()),
+            })?;
+        }
+        Ok(Dense {
+            in_dim,
+            out_dim,
+            weight: Arc::new(p),
+        })
+    }
+
     /// Row `o` (`in_dim` values) as f32: the embedding of token `o`.
     pub fn row(&self, o: usize, out: &mut [f32]) {
         self.weight.mat().dequant_row(o, out);

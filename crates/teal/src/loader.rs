@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use memmap2::Mmap;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// One tensor as listed: Hugging Face name, shape, storage type name.
@@ -19,6 +20,18 @@ pub trait TensorSource {
     /// Row-major f32 values of `name`, checked against `shape` (Hugging Face order, e.g.
     /// `[out, in]` for a projection).
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// Rows `rows` of the 2-D tensor `name` of shape `[n_rows, cols]`, row-major f32: a large
+    /// matrix converted a slice at a time, so that no f32 copy of all of it exists at once.
+    /// The default loads the whole tensor.
+    fn load_rows(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
+        let w = self.load(name, &shape)?;
+        w.get(rows.start * shape[1]..rows.end * shape[1])
+            .map(<[f32]>::to_vec)
+            .ok_or_else(|| Error::Tensor {
+                name: name.into(),
+                msg: format!("rows {rows:?} of {}", shape[0]),
+            })
+    }
     fn contains(&self, name: &str) -> bool;
     /// Every tensor: Hugging Face name, shape, storage type name.
     fn describe(&self) -> Vec<TensorDesc>;
@@ -171,6 +184,27 @@ impl TensorSource for GgufSource {
             None => data,
         })
     }
+    fn load_rows(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
+        if self.permutation(name).is_some() {
+            let w = self.load(name, &shape)?;
+            return Ok(w[rows.start * shape[1]..rows.end * shape[1]].to_vec());
+        }
+        let missing = || Error::MissingTensor {
+            name: name.to_string(),
+            source_desc: self.label(),
+        };
+        let gname = gguf_name(name).ok_or_else(missing)?;
+        let t = self.file.tensor(&gname).ok_or_else(missing)?;
+        let got: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        if got != shape {
+            return Err(Error::TensorShape {
+                name: gname,
+                got,
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(self.file.dequantize_rows(t, rows)?)
+    }
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).is_some_and(|g| self.file.tensor(&g).is_some())
     }
@@ -289,9 +323,51 @@ impl SafetensorsSource {
     }
 }
 
+/// Little-endian f32, f16 or bf16 values to f32.
+fn to_f32(name: &str, dtype: safetensors::Dtype, b: &[u8]) -> Result<Vec<f32>> {
+    use safetensors::Dtype;
+    Ok(match dtype {
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(Error::Tensor {
+                name: name.into(),
+                msg: format!("unsupported safetensors dtype {other:?}"),
+            })
+        }
+    })
+}
+
+impl SafetensorsSource {
+    /// Converts `bytes` (a range of tensor `name`'s data in `shard`) and drops the file's
+    /// pages of it from this process: the converted copy is all the model needs.
+    fn convert(
+        &self,
+        name: &str,
+        v: &safetensors::tensor::TensorView<'_>,
+        shard: usize,
+        b: &[u8],
+    ) -> Result<Vec<f32>> {
+        let out = to_f32(name, v.dtype(), b)?;
+        let mmap = &self.shards[shard].mmap;
+        let offset = b.as_ptr() as usize - mmap.as_ptr() as usize;
+        crate::gguf::release_range(mmap, offset, b.len());
+        Ok(out)
+    }
+}
+
 impl TensorSource for SafetensorsSource {
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        use safetensors::Dtype;
         let (v, shard) = self.view(name)?;
         if v.shape() != shape {
             return Err(Error::TensorShape {
@@ -300,32 +376,26 @@ impl TensorSource for SafetensorsSource {
                 expected: shape.to_vec(),
             });
         }
-        let b = v.data();
-        let out: Vec<f32> = match v.dtype() {
-            Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(Error::Tensor {
-                    name: name.into(),
-                    msg: format!("unsupported safetensors dtype {other:?}"),
-                })
-            }
-        };
-        // The converted copy is all the model needs: drop the file's pages from this process.
-        let mmap = &self.shards[shard].mmap;
-        let offset = b.as_ptr() as usize - mmap.as_ptr() as usize;
-        crate::gguf::release_range(mmap, offset, b.len());
-        Ok(out)
+        self.convert(name, &v, shard, v.data())
+    }
+    fn load_rows(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
+        let (v, shard) = self.view(name)?;
+        if v.shape() != shape {
+            return Err(Error::TensorShape {
+                name: name.into(),
+                got: v.shape().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        let row_bytes = v.data().len() / shape[0].max(1);
+        let b = v
+            .data()
+            .get(rows.start * row_bytes..rows.end * row_bytes)
+            .ok_or_else(|| Error::Tensor {
+                name: name.into(),
+                msg: format!("rows {rows:?} of {}", shape[0]),
+            })?;
+        self.convert(name, &v, shard, b)
     }
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use teal::config::{Arch, Config};
 use teal::gguf::GgufFile;
-use teal::loader::{GgufSource, SafetensorsSource};
+use teal::loader::{GgufSource, SafetensorsSource, TensorSource};
 use teal::models::llama::{DecodeScratch, Llama, Logits};
 
 /// Differences between two float paths computing the same sums in a different order, on logits of
@@ -308,4 +308,44 @@ fn llama3_rope_scaling_follows_the_reference_formula() {
     assert!((f[63] - base_last / 8.0).abs() < 1e-12);
     // Frequencies stay monotonically decreasing through the smooth band.
     assert!(f.windows(2).all(|w| w[0] > w[1]));
+}
+
+/// A matrix read a slice of rows at a time (how the embedding and head are converted) equals
+/// the same rows of the whole tensor, from both file formats; a range past the end is an error.
+#[test]
+fn row_slices_equal_the_whole_tensor() {
+    let c = tiny_config(Arch::Llama);
+    let w = random_weights(&c, 7);
+    let dir = tempfile::tempdir().unwrap();
+    let gpath = dir.path().join("tiny.gguf");
+    write_gguf(&gpath, &c, &w);
+    write_safetensors(&dir.path().join("hf"), &c, &w);
+    let g = GgufFile::open(&gpath).unwrap();
+    let gsrc = GgufSource::new(g, c.clone());
+    let ssrc = SafetensorsSource::open(&dir.path().join("hf")).unwrap();
+    let sources: [&dyn TensorSource; 2] = [&gsrc, &ssrc];
+    let (v, d) = (c.vocab_size, c.hidden_size);
+    for src in sources {
+        for name in [
+            "model.embed_tokens.weight",
+            "model.layers.0.mlp.down_proj.weight",
+        ] {
+            let shape = if name.contains("embed") {
+                [v, d]
+            } else {
+                [d, c.intermediate_size]
+            };
+            let whole = src.load(name, &shape).unwrap();
+            for rows in [0..0, 0..1, 3..shape[0] / 2 + 1, shape[0] - 1..shape[0]] {
+                let part = src.load_rows(name, shape, rows.clone()).unwrap();
+                assert_eq!(
+                    part,
+                    &whole[rows.start * shape[1]..rows.end * shape[1]],
+                    "{} {name} rows {rows:?}",
+                    src.label()
+                );
+            }
+            assert!(src.load_rows(name, shape, 0..shape[0] + 1).is_err());
+        }
+    }
 }

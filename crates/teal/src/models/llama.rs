@@ -94,10 +94,21 @@ impl Llama {
             check_finite(name, &v)?;
             Ok(v)
         };
+        // The embedding and head, the largest matrices, are converted 16 MiB of f32 at a time.
         let dense = |name: &str| -> Result<Dense> {
-            let w = src.load(name, &[c.vocab_size, d])?;
-            check_finite(name, &w)?;
-            Dense::from_rows_as(dtype, name, c.vocab_size, d, w)
+            let chunk = ((16 << 20) / 4 / d.max(1)).max(1);
+            Dense::from_row_chunks(dtype, name, c.vocab_size, d, chunk, |rows| {
+                let r0 = rows.start;
+                let w = src.load_rows(name, [c.vocab_size, d], rows)?;
+                check_finite(name, &w).map_err(|e| match e {
+                    Error::Tensor { name, msg } => Error::Tensor {
+                        name,
+                        msg: format!("{msg} of rows from {r0}"),
+                    },
+                    other => other,
+                })?;
+                Ok(w)
+            })
         };
         let embed_tokens = dense("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
