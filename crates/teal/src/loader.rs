@@ -24,18 +24,22 @@ pub trait TensorSource {
     /// matrix converted a slice at a time, so that no f32 copy of all of it exists at once.
     /// The default loads the whole tensor.
     fn load_rows(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
-        let w = self.load(name, &shape)?;
-        w.get(rows.start * shape[1]..rows.end * shape[1])
-            .map(<[f32]>::to_vec)
-            .ok_or_else(|| Error::Tensor {
-                name: name.into(),
-                msg: format!("rows {rows:?} of {}", shape[0]),
-            })
+        slice_rows(name, &self.load(name, &shape)?, shape, rows)
     }
     fn contains(&self, name: &str) -> bool;
     /// Every tensor: Hugging Face name, shape, storage type name.
     fn describe(&self) -> Vec<TensorDesc>;
     fn label(&self) -> String;
+}
+
+/// Rows `rows` of a whole `[n_rows, cols]` tensor `w`.
+fn slice_rows(name: &str, w: &[f32], shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
+    w.get(rows.start * shape[1]..rows.end * shape[1])
+        .map(<[f32]>::to_vec)
+        .ok_or_else(|| Error::Tensor {
+            name: name.into(),
+            msg: format!("rows {rows:?} of {}", shape[0]),
+        })
 }
 
 /// Maps a Hugging Face tensor name to its GGUF name (llama.cpp's convention).
@@ -157,8 +161,9 @@ impl GgufSource {
     }
 }
 
-impl TensorSource for GgufSource {
-    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+impl GgufSource {
+    /// The GGUF tensor of Hugging Face name `name`, checked to have the row-major `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<&crate::gguf::TensorInfo> {
         let missing = || Error::MissingTensor {
             name: name.to_string(),
             source_desc: self.label(),
@@ -174,6 +179,13 @@ impl TensorSource for GgufSource {
                 expected: shape.to_vec(),
             });
         }
+        Ok(t)
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.tensor(name, shape)?;
         let data = self.file.dequantize(t)?;
         self.file.release(t);
         Ok(match self.permutation(name) {
@@ -186,23 +198,9 @@ impl TensorSource for GgufSource {
     }
     fn load_rows(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
         if self.permutation(name).is_some() {
-            let w = self.load(name, &shape)?;
-            return Ok(w[rows.start * shape[1]..rows.end * shape[1]].to_vec());
+            return slice_rows(name, &self.load(name, &shape)?, shape, rows);
         }
-        let missing = || Error::MissingTensor {
-            name: name.to_string(),
-            source_desc: self.label(),
-        };
-        let gname = gguf_name(name).ok_or_else(missing)?;
-        let t = self.file.tensor(&gname).ok_or_else(missing)?;
-        let got: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
-        if got != shape {
-            return Err(Error::TensorShape {
-                name: gname,
-                got,
-                expected: shape.to_vec(),
-            });
-        }
+        let t = self.tensor(name, &shape)?;
         Ok(self.file.dequantize_rows(t, rows)?)
     }
     fn contains(&self, name: &str) -> bool {
@@ -349,6 +347,23 @@ fn to_f32(name: &str, dtype: safetensors::Dtype, b: &[u8]) -> Result<Vec<f32>> {
 }
 
 impl SafetensorsSource {
+    /// [`SafetensorsSource::view`] of a tensor that must have `shape`.
+    fn checked_view(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<(safetensors::tensor::TensorView<'_>, usize)> {
+        let (v, shard) = self.view(name)?;
+        if v.shape() != shape {
+            return Err(Error::TensorShape {
+                name: name.into(),
+                got: v.shape().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok((v, shard))
+    }
+
     /// Converts `bytes` (a range of tensor `name`'s data in `shard`) and drops the file's
     /// pages of it from this process: the converted copy is all the model needs.
     fn convert(
@@ -368,25 +383,11 @@ impl SafetensorsSource {
 
 impl TensorSource for SafetensorsSource {
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (v, shard) = self.view(name)?;
-        if v.shape() != shape {
-            return Err(Error::TensorShape {
-                name: name.into(),
-                got: v.shape().to_vec(),
-                expected: shape.to_vec(),
-            });
-        }
+        let (v, shard) = self.checked_view(name, shape)?;
         self.convert(name, &v, shard, v.data())
     }
     fn load_rows(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
-        let (v, shard) = self.view(name)?;
-        if v.shape() != shape {
-            return Err(Error::TensorShape {
-                name: name.into(),
-                got: v.shape().to_vec(),
-                expected: shape.to_vec(),
-            });
-        }
+        let (v, shard) = self.checked_view(name, &shape)?;
         let row_bytes = v.data().len() / shape[0].max(1);
         let b = v
             .data()
