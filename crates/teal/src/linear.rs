@@ -271,14 +271,9 @@ impl Dense {
         in_dim: usize,
         w: Vec<f32>,
     ) -> Result<Dense> {
-        let p = PackedRows::from_rows(dtype, w, out_dim, in_dim).map_err(|e| Error::Tensor {
-            name: name.into(),
-            msg: format!("cannot be packed to {}: {e}", dtype.name()),
-        })?;
-        Ok(Dense {
-            in_dim,
-            out_dim,
-            weight: Arc::new(p),
+        let mut w = Some(w);
+        Dense::from_row_chunks(dtype, name, out_dim, in_dim, out_dim, |_| {
+            Ok(w.take().unwrap_or_default())
         })
     }
 

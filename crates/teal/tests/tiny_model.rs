@@ -15,15 +15,19 @@ const LOGIT_TOL: f32 = 1e-4;
 
 const TOKENS: [u32; 11] = [1, 5, 96, 17, 17, 0, 42, 63, 8, 2, 77];
 
-fn load_both(arch: Arch) -> (Llama, Llama, Weights, Config) {
+/// The tiny model of `arch` written as `tiny.gguf` and as a Hugging Face directory `hf`.
+fn write_both(arch: Arch) -> (tempfile::TempDir, Weights, Config) {
     let c = tiny_config(arch);
     let w = random_weights(&c, 7);
     let dir = tempfile::tempdir().unwrap();
-    let gpath = dir.path().join("tiny.gguf");
-    write_gguf(&gpath, &c, &w);
+    write_gguf(&dir.path().join("tiny.gguf"), &c, &w);
     write_safetensors(&dir.path().join("hf"), &c, &w);
+    (dir, w, c)
+}
 
-    let g = GgufFile::open(&gpath).unwrap();
+fn load_both(arch: Arch) -> (Llama, Llama, Weights, Config) {
+    let (dir, w, c) = write_both(arch);
+    let g = GgufFile::open(&dir.path().join("tiny.gguf")).unwrap();
     let gc = Config::from_gguf(&g).unwrap();
     assert_eq!(gc, c, "config read back from GGUF metadata");
     let m_gguf = Llama::load(gc.clone(), &GgufSource::new(g, gc)).unwrap();
@@ -314,13 +318,8 @@ fn llama3_rope_scaling_follows_the_reference_formula() {
 /// the same rows of the whole tensor, from both file formats; a range past the end is an error.
 #[test]
 fn row_slices_equal_the_whole_tensor() {
-    let c = tiny_config(Arch::Llama);
-    let w = random_weights(&c, 7);
-    let dir = tempfile::tempdir().unwrap();
-    let gpath = dir.path().join("tiny.gguf");
-    write_gguf(&gpath, &c, &w);
-    write_safetensors(&dir.path().join("hf"), &c, &w);
-    let g = GgufFile::open(&gpath).unwrap();
+    let (dir, _, c) = write_both(Arch::Llama);
+    let g = GgufFile::open(&dir.path().join("tiny.gguf")).unwrap();
     let gsrc = GgufSource::new(g, c.clone());
     let ssrc = SafetensorsSource::open(&dir.path().join("hf")).unwrap();
     let sources: [&dyn TensorSource; 2] = [&gsrc, &ssrc];
