@@ -46,6 +46,15 @@ const ATTN_THREADS: usize = 1024;
 /// Shared memory a decode attention kernel may use (the default per-block limit).
 const ATTN_SHARED_BYTES: usize = 48 * 1024;
 
+/// A 1-D launch of `blocks` blocks of `threads` threads, no dynamic shared memory.
+fn blocks_1d(blocks: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Shared floats of the fused decode attention: query, new key and value, then the scores,
 /// which become the reduction buffer of the weighted sum (4 floats per thread).
 fn attention_shared_floats(hd: usize, max_keys: usize) -> usize {
@@ -597,11 +606,7 @@ impl Gpu {
     ) -> Result<()> {
         let n = w.len();
         let bf = i32::from(dtype == WeightDtype::Bf16);
-        let cfg = LaunchConfig {
-            grid_dim: ((n.div_ceil(256)).min(self.sms * 32) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_1d((n.div_ceil(256)).min(self.sms * 32) as u32, 256);
         let wp = self.ptr_mut(w);
         let mut p = params![wp, n, seed, scale, bf];
         // SAFETY: matches fill_random_u16; n elements in w.
@@ -622,11 +627,7 @@ impl Gpu {
             return Err(CudaError::Invalid("kv_append buffers too small".into()));
         }
         let (q_i, kv_i) = (q_dim as i32, kv_dim as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (kv_dim.div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_1d(kv_dim.div_ceil(256) as u32, 256);
         let (qp, kp, vp, pp) = (
             self.ptr(qkv),
             self.ptr_mut(kc),
@@ -651,11 +652,7 @@ impl Gpu {
             return Err(CudaError::Invalid("embed buffers too small".into()));
         }
         let (d_i, bf) = (d as i32, i32::from(dtype == WeightDtype::Bf16));
-        let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_1d(d.div_ceil(256) as u32, 256);
         let (tp, kp, hp) = (self.ptr(table), self.ptr(tok), self.ptr_mut(h));
         let mut p = params![tp, kp, hp, d_i, bf];
         // SAFETY: matches embed_row; token ids come from argmax over the table's rows.
@@ -711,11 +708,7 @@ impl Gpu {
 
     /// `pos[0] += 1` on the device.
     pub fn advance_position(&self, pos: &mut CudaSlice<i32>) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_1d(1, 32);
         let pp = self.ptr_mut(pos);
         let mut p = params![pp];
         // SAFETY: matches advance_position; the buffer holds at least one element.
@@ -925,11 +918,7 @@ impl Gpu {
             return Err(CudaError::Invalid("rmsnorm buffers too small".into()));
         }
         let n_i = n as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_1d(rows as u32, 1024);
         let (xp, wp, op) = (self.ptr(x), self.ptr(w), self.ptr_mut(out));
         let mut p = params![xp, wp, op, n_i, eps];
         // SAFETY: matches rmsnorm_f32; sizes checked.
@@ -1013,11 +1002,7 @@ impl Gpu {
             return Err(CudaError::Invalid("silu_mul buffers too small".into()));
         }
         let (n_i, b_i) = (n as i32, batch as i32);
-        let cfg = LaunchConfig {
-            grid_dim: ((n * batch).div_ceil(256).min(4096) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_1d((n * batch).div_ceil(256).min(4096) as u32, 256);
         let (gp, op) = (self.ptr(gu), self.ptr_mut(out));
         let mut p = params![gp, op, n_i, b_i];
         // SAFETY: matches silu_mul_f32; sizes checked.
@@ -1036,11 +1021,7 @@ impl Gpu {
             return Err(CudaError::Invalid("argmax buffers too small".into()));
         }
         let n_i = n as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_1d(rows as u32, 1024);
         let (xp, op) = (self.ptr(x), self.ptr_mut(out));
         let mut p = params![xp, n_i, op];
         // SAFETY: matches argmax_f32; sizes checked.
@@ -1068,11 +1049,7 @@ impl Gpu {
             )));
         }
         let (n_i, k_i) = (n as i32, k as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_1d(1, 1024);
         let (xp, rp, op) = (self.ptr(x), self.ptr(r), self.ptr_mut(out));
         let mut p = params![xp, n_i, k_i, inv_t, top_p, rp, op];
         // SAFETY: matches sample_topk_f32; sizes checked.
@@ -1082,11 +1059,7 @@ impl Gpu {
     /// Stream every 16-byte word of `buf` once (a read-bandwidth probe).
     pub fn read_probe(&self, buf: &CudaSlice<u16>, sink: &mut CudaSlice<u32>) -> Result<()> {
         let n16 = buf.len() / 8;
-        let cfg = LaunchConfig {
-            grid_dim: (self.sms as u32 * 8, 1, 1),
-            block_dim: (512, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_1d(self.sms as u32 * 8, 512);
         let (bp, sp) = (self.ptr(buf), self.ptr_mut(sink));
         let mut p = params![bp, n16, sp];
         // SAFETY: matches read_probe; n16 words lie inside buf.
