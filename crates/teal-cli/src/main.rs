@@ -17,8 +17,8 @@ use teal::generate::{generate_on, GenerateParams, Models};
 use teal::linear::InputMask;
 use teal::sampler::SamplerConfig;
 use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
-use teal::sparsity::greedy::{GreedyOptions, PROPAGATE_MARGIN};
-use teal::sparsity::thresholds::{check_target, Fingerprint, Propagate, PropagateScore};
+use teal::sparsity::greedy::GreedyOptions;
+use teal::sparsity::thresholds::{check_target, Fingerprint};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
 use teal::ModelFiles;
 
@@ -114,20 +114,6 @@ impl From<QuantileArg> for Quantile {
             QuantileArg::Teal => Quantile::Teal,
             QuantileArg::Abs => Quantile::Abs,
             QuantileArg::Wina => Quantile::Wina,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PropagateArg {
-    Local,
-    Global,
-}
-impl From<PropagateArg> for PropagateScore {
-    fn from(p: PropagateArg) -> PropagateScore {
-        match p {
-            PropagateArg::Local => PropagateScore::Local,
-            PropagateArg::Global => PropagateScore::Global,
         }
     }
 }
@@ -354,15 +340,6 @@ struct CalibrateArgs {
     /// Greedy step (a projection's sparsity rises by step / its relative size).
     #[arg(long, default_value_t = 0.05)]
     greedy_step: f64,
-    /// Search each block on the inputs of the model sparsified, in the blocks before, at the rows
-    /// chosen for --greedy-target, scoring against the dense block on those inputs (local) or the
-    /// dense model's hidden state after the block (global). The tables then serve that target
-    /// only, and each search stops a little past it.
-    #[arg(long, value_enum, requires = "greedy")]
-    greedy_propagate: Option<PropagateArg>,
-    /// The model-wide target of a --greedy-propagate search.
-    #[arg(long, default_value_t = 0.5, requires = "greedy_propagate")]
-    greedy_target: f64,
     /// Quantile reading the greedy search uses.
     #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
     quantile: QuantileArg,
@@ -843,14 +820,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
                 samples: a.greedy_samples,
                 seq_len: a.greedy_seq_len.min(seq_len),
                 step: a.greedy_step,
-                max_sparsity: match a.greedy_propagate {
-                    Some(_) => (a.greedy_target + PROPAGATE_MARGIN).min(0.9),
-                    None => 0.9,
-                },
-                propagate: a.greedy_propagate.map(|p| Propagate {
-                    target: a.greedy_target,
-                    score: p.into(),
-                }),
+                max_sparsity: 0.9,
             },
             a.quantile.into(),
         )

@@ -44,7 +44,6 @@ fn calibrated(greedy: bool) -> (Llama, Config, Fingerprint, Thresholds) {
                     seq_len: 32,
                     step: 0.05,
                     max_sparsity: 0.9,
-                    propagate: None,
                 },
                 Quantile::Abs,
             )
@@ -236,13 +235,11 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
         seq_len: 32,
         step: 0.05,
         max_sparsity: 0.9,
-        propagate: None,
     };
     let steps = greedy_block(
         &c,
         &m.layers[layer],
         &inputs,
-        None,
         2,
         32,
         (&cos, &sin),

@@ -1,14 +1,13 @@
 //! Calibration: run the dense model on calibration text block by block, collect every value at
 //! the four sites of each layer, and turn them into per-site quantile tables (TEAL's histogram
 //! reading and the exact |x| quantile); optionally run the greedy search on each block's dense
-//! inputs, or on its inputs propagated through the blocks before sparsified at the rows chosen for
-//! one target. Layer-wise processing keeps only one layer's activations in memory.
+//! inputs. Layer-wise processing keeps only one layer's activations in memory.
 
-use super::greedy::{greedy_block, tail_from, GreedyOptions};
+use super::greedy::{greedy_block, GreedyOptions};
 use super::histogram::{abs_quantiles, check_finite, TealHistogram};
 use super::thresholds::{
-    default_levels, interpolate, nearest_step, Fingerprint, GreedyTables, PropagateScore,
-    Provenance, Quantile, SiteTable, Thresholds, FORMAT, VERSION,
+    default_levels, interpolate, Fingerprint, GreedyTables, Provenance, Quantile, SiteTable,
+    Thresholds, FORMAT, VERSION,
 };
 use super::{size_weights, PROJ_SITE};
 use crate::device::Decoder;
@@ -93,14 +92,6 @@ pub fn calibrate(
                     g.samples, g.seq_len
                 )));
             }
-            if let Some(p) = g.propagate {
-                if !(p.target > 0.0 && p.target <= g.max_sparsity) {
-                    return Err(Error::Invalid(format!(
-                        "a propagated greedy search needs a target in (0, {}], got {}",
-                        g.max_sparsity, p.target
-                    )));
-                }
-            }
             Some((g, *q))
         }
         None => None,
@@ -126,23 +117,13 @@ pub fn calibrate(
     let mut wina = Vec::with_capacity(c.num_hidden_layers);
     let mut greedy_layers = Vec::new();
     let total = c.num_hidden_layers;
-    // The first `g.samples x g.seq_len` positions of the dense hidden states `h`.
-    let prefix = |h: &[f32], g: &GreedyOptions| -> Vec<f32> {
-        (0..g.samples)
-            .flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied())
-            .collect()
-    };
-    // With a propagated search: the greedy windows' hidden states after the blocks before ran
-    // sparsified at their chosen rows.
-    let mut propagated: Option<Vec<f32>> = greedy
-        .filter(|(g, _)| g.propagate.is_some())
-        .map(|(g, _)| prefix(&h, g));
     for (l, block) in model.layers.iter().enumerate() {
-        // The greedy search's inputs to this block: dense (a prefix of each sample) or propagated.
-        let greedy_inputs: Option<Vec<f32>> = match propagated.as_mut() {
-            Some(p) => Some(std::mem::take(p)),
-            None => greedy.map(|(g, _)| prefix(&h, g)),
-        };
+        // The greedy search needs this block's dense inputs (a prefix of each sample).
+        let greedy_inputs: Option<Vec<f32>> = greedy.map(|(g, _)| {
+            (0..g.samples)
+                .flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied())
+                .collect()
+        });
         let mut col = Collector {
             values: Default::default(),
         };
@@ -161,7 +142,7 @@ pub fn calibrate(
         }
         let (tables, wina_row) = layer_tables(l, block, &col.values, &levels, opts.weight_aware)?;
         drop(col);
-        if let (Some((g, q)), Some(mut inp)) = (greedy, greedy_inputs) {
+        if let (Some((g, q)), Some(inp)) = (greedy, greedy_inputs) {
             progress(&format!("greedy layer {l}"), l, total);
             let lookup = |p: usize, s: f64| match q {
                 Quantile::Wina => wina_row
@@ -173,43 +154,17 @@ pub fn calibrate(
                     .map(InputMask::Threshold),
             };
             let gl = g.seq_len;
-            let rope = (&cos[..gl * cos.len() / len], &sin[..gl * sin.len() / len]);
-            // Global scoring: the dense model's hidden state after this block, scored rows.
-            let reference: Option<Vec<f32>> = g
-                .propagate
-                .filter(|p| p.score == PropagateScore::Global)
-                .map(|_| {
-                    (0..g.samples)
-                        .flat_map(|s| {
-                            h[(s * len + tail_from(gl)) * d..(s * len + gl) * d]
-                                .iter()
-                                .copied()
-                        })
-                        .collect()
-                });
-            let steps = greedy_block(
+            greedy_layers.push(greedy_block(
                 c,
                 block,
                 &inp,
-                reference.as_deref(),
                 g.samples,
                 gl,
-                rope,
+                (&cos[..gl * cos.len() / len], &sin[..gl * sin.len() / len]),
                 &lookup,
                 &weights,
                 g,
-            );
-            if let (Some(p), Some(next)) = (g.propagate, propagated.as_mut()) {
-                let s = nearest_step(&steps, p.target)
-                    .ok_or_else(|| Error::Invalid(format!("greedy layer {l}: no steps")))?
-                    .s;
-                let sparse = block.with_masks(&std::array::from_fn(|i| lookup(i, s[i])));
-                for x in inp.chunks_mut(gl * d) {
-                    sparse.prefill(c, x, gl, 0, rope, (&mut kc, &mut vc), &mut ws, None);
-                }
-                *next = inp;
-            }
-            greedy_layers.push(steps);
+            ));
         }
         sites.push(tables);
         if let Some(w) = wina_row {
@@ -232,7 +187,6 @@ pub fn calibrate(
             seq_len: g.seq_len,
             size_weights: weights,
             layers: greedy_layers,
-            propagated: g.propagate,
         }),
     })
 }

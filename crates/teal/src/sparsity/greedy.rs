@@ -1,20 +1,15 @@
-//! TEAL's block-wise greedy allocation (DESIGN §1). For one block, on its calibration inputs:
-//! start with all seven sparsities at 0; at each step try raising each projection's sparsity by
-//! `step / w_p`, run the block, and keep the candidate whose output is closest to the reference
-//! (L2 over the last 25% of positions); stop at a parameter-weighted block sparsity of
-//! `max_sparsity`. Every step is recorded.
-//!
-//! TEAL's search runs on the dense block inputs and scores against the dense block output. With
-//! [`Propagate`] the inputs are instead those of the model sparsified at the rows already chosen
-//! for a target in the blocks before, and the reference is the dense block on those inputs
-//! (local) or the dense model's hidden state after the block (global).
+//! TEAL's block-wise greedy allocation (DESIGN §1). For one block, on its dense calibration
+//! inputs: start with all seven sparsities at 0; at each step try raising each projection's
+//! sparsity by `step / w_p`, run the block, and keep the candidate whose output is closest to
+//! the dense output (L2 over the last 25% of positions); stop at a parameter-weighted block
+//! sparsity of `max_sparsity`. Every step is recorded.
 //!
 //! Only the last quarter of positions is scored, so queries, the attention output and the MLP are
 //! computed only there (keys and values need every position), and MLP candidates reuse the
 //! attention half of the current state.
 
 use super::effective_sparsity;
-use super::thresholds::{GreedyStep, Propagate};
+use super::thresholds::GreedyStep;
 use crate::config::Config;
 use crate::linear::InputMask;
 use crate::models::llama::{Block, PrefillBuffers};
@@ -25,8 +20,6 @@ pub struct GreedyOptions {
     pub seq_len: usize,
     pub step: f64,
     pub max_sparsity: f64,
-    /// Search on the inputs propagated through the sparsified blocks before (one target).
-    pub propagate: Option<Propagate>,
 }
 
 impl Default for GreedyOptions {
@@ -36,34 +29,21 @@ impl Default for GreedyOptions {
             seq_len: 256,
             step: 0.05,
             max_sparsity: 0.9,
-            propagate: None,
         }
     }
 }
 
-/// How far past its target a propagated search goes: its rows above the target serve nothing,
-/// as the blocks after are searched for the target only.
-pub const PROPAGATE_MARGIN: f64 = 0.05;
-
 /// Highest per-projection sparsity the search may assign (the site tables stop at 0.995).
 pub const MAX_PROJ_SPARSITY: f64 = 0.99;
 
-/// First of the scored positions of a `len`-position window: the last quarter (at least one).
-pub fn tail_from(len: usize) -> usize {
-    len - (len / 4).max(1)
-}
-
-/// Runs the greedy search for one block. `inputs` holds `samples` sequences of `len` block
-/// inputs (`[samples, len, hidden]`); `reference` the block outputs the candidates are scored
-/// against at the positions `tail_from(len)..len` of each sample (`[samples, tail, hidden]`;
-/// `None`: the dense block's on `inputs`); `mask(proj, s)` gives a projection's input mask for
+/// Runs the greedy search for one block. `inputs` holds `samples` sequences of `len` dense block
+/// inputs (`[samples, len, hidden]`); `mask(proj, s)` gives a projection's input mask for
 /// sparsity `s`; `rope` holds cos/sin tables for positions `0..len`.
 #[allow(clippy::too_many_arguments)]
 pub fn greedy_block(
     c: &Config,
     block: &Block,
     inputs: &[f32],
-    reference: Option<&[f32]>,
     samples: usize,
     len: usize,
     rope: (&[f32], &[f32]),
@@ -72,7 +52,7 @@ pub fn greedy_block(
     opts: &GreedyOptions,
 ) -> Vec<GreedyStep> {
     let d = c.hidden_size;
-    let tail_from = tail_from(len);
+    let tail_from = len - (len / 4).max(1);
     let tail = len - tail_from;
     let mut ws = PrefillBuffers::new(c, len);
     let mut kc = vec![0.0f32; len * c.kv_dim()];
@@ -115,9 +95,7 @@ pub fn greedy_block(
         |s: &[f64; 7]| -> Block { block.with_masks(&std::array::from_fn(|p| mask(p, s[p]))) };
 
     let dense_att = attention(block, &mut ws);
-    let dense_out = mlp(block, &dense_att, &mut ws);
-    let target = reference.unwrap_or(&dense_out);
-    debug_assert_eq!(target.len(), dense_out.len());
+    let target = mlp(block, &dense_att, &mut ws);
     let norm: f64 = target
         .iter()
         .map(|&v| (v as f64) * (v as f64))
@@ -126,7 +104,7 @@ pub fn greedy_block(
         .max(f64::MIN_POSITIVE);
     let rel_err = |y: &[f32]| -> f64 {
         y.iter()
-            .zip(target)
+            .zip(&target)
             .map(|(&a, &b)| ((a - b) as f64).powi(2))
             .sum::<f64>()
             .sqrt()
@@ -137,7 +115,7 @@ pub fn greedy_block(
     let mut att = dense_att;
     let mut steps = vec![GreedyStep {
         sparsity: 0.0,
-        error: rel_err(&dense_out),
+        error: 0.0,
         s,
     }];
     while effective_sparsity(&s, weights) < opts.max_sparsity {

@@ -189,43 +189,6 @@ pub struct GreedyStep {
     pub s: [f64; 7],
 }
 
-/// What a greedy search on propagated inputs scores its candidates against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PropagateScore {
-    /// The dense block's output on the same (propagated) inputs.
-    Local,
-    /// The dense model's hidden state after the block: upstream error counts too.
-    Global,
-}
-
-/// A greedy search on propagated inputs: block `l` is searched on the hidden states of the
-/// calibration windows after blocks `0..l` ran sparsified at their rows nearest to `target`, so
-/// the tables serve that one target.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Propagate {
-    pub target: f64,
-    pub score: PropagateScore,
-}
-
-impl PropagateScore {
-    pub fn name(self) -> &'static str {
-        match self {
-            PropagateScore::Local => "local",
-            PropagateScore::Global => "global",
-        }
-    }
-}
-
-/// The step of a greedy table whose block sparsity is nearest to `target` (the first on ties).
-pub fn nearest_step(steps: &[GreedyStep], target: f64) -> Option<&GreedyStep> {
-    steps.iter().min_by(|a, b| {
-        (a.sparsity - target)
-            .abs()
-            .total_cmp(&(b.sparsity - target).abs())
-    })
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GreedyTables {
     pub step: f64,
@@ -234,13 +197,8 @@ pub struct GreedyTables {
     pub samples: usize,
     pub seq_len: usize,
     pub size_weights: [f64; 7],
-    /// Per layer, the steps from all-zero up to 0.9 (with `propagated`: to a little past its
-    /// target).
+    /// Per layer, the steps from all-zero up to 0.9.
     pub layers: Vec<Vec<GreedyStep>>,
-    /// Searched on propagated inputs for one target (absent: TEAL's search on dense inputs,
-    /// which serves every target).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub propagated: Option<Propagate>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -343,11 +301,6 @@ impl Thresholds {
             {
                 return Err("greedy tables: one non-empty table per layer expected".into());
             }
-            if g.propagated
-                .is_some_and(|p| !(0.0..1.0).contains(&p.target))
-            {
-                return Err("greedy tables: propagated target outside [0, 1)".into());
-            }
         }
         Ok(())
     }
@@ -431,21 +384,18 @@ impl Thresholds {
                         "this thresholds file has no greedy tables: calibrate with --greedy".into(),
                     )
                 })?;
-                if let Some(p) = g.propagated {
-                    if (p.target - spec.target).abs() > 1e-9 {
-                        return Err(Error::Invalid(format!(
-                            "this file's greedy tables were searched on inputs propagated through \
-                             blocks sparsified for sparsity {}: they serve only that target, not {}",
-                            p.target, spec.target
-                        )));
-                    }
-                }
                 Ok(g.layers
                     .iter()
                     .map(|steps| {
-                        nearest_step(steps, spec.target)
-                            .expect("validated non-empty")
-                            .s
+                        let best = steps
+                            .iter()
+                            .min_by(|a, b| {
+                                (a.sparsity - spec.target)
+                                    .abs()
+                                    .total_cmp(&(b.sparsity - spec.target).abs())
+                            })
+                            .expect("validated non-empty");
+                        best.s
                     })
                     .collect())
             }
