@@ -14,19 +14,11 @@ typedef unsigned int u32;
 // Programmatic dependent launch (Hopper+): every kernel lets the next one in the stream start
 // launching at once, and waits for the previous one's memory before touching any. Without the
 // launch attribute (or before sm_90) both are no-ops.
-__device__ __forceinline__ void pdl_trigger() {
+__device__ __forceinline__ void pdl_begin() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-}
-__device__ __forceinline__ void pdl_begin() {
-    pdl_trigger();
-    pdl_wait();
 }
 
 __device__ __forceinline__ float f16_to_f32(u32 h) {
