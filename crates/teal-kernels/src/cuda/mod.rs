@@ -325,21 +325,7 @@ pub struct GemvPlan {
 impl Gpu {
     /// Open GPU `ordinal`, compile (or reuse) the kernels and load them.
     pub fn new(ordinal: usize) -> Result<Self> {
-        // SAFETY: only checks whether the shared library can be opened.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(CudaError::NoDriver);
-        }
-        let count = CudaContext::device_count().map_err(|e| match e.0 {
-            sys::CUresult::CUDA_ERROR_NO_DEVICE => {
-                CudaError::NoGpu("the driver reports no CUDA device".into())
-            }
-            _ => CudaError::NoGpu(format!("driver initialisation failed: {e}")),
-        })?;
-        if ordinal >= count.max(0) as usize {
-            return Err(CudaError::NoGpu(format!(
-                "cuda:{ordinal} asked for, {count} device(s) present"
-            )));
-        }
+        check_device(ordinal)?;
         let ctx = CudaContext::new(ordinal)?;
         // One stream, ordered by construction: cudarc's per-buffer event tracking is not
         // needed and would put event records into every launch (and into captured graphs).
@@ -1170,11 +1156,9 @@ fn check_segments(n_out: usize, segments: &[usize]) -> Result<Vec<usize>> {
     }
 }
 
-/// Whether `cuda:ordinal` can be opened, without compiling or loading anything: the driver
-/// loads, has that device, and NVRTC (needed to compile the kernels) loads. The error names
-/// the first thing missing.
-pub fn probe(ordinal: usize) -> Result<()> {
-    // SAFETY: only checks whether the shared libraries can be opened.
+/// The driver loads and has device `ordinal`; the error names the first thing missing.
+fn check_device(ordinal: usize) -> Result<()> {
+    // SAFETY: only checks whether the shared library can be opened.
     if !unsafe { sys::is_culib_present() } {
         return Err(CudaError::NoDriver);
     }
@@ -1189,7 +1173,15 @@ pub fn probe(ordinal: usize) -> Result<()> {
             "cuda:{ordinal} asked for, {count} device(s) present"
         )));
     }
-    // SAFETY: as above.
+    Ok(())
+}
+
+/// Whether `cuda:ordinal` can be opened, without compiling or loading anything: the driver
+/// loads, has that device, and NVRTC (needed to compile the kernels) loads. The error names
+/// the first thing missing.
+pub fn probe(ordinal: usize) -> Result<()> {
+    check_device(ordinal)?;
+    // SAFETY: only checks whether the shared library can be opened.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(CudaError::NoNvrtc);
     }
