@@ -606,6 +606,32 @@ const GPU_CALIBRATION_TOL: f32 = 1e-3;
 /// Uniform bins between the range ends of TEAL's signed histogram (`sparsity::histogram`).
 const TEAL_BINS: f32 = 9_998.0;
 
+/// A calibration of the random model of shape `name`: 2 windows of 24 spread token ids, with
+/// the weight-aware tables.
+fn calibration_case(
+    name: &str,
+) -> (
+    Config,
+    Llama,
+    teal::sparsity::thresholds::Fingerprint,
+    Vec<u32>,
+    teal::sparsity::calibrate::CalibOptions,
+) {
+    let c = shape(name);
+    let model = random_model(&c);
+    let fp = teal::sparsity::thresholds::Fingerprint::with_hash(&c, "test".into());
+    let opts = teal::sparsity::calibrate::CalibOptions {
+        samples: 2,
+        seq_len: 24,
+        greedy: None,
+        weight_aware: true,
+        text_label: "spread ids".into(),
+        text_bytes: 0,
+    };
+    let tokens = teal::bench::spread_tokens(opts.samples * opts.seq_len, c.vocab_size, 5);
+    (c, model, fp, tokens, opts)
+}
+
 /// `teal calibrate --device cuda:N`: the statistics collected on the GPU (observed steps,
 /// site inputs copied back per position, two passes over the windows to exercise the layer
 /// groups) give the CPU calibration's tables.
@@ -614,33 +640,12 @@ fn gpu_calibration_matches_cpu() {
     if !have_gpu("GPU calibration test") {
         return;
     }
-    use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
-    use teal::sparsity::thresholds::Fingerprint;
+    use teal::sparsity::calibrate::{calibrate, calibrate_on};
     // Qwen2-tiny (q/k/v biases) only: the CPU calibration of the SmolLM2 shape takes over a
     // minute per run.
     for name in ["qwen2_tiny"] {
-        let c = shape(name);
-        let model = random_model(&c);
-        let fp = Fingerprint {
-            arch: "llama".into(),
-            hidden_size: c.hidden_size,
-            intermediate_size: c.intermediate_size,
-            num_hidden_layers: c.num_hidden_layers,
-            num_attention_heads: c.num_attention_heads,
-            num_key_value_heads: c.num_key_value_heads,
-            vocab_size: c.vocab_size,
-            tensor_hash: "test".into(),
-        };
-        let (samples, seq_len) = (2, 24);
-        let tokens = teal::bench::spread_tokens(samples * seq_len, c.vocab_size, 5);
-        let opts = CalibOptions {
-            samples,
-            seq_len,
-            greedy: None,
-            weight_aware: true,
-            text_label: "spread ids".into(),
-            text_bytes: 0,
-        };
+        let (c, model, fp, tokens, opts) = calibration_case(name);
+        let (samples, seq_len) = (opts.samples, opts.seq_len);
         let want = calibrate(&model, fp.clone(), &tokens, &opts, &mut |_, _, _| {}).unwrap();
         let device = Device::Cuda {
             ordinal: 0,
@@ -700,29 +705,8 @@ fn gpu_calibration_matches_cpu() {
 /// is what the GPU test above checks against.
 #[test]
 fn calibrate_on_cpu_decoder_equals_calibrate() {
-    use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
-    use teal::sparsity::thresholds::Fingerprint;
-    let c = shape("qwen2_tiny");
-    let model = random_model(&c);
-    let fp = Fingerprint {
-        arch: "llama".into(),
-        hidden_size: c.hidden_size,
-        intermediate_size: c.intermediate_size,
-        num_hidden_layers: c.num_hidden_layers,
-        num_attention_heads: c.num_attention_heads,
-        num_key_value_heads: c.num_key_value_heads,
-        vocab_size: c.vocab_size,
-        tensor_hash: "test".into(),
-    };
-    let tokens = teal::bench::spread_tokens(2 * 24, c.vocab_size, 5);
-    let opts = CalibOptions {
-        samples: 2,
-        seq_len: 24,
-        greedy: None,
-        weight_aware: true,
-        text_label: "spread ids".into(),
-        text_bytes: 0,
-    };
+    use teal::sparsity::calibrate::{calibrate, calibrate_on};
+    let (_, model, fp, tokens, opts) = calibration_case("qwen2_tiny");
     let want = calibrate(&model, fp.clone(), &tokens, &opts, &mut |_, _, _| {}).unwrap();
     let mut dec = Device::Cpu.decoder(Models::single(&model), 24).unwrap();
     // A budget of one layer: a pass over the windows per layer.
