@@ -90,7 +90,8 @@ impl ModelFiles {
 }
 
 /// Makes glibc give every allocation of 128 KiB or more its own mapping, returned to the system
-/// when freed. By default the threshold grows with the largest block freed (up to 32 MiB), so
+/// when freed, for the rest of the process (prefill buffers are then mapped per call: a
+/// 4-window `teal ppl` took the same time within the machine's noise). By default the threshold grows with the largest block freed (up to 32 MiB), so
 /// the packed weights and the transient f32 copies of the tensors being converted, made by
 /// several threads at once, end up interleaved in per-thread heaps that stay resident (about
 /// 100 MB, 15% of the weights, for Qwen2.5-0.5B in q8).
