@@ -4,7 +4,11 @@
 //! Every kernel is timed as CUDA-graph replays of many launches that rotate among weight copies
 //! (more than 2x the L2 in all), so no weight is served from L2; median of several replays.
 //!
-//! Usage: cuda_bench [--quick] [--tune] [--json PATH]
+//! With `--batch B` our GEMV runs on B input rows at once (a prefill chunk; cuBLAS stays at
+//! n = 1), each row thresholded on its own, so the rows read are the union of the rows' kept
+//! inputs: the floor column still counts one row's sparsity.
+//!
+//! Usage: cuda_bench [--quick] [--tune] [--batch B] [--json PATH]
 
 use std::io::Write;
 use std::sync::Arc;
@@ -146,6 +150,7 @@ fn make_copies(
     n_out: usize,
     dtype: WeightDtype,
     segs: &[usize],
+    batch: usize,
 ) -> Res<Copies> {
     let bytes = n_in * n_out * 2;
     let copies = ROTATE_BYTES.div_ceil(bytes).clamp(2, 64);
@@ -155,11 +160,11 @@ fn make_copies(
     for _ in 0..copies {
         lin.push(g.linear_from_bits(&bits, n_in, n_out, dtype, segs)?);
     }
-    let host_x = activations(n_in, 3);
+    let host_x = activations(n_in * batch, 3);
     Ok(Copies {
         x32: g.upload(&host_x)?,
-        x16: g.upload(&dtype.encode(&host_x))?,
-        y: g.zeros(n_out)?,
+        x16: g.upload(&dtype.encode(&host_x[..n_in]))?,
+        y: g.zeros(n_out * batch)?,
         lin,
         host_x,
     })
@@ -176,6 +181,7 @@ fn time_ours(
     let s = g.stream().clone();
     let Copies { lin, x32, y, .. } = c;
     let n = lin.len();
+    let batch = y.len() / lin[0].n_out;
     let ts = vec![t; lin[0].segments().len()];
     let mut i = 0usize;
     let f = || -> Res<()> {
@@ -184,7 +190,7 @@ fn time_ours(
                 &mut lin[i % n],
                 x32,
                 y,
-                1,
+                batch,
                 &ts,
                 GemvOpts {
                     accumulate,
@@ -258,14 +264,15 @@ fn measure(
     bw: f64,
     tune: bool,
     full: bool,
+    batch: usize,
 ) -> Res<(f64, Vec<Row>)> {
-    let mut c = make_copies(g, n_in, n_out, dtype, segs)?;
+    let mut c = make_copies(g, n_in, n_out, dtype, segs, batch)?;
     let cub = cublas_best(g, blas, &mut c)?;
     let mut rows = Vec::new();
     for &s in sparsities {
-        let t = threshold_for(&c.host_x, s);
-        let real = c.host_x.iter().filter(|v| v.abs() <= t).count() as f64 / n_in as f64;
-        let plan = g.gemv_plan(n_in, n_out, (1.0 - s) as f32);
+        let t = threshold_for(&c.host_x[..n_in], s);
+        let real = c.host_x[..n_in].iter().filter(|v| v.abs() <= t).count() as f64 / n_in as f64;
+        let plan = g.gemv_plan(n_in, n_out, (1.0 - s) as f32, c.y.len() / n_out);
         let ours_acc = time_ours(g, &mut c, t, Some(plan), true, true)?;
         let (mut ours, mut ours_nopdl) = (f64::NAN, f64::NAN);
         if full {
@@ -309,6 +316,11 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let tune = args.iter().any(|a| a == "--tune");
+    let batch: usize = args
+        .iter()
+        .position(|a| a == "--batch")
+        .and_then(|i| args.get(i + 1))
+        .map_or(Ok(1), |b| b.parse())?;
     let json_path = args
         .iter()
         .position(|a| a == "--json")
@@ -356,7 +368,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             let mut res = Vec::new();
             for (name, n_in, n_out, segs, full) in shapes.iter() {
                 let (cub, rows) = measure(
-                    &mut g, &blas, *n_in, *n_out, segs, dtype, sparsities, bw, tune, *full,
+                    &mut g, &blas, *n_in, *n_out, segs, dtype, sparsities, bw, tune, *full, batch,
                 )?;
                 for r in &rows {
                     println!(

@@ -152,7 +152,7 @@ impl Model {
     fn step(&mut self, g: &Gpu, ts: &[LayerT], mut observe: Option<&mut Observer<'_>>) -> Res<()> {
         let c = &self.cfg;
         let d = c.d;
-        g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d)?;
+        g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d, 1)?;
         for (li, (l, t)) in self.layers.iter_mut().zip(ts).enumerate() {
             g.rmsnorm(&self.h, &l.attn_norm, &mut self.xn, 1, d, c.eps)?;
             if let Some(f) = observe.as_mut() {
@@ -283,7 +283,7 @@ fn breakdown(g: &Gpu, m: &mut Model) -> Res<()> {
     })?;
     let silu = time_small(g, || g.silu_mul(&m.gu, &mut m.act, c_ffn, 1))?;
     let argmax = time_small(g, || g.argmax(&m.logits, &mut m.tok, 1, vocab))?;
-    let embed = time_small(g, || g.embed(&m.embed, m.dtype, &m.tok, &mut m.h, d))?;
+    let embed = time_small(g, || g.embed(&m.embed, m.dtype, &m.tok, &mut m.h, d, 1))?;
     println!(
         "small kernels, us per launch (graph of 100 chained launches): rmsnorm {rms:.2}, \
          rope + kv append + attention@129 keys {attn:.2}, silu_mul {silu:.2} (not in the step), \

@@ -202,7 +202,9 @@ fn gemv_fused_segments_and_residual_add() {
 }
 
 /// Three projections written side by side into one output by three launches at offsets
-/// (q|k|v whose boundaries are not on GEMV tiles), with different thresholds, over a residual.
+/// (q|k|v whose boundaries are not on GEMV tiles), with different thresholds, over a residual;
+/// batch 1, and batch 3 with rows of the fused width (`y_stride`), self-contained and
+/// accumulating.
 #[test]
 fn gemv_output_offsets_match_reference() {
     let Some(g) = gpu() else { return };
@@ -211,46 +213,57 @@ fn gemv_output_offsets_match_reference() {
     let dtype = WeightDtype::F16;
     let wt = rand_vec(n_in * n_out, 21);
     let wq: Vec<f32> = dtype.encode(&wt).iter().map(|&b| dtype.decode(b)).collect();
-    let x = rand_vec(n_in, 22);
-    let ts = [threshold_for(&x, 0.5), -1.0, threshold_for(&x, 0.8)];
-    let resid = rand_vec(n_out, 23);
-    let xd = g.upload(&x).unwrap();
-    let mut yd = g.upload(&resid).unwrap();
-    let mut start = 0;
-    for (&end, &t) in segs.iter().zip(&ts) {
-        let cols = end - start;
-        let part: Vec<f32> = (0..n_in)
-            .flat_map(|j| wq[j * n_out + start..j * n_out + end].to_vec())
-            .collect();
-        let mut lin = g.linear_from_f32(&part, n_in, cols, dtype, &[]).unwrap();
-        let opts = GemvOpts {
-            beta: 1.0,
-            y_offset: start,
-            ..Default::default()
-        };
-        g.gemv(&mut lin, &xd, &mut yd, 1, &[t], opts).unwrap();
-        start = end;
+    for (batch, accumulate) in [(1usize, false), (3, false), (3, true)] {
+        let x = rand_vec(batch * n_in, 22);
+        let ts = [threshold_for(&x, 0.5), -1.0, threshold_for(&x, 0.8)];
+        let resid = rand_vec(batch * n_out, 23);
+        let xd = g.upload(&x).unwrap();
+        let mut yd = g.upload(&resid).unwrap();
+        let mut start = 0;
+        for (&end, &t) in segs.iter().zip(&ts) {
+            let cols = end - start;
+            let part: Vec<f32> = (0..n_in)
+                .flat_map(|j| wq[j * n_out + start..j * n_out + end].to_vec())
+                .collect();
+            let mut lin = g.linear_from_f32(&part, n_in, cols, dtype, &[]).unwrap();
+            let opts = GemvOpts {
+                beta: 1.0,
+                accumulate,
+                y_offset: start,
+                y_stride: if batch > 1 { n_out } else { 0 },
+                ..Default::default()
+            };
+            g.gemv(&mut lin, &xd, &mut yd, batch, &[t], opts).unwrap();
+            start = end;
+        }
+        let y = g.download(&yd).unwrap();
+        for b in 0..batch {
+            let row = |v: &[f32], n: usize| v[b * n..(b + 1) * n].to_vec();
+            check_fused(
+                &row(&y, n_out),
+                &wq,
+                &row(&x, n_in),
+                &row(&resid, n_out),
+                &segs,
+                &ts,
+                n_in,
+                n_out,
+            );
+        }
     }
+    // A row too narrow for the columns at the offset: a clear error, no launch.
     let bad = GemvOpts {
         y_offset: 1,
+        y_stride: 8,
         ..Default::default()
     };
     let mut lin = g
         .linear_from_f32(&wq[..n_in * 8], n_in, 8, dtype, &[])
         .unwrap();
+    let (xd, mut yd) = (g.zeros(2 * n_in).unwrap(), g.zeros(32).unwrap());
     assert!(
         g.gemv(&mut lin, &xd, &mut yd, 2, &[-1.0], bad).is_err(),
-        "offset with batch 2"
-    );
-    check_fused(
-        &g.download(&yd).unwrap(),
-        &wq,
-        &x,
-        &resid,
-        &segs,
-        &ts,
-        n_in,
-        n_out,
+        "8 columns at offset 1 of an 8-wide row"
     );
 }
 
@@ -688,37 +701,116 @@ fn decode_helpers_fill_embed_kv_append_advance() {
         g.fill_random(&mut w2, dtype, 5, 0.5).unwrap();
         assert_eq!(g.download(&w).unwrap(), g.download(&w2).unwrap());
 
-        // Embedding row lookup, exact.
+        // Embedding row lookup of a batch of tokens, exact.
         let (vocab, d) = (37, 300);
         let table = dtype.encode(&rand_vec(vocab * d, 51));
         let td = g.upload(&table).unwrap();
-        let tok = g.upload(&[29u32]).unwrap();
-        let mut h = g.zeros::<f32>(d).unwrap();
-        g.embed(&td, dtype, &tok, &mut h, d).unwrap();
-        let want: Vec<f32> = table[29 * d..30 * d]
+        let toks = [29u32, 3, 29];
+        let tok = g.upload(&toks).unwrap();
+        let mut h = g.zeros::<f32>(toks.len() * d).unwrap();
+        g.embed(&td, dtype, &tok, &mut h, d, toks.len()).unwrap();
+        let want: Vec<f32> = toks
             .iter()
+            .flat_map(|&t| &table[t as usize * d..(t as usize + 1) * d])
             .map(|&b| dtype.decode(b))
             .collect();
         assert_eq!(g.download(&h).unwrap(), want);
     }
-    // KV append at a device-held position, then advance it.
+    // KV append of two fused rows at device-held positions, then advance the first.
     let (q_dim, kv_dim, max_pos) = (64, 32, 5);
-    let qkv = rand_vec(q_dim + 2 * kv_dim, 52);
+    let row = q_dim + 2 * kv_dim;
+    let qkv = rand_vec(2 * row, 52);
     let qd = g.upload(&qkv).unwrap();
     let mut kc = g.zeros::<f32>(max_pos * kv_dim).unwrap();
     let mut vc = g.zeros::<f32>(max_pos * kv_dim).unwrap();
-    let mut pos = g.upload(&[3i32]).unwrap();
-    g.kv_append(&qd, &mut kc, &mut vc, &pos, q_dim, kv_dim)
+    let mut pos = g.upload(&[3i32, 1]).unwrap();
+    g.kv_append(&qd, &mut kc, &mut vc, &pos, q_dim, kv_dim, 2)
         .unwrap();
     g.advance_position(&mut pos).unwrap();
     let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
-    assert_eq!(&k[3 * kv_dim..4 * kv_dim], &qkv[q_dim..q_dim + kv_dim]);
-    assert_eq!(&v[3 * kv_dim..4 * kv_dim], &qkv[q_dim + kv_dim..]);
-    assert!(k[..3 * kv_dim]
-        .iter()
-        .chain(&k[4 * kv_dim..])
-        .all(|&x| x == 0.0));
-    assert_eq!(g.download(&pos).unwrap(), vec![4]);
+    for (b, p) in [(0usize, 3usize), (1, 1)] {
+        let r = &qkv[b * row..(b + 1) * row];
+        assert_eq!(&k[p * kv_dim..(p + 1) * kv_dim], &r[q_dim..q_dim + kv_dim]);
+        assert_eq!(&v[p * kv_dim..(p + 1) * kv_dim], &r[q_dim + kv_dim..]);
+    }
+    for p in [0, 2, 4] {
+        assert!(k[p * kv_dim..(p + 1) * kv_dim].iter().all(|&x| x == 0.0));
+    }
+    assert_eq!(g.download(&pos).unwrap(), vec![4, 1]);
+}
+
+/// A prefill chunk's attention as the GPU model runs it: RoPE on the q and k heads of fused
+/// q|k|v rows, their keys and values appended at consecutive positions after cached ones,
+/// then each row attending causally over the shared cache (`attention_chunk`).
+#[test]
+fn attention_chunk_matches_reference() {
+    let Some(g) = gpu() else { return };
+    for (n_head, n_kv, hd, p0, batch) in [
+        (6usize, 2usize, 64usize, 0usize, 8usize),
+        (8, 2, 128, 37, 5),
+        (4, 2, 8, 3, 1),
+    ] {
+        let (max_pos, half, kvs) = (60, hd / 2, n_kv * hd);
+        let row = (n_head + 2 * n_kv) * hd;
+        let cos = rand_vec(max_pos * half, 81);
+        let sin = rand_vec(max_pos * half, 82);
+        let qkv = rand_vec(batch * row, 83);
+        let k_old = rand_vec(max_pos * kvs, 84);
+        let v_old = rand_vec(max_pos * kvs, 85);
+        let pos: Vec<i32> = (0..batch).map(|b| (p0 + b) as i32).collect();
+        let n_keys: Vec<i32> = pos.iter().map(|p| p + 1).collect();
+        let mut qd = g.upload(&qkv).unwrap();
+        let (cd, sd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap());
+        let (pd, nd) = (g.upload(&pos).unwrap(), g.upload(&n_keys).unwrap());
+        let mut kc = g.upload(&k_old).unwrap();
+        let mut vc = g.upload(&v_old).unwrap();
+        let mut od = g.upload(&vec![f32::NAN; batch * n_head * hd]).unwrap();
+        g.rope_neox(&mut qd, &cd, &sd, &pd, batch, n_head + n_kv, hd, row)
+            .unwrap();
+        g.kv_append(&qd, &mut kc, &mut vc, &pd, n_head * hd, kvs, batch)
+            .unwrap();
+        g.attention_chunk(
+            &qd, &kc, &vc, &mut od, &nd, batch, n_head, n_kv, hd, max_pos,
+        )
+        .unwrap();
+
+        let (mut q, mut k, mut v) = (Vec::new(), k_old.clone(), v_old.clone());
+        for b in 0..batch {
+            let p = p0 + b;
+            let mut r = qkv[b * row..(b + 1) * row].to_vec();
+            for h in 0..n_head + n_kv {
+                reference::rope_neox(
+                    &mut r[h * hd..(h + 1) * hd],
+                    &cos[p * half..(p + 1) * half],
+                    &sin[p * half..(p + 1) * half],
+                );
+            }
+            q.extend_from_slice(&r[..n_head * hd]);
+            k[p * kvs..(p + 1) * kvs].copy_from_slice(&r[n_head * hd..(n_head + n_kv) * hd]);
+            v[p * kvs..(p + 1) * kvs].copy_from_slice(&r[(n_head + n_kv) * hd..]);
+        }
+        let what = format!("hd {hd}, positions {p0}..{}", p0 + batch);
+        let ones = vec![1.0; k.len()];
+        assert_close(
+            &g.download(&kc).unwrap(),
+            &k,
+            &ones,
+            4.0 * GPU_ELEMWISE_TOL,
+            &format!("{what}: k cache"),
+        );
+        assert_eq!(g.download(&vc).unwrap(), v, "{what}: v cache");
+        let n = (p0 + batch) * kvs;
+        let mut want = vec![0.0; batch * n_head * hd];
+        reference::attention(&q, &k[..n], &v[..n], batch, p0, n_head, n_kv, hd, &mut want);
+        let ones = vec![1.0; want.len()];
+        assert_close(
+            &g.download(&od).unwrap(),
+            &want,
+            &ones,
+            GPU_ATTN_TOL,
+            &format!("{what}: attention"),
+        );
+    }
 }
 
 #[test]

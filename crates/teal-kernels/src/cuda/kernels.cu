@@ -122,7 +122,8 @@ __device__ __forceinline__ void fma8(float (&a)[B][8], uint4 w, const float* xs,
     }
 }
 
-// TEAL sparse GEMV, y[b, :] = beta * y[b, :] + sum_j s_t(x[b, j]) * wt[j, :], b < B.
+// TEAL sparse GEMV, y[b, :] = beta * y[b, :] + sum_j s_t(x[b, j]) * wt[j, :], b < B, row b
+// of y starting at y + b * ldy (ldy >= n_out: the columns of one projection in a wider row).
 //
 // Grid: (column tiles of 256, input chunks of R rows). Each block
 //  1. compacts the rows j of its chunk with |x[b, j]| > t for some b (the union over the
@@ -148,7 +149,7 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
                                           float beta, int accumulate, int glu,
                                           const float* __restrict__ nw, float eps,
                                           float* __restrict__ init_dst,
-                                          const float* __restrict__ init_src, int init_n) {
+                                          const float* __restrict__ init_src, int init_n, int ldy) {
     pdl_begin();
     if (init_dst != nullptr) {
         // Side job: set a later accumulate-mode GEMV's output (whose last reader has finished:
@@ -266,9 +267,9 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
 #pragma unroll
         for (int w = 0; w < GEMV_WARPS; ++w) sum += red[w * GEMV_TILE + tid];
         if (c < n_out) {
-            const size_t o = (size_t)b * n_out + c;
+            const size_t o = (size_t)b * ldy + c;
             if (accumulate) atomicAdd(&y[o], sum);
-            else if (split) atomicAdd(&acc[o], sum);
+            else if (split) atomicAdd(&acc[(size_t)b * n_out + c], sum);
             else y[o] = beta != 0.0f ? fmaf(beta, y[o], sum) : sum;
         }
         __syncthreads();
@@ -284,10 +285,10 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
     if (c < n_out) {
 #pragma unroll
         for (int b = 0; b < B; ++b) {
-            const size_t o = (size_t)b * n_out + c;
+            const size_t o = (size_t)b * n_out + c, oy = (size_t)b * ldy + c;
             const float v = *(volatile float*)&acc[o];
             acc[o] = 0.0f;
-            y[o] = beta != 0.0f ? fmaf(beta, y[o], v) : v;
+            y[oy] = beta != 0.0f ? fmaf(beta, y[oy], v) : v;
         }
     }
     if (tid == 0) counters[blockIdx.x] = 0u;
@@ -298,10 +299,10 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
         float *__restrict__ acc, u32 *__restrict__ counters, int n_in, int n_out, int R,     \
         float t0, float t1, float t2, int seg1, int seg2, float beta, int accumulate, int glu, \
         const float *__restrict__ nw, float eps, float *__restrict__ init_dst,                \
-        const float *__restrict__ init_src, int init_n
+        const float *__restrict__ init_src, int init_n, int ldy
 #define GEMV_PASS                                                                             \
     wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta, accumulate, glu, nw, \
-        eps, init_dst, init_src, init_n
+        eps, init_dst, init_src, init_n, ldy
 
 #define GEMV_KERNEL(NAME, WT, B, VEC)                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) NAME(GEMV_ARGS) {             \
@@ -447,19 +448,22 @@ __device__ void attend(const float* __restrict__ qs, const float* __restrict__ k
     }
 }
 
-// Decode attention of one query row per sequence over its KV cache, grouped-query.
-// q, out: [batch, n_head * hd]; k, v: [batch][max_pos, n_kv_head * hd]; n_keys[b] keys valid.
+// Decode attention of query rows over KV caches, grouped-query. Query row b starts at
+// q + b * q_stride (heads side by side); out: [batch, n_head * hd]; k, v: row b's cache at
+// b * cache_stride (0: one cache shared by every row, e.g. consecutive positions of one
+// sequence with n_keys[b] = pos[b] + 1), max_pos rows of n_kv_head * hd; n_keys[b] keys valid.
 // Grid: (n_head, batch). Shared memory: hd + max(max_keys, 4 * blockDim) floats.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_f32(const float* __restrict__ q, const float* __restrict__ k,
                                            const float* __restrict__ v, float* __restrict__ out,
                                            const int* __restrict__ n_keys, int n_head,
-                                           int n_kv_head, int hd, size_t cache_stride) {
+                                           int n_kv_head, int hd, size_t cache_stride,
+                                           int q_stride) {
     pdl_begin();
     extern __shared__ float4 sm4[];
     float* qs = (float*)sm4;
     const int h = blockIdx.x, b = blockIdx.y;
     const int kh = h / (n_head / n_kv_head);
-    const float* qh = q + (size_t)b * n_head * hd + (size_t)h * hd;
+    const float* qh = q + (size_t)b * q_stride + (size_t)h * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = qh[d];
     __syncthreads();
     const size_t c = (size_t)b * cache_stride + (size_t)kh * hd;
@@ -728,27 +732,31 @@ extern "C" __global__ void fill_random_u16(u16* __restrict__ w, size_t n, u32 se
     }
 }
 
-// Append this step's key and value rows (columns [q_dim, q_dim + kv_dim) and
-// [q_dim + kv_dim, q_dim + 2 kv_dim) of the fused q|k|v output) to the caches at row pos[0].
+// Append the key and value rows (columns [q_dim, q_dim + kv_dim) and
+// [q_dim + kv_dim, q_dim + 2 kv_dim) of fused q|k|v row b) to the caches at row pos[b].
+// Grid: (blocks, batch).
 extern "C" __global__ void kv_append_f32(const float* __restrict__ qkv, float* __restrict__ kc,
                                          float* __restrict__ vc, const int* __restrict__ pos,
                                          int q_dim, int kv_dim) {
     pdl_begin();
-    const size_t row = (size_t)pos[0] * kv_dim;
+    const size_t row = (size_t)pos[blockIdx.y] * kv_dim;
+    const float* r = qkv + (size_t)blockIdx.y * (q_dim + 2 * kv_dim);
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < kv_dim; i += gridDim.x * blockDim.x) {
-        kc[row + i] = qkv[q_dim + i];
-        vc[row + i] = qkv[q_dim + kv_dim + i];
+        kc[row + i] = r[q_dim + i];
+        vc[row + i] = r[q_dim + kv_dim + i];
     }
 }
 
-// h = table[tok[0], :] as f32 (embedding lookup of the token argmax just wrote).
+// h[b, :] = table[tok[b], :] as f32 (embedding lookup of the tokens argmax or the host
+// wrote). Grid: (blocks, batch).
 extern "C" __global__ void embed_row(const u16* __restrict__ table, const u32* __restrict__ tok,
                                      float* __restrict__ h, int d, int is_bf16) {
     pdl_begin();
-    const u16* r = table + (size_t)tok[0] * d;
+    const u16* r = table + (size_t)tok[blockIdx.y] * d;
+    float* hb = h + (size_t)blockIdx.y * d;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < d; i += gridDim.x * blockDim.x) {
         const u32 b = r[i];
-        h[i] = is_bf16 ? __uint_as_float(b << 16) : f16_to_f32(b);
+        hb[i] = is_bf16 ? __uint_as_float(b << 16) : f16_to_f32(b);
     }
 }
 

@@ -295,9 +295,12 @@ pub struct GemvOpts {
     pub silu_mul_input: bool,
     /// Row split; `None` uses [`Gpu::gemv_plan`] at full density.
     pub plan: Option<GemvPlan>,
-    /// Write `y` starting at element `y_offset` (batch 1 only): one projection's columns of a
-    /// wider fused output, e.g. k into q|k|v when the segments cannot share one launch.
+    /// Write `y` starting at element `y_offset`: one projection's columns of a wider fused
+    /// output, e.g. k into q|k|v when the segments cannot share one launch.
     pub y_offset: usize,
+    /// Elements from one row of `y` to the next (the fused output's width); 0:
+    /// `y_offset + n_out`.
+    pub y_stride: usize,
 }
 
 /// An RMSNorm folded into a GEMV's input: `x / sqrt(mean(x^2) + eps) * weight`.
@@ -599,7 +602,9 @@ impl Gpu {
         unsafe { self.launch(&self.fill_random, cfg, &mut p) }
     }
 
-    /// Copy the key and value parts of a fused q|k|v row into the caches at row `pos[0]`.
+    /// Copy the key and value parts of fused q|k|v row b (`[batch, q_dim + 2 kv_dim]`) into
+    /// the caches at row `pos[b]`, for b < batch.
+    #[allow(clippy::too_many_arguments)]
     pub fn kv_append(
         &self,
         qkv: &CudaSlice<f32>,
@@ -608,12 +613,21 @@ impl Gpu {
         pos: &CudaSlice<i32>,
         q_dim: usize,
         kv_dim: usize,
+        batch: usize,
     ) -> Result<()> {
-        if qkv.len() < q_dim + 2 * kv_dim || kc.len() < kv_dim || vc.len() < kv_dim {
+        if qkv.len() < batch * (q_dim + 2 * kv_dim)
+            || kc.len() < kv_dim
+            || vc.len() < kv_dim
+            || pos.len() < batch
+        {
             return Err(CudaError::Invalid("kv_append buffers too small".into()));
         }
         let (q_i, kv_i) = (q_dim as i32, kv_dim as i32);
-        let cfg = blocks_1d(kv_dim.div_ceil(256) as u32, 256);
+        let cfg = LaunchConfig {
+            grid_dim: (kv_dim.div_ceil(256) as u32, batch as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (qp, kp, vp, pp) = (
             self.ptr(qkv),
             self.ptr_mut(kc),
@@ -625,7 +639,7 @@ impl Gpu {
         unsafe { self.launch(&self.kv_append, cfg, &mut p) }
     }
 
-    /// `h = table[tok[0], :]` for a `[vocab, d]` f16/bf16 table.
+    /// `h[b, :] = table[tok[b], :]` for b < batch, from a `[vocab, d]` f16/bf16 table.
     pub fn embed(
         &self,
         table: &CudaSlice<u16>,
@@ -633,12 +647,17 @@ impl Gpu {
         tok: &CudaSlice<u32>,
         h: &mut CudaSlice<f32>,
         d: usize,
+        batch: usize,
     ) -> Result<()> {
-        if h.len() < d || table.len() < d {
+        if h.len() < batch * d || table.len() < d || tok.len() < batch {
             return Err(CudaError::Invalid("embed buffers too small".into()));
         }
         let (d_i, bf) = (d as i32, i32::from(dtype == WeightDtype::Bf16));
-        let cfg = blocks_1d(d.div_ceil(256) as u32, 256);
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(256) as u32, batch as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (tp, kp, hp) = (self.ptr(table), self.ptr(tok), self.ptr_mut(h));
         let mut p = params![tp, kp, hp, d_i, bf];
         // SAFETY: matches embed_row; token ids come from argmax over the table's rows.
@@ -726,12 +745,16 @@ impl Gpu {
         Ok(2.0 * (n * 2) as f64 / times[times.len() / 2])
     }
 
-    /// Default split of the input rows, fitted to the H200 sweep (docs/perf-cuda.md): about
-    /// 13.6 blocks per multiprocessor (1792 on 132 SMs), chunks a power of two between 64 and
-    /// 1024 rows, twice as long below 30% density so that each warp still has rows to read.
-    pub fn gemv_plan(&self, n_in: usize, n_out: usize, density: f32) -> GemvPlan {
+    /// Default split of the input rows for `batch` input rows, fitted to the H200 sweeps
+    /// (docs/perf-cuda.md): about 13.6 blocks per multiprocessor (1792 on 132 SMs) for up to 3
+    /// rows, 2 for 4 or more (the batch-8 kernel is bound by its arithmetic and two blocks fill
+    /// a multiprocessor's registers; fewer chunks also mean fewer atomic partial sums), chunks a
+    /// power of two between 64 and 1024 rows, twice as long below 30% density so that each
+    /// warp still has rows to read.
+    pub fn gemv_plan(&self, n_in: usize, n_out: usize, density: f32, batch: usize) -> GemvPlan {
         let tiles = n_out.div_ceil(GEMV_TILE) as f64;
-        let mut rows = n_in as f64 * tiles / (13.6 * self.sms as f64);
+        let per_sm = if batch >= 4 { 2.0 } else { 13.6 };
+        let mut rows = n_in as f64 * tiles / (per_sm * self.sms as f64);
         if density < 0.3 {
             rows *= 2.0;
         }
@@ -812,7 +835,13 @@ impl Gpu {
             silu_mul_input,
             plan,
             y_offset,
+            y_stride,
         } = opts;
+        let ldy = if y_stride == 0 {
+            y_offset + w.n_out
+        } else {
+            y_stride
+        };
         let x_width = if silu_mul_input { 2 * w.n_in } else { w.n_in };
         if norm.is_some_and(|n| silu_mul_input || n.weight.len() < w.n_in) {
             return Err(CudaError::Invalid(
@@ -832,12 +861,13 @@ impl Gpu {
                 "batch {batch}: 1..={MAX_BATCH} supported"
             )));
         }
-        if y_offset > 0 && batch != 1 {
+        if ldy < y_offset + w.n_out || ldy > i32::MAX as usize {
             return Err(CudaError::Invalid(format!(
-                "gemv output offset {y_offset} with batch {batch}: offsets need batch 1"
+                "gemv output row of {ldy} elements cannot hold columns {y_offset}..{}",
+                y_offset + w.n_out
             )));
         }
-        if x.len() < batch * x_width || y.len() < y_offset + batch * w.n_out {
+        if x.len() < batch * x_width || y.len() < (batch - 1) * ldy + y_offset + w.n_out {
             return Err(CudaError::Invalid("gemv buffers too small".into()));
         }
         if thresholds.len() != w.segments.len() {
@@ -847,7 +877,7 @@ impl Gpu {
                 w.segments.len()
             )));
         }
-        let plan = plan.unwrap_or_else(|| self.gemv_plan(w.n_in, w.n_out, 1.0));
+        let plan = plan.unwrap_or_else(|| self.gemv_plan(w.n_in, w.n_out, 1.0, batch));
         let r = plan.rows_per_chunk.clamp(1, MAX_ROWS_PER_CHUNK);
         let vec = w.n_out.is_multiple_of(8);
         let f = &self.gemv[gemv_kernel_index(w.dtype, batch, vec)];
@@ -855,7 +885,7 @@ impl Gpu {
         let seg = |i: usize| w.segments.get(i).copied().unwrap_or(w.n_out) as i32;
         let (t0, t1, t2) = (t(0), t(1), t(2));
         let (seg1, seg2) = (seg(0), seg(1));
-        let (n_in, n_out, r_i) = (w.n_in as i32, w.n_out as i32, r as i32);
+        let (n_in, n_out, r_i, ldy) = (w.n_in as i32, w.n_out as i32, r as i32, ldy as i32);
         let cfg = LaunchConfig {
             grid_dim: (
                 w.n_out.div_ceil(GEMV_TILE) as u32,
@@ -884,7 +914,7 @@ impl Gpu {
         };
         let mut p = params![
             wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu, nw,
-            eps, init_dst, init_src, init_n
+            eps, init_dst, init_src, init_n, ldy
         ];
         // SAFETY: parameters match GEMV_ARGS in kernels.cu; buffer sizes checked above.
         unsafe { self.launch(f, cfg, &mut p) }
@@ -956,14 +986,66 @@ impl Gpu {
         hd: usize,
         max_keys: usize,
     ) -> Result<()> {
-        check_attention(n_head, n_kv_head, hd, max_keys)?;
         let cache = max_keys * n_kv_head * hd;
+        if k.len() < batch * cache || v.len() < batch * cache {
+            return Err(CudaError::Invalid("attention buffers too small".into()));
+        }
+        let shape = (batch, n_head, n_kv_head, hd, max_keys);
+        self.attention_rows(q, n_head * hd, k, v, cache, out, n_keys, shape)
+    }
+
+    /// Attention of `batch` consecutive positions of one sequence (a prefill chunk), after
+    /// RoPE and [`Gpu::kv_append`]: query row b is the q part of fused q|k|v row b
+    /// (`[batch, (n_head + 2 n_kv_head) hd]`) and attends to the first `n_keys[b]` rows of the
+    /// one cache `k`/`v` (`max_keys` rows of `n_kv_head * hd`), e.g. `n_keys[b] = pos[b] + 1`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_chunk(
+        &self,
+        qkv: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n_keys: &CudaSlice<i32>,
+        batch: usize,
+        n_head: usize,
+        n_kv_head: usize,
+        hd: usize,
+        max_keys: usize,
+    ) -> Result<()> {
+        let cache = max_keys * n_kv_head * hd;
+        let row = (n_head + 2 * n_kv_head) * hd;
+        if k.len() < cache || v.len() < cache || qkv.len() < batch * row {
+            return Err(CudaError::Invalid("attention buffers too small".into()));
+        }
+        let shape = (batch, n_head, n_kv_head, hd, max_keys);
+        self.attention_rows(qkv, row, k, v, 0, out, n_keys, shape)
+    }
+
+    /// `attn_decode_f32` over query rows `q_stride` apart and caches `cache` apart (0: one
+    /// shared cache); `shape` = (batch, n_head, n_kv_head, hd, max_keys).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rows(
+        &self,
+        q: &CudaSlice<f32>,
+        q_stride: usize,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        cache: usize,
+        out: &mut CudaSlice<f32>,
+        n_keys: &CudaSlice<i32>,
+        shape: (usize, usize, usize, usize, usize),
+    ) -> Result<()> {
+        let (batch, n_head, n_kv_head, hd, max_keys) = shape;
+        check_attention(n_head, n_kv_head, hd, max_keys)?;
         let rows = batch * n_head * hd;
-        if k.len() < batch * cache || v.len() < batch * cache || q.len() < rows || out.len() < rows
+        if batch == 0
+            || q.len() < (batch - 1) * q_stride + n_head * hd
+            || out.len() < rows
+            || n_keys.len() < batch
         {
             return Err(CudaError::Invalid("attention buffers too small".into()));
         }
-        let (nh, nkv, hd_i) = (n_head as i32, n_kv_head as i32, hd as i32);
+        let (nh, nkv, hd_i, qs) = (n_head as i32, n_kv_head as i32, hd as i32, q_stride as i32);
         let cfg = LaunchConfig {
             grid_dim: (n_head as u32, batch as u32, 1),
             block_dim: (ATTN_THREADS as u32, 1, 1),
@@ -971,7 +1053,7 @@ impl Gpu {
         };
         let (qp, kp, vp) = (self.ptr(q), self.ptr(k), self.ptr(v));
         let (op, np) = (self.ptr_mut(out), self.ptr(n_keys));
-        let mut p = params![qp, kp, vp, op, np, nh, nkv, hd_i, cache];
+        let mut p = params![qp, kp, vp, op, np, nh, nkv, hd_i, cache, qs];
         // SAFETY: matches attn_decode_f32; sizes checked.
         unsafe { self.launch(&self.attn, cfg, &mut p) }
     }

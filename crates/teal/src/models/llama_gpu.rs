@@ -1,19 +1,24 @@
-//! The Llama forward pass on a CUDA GPU, one position per step, for generation and perplexity.
+//! The Llama forward pass on a CUDA GPU, for generation and perplexity.
 //!
 //! The weights of a CPU [`Llama`] are copied once, rounded to f16 or bf16, input-major; the
-//! thresholds of its TEAL masks ([`InputMask::Threshold`]) go into the sparse GEMV. One step:
-//! embedding row -> per block [q|k|v GEMV on RMSNorm(h) (+ bias), attention with RoPE and the
-//! KV append in the same kernel, o GEMV into the residual h, gate|up GEMV on RMSNorm(h), down
-//! GEMV with SiLU*mul in its prologue into h] -> LM head on RMSNorm(h) (dense): 5 launches per
-//! block. Each RMSNorm is computed inside the GEMV that reads it, and every GEMV adds into its
-//! output with f32 atomics (no workspace pass): outputs that are not the residual are set to
-//! their biases or zeros by an earlier launch (see `enqueue`). A step is captured once as a CUDA graph
-//! per pass (prefill thresholds, decode thresholds) and replayed; the token is written to the
-//! device before each replay and the position advances on the device.
+//! thresholds of its TEAL masks ([`InputMask::Threshold`]) go into the sparse GEMV. One decode
+//! step: embedding row -> per block [q|k|v GEMV on RMSNorm(h) (+ bias), attention with RoPE and
+//! the KV append in the same kernel, o GEMV into the residual h, gate|up GEMV on RMSNorm(h),
+//! down GEMV with SiLU*mul in its prologue into h] -> LM head on RMSNorm(h) (dense): 5 launches
+//! per block. Each RMSNorm is computed inside the GEMV that reads it, and every GEMV adds into
+//! its output with f32 atomics (no workspace pass): outputs that are not the residual are set
+//! to their biases or zeros by an earlier launch (see `enqueue`). Each kind of step is captured
+//! once as a CUDA graph and replayed; the token is written to the device before each replay
+//! and the position advances on the device.
 //!
-//! Prefill runs the prompt one position at a time through the same step (correct, not fast).
+//! Prefill runs the prompt in chunks of up to [`MAX_BATCH`] positions with the prefill
+//! thresholds: the same GEMVs over all rows of the chunk (each weight row read once per chunk,
+//! each position thresholded on its own), and instead of the fused attention kernel, RoPE and
+//! the KV append of every row, then each row's causal attention over the cache: 7 launches per
+//! block. The LM head runs on the chunks whose logits are wanted.
+//!
 //! Weight-aware masks (per-channel thresholds) are not supported on the GPU. An observed step
-//! (a third graph, prefill thresholds) also writes the input of each projection site of every
+//! (one position, prefill thresholds) also writes the input of each projection site of every
 //! layer into its own buffer (RMSNorm and SiLU*mul computed separately for that), which is
 //! copied back after the step for calibration and sparsity counting.
 
@@ -24,16 +29,25 @@ use crate::generate::Models;
 use crate::linear::{Dense, InputMask, Linear};
 use crate::models::llama::{Llama, Logits, Observer, Site};
 use crate::sampler::Sampler;
+use std::collections::HashMap;
 use teal_kernels::cuda::{
-    CudaGraph, DeviceBuffer, GemvOpts, Gpu, GpuLinear, Norm, Prepare, WeightDtype,
+    CudaGraph, DeviceBuffer, GemvOpts, Gpu, GpuLinear, Norm, Prepare, WeightDtype, MAX_BATCH,
 };
 
 /// The two threshold sets a model carries: the prefill model's and the decode model's.
 const PASSES: usize = 2;
 const PREFILL: usize = 0;
 const DECODE: usize = 1;
-/// The third graph: a prefill step that also copies out every site's input.
-const OBSERVE: usize = 2;
+
+/// What a captured graph runs: one decode position, one prefill position that also copies
+/// out every site's input (calibration), or a prefill chunk of `rows` positions, with or
+/// without the LM head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Step {
+    Decode,
+    Observe,
+    Chunk { rows: usize, logits: bool },
+}
 
 /// Projections that read the same input and write side by side into one output (q|k|v,
 /// gate|up): one fused launch where the GEMV can give each part its own threshold (part
@@ -41,6 +55,8 @@ const OBSERVE: usize = 2;
 /// column offset.
 struct Group {
     launches: Vec<Launch>,
+    /// Columns of the fused output (one row of it per position).
+    width: usize,
 }
 
 struct Launch {
@@ -105,10 +121,10 @@ fn transposed_bits(m: &Dense, dtype: WeightDtype) -> Vec<u16> {
 }
 
 /// The parts' biases side by side (zeros for a part without one), or None when no part has
-/// one: what a fused output starts from before its GEMVs add into it.
-fn fused_bias(g: &Gpu, parts: &[&Linear]) -> Result<Option<DeviceBuffer<f32>>> {
+/// one: what one row of a fused output starts from before its GEMVs add into it.
+fn fused_bias(parts: &[&Linear]) -> Option<Vec<f32>> {
     if parts.iter().all(|w| w.bias().is_none()) {
-        return Ok(None);
+        return None;
     }
     let mut b = Vec::new();
     for w in parts {
@@ -117,7 +133,12 @@ fn fused_bias(g: &Gpu, parts: &[&Linear]) -> Result<Option<DeviceBuffer<f32>>> {
             None => b.resize(b.len() + w.out_dim, 0.0),
         }
     }
-    Ok(Some(g.upload(&b)?))
+    Some(b)
+}
+
+/// `row` repeated `rows` times on the device.
+fn upload_rows(g: &Gpu, row: &[f32], rows: usize) -> Result<DeviceBuffer<f32>> {
+    Ok(g.upload(&row.repeat(rows))?)
 }
 
 impl Group {
@@ -130,6 +151,7 @@ impl Group {
                 offset: 0,
                 thresholds: std::array::from_fn(|_| vec![-1.0]),
             }],
+            width: m.out_dim,
         })
     }
 
@@ -185,7 +207,10 @@ impl Group {
             }
             launches
         };
-        Ok(Group { launches })
+        Ok(Group {
+            launches,
+            width: n_out,
+        })
     }
 
     /// New thresholds of the parts (both passes), where the launches built for the first ones
@@ -212,9 +237,9 @@ impl Group {
         Ok(())
     }
 
-    /// `y += W s_t(x)`: y holds the residual, or what a [`Prepare`] of an earlier launch set
-    /// (the bias or zeros); with `norm` the input is RMSNorm(x), computed by the GEMV. The
-    /// first launch also carries out `prepare`.
+    /// `y += W s_t(x)` for `batch` rows: y holds the residual, or what a [`Prepare`] of an
+    /// earlier launch set (the bias or zeros); with `norm` the input is RMSNorm(x), computed
+    /// by the GEMV. The first launch also carries out `prepare`.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
@@ -224,19 +249,21 @@ impl Group {
         y: &mut DeviceBuffer<f32>,
         mut prepare: Option<Prepare<'_>>,
         pass: usize,
+        batch: usize,
         base: GemvOpts,
     ) -> Result<()> {
         for l in &mut self.launches {
             let opts = GemvOpts {
                 accumulate: true,
                 y_offset: l.offset,
+                y_stride: self.width,
                 ..base
             };
             let t = &l.thresholds[pass];
             match (prepare.take(), norm) {
-                (Some(p), n) => g.gemv_and_prepare(&mut l.w, x, n, y, 1, t, opts, p)?,
-                (None, Some(n)) => g.gemv_rmsnorm(&mut l.w, x, n, y, 1, t, opts)?,
-                (None, None) => g.gemv(&mut l.w, x, y, 1, t, opts)?,
+                (Some(p), n) => g.gemv_and_prepare(&mut l.w, x, n, y, batch, t, opts, p)?,
+                (None, Some(n)) => g.gemv_rmsnorm(&mut l.w, x, n, y, batch, t, opts)?,
+                (None, None) => g.gemv(&mut l.w, x, y, batch, t, opts)?,
             }
         }
         Ok(())
@@ -247,7 +274,8 @@ struct Layer {
     attn_norm: DeviceBuffer<f32>,
     ffn_norm: DeviceBuffer<f32>,
     qkv: Group,
-    /// What gate|up's output starts from (its biases), set by the q|k|v launch.
+    /// What gate|up's output starts from (its biases, [`MAX_BATCH`] rows), set by the q|k|v
+    /// launch.
     gate_up_bias: Option<DeviceBuffer<f32>>,
     o: Group,
     gate_up: Group,
@@ -263,10 +291,40 @@ pub struct GpuLlama {
     gpu: Gpu,
     ordinal: usize,
     m: Resident,
-    /// Prefill, decode and observed step, captured at first use.
-    graphs: [Option<CudaGraph>; 3],
+    /// The steps run so far, captured at first use.
+    graphs: HashMap<Step, CudaGraph>,
     len: usize,
     host_logits: Vec<f32>,
+}
+
+/// The activations of a step over `rows` positions, each `[rows, width]`: one row for a
+/// decode step, [`MAX_BATCH`] for prefill chunks.
+struct Acts {
+    h: DeviceBuffer<f32>,
+    qkv: DeviceBuffer<f32>,
+    attn: DeviceBuffer<f32>,
+    gu: DeviceBuffer<f32>,
+    logits: DeviceBuffer<f32>,
+    tok: DeviceBuffer<u32>,
+}
+
+impl Acts {
+    /// Buffers for `rows` positions; q|k|v starts from layer 0's biases `qkv_bias0` (later
+    /// steps find them set by the last layer's o launch).
+    fn new(g: &Gpu, c: &Config, rows: usize, qkv_bias0: Option<&[f32]>) -> Result<Acts> {
+        let qkv_width = c.q_dim() + 2 * c.kv_dim();
+        Ok(Acts {
+            h: g.zeros(rows * c.hidden_size)?,
+            qkv: match qkv_bias0 {
+                Some(b) => upload_rows(g, b, rows)?,
+                None => g.zeros(rows * qkv_width)?,
+            },
+            attn: g.zeros(rows * c.q_dim())?,
+            gu: g.zeros(rows * 2 * c.intermediate_size)?,
+            logits: g.zeros(rows * c.vocab_size)?,
+            tok: g.zeros(rows)?,
+        })
+    }
 }
 
 /// Everything a step reads and writes on the device.
@@ -275,24 +333,26 @@ struct Resident {
     dtype: WeightDtype,
     ctx: usize,
     layers: Vec<Layer>,
-    /// What each layer's q|k|v output starts from (its biases), set by the previous layer's o
-    /// launch (the last layer's sets layer 0's, for the next step).
+    /// What each layer's q|k|v output starts from (its biases, [`MAX_BATCH`] rows), set by
+    /// the previous layer's o launch (the last layer's sets layer 0's, for the next step).
     qkv_bias: Vec<Option<DeviceBuffer<f32>>>,
     embed: DeviceBuffer<u16>,
     norm: DeviceBuffer<f32>,
     lm_head: Group,
     cos: DeviceBuffer<f32>,
     sin: DeviceBuffer<f32>,
-    h: DeviceBuffer<f32>,
-    qkv: DeviceBuffer<f32>,
-    attn: DeviceBuffer<f32>,
-    gu: DeviceBuffer<f32>,
-    logits: DeviceBuffer<f32>,
-    tok: DeviceBuffer<u32>,
+    /// Decode (and observed) steps: one position.
+    one: Acts,
+    /// Prefill chunks: up to [`MAX_BATCH`] positions.
+    chunk: Acts,
     next: DeviceBuffer<u32>,
     /// The sampler's uniform number for the device sampler.
     uniform: DeviceBuffer<f32>,
+    /// The decode position (advanced on the device by each decode step).
     pos: DeviceBuffer<i32>,
+    /// The positions of a prefill chunk's rows, and the keys each attends to (position + 1).
+    chunk_pos: DeviceBuffer<i32>,
+    chunk_keys: DeviceBuffer<i32>,
 }
 
 impl GpuLlama {
@@ -321,9 +381,16 @@ impl GpuLlama {
                 c.head_dim
             )));
         }
-        let (d, ff, kvd) = (c.hidden_size, c.intermediate_size, c.kv_dim());
+        let kvd = c.kv_dim();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let mut qkv_bias = Vec::with_capacity(c.num_hidden_layers);
+        let bias_rows = |b: Option<Vec<f32>>| -> Result<Option<DeviceBuffer<f32>>> {
+            b.map(|b| upload_rows(&gpu, &b, MAX_BATCH)).transpose()
+        };
+        let qkv_bias0 = dm
+            .layers
+            .first()
+            .and_then(|db| fused_bias(&[&db.q_proj, &db.k_proj, &db.v_proj]));
         for (l, (pb, db)) in pm.layers.iter().zip(&dm.layers).enumerate() {
             let what = format!("layer {l}");
             if db.o_proj.bias().is_some() || db.down_proj.bias().is_some() {
@@ -331,9 +398,11 @@ impl GpuLlama {
                     "{what}: o_proj or down_proj has a bias, which the GPU model does not add"
                 )));
             }
-            qkv_bias.push(fused_bias(&gpu, &[&db.q_proj, &db.k_proj, &db.v_proj])?);
+            qkv_bias.push(bias_rows(fused_bias(&[
+                &db.q_proj, &db.k_proj, &db.v_proj,
+            ]))?);
             layers.push(Layer {
-                gate_up_bias: fused_bias(&gpu, &[&db.gate_proj, &db.up_proj])?,
+                gate_up_bias: bias_rows(fused_bias(&[&db.gate_proj, &db.up_proj]))?,
                 attn_norm: gpu.upload(&db.input_layernorm)?,
                 ffn_norm: gpu.upload(&db.post_attention_layernorm)?,
                 qkv: Group::new(
@@ -361,27 +430,19 @@ impl GpuLlama {
         }
         let (cos, sin) = dm.rope_tables_for(0, ctx);
         let lm_head = Group::dense(&gpu, &dm.lm_head, dtype)?;
-        // The first step's q|k|v output starts from layer 0's biases; later steps find them
-        // set by the last layer's o launch.
-        let mut qkv = gpu.zeros(c.q_dim() + 2 * kvd)?;
-        if let Some(b) = &qkv_bias[0] {
-            gpu.copy(b, &mut qkv)?;
-        }
         let m = Resident {
-            qkv,
+            one: Acts::new(&gpu, &c, 1, qkv_bias0.as_deref())?,
+            chunk: Acts::new(&gpu, &c, MAX_BATCH, qkv_bias0.as_deref())?,
             qkv_bias,
             embed: gpu.upload(&row_bits(&dm.embed_tokens, dtype))?,
             norm: gpu.upload(&dm.norm)?,
             cos: gpu.upload(&cos)?,
             sin: gpu.upload(&sin)?,
-            h: gpu.zeros(d)?,
-            attn: gpu.zeros(c.q_dim())?,
-            gu: gpu.zeros(2 * ff)?,
-            logits: gpu.zeros(c.vocab_size)?,
-            tok: gpu.zeros(1)?,
             next: gpu.zeros(1)?,
             uniform: gpu.zeros(1)?,
             pos: gpu.zeros(1)?,
+            chunk_pos: gpu.zeros(MAX_BATCH)?,
+            chunk_keys: gpu.zeros(MAX_BATCH)?,
             layers,
             lm_head,
             config: c,
@@ -390,7 +451,7 @@ impl GpuLlama {
         };
         Ok(GpuLlama {
             host_logits: vec![0.0; m.config.vocab_size],
-            graphs: [None, None, None],
+            graphs: HashMap::new(),
             len: 0,
             m,
             gpu,
@@ -400,15 +461,29 @@ impl GpuLlama {
 }
 
 impl Resident {
-    /// Enqueue one step of `pass` at the device position (see the module documentation);
-    /// with `observe`, each layer's site inputs are also written to its site buffers.
-    fn enqueue(&mut self, g: &Gpu, pass: usize, observe: bool) -> Result<()> {
+    /// Enqueue `step` (see the module documentation): a decode or observed step at the
+    /// device position `pos`, which it advances, or a prefill chunk at the positions
+    /// `chunk_pos` (each row attending to `chunk_keys` keys). An observed step also writes
+    /// each layer's site inputs to its site buffers.
+    fn enqueue(&mut self, g: &Gpu, step: Step) -> Result<()> {
         let c = &self.config;
         let (d, eps) = (c.hidden_size, c.rms_norm_eps);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let n_layers = self.layers.len();
+        let (pass, rows, observe, logits) = match step {
+            Step::Decode => (DECODE, 1, false, true),
+            Step::Observe => (PREFILL, 1, true, true),
+            Step::Chunk { rows, logits } => (PREFILL, rows, false, logits),
+        };
+        let chunk = matches!(step, Step::Chunk { .. });
+        let a = if chunk {
+            &mut self.chunk
+        } else {
+            &mut self.one
+        };
         let acc = GemvOpts::default();
-        g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d)?;
+        g.embed(&self.embed, self.dtype, &a.tok, &mut a.h, d, rows)?;
         // Every GEMV adds into its output. The residual h holds what o and down add to; q|k|v,
         // gate|up and the logits are set to their biases or zeros by an earlier launch
         // (`Prepare`) once their last reader has finished: gu by q|k|v (after the previous
@@ -423,105 +498,146 @@ impl Resident {
                 }
             };
             if let Some(s) = sites.as_mut() {
-                g.rmsnorm(&self.h, &l.attn_norm, &mut s[0], 1, d, eps)?;
+                g.rmsnorm(&a.h, &l.attn_norm, &mut s[0], 1, d, eps)?;
             }
             let norm = Norm {
                 weight: &l.attn_norm,
                 eps,
             };
             let prep = Prepare {
-                out: &mut self.gu,
+                out: &mut a.gu,
                 from: l.gate_up_bias.as_ref(),
             };
             l.qkv
-                .run(g, &self.h, Some(norm), &mut self.qkv, Some(prep), pass, acc)?;
-            g.attention_rope_decode(
-                &self.qkv,
-                &self.cos,
-                &self.sin,
-                &self.pos,
-                &mut l.k_cache,
-                &mut l.v_cache,
-                &mut self.attn,
-                nh,
-                nkv,
-                hd,
-                self.ctx,
-            )?;
+                .run(g, &a.h, Some(norm), &mut a.qkv, Some(prep), pass, rows, acc)?;
+            if chunk {
+                // Rows attend to keys of earlier rows of the same chunk: RoPE and the cache
+                // append for all rows first, then the attention.
+                let width = q_dim + 2 * kv_dim;
+                let (cos, sin, at) = (&self.cos, &self.sin, &self.chunk_pos);
+                g.rope_neox(&mut a.qkv, cos, sin, at, rows, nh + nkv, hd, width)?;
+                g.kv_append(
+                    &a.qkv,
+                    &mut l.k_cache,
+                    &mut l.v_cache,
+                    at,
+                    q_dim,
+                    kv_dim,
+                    rows,
+                )?;
+                g.attention_chunk(
+                    &a.qkv,
+                    &l.k_cache,
+                    &l.v_cache,
+                    &mut a.attn,
+                    &self.chunk_keys,
+                    rows,
+                    nh,
+                    nkv,
+                    hd,
+                    self.ctx,
+                )?;
+            } else {
+                g.attention_rope_decode(
+                    &a.qkv,
+                    &self.cos,
+                    &self.sin,
+                    &self.pos,
+                    &mut l.k_cache,
+                    &mut l.v_cache,
+                    &mut a.attn,
+                    nh,
+                    nkv,
+                    hd,
+                    self.ctx,
+                )?;
+            }
             if let Some(s) = sites.as_mut() {
-                g.copy(&self.attn, &mut s[1])?;
+                g.copy(&a.attn, &mut s[1])?;
             }
             let prep = Prepare {
-                out: &mut self.qkv,
+                out: &mut a.qkv,
                 from: self.qkv_bias[(i + 1) % n_layers].as_ref(),
             };
-            l.o.run(g, &self.attn, None, &mut self.h, Some(prep), pass, acc)?;
+            l.o.run(g, &a.attn, None, &mut a.h, Some(prep), pass, rows, acc)?;
             if let Some(s) = sites.as_mut() {
-                g.rmsnorm(&self.h, &l.ffn_norm, &mut s[2], 1, d, eps)?;
+                g.rmsnorm(&a.h, &l.ffn_norm, &mut s[2], 1, d, eps)?;
             }
             let norm = Norm {
                 weight: &l.ffn_norm,
                 eps,
             };
-            let prep = (i == 0).then_some(Prepare {
-                out: &mut self.logits,
+            let prep = (i == 0 && logits).then_some(Prepare {
+                out: &mut a.logits,
                 from: None,
             });
             l.gate_up
-                .run(g, &self.h, Some(norm), &mut self.gu, prep, pass, acc)?;
+                .run(g, &a.h, Some(norm), &mut a.gu, prep, pass, rows, acc)?;
             if let Some(s) = sites.as_mut() {
-                g.silu_mul(&self.gu, &mut s[3], c.intermediate_size, 1)?;
+                g.silu_mul(&a.gu, &mut s[3], c.intermediate_size, 1)?;
             }
             let glu = GemvOpts {
                 silu_mul_input: true,
                 ..acc
             };
             l.down
-                .run(g, &self.gu, None, &mut self.h, None, pass, glu)?;
+                .run(g, &a.gu, None, &mut a.h, None, pass, rows, glu)?;
         }
-        let norm = Norm {
-            weight: &self.norm,
-            eps,
-        };
-        self.lm_head
-            .run(g, &self.h, Some(norm), &mut self.logits, None, pass, acc)?;
-        g.advance_position(&mut self.pos)?;
+        if logits {
+            let norm = Norm {
+                weight: &self.norm,
+                eps,
+            };
+            self.lm_head
+                .run(g, &a.h, Some(norm), &mut a.logits, None, pass, rows, acc)?;
+        }
+        if !chunk {
+            g.advance_position(&mut self.pos)?;
+        }
         Ok(())
     }
 }
 
 impl GpuLlama {
-    /// Run `token` at the current position as graph `graph` (PREFILL, DECODE or OBSERVE);
-    /// the logits stay on the device.
-    fn step(&mut self, token: u32, graph: usize) -> Result<()> {
-        if token as usize >= self.m.config.vocab_size {
-            return Err(Error::Invalid(format!(
-                "token id {token} is outside the vocabulary of {}",
-                self.m.config.vocab_size
-            )));
-        }
-        if self.len >= self.m.ctx {
-            return Err(Error::ContextOverflow {
-                what: "the sequence",
-                got: self.len + 1,
-                ctx: self.m.ctx,
-            });
-        }
-        if self.graphs[graph].is_none() {
+    /// Replay `step`'s graph (captured at first use); the logits stay on the device. The
+    /// caller has written its tokens (and a chunk's positions) to the device.
+    fn launch(&mut self, step: Step) -> Result<()> {
+        if !self.graphs.contains_key(&step) {
             let (g, m) = (&self.gpu, &mut self.m);
-            let (pass, observe) = match graph {
-                OBSERVE => (PREFILL, true),
-                p => (p, false),
-            };
-            self.graphs[graph] =
-                Some(g.capture(|| m.enqueue(g, pass, observe).map_err(capture_error))?);
+            let graph = g.capture(|| m.enqueue(g, step).map_err(capture_error))?;
+            self.graphs.insert(step, graph);
         }
-        self.gpu.write(&[token], &mut self.m.tok)?;
-        if let Some(graph) = &self.graphs[graph] {
+        if let Some(graph) = self.graphs.get(&step) {
             graph
                 .launch()
                 .map_err(teal_kernels::cuda::CudaError::from)?;
         }
+        Ok(())
+    }
+
+    /// Checks that `tokens` fit in the vocabulary and after the current position.
+    fn check_input(&self, tokens: &[u32], what: &'static str) -> Result<()> {
+        let vocab = self.m.config.vocab_size;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Invalid(format!(
+                "token id {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if self.len + tokens.len() > self.m.ctx {
+            return Err(Error::ContextOverflow {
+                what,
+                got: self.len + tokens.len(),
+                ctx: self.m.ctx,
+            });
+        }
+        Ok(())
+    }
+
+    /// Run `token` at the current position as a decode or observed step.
+    fn step(&mut self, token: u32, step: Step) -> Result<()> {
+        self.check_input(&[token], "the sequence")?;
+        self.gpu.write(&[token], &mut self.m.one.tok)?;
+        self.launch(step)?;
         self.len += 1;
         Ok(())
     }
@@ -554,35 +670,43 @@ impl Decoder for GpuLlama {
         if tokens.is_empty() {
             return Err(Error::EmptyPrompt);
         }
-        if self.len + tokens.len() > self.m.ctx {
-            return Err(Error::ContextOverflow {
-                what: "the input",
-                got: self.len + tokens.len(),
-                ctx: self.m.ctx,
-            });
-        }
+        self.check_input(tokens, "the input")?;
         let v = self.m.config.vocab_size;
         let mut out = Vec::with_capacity(match logits {
             Logits::Last => v,
             Logits::All => tokens.len() * v,
         });
-        for (i, &t) in tokens.iter().enumerate() {
-            self.step(t, PREFILL)?;
-            if logits == Logits::All || i + 1 == tokens.len() {
-                out.extend(self.gpu.download(&self.m.logits)?);
+        let n_chunks = tokens.len().div_ceil(MAX_BATCH);
+        for (ci, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
+            let rows = chunk.len();
+            let want = logits == Logits::All || ci + 1 == n_chunks;
+            let pos: Vec<i32> = (self.len..self.len + rows).map(|p| p as i32).collect();
+            let keys: Vec<i32> = pos.iter().map(|p| p + 1).collect();
+            self.gpu.write(chunk, &mut self.m.chunk.tok)?;
+            self.gpu.write(&pos, &mut self.m.chunk_pos)?;
+            self.gpu.write(&keys, &mut self.m.chunk_keys)?;
+            self.launch(Step::Chunk { rows, logits: want })?;
+            self.len += rows;
+            if want {
+                let all = self.gpu.download(&self.m.chunk.logits)?;
+                let first = if logits == Logits::All { 0 } else { rows - 1 };
+                out.extend_from_slice(&all[first * v..rows * v]);
             }
         }
+        // The decode steps read their position on the device.
+        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
         Ok(out)
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
-        self.step(token, DECODE)?;
-        self.host_logits = self.gpu.download(&self.m.logits)?;
+        self.step(token, Step::Decode)?;
+        self.host_logits = self.gpu.download(&self.m.one.logits)?;
         Ok(&self.host_logits)
     }
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
-        self.step(token, DECODE)?;
+        self.step(token, Step::Decode)?;
         let v = self.m.config.vocab_size;
-        self.gpu.argmax(&self.m.logits, &mut self.m.next, 1, v)?;
+        self.gpu
+            .argmax(&self.m.one.logits, &mut self.m.next, 1, v)?;
         Ok(self.gpu.download(&self.m.next)?[0])
     }
     /// Greedy: [`Decoder::decode_greedy`]. Otherwise, for top-k up to
@@ -603,11 +727,11 @@ impl Decoder for GpuLlama {
             return Ok(sampler.sample(self.decode(token)?));
         }
         let (inv_t, top_p) = (1.0 / cfg.temperature, cfg.top_p);
-        self.step(token, DECODE)?;
+        self.step(token, Step::Decode)?;
         let r = sampler.draw();
         self.gpu.write(&[r], &mut self.m.uniform)?;
         self.gpu.sample_top_k(
-            &self.m.logits,
+            &self.m.one.logits,
             v,
             k,
             inv_t,
@@ -634,7 +758,7 @@ impl Decoder for GpuLlama {
             }
         }
         for &t in tokens {
-            self.step(t, OBSERVE)?;
+            self.step(t, Step::Observe)?;
             for (li, l) in self.m.layers.iter().enumerate() {
                 if let Some(sites) = &l.sites {
                     for (si, buf) in sites.iter().enumerate() {
@@ -665,7 +789,7 @@ impl Decoder for GpuLlama {
             l.gate_up.set_thresholds(&t[4..6], &what)?;
             l.down.set_thresholds(&t[6..7], &what)?;
         }
-        self.graphs = [None, None, None];
+        self.graphs.clear();
         Ok(())
     }
     fn footprint(&self) -> Footprint {
