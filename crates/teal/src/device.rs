@@ -198,9 +198,15 @@ impl Decoder for CpuDecoder<'_> {
         self.cache.clear();
         Ok(())
     }
+    /// Prefill's temporaries (activations of every position, dequantized weight blocks, sgemm
+    /// packing buffers) below the mmap threshold are freed into the heap, where they stayed
+    /// resident while decoding (1.7-2.9 MB after an 8-token prompt on SmolLM2-135M); they are
+    /// handed back to the system before decoding starts.
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);
-        m.prefill(tokens, &mut self.cache, logits)
+        let out = m.prefill(tokens, &mut self.cache, logits);
+        crate::load::release_free_heap();
+        out
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let m = self.masked.as_ref().unwrap_or(self.models.decode);

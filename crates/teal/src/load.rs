@@ -106,8 +106,9 @@ fn large_allocations_as_mappings() {
 /// Returns the allocator's free pages to the system. glibc keeps freed blocks below its mmap
 /// threshold (which grows to the size of the largest freed mapping, a few MB here) in the heap,
 /// so the transient f32 copies made while converting, interleaved with the packed weights that
-/// stay, would otherwise remain resident (~15 MB for SmolLM2-135M).
-fn release_free_heap() {
+/// stay, would otherwise remain resident (~15 MB for SmolLM2-135M). The CPU decoder calls it
+/// after each prefill too (see `device::CpuDecoder`).
+pub(crate) fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only hands free memory back to the kernel; no live allocation is touched.
     unsafe {

@@ -33,7 +33,7 @@ use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip as StripDecoder;
 use tokenizers::decoders::DecoderWrapper;
-use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::bpe::Vocab;
 use tokenizers::normalizers::{
     NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence,
 };
@@ -41,9 +41,13 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, SplitDelimiterBehavior};
+use tokenizers::processors::PostProcessorWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, TokenizerImpl};
 
 use crate::gguf::{GgufFile, MetaValue};
+
+pub mod compact;
+use compact::{CompactBpe, CompactBpeError};
 
 /// Errors from building or running a tokenizer.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +74,8 @@ pub enum TokenizerError {
     File { path: PathBuf, msg: String },
     #[error("tokenizers: {0}")]
     Hf(String),
+    #[error(transparent)]
+    Bpe(#[from] CompactBpeError),
 }
 
 type Result<T> = std::result::Result<T, TokenizerError>;
@@ -339,9 +345,62 @@ impl FromIterator<Vec<u8>> for Pieces {
     }
 }
 
+/// The `tokenizers` pipeline of a GGUF vocabulary: its own normalizer, pre-tokenizer, decoder
+/// and special tokens around a [`CompactBpe`].
+type GgufPipeline = TokenizerImpl<
+    CompactBpe,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// What encodes: the pipeline built from GGUF metadata, or a `tokenizer.json` as loaded.
+enum Engine {
+    Gguf(Box<GgufPipeline>),
+    Json(Box<hf::Tokenizer>),
+}
+
+impl Engine {
+    fn encode(&self, text: &str) -> hf::Result<hf::Encoding> {
+        match self {
+            Engine::Gguf(t) => t.encode_fast(text, false),
+            Engine::Json(t) => t.encode_fast(text, false),
+        }
+    }
+
+    fn decode(&self, ids: &[u32], skip_special: bool) -> hf::Result<String> {
+        match self {
+            Engine::Gguf(t) => t.decode(ids, skip_special),
+            Engine::Json(t) => t.decode(ids, skip_special),
+        }
+    }
+
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        match self {
+            Engine::Gguf(t) => t.id_to_token(id),
+            Engine::Json(t) => t.id_to_token(id),
+        }
+    }
+
+    fn token_to_id(&self, text: &str) -> Option<u32> {
+        match self {
+            Engine::Gguf(t) => t.token_to_id(text),
+            Engine::Json(t) => t.token_to_id(text),
+        }
+    }
+
+    fn save(&self, path: &Path, pretty: bool) -> hf::Result<()> {
+        match self {
+            Engine::Gguf(t) => t.save(path, pretty),
+            Engine::Json(t) => t.save(path, pretty),
+        }
+    }
+}
+
 /// A tokenizer with llama.cpp-compatible ids for GGUF vocabularies.
 pub struct Tokenizer {
-    hf: hf::Tokenizer,
+    engine: Engine,
     kind: String,
     vocab_size: usize,
     bos: Option<u32>,
@@ -582,14 +641,9 @@ impl Tokenizer {
                 }
             };
             let merges = spm_merges(&tokens, &scores, &vocab);
-            let mut builder = BPE::builder()
-                .vocab_and_merges(vocab.clone(), merges)
-                .byte_fallback(true);
-            if let Some(u) = unk {
-                builder = builder.unk_token(tokens[u as usize].clone());
-            }
-            let bpe = builder.build().map_err(hf_err)?;
-            let mut t = hf::Tokenizer::new(bpe);
+            let unk_text = unk.map(|u| tokens[u as usize].as_str());
+            let bpe = CompactBpe::new(&tokens, &merges, unk_text, true, false)?;
+            let mut t = GgufPipeline::new(bpe);
             let mut norms: Vec<NormalizerWrapper> = Vec::new();
             if add_space_prefix {
                 norms.push(Prepend::new("▁".into()).into());
@@ -616,12 +670,8 @@ impl Tokenizer {
             let spec =
                 pre_spec(pre).ok_or_else(|| TokenizerError::UnsupportedPre(pre.to_string()))?;
             let merges = bpe_merges(&meta.str_array(KEY_MERGES)?, &vocab);
-            let bpe = BPE::builder()
-                .vocab_and_merges(vocab.clone(), merges)
-                .ignore_merges(spec.ignore_merges)
-                .build()
-                .map_err(hf_err)?;
-            let mut t = hf::Tokenizer::new(bpe);
+            let bpe = CompactBpe::new(&tokens, &merges, None, false, spec.ignore_merges)?;
+            let mut t = GgufPipeline::new(bpe);
             let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
             for re in spec.regexes {
                 let split = Split::new(
@@ -681,7 +731,7 @@ impl Tokenizer {
         let chat_template = meta.opt_str("tokenizer.chat_template")?.map(str::to_string);
 
         Ok(Tokenizer {
-            hf: hf_tok,
+            engine: Engine::Gguf(Box::new(hf_tok)),
             kind,
             vocab_size: n,
             bos,
@@ -840,7 +890,7 @@ impl Tokenizer {
         });
 
         Ok(Tokenizer {
-            hf: hf_tok,
+            engine: Engine::Json(Box::new(hf_tok)),
             kind: "tokenizer.json".to_string(),
             vocab_size,
             bos,
@@ -856,7 +906,7 @@ impl Tokenizer {
     /// Token ids of `text`. Special tokens written in the text are parsed to their ids; the only
     /// other token ever added is BOS in front, when `add_bos` (and the model has one).
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let enc = self.hf.encode_fast(text, false).map_err(hf_err)?;
+        let enc = self.engine.encode(text).map_err(hf_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos {
             if let Some(b) = self.bos {
@@ -903,7 +953,7 @@ impl Tokenizer {
                     Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
                 })
             }
-            None => self.hf.decode(ids, skip_special).map_err(hf_err),
+            None => self.engine.decode(ids, skip_special).map_err(hf_err),
         }
     }
 
@@ -932,7 +982,7 @@ impl Tokenizer {
         }
         match &self.pieces {
             Some(p) => Some(String::from_utf8_lossy(&p[id as usize]).into_owned()),
-            None => self.hf.decode(&[id], false).ok(),
+            None => self.engine.decode(&[id], false).ok(),
         }
     }
 
@@ -943,12 +993,12 @@ impl Tokenizer {
 
     /// The token as written in the vocabulary (`Ġuser`, `▁the`, `<|im_end|>`).
     pub fn token_text(&self, id: u32) -> Option<String> {
-        self.hf.id_to_token(id)
+        self.engine.id_to_token(id)
     }
 
     /// The id of a vocabulary entry, written as in the vocabulary.
     pub fn token_to_id(&self, text: &str) -> Option<u32> {
-        self.hf.token_to_id(text)
+        self.engine.token_to_id(text)
     }
 
     /// Whether `id` is a control / special token.
@@ -971,9 +1021,15 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
-    /// The underlying `tokenizers` tokenizer.
-    pub fn hf(&self) -> &hf::Tokenizer {
-        &self.hf
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json` (a GGUF vocabulary as an ordinary
+    /// BPE model with this pipeline and these special tokens; [`Tokenizer::from_file`] reads it).
+    pub fn save_json(&self, path: &Path, pretty: bool) -> Result<()> {
+        self.engine
+            .save(path, pretty)
+            .map_err(|e| TokenizerError::File {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            })
     }
 }
 

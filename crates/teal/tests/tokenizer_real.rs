@@ -171,8 +171,7 @@ fn smollm2_matches_llama_cpp() {
 
     // The same vocabulary through tokenizer.json + tokenizer_config.json (`Tokenizer::from_file`).
     let dir = tempfile::tempdir().unwrap();
-    t.hf()
-        .save(dir.path().join("tokenizer.json"), false)
+    t.save_json(&dir.path().join("tokenizer.json"), false)
         .unwrap();
     let config = serde_json::json!({
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": t.chat_template().unwrap()

@@ -550,8 +550,7 @@ fn tokenizer_json_round_trip() {
     // Byte-level BPE.
     let (_, meta) = bpe_vocab();
     let g = build(&meta).unwrap();
-    g.hf()
-        .save(dir.path().join("tokenizer.json"), false)
+    g.save_json(&dir.path().join("tokenizer.json"), false)
         .unwrap();
     std::fs::write(
         dir.path().join("tokenizer_config.json"),
@@ -578,8 +577,7 @@ fn tokenizer_json_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let (tokens, meta) = spm_vocab();
     let g = build(&meta).unwrap();
-    g.hf()
-        .save(dir.path().join("tokenizer.json"), true)
+    g.save_json(&dir.path().join("tokenizer.json"), true)
         .unwrap();
     std::fs::write(
         dir.path().join("tokenizer_config.json"),
