@@ -409,6 +409,53 @@ fn have_gpu(what: &str) -> bool {
     }
 }
 
+/// A prompt longer than one prefill chunk (8 + 8 + 5 positions in one call) gives the logits
+/// of running it one position at a time through the decode step (a different attention kernel:
+/// RoPE, KV append and attention fused), dense, within the GPU-vs-CPU bound; `Logits::Last` is
+/// the last row of `Logits::All` within the same bound (f32 atomics sum in a varying order).
+#[test]
+fn gpu_prefill_chunks_match_decode_steps() {
+    if !have_gpu("GPU prefill-chunk test") {
+        return;
+    }
+    for name in SHAPES {
+        let c = shape(name);
+        let model = random_model(&c);
+        let device = Device::Cuda {
+            ordinal: 0,
+            dtype: WeightDtype::Bf16,
+        };
+        let mut dec = device.decoder(Models::single(&model), 64).unwrap();
+        let v = c.vocab_size;
+        let tokens: Vec<u32> = (0..21).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+        let chunked = dec.prefill(&tokens, Logits::All).unwrap();
+        dec.clear().unwrap();
+        let last = dec.prefill(&tokens, Logits::Last).unwrap();
+        dec.clear().unwrap();
+        let mut stepped = dec.prefill(&tokens[..1], Logits::All).unwrap();
+        for &t in &tokens[1..] {
+            stepped.extend_from_slice(dec.decode(t).unwrap());
+        }
+        let rel = |got: &[f32], want: &[f32]| {
+            assert_eq!(got.len(), want.len(), "{name}: logits length");
+            got.iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                .fold(0.0f32, f32::max)
+        };
+        let (w_last, w_steps) = (rel(&last, &chunked[20 * v..]), rel(&chunked, &stepped));
+        eprintln!(
+            "{name}: max relative difference, Last vs All {w_last:.2e}, chunks vs decode steps \
+             {w_steps:.2e}"
+        );
+        assert!(w_last <= GPU_LOGIT_TOL, "{name}: Last vs All {w_last}");
+        assert!(
+            w_steps <= GPU_LOGIT_TOL,
+            "{name}: chunks vs steps {w_steps}"
+        );
+    }
+}
+
 /// Every site input of every layer, in position order.
 struct AllSites(Vec<[Vec<f32>; 4]>);
 
