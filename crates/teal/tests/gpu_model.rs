@@ -409,10 +409,16 @@ fn have_gpu(what: &str) -> bool {
     }
 }
 
+/// Chunked prefill against decode steps, dense: the same model summed in other orders. The CPU's
+/// own two paths (prefill through sgemm, decode through the GEMV) differ on this prompt by up to
+/// 1.5e-4 relative for the SmolLM2 shape (30 layers, logits up to 65), 1.5e-5 for the Llama-3-8B
+/// blocks and 5e-7 for the tiny Qwen2; on the H200 the GPU's gave 9.4e-5, 3.5e-6 and 0.
+const GPU_PATHS_TOL: f32 = 5e-4;
+
 /// A prompt longer than one prefill chunk (8 + 8 + 5 positions in one call) gives the logits
 /// of running it one position at a time through the decode step (a different attention kernel:
-/// RoPE, KV append and attention fused), dense, within the GPU-vs-CPU bound; `Logits::Last` is
-/// the last row of `Logits::All` within the same bound (f32 atomics sum in a varying order).
+/// RoPE, KV append and attention fused), dense; `Logits::Last` is the last row of
+/// `Logits::All` (f32 atomics sum in a varying order, so not bit for bit).
 #[test]
 fn gpu_prefill_chunks_match_decode_steps() {
     if !have_gpu("GPU prefill-chunk test") {
@@ -448,9 +454,9 @@ fn gpu_prefill_chunks_match_decode_steps() {
             "{name}: max relative difference, Last vs All {w_last:.2e}, chunks vs decode steps \
              {w_steps:.2e}"
         );
-        assert!(w_last <= GPU_LOGIT_TOL, "{name}: Last vs All {w_last}");
+        assert!(w_last <= GPU_PATHS_TOL, "{name}: Last vs All {w_last}");
         assert!(
-            w_steps <= GPU_LOGIT_TOL,
+            w_steps <= GPU_PATHS_TOL,
             "{name}: chunks vs steps {w_steps}"
         );
     }
