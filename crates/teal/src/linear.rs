@@ -182,6 +182,11 @@ impl Linear {
     pub fn count_zeroed(&self, x: &[f32]) -> usize {
         match &self.sparsify {
             None => x.iter().filter(|&&v| v == 0.0).count(),
+            Some(Sparsify::Threshold(t)) if *t < 0.0 || alpha().is_some() => {
+                let mut v = vec![0.0; x.len()];
+                exp_sparsify(x, self.in_dim, *t, &mut v);
+                v.iter().filter(|&&a| a == 0.0).count()
+            }
             Some(Sparsify::Threshold(t)) => x.iter().filter(|v| v.abs() <= *t).count(),
             Some(Sparsify::Channels(t)) => x
                 .chunks(self.in_dim)
@@ -210,6 +215,11 @@ impl Linear {
         let w = self.weight.mat();
         match &self.sparsify {
             None => cpu::gemv(&w, x, y),
+            Some(Sparsify::Threshold(t)) if *t < 0.0 || alpha().is_some() => {
+                let mut v = vec![0.0; x.len()];
+                exp_sparsify(x, self.in_dim, *t, &mut v);
+                cpu::gemv(&w, &v, y);
+            }
             Some(Sparsify::Threshold(t)) => {
                 cpu::gemv_sparse(&w, x, *t, y);
             }
@@ -228,6 +238,9 @@ impl Linear {
             Some(s) => {
                 let mut v = vec![0.0; x.len()];
                 match s {
+                    Sparsify::Threshold(t) if *t < 0.0 || alpha().is_some() => {
+                        exp_sparsify(x, self.in_dim, *t, &mut v)
+                    }
                     Sparsify::Threshold(t) => reference::sparsify(x, *t, &mut v),
                     Sparsify::Channels(t) => reference::sparsify_channels(x, t, &mut v),
                 }
@@ -487,6 +500,50 @@ mod tests {
                 }
             }
             assert_eq!(got, want);
+        }
+    }
+}
+
+/// Experiment: per row, zero the round(frac * n) smallest |x|.
+fn topk(x: &[f32], n: usize, frac: f32, out: &mut [f32]) {
+    let k = ((frac as f64) * n as f64).round() as usize;
+    for (r, o) in x.chunks(n).zip(out.chunks_mut(n)) {
+        o.copy_from_slice(r);
+        if k == 0 {
+            continue;
+        }
+        let mut a: Vec<f32> = r.iter().map(|v| v.abs()).collect();
+        let (_, kth, _) = a.select_nth_unstable_by(k.min(n) - 1, f32::total_cmp);
+        let kth = *kth;
+        for v in o.iter_mut() {
+            if v.abs() <= kth {
+                *v = 0.0;
+            }
+        }
+    }
+}
+
+/// Experiment: TEAL_ALPHA scales each row's scores by rms(row)^alpha.
+pub fn alpha() -> Option<f32> {
+    std::env::var("TEAL_ALPHA")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn row_factor(r: &[f32], a: f32) -> f32 {
+    let ms = r.iter().map(|v| v * v).sum::<f32>() / r.len().max(1) as f32;
+    ms.sqrt().max(1e-30).powf(a)
+}
+
+fn exp_sparsify(x: &[f32], n: usize, t: f32, out: &mut [f32]) {
+    if t < 0.0 {
+        return topk(x, n, -t, out);
+    }
+    let a = alpha().unwrap_or(0.0);
+    for (r, o) in x.chunks(n).zip(out.chunks_mut(n)) {
+        let f = row_factor(r, a);
+        for (v, w) in r.iter().zip(o.iter_mut()) {
+            *w = if (v * f).abs() > t { *v } else { 0.0 };
         }
     }
 }

@@ -34,12 +34,20 @@ struct Collector {
 }
 
 impl Observer for Collector {
-    fn observe(&mut self, _layer: usize, site: Site, rows: &[f32], _width: usize) {
+    fn observe(&mut self, _layer: usize, site: Site, rows: &[f32], width: usize) {
         let i = Site::ALL
             .iter()
             .position(|&s| s == site)
             .expect("a known site");
-        self.values[i].extend_from_slice(rows);
+        match crate::linear::alpha() {
+            Some(a) => {
+                for r in rows.chunks(width) {
+                    let f = crate::linear::row_factor(r, a);
+                    self.values[i].extend(r.iter().map(|v| v * f));
+                }
+            }
+            None => self.values[i].extend_from_slice(rows),
+        }
     }
 }
 

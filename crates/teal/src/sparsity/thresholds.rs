@@ -362,6 +362,9 @@ impl Thresholds {
     /// The mask of projection `proj` (`PROJ_NAMES` order) in `layer` for sparsity `s`
     /// (`None`: dense). Call [`Thresholds::check_quantile`] first.
     pub fn mask(&self, layer: usize, proj: usize, s: f64, q: Quantile) -> Option<InputMask> {
+        if std::env::var("TEAL_TOPK").is_ok() {
+            return (s > 0.0).then_some(InputMask::Threshold(-(s as f32)));
+        }
         match (q, &self.wina) {
             (Quantile::Wina, Some(w)) => {
                 interpolate(&self.levels, &w[layer][proj], s).map(InputMask::WeightAware)
