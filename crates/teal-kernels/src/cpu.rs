@@ -470,11 +470,14 @@ macro_rules! blocked_tile {
             let seg = blocks.as_ptr().add(o0 / GROUP * $bsize);
             let mut k = 0;
             while k + 4 <= nr {
-                // The starts of the next pass's rows, so their first blocks are not waited for.
+                // The first 8 blocks of the next pass's rows (the pass itself prefetches 8
+                // blocks ahead within each row), so that none of them is waited for: kept rows
+                // are far apart, which the hardware prefetcher does not follow.
                 for r in k + 4..(k + 8).min(nr) {
                     let p = seg.add(rows.get(r).0 * ng * $bsize);
-                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(64) as *const i8);
+                    for line in (0..8 * $bsize).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(line) as *const i8);
+                    }
                 }
                 $pass::<4, R>(w, blocks, ng, rows, k, o0, yt);
                 k += 4;
