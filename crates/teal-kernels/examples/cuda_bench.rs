@@ -142,6 +142,8 @@ struct Copies {
     x16: CudaSlice<u16>,
     y: CudaSlice<f32>,
     host_x: Vec<f32>,
+    /// Input rows per GEMV (`--batch`): x32 and y hold this many rows.
+    batch: usize,
 }
 
 fn make_copies(
@@ -167,6 +169,7 @@ fn make_copies(
         y: g.zeros(n_out * batch)?,
         lin,
         host_x,
+        batch,
     })
 }
 
@@ -179,9 +182,10 @@ fn time_ours(
     graph: bool,
 ) -> Res<f64> {
     let s = g.stream().clone();
-    let Copies { lin, x32, y, .. } = c;
-    let n = lin.len();
-    let batch = y.len() / lin[0].n_out;
+    let Copies {
+        lin, x32, y, batch, ..
+    } = c;
+    let (n, batch) = (lin.len(), *batch);
     let ts = vec![t; lin[0].segments().len()];
     let mut i = 0usize;
     let f = || -> Res<()> {
@@ -272,7 +276,7 @@ fn measure(
     for &s in sparsities {
         let t = threshold_for(&c.host_x[..n_in], s);
         let real = c.host_x[..n_in].iter().filter(|v| v.abs() <= t).count() as f64 / n_in as f64;
-        let plan = g.gemv_plan(n_in, n_out, (1.0 - s) as f32, c.y.len() / n_out);
+        let plan = g.gemv_plan(n_in, n_out, (1.0 - s) as f32, batch);
         let ours_acc = time_ours(g, &mut c, t, Some(plan), true, true)?;
         let (mut ours, mut ours_nopdl) = (f64::NAN, f64::NAN);
         if full {
