@@ -6,22 +6,23 @@ use crate::packed::{Mat, RowsMat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
 use rayon::prelude::*;
 
 /// Output columns per tile (f32; formats with fewer bytes per weight take wider tiles): a
-/// multiple of the group, small enough that the tile of `y` stays in L1/L2 while the kept input
-/// rows stream past it, and wide enough that each row is read as one run of 4 KiB, long enough for
-/// the hardware prefetchers.
-const TILE: usize = 1024;
+/// multiple of the group, small enough that the tile of `y` (at most 256 KiB, for q4) stays in
+/// L2 while the kept input rows stream past it, and wide enough that a thread's share of a
+/// Llama-sized row is one run of 32-40 KiB. Runs of 4 KiB (a quarter of this) left wide
+/// matrices at 17-22 GB/s on the 2-core machine, 28 GB/s with this width (docs/PERFORMANCE.md).
+const TILE: usize = 8192;
 /// How far ahead within a row the elementwise kernels prefetch.
 const PREFETCH_BYTES: usize = 512;
-/// The widest tile of any format (q4).
-const MAX_TILE: usize = 8 * TILE;
+/// Columns the portable tile dequantizes at a time.
+const PORTABLE_PIECE: usize = 1024;
 
-/// Tile width for a format: about 4 KiB of weights per row.
+/// Tile width for a format: about 32 KiB of weights per row.
 fn tile_width(view: &View) -> usize {
     match view {
         View::F32(_) => TILE,
         View::F16(_) | View::Bf16(_) => 2 * TILE,
         View::Q8(_) => 4 * TILE,
-        View::Q4(_) => MAX_TILE,
+        View::Q4(_) => 8 * TILE,
     }
 }
 
@@ -245,16 +246,18 @@ fn tile<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], simd: bool) {
     tile_portable(w, rows, o0, yt)
 }
 
-/// Portable tile: dequantize each kept row's slice, then accumulate.
+/// Portable tile: dequantize each kept row's slice (a piece at a time), then accumulate.
 fn tile_portable<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32]) {
     yt.fill(0.0);
-    let mut buf = [0.0f32; MAX_TILE];
-    let b = &mut buf[..yt.len()];
-    for k in 0..rows.len() {
-        let (j, xj) = rows.get(k);
-        w.dequant_row(j, o0, b);
-        for (a, &v) in yt.iter_mut().zip(b.iter()) {
-            *a += xj * v;
+    let mut buf = [0.0f32; PORTABLE_PIECE];
+    for (p, yp) in yt.chunks_mut(PORTABLE_PIECE).enumerate() {
+        let b = &mut buf[..yp.len()];
+        for k in 0..rows.len() {
+            let (j, xj) = rows.get(k);
+            w.dequant_row(j, o0 + p * PORTABLE_PIECE, b);
+            for (a, &v) in yp.iter_mut().zip(b.iter()) {
+                *a += xj * v;
+            }
         }
     }
 }
@@ -1156,7 +1159,13 @@ mod tests {
     /// covered by tests/parity.rs).
     #[test]
     fn portable_gemv_matches_reference() {
-        let (n_in, n_out) = (37, 77);
+        // 3001 columns: a thread's share spans several pieces of the portable tile.
+        for (n_in, n_out) in [(37, 77), (5, 3001)] {
+            portable_gemv_case(n_in, n_out);
+        }
+    }
+
+    fn portable_gemv_case(n_in: usize, n_out: usize) {
         let wt: Vec<f32> = (0..n_in * n_out)
             .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 100.0)
             .collect();

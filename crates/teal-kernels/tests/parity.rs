@@ -191,6 +191,8 @@ mod packed_formats {
         (13, 1029),
         (576, 1536),
         (1536, 577),
+        // Rows wider than one tile of every format, so a thread's columns span several tiles.
+        (2, 140_001),
     ];
 
     fn dequant_all(p: &PackedT) -> Vec<f32> {
