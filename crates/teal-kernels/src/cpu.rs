@@ -114,8 +114,7 @@ pub fn gemv_t_sparse(wt: &[f32], n_in: usize, n_out: usize, x: &[f32], t: f32, y
 
 /// Dense GEMV on packed input-major weights: `y = W x`.
 pub fn gemv(w: &Mat, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), w.n_in, "gemv: input size");
-    gemv_rows(w, &AllRows(x), y)
+    gemv_one(x, *w, Mask::Dense, y);
 }
 
 /// GEMV over a compacted index list: `y = sum_k val[k] * w[idx[k], :]`. Any compaction (one
@@ -129,54 +128,113 @@ pub fn gemv_idx(w: &Mat, idx: &[u32], val: &[f32], y: &mut [f32]) {
     gemv_rows(w, &Kept { idx, val }, y)
 }
 
-thread_local! {
-    /// Compaction scratch of the calling thread, so a decode step allocates nothing.
-    static KEPT: std::cell::RefCell<(Vec<u32>, Vec<f32>)> = const {
-        std::cell::RefCell::new((Vec::new(), Vec::new()))
-    };
-}
-
-/// TEAL sparse GEMV: compaction of `|x| > t` (fused test), then [`gemv_idx`] over the kept rows.
+/// TEAL sparse GEMV: compaction of `|x| > t` (fused test), then the GEMV over the kept rows only.
 /// Returns the number of kept inputs.
 pub fn gemv_sparse(w: &Mat, x: &[f32], t: f32, y: &mut [f32]) -> usize {
-    assert_eq!(x.len(), w.n_in, "gemv_sparse: input size");
-    gemv_compacted(w, x.len(), |idx, val| compact_abs_gt(x, t, idx, val), y)
+    gemv_one(x, *w, Mask::Threshold(t), y)
 }
 
-/// Sparse GEMV with one threshold per input channel (`|x_j| > t_j`), through the same
-/// [`gemv_idx`] path. Returns the number of kept inputs.
+/// Sparse GEMV with one threshold per input channel (`|x_j| > t_j`), through the same path.
+/// Returns the number of kept inputs.
 pub fn gemv_sparse_channels(w: &Mat, x: &[f32], t: &[f32], y: &mut [f32]) -> usize {
-    assert_eq!(x.len(), w.n_in, "gemv_sparse_channels: input size");
-    gemv_compacted(
-        w,
-        x.len(),
-        |idx, val| compact_abs_gt_channel(x, t, idx, val),
-        y,
-    )
+    gemv_one(x, *w, Mask::Channels(t), y)
 }
 
-/// Runs `compact` into the thread-local scratch (no allocation per call), then the GEMV over the
-/// kept rows.
-fn gemv_compacted(
-    w: &Mat,
-    n: usize,
-    compact: impl FnOnce(&mut [u32], &mut [f32]) -> usize,
-    y: &mut [f32],
-) -> usize {
-    KEPT.with_borrow_mut(|(idx, val)| {
-        idx.resize(n, 0);
-        val.resize(n, 0.0);
-        let kept = compact(idx, val);
-        gemv_rows(
-            w,
-            &Kept {
-                idx: &idx[..kept],
-                val: &val[..kept],
-            },
-            y,
-        );
-        kept
-    })
+fn gemv_one(x: &[f32], w: Mat, mask: Mask, y: &mut [f32]) -> usize {
+    gemv_many(x, &mut [Gemv { w, mask, y }])[0]
+}
+
+/// Which inputs a GEMV multiplies.
+#[derive(Clone, Copy, Debug)]
+pub enum Mask<'a> {
+    /// Every input (dense).
+    Dense,
+    /// TEAL: the inputs with `|x| > t`.
+    Threshold(f32),
+    /// The inputs with `|x_j| > t_j`, one threshold per input channel.
+    Channels(&'a [f32]),
+}
+
+/// One GEMV of [`gemv_many`]: `y = W s(x)`, `s` zeroing the inputs its mask drops.
+pub struct Gemv<'a, 'y> {
+    pub w: Mat<'a>,
+    pub mask: Mask<'a>,
+    pub y: &'y mut [f32],
+}
+
+/// The most GEMVs one [`gemv_many`] call takes.
+pub const MAX_MANY: usize = 4;
+
+thread_local! {
+    /// Compaction scratch of the calling thread, one list per GEMV of a [`gemv_many`] call, so a
+    /// decode step allocates nothing.
+    static KEPT: std::cell::RefCell<[(Vec<u32>, Vec<f32>); MAX_MANY]> =
+        std::cell::RefCell::new(Default::default());
+}
+
+/// Several GEMVs on the same input `x` (q, k and v; gate and up) in one parallel section: each
+/// input list is compacted by its GEMV's own mask, then the column chunks of all of them share
+/// one fork-join of the thread pool, which on a small model costs about as much as a small
+/// matrix. Returns the number of kept inputs of each GEMV (the first `gemvs.len()` entries).
+pub fn gemv_many(x: &[f32], gemvs: &mut [Gemv]) -> [usize; MAX_MANY] {
+    gemv_many_on(x, gemvs, simd_available())
+}
+
+/// [`gemv_many`] with the SIMD choice explicit (tests run the portable path on AVX2 machines).
+fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] {
+    let n = gemvs.len();
+    assert!(n <= MAX_MANY, "gemv_many: {n} GEMVs, at most {MAX_MANY}");
+    let mut kept = [0usize; MAX_MANY];
+    let mut per = [0usize; MAX_MANY];
+    let mut start = [0usize; MAX_MANY + 1];
+    let mut ys = [SendPtr(std::ptr::null_mut()); MAX_MANY];
+    for (i, g) in gemvs.iter_mut().enumerate() {
+        assert_eq!(x.len(), g.w.n_in, "gemv: input size");
+        assert_eq!(g.y.len(), g.w.n_out, "gemv: output size");
+        if let Mask::Channels(t) = g.mask {
+            assert_eq!(t.len(), x.len(), "gemv: per-channel thresholds");
+        }
+        per[i] = column_split(&g.w);
+        start[i + 1] = start[i] + g.w.n_out.div_ceil(per[i]);
+        ys[i] = SendPtr(g.y.as_mut_ptr());
+    }
+    KEPT.with_borrow_mut(|lists| {
+        for ((g, (idx, val)), k) in gemvs.iter().zip(lists.iter_mut()).zip(kept.iter_mut()) {
+            idx.resize(x.len(), 0);
+            val.resize(x.len(), 0.0);
+            *k = match g.mask {
+                Mask::Dense => x.len(),
+                Mask::Threshold(t) => compact_abs_gt(x, t, idx, val),
+                Mask::Channels(t) => compact_abs_gt_channel(x, t, idx, val),
+            };
+        }
+        let lists = &*lists;
+        let gemvs = &*gemvs;
+        // One task per column chunk of any GEMV, so stealing evens out chunks of unequal size.
+        (0..start[n]).into_par_iter().with_max_len(1).for_each(|c| {
+            let i = (0..n).rev().find(|&i| start[i] <= c).unwrap_or(0);
+            let (w, o0) = (&gemvs[i].w, (c - start[i]) * per[i]);
+            let len = per[i].min(w.n_out - o0);
+            // SAFETY: chunk c of GEMV i is columns o0..o0+len of its output, which no other
+            // chunk touches; the output outlives this call (borrowed by `gemvs`).
+            let yc = unsafe { std::slice::from_raw_parts_mut(ys[i].get().add(o0), len) };
+            let (idx, val) = &lists[i];
+            match gemvs[i].mask {
+                Mask::Dense => chunk(w, &AllRows(x), o0, yc, simd),
+                _ => chunk(
+                    w,
+                    &Kept {
+                        idx: &idx[..kept[i]],
+                        val: &val[..kept[i]],
+                    },
+                    o0,
+                    yc,
+                    simd,
+                ),
+            }
+        });
+    });
+    kept
 }
 
 /// Writes the indices and values of the inputs with `|x| > t` to the front of `idx`/`val`
@@ -206,22 +264,27 @@ pub fn compact_abs_gt_channel(x: &[f32], t: &[f32], idx: &mut [u32], val: &mut [
 }
 
 fn gemv_rows<R: Rows>(w: &Mat, rows: &R, y: &mut [f32]) {
-    gemv_rows_on(w, rows, y, simd_available())
+    assert_eq!(y.len(), w.n_out, "gemv: output size");
+    let per = column_split(w);
+    let simd = simd_available();
+    y.par_chunks_mut(per)
+        .enumerate()
+        .for_each(|(c, yc)| chunk(w, rows, c * per, yc, simd));
 }
 
-/// [`gemv_rows`] with the SIMD choice explicit (tests run the portable path on AVX2 machines).
-fn gemv_rows_on<R: Rows>(w: &Mat, rows: &R, y: &mut [f32], simd: bool) {
-    assert_eq!(y.len(), w.n_out, "gemv: output size");
+/// Output columns per work item: a multiple of the quantization group, so that every tile
+/// starts on a group boundary.
+fn column_split(w: &Mat) -> usize {
+    let chunks = column_chunks(w.n_out, tile_width(&w.view));
+    w.n_out.div_ceil(chunks).next_multiple_of(GROUP).max(GROUP)
+}
+
+/// One work item: columns `o0 .. o0 + yc.len()`, a tile at a time.
+fn chunk<R: Rows>(w: &Mat, rows: &R, o0: usize, yc: &mut [f32], simd: bool) {
     let tw = tile_width(&w.view);
-    let chunks = column_chunks(w.n_out, tw);
-    // A multiple of the quantization group, so every tile starts on a group boundary.
-    let per = w.n_out.div_ceil(chunks).next_multiple_of(GROUP);
-    y.par_chunks_mut(per).enumerate().for_each(|(c, yc)| {
-        let o0 = c * per;
-        for (k, yt) in yc.chunks_mut(tw).enumerate() {
-            tile(w, rows, o0 + k * tw, yt, simd);
-        }
-    });
+    for (k, yt) in yc.chunks_mut(tw).enumerate() {
+        tile(w, rows, o0 + k * tw, yt, simd);
+    }
 }
 
 /// `yt = sum_k val_k * w[j_k, o0 .. o0 + yt.len()]`.
@@ -1176,7 +1239,15 @@ mod tests {
             let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
             let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
             crate::reference::gemv_packed(&p.mat(), &x, &mut a);
-            gemv_rows_on(&p.mat(), &AllRows(&x), &mut b, false);
+            gemv_many_on(
+                &x,
+                &mut [Gemv {
+                    w: p.mat(),
+                    mask: Mask::Dense,
+                    y: &mut b,
+                }],
+                false,
+            );
             for (u, v) in a.iter().zip(&b) {
                 assert!(
                     (u - v).abs() <= 1e-4 * u.abs().max(1.0),

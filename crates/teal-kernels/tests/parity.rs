@@ -306,6 +306,76 @@ mod packed_formats {
         }
     }
 
+    /// Several GEMVs on one input in one parallel section (q/k/v, gate/up), each with its own
+    /// format, size and mask (dense, 0 %, about 50 % and 100 % sparse, per-channel), against the
+    /// scalar reference of each alone.
+    #[test]
+    fn gemv_many_matches_each_alone() {
+        let n_in = 577;
+        let x = rand_vec(n_in, 40);
+        let tc: Vec<f32> = (0..n_in).map(|j| 0.3 + (j % 5) as f32 * 0.1).collect();
+        let shapes = [
+            (Dtype::F16, 1029, cpu::Mask::Threshold(0.5)),
+            (Dtype::Q8, 77, cpu::Mask::Dense),
+            (Dtype::Q4, 300, cpu::Mask::Channels(&tc)),
+            (Dtype::Bf16, 33, cpu::Mask::Threshold(2.0)),
+        ];
+        for masks_of_f32 in [cpu::Mask::Threshold(-1.0), cpu::Mask::Dense] {
+            let packed: Vec<PackedT> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(dtype, n_out, _))| {
+                    let wt = rand_vec(n_in * n_out, 41 + i as u64);
+                    PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack")
+                })
+                .chain(std::iter::once(
+                    PackedT::from_input_major(Dtype::F32, &rand_vec(n_in * 5, 45), n_in, 5)
+                        .expect("pack"),
+                ))
+                .collect();
+            let masks: Vec<cpu::Mask> = shapes
+                .iter()
+                .map(|s| s.2)
+                .chain(std::iter::once(masks_of_f32))
+                .collect();
+            // Four at a time (the most one call takes), in two groups.
+            for group in [0..4, 3..5] {
+                let mut ys: Vec<Vec<f32>> = packed[group.clone()]
+                    .iter()
+                    .map(|p| vec![f32::NAN; p.n_out])
+                    .collect();
+                let mut gemvs: Vec<cpu::Gemv> = packed[group.clone()]
+                    .iter()
+                    .zip(&masks[group.clone()])
+                    .zip(ys.iter_mut())
+                    .map(|((p, &mask), y)| cpu::Gemv {
+                        w: p.mat(),
+                        mask,
+                        y,
+                    })
+                    .collect();
+                let kept = cpu::gemv_many(&x, &mut gemvs);
+                for (k, ((p, mask), y)) in packed[group.clone()]
+                    .iter()
+                    .zip(&masks[group.clone()])
+                    .zip(&ys)
+                    .enumerate()
+                {
+                    let (idx, val) = match *mask {
+                        cpu::Mask::Dense => ((0..n_in as u32).collect(), x.clone()),
+                        cpu::Mask::Threshold(t) => reference::compact_abs_gt(&x, t),
+                        cpu::Mask::Channels(t) => reference::compact_abs_gt_channel(&x, t),
+                    };
+                    assert_eq!(kept[k], idx.len(), "kept inputs of GEMV {k}");
+                    let mut want = vec![0.0; p.n_out];
+                    reference::gemv_packed_idx(&p.mat(), &idx, &val, &mut want);
+                    let scale = abs_scale(&dequant_all(p), n_in, p.n_out, &x);
+                    assert_close(&want, y, &scale, GEMV_REL_TOL, &format!("gemv_many {k}"));
+                }
+            }
+        }
+    }
+
     #[test]
     fn compaction_matches_reference() {
         let x = rand_vec(1029, 8);

@@ -207,17 +207,27 @@ impl Linear {
 
     /// Decode: `y = W s_t(x) + b` for one vector.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
-        let w = self.weight.mat();
-        match &self.sparsify {
-            None => cpu::gemv(&w, x, y),
-            Some(Sparsify::Threshold(t)) => {
-                cpu::gemv_sparse(&w, x, *t, y);
-            }
-            Some(Sparsify::Channels(t)) => {
-                cpu::gemv_sparse_channels(&w, x, t, y);
-            }
+        Linear::forward_many(x, [(self, y)]);
+    }
+
+    /// Decode of several layers that read the same vector (q, k and v; gate and up), each with
+    /// its own mask, in one parallel section of the thread pool: `y_i = W_i s_i(x) + b_i`. At
+    /// most [`cpu::MAX_MANY`] layers.
+    pub fn forward_many<const N: usize>(x: &[f32], layers: [(&Linear, &mut [f32]); N]) {
+        let linears = layers.each_ref().map(|(l, _)| *l);
+        let mut gemvs = layers.map(|(l, y)| cpu::Gemv {
+            w: l.weight.mat(),
+            mask: match &l.sparsify {
+                None => cpu::Mask::Dense,
+                Some(Sparsify::Threshold(t)) => cpu::Mask::Threshold(*t),
+                Some(Sparsify::Channels(t)) => cpu::Mask::Channels(t),
+            },
+            y,
+        });
+        cpu::gemv_many(x, &mut gemvs);
+        for (l, g) in linears.iter().zip(gemvs.iter_mut()) {
+            l.add_bias(g.y);
         }
-        self.add_bias(y);
     }
 
     /// Prefill: `y[T, out] = s_t(x[T, in]) W^T + b`.

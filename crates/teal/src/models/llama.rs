@@ -353,11 +353,14 @@ impl Llama {
         self.embed(token, &mut s.x);
         for (l, b) in self.layers.iter().enumerate() {
             reference::rmsnorm(&s.x, &b.input_layernorm, c.rms_norm_eps, &mut s.h);
-            b.q_proj.forward(&s.h, &mut s.q);
-            b.k_proj
-                .forward(&s.h, &mut cache.k[l][pos * kvd..(pos + 1) * kvd]);
-            b.v_proj
-                .forward(&s.h, &mut cache.v[l][pos * kvd..(pos + 1) * kvd]);
+            Linear::forward_many(
+                &s.h,
+                [
+                    (&b.q_proj, &mut s.q[..]),
+                    (&b.k_proj, &mut cache.k[l][pos * kvd..(pos + 1) * kvd]),
+                    (&b.v_proj, &mut cache.v[l][pos * kvd..(pos + 1) * kvd]),
+                ],
+            );
             for head in s.q.chunks_mut(hd) {
                 reference::rope_neox(head, &s.cos, &s.sin);
             }
@@ -379,8 +382,10 @@ impl Llama {
             add_assign(&mut s.x, &s.out);
 
             reference::rmsnorm(&s.x, &b.post_attention_layernorm, c.rms_norm_eps, &mut s.h);
-            b.gate_proj.forward(&s.h, &mut s.g);
-            b.up_proj.forward(&s.h, &mut s.u);
+            Linear::forward_many(
+                &s.h,
+                [(&b.gate_proj, &mut s.g[..]), (&b.up_proj, &mut s.u[..])],
+            );
             reference::silu_mul(&s.g, &s.u, &mut s.a);
             b.down_proj.forward(&s.a, &mut s.out);
             add_assign(&mut s.x, &s.out);
