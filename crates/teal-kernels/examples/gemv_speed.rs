@@ -3,10 +3,90 @@
 //! `gemv` is the full measurement.
 //!
 //!   cargo run --release -p teal-kernels --example gemv_speed -- f16 q8
+//!   cargo run --release -p teal-kernels --example gemv_speed -- --group f16 q8
+//!
+//! `--group`: SmolLM2's q/k/v GEMVs (576 -> 576, 192, 192) as three calls against one
+//! `cpu::gemv_many` call, alternating, median microseconds per group.
 use std::time::Instant;
-use teal_kernels::cpu;
+use teal_kernels::cpu::{self, Gemv, Mask};
 use teal_kernels::packed::{Dtype, PackedT};
 use teal_kernels::rand::uniform as rand_vec;
+
+/// The |x| quantile that zeroes a fraction `s` of `x` (-1: keep everything).
+fn threshold(x: &[f32], s: f32) -> f32 {
+    if s == 0.0 {
+        return -1.0;
+    }
+    let mut a: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    a.sort_by(f32::total_cmp);
+    a[(s * a.len() as f32) as usize - 1]
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Three q/k/v GEMVs as separate calls and as one group.
+fn group(dtypes: &[Dtype]) {
+    let d = 576;
+    let x = rand_vec(d, 9);
+    for &dtype in dtypes {
+        let ps: Vec<PackedT> = [576usize, 192, 192]
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| {
+                PackedT::from_input_major(dtype, &rand_vec(d * o, i as u64), d, o).expect("pack")
+            })
+            .collect();
+        let mut ys: Vec<Vec<f32>> = ps.iter().map(|p| vec![0.0; p.n_out]).collect();
+        for s in [0.0f32, 0.5] {
+            let t = threshold(&x, s);
+            let mut times = [vec![], vec![]];
+            for it in 0..20000 {
+                let t0 = Instant::now();
+                if it % 2 == 0 {
+                    for (p, y) in ps.iter().zip(ys.iter_mut()) {
+                        cpu::gemv_sparse(&p.mat(), &x, t, y);
+                    }
+                } else {
+                    let [a, b, c] = &mut ys[..] else {
+                        unreachable!("three outputs")
+                    };
+                    let mask = Mask::Threshold(t);
+                    cpu::gemv_many(
+                        &x,
+                        &mut [
+                            Gemv {
+                                w: ps[0].mat(),
+                                mask,
+                                y: a,
+                            },
+                            Gemv {
+                                w: ps[1].mat(),
+                                mask,
+                                y: b,
+                            },
+                            Gemv {
+                                w: ps[2].mat(),
+                                mask,
+                                y: c,
+                            },
+                        ],
+                    );
+                }
+                times[it % 2].push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+            let [a, b] = &mut times;
+            println!(
+                "q/k/v {} s={s}: three calls {:.1} us, one group {:.1} us",
+                dtype.name(),
+                median(a),
+                median(b)
+            );
+        }
+    }
+}
 
 fn main() {
     let shapes = [
@@ -17,10 +97,11 @@ fn main() {
         (576, 1536),
         (1536, 576),
     ];
-    let dtypes: Vec<Dtype> = std::env::args()
-        .skip(1)
-        .filter_map(|a| Dtype::parse(&a))
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dtypes: Vec<Dtype> = args.iter().filter_map(|a| Dtype::parse(a)).collect();
+    if args.iter().any(|a| a == "--group") {
+        return group(&dtypes);
+    }
     for &(n_in, n_out) in &shapes {
         let wt = rand_vec(n_in * n_out, 1);
         let x = rand_vec(n_in, 2);
@@ -28,13 +109,7 @@ fn main() {
         for &dtype in &dtypes {
             let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
             for s in [0.0f32, 0.5] {
-                let mut a: Vec<f32> = x.iter().map(|v| v.abs()).collect();
-                a.sort_by(f32::total_cmp);
-                let t = if s == 0.0 {
-                    -1.0
-                } else {
-                    a[(s * a.len() as f32) as usize - 1]
-                };
+                let t = threshold(&x, s);
                 let reps = (2e9 / p.bytes() as f64).clamp(20.0, 2000.0) as usize;
                 let mut times = vec![];
                 for _ in 0..reps {
@@ -44,11 +119,10 @@ fn main() {
                     times.push(t0.elapsed().as_secs_f64());
                 }
                 let gb = p.bytes() as f64 * (1.0 - s as f64) / 1e9;
-                times.sort_by(f64::total_cmp);
                 print!(
                     "{n_in}x{n_out} {} s={s}: {:.1} GB/s | ",
                     dtype.name(),
-                    gb / times[times.len() / 2]
+                    gb / median(&mut times)
                 );
             }
             println!();
