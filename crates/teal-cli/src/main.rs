@@ -125,6 +125,15 @@ enum ModeArg {
     DecodeOnly,
 }
 
+/// A sparsity request resolved against a model: the masks of each layer, the spec, the
+/// thresholds file and where it was read from.
+type Resolved = (
+    Vec<[Option<InputMask>; 7]>,
+    SparsitySpec,
+    Thresholds,
+    PathBuf,
+);
+
 impl SparseArgs {
     /// The request; `auto` allocation is decided by what `th` holds.
     fn spec(&self, th: Option<&Thresholds>) -> SparsitySpec {
@@ -145,17 +154,7 @@ impl SparseArgs {
     }
 
     /// The per-layer thresholds for this request, checked against the model; `None` when dense.
-    fn resolve(
-        &self,
-        files: &ModelFiles,
-    ) -> Result<
-        Option<(
-            Vec<[Option<InputMask>; 7]>,
-            SparsitySpec,
-            Thresholds,
-            PathBuf,
-        )>,
-    > {
+    fn resolve(&self, files: &ModelFiles) -> Result<Option<Resolved>> {
         check_target(self.sparsity)?;
         if self.sparsity == 0.0 {
             return Ok(None);

@@ -82,13 +82,13 @@ impl Config {
         if c.num_attention_heads == 0 || c.num_key_value_heads == 0 {
             return bad("zero attention heads".into());
         }
-        if c.num_attention_heads % c.num_key_value_heads != 0 {
+        if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
             return bad(format!(
                 "{} attention heads is not a multiple of {} KV heads",
                 c.num_attention_heads, c.num_key_value_heads
             ));
         }
-        if c.head_dim == 0 || c.head_dim % 2 != 0 {
+        if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even and positive", c.head_dim));
         }
         if let RopeScaling::Factors(f) = &c.rope_scaling {
@@ -100,7 +100,9 @@ impl Config {
                 ));
             }
         }
-        if !(c.rms_norm_eps > 0.0) || !(c.rope_theta > 0.0) {
+        // Written so that NaN fails too.
+        let positive = |v: f32| v.partial_cmp(&0.0) == Some(std::cmp::Ordering::Greater);
+        if !positive(c.rms_norm_eps) || !positive(c.rope_theta) {
             return bad("rms_norm_eps and rope_theta must be positive".into());
         }
         Ok(())
@@ -218,11 +220,11 @@ impl Config {
             })?;
         let arch = Arch::parse(&arch_name)?;
         let num_key_value_heads = j.num_key_value_heads.unwrap_or(j.num_attention_heads);
-        let head_dim = j.head_dim.unwrap_or(if j.num_attention_heads > 0 {
-            j.hidden_size / j.num_attention_heads
-        } else {
-            0
-        });
+        let head_dim = j.head_dim.unwrap_or(
+            j.hidden_size
+                .checked_div(j.num_attention_heads)
+                .unwrap_or(0),
+        );
         let rope_scaling = match &j.rope_scaling {
             Some(s) if s.rope_type.as_deref().or(s.kind.as_deref()) == Some("llama3") => {
                 let need = |v: Option<f32>, n: &str| {

@@ -37,17 +37,15 @@ fn calibrated(greedy: bool) -> (Llama, Config, Fingerprint, Thresholds) {
         weight_aware: true,
         samples: 3,
         seq_len: 64,
-        greedy: greedy.then(|| {
-            (
-                GreedyOptions {
-                    samples: 2,
-                    seq_len: 32,
-                    step: 0.05,
-                    max_sparsity: 0.9,
-                },
-                Quantile::Abs,
-            )
-        }),
+        greedy: greedy.then_some((
+            GreedyOptions {
+                samples: 2,
+                seq_len: 32,
+                step: 0.05,
+                max_sparsity: 0.9,
+            },
+            Quantile::Abs,
+        )),
         text_label: "random".into(),
         text_bytes: 0,
     };
@@ -80,7 +78,7 @@ fn zero_sparsity_reproduces_dense_logits_bit_for_bit() {
     assert_eq!(a, b);
     // A threshold below every |x| keeps everything, through the sparse kernels too.
     let keep_all = m
-        .with_masks(&vec![[Some(InputMask::Threshold(-1.0)); 7]; 3])
+        .with_masks(&[[Some(InputMask::Threshold(-1.0)); 7]; 3])
         .unwrap();
     let c = keep_all
         .prefill(&toks, &mut keep_all.new_cache(32), Logits::All)

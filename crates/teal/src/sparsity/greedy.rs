@@ -119,7 +119,9 @@ pub fn greedy_block(
         s,
     }];
     while effective_sparsity(&s, weights) < opts.max_sparsity {
-        let mut best: Option<(f64, usize, [f64; 7], Option<Vec<f32>>)> = None;
+        // The best step so far: its error, the sparsities after it and, for a step on an
+        // attention projection, the attention output it gives.
+        let mut best: Option<Candidate> = None;
         for p in 0..7 {
             let mut cand = s;
             cand[p] = (s[p] + opts.step / weights[p]).min(MAX_PROJ_SPARSITY);
@@ -133,11 +135,20 @@ pub fn greedy_block(
             } else {
                 (rel_err(&mlp(&b, &att, &mut ws)), None)
             };
-            if best.as_ref().is_none_or(|bst| err < bst.0) {
-                best = Some((err, p, cand, new_att));
+            if best.as_ref().is_none_or(|bst| err < bst.err) {
+                best = Some(Candidate {
+                    err,
+                    s: cand,
+                    att: new_att,
+                });
             }
         }
-        let Some((err, _, cand, new_att)) = best else {
+        let Some(Candidate {
+            err,
+            s: cand,
+            att: new_att,
+        }) = best
+        else {
             break;
         };
         s = cand;
@@ -151,4 +162,11 @@ pub fn greedy_block(
         });
     }
     steps
+}
+
+/// A candidate step of the greedy search.
+struct Candidate {
+    err: f64,
+    s: [f64; 7],
+    att: Option<Vec<f32>>,
 }

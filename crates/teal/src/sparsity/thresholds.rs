@@ -249,7 +249,7 @@ impl Thresholds {
             path: path.into(),
             source,
         })?;
-        t.validate().map_err(|m| bad(m))?;
+        t.validate().map_err(bad)?;
         Ok(t)
     }
 
