@@ -100,7 +100,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dtypes: Vec<Dtype> = args.iter().filter_map(|a| Dtype::parse(a)).collect();
     if args.iter().any(|a| a == "--group") {
-        return group(&dtypes);
+        // On a worker of the pool, as the CLI runs its commands (a parallel section started
+        // from outside the pool waits for a worker to pick it up).
+        return rayon::scope(|s| s.spawn(|_| group(&dtypes)));
     }
     for &(n_in, n_out) in &shapes {
         let wt = rand_vec(n_in * n_out, 1);
