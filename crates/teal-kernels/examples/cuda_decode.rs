@@ -11,6 +11,10 @@
 //! sparsity s is the exact |x| quantile at s (uniform allocation). Realized sparsity is then
 //! measured on sparse steps. Reports tok/s at each sparsity against the byte floor.
 //!
+//! `--leave-out attention,rmsnorm,head` drops those stages from the step, so that each one's
+//! cost in place is the difference from the whole step. The GEMVs after a dropped stage read a
+//! stale input (the sparse rows then measure a different amount of work): compare the dense row.
+//!
 //! Usage: cuda_decode [--dtype f16|bf16] [--steps N]
 
 use cudarc::driver::{sys, CudaSlice};
@@ -74,6 +78,9 @@ struct Model {
     logits: CudaSlice<f32>,
     tok: CudaSlice<u32>,
     pos: CudaSlice<i32>,
+    /// Stages left out of the step (`--leave-out attention,rmsnorm,head`), to read each one's
+    /// cost in place as the difference from the whole step.
+    leave_out: Vec<String>,
 }
 
 /// Called with (layer, site, site input) during uncaptured steps.
@@ -134,6 +141,7 @@ impl Model {
             logits: g.zeros(cfg.vocab)?,
             tok: g.upload(&[1u32])?,
             pos: g.upload(&[0i32])?,
+            leave_out: Vec::new(),
             layers,
             dtype,
             cfg,
@@ -153,8 +161,12 @@ impl Model {
         let c = &self.cfg;
         let d = c.d;
         g.embed(&self.embed, self.dtype, &self.tok, &mut self.h, d, 1)?;
+        let keep = |stage: &str| !self.leave_out.iter().any(|s| s == stage);
+        let (attention, rmsnorm, head) = (keep("attention"), keep("rmsnorm"), keep("head"));
         for (li, (l, t)) in self.layers.iter_mut().zip(ts).enumerate() {
-            g.rmsnorm(&self.h, &l.attn_norm, &mut self.xn, 1, d, c.eps)?;
+            if rmsnorm {
+                g.rmsnorm(&self.h, &l.attn_norm, &mut self.xn, 1, d, c.eps)?;
+            }
             if let Some(f) = observe.as_mut() {
                 f(li, 0, &self.xn)?;
             }
@@ -166,25 +178,29 @@ impl Model {
                 },
             );
             g.gemv(&mut l.qkv, &self.xn, &mut self.qkv, 1, &t[0..3], plain)?;
-            g.attention_rope_decode(
-                &self.qkv,
-                &self.cos,
-                &self.sin,
-                &self.pos,
-                &mut l.kc,
-                &mut l.vc,
-                &mut self.attn,
-                c.n_head,
-                c.n_kv,
-                c.hd,
-                c.max_pos,
-            )?;
+            if attention {
+                g.attention_rope_decode(
+                    &self.qkv,
+                    &self.cos,
+                    &self.sin,
+                    &self.pos,
+                    &mut l.kc,
+                    &mut l.vc,
+                    &mut self.attn,
+                    c.n_head,
+                    c.n_kv,
+                    c.hd,
+                    c.max_pos,
+                )?;
+            }
             if let Some(f) = observe.as_mut() {
                 f(li, 1, &self.attn)?;
             }
             // o and down add straight into the residual stream h.
             g.gemv(&mut l.o, &self.attn, &mut self.h, 1, &t[3..4], acc)?;
-            g.rmsnorm(&self.h, &l.ffn_norm, &mut self.xn, 1, d, c.eps)?;
+            if rmsnorm {
+                g.rmsnorm(&self.h, &l.ffn_norm, &mut self.xn, 1, d, c.eps)?;
+            }
             if let Some(f) = observe.as_mut() {
                 f(li, 2, &self.xn)?;
             }
@@ -200,15 +216,17 @@ impl Model {
             };
             g.gemv(&mut l.down, &self.gu, &mut self.h, 1, &t[6..7], glu)?;
         }
-        g.rmsnorm(&self.h, &self.final_norm, &mut self.xn, 1, d, c.eps)?;
-        g.gemv(
-            &mut self.lm_head,
-            &self.xn,
-            &mut self.logits,
-            1,
-            &[-1.0],
-            GemvOpts::default(),
-        )?;
+        if head {
+            g.rmsnorm(&self.h, &self.final_norm, &mut self.xn, 1, d, c.eps)?;
+            g.gemv(
+                &mut self.lm_head,
+                &self.xn,
+                &mut self.logits,
+                1,
+                &[-1.0],
+                GemvOpts::default(),
+            )?;
+        }
         g.argmax(&self.logits, &mut self.tok, 1, c.vocab)?;
         g.advance_position(&mut self.pos)
     }
@@ -311,6 +329,9 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     };
     let dtype = WeightDtype::parse(&arg("--dtype").unwrap_or_else(|| "bf16".into()))?;
     let steps: usize = arg("--steps").map(|s| s.parse()).transpose()?.unwrap_or(64);
+    let leave_out: Vec<String> = arg("--leave-out")
+        .map(|s| s.split(',').map(String::from).collect())
+        .unwrap_or_default();
     let g = match teal_kernels::cuda::try_gpu(0)? {
         Some(g) => g,
         None => {
@@ -323,6 +344,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     };
     let bw = g.copy_bandwidth()?;
     let mut m = Model::new(&g, LLAMA3_8B, dtype)?;
+    m.leave_out = leave_out;
     let n_layers = m.cfg.layers;
     if steps + 8 >= m.cfg.max_pos {
         return Err(format!("--steps must be below {}", m.cfg.max_pos - 8).into());
