@@ -89,6 +89,20 @@ fn group(dtypes: &[Dtype]) {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dtypes: Vec<Dtype> = args.iter().filter_map(|a| Dtype::parse(a)).collect();
+    // On a worker of the pool, as the CLI runs its commands (a parallel section started from
+    // outside the pool waits for a worker to pick it up).
+    if args.iter().any(|a| a == "--group") {
+        rayon::scope(|s| s.spawn(|_| group(&dtypes)));
+    } else {
+        rayon::scope(|s| s.spawn(|_| matrices(&dtypes)));
+    }
+}
+
+/// GB/s of weights read, dense and 50 % sparse, per shape and format.
+fn matrices(dtypes: &[Dtype]) {
+    // Llama-3-8B gate/up, down and q/o, Llama-3-70B gate/up, SmolLM2-135M up and down.
     let shapes = [
         (4096usize, 14336usize),
         (14336, 4096),
@@ -97,30 +111,31 @@ fn main() {
         (576, 1536),
         (1536, 576),
     ];
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let dtypes: Vec<Dtype> = args.iter().filter_map(|a| Dtype::parse(a)).collect();
-    if args.iter().any(|a| a == "--group") {
-        // On a worker of the pool, as the CLI runs its commands (a parallel section started
-        // from outside the pool waits for a worker to pick it up).
-        return rayon::scope(|s| s.spawn(|_| group(&dtypes)));
-    }
     for &(n_in, n_out) in &shapes {
         let wt = rand_vec(n_in * n_out, 1);
         let x = rand_vec(n_in, 2);
         let mut y = vec![0.0f32; n_out];
-        for &dtype in &dtypes {
-            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+        for &dtype in dtypes {
+            // Copies enough to fill 128 MiB, used in turn, so that the weights come from DRAM
+            // as in a decode step, not from the caches.
+            let first = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+            let copies = (128 << 20) / first.bytes() + 1;
+            let mut ps = vec![first];
+            for _ in 1..copies {
+                ps.push(PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack"));
+            }
+            let bytes = ps[0].bytes();
             for s in [0.0f32, 0.5] {
                 let t = threshold(&x, s);
-                let reps = (2e9 / p.bytes() as f64).clamp(20.0, 2000.0) as usize;
+                let reps = (2e9 / bytes as f64).clamp(20.0, 2000.0) as usize;
                 let mut times = vec![];
-                for _ in 0..reps {
-                    let m = p.mat();
+                for r in 0..reps {
+                    let m = ps[r % copies].mat();
                     let t0 = Instant::now();
                     cpu::gemv_sparse(&m, &x, t, &mut y);
                     times.push(t0.elapsed().as_secs_f64());
                 }
-                let gb = p.bytes() as f64 * (1.0 - s as f64) / 1e9;
+                let gb = bytes as f64 * (1.0 - s as f64) / 1e9;
                 print!(
                     "{n_in}x{n_out} {} s={s}: {:.1} GB/s | ",
                     dtype.name(),
