@@ -89,6 +89,9 @@ impl Rows for AllRows<'_> {
 struct Kept<'a> {
     idx: &'a [u32],
     val: &'a [f32],
+    /// Subtracted from every index: the first row of the matrix the list is used with (a
+    /// [`Mat::rows`] range).
+    first: usize,
 }
 impl Rows for Kept<'_> {
     #[inline(always)]
@@ -97,7 +100,7 @@ impl Rows for Kept<'_> {
     }
     #[inline(always)]
     fn get(&self, k: usize) -> (usize, f32) {
-        (self.idx[k] as usize, self.val[k])
+        (self.idx[k] as usize - self.first, self.val[k])
     }
 }
 
@@ -125,7 +128,7 @@ pub fn gemv_idx(w: &Mat, idx: &[u32], val: &[f32], y: &mut [f32]) {
         idx.iter().all(|&j| (j as usize) < w.n_in),
         "gemv_idx: index out of range"
     );
-    gemv_rows(w, &Kept { idx, val }, y)
+    gemv_rows(w, &Kept { idx, val, first: 0 }, y)
 }
 
 /// TEAL sparse GEMV: compaction of `|x| > t` (fused test), then the GEMV over the kept rows only.
@@ -166,10 +169,35 @@ pub struct Gemv<'a, 'y> {
 pub const MAX_MANY: usize = 4;
 
 thread_local! {
-    /// Compaction scratch of the calling thread, one list per GEMV of a [`gemv_many`] call, so a
-    /// decode step allocates nothing.
-    static KEPT: std::cell::RefCell<[(Vec<u32>, Vec<f32>); MAX_MANY]> =
+    /// Compaction scratch of the calling thread, one list per GEMV of a [`gemv_many`] call, and
+    /// the partial outputs of row-split GEMVs, so a decode step allocates nothing.
+    static KEPT: std::cell::RefCell<([(Vec<u32>, Vec<f32>); MAX_MANY], Vec<f32>)> =
         std::cell::RefCell::new(Default::default());
+}
+
+/// Row segments (bytes of one input row's weights) below which a GEMV is split over input rows
+/// rather than output columns: each work item then reads whole rows, one contiguous run for
+/// consecutive kept rows, instead of every thread reading a short piece of each row.
+const ROW_SPLIT_BELOW: usize = 4096;
+
+/// How a GEMV's work is cut into items.
+#[derive(Clone, Copy)]
+enum Split {
+    /// Items of this many output columns.
+    Columns(usize),
+    /// Items of this many input rows, each into its own partial output, summed at the end.
+    Rows(usize),
+}
+
+fn split_of(w: &Mat) -> Split {
+    let threads = rayon::current_num_threads().max(1);
+    let row_bytes = w.view.bytes_per_row(w.n_out);
+    if threads > 1 && row_bytes < ROW_SPLIT_BELOW && w.n_in >= 64 * threads {
+        // Two items per thread, so stealing can even out a noisy machine.
+        Split::Rows(w.n_in.div_ceil(2 * threads))
+    } else {
+        Split::Columns(column_split(w))
+    }
 }
 
 /// Several GEMVs on the same input `x` (q, k and v; gate and up) in one parallel section: each
@@ -185,8 +213,10 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
     let n = gemvs.len();
     assert!(n <= MAX_MANY, "gemv_many: {n} GEMVs, at most {MAX_MANY}");
     let mut kept = [0usize; MAX_MANY];
-    let mut per = [0usize; MAX_MANY];
+    let mut split = [Split::Columns(0); MAX_MANY];
     let mut start = [0usize; MAX_MANY + 1];
+    // Where each row-split GEMV's partial outputs start in the partial buffer.
+    let mut part = [0usize; MAX_MANY + 1];
     let mut ys = [SendPtr(std::ptr::null_mut()); MAX_MANY];
     for (i, g) in gemvs.iter_mut().enumerate() {
         assert_eq!(x.len(), g.w.n_in, "gemv: input size");
@@ -194,11 +224,20 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
         if let Mask::Channels(t) = g.mask {
             assert_eq!(t.len(), x.len(), "gemv: per-channel thresholds");
         }
-        per[i] = column_split(&g.w);
-        start[i + 1] = start[i] + g.w.n_out.div_ceil(per[i]);
+        split[i] = split_of(&g.w);
+        let items = match split[i] {
+            Split::Columns(per) => g.w.n_out.div_ceil(per),
+            Split::Rows(per) => g.w.n_in.div_ceil(per),
+        };
+        start[i + 1] = start[i] + items;
+        part[i + 1] = part[i]
+            + match split[i] {
+                Split::Columns(_) => 0,
+                Split::Rows(_) => items * g.w.n_out,
+            };
         ys[i] = SendPtr(g.y.as_mut_ptr());
     }
-    KEPT.with_borrow_mut(|lists| {
+    KEPT.with_borrow_mut(|(lists, partials)| {
         for ((g, (idx, val)), k) in gemvs.iter().zip(lists.iter_mut()).zip(kept.iter_mut()) {
             idx.resize(x.len(), 0);
             val.resize(x.len(), 0.0);
@@ -208,31 +247,70 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
                 Mask::Channels(t) => compact_abs_gt_channel(x, t, idx, val),
             };
         }
+        partials.resize(part[n], 0.0);
+        let pp = SendPtr(partials.as_mut_ptr());
         let lists = &*lists;
         let gemvs = &*gemvs;
-        // One task per column chunk of any GEMV, so stealing evens out chunks of unequal size.
+        // One task per item of any GEMV, so stealing evens out items of unequal size.
         (0..start[n]).into_par_iter().with_max_len(1).for_each(|c| {
             let i = (0..n).rev().find(|&i| start[i] <= c).unwrap_or(0);
-            let (w, o0) = (&gemvs[i].w, (c - start[i]) * per[i]);
-            let len = per[i].min(w.n_out - o0);
-            // SAFETY: chunk c of GEMV i is columns o0..o0+len of its output, which no other
-            // chunk touches; the output outlives this call (borrowed by `gemvs`).
-            let yc = unsafe { std::slice::from_raw_parts_mut(ys[i].get().add(o0), len) };
+            let (g, c) = (&gemvs[i], c - start[i]);
             let (idx, val) = &lists[i];
-            match gemvs[i].mask {
-                Mask::Dense => chunk(w, &AllRows(x), o0, yc, simd),
-                _ => chunk(
-                    w,
-                    &Kept {
-                        idx: &idx[..kept[i]],
-                        val: &val[..kept[i]],
-                    },
-                    o0,
-                    yc,
-                    simd,
-                ),
+            let (idx, val) = (&idx[..kept[i]], &val[..kept[i]]);
+            match split[i] {
+                Split::Columns(per) => {
+                    let (o0, len) = (c * per, per.min(g.w.n_out - c * per));
+                    // SAFETY: item c of GEMV i is columns o0..o0+len of its output, which
+                    // no other item touches; the output outlives this call.
+                    let yc = unsafe { std::slice::from_raw_parts_mut(ys[i].get().add(o0), len) };
+                    match g.mask {
+                        Mask::Dense => chunk(&g.w, &AllRows(x), o0, yc, simd),
+                        _ => chunk(&g.w, &Kept { idx, val, first: 0 }, o0, yc, simd),
+                    }
+                }
+                Split::Rows(per) => {
+                    let (j0, j1) = (c * per, ((c + 1) * per).min(g.w.n_in));
+                    let w = g.w.rows(j0, j1);
+                    // SAFETY: item c of GEMV i owns its partial output, n_out values at
+                    // part[i] + c * n_out, inside `partials` (sized above).
+                    let yc = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            pp.get().add(part[i] + c * g.w.n_out),
+                            g.w.n_out,
+                        )
+                    };
+                    match g.mask {
+                        Mask::Dense => chunk(&w, &AllRows(&x[j0..j1]), 0, yc, simd),
+                        _ => {
+                            // The kept list is in row order: this item's rows are a run.
+                            let k0 = idx.partition_point(|&j| (j as usize) < j0);
+                            let k1 = idx.partition_point(|&j| (j as usize) < j1);
+                            let rows = Kept {
+                                idx: &idx[k0..k1],
+                                val: &val[k0..k1],
+                                first: j0,
+                            };
+                            chunk(&w, &rows, 0, yc, simd)
+                        }
+                    }
+                }
             }
         });
+        // The row-split GEMVs' outputs: the sum of their items' partial outputs.
+        for (i, g) in gemvs.iter().enumerate() {
+            if let Split::Rows(_) = split[i] {
+                let m = g.w.n_out;
+                let parts = &partials[part[i]..part[i + 1]];
+                // SAFETY: the parallel section is over; y of GEMV i is borrowed by `gemvs`.
+                let y = unsafe { std::slice::from_raw_parts_mut(ys[i].get(), m) };
+                y.copy_from_slice(&parts[..m]);
+                for p in parts[m..].chunks(m) {
+                    for (a, b) in y.iter_mut().zip(p) {
+                        *a += b;
+                    }
+                }
+            }
+        }
     });
     kept
 }
@@ -1222,8 +1300,9 @@ mod tests {
     /// covered by tests/parity.rs).
     #[test]
     fn portable_gemv_matches_reference() {
-        // 3001 columns: a thread's share spans several pieces of the portable tile.
-        for (n_in, n_out) in [(37, 77), (5, 3001)] {
+        // 3001 columns: a thread's share spans several pieces of the portable tile; 300 x 77:
+        // short rows, split over input rows.
+        for (n_in, n_out) in [(37, 77), (5, 3001), (300, 77)] {
             portable_gemv_case(n_in, n_out);
         }
     }

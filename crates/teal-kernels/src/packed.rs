@@ -135,6 +135,18 @@ pub enum View<'a> {
     Q4(&'a [u8]),
 }
 
+impl View<'_> {
+    /// Bytes of one input row of `n_out` outputs (its scales included).
+    pub fn bytes_per_row(&self, n_out: usize) -> usize {
+        match self {
+            View::F32(_) => n_out * 4,
+            View::F16(_) | View::Bf16(_) => n_out * 2,
+            View::Q8(_) => groups(n_out) * Q8_BLOCK,
+            View::Q4(_) => groups(n_out) * Q4_BLOCK,
+        }
+    }
+}
+
 /// Weights plus dimensions, as the kernels see them.
 #[derive(Clone, Copy, Debug)]
 pub struct Mat<'a> {
@@ -261,6 +273,28 @@ impl<'a> Mat<'a> {
             n_in,
             n_out,
             view: View::F32(wt),
+        }
+    }
+
+    /// Input rows `j0..j1` as a matrix of their own (row `j0` becomes row 0).
+    pub fn rows(&self, j0: usize, j1: usize) -> Mat<'a> {
+        assert!(
+            j0 <= j1 && j1 <= self.n_in,
+            "rows {j0}..{j1} of {}",
+            self.n_in
+        );
+        let (n, b) = (self.n_out, self.view.bytes_per_row(self.n_out));
+        let view = match self.view {
+            View::F32(w) => View::F32(&w[j0 * n..j1 * n]),
+            View::F16(w) => View::F16(&w[j0 * n..j1 * n]),
+            View::Bf16(w) => View::Bf16(&w[j0 * n..j1 * n]),
+            View::Q8(w) => View::Q8(&w[j0 * b..j1 * b]),
+            View::Q4(w) => View::Q4(&w[j0 * b..j1 * b]),
+        };
+        Mat {
+            n_in: j1 - j0,
+            n_out: n,
+            view,
         }
     }
 
