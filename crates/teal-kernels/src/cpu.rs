@@ -168,11 +168,18 @@ pub struct Gemv<'a, 'y> {
 /// The most GEMVs one [`gemv_many`] call takes.
 pub const MAX_MANY: usize = 4;
 
+/// Scratch of one [`gemv_many`] call.
+#[derive(Default)]
+struct Scratch {
+    /// The kept inputs (indices, values) of each GEMV.
+    lists: [(Vec<u32>, Vec<f32>); MAX_MANY],
+    /// The partial outputs of the row-split GEMVs.
+    partials: Vec<f32>,
+}
+
 thread_local! {
-    /// Compaction scratch of the calling thread, one list per GEMV of a [`gemv_many`] call, and
-    /// the partial outputs of row-split GEMVs, so a decode step allocates nothing.
-    static KEPT: std::cell::RefCell<([(Vec<u32>, Vec<f32>); MAX_MANY], Vec<f32>)> =
-        std::cell::RefCell::new(Default::default());
+    /// The calling thread's scratch, so a decode step allocates nothing.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// Row segments (bytes of one input row's weights) below which a GEMV is split over input rows
@@ -237,7 +244,7 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
             };
         ys[i] = SendPtr(g.y.as_mut_ptr());
     }
-    KEPT.with_borrow_mut(|(lists, partials)| {
+    SCRATCH.with_borrow_mut(|Scratch { lists, partials }| {
         for ((g, (idx, val)), k) in gemvs.iter().zip(lists.iter_mut()).zip(kept.iter_mut()) {
             idx.resize(x.len(), 0);
             val.resize(x.len(), 0.0);
