@@ -208,9 +208,10 @@ fn split_of(w: &Mat) -> Split {
 }
 
 /// Several GEMVs on the same input `x` (q, k and v; gate and up) in one parallel section: each
-/// input list is compacted by its GEMV's own mask, then the column chunks of all of them share
-/// one fork-join of the thread pool, which on a small model costs about as much as a small
-/// matrix. Returns the number of kept inputs of each GEMV (the first `gemvs.len()` entries).
+/// input list is compacted by its GEMV's own mask, then the work items of all of them (column
+/// chunks, or ranges of input rows where rows are short) share one fork-join of the thread
+/// pool, which on a small model costs about as much as a small matrix. Returns the number of
+/// kept inputs of each GEMV (the first `gemvs.len()` entries).
 pub fn gemv_many(x: &[f32], gemvs: &mut [Gemv]) -> [usize; MAX_MANY] {
     gemv_many_on(x, gemvs, simd_available())
 }
