@@ -184,8 +184,9 @@ thread_local! {
 
 /// Row segments (bytes of one input row's weights) below which a GEMV is split over input rows
 /// rather than output columns: each work item then reads whole rows, one contiguous run for
-/// consecutive kept rows, instead of every thread reading a short piece of each row.
-const ROW_SPLIT_BELOW: usize = 4096;
+/// consecutive kept rows, instead of every thread reading a short piece of each row (measured
+/// faster for SmolLM2's 0.4-3 KiB rows and Llama-3-8B's 8 KiB ones; docs/PERFORMANCE.md).
+const ROW_SPLIT_BELOW: usize = 16384;
 
 /// How a GEMV's work is cut into items.
 #[derive(Clone, Copy)]
