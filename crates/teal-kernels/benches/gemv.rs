@@ -7,8 +7,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
-use teal_kernels::cpu;
 use teal_kernels::packed::{Dtype, PackedT};
+use teal_kernels::{cpu, reference};
 
 /// `(name, in, out)`: Llama-3-8B (q/o, k/v, gate/up, down) and Llama-3-70B (q/o, gate/up, down).
 const SHAPES: &[(&str, usize, usize)] = &[
@@ -22,18 +22,6 @@ const SHAPES: &[(&str, usize, usize)] = &[
 ];
 
 use teal_kernels::rand::uniform as rand_vec;
-
-/// The |x| quantile that zeroes a fraction `s` of `x`.
-fn threshold(x: &[f32], s: f64) -> f32 {
-    let mut a: Vec<f32> = x.iter().map(|v| v.abs()).collect();
-    a.sort_by(f32::total_cmp);
-    let k = ((s * a.len() as f64) as usize).min(a.len() - 1);
-    if k == 0 {
-        -1.0
-    } else {
-        a[k - 1]
-    }
-}
 
 fn gemv(c: &mut Criterion) {
     for &(model, n_in, n_out) in SHAPES {
@@ -53,7 +41,7 @@ fn gemv(c: &mut Criterion) {
                 b.iter(|| cpu::gemv(&m, &x, &mut y))
             });
             for s in [0.0, 0.5, 0.75] {
-                let t = threshold(&x, s);
+                let t = reference::abs_threshold(&x, s);
                 let kept = x.iter().filter(|v| v.abs() > t).count();
                 g.throughput(Throughput::Bytes((kept as f64 * row_bytes) as u64));
                 g.bench_function(BenchmarkId::new(dtype.name(), format!("sparse{s}")), |b| {

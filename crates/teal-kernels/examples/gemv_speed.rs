@@ -11,16 +11,7 @@ use std::time::Instant;
 use teal_kernels::cpu::{self, Gemv, Mask};
 use teal_kernels::packed::{Dtype, PackedT};
 use teal_kernels::rand::uniform as rand_vec;
-
-/// The |x| quantile that zeroes a fraction `s` of `x` (-1: keep everything).
-fn threshold(x: &[f32], s: f32) -> f32 {
-    if s == 0.0 {
-        return -1.0;
-    }
-    let mut a: Vec<f32> = x.iter().map(|v| v.abs()).collect();
-    a.sort_by(f32::total_cmp);
-    a[(s * a.len() as f32) as usize - 1]
-}
+use teal_kernels::reference;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -41,7 +32,7 @@ fn group(dtypes: &[Dtype]) {
             .collect();
         let mut ys: Vec<Vec<f32>> = ps.iter().map(|p| vec![0.0; p.n_out]).collect();
         for s in [0.0f32, 0.5] {
-            let t = threshold(&x, s);
+            let t = reference::abs_threshold(&x, s as f64);
             let mut times = [vec![], vec![]];
             for it in 0..20000 {
                 let t0 = Instant::now();
@@ -126,7 +117,7 @@ fn matrices(dtypes: &[Dtype]) {
             }
             let bytes = ps[0].bytes();
             for s in [0.0f32, 0.5] {
-                let t = threshold(&x, s);
+                let t = reference::abs_threshold(&x, s as f64);
                 let reps = (2e9 / bytes as f64).clamp(20.0, 2000.0) as usize;
                 let mut times = vec![];
                 for r in 0..reps {

@@ -157,6 +157,20 @@ pub fn argmax(x: &[f32]) -> usize {
     best
 }
 
+/// The threshold `t` at which `x * [|x| > t]` zeroes a fraction `s` of `x` (rounded down to
+/// whole entries): the `floor(s * n)`-th smallest `|x|`, or -1 (keep all) where that is none.
+/// The benchmarks' way to set a sparsity on synthetic inputs.
+pub fn abs_threshold(x: &[f32], s: f64) -> f32 {
+    let mut a: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    a.sort_by(f32::total_cmp);
+    let k = ((s * a.len() as f64) as usize).min(a.len().saturating_sub(1));
+    if k == 0 {
+        -1.0
+    } else {
+        a[k - 1]
+    }
+}
+
 /// TEAL's compaction: the indices and values of the inputs with `|x| > t`, in order.
 pub fn compact_abs_gt(x: &[f32], t: f32) -> (Vec<u32>, Vec<f32>) {
     x.iter()

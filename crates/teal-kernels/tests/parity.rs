@@ -376,6 +376,17 @@ mod packed_formats {
         }
     }
 
+    /// The benchmarks' threshold zeroes the requested fraction (rounded down) and keeps all
+    /// at s = 0.
+    #[test]
+    fn abs_threshold_zeroes_the_fraction() {
+        let x = rand_vec(1000, 46);
+        for (s, zeroed) in [(0.0, 0), (0.0005, 0), (0.25, 250), (0.5, 500), (0.999, 999)] {
+            let t = reference::abs_threshold(&x, s);
+            assert_eq!(x.iter().filter(|v| v.abs() <= t).count(), zeroed, "s = {s}");
+        }
+    }
+
     #[test]
     fn compaction_matches_reference() {
         let x = rand_vec(1029, 8);
