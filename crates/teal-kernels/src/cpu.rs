@@ -553,21 +553,11 @@ elementwise_tile!(
     |v| v.to_f32()
 );
 
-/// The f16 at `p` (unaligned) as f32.
+/// The 32 values of a q8 block (scale first) as four vectors of f32, and the scale (lane 0).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn h2f(p: *const u8) -> f32 {
-    use std::arch::x86_64::*;
-    let bits = (p as *const u16).read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-/// The 32 values of a q8 block (scale first) as four vectors of f32, and the scale.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn q8_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], f32, f32) {
+unsafe fn q8_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], std::arch::x86_64::__m128) {
     use std::arch::x86_64::*;
     let q = p.add(2);
     let l0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q as *const __m128i)));
@@ -580,25 +570,27 @@ unsafe fn q8_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], f32, f32) {
     let l3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
         q.add(24) as *const __m128i
     )));
-    ([l0, l1, l2, l3], h2f(p), 0.0)
+    let d = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32));
+    ([l0, l1, l2, l3], d)
 }
 
 /// The 32 nibbles of a q4 block (scale, minimum, 16 bytes: low nibbles are outputs 0..16,
-/// high ones 16..32) as four vectors of f32, the scale and the minimum.
+/// high ones 16..32) as four vectors of f32, and the scale and the minimum (lanes 0 and 1,
+/// converted together).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], f32, f32) {
+unsafe fn q4_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], std::arch::x86_64::__m128) {
     use std::arch::x86_64::*;
-    let v = _mm_loadu_si128(p.add(4) as *const __m128i);
-    let mask = _mm_set1_epi8(15);
-    let lo = _mm_and_si128(v, mask);
-    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    let c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    let c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    let c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    let c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-    ([c0, c1, c2, c3], h2f(p), h2f(p.add(2)))
+    let mask = _mm256_set1_epi32(15);
+    let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(4) as *const __m128i));
+    let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(12) as *const __m128i));
+    let c0 = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+    let c1 = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+    let c2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    let c3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+    ([c0, c1, c2, c3], dm)
 }
 
 /// AVX2 tile over a blocked format: kept rows in passes of four (then one by one); per group
@@ -663,8 +655,10 @@ macro_rules! blocked_tile {
             let mut ps = [bp; N];
             let mut xs = [0.0f32; N];
             let mut js = [0usize; N];
+            let mut xv = [_mm_setzero_ps(); N];
             for r in 0..N {
                 (js[r], xs[r]) = rows.get(k + r);
+                xv[r] = _mm_set1_ps(xs[r]);
                 ps[r] = bp.add((js[r] * ng + g0) * $bsize);
             }
             for g in 0..full {
@@ -675,20 +669,21 @@ macro_rules! blocked_tile {
                     _mm256_loadu_ps(gy.add(16)),
                     _mm256_loadu_ps(gy.add(24)),
                 ];
-                let mut bias = 0.0f32;
+                let mut bias = _mm_setzero_ps();
                 for r in 0..N {
                     // Ahead within the row (never faults; past the tile it is merely wasted).
                     _mm_prefetch::<_MM_HINT_T0>(ps[r].add((g + 8) * $bsize) as *const i8);
-                    let (qv, d, m) = $block(ps[r].add(g * $bsize));
-                    let s = _mm256_set1_ps(xs[r] * d);
+                    let (qv, dm) = $block(ps[r].add(g * $bsize));
+                    let xdm = _mm_mul_ps(xv[r], dm);
+                    let s = _mm256_broadcastss_ps(xdm);
                     if $has_min {
-                        bias += xs[r] * m;
+                        bias = _mm_add_ps(bias, xdm);
                     }
                     for i in 0..4 {
                         acc[i] = _mm256_fmadd_ps(s, qv[i], acc[i]);
                     }
                 }
-                let b = _mm256_set1_ps(bias);
+                let b = _mm256_broadcastss_ps(_mm_movehdup_ps(bias));
                 for (i, a) in acc.iter().enumerate() {
                     let a = if $has_min { _mm256_add_ps(*a, b) } else { *a };
                     _mm256_storeu_ps(gy.add(i * 8), a);
@@ -996,14 +991,15 @@ macro_rules! blocked_dot {
                     _mm_prefetch::<_MM_HINT_T0>(
                         rows[r].wrapping_add(g * $bsize + ahead) as *const i8
                     );
-                    let (qv, d, m) = $block(rows[r].add(g * $bsize));
+                    let (qv, dm) = $block(rows[r].add(g * $bsize));
                     let mut t = _mm256_mul_ps(qv[0], xv[0]);
                     t = _mm256_fmadd_ps(qv[1], xv[1], t);
                     t = _mm256_fmadd_ps(qv[2], xv[2], t);
                     t = _mm256_fmadd_ps(qv[3], xv[3], t);
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), t, acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), t, acc[r]);
                     if $has_min {
-                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(m), xsum, acc[r]);
+                        let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+                        acc[r] = _mm256_fmadd_ps(m, xsum, acc[r]);
                     }
                 }
             }
