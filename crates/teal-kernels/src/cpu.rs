@@ -2,7 +2,7 @@
 //! columns with rayon's persistent pool. Each function computes exactly what its namesake in
 //! [`crate::reference`] computes (up to float summation order) and is tested against it.
 
-use crate::packed::{Mat, RowsMat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
+use crate::packed::{groups, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
 use rayon::prelude::*;
 
 /// Output columns per tile (f32; formats with fewer bytes per weight take wider tiles): a
@@ -706,6 +706,71 @@ macro_rules! blocked_tile {
 blocked_tile!(tile_q8_avx2, pass_q8_avx2, Q8_BLOCK, q8_block, false);
 blocked_tile!(tile_q4_avx2, pass_q4_avx2, Q4_BLOCK, q4_block, true);
 
+/// `w[j, o0 .. o0 + out.len()]` as f32, what [`Mat::dequant_row`] computes: f16/bf16 through
+/// `half`'s vectorized slice conversion, whole q8/q4 groups through the AVX2 block decoders
+/// (`d q (+ m)` as one FMA, so within an ulp of the scalar definition), the rest by it.
+pub fn dequant_row(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
+    dequant_row_on(w, j, o0, out, simd_available())
+}
+
+fn dequant_row_on(w: &Mat, j: usize, o0: usize, out: &mut [f32], simd: bool) {
+    use half::slice::HalfFloatSliceExt;
+    let n = w.n_out;
+    assert!(
+        j < w.n_in && o0 + out.len() <= n,
+        "dequant_row: out of range"
+    );
+    let r = j * n + o0..j * n + o0 + out.len();
+    match w.view {
+        View::F32(v) => out.copy_from_slice(&v[r]),
+        View::F16(v) => v[r].convert_to_f32_slice(out),
+        View::Bf16(v) => v[r].convert_to_f32_slice(out),
+        View::Q8(_) | View::Q4(_) => {
+            let full = if simd && cfg!(target_arch = "x86_64") && o0 % GROUP == 0 {
+                out.len() / GROUP * GROUP
+            } else {
+                0
+            };
+            #[cfg(target_arch = "x86_64")]
+            if full > 0 {
+                // SAFETY: the AVX2 features were detected (`simd`); the groups decoded lie in
+                // row j, columns o0..o0+full, inside the matrix (checked above).
+                unsafe { dequant_groups_avx2(w, j, o0, &mut out[..full]) };
+            }
+            w.dequant_row(j, o0 + full, &mut out[full..]);
+        }
+    }
+}
+
+/// Whole groups of a q8/q4 row, from the group-aligned column `o0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant_groups_avx2(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (blocks, bsize) = match w.view {
+        View::Q8(b) => (b, Q8_BLOCK),
+        View::Q4(b) => (b, Q4_BLOCK),
+        _ => unreachable!("dequant_groups_avx2 on a float format"),
+    };
+    let p0 = blocks
+        .as_ptr()
+        .add((j * groups(w.n_out) + o0 / GROUP) * bsize);
+    for (g, o) in out.chunks_exact_mut(GROUP).enumerate() {
+        let p = p0.add(g * bsize);
+        let (qv, d, m) = if bsize == Q4_BLOCK {
+            let (qv, dm) = q4_block(p);
+            let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+            (qv, _mm256_broadcastss_ps(dm), m)
+        } else {
+            let (qv, d) = q8_block(p);
+            (qv, _mm256_broadcastss_ps(d), _mm256_setzero_ps())
+        };
+        for (i, q) in qv.iter().enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), _mm256_fmadd_ps(d, *q, m));
+        }
+    }
+}
+
 /// Prefill on packed weights: `y[T, out] = x[T, in] * W^T`. f32 goes straight to
 /// [`matmul_t`]; other formats are dequantized one block of columns at a time into a
 /// thread-local f32 buffer and multiplied there.
@@ -729,7 +794,7 @@ pub fn matmul_packed(x: &[f32], n_tok: usize, w: &Mat, y: &mut [f32]) {
             let n = block.min(n_out - o0);
             buf.resize(n_in * n, 0.0);
             for (j, row) in buf.chunks_mut(n).enumerate() {
-                w.dequant_row(j, o0, row);
+                dequant_row(w, j, o0, row);
             }
             // SAFETY: block b writes only columns o0..o0+n of y, disjoint from every other block;
             // all pointers stay inside the slices whose sizes were checked above.

@@ -155,7 +155,8 @@ pub struct Mat<'a> {
     pub view: View<'a>,
 }
 
-fn groups(n_out: usize) -> usize {
+/// Groups (blocks) per row of `n_out` outputs.
+pub(crate) fn groups(n_out: usize) -> usize {
     n_out.div_ceil(GROUP)
 }
 
