@@ -726,7 +726,7 @@ fn dequant_row_on(w: &Mat, j: usize, o0: usize, out: &mut [f32], simd: bool) {
         View::F16(v) => v[r].convert_to_f32_slice(out),
         View::Bf16(v) => v[r].convert_to_f32_slice(out),
         View::Q8(_) | View::Q4(_) => {
-            let full = if simd && cfg!(target_arch = "x86_64") && o0 % GROUP == 0 {
+            let full = if simd && cfg!(target_arch = "x86_64") && o0.is_multiple_of(GROUP) {
                 out.len() / GROUP * GROUP
             } else {
                 0
