@@ -1225,22 +1225,38 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         n_decode: a.n_gen,
         reps: a.reps,
     };
-    let mut results = Vec::new();
-    for &s in &a.sparsity {
-        let masks = masks_for(s)?;
-        dec.set_masks(masks.as_deref())?;
-        let sparse = match &masks {
-            Some(m) => model.with_masks(m)?,
-            None => model.clone(),
-        };
-        let r = teal::bench::bench_decode(&mut *dec, &sparse, s, &prompt, &opts, bw.bytes_per_s)?;
-        if !a.json {
+    let masks = a
+        .sparsity
+        .iter()
+        .map(|&s| masks_for(s))
+        .collect::<Result<Vec<_>>>()?;
+    let models = masks
+        .iter()
+        .map(|m| match m {
+            Some(m) => Ok(model.with_masks(m)?),
+            None => Ok(model.clone()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let variants: Vec<teal::bench::Variant> = a
+        .sparsity
+        .iter()
+        .zip(&masks)
+        .zip(&models)
+        .map(|((&sparsity, masks), model)| teal::bench::Variant {
+            sparsity,
+            masks: masks.as_deref(),
+            model,
+        })
+        .collect();
+    let results =
+        teal::bench::bench_decode(&mut *dec, &variants, &prompt, &opts, bw.bytes_per_s)?;
+    if !a.json {
+        for r in &results {
             eprintln!(
                 "sparsity {:.2}: decode {:.2} tok/s [{:.2}, {:.2}]",
-                s, r.decode.median, r.decode.min, r.decode.max
+                r.sparsity, r.decode.median, r.decode.min, r.decode.max
             );
         }
-        results.push(r);
     }
     let threads = rayon::current_num_threads();
     let model_path = model_label;
@@ -1256,15 +1272,15 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         "kv_cache_bytes": kv_bytes,
         "ratio": decoding.map(|r| r as f64 / (weight_bytes + kv_bytes) as f64),
     });
-    // Speed-ups are relative to the dense row, when there is one.
+    // Speed-ups are relative to the dense row, when there is one: the median over rounds of
+    // the two speeds' ratio in the same round (the variants run interleaved).
     let dense = results.iter().find(|r| r.sparsity == 0.0).cloned();
     let speedup = |r: &teal::bench::BenchResult| {
-        dense.as_ref().map(|d| {
-            (
-                r.decode.median / d.decode.median,
-                d.bytes_per_token / r.bytes_per_token,
-            )
-        })
+        let d = dense.as_ref()?;
+        Some((
+            teal::bench::paired_speedup(r, d)?,
+            d.bytes_per_token / r.bytes_per_token,
+        ))
     };
     if a.json {
         let rows: Vec<serde_json::Value> = results
@@ -1276,6 +1292,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                     "decode_tok_s": r.decode.median,
                     "decode_tok_s_min": r.decode.min,
                     "decode_tok_s_max": r.decode.max,
+                    "decode_tok_s_rounds": r.decode_rounds,
                     "prompt_tok_s": r.prompt.median,
                     "prompt_tok_s_min": r.prompt.min,
                     "prompt_tok_s_max": r.prompt.max,

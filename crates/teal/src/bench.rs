@@ -4,7 +4,7 @@
 //! bandwidth (the floor a memory-bound decode cannot beat). It drives a [`Decoder`], so the
 //! same code measures the CPU and a GPU.
 
-use crate::device::Decoder;
+use crate::device::{Decoder, Masks};
 use crate::error::{Error, Result};
 use crate::eval::sparse::MaskCounter;
 use crate::models::llama::{Llama, Logits};
@@ -95,6 +95,8 @@ pub struct BenchResult {
     /// Realized parameter-weighted sparsity of the projections over the decoded tokens.
     pub realized_sparsity: f64,
     pub decode: Stat,
+    /// Decode tokens/s of each timed round, in order.
+    pub decode_rounds: Vec<f64>,
     pub prompt: Stat,
     /// Bytes read per decoded token: projections (times their realized density), LM head,
     /// one embedding row, the KV cache at the mean decode position.
@@ -105,28 +107,64 @@ pub struct BenchResult {
     pub floor_ratio: f64,
     /// Bytes of the f32 KV cache of one repetition (prompt plus decoded tokens).
     pub kv_cache_bytes: usize,
-    /// VmRSS at the end of the warm-up repetition, its KV cache filled and its scratch alive.
+    /// VmRSS at the end of this variant's warm-up repetition, its KV cache filled and its
+    /// scratch alive.
     pub resident_bytes: Option<u64>,
 }
 
-/// Runs the benchmark for one model variant on `dec` (a decoder of `model`, its masks set
-/// with [`Decoder::set_masks`]): `model` carries the same masks on the CPU, to count which
-/// inputs they zero; `prompt` the prompt tokens, `bandwidth` the device's measured bandwidth in
-/// bytes/s ([`Decoder::bandwidth`]).
+/// One model variant of a benchmark run.
+#[derive(Clone, Copy)]
+pub struct Variant<'a> {
+    /// Requested model-wide sparsity (0 for the dense model).
+    pub sparsity: f64,
+    /// The masks the decoder runs with ([`Decoder::set_masks`]); `None`: dense.
+    pub masks: Option<&'a Masks>,
+    /// The model carrying the same masks on the CPU, to count which inputs they zero.
+    pub model: &'a Llama,
+}
+
+/// One repetition: the prompt, then `n_decode` greedy tokens. Returns the prefill and decode
+/// seconds and the decoded tokens.
+fn repetition(
+    dec: &mut dyn Decoder,
+    prompt: &[u32],
+    n_decode: usize,
+    generated: &mut Vec<u32>,
+) -> Result<(f64, f64)> {
+    dec.clear()?;
+    let t0 = Instant::now();
+    let logits = dec.prefill(prompt, Logits::Last)?;
+    let tp = t0.elapsed().as_secs_f64();
+    let mut next = crate::sampler::argmax(&logits);
+    generated.clear();
+    let t1 = Instant::now();
+    for _ in 0..n_decode {
+        generated.push(next);
+        next = dec.decode_greedy(next)?;
+    }
+    Ok((tp, t1.elapsed().as_secs_f64()))
+}
+
+/// Runs every variant on `dec` (`prompt`: the prompt tokens, `bandwidth`: the device's
+/// measured bandwidth in bytes/s, [`Decoder::bandwidth`]), interleaved: one untimed warm-up
+/// repetition of each, then `opts.reps` rounds in which every variant runs once, so that a
+/// change in the machine's load during the benchmark falls on all variants alike and their
+/// per-round speeds ([`BenchResult::decode_rounds`]) can be compared pairwise. Where there are
+/// several variants, each switch of masks is followed by an untimed prefill and decode step
+/// (a GPU decoder captures its graphs again there).
 pub fn bench_decode(
     dec: &mut dyn Decoder,
-    model: &Llama,
-    sparsity: f64,
+    variants: &[Variant],
     prompt: &[u32],
     opts: &BenchOptions,
     bandwidth: f64,
-) -> Result<BenchResult> {
+) -> Result<Vec<BenchResult>> {
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
-    if opts.reps == 0 || opts.n_decode == 0 {
+    if opts.reps == 0 || opts.n_decode == 0 || variants.is_empty() {
         return Err(Error::Invalid(
-            "bench needs at least one repetition and one decoded token".into(),
+            "bench needs at least one variant, one repetition and one decoded token".into(),
         ));
     }
     let ctx = prompt.len() + opts.n_decode + 1;
@@ -137,67 +175,85 @@ pub fn bench_decode(
             ctx: dec.capacity(),
         });
     }
-    let mut decode_s = Vec::with_capacity(opts.reps);
-    let mut prompt_s = Vec::with_capacity(opts.reps);
-    let mut generated = Vec::new();
-    let mut resident_bytes = None;
-    for r in 0..=opts.reps {
+    let n = variants.len();
+    let mut decode_s = vec![Vec::with_capacity(opts.reps); n];
+    let mut prompt_s = vec![Vec::with_capacity(opts.reps); n];
+    let mut generated = vec![Vec::new(); n];
+    let mut resident_bytes = vec![None; n];
+    for (i, v) in variants.iter().enumerate() {
+        dec.set_masks(v.masks)?;
+        repetition(dec, prompt, opts.n_decode, &mut generated[i])?;
+        resident_bytes[i] = resident_memory().map(|(rss, _)| rss);
+    }
+    let mut scratch = Vec::new();
+    for _ in 0..opts.reps {
+        for (i, v) in variants.iter().enumerate() {
+            if n > 1 {
+                dec.set_masks(v.masks)?;
+                dec.clear()?;
+                let logits = dec.prefill(prompt, Logits::Last)?;
+                dec.decode_greedy(crate::sampler::argmax(&logits))?;
+            }
+            let (tp, td) = repetition(dec, prompt, opts.n_decode, &mut scratch)?;
+            prompt_s[i].push(prompt.len() as f64 / tp);
+            decode_s[i].push(opts.n_decode as f64 / td);
+        }
+    }
+
+    let mut results = Vec::with_capacity(n);
+    for (i, v) in variants.iter().enumerate() {
+        // Realized density of each projection on the decoded positions, from the same tokens.
+        dec.set_masks(v.masks)?;
+        let mut counter = MaskCounter::new(v.model, 0);
         dec.clear()?;
-        let t0 = Instant::now();
-        let logits = dec.prefill(prompt, Logits::Last)?;
-        let tp = t0.elapsed().as_secs_f64();
-        let mut next = crate::sampler::argmax(&logits);
-        generated.clear();
-        let t1 = Instant::now();
-        for _ in 0..opts.n_decode {
-            generated.push(next);
-            next = dec.decode_greedy(next)?;
-        }
-        let td = t1.elapsed().as_secs_f64();
-        if r == 0 {
-            resident_bytes = resident_memory().map(|(rss, _)| rss);
-        }
-        if r > 0 {
-            prompt_s.push(prompt.len() as f64 / tp);
-            decode_s.push(opts.n_decode as f64 / td);
-        }
-    }
-    let decode = Stat::of(decode_s);
+        dec.prefill(prompt, Logits::Last)?;
+        dec.prefill_observed(&generated[i], &mut counter)?;
 
-    // Realized density of each projection on the decoded positions, from the same tokens.
-    let mut counter = MaskCounter::new(model, 0);
-    dec.clear()?;
-    dec.prefill(prompt, Logits::Last)?;
-    dec.prefill_observed(&generated, &mut counter)?;
-
-    let fp = dec.footprint();
-    let (mut proj_bytes, mut dense_proj_bytes) = (0.0, 0.0);
-    for (l, b) in model.layers.iter().enumerate() {
-        for (p, (_, lin)) in b.linears().iter().enumerate() {
-            // A dense projection reads every row, zeros included.
-            let (zeroed, total) = counter.counts[l][p];
-            let density = match lin.mask() {
-                Some(_) => (total - zeroed) as f64 / total.max(1) as f64,
-                None => 1.0,
-            };
-            proj_bytes += density * fp.proj[l][p];
-            dense_proj_bytes += fp.proj[l][p];
+        let fp = dec.footprint();
+        let (mut proj_bytes, mut dense_proj_bytes) = (0.0, 0.0);
+        for (l, b) in v.model.layers.iter().enumerate() {
+            for (p, (_, lin)) in b.linears().iter().enumerate() {
+                // A dense projection reads every row, zeros included.
+                let (zeroed, total) = counter.counts[l][p];
+                let density = match lin.mask() {
+                    Some(_) => (total - zeroed) as f64 / total.max(1) as f64,
+                    None => 1.0,
+                };
+                proj_bytes += density * fp.proj[l][p];
+                dense_proj_bytes += fp.proj[l][p];
+            }
         }
+        let mean_keys = prompt.len() as f64 + (opts.n_decode as f64 + 1.0) / 2.0;
+        let bytes_per_token =
+            proj_bytes + fp.lm_head + fp.embed_row + fp.kv_per_position * mean_keys;
+        let decode = Stat::of(decode_s[i].clone());
+        let gb_s = bytes_per_token * decode.median / 1e9;
+        results.push(BenchResult {
+            sparsity: v.sparsity,
+            realized_sparsity: 1.0 - proj_bytes / dense_proj_bytes,
+            decode,
+            decode_rounds: std::mem::take(&mut decode_s[i]),
+            prompt: Stat::of(std::mem::take(&mut prompt_s[i])),
+            bytes_per_token,
+            gb_s,
+            floor_ratio: gb_s * 1e9 / bandwidth,
+            kv_cache_bytes: (fp.kv_per_position * ctx as f64) as usize,
+            resident_bytes: resident_bytes[i],
+        });
     }
-    let mean_keys = prompt.len() as f64 + (opts.n_decode as f64 + 1.0) / 2.0;
-    let bytes_per_token = proj_bytes + fp.lm_head + fp.embed_row + fp.kv_per_position * mean_keys;
-    let gb_s = bytes_per_token * decode.median / 1e9;
-    Ok(BenchResult {
-        sparsity,
-        realized_sparsity: 1.0 - proj_bytes / dense_proj_bytes,
-        decode,
-        prompt: Stat::of(prompt_s),
-        bytes_per_token,
-        gb_s,
-        floor_ratio: gb_s * 1e9 / bandwidth,
-        kv_cache_bytes: (fp.kv_per_position * ctx as f64) as usize,
-        resident_bytes,
-    })
+    Ok(results)
+}
+
+/// The median over rounds of `a`'s decode speed over `b`'s in the same round (two results of
+/// one [`bench_decode`] run); `None` where they share no round.
+pub fn paired_speedup(a: &BenchResult, b: &BenchResult) -> Option<f64> {
+    let ratios: Vec<f64> = a
+        .decode_rounds
+        .iter()
+        .zip(&b.decode_rounds)
+        .map(|(x, y)| x / y)
+        .collect();
+    (!ratios.is_empty()).then(|| Stat::of(ratios).median)
 }
 
 /// Tokens of calibration a random-weights model is calibrated on ([`random_model`]).
@@ -229,4 +285,60 @@ pub fn random_model(shape: &str, dtype: Dtype, seed: u64) -> Result<(Llama, Thre
     let fp = Fingerprint::with_hash(&c, format!("random:{shape}:{seed}"));
     let th = calibrate(&model, fp, &tokens, &opts, &mut |_, _, _| {})?;
     Ok((model, th))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Device;
+    use crate::generate::Models;
+    use crate::sparsity::thresholds::{Allocation, Mode, Quantile, SparsitySpec};
+
+    /// Dense and 50 % sparse variants of a tiny random model, run interleaved: one result per
+    /// variant, in order, with one speed per round, the dense one reading every row and the
+    /// sparse one about half of them.
+    #[test]
+    fn variants_run_interleaved_with_a_speed_per_round() {
+        let (model, th) = random_model("qwen2-tiny", Dtype::F32, 3).unwrap();
+        let spec = SparsitySpec {
+            target: 0.5,
+            allocation: Allocation::Uniform,
+            quantile: Quantile::Abs,
+            mode: Mode::All,
+        };
+        let masks = th.resolve(&spec).unwrap();
+        let sparse = model.with_masks(&masks).unwrap();
+        let variants = [
+            Variant {
+                sparsity: 0.0,
+                masks: None,
+                model: &model,
+            },
+            Variant {
+                sparsity: 0.5,
+                masks: Some(&masks),
+                model: &sparse,
+            },
+        ];
+        let opts = BenchOptions {
+            n_decode: 4,
+            reps: 3,
+        };
+        let prompt = spread_tokens(5, model.config.vocab_size, 2);
+        let mut dec = Device::Cpu
+            .decoder(Models::single(&model), prompt.len() + 8)
+            .unwrap();
+        let r = bench_decode(&mut *dec, &variants, &prompt, &opts, 1e10).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].sparsity, r[1].sparsity), (0.0, 0.5));
+        assert!(r.iter().all(|r| r.decode_rounds.len() == 3));
+        assert_eq!(r[0].realized_sparsity, 0.0);
+        assert!(
+            (0.3..0.7).contains(&r[1].realized_sparsity),
+            "{}",
+            r[1].realized_sparsity
+        );
+        assert!(r[1].bytes_per_token < r[0].bytes_per_token);
+        assert!(paired_speedup(&r[1], &r[0]).is_some_and(|s| s > 0.0));
+    }
 }
