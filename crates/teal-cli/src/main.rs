@@ -1248,8 +1248,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             model,
         })
         .collect();
-    let results =
-        teal::bench::bench_decode(&mut *dec, &variants, &prompt, &opts, bw.bytes_per_s)?;
+    let results = teal::bench::bench_decode(&mut *dec, &variants, &prompt, &opts, bw.bytes_per_s)?;
     if !a.json {
         for r in &results {
             eprintln!(
