@@ -15,11 +15,12 @@ ap = argparse.ArgumentParser()
 ap.add_argument("binaries", nargs="+")
 ap.add_argument("--dtypes", default="f16")
 ap.add_argument("--rounds", type=int, default=5)
+ap.add_argument("--small", action="store_true", help="SmolLM2's shapes only")
 a = ap.parse_args()
 res = collections.defaultdict(list)
 for _ in range(a.rounds):
     for b in a.binaries:
-        out = subprocess.run([b] + a.dtypes.split(","), capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([b] + a.dtypes.split(",") + (["--small"] if a.small else []), capture_output=True, text=True, check=True).stdout
         for m in re.finditer(r"(\d+x\d+) (\w+) s=([\d.]+): ([\d.]+) GB/s", out):
             res[(m.group(1), m.group(2), m.group(3), b)].append(float(m.group(4)))
 for k in sorted({k[:3] for k in res}):

@@ -4,6 +4,7 @@
 //!
 //!   cargo run --release -p teal-kernels --example gemv_speed -- f16 q8
 //!   cargo run --release -p teal-kernels --example gemv_speed -- --group f16 q8
+//!   cargo run --release -p teal-kernels --example gemv_speed -- --small q4   # SmolLM2's shapes
 //!
 //! `--group`: SmolLM2's q/k/v GEMVs (576 -> 576, 192, 192) as three calls against one
 //! `cpu::gemv_many` call, alternating, median microseconds per group.
@@ -84,15 +85,17 @@ fn main() {
     let dtypes: Vec<Dtype> = args.iter().filter_map(|a| Dtype::parse(a)).collect();
     // On a worker of the pool, as the CLI runs its commands (a parallel section started from
     // outside the pool waits for a worker to pick it up).
+    let small = args.iter().any(|a| a == "--small");
     if args.iter().any(|a| a == "--group") {
         rayon::scope(|s| s.spawn(|_| group(&dtypes)));
     } else {
-        rayon::scope(|s| s.spawn(|_| matrices(&dtypes)));
+        rayon::scope(|s| s.spawn(|_| matrices(&dtypes, small)));
     }
 }
 
-/// GB/s of weights read, dense and 50 % sparse, per shape and format.
-fn matrices(dtypes: &[Dtype]) {
+/// GB/s of weights read, dense and 50 % sparse, per shape and format (`small`: SmolLM2's
+/// shapes only).
+fn matrices(dtypes: &[Dtype], small: bool) {
     // Llama-3-8B gate/up, down and q/o, Llama-3-70B gate/up, SmolLM2-135M up and down.
     let shapes = [
         (4096usize, 14336usize),
@@ -102,7 +105,7 @@ fn matrices(dtypes: &[Dtype]) {
         (576, 1536),
         (1536, 576),
     ];
-    for &(n_in, n_out) in &shapes {
+    for &(n_in, n_out) in shapes.iter().filter(|s| !small || s.0 < 2048) {
         let wt = rand_vec(n_in * n_out, 1);
         let x = rand_vec(n_in, 2);
         let mut y = vec![0.0f32; n_out];
