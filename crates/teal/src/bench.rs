@@ -190,9 +190,7 @@ pub fn bench_decode(
         for (i, v) in variants.iter().enumerate() {
             if n > 1 {
                 dec.set_masks(v.masks)?;
-                dec.clear()?;
-                let logits = dec.prefill(prompt, Logits::Last)?;
-                dec.decode_greedy(crate::sampler::argmax(&logits))?;
+                repetition(dec, prompt, 1, &mut scratch)?;
             }
             let (tp, td) = repetition(dec, prompt, opts.n_decode, &mut scratch)?;
             prompt_s[i].push(prompt.len() as f64 / tp);
