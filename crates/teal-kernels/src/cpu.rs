@@ -710,10 +710,6 @@ blocked_tile!(tile_q4_avx2, pass_q4_avx2, Q4_BLOCK, q4_block, true);
 /// `half`'s vectorized slice conversion, whole q8/q4 groups through the AVX2 block decoders
 /// (`d q (+ m)` as one FMA, so within an ulp of the scalar definition), the rest by it.
 pub fn dequant_row(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
-    dequant_row_on(w, j, o0, out, simd_available())
-}
-
-fn dequant_row_on(w: &Mat, j: usize, o0: usize, out: &mut [f32], simd: bool) {
     use half::slice::HalfFloatSliceExt;
     let n = w.n_out;
     assert!(
@@ -726,14 +722,14 @@ fn dequant_row_on(w: &Mat, j: usize, o0: usize, out: &mut [f32], simd: bool) {
         View::F16(v) => v[r].convert_to_f32_slice(out),
         View::Bf16(v) => v[r].convert_to_f32_slice(out),
         View::Q8(_) | View::Q4(_) => {
-            let full = if simd && cfg!(target_arch = "x86_64") && o0.is_multiple_of(GROUP) {
+            let full = if simd_available() && o0.is_multiple_of(GROUP) {
                 out.len() / GROUP * GROUP
             } else {
                 0
             };
             #[cfg(target_arch = "x86_64")]
             if full > 0 {
-                // SAFETY: the AVX2 features were detected (`simd`); the groups decoded lie in
+                // SAFETY: the AVX2 features were detected; the groups decoded lie in
                 // row j, columns o0..o0+full, inside the matrix (checked above).
                 unsafe { dequant_groups_avx2(w, j, o0, &mut out[..full]) };
             }
