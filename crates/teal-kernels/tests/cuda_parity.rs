@@ -268,12 +268,17 @@ fn gemv_output_offsets_match_reference() {
 }
 
 /// The GEMV with RMSNorm folded into its prologue against RMSNorm then the sparse GEMV, dense
-/// and with half the normalized inputs below the threshold, batch 1 and 3, f16 and bf16.
+/// and with half the normalized inputs below the threshold, batch 1 and 3, f16 and bf16, and
+/// with 1090 inputs (not a multiple of 4: the mean square's scalar loads).
 #[test]
 fn gemv_rmsnorm_matches_reference() {
     let Some(g) = gpu() else { return };
-    let (n_in, n_out, eps) = (1536, 577, 1e-5f32);
-    for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+    let eps = 1e-5f32;
+    for (n_in, n_out, dtype) in [
+        (1536, 577, WeightDtype::F16),
+        (1536, 577, WeightDtype::Bf16),
+        (1090, 300, WeightDtype::Bf16),
+    ] {
         let wq: Vec<f32> = dtype
             .encode(&rand_vec(n_in * n_out, 31))
             .iter()
