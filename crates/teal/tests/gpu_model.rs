@@ -213,12 +213,15 @@ fn write_gpu_fixtures() {
     }
 }
 
-/// Largest |gpu - cpu| / max(1, |cpu|) over the fixture's top logits, and whether the GPU's
-/// best token differs from the CPU's as a near tie. A differing best token is a line in `bad`,
-/// except in a sparse case (`ties`) where it is a near tie that the measured discrepancy
-/// explains: the GPU's token is in the CPU's top list and its CPU logit is below the best by no
-/// more than the largest |gpu - cpu| seen at this position (a TEAL input flipping across its
-/// threshold moves the logits by that much; see docs/perf-cuda.md).
+/// Largest |gpu - cpu| / max(1, |cpu|) over the fixture's top logits, and whether this
+/// position is a near tie. A differing best token is a line in `bad`, except in a sparse case
+/// (`ties`) where it is a near tie that the measured discrepancy explains: the GPU's token is
+/// in the CPU's top list and its CPU logit is below the best by no more than the largest
+/// |gpu - cpu| seen at this position (a TEAL input flipping across its threshold moves the
+/// logits by that much; see docs/perf-cuda.md). When the best tokens agree, the position is
+/// still a near tie if the CPU's two best logits are closer than twice that discrepancy: the
+/// GPU's f32 atomics sum in no fixed order, so another run (the free-running one) may differ
+/// from this one by as much as each differs from the CPU, and pick the other token.
 fn compare(gpu: &[f32], want: &Top, what: &str, ties: bool, bad: &mut Vec<String>) -> (f32, bool) {
     let best = teal::sampler::argmax(gpu);
     let abs_err = want
@@ -234,7 +237,8 @@ fn compare(gpu: &[f32], want: &Top, what: &str, ties: bool, bad: &mut Vec<String
         .map(|(&i, &v)| (gpu[i as usize] - v).abs() / v.abs().max(1.0))
         .fold(0.0, f32::max);
     if best == want.ids[0] {
-        return (rel_err, false);
+        let close = want.logits.len() > 1 && want.logits[0] - want.logits[1] <= 2.0 * abs_err;
+        return (rel_err, close);
     }
     let near_tie = ties
         && want
@@ -342,8 +346,8 @@ fn check_shape(name: &str) {
             "{name} {label}: best tokens differ:\n{}",
             bad.join("\n")
         );
-        // Free-running ids agree up to the end, or up to a position that was an accepted near
-        // tie (after which the two sequences are different prompts).
+        // Free-running ids agree up to the end, or up to a near tie (see `compare`; after it
+        // the two sequences are different prompts).
         if let Some(k) = ids.iter().zip(&case.greedy).position(|(a, b)| a != b) {
             assert!(
                 tie_at.contains(&k),

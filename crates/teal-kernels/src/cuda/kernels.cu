@@ -12,13 +12,24 @@ typedef unsigned int u32;
 #define GEMV_TILE 256  // output columns per block: 32 lanes x 8 columns (one 16-byte load)
 
 // Programmatic dependent launch (Hopper+): every kernel lets the next one in the stream start
-// launching at once, and waits for the previous one's memory before touching any. Without the
+// launching at once, and waits for the previous one's memory before touching any (the decode
+// attention reads its older cache rows in between; see attn_rope_decode_f32). Without the
 // launch attribute (or before sm_90) both are no-ops.
-__device__ __forceinline__ void pdl_begin() {
+__device__ __forceinline__ void pdl_launch_next() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+__device__ __forceinline__ void pdl_begin() {
+    pdl_launch_next();
+    pdl_wait();
 }
 
 __device__ __forceinline__ float f16_to_f32(u32 h) {
@@ -354,23 +365,69 @@ extern "C" __global__ void rope_neox_f32(float* __restrict__ x, const float* __r
     }
 }
 
+#define VPRE 4
+#define ATTN_THREADS 1024  // threads of a decode attention block (ATTN_THREADS in mod.rs)
+
+// What a thread of `attend` reads first from the caches: its slice of the key of the first
+// score pass (at most 4 float4s) and its first VPRE value rows. Loaded by `attend_preload`
+// before the block waits for its predecessor, for the keys already in the caches.
+struct AttnPre {
+    float4 k[4];
+    float4 v[VPRE];
+};
+
+// Fill `pre` from the caches for keys [0, n_old); zeros beyond.
+__device__ __forceinline__ void attend_preload(const float* __restrict__ kb,
+                                               const float* __restrict__ vb, int kvs,
+                                               int n_old, int hd, AttnPre& pre) {
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const int q4n = hd >> 2, kl = q4n > 4 ? q4n >> 2 : 1, slice4 = q4n / kl;
+    const int part = tid & (kl - 1), p = tid / kl;
+    const int d4 = tid % q4n, g = tid / q4n, groups = nt / q4n;
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        pre.k[i] = (i < slice4 && p < n_old)
+                       ? ((const float4*)(kb + (size_t)p * kvs))[part * slice4 + i]
+                       : zero;
+#pragma unroll
+    for (int u = 0; u < VPRE; ++u) {
+        const int pv = g + u * groups;
+        pre.v[u] = pv < n_old ? ((const float4*)(vb + (size_t)pv * kvs))[d4] : zero;
+    }
+}
+
+// One lane's part of a score: slice4 (<= 4) float4s of the key times the query's. Unrolled
+// with constant indices, so that k4 may be registers (AttnPre::k).
+__device__ __forceinline__ float dot_slice(const float4* k4, const float4* q4, int slice4) {
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if (i < slice4) {
+            const float4 kv = k4[i], qv = q4[i];
+            dot = fmaf(qv.x, kv.x, fmaf(qv.y, kv.y, fmaf(qv.z, kv.z, fmaf(qv.w, kv.w, dot))));
+        }
+    }
+    return dot;
+}
+
 // Attention of one query head over its `nk` keys, for the decode kernels below (one block
 // per head; hd % 4 == 0 and hd / 4 a power of two dividing blockDim). qs: the query in
 // shared memory; kb, vb: the head's column block of the K and V caches, row stride kvs.
 // Keys [0, nk - 1) come from the caches, key nk - 1 from kn / vn when given (shared memory),
-// else from the caches. sc: shared scratch of max(nk, 4 * blockDim) floats.
+// else from the caches. sc: shared scratch of max(nk, 4 * blockDim) floats. pre: when given,
+// what `attend_preload` read of keys [0, nk - 1) (kn / vn must then be given).
 // Scores: each key is split over kl lanes (kl a power of two, at most 4 16-byte loads per
 // lane, all in flight at once), so a 1024-thread block scores 128 keys per pass at hd 128 and
 // 256 at hd 64. Weighted sum: hd / 4 lanes per key, one float4 of dimensions each,
 // blockDim / (hd / 4) keys per pass, partial sums reduced in shared memory; each thread's
 // first VPRE value rows are loaded before the scores, so that their memory latency overlaps
 // the score pass.
-#define VPRE 4
-#define ATTN_THREADS 1024  // threads of a decode attention block (ATTN_THREADS in mod.rs)
-__device__ void attend(const float* __restrict__ qs, const float* __restrict__ kb,
+__device__ __forceinline__ void attend(const float* __restrict__ qs, const float* __restrict__ kb,
                        const float* __restrict__ vb, int kvs, int nk, int hd,
                        const float* __restrict__ kn, const float* __restrict__ vn,
-                       float* __restrict__ sc, float* __restrict__ out) {
+                       float* __restrict__ sc, float* __restrict__ out,
+                       const AttnPre* pre) {
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
     const float scale = 1.0f / sqrtf((float)hd);
     const int q4n = hd >> 2;                          // float4s per key
@@ -379,24 +436,37 @@ __device__ void attend(const float* __restrict__ qs, const float* __restrict__ k
     const int part = tid & (kl - 1);
     const u32 group = kl >= 32 ? 0xffffffffu : ((1u << kl) - 1u) << (lane & ~(kl - 1));
     const int lanes = q4n, d4 = tid % lanes, g = tid / lanes, groups = nt / lanes;
+    const float4* q4 = (const float4*)qs + part * slice4;
     float4 vpre[VPRE];
 #pragma unroll
     for (int u = 0; u < VPRE; ++u) {
         const int p = g + u * groups;
-        const float* vr = (vn != nullptr && p == nk - 1) ? vn : vb + (size_t)p * kvs;
-        vpre[u] = p < nk ? ((const float4*)vr)[d4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (vn != nullptr && p == nk - 1) {
+            vpre[u] = ((const float4*)vn)[d4];
+        } else if (pre != nullptr) {
+            vpre[u] = pre->v[u];
+        } else {
+            vpre[u] = p < nk ? ((const float4*)(vb + (size_t)p * kvs))[d4]
+                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
     }
     float m = NEG_INF;
-    for (int p = tid / kl; p < nk; p += nt / kl) {
-        const float* kr = (kn != nullptr && p == nk - 1) ? kn : kb + (size_t)p * kvs;
-        const float4* k4 = (const float4*)kr + part * slice4;
-        const float4* q4 = (const float4*)qs + part * slice4;
-        float dot = 0.0f;
-#pragma unroll 4
-        for (int i = 0; i < slice4; ++i) {
-            const float4 kv = k4[i], qv = q4[i];
-            dot = fmaf(qv.x, kv.x, fmaf(qv.y, kv.y, fmaf(qv.z, kv.z, fmaf(qv.w, kv.w, dot))));
+    int p = tid / kl;
+    if (pre != nullptr) {
+        // The first pass from the preloaded slices (the newest key from kn).
+        if (p < nk) {
+            float dot = p == nk - 1 ? dot_slice((const float4*)kn + part * slice4, q4, slice4)
+                                    : dot_slice(pre->k, q4, slice4);
+            for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(group, dot, o);
+            dot *= scale;
+            if (part == 0) sc[p] = dot;
+            m = fmaxf(m, dot);
         }
+        p += nt / kl;
+    }
+    for (; p < nk; p += nt / kl) {
+        const float* kr = (kn != nullptr && p == nk - 1) ? kn : kb + (size_t)p * kvs;
+        float dot = dot_slice((const float4*)kr + part * slice4, q4, slice4);
         for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(group, dot, o);
         dot *= scale;
         if (part == 0) sc[p] = dot;
@@ -468,7 +538,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_f32(const
     __syncthreads();
     const size_t c = (size_t)b * cache_stride + (size_t)kh * hd;
     attend(qs, k + c, v + c, n_kv_head * hd, n_keys[b], hd, nullptr, nullptr, qs + hd,
-           out + (size_t)b * n_head * hd + (size_t)h * hd);
+           out + (size_t)b * n_head * hd + (size_t)h * hd, nullptr);
 }
 
 // One decode step's attention straight from the fused q|k|v row at position p = pos[0]:
@@ -477,6 +547,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_f32(const
 // 0..=p, the newest one taken from shared memory (the other blocks of the group need not wait
 // for the store). The rotated q and k are not written back to qkv. Grid: n_head; batch 1.
 // Shared memory: 3 hd + max(p + 1, 4 * blockDim) floats.
+// pos and cache rows 0..p-1 are read before the wait for the previous kernel (their memory
+// latency overlaps its tail), so they must have been written before that kernel started:
+// in the decoder they come from earlier steps, each its own graph launch.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attn_rope_decode_f32(const float* __restrict__ qkv,
                                                 const float* __restrict__ cos_t,
@@ -490,8 +563,11 @@ attn_rope_decode_f32(const float* __restrict__ qkv,
     float* vn = kn + hd;
     const int h = blockIdx.x, per = n_head / n_kv, kh = h / per, half = hd >> 1;
     const int kvs = n_kv * hd;
-    pdl_begin();
+    pdl_launch_next();
     const int p = pos[0];
+    AttnPre pre;
+    attend_preload(kc + (size_t)kh * hd, vc + (size_t)kh * hd, kvs, p, hd, pre);
+    pdl_wait();
     const bool store = h % per == 0;
     const float* qh = qkv + (size_t)h * hd;
     const float* kh_ = qkv + (size_t)(n_head + kh) * hd;
@@ -518,7 +594,7 @@ attn_rope_decode_f32(const float* __restrict__ qkv,
     }
     __syncthreads();
     attend(qs, kc + (size_t)kh * hd, vc + (size_t)kh * hd, kvs, p + 1, hd, kn, vn, vn + hd,
-           out + (size_t)h * hd);
+           out + (size_t)h * hd, &pre);
 }
 
 // out[b, i] = silu(gu[b, i]) * gu[b, n + i]: gate and up side by side, as the fused

@@ -668,7 +668,11 @@ impl Gpu {
     /// NeoX RoPE on the `n_head` query and `n_kv` key heads, the rotated keys and the values
     /// stored at cache row `pos[0]`, and attention over keys `0..=pos[0]` into `out`
     /// (`[n_head * hd]`). qkv itself is not changed. The caches hold `max_keys` rows of
-    /// `n_kv * hd`; see [`attention_max_keys`].
+    /// `n_kv * hd`; see [`attention_max_keys`]. `pos` and the cache rows before `pos[0]` are
+    /// read before the launch waits for the previous kernel in the stream (their memory
+    /// latency overlaps that kernel's tail), so they must not be written by that kernel nor by
+    /// one still running when it starts: write them by a copy or by an earlier graph launch,
+    /// as the decoder does (each decode step is its own graph launch).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_rope_decode(
         &self,
