@@ -8,6 +8,13 @@
 //!
 //! `--group`: SmolLM2's q/k/v GEMVs (576 -> 576, 192, 192) as three calls against one
 //! `cpu::gemv_many` call, alternating, median microseconds per group.
+//!
+//!   cargo run --release -p teal-kernels --example gemv_speed -- --vs-bandwidth f32 f16 bf16
+//!
+//! `--vs-bandwidth`: dense GEMV against this machine's read bandwidth in the same rounds: each
+//! round streams a 1 GiB buffer (every thread summing its share, as `teal bench` measures the
+//! bandwidth), then runs each format's dense GEMV once over copies of every Llama shape filling
+//! 256 MiB; the ratio GEMV GB/s / streaming GB/s per round, median and range over the rounds.
 use std::time::Instant;
 use teal_kernels::cpu::{self, Gemv, Mask};
 use teal_kernels::packed::{Dtype, PackedT};
@@ -88,6 +95,8 @@ fn main() {
     let small = args.iter().any(|a| a == "--small");
     if args.iter().any(|a| a == "--group") {
         rayon::scope(|s| s.spawn(|_| group(&dtypes)));
+    } else if args.iter().any(|a| a == "--vs-bandwidth") {
+        rayon::scope(|s| s.spawn(|_| vs_bandwidth(&dtypes)));
     } else {
         rayon::scope(|s| s.spawn(|_| matrices(&dtypes, small)));
     }
@@ -138,5 +147,65 @@ fn matrices(dtypes: &[Dtype], small: bool) {
             }
             println!();
         }
+    }
+}
+
+/// Dense GEMV GB/s over streaming-read GB/s, measured in the same rounds.
+fn vs_bandwidth(dtypes: &[Dtype]) {
+    use rayon::prelude::*;
+    let buf = vec![1.0f32; 1 << 28];
+    let threads = rayon::current_num_threads().max(1);
+    let per = buf.len().div_ceil(threads * 8);
+    let stream = || {
+        let t0 = Instant::now();
+        let s: f32 = buf.par_chunks(per).map(cpu::sum).sum();
+        std::hint::black_box(s);
+        (buf.len() * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9
+    };
+    let shapes = [(4096usize, 14336usize), (14336, 4096), (8192, 28672)];
+    let mut cases = vec![];
+    for &(n_in, n_out) in &shapes {
+        let wt = rand_vec(n_in * n_out, 1);
+        for &dtype in dtypes {
+            let first = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+            let copies = (256 << 20) / first.bytes() + 1;
+            let mut ps = vec![first];
+            for _ in 1..copies {
+                ps.push(PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack"));
+            }
+            cases.push((
+                format!("{n_in}x{n_out} {}", dtype.name()),
+                ps,
+                rand_vec(n_in, 2),
+            ));
+        }
+    }
+    stream();
+    let rounds = 7;
+    let mut ratios = vec![vec![]; cases.len()];
+    for r in 0..rounds {
+        let bw = stream();
+        print!("round {r}: stream {bw:.1} GB/s |");
+        for (i, (name, ps, x)) in cases.iter().enumerate() {
+            let mut y = vec![0.0f32; ps[0].n_out];
+            let t0 = Instant::now();
+            for p in ps {
+                cpu::gemv(&p.mat(), x, &mut y);
+            }
+            let gb = (ps[0].bytes() * ps.len()) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+            ratios[i].push(gb / bw);
+            print!(" {name} {gb:.1} ({:.2})", gb / bw);
+        }
+        println!();
+    }
+    for ((name, _, _), r) in cases.iter().zip(ratios.iter_mut()) {
+        let (lo, hi) = (
+            r.iter().cloned().fold(f64::INFINITY, f64::min),
+            r.iter().cloned().fold(0.0, f64::max),
+        );
+        println!(
+            "{name}: dense GEMV / read bandwidth, median {:.3} (range {lo:.3}-{hi:.3})",
+            median(r)
+        );
     }
 }
