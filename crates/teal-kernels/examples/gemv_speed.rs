@@ -102,6 +102,17 @@ fn main() {
     }
 }
 
+/// Copies of `wt` packed as `dtype`, enough to exceed `bytes` together (more than the caches).
+fn copies(dtype: Dtype, wt: &[f32], n_in: usize, n_out: usize, bytes: usize) -> Vec<PackedT> {
+    let first = PackedT::from_input_major(dtype, wt, n_in, n_out).expect("pack");
+    let n = bytes / first.bytes() + 1;
+    let mut ps = vec![first];
+    for _ in 1..n {
+        ps.push(PackedT::from_input_major(dtype, wt, n_in, n_out).expect("pack"));
+    }
+    ps
+}
+
 /// GB/s of weights read, dense and 50 % sparse, per shape and format (`small`: SmolLM2's
 /// shapes only).
 fn matrices(dtypes: &[Dtype], small: bool) {
@@ -119,14 +130,9 @@ fn matrices(dtypes: &[Dtype], small: bool) {
         let x = rand_vec(n_in, 2);
         let mut y = vec![0.0f32; n_out];
         for &dtype in dtypes {
-            // Copies enough to fill 128 MiB, used in turn, so that the weights come from DRAM
-            // as in a decode step, not from the caches.
-            let first = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
-            let copies = (128 << 20) / first.bytes() + 1;
-            let mut ps = vec![first];
-            for _ in 1..copies {
-                ps.push(PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack"));
-            }
+            // Copies used in turn, so that the weights come from DRAM as in a decode step.
+            let ps = copies(dtype, &wt, n_in, n_out, 128 << 20);
+            let copies = ps.len();
             let bytes = ps[0].bytes();
             for s in [0.0f32, 0.5] {
                 let t = reference::abs_threshold(&x, s as f64);
@@ -167,12 +173,7 @@ fn vs_bandwidth(dtypes: &[Dtype]) {
     for &(n_in, n_out) in &shapes {
         let wt = rand_vec(n_in * n_out, 1);
         for &dtype in dtypes {
-            let first = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
-            let copies = (256 << 20) / first.bytes() + 1;
-            let mut ps = vec![first];
-            for _ in 1..copies {
-                ps.push(PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack"));
-            }
+            let ps = copies(dtype, &wt, n_in, n_out, 256 << 20);
             cases.push((
                 format!("{n_in}x{n_out} {}", dtype.name()),
                 ps,
