@@ -132,14 +132,14 @@ fn matrices(dtypes: &[Dtype], small: bool) {
         for &dtype in dtypes {
             // Copies used in turn, so that the weights come from DRAM as in a decode step.
             let ps = copies(dtype, &wt, n_in, n_out, 128 << 20);
-            let copies = ps.len();
+            let n_copies = ps.len();
             let bytes = ps[0].bytes();
             for s in [0.0f32, 0.5] {
                 let t = reference::abs_threshold(&x, s as f64);
                 let reps = (2e9 / bytes as f64).clamp(20.0, 2000.0) as usize;
                 let mut times = vec![];
                 for r in 0..reps {
-                    let m = ps[r % copies].mat();
+                    let m = ps[r % n_copies].mat();
                     let t0 = Instant::now();
                     cpu::gemv_sparse(&m, &x, t, &mut y);
                     times.push(t0.elapsed().as_secs_f64());
@@ -158,14 +158,10 @@ fn matrices(dtypes: &[Dtype], small: bool) {
 
 /// Dense GEMV GB/s over streaming-read GB/s, measured in the same rounds.
 fn vs_bandwidth(dtypes: &[Dtype]) {
-    use rayon::prelude::*;
     let buf = vec![1.0f32; 1 << 28];
-    let threads = rayon::current_num_threads().max(1);
-    let per = buf.len().div_ceil(threads * 8);
     let stream = || {
         let t0 = Instant::now();
-        let s: f32 = buf.par_chunks(per).map(cpu::sum).sum();
-        std::hint::black_box(s);
+        std::hint::black_box(cpu::par_sum(&buf));
         (buf.len() * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9
     };
     let shapes = [(4096usize, 14336usize), (14336, 4096), (8192, 28672)];

@@ -1323,8 +1323,17 @@ pub fn attention_decode(
         });
 }
 
+/// [`sum`] over the thread pool: every thread sums its share (eight pieces per thread, so
+/// stealing can even out a noisy machine). One pass over a buffer much larger than the caches
+/// is how `teal bench` and `gemv_speed --vs-bandwidth` measure this machine's read bandwidth.
+pub fn par_sum(x: &[f32]) -> f32 {
+    let threads = rayon::current_num_threads().max(1);
+    let per = x.len().div_ceil(threads * 8).max(1);
+    x.par_chunks(per).map(sum).sum()
+}
+
 /// `sum x[i]` with eight independent accumulators: a pure streaming read, which is how the
-/// benchmark measures this machine's read bandwidth. Single-threaded; callers split the buffer.
+/// benchmark measures this machine's read bandwidth. Single-threaded; [`par_sum`] splits it.
 pub fn sum(x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {

@@ -160,14 +160,16 @@ fn attention_decode_matches_reference() {
 
 #[test]
 fn sum_matches_reference() {
-    for n in [0, 1, 63, 64, 1000] {
+    for n in [0, 1, 63, 64, 1000, 100_003] {
         let x = rand_vec(n, 21);
         let scale: f32 = x.iter().map(|v| v.abs()).sum();
-        let (a, b) = (reference::sum(&x), cpu::sum(&x));
-        assert!(
-            (a - b).abs() <= GEMV_REL_TOL * scale.max(1.0),
-            "n={n}: {a} vs {b}"
-        );
+        let a = reference::sum(&x);
+        for (what, b) in [("sum", cpu::sum(&x)), ("par_sum", cpu::par_sum(&x))] {
+            assert!(
+                (a - b).abs() <= GEMV_REL_TOL * scale.max(1.0),
+                "{what} n={n}: {a} vs {b}"
+            );
+        }
     }
 }
 

@@ -19,14 +19,11 @@ use teal_kernels::packed::Dtype;
 /// its share of a buffer of `bytes` (make it much larger than the last-level cache); best of
 /// `reps` passes after one untimed pass.
 pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
-    use rayon::prelude::*;
     let buf = vec![1.0f32; bytes / 4];
-    let threads = rayon::current_num_threads().max(1);
-    let per = buf.len().div_ceil(threads * 8).max(1);
     let mut best = f64::INFINITY;
     for r in 0..=reps {
         let t0 = Instant::now();
-        let s: f32 = buf.par_chunks(per).map(cpu::sum).sum();
+        let s = cpu::par_sum(&buf);
         let dt = t0.elapsed().as_secs_f64();
         std::hint::black_box(s);
         if r > 0 {
