@@ -139,7 +139,7 @@ __device__ __forceinline__ void fma8(float (&a)[B][8], uint4 w, const float* xs,
 // Grid: (column tiles of 256, input chunks of R rows). Each block
 //  1. compacts the rows j of its chunk with |x[b, j]| > t for some b (the union over the
 //     batch) into a shared index list, keeping the thresholded values;
-//  2. its 8 warps read only those rows (16-byte streaming loads, 4 rows in flight per warp)
+//  2. its 8 warps read only those rows (16-byte streaming loads, U rows in flight per warp)
 //     and accumulate in f32 registers;
 //  3. sums the 8 warps in shared memory and adds the block's partial into the f32
 //     accumulator `acc` with f32 atomics (no f16 atomics);
@@ -253,20 +253,28 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
 
     const int col = col_base + lane * 8;
     if (col < n_out) {
-        // Rows in flight per warp before the first use: 8 where registers allow.
+        // U rows in flight per warp before the first use, the last pass predicated. (Written
+        // as a main loop plus a one-row remainder loop, ptxas compiled the batch-1 kernel to 32
+        // registers with each load issued just before its use, one or two in flight, and the
+        // remainder waited one round trip per row.)
         constexpr int U = B <= 2 ? 8 : 4;
-        int s = warp;
-        for (; s + (U - 1) * GEMV_WARPS < cnt; s += U * GEMV_WARPS) {
+        for (int s0 = warp; s0 < cnt; s0 += U * GEMV_WARPS) {
             uint4 w[U];
 #pragma unroll
-            for (int u = 0; u < U; ++u) w[u] = load8<VEC>(wt, idx[s + u * GEMV_WARPS], col, n_out);
+            for (int u = 0; u < U; ++u) {
+                const int s = s0 + u * GEMV_WARPS;
+                w[u] = s < cnt ? load8<VEC>(wt, idx[s], col, n_out) : make_uint4(0u, 0u, 0u, 0u);
+            }
 #pragma unroll
-            for (int u = 0; u < U; ++u) fma8<WT, B>(a, w[u], xs, s + u * GEMV_WARPS, R);
+            for (int u = 0; u < U; ++u)
+                if (s0 + u * GEMV_WARPS < cnt) fma8<WT, B>(a, w[u], xs, s0 + u * GEMV_WARPS, R);
         }
-        for (; s < cnt; s += GEMV_WARPS) fma8<WT, B>(a, load8<VEC>(wt, idx[s], col, n_out), xs, s, R);
     }
 
     const bool split = gridDim.y > 1 && !accumulate;
+    // Accumulate mode on 16-byte aligned rows: one vector reduction (red.global.add.v4.f32)
+    // per 4 columns, a quarter of the atomic operations at the L2.
+    const bool vred = VEC && accumulate && (ldy & 3) == 0 && ((size_t)y & 15) == 0;
     const int c = col_base + tid;
 #pragma unroll
     for (int b = 0; b < B; ++b) {
@@ -274,6 +282,25 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
         rp[0] = make_float4(a[b][0], a[b][1], a[b][2], a[b][3]);
         rp[1] = make_float4(a[b][4], a[b][5], a[b][6], a[b][7]);
         __syncthreads();
+        if (vred) {
+            const int c4 = col_base + 4 * tid;
+            if (tid < GEMV_TILE / 4 && c4 < n_out) {
+                float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+                for (int w = 0; w < GEMV_WARPS; ++w) {
+                    const float4 r = ((const float4*)(red + w * GEMV_TILE))[tid];
+                    s.x += r.x;
+                    s.y += r.y;
+                    s.z += r.z;
+                    s.w += r.w;
+                }
+                float* p = y + (size_t)b * ldy + c4;
+                asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
+                             :: "l"(p), "f"(s.x), "f"(s.y), "f"(s.z), "f"(s.w) : "memory");
+            }
+            __syncthreads();
+            continue;
+        }
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < GEMV_WARPS; ++w) sum += red[w * GEMV_TILE + tid];

@@ -753,18 +753,19 @@ impl Gpu {
     /// (docs/perf-cuda.md): about 13.6 blocks per multiprocessor (1792 on 132 SMs) for up to 3
     /// rows, 2 for 4 or more (the batch-8 kernel is bound by its arithmetic and two blocks fill
     /// a multiprocessor's registers; fewer chunks also mean fewer atomic partial sums), chunks a
-    /// power of two between 64 and 1024 rows, twice as long below 30% density so that each
-    /// warp still has rows to read.
+    /// power of two between 64 (128 for up to 3 rows: a small matrix then runs in about one
+    /// wave of blocks) and 1024 rows, twice as long below 30% density so that each warp still
+    /// has rows to read.
     pub fn gemv_plan(&self, n_in: usize, n_out: usize, density: f32, batch: usize) -> GemvPlan {
         let tiles = n_out.div_ceil(GEMV_TILE) as f64;
-        let per_sm = if batch >= 4 { 2.0 } else { 13.6 };
+        let (per_sm, min_rows) = if batch >= 4 { (2.0, 64) } else { (13.6, 128) };
         let mut rows = n_in as f64 * tiles / (per_sm * self.sms as f64);
         if density < 0.3 {
             rows *= 2.0;
         }
         let pow2 = 2f64.powf(rows.max(1.0).log2().round()) as usize;
         let rows = pow2
-            .clamp(64, MAX_ROWS_PER_CHUNK)
+            .clamp(min_rows, MAX_ROWS_PER_CHUNK)
             .min(n_in.div_ceil(32) * 32);
         GemvPlan {
             rows_per_chunk: rows,
