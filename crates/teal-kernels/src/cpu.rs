@@ -428,11 +428,14 @@ macro_rules! elementwise_tile {
             let nr = rows.len();
             let mut k = 0;
             while k + 4 <= nr {
-                // The starts of the next pass's rows, so their first lines are not waited for.
+                // The starts of the next pass's rows, as far as the in-row prefetch below
+                // runs ahead, so that none of their first lines is waited for (kept rows are
+                // far apart, which the hardware prefetcher does not follow).
                 for r in k + 4..(k + 8).min(nr) {
                     let p = base.add(rows.get(r).0 * n_out) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(p);
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+                    for line in (0..PREFETCH_BYTES.min(n * std::mem::size_of::<$t>())).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(line));
+                    }
                 }
                 let (j0, x0) = rows.get(k);
                 let (j1, x1) = rows.get(k + 1);
