@@ -148,7 +148,8 @@ __device__ __forceinline__ void fma8(float (&a)[B][8], uint4 w, const float* xs,
 // With `glu` set, x is [B, 2 n_in] = gate | up and the input is silu(gate) * up, computed in
 // step 1 (the MLP's down projection without a separate SiLU*mul kernel).
 // With `accumulate` set, step 3 adds straight into y (y += W s_t(x): y must hold zeros or the
-// residual) and step 4 is skipped: two dependent memory round trips fewer.
+// residual) and step 4 is skipped: two dependent memory round trips fewer (4 columns per
+// vector reduction where y's rows are 16-byte aligned).
 // Fused projections: column tiles before seg1 use t0, before seg2 t1, the rest t2.
 // With `nw` set (and not `glu`), the input is RMSNorm(x) = x / sqrt(mean(x^2) + eps) * nw,
 // each block computing the row's mean square itself (the RMSNorm kernel folded in).
