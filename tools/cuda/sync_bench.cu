@@ -10,6 +10,9 @@
 // and an empty variant (no reading of x) of each. Prints microseconds per dependency.
 //
 //   nvcc -O3 -arch=sm_90 -o sync_bench tools/cuda/sync_bench.cu && ./sync_bench
+//
+// The PDL primitives and the block reduction are teal's own (its kernel source, included).
+#include "../../crates/teal-kernels/src/cuda/kernels.cu"
 #include <cstdio>
 #include <cuda_runtime.h>
 #include <vector>
@@ -19,24 +22,6 @@
     printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); exit(1); } } while (0)
 
 constexpr int N = 4096, T = 256;
-
-__device__ __forceinline__ void launch_next() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
-__device__ float block_sum(float v) {
-    __shared__ float part[32];
-    __shared__ float total;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float p = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
-        if (threadIdx.x == 0) total = p;
-    }
-    __syncthreads();
-    return total;
-}
 
 __device__ __forceinline__ void work(float* x, float* y, int read) {
     float s = 1.0f;
@@ -56,7 +41,7 @@ __device__ __forceinline__ void work(float* x, float* y, int read) {
 // mode 0: plain, 1: pdl, 2: spin
 __global__ void __launch_bounds__(T) step(float* x, float* y, unsigned* wait_cnt, unsigned wait_for,
                                           unsigned* done_cnt, int mode, int read) {
-    if (mode >= 1) launch_next();
+    if (mode >= 1) pdl_launch_next();
     if (mode == 1) pdl_wait();
     if (mode == 2 && wait_cnt != nullptr) {
         if (threadIdx.x == 0) {
