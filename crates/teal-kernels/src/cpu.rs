@@ -1,8 +1,9 @@
 //! Fast CPU paths: AVX2/FMA with run-time detection and a portable fallback, threaded over output
-//! columns with rayon's persistent pool. Each function computes exactly what its namesake in
+//! columns: decode kernels on [`crate::pool`]'s spinning workers, prefill on rayon's pool. Each function computes exactly what its namesake in
 //! [`crate::reference`] computes (up to float summation order) and is tested against it.
 
 use crate::packed::{groups, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
+use crate::pool;
 use rayon::prelude::*;
 
 /// Output columns per tile (f32; formats with fewer bytes per weight take wider tiles): a
@@ -43,7 +44,7 @@ impl SendPtr {
 /// per thread, so each thread gets a contiguous share of columns and stealing can even out a
 /// noisy machine.
 fn column_chunks(n_out: usize, tile: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     let tiles = n_out.div_ceil(tile);
     tiles
         .min(threads * 4)
@@ -198,7 +199,7 @@ enum Split {
 }
 
 fn split_of(w: &Mat) -> Split {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     let row_bytes = w.view.bytes_per_row(w.n_out);
     if threads > 1 && row_bytes < ROW_SPLIT_BELOW && w.n_in >= 64 * threads {
         // Two items per thread, so stealing can even out a noisy machine.
@@ -261,7 +262,7 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
         let lists = &*lists;
         let gemvs = &*gemvs;
         // One task per item of any GEMV, so stealing evens out items of unequal size.
-        (0..start[n]).into_par_iter().with_max_len(1).for_each(|c| {
+        pool::for_each(start[n], |c| {
             let i = (0..n).rev().find(|&i| start[i] <= c).unwrap_or(0);
             let (g, c) = (&gemvs[i], c - start[i]);
             let (idx, val) = &lists[i];
@@ -354,9 +355,13 @@ fn gemv_rows<R: Rows>(w: &Mat, rows: &R, y: &mut [f32]) {
     assert_eq!(y.len(), w.n_out, "gemv: output size");
     let per = column_split(w);
     let simd = simd_available();
-    y.par_chunks_mut(per)
-        .enumerate()
-        .for_each(|(c, yc)| chunk(w, rows, c * per, yc, simd));
+    let (n_out, yp) = (y.len(), SendPtr(y.as_mut_ptr()));
+    pool::for_each(n_out.div_ceil(per), |c| {
+        let (o0, len) = (c * per, per.min(n_out - c * per));
+        // SAFETY: item c writes only columns o0..o0+len of y, which no other item touches.
+        let yc = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o0), len) };
+        chunk(w, rows, o0, yc, simd)
+    });
 }
 
 /// Output columns per work item: a multiple of the quantization group, so that every tile
@@ -821,7 +826,7 @@ pub fn matmul_packed(x: &[f32], n_tok: usize, w: &Mat, y: &mut [f32]) {
 /// Output rows per work item of the dot-product GEMV: a multiple of the four rows of a pass, at
 /// least four items per thread so stealing can even out a noisy machine.
 fn rows_per_chunk(n_out: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     n_out.div_ceil(threads * 4).next_multiple_of(4).max(16)
 }
 
@@ -836,9 +841,13 @@ fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
     assert_eq!(x.len(), w.n_in, "gemv_dot: input size");
     assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
     let per = rows_per_chunk(w.n_out);
-    y.par_chunks_mut(per)
-        .enumerate()
-        .for_each(|(c, yc)| dot_rows(w, x, c * per, yc, simd));
+    let (n_out, yp) = (w.n_out, SendPtr(y.as_mut_ptr()));
+    pool::for_each(n_out.div_ceil(per), |c| {
+        let (o0, len) = (c * per, per.min(n_out - c * per));
+        // SAFETY: item c writes only rows o0..o0+len of y, which no other item touches.
+        let yc = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o0), len) };
+        dot_rows(w, x, o0, yc, simd)
+    });
 }
 
 /// `yc[r] = w[o0 + r, :] . x`.
@@ -1309,21 +1318,27 @@ pub fn attention_decode(
     assert!(scores.len() >= n_head * n_keys);
     assert_eq!(q.len(), n_head * hd);
     assert_eq!(out.len(), n_head * hd);
-    out.par_chunks_mut(hd)
-        .zip(scores[..n_head * n_keys].par_chunks_mut(n_keys))
-        .enumerate()
-        .for_each(|(h, (o, sc))| {
-            let kh = h / group;
-            let qh = &q[h * hd..(h + 1) * hd];
-            for (p, s) in sc.iter_mut().enumerate() {
-                *s = dot(qh, &k[p * kvs + kh * hd..p * kvs + (kh + 1) * hd]) * scale;
-            }
-            crate::reference::softmax(sc);
-            o.fill(0.0);
-            for (p, &s) in sc.iter().enumerate() {
-                axpy(s, &v[p * kvs + kh * hd..p * kvs + (kh + 1) * hd], o);
-            }
-        });
+    let (op, sp) = (SendPtr(out.as_mut_ptr()), SendPtr(scores.as_mut_ptr()));
+    pool::for_each(n_head, |h| {
+        // SAFETY: head h owns out[h*hd..(h+1)*hd] and scores[h*n_keys..(h+1)*n_keys], disjoint
+        // across heads and inside the slices checked above.
+        let (o, sc) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(op.get().add(h * hd), hd),
+                std::slice::from_raw_parts_mut(sp.get().add(h * n_keys), n_keys),
+            )
+        };
+        let kh = h / group;
+        let qh = &q[h * hd..(h + 1) * hd];
+        for (p, s) in sc.iter_mut().enumerate() {
+            *s = dot(qh, &k[p * kvs + kh * hd..p * kvs + (kh + 1) * hd]) * scale;
+        }
+        crate::reference::softmax(sc);
+        o.fill(0.0);
+        for (p, &s) in sc.iter().enumerate() {
+            axpy(s, &v[p * kvs + kh * hd..p * kvs + (kh + 1) * hd], o);
+        }
+    });
 }
 
 /// [`sum`] over the thread pool: every thread sums its share (eight pieces per thread, so
