@@ -90,9 +90,6 @@ impl Rows for AllRows<'_> {
 struct Kept<'a> {
     idx: &'a [u32],
     val: &'a [f32],
-    /// Subtracted from every index: the first row of the matrix the list is used with (a
-    /// [`Mat::rows`] range).
-    first: usize,
 }
 impl Rows for Kept<'_> {
     #[inline(always)]
@@ -101,7 +98,7 @@ impl Rows for Kept<'_> {
     }
     #[inline(always)]
     fn get(&self, k: usize) -> (usize, f32) {
-        (self.idx[k] as usize - self.first, self.val[k])
+        (self.idx[k] as usize, self.val[k])
     }
 }
 
@@ -129,7 +126,7 @@ pub fn gemv_idx(w: &Mat, idx: &[u32], val: &[f32], y: &mut [f32]) {
         idx.iter().all(|&j| (j as usize) < w.n_in),
         "gemv_idx: index out of range"
     );
-    gemv_rows(w, &Kept { idx, val, first: 0 }, y)
+    gemv_rows(w, &Kept { idx, val }, y)
 }
 
 /// TEAL sparse GEMV: compaction of `|x| > t` (fused test), then the GEMV over the kept rows only.
@@ -275,12 +272,10 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
                     let yc = unsafe { std::slice::from_raw_parts_mut(ys[i].get().add(o0), len) };
                     match g.mask {
                         Mask::Dense => chunk(&g.w, &AllRows(x), o0, yc, simd),
-                        _ => chunk(&g.w, &Kept { idx, val, first: 0 }, o0, yc, simd),
+                        _ => chunk(&g.w, &Kept { idx, val }, o0, yc, simd),
                     }
                 }
                 Split::Rows(per) => {
-                    let (j0, j1) = (c * per, ((c + 1) * per).min(g.w.n_in));
-                    let w = g.w.rows(j0, j1);
                     // SAFETY: item c of GEMV i owns its partial output, n_out values at
                     // part[i] + c * n_out, inside `partials` (sized above).
                     let yc = unsafe {
@@ -290,17 +285,20 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
                         )
                     };
                     match g.mask {
-                        Mask::Dense => chunk(&w, &AllRows(&x[j0..j1]), 0, yc, simd),
+                        Mask::Dense => {
+                            let (j0, j1) = (c * per, ((c + 1) * per).min(g.w.n_in));
+                            chunk(&g.w.rows(j0, j1), &AllRows(&x[j0..j1]), 0, yc, simd)
+                        }
                         _ => {
-                            // The kept list is in row order: this item's rows are a run.
-                            let k0 = idx.partition_point(|&j| (j as usize) < j0);
-                            let k1 = idx.partition_point(|&j| (j as usize) < j1);
+                            // An equal share of the kept rows, wherever they lie: the items
+                            // read the same bytes however unevenly the zeros fall.
+                            let items = g.w.n_in.div_ceil(per);
+                            let (k0, k1) = (c * kept[i] / items, (c + 1) * kept[i] / items);
                             let rows = Kept {
                                 idx: &idx[k0..k1],
                                 val: &val[k0..k1],
-                                first: j0,
                             };
-                            chunk(&w, &rows, 0, yc, simd)
+                            chunk(&g.w, &rows, 0, yc, simd)
                         }
                     }
                 }
