@@ -49,6 +49,9 @@ struct Job {
 
 struct Pool {
     workers: usize,
+    /// More threads than cores (`-t` above the core count): a spinning worker would take the
+    /// core of a thread with work, so idle workers yield their time slice while they wait.
+    oversubscribed: bool,
     /// Held by the thread running a section.
     submit: Mutex<()>,
     state: AtomicU64,
@@ -71,9 +74,11 @@ fn pool() -> &'static Pool {
     static POOL: OnceLock<&'static Pool> = OnceLock::new();
     POOL.get_or_init(|| {
         let workers = rayon::current_num_threads().max(1) - 1;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let noop: &'static (dyn Fn(usize) + Sync) = &|_| {};
         let pool: &'static Pool = Box::leak(Box::new(Pool {
             workers,
+            oversubscribed: workers + 1 > cores,
             submit: Mutex::new(()),
             state: AtomicU64::new(CLOSED),
             job: UnsafeCell::new(Job { f: noop, n: 0 }),
@@ -165,7 +170,11 @@ impl Pool {
             if s >> 32 != seen {
                 return s;
             }
-            std::hint::spin_loop();
+            if self.oversubscribed {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(256) && start.elapsed() > SPIN {
                 let mut lock = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
