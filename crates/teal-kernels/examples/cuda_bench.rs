@@ -8,9 +8,15 @@
 //! n = 1), each row thresholded on its own, so the rows read are the union of the rows' kept
 //! inputs: the floor column still counts one row's sparsity.
 //!
-//! Usage: cuda_bench [--quick] [--tune] [--batch B] [--json PATH]
+//! With `--contiguous` the activations of every run of 64 inputs are sorted by magnitude, so
+//! that the kept rows of a sparse GEMV form runs of about `64 (1 - s)` adjacent rows instead of
+//! falling at random: the same bytes, read in longer contiguous pieces (a diagnostic: does the
+//! sparse GEMV lose bandwidth to the scatter of its rows?).
+//!
+//! Usage: cuda_bench [--quick] [--tune] [--batch B] [--json PATH] [--contiguous]
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaSlice, CudaStream};
@@ -22,6 +28,8 @@ const SPARSITIES: &[f64] = &[0.0, 0.25, 0.4, 0.5, 0.65, 0.75, 0.9];
 const ROTATE_BYTES: usize = 256 << 20;
 const LAUNCHES: usize = 40;
 const REPS: usize = 7;
+/// `--contiguous`: see the module comment.
+static CONTIGUOUS: AtomicBool = AtomicBool::new(false);
 
 use teal_kernels::rand::uniform as rand_vec;
 
@@ -162,7 +170,12 @@ fn make_copies(
     for _ in 0..copies {
         lin.push(g.linear_from_bits(&bits, n_in, n_out, dtype, segs)?);
     }
-    let host_x = activations(n_in * batch, 3);
+    let mut host_x = activations(n_in * batch, 3);
+    if CONTIGUOUS.load(Ordering::Relaxed) {
+        for run in host_x.chunks_mut(64) {
+            run.sort_by(|a, b| b.abs().total_cmp(&a.abs()));
+        }
+    }
     Ok(Copies {
         x32: g.upload(&host_x)?,
         x16: g.upload(&dtype.encode(&host_x[..n_in]))?,
@@ -320,6 +333,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let tune = args.iter().any(|a| a == "--tune");
+    CONTIGUOUS.store(args.iter().any(|a| a == "--contiguous"), Ordering::Relaxed);
     let batch: usize = args
         .iter()
         .position(|a| a == "--batch")
