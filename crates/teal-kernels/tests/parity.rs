@@ -406,6 +406,51 @@ mod packed_formats {
         }
     }
 
+    /// GEMVs with short rows are split over input rows, each item taking an equal share of the
+    /// kept rows: kept rows all at one end, a single one, the first and last, and none.
+    #[test]
+    fn row_split_with_clustered_or_few_kept_rows() {
+        let (n_in, n_out) = (301, 40);
+        let dense = rand_vec(n_in, 50);
+        let cases: Vec<Vec<usize>> = vec![
+            vec![300],
+            vec![0, 300],
+            vec![],
+            (0..7).collect(),
+            (280..301).collect(),
+        ];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::Q8, Dtype::Q4] {
+            let wt = rand_vec(n_in * n_out, 51);
+            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+            for kept in &cases {
+                // Kept inputs are the large ones: |x| > 1.5 against the threshold 1, the others < 0.5.
+                let x: Vec<f32> = (0..n_in)
+                    .map(|j| {
+                        if kept.contains(&j) {
+                            2.5 + dense[j]
+                        } else {
+                            0.5 * dense[j]
+                        }
+                    })
+                    .collect();
+                let mut y = vec![f32::NAN; n_out];
+                cpu::gemv_sparse(&p.mat(), &x, 1.0, &mut y);
+                let (idx, val) = reference::compact_abs_gt(&x, 1.0);
+                assert_eq!(idx.len(), kept.len());
+                let mut want = vec![0.0; n_out];
+                reference::gemv_packed_idx(&p.mat(), &idx, &val, &mut want);
+                let scale = abs_scale(&dequant_all(&p), n_in, n_out, &x);
+                assert_close(
+                    &want,
+                    &y,
+                    &scale,
+                    GEMV_REL_TOL,
+                    &format!("{dtype:?} kept {kept:?}"),
+                );
+            }
+        }
+    }
+
     /// The benchmarks' threshold zeroes the requested fraction (rounded down) and keeps all
     /// at s = 0.
     #[test]
