@@ -327,24 +327,111 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
 /// (branch-free) and returns how many there are.
 pub fn compact_abs_gt(x: &[f32], t: f32, idx: &mut [u32], val: &mut [f32]) -> usize {
     assert!(idx.len() >= x.len() && val.len() >= x.len());
-    let mut n = 0;
-    for (j, &v) in x.iter().enumerate() {
-        idx[n] = j as u32;
-        val[n] = v;
-        n += (v.abs() > t) as usize;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 detected; the outputs hold at least x.len() values (asserted).
+        return unsafe { compact_avx2(x, t, None, idx, val) };
     }
-    n
+    compact_portable(x, |_| t, idx, val)
 }
 
 /// Per-channel compaction: the inputs with `|x_j| > t_j`, as [`compact_abs_gt`].
 pub fn compact_abs_gt_channel(x: &[f32], t: &[f32], idx: &mut [u32], val: &mut [f32]) -> usize {
     assert_eq!(x.len(), t.len());
     assert!(idx.len() >= x.len() && val.len() >= x.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 detected; `t` has x.len() values and the outputs at least as many.
+        return unsafe { compact_avx2(x, 0.0, Some(t), idx, val) };
+    }
+    compact_portable(x, |j| t[j], idx, val)
+}
+
+/// The scalar compaction: every input is written at the current end, which advances only past
+/// the kept ones.
+fn compact_portable(
+    x: &[f32],
+    t: impl Fn(usize) -> f32,
+    idx: &mut [u32],
+    val: &mut [f32],
+) -> usize {
     let mut n = 0;
-    for (j, (&v, &tj)) in x.iter().zip(t).enumerate() {
+    for (j, &v) in x.iter().enumerate() {
         idx[n] = j as u32;
         val[n] = v;
-        n += (v.abs() > tj) as usize;
+        n += (v.abs() > t(j)) as usize;
+    }
+    n
+}
+
+/// For each 8-bit mask, the positions of its set bits, first to last (the rest zero): the
+/// permutation that moves an 8-lane vector's kept lanes to the front.
+#[cfg(target_arch = "x86_64")]
+const LEFT_PACK: [[u32; 8]; 256] = {
+    let mut lut = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut k, mut b) = (0, 0);
+        while b < 8 {
+            if m & (1 << b) != 0 {
+                lut[m][k] = b as u32;
+                k += 1;
+            }
+            b += 1;
+        }
+        m += 1;
+    }
+    lut
+};
+
+/// [`compact_portable`] eight inputs at a time: compare, then move the kept lanes of the
+/// indices and values to the front with one permutation each and advance by their count.
+/// The thresholds are `channel[j]` where given, else `t` for every input.
+///
+/// # Safety
+/// AVX2 must be available; `idx` and `val` must hold at least `x.len()` values, and `channel`,
+/// where given, exactly `x.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn compact_avx2(
+    x: &[f32],
+    t: f32,
+    channel: Option<&[f32]>,
+    idx: &mut [u32],
+    val: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let n_in = x.len();
+    let sign = _mm256_set1_ps(-0.0);
+    let step = _mm256_set1_epi32(8);
+    let tc = _mm256_set1_ps(t);
+    let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let (xp, ip, vp) = (x.as_ptr(), idx.as_mut_ptr(), val.as_mut_ptr());
+    let mut n = 0;
+    let mut j = 0;
+    while j + 8 <= n_in {
+        let v = _mm256_loadu_ps(xp.add(j));
+        let tv = match channel {
+            Some(c) => _mm256_loadu_ps(c.as_ptr().add(j)),
+            None => tc,
+        };
+        let keep = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_andnot_ps(sign, v), tv);
+        let m = _mm256_movemask_ps(keep) as usize;
+        let perm = _mm256_loadu_si256(LEFT_PACK[m].as_ptr() as *const __m256i);
+        // n <= j, so the eight lanes written at n lie inside the outputs (>= x.len() values).
+        _mm256_storeu_si256(
+            ip.add(n) as *mut __m256i,
+            _mm256_permutevar8x32_epi32(lanes, perm),
+        );
+        _mm256_storeu_ps(vp.add(n), _mm256_permutevar8x32_ps(v, perm));
+        n += m.count_ones() as usize;
+        lanes = _mm256_add_epi32(lanes, step);
+        j += 8;
+    }
+    for (j, &v) in x.iter().enumerate().skip(j) {
+        idx[n] = j as u32;
+        val[n] = v;
+        n += (v.abs() > channel.map_or(t, |c| c[j])) as usize;
     }
     n
 }
@@ -1386,6 +1473,51 @@ unsafe fn sum_avx2(x: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use crate::packed::{Dtype, PackedRows, PackedT};
+
+    /// Both compactions against the reference, at every tail length, with values exactly at
+    /// the threshold, NaN, infinities and a threshold that keeps everything.
+    #[test]
+    fn compaction_paths_match_reference() {
+        for n in [0usize, 1, 7, 8, 9, 16, 23, 1029] {
+            let mut x = crate::rand::uniform(n, n as u64);
+            for (j, v) in x.iter_mut().enumerate() {
+                match j % 11 {
+                    3 => *v = 0.3,
+                    5 => *v = -0.3,
+                    7 => *v = f32::NAN,
+                    9 => *v = f32::NEG_INFINITY,
+                    _ => {}
+                }
+            }
+            let tc: Vec<f32> = (0..n).map(|j| 0.1 * (j % 7) as f32).collect();
+            for t in [0.3f32, -1.0, 2.0] {
+                let (ri, rv) = crate::reference::compact_abs_gt(&x, t);
+                let (mut i, mut v) = (vec![0u32; n], vec![0.0f32; n]);
+                let k = compact_portable(&x, |_| t, &mut i, &mut v);
+                assert_eq!(&i[..k], &ri[..], "portable, n {n} t {t}");
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 detected; outputs of n values.
+                    let k = unsafe { compact_avx2(&x, t, None, &mut i, &mut v) };
+                    assert_eq!(&i[..k], &ri[..], "avx2, n {n} t {t}");
+                    assert!(v[..k]
+                        .iter()
+                        .zip(&rv)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()));
+                }
+            }
+            let (ri, _) = crate::reference::compact_abs_gt_channel(&x, &tc);
+            let (mut i, mut v) = (vec![0u32; n], vec![0.0f32; n]);
+            let k = compact_portable(&x, |j| tc[j], &mut i, &mut v);
+            assert_eq!(&i[..k], &ri[..], "portable per-channel, n {n}");
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 detected; thresholds and outputs of n values.
+                let k = unsafe { compact_avx2(&x, 0.0, Some(&tc), &mut i, &mut v) };
+                assert_eq!(&i[..k], &ri[..], "avx2 per-channel, n {n}");
+            }
+        }
+    }
 
     /// The portable path against the scalar reference, for every format (the SIMD path is
     /// covered by tests/parity.rs).
