@@ -1,6 +1,7 @@
 //! Fast CPU paths: AVX2/FMA with run-time detection and a portable fallback, threaded over output
-//! columns: decode kernels on [`crate::pool`]'s spinning workers, prefill on rayon's pool. Each function computes exactly what its namesake in
-//! [`crate::reference`] computes (up to float summation order) and is tested against it.
+//! columns (or input rows): the decode kernels on [`crate::pool`]'s spinning workers, prefill on
+//! rayon's pool. Each function computes exactly what its namesake in [`crate::reference`]
+//! computes (up to float summation order) and is tested against it.
 
 use crate::packed::{groups, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
 use crate::pool;
@@ -41,8 +42,8 @@ impl SendPtr {
 }
 
 /// Number of work items: at least one per thread (where there are groups enough), at most four
-/// per thread, so each thread gets a contiguous share of columns and stealing can even out a
-/// noisy machine.
+/// per thread, so each thread gets a contiguous share of columns and the claiming of items can
+/// even out a noisy machine.
 fn column_chunks(n_out: usize, tile: usize) -> usize {
     let threads = pool::threads();
     let tiles = n_out.div_ceil(tile);
@@ -199,7 +200,7 @@ fn split_of(w: &Mat) -> Split {
     let threads = pool::threads();
     let row_bytes = w.view.bytes_per_row(w.n_out);
     if threads > 1 && row_bytes < ROW_SPLIT_BELOW && w.n_in >= 64 * threads {
-        // Two items per thread, so stealing can even out a noisy machine.
+        // Two items per thread, so the claiming of items can even out a noisy machine.
         Split::Rows(w.n_in.div_ceil(2 * threads))
     } else {
         Split::Columns(column_split(w))
@@ -258,7 +259,8 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
         let pp = SendPtr(partials.as_mut_ptr());
         let lists = &*lists;
         let gemvs = &*gemvs;
-        // One task per item of any GEMV, so stealing evens out items of unequal size.
+        // One work item per item of any GEMV, claimed in order by whichever thread is free, so
+        // items of unequal size even out.
         pool::for_each(start[n], |c| {
             let i = (0..n).rev().find(|&i| start[i] <= c).unwrap_or(0);
             let (g, c) = (&gemvs[i], c - start[i]);
@@ -909,7 +911,7 @@ pub fn matmul_packed(x: &[f32], n_tok: usize, w: &Mat, y: &mut [f32]) {
 }
 
 /// Output rows per work item of the dot-product GEMV: a multiple of the four rows of a pass, at
-/// least four items per thread so stealing can even out a noisy machine.
+/// least four items per thread so the claiming of items can even out a noisy machine.
 fn rows_per_chunk(n_out: usize) -> usize {
     let threads = pool::threads();
     n_out.div_ceil(threads * 4).next_multiple_of(4).max(16)

@@ -6,8 +6,9 @@
 //! here), and on the 2-core virtual machines this project runs on, waking one took 20-65 µs
 //! (`examples/wake_probe.rs`): about as long as a sparse GEMV itself, so the second core mostly
 //! joined each section late. These workers instead spin for [`SPIN`] after their last item
-//! before parking, so during decoding a section starts on every core within a microsecond.
-//! rayon still runs everything else (prefill, calibration statistics).
+//! before parking, so during decoding a section starts on every core within a microsecond
+//! (with more threads than cores they yield their time slice instead of spinning). rayon still
+//! runs everything else (prefill, calibration statistics).
 //!
 //! One section runs at a time. A call made while another is running (from a second thread, or
 //! from inside an item) runs its items inline on the caller: correct, only serial.
@@ -30,7 +31,8 @@ pub fn threads() -> usize {
 
 /// Runs `f(0)`, ..., `f(n - 1)` across the calling thread and the workers, each index exactly
 /// once (claimed in increasing order, so early items start first), and returns when all have
-/// finished. A panic in an item is resumed on the caller once every item is done.
+/// finished. A panic in an item reaches the caller once every item is done: the caller's own
+/// is resumed, a worker's becomes a panic that says so.
 pub fn for_each<F: Fn(usize) + Sync>(n: usize, f: F) {
     pool().run(n, &f)
 }
