@@ -294,7 +294,7 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
                         _ => {
                             // An equal share of the kept rows, wherever they lie: the items
                             // read the same bytes however unevenly the zeros fall.
-                            let items = g.w.n_in.div_ceil(per);
+                            let items = start[i + 1] - start[i];
                             let (k0, k1) = (c * kept[i] / items, (c + 1) * kept[i] / items);
                             let rows = Kept {
                                 idx: &idx[k0..k1],
@@ -330,7 +330,7 @@ fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] 
 pub fn compact_abs_gt(x: &[f32], t: f32, idx: &mut [u32], val: &mut [f32]) -> usize {
     assert!(idx.len() >= x.len() && val.len() >= x.len());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if simd_available() {
         // SAFETY: AVX2 detected; the outputs hold at least x.len() values (asserted).
         return unsafe { compact_avx2(x, t, None, idx, val) };
     }
@@ -342,7 +342,7 @@ pub fn compact_abs_gt_channel(x: &[f32], t: &[f32], idx: &mut [u32], val: &mut [
     assert_eq!(x.len(), t.len());
     assert!(idx.len() >= x.len() && val.len() >= x.len());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if simd_available() {
         // SAFETY: AVX2 detected; `t` has x.len() values and the outputs at least as many.
         return unsafe { compact_avx2(x, 0.0, Some(t), idx, val) };
     }
@@ -442,13 +442,7 @@ fn gemv_rows<R: Rows>(w: &Mat, rows: &R, y: &mut [f32]) {
     assert_eq!(y.len(), w.n_out, "gemv: output size");
     let per = column_split(w);
     let simd = simd_available();
-    let (n_out, yp) = (y.len(), SendPtr(y.as_mut_ptr()));
-    pool::for_each(n_out.div_ceil(per), |c| {
-        let (o0, len) = (c * per, per.min(n_out - c * per));
-        // SAFETY: item c writes only columns o0..o0+len of y, which no other item touches.
-        let yc = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o0), len) };
-        chunk(w, rows, o0, yc, simd)
-    });
+    pool::for_each_chunk_mut(y, per, |c, yc| chunk(w, rows, c * per, yc, simd));
 }
 
 /// Output columns per work item: a multiple of the quantization group, so that every tile
@@ -928,13 +922,7 @@ fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
     assert_eq!(x.len(), w.n_in, "gemv_dot: input size");
     assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
     let per = rows_per_chunk(w.n_out);
-    let (n_out, yp) = (w.n_out, SendPtr(y.as_mut_ptr()));
-    pool::for_each(n_out.div_ceil(per), |c| {
-        let (o0, len) = (c * per, per.min(n_out - c * per));
-        // SAFETY: item c writes only rows o0..o0+len of y, which no other item touches.
-        let yc = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o0), len) };
-        dot_rows(w, x, o0, yc, simd)
-    });
+    pool::for_each_chunk_mut(y, per, |c, yc| dot_rows(w, x, c * per, yc, simd));
 }
 
 /// `yc[r] = w[o0 + r, :] . x`.
@@ -1405,16 +1393,11 @@ pub fn attention_decode(
     assert!(scores.len() >= n_head * n_keys);
     assert_eq!(q.len(), n_head * hd);
     assert_eq!(out.len(), n_head * hd);
-    let (op, sp) = (SendPtr(out.as_mut_ptr()), SendPtr(scores.as_mut_ptr()));
-    pool::for_each(n_head, |h| {
-        // SAFETY: head h owns out[h*hd..(h+1)*hd] and scores[h*n_keys..(h+1)*n_keys], disjoint
-        // across heads and inside the slices checked above.
-        let (o, sc) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(op.get().add(h * hd), hd),
-                std::slice::from_raw_parts_mut(sp.get().add(h * n_keys), n_keys),
-            )
-        };
+    let sp = SendPtr(scores.as_mut_ptr());
+    pool::for_each_chunk_mut(out, hd, |h, o| {
+        // SAFETY: head h owns scores[h*n_keys..(h+1)*n_keys], disjoint across heads and inside
+        // the slice checked above.
+        let sc = unsafe { std::slice::from_raw_parts_mut(sp.get().add(h * n_keys), n_keys) };
         let kh = h / group;
         let qh = &q[h * hd..(h + 1) * hd];
         for (p, s) in sc.iter_mut().enumerate() {

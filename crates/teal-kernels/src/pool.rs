@@ -37,6 +37,37 @@ pub fn for_each<F: Fn(usize) + Sync>(n: usize, f: F) {
     pool().run(n, &f)
 }
 
+/// [`for_each`] over the pieces of `data` of `per` values each (the last may be shorter), as
+/// rayon's `par_chunks_mut`: `f(c, piece)` for piece c = `data[c * per ..]`, each piece to
+/// exactly one call.
+pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync>(
+    data: &mut [T],
+    per: usize,
+    f: F,
+) {
+    assert!(per > 0, "for_each_chunk_mut: pieces of no values");
+    let (len, p) = (data.len(), Ptr(data.as_mut_ptr()));
+    for_each(len.div_ceil(per), |c| {
+        let o0 = c * per;
+        // SAFETY: piece c is data[o0 .. o0 + min(per, len - o0)], inside `data` (borrowed
+        // mutably for this call) and disjoint from every other piece.
+        let piece = unsafe { std::slice::from_raw_parts_mut(p.get().add(o0), per.min(len - o0)) };
+        f(c, piece)
+    })
+}
+
+/// A pointer to the values of a slice that [`for_each_chunk_mut`] hands out in disjoint pieces.
+struct Ptr<T>(*mut T);
+// SAFETY: the pieces reached through it are disjoint, and the values `Send`.
+unsafe impl<T: Send> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not its field).
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// `state`: the section's epoch in the high 32 bits, whether it is closed to workers joining, and
 /// how many workers are inside it.
 const CLOSED: u64 = 1 << 31;
@@ -254,6 +285,23 @@ mod tests {
             }
         });
         assert!(c.iter().all(|x| x.load(Relaxed) == 1));
+    }
+
+    #[test]
+    fn chunks_cover_the_slice_once() {
+        for (len, per) in [(0usize, 3usize), (1, 3), (10, 3), (12, 4), (1000, 7)] {
+            let mut v = vec![0usize; len];
+            for_each_chunk_mut(&mut v, per, |c, piece| {
+                assert!(piece.len() == per || (c + 1) * per >= len);
+                for (i, x) in piece.iter_mut().enumerate() {
+                    *x += c * per + i + 1;
+                }
+            });
+            assert!(
+                v.iter().enumerate().all(|(i, &x)| x == i + 1),
+                "len {len} per {per}"
+            );
+        }
     }
 
     #[test]
