@@ -13,8 +13,11 @@ use rayon::prelude::*;
 /// Llama-sized row is one run of 32-40 KiB. Runs of 4 KiB (a quarter of this) left wide
 /// matrices at 17-22 GB/s on the 2-core machine, 28 GB/s with this width (docs/PERFORMANCE.md).
 const TILE: usize = 8192;
-/// How far ahead within a row the elementwise kernels prefetch.
-const PREFETCH_BYTES: usize = 512;
+/// How far ahead within a row the GEMV kernels prefetch: enough bytes in flight to cover the
+/// DRAM latency at these kernels' rates. At 512 bytes (eight blocks in q8/q4) dense f32 ran at
+/// 0.79-0.83 of the read bandwidth on 4096 x 14336, q8 at 0.84, q4 at 0.30-0.54; at 1 KiB
+/// f32 1.04-1.06, q8 0.91-0.97, q4 0.44-0.67 (docs/PERFORMANCE.md).
+const PREFETCH_BYTES: usize = 1024;
 /// Columns the portable tile dequantizes at a time.
 const PORTABLE_PIECE: usize = 1024;
 
@@ -511,6 +514,7 @@ macro_rules! elementwise_tile {
             let n8 = n / 8 * 8;
             let yp = yt.as_mut_ptr();
             let base = w.as_ptr().add(o0);
+            let ahead = PREFETCH_BYTES / std::mem::size_of::<$t>();
             let nr = rows.len();
             let mut k = 0;
             while k + 4 <= nr {
@@ -541,11 +545,12 @@ macro_rules! elementwise_tile {
                 );
                 let mut i = 0;
                 while i < n8 {
-                    // Ahead within the four rows (never faults; past the tile it is wasted).
-                    for r in [r0, r1, r2, r3] {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            r.add(i + PREFETCH_BYTES / std::mem::size_of::<$t>()) as *const i8,
-                        );
+                    // Ahead within the four rows' part of the tile (beyond it, on a short row,
+                    // it would fetch the next row's, which a sparse GEMV mostly skips).
+                    if i + ahead < n {
+                        for r in [r0, r1, r2, r3] {
+                            _mm_prefetch::<_MM_HINT_T0>(r.add(i + ahead) as *const i8);
+                        }
                     }
                     let mut a = _mm256_loadu_ps(yp.add(i));
                     a = _mm256_fmadd_ps(
@@ -702,14 +707,17 @@ macro_rules! blocked_tile {
             yt.fill(0.0);
             let nr = rows.len();
             let seg = blocks.as_ptr().add(o0 / GROUP * $bsize);
+            // The tile's bytes of one row: no prefetch reaches past them (on a short row it
+            // would fetch the next row's, which a sparse GEMV mostly skips).
+            let ahead = PREFETCH_BYTES.min(yt.len().div_ceil(GROUP) * $bsize);
             let mut k = 0;
             while k + 4 <= nr {
-                // The first 8 blocks of the next pass's rows (the pass itself prefetches 8
-                // blocks ahead within each row), so that none of them is waited for: kept rows
-                // are far apart, which the hardware prefetcher does not follow.
+                // The start of the next pass's rows, as far as the pass itself prefetches
+                // ahead within each row, so that none of it is waited for: kept rows are far
+                // apart, which the hardware prefetcher does not follow.
                 for r in k + 4..(k + 8).min(nr) {
                     let p = seg.add(rows.get(r).0 * ng * $bsize);
-                    for line in (0..8 * $bsize).step_by(64) {
+                    for line in (0..ahead).step_by(64) {
                         _mm_prefetch::<_MM_HINT_T0>(p.add(line) as *const i8);
                     }
                 }
@@ -750,6 +758,7 @@ macro_rules! blocked_tile {
                 xv[r] = _mm_set1_ps(xs[r]);
                 ps[r] = bp.add((js[r] * ng + g0) * $bsize);
             }
+            let prefetch_end = full.saturating_sub(PREFETCH_BYTES.div_ceil($bsize));
             for g in 0..full {
                 let gy = yp.add(g * GROUP);
                 let mut acc = [
@@ -760,8 +769,12 @@ macro_rules! blocked_tile {
                 ];
                 let mut bias = _mm_setzero_ps();
                 for r in 0..N {
-                    // Ahead within the row (never faults; past the tile it is merely wasted).
-                    _mm_prefetch::<_MM_HINT_T0>(ps[r].add((g + 8) * $bsize) as *const i8);
+                    // Ahead within the row's part of the tile.
+                    if g < prefetch_end {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            ps[r].add(g * $bsize + PREFETCH_BYTES) as *const i8
+                        );
+                    }
                     let (qv, dm) = $block(ps[r].add(g * $bsize));
                     let xdm = _mm_mul_ps(xv[r], dm);
                     let s = _mm256_broadcastss_ps(xdm);
