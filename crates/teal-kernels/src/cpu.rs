@@ -14,9 +14,10 @@ use rayon::prelude::*;
 /// matrices at 17-22 GB/s on the 2-core machine, 28 GB/s with this width (docs/PERFORMANCE.md).
 const TILE: usize = 8192;
 /// How far ahead within a row the GEMV kernels prefetch: enough bytes in flight to cover the
-/// DRAM latency at these kernels' rates. At 512 bytes (eight blocks in q8/q4) dense f32 ran at
-/// 0.79-0.83 of the read bandwidth on 4096 x 14336, q8 at 0.84, q4 at 0.30-0.54; at 1 KiB
-/// f32 1.04-1.06, q8 0.91-0.97, q4 0.44-0.67 (docs/PERFORMANCE.md).
+/// DRAM latency at these kernels' rates. At 512 bytes in f32/f16/bf16 and eight blocks
+/// (160-272 bytes) in q8/q4, dense GEMVs ran at 0.80 (f32, 4096 x 14336), 0.78 (q8, same) and
+/// 0.28 (q4, 14336 x 4096) of the read bandwidth; at 1 KiB 0.99-1.03, 0.89-0.90 and 0.42-0.43
+/// (docs/PERFORMANCE.md, section 3).
 const PREFETCH_BYTES: usize = 1024;
 /// Columns the portable tile dequantizes at a time.
 const PORTABLE_PIECE: usize = 1024;
