@@ -107,7 +107,7 @@ impl Rows for Kept<'_> {
     }
 }
 
-/// Another list of inputs in an interleaved order: its four quarters side by side, so that
+/// A list of inputs taken in an interleaved order, its four quarters side by side, so that
 /// the four rows of each pass of a tile come one from each quarter. A row-split work item's
 /// rows lie one after another in memory; in this order each of a pass's four streams runs on
 /// through its own quarter (where the hardware prefetcher follows it) instead of four short
@@ -208,8 +208,9 @@ thread_local! {
 }
 
 /// Row segments (bytes of one input row's weights) below which a GEMV is split over input rows
-/// rather than output columns: each work item then reads whole rows, one contiguous run for
-/// consecutive kept rows, instead of every thread reading a short piece of each row (measured
+/// rather than output columns: each work item then reads whole rows, four contiguous runs (see
+/// [`Quarters`]) where its rows are consecutive, instead of every thread reading a short piece
+/// of each row (measured
 /// faster for SmolLM2's 0.4-3 KiB rows and Llama-3-8B's 8 KiB ones; docs/PERFORMANCE.md).
 const ROW_SPLIT_BELOW: usize = 16384;
 
@@ -538,7 +539,10 @@ macro_rules! elementwise_tile {
             let n8 = n / 8 * 8;
             let yp = yt.as_mut_ptr();
             let base = w.as_ptr().add(o0);
+            // In-row prefetch distance (values), and the bytes of each next-pass row fetched
+            // ahead: no more than the tile holds of a row.
             let ahead = PREFETCH_BYTES / std::mem::size_of::<$t>();
+            let start_bytes = PREFETCH_BYTES.min(n * std::mem::size_of::<$t>());
             let nr = rows.len();
             let mut k = 0;
             while k + 4 <= nr {
@@ -547,7 +551,7 @@ macro_rules! elementwise_tile {
                 // far apart, which the hardware prefetcher does not follow).
                 for r in k + 4..(k + 8).min(nr) {
                     let p = base.add(rows.get(r).0 * n_out) as *const i8;
-                    for line in (0..PREFETCH_BYTES.min(n * std::mem::size_of::<$t>())).step_by(64) {
+                    for line in (0..start_bytes).step_by(64) {
                         _mm_prefetch::<_MM_HINT_T0>(p.add(line));
                     }
                 }
@@ -731,9 +735,10 @@ macro_rules! blocked_tile {
             yt.fill(0.0);
             let nr = rows.len();
             let seg = blocks.as_ptr().add(o0 / GROUP * $bsize);
-            // The tile's bytes of one row: no prefetch reaches past them (on a short row it
-            // would fetch the next row's, which a sparse GEMV mostly skips).
-            let ahead = PREFETCH_BYTES.min(yt.len().div_ceil(GROUP) * $bsize);
+            // The bytes of each next-pass row fetched ahead: no more than the tile holds of a
+            // row (on a short row it would fetch the next row's, which a sparse GEMV mostly
+            // skips).
+            let start_bytes = PREFETCH_BYTES.min(yt.len().div_ceil(GROUP) * $bsize);
             let mut k = 0;
             while k + 4 <= nr {
                 // The start of the next pass's rows, as far as the pass itself prefetches
@@ -741,7 +746,7 @@ macro_rules! blocked_tile {
                 // apart, which the hardware prefetcher does not follow.
                 for r in k + 4..(k + 8).min(nr) {
                     let p = seg.add(rows.get(r).0 * ng * $bsize);
-                    for line in (0..ahead).step_by(64) {
+                    for line in (0..start_bytes).step_by(64) {
                         _mm_prefetch::<_MM_HINT_T0>(p.add(line) as *const i8);
                     }
                 }
