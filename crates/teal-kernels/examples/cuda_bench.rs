@@ -13,7 +13,11 @@
 //! falling at random: the same bytes, read in longer contiguous pieces (a diagnostic: does the
 //! sparse GEMV lose bandwidth to the scatter of its rows?).
 //!
-//! Usage: cuda_bench [--quick] [--tune] [--batch B] [--json PATH] [--contiguous]
+//! With `--tune` every launch is also timed at each row split of the list given by `--rows`
+//! (default 64,128,256,512,1024 rows per chunk), each printed on a `tune` line, and the
+//! fastest is reported in the `tuned`/`trows` columns.
+//!
+//! Usage: cuda_bench [--quick] [--tune] [--rows R1,R2,..] [--batch B] [--json PATH] [--contiguous]
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +29,8 @@ use teal_kernels::cuda::{CudaError, GemvOpts, GemvPlan, Gpu, GpuLinear, WeightDt
 type Res<T> = std::result::Result<T, CudaError>;
 
 const SPARSITIES: &[f64] = &[0.0, 0.25, 0.4, 0.5, 0.65, 0.75, 0.9];
+/// Row splits `--tune` tries unless `--rows` lists others.
+const TUNE_ROWS: &[usize] = &[64, 128, 256, 512, 1024];
 const ROTATE_BYTES: usize = 256 << 20;
 const LAUNCHES: usize = 40;
 const REPS: usize = 7;
@@ -279,7 +285,7 @@ fn measure(
     dtype: WeightDtype,
     sparsities: &[f64],
     bw: f64,
-    tune: bool,
+    tune: &[usize],
     full: bool,
     batch: usize,
 ) -> Res<(f64, Vec<Row>)> {
@@ -299,20 +305,22 @@ fn measure(
             g.set_programmatic_launch(true);
         }
         let (mut tuned, mut tuned_rows) = (ours_acc, plan.rows_per_chunk);
-        if tune {
-            for r in [64usize, 128, 256, 512, 1024] {
-                let tt = time_ours(
-                    g,
-                    &mut c,
-                    t,
-                    Some(GemvPlan { rows_per_chunk: r }),
-                    true,
-                    true,
-                )?;
-                if tt < tuned {
-                    tuned = tt;
-                    tuned_rows = r;
-                }
+        for &r in tune {
+            let tt = time_ours(
+                g,
+                &mut c,
+                t,
+                Some(GemvPlan { rows_per_chunk: r }),
+                true,
+                true,
+            )?;
+            println!(
+                "tune {n_in}x{n_out} {} s={real:.3} rows {r}: {tt:.2} us",
+                dtype.name()
+            );
+            if tt < tuned {
+                tuned = tt;
+                tuned_rows = r;
             }
         }
         rows.push(Row {
@@ -332,7 +340,20 @@ fn measure(
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let tune = args.iter().any(|a| a == "--tune");
+    let rows: Vec<usize> = match args.iter().position(|a| a == "--rows") {
+        Some(i) => args
+            .get(i + 1)
+            .ok_or("--rows needs a list")?
+            .split(',')
+            .map(|r| r.parse())
+            .collect::<Result<_, _>>()?,
+        None => TUNE_ROWS.to_vec(),
+    };
+    let tune: &[usize] = if args.iter().any(|a| a == "--tune") {
+        &rows
+    } else {
+        &[]
+    };
     CONTIGUOUS.store(args.iter().any(|a| a == "--contiguous"), Ordering::Relaxed);
     let batch: usize = args
         .iter()

@@ -254,6 +254,12 @@ fn gemv_kernel_index(dtype: WeightDtype, batch: usize, vec: bool) -> usize {
     ((batch - 1) * 2 + d) * 2 + usize::from(!vec)
 }
 
+/// Dynamic shared memory of a GEMV block: the chunk's thresholded inputs and kept row
+/// numbers, and the warps' partial sums (`smem` in `gemv_impl`).
+fn gemv_shared_bytes(batch: usize, rows: usize) -> usize {
+    (batch * rows + rows) * 4 + 8 * GEMV_TILE * 4
+}
+
 /// A weight matrix on the device, input-major `wt[n_in, n_out]`, with its GEMV workspace.
 /// `segments` splits the columns into up to three fused projections (e.g. q|k|v) that each
 /// have their own threshold.
@@ -755,21 +761,41 @@ impl Gpu {
     /// a multiprocessor's registers; fewer chunks also mean fewer atomic partial sums), chunks a
     /// power of two between 64 (128 for up to 3 rows: a small matrix then runs in about one
     /// wave of blocks) and 1024 rows, twice as long below 30% density so that each warp still
-    /// has rows to read.
+    /// has rows to read. Where that split for up to 3 rows needs more than one wave of resident
+    /// blocks but no more than one and a half, the chunks grow (in steps of 32 rows) until every block fits in
+    /// one wave: a second, mostly idle wave costs a whole block's latency chain (Llama-3-8B's
+    /// q|k|v: 768 blocks of 128 rows on 528 resident become 528 of 192).
     pub fn gemv_plan(&self, n_in: usize, n_out: usize, density: f32, batch: usize) -> GemvPlan {
-        let tiles = n_out.div_ceil(GEMV_TILE) as f64;
+        let tiles = n_out.div_ceil(GEMV_TILE);
         let (per_sm, min_rows) = if batch >= 4 { (2.0, 64) } else { (13.6, 128) };
-        let mut rows = n_in as f64 * tiles / (per_sm * self.sms as f64);
+        let mut rows = n_in as f64 * tiles as f64 / (per_sm * self.sms as f64);
         if density < 0.3 {
             rows *= 2.0;
         }
         let pow2 = 2f64.powf(rows.max(1.0).log2().round()) as usize;
-        let rows = pow2
-            .clamp(min_rows, MAX_ROWS_PER_CHUNK)
-            .min(n_in.div_ceil(32) * 32);
+        let cap = n_in.div_ceil(32) * 32;
+        let mut rows = pow2.clamp(min_rows, MAX_ROWS_PER_CHUNK).min(cap);
+        let wave = self.resident_gemv_blocks(batch, rows) * self.sms;
+        let blocks = tiles * n_in.div_ceil(rows);
+        if batch < 4 && wave >= tiles && blocks > wave && 2 * blocks <= 3 * wave {
+            let chunks = wave / tiles;
+            rows = (n_in.div_ceil(chunks).div_ceil(32) * 32).min(MAX_ROWS_PER_CHUNK);
+        }
         GemvPlan {
             rows_per_chunk: rows,
         }
+    }
+
+    /// How many blocks of the batch-`batch` GEMV kernel one multiprocessor holds at once with
+    /// chunks of `rows` rows (0 where the driver cannot say).
+    fn resident_gemv_blocks(&self, batch: usize, rows: usize) -> usize {
+        let f = &self.gemv[gemv_kernel_index(WeightDtype::Bf16, batch.clamp(1, MAX_BATCH), true)];
+        f.occupancy_max_active_blocks_per_multiprocessor(
+            GEMV_THREADS,
+            gemv_shared_bytes(batch, rows),
+            None,
+        )
+        .map_or(0, |n| n as usize)
     }
 
     /// `y[b, :] = beta * y[b, :] + Wt^T s_t(x[b, :])` for b < batch, with one threshold per
@@ -898,7 +924,7 @@ impl Gpu {
                 1,
             ),
             block_dim: (GEMV_THREADS, 1, 1),
-            shared_mem_bytes: ((batch * r + r) * 4 + 8 * GEMV_TILE * 4) as u32,
+            shared_mem_bytes: gemv_shared_bytes(batch, r) as u32,
         };
         let (acc_mode, glu) = (i32::from(accumulate), i32::from(silu_mul_input));
         let yp = self.ptr_mut(y) + (y_offset * std::mem::size_of::<f32>()) as sys::CUdeviceptr;
