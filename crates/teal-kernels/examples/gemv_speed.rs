@@ -9,6 +9,13 @@
 //! `--group`: SmolLM2's q/k/v GEMVs (576 -> 576, 192, 192) as three calls against one
 //! `cpu::gemv_many` call, alternating, median microseconds per group.
 //!
+//!   cargo run --release -p teal-kernels --example gemv_speed -- --patterns f16
+//!
+//! `--patterns`: microseconds per GEMV at 50 % sparsity on SmolLM2's shapes (1 GiB of copies,
+//! so the weights come from DRAM) for kept rows that are the first half, every other row, two
+//! of every four, eight of every sixteen, and TEAL's threshold on random inputs, against dense:
+//! the same bytes, arranged differently (docs/PERFORMANCE.md, "short rows").
+//!
 //!   cargo run --release -p teal-kernels --example gemv_speed -- --vs-bandwidth f32 f16 bf16
 //!
 //! `--vs-bandwidth`: dense GEMV against this machine's read bandwidth in the same rounds: each
@@ -95,6 +102,8 @@ fn main() {
     let small = args.iter().any(|a| a == "--small");
     if args.iter().any(|a| a == "--group") {
         rayon::scope(|s| s.spawn(|_| group(&dtypes)));
+    } else if args.iter().any(|a| a == "--patterns") {
+        rayon::scope(|s| s.spawn(|_| patterns(&dtypes)));
     } else if args.iter().any(|a| a == "--vs-bandwidth") {
         rayon::scope(|s| s.spawn(|_| vs_bandwidth(&dtypes)));
     } else {
@@ -204,5 +213,52 @@ fn vs_bandwidth(dtypes: &[Dtype]) {
             "{name}: dense GEMV / read bandwidth, median {:.3} (range {lo:.3}-{hi:.3})",
             median(r)
         );
+    }
+}
+
+/// Median time of one GEMV per copy of `ps`, over 5 sweeps of all copies.
+fn sweep_time(ps: &[PackedT], x: &[f32], t: f32, y: &mut [f32]) -> f64 {
+    let mut times = vec![];
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        for p in ps {
+            cpu::gemv_sparse(&p.mat(), x, t, y);
+        }
+        times.push(t0.elapsed().as_secs_f64() / ps.len() as f64);
+    }
+    median(&mut times)
+}
+
+/// 50 % sparse GEMVs whose kept rows follow fixed patterns, against dense and TEAL's random
+/// ones, on SmolLM2's shapes.
+fn patterns(dtypes: &[Dtype]) {
+    for &(n_in, n_out) in &[(1536usize, 576usize), (576, 576), (576, 192), (576, 1536)] {
+        let wt = rand_vec(n_in * n_out, 1);
+        let x = rand_vec(n_in, 2);
+        let kept = |f: &dyn Fn(usize) -> bool| -> Vec<f32> {
+            (0..n_in).map(|j| if f(j) { 1.0 } else { 0.0 }).collect()
+        };
+        let cases: [(&str, Vec<f32>); 4] = [
+            ("first half", kept(&|j| j < n_in / 2)),
+            ("every other", kept(&|j| j % 2 == 0)),
+            ("2 of 4", kept(&|j| j % 4 < 2)),
+            ("8 of 16", kept(&|j| j % 16 < 8)),
+        ];
+        for &dtype in dtypes {
+            let ps = copies(dtype, &wt, n_in, n_out, 1 << 30);
+            let mut y = vec![0.0f32; n_out];
+            let dense = sweep_time(&ps, &x, -1.0, &mut y);
+            print!(
+                "{n_in}x{n_out} {}: dense {:.1} us",
+                dtype.name(),
+                dense * 1e6
+            );
+            for (name, xp) in &cases {
+                let t = sweep_time(&ps, xp, 0.5, &mut y);
+                print!(" | {name} {:.1} ({:.2})", t * 1e6, t / dense);
+            }
+            let t = sweep_time(&ps, &x, reference::abs_threshold(&x, 0.5), &mut y);
+            println!(" | random {:.1} ({:.2})", t * 1e6, t / dense);
+        }
     }
 }
