@@ -762,9 +762,9 @@ impl Gpu {
     /// power of two between 64 (128 for up to 3 rows: a small matrix then runs in about one
     /// wave of blocks) and 1024 rows, twice as long below 30% density so that each warp still
     /// has rows to read. Where that split for up to 3 rows needs more than one wave of resident
-    /// blocks but no more than one and a half, the chunks grow (in steps of 32 rows) until every block fits in
-    /// one wave: a second, mostly idle wave costs a whole block's latency chain (Llama-3-8B's
-    /// q|k|v: 768 blocks of 128 rows on 528 resident become 528 of 192).
+    /// blocks but no more than one and a half, the chunks grow (in steps of 32 rows) until
+    /// every block fits in one wave: a second, mostly idle wave costs a whole block's latency
+    /// chain (Llama-3-8B's q|k|v: 768 blocks of 128 rows on 528 resident become 528 of 192).
     pub fn gemv_plan(&self, n_in: usize, n_out: usize, density: f32, batch: usize) -> GemvPlan {
         let tiles = n_out.div_ceil(GEMV_TILE);
         let (per_sm, min_rows) = if batch >= 4 { (2.0, 64) } else { (13.6, 128) };
