@@ -775,11 +775,13 @@ impl Gpu {
         let pow2 = 2f64.powf(rows.max(1.0).log2().round()) as usize;
         let cap = n_in.div_ceil(32) * 32;
         let mut rows = pow2.clamp(min_rows, MAX_ROWS_PER_CHUNK).min(cap);
-        let wave = self.resident_gemv_blocks(batch, rows) * self.sms;
-        let blocks = tiles * n_in.div_ceil(rows);
-        if batch < 4 && wave >= tiles && blocks > wave && 2 * blocks <= 3 * wave {
-            let chunks = wave / tiles;
-            rows = (n_in.div_ceil(chunks).div_ceil(32) * 32).min(MAX_ROWS_PER_CHUNK);
+        if batch < 4 {
+            let wave = self.resident_gemv_blocks(batch, rows) * self.sms;
+            let blocks = tiles * n_in.div_ceil(rows);
+            if wave >= tiles && blocks > wave && 2 * blocks <= 3 * wave {
+                let chunks = wave / tiles;
+                rows = (n_in.div_ceil(chunks).div_ceil(32) * 32).min(MAX_ROWS_PER_CHUNK);
+            }
         }
         GemvPlan {
             rows_per_chunk: rows,
