@@ -17,7 +17,11 @@
 //! (default 64,128,256,512,1024 rows per chunk), each printed on a `tune` line, and the
 //! fastest is reported in the `tuned`/`trows` columns.
 //!
-//! Usage: cuda_bench [--quick] [--tune] [--rows R1,R2,..] [--batch B] [--json PATH] [--contiguous]
+//! `--sparsities S1,S2,..` replaces the list of sparsities (0..0.9, or 0, 0.5, 0.9 with
+//! `--quick`), and `--dtype f16|bf16` measures one weight type only.
+//!
+//! Usage: cuda_bench [--quick] [--tune] [--rows R1,R2,..] [--sparsities S1,..] [--dtype D]
+//! [--batch B] [--json PATH] [--contiguous]
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -272,6 +276,8 @@ struct Row {
     rows: usize,
     tuned: f64,
     tuned_rows: usize,
+    /// The tuned split timed again, apart from the sweep that chose it (NaN without `--tune`).
+    retimed: f64,
     floor: f64,
 }
 
@@ -323,6 +329,14 @@ fn measure(
                 tuned_rows = r;
             }
         }
+        let retimed = if tune.is_empty() {
+            f64::NAN
+        } else {
+            let plan = GemvPlan {
+                rows_per_chunk: tuned_rows,
+            };
+            time_ours(g, &mut c, t, Some(plan), true, true)?
+        };
         rows.push(Row {
             s: real,
             ours,
@@ -331,23 +345,45 @@ fn measure(
             rows: plan.rows_per_chunk,
             tuned,
             tuned_rows,
+            retimed,
             floor: (1.0 - real) * (n_in * n_out * 2) as f64 / bw * 1e6,
         });
     }
     Ok((cub, rows))
 }
 
+/// The comma-separated list after `flag`, if given.
+fn list_arg<T: std::str::FromStr>(
+    args: &[String],
+    flag: &str,
+) -> std::result::Result<Option<Vec<T>>, String> {
+    let Some(i) = args.iter().position(|a| a == flag) else {
+        return Ok(None);
+    };
+    let list = args.get(i + 1).ok_or(format!("{flag} needs a list"))?;
+    list.split(',')
+        .map(|v| v.parse().map_err(|_| format!("{flag}: cannot read {v:?}")))
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let rows: Vec<usize> = match args.iter().position(|a| a == "--rows") {
-        Some(i) => args
-            .get(i + 1)
-            .ok_or("--rows needs a list")?
-            .split(',')
-            .map(|r| r.parse())
-            .collect::<Result<_, _>>()?,
+    let rows: Vec<usize> = match list_arg(&args, "--rows")? {
+        Some(l) => l,
         None => TUNE_ROWS.to_vec(),
+    };
+    let sparsities: Vec<f64> = match list_arg(&args, "--sparsities")? {
+        Some(l) => l,
+        None if quick => vec![0.0, 0.5, 0.9],
+        None => SPARSITIES.to_vec(),
+    };
+    let dtypes: Vec<WeightDtype> = match args.iter().position(|a| a == "--dtype") {
+        Some(i) => vec![WeightDtype::parse(
+            args.get(i + 1).ok_or("--dtype needs a name")?,
+        )?],
+        None => vec![WeightDtype::F16, WeightDtype::Bf16],
     };
     let tune: &[usize] = if args.iter().any(|a| a == "--tune") {
         &rows
@@ -380,11 +416,12 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     report.push_str(&head);
     let bw = bandwidth(&g, &mut report)?;
     let (blas, _blas_ws) = g.cublas()?;
-    let sparsities: &[f64] = if quick { &[0.0, 0.5, 0.9] } else { SPARSITIES };
+    let sparsities = &sparsities[..];
     let mut json = Vec::new();
     let mut blocks = String::from(
         "\nper block, graph replay, microseconds. sep: q,k,v,o,gate,up,down as 7 launches; fused: q|k|v, o, gate|up, down as 4 launches (accumulate mode)\n\
-         model      dtype     s  floor   sep_ours sep_acc fused_acc cublas_sep cublas_fused  fused/floor  vs_cublas_sep vs_cublas_fused\n",
+         model      dtype     s  floor   sep_ours sep_acc fused_acc cublas_sep cublas_fused  fused/floor  vs_cublas_sep vs_cublas_fused fused_tuned vs_cublas_fused_tuned\n\
+         (fused_tuned: each fused launch at the split --tune chose, timed again apart from the sweep)\n",
     );
     println!(
         "{:<10} {:<7} {:>6} {:>6} {:<5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>6} {:>8} {:>8}",
@@ -394,7 +431,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         if quick && model != "llama3-8b" {
             continue;
         }
-        for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+        for &dtype in &dtypes {
             let shapes: [(&str, usize, usize, Vec<usize>, bool); 7] = [
                 ("q", d, d, vec![], true),
                 ("k", d, kv, vec![], true),
@@ -416,8 +453,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                         r.ours_nopdl, r.rows, r.tuned, r.tuned_rows, cub, r.ours_acc / r.floor
                     );
                     json.push(format!(
-                        "{{\"model\":\"{model}\",\"proj\":\"{name}\",\"in\":{n_in},\"out\":{n_out},\"dtype\":\"{}\",\"s\":{:.4},\"floor_us\":{:.3},\"ours_us\":{:.3},\"ours_accumulate_us\":{:.3},\"ours_no_pdl_us\":{:.3},\"rows_per_chunk\":{},\"tuned_us\":{:.3},\"tuned_rows\":{},\"cublas_us\":{:.3}}}",
-                        dtype.name(), r.s, r.floor, r.ours, r.ours_acc, r.ours_nopdl, r.rows, r.tuned, r.tuned_rows, cub
+                        "{{\"model\":\"{model}\",\"proj\":\"{name}\",\"in\":{n_in},\"out\":{n_out},\"dtype\":\"{}\",\"s\":{:.4},\"floor_us\":{:.3},\"ours_us\":{:.3},\"ours_accumulate_us\":{:.3},\"ours_no_pdl_us\":{:.3},\"rows_per_chunk\":{},\"tuned_us\":{:.3},\"tuned_rows\":{},\"retimed_tuned_us\":{:.3},\"cublas_us\":{:.3}}}",
+                        dtype.name(), r.s, r.floor, r.ours, r.ours_acc, r.ours_nopdl, r.rows, r.tuned, r.tuned_rows, r.retimed, cub
                     ).replace("NaN", "null"));
                 }
                 std::io::stdout().flush()?;
@@ -432,12 +469,13 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                 let sep_ours = sep(&|r| r.ours);
                 let sep_acc = sep(&|r| r.ours_acc);
                 let fused = at(5).ours_acc + at(2).ours_acc + at(6).ours_acc + at(4).ours_acc;
+                let fused_tuned = at(5).retimed + at(2).retimed + at(6).retimed + at(4).retimed;
                 let cub_sep = res[0].0 + 2.0 * res[1].0 + res[2].0 + 2.0 * res[3].0 + res[4].0;
                 let cub_fused = res[5].0 + res[2].0 + res[6].0 + res[4].0;
                 blocks.push_str(&format!(
-                    "{:<10} {:<5} {:>5.2} {:>6.1} {:>9.1} {:>7.1} {:>9.1} {:>10.1} {:>12.1} {:>12.2} {:>14.2} {:>15.2}\n",
+                    "{:<10} {:<5} {:>5.2} {:>6.1} {:>9.1} {:>7.1} {:>9.1} {:>10.1} {:>12.1} {:>12.2} {:>14.2} {:>15.2} {:>11.1} {:>21.2}\n",
                     model, dtype.name(), s, floor, sep_ours, sep_acc, fused, cub_sep, cub_fused,
-                    fused / floor, cub_sep / fused, cub_fused / fused
+                    fused / floor, cub_sep / fused, cub_fused / fused, fused_tuned, cub_fused / fused_tuned
                 ));
             }
         }
