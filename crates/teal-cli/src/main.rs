@@ -1300,6 +1300,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                     "floor_ratio": r.floor_ratio,
                     "speedup": speedup(r).map(|s| s.0),
                     "ideal_speedup": speedup(r).map(|s| s.1),
+                    "decoder": r.decoder,
                 })
             })
             .collect();

@@ -107,6 +107,9 @@ pub struct BenchResult {
     /// VmRSS at the end of this variant's warm-up repetition, its KV cache filled and its
     /// scratch alive.
     pub resident_bytes: Option<u64>,
+    /// The decoder as it ran this variant ([`Decoder::describe`] after the warm-up
+    /// repetition: a GPU decoder names the row splits it fitted to the masks).
+    pub decoder: String,
 }
 
 /// One model variant of a benchmark run.
@@ -177,9 +180,11 @@ pub fn bench_decode(
     let mut prompt_s = vec![Vec::with_capacity(opts.reps); n];
     let mut generated = vec![Vec::new(); n];
     let mut resident_bytes = vec![None; n];
+    let mut described = vec![String::new(); n];
     for (i, v) in variants.iter().enumerate() {
         dec.set_masks(v.masks)?;
         repetition(dec, prompt, opts.n_decode, &mut generated[i])?;
+        described[i] = dec.describe();
         resident_bytes[i] = resident_memory().map(|(rss, _)| rss);
     }
     let mut scratch = Vec::new();
@@ -234,6 +239,7 @@ pub fn bench_decode(
             floor_ratio: gb_s * 1e9 / bandwidth,
             kv_cache_bytes: (fp.kv_per_position * ctx as f64) as usize,
             resident_bytes: resident_bytes[i],
+            decoder: std::mem::take(&mut described[i]),
         });
     }
     Ok(results)

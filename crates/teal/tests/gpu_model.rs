@@ -466,6 +466,48 @@ fn gpu_prefill_chunks_match_decode_steps() {
     }
 }
 
+/// The first decode step fits the row splits of the decode GEMVs to the masks, replaying the
+/// step from the current position: that changes how the GEMVs divide their work, not what they
+/// compute, nor the sequence. Against a decoder whose context leaves no room for the fit (its
+/// splits stay `Gpu::gemv_plan`'s), the same prompt and tokens give the same logits within the
+/// bound of two summation orders.
+#[test]
+fn gpu_fitted_splits_keep_the_logits() {
+    if !have_gpu("GPU split-fitting test") {
+        return;
+    }
+    for name in SHAPES {
+        let c = shape(name);
+        let model = random_model(&c);
+        let device = Device::Cuda {
+            ordinal: 0,
+            dtype: WeightDtype::Bf16,
+        };
+        let v = c.vocab_size;
+        let tokens: Vec<u32> = (0..6).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+        let run = |ctx: usize| {
+            let mut dec = device.decoder(Models::single(&model), ctx).unwrap();
+            let mut out = dec.prefill(&tokens[..2], Logits::Last).unwrap();
+            for &t in &tokens[2..] {
+                out.extend_from_slice(dec.decode(t).unwrap());
+            }
+            (out, dec.describe())
+        };
+        let (fitted, fitted_desc) = run(64);
+        let (plain, plain_desc) = run(tokens.len());
+        eprintln!("{name}: {fitted_desc} against {plain_desc}");
+        assert!(fitted_desc.contains("rows q|k|v"), "{fitted_desc}");
+        assert!(!plain_desc.contains("rows"), "{plain_desc}");
+        let worst = fitted
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .fold(0.0f32, f32::max);
+        eprintln!("{name}: fitted against planned splits, max relative difference {worst:.2e}");
+        assert!(worst <= GPU_PATHS_TOL, "{name}: {worst}");
+    }
+}
+
 /// Every site input of every layer, in position order.
 struct AllSites(Vec<[Vec<f32>; 4]>);
 

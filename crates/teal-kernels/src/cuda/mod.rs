@@ -406,6 +406,25 @@ impl Gpu {
         Ok(graph)
     }
 
+    /// Seconds one replay of `graph` takes: one untimed replay, then the median of `reps`
+    /// replays timed with events on this GPU's stream.
+    pub fn replay_seconds(&self, graph: &CudaGraph, reps: usize) -> Result<f64> {
+        graph.launch()?;
+        let ctx = self.stream.context();
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            let a = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            let b = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            a.record(&self.stream)?;
+            graph.launch()?;
+            b.record(&self.stream)?;
+            b.synchronize()?;
+            times.push(a.elapsed_ms(&b)? as f64 * 1e-3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
     /// `dst[..src.len()] = src` on the device, in stream order (can be captured).
     pub fn copy(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
         if src.len() > dst.len() {

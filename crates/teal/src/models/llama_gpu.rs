@@ -9,7 +9,10 @@
 //! its output with f32 atomics (no workspace pass): outputs that are not the residual are set
 //! to their biases or zeros by an earlier launch (see `enqueue`). Each kind of step is captured
 //! once as a CUDA graph and replayed; the token is written to the device before each replay
-//! and the position advances on the device.
+//! and the position advances on the device. How many input rows each block of a decode GEMV
+//! takes is fitted to the masks at the first decode step after they change: the step is timed
+//! with each candidate split (`GpuLlama::fit_splits`), since the best split depends on how many
+//! rows the thresholds keep.
 //!
 //! Prefill runs the prompt in chunks of up to [`MAX_BATCH`] positions with the prefill
 //! thresholds: the same GEMVs over all rows of the chunk (each weight row read once per chunk,
@@ -31,7 +34,8 @@ use crate::models::llama::{Llama, Logits, Observer, Site};
 use crate::sampler::Sampler;
 use std::collections::HashMap;
 use teal_kernels::cuda::{
-    CudaGraph, DeviceBuffer, GemvOpts, Gpu, GpuLinear, Norm, Prepare, WeightDtype, MAX_BATCH,
+    CudaGraph, DeviceBuffer, GemvOpts, GemvPlan, Gpu, GpuLinear, Norm, Prepare, WeightDtype,
+    MAX_BATCH,
 };
 
 /// The two threshold sets a model carries: the prefill model's and the decode model's.
@@ -65,7 +69,19 @@ struct Launch {
     offset: usize,
     /// Thresholds of the fused segments, per pass (negative: dense).
     thresholds: [Vec<f32>; PASSES],
+    /// Row split of the one-position launches, fitted by [`GpuLlama::fit_splits`]; `None`:
+    /// [`Gpu::gemv_plan`]'s.
+    plan: Option<GemvPlan>,
 }
+
+/// Row splits that [`GpuLlama::fit_splits`] tries for each one-position launch, besides
+/// [`Gpu::gemv_plan`]'s.
+const FIT_ROWS: [usize; 6] = [96, 128, 160, 192, 256, 320];
+/// Decode steps timed per candidate split (median), after one untimed.
+const FIT_REPS: usize = 7;
+/// A candidate split replaces the current one only where the decode step gets faster by this
+/// fraction (a guard against timing noise).
+const FIT_MARGIN: f64 = 0.002;
 
 /// The GEMV threshold of a mask: `|x| <= t` is zeroed; dense keeps everything.
 fn threshold(mask: Option<InputMask>, what: &str) -> Result<f32> {
@@ -150,6 +166,7 @@ impl Group {
                 w,
                 offset: 0,
                 thresholds: std::array::from_fn(|_| vec![-1.0]),
+                plan: None,
             }],
             width: m.out_dim,
         })
@@ -186,6 +203,7 @@ impl Group {
                 w,
                 offset: 0,
                 thresholds,
+                plan: None,
             }]
         } else if on_tiles {
             let thresholds = std::array::from_fn(|pass| t.iter().map(|ti| ti[pass]).collect());
@@ -194,6 +212,7 @@ impl Group {
                 w,
                 offset: 0,
                 thresholds,
+                plan: None,
             }]
         } else {
             let mut launches = Vec::with_capacity(parts.len());
@@ -203,6 +222,7 @@ impl Group {
                     w: g.linear_from_bits(&bits, n_in, w.out_dim, dtype, &[])?,
                     offset: ends[i] - w.out_dim,
                     thresholds: std::array::from_fn(|pass| vec![t[i][pass]]),
+                    plan: None,
                 });
             }
             launches
@@ -257,6 +277,7 @@ impl Group {
                 accumulate: true,
                 y_offset: l.offset,
                 y_stride: self.width,
+                plan: if batch == 1 { l.plan } else { base.plan },
                 ..base
             };
             let t = &l.thresholds[pass];
@@ -268,6 +289,15 @@ impl Group {
         }
         Ok(())
     }
+}
+
+/// Where a block's one-position launch sits ([`Layer::groups_mut`] index, launch within the
+/// group) and its weight shape: every block's launch there of that shape gets one row split.
+#[derive(Clone, Copy)]
+struct Slot {
+    group: usize,
+    launch: usize,
+    shape: (usize, usize),
 }
 
 struct Layer {
@@ -286,6 +316,18 @@ struct Layer {
     sites: Option<[DeviceBuffer<f32>; 4]>,
 }
 
+impl Layer {
+    /// The GEMV groups in enqueue order: q|k|v, o, gate|up, down.
+    fn groups_mut(&mut self) -> [&mut Group; 4] {
+        [
+            &mut self.qkv,
+            &mut self.o,
+            &mut self.gate_up,
+            &mut self.down,
+        ]
+    }
+}
+
 /// A Llama on one GPU with one sequence's KV cache (see the module documentation).
 pub struct GpuLlama {
     gpu: Gpu,
@@ -293,6 +335,9 @@ pub struct GpuLlama {
     m: Resident,
     /// The steps run so far, captured at first use.
     graphs: HashMap<Step, CudaGraph>,
+    /// Row splits fitted by [`GpuLlama::fit_splits`], per [`Resident::slots`], by the decode
+    /// thresholds they were fitted to (their bits).
+    fitted: HashMap<Vec<u32>, Vec<GemvPlan>>,
     len: usize,
     host_logits: Vec<f32>,
 }
@@ -452,6 +497,7 @@ impl GpuLlama {
         Ok(GpuLlama {
             host_logits: vec![0.0; m.config.vocab_size],
             graphs: HashMap::new(),
+            fitted: HashMap::new(),
             len: 0,
             m,
             gpu,
@@ -461,6 +507,45 @@ impl GpuLlama {
 }
 
 impl Resident {
+    /// Block 0's GEMV launches in enqueue order, the slots of [`GpuLlama::fit_splits`].
+    fn slots(&mut self) -> Vec<Slot> {
+        let mut slots = Vec::new();
+        for (group, g) in self.layers[0].groups_mut().into_iter().enumerate() {
+            for (launch, l) in g.launches.iter().enumerate() {
+                slots.push(Slot {
+                    group,
+                    launch,
+                    shape: (l.w.n_in, l.w.n_out),
+                });
+            }
+        }
+        slots
+    }
+
+    /// Give every block's launch in each slot that slot's row split (for one-position steps).
+    fn set_splits(&mut self, slots: &[Slot], plans: &[GemvPlan]) {
+        for layer in &mut self.layers {
+            let groups = layer.groups_mut();
+            for (s, &plan) in slots.iter().zip(plans) {
+                if let Some(l) = groups[s.group].launches.get_mut(s.launch) {
+                    if (l.w.n_in, l.w.n_out) == s.shape {
+                        l.plan = Some(plan);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The decode thresholds of every launch, as bits: what [`GpuLlama::fit_splits`] fits to.
+    fn decode_thresholds(&self) -> Vec<u32> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .flat_map(|g| &g.launches)
+            .flat_map(|l| l.thresholds[DECODE].iter().map(|t| t.to_bits()))
+            .collect()
+    }
+
     /// Enqueue `step` (see the module documentation): a decode or observed step at the
     /// device position `pos`, which it advances, or a prefill chunk at the positions
     /// `chunk_pos` (each row attending to `chunk_keys` keys). An observed step also writes
@@ -603,6 +688,9 @@ impl GpuLlama {
     /// caller has written its tokens (and a chunk's positions) to the device.
     fn launch(&mut self, step: Step) -> Result<()> {
         if !self.graphs.contains_key(&step) {
+            if step == Step::Decode {
+                self.fit_splits()?;
+            }
             let (g, m) = (&self.gpu, &mut self.m);
             let graph = g.capture(|| m.enqueue(g, step).map_err(capture_error))?;
             self.graphs.insert(step, graph);
@@ -613,6 +701,63 @@ impl GpuLlama {
                 .map_err(teal_kernels::cuda::CudaError::from)?;
         }
         Ok(())
+    }
+
+    /// Fits the row split of each one-position GEMV launch to the current masks, once per set
+    /// of decode thresholds (kept for later): the decode step itself, at the current position
+    /// with the token already written, is captured with each candidate split of one slot at a
+    /// time ([`FIT_ROWS`], starting from [`Gpu::gemv_plan`]'s) and timed over [`FIT_REPS`]
+    /// replays; a candidate is kept where the step gets faster by [`FIT_MARGIN`]. The replays
+    /// write the KV cache rows from the current position on, which the real steps overwrite
+    /// before any step reads them; the position is restored. Without room for the replays
+    /// before the end of the context the splits stay as they are.
+    fn fit_splits(&mut self) -> Result<()> {
+        let key = self.m.decode_thresholds();
+        let slots = self.m.slots();
+        if let Some(plans) = self.fitted.get(&key) {
+            self.m.set_splits(&slots, plans);
+            return Ok(());
+        }
+        if self.len + FIT_REPS + 2 > self.m.ctx {
+            return Ok(());
+        }
+        let mut plans: Vec<GemvPlan> = slots
+            .iter()
+            .map(|s| self.gpu.gemv_plan(s.shape.0, s.shape.1, 1.0, 1))
+            .collect();
+        let mut best = self.time_decode(&slots, &plans)?;
+        for i in 0..slots.len() {
+            let start = plans[i];
+            let cap = slots[i].shape.0.div_ceil(32) * 32;
+            for rows in FIT_ROWS
+                .into_iter()
+                .filter(|&r| r <= cap && r != start.rows_per_chunk)
+            {
+                let mut trial = plans.clone();
+                trial[i] = GemvPlan {
+                    rows_per_chunk: rows,
+                };
+                let t = self.time_decode(&slots, &trial)?;
+                if t < best * (1.0 - FIT_MARGIN) {
+                    best = t;
+                    plans = trial;
+                }
+            }
+        }
+        self.m.set_splits(&slots, &plans);
+        self.fitted.insert(key, plans);
+        Ok(())
+    }
+
+    /// Seconds of one decode step with `plans`, from the current position (restored after).
+    fn time_decode(&mut self, slots: &[Slot], plans: &[GemvPlan]) -> Result<f64> {
+        self.m.set_splits(slots, plans);
+        let (g, m) = (&self.gpu, &mut self.m);
+        let graph = g.capture(|| m.enqueue(g, Step::Decode).map_err(capture_error))?;
+        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+        let t = self.gpu.replay_seconds(&graph, FIT_REPS)?;
+        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+        Ok(t)
     }
 
     /// Checks that `tokens` fit in the vocabulary and after the current position.
@@ -810,9 +955,31 @@ impl Decoder for GpuLlama {
             method: "device-to-device copy, bytes read + written",
         })
     }
+    /// With fitted splits ([`GpuLlama::fit_splits`]), block 0's rows per chunk of each
+    /// one-position launch follow the device, e.g. `rows q|k|v 192, o 128, gate|up 256, down 128`.
     fn describe(&self) -> String {
+        const NAMES: [&str; 4] = ["q|k|v", "o", "gate|up", "down"];
+        let splits: Vec<String> = self
+            .m
+            .layers
+            .first()
+            .map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .into_iter()
+            .flatten()
+            .zip(NAMES)
+            .flat_map(|(g, name)| {
+                g.launches
+                    .iter()
+                    .filter_map(move |l| l.plan.map(|p| format!("{name} {}", p.rows_per_chunk)))
+            })
+            .collect();
+        let fitted = if splits.is_empty() {
+            String::new()
+        } else {
+            format!("; rows {}", splits.join(", "))
+        };
         format!(
-            "cuda:{} ({}, {})",
+            "cuda:{} ({}, {}{fitted})",
             self.ordinal,
             self.gpu.name(),
             self.m.dtype.name()
