@@ -510,7 +510,10 @@ impl Resident {
     /// Block 0's GEMV launches in enqueue order, the slots of [`GpuLlama::fit_splits`].
     fn slots(&mut self) -> Vec<Slot> {
         let mut slots = Vec::new();
-        for (group, g) in self.layers[0].groups_mut().into_iter().enumerate() {
+        let Some(first) = self.layers.first_mut() else {
+            return slots;
+        };
+        for (group, g) in first.groups_mut().into_iter().enumerate() {
             for (launch, l) in g.launches.iter().enumerate() {
                 slots.push(Slot {
                     group,
