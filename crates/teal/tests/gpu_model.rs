@@ -282,11 +282,7 @@ fn check_shape(name: &str) {
         let m = model
             .with_masks(&masks(&case.thresholds, c.num_hidden_layers))
             .unwrap();
-        let device = Device::Cuda {
-            ordinal: 0,
-            dtype: WeightDtype::Bf16,
-        };
-        let mut dec = device.decoder(Models::single(&m), 64).unwrap();
+        let mut dec = GPU_BF16.decoder(Models::single(&m), 64).unwrap();
         let sparse = case.thresholds.is_some();
         let (mut worst, mut bad) = (0.0f32, Vec::new());
         // Indices into the greedy ids whose position was an accepted near tie.
@@ -400,6 +396,21 @@ fn cuda_device_without_gpu_is_a_clear_error() {
     assert!(Device::parse("cuda:0", "f32").is_err());
 }
 
+/// The GPU every test here runs on.
+const GPU_BF16: Device = Device::Cuda {
+    ordinal: 0,
+    dtype: WeightDtype::Bf16,
+};
+
+/// The largest `|got - want| / max(1, |want|)`; the lengths must match.
+fn max_rel(got: &[f32], want: &[f32], what: &str) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0.0f32, f32::max)
+}
+
 /// Whether a GPU is here; prints why not.
 fn have_gpu(what: &str) -> bool {
     match teal_kernels::cuda::try_gpu(0) {
@@ -431,11 +442,7 @@ fn gpu_prefill_chunks_match_decode_steps() {
     for name in SHAPES {
         let c = shape(name);
         let model = random_model(&c);
-        let device = Device::Cuda {
-            ordinal: 0,
-            dtype: WeightDtype::Bf16,
-        };
-        let mut dec = device.decoder(Models::single(&model), 64).unwrap();
+        let mut dec = GPU_BF16.decoder(Models::single(&model), 64).unwrap();
         let v = c.vocab_size;
         let tokens: Vec<u32> = (0..21).map(|i| ((i * 7919 + 13) % v) as u32).collect();
         let chunked = dec.prefill(&tokens, Logits::All).unwrap();
@@ -446,14 +453,10 @@ fn gpu_prefill_chunks_match_decode_steps() {
         for &t in &tokens[1..] {
             stepped.extend_from_slice(dec.decode(t).unwrap());
         }
-        let rel = |got: &[f32], want: &[f32]| {
-            assert_eq!(got.len(), want.len(), "{name}: logits length");
-            got.iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-                .fold(0.0f32, f32::max)
-        };
-        let (w_last, w_steps) = (rel(&last, &chunked[20 * v..]), rel(&chunked, &stepped));
+        let (w_last, w_steps) = (
+            max_rel(&last, &chunked[20 * v..], name),
+            max_rel(&chunked, &stepped, name),
+        );
         eprintln!(
             "{name}: max relative difference, Last vs All {w_last:.2e}, chunks vs decode steps \
              {w_steps:.2e}"
@@ -479,14 +482,10 @@ fn gpu_fitted_splits_keep_the_logits() {
     for name in SHAPES {
         let c = shape(name);
         let model = random_model(&c);
-        let device = Device::Cuda {
-            ordinal: 0,
-            dtype: WeightDtype::Bf16,
-        };
         let v = c.vocab_size;
         let tokens: Vec<u32> = (0..6).map(|i| ((i * 7919 + 13) % v) as u32).collect();
         let run = |ctx: usize| {
-            let mut dec = device.decoder(Models::single(&model), ctx).unwrap();
+            let mut dec = GPU_BF16.decoder(Models::single(&model), ctx).unwrap();
             let mut out = dec.prefill(&tokens[..2], Logits::Last).unwrap();
             for &t in &tokens[2..] {
                 out.extend_from_slice(dec.decode(t).unwrap());
@@ -498,11 +497,7 @@ fn gpu_fitted_splits_keep_the_logits() {
         eprintln!("{name}: {fitted_desc} against {plain_desc}");
         assert!(fitted_desc.contains("rows q|k|v"), "{fitted_desc}");
         assert!(!plain_desc.contains("rows"), "{plain_desc}");
-        let worst = fitted
-            .iter()
-            .zip(&plain)
-            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-            .fold(0.0f32, f32::max);
+        let worst = max_rel(&fitted, &plain, name);
         eprintln!("{name}: fitted against planned splits, max relative difference {worst:.2e}");
         assert!(worst <= GPU_PATHS_TOL, "{name}: {worst}");
     }
@@ -533,12 +528,8 @@ fn gpu_observed_sites_and_set_masks() {
         let f: Fixture = serde_json::from_str(fixture_text(name)).unwrap();
         let c = shape(name);
         let model = random_model(&c);
-        let device = Device::Cuda {
-            ordinal: 0,
-            dtype: WeightDtype::Bf16,
-        };
         let mut cpu = Device::Cpu.decoder(Models::single(&model), 64).unwrap();
-        let mut gpu = device.decoder(Models::single(&model), 64).unwrap();
+        let mut gpu = GPU_BF16.decoder(Models::single(&model), 64).unwrap();
         let mut want = AllSites(vec![Default::default(); c.num_hidden_layers]);
         let mut got = AllSites(vec![Default::default(); c.num_hidden_layers]);
         cpu.prefill_observed(&f.prompt, &mut want).unwrap();
@@ -662,12 +653,8 @@ fn gpu_decode_sample_follows_the_cpu_seed() {
     let f: Fixture = serde_json::from_str(fixture_text(name)).unwrap();
     let c = shape(name);
     let model = random_model(&c);
-    let device = Device::Cuda {
-        ordinal: 0,
-        dtype: WeightDtype::Bf16,
-    };
     let mut cpu = Device::Cpu.decoder(Models::single(&model), 64).unwrap();
-    let mut gpu = device.decoder(Models::single(&model), 64).unwrap();
+    let mut gpu = GPU_BF16.decoder(Models::single(&model), 64).unwrap();
     let dense = f.cases.iter().find(|c| c.thresholds.is_none()).unwrap();
     let top1 = SamplerConfig {
         temperature: 0.8,
@@ -755,11 +742,7 @@ fn gpu_calibration_matches_cpu() {
         let (c, model, fp, tokens, opts) = calibration_case(name);
         let (samples, seq_len) = (opts.samples, opts.seq_len);
         let want = calibrate(&model, fp.clone(), &tokens, &opts, &mut |_, _, _| {}).unwrap();
-        let device = Device::Cuda {
-            ordinal: 0,
-            dtype: WeightDtype::Bf16,
-        };
-        let mut dec = device.decoder(Models::single(&model), seq_len).unwrap();
+        let mut dec = GPU_BF16.decoder(Models::single(&model), seq_len).unwrap();
         let per_layer =
             samples * seq_len * (2 * c.hidden_size + c.q_dim() + c.intermediate_size) * 4;
         let budget = per_layer * c.num_hidden_layers.div_ceil(2);
