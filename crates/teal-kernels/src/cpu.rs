@@ -1147,11 +1147,14 @@ elementwise_dot!(
 
 /// AVX2 dot products over a blocked format (blocks of 32 inputs), in passes as
 /// [`elementwise_dot`]: per block, `x` is loaded once for the pass and each row adds
-/// `d * (q . x_block)` (plus `m * sum(x_block)` for formats with a minimum). A partial last block
+/// `d * (q . x_block)` (plus `m * sum(x_block)` for formats with a minimum). With `$table`
+/// (q8) `d` is broadcast straight from [`f16_table`], a load instead of an F16C conversion and
+/// a broadcast on the shuffle port (SmolLM2's q8 LM head; q4's loop is bound by the other
+/// ports, and was no faster so). A partial last block
 /// runs through the same code against a zero-padded copy of `x`'s tail (the padded weights are
 /// zeros, and meet zeros).
 macro_rules! blocked_dot {
-    ($name:ident, $pass:ident, $bsize:expr, $block:ident, $has_min:expr) => {
+    ($name:ident, $pass:ident, $bsize:expr, $block:ident, $has_min:expr, $table:expr) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn $name(b: &[u8], n_in: usize, x: &[f32], o0: usize, yc: &mut [f32]) {
@@ -1184,6 +1187,7 @@ macro_rules! blocked_dot {
                 *p = b.as_ptr().add(o * nb * $bsize);
             }
             let ahead = DOT_PREFETCH_ROWS * nb * $bsize;
+            let table = f16_table();
             let mut acc = [_mm256_setzero_ps(); N];
             for g in 0..nb {
                 let xg = if g < full {
@@ -1208,9 +1212,23 @@ macro_rules! blocked_dot {
                     t = _mm256_fmadd_ps(qv[1], xv[1], t);
                     t = _mm256_fmadd_ps(qv[2], xv[2], t);
                     t = _mm256_fmadd_ps(qv[3], xv[3], t);
-                    acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), t, acc[r]);
+                    // The block's f16 scale (and minimum, after it) broadcast from the table.
+                    let scale = |at: usize| {
+                        let bits = (rows[r].add(g * $bsize + at) as *const u16).read_unaligned();
+                        _mm256_broadcast_ss(&table[bits as usize])
+                    };
+                    let d = if $table {
+                        scale(0)
+                    } else {
+                        _mm256_broadcastss_ps(dm)
+                    };
+                    acc[r] = _mm256_fmadd_ps(d, t, acc[r]);
                     if $has_min {
-                        let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+                        let m = if $table {
+                            scale(2)
+                        } else {
+                            _mm256_broadcastss_ps(_mm_movehdup_ps(dm))
+                        };
                         acc[r] = _mm256_fmadd_ps(m, xsum, acc[r]);
                     }
                 }
@@ -1224,8 +1242,8 @@ macro_rules! blocked_dot {
     };
 }
 
-blocked_dot!(dot_q8_avx2, dot_pass_q8, Q8_BLOCK, q8_block, false);
-blocked_dot!(dot_q4_avx2, dot_pass_q4, Q4_BLOCK, q4_block, true);
+blocked_dot!(dot_q8_avx2, dot_pass_q8, Q8_BLOCK, q8_block, false, true);
+blocked_dot!(dot_q4_avx2, dot_pass_q4, Q4_BLOCK, q4_block, true, false);
 
 /// Prefill on an output-major matrix: `y[T, out] = x[T, in] * W^T`, threaded over blocks of 256
 /// output rows. f32 is multiplied in place (W read through transposed strides); other formats
