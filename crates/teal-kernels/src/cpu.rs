@@ -715,9 +715,9 @@ unsafe fn q4_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], std::arch::
     ([c0, c1, c2, c3], dm)
 }
 
-/// Every f16 bit pattern as f32. The q8 tile reads its scales through it (a load and a scalar
-/// multiply) instead of converting each with F16C, whose one-value conversion costs a cycle of
-/// the shuffle port on top of the block's four sign extensions and the broadcast: the dense q8
+/// Every f16 bit pattern as f32. The q8 tile and dot read their scales through it (a load)
+/// instead of converting each with F16C, whose one-value conversion costs a cycle of the
+/// shuffle port on top of the block's four sign extensions and the broadcast: the dense q8
 /// GEMV, bound by that port, ran 3-12 % faster (docs/PERFORMANCE.md, twelfth session).
 fn f16_table() -> &'static [f32; 65536] {
     static TABLE: std::sync::OnceLock<Box<[f32; 65536]>> = std::sync::OnceLock::new();
@@ -1150,7 +1150,7 @@ elementwise_dot!(
 /// `d * (q . x_block)` (plus `m * sum(x_block)` for formats with a minimum). With `$table`
 /// (q8) `d` is broadcast straight from [`f16_table`], a load instead of an F16C conversion and
 /// a broadcast on the shuffle port (SmolLM2's q8 LM head; q4's loop is bound by the other
-/// ports, and was no faster so). A partial last block
+/// ports, and reading its scale and minimum so was no faster). A partial last block
 /// runs through the same code against a zero-padded copy of `x`'s tail (the padded weights are
 /// zeros, and meet zeros).
 macro_rules! blocked_dot {
@@ -1212,23 +1212,15 @@ macro_rules! blocked_dot {
                     t = _mm256_fmadd_ps(qv[1], xv[1], t);
                     t = _mm256_fmadd_ps(qv[2], xv[2], t);
                     t = _mm256_fmadd_ps(qv[3], xv[3], t);
-                    // The block's f16 scale (and minimum, after it) broadcast from the table.
-                    let scale = |at: usize| {
-                        let bits = (rows[r].add(g * $bsize + at) as *const u16).read_unaligned();
-                        _mm256_broadcast_ss(&table[bits as usize])
-                    };
                     let d = if $table {
-                        scale(0)
+                        let bits = (rows[r].add(g * $bsize) as *const u16).read_unaligned();
+                        _mm256_broadcast_ss(&table[bits as usize])
                     } else {
                         _mm256_broadcastss_ps(dm)
                     };
                     acc[r] = _mm256_fmadd_ps(d, t, acc[r]);
                     if $has_min {
-                        let m = if $table {
-                            scale(2)
-                        } else {
-                            _mm256_broadcastss_ps(_mm_movehdup_ps(dm))
-                        };
+                        let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
                         acc[r] = _mm256_fmadd_ps(m, xsum, acc[r]);
                     }
                 }
