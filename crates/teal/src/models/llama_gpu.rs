@@ -291,7 +291,7 @@ impl Group {
     }
 }
 
-/// Where a block's one-position launch sits ([`Layer::groups_mut`] index, launch within the
+/// Where a block's one-position launch sits ([`Layer::groups`] index, launch within the
 /// group) and its weight shape: every block's launch there of that shape gets one row split.
 #[derive(Clone, Copy)]
 struct Slot {
@@ -316,8 +316,16 @@ struct Layer {
     sites: Option<[DeviceBuffer<f32>; 4]>,
 }
 
+/// Names of a block's GEMV groups, in [`Layer::groups`] order.
+const GROUP_NAMES: [&str; 4] = ["q|k|v", "o", "gate|up", "down"];
+
 impl Layer {
     /// The GEMV groups in enqueue order: q|k|v, o, gate|up, down.
+    fn groups(&self) -> [&Group; 4] {
+        [&self.qkv, &self.o, &self.gate_up, &self.down]
+    }
+
+    /// [`Layer::groups`], to change.
     fn groups_mut(&mut self) -> [&mut Group; 4] {
         [
             &mut self.qkv,
@@ -508,12 +516,12 @@ impl GpuLlama {
 
 impl Resident {
     /// Block 0's GEMV launches in enqueue order, the slots of [`GpuLlama::fit_splits`].
-    fn slots(&mut self) -> Vec<Slot> {
+    fn slots(&self) -> Vec<Slot> {
         let mut slots = Vec::new();
-        let Some(first) = self.layers.first_mut() else {
+        let Some(first) = self.layers.first() else {
             return slots;
         };
-        for (group, g) in first.groups_mut().into_iter().enumerate() {
+        for (group, g) in first.groups().into_iter().enumerate() {
             for (launch, l) in g.launches.iter().enumerate() {
                 slots.push(Slot {
                     group,
@@ -543,7 +551,7 @@ impl Resident {
     fn decode_thresholds(&self) -> Vec<u32> {
         self.layers
             .iter()
-            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .flat_map(Layer::groups)
             .flat_map(|g| &g.launches)
             .flat_map(|l| l.thresholds[DECODE].iter().map(|t| t.to_bits()))
             .collect()
@@ -961,15 +969,14 @@ impl Decoder for GpuLlama {
     /// With fitted splits ([`GpuLlama::fit_splits`]), block 0's rows per chunk of each
     /// one-position launch follow the device, e.g. `rows q|k|v 192, o 128, gate|up 256, down 128`.
     fn describe(&self) -> String {
-        const NAMES: [&str; 4] = ["q|k|v", "o", "gate|up", "down"];
         let splits: Vec<String> = self
             .m
             .layers
             .first()
-            .map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .map(Layer::groups)
             .into_iter()
             .flatten()
-            .zip(NAMES)
+            .zip(GROUP_NAMES)
             .flat_map(|(g, name)| {
                 g.launches
                     .iter()
