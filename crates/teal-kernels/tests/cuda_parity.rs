@@ -476,6 +476,47 @@ fn unsupported_dtype_is_a_clear_error() {
     assert!(e.contains("unsupported dtype") && e.contains("q4_0"), "{e}");
 }
 
+/// The multi-block argmax against the reference at a vocabulary's length: ties across blocks
+/// (the first index wins), NaN (never wins), a row of -inf (index 0), rows beyond one launch's
+/// group, odd lengths, and a second call on the same workspace.
+#[test]
+fn argmax_over_blocks_matches_reference() {
+    let Some(g) = gpu() else { return };
+    for &(rows, n) in &[(1usize, 128256usize), (3, 49152), (11, 8193), (2, 20001)] {
+        let mut x: Vec<f32> = rand_vec(rows * n, 31);
+        let top = 10.0;
+        // Row 0: a tie between the first block and a later one.
+        x[5] = top;
+        x[n - 3] = top;
+        if rows > 1 {
+            // Row 1: NaN everywhere it could win, the maximum in the last block.
+            x[n..2 * n]
+                .iter_mut()
+                .step_by(97)
+                .for_each(|v| *v = f32::NAN);
+            x[2 * n - 1] = top;
+        }
+        if rows > 2 {
+            x[2 * n..3 * n].fill(f32::NEG_INFINITY);
+        }
+        let xd = g.upload(&x).unwrap();
+        for call in 0..2 {
+            let mut am = g.zeros::<u32>(rows).unwrap();
+            g.argmax(&xd, &mut am, rows, n).unwrap();
+            let got = g.download(&am).unwrap();
+            for r in 0..rows {
+                let row = &x[r * n..(r + 1) * n];
+                let want = if r == 1 {
+                    n - 1
+                } else {
+                    reference::argmax(row)
+                };
+                assert_eq!(got[r] as usize, want, "argmax n {n} row {r} call {call}");
+            }
+        }
+    }
+}
+
 #[test]
 fn rmsnorm_silu_argmax_match_reference() {
     let Some(g) = gpu() else { return };

@@ -4,7 +4,11 @@
 //! activations (exact |x| quantile per site, the same s for all seven projections), median of
 //! `--reps` runs. Prints tok/s; the first run of each setting (graph capture) is not timed.
 //!
+//! With `--profile`, one more greedy step per sparsity runs inside a profiler range
+//! (`ncu --profile-from-start off` records only those steps' kernels).
+//!
 //! Usage: gpu_decode [--shape smollm2-135m] [--dtype bf16] [--steps 128] [--reps 5]
+//!        [--sparsities 0,0.25,0.4,0.5,0.65] [--profile]
 
 use std::time::Instant;
 use teal::device::Device;
@@ -40,6 +44,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dtype = arg("--dtype", "bf16");
     let steps: usize = arg("--steps", "128").parse()?;
     let reps: usize = arg("--reps", "5").parse()?;
+    let sparsities = arg("--sparsities", "0,0.25,0.4,0.5,0.65")
+        .split(',')
+        .map(str::parse::<f64>)
+        .collect::<Result<Vec<_>, _>>()?;
+    let profile = args.iter().any(|a| a == "--profile");
     let device = Device::parse("cuda:0", &dtype)?;
     let c = random::shape(&shape)?;
     let model = random::random_llama(&c, 1, None)?;
@@ -53,10 +62,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Logits::Last,
         Some(&mut samples),
     )?;
-    let ctx = prompt.len() + steps + 1;
+    let ctx = prompt.len() + steps + 2;
     println!("shape {shape}, {dtype} weights, {steps} greedy steps after 8 prompt tokens, median of {reps}");
     println!("{:>5} {:>10} {:>9}", "s", "ms/token", "tok/s");
-    for s in [0.0, 0.25, 0.4, 0.5, 0.65] {
+    for &s in &sparsities {
         let masks: Vec<[Option<InputMask>; 7]> = samples
             .0
             .iter()
@@ -76,9 +85,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut times = Vec::new();
         let mut ids = Vec::new();
+        let mut next = 0;
         for r in 0..=reps {
             dec.clear()?;
-            let mut next = teal::sampler::argmax(&dec.prefill(&prompt, Logits::Last)?);
+            next = teal::sampler::argmax(&dec.prefill(&prompt, Logits::Last)?);
             ids.clear();
             let t0 = Instant::now();
             for _ in 0..steps {
@@ -88,6 +98,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             if r > 0 {
                 times.push(t0.elapsed().as_secs_f64() / steps as f64);
             }
+        }
+        if profile {
+            teal_kernels::cuda::profiler_range(true)?;
+            next = dec.decode_greedy(next)?;
+            teal_kernels::cuda::profiler_range(false)?;
+            println!("profiled one step at s = {s} (next id {next})");
         }
         times.sort_by(f64::total_cmp);
         let t = times[times.len() / 2];

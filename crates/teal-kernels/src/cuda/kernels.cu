@@ -138,9 +138,10 @@ __device__ __forceinline__ void fma8(float (&a)[B][8], uint4 w, const float* xs,
 //
 // Grid: (column tiles of 256, input chunks of R rows). Each block
 //  1. compacts the rows j of its chunk with |x[b, j]| > t for some b (the union over the
-//     batch) into a shared index list, keeping the thresholded values;
+//     batch) into a shared index list, keeping the thresholded values, 256 rows a pass;
 //  2. its 8 warps read only those rows (16-byte streaming loads, U rows in flight per warp)
-//     and accumulate in f32 registers;
+//     and accumulate in f32 registers; in chunks of more than 256 rows the loads of the rows
+//     kept so far are in flight while the next compaction pass runs;
 //  3. sums the 8 warps in shared memory and adds the block's partial into the f32
 //     accumulator `acc` with f32 atomics (no f16 atomics);
 //  4. the last block of a column tile (a counter per tile) writes y and resets `acc` and its
@@ -172,6 +173,17 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
             init_dst[i] = init_src != nullptr ? init_src[i] : 0.0f;
     }
     __shared__ float inv_rms[B];
+    const int k0 = blockIdx.y * R;
+    const int k1 = min(k0 + R, n_in);
+    // With the RMSNorm prologue, the first compaction pass's inputs and norm weights are
+    // loaded before the mean square's loads, so that both share one L2 round trip.
+    float x_first[B], nw_first = 0.0f;
+    if (nw != nullptr && !glu) {
+        const int j = k0 + (int)threadIdx.x;
+#pragma unroll
+        for (int b = 0; b < B; ++b) x_first[b] = j < k1 ? x[(size_t)b * n_in + j] : 0.0f;
+        nw_first = j < k1 ? nw[j] : 0.0f;
+    }
     if (nw != nullptr) {
 #pragma unroll
         for (int b = 0; b < B; ++b) {
@@ -205,11 +217,11 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int col_base = blockIdx.x * GEMV_TILE;
     const float t = col_base < seg1 ? t0 : (col_base < seg2 ? t1 : t2);
-    const int k0 = blockIdx.y * R;
-    const int k1 = min(k0 + R, n_in);
 
-    int cnt = 0;
-    for (int r0 = k0; r0 < k1; r0 += GEMV_THREADS) {
+    // One compaction pass: rows r0 .. r0 + 255 of the chunk, the kept ones appended to idx / xs
+    // after the `cnt` kept so far; returns the new count. Every thread of the block calls it
+    // (two barriers).
+    auto compact = [&](int r0, int cnt) -> int {
         const int j = r0 + tid;
         float v[B];
         bool keep = false;
@@ -221,7 +233,9 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
                 const float g = x[(size_t)b * 2 * n_in + j], u = x[(size_t)b * 2 * n_in + n_in + j];
                 v[b] = g / (1.0f + expf(-g)) * u;
             } else if (nw != nullptr) {
-                v[b] = x[(size_t)b * n_in + j] * inv_rms[b] * nw[j];
+                const bool first = r0 == k0;
+                v[b] = (first ? x_first[b] : x[(size_t)b * n_in + j]) * inv_rms[b] *
+                       (first ? nw_first : nw[j]);
             } else {
                 v[b] = x[(size_t)b * n_in + j];
             }
@@ -242,9 +256,9 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
 #pragma unroll
             for (int b = 0; b < B; ++b) xs[b * R + s] = fabsf(v[b]) > t ? v[b] : 0.0f;
         }
-        cnt += tot;
         __syncthreads();
-    }
+        return cnt + tot;
+    };
 
     float a[B][8];
 #pragma unroll
@@ -253,13 +267,47 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
         for (int i = 0; i < 8; ++i) a[b][i] = 0.0f;
 
     const int col = col_base + lane * 8;
-    if (col < n_out) {
-        // U rows in flight per warp before the first use, the last pass predicated. (Written
-        // as a main loop plus a one-row remainder loop, ptxas compiled the batch-1 kernel to 32
-        // registers with each load issued just before its use, one or two in flight, and the
-        // remainder waited one round trip per row.)
-        constexpr int U = B <= 2 ? 8 : 4;
-        for (int s0 = warp; s0 < cnt; s0 += U * GEMV_WARPS) {
+    const bool active = col < n_out;
+    // U rows in flight per warp before the first use; a pass of the block covers PASS kept
+    // rows, warp w taking s0, s0 + 8, ... (s0 = w + a multiple of PASS). (Written as a main loop
+    // plus a one-row remainder loop, ptxas compiled the batch-1 kernel to 32 registers with
+    // each load issued just before its use, one or two in flight, and the remainder waited
+    // one round trip per row.)
+    constexpr int U = B <= 2 ? 8 : 4;
+    constexpr int PASS = U * GEMV_WARPS;
+    int cnt = compact(k0, 0);
+    int s0 = warp;
+    // Chunks of more than 256 rows: each further compaction pass runs while one full pass of
+    // loads of the rows kept so far is in flight, and full passes beyond the one kept for the
+    // next compaction run in between, so the weights stream while the inputs are tested.
+    // (s0 - warp and cnt are the same in every warp: these conditions are block-uniform.)
+    for (int r0 = k0 + GEMV_THREADS; r0 < k1; r0 += GEMV_THREADS) {
+        const bool full = s0 - warp + PASS <= cnt;
+        uint4 w[U];
+        if (full && active) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) w[u] = load8<VEC>(wt, idx[s0 + u * GEMV_WARPS], col, n_out);
+        }
+        cnt = compact(r0, cnt);
+        if (full) {
+            if (active) {
+#pragma unroll
+                for (int u = 0; u < U; ++u) fma8<WT, B>(a, w[u], xs, s0 + u * GEMV_WARPS, R);
+            }
+            s0 += PASS;
+        }
+        const int reserve = r0 + GEMV_THREADS < k1 ? PASS : 0;
+        for (; s0 - warp + PASS + reserve <= cnt; s0 += PASS) {
+            if (!active) continue;
+#pragma unroll
+            for (int u = 0; u < U; ++u) w[u] = load8<VEC>(wt, idx[s0 + u * GEMV_WARPS], col, n_out);
+#pragma unroll
+            for (int u = 0; u < U; ++u) fma8<WT, B>(a, w[u], xs, s0 + u * GEMV_WARPS, R);
+        }
+    }
+    if (active) {
+        // The rest, the last pass predicated.
+        for (; s0 < cnt; s0 += PASS) {
             uint4 w[U];
 #pragma unroll
             for (int u = 0; u < U; ++u) {
@@ -639,29 +687,44 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gu, float* __r
     }
 }
 
-// Index of the largest value of each row (first one on ties). One block per row; each
-// thread reads its indices in increasing order with 8 loads in flight (16-byte loads when
-// n % 4 == 0: 128256 logits take 4 round trips with 1024 threads).
-extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, u32* __restrict__ out) {
+// Index of the largest value of each row (first one on ties; NaN never wins; 0 where no value
+// is larger than -inf). Grid: (chunks of `chunk` values, rows), 256 threads. Each block finds
+// its chunk's best (each thread 8 loads in flight, 16-byte loads when n % 4 == 0) and folds it
+// into the row's 64-bit key with one atomicMax: the value's order-keeping bits above the
+// complemented index, so the largest key is the largest value at its smallest index. The
+// row's last block (a counter per row) writes the index and resets the key and the counter
+// to zero, so the workspace is clean for the next call.
+__device__ __forceinline__ u32 order_key(float v) {
+    const u32 u = __float_as_uint(v);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+// Combine two candidates (index 0x7fffffff: none yet), ties to the smaller index.
+__device__ __forceinline__ void argmax_take(float v, int i, float& best, int& bidx) {
+    if (v > best || (v == best && i < bidx)) { best = v; bidx = i; }
+}
+extern "C" __global__ void __launch_bounds__(256)
+argmax_f32(const float* __restrict__ x, int n, int chunk, u32* __restrict__ out,
+           unsigned long long* __restrict__ keys, u32* __restrict__ counters) {
     pdl_begin();
-    __shared__ float bv[32];
-    __shared__ int bi[32];
-    const float* r = x + (size_t)blockIdx.x * n;
+    __shared__ float bv[8];
+    __shared__ int bi[8];
+    const int row = blockIdx.y, tid = threadIdx.x;
+    const float* r = x + (size_t)row * n;
+    const int lo = blockIdx.x * chunk, hi = min(lo + chunk, n);
     float best = NEG_INF;
     int bidx = 0x7fffffff;
-    const int nt = blockDim.x;
-    if ((n & 3) == 0) {
+    if ((n & 3) == 0 && (chunk & 3) == 0) {
         const float4* r4 = (const float4*)r;
-        const int n4 = n >> 2;
-        for (int i0 = threadIdx.x; i0 < n4; i0 += 8 * nt) {
+        for (int i0 = (lo >> 2) + tid; i0 < (hi >> 2); i0 += 8 * 256) {
             float4 v[8];
 #pragma unroll
             for (int u = 0; u < 8; ++u)
-                v[u] = i0 + u * nt < n4 ? r4[i0 + u * nt]
-                                        : make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+                v[u] = i0 + u * 256 < (hi >> 2) ? r4[i0 + u * 256]
+                                                : make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
-                const int i = 4 * (i0 + u * nt);
+                // A thread's indices increase: only a larger value replaces its best.
+                const int i = 4 * (i0 + u * 256);
                 if (v[u].x > best) { best = v[u].x; bidx = i; }
                 if (v[u].y > best) { best = v[u].y; bidx = i + 1; }
                 if (v[u].z > best) { best = v[u].z; bidx = i + 2; }
@@ -669,30 +732,34 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, u32* _
             }
         }
     } else {
-        for (int i0 = threadIdx.x; i0 < n; i0 += 8 * nt) {
+        for (int i0 = lo + tid; i0 < hi; i0 += 8 * 256) {
             float v[8];
 #pragma unroll
-            for (int u = 0; u < 8; ++u) v[u] = i0 + u * nt < n ? r[i0 + u * nt] : NEG_INF;
+            for (int u = 0; u < 8; ++u) v[u] = i0 + u * 256 < hi ? r[i0 + u * 256] : NEG_INF;
 #pragma unroll
             for (int u = 0; u < 8; ++u)
-                if (v[u] > best) { best = v[u]; bidx = i0 + u * nt; }
+                if (v[u] > best) { best = v[u]; bidx = i0 + u * 256; }
         }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, best, o);
         const int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
-        if (ov > best || (ov == best && oi < bidx)) { best = ov; bidx = oi; }
+        argmax_take(ov, oi, best, bidx);
     }
-    if ((threadIdx.x & 31) == 0) { bv[threadIdx.x >> 5] = best; bi[threadIdx.x >> 5] = bidx; }
+    if ((tid & 31) == 0) { bv[tid >> 5] = best; bi[tid >> 5] = bidx; }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        best = bv[0];
-        bidx = bi[0];
-        for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
-            if (bv[w] > best || (bv[w] == best && bi[w] < bidx)) { best = bv[w]; bidx = bi[w]; }
-        out[blockIdx.x] = (u32)(bidx == 0x7fffffff ? 0 : bidx);
-    }
+    if (tid != 0) return;
+#pragma unroll
+    for (int w = 1; w < 8; ++w) argmax_take(bv[w], bi[w], best, bidx);
+    if (bidx != 0x7fffffff)
+        atomicMax(&keys[row], ((unsigned long long)order_key(best) << 32) | (u32)~bidx);
+    __threadfence();
+    if (atomicAdd(&counters[row], 1u) != gridDim.x - 1) return;
+    __threadfence();
+    const unsigned long long k = atomicExch(&keys[row], 0ull);
+    out[row] = k == 0ull ? 0u : ~(u32)k;
+    counters[row] = 0u;
 }
 
 // Temperature / top-k / top-p sampling of one row of logits, as teal's CPU sampler does it
@@ -702,10 +769,6 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, u32* _
 // the CPU's sequential arithmetic: p = exp((l - max) * inv_t), the nucleus prefix reaching
 // top_p, and the walk r * kept_total -= p.
 #define SAMPLE_MAX_K 256
-__device__ __forceinline__ u32 order_key(float v) {
-    const u32 u = __float_as_uint(v);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 __device__ __forceinline__ bool sample_before(const float* cv, const int* ci, int a, int b) {
     return cv[a] > cv[b] || (cv[a] == cv[b] && ci[a] < ci[b]);
 }

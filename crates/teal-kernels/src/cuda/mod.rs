@@ -32,6 +32,9 @@ pub const KERNELS_CU: &str = include_str!("kernels.cu");
 /// batch's nonzero inputs).
 pub const MAX_BATCH: usize = 8;
 
+/// Values of one row that one block of [`Gpu::argmax`] scans (256 threads, 8 loads of 4).
+pub const ARGMAX_CHUNK: usize = 8192;
+
 /// Largest top-k [`Gpu::sample_top_k`] takes.
 pub const SAMPLE_MAX_K: usize = 256;
 
@@ -234,6 +237,9 @@ pub struct Gpu {
     attn: CudaFunction,
     silu_mul: CudaFunction,
     argmax: CudaFunction,
+    /// argmax_f32's per-row best keys and block counters (zero between calls).
+    argmax_keys: CudaSlice<u64>,
+    argmax_counts: CudaSlice<u32>,
     sample: CudaFunction,
     read_probe: CudaFunction,
     fill_random: CudaFunction,
@@ -354,9 +360,12 @@ impl Gpu {
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize;
+        let stream = ctx.new_stream()?;
         Ok(Gpu {
             name: ctx.name()?,
-            stream: ctx.new_stream()?,
+            argmax_keys: stream.alloc_zeros(MAX_BATCH)?,
+            argmax_counts: stream.alloc_zeros(MAX_BATCH)?,
+            stream,
             rmsnorm: module.load_function("rmsnorm_f32")?,
             rope: module.load_function("rope_neox_f32")?,
             attn: module.load_function("attn_decode_f32")?,
@@ -1129,7 +1138,9 @@ impl Gpu {
         unsafe { self.launch(&self.silu_mul, cfg, &mut p) }
     }
 
-    /// Index of the largest value of each of `rows` rows of length `n` (first on ties).
+    /// Index of the largest value of each of `rows` rows of length `n` (first on ties, NaN
+    /// never; 0 where no value is above -inf): up to [`MAX_BATCH`] rows per launch, each row
+    /// split over blocks of [`ARGMAX_CHUNK`] values.
     pub fn argmax(
         &self,
         x: &CudaSlice<f32>,
@@ -1137,15 +1148,27 @@ impl Gpu {
         rows: usize,
         n: usize,
     ) -> Result<()> {
-        if x.len() < rows * n || out.len() < rows {
+        if x.len() < rows * n || out.len() < rows || n > i32::MAX as usize {
             return Err(CudaError::Invalid("argmax buffers too small".into()));
         }
-        let n_i = n as i32;
-        let cfg = blocks_1d(rows as u32, 1024);
-        let (xp, op) = (self.ptr(x), self.ptr_mut(out));
-        let mut p = params![xp, n_i, op];
-        // SAFETY: matches argmax_f32; sizes checked.
-        unsafe { self.launch(&self.argmax, cfg, &mut p) }
+        let (n_i, chunk) = (n as i32, ARGMAX_CHUNK as i32);
+        let (kp, cp) = (self.ptr(&self.argmax_keys), self.ptr(&self.argmax_counts));
+        for r0 in (0..rows).step_by(MAX_BATCH) {
+            let group = (rows - r0).min(MAX_BATCH);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(ARGMAX_CHUNK).max(1) as u32, group as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let xp = self.ptr(x) + (r0 * n * 4) as sys::CUdeviceptr;
+            let op = self.ptr_mut(out) + (r0 * 4) as sys::CUdeviceptr;
+            let mut p = params![xp, n_i, chunk, op, kp, cp];
+            // SAFETY: matches argmax_f32; sizes checked; the keys and counters hold MAX_BATCH
+            // rows, are zero between calls (the kernel's last block per row resets them) and
+            // are used by this stream only.
+            unsafe { self.launch(&self.argmax, cfg, &mut p) }?;
+        }
+        Ok(())
     }
 
     /// Samples one token from the `n` logits `x` as teal's CPU sampler does, with its uniform
@@ -1330,4 +1353,20 @@ pub fn try_gpu(ordinal: usize) -> Result<Option<Gpu>> {
         Err(CudaError::NoDriver) | Err(CudaError::NoGpu(_)) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Starts (`on`) or stops the range of work that a profiler told not to record from the
+/// start records (`ncu --profile-from-start off`), on the context current on this thread
+/// (the one a [`Gpu`] made on it); without a profiler attached the driver ignores it.
+pub fn profiler_range(on: bool) -> Result<()> {
+    // SAFETY: plain driver calls on the current context; they take no pointers.
+    let r = unsafe {
+        if on {
+            sys::cuProfilerStart()
+        } else {
+            sys::cuProfilerStop()
+        }
+    };
+    r.result()?;
+    Ok(())
 }

@@ -76,7 +76,7 @@ struct Launch {
 
 /// Row splits that [`GpuLlama::fit_splits`] tries for each one-position launch, besides
 /// [`Gpu::gemv_plan`]'s.
-const FIT_ROWS: [usize; 6] = [96, 128, 160, 192, 256, 320];
+const FIT_ROWS: [usize; 8] = [96, 128, 160, 192, 256, 320, 512, 1024];
 /// Decode steps timed per candidate split (median), after one untimed.
 const FIT_REPS: usize = 7;
 /// A candidate split replaces the current one only where the decode step gets faster by this
