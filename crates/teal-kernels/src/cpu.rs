@@ -1348,6 +1348,7 @@ pub fn attention(
     assert_eq!(q.len(), n_q * qs);
     assert_eq!(out.len(), n_q * qs);
     let op = SendPtr(out.as_mut_ptr());
+    let simd = simd_available();
     (0..n_head * n_q).into_par_iter().for_each_init(
         || vec![0.0f32; n_keys_max],
         |scores, i| {
@@ -1356,16 +1357,13 @@ pub fn attention(
             let n_keys = pos0 + t + 1;
             let qh = &q[t * qs + h * hd..t * qs + (h + 1) * hd];
             let sc = &mut scores[..n_keys];
-            for (p, s) in sc.iter_mut().enumerate() {
-                *s = dot(qh, &k[p * kvs + kh * hd..p * kvs + (kh + 1) * hd]) * scale;
-            }
-            crate::reference::softmax(sc);
+            let (kb, vb) = (&k[kh * hd..], &v[kh * hd..]);
+            let m = head_scores(qh, kb, kvs, 0, n_keys, scale, sc, simd);
+            let l = exp_shifted(sc, m, simd);
             // SAFETY: (t, h) owns out[t*qs + h*hd .. +hd], disjoint across work items.
             let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(t * qs + h * hd), hd) };
-            o.fill(0.0);
-            for (p, &s) in sc.iter().enumerate() {
-                axpy(s, &v[p * kvs + kh * hd..p * kvs + (kh + 1) * hd], o);
-            }
+            head_weighted_sum(sc, vb, kvs, 0, n_keys, o, simd);
+            o.iter_mut().for_each(|x| *x /= l);
         },
     );
 }
@@ -1444,10 +1442,27 @@ unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Decode attention of one query position over `n_keys` cached positions, threaded over query
-/// heads. `scores` is caller-owned scratch of at least `n_head * n_keys` values, so a decode step
-/// allocates nothing. Same result as [`crate::reference::attention`] with `n_q = 1`,
-/// `pos0 = n_keys - 1`.
+/// Fewest keys in one piece of [`attention_decode`] (where there are more keys than that).
+const ATTN_MIN_KEYS: usize = 32;
+/// Most keys in one piece of [`attention_decode`]: its keys and values stay in the core's L2
+/// while each query head of the group reads them.
+const ATTN_MAX_KEYS: usize = 256;
+
+thread_local! {
+    /// [`attention_decode`]'s per-piece partial results, kept between calls.
+    static ATTN_PARTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Decode attention of one query position over `n_keys` cached positions (flash-decoding):
+/// the keys of each key/value head are cut into blocks, and each piece (key/value head, block
+/// of keys) computes for the query heads of its group the scores, their maximum m, the sum l of
+/// `exp(score - m)` and the weighted sum of its values with those weights; the pieces of each
+/// head are then merged, rescaled to the common maximum. Pieces are spread over the kernel pool
+/// (about eight per thread, none under [`ATTN_MIN_KEYS`] keys where there are more), so the
+/// threads share the work whatever the number of heads, and a block of keys and values is read
+/// once for all the query heads of its group. `scores` is caller-owned scratch of at least
+/// `n_head * n_keys` values, so a decode step allocates nothing after the first. Same result as
+/// [`crate::reference::attention`] with `n_q = 1`, `pos0 = n_keys - 1`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     q: &[f32],
@@ -1460,29 +1475,328 @@ pub fn attention_decode(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    attention_decode_on(
+        q,
+        k,
+        v,
+        n_keys,
+        n_head,
+        n_kv_head,
+        hd,
+        scores,
+        out,
+        simd_available(),
+    );
+}
+
+/// [`attention_decode`] with the SIMD choice explicit (tests run the portable path too); the
+/// SIMD paths take head sizes that are multiples of 8.
+#[allow(clippy::too_many_arguments)]
+fn attention_decode_on(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_keys: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    hd: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+    simd: bool,
+) {
     let group = n_head / n_kv_head;
     let scale = 1.0 / (hd as f32).sqrt();
     let kvs = n_kv_head * hd;
+    assert!(n_keys >= 1, "attention_decode: no keys");
     assert!(k.len() >= n_keys * kvs && v.len() >= n_keys * kvs);
     assert!(scores.len() >= n_head * n_keys);
     assert_eq!(q.len(), n_head * hd);
     assert_eq!(out.len(), n_head * hd);
-    let sp = SendPtr(scores.as_mut_ptr());
-    pool::for_each_chunk_mut(out, hd, |h, o| {
-        // SAFETY: head h owns scores[h*n_keys..(h+1)*n_keys], disjoint across heads and inside
-        // the slice checked above.
-        let sc = unsafe { std::slice::from_raw_parts_mut(sp.get().add(h * n_keys), n_keys) };
-        let kh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        for (p, s) in sc.iter_mut().enumerate() {
-            *s = dot(qh, &k[p * kvs + kh * hd..p * kvs + (kh + 1) * hd]) * scale;
-        }
-        crate::reference::softmax(sc);
-        o.fill(0.0);
-        for (p, &s) in sc.iter().enumerate() {
-            axpy(s, &v[p * kvs + kh * hd..p * kvs + (kh + 1) * hd], o);
+    let want = (8 * pool::threads()).div_ceil(n_kv_head);
+    let blocks = want
+        .min(n_keys.div_ceil(ATTN_MIN_KEYS))
+        .max(n_keys.div_ceil(ATTN_MAX_KEYS))
+        .max(1);
+    let len = n_keys.div_ceil(blocks);
+    let blocks = n_keys.div_ceil(len);
+    // Per (head, block): the weighted sum of the block's values, then m and l.
+    let slot = hd + 2;
+    ATTN_PARTS.with_borrow_mut(|parts| {
+        parts.resize(n_head * blocks * slot, 0.0);
+        let (pp, sp) = (SendPtr(parts.as_mut_ptr()), SendPtr(scores.as_mut_ptr()));
+        pool::for_each(n_kv_head * blocks, |t| {
+            let (kh, b) = (t / blocks, t % blocks);
+            let (p0, p1) = (b * len, ((b + 1) * len).min(n_keys));
+            let (kb, vb) = (&k[kh * hd..], &v[kh * hd..]);
+            for h in kh * group..(kh + 1) * group {
+                // SAFETY: piece (kh, b) alone writes scores[h*n_keys + p0 .. h*n_keys + p1] and
+                // the slot (h, b) of `parts` for the heads h of its group; both lie inside their
+                // buffers (sizes checked or resized above).
+                let (sc, part) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(sp.get().add(h * n_keys + p0), p1 - p0),
+                        std::slice::from_raw_parts_mut(pp.get().add((h * blocks + b) * slot), slot),
+                    )
+                };
+                let m = head_scores(&q[h * hd..(h + 1) * hd], kb, kvs, p0, p1, scale, sc, simd);
+                let l = exp_shifted(sc, m, simd);
+                head_weighted_sum(sc, vb, kvs, p0, p1, &mut part[..hd], simd);
+                part[hd] = m;
+                part[hd + 1] = l;
+            }
+        });
+        for (h, o) in out.chunks_mut(hd).enumerate() {
+            let ps = &parts[h * blocks * slot..(h + 1) * blocks * slot];
+            let m = ps
+                .chunks(slot)
+                .map(|p| p[hd])
+                .fold(f32::NEG_INFINITY, f32::max);
+            o.fill(0.0);
+            let mut l = 0.0;
+            for p in ps.chunks(slot) {
+                let w = (p[hd] - m).exp();
+                l += w * p[hd + 1];
+                axpy(w, &p[..hd], o);
+            }
+            o.iter_mut().for_each(|x| *x /= l);
         }
     });
+}
+
+/// `sc[p - p0] = scale * (qh . k_p)` for keys `p0..p1` of one query head, key `p` at
+/// `kb[p * kvs..][..hd]`; returns the largest score.
+#[allow(clippy::too_many_arguments)]
+fn head_scores(
+    qh: &[f32],
+    kb: &[f32],
+    kvs: usize,
+    p0: usize,
+    p1: usize,
+    scale: f32,
+    sc: &mut [f32],
+    simd: bool,
+) -> f32 {
+    let hd = qh.len();
+    assert!(sc.len() >= p1 - p0 && (p1 == p0 || kb.len() >= (p1 - 1) * kvs + hd));
+    #[cfg(target_arch = "x86_64")]
+    if simd && hd.is_multiple_of(8) {
+        // SAFETY: AVX2/FMA checked by the caller (`simd`); rows and sc bounded above.
+        return unsafe { head_scores_avx2(qh, kb, kvs, p0, p1, scale, sc) };
+    }
+    let _ = simd;
+    let mut m = f32::NEG_INFINITY;
+    for p in p0..p1 {
+        let s = qh
+            .iter()
+            .zip(&kb[p * kvs..p * kvs + hd])
+            .map(|(a, b)| a * b)
+            .sum::<f32>()
+            * scale;
+        sc[p - p0] = s;
+        m = m.max(s);
+    }
+    m
+}
+
+/// `sc[i] = exp(sc[i] - m)`; returns their sum.
+fn exp_shifted(sc: &mut [f32], m: f32, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: AVX2/FMA checked by the caller (`simd`).
+        return unsafe { exp_shifted_avx2(sc, m) };
+    }
+    let _ = simd;
+    let mut l = 0.0;
+    for s in sc.iter_mut() {
+        *s = (*s - m).exp();
+        l += *s;
+    }
+    l
+}
+
+/// `o = sum_p sc[p - p0] * v_p` over keys `p0..p1`, value `p` at `vb[p * kvs..][..o.len()]`.
+fn head_weighted_sum(
+    sc: &[f32],
+    vb: &[f32],
+    kvs: usize,
+    p0: usize,
+    p1: usize,
+    o: &mut [f32],
+    simd: bool,
+) {
+    let hd = o.len();
+    assert!(sc.len() >= p1 - p0 && (p1 == p0 || vb.len() >= (p1 - 1) * kvs + hd));
+    #[cfg(target_arch = "x86_64")]
+    if simd && hd.is_multiple_of(8) {
+        // SAFETY: AVX2/FMA checked by the caller (`simd`); rows and sc bounded above.
+        return unsafe { head_weighted_sum_avx2(sc, vb, kvs, p0, p1, o) };
+    }
+    let _ = simd;
+    o.fill(0.0);
+    for p in p0..p1 {
+        axpy(sc[p - p0], &vb[p * kvs..p * kvs + hd], o);
+    }
+}
+
+/// [`head_scores`]: four keys at a time, each key's eight-lane products summed across the
+/// four accumulators with one horizontal-add tree.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn head_scores_avx2(
+    qh: &[f32],
+    kb: &[f32],
+    kvs: usize,
+    p0: usize,
+    p1: usize,
+    scale: f32,
+    sc: &mut [f32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    let hd = qh.len();
+    let (qp, kp, out) = (qh.as_ptr(), kb.as_ptr(), sc.as_mut_ptr());
+    let sv = _mm_set1_ps(scale);
+    let mut mv = _mm_set1_ps(f32::NEG_INFINITY);
+    let mut p = p0;
+    while p + 4 <= p1 {
+        let r = [
+            kp.add(p * kvs),
+            kp.add((p + 1) * kvs),
+            kp.add((p + 2) * kvs),
+            kp.add((p + 3) * kvs),
+        ];
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        while c < hd {
+            let qv = _mm256_loadu_ps(qp.add(c));
+            for (ai, ri) in a.iter_mut().zip(r) {
+                *ai = _mm256_fmadd_ps(qv, _mm256_loadu_ps(ri.add(c)), *ai);
+            }
+            c += 8;
+        }
+        let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let s4 = _mm_mul_ps(
+            _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)),
+            sv,
+        );
+        _mm_storeu_ps(out.add(p - p0), s4);
+        mv = _mm_max_ps(mv, s4);
+        p += 4;
+    }
+    let mut mb = [0.0f32; 4];
+    _mm_storeu_ps(mb.as_mut_ptr(), mv);
+    let mut m = mb.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    while p < p1 {
+        let s = dot_avx2(qh, std::slice::from_raw_parts(kp.add(p * kvs), hd)) * scale;
+        *out.add(p - p0) = s;
+        m = m.max(s);
+        p += 1;
+    }
+    m
+}
+
+/// `exp(x)` of eight lanes: `x = n ln 2 + r` with n rounded, a degree-6 polynomial in r
+/// (Cephes' expf coefficients, about 1e-7 relative error), scaled by `2^n` through the exponent
+/// bits; inputs clamped to [-87.3, 88.4] (below, the result is the smallest normal or less than
+/// it, where the reference gives a denormal or zero).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.336_55)),
+        _mm256_set1_ps(88.376_26),
+    );
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_add_ps(
+        _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r),
+        _mm256_set1_ps(1.0),
+    );
+    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+}
+
+/// [`exp_shifted`], eight scores at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(sc: &mut [f32], m: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let (n, p) = (sc.len(), sc.as_mut_ptr());
+    let mv = _mm256_set1_ps(m);
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+        _mm256_storeu_ps(p.add(i), e);
+        acc = _mm256_add_ps(acc, e);
+        i += 8;
+    }
+    let mut buf = [0.0f32; 8];
+    _mm256_storeu_ps(buf.as_mut_ptr(), acc);
+    let mut l: f32 = buf.iter().sum();
+    for s in &mut sc[i..] {
+        *s = (*s - m).exp();
+        l += *s;
+    }
+    l
+}
+
+/// [`head_weighted_sum`]: 64 output values at a time held in eight registers over all the
+/// keys (then 8 at a time), so the output is stored once instead of once per key.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn head_weighted_sum_avx2(
+    sc: &[f32],
+    vb: &[f32],
+    kvs: usize,
+    p0: usize,
+    p1: usize,
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let hd = o.len();
+    let (vp, op) = (vb.as_ptr(), o.as_mut_ptr());
+    let mut c0 = 0;
+    while c0 + 64 <= hd {
+        let mut a = [_mm256_setzero_ps(); 8];
+        for p in p0..p1 {
+            let w = _mm256_set1_ps(*sc.get_unchecked(p - p0));
+            let row = vp.add(p * kvs + c0);
+            for (j, aj) in a.iter_mut().enumerate() {
+                *aj = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * j)), *aj);
+            }
+        }
+        for (j, aj) in a.iter().enumerate() {
+            _mm256_storeu_ps(op.add(c0 + 8 * j), *aj);
+        }
+        c0 += 64;
+    }
+    while c0 < hd {
+        let mut a = _mm256_setzero_ps();
+        for p in p0..p1 {
+            let w = _mm256_set1_ps(*sc.get_unchecked(p - p0));
+            a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(p * kvs + c0)), a);
+        }
+        _mm256_storeu_ps(op.add(c0), a);
+        c0 += 8;
+    }
 }
 
 /// [`sum`] over the thread pool: every thread sums its share (eight pieces per thread, so
@@ -1580,6 +1894,75 @@ mod tests {
 
     /// The portable path against the scalar reference, for every format (the SIMD path is
     /// covered by tests/parity.rs).
+    /// Decode attention in pieces, SIMD and portable, against the reference: one block and
+    /// many (a last block shorter than the others), head sizes that take the 64-wide, the
+    /// 8-wide and the portable weighted sums, and large scores (the merge rescales blocks
+    /// whose maxima differ).
+    #[test]
+    fn attention_decode_pieces_match_reference() {
+        let shapes = [
+            (9usize, 3usize, 64usize),
+            (4, 2, 96),
+            (2, 1, 6),
+            (8, 2, 128),
+        ];
+        for (n_head, n_kv, hd) in shapes {
+            for n_keys in [1usize, 3, 33, 257, 700] {
+                let q: Vec<f32> = crate::rand::uniform(n_head * hd, 41)
+                    .iter()
+                    .map(|v| 4.0 * v)
+                    .collect();
+                let k = crate::rand::uniform(n_keys * n_kv * hd, 42);
+                let v = crate::rand::uniform(n_keys * n_kv * hd, 43);
+                let mut want = vec![0.0; n_head * hd];
+                crate::reference::attention(&q, &k, &v, 1, n_keys - 1, n_head, n_kv, hd, &mut want);
+                for simd in [false, simd_available()] {
+                    let mut got = vec![f32::NAN; n_head * hd];
+                    let mut scores = vec![0.0; n_head * n_keys];
+                    attention_decode_on(
+                        &q,
+                        &k,
+                        &v,
+                        n_keys,
+                        n_head,
+                        n_kv,
+                        hd,
+                        &mut scores,
+                        &mut got,
+                        simd,
+                    );
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-5,
+                            "attention {n_head}/{n_kv} heads of {hd}, {n_keys} keys, simd {simd}, value {i}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The eight-lane exp against f32::exp over the range the softmax uses (x <= 0) and a
+    /// little above, within 2 ulp-scale relative error.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_avx2_matches_exp() {
+        if !simd_available() {
+            return;
+        }
+        let xs: Vec<f32> = (0..20_000).map(|i| -87.0 + i as f32 * 0.0048).collect();
+        let mut got = xs.clone();
+        // SAFETY: AVX2/FMA checked above.
+        let l = unsafe { exp_shifted_avx2(&mut got, 0.0) };
+        let mut sum = 0.0f64;
+        for (x, g) in xs.iter().zip(&got) {
+            let w = x.exp();
+            sum += w as f64;
+            assert!((g - w).abs() <= 3e-7 * w, "exp({x}): {g} vs {w}");
+        }
+        assert!((l as f64 - sum).abs() <= 1e-5 * sum);
+    }
+
     #[test]
     fn portable_gemv_matches_reference() {
         // 3001 columns: a thread's share spans several pieces of the portable tile; 300 x 77:
