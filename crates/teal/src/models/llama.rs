@@ -386,8 +386,8 @@ impl Llama {
                 &s.h,
                 [(&b.gate_proj, &mut s.g[..]), (&b.up_proj, &mut s.u[..])],
             );
-            reference::silu_mul(&s.g, &s.u, &mut s.a);
-            b.down_proj.forward(&s.a, &mut s.out);
+            cpu::silu_mul_in_place(&mut s.g, &s.u);
+            b.down_proj.forward(&s.g, &mut s.out);
             add_assign(&mut s.x, &s.out);
         }
         cache.advance(1);
@@ -510,7 +510,7 @@ impl Block {
         observe(observer, Site::GateUp, h, d);
         self.gate_proj.forward_batch(h, m, g);
         self.up_proj.forward_batch(h, m, u);
-        silu_mul_in_place(g, u);
+        cpu::silu_mul_in_place(g, u);
         observe(observer, Site::Down, g, ff);
         self.down_proj.forward_batch(g, m, out);
         add_assign(&mut x[..m * d], out);
@@ -554,7 +554,6 @@ pub struct DecodeScratch {
     out: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
-    a: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     scores: Vec<f32>,
@@ -572,7 +571,6 @@ impl DecodeScratch {
             out: z(c.hidden_size),
             g: z(c.intermediate_size),
             u: z(c.intermediate_size),
-            a: z(c.intermediate_size),
             cos: z(c.head_dim / 2),
             sin: z(c.head_dim / 2),
             scores: z(c.num_attention_heads * ctx),
@@ -602,13 +600,6 @@ impl PrefillBuffers {
             u: z(c.intermediate_size),
             out: z(c.hidden_size),
         }
-    }
-}
-
-/// `g = silu(g) * u`, the same arithmetic as [`reference::silu_mul`].
-fn silu_mul_in_place(g: &mut [f32], u: &[f32]) {
-    for (a, &b) in g.iter_mut().zip(u) {
-        *a = *a / (1.0 + (-*a).exp()) * b;
     }
 }
 
