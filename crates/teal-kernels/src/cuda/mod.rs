@@ -1148,8 +1148,13 @@ impl Gpu {
         rows: usize,
         n: usize,
     ) -> Result<()> {
-        if x.len() < rows * n || out.len() < rows || n > i32::MAX as usize {
+        if x.len() < rows * n || out.len() < rows {
             return Err(CudaError::Invalid("argmax buffers too small".into()));
+        }
+        if n > i32::MAX as usize {
+            return Err(CudaError::Invalid(format!(
+                "argmax over rows of {n} values"
+            )));
         }
         let (n_i, chunk) = (n as i32, ARGMAX_CHUNK as i32);
         let (kp, cp) = (self.ptr(&self.argmax_keys), self.ptr(&self.argmax_counts));
