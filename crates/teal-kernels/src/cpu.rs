@@ -1504,10 +1504,14 @@ fn attention_decode_on(
     out: &mut [f32],
     simd: bool,
 ) {
+    assert!(n_keys >= 1, "attention_decode: no keys");
+    assert!(
+        n_kv_head > 0 && n_head.is_multiple_of(n_kv_head),
+        "attention_decode: {n_head} query heads in groups over {n_kv_head} key/value heads"
+    );
     let group = n_head / n_kv_head;
     let scale = 1.0 / (hd as f32).sqrt();
     let kvs = n_kv_head * hd;
-    assert!(n_keys >= 1, "attention_decode: no keys");
     assert!(k.len() >= n_keys * kvs && v.len() >= n_keys * kvs);
     assert!(scores.len() >= n_head * n_keys);
     assert_eq!(q.len(), n_head * hd);
