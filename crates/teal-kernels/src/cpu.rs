@@ -1771,9 +1771,7 @@ unsafe fn silu_mul_in_place_avx2(g: &mut [f32], up: &[f32]) {
         _mm256_storeu_ps(gp.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(up_.add(i))));
         i += 8;
     }
-    for (a, &b) in g[i..].iter_mut().zip(&up[i..]) {
-        *a = *a / (1.0 + (-*a).exp()) * b;
-    }
+    silu_mul_in_place_on(&mut g[i..], &up[i..], false);
 }
 
 /// [`exp_shifted`], eight scores at a time.
@@ -1793,12 +1791,7 @@ unsafe fn exp_shifted_avx2(sc: &mut [f32], m: f32) -> f32 {
     }
     let mut buf = [0.0f32; 8];
     _mm256_storeu_ps(buf.as_mut_ptr(), acc);
-    let mut l: f32 = buf.iter().sum();
-    for s in &mut sc[i..] {
-        *s = (*s - m).exp();
-        l += *s;
-    }
-    l
+    buf.iter().sum::<f32>() + exp_shifted(&mut sc[i..], m, false)
 }
 
 /// [`head_weighted_sum`]: 64 output values at a time held in eight registers over all the
