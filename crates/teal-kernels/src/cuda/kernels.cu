@@ -133,6 +133,27 @@ __device__ __forceinline__ void fma8(float (&a)[B][8], uint4 w, const float* xs,
     }
 }
 
+// Weights of the kept rows idx[s0 + u * GEMV_WARPS], u < U, at columns col.. (one 16-byte load
+// each: a warp's pass of loads). With PRED, rows at or past `cnt` are not loaded (zeros).
+template <int U, bool VEC, bool PRED>
+__device__ __forceinline__ void load_rows(uint4 (&w)[U], const u16* __restrict__ wt,
+                                          const int* idx, int s0, int cnt, int col, int n_out) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int s = s0 + u * GEMV_WARPS;
+        w[u] = (!PRED || s < cnt) ? load8<VEC>(wt, idx[s], col, n_out) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// The FMAs of a pass `load_rows` loaded (with PRED, only of rows before `cnt`).
+template <class WT, int B, int U, bool PRED>
+__device__ __forceinline__ void fma_rows(float (&a)[B][8], const uint4 (&w)[U], const float* xs,
+                                         int s0, int cnt, int R) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+        if (!PRED || s0 + u * GEMV_WARPS < cnt) fma8<WT, B>(a, w[u], xs, s0 + u * GEMV_WARPS, R);
+}
+
 // TEAL sparse GEMV, y[b, :] = beta * y[b, :] + sum_j s_t(x[b, j]) * wt[j, :], b < B, row b
 // of y starting at y + b * ldy (ldy >= n_out: the columns of one projection in a wider row).
 //
@@ -284,39 +305,25 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
     for (int r0 = k0 + GEMV_THREADS; r0 < k1; r0 += GEMV_THREADS) {
         const bool full = s0 - warp + PASS <= cnt;
         uint4 w[U];
-        if (full && active) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) w[u] = load8<VEC>(wt, idx[s0 + u * GEMV_WARPS], col, n_out);
-        }
+        if (full && active) load_rows<U, VEC, false>(w, wt, idx, s0, cnt, col, n_out);
         cnt = compact(r0, cnt);
         if (full) {
-            if (active) {
-#pragma unroll
-                for (int u = 0; u < U; ++u) fma8<WT, B>(a, w[u], xs, s0 + u * GEMV_WARPS, R);
-            }
+            if (active) fma_rows<WT, B, U, false>(a, w, xs, s0, cnt, R);
             s0 += PASS;
         }
         const int reserve = r0 + GEMV_THREADS < k1 ? PASS : 0;
         for (; s0 - warp + PASS + reserve <= cnt; s0 += PASS) {
             if (!active) continue;
-#pragma unroll
-            for (int u = 0; u < U; ++u) w[u] = load8<VEC>(wt, idx[s0 + u * GEMV_WARPS], col, n_out);
-#pragma unroll
-            for (int u = 0; u < U; ++u) fma8<WT, B>(a, w[u], xs, s0 + u * GEMV_WARPS, R);
+            load_rows<U, VEC, false>(w, wt, idx, s0, cnt, col, n_out);
+            fma_rows<WT, B, U, false>(a, w, xs, s0, cnt, R);
         }
     }
     if (active) {
         // The rest, the last pass predicated.
         for (; s0 < cnt; s0 += PASS) {
             uint4 w[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int s = s0 + u * GEMV_WARPS;
-                w[u] = s < cnt ? load8<VEC>(wt, idx[s], col, n_out) : make_uint4(0u, 0u, 0u, 0u);
-            }
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (s0 + u * GEMV_WARPS < cnt) fma8<WT, B>(a, w[u], xs, s0 + u * GEMV_WARPS, R);
+            load_rows<U, VEC, true>(w, wt, idx, s0, cnt, col, n_out);
+            fma_rows<WT, B, U, true>(a, w, xs, s0, cnt, R);
         }
     }
 
