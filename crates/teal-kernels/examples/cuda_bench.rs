@@ -17,11 +17,17 @@
 //! (default 64,128,256,512,1024 rows per chunk), each printed on a `tune` line, and the
 //! fastest is reported in the `tuned`/`trows` columns.
 //!
+//! With `--balanced` the activations of each row are placed so that every run of consecutive
+//! inputs holds as nearly as possible the same number of kept ones (the i-th largest |x| at
+//! position i * P mod n, P near n / golden ratio and coprime to n): the same bytes, with every
+//! chunk of a split keeping the same number of rows (a diagnostic: does the sparse GEMV lose
+//! time to chunks that keep more rows than others?).
+//!
 //! `--sparsities S1,S2,..` replaces the list of sparsities (0..0.9, or 0, 0.5, 0.9 with
 //! `--quick`), and `--dtype f16|bf16` measures one weight type only.
 //!
 //! Usage: cuda_bench [--quick] [--tune] [--rows R1,R2,..] [--sparsities S1,..] [--dtype D]
-//! [--batch B] [--json PATH] [--contiguous]
+//! [--batch B] [--json PATH] [--contiguous] [--balanced]
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +46,28 @@ const LAUNCHES: usize = 40;
 const REPS: usize = 7;
 /// `--contiguous`: see the module comment.
 static CONTIGUOUS: AtomicBool = AtomicBool::new(false);
+/// `--balanced`: see the module comment.
+static BALANCED: AtomicBool = AtomicBool::new(false);
+
+/// `row`'s values, the i-th largest in magnitude moved to position i * P mod n (`--balanced`).
+fn balance(row: &mut [f32]) {
+    let n = row.len();
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let mut p = ((n as f64 / 1.618_033_988_75).round() as usize).max(1);
+    while gcd(p, n) != 1 {
+        p += 1;
+    }
+    let mut sorted = row.to_vec();
+    sorted.sort_by(|a, b| b.abs().total_cmp(&a.abs()));
+    for (i, v) in sorted.into_iter().enumerate() {
+        row[i * p % n] = v;
+    }
+}
 
 use teal_kernels::rand::uniform as rand_vec;
 
@@ -185,6 +213,9 @@ fn make_copies(
         for run in host_x.chunks_mut(64) {
             run.sort_by(|a, b| b.abs().total_cmp(&a.abs()));
         }
+    }
+    if BALANCED.load(Ordering::Relaxed) {
+        host_x.chunks_mut(n_in).for_each(balance);
     }
     Ok(Copies {
         x32: g.upload(&host_x)?,
@@ -391,6 +422,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         &[]
     };
     CONTIGUOUS.store(args.iter().any(|a| a == "--contiguous"), Ordering::Relaxed);
+    BALANCED.store(args.iter().any(|a| a == "--balanced"), Ordering::Relaxed);
     let batch: usize = args
         .iter()
         .position(|a| a == "--batch")
