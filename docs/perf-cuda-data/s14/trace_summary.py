@@ -1,6 +1,7 @@
 """Summarise a TEAL_TRACE dump (see gemv_attention_trace.patch): per kernel of one decode
 step, the blocks' phases in microseconds, relative to the first block's release from
-griddepcontrol.wait. Usage: python3 trace_summary.py trace.bin"""
+griddepcontrol.wait; then, per kind of launch of the Llama-3-8B step, the mean span and the
+excess over the kept rows' bytes at 4.4 TB/s. Usage: python3 trace_summary.py trace.bin"""
 import collections, statistics as st, struct, sys
 
 d = open(sys.argv[1], "rb").read()
@@ -37,3 +38,18 @@ while off < len(d):
                   f"{st.median(pre):5.2f}/{max(pre):5.2f}        {st.median(stream):6.2f}/{max(stream):6.2f}   "
                   f"{st.median(tail):4.2f} {(end-b)/1e3:6.2f} {gap:5.2f}  {sum(x[1] & 0xFFFF for x in rs)/len(rs):7.1f}")
     print(f"step: {(prev_end-base)/1e3:.1f} us")
+    shapes = {"q|k|v": (4096, 6144), "o": (4096, 4096), "gate|up": (4096, 28672), "down": (14336, 4096)}
+    agg = collections.defaultdict(list)
+    for i, k in enumerate(ks[:-1]):
+        name = ["q|k|v", "attention", "o", "gate|up", "down"][i % 5]
+        rs = by[k]
+        span = (max(x[7] for x in rs) - min(x[3] for x in rs)) / 1e3
+        if name == "attention":
+            agg[name].append((span, 0.0, span))
+            continue
+        kept = sum(x[1] & 0xFFFF for x in rs if (x[1] >> 16) & 0xFFFF == 0)  # one column tile
+        mb = kept * shapes[name][1] * 2 / 1e6
+        agg[name].append((span, mb, span - mb / 4400.0))
+    for name, v in agg.items():
+        print(f"  {name:10s} mean span {st.mean(a for a, _, _ in v):7.2f}  MB {st.mean(b for _, b, _ in v):6.1f}"
+              f"  excess {st.mean(c for _, _, c in v):5.2f}")
