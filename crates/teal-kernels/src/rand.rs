@@ -61,9 +61,15 @@ fn jump(mut s: u64, mut n: u64) -> u64 {
 /// [`uniform`] written into `out` by all threads of the pool: the same values (each chunk
 /// starts from the state the sequence reaches there), for models of billions of weights.
 pub fn uniform_into(out: &mut [f32], seed: u64) {
+    uniform_into_at(out, seed, 0);
+}
+
+/// Values `first ..` of the sequence of [`uniform`] written into `out` (a slice of a tensor,
+/// e.g. some rows of a matrix), by all threads of the pool.
+pub fn uniform_into_at(out: &mut [f32], seed: u64, first: u64) {
     const CHUNK: usize = 1 << 18;
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-        let mut s = jump(start(seed), (c * CHUNK) as u64);
+        let mut s = jump(start(seed), first + (c * CHUNK) as u64);
         for v in o {
             s = step(s);
             *v = value(s);
@@ -79,6 +85,21 @@ mod tests {
             let mut p = vec![0.0; n];
             super::uniform_into(&mut p, 42);
             assert_eq!(p, super::uniform(n, 42), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn values_from_an_offset_continue_the_sequence() {
+        let all = super::uniform(3 << 18, 9);
+        for (first, n) in [
+            (0usize, 10usize),
+            (5, 1),
+            ((1 << 18) - 2, 7),
+            (1000, (1 << 18) + 5),
+        ] {
+            let mut p = vec![0.0; n];
+            super::uniform_into_at(&mut p, 9, first as u64);
+            assert_eq!(p, all[first..first + n], "first = {first}, n = {n}");
         }
     }
 }
