@@ -36,10 +36,15 @@ pub trait TensorSource {
 fn slice_rows(name: &str, w: &[f32], shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
     w.get(rows.start * shape[1]..rows.end * shape[1])
         .map(<[f32]>::to_vec)
-        .ok_or_else(|| Error::Tensor {
-            name: name.into(),
-            msg: format!("rows {rows:?} of {}", shape[0]),
-        })
+        .ok_or_else(|| bad_rows(name, &rows, shape[0]))
+}
+
+/// The error for rows `rows` asked of tensor `name`, which has `n_rows`.
+pub(crate) fn bad_rows(name: &str, rows: &Range<usize>, n_rows: usize) -> Error {
+    Error::Tensor {
+        name: name.into(),
+        msg: format!("rows {rows:?} of {n_rows}"),
+    }
 }
 
 /// Maps a Hugging Face tensor name to its GGUF name (llama.cpp's convention).
@@ -392,10 +397,7 @@ impl TensorSource for SafetensorsSource {
         let b = v
             .data()
             .get(rows.start * row_bytes..rows.end * row_bytes)
-            .ok_or_else(|| Error::Tensor {
-                name: name.into(),
-                msg: format!("rows {rows:?} of {}", shape[0]),
-            })?;
+            .ok_or_else(|| bad_rows(name, &rows, shape[0]))?;
         self.convert(name, &v, shard, b)
     }
     fn contains(&self, name: &str) -> bool {

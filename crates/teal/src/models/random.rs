@@ -6,7 +6,7 @@
 
 use crate::config::{Arch, Config, RopeScaling};
 use crate::error::{Error, Result};
-use crate::loader::TensorSource;
+use crate::loader::{bad_rows, TensorSource};
 use crate::models::llama::Llama;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -193,10 +193,7 @@ impl TensorSource for RandomSource {
     fn load_rows(&self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
         let t = self.get(name, &shape)?;
         if rows.start > rows.end || rows.end > shape[0] {
-            return Err(Error::Tensor {
-                name: name.into(),
-                msg: format!("rows {rows:?} of {}", shape[0]),
-            });
+            return Err(bad_rows(name, &rows, shape[0]));
         }
         Ok(self.draw(t, rows.start * shape[1], rows.len() * shape[1]))
     }
