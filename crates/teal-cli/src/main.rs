@@ -1209,10 +1209,15 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
     };
     let ctx = prompt.len() + a.n_gen + 1;
+    let t_dec = std::time::Instant::now();
     let mut dec = device
         .decoder(Models::single(&model), ctx)
         .with_context(|| format!("opening --device {}", device.name()))?;
-    eprintln!("device: {}", dec.describe());
+    eprintln!(
+        "device: {} (model ready in {:.1}s)",
+        dec.describe(),
+        t_dec.elapsed().as_secs_f64()
+    );
     // Before the bandwidth probe, whose buffer would otherwise count as the load's peak.
     let after_load = teal::bench::resident_memory();
     let bw = dec.bandwidth(a.bandwidth_mib << 20)?;

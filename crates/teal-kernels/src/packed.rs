@@ -17,6 +17,7 @@
 //! instead: output-major, quantized along the input like GGML's Q8_0 / Q4_1.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 /// Consecutive outputs of one input row that share a scale in `q8` and `q4`.
 pub const GROUP: usize = 32;
@@ -160,6 +161,18 @@ pub(crate) fn groups(n_out: usize) -> usize {
     n_out.div_ceil(GROUP)
 }
 
+/// The first index of `v` whose value meets `bad`, searched on all threads (these checks scan
+/// every weight of a model once at load).
+pub fn first_where(v: &[f32], bad: impl Fn(f32) -> bool + Sync) -> Option<usize> {
+    const CHUNK: usize = 1 << 16;
+    v.par_chunks(CHUNK)
+        .position_first(|c| c.iter().any(|&x| bad(x)))
+        .and_then(|c| {
+            let start = c * CHUNK;
+            v[start..].iter().position(|&x| bad(x)).map(|i| start + i)
+        })
+}
+
 impl PackedT {
     /// Packs an input-major f32 matrix `wt[n_in, n_out]`.
     pub fn from_input_major(
@@ -175,14 +188,16 @@ impl PackedT {
                 n_out,
             });
         }
-        if let Some((index, &value)) = wt.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(PackError::NotFinite { index, value });
-        }
-        let f16_range = |dtype: Dtype| match wt.iter().enumerate().find(|(_, v)| v.abs() > 65504.0)
-        {
-            Some((index, &value)) => Err(PackError::OutOfRange {
+        if let Some(index) = first_where(wt, |v| !v.is_finite()) {
+            return Err(PackError::NotFinite {
                 index,
-                value,
+                value: wt[index],
+            });
+        }
+        let f16_range = |dtype: Dtype| match first_where(wt, |v| v.abs() > 65504.0) {
+            Some(index) => Err(PackError::OutOfRange {
+                index,
+                value: wt[index],
                 dtype: dtype.name(),
             }),
             None => Ok(()),
@@ -192,9 +207,9 @@ impl PackedT {
             Dtype::F32 => Data::F32(wt.to_vec()),
             Dtype::F16 => {
                 f16_range(dtype)?;
-                Data::F16(wt.iter().map(|&v| f16::from_f32(v)).collect())
+                Data::F16(wt.par_iter().map(|&v| f16::from_f32(v)).collect())
             }
-            Dtype::Bf16 => Data::Bf16(wt.iter().map(|&v| bf16::from_f32(v)).collect()),
+            Dtype::Bf16 => Data::Bf16(wt.par_iter().map(|&v| bf16::from_f32(v)).collect()),
             Dtype::Q8 => {
                 f16_range(dtype)?;
                 let mut blocks = vec![0u8; n_in * ng * Q8_BLOCK];
@@ -393,14 +408,17 @@ impl PackedRows {
                 n_out,
             });
         }
-        if let Some((index, &value)) = w.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(PackError::NotFinite { index, value });
+        if let Some(index) = first_where(&w, |v| !v.is_finite()) {
+            return Err(PackError::NotFinite {
+                index,
+                value: w[index],
+            });
         }
         if dtype != Dtype::F32 && dtype != Dtype::Bf16 {
-            if let Some((index, &value)) = w.iter().enumerate().find(|(_, v)| v.abs() > 65504.0) {
+            if let Some(index) = first_where(&w, |v| v.abs() > 65504.0) {
                 return Err(PackError::OutOfRange {
                     index,
-                    value,
+                    value: w[index],
                     dtype: dtype.name(),
                 });
             }
@@ -417,8 +435,8 @@ impl PackedRows {
         };
         let data = match dtype {
             Dtype::F32 => Data::F32(w),
-            Dtype::F16 => Data::F16(w.iter().map(|&v| f16::from_f32(v)).collect()),
-            Dtype::Bf16 => Data::Bf16(w.iter().map(|&v| bf16::from_f32(v)).collect()),
+            Dtype::F16 => Data::F16(w.par_iter().map(|&v| f16::from_f32(v)).collect()),
+            Dtype::Bf16 => Data::Bf16(w.par_iter().map(|&v| bf16::from_f32(v)).collect()),
             Dtype::Q8 => Data::Q8(quantized(Q8_BLOCK, quantize_q8_0)),
             Dtype::Q4 => Data::Q4(quantized(Q4_BLOCK, quantize_q4_1)),
         };

@@ -175,7 +175,7 @@ fn sum_matches_reference() {
 
 mod packed_formats {
     use super::*;
-    use teal_kernels::packed::{Dtype, PackedT, GROUP};
+    use teal_kernels::packed::{first_where, Dtype, PackError, PackedT, GROUP};
 
     /// Quantization error bound of q8 per weight, relative to its group's largest |w|: half a
     /// step (1/254) plus the f16 rounding of the scale.
@@ -277,6 +277,38 @@ mod packed_formats {
         wt[5] = f32::NAN;
         assert!(PackedT::from_input_major(Dtype::Bf16, &wt, 8, 8).is_err());
         assert!(PackedT::from_input_major(Dtype::F32, &wt[..10], 8, 8).is_err());
+    }
+
+    /// The load-time checks search on all threads but report the first bad value, as a serial
+    /// scan would, also when several chunks of the search hold one.
+    #[test]
+    fn pack_reports_the_first_non_finite_value() {
+        let (n_in, n_out) = (512, 600);
+        let mut wt = vec![0.5f32; n_in * n_out];
+        assert_eq!(first_where(&wt, |v| !v.is_finite()), None);
+        for (bad, value) in [
+            (250_000, f32::INFINITY),
+            (70_001, f32::NAN),
+            (200_000, f32::NAN),
+        ] {
+            wt[bad] = value;
+        }
+        assert_eq!(first_where(&wt, |v| !v.is_finite()), Some(70_001));
+        match PackedT::from_input_major(Dtype::Bf16, &wt, n_in, n_out) {
+            Err(PackError::NotFinite { index, value }) => {
+                assert_eq!(index, 70_001);
+                assert!(value.is_nan());
+            }
+            other => panic!("expected NotFinite, got {:?}", other.map(|_| ())),
+        }
+        for bad in [250_000, 70_001, 200_000] {
+            wt[bad] = 0.5;
+        }
+        (wt[3], wt[100_000]) = (-1e6, 1e6);
+        match PackedT::from_input_major(Dtype::F16, &wt, n_in, n_out) {
+            Err(PackError::OutOfRange { index, .. }) => assert_eq!(index, 3),
+            other => panic!("expected OutOfRange, got {:?}", other.map(|_| ())),
+        }
     }
 
     /// Fast dense and sparse GEMV on every format against the scalar reference on the same packed

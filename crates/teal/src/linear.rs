@@ -349,10 +349,14 @@ impl Dense {
 }
 
 /// Row-major `[out, in]` to input-major `[in, out]`, blocked: cache-friendly on both sides.
-fn transpose(out_dim: usize, in_dim: usize, w: &[f32]) -> Vec<f32> {
+pub(crate) fn transpose<T: Copy + Default + Send + Sync>(
+    out_dim: usize,
+    in_dim: usize,
+    w: &[T],
+) -> Vec<T> {
     use rayon::prelude::*;
     assert_eq!(w.len(), out_dim * in_dim);
-    let mut wt = vec![0.0f32; w.len()];
+    let mut wt = vec![T::default(); w.len()];
     const B: usize = 64;
     // Each task writes B input rows of wt (all of its columns), tile by tile.
     wt.par_chunks_mut((B * out_dim).max(1))

@@ -155,9 +155,25 @@ impl WeightDtype {
 
     /// Round f32 values to this dtype's bits (round to nearest even).
     pub fn encode(self, v: &[f32]) -> Vec<u16> {
+        let mut bits = vec![0u16; v.len()];
+        self.encode_into(v, &mut bits);
+        bits
+    }
+
+    /// [`WeightDtype::encode`] into `out` (as long as `v`).
+    pub fn encode_into(self, v: &[f32], out: &mut [u16]) {
+        assert_eq!(v.len(), out.len(), "encode_into: lengths");
         match self {
-            WeightDtype::F16 => v.iter().map(|&x| f16::from_f32(x).to_bits()).collect(),
-            WeightDtype::Bf16 => v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect(),
+            WeightDtype::F16 => {
+                for (b, &x) in out.iter_mut().zip(v) {
+                    *b = f16::from_f32(x).to_bits();
+                }
+            }
+            WeightDtype::Bf16 => {
+                for (b, &x) in out.iter_mut().zip(v) {
+                    *b = bf16::from_f32(x).to_bits();
+                }
+            }
         }
     }
 

@@ -621,7 +621,7 @@ fn add_assign(x: &mut [f32], y: &[f32]) {
 }
 
 fn check_finite(name: &str, v: &[f32]) -> Result<()> {
-    match v.iter().position(|x| !x.is_finite()) {
+    match teal_kernels::packed::first_where(v, |x| !x.is_finite()) {
         Some(i) => Err(Error::Tensor {
             name: name.into(),
             msg: format!("non-finite value {} at index {i}", v[i]),
