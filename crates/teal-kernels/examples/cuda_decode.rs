@@ -18,7 +18,7 @@
 //! Usage: cuda_decode [--dtype f16|bf16] [--steps N]
 
 use cudarc::driver::{sys, CudaSlice};
-use teal_kernels::cuda::{CudaError, GemvOpts, Gpu, GpuLinear, WeightDtype};
+use teal_kernels::cuda::{AttentionSplit, CudaError, GemvOpts, Gpu, GpuLinear, WeightDtype};
 
 type Res<T> = std::result::Result<T, CudaError>;
 
@@ -73,6 +73,7 @@ struct Model {
     xn: CudaSlice<f32>,
     qkv: CudaSlice<f32>,
     attn: CudaSlice<f32>,
+    split: AttentionSplit,
     gu: CudaSlice<f32>,
     act: CudaSlice<f32>,
     logits: CudaSlice<f32>,
@@ -136,6 +137,7 @@ impl Model {
             xn: g.zeros(d)?,
             qkv: g.zeros(d + 2 * kv)?,
             attn: g.zeros(d)?,
+            split: g.attention_split(cfg.n_head, cfg.hd, cfg.max_pos)?,
             gu: g.zeros(2 * ffn)?,
             act: g.zeros(ffn)?,
             logits: g.zeros(cfg.vocab)?,
@@ -187,6 +189,7 @@ impl Model {
                     &mut l.kc,
                     &mut l.vc,
                     &mut self.attn,
+                    &mut self.split,
                     c.n_head,
                     c.n_kv,
                     c.hd,
@@ -293,6 +296,7 @@ fn breakdown(g: &Gpu, m: &mut Model) -> Res<()> {
             &mut l.kc,
             &mut l.vc,
             &mut m.attn,
+            &mut m.split,
             n_head,
             n_kv,
             hd,

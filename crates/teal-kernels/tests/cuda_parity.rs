@@ -912,13 +912,18 @@ fn attention_rope_decode_matches_reference() {
     let Some(g) = gpu() else { return };
     // Head dims of SmolLM2/Qwen (64), Llama 3 (128) and the tiny test Qwen2 (8); the first
     // position, a short cache, and one longer than a pass of the score loop (256 keys at
-    // hd 128) at the cache's end.
+    // hd 128) at the cache's end. Caches longer than 512 keys are split into runs (2 runs
+    // at 513 keys, 3 at 1501, 6 at 3000 of 500 each), merged by the last block of a head.
     for (n_head, n_kv, hd, max_pos) in [
         (6usize, 2usize, 64usize, 300usize),
         (8, 2, 128, 300),
         (4, 2, 8, 40),
+        (8, 2, 128, 3000),
+        (6, 2, 64, 1100),
     ] {
-        for p in [0usize, 7, max_pos - 1] {
+        let mut split = g.attention_split(n_head, hd, max_pos).unwrap();
+        let positions = [0usize, 7, 511, 512, 1500, 1023, max_pos - 1];
+        for p in positions.into_iter().filter(|&p| p < max_pos) {
             let half = hd / 2;
             let kvs = n_kv * hd;
             let cos: Vec<f32> = rand_vec(max_pos * half, 71);
@@ -936,9 +941,20 @@ fn attention_rope_decode_matches_reference() {
             let mut vc = g.upload(&v_old).unwrap();
             let mut od = g.upload(&vec![f32::NAN; n_head * hd]).unwrap();
             g.attention_rope_decode(
-                &qd, &cd, &sd, &pd, &mut kc, &mut vc, &mut od, n_head, n_kv, hd, max_pos,
+                &qd, &cd, &sd, &pd, &mut kc, &mut vc, &mut od, &mut split, n_head, n_kv, hd,
+                max_pos,
             )
             .unwrap();
+            let first = g.download(&od).unwrap();
+            // Again on the same inputs (the new row is stored with the same values): the same
+            // result, so the split's counters were left at zero.
+            g.attention_rope_decode(
+                &qd, &cd, &sd, &pd, &mut kc, &mut vc, &mut od, &mut split, n_head, n_kv, hd,
+                max_pos,
+            )
+            .unwrap();
+            let what = format!("hd {hd}, position {p} of {max_pos}");
+            assert_eq!(g.download(&od).unwrap(), first, "{what}: a second launch");
             let mut rot = qkv.clone();
             for h in 0..n_head + n_kv {
                 reference::rope_neox(
@@ -947,7 +963,6 @@ fn attention_rope_decode_matches_reference() {
                     &sin[p * half..(p + 1) * half],
                 );
             }
-            let what = format!("hd {hd}, position {p}");
             assert_eq!(
                 g.download(&qd).unwrap(),
                 qkv,
@@ -997,8 +1012,21 @@ fn attention_rope_decode_matches_reference() {
         g.zeros::<f32>(4096).unwrap(),
         g.zeros::<f32>(1024).unwrap(),
     );
+    let mut split = g.attention_split(8, 48, 4).unwrap();
     let e = g
-        .attention_rope_decode(&qd, &cd, &cd, &pd, &mut kc, &mut vc, &mut od, 8, 4, 48, 4)
+        .attention_rope_decode(
+            &qd, &cd, &cd, &pd, &mut kc, &mut vc, &mut od, &mut split, 8, 4, 48, 4,
+        )
         .unwrap_err();
     assert!(e.to_string().contains("head dim 48"), "{e}");
+    // A workspace made for other heads: an error naming it.
+    let mut split = g.attention_split(4, 64, 4).unwrap();
+    let e = g
+        .attention_rope_decode(
+            &qd, &cd, &cd, &pd, &mut kc, &mut vc, &mut od, &mut split, 8, 4, 64, 4,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("split workspace"), "{e}");
+    assert_eq!(g.attention_split(8, 128, 3000).unwrap().n_split(), 6);
+    assert_eq!(g.attention_split(8, 128, 512).unwrap().n_split(), 1);
 }

@@ -495,11 +495,15 @@ __device__ __forceinline__ float dot_slice(const float4* k4, const float4* q4, i
 }
 
 // Attention of one query head over its `nk` keys, for the decode kernels below (one block
-// per head; hd % 4 == 0 and hd / 4 a power of two dividing blockDim). qs: the query in
-// shared memory; kb, vb: the head's column block of the K and V caches, row stride kvs.
+// per head, or per run of keys of a head; hd % 4 == 0 and hd / 4 a power of two dividing
+// blockDim). qs: the query in shared memory; kb, vb: the head's column block of the K and V
+// caches (from the block's first key), row stride kvs.
 // Keys [0, nk - 1) come from the caches, key nk - 1 from kn / vn when given (shared memory),
 // else from the caches. sc: shared scratch of max(nk, 4 * blockDim) floats. pre: when given,
-// what `attend_preload` read of keys [0, nk - 1) (kn / vn must then be given).
+// what `attend_preload` read of the keys that come from the caches.
+// Writes the normalized output to `out`, or, with `ms` given, the unnormalized weighted sum
+// to `out` and the scores' max and sum of exponentials to ms[0], ms[1] (one run of keys of
+// a split head, see attn_rope_decode_f32).
 // Scores: each key is split over kl lanes (kl a power of two, at most 4 16-byte loads per
 // lane, all in flight at once), so a 1024-thread block scores 128 keys per pass at hd 128 and
 // 256 at hd 64. Weighted sum: hd / 4 lanes per key, one float4 of dimensions each,
@@ -510,7 +514,7 @@ __device__ __forceinline__ void attend(const float* __restrict__ qs, const float
                        const float* __restrict__ vb, int kvs, int nk, int hd,
                        const float* __restrict__ kn, const float* __restrict__ vn,
                        float* __restrict__ sc, float* __restrict__ out,
-                       const AttnPre* pre) {
+                       const AttnPre* pre, float* __restrict__ ms) {
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
     const float scale = 1.0f / sqrtf((float)hd);
     const int q4n = hd >> 2;                          // float4s per key
@@ -538,8 +542,9 @@ __device__ __forceinline__ void attend(const float* __restrict__ qs, const float
     if (pre != nullptr) {
         // The first pass from the preloaded slices (the newest key from kn).
         if (p < nk) {
-            float dot = p == nk - 1 ? dot_slice((const float4*)kn + part * slice4, q4, slice4)
-                                    : dot_slice(pre->k, q4, slice4);
+            float dot = (kn != nullptr && p == nk - 1)
+                            ? dot_slice((const float4*)kn + part * slice4, q4, slice4)
+                            : dot_slice(pre->k, q4, slice4);
             for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(group, dot, o);
             dot *= scale;
             if (part == 0) sc[p] = dot;
@@ -596,8 +601,12 @@ __device__ __forceinline__ void attend(const float* __restrict__ qs, const float
             o.z += r.z;
             o.w += r.w;
         }
-        const float inv = 1.0f / s;
+        const float inv = ms != nullptr ? 1.0f : 1.0f / s;
         ((float4*)out)[tid] = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+        if (ms != nullptr && tid == 0) {
+            ms[0] = m;
+            ms[1] = s;
+        }
     }
 }
 
@@ -621,15 +630,21 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_f32(const
     __syncthreads();
     const size_t c = (size_t)b * cache_stride + (size_t)kh * hd;
     attend(qs, k + c, v + c, n_kv_head * hd, n_keys[b], hd, nullptr, nullptr, qs + hd,
-           out + (size_t)b * n_head * hd + (size_t)h * hd, nullptr);
+           out + (size_t)b * n_head * hd + (size_t)h * hd, nullptr, nullptr);
 }
 
 // One decode step's attention straight from the fused q|k|v row at position p = pos[0]:
 // NeoX RoPE on the block's query head and on its key head, the rotated key and the value
 // stored at cache row p (by the first query head of each group), then attention over keys
 // 0..=p, the newest one taken from shared memory (the other blocks of the group need not wait
-// for the store). The rotated q and k are not written back to qkv. Grid: n_head; batch 1.
-// Shared memory: 3 hd + max(p + 1, 4 * blockDim) floats.
+// for the store). The rotated q and k are not written back to qkv. Batch 1.
+// Grid: (n_head, n_split). Long caches are split (flash-decoding): with
+// ns = min(n_split, ceil((p + 1) / split_keys)) runs of keys in use, block (h, r < ns)
+// attends over the r-th run and writes its unnormalized sum, max and sum of exponentials to
+// `part` ([n_head][n_split][hd] sums, then [n_head][n_split][2]); the last block of the head
+// to finish (counters[h]) merges them into out and resets the counter. Blocks r >= ns exit at
+// once; with ns = 1 block (h, 0) writes out directly, as without a split.
+// Shared memory: 3 hd + max(keys of one run + 1, 4 * blockDim) floats.
 // pos and cache rows 0..p-1 are read before the wait for the previous kernel (their memory
 // latency overlaps its tail), so they must have been written before that kernel started:
 // in the decoder they come from earlier steps, each its own graph launch.
@@ -639,7 +654,10 @@ attn_rope_decode_f32(const float* __restrict__ qkv,
                                                 const float* __restrict__ sin_t,
                                                 const int* __restrict__ pos, float* __restrict__ kc,
                                                 float* __restrict__ vc, float* __restrict__ out,
-                                                int n_head, int n_kv, int hd) {
+                                                int n_head, int n_kv, int hd,
+                                                float* __restrict__ part,
+                                                u32* __restrict__ counters, int n_split,
+                                                int split_keys) {
     extern __shared__ float4 sm4[];
     float* qs = (float*)sm4;
     float* kn = qs + hd;
@@ -647,11 +665,17 @@ attn_rope_decode_f32(const float* __restrict__ qkv,
     const int h = blockIdx.x, per = n_head / n_kv, kh = h / per, half = hd >> 1;
     const int kvs = n_kv * hd;
     pdl_launch_next();
-    const int p = pos[0];
+    const int p = pos[0], nk = p + 1;
+    const int ns = min(n_split, (nk + split_keys - 1) / split_keys);
+    const int r = blockIdx.y;
+    if (r >= ns) return;
+    const int len = (nk + ns - 1) / ns, k0 = r * len, k1 = min(k0 + len, nk);
+    const bool newest = k1 == nk;  // this run ends with key p, which comes from shared memory
+    const size_t base = (size_t)k0 * kvs + (size_t)kh * hd;
     AttnPre pre;
-    attend_preload(kc + (size_t)kh * hd, vc + (size_t)kh * hd, kvs, p, hd, pre);
+    attend_preload(kc + base, vc + base, kvs, (newest ? p : k1) - k0, hd, pre);
     pdl_wait();
-    const bool store = h % per == 0;
+    const bool store = h % per == 0 && newest;
     const float* qh = qkv + (size_t)h * hd;
     const float* kh_ = qkv + (size_t)(n_head + kh) * hd;
     const float* vh = qkv + (size_t)(n_head + n_kv + kh) * hd;
@@ -676,8 +700,36 @@ attn_rope_decode_f32(const float* __restrict__ qkv,
         if (store) vrow[i] = v;
     }
     __syncthreads();
-    attend(qs, kc + (size_t)kh * hd, vc + (size_t)kh * hd, kvs, p + 1, hd, kn, vn, vn + hd,
-           out + (size_t)h * hd, &pre);
+    if (ns == 1) {
+        attend(qs, kc + base, vc + base, kvs, nk, hd, kn, vn, vn + hd, out + (size_t)h * hd,
+               &pre, nullptr);
+        return;
+    }
+    const size_t slot = (size_t)h * n_split + r;
+    float* ms = part + (size_t)n_head * n_split * hd;
+    attend(qs, kc + base, vc + base, kvs, k1 - k0, hd, newest ? kn : nullptr,
+           newest ? vn : nullptr, vn + hd, part + slot * hd, &pre, ms + 2 * slot);
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == (u32)(ns - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const volatile float* vpart = part + (size_t)h * n_split * hd;
+    const volatile float* vms = ms + 2 * (size_t)h * n_split;
+    float mx = NEG_INF;
+    for (int i = 0; i < ns; ++i) mx = fmaxf(mx, vms[2 * i]);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        for (int i = 0; i < ns; ++i) {
+            const float w = expf(vms[2 * i] - mx);
+            num = fmaf(w, vpart[(size_t)i * hd + d], num);
+            den = fmaf(w, vms[2 * i + 1], den);
+        }
+        out[(size_t)h * hd + d] = num / den;
+    }
+    if (threadIdx.x == 0) counters[h] = 0u;
 }
 
 // out[b, i] = silu(gu[b, i]) * gu[b, n + i]: gate and up side by side, as the fused

@@ -48,6 +48,11 @@ const CUBLAS_WORKSPACE: usize = 32 << 20;
 const ATTN_THREADS: usize = 1024;
 /// Shared memory a decode attention kernel may use (the default per-block limit).
 const ATTN_SHARED_BYTES: usize = 48 * 1024;
+/// Keys per run of a split decode attention: caches up to this long are attended by one block
+/// per head.
+const ATTN_SPLIT_KEYS: usize = 512;
+/// Most runs the keys of one head are split into.
+const ATTN_MAX_SPLIT: usize = 8;
 
 /// A 1-D launch of `blocks` blocks of `threads` threads, no dynamic shared memory.
 fn blocks_1d(blocks: u32, threads: u32) -> LaunchConfig {
@@ -240,6 +245,25 @@ fn arch_name(major: i32, minor: i32) -> Result<&'static str> {
             )))
         }
     })
+}
+
+/// The workspace of a split decode attention ([`Gpu::attention_split`]): each run's
+/// unnormalized sum, max and sum of exponentials, and a counter per head (zero between
+/// launches).
+pub struct AttentionSplit {
+    n_head: usize,
+    hd: usize,
+    max_keys: usize,
+    n_split: usize,
+    part: CudaSlice<f32>,
+    counters: CudaSlice<u32>,
+}
+
+impl AttentionSplit {
+    /// How many runs the keys of one head are split into (1: one block per head).
+    pub fn n_split(&self) -> usize {
+        self.n_split
+    }
 }
 
 /// A GPU with the teal kernels loaded, one stream.
@@ -714,6 +738,30 @@ impl Gpu {
         unsafe { self.launch(&self.embed, cfg, &mut p) }
     }
 
+    /// The workspace of [`Gpu::attention_rope_decode`] for `n_head` heads of dimension `hd`
+    /// over caches of up to `max_keys` positions: how many runs the keys of a head are split
+    /// into (one per [`ATTN_SPLIT_KEYS`] keys up to [`ATTN_MAX_SPLIT`], and no more blocks than
+    /// two per multiprocessor), with room for each run's partial result.
+    pub fn attention_split(
+        &self,
+        n_head: usize,
+        hd: usize,
+        max_keys: usize,
+    ) -> Result<AttentionSplit> {
+        let fit = (2 * self.multiprocessors() / n_head.max(1)).max(1);
+        let n_split = max_keys
+            .div_ceil(ATTN_SPLIT_KEYS)
+            .clamp(1, ATTN_MAX_SPLIT.min(fit));
+        Ok(AttentionSplit {
+            n_head,
+            hd,
+            max_keys,
+            n_split,
+            part: self.zeros(n_head * n_split * (hd + 2))?,
+            counters: self.zeros(n_head)?,
+        })
+    }
+
     /// One decode step's attention from the fused q|k|v row (batch 1) at position `pos[0]`:
     /// NeoX RoPE on the `n_head` query and `n_kv` key heads, the rotated keys and the values
     /// stored at cache row `pos[0]`, and attention over keys `0..=pos[0]` into `out`
@@ -722,7 +770,10 @@ impl Gpu {
     /// read before the launch waits for the previous kernel in the stream (their memory
     /// latency overlaps that kernel's tail), so they must not be written by that kernel nor by
     /// one still running when it starts: write them by a copy or by an earlier graph launch,
-    /// as the decoder does (each decode step is its own graph launch).
+    /// as the decoder does (each decode step is its own graph launch). Caches longer than
+    /// [`ATTN_SPLIT_KEYS`] are attended in runs of keys on several blocks per head, merged by
+    /// the last one (`split`, from [`Gpu::attention_split`] for these heads and at least
+    /// `max_keys`).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_rope_decode(
         &self,
@@ -733,12 +784,20 @@ impl Gpu {
         kc: &mut CudaSlice<f32>,
         vc: &mut CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
+        split: &mut AttentionSplit,
         n_head: usize,
         n_kv: usize,
         hd: usize,
         max_keys: usize,
     ) -> Result<()> {
         check_attention(n_head, n_kv, hd, max_keys)?;
+        if split.n_head != n_head || split.hd != hd || split.max_keys < max_keys {
+            return Err(CudaError::Invalid(format!(
+                "attention_rope_decode: the split workspace is for {} heads of {} over {} keys, \
+                 not {n_head} heads of {hd} over {max_keys}",
+                split.n_head, split.hd, split.max_keys
+            )));
+        }
         let cache = max_keys * n_kv * hd;
         if qkv.len() < (n_head + 2 * n_kv) * hd
             || kc.len() < cache
@@ -751,16 +810,25 @@ impl Gpu {
                 "attention_rope_decode buffers too small".into(),
             ));
         }
-        let (nh, nkv, hd_i) = (n_head as i32, n_kv as i32, hd as i32);
+        let (nh, nkv, hd_i, ns) = (n_head as i32, n_kv as i32, hd as i32, split.n_split as i32);
         let cfg = LaunchConfig {
-            grid_dim: (n_head as u32, 1, 1),
+            grid_dim: (n_head as u32, split.n_split as u32, 1),
             block_dim: (ATTN_THREADS as u32, 1, 1),
-            shared_mem_bytes: (attention_shared_floats(hd, max_keys) * 4) as u32,
+            // A run holds at most max(ATTN_SPLIT_KEYS, max_keys / n_split) keys, and
+            // ATTN_SPLIT_KEYS is under the 4 * ATTN_THREADS floats of the reduction.
+            shared_mem_bytes: (attention_shared_floats(hd, max_keys.div_ceil(split.n_split)) * 4)
+                as u32,
         };
         let (qp, cp, sp, pp) = (self.ptr(qkv), self.ptr(cos), self.ptr(sin), self.ptr(pos));
         let (kp, vp, op) = (self.ptr_mut(kc), self.ptr_mut(vc), self.ptr_mut(out));
-        let mut p = params![qp, cp, sp, pp, kp, vp, op, nh, nkv, hd_i];
-        // SAFETY: matches attn_rope_decode_f32; sizes checked, the caller keeps pos[0] below
+        let (wp, np) = (
+            self.ptr_mut(&mut split.part),
+            self.ptr_mut(&mut split.counters),
+        );
+        let sk = ATTN_SPLIT_KEYS as i32;
+        let mut p = params![qp, cp, sp, pp, kp, vp, op, nh, nkv, hd_i, wp, np, ns, sk];
+        // SAFETY: matches attn_rope_decode_f32; sizes checked, the workspace holds n_head *
+        // n_split * (hd + 2) floats and n_head counters, the caller keeps pos[0] below
         // max_keys.
         unsafe { self.launch(&self.attn_rope, cfg, &mut p) }
     }

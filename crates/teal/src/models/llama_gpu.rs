@@ -3,7 +3,8 @@
 //! The weights of a CPU [`Llama`] are copied once, rounded to f16 or bf16, input-major; the
 //! thresholds of its TEAL masks ([`InputMask::Threshold`]) go into the sparse GEMV. One decode
 //! step: embedding row -> per block [q|k|v GEMV on RMSNorm(h) (+ bias), attention with RoPE and
-//! the KV append in the same kernel, o GEMV into the residual h, gate|up GEMV on RMSNorm(h),
+//! the KV append in the same kernel (long caches in runs of keys, several blocks per head), o
+//! GEMV into the residual h, gate|up GEMV on RMSNorm(h),
 //! down GEMV with SiLU*mul in its prologue into h] -> LM head on RMSNorm(h) (dense): 5 launches
 //! per block. Each RMSNorm is computed inside the GEMV that reads it, and every GEMV adds into
 //! its output with f32 atomics (no workspace pass): outputs that are not the residual are set
@@ -35,8 +36,8 @@ use crate::sampler::Sampler;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use teal_kernels::cuda::{
-    CudaGraph, DeviceBuffer, GemvOpts, GemvPlan, Gpu, GpuLinear, Norm, Prepare, WeightDtype,
-    MAX_BATCH,
+    AttentionSplit, CudaGraph, DeviceBuffer, GemvOpts, GemvPlan, Gpu, GpuLinear, Norm, Prepare,
+    WeightDtype, MAX_BATCH,
 };
 
 /// The two threshold sets a model carries: the prefill model's and the decode model's.
@@ -394,6 +395,9 @@ struct Resident {
     sin: DeviceBuffer<f32>,
     /// Decode (and observed) steps: one position.
     one: Acts,
+    /// The decode attention's runs of keys for long caches (shared by the layers, which run
+    /// one after another).
+    attn_split: AttentionSplit,
     /// Prefill chunks: up to [`MAX_BATCH`] positions.
     chunk: Acts,
     next: DeviceBuffer<u32>,
@@ -483,6 +487,7 @@ impl GpuLlama {
         let lm_head = Group::dense(&gpu, &dm.lm_head, dtype)?;
         let m = Resident {
             one: Acts::new(&gpu, &c, 1, qkv_bias0.as_deref())?,
+            attn_split: gpu.attention_split(c.num_attention_heads, c.head_dim, ctx)?,
             chunk: Acts::new(&gpu, &c, MAX_BATCH, qkv_bias0.as_deref())?,
             qkv_bias,
             embed: gpu.upload(&row_bits(&dm.embed_tokens, dtype))?,
@@ -640,6 +645,7 @@ impl Resident {
                     &mut l.k_cache,
                     &mut l.v_cache,
                     &mut a.attn,
+                    &mut self.attn_split,
                     nh,
                     nkv,
                     hd,
