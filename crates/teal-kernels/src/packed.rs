@@ -173,6 +173,34 @@ pub fn first_where(v: &[f32], bad: impl Fn(f32) -> bool + Sync) -> Option<usize>
         })
 }
 
+/// What every packing checks before it converts: `n_in * n_out` values, all finite, and within
+/// f16's range for the formats that store f16 values or scales (f16, q8, q4).
+fn check_packable(w: &[f32], n_in: usize, n_out: usize, dtype: Dtype) -> Result<(), PackError> {
+    if w.len() != n_in * n_out {
+        return Err(PackError::Size {
+            got: w.len(),
+            n_in,
+            n_out,
+        });
+    }
+    if let Some(index) = first_where(w, |v| !v.is_finite()) {
+        return Err(PackError::NotFinite {
+            index,
+            value: w[index],
+        });
+    }
+    if dtype != Dtype::F32 && dtype != Dtype::Bf16 {
+        if let Some(index) = first_where(w, |v| v.abs() > 65504.0) {
+            return Err(PackError::OutOfRange {
+                index,
+                value: w[index],
+                dtype: dtype.name(),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl PackedT {
     /// Packs an input-major f32 matrix `wt[n_in, n_out]`.
     pub fn from_input_major(
@@ -181,37 +209,13 @@ impl PackedT {
         n_in: usize,
         n_out: usize,
     ) -> Result<PackedT, PackError> {
-        if wt.len() != n_in * n_out {
-            return Err(PackError::Size {
-                got: wt.len(),
-                n_in,
-                n_out,
-            });
-        }
-        if let Some(index) = first_where(wt, |v| !v.is_finite()) {
-            return Err(PackError::NotFinite {
-                index,
-                value: wt[index],
-            });
-        }
-        let f16_range = |dtype: Dtype| match first_where(wt, |v| v.abs() > 65504.0) {
-            Some(index) => Err(PackError::OutOfRange {
-                index,
-                value: wt[index],
-                dtype: dtype.name(),
-            }),
-            None => Ok(()),
-        };
+        check_packable(wt, n_in, n_out, dtype)?;
         let ng = groups(n_out);
         let data = match dtype {
             Dtype::F32 => Data::F32(wt.to_vec()),
-            Dtype::F16 => {
-                f16_range(dtype)?;
-                Data::F16(wt.par_iter().map(|&v| f16::from_f32(v)).collect())
-            }
+            Dtype::F16 => Data::F16(wt.par_iter().map(|&v| f16::from_f32(v)).collect()),
             Dtype::Bf16 => Data::Bf16(wt.par_iter().map(|&v| bf16::from_f32(v)).collect()),
             Dtype::Q8 => {
-                f16_range(dtype)?;
                 let mut blocks = vec![0u8; n_in * ng * Q8_BLOCK];
                 for j in 0..n_in {
                     let row = &wt[j * n_out..(j + 1) * n_out];
@@ -233,7 +237,6 @@ impl PackedT {
                 Data::Q8(blocks)
             }
             Dtype::Q4 => {
-                f16_range(dtype)?;
                 let mut blocks = vec![0u8; n_in * ng * Q4_BLOCK];
                 for j in 0..n_in {
                     let row = &wt[j * n_out..(j + 1) * n_out];
@@ -401,28 +404,7 @@ impl PackedRows {
         n_out: usize,
         n_in: usize,
     ) -> Result<PackedRows, PackError> {
-        if w.len() != n_in * n_out {
-            return Err(PackError::Size {
-                got: w.len(),
-                n_in,
-                n_out,
-            });
-        }
-        if let Some(index) = first_where(&w, |v| !v.is_finite()) {
-            return Err(PackError::NotFinite {
-                index,
-                value: w[index],
-            });
-        }
-        if dtype != Dtype::F32 && dtype != Dtype::Bf16 {
-            if let Some(index) = first_where(&w, |v| v.abs() > 65504.0) {
-                return Err(PackError::OutOfRange {
-                    index,
-                    value: w[index],
-                    dtype: dtype.name(),
-                });
-            }
-        }
+        check_packable(&w, n_in, n_out, dtype)?;
         let quantized = |size: usize, quantize: fn(&[f32], &mut [u8])| {
             let nb = groups(n_in);
             let mut blocks = vec![0u8; n_out * nb * size];
