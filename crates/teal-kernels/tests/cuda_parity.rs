@@ -788,6 +788,9 @@ fn decode_helpers_fill_embed_kv_append_advance() {
 /// A prefill chunk's attention as the GPU model runs it: RoPE on the q and k heads of fused
 /// q|k|v rows, their keys and values appended at consecutive positions after cached ones,
 /// then each row attending causally over the shared cache (`attention_chunk`).
+/// Both prefill attentions (one block per row and head; tiled) after RoPE and the KV append,
+/// against the reference: rows from position 0 and later, one tile of rows and several, head
+/// dimensions 8 to 128, grouped and plain.
 #[test]
 fn attention_chunk_matches_reference() {
     let Some(g) = gpu() else { return };
@@ -795,8 +798,11 @@ fn attention_chunk_matches_reference() {
         (6usize, 2usize, 64usize, 0usize, 8usize),
         (8, 2, 128, 37, 5),
         (4, 2, 8, 3, 1),
+        (8, 2, 128, 41, 70),
+        (9, 3, 64, 0, 33),
+        (4, 4, 16, 17, 40),
     ] {
-        let (max_pos, half, kvs) = (60, hd / 2, n_kv * hd);
+        let (max_pos, half, kvs) = (p0 + batch + 3, hd / 2, n_kv * hd);
         let row = (n_head + 2 * n_kv) * hd;
         let cos = rand_vec(max_pos * half, 81);
         let sin = rand_vec(max_pos * half, 82);
@@ -855,6 +861,17 @@ fn attention_chunk_matches_reference() {
             &ones,
             GPU_ATTN_TOL,
             &format!("{what}: attention"),
+        );
+        // The tiled prefill attention on the same caches (rows in tiles of 32, keys of 16).
+        let mut od = g.upload(&vec![f32::NAN; batch * n_head * hd]).unwrap();
+        g.attention_prefill(&qd, &kc, &vc, &mut od, p0, batch, n_head, n_kv, hd)
+            .unwrap();
+        assert_close(
+            &g.download(&od).unwrap(),
+            &want,
+            &ones,
+            GPU_ATTN_TOL,
+            &format!("{what}: prefill attention"),
         );
     }
 }
@@ -1029,4 +1046,183 @@ fn attention_rope_decode_matches_reference() {
     assert!(e.to_string().contains("split workspace"), "{e}");
     assert_eq!(g.attention_split(8, 128, 3000).unwrap().n_split(), 6);
     assert_eq!(g.attention_split(8, 128, 512).unwrap().n_split(), 1);
+}
+
+/// The two pieces of the GEMM prefill. `gemm_input`: the thresholded input (plain, RMSNorm or
+/// SiLU*mul, padded rows, a first row other than 0) rounded to the weights' type, within one
+/// unit in the last place of that type of the f32 reference (the GPU's mean square sums in
+/// another order; entries within 1e-5 of the threshold are not compared, as they may fall
+/// either side). `gemm`: that input times a column range of the weights into a column offset
+/// of a wider output, added to what is there (beta 1), against the reference on the GPU's own
+/// 16-bit input: products of two 16-bit values are exact in f32, so only the summation order
+/// differs (GPU_GEMV_REL_TOL of sum |x w|). Sparsity 0, 50 % and 100 %, f16 and bf16; an f16
+/// input beyond the type's range raises the overflow flag, bf16 never does.
+#[test]
+fn gemm_prefill_pieces_match_reference() {
+    let Some(g) = gpu() else { return };
+    let (blas, _ws) = match g.cublas() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("skipping GEMM test: {e}");
+            return;
+        }
+    };
+    let eps = 1e-5f32;
+    for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+        let ulp = match dtype {
+            WeightDtype::F16 => 2f32.powi(-10),
+            WeightDtype::Bf16 => 2f32.powi(-7),
+        };
+        for (n_in, n_out, rows) in [(77usize, 300usize, 5usize), (1024, 520, 33)] {
+            let bits = dtype.encode(&rand_vec(n_in * n_out, 71 + n_in as u64));
+            let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
+            let lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
+            let nw: Vec<f32> = rand_vec(n_in, 72).iter().map(|v| 1.0 + v).collect();
+            let nwd = g.upload(&nw).unwrap();
+            for kind in ["plain", "rmsnorm", "silu_mul"] {
+                let width = if kind == "silu_mul" { 2 * n_in } else { n_in };
+                let (ldx, row0) = (width + 3, 2);
+                let x: Vec<f32> = rand_vec((row0 + rows) * ldx, 73 + n_out as u64)
+                    .iter()
+                    .map(|v| 3.0 * v)
+                    .collect();
+                let mut v = vec![0.0f32; rows * n_in];
+                for b in 0..rows {
+                    let xr = &x[(row0 + b) * ldx..(row0 + b) * ldx + width];
+                    let out = &mut v[b * n_in..(b + 1) * n_in];
+                    match kind {
+                        "plain" => out.copy_from_slice(xr),
+                        "rmsnorm" => reference::rmsnorm(xr, &nw, eps, out),
+                        _ => reference::silu_mul(&xr[..n_in], &xr[n_in..], out),
+                    }
+                }
+                let norm = (kind == "rmsnorm").then_some(Norm { weight: &nwd, eps });
+                let xd = g.upload(&x).unwrap();
+                for s in [0.0, 0.5, 1.0] {
+                    let what = format!("{} {n_in}x{n_out} {kind} s={s}", dtype.name());
+                    let t = match s {
+                        s if s <= 0.0 => -1.0,
+                        s if s >= 1.0 => f32::INFINITY,
+                        s => threshold_for(&v[..n_in], s),
+                    };
+                    let mut x16 = g.zeros::<u16>(rows * n_in).unwrap();
+                    let mut flag = g.zeros::<i32>(1).unwrap();
+                    g.gemm_input(
+                        &xd,
+                        row0,
+                        ldx,
+                        rows,
+                        n_in,
+                        t,
+                        norm,
+                        kind == "silu_mul",
+                        dtype,
+                        &mut x16,
+                        &mut flag,
+                    )
+                    .unwrap();
+                    let got: Vec<f32> = g
+                        .download(&x16)
+                        .unwrap()
+                        .iter()
+                        .map(|&b| dtype.decode(b))
+                        .collect();
+                    assert_eq!(g.download(&flag).unwrap()[0], 0, "{what}: overflow flag");
+                    for (i, (&a, &r)) in got.iter().zip(&v).enumerate() {
+                        if t.is_finite() && (r.abs() - t).abs() <= 1e-5 * t.max(1.0) {
+                            continue;
+                        }
+                        let want = if r.abs() > t { r } else { 0.0 };
+                        assert!(
+                            (a - want).abs() <= ulp * want.abs() + 1e-7,
+                            "{what}: input {i}: gpu {a} vs reference {want}"
+                        );
+                    }
+                    // Columns 13..n_out-7 into columns 5.. of an output 9 wider than that.
+                    let cols = 13..n_out - 7;
+                    let (m, ldy, col0) = (cols.len(), cols.len() + 9, 5);
+                    let y0 = rand_vec(rows * ldy, 74);
+                    let mut yd = g.upload(&y0).unwrap();
+                    g.gemm(
+                        &blas,
+                        &lin,
+                        cols.clone(),
+                        &x16,
+                        rows,
+                        &mut yd,
+                        col0,
+                        ldy,
+                        1.0,
+                    )
+                    .unwrap();
+                    let y = g.download(&yd).unwrap();
+                    let (mut want, mut scale) = (y0.clone(), vec![0.0f32; rows * ldy]);
+                    for b in 0..rows {
+                        for j in 0..m {
+                            let (mut acc, mut mag) = (0.0f64, y0[b * ldy + col0 + j].abs() as f64);
+                            for i in 0..n_in {
+                                let p = got[b * n_in + i] as f64
+                                    * wq[i * n_out + cols.start + j] as f64;
+                                acc += p;
+                                mag += p.abs();
+                            }
+                            want[b * ldy + col0 + j] += acc as f32;
+                            scale[b * ldy + col0 + j] = mag as f32;
+                        }
+                    }
+                    assert_close(
+                        &y,
+                        &want,
+                        &scale,
+                        GPU_GEMV_REL_TOL,
+                        &format!("{what}: gemm"),
+                    );
+                }
+            }
+            // Out of f16's range: the flag (f16 only).
+            let big = g.upload(&[70000.0f32, 1.0]).unwrap();
+            let mut x16 = g.zeros::<u16>(2).unwrap();
+            let mut flag = g.zeros::<i32>(1).unwrap();
+            g.gemm_input(
+                &big, 0, 2, 1, 2, -1.0, None, false, dtype, &mut x16, &mut flag,
+            )
+            .unwrap();
+            let raised = g.download(&flag).unwrap()[0] != 0;
+            assert_eq!(
+                raised,
+                dtype == WeightDtype::F16,
+                "{}: overflow flag",
+                dtype.name()
+            );
+        }
+    }
+}
+
+/// `fill_rows` sets each row's first n columns to the source row or zeros, leaving the rest.
+#[test]
+fn fill_rows_sets_bias_or_zeros() {
+    let Some(g) = gpu() else { return };
+    let (rows, n, ldy) = (3usize, 700usize, 705usize);
+    let src = rand_vec(n, 81);
+    let sd = g.upload(&src).unwrap();
+    for with_src in [true, false] {
+        let mut yd = g.upload(&vec![7.0f32; rows * ldy]).unwrap();
+        g.fill_rows(&mut yd, with_src.then_some(&sd), rows, n, ldy)
+            .unwrap();
+        let y = g.download(&yd).unwrap();
+        for b in 0..rows {
+            for i in 0..ldy {
+                let want = match (i < n, with_src) {
+                    (false, _) => 7.0,
+                    (true, true) => src[i],
+                    (true, false) => 0.0,
+                };
+                assert_eq!(
+                    y[b * ldy + i],
+                    want,
+                    "row {b} column {i} (source {with_src})"
+                );
+            }
+        }
+    }
 }

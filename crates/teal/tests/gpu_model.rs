@@ -805,3 +805,136 @@ fn calibrate_on_cpu_decoder_equals_calibrate() {
     assert_eq!(want.sites, got.sites);
     assert_eq!(want.wina, got.wina);
 }
+
+/// A prompt of `GEMM_PREFILL_LEN` positions runs through the GEMM prefill (two chunks of
+/// 300 positions, cuBLAS on inputs rounded to the weights' 16-bit type); the same prompt in
+/// pieces of 50 runs through the GEMV chunks (f32 inputs); then one decode step after each
+/// reads the KV cache that the prefill wrote. The two differ by the rounding of the inputs
+/// (bf16 keeps 8 significant bits, f16 11), which the random models amplify over their layers.
+/// So the checks are: the best token agrees at nearly every position, the relative RMS
+/// difference of the logits is small, and it shrinks with the finer f16 rounding (by 8x if it
+/// is all rounding; a bug would not shrink). Measured on the H200: see the printed numbers.
+/// With TEAL thresholds every input that the rounding moves across its threshold flips (see
+/// GPU_SPARSE_LOGIT_TOL): the measured differences are 20-100x the dense ones, and the
+/// 30-layer SmolLM2 shape decorrelates (its numbers are printed, not checked). For the
+/// shapes of two and three layers the check is that the GEMM path applies the thresholds
+/// (its logits are nearer the GEMV path's TEAL logits than those are to the dense ones) and
+/// the best token at most positions.
+const GEMM_PREFILL_LEN: usize = 600;
+/// Dense: relative RMS difference of all logits, bf16 decoder.
+const GPU_GEMM_PREFILL_RMS_TOL: f64 = 0.05;
+/// Dense: the f16 decoder's difference is below the bf16 one's divided by this.
+const GPU_GEMM_F16_GAIN: f64 = 3.0;
+/// Fraction of positions whose best token agrees (dense; TEAL thresholds).
+const GPU_GEMM_TOP1: f64 = 0.95;
+const GPU_GEMM_SPARSE_TOP1: f64 = 0.8;
+/// TEAL: the GEMM path's distance to the GEMV path, as a fraction of the GEMV path's distance
+/// to dense (relative RMS differences), at most this.
+const GPU_GEMM_SPARSE_NEARER: f64 = 0.5;
+
+/// (relative RMS difference, fraction of rows whose argmax agrees) of two logit tables.
+fn logit_agreement(a: &[f32], b: &[f32], v: usize) -> (f64, f64) {
+    let (mut d2, mut b2) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        d2 += (*x as f64 - *y as f64).powi(2);
+        b2 += (*y as f64).powi(2);
+    }
+    let rows = a.len() / v;
+    let agree = a
+        .chunks(v)
+        .zip(b.chunks(v))
+        .filter(|(x, y)| teal::sampler::argmax(x) == teal::sampler::argmax(y))
+        .count();
+    (
+        (d2 / b2.max(f64::MIN_POSITIVE)).sqrt(),
+        agree as f64 / rows as f64,
+    )
+}
+
+#[test]
+fn gpu_gemm_prefill_matches_gemv_chunks() {
+    if !have_gpu("GPU GEMM prefill test") {
+        return;
+    }
+    let mut bad = Vec::new();
+    for name in SHAPES {
+        let f: Fixture = serde_json::from_str(fixture_text(name)).unwrap();
+        let c = shape(name);
+        let model = random_model(&c);
+        let v = c.vocab_size;
+        let tokens: Vec<u32> = (0..GEMM_PREFILL_LEN)
+            .map(|i| ((i * 7919 + 13) % v) as u32)
+            .collect();
+        let next = tokens[5];
+        // The GEMV path's dense logits per dtype, the reference distance of the TEAL case.
+        let mut dense = [Vec::new(), Vec::new()];
+        for case in &f.cases {
+            let sparse = case.thresholds.is_some();
+            let label = if sparse { "teal" } else { "dense" };
+            let m = model
+                .with_masks(&masks(&case.thresholds, c.num_hidden_layers))
+                .unwrap();
+            let mut rms_by_dtype = Vec::new();
+            for (di, dtype) in [WeightDtype::Bf16, WeightDtype::F16]
+                .into_iter()
+                .enumerate()
+            {
+                let device = Device::Cuda { ordinal: 0, dtype };
+                let mut dec = device.decoder(Models::single(&m), 1024).unwrap();
+                let mut gemm = dec.prefill(&tokens, Logits::All).unwrap();
+                gemm.extend_from_slice(dec.decode(next).unwrap());
+                dec.clear().unwrap();
+                let last = dec.prefill(&tokens, Logits::Last).unwrap();
+                dec.clear().unwrap();
+                let mut gemv = Vec::with_capacity(gemm.len());
+                for piece in tokens.chunks(50) {
+                    gemv.extend(dec.prefill(piece, Logits::All).unwrap());
+                }
+                gemv.extend_from_slice(dec.decode(next).unwrap());
+                assert_eq!(gemm.len(), (GEMM_PREFILL_LEN + 1) * v);
+                let (rms, agree) = logit_agreement(&gemm, &gemv, v);
+                let worst = max_rel(&gemm, &gemv, name);
+                let row = (GEMM_PREFILL_LEN - 1) * v;
+                let w_last = max_rel(&last, &gemm[row..row + v], name);
+                let what = format!("{name} {label} {}", dtype.name());
+                eprintln!(
+                    "{what}: GEMM vs GEMV prefill: relative RMS difference {rms:.2e}, max \
+                     relative {worst:.2e}, best tokens agree at {agree:.4} of {} positions; \
+                     Last vs All {w_last:.2e}",
+                    GEMM_PREFILL_LEN + 1
+                );
+                if w_last > GPU_PATHS_TOL {
+                    bad.push(format!("{what}: Last vs All {w_last}"));
+                }
+                if sparse {
+                    let (to_dense, _) = logit_agreement(&gemv, &dense[di], v);
+                    eprintln!("{what}: GEMV path TEAL vs dense: relative RMS {to_dense:.2e}");
+                    let few_layers = c.num_hidden_layers <= 3;
+                    if few_layers && rms > GPU_GEMM_SPARSE_NEARER * to_dense {
+                        bad.push(format!(
+                            "{what}: {rms} from GEMV, which is {to_dense} from dense"
+                        ));
+                    }
+                    if few_layers && agree < GPU_GEMM_SPARSE_TOP1 {
+                        bad.push(format!("{what}: best tokens agree at {agree}"));
+                    }
+                } else if agree < GPU_GEMM_TOP1 {
+                    bad.push(format!("{what}: best tokens agree at {agree}"));
+                }
+                if !sparse {
+                    dense[di] = gemv.clone();
+                }
+                if !sparse && dtype == WeightDtype::Bf16 && rms > GPU_GEMM_PREFILL_RMS_TOL {
+                    bad.push(format!("{what}: relative RMS difference {rms}"));
+                }
+                rms_by_dtype.push(rms);
+            }
+            if let (false, [bf, f]) = (sparse, &rms_by_dtype[..]) {
+                if *f > *bf / GPU_GEMM_F16_GAIN {
+                    bad.push(format!("{name} {label}: f16 {f:.2e} against bf16 {bf:.2e}"));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}

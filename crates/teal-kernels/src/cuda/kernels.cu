@@ -430,6 +430,63 @@ extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float*
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
+// The input of a GEMM prefill launch (cuBLAS multiplies f16/bf16 by f16/bf16): row b of
+// `out` = s_t(v) rounded to the weights' type (is_bf16), where v is row b of x (stride ldx),
+// RMSNorm(x) = x / sqrt(mean(x^2) + eps) * nw with `nw`, or silu(gate) * up with `glu`
+// (x = gate | up, n_in each), and s_t keeps |v| > t, the same arithmetic as the GEMV's.
+// An f16 value beyond the type's range sets *overflow (the caller falls back to the GEMV).
+// Grid: rows; blocks of 256.
+__device__ __forceinline__ u16 f32_to_bf16_rn(float v) {
+    const u32 b = __float_as_uint(v);
+    if ((b & 0x7f800000u) == 0x7f800000u) return (u16)((b >> 16) | ((b & 0xffffu) ? 0x40u : 0u));
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ u16 f32_to_f16_rn(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+
+extern "C" __global__ void gemm_input_f32(const float* __restrict__ x, u16* __restrict__ out,
+                                          int n_in, int ldx, float t,
+                                          const float* __restrict__ nw, float eps, int glu,
+                                          int is_bf16, int* __restrict__ overflow) {
+    pdl_begin();
+    const float* xr = x + (size_t)blockIdx.x * ldx;
+    u16* o = out + (size_t)blockIdx.x * n_in;
+    float inv = 1.0f;
+    if (nw != nullptr) {
+        float ss = 0.0f;
+        for (int i = threadIdx.x; i < n_in; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+        ss = block_sum(ss);
+        inv = 1.0f / sqrtf(ss / (float)n_in + eps);
+    }
+    bool over = false;
+    for (int j = threadIdx.x; j < n_in; j += blockDim.x) {
+        float v;
+        if (glu) {
+            const float g = xr[j], u = xr[n_in + j];
+            v = g / (1.0f + expf(-g)) * u;
+        } else {
+            v = nw != nullptr ? xr[j] * inv * nw[j] : xr[j];
+        }
+        v = fabsf(v) > t ? v : 0.0f;
+        over |= !is_bf16 && fabsf(v) > 65504.0f;
+        o[j] = is_bf16 ? f32_to_bf16_rn(v) : f32_to_f16_rn(v);
+    }
+    if (over) atomicOr(overflow, 1);
+}
+
+// y[b, :] = src (one row) or zeros, for b < rows (row stride ldy): what a GEMM adds to.
+extern "C" __global__ void fill_rows_f32(float* __restrict__ y, const float* __restrict__ src,
+                                         int n, int ldy) {
+    pdl_begin();
+    float* yr = y + (size_t)blockIdx.y * ldy;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        yr[i] = src != nullptr ? src[i] : 0.0f;
+}
+
 // NeoX RoPE in place on x[b, head * hd + i]: dimension i pairs with i + hd/2. cos/sin tables
 // are [positions, hd/2]; the position of row b is pos[b] (on the device, so a captured graph
 // replays for any position). Grid: (heads, batch); threads over hd/2.
@@ -730,6 +787,115 @@ attn_rope_decode_f32(const float* __restrict__ qkv,
         out[(size_t)h * hd + d] = num / den;
     }
     if (threadIdx.x == 0) counters[h] = 0u;
+}
+
+#define PF_QT 32    // query rows of a prefill attention block (PREFILL_ATTN_ROWS in mod.rs)
+#define PF_KT 16    // keys per shared-memory tile
+#define PF_MAXHD 128
+
+// Causal attention of a prefill chunk of `rows` positions pos0, pos0 + 1, ..., tiled
+// (flash-attention in f32): block (h, t) takes query rows t*32 .. t*32+31 of head h (the q
+// part of fused q|k|v rows after RoPE, q_stride apart) and runs over keys 0 ..= the tile's
+// last position of the caches (rows n_kv*hd wide, this chunk's keys appended), 16 keys at a
+// time in shared memory, with an online softmax per row. Each row's 8 threads (one eighth of
+// a warp) score keys j and j + 8 of a tile and own the output float4s j, j + 8, ... of the
+// row. hd % 4 == 0, hd <= 128. out: [rows, n_head * hd]. Blocks of 256.
+extern "C" __global__ void __launch_bounds__(256)
+attn_prefill_f32(const float* __restrict__ qkv, const float* __restrict__ kc,
+                 const float* __restrict__ vc, float* __restrict__ out, int pos0, int rows,
+                 int n_head, int n_kv, int hd, int q_stride) {
+    pdl_begin();
+    __shared__ float4 qs[PF_QT * PF_MAXHD / 4];
+    __shared__ float4 ks[PF_KT * (PF_MAXHD / 4 + 1)];  // rows padded by a float4
+    __shared__ float4 vs[PF_KT * PF_MAXHD / 4];
+    __shared__ float ps[PF_QT * PF_KT];
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const int h = blockIdx.x, r0 = blockIdx.y * PF_QT, tid = threadIdx.x;
+    const int kh = h / (n_head / n_kv), kvs = n_kv * hd, h4 = hd >> 2, kst = h4 + 1;
+    const int q = tid >> 3, j = tid & 7;
+    const int nrows = min(PF_QT, rows - r0);
+    for (int i = tid; i < PF_QT * h4; i += blockDim.x) {
+        const int r = i / h4, c = i - r * h4;
+        qs[r * h4 + c] =
+            r < nrows ? ((const float4*)(qkv + (size_t)(r0 + r) * q_stride + (size_t)h * hd))[c]
+                      : zero;
+    }
+    const int my_pos = pos0 + r0 + q, last_key = pos0 + r0 + nrows - 1;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const u32 row_lanes = 0xffu << (tid & 24);
+    float m = NEG_INF, l = 0.0f;
+    float4 o[PF_MAXHD / 32];
+#pragma unroll
+    for (int u = 0; u < PF_MAXHD / 32; ++u) o[u] = zero;
+    for (int k0 = 0; k0 <= last_key; k0 += PF_KT) {
+        __syncthreads();  // the previous tile is read (and the query tile written)
+        for (int i = tid; i < PF_KT * h4; i += blockDim.x) {
+            const int k = i / h4, c = i - k * h4;
+            const bool ok = k0 + k <= last_key;
+            const size_t off = (size_t)(k0 + k) * kvs + (size_t)kh * hd;
+            ks[k * kst + c] = ok ? ((const float4*)(kc + off))[c] : zero;
+            vs[k * h4 + c] = ok ? ((const float4*)(vc + off))[c] : zero;
+        }
+        __syncthreads();
+        float s[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int k = j + 8 * e;
+            float dot = 0.0f;
+            for (int c = 0; c < h4; ++c) {
+                const float4 a = qs[q * h4 + c], b = ks[k * kst + c];
+                dot = fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, fmaf(a.w, b.w, dot))));
+            }
+            s[e] = k0 + k <= my_pos ? dot * scale : NEG_INF;
+        }
+        float tmax = fmaxf(s[0], s[1]);
+#pragma unroll
+        for (int o_ = 1; o_ < 8; o_ <<= 1) tmax = fmaxf(tmax, __shfl_xor_sync(row_lanes, tmax, o_));
+        // Key 0 is in every row's first tile, so m is finite after it; a tile beyond the
+        // row's position leaves m and l as they are (alpha 1, p 0).
+        const float mn = fmaxf(m, tmax);
+        const float alpha = expf(m - mn);
+        const float p0 = expf(s[0] - mn), p1 = expf(s[1] - mn);
+        float psum = p0 + p1;
+#pragma unroll
+        for (int o_ = 1; o_ < 8; o_ <<= 1) psum += __shfl_xor_sync(row_lanes, psum, o_);
+        l = l * alpha + psum;
+        m = mn;
+        ps[q * PF_KT + j] = p0;
+        ps[q * PF_KT + j + 8] = p1;
+        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < PF_MAXHD / 32; ++u) {
+            const int c4 = j + 8 * u;
+            if (c4 < h4) {
+                float4 acc = o[u];
+                acc.x *= alpha;
+                acc.y *= alpha;
+                acc.z *= alpha;
+                acc.w *= alpha;
+#pragma unroll 4
+                for (int k = 0; k < PF_KT; ++k) {
+                    const float p = ps[q * PF_KT + k];
+                    const float4 v = vs[k * h4 + c4];
+                    acc.x = fmaf(p, v.x, acc.x);
+                    acc.y = fmaf(p, v.y, acc.y);
+                    acc.z = fmaf(p, v.z, acc.z);
+                    acc.w = fmaf(p, v.w, acc.w);
+                }
+                o[u] = acc;
+            }
+        }
+    }
+    if (q < nrows) {
+        const float inv = 1.0f / l;
+        float4* orow = (float4*)(out + (size_t)(r0 + q) * n_head * hd + (size_t)h * hd);
+#pragma unroll
+        for (int u = 0; u < PF_MAXHD / 32; ++u) {
+            const int c4 = j + 8 * u;
+            if (c4 < h4)
+                orow[c4] = make_float4(o[u].x * inv, o[u].y * inv, o[u].z * inv, o[u].w * inv);
+        }
+    }
 }
 
 // out[b, i] = silu(gu[b, i]) * gu[b, n + i]: gate and up side by side, as the fused

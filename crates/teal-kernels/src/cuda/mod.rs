@@ -23,6 +23,7 @@ macro_rules! params {
 use half::{bf16, f16};
 
 /// Device buffer and graph types of the backend, so that users need not name cudarc.
+pub use cudarc::cublas::CudaBlas;
 pub use cudarc::driver::{CudaGraph, CudaSlice as DeviceBuffer};
 
 /// The embedded CUDA C source of every kernel.
@@ -53,6 +54,10 @@ const ATTN_SHARED_BYTES: usize = 48 * 1024;
 const ATTN_SPLIT_KEYS: usize = 512;
 /// Most runs the keys of one head are split into.
 const ATTN_MAX_SPLIT: usize = 8;
+/// Query rows of one prefill attention block (PF_QT in kernels.cu).
+const PREFILL_ATTN_ROWS: usize = 32;
+/// The largest head dimension of the prefill attention (PF_MAXHD in kernels.cu).
+pub const PREFILL_ATTN_MAX_HD: usize = 128;
 
 /// A 1-D launch of `blocks` blocks of `threads` threads, no dynamic shared memory.
 fn blocks_1d(blocks: u32, threads: u32) -> LaunchConfig {
@@ -287,6 +292,9 @@ pub struct Gpu {
     embed: CudaFunction,
     advance: CudaFunction,
     attn_rope: CudaFunction,
+    gemm_input: CudaFunction,
+    fill_rows: CudaFunction,
+    attn_prefill: CudaFunction,
     name: String,
     sms: usize,
     pdl: bool,
@@ -418,6 +426,9 @@ impl Gpu {
             embed: module.load_function("embed_row")?,
             advance: module.load_function("advance_position")?,
             attn_rope: module.load_function("attn_rope_decode_f32")?,
+            gemm_input: module.load_function("gemm_input_f32")?,
+            fill_rows: module.load_function("fill_rows_f32")?,
+            attn_prefill: module.load_function("attn_prefill_f32")?,
             _module: module,
             gemv,
             pdl: major >= 9,
@@ -584,6 +595,21 @@ impl Gpu {
     /// Copy a device buffer back (synchronizes).
     pub fn download<T: DeviceRepr + Default + Clone>(&self, src: &CudaSlice<T>) -> Result<Vec<T>> {
         Ok(self.stream.clone_dtoh(src)?)
+    }
+
+    /// Copy the first `n` elements of a device buffer back (synchronizes).
+    pub fn download_prefix<T: DeviceRepr + Default + Clone>(
+        &self,
+        src: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<T>> {
+        if n > src.len() {
+            return Err(CudaError::Invalid(format!(
+                "copying back {n} elements of a buffer of {}",
+                src.len()
+            )));
+        }
+        Ok(self.stream.clone_dtoh(&src.slice(0..n))?)
     }
 
     /// Upload weights given input-major in f32 (`wt[n_in, n_out]`), rounded to `dtype`.
@@ -1166,6 +1192,67 @@ impl Gpu {
         self.attention_rows(qkv, row, k, v, 0, out, n_keys, shape)
     }
 
+    /// Whether [`Gpu::attention_prefill`] takes heads of dimension `hd`.
+    pub fn prefill_attention_fits(hd: usize) -> bool {
+        hd >= 4 && hd.is_multiple_of(4) && hd <= PREFILL_ATTN_MAX_HD
+    }
+
+    /// Causal attention of a prefill chunk of `rows` consecutive positions from `pos0`, after
+    /// RoPE and [`Gpu::kv_append`], tiled: query row b is the q part of fused q|k|v row b
+    /// (`[rows, (n_head + 2 n_kv_head) hd]`) and attends to cache rows `0..=pos0 + b` of `k`/`v`
+    /// (rows of `n_kv_head * hd`). Heads of dimension a multiple of 4 up to
+    /// [`PREFILL_ATTN_MAX_HD`] ([`Gpu::prefill_attention_fits`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        qkv: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        pos0: usize,
+        rows: usize,
+        n_head: usize,
+        n_kv_head: usize,
+        hd: usize,
+    ) -> Result<()> {
+        let row = (n_head + 2 * n_kv_head) * hd;
+        let cache = (pos0 + rows) * n_kv_head * hd;
+        if !Self::prefill_attention_fits(hd) || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head)
+        {
+            return Err(CudaError::Invalid(format!(
+                "prefill attention: head dim {hd} must be a multiple of 4 up to \
+                 {PREFILL_ATTN_MAX_HD}, heads {n_head} a multiple of {n_kv_head}"
+            )));
+        }
+        if rows == 0
+            || qkv.len() < rows * row
+            || k.len() < cache
+            || v.len() < cache
+            || out.len() < rows * n_head * hd
+        {
+            return Err(CudaError::Invalid(
+                "prefill attention buffers too small".into(),
+            ));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n_head as u32, rows.div_ceil(PREFILL_ATTN_ROWS) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (p0, r_i, nh, nkv, hd_i, qs) = (
+            pos0 as i32,
+            rows as i32,
+            n_head as i32,
+            n_kv_head as i32,
+            hd as i32,
+            row as i32,
+        );
+        let (qp, kp, vp, op) = (self.ptr(qkv), self.ptr(k), self.ptr(v), self.ptr_mut(out));
+        let mut p = params![qp, kp, vp, op, p0, r_i, nh, nkv, hd_i, qs];
+        // SAFETY: matches attn_prefill_f32; sizes checked.
+        unsafe { self.launch(&self.attn_prefill, cfg, &mut p) }
+    }
+
     /// `attn_decode_f32` over query rows `q_stride` apart and caches `cache` apart (0: one
     /// shared cache); `shape` = (batch, n_head, n_kv_head, hd, max_keys).
     #[allow(clippy::too_many_arguments)]
@@ -1296,6 +1383,147 @@ impl Gpu {
         let mut p = params![bp, n16, sp];
         // SAFETY: matches read_probe; n16 words lie inside buf.
         unsafe { self.launch(&self.read_probe, cfg, &mut p) }
+    }
+
+    /// The f16/bf16 input of a [`Gpu::gemm`] (cuBLAS multiplies two 16-bit operands):
+    /// `out[b, :] = round(s_t(v_b))` for `rows` rows of `n_in`, in `dtype`, where `v_b` is row
+    /// `row0 + b` of `x` (rows `ldx` apart), `RMSNorm(x)` with `norm`, or `silu(gate) * up`
+    /// with `silu_mul_input` (`x` rows = gate | up, `n_in` each); `s_t` keeps `|v| > t`, as
+    /// the GEMV does. An f16 value beyond the type's range sets `overflow[0]` to 1.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_input(
+        &self,
+        x: &CudaSlice<f32>,
+        row0: usize,
+        ldx: usize,
+        rows: usize,
+        n_in: usize,
+        t: f32,
+        norm: Option<Norm<'_>>,
+        silu_mul_input: bool,
+        dtype: WeightDtype,
+        out: &mut CudaSlice<u16>,
+        overflow: &mut CudaSlice<i32>,
+    ) -> Result<()> {
+        let width = if silu_mul_input { 2 * n_in } else { n_in };
+        if rows == 0
+            || ldx < width
+            || x.len() < (row0 + rows - 1) * ldx + width
+            || out.len() < rows * n_in
+            || overflow.is_empty()
+            || norm.is_some_and(|n| n.weight.len() < n_in)
+            || (norm.is_some() && silu_mul_input)
+        {
+            return Err(CudaError::Invalid("gemm_input arguments".into()));
+        }
+        let (n_i, ld_i, glu) = (n_in as i32, ldx as i32, i32::from(silu_mul_input));
+        let bf = i32::from(dtype == WeightDtype::Bf16);
+        let (nw, eps) = match norm {
+            Some(n) => (self.ptr(n.weight), n.eps),
+            None => (0, 0.0f32),
+        };
+        let cfg = blocks_1d(rows as u32, 256);
+        let xp = self.ptr(x) + (row0 * ldx * 4) as u64;
+        let (op, fp) = (self.ptr_mut(out), self.ptr_mut(overflow));
+        let mut p = params![xp, op, n_i, ld_i, t, nw, eps, glu, bf, fp];
+        // SAFETY: matches gemm_input_f32; sizes checked.
+        unsafe { self.launch(&self.gemm_input, cfg, &mut p) }
+    }
+
+    /// `y[b, :n] = src` (one row) or zeros for `rows` rows `ldy` apart: the bias or zeros a
+    /// [`Gpu::gemm`] with `beta = 1` adds to.
+    pub fn fill_rows(
+        &self,
+        y: &mut CudaSlice<f32>,
+        src: Option<&CudaSlice<f32>>,
+        rows: usize,
+        n: usize,
+        ldy: usize,
+    ) -> Result<()> {
+        if rows == 0
+            || ldy < n
+            || y.len() < (rows - 1) * ldy + n
+            || src.is_some_and(|s| s.len() < n)
+        {
+            return Err(CudaError::Invalid("fill_rows arguments".into()));
+        }
+        let (n_i, ld_i) = (n as i32, ldy as i32);
+        let sp = src.map_or(0, |s| self.ptr(s));
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).min(64) as u32, rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let yp = self.ptr_mut(y);
+        let mut p = params![yp, sp, n_i, ld_i];
+        // SAFETY: matches fill_rows_f32; sizes checked.
+        unsafe { self.launch(&self.fill_rows, cfg, &mut p) }
+    }
+
+    /// A GEMM for prefill through cuBLAS: `y[b, col0 + j] = beta * y[b, col0 + j] +
+    /// sum_i x[b, i] * wt[i, cols.start + j]` for `rows` rows b and the columns `cols` of the
+    /// input-major weights, f32 accumulate and output (rows of `y` `ldy` apart); `x` from
+    /// [`Gpu::gemm_input`] in the weights' dtype.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        blas: &cudarc::cublas::CudaBlas,
+        w: &GpuLinear,
+        cols: std::ops::Range<usize>,
+        x: &CudaSlice<u16>,
+        rows: usize,
+        y: &mut CudaSlice<f32>,
+        col0: usize,
+        ldy: usize,
+        beta: f32,
+    ) -> Result<()> {
+        use cudarc::cublas::sys as bs;
+        let m = cols.len();
+        if rows == 0
+            || m == 0
+            || cols.end > w.n_out
+            || x.len() < rows * w.n_in
+            || col0 + m > ldy
+            || y.len() < (rows - 1) * ldy + col0 + m
+        {
+            return Err(CudaError::Invalid("gemm arguments".into()));
+        }
+        let ty = match w.dtype {
+            WeightDtype::F16 => bs::cudaDataType::CUDA_R_16F,
+            WeightDtype::Bf16 => bs::cudaDataType::CUDA_R_16BF,
+        };
+        let alpha = 1.0f32;
+        // Column-major view: wt row-major [n_in, n_out] is A = [n_out, n_in] (lda n_out), x
+        // row-major [rows, n_in] is B = [n_in, rows], y is C = [m, rows] (ldc ldy): C = A B.
+        let wp = self.ptr(&w.wt) + (cols.start * 2) as u64;
+        let xp = self.ptr(x);
+        let yp = self.ptr_mut(y) + (col0 * 4) as u64;
+        // SAFETY: the pointers address live device buffers at least as large as the checked
+        // shapes need.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                bs::cublasOperation_t::CUBLAS_OP_N,
+                bs::cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                rows as i32,
+                w.n_in as i32,
+                &alpha as *const f32 as *const _,
+                wp as *const _,
+                ty,
+                w.n_out as i32,
+                xp as *const _,
+                ty,
+                w.n_in as i32,
+                &beta as *const f32 as *const _,
+                yp as *mut _,
+                bs::cudaDataType::CUDA_R_32F,
+                ldy as i32,
+                bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
     }
 
     /// cuBLAS on the same problem, for comparison: `y = W x` with `W` `[n_out, n_in]`

@@ -15,11 +15,19 @@
 //! with each candidate split (`GpuLlama::fit_splits`), since the best split depends on how many
 //! rows the thresholds keep.
 //!
-//! Prefill runs the prompt in chunks of up to [`MAX_BATCH`] positions with the prefill
-//! thresholds: the same GEMVs over all rows of the chunk (each weight row read once per chunk,
-//! each position thresholded on its own), and instead of the fused attention kernel, RoPE and
-//! the KV append of every row, then each row's causal attention over the cache: 7 launches per
-//! block. The LM head runs on the chunks whose logits are wanted.
+//! Prefill uses the prefill thresholds. Prompts of `GEMM_MIN_ROWS` (64) positions or more run in
+//! chunks of up to `GEMM_ROWS` (512) through cuBLAS (`GpuLlama::prefill_gemm`, launched eagerly):
+//! per projection and run of columns that share a threshold, the input thresholded (and
+//! normalized, or SiLU*mul) and rounded to the weights' f16/bf16 ([`Gpu::gemm_input`]), then
+//! one GEMM with f32 accumulation and output; RoPE and the KV append of every row, then the
+//! tiled causal attention of the chunk ([`Gpu::attention_prefill`]). The rounding of the
+//! inputs is the one difference from the GEMV path (tests/gpu_model.rs measures it); an f16
+//! input beyond f16's range sends that chunk to the GEMV path. Shorter prompts run in chunks
+//! of up to [`MAX_BATCH`] positions: the same GEMVs over all rows of the chunk (each weight row
+//! read once per chunk, each position thresholded on its own), and instead of the fused
+//! attention kernel, RoPE and the KV append of every row, then each row's causal attention
+//! over the cache: 7 launches per block, one captured graph per chunk size. The LM head runs
+//! on the chunks whose logits are wanted.
 //!
 //! Weight-aware masks (per-channel thresholds) are not supported on the GPU. An observed step
 //! (one position, prefill thresholds) also writes the input of each projection site of every
@@ -36,8 +44,8 @@ use crate::sampler::Sampler;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use teal_kernels::cuda::{
-    AttentionSplit, CudaGraph, DeviceBuffer, GemvOpts, GemvPlan, Gpu, GpuLinear, Norm, Prepare,
-    WeightDtype, MAX_BATCH,
+    AttentionSplit, CudaBlas, CudaError, CudaGraph, DeviceBuffer, GemvOpts, GemvPlan, Gpu,
+    GpuLinear, Norm, Prepare, WeightDtype, MAX_BATCH,
 };
 
 /// The two threshold sets a model carries: the prefill model's and the decode model's.
@@ -84,6 +92,15 @@ const FIT_REPS: usize = 7;
 /// A candidate split replaces the current one only where the decode step gets faster by this
 /// fraction (a guard against timing noise).
 const FIT_MARGIN: f64 = 0.002;
+
+/// Prompts of at least this many positions are prefilled through cuBLAS GEMMs (one read of the
+/// weights per chunk of up to [`GEMM_ROWS`] positions); shorter ones in GEMV chunks of
+/// [`MAX_BATCH`] (a captured graph each, cheaper to launch than the GEMM path's ~15 launches
+/// per block where the weights are few).
+const GEMM_MIN_ROWS: usize = 64;
+/// Most positions of one GEMM prefill chunk: bounds its activations (the logits of every
+/// position are `GEMM_ROWS x vocab` f32, 263 MB for Llama 3).
+const GEMM_ROWS: usize = 512;
 
 /// The GEMV threshold of a mask: `|x| <= t` is zeroed; dense keeps everything.
 fn threshold(mask: Option<InputMask>, what: &str) -> Result<f32> {
@@ -290,6 +307,93 @@ impl Group {
     }
 }
 
+/// What a GEMM prefill launch reads: `rows` rows of `x` from row `row0`, `ld` apart, through
+/// an RMSNorm or SiLU*mul ([`Gpu::gemm_input`]).
+struct GemmIn<'a> {
+    x: &'a DeviceBuffer<f32>,
+    row0: usize,
+    ld: usize,
+    norm: Option<Norm<'a>>,
+    silu_mul: bool,
+}
+
+impl GemmIn<'_> {
+    fn plain(x: &DeviceBuffer<f32>, ld: usize) -> GemmIn<'_> {
+        GemmIn {
+            x,
+            row0: 0,
+            ld,
+            norm: None,
+            silu_mul: false,
+        }
+    }
+}
+
+/// The cuBLAS handle of the GEMM prefill and its scratch: the 16-bit inputs of one launch
+/// and the f16 overflow flag.
+struct GemmWork {
+    blas: CudaBlas,
+    _workspace: DeviceBuffer<u8>,
+    x16: DeviceBuffer<u16>,
+    overflow: DeviceBuffer<i32>,
+}
+
+impl Group {
+    /// `y = beta * y + W s_t(x)` over `rows` positions through cuBLAS: per run of columns
+    /// that share a threshold in `pass`, the input thresholded and rounded to the weights'
+    /// dtype ([`Gpu::gemm_input`]; once per threshold) and one GEMM ([`Gpu::gemm`]).
+    #[allow(clippy::too_many_arguments)]
+    fn run_gemm(
+        &self,
+        g: &Gpu,
+        work: &mut GemmWork,
+        x: &GemmIn<'_>,
+        y: &mut DeviceBuffer<f32>,
+        rows: usize,
+        pass: usize,
+        beta: f32,
+    ) -> Result<()> {
+        let mut current: Option<f32> = None;
+        for l in &self.launches {
+            let ends = l.w.segments();
+            let ts = &l.thresholds[pass];
+            let mut pieces: Vec<(std::ops::Range<usize>, f32)> = Vec::with_capacity(ends.len());
+            let mut start = 0;
+            for (k, &end) in ends.iter().enumerate() {
+                let t = if ts.len() == ends.len() { ts[k] } else { ts[0] };
+                match pieces.last_mut() {
+                    Some((cols, tp)) if tp.to_bits() == t.to_bits() => cols.end = end,
+                    _ => pieces.push((start..end, t)),
+                }
+                start = end;
+            }
+            for (cols, t) in pieces {
+                if current.map(f32::to_bits) != Some(t.to_bits()) {
+                    g.gemm_input(
+                        x.x,
+                        x.row0,
+                        x.ld,
+                        rows,
+                        l.w.n_in,
+                        t,
+                        x.norm,
+                        x.silu_mul,
+                        l.w.dtype,
+                        &mut work.x16,
+                        &mut work.overflow,
+                    )?;
+                    current = Some(t);
+                }
+                let col0 = l.offset + cols.start;
+                g.gemm(
+                    &work.blas, &l.w, cols, &work.x16, rows, y, col0, self.width, beta,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where a block's one-position launch sits ([`Layer::groups`] index, launch within the
 /// group) and its weight shape: every block's launch there of that shape gets one row split.
 #[derive(Clone, Copy)]
@@ -347,6 +451,23 @@ pub struct GpuLlama {
     fitted: HashMap<Vec<u32>, Vec<GemvPlan>>,
     len: usize,
     host_logits: Vec<f32>,
+    /// The GEMM prefill, set up at the first prompt that takes it.
+    gemm: GemmState,
+}
+
+/// Whether the GEMM prefill is set up ([`GpuLlama::new_gemm`]).
+enum GemmState {
+    Untried,
+    Missing,
+    Ready(Box<GemmPrefill>),
+}
+
+/// The GEMM prefill's cuBLAS work and its activations and positions for up to [`GEMM_ROWS`]
+/// positions.
+struct GemmPrefill {
+    work: GemmWork,
+    acts: Acts,
+    pos: DeviceBuffer<i32>,
 }
 
 /// The activations of a step over `rows` positions, each `[rows, width]`: one row for a
@@ -510,6 +631,7 @@ impl GpuLlama {
             graphs: HashMap::new(),
             fitted: HashMap::new(),
             len: 0,
+            gemm: GemmState::Untried,
             m,
             gpu,
             ordinal,
@@ -698,6 +820,130 @@ impl Resident {
     }
 }
 
+impl Resident {
+    /// Enqueue a GEMM prefill chunk of `rows` positions from `start` (their tokens and
+    /// positions written to `p`) with the prefill thresholds: per block, q|k|v (from its
+    /// biases), RoPE and the KV append of every row, the chunk's causal attention (tiled,
+    /// [`Gpu::attention_prefill`]), o into the residual,
+    /// gate|up, down with SiLU*mul into the residual; each projection one
+    /// [`Group::run_gemm`]. With `head`, the LM head over every row or the last one, into
+    /// the logits from row 0.
+    fn enqueue_gemm(
+        &mut self,
+        g: &Gpu,
+        p: &mut GemmPrefill,
+        start: usize,
+        rows: usize,
+        head: Option<Logits>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (d, eps, ff) = (c.hidden_size, c.rms_norm_eps, c.intermediate_size);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let width = q_dim + 2 * kv_dim;
+        let (a, work) = (&mut p.acts, &mut p.work);
+        g.embed(&self.embed, self.dtype, &a.tok, &mut a.h, d, rows)?;
+        for (l, bias) in self.layers.iter_mut().zip(&self.qkv_bias) {
+            let normed = |weight| GemmIn {
+                x: &a.h,
+                row0: 0,
+                ld: d,
+                norm: Some(Norm { weight, eps }),
+                silu_mul: false,
+            };
+            let beta = from_bias(g, &mut a.qkv, bias.as_ref(), rows, width)?;
+            l.qkv.run_gemm(
+                g,
+                work,
+                &normed(&l.attn_norm),
+                &mut a.qkv,
+                rows,
+                PREFILL,
+                beta,
+            )?;
+            g.rope_neox(
+                &mut a.qkv,
+                &self.cos,
+                &self.sin,
+                &p.pos,
+                rows,
+                nh + nkv,
+                hd,
+                width,
+            )?;
+            g.kv_append(
+                &a.qkv,
+                &mut l.k_cache,
+                &mut l.v_cache,
+                &p.pos,
+                q_dim,
+                kv_dim,
+                rows,
+            )?;
+            let (kc, vc) = (&l.k_cache, &l.v_cache);
+            g.attention_prefill(&a.qkv, kc, vc, &mut a.attn, start, rows, nh, nkv, hd)?;
+            let attn = GemmIn::plain(&a.attn, q_dim);
+            l.o.run_gemm(g, work, &attn, &mut a.h, rows, PREFILL, 1.0)?;
+            let beta = from_bias(g, &mut a.gu, l.gate_up_bias.as_ref(), rows, 2 * ff)?;
+            let normed = GemmIn {
+                x: &a.h,
+                row0: 0,
+                ld: d,
+                norm: Some(Norm {
+                    weight: &l.ffn_norm,
+                    eps,
+                }),
+                silu_mul: false,
+            };
+            l.gate_up
+                .run_gemm(g, work, &normed, &mut a.gu, rows, PREFILL, beta)?;
+            let glu = GemmIn {
+                silu_mul: true,
+                ..GemmIn::plain(&a.gu, 2 * ff)
+            };
+            l.down
+                .run_gemm(g, work, &glu, &mut a.h, rows, PREFILL, 1.0)?;
+        }
+        if let Some(which) = head {
+            let (row0, n) = match which {
+                Logits::All => (0, rows),
+                Logits::Last => (rows - 1, 1),
+            };
+            let x = GemmIn {
+                x: &a.h,
+                row0,
+                ld: d,
+                norm: Some(Norm {
+                    weight: &self.norm,
+                    eps,
+                }),
+                silu_mul: false,
+            };
+            self.lm_head
+                .run_gemm(g, work, &x, &mut a.logits, n, PREFILL, 0.0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Set `rows` rows of `y` (`width` wide) to `bias` for a GEMM to add to (beta 1), or leave
+/// them for a GEMM that overwrites them (beta 0); returns that beta.
+fn from_bias(
+    g: &Gpu,
+    y: &mut DeviceBuffer<f32>,
+    bias: Option<&DeviceBuffer<f32>>,
+    rows: usize,
+    width: usize,
+) -> Result<f32> {
+    match bias {
+        Some(b) => {
+            g.fill_rows(y, Some(b), rows, width, width)?;
+            Ok(1.0)
+        }
+        None => Ok(0.0),
+    }
+}
+
 impl GpuLlama {
     /// Replay `step`'s graph (captured at first use); the logits stay on the device. The
     /// caller has written its tokens (and a chunk's positions) to the device.
@@ -793,6 +1039,115 @@ impl GpuLlama {
         Ok(())
     }
 
+    /// Prefill `tokens` at the current position in GEMV chunks of up to [`MAX_BATCH`]
+    /// positions (captured graphs), appending `want`'s logits to `out`: every position's, or
+    /// the last one's.
+    fn prefill_chunks(
+        &mut self,
+        tokens: &[u32],
+        want: Option<Logits>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let v = self.m.config.vocab_size;
+        let n_chunks = tokens.len().div_ceil(MAX_BATCH);
+        for (ci, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
+            let rows = chunk.len();
+            let first = match want {
+                Some(Logits::All) => Some(0),
+                Some(Logits::Last) if ci + 1 == n_chunks => Some(rows - 1),
+                _ => None,
+            };
+            let pos: Vec<i32> = (self.len..self.len + rows).map(|p| p as i32).collect();
+            let keys: Vec<i32> = pos.iter().map(|p| p + 1).collect();
+            self.gpu.write(chunk, &mut self.m.chunk.tok)?;
+            self.gpu.write(&pos, &mut self.m.chunk_pos)?;
+            self.gpu.write(&keys, &mut self.m.chunk_keys)?;
+            self.launch(Step::Chunk {
+                rows,
+                logits: first.is_some(),
+            })?;
+            self.len += rows;
+            if let Some(first) = first {
+                let all = self.gpu.download_prefix(&self.m.chunk.logits, rows * v)?;
+                out.extend_from_slice(&all[first * v..]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Prefill `tokens` (at most [`GEMM_ROWS`]) at the current position in one GEMM chunk
+    /// ([`Resident::enqueue_gemm`], run eagerly), appending `want`'s logits to `out`. False,
+    /// with nothing done that counts, where the GEMM path is not available (no cuBLAS, or no
+    /// memory for its buffers) or an f16 input overflowed: the caller runs the GEMV chunks,
+    /// which write the same cache rows again.
+    fn prefill_gemm(
+        &mut self,
+        tokens: &[u32],
+        want: Option<Logits>,
+        out: &mut Vec<f32>,
+    ) -> Result<bool> {
+        if matches!(self.gemm, GemmState::Untried) {
+            self.gemm = self.new_gemm()?;
+        }
+        let GemmState::Ready(p) = &mut self.gemm else {
+            return Ok(false);
+        };
+        let rows = tokens.len();
+        let pos: Vec<i32> = (self.len..self.len + rows).map(|p| p as i32).collect();
+        self.gpu.write(tokens, &mut p.acts.tok)?;
+        self.gpu.write(&pos, &mut p.pos)?;
+        self.m.enqueue_gemm(&self.gpu, p, self.len, rows, want)?;
+        if self.m.dtype == WeightDtype::F16 && self.gpu.download(&p.work.overflow)?[0] != 0 {
+            self.gpu.write(&[0i32], &mut p.work.overflow)?;
+            return Ok(false);
+        }
+        if let Some(w) = want {
+            let n = if w == Logits::All { rows } else { 1 };
+            let v = self.m.config.vocab_size;
+            out.extend(self.gpu.download_prefix(&p.acts.logits, n * v)?);
+        }
+        self.len += rows;
+        Ok(true)
+    }
+
+    /// The GEMM prefill's cuBLAS handle and buffers for [`GEMM_ROWS`] positions, or
+    /// [`GemmState::Missing`] without libcublas, the device memory for them or a head
+    /// dimension that the prefill attention takes.
+    fn new_gemm(&self) -> Result<GemmState> {
+        if !Gpu::prefill_attention_fits(self.m.config.head_dim) {
+            return Ok(GemmState::Missing);
+        }
+        let missing = |e: CudaError| match e {
+            CudaError::NoCublas | CudaError::OutOfMemory { .. } => Ok(GemmState::Missing),
+            e => Err(Error::from(e)),
+        };
+        let (blas, workspace) = match self.gpu.cublas() {
+            Ok(b) => b,
+            Err(e) => return missing(e),
+        };
+        let (g, c) = (&self.gpu, &self.m.config);
+        let widest = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
+        let buffers = || -> std::result::Result<GemmPrefill, CudaError> {
+            Ok(GemmPrefill {
+                work: GemmWork {
+                    blas,
+                    _workspace: workspace,
+                    x16: g.zeros(GEMM_ROWS * widest)?,
+                    overflow: g.zeros(1)?,
+                },
+                acts: Acts::new(g, c, GEMM_ROWS, None).map_err(|e| match e {
+                    Error::Cuda(c) => c,
+                    other => CudaError::Invalid(other.to_string()),
+                })?,
+                pos: g.zeros(GEMM_ROWS)?,
+            })
+        };
+        match buffers() {
+            Ok(p) => Ok(GemmState::Ready(Box::new(p))),
+            Err(e) => missing(e),
+        }
+    }
+
     /// Run `token` at the current position as a decode or observed step.
     fn step(&mut self, token: u32, step: Step) -> Result<()> {
         self.check_input(&[token], "the sequence")?;
@@ -826,31 +1181,32 @@ impl Decoder for GpuLlama {
         self.len = 0;
         Ok(())
     }
+    /// Prompts of `GEMM_MIN_ROWS` positions or more run in GEMM chunks of up to `GEMM_ROWS`
+    /// (of equal sizes) where cuBLAS is present, shorter ones (and an f16 chunk whose inputs
+    /// overflow f16) in GEMV chunks (see the module documentation).
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             return Err(Error::EmptyPrompt);
         }
         self.check_input(tokens, "the input")?;
-        let v = self.m.config.vocab_size;
+        let (v, n) = (self.m.config.vocab_size, tokens.len());
         let mut out = Vec::with_capacity(match logits {
             Logits::Last => v,
-            Logits::All => tokens.len() * v,
+            Logits::All => n * v,
         });
-        let n_chunks = tokens.len().div_ceil(MAX_BATCH);
-        for (ci, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
-            let rows = chunk.len();
-            let want = logits == Logits::All || ci + 1 == n_chunks;
-            let pos: Vec<i32> = (self.len..self.len + rows).map(|p| p as i32).collect();
-            let keys: Vec<i32> = pos.iter().map(|p| p + 1).collect();
-            self.gpu.write(chunk, &mut self.m.chunk.tok)?;
-            self.gpu.write(&pos, &mut self.m.chunk_pos)?;
-            self.gpu.write(&keys, &mut self.m.chunk_keys)?;
-            self.launch(Step::Chunk { rows, logits: want })?;
-            self.len += rows;
-            if want {
-                let all = self.gpu.download(&self.m.chunk.logits)?;
-                let first = if logits == Logits::All { 0 } else { rows - 1 };
-                out.extend_from_slice(&all[first * v..rows * v]);
+        let size = if n >= GEMM_MIN_ROWS {
+            n.div_ceil(n.div_ceil(GEMM_ROWS))
+        } else {
+            n
+        };
+        for (i, piece) in tokens.chunks(size).enumerate() {
+            let want = match logits {
+                Logits::All => Some(Logits::All),
+                Logits::Last => ((i + 1) * size >= n).then_some(Logits::Last),
+            };
+            let gemm = piece.len() >= GEMM_MIN_ROWS && self.prefill_gemm(piece, want, &mut out)?;
+            if !gemm {
+                self.prefill_chunks(piece, want, &mut out)?;
             }
         }
         // The decode steps read their position on the device.
