@@ -808,7 +808,7 @@ fn calibrate_on_cpu_decoder_equals_calibrate() {
 
 /// A prompt of `GEMM_PREFILL_LEN` positions runs through the GEMM prefill (two chunks of
 /// 300 positions, cuBLAS on inputs rounded to the weights' 16-bit type); the same prompt in
-/// pieces of 50 runs through the GEMV chunks (f32 inputs); then one decode step after each
+/// pieces of 25 runs through the GEMV chunks (f32 inputs); then one decode step after each
 /// reads the KV cache that the prefill wrote. The two differ by the rounding of the inputs
 /// (bf16 keeps 8 significant bits, f16 11), which the random models amplify over their layers.
 /// So the checks are: the best token agrees at nearly every position, the relative RMS
@@ -887,7 +887,7 @@ fn gpu_gemm_prefill_matches_gemv_chunks() {
                 let last = dec.prefill(&tokens, Logits::Last).unwrap();
                 dec.clear().unwrap();
                 let mut gemv = Vec::with_capacity(gemm.len());
-                for piece in tokens.chunks(50) {
+                for piece in tokens.chunks(25) {
                     gemv.extend(dec.prefill(piece, Logits::All).unwrap());
                 }
                 gemv.extend_from_slice(dec.decode(next).unwrap());

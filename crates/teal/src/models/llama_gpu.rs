@@ -15,7 +15,7 @@
 //! with each candidate split (`GpuLlama::fit_splits`), since the best split depends on how many
 //! rows the thresholds keep.
 //!
-//! Prefill uses the prefill thresholds. Prompts of `GEMM_MIN_ROWS` (64) positions or more run in
+//! Prefill uses the prefill thresholds. Prompts of `GEMM_MIN_ROWS` (32) positions or more run in
 //! chunks of up to `GEMM_ROWS` (512) through cuBLAS (`GpuLlama::prefill_gemm`, launched eagerly):
 //! per projection and run of columns that share a threshold, the input thresholded (and
 //! normalized, or SiLU*mul) and rounded to the weights' f16/bf16 ([`Gpu::gemm_input`]), then
@@ -95,9 +95,11 @@ const FIT_MARGIN: f64 = 0.002;
 
 /// Prompts of at least this many positions are prefilled through cuBLAS GEMMs (one read of the
 /// weights per chunk of up to [`GEMM_ROWS`] positions); shorter ones in GEMV chunks of
-/// [`MAX_BATCH`] (a captured graph each, cheaper to launch than the GEMM path's ~15 launches
-/// per block where the weights are few).
-const GEMM_MIN_ROWS: usize = 64;
+/// [`MAX_BATCH`] (a captured graph each, cheaper to launch than the GEMM path's ~15 eager
+/// launches per block). Measured on an H200 (docs/perf-cuda.md): a GEMM chunk of 64 positions
+/// takes about as long as 1.1 GEMV chunks at the Llama-3-8B shape and 1.7 at SmolLM2's, so
+/// from 32 positions on the GEMMs are at least twice as fast.
+const GEMM_MIN_ROWS: usize = 32;
 /// Most positions of one GEMM prefill chunk: bounds its activations (the logits of every
 /// position are `GEMM_ROWS x vocab` f32, 263 MB for Llama 3).
 const GEMM_ROWS: usize = 512;
