@@ -12,7 +12,7 @@ use teal::chat::{ChatTemplate, Message};
 use teal::device::Device;
 use teal::eval::perplexity::perplexity_on;
 use teal::eval::perplexity::PplOptions;
-use teal::eval::sparse::compare;
+use teal::eval::sparse::{compare, compare_on};
 use teal::generate::{generate_on, GenerateParams, Models};
 use teal::linear::InputMask;
 use teal::sampler::SamplerConfig;
@@ -644,62 +644,37 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     bar.set_message("perplexity");
     let model_path = a.common.model_path()?.display().to_string();
     let resolved = a.sparse.resolve(&files)?;
-    if device != Device::Cpu {
-        // On a GPU: the perplexity of one model (dense, or sparse at every position); the
-        // dense/sparse comparison with realized sparsity runs on the CPU.
-        let sparse = match &resolved {
-            Some((t, spec, _, _)) if spec.mode == Mode::All => Some(model.with_masks(t)?),
-            Some((_, spec, _, _)) => bail!(
-                "ppl --device {} supports --mode all only (got {}); use --device cpu",
-                a.common.device,
-                spec.mode.name()
-            ),
-            None => None,
-        };
-        let m = sparse.as_ref().unwrap_or(&model);
-        let mut dec = device
-            .decoder(Models::single(m), opts.ctx)
-            .with_context(|| format!("opening --device {}", a.common.device))?;
-        let r = perplexity_on(&mut *dec, &tokens, &opts, |d, _| bar.set_position(d as u64))?;
-        bar.finish_and_clear();
-        let (target, mode) = match &resolved {
-            Some((_, spec, _, _)) => (spec.target, spec.mode.name()),
-            None => (0.0, "dense"),
-        };
-        if a.json {
-            let j = serde_json::json!({
-                "model": model_path,
-                "file": a.file.display().to_string(),
-                "device": dec.describe(),
-                "ppl": r.ppl,
-                "nll": r.nll,
-                "tokens_scored": r.tokens_scored,
-                "chunks": r.chunks,
-                "ctx": r.ctx,
-                "sparsity": target,
-                "mode": mode,
-                "chunk_nll": r.chunk_nll,
-            });
-            println!("{j}");
-        } else {
-            println!(
-                "{}: PPL = {:.4} (mean NLL {:.5}) at sparsity {target} (mode {mode}, realized sparsity not measured on the GPU) over {} tokens in {} windows of {}",
-                dec.describe(), r.ppl, r.nll, r.tokens_scored, r.chunks, r.ctx
-            );
-        }
-        return Ok(());
-    }
     if let Some((t, spec, th, path)) = resolved {
         let sparse = model.with_masks(&t)?;
-        let r = compare(
-            &files.config,
-            &model,
-            &sparse,
-            spec.mode,
-            &tokens,
-            &opts,
-            |d, _| bar.set_position(d as u64),
-        )?;
+        let progress = |d: usize, _| bar.set_position(d as u64);
+        let (r, where_) = if device == Device::Cpu {
+            let r = compare(
+                &files.config,
+                &model,
+                &sparse,
+                spec.mode,
+                &tokens,
+                &opts,
+                progress,
+            )?;
+            (r, "cpu".to_string())
+        } else {
+            // One decoder on the GPU: per window the dense and the sparse logits, then the
+            // sparse pass once more, one position at a time, to count the zeroed inputs. It is
+            // opened on the sparse model, so that its fused launches can take these masks.
+            if spec.mode != Mode::All {
+                bail!(
+                    "ppl --device {} supports --mode all only (got {}); use --device cpu",
+                    a.common.device,
+                    spec.mode.name()
+                );
+            }
+            let mut dec = device
+                .decoder(Models::single(&sparse), opts.ctx)
+                .with_context(|| format!("opening --device {}", a.common.device))?;
+            let r = compare_on(&mut *dec, &sparse, &t, &tokens, &opts, progress)?;
+            (r, dec.describe())
+        };
         bar.finish_and_clear();
         let planned = th.planned_sparsity(&spec, &files.config)?;
         if a.json {
@@ -711,6 +686,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
             let j = serde_json::json!({
                 "model": model_path,
                 "file": a.file.display().to_string(),
+                "device": where_,
                 "thresholds": path.display().to_string(),
                 "sparsity": spec.target,
                 "planned_sparsity": planned,
@@ -731,7 +707,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
             println!("{j}");
         } else {
             println!(
-                "sparsity {} ({} allocation, {} quantile, mode {}): PPL {:.4} vs dense {:.4} (x{:.4}), KL {:.5}, top-1 {:.4}",
+                "{where_}: sparsity {} ({} allocation, {} quantile, mode {}): PPL {:.4} vs dense {:.4} (x{:.4}), KL {:.5}, top-1 {:.4}",
                 spec.target, spec.allocation.name(), spec.quantile.name(), r.mode, r.ppl, r.dense_ppl, r.ppl_ratio, r.kl, r.top1
             );
             println!(
@@ -748,7 +724,9 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let mut dec = device.decoder(Models::single(&model), opts.ctx)?;
+    let mut dec = device
+        .decoder(Models::single(&model), opts.ctx)
+        .with_context(|| format!("opening --device {}", a.common.device))?;
     let r = perplexity_on(&mut *dec, &tokens, &opts, |done, _| {
         bar.set_position(done as u64)
     })?;
@@ -757,6 +735,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         let j = serde_json::json!({
             "model": model_path,
             "file": a.file.display().to_string(),
+            "device": dec.describe(),
             "ppl": r.ppl,
             "nll": r.nll,
             "tokens_scored": r.tokens_scored,
@@ -771,7 +750,8 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         println!("{j}");
     } else {
         println!(
-            "PPL = {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {}; text has {} tokens",
+            "{}: PPL = {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {}; text has {} tokens",
+            dec.describe(),
             r.ppl,
             r.nll,
             r.tokens_scored,

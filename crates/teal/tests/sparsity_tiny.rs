@@ -319,3 +319,51 @@ fn calibration_text_too_short_is_an_error() {
         .to_string();
     assert!(e.contains("calibration text too short"), "{e}");
 }
+
+/// `compare_on` (what `teal ppl --device cuda:N` runs: one decoder, masks switched per window,
+/// the zeroed inputs counted through `prefill_observed`) on the CPU decoder gives the report
+/// of `compare` (two models, one observed sparse pass): the same models on the same windows,
+/// so the same numbers up to f64 summation order, and the same zero counts.
+#[test]
+fn compare_on_a_decoder_matches_compare() {
+    use teal::device::Device;
+    use teal::eval::perplexity::PplOptions;
+    use teal::eval::sparse::{compare, compare_on};
+    use teal::generate::Models;
+    let (m, c, _, th) = calibrated(false);
+    let t = th
+        .resolve(&spec(0.5, Allocation::Uniform, Quantile::Abs))
+        .unwrap();
+    let sparse = m.with_masks(&t).unwrap();
+    let text = tokens(3 * 40 + 1, 9);
+    let opts = PplOptions {
+        ctx: 40,
+        chunks: Some(3),
+    };
+    let want = compare(&c, &m, &sparse, Mode::All, &text, &opts, |_, _| {}).unwrap();
+    let mut dec = Device::Cpu
+        .decoder(Models::single(&sparse), opts.ctx)
+        .unwrap();
+    let got = compare_on(&mut *dec, &sparse, &t, &text, &opts, |_, _| {}).unwrap();
+    let close = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+            "{what}: {a} vs {b}"
+        )
+    };
+    close(got.ppl, want.ppl, "ppl");
+    close(got.dense_ppl, want.dense_ppl, "dense ppl");
+    close(got.kl, want.kl, "kl");
+    close(got.top1, want.top1, "top1");
+    close(got.model_sparsity, want.model_sparsity, "model sparsity");
+    assert!(
+        want.model_sparsity > 0.3,
+        "sparsity {}",
+        want.model_sparsity
+    );
+    assert_eq!(got.site_sparsity, want.site_sparsity);
+    assert_eq!(
+        (got.tokens_scored, got.chunks, got.mode.as_str()),
+        (want.tokens_scored, want.chunks, "all")
+    );
+}

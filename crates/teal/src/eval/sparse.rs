@@ -4,6 +4,7 @@
 
 use super::perplexity::{nll, windows, PplOptions};
 use crate::config::Config;
+use crate::device::{Decoder, Masks};
 use crate::error::Result;
 use crate::models::llama::{Llama, Logits, Observer, Site};
 use crate::sparsity::{effective_sparsity, size_weights, Mode, PROJ_NAMES, PROJ_SITE};
@@ -85,6 +86,82 @@ fn kl_top1(dense: &[f32], sparse: &[f32]) -> (f64, bool) {
     (kl, am)
 }
 
+/// What the windows of a comparison add up: NLL of both models, KL, top-1 agreement.
+#[derive(Default)]
+struct Tally {
+    nll_d: f64,
+    nll_s: f64,
+    kl: f64,
+    agree: usize,
+    scored: usize,
+}
+
+impl Tally {
+    /// Scores window `w` from the dense and the sparse logits of its positions.
+    fn add(&mut self, w: &[u32], ld: &[f32], ls: &[f32], v: usize) {
+        for t in 1..w.len() {
+            let (pd, ps) = (&ld[(t - 1) * v..t * v], &ls[(t - 1) * v..t * v]);
+            self.nll_d += nll(pd, w[t]);
+            self.nll_s += nll(ps, w[t]);
+            let (k, a) = kl_top1(pd, ps);
+            self.kl += k;
+            self.agree += a as usize;
+            self.scored += 1;
+        }
+    }
+
+    /// The report of `chunks` windows of `opts.ctx`, with the realized sparsity of `counter`.
+    fn report(
+        self,
+        config: &Config,
+        counter: &MaskCounter,
+        chunks: usize,
+        opts: &PplOptions,
+        mode: Mode,
+    ) -> SparseReport {
+        let n = self.scored as f64;
+        let per_proj: Vec<f64> = (0..7)
+            .map(|p| {
+                let (z, t) = counter
+                    .counts
+                    .iter()
+                    .fold((0u64, 0u64), |a, c| (a.0 + c[p].0, a.1 + c[p].1));
+                z as f64 / t.max(1) as f64
+            })
+            .collect();
+        let w = size_weights(config);
+        let model_sparsity = counter
+            .counts
+            .iter()
+            .map(|c| {
+                effective_sparsity(
+                    &std::array::from_fn(|p| c[p].0 as f64 / c[p].1.max(1) as f64),
+                    &w,
+                )
+            })
+            .sum::<f64>()
+            / config.num_hidden_layers as f64;
+        let (dense_ppl, ppl) = ((self.nll_d / n).exp(), (self.nll_s / n).exp());
+        SparseReport {
+            dense_ppl,
+            ppl,
+            ppl_ratio: ppl / dense_ppl,
+            kl: self.kl / n,
+            top1: self.agree as f64 / n,
+            tokens_scored: self.scored,
+            chunks,
+            ctx: opts.ctx,
+            site_sparsity: PROJ_NAMES
+                .iter()
+                .zip(per_proj)
+                .map(|(n, s)| (n.to_string(), s))
+                .collect(),
+            model_sparsity,
+            mode: mode.name().into(),
+        }
+    }
+}
+
 /// Runs P512 with the dense model and its sparse variant on the same windows.
 #[allow(clippy::too_many_arguments)]
 pub fn compare(
@@ -100,7 +177,7 @@ pub fn compare(
     let v = config.vocab_size;
     let mut cache = dense.new_cache(opts.ctx);
     let mut counter = MaskCounter::new(sparse, 0);
-    let (mut nll_d, mut nll_s, mut kl, mut agree, mut scored) = (0.0, 0.0, 0.0, 0usize, 0usize);
+    let mut tally = Tally::default();
     for (i, &(s, e)) in wins.iter().enumerate() {
         let w = &tokens[s..e];
         cache.clear();
@@ -122,55 +199,41 @@ pub fn compare(
             Logits::All,
             Some(&mut counter),
         )?);
-        for t in 1..w.len() {
-            let (pd, ps) = (&ld[(t - 1) * v..t * v], &ls[(t - 1) * v..t * v]);
-            nll_d += nll(pd, w[t]);
-            nll_s += nll(ps, w[t]);
-            let (k, a) = kl_top1(pd, ps);
-            kl += k;
-            agree += a as usize;
-            scored += 1;
-        }
+        tally.add(w, &ld, &ls, v);
         progress(i + 1, wins.len());
     }
-    let n = scored as f64;
-    let per_proj: Vec<f64> = (0..7)
-        .map(|p| {
-            let (z, t) = counter
-                .counts
-                .iter()
-                .fold((0u64, 0u64), |a, c| (a.0 + c[p].0, a.1 + c[p].1));
-            z as f64 / t.max(1) as f64
-        })
-        .collect();
-    let w = size_weights(config);
-    let model_sparsity = counter
-        .counts
-        .iter()
-        .map(|c| {
-            effective_sparsity(
-                &std::array::from_fn(|p| c[p].0 as f64 / c[p].1.max(1) as f64),
-                &w,
-            )
-        })
-        .sum::<f64>()
-        / config.num_hidden_layers as f64;
-    let (dense_ppl, ppl) = ((nll_d / n).exp(), (nll_s / n).exp());
-    Ok(SparseReport {
-        dense_ppl,
-        ppl,
-        ppl_ratio: ppl / dense_ppl,
-        kl: kl / n,
-        top1: agree as f64 / n,
-        tokens_scored: scored,
-        chunks: wins.len(),
-        ctx: opts.ctx,
-        site_sparsity: PROJ_NAMES
-            .iter()
-            .zip(per_proj)
-            .map(|(n, s)| (n.to_string(), s))
-            .collect(),
-        model_sparsity,
-        mode: mode.name().into(),
-    })
+    Ok(tally.report(config, &counter, wins.len(), opts, mode))
+}
+
+/// [`compare`] on a [`Decoder`] (a GPU's), mode `all`: per window, the dense logits
+/// (`set_masks(None)`), the logits with `masks` (what `sparse`, the decoder's model with those
+/// masks, computes), then the window once more through [`Decoder::prefill_observed`] to count
+/// the zeroed inputs. The decoder keeps `masks` afterwards; open it on `sparse`, so that a GPU
+/// decoder's fused launches are built for these masks.
+pub fn compare_on(
+    dec: &mut dyn Decoder,
+    sparse: &Llama,
+    masks: &Masks,
+    tokens: &[u32],
+    opts: &PplOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<SparseReport> {
+    let wins = windows(tokens.len(), opts)?;
+    let config = dec.config().clone();
+    let mut counter = MaskCounter::new(sparse, 0);
+    let mut tally = Tally::default();
+    for (i, &(s, e)) in wins.iter().enumerate() {
+        let w = &tokens[s..e];
+        dec.set_masks(None)?;
+        dec.clear()?;
+        let ld = dec.prefill(w, Logits::All)?;
+        dec.set_masks(Some(masks))?;
+        dec.clear()?;
+        let ls = dec.prefill(w, Logits::All)?;
+        dec.clear()?;
+        dec.prefill_observed(w, &mut counter)?;
+        tally.add(w, &ld, &ls, config.vocab_size);
+        progress(i + 1, wins.len());
+    }
+    Ok(tally.report(&config, &counter, wins.len(), opts, Mode::All))
 }
