@@ -14,6 +14,7 @@ use teal::eval::perplexity::perplexity_on;
 use teal::eval::perplexity::PplOptions;
 use teal::eval::sparse::{compare, compare_on};
 use teal::generate::{generate_on, GenerateParams, Models};
+use teal::kv_cache::KvDtype;
 use teal::linear::InputMask;
 use teal::sampler::SamplerConfig;
 use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
@@ -53,6 +54,11 @@ struct Common {
     /// Weight type on a GPU: bf16 or f16.
     #[arg(long, default_value = "bf16")]
     gpu_dtype: String,
+    /// Element type of the KV cache: f16 (default on the CPU: half the bytes a long context
+    /// reads, as llama.cpp) or f32 (the GPU's, and the CPU's with this flag). run, ppl, report,
+    /// bench; calibration keeps f32.
+    #[arg(long)]
+    kv_dtype: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -493,6 +499,14 @@ impl Common {
         Ok(device)
     }
 
+    /// The KV cache type on `device`: `--kv-dtype`, else the device's default.
+    fn kv(&self, device: Device) -> Result<KvDtype> {
+        match &self.kv_dtype {
+            Some(s) => KvDtype::parse(s).with_context(|| format!("--kv-dtype {s}")),
+            None => Ok(device.default_kv()),
+        }
+    }
+
     /// For subcommands that have no GPU path yet (`auto` means the CPU there).
     fn cpu_only(&self, what: &str) -> Result<()> {
         if self.device != "auto" && Device::parse(&self.device, &self.gpu_dtype)? != Device::Cpu {
@@ -602,7 +616,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         stop_at_eos: !a.ignore_eos,
     };
     let mut dec = device
-        .decoder(models, ctx)
+        .decoder_kv(models, ctx, a.common.kv(device)?)
         .with_context(|| format!("opening --device {}", a.common.device))?;
     eprintln!("device: {}", dec.describe());
     let mut out = std::io::stdout().lock();
@@ -632,9 +646,11 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
     let model = a.common.load(&files)?;
+    let kv = a.common.kv(device)?;
     let opts = PplOptions {
         ctx: a.ctx,
         chunks: a.chunks,
+        kv,
     };
     let n_windows = teal::eval::perplexity::windows(tokens.len(), &opts)?.len();
     let bar = ProgressBar::new(n_windows as u64);
@@ -657,7 +673,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
                 &opts,
                 progress,
             )?;
-            (r, "cpu".to_string())
+            (r, format!("cpu (KV cache {})", kv.name()))
         } else {
             // One decoder on the GPU: per window the dense and the sparse logits, then the
             // sparse pass once more, one position at a time, to count the zeroed inputs. It is
@@ -670,7 +686,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
                 );
             }
             let mut dec = device
-                .decoder(Models::single(&sparse), opts.ctx)
+                .decoder_kv(Models::single(&sparse), opts.ctx, kv)
                 .with_context(|| format!("opening --device {}", a.common.device))?;
             let r = compare_on(&mut *dec, &sparse, &t, &tokens, &opts, progress)?;
             (r, dec.describe())
@@ -725,7 +741,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         return Ok(());
     }
     let mut dec = device
-        .decoder(Models::single(&model), opts.ctx)
+        .decoder_kv(Models::single(&model), opts.ctx, kv)
         .with_context(|| format!("opening --device {}", a.common.device))?;
     let r = perplexity_on(&mut *dec, &tokens, &opts, |done, _| {
         bar.set_position(done as u64)
@@ -892,6 +908,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     let opts = PplOptions {
         ctx: a.ctx,
         chunks: Some(a.chunks),
+        kv: a.common.kv(Device::Cpu)?,
     };
     let mut methods = vec![
         (Allocation::Uniform, Quantile::Teal),
@@ -1191,7 +1208,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let ctx = prompt.len() + a.n_gen + 1;
     let t_dec = std::time::Instant::now();
     let mut dec = device
-        .decoder(Models::single(&model), ctx)
+        .decoder_kv(Models::single(&model), ctx, a.common.kv(device)?)
         .with_context(|| format!("opening --device {}", device.name()))?;
     eprintln!(
         "device: {} (model ready in {:.1}s)",

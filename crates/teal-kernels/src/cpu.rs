@@ -1326,13 +1326,55 @@ pub fn matmul_t(x: &[f32], n_tok: usize, wt: &[f32], n_in: usize, n_out: usize, 
     });
 }
 
-/// Causal grouped-query attention, same contract as [`crate::reference::attention`], threaded
-/// over query heads.
+/// An element type of the KV cache: f32, or f16 (half the bytes, the attention converts each
+/// key and value as it reads it).
+pub trait KvElem: Copy + Default + Send + Sync + 'static {
+    /// f16: the SIMD paths convert eight values at a time with F16C.
+    const F16: bool;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl KvElem for f32 {
+    const F16: bool = false;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl KvElem for half::f16 {
+    const F16: bool = true;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+
+/// Eight cache values from `p` as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8<T: KvElem>(p: *const T) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    if T::F16 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    } else {
+        _mm256_loadu_ps(p as *const f32)
+    }
+}
+
+/// Causal grouped-query attention, same contract as [`crate::reference::attention`] (keys and
+/// values of type `T`), threaded over query heads.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<T: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     n_q: usize,
     pos0: usize,
     n_head: usize,
@@ -1464,10 +1506,10 @@ thread_local! {
 /// `n_head * n_keys` values, so a decode step allocates nothing after the first. Same result as
 /// [`crate::reference::attention`] with `n_q = 1`, `pos0 = n_keys - 1`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_decode(
+pub fn attention_decode<T: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     n_keys: usize,
     n_head: usize,
     n_kv_head: usize,
@@ -1492,10 +1534,10 @@ pub fn attention_decode(
 /// [`attention_decode`] with the SIMD choice explicit (tests run the portable path too); the
 /// SIMD paths take head sizes that are multiples of 8.
 #[allow(clippy::too_many_arguments)]
-fn attention_decode_on(
+fn attention_decode_on<T: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     n_keys: usize,
     n_head: usize,
     n_kv_head: usize,
@@ -1570,9 +1612,9 @@ fn attention_decode_on(
 /// `sc[p - p0] = scale * (qh . k_p)` for keys `p0..p1` of one query head, key `p` at
 /// `kb[p * kvs..][..hd]`; returns the largest score.
 #[allow(clippy::too_many_arguments)]
-fn head_scores(
+fn head_scores<T: KvElem>(
     qh: &[f32],
-    kb: &[f32],
+    kb: &[T],
     kvs: usize,
     p0: usize,
     p1: usize,
@@ -1593,7 +1635,7 @@ fn head_scores(
         let s = qh
             .iter()
             .zip(&kb[p * kvs..p * kvs + hd])
-            .map(|(a, b)| a * b)
+            .map(|(a, b)| a * b.to_f32())
             .sum::<f32>()
             * scale;
         sc[p - p0] = s;
@@ -1619,9 +1661,9 @@ fn exp_shifted(sc: &mut [f32], m: f32, simd: bool) -> f32 {
 }
 
 /// `o = sum_p sc[p - p0] * v_p` over keys `p0..p1`, value `p` at `vb[p * kvs..][..o.len()]`.
-fn head_weighted_sum(
+fn head_weighted_sum<T: KvElem>(
     sc: &[f32],
-    vb: &[f32],
+    vb: &[T],
     kvs: usize,
     p0: usize,
     p1: usize,
@@ -1638,17 +1680,20 @@ fn head_weighted_sum(
     let _ = simd;
     o.fill(0.0);
     for p in p0..p1 {
-        axpy(sc[p - p0], &vb[p * kvs..p * kvs + hd], o);
+        let w = sc[p - p0];
+        for (oi, vi) in o.iter_mut().zip(&vb[p * kvs..p * kvs + hd]) {
+            *oi += w * vi.to_f32();
+        }
     }
 }
 
 /// [`head_scores`]: four keys at a time, each key's eight-lane products summed across the
 /// four accumulators with one horizontal-add tree.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn head_scores_avx2(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn head_scores_avx2<T: KvElem>(
     qh: &[f32],
-    kb: &[f32],
+    kb: &[T],
     kvs: usize,
     p0: usize,
     p1: usize,
@@ -1673,7 +1718,7 @@ unsafe fn head_scores_avx2(
         while c < hd {
             let qv = _mm256_loadu_ps(qp.add(c));
             for (ai, ri) in a.iter_mut().zip(r) {
-                *ai = _mm256_fmadd_ps(qv, _mm256_loadu_ps(ri.add(c)), *ai);
+                *ai = _mm256_fmadd_ps(qv, load8(ri.add(c)), *ai);
             }
             c += 8;
         }
@@ -1690,7 +1735,16 @@ unsafe fn head_scores_avx2(
     _mm_storeu_ps(mb.as_mut_ptr(), mv);
     let mut m = mb.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     while p < p1 {
-        let s = dot_avx2(qh, std::slice::from_raw_parts(kp.add(p * kvs), hd)) * scale;
+        let row = kp.add(p * kvs);
+        let mut a = _mm256_setzero_ps();
+        let mut c = 0;
+        while c < hd {
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), load8(row.add(c)), a);
+            c += 8;
+        }
+        let mut buf = [0.0f32; 8];
+        _mm256_storeu_ps(buf.as_mut_ptr(), a);
+        let s = buf.iter().sum::<f32>() * scale;
         *out.add(p - p0) = s;
         m = m.max(s);
         p += 1;
@@ -1797,10 +1851,10 @@ unsafe fn exp_shifted_avx2(sc: &mut [f32], m: f32) -> f32 {
 /// [`head_weighted_sum`]: 64 output values at a time held in eight registers over all the
 /// keys (then 8 at a time), so the output is stored once instead of once per key.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn head_weighted_sum_avx2(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn head_weighted_sum_avx2<T: KvElem>(
     sc: &[f32],
-    vb: &[f32],
+    vb: &[T],
     kvs: usize,
     p0: usize,
     p1: usize,
@@ -1816,7 +1870,7 @@ unsafe fn head_weighted_sum_avx2(
             let w = _mm256_set1_ps(*sc.get_unchecked(p - p0));
             let row = vp.add(p * kvs + c0);
             for (j, aj) in a.iter_mut().enumerate() {
-                *aj = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * j)), *aj);
+                *aj = _mm256_fmadd_ps(w, load8(row.add(8 * j)), *aj);
             }
         }
         for (j, aj) in a.iter().enumerate() {
@@ -1828,7 +1882,7 @@ unsafe fn head_weighted_sum_avx2(
         let mut a = _mm256_setzero_ps();
         for p in p0..p1 {
             let w = _mm256_set1_ps(*sc.get_unchecked(p - p0));
-            a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(p * kvs + c0)), a);
+            a = _mm256_fmadd_ps(w, load8(vp.add(p * kvs + c0)), a);
         }
         _mm256_storeu_ps(op.add(c0), a);
         c0 += 8;

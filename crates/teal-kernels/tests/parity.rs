@@ -158,6 +158,50 @@ fn attention_decode_matches_reference() {
     }
 }
 
+/// Keys and values stored as f16: both attentions against the reference on the same values
+/// widened back to f32 (the conversion is exact), so the f32 tolerance holds; odd head sizes
+/// take the portable path, multiples of 8 the F16C one, and long caches several pieces.
+#[test]
+fn attention_with_f16_cache_matches_reference() {
+    use half::f16;
+    let round = |x: Vec<f32>| -> (Vec<f16>, Vec<f32>) {
+        let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let w = h.iter().map(|v| v.to_f32()).collect();
+        (h, w)
+    };
+    for &(n_head, n_kv, hd) in &[(1, 1, 4), (9, 3, 64), (4, 2, 6), (8, 2, 128)] {
+        for n_keys in [1, 9, 100, 700] {
+            let q = rand_vec(n_head * hd, 17);
+            let (k16, k) = round(rand_vec(n_keys * n_kv * hd, 18));
+            let (v16, v) = round(rand_vec(n_keys * n_kv * hd, 19));
+            let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            let mut scores = vec![0.0; n_head * n_keys];
+            reference::attention(&q, &k, &v, 1, n_keys - 1, n_head, n_kv, hd, &mut a);
+            cpu::attention_decode(
+                &q,
+                &k16,
+                &v16,
+                n_keys,
+                n_head,
+                n_kv,
+                hd,
+                &mut scores,
+                &mut b,
+            );
+            let ones = vec![1.0; a.len()];
+            assert_close(&b, &a, &ones, ATTN_TOL, "attention_decode, f16 cache");
+            let n_q = n_keys.min(5);
+            let pos0 = n_keys - n_q;
+            let q = rand_vec(n_q * n_head * hd, 20);
+            let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            reference::attention(&q, &k, &v, n_q, pos0, n_head, n_kv, hd, &mut a);
+            cpu::attention(&q, &k16, &v16, n_q, pos0, n_head, n_kv, hd, &mut b);
+            let ones = vec![1.0; a.len()];
+            assert_close(&b, &a, &ones, ATTN_TOL, "attention, f16 cache");
+        }
+    }
+}
+
 #[test]
 fn sum_matches_reference() {
     for n in [0, 1, 63, 64, 1000, 100_003] {

@@ -35,6 +35,7 @@ fn main() {
     let ppl = PplOptions {
         ctx: 512,
         chunks: Some(wins),
+        kv: teal::kv_cache::KvDtype::F32,
     };
     let t0 = std::time::Instant::now();
     let q = rotate::principal_basis(&model, &ctoks, n, len).unwrap();

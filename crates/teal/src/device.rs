@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generate::Models;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvDtype};
 use crate::linear::InputMask;
 use crate::models::llama::{DecodeScratch, Llama, Logits, Observer};
 use crate::models::llama_gpu::GpuLlama;
@@ -68,7 +68,7 @@ pub trait Decoder {
     /// Memory bandwidth of the device, the floor of a memory-bound decode: on the CPU a
     /// streaming read of `cpu_buffer` bytes, on a GPU a device-to-device copy.
     fn bandwidth(&self, cpu_buffer: usize) -> Result<Bandwidth>;
-    /// Where it runs, for logs: `cpu`, `cuda:0 (NVIDIA H200, bf16)`.
+    /// Where it runs, for logs: `cpu (KV cache f16)`, `cuda:0 (NVIDIA H200, bf16)`.
     fn describe(&self) -> String;
 }
 
@@ -147,15 +147,38 @@ impl Device {
         }
     }
 
-    /// A decoder for `models` with room for `ctx` positions. On a GPU the weights are copied
-    /// to the device once, in the device's weight type; the masks of the prefill and decode
-    /// models become the thresholds of the two passes.
+    /// A decoder for `models` with room for `ctx` positions and an f32 KV cache. On a GPU
+    /// the weights are copied to the device once, in the device's weight type; the masks of
+    /// the prefill and decode models become the thresholds of the two passes.
     pub fn decoder<'a>(self, models: Models<'a>, ctx: usize) -> Result<Box<dyn Decoder + 'a>> {
-        match self {
-            Device::Cpu => Ok(Box::new(CpuDecoder::new(models, ctx))),
-            Device::Cuda { ordinal, dtype } => {
+        self.decoder_kv(models, ctx, KvDtype::F32)
+    }
+
+    /// [`Device::decoder`] with a KV cache of `kv` (a GPU keeps f32 only).
+    pub fn decoder_kv<'a>(
+        self,
+        models: Models<'a>,
+        ctx: usize,
+        kv: KvDtype,
+    ) -> Result<Box<dyn Decoder + 'a>> {
+        match (self, kv) {
+            (Device::Cpu, kv) => Ok(Box::new(CpuDecoder::with_kv(models, ctx, kv))),
+            (Device::Cuda { ordinal, dtype }, KvDtype::F32) => {
                 Ok(Box::new(GpuLlama::new(models, ordinal, dtype, ctx)?))
             }
+            (Device::Cuda { .. }, kv) => Err(Error::Invalid(format!(
+                "a {} KV cache is not supported on the GPU (its cache is f32)",
+                kv.name()
+            ))),
+        }
+    }
+
+    /// The KV cache type a command gets without asking: f16 on the CPU (half the bytes of a
+    /// long context, as llama.cpp), f32 on a GPU (the only one it has).
+    pub fn default_kv(self) -> KvDtype {
+        match self {
+            Device::Cpu => KvDtype::F16,
+            Device::Cuda { .. } => KvDtype::F32,
         }
     }
 }
@@ -170,9 +193,15 @@ pub struct CpuDecoder<'a> {
 }
 
 impl<'a> CpuDecoder<'a> {
+    /// A decoder with an f32 KV cache for `ctx` positions.
     pub fn new(models: Models<'a>, ctx: usize) -> CpuDecoder<'a> {
+        CpuDecoder::with_kv(models, ctx, KvDtype::F32)
+    }
+
+    /// A decoder with a KV cache of `kv` for `ctx` positions.
+    pub fn with_kv(models: Models<'a>, ctx: usize, kv: KvDtype) -> CpuDecoder<'a> {
         CpuDecoder {
-            cache: models.decode.new_cache(ctx),
+            cache: models.decode.new_cache_as(ctx, kv),
             scratch: DecodeScratch::new(&models.decode.config, ctx),
             masked: None,
             models,
@@ -244,7 +273,8 @@ impl Decoder for CpuDecoder<'_> {
                 .collect(),
             lm_head: m.lm_head.weight_bytes() as f64,
             embed_row: m.embed_tokens.row_bytes() as f64,
-            kv_per_position: (2 * c.num_hidden_layers * c.kv_dim() * 4) as f64,
+            kv_per_position: (2 * c.num_hidden_layers * c.kv_dim() * self.cache.dtype().bytes())
+                as f64,
         }
     }
     fn bandwidth(&self, cpu_buffer: usize) -> Result<Bandwidth> {
@@ -254,6 +284,6 @@ impl Decoder for CpuDecoder<'_> {
         })
     }
     fn describe(&self) -> String {
-        "cpu".into()
+        format!("cpu (KV cache {})", self.cache.dtype().name())
     }
 }

@@ -1,22 +1,69 @@
-//! The key/value cache: one contiguous buffer per layer, preallocated for the context length.
+//! The key/value cache: one contiguous buffer per layer for keys and one for values,
+//! preallocated for the context length, in f32 or f16 ([`KvDtype`]). The attention kernels read
+//! either type ([`teal_kernels::cpu::KvElem`]); [`KvRows`] is the one place that picks them.
 
 use crate::config::Config;
+use crate::error::{Error, Result};
+use half::f16;
+use teal_kernels::cpu::{self, KvElem};
+
+/// Element type of the cached keys and values: f32, or f16 (half the bytes of a long context;
+/// llama.cpp's default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    pub fn parse(s: &str) -> Result<KvDtype> {
+        match s {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            other => Err(Error::Invalid(format!(
+                "KV cache type {other:?}: expected f32 or f16"
+            ))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+    /// Bytes of one cached value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// One layer's keys and values, `[capacity, kv_dim]` each.
+enum KvLayer {
+    F32(Vec<f32>, Vec<f32>),
+    F16(Vec<f16>, Vec<f16>),
+}
 
 pub struct KvCache {
-    /// Per layer: `[capacity, kv_dim]` keys (after RoPE) and values.
-    pub(crate) k: Vec<Vec<f32>>,
-    pub(crate) v: Vec<Vec<f32>>,
+    layers: Vec<KvLayer>,
+    dtype: KvDtype,
     capacity: usize,
     len: usize,
 }
 
 impl KvCache {
-    pub fn new(config: &Config, capacity: usize) -> KvCache {
-        let kv_dim = config.kv_dim();
-        let layer = || vec![0.0f32; capacity * kv_dim];
+    pub fn new(config: &Config, capacity: usize, dtype: KvDtype) -> KvCache {
+        let n = capacity * config.kv_dim();
+        let layer = || match dtype {
+            KvDtype::F32 => KvLayer::F32(vec![0.0; n], vec![0.0; n]),
+            KvDtype::F16 => KvLayer::F16(vec![f16::ZERO; n], vec![f16::ZERO; n]),
+        };
         KvCache {
-            k: (0..config.num_hidden_layers).map(|_| layer()).collect(),
-            v: (0..config.num_hidden_layers).map(|_| layer()).collect(),
+            layers: (0..config.num_hidden_layers).map(|_| layer()).collect(),
+            dtype,
             capacity,
             len: 0,
         }
@@ -31,6 +78,9 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
     pub fn clear(&mut self) {
         self.len = 0;
     }
@@ -41,5 +91,104 @@ impl KvCache {
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
         debug_assert!(self.len <= self.capacity);
+    }
+    /// Layer `l`'s keys and values.
+    pub(crate) fn rows(&mut self, l: usize) -> KvRows<'_> {
+        match &mut self.layers[l] {
+            KvLayer::F32(k, v) => KvRows::F32(k, v),
+            KvLayer::F16(k, v) => KvRows::F16(k, v),
+        }
+    }
+}
+
+/// One layer's keys and values as the attention reads them, `[positions, kv_dim]` each: a
+/// cache layer, or the f32 buffers of calibration.
+pub enum KvRows<'a> {
+    F32(&'a mut [f32], &'a mut [f32]),
+    F16(&'a mut [f16], &'a mut [f16]),
+}
+
+impl KvRows<'_> {
+    /// Stores `k` and `v` (`[n, kv_dim]`, f32) at positions `pos0..pos0 + n`.
+    pub fn store(&mut self, pos0: usize, kv_dim: usize, k: &[f32], v: &[f32]) {
+        fn put<T: KvElem>(dst: &mut [T], at: usize, src: &[f32]) {
+            for (d, &s) in dst[at..at + src.len()].iter_mut().zip(src) {
+                *d = T::from_f32(s);
+            }
+        }
+        let at = pos0 * kv_dim;
+        match self {
+            KvRows::F32(kc, vc) => {
+                put(kc, at, k);
+                put(vc, at, v);
+            }
+            KvRows::F16(kc, vc) => {
+                put(kc, at, k);
+                put(vc, at, v);
+            }
+        }
+    }
+
+    /// Causal attention of `n_q` queries at positions `pos0..` over the stored keys
+    /// `0..pos0 + n_q` ([`cpu::attention`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &[f32],
+        n_q: usize,
+        pos0: usize,
+        n_head: usize,
+        n_kv_head: usize,
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        let n = (pos0 + n_q) * n_kv_head * hd;
+        match self {
+            KvRows::F32(k, v) => {
+                cpu::attention(q, &k[..n], &v[..n], n_q, pos0, n_head, n_kv_head, hd, out)
+            }
+            KvRows::F16(k, v) => {
+                cpu::attention(q, &k[..n], &v[..n], n_q, pos0, n_head, n_kv_head, hd, out)
+            }
+        }
+    }
+
+    /// Attention of one query over the first `n_keys` stored keys ([`cpu::attention_decode`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        q: &[f32],
+        n_keys: usize,
+        n_head: usize,
+        n_kv_head: usize,
+        hd: usize,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let n = n_keys * n_kv_head * hd;
+        match self {
+            KvRows::F32(k, v) => cpu::attention_decode(
+                q,
+                &k[..n],
+                &v[..n],
+                n_keys,
+                n_head,
+                n_kv_head,
+                hd,
+                scores,
+                out,
+            ),
+            KvRows::F16(k, v) => cpu::attention_decode(
+                q,
+                &k[..n],
+                &v[..n],
+                n_keys,
+                n_head,
+                n_kv_head,
+                hd,
+                scores,
+                out,
+            ),
+        }
     }
 }

@@ -217,7 +217,7 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
             32,
             0,
             (&cos, &sin),
-            (&mut kc, &mut vc),
+            teal::kv_cache::KvRows::F32(&mut kc, &mut vc),
             &mut ws,
             None,
         );
@@ -269,7 +269,7 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
                     32,
                     0,
                     (&cos, &sin),
-                    (&mut kc, &mut vc),
+                    teal::kv_cache::KvRows::F32(&mut kc, &mut vc),
                     &mut ws,
                     None,
                 );
@@ -279,7 +279,7 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
                     32,
                     0,
                     (&cos, &sin),
-                    (&mut kc, &mut vc),
+                    teal::kv_cache::KvRows::F32(&mut kc, &mut vc),
                     &mut ws,
                     None,
                 );
@@ -339,6 +339,7 @@ fn compare_on_a_decoder_matches_compare() {
     let opts = PplOptions {
         ctx: 40,
         chunks: Some(3),
+        kv: teal::kv_cache::KvDtype::F32,
     };
     let want = compare(&c, &m, &sparse, Mode::All, &text, &opts, |_, _| {}).unwrap();
     let mut dec = Device::Cpu

@@ -5,6 +5,7 @@
 use crate::device::{CpuDecoder, Decoder};
 use crate::error::{Error, Result};
 use crate::generate::Models;
+use crate::kv_cache::KvDtype;
 use crate::models::llama::{Llama, Logits};
 
 #[derive(Clone, Debug)]
@@ -12,6 +13,8 @@ pub struct PplOptions {
     pub ctx: usize,
     /// First K windows; `None`: every full window.
     pub chunks: Option<usize>,
+    /// Element type of the CPU's KV cache.
+    pub kv: KvDtype,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -73,7 +76,7 @@ pub fn perplexity(
     opts: &PplOptions,
     progress: impl FnMut(usize, usize),
 ) -> Result<PplResult> {
-    let mut dec = CpuDecoder::new(Models::single(model), opts.ctx);
+    let mut dec = CpuDecoder::with_kv(Models::single(model), opts.ctx, opts.kv);
     perplexity_on(&mut dec, tokens, opts, progress)
 }
 

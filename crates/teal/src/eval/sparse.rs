@@ -175,7 +175,7 @@ pub fn compare(
 ) -> Result<SparseReport> {
     let wins = windows(tokens.len(), opts)?;
     let v = config.vocab_size;
-    let mut cache = dense.new_cache(opts.ctx);
+    let mut cache = dense.new_cache_as(opts.ctx, opts.kv);
     let mut counter = MaskCounter::new(sparse, 0);
     let mut tally = Tally::default();
     for (i, &(s, e)) in wins.iter().enumerate() {

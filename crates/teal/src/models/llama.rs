@@ -6,7 +6,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvDtype, KvRows};
 use crate::linear::{Dense, InputMask, Linear};
 use crate::loader::TensorSource;
 use teal_kernels::packed::Dtype;
@@ -184,8 +184,14 @@ impl Llama {
         })
     }
 
+    /// A KV cache of f32 for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(&self.config, capacity)
+        KvCache::new(&self.config, capacity, KvDtype::F32)
+    }
+
+    /// A KV cache of `dtype` for `capacity` positions.
+    pub fn new_cache_as(&self, capacity: usize, dtype: KvDtype) -> KvCache {
+        KvCache::new(&self.config, capacity, dtype)
     }
 
     /// Bytes of weights stored in the projections and the LM head.
@@ -299,7 +305,7 @@ impl Llama {
                 n,
                 pos0,
                 (&cos, &sin),
-                (&mut cache.k[l], &mut cache.v[l]),
+                cache.rows(l),
                 &mut ws,
                 obs,
             );
@@ -357,20 +363,17 @@ impl Llama {
                 &s.h,
                 [
                     (&b.q_proj, &mut s.q[..]),
-                    (&b.k_proj, &mut cache.k[l][pos * kvd..(pos + 1) * kvd]),
-                    (&b.v_proj, &mut cache.v[l][pos * kvd..(pos + 1) * kvd]),
+                    (&b.k_proj, &mut s.k[..]),
+                    (&b.v_proj, &mut s.v[..]),
                 ],
             );
-            for head in s.q.chunks_mut(hd) {
+            for head in s.q.chunks_mut(hd).chain(s.k.chunks_mut(hd)) {
                 reference::rope_neox(head, &s.cos, &s.sin);
             }
-            for head in cache.k[l][pos * kvd..(pos + 1) * kvd].chunks_mut(hd) {
-                reference::rope_neox(head, &s.cos, &s.sin);
-            }
-            cpu::attention_decode(
+            let mut kv = cache.rows(l);
+            kv.store(pos, kvd, &s.k, &s.v);
+            kv.attention_decode(
                 &s.q,
-                &cache.k[l][..(pos + 1) * kvd],
-                &cache.v[l][..(pos + 1) * kvd],
                 pos + 1,
                 c.num_attention_heads,
                 c.num_key_value_heads,
@@ -409,7 +412,7 @@ impl Block {
         n: usize,
         pos0: usize,
         rope: (&[f32], &[f32]),
-        kv: (&mut [f32], &mut [f32]),
+        kv: KvRows<'_>,
         ws: &mut PrefillBuffers,
         mut observer: Option<(usize, &mut dyn Observer)>,
     ) {
@@ -429,19 +432,28 @@ impl Block {
         pos0: usize,
         q_from: usize,
         rope: (&[f32], &[f32]),
-        kv: (&mut [f32], &mut [f32]),
+        mut kv: KvRows<'_>,
         ws: &mut PrefillBuffers,
         observer: &mut Option<(usize, &mut dyn Observer)>,
     ) {
         let (d, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
         let half = hd / 2;
         let (cos, sin) = rope;
-        let (kc, vc) = kv;
         let nq = n - q_from;
-        let PrefillBuffers { h, q, att, out, .. } = ws;
-        let (h, q, att, out) = (
+        let PrefillBuffers {
+            h,
+            q,
+            k,
+            v,
+            att,
+            out,
+            ..
+        } = ws;
+        let (h, q, k, v, att, out) = (
             &mut h[..n * d],
             &mut q[..nq * qd],
+            &mut k[..n * kvd],
+            &mut v[..n * kvd],
             &mut att[..nq * qd],
             &mut out[..nq * d],
         );
@@ -455,10 +467,8 @@ impl Block {
         }
         observe(observer, Site::Qkv, h, d);
         self.q_proj.forward_batch(&h[q_from * d..], nq, q);
-        self.k_proj
-            .forward_batch(h, n, &mut kc[pos0 * kvd..(pos0 + n) * kvd]);
-        self.v_proj
-            .forward_batch(h, n, &mut vc[pos0 * kvd..(pos0 + n) * kvd]);
+        self.k_proj.forward_batch(h, n, k);
+        self.v_proj.forward_batch(h, n, v);
         for t in 0..n {
             let (ct, st) = (
                 &cos[t * half..(t + 1) * half],
@@ -469,13 +479,13 @@ impl Block {
                     reference::rope_neox(head, ct, st);
                 }
             }
-            for head in kc[(pos0 + t) * kvd..(pos0 + t + 1) * kvd].chunks_mut(hd) {
+            for head in k[t * kvd..(t + 1) * kvd].chunks_mut(hd) {
                 reference::rope_neox(head, ct, st);
             }
         }
-        let (keys, values) = (&kc[..(pos0 + n) * kvd], &vc[..(pos0 + n) * kvd]);
+        kv.store(pos0, kvd, k, v);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        cpu::attention(q, keys, values, nq, pos0 + q_from, nh, nkv, hd, att);
+        kv.attention(q, nq, pos0 + q_from, nh, nkv, hd, att);
         observe(observer, Site::O, att, qd);
         self.o_proj.forward_batch(att, nq, out);
         add_assign(&mut x[q_from * d..n * d], out);
@@ -550,6 +560,9 @@ pub struct DecodeScratch {
     x: Vec<f32>,
     h: Vec<f32>,
     q: Vec<f32>,
+    /// The position's key (after RoPE) and value, before they go into the cache.
+    k: Vec<f32>,
+    v: Vec<f32>,
     att: Vec<f32>,
     out: Vec<f32>,
     g: Vec<f32>,
@@ -567,6 +580,8 @@ impl DecodeScratch {
             x: z(c.hidden_size),
             h: z(c.hidden_size),
             q: z(c.q_dim()),
+            k: z(c.kv_dim()),
+            v: z(c.kv_dim()),
             att: z(c.q_dim()),
             out: z(c.hidden_size),
             g: z(c.intermediate_size),
@@ -583,6 +598,9 @@ impl DecodeScratch {
 pub struct PrefillBuffers {
     h: Vec<f32>,
     q: Vec<f32>,
+    /// Keys (after RoPE) and values of the positions run, before they go into the cache.
+    k: Vec<f32>,
+    v: Vec<f32>,
     att: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
@@ -595,6 +613,8 @@ impl PrefillBuffers {
         PrefillBuffers {
             h: z(c.hidden_size),
             q: z(c.q_dim()),
+            k: z(c.kv_dim()),
+            v: z(c.kv_dim()),
             att: z(c.q_dim()),
             g: z(c.intermediate_size),
             u: z(c.intermediate_size),

@@ -12,6 +12,7 @@ use super::thresholds::{
 use super::{size_weights, PROJ_SITE};
 use crate::device::Decoder;
 use crate::error::{Error, Result};
+use crate::kv_cache::KvRows;
 use crate::linear::InputMask;
 use crate::models::llama::{Block, Llama, Observer, PrefillBuffers, Site};
 
@@ -135,7 +136,7 @@ pub fn calibrate(
                 len,
                 0,
                 (&cos, &sin),
-                (&mut kc, &mut vc),
+                KvRows::F32(&mut kc, &mut vc),
                 &mut ws,
                 Some((l, &mut col)),
             );

@@ -11,6 +11,7 @@
 use super::effective_sparsity;
 use super::thresholds::GreedyStep;
 use crate::config::Config;
+use crate::kv_cache::KvRows;
 use crate::linear::InputMask;
 use crate::models::llama::{Block, PrefillBuffers};
 
@@ -70,7 +71,7 @@ pub fn greedy_block(
                 0,
                 tail_from,
                 rope,
-                (&mut kc, &mut vc),
+                KvRows::F32(&mut kc, &mut vc),
                 ws,
                 &mut None,
             );
