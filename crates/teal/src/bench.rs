@@ -102,7 +102,8 @@ pub struct BenchResult {
     pub gb_s: f64,
     /// `gb_s` over the device's measured bandwidth ([`Decoder::bandwidth`]).
     pub floor_ratio: f64,
-    /// Bytes of the f32 KV cache of one repetition (prompt plus decoded tokens).
+    /// Bytes of the KV cache of one repetition (prompt plus decoded tokens), in the decoder's
+    /// element type.
     pub kv_cache_bytes: usize,
     /// VmRSS at the end of this variant's warm-up repetition, its KV cache filled and its
     /// scratch alive.

@@ -108,6 +108,17 @@ pub enum KvRows<'a> {
     F16(&'a mut [f16], &'a mut [f16]),
 }
 
+/// `$body` with `$k`, `$v` bound to the keys and values of `$rows` as slices of their own
+/// element type (each arm compiles the generic kernels for that type).
+macro_rules! with_rows {
+    ($rows:expr, |$k:ident, $v:ident| $body:expr) => {
+        match $rows {
+            KvRows::F32($k, $v) => $body,
+            KvRows::F16($k, $v) => $body,
+        }
+    };
+}
+
 impl KvRows<'_> {
     /// Stores `k` and `v` (`[n, kv_dim]`, f32) at positions `pos0..pos0 + n`.
     pub fn store(&mut self, pos0: usize, kv_dim: usize, k: &[f32], v: &[f32]) {
@@ -117,16 +128,10 @@ impl KvRows<'_> {
             }
         }
         let at = pos0 * kv_dim;
-        match self {
-            KvRows::F32(kc, vc) => {
-                put(kc, at, k);
-                put(vc, at, v);
-            }
-            KvRows::F16(kc, vc) => {
-                put(kc, at, k);
-                put(vc, at, v);
-            }
-        }
+        with_rows!(self, |kc, vc| {
+            put(kc, at, k);
+            put(vc, at, v);
+        })
     }
 
     /// Causal attention of `n_q` queries at positions `pos0..` over the stored keys
@@ -143,14 +148,17 @@ impl KvRows<'_> {
         out: &mut [f32],
     ) {
         let n = (pos0 + n_q) * n_kv_head * hd;
-        match self {
-            KvRows::F32(k, v) => {
-                cpu::attention(q, &k[..n], &v[..n], n_q, pos0, n_head, n_kv_head, hd, out)
-            }
-            KvRows::F16(k, v) => {
-                cpu::attention(q, &k[..n], &v[..n], n_q, pos0, n_head, n_kv_head, hd, out)
-            }
-        }
+        with_rows!(self, |k, v| cpu::attention(
+            q,
+            &k[..n],
+            &v[..n],
+            n_q,
+            pos0,
+            n_head,
+            n_kv_head,
+            hd,
+            out
+        ))
     }
 
     /// Attention of one query over the first `n_keys` stored keys ([`cpu::attention_decode`]).
@@ -166,29 +174,16 @@ impl KvRows<'_> {
         out: &mut [f32],
     ) {
         let n = n_keys * n_kv_head * hd;
-        match self {
-            KvRows::F32(k, v) => cpu::attention_decode(
-                q,
-                &k[..n],
-                &v[..n],
-                n_keys,
-                n_head,
-                n_kv_head,
-                hd,
-                scores,
-                out,
-            ),
-            KvRows::F16(k, v) => cpu::attention_decode(
-                q,
-                &k[..n],
-                &v[..n],
-                n_keys,
-                n_head,
-                n_kv_head,
-                hd,
-                scores,
-                out,
-            ),
-        }
+        with_rows!(self, |k, v| cpu::attention_decode(
+            q,
+            &k[..n],
+            &v[..n],
+            n_keys,
+            n_head,
+            n_kv_head,
+            hd,
+            scores,
+            out
+        ))
     }
 }
