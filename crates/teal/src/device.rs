@@ -167,7 +167,8 @@ impl Device {
                 Ok(Box::new(GpuLlama::new(models, ordinal, dtype, ctx)?))
             }
             (Device::Cuda { .. }, kv) => Err(Error::Invalid(format!(
-                "a {} KV cache is not supported on the GPU (its cache is f32)",
+                "KV cache type {} is not supported on the GPU, whose cache is f32 \
+                 (use --kv-dtype f32, or leave it out)",
                 kv.name()
             ))),
         }

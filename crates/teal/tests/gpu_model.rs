@@ -394,6 +394,13 @@ fn cuda_device_without_gpu_is_a_clear_error() {
     }
     assert!(Device::parse("gpu", "bf16").is_err());
     assert!(Device::parse("cuda:0", "f32").is_err());
+    // An f16 KV cache is CPU-only: refused before any GPU is touched.
+    let e = GPU_BF16
+        .decoder_kv(Models::single(&m), 16, teal::kv_cache::KvDtype::F16)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("KV cache type f16") && e.contains("f32"), "{e}");
 }
 
 /// The GPU every test here runs on.
