@@ -430,12 +430,7 @@ extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float*
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
-// The input of a GEMM prefill launch (cuBLAS multiplies f16/bf16 by f16/bf16): row b of
-// `out` = s_t(v) rounded to the weights' type (is_bf16), where v is row b of x (stride ldx),
-// RMSNorm(x) = x / sqrt(mean(x^2) + eps) * nw with `nw`, or silu(gate) * up with `glu`
-// (x = gate | up, n_in each), and s_t keeps |v| > t, the same arithmetic as the GEMV's.
-// An f16 value beyond the type's range sets *overflow (the caller falls back to the GEMV).
-// Grid: rows; blocks of 256.
+// f32 rounded to nearest (ties to even) as bf16 or f16 bits; a bf16 NaN stays NaN.
 __device__ __forceinline__ u16 f32_to_bf16_rn(float v) {
     const u32 b = __float_as_uint(v);
     if ((b & 0x7f800000u) == 0x7f800000u) return (u16)((b >> 16) | ((b & 0xffffu) ? 0x40u : 0u));
@@ -448,6 +443,12 @@ __device__ __forceinline__ u16 f32_to_f16_rn(float v) {
     return h;
 }
 
+// The input of a GEMM prefill launch (cuBLAS multiplies f16/bf16 by f16/bf16): row b of
+// `out` = s_t(v) rounded to the weights' type (is_bf16), where v is row b of x (stride ldx),
+// RMSNorm(x) = x / sqrt(mean(x^2) + eps) * nw with `nw`, or silu(gate) * up with `glu`
+// (x = gate | up, n_in each), and s_t keeps |v| > t, the same arithmetic as the GEMV's.
+// An f16 value beyond the type's range sets *overflow (the caller falls back to the GEMV).
+// Grid: rows; blocks of 256.
 extern "C" __global__ void gemm_input_f32(const float* __restrict__ x, u16* __restrict__ out,
                                           int n_in, int ldx, float t,
                                           const float* __restrict__ nw, float eps, int glu,
@@ -1113,14 +1114,7 @@ extern "C" __global__ void fill_random_u16(u16* __restrict__ w, size_t n, u32 se
         u32 h = (u32)i * 0x9E3779B1u ^ (u32)(i >> 32) * 0x85EBCA77u ^ seed * 0xC2B2AE3Du;
         h ^= h >> 16; h *= 0x7FEB352Du; h ^= h >> 15; h *= 0x846CA68Bu; h ^= h >> 16;
         const float v = scale * ((float)(h >> 8) * (1.0f / 8388608.0f) - 1.0f);
-        u16 bits;
-        if (is_bf16) {
-            const u32 f = __float_as_uint(v);
-            bits = (u16)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
-        } else {
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(v));
-        }
-        w[i] = bits;
+        w[i] = is_bf16 ? f32_to_bf16_rn(v) : f32_to_f16_rn(v);
     }
 }
 

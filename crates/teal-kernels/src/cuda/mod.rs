@@ -1477,7 +1477,6 @@ impl Gpu {
         ldy: usize,
         beta: f32,
     ) -> Result<()> {
-        use cudarc::cublas::sys as bs;
         let m = cols.len();
         if rows == 0
             || m == 0
@@ -1488,42 +1487,24 @@ impl Gpu {
         {
             return Err(CudaError::Invalid("gemm arguments".into()));
         }
-        let ty = match w.dtype {
-            WeightDtype::F16 => bs::cudaDataType::CUDA_R_16F,
-            WeightDtype::Bf16 => bs::cudaDataType::CUDA_R_16BF,
-        };
-        let alpha = 1.0f32;
         // Column-major view: wt row-major [n_in, n_out] is A = [n_out, n_in] (lda n_out), x
         // row-major [rows, n_in] is B = [n_in, rows], y is C = [m, rows] (ldc ldy): C = A B.
         let wp = self.ptr(&w.wt) + (cols.start * 2) as u64;
-        let xp = self.ptr(x);
         let yp = self.ptr_mut(y) + (col0 * 4) as u64;
+        let a = (wp, w.n_out, false);
         // SAFETY: the pointers address live device buffers at least as large as the checked
         // shapes need.
         unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *blas.handle(),
-                bs::cublasOperation_t::CUBLAS_OP_N,
-                bs::cublasOperation_t::CUBLAS_OP_N,
-                m as i32,
-                rows as i32,
-                w.n_in as i32,
-                &alpha as *const f32 as *const _,
-                wp as *const _,
-                ty,
-                w.n_out as i32,
-                xp as *const _,
-                ty,
-                w.n_in as i32,
-                &beta as *const f32 as *const _,
-                yp as *mut _,
-                bs::cudaDataType::CUDA_R_32F,
-                ldy as i32,
-                bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )?;
+            gemm_ex_16(
+                blas,
+                w.dtype,
+                (m, rows, w.n_in),
+                a,
+                (self.ptr(x), w.n_in),
+                beta,
+                (yp, ldy),
+            )
         }
-        Ok(())
     }
 
     /// cuBLAS on the same problem, for comparison: `y = W x` with `W` `[n_out, n_in]`
@@ -1541,45 +1522,26 @@ impl Gpu {
         dtype: WeightDtype,
         input_major: bool,
     ) -> Result<()> {
-        use cudarc::cublas::sys as bs;
-        let ty = match dtype {
-            WeightDtype::F16 => bs::cudaDataType::CUDA_R_16F,
-            WeightDtype::Bf16 => bs::cudaDataType::CUDA_R_16BF,
-        };
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (wp, xp, yp) = (self.ptr(w), self.ptr(x), self.ptr_mut(y));
         // Column-major view: W row-major [out, in] is A = [in, out] col-major, y = A^T x;
         // Wt row-major [in, out] is [out, in] col-major, y = A x.
-        let (op, lda) = if input_major {
-            (bs::cublasOperation_t::CUBLAS_OP_N, n_out)
+        let a = if input_major {
+            (self.ptr(w), n_out, false)
         } else {
-            (bs::cublasOperation_t::CUBLAS_OP_T, n_in)
+            (self.ptr(w), n_in, true)
         };
+        let yp = self.ptr_mut(y);
         // SAFETY: pointers are live device buffers of the sizes described by the arguments.
         unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *blas.handle(),
-                op,
-                bs::cublasOperation_t::CUBLAS_OP_N,
-                n_out as i32,
-                1,
-                n_in as i32,
-                &alpha as *const f32 as *const _,
-                wp as *const _,
-                ty,
-                lda as i32,
-                xp as *const _,
-                ty,
-                n_in as i32,
-                &beta as *const f32 as *const _,
-                yp as *mut _,
-                bs::cudaDataType::CUDA_R_32F,
-                n_out as i32,
-                bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )?;
+            gemm_ex_16(
+                blas,
+                dtype,
+                (n_out, 1, n_in),
+                a,
+                (self.ptr(x), n_in),
+                0.0,
+                (yp, n_out),
+            )
         }
-        Ok(())
     }
 
     /// A cuBLAS handle on this GPU's stream and its workspace (keep both alive together);
@@ -1604,6 +1566,61 @@ impl Gpu {
         .result()?;
         Ok((blas, ws))
     }
+}
+
+/// One `cublasGemmEx` in cuBLAS's column-major terms: `C = op(A) B + beta C` with
+/// `(m, n, k)` = rows of C, columns of C, the inner dimension; `a` = (pointer, leading
+/// dimension, transposed), `b` and `c` = (pointer, leading dimension). A and B are 16-bit of
+/// `dtype`; the sums and C are f32.
+///
+/// # Safety
+/// The pointers must address device buffers that hold the matrices these shapes and leading
+/// dimensions describe, on the handle's stream.
+unsafe fn gemm_ex_16(
+    blas: &cudarc::cublas::CudaBlas,
+    dtype: WeightDtype,
+    (m, n, k): (usize, usize, usize),
+    (ap, lda, transposed): (sys::CUdeviceptr, usize, bool),
+    (bp, ldb): (sys::CUdeviceptr, usize),
+    beta: f32,
+    (cp, ldc): (sys::CUdeviceptr, usize),
+) -> Result<()> {
+    use cudarc::cublas::sys as bs;
+    let ty = match dtype {
+        WeightDtype::F16 => bs::cudaDataType::CUDA_R_16F,
+        WeightDtype::Bf16 => bs::cudaDataType::CUDA_R_16BF,
+    };
+    let op_a = if transposed {
+        bs::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        bs::cublasOperation_t::CUBLAS_OP_N
+    };
+    let alpha = 1.0f32;
+    // SAFETY: the caller guarantees the buffers; alpha and beta outlive the call.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            op_a,
+            bs::cublasOperation_t::CUBLAS_OP_N,
+            m as i32,
+            n as i32,
+            k as i32,
+            &alpha as *const f32 as *const _,
+            ap as *const _,
+            ty,
+            lda as i32,
+            bp as *const _,
+            ty,
+            ldb as i32,
+            &beta as *const f32 as *const _,
+            cp as *mut _,
+            bs::cudaDataType::CUDA_R_32F,
+            ldc as i32,
+            bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )?;
+    }
+    Ok(())
 }
 
 /// Column boundaries of fused projections: at most 3, increasing, ending at `n_out`, inner
