@@ -673,7 +673,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
                 &opts,
                 progress,
             )?;
-            (r, format!("cpu (KV cache {})", kv.name()))
+            (r, teal::device::describe_cpu(kv))
         } else {
             // One decoder on the GPU: per window the dense and the sparse logits, then the
             // sparse pass once more, one position at a time, to count the zeroed inputs. It is

@@ -184,6 +184,11 @@ impl Device {
     }
 }
 
+/// What [`Decoder::describe`] says of the CPU with a KV cache of `kv`, e.g. `cpu (KV cache f16)`.
+pub fn describe_cpu(kv: KvDtype) -> String {
+    format!("cpu (KV cache {})", kv.name())
+}
+
 /// The CPU model ([`crate::models::llama::Llama`]) with its cache and decode buffers.
 pub struct CpuDecoder<'a> {
     models: Models<'a>,
@@ -285,6 +290,6 @@ impl Decoder for CpuDecoder<'_> {
         })
     }
     fn describe(&self) -> String {
-        format!("cpu (KV cache {})", self.cache.dtype().name())
+        describe_cpu(self.cache.dtype())
     }
 }

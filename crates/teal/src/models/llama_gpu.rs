@@ -319,14 +319,29 @@ struct GemmIn<'a> {
     silu_mul: bool,
 }
 
-impl GemmIn<'_> {
-    fn plain(x: &DeviceBuffer<f32>, ld: usize) -> GemmIn<'_> {
+impl<'a> GemmIn<'a> {
+    fn plain(x: &'a DeviceBuffer<f32>, ld: usize) -> GemmIn<'a> {
         GemmIn {
             x,
             row0: 0,
             ld,
             norm: None,
             silu_mul: false,
+        }
+    }
+
+    /// RMSNorm (`weight`, `eps`) of the rows of `x` from `row0`, `ld` apart.
+    fn normed(
+        x: &'a DeviceBuffer<f32>,
+        row0: usize,
+        ld: usize,
+        weight: &'a DeviceBuffer<f32>,
+        eps: f32,
+    ) -> GemmIn<'a> {
+        GemmIn {
+            row0,
+            norm: Some(Norm { weight, eps }),
+            ..GemmIn::plain(x, ld)
         }
     }
 }
@@ -846,23 +861,10 @@ impl Resident {
         let (a, work) = (&mut p.acts, &mut p.work);
         g.embed(&self.embed, self.dtype, &a.tok, &mut a.h, d, rows)?;
         for (l, bias) in self.layers.iter_mut().zip(&self.qkv_bias) {
-            let normed = |weight| GemmIn {
-                x: &a.h,
-                row0: 0,
-                ld: d,
-                norm: Some(Norm { weight, eps }),
-                silu_mul: false,
-            };
             let beta = from_bias(g, &mut a.qkv, bias.as_ref(), rows, width)?;
-            l.qkv.run_gemm(
-                g,
-                work,
-                &normed(&l.attn_norm),
-                &mut a.qkv,
-                rows,
-                PREFILL,
-                beta,
-            )?;
+            let normed = GemmIn::normed(&a.h, 0, d, &l.attn_norm, eps);
+            l.qkv
+                .run_gemm(g, work, &normed, &mut a.qkv, rows, PREFILL, beta)?;
             g.rope_neox(
                 &mut a.qkv,
                 &self.cos,
@@ -887,16 +889,7 @@ impl Resident {
             let attn = GemmIn::plain(&a.attn, q_dim);
             l.o.run_gemm(g, work, &attn, &mut a.h, rows, PREFILL, 1.0)?;
             let beta = from_bias(g, &mut a.gu, l.gate_up_bias.as_ref(), rows, 2 * ff)?;
-            let normed = GemmIn {
-                x: &a.h,
-                row0: 0,
-                ld: d,
-                norm: Some(Norm {
-                    weight: &l.ffn_norm,
-                    eps,
-                }),
-                silu_mul: false,
-            };
+            let normed = GemmIn::normed(&a.h, 0, d, &l.ffn_norm, eps);
             l.gate_up
                 .run_gemm(g, work, &normed, &mut a.gu, rows, PREFILL, beta)?;
             let glu = GemmIn {
@@ -911,21 +904,17 @@ impl Resident {
                 Logits::All => (0, rows),
                 Logits::Last => (rows - 1, 1),
             };
-            let x = GemmIn {
-                x: &a.h,
-                row0,
-                ld: d,
-                norm: Some(Norm {
-                    weight: &self.norm,
-                    eps,
-                }),
-                silu_mul: false,
-            };
+            let x = GemmIn::normed(&a.h, row0, d, &self.norm, eps);
             self.lm_head
                 .run_gemm(g, work, &x, &mut a.logits, n, PREFILL, 0.0)?;
         }
         Ok(())
     }
+}
+
+/// The positions `start..start + rows`, as the kernels take them.
+fn positions(start: usize, rows: usize) -> Vec<i32> {
+    (start..start + rows).map(|p| p as i32).collect()
 }
 
 /// Set `rows` rows of `y` (`width` wide) to `bias` for a GEMM to add to (beta 1), or leave
@@ -1059,7 +1048,7 @@ impl GpuLlama {
                 Some(Logits::Last) if ci + 1 == n_chunks => Some(rows - 1),
                 _ => None,
             };
-            let pos: Vec<i32> = (self.len..self.len + rows).map(|p| p as i32).collect();
+            let pos = positions(self.len, rows);
             let keys: Vec<i32> = pos.iter().map(|p| p + 1).collect();
             self.gpu.write(chunk, &mut self.m.chunk.tok)?;
             self.gpu.write(&pos, &mut self.m.chunk_pos)?;
@@ -1095,7 +1084,7 @@ impl GpuLlama {
             return Ok(false);
         };
         let rows = tokens.len();
-        let pos: Vec<i32> = (self.len..self.len + rows).map(|p| p as i32).collect();
+        let pos = positions(self.len, rows);
         self.gpu.write(tokens, &mut p.acts.tok)?;
         self.gpu.write(&pos, &mut p.pos)?;
         self.m.enqueue_gemm(&self.gpu, p, self.len, rows, want)?;
@@ -1119,17 +1108,10 @@ impl GpuLlama {
         if !Gpu::prefill_attention_fits(self.m.config.head_dim) {
             return Ok(GemmState::Missing);
         }
-        let missing = |e: CudaError| match e {
-            CudaError::NoCublas | CudaError::OutOfMemory { .. } => Ok(GemmState::Missing),
-            e => Err(Error::from(e)),
-        };
-        let (blas, workspace) = match self.gpu.cublas() {
-            Ok(b) => b,
-            Err(e) => return missing(e),
-        };
         let (g, c) = (&self.gpu, &self.m.config);
         let widest = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
-        let buffers = || -> std::result::Result<GemmPrefill, CudaError> {
+        let set_up = || -> Result<GemmPrefill> {
+            let (blas, workspace) = g.cublas()?;
             Ok(GemmPrefill {
                 work: GemmWork {
                     blas,
@@ -1137,16 +1119,16 @@ impl GpuLlama {
                     x16: g.zeros(GEMM_ROWS * widest)?,
                     overflow: g.zeros(1)?,
                 },
-                acts: Acts::new(g, c, GEMM_ROWS, None).map_err(|e| match e {
-                    Error::Cuda(c) => c,
-                    other => CudaError::Invalid(other.to_string()),
-                })?,
+                acts: Acts::new(g, c, GEMM_ROWS, None)?,
                 pos: g.zeros(GEMM_ROWS)?,
             })
         };
-        match buffers() {
+        match set_up() {
             Ok(p) => Ok(GemmState::Ready(Box::new(p))),
-            Err(e) => missing(e),
+            Err(Error::Cuda(CudaError::NoCublas | CudaError::OutOfMemory { .. })) => {
+                Ok(GemmState::Missing)
+            }
+            Err(e) => Err(e),
         }
     }
 
