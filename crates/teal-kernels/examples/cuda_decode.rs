@@ -137,7 +137,7 @@ impl Model {
             xn: g.zeros(d)?,
             qkv: g.zeros(d + 2 * kv)?,
             attn: g.zeros(d)?,
-            split: g.attention_split(cfg.n_head, cfg.hd, cfg.max_pos)?,
+            split: g.attention_split(cfg.n_head, cfg.n_kv, cfg.hd, cfg.max_pos)?,
             gu: g.zeros(2 * ffn)?,
             act: g.zeros(ffn)?,
             logits: g.zeros(cfg.vocab)?,

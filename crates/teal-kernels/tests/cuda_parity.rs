@@ -927,98 +927,117 @@ fn gemv_with_silu_mul_input_matches_reference() {
 #[test]
 fn attention_rope_decode_matches_reference() {
     let Some(g) = gpu() else { return };
-    // Head dims of SmolLM2/Qwen (64), Llama 3 (128) and the tiny test Qwen2 (8); the first
-    // position, a short cache, and one longer than a pass of the score loop (256 keys at
-    // hd 128) at the cache's end. Caches longer than 512 keys are split into runs (2 runs
-    // at 513 keys, 3 at 1501, 6 at 3000 of 500 each), merged by the last block of a head.
+    // Head dims of SmolLM2/Qwen (64), Llama 3 (128) and the tiny test Qwen2 (8); groups of
+    // 1 (one query head per key-value head), 2, 3 and 4 (one block each, compiled for 1, 2, 4
+    // heads), 7 (Qwen2.5-0.5B, compiled for 8) and 16 (two blocks of 8); the first position, a
+    // short cache, one longer than a pass of the score loop (64 keys at hd 128), the last
+    // position attended by one block per query head (ATTN_SPLIT_KEYS = 256 keys) and the first
+    // one split into runs (merged by the last block of a group), longer caches and the
+    // cache's end.
     for (n_head, n_kv, hd, max_pos) in [
         (6usize, 2usize, 64usize, 300usize),
         (8, 2, 128, 300),
         (4, 2, 8, 40),
         (8, 2, 128, 3000),
         (6, 2, 64, 1100),
+        (4, 4, 64, 700),
+        (14, 2, 64, 1200),
+        (32, 2, 128, 600),
     ] {
-        let mut split = g.attention_split(n_head, hd, max_pos).unwrap();
-        let positions = [0usize, 7, 511, 512, 1500, 1023, max_pos - 1];
-        for p in positions.into_iter().filter(|&p| p < max_pos) {
-            let half = hd / 2;
-            let kvs = n_kv * hd;
-            let cos: Vec<f32> = rand_vec(max_pos * half, 71);
-            let sin: Vec<f32> = rand_vec(max_pos * half, 72);
-            let qkv = rand_vec((n_head + 2 * n_kv) * hd, 73 + p as u64);
-            let k_old = rand_vec(max_pos * kvs, 74);
-            let v_old = rand_vec(max_pos * kvs, 75);
-            let qd = g.upload(&qkv).unwrap();
-            let (cd, sd, pd) = (
-                g.upload(&cos).unwrap(),
-                g.upload(&sin).unwrap(),
-                g.upload(&[p as i32]).unwrap(),
-            );
-            let mut kc = g.upload(&k_old).unwrap();
-            let mut vc = g.upload(&v_old).unwrap();
-            let mut od = g.upload(&vec![f32::NAN; n_head * hd]).unwrap();
-            g.attention_rope_decode(
-                &qd, &cd, &sd, &pd, &mut kc, &mut vc, &mut od, &mut split, n_head, n_kv, hd,
-                max_pos,
-            )
-            .unwrap();
-            let first = g.download(&od).unwrap();
-            // Again on the same inputs (the new row is stored with the same values): the same
-            // result, so the split's counters were left at zero.
-            g.attention_rope_decode(
-                &qd, &cd, &sd, &pd, &mut kc, &mut vc, &mut od, &mut split, n_head, n_kv, hd,
-                max_pos,
-            )
-            .unwrap();
-            let what = format!("hd {hd}, position {p} of {max_pos}");
-            assert_eq!(g.download(&od).unwrap(), first, "{what}: a second launch");
-            let mut rot = qkv.clone();
-            for h in 0..n_head + n_kv {
-                reference::rope_neox(
-                    &mut rot[h * hd..(h + 1) * hd],
-                    &cos[p * half..(p + 1) * half],
-                    &sin[p * half..(p + 1) * half],
+        // Each query head by its own blocks up to ATTN_GROUP_KEYS (2048) keys, by key-value
+        // group beyond; and by group at every position.
+        for by_group_from in [None, Some(0)] {
+            let split = g.attention_split(n_head, n_kv, hd, max_pos).unwrap();
+            let mut split = match by_group_from {
+                Some(keys) => split.group_from(keys),
+                None => split,
+            };
+            let positions = [0usize, 7, 100, 255, 256, 511, 512, 1500, 1023, max_pos - 1];
+            for p in positions.into_iter().filter(|&p| p < max_pos) {
+                let half = hd / 2;
+                let kvs = n_kv * hd;
+                let cos: Vec<f32> = rand_vec(max_pos * half, 71);
+                let sin: Vec<f32> = rand_vec(max_pos * half, 72);
+                let qkv = rand_vec((n_head + 2 * n_kv) * hd, 73 + p as u64);
+                let k_old = rand_vec(max_pos * kvs, 74);
+                let v_old = rand_vec(max_pos * kvs, 75);
+                let qd = g.upload(&qkv).unwrap();
+                let (cd, sd, pd) = (
+                    g.upload(&cos).unwrap(),
+                    g.upload(&sin).unwrap(),
+                    g.upload(&[p as i32]).unwrap(),
+                );
+                let mut kc = g.upload(&k_old).unwrap();
+                let mut vc = g.upload(&v_old).unwrap();
+                let mut od = g.upload(&vec![f32::NAN; n_head * hd]).unwrap();
+                g.attention_rope_decode(
+                    &qd, &cd, &sd, &pd, &mut kc, &mut vc, &mut od, &mut split, n_head, n_kv, hd,
+                    max_pos,
+                )
+                .unwrap();
+                let first = g.download(&od).unwrap();
+                // Again on the same inputs (the new row is stored with the same values): the same
+                // result, so the split's counters were left at zero.
+                g.attention_rope_decode(
+                    &qd, &cd, &sd, &pd, &mut kc, &mut vc, &mut od, &mut split, n_head, n_kv, hd,
+                    max_pos,
+                )
+                .unwrap();
+                let what = format!(
+                    "{n_head} heads / {n_kv} of {hd} (group {} from {by_group_from:?}, {} runs), \
+                 position {p} of {max_pos}",
+                    split.group(),
+                    split.n_split()
+                );
+                assert_eq!(g.download(&od).unwrap(), first, "{what}: a second launch");
+                let mut rot = qkv.clone();
+                for h in 0..n_head + n_kv {
+                    reference::rope_neox(
+                        &mut rot[h * hd..(h + 1) * hd],
+                        &cos[p * half..(p + 1) * half],
+                        &sin[p * half..(p + 1) * half],
+                    );
+                }
+                assert_eq!(
+                    g.download(&qd).unwrap(),
+                    qkv,
+                    "{what}: qkv must stay as it was"
+                );
+                let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
+                let row = p * kvs;
+                let ones = vec![1.0; kvs];
+                assert_close(
+                    &k[row..row + kvs],
+                    &rot[n_head * hd..(n_head + n_kv) * hd],
+                    &ones,
+                    4.0 * GPU_ELEMWISE_TOL,
+                    &format!("{what}: k cache row"),
+                );
+                assert_eq!(&v[row..row + kvs], &qkv[(n_head + n_kv) * hd..], "{what}");
+                assert_eq!(&k[..row], &k_old[..row], "{what}: other k rows");
+                assert_eq!(&k[row + kvs..], &k_old[row + kvs..], "{what}: other k rows");
+                assert_eq!(&v[..row], &v_old[..row], "{what}: other v rows");
+                let mut want = vec![0.0; n_head * hd];
+                reference::attention(
+                    &rot[..n_head * hd],
+                    &k[..(p + 1) * kvs],
+                    &v[..(p + 1) * kvs],
+                    1,
+                    p,
+                    n_head,
+                    n_kv,
+                    hd,
+                    &mut want,
+                );
+                let ones = vec![1.0; want.len()];
+                assert_close(
+                    &g.download(&od).unwrap(),
+                    &want,
+                    &ones,
+                    GPU_ATTN_TOL,
+                    &format!("{what}: attention"),
                 );
             }
-            assert_eq!(
-                g.download(&qd).unwrap(),
-                qkv,
-                "{what}: qkv must stay as it was"
-            );
-            let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
-            let row = p * kvs;
-            let ones = vec![1.0; kvs];
-            assert_close(
-                &k[row..row + kvs],
-                &rot[n_head * hd..(n_head + n_kv) * hd],
-                &ones,
-                4.0 * GPU_ELEMWISE_TOL,
-                &format!("{what}: k cache row"),
-            );
-            assert_eq!(&v[row..row + kvs], &qkv[(n_head + n_kv) * hd..], "{what}");
-            assert_eq!(&k[..row], &k_old[..row], "{what}: other k rows");
-            assert_eq!(&k[row + kvs..], &k_old[row + kvs..], "{what}: other k rows");
-            assert_eq!(&v[..row], &v_old[..row], "{what}: other v rows");
-            let mut want = vec![0.0; n_head * hd];
-            reference::attention(
-                &rot[..n_head * hd],
-                &k[..(p + 1) * kvs],
-                &v[..(p + 1) * kvs],
-                1,
-                p,
-                n_head,
-                n_kv,
-                hd,
-                &mut want,
-            );
-            let ones = vec![1.0; want.len()];
-            assert_close(
-                &g.download(&od).unwrap(),
-                &want,
-                &ones,
-                GPU_ATTN_TOL,
-                &format!("{what}: attention"),
-            );
         }
     }
     // Shapes the kernel does not take: a clear error, no launch.
@@ -1029,7 +1048,9 @@ fn attention_rope_decode_matches_reference() {
         g.zeros::<f32>(4096).unwrap(),
         g.zeros::<f32>(1024).unwrap(),
     );
-    let mut split = g.attention_split(8, 48, 4).unwrap();
+    let e = g.attention_split(8, 4, 48, 4).err().expect("head dim 48");
+    assert!(e.to_string().contains("head dim 48"), "{e}");
+    let mut split = g.attention_split(8, 8, 16, 4).unwrap();
     let e = g
         .attention_rope_decode(
             &qd, &cd, &cd, &pd, &mut kc, &mut vc, &mut od, &mut split, 8, 4, 48, 4,
@@ -1037,15 +1058,28 @@ fn attention_rope_decode_matches_reference() {
         .unwrap_err();
     assert!(e.to_string().contains("head dim 48"), "{e}");
     // A workspace made for other heads: an error naming it.
-    let mut split = g.attention_split(4, 64, 4).unwrap();
-    let e = g
-        .attention_rope_decode(
-            &qd, &cd, &cd, &pd, &mut kc, &mut vc, &mut od, &mut split, 8, 4, 64, 4,
-        )
-        .unwrap_err();
-    assert!(e.to_string().contains("split workspace"), "{e}");
-    assert_eq!(g.attention_split(8, 128, 3000).unwrap().n_split(), 6);
-    assert_eq!(g.attention_split(8, 128, 512).unwrap().n_split(), 1);
+    for (nh, nkv) in [(4, 4), (8, 2)] {
+        let mut split = g.attention_split(nh, nkv, 64, 4).unwrap();
+        let e = g
+            .attention_rope_decode(
+                &qd, &cd, &cd, &pd, &mut kc, &mut vc, &mut od, &mut split, 8, 4, 64, 4,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("split workspace"), "{e}");
+    }
+    // Groups: the whole group up to 8 query heads in one block, larger ones in blocks of 8.
+    for (nh, nkv, group) in [
+        (8, 8, 1),
+        (8, 4, 2),
+        (9, 3, 4),
+        (32, 8, 4),
+        (14, 2, 8),
+        (32, 2, 8),
+    ] {
+        assert_eq!(g.attention_split(nh, nkv, 128, 512).unwrap().group(), group);
+    }
+    assert_eq!(g.attention_split(8, 2, 128, 256).unwrap().n_split(), 1);
+    assert!(g.attention_split(8, 2, 128, 3000).unwrap().n_split() > 1);
 }
 
 /// The two pieces of the GEMM prefill. `gemm_input`: the thresholded input (plain, RMSNorm or

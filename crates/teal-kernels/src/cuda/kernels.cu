@@ -13,7 +13,7 @@ typedef unsigned int u32;
 
 // Programmatic dependent launch (Hopper+): every kernel lets the next one in the stream start
 // launching at once, and waits for the previous one's memory before touching any (the decode
-// attention reads its older cache rows in between; see attn_rope_decode_f32). Without the
+// attention reads its older cache rows in between; see attn_gqa_decode). Without the
 // launch attribute (or before sm_90) both are no-ops.
 __device__ __forceinline__ void pdl_launch_next() {
 #if __CUDA_ARCH__ >= 900
@@ -509,9 +509,10 @@ extern "C" __global__ void rope_neox_f32(float* __restrict__ x, const float* __r
 #define VPRE 4
 #define ATTN_THREADS 1024  // threads of a decode attention block (ATTN_THREADS in mod.rs)
 
-// What a thread of `attend` reads first from the caches: its slice of the key of the first
-// score pass (at most 4 float4s) and its first VPRE value rows. Loaded by `attend_preload`
-// before the block waits for its predecessor, for the keys already in the caches.
+// What a thread of attn_gqa_decode reads first from the caches: its slice of the key of the
+// first score pass (at most 4 float4s) and its first VPRE value rows. Loaded by
+// `attend_preload` before the block waits for its predecessor, for the keys already in the
+// caches.
 struct AttnPre {
     float4 k[4];
     float4 v[VPRE];
@@ -552,16 +553,10 @@ __device__ __forceinline__ float dot_slice(const float4* k4, const float4* q4, i
     return dot;
 }
 
-// Attention of one query head over its `nk` keys, for the decode kernels below (one block
-// per head, or per run of keys of a head; hd % 4 == 0 and hd / 4 a power of two dividing
-// blockDim). qs: the query in shared memory; kb, vb: the head's column block of the K and V
-// caches (from the block's first key), row stride kvs.
-// Keys [0, nk - 1) come from the caches, key nk - 1 from kn / vn when given (shared memory),
-// else from the caches. sc: shared scratch of max(nk, 4 * blockDim) floats. pre: when given,
-// what `attend_preload` read of the keys that come from the caches.
-// Writes the normalized output to `out`, or, with `ms` given, the unnormalized weighted sum
-// to `out` and the scores' max and sum of exponentials to ms[0], ms[1] (one run of keys of
-// a split head, see attn_rope_decode_f32).
+// Attention of one query head over its `nk` keys, for attn_decode_f32 (one block per head
+// and row; hd % 4 == 0 and hd / 4 a power of two dividing blockDim). qs: the query in shared
+// memory; kb, vb: the head's column block of the K and V caches, row stride kvs. sc: shared
+// scratch of max(nk, 4 * blockDim) floats. Writes the normalized output to `out`.
 // Scores: each key is split over kl lanes (kl a power of two, at most 4 16-byte loads per
 // lane, all in flight at once), so a 1024-thread block scores 128 keys per pass at hd 128 and
 // 256 at hd 64. Weighted sum: hd / 4 lanes per key, one float4 of dimensions each,
@@ -569,10 +564,8 @@ __device__ __forceinline__ float dot_slice(const float4* k4, const float4* q4, i
 // first VPRE value rows are loaded before the scores, so that their memory latency overlaps
 // the score pass.
 __device__ __forceinline__ void attend(const float* __restrict__ qs, const float* __restrict__ kb,
-                       const float* __restrict__ vb, int kvs, int nk, int hd,
-                       const float* __restrict__ kn, const float* __restrict__ vn,
-                       float* __restrict__ sc, float* __restrict__ out,
-                       const AttnPre* pre, float* __restrict__ ms) {
+                                       const float* __restrict__ vb, int kvs, int nk, int hd,
+                                       float* __restrict__ sc, float* __restrict__ out) {
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
     const float scale = 1.0f / sqrtf((float)hd);
     const int q4n = hd >> 2;                          // float4s per key
@@ -586,33 +579,12 @@ __device__ __forceinline__ void attend(const float* __restrict__ qs, const float
 #pragma unroll
     for (int u = 0; u < VPRE; ++u) {
         const int p = g + u * groups;
-        if (vn != nullptr && p == nk - 1) {
-            vpre[u] = ((const float4*)vn)[d4];
-        } else if (pre != nullptr) {
-            vpre[u] = pre->v[u];
-        } else {
-            vpre[u] = p < nk ? ((const float4*)(vb + (size_t)p * kvs))[d4]
-                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
+        vpre[u] = p < nk ? ((const float4*)(vb + (size_t)p * kvs))[d4]
+                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
     float m = NEG_INF;
-    int p = tid / kl;
-    if (pre != nullptr) {
-        // The first pass from the preloaded slices (the newest key from kn).
-        if (p < nk) {
-            float dot = (kn != nullptr && p == nk - 1)
-                            ? dot_slice((const float4*)kn + part * slice4, q4, slice4)
-                            : dot_slice(pre->k, q4, slice4);
-            for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(group, dot, o);
-            dot *= scale;
-            if (part == 0) sc[p] = dot;
-            m = fmaxf(m, dot);
-        }
-        p += nt / kl;
-    }
-    for (; p < nk; p += nt / kl) {
-        const float* kr = (kn != nullptr && p == nk - 1) ? kn : kb + (size_t)p * kvs;
-        float dot = dot_slice((const float4*)kr + part * slice4, q4, slice4);
+    for (int p = tid / kl; p < nk; p += nt / kl) {
+        float dot = dot_slice((const float4*)(kb + (size_t)p * kvs) + part * slice4, q4, slice4);
         for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(group, dot, o);
         dot *= scale;
         if (part == 0) sc[p] = dot;
@@ -638,8 +610,7 @@ __device__ __forceinline__ void attend(const float* __restrict__ qs, const float
     }
 #pragma unroll 4
     for (int p = g + VPRE * groups; p < nk; p += groups) {
-        const float* vr = (vn != nullptr && p == nk - 1) ? vn : vb + (size_t)p * kvs;
-        const float4 v = ((const float4*)vr)[d4];
+        const float4 v = ((const float4*)(vb + (size_t)p * kvs))[d4];
         const float w = sc[p];
         acc.x = fmaf(w, v.x, acc.x);
         acc.y = fmaf(w, v.y, acc.y);
@@ -659,12 +630,8 @@ __device__ __forceinline__ void attend(const float* __restrict__ qs, const float
             o.z += r.z;
             o.w += r.w;
         }
-        const float inv = ms != nullptr ? 1.0f : 1.0f / s;
+        const float inv = 1.0f / s;
         ((float4*)out)[tid] = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
-        if (ms != nullptr && tid == 0) {
-            ms[0] = m;
-            ms[1] = s;
-        }
     }
 }
 
@@ -687,108 +654,282 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_f32(const
     for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = qh[d];
     __syncthreads();
     const size_t c = (size_t)b * cache_stride + (size_t)kh * hd;
-    attend(qs, k + c, v + c, n_kv_head * hd, n_keys[b], hd, nullptr, nullptr, qs + hd,
-           out + (size_t)b * n_head * hd + (size_t)h * hd, nullptr, nullptr);
+    attend(qs, k + c, v + c, n_kv_head * hd, n_keys[b], hd, qs + hd,
+           out + (size_t)b * n_head * hd + (size_t)h * hd);
 }
 
-// One decode step's attention straight from the fused q|k|v row at position p = pos[0]:
-// NeoX RoPE on the block's query head and on its key head, the rotated key and the value
-// stored at cache row p (by the first query head of each group), then attention over keys
-// 0..=p, the newest one taken from shared memory (the other blocks of the group need not wait
-// for the store). The rotated q and k are not written back to qkv. Batch 1.
-// Grid: (n_head, n_split). Long caches are split (flash-decoding): with
-// ns = min(n_split, ceil((p + 1) / split_keys)) runs of keys in use, block (h, r < ns)
-// attends over the r-th run and writes its unnormalized sum, max and sum of exponentials to
-// `part` ([n_head][n_split][hd] sums, then [n_head][n_split][2]); the last block of the head
-// to finish (counters[h]) merges them into out and resets the counter. Blocks r >= ns exit at
-// once; with ns = 1 block (h, 0) writes out directly, as without a split.
-// Shared memory: 3 hd + max(keys of one run + 1, 4 * blockDim) floats.
-// pos and cache rows 0..p-1 are read before the wait for the previous kernel (their memory
-// latency overlaps its tail), so they must have been written before that kernel started:
-// in the decoder they come from earlier steps, each its own graph launch.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attn_rope_decode_f32(const float* __restrict__ qkv,
-                                                const float* __restrict__ cos_t,
-                                                const float* __restrict__ sin_t,
-                                                const int* __restrict__ pos, float* __restrict__ kc,
-                                                float* __restrict__ vc, float* __restrict__ out,
-                                                int n_head, int n_kv, int hd,
-                                                float* __restrict__ part,
-                                                u32* __restrict__ counters, int n_split,
-                                                int split_keys) {
+#define GQA_THREADS 512  // threads of a grouped decode attention block (GQA_THREADS in mod.rs)
+#define GQA_RED 256      // floats of the block reductions' scratch (32 warps x 8 heads)
+
+// Block-wide max (MAX) or sum of G values per thread at once; red: 32 * G floats of shared
+// memory. Returns with every thread holding the results and red free again.
+template <int G, bool MAX>
+__device__ __forceinline__ void block_reduce_g(float (&v)[G], float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const float x = MAX ? warp_max(v[g]) : warp_sum(v[g]);
+        if (lane == 0) red[g * 32 + warp] = x;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        float x = MAX ? NEG_INF : 0.0f;
+        for (int w = 0; w < nw; ++w) x = MAX ? fmaxf(x, red[g * 32 + w]) : x + red[g * 32 + w];
+        v[g] = x;
+    }
+    __syncthreads();
+}
+
+// Attention of one decode step for query heads h0 .. h0 + ng - 1 (ng <= G) that share the
+// key-value head kh, over run r of ns runs of the keys 0..=p (see attn_rope_decode_*): NeoX
+// RoPE on the block's query heads and on the key head, the rotated key and the value stored
+// at cache row p when `store`, then attention with the newest key taken from shared memory
+// (the other blocks need not wait for the store). The rotated q and k are not written back to
+// qkv. Each cached key and value is read once for all ng heads.
+// Scores: each key is split over kl lanes (kl a power of two, at most 4 16-byte loads per
+// lane, all in flight at once), every lane scoring its slice against all the heads' queries.
+// Weighted sum: hd / 4 lanes per key, one float4 of dimensions each, one accumulator per head,
+// blockDim / (hd / 4) keys per pass, reduced in shared memory. With ns = 1 the normalized
+// output goes to out; else the unnormalized sums, maxima and sums of exponentials go to
+// `part` and the last block of the group to finish (counters[h0]) merges the runs into out
+// and resets the counter. `pre`: what attend_preload read before the wait.
+// Shared memory: (G + 2) hd + GQA_RED + max(ng * (keys of the run), 4 * blockDim) floats.
+template <int G>
+__device__ __forceinline__ void attn_gqa_run(const float* __restrict__ qkv,
+                                             const float* __restrict__ cos_t,
+                                             const float* __restrict__ sin_t, int p,
+                                             float* __restrict__ kc, float* __restrict__ vc,
+                                             float* __restrict__ out, int n_head, int n_kv,
+                                             int hd, float* __restrict__ part,
+                                             u32* __restrict__ counters, int n_split, int kh,
+                                             int h0, int ng, int r, int ns, int k0, int n,
+                                             bool store, const AttnPre& pre) {
     extern __shared__ float4 sm4[];
-    float* qs = (float*)sm4;
-    float* kn = qs + hd;
+    float* qs = (float*)sm4;  // [ng][hd], rotated
+    float* kn = qs + G * hd;
     float* vn = kn + hd;
-    const int h = blockIdx.x, per = n_head / n_kv, kh = h / per, half = hd >> 1;
-    const int kvs = n_kv * hd;
-    pdl_launch_next();
-    const int p = pos[0], nk = p + 1;
-    const int ns = min(n_split, (nk + split_keys - 1) / split_keys);
-    const int r = blockIdx.y;
-    if (r >= ns) return;
-    const int len = (nk + ns - 1) / ns, k0 = r * len, k1 = min(k0 + len, nk);
-    const bool newest = k1 == nk;  // this run ends with key p, which comes from shared memory
+    float* red = vn + hd;
+    float* sc = red + GQA_RED;  // [ng][n] scores, then the weighted sums' reduction
+    const int half = hd >> 1, kvs = n_kv * hd, nk = p + 1;
+    const bool newest = k0 + n == nk;  // this run ends with key p, taken from shared memory
     const size_t base = (size_t)k0 * kvs + (size_t)kh * hd;
-    AttnPre pre;
-    attend_preload(kc + base, vc + base, kvs, (newest ? p : k1) - k0, hd, pre);
-    pdl_wait();
-    const bool store = h % per == 0 && newest;
-    const float* qh = qkv + (size_t)h * hd;
-    const float* kh_ = qkv + (size_t)(n_head + kh) * hd;
-    const float* vh = qkv + (size_t)(n_head + n_kv + kh) * hd;
+    for (int i = threadIdx.x; i < ng * half; i += blockDim.x) {
+        const int g = i / half, j = i - g * half;
+        const float c = cos_t[(size_t)p * half + j], s = sin_t[(size_t)p * half + j];
+        const float* qh = qkv + (size_t)(h0 + g) * hd;
+        const float a = qh[j], b = qh[j + half];
+        qs[g * hd + j] = a * c - b * s;
+        qs[g * hd + j + half] = b * c + a * s;
+    }
+    const float* kq = qkv + (size_t)(n_head + kh) * hd;
+    const float* vq = qkv + (size_t)(n_head + n_kv + kh) * hd;
     float* krow = kc + (size_t)p * kvs + (size_t)kh * hd;
     float* vrow = vc + (size_t)p * kvs + (size_t)kh * hd;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
-        const float qa = qh[i], qb = qh[i + half], ka = kh_[i], kb = kh_[i + half];
-        qs[i] = qa * c - qb * s;
-        qs[i + half] = qb * c + qa * s;
-        const float ra = ka * c - kb * s, rb = kb * c + ka * s;
-        kn[i] = ra;
-        kn[i + half] = rb;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        const float c = cos_t[(size_t)p * half + j], s = sin_t[(size_t)p * half + j];
+        const float a = kq[j], b = kq[j + half];
+        const float ra = a * c - b * s, rb = b * c + a * s;
+        kn[j] = ra;
+        kn[j + half] = rb;
         if (store) {
-            krow[i] = ra;
-            krow[i + half] = rb;
+            krow[j] = ra;
+            krow[j + half] = rb;
         }
     }
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        const float v = vh[i];
+        const float v = vq[i];
         vn[i] = v;
         if (store) vrow[i] = v;
     }
     __syncthreads();
-    if (ns == 1) {
-        attend(qs, kc + base, vc + base, kvs, nk, hd, kn, vn, vn + hd, out + (size_t)h * hd,
-               &pre, nullptr);
-        return;
+
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int q4n = hd >> 2;                          // float4s per key
+    const int kl = q4n > 4 ? q4n >> 2 : 1;            // lanes per key
+    const int slice4 = q4n / kl;                      // float4s per lane, <= 4
+    const int sl = tid & (kl - 1);
+    const u32 lanes_of_key =
+        kl >= 32 ? 0xffffffffu : ((1u << kl) - 1u) << (lane & ~(kl - 1));
+    float m[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) m[g] = NEG_INF;
+    const float* kb = kc + base;
+    for (int k = tid / kl; k < n; k += nt / kl) {
+        float4 k4[4];
+        const float4* src = (newest && k == n - 1) ? (const float4*)kn + sl * slice4
+                                                   : (const float4*)(kb + (size_t)k * kvs) + sl * slice4;
+        const bool first = k < nt / kl;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (i < slice4) k4[i] = (first && !(newest && k == n - 1)) ? pre.k[i] : src[i];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            if (g < ng) {
+                float dot = dot_slice(k4, (const float4*)(qs + g * hd) + sl * slice4, slice4);
+                for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(lanes_of_key, dot, o);
+                dot *= scale;
+                if (sl == 0) sc[g * n + k] = dot;
+                m[g] = fmaxf(m[g], dot);
+            }
+        }
     }
-    const size_t slot = (size_t)h * n_split + r;
+    block_reduce_g<G, true>(m, red);
+    float s[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        s[g] = 0.0f;
+        if (g < ng) {
+            for (int k = tid; k < n; k += nt) {
+                const float e = expf(sc[g * n + k] - m[g]);
+                sc[g * n + k] = e;
+                s[g] += e;
+            }
+        }
+    }
+    block_reduce_g<G, false>(s, red);
+    const int d4 = tid % q4n, kg = tid / q4n, groups = nt / q4n;
+    float4 acc[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) acc[g] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float* vb = vc + base;
+    const float4 vnew = ((const float4*)vn)[d4];
+#pragma unroll
+    for (int u = 0; u < VPRE; ++u) {
+        const int k = kg + u * groups;
+        if (k < n) {
+            const float4 v = (newest && k == n - 1) ? vnew : pre.v[u];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                if (g < ng) {
+                    const float w = sc[g * n + k];
+                    acc[g].x = fmaf(w, v.x, acc[g].x);
+                    acc[g].y = fmaf(w, v.y, acc[g].y);
+                    acc[g].z = fmaf(w, v.z, acc[g].z);
+                    acc[g].w = fmaf(w, v.w, acc[g].w);
+                }
+            }
+        }
+    }
+#pragma unroll 4
+    for (int k = kg + VPRE * groups; k < n; k += groups) {
+        const float4 v =
+            (newest && k == n - 1) ? vnew : ((const float4*)(vb + (size_t)k * kvs))[d4];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            if (g < ng) {
+                const float w = sc[g * n + k];
+                acc[g].x = fmaf(w, v.x, acc[g].x);
+                acc[g].y = fmaf(w, v.y, acc[g].y);
+                acc[g].z = fmaf(w, v.z, acc[g].z);
+                acc[g].w = fmaf(w, v.w, acc[g].w);
+            }
+        }
+    }
+    __syncthreads();  // every weight read: sc becomes the reduction buffer
+    float4* red4 = (float4*)sc;
     float* ms = part + (size_t)n_head * n_split * hd;
-    attend(qs, kc + base, vc + base, kvs, k1 - k0, hd, newest ? kn : nullptr,
-           newest ? vn : nullptr, vn + hd, part + slot * hd, &pre, ms + 2 * slot);
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        if (g < ng) {
+            red4[kg * q4n + d4] = acc[g];
+            __syncthreads();
+            if (tid < q4n) {
+                float4 o = red4[tid];
+                for (int i = 1; i < groups; ++i) {
+                    const float4 x = red4[i * q4n + tid];
+                    o.x += x.x;
+                    o.y += x.y;
+                    o.z += x.z;
+                    o.w += x.w;
+                }
+                const int h = h0 + g;
+                if (ns == 1) {
+                    const float inv = 1.0f / s[g];
+                    ((float4*)(out + (size_t)h * hd))[tid] =
+                        make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+                } else {
+                    const size_t slot = (size_t)h * n_split + r;
+                    ((float4*)(part + slot * hd))[tid] = o;
+                    if (tid == 0) {
+                        ms[2 * slot] = m[g];
+                        ms[2 * slot + 1] = s[g];
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (ns == 1) return;
     __shared__ int is_last;
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == (u32)(ns - 1);
+    if (tid == 0) is_last = atomicAdd(&counters[h0], 1u) == (u32)(ns - 1);
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    const volatile float* vpart = part + (size_t)h * n_split * hd;
-    const volatile float* vms = ms + 2 * (size_t)h * n_split;
-    float mx = NEG_INF;
-    for (int i = 0; i < ns; ++i) mx = fmaxf(mx, vms[2 * i]);
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    for (int i = tid; i < ng * hd; i += nt) {
+        const int h = h0 + i / hd, d = i % hd;
+        const volatile float* vpart = part + (size_t)h * n_split * hd;
+        const volatile float* vms = ms + 2 * (size_t)h * n_split;
+        float mx = NEG_INF;
+        for (int j = 0; j < ns; ++j) mx = fmaxf(mx, vms[2 * j]);
         float num = 0.0f, den = 0.0f;
-        for (int i = 0; i < ns; ++i) {
-            const float w = expf(vms[2 * i] - mx);
-            num = fmaf(w, vpart[(size_t)i * hd + d], num);
-            den = fmaf(w, vms[2 * i + 1], den);
+        for (int j = 0; j < ns; ++j) {
+            const float w = expf(vms[2 * j] - mx);
+            num = fmaf(w, vpart[(size_t)j * hd + d], num);
+            den = fmaf(w, vms[2 * j + 1], den);
         }
         out[(size_t)h * hd + d] = num / den;
     }
-    if (threadIdx.x == 0) counters[h] = 0u;
+    if (tid == 0) counters[h0] = 0u;
 }
+
+// One decode step's attention straight from the fused q|k|v row at position p = pos[0],
+// batch 1, grouped-query (per = n_head / n_kv query heads share a key-value head). The keys
+// 0..=p are split (flash-decoding) into ns = min(n_split, ceil((p + 1) / split_keys)) runs
+// (split_keys >= n_split). Grid: (n_kv, n_split, per). Up to group_keys keys, block
+// (kh, r < ns, z) attends query head kh * per + z alone over run r: short caches get as many
+// blocks as heads and runs, each with little to do. Longer ones are read once per key-value
+// head: block (kh, r < ns, z < ceil(per / G)) takes run r for up to G query heads kh * per +
+// z * G ... Other blocks exit at once. One block per key-value head stores its new key and
+// value. Each thread's first key slice and VPRE value rows are read before the wait for the
+// previous kernel (their memory latency overlaps its tail), so pos and cache rows 0..p-1 must
+// have been written before that kernel started: in the decoder they come from earlier steps,
+// each its own graph launch.
+#define ATTN_GQA(NAME, G)                                                                    \
+    extern "C" __global__ void __launch_bounds__(GQA_THREADS)                                \
+        NAME(const float* __restrict__ qkv, const float* __restrict__ cos_t,                 \
+             const float* __restrict__ sin_t, const int* __restrict__ pos,                   \
+             float* __restrict__ kc, float* __restrict__ vc, float* __restrict__ out,        \
+             int n_head, int n_kv, int hd, float* __restrict__ part,                         \
+             u32* __restrict__ counters, int n_split, int split_keys, int group_keys) {      \
+        pdl_launch_next();                                                                   \
+        const int p = pos[0], nk = p + 1, kh = blockIdx.x, per = n_head / n_kv;              \
+        const bool by_head = nk <= group_keys;                                               \
+        const int ns = min(n_split, (nk + split_keys - 1) / split_keys);                     \
+        const int r = blockIdx.y, z = blockIdx.z, len = (nk + ns - 1) / ns, k0 = r * len;    \
+        const int h0 = kh * per + (by_head ? z : z * G);                                     \
+        const int ng = by_head ? 1 : min(G, per - z * G);                                    \
+        if (r >= ns || ng <= 0) return;                                                      \
+        const int n = min(len, nk - k0);                                                     \
+        const bool store = k0 + n == nk && z == 0;                                           \
+        const size_t base = (size_t)k0 * n_kv * hd + (size_t)kh * hd;                        \
+        AttnPre pre;                                                                         \
+        attend_preload(kc + base, vc + base, n_kv * hd, k0 + n == nk ? n - 1 : n, hd, pre);  \
+        pdl_wait();                                                                          \
+        if (by_head)                                                                         \
+            attn_gqa_run<1>(qkv, cos_t, sin_t, p, kc, vc, out, n_head, n_kv, hd, part,       \
+                            counters, n_split, kh, h0, 1, r, ns, k0, n, store, pre);         \
+        else                                                                                 \
+            attn_gqa_run<G>(qkv, cos_t, sin_t, p, kc, vc, out, n_head, n_kv, hd, part,       \
+                            counters, n_split, kh, h0, ng, r, ns, k0, n, store, pre);        \
+    }
+ATTN_GQA(attn_rope_decode_g1_f32, 1)
+ATTN_GQA(attn_rope_decode_g2_f32, 2)
+ATTN_GQA(attn_rope_decode_g4_f32, 4)
+ATTN_GQA(attn_rope_decode_g8_f32, 8)
 
 #define PF_QT 32    // query rows of a prefill attention block (PREFILL_ATTN_ROWS in mod.rs)
 #define PF_KT 16    // keys per shared-memory tile

@@ -45,15 +45,25 @@ const GEMV_THREADS: u32 = 256;
 /// Largest input chunk one GEMV block handles (bounds its shared memory under 48 KiB).
 pub const MAX_ROWS_PER_CHUNK: usize = 1024;
 const CUBLAS_WORKSPACE: usize = 32 << 20;
-/// Threads of a decode attention block (one block per query head).
+/// Threads of a batched decode attention block (one block per query head and row).
 const ATTN_THREADS: usize = 1024;
+/// Threads of a grouped decode attention block (GQA_THREADS in kernels.cu).
+const GQA_THREADS: usize = 512;
+/// Floats of a grouped attention block's reduction scratch (GQA_RED in kernels.cu).
+const GQA_RED: usize = 256;
+/// Query heads one grouped attention block takes at most, and the group sizes it is compiled
+/// for (attn_rope_decode_g{1,2,4,8}_f32).
+const GQA_GROUPS: [usize; 4] = [1, 2, 4, 8];
 /// Shared memory a decode attention kernel may use (the default per-block limit).
 const ATTN_SHARED_BYTES: usize = 48 * 1024;
 /// Keys per run of a split decode attention: caches up to this long are attended by one block
-/// per head.
-const ATTN_SPLIT_KEYS: usize = 512;
+/// per group of query heads.
+const ATTN_SPLIT_KEYS: usize = 256;
 /// Most runs the keys of one head are split into.
-const ATTN_MAX_SPLIT: usize = 8;
+const ATTN_MAX_SPLIT: usize = 16;
+/// Caches up to this long are attended by one block per query head (and run); longer ones by
+/// one block per key-value head (and run) for the query heads that share it.
+const ATTN_GROUP_KEYS: usize = 2048;
 /// Query rows of one prefill attention block (PF_QT in kernels.cu).
 const PREFILL_ATTN_ROWS: usize = 32;
 /// The largest head dimension of the prefill attention (PF_MAXHD in kernels.cu).
@@ -68,32 +78,33 @@ fn blocks_1d(blocks: u32, threads: u32) -> LaunchConfig {
     }
 }
 
-/// Shared floats of the fused decode attention: query, new key and value, then the scores,
-/// which become the reduction buffer of the weighted sum (4 floats per thread).
+/// Shared floats of the batched decode attention (attn_decode_f32): the query, then the
+/// scores, which become the reduction buffer of the weighted sum (4 floats per thread).
 fn attention_shared_floats(hd: usize, max_keys: usize) -> usize {
-    3 * hd + max_keys.max(4 * ATTN_THREADS)
+    hd + max_keys.max(4 * ATTN_THREADS)
 }
 
 /// The longest KV cache (positions) the decode attention kernels take for head dim `hd`: the
-/// scores of one head sit in shared memory.
+/// scores of one head sit in shared memory (the grouped kernel's new key, value and
+/// reduction scratch beside them).
 pub fn attention_max_keys(hd: usize) -> usize {
-    (ATTN_SHARED_BYTES / 4).saturating_sub(3 * hd)
+    (ATTN_SHARED_BYTES / 4).saturating_sub(3 * hd + GQA_RED)
 }
 
 /// Shapes the decode attention kernels take: hd a multiple of 4 whose quarter divides the
-/// block (a power of two from 4 to 4096), whole key-value groups, and a cache whose scores
+/// blocks (a power of two from 4 to 2048), whole key-value groups, and a cache whose scores
 /// fit in shared memory.
 fn check_attention(n_head: usize, n_kv: usize, hd: usize, max_keys: usize) -> Result<()> {
     if hd < 4
         || !hd.is_multiple_of(4)
-        || !ATTN_THREADS.is_multiple_of(hd / 4)
+        || !GQA_THREADS.is_multiple_of(hd / 4)
         || n_kv == 0
         || !n_head.is_multiple_of(n_kv)
     {
         return Err(CudaError::Invalid(format!(
             "attention: head dim {hd} must be a power of two from 4 to {}, heads {n_head} a \
              multiple of {n_kv}",
-            4 * ATTN_THREADS
+            4 * GQA_THREADS
         )));
     }
     if max_keys > attention_max_keys(hd) {
@@ -257,17 +268,44 @@ fn arch_name(major: i32, minor: i32) -> Result<&'static str> {
 /// launches).
 pub struct AttentionSplit {
     n_head: usize,
+    n_kv: usize,
     hd: usize,
     max_keys: usize,
+    /// Query heads per block of a split cache (one of [`GQA_GROUPS`]).
+    group: usize,
+    group_keys: usize,
     n_split: usize,
     part: CudaSlice<f32>,
     counters: CudaSlice<u32>,
 }
 
 impl AttentionSplit {
-    /// How many runs the keys of one head are split into (1: one block per head).
+    /// How many runs the keys of one head are split into (1: one block per group of heads).
     pub fn n_split(&self) -> usize {
         self.n_split
+    }
+
+    /// Query heads one block attends in caches longer than [`ATTN_GROUP_KEYS`] (one of 1, 2,
+    /// 4, 8; the whole group up to 8).
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// The same workspace attending by key-value group from caches longer than `keys` on
+    /// instead of [`ATTN_GROUP_KEYS`] (the tests cover both ways of attending with it).
+    pub fn group_from(self, keys: usize) -> Self {
+        Self {
+            group_keys: keys,
+            ..self
+        }
+    }
+
+    /// Dynamic shared floats of a block: its queries, the new key and value, the reduction
+    /// scratch, then the scores of its heads over the longest run (which become the weighted
+    /// sums' reduction buffer, 4 floats per thread).
+    fn shared_floats(&self) -> usize {
+        let run = ATTN_SPLIT_KEYS.max(self.max_keys.div_ceil(self.n_split));
+        (self.group + 2) * self.hd + GQA_RED + (self.group * run).max(4 * GQA_THREADS)
     }
 }
 
@@ -291,7 +329,8 @@ pub struct Gpu {
     kv_append: CudaFunction,
     embed: CudaFunction,
     advance: CudaFunction,
-    attn_rope: CudaFunction,
+    /// attn_rope_decode_g{1,2,4,8}_f32 (GQA_GROUPS).
+    attn_rope: Vec<CudaFunction>,
     gemm_input: CudaFunction,
     fill_rows: CudaFunction,
     attn_prefill: CudaFunction,
@@ -425,7 +464,10 @@ impl Gpu {
             kv_append: module.load_function("kv_append_f32")?,
             embed: module.load_function("embed_row")?,
             advance: module.load_function("advance_position")?,
-            attn_rope: module.load_function("attn_rope_decode_f32")?,
+            attn_rope: GQA_GROUPS
+                .iter()
+                .map(|g| module.load_function(&format!("attn_rope_decode_g{g}_f32")))
+                .collect::<std::result::Result<_, _>>()?,
             gemm_input: module.load_function("gemm_input_f32")?,
             fill_rows: module.load_function("fill_rows_f32")?,
             attn_prefill: module.load_function("attn_prefill_f32")?,
@@ -764,42 +806,64 @@ impl Gpu {
         unsafe { self.launch(&self.embed, cfg, &mut p) }
     }
 
-    /// The workspace of [`Gpu::attention_rope_decode`] for `n_head` heads of dimension `hd`
-    /// over caches of up to `max_keys` positions: how many runs the keys of a head are split
-    /// into (one per [`ATTN_SPLIT_KEYS`] keys up to [`ATTN_MAX_SPLIT`], and no more blocks than
-    /// two per multiprocessor), with room for each run's partial result.
+    /// The workspace of [`Gpu::attention_rope_decode`] for `n_head` query heads sharing `n_kv`
+    /// key-value heads of dimension `hd`, over caches of up to `max_keys` positions: how many
+    /// query heads one block takes once the cache is split (the whole group up to 8), how many
+    /// runs the keys are split into (one per [`ATTN_SPLIT_KEYS`] keys up to
+    /// [`ATTN_MAX_SPLIT`], and no more blocks than two per multiprocessor), with room for each
+    /// run's partial result.
     pub fn attention_split(
         &self,
         n_head: usize,
+        n_kv: usize,
         hd: usize,
         max_keys: usize,
     ) -> Result<AttentionSplit> {
-        let fit = (2 * self.multiprocessors() / n_head.max(1)).max(1);
+        check_attention(n_head, n_kv, hd, max_keys)?;
+        let per = n_head / n_kv;
+        let group = *GQA_GROUPS
+            .iter()
+            .find(|&&g| g >= per)
+            .unwrap_or(&GQA_GROUPS[GQA_GROUPS.len() - 1]);
+        let n_group = per.div_ceil(group);
+        let fit = (2 * self.multiprocessors() / (n_kv * n_group)).max(1);
         let n_split = max_keys
             .div_ceil(ATTN_SPLIT_KEYS)
             .clamp(1, ATTN_MAX_SPLIT.min(fit));
-        Ok(AttentionSplit {
+        let split = AttentionSplit {
             n_head,
+            n_kv,
             hd,
             max_keys,
+            group,
+            group_keys: ATTN_GROUP_KEYS,
             n_split,
             part: self.zeros(n_head * n_split * (hd + 2))?,
             counters: self.zeros(n_head)?,
-        })
+        };
+        if split.shared_floats() * 4 > ATTN_SHARED_BYTES {
+            return Err(CudaError::Invalid(format!(
+                "attention: {max_keys} positions in {n_split} runs exceed the decode kernel's \
+                 shared memory for {per} query heads of {hd} per key-value head"
+            )));
+        }
+        Ok(split)
     }
 
     /// One decode step's attention from the fused q|k|v row (batch 1) at position `pos[0]`:
     /// NeoX RoPE on the `n_head` query and `n_kv` key heads, the rotated keys and the values
     /// stored at cache row `pos[0]`, and attention over keys `0..=pos[0]` into `out`
     /// (`[n_head * hd]`). qkv itself is not changed. The caches hold `max_keys` rows of
-    /// `n_kv * hd`; see [`attention_max_keys`]. `pos` and the cache rows before `pos[0]` are
-    /// read before the launch waits for the previous kernel in the stream (their memory
-    /// latency overlaps that kernel's tail), so they must not be written by that kernel nor by
-    /// one still running when it starts: write them by a copy or by an earlier graph launch,
-    /// as the decoder does (each decode step is its own graph launch). Caches longer than
-    /// [`ATTN_SPLIT_KEYS`] are attended in runs of keys on several blocks per head, merged by
-    /// the last one (`split`, from [`Gpu::attention_split`] for these heads and at least
-    /// `max_keys`).
+    /// `n_kv * hd`; see [`attention_max_keys`]. Caches longer than [`ATTN_SPLIT_KEYS`] are
+    /// attended in runs of keys, merged by the last block (`split`, from
+    /// [`Gpu::attention_split`] for these heads and at least `max_keys`). Up to
+    /// [`ATTN_GROUP_KEYS`] keys each query head has its own blocks; beyond, each run of a
+    /// key-value head is attended by one block for the query heads that share it (up to 8),
+    /// which reads each cached key and value once. `pos` and the cache
+    /// rows before `pos[0]` are read before the launch waits for the previous kernel in the
+    /// stream (their memory latency overlaps that kernel's tail), so they must not be written
+    /// by that kernel nor by one still running when it starts: write them by a copy or by an
+    /// earlier graph launch, as the decoder does (each decode step is its own graph launch).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_rope_decode(
         &self,
@@ -817,11 +881,15 @@ impl Gpu {
         max_keys: usize,
     ) -> Result<()> {
         check_attention(n_head, n_kv, hd, max_keys)?;
-        if split.n_head != n_head || split.hd != hd || split.max_keys < max_keys {
+        if split.n_head != n_head
+            || split.n_kv != n_kv
+            || split.hd != hd
+            || split.max_keys < max_keys
+        {
             return Err(CudaError::Invalid(format!(
-                "attention_rope_decode: the split workspace is for {} heads of {} over {} keys, \
-                 not {n_head} heads of {hd} over {max_keys}",
-                split.n_head, split.hd, split.max_keys
+                "attention_rope_decode: the split workspace is for {} heads ({} key-value) of {} \
+                 over {} keys, not {n_head} heads ({n_kv}) of {hd} over {max_keys}",
+                split.n_head, split.n_kv, split.hd, split.max_keys
             )));
         }
         let cache = max_keys * n_kv * hd;
@@ -838,25 +906,26 @@ impl Gpu {
         }
         let (nh, nkv, hd_i, ns) = (n_head as i32, n_kv as i32, hd as i32, split.n_split as i32);
         let cfg = LaunchConfig {
-            grid_dim: (n_head as u32, split.n_split as u32, 1),
-            block_dim: (ATTN_THREADS as u32, 1, 1),
-            // A run holds at most max(ATTN_SPLIT_KEYS, max_keys / n_split) keys, and
-            // ATTN_SPLIT_KEYS is under the 4 * ATTN_THREADS floats of the reduction.
-            shared_mem_bytes: (attention_shared_floats(hd, max_keys.div_ceil(split.n_split)) * 4)
-                as u32,
+            grid_dim: (n_kv as u32, split.n_split as u32, (n_head / n_kv) as u32),
+            block_dim: (GQA_THREADS as u32, 1, 1),
+            shared_mem_bytes: (split.shared_floats() * 4) as u32,
         };
+        let f = &self.attn_rope[GQA_GROUPS
+            .iter()
+            .position(|&g| g == split.group)
+            .unwrap_or(0)];
         let (qp, cp, sp, pp) = (self.ptr(qkv), self.ptr(cos), self.ptr(sin), self.ptr(pos));
         let (kp, vp, op) = (self.ptr_mut(kc), self.ptr_mut(vc), self.ptr_mut(out));
         let (wp, np) = (
             self.ptr_mut(&mut split.part),
             self.ptr_mut(&mut split.counters),
         );
-        let sk = ATTN_SPLIT_KEYS as i32;
-        let mut p = params![qp, cp, sp, pp, kp, vp, op, nh, nkv, hd_i, wp, np, ns, sk];
-        // SAFETY: matches attn_rope_decode_f32; sizes checked, the workspace holds n_head *
-        // n_split * (hd + 2) floats and n_head counters, the caller keeps pos[0] below
-        // max_keys.
-        unsafe { self.launch(&self.attn_rope, cfg, &mut p) }
+        let (sk, gk) = (ATTN_SPLIT_KEYS as i32, split.group_keys as i32);
+        let mut p = params![qp, cp, sp, pp, kp, vp, op, nh, nkv, hd_i, wp, np, ns, sk, gk];
+        // SAFETY: matches attn_rope_decode_g*_f32 for split.group; sizes checked, the
+        // workspace holds n_head * n_split * (hd + 2) floats and n_head counters, split_keys
+        // >= n_split, the caller keeps pos[0] below max_keys.
+        unsafe { self.launch(f, cfg, &mut p) }
     }
 
     /// `pos[0] += 1` on the device.
@@ -1281,7 +1350,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (n_head as u32, batch as u32, 1),
             block_dim: (ATTN_THREADS as u32, 1, 1),
-            shared_mem_bytes: ((attention_shared_floats(hd, max_keys) - 2 * hd) * 4) as u32,
+            shared_mem_bytes: (attention_shared_floats(hd, max_keys) * 4) as u32,
         };
         let (qp, kp, vp) = (self.ptr(q), self.ptr(k), self.ptr(v));
         let (op, np) = (self.ptr_mut(out), self.ptr(n_keys));

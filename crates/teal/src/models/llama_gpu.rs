@@ -625,7 +625,12 @@ impl GpuLlama {
         let lm_head = Group::dense(&gpu, &dm.lm_head, dtype)?;
         let m = Resident {
             one: Acts::new(&gpu, &c, 1, qkv_bias0.as_deref())?,
-            attn_split: gpu.attention_split(c.num_attention_heads, c.head_dim, ctx)?,
+            attn_split: gpu.attention_split(
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim,
+                ctx,
+            )?,
             chunk: Acts::new(&gpu, &c, MAX_BATCH, qkv_bias0.as_deref())?,
             qkv_bias,
             embed: gpu.upload(&row_bits(&dm.embed_tokens, dtype))?,
