@@ -539,6 +539,27 @@ __device__ __forceinline__ void attend_preload(const float* __restrict__ kb,
     }
 }
 
+// acc += w * v, lane by lane.
+__device__ __forceinline__ void fma4(float4& acc, float w, float4 v) {
+    acc.x = fmaf(w, v.x, acc.x);
+    acc.y = fmaf(w, v.y, acc.y);
+    acc.z = fmaf(w, v.z, acc.z);
+    acc.w = fmaf(w, v.w, acc.w);
+}
+
+// The sum of rows 0..rows-1 of a [rows][cols] float4 array in shared memory, at column col.
+__device__ __forceinline__ float4 sum_rows4(const float4* red, int rows, int cols, int col) {
+    float4 o = red[col];
+    for (int i = 1; i < rows; ++i) {
+        const float4 x = red[i * cols + col];
+        o.x += x.x;
+        o.y += x.y;
+        o.z += x.z;
+        o.w += x.w;
+    }
+    return o;
+}
+
 // One lane's part of a score: slice4 (<= 4) float4s of the key times the query's. Unrolled
 // with constant indices, so that k4 may be registers (AttnPre::k).
 __device__ __forceinline__ float dot_slice(const float4* k4, const float4* q4, int slice4) {
@@ -603,33 +624,20 @@ __device__ __forceinline__ void attend(const float* __restrict__ qs, const float
     for (int u = 0; u < VPRE; ++u) {
         const int p = g + u * groups;
         const float w = p < nk ? sc[p] : 0.0f;
-        acc.x = fmaf(w, vpre[u].x, acc.x);
-        acc.y = fmaf(w, vpre[u].y, acc.y);
-        acc.z = fmaf(w, vpre[u].z, acc.z);
-        acc.w = fmaf(w, vpre[u].w, acc.w);
+        fma4(acc, w, vpre[u]);
     }
 #pragma unroll 4
     for (int p = g + VPRE * groups; p < nk; p += groups) {
         const float4 v = ((const float4*)(vb + (size_t)p * kvs))[d4];
         const float w = sc[p];
-        acc.x = fmaf(w, v.x, acc.x);
-        acc.y = fmaf(w, v.y, acc.y);
-        acc.z = fmaf(w, v.z, acc.z);
-        acc.w = fmaf(w, v.w, acc.w);
+        fma4(acc, w, v);
     }
     __syncthreads();  // every score read: sc becomes the reduction buffer
     float4* red = (float4*)sc;
     red[g * lanes + d4] = acc;
     __syncthreads();
     if (tid < lanes) {
-        float4 o = red[tid];
-        for (int i = 1; i < groups; ++i) {
-            const float4 r = red[i * lanes + tid];
-            o.x += r.x;
-            o.y += r.y;
-            o.z += r.z;
-            o.w += r.w;
-        }
+        const float4 o = sum_rows4(red, groups, lanes, tid);
         const float inv = 1.0f / s;
         ((float4*)out)[tid] = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
     }
@@ -804,10 +812,7 @@ __device__ __forceinline__ void attn_gqa_run(const float* __restrict__ qkv,
             for (int g = 0; g < G; ++g) {
                 if (g < ng) {
                     const float w = sc[g * n + k];
-                    acc[g].x = fmaf(w, v.x, acc[g].x);
-                    acc[g].y = fmaf(w, v.y, acc[g].y);
-                    acc[g].z = fmaf(w, v.z, acc[g].z);
-                    acc[g].w = fmaf(w, v.w, acc[g].w);
+                    fma4(acc[g], w, v);
                 }
             }
         }
@@ -820,10 +825,7 @@ __device__ __forceinline__ void attn_gqa_run(const float* __restrict__ qkv,
         for (int g = 0; g < G; ++g) {
             if (g < ng) {
                 const float w = sc[g * n + k];
-                acc[g].x = fmaf(w, v.x, acc[g].x);
-                acc[g].y = fmaf(w, v.y, acc[g].y);
-                acc[g].z = fmaf(w, v.z, acc[g].z);
-                acc[g].w = fmaf(w, v.w, acc[g].w);
+                fma4(acc[g], w, v);
             }
         }
     }
@@ -836,14 +838,7 @@ __device__ __forceinline__ void attn_gqa_run(const float* __restrict__ qkv,
             red4[kg * q4n + d4] = acc[g];
             __syncthreads();
             if (tid < q4n) {
-                float4 o = red4[tid];
-                for (int i = 1; i < groups; ++i) {
-                    const float4 x = red4[i * q4n + tid];
-                    o.x += x.x;
-                    o.y += x.y;
-                    o.z += x.z;
-                    o.w += x.w;
-                }
+                const float4 o = sum_rows4(red4, groups, q4n, tid);
                 const int h = h0 + g;
                 if (ns == 1) {
                     const float inv = 1.0f / s[g];
@@ -1019,10 +1014,7 @@ attn_prefill_f32(const float* __restrict__ qkv, const float* __restrict__ kc,
                 for (int k = 0; k < PF_KT; ++k) {
                     const float p = ps[q * PF_KT + k];
                     const float4 v = vs[k * h4 + c4];
-                    acc.x = fmaf(p, v.x, acc.x);
-                    acc.y = fmaf(p, v.y, acc.y);
-                    acc.z = fmaf(p, v.z, acc.z);
-                    acc.w = fmaf(p, v.w, acc.w);
+                    fma4(acc, p, v);
                 }
                 o[u] = acc;
             }
