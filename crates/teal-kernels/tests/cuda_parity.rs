@@ -928,12 +928,12 @@ fn gemv_with_silu_mul_input_matches_reference() {
 fn attention_rope_decode_matches_reference() {
     let Some(g) = gpu() else { return };
     // Head dims of SmolLM2/Qwen (64), Llama 3 (128) and the tiny test Qwen2 (8); groups of
-    // 1 (one query head per key-value head), 2, 3 and 4 (one block each, compiled for 1, 2, 4
-    // heads), 7 (Qwen2.5-0.5B, compiled for 8) and 16 (two blocks of 8); the first position, a
-    // short cache, one longer than a pass of the score loop (64 keys at hd 128), the last
-    // position attended by one block per query head (ATTN_SPLIT_KEYS = 256 keys) and the first
-    // one split into runs (merged by the last block of a group), longer caches and the
-    // cache's end.
+    // 1 (one query head per key-value head), 2, 3 and 4 (one block per group and run,
+    // compiled for 1, 2, 4 heads), 7 (Qwen2.5-0.5B, compiled for 8) and 16 (two blocks of 8);
+    // the first position, a short cache, one longer than a pass of the score loop (64 keys at
+    // hd 128), the last position whose cache is not split (ATTN_SPLIT_KEYS = 256 keys) and the
+    // first one split into runs (merged by the last block of a head or group), longer caches
+    // and the cache's end.
     for (n_head, n_kv, hd, max_pos) in [
         (6usize, 2usize, 64usize, 300usize),
         (8, 2, 128, 300),

@@ -56,8 +56,7 @@ const GQA_RED: usize = 256;
 const GQA_GROUPS: [usize; 4] = [1, 2, 4, 8];
 /// Shared memory a decode attention kernel may use (the default per-block limit).
 const ATTN_SHARED_BYTES: usize = 48 * 1024;
-/// Keys per run of a split decode attention: caches up to this long are attended by one block
-/// per group of query heads.
+/// Keys per run of a split decode attention: caches up to this long are not split.
 const ATTN_SPLIT_KEYS: usize = 256;
 /// Most runs the keys of one head are split into.
 const ATTN_MAX_SPLIT: usize = 16;
@@ -280,7 +279,7 @@ pub struct AttentionSplit {
 }
 
 impl AttentionSplit {
-    /// How many runs the keys of one head are split into (1: one block per group of heads).
+    /// How many runs the keys of a long cache are split into at most (1: never split).
     pub fn n_split(&self) -> usize {
         self.n_split
     }
