@@ -509,6 +509,30 @@ extern "C" __global__ void rope_neox_f32(float* __restrict__ x, const float* __r
 #define VPRE 4
 #define ATTN_THREADS 1024  // threads of a decode attention block (ATTN_THREADS in mod.rs)
 
+// How a decode attention block's threads map onto keys (hd % 4 == 0, hd / 4 a power of two
+// dividing blockDim); the preload and the attention that uses it must agree on it.
+// Scores: each key is split over kl lanes (a power of two), slice4 (<= 4) float4s each; this
+// thread is lane `part` of key `key0` of a pass of nt / kl keys; key_mask: the lanes of its
+// key, for the shuffles. Weighted sum: q4n lanes per key, one float4 (d4) of dimensions each;
+// this thread takes key kg of a pass of `groups` keys.
+struct AttnLanes {
+    int q4n, kl, slice4, part, key0, keys_per_pass, d4, kg, groups;
+    u32 key_mask;
+    __device__ __forceinline__ explicit AttnLanes(int hd) {
+        const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
+        q4n = hd >> 2;
+        kl = q4n > 4 ? q4n >> 2 : 1;
+        slice4 = q4n / kl;
+        part = tid & (kl - 1);
+        key0 = tid / kl;
+        keys_per_pass = nt / kl;
+        key_mask = kl >= 32 ? 0xffffffffu : ((1u << kl) - 1u) << (lane & ~(kl - 1));
+        d4 = tid % q4n;
+        kg = tid / q4n;
+        groups = nt / q4n;
+    }
+};
+
 // What a thread of attn_gqa_decode reads first from the caches: its slice of the key of the
 // first score pass (at most 4 float4s) and its first VPRE value rows. Loaded by
 // `attend_preload` before the block waits for its predecessor, for the keys already in the
@@ -522,20 +546,18 @@ struct AttnPre {
 __device__ __forceinline__ void attend_preload(const float* __restrict__ kb,
                                                const float* __restrict__ vb, int kvs,
                                                int n_old, int hd, AttnPre& pre) {
-    const int tid = threadIdx.x, nt = blockDim.x;
-    const int q4n = hd >> 2, kl = q4n > 4 ? q4n >> 2 : 1, slice4 = q4n / kl;
-    const int part = tid & (kl - 1), p = tid / kl;
-    const int d4 = tid % q4n, g = tid / q4n, groups = nt / q4n;
+    const AttnLanes ln(hd);
+    const int p = ln.key0;
     const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-        pre.k[i] = (i < slice4 && p < n_old)
-                       ? ((const float4*)(kb + (size_t)p * kvs))[part * slice4 + i]
+        pre.k[i] = (i < ln.slice4 && p < n_old)
+                       ? ((const float4*)(kb + (size_t)p * kvs))[ln.part * ln.slice4 + i]
                        : zero;
 #pragma unroll
     for (int u = 0; u < VPRE; ++u) {
-        const int pv = g + u * groups;
-        pre.v[u] = pv < n_old ? ((const float4*)(vb + (size_t)pv * kvs))[d4] : zero;
+        const int pv = ln.kg + u * ln.groups;
+        pre.v[u] = pv < n_old ? ((const float4*)(vb + (size_t)pv * kvs))[ln.d4] : zero;
     }
 }
 
@@ -587,14 +609,11 @@ __device__ __forceinline__ float dot_slice(const float4* k4, const float4* q4, i
 __device__ __forceinline__ void attend(const float* __restrict__ qs, const float* __restrict__ kb,
                                        const float* __restrict__ vb, int kvs, int nk, int hd,
                                        float* __restrict__ sc, float* __restrict__ out) {
-    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
+    const int tid = threadIdx.x, nt = blockDim.x;
     const float scale = 1.0f / sqrtf((float)hd);
-    const int q4n = hd >> 2;                          // float4s per key
-    const int kl = q4n > 4 ? q4n >> 2 : 1;            // lanes per key
-    const int slice4 = q4n / kl;                      // float4s per lane, <= 4
-    const int part = tid & (kl - 1);
-    const u32 group = kl >= 32 ? 0xffffffffu : ((1u << kl) - 1u) << (lane & ~(kl - 1));
-    const int lanes = q4n, d4 = tid % lanes, g = tid / lanes, groups = nt / lanes;
+    const AttnLanes ln(hd);
+    const int kl = ln.kl, slice4 = ln.slice4, part = ln.part;
+    const int lanes = ln.q4n, d4 = ln.d4, g = ln.kg, groups = ln.groups;
     const float4* q4 = (const float4*)qs + part * slice4;
     float4 vpre[VPRE];
 #pragma unroll
@@ -604,9 +623,9 @@ __device__ __forceinline__ void attend(const float* __restrict__ qs, const float
                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
     float m = NEG_INF;
-    for (int p = tid / kl; p < nk; p += nt / kl) {
+    for (int p = ln.key0; p < nk; p += ln.keys_per_pass) {
         float dot = dot_slice((const float4*)(kb + (size_t)p * kvs) + part * slice4, q4, slice4);
-        for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(group, dot, o);
+        for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(ln.key_mask, dot, o);
         dot *= scale;
         if (part == 0) sc[p] = dot;
         m = fmaxf(m, dot);
@@ -752,23 +771,19 @@ __device__ __forceinline__ void attn_gqa_run(const float* __restrict__ qkv,
     }
     __syncthreads();
 
-    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
+    const int tid = threadIdx.x, nt = blockDim.x;
     const float scale = 1.0f / sqrtf((float)hd);
-    const int q4n = hd >> 2;                          // float4s per key
-    const int kl = q4n > 4 ? q4n >> 2 : 1;            // lanes per key
-    const int slice4 = q4n / kl;                      // float4s per lane, <= 4
-    const int sl = tid & (kl - 1);
-    const u32 lanes_of_key =
-        kl >= 32 ? 0xffffffffu : ((1u << kl) - 1u) << (lane & ~(kl - 1));
+    const AttnLanes ln(hd);
+    const int q4n = ln.q4n, kl = ln.kl, slice4 = ln.slice4, sl = ln.part;
     float m[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) m[g] = NEG_INF;
     const float* kb = kc + base;
-    for (int k = tid / kl; k < n; k += nt / kl) {
+    for (int k = ln.key0; k < n; k += ln.keys_per_pass) {
         float4 k4[4];
         const float4* src = (newest && k == n - 1) ? (const float4*)kn + sl * slice4
                                                    : (const float4*)(kb + (size_t)k * kvs) + sl * slice4;
-        const bool first = k < nt / kl;
+        const bool first = k < ln.keys_per_pass;
 #pragma unroll
         for (int i = 0; i < 4; ++i)
             if (i < slice4) k4[i] = (first && !(newest && k == n - 1)) ? pre.k[i] : src[i];
@@ -776,7 +791,7 @@ __device__ __forceinline__ void attn_gqa_run(const float* __restrict__ qkv,
         for (int g = 0; g < G; ++g) {
             if (g < ng) {
                 float dot = dot_slice(k4, (const float4*)(qs + g * hd) + sl * slice4, slice4);
-                for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(lanes_of_key, dot, o);
+                for (int o = kl >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(ln.key_mask, dot, o);
                 dot *= scale;
                 if (sl == 0) sc[g * n + k] = dot;
                 m[g] = fmaxf(m[g], dot);
@@ -797,7 +812,7 @@ __device__ __forceinline__ void attn_gqa_run(const float* __restrict__ qkv,
         }
     }
     block_reduce_g<G, false>(s, red);
-    const int d4 = tid % q4n, kg = tid / q4n, groups = nt / q4n;
+    const int d4 = ln.d4, kg = ln.kg, groups = ln.groups;
     float4 acc[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) acc[g] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
