@@ -44,8 +44,10 @@ PROJ = {
     "up": ("mlp.up_proj", "gateup"),
     "down": ("mlp.down_proj", "down"),
 }
-SITE_MODULE = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gateup": "mlp.gate_proj",
-               "down": "mlp.down_proj"}
+# site -> the module whose input is grabbed for it (the first projection reading the site)
+SITE_MODULE = {}
+for _path, _site in PROJ.values():
+    SITE_MODULE.setdefault(_site, _path)
 
 
 def find_histogram(acts, num_bins=10000, outlier_threshold=0.01):
