@@ -73,6 +73,27 @@ fn bad_prompts_and_texts_are_clear_errors() {
     let e = fails(&["run", "-m", m, "-p", &long, "-c", "64", "-n", "4"]);
     assert!(e.contains("longer than the context of 64"), "{e}");
 
+    // More tokens asked for than any context holds: generation ends at the context (this
+    // once reserved room for all of them and panicked with "capacity overflow").
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args([
+            "run",
+            "-m",
+            m,
+            "-p",
+            "one two three",
+            "-c",
+            "32",
+            "-n",
+            "1000000000000",
+        ])
+        .args(["--temp", "0", "--ignore-eos"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stop: ContextFull"), "{err}");
+
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("latin1.txt");
     std::fs::write(&bin, b"caf\xe9 au lait").unwrap();

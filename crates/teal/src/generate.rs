@@ -103,7 +103,7 @@ pub fn generate_on(
     let t0 = Instant::now();
     let logits = dec.prefill(prompt, Logits::Last)?;
     let prompt_secs = t0.elapsed().as_secs_f64();
-    let mut tokens = Vec::with_capacity(params.max_tokens);
+    let mut tokens = Vec::with_capacity(params.max_tokens.min(ctx));
     let mut next = sampler.sample(&logits);
     let t1 = Instant::now();
     let stop = loop {
