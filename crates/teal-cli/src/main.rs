@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use teal::chat::{ChatTemplate, Message};
+use teal::chat::{encode_prompt, Message, Prompt};
 use teal::device::Device;
 use teal::eval::perplexity::perplexity_on;
 use teal::eval::perplexity::PplOptions;
@@ -206,6 +206,27 @@ enum Cmd {
     /// Decode and prompt speed per sparsity, bytes per token and the bandwidth floor
     /// (in the form of llama-bench).
     Bench(BenchArgs),
+    /// OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Context length (default: the model's, at most 4096).
+    #[arg(short = 'c', long)]
+    ctx: Option<usize>,
+    /// Model id in answers and /v1/models (default: the model file's name).
+    #[arg(long)]
+    alias: Option<String>,
+    #[command(flatten)]
+    sparse: SparseArgs,
 }
 
 #[derive(Args)]
@@ -428,6 +449,7 @@ impl Cmd {
             Cmd::Inspect(a) => &a.common,
             Cmd::Tokenize(a) => &a.common,
             Cmd::Bench(a) => &a.common,
+            Cmd::Serve(a) => &a.common,
         }
     }
 }
@@ -441,6 +463,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Tokenize(a) => cmd_tokenize(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Serve(a) => cmd_serve(a),
     }
 }
 
@@ -524,83 +547,83 @@ impl Common {
     }
 }
 
+/// A model loaded for generation (run, serve): the dense weights and, with --sparsity, the
+/// masked model and its mode (they share weights), and a line describing TEAL's settings.
+struct Loaded {
+    dense: teal::models::llama::Llama,
+    sparse: Option<(teal::models::llama::Llama, Mode)>,
+    teal: Option<String>,
+}
+
+impl Loaded {
+    fn new(common: &Common, sparse: &SparseArgs, files: &ModelFiles) -> Result<Loaded> {
+        let t0 = std::time::Instant::now();
+        let dense = common.load(files)?;
+        eprintln!(
+            "loaded {} ({}) in {:.2}s",
+            files.config.arch.name(),
+            files.format,
+            t0.elapsed().as_secs_f64()
+        );
+        let (sparse, teal) = match sparse.resolve(files)? {
+            Some((t, spec, th, path)) => {
+                if spec.mode == Mode::Half {
+                    bail!("--mode half is an evaluation mode (teal ppl); for generation use all or decode-only");
+                }
+                let line = format!(
+                    "sparsity {} ({} allocation, {} quantile, mode {}; planned model-wide {:.3}) from {}",
+                    spec.target,
+                    spec.allocation.name(),
+                    spec.quantile.name(),
+                    spec.mode.name(),
+                    th.planned_sparsity(&spec, &files.config)?,
+                    path.display()
+                );
+                eprintln!("TEAL: {line}");
+                (Some((dense.with_masks(&t)?, spec.mode)), Some(line))
+            }
+            None => (None, None),
+        };
+        Ok(Loaded {
+            dense,
+            sparse,
+            teal,
+        })
+    }
+
+    /// The prefill and decode models: the masked one for both in mode `all`, dense prefill
+    /// in `decode-only`.
+    fn models(&self) -> Models<'_> {
+        match &self.sparse {
+            None => Models::single(&self.dense),
+            Some((m, Mode::DecodeOnly)) => Models {
+                prefill: &self.dense,
+                decode: m,
+            },
+            Some((m, _)) => Models::single(m),
+        }
+    }
+}
+
 fn cmd_run(a: RunArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
     let device = a.common.device()?;
     let files = a.common.open()?;
     let tok = &files.tokenizer;
-    let t0 = std::time::Instant::now();
-    let model = a.common.load(&files)?;
-    eprintln!(
-        "loaded {} ({}) in {:.2}s",
-        files.config.arch.name(),
-        files.format,
-        t0.elapsed().as_secs_f64()
-    );
-    let sparse = match a.sparse.resolve(&files)? {
-        Some((t, spec, th, path)) => {
-            if spec.mode == Mode::Half {
-                bail!("--mode half is an evaluation mode (teal ppl); for generation use all or decode-only");
-            }
-            eprintln!(
-                "TEAL: sparsity {} ({} allocation, {} quantile, mode {}; planned model-wide {:.3}) from {}",
-                spec.target,
-                spec.allocation.name(),
-                spec.quantile.name(),
-                spec.mode.name(),
-                th.planned_sparsity(&spec, &files.config)?,
-                path.display()
-            );
-            Some((model.with_masks(&t)?, spec.mode))
-        }
-        None => None,
-    };
-    let models = match &sparse {
-        None => Models::single(&model),
-        Some((m, Mode::DecodeOnly)) => Models {
-            prefill: &model,
-            decode: m,
-        },
-        Some((m, _)) => Models::single(m),
-    };
+    let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
+    let models = loaded.models();
 
-    let text = if a.chat {
-        let template = match tok.chat_template() {
-            Some(src) => ChatTemplate::new(src)?,
-            None => ChatTemplate::chatml(),
-        };
+    let request = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
-            msgs.push(Message {
-                role: "system".into(),
-                content: s.clone(),
-            });
+            msgs.push(Message::new("system", s.as_str()));
         }
-        msgs.push(Message {
-            role: "user".into(),
-            content: a.prompt.clone(),
-        });
-        let bos = tok
-            .bos_id()
-            .and_then(|i| tok.token_str(i))
-            .unwrap_or_default();
-        let eos = tok
-            .eos_ids()
-            .first()
-            .and_then(|&i| tok.token_str(i))
-            .unwrap_or_default();
-        template.render(&msgs, true, &bos, &eos)?
+        msgs.push(Message::new("user", a.prompt.as_str()));
+        Prompt::Chat(msgs)
     } else {
-        a.prompt.clone()
+        Prompt::Text(a.prompt.clone())
     };
-    // A rendered chat template already starts with its own BOS where the model wants one.
-    let add_bos = tok.add_bos_default()
-        && !(a.chat
-            && tok
-                .bos_id()
-                .and_then(|i| tok.token_str(i))
-                .is_some_and(|b| text.starts_with(&b)));
-    let prompt = tok.encode(&text, add_bos)?;
+    let prompt = encode_prompt(tok, &request)?;
     let ctx = a
         .ctx
         .unwrap_or(files.config.max_position_embeddings.min(4096));
@@ -636,6 +659,44 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         g.decode_tok_s(),
         g.stop
     );
+    Ok(())
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    check_target(a.sparse.sparsity)?;
+    let device = a.common.device()?;
+    let path = a.common.model_path()?;
+    let files = a.common.open()?;
+    let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
+    let ctx = a
+        .ctx
+        .unwrap_or(files.config.max_position_embeddings.min(4096));
+    let mut dec = device
+        .decoder_kv(loaded.models(), ctx, a.common.kv(device)?)
+        .with_context(|| format!("opening --device {}", a.common.device))?;
+    let id = a.alias.clone().unwrap_or_else(|| {
+        path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    });
+    let model = teal_server::ModelInfo {
+        id,
+        ctx,
+        meta: serde_json::json!({
+            "device": dec.describe(),
+            "dtype": teal::Dtype::from(a.common.dtype).name(),
+            "sparsity": a.sparse.sparsity,
+            "teal": loaded.teal,
+        }),
+    };
+    eprintln!("device: {}", dec.describe());
+    let addr = format!("{}:{}", a.host, a.port);
+    teal_server::serve(&addr, &mut *dec, &files.tokenizer, model, |bound| {
+        eprintln!(
+            "listening on http://{bound} (POST /v1/completions, /v1/chat/completions; Ctrl-C stops)"
+        )
+    })?;
     Ok(())
 }
 

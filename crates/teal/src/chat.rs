@@ -4,6 +4,7 @@
 //! `strftime_now`, a Python-style `tojson`, and Python string / dict methods (`.strip()`,
 //! `.startswith()`, `.items()`, ... through `minijinja-contrib`'s pycompat).
 
+use crate::tokenizer::Tokenizer;
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 
@@ -121,6 +122,38 @@ impl ChatTemplate {
         })
         .map_err(render_error)
     }
+}
+
+/// What the model is asked: plain text to continue, or a chat to answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+/// The tokens of `prompt`. Plain text gets BOS where the tokenizer adds one. A chat is rendered
+/// with the tokenizer's own template (ChatML where the model has none), ending with the header
+/// of the assistant's turn; BOS is added only where the rendered text does not already start
+/// with it (templates that write `{{ bos_token }}` themselves).
+pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>> {
+    let (text, templated) = match prompt {
+        Prompt::Text(t) => (t.clone(), false),
+        Prompt::Chat(messages) => {
+            let template = match tok.chat_template() {
+                Some(src) => ChatTemplate::new(src)?,
+                None => ChatTemplate::chatml(),
+            };
+            let token = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or_default();
+            let (bos, eos) = (token(tok.bos_id()), token(tok.eos_ids().first().copied()));
+            (template.render(messages, true, &bos, &eos)?, true)
+        }
+    };
+    let bos_written = templated
+        && tok
+            .bos_id()
+            .and_then(|i| tok.token_str(i))
+            .is_some_and(|b| text.starts_with(&b));
+    Ok(tok.encode(&text, tok.add_bos_default() && !bos_written)?)
 }
 
 /// Python's Jinja treats a backslash before a newline inside a string literal as a line

@@ -1,0 +1,370 @@
+//! The HTTP server on the real SmolLM2 model (f32 weights, context 256): answers against the
+//! engine's own generation and llama.cpp's greedy tokens, streaming against whole answers, stop
+//! sequences, and bad requests. Skips when the model is not cached, unless
+//! TEAL_REQUIRE_ASSETS=1 (scripts/test.sh), where a missing model fails.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::OnceLock;
+use teal::chat::{encode_prompt, Message, Prompt};
+use teal::device::CpuDecoder;
+use teal::generate::{generate, GenerateParams, Models};
+use teal::sampler::SamplerConfig;
+use teal::ModelFiles;
+use teal_server::{router, run_engine, Job, ModelInfo};
+use tower::ServiceExt;
+
+const CTX: usize = 256;
+
+fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("TEAL_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(teal::assets::default_model_path);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("TEAL_REQUIRE_ASSETS").as_deref() == Ok("1") {
+        panic!("{} missing: run scripts/fetch-assets.sh", p.display());
+    }
+    eprintln!("skipped: {} not found", p.display());
+    None
+}
+
+/// The engine thread, shared by every test of this file (jobs queue up), and the model path.
+fn engine() -> Option<(Sender<Job>, PathBuf)> {
+    static ENGINE: OnceLock<(Sender<Job>, PathBuf)> = OnceLock::new();
+    let path = smollm2()?;
+    Some(
+        ENGINE
+            .get_or_init(|| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let p = path.clone();
+                std::thread::spawn(move || {
+                    let files = ModelFiles::open(&p).unwrap();
+                    let model = files.load_model().unwrap();
+                    let mut dec = CpuDecoder::new(Models::single(&model), CTX);
+                    run_engine(&mut dec, &files.tokenizer, rx);
+                });
+                (tx, path)
+            })
+            .clone(),
+    )
+}
+
+fn app(tx: Sender<Job>) -> axum::Router {
+    router(
+        tx,
+        ModelInfo {
+            id: "smollm2".into(),
+            ctx: CTX,
+            meta: json!({"sparsity": 0.0}),
+        },
+    )
+}
+
+/// Sends `body` to `uri` (GET when `None`) and returns the status and the raw body.
+async fn call(tx: &Sender<Job>, uri: &str, body: Option<&str>) -> (StatusCode, String) {
+    let req = match body {
+        Some(b) => Request::post(uri).body(Body::from(b.to_string())),
+        None => Request::get(uri).body(Body::empty()),
+    }
+    .unwrap();
+    let res = app(tx.clone()).oneshot(req).await.unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn call_json(tx: &Sender<Job>, uri: &str, body: Value) -> (StatusCode, Value) {
+    let (s, b) = call(tx, uri, Some(&body.to_string())).await;
+    (
+        s,
+        serde_json::from_str(&b).unwrap_or_else(|e| panic!("{e}: {b}")),
+    )
+}
+
+/// The `data:` payloads of a server-sent event stream, `[DONE]` as a string.
+fn sse_data(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_string())))
+        .collect()
+}
+
+/// Greedy text of the engine itself for `prompt`, up to `n` tokens (stopping at EOS).
+fn engine_text(path: &std::path::Path, prompt: &Prompt, n: usize) -> String {
+    let files = ModelFiles::open(path).unwrap();
+    let model = files.load_model().unwrap();
+    let ids = encode_prompt(&files.tokenizer, prompt).unwrap();
+    let params = GenerateParams {
+        max_tokens: n,
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ctx: CTX,
+        stop_at_eos: true,
+    };
+    let mut text = String::new();
+    generate(
+        Models::single(&model),
+        &files.tokenizer,
+        &ids,
+        &params,
+        |p| {
+            text.push_str(p);
+            true
+        },
+    )
+    .unwrap();
+    text
+}
+
+/// Greedy completion: llama.cpp's continuation of the same prompt (the text that
+/// `crates/teal/tests/real_models.rs` checks token by token), with usage and the finish reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_completion_matches_llama_cpp_and_streams_the_same_text() {
+    let Some((tx, _)) = engine() else { return };
+    let req = json!({"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0});
+    let (s, v) = call_json(&tx, "/v1/completions", req.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["model"], "smollm2");
+    assert_eq!(v["choices"][0]["text"], " Paris.\n\nThe answer is: 201");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    assert_eq!(v["usage"]["total_tokens"], 17);
+    assert!(v["timings"]["predicted_per_second"].as_f64().unwrap() > 0.0);
+
+    let mut streamed = req;
+    streamed["stream"] = json!(true);
+    let (s, body) = call(&tx, "/v1/completions", Some(&streamed.to_string())).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let events = sse_data(&body);
+    assert_eq!(events.last().unwrap(), "[DONE]", "{body}");
+    let chunks = &events[..events.len() - 1];
+    let text: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, " Paris.\n\nThe answer is: 201");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["usage"]["completion_tokens"], 12);
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c["choices"][0]["finish_reason"].is_null()));
+}
+
+/// Chat: the model's own template, the engine's greedy answer, streamed as deltas after a
+/// first chunk that names the role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completion_is_the_engines_answer_whole_and_streamed() {
+    let Some((tx, path)) = engine() else { return };
+    let msgs = vec![
+        Message::new("system", "You are brief."),
+        Message::new("user", "What is 2+2?"),
+    ];
+    let expected = engine_text(&path, &Prompt::Chat(msgs), 40);
+    assert!(!expected.is_empty());
+    let req = json!({
+        "model": "anything",
+        "messages": [
+            {"role": "system", "content": "You are brief."},
+            {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
+        ],
+        "max_tokens": 40,
+        "temperature": 0,
+        "frequency_penalty": 0,
+    });
+    let (s, v) = call_json(&tx, "/v1/chat/completions", req.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], expected.as_str());
+
+    let mut streamed = req;
+    streamed["stream"] = json!(true);
+    let (s, body) = call(&tx, "/v1/chat/completions", Some(&streamed.to_string())).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let events = sse_data(&body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(events[0]["object"], "chat.completion.chunk");
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = events[1..events.len() - 1]
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, expected);
+    assert_eq!(
+        events[events.len() - 2]["choices"][0]["finish_reason"],
+        v["choices"][0]["finish_reason"]
+    );
+}
+
+/// A stop sequence ends the text just before it, whole or streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sequences_cut_the_text() {
+    let Some((tx, _)) = engine() else { return };
+    for stream in [false, true] {
+        let req = json!({
+            "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
+            "stop": ["answer", "zzz"], "stream": stream,
+        });
+        let (s, body) = call(&tx, "/v1/completions", Some(&req.to_string())).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let (text, finish) = if stream {
+            let ev = sse_data(&body);
+            let chunks = &ev[..ev.len() - 1];
+            let t: String = chunks
+                .iter()
+                .map(|c| c["choices"][0]["text"].as_str().unwrap())
+                .collect();
+            (
+                t,
+                chunks.last().unwrap()["choices"][0]["finish_reason"].clone(),
+            )
+        } else {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            (
+                v["choices"][0]["text"].as_str().unwrap().to_string(),
+                v["choices"][0]["finish_reason"].clone(),
+            )
+        };
+        assert_eq!(text, " Paris.\n\nThe ", "stream: {stream}");
+        assert_eq!(finish, "stop");
+    }
+}
+
+/// Bad requests: status 400 (404 for an unknown path) and an error object naming the problem;
+/// the engine keeps serving afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let Some((tx, _)) = engine() else { return };
+    let long = "word ".repeat(400);
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("/v1/completions", "{\"prompt\": ".into(), "malformed JSON"),
+        ("/v1/completions", "not json".into(), "malformed JSON"),
+        (
+            "/v1/completions",
+            json!({"promt": "x"}).to_string(),
+            "missing field `prompt`",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": 5}).to_string(),
+            "a string or a list of strings",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ["a", "b"]}).to_string(),
+            "one string",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "n": 3}).to_string(),
+            "n = 3",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 0}).to_string(),
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": -1}).to_string(),
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "top_p": 0}).to_string(),
+            "top_p",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stop": [""]}).to_string(),
+            "stop",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": long}).to_string(),
+            "longer than the context of 256",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": long, "stream": true}).to_string(),
+            "longer than the context",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": []}).to_string(),
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"prompt": "x"}).to_string(),
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).to_string(),
+            "image_url",
+        ),
+    ];
+    for (uri, body, needle) in cases {
+        let (s, b) = call(&tx, uri, Some(&body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body} -> {b}");
+        let v: Value = serde_json::from_str(&b).unwrap_or_else(|e| panic!("{e}: {b}"));
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body} -> {msg}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], 400);
+    }
+    let (s, b) = call(&tx, "/v1/nothing", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert!(b.contains("/v1/nothing"));
+
+    let (s, v) = call_json(
+        &tx,
+        "/v1/completions",
+        json!({"prompt": "Hello", "max_tokens": 2, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+}
+
+/// A prompt that fits but leaves less room than max_tokens ends at the context: `length`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_stops_at_the_context() {
+    let Some((tx, _)) = engine() else { return };
+    let prompt = "one two three four five six seven eight nine ten ".repeat(20);
+    let (s, v) = call_json(
+        &tx,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 1000, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let used = v["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used <= CTX as u64 + 1, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_models() {
+    let Some((tx, _)) = engine() else { return };
+    let (s, b) = call(&tx, "/health", None).await;
+    assert_eq!((s, b.as_str()), (StatusCode::OK, "{\"status\":\"ok\"}"));
+    let (s, b) = call(&tx, "/v1/models", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "smollm2");
+    assert_eq!(v["data"][0]["context_length"], CTX);
+}
