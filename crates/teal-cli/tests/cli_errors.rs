@@ -6,17 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("TEAL_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(teal::assets::default_model_path);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("TEAL_REQUIRE_ASSETS").as_deref() == Ok("1") {
-        panic!("{} missing: run scripts/fetch-assets.sh", p.display());
-    }
-    eprintln!("skipped: {} not found", p.display());
-    None
+    teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
 }
 
 /// Runs teal and returns (exit code, stderr); asserts it failed without panicking.

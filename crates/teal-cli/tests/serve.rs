@@ -8,17 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("TEAL_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(teal::assets::default_model_path);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("TEAL_REQUIRE_ASSETS").as_deref() == Ok("1") {
-        panic!("{} missing: run scripts/fetch-assets.sh", p.display());
-    }
-    eprintln!("skipped: {} not found", p.display());
-    None
+    teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
 }
 
 /// Kills the server when the test ends, however it ends.

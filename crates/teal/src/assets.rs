@@ -31,6 +31,29 @@ pub fn cached(sub: &str, file: &str) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// A real model for a test: `$env` where set, else `models/<file>` in the cache. `Ok(None)`, with
+/// a note on stderr, when it is missing, so the test can skip; an error instead under
+/// `TEAL_REQUIRE_ASSETS=1` (scripts/test.sh and CI), where a test must not pass by skipping.
+pub fn test_model(env: &str, file: &str) -> Result<Option<PathBuf>, String> {
+    let p = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models").join(file));
+    if p.exists() {
+        Ok(Some(p))
+    } else if std::env::var("TEAL_REQUIRE_ASSETS").as_deref() == Ok("1") {
+        Err(format!(
+            "{} is missing: run scripts/fetch-assets.sh (or set {env})",
+            p.display()
+        ))
+    } else {
+        eprintln!(
+            "skipped: {} not found (set {env} or run scripts/fetch-assets.sh)",
+            p.display()
+        );
+        Ok(None)
+    }
+}
+
 /// Where `teal calibrate` keeps thresholds for a model by default: one file per model
 /// fingerprint, so a cached file is never used with another model.
 pub fn thresholds_path(fp: &crate::sparsity::thresholds::Fingerprint) -> PathBuf {

@@ -9,19 +9,7 @@ use teal::sampler::SamplerConfig;
 use teal::ModelFiles;
 
 fn asset(env: &str, file: &str) -> Option<PathBuf> {
-    let p = std::env::var_os(env)
-        .map(PathBuf::from)
-        .or_else(|| teal::assets::cached("models", file));
-    match p {
-        Some(p) if p.exists() => Some(p),
-        _ if std::env::var("TEAL_REQUIRE_ASSETS").as_deref() == Ok("1") => {
-            panic!("{file} is missing: run scripts/fetch-assets.sh (or set {env})")
-        }
-        _ => {
-            eprintln!("skipped: {file} not found (set {env} or run scripts/fetch-assets.sh)");
-            None
-        }
-    }
+    teal::assets::test_model(env, file).unwrap()
 }
 
 fn smollm2() -> Option<PathBuf> {
