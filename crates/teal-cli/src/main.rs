@@ -48,7 +48,8 @@ struct Common {
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
     /// Where the model runs: cpu, cuda:N, or auto (cuda:0 where a driver, a GPU and NVRTC are
-    /// present, else the CPU with a note). run, ppl, bench, calibrate; the others use the CPU.
+    /// present, else the CPU with a note). run, ppl, bench, calibrate, serve; the others use
+    /// the CPU.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Weight type on a GPU: bf16 or f16.
@@ -56,7 +57,7 @@ struct Common {
     gpu_dtype: String,
     /// Element type of the KV cache: f16 (default on the CPU: half the bytes a long context
     /// reads, as llama.cpp) or f32 (the GPU's, and the CPU's with this flag). run, ppl, report,
-    /// bench; calibration keeps f32.
+    /// bench, serve; calibration keeps f32.
     #[arg(long)]
     kv_dtype: Option<String>,
 }
@@ -217,6 +218,7 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Port to listen on (0: any free port, printed at start).
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Context length (default: the model's, at most 4096).
