@@ -39,6 +39,11 @@ fn assert_close(got: &[f32], want: &[f32], scale: &[f32], tol: f32, what: &str) 
     }
 }
 
+/// [`assert_close`] with the same limit `tol` for every element (values of order one).
+fn assert_close_abs(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_close(got, want, &vec![1.0; want.len()], tol, what);
+}
+
 /// |x| quantile: the threshold that zeroes a fraction `s` of x.
 fn threshold_for(x: &[f32], s: f64) -> f32 {
     if s <= 0.0 {
@@ -407,9 +412,8 @@ fn gemv_prepare_sets_the_other_buffer() {
             None => assert!(o.iter().all(|&v| v == 0.0), "prepare: zeros"),
             Some(_) => assert_eq!(o, bias, "prepare: bias"),
         }
-        let ones = vec![1.0; n_out];
         let y = g.download(&yd).unwrap();
-        assert_close(&y, &want, &ones, 1e-4, "gemv with prepare");
+        assert_close_abs(&y, &want, 1e-4, "gemv with prepare");
     }
     let mut other = g.zeros::<f32>(10).unwrap();
     let short = g.zeros::<f32>(5).unwrap();
@@ -615,8 +619,7 @@ fn rope_and_decode_attention_match_reference() {
             );
         }
     }
-    let ones = vec![1.0; want.len()];
-    assert_close(&got, &want, &ones, 4.0 * GPU_ELEMWISE_TOL, "rope_neox");
+    assert_close_abs(&got, &want, 4.0 * GPU_ELEMWISE_TOL, "rope_neox");
 
     let kvs = n_kv * hd;
     let k = rand_vec(batch * max_keys * kvs, 32);
@@ -640,11 +643,9 @@ fn rope_and_decode_attention_match_reference() {
         let vb = &v[b * max_keys * kvs..b * max_keys * kvs + nk * kvs];
         let mut o = vec![0.0; n_head * hd];
         reference::attention(qs, kb, vb, 1, nk - 1, n_head, n_kv, hd, &mut o);
-        let ones = vec![1.0; o.len()];
-        assert_close(
+        assert_close_abs(
             &got[b * n_head * hd..(b + 1) * n_head * hd],
             &o,
-            &ones,
             GPU_ATTN_TOL,
             "attention_decode",
         );
@@ -842,11 +843,9 @@ fn attention_chunk_matches_reference() {
             v[p * kvs..(p + 1) * kvs].copy_from_slice(&r[(n_head + n_kv) * hd..]);
         }
         let what = format!("hd {hd}, positions {p0}..{}", p0 + batch);
-        let ones = vec![1.0; k.len()];
-        assert_close(
+        assert_close_abs(
             &g.download(&kc).unwrap(),
             &k,
-            &ones,
             4.0 * GPU_ELEMWISE_TOL,
             &format!("{what}: k cache"),
         );
@@ -854,11 +853,9 @@ fn attention_chunk_matches_reference() {
         let n = (p0 + batch) * kvs;
         let mut want = vec![0.0; batch * n_head * hd];
         reference::attention(&q, &k[..n], &v[..n], batch, p0, n_head, n_kv, hd, &mut want);
-        let ones = vec![1.0; want.len()];
-        assert_close(
+        assert_close_abs(
             &g.download(&od).unwrap(),
             &want,
-            &ones,
             GPU_ATTN_TOL,
             &format!("{what}: attention"),
         );
@@ -866,10 +863,9 @@ fn attention_chunk_matches_reference() {
         let mut od = g.upload(&vec![f32::NAN; batch * n_head * hd]).unwrap();
         g.attention_prefill(&qd, &kc, &vc, &mut od, p0, batch, n_head, n_kv, hd)
             .unwrap();
-        assert_close(
+        assert_close_abs(
             &g.download(&od).unwrap(),
             &want,
-            &ones,
             GPU_ATTN_TOL,
             &format!("{what}: prefill attention"),
         );
@@ -1005,11 +1001,9 @@ fn attention_rope_decode_matches_reference() {
                 );
                 let (k, v) = (g.download(&kc).unwrap(), g.download(&vc).unwrap());
                 let row = p * kvs;
-                let ones = vec![1.0; kvs];
-                assert_close(
+                assert_close_abs(
                     &k[row..row + kvs],
                     &rot[n_head * hd..(n_head + n_kv) * hd],
-                    &ones,
                     4.0 * GPU_ELEMWISE_TOL,
                     &format!("{what}: k cache row"),
                 );
@@ -1029,11 +1023,9 @@ fn attention_rope_decode_matches_reference() {
                     hd,
                     &mut want,
                 );
-                let ones = vec![1.0; want.len()];
-                assert_close(
+                assert_close_abs(
                     &g.download(&od).unwrap(),
                     &want,
-                    &ones,
                     GPU_ATTN_TOL,
                     &format!("{what}: attention"),
                 );
