@@ -607,6 +607,11 @@ impl Loaded {
     }
 }
 
+/// The context of run and serve: `-c`, else the model's, at most 4096.
+fn generation_ctx(ctx: Option<usize>, files: &ModelFiles) -> usize {
+    ctx.unwrap_or(files.config.max_position_embeddings.min(4096))
+}
+
 fn cmd_run(a: RunArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
     let device = a.common.device()?;
@@ -626,9 +631,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         Prompt::Text(a.prompt.clone())
     };
     let prompt = encode_prompt(tok, &request)?;
-    let ctx = a
-        .ctx
-        .unwrap_or(files.config.max_position_embeddings.min(4096));
+    let ctx = generation_ctx(a.ctx, &files);
     let params = GenerateParams {
         max_tokens: a.n_predict,
         sampler: SamplerConfig {
@@ -667,18 +670,15 @@ fn cmd_run(a: RunArgs) -> Result<()> {
 fn cmd_serve(a: ServeArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
     let device = a.common.device()?;
-    let path = a.common.model_path()?;
     let files = a.common.open()?;
     let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
-    let ctx = a
-        .ctx
-        .unwrap_or(files.config.max_position_embeddings.min(4096));
+    let ctx = generation_ctx(a.ctx, &files);
     let mut dec = device
         .decoder_kv(loaded.models(), ctx, a.common.kv(device)?)
         .with_context(|| format!("opening --device {}", a.common.device))?;
     let id = a.alias.clone().unwrap_or_else(|| {
-        path.file_name().map_or_else(
-            || path.display().to_string(),
+        files.path.file_name().map_or_else(
+            || files.path.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         )
     });
