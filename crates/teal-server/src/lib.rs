@@ -220,16 +220,16 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(addr))
-        .map_err(|source| ServeError::Bind {
+    let (listener, bound) = rt
+        .block_on(async {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            let bound = l.local_addr()?;
+            Ok((l, bound))
+        })
+        .map_err(|source: std::io::Error| ServeError::Bind {
             addr: addr.to_string(),
             source,
         })?;
-    let bound = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: addr.to_string(),
-        source,
-    })?;
     let (tx, rx) = std::sync::mpsc::channel();
     let app = router(tx, model);
     // When the server stops, the router and with it the queue's sender are dropped, which ends
