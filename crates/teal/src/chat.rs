@@ -136,23 +136,23 @@ pub enum Prompt {
 /// of the assistant's turn; BOS is added only where the rendered text does not already start
 /// with it (templates that write `{{ bos_token }}` themselves).
 pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>> {
-    let (text, templated) = match prompt {
-        Prompt::Text(t) => (t.clone(), false),
-        Prompt::Chat(messages) => {
-            let template = match tok.chat_template() {
-                Some(src) => ChatTemplate::new(src)?,
-                None => ChatTemplate::chatml(),
-            };
-            let token = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or_default();
-            let (bos, eos) = (token(tok.bos_id()), token(tok.eos_ids().first().copied()));
-            (template.render(messages, true, &bos, &eos)?, true)
-        }
+    let messages = match prompt {
+        Prompt::Text(t) => return Ok(tok.encode(t, tok.add_bos_default())?),
+        Prompt::Chat(messages) => messages,
     };
-    let bos_written = templated
-        && tok
-            .bos_id()
-            .and_then(|i| tok.token_str(i))
-            .is_some_and(|b| text.starts_with(&b));
+    let template = match tok.chat_template() {
+        Some(src) => ChatTemplate::new(src)?,
+        None => ChatTemplate::chatml(),
+    };
+    let bos = tok.bos_id().and_then(|i| tok.token_str(i));
+    let eos = tok.eos_ids().first().and_then(|&i| tok.token_str(i));
+    let text = template.render(
+        messages,
+        true,
+        bos.as_deref().unwrap_or_default(),
+        eos.as_deref().unwrap_or_default(),
+    )?;
+    let bos_written = bos.is_some_and(|b| text.starts_with(&b));
     Ok(tok.encode(&text, tok.add_bos_default() && !bos_written)?)
 }
 
