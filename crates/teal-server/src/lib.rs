@@ -7,6 +7,10 @@
 //!   the model's chat template), both with `"stream": true` as server-sent events ending in
 //!   `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`; answers carry
 //!   `usage` and llama.cpp's `timings` (prompt and decode tokens per second).
+//! - Prompt caching, as llama.cpp's `cache_prompt` (default on): a request whose prompt starts
+//!   with the tokens of the previous request (its prompt and answer: a chat's next turn) reuses
+//!   their keys and values and runs only the rest; `usage.prompt_tokens_details.cached_tokens`
+//!   and `timings.cache_n` say how many were reused. `"cache_prompt": false` runs it whole.
 //!
 //! Bad requests (malformed JSON, a missing field, a prompt longer than the context, an
 //! unsupported option) get status 400 and `{"error": {"message", "type", "code"}}`.
@@ -28,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use teal::chat::{encode_prompt, Message, Prompt};
 use teal::device::Decoder;
-use teal::generate::{generate_on, GenerateParams, StopReason};
+use teal::generate::{GenerateParams, Session, StopReason};
 use teal::sampler::SamplerConfig;
 use teal::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
@@ -52,6 +56,8 @@ pub struct Job {
     pub max_tokens: Option<usize>,
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
+    /// Reuse the cached prefix the prompt shares with the previous request.
+    pub cache_prompt: bool,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
@@ -68,7 +74,10 @@ pub struct Summary {
     /// `stop` (end of sequence or a stop sequence) or `length` (max_tokens or the context).
     pub finish_reason: &'static str,
     pub prompt_tokens: usize,
+    /// Prompt tokens reused from the previous request's cache.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
+    /// Over the prompt tokens that were run (not the cached ones).
     pub prompt_tok_s: f64,
     pub decode_tok_s: f64,
 }
@@ -113,12 +122,13 @@ impl IntoResponse for ApiError {
 
 /// Serves jobs one after another until every sender of `jobs` is gone.
 pub fn run_engine(dec: &mut dyn Decoder, tok: &Tokenizer, jobs: std::sync::mpsc::Receiver<Job>) {
+    let mut session = Session::new(dec);
     for job in jobs {
-        serve_job(dec, tok, job);
+        serve_job(&mut session, tok, job);
     }
 }
 
-fn serve_job(dec: &mut dyn Decoder, tok: &Tokenizer, job: Job) {
+fn serve_job(session: &mut Session, tok: &Tokenizer, job: Job) {
     let send = |e: Event| job.events.send(e).is_ok();
     let tokens = match encode_prompt(tok, &job.prompt) {
         Ok(t) => t,
@@ -128,13 +138,16 @@ fn serve_job(dec: &mut dyn Decoder, tok: &Tokenizer, job: Job) {
         }
     };
     let params = GenerateParams {
-        max_tokens: job.max_tokens.unwrap_or(dec.capacity()),
+        max_tokens: job.max_tokens.unwrap_or(session.capacity()),
         sampler: job.sampler,
-        ctx: dec.capacity(),
+        ctx: session.capacity(),
         stop_at_eos: true,
     };
+    if !job.cache_prompt {
+        session.forget();
+    }
     let mut filter = StopFilter::new(job.stop);
-    let result = generate_on(dec, tok, &tokens, &params, |piece| {
+    let result = session.generate(tok, &tokens, &params, |piece| {
         let text = filter.push(piece);
         // A closed channel means the client has gone: stop generating for it.
         (text.is_empty() || send(Event::Text(text))) && !filter.hit()
@@ -152,6 +165,7 @@ fn serve_job(dec: &mut dyn Decoder, tok: &Tokenizer, job: Job) {
             send(Event::Done(Summary {
                 finish_reason,
                 prompt_tokens: g.prompt_tokens,
+                cached_tokens: g.cached_tokens,
                 completion_tokens: g.tokens.len(),
                 prompt_tok_s: g.prompt_tok_s(),
                 decode_tok_s: g.decode_tok_s(),
@@ -285,6 +299,7 @@ struct Options {
     stream: Option<bool>,
     stop: Option<OneOrMany>,
     n: Option<usize>,
+    cache_prompt: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -328,6 +343,7 @@ struct Request {
     max_tokens: Option<usize>,
     sampler: SamplerConfig,
     stop: Vec<String>,
+    cache_prompt: bool,
     stream: bool,
 }
 
@@ -375,6 +391,7 @@ fn check_options(o: Options, prompt: Prompt) -> Result<Request, ApiError> {
             seed,
         },
         stop,
+        cache_prompt: o.cache_prompt.unwrap_or(true),
         stream: o.stream.unwrap_or(false),
     })
 }
@@ -524,9 +541,11 @@ fn add_usage(v: &mut Value, s: &Summary) {
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.completion_tokens,
         "total_tokens": s.prompt_tokens + s.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
     });
     v["timings"] = json!({
-        "prompt_n": s.prompt_tokens,
+        "cache_n": s.cached_tokens,
+        "prompt_n": s.prompt_tokens - s.cached_tokens,
         "prompt_per_second": s.prompt_tok_s,
         "predicted_n": s.completion_tokens,
         "predicted_per_second": s.decode_tok_s,
@@ -556,6 +575,7 @@ async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
         max_tokens: r.max_tokens,
         sampler: r.sampler,
         stop: r.stop,
+        cache_prompt: r.cache_prompt,
         events,
     };
     if st.jobs.send(job).is_err() {

@@ -24,23 +24,25 @@ fn smollm2() -> Option<PathBuf> {
     teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
 }
 
+/// An engine thread of its own on the model at `path`.
+fn spawn_engine(path: PathBuf) -> Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let files = ModelFiles::open(&path).unwrap();
+        let model = files.load_model().unwrap();
+        let mut dec = CpuDecoder::new(Models::single(&model), CTX);
+        run_engine(&mut dec, &files.tokenizer, rx);
+    });
+    tx
+}
+
 /// The engine thread, shared by every test of this file (jobs queue up), and the model path.
 fn engine() -> Option<(Sender<Job>, PathBuf)> {
     static ENGINE: OnceLock<(Sender<Job>, PathBuf)> = OnceLock::new();
     let path = smollm2()?;
     Some(
         ENGINE
-            .get_or_init(|| {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let p = path.clone();
-                std::thread::spawn(move || {
-                    let files = ModelFiles::open(&p).unwrap();
-                    let model = files.load_model().unwrap();
-                    let mut dec = CpuDecoder::new(Models::single(&model), CTX);
-                    run_engine(&mut dec, &files.tokenizer, rx);
-                });
-                (tx, path)
-            })
+            .get_or_init(|| (spawn_engine(path.clone()), path))
             .clone(),
     )
 }
@@ -194,6 +196,87 @@ async fn chat_completion_is_the_engines_answer_whole_and_streamed() {
     assert_eq!(
         events[events.len() - 2]["choices"][0]["finish_reason"],
         v["choices"][0]["finish_reason"]
+    );
+}
+
+/// Prompt caching on an engine of its own (so that no other test's request comes between):
+/// a repeated prompt reuses all but its last token, a prompt that continues the previous
+/// prompt and answer reuses both, and a chat's second turn its first; every answer is the
+/// engine's fresh greedy answer to the same prompt. `"cache_prompt": false` reuses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_cache_reuses_the_shared_prefix() {
+    let Some(path) = smollm2() else { return };
+    let tx = spawn_engine(path.clone());
+    let complete = |prompt: String, cache: bool| {
+        let tx = tx.clone();
+        async move {
+            let req = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "cache_prompt": cache});
+            let (s, v) = call_json(&tx, "/v1/completions", req).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap();
+            assert_eq!(v["timings"]["cache_n"], cached);
+            assert_eq!(
+                v["timings"]["prompt_n"].as_u64().unwrap() + cached,
+                v["usage"]["prompt_tokens"].as_u64().unwrap()
+            );
+            (
+                v["choices"][0]["text"].as_str().unwrap().to_string(),
+                cached,
+            )
+        }
+    };
+    let first = "The capital of France is".to_string();
+    let answer = " Paris.\n\nThe answer is: 201";
+    assert_eq!(complete(first.clone(), true).await, (answer.into(), 0));
+    assert_eq!(complete(first.clone(), true).await, (answer.into(), 4));
+    assert_eq!(complete(first.clone(), false).await, (answer.into(), 0));
+
+    // The 5 prompt tokens and the 11 answer tokens that were run (the 12th was not): the
+    // answer's text tokenizes back to the generated tokens.
+    let longer = format!("{first}{answer} The capital of Italy is");
+    let expected = engine_text(&path, &Prompt::Text(longer.clone()), 12);
+    let (text, cached) = complete(longer, true).await;
+    assert_eq!(text, expected);
+    assert_eq!(cached, 16);
+
+    let mut msgs = vec![json!({"role": "user", "content": "What is 2+2?"})];
+    let chat = |msgs: Vec<Value>| {
+        let tx = tx.clone();
+        async move {
+            let req = json!({"messages": msgs, "max_tokens": 24, "temperature": 0});
+            let (s, v) = call_json(&tx, "/v1/chat/completions", req).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            (
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                v["usage"]["prompt_tokens"].as_u64().unwrap(),
+                v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap(),
+            )
+        }
+    };
+    let (reply, first_prompt, _) = chat(msgs.clone()).await;
+    msgs.push(json!({"role": "assistant", "content": reply}));
+    msgs.push(json!({"role": "user", "content": "And 3+3?"}));
+    let expected = engine_text(
+        &path,
+        &Prompt::Chat(vec![
+            Message::new("user", "What is 2+2?"),
+            Message::new("assistant", reply.as_str()),
+            Message::new("user", "And 3+3?"),
+        ]),
+        24,
+    );
+    let (second, _, cached) = chat(msgs).await;
+    assert_eq!(second, expected);
+    assert!(
+        cached > first_prompt,
+        "cached {cached} of the first turn's {first_prompt}"
     );
 }
 

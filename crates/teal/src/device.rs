@@ -42,6 +42,9 @@ pub trait Decoder {
     fn position(&self) -> usize;
     /// Start a new sequence at position 0.
     fn clear(&mut self) -> Result<()>;
+    /// Forgets every position from `len` on (nothing if `len >= position()`): the next prefill
+    /// or decode step continues the sequence at `len`, reusing the cached positions before it.
+    fn truncate(&mut self, len: usize) -> Result<()>;
     /// Runs `tokens` at positions `position()..` with the prefill model and returns the logits
     /// of the last position or of every one (`[n, vocab]`).
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>>;
@@ -231,6 +234,10 @@ impl Decoder for CpuDecoder<'_> {
     }
     fn clear(&mut self) -> Result<()> {
         self.cache.clear();
+        Ok(())
+    }
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        self.cache.truncate(len);
         Ok(())
     }
     /// Prefill's temporaries (activations of every position, dequantized weight blocks, sgemm

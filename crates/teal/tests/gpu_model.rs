@@ -494,6 +494,40 @@ fn gpu_prefill_chunks_match_decode_steps() {
     }
 }
 
+/// A decoder truncated back to a shared prefix continues as a fresh one (the prompt cache of
+/// `Session`): prefill 21 tokens, truncate to 10, prefill 6 others and decode one, against
+/// prefilling the 10 and the 6 from position 0 and decoding the same token.
+#[test]
+fn gpu_truncate_continues_like_a_fresh_sequence() {
+    if !have_gpu("GPU truncate test") {
+        return;
+    }
+    for name in SHAPES {
+        let c = shape(name);
+        let model = random_model(&c);
+        let mut dec = GPU_BF16.decoder(Models::single(&model), 64).unwrap();
+        let v = c.vocab_size;
+        let tokens: Vec<u32> = (0..21).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+        let other: Vec<u32> = (0..6).map(|i| ((i * 104729 + 5) % v) as u32).collect();
+        let whole: Vec<u32> = tokens[..10].iter().chain(&other).copied().collect();
+        let fresh = dec.prefill(&whole, Logits::All).unwrap();
+        let fresh_next = dec.decode(tokens[3]).unwrap().to_vec();
+        dec.clear().unwrap();
+        dec.prefill(&tokens, Logits::Last).unwrap();
+        dec.truncate(10).unwrap();
+        assert_eq!(dec.position(), 10, "{name}");
+        let got = dec.prefill(&other, Logits::All).unwrap();
+        let next = dec.decode(tokens[3]).unwrap().to_vec();
+        let (w_prefill, w_next) = (
+            max_rel(&got, &fresh[10 * v..], name),
+            max_rel(&next, &fresh_next, name),
+        );
+        eprintln!("{name}: after truncate, prefill {w_prefill:.2e}, decode {w_next:.2e}");
+        assert!(w_prefill <= GPU_PATHS_TOL, "{name}: prefill {w_prefill}");
+        assert!(w_next <= GPU_PATHS_TOL, "{name}: decode {w_next}");
+    }
+}
+
 /// The first decode step fits the row splits of the decode GEMVs to the masks, replaying the
 /// step from the current position: that changes how the GEMVs divide their work, not what they
 /// compute, nor the sequence. Against a decoder whose context leaves no room for the fit (its

@@ -246,6 +246,39 @@ fn decode_and_chunked_prefill_match_full_prefill() {
     }
 }
 
+/// A decoder truncated back to a shared prefix continues as a fresh sequence would (what
+/// `Session` and the server's prompt cache rely on): prefill `A + B`, truncate to `A`, then
+/// prefill `C` and decode: the logits of prefilling `A + C` and decoding on. Truncating past
+/// the position changes nothing.
+#[test]
+fn a_truncated_decoder_continues_like_a_fresh_one() {
+    use teal::device::{CpuDecoder, Decoder};
+    use teal::generate::Models;
+    let (m, _, _, c) = load_both(Arch::Llama);
+    let v = c.vocab_size;
+    let (a, b, cc) = (&TOKENS[..4], &TOKENS[4..9], &[9u32, 3, 50]);
+    let mut fresh = CpuDecoder::new(Models::single(&m), 32);
+    let whole: Vec<u32> = a.iter().chain(cc).copied().collect();
+    let expected = fresh.prefill(&whole, Logits::All).unwrap();
+    let expected_next = fresh.decode(7).unwrap().to_vec();
+
+    let mut dec = CpuDecoder::new(Models::single(&m), 32);
+    dec.prefill(&[a, b].concat(), Logits::Last).unwrap();
+    dec.truncate(20).unwrap();
+    assert_eq!(dec.position(), a.len() + b.len());
+    dec.truncate(a.len()).unwrap();
+    assert_eq!(dec.position(), a.len());
+    let got = dec.prefill(cc, Logits::All).unwrap();
+    assert_close(
+        &got,
+        &expected[a.len() * v..],
+        LOGIT_TOL,
+        "prefill after truncate",
+    );
+    let next = dec.decode(7).unwrap();
+    assert_close(next, &expected_next, LOGIT_TOL, "decode after truncate");
+}
+
 /// Against the f32 cache, the f16 cache moves the logits by the rounding of the keys and
 /// values (f16 keeps 11 significant bits, 4.9e-4 relative), which this small random model
 /// amplifies: measured 3.5e-3 relative to max(1, |logit|), bounded by `KV_F16_TOL`.

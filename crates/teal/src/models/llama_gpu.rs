@@ -1166,8 +1166,13 @@ impl Decoder for GpuLlama {
         self.len
     }
     fn clear(&mut self) -> Result<()> {
-        self.gpu.write(&[0i32], &mut self.m.pos)?;
-        self.len = 0;
+        self.truncate(0)
+    }
+    /// The cached keys and values past `len` stay in device memory and are overwritten by
+    /// the next steps; attention reads only positions before the current one.
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        self.len = self.len.min(len);
+        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
         Ok(())
     }
     /// Prompts of `GEMM_MIN_ROWS` positions or more run in GEMM chunks of up to `GEMM_ROWS`
