@@ -9,11 +9,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use teal::chat::{encode_prompt, Message, Prompt};
+use teal::device::Decoder;
 use teal::device::Device;
 use teal::eval::perplexity::perplexity_on;
 use teal::eval::perplexity::PplOptions;
 use teal::eval::sparse::{compare, compare_on};
-use teal::generate::{generate_on, GenerateParams, Models};
+use teal::generate::{generate_on, GenerateParams, Generation, Models, Session};
 use teal::kv_cache::KvDtype;
 use teal::linear::InputMask;
 use teal::sampler::SamplerConfig;
@@ -21,6 +22,7 @@ use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
 use teal::sparsity::greedy::GreedyOptions;
 use teal::sparsity::thresholds::{check_target, Fingerprint};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
+use teal::tokenizer::Tokenizer;
 use teal::ModelFiles;
 
 #[derive(Parser)]
@@ -290,10 +292,15 @@ struct TokenizeArgs {
 struct RunArgs {
     #[command(flatten)]
     common: Common,
-    /// The prompt.
-    #[arg(short = 'p', long)]
-    prompt: String,
-    /// Tokens to generate.
+    /// The prompt (with --interactive: the first message, optional).
+    #[arg(short = 'p', long, required_unless_present = "interactive")]
+    prompt: Option<String>,
+    /// Chat turn by turn: each line of standard input is a user message in the model's chat
+    /// template, answered in one conversation whose cached tokens each turn reuses (only the
+    /// new message is run). `/clear` starts a new conversation; end of input (Ctrl-D) ends.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Tokens to generate (with --interactive: per answer).
     #[arg(short = 'n', long, default_value_t = 128)]
     n_predict: usize,
     /// Context length (default: the model's, at most 4096).
@@ -620,17 +627,6 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let models = loaded.models();
 
-    let request = if a.chat {
-        let mut msgs = Vec::new();
-        if let Some(s) = &a.system {
-            msgs.push(Message::new("system", s.as_str()));
-        }
-        msgs.push(Message::new("user", a.prompt.as_str()));
-        Prompt::Chat(msgs)
-    } else {
-        Prompt::Text(a.prompt.clone())
-    };
-    let prompt = encode_prompt(tok, &request)?;
     let ctx = generation_ctx(a.ctx, &files);
     let params = GenerateParams {
         max_tokens: a.n_predict,
@@ -647,24 +643,114 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         .decoder_kv(models, ctx, a.common.kv(device)?)
         .with_context(|| format!("opening --device {}", a.common.device))?;
     eprintln!("device: {}", dec.describe());
+    if a.interactive {
+        return chat_loop(&a, &mut *dec, tok, &params);
+    }
+    let text = a.prompt.as_deref().unwrap_or_default();
+    let request = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message::new("system", s.as_str()));
+        }
+        msgs.push(Message::new("user", text));
+        Prompt::Chat(msgs)
+    } else {
+        Prompt::Text(text.to_string())
+    };
+    let prompt = encode_prompt(tok, &request)?;
     let mut out = std::io::stdout().lock();
     if !a.chat {
-        write!(out, "{}", a.prompt)?;
+        write!(out, "{text}")?;
     }
     let g = generate_on(&mut *dec, tok, &prompt, &params, |piece| {
         let ok = write!(out, "{piece}").and_then(|_| out.flush()).is_ok();
         ok
     })?;
     writeln!(out)?;
-    eprintln!(
-        "prompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | stop: {:?}",
+    eprintln!("{}", generation_stats(&g));
+    Ok(())
+}
+
+/// `prompt: N tokens (C cached), P tok/s | decode: M tokens, D tok/s | stop: S`.
+fn generation_stats(g: &Generation) -> String {
+    let cached = if g.cached_tokens > 0 {
+        format!(" ({} cached)", g.cached_tokens)
+    } else {
+        String::new()
+    };
+    format!(
+        "prompt: {} tokens{cached}, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | stop: {:?}",
         g.prompt_tokens,
         g.prompt_tok_s(),
         g.decode_tokens,
         g.decode_tok_s(),
         g.stop
-    );
-    Ok(())
+    )
+}
+
+/// `teal run --interactive`: one conversation in the chat template, a user message per line of
+/// standard input (`-p` first, where given); each turn reuses the cached conversation so far.
+fn chat_loop(
+    a: &RunArgs,
+    dec: &mut dyn Decoder,
+    tok: &Tokenizer,
+    params: &GenerateParams,
+) -> Result<()> {
+    use std::io::BufRead;
+    let start: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.as_str()))
+        .collect();
+    let mut msgs = start.clone();
+    let mut session = Session::new(dec);
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    let mut lines = stdin.lock().lines();
+    let mut first = a.prompt.clone();
+    loop {
+        let line = match first.take() {
+            Some(p) => p,
+            None => {
+                if tty {
+                    eprint!("> ");
+                    std::io::stderr().flush()?;
+                }
+                match lines.next() {
+                    Some(l) => l.context("reading standard input")?,
+                    None => return Ok(()),
+                }
+            }
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/clear" {
+            msgs.clone_from(&start);
+            eprintln!("(a new conversation)");
+            continue;
+        }
+        msgs.push(Message::new("user", line));
+        let prompt = encode_prompt(tok, &Prompt::Chat(msgs.clone()))?;
+        let mut out = std::io::stdout().lock();
+        let mut reply = String::new();
+        let g = session.generate(tok, &prompt, params, |piece| {
+            reply.push_str(piece);
+            write!(out, "{piece}").and_then(|_| out.flush()).is_ok()
+        });
+        let g = match g {
+            Err(e @ teal::Error::ContextOverflow { .. }) => {
+                msgs.pop();
+                eprintln!("{e}: /clear starts a new conversation");
+                continue;
+            }
+            g => g?,
+        };
+        writeln!(out)?;
+        eprintln!("{}", generation_stats(&g));
+        msgs.push(Message::new("assistant", reply));
+    }
 }
 
 fn cmd_serve(a: ServeArgs) -> Result<()> {
