@@ -9,6 +9,13 @@
 //! `--group`: SmolLM2's q/k/v GEMVs (576 -> 576, 192, 192) as three calls against one
 //! `cpu::gemv_many` call, alternating, median microseconds per group.
 //!
+//!   cargo run --release -p teal-kernels --example gemv_speed -- --fused q8 f16
+//!
+//! `--fused`: SmolLM2's gate and up (576 -> 1536 each) as one `gemv_many` call of two
+//! matrices against one 576 -> 3072 matrix (what storing `[gate | up]` side by side would
+//! read), from DRAM, median microseconds: dense, uniform 50 %, and TEAL-greedy-like masks
+//! (gate 0.45, up 0.41 of the same input: the fused matrix then reads the rows either keeps).
+//!
 //!   cargo run --release -p teal-kernels --example gemv_speed -- --patterns f16
 //!
 //! `--patterns`: microseconds per GEMV at 50 % sparsity on SmolLM2's shapes (1 GiB of copies,
@@ -102,6 +109,8 @@ fn main() {
     let small = args.iter().any(|a| a == "--small");
     if args.iter().any(|a| a == "--group") {
         rayon::scope(|s| s.spawn(|_| group(&dtypes)));
+    } else if args.iter().any(|a| a == "--fused") {
+        rayon::scope(|s| s.spawn(|_| fused(&dtypes)));
     } else if args.iter().any(|a| a == "--patterns") {
         rayon::scope(|s| s.spawn(|_| patterns(&dtypes)));
     } else if args.iter().any(|a| a == "--vs-bandwidth") {
@@ -260,5 +269,74 @@ fn patterns(dtypes: &[Dtype]) {
             let t = sweep_time(&ps, &x, reference::abs_threshold(&x, 0.5), &mut y);
             println!(" | random {:.1} ({:.2})", t * 1e6, t / dense);
         }
+    }
+}
+
+/// Gate and up as two matrices in one `gemv_many` call against one matrix of both widths.
+fn fused(dtypes: &[Dtype]) {
+    let (d, f) = (576usize, 1536usize);
+    let xs: Vec<Vec<f32>> = (0..16).map(|i| rand_vec(d, 77 + i)).collect();
+    for &dtype in dtypes {
+        let (gate, up) = (rand_vec(d * f, 1), rand_vec(d * f, 2));
+        let gs = copies(dtype, &gate, d, f, 1 << 29);
+        let us = copies(dtype, &up, d, f, 1 << 29);
+        let both = copies(dtype, &rand_vec(d * 2 * f, 3), d, 2 * f, 1 << 30);
+        let (mut yg, mut yu, mut yb) = (vec![0.0f32; f], vec![0.0f32; f], vec![0.0f32; 2 * f]);
+        let names = [
+            "two dense",
+            "two 0.5",
+            "two 0.45/0.41",
+            "fused dense",
+            "fused 0.5",
+            "fused 0.41",
+        ];
+        let mut res: Vec<Vec<f64>> = vec![vec![]; names.len()];
+        for round in 0..7 {
+            for (case, r) in res.iter_mut().enumerate() {
+                let n = if case < 3 { gs.len() } else { both.len() };
+                let t0 = Instant::now();
+                for i in 0..n {
+                    let x = &xs[(i + round) % xs.len()];
+                    let t = |s: f64| Mask::Threshold(reference::abs_threshold(x, s));
+                    let (mg, mu) = match case {
+                        0 | 3 => (Mask::Dense, Mask::Dense),
+                        1 | 4 => (t(0.5), t(0.5)),
+                        _ => (t(0.45), t(0.41)),
+                    };
+                    if case < 3 {
+                        cpu::gemv_many(
+                            x,
+                            &mut [
+                                Gemv {
+                                    w: gs[i].mat(),
+                                    mask: mg,
+                                    y: &mut yg,
+                                },
+                                Gemv {
+                                    w: us[i].mat(),
+                                    mask: mu,
+                                    y: &mut yu,
+                                },
+                            ],
+                        );
+                    } else {
+                        cpu::gemv_many(
+                            x,
+                            &mut [Gemv {
+                                w: both[i].mat(),
+                                mask: mu,
+                                y: &mut yb,
+                            }],
+                        );
+                    }
+                }
+                r.push(t0.elapsed().as_secs_f64() / n as f64 * 1e6);
+            }
+        }
+        print!("gate|up {}:", dtype.name());
+        for (name, r) in names.iter().zip(res.iter_mut()) {
+            print!(" | {name} {:.1}", median(r));
+        }
+        println!();
     }
 }
