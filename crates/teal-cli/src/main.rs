@@ -638,6 +638,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         },
         ctx,
         stop_at_eos: !a.ignore_eos,
+        logprobs: None,
+        prompt_logprobs: false,
     };
     let mut dec = device
         .decoder_kv(models, ctx, a.common.kv(device)?)

@@ -7,6 +7,11 @@
 //!   the model's chat template), both with `"stream": true` as server-sent events ending in
 //!   `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`; answers carry
 //!   `usage` and llama.cpp's `timings` (prompt and decode tokens per second).
+//! - Scoring: a completion's `prompt` may be token ids, or a list of prompts (one choice each);
+//!   `logprobs: k` gives each token's log-probability and its `k` most likely alternatives, and
+//!   with `echo` also the prompt's tokens (`max_tokens` may then be 0): what lm-evaluation-harness's
+//!   `local-completions` asks for its log-likelihood tasks. Chat takes `logprobs: true` and
+//!   `top_logprobs: k`.
 //! - Prompt caching, as llama.cpp's `cache_prompt` (default on): a request whose prompt starts
 //!   with the tokens of the previous request (its prompt and answer: a chat's next turn) reuses
 //!   their keys and values and runs only the rest; `usage.prompt_tokens_details.cached_tokens`
@@ -52,6 +57,10 @@ pub struct ModelInfo {
 /// One request for the engine thread: what to generate and where to send it.
 pub struct Job {
     pub prompt: Prompt,
+    /// Log-probabilities of the generated tokens with this many alternatives each.
+    pub logprobs: Option<usize>,
+    /// Echo the prompt: its text before the answer's, and with `logprobs` its tokens' entries.
+    pub echo: bool,
     /// Most tokens to generate (`None`: until end of sequence or the context is full).
     pub max_tokens: Option<usize>,
     pub sampler: SamplerConfig,
@@ -77,9 +86,26 @@ pub struct Summary {
     /// Prompt tokens reused from the previous request's cache.
     pub cached_tokens: usize,
     pub completion_tokens: usize,
-    /// Over the prompt tokens that were run (not the cached ones).
-    pub prompt_tok_s: f64,
-    pub decode_tok_s: f64,
+    /// Seconds running the prompt tokens that were not cached.
+    pub prompt_secs: f64,
+    /// Decode tokens (after the first) and their seconds.
+    pub decode_tokens: usize,
+    pub decode_secs: f64,
+    /// With `echo`: the prompt's text, which the answer's text starts with.
+    pub echo: Option<String>,
+    /// With `logprobs`: the prompt's tokens (with `echo`; the first has no log-probability),
+    /// then the generated ones.
+    pub logprobs: Option<Vec<TokenInfo>>,
+}
+
+/// One token of an answer with `logprobs`: its text and bytes, its log-probability, and the
+/// most likely tokens at its position.
+#[derive(Clone, Debug)]
+pub struct TokenInfo {
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: Option<f32>,
+    pub top: Vec<(String, Vec<u8>, f32)>,
 }
 
 /// An error answer: HTTP status and message.
@@ -142,6 +168,8 @@ fn serve_job(session: &mut Session, tok: &Tokenizer, job: Job) {
         sampler: job.sampler,
         ctx: session.capacity(),
         stop_at_eos: true,
+        logprobs: job.logprobs,
+        prompt_logprobs: job.echo && job.logprobs.is_some(),
     };
     if !job.cache_prompt {
         session.forget();
@@ -162,21 +190,74 @@ fn serve_job(session: &mut Session, tok: &Tokenizer, job: Job) {
                 StopReason::MaxTokens | StopReason::ContextFull => "length",
                 StopReason::Eos | StopReason::Caller => "stop",
             };
+            let echo = job.echo.then(|| match &job.prompt {
+                Prompt::Text(t) => t.clone(),
+                _ => tok.decode(&tokens).unwrap_or_default(),
+            });
+            let logprobs = job.logprobs.map(|_| {
+                let info = |t: u32, logprob: Option<f32>, top: &[(u32, f32)]| TokenInfo {
+                    text: tok.token_str(t).unwrap_or_default(),
+                    bytes: token_bytes(tok, t),
+                    logprob,
+                    top: top
+                        .iter()
+                        .map(|&(a, lp)| {
+                            (
+                                tok.token_str(a).unwrap_or_default(),
+                                token_bytes(tok, a),
+                                lp,
+                            )
+                        })
+                        .collect(),
+                };
+                let prompt = job.echo.then(|| {
+                    let first = info(tokens[0], None, &[]);
+                    let rest = g
+                        .prompt_logprobs
+                        .iter()
+                        .map(|e| info(e.token, Some(e.logprob), &e.top));
+                    std::iter::once(first).chain(rest).collect::<Vec<_>>()
+                });
+                let generated = g
+                    .logprobs
+                    .iter()
+                    .map(|e| info(e.token, Some(e.logprob), &e.top));
+                prompt
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(generated)
+                    .collect()
+            });
             send(Event::Done(Summary {
                 finish_reason,
                 prompt_tokens: g.prompt_tokens,
                 cached_tokens: g.cached_tokens,
                 completion_tokens: g.tokens.len(),
-                prompt_tok_s: g.prompt_tok_s(),
-                decode_tok_s: g.decode_tok_s(),
+                prompt_secs: g.prompt_secs,
+                decode_tokens: g.decode_tokens,
+                decode_secs: g.decode_secs,
+                echo,
+                logprobs,
             }));
         }
-        Err(e @ (teal::Error::EmptyPrompt | teal::Error::ContextOverflow { .. })) => {
+        Err(
+            e @ (teal::Error::EmptyPrompt
+            | teal::Error::ContextOverflow { .. }
+            | teal::Error::Invalid(_)),
+        ) => {
             send(Event::Failed(ApiError::bad_request(e.to_string())));
         }
         Err(e) => {
             send(Event::Failed(ApiError::internal(e.to_string())));
         }
+    }
+}
+
+/// The bytes `t` decodes to (its text's where the tokenizer keeps no byte table).
+fn token_bytes(tok: &Tokenizer, t: u32) -> Vec<u8> {
+    match tok.token_bytes(t) {
+        Some(b) => b.to_vec(),
+        None => tok.token_str(t).unwrap_or_default().into_bytes(),
     }
 }
 
@@ -302,9 +383,25 @@ struct Options {
     cache_prompt: Option<bool>,
 }
 
+/// A completion's prompt: text or token ids, one or a list of them.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids or a list of such lists"
+)]
+enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
 #[derive(Deserialize)]
 struct CompletionRequest {
-    prompt: OneOrMany,
+    prompt: PromptField,
+    /// Alternatives per token (0: the chosen token's log-probability only).
+    logprobs: Option<usize>,
+    echo: Option<bool>,
     #[serde(flatten)]
     options: Options,
 }
@@ -312,6 +409,8 @@ struct CompletionRequest {
 #[derive(Deserialize)]
 struct ChatRequest {
     messages: Vec<ChatMessage>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<usize>,
     #[serde(flatten)]
     options: Options,
 }
@@ -337,9 +436,14 @@ struct Part {
     text: Option<String>,
 }
 
-/// What a checked request asks of the engine, less the channel.
+/// The most alternatives per token a request may ask for (OpenAI's chat limit).
+const MAX_LOGPROBS: usize = 20;
+
+/// What a checked request asks of the engine, less the channel: one job per prompt.
 struct Request {
-    prompt: Prompt,
+    prompts: Vec<Prompt>,
+    logprobs: Option<usize>,
+    echo: bool,
     max_tokens: Option<usize>,
     sampler: SamplerConfig,
     stop: Vec<String>,
@@ -348,15 +452,42 @@ struct Request {
 }
 
 /// Defaults as llama.cpp's server (and `teal run`): temperature 0.8, top-k 40, top-p 0.95.
-fn check_options(o: Options, prompt: Prompt) -> Result<Request, ApiError> {
+fn check_options(
+    o: Options,
+    prompts: Vec<Prompt>,
+    logprobs: Option<usize>,
+    echo: bool,
+) -> Result<Request, ApiError> {
     if let Some(n) = o.n.filter(|&n| n != 1) {
         return Err(ApiError::bad_request(format!(
-            "n = {n}: this server returns one choice per request"
+            "n = {n}: this server returns one choice per prompt"
         )));
     }
+    if prompts.is_empty() {
+        return Err(ApiError::bad_request("prompt: the list is empty"));
+    }
+    let stream = o.stream.unwrap_or(false);
+    if stream && prompts.len() > 1 {
+        return Err(ApiError::bad_request(format!(
+            "stream: one prompt per streamed request (got {})",
+            prompts.len()
+        )));
+    }
+    if let Some(k) = logprobs {
+        if k > MAX_LOGPROBS {
+            return Err(ApiError::bad_request(format!(
+                "logprobs = {k}: at most {MAX_LOGPROBS} alternatives per token"
+            )));
+        }
+        if stream {
+            return Err(ApiError::bad_request("logprobs: not available with stream"));
+        }
+    }
     let max_tokens = o.max_tokens.or(o.max_completion_tokens);
-    if max_tokens == Some(0) {
-        return Err(ApiError::bad_request("max_tokens must be at least 1"));
+    if max_tokens == Some(0) && !echo {
+        return Err(ApiError::bad_request(
+            "max_tokens must be at least 1 (0 only with echo)",
+        ));
     }
     let temperature = o.temperature.unwrap_or(0.8);
     if !(temperature.is_finite() && temperature >= 0.0) {
@@ -382,7 +513,9 @@ fn check_options(o: Options, prompt: Prompt) -> Result<Request, ApiError> {
             .map_or(0, |d| d.as_nanos() as u64)
     });
     Ok(Request {
-        prompt,
+        prompts,
+        logprobs,
+        echo,
         max_tokens,
         sampler: SamplerConfig {
             temperature,
@@ -392,7 +525,7 @@ fn check_options(o: Options, prompt: Prompt) -> Result<Request, ApiError> {
         },
         stop,
         cache_prompt: o.cache_prompt.unwrap_or(true),
-        stream: o.stream.unwrap_or(false),
+        stream,
     })
 }
 
@@ -407,14 +540,13 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 
 fn completion_request(body: &Bytes) -> Result<Request, ApiError> {
     let r: CompletionRequest = parse(body)?;
-    let mut prompts = r.prompt.into_vec();
-    if prompts.len() != 1 {
-        return Err(ApiError::bad_request(format!(
-            "prompt: one string per request (got a list of {})",
-            prompts.len()
-        )));
-    }
-    check_options(r.options, Prompt::Text(prompts.remove(0)))
+    let prompts = match r.prompt {
+        PromptField::Text(t) => vec![Prompt::Text(t)],
+        PromptField::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+        PromptField::Ids(ids) => vec![Prompt::Tokens(ids)],
+        PromptField::IdLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
+    };
+    check_options(r.options, prompts, r.logprobs, r.echo.unwrap_or(false))
 }
 
 fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
@@ -442,7 +574,16 @@ fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
             Ok(Message::new(m.role, content))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    check_options(r.options, Prompt::Chat(messages))
+    let logprobs = match (r.logprobs, r.top_logprobs) {
+        (Some(true), k) => Some(k.unwrap_or(0)),
+        (_, None) => None,
+        (_, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "top_logprobs: needs logprobs set to true",
+            ))
+        }
+    };
+    check_options(r.options, vec![Prompt::Chat(messages)], logprobs, false)
 }
 
 /// Which endpoint an answer is written for.
@@ -485,30 +626,38 @@ impl Answer {
         }
     }
 
-    fn envelope(&self, chunk: bool, choice: Value) -> Value {
+    fn envelope(&self, chunk: bool, choices: Vec<Value>) -> Value {
         json!({
             "id": self.id,
             "object": self.object(chunk),
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices,
         })
     }
 
-    /// The whole answer of a request without streaming.
-    fn full(&self, text: String, s: &Summary) -> Value {
-        let choice = match self.kind {
-            Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": s.finish_reason})
-            }
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": s.finish_reason,
-            }),
-        };
-        let mut v = self.envelope(false, choice);
-        add_usage(&mut v, s);
+    /// The whole answer of a request without streaming: one choice per prompt.
+    fn full(&self, results: Vec<(String, Summary)>) -> Value {
+        let choices = results
+            .iter()
+            .enumerate()
+            .map(|(i, (text, s))| match self.kind {
+                Kind::Completion => json!({
+                    "index": i,
+                    "text": format!("{}{text}", s.echo.as_deref().unwrap_or_default()),
+                    "logprobs": s.logprobs.as_deref().map(completion_logprobs),
+                    "finish_reason": s.finish_reason,
+                }),
+                Kind::Chat => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": s.logprobs.as_deref().map(chat_logprobs),
+                    "finish_reason": s.finish_reason,
+                }),
+            })
+            .collect();
+        let mut v = self.envelope(false, choices);
+        add_usage(&mut v, results.iter().map(|(_, s)| s));
         v
     }
 
@@ -528,27 +677,91 @@ impl Answer {
                 json!({"index": 0, "delta": delta, "finish_reason": reason})
             }
         };
-        let mut v = self.envelope(true, choice);
+        let mut v = self.envelope(true, vec![choice]);
         if let Some(s) = finish {
-            add_usage(&mut v, s);
+            add_usage(&mut v, [s]);
         }
         v
     }
 }
 
-fn add_usage(v: &mut Value, s: &Summary) {
+/// OpenAI's completion `logprobs`: token texts, their log-probabilities (`null` for the first
+/// prompt token), the alternatives as `{text: logprob}` and each token's character offset in
+/// the choice's text.
+fn completion_logprobs(tokens: &[TokenInfo]) -> Value {
+    let mut offset = 0;
+    let text_offset: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let at = offset;
+            offset += t.text.chars().count();
+            at
+        })
+        .collect();
+    json!({
+        "tokens": tokens.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens
+            .iter()
+            .map(|t| {
+                t.logprob.map(|_| {
+                    let mut top = serde_json::Map::new();
+                    for (text, _, lp) in &t.top {
+                        top.entry(text.clone()).or_insert(json!(lp));
+                    }
+                    top
+                })
+            })
+            .collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+/// OpenAI's chat `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+fn chat_logprobs(tokens: &[TokenInfo]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            json!({
+                "token": t.text,
+                "logprob": t.logprob,
+                "bytes": t.bytes,
+                "top_logprobs": t
+                    .top
+                    .iter()
+                    .map(|(text, bytes, lp)| json!({"token": text, "logprob": lp, "bytes": bytes}))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// `usage` and llama.cpp's `timings`, summed over the answer's choices.
+fn add_usage<'a>(v: &mut Value, summaries: impl IntoIterator<Item = &'a Summary>) {
+    let (mut prompt, mut cached, mut completion, mut decoded) = (0, 0, 0, 0);
+    let (mut prompt_secs, mut decode_secs) = (0.0, 0.0);
+    for s in summaries {
+        prompt += s.prompt_tokens;
+        cached += s.cached_tokens;
+        completion += s.completion_tokens;
+        decoded += s.decode_tokens;
+        prompt_secs += s.prompt_secs;
+        decode_secs += s.decode_secs;
+    }
+    let per_s = |n: usize, secs: f64| n as f64 / f64::max(secs, 1e-9);
     v["usage"] = json!({
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.completion_tokens,
-        "total_tokens": s.prompt_tokens + s.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     });
     v["timings"] = json!({
-        "cache_n": s.cached_tokens,
-        "prompt_n": s.prompt_tokens - s.cached_tokens,
-        "prompt_per_second": s.prompt_tok_s,
-        "predicted_n": s.completion_tokens,
-        "predicted_per_second": s.decode_tok_s,
+        "cache_n": cached,
+        "prompt_n": prompt - cached,
+        "prompt_per_second": per_s(prompt - cached, prompt_secs),
+        "predicted_n": completion,
+        "predicted_per_second": per_s(decoded, decode_secs),
     });
 }
 
@@ -566,45 +779,64 @@ async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
     }
 }
 
-/// Queues the job and answers: an error if the engine rejects the request before generating
-/// (so a bad streamed request still gets status 400), else the whole text or a stream.
+/// Queues the request's jobs and answers: an error if the engine rejects a prompt before
+/// generating (so a bad streamed request still gets status 400), else the whole text of each
+/// prompt (one after another) or a stream.
 async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
-    let (events, mut rx) = mpsc::unbounded_channel();
+    let a = Answer::new(&st, kind);
+    let mut results = Vec::with_capacity(r.prompts.len());
+    for prompt in &r.prompts {
+        let mut rx = match submit(&st, &r, prompt.clone()) {
+            Ok(rx) => rx,
+            Err(e) => return e.into_response(),
+        };
+        let first = match rx.recv().await {
+            Some(Event::Failed(e)) => return e.into_response(),
+            Some(ev) => ev,
+            None => return ApiError::internal("the engine dropped the request").into_response(),
+        };
+        if r.stream {
+            return stream_answer(a, first, rx).into_response();
+        }
+        let mut text = String::new();
+        let mut ev = Some(first);
+        loop {
+            match ev {
+                Some(Event::Text(t)) => text.push_str(&t),
+                Some(Event::Done(s)) => break results.push((text, s)),
+                Some(Event::Failed(e)) => return e.into_response(),
+                None => {
+                    return ApiError::internal("the engine dropped the request").into_response()
+                }
+            }
+            ev = rx.recv().await;
+        }
+    }
+    Json(a.full(results)).into_response()
+}
+
+/// Sends the job for one prompt of `r` to the engine; returns where its events arrive.
+fn submit(
+    st: &AppState,
+    r: &Request,
+    prompt: Prompt,
+) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+    let (events, rx) = mpsc::unbounded_channel();
     let job = Job {
-        prompt: r.prompt,
+        prompt,
+        logprobs: r.logprobs,
+        echo: r.echo,
         max_tokens: r.max_tokens,
-        sampler: r.sampler,
-        stop: r.stop,
+        sampler: r.sampler.clone(),
+        stop: r.stop.clone(),
         cache_prompt: r.cache_prompt,
         events,
     };
-    if st.jobs.send(job).is_err() {
-        return ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the engine has stopped".into(),
-        }
-        .into_response();
-    }
-    let a = Answer::new(&st, kind);
-    let first = match rx.recv().await {
-        Some(Event::Failed(e)) => return e.into_response(),
-        Some(ev) => ev,
-        None => return ApiError::internal("the engine dropped the request").into_response(),
-    };
-    if r.stream {
-        return stream_answer(a, first, rx).into_response();
-    }
-    let mut text = String::new();
-    let mut ev = Some(first);
-    loop {
-        match ev {
-            Some(Event::Text(t)) => text.push_str(&t),
-            Some(Event::Done(s)) => return Json(a.full(text, &s)).into_response(),
-            Some(Event::Failed(e)) => return e.into_response(),
-            None => return ApiError::internal("the engine dropped the request").into_response(),
-        }
-        ev = rx.recv().await;
-    }
+    st.jobs.send(job).map_err(|_| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the engine has stopped".into(),
+    })?;
+    Ok(rx)
 }
 
 /// Server-sent events: a chat's first chunk names the role, then one chunk per piece of text,

@@ -100,6 +100,8 @@ fn engine_text(path: &std::path::Path, prompt: &Prompt, n: usize) -> String {
         },
         ctx: CTX,
         stop_at_eos: true,
+        logprobs: None,
+        prompt_logprobs: false,
     };
     let mut text = String::new();
     generate(
@@ -280,6 +282,113 @@ async fn prompt_cache_reuses_the_shared_prefix() {
     );
 }
 
+/// Scoring as lm-evaluation-harness's `local-completions` does it: token ids, `echo`,
+/// `logprobs`. The first 200 tokens of WikiText-2's first P512 window (the ids llama.cpp
+/// tokenized) with `max_tokens` 0: each token's log-probability is minus llama.cpp's NLL for
+/// it (tools/reference/llamacpp/results.json, the same f32 weights and an f32 KV cache), and
+/// the most likely alternative is llama.cpp's argmax. Then a batch of two prompts with one
+/// generated token each: two choices, the prompt echoed, the greedy token the top entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoring_with_echo_and_logprobs_matches_llama_cpp() {
+    let Some((tx, path)) = engine() else { return };
+    let refp = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tools/reference/llamacpp/results.json");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(refp).unwrap()).unwrap();
+    let ppl = &reference["f32"]["ppl"];
+    let as_vec = |v: &Value| v.as_array().unwrap().clone();
+    let ids: Vec<u64> = as_vec(&ppl["window0_ids"])[..200]
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let req =
+        json!({"prompt": ids, "echo": true, "logprobs": 1, "max_tokens": 0, "temperature": 0});
+    let (s, v) = call_json(&tx, "/v1/completions", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let token_lp = lp["token_logprobs"].as_array().unwrap();
+    let top = lp["top_logprobs"].as_array().unwrap();
+    assert_eq!(token_lp.len(), 200);
+    assert!(token_lp[0].is_null() && top[0].is_null());
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+    let files = ModelFiles::open(&path).unwrap();
+    let tok = &files.tokenizer;
+    let ids32: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    assert_eq!(v["choices"][0]["text"], tok.decode(&ids32).unwrap());
+    let (nll, argmax) = (as_vec(&ppl["window0_nll"]), as_vec(&ppl["window0_argmax"]));
+    // llama.cpp's per-window mean NLL agrees with teal's to 7e-7 nats (QUALITY.md); per token
+    // both are f32 sums in different orders: measured at most 3.0e-5 apart on these 199.
+    // 1e-3 leaves room and still catches any real error (a shifted position moves nats).
+    let mut worst = 0.0f64;
+    for i in 1..200 {
+        let got = token_lp[i].as_f64().unwrap();
+        worst = worst.max((got + nll[i - 1].as_f64().unwrap()).abs());
+        let alt = top[i].as_object().unwrap();
+        assert_eq!(alt.len(), 1, "position {i}");
+        let want = tok
+            .token_str(argmax[i - 1].as_u64().unwrap() as u32)
+            .unwrap();
+        assert!(
+            alt.contains_key(&want),
+            "position {i}: {alt:?} vs llama.cpp's {want:?}"
+        );
+    }
+    assert!(
+        worst < 1e-3,
+        "largest difference from llama.cpp's NLL: {worst}"
+    );
+
+    let req = json!({
+        "prompt": ["The capital of France is", "1, 2, 3,"],
+        "echo": true, "logprobs": 3, "max_tokens": 1, "temperature": 0,
+    });
+    let (s, v) = call_json(&tx, "/v1/completions", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert_eq!(choices[0]["text"], "The capital of France is Paris");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let lp = &c["logprobs"];
+        let n = lp["tokens"].as_array().unwrap().len();
+        let last = lp["token_logprobs"][n - 1].as_f64().unwrap();
+        let alts = lp["top_logprobs"][n - 1].as_object().unwrap();
+        assert_eq!(alts.len(), 3);
+        let best = alts
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(last, best, "greedy: the generated token is the most likely");
+        assert_eq!(lp["text_offset"][0], 0);
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        5 + tok.encode("1, 2, 3,", false).unwrap().len()
+    );
+
+    let req = json!({
+        "messages": [{"role": "user", "content": "What is 2+2?"}],
+        "logprobs": true, "top_logprobs": 2, "max_tokens": 4, "temperature": 0,
+    });
+    let (s, v) = call_json(&tx, "/v1/chat/completions", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 4);
+    let text: String = content
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, v["choices"][0]["message"]["content"]);
+    for t in content {
+        assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 2);
+        assert_eq!(t["top_logprobs"][0]["logprob"], t["logprob"]);
+        assert_eq!(
+            t["bytes"].as_array().unwrap().len(),
+            t["token"].as_str().unwrap().len()
+        );
+    }
+}
+
 /// A stop sequence ends the text just before it, whole or streamed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_sequences_cut_the_text() {
@@ -331,12 +440,37 @@ async fn bad_requests_get_clear_errors() {
         (
             "/v1/completions",
             json!({"prompt": 5}).to_string(),
-            "a string or a list of strings",
+            "a string, a list of strings, a list of token ids",
         ),
         (
             "/v1/completions",
-            json!({"prompt": ["a", "b"]}).to_string(),
-            "one string",
+            json!({"prompt": ["a", "b"], "stream": true}).to_string(),
+            "one prompt per streamed request",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": []}).to_string(),
+            "the list is empty",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [1, 99999999]}).to_string(),
+            "token id 99999999 is outside the vocabulary of 49152",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "logprobs": 21}).to_string(),
+            "at most 20",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "logprobs": 2, "stream": true}).to_string(),
+            "not available with stream",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).to_string(),
+            "needs logprobs",
         ),
         (
             "/v1/completions",

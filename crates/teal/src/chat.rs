@@ -124,10 +124,12 @@ impl ChatTemplate {
     }
 }
 
-/// What the model is asked: plain text to continue, or a chat to answer.
+/// What the model is asked: plain text to continue, token ids to continue (as given: no BOS
+/// is added), or a chat to answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Prompt {
     Text(String),
+    Tokens(Vec<u32>),
     Chat(Vec<Message>),
 }
 
@@ -138,6 +140,7 @@ pub enum Prompt {
 pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>> {
     let messages = match prompt {
         Prompt::Text(t) => return Ok(tok.encode(t, tok.add_bos_default())?),
+        Prompt::Tokens(ids) => return Ok(ids.clone()),
         Prompt::Chat(messages) => messages,
     };
     let template = match tok.chat_template() {

@@ -18,6 +18,49 @@ pub struct GenerateParams {
     /// Context length (KV cache capacity).
     pub ctx: usize,
     pub stop_at_eos: bool,
+    /// Log-probabilities of every generated token and of its `k` most likely alternatives
+    /// (`None`: none; the decode steps may then sample on the device).
+    pub logprobs: Option<usize>,
+    /// Also those of every prompt token after the first (the prompt then runs whole, with no
+    /// cached prefix reused, in pieces of [`LOGITS_CHUNK`] positions), with `logprobs`'s `k`.
+    pub prompt_logprobs: bool,
+}
+
+/// Positions whose logits a prompt with [`GenerateParams::prompt_logprobs`] runs at a time:
+/// the logits of a piece are `LOGITS_CHUNK x vocab` floats.
+pub const LOGITS_CHUNK: usize = 64;
+
+/// A token's log-probability under the model (natural log, after the softmax of the raw
+/// logits, before any sampling temperature or cut) and the `k` most likely tokens at its
+/// position, most likely first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// `token`'s entry from the logits of its position.
+    pub fn from_logits(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let lse = max as f64 + sum.ln();
+        let lp = |t: usize| (logits[t] as f64 - lse) as f32;
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        let k = k.min(logits.len());
+        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        if k > 0 && k < order.len() {
+            order.select_nth_unstable_by(k - 1, by_logit);
+        }
+        order.truncate(k);
+        order.sort_by(by_logit);
+        TokenLogprob {
+            token,
+            logprob: lp(token as usize),
+            top: order.into_iter().map(|t| (t as u32, lp(t))).collect(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +80,10 @@ pub struct Generation {
     pub cached_tokens: usize,
     /// Seconds spent running the prompt tokens that were not cached.
     pub prompt_secs: f64,
+    /// With [`GenerateParams::prompt_logprobs`]: one entry per prompt token after the first.
+    pub prompt_logprobs: Vec<TokenLogprob>,
+    /// With [`GenerateParams::logprobs`]: one entry per generated token.
+    pub logprobs: Vec<TokenLogprob>,
     pub decode_tokens: usize,
     pub decode_secs: f64,
 }
@@ -137,13 +184,16 @@ impl<'d> Session<'d> {
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
         check_prompt(self.dec, prompt)?;
-        let keep = self
-            .cached
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len() - 1);
+        let keep = if params.prompt_logprobs {
+            0
+        } else {
+            self.cached
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len() - 1)
+        };
         // Until this generation is over, the cache holds no sequence known here.
         self.cached.clear();
         let g = generate_after(self.dec, keep, tokenizer, prompt, params, on_text)?;
@@ -159,10 +209,17 @@ impl<'d> Session<'d> {
     }
 }
 
-/// The checks that leave the decoder untouched: a prompt that is empty or does not fit.
+/// The checks that leave the decoder untouched: a prompt that is empty, does not fit, or
+/// holds an id outside the vocabulary.
 fn check_prompt(dec: &dyn Decoder, prompt: &[u32]) -> Result<()> {
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
+    }
+    let vocab = dec.config().vocab_size;
+    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Invalid(format!(
+            "token id {t} is outside the vocabulary of {vocab}"
+        )));
     }
     let ctx = dec.capacity();
     if prompt.len() >= ctx {
@@ -195,16 +252,52 @@ fn generate_after(
     let mut stream = StreamDecoder::with_context(tokenizer, prompt);
 
     let t0 = Instant::now();
-    let logits = dec.prefill(&prompt[keep..], Logits::Last)?;
+    let mut prompt_logprobs = Vec::new();
+    let logits = if params.prompt_logprobs {
+        let k = params.logprobs.unwrap_or(0);
+        let vocab = dec.config().vocab_size;
+        let mut last = Vec::new();
+        for (c, piece) in prompt[keep..].chunks(LOGITS_CHUNK).enumerate() {
+            let rows = dec.prefill(piece, Logits::All)?;
+            let p0 = keep + c * LOGITS_CHUNK;
+            for (i, row) in rows.chunks(vocab).enumerate() {
+                match prompt.get(p0 + i + 1) {
+                    Some(&t) => prompt_logprobs.push(TokenLogprob::from_logits(row, t, k)),
+                    None => last = row.to_vec(),
+                }
+            }
+        }
+        last
+    } else {
+        dec.prefill(&prompt[keep..], Logits::Last)?
+    };
     let prompt_secs = t0.elapsed().as_secs_f64();
     let mut tokens = Vec::with_capacity(params.max_tokens.min(ctx));
-    let mut next = sampler.sample(&logits);
+    let mut logprobs = Vec::new();
     let t1 = Instant::now();
+    if params.max_tokens == 0 {
+        return Ok(Generation {
+            decode_tokens: 0,
+            decode_secs: 0.0,
+            tokens,
+            stop: StopReason::MaxTokens,
+            prompt_tokens: prompt.len(),
+            cached_tokens: keep,
+            prompt_secs,
+            prompt_logprobs,
+            logprobs,
+        });
+    }
+    let mut next = sampler.sample(&logits);
+    let mut next_lp = params
+        .logprobs
+        .map(|k| TokenLogprob::from_logits(&logits, next, k));
     let stop = loop {
         if params.stop_at_eos && tokenizer.eos_ids().contains(&next) {
             break StopReason::Eos;
         }
         tokens.push(next);
+        logprobs.extend(next_lp.take());
         let piece = stream.push(next)?;
         if !on_text(&piece) {
             break StopReason::Caller;
@@ -215,7 +308,14 @@ fn generate_after(
         if dec.position() >= ctx {
             break StopReason::ContextFull;
         }
-        next = dec.decode_sample(next, &mut sampler)?;
+        match params.logprobs {
+            None => next = dec.decode_sample(next, &mut sampler)?,
+            Some(k) => {
+                let logits = dec.decode(next)?;
+                next = sampler.sample(logits);
+                next_lp = Some(TokenLogprob::from_logits(logits, next, k));
+            }
+        }
     };
     Ok(Generation {
         decode_tokens: tokens.len().saturating_sub(1),
@@ -225,5 +325,33 @@ fn generate_after(
         prompt_tokens: prompt.len(),
         cached_tokens: keep,
         prompt_secs,
+        prompt_logprobs,
+        logprobs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenLogprob;
+
+    /// Log-softmax against its definition, the alternatives most likely first (ties by id),
+    /// `k` = 0 and `k` past the vocabulary.
+    #[test]
+    fn token_logprob_from_logits() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let lse = logits.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
+        let e = TokenLogprob::from_logits(&logits, 4, 2);
+        assert_eq!(e.token, 4);
+        assert!((e.logprob as f64 - (0.5 - lse)).abs() < 1e-6);
+        assert_eq!(e.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3]);
+        assert!((e.top[0].1 as f64 - (3.0 - lse)).abs() < 1e-6);
+        assert!(TokenLogprob::from_logits(&logits, 0, 0).top.is_empty());
+        let all = TokenLogprob::from_logits(&logits, 0, 9);
+        assert_eq!(
+            all.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            [1, 3, 0, 4, 2]
+        );
+        let total: f64 = all.top.iter().map(|t| (t.1 as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
 }

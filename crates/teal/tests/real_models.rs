@@ -43,6 +43,8 @@ fn greedy(files: &ModelFiles, prompt: &str, n: usize) -> (Vec<u32>, String) {
         },
         ctx: 256,
         stop_at_eos: false,
+        logprobs: None,
+        prompt_logprobs: false,
     };
     let mut text = String::new();
     let g = generate(
