@@ -483,6 +483,9 @@ fn check_options(
             return Err(ApiError::bad_request("logprobs: not available with stream"));
         }
     }
+    if echo && stream {
+        return Err(ApiError::bad_request("echo: not available with stream"));
+    }
     let max_tokens = o.max_tokens.or(o.max_completion_tokens);
     if max_tokens == Some(0) && !echo {
         return Err(ApiError::bad_request(

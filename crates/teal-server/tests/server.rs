@@ -474,6 +474,11 @@ async fn bad_requests_get_clear_errors() {
         ),
         (
             "/v1/completions",
+            json!({"prompt": "x", "echo": true, "stream": true}).to_string(),
+            "echo: not available with stream",
+        ),
+        (
+            "/v1/completions",
             json!({"prompt": "x", "n": 3}).to_string(),
             "n = 3",
         ),
