@@ -17,6 +17,11 @@
 //!   their keys and values and runs only the rest; `usage.prompt_tokens_details.cached_tokens`
 //!   and `timings.cache_n` say how many were reused. `"cache_prompt": false` runs it whole.
 //!
+//! - Tokenizer endpoints as vLLM's and llama.cpp's servers have them: `GET /tokenizer_info`,
+//!   `POST /tokenize` (`prompt` or `content`, `add_special_tokens` or `add_special`) and
+//!   `POST /detokenize` (`tokens`), so a client such as lm-evaluation-harness can tokenize with the
+//!   model's own tokenizer.
+//!
 //! Bad requests (malformed JSON, a missing field, a prompt longer than the context, an
 //! unsupported option) get status 400 and `{"error": {"message", "type", "code"}}`.
 
@@ -40,7 +45,7 @@ use teal::device::Decoder;
 use teal::generate::{GenerateParams, Session, StopReason};
 use teal::sampler::SamplerConfig;
 use teal::tokenizer::Tokenizer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 pub use stop::StopFilter;
 
@@ -54,8 +59,26 @@ pub struct ModelInfo {
     pub meta: Value,
 }
 
-/// One request for the engine thread: what to generate and where to send it.
-pub struct Job {
+/// Work for the engine thread, served in arrival order.
+pub enum Job {
+    /// Generate for one prompt.
+    Generate(Generate),
+    /// A tokenizer request, answered with its JSON body.
+    Tokenizer(TokenizerJob, oneshot::Sender<Result<Value, ApiError>>),
+}
+
+/// What the tokenizer endpoints ask.
+pub enum TokenizerJob {
+    /// BOS, EOS and the chat template.
+    Info,
+    /// Token ids of a text, with BOS where the model adds one if `add_special`.
+    Encode { text: String, add_special: bool },
+    /// The text of token ids.
+    Decode(Vec<u32>),
+}
+
+/// What to generate for one prompt and where to send it.
+pub struct Generate {
     pub prompt: Prompt,
     /// Log-probabilities of the generated tokens with this many alternatives each.
     pub logprobs: Option<usize>,
@@ -150,11 +173,45 @@ impl IntoResponse for ApiError {
 pub fn run_engine(dec: &mut dyn Decoder, tok: &Tokenizer, jobs: std::sync::mpsc::Receiver<Job>) {
     let mut session = Session::new(dec);
     for job in jobs {
-        serve_job(&mut session, tok, job);
+        match job {
+            Job::Generate(g) => serve_job(&mut session, tok, g),
+            Job::Tokenizer(t, reply) => {
+                reply.send(tokenizer_job(tok, session.capacity(), t)).ok();
+            }
+        }
     }
 }
 
-fn serve_job(session: &mut Session, tok: &Tokenizer, job: Job) {
+/// The body of a tokenizer endpoint's answer (`ctx`: the engine's context).
+fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value, ApiError> {
+    let bad = |e: teal::tokenizer::TokenizerError| ApiError::bad_request(e.to_string());
+    Ok(match job {
+        TokenizerJob::Info => {
+            let text = |id: Option<u32>| id.and_then(|i| tok.token_str(i));
+            json!({
+                "bos_token": text(tok.bos_id()),
+                "eos_token": text(tok.eos_ids().first().copied()),
+                "pad_token": null,
+                "chat_template": tok.chat_template(),
+                "add_bos_token": tok.add_bos_default(),
+                "vocab_size": tok.vocab_size(),
+                "model_max_length": ctx,
+            })
+        }
+        TokenizerJob::Encode { text, add_special } => {
+            let ids = tok
+                .encode(&text, add_special && tok.add_bos_default())
+                .map_err(bad)?;
+            json!({"tokens": ids, "count": ids.len(), "max_model_len": ctx})
+        }
+        TokenizerJob::Decode(ids) => {
+            let text = tok.decode(&ids).map_err(bad)?;
+            json!({"prompt": text, "content": text})
+        }
+    })
+}
+
+fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate) {
     let send = |e: Event| job.events.send(e).is_ok();
     let tokens = match encode_prompt(tok, &job.prompt) {
         Ok(t) => t,
@@ -280,6 +337,9 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenizer_info", get(tokenizer_info))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .fallback(|uri: Uri| async move {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -341,6 +401,61 @@ pub fn serve(
     on_listening(bound);
     run_engine(dec, tok, rx);
     Ok(())
+}
+
+/// Sends a tokenizer request to the engine and answers with its result.
+async fn tokenizer_answer(st: &AppState, job: TokenizerJob) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if st.jobs.send(Job::Tokenizer(job, reply)).is_err() {
+        return ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the engine has stopped".into(),
+        }
+        .into_response();
+    }
+    match rx.await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ApiError::internal("the engine dropped the request").into_response(),
+    }
+}
+
+async fn tokenizer_info(State(st): State<AppState>) -> Response {
+    tokenizer_answer(&st, TokenizerJob::Info).await
+}
+
+/// `/tokenize`'s body: vLLM's field names or llama.cpp's.
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    #[serde(alias = "content")]
+    prompt: String,
+    #[serde(alias = "add_special")]
+    add_special_tokens: Option<bool>,
+}
+
+async fn tokenize(State(st): State<AppState>, body: Bytes) -> Response {
+    match parse::<TokenizeRequest>(&body) {
+        Ok(r) => {
+            let job = TokenizerJob::Encode {
+                text: r.prompt,
+                add_special: r.add_special_tokens.unwrap_or(false),
+            };
+            tokenizer_answer(&st, job).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    tokens: Vec<u32>,
+}
+
+async fn detokenize(State(st): State<AppState>, body: Bytes) -> Response {
+    match parse::<DetokenizeRequest>(&body) {
+        Ok(r) => tokenizer_answer(&st, TokenizerJob::Decode(r.tokens)).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn models(State(st): State<AppState>) -> Json<Value> {
@@ -825,7 +940,7 @@ fn submit(
     prompt: Prompt,
 ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
     let (events, rx) = mpsc::unbounded_channel();
-    let job = Job {
+    let job = Job::Generate(Generate {
         prompt,
         logprobs: r.logprobs,
         echo: r.echo,
@@ -834,7 +949,7 @@ fn submit(
         stop: r.stop.clone(),
         cache_prompt: r.cache_prompt,
         events,
-    };
+    });
     st.jobs.send(job).map_err(|_| ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
         message: "the engine has stopped".into(),

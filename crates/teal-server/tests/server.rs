@@ -580,3 +580,43 @@ async fn health_and_models() {
     assert_eq!(v["data"][0]["id"], "smollm2");
     assert_eq!(v["data"][0]["context_length"], CTX);
 }
+
+/// The tokenizer endpoints with vLLM's field names (what lm-evaluation-harness's remote
+/// tokenizer sends) and llama.cpp's: the ids `teal tokenize` gives, back to the same text; BOS
+/// only on request (SmolLM2 adds none by default); an id outside the vocabulary is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenizer_endpoints() {
+    let Some((tx, _)) = engine() else { return };
+    let (s, info) = call(&tx, "/tokenizer_info", None).await;
+    assert_eq!(s, StatusCode::OK, "{info}");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["eos_token"], "<|im_end|>");
+    assert_eq!(info["model_max_length"], CTX);
+    assert!(info["chat_template"].as_str().unwrap().contains("im_start"));
+    let ids = json!([504, 3575, 282, 4649, 314]);
+    for body in [
+        json!({"prompt": "The capital of France is", "add_special_tokens": false}),
+        json!({"content": "The capital of France is", "add_special": true}),
+    ] {
+        let (s, v) = call_json(&tx, "/tokenize", body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["tokens"], ids);
+        assert_eq!(v["count"], 5);
+    }
+    let (s, v) = call_json(&tx, "/detokenize", json!({"tokens": ids})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["prompt"], "The capital of France is");
+    assert_eq!(v["content"], v["prompt"]);
+    let (s, v) = call_json(&tx, "/detokenize", json!({"tokens": [1, 99999999]})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("99999999"),
+        "{v}"
+    );
+    let (s, v) = call_json(&tx, "/tokenize", json!({"text": "x"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("prompt"),
+        "{v}"
+    );
+}
