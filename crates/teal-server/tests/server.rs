@@ -280,6 +280,56 @@ async fn prompt_cache_reuses_the_shared_prefix() {
         cached > first_prompt,
         "cached {cached} of the first turn's {first_prompt}"
     );
+
+    // Scoring two choices of one question: the second reuses the context's cached positions
+    // and log-probability entries (all but the last shared token, whose entry needs the
+    // logits before it), and its entries equal those of a run without the cache. More
+    // alternatives than were kept reuse nothing.
+    let score = |prompt: &str, k: usize, cache: bool| {
+        let tx = tx.clone();
+        let req = json!({"prompt": prompt, "echo": true, "logprobs": k, "max_tokens": 1,
+                         "temperature": 0, "cache_prompt": cache});
+        async move {
+            let (s, v) = call_json(&tx, "/v1/completions", req).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap();
+            (v["choices"][0]["logprobs"].clone(), cached)
+        }
+    };
+    let (_, cached) = score("The capital of France is Paris", 2, true).await;
+    assert_eq!(cached, 0);
+    let (reused, cached) = score("The capital of France is Rome", 2, true).await;
+    assert_eq!(cached, 4);
+    let (fresh, cached) = score("The capital of France is Rome", 2, false).await;
+    assert_eq!(cached, 0);
+    assert_eq!(reused["tokens"], fresh["tokens"]);
+    let lps = |v: &Value, key: &str| -> Vec<f64> {
+        v[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| match e {
+                Value::Object(m) => m.values().map(|x| x.as_f64().unwrap()).collect(),
+                e => e.as_f64().into_iter().collect::<Vec<_>>(),
+            })
+            .collect()
+    };
+    for key in ["token_logprobs", "top_logprobs"] {
+        let (a, b) = (lps(&reused, key), lps(&fresh, key));
+        assert_eq!(a.len(), b.len(), "{key}");
+        // The reused run computes the last positions in a batch of their own: f32 sums in
+        // another order, far below 1e-4.
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-4),
+            "{key}: {a:?} vs {b:?}"
+        );
+    }
+    let (_, cached) = score("The capital of France is Paris", 2, true).await;
+    assert_eq!(cached, 4);
+    let (_, cached) = score("The capital of France is Rome", 5, true).await;
+    assert_eq!(cached, 0);
 }
 
 /// Scoring as lm-evaluation-harness's `local-completions` does it: token ids, `echo`,
