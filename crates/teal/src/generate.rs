@@ -255,17 +255,11 @@ impl<'d> Session<'d> {
     }
 }
 
-/// The checks that leave the decoder untouched: a prompt that is empty, does not fit, or
-/// holds an id outside the vocabulary.
+/// The checks that leave the decoder untouched: a prompt that is empty or does not fit.
+/// (Ids outside the vocabulary are the decoders' own check, on every prefill.)
 fn check_prompt(dec: &dyn Decoder, prompt: &[u32]) -> Result<()> {
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
-    }
-    let vocab = dec.config().vocab_size;
-    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Invalid(format!(
-            "token id {t} is outside the vocabulary of {vocab}"
-        )));
     }
     let ctx = dec.capacity();
     if prompt.len() >= ctx {
