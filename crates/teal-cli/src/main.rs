@@ -539,6 +539,19 @@ impl Common {
         }
     }
 
+    /// A decoder for `models` on `device` with room for `ctx` positions and `--kv-dtype`'s
+    /// cache; an error names the `--device` asked for.
+    fn decoder<'a>(
+        &self,
+        device: Device,
+        models: Models<'a>,
+        ctx: usize,
+    ) -> Result<Box<dyn Decoder + 'a>> {
+        device
+            .decoder_kv(models, ctx, self.kv(device)?)
+            .with_context(|| format!("opening --device {}", self.device))
+    }
+
     /// For subcommands that have no GPU path yet (`auto` means the CPU there).
     fn cpu_only(&self, what: &str) -> Result<()> {
         if self.device != "auto" && Device::parse(&self.device, &self.gpu_dtype)? != Device::Cpu {
@@ -641,9 +654,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         logprobs: None,
         prompt_logprobs: false,
     };
-    let mut dec = device
-        .decoder_kv(models, ctx, a.common.kv(device)?)
-        .with_context(|| format!("opening --device {}", a.common.device))?;
+    let mut dec = a.common.decoder(device, models, ctx)?;
     eprintln!("device: {}", dec.describe());
     if a.interactive {
         return chat_loop(&a, &mut *dec, tok, &params);
@@ -761,9 +772,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     let files = a.common.open()?;
     let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let ctx = generation_ctx(a.ctx, &files);
-    let mut dec = device
-        .decoder_kv(loaded.models(), ctx, a.common.kv(device)?)
-        .with_context(|| format!("opening --device {}", a.common.device))?;
+    let mut dec = a.common.decoder(device, loaded.models(), ctx)?;
     let id = a.alias.clone().unwrap_or_else(|| {
         files.path.file_name().map_or_else(
             || files.path.display().to_string(),
@@ -836,9 +845,9 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
                     spec.mode.name()
                 );
             }
-            let mut dec = device
-                .decoder_kv(Models::single(&sparse), opts.ctx, kv)
-                .with_context(|| format!("opening --device {}", a.common.device))?;
+            let mut dec = a
+                .common
+                .decoder(device, Models::single(&sparse), opts.ctx)?;
             let r = compare_on(&mut *dec, &sparse, &t, &tokens, &opts, progress)?;
             (r, dec.describe())
         };
@@ -891,9 +900,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let mut dec = device
-        .decoder_kv(Models::single(&model), opts.ctx, kv)
-        .with_context(|| format!("opening --device {}", a.common.device))?;
+    let mut dec = a.common.decoder(device, Models::single(&model), opts.ctx)?;
     let r = perplexity_on(&mut *dec, &tokens, &opts, |done, _| {
         bar.set_position(done as u64)
     })?;
