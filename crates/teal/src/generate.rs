@@ -31,7 +31,7 @@ pub struct GenerateParams {
 /// in pieces of this many bytes of logits (16 to 1024 positions). Fewer, larger pieces cost
 /// less: each piece dequantizes the LM head for its matrix product, and its logits are a
 /// fresh mapping (SmolLM2 q8, a 666-token prompt: 3.3 s in pieces of 64 positions, 1.9 s in
-/// pieces of 256, against 1.1 s for the prompt without logits).
+/// pieces of 256, 1.6 s in this size's 341, against 1.1 s for the prompt without logits).
 pub const LOGITS_CHUNK_BYTES: usize = 64 << 20;
 
 /// A token's log-probability under the model (natural log, after the softmax of the raw
