@@ -153,6 +153,19 @@ impl ApiError {
         }
     }
 
+    /// The engine's queue is closed: no job can be sent.
+    fn engine_stopped() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the engine has stopped".into(),
+        }
+    }
+
+    /// The engine let go of a job's reply channel without answering.
+    fn engine_dropped() -> ApiError {
+        ApiError::internal("the engine dropped the request")
+    }
+
     fn body(&self) -> Value {
         let kind = if self.status.is_client_error() {
             "invalid_request_error"
@@ -407,16 +420,12 @@ pub fn serve(
 async fn tokenizer_answer(st: &AppState, job: TokenizerJob) -> Response {
     let (reply, rx) = oneshot::channel();
     if st.jobs.send(Job::Tokenizer(job, reply)).is_err() {
-        return ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the engine has stopped".into(),
-        }
-        .into_response();
+        return ApiError::engine_stopped().into_response();
     }
     match rx.await {
         Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(e)) => e.into_response(),
-        Err(_) => ApiError::internal("the engine dropped the request").into_response(),
+        Err(_) => ApiError::engine_dropped().into_response(),
     }
 }
 
@@ -911,7 +920,7 @@ async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
         let first = match rx.recv().await {
             Some(Event::Failed(e)) => return e.into_response(),
             Some(ev) => ev,
-            None => return ApiError::internal("the engine dropped the request").into_response(),
+            None => return ApiError::engine_dropped().into_response(),
         };
         if r.stream {
             return stream_answer(a, first, rx).into_response();
@@ -923,9 +932,7 @@ async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
                 Some(Event::Text(t)) => text.push_str(&t),
                 Some(Event::Done(s)) => break results.push((text, s)),
                 Some(Event::Failed(e)) => return e.into_response(),
-                None => {
-                    return ApiError::internal("the engine dropped the request").into_response()
-                }
+                None => return ApiError::engine_dropped().into_response(),
             }
             ev = rx.recv().await;
         }
@@ -950,10 +957,7 @@ fn submit(
         cache_prompt: r.cache_prompt,
         events,
     });
-    st.jobs.send(job).map_err(|_| ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: "the engine has stopped".into(),
-    })?;
+    st.jobs.send(job).map_err(|_| ApiError::engine_stopped())?;
     Ok(rx)
 }
 
