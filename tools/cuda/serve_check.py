@@ -1,0 +1,57 @@
+# GPU serve check: prompt cache, scoring, tokenizer endpoints of `teal serve --device cuda:0`, a CPU
+# server on the same model file as the reference. Usage: python3 serve_check.py [DIR] (DIR holds
+# teal-head, smol4.gguf from examples/gguf_keep_layers, wiki20k.txt; default .devcarry).
+import json, subprocess, sys, time, urllib.request
+D = sys.argv[1] if len(sys.argv) > 1 else ".devcarry"  # teal-head, smol4.gguf, wiki20k.txt
+def start(port, extra):
+    p = subprocess.Popen([f"{D}/teal-head", "serve", "-m", f"{D}/smol4.gguf", "--port", str(port), "-c", "1024"] + extra,
+                         stdout=subprocess.DEVNULL, stderr=open(f"/tmp/serve{port}.log", "w"))
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1); return p
+        except Exception: time.sleep(0.2)
+    raise SystemExit(f"server {port} did not start: " + open(f"/tmp/serve{port}.log").read()[-2000:])
+def post(port, path, body):
+    r = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        return json.load(urllib.request.urlopen(r, timeout=120))
+    except urllib.error.HTTPError as e:
+        return {"http_error": e.code, "body": e.read().decode()[:300]}
+gpu = start(8081, ["--device", "cuda:0", "--gpu-dtype", "f16"])
+cpu = start(8082, ["--kv-dtype", "f32"])
+ok = True
+def check(name, cond, info=""):
+    global ok
+    ok &= bool(cond); print(("PASS " if cond else "FAIL ") + name, info)
+P = "The capital of France is"
+def comp(port, **kw):
+    b = {"prompt": P, "max_tokens": 16, "temperature": 0}; b.update(kw); return post(port, "/v1/completions", b)
+a = comp(8081); print("gpu text:", repr(a["choices"][0]["text"]), a["usage"])
+c = comp(8082); print("cpu text:", repr(c["choices"][0]["text"]))
+check("gpu greedy text equals cpu", a["choices"][0]["text"] == c["choices"][0]["text"])
+b = comp(8081); cached = b["usage"].get("prompt_tokens_details", {}).get("cached_tokens")
+check("repeat reuses all but the last prompt token", cached == a["usage"]["prompt_tokens"] - 1, f"cached={cached}")
+check("repeat gives the same text", b["choices"][0]["text"] == a["choices"][0]["text"])
+n = comp(8081, cache_prompt=False)
+check("cache_prompt false: same text, 0 cached", n["choices"][0]["text"] == a["choices"][0]["text"] and n["usage"].get("prompt_tokens_details", {}).get("cached_tokens") == 0)
+P2 = P + a["choices"][0]["text"] + " And the capital of Spain is"
+x = comp(8081, prompt=P2); y = comp(8081, prompt=P2, cache_prompt=False)
+check("continued prompt: cached text equals fresh", x["choices"][0]["text"] == y["choices"][0]["text"], f"cached={x['usage'].get('prompt_tokens_details')} timings={x.get('timings')}")
+W = open(f"{D}/wiki20k.txt").read()[:3000]
+def score(port, **kw):
+    return post(port, "/v1/completions", dict(prompt=W, max_tokens=0, echo=True, logprobs=3, **kw))
+g1 = score(8081); g2 = score(8081); cs = score(8082)
+def lps(r): return r["choices"][0]["logprobs"]["token_logprobs"]
+l1, l2, lc = lps(g1), lps(g2), lps(cs)
+check("echo twice on gpu: identical entries (second from the cache)", l1 == l2, f"n={len(l1)} cached={g2['usage'].get('prompt_tokens_details')}")
+d = max(abs(p - q) for p, q in zip(l1[1:], lc[1:]))
+nll_g = -sum(l1[1:]) / (len(l1) - 1); nll_c = -sum(lc[1:]) / (len(lc) - 1)
+check("gpu echo log-probs near cpu (f16 weights vs f32)", len(l1) == len(lc) and d < 0.1, f"max|diff|={d:.4g} mean nll gpu {nll_g:.5f} cpu {nll_c:.5f}")
+t = post(8081, "/tokenize", {"content": P}); dt = post(8081, "/detokenize", {"tokens": t.get("tokens", [])})
+check("tokenize/detokenize round trip", dt.get("content") == P, f"{t} {dt}")
+ch = post(8081, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2})
+check("chat with logprobs", "choices" in ch and len(ch["choices"][0]["logprobs"]["content"]) > 0, json.dumps(ch)[:300])
+st = urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:8081/v1/completions", json.dumps({"prompt": P, "max_tokens": 8, "stream": True, "temperature": 0}).encode(), {"Content-Type": "application/json"}), timeout=60).read().decode()
+check("stream ends with [DONE]", st.strip().endswith("[DONE]"), st[:200].replace("\n", " | "))
+gpu.terminate(); cpu.terminate()
+print("ALL PASS" if ok else "SOME FAILED")
