@@ -675,7 +675,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     if !a.chat {
         write!(out, "{text}")?;
     }
-    let g = generate_on(&mut *dec, tok, &prompt, &params, |piece| {
+    let g = generate_on(&mut *dec, tok, &prompt, &params, |piece, _| {
         let ok = write!(out, "{piece}").and_then(|_| out.flush()).is_ok();
         ok
     })?;
@@ -748,7 +748,7 @@ fn chat_loop(
         let prompt = encode_prompt(tok, &Prompt::Chat(msgs.clone()))?;
         let mut out = std::io::stdout().lock();
         let mut reply = String::new();
-        let g = session.generate(tok, &prompt, params, |piece| {
+        let g = session.generate(tok, &prompt, params, |piece, _| {
             reply.push_str(piece);
             write!(out, "{piece}").and_then(|_| out.flush()).is_ok()
         });

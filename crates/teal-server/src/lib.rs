@@ -11,7 +11,8 @@
 //!   `logprobs: k` gives each token's log-probability and its `k` most likely alternatives, and
 //!   with `echo` also the prompt's tokens (`max_tokens` may then be 0): what lm-evaluation-harness's
 //!   `local-completions` asks for its log-likelihood tasks. Chat takes `logprobs: true` and
-//!   `top_logprobs: k`.
+//!   `top_logprobs: k`. Streamed, each chunk carries its tokens' entries; a stop sequence cuts
+//!   the entries where it cuts the text (after the last token that starts before it).
 //! - Prompt caching, as llama.cpp's `cache_prompt` (default on): a request whose prompt starts
 //!   with the tokens of the previous request (its prompt and answer: a chat's next turn) reuses
 //!   their keys and values and runs only the rest; `usage.prompt_tokens_details.cached_tokens`
@@ -37,6 +38,7 @@ use axum::{Json, Router};
 use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -96,7 +98,14 @@ pub struct Generate {
 /// What the engine reports for a job: text as it is generated, then one `Done` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// The next piece of the answer's text, and with `logprobs` the entries of the tokens
+    /// whose text starts in it (a token whose text is held back, as the possible start of a
+    /// stop sequence, comes with the piece that releases it; tokens from a stop sequence on
+    /// never come).
+    Text {
+        text: String,
+        logprobs: Vec<TokenInfo>,
+    },
     Done(Summary),
     Failed(ApiError),
 }
@@ -116,9 +125,9 @@ pub struct Summary {
     pub decode_secs: f64,
     /// With `echo`: the prompt's text, which the answer's text starts with.
     pub echo: Option<String>,
-    /// With `logprobs`: the prompt's tokens (with `echo`; the first has no log-probability),
-    /// then the generated ones.
-    pub logprobs: Option<Vec<TokenInfo>>,
+    /// With `echo` and `logprobs`: the prompt's tokens' entries (the first has no
+    /// log-probability), which come before those of the generated tokens.
+    pub prompt_logprobs: Vec<TokenInfo>,
 }
 
 /// One token of an answer with `logprobs`: its text and bytes, its log-probability, and the
@@ -245,16 +254,35 @@ fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate) {
         session.forget();
     }
     let mut filter = StopFilter::new(job.stop);
-    let result = session.generate(tok, &tokens, &params, |piece| {
+    // Generated tokens with entries not sent yet, each with the byte offset in the generated
+    // text where its own text starts; `raw` bytes generated, `sent` of them released.
+    let mut pending = VecDeque::new();
+    let (mut raw, mut sent) = (0, 0);
+    // Sends `text` with the entries of the pending tokens that start before byte `sent`;
+    // false once the client has gone.
+    let release = |text: String, sent: usize, pending: &mut VecDeque<(usize, TokenInfo)>| {
+        let n = pending.iter().take_while(|(at, _)| *at < sent).count();
+        let logprobs: Vec<TokenInfo> = pending.drain(..n).map(|(_, t)| t).collect();
+        (text.is_empty() && logprobs.is_empty()) || send(Event::Text { text, logprobs })
+    };
+    let result = session.generate(tok, &tokens, &params, |piece, entry| {
+        if let Some(e) = entry {
+            pending.push_back((raw, token_info(tok, e.token, Some(e.logprob), &e.top)));
+        }
+        raw += piece.len();
         let text = filter.push(piece);
-        // A closed channel means the client has gone: stop generating for it.
-        (text.is_empty() || send(Event::Text(text))) && !filter.hit()
+        sent += text.len();
+        release(text, sent, &mut pending) && !filter.hit()
     });
     match result {
         Ok(g) => {
-            let rest = filter.finish();
-            if !rest.is_empty() && !send(Event::Text(rest)) {
-                return;
+            if !filter.hit() {
+                // Generation ended without a stop sequence: the held-back text and every
+                // remaining entry go out.
+                let rest = filter.finish();
+                if !release(rest, usize::MAX, &mut pending) {
+                    return;
+                }
             }
             let finish_reason = match g.stop {
                 StopReason::MaxTokens | StopReason::ContextFull => "length",
@@ -264,40 +292,16 @@ fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate) {
                 Prompt::Text(t) => t.clone(),
                 _ => tok.decode(&tokens).unwrap_or_default(),
             });
-            let logprobs = job.logprobs.map(|_| {
-                let info = |t: u32, logprob: Option<f32>, top: &[(u32, f32)]| TokenInfo {
-                    text: tok.token_str(t).unwrap_or_default(),
-                    bytes: token_bytes(tok, t),
-                    logprob,
-                    top: top
-                        .iter()
-                        .map(|&(a, lp)| {
-                            (
-                                tok.token_str(a).unwrap_or_default(),
-                                token_bytes(tok, a),
-                                lp,
-                            )
-                        })
-                        .collect(),
-                };
-                let prompt = job.echo.then(|| {
-                    let first = info(tokens[0], None, &[]);
-                    let rest = g
-                        .prompt_logprobs
-                        .iter()
-                        .map(|e| info(e.token, Some(e.logprob), &e.top));
-                    std::iter::once(first).chain(rest).collect::<Vec<_>>()
-                });
-                let generated = g
-                    .logprobs
-                    .iter()
-                    .map(|e| info(e.token, Some(e.logprob), &e.top));
-                prompt
-                    .unwrap_or_default()
-                    .into_iter()
-                    .chain(generated)
-                    .collect()
-            });
+            let prompt_logprobs = match job.logprobs.is_some() && job.echo {
+                true => std::iter::once(token_info(tok, tokens[0], None, &[]))
+                    .chain(
+                        g.prompt_logprobs
+                            .iter()
+                            .map(|e| token_info(tok, e.token, Some(e.logprob), &e.top)),
+                    )
+                    .collect(),
+                false => Vec::new(),
+            };
             send(Event::Done(Summary {
                 finish_reason,
                 prompt_tokens: g.prompt_tokens,
@@ -307,7 +311,7 @@ fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate) {
                 decode_tokens: g.decode_tokens,
                 decode_secs: g.decode_secs,
                 echo,
-                logprobs,
+                prompt_logprobs,
             }));
         }
         Err(
@@ -320,6 +324,25 @@ fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate) {
         Err(e) => {
             send(Event::Failed(ApiError::internal(e.to_string())));
         }
+    }
+}
+
+/// A token's entry for an answer: its text and bytes, log-probability and alternatives.
+fn token_info(tok: &Tokenizer, t: u32, logprob: Option<f32>, top: &[(u32, f32)]) -> TokenInfo {
+    TokenInfo {
+        text: tok.token_str(t).unwrap_or_default(),
+        bytes: token_bytes(tok, t),
+        logprob,
+        top: top
+            .iter()
+            .map(|&(a, lp)| {
+                (
+                    tok.token_str(a).unwrap_or_default(),
+                    token_bytes(tok, a),
+                    lp,
+                )
+            })
+            .collect(),
     }
 }
 
@@ -603,9 +626,6 @@ fn check_options(
                 "logprobs = {k}: at most {MAX_LOGPROBS} alternatives per token"
             )));
         }
-        if stream {
-            return Err(ApiError::bad_request("logprobs: not available with stream"));
-        }
     }
     if echo && stream {
         return Err(ApiError::bad_request("echo: not available with stream"));
@@ -763,37 +783,46 @@ impl Answer {
         })
     }
 
-    /// The whole answer of a request without streaming: one choice per prompt.
-    fn full(&self, results: Vec<(String, Summary)>) -> Value {
+    /// The whole answer of a request without streaming: one choice per prompt, each its text,
+    /// its entries with `logprobs`, and its summary.
+    fn full(&self, results: Vec<(String, Option<Vec<TokenInfo>>, Summary)>) -> Value {
         let choices = results
             .iter()
             .enumerate()
-            .map(|(i, (text, s))| match self.kind {
+            .map(|(i, (text, lp, s))| match self.kind {
                 Kind::Completion => json!({
                     "index": i,
                     "text": format!("{}{text}", s.echo.as_deref().unwrap_or_default()),
-                    "logprobs": s.logprobs.as_deref().map(completion_logprobs),
+                    "logprobs": lp.as_deref().map(|t| completion_logprobs(t, 0)),
                     "finish_reason": s.finish_reason,
                 }),
                 Kind::Chat => json!({
                     "index": i,
                     "message": {"role": "assistant", "content": text},
-                    "logprobs": s.logprobs.as_deref().map(chat_logprobs),
+                    "logprobs": lp.as_deref().map(chat_logprobs),
                     "finish_reason": s.finish_reason,
                 }),
             })
             .collect();
         let mut v = self.envelope(false, choices);
-        add_usage(&mut v, results.iter().map(|(_, s)| s));
+        add_usage(&mut v, results.iter().map(|(_, _, s)| s));
         v
     }
 
-    /// A streamed chunk: a piece of text, or with `finish` the last one.
-    fn chunk(&self, text: Option<String>, finish: Option<&Summary>) -> Value {
+    /// A streamed chunk: a piece of text, or with `finish` the last one. With `logprobs`, the
+    /// entries of the piece's tokens and the characters of text streamed before it (where the
+    /// completion's `text_offset` counts from).
+    fn chunk(
+        &self,
+        text: Option<String>,
+        logprobs: Option<(&[TokenInfo], usize)>,
+        finish: Option<&Summary>,
+    ) -> Value {
         let reason = finish.map(|s| s.finish_reason);
         let choice = match self.kind {
             Kind::Completion => {
-                json!({"index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": reason})
+                let lp = logprobs.map(|(t, at)| completion_logprobs(t, at));
+                json!({"index": 0, "text": text.unwrap_or_default(), "logprobs": lp, "finish_reason": reason})
             }
             Kind::Chat => {
                 let delta = match text {
@@ -801,7 +830,8 @@ impl Answer {
                     None if finish.is_none() => json!({"role": "assistant", "content": ""}),
                     None => json!({}),
                 };
-                json!({"index": 0, "delta": delta, "finish_reason": reason})
+                let lp = logprobs.map(|(t, _)| chat_logprobs(t));
+                json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason})
             }
         };
         let mut v = self.envelope(true, vec![choice]);
@@ -814,9 +844,8 @@ impl Answer {
 
 /// OpenAI's completion `logprobs`: token texts, their log-probabilities (`null` for the first
 /// prompt token), the alternatives as `{text: logprob}` and each token's character offset in
-/// the choice's text.
-fn completion_logprobs(tokens: &[TokenInfo]) -> Value {
-    let mut offset = 0;
+/// the choice's text, the first at `offset`.
+fn completion_logprobs(tokens: &[TokenInfo], mut offset: usize) -> Value {
     let text_offset: Vec<usize> = tokens
         .iter()
         .map(|t| {
@@ -923,14 +952,22 @@ async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
             None => return ApiError::engine_dropped().into_response(),
         };
         if r.stream {
-            return stream_answer(a, first, rx).into_response();
+            return stream_answer(a, r.logprobs.is_some(), first, rx).into_response();
         }
-        let mut text = String::new();
+        let (mut text, mut entries) = (String::new(), Vec::new());
         let mut ev = Some(first);
         loop {
             match ev {
-                Some(Event::Text(t)) => text.push_str(&t),
-                Some(Event::Done(s)) => break results.push((text, s)),
+                Some(Event::Text { text: t, logprobs }) => {
+                    text.push_str(&t);
+                    entries.extend(logprobs);
+                }
+                Some(Event::Done(s)) => {
+                    let lp = r
+                        .logprobs
+                        .map(|_| [s.prompt_logprobs.clone(), entries].concat());
+                    break results.push((text, lp, s));
+                }
                 Some(Event::Failed(e)) => return e.into_response(),
                 None => return ApiError::engine_dropped().into_response(),
             }
@@ -961,20 +998,25 @@ fn submit(
     Ok(rx)
 }
 
-/// Server-sent events: a chat's first chunk names the role, then one chunk per piece of text,
-/// the last chunk with the finish reason, usage and timings, then `[DONE]`. An error after the
-/// first event is sent as an `{"error": ...}` event and ends the stream.
+/// Server-sent events: a chat's first chunk names the role, then one chunk per piece of text
+/// (with `logprobs`, its tokens' entries), the last chunk with the finish reason, usage and
+/// timings, then `[DONE]`. An error after the first event is sent as an `{"error": ...}` event
+/// and ends the stream.
 fn stream_answer(
     a: Answer,
+    logprobs: bool,
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let data = |v: Value| SseEvent::default().data(v.to_string());
     let head: Vec<SseEvent> = match a.kind {
-        Kind::Chat => vec![data(a.chunk(None, None))],
+        Kind::Chat => vec![data(a.chunk(None, None, None))],
         Kind::Completion => vec![],
     };
-    let events = stream::unfold((Some(first), rx, false), move |(next, mut rx, ended)| {
+    // State: the next event if already received, the receiver, the characters streamed so
+    // far, and whether the stream has ended.
+    let start = (Some(first), rx, 0, false);
+    let events = stream::unfold(start, move |(next, mut rx, chars, ended)| {
         let a = a.clone();
         async move {
             if ended {
@@ -984,18 +1026,23 @@ fn stream_answer(
                 Some(ev) => ev,
                 None => rx.recv().await?,
             };
-            let (out, ended) = match ev {
-                Event::Text(t) => (vec![data(a.chunk(Some(t), None))], false),
+            let (out, chars, ended) = match ev {
+                Event::Text { text, logprobs: t } => {
+                    let n = chars + text.chars().count();
+                    let lp = logprobs.then_some((t.as_slice(), chars));
+                    (vec![data(a.chunk(Some(text), lp, None))], n, false)
+                }
                 Event::Done(s) => (
                     vec![
-                        data(a.chunk(None, Some(&s))),
+                        data(a.chunk(None, None, Some(&s))),
                         SseEvent::default().data("[DONE]"),
                     ],
+                    chars,
                     true,
                 ),
-                Event::Failed(e) => (vec![data(e.body())], true),
+                Event::Failed(e) => (vec![data(e.body())], chars, true),
             };
-            Some((stream::iter(out), (None, rx, ended)))
+            Some((stream::iter(out), (None, rx, chars, ended)))
         }
     })
     .flatten();

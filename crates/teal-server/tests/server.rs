@@ -109,7 +109,7 @@ fn engine_text(path: &std::path::Path, prompt: &Prompt, n: usize) -> String {
         &files.tokenizer,
         &ids,
         &params,
-        |p| {
+        |p, _| {
             text.push_str(p);
             true
         },
@@ -419,8 +419,9 @@ async fn scoring_with_echo_and_logprobs_matches_llama_cpp() {
     let req = json!({
         "messages": [{"role": "user", "content": "What is 2+2?"}],
         "logprobs": true, "top_logprobs": 2, "max_tokens": 4, "temperature": 0,
+        "cache_prompt": false,
     });
-    let (s, v) = call_json(&tx, "/v1/chat/completions", req).await;
+    let (s, v) = call_json(&tx, "/v1/chat/completions", req.clone()).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(content.len(), 4);
@@ -437,39 +438,87 @@ async fn scoring_with_echo_and_logprobs_matches_llama_cpp() {
             t["token"].as_str().unwrap().len()
         );
     }
+    // Streamed, the deltas carry the same entries (no cached prefix in either request, so the
+    // same computation).
+    let mut streamed = req;
+    streamed["stream"] = json!(true);
+    let (s, body) = call(&tx, "/v1/chat/completions", Some(&streamed.to_string())).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let events = sse_data(&body);
+    let pieces: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(&pieces, content);
 }
 
-/// A stop sequence ends the text just before it, whole or streamed.
+/// A stop sequence ends the text just before it, whole or streamed; with `logprobs` the entries
+/// end with the last token that starts before the stop sequence (here " answer", whose space is
+/// the text's last character), and a stream carries the same entries piece by piece, their
+/// `text_offset` counted over the whole text. (Each request runs its whole prompt, so that the
+/// log-probabilities are computed the same way and compare exactly.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_sequences_cut_the_text() {
+async fn stop_sequences_cut_the_text_and_the_logprobs() {
     let Some((tx, _)) = engine() else { return };
+    let plain = json!({
+        "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "logprobs": 2,
+        "cache_prompt": false,
+    });
+    let (s, v) = call_json(&tx, "/v1/completions", plain.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let all = v["choices"][0]["logprobs"].clone();
+    assert_eq!(all["tokens"].as_array().unwrap().len(), 12);
+    let cut = " Paris.\n\nThe ";
+    let starts_before_cut = all["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take_while(|o| o.as_u64().unwrap() < cut.chars().count() as u64)
+        .count();
+    let expected = |key: &str| json!(all[key].as_array().unwrap()[..starts_before_cut]);
     for stream in [false, true] {
-        let req = json!({
-            "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
-            "stop": ["answer", "zzz"], "stream": stream,
-        });
+        let mut req = plain.clone();
+        req["stop"] = json!(["answer", "zzz"]);
+        req["stream"] = json!(stream);
         let (s, body) = call(&tx, "/v1/completions", Some(&req.to_string())).await;
         assert_eq!(s, StatusCode::OK, "{body}");
-        let (text, finish) = if stream {
+        let (text, finish, lp) = if stream {
             let ev = sse_data(&body);
             let chunks = &ev[..ev.len() - 1];
             let t: String = chunks
                 .iter()
                 .map(|c| c["choices"][0]["text"].as_str().unwrap())
                 .collect();
-            (
-                t,
-                chunks.last().unwrap()["choices"][0]["finish_reason"].clone(),
-            )
+            let mut lp =
+                json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+            for c in chunks
+                .iter()
+                .filter(|c| !c["choices"][0]["logprobs"].is_null())
+            {
+                for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                    let part = c["choices"][0]["logprobs"][key].as_array().unwrap().clone();
+                    lp[key].as_array_mut().unwrap().extend(part);
+                }
+            }
+            let last = chunks.last().unwrap()["choices"][0]["finish_reason"].clone();
+            (t, last, lp)
         } else {
             let v: Value = serde_json::from_str(&body).unwrap();
+            let c = &v["choices"][0];
             (
-                v["choices"][0]["text"].as_str().unwrap().to_string(),
-                v["choices"][0]["finish_reason"].clone(),
+                c["text"].as_str().unwrap().to_string(),
+                c["finish_reason"].clone(),
+                c["logprobs"].clone(),
             )
         };
-        assert_eq!(text, " Paris.\n\nThe ", "stream: {stream}");
+        assert_eq!(text, cut, "stream: {stream}");
         assert_eq!(finish, "stop");
+        assert_eq!(starts_before_cut, 6, "{all}");
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            assert_eq!(lp[key], expected(key), "stream: {stream}, {key}");
+        }
     }
 }
 
@@ -511,11 +560,6 @@ async fn bad_requests_get_clear_errors() {
             "/v1/completions",
             json!({"prompt": "x", "logprobs": 21}).to_string(),
             "at most 20",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": "x", "logprobs": 2, "stream": true}).to_string(),
-            "not available with stream",
         ),
         (
             "/v1/chat/completions",

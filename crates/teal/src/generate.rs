@@ -120,14 +120,16 @@ impl<'a> Models<'a> {
     }
 }
 
-/// Generates up to `params.max_tokens` tokens after `prompt` on the CPU. `on_text` receives
-/// each new piece of text as soon as it is complete UTF-8 and returns `false` to stop.
+/// Generates up to `params.max_tokens` tokens after `prompt` on the CPU. `on_text` is called
+/// once per generated token with the new text that token completes (empty while a character
+/// is still incomplete UTF-8) and, with [`GenerateParams::logprobs`], the token's entry; it
+/// returns `false` to stop.
 pub fn generate(
     models: Models<'_>,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    on_text: impl FnMut(&str) -> bool,
+    on_text: impl FnMut(&str, Option<&TokenLogprob>) -> bool,
 ) -> Result<Generation> {
     let mut dec = CpuDecoder::new(models, params.ctx);
     generate_on(&mut dec, tokenizer, prompt, params, on_text)
@@ -140,7 +142,7 @@ pub fn generate_on(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    on_text: impl FnMut(&str) -> bool,
+    on_text: impl FnMut(&str, Option<&TokenLogprob>) -> bool,
 ) -> Result<Generation> {
     check_prompt(dec, prompt)?;
     generate_after(dec, 0, Vec::new(), tokenizer, prompt, params, on_text)
@@ -195,7 +197,7 @@ impl<'d> Session<'d> {
         tokenizer: &Tokenizer,
         prompt: &[u32],
         params: &GenerateParams,
-        on_text: impl FnMut(&str) -> bool,
+        on_text: impl FnMut(&str, Option<&TokenLogprob>) -> bool,
     ) -> Result<Generation> {
         check_prompt(self.dec, prompt)?;
         let common = self
@@ -282,7 +284,7 @@ fn generate_after(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    mut on_text: impl FnMut(&str) -> bool,
+    mut on_text: impl FnMut(&str, Option<&TokenLogprob>) -> bool,
 ) -> Result<Generation> {
     let ctx = dec.capacity();
     if keep == 0 {
@@ -340,9 +342,10 @@ fn generate_after(
             break StopReason::Eos;
         }
         tokens.push(next);
-        logprobs.extend(next_lp.take());
         let piece = stream.push(next)?;
-        if !on_text(&piece) {
+        let go_on = on_text(&piece, next_lp.as_ref());
+        logprobs.extend(next_lp.take());
+        if !go_on {
             break StopReason::Caller;
         }
         if tokens.len() >= params.max_tokens {

@@ -52,7 +52,7 @@ fn greedy(files: &ModelFiles, prompt: &str, n: usize) -> (Vec<u32>, String) {
         tok,
         &ids,
         &params,
-        |p| {
+        |p, _| {
             text.push_str(p);
             true
         },
