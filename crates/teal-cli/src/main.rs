@@ -17,7 +17,7 @@ use teal::eval::sparse::{compare, compare_on};
 use teal::generate::{generate_on, GenerateParams, Generation, Models, Session};
 use teal::kv_cache::KvDtype;
 use teal::linear::InputMask;
-use teal::sampler::SamplerConfig;
+use teal::sampler::{Penalties, SamplerConfig};
 use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
 use teal::sparsity::greedy::GreedyOptions;
 use teal::sparsity::thresholds::{check_target, Fingerprint};
@@ -315,6 +315,22 @@ struct RunArgs {
     /// Nucleus cut (1: off).
     #[arg(long, default_value_t = 0.95)]
     top_p: f32,
+    /// Drop tokens less likely than this times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty on tokens among the last --repeat-last-n: positive logits divided by it,
+    /// negative ones multiplied (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// How many recent tokens (prompt and generated) the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Subtracted once from the logit of every token among the recent ones (0: off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtracted from a recent token's logit per occurrence (0: off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -634,6 +650,22 @@ fn generation_ctx(ctx: Option<usize>, files: &ModelFiles) -> usize {
 
 fn cmd_run(a: RunArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
+    let sampler = SamplerConfig {
+        temperature: a.temp,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        seed: a.seed,
+        penalties: Penalties {
+            last_n: a.repeat_last_n,
+            repeat: a.repeat_penalty,
+            presence: a.presence_penalty,
+            frequency: a.frequency_penalty,
+        },
+    };
+    sampler
+        .check()
+        .map_err(|e| anyhow::anyhow!("sampling: {e}"))?;
     let device = a.common.device()?;
     let files = a.common.open()?;
     let tok = &files.tokenizer;
@@ -643,12 +675,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let ctx = generation_ctx(a.ctx, &files);
     let params = GenerateParams {
         max_tokens: a.n_predict,
-        sampler: SamplerConfig {
-            temperature: a.temp,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
+        sampler,
         ctx,
         stop_at_eos: !a.ignore_eos,
         logprobs: None,

@@ -5,7 +5,8 @@
 //! - `GET /health`, `GET /v1/models`
 //! - `POST /v1/completions` (`prompt`) and `POST /v1/chat/completions` (`messages`, rendered with
 //!   the model's chat template), both with `"stream": true` as server-sent events ending in
-//!   `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`; answers carry
+//!   `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repeat_penalty`,
+//!   `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `seed`, `stop`; answers carry
 //!   `usage` and llama.cpp's `timings` (prompt and decode tokens per second).
 //! - Scoring: a completion's `prompt` may be token ids, or a list of prompts (one choice each);
 //!   `logprobs: k` gives each token's log-probability and its `k` most likely alternatives, and
@@ -45,7 +46,7 @@ use std::sync::Arc;
 use teal::chat::{encode_prompt, Message, Prompt};
 use teal::device::Decoder;
 use teal::generate::{GenerateParams, Session, StopReason};
-use teal::sampler::SamplerConfig;
+use teal::sampler::{Penalties, SamplerConfig};
 use teal::tokenizer::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 
@@ -524,6 +525,12 @@ struct Options {
     top_p: Option<f32>,
     top_k: Option<usize>,
     seed: Option<u64>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    /// llama.cpp's: -1 for the whole context.
+    repeat_last_n: Option<i64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     stream: Option<bool>,
     stop: Option<OneOrMany>,
     n: Option<usize>,
@@ -598,7 +605,8 @@ struct Request {
     stream: bool,
 }
 
-/// Defaults as llama.cpp's server (and `teal run`): temperature 0.8, top-k 40, top-p 0.95.
+/// Defaults as llama.cpp's server (and `teal run`): temperature 0.8, top-k 40, top-p 0.95,
+/// min-p 0.05, no penalties (over the last 64 tokens when set).
 fn check_options(
     o: Options,
     prompts: Vec<Prompt>,
@@ -636,18 +644,6 @@ fn check_options(
             "max_tokens must be at least 1 (0 only with echo)",
         ));
     }
-    let temperature = o.temperature.unwrap_or(0.8);
-    if !(temperature.is_finite() && temperature >= 0.0) {
-        return Err(ApiError::bad_request(format!(
-            "temperature = {temperature}: must be a finite number >= 0 (0: greedy)"
-        )));
-    }
-    let top_p = o.top_p.unwrap_or(0.95);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad_request(format!(
-            "top_p = {top_p}: must be in (0, 1]"
-        )));
-    }
     let stop = o.stop.map(OneOrMany::into_vec).unwrap_or_default();
     if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
         return Err(ApiError::bad_request(
@@ -659,17 +655,35 @@ fn check_options(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
     });
+    let repeat_last_n = match o.repeat_last_n {
+        None => Penalties::default().last_n,
+        Some(-1) => usize::MAX,
+        Some(n) => usize::try_from(n).map_err(|_| {
+            ApiError::bad_request(format!(
+                "repeat_last_n = {n}: must be >= 0, or -1 for the whole context"
+            ))
+        })?,
+    };
+    let sampler = SamplerConfig {
+        temperature: o.temperature.unwrap_or(0.8),
+        top_k: o.top_k.unwrap_or(40),
+        top_p: o.top_p.unwrap_or(0.95),
+        min_p: o.min_p.unwrap_or(0.05),
+        seed,
+        penalties: Penalties {
+            last_n: repeat_last_n,
+            repeat: o.repeat_penalty.unwrap_or(1.0),
+            presence: o.presence_penalty.unwrap_or(0.0),
+            frequency: o.frequency_penalty.unwrap_or(0.0),
+        },
+    };
+    sampler.check().map_err(ApiError::bad_request)?;
     Ok(Request {
         prompts,
         logprobs,
         echo,
         max_tokens,
-        sampler: SamplerConfig {
-            temperature,
-            top_k: o.top_k.unwrap_or(40),
-            top_p,
-            seed,
-        },
+        sampler,
         stop,
         cache_prompt: o.cache_prompt.unwrap_or(true),
         stream,

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use teal::chat::{encode_prompt, Message, Prompt};
 use teal::device::CpuDecoder;
 use teal::generate::{generate, GenerateParams, Models};
-use teal::sampler::SamplerConfig;
+use teal::sampler::{Penalties, SamplerConfig};
 use teal::ModelFiles;
 use teal_server::{router, run_engine, Job, ModelInfo};
 use tower::ServiceExt;
@@ -87,17 +87,27 @@ fn sse_data(body: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Greedy text of the engine itself for `prompt`, up to `n` tokens (stopping at EOS).
-fn engine_text(path: &std::path::Path, prompt: &Prompt, n: usize) -> String {
+/// Greedy sampling settings.
+fn greedy() -> SamplerConfig {
+    SamplerConfig {
+        temperature: 0.0,
+        ..Default::default()
+    }
+}
+
+/// The text of the engine itself for `prompt`, up to `n` tokens (stopping at EOS).
+fn engine_text(
+    path: &std::path::Path,
+    prompt: &Prompt,
+    n: usize,
+    sampler: SamplerConfig,
+) -> String {
     let files = ModelFiles::open(path).unwrap();
     let model = files.load_model().unwrap();
     let ids = encode_prompt(&files.tokenizer, prompt).unwrap();
     let params = GenerateParams {
         max_tokens: n,
-        sampler: SamplerConfig {
-            temperature: 0.0,
-            ..Default::default()
-        },
+        sampler,
         ctx: CTX,
         stop_at_eos: true,
         logprobs: None,
@@ -164,7 +174,7 @@ async fn chat_completion_is_the_engines_answer_whole_and_streamed() {
         Message::new("system", "You are brief."),
         Message::new("user", "What is 2+2?"),
     ];
-    let expected = engine_text(&path, &Prompt::Chat(msgs), 40);
+    let expected = engine_text(&path, &Prompt::Chat(msgs), 40, greedy());
     assert!(!expected.is_empty());
     let req = json!({
         "model": "anything",
@@ -199,6 +209,51 @@ async fn chat_completion_is_the_engines_answer_whole_and_streamed() {
         events[events.len() - 2]["choices"][0]["finish_reason"],
         v["choices"][0]["finish_reason"]
     );
+}
+
+/// The sampling settings reach the engine: greedy with llama.cpp's repeat penalty and OpenAI's
+/// presence and frequency penalties gives the engine's own text with the same settings (not
+/// the plain greedy one), and a seeded sampled answer without settings is the engine's with
+/// llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). Each request
+/// runs its whole prompt, as the library call does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_settings_reach_the_engine() {
+    let Some((tx, path)) = engine() else { return };
+    let prompt = Prompt::Text("The capital of France is".into());
+    let penalized = SamplerConfig {
+        penalties: Penalties {
+            last_n: 64,
+            repeat: 1.3,
+            presence: 0.4,
+            frequency: 0.2,
+        },
+        ..greedy()
+    };
+    let expected = engine_text(&path, &prompt, 24, penalized);
+    assert_ne!(expected, engine_text(&path, &prompt, 24, greedy()));
+    let req = json!({
+        "prompt": "The capital of France is", "max_tokens": 24, "temperature": 0,
+        "repeat_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.2,
+        "cache_prompt": false,
+    });
+    let (s, v) = call_json(&tx, "/v1/completions", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], expected.as_str());
+
+    let defaults = SamplerConfig {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        seed: 5,
+        ..Default::default()
+    };
+    let expected = engine_text(&path, &prompt, 24, defaults);
+    let req = json!({"prompt": "The capital of France is", "max_tokens": 24, "seed": 5,
+                     "cache_prompt": false});
+    let (s, v) = call_json(&tx, "/v1/completions", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], expected.as_str());
 }
 
 /// Prompt caching on an engine of its own (so that no other test's request comes between):
@@ -238,7 +293,7 @@ async fn prompt_cache_reuses_the_shared_prefix() {
     // The 5 prompt tokens and the 11 answer tokens that were run (the 12th was not): the
     // answer's text tokenizes back to the generated tokens.
     let longer = format!("{first}{answer} The capital of Italy is");
-    let expected = engine_text(&path, &Prompt::Text(longer.clone()), 12);
+    let expected = engine_text(&path, &Prompt::Text(longer.clone()), 12, greedy());
     let (text, cached) = complete(longer, true).await;
     assert_eq!(text, expected);
     assert_eq!(cached, 16);
@@ -273,6 +328,7 @@ async fn prompt_cache_reuses_the_shared_prefix() {
             Message::new("user", "And 3+3?"),
         ]),
         24,
+        greedy(),
     );
     let (second, _, cached) = chat(msgs).await;
     assert_eq!(second, expected);
@@ -590,6 +646,27 @@ async fn bad_requests_get_clear_errors() {
             "/v1/completions",
             json!({"prompt": "x", "top_p": 0}).to_string(),
             "top_p",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "min_p": 1.5}).to_string(),
+            "min_p = 1.5: must be in [0, 1]",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "repeat_penalty": 0}).to_string(),
+            "repeat_penalty = 0: must be a finite number > 0",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 3})
+                .to_string(),
+            "presence_penalty = 3: must be in [-2, 2]",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "repeat_last_n": -2}).to_string(),
+            "repeat_last_n = -2: must be >= 0, or -1",
         ),
         (
             "/v1/completions",

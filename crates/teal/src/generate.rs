@@ -293,6 +293,10 @@ fn generate_after(
         dec.truncate(keep)?;
     }
     let mut sampler = Sampler::new(params.sampler.clone());
+    let recent = prompt.len().saturating_sub(params.sampler.penalties.last_n);
+    for &t in &prompt[recent..] {
+        sampler.accept(t);
+    }
     let mut stream = StreamDecoder::with_context(tokenizer, prompt);
 
     let t0 = Instant::now();

@@ -1,5 +1,8 @@
-//! Turning logits into the next token: greedy, or temperature / top-k / top-p sampling with a
-//! seeded generator. The candidate buffer is kept between calls, so sampling allocates nothing.
+//! Turning logits into the next token: greedy, or temperature / top-k / top-p / min-p sampling
+//! with a seeded generator, after optional repetition penalties over the recent tokens. The
+//! candidate buffers are kept between calls, so sampling allocates nothing.
+
+use std::collections::{HashMap, VecDeque};
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -11,7 +14,44 @@ pub struct SamplerConfig {
     pub top_k: usize,
     /// 1 means no nucleus cut.
     pub top_p: f32,
+    /// Drops the candidates less likely than `min_p` times the most likely one (after the
+    /// temperature, as the top-p cut); 0 means no cut.
+    pub min_p: f32,
     pub seed: u64,
+    pub penalties: Penalties,
+}
+
+impl SamplerConfig {
+    /// The settings' ranges, each error naming the setting (as the server's request field).
+    pub fn check(&self) -> Result<(), String> {
+        let p = &self.penalties;
+        let bad = |name: &str, v: f32, range: &str| Err(format!("{name} = {v}: must be {range}"));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(
+                "temperature",
+                self.temperature,
+                "a finite number >= 0 (0: greedy)",
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p, "in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p, "in [0, 1] (0: off)");
+        }
+        if !(p.repeat.is_finite() && p.repeat > 0.0) {
+            return bad("repeat_penalty", p.repeat, "a finite number > 0 (1: off)");
+        }
+        for (name, v) in [
+            ("presence_penalty", p.presence),
+            ("frequency_penalty", p.frequency),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(name, v, "in [-2, 2] (0: off)");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for SamplerConfig {
@@ -20,8 +60,45 @@ impl Default for SamplerConfig {
             temperature: 0.0,
             top_k: 40,
             top_p: 0.95,
+            min_p: 0.0,
             seed: 42,
+            penalties: Penalties::default(),
         }
+    }
+}
+
+/// Penalties on the tokens among the last `last_n` of the context (prompt and generated), applied
+/// to the logits before anything else, greedy included, as llama.cpp's penalties sampler: a
+/// seen token's logit is divided by `repeat` when positive and multiplied by it otherwise, then
+/// lowered by `presence` once and by `frequency` per occurrence (OpenAI's two penalties).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Penalties {
+    /// Tokens looked back over (0: no penalties), llama.cpp's `repeat_last_n`.
+    pub last_n: usize,
+    /// 1 means off.
+    pub repeat: f32,
+    /// 0 means off.
+    pub presence: f32,
+    /// 0 means off.
+    pub frequency: f32,
+}
+
+impl Default for Penalties {
+    /// Off, looking back over llama.cpp's default 64 tokens when switched on.
+    fn default() -> Self {
+        Penalties {
+            last_n: 64,
+            repeat: 1.0,
+            presence: 0.0,
+            frequency: 0.0,
+        }
+    }
+}
+
+impl Penalties {
+    /// Whether any penalty changes the logits.
+    pub fn active(&self) -> bool {
+        self.last_n > 0 && (self.repeat != 1.0 || self.presence != 0.0 || self.frequency != 0.0)
     }
 }
 
@@ -29,6 +106,11 @@ pub struct Sampler {
     cfg: SamplerConfig,
     rng: StdRng,
     cand: Vec<(f32, u32)>,
+    /// With penalties: the last `last_n` tokens of the context and how often each occurs.
+    recent: VecDeque<u32>,
+    counts: HashMap<u32, u32>,
+    /// With penalties: the penalized copy of the logits.
+    penalized: Vec<f32>,
 }
 
 /// Index of the largest value (the first one on ties), as llama.cpp's greedy sampler.
@@ -48,6 +130,9 @@ impl Sampler {
             rng: StdRng::seed_from_u64(cfg.seed),
             cfg,
             cand: Vec::new(),
+            recent: VecDeque::new(),
+            counts: HashMap::new(),
+            penalized: Vec::new(),
         }
     }
 
@@ -60,7 +145,55 @@ impl Sampler {
         self.rng.random::<f32>()
     }
 
+    /// Records a context token for the penalties (the prompt's; [`Sampler::sample`] records the
+    /// tokens it picks). Without penalties it does nothing.
+    pub fn accept(&mut self, token: u32) {
+        if !self.cfg.penalties.active() {
+            return;
+        }
+        self.recent.push_back(token);
+        *self.counts.entry(token).or_insert(0) += 1;
+        if self.recent.len() > self.cfg.penalties.last_n {
+            if let Some(old) = self.recent.pop_front() {
+                if let Some(c) = self.counts.get_mut(&old) {
+                    *c -= 1;
+                    if *c == 0 {
+                        self.counts.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next token: penalties, then greedy or [`Sampler::sample_with`] on the next
+    /// [`Sampler::draw`]; the token is recorded for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let token = if self.cfg.penalties.active() {
+            let mut v = std::mem::take(&mut self.penalized);
+            v.clear();
+            v.extend_from_slice(logits);
+            let p = &self.cfg.penalties;
+            for (&t, &count) in &self.counts {
+                if let Some(l) = v.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repeat
+                    } else {
+                        *l * p.repeat
+                    };
+                    *l -= p.presence + count as f32 * p.frequency;
+                }
+            }
+            let token = self.choose(&v);
+            self.penalized = v;
+            token
+        } else {
+            self.choose(logits)
+        };
+        self.accept(token);
+        token
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.cfg.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -68,8 +201,9 @@ impl Sampler {
         self.sample_with(logits, r)
     }
 
-    /// Temperature / top-k / top-p sampling with the uniform number `r` in [0, 1) given (what
-    /// [`Sampler::sample`] does with its next [`Sampler::draw`]).
+    /// Temperature / top-k / top-p / min-p sampling of `logits` as given (no penalties) with
+    /// the uniform number `r` in [0, 1) given (what [`Sampler::sample`] does with its next
+    /// [`Sampler::draw`]).
     pub fn sample_with(&mut self, logits: &[f32], r: f32) -> u32 {
         self.cand.clear();
         self.cand
@@ -104,6 +238,15 @@ impl Sampler {
                 }
             }
         }
+        // Min-p: the weights are relative to the first candidate's (1), so the cut is where
+        // they fall below min_p (never before the first).
+        if self.cfg.min_p > 0.0 {
+            keep = self.cand[..keep]
+                .iter()
+                .position(|c| c.0 < self.cfg.min_p)
+                .unwrap_or(keep)
+                .max(1);
+        }
         let kept_total: f32 = self.cand[..keep].iter().map(|c| c.0).sum();
         let mut r = r * kept_total;
         for c in &self.cand[..keep] {
@@ -137,6 +280,7 @@ mod tests {
             top_k: 1,
             top_p: 1.0,
             seed: 1,
+            ..Default::default()
         });
         assert_eq!(s.sample(&logits), argmax(&logits));
         let cfg = SamplerConfig {
@@ -144,6 +288,7 @@ mod tests {
             top_k: 20,
             top_p: 0.9,
             seed: 7,
+            ..Default::default()
         };
         let (mut a, mut b) = (Sampler::new(cfg.clone()), Sampler::new(cfg));
         let ra: Vec<u32> = (0..50).map(|_| a.sample(&logits)).collect();
@@ -160,6 +305,7 @@ mod tests {
             top_k: 0,
             top_p: 1.0,
             seed: 3,
+            ..Default::default()
         });
         let n = 20000;
         let ones = (0..n).filter(|_| s.sample(&logits) == 0).count() as f64 / n as f64;
@@ -175,7 +321,94 @@ mod tests {
             top_k: 0,
             top_p: 0.5,
             seed: 5,
+            ..Default::default()
         });
         assert!((0..1000).all(|_| s.sample(&logits) == 0));
+    }
+
+    #[test]
+    fn min_p_cuts_relative_to_the_most_likely() {
+        // Weights at temperature 1: 1, e^-1 = 0.368, e^-10.
+        let logits = [10.0f32, 9.0, 0.0];
+        let cfg = |min_p| SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p,
+            seed: 9,
+            ..Default::default()
+        };
+        let mut only = Sampler::new(cfg(0.5));
+        assert!((0..1000).all(|_| only.sample(&logits) == 0));
+        let mut two = Sampler::new(cfg(0.3));
+        let picks: Vec<u32> = (0..1000).map(|_| two.sample(&logits)).collect();
+        assert!(picks.contains(&0) && picks.contains(&1) && !picks.contains(&2));
+        // A cut above every weight but the first keeps the first.
+        let mut first = Sampler::new(cfg(1.0));
+        assert!((0..100).all(|_| first.sample(&logits) == 0));
+    }
+
+    fn greedy_with(p: Penalties) -> Sampler {
+        Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            penalties: p,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn penalties_follow_llama_cpp() {
+        let repeat = |r| Penalties {
+            repeat: r,
+            ..Default::default()
+        };
+        // Positive logits are divided, negative ones multiplied.
+        let mut s = greedy_with(repeat(1.1));
+        s.accept(0);
+        assert_eq!(s.sample(&[2.0, 1.9]), 1, "2.0 / 1.1 < 1.9");
+        let mut s = greedy_with(repeat(1.1));
+        s.accept(0);
+        assert_eq!(s.sample(&[-1.0, -1.05]), 1, "-1.0 * 1.1 < -1.05");
+        // Presence once, frequency per occurrence.
+        let mut s = greedy_with(Penalties {
+            presence: 0.5,
+            ..Default::default()
+        });
+        s.accept(0);
+        s.accept(0);
+        assert_eq!(
+            s.sample(&[1.0, 0.4]),
+            0,
+            "1.0 - 0.5 > 0.4: once, not per occurrence"
+        );
+        let mut s = greedy_with(Penalties {
+            frequency: 0.25,
+            ..Default::default()
+        });
+        s.accept(0);
+        s.accept(0);
+        assert_eq!(s.sample(&[1.0, 0.6]), 1, "1.0 - 2 x 0.25 < 0.6");
+        // Only the last `last_n` tokens count.
+        let mut s = greedy_with(Penalties {
+            last_n: 2,
+            presence: 1.0,
+            ..Default::default()
+        });
+        for t in [0, 1, 1] {
+            s.accept(t);
+        }
+        assert_eq!(s.sample(&[1.0, 0.5, 0.9]), 0, "token 0 left the window");
+        // Sampled tokens count too: with a strong penalty greedy alternates.
+        let mut s = greedy_with(Penalties {
+            last_n: 1,
+            presence: 1.0,
+            ..Default::default()
+        });
+        let ids: Vec<u32> = (0..4).map(|_| s.sample(&[1.0, 0.5])).collect();
+        assert_eq!(ids, [0, 1, 0, 1]);
+        // Off by default: the logits are used as they are.
+        let mut s = greedy_with(Penalties::default());
+        s.accept(0);
+        assert_eq!(s.sample(&[2.0, 1.9]), 0);
     }
 }

@@ -639,11 +639,12 @@ fn gpu_sampler_matches_cpu_sampler() {
     use teal::sampler::{Sampler, SamplerConfig};
     let g = teal_kernels::cuda::Gpu::new(0).unwrap();
     let configs = [
-        (1.0f32, 1usize, 1.0f32),
-        (0.8, 40, 0.95),
-        (1.3, 256, 0.5),
-        (0.7, 7, 1.0),
-        (2.0, 100, 0.99),
+        (1.0f32, 1usize, 1.0f32, 0.0f32),
+        (0.8, 40, 0.95, 0.05),
+        (1.3, 256, 0.5, 0.0),
+        (0.7, 7, 1.0, 0.2),
+        (2.0, 100, 0.99, 0.05),
+        (1.0, 256, 1.0, 0.1),
     ];
     let (mut checked, mut near) = (0, 0);
     for (vi, n) in [1000usize, 49152, 128256].into_iter().enumerate() {
@@ -654,19 +655,30 @@ fn gpu_sampler_matches_cpu_sampler() {
         let x = g.upload(&logits).unwrap();
         let mut out = g.zeros::<u32>(1).unwrap();
         let mut r_buf = g.zeros::<f32>(1).unwrap();
-        for &(temperature, top_k, top_p) in &configs {
+        for &(temperature, top_k, top_p, min_p) in &configs {
             let cfg = SamplerConfig {
                 temperature,
                 top_k,
                 top_p,
+                min_p,
                 seed: 0,
+                ..Default::default()
             };
             let mut cpu = Sampler::new(cfg.clone());
             for i in 0..64 {
                 let r = (i as f32 + 0.5) / 64.0;
                 g.write(&[r], &mut r_buf).unwrap();
-                g.sample_top_k(&x, n, top_k, 1.0 / temperature, top_p, &r_buf, &mut out)
-                    .unwrap();
+                g.sample_top_k(
+                    &x,
+                    n,
+                    top_k,
+                    1.0 / temperature,
+                    top_p,
+                    min_p,
+                    &r_buf,
+                    &mut out,
+                )
+                .unwrap();
                 let got = g.download(&out).unwrap()[0];
                 let want = cpu.sample_with(&logits, r);
                 if top_k == 1 {
@@ -688,7 +700,8 @@ fn gpu_sampler_matches_cpu_sampler() {
 
 /// Sampling inside the GPU decoder with the CPU's seed: teacher-forced with the CPU's tokens,
 /// each step's sampled token equals the CPU decoder's (same seeded numbers; a flip needs a
-/// number within rounding of a boundary, at most one allowed); top-k 1 gives the greedy ids.
+/// number within rounding of a boundary, at most one allowed), with min-p and with penalties
+/// (a flipped token then also changes the recent tokens); top-k 1 gives the greedy ids.
 #[test]
 fn gpu_decode_sample_follows_the_cpu_seed() {
     if !have_gpu("GPU decode-sample test") {
@@ -707,6 +720,7 @@ fn gpu_decode_sample_follows_the_cpu_seed() {
         top_k: 1,
         top_p: 1.0,
         seed: 3,
+        ..Default::default()
     };
     let mut s = Sampler::new(top1);
     gpu.prefill(&f.prompt, Logits::Last).unwrap();
@@ -717,26 +731,45 @@ fn gpu_decode_sample_follows_the_cpu_seed() {
     }
     assert_eq!(ids, dense.greedy, "top-k 1 sampling on the GPU is greedy");
 
-    let cfg = SamplerConfig {
+    let sampled = SamplerConfig {
         temperature: 1.5,
         top_k: 20,
         top_p: 0.9,
+        min_p: 0.05,
         seed: 11,
+        ..Default::default()
     };
-    let (mut sc, mut sg) = (Sampler::new(cfg.clone()), Sampler::new(cfg));
-    cpu.clear().unwrap();
-    gpu.clear().unwrap();
-    cpu.prefill(&f.prompt, Logits::Last).unwrap();
-    gpu.prefill(&f.prompt, Logits::Last).unwrap();
-    let (mut token, mut differ) = (dense.greedy[0], 0);
-    for _ in 0..32 {
-        let want = cpu.decode_sample(token, &mut sc).unwrap();
-        let got = gpu.decode_sample(token, &mut sg).unwrap();
-        differ += usize::from(want != got);
-        token = want;
+    // With penalties the GPU decoder samples on the host, which keeps the recent tokens.
+    let penalized = SamplerConfig {
+        penalties: teal::sampler::Penalties {
+            last_n: 16,
+            repeat: 1.3,
+            presence: 0.3,
+            frequency: 0.1,
+        },
+        ..sampled.clone()
+    };
+    for cfg in [sampled, penalized] {
+        let (mut sc, mut sg) = (Sampler::new(cfg.clone()), Sampler::new(cfg));
+        cpu.clear().unwrap();
+        gpu.clear().unwrap();
+        cpu.prefill(&f.prompt, Logits::Last).unwrap();
+        gpu.prefill(&f.prompt, Logits::Last).unwrap();
+        for &t in &f.prompt {
+            sc.accept(t);
+            sg.accept(t);
+        }
+        let (mut token, mut differ) = (dense.greedy[0], 0);
+        for _ in 0..32 {
+            let want = cpu.decode_sample(token, &mut sc).unwrap();
+            let got = gpu.decode_sample(token, &mut sg).unwrap();
+            differ += usize::from(want != got);
+            token = want;
+        }
+        let pen = sc.config().penalties.active();
+        eprintln!("{name}: 32 sampled steps (penalties: {pen}), {differ} differ from the CPU");
+        assert!(differ <= 1, "{differ} of 32 sampled tokens differ");
     }
-    eprintln!("{name}: 32 sampled steps, {differ} differ from the CPU");
-    assert!(differ <= 1, "{differ} of 32 sampled tokens differ");
 }
 
 /// GPU calibration vs CPU calibration of the same model, relative to max(|t|, 1e-3): the

@@ -1141,13 +1141,13 @@ argmax_f32(const float* __restrict__ x, int n, int chunk, u32* __restrict__ out,
 // threads, k <= SAMPLE_MAX_K. The k largest logits are found by a radix select on order-keeping
 // keys (4 passes of 8 bits), sorted descending (bitonic, ties by index), then one thread runs
 // the CPU's sequential arithmetic: p = exp((l - max) * inv_t), the nucleus prefix reaching
-// top_p, and the walk r * kept_total -= p.
+// top_p, the min-p cut, and the walk r * kept_total -= p.
 #define SAMPLE_MAX_K 256
 __device__ __forceinline__ bool sample_before(const float* cv, const int* ci, int a, int b) {
     return cv[a] > cv[b] || (cv[a] == cv[b] && ci[a] < ci[b]);
 }
 extern "C" __global__ void sample_topk_f32(const float* __restrict__ x, int n, int k, float inv_t,
-                                           float top_p, const float* __restrict__ r,
+                                           float top_p, float min_p, const float* __restrict__ r,
                                            u32* __restrict__ out) {
     pdl_begin();
     __shared__ u32 hist[256];
@@ -1225,6 +1225,12 @@ extern "C" __global__ void sample_topk_f32(const float* __restrict__ x, int n, i
             for (int c = 0; c < k; ++c) {
                 acc += cv[c] / total;
                 if (acc >= top_p) { keep = c + 1; break; }
+            }
+        }
+        // Min-p: weights relative to the first candidate's (1); never cuts before the first.
+        if (min_p > 0.0f) {
+            for (int c = 1; c < keep; ++c) {
+                if (cv[c] < min_p) { keep = c; break; }
             }
         }
         float kept = 0.0f;

@@ -1427,6 +1427,7 @@ impl Gpu {
         k: usize,
         inv_t: f32,
         top_p: f32,
+        min_p: f32,
         r: &CudaSlice<f32>,
         out: &mut CudaSlice<u32>,
     ) -> Result<()> {
@@ -1438,7 +1439,7 @@ impl Gpu {
         let (n_i, k_i) = (n as i32, k as i32);
         let cfg = blocks_1d(1, 1024);
         let (xp, rp, op) = (self.ptr(x), self.ptr(r), self.ptr_mut(out));
-        let mut p = params![xp, n_i, k_i, inv_t, top_p, rp, op];
+        let mut p = params![xp, n_i, k_i, inv_t, top_p, min_p, rp, op];
         // SAFETY: matches sample_topk_f32; sizes checked.
         unsafe { self.launch(&self.sample, cfg, &mut p) }
     }

@@ -1225,6 +1225,10 @@ impl Decoder for GpuLlama {
     /// samples on the host from the copied logits.
     fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
         let cfg = sampler.config();
+        if cfg.penalties.active() {
+            // The penalties need the recent tokens, which the host sampler keeps.
+            return Ok(sampler.sample(self.decode(token)?));
+        }
         if cfg.temperature <= 0.0 {
             return self.decode_greedy(token);
         }
@@ -1236,7 +1240,7 @@ impl Decoder for GpuLlama {
         if k > teal_kernels::cuda::SAMPLE_MAX_K {
             return Ok(sampler.sample(self.decode(token)?));
         }
-        let (inv_t, top_p) = (1.0 / cfg.temperature, cfg.top_p);
+        let (inv_t, top_p, min_p) = (1.0 / cfg.temperature, cfg.top_p, cfg.min_p);
         self.step(token, Step::Decode)?;
         let r = sampler.draw();
         self.gpu.write(&[r], &mut self.m.uniform)?;
@@ -1246,6 +1250,7 @@ impl Decoder for GpuLlama {
             k,
             inv_t,
             top_p,
+            min_p,
             &self.m.uniform,
             &mut self.m.next,
         )?;
