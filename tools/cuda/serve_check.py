@@ -53,5 +53,19 @@ ch = post(8081, "/v1/chat/completions", {"messages": [{"role": "user", "content"
 check("chat with logprobs", "choices" in ch and len(ch["choices"][0]["logprobs"]["content"]) > 0, json.dumps(ch)[:300])
 st = urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:8081/v1/completions", json.dumps({"prompt": P, "max_tokens": 8, "stream": True, "temperature": 0}).encode(), {"Content-Type": "application/json"}), timeout=60).read().decode()
 check("stream ends with [DONE]", st.strip().endswith("[DONE]"), st[:200].replace("\n", " | "))
+def stream_lp(port, body):
+    r = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(dict(body, stream=True)).encode(), {"Content-Type": "application/json"})
+    ev = [l[6:] for l in urllib.request.urlopen(r, timeout=60).read().decode().splitlines() if l.startswith("data: ")]
+    chunks = [json.loads(e) for e in ev[:-1]]
+    return sum((c["choices"][0]["logprobs"]["tokens"] for c in chunks if c["choices"][0].get("logprobs")), [])
+body = {"prompt": P, "max_tokens": 12, "temperature": 0, "logprobs": 2, "cache_prompt": False}
+whole = post(8081, "/v1/completions", body)["choices"][0]["logprobs"]["tokens"]
+check("stream with logprobs: the same tokens as the whole answer", stream_lp(8081, body) == whole, str(whole))
+pen = {"prompt": P, "max_tokens": 16, "temperature": 0, "repeat_penalty": 1.3, "presence_penalty": 0.4, "cache_prompt": False}
+pg, pc = post(8081, "/v1/completions", pen), post(8082, "/v1/completions", pen)
+check("penalized greedy: gpu text equals cpu", pg["choices"][0]["text"] == pc["choices"][0]["text"], repr(pg["choices"][0]["text"]))
+mp = {"prompt": P, "max_tokens": 16, "temperature": 0.8, "min_p": 0.2, "seed": 3, "cache_prompt": False}
+mg, mc = post(8081, "/v1/completions", mp), post(8082, "/v1/completions", mp)
+check("seeded min-p sampling: gpu text equals cpu (device sampler)", mg["choices"][0]["text"] == mc["choices"][0]["text"], repr(mg["choices"][0]["text"]) + " / " + repr(mc["choices"][0]["text"]))
 gpu.terminate(); cpu.terminate()
 print("ALL PASS" if ok else "SOME FAILED")

@@ -6,9 +6,10 @@
 //! - `POST /v1/completions` (`prompt`) and `POST /v1/chat/completions` (`messages`, rendered with
 //!   the model's chat template), both with `"stream": true` as server-sent events ending in
 //!   `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repeat_penalty`,
-//!   `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `seed`, `stop`; answers carry
+//!   `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `seed`, `stop`, `n` (choices one
+//!   after another, choice j with seed + j); answers carry
 //!   `usage` and llama.cpp's `timings` (prompt and decode tokens per second).
-//! - Scoring: a completion's `prompt` may be token ids, or a list of prompts (one choice each);
+//! - Scoring: a completion's `prompt` may be token ids, or a list of prompts (`n` choices each);
 //!   `logprobs: k` gives each token's log-probability and its `k` most likely alternatives, and
 //!   with `echo` also the prompt's tokens (`max_tokens` may then be 0): what lm-evaluation-harness's
 //!   `local-completions` asks for its log-likelihood tasks. Chat takes `logprobs: true` and
@@ -593,9 +594,15 @@ struct Part {
 /// The most alternatives per token a request may ask for (OpenAI's chat limit).
 const MAX_LOGPROBS: usize = 20;
 
+/// The most choices per prompt (`n`); they are generated one after another.
+const MAX_CHOICES: usize = 16;
+
 /// What a checked request asks of the engine, less the channel: one job per prompt.
 struct Request {
     prompts: Vec<Prompt>,
+    /// Choices per prompt: choice j samples with seed + j (the prompt is cached after the
+    /// first).
+    n: usize,
     logprobs: Option<usize>,
     echo: bool,
     max_tokens: Option<usize>,
@@ -613,15 +620,21 @@ fn check_options(
     logprobs: Option<usize>,
     echo: bool,
 ) -> Result<Request, ApiError> {
-    if let Some(n) = o.n.filter(|&n| n != 1) {
+    let n = o.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
         return Err(ApiError::bad_request(format!(
-            "n = {n}: this server returns one choice per prompt"
+            "n = {n}: from 1 to {MAX_CHOICES} choices per prompt"
         )));
     }
     if prompts.is_empty() {
         return Err(ApiError::bad_request("prompt: the list is empty"));
     }
     let stream = o.stream.unwrap_or(false);
+    if stream && n > 1 {
+        return Err(ApiError::bad_request(format!(
+            "n = {n}: one choice per streamed request"
+        )));
+    }
     if stream && prompts.len() > 1 {
         return Err(ApiError::bad_request(format!(
             "stream: one prompt per streamed request (got {})",
@@ -680,6 +693,7 @@ fn check_options(
     sampler.check().map_err(ApiError::bad_request)?;
     Ok(Request {
         prompts,
+        n,
         logprobs,
         echo,
         max_tokens,
@@ -797,9 +811,9 @@ impl Answer {
         })
     }
 
-    /// The whole answer of a request without streaming: one choice per prompt, each its text,
+    /// The whole answer of a request without streaming: `n` choices per prompt, each its text,
     /// its entries with `logprobs`, and its summary.
-    fn full(&self, results: Vec<(String, Option<Vec<TokenInfo>>, Summary)>) -> Value {
+    fn full(&self, results: Vec<(String, Option<Vec<TokenInfo>>, Summary)>, n: usize) -> Value {
         let choices = results
             .iter()
             .enumerate()
@@ -819,7 +833,7 @@ impl Answer {
             })
             .collect();
         let mut v = self.envelope(false, choices);
-        add_usage(&mut v, results.iter().map(|(_, _, s)| s));
+        add_usage(&mut v, results.iter().map(|(_, _, s)| s), n);
         v
     }
 
@@ -850,7 +864,7 @@ impl Answer {
         };
         let mut v = self.envelope(true, vec![choice]);
         if let Some(s) = finish {
-            add_usage(&mut v, [s]);
+            add_usage(&mut v, [s], 1);
         }
         v
     }
@@ -907,13 +921,19 @@ fn chat_logprobs(tokens: &[TokenInfo]) -> Value {
     json!({ "content": content })
 }
 
-/// `usage` and llama.cpp's `timings`, summed over the answer's choices.
-fn add_usage<'a>(v: &mut Value, summaries: impl IntoIterator<Item = &'a Summary>) {
+/// `usage` and llama.cpp's `timings` of the answer's choices, `n` per prompt: `usage` counts
+/// each prompt once (OpenAI's way; its first choice's cached tokens), `timings` every run.
+fn add_usage<'a>(v: &mut Value, summaries: impl IntoIterator<Item = &'a Summary>, n: usize) {
     let (mut prompt, mut cached, mut completion, mut decoded) = (0, 0, 0, 0);
+    let (mut cache_n, mut prompt_n) = (0, 0);
     let (mut prompt_secs, mut decode_secs) = (0.0, 0.0);
-    for s in summaries {
-        prompt += s.prompt_tokens;
-        cached += s.cached_tokens;
+    for (i, s) in summaries.into_iter().enumerate() {
+        if i % n == 0 {
+            prompt += s.prompt_tokens;
+            cached += s.cached_tokens;
+        }
+        cache_n += s.cached_tokens;
+        prompt_n += s.prompt_tokens - s.cached_tokens;
         completion += s.completion_tokens;
         decoded += s.decode_tokens;
         prompt_secs += s.prompt_secs;
@@ -927,9 +947,9 @@ fn add_usage<'a>(v: &mut Value, summaries: impl IntoIterator<Item = &'a Summary>
         "prompt_tokens_details": {"cached_tokens": cached},
     });
     v["timings"] = json!({
-        "cache_n": cached,
-        "prompt_n": prompt - cached,
-        "prompt_per_second": per_s(prompt - cached, prompt_secs),
+        "cache_n": cache_n,
+        "prompt_n": prompt_n,
+        "prompt_per_second": per_s(prompt_n, prompt_secs),
         "predicted_n": completion,
         "predicted_per_second": per_s(decoded, decode_secs),
     });
@@ -954,9 +974,10 @@ async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
 /// prompt (one after another) or a stream.
 async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
     let a = Answer::new(&st, kind);
-    let mut results = Vec::with_capacity(r.prompts.len());
-    for prompt in &r.prompts {
-        let mut rx = match submit(&st, &r, prompt.clone()) {
+    let mut results = Vec::with_capacity(r.prompts.len() * r.n);
+    let jobs = r.prompts.iter().flat_map(|p| (0..r.n).map(move |j| (p, j)));
+    for (prompt, choice) in jobs {
+        let mut rx = match submit(&st, &r, prompt.clone(), choice) {
             Ok(rx) => rx,
             Err(e) => return e.into_response(),
         };
@@ -988,14 +1009,16 @@ async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
             ev = rx.recv().await;
         }
     }
-    Json(a.full(results)).into_response()
+    Json(a.full(results, r.n)).into_response()
 }
 
-/// Sends the job for one prompt of `r` to the engine; returns where its events arrive.
+/// Sends the job for choice `choice` of one prompt of `r` to the engine (sampling with the
+/// request's seed + `choice`); returns where its events arrive.
 fn submit(
     st: &AppState,
     r: &Request,
     prompt: Prompt,
+    choice: usize,
 ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
     let (events, rx) = mpsc::unbounded_channel();
     let job = Job::Generate(Generate {
@@ -1003,7 +1026,10 @@ fn submit(
         logprobs: r.logprobs,
         echo: r.echo,
         max_tokens: r.max_tokens,
-        sampler: r.sampler.clone(),
+        sampler: SamplerConfig {
+            seed: r.sampler.seed.wrapping_add(choice as u64),
+            ..r.sampler.clone()
+        },
         stop: r.stop.clone(),
         cache_prompt: r.cache_prompt,
         events,

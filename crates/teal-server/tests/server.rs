@@ -214,8 +214,8 @@ async fn chat_completion_is_the_engines_answer_whole_and_streamed() {
 /// The sampling settings reach the engine: greedy with llama.cpp's repeat penalty and OpenAI's
 /// presence and frequency penalties gives the engine's own text with the same settings (not
 /// the plain greedy one), and a seeded sampled answer without settings is the engine's with
-/// llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). Each request
-/// runs its whole prompt, as the library call does.
+/// llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), `n` choices
+/// each with its own seed. Each request runs its whole prompt, as the library call does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampling_settings_reach_the_engine() {
     let Some((tx, path)) = engine() else { return };
@@ -248,12 +248,24 @@ async fn sampling_settings_reach_the_engine() {
         seed: 5,
         ..Default::default()
     };
-    let expected = engine_text(&path, &prompt, 24, defaults);
+    // Three choices: choice j samples with seed 5 + j; usage counts the prompt once.
     let req = json!({"prompt": "The capital of France is", "max_tokens": 24, "seed": 5,
-                     "cache_prompt": false});
+                     "n": 3, "cache_prompt": false});
     let (s, v) = call_json(&tx, "/v1/completions", req).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(v["choices"][0]["text"], expected.as_str());
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (j, c) in choices.iter().enumerate() {
+        let cfg = SamplerConfig {
+            seed: 5 + j as u64,
+            ..defaults.clone()
+        };
+        assert_eq!(c["index"], j);
+        assert_eq!(c["text"], engine_text(&path, &prompt, 24, cfg).as_str());
+    }
+    assert_ne!(choices[0]["text"], choices[1]["text"]);
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    assert_eq!(v["usage"]["completion_tokens"], 72);
 }
 
 /// Prompt caching on an engine of its own (so that no other test's request comes between):
@@ -629,8 +641,13 @@ async fn bad_requests_get_clear_errors() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "x", "n": 3}).to_string(),
-            "n = 3",
+            json!({"prompt": "x", "n": 17}).to_string(),
+            "n = 17: from 1 to 16",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "n": 2, "stream": true}).to_string(),
+            "n = 2: one choice per streamed request",
         ),
         (
             "/v1/completions",
