@@ -229,6 +229,12 @@ struct ServeArgs {
     /// Model id in answers and /v1/models (default: the model file's name).
     #[arg(long)]
     alias: Option<String>,
+    /// KV caches kept between requests (slots), each with the tokens it holds: a prompt runs on
+    /// the slot it continues, else an empty one, else the most similar or least recently used,
+    /// so that several conversations each keep their cache. Requests still run one at a time.
+    /// CPU only for more than one (each GPU decoder holds its own weights).
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
     #[command(flatten)]
     sparse: SparseArgs,
 }
@@ -796,10 +802,19 @@ fn chat_loop(
 fn cmd_serve(a: ServeArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
     let device = a.common.device()?;
+    if a.slots == 0 || (a.slots > 1 && device != Device::Cpu) {
+        bail!(
+            "--slots {}: at least 1, and more than 1 only on the CPU (each GPU decoder would hold its own copy of the weights)",
+            a.slots
+        );
+    }
     let files = a.common.open()?;
     let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let ctx = generation_ctx(a.ctx, &files);
-    let mut dec = a.common.decoder(device, loaded.models(), ctx)?;
+    let mut decs = (0..a.slots)
+        .map(|_| a.common.decoder(device, loaded.models(), ctx))
+        .collect::<Result<Vec<_>>>()?;
+    let dec = &decs[0];
     let id = a.alias.clone().unwrap_or_else(|| {
         files.path.file_name().map_or_else(
             || files.path.display().to_string(),
@@ -814,11 +829,16 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             "dtype": teal::Dtype::from(a.common.dtype).name(),
             "sparsity": a.sparse.sparsity,
             "teal": loaded.teal,
+            "slots": a.slots,
         }),
     };
-    eprintln!("device: {}", dec.describe());
+    eprintln!("device: {} ({} slot(s))", dec.describe(), a.slots);
     let addr = format!("{}:{}", a.host, a.port);
-    teal_server::serve(&addr, &mut *dec, &files.tokenizer, model, |bound| {
+    let slots = decs
+        .iter_mut()
+        .map(|d| &mut **d as &mut dyn Decoder)
+        .collect();
+    teal_server::serve(&addr, slots, &files.tokenizer, model, |bound| {
         eprintln!(
             "listening on http://{bound} (POST /v1/completions, /v1/chat/completions; Ctrl-C stops)"
         )

@@ -84,6 +84,14 @@ fn bad_prompts_and_texts_are_clear_errors() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("stop: ContextFull"), "{err}");
 
+    // Sampling settings and server slots are checked before the model loads.
+    let e = fails(&["run", "-m", m, "-p", "x", "--min-p", "1.5"]);
+    assert!(e.contains("min_p = 1.5: must be in [0, 1]"), "{e}");
+    let e = fails(&["run", "-m", m, "-p", "x", "--repeat-penalty", "0"]);
+    assert!(e.contains("repeat_penalty = 0"), "{e}");
+    let e = fails(&["serve", "-m", m, "--slots", "0"]);
+    assert!(e.contains("--slots 0: at least 1"), "{e}");
+
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("latin1.txt");
     std::fs::write(&bin, b"caf\xe9 au lait").unwrap();

@@ -19,6 +19,7 @@
 //!   with the tokens of the previous request (its prompt and answer: a chat's next turn) reuses
 //!   their keys and values and runs only the rest; `usage.prompt_tokens_details.cached_tokens`
 //!   and `timings.cache_n` say how many were reused. `"cache_prompt": false` runs it whole.
+//!   With several slots (decoders) each keeps its own cache; [`pick_slot`] chooses.
 //!
 //! - Tokenizer endpoints as vLLM's and llama.cpp's servers have them: `GET /tokenizer_info`,
 //!   `POST /tokenize` (`prompt` or `content`, `add_special_tokens` or `add_special`) and
@@ -193,17 +194,90 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Serves jobs one after another until every sender of `jobs` is gone.
-pub fn run_engine(dec: &mut dyn Decoder, tok: &Tokenizer, jobs: std::sync::mpsc::Receiver<Job>) {
-    let mut session = Session::new(dec);
+/// Serves jobs one after another until every sender of `jobs` is gone. Each decoder is a slot:
+/// a KV cache and the tokens it holds, kept between requests; a prompt runs on the slot
+/// [`pick_slot`] chooses, so that several conversations each keep their cache.
+pub fn run_engine(
+    slots: Vec<&mut dyn Decoder>,
+    tok: &Tokenizer,
+    jobs: std::sync::mpsc::Receiver<Job>,
+) {
+    let mut sessions: Vec<Session> = slots.into_iter().map(Session::new).collect();
+    let Some(ctx) = sessions.first().map(Session::capacity) else {
+        return;
+    };
+    // When each slot was last used (0: never), in jobs served.
+    let (mut used, mut clock) = (vec![0u64; sessions.len()], 0);
     for job in jobs {
         match job {
-            Job::Generate(g) => serve_job(&mut session, tok, g),
+            Job::Generate(g) => {
+                let tokens = match encode_prompt(tok, &g.prompt) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        g.events
+                            .send(Event::Failed(ApiError::bad_request(e.to_string())))
+                            .ok();
+                        continue;
+                    }
+                };
+                let state: Vec<SlotState> = sessions
+                    .iter()
+                    .zip(&used)
+                    .map(|(s, &last_used)| SlotState {
+                        cached: s.cached_len(),
+                        shared: if g.cache_prompt {
+                            s.shared_prefix(&tokens)
+                        } else {
+                            0
+                        },
+                        last_used,
+                    })
+                    .collect();
+                let i = pick_slot(&state, tokens.len());
+                clock += 1;
+                used[i] = clock;
+                serve_job(&mut sessions[i], tok, g, tokens);
+            }
             Job::Tokenizer(t, reply) => {
-                reply.send(tokenizer_job(tok, session.capacity(), t)).ok();
+                reply.send(tokenizer_job(tok, ctx, t)).ok();
             }
         }
     }
+}
+
+/// What [`pick_slot`] knows of a slot.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotState {
+    /// Tokens its cache holds.
+    pub cached: usize,
+    /// Leading tokens of the prompt among them.
+    pub shared: usize,
+    /// When it was last used (larger: later; 0: never).
+    pub last_used: u64,
+}
+
+/// The slot for a prompt of `len` tokens: the slot whose cached tokens the prompt continues
+/// (the longest such: nothing cached is lost), else an empty slot, else the slot sharing the
+/// longest prefix with the prompt if that covers at least half of it, else the least recently
+/// used slot. `slots` must not be empty.
+pub fn pick_slot(slots: &[SlotState], len: usize) -> usize {
+    let best = |key: &dyn Fn(&SlotState) -> Option<(usize, u64)>| {
+        (0..slots.len())
+            .filter_map(|i| key(&slots[i]).map(|k| (k, i)))
+            .max()
+            .map(|(_, i)| i)
+    };
+    // Ties go to the most recently used slot among continuations and shared prefixes.
+    let continued =
+        best(&|s| (s.cached > 0 && s.shared == s.cached).then_some((s.shared, s.last_used)));
+    let empty = || best(&|s| (s.cached == 0).then_some((0, u64::MAX - s.last_used)));
+    let similar =
+        || best(&|s| (2 * s.shared >= len && s.shared > 0).then_some((s.shared, s.last_used)));
+    let oldest = || best(&|s| Some((0, u64::MAX - s.last_used))).unwrap_or(0);
+    continued
+        .or_else(empty)
+        .or_else(similar)
+        .unwrap_or_else(oldest)
 }
 
 /// The body of a tokenizer endpoint's answer (`ctx`: the engine's context).
@@ -235,15 +309,9 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
     })
 }
 
-fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate) {
+/// Generates for `job`, whose prompt is `tokens`, on `session`.
+fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate, tokens: Vec<u32>) {
     let send = |e: Event| job.events.send(e).is_ok();
-    let tokens = match encode_prompt(tok, &job.prompt) {
-        Ok(t) => t,
-        Err(e) => {
-            send(Event::Failed(ApiError::bad_request(e.to_string())));
-            return;
-        }
-    };
     let params = GenerateParams {
         max_tokens: job.max_tokens.unwrap_or(session.capacity()),
         sampler: job.sampler,
@@ -400,10 +468,11 @@ pub enum ServeError {
 }
 
 /// Listens on `addr` (`host:port`) and serves until Ctrl-C: HTTP on one tokio thread, the
-/// engine on the calling thread. `on_listening` gets the bound address once requests can come.
+/// engine on the calling thread with one slot per decoder of `slots` ([`run_engine`]).
+/// `on_listening` gets the bound address once requests can come.
 pub fn serve(
     addr: &str,
-    dec: &mut dyn Decoder,
+    slots: Vec<&mut dyn Decoder>,
     tok: &Tokenizer,
     model: ModelInfo,
     on_listening: impl FnOnce(std::net::SocketAddr),
@@ -437,7 +506,7 @@ pub fn serve(
             .ok();
     });
     on_listening(bound);
-    run_engine(dec, tok, rx);
+    run_engine(slots, tok, rx);
     Ok(())
 }
 
@@ -1087,4 +1156,35 @@ fn stream_answer(
     })
     .flatten();
     Sse::new(stream::iter(head).chain(events).map(Ok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pick_slot, SlotState};
+
+    fn slot(cached: usize, shared: usize, last_used: u64) -> SlotState {
+        SlotState {
+            cached,
+            shared,
+            last_used,
+        }
+    }
+
+    #[test]
+    fn slots_are_picked_to_keep_caches() {
+        // A continuation wins, the longest one.
+        let s = [slot(10, 10, 5), slot(20, 20, 1), slot(0, 0, 0)];
+        assert_eq!(pick_slot(&s, 30), 1);
+        // No continuation: an empty slot before truncating someone's cache.
+        let s = [slot(10, 8, 5), slot(0, 0, 0), slot(20, 3, 1)];
+        assert_eq!(pick_slot(&s, 30), 1);
+        // No empty slot: the longest shared prefix if it covers half the prompt.
+        let s = [slot(10, 8, 5), slot(20, 16, 1)];
+        assert_eq!(pick_slot(&s, 30), 1);
+        // Otherwise the least recently used slot.
+        let s = [slot(10, 8, 5), slot(20, 3, 2), slot(7, 0, 9)];
+        assert_eq!(pick_slot(&s, 30), 1);
+        // One slot: always it.
+        assert_eq!(pick_slot(&[slot(10, 0, 3)], 5), 0);
+    }
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::OnceLock;
 use teal::chat::{encode_prompt, Message, Prompt};
-use teal::device::CpuDecoder;
+use teal::device::{CpuDecoder, Decoder};
 use teal::generate::{generate, GenerateParams, Models};
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::ModelFiles;
@@ -24,14 +24,17 @@ fn smollm2() -> Option<PathBuf> {
     teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
 }
 
-/// An engine thread of its own on the model at `path`.
-fn spawn_engine(path: PathBuf) -> Sender<Job> {
+/// An engine thread of its own on the model at `path`, with `slots` KV caches.
+fn spawn_engine(path: PathBuf, slots: usize) -> Sender<Job> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let files = ModelFiles::open(&path).unwrap();
         let model = files.load_model().unwrap();
-        let mut dec = CpuDecoder::new(Models::single(&model), CTX);
-        run_engine(&mut dec, &files.tokenizer, rx);
+        let mut decs: Vec<CpuDecoder> = (0..slots)
+            .map(|_| CpuDecoder::new(Models::single(&model), CTX))
+            .collect();
+        let slots = decs.iter_mut().map(|d| d as &mut dyn Decoder).collect();
+        run_engine(slots, &files.tokenizer, rx);
     });
     tx
 }
@@ -42,7 +45,7 @@ fn engine() -> Option<(Sender<Job>, PathBuf)> {
     let path = smollm2()?;
     Some(
         ENGINE
-            .get_or_init(|| (spawn_engine(path.clone()), path))
+            .get_or_init(|| (spawn_engine(path.clone(), 1), path))
             .clone(),
     )
 }
@@ -268,6 +271,55 @@ async fn sampling_settings_reach_the_engine() {
     assert_eq!(v["usage"]["completion_tokens"], 72);
 }
 
+/// Two slots on an engine of their own: two conversations that alternate each keep their cache
+/// (with one slot each would run whole), a third prompt takes the least recently used slot, and
+/// every answer is the engine's fresh greedy answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_keep_a_cache_per_conversation() {
+    let Some(path) = smollm2() else { return };
+    let tx = spawn_engine(path.clone(), 2);
+    let complete = |prompt: String| {
+        let tx = tx.clone();
+        async move {
+            let req = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0});
+            let (s, v) = call_json(&tx, "/v1/completions", req).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let usage = &v["usage"];
+            (
+                v["choices"][0]["text"].as_str().unwrap().to_string(),
+                usage["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap(),
+                usage["prompt_tokens"].as_u64().unwrap(),
+            )
+        }
+    };
+    let a = "The capital of France is".to_string();
+    let b = "Once upon a time, in a small village,".to_string();
+    let (answer_a, cached, _) = complete(a.clone()).await;
+    assert_eq!(cached, 0);
+    let (answer_b, cached, _) = complete(b.clone()).await;
+    assert_eq!(cached, 0, "the second conversation takes the empty slot");
+    // Each continues on its own slot: the prompt and the 11 answer tokens that were run.
+    let a2 = format!("{a}{answer_a} Its");
+    let (text, cached, _) = complete(a2.clone()).await;
+    assert_eq!(cached, 16);
+    assert_eq!(text, engine_text(&path, &Prompt::Text(a2), 12, greedy()));
+    let b2 = format!("{b}{answer_b} The");
+    let (text, cached_b, n_b) = complete(b2.clone()).await;
+    assert!(cached_b > 10, "{cached_b} of {n_b}");
+    assert_eq!(
+        text,
+        engine_text(&path, &Prompt::Text(b2.clone()), 12, greedy())
+    );
+    // A third prompt replaces the least recently used slot (the first conversation's), so the
+    // second conversation still finds its cache.
+    let (_, cached, _) = complete("Water boils at".into()).await;
+    assert_eq!(cached, 0);
+    let (_, cached, n) = complete(b2).await;
+    assert_eq!(cached, n - 1);
+}
+
 /// Prompt caching on an engine of its own (so that no other test's request comes between):
 /// a repeated prompt reuses all but its last token, a prompt that continues the previous
 /// prompt and answer reuses both, and a chat's second turn its first; every answer is the
@@ -275,7 +327,7 @@ async fn sampling_settings_reach_the_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_cache_reuses_the_shared_prefix() {
     let Some(path) = smollm2() else { return };
-    let tx = spawn_engine(path.clone());
+    let tx = spawn_engine(path.clone(), 1);
     let complete = |prompt: String, cache: bool| {
         let tx = tx.clone();
         async move {

@@ -181,6 +181,20 @@ impl<'d> Session<'d> {
         self.dec.capacity()
     }
 
+    /// How many tokens the cache holds that are known here (0 after a failure).
+    pub fn cached_len(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// How many leading tokens of `prompt` the cache holds.
+    pub fn shared_prefix(&self, prompt: &[u32]) -> usize {
+        self.cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+
     /// Forgets the cached tokens: the next prompt runs whole.
     pub fn forget(&mut self) {
         self.cached.clear();
@@ -200,12 +214,7 @@ impl<'d> Session<'d> {
         on_text: impl FnMut(&str, Option<&TokenLogprob>) -> bool,
     ) -> Result<Generation> {
         check_prompt(self.dec, prompt)?;
-        let common = self
-            .cached
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let common = self.shared_prefix(prompt);
         let k = params.logprobs.unwrap_or(0);
         let keep = if params.prompt_logprobs {
             // Entries for tokens 1..=keep come from the cache.
