@@ -342,6 +342,10 @@ struct RunArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// Fill in the middle: the prompt is the text before, this the text after, and the model
+    /// writes what goes between (code models with FIM tokens, e.g. Qwen2.5-Coder).
+    #[arg(long, conflicts_with_all = ["chat", "interactive"])]
+    suffix: Option<String>,
     /// System message for --chat.
     #[arg(long)]
     system: Option<String>,
@@ -700,6 +704,11 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         }
         msgs.push(Message::new("user", text));
         Prompt::Chat(msgs)
+    } else if let Some(suffix) = &a.suffix {
+        Prompt::Infill {
+            prefix: text.to_string(),
+            suffix: suffix.clone(),
+        }
     } else {
         Prompt::Text(text.to_string())
     };
@@ -712,7 +721,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         let ok = write!(out, "{piece}").and_then(|_| out.flush()).is_ok();
         ok
     })?;
-    writeln!(out)?;
+    // An infill prints the whole text: before, the middle, after.
+    writeln!(out, "{}", a.suffix.as_deref().unwrap_or_default())?;
     eprintln!("{}", generation_stats(&g));
     Ok(())
 }

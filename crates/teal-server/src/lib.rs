@@ -7,7 +7,8 @@
 //!   the model's chat template), both with `"stream": true` as server-sent events ending in
 //!   `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repeat_penalty`,
 //!   `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `seed`, `stop`, `n` (choices one
-//!   after another, choice j with seed + j); answers carry
+//!   after another, choice j with seed + j), and for completions `suffix` (fill in the middle
+//!   with the model's FIM tokens); answers carry
 //!   `usage` and llama.cpp's `timings` (prompt and decode tokens per second).
 //! - Scoring: a completion's `prompt` may be token ids, or a list of prompts (`n` choices each);
 //!   `logprobs: k` gives each token's log-probability and its `k` most likely alternatives, and
@@ -626,6 +627,9 @@ struct CompletionRequest {
     /// Alternatives per token (0: the chosen token's log-probability only).
     logprobs: Option<usize>,
     echo: Option<bool>,
+    /// The text after the completion: the prompt is then the text before it, and the model
+    /// fills in the middle (OpenAI's insertion field; needs the model's FIM tokens).
+    suffix: Option<String>,
     #[serde(flatten)]
     options: Options,
 }
@@ -784,13 +788,25 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 
 fn completion_request(body: &Bytes) -> Result<Request, ApiError> {
     let r: CompletionRequest = parse(body)?;
-    let prompts = match r.prompt {
-        PromptField::Text(t) => vec![Prompt::Text(t)],
-        PromptField::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
-        PromptField::Ids(ids) => vec![Prompt::Tokens(ids)],
-        PromptField::IdLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
+    let echo = r.echo.unwrap_or(false);
+    let prompts = match (r.prompt, r.suffix) {
+        (PromptField::Text(prefix), Some(suffix)) => {
+            if echo {
+                return Err(ApiError::bad_request("echo: not available with suffix"));
+            }
+            vec![Prompt::Infill { prefix, suffix }]
+        }
+        (_, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "suffix: needs one text prompt (the text before the completion)",
+            ))
+        }
+        (PromptField::Text(t), None) => vec![Prompt::Text(t)],
+        (PromptField::Texts(v), None) => v.into_iter().map(Prompt::Text).collect(),
+        (PromptField::Ids(ids), None) => vec![Prompt::Tokens(ids)],
+        (PromptField::IdLists(v), None) => v.into_iter().map(Prompt::Tokens).collect(),
     };
-    check_options(r.options, prompts, r.logprobs, r.echo.unwrap_or(false))
+    check_options(r.options, prompts, r.logprobs, echo)
 }
 
 fn chat_request(body: &Bytes) -> Result<Request, ApiError> {

@@ -718,6 +718,21 @@ async fn bad_requests_get_clear_errors() {
         ),
         (
             "/v1/completions",
+            json!({"prompt": "def f(", "suffix": ")"}).to_string(),
+            "no fill-in-the-middle tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ["a", "b"], "suffix": ")"}).to_string(),
+            "suffix: needs one text prompt",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "suffix": ")", "echo": true}).to_string(),
+            "echo: not available with suffix",
+        ),
+        (
+            "/v1/completions",
             json!({"prompt": "x", "min_p": 1.5}).to_string(),
             "min_p = 1.5: must be in [0, 1]",
         ),

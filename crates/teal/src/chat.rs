@@ -125,22 +125,46 @@ impl ChatTemplate {
 }
 
 /// What the model is asked: plain text to continue, token ids to continue (as given: no BOS
-/// is added), or a chat to answer.
+/// is added), a chat to answer, or the middle between a prefix and a suffix (code infilling).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Prompt {
     Text(String),
     Tokens(Vec<u32>),
     Chat(Vec<Message>),
+    Infill { prefix: String, suffix: String },
 }
 
 /// The tokens of `prompt`. Plain text gets BOS where the tokenizer adds one. A chat is rendered
 /// with the tokenizer's own template (ChatML where the model has none), ending with the header
 /// of the assistant's turn; BOS is added only where the rendered text does not already start
-/// with it (templates that write `{{ bos_token }}` themselves).
+/// with it (templates that write `{{ bos_token }}` themselves). An infill is the model's
+/// fill-in-the-middle tokens in prefix-suffix-middle order, as llama.cpp's `/infill` and
+/// Qwen2.5-Coder's documentation write it: `[BOS] <PRE> prefix <SUF> suffix <MID>`; a model
+/// without the three tokens is an error.
 pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>> {
     let messages = match prompt {
         Prompt::Text(t) => return Ok(tok.encode(t, tok.add_bos_default())?),
         Prompt::Tokens(ids) => return Ok(ids.clone()),
+        Prompt::Infill { prefix, suffix } => {
+            let [pre, suf, mid] = tok.fim_ids().ok_or_else(|| {
+                crate::Error::Invalid(
+                    "this model's vocabulary has no fill-in-the-middle tokens (prefix, suffix \
+                     and middle), which infilling needs"
+                        .into(),
+                )
+            })?;
+            let mut ids: Vec<u32> = tok
+                .bos_id()
+                .filter(|_| tok.add_bos_default())
+                .into_iter()
+                .collect();
+            ids.push(pre);
+            ids.extend(tok.encode(prefix, false)?);
+            ids.push(suf);
+            ids.extend(tok.encode(suffix, false)?);
+            ids.push(mid);
+            return Ok(ids);
+        }
         Prompt::Chat(messages) => messages,
     };
     let template = match tok.chat_template() {

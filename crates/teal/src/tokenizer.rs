@@ -414,6 +414,8 @@ pub struct Tokenizer {
     special: Vec<bool>,
     /// SentencePiece dummy prefix: decoding drops one leading space of the first token.
     strip_leading_space: bool,
+    /// Fill-in-the-middle tokens (prefix, suffix, middle), where the vocabulary has all three.
+    fim: Option<[u32; 3]>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -618,7 +620,8 @@ impl Tokenizer {
         let eom = special_id("tokenizer.ggml.eom_token_id", None)?;
         let unk = special_id("tokenizer.ggml.unknown_token_id", spm.then_some(0))?;
 
-        let eos_ids = special_attributes(&meta, &tokens, &mut types, &id_of, [eos, eot, eom])?;
+        let (eos_ids, fim) =
+            special_attributes(&meta, &tokens, &mut types, &id_of, [eos, eot, eom])?;
         let add_space_prefix = meta
             .opt_bool("tokenizer.ggml.add_space_prefix")?
             .unwrap_or(spm);
@@ -741,6 +744,7 @@ impl Tokenizer {
             pieces: Some(pieces),
             special,
             strip_leading_space: spm && add_space_prefix,
+            fim,
         })
     }
 
@@ -889,6 +893,17 @@ impl Tokenizer {
                 .collect()
         });
 
+        let fim_id = |kind: usize| {
+            FIM_KINDS[kind]
+                .1
+                .iter()
+                .filter_map(|t| hf_tok.token_to_id(t))
+                .min()
+        };
+        let fim = match (fim_id(0), fim_id(1), fim_id(2)) {
+            (Some(p), Some(s), Some(m)) => Some([p, s, m]),
+            _ => None,
+        };
         Ok(Tokenizer {
             engine: Engine::Json(Box::new(hf_tok)),
             kind: "tokenizer.json".to_string(),
@@ -900,6 +915,7 @@ impl Tokenizer {
             pieces,
             special,
             strip_leading_space,
+            fim,
         })
     }
 
@@ -966,6 +982,12 @@ impl Tokenizer {
     /// `<|eot_id|>`, `<|endoftext|>`, `<|end_of_text|>`, ... when present; the set llama.cpp uses).
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
+    }
+
+    /// The fill-in-the-middle tokens (prefix, suffix, middle), where the vocabulary has all
+    /// three (by `tokenizer.ggml.fim_*_token_id`, else by the texts llama.cpp recognises).
+    pub fn fim_ids(&self) -> Option<[u32; 3]> {
+        self.fim
     }
 
     /// Whether prompts start with BOS: `tokenizer.ggml.add_bos_token`, or the model type's default
@@ -1042,7 +1064,7 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
     types: &mut [i64],
     id_of: &dyn Fn(&str) -> Option<u32>,
     eos_eot_eom: [Option<u32>; 3],
-) -> Result<Vec<u32>> {
+) -> Result<(Vec<u32>, Option<[u32; 3]>)> {
     let n = tokens.len();
     let mark_control = |types: &mut [i64], id: u32| {
         let ty = &mut types[id as usize];
@@ -1051,6 +1073,7 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
         }
     };
     let mut eog: Vec<u32> = Vec::new();
+    let mut fim = [None; 3];
 
     // FIM tokens: by key, else the first (lowest id) text match, which becomes control.
     for (i, (key, texts, ends)) in FIM_KINDS.iter().enumerate() {
@@ -1070,6 +1093,9 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
         };
         if let (Some(x), true) = (id, *ends) {
             eog.push(x);
+        }
+        if let Some(slot) = fim.get_mut(i) {
+            *slot = id;
         }
     }
 
@@ -1112,7 +1138,11 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
         out.push(eos);
     }
     out.extend(eog.into_iter().filter(|&x| Some(x) != eos_eot_eom[0]));
-    Ok(out)
+    let fim = match fim {
+        [Some(p), Some(s), Some(m)] => Some([p, s, m]),
+        _ => None,
+    };
+    Ok((out, fim))
 }
 
 /// Bytes of a normal vocabulary token.

@@ -3,6 +3,7 @@
 //! in which case a missing model fails the test.
 
 use std::path::PathBuf;
+use teal::chat::{encode_prompt, Prompt};
 use teal::eval::perplexity::{perplexity, PplOptions};
 use teal::generate::{generate, GenerateParams};
 use teal::sampler::SamplerConfig;
@@ -31,10 +32,14 @@ fn wikitext() -> Option<String> {
     }
 }
 
-fn greedy(files: &ModelFiles, prompt: &str, n: usize) -> (Vec<u32>, String) {
+fn text(t: &str) -> Prompt {
+    Prompt::Text(t.to_string())
+}
+
+fn greedy(files: &ModelFiles, prompt: &Prompt, n: usize) -> (Vec<u32>, String) {
     let model = files.load_model().unwrap();
     let tok = &files.tokenizer;
-    let ids = tok.encode(prompt, tok.add_bos_default()).unwrap();
+    let ids = encode_prompt(tok, prompt).unwrap();
     let params = GenerateParams {
         max_tokens: n,
         sampler: SamplerConfig {
@@ -67,7 +72,7 @@ fn greedy(files: &ModelFiles, prompt: &str, n: usize) -> (Vec<u32>, String) {
 fn smollm2_greedy_continuation_matches_references() {
     let Some(path) = smollm2() else { return };
     let files = ModelFiles::open(&path).unwrap();
-    let (ids, text) = greedy(&files, "The capital of France is", 12);
+    let (ids, text) = greedy(&files, &text("The capital of France is"), 12);
     assert_eq!(
         ids,
         [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33],
@@ -146,7 +151,7 @@ fn qwen2_writes_coherent_code() {
     };
     let files = ModelFiles::open(&path).unwrap();
     assert_eq!(files.config.arch, teal::config::Arch::Qwen2);
-    let (_, text) = greedy(&files, "def fibonacci(n):\n", 64);
+    let (_, text) = greedy(&files, &text("def fibonacci(n):\n"), 64);
     eprintln!("{text}");
     // Greedy gives the iterative solution: base cases, then a loop (recursion also counts).
     assert!(
@@ -163,6 +168,44 @@ fn qwen2_writes_coherent_code() {
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let indent = line.len() - line.trim_start_matches(' ').len();
         assert!(indent % 4 == 0 && indent > 0, "line {line:?} in {text:?}");
+    }
+}
+
+/// Fill in the middle on Qwen2.5-Coder: the prompt is `<|fim_prefix|>` prefix `<|fim_suffix|>`
+/// suffix `<|fim_middle|>` (ids from the GGUF, as llama.cpp finds them), and the greedy middle
+/// of a function whose suffix returns `result` computes it.
+#[test]
+fn qwen2_fills_in_the_middle() {
+    let Some(path) = asset("TEAL_QWEN_GGUF", "Qwen2.5-Coder-0.5B-Instruct.gguf") else {
+        return;
+    };
+    let files = ModelFiles::open(&path).unwrap();
+    let tok = &files.tokenizer;
+    let [pre, suf, mid] = tok.fim_ids().unwrap();
+    let name = |id| tok.token_str(id).unwrap();
+    assert_eq!(
+        [name(pre), name(suf), name(mid)],
+        ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    );
+    let infill = Prompt::Infill {
+        prefix: "def add(a, b):\n    ".into(),
+        suffix: "\n    return result\n".into(),
+    };
+    let ids = encode_prompt(tok, &infill).unwrap();
+    let prefix = tok.encode("def add(a, b):\n    ", false).unwrap();
+    let suffix = tok.encode("\n    return result\n", false).unwrap();
+    let want: Vec<u32> = [&[pre][..], &prefix, &[suf], &suffix, &[mid]].concat();
+    assert_eq!(ids, want);
+    let (_, text) = greedy(&files, &infill, 8);
+    assert!(text.starts_with("result = a + b"), "{text:?}");
+    // A vocabulary without the three tokens: a clear error.
+    if let Some(smol) = smollm2() {
+        let files = ModelFiles::open(&smol).unwrap();
+        let e = encode_prompt(&files.tokenizer, &infill).unwrap_err();
+        assert!(
+            e.to_string().contains("no fill-in-the-middle tokens"),
+            "{e}"
+        );
     }
 }
 
