@@ -313,31 +313,31 @@ struct RunArgs {
     #[arg(short = 'c', long)]
     ctx: Option<usize>,
     /// Temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.temperature)]
     temp: f32,
     /// Top-k cut (0: off).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.top_k)]
     top_k: usize,
     /// Nucleus cut (1: off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.top_p)]
     top_p: f32,
     /// Drop tokens less likely than this times the most likely one (0: off).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.min_p)]
     min_p: f32,
     /// Penalty on tokens among the last --repeat-last-n: positive logits divided by it,
     /// negative ones multiplied (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = Penalties::OFF.repeat)]
     repeat_penalty: f32,
     /// How many recent tokens (prompt and generated) the penalties look at.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = Penalties::OFF.last_n)]
     repeat_last_n: usize,
     /// Subtracted once from the logit of every token among the recent ones (0: off).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = Penalties::OFF.presence, allow_negative_numbers = true)]
     presence_penalty: f32,
     /// Subtracted from a recent token's logit per occurrence (0: off).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = Penalties::OFF.frequency, allow_negative_numbers = true)]
     frequency_penalty: f32,
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.seed)]
     seed: u64,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]

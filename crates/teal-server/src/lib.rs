@@ -685,8 +685,8 @@ struct Request {
     stream: bool,
 }
 
-/// Defaults as llama.cpp's server (and `teal run`): temperature 0.8, top-k 40, top-p 0.95,
-/// min-p 0.05, no penalties (over the last 64 tokens when set).
+/// Defaults as llama.cpp's server (and `teal run`): [`SamplerConfig::LLAMA_CPP`] (temperature
+/// 0.8, top-k 40, top-p 0.95, min-p 0.05, no penalties, over the last 64 tokens when set).
 fn check_options(
     o: Options,
     prompts: Vec<Prompt>,
@@ -741,8 +741,9 @@ fn check_options(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
     });
+    let d = SamplerConfig::LLAMA_CPP;
     let repeat_last_n = match o.repeat_last_n {
-        None => Penalties::default().last_n,
+        None => d.penalties.last_n,
         Some(-1) => usize::MAX,
         Some(n) => usize::try_from(n).map_err(|_| {
             ApiError::bad_request(format!(
@@ -751,16 +752,16 @@ fn check_options(
         })?,
     };
     let sampler = SamplerConfig {
-        temperature: o.temperature.unwrap_or(0.8),
-        top_k: o.top_k.unwrap_or(40),
-        top_p: o.top_p.unwrap_or(0.95),
-        min_p: o.min_p.unwrap_or(0.05),
+        temperature: o.temperature.unwrap_or(d.temperature),
+        top_k: o.top_k.unwrap_or(d.top_k),
+        top_p: o.top_p.unwrap_or(d.top_p),
+        min_p: o.min_p.unwrap_or(d.min_p),
         seed,
         penalties: Penalties {
             last_n: repeat_last_n,
-            repeat: o.repeat_penalty.unwrap_or(1.0),
-            presence: o.presence_penalty.unwrap_or(0.0),
-            frequency: o.frequency_penalty.unwrap_or(0.0),
+            repeat: o.repeat_penalty.unwrap_or(d.penalties.repeat),
+            presence: o.presence_penalty.unwrap_or(d.penalties.presence),
+            frequency: o.frequency_penalty.unwrap_or(d.penalties.frequency),
         },
     };
     sampler.check().map_err(ApiError::bad_request)?;

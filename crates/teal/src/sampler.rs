@@ -54,6 +54,19 @@ impl SamplerConfig {
     }
 }
 
+impl SamplerConfig {
+    /// llama.cpp's sampling defaults (its server and tools), which `teal run` and `teal serve`
+    /// take for every setting not given.
+    pub const LLAMA_CPP: SamplerConfig = SamplerConfig {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        seed: 42,
+        penalties: Penalties::OFF,
+    };
+}
+
 impl Default for SamplerConfig {
     fn default() -> Self {
         SamplerConfig {
@@ -62,7 +75,7 @@ impl Default for SamplerConfig {
             top_p: 0.95,
             min_p: 0.0,
             seed: 42,
-            penalties: Penalties::default(),
+            penalties: Penalties::OFF,
         }
     }
 }
@@ -83,15 +96,19 @@ pub struct Penalties {
     pub frequency: f32,
 }
 
-impl Default for Penalties {
+impl Penalties {
     /// Off, looking back over llama.cpp's default 64 tokens when switched on.
+    pub const OFF: Penalties = Penalties {
+        last_n: 64,
+        repeat: 1.0,
+        presence: 0.0,
+        frequency: 0.0,
+    };
+}
+
+impl Default for Penalties {
     fn default() -> Self {
-        Penalties {
-            last_n: 64,
-            repeat: 1.0,
-            presence: 0.0,
-            frequency: 0.0,
-        }
+        Penalties::OFF
     }
 }
 
