@@ -893,17 +893,10 @@ impl Tokenizer {
                 .collect()
         });
 
-        let fim_id = |kind: usize| {
-            FIM_KINDS[kind]
-                .1
-                .iter()
-                .filter_map(|t| hf_tok.token_to_id(t))
-                .min()
-        };
-        let fim = match (fim_id(0), fim_id(1), fim_id(2)) {
-            (Some(p), Some(s), Some(m)) => Some([p, s, m]),
-            _ => None,
-        };
+        let id_of = |t: &str| hf_tok.token_to_id(t);
+        let fim = fim_triple(std::array::from_fn(|kind| {
+            first_of(FIM_KINDS[kind].1, &id_of)
+        }));
         Ok(Tokenizer {
             engine: Engine::Json(Box::new(hf_tok)),
             kind: "tokenizer.json".to_string(),
@@ -1084,7 +1077,7 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
         let id = match id.filter(|&x| (x as usize) < n) {
             Some(x) => Some(x),
             None => {
-                let found = texts.iter().filter_map(|t| id_of(t)).min();
+                let found = first_of(texts, id_of);
                 if let Some(x) = found {
                     mark_control(types, x);
                 }
@@ -1138,11 +1131,20 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
         out.push(eos);
     }
     out.extend(eog.into_iter().filter(|&x| Some(x) != eos_eot_eom[0]));
-    let fim = match fim {
+    Ok((out, fim_triple(fim)))
+}
+
+/// The lowest id among the tokens with these texts (llama.cpp's choice when several match).
+fn first_of(texts: &[&str], id_of: &dyn Fn(&str) -> Option<u32>) -> Option<u32> {
+    texts.iter().filter_map(|t| id_of(t)).min()
+}
+
+/// The FIM prefix, suffix and middle ids, where all three are known.
+fn fim_triple(ids: [Option<u32>; 3]) -> Option<[u32; 3]> {
+    match ids {
         [Some(p), Some(s), Some(m)] => Some([p, s, m]),
         _ => None,
-    };
-    Ok((out, fim))
+    }
 }
 
 /// Bytes of a normal vocabulary token.
