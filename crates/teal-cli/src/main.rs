@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use teal::chat::{encode_prompt, Message, Prompt};
+use teal::chat::{encode_prompt, Infill, Message, Prompt};
 use teal::device::Decoder;
 use teal::device::Device;
 use teal::eval::perplexity::perplexity_on;
@@ -705,10 +705,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         msgs.push(Message::new("user", text));
         Prompt::Chat(msgs)
     } else if let Some(suffix) = &a.suffix {
-        Prompt::Infill {
-            prefix: text.to_string(),
-            suffix: suffix.clone(),
-        }
+        Prompt::Infill(Infill::new(text, suffix.as_str()))
     } else {
         Prompt::Text(text.to_string())
     };
@@ -717,7 +714,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     if !a.chat {
         write!(out, "{text}")?;
     }
-    let g = generate_on(&mut *dec, tok, &prompt, &params, |piece, _| {
+    let g = generate_on(&mut *dec, tok, &prompt, &params, |_, piece, _| {
         let ok = write!(out, "{piece}").and_then(|_| out.flush()).is_ok();
         ok
     })?;
@@ -791,7 +788,7 @@ fn chat_loop(
         let prompt = encode_prompt(tok, &Prompt::Chat(msgs.clone()))?;
         let mut out = std::io::stdout().lock();
         let mut reply = String::new();
-        let g = session.generate(tok, &prompt, params, |piece, _| {
+        let g = session.generate(tok, &prompt, params, |_, piece, _| {
             reply.push_str(piece);
             write!(out, "{piece}").and_then(|_| out.flush()).is_ok()
         });
@@ -834,6 +831,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     let model = teal_server::ModelInfo {
         id,
         ctx,
+        slots: a.slots,
         meta: serde_json::json!({
             "device": dec.describe(),
             "dtype": teal::Dtype::from(a.common.dtype).name(),
@@ -850,7 +848,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         .collect();
     teal_server::serve(&addr, slots, &files.tokenizer, model, |bound| {
         eprintln!(
-            "listening on http://{bound} (POST /v1/completions, /v1/chat/completions; Ctrl-C stops)"
+            "listening on http://{bound} (POST /v1/completions, /v1/chat/completions, llama.cpp's /completion and /infill; Ctrl-C stops)"
         )
     })?;
     Ok(())

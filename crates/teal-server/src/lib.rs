@@ -1,6 +1,7 @@
-//! teal's OpenAI-compatible HTTP server, thin: the HTTP side (axum, on a small tokio runtime)
-//! checks requests and writes answers; one engine thread owns the decoder and runs one request at
-//! a time (the engine decodes batch 1), taking them from a queue in arrival order.
+//! teal's HTTP server (OpenAI's API, and llama.cpp's own in `native.rs`), thin: the HTTP side
+//! (axum, on a small tokio runtime) checks requests and writes answers; one engine thread owns
+//! the decoder and runs one request at a time (the engine decodes batch 1), taking them from a
+//! queue in arrival order.
 //!
 //! - `GET /health`, `GET /v1/models`
 //! - `POST /v1/completions` (`prompt`) and `POST /v1/chat/completions` (`messages`, rendered with
@@ -26,10 +27,12 @@
 //!   `POST /tokenize` (`prompt` or `content`, `add_special_tokens` or `add_special`) and
 //!   `POST /detokenize` (`tokens`), so a client such as lm-evaluation-harness can tokenize with the
 //!   model's own tokenizer.
+//! - llama.cpp's `/completion`, `/infill`, `/apply-template` and `/props`: see `native.rs`.
 //!
 //! Bad requests (malformed JSON, a missing field, a prompt longer than the context, an
 //! unsupported option) get status 400 and `{"error": {"message", "type", "code"}}`.
 
+mod native;
 mod stop;
 
 use axum::body::Bytes;
@@ -46,14 +49,15 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use teal::chat::{encode_prompt, Message, Prompt};
+use std::time::{Duration, Instant};
+use teal::chat::{encode_prompt, Infill, Message, Prompt};
 use teal::device::Decoder;
 use teal::generate::{GenerateParams, Session, StopReason};
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::tokenizer::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 
-pub use stop::StopFilter;
+pub use stop::{IndentLimit, StopFilter};
 
 /// The model the server answers with, for `/v1/models` and every answer's `model`.
 #[derive(Clone, Debug)]
@@ -61,6 +65,8 @@ pub struct ModelInfo {
     pub id: String,
     /// Context length of the engine's decoder.
     pub ctx: usize,
+    /// The engine's slots (decoders), for `/props`.
+    pub slots: usize,
     /// Extra facts listed under `teal` in `/v1/models` (device, weights, sparsity, ...).
     pub meta: Value,
 }
@@ -68,7 +74,7 @@ pub struct ModelInfo {
 /// Work for the engine thread, served in arrival order.
 pub enum Job {
     /// Generate for one prompt.
-    Generate(Generate),
+    Generate(Box<Generate>),
     /// A tokenizer request, answered with its JSON body.
     Tokenizer(TokenizerJob, oneshot::Sender<Result<Value, ApiError>>),
 }
@@ -81,6 +87,8 @@ pub enum TokenizerJob {
     Encode { text: String, add_special: bool },
     /// The text of token ids.
     Decode(Vec<u32>),
+    /// A chat rendered with the model's template (llama.cpp's `/apply-template`).
+    Template(Vec<Message>),
 }
 
 /// What to generate for one prompt and where to send it.
@@ -96,28 +104,61 @@ pub struct Generate {
     pub stop: Vec<String>,
     /// Reuse the cached prefix the prompt shares with the previous request.
     pub cache_prompt: bool,
+    /// Generate past end-of-sequence tokens (llama.cpp's `ignore_eos`).
+    pub ignore_eos: bool,
+    /// Stop once this long has passed since the first generated token and the text has a
+    /// line break (llama.cpp's `t_max_predict_ms`, for code completion).
+    pub time_limit: Option<Duration>,
+    /// Stop at a line indented less than this (llama.cpp's `n_indent`; 0: off): see
+    /// [`IndentLimit`].
+    pub min_indent: usize,
+    /// The slot to run on (`None`: the one [`pick_slot`] chooses).
+    pub slot: Option<usize>,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
 /// What the engine reports for a job: text as it is generated, then one `Done` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
-    /// The next piece of the answer's text, and with `logprobs` the entries of the tokens
-    /// whose text starts in it (a token whose text is held back, as the possible start of a
+    /// The next piece of the answer's text, the tokens whose text starts in it and with
+    /// `logprobs` their entries (a token whose text is held back, as the possible start of a
     /// stop sequence, comes with the piece that releases it; tokens from a stop sequence on
     /// never come).
     Text {
         text: String,
+        tokens: Vec<u32>,
         logprobs: Vec<TokenInfo>,
     },
     Done(Summary),
     Failed(ApiError),
 }
 
+/// Why generation stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopType {
+    /// An end-of-sequence token.
+    Eos,
+    /// This stop sequence.
+    Word(String),
+    /// The token limit, the context or the time limit.
+    Limit,
+}
+
+impl StopType {
+    /// OpenAI's `finish_reason`: `stop` (end of sequence or a stop sequence) or `length`.
+    pub fn finish_reason(&self) -> &'static str {
+        match self {
+            StopType::Eos | StopType::Word(_) => "stop",
+            StopType::Limit => "length",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Summary {
-    /// `stop` (end of sequence or a stop sequence) or `length` (max_tokens or the context).
-    pub finish_reason: &'static str,
+    pub stop: StopType,
+    /// The slot (decoder) that ran it.
+    pub slot: usize,
     pub prompt_tokens: usize,
     /// Prompt tokens reused from the previous request's cache.
     pub cached_tokens: usize,
@@ -127,8 +168,8 @@ pub struct Summary {
     /// Decode tokens (after the first) and their seconds.
     pub decode_tokens: usize,
     pub decode_secs: f64,
-    /// With `echo`: the prompt's text, which the answer's text starts with.
-    pub echo: Option<String>,
+    /// The prompt's text (a text prompt as given, others decoded from their tokens).
+    pub prompt_text: String,
     /// With `echo` and `logprobs`: the prompt's tokens' entries (the first has no
     /// log-probability), which come before those of the generated tokens.
     pub prompt_logprobs: Vec<TokenInfo>,
@@ -138,10 +179,12 @@ pub struct Summary {
 /// most likely tokens at its position.
 #[derive(Clone, Debug)]
 pub struct TokenInfo {
+    pub id: u32,
     pub text: String,
     pub bytes: Vec<u8>,
     pub logprob: Option<f32>,
-    pub top: Vec<(String, Vec<u8>, f32)>,
+    /// The alternatives: id, text, bytes and log-probability.
+    pub top: Vec<(u32, String, Vec<u8>, f32)>,
 }
 
 /// An error answer: HTTP status and message.
@@ -234,10 +277,24 @@ pub fn run_engine(
                         last_used,
                     })
                     .collect();
-                let i = pick_slot(&state, tokens.len());
+                let i = match g.slot {
+                    None => pick_slot(&state, tokens.len()),
+                    Some(i) if i < sessions.len() => i,
+                    Some(i) => {
+                        let msg = format!(
+                            "id_slot = {i}: this server has {} slot(s), 0 to {}",
+                            sessions.len(),
+                            sessions.len() - 1
+                        );
+                        g.events
+                            .send(Event::Failed(ApiError::bad_request(msg)))
+                            .ok();
+                        continue;
+                    }
+                };
                 clock += 1;
                 used[i] = clock;
-                serve_job(&mut sessions[i], tok, g, tokens);
+                serve_job(&mut sessions[i], i, tok, *g, tokens);
             }
             Job::Tokenizer(t, reply) => {
                 reply.send(tokenizer_job(tok, ctx, t)).ok();
@@ -307,17 +364,22 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
             let text = tok.decode(&ids).map_err(bad)?;
             json!({"prompt": text, "content": text})
         }
+        TokenizerJob::Template(messages) => {
+            let text = teal::chat::render_chat(tok, &messages)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            json!({ "prompt": text })
+        }
     })
 }
 
-/// Generates for `job`, whose prompt is `tokens`, on `session`.
-fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate, tokens: Vec<u32>) {
+/// Generates for `job`, whose prompt is `tokens`, on `session` (slot `slot`).
+fn serve_job(session: &mut Session, slot: usize, tok: &Tokenizer, job: Generate, tokens: Vec<u32>) {
     let send = |e: Event| job.events.send(e).is_ok();
     let params = GenerateParams {
         max_tokens: job.max_tokens.unwrap_or(session.capacity()),
         sampler: job.sampler,
         ctx: session.capacity(),
-        stop_at_eos: true,
+        stop_at_eos: !job.ignore_eos,
         logprobs: job.logprobs,
         prompt_logprobs: job.echo && job.logprobs.is_some(),
     };
@@ -325,44 +387,65 @@ fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate, tokens: Vec<
         session.forget();
     }
     let mut filter = StopFilter::new(job.stop);
-    // Generated tokens with entries not sent yet, each with the byte offset in the generated
-    // text where its own text starts; `raw` bytes generated, `sent` of them released.
-    let mut pending = VecDeque::new();
+    let mut indent = IndentLimit::new(job.min_indent);
+    // Where the indentation limit cut the generated text (bytes).
+    let mut cut = None;
+    // Generated tokens not sent yet, each with the byte offset in the generated text where its
+    // own text starts and its entry with `logprobs`; `raw` bytes generated, `sent` of them
+    // released.
+    let mut pending: VecDeque<(usize, u32, Option<TokenInfo>)> = VecDeque::new();
     let (mut raw, mut sent) = (0, 0);
-    // Sends `text` with the entries of the pending tokens that start before byte `sent`;
-    // false once the client has gone.
-    let release = |text: String, sent: usize, pending: &mut VecDeque<(usize, TokenInfo)>| {
-        let n = pending.iter().take_while(|(at, _)| *at < sent).count();
-        let logprobs: Vec<TokenInfo> = pending.drain(..n).map(|(_, t)| t).collect();
-        (text.is_empty() && logprobs.is_empty()) || send(Event::Text { text, logprobs })
-    };
-    let result = session.generate(tok, &tokens, &params, |piece, entry| {
-        if let Some(e) = entry {
-            pending.push_back((raw, token_info(tok, e.token, Some(e.logprob), &e.top)));
+    // Sends `text` with the pending tokens that start before byte `sent`; false once the
+    // client has gone.
+    let release = |text: String, sent: usize, pending: &mut VecDeque<_>| {
+        let n = pending.iter().take_while(|(at, _, _)| *at < sent).count();
+        let (mut ids, mut logprobs) = (Vec::with_capacity(n), Vec::new());
+        for (_, id, info) in pending.drain(..n) {
+            ids.push(id);
+            logprobs.extend(info);
         }
+        (text.is_empty() && ids.is_empty())
+            || send(Event::Text {
+                text,
+                tokens: ids,
+                logprobs,
+            })
+    };
+    let (mut first, mut line_break, mut timed_out) = (None, false, false);
+    let result = session.generate(tok, &tokens, &params, |id, piece, entry| {
+        let info = entry.map(|e| token_info(tok, e.token, Some(e.logprob), &e.top));
+        pending.push_back((raw, id, info));
+        let keep = indent.push(piece).unwrap_or_else(|at| {
+            cut = Some(raw + at);
+            at
+        });
         raw += piece.len();
-        let text = filter.push(piece);
+        line_break |= piece.contains('\n');
+        let text = filter.push(&piece[..keep]);
         sent += text.len();
-        release(text, sent, &mut pending) && !filter.hit()
+        let since = *first.get_or_insert_with(Instant::now);
+        timed_out = line_break && job.time_limit.is_some_and(|t| since.elapsed() > t);
+        release(text, sent, &mut pending) && !filter.hit() && !timed_out && cut.is_none()
     });
     match result {
         Ok(g) => {
             if !filter.hit() {
                 // Generation ended without a stop sequence: the held-back text and every
-                // remaining entry go out.
+                // remaining token before the indentation cut go out.
                 let rest = filter.finish();
-                if !release(rest, usize::MAX, &mut pending) {
+                if !release(rest, cut.unwrap_or(usize::MAX), &mut pending) {
                     return;
                 }
             }
-            let finish_reason = match g.stop {
-                StopReason::MaxTokens | StopReason::ContextFull => "length",
-                StopReason::Eos | StopReason::Caller => "stop",
+            let stop = match (filter.stopping_word(), g.stop) {
+                (Some(w), _) => StopType::Word(w.to_string()),
+                (None, StopReason::Eos) => StopType::Eos,
+                (None, _) => StopType::Limit,
             };
-            let echo = job.echo.then(|| match &job.prompt {
+            let prompt_text = match &job.prompt {
                 Prompt::Text(t) => t.clone(),
                 _ => tok.decode(&tokens).unwrap_or_default(),
-            });
+            };
             let prompt_logprobs = match job.logprobs.is_some() && job.echo {
                 true => std::iter::once(token_info(tok, tokens[0], None, &[]))
                     .chain(
@@ -374,14 +457,15 @@ fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate, tokens: Vec<
                 false => Vec::new(),
             };
             send(Event::Done(Summary {
-                finish_reason,
+                stop,
+                slot,
                 prompt_tokens: g.prompt_tokens,
                 cached_tokens: g.cached_tokens,
                 completion_tokens: g.tokens.len(),
                 prompt_secs: g.prompt_secs,
                 decode_tokens: g.decode_tokens,
                 decode_secs: g.decode_secs,
-                echo,
+                prompt_text,
                 prompt_logprobs,
             }));
         }
@@ -401,6 +485,7 @@ fn serve_job(session: &mut Session, tok: &Tokenizer, job: Generate, tokens: Vec<
 /// A token's entry for an answer: its text and bytes, log-probability and alternatives.
 fn token_info(tok: &Tokenizer, t: u32, logprob: Option<f32>, top: &[(u32, f32)]) -> TokenInfo {
     TokenInfo {
+        id: t,
         text: tok.token_str(t).unwrap_or_default(),
         bytes: token_bytes(tok, t),
         logprob,
@@ -408,6 +493,7 @@ fn token_info(tok: &Tokenizer, t: u32, logprob: Option<f32>, top: &[(u32, f32)])
             .iter()
             .map(|&(a, lp)| {
                 (
+                    a,
                     tok.token_str(a).unwrap_or_default(),
                     token_bytes(tok, a),
                     lp,
@@ -447,6 +533,11 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo) -> Router {
         .route("/tokenizer_info", get(tokenizer_info))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/completion", post(native::completion))
+        .route("/completions", post(native::completion))
+        .route("/infill", post(native::infill))
+        .route("/apply-template", post(native::apply_template))
+        .route("/props", get(native::props))
         .fallback(|uri: Uri| async move {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -683,11 +774,25 @@ struct Request {
     stop: Vec<String>,
     cache_prompt: bool,
     stream: bool,
+    ignore_eos: bool,
+    time_limit: Option<Duration>,
+    min_indent: usize,
+    slot: Option<usize>,
+}
+
+/// Whose API a request follows, where their rules differ.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// At least one token unless echoing the prompt; at most four stop sequences.
+    OpenAi,
+    /// `n_predict` 0 runs the prompt only; any number of stop sequences.
+    LlamaCpp,
 }
 
 /// Defaults as llama.cpp's server (and `teal run`): [`SamplerConfig::LLAMA_CPP`] (temperature
 /// 0.8, top-k 40, top-p 0.95, min-p 0.05, no penalties, over the last 64 tokens when set).
 fn check_options(
+    api: Api,
     o: Options,
     prompts: Vec<Prompt>,
     logprobs: Option<usize>,
@@ -725,16 +830,17 @@ fn check_options(
         return Err(ApiError::bad_request("echo: not available with stream"));
     }
     let max_tokens = o.max_tokens.or(o.max_completion_tokens);
-    if max_tokens == Some(0) && !echo {
+    if max_tokens == Some(0) && !echo && api == Api::OpenAi {
         return Err(ApiError::bad_request(
             "max_tokens must be at least 1 (0 only with echo)",
         ));
     }
     let stop = o.stop.map(OneOrMany::into_vec).unwrap_or_default();
-    if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
-        return Err(ApiError::bad_request(
-            "stop: at most 4 sequences, none of them empty",
-        ));
+    if stop.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::bad_request("stop: a sequence is empty"));
+    }
+    if stop.len() > 4 && api == Api::OpenAi {
+        return Err(ApiError::bad_request("stop: at most 4 sequences"));
     }
     let seed = o.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -775,6 +881,10 @@ fn check_options(
         stop,
         cache_prompt: o.cache_prompt.unwrap_or(true),
         stream,
+        ignore_eos: false,
+        time_limit: None,
+        min_indent: 0,
+        slot: None,
     })
 }
 
@@ -795,7 +905,7 @@ fn completion_request(body: &Bytes) -> Result<Request, ApiError> {
             if echo {
                 return Err(ApiError::bad_request("echo: not available with suffix"));
             }
-            vec![Prompt::Infill { prefix, suffix }]
+            vec![Prompt::Infill(Infill::new(prefix, suffix))]
         }
         (_, Some(_)) => {
             return Err(ApiError::bad_request(
@@ -807,16 +917,12 @@ fn completion_request(body: &Bytes) -> Result<Request, ApiError> {
         (PromptField::Ids(ids), None) => vec![Prompt::Tokens(ids)],
         (PromptField::IdLists(v), None) => v.into_iter().map(Prompt::Tokens).collect(),
     };
-    check_options(r.options, prompts, r.logprobs, echo)
+    check_options(Api::OpenAi, r.options, prompts, r.logprobs, echo)
 }
 
-fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
-    let r: ChatRequest = parse(body)?;
-    if r.messages.is_empty() {
-        return Err(ApiError::bad_request("messages: the list is empty"));
-    }
-    let messages = r
-        .messages
+/// A chat's messages, of text only.
+fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
+    messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
@@ -834,7 +940,15 @@ fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
             };
             Ok(Message::new(m.role, content))
         })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+        .collect()
+}
+
+fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
+    let r: ChatRequest = parse(body)?;
+    if r.messages.is_empty() {
+        return Err(ApiError::bad_request("messages: the list is empty"));
+    }
+    let messages = chat_messages(r.messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
         (Some(true), k) => Some(k.unwrap_or(0)),
         (_, None) => None,
@@ -844,7 +958,13 @@ fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
             ))
         }
     };
-    check_options(r.options, vec![Prompt::Chat(messages)], logprobs, false)
+    check_options(
+        Api::OpenAi,
+        r.options,
+        vec![Prompt::Chat(messages)],
+        logprobs,
+        false,
+    )
 }
 
 /// Which endpoint an answer is written for.
@@ -897,29 +1017,35 @@ impl Answer {
         })
     }
 
-    /// The whole answer of a request without streaming: `n` choices per prompt, each its text,
-    /// its entries with `logprobs`, and its summary.
-    fn full(&self, results: Vec<(String, Option<Vec<TokenInfo>>, Summary)>, n: usize) -> Value {
+    /// The whole answer of a request without streaming: `n` choices per prompt, each its text
+    /// (after the prompt's with `echo`), with `logprobs` its entries (after the prompt's with
+    /// `echo`), and its summary.
+    fn full(&self, results: &[Collected], n: usize, echo: bool, logprobs: bool) -> Value {
         let choices = results
             .iter()
             .enumerate()
-            .map(|(i, (text, lp, s))| match self.kind {
+            .map(|(i, c)| {
+                let (text, s) = (&c.text, &c.summary);
+                let lp = logprobs.then(|| [s.prompt_logprobs.as_slice(), &c.entries].concat());
+                (i, text, lp, s)
+            })
+            .map(|(i, text, lp, s)| match self.kind {
                 Kind::Completion => json!({
                     "index": i,
-                    "text": format!("{}{text}", s.echo.as_deref().unwrap_or_default()),
+                    "text": if echo { format!("{}{text}", s.prompt_text) } else { text.clone() },
                     "logprobs": lp.as_deref().map(|t| completion_logprobs(t, 0)),
-                    "finish_reason": s.finish_reason,
+                    "finish_reason": s.stop.finish_reason(),
                 }),
                 Kind::Chat => json!({
                     "index": i,
                     "message": {"role": "assistant", "content": text},
                     "logprobs": lp.as_deref().map(chat_logprobs),
-                    "finish_reason": s.finish_reason,
+                    "finish_reason": s.stop.finish_reason(),
                 }),
             })
             .collect();
         let mut v = self.envelope(false, choices);
-        add_usage(&mut v, results.iter().map(|(_, _, s)| s), n);
+        add_usage(&mut v, results.iter().map(|c| &c.summary), n);
         v
     }
 
@@ -932,7 +1058,7 @@ impl Answer {
         logprobs: Option<(&[TokenInfo], usize)>,
         finish: Option<&Summary>,
     ) -> Value {
-        let reason = finish.map(|s| s.finish_reason);
+        let reason = finish.map(|s| s.stop.finish_reason());
         let choice = match self.kind {
             Kind::Completion => {
                 let lp = logprobs.map(|(t, at)| completion_logprobs(t, at));
@@ -976,7 +1102,7 @@ fn completion_logprobs(tokens: &[TokenInfo], mut offset: usize) -> Value {
             .map(|t| {
                 t.logprob.map(|_| {
                     let mut top = serde_json::Map::new();
-                    for (text, _, lp) in &t.top {
+                    for (_, text, _, lp) in &t.top {
                         top.entry(text.clone()).or_insert(json!(lp));
                     }
                     top
@@ -999,7 +1125,7 @@ fn chat_logprobs(tokens: &[TokenInfo]) -> Value {
                 "top_logprobs": t
                     .top
                     .iter()
-                    .map(|(text, bytes, lp)| json!({"token": text, "logprob": lp, "bytes": bytes}))
+                    .map(|(_, text, bytes, lp)| json!({"token": text, "logprob": lp, "bytes": bytes}))
                     .collect::<Vec<_>>(),
             })
         })
@@ -1060,42 +1186,74 @@ async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
 /// prompt (one after another) or a stream.
 async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
     let a = Answer::new(&st, kind);
+    match run_jobs(&st, &r).await {
+        Err(e) => e.into_response(),
+        Ok(Outcome::Stream(first, rx)) => {
+            stream_answer(a, r.logprobs.is_some(), first, rx).into_response()
+        }
+        Ok(Outcome::Done(results)) => {
+            Json(a.full(&results, r.n, r.echo, r.logprobs.is_some())).into_response()
+        }
+    }
+}
+
+/// The whole output of one job.
+struct Collected {
+    text: String,
+    tokens: Vec<u32>,
+    /// With `logprobs`: the generated tokens' entries.
+    entries: Vec<TokenInfo>,
+    summary: Summary,
+}
+
+/// What [`run_jobs`] gives: every job's output, or with `stream` the (one) job's first event
+/// and where the rest arrive.
+enum Outcome {
+    Done(Vec<Collected>),
+    Stream(Event, mpsc::UnboundedReceiver<Event>),
+}
+
+/// Runs the jobs of `r` (`n` choices per prompt) one after another; an error if the engine
+/// rejects a prompt before generating.
+async fn run_jobs(st: &AppState, r: &Request) -> Result<Outcome, ApiError> {
     let mut results = Vec::with_capacity(r.prompts.len() * r.n);
     let jobs = r.prompts.iter().flat_map(|p| (0..r.n).map(move |j| (p, j)));
     for (prompt, choice) in jobs {
-        let mut rx = match submit(&st, &r, prompt.clone(), choice) {
-            Ok(rx) => rx,
-            Err(e) => return e.into_response(),
-        };
-        let first = match rx.recv().await {
-            Some(Event::Failed(e)) => return e.into_response(),
+        let mut rx = submit(st, r, prompt.clone(), choice)?;
+        let mut ev = match rx.recv().await {
+            Some(Event::Failed(e)) => return Err(e),
             Some(ev) => ev,
-            None => return ApiError::engine_dropped().into_response(),
+            None => return Err(ApiError::engine_dropped()),
         };
         if r.stream {
-            return stream_answer(a, r.logprobs.is_some(), first, rx).into_response();
+            return Ok(Outcome::Stream(ev, rx));
         }
-        let (mut text, mut entries) = (String::new(), Vec::new());
-        let mut ev = Some(first);
+        let (mut text, mut ids, mut entries) = (String::new(), Vec::new(), Vec::new());
         loop {
             match ev {
-                Some(Event::Text { text: t, logprobs }) => {
+                Event::Text {
+                    text: t,
+                    tokens,
+                    logprobs,
+                } => {
                     text.push_str(&t);
+                    ids.extend(tokens);
                     entries.extend(logprobs);
                 }
-                Some(Event::Done(s)) => {
-                    let lp = r
-                        .logprobs
-                        .map(|_| [s.prompt_logprobs.clone(), entries].concat());
-                    break results.push((text, lp, s));
+                Event::Done(summary) => {
+                    break results.push(Collected {
+                        text,
+                        tokens: ids,
+                        entries,
+                        summary,
+                    })
                 }
-                Some(Event::Failed(e)) => return e.into_response(),
-                None => return ApiError::engine_dropped().into_response(),
+                Event::Failed(e) => return Err(e),
             }
-            ev = rx.recv().await;
+            ev = rx.recv().await.ok_or_else(ApiError::engine_dropped)?;
         }
     }
-    Json(a.full(results, r.n)).into_response()
+    Ok(Outcome::Done(results))
 }
 
 /// Sends the job for choice `choice` of one prompt of `r` to the engine (sampling with the
@@ -1107,7 +1265,7 @@ fn submit(
     choice: usize,
 ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
     let (events, rx) = mpsc::unbounded_channel();
-    let job = Job::Generate(Generate {
+    let job = Job::Generate(Box::new(Generate {
         prompt,
         logprobs: r.logprobs,
         echo: r.echo,
@@ -1118,8 +1276,12 @@ fn submit(
         },
         stop: r.stop.clone(),
         cache_prompt: r.cache_prompt,
+        ignore_eos: r.ignore_eos,
+        time_limit: r.time_limit,
+        min_indent: r.min_indent,
+        slot: r.slot,
         events,
-    });
+    }));
     st.jobs.send(job).map_err(|_| ApiError::engine_stopped())?;
     Ok(rx)
 }
@@ -1134,45 +1296,58 @@ fn stream_answer(
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    let data = |v: Value| SseEvent::default().data(v.to_string());
     let head: Vec<SseEvent> = match a.kind {
-        Kind::Chat => vec![data(a.chunk(None, None, None))],
+        Kind::Chat => vec![sse_json(a.chunk(None, None, None))],
         Kind::Completion => vec![],
     };
-    // State: the next event if already received, the receiver, the characters streamed so
-    // far, and whether the stream has ended.
-    let start = (Some(first), rx, 0, false);
-    let events = stream::unfold(start, move |(next, mut rx, chars, ended)| {
-        let a = a.clone();
-        async move {
-            if ended {
-                return None;
-            }
-            let ev = match next {
-                Some(ev) => ev,
-                None => rx.recv().await?,
-            };
-            let (out, chars, ended) = match ev {
-                Event::Text { text, logprobs: t } => {
-                    let n = chars + text.chars().count();
-                    let lp = logprobs.then_some((t.as_slice(), chars));
-                    (vec![data(a.chunk(Some(text), lp, None))], n, false)
-                }
-                Event::Done(s) => (
-                    vec![
-                        data(a.chunk(None, None, Some(&s))),
-                        SseEvent::default().data("[DONE]"),
-                    ],
-                    chars,
-                    true,
-                ),
-                Event::Failed(e) => (vec![data(e.body())], chars, true),
-            };
-            Some((stream::iter(out), (None, rx, chars, ended)))
+    // The characters streamed so far.
+    let mut chars = 0;
+    let events = sse_events(first, rx, move |ev| match ev {
+        Event::Text {
+            text, logprobs: t, ..
+        } => {
+            let at = chars;
+            chars += text.chars().count();
+            let lp = logprobs.then_some((t.as_slice(), at));
+            (vec![sse_json(a.chunk(Some(text), lp, None))], false)
         }
-    })
-    .flatten();
+        Event::Done(s) => (
+            vec![
+                sse_json(a.chunk(None, None, Some(&s))),
+                SseEvent::default().data("[DONE]"),
+            ],
+            true,
+        ),
+        Event::Failed(e) => (vec![sse_json(e.body())], true),
+    });
     Sse::new(stream::iter(head).chain(events).map(Ok))
+}
+
+/// One server-sent event carrying `v`.
+fn sse_json(v: Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
+/// The server-sent events of a job: `first`, then the events from `rx`, each written by `step`,
+/// which also says whether the stream ends with it.
+fn sse_events(
+    first: Event,
+    rx: mpsc::UnboundedReceiver<Event>,
+    step: impl FnMut(Event) -> (Vec<SseEvent>, bool) + Send + 'static,
+) -> impl futures_util::Stream<Item = SseEvent> {
+    let start = (Some(first), rx, step, false);
+    stream::unfold(start, |(next, mut rx, mut step, ended)| async move {
+        if ended {
+            return None;
+        }
+        let ev = match next {
+            Some(ev) => ev,
+            None => rx.recv().await?,
+        };
+        let (out, ended) = step(ev);
+        Some((stream::iter(out), (None, rx, step, ended)))
+    })
+    .flatten()
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ fn app(tx: Sender<Job>) -> axum::Router {
         ModelInfo {
             id: "smollm2".into(),
             ctx: CTX,
+            slots: 1,
             meta: json!({"sparsity": 0.0}),
         },
     )
@@ -122,7 +123,7 @@ fn engine_text(
         &files.tokenizer,
         &ids,
         &params,
-        |p, _| {
+        |_, p, _| {
             text.push_str(p);
             true
         },
@@ -872,6 +873,313 @@ async fn tokenizer_endpoints() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(
         v["error"]["message"].as_str().unwrap().contains("prompt"),
+        "{v}"
+    );
+}
+
+/// llama.cpp's `/completion`: the greedy answer with its token ids and probabilities, the
+/// same text and tokens streamed (events until `stop: true`, no `[DONE]`), a stop word,
+/// `response_fields`, a list of prompts and `n_predict` 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_completion_in_llama_cpps_shape() {
+    let Some((tx, _)) = engine() else { return };
+    let plain = json!({
+        "prompt": "The capital of France is", "n_predict": 12, "temperature": 0,
+        "return_tokens": true, "n_probs": 2, "cache_prompt": false,
+    });
+    let (s, v) = call_json(&tx, "/completion", plain.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["content"], " Paris.\n\nThe answer is: 201");
+    assert_eq!(v["stop"], true);
+    assert_eq!(v["stop_type"], "limit");
+    assert_eq!(v["stopping_word"], "");
+    assert_eq!(v["tokens_predicted"], 12);
+    assert_eq!(v["tokens_evaluated"], 5);
+    assert_eq!(v["prompt"], "The capital of France is");
+    assert_eq!(v["has_new_line"], true);
+    assert_eq!(v["id_slot"], 0);
+    assert_eq!(v["generation_settings"]["n_predict"], 12);
+    assert_eq!(v["timings"]["predicted_n"], 12);
+    let ids = v["tokens"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 12);
+    let (_, d) = call_json(&tx, "/detokenize", json!({ "tokens": ids })).await;
+    assert_eq!(d["content"], v["content"]);
+    let probs = v["completion_probabilities"].as_array().unwrap();
+    assert_eq!(probs.len(), 12);
+    for (p, id) in probs.iter().zip(&ids) {
+        assert_eq!(&p["id"], id);
+        let top = p["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(&top[0]["id"], id);
+        assert_eq!(top[0]["logprob"], p["logprob"]);
+        assert!(p["logprob"].as_f64().unwrap() <= 0.0);
+    }
+
+    // Streamed: the same text, tokens and entries, then the result without them.
+    let mut streamed = plain.clone();
+    streamed["stream"] = json!(true);
+    let (s, body) = call(&tx, "/completion", Some(&streamed.to_string())).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let events = sse_data(&body);
+    let (last, pieces) = events.split_last().unwrap();
+    assert!(pieces.iter().all(|e| e["stop"] == false), "{body}");
+    let text: String = pieces
+        .iter()
+        .map(|e| e["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, " Paris.\n\nThe answer is: 201");
+    let streamed_ids: Vec<Value> = pieces
+        .iter()
+        .flat_map(|e| e["tokens"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(streamed_ids, ids);
+    let streamed_probs: Vec<Value> = pieces
+        .iter()
+        .flat_map(|e| e["completion_probabilities"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(&streamed_probs, probs);
+    assert_eq!(last["stop"], true);
+    assert_eq!(last["stop_type"], "limit");
+    assert_eq!(last["content"], "");
+    assert_eq!(last["tokens_predicted"], 12);
+
+    // A stop word: the text before it, the tokens that start before it, and the word.
+    let mut stopped = plain.clone();
+    stopped["stop"] = json!(["zzz", "answer"]);
+    let (_, v) = call_json(&tx, "/completion", stopped).await;
+    assert_eq!(v["content"], " Paris.\n\nThe ");
+    assert_eq!(v["stop_type"], "word");
+    assert_eq!(v["stopping_word"], "answer");
+    assert_eq!(json!(v["tokens"]), json!(ids[..6]));
+
+    // response_fields: those fields only, nested ones under their last name.
+    let mut fields = plain.clone();
+    fields["response_fields"] = json!(["content", "timings/predicted_n", "missing"]);
+    let (_, v) = call_json(&tx, "/completion", fields).await;
+    assert_eq!(
+        v,
+        json!({"content": " Paris.\n\nThe answer is: 201", "predicted_n": 12})
+    );
+
+    // A list of prompts (text and token ids): a list of results.
+    let (_, t) = call_json(
+        &tx,
+        "/tokenize",
+        json!({"content": "The capital of France is"}),
+    )
+    .await;
+    let req = json!({"prompt": ["The capital of France is", t["tokens"]], "n_predict": 3, "temperature": 0});
+    let (s, v) = call_json(&tx, "/completion", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let all = v.as_array().unwrap();
+    assert_eq!(all.len(), 2);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r["index"], i);
+        assert_eq!(r["content"], " Paris.\n");
+    }
+
+    // n_predict 0: the prompt only.
+    let req = json!({"prompt": "The capital of France is", "n_predict": 0});
+    let (s, v) = call_json(&tx, "/completion", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["content"], "");
+    assert_eq!(v["tokens_predicted"], 0);
+    assert_eq!(v["tokens_evaluated"], 5);
+}
+
+/// `samplers` turns off the stages it leaves out: with only top-k listed, the temperature is
+/// 1 whatever `temperature` says, and top-p and min-p are off, as OpenAI's endpoint with those
+/// settings and the same seed samples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_samplers_choose_the_stages() {
+    let Some((tx, _)) = engine() else { return };
+    let native = json!({
+        "prompt": "Once upon a time", "n_predict": 16, "seed": 7, "temperature": 0.0,
+        "top_k": 40, "top_p": 0.5, "min_p": 0.3, "samplers": ["top_k", "infill"],
+    });
+    let openai = json!({
+        "prompt": "Once upon a time", "max_tokens": 16, "seed": 7, "temperature": 1.0,
+        "top_k": 40, "top_p": 1.0, "min_p": 0.0,
+    });
+    let (s, a) = call_json(&tx, "/completion", native).await;
+    assert_eq!(s, StatusCode::OK, "{a}");
+    let (_, b) = call_json(&tx, "/v1/completions", openai).await;
+    assert_eq!(a["content"], b["choices"][0]["text"]);
+    assert_eq!(a["generation_settings"]["temperature"], 1.0);
+}
+
+/// The native endpoints' bad requests: options teal does not implement, bad values, mixed
+/// prompts, a slot that does not exist, infilling without FIM tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_bad_requests_name_the_field() {
+    let Some((tx, _)) = engine() else { return };
+    for (uri, body, needle) in [
+        (
+            "/completion",
+            json!({"prompt": "x", "grammar": "root ::= \"a\""}),
+            "grammar",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "mirostat": 2}),
+            "mirostat",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "logit_bias": [[15, -1.0]]}),
+            "logit_bias",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "samplers": ["top_k", "foo"]}),
+            "unknown sampler 'foo'",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "seed": -5}),
+            "seed = -5",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "n_predict": -3}),
+            "n_predict = -3",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "n_indent": -1}),
+            "n_indent",
+        ),
+        ("/completion", json!({"prompt": [1, "x"]}), "mixed"),
+        ("/completion", json!({"prompt": []}), "empty"),
+        (
+            "/completion",
+            json!({"prompt": "x", "id_slot": 3}),
+            "id_slot = 3",
+        ),
+        ("/completion", json!({"n_predict": 3}), "prompt"),
+        (
+            "/infill",
+            json!({"input_prefix": "def f(", "input_suffix": ")"}),
+            "fill-in-the-middle",
+        ),
+        (
+            "/infill",
+            json!({"input_prefix": "a", "input_extra": [{"filename": "x"}]}),
+            "text",
+        ),
+        (
+            "/apply-template",
+            json!({"messages": "hi"}),
+            "expected a sequence",
+        ),
+    ] {
+        let (s, v) = call_json(&tx, uri, body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri} {body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{uri} {body}: {msg}");
+    }
+    // Neutral values of the unsupported options pass, as llama.cpp's clients send them.
+    let req = json!({
+        "prompt": "x", "n_predict": 1, "grammar": "", "mirostat": 0, "typical_p": 1.0,
+        "dry_multiplier": 0.0, "logit_bias": [], "t_max_prompt_ms": 500,
+    });
+    let (s, v) = call_json(&tx, "/completion", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// `/apply-template` renders with the model's template; `/props` names the defaults, slots and
+/// template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_template_and_props() {
+    let Some((tx, path)) = engine() else { return };
+    let files = ModelFiles::open(&path).unwrap();
+    let msgs = vec![Message::new("user", "Hi there")];
+    let want = teal::chat::render_chat(&files.tokenizer, &msgs).unwrap();
+    let (s, v) = call_json(
+        &tx,
+        "/apply-template",
+        json!({"messages": [{"role": "user", "content": "Hi there"}]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["prompt"], want.as_str());
+    assert!(
+        want.contains("Hi there") && want.ends_with("assistant\n"),
+        "{want}"
+    );
+    let (s, b) = call(&tx, "/props", None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["total_slots"], 1);
+    assert_eq!(v["default_generation_settings"]["n_ctx"], CTX);
+    assert_eq!(v["default_generation_settings"]["params"]["top_k"], 40);
+    assert_eq!(v["chat_template"], files.tokenizer.chat_template().unwrap());
+}
+
+fn qwen() -> Option<PathBuf> {
+    teal::assets::test_model("TEAL_QWEN_GGUF", "Qwen2.5-Coder-0.5B-Instruct.gguf").unwrap()
+}
+
+/// `/infill` on Qwen2.5-Coder: the plain prefix-suffix-middle prompt and its greedy middle;
+/// the typed start of the middle after `<|fim_middle|>`; other files in the repository-level
+/// format; a prefix too long for the context cut to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_infill_on_qwen() {
+    let Some(path) = qwen() else { return };
+    let tx = spawn_engine(path, 1);
+    let req = json!({
+        "input_prefix": "def add(a, b):\n    ", "input_suffix": "\n    return result\n",
+        "n_predict": 8, "temperature": 0,
+    });
+    let (s, v) = call_json(&tx, "/infill", req.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["prompt"],
+        "<|fim_prefix|>def add(a, b):\n    <|fim_suffix|>\n    return result\n<|fim_middle|>"
+    );
+    let content = v["content"].as_str().unwrap();
+    assert!(content.starts_with("result = a + b"), "{content:?}");
+
+    let mut typed = req.clone();
+    typed["prompt"] = json!("result");
+    let (_, v) = call_json(&tx, "/infill", typed).await;
+    assert!(
+        v["prompt"]
+            .as_str()
+            .unwrap()
+            .ends_with("<|fim_middle|>result"),
+        "{v}"
+    );
+    let content = v["content"].as_str().unwrap();
+    assert!(content.starts_with(" = a + b"), "{content:?}");
+
+    let mut extra = req.clone();
+    extra["input_extra"] = json!([{"filename": "utils.py", "text": "def helper():\n    pass\n"}]);
+    let (s, v) = call_json(&tx, "/infill", extra).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["prompt"],
+        "<|repo_name|>myproject\n<|file_sep|>utils.py\ndef helper():\n    pass\n\
+         <|file_sep|>filename\n<|fim_prefix|>def add(a, b):\n    <|fim_suffix|>\n    \
+         return result\n<|fim_middle|>"
+    );
+
+    // 400 lines of prefix in a context of 256: the prefix's end is kept, the whole fits with
+    // room for the answer.
+    let long: String = (0..400).map(|i| format!("x{i} = {i}\n")).collect();
+    let mut cut = req;
+    cut["input_prefix"] = json!(format!("{long}def add(a, b):\n    "));
+    let (s, v) = call_json(&tx, "/infill", cut).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let prompt = v["prompt"].as_str().unwrap();
+    assert!(
+        prompt.contains("x399 = 399\ndef add(a, b):\n    <|fim_suffix|>"),
+        "{prompt}"
+    );
+    assert!(!prompt.contains("\nx0 = 0\n"), "{prompt}");
+    assert!(
+        v["tokens_evaluated"].as_u64().unwrap() <= (CTX - 8) as u64,
         "{v}"
     );
 }

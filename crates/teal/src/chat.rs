@@ -131,56 +131,149 @@ pub enum Prompt {
     Text(String),
     Tokens(Vec<u32>),
     Chat(Vec<Message>),
-    Infill { prefix: String, suffix: String },
+    Infill(Infill),
+}
+
+/// A fill-in-the-middle request, as llama.cpp's `/infill` takes it: the text before and after
+/// the gap, the start of the middle already written, and other files of the project.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Infill {
+    pub prefix: String,
+    pub suffix: String,
+    /// Text after the middle token: the part of the middle the user has already typed.
+    pub middle: String,
+    /// Other files' text (file name, text), given before the prefix.
+    pub extra: Vec<(String, String)>,
+    /// The most tokens the prompt may take; `None`: no limit. With a limit the parts are cut
+    /// to fit: of `b = min(budget, 2048)`, the prefix keeps at most its last `3b/4` tokens
+    /// (less BOS) and the suffix its first `b/4 - 3 - middle` (less the three FIM tokens and
+    /// the middle's), about as llama.cpp's server does with batch size `b`, so that the
+    /// prompt without extra files takes at most `b`; the extra context keeps only its last
+    /// tokens that still fit in `budget`.
+    pub budget: Option<usize>,
+}
+
+impl Infill {
+    /// The gap between `prefix` and `suffix`, nothing else.
+    pub fn new(prefix: impl Into<String>, suffix: impl Into<String>) -> Infill {
+        Infill {
+            prefix: prefix.into(),
+            suffix: suffix.into(),
+            ..Infill::default()
+        }
+    }
+}
+
+/// The project name written after the repository token (llama.cpp's).
+const FIM_REPO_NAME: &str = "myproject\n";
+/// The current file's name after the last file separator (llama.cpp has none either).
+const FIM_FILE_NAME: &str = "filename\n";
+/// Between extra files where the model has no file-separator token.
+const FIM_SNIPPET: &str = "\n\n--- snippet ---\n\n";
+
+/// An infill's tokens in prefix-suffix-middle order, as llama.cpp's `/infill` writes them and
+/// Qwen2.5-Coder's documentation describes: `[BOS] [extra] <PRE> prefix <SUF> suffix <MID>
+/// middle`. Extra files, where there are any, come first: where the model has repository and
+/// file-separator tokens, `<REPO>myproject\n`, `<SEP>name\ntext` per file and
+/// `<SEP>filename\n` for the current one (Qwen2.5-Coder's repository-level format, as
+/// llama.cpp writes it); otherwise each file's text after a snippet line. (llama.cpp writes the
+/// repository header even without extra files; here a single file keeps the plain format.)
+fn encode_infill(tok: &Tokenizer, f: &Infill) -> crate::Result<Vec<u32>> {
+    let [pre, suf, mid] = tok.fim_ids().ok_or_else(|| {
+        crate::Error::Invalid(
+            "this model's vocabulary has no fill-in-the-middle tokens (prefix, suffix and \
+             middle), which infilling needs"
+                .into(),
+        )
+    })?;
+    let mut prefix = tok.encode(&f.prefix, false)?;
+    let mut suffix = tok.encode(&f.suffix, false)?;
+    let middle = tok.encode(&f.middle, false)?;
+    let bos: Vec<u32> = tok
+        .bos_id()
+        .filter(|_| tok.add_bos_default())
+        .into_iter()
+        .collect();
+    let budget = f.budget.unwrap_or(usize::MAX);
+    let b = budget.min(2048);
+    prefix.drain(
+        ..prefix
+            .len()
+            .saturating_sub((3 * (b / 4)).saturating_sub(bos.len())),
+    );
+    suffix.truncate((b / 4).saturating_sub(3 + middle.len()));
+    let mut extra = Vec::new();
+    let repo = tok.fim_repo_ids();
+    if !f.extra.is_empty() {
+        if let Some([rep, _]) = repo {
+            extra.push(rep);
+            extra.extend(tok.encode(FIM_REPO_NAME, false)?);
+        }
+        for (name, text) in &f.extra {
+            match repo {
+                Some([_, sep]) => {
+                    extra.push(sep);
+                    extra.extend(tok.encode(&format!("{name}\n"), false)?);
+                }
+                None => extra.extend(tok.encode(FIM_SNIPPET, false)?),
+            }
+            extra.extend(tok.encode(text, false)?);
+        }
+        if let Some([_, sep]) = repo {
+            extra.push(sep);
+            extra.extend(tok.encode(FIM_FILE_NAME, false)?);
+        }
+    }
+    let core = bos.len() + prefix.len() + suffix.len() + middle.len() + 3;
+    extra.drain(..extra.len().saturating_sub(budget.saturating_sub(core)));
+    let parts: [&[u32]; 8] = [
+        &bos,
+        &extra,
+        &[pre],
+        &prefix,
+        &[suf],
+        &suffix,
+        &[mid],
+        &middle,
+    ];
+    Ok(parts.concat())
 }
 
 /// The tokens of `prompt`. Plain text gets BOS where the tokenizer adds one. A chat is rendered
 /// with the tokenizer's own template (ChatML where the model has none), ending with the header
 /// of the assistant's turn; BOS is added only where the rendered text does not already start
-/// with it (templates that write `{{ bos_token }}` themselves). An infill is the model's
-/// fill-in-the-middle tokens in prefix-suffix-middle order, as llama.cpp's `/infill` and
-/// Qwen2.5-Coder's documentation write it: `[BOS] <PRE> prefix <SUF> suffix <MID>`; a model
-/// without the three tokens is an error.
+/// with it (templates that write `{{ bos_token }}` themselves). An infill: see
+/// [`Infill`]; a model without the prefix, suffix and middle tokens is an error.
 pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>> {
     let messages = match prompt {
         Prompt::Text(t) => return Ok(tok.encode(t, tok.add_bos_default())?),
         Prompt::Tokens(ids) => return Ok(ids.clone()),
-        Prompt::Infill { prefix, suffix } => {
-            let [pre, suf, mid] = tok.fim_ids().ok_or_else(|| {
-                crate::Error::Invalid(
-                    "this model's vocabulary has no fill-in-the-middle tokens (prefix, suffix \
-                     and middle), which infilling needs"
-                        .into(),
-                )
-            })?;
-            let mut ids: Vec<u32> = tok
-                .bos_id()
-                .filter(|_| tok.add_bos_default())
-                .into_iter()
-                .collect();
-            ids.push(pre);
-            ids.extend(tok.encode(prefix, false)?);
-            ids.push(suf);
-            ids.extend(tok.encode(suffix, false)?);
-            ids.push(mid);
-            return Ok(ids);
-        }
+        Prompt::Infill(f) => return encode_infill(tok, f),
         Prompt::Chat(messages) => messages,
     };
+    let text = render_chat(tok, messages)?;
+    let bos_written = tok
+        .bos_id()
+        .and_then(|i| tok.token_str(i))
+        .is_some_and(|b| text.starts_with(&b));
+    Ok(tok.encode(&text, tok.add_bos_default() && !bos_written)?)
+}
+
+/// A chat rendered with the tokenizer's own template (ChatML where the model has none), ending
+/// with the header of the assistant's turn: the text [`encode_prompt`] encodes.
+pub fn render_chat(tok: &Tokenizer, messages: &[Message]) -> crate::Result<String> {
     let template = match tok.chat_template() {
         Some(src) => ChatTemplate::new(src)?,
         None => ChatTemplate::chatml(),
     };
     let bos = tok.bos_id().and_then(|i| tok.token_str(i));
     let eos = tok.eos_ids().first().and_then(|&i| tok.token_str(i));
-    let text = template.render(
+    Ok(template.render(
         messages,
         true,
         bos.as_deref().unwrap_or_default(),
         eos.as_deref().unwrap_or_default(),
-    )?;
-    let bos_written = bos.is_some_and(|b| text.starts_with(&b));
-    Ok(tok.encode(&text, tok.add_bos_default() && !bos_written)?)
+    )?)
 }
 
 /// Python's Jinja treats a backslash before a newline inside a string literal as a line

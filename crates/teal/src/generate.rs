@@ -121,15 +121,15 @@ impl<'a> Models<'a> {
 }
 
 /// Generates up to `params.max_tokens` tokens after `prompt` on the CPU. `on_text` is called
-/// once per generated token with the new text that token completes (empty while a character
-/// is still incomplete UTF-8) and, with [`GenerateParams::logprobs`], the token's entry; it
+/// once per generated token with the token, the new text it completes (empty while a
+/// character is still incomplete UTF-8) and, with [`GenerateParams::logprobs`], its entry; it
 /// returns `false` to stop.
 pub fn generate(
     models: Models<'_>,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    on_text: impl FnMut(&str, Option<&TokenLogprob>) -> bool,
+    on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
 ) -> Result<Generation> {
     let mut dec = CpuDecoder::new(models, params.ctx);
     generate_on(&mut dec, tokenizer, prompt, params, on_text)
@@ -142,7 +142,7 @@ pub fn generate_on(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    on_text: impl FnMut(&str, Option<&TokenLogprob>) -> bool,
+    on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
 ) -> Result<Generation> {
     check_prompt(dec, prompt)?;
     generate_after(dec, 0, Vec::new(), tokenizer, prompt, params, on_text)
@@ -211,7 +211,7 @@ impl<'d> Session<'d> {
         tokenizer: &Tokenizer,
         prompt: &[u32],
         params: &GenerateParams,
-        on_text: impl FnMut(&str, Option<&TokenLogprob>) -> bool,
+        on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
     ) -> Result<Generation> {
         check_prompt(self.dec, prompt)?;
         let common = self.shared_prefix(prompt);
@@ -293,7 +293,7 @@ fn generate_after(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    mut on_text: impl FnMut(&str, Option<&TokenLogprob>) -> bool,
+    mut on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
 ) -> Result<Generation> {
     let ctx = dec.capacity();
     if keep == 0 {
@@ -356,7 +356,7 @@ fn generate_after(
         }
         tokens.push(next);
         let piece = stream.push(next)?;
-        let go_on = on_text(&piece, next_lp.as_ref());
+        let go_on = on_text(next, &piece, next_lp.as_ref());
         logprobs.extend(next_lp.take());
         if !go_on {
             break StopReason::Caller;

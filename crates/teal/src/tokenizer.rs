@@ -414,8 +414,9 @@ pub struct Tokenizer {
     special: Vec<bool>,
     /// SentencePiece dummy prefix: decoding drops one leading space of the first token.
     strip_leading_space: bool,
-    /// Fill-in-the-middle tokens (prefix, suffix, middle), where the vocabulary has all three.
-    fim: Option<[u32; 3]>,
+    /// Fill-in-the-middle tokens by kind ([`FIM_KINDS`]' order: prefix, suffix, middle, pad,
+    /// repository name, file separator), where the vocabulary has them.
+    fim: [Option<u32>; 6],
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -894,9 +895,7 @@ impl Tokenizer {
         });
 
         let id_of = |t: &str| hf_tok.token_to_id(t);
-        let fim = fim_triple(std::array::from_fn(|kind| {
-            first_of(FIM_KINDS[kind].1, &id_of)
-        }));
+        let fim = std::array::from_fn(|kind| first_of(FIM_KINDS[kind].1, &id_of));
         Ok(Tokenizer {
             engine: Engine::Json(Box::new(hf_tok)),
             kind: "tokenizer.json".to_string(),
@@ -980,7 +979,19 @@ impl Tokenizer {
     /// The fill-in-the-middle tokens (prefix, suffix, middle), where the vocabulary has all
     /// three (by `tokenizer.ggml.fim_*_token_id`, else by the texts llama.cpp recognises).
     pub fn fim_ids(&self) -> Option<[u32; 3]> {
-        self.fim
+        match self.fim {
+            [Some(p), Some(s), Some(m), ..] => Some([p, s, m]),
+            _ => None,
+        }
+    }
+
+    /// The repository-name and file-separator tokens of repository-level fill in the middle
+    /// (Qwen2.5-Coder's `<|repo_name|>` and `<|file_sep|>`), where the vocabulary has both.
+    pub fn fim_repo_ids(&self) -> Option<[u32; 2]> {
+        match self.fim {
+            [.., Some(r), Some(s)] => Some([r, s]),
+            _ => None,
+        }
     }
 
     /// Whether prompts start with BOS: `tokenizer.ggml.add_bos_token`, or the model type's default
@@ -1057,7 +1068,7 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
     types: &mut [i64],
     id_of: &dyn Fn(&str) -> Option<u32>,
     eos_eot_eom: [Option<u32>; 3],
-) -> Result<(Vec<u32>, Option<[u32; 3]>)> {
+) -> Result<(Vec<u32>, [Option<u32>; 6])> {
     let n = tokens.len();
     let mark_control = |types: &mut [i64], id: u32| {
         let ty = &mut types[id as usize];
@@ -1066,7 +1077,7 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
         }
     };
     let mut eog: Vec<u32> = Vec::new();
-    let mut fim = [None; 3];
+    let mut fim = [None; 6];
 
     // FIM tokens: by key, else the first (lowest id) text match, which becomes control.
     for (i, (key, texts, ends)) in FIM_KINDS.iter().enumerate() {
@@ -1087,9 +1098,7 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
         if let (Some(x), true) = (id, *ends) {
             eog.push(x);
         }
-        if let Some(slot) = fim.get_mut(i) {
-            *slot = id;
-        }
+        fim[i] = id;
     }
 
     // End-of-generation texts.
@@ -1131,20 +1140,12 @@ fn special_attributes<'m, F: Fn(&str) -> Option<&'m MetaValue>>(
         out.push(eos);
     }
     out.extend(eog.into_iter().filter(|&x| Some(x) != eos_eot_eom[0]));
-    Ok((out, fim_triple(fim)))
+    Ok((out, fim))
 }
 
 /// The lowest id among the tokens with these texts (llama.cpp's choice when several match).
 fn first_of(texts: &[&str], id_of: &dyn Fn(&str) -> Option<u32>) -> Option<u32> {
     texts.iter().filter_map(|t| id_of(t)).min()
-}
-
-/// The FIM prefix, suffix and middle ids, where all three are known.
-fn fim_triple(ids: [Option<u32>; 3]) -> Option<[u32; 3]> {
-    match ids {
-        [Some(p), Some(s), Some(m)] => Some([p, s, m]),
-        _ => None,
-    }
 }
 
 /// Bytes of a normal vocabulary token.

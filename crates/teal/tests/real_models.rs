@@ -3,7 +3,7 @@
 //! in which case a missing model fails the test.
 
 use std::path::PathBuf;
-use teal::chat::{encode_prompt, Prompt};
+use teal::chat::{encode_prompt, Infill, Prompt};
 use teal::eval::perplexity::{perplexity, PplOptions};
 use teal::generate::{generate, GenerateParams};
 use teal::sampler::SamplerConfig;
@@ -57,7 +57,7 @@ fn greedy(files: &ModelFiles, prompt: &Prompt, n: usize) -> (Vec<u32>, String) {
         tok,
         &ids,
         &params,
-        |p, _| {
+        |_, p, _| {
             text.push_str(p);
             true
         },
@@ -187,10 +187,7 @@ fn qwen2_fills_in_the_middle() {
         [name(pre), name(suf), name(mid)],
         ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
     );
-    let infill = Prompt::Infill {
-        prefix: "def add(a, b):\n    ".into(),
-        suffix: "\n    return result\n".into(),
-    };
+    let infill = Prompt::Infill(Infill::new("def add(a, b):\n    ", "\n    return result\n"));
     let ids = encode_prompt(tok, &infill).unwrap();
     let prefix = tok.encode("def add(a, b):\n    ", false).unwrap();
     let suffix = tok.encode("\n    return result\n", false).unwrap();
@@ -198,6 +195,54 @@ fn qwen2_fills_in_the_middle() {
     assert_eq!(ids, want);
     let (_, text) = greedy(&files, &infill, 8);
     assert!(text.starts_with("result = a + b"), "{text:?}");
+    // A budget of 100 tokens: the prefix's last 75, the suffix's first 25 - 3 - 1 (the middle
+    // typed so far is one token), and of the extra file's tokens the last that fit.
+    let long: String = (0..60).map(|i| format!("x{i} = {i}\n")).collect();
+    let t = |s: &str| tok.encode(s, false).unwrap();
+    let (lt, y) = (t(&long), t("y"));
+    assert!(lt.len() > 100 && y.len() == 1);
+    let [rep, sep] = tok.fim_repo_ids().unwrap();
+    let cut = Infill {
+        prefix: long.clone(),
+        suffix: long.clone(),
+        middle: "y".into(),
+        extra: vec![("a.py".into(), long.clone())],
+        budget: Some(100),
+    };
+    let ids = encode_prompt(tok, &Prompt::Infill(cut.clone())).unwrap();
+    assert_eq!(ids.len(), 100);
+    let core: Vec<u32> = [
+        &[pre][..],
+        &lt[lt.len() - 75..],
+        &[suf],
+        &lt[..21],
+        &[mid],
+        &y,
+    ]
+    .concat();
+    assert_eq!(ids[ids.len() - core.len()..], core[..]);
+    // With room for all of them, the other file comes first in the repository-level format.
+    let roomy = encode_prompt(
+        tok,
+        &Prompt::Infill(Infill {
+            budget: Some(4096),
+            ..cut
+        }),
+    )
+    .unwrap();
+    let header: Vec<u32> = [
+        &[rep][..],
+        &t("myproject\n"),
+        &[sep],
+        &t("a.py\n"),
+        &lt,
+        &[sep],
+    ]
+    .concat();
+    assert_eq!(roomy[..header.len()], header[..]);
+    let extra = &roomy[..roomy.len() - (2 * lt.len() + 4)];
+    let kept = 100 - core.len();
+    assert_eq!(ids[..kept], extra[extra.len() - kept..]);
     // A vocabulary without the three tokens: a clear error.
     if let Some(smol) = smollm2() {
         let files = ModelFiles::open(&smol).unwrap();
