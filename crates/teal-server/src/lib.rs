@@ -254,6 +254,9 @@ pub fn run_engine(
     let (mut used, mut clock) = (vec![0u64; sessions.len()], 0);
     for job in jobs {
         match job {
+            // A request whose client has gone while it waited (an editor's completion request
+            // that the next keystroke replaced) is dropped unrun.
+            Job::Generate(g) if g.events.is_closed() => {}
             Job::Generate(g) => {
                 let tokens = match encode_prompt(tok, &g.prompt) {
                     Ok(t) => t,

@@ -1183,3 +1183,35 @@ async fn native_infill_on_qwen() {
         "{v}"
     );
 }
+
+/// A queued request whose client has gone is dropped unrun: the slot's cache does not hold
+/// its prompt afterwards (the same prompt sent next reuses nothing, and then, sent again,
+/// everything but its last token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_are_not_run() {
+    let Some(path) = smollm2() else { return };
+    let tx = spawn_engine(path, 1);
+    let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+    drop(rx);
+    let prompt = "The capital of France is";
+    tx.send(Job::Generate(Box::new(teal_server::Generate {
+        prompt: Prompt::Text(prompt.into()),
+        logprobs: None,
+        echo: false,
+        max_tokens: Some(4),
+        sampler: greedy(),
+        stop: Vec::new(),
+        cache_prompt: true,
+        ignore_eos: false,
+        time_limit: None,
+        min_indent: 0,
+        slot: None,
+        events,
+    })))
+    .unwrap();
+    let req = json!({"prompt": prompt, "n_predict": 4, "temperature": 0});
+    let (_, v) = call_json(&tx, "/completion", req.clone()).await;
+    assert_eq!(v["tokens_cached"], 0, "{v}");
+    let (_, v) = call_json(&tx, "/completion", req).await;
+    assert_eq!(v["tokens_cached"], 4, "{v}");
+}
