@@ -337,6 +337,10 @@ struct RunArgs {
     /// Subtracted from a recent token's logit per occurrence (0: off).
     #[arg(long, default_value_t = Penalties::OFF.frequency, allow_negative_numbers = true)]
     frequency_penalty: f32,
+    /// Adds BIAS to a token's logit before sampling, as `TOKEN_ID=BIAS` (repeatable; BIAS
+    /// `-inf` bans the token; ids from `teal tokenize`).
+    #[arg(long = "logit-bias", value_name = "TOKEN_ID=BIAS", value_parser = parse_bias)]
+    logit_bias: Vec<(u32, f32)>,
     #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.seed)]
     seed: u64,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -653,6 +657,22 @@ impl Loaded {
     }
 }
 
+/// `--logit-bias TOKEN_ID=BIAS`.
+fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
+    let (id, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected TOKEN_ID=BIAS"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{id}': not a token id"))?;
+    let b = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{b}': not a number (-inf bans the token)"))?;
+    Ok((id, b))
+}
+
 /// The context of run and serve: `-c`, else the model's, at most 4096.
 fn generation_ctx(ctx: Option<usize>, files: &ModelFiles) -> usize {
     ctx.unwrap_or(files.config.max_position_embeddings.min(4096))
@@ -672,6 +692,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             presence: a.presence_penalty,
             frequency: a.frequency_penalty,
         },
+        logit_bias: a.logit_bias.clone(),
     };
     sampler
         .check()
@@ -679,6 +700,9 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let device = a.common.device()?;
     let files = a.common.open()?;
     let tok = &files.tokenizer;
+    sampler
+        .check_tokens(tok.vocab_size())
+        .map_err(|e| anyhow::anyhow!("sampling: {e}"))?;
     let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let models = loaded.models();
 

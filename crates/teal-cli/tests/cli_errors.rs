@@ -91,6 +91,15 @@ fn bad_prompts_and_texts_are_clear_errors() {
     assert!(e.contains("repeat_penalty = 0"), "{e}");
     let e = fails(&["serve", "-m", m, "--slots", "0"]);
     assert!(e.contains("--slots 0: at least 1"), "{e}");
+    let e = fails(&["run", "-m", m, "-p", "x", "--logit-bias", "12"]);
+    assert!(e.contains("'12': expected TOKEN_ID=BIAS"), "{e}");
+    let e = fails(&["run", "-m", m, "-p", "x", "--logit-bias", "5=inf"]);
+    assert!(e.contains("logit_bias of token 5 = inf"), "{e}");
+    let e = fails(&["run", "-m", m, "-p", "x", "--logit-bias", "99999=1"]);
+    assert!(
+        e.contains("token 99999 is not in the vocabulary (49152 tokens)"),
+        "{e}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("latin1.txt");

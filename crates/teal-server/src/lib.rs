@@ -114,7 +114,17 @@ pub struct Generate {
     pub min_indent: usize,
     /// The slot to run on (`None`: the one [`pick_slot`] chooses).
     pub slot: Option<usize>,
+    /// Biases of tokens named by id or by text (every token of the text), added to the
+    /// sampler's [`SamplerConfig::logit_bias`] once the text is tokenized.
+    pub logit_bias: Vec<(BiasKey, f32)>,
     pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// A `logit_bias` entry's token: an id, or a text whose tokens all get the bias.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BiasKey {
+    Id(u32),
+    Text(String),
 }
 
 /// What the engine reports for a job: text as it is generated, then one `Done` or `Failed`.
@@ -378,9 +388,28 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
 /// Generates for `job`, whose prompt is `tokens`, on `session` (slot `slot`).
 fn serve_job(session: &mut Session, slot: usize, tok: &Tokenizer, job: Generate, tokens: Vec<u32>) {
     let send = |e: Event| job.events.send(e).is_ok();
+    let mut sampler = job.sampler;
+    for (key, b) in job.logit_bias {
+        match key {
+            BiasKey::Id(id) => sampler.logit_bias.push((id, b)),
+            BiasKey::Text(text) => match tok.encode(&text, false) {
+                Ok(ids) => sampler.logit_bias.extend(ids.into_iter().map(|id| (id, b))),
+                Err(e) => {
+                    send(Event::Failed(ApiError::bad_request(format!(
+                        "logit_bias: {e}"
+                    ))));
+                    return;
+                }
+            },
+        }
+    }
+    if let Err(e) = sampler.check_tokens(tok.vocab_size()) {
+        send(Event::Failed(ApiError::bad_request(e)));
+        return;
+    }
     let params = GenerateParams {
         max_tokens: job.max_tokens.unwrap_or(session.capacity()),
-        sampler: job.sampler,
+        sampler,
         ctx: session.capacity(),
         stop_at_eos: !job.ignore_eos,
         logprobs: job.logprobs,
@@ -700,6 +729,7 @@ struct Options {
     stop: Option<OneOrMany>,
     n: Option<usize>,
     cache_prompt: Option<bool>,
+    logit_bias: Option<Value>,
 }
 
 /// A completion's prompt: text or token ids, one or a list of them.
@@ -781,6 +811,49 @@ struct Request {
     time_limit: Option<Duration>,
     min_indent: usize,
     slot: Option<usize>,
+    logit_bias: Vec<(BiasKey, f32)>,
+}
+
+/// `logit_bias`: OpenAI's `{"id": bias}` or llama.cpp's `[[id, bias], ...]`, where `false`
+/// stands for never (-inf) and a token text may take the place of an id.
+fn parse_logit_bias(v: Value) -> Result<Vec<(BiasKey, f32)>, ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            "logit_bias: expected {\"token id or text\": bias} or [[token id or text, bias or \
+             false], ...]",
+        )
+    };
+    let bias = |b: &Value| match b {
+        Value::Bool(false) => Some(f32::NEG_INFINITY),
+        b => b.as_f64().map(|b| b as f32),
+    };
+    let key = |k: &Value| match k {
+        Value::String(s) => Some(match s.parse::<u32>() {
+            Ok(id) => BiasKey::Id(id),
+            Err(_) => BiasKey::Text(s.clone()),
+        }),
+        k => k
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .map(BiasKey::Id),
+    };
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, b)| Some((key(&Value::String(k.clone()))?, bias(b)?)))
+            .collect::<Option<_>>()
+            .ok_or_else(bad),
+        Value::Array(a) => a
+            .iter()
+            .map(|e| match e.as_array().map(Vec::as_slice) {
+                Some([k, b]) => Some((key(k)?, bias(b)?)),
+                _ => None,
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(bad),
+        _ => Err(bad()),
+    }
 }
 
 /// Whose API a request follows, where their rules differ.
@@ -872,7 +945,20 @@ fn check_options(
             presence: o.presence_penalty.unwrap_or(d.penalties.presence),
             frequency: o.frequency_penalty.unwrap_or(d.penalties.frequency),
         },
+        logit_bias: Vec::new(),
     };
+    let logit_bias = match o.logit_bias {
+        None => Vec::new(),
+        Some(v) => parse_logit_bias(v)?,
+    };
+    if let Some((_, b)) = logit_bias
+        .iter()
+        .find(|(_, b)| b.is_nan() || *b == f32::INFINITY)
+    {
+        return Err(ApiError::bad_request(format!(
+            "logit_bias: {b} is not a bias (a finite number, or false / -inf for never)"
+        )));
+    }
     sampler.check().map_err(ApiError::bad_request)?;
     Ok(Request {
         prompts,
@@ -888,6 +974,7 @@ fn check_options(
         time_limit: None,
         min_indent: 0,
         slot: None,
+        logit_bias,
     })
 }
 
@@ -1283,6 +1370,7 @@ fn submit(
         time_limit: r.time_limit,
         min_indent: r.min_indent,
         slot: r.slot,
+        logit_bias: r.logit_bias.clone(),
         events,
     }));
     st.jobs.send(job).map_err(|_| ApiError::engine_stopped())?;

@@ -6,7 +6,7 @@
 //!   `temperature` (<= 0: greedy), `top_k` (<= 0: off), `top_p`, `min_p`, `seed` (-1: random),
 //!   `repeat_penalty`, `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `stop`,
 //!   `stream`, `cache_prompt`, `n_probs`, `ignore_eos`, `return_tokens`, `n_indent`,
-//!   `t_max_predict_ms`, `n_cmpl`, `id_slot`, `samplers` and `response_fields`. The answer has
+//!   `t_max_predict_ms`, `n_cmpl`, `id_slot`, `logit_bias`, `samplers` and `response_fields`. The answer has
 //!   `content`, `tokens`, `stop_type` (`eos`, `word`, `limit`), `stopping_word`,
 //!   `tokens_predicted`, `tokens_evaluated`, `tokens_cached`, `generation_settings`, `prompt`,
 //!   `timings` and with `n_probs` `completion_probabilities`; streamed, one event per piece of
@@ -18,8 +18,7 @@
 //! - `POST /apply-template` (`messages`: the prompt text of a chat) and `GET /props`.
 //!
 //! Options that would change the answer and that teal does not implement (grammars, JSON
-//! schemas, Mirostat, DRY, XTC, typical-p, dynamic temperature, logit biases, post-sampling
-//! probabilities) are refused with status 400 when set to anything but their neutral value.
+//! schemas, Mirostat, DRY, XTC, typical-p, dynamic temperature, post-sampling probabilities) are refused with status 400 when set to anything but their neutral value.
 //! In `samplers`, the stages listed are used in teal's order (penalties, top-k, temperature,
 //! top-p, min-p) and those left out are off (the temperature then 1); `infill`, llama.cpp's
 //! heuristic that merges tokens with common prefixes for code completion, is accepted and not
@@ -143,14 +142,6 @@ fn check(
         ("xtc_probability", nonzero(o.xtc_probability, 0.0)),
         ("typical_p", nonzero(o.typical_p, 1.0)),
         ("dynatemp_range", nonzero(o.dynatemp_range, 0.0)),
-        (
-            "logit_bias",
-            o.logit_bias.as_ref().is_some_and(|v| match v {
-                Value::Array(a) => !a.is_empty(),
-                Value::Object(m) => !m.is_empty(),
-                v => !v.is_null(),
-            }),
-        ),
         ("post_sampling_probs", o.post_sampling_probs == Some(true)),
     ];
     if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
@@ -227,6 +218,7 @@ fn check(
         stop: o.stop.map(OneOrMany::Many),
         n: Some(n),
         cache_prompt: o.cache_prompt,
+        logit_bias: o.logit_bias,
     };
     let logprobs = o.n_probs.filter(|&k| k > 0);
     let list = many || n > 1;

@@ -1027,11 +1027,6 @@ async fn native_bad_requests_name_the_field() {
         ),
         (
             "/completion",
-            json!({"prompt": "x", "logit_bias": [[15, -1.0]]}),
-            "logit_bias",
-        ),
-        (
-            "/completion",
             json!({"prompt": "x", "samplers": ["top_k", "foo"]}),
             "unknown sampler 'foo'",
         ),
@@ -1206,6 +1201,7 @@ async fn abandoned_requests_are_not_run() {
         time_limit: None,
         min_indent: 0,
         slot: None,
+        logit_bias: Vec::new(),
         events,
     })))
     .unwrap();
@@ -1214,4 +1210,59 @@ async fn abandoned_requests_are_not_run() {
     assert_eq!(v["tokens_cached"], 0, "{v}");
     let (_, v) = call_json(&tx, "/completion", req).await;
     assert_eq!(v["tokens_cached"], 4, "{v}");
+}
+
+/// `logit_bias` by id (OpenAI's object, llama.cpp's pairs) and by text: banning the greedy
+/// first token (" Paris") gives the engine's own answer with that ban, pushing another one
+/// (" London") makes it the first; bad entries and ids outside the vocabulary get a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_reaches_the_sampler() {
+    let Some((tx, path)) = engine() else { return };
+    let id = |text: &'static str| {
+        let tx = tx.clone();
+        async move {
+            let (_, t) = call_json(&tx, "/tokenize", json!({ "content": text })).await;
+            let ids = t["tokens"].as_array().unwrap().clone();
+            assert_eq!(ids.len(), 1, "{text:?}: {ids:?}");
+            ids[0].as_u64().unwrap() as u32
+        }
+    };
+    let (paris, london) = (id(" Paris").await, id(" London").await);
+    let prompt = "The capital of France is";
+    let banned = engine_text(
+        &path,
+        &Prompt::Text(prompt.into()),
+        8,
+        SamplerConfig {
+            logit_bias: vec![(paris, f32::NEG_INFINITY)],
+            ..greedy()
+        },
+    );
+    assert!(!banned.starts_with(" Paris"), "{banned:?}");
+    let openai = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "logit_bias": {paris.to_string(): -1e9}});
+    let (s, v) = call_json(&tx, "/v1/completions", openai).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], banned.as_str());
+    for bias in [json!([[paris, false]]), json!([[" Paris", false]])] {
+        let req = json!({"prompt": prompt, "n_predict": 8, "temperature": 0, "logit_bias": bias});
+        let (s, v) = call_json(&tx, "/completion", req).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["content"], banned.as_str(), "{bias}");
+    }
+    let req =
+        json!({"prompt": prompt, "n_predict": 2, "temperature": 0, "logit_bias": [[london, 100]]});
+    let (_, v) = call_json(&tx, "/completion", req).await;
+    assert!(v["content"].as_str().unwrap().starts_with(" London"), "{v}");
+
+    for (bias, needle) in [
+        (json!({"99999": 1}), "token 99999 is not in the vocabulary"),
+        (json!([[1, "x"]]), "logit_bias: expected"),
+        (json!("x"), "logit_bias: expected"),
+    ] {
+        let req = json!({"prompt": prompt, "max_tokens": 2, "logit_bias": bias});
+        let (s, v) = call_json(&tx, "/v1/completions", req).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{msg}");
+    }
 }

@@ -19,9 +19,18 @@ pub struct SamplerConfig {
     pub min_p: f32,
     pub seed: u64,
     pub penalties: Penalties,
+    /// Added to these tokens' logits before anything else, greedy included (OpenAI's and
+    /// llama.cpp's `logit_bias`); `-inf` bans a token.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl SamplerConfig {
+    /// Whether the logits are changed before sampling (biases or penalties), which needs the
+    /// host sampler's state.
+    pub fn adjusts_logits(&self) -> bool {
+        self.penalties.active() || !self.logit_bias.is_empty()
+    }
+
     /// The settings' ranges, each error naming the setting (as the server's request field).
     pub fn check(&self) -> Result<(), String> {
         let p = &self.penalties;
@@ -50,7 +59,30 @@ impl SamplerConfig {
                 return bad(name, v, "in [-2, 2] (0: off)");
             }
         }
+        if let Some(&(t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| b.is_nan() || *b == f32::INFINITY)
+        {
+            return Err(format!(
+                "logit_bias of token {t} = {b}: must be a finite number or -inf (never)"
+            ));
+        }
         Ok(())
+    }
+
+    /// The tokens the settings name (`logit_bias`) against the vocabulary's size.
+    pub fn check_tokens(&self, vocab_size: usize) -> Result<(), String> {
+        match self
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= vocab_size)
+        {
+            Some((t, _)) => Err(format!(
+                "logit_bias: token {t} is not in the vocabulary ({vocab_size} tokens)"
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -64,6 +96,7 @@ impl SamplerConfig {
         min_p: 0.05,
         seed: 42,
         penalties: Penalties::OFF,
+        logit_bias: Vec::new(),
     };
 }
 
@@ -76,6 +109,7 @@ impl Default for SamplerConfig {
             min_p: 0.0,
             seed: 42,
             penalties: Penalties::OFF,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -126,8 +160,8 @@ pub struct Sampler {
     /// With penalties: the last `last_n` tokens of the context and how often each occurs.
     recent: VecDeque<u32>,
     counts: HashMap<u32, u32>,
-    /// With penalties: the penalized copy of the logits.
-    penalized: Vec<f32>,
+    /// With biases or penalties: the adjusted copy of the logits.
+    adjusted: Vec<f32>,
 }
 
 /// Index of the largest value (the first one on ties), as llama.cpp's greedy sampler.
@@ -149,7 +183,7 @@ impl Sampler {
             cand: Vec::new(),
             recent: VecDeque::new(),
             counts: HashMap::new(),
-            penalized: Vec::new(),
+            adjusted: Vec::new(),
         }
     }
 
@@ -182,13 +216,18 @@ impl Sampler {
         }
     }
 
-    /// The next token: penalties, then greedy or [`Sampler::sample_with`] on the next
+    /// The next token: biases, penalties, then greedy or [`Sampler::sample_with`] on the next
     /// [`Sampler::draw`]; the token is recorded for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let token = if self.cfg.penalties.active() {
-            let mut v = std::mem::take(&mut self.penalized);
+        let token = if self.cfg.adjusts_logits() {
+            let mut v = std::mem::take(&mut self.adjusted);
             v.clear();
             v.extend_from_slice(logits);
+            for &(t, b) in &self.cfg.logit_bias {
+                if let Some(l) = v.get_mut(t as usize) {
+                    *l += b;
+                }
+            }
             let p = &self.cfg.penalties;
             for (&t, &count) in &self.counts {
                 if let Some(l) = v.get_mut(t as usize) {
@@ -201,7 +240,7 @@ impl Sampler {
                 }
             }
             let token = self.choose(&v);
-            self.penalized = v;
+            self.adjusted = v;
             token
         } else {
             self.choose(logits)
@@ -427,5 +466,47 @@ mod tests {
         let mut s = greedy_with(Penalties::default());
         s.accept(0);
         assert_eq!(s.sample(&[2.0, 1.9]), 0);
+    }
+
+    /// A bias moves a token up or down before anything else, greedy included; -inf bans it;
+    /// several entries for one token add up.
+    #[test]
+    fn logit_bias_applies_before_sampling() {
+        let logits = [0.1f32, 3.0, -1.0, 2.5];
+        let greedy = |bias: Vec<(u32, f32)>| {
+            Sampler::new(SamplerConfig {
+                temperature: 0.0,
+                logit_bias: bias,
+                ..Default::default()
+            })
+            .sample(&logits)
+        };
+        assert_eq!(greedy(vec![]), 1);
+        assert_eq!(greedy(vec![(1, f32::NEG_INFINITY)]), 3);
+        assert_eq!(greedy(vec![(2, 5.0)]), 2);
+        assert_eq!(greedy(vec![(0, 2.0), (0, 1.0)]), 0);
+        // Sampling never picks a banned token, even as the only likely one.
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            logit_bias: vec![(1, f32::NEG_INFINITY)],
+            ..Default::default()
+        });
+        for _ in 0..200 {
+            assert_ne!(s.sample(&[0.0, 50.0, 0.0, 0.0]), 1);
+        }
+        let bad = SamplerConfig {
+            logit_bias: vec![(7, f32::NAN)],
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().contains("logit_bias of token 7"));
+        let far = SamplerConfig {
+            logit_bias: vec![(9, 1.0)],
+            ..Default::default()
+        };
+        assert!(far.check().is_ok());
+        assert!(far.check_tokens(9).unwrap_err().contains("token 9"));
+        assert!(far.check_tokens(10).is_ok());
     }
 }

@@ -701,7 +701,8 @@ fn gpu_sampler_matches_cpu_sampler() {
 /// Sampling inside the GPU decoder with the CPU's seed: teacher-forced with the CPU's tokens,
 /// each step's sampled token equals the CPU decoder's (same seeded numbers; a flip needs a
 /// number within rounding of a boundary, at most one allowed), with min-p and with penalties
-/// (a flipped token then also changes the recent tokens); top-k 1 gives the greedy ids.
+/// (a flipped token then also changes the recent tokens) and with a logit bias; top-k 1
+/// gives the greedy ids.
 #[test]
 fn gpu_decode_sample_follows_the_cpu_seed() {
     if !have_gpu("GPU decode-sample test") {
@@ -749,7 +750,13 @@ fn gpu_decode_sample_follows_the_cpu_seed() {
         },
         ..sampled.clone()
     };
-    for cfg in [sampled, penalized] {
+    // Greedy with a ban on the greedy first token (host sampling too).
+    let banned = SamplerConfig {
+        temperature: 0.0,
+        logit_bias: vec![(dense.greedy[1], f32::NEG_INFINITY)],
+        ..sampled.clone()
+    };
+    for cfg in [sampled, penalized, banned] {
         let (mut sc, mut sg) = (Sampler::new(cfg.clone()), Sampler::new(cfg));
         cpu.clear().unwrap();
         gpu.clear().unwrap();
@@ -766,8 +773,10 @@ fn gpu_decode_sample_follows_the_cpu_seed() {
             differ += usize::from(want != got);
             token = want;
         }
-        let pen = sc.config().penalties.active();
-        eprintln!("{name}: 32 sampled steps (penalties: {pen}), {differ} differ from the CPU");
+        let adjusted = sc.config().adjusts_logits();
+        eprintln!(
+            "{name}: 32 sampled steps (biases or penalties: {adjusted}), {differ} differ from the CPU"
+        );
         assert!(differ <= 1, "{differ} of 32 sampled tokens differ");
     }
 }

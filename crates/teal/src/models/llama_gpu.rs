@@ -1225,8 +1225,9 @@ impl Decoder for GpuLlama {
     /// samples on the host from the copied logits.
     fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
         let cfg = sampler.config();
-        if cfg.penalties.active() {
-            // The penalties need the recent tokens, which the host sampler keeps.
+        if cfg.adjusts_logits() {
+            // Biases and penalties (which need the recent tokens the host sampler keeps) are
+            // applied on the host.
             return Ok(sampler.sample(self.decode(token)?));
         }
         if cfg.temperature <= 0.0 {
