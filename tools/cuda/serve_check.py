@@ -67,5 +67,11 @@ check("penalized greedy: gpu text equals cpu", pg["choices"][0]["text"] == pc["c
 mp = {"prompt": P, "max_tokens": 16, "temperature": 0.8, "min_p": 0.2, "seed": 3, "cache_prompt": False}
 mg, mc = post(8081, "/v1/completions", mp), post(8082, "/v1/completions", mp)
 check("seeded min-p sampling: gpu text equals cpu (device sampler)", mg["choices"][0]["text"] == mc["choices"][0]["text"], repr(mg["choices"][0]["text"]) + " / " + repr(mc["choices"][0]["text"]))
+nat = {"prompt": P, "n_predict": 12, "temperature": 0, "n_probs": 2, "return_tokens": True, "cache_prompt": False}
+ng, nc = post(8081, "/completion", nat), post(8082, "/completion", nat)
+check("llama.cpp /completion: gpu content and tokens equal cpu", ng.get("content") == nc.get("content") and ng.get("tokens") == nc.get("tokens") and len(ng.get("completion_probabilities", [])) == 12, repr(ng.get("content")))
+ban = dict(nat, logit_bias=[[ng["tokens"][0], False]])
+bg, bc = post(8081, "/completion", ban), post(8082, "/completion", ban)
+check("logit_bias ban: gpu equals cpu and avoids the greedy token", bg.get("content") == bc.get("content") and bg.get("tokens", [None])[0] != ng["tokens"][0], repr(bg.get("content")))
 gpu.terminate(); cpu.terminate()
 print("ALL PASS" if ok else "SOME FAILED")
