@@ -235,6 +235,15 @@ struct ServeArgs {
     /// CPU only for more than one (each GPU decoder holds its own weights).
     #[arg(long, default_value_t = 1)]
     slots: usize,
+    /// Requests must carry this key (`Authorization: Bearer KEY` or `X-Api-Key`); repeat for
+    /// several. `/health` and `/v1/models` stay open. Also read from TEAL_API_KEY.
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "TEAL_API_KEY",
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
     #[command(flatten)]
     sparse: SparseArgs,
 }
@@ -870,7 +879,8 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         .iter_mut()
         .map(|d| &mut **d as &mut dyn Decoder)
         .collect();
-    teal_server::serve(&addr, slots, &files.tokenizer, model, |bound| {
+    let keys = a.api_keys.clone();
+    teal_server::serve(&addr, slots, &files.tokenizer, model, keys, |bound| {
         eprintln!(
             "listening on http://{bound} (POST /v1/completions, /v1/chat/completions, llama.cpp's /completion and /infill; Ctrl-C stops)"
         )

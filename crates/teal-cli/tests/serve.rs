@@ -1,5 +1,6 @@
 //! `teal serve` end to end: the binary listens on a free port, answers a completion over a real
-//! TCP connection with llama.cpp's greedy continuation, and reports an address it cannot bind.
+//! TCP connection with llama.cpp's greedy continuation behind an API key (TEAL_API_KEY), and
+//! reports an address it cannot bind.
 //! Uses the real SmolLM2 file (skips when it is not cached, unless TEAL_REQUIRE_ASSETS=1).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -21,13 +22,22 @@ impl Drop for Server {
     }
 }
 
-/// One HTTP/1.1 request over a new connection; returns the status line and the body.
+/// The API key the server is started with (through TEAL_API_KEY).
+const KEY: &str = "test-key";
+
+/// One HTTP/1.1 request over a new connection, with the API key; returns the status line and
+/// the body.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (String, String) {
+    http_with(addr, method, path, body, &format!("Bearer {KEY}"))
+}
+
+/// [`http`] with this `Authorization` header.
+fn http_with(addr: &str, method: &str, path: &str, body: &str, auth: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         Authorization: {auth}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -52,6 +62,7 @@ fn serve_answers_over_http() {
             "-t",
             "2",
         ])
+        .env("TEAL_API_KEY", KEY)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -84,6 +95,17 @@ fn serve_answers_over_http() {
     let (status, body) = http(&addr, "GET", "/v1/models", "");
     assert!(status.contains("200"), "{status}: {body}");
     assert!(body.contains("\"context_length\":256"), "{body}");
+
+    // The key from TEAL_API_KEY guards the rest.
+    let (status, body) = http_with(
+        &addr,
+        "POST",
+        "/tokenize",
+        r#"{"content": "Hi"}"#,
+        "Bearer x",
+    );
+    assert!(status.contains("401"), "{status}: {body}");
+    assert!(body.contains("invalid API key"), "{body}");
 }
 
 #[test]

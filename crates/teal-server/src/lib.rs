@@ -233,10 +233,10 @@ impl ApiError {
     }
 
     fn body(&self) -> Value {
-        let kind = if self.status.is_client_error() {
-            "invalid_request_error"
-        } else {
-            "server_error"
+        let kind = match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "server_error",
         };
         json!({"error": {"message": self.message, "type": kind, "code": self.status.as_u16()}})
     }
@@ -550,8 +550,14 @@ struct AppState {
     next_id: Arc<AtomicU64>,
 }
 
-/// The HTTP routes, sending jobs to the engine through `jobs`.
-pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo) -> Router {
+/// The HTTP routes, sending jobs to the engine through `jobs`. With `api_keys`, every request
+/// but `/health` and `/v1/models` must carry one of them, as `Authorization: Bearer KEY` or
+/// `X-Api-Key: KEY` (status 401 otherwise), as llama.cpp's `--api-key`.
+pub fn router(
+    jobs: std::sync::mpsc::Sender<Job>,
+    model: ModelInfo,
+    api_keys: Vec<String>,
+) -> Router {
     let state = AppState {
         jobs,
         model: Arc::new(model),
@@ -576,7 +582,42 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo) -> Router {
                 message: format!("no such endpoint: {uri}"),
             }
         })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(api_keys),
+            require_key,
+        ))
         .with_state(state)
+}
+
+/// [`router`]'s key check.
+async fn require_key(
+    State(keys): State<Arc<Vec<String>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match key_error(&keys, &req) {
+        None => next.run(req).await,
+        Some(e) => e.into_response(),
+    }
+}
+
+/// Why `req` may not pass [`router`]'s key check, if it may not.
+fn key_error(keys: &[String], req: &axum::extract::Request) -> Option<ApiError> {
+    let public = matches!(req.uri().path(), "/health" | "/v1/models");
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let given = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| header("x-api-key"));
+    if keys.is_empty() || public || given.is_some_and(|k| keys.iter().any(|x| x == k)) {
+        return None;
+    }
+    Some(ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: match given {
+            None => "this server needs an API key: send `Authorization: Bearer KEY`".into(),
+            Some(_) => "invalid API key".into(),
+        },
+    })
 }
 
 /// Errors of [`serve`].
@@ -599,6 +640,7 @@ pub fn serve(
     slots: Vec<&mut dyn Decoder>,
     tok: &Tokenizer,
     model: ModelInfo,
+    api_keys: Vec<String>,
     on_listening: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -617,7 +659,7 @@ pub fn serve(
             source,
         })?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let app = router(tx, model);
+    let app = router(tx, model, api_keys);
     // When the server stops, the router and with it the queue's sender are dropped, which ends
     // the engine's loop below after the job in progress.
     rt.spawn(async move {

@@ -59,6 +59,7 @@ fn app(tx: Sender<Job>) -> axum::Router {
             slots: 1,
             meta: json!({"sparsity": 0.0}),
         },
+        Vec::new(),
     )
 }
 
@@ -1264,5 +1265,56 @@ async fn logit_bias_reaches_the_sampler() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "{msg}");
+    }
+}
+
+/// With API keys, requests need one (`Authorization: Bearer` or `X-Api-Key`): 401 with an
+/// authentication error otherwise; `/health` and `/v1/models` stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_every_endpoint_but_health() {
+    let Some((tx, _)) = engine() else { return };
+    let info = ModelInfo {
+        id: "smollm2".into(),
+        ctx: CTX,
+        slots: 1,
+        meta: json!({}),
+    };
+    let app = router(tx, info, vec!["k1".into(), "sekrit".into()]);
+    let send = |uri: &str, header: Option<(&str, &str)>| {
+        let mut req = match uri {
+            "/tokenize" => Request::post(uri),
+            _ => Request::get(uri),
+        };
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
+        }
+        let body = match uri {
+            "/tokenize" => Body::from(r#"{"content": "Hi"}"#),
+            _ => Body::empty(),
+        };
+        app.clone().oneshot(req.body(body).unwrap())
+    };
+    for uri in ["/health", "/v1/models"] {
+        assert_eq!(
+            send(uri, None).await.unwrap().status(),
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
+    for (header, why) in [
+        (None, "needs an API key"),
+        (Some(("authorization", "Bearer nope")), "invalid API key"),
+        (Some(("authorization", "sekrit")), "needs an API key"),
+    ] {
+        let res = send("/tokenize", header).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{header:?}");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "authentication_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains(why), "{v}");
+    }
+    for header in [("authorization", "Bearer sekrit"), ("x-api-key", "k1")] {
+        let res = send("/tokenize", Some(header)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{header:?}");
     }
 }
