@@ -244,6 +244,10 @@ struct ServeArgs {
         hide_env_values = true
     )]
     api_keys: Vec<String>,
+    /// Web pages from this origin (`http://localhost:3000`; `*`: any) may call the server from
+    /// a browser (CORS); repeat for several. Default: none.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
     #[command(flatten)]
     sparse: SparseArgs,
 }
@@ -879,8 +883,11 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         .iter_mut()
         .map(|d| &mut **d as &mut dyn Decoder)
         .collect();
-    let keys = a.api_keys.clone();
-    teal_server::serve(&addr, slots, &files.tokenizer, model, keys, |bound| {
+    let access = teal_server::Access {
+        api_keys: a.api_keys.clone(),
+        cors_origins: a.cors_origins.clone(),
+    };
+    teal_server::serve(&addr, slots, &files.tokenizer, model, access, |bound| {
         eprintln!(
             "listening on http://{bound} (POST /v1/completions, /v1/chat/completions, llama.cpp's /completion and /infill; Ctrl-C stops)"
         )

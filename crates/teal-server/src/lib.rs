@@ -550,14 +550,20 @@ struct AppState {
     next_id: Arc<AtomicU64>,
 }
 
-/// The HTTP routes, sending jobs to the engine through `jobs`. With `api_keys`, every request
-/// but `/health` and `/v1/models` must carry one of them, as `Authorization: Bearer KEY` or
-/// `X-Api-Key: KEY` (status 401 otherwise), as llama.cpp's `--api-key`.
-pub fn router(
-    jobs: std::sync::mpsc::Sender<Job>,
-    model: ModelInfo,
-    api_keys: Vec<String>,
-) -> Router {
+/// Who may use the server.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// Every request but `/health` and `/v1/models` must carry one of these, as
+    /// `Authorization: Bearer KEY` or `X-Api-Key: KEY` (status 401 otherwise), as llama.cpp's
+    /// `--api-key`; none: no check.
+    pub api_keys: Vec<String>,
+    /// Web pages from these origins may call the server from a browser (CORS; `*`: any);
+    /// none: no CORS headers, so browsers keep other sites' pages out.
+    pub cors_origins: Vec<String>,
+}
+
+/// The HTTP routes, sending jobs to the engine through `jobs`, open as `access` says.
+pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, access: Access) -> Router {
     let state = AppState {
         jobs,
         model: Arc::new(model),
@@ -583,10 +589,30 @@ pub fn router(
             }
         })
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(api_keys),
+            Arc::new(access.api_keys),
             require_key,
         ))
+        // Outside the key check: a browser's preflight request carries no key.
+        .layer(cors(&access.cors_origins))
         .with_state(state)
+}
+
+/// The CORS layer for these origins (`*`: any; none: no CORS headers).
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| axum::http::HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers(Any)
 }
 
 /// [`router`]'s key check.
@@ -640,7 +666,7 @@ pub fn serve(
     slots: Vec<&mut dyn Decoder>,
     tok: &Tokenizer,
     model: ModelInfo,
-    api_keys: Vec<String>,
+    access: Access,
     on_listening: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -659,7 +685,7 @@ pub fn serve(
             source,
         })?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let app = router(tx, model, api_keys);
+    let app = router(tx, model, access);
     // When the server stops, the router and with it the queue's sender are dropped, which ends
     // the engine's loop below after the job in progress.
     rt.spawn(async move {

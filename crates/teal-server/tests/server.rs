@@ -59,7 +59,7 @@ fn app(tx: Sender<Job>) -> axum::Router {
             slots: 1,
             meta: json!({"sparsity": 0.0}),
         },
-        Vec::new(),
+        Default::default(),
     )
 }
 
@@ -1269,7 +1269,8 @@ async fn logit_bias_reaches_the_sampler() {
 }
 
 /// With API keys, requests need one (`Authorization: Bearer` or `X-Api-Key`): 401 with an
-/// authentication error otherwise; `/health` and `/v1/models` stay open.
+/// authentication error otherwise; `/health` and `/v1/models` stay open. CORS preflights pass
+/// for the allowed origin only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_guard_every_endpoint_but_health() {
     let Some((tx, _)) = engine() else { return };
@@ -1279,7 +1280,11 @@ async fn api_keys_guard_every_endpoint_but_health() {
         slots: 1,
         meta: json!({}),
     };
-    let app = router(tx, info, vec!["k1".into(), "sekrit".into()]);
+    let access = teal_server::Access {
+        api_keys: vec!["k1".into(), "sekrit".into()],
+        cors_origins: vec!["http://localhost:3000".into()],
+    };
+    let app = router(tx, info, access);
     let send = |uri: &str, header: Option<(&str, &str)>| {
         let mut req = match uri {
             "/tokenize" => Request::post(uri),
@@ -1316,5 +1321,30 @@ async fn api_keys_guard_every_endpoint_but_health() {
     for header in [("authorization", "Bearer sekrit"), ("x-api-key", "k1")] {
         let res = send("/tokenize", Some(header)).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK, "{header:?}");
+    }
+    // CORS: a browser's preflight (no key) from the allowed origin is answered with it; from
+    // another origin without it.
+    for (origin, allowed) in [
+        ("http://localhost:3000", true),
+        ("https://evil.example", false),
+    ] {
+        let req = Request::builder()
+            .method("OPTIONS")
+            .uri("/v1/completions")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .body(Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        let allow = res.headers().get("access-control-allow-origin");
+        assert_eq!(
+            allow.is_some_and(|v| v == origin),
+            allowed,
+            "{origin}: {allow:?}"
+        );
     }
 }
