@@ -354,6 +354,10 @@ struct RunArgs {
     /// `-inf` bans the token; ids from `teal tokenize`).
     #[arg(long = "logit-bias", value_name = "TOKEN_ID=BIAS", value_parser = parse_bias)]
     logit_bias: Vec<(u32, f32)>,
+    /// JSON mode: the answer is one JSON object (tokens that would break it are never
+    /// sampled, and it ends when the object closes).
+    #[arg(long)]
+    json_object: bool,
     #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.seed)]
     seed: u64,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -706,6 +710,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             frequency: a.frequency_penalty,
         },
         logit_bias: a.logit_bias.clone(),
+        json_object: a.json_object,
     };
     sampler
         .check()

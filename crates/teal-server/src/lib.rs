@@ -798,6 +798,14 @@ struct Options {
     n: Option<usize>,
     cache_prompt: Option<bool>,
     logit_bias: Option<Value>,
+    response_format: Option<ResponseFormat>,
+}
+
+/// OpenAI's `response_format`: `{"type": "text"}` or `{"type": "json_object"}` (JSON mode).
+#[derive(Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
 }
 
 /// A completion's prompt: text or token ids, one or a list of them.
@@ -1014,6 +1022,15 @@ fn check_options(
             frequency: o.frequency_penalty.unwrap_or(d.penalties.frequency),
         },
         logit_bias: Vec::new(),
+        json_object: match o.response_format.as_ref().map(|f| f.kind.as_str()) {
+            None | Some("text") => false,
+            Some("json_object") => true,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "response_format: type '{other}' is not supported (text or json_object)"
+                )))
+            }
+        },
     };
     let logit_bias = match o.logit_bias {
         None => Vec::new(),

@@ -51,6 +51,7 @@ struct NativeOptions {
     id_slot: Option<i64>,
     samplers: Option<Vec<String>>,
     response_fields: Option<Vec<String>>,
+    response_format: Option<ResponseFormat>,
     grammar: Option<String>,
     json_schema: Option<Value>,
     mirostat: Option<i64>,
@@ -219,6 +220,7 @@ fn check(
         n: Some(n),
         cache_prompt: o.cache_prompt,
         logit_bias: o.logit_bias,
+        response_format: o.response_format,
     };
     let logprobs = o.n_probs.filter(|&k| k > 0);
     let list = many || n > 1;

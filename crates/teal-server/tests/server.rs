@@ -1348,3 +1348,32 @@ async fn api_keys_guard_every_endpoint_but_health() {
         );
     }
 }
+
+/// JSON mode (`response_format: {"type": "json_object"}`): greedy and sampled answers are one
+/// JSON object, ending (`stop`) when it closes; other response formats get a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_mode_answers_one_object() {
+    let Some((tx, _)) = engine() else { return };
+    let msg = "Describe a cat as JSON with the keys name, age and color.";
+    for (temperature, seed) in [(0.0, 1), (0.8, 5), (1.0, 9)] {
+        let req = json!({
+            "messages": [{"role": "user", "content": msg}], "max_tokens": 160,
+            "temperature": temperature, "seed": seed,
+            "response_format": {"type": "json_object"},
+        });
+        let (s, v) = call_json(&tx, "/v1/chat/completions", req).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{text:?}");
+        let parsed: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(parsed.is_object(), "{text:?}");
+        eprintln!("json mode, temperature {temperature}: {text}");
+    }
+    let req = json!({"prompt": "x", "response_format": {"type": "json_schema"}});
+    let (s, v) = call_json(&tx, "/v1/completions", req).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("json_schema"));
+}

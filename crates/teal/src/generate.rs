@@ -301,7 +301,7 @@ fn generate_after(
     } else {
         dec.truncate(keep)?;
     }
-    let mut sampler = Sampler::new(params.sampler.clone());
+    let mut sampler = Sampler::for_tokenizer(params.sampler.clone(), tokenizer);
     let recent = prompt.len().saturating_sub(params.sampler.penalties.last_n);
     for &t in &prompt[recent..] {
         sampler.accept(t);

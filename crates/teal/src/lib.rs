@@ -6,6 +6,7 @@ pub mod assets;
 pub mod bench;
 pub mod chat;
 pub mod config;
+pub mod constrain;
 pub mod device;
 pub mod error;
 pub mod eval;

@@ -1,7 +1,10 @@
 //! Turning logits into the next token: greedy, or temperature / top-k / top-p / min-p sampling
-//! with a seeded generator, after optional repetition penalties over the recent tokens. The
-//! candidate buffers are kept between calls, so sampling allocates nothing.
+//! with a seeded generator, after optional logit biases, repetition penalties over the recent
+//! tokens and JSON mode's mask. The candidate buffers are kept between calls, so sampling
+//! allocates nothing.
 
+use crate::constrain::JsonMode;
+use crate::tokenizer::Tokenizer;
 use std::collections::{HashMap, VecDeque};
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -22,13 +25,16 @@ pub struct SamplerConfig {
     /// Added to these tokens' logits before anything else, greedy included (OpenAI's and
     /// llama.cpp's `logit_bias`); `-inf` bans a token.
     pub logit_bias: Vec<(u32, f32)>,
+    /// JSON mode: only tokens that keep the text a prefix of one JSON object, then the end of
+    /// sequence (a sampler made by [`Sampler::for_tokenizer`]; see [`crate::constrain`]).
+    pub json_object: bool,
 }
 
 impl SamplerConfig {
     /// Whether the logits are changed before sampling (biases or penalties), which needs the
     /// host sampler's state.
     pub fn adjusts_logits(&self) -> bool {
-        self.penalties.active() || !self.logit_bias.is_empty()
+        self.penalties.active() || !self.logit_bias.is_empty() || self.json_object
     }
 
     /// The settings' ranges, each error naming the setting (as the server's request field).
@@ -97,6 +103,7 @@ impl SamplerConfig {
         seed: 42,
         penalties: Penalties::OFF,
         logit_bias: Vec::new(),
+        json_object: false,
     };
 }
 
@@ -110,6 +117,7 @@ impl Default for SamplerConfig {
             seed: 42,
             penalties: Penalties::OFF,
             logit_bias: Vec::new(),
+            json_object: false,
         }
     }
 }
@@ -162,6 +170,8 @@ pub struct Sampler {
     counts: HashMap<u32, u32>,
     /// With biases or penalties: the adjusted copy of the logits.
     adjusted: Vec<f32>,
+    /// With [`SamplerConfig::json_object`]: the tokens allowed next.
+    json: Option<JsonMode>,
 }
 
 /// Index of the largest value (the first one on ties), as llama.cpp's greedy sampler.
@@ -184,6 +194,16 @@ impl Sampler {
             recent: VecDeque::new(),
             counts: HashMap::new(),
             adjusted: Vec::new(),
+            json: None,
+        }
+    }
+
+    /// A sampler for `tok`'s vocabulary: with [`SamplerConfig::json_object`], in JSON mode.
+    pub fn for_tokenizer(cfg: SamplerConfig, tok: &Tokenizer) -> Sampler {
+        let json = cfg.json_object.then(|| JsonMode::new(tok));
+        Sampler {
+            json,
+            ..Sampler::new(cfg)
         }
     }
 
@@ -216,8 +236,9 @@ impl Sampler {
         }
     }
 
-    /// The next token: biases, penalties, then greedy or [`Sampler::sample_with`] on the next
-    /// [`Sampler::draw`]; the token is recorded for the penalties.
+    /// The next token: biases, penalties, JSON mode's mask, then greedy or
+    /// [`Sampler::sample_with`] on the next [`Sampler::draw`]; the token is recorded for the
+    /// penalties and JSON mode.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let token = if self.cfg.adjusts_logits() {
             let mut v = std::mem::take(&mut self.adjusted);
@@ -239,6 +260,13 @@ impl Sampler {
                     *l -= p.presence + count as f32 * p.frequency;
                 }
             }
+            if let Some(json) = &self.json {
+                for (t, l) in v.iter_mut().enumerate() {
+                    if !json.allows(t as u32) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let token = self.choose(&v);
             self.adjusted = v;
             token
@@ -246,6 +274,9 @@ impl Sampler {
             self.choose(logits)
         };
         self.accept(token);
+        if let Some(json) = &mut self.json {
+            json.accept(token);
+        }
         token
     }
 

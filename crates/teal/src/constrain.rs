@@ -1,0 +1,389 @@
+//! Constrained sampling: JSON mode (OpenAI's `response_format: {"type": "json_object"}`). A
+//! recognizer of JSON prefixes decides, before each sampled token, which tokens keep the text a
+//! prefix of one JSON object; the others are masked out, and once the object is closed only an
+//! end-of-sequence token may follow.
+
+use crate::tokenizer::Tokenizer;
+
+/// The most nested objects and arrays JSON mode allows.
+pub const MAX_DEPTH: u32 = 128;
+
+/// Where a recognizer is in the grammar between tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// A value (after `:`, or the top level).
+    Value,
+    /// A value or `]` (after `[`).
+    ValueOrClose,
+    /// A key (after `,` in an object).
+    Key,
+    /// A key or `}` (after `{`).
+    KeyOrClose,
+    /// `:` after a key.
+    Colon,
+    /// `,` or the closer of the innermost container.
+    CommaOrClose,
+}
+
+/// Inside a token of the grammar (a string, number or literal), if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lex {
+    None,
+    /// In a string (a key if `key`); `esc`: after a backslash; `hex`: \u digits still due.
+    Str {
+        key: bool,
+        esc: bool,
+        hex: u8,
+    },
+    Num(Num),
+    /// In `true`, `false` or `null`: the word and how many of its bytes came.
+    Lit(&'static [u8], u8),
+}
+
+/// The parts of a number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    Exp,
+    ExpSign,
+    ExpDigits,
+}
+
+impl Num {
+    /// Whether a number may end here.
+    fn complete(self) -> bool {
+        matches!(self, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits)
+    }
+
+    /// The state after `b`, if `b` continues the number.
+    fn next(self, b: u8) -> Option<Num> {
+        use Num::*;
+        Some(match (self, b) {
+            (Minus, b'0') => Zero,
+            (Minus, b'1'..=b'9') => Int,
+            (Int, b'0'..=b'9') => Int,
+            (Zero | Int, b'.') => Dot,
+            (Dot | Frac, b'0'..=b'9') => Frac,
+            (Zero | Int | Frac, b'e' | b'E') => Exp,
+            (Exp, b'+' | b'-') => ExpSign,
+            (Exp | ExpSign | ExpDigits, b'0'..=b'9') => ExpDigits,
+            _ => return None,
+        })
+    }
+}
+
+/// A recognizer of the prefixes of one JSON object (whitespace around it allowed). Copy, so
+/// that a token can be tried on a copy: the containers are bits of `stack` (1: object).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JsonPrefix {
+    expect: Expect,
+    lex: Lex,
+    stack: u128,
+    depth: u32,
+    /// The top-level object is closed.
+    done: bool,
+}
+
+impl Default for JsonPrefix {
+    fn default() -> Self {
+        JsonPrefix {
+            expect: Expect::Value,
+            lex: Lex::None,
+            stack: 0,
+            depth: 0,
+            done: false,
+        }
+    }
+}
+
+impl JsonPrefix {
+    /// Whether the object is complete.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Takes `bytes`; false (and the state undefined) if they leave no JSON object prefix.
+    pub fn push_all(&mut self, bytes: &[u8]) -> bool {
+        bytes.iter().all(|&b| self.push(b))
+    }
+
+    /// Takes one byte; false if it leaves no JSON object prefix.
+    pub fn push(&mut self, b: u8) -> bool {
+        match self.lex {
+            Lex::Str { key, esc, hex } => {
+                self.lex = match (esc, hex, b) {
+                    (_, 1.., b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => Lex::Str {
+                        key,
+                        esc,
+                        hex: hex - 1,
+                    },
+                    (_, 1.., _) => return false,
+                    (true, _, b'u') => Lex::Str {
+                        key,
+                        esc: false,
+                        hex: 4,
+                    },
+                    (true, _, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Lex::Str {
+                        key,
+                        esc: false,
+                        hex: 0,
+                    },
+                    (true, _, _) => return false,
+                    (false, _, b'\\') => Lex::Str {
+                        key,
+                        esc: true,
+                        hex: 0,
+                    },
+                    (false, _, b'"') => {
+                        self.lex = Lex::None;
+                        match key {
+                            true => self.expect = Expect::Colon,
+                            false => self.end_value(),
+                        }
+                        return true;
+                    }
+                    (false, _, 0..=0x1f) => return false,
+                    (false, _, _) => self.lex,
+                };
+                true
+            }
+            Lex::Num(n) => match n.next(b) {
+                Some(next) => {
+                    self.lex = Lex::Num(next);
+                    true
+                }
+                None if n.complete() => {
+                    self.lex = Lex::None;
+                    self.end_value();
+                    self.push(b)
+                }
+                None => false,
+            },
+            Lex::Lit(word, i) => {
+                if word[i as usize] != b {
+                    return false;
+                }
+                self.lex = match i as usize + 1 == word.len() {
+                    true => {
+                        self.end_value();
+                        Lex::None
+                    }
+                    false => Lex::Lit(word, i + 1),
+                };
+                true
+            }
+            Lex::None => self.structural(b),
+        }
+    }
+
+    /// A byte between the tokens of the grammar.
+    fn structural(&mut self, b: u8) -> bool {
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            return true;
+        }
+        if self.done {
+            return false;
+        }
+        let top_is_object = self.depth > 0 && (self.stack >> (self.depth - 1)) & 1 == 1;
+        match (self.expect, b) {
+            // The top level is an object.
+            (Expect::Value, _) if self.depth == 0 && b != b'{' => false,
+            (Expect::Value | Expect::ValueOrClose, b'{') => self.open(true),
+            (Expect::Value | Expect::ValueOrClose, b'[') => self.open(false),
+            (Expect::Value | Expect::ValueOrClose, b'"') => {
+                self.lex = Lex::Str {
+                    key: false,
+                    esc: false,
+                    hex: 0,
+                };
+                true
+            }
+            (Expect::Value | Expect::ValueOrClose, b'-') => {
+                self.lex = Lex::Num(Num::Minus);
+                true
+            }
+            (Expect::Value | Expect::ValueOrClose, b'0'..=b'9') => {
+                self.lex = Lex::Num(if b == b'0' { Num::Zero } else { Num::Int });
+                true
+            }
+            (Expect::Value | Expect::ValueOrClose, b't' | b'f' | b'n') => {
+                let word: &'static [u8] = match b {
+                    b't' => b"true",
+                    b'f' => b"false",
+                    _ => b"null",
+                };
+                self.lex = Lex::Lit(word, 1);
+                true
+            }
+            (Expect::ValueOrClose, b']') | (Expect::KeyOrClose, b'}') => self.close(),
+            (Expect::Key | Expect::KeyOrClose, b'"') => {
+                self.lex = Lex::Str {
+                    key: true,
+                    esc: false,
+                    hex: 0,
+                };
+                true
+            }
+            (Expect::Colon, b':') => {
+                self.expect = Expect::Value;
+                true
+            }
+            (Expect::CommaOrClose, b',') => {
+                self.expect = match top_is_object {
+                    true => Expect::Key,
+                    false => Expect::Value,
+                };
+                true
+            }
+            (Expect::CommaOrClose, b'}') if top_is_object => self.close(),
+            (Expect::CommaOrClose, b']') if !top_is_object => self.close(),
+            _ => false,
+        }
+    }
+
+    fn open(&mut self, object: bool) -> bool {
+        if self.depth == MAX_DEPTH {
+            return false;
+        }
+        self.stack = (self.stack & !(1 << self.depth)) | (u128::from(object) << self.depth);
+        self.depth += 1;
+        self.expect = match object {
+            true => Expect::KeyOrClose,
+            false => Expect::ValueOrClose,
+        };
+        true
+    }
+
+    fn close(&mut self) -> bool {
+        self.depth -= 1;
+        self.end_value();
+        true
+    }
+
+    /// After a complete value: the object is done at the top level, else `,` or a closer.
+    fn end_value(&mut self) {
+        match self.depth {
+            0 => self.done = true,
+            _ => self.expect = Expect::CommaOrClose,
+        }
+    }
+}
+
+/// JSON mode for a sampler: which tokens may come next, from each token's bytes.
+#[derive(Clone, Debug)]
+pub struct JsonMode {
+    state: JsonPrefix,
+    /// Each token's bytes; `None` for special tokens (never allowed, end-of-sequence aside).
+    bytes: Vec<Option<Vec<u8>>>,
+    eos: Vec<u32>,
+}
+
+impl JsonMode {
+    /// JSON mode over `tok`'s vocabulary.
+    pub fn new(tok: &Tokenizer) -> JsonMode {
+        let bytes = (0..tok.vocab_size() as u32)
+            .map(|id| match tok.is_special(id) {
+                true => None,
+                false => Some(match tok.token_bytes(id) {
+                    Some(b) => b.to_vec(),
+                    None => tok.token_str(id).unwrap_or_default().into_bytes(),
+                }),
+            })
+            .collect();
+        JsonMode {
+            state: JsonPrefix::default(),
+            bytes,
+            eos: tok.eos_ids().to_vec(),
+        }
+    }
+
+    /// Whether `token` may come next: an end-of-sequence token once the object is closed,
+    /// else a non-empty token whose bytes keep the text a JSON object prefix.
+    pub fn allows(&self, token: u32) -> bool {
+        if self.eos.contains(&token) {
+            return self.state.done();
+        }
+        match self.bytes.get(token as usize) {
+            Some(Some(b)) if !b.is_empty() => self.state.clone().push_all(b),
+            _ => false,
+        }
+    }
+
+    /// Records the token sampled.
+    pub fn accept(&mut self, token: u32) {
+        if let Some(Some(b)) = self.bytes.get(token as usize) {
+            self.state.push_all(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix(s: &str) -> bool {
+        JsonPrefix::default().push_all(s.as_bytes())
+    }
+
+    fn complete(s: &str) -> bool {
+        let mut p = JsonPrefix::default();
+        p.push_all(s.as_bytes()) && p.done()
+    }
+
+    #[test]
+    fn recognizes_json_object_prefixes() {
+        for ok in [
+            "",
+            " ",
+            "{",
+            "{\"a\"",
+            "{\"a\": 1",
+            "{\"a\": -0.5e+3, \"b\": [true, false, null, \"x\\n\\u00e9\"], \"c\": {}}",
+            "{\"nested\": [[[]], {\"k\": [1, 2]}]}",
+            "{\"s\": \"caf\u{e9} \\\"q\\\"\"",
+            "{\"a\": 12",
+            "{\"a\": 1.",
+            "{\"a\": 1e",
+            "{\"a\": tr",
+        ] {
+            assert!(prefix(ok), "{ok:?} should be a prefix");
+        }
+        for bad in [
+            "[",
+            "1",
+            "\"x\"",
+            "{1",
+            "{\"a\" 1",
+            "{\"a\": 01",
+            "{\"a\": 1.}",
+            "{\"a\": .5}",
+            "{\"a\": tru}",
+            "{\"a\": 1,}",
+            "{\"a\": [1,]}",
+            "{\"a\": 1]",
+            "{\"a\": \"\\x\"}",
+            "{\"a\": \"\\u12g4\"}",
+            "{\"a\": \"tab\there\"}",
+            "{} {",
+            "{}x",
+            "{,}",
+        ] {
+            assert!(!prefix(bad), "{bad:?} should not be a prefix");
+        }
+        assert!(complete("{\"a\": [1, {\"b\": null}]}"));
+        assert!(complete(" {} \n"));
+        assert!(!complete("{\"a\": 1"));
+        assert!(!complete("{\"a\": [1]"));
+    }
+
+    #[test]
+    fn depth_is_bounded() {
+        let deep = format!("{{\"a\": {}", "[".repeat(MAX_DEPTH as usize - 1));
+        assert!(prefix(&deep));
+        assert!(!prefix(&format!("{deep}[")));
+    }
+}
