@@ -8,6 +8,10 @@ use crate::tokenizer::Tokenizer;
 /// The most nested objects and arrays JSON mode allows.
 pub const MAX_DEPTH: u32 = 128;
 
+/// The most whitespace bytes in a row outside strings (a line break and deep indentation),
+/// so that a model cannot stall in whitespace, which JSON allows without end.
+pub const MAX_WHITESPACE: u8 = 64;
+
 /// Where a recognizer is in the grammar between tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Expect {
@@ -84,6 +88,8 @@ pub struct JsonPrefix {
     lex: Lex,
     stack: u128,
     depth: u32,
+    /// Whitespace bytes in a row so far.
+    ws: u8,
     /// The top-level object is closed.
     done: bool,
 }
@@ -95,6 +101,7 @@ impl Default for JsonPrefix {
             lex: Lex::None,
             stack: 0,
             depth: 0,
+            ws: 0,
             done: false,
         }
     }
@@ -183,8 +190,10 @@ impl JsonPrefix {
     /// A byte between the tokens of the grammar.
     fn structural(&mut self, b: u8) -> bool {
         if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-            return true;
+            self.ws += 1;
+            return self.ws <= MAX_WHITESPACE;
         }
+        self.ws = 0;
         if self.done {
             return false;
         }
@@ -376,6 +385,11 @@ mod tests {
         }
         assert!(complete("{\"a\": [1, {\"b\": null}]}"));
         assert!(complete(" {} \n"));
+        // Whitespace runs are bounded; inside strings anything goes.
+        let ws = " ".repeat(MAX_WHITESPACE as usize);
+        assert!(prefix(&format!("{ws}{{{ws}\"a\"{ws}:{ws}1")));
+        assert!(!prefix(&format!("{ws} ")));
+        assert!(prefix(&format!("{{\"{ws}{ws}\"")));
         assert!(!complete("{\"a\": 1"));
         assert!(!complete("{\"a\": [1]"));
     }
