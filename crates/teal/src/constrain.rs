@@ -33,15 +33,58 @@ enum Expect {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lex {
     None,
-    /// In a string (a key if `key`); `esc`: after a backslash; `hex`: \u digits still due.
+    /// In a string (a key if `key`); `esc`: after a backslash; `hex`: \u digits still due;
+    /// `utf8`: the continuation bytes still due of a UTF-8 character and the range of the next.
     Str {
         key: bool,
         esc: bool,
         hex: u8,
+        utf8: Utf8,
     },
     Num(Num),
     /// In `true`, `false` or `null`: the word and how many of its bytes came.
     Lit(&'static [u8], u8),
+}
+
+/// The rest of a UTF-8 character in a string: bytes still due, and the range of the next one
+/// (well-formed UTF-8 only: no overlong forms, surrogates or code points past U+10FFFF).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Utf8 {
+    due: u8,
+    lo: u8,
+    hi: u8,
+}
+
+impl Utf8 {
+    const NONE: Utf8 = Utf8 {
+        due: 0,
+        lo: 0x80,
+        hi: 0xbf,
+    };
+
+    /// After lead byte `b` (an ASCII byte: nothing due), or `None` if `b` leads no character.
+    fn lead(b: u8) -> Option<Utf8> {
+        let (due, lo, hi) = match b {
+            0..=0x7f => return Some(Utf8::NONE),
+            0xc2..=0xdf => (1, 0x80, 0xbf),
+            0xe0 => (2, 0xa0, 0xbf),
+            0xed => (2, 0x80, 0x9f),
+            0xe1..=0xef => (2, 0x80, 0xbf),
+            0xf0 => (3, 0x90, 0xbf),
+            0xf4 => (3, 0x80, 0x8f),
+            0xf1..=0xf3 => (3, 0x80, 0xbf),
+            _ => return None,
+        };
+        Some(Utf8 { due, lo, hi })
+    }
+
+    /// After continuation byte `b`, or `None` if it is out of range.
+    fn next(self, b: u8) -> Option<Utf8> {
+        (self.lo..=self.hi).contains(&b).then_some(Utf8 {
+            due: self.due - 1,
+            ..Utf8::NONE
+        })
+    }
 }
 
 /// The parts of a number.
@@ -121,30 +164,33 @@ impl JsonPrefix {
     /// Takes one byte; false if it leaves no JSON object prefix.
     pub fn push(&mut self, b: u8) -> bool {
         match self.lex {
-            Lex::Str { key, esc, hex } => {
+            Lex::Str {
+                key,
+                esc,
+                hex,
+                utf8,
+            } => {
+                let string = |esc, hex, utf8| Lex::Str {
+                    key,
+                    esc,
+                    hex,
+                    utf8,
+                };
                 self.lex = match (esc, hex, b) {
-                    (_, 1.., b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => Lex::Str {
-                        key,
-                        esc,
-                        hex: hex - 1,
+                    _ if utf8.due > 0 => match utf8.next(b) {
+                        Some(u) => string(false, 0, u),
+                        None => return false,
                     },
+                    (_, 1.., b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
+                        string(false, hex - 1, utf8)
+                    }
                     (_, 1.., _) => return false,
-                    (true, _, b'u') => Lex::Str {
-                        key,
-                        esc: false,
-                        hex: 4,
-                    },
-                    (true, _, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Lex::Str {
-                        key,
-                        esc: false,
-                        hex: 0,
-                    },
+                    (true, _, b'u') => string(false, 4, utf8),
+                    (true, _, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                        string(false, 0, utf8)
+                    }
                     (true, _, _) => return false,
-                    (false, _, b'\\') => Lex::Str {
-                        key,
-                        esc: true,
-                        hex: 0,
-                    },
+                    (false, _, b'\\') => string(true, 0, utf8),
                     (false, _, b'"') => {
                         self.lex = Lex::None;
                         match key {
@@ -154,7 +200,10 @@ impl JsonPrefix {
                         return true;
                     }
                     (false, _, 0..=0x1f) => return false,
-                    (false, _, _) => self.lex,
+                    (false, _, _) => match Utf8::lead(b) {
+                        Some(u) => string(false, 0, u),
+                        None => return false,
+                    },
                 };
                 true
             }
@@ -208,6 +257,7 @@ impl JsonPrefix {
                     key: false,
                     esc: false,
                     hex: 0,
+                    utf8: Utf8::NONE,
                 };
                 true
             }
@@ -234,6 +284,7 @@ impl JsonPrefix {
                     key: true,
                     esc: false,
                     hex: 0,
+                    utf8: Utf8::NONE,
                 };
                 true
             }
@@ -353,7 +404,7 @@ mod tests {
             "{\"a\": 1",
             "{\"a\": -0.5e+3, \"b\": [true, false, null, \"x\\n\\u00e9\"], \"c\": {}}",
             "{\"nested\": [[[]], {\"k\": [1, 2]}]}",
-            "{\"s\": \"caf\u{e9} \\\"q\\\"\"",
+            "{\"s\": \"caf\u{e9} \u{10348} \u{20ac} \\\"q\\\"\"",
             "{\"a\": 12",
             "{\"a\": 1.",
             "{\"a\": 1e",
@@ -383,6 +434,19 @@ mod tests {
         ] {
             assert!(!prefix(bad), "{bad:?} should not be a prefix");
         }
+        // Strings hold well-formed UTF-8 only, which may come a byte at a time (a character
+        // split over two tokens).
+        for bad in [
+            &b"{\"a\": \"\xc3\""[..],
+            b"{\"a\": \"\xc0\x80",
+            b"{\"a\": \"\xed\xa0\x80",
+            b"{\"a\": \"\xf4\x90\x80\x80",
+            b"{\"a\": \"\x80",
+        ] {
+            assert!(!JsonPrefix::default().push_all(bad), "{bad:?}");
+        }
+        assert!(JsonPrefix::default().push_all(b"{\"a\": \"\xc3"));
+        assert!(JsonPrefix::default().push_all(b"{\"a\": \"\xc3\xa9\""));
         assert!(complete("{\"a\": [1, {\"b\": null}]}"));
         assert!(complete(" {} \n"));
         // Whitespace runs are bounded; inside strings anything goes.
@@ -399,5 +463,57 @@ mod tests {
         let deep = format!("{{\"a\": {}", "[".repeat(MAX_DEPTH as usize - 1));
         assert!(prefix(&deep));
         assert!(!prefix(&format!("{deep}[")));
+    }
+
+    /// Against serde_json, an independent parser: single-byte changes of valid documents
+    /// (compact and pretty) are complete here exactly when serde_json reads them as one
+    /// object, and every prefix of a valid document is a prefix here.
+    #[test]
+    fn agrees_with_serde_json() {
+        let docs = [
+            r#"{"name": "Felix", "age": 2, "tags": ["a", "b\n", "\u00e9"], "w": -1.5e-3, "x": {"y": [true, false, null, []]}}"#,
+            r#"{"a": [0, 10, 2.50, 1E5, -0], "b": {}, "c": "q\"\\/"}"#,
+        ];
+        let alphabet = b"{}[]\":,0123456789-+.eEtrufalsn \\u\n\tx\x01";
+        let mut seed = 0x2545f4914f6cdd1du64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut checked = 0;
+        for doc in docs {
+            let v: serde_json::Value = serde_json::from_str(doc).unwrap();
+            for text in [
+                serde_json::to_string(&v).unwrap(),
+                serde_json::to_string_pretty(&v).unwrap(),
+            ] {
+                let b = text.as_bytes();
+                for i in 0..=b.len() {
+                    assert!(JsonPrefix::default().push_all(&b[..i]), "{:?}", &text[..i]);
+                }
+                for _ in 0..3000 {
+                    let mut m = b.to_vec();
+                    let at = next(m.len());
+                    match next(3) {
+                        0 => m[at] = alphabet[next(alphabet.len())],
+                        1 => m.insert(at, alphabet[next(alphabet.len())]),
+                        _ => {
+                            m.remove(at);
+                        }
+                    }
+                    let mut p = JsonPrefix::default();
+                    let ours = p.push_all(&m) && p.done();
+                    let theirs = std::str::from_utf8(&m)
+                        .ok()
+                        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+                        .is_some_and(|v| v.is_object());
+                    assert_eq!(ours, theirs, "{:?}", String::from_utf8_lossy(&m));
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 12000);
     }
 }
