@@ -17,8 +17,9 @@
 //!   to fit the context as [`teal::chat::Infill`] describes.
 //! - `POST /apply-template` (`messages`: the prompt text of a chat) and `GET /props`.
 //!
-//! Options that would change the answer and that teal does not implement (grammars, JSON
-//! schemas, Mirostat, DRY, XTC, typical-p, dynamic temperature, post-sampling probabilities) are refused with status 400 when set to anything but their neutral value.
+//! `json_schema` `{}` or `{"type": "object"}` (and OpenAI's `response_format`) is JSON mode: the
+//! answer is one JSON object. Options that would change the answer and that teal does not
+//! implement (grammars, other JSON schemas, Mirostat, DRY, XTC, typical-p, dynamic temperature, post-sampling probabilities) are refused with status 400 when set to anything but their neutral value.
 //! In `samplers`, the stages listed are used in teal's order (penalties, top-k, temperature,
 //! top-p, min-p) and those left out are off (the temperature then 1); `infill`, llama.cpp's
 //! heuristic that merges tokens with common prefixes for code completion, is accepted and not
@@ -134,10 +135,6 @@ fn check(
             "grammar",
             o.grammar.as_deref().is_some_and(|g| !g.is_empty()),
         ),
-        (
-            "json_schema",
-            o.json_schema.as_ref().is_some_and(|v| !v.is_null()),
-        ),
         ("mirostat", o.mirostat.is_some_and(|m| m != 0)),
         ("dry_multiplier", nonzero(o.dry_multiplier, 0.0)),
         ("xtc_probability", nonzero(o.xtc_probability, 0.0)),
@@ -148,6 +145,17 @@ fn check(
     if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
         return bad(format!("{name}: not supported by teal"));
     }
+    // A schema that any JSON object meets is JSON mode; others are not supported.
+    let json_object =
+        match &o.json_schema {
+            None | Some(Value::Null) => false,
+            Some(v) if *v == json!({}) || *v == json!({"type": "object"}) => true,
+            Some(_) => return bad(
+                "json_schema: only {} and {\"type\": \"object\"} are supported (JSON mode: one \
+                 JSON object)"
+                    .into(),
+            ),
+        };
     let mut temperature = o.temperature.map(|t| t.max(0.0));
     let mut top_k = o.top_k.map(|k| k.max(0) as usize);
     let (mut top_p, mut min_p) = (o.top_p, o.min_p);
@@ -220,7 +228,12 @@ fn check(
         n: Some(n),
         cache_prompt: o.cache_prompt,
         logit_bias: o.logit_bias,
-        response_format: o.response_format,
+        response_format: match json_object {
+            true => Some(ResponseFormat {
+                kind: "json_object".into(),
+            }),
+            false => o.response_format,
+        },
     };
     let logprobs = o.n_probs.filter(|&k| k > 0);
     let list = many || n > 1;

@@ -1369,6 +1369,23 @@ async fn json_mode_answers_one_object() {
         assert!(parsed.is_object(), "{text:?}");
         eprintln!("json mode, temperature {temperature}: {text}");
     }
+    // llama.cpp's json_schema: {} (any JSON) is JSON mode too; a real schema is refused.
+    let req = json!({"prompt": "A JSON object with the name and age of a person:", "n_predict": 120, "temperature": 0, "json_schema": {}});
+    let (s, v) = call_json(&tx, "/completion", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let text = v["content"].as_str().unwrap();
+    assert_eq!(v["stop_type"], "eos", "{text:?}");
+    assert!(
+        serde_json::from_str::<Value>(text).is_ok_and(|j| j.is_object()),
+        "{text:?}"
+    );
+    let req = json!({"prompt": "x", "json_schema": {"type": "object", "properties": {"a": {"type": "string"}}}});
+    let (s, v) = call_json(&tx, "/completion", req).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("json_schema"));
     let req = json!({"prompt": "x", "response_format": {"type": "json_schema"}});
     let (s, v) = call_json(&tx, "/v1/completions", req).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");

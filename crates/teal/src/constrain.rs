@@ -361,11 +361,12 @@ impl JsonMode {
         }
     }
 
-    /// Whether `token` may come next: an end-of-sequence token once the object is closed,
-    /// else a non-empty token whose bytes keep the text a JSON object prefix.
+    /// Whether `token` may come next: once the object is closed an end-of-sequence token and
+    /// nothing else, before that a non-empty token whose bytes keep the text a JSON object
+    /// prefix.
     pub fn allows(&self, token: u32) -> bool {
-        if self.eos.contains(&token) {
-            return self.state.done();
+        if self.state.done() || self.eos.contains(&token) {
+            return self.state.done() && self.eos.contains(&token);
         }
         match self.bytes.get(token as usize) {
             Some(Some(b)) if !b.is_empty() => self.state.clone().push_all(b),
