@@ -248,6 +248,9 @@ struct ServeArgs {
     /// a browser (CORS); repeat for several. Default: none.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     cors_origins: Vec<String>,
+    /// Serve GET /metrics (Prometheus' text format, llama.cpp's metric names).
+    #[arg(long)]
+    metrics: bool,
     #[command(flatten)]
     sparse: SparseArgs,
 }
@@ -888,11 +891,12 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         .iter_mut()
         .map(|d| &mut **d as &mut dyn Decoder)
         .collect();
-    let access = teal_server::Access {
+    let opts = teal_server::ServeOptions {
         api_keys: a.api_keys.clone(),
         cors_origins: a.cors_origins.clone(),
+        metrics: a.metrics,
     };
-    teal_server::serve(&addr, slots, &files.tokenizer, model, access, |bound| {
+    teal_server::serve(&addr, slots, &files.tokenizer, model, opts, |bound| {
         eprintln!(
             "listening on http://{bound} (POST /v1/completions, /v1/chat/completions, llama.cpp's /completion and /infill; Ctrl-C stops)"
         )

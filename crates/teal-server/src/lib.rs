@@ -28,10 +28,12 @@
 //!   `POST /detokenize` (`tokens`), so a client such as lm-evaluation-harness can tokenize with the
 //!   model's own tokenizer.
 //! - llama.cpp's `/completion`, `/infill`, `/apply-template` and `/props`: see `native.rs`.
+//! - `GET /metrics` with `--metrics`: see `metrics.rs`.
 //!
 //! Bad requests (malformed JSON, a missing field, a prompt longer than the context, an
 //! unsupported option) get status 400 and `{"error": {"message", "type", "code"}}`.
 
+mod metrics;
 mod native;
 mod stop;
 
@@ -57,6 +59,7 @@ use teal::sampler::{Penalties, SamplerConfig};
 use teal::tokenizer::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 
+pub use metrics::{InFlight, Metrics};
 pub use stop::{IndentLimit, StopFilter};
 
 /// The model the server answers with, for `/v1/models` and every answer's `model`.
@@ -548,11 +551,27 @@ struct AppState {
     jobs: std::sync::mpsc::Sender<Job>,
     model: Arc<ModelInfo>,
     next_id: Arc<AtomicU64>,
+    /// With `--metrics`.
+    metrics: Option<Arc<Metrics>>,
 }
 
-/// Who may use the server.
+impl AppState {
+    /// Counts a request as being answered while the guard lives.
+    fn start(&self) -> Option<InFlight> {
+        self.metrics.as_ref().map(|m| m.start())
+    }
+
+    /// Counts a finished answer.
+    fn record(&self, s: &Summary) {
+        if let Some(m) = &self.metrics {
+            m.record(s);
+        }
+    }
+}
+
+/// Who may use the server, and what it reports.
 #[derive(Clone, Debug, Default)]
-pub struct Access {
+pub struct ServeOptions {
     /// Every request but `/health` and `/v1/models` must carry one of these, as
     /// `Authorization: Bearer KEY` or `X-Api-Key: KEY` (status 401 otherwise), as llama.cpp's
     /// `--api-key`; none: no check.
@@ -560,14 +579,17 @@ pub struct Access {
     /// Web pages from these origins may call the server from a browser (CORS; `*`: any);
     /// none: no CORS headers, so browsers keep other sites' pages out.
     pub cors_origins: Vec<String>,
+    /// Serve `GET /metrics` (Prometheus' format, llama.cpp's names).
+    pub metrics: bool,
 }
 
-/// The HTTP routes, sending jobs to the engine through `jobs`, open as `access` says.
-pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, access: Access) -> Router {
+/// The HTTP routes, sending jobs to the engine through `jobs`, as `opts` says.
+pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, opts: ServeOptions) -> Router {
     let state = AppState {
         jobs,
         model: Arc::new(model),
         next_id: Arc::new(AtomicU64::new(1)),
+        metrics: opts.metrics.then(Arc::default),
     };
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -582,6 +604,7 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, access: Acce
         .route("/infill", post(native::infill))
         .route("/apply-template", post(native::apply_template))
         .route("/props", get(native::props))
+        .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -589,11 +612,11 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, access: Acce
             }
         })
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(access.api_keys),
+            Arc::new(opts.api_keys),
             require_key,
         ))
         // Outside the key check: a browser's preflight request carries no key.
-        .layer(cors(&access.cors_origins))
+        .layer(cors(&opts.cors_origins))
         .with_state(state)
 }
 
@@ -666,7 +689,7 @@ pub fn serve(
     slots: Vec<&mut dyn Decoder>,
     tok: &Tokenizer,
     model: ModelInfo,
-    access: Access,
+    opts: ServeOptions,
     on_listening: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -685,7 +708,7 @@ pub fn serve(
             source,
         })?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let app = router(tx, model, access);
+    let app = router(tx, model, opts);
     // When the server stops, the router and with it the queue's sender are dropped, which ends
     // the engine's loop below after the job in progress.
     rt.spawn(async move {
@@ -750,6 +773,25 @@ async fn detokenize(State(st): State<AppState>, body: Bytes) -> Response {
     match parse::<DetokenizeRequest>(&body) {
         Ok(r) => tokenizer_answer(&st, TokenizerJob::Decode(r.tokens)).await,
         Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /metrics`: Prometheus' text format; 501 without `--metrics`, as llama.cpp's.
+async fn metrics(State(st): State<AppState>) -> Response {
+    match &st.metrics {
+        Some(m) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            m.render(),
+        )
+            .into_response(),
+        None => ApiError {
+            status: StatusCode::NOT_IMPLEMENTED,
+            message: "metrics are off: start teal serve with --metrics".into(),
+        }
+        .into_response(),
     }
 }
 
@@ -1361,10 +1403,11 @@ async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
 /// prompt (one after another) or a stream.
 async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
     let a = Answer::new(&st, kind);
+    let busy = st.start();
     match run_jobs(&st, &r).await {
         Err(e) => e.into_response(),
         Ok(Outcome::Stream(first, rx)) => {
-            stream_answer(a, r.logprobs.is_some(), first, rx).into_response()
+            stream_answer(a, r.logprobs.is_some(), first, rx, (st, busy)).into_response()
         }
         Ok(Outcome::Done(results)) => {
             Json(a.full(&results, r.n, r.echo, r.logprobs.is_some())).into_response()
@@ -1416,12 +1459,13 @@ async fn run_jobs(st: &AppState, r: &Request) -> Result<Outcome, ApiError> {
                     entries.extend(logprobs);
                 }
                 Event::Done(summary) => {
+                    st.record(&summary);
                     break results.push(Collected {
                         text,
                         tokens: ids,
                         entries,
                         summary,
-                    })
+                    });
                 }
                 Event::Failed(e) => return Err(e),
             }
@@ -1471,6 +1515,7 @@ fn stream_answer(
     logprobs: bool,
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
+    counted: (AppState, Option<InFlight>),
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let head: Vec<SseEvent> = match a.kind {
         Kind::Chat => vec![sse_json(a.chunk(None, None, None))],
@@ -1487,13 +1532,16 @@ fn stream_answer(
             let lp = logprobs.then_some((t.as_slice(), at));
             (vec![sse_json(a.chunk(Some(text), lp, None))], false)
         }
-        Event::Done(s) => (
-            vec![
-                sse_json(a.chunk(None, None, Some(&s))),
-                SseEvent::default().data("[DONE]"),
-            ],
-            true,
-        ),
+        Event::Done(s) => {
+            counted.0.record(&s);
+            (
+                vec![
+                    sse_json(a.chunk(None, None, Some(&s))),
+                    SseEvent::default().data("[DONE]"),
+                ],
+                true,
+            )
+        }
         Event::Failed(e) => (vec![sse_json(e.body())], true),
     });
     Sse::new(stream::iter(head).chain(events).map(Ok))

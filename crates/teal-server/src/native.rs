@@ -381,11 +381,10 @@ pub(crate) async fn props(State(st): State<AppState>) -> Response {
 
 /// Runs the request and answers in llama.cpp's shapes.
 async fn answer(st: AppState, r: Request, shape: Shape) -> Response {
+    let busy = st.start();
     match run_jobs(&st, &r).await {
         Err(e) => e.into_response(),
-        Ok(Outcome::Stream(first, rx)) => {
-            stream(st.model.clone(), r, shape, first, rx).into_response()
-        }
+        Ok(Outcome::Stream(first, rx)) => stream(r, shape, first, rx, (st, busy)).into_response(),
         Ok(Outcome::Done(results)) => {
             let all: Vec<Value> = results
                 .iter()
@@ -525,11 +524,11 @@ fn pick(v: Value, fields: Option<&[String]>) -> Value {
 /// `completion_probabilities`, `stop: false`), then the result with `stop: true`; an error as
 /// an `{"error": ...}` event that ends the stream.
 fn stream(
-    m: Arc<ModelInfo>,
     r: Request,
     shape: Shape,
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
+    counted: (AppState, Option<InFlight>),
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     // The text and tokens streamed so far.
     let (mut text, mut ids) = (String::new(), Vec::new());
@@ -555,13 +554,15 @@ fn stream(
             (vec![sse_json(v)], false)
         }
         Event::Done(summary) => {
+            let st = &counted.0;
+            st.record(&summary);
             let c = Collected {
                 text: std::mem::take(&mut text),
                 tokens: std::mem::take(&mut ids),
                 entries: Vec::new(),
                 summary,
             };
-            let v = result(&m, &r, &shape, 0, &c, true);
+            let v = result(&st.model, &r, &shape, 0, &c, true);
             (
                 vec![sse_json(pick(v, shape.response_fields.as_deref()))],
                 true,

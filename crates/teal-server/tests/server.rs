@@ -1280,9 +1280,10 @@ async fn api_keys_guard_every_endpoint_but_health() {
         slots: 1,
         meta: json!({}),
     };
-    let access = teal_server::Access {
+    let access = teal_server::ServeOptions {
         api_keys: vec!["k1".into(), "sekrit".into()],
         cors_origins: vec!["http://localhost:3000".into()],
+        metrics: false,
     };
     let app = router(tx, info, access);
     let send = |uri: &str, header: Option<(&str, &str)>| {
@@ -1393,4 +1394,63 @@ async fn json_mode_answers_one_object() {
         .as_str()
         .unwrap()
         .contains("json_schema"));
+}
+
+/// `--metrics`: after a whole and a streamed answer (on an engine of its own), `/metrics`
+/// counts their tokens in llama.cpp's names, and no request is in flight; without it, 501.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_answers() {
+    let Some(path) = smollm2() else { return };
+    let tx = spawn_engine(path, 1);
+    let info = ModelInfo {
+        id: "smollm2".into(),
+        ctx: CTX,
+        slots: 1,
+        meta: json!({}),
+    };
+    let opts = teal_server::ServeOptions {
+        metrics: true,
+        ..Default::default()
+    };
+    let app = router(tx.clone(), info, opts);
+    let post = |uri: &'static str, body: Value| {
+        let req = Request::post(uri)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res.into_body().collect().await.unwrap().to_bytes()
+        }
+    };
+    let prompt = "The capital of France is";
+    post(
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "cache_prompt": false}),
+    )
+    .await;
+    post("/completion", json!({"prompt": prompt, "n_predict": 8, "temperature": 0, "stream": true, "cache_prompt": false})).await;
+    let req = Request::get("/metrics").body(Body::empty()).unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("llamacpp:{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing: {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("prompt_tokens_total"), 10.0, "{text}");
+    assert_eq!(value("tokens_predicted_total"), 20.0, "{text}");
+    assert_eq!(value("answers_total"), 2.0, "{text}");
+    assert_eq!(value("requests_processing"), 0.0, "{text}");
+    assert!(value("predicted_tokens_seconds") > 0.0, "{text}");
+    assert!(text.contains("# TYPE llamacpp:tokens_predicted_total counter"));
+    // Off by default.
+    let (s, body) = call(&tx, "/metrics", None).await;
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{body}");
+    assert!(body.contains("--metrics"), "{body}");
 }
