@@ -1454,3 +1454,30 @@ async fn metrics_count_the_answers() {
     assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{body}");
     assert!(body.contains("--metrics"), "{body}");
 }
+
+/// Code completion's stops on `/completion`: `n_indent` ends at the first later line indented
+/// less (cut before its text), `t_max_predict_ms` at the first token after the time is up once
+/// a line break has come (1 ms: well before the 60 tokens asked for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_code_stops() {
+    let Some((tx, _)) = engine() else { return };
+    let prompt = "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n";
+    let plain = json!({"prompt": prompt, "n_predict": 60, "temperature": 0, "cache_prompt": false});
+    let (_, v) = call_json(&tx, "/completion", plain.clone()).await;
+    let full = v["content"].as_str().unwrap().to_string();
+    assert!(full.starts_with("```\n\nIn this example"), "{full:?}");
+
+    let mut indented = plain.clone();
+    indented["n_indent"] = json!(4);
+    let (_, v) = call_json(&tx, "/completion", indented).await;
+    assert_eq!(v["content"], "```\n\n");
+    assert_eq!(v["stop_type"], "limit");
+
+    let mut timed = plain;
+    timed["t_max_predict_ms"] = json!(1);
+    let (_, v) = call_json(&tx, "/completion", timed).await;
+    let text = v["content"].as_str().unwrap();
+    assert_eq!(v["stop_type"], "limit", "{v}");
+    assert!(text.contains('\n') && full.starts_with(text), "{text:?}");
+    assert!(v["tokens_predicted"].as_u64().unwrap() < 60, "{v}");
+}
