@@ -1326,7 +1326,7 @@ impl Decoder for GpuLlama {
             method: "device-to-device copy, bytes read + written",
         })
     }
-    /// With fitted splits ([`GpuLlama::fit_splits`]), block 0's rows per chunk of each
+    /// With fitted splits (`GpuLlama::fit_splits`), block 0's rows per chunk of each
     /// one-position launch follow the device, e.g. `rows q|k|v 192, o 128, gate|up 256, down 128`.
     fn describe(&self) -> String {
         let splits: Vec<String> = self
