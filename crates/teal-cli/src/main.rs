@@ -714,6 +714,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         },
         logit_bias: a.logit_bias.clone(),
         json_object: a.json_object,
+        infill: false,
     };
     sampler
         .check()

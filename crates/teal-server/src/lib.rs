@@ -1073,6 +1073,7 @@ fn check_options(
                 )))
             }
         },
+        infill: false,
     };
     let logit_bias = match o.logit_bias {
         None => Vec::new(),

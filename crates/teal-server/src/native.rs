@@ -21,9 +21,9 @@
 //! answer is one JSON object. Options that would change the answer and that teal does not
 //! implement (grammars, other JSON schemas, Mirostat, DRY, XTC, typical-p, dynamic temperature, post-sampling probabilities) are refused with status 400 when set to anything but their neutral value.
 //! In `samplers`, the stages listed are used in teal's order (penalties, top-k, temperature,
-//! top-p, min-p) and those left out are off (the temperature then 1); `infill`, llama.cpp's
-//! heuristic that merges tokens with common prefixes for code completion, is accepted and not
-//! applied.
+//! top-p, min-p, infill) and those left out are off (the temperature then 1); `infill` is
+//! llama.cpp's stage for code completion ([`teal::constrain::InfillStage`]: prefix-sharing
+//! tokens merged, unlikely ones cut, end of generation where it weighs enough).
 
 use super::*;
 
@@ -107,7 +107,7 @@ struct Shape {
 }
 
 /// The sampler stages `samplers` may name: teal's, and llama.cpp's that are no-ops at their
-/// neutral settings (which the option check enforces) or, `infill`, not applied.
+/// neutral settings (which the option check enforces).
 const SAMPLERS: &[&str] = &[
     "penalties",
     "top_k",
@@ -239,6 +239,10 @@ fn check(
     let list = many || n > 1;
     let mut r = check_options(Api::LlamaCpp, options, prompts, logprobs, false)?;
     r.ignore_eos = o.ignore_eos.unwrap_or(false);
+    r.sampler.infill = o
+        .samplers
+        .as_ref()
+        .is_some_and(|l| l.iter().any(|s| s == "infill"));
     r.time_limit = o
         .t_max_predict_ms
         .filter(|&t| t > 0)

@@ -991,23 +991,40 @@ async fn native_completion_in_llama_cpps_shape() {
 
 /// `samplers` turns off the stages it leaves out: with only top-k listed, the temperature is
 /// 1 whatever `temperature` says, and top-p and min-p are off, as OpenAI's endpoint with those
-/// settings and the same seed samples.
+/// settings and the same seed samples. With `infill` listed too, the text is the library's
+/// own with the infill stage on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_samplers_choose_the_stages() {
-    let Some((tx, _)) = engine() else { return };
+    let Some((tx, path)) = engine() else { return };
+    let prompt = "Once upon a time";
     let native = json!({
-        "prompt": "Once upon a time", "n_predict": 16, "seed": 7, "temperature": 0.0,
-        "top_k": 40, "top_p": 0.5, "min_p": 0.3, "samplers": ["top_k", "infill"],
+        "prompt": prompt, "n_predict": 16, "seed": 7, "temperature": 0.0,
+        "top_k": 40, "top_p": 0.5, "min_p": 0.3, "samplers": ["top_k"],
     });
     let openai = json!({
-        "prompt": "Once upon a time", "max_tokens": 16, "seed": 7, "temperature": 1.0,
+        "prompt": prompt, "max_tokens": 16, "seed": 7, "temperature": 1.0,
         "top_k": 40, "top_p": 1.0, "min_p": 0.0,
     });
-    let (s, a) = call_json(&tx, "/completion", native).await;
+    let (s, a) = call_json(&tx, "/completion", native.clone()).await;
     assert_eq!(s, StatusCode::OK, "{a}");
     let (_, b) = call_json(&tx, "/v1/completions", openai).await;
     assert_eq!(a["content"], b["choices"][0]["text"]);
     assert_eq!(a["generation_settings"]["temperature"], 1.0);
+
+    let mut with_infill = native;
+    with_infill["samplers"] = json!(["top_k", "infill"]);
+    let (_, c) = call_json(&tx, "/completion", with_infill).await;
+    let cfg = SamplerConfig {
+        temperature: 1.0,
+        top_k: 40,
+        top_p: 1.0,
+        min_p: 0.0,
+        seed: 7,
+        infill: true,
+        ..Default::default()
+    };
+    let want = engine_text(&path, &Prompt::Text(prompt.into()), 16, cfg);
+    assert_eq!(c["content"], want.as_str());
 }
 
 /// The native endpoints' bad requests: options teal does not implement, bad values, mixed

@@ -382,6 +382,89 @@ impl JsonMode {
     }
 }
 
+/// llama.cpp's `infill` sampler stage for code completion, on the candidates left after the
+/// top-k / top-p / min-p cuts (weights, most likely first):
+/// 1. where the end-of-generation tokens weigh enough (3 x their share x the candidates' count
+///    above the text tokens' share), only they remain;
+/// 2. a token whose text starts another's absorbs it, the likelier of the two keeping both
+///    weights (among the first [`INFILL_MERGE`] candidates);
+/// 3. text tokens under 0.2 of the total go, then those under 1 / (text tokens left + 1); if
+///    no text token is left, the end-of-text token alone remains.
+#[derive(Clone, Debug)]
+pub struct InfillStage {
+    bytes: Vec<Vec<u8>>,
+    eog: Vec<u32>,
+    eot: u32,
+}
+
+/// The most candidates the prefix merge of [`InfillStage`] looks at.
+pub const INFILL_MERGE: usize = 1024;
+
+impl InfillStage {
+    /// The stage for `tok`'s vocabulary (end of text: its first end-of-generation token).
+    pub fn new(tok: &Tokenizer) -> InfillStage {
+        let bytes = (0..tok.vocab_size() as u32)
+            .map(|id| match tok.token_bytes(id) {
+                Some(b) => b.to_vec(),
+                None => tok.token_str(id).unwrap_or_default().into_bytes(),
+            })
+            .collect();
+        let eog = tok.eos_ids().to_vec();
+        let eot = eog.first().copied().unwrap_or(0);
+        InfillStage { bytes, eog, eot }
+    }
+
+    /// The stage for a vocabulary given as each token's bytes.
+    pub fn from_parts(bytes: Vec<Vec<u8>>, eog: Vec<u32>, eot: u32) -> InfillStage {
+        InfillStage { bytes, eog, eot }
+    }
+
+    /// Applies the stage to `cand` (weight, token), most likely first; returns how many remain
+    /// at its front.
+    pub fn apply(&self, cand: &mut Vec<(f32, u32)>) -> usize {
+        let is_eog = |t: u32| self.eog.contains(&t);
+        let total: f32 = cand.iter().map(|c| c.0).sum();
+        let eog: f32 = cand.iter().filter(|c| is_eog(c.1)).map(|c| c.0).sum();
+        if 3.0 * eog * cand.len() as f32 > total - eog {
+            cand.retain(|c| is_eog(c.1));
+            return cand.len();
+        }
+        let bytes = |t: u32| self.bytes.get(t as usize).map_or(&[][..], Vec::as_slice);
+        let n = cand.len().min(INFILL_MERGE);
+        for i in 0..n {
+            for j in 0..n {
+                let (a, b) = (bytes(cand[i].1), bytes(cand[j].1));
+                if i == j || cand[i].0 == 0.0 || cand[j].0 == 0.0 || a.is_empty() {
+                    continue;
+                }
+                if b.starts_with(a) {
+                    let (keep, gone) = if cand[j].0 > cand[i].0 {
+                        (j, i)
+                    } else {
+                        (i, j)
+                    };
+                    cand[keep].0 += cand[gone].0;
+                    cand[gone].0 = 0.0;
+                }
+            }
+        }
+        let mut thold = 0.2 * total;
+        for pass in 0..2 {
+            cand.retain(|c| c.0 > 0.0 && (is_eog(c.1) || c.0 >= thold));
+            let text = cand.iter().filter(|c| !is_eog(c.1)).count();
+            if text == 0 {
+                *cand = vec![(1.0, self.eot)];
+                return 1;
+            }
+            if pass == 0 {
+                thold = cand.iter().map(|c| c.0).sum::<f32>() / (text + 1) as f32;
+            }
+        }
+        cand.sort_by(|a, b| b.0.total_cmp(&a.0));
+        cand.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,5 +599,42 @@ mod tests {
             }
         }
         assert_eq!(checked, 12000);
+    }
+
+    /// llama.cpp's example: "hel" absorbs "hell" and "hello"; a likely end-of-generation token
+    /// wins outright; nothing likely enough left: end of text.
+    #[test]
+    fn infill_stage_merges_prefixes_and_cuts() {
+        let words = ["hel", "hell", "hello", "dummy", "<eot>", "x"];
+        let stage = InfillStage::from_parts(
+            words.iter().map(|w| w.as_bytes().to_vec()).collect(),
+            vec![4],
+            4,
+        );
+        let mut cand = vec![(0.5, 0), (0.2, 1), (0.1, 2), (0.1, 3), (0.0, 4)];
+        let n = stage.apply(&mut cand);
+        assert_eq!(n, 1);
+        assert_eq!(cand[0].1, 0);
+        assert!((cand[0].0 - 0.8).abs() < 1e-6, "{cand:?}");
+        // End of generation: 3 x 0.2 x 4 candidates = 2.4 above 0.8 of text: only it stays.
+        let mut cand = vec![(0.5, 3), (0.25, 5), (0.2, 4), (0.05, 1)];
+        assert_eq!(stage.apply(&mut cand), 1);
+        assert_eq!(cand[0].1, 4);
+        // Many small text tokens: none reaches 0.2 of the total, so end of text.
+        let many = InfillStage::from_parts(
+            ["a", "b", "c", "d", "e", "f", "<eot>"]
+                .iter()
+                .map(|w| w.as_bytes().to_vec())
+                .collect(),
+            vec![6],
+            6,
+        );
+        let mut flat: Vec<(f32, u32)> = (0..6).map(|t| (0.16, t)).collect();
+        assert_eq!(many.apply(&mut flat), 1);
+        assert_eq!(flat[0], (1.0, 6));
+        // Two strong text tokens survive both cuts, most likely first.
+        let mut two = vec![(0.45, 3), (0.4, 5), (0.15, 0)];
+        assert_eq!(stage.apply(&mut two), 2);
+        assert_eq!((two[0].1, two[1].1), (3, 5));
     }
 }

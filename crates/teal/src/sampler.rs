@@ -3,7 +3,7 @@
 //! tokens and JSON mode's mask. The candidate buffers are kept between calls, so sampling
 //! allocates nothing.
 
-use crate::constrain::JsonMode;
+use crate::constrain::{InfillStage, JsonMode};
 use crate::tokenizer::Tokenizer;
 use std::collections::{HashMap, VecDeque};
 
@@ -28,13 +28,16 @@ pub struct SamplerConfig {
     /// JSON mode: only tokens that keep the text a prefix of one JSON object, then the end of
     /// sequence (a sampler made by [`Sampler::for_tokenizer`]; see [`crate::constrain`]).
     pub json_object: bool,
+    /// llama.cpp's `infill` stage after the cuts (a sampler made by
+    /// [`Sampler::for_tokenizer`]; see [`crate::constrain::InfillStage`]).
+    pub infill: bool,
 }
 
 impl SamplerConfig {
     /// Whether the logits are changed before sampling (biases or penalties), which needs the
     /// host sampler's state.
     pub fn adjusts_logits(&self) -> bool {
-        self.penalties.active() || !self.logit_bias.is_empty() || self.json_object
+        self.penalties.active() || !self.logit_bias.is_empty() || self.json_object || self.infill
     }
 
     /// The settings' ranges, each error naming the setting (as the server's request field).
@@ -104,6 +107,7 @@ impl SamplerConfig {
         penalties: Penalties::OFF,
         logit_bias: Vec::new(),
         json_object: false,
+        infill: false,
     };
 }
 
@@ -118,6 +122,7 @@ impl Default for SamplerConfig {
             penalties: Penalties::OFF,
             logit_bias: Vec::new(),
             json_object: false,
+            infill: false,
         }
     }
 }
@@ -172,6 +177,8 @@ pub struct Sampler {
     adjusted: Vec<f32>,
     /// With [`SamplerConfig::json_object`]: the tokens allowed next.
     json: Option<JsonMode>,
+    /// With [`SamplerConfig::infill`].
+    infill: Option<InfillStage>,
 }
 
 /// Index of the largest value (the first one on ties), as llama.cpp's greedy sampler.
@@ -195,14 +202,18 @@ impl Sampler {
             counts: HashMap::new(),
             adjusted: Vec::new(),
             json: None,
+            infill: None,
         }
     }
 
-    /// A sampler for `tok`'s vocabulary: with [`SamplerConfig::json_object`], in JSON mode.
+    /// A sampler for `tok`'s vocabulary: with [`SamplerConfig::json_object`], in JSON mode;
+    /// with [`SamplerConfig::infill`], with the infill stage.
     pub fn for_tokenizer(cfg: SamplerConfig, tok: &Tokenizer) -> Sampler {
         let json = cfg.json_object.then(|| JsonMode::new(tok));
+        let infill = cfg.infill.then(|| InfillStage::new(tok));
         Sampler {
             json,
+            infill,
             ..Sampler::new(cfg)
         }
     }
@@ -288,7 +299,8 @@ impl Sampler {
         self.sample_with(logits, r)
     }
 
-    /// Temperature / top-k / top-p / min-p sampling of `logits` as given (no penalties) with
+    /// Temperature / top-k / top-p / min-p (and infill-stage) sampling of `logits` as given (no
+    /// penalties) with
     /// the uniform number `r` in [0, 1) given (what [`Sampler::sample`] does with its next
     /// [`Sampler::draw`]).
     pub fn sample_with(&mut self, logits: &[f32], r: f32) -> u32 {
@@ -333,6 +345,10 @@ impl Sampler {
                 .position(|c| c.0 < self.cfg.min_p)
                 .unwrap_or(keep)
                 .max(1);
+        }
+        if let Some(stage) = &self.infill {
+            self.cand.truncate(keep);
+            keep = stage.apply(&mut self.cand);
         }
         let kept_total: f32 = self.cand[..keep].iter().map(|c| c.0).sum();
         let mut r = r * kept_total;
