@@ -191,8 +191,9 @@ fn check(
             Err(_) => return bad(format!("seed = {s}: must be >= 0, or -1 for a random seed")),
         },
     };
+    // -1: no limit; -2 (llama.cpp: until the context is full) is the same here.
     let max_tokens = match o.n_predict {
-        None | Some(-1) => None,
+        None | Some(-1 | -2) => None,
         Some(n) => match usize::try_from(n) {
             Ok(n) => Some(n),
             Err(_) => return bad(format!("n_predict = {n}: must be >= 0, or -1 for no limit")),
@@ -211,6 +212,14 @@ fn check(
         },
     };
     let n = o.n_cmpl.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return bad(format!(
+            "n_cmpl = {n}: from 1 to {MAX_CHOICES} completions per prompt"
+        ));
+    }
+    if let Some(k) = o.n_probs.filter(|&k| k > MAX_LOGPROBS) {
+        return bad(format!("n_probs = {k}: at most {MAX_LOGPROBS} tokens"));
+    }
     let options = Options {
         max_tokens,
         max_completion_tokens: None,

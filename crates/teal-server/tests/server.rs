@@ -1060,6 +1060,16 @@ async fn native_bad_requests_name_the_field() {
         ),
         (
             "/completion",
+            json!({"prompt": "x", "n_probs": 21}),
+            "n_probs = 21",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "n_cmpl": 17}),
+            "n_cmpl = 17",
+        ),
+        (
+            "/completion",
             json!({"prompt": "x", "n_indent": -1}),
             "n_indent",
         ),
