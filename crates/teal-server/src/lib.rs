@@ -727,15 +727,19 @@ pub fn serve(
 
 /// Sends a tokenizer request to the engine and answers with its result.
 async fn tokenizer_answer(st: &AppState, job: TokenizerJob) -> Response {
+    match tokenizer_value(st, job).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The engine's result for a tokenizer request.
+async fn tokenizer_value(st: &AppState, job: TokenizerJob) -> Result<Value, ApiError> {
     let (reply, rx) = oneshot::channel();
     if st.jobs.send(Job::Tokenizer(job, reply)).is_err() {
-        return ApiError::engine_stopped().into_response();
+        return Err(ApiError::engine_stopped());
     }
-    match rx.await {
-        Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => e.into_response(),
-        Err(_) => ApiError::engine_dropped().into_response(),
-    }
+    rx.await.unwrap_or_else(|_| Err(ApiError::engine_dropped()))
 }
 
 async fn tokenizer_info(State(st): State<AppState>) -> Response {

@@ -345,18 +345,9 @@ pub(crate) async fn apply_template(State(st): State<AppState>, body: Bytes) -> R
 
 /// `/props`: the defaults of `/completion`, the slots and the chat template.
 pub(crate) async fn props(State(st): State<AppState>) -> Response {
-    let (reply, rx) = oneshot::channel();
-    if st
-        .jobs
-        .send(Job::Tokenizer(TokenizerJob::Info, reply))
-        .is_err()
-    {
-        return ApiError::engine_stopped().into_response();
-    }
-    let info = match rx.await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => return e.into_response(),
-        Err(_) => return ApiError::engine_dropped().into_response(),
+    let info = match tokenizer_value(&st, TokenizerJob::Info).await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
     };
     let m = &st.model;
     let d = SamplerConfig::LLAMA_CPP;
