@@ -76,5 +76,8 @@ check("logit_bias ban: gpu equals cpu and avoids the greedy token", bg.get("cont
 js = {"prompt": "A JSON object describing Paris:", "max_tokens": 60, "temperature": 0, "response_format": {"type": "json_object"}, "cache_prompt": False}
 jg, jc = post(8081, "/v1/completions", js), post(8082, "/v1/completions", js)
 check("json mode (host sampling): gpu text equals cpu", jg["choices"][0]["text"] == jc["choices"][0]["text"], repr(jg["choices"][0]["text"][:80]))
+inf = {"prompt": P, "n_predict": 16, "seed": 4, "samplers": ["top_k", "top_p", "infill"], "cache_prompt": False}
+ig, ic = post(8081, "/completion", inf), post(8082, "/completion", inf)
+check("infill sampler stage (host sampling): gpu text equals cpu", ig.get("content") == ic.get("content"), repr(ig.get("content")))
 gpu.terminate(); cpu.terminate()
 print("ALL PASS" if ok else "SOME FAILED")
