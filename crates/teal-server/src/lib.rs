@@ -406,7 +406,10 @@ fn serve_job(session: &mut Session, slot: usize, tok: &Tokenizer, job: Generate,
             },
         }
     }
-    if let Err(e) = sampler.check_tokens(tok.vocab_size()) {
+    if let Err(e) = sampler
+        .check()
+        .and_then(|()| sampler.check_tokens(tok.vocab_size()))
+    {
         send(Event::Failed(ApiError::bad_request(e)));
         return;
     }
@@ -1079,18 +1082,11 @@ fn check_options(
         },
         infill: false,
     };
+    // Checked with the sampler's other settings once the engine has tokenized the texts.
     let logit_bias = match o.logit_bias {
         None => Vec::new(),
         Some(v) => parse_logit_bias(v)?,
     };
-    if let Some((_, b)) = logit_bias
-        .iter()
-        .find(|(_, b)| b.is_nan() || *b == f32::INFINITY)
-    {
-        return Err(ApiError::bad_request(format!(
-            "logit_bias: {b} is not a bias (a finite number, or false / -inf for never)"
-        )));
-    }
     sampler.check().map_err(ApiError::bad_request)?;
     Ok(Request {
         prompts,

@@ -1285,6 +1285,7 @@ async fn logit_bias_reaches_the_sampler() {
     for (bias, needle) in [
         (json!({"99999": 1}), "token 99999 is not in the vocabulary"),
         (json!([[1, "x"]]), "logit_bias: expected"),
+        (json!([[1, 1e39]]), "logit_bias of token 1 = inf"),
         (json!("x"), "logit_bias: expected"),
     ] {
         let req = json!({"prompt": prompt, "max_tokens": 2, "logit_bias": bias});
