@@ -525,7 +525,7 @@ fn token_info(tok: &Tokenizer, t: u32, logprob: Option<f32>, top: &[(u32, f32)])
     TokenInfo {
         id: t,
         text: tok.token_str(t).unwrap_or_default(),
-        bytes: token_bytes(tok, t),
+        bytes: tok.piece_bytes(t),
         logprob,
         top: top
             .iter()
@@ -533,19 +533,11 @@ fn token_info(tok: &Tokenizer, t: u32, logprob: Option<f32>, top: &[(u32, f32)])
                 (
                     a,
                     tok.token_str(a).unwrap_or_default(),
-                    token_bytes(tok, a),
+                    tok.piece_bytes(a),
                     lp,
                 )
             })
             .collect(),
-    }
-}
-
-/// The bytes `t` decodes to (its text's where the tokenizer keeps no byte table).
-fn token_bytes(tok: &Tokenizer, t: u32) -> Vec<u8> {
-    match tok.token_bytes(t) {
-        Some(b) => b.to_vec(),
-        None => tok.token_str(t).unwrap_or_default().into_bytes(),
     }
 }
 

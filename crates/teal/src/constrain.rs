@@ -346,13 +346,7 @@ impl JsonMode {
     /// JSON mode over `tok`'s vocabulary.
     pub fn new(tok: &Tokenizer) -> JsonMode {
         let bytes = (0..tok.vocab_size() as u32)
-            .map(|id| match tok.is_special(id) {
-                true => None,
-                false => Some(match tok.token_bytes(id) {
-                    Some(b) => b.to_vec(),
-                    None => tok.token_str(id).unwrap_or_default().into_bytes(),
-                }),
-            })
+            .map(|id| (!tok.is_special(id)).then(|| tok.piece_bytes(id)))
             .collect();
         JsonMode {
             state: JsonPrefix::default(),
@@ -404,10 +398,7 @@ impl InfillStage {
     /// The stage for `tok`'s vocabulary (end of text: its first end-of-generation token).
     pub fn new(tok: &Tokenizer) -> InfillStage {
         let bytes = (0..tok.vocab_size() as u32)
-            .map(|id| match tok.token_bytes(id) {
-                Some(b) => b.to_vec(),
-                None => tok.token_str(id).unwrap_or_default().into_bytes(),
-            })
+            .map(|id| tok.piece_bytes(id))
             .collect();
         let eog = tok.eos_ids().to_vec();
         let eot = eog.first().copied().unwrap_or(0);

@@ -1017,6 +1017,15 @@ impl Tokenizer {
         self.pieces.as_ref()?.get(id as usize)
     }
 
+    /// The bytes `id` decodes to on its own: [`Tokenizer::token_bytes`]' where the tokenizer
+    /// keeps the byte table, else its text's.
+    pub fn piece_bytes(&self, id: u32) -> Vec<u8> {
+        match self.token_bytes(id) {
+            Some(b) => b.to_vec(),
+            None => self.token_str(id).unwrap_or_default().into_bytes(),
+        }
+    }
+
     /// The token as written in the vocabulary (`Ġuser`, `▁the`, `<|im_end|>`).
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.engine.id_to_token(id)
