@@ -1237,21 +1237,20 @@ impl Answer {
             .map(|(i, c)| {
                 let (text, s) = (&c.text, &c.summary);
                 let lp = logprobs.then(|| [s.prompt_logprobs.as_slice(), &c.entries].concat());
-                (i, text, lp, s)
-            })
-            .map(|(i, text, lp, s)| match self.kind {
-                Kind::Completion => json!({
-                    "index": i,
-                    "text": if echo { format!("{}{text}", s.prompt_text) } else { text.clone() },
-                    "logprobs": lp.as_deref().map(|t| completion_logprobs(t, 0)),
-                    "finish_reason": s.stop.finish_reason(),
-                }),
-                Kind::Chat => json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": lp.as_deref().map(chat_logprobs),
-                    "finish_reason": s.stop.finish_reason(),
-                }),
+                match self.kind {
+                    Kind::Completion => json!({
+                        "index": i,
+                        "text": if echo { format!("{}{text}", s.prompt_text) } else { text.clone() },
+                        "logprobs": lp.as_deref().map(|t| completion_logprobs(t, 0)),
+                        "finish_reason": s.stop.finish_reason(),
+                    }),
+                    Kind::Chat => json!({
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": lp.as_deref().map(chat_logprobs),
+                        "finish_reason": s.stop.finish_reason(),
+                    }),
+                }
             })
             .collect();
         let mut v = self.envelope(false, choices);
@@ -1325,22 +1324,27 @@ fn completion_logprobs(tokens: &[TokenInfo], mut offset: usize) -> Value {
 
 /// OpenAI's chat `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
 fn chat_logprobs(tokens: &[TokenInfo]) -> Value {
-    let content: Vec<Value> = tokens
-        .iter()
-        .map(|t| {
-            json!({
-                "token": t.text,
-                "logprob": t.logprob,
-                "bytes": t.bytes,
-                "top_logprobs": t
-                    .top
-                    .iter()
-                    .map(|(_, text, bytes, lp)| json!({"token": text, "logprob": lp, "bytes": bytes}))
-                    .collect::<Vec<_>>(),
-            })
-        })
-        .collect();
+    let content: Vec<Value> = tokens.iter().map(|t| token_entry(t, false)).collect();
     json!({ "content": content })
+}
+
+/// One token's entry as OpenAI's chat and llama.cpp's `completion_probabilities` write it:
+/// `token`, `logprob`, `bytes` and `top_logprobs` (each alike), with `id`s for llama.cpp.
+fn token_entry(t: &TokenInfo, ids: bool) -> Value {
+    let entry = |id: u32, text: &str, bytes: &[u8], lp: Option<f32>| {
+        let mut v = json!({"token": text, "logprob": lp, "bytes": bytes});
+        if ids {
+            v["id"] = json!(id);
+        }
+        v
+    };
+    let mut v = entry(t.id, &t.text, &t.bytes, t.logprob);
+    v["top_logprobs"] = t
+        .top
+        .iter()
+        .map(|(id, text, bytes, lp)| entry(*id, text, bytes, Some(*lp)))
+        .collect();
+    v
 }
 
 /// `usage` and llama.cpp's `timings` of the answer's choices, `n` per prompt: `usage` counts

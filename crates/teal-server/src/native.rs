@@ -435,22 +435,7 @@ fn settings(m: &ModelInfo, r: &Request) -> Value {
 /// llama.cpp's `completion_probabilities`: per token its id, text, bytes, log-probability and
 /// the most likely tokens at its position.
 fn probabilities(entries: &[TokenInfo]) -> Value {
-    entries
-        .iter()
-        .map(|t| {
-            json!({
-                "id": t.id,
-                "token": t.text,
-                "bytes": t.bytes,
-                "logprob": t.logprob,
-                "top_logprobs": t
-                    .top
-                    .iter()
-                    .map(|(id, text, bytes, lp)| json!({"id": id, "token": text, "bytes": bytes, "logprob": lp}))
-                    .collect::<Vec<_>>(),
-            })
-        })
-        .collect()
+    entries.iter().map(|t| token_entry(t, true)).collect()
 }
 
 /// One result: job `index`'s whole answer, or with `streamed` the last event of its stream
