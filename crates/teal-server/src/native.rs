@@ -6,11 +6,12 @@
 //!   `temperature` (<= 0: greedy), `top_k` (<= 0: off), `top_p`, `min_p`, `seed` (-1: random),
 //!   `repeat_penalty`, `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `stop`,
 //!   `stream`, `cache_prompt`, `n_probs`, `ignore_eos`, `return_tokens`, `n_indent`,
-//!   `t_max_predict_ms`, `n_cmpl`, `id_slot`, `logit_bias`, `samplers` and `response_fields`. The answer has
-//!   `content`, `tokens`, `stop_type` (`eos`, `word`, `limit`), `stopping_word`,
-//!   `tokens_predicted`, `tokens_evaluated`, `tokens_cached`, `generation_settings`, `prompt`,
-//!   `timings` and with `n_probs` `completion_probabilities`; streamed, one event per piece of
-//!   text and a last one with `stop: true` and the rest (no `[DONE]`, as llama.cpp).
+//!   `t_max_predict_ms`, `n_cmpl`, `id_slot`, `logit_bias`, `samplers` and `response_fields`.
+//!   The answer has `content`, `tokens`, `stop_type` (`eos`, `word`, `limit`),
+//!   `stopping_word`, `tokens_predicted`, `tokens_evaluated`, `tokens_cached`,
+//!   `generation_settings`, `prompt`, `timings` and with `n_probs` `completion_probabilities`;
+//!   streamed, one event per piece of text and a last one with `stop: true` and the rest (no
+//!   `[DONE]`, as llama.cpp).
 //! - `POST /infill`: code completion as editors ask for it (llama.vim, llama.vscode):
 //!   `input_prefix`, `input_suffix`, `input_extra` (other files, `{filename, text}`) and
 //!   `prompt` (the start of the middle), with every option of `/completion`; the parts are cut
@@ -19,11 +20,13 @@
 //!
 //! `json_schema` `{}` or `{"type": "object"}` (and OpenAI's `response_format`) is JSON mode: the
 //! answer is one JSON object. Options that would change the answer and that teal does not
-//! implement (grammars, other JSON schemas, Mirostat, DRY, XTC, typical-p, dynamic temperature, post-sampling probabilities) are refused with status 400 when set to anything but their neutral value.
-//! In `samplers`, the stages listed are used in teal's order (penalties, top-k, temperature,
-//! top-p, min-p, infill) and those left out are off (the temperature then 1); `infill` is
-//! llama.cpp's stage for code completion ([`teal::constrain::InfillStage`]: prefix-sharing
-//! tokens merged, unlikely ones cut, end of generation where it weighs enough).
+//! implement (grammars, other JSON schemas, Mirostat, DRY, XTC, typical-p, dynamic
+//! temperature, post-sampling probabilities) are refused with status 400 when set to anything
+//! but their neutral value. In `samplers`, the stages listed are used in teal's order
+//! (penalties, top-k, temperature, top-p, min-p, infill) and those left out are off (the
+//! temperature then 1); `infill` is llama.cpp's stage for code completion
+//! ([`teal::constrain::InfillStage`]: prefix-sharing tokens merged, unlikely ones cut, end of
+//! generation where it weighs enough).
 
 use super::*;
 
