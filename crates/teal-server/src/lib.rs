@@ -982,6 +982,17 @@ enum Api {
     LlamaCpp,
 }
 
+impl Api {
+    /// The request field names of the choices per prompt and the alternatives per token,
+    /// for error messages.
+    fn fields(self) -> (&'static str, &'static str) {
+        match self {
+            Api::OpenAi => ("n", "logprobs"),
+            Api::LlamaCpp => ("n_cmpl", "n_probs"),
+        }
+    }
+}
+
 /// Defaults as llama.cpp's server (and `teal run`): [`SamplerConfig::LLAMA_CPP`] (temperature
 /// 0.8, top-k 40, top-p 0.95, min-p 0.05, no penalties, over the last 64 tokens when set).
 fn check_options(
@@ -991,10 +1002,11 @@ fn check_options(
     logprobs: Option<usize>,
     echo: bool,
 ) -> Result<Request, ApiError> {
+    let (n_field, logprobs_field) = api.fields();
     let n = o.n.unwrap_or(1);
     if !(1..=MAX_CHOICES).contains(&n) {
         return Err(ApiError::bad_request(format!(
-            "n = {n}: from 1 to {MAX_CHOICES} choices per prompt"
+            "{n_field} = {n}: from 1 to {MAX_CHOICES} choices per prompt"
         )));
     }
     if prompts.is_empty() {
@@ -1003,7 +1015,7 @@ fn check_options(
     let stream = o.stream.unwrap_or(false);
     if stream && n > 1 {
         return Err(ApiError::bad_request(format!(
-            "n = {n}: one choice per streamed request"
+            "{n_field} = {n}: one choice per streamed request"
         )));
     }
     if stream && prompts.len() > 1 {
@@ -1015,7 +1027,7 @@ fn check_options(
     if let Some(k) = logprobs {
         if k > MAX_LOGPROBS {
             return Err(ApiError::bad_request(format!(
-                "logprobs = {k}: at most {MAX_LOGPROBS} alternatives per token"
+                "{logprobs_field} = {k}: at most {MAX_LOGPROBS} alternatives per token"
             )));
         }
     }

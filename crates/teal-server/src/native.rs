@@ -215,14 +215,6 @@ fn check(
         },
     };
     let n = o.n_cmpl.unwrap_or(1);
-    if !(1..=MAX_CHOICES).contains(&n) {
-        return bad(format!(
-            "n_cmpl = {n}: from 1 to {MAX_CHOICES} completions per prompt"
-        ));
-    }
-    if let Some(k) = o.n_probs.filter(|&k| k > MAX_LOGPROBS) {
-        return bad(format!("n_probs = {k}: at most {MAX_LOGPROBS} tokens"));
-    }
     let options = Options {
         max_tokens,
         max_completion_tokens: None,
