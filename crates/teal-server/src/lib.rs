@@ -1532,7 +1532,7 @@ fn stream_answer(
     };
     // The characters streamed so far.
     let mut chars = 0;
-    let events = sse_events(first, rx, move |ev| match ev {
+    let events = sse_events(first, rx, counted, move |ev| match ev {
         Event::Text {
             text, logprobs: t, ..
         } => {
@@ -1541,16 +1541,13 @@ fn stream_answer(
             let lp = logprobs.then_some((t.as_slice(), at));
             (vec![sse_json(a.chunk(Some(text), lp, None))], false)
         }
-        Event::Done(s) => {
-            counted.0.record(&s);
-            (
-                vec![
-                    sse_json(a.chunk(None, None, Some(&s))),
-                    SseEvent::default().data("[DONE]"),
-                ],
-                true,
-            )
-        }
+        Event::Done(s) => (
+            vec![
+                sse_json(a.chunk(None, None, Some(&s))),
+                SseEvent::default().data("[DONE]"),
+            ],
+            true,
+        ),
         Event::Failed(e) => (vec![sse_json(e.body())], true),
     });
     Sse::new(stream::iter(head).chain(events).map(Ok))
@@ -1562,14 +1559,16 @@ fn sse_json(v: Value) -> SseEvent {
 }
 
 /// The server-sent events of a job: `first`, then the events from `rx`, each written by `step`,
-/// which also says whether the stream ends with it.
+/// which also says whether the stream ends with it. The finished answer is counted in
+/// `counted`'s metrics, and its request as in flight until the stream is dropped.
 fn sse_events(
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
+    counted: (AppState, Option<InFlight>),
     step: impl FnMut(Event) -> (Vec<SseEvent>, bool) + Send + 'static,
 ) -> impl futures_util::Stream<Item = SseEvent> {
-    let start = (Some(first), rx, step, false);
-    stream::unfold(start, |(next, mut rx, mut step, ended)| async move {
+    let start = (Some(first), rx, (counted, step), false);
+    stream::unfold(start, |(next, mut rx, mut state, ended)| async move {
         if ended {
             return None;
         }
@@ -1577,8 +1576,12 @@ fn sse_events(
             Some(ev) => ev,
             None => rx.recv().await?,
         };
+        let ((st, _), step) = &mut state;
+        if let Event::Done(s) = &ev {
+            st.record(s);
+        }
         let (out, ended) = step(ev);
-        Some((stream::iter(out), (None, rx, step, ended)))
+        Some((stream::iter(out), (None, rx, state, ended)))
     })
     .flatten()
 }

@@ -516,7 +516,8 @@ fn stream(
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     // The text and tokens streamed so far.
     let (mut text, mut ids) = (String::new(), Vec::new());
-    let events = sse_events(first, rx, move |ev| match ev {
+    let model = counted.0.model.clone();
+    let events = sse_events(first, rx, counted, move |ev| match ev {
         Event::Text {
             text: t,
             tokens,
@@ -538,15 +539,13 @@ fn stream(
             (vec![sse_json(v)], false)
         }
         Event::Done(summary) => {
-            let st = &counted.0;
-            st.record(&summary);
             let c = Collected {
                 text: std::mem::take(&mut text),
                 tokens: std::mem::take(&mut ids),
                 entries: Vec::new(),
                 summary,
             };
-            let v = result(&st.model, &r, &shape, 0, &c, true);
+            let v = result(&model, &r, &shape, 0, &c, true);
             (
                 vec![sse_json(pick(v, shape.response_fields.as_deref()))],
                 true,
