@@ -359,8 +359,9 @@ impl JsonMode {
     /// nothing else, before that a non-empty token whose bytes keep the text a JSON object
     /// prefix.
     pub fn allows(&self, token: u32) -> bool {
-        if self.state.done() || self.eos.contains(&token) {
-            return self.state.done() && self.eos.contains(&token);
+        let (done, eos) = (self.state.done(), self.eos.contains(&token));
+        if done || eos {
+            return done && eos;
         }
         match self.bytes.get(token as usize) {
             Some(Some(b)) if !b.is_empty() => self.state.clone().push_all(b),
