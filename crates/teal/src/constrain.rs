@@ -3,7 +3,7 @@
 //! prefix of one JSON object; the others are masked out, and once the object is closed only an
 //! end-of-sequence token may follow.
 
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{TokenBytes, Tokenizer};
 
 /// The most nested objects and arrays JSON mode allows.
 pub const MAX_DEPTH: u32 = 128;
@@ -338,19 +338,16 @@ impl JsonPrefix {
 pub struct JsonMode {
     state: JsonPrefix,
     /// Each token's bytes; `None` for special tokens (never allowed, end-of-sequence aside).
-    bytes: Vec<Option<Vec<u8>>>,
+    bytes: TokenBytes,
     eos: Vec<u32>,
 }
 
 impl JsonMode {
     /// JSON mode over `tok`'s vocabulary.
     pub fn new(tok: &Tokenizer) -> JsonMode {
-        let bytes = (0..tok.vocab_size() as u32)
-            .map(|id| (!tok.is_special(id)).then(|| tok.piece_bytes(id)))
-            .collect();
         JsonMode {
             state: JsonPrefix::default(),
-            bytes,
+            bytes: tok.text_bytes(),
             eos: tok.eos_ids().to_vec(),
         }
     }
@@ -374,6 +371,11 @@ impl JsonMode {
         if let Some(Some(b)) = self.bytes.get(token as usize) {
             self.state.push_all(b);
         }
+    }
+
+    /// The end-of-sequence tokens.
+    pub fn eos(&self) -> &[u32] {
+        &self.eos
     }
 }
 

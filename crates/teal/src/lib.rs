@@ -12,6 +12,8 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gguf;
+pub mod grammar;
+pub mod json_schema;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;

@@ -1,11 +1,13 @@
 //! Turning logits into the next token: greedy, or temperature / top-k / top-p / min-p sampling
 //! with a seeded generator, after optional logit biases, repetition penalties over the recent
-//! tokens and JSON mode's mask. The candidate buffers are kept between calls, so sampling
-//! allocates nothing.
+//! tokens, and a constraint (JSON mode or a GBNF grammar) that rules tokens out. The candidate
+//! buffers are kept between calls, so unconstrained sampling allocates nothing.
 
 use crate::constrain::{InfillStage, JsonMode};
+use crate::grammar::{Grammar, GrammarMode};
 use crate::tokenizer::Tokenizer;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -28,6 +30,9 @@ pub struct SamplerConfig {
     /// JSON mode: only tokens that keep the text a prefix of one JSON object, then the end of
     /// sequence (a sampler made by [`Sampler::for_tokenizer`]; see [`crate::constrain`]).
     pub json_object: bool,
+    /// A GBNF grammar the text must follow (llama.cpp's `grammar`; a sampler made by
+    /// [`Sampler::for_tokenizer`]; see [`crate::grammar`]).
+    pub grammar: Option<Arc<Grammar>>,
     /// llama.cpp's `infill` stage after the cuts (a sampler made by
     /// [`Sampler::for_tokenizer`]; see [`crate::constrain::InfillStage`]).
     pub infill: bool,
@@ -37,7 +42,11 @@ impl SamplerConfig {
     /// Whether the logits are changed before sampling (biases or penalties), which needs the
     /// host sampler's state.
     pub fn adjusts_logits(&self) -> bool {
-        self.penalties.active() || !self.logit_bias.is_empty() || self.json_object || self.infill
+        self.penalties.active()
+            || !self.logit_bias.is_empty()
+            || self.json_object
+            || self.grammar.is_some()
+            || self.infill
     }
 
     /// The settings' ranges, each error naming the setting (as the server's request field).
@@ -50,6 +59,9 @@ impl SamplerConfig {
                 self.temperature,
                 "a finite number >= 0 (0: greedy)",
             );
+        }
+        if self.json_object && self.grammar.is_some() {
+            return Err("JSON mode and a grammar: give one of the two".into());
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", self.top_p, "in (0, 1]");
@@ -107,6 +119,7 @@ impl SamplerConfig {
         penalties: Penalties::OFF,
         logit_bias: Vec::new(),
         json_object: false,
+        grammar: None,
         infill: false,
     };
 }
@@ -122,6 +135,7 @@ impl Default for SamplerConfig {
             penalties: Penalties::OFF,
             logit_bias: Vec::new(),
             json_object: false,
+            grammar: None,
             infill: false,
         }
     }
@@ -175,10 +189,42 @@ pub struct Sampler {
     counts: HashMap<u32, u32>,
     /// With biases or penalties: the adjusted copy of the logits.
     adjusted: Vec<f32>,
-    /// With [`SamplerConfig::json_object`]: the tokens allowed next.
-    json: Option<JsonMode>,
+    /// With [`SamplerConfig::json_object`] or [`SamplerConfig::grammar`]: the tokens allowed
+    /// next.
+    constraint: Option<Constraint>,
     /// With [`SamplerConfig::infill`].
     infill: Option<InfillStage>,
+}
+
+/// What rules tokens out: JSON mode or a grammar.
+#[derive(Clone, Debug)]
+enum Constraint {
+    Json(JsonMode),
+    Grammar(Box<GrammarMode>),
+}
+
+impl Constraint {
+    fn allows(&self, token: u32) -> bool {
+        match self {
+            Constraint::Json(j) => j.allows(token),
+            Constraint::Grammar(g) => g.allows(token),
+        }
+    }
+
+    fn accept(&mut self, token: u32) {
+        match self {
+            Constraint::Json(j) => j.accept(token),
+            Constraint::Grammar(g) => g.accept(token),
+        }
+    }
+
+    /// The token to end with when nothing is allowed.
+    fn fallback(&self) -> Option<u32> {
+        match self {
+            Constraint::Json(j) => j.eos().first().copied(),
+            Constraint::Grammar(g) => g.eos().first().copied(),
+        }
+    }
 }
 
 /// Index of the largest value (the first one on ties), as llama.cpp's greedy sampler.
@@ -201,18 +247,26 @@ impl Sampler {
             recent: VecDeque::new(),
             counts: HashMap::new(),
             adjusted: Vec::new(),
-            json: None,
+            constraint: None,
             infill: None,
         }
     }
 
     /// A sampler for `tok`'s vocabulary: with [`SamplerConfig::json_object`], in JSON mode;
-    /// with [`SamplerConfig::infill`], with the infill stage.
+    /// with [`SamplerConfig::grammar`], following the grammar; with [`SamplerConfig::infill`],
+    /// with the infill stage.
     pub fn for_tokenizer(cfg: SamplerConfig, tok: &Tokenizer) -> Sampler {
-        let json = cfg.json_object.then(|| JsonMode::new(tok));
+        let constraint = match (&cfg.grammar, cfg.json_object) {
+            (Some(g), _) => Some(Constraint::Grammar(Box::new(GrammarMode::new(
+                g.clone(),
+                tok,
+            )))),
+            (None, true) => Some(Constraint::Json(JsonMode::new(tok))),
+            (None, false) => None,
+        };
         let infill = cfg.infill.then(|| InfillStage::new(tok));
         Sampler {
-            json,
+            constraint,
             infill,
             ..Sampler::new(cfg)
         }
@@ -247,11 +301,11 @@ impl Sampler {
         }
     }
 
-    /// The next token: biases, penalties, JSON mode's mask, then greedy or
-    /// [`Sampler::sample_with`] on the next [`Sampler::draw`]; the token is recorded for the
-    /// penalties and JSON mode.
+    /// The next token: biases, penalties, then greedy or [`Sampler::sample_with`] on the next
+    /// [`Sampler::draw`], among the tokens the constraint allows (if any); the token is recorded
+    /// for the penalties and the constraint.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let token = if self.cfg.adjusts_logits() {
+        let token = if self.cfg.adjusts_logits() || self.constraint.is_some() {
             let mut v = std::mem::take(&mut self.adjusted);
             v.clear();
             v.extend_from_slice(logits);
@@ -271,24 +325,83 @@ impl Sampler {
                     *l -= p.presence + count as f32 * p.frequency;
                 }
             }
-            if let Some(json) = &self.json {
-                for (t, l) in v.iter_mut().enumerate() {
-                    if !json.allows(t as u32) {
-                        *l = f32::NEG_INFINITY;
-                    }
+            let token = match self.constraint.take() {
+                Some(c) => {
+                    let t = self.choose_allowed(&v, &c);
+                    self.constraint = Some(c);
+                    t
                 }
-            }
-            let token = self.choose(&v);
+                None => self.choose(&v),
+            };
             self.adjusted = v;
             token
         } else {
             self.choose(logits)
         };
         self.accept(token);
-        if let Some(json) = &mut self.json {
-            json.accept(token);
+        if let Some(c) = &mut self.constraint {
+            c.accept(token);
         }
         token
+    }
+
+    /// What [`Sampler::choose`] gives on the logits with every token that `c` rules out at
+    /// `-inf`, testing tokens only in order of their logits until the cut is full: the best
+    /// one when greedy, the first `top_k` allowed ones (all of them without a top-k cut) when
+    /// sampling. With no token allowed, the first end-of-sequence token the constraint knows.
+    fn choose_allowed(&mut self, logits: &[f32], c: &Constraint) -> u32 {
+        let greedy = self.cfg.temperature <= 0.0;
+        if greedy {
+            let best = argmax(logits);
+            if c.allows(best) {
+                return best;
+            }
+        }
+        let want = match (greedy, self.cfg.top_k) {
+            (true, _) => 1,
+            (false, 0) => logits.len(),
+            (false, k) => k,
+        };
+        // Ties go to the lower id, as argmax's.
+        let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        self.cand.clear();
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| **v > f32::NEG_INFINITY)
+                .map(|(i, &v)| (v, i as u32)),
+        );
+        // Sort a generous head first; the rest only if the head holds too few allowed tokens.
+        let mut allowed = Vec::with_capacity(want.min(self.cand.len()));
+        let mut start = 0;
+        let mut head = (4 * want).max(256);
+        while allowed.len() < want && start < self.cand.len() {
+            let end = head.min(self.cand.len());
+            if end < self.cand.len() {
+                self.cand[start..].select_nth_unstable_by(end - start - 1, order);
+            }
+            self.cand[start..end].sort_unstable_by(order);
+            for &(v, t) in &self.cand[start..end] {
+                if allowed.len() == want {
+                    break;
+                }
+                if c.allows(t) {
+                    allowed.push((v, t));
+                }
+            }
+            start = end;
+            head *= 4;
+        }
+        if allowed.is_empty() {
+            return c.fallback().unwrap_or_else(|| argmax(logits));
+        }
+        if greedy {
+            return allowed[0].1;
+        }
+        self.cand = allowed;
+        let r = self.draw();
+        self.draw_candidates(r)
     }
 
     fn choose(&mut self, logits: &[f32]) -> u32 {
@@ -304,6 +417,12 @@ impl Sampler {
     /// the uniform number `r` in [0, 1) given (what [`Sampler::sample`] does with its next
     /// [`Sampler::draw`]).
     pub fn sample_with(&mut self, logits: &[f32], r: f32) -> u32 {
+        self.top_k_candidates(logits);
+        self.draw_candidates(r)
+    }
+
+    /// The `top_k` largest logits (all without a cut) into the candidates, largest first.
+    fn top_k_candidates(&mut self, logits: &[f32]) {
         self.cand.clear();
         self.cand
             .extend(logits.iter().enumerate().map(|(i, &v)| (v, i as u32)));
@@ -318,6 +437,11 @@ impl Sampler {
             self.cand.truncate(k);
         }
         self.cand.sort_unstable_by(by_logit);
+    }
+
+    /// Temperature, top-p, min-p (and the infill stage) over the candidates (logits, largest
+    /// first), then the token where `r` in [0, 1) falls in their weights.
+    fn draw_candidates(&mut self, r: f32) -> u32 {
         let inv_t = 1.0 / self.cfg.temperature;
         let m = self.cand[0].0;
         let mut total = 0.0;
@@ -365,6 +489,127 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A vocabulary of single letters, a few pairs and an end-of-sequence token (id 0).
+    fn letters() -> (crate::tokenizer::TokenBytes, Vec<u32>) {
+        let mut v: Vec<Option<Vec<u8>>> = vec![None];
+        for c in b'a'..=b'z' {
+            v.push(Some(vec![c]));
+        }
+        for p in ["ab", "ba", "xyz", "{\"", "\"}", " "] {
+            v.push(Some(p.as_bytes().to_vec()));
+        }
+        (Arc::new(v), vec![0])
+    }
+
+    fn with_grammar(cfg: SamplerConfig, g: &str) -> Sampler {
+        let (bytes, eos) = letters();
+        let g = Arc::new(Grammar::parse(g).unwrap());
+        Sampler {
+            constraint: Some(Constraint::Grammar(Box::new(GrammarMode::from_parts(
+                g, bytes, eos,
+            )))),
+            ..Sampler::new(cfg)
+        }
+    }
+
+    #[test]
+    fn grammar_constrains_greedy_and_sampled_text() {
+        let (bytes, _) = letters();
+        let text = |ids: &[u32]| -> String {
+            ids.iter()
+                .map(|&t| String::from_utf8(bytes[t as usize].clone().unwrap_or_default()).unwrap())
+                .collect()
+        };
+        // The model wants "z" most, then the end, then "b", "a": the grammar forces a(b|a)+
+        // ending in "b", and the end only once the text is whole.
+        let mut logits = vec![0.0f32; bytes.len()];
+        logits[26] = 5.0; // z
+        logits[0] = 4.0; // end
+        logits[2] = 3.0; // b
+        logits[1] = 2.0; // a
+        let g = r#"root ::= "a" [ab]* "b""#;
+        let mut s = with_grammar(SamplerConfig::default(), g);
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            let t = s.sample(&logits);
+            ids.push(t);
+            if t == 0 {
+                break;
+            }
+        }
+        assert_eq!(text(&ids), "ab", "{ids:?}");
+        assert_eq!(ids.last(), Some(&0));
+        for seed in 0..20 {
+            let cfg = SamplerConfig {
+                temperature: 1.5,
+                top_k: 3,
+                top_p: 1.0,
+                seed,
+                ..Default::default()
+            };
+            let mut s = with_grammar(cfg, g);
+            let mut ids = Vec::new();
+            for _ in 0..40 {
+                let t = s.sample(&logits);
+                if t == 0 {
+                    break;
+                }
+                ids.push(t);
+            }
+            let out = text(&ids);
+            assert!(
+                out.starts_with('a')
+                    && out.ends_with('b')
+                    && out.bytes().all(|c| c == b'a' || c == b'b'),
+                "seed {seed}: {out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn constrained_choice_equals_masked_choice() {
+        // The lazy search of the allowed tokens picks what masking every other token at -inf
+        // and choosing among all would, for greedy and for each cut, with the same draws.
+        let (bytes, eos) = letters();
+        let g = Arc::new(Grammar::parse(r#"root ::= [a-m]+ " " [n-z]+"#).unwrap());
+        let mode = GrammarMode::from_parts(g.clone(), bytes.clone(), eos.clone());
+        let mut seedr = StdRng::seed_from_u64(5);
+        for case in 0..200 {
+            let logits: Vec<f32> = (0..bytes.len())
+                .map(|_| seedr.random::<f32>() * 8.0)
+                .collect();
+            let masked: Vec<f32> = logits
+                .iter()
+                .enumerate()
+                .map(|(t, &l)| {
+                    if mode.allows(t as u32) {
+                        l
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let cfg = SamplerConfig {
+                temperature: [0.0, 0.7, 1.0, 2.0][case % 4],
+                top_k: [0, 1, 3, 40][(case / 4) % 4],
+                top_p: [1.0, 0.9][(case / 16) % 2],
+                min_p: [0.0, 0.05][(case / 32) % 2],
+                seed: case as u64,
+                ..Default::default()
+            };
+            let mut lazy = Sampler {
+                constraint: Some(Constraint::Grammar(Box::new(GrammarMode::from_parts(
+                    g.clone(),
+                    bytes.clone(),
+                    eos.clone(),
+                )))),
+                ..Sampler::new(cfg.clone())
+            };
+            let mut plain = Sampler::new(cfg);
+            assert_eq!(lazy.sample(&logits), plain.sample(&masked), "case {case}");
+        }
+    }
 
     #[test]
     fn greedy_is_argmax() {

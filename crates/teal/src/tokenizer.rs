@@ -398,6 +398,9 @@ impl Engine {
     }
 }
 
+/// Every token's bytes, `None` for special tokens ([`Tokenizer::text_bytes`]).
+pub type TokenBytes = std::sync::Arc<Vec<Option<Vec<u8>>>>;
+
 /// A tokenizer with llama.cpp-compatible ids for GGUF vocabularies.
 pub struct Tokenizer {
     engine: Engine,
@@ -417,6 +420,8 @@ pub struct Tokenizer {
     /// Fill-in-the-middle tokens by kind ([`FIM_KINDS`]' order: prefix, suffix, middle, pad,
     /// repository name, file separator), where the vocabulary has them.
     fim: [Option<u32>; 6],
+    /// [`Tokenizer::text_bytes`], made on first use.
+    text_bytes: std::sync::OnceLock<TokenBytes>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -746,6 +751,7 @@ impl Tokenizer {
             special,
             strip_leading_space: spm && add_space_prefix,
             fim,
+            text_bytes: Default::default(),
         })
     }
 
@@ -908,6 +914,7 @@ impl Tokenizer {
             special,
             strip_leading_space,
             fim,
+            text_bytes: Default::default(),
         })
     }
 
@@ -1024,6 +1031,20 @@ impl Tokenizer {
             Some(b) => b.to_vec(),
             None => self.token_str(id).unwrap_or_default().into_bytes(),
         }
+    }
+
+    /// Every token's bytes ([`Tokenizer::piece_bytes`]), `None` for special tokens: what the
+    /// constrained samplers test against, made once per tokenizer and shared.
+    pub fn text_bytes(&self) -> TokenBytes {
+        self.text_bytes
+            .get_or_init(|| {
+                std::sync::Arc::new(
+                    (0..self.vocab_size as u32)
+                        .map(|id| (!self.is_special(id)).then(|| self.piece_bytes(id)))
+                        .collect(),
+                )
+            })
+            .clone()
     }
 
     /// The token as written in the vocabulary (`Ġuser`, `▁the`, `<|im_end|>`).

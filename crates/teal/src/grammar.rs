@@ -1,0 +1,1000 @@
+//! GBNF grammars, llama.cpp's format for constrained sampling (its `grammars/README.md`):
+//!
+//! ```text
+//! root   ::= answer ("," ws answer)*      # rules: name ::= alternatives
+//! answer ::= "yes" | "no" | [0-9]+ | item?
+//! item   ::= [^\n,]{1,8}                   # classes, negated, repetitions {m}, {m,}, {m,n}
+//! ws     ::= [ \t]*
+//! ```
+//!
+//! Literals `"..."` and classes `[...]` take the escapes `\n \r \t \\ \" \] \[ \- \xHH \uHHHH
+//! \UHHHHHHHH`; `.` is any character; `( )` groups; `*`, `+`, `?` and `{m,n}` repeat the item
+//! before them; `#` starts a comment; a rule ends at the end of its line, except inside
+//! parentheses, after `::=` or `|`, and before a line that starts with `|`. The rule `root` is the whole text. Left-recursive rules
+//! are refused (as llama.cpp does), so matching always ends.
+//!
+//! [`GrammarState`] recognizes prefixes the way llama.cpp's sampler does: a set of stacks of
+//! positions in the rules, each with a character class on top, advanced one code point at a
+//! time (a token's bytes may end inside a UTF-8 character). [`GrammarMode`] is the sampler's
+//! view: which tokens may come next.
+
+use crate::tokenizer::{TokenBytes, Tokenizer};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// The most repetitions `{m,n}` may ask for (each is a copy of the item in the rules).
+pub const MAX_REPEAT: u32 = 1000;
+
+/// The most stacks a state keeps; an ambiguous grammar beyond it is cut to the first ones.
+pub const MAX_STACKS: usize = 4096;
+
+/// A grammar that could not be read: where and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrammarError {
+    /// 1-based line and column of the problem in the grammar's text (0: the whole grammar).
+    pub line: usize,
+    pub col: usize,
+    pub msg: String,
+}
+
+impl fmt::Display for GrammarError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}", self.msg)
+        } else {
+            write!(f, "line {} column {}: {}", self.line, self.col, self.msg)
+        }
+    }
+}
+
+impl std::error::Error for GrammarError {}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Elem {
+    /// A code point inside one of the inclusive ranges, or with `negated` outside all of them.
+    Char {
+        ranges: Vec<(u32, u32)>,
+        negated: bool,
+    },
+    Rule(u32),
+}
+
+impl Elem {
+    fn matches(&self, cp: u32) -> bool {
+        match self {
+            Elem::Char { ranges, negated } => {
+                ranges.iter().any(|&(a, b)| a <= cp && cp <= b) != *negated
+            }
+            Elem::Rule(_) => false,
+        }
+    }
+
+    /// Whether some code point in `lo..=hi` may match (for a character cut by a token's end).
+    fn may_match(&self, lo: u32, hi: u32) -> bool {
+        match self {
+            Elem::Char {
+                ranges,
+                negated: false,
+            } => ranges.iter().any(|&(a, b)| a <= hi && lo <= b),
+            Elem::Char {
+                ranges,
+                negated: true,
+            } => !ranges.iter().any(|&(a, b)| a <= lo && hi <= b),
+            Elem::Rule(_) => false,
+        }
+    }
+}
+
+/// A parsed grammar: each rule's alternatives, each a sequence of elements (repetitions and
+/// groups become rules of their own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grammar {
+    rules: Vec<Vec<Vec<Elem>>>,
+    names: Vec<String>,
+    root: u32,
+}
+
+impl Grammar {
+    /// Parses GBNF text; the rule `root` is the start.
+    pub fn parse(text: &str) -> Result<Grammar, GrammarError> {
+        let mut p = Parser {
+            src: text.chars().collect(),
+            pos: 0,
+            ids: HashMap::new(),
+            rules: Vec::new(),
+            names: Vec::new(),
+            first_use: Vec::new(),
+        };
+        p.grammar()?;
+        let g = p.finish()?;
+        g.check_left_recursion()?;
+        Ok(g)
+    }
+
+    /// The number of rules, those made for groups and repetitions included.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    fn nullable(&self) -> Vec<bool> {
+        let mut null = vec![false; self.rules.len()];
+        loop {
+            let mut changed = false;
+            for (r, alts) in self.rules.iter().enumerate() {
+                if !null[r]
+                    && alts.iter().any(|seq| {
+                        seq.iter()
+                            .all(|e| matches!(e, Elem::Rule(x) if null[*x as usize]))
+                    })
+                {
+                    null[r] = true;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return null;
+            }
+        }
+    }
+
+    /// Refuses a rule that can reach itself before consuming a character.
+    fn check_left_recursion(&self) -> Result<(), GrammarError> {
+        let null = self.nullable();
+        // The rules each rule may start with.
+        let starts: Vec<Vec<u32>> = self
+            .rules
+            .iter()
+            .map(|alts| {
+                let mut s = Vec::new();
+                for seq in alts {
+                    for e in seq {
+                        match e {
+                            Elem::Rule(x) => {
+                                s.push(*x);
+                                if !null[*x as usize] {
+                                    break;
+                                }
+                            }
+                            Elem::Char { .. } => break,
+                        }
+                    }
+                }
+                s
+            })
+            .collect();
+        // Depth-first search for a cycle: 0 unseen, 1 on the path, 2 done.
+        let mut mark = vec![0u8; self.rules.len()];
+        for r in 0..self.rules.len() {
+            if mark[r] == 0 {
+                if let Some(c) = cycle(r, &starts, &mut mark) {
+                    return Err(GrammarError {
+                        line: 0,
+                        col: 0,
+                        msg: format!(
+                            "rule '{}' is left-recursive (it can reach itself before any \
+                             character)",
+                            self.names[c]
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn cycle(r: usize, starts: &[Vec<u32>], mark: &mut [u8]) -> Option<usize> {
+    mark[r] = 1;
+    for &x in &starts[r] {
+        let x = x as usize;
+        match mark[x] {
+            1 => return Some(x),
+            0 => {
+                if let Some(c) = cycle(x, starts, mark) {
+                    return Some(c);
+                }
+            }
+            _ => {}
+        }
+    }
+    mark[r] = 2;
+    None
+}
+
+struct Parser {
+    src: Vec<char>,
+    pos: usize,
+    ids: HashMap<String, u32>,
+    /// `None`: referred to, not (yet) defined.
+    rules: Vec<Option<Vec<Vec<Elem>>>>,
+    names: Vec<String>,
+    /// Where each rule was first named, for the error of an undefined one.
+    first_use: Vec<usize>,
+}
+
+fn is_word(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+impl Parser {
+    fn err<T>(&self, at: usize, msg: impl Into<String>) -> Result<T, GrammarError> {
+        let (mut line, mut col) = (1, 1);
+        for &c in &self.src[..at.min(self.src.len())] {
+            if c == '\n' {
+                line += 1;
+                col = 1;
+            } else {
+                col += 1;
+            }
+        }
+        Err(GrammarError {
+            line,
+            col,
+            msg: msg.into(),
+        })
+    }
+
+    fn peek(&self) -> Option<char> {
+        self.src.get(self.pos).copied()
+    }
+
+    /// Skips spaces, tabs and comments, and line breaks too where `newlines`.
+    fn space(&mut self, newlines: bool) {
+        while let Some(c) = self.peek() {
+            match c {
+                ' ' | '\t' => self.pos += 1,
+                '\r' | '\n' if newlines => self.pos += 1,
+                '#' => {
+                    while self.peek().is_some_and(|c| c != '\n') {
+                        self.pos += 1;
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn id(&mut self, name: &str, at: usize) -> u32 {
+        if let Some(&i) = self.ids.get(name) {
+            return i;
+        }
+        let i = self.rules.len() as u32;
+        self.ids.insert(name.to_string(), i);
+        self.rules.push(None);
+        self.names.push(name.to_string());
+        self.first_use.push(at);
+        i
+    }
+
+    /// A rule made for a group or a repetition.
+    fn synthetic(&mut self, base: &str, alts: Vec<Vec<Elem>>) -> u32 {
+        // Not in `ids`: the grammar's own names cannot refer to it (or clash with it).
+        let i = self.rules.len() as u32;
+        let name = format!("{base}-{i}");
+        self.rules.push(Some(alts));
+        self.names.push(name);
+        self.first_use.push(self.pos);
+        i
+    }
+
+    fn name(&mut self) -> Result<String, GrammarError> {
+        let start = self.pos;
+        while self.peek().is_some_and(is_word) {
+            self.pos += 1;
+        }
+        if self.pos == start {
+            return self.err(start, "expected a rule name");
+        }
+        Ok(self.src[start..self.pos].iter().collect())
+    }
+
+    fn grammar(&mut self) -> Result<(), GrammarError> {
+        loop {
+            self.space(true);
+            if self.peek().is_none() {
+                return Ok(());
+            }
+            let at = self.pos;
+            let name = self.name()?;
+            self.space(false);
+            if !self.src[self.pos..].starts_with(&[':', ':', '=']) {
+                return self.err(self.pos, format!("expected '::=' after rule name '{name}'"));
+            }
+            self.pos += 3;
+            self.space(true);
+            let alts = self.alternates(&name, false)?;
+            let id = self.id(&name, at);
+            if self.rules[id as usize].is_some() {
+                return self.err(at, format!("rule '{name}' is defined twice"));
+            }
+            self.rules[id as usize] = Some(alts);
+            match self.peek() {
+                None | Some('\n') | Some('\r') => {}
+                Some(c) => return self.err(self.pos, format!("unexpected '{c}'")),
+            }
+        }
+    }
+
+    fn alternates(&mut self, name: &str, nested: bool) -> Result<Vec<Vec<Elem>>, GrammarError> {
+        let mut alts = vec![self.sequence(name, nested)?];
+        loop {
+            // A line that starts with `|` goes on with the rule.
+            let here = self.pos;
+            self.space(true);
+            if self.peek() != Some('|') {
+                self.pos = here;
+                break;
+            }
+            self.pos += 1;
+            self.space(true);
+            alts.push(self.sequence(name, nested)?);
+        }
+        Ok(alts)
+    }
+
+    fn sequence(&mut self, name: &str, nested: bool) -> Result<Vec<Elem>, GrammarError> {
+        let mut seq: Vec<Elem> = Vec::new();
+        loop {
+            let start = seq.len();
+            let at = self.pos;
+            match self.peek() {
+                Some('"') => {
+                    self.pos += 1;
+                    loop {
+                        match self.peek() {
+                            None => return self.err(at, "unterminated literal"),
+                            Some('"') => {
+                                self.pos += 1;
+                                break;
+                            }
+                            _ => {
+                                let c = self.char_in(at)?;
+                                seq.push(Elem::Char {
+                                    ranges: vec![(c, c)],
+                                    negated: false,
+                                });
+                            }
+                        }
+                    }
+                }
+                Some('[') => {
+                    self.pos += 1;
+                    let negated = self.peek() == Some('^');
+                    if negated {
+                        self.pos += 1;
+                    }
+                    let mut ranges = Vec::new();
+                    loop {
+                        match self.peek() {
+                            None => return self.err(at, "unterminated character class"),
+                            Some(']') => {
+                                self.pos += 1;
+                                break;
+                            }
+                            _ => {
+                                let a = self.char_in(at)?;
+                                let b = if self.peek() == Some('-')
+                                    && self.src.get(self.pos + 1).is_some_and(|&c| c != ']')
+                                {
+                                    self.pos += 1;
+                                    self.char_in(at)?
+                                } else {
+                                    a
+                                };
+                                if b < a {
+                                    return self.err(at, "character range out of order");
+                                }
+                                ranges.push((a, b));
+                            }
+                        }
+                    }
+                    seq.push(Elem::Char { ranges, negated });
+                }
+                Some('.') => {
+                    self.pos += 1;
+                    seq.push(Elem::Char {
+                        ranges: Vec::new(),
+                        negated: true,
+                    });
+                }
+                Some('(') => {
+                    self.pos += 1;
+                    self.space(true);
+                    let alts = self.alternates(name, true)?;
+                    self.space(true);
+                    if self.peek() != Some(')') {
+                        return self.err(at, "expected ')' to close this group");
+                    }
+                    self.pos += 1;
+                    let r = self.synthetic(name, alts);
+                    seq.push(Elem::Rule(r));
+                }
+                Some(c) if is_word(c) => {
+                    let n = self.name()?;
+                    let r = self.id(&n, at);
+                    seq.push(Elem::Rule(r));
+                }
+                _ => return Ok(seq),
+            }
+            self.space(nested);
+            self.repetition(name, &mut seq, start)?;
+            self.space(nested);
+        }
+    }
+
+    /// Applies a `*`, `+`, `?` or `{m,n}` after the item that starts at `seq[start]`.
+    fn repetition(
+        &mut self,
+        name: &str,
+        seq: &mut Vec<Elem>,
+        start: usize,
+    ) -> Result<(), GrammarError> {
+        let at = self.pos;
+        let (min, max) = match self.peek() {
+            Some('*') => (0, None),
+            Some('+') => (1, None),
+            Some('?') => (0, Some(1)),
+            Some('{') => {
+                self.pos += 1;
+                self.space(false);
+                let m = self.number(at)?;
+                self.space(false);
+                let n = if self.peek() == Some(',') {
+                    self.pos += 1;
+                    self.space(false);
+                    if self.peek().is_some_and(|c| c.is_ascii_digit()) {
+                        Some(self.number(at)?)
+                    } else {
+                        None
+                    }
+                } else {
+                    Some(m)
+                };
+                self.space(false);
+                if self.peek() != Some('}') {
+                    return self.err(at, "expected '}' to close the repetition");
+                }
+                if n.is_some_and(|n| n < m) {
+                    return self.err(at, "repetition {m,n} with n < m");
+                }
+                if m.max(n.unwrap_or(0)) > MAX_REPEAT {
+                    return self.err(at, format!("repetition over {MAX_REPEAT}"));
+                }
+                (m, n)
+            }
+            _ => return Ok(()),
+        };
+        self.pos += 1;
+        let item: Vec<Elem> = seq.drain(start..).collect();
+        if item.is_empty() {
+            return self.err(at, "repetition without an item before it");
+        }
+        // One element for the item, so it can be copied and referred to.
+        let one = if item.len() == 1 {
+            item[0].clone()
+        } else {
+            Elem::Rule(self.synthetic(name, vec![item]))
+        };
+        for _ in 0..min {
+            seq.push(one.clone());
+        }
+        match max {
+            None => {
+                // r ::= item r | (empty)
+                let r = self.synthetic(name, Vec::new());
+                self.rules[r as usize] = Some(vec![vec![one, Elem::Rule(r)], Vec::new()]);
+                seq.push(Elem::Rule(r));
+            }
+            Some(max) if max > min => {
+                // Nested optionals: o_1 ::= item | (empty), o_k ::= item o_(k-1) | (empty).
+                let mut inner: Option<u32> = None;
+                for _ in min..max {
+                    let mut body = vec![one.clone()];
+                    if let Some(i) = inner {
+                        body.push(Elem::Rule(i));
+                    }
+                    inner = Some(self.synthetic(name, vec![body, Vec::new()]));
+                }
+                if let Some(i) = inner {
+                    seq.push(Elem::Rule(i));
+                }
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    fn number(&mut self, at: usize) -> Result<u32, GrammarError> {
+        let start = self.pos;
+        while self.peek().is_some_and(|c| c.is_ascii_digit()) {
+            self.pos += 1;
+        }
+        let s: String = self.src[start..self.pos].iter().collect();
+        match s.parse() {
+            Ok(n) => Ok(n),
+            Err(_) => self.err(at, "expected a number in the repetition"),
+        }
+    }
+
+    /// One character of a literal or class, escapes decoded.
+    fn char_in(&mut self, at: usize) -> Result<u32, GrammarError> {
+        let Some(c) = self.peek() else {
+            return self.err(at, "unexpected end of the grammar");
+        };
+        self.pos += 1;
+        if c != '\\' {
+            return Ok(c as u32);
+        }
+        let Some(e) = self.peek() else {
+            return self.err(at, "unexpected end after '\\'");
+        };
+        self.pos += 1;
+        let hex = |p: &mut Parser, n: usize| -> Result<u32, GrammarError> {
+            let s: String = p.src.iter().skip(p.pos).take(n).collect();
+            match (s.len() == n).then(|| u32::from_str_radix(&s, 16)) {
+                Some(Ok(v)) if char::from_u32(v).is_some() => {
+                    p.pos += n;
+                    Ok(v)
+                }
+                _ => p.err(
+                    p.pos,
+                    format!("expected {n} hexadecimal digits of a character"),
+                ),
+            }
+        };
+        Ok(match e {
+            'n' => '\n' as u32,
+            'r' => '\r' as u32,
+            't' => '\t' as u32,
+            '0' => 0,
+            'x' => hex(self, 2)?,
+            'u' => hex(self, 4)?,
+            'U' => hex(self, 8)?,
+            '\\' | '"' | '[' | ']' | '-' | '^' | '/' | '.' | '\'' | '|' | '(' | ')' | '*' | '+'
+            | '?' | '{' | '}' | '#' => e as u32,
+            other => return self.err(self.pos - 2, format!("unknown escape '\\{other}'")),
+        })
+    }
+
+    fn finish(self) -> Result<Grammar, GrammarError> {
+        let Some(&root) = self.ids.get("root") else {
+            return Err(GrammarError {
+                line: 0,
+                col: 0,
+                msg: "no rule named 'root' (the whole text)".into(),
+            });
+        };
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for (i, r) in self.rules.iter().enumerate() {
+            match r {
+                Some(alts) => rules.push(alts.clone()),
+                None => {
+                    return self.err(
+                        self.first_use[i],
+                        format!("rule '{}' is used but not defined", self.names[i]),
+                    )
+                }
+            }
+        }
+        if rules[root as usize].is_empty() {
+            return Err(GrammarError {
+                line: 0,
+                col: 0,
+                msg: "the rule 'root' is empty".into(),
+            });
+        }
+        Ok(Grammar {
+            rules,
+            names: self.names,
+            root,
+        })
+    }
+}
+
+/// A position in a rule: the element `idx` of alternative `alt` of rule `rule` comes next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Pos {
+    rule: u32,
+    alt: u32,
+    idx: u32,
+}
+
+/// Where a recognizer is: the stacks of positions still alive (an empty stack: the text so far
+/// is a whole match of `root`), and the bytes of a UTF-8 character begun by the last token.
+#[derive(Clone, Debug)]
+pub struct GrammarState {
+    g: Arc<Grammar>,
+    stacks: Vec<Vec<Pos>>,
+    /// The code point's bits so far, the continuation bytes still due and the character's
+    /// length in bytes.
+    partial: (u32, u8, u8),
+}
+
+impl GrammarState {
+    pub fn new(g: Arc<Grammar>) -> GrammarState {
+        let mut stacks = Vec::new();
+        for alt in 0..g.rules[g.root as usize].len() {
+            let start = vec![Pos {
+                rule: g.root,
+                alt: alt as u32,
+                idx: 0,
+            }];
+            expand(&g, start, &mut stacks);
+        }
+        let mut s = GrammarState {
+            g,
+            stacks,
+            partial: (0, 0, 0),
+        };
+        s.dedup();
+        s
+    }
+
+    fn dedup(&mut self) {
+        self.stacks.sort_unstable();
+        self.stacks.dedup();
+        self.stacks.truncate(MAX_STACKS);
+    }
+
+    /// Whether the text so far is a whole match of `root` (nothing more needs to come).
+    pub fn accepting(&self) -> bool {
+        self.partial.1 == 0 && self.stacks.iter().any(|s| s.is_empty())
+    }
+
+    /// Whether nothing can follow: a whole match that no longer text extends.
+    pub fn finished(&self) -> bool {
+        self.partial.1 == 0 && self.stacks.iter().all(|s| s.is_empty())
+    }
+
+    /// Whether the text so far is a prefix of some match.
+    pub fn alive(&self) -> bool {
+        !self.stacks.is_empty()
+    }
+
+    /// For each byte, whether it may come next (a quick test before a token's bytes are
+    /// pushed): an ASCII character some stack takes, or the first byte of a UTF-8 character
+    /// some stack may take; every byte while a character is unfinished.
+    pub fn first_bytes(&self) -> [bool; 256] {
+        let mut ok = [false; 256];
+        if self.partial.1 > 0 {
+            return [true; 256];
+        }
+        let tops: Vec<&Elem> = self
+            .stacks
+            .iter()
+            .filter_map(|s| s.last())
+            .map(|t| &self.g.rules[t.rule as usize][t.alt as usize][t.idx as usize])
+            .collect();
+        for (b, slot) in ok.iter_mut().enumerate() {
+            if let Some((lead, due)) = utf8_lead(b as u8) {
+                let (lo, hi) = char_range(lead, due, due + 1);
+                *slot = tops.iter().any(|e| e.may_match(lo, hi));
+            }
+        }
+        ok
+    }
+
+    /// Advances by one code point; false when no match continues with it (the state is then
+    /// dead).
+    pub fn push_char(&mut self, cp: u32) -> bool {
+        let mut next = Vec::new();
+        for s in &self.stacks {
+            let Some(&top) = s.last() else { continue };
+            if self.g.rules[top.rule as usize][top.alt as usize][top.idx as usize].matches(cp) {
+                let mut s = s.clone();
+                if let Some(t) = s.last_mut() {
+                    t.idx += 1;
+                }
+                expand(&self.g, s, &mut next);
+            }
+        }
+        self.stacks = next;
+        self.dedup();
+        self.alive()
+    }
+
+    /// Advances by the bytes of a token (UTF-8, possibly ending inside a character); false when
+    /// no match continues with them.
+    pub fn push_bytes(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            let (val, due, len) = self.partial;
+            if due == 0 {
+                let Some((v, d)) = utf8_lead(b) else {
+                    self.stacks.clear();
+                    return false;
+                };
+                self.partial = (v, d, d + 1);
+            } else if b & 0xc0 == 0x80 {
+                self.partial = ((val << 6) | (b & 0x3f) as u32, due - 1, len);
+            } else {
+                self.stacks.clear();
+                return false;
+            }
+            if self.partial.1 == 0 && !self.push_char(self.partial.0) {
+                return false;
+            }
+        }
+        let (val, due, len) = self.partial;
+        if due > 0 {
+            // Some character beginning with these bytes must be able to come next.
+            let (lo, hi) = char_range(val, due, len);
+            let ok = self.stacks.iter().any(|s| {
+                s.last().is_some_and(|t| {
+                    self.g.rules[t.rule as usize][t.alt as usize][t.idx as usize].may_match(lo, hi)
+                })
+            });
+            if !ok {
+                self.stacks.clear();
+            }
+        }
+        self.alive()
+    }
+}
+
+/// The bits a UTF-8 lead byte carries and the continuation bytes it asks for; `None` for a
+/// byte no well-formed character starts with.
+fn utf8_lead(b: u8) -> Option<(u32, u8)> {
+    match b {
+        0x00..=0x7f => Some((b as u32, 0)),
+        0xc2..=0xdf => Some(((b & 0x1f) as u32, 1)),
+        0xe0..=0xef => Some(((b & 0x0f) as u32, 2)),
+        0xf0..=0xf4 => Some(((b & 0x07) as u32, 3)),
+        _ => None,
+    }
+}
+
+/// The code points a character of `len` bytes may be whose first bits are `val`, with `due`
+/// continuation bytes still to come (the shortest form only, at most U+10FFFF).
+fn char_range(val: u32, due: u8, len: u8) -> (u32, u32) {
+    let shift = 6 * due as u32;
+    let min = [0, 0, 0x80, 0x800, 0x10000][len as usize];
+    (
+        (val << shift).max(min),
+        ((val << shift) | ((1 << shift) - 1)).min(0x10ffff),
+    )
+}
+
+/// Pushes onto `out` every stack that `stack` stands for with a character class on top (or
+/// empty: a whole match), following rule references and popping finished sequences.
+fn expand(g: &Grammar, mut stack: Vec<Pos>, out: &mut Vec<Vec<Pos>>) {
+    let Some(&top) = stack.last() else {
+        out.push(stack);
+        return;
+    };
+    let seq = &g.rules[top.rule as usize][top.alt as usize];
+    match seq.get(top.idx as usize) {
+        None => {
+            stack.pop();
+            expand(g, stack, out);
+        }
+        Some(Elem::Char { .. }) => out.push(stack),
+        Some(&Elem::Rule(r)) => {
+            // The continuation after the reference; dropped when nothing follows, so that
+            // right recursion (repetitions) keeps the stacks short.
+            if top.idx as usize + 1 == seq.len() {
+                stack.pop();
+            } else if let Some(t) = stack.last_mut() {
+                t.idx += 1;
+            }
+            let n = g.rules[r as usize].len();
+            for alt in 0..n {
+                let mut s = if alt + 1 == n {
+                    std::mem::take(&mut stack)
+                } else {
+                    stack.clone()
+                };
+                s.push(Pos {
+                    rule: r,
+                    alt: alt as u32,
+                    idx: 0,
+                });
+                expand(g, s, out);
+            }
+        }
+    }
+}
+
+/// A grammar as a sampler's constraint: which tokens keep the text a prefix of a match; once
+/// the text is a whole match, end-of-sequence tokens too, and only they once nothing can follow.
+#[derive(Clone, Debug)]
+pub struct GrammarMode {
+    state: GrammarState,
+    /// [`GrammarState::first_bytes`] of the state.
+    first: [bool; 256],
+    bytes: TokenBytes,
+    eos: Vec<u32>,
+}
+
+impl GrammarMode {
+    pub fn new(g: Arc<Grammar>, tok: &Tokenizer) -> GrammarMode {
+        GrammarMode::from_parts(g, tok.text_bytes(), tok.eos_ids().to_vec())
+    }
+
+    /// From each token's bytes (`None`: a special token, never allowed) and the
+    /// end-of-sequence tokens.
+    pub fn from_parts(g: Arc<Grammar>, bytes: TokenBytes, eos: Vec<u32>) -> Self {
+        let state = GrammarState::new(g);
+        GrammarMode {
+            first: state.first_bytes(),
+            state,
+            bytes,
+            eos,
+        }
+    }
+
+    /// Whether `token` may come next.
+    pub fn allows(&self, token: u32) -> bool {
+        if self.eos.contains(&token) {
+            return self.state.accepting();
+        }
+        match self.bytes.get(token as usize) {
+            Some(Some(b)) if !b.is_empty() && self.first[b[0] as usize] => {
+                self.state.clone().push_bytes(b)
+            }
+            _ => false,
+        }
+    }
+
+    /// Records the token sampled.
+    pub fn accept(&mut self, token: u32) {
+        if let Some(Some(b)) = self.bytes.get(token as usize) {
+            self.state.push_bytes(b);
+            self.first = self.state.first_bytes();
+        }
+    }
+
+    /// The end-of-sequence tokens.
+    pub fn eos(&self) -> &[u32] {
+        &self.eos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepts(g: &str, text: &str) -> bool {
+        let mut s = GrammarState::new(Arc::new(Grammar::parse(g).unwrap()));
+        s.push_bytes(text.as_bytes()) && s.accepting()
+    }
+
+    fn prefix(g: &str, text: &str) -> bool {
+        let mut s = GrammarState::new(Arc::new(Grammar::parse(g).unwrap()));
+        s.push_bytes(text.as_bytes())
+    }
+
+    #[test]
+    fn literals_alternatives_and_classes() {
+        let g = r#"root ::= "yes" | "no" | [0-9]+"#;
+        for t in ["yes", "no", "0", "123"] {
+            assert!(accepts(g, t), "{t}");
+        }
+        for t in ["ye", "", "1a", "yesno", "-1"] {
+            assert!(!accepts(g, t), "{t}");
+        }
+        assert!(prefix(g, "ye"));
+        assert!(!prefix(g, "x"));
+    }
+
+    #[test]
+    fn repetitions() {
+        let g = r#"root ::= "a"{2,4} "b"? ("cd")* "e"{3}"#;
+        for t in ["aaeee", "aaaabeee", "aacdcdeee", "aaabcdeee"] {
+            assert!(accepts(g, t), "{t}");
+        }
+        for t in ["aeee", "aaaaaeee", "aabbeee", "aaee", "aaeeee", "aacdceee"] {
+            assert!(!accepts(g, t), "{t}");
+        }
+        let g = r#"root ::= [a-z]{2,}"#;
+        assert!(accepts(g, "ab") && accepts(g, "abcdefgh") && !accepts(g, "a"));
+    }
+
+    #[test]
+    fn negated_classes_any_char_escapes_and_unicode() {
+        let g = r#"root ::= "\"" [^"\\\n]* "\"" "\n""#;
+        assert!(accepts(g, "\"héllo, 世界\"\n"));
+        assert!(!accepts(g, "\"a\"b\"\n"));
+        assert!(accepts(r#"root ::= . . "\x41\u00e9""#, "日xAé"));
+        assert!(accepts(r#"root ::= [\u4e00-\u9fff]+"#, "世界"));
+        assert!(!accepts(r#"root ::= [\u4e00-\u9fff]+"#, "abc"));
+        // A token ending inside a character: allowed when some character with that start fits.
+        let g = Arc::new(Grammar::parse(r#"root ::= "é" | "x""#).unwrap());
+        let mut s = GrammarState::new(g.clone());
+        assert!(s.push_bytes(&[0xc3]));
+        assert!(!s.accepting());
+        assert!(s.push_bytes(&[0xa9]) && s.accepting());
+        let mut s = GrammarState::new(g);
+        assert!(!s.push_bytes(&[0xe4]), "no three-byte character fits");
+    }
+
+    #[test]
+    fn rules_comments_and_line_breaks() {
+        let g = "# a list\nroot ::= item (\",\" ws item)*   # items\nitem ::= [a-z]+\n\nws ::= \" \"?\n";
+        assert!(accepts(g, "a, bc,d"));
+        assert!(!accepts(g, "a,,b"));
+        let g = "root ::= (\n  \"a\" |\n  \"b\"\n) \"c\"\n";
+        assert!(accepts(g, "ac") && accepts(g, "bc") && !accepts(g, "c"));
+        let g = "root ::=\n  \"x\"\n  | \"y\"";
+        assert!(accepts(g, "x") && accepts(g, "y"));
+        // Names like those made for groups are the grammar's own.
+        let g = "root ::= (\"a\") root-0\nroot-0 ::= \"c\"";
+        assert!(accepts(g, "ac"));
+    }
+
+    #[test]
+    fn recursion_and_nesting() {
+        let g = r#"root ::= "(" root ")" | "" "#;
+        assert!(accepts(g, "((()))") && accepts(g, ""));
+        assert!(!accepts(g, "(()") && !accepts(g, "())"));
+        assert!(prefix(g, "((("));
+    }
+
+    #[test]
+    fn finished_and_accepting() {
+        let g = Arc::new(Grammar::parse(r#"root ::= "a" "b"?"#).unwrap());
+        let mut s = GrammarState::new(g);
+        assert!(!s.accepting());
+        s.push_bytes(b"a");
+        assert!(s.accepting() && !s.finished());
+        s.push_bytes(b"b");
+        assert!(s.accepting() && s.finished());
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = |g: &str| Grammar::parse(g).unwrap_err().to_string();
+        assert!(e("item ::= \"a\"").contains("no rule named 'root'"));
+        assert!(e("root ::= item").contains("'item' is used but not defined"));
+        assert!(e("root ::= root \"a\" | \"b\"").contains("left-recursive"));
+        assert!(e("root ::= x\nx ::= y? x \"a\"\ny ::= \"b\"").contains("left-recursive"));
+        assert!(e("root ::= \"abc").contains("unterminated literal"));
+        assert!(e("root ::= [a-").contains("unterminated character class"));
+        assert!(e("root ::= \"a\"\nroot ::= \"b\"").contains("defined twice"));
+        assert!(e("root = \"a\"").contains("'::='"));
+        assert!(e("root ::= \"a\"{3,2}").contains("n < m"));
+        assert!(e("root ::= \"a\"{5000}").contains("repetition over"));
+        assert!(e("root ::= (\"a\" ").contains("')'"));
+        assert!(e("root ::= \"\\q\"").contains("unknown escape"));
+        assert!(e("root ::= [z-a]").contains("out of order"));
+        let err = Grammar::parse("root ::= \"a\"\nx ::= ) \"b\"").unwrap_err();
+        assert_eq!((err.line, err.col), (2, 7), "{err}");
+    }
+
+    #[test]
+    fn first_bytes_admit_exactly_what_a_push_may_take() {
+        let g = Arc::new(
+            Grammar::parse(r#"root ::= [a-c] ("é" | [\u4e00-\u4e01] | [^x-z]) "!" | "\n""#)
+                .unwrap(),
+        );
+        let mut states = vec![GrammarState::new(g.clone())];
+        let mut s = GrammarState::new(g);
+        s.push_bytes(b"b");
+        states.push(s.clone());
+        s.push_bytes("é".as_bytes());
+        states.push(s);
+        for st in &states {
+            // Some character starting with b that the state takes <=> the filter lets b by.
+            let mut may = [false; 256];
+            let mut buf = [0u8; 4];
+            for c in (0..=0x10ffffu32).filter_map(char::from_u32) {
+                let bytes = c.encode_utf8(&mut buf).as_bytes();
+                if !may[bytes[0] as usize] && st.clone().push_bytes(bytes) {
+                    may[bytes[0] as usize] = true;
+                }
+            }
+            assert_eq!(st.first_bytes(), may, "{:?}", st.stacks);
+        }
+    }
+
+    #[test]
+    fn long_repetitions_keep_the_stacks_short() {
+        let g = Arc::new(Grammar::parse("root ::= ([a-z] | \" \")* \".\"").unwrap());
+        let mut s = GrammarState::new(g);
+        for _ in 0..2000 {
+            assert!(s.push_bytes(b"ab "));
+        }
+        assert!(s.stacks.iter().all(|st| st.len() <= 3), "{:?}", s.stacks);
+        assert!(s.push_bytes(b".") && s.finished());
+    }
+}
