@@ -361,6 +361,18 @@ struct RunArgs {
     /// sampled, and it ends when the object closes).
     #[arg(long)]
     json_object: bool,
+    /// A GBNF grammar the answer must follow (llama.cpp's format; see teal::grammar).
+    #[arg(long, value_name = "GBNF", conflicts_with_all = ["grammar_file", "json_schema", "json_schema_file", "json_object"])]
+    grammar: Option<String>,
+    /// The grammar from a file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["json_schema", "json_schema_file", "json_object"])]
+    grammar_file: Option<PathBuf>,
+    /// A JSON Schema the answer must meet (converted to a grammar, as llama.cpp's -j).
+    #[arg(short = 'j', long, value_name = "SCHEMA", conflicts_with_all = ["json_schema_file", "json_object"])]
+    json_schema: Option<String>,
+    /// The JSON Schema from a file.
+    #[arg(long, value_name = "FILE", conflicts_with = "json_object")]
+    json_schema_file: Option<PathBuf>,
     #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.seed)]
     seed: u64,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -693,6 +705,32 @@ fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
     Ok((id, b))
 }
 
+/// The grammar `--grammar`, `--grammar-file`, `--json-schema` or `--json-schema-file` asks for.
+fn run_grammar(a: &RunArgs) -> Result<Option<std::sync::Arc<teal::grammar::Grammar>>> {
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read_to_string(p).with_context(|| format!("{what} file {}", p.display()))
+    };
+    let schema = match (&a.json_schema, &a.json_schema_file) {
+        (Some(s), _) => Some((s.clone(), "--json-schema".to_string())),
+        (None, Some(p)) => Some((read(p, "JSON schema")?, p.display().to_string())),
+        (None, None) => None,
+    };
+    let (text, source) = match (&a.grammar, &a.grammar_file, schema) {
+        (Some(g), _, _) => (g.clone(), "--grammar".to_string()),
+        (None, Some(p), _) => (read(p, "grammar")?, p.display().to_string()),
+        (None, None, Some((s, source))) => {
+            let v: serde_json::Value =
+                serde_json::from_str(&s).with_context(|| format!("{source}: not valid JSON"))?;
+            let g = teal::json_schema::schema_to_gbnf(&v)
+                .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+            (g, source)
+        }
+        (None, None, None) => return Ok(None),
+    };
+    let g = teal::grammar::Grammar::parse(&text).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+    Ok(Some(std::sync::Arc::new(g)))
+}
+
 /// The context of run and serve: `-c`, else the model's, at most 4096.
 fn generation_ctx(ctx: Option<usize>, files: &ModelFiles) -> usize {
     ctx.unwrap_or(files.config.max_position_embeddings.min(4096))
@@ -714,6 +752,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         },
         logit_bias: a.logit_bias.clone(),
         json_object: a.json_object,
+        grammar: run_grammar(&a)?,
         infill: false,
     };
     sampler

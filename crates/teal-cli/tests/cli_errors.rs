@@ -100,6 +100,29 @@ fn bad_prompts_and_texts_are_clear_errors() {
         e.contains("token 99999 is not in the vocabulary (49152 tokens)"),
         "{e}"
     );
+    // Grammars and JSON schemas: the flag and the place of the problem.
+    let e = fails(&["run", "-m", m, "-p", "x", "--grammar", "root ::= \"a"]);
+    assert!(
+        e.contains("--grammar: line 1 column 10: unterminated literal"),
+        "{e}"
+    );
+    let e = fails(&[
+        "run",
+        "-m",
+        m,
+        "-p",
+        "x",
+        "-j",
+        r#"{"type": "string", "pattern": "a+"}"#,
+    ]);
+    assert!(
+        e.contains("--json-schema: /: keyword 'pattern' is not supported"),
+        "{e}"
+    );
+    let e = fails(&["run", "-m", m, "-p", "x", "-j", "{\"type\": "]);
+    assert!(e.contains("--json-schema: not valid JSON"), "{e}");
+    let e = fails(&["run", "-m", m, "-p", "x", "--grammar-file", "/no/such.gbnf"]);
+    assert!(e.contains("grammar file /no/such.gbnf"), "{e}");
 
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("latin1.txt");

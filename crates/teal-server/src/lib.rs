@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 use teal::chat::{encode_prompt, Infill, Message, Prompt};
 use teal::device::Decoder;
 use teal::generate::{GenerateParams, Session, StopReason};
+use teal::grammar::Grammar;
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::tokenizer::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
@@ -840,13 +841,85 @@ struct Options {
     cache_prompt: Option<bool>,
     logit_bias: Option<Value>,
     response_format: Option<ResponseFormat>,
+    /// A GBNF grammar (llama.cpp's extension, also in its OpenAI endpoints).
+    grammar: Option<String>,
+    /// A JSON Schema the answer must meet (llama.cpp's extension).
+    json_schema: Option<Value>,
 }
 
-/// OpenAI's `response_format`: `{"type": "text"}` or `{"type": "json_object"}` (JSON mode).
+/// OpenAI's `response_format`: `{"type": "text"}`, `{"type": "json_object"}` (JSON mode;
+/// llama.cpp also takes a `schema` in it) or `{"type": "json_schema", "json_schema": {"name":
+/// ..., "schema": {...}}}` (structured outputs).
 #[derive(Deserialize)]
 struct ResponseFormat {
     #[serde(rename = "type")]
     kind: String,
+    schema: Option<Value>,
+    json_schema: Option<Value>,
+}
+
+/// The constraint the request's `grammar`, `json_schema` and `response_format` ask for: JSON
+/// mode where any JSON object will do, else a grammar (a schema is converted by
+/// [`teal::json_schema::schema_to_gbnf`]); at most one of them.
+fn constraint(o: &Options) -> Result<(bool, Option<Arc<Grammar>>), ApiError> {
+    let bad = |m: String| ApiError::bad_request(m);
+    /// What one field asks for.
+    enum Ask<'a> {
+        Gbnf(&'a str),
+        Schema(&'a Value),
+        AnyObject,
+    }
+    let mut asked: Vec<(&str, Ask)> = Vec::new();
+    if let Some(g) = o.grammar.as_deref().filter(|g| !g.trim().is_empty()) {
+        asked.push(("grammar", Ask::Gbnf(g)));
+    }
+    if let Some(v) = o.json_schema.as_ref().filter(|v| !v.is_null()) {
+        asked.push(("json_schema", Ask::Schema(v)));
+    }
+    if let Some(f) = &o.response_format {
+        match (f.kind.as_str(), &f.schema, &f.json_schema) {
+            ("text", _, _) => {}
+            ("json_object", None, _) => asked.push(("response_format", Ask::AnyObject)),
+            ("json_object", Some(v), _) => asked.push(("response_format.schema", Ask::Schema(v))),
+            ("json_schema", _, Some(js)) => match js.get("schema") {
+                Some(v) => asked.push(("response_format.json_schema.schema", Ask::Schema(v))),
+                None => return Err(bad("response_format.json_schema: no 'schema' in it".into())),
+            },
+            ("json_schema", _, None) => {
+                return Err(bad(
+                    "response_format: type json_schema needs a 'json_schema' object".into(),
+                ))
+            }
+            (other, _, _) => {
+                return Err(bad(format!(
+                    "response_format: type '{other}' is not supported (text, json_object or \
+                     json_schema)"
+                )))
+            }
+        }
+    }
+    if asked.len() > 1 {
+        let names: Vec<&str> = asked.iter().map(|(n, _)| *n).collect();
+        return Err(bad(format!(
+            "{}: give only one of these",
+            names.join(" and ")
+        )));
+    }
+    let Some((name, ask)) = asked.pop() else {
+        return Ok((false, None));
+    };
+    let text = match ask {
+        Ask::AnyObject => return Ok((true, None)),
+        Ask::Schema(v) if *v == json!({}) || *v == json!({"type": "object"}) => {
+            return Ok((true, None))
+        }
+        Ask::Schema(v) => {
+            teal::json_schema::schema_to_gbnf(v).map_err(|e| bad(format!("{name}: {e}")))?
+        }
+        Ask::Gbnf(g) => g.to_string(),
+    };
+    let g = Grammar::parse(&text).map_err(|e| bad(format!("{name}: {e}")))?;
+    Ok((false, Some(Arc::new(g))))
 }
 
 /// A completion's prompt: text or token ids, one or a list of them.
@@ -1003,6 +1076,7 @@ fn check_options(
     echo: bool,
 ) -> Result<Request, ApiError> {
     let (n_field, logprobs_field) = api.fields();
+    let (json_object, grammar) = constraint(&o)?;
     let n = o.n.unwrap_or(1);
     if !(1..=MAX_CHOICES).contains(&n) {
         return Err(ApiError::bad_request(format!(
@@ -1075,15 +1149,8 @@ fn check_options(
             frequency: o.frequency_penalty.unwrap_or(d.penalties.frequency),
         },
         logit_bias: Vec::new(),
-        json_object: match o.response_format.as_ref().map(|f| f.kind.as_str()) {
-            None | Some("text") => false,
-            Some("json_object") => true,
-            Some(other) => {
-                return Err(ApiError::bad_request(format!(
-                    "response_format: type '{other}' is not supported (text or json_object)"
-                )))
-            }
-        },
+        json_object,
+        grammar,
         infill: false,
     };
     // Checked with the sampler's other settings once the engine has tokenized the texts.

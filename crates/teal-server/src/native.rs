@@ -18,10 +18,10 @@
 //!   to fit the context as [`teal::chat::Infill`] describes.
 //! - `POST /apply-template` (`messages`: the prompt text of a chat) and `GET /props`.
 //!
-//! `json_schema` `{}` or `{"type": "object"}` (and OpenAI's `response_format`) is JSON mode: the
-//! answer is one JSON object. Options that would change the answer and that teal does not
-//! implement (grammars, other JSON schemas, Mirostat, DRY, XTC, typical-p, dynamic
-//! temperature, post-sampling probabilities) are refused with status 400 when set to anything
+//! `grammar` (GBNF, [`teal::grammar`]) and `json_schema` (converted to a grammar by
+//! [`teal::json_schema`]; `{}` and `{"type": "object"}` are JSON mode) constrain the answer.
+//! Options that would change the answer and that teal does not implement (Mirostat, DRY, XTC,
+//! typical-p, dynamic temperature, post-sampling probabilities) are refused with status 400 when set to anything
 //! but their neutral value. In `samplers`, the stages listed are used in teal's order
 //! (penalties, top-k, temperature, top-p, min-p, infill) and those left out are off (the
 //! temperature then 1); `infill` is llama.cpp's stage for code completion
@@ -134,10 +134,6 @@ fn check(
     let bad = |m: String| Err(ApiError::bad_request(m));
     let nonzero = |v: Option<f32>, neutral: f32| v.is_some_and(|v| v != neutral);
     let unsupported = [
-        (
-            "grammar",
-            o.grammar.as_deref().is_some_and(|g| !g.is_empty()),
-        ),
         ("mirostat", o.mirostat.is_some_and(|m| m != 0)),
         ("dry_multiplier", nonzero(o.dry_multiplier, 0.0)),
         ("xtc_probability", nonzero(o.xtc_probability, 0.0)),
@@ -148,17 +144,6 @@ fn check(
     if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
         return bad(format!("{name}: not supported by teal"));
     }
-    // A schema that any JSON object meets is JSON mode; others are not supported.
-    let json_object =
-        match &o.json_schema {
-            None | Some(Value::Null) => false,
-            Some(v) if *v == json!({}) || *v == json!({"type": "object"}) => true,
-            Some(_) => return bad(
-                "json_schema: only {} and {\"type\": \"object\"} are supported (JSON mode: one \
-                 JSON object)"
-                    .into(),
-            ),
-        };
     let mut temperature = o.temperature.map(|t| t.max(0.0));
     let mut top_k = o.top_k.map(|k| k.max(0) as usize);
     let (mut top_p, mut min_p) = (o.top_p, o.min_p);
@@ -232,12 +217,9 @@ fn check(
         n: Some(n),
         cache_prompt: o.cache_prompt,
         logit_bias: o.logit_bias,
-        response_format: match json_object {
-            true => Some(ResponseFormat {
-                kind: "json_object".into(),
-            }),
-            false => o.response_format,
-        },
+        response_format: o.response_format,
+        grammar: o.grammar,
+        json_schema: o.json_schema,
     };
     let logprobs = o.n_probs.filter(|&k| k > 0);
     let list = many || n > 1;

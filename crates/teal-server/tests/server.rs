@@ -1035,8 +1035,18 @@ async fn native_bad_requests_name_the_field() {
     for (uri, body, needle) in [
         (
             "/completion",
-            json!({"prompt": "x", "grammar": "root ::= \"a\""}),
-            "grammar",
+            json!({"prompt": "x", "grammar": "root ::= \"a\" | b"}),
+            "grammar: line 1 column 16: rule 'b' is used but not defined",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "grammar": "root ::= \"a\"", "json_schema": {"type": "string"}}),
+            "grammar and json_schema: give only one",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "json_schema": {"type": "string", "pattern": "^a+$"}}),
+            "pattern",
         ),
         (
             "/completion",
@@ -1398,7 +1408,7 @@ async fn json_mode_answers_one_object() {
         assert!(parsed.is_object(), "{text:?}");
         eprintln!("json mode, temperature {temperature}: {text}");
     }
-    // llama.cpp's json_schema: {} (any JSON) is JSON mode too; a real schema is refused.
+    // llama.cpp's json_schema: {} (any JSON) is JSON mode too.
     let req = json!({"prompt": "A JSON object with the name and age of a person:", "n_predict": 120, "temperature": 0, "json_schema": {}});
     let (s, v) = call_json(&tx, "/completion", req).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -1408,13 +1418,6 @@ async fn json_mode_answers_one_object() {
         serde_json::from_str::<Value>(text).is_ok_and(|j| j.is_object()),
         "{text:?}"
     );
-    let req = json!({"prompt": "x", "json_schema": {"type": "object", "properties": {"a": {"type": "string"}}}});
-    let (s, v) = call_json(&tx, "/completion", req).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("json_schema"));
     let req = json!({"prompt": "x", "response_format": {"type": "json_schema"}});
     let (s, v) = call_json(&tx, "/v1/completions", req).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
@@ -1422,6 +1425,93 @@ async fn json_mode_answers_one_object() {
         .as_str()
         .unwrap()
         .contains("json_schema"));
+}
+
+/// A GBNF grammar (llama.cpp's `grammar`) and a JSON Schema (llama.cpp's `json_schema`,
+/// OpenAI's `response_format` `json_schema`) shape greedy and sampled answers, which end
+/// (`eos`, `stop`) where the grammar is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grammar_and_json_schema_constrain_the_answer() {
+    let Some((tx, _)) = engine() else { return };
+    let grammar = "root ::= (\"Yes\" | \"No\") \", because \" [a-z ]{1,40} \".\"";
+    for (temperature, seed) in [(0.0, 1), (1.0, 3), (1.5, 7)] {
+        let req = json!({
+            "prompt": "Question: Is Paris the capital of France?\nAnswer:", "n_predict": 64,
+            "temperature": temperature, "seed": seed, "grammar": grammar,
+        });
+        let (s, v) = call_json(&tx, "/completion", req).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let text = v["content"].as_str().unwrap();
+        assert_eq!(v["stop_type"], "eos", "{text:?}");
+        let rest = text
+            .strip_prefix("Yes, because ")
+            .or_else(|| text.strip_prefix("No, because "))
+            .and_then(|r| r.strip_suffix('.'))
+            .unwrap_or_else(|| panic!("{text:?}"));
+        assert!(
+            (1..=40).contains(&rest.len())
+                && rest.bytes().all(|b| b.is_ascii_lowercase() || b == b' '),
+            "{text:?}"
+        );
+        eprintln!("grammar, temperature {temperature}: {text}");
+    }
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer"},
+            "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 3},
+        },
+        "required": ["name", "age"],
+    });
+    let msg = "Describe a person as JSON with a name, an age and pets.";
+    for (temperature, seed) in [(0.0, 1), (1.0, 5)] {
+        let req = json!({
+            "messages": [{"role": "user", "content": msg}], "max_tokens": 160,
+            "temperature": temperature, "seed": seed,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        });
+        let (s, v) = call_json(&tx, "/v1/chat/completions", req).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{text:?}");
+        let p: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        let o = p.as_object().unwrap();
+        assert!(
+            o.keys()
+                .all(|k| ["name", "age", "pets"].contains(&k.as_str())),
+            "{text}"
+        );
+        assert!(
+            o["name"].as_str().is_some_and(|n| n.chars().count() <= 24),
+            "{text}"
+        );
+        assert!(o["age"].is_i64() || o["age"].is_u64(), "{text}");
+        if let Some(pets) = o.get("pets") {
+            let pets = pets.as_array().unwrap();
+            assert!(pets.len() <= 3, "{text}");
+            assert!(pets
+                .iter()
+                .all(|x| ["cat", "dog", "fish"].contains(&x.as_str().unwrap())));
+        }
+        eprintln!("json_schema, temperature {temperature}: {text}");
+    }
+    // The same schema through llama.cpp's json_schema gives the same greedy text.
+    let req = json!({
+        "messages": [{"role": "user", "content": msg}], "max_tokens": 160,
+        "temperature": 0, "json_schema": schema,
+    });
+    let (s, a) = call_json(&tx, "/v1/chat/completions", req.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{a}");
+    let mut req = req;
+    req["response_format"] = json!({"type": "json_object", "schema": schema});
+    req.as_object_mut().unwrap().remove("json_schema");
+    let (s, b) = call_json(&tx, "/v1/chat/completions", req).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
 }
 
 /// `--metrics`: after a whole and a streamed answer (on an engine of its own), `/metrics`
