@@ -12,7 +12,10 @@ crates/teal/tests/chat_templates.rs compares teal's minijinja rendering against.
       --file phi-4-mini=llama-cpp-microsoft-Phi-4-mini-instruct.jinja
 
 --gguf reads `tokenizer.chat_template` from a GGUF file; --file reads a template file (the two above
-are from github.com/ggml-org/llama.cpp, models/templates/). The built-in ChatML and Llama-3
+are from github.com/ggml-org/llama.cpp, models/templates/); --templates-from takes every template of
+an earlier output (so the fixture can be remade without the files). The conversations of
+TOOL_CONVERSATIONS are rendered with `tools=TOOLS` (as `apply_chat_template(tools=...)` passes
+them), the others without `tools`. The built-in ChatML and Llama-3
 templates of teal's chat.rs are copied below (the Rust test checks they are still identical).
 `strftime_now` returns the marker @@TODAY:<format>@@, which the Rust test replaces with today's date.
 Needs jinja2 (pip install jinja2) and, for --gguf, gguf.
@@ -61,6 +64,24 @@ CONVERSATIONS = {
     ],
 }
 
+# OpenAI-style tools, and conversations with a call and its result (arguments as objects, as
+# transformers expects them).
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+]
+
+TOOL_CONVERSATIONS = {
+    "tools_user": [{"role": "user", "content": "Weather in Paris?"}],
+    "tools_call_result": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+    ],
+}
+
 
 def make_env():
     def raise_exception(message):
@@ -83,6 +104,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--file", action="append", default=[], metavar="NAME=PATH")
+    ap.add_argument("--templates-from", metavar="FIXTURE")
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument(
         "--out",
@@ -91,6 +113,9 @@ def main():
     args = ap.parse_args()
 
     templates = {"chatml": CHATML, "llama3": LLAMA3}
+    if args.templates_from:
+        with open(args.templates_from, encoding="utf-8") as fh:
+            templates.update(json.load(fh)["templates"])
     for spec in args.gguf:
         import gguf
 
@@ -107,7 +132,8 @@ def main():
     for tname, source in templates.items():
         tmpl = env.from_string(source)
         bos, eos = SPECIAL.get(tname, ("<s>", "</s>"))
-        for cname, messages in CONVERSATIONS.items():
+        for cname, messages in list(CONVERSATIONS.items()) + list(TOOL_CONVERSATIONS.items()):
+            with_tools = cname in TOOL_CONVERSATIONS
             for agp in (True, False):
                 case = {
                     "template": tname,
@@ -115,10 +141,12 @@ def main():
                     "add_generation_prompt": agp,
                     "bos_token": bos,
                     "eos_token": eos,
+                    "tools": with_tools,
                 }
+                extra = {"tools": TOOLS} if with_tools else {}
                 try:
                     case["expected"] = tmpl.render(
-                        messages=messages, add_generation_prompt=agp, bos_token=bos, eos_token=eos
+                        messages=messages, add_generation_prompt=agp, bos_token=bos, eos_token=eos, **extra
                     )
                 except jinja2.exceptions.TemplateError as e:
                     case["error"] = str(e)
@@ -127,7 +155,8 @@ def main():
         "generator": "tools/reference/render_chat_reference.py",
         "jinja2": jinja2.__version__,
         "templates": templates,
-        "conversations": CONVERSATIONS,
+        "conversations": {**CONVERSATIONS, **TOOL_CONVERSATIONS},
+        "tools": TOOLS,
         "cases": cases,
     }
     with open(args.out, "w", encoding="utf-8") as fh:

@@ -52,12 +52,13 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use teal::chat::{encode_prompt, Infill, Message, Prompt};
+use teal::chat::{encode_prompt, FunctionCall, Infill, Message, Prompt, ToolCall};
 use teal::device::Decoder;
 use teal::generate::{GenerateParams, Session, StopReason};
 use teal::grammar::Grammar;
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::tokenizer::Tokenizer;
+use teal::tools::ToolChoice;
 use tokio::sync::{mpsc, oneshot};
 
 pub use metrics::{InFlight, Metrics};
@@ -953,6 +954,11 @@ struct ChatRequest {
     messages: Vec<ChatMessage>,
     logprobs: Option<bool>,
     top_logprobs: Option<usize>,
+    /// Functions the model may call (OpenAI's `tools`; see [`teal::tools`]).
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    /// Several calls in one answer (on by default, as OpenAI's).
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     options: Options,
 }
@@ -960,7 +966,25 @@ struct ChatRequest {
 #[derive(Deserialize)]
 struct ChatMessage {
     role: String,
-    content: Content,
+    /// May be null in an assistant message with tool calls.
+    content: Option<Content>,
+    tool_calls: Option<Vec<RequestToolCall>>,
+    tool_call_id: Option<String>,
+}
+
+/// An assistant message's tool call as OpenAI writes it (the arguments as JSON text).
+#[derive(Deserialize)]
+struct RequestToolCall {
+    #[serde(default)]
+    id: String,
+    function: RequestFunction,
+}
+
+#[derive(Deserialize)]
+struct RequestFunction {
+    name: String,
+    #[serde(default)]
+    arguments: Value,
 }
 
 /// A message's content: a string, or a list of parts of which only text is supported.
@@ -1002,6 +1026,8 @@ struct Request {
     min_indent: usize,
     slot: Option<usize>,
     logit_bias: Vec<(BiasKey, f32)>,
+    /// The answer's text is read for tool calls ([`teal::tools::parse_calls`]).
+    tools: bool,
 }
 
 /// `logit_bias`: OpenAI's `{"id": bias}` or llama.cpp's `[[id, bias], ...]`, where `false`
@@ -1174,6 +1200,7 @@ fn check_options(
         min_indent: 0,
         slot: None,
         logit_bias,
+        tools: false,
     })
 }
 
@@ -1216,8 +1243,9 @@ fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
         .enumerate()
         .map(|(i, m)| {
             let content = match m.content {
-                Content::Text(t) => t,
-                Content::Parts(parts) => parts
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => parts
                     .into_iter()
                     .map(|p| match (p.kind.as_str(), p.text) {
                         ("text", Some(t)) => Ok(t),
@@ -1227,7 +1255,24 @@ fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
                     })
                     .collect::<Result<String, ApiError>>()?,
             };
-            Ok(Message::new(m.role, content))
+            let mut msg = Message::new(m.role, content);
+            msg.tool_call_id = m.tool_call_id;
+            for c in m.tool_calls.unwrap_or_default() {
+                // OpenAI sends the arguments as JSON text; the templates want the object.
+                let arguments = match c.function.arguments {
+                    Value::String(t) => serde_json::from_str(&t).unwrap_or(Value::String(t)),
+                    v => v,
+                };
+                msg.tool_calls.push(ToolCall {
+                    id: c.id,
+                    kind: "function".into(),
+                    function: FunctionCall {
+                        name: c.function.name,
+                        arguments,
+                    },
+                });
+            }
+            Ok(msg)
         })
         .collect()
 }
@@ -1247,13 +1292,35 @@ fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
             ))
         }
     };
-    check_options(
-        Api::OpenAi,
-        r.options,
-        vec![Prompt::Chat(messages)],
-        logprobs,
-        false,
-    )
+    let tools = teal::tools::parse_tools(r.tools.as_deref().unwrap_or_default())
+        .map_err(ApiError::bad_request)?;
+    let choice = teal::tools::parse_tool_choice(r.tool_choice.as_ref(), &tools)
+        .map_err(ApiError::bad_request)?;
+    let prompt = match choice {
+        ToolChoice::None => Prompt::Chat(messages),
+        _ => Prompt::ToolChat {
+            messages,
+            tools: r.tools.unwrap_or_default(),
+        },
+    };
+    let forced = match &choice {
+        ToolChoice::Required => Some(None),
+        ToolChoice::Function(name) => Some(Some(name.as_str())),
+        ToolChoice::None | ToolChoice::Auto => None,
+    };
+    let mut req = check_options(Api::OpenAi, r.options, vec![prompt], logprobs, false)?;
+    if let Some(only) = forced {
+        if req.sampler.grammar.is_some() || req.sampler.json_object {
+            return Err(ApiError::bad_request(
+                "tool_choice: a required tool call and a grammar or response format: give one",
+            ));
+        }
+        let parallel = r.parallel_tool_calls.unwrap_or(true);
+        let g = teal::tools::call_grammar(&tools, only, parallel).map_err(ApiError::bad_request)?;
+        req.sampler.grammar = Some(Arc::new(g));
+    }
+    req.tools = choice != ToolChoice::None;
+    Ok(req)
 }
 
 /// Which endpoint an answer is written for.
@@ -1270,6 +1337,8 @@ struct Answer {
     id: String,
     created: u64,
     model: String,
+    /// A chat whose answers are read for tool calls.
+    tools: bool,
 }
 
 impl Answer {
@@ -1285,6 +1354,7 @@ impl Answer {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             model: st.model.id.clone(),
+            tools: false,
         }
     }
 
@@ -1323,18 +1393,51 @@ impl Answer {
                         "logprobs": lp.as_deref().map(|t| completion_logprobs(t, 0)),
                         "finish_reason": s.stop.finish_reason(),
                     }),
-                    Kind::Chat => json!({
-                        "index": i,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": lp.as_deref().map(chat_logprobs),
-                        "finish_reason": s.stop.finish_reason(),
-                    }),
+                    Kind::Chat => {
+                        let (message, reason) = self.message(text, s, i);
+                        json!({
+                            "index": i,
+                            "message": message,
+                            "logprobs": lp.as_deref().map(chat_logprobs),
+                            "finish_reason": reason,
+                        })
+                    }
                 }
             })
             .collect();
         let mut v = self.envelope(false, choices);
         add_usage(&mut v, results.iter().map(|c| &c.summary), n);
         v
+    }
+
+    /// A chat answer's message and `finish_reason`: with tools, the calls in `text` become
+    /// `tool_calls` (ids `call_<answer>_<choice>_<call>`) and the reason `tool_calls`.
+    fn message(&self, text: &str, s: &Summary, choice: usize) -> (Value, &'static str) {
+        let calls = self.tools.then(|| teal::tools::parse_calls(text)).flatten();
+        match calls {
+            None => (
+                json!({"role": "assistant", "content": text}),
+                s.stop.finish_reason(),
+            ),
+            Some((content, calls)) => {
+                let calls: Vec<Value> = calls
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| {
+                        json!({
+                            "id": format!("call_{}_{choice}_{k}", self.id),
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments.to_string()},
+                        })
+                    })
+                    .collect();
+                let content = (!content.is_empty()).then_some(content);
+                (
+                    json!({"role": "assistant", "content": content, "tool_calls": calls}),
+                    "tool_calls",
+                )
+            }
+        }
     }
 
     /// A streamed chunk: a piece of text, or with `finish` the last one. With `logprobs`, the
@@ -1478,7 +1581,10 @@ async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
 /// generating (so a bad streamed request still gets status 400), else the whole text of each
 /// prompt (one after another) or a stream.
 async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
-    let a = Answer::new(&st, kind);
+    let a = Answer {
+        tools: r.tools,
+        ..Answer::new(&st, kind)
+    };
     let busy = st.start();
     match run_jobs(&st, &r).await {
         Err(e) => e.into_response(),
@@ -1599,7 +1705,17 @@ fn stream_answer(
     };
     // The characters streamed so far.
     let mut chars = 0;
+    // With tools, the text and entries held back until the answer is whole (a tool call is
+    // sent as one delta once it is read).
+    let mut held: (String, Vec<TokenInfo>) = Default::default();
     let events = sse_events(first, rx, counted, move |ev| match ev {
+        Event::Text {
+            text, logprobs: t, ..
+        } if a.tools => {
+            held.0.push_str(&text);
+            held.1.extend(t);
+            (vec![], false)
+        }
         Event::Text {
             text, logprobs: t, ..
         } => {
@@ -1608,13 +1724,46 @@ fn stream_answer(
             let lp = logprobs.then_some((t.as_slice(), at));
             (vec![sse_json(a.chunk(Some(text), lp, None))], false)
         }
-        Event::Done(s) => (
-            vec![
-                sse_json(a.chunk(None, None, Some(&s))),
-                SseEvent::default().data("[DONE]"),
-            ],
-            true,
-        ),
+        Event::Done(s) => {
+            let mut out = Vec::new();
+            if a.tools {
+                let (text, entries) = std::mem::take(&mut held);
+                let lp = logprobs.then_some((entries.as_slice(), 0));
+                let (message, reason) = a.message(&text, &s, 0);
+                match message.get("tool_calls") {
+                    None if !text.is_empty() => {
+                        out.push(sse_json(a.chunk(Some(text), lp, None)));
+                    }
+                    None => {}
+                    Some(calls) => {
+                        if let Some(c) = message["content"].as_str() {
+                            out.push(sse_json(a.chunk(Some(c.to_string()), lp, None)));
+                        }
+                        let deltas: Vec<Value> = calls
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .enumerate()
+                            .map(|(k, c)| {
+                                let mut c = c.clone();
+                                c["index"] = json!(k);
+                                c
+                            })
+                            .collect();
+                        let delta = json!({"tool_calls": deltas});
+                        let choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null});
+                        out.push(sse_json(a.envelope(true, vec![choice])));
+                    }
+                }
+                let mut last = a.chunk(None, None, Some(&s));
+                last["choices"][0]["finish_reason"] = json!(reason);
+                out.push(sse_json(last));
+            } else {
+                out.push(sse_json(a.chunk(None, None, Some(&s))));
+            }
+            out.push(SseEvent::default().data("[DONE]"));
+            (out, true)
+        }
         Event::Failed(e) => (vec![sse_json(e.body())], true),
     });
     Sse::new(stream::iter(head).chain(events).map(Ok))

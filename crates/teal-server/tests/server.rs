@@ -1599,3 +1599,122 @@ async fn native_code_stops() {
     assert!(text.contains('\n') && full.starts_with(text), "{text:?}");
     assert!(v["tokens_predicted"].as_u64().unwrap() < 60, "{v}");
 }
+
+/// OpenAI's tool calling on Qwen2.5-Coder (whose template writes the tools) and SmolLM2 (whose
+/// template does not: the tools go into the system message): a required call, a named one
+/// and parallel calls are well-formed calls of declared tools with valid arguments, whole and
+/// streamed; a conversation with a call and its result runs; bad tools get a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_are_answered_as_openai_does() {
+    let weather = json!({"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                       "required": ["city"]}}});
+    let time = json!({"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}}}});
+    let user = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let engines = [
+        ("qwen", qwen().map(|p| spawn_engine(p, 1))),
+        ("smollm2", engine().map(|(tx, _)| tx)),
+    ];
+    for (name, tx) in engines {
+        let Some(tx) = tx else { continue };
+        for (choice, temperature, parallel) in [
+            (json!("required"), 0.0, false),
+            (json!("required"), 1.0, false),
+            (
+                json!({"type": "function", "function": {"name": "get_time"}}),
+                0.0,
+                true,
+            ),
+        ] {
+            let req = json!({
+                "messages": user, "tools": [weather, time], "tool_choice": choice,
+                "temperature": temperature, "seed": 3, "max_tokens": 48,
+                "parallel_tool_calls": parallel,
+            });
+            let (s, v) = call_json(&tx, "/v1/chat/completions", req).await;
+            assert_eq!(s, StatusCode::OK, "{name}: {v}");
+            let c = &v["choices"][0];
+            assert_eq!(c["finish_reason"], "tool_calls", "{name}: {v}");
+            let calls = c["message"]["tool_calls"].as_array().unwrap();
+            assert!(
+                !calls.is_empty() && (parallel || calls.len() == 1),
+                "{name}: {v}"
+            );
+            for call in calls {
+                assert_eq!(call["type"], "function");
+                assert!(call["id"].as_str().unwrap().starts_with("call_"));
+                let f = &call["function"];
+                let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+                match f["name"].as_str().unwrap() {
+                    "get_weather" => assert!(args["city"].is_string(), "{name}: {v}"),
+                    "get_time" => assert_eq!(args, json!({}), "{name}: {v}"),
+                    other => panic!("{name}: undeclared tool {other}"),
+                }
+                if choice.is_object() {
+                    assert_eq!(f["name"], "get_time");
+                }
+            }
+            eprintln!("{name} {choice}: {}", c["message"]);
+        }
+        // Streamed: the call comes as one delta, then the reason and [DONE].
+        let req = json!({"messages": user, "tools": [weather], "tool_choice": "required",
+                         "temperature": 0, "max_tokens": 48, "stream": true});
+        let (s, body) = call(&tx, "/v1/chat/completions", Some(&req.to_string())).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let events = sse_data(&body);
+        assert_eq!(events.last().unwrap(), "[DONE]", "{body}");
+        let deltas: Vec<&Value> = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array())
+            .flatten()
+            .collect();
+        assert_eq!(deltas.len(), 1, "{body}");
+        assert_eq!(deltas[0]["function"]["name"], "get_weather");
+        assert_eq!(deltas[0]["index"], 0);
+        let reasons: Vec<&Value> = events
+            .iter()
+            .map(|e| &e["choices"][0]["finish_reason"])
+            .filter(|r| !r.is_null())
+            .collect();
+        assert_eq!(reasons, [&json!("tool_calls")], "{body}");
+        // The call and its result in the conversation (arguments as JSON text, as OpenAI's
+        // clients send them); auto: the model may answer in text.
+        let req = json!({
+            "messages": [
+                {"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                  "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+            ],
+            "tools": [weather], "temperature": 0, "max_tokens": 24,
+        });
+        let (s, v) = call_json(&tx, "/v1/chat/completions", req).await;
+        assert_eq!(s, StatusCode::OK, "{name}: {v}");
+        eprintln!("{name} after the result: {}", v["choices"][0]["message"]);
+        for (body, needle) in [
+            (
+                json!({"messages": user, "tools": [{"type": "function", "function": {"name": "a b"}}]}),
+                "tools[0].function.name",
+            ),
+            (
+                json!({"messages": user, "tools": [weather], "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+                "no tool named 'nope'",
+            ),
+            (
+                json!({"messages": user, "tool_choice": "required"}),
+                "no tools are declared",
+            ),
+            (
+                json!({"messages": user, "tools": [weather], "tool_choice": "required", "grammar": "root ::= \"a\""}),
+                "tool_choice",
+            ),
+        ] {
+            let (s, v) = call_json(&tx, "/v1/chat/completions", body.clone()).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains(needle), "{body}: {msg}");
+        }
+    }
+}

@@ -8,11 +8,16 @@ use crate::tokenizer::Tokenizer;
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 
-/// One chat message.
+/// One chat message. An assistant's may carry tool calls, a `tool` message the id of the call
+/// it answers (OpenAI's fields, passed to the template as Hugging Face's are).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -20,8 +25,28 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
+}
+
+/// A call of a tool in an assistant message: OpenAI's `tool_calls` entry, with the arguments
+/// as a JSON value (the templates write them with `tojson`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+/// The function a [`ToolCall`] calls and its arguments.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: serde_json::Value,
 }
 
 /// Errors from compiling or rendering a chat template.
@@ -113,14 +138,37 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String, ChatError> {
+        self.render_with_tools(messages, &[], add_generation_prompt, bos_token, eos_token)
+    }
+
+    /// [`ChatTemplate::render`] with the tools the model may call (OpenAI's `tools` entries,
+    /// passed as Hugging Face's `apply_chat_template(tools=...)` passes them; none: undefined).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, ChatError> {
         let tmpl = self.env.get_template(NAME).map_err(render_error)?;
-        tmpl.render(minijinja::context! {
+        let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => bos_token,
             eos_token => eos_token,
-        })
-        .map_err(render_error)
+        };
+        // Without tools, `tools` stays undefined (templates test `tools is defined`).
+        let ctx = match tools {
+            [] => ctx,
+            _ => minijinja::context! { tools => tools, ..ctx },
+        };
+        tmpl.render(ctx).map_err(render_error)
+    }
+
+    /// Whether the template writes the `tools` it is given.
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
     }
 }
 
@@ -131,6 +179,11 @@ pub enum Prompt {
     Text(String),
     Tokens(Vec<u32>),
     Chat(Vec<Message>),
+    /// A chat with tools the model may call (see [`crate::tools`]).
+    ToolChat {
+        messages: Vec<Message>,
+        tools: Vec<serde_json::Value>,
+    },
     Infill(Infill),
 }
 
@@ -245,13 +298,13 @@ fn encode_infill(tok: &Tokenizer, f: &Infill) -> crate::Result<Vec<u32>> {
 /// with it (templates that write `{{ bos_token }}` themselves). An infill: see
 /// [`Infill`]; a model without the prefix, suffix and middle tokens is an error.
 pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>> {
-    let messages = match prompt {
+    let text = match prompt {
         Prompt::Text(t) => return Ok(tok.encode(t, tok.add_bos_default())?),
         Prompt::Tokens(ids) => return Ok(ids.clone()),
         Prompt::Infill(f) => return encode_infill(tok, f),
-        Prompt::Chat(messages) => messages,
+        Prompt::Chat(messages) => render_chat(tok, messages)?,
+        Prompt::ToolChat { messages, tools } => render_chat_with_tools(tok, messages, tools)?,
     };
-    let text = render_chat(tok, messages)?;
     let bos_written = tok
         .bos_id()
         .and_then(|i| tok.token_str(i))
@@ -262,18 +315,33 @@ pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>
 /// A chat rendered with the tokenizer's own template (ChatML where the model has none), ending
 /// with the header of the assistant's turn: the text [`encode_prompt`] encodes.
 pub fn render_chat(tok: &Tokenizer, messages: &[Message]) -> crate::Result<String> {
+    render_chat_with_tools(tok, messages, &[])
+}
+
+/// [`render_chat`] with tools the model may call: given to the template where it writes them
+/// (Qwen2.5's, Hermes', ...), else described in the system message and the calls and results
+/// written as text ([`crate::tools::generic_messages`]), in the same `<tool_call>` format.
+pub fn render_chat_with_tools(
+    tok: &Tokenizer,
+    messages: &[Message],
+    tools: &[serde_json::Value],
+) -> crate::Result<String> {
     let template = match tok.chat_template() {
         Some(src) => ChatTemplate::new(src)?,
         None => ChatTemplate::chatml(),
     };
     let bos = tok.bos_id().and_then(|i| tok.token_str(i));
     let eos = tok.eos_ids().first().and_then(|&i| tok.token_str(i));
-    Ok(template.render(
-        messages,
-        true,
+    let (bos, eos) = (
         bos.as_deref().unwrap_or_default(),
         eos.as_deref().unwrap_or_default(),
-    )?)
+    );
+    let uses_tools = !tools.is_empty() || messages.iter().any(|m| !m.tool_calls.is_empty());
+    if uses_tools && !template.takes_tools() {
+        let generic = crate::tools::generic_messages(messages, tools);
+        return Ok(template.render(&generic, true, bos, eos)?);
+    }
+    Ok(template.render_with_tools(messages, tools, true, bos, eos)?)
 }
 
 /// Python's Jinja treats a backslash before a newline inside a string literal as a line

@@ -187,18 +187,7 @@ static ANY: Value = Value::Bool(true);
 /// See the module documentation for the mapping; an unsupported keyword or value is an error
 /// naming it and the place of its schema as a JSON pointer.
 pub fn schema_to_gbnf(schema: &Value) -> Result<String, String> {
-    let mut g = Gen {
-        root: schema,
-        rules: Vec::new(),
-        taken: HELPERS.iter().map(|h| h.0.to_string()).collect(),
-        refs: HashMap::new(),
-        helpers: HashSet::from(["ws"]),
-    };
-    let slot = g.take("root");
-    g.refs.insert("#".to_string(), "root".to_string());
-    let body = g.body(schema, "root", "")?;
-    g.rules[slot].1 = Some(body);
-    let text = g.text();
+    let text = schema_rules(schema, "root", &[])?;
     Grammar::parse(&text).map_err(|e| {
         at(
             "",
@@ -206,6 +195,28 @@ pub fn schema_to_gbnf(schema: &Value) -> Result<String, String> {
         )
     })?;
     Ok(text)
+}
+
+/// The rules for `schema` as [`schema_to_gbnf`] writes them, its own rule named `top` (and
+/// the rules made for its parts `top-...`), for a larger grammar whose rules take the names in
+/// `taken`: the caller writes `root` and checks the whole.
+pub fn schema_rules(schema: &Value, top: &str, taken: &[&str]) -> Result<String, String> {
+    let mut g = Gen {
+        root: schema,
+        rules: Vec::new(),
+        taken: HELPERS
+            .iter()
+            .map(|h| h.0.to_string())
+            .chain(taken.iter().map(|t| t.to_string()))
+            .collect(),
+        refs: HashMap::new(),
+        helpers: HashSet::from(["ws"]),
+    };
+    let slot = g.take(top);
+    g.refs.insert("#".to_string(), top.to_string());
+    let body = g.body(schema, top, "")?;
+    g.rules[slot].1 = Some(body);
+    Ok(g.text())
 }
 
 /// `msg` at the schema `ptr` (a JSON pointer; the root shown as `/`).

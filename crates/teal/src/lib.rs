@@ -22,6 +22,7 @@ pub mod models;
 pub mod sampler;
 pub mod sparsity;
 pub mod tokenizer;
+pub mod tools;
 
 pub use error::{Error, Result};
 pub use load::ModelFiles;

@@ -1,7 +1,8 @@
 //! Chat templates rendered with minijinja against Python jinja2 renderings made the way Hugging
 //! Face's `apply_chat_template` makes them (`tools/reference/render_chat_reference.py` ->
 //! `tests/fixtures/tokenizer/chat_templates.json`): the real SmolLM2 and Qwen2.5-Coder templates
-//! (from the GGUF files), Mistral-Small-3.1 and Phi-4-mini, and teal's ChatML / Llama-3 built-ins.
+//! (from the GGUF files), Mistral-Small-3.1 and Phi-4-mini, and teal's ChatML / Llama-3 built-ins,
+//! with and without tools (OpenAI-style `tools`, assistant `tool_calls` and `tool` results).
 
 use std::path::Path;
 
@@ -49,8 +50,14 @@ fn templates_render_like_jinja2() {
         let t = ChatTemplate::new(source).unwrap_or_else(|e| panic!("{tname}: {e}"));
         let msgs = messages(&fx["conversations"][conv]);
         let agp = case["add_generation_prompt"].as_bool().unwrap();
-        let got = t.render(
+        // Conversations with tool calls are rendered with the fixture's tools.
+        let tools: Vec<Value> = match case["tools"].as_bool() {
+            Some(true) => fx["tools"].as_array().unwrap().clone(),
+            _ => Vec::new(),
+        };
+        let got = t.render_with_tools(
             &msgs,
+            &tools,
             agp,
             case["bos_token"].as_str().unwrap(),
             case["eos_token"].as_str().unwrap(),
@@ -143,7 +150,8 @@ fn hf_features() {
     let e = t.render(&msgs, false, "", "").unwrap_err();
     assert!(matches!(e, ChatError::Render(_)));
     assert!(e.to_string().contains("no users here"), "{e}");
-    // Python string / dict methods, loop variables, slicing, tojson.
+    // Python string / dict methods, loop variables, slicing, tojson (keys in the dict's own
+    // order, as transformers' tojson, which does not sort them).
     let t = ChatTemplate::new(
         "{% for m in messages[-1:] %}{{ loop.index }}/{{ loop.length }}{% endfor %}|{{ messages[0].content.strip() }}|\
          {{ messages[0]['content'].upper().startswith('  PAD') }}|{{ messages[1] | tojson }}|\
@@ -152,7 +160,7 @@ fn hf_features() {
     .unwrap();
     assert_eq!(
         t.render(&msgs, false, "", "").unwrap(),
-        "1/1|padded|True|{\"content\": \"ok\", \"role\": \"assistant\"}|{\"a\": [1, 2], \"b\": \"é<\"}|{\n  \"a\": 1\n}|user"
+        "1/1|padded|True|{\"role\": \"assistant\", \"content\": \"ok\"}|{\"a\": [1, 2], \"b\": \"é<\"}|{\n  \"a\": 1\n}|user"
     );
     // trim_blocks / lstrip_blocks as in transformers.
     let t = ChatTemplate::new("  {% if true %}\nyes\n  {% endif %}\nend").unwrap();

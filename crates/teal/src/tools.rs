@@ -1,0 +1,404 @@
+//! Tool calling, as OpenAI's chat API does it (`tools`, `tool_choice`, `tool_calls`).
+//!
+//! The tools are given to the model's chat template where it writes them (Qwen2.5, Hermes and
+//! others: `{% if tools %}` ... `<tools>` ... `</tools>`); for templates that do not,
+//! [`generic_messages`] describes them in the system message in the same format. Either way
+//! the model calls a tool by writing a block
+//!
+//! ```text
+//! <tool_call>
+//! {"name": "get_weather", "arguments": {"city": "Paris"}}
+//! </tool_call>
+//! ```
+//!
+//! which [`parse_calls`] reads back. With `tool_choice` `required` or a named function, the
+//! answer is constrained by [`call_grammar`]: only such blocks, each naming a declared tool
+//! with arguments that meet its JSON Schema (through [`crate::json_schema`]).
+
+use crate::chat::{FunctionCall, Message};
+use crate::grammar::Grammar;
+use serde_json::{json, Value};
+
+/// A declared tool: its name and the JSON Schema of its arguments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tool {
+    pub name: String,
+    pub parameters: Value,
+}
+
+/// What the answer may or must do with the tools (OpenAI's `tool_choice`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// No tool calls: the tools are not shown to the model.
+    None,
+    /// The model chooses between text and calls.
+    Auto,
+    /// At least one call, of any tool.
+    Required,
+    /// A call of this tool.
+    Function(String),
+}
+
+/// The most tools a request may declare.
+pub const MAX_TOOLS: usize = 128;
+
+/// Reads OpenAI's `tools` list (`{"type": "function", "function": {"name", "description",
+/// "parameters"}}` entries); errors name the entry (`tools[2].function.name: ...`).
+pub fn parse_tools(tools: &[Value]) -> Result<Vec<Tool>, String> {
+    if tools.len() > MAX_TOOLS {
+        return Err(format!("tools: at most {MAX_TOOLS} tools"));
+    }
+    let mut out: Vec<Tool> = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
+        match t.get("type").and_then(Value::as_str) {
+            Some("function") | None => {}
+            Some(other) => {
+                return Err(format!(
+                    "tools[{i}].type: '{other}' is not supported (function)"
+                ))
+            }
+        }
+        let Some(f) = t.get("function").filter(|f| f.is_object()) else {
+            return Err(format!("tools[{i}]: no 'function' object"));
+        };
+        let name = match f.get("name").and_then(Value::as_str) {
+            Some(n)
+                if (1..=64).contains(&n.len())
+                    && n.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.'
+                    }) =>
+            {
+                n.to_string()
+            }
+            _ => {
+                return Err(format!(
+                    "tools[{i}].function.name: 1 to 64 letters, digits, '_', '-' or '.'"
+                ))
+            }
+        };
+        if out.iter().any(|o| o.name == name) {
+            return Err(format!(
+                "tools[{i}].function.name: '{name}' is declared twice"
+            ));
+        }
+        let parameters = match f.get("parameters") {
+            None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+            Some(p) if p.is_object() => p.clone(),
+            Some(_) => {
+                return Err(format!(
+                    "tools[{i}].function.parameters: must be a JSON Schema object"
+                ))
+            }
+        };
+        out.push(Tool { name, parameters });
+    }
+    Ok(out)
+}
+
+/// Reads OpenAI's `tool_choice`: absent or `auto`, `none`, `required`, or `{"type":
+/// "function", "function": {"name": ...}}` naming a declared tool. Without tools, `None`.
+pub fn parse_tool_choice(v: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice, String> {
+    let choice = match v {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(format!(
+                    "tool_choice: '{other}' is not one of auto, none, required"
+                ))
+            }
+        },
+        Some(o) => match o.pointer("/function/name").and_then(Value::as_str) {
+            Some(n) if tools.iter().any(|t| t.name == n) => ToolChoice::Function(n.to_string()),
+            Some(n) => return Err(format!("tool_choice: no tool named '{n}' in tools")),
+            None => {
+                return Err(
+                    "tool_choice: expected auto, none, required or {\"type\": \"function\", \
+                     \"function\": {\"name\": ...}}"
+                        .into(),
+                )
+            }
+        },
+    };
+    match choice {
+        ToolChoice::Required if tools.is_empty() => {
+            Err("tool_choice: no tools are declared".into())
+        }
+        _ if tools.is_empty() => Ok(ToolChoice::None),
+        c => Ok(c),
+    }
+}
+
+/// The grammar of an answer that calls a tool: a `<tool_call>` block holding `{"name": ...,
+/// "arguments": ...}` for one of `tools` (only `only` if given) with arguments that meet its
+/// schema; with `parallel`, one or more blocks on separate lines.
+pub fn call_grammar(tools: &[Tool], only: Option<&str>, parallel: bool) -> Result<Grammar, String> {
+    let calls: Vec<Value> = tools
+        .iter()
+        .filter(|t| only.is_none_or(|n| n == t.name))
+        .map(|t| {
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "required": ["name", "arguments"],
+            })
+        })
+        .collect();
+    let schema = match calls.len() {
+        0 => return Err("no tool to call".into()),
+        1 => calls[0].clone(),
+        _ => json!({ "anyOf": calls }),
+    };
+    let rules = crate::json_schema::schema_rules(&schema, "call", &["root", "block"])
+        .map_err(|e| format!("tool arguments schema: {e}"))?;
+    let more = if parallel { " (\"\\n\" block)*" } else { "" };
+    let text = format!(
+        "root ::= block{more}\nblock ::= \"<tool_call>\\n\" call \"\\n</tool_call>\"\n{rules}"
+    );
+    Grammar::parse(&text).map_err(|e| format!("tool arguments schema: {e}"))
+}
+
+/// The tool calls in a model's answer and the text around them: every `<tool_call>` block
+/// must hold a JSON object with a string `name` and an `arguments` (or `parameters`) object,
+/// else `None` (the answer is then plain text). The last block may lack its `</tool_call>`;
+/// one cut short inside its object (the answer hit its token limit) is dropped when calls came
+/// before it.
+pub fn parse_calls(text: &str) -> Option<(String, Vec<FunctionCall>)> {
+    const OPEN: &str = "<tool_call>";
+    const CLOSE: &str = "</tool_call>";
+    let mut rest = text;
+    let (mut content, mut calls) = (String::new(), Vec::new());
+    while let Some(at) = rest.find(OPEN) {
+        content.push_str(&rest[..at]);
+        let inner = &rest[at + OPEN.len()..];
+        let (body, after, closed) = match inner.find(CLOSE) {
+            Some(end) => (&inner[..end], &inner[end + CLOSE.len()..], true),
+            None => (inner, "", false),
+        };
+        match call(body) {
+            Some(c) => calls.push(c),
+            None if !closed && !calls.is_empty() => {
+                rest = "";
+                break;
+            }
+            None => return None,
+        }
+        rest = after;
+    }
+    if calls.is_empty() {
+        return None;
+    }
+    content.push_str(rest);
+    Some((content.trim().to_string(), calls))
+}
+
+/// One block's `{"name": ..., "arguments": {...}}` (arguments also as JSON text, or named
+/// `parameters`).
+fn call(body: &str) -> Option<FunctionCall> {
+    let v: Value = serde_json::from_str(body.trim()).ok()?;
+    let name = v.get("name")?.as_str()?.to_string();
+    let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
+        Some(Value::String(s)) => serde_json::from_str(s).ok()?,
+        Some(a @ Value::Object(_)) => a.clone(),
+        None => json!({}),
+        Some(_) => return None,
+    };
+    Some(FunctionCall { name, arguments })
+}
+
+/// The messages for a template that does not write tools: the tools and how to call them are
+/// added to the system message (one is made if there is none), an assistant's calls become
+/// `<tool_call>` blocks in its text and a tool's result a user message in a `<tool_response>`
+/// block, the format of Qwen2.5's template.
+pub fn generic_messages(messages: &[Message], tools: &[Value]) -> Vec<Message> {
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    let (system, rest) = match messages.split_first() {
+        Some((m, rest)) if m.role == "system" => (Some(m.content.as_str()), rest),
+        _ => (None, messages),
+    };
+    if tools.is_empty() {
+        out.extend(system.map(|s| Message::new("system", s)));
+    } else {
+        let mut list = String::new();
+        for t in tools {
+            list.push('\n');
+            list.push_str(&t.to_string());
+        }
+        let about = format!(
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+             You are provided with function signatures within <tools></tools> XML tags:\n\
+             <tools>{list}\n</tools>\n\nFor each function call, return a json object with \
+             function name and arguments within <tool_call></tool_call> XML tags:\n\
+             <tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n\
+             </tool_call>"
+        );
+        out.push(Message::new(
+            "system",
+            match system {
+                Some(s) => format!("{s}\n\n{about}"),
+                None => about,
+            },
+        ));
+    }
+    for m in rest {
+        let mut text = m.content.clone();
+        for c in &m.tool_calls {
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            let call = json!({"name": c.function.name, "arguments": c.function.arguments});
+            text.push_str(&format!("<tool_call>\n{call}\n</tool_call>"));
+        }
+        out.push(match m.role.as_str() {
+            "tool" => Message::new("user", format!("<tool_response>\n{text}\n</tool_response>")),
+            role => Message::new(role, text),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grammar::GrammarState;
+    use std::sync::Arc;
+
+    fn weather() -> Vec<Value> {
+        vec![
+            json!({"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                "unit": {"enum": ["C", "F"]}}, "required": ["city"]}}}),
+            json!({"type": "function", "function": {"name": "get_time"}}),
+        ]
+    }
+
+    #[test]
+    fn tools_and_choices_are_read_with_named_errors() {
+        let tools = parse_tools(&weather()).unwrap();
+        assert_eq!(tools[0].name, "get_weather");
+        assert_eq!(
+            tools[1].parameters,
+            json!({"type": "object", "properties": {}})
+        );
+        let e = |v: Value| parse_tools(v.as_array().unwrap()).unwrap_err();
+        assert!(e(json!([{"type": "retrieval"}])).contains("tools[0].type"));
+        assert!(e(json!([{"type": "function"}])).contains("no 'function' object"));
+        assert!(e(json!([{"function": {"name": "a b"}}])).contains("tools[0].function.name"));
+        assert!(
+            e(json!([{"function": {"name": "a"}}, {"function": {"name": "a"}}]))
+                .contains("tools[1].function.name: 'a' is declared twice")
+        );
+        assert!(e(json!([{"function": {"name": "a", "parameters": 3}}])).contains("parameters"));
+        let c = |v: Value| parse_tool_choice(Some(&v), &tools);
+        assert_eq!(parse_tool_choice(None, &tools), Ok(ToolChoice::Auto));
+        assert_eq!(c(json!("none")), Ok(ToolChoice::None));
+        assert_eq!(c(json!("required")), Ok(ToolChoice::Required));
+        assert_eq!(
+            c(json!({"type": "function", "function": {"name": "get_time"}})),
+            Ok(ToolChoice::Function("get_time".into()))
+        );
+        assert!(c(json!({"type": "function", "function": {"name": "nope"}}))
+            .unwrap_err()
+            .contains("no tool named 'nope'"));
+        assert!(c(json!("sometimes")).unwrap_err().contains("'sometimes'"));
+        assert_eq!(parse_tool_choice(None, &[]), Ok(ToolChoice::None));
+        assert!(parse_tool_choice(Some(&json!("required")), &[])
+            .unwrap_err()
+            .contains("no tools"));
+    }
+
+    #[test]
+    fn calls_are_parsed_from_blocks() {
+        let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": \"{}\"}\n</tool_call>";
+        let (content, calls) = parse_calls(text).unwrap();
+        assert_eq!(content, "Let me check.");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, json!({"city": "Paris"}));
+        assert_eq!(calls[1].arguments, json!({}));
+        // An unclosed last block (the answer hit its limit after the object) still counts.
+        let (_, calls) =
+            parse_calls("<tool_call>{\"name\": \"f\", \"parameters\": {\"x\": 1}}").unwrap();
+        assert_eq!(calls[0].arguments, json!({"x": 1}));
+        // A block cut short after a whole one is dropped; alone, the text is no call.
+        let cut = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"f";
+        assert_eq!(parse_calls(cut).unwrap().1.len(), 1);
+        assert!(parse_calls("<tool_call>\n{\"name\": \"f").is_none());
+        assert!(parse_calls("no calls here").is_none());
+        assert!(parse_calls("<tool_call>{\"name\": 3}</tool_call>").is_none());
+        assert!(parse_calls("<tool_call>not json</tool_call>").is_none());
+    }
+
+    #[test]
+    fn the_call_grammar_takes_only_declared_tools_with_valid_arguments() {
+        let tools = parse_tools(&weather()).unwrap();
+        let ok = |g: &Grammar, doc: &str| {
+            let mut s = GrammarState::new(Arc::new(g.clone()));
+            s.push_bytes(doc.as_bytes()) && s.accepting()
+        };
+        let one = call_grammar(&tools, None, false).unwrap();
+        let paris = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let time = "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+        assert!(ok(&one, paris) && ok(&one, time));
+        assert!(!ok(&one, &format!("{paris}\n{time}")), "one call only");
+        assert!(
+            !ok(
+                &one,
+                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"
+            ),
+            "city is required"
+        );
+        assert!(!ok(
+            &one,
+            "<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}\n</tool_call>"
+        ));
+        assert!(!ok(&one, "Sure!"));
+        let many = call_grammar(&tools, None, true).unwrap();
+        assert!(ok(&many, &format!("{paris}\n{time}")));
+        let named = call_grammar(&tools, Some("get_time"), false).unwrap();
+        assert!(ok(&named, time) && !ok(&named, paris));
+        // What the grammar takes, parse_calls reads.
+        let (_, calls) = parse_calls(&format!("{paris}\n{time}")).unwrap();
+        assert_eq!(calls.len(), 2);
+    }
+
+    #[test]
+    fn generic_messages_describe_tools_and_write_calls_as_text() {
+        let mut asked = Message::new("assistant", "");
+        asked.tool_calls.push(crate::chat::ToolCall {
+            id: "call_1".into(),
+            kind: "function".into(),
+            function: FunctionCall {
+                name: "get_time".into(),
+                arguments: json!({}),
+            },
+        });
+        let mut result = Message::new("tool", "12:00");
+        result.tool_call_id = Some("call_1".into());
+        let msgs = vec![
+            Message::new("system", "Be brief."),
+            Message::new("user", "Time?"),
+            asked,
+            result,
+        ];
+        let out = generic_messages(&msgs, &weather());
+        assert_eq!(out.len(), 4);
+        assert!(
+            out[0].content.starts_with("Be brief.\n\n# Tools")
+                && out[0].content.contains("get_weather")
+        );
+        assert_eq!(
+            out[2].content,
+            "<tool_call>\n{\"name\":\"get_time\",\"arguments\":{}}\n</tool_call>"
+        );
+        assert_eq!(
+            (out[3].role.as_str(), out[3].content.as_str()),
+            ("user", "<tool_response>\n12:00\n</tool_response>")
+        );
+        let out = generic_messages(&msgs[1..2], &weather());
+        assert_eq!(out[0].role, "system");
+        assert_eq!(out[1].content, "Time?");
+    }
+}
