@@ -1026,8 +1026,8 @@ struct Request {
     min_indent: usize,
     slot: Option<usize>,
     logit_bias: Vec<(BiasKey, f32)>,
-    /// The answer's text is read for tool calls ([`teal::tools::parse_calls`]).
-    tools: bool,
+    /// The answer's text is read for calls of these tools ([`teal::tools::parse_calls`]).
+    tools: Vec<String>,
 }
 
 /// `logit_bias`: OpenAI's `{"id": bias}` or llama.cpp's `[[id, bias], ...]`, where `false`
@@ -1200,7 +1200,7 @@ fn check_options(
         min_indent: 0,
         slot: None,
         logit_bias,
-        tools: false,
+        tools: Vec::new(),
     })
 }
 
@@ -1303,23 +1303,29 @@ fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
             tools: r.tools.unwrap_or_default(),
         },
     };
-    let forced = match &choice {
-        ToolChoice::Required => Some(None),
-        ToolChoice::Function(name) => Some(Some(name.as_str())),
-        ToolChoice::None | ToolChoice::Auto => None,
+    // The calls' grammar: whole for a required or named call; lazy for auto (the answer may
+    // be text, but a call it starts must be well-formed), unless the request has its own.
+    let (only, lazy) = match &choice {
+        ToolChoice::Required => (None, false),
+        ToolChoice::Function(name) => (Some(name.as_str()), false),
+        ToolChoice::Auto | ToolChoice::None => (None, true),
     };
     let mut req = check_options(Api::OpenAi, r.options, vec![prompt], logprobs, false)?;
-    if let Some(only) = forced {
-        if req.sampler.grammar.is_some() || req.sampler.json_object {
-            return Err(ApiError::bad_request(
-                "tool_choice: a required tool call and a grammar or response format: give one",
-            ));
-        }
+    let own = req.sampler.grammar.is_some() || req.sampler.json_object;
+    if own && !lazy {
+        return Err(ApiError::bad_request(
+            "tool_choice: a required tool call and a grammar or response format: give one",
+        ));
+    }
+    if choice != ToolChoice::None && !own {
         let parallel = r.parallel_tool_calls.unwrap_or(true);
-        let g = teal::tools::call_grammar(&tools, only, parallel).map_err(ApiError::bad_request)?;
+        let g = teal::tools::call_grammar(&tools, only, parallel, lazy)
+            .map_err(ApiError::bad_request)?;
         req.sampler.grammar = Some(Arc::new(g));
     }
-    req.tools = choice != ToolChoice::None;
+    if choice != ToolChoice::None {
+        req.tools = tools.into_iter().map(|t| t.name).collect();
+    }
     Ok(req)
 }
 
@@ -1337,8 +1343,8 @@ struct Answer {
     id: String,
     created: u64,
     model: String,
-    /// A chat whose answers are read for tool calls.
-    tools: bool,
+    /// A chat whose answers are read for calls of these tools.
+    tools: Vec<String>,
 }
 
 impl Answer {
@@ -1354,7 +1360,7 @@ impl Answer {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             model: st.model.id.clone(),
-            tools: false,
+            tools: Vec::new(),
         }
     }
 
@@ -1413,7 +1419,11 @@ impl Answer {
     /// A chat answer's message and `finish_reason`: with tools, the calls in `text` become
     /// `tool_calls` (ids `call_<answer>_<choice>_<call>`) and the reason `tool_calls`.
     fn message(&self, text: &str, s: &Summary, choice: usize) -> (Value, &'static str) {
-        let calls = self.tools.then(|| teal::tools::parse_calls(text)).flatten();
+        let names: Vec<&str> = self.tools.iter().map(String::as_str).collect();
+        let calls = match names.is_empty() {
+            true => None,
+            false => teal::tools::parse_calls(text, &names),
+        };
         match calls {
             None => (
                 json!({"role": "assistant", "content": text}),
@@ -1582,7 +1592,7 @@ async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
 /// prompt (one after another) or a stream.
 async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
     let a = Answer {
-        tools: r.tools,
+        tools: r.tools.clone(),
         ..Answer::new(&st, kind)
     };
     let busy = st.start();
@@ -1711,7 +1721,7 @@ fn stream_answer(
     let events = sse_events(first, rx, counted, move |ev| match ev {
         Event::Text {
             text, logprobs: t, ..
-        } if a.tools => {
+        } if !a.tools.is_empty() => {
             held.0.push_str(&text);
             held.1.extend(t);
             (vec![], false)
@@ -1726,7 +1736,7 @@ fn stream_answer(
         }
         Event::Done(s) => {
             let mut out = Vec::new();
-            if a.tools {
+            if !a.tools.is_empty() {
                 let (text, entries) = std::mem::take(&mut held);
                 let lp = logprobs.then_some((entries.as_slice(), 0));
                 let (message, reason) = a.message(&text, &s, 0);

@@ -1603,7 +1603,8 @@ async fn native_code_stops() {
 /// OpenAI's tool calling on Qwen2.5-Coder (whose template writes the tools) and SmolLM2 (whose
 /// template does not: the tools go into the system message): a required call, a named one
 /// and parallel calls are well-formed calls of declared tools with valid arguments, whole and
-/// streamed; a conversation with a call and its result runs; bad tools get a 400.
+/// streamed; `auto` gives text or well-formed calls; a conversation with a call and its result
+/// runs; bad tools get a 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_are_answered_as_openai_does() {
     let weather = json!({"type": "function", "function": {
@@ -1658,6 +1659,21 @@ async fn tool_calls_are_answered_as_openai_does() {
             }
             eprintln!("{name} {choice}: {}", c["message"]);
         }
+        // auto: text or calls; a call the model starts is well-formed (lazy grammar).
+        let req =
+            json!({"messages": user, "tools": [weather, time], "temperature": 0, "max_tokens": 48});
+        let (s, v) = call_json(&tx, "/v1/chat/completions", req).await;
+        assert_eq!(s, StatusCode::OK, "{name}: {v}");
+        let c = &v["choices"][0];
+        if c["finish_reason"] == "tool_calls" {
+            for call in c["message"]["tool_calls"].as_array().unwrap() {
+                let args = call["function"]["arguments"].as_str().unwrap();
+                assert!(serde_json::from_str::<Value>(args).is_ok(), "{name}: {v}");
+            }
+        } else {
+            assert!(c["message"]["content"].is_string(), "{name}: {v}");
+        }
+        eprintln!("{name} auto: {}", c["message"]);
         // Streamed: the call comes as one delta, then the reason and [DONE].
         let req = json!({"messages": user, "tools": [weather], "tool_choice": "required",
                          "temperature": 0, "max_tokens": 48, "stream": true});

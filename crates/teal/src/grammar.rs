@@ -16,7 +16,8 @@
 //! [`GrammarState`] recognizes prefixes the way llama.cpp's sampler does: a set of stacks of
 //! positions in the rules, each with a character class on top, advanced one code point at a
 //! time (a token's bytes may end inside a UTF-8 character). [`GrammarMode`] is the sampler's
-//! view: which tokens may come next.
+//! view: which tokens may come next. A lazy grammar ([`Grammar::after`]) applies only from the
+//! first occurrence of a trigger text on (llama.cpp's lazy grammars, used for tool calls).
 
 use crate::tokenizer::{TokenBytes, Tokenizer};
 use std::collections::HashMap;
@@ -93,6 +94,8 @@ pub struct Grammar {
     rules: Vec<Vec<Vec<Elem>>>,
     names: Vec<String>,
     root: u32,
+    /// See [`Grammar::after`].
+    trigger: Option<Vec<u8>>,
 }
 
 impl Grammar {
@@ -110,6 +113,13 @@ impl Grammar {
         let g = p.finish()?;
         g.check_left_recursion()?;
         Ok(g)
+    }
+
+    /// The same grammar made lazy (llama.cpp's lazy grammars): the text is free until
+    /// `trigger` first appears in it, and what follows the trigger must match the grammar.
+    pub fn after(mut self, trigger: &str) -> Grammar {
+        self.trigger = (!trigger.is_empty()).then(|| trigger.as_bytes().to_vec());
+        self
     }
 
     /// The number of rules, those made for groups and repetitions included.
@@ -588,6 +598,7 @@ impl Parser {
             rules,
             names: self.names,
             root,
+            trigger: None,
         })
     }
 }
@@ -732,6 +743,11 @@ impl GrammarState {
     }
 }
 
+/// Where `needle` first occurs in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 /// The bits a UTF-8 lead byte carries and the continuation bytes it asks for; `None` for a
 /// byte no well-formed character starts with.
 fn utf8_lead(b: u8) -> Option<(u32, u8)> {
@@ -804,6 +820,9 @@ pub struct GrammarMode {
     first: [bool; 256],
     bytes: TokenBytes,
     eos: Vec<u32>,
+    /// A lazy grammar's trigger and the last bytes of text before it (fewer than the
+    /// trigger's), until the trigger has come.
+    waiting: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl GrammarMode {
@@ -814,17 +833,34 @@ impl GrammarMode {
     /// From each token's bytes (`None`: a special token, never allowed) and the
     /// end-of-sequence tokens.
     pub fn from_parts(g: Arc<Grammar>, bytes: TokenBytes, eos: Vec<u32>) -> Self {
+        let waiting = g.trigger.clone().map(|t| (t, Vec::new()));
         let state = GrammarState::new(g);
         GrammarMode {
             first: state.first_bytes(),
             state,
             bytes,
             eos,
+            waiting,
         }
     }
 
     /// Whether `token` may come next.
     pub fn allows(&self, token: u32) -> bool {
+        if let Some((trigger, tail)) = &self.waiting {
+            // Free text, unless the token completes the trigger: then what follows it in the
+            // token must begin a match.
+            let Some(Some(b)) = self.bytes.get(token as usize) else {
+                return true;
+            };
+            let joined = [tail.as_slice(), b].concat();
+            return match find(&joined, trigger) {
+                None => true,
+                Some(at) => {
+                    let rest = &joined[at + trigger.len()..];
+                    rest.is_empty() || self.state.clone().push_bytes(rest)
+                }
+            };
+        }
         if self.eos.contains(&token) {
             return self.state.accepting();
         }
@@ -838,10 +874,25 @@ impl GrammarMode {
 
     /// Records the token sampled.
     pub fn accept(&mut self, token: u32) {
-        if let Some(Some(b)) = self.bytes.get(token as usize) {
-            self.state.push_bytes(b);
-            self.first = self.state.first_bytes();
-        }
+        let Some(Some(b)) = self.bytes.get(token as usize) else {
+            return;
+        };
+        let rest = match &mut self.waiting {
+            None => b.clone(),
+            Some((trigger, tail)) => {
+                tail.extend_from_slice(b);
+                let Some(at) = find(tail, trigger) else {
+                    let keep = tail.len().saturating_sub(trigger.len() - 1);
+                    tail.drain(..keep);
+                    return;
+                };
+                let rest = tail[at + trigger.len()..].to_vec();
+                self.waiting = None;
+                rest
+            }
+        };
+        self.state.push_bytes(&rest);
+        self.first = self.state.first_bytes();
     }
 
     /// The end-of-sequence tokens.
@@ -985,6 +1036,54 @@ mod tests {
             }
             assert_eq!(st.first_bytes(), may, "{:?}", st.stacks);
         }
+    }
+
+    #[test]
+    fn a_lazy_grammar_applies_after_its_trigger() {
+        let vocab: Vec<Option<Vec<u8>>> = [
+            None,
+            Some("hi "),
+            Some("<"),
+            Some("t>"),
+            Some("<t>1"),
+            Some("<t>x"),
+            Some("1"),
+            Some("2"),
+            Some(";"),
+            Some("x"),
+        ]
+        .into_iter()
+        .map(|t| t.map(|t| t.as_bytes().to_vec()))
+        .collect();
+        let g = Grammar::parse(r#"root ::= [0-9]+ ";""#)
+            .unwrap()
+            .after("<t>");
+        let mut m = GrammarMode::from_parts(Arc::new(g), Arc::new(vocab), vec![0]);
+        // Before the trigger anything goes, the end included; a token completing it must go on
+        // with a match.
+        assert!((0..10).filter(|&t| t != 5).all(|t| m.allows(t)));
+        assert!(!m.allows(5), "<t>x");
+        m.accept(1);
+        m.accept(2);
+        assert!(m.allows(3) && m.allows(9));
+        m.accept(3); // "<" + "t>": triggered across two tokens
+        assert!(!m.allows(9) && !m.allows(0) && !m.allows(8) && m.allows(6));
+        m.accept(6);
+        m.accept(7);
+        assert!(m.allows(8) && !m.allows(0));
+        m.accept(8);
+        assert!(m.allows(0) && !m.allows(6));
+        // The trigger inside one token, with the first of the match after it.
+        let g = Grammar::parse(r#"root ::= [0-9]+ ";""#)
+            .unwrap()
+            .after("<t>");
+        let vocab: Vec<Option<Vec<u8>>> = [None, Some("<t>1"), Some(";")]
+            .into_iter()
+            .map(|t| t.map(|t| t.as_bytes().to_vec()))
+            .collect();
+        let mut m = GrammarMode::from_parts(Arc::new(g), Arc::new(vocab), vec![0]);
+        m.accept(1);
+        assert!(m.allows(2) && !m.allows(0));
     }
 
     #[test]

@@ -133,8 +133,15 @@ pub fn parse_tool_choice(v: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice
 
 /// The grammar of an answer that calls a tool: a `<tool_call>` block holding `{"name": ...,
 /// "arguments": ...}` for one of `tools` (only `only` if given) with arguments that meet its
-/// schema; with `parallel`, one or more blocks on separate lines.
-pub fn call_grammar(tools: &[Tool], only: Option<&str>, parallel: bool) -> Result<Grammar, String> {
+/// schema; with `parallel`, one or more blocks on separate lines. Lazy (for `tool_choice`
+/// `auto`), the answer is free text until `<tool_call>`, and that block and any after it must
+/// then be well-formed calls.
+pub fn call_grammar(
+    tools: &[Tool],
+    only: Option<&str>,
+    parallel: bool,
+    lazy: bool,
+) -> Result<Grammar, String> {
     let calls: Vec<Value> = tools
         .iter()
         .filter(|t| only.is_none_or(|n| n == t.name))
@@ -151,23 +158,35 @@ pub fn call_grammar(tools: &[Tool], only: Option<&str>, parallel: bool) -> Resul
         1 => calls[0].clone(),
         _ => json!({ "anyOf": calls }),
     };
-    let rules = crate::json_schema::schema_rules(&schema, "call", &["root", "block"])
+    let rules = crate::json_schema::schema_rules(&schema, "call", &["root", "block", "body"])
         .map_err(|e| format!("tool arguments schema: {e}"))?;
     let more = if parallel { " (\"\\n\" block)*" } else { "" };
+    // Lazy, the grammar starts after the trigger `<tool_call>`.
+    let (first, trigger) = if lazy {
+        ("body", "<tool_call>")
+    } else {
+        ("block", "")
+    };
     let text = format!(
-        "root ::= block{more}\nblock ::= \"<tool_call>\\n\" call \"\\n</tool_call>\"\n{rules}"
+        "root ::= {first}{more}\nblock ::= \"<tool_call>\" body\n\
+         body ::= \"\\n\" call \"\\n</tool_call>\"\n{rules}"
     );
-    Grammar::parse(&text).map_err(|e| format!("tool arguments schema: {e}"))
+    let g = Grammar::parse(&text).map_err(|e| format!("tool arguments schema: {e}"))?;
+    Ok(g.after(trigger))
 }
 
 /// The tool calls in a model's answer and the text around them: every `<tool_call>` block
 /// must hold a JSON object with a string `name` and an `arguments` (or `parameters`) object,
 /// else `None` (the answer is then plain text). The last block may lack its `</tool_call>`;
 /// one cut short inside its object (the answer hit its token limit) is dropped when calls came
-/// before it.
-pub fn parse_calls(text: &str) -> Option<(String, Vec<FunctionCall>)> {
+/// before it. Small models also leave the tags out: an answer that is nothing but such
+/// objects, each naming one of `names`, is read as calls too.
+pub fn parse_calls(text: &str, names: &[&str]) -> Option<(String, Vec<FunctionCall>)> {
     const OPEN: &str = "<tool_call>";
     const CLOSE: &str = "</tool_call>";
+    if !text.contains(OPEN) {
+        return bare_calls(text, names).map(|calls| (String::new(), calls));
+    }
     let mut rest = text;
     let (mut content, mut calls) = (String::new(), Vec::new());
     while let Some(at) = rest.find(OPEN) {
@@ -177,7 +196,7 @@ pub fn parse_calls(text: &str) -> Option<(String, Vec<FunctionCall>)> {
             Some(end) => (&inner[..end], &inner[end + CLOSE.len()..], true),
             None => (inner, "", false),
         };
-        match call(body) {
+        match serde_json::from_str(body.trim()).ok().and_then(call) {
             Some(c) => calls.push(c),
             None if !closed && !calls.is_empty() => {
                 rest = "";
@@ -187,17 +206,30 @@ pub fn parse_calls(text: &str) -> Option<(String, Vec<FunctionCall>)> {
         }
         rest = after;
     }
-    if calls.is_empty() {
-        return None;
-    }
     content.push_str(rest);
     Some((content.trim().to_string(), calls))
 }
 
-/// One block's `{"name": ..., "arguments": {...}}` (arguments also as JSON text, or named
+/// Calls written as bare JSON objects, one after another, each naming one of `names` (the
+/// last may be cut short after whole ones).
+fn bare_calls(text: &str, names: &[&str]) -> Option<Vec<FunctionCall>> {
+    let mut calls = Vec::new();
+    for v in serde_json::Deserializer::from_str(text.trim()).into_iter::<Value>() {
+        match v {
+            Ok(v) => match call(v) {
+                Some(c) if names.contains(&c.name.as_str()) => calls.push(c),
+                _ => return None,
+            },
+            Err(e) if e.is_eof() && !calls.is_empty() => break,
+            Err(_) => return None,
+        }
+    }
+    (!calls.is_empty()).then_some(calls)
+}
+
+/// A call object's `{"name": ..., "arguments": {...}}` (arguments also as JSON text, or named
 /// `parameters`).
-fn call(body: &str) -> Option<FunctionCall> {
-    let v: Value = serde_json::from_str(body.trim()).ok()?;
+fn call(v: Value) -> Option<FunctionCall> {
     let name = v.get("name")?.as_str()?.to_string();
     let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
         Some(Value::String(s)) => serde_json::from_str(s).ok()?,
@@ -312,23 +344,33 @@ mod tests {
     #[test]
     fn calls_are_parsed_from_blocks() {
         let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": \"{}\"}\n</tool_call>";
-        let (content, calls) = parse_calls(text).unwrap();
+        let (content, calls) = parse_calls(text, &[]).unwrap();
         assert_eq!(content, "Let me check.");
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].name, "get_weather");
         assert_eq!(calls[0].arguments, json!({"city": "Paris"}));
         assert_eq!(calls[1].arguments, json!({}));
         // An unclosed last block (the answer hit its limit after the object) still counts.
-        let (_, calls) =
-            parse_calls("<tool_call>{\"name\": \"f\", \"parameters\": {\"x\": 1}}").unwrap();
+        let (_, calls) = parse_calls(
+            "<tool_call>{\"name\": \"f\", \"parameters\": {\"x\": 1}}",
+            &[],
+        )
+        .unwrap();
         assert_eq!(calls[0].arguments, json!({"x": 1}));
         // A block cut short after a whole one is dropped; alone, the text is no call.
         let cut = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"f";
-        assert_eq!(parse_calls(cut).unwrap().1.len(), 1);
-        assert!(parse_calls("<tool_call>\n{\"name\": \"f").is_none());
-        assert!(parse_calls("no calls here").is_none());
-        assert!(parse_calls("<tool_call>{\"name\": 3}</tool_call>").is_none());
-        assert!(parse_calls("<tool_call>not json</tool_call>").is_none());
+        assert_eq!(parse_calls(cut, &[]).unwrap().1.len(), 1);
+        assert!(parse_calls("<tool_call>\n{\"name\": \"f", &[]).is_none());
+        assert!(parse_calls("no calls here", &["f"]).is_none());
+        // Bare objects naming declared tools (the last cut short), and only those.
+        let bare = "{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n{\"name\": \"f\", \"";
+        let (content, calls) = parse_calls(bare, &["f"]).unwrap();
+        assert_eq!((content.as_str(), calls.len()), ("", 1));
+        assert!(parse_calls(bare, &["g"]).is_none());
+        assert!(parse_calls("{\"name\": \"f\"} and more", &["f"]).is_none());
+        assert!(parse_calls("{\"a\": 1}", &["f"]).is_none());
+        assert!(parse_calls("<tool_call>{\"name\": 3}</tool_call>", &[]).is_none());
+        assert!(parse_calls("<tool_call>not json</tool_call>", &[]).is_none());
     }
 
     #[test]
@@ -338,7 +380,7 @@ mod tests {
             let mut s = GrammarState::new(Arc::new(g.clone()));
             s.push_bytes(doc.as_bytes()) && s.accepting()
         };
-        let one = call_grammar(&tools, None, false).unwrap();
+        let one = call_grammar(&tools, None, false, false).unwrap();
         let paris = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
         let time = "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
         assert!(ok(&one, paris) && ok(&one, time));
@@ -355,12 +397,33 @@ mod tests {
             "<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}\n</tool_call>"
         ));
         assert!(!ok(&one, "Sure!"));
-        let many = call_grammar(&tools, None, true).unwrap();
+        let many = call_grammar(&tools, None, true, false).unwrap();
         assert!(ok(&many, &format!("{paris}\n{time}")));
-        let named = call_grammar(&tools, Some("get_time"), false).unwrap();
+        let named = call_grammar(&tools, Some("get_time"), false, false).unwrap();
         assert!(ok(&named, time) && !ok(&named, paris));
+        // Lazy: free text, then from `<tool_call>` on only calls.
+        let lazy = call_grammar(&tools, None, false, true).unwrap();
+        let mut m = crate::grammar::GrammarMode::from_parts(
+            Arc::new(lazy),
+            Arc::new(
+                [
+                    "Let me look. ",
+                    "<tool_call>",
+                    "\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>",
+                    "\nok",
+                ]
+                .iter()
+                .map(|t| Some(t.as_bytes().to_vec()))
+                .collect(),
+            ),
+            vec![],
+        );
+        assert!(m.allows(0) && m.allows(3));
+        m.accept(0);
+        m.accept(1);
+        assert!(m.allows(2) && !m.allows(3) && !m.allows(0));
         // What the grammar takes, parse_calls reads.
-        let (_, calls) = parse_calls(&format!("{paris}\n{time}")).unwrap();
+        let (_, calls) = parse_calls(&format!("{paris}\n{time}"), &[]).unwrap();
         assert_eq!(calls.len(), 2);
     }
 

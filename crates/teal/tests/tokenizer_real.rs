@@ -301,3 +301,36 @@ fn spm_from_smollm2_matches_llama_cpp() {
     assert!(t.add_bos_default());
     check(&t, "spm-from-smollm2.json");
 }
+
+/// Qwen2.5's `<tool_call>` and `</tool_call>` are single (user-defined, not control) tokens:
+/// the tool-call grammar lets the model write them as it was trained to, one token each, and
+/// no control token.
+#[test]
+fn tool_call_grammar_takes_qwens_tool_call_tokens() {
+    let Some(t) = load("TEAL_QWEN_GGUF") else {
+        return;
+    };
+    let (open, close) = (
+        t.token_to_id("<tool_call>").unwrap(),
+        t.token_to_id("</tool_call>").unwrap(),
+    );
+    assert!(!t.is_special(open) && !t.is_special(close));
+    let tools = teal::tools::parse_tools(&[serde_json::json!(
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    )])
+    .unwrap();
+    let g = std::sync::Arc::new(teal::tools::call_grammar(&tools, None, false, false).unwrap());
+    let mut m = teal::grammar::GrammarMode::new(g, &t);
+    let im_start = t.token_to_id("<|im_start|>").unwrap();
+    assert!(m.allows(open) && !m.allows(close) && !m.allows(im_start));
+    for id in [open].into_iter().chain(
+        t.encode("\n{\"name\": \"f\", \"arguments\": {}}\n", false)
+            .unwrap(),
+    ) {
+        assert!(m.allows(id), "{id}");
+        m.accept(id);
+    }
+    assert!(m.allows(close));
+    m.accept(close);
+    assert!(m.allows(t.eos_ids()[0]));
+}
