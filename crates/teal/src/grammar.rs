@@ -30,6 +30,12 @@ pub const MAX_REPEAT: u32 = 1000;
 /// The most stacks a state keeps; an ambiguous grammar beyond it is cut to the first ones.
 pub const MAX_STACKS: usize = 4096;
 
+/// The most rules a grammar may have, those made for groups and repetitions included.
+pub const MAX_RULES: usize = 65536;
+
+/// The deepest nesting of parentheses.
+pub const MAX_NESTING: usize = 128;
+
 /// A grammar that could not be read: where and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GrammarError {
@@ -104,6 +110,7 @@ impl Grammar {
         let mut p = Parser {
             src: text.chars().collect(),
             pos: 0,
+            depth: 0,
             ids: HashMap::new(),
             rules: Vec::new(),
             names: Vec::new(),
@@ -194,27 +201,36 @@ impl Grammar {
     }
 }
 
+/// A rule on a cycle of `starts` reachable from `r` (depth-first, with its own stack of
+/// rules and how many of their starts were followed).
 fn cycle(r: usize, starts: &[Vec<u32>], mark: &mut [u8]) -> Option<usize> {
+    let mut path = vec![(r, 0usize)];
     mark[r] = 1;
-    for &x in &starts[r] {
+    while let Some((at, next)) = path.last_mut() {
+        let Some(&x) = starts[*at].get(*next) else {
+            mark[*at] = 2;
+            path.pop();
+            continue;
+        };
+        *next += 1;
         let x = x as usize;
         match mark[x] {
             1 => return Some(x),
             0 => {
-                if let Some(c) = cycle(x, starts, mark) {
-                    return Some(c);
-                }
+                mark[x] = 1;
+                path.push((x, 0));
             }
             _ => {}
         }
     }
-    mark[r] = 2;
     None
 }
 
 struct Parser {
     src: Vec<char>,
     pos: usize,
+    /// Parentheses open at `pos`.
+    depth: usize,
     ids: HashMap<String, u32>,
     /// `None`: referred to, not (yet) defined.
     rules: Vec<Option<Vec<Vec<Elem>>>>,
@@ -409,9 +425,14 @@ impl Parser {
                     });
                 }
                 Some('(') => {
+                    if self.depth == MAX_NESTING {
+                        return self.err(at, format!("parentheses nested over {MAX_NESTING} deep"));
+                    }
                     self.pos += 1;
+                    self.depth += 1;
                     self.space(true);
                     let alts = self.alternates(name, true)?;
+                    self.depth -= 1;
                     self.space(true);
                     if self.peek() != Some(')') {
                         return self.err(at, "expected ')' to close this group");
@@ -568,6 +589,16 @@ impl Parser {
     }
 
     fn finish(self) -> Result<Grammar, GrammarError> {
+        if self.rules.len() > MAX_RULES {
+            return Err(GrammarError {
+                line: 0,
+                col: 0,
+                msg: format!(
+                    "{} rules (with those made for groups and repetitions): at most {MAX_RULES}",
+                    self.rules.len()
+                ),
+            });
+        }
         let Some(&root) = self.ids.get("root") else {
             return Err(GrammarError {
                 line: 0,
@@ -773,39 +804,45 @@ fn char_range(val: u32, due: u8, len: u8) -> (u32, u32) {
 
 /// Pushes onto `out` every stack that `stack` stands for with a character class on top (or
 /// empty: a whole match), following rule references and popping finished sequences.
-fn expand(g: &Grammar, mut stack: Vec<Pos>, out: &mut Vec<Vec<Pos>>) {
-    let Some(&top) = stack.last() else {
-        out.push(stack);
-        return;
-    };
-    let seq = &g.rules[top.rule as usize][top.alt as usize];
-    match seq.get(top.idx as usize) {
-        None => {
-            stack.pop();
-            expand(g, stack, out);
-        }
-        Some(Elem::Char { .. }) => out.push(stack),
-        Some(&Elem::Rule(r)) => {
-            // The continuation after the reference; dropped when nothing follows, so that
-            // right recursion (repetitions) keeps the stacks short.
-            if top.idx as usize + 1 == seq.len() {
-                stack.pop();
-            } else if let Some(t) = stack.last_mut() {
-                t.idx += 1;
+fn expand(g: &Grammar, stack: Vec<Pos>, out: &mut Vec<Vec<Pos>>) {
+    // A work list rather than recursion: chains of rule references and deeply nested matches
+    // (which may finish many sequences at once) cannot overflow the thread's stack.
+    let mut work = vec![stack];
+    while let Some(mut stack) = work.pop() {
+        let (top, seq) = loop {
+            let Some(&top) = stack.last() else {
+                break (None, &[][..]);
+            };
+            let seq = &g.rules[top.rule as usize][top.alt as usize];
+            if (top.idx as usize) < seq.len() {
+                break (Some(top), seq.as_slice());
             }
-            let n = g.rules[r as usize].len();
-            for alt in 0..n {
-                let mut s = if alt + 1 == n {
-                    std::mem::take(&mut stack)
-                } else {
-                    stack.clone()
-                };
-                s.push(Pos {
-                    rule: r,
-                    alt: alt as u32,
-                    idx: 0,
-                });
-                expand(g, s, out);
+            stack.pop();
+        };
+        let Some(top) = top else {
+            out.push(stack);
+            continue;
+        };
+        match &seq[top.idx as usize] {
+            Elem::Char { .. } => out.push(stack),
+            &Elem::Rule(r) => {
+                // The continuation after the reference; dropped when nothing follows, so that
+                // right recursion (repetitions) keeps the stacks short.
+                if top.idx as usize + 1 == seq.len() {
+                    stack.pop();
+                } else if let Some(t) = stack.last_mut() {
+                    t.idx += 1;
+                }
+                let n = g.rules[r as usize].len() as u32;
+                for alt in (0..n).rev() {
+                    let mut s = stack.clone();
+                    s.push(Pos {
+                        rule: r,
+                        alt,
+                        idx: 0,
+                    });
+                    work.push(s);
+                }
             }
         }
     }
@@ -1084,6 +1121,24 @@ mod tests {
         let mut m = GrammarMode::from_parts(Arc::new(g), Arc::new(vocab), vec![0]);
         m.accept(1);
         assert!(m.allows(2) && !m.allows(0));
+    }
+
+    #[test]
+    fn limits_keep_bad_grammars_from_running_away() {
+        let e = |g: &str| Grammar::parse(g).unwrap_err().to_string();
+        let deep = format!("root ::= {}\"a\"{}", "(".repeat(500), ")".repeat(500));
+        assert!(e(&deep).contains("nested over 128"), "{}", e(&deep));
+        let many: String = (0..70000).map(|i| format!("r{i} ::= \"a\"\n")).collect();
+        assert!(e(&format!("root ::= \"a\"\n{many}")).contains("at most 65536"));
+        // A long chain of rules (no recursion on the way) and a deep match are fine.
+        let chain: String = (0..5000)
+            .map(|i| format!("r{i} ::= r{}\n", i + 1))
+            .collect();
+        let g = format!("root ::= r0\n{chain}r5000 ::= \"z\"\n");
+        assert!(accepts(&g, "z"));
+        let g = r#"root ::= "(" root ")" | "x""#;
+        let n = 3000;
+        assert!(accepts(g, &format!("{}x{}", "(".repeat(n), ")".repeat(n))));
     }
 
     #[test]
