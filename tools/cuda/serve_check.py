@@ -79,5 +79,21 @@ check("json mode (host sampling): gpu text equals cpu", jg["choices"][0]["text"]
 inf = {"prompt": P, "n_predict": 16, "seed": 4, "samplers": ["top_k", "top_p", "infill"], "cache_prompt": False}
 ig, ic = post(8081, "/completion", inf), post(8082, "/completion", inf)
 check("infill sampler stage (host sampling): gpu text equals cpu", ig.get("content") == ic.get("content"), repr(ig.get("content")))
+gr = {"prompt": "Is Paris in France? Answer:", "n_predict": 24, "temperature": 0, "cache_prompt": False,
+      "grammar": 'root ::= ("Yes" | "No") ", because " [a-z ]{1,20} "."'}
+gg, gc = post(8081, "/completion", gr), post(8082, "/completion", gr)
+check("grammar (host sampling): gpu content equals cpu and follows it", gg.get("content") == gc.get("content") and gg.get("stop_type") == "eos", repr(gg.get("content")))
+sch = {"messages": [{"role": "user", "content": "A person as JSON."}], "max_tokens": 60, "temperature": 0, "cache_prompt": False,
+       "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object",
+           "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}}, "required": ["name", "age"]}}}}
+sg, sc = post(8081, "/v1/chat/completions", sch), post(8082, "/v1/chat/completions", sch)
+check("json schema: gpu text equals cpu", sg["choices"][0]["message"]["content"] == sc["choices"][0]["message"]["content"], repr(sg["choices"][0]["message"]["content"]))
+tl = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 160, "temperature": 0, "cache_prompt": False, "tool_choice": "required",
+      "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]}
+tg, tc = post(8081, "/v1/chat/completions", tl), post(8082, "/v1/chat/completions", tl)
+def calls(r):
+    m = r["choices"][0]["message"]
+    return r["choices"][0]["finish_reason"], m.get("content"), [c["function"] for c in m.get("tool_calls") or []]
+check("required tool call: gpu answer equals cpu", calls(tg) == calls(tc), repr(calls(tg)))
 gpu.terminate(); cpu.terminate()
 print("ALL PASS" if ok else "SOME FAILED")
