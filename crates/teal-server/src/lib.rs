@@ -82,7 +82,13 @@ pub enum Job {
     Generate(Box<Generate>),
     /// A tokenizer request, answered with its JSON body.
     Tokenizer(TokenizerJob, oneshot::Sender<Result<Value, ApiError>>),
+    /// Embeddings of texts or token ids ([`teal::device::Decoder::embed`]), answered with each
+    /// one's vector and token count.
+    Embed(Vec<Prompt>, oneshot::Sender<EmbedResult>),
 }
+
+/// What an embedding job answers: per input, its vector and its number of tokens.
+pub type EmbedResult = Result<Vec<(Vec<f32>, usize)>, ApiError>;
 
 /// What the tokenizer endpoints ask.
 pub enum TokenizerJob {
@@ -317,8 +323,40 @@ pub fn run_engine(
             Job::Tokenizer(t, reply) => {
                 reply.send(tokenizer_job(tok, ctx, t)).ok();
             }
+            Job::Embed(inputs, reply) => {
+                // The least recently used slot: its cache is emptied.
+                let state: Vec<SlotState> = used
+                    .iter()
+                    .map(|&last_used| SlotState {
+                        cached: 1,
+                        shared: 0,
+                        last_used,
+                    })
+                    .collect();
+                let i = pick_slot(&state, 1);
+                clock += 1;
+                used[i] = clock;
+                reply.send(embed_job(&mut sessions[i], tok, &inputs)).ok();
+            }
         }
     }
+}
+
+/// Each input's embedding and token count, run one after another on `session`.
+fn embed_job(session: &mut Session, tok: &Tokenizer, inputs: &[Prompt]) -> EmbedResult {
+    let bad = |i: usize, e: String| ApiError::bad_request(format!("input[{i}]: {e}"));
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let tokens = encode_prompt(tok, p).map_err(|e| bad(i, e.to_string()))?;
+            if tokens.is_empty() {
+                return Err(bad(i, "empty".into()));
+            }
+            let v = session.embed(&tokens).map_err(|e| bad(i, e.to_string()))?;
+            Ok((v, tokens.len()))
+        })
+        .collect()
 }
 
 /// What [`pick_slot`] knows of a slot.
@@ -600,6 +638,8 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, opts: ServeO
         .route("/completions", post(native::completion))
         .route("/infill", post(native::infill))
         .route("/apply-template", post(native::apply_template))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/embeddings", post(embeddings))
         .route("/props", get(native::props))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move {
@@ -775,6 +815,80 @@ async fn detokenize(State(st): State<AppState>, body: Bytes) -> Response {
         Ok(r) => tokenizer_answer(&st, TokenizerJob::Decode(r.tokens)).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// `/v1/embeddings`: OpenAI's request (`input`: a text, texts, token ids or lists of them;
+/// llama.cpp's `content` too) and answer, `encoding_format` `float` or `base64` (little-endian
+/// f32, what OpenAI's Python client asks for).
+#[derive(Deserialize)]
+struct EmbeddingRequest {
+    #[serde(alias = "content")]
+    input: PromptField,
+    encoding_format: Option<String>,
+    dimensions: Option<usize>,
+}
+
+async fn embeddings(State(st): State<AppState>, body: Bytes) -> Response {
+    let r = match parse::<EmbeddingRequest>(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let base64 = match r.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return ApiError::bad_request(format!(
+                "encoding_format: '{other}' is not supported (float or base64)"
+            ))
+            .into_response()
+        }
+    };
+    let inputs = match r.input {
+        PromptField::Text(t) => vec![Prompt::Text(t)],
+        PromptField::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+        PromptField::Ids(ids) => vec![Prompt::Tokens(ids)],
+        PromptField::IdLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
+    };
+    if inputs.is_empty() {
+        return ApiError::bad_request("input: the list is empty").into_response();
+    }
+    let (reply, rx) = oneshot::channel();
+    if st.jobs.send(Job::Embed(inputs, reply)).is_err() {
+        return ApiError::engine_stopped().into_response();
+    }
+    let vectors = match rx.await.unwrap_or_else(|_| Err(ApiError::engine_dropped())) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let dims = vectors.first().map_or(0, |(v, _)| v.len());
+    if r.dimensions.is_some_and(|d| d != dims) {
+        return ApiError::bad_request(format!(
+            "dimensions: this model's embeddings have {dims} (no other size is supported)"
+        ))
+        .into_response();
+    }
+    let tokens: usize = vectors.iter().map(|(_, n)| n).sum();
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, (v, _))| {
+            let embedding = if base64 {
+                use base64::Engine;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "model": st.model.id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
 }
 
 /// `GET /metrics`: Prometheus' text format; 501 without `--metrics`, as llama.cpp's.

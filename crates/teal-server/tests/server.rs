@@ -1734,3 +1734,89 @@ async fn tool_calls_are_answered_as_openai_does() {
         }
     }
 }
+
+/// `/v1/embeddings`: unit vectors of the hidden size, the library's mean-pooled final states
+/// (text and token-id inputs alike), base64 as OpenAI's client asks; the slot's cache is
+/// emptied, so a generation afterwards gives the text it gave before; bad inputs get a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_pooled_final_states() {
+    let Some((tx, path)) = engine() else { return };
+    let gen = json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+    let (_, before) = call_json(&tx, "/v1/completions", gen.clone()).await;
+    let texts = [
+        "The cat sat on the mat.",
+        "Quantum chromodynamics",
+        "The cat sat on the mat.",
+    ];
+    let (s, v) = call_json(&tx, "/v1/embeddings", json!({"input": texts})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let files = ModelFiles::open(&path).unwrap();
+    let model = files.load_model().unwrap();
+    let mut dec = CpuDecoder::new(Models::single(&model), CTX);
+    let data = v["data"].as_array().unwrap();
+    let vecs: Vec<Vec<f32>> = data
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+    let mut tokens = 0;
+    for (i, (text, got)) in texts.iter().zip(&vecs).enumerate() {
+        assert_eq!(data[i]["index"], i);
+        assert_eq!(got.len(), files.config.hidden_size);
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        let ids = encode_prompt(&files.tokenizer, &Prompt::Text(text.to_string())).unwrap();
+        tokens += ids.len();
+        let want = dec.embed(&ids).unwrap();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-6, "{text}: {diff}");
+    }
+    assert_eq!(vecs[0], vecs[2]);
+    assert_ne!(vecs[0], vecs[1]);
+    assert_eq!(v["usage"]["prompt_tokens"], tokens);
+    // Token ids and base64 give the same vector.
+    let ids = encode_prompt(&files.tokenizer, &Prompt::Text(texts[0].into())).unwrap();
+    let (s, b) = call_json(
+        &tx,
+        "/v1/embeddings",
+        json!({"input": ids, "encoding_format": "base64"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(decoded, vecs[0]);
+    let (_, after) = call_json(&tx, "/v1/completions", gen).await;
+    assert_eq!(after["choices"][0]["text"], before["choices"][0]["text"]);
+    for (body, needle) in [
+        (json!({"input": []}), "input: the list is empty"),
+        (
+            json!({"input": "x", "encoding_format": "int8"}),
+            "encoding_format",
+        ),
+        (json!({"input": "x", "dimensions": 64}), "dimensions"),
+        (json!({"input": "word ".repeat(400)}), "input[0]"),
+        (json!({"input": [[]]}), "input[0]: empty"),
+    ] {
+        let (s, v) = call_json(&tx, "/v1/embeddings", body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+}

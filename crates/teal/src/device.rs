@@ -50,6 +50,15 @@ pub trait Decoder {
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>>;
     /// Runs one token at `position()` with the decode model and returns its logits.
     fn decode(&mut self, token: u32) -> Result<&[f32]>;
+    /// The embedding of `tokens` as a sequence of its own: the mean of the final hidden states
+    /// (after the last RMSNorm) over its positions, scaled to unit length (llama.cpp's mean
+    /// pooling with its default normalization). The cache is left empty.
+    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let _ = tokens;
+        Err(Error::Invalid(
+            "embeddings are computed on the CPU only (run the server without --device cuda)".into(),
+        ))
+    }
     /// [`Decoder::decode`] followed by greedy sampling (first index on ties); a device
     /// decoder picks the token without copying the logits back.
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
@@ -249,6 +258,23 @@ impl Decoder for CpuDecoder<'_> {
         let out = m.prefill(tokens, &mut self.cache, logits);
         crate::load::release_free_heap();
         out
+    }
+    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let m = self.masked.as_ref().unwrap_or(self.models.prefill);
+        self.cache.clear();
+        let states = m.hidden_states(tokens, &mut self.cache);
+        self.cache.clear();
+        crate::load::release_free_heap();
+        let states = states?;
+        let d = m.config.hidden_size;
+        let mut mean = vec![0.0f64; d];
+        for row in states.chunks(d) {
+            for (a, &v) in mean.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+        let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+        Ok(mean.iter().map(|v| (v / norm) as f32).collect())
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let m = self.masked.as_ref().unwrap_or(self.models.decode);

@@ -176,6 +176,12 @@ impl<'d> Session<'d> {
         }
     }
 
+    /// [`Decoder::embed`] of `tokens`; the cache is emptied, so nothing is reused afterwards.
+    pub fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forget();
+        self.dec.embed(tokens)
+    }
+
     /// The decoder's capacity: the context.
     pub fn capacity(&self) -> usize {
         self.dec.capacity()

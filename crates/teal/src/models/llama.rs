@@ -271,6 +271,33 @@ impl Llama {
         tokens: &[u32],
         cache: &mut KvCache,
         logits: Logits,
+        observer: Option<&mut dyn Observer>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = tokens.len();
+        let rows: Vec<usize> = match logits {
+            Logits::Last => vec![n.saturating_sub(1)],
+            Logits::All => (0..n).collect(),
+        };
+        let normed = self.final_states(tokens, cache, &rows, observer)?;
+        let mut lg = vec![0.0f32; rows.len() * c.vocab_size];
+        self.lm_head.forward_batch(&normed, rows.len(), &mut lg);
+        Ok(lg)
+    }
+
+    /// The final hidden states (after the last RMSNorm, `[n, hidden]`) of `tokens` run at
+    /// positions `cache.len()..`, which are appended to the cache: what an embedding pools.
+    pub fn hidden_states(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let rows: Vec<usize> = (0..tokens.len()).collect();
+        self.final_states(tokens, cache, &rows, None)
+    }
+
+    /// Runs the blocks on `tokens` and returns the normed final states of the positions `rows`.
+    fn final_states(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        rows: &[usize],
         mut observer: Option<&mut dyn Observer>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
@@ -312,10 +339,6 @@ impl Llama {
         }
         cache.advance(n);
 
-        let rows: Vec<usize> = match logits {
-            Logits::Last => vec![n - 1],
-            Logits::All => (0..n).collect(),
-        };
         let mut normed = vec![0.0f32; rows.len() * d];
         for (i, &t) in rows.iter().enumerate() {
             reference::rmsnorm(
@@ -325,9 +348,7 @@ impl Llama {
                 &mut normed[i * d..(i + 1) * d],
             );
         }
-        let mut lg = vec![0.0f32; rows.len() * c.vocab_size];
-        self.lm_head.forward_batch(&normed, rows.len(), &mut lg);
-        Ok(lg)
+        Ok(normed)
     }
 
     /// One decode step: runs `token` at position `cache.len()` and returns its logits. Uses only
