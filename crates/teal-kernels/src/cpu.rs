@@ -1500,7 +1500,7 @@ thread_local! {
 /// of keys) computes for the query heads of its group the scores, their maximum m, the sum l of
 /// `exp(score - m)` and the weighted sum of its values with those weights; the pieces of each
 /// head are then merged, rescaled to the common maximum. Pieces are spread over the kernel pool
-/// (about eight per thread, none under [`ATTN_MIN_KEYS`] keys where there are more), so the
+/// (about eight per thread, none under `ATTN_MIN_KEYS` keys where there are more), so the
 /// threads share the work whatever the number of heads, and a block of keys and values is read
 /// once for all the query heads of its group. `scores` is caller-owned scratch of at least
 /// `n_head * n_keys` values, so a decode step allocates nothing after the first. Same result as

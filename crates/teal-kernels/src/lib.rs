@@ -1,6 +1,6 @@
-//! Kernels for teal. Every op has a plain scalar reference in [`reference`]; every fast path
-//! (SIMD, threads) in [`cpu`] is tested against it; [`pool`] runs the decode kernels' threads.
-//! [`packed`] defines the weight formats.
+//! Kernels for teal. Every op has a plain scalar reference in [`reference`](mod@reference);
+//! every fast path (SIMD, threads) in [`cpu`] is tested against it; [`pool`] runs the decode
+//! kernels' threads. [`packed`] defines the weight formats.
 
 pub mod cpu;
 pub mod cuda;

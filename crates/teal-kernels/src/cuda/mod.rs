@@ -284,14 +284,14 @@ impl AttentionSplit {
         self.n_split
     }
 
-    /// Query heads one block attends in caches longer than [`ATTN_GROUP_KEYS`] (one of 1, 2,
+    /// Query heads one block attends in caches longer than `ATTN_GROUP_KEYS` (one of 1, 2,
     /// 4, 8; the whole group up to 8).
     pub fn group(&self) -> usize {
         self.group
     }
 
     /// The same workspace attending by key-value group from caches longer than `keys` on
-    /// instead of [`ATTN_GROUP_KEYS`] (the tests cover both ways of attending with it).
+    /// instead of `ATTN_GROUP_KEYS` (the tests cover both ways of attending with it).
     pub fn group_from(self, keys: usize) -> Self {
         Self {
             group_keys: keys,
@@ -808,8 +808,8 @@ impl Gpu {
     /// The workspace of [`Gpu::attention_rope_decode`] for `n_head` query heads sharing `n_kv`
     /// key-value heads of dimension `hd`, over caches of up to `max_keys` positions: how many
     /// query heads one block takes once the cache is split (the whole group up to 8), how many
-    /// runs the keys are split into (one per [`ATTN_SPLIT_KEYS`] keys up to
-    /// [`ATTN_MAX_SPLIT`], and no more blocks than two per multiprocessor), with room for each
+    /// runs the keys are split into (one per `ATTN_SPLIT_KEYS` keys up to
+    /// `ATTN_MAX_SPLIT`, and no more blocks than two per multiprocessor), with room for each
     /// run's partial result.
     pub fn attention_split(
         &self,
@@ -853,10 +853,10 @@ impl Gpu {
     /// NeoX RoPE on the `n_head` query and `n_kv` key heads, the rotated keys and the values
     /// stored at cache row `pos[0]`, and attention over keys `0..=pos[0]` into `out`
     /// (`[n_head * hd]`). qkv itself is not changed. The caches hold `max_keys` rows of
-    /// `n_kv * hd`; see [`attention_max_keys`]. Caches longer than [`ATTN_SPLIT_KEYS`] are
+    /// `n_kv * hd`; see [`attention_max_keys`]. Caches longer than `ATTN_SPLIT_KEYS` are
     /// attended in runs of keys, merged by the last block (`split`, from
     /// [`Gpu::attention_split`] for these heads and at least `max_keys`). Up to
-    /// [`ATTN_GROUP_KEYS`] keys each query head has its own blocks; beyond, each run of a
+    /// `ATTN_GROUP_KEYS` keys each query head has its own blocks; beyond, each run of a
     /// key-value head is attended by one block for the query heads that share it (up to 8),
     /// which reads each cached key and value once. `pos` and the cache
     /// rows before `pos[0]` are read before the launch waits for the previous kernel in the
