@@ -914,8 +914,10 @@ impl GrammarMode {
         let Some(Some(b)) = self.bytes.get(token as usize) else {
             return;
         };
-        let rest = match &mut self.waiting {
-            None => b.clone(),
+        match &mut self.waiting {
+            None => {
+                self.state.push_bytes(b);
+            }
             Some((trigger, tail)) => {
                 tail.extend_from_slice(b);
                 let Some(at) = find(tail, trigger) else {
@@ -923,12 +925,11 @@ impl GrammarMode {
                     tail.drain(..keep);
                     return;
                 };
-                let rest = tail[at + trigger.len()..].to_vec();
+                let rest = tail.split_off(at + trigger.len());
                 self.waiting = None;
-                rest
+                self.state.push_bytes(&rest);
             }
-        };
-        self.state.push_bytes(&rest);
+        }
         self.first = self.state.first_bytes();
     }
 

@@ -373,33 +373,35 @@ impl Sampler {
                 .map(|(i, &v)| (v, i as u32)),
         );
         // Sort a generous head first; the rest only if the head holds too few allowed tokens.
-        let mut allowed = Vec::with_capacity(want.min(self.cand.len()));
-        let mut start = 0;
-        let mut head = (4 * want).max(256);
-        while allowed.len() < want && start < self.cand.len() {
-            let end = head.min(self.cand.len());
-            if end < self.cand.len() {
+        // The allowed ones are moved to the front of the candidates as they are found (every
+        // place before the one tested has been tested).
+        let n = self.cand.len();
+        let (mut kept, mut start, mut head) = (0, 0, (4 * want).max(256));
+        while kept < want && start < n {
+            let end = head.min(n);
+            if end < n {
                 self.cand[start..].select_nth_unstable_by(end - start - 1, order);
             }
             self.cand[start..end].sort_unstable_by(order);
-            for &(v, t) in &self.cand[start..end] {
-                if allowed.len() == want {
+            for i in start..end {
+                if kept == want {
                     break;
                 }
-                if c.allows(t) {
-                    allowed.push((v, t));
+                if c.allows(self.cand[i].1) {
+                    self.cand[kept] = self.cand[i];
+                    kept += 1;
                 }
             }
             start = end;
             head *= 4;
         }
-        if allowed.is_empty() {
+        self.cand.truncate(kept);
+        if kept == 0 {
             return c.fallback().unwrap_or_else(|| argmax(logits));
         }
         if greedy {
-            return allowed[0].1;
+            return self.cand[0].1;
         }
-        self.cand = allowed;
         let r = self.draw();
         self.draw_candidates(r)
     }
