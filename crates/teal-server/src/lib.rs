@@ -324,16 +324,9 @@ pub fn run_engine(
                 reply.send(tokenizer_job(tok, ctx, t)).ok();
             }
             Job::Embed(inputs, reply) => {
-                // The least recently used slot: its cache is emptied.
-                let state: Vec<SlotState> = used
-                    .iter()
-                    .map(|&last_used| SlotState {
-                        cached: 1,
-                        shared: 0,
-                        last_used,
-                    })
-                    .collect();
-                let i = pick_slot(&state, 1);
+                // The least recently used slot (the last of those never used): its cache is
+                // emptied.
+                let i = (0..used.len()).rev().min_by_key(|&i| used[i]).unwrap_or(0);
                 clock += 1;
                 used[i] = clock;
                 reply.send(embed_job(&mut sessions[i], tok, &inputs)).ok();

@@ -55,6 +55,18 @@ struct Utf8 {
     hi: u8,
 }
 
+impl Lex {
+    /// At the start of a string (a key if `key`).
+    fn string(key: bool) -> Lex {
+        Lex::Str {
+            key,
+            esc: false,
+            hex: 0,
+            utf8: Utf8::NONE,
+        }
+    }
+}
+
 impl Utf8 {
     const NONE: Utf8 = Utf8 {
         due: 0,
@@ -253,12 +265,7 @@ impl JsonPrefix {
             (Expect::Value | Expect::ValueOrClose, b'{') => self.open(true),
             (Expect::Value | Expect::ValueOrClose, b'[') => self.open(false),
             (Expect::Value | Expect::ValueOrClose, b'"') => {
-                self.lex = Lex::Str {
-                    key: false,
-                    esc: false,
-                    hex: 0,
-                    utf8: Utf8::NONE,
-                };
+                self.lex = Lex::string(false);
                 true
             }
             (Expect::Value | Expect::ValueOrClose, b'-') => {
@@ -280,12 +287,7 @@ impl JsonPrefix {
             }
             (Expect::ValueOrClose, b']') | (Expect::KeyOrClose, b'}') => self.close(),
             (Expect::Key | Expect::KeyOrClose, b'"') => {
-                self.lex = Lex::Str {
-                    key: true,
-                    esc: false,
-                    hex: 0,
-                    utf8: Utf8::NONE,
-                };
+                self.lex = Lex::string(true);
                 true
             }
             (Expect::Colon, b':') => {
