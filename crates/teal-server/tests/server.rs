@@ -84,6 +84,14 @@ async fn call_json(tx: &Sender<Job>, uri: &str, body: Value) -> (StatusCode, Val
     )
 }
 
+/// Sends `body` to `uri` and checks that it gets a 400 whose message contains `needle`.
+async fn expect_400(tx: &Sender<Job>, uri: &str, body: Value, needle: &str) {
+    let (s, v) = call_json(tx, uri, body.clone()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{uri} {body}: {v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(needle), "{uri} {body}: {msg}");
+}
+
 /// The `data:` payloads of a server-sent event stream, `[DONE]` as a string.
 fn sse_data(body: &str) -> Vec<Value> {
     body.lines()
@@ -864,18 +872,14 @@ async fn tokenizer_endpoints() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["prompt"], "The capital of France is");
     assert_eq!(v["content"], v["prompt"]);
-    let (s, v) = call_json(&tx, "/detokenize", json!({"tokens": [1, 99999999]})).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    assert!(
-        v["error"]["message"].as_str().unwrap().contains("99999999"),
-        "{v}"
-    );
-    let (s, v) = call_json(&tx, "/tokenize", json!({"text": "x"})).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    assert!(
-        v["error"]["message"].as_str().unwrap().contains("prompt"),
-        "{v}"
-    );
+    expect_400(
+        &tx,
+        "/detokenize",
+        json!({"tokens": [1, 99999999]}),
+        "99999999",
+    )
+    .await;
+    expect_400(&tx, "/tokenize", json!({"text": "x"}), "prompt").await;
 }
 
 /// llama.cpp's `/completion`: the greedy answer with its token ids and probabilities, the
@@ -1107,10 +1111,7 @@ async fn native_bad_requests_name_the_field() {
             "expected a sequence",
         ),
     ] {
-        let (s, v) = call_json(&tx, uri, body.clone()).await;
-        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri} {body}: {v}");
-        let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains(needle), "{uri} {body}: {msg}");
+        expect_400(&tx, uri, body, needle).await;
     }
     // Neutral values of the unsupported options pass, as llama.cpp's clients send them.
     let req = json!({
@@ -1299,10 +1300,7 @@ async fn logit_bias_reaches_the_sampler() {
         (json!("x"), "logit_bias: expected"),
     ] {
         let req = json!({"prompt": prompt, "max_tokens": 2, "logit_bias": bias});
-        let (s, v) = call_json(&tx, "/v1/completions", req).await;
-        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-        let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains(needle), "{msg}");
+        expect_400(&tx, "/v1/completions", req, needle).await;
     }
 }
 
@@ -1419,12 +1417,7 @@ async fn json_mode_answers_one_object() {
         "{text:?}"
     );
     let req = json!({"prompt": "x", "response_format": {"type": "json_schema"}});
-    let (s, v) = call_json(&tx, "/v1/completions", req).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("json_schema"));
+    expect_400(&tx, "/v1/completions", req, "json_schema").await;
 }
 
 /// A GBNF grammar (llama.cpp's `grammar`) and a JSON Schema (llama.cpp's `json_schema`,
@@ -1727,10 +1720,7 @@ async fn tool_calls_are_answered_as_openai_does() {
                 "tool_choice",
             ),
         ] {
-            let (s, v) = call_json(&tx, "/v1/chat/completions", body.clone()).await;
-            assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
-            let msg = v["error"]["message"].as_str().unwrap();
-            assert!(msg.contains(needle), "{body}: {msg}");
+            expect_400(&tx, "/v1/chat/completions", body, needle).await;
         }
     }
 }
@@ -1814,9 +1804,6 @@ async fn embeddings_are_pooled_final_states() {
         (json!({"input": "word ".repeat(400)}), "input[0]"),
         (json!({"input": [[]]}), "input[0]: empty"),
     ] {
-        let (s, v) = call_json(&tx, "/v1/embeddings", body.clone()).await;
-        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
-        let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains(needle), "{body}: {msg}");
+        expect_400(&tx, "/v1/embeddings", body, needle).await;
     }
 }
