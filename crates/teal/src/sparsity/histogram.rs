@@ -267,7 +267,7 @@ fn bin_counts(values: &[f32], edges: &[f32], lo: f32, hi: f32) -> Vec<u64> {
     values
         .par_chunks(chunk_len(values.len()))
         .map(|chunk| {
-            let mut h = vec![0u64; nb];
+            let mut h = counters::<u64>(nb);
             for &x in chunk {
                 if let Some(b) = bin_of(x) {
                     h[b] += 1;
@@ -275,7 +275,7 @@ fn bin_counts(values: &[f32], edges: &[f32], lo: f32, hi: f32) -> Vec<u64> {
             }
             h
         })
-        .reduce(|| vec![0u64; nb], add_into)
+        .reduce(|| counters(nb), add_into)
 }
 
 fn add_into(mut a: Vec<u64>, b: Vec<u64>) -> Vec<u64> {
@@ -299,9 +299,8 @@ fn chunk_len(n: usize) -> usize {
 /// (or NaN) it returns `-1.0`: nothing is zeroed under the strict rule `|x| > t`. Empty input:
 /// all `-1.0`. Levels `>= 1` give the largest `|x|`.
 ///
-/// Exact radix selection on the bit patterns: two parallel passes over the data (plus one per
-/// 16 further distinct buckets), no copy. 100M values: ~0.15 CPU-s for one level, ~0.5 CPU-s
-/// for 19 levels (`TealHistogram::build`: ~0.8 CPU-s), on this project's 2-core machine.
+/// Exact radix selection on the bit patterns: three parallel passes over the data whatever the
+/// number of levels, no copy.
 /// Never panics; NaNs order above +Inf (call [`check_finite`] first).
 pub fn abs_quantiles(values: &[f32], levels: &[f64]) -> Vec<f32> {
     let n = values.len();
@@ -437,7 +436,7 @@ fn density_of(
     let counts = values
         .par_chunks(chunk_len(values.len()))
         .map(|c| {
-            let mut h = vec![0u64; bins];
+            let mut h = counters::<u64>(bins);
             for &x in c {
                 let v = map(x);
                 if v >= lo && v <= hi {
@@ -447,7 +446,7 @@ fn density_of(
             }
             h
         })
-        .reduce(|| vec![0u64; bins], add_into);
+        .reduce(|| counters(bins), add_into);
     let norm = values.len() as f64 * width;
     counts
         .iter()
@@ -494,85 +493,128 @@ fn abs_key(x: f32) -> u32 {
     x.to_bits() & 0x7fff_ffff
 }
 
+/// Counters of the first selection pass (the high 16 bits of a key).
 const RADIX: usize = 1 << 16;
-/// Distinct high buckets resolved per second pass (bounds the per-chunk counter memory).
-const BUCKETS_PER_PASS: usize = 16;
+/// Counters per prefix in the second and third passes (8 bits each).
+const SUB: usize = 1 << 8;
+
+/// `n` zero counters, written rather than allocated zeroed: a zeroed allocation maps the
+/// shared zero page, and each counter page's first increment (a read, then a write) then
+/// takes a copy-on-write fault whose TLB flush interrupts every thread of the process. With
+/// fresh counters per chunk and pass, that was most of a calibration's time.
+fn counters<T: Copy + Default>(n: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    v.resize(n, T::default());
+    v
+}
+
+/// Counts, over `values` in parallel, the counter `slot(key(x))` of every value (`None`: not
+/// counted) in `n` counters.
+fn count_keys<K, S>(values: &[f32], key: &K, n: usize, slot: S) -> Vec<u64>
+where
+    K: Fn(f32) -> u32 + Sync,
+    S: Fn(u32) -> Option<usize> + Sync,
+{
+    values
+        .par_chunks(chunk_len(values.len()))
+        .map(|c| {
+            let mut h = counters::<u32>(n);
+            for &x in c {
+                if let Some(i) = slot(key(x)) {
+                    h[i] += 1;
+                }
+            }
+            h.into_iter().map(u64::from).collect::<Vec<u64>>()
+        })
+        .reduce(|| counters(n), add_into)
+}
+
+/// The index `i` of the counter in `counts` where the running sum first exceeds `within`, and
+/// `within` less the counts before it.
+fn locate(counts: &[u64], within: u64) -> (usize, u64) {
+    let mut before = 0u64;
+    for (i, &c) in counts.iter().enumerate() {
+        if before + c > within {
+            return (i, within - before);
+        }
+        before += c;
+    }
+    unreachable!("rank inside its prefix")
+}
 
 /// For each 0-based rank in `ranks` (each `< values.len()`), the key of the value of that rank
-/// in ascending key order. Pass 1 counts the high 16 bits of every key; pass 2 counts the low
-/// 16 bits of the keys in the buckets that hold a wanted rank.
+/// in ascending key order. Three passes over the data whatever the number of ranks: the first
+/// counts the high 16 bits of every key, the second the next 8 bits of the keys under a high
+/// prefix that holds a wanted rank, the third the low 8 bits under a 24-bit prefix that does.
 fn select_ranks<K: Fn(f32) -> u32 + Sync>(values: &[f32], key: K, ranks: &[usize]) -> Vec<u32> {
     if ranks.is_empty() {
         return Vec::new();
     }
     let n = values.len();
     assert!(ranks.iter().all(|&r| r < n), "rank out of range");
-    let chunk = chunk_len(n);
-    let high: Vec<u64> = values
-        .par_chunks(chunk)
-        .map(|c| {
-            let mut h = vec![0u32; RADIX];
-            for &x in c {
-                h[(key(x) >> 16) as usize] += 1;
-            }
-            h.into_iter().map(u64::from).collect::<Vec<u64>>()
-        })
-        .reduce(|| vec![0u64; RADIX], add_into);
+    let none = u32::MAX;
+    // Pass 1: the high 16 bits. Each rank gets its bucket and its rank within it.
+    let high = count_keys(values, &key, RADIX, |k| Some((k >> 16) as usize));
     let mut ends = high.clone();
     for i in 1..RADIX {
         ends[i] += ends[i - 1];
     }
-    // (bucket, rank within bucket) of every wanted rank.
-    let located: Vec<(usize, u64)> = ranks
+    let first: Vec<(usize, u64)> = ranks
         .iter()
         .map(|&r| {
             let b = ends.partition_point(|&e| e <= r as u64);
             (b, r as u64 - (ends[b] - high[b]))
         })
         .collect();
-    let mut buckets: Vec<usize> = located.iter().map(|&(b, _)| b).collect();
-    buckets.sort_unstable();
-    buckets.dedup();
-
-    let mut out = vec![0u32; ranks.len()];
-    for group in buckets.chunks(BUCKETS_PER_PASS) {
-        let mut slot = vec![u8::MAX; RADIX];
-        for (i, &b) in group.iter().enumerate() {
-            slot[b] = i as u8;
-        }
-        let g = group.len();
-        let low: Vec<u64> = values
-            .par_chunks(chunk)
-            .map(|c| {
-                let mut h = vec![0u32; g * RADIX];
-                for &x in c {
-                    let k = key(x);
-                    let s = slot[(k >> 16) as usize];
-                    if s != u8::MAX {
-                        h[s as usize * RADIX + (k & 0xffff) as usize] += 1;
-                    }
-                }
-                h.into_iter().map(u64::from).collect::<Vec<u64>>()
-            })
-            .reduce(|| vec![0u64; g * RADIX], add_into);
-        for (o, &(b, within)) in out.iter_mut().zip(&located) {
-            let s = slot[b];
-            if s == u8::MAX {
-                continue;
-            }
-            let counts = &low[s as usize * RADIX..(s as usize + 1) * RADIX];
-            let mut acc = 0u64;
-            let lowbits = counts
-                .iter()
-                .position(|&c| {
-                    acc += c;
-                    acc > within
-                })
-                .expect("rank inside its bucket");
-            *o = ((b as u32) << 16) | lowbits as u32;
+    // Pass 2: the next 8 bits under each wanted bucket (slot1: bucket -> its row of counters).
+    let mut slot1 = vec![none; RADIX];
+    let mut rows1 = 0usize;
+    for &(b, _) in &first {
+        if slot1[b] == none {
+            slot1[b] = rows1 as u32;
+            rows1 += 1;
         }
     }
-    out
+    let row1 = |k: u32| match slot1[(k >> 16) as usize] {
+        r if r == none => None,
+        r => Some(r as usize),
+    };
+    let mid = count_keys(values, &key, rows1 * SUB, |k| {
+        row1(k).map(|r| r * SUB + ((k >> 8) as usize & (SUB - 1)))
+    });
+    let second: Vec<(usize, u64)> = first
+        .iter()
+        .map(|&(b, within)| {
+            let r = slot1[b] as usize;
+            let (m, w) = locate(&mid[r * SUB..(r + 1) * SUB], within);
+            (r * SUB + m, w)
+        })
+        .collect();
+    // Pass 3: the low 8 bits under each wanted 24-bit prefix (slot2: pass-2 counter -> row).
+    let mut slot2 = vec![none; rows1 * SUB];
+    let mut rows2 = 0usize;
+    for &(p, _) in &second {
+        if slot2[p] == none {
+            slot2[p] = rows2 as u32;
+            rows2 += 1;
+        }
+    }
+    let low = count_keys(values, &key, rows2 * SUB, |k| {
+        let p = row1(k)? * SUB + ((k >> 8) as usize & (SUB - 1));
+        match slot2[p] {
+            r if r == none => None,
+            r => Some(r as usize * SUB + (k as usize & (SUB - 1))),
+        }
+    });
+    first
+        .iter()
+        .zip(&second)
+        .map(|(&(b, _), &(p, within))| {
+            let r = slot2[p] as usize;
+            let (l, _) = locate(&low[r * SUB..(r + 1) * SUB], within);
+            ((b as u32) << 16) | (((p % SUB) as u32) << 8) | l as u32
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -809,7 +851,7 @@ mod tests {
                 }
             }
         }
-        // More than BUCKETS_PER_PASS distinct buckets in one call.
+        // Many distinct buckets in one call.
         let v = gaussian(50_000, 99, 0.0, 10.0);
         let levels: Vec<f64> = (1..100).map(|i| i as f64 / 100.0).collect();
         let t = abs_quantiles(&v, &levels);
