@@ -95,5 +95,9 @@ def calls(r):
     m = r["choices"][0]["message"]
     return r["choices"][0]["finish_reason"], m.get("content"), [c["function"] for c in m.get("tool_calls") or []]
 check("required tool call: gpu answer equals cpu", calls(tg) == calls(tc), repr(calls(tg)))
+em = {"input": [P, W[:2000]]}
+eg, ec = post(8081, "/v1/embeddings", em), post(8082, "/v1/embeddings", em)
+ed = [sum((a - b) ** 2 for a, b in zip(x["embedding"], y["embedding"])) ** 0.5 for x, y in zip(eg.get("data", []), ec.get("data", []))]
+check("embeddings (GEMV and GEMM chunks): gpu near cpu (f16 weights vs f32)", len(ed) == 2 and max(ed) < 0.05, f"distances {ed} tokens {eg.get('usage')}")
 gpu.terminate(); cpu.terminate()
 print("ALL PASS" if ok else "SOME FAILED")

@@ -53,12 +53,7 @@ pub trait Decoder {
     /// The embedding of `tokens` as a sequence of its own: the mean of the final hidden states
     /// (after the last RMSNorm) over its positions, scaled to unit length (llama.cpp's mean
     /// pooling with its default normalization). The cache is left empty.
-    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let _ = tokens;
-        Err(Error::Invalid(
-            "embeddings are computed on the CPU only (run the server without --device cuda)".into(),
-        ))
-    }
+    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
     /// [`Decoder::decode`] followed by greedy sampling (first index on ties); a device
     /// decoder picks the token without copying the logits back.
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
@@ -82,6 +77,19 @@ pub trait Decoder {
     fn bandwidth(&self, cpu_buffer: usize) -> Result<Bandwidth>;
     /// Where it runs, for logs: `cpu (KV cache f16)`, `cuda:0 (NVIDIA H200, bf16)`.
     fn describe(&self) -> String;
+}
+
+/// The mean of the rows (`d` wide) of `states`, scaled to unit length: [`Decoder::embed`]'s
+/// pooling.
+pub(crate) fn mean_pooled(states: &[f32], d: usize) -> Vec<f32> {
+    let mut mean = vec![0.0f64; d];
+    for row in states.chunks(d) {
+        for (a, &v) in mean.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+    mean.iter().map(|v| (v / norm) as f32).collect()
 }
 
 /// A device a model can run on.
@@ -265,16 +273,7 @@ impl Decoder for CpuDecoder<'_> {
         let states = m.hidden_states(tokens, &mut self.cache);
         self.cache.clear();
         crate::load::release_free_heap();
-        let states = states?;
-        let d = m.config.hidden_size;
-        let mut mean = vec![0.0f64; d];
-        for row in states.chunks(d) {
-            for (a, &v) in mean.iter_mut().zip(row) {
-                *a += v as f64;
-            }
-        }
-        let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
-        Ok(mean.iter().map(|v| (v / norm) as f32).collect())
+        Ok(mean_pooled(&states?, m.config.hidden_size))
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let m = self.masked.as_ref().unwrap_or(self.models.decode);

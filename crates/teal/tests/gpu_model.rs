@@ -1026,3 +1026,54 @@ fn gpu_gemm_prefill_matches_gemv_chunks() {
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// Embeddings (unit vectors), GPU vs CPU, Euclidean distance: through the GEMV chunks the GPU
+/// multiplies by the same bf16 weights in f32 (the logits agree within [`GPU_LOGIT_TOL`]);
+/// through the GEMM path its inputs are rounded to bf16 too, the logits' difference bounded by
+/// [`GPU_GEMM_PREFILL_RMS_TOL`]. Measured on the H200: GEMV chunks 4.1e-7 (Qwen2 tiny), 1.2e-6
+/// (SmolLM2 shape), 4.1e-6 (Llama-3-8B blocks); GEMM 2.3e-3, 5.6e-3, 2.5e-3.
+const GPU_EMBED_GEMV_TOL: f64 = 1e-4;
+const GPU_EMBED_GEMM_TOL: f64 = GPU_GEMM_PREFILL_RMS_TOL;
+
+/// [`teal::device::Decoder::embed`] on the GPU gives the CPU's vector for a short input (GEMV
+/// chunks) and a long one (GEMM chunks), leaves the cache empty, and the next prompt runs as
+/// in a fresh decoder.
+#[test]
+fn gpu_embeddings_match_cpu() {
+    if !have_gpu("GPU embedding test") {
+        return;
+    }
+    let dist = |a: &[f32], b: &[f32]| -> f64 {
+        let s: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum();
+        s.sqrt()
+    };
+    for name in SHAPES {
+        let c = shape(name);
+        let model = random_model(&c);
+        let v = c.vocab_size;
+        let mut cpu = Device::Cpu.decoder(Models::single(&model), 64).unwrap();
+        let mut gpu = GPU_BF16.decoder(Models::single(&model), 64).unwrap();
+        let prompt: Vec<u32> = (0..5).map(|i| ((i * 31 + 7) % v) as u32).collect();
+        let fresh = gpu.prefill(&prompt, Logits::Last).unwrap();
+        for (len, tol) in [(21, GPU_EMBED_GEMV_TOL), (40, GPU_EMBED_GEMM_TOL)] {
+            let tokens: Vec<u32> = (0..len).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+            let want = cpu.embed(&tokens).unwrap();
+            let got = gpu.embed(&tokens).unwrap();
+            assert_eq!(got.len(), c.hidden_size, "{name}");
+            let unit = got.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let d = dist(&got, &want);
+            eprintln!("{name}: {len} tokens, GPU vs CPU embedding distance {d:.2e}");
+            assert!((unit - 1.0).abs() < 1e-5, "{name}: length {unit}");
+            assert!(d <= tol, "{name}: {len} tokens, distance {d} > {tol}");
+            assert_eq!(gpu.position(), 0, "{name}");
+            let again = gpu.prefill(&prompt, Logits::Last).unwrap();
+            let w = max_rel(&again, &fresh, name);
+            assert!(w <= GPU_PATHS_TOL, "{name}: prefill after embed {w}");
+            gpu.clear().unwrap();
+        }
+    }
+}

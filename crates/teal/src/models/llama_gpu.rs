@@ -1038,11 +1038,14 @@ impl GpuLlama {
     /// Prefill `tokens` at the current position in GEMV chunks of up to [`MAX_BATCH`]
     /// positions (captured graphs), appending `want`'s logits to `out`: every position's, or
     /// the last one's.
+    /// With `states`, each chunk's residual rows (the last block's output, before the final
+    /// RMSNorm) are appended to it.
     fn prefill_chunks(
         &mut self,
         tokens: &[u32],
         want: Option<Logits>,
         out: &mut Vec<f32>,
+        mut states: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         let v = self.m.config.vocab_size;
         let n_chunks = tokens.len().div_ceil(MAX_BATCH);
@@ -1067,6 +1070,10 @@ impl GpuLlama {
                 let all = self.gpu.download_prefix(&self.m.chunk.logits, rows * v)?;
                 out.extend_from_slice(&all[first * v..]);
             }
+            if let Some(st) = states.as_deref_mut() {
+                let d = self.m.config.hidden_size;
+                st.extend(self.gpu.download_prefix(&self.m.chunk.h, rows * d)?);
+            }
         }
         Ok(())
     }
@@ -1075,12 +1082,14 @@ impl GpuLlama {
     /// ([`Resident::enqueue_gemm`], run eagerly), appending `want`'s logits to `out`. False,
     /// with nothing done that counts, where the GEMM path is not available (no cuBLAS, or no
     /// memory for its buffers) or an f16 input overflowed: the caller runs the GEMV chunks,
-    /// which write the same cache rows again.
+    /// which write the same cache rows again. With `states`, the residual rows are appended to
+    /// it as by [`GpuLlama::prefill_chunks`].
     fn prefill_gemm(
         &mut self,
         tokens: &[u32],
         want: Option<Logits>,
         out: &mut Vec<f32>,
+        states: Option<&mut Vec<f32>>,
     ) -> Result<bool> {
         if matches!(self.gemm, GemmState::Untried) {
             self.gemm = self.new_gemm()?;
@@ -1101,6 +1110,10 @@ impl GpuLlama {
             let n = if w == Logits::All { rows } else { 1 };
             let v = self.m.config.vocab_size;
             out.extend(self.gpu.download_prefix(&p.acts.logits, n * v)?);
+        }
+        if let Some(st) = states {
+            let d = self.m.config.hidden_size;
+            st.extend(self.gpu.download_prefix(&p.acts.h, rows * d)?);
         }
         self.len += rows;
         Ok(true)
@@ -1135,6 +1148,45 @@ impl GpuLlama {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Runs `tokens` at the current position with the prefill model: prompts of
+    /// `GEMM_MIN_ROWS` positions or more in GEMM chunks of up to `GEMM_ROWS` (of equal sizes)
+    /// where cuBLAS is present, shorter ones (and an f16 chunk whose inputs overflow f16) in
+    /// GEMV chunks (see the module documentation). Appends `logits`' logits to `out`, and with
+    /// `states` every position's residual.
+    fn run_prompt(
+        &mut self,
+        tokens: &[u32],
+        logits: Option<Logits>,
+        out: &mut Vec<f32>,
+        mut states: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        self.check_input(tokens, "the input")?;
+        let n = tokens.len();
+        let size = if n >= GEMM_MIN_ROWS {
+            n.div_ceil(n.div_ceil(GEMM_ROWS))
+        } else {
+            n
+        };
+        for (i, piece) in tokens.chunks(size).enumerate() {
+            let want = match logits {
+                Some(Logits::All) => Some(Logits::All),
+                Some(Logits::Last) => ((i + 1) * size >= n).then_some(Logits::Last),
+                None => None,
+            };
+            let gemm = piece.len() >= GEMM_MIN_ROWS
+                && self.prefill_gemm(piece, want, out, states.as_deref_mut())?;
+            if !gemm {
+                self.prefill_chunks(piece, want, out, states.as_deref_mut())?;
+            }
+        }
+        // The decode steps read their position on the device.
+        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+        Ok(())
     }
 
     /// Run `token` at the current position as a decode or observed step.
@@ -1175,37 +1227,31 @@ impl Decoder for GpuLlama {
         self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
         Ok(())
     }
-    /// Prompts of `GEMM_MIN_ROWS` positions or more run in GEMM chunks of up to `GEMM_ROWS`
-    /// (of equal sizes) where cuBLAS is present, shorter ones (and an f16 chunk whose inputs
-    /// overflow f16) in GEMV chunks (see the module documentation).
+    /// In GEMM or GEMV chunks ([`GpuLlama::run_prompt`]).
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(Error::EmptyPrompt);
-        }
-        self.check_input(tokens, "the input")?;
-        let (v, n) = (self.m.config.vocab_size, tokens.len());
         let mut out = Vec::with_capacity(match logits {
-            Logits::Last => v,
-            Logits::All => n * v,
+            Logits::Last => self.m.config.vocab_size,
+            Logits::All => tokens.len() * self.m.config.vocab_size,
         });
-        let size = if n >= GEMM_MIN_ROWS {
-            n.div_ceil(n.div_ceil(GEMM_ROWS))
-        } else {
-            n
-        };
-        for (i, piece) in tokens.chunks(size).enumerate() {
-            let want = match logits {
-                Logits::All => Some(Logits::All),
-                Logits::Last => ((i + 1) * size >= n).then_some(Logits::Last),
-            };
-            let gemm = piece.len() >= GEMM_MIN_ROWS && self.prefill_gemm(piece, want, &mut out)?;
-            if !gemm {
-                self.prefill_chunks(piece, want, &mut out)?;
-            }
-        }
-        // The decode steps read their position on the device.
-        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+        self.run_prompt(tokens, Some(logits), &mut out, None)?;
         Ok(out)
+    }
+    /// The residual of every position from the prefill model (GEMM or GEMV chunks, as
+    /// [`Decoder::prefill`]), copied back; the final RMSNorm and the pooling run on the host.
+    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.clear()?;
+        let mut states = Vec::with_capacity(tokens.len() * self.m.config.hidden_size);
+        let ran = self.run_prompt(tokens, None, &mut Vec::new(), Some(&mut states));
+        self.clear()?;
+        ran?;
+        let c = &self.m.config;
+        let (d, eps) = (c.hidden_size, c.rms_norm_eps);
+        let norm = self.gpu.download(&self.m.norm)?;
+        let mut normed = vec![0.0f32; states.len()];
+        for (x, y) in states.chunks(d).zip(normed.chunks_mut(d)) {
+            teal_kernels::reference::rmsnorm(x, &norm, eps, y);
+        }
+        Ok(crate::device::mean_pooled(&normed, d))
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         self.step(token, Step::Decode)?;
