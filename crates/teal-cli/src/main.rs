@@ -568,6 +568,7 @@ impl Common {
         if !teal::simd_available() {
             eprintln!("note: this CPU lacks AVX2/FMA/F16C: kernels run on the portable path (correct, slower)");
         }
+        teal::load::single_heap();
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()

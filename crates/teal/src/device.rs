@@ -258,21 +258,20 @@ impl Decoder for CpuDecoder<'_> {
         Ok(())
     }
     /// Prefill's temporaries (activations of every position, dequantized weight blocks, sgemm
-    /// packing buffers) below the mmap threshold are freed into the heap, where they stayed
-    /// resident while decoding (1.7-2.9 MB after an 8-token prompt on SmolLM2-135M); they are
-    /// handed back to the system before decoding starts.
+    /// packing buffers) come from the heap, reused from call to call, and are handed back to
+    /// the system before decoding starts ([`crate::load::reusing_heap`]): left there, they
+    /// stayed resident while decoding (1.7-2.9 MB after an 8-token prompt on SmolLM2-135M).
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);
-        let out = m.prefill(tokens, &mut self.cache, logits);
-        crate::load::release_free_heap();
-        out
+        let cache = &mut self.cache;
+        crate::load::reusing_heap(|| m.prefill(tokens, cache, logits))
     }
     fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);
         self.cache.clear();
-        let states = m.hidden_states(tokens, &mut self.cache);
+        let cache = &mut self.cache;
+        let states = crate::load::reusing_heap(|| m.hidden_states(tokens, cache));
         self.cache.clear();
-        crate::load::release_free_heap();
         Ok(mean_pooled(&states?, m.config.hidden_size))
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
@@ -281,7 +280,10 @@ impl Decoder for CpuDecoder<'_> {
     }
     fn prefill_observed(&mut self, tokens: &[u32], observer: &mut dyn Observer) -> Result<()> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);
-        m.prefill_observed(tokens, &mut self.cache, Logits::Last, Some(observer))?;
+        let cache = &mut self.cache;
+        crate::load::reusing_heap(|| {
+            m.prefill_observed(tokens, cache, Logits::Last, Some(observer))
+        })?;
         Ok(())
     }
     fn set_masks(&mut self, masks: Option<&Masks>) -> Result<()> {

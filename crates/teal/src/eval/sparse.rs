@@ -173,36 +173,38 @@ pub fn compare(
     opts: &PplOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<SparseReport> {
-    let wins = windows(tokens.len(), opts)?;
-    let v = config.vocab_size;
-    let mut cache = dense.new_cache_as(opts.ctx, opts.kv);
-    let mut counter = MaskCounter::new(sparse, 0);
-    let mut tally = Tally::default();
-    for (i, &(s, e)) in wins.iter().enumerate() {
-        let w = &tokens[s..e];
-        cache.clear();
-        let ld = dense.prefill(w, &mut cache, Logits::All)?;
-        // Positions 0..dense_upto run dense; the rest sparse.
-        let dense_upto = match mode {
-            Mode::All => 0,
-            Mode::Half => w.len() / 2,
-            Mode::DecodeOnly => 1,
-        };
-        cache.clear();
-        let mut ls = Vec::with_capacity(w.len() * v);
-        if dense_upto > 0 {
-            ls.extend(dense.prefill(&w[..dense_upto], &mut cache, Logits::All)?);
+    crate::load::reusing_heap(|| {
+        let wins = windows(tokens.len(), opts)?;
+        let v = config.vocab_size;
+        let mut cache = dense.new_cache_as(opts.ctx, opts.kv);
+        let mut counter = MaskCounter::new(sparse, 0);
+        let mut tally = Tally::default();
+        for (i, &(s, e)) in wins.iter().enumerate() {
+            let w = &tokens[s..e];
+            cache.clear();
+            let ld = dense.prefill(w, &mut cache, Logits::All)?;
+            // Positions 0..dense_upto run dense; the rest sparse.
+            let dense_upto = match mode {
+                Mode::All => 0,
+                Mode::Half => w.len() / 2,
+                Mode::DecodeOnly => 1,
+            };
+            cache.clear();
+            let mut ls = Vec::with_capacity(w.len() * v);
+            if dense_upto > 0 {
+                ls.extend(dense.prefill(&w[..dense_upto], &mut cache, Logits::All)?);
+            }
+            ls.extend(sparse.prefill_observed(
+                &w[dense_upto..],
+                &mut cache,
+                Logits::All,
+                Some(&mut counter),
+            )?);
+            tally.add(w, &ld, &ls, v);
+            progress(i + 1, wins.len());
         }
-        ls.extend(sparse.prefill_observed(
-            &w[dense_upto..],
-            &mut cache,
-            Logits::All,
-            Some(&mut counter),
-        )?);
-        tally.add(w, &ld, &ls, v);
-        progress(i + 1, wins.len());
-    }
-    Ok(tally.report(config, &counter, wins.len(), opts, mode))
+        Ok(tally.report(config, &counter, wins.len(), opts, mode))
+    })
 }
 
 /// [`compare`] on a [`Decoder`] (a GPU's), mode `all`: per window, the dense logits

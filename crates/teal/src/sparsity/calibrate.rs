@@ -60,6 +60,17 @@ pub fn calibrate(
     opts: &CalibOptions,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Thresholds> {
+    crate::load::reusing_heap(|| calibrate_blocks(model, fingerprint, tokens, opts, progress))
+}
+
+/// [`calibrate`]: the windows advanced one block at a time through the whole model.
+fn calibrate_blocks(
+    model: &Llama,
+    fingerprint: Fingerprint,
+    tokens: &[u32],
+    opts: &CalibOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Thresholds> {
     let c = &model.config;
     let (n, len, d) = (opts.samples, opts.seq_len, c.hidden_size);
     if n == 0 || len < 4 {
