@@ -108,9 +108,9 @@ fn large_allocations_as_mappings() {
 
 /// Makes every thread allocate from glibc's main heap (one arena). Call it before starting
 /// threads (it applies to threads that have not allocated yet). Threads otherwise get heaps of
-/// their own, whose free top [`release_free_heap`] never returns to the system: after a
-/// prefill on the thread pool about 1.5 MB stayed resident while decoding SmolLM2-135M in
-/// q8 or q4 (1 % of its weights), which the main heap gives back.
+/// their own, whose free top `malloc_trim` never returns to the system: with prefill's
+/// buffers from the heap (`reusing_heap`) about 1.5 MB more stayed resident while decoding
+/// SmolLM2-135M in q8 or q4 (1-1.5 % of its weights) than with the main heap alone.
 pub fn single_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes the allocator's policy for later allocations.
