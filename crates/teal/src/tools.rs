@@ -211,17 +211,32 @@ pub fn parse_calls(text: &str, names: &[&str]) -> Option<(String, Vec<FunctionCa
 }
 
 /// Calls written as bare JSON objects, one after another, each naming one of `names` (the
-/// last may be cut short after whole ones).
+/// last may be cut short after whole ones); also as arrays of such objects, and after the
+/// markers other model families put first (Mistral's `[TOOL_CALLS]`, Llama 3.1's
+/// `<|python_tag|>`, both followed by the objects or an array of them).
 fn bare_calls(text: &str, names: &[&str]) -> Option<Vec<FunctionCall>> {
+    let text = text.trim();
+    let text = ["[TOOL_CALLS]", "<|python_tag|>"]
+        .iter()
+        .find_map(|m| text.strip_prefix(m))
+        .unwrap_or(text);
     let mut calls = Vec::new();
+    let mut push = |v: Value| match call(v) {
+        Some(c) if names.contains(&c.name.as_str()) => {
+            calls.push(c);
+            true
+        }
+        _ => false,
+    };
     for v in serde_json::Deserializer::from_str(text.trim()).into_iter::<Value>() {
-        match v {
-            Ok(v) => match call(v) {
-                Some(c) if names.contains(&c.name.as_str()) => calls.push(c),
-                _ => return None,
-            },
-            Err(e) if e.is_eof() && !calls.is_empty() => break,
-            Err(_) => return None,
+        let whole = match v {
+            Ok(Value::Array(items)) => !items.is_empty() && items.into_iter().all(&mut push),
+            Ok(v) => push(v),
+            Err(e) if e.is_eof() => break,
+            Err(_) => false,
+        };
+        if !whole {
+            return None;
         }
     }
     (!calls.is_empty()).then_some(calls)
@@ -371,6 +386,18 @@ mod tests {
         assert!(parse_calls("{\"a\": 1}", &["f"]).is_none());
         assert!(parse_calls("<tool_call>{\"name\": 3}</tool_call>", &[]).is_none());
         assert!(parse_calls("<tool_call>not json</tool_call>", &[]).is_none());
+        // Mistral's marker and array, Llama 3.1's marker and `parameters`.
+        let mistral = "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"x\": 1}}, {\"name\": \"g\", \"arguments\": {}}]";
+        let (_, calls) = parse_calls(mistral, &["f", "g"]).unwrap();
+        assert_eq!((calls[0].name.as_str(), calls[1].name.as_str()), ("f", "g"));
+        assert_eq!(calls[0].arguments, json!({"x": 1}));
+        assert!(parse_calls(mistral, &["f"]).is_none());
+        assert!(parse_calls("[TOOL_CALLS] []", &["f"]).is_none());
+        let llama = "<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": 2}}";
+        assert_eq!(
+            parse_calls(llama, &["f"]).unwrap().1[0].arguments,
+            json!({"x": 2})
+        );
     }
 
     #[test]
