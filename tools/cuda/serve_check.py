@@ -99,5 +99,15 @@ em = {"input": [P, W[:2000]]}
 eg, ec = post(8081, "/v1/embeddings", em), post(8082, "/v1/embeddings", em)
 ed = [sum((a - b) ** 2 for a, b in zip(x["embedding"], y["embedding"])) ** 0.5 for x, y in zip(eg.get("data", []), ec.get("data", []))]
 check("embeddings (GEMV and GEMM chunks): gpu near cpu (f16 weights vs f32)", len(ed) == 2 and max(ed) < 0.05, f"distances {ed} tokens {eg.get('usage')}")
-gpu.terminate(); cpu.terminate()
+gpu.terminate()
+g2 = start(8083, ["--device", "cuda:0", "--gpu-dtype", "f16", "--slots", "2"])
+QA, QB = "The capital of France is", "Once upon a time, in a small village,"
+ra = comp(8083, prompt=QA); rb = comp(8083, prompt=QB)
+QA2 = QA + ra["choices"][0]["text"] + " And"
+rc = comp(8083, prompt=QA2)
+ca, cb, cc = comp(8082, prompt=QA), comp(8082, prompt=QB), comp(8082, prompt=QA2, cache_prompt=False)
+same = [x["choices"][0]["text"] == y["choices"][0]["text"] for x, y in ((ra, ca), (rb, cb), (rc, cc))]
+kept = rc["usage"].get("prompt_tokens_details", {}).get("cached_tokens")
+check("two GPU slots: texts equal cpu, the first conversation's cache kept across the second", all(same) and (kept or 0) >= ra["usage"]["prompt_tokens"], f"same={same} cached={kept}")
+g2.terminate(); cpu.terminate()
 print("ALL PASS" if ok else "SOME FAILED")

@@ -232,7 +232,7 @@ struct ServeArgs {
     /// KV caches kept between requests (slots), each with the tokens it holds: a prompt runs on
     /// the slot it continues, else an empty one, else the most similar or least recently used,
     /// so that several conversations each keep their cache. Requests still run one at a time.
-    /// CPU only for more than one (each GPU decoder holds its own weights).
+    /// On a GPU the slots share one copy of the weights.
     #[arg(long, default_value_t = 1)]
     slots: usize,
     /// Requests must carry this key (`Authorization: Bearer KEY` or `X-Api-Key`); repeat for
@@ -895,18 +895,15 @@ fn chat_loop(
 fn cmd_serve(a: ServeArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
     let device = a.common.device()?;
-    if a.slots == 0 || (a.slots > 1 && device != Device::Cpu) {
-        bail!(
-            "--slots {}: at least 1, and more than 1 only on the CPU (each GPU decoder would hold its own copy of the weights)",
-            a.slots
-        );
+    if a.slots == 0 {
+        bail!("--slots 0: at least 1");
     }
     let files = a.common.open()?;
     let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let ctx = generation_ctx(a.ctx, &files);
-    let mut decs = (0..a.slots)
-        .map(|_| a.common.decoder(device, loaded.models(), ctx))
-        .collect::<Result<Vec<_>>>()?;
+    let mut decs = device
+        .decoders(loaded.models(), a.slots, ctx, a.common.kv(device)?)
+        .with_context(|| format!("opening --device {}", a.common.device))?;
     let dec = &decs[0];
     let id = a.alias.clone().unwrap_or_else(|| {
         files.path.file_name().map_or_else(

@@ -7,7 +7,7 @@ use crate::generate::Models;
 use crate::kv_cache::{KvCache, KvDtype};
 use crate::linear::InputMask;
 use crate::models::llama::{DecodeScratch, Llama, Logits, Observer};
-use crate::models::llama_gpu::GpuLlama;
+use crate::models::llama_gpu::{GpuLlama, GpuSlot};
 use crate::sampler::Sampler;
 use teal_kernels::cuda::WeightDtype;
 use teal_kernels::packed::Dtype;
@@ -194,6 +194,27 @@ impl Device {
         }
     }
 
+    /// `n` decoders of `models` with a KV cache each (a server's slots); on a GPU they share one
+    /// copy of the weights ([`GpuSlot`]), on the CPU they share the models.
+    pub fn decoders<'a>(
+        self,
+        models: Models<'a>,
+        n: usize,
+        ctx: usize,
+        kv: KvDtype,
+    ) -> Result<Vec<Box<dyn Decoder + 'a>>> {
+        match (self, kv) {
+            (Device::Cuda { ordinal, dtype }, KvDtype::F32) if n > 1 => {
+                let model = GpuLlama::with_slots(models, ordinal, dtype, ctx, n)?;
+                Ok(GpuSlot::split(model)
+                    .into_iter()
+                    .map(|s| Box::new(s) as Box<dyn Decoder + 'a>)
+                    .collect())
+            }
+            _ => (0..n).map(|_| self.decoder_kv(models, ctx, kv)).collect(),
+        }
+    }
+
     /// The KV cache type a command gets without asking: f16 on the CPU (half the bytes of a
     /// long context, as llama.cpp), f32 on a GPU (the only one it has).
     pub fn default_kv(self) -> KvDtype {
@@ -259,7 +280,7 @@ impl Decoder for CpuDecoder<'_> {
     }
     /// Prefill's temporaries (activations of every position, dequantized weight blocks, sgemm
     /// packing buffers) come from the heap, reused from call to call, and are handed back to
-    /// the system before decoding starts ([`crate::load::reusing_heap`]): left there, they
+    /// the system before decoding starts (`load::reusing_heap`): left there, they
     /// stayed resident while decoding (1.7-2.9 MB after an 8-token prompt on SmolLM2-135M).
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);

@@ -1077,3 +1077,69 @@ fn gpu_embeddings_match_cpu() {
         }
     }
 }
+
+/// Two slots over one GPU model ([`Device::decoders`]), their prompts and decode steps
+/// interleaved, give each sequence the logits of a decoder of its own, and keep their
+/// positions: an embedding on one slot empties only that one.
+#[test]
+fn gpu_slots_keep_their_sequences() {
+    if !have_gpu("GPU slots test") {
+        return;
+    }
+    use teal::kv_cache::KvDtype;
+    for name in ["smollm2_135m", "qwen2_tiny"] {
+        let c = shape(name);
+        let model = random_model(&c);
+        let v = c.vocab_size;
+        let prompts: [Vec<u32>; 2] = [
+            (0..9).map(|i| ((i * 7919 + 13) % v) as u32).collect(),
+            (0..5).map(|i| ((i * 104729 + 5) % v) as u32).collect(),
+        ];
+        let steps =
+            |i: usize| -> Vec<u32> { (0..6).map(|k| ((k * 31 + 7 * i + 1) % v) as u32).collect() };
+        // Each sequence alone.
+        let mut alone = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let mut dec = GPU_BF16.decoder(Models::single(&model), 64).unwrap();
+            let mut l = dec.prefill(p, Logits::Last).unwrap();
+            for t in steps(i) {
+                l.extend_from_slice(dec.decode(t).unwrap());
+            }
+            alone.push(l);
+        }
+        let mut slots = GPU_BF16
+            .decoders(Models::single(&model), 2, 64, KvDtype::F32)
+            .unwrap();
+        let mut got = [Vec::new(), Vec::new()];
+        for (i, p) in prompts.iter().enumerate() {
+            got[i] = slots[i].prefill(p, Logits::Last).unwrap();
+        }
+        for k in 0..6 {
+            for (i, s) in slots.iter_mut().enumerate() {
+                let t = steps(i)[k];
+                got[i].extend_from_slice(s.decode(t).unwrap());
+            }
+        }
+        for i in 0..2 {
+            let w = max_rel(&got[i], &alone[i], name);
+            eprintln!("{name}: slot {i} against a decoder of its own: max relative {w:.2e}");
+            assert!(w <= GPU_PATHS_TOL, "{name}: slot {i}: {w}");
+            assert_eq!(slots[i].position(), prompts[i].len() + 6, "{name}");
+        }
+        slots[1].embed(&prompts[1]).unwrap();
+        assert_eq!(slots[1].position(), 0, "{name}");
+        assert_eq!(slots[0].position(), prompts[0].len() + 6, "{name}");
+        // Slot 0 continues its sequence: one more step as the lone decoder would take it.
+        let mut dec = GPU_BF16.decoder(Models::single(&model), 64).unwrap();
+        dec.prefill(&prompts[0], Logits::Last).unwrap();
+        for t in steps(0) {
+            dec.decode(t).unwrap();
+        }
+        let want = dec.decode(3).unwrap().to_vec();
+        let w = max_rel(slots[0].decode(3).unwrap(), &want, name);
+        assert!(
+            w <= GPU_PATHS_TOL,
+            "{name}: slot 0 after slot 1's embedding: {w}"
+        );
+    }
+}

@@ -42,7 +42,9 @@ use crate::linear::{transpose, Dense, InputMask, Linear};
 use crate::models::llama::{Llama, Logits, Observer, Site};
 use crate::sampler::Sampler;
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use teal_kernels::cuda::{
     AttentionSplit, CudaBlas, CudaError, CudaGraph, DeviceBuffer, GemvOpts, GemvPlan, Gpu,
     GpuLinear, Norm, Prepare, WeightDtype, MAX_BATCH,
@@ -430,8 +432,9 @@ struct Layer {
     o: Group,
     gate_up: Group,
     down: Group,
-    k_cache: DeviceBuffer<f32>,
-    v_cache: DeviceBuffer<f32>,
+    /// The keys and values of each slot ([`GpuLlama::with_slots`]).
+    k_cache: Vec<DeviceBuffer<f32>>,
+    v_cache: Vec<DeviceBuffer<f32>>,
     /// The inputs of the four sites ([`Site::ALL`] order) after an observed step.
     sites: Option<[DeviceBuffer<f32>; 4]>,
 }
@@ -461,12 +464,15 @@ pub struct GpuLlama {
     gpu: Gpu,
     ordinal: usize,
     m: Resident,
-    /// The steps run so far, captured at first use.
-    graphs: HashMap<Step, CudaGraph>,
+    /// The steps run so far per slot, captured at first use.
+    graphs: HashMap<(usize, Step), CudaGraph>,
     /// Row splits fitted by [`GpuLlama::fit_splits`], per [`Resident::slots`], by the decode
     /// thresholds they were fitted to (their bits).
     fitted: HashMap<Vec<u32>, Vec<GemvPlan>>,
+    /// The positions run in the current slot ([`Resident::slot`]).
     len: usize,
+    /// The positions run in each slot, as of its last [`GpuLlama::select`] away from it.
+    lens: Vec<usize>,
     host_logits: Vec<f32>,
     /// The GEMM prefill, set up at the first prompt that takes it.
     gemm: GemmState,
@@ -522,6 +528,8 @@ struct Resident {
     config: Config,
     dtype: WeightDtype,
     ctx: usize,
+    /// The slot whose KV cache the steps use ([`GpuLlama::select`]).
+    slot: usize,
     layers: Vec<Layer>,
     /// What each layer's q|k|v output starts from (its biases, [`MAX_BATCH`] rows), set by
     /// the previous layer's o launch (the last layer's sets layer 0's, for the next step).
@@ -557,12 +565,27 @@ impl GpuLlama {
         dtype: WeightDtype,
         ctx: usize,
     ) -> Result<GpuLlama> {
+        GpuLlama::with_slots(models, ordinal, dtype, ctx, 1)
+    }
+
+    /// [`GpuLlama::new`] with the KV caches of `slots` sequences (`ctx` positions each) over
+    /// one copy of the weights: `GpuLlama::select` picks the one the steps run on, and
+    /// [`GpuSlot::split`] makes a decoder of each.
+    pub fn with_slots(
+        models: Models<'_>,
+        ordinal: usize,
+        dtype: WeightDtype,
+        ctx: usize,
+        slots: usize,
+    ) -> Result<GpuLlama> {
         let gpu = Gpu::new(ordinal)?;
         let (pm, dm): (&Llama, &Llama) = (models.prefill, models.decode);
         let c = dm.config.clone();
-        if pm.layers.len() != dm.layers.len() || ctx == 0 {
+        if pm.layers.len() != dm.layers.len() || ctx == 0 || slots == 0 {
             return Err(Error::Invalid(
-                "GPU model: the prefill and decode models differ, or the context is 0".into(),
+                "GPU model: the prefill and decode models differ, or the context or the number \
+                 of slots is 0"
+                    .into(),
             ));
         }
         // The decode attention keeps a head's scores in shared memory.
@@ -616,8 +639,12 @@ impl GpuLlama {
                     &what,
                 )?,
                 down: Group::new(&gpu, &[[&pb.down_proj, &db.down_proj]], dtype, &what)?,
-                k_cache: gpu.zeros(ctx * kvd)?,
-                v_cache: gpu.zeros(ctx * kvd)?,
+                k_cache: (0..slots)
+                    .map(|_| gpu.zeros(ctx * kvd))
+                    .collect::<std::result::Result<_, _>>()?,
+                v_cache: (0..slots)
+                    .map(|_| gpu.zeros(ctx * kvd))
+                    .collect::<std::result::Result<_, _>>()?,
                 sites: None,
             });
         }
@@ -647,12 +674,14 @@ impl GpuLlama {
             config: c,
             dtype,
             ctx,
+            slot: 0,
         };
         Ok(GpuLlama {
             host_logits: vec![0.0; m.config.vocab_size],
             graphs: HashMap::new(),
             fitted: HashMap::new(),
             len: 0,
+            lens: vec![0; slots],
             gemm: GemmState::Untried,
             m,
             gpu,
@@ -714,6 +743,7 @@ impl Resident {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let n_layers = self.layers.len();
+        let slot = self.slot;
         let (pass, rows, observe, logits) = match step {
             Step::Decode => (DECODE, 1, false, true),
             Step::Observe => (PREFILL, 1, true, true),
@@ -761,8 +791,8 @@ impl Resident {
                 g.rope_neox(&mut a.qkv, cos, sin, at, rows, nh + nkv, hd, width)?;
                 g.kv_append(
                     &a.qkv,
-                    &mut l.k_cache,
-                    &mut l.v_cache,
+                    &mut l.k_cache[slot],
+                    &mut l.v_cache[slot],
                     at,
                     q_dim,
                     kv_dim,
@@ -770,8 +800,8 @@ impl Resident {
                 )?;
                 g.attention_chunk(
                     &a.qkv,
-                    &l.k_cache,
-                    &l.v_cache,
+                    &l.k_cache[slot],
+                    &l.v_cache[slot],
                     &mut a.attn,
                     &self.chunk_keys,
                     rows,
@@ -786,8 +816,8 @@ impl Resident {
                     &self.cos,
                     &self.sin,
                     &self.pos,
-                    &mut l.k_cache,
-                    &mut l.v_cache,
+                    &mut l.k_cache[slot],
+                    &mut l.v_cache[slot],
                     &mut a.attn,
                     &mut self.attn_split,
                     nh,
@@ -863,6 +893,7 @@ impl Resident {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let width = q_dim + 2 * kv_dim;
+        let slot = self.slot;
         let (a, work) = (&mut p.acts, &mut p.work);
         g.embed(&self.embed, self.dtype, &a.tok, &mut a.h, d, rows)?;
         for (l, bias) in self.layers.iter_mut().zip(&self.qkv_bias) {
@@ -882,14 +913,14 @@ impl Resident {
             )?;
             g.kv_append(
                 &a.qkv,
-                &mut l.k_cache,
-                &mut l.v_cache,
+                &mut l.k_cache[slot],
+                &mut l.v_cache[slot],
                 &p.pos,
                 q_dim,
                 kv_dim,
                 rows,
             )?;
-            let (kc, vc) = (&l.k_cache, &l.v_cache);
+            let (kc, vc) = (&l.k_cache[slot], &l.v_cache[slot]);
             g.attention_prefill(&a.qkv, kc, vc, &mut a.attn, start, rows, nh, nkv, hd)?;
             let attn = GemmIn::plain(&a.attn, q_dim);
             l.o.run_gemm(g, work, &attn, &mut a.h, rows, PREFILL, 1.0)?;
@@ -944,20 +975,47 @@ impl GpuLlama {
     /// Replay `step`'s graph (captured at first use); the logits stay on the device. The
     /// caller has written its tokens (and a chunk's positions) to the device.
     fn launch(&mut self, step: Step) -> Result<()> {
-        if !self.graphs.contains_key(&step) {
+        let key = (self.m.slot, step);
+        if !self.graphs.contains_key(&key) {
             if step == Step::Decode {
                 self.fit_splits()?;
             }
             let (g, m) = (&self.gpu, &mut self.m);
             let graph = g.capture(|| m.enqueue(g, step).map_err(capture_error))?;
-            self.graphs.insert(step, graph);
+            self.graphs.insert(key, graph);
         }
-        if let Some(graph) = self.graphs.get(&step) {
+        if let Some(graph) = self.graphs.get(&key) {
             graph
                 .launch()
                 .map_err(teal_kernels::cuda::CudaError::from)?;
         }
         Ok(())
+    }
+
+    /// Makes `slot` the sequence the next steps continue (its KV cache and position).
+    fn select(&mut self, slot: usize) -> Result<()> {
+        if slot >= self.lens.len() {
+            return Err(Error::Invalid(format!(
+                "slot {slot} of a GPU model with {} slots",
+                self.lens.len()
+            )));
+        }
+        if slot != self.m.slot {
+            self.lens[self.m.slot] = self.len;
+            self.len = self.lens[slot];
+            self.m.slot = slot;
+            self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+        }
+        Ok(())
+    }
+
+    /// The positions run in `slot`.
+    fn slot_position(&self, slot: usize) -> usize {
+        if slot == self.m.slot {
+            self.len
+        } else {
+            self.lens[slot]
+        }
     }
 
     /// Fits the row split of each one-position GEMV launch to the current masks, once per set
@@ -1189,6 +1247,12 @@ impl GpuLlama {
         Ok(())
     }
 
+    /// A decode step of `token`, its logits copied back.
+    fn decode_logits(&mut self, token: u32) -> Result<Vec<f32>> {
+        self.step(token, Step::Decode)?;
+        Ok(self.gpu.download(&self.m.one.logits)?)
+    }
+
     /// Run `token` at the current position as a decode or observed step.
     fn step(&mut self, token: u32, step: Step) -> Result<()> {
         self.check_input(&[token], "the sequence")?;
@@ -1227,7 +1291,7 @@ impl Decoder for GpuLlama {
         self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
         Ok(())
     }
-    /// In GEMM or GEMV chunks ([`GpuLlama::run_prompt`]).
+    /// In GEMM or GEMV chunks (`GpuLlama::run_prompt`).
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(match logits {
             Logits::Last => self.m.config.vocab_size,
@@ -1254,8 +1318,7 @@ impl Decoder for GpuLlama {
         Ok(crate::device::mean_pooled(&normed, d))
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
-        self.step(token, Step::Decode)?;
-        self.host_logits = self.gpu.download(&self.m.one.logits)?;
+        self.host_logits = self.decode_logits(token)?;
         Ok(&self.host_logits)
     }
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
@@ -1399,6 +1462,95 @@ impl Decoder for GpuLlama {
             self.ordinal,
             self.gpu.name(),
             self.m.dtype.name()
+        )
+    }
+}
+
+/// One slot of a [`GpuLlama`] with several ([`GpuLlama::with_slots`]): a [`Decoder`] of its
+/// own sequence over the shared weights, which makes its slot the model's current one before
+/// each call. The slots share the weights' thresholds too: [`Decoder::set_masks`] on one sets
+/// them for all.
+pub struct GpuSlot {
+    model: Rc<RefCell<GpuLlama>>,
+    slot: usize,
+    config: Config,
+    logits: Vec<f32>,
+}
+
+impl GpuSlot {
+    /// A decoder for each slot of `model`.
+    pub fn split(model: GpuLlama) -> Vec<GpuSlot> {
+        let config = model.m.config.clone();
+        let n = model.lens.len();
+        let model = Rc::new(RefCell::new(model));
+        (0..n)
+            .map(|slot| GpuSlot {
+                model: Rc::clone(&model),
+                slot,
+                config: config.clone(),
+                logits: Vec::new(),
+            })
+            .collect()
+    }
+
+    /// `f` on the model with this slot selected.
+    fn on<R>(&self, f: impl FnOnce(&mut GpuLlama) -> Result<R>) -> Result<R> {
+        let mut m = self.model.borrow_mut();
+        m.select(self.slot)?;
+        f(&mut m)
+    }
+}
+
+impl Decoder for GpuSlot {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn capacity(&self) -> usize {
+        self.model.borrow().m.ctx
+    }
+    fn position(&self) -> usize {
+        self.model.borrow().slot_position(self.slot)
+    }
+    fn clear(&mut self) -> Result<()> {
+        self.on(|m| m.clear())
+    }
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        self.on(|m| m.truncate(len))
+    }
+    fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
+        self.on(|m| m.prefill(tokens, logits))
+    }
+    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.on(|m| m.embed(tokens))
+    }
+    fn decode(&mut self, token: u32) -> Result<&[f32]> {
+        self.logits = self.on(|m| m.decode_logits(token))?;
+        Ok(&self.logits)
+    }
+    fn decode_greedy(&mut self, token: u32) -> Result<u32> {
+        self.on(|m| m.decode_greedy(token))
+    }
+    fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
+        self.on(|m| m.decode_sample(token, sampler))
+    }
+    fn prefill_observed(&mut self, tokens: &[u32], observer: &mut dyn Observer) -> Result<()> {
+        self.on(|m| m.prefill_observed(tokens, observer))
+    }
+    fn set_masks(&mut self, masks: Option<&Masks>) -> Result<()> {
+        self.on(|m| m.set_masks(masks))
+    }
+    fn footprint(&self) -> Footprint {
+        self.model.borrow().footprint()
+    }
+    fn bandwidth(&self, cpu_buffer: usize) -> Result<Bandwidth> {
+        self.model.borrow().bandwidth(cpu_buffer)
+    }
+    fn describe(&self) -> String {
+        let n = self.model.borrow().lens.len();
+        format!(
+            "{}, slot {} of {n}",
+            self.model.borrow().describe(),
+            self.slot
         )
     }
 }
