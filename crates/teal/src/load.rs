@@ -99,11 +99,17 @@ const MMAP_THRESHOLD: i32 = 128 << 10;
 /// several threads at once, end up interleaved in per-thread heaps that stay resident (about
 /// 100 MB, 15% of the weights, for Qwen2.5-0.5B in q8).
 fn large_allocations_as_mappings() {
+    set_mmap_threshold(MMAP_THRESHOLD);
+}
+
+/// Gives allocations of `bytes` or more their own mappings (glibc's `M_MMAP_THRESHOLD`).
+fn set_mmap_threshold(bytes: i32) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes the allocator's policy for later allocations.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
     }
+    let _ = bytes;
 }
 
 /// Makes every thread allocate from glibc's main heap (one arena). Call it before starting
@@ -131,20 +137,12 @@ static HEAP_REUSE_DEPTH: std::sync::atomic::AtomicUsize = std::sync::atomic::Ato
 /// time 42 s -> 6 s; decoding keeps the mapped policy, whose freed blocks do not stay resident.
 pub(crate) fn reusing_heap<R>(f: impl FnOnce() -> R) -> R {
     use std::sync::atomic::Ordering;
-    let set = |bytes: i32| {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: mallopt only changes the allocator's policy for later allocations.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
-        }
-        let _ = bytes;
-    };
     if HEAP_REUSE_DEPTH.fetch_add(1, Ordering::SeqCst) == 0 {
-        set(32 << 20);
+        set_mmap_threshold(32 << 20);
     }
     let out = f();
     if HEAP_REUSE_DEPTH.fetch_sub(1, Ordering::SeqCst) == 1 {
-        set(MMAP_THRESHOLD);
+        set_mmap_threshold(MMAP_THRESHOLD);
         release_free_heap();
     }
     out

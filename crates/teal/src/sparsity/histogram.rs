@@ -529,6 +529,28 @@ where
         .reduce(|| counters(n), add_into)
 }
 
+/// Numbers the distinct values of `prefixes` (each `< len`) in order of first appearance: a
+/// table from prefix to its row of counters (`u32::MAX`: none), and the number of rows.
+fn number_rows(prefixes: impl Iterator<Item = usize>, len: usize) -> (Vec<u32>, usize) {
+    let mut table = vec![u32::MAX; len];
+    let mut rows = 0usize;
+    for p in prefixes {
+        if table[p] == u32::MAX {
+            table[p] = rows as u32;
+            rows += 1;
+        }
+    }
+    (table, rows)
+}
+
+/// The row of `prefix` in a [`number_rows`] table.
+fn row_of(table: &[u32], prefix: usize) -> Option<usize> {
+    match table[prefix] {
+        u32::MAX => None,
+        r => Some(r as usize),
+    }
+}
+
 /// The index `i` of the counter in `counts` where the running sum first exceeds `within`, and
 /// `within` less the counts before it.
 fn locate(counts: &[u64], within: u64) -> (usize, u64) {
@@ -552,7 +574,6 @@ fn select_ranks<K: Fn(f32) -> u32 + Sync>(values: &[f32], key: K, ranks: &[usize
     }
     let n = values.len();
     assert!(ranks.iter().all(|&r| r < n), "rank out of range");
-    let none = u32::MAX;
     // Pass 1: the high 16 bits. Each rank gets its bucket and its rank within it.
     let high = count_keys(values, &key, RADIX, |k| Some((k >> 16) as usize));
     let mut ends = high.clone();
@@ -567,18 +588,8 @@ fn select_ranks<K: Fn(f32) -> u32 + Sync>(values: &[f32], key: K, ranks: &[usize
         })
         .collect();
     // Pass 2: the next 8 bits under each wanted bucket (slot1: bucket -> its row of counters).
-    let mut slot1 = vec![none; RADIX];
-    let mut rows1 = 0usize;
-    for &(b, _) in &first {
-        if slot1[b] == none {
-            slot1[b] = rows1 as u32;
-            rows1 += 1;
-        }
-    }
-    let row1 = |k: u32| match slot1[(k >> 16) as usize] {
-        r if r == none => None,
-        r => Some(r as usize),
-    };
+    let (slot1, rows1) = number_rows(first.iter().map(|&(b, _)| b), RADIX);
+    let row1 = |k: u32| row_of(&slot1, (k >> 16) as usize);
     let mid = count_keys(values, &key, rows1 * SUB, |k| {
         row1(k).map(|r| r * SUB + ((k >> 8) as usize & (SUB - 1)))
     });
@@ -591,20 +602,10 @@ fn select_ranks<K: Fn(f32) -> u32 + Sync>(values: &[f32], key: K, ranks: &[usize
         })
         .collect();
     // Pass 3: the low 8 bits under each wanted 24-bit prefix (slot2: pass-2 counter -> row).
-    let mut slot2 = vec![none; rows1 * SUB];
-    let mut rows2 = 0usize;
-    for &(p, _) in &second {
-        if slot2[p] == none {
-            slot2[p] = rows2 as u32;
-            rows2 += 1;
-        }
-    }
+    let (slot2, rows2) = number_rows(second.iter().map(|&(p, _)| p), rows1 * SUB);
     let low = count_keys(values, &key, rows2 * SUB, |k| {
         let p = row1(k)? * SUB + ((k >> 8) as usize & (SUB - 1));
-        match slot2[p] {
-            r if r == none => None,
-            r => Some(r as usize * SUB + (k as usize & (SUB - 1))),
-        }
+        row_of(&slot2, p).map(|r| r * SUB + (k as usize & (SUB - 1)))
     });
     first
         .iter()
