@@ -469,9 +469,7 @@ pub struct GpuLlama {
     /// Row splits fitted by [`GpuLlama::fit_splits`], per [`Resident::slots`], by the decode
     /// thresholds they were fitted to (their bits).
     fitted: HashMap<Vec<u32>, Vec<GemvPlan>>,
-    /// The positions run in the current slot ([`Resident::slot`]).
-    len: usize,
-    /// The positions run in each slot, as of its last [`GpuLlama::select`] away from it.
+    /// The positions run in each slot (the current one is [`Resident::slot`]).
     lens: Vec<usize>,
     host_logits: Vec<f32>,
     /// The GEMM prefill, set up at the first prompt that takes it.
@@ -680,7 +678,6 @@ impl GpuLlama {
             host_logits: vec![0.0; m.config.vocab_size],
             graphs: HashMap::new(),
             fitted: HashMap::new(),
-            len: 0,
             lens: vec![0; slots],
             gemm: GemmState::Untried,
             m,
@@ -1001,21 +998,24 @@ impl GpuLlama {
             )));
         }
         if slot != self.m.slot {
-            self.lens[self.m.slot] = self.len;
-            self.len = self.lens[slot];
             self.m.slot = slot;
-            self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+            self.gpu.write(&[self.lens[slot] as i32], &mut self.m.pos)?;
         }
         Ok(())
     }
 
+    /// The positions run in the current slot.
+    fn len(&self) -> usize {
+        self.lens[self.m.slot]
+    }
+
+    fn len_mut(&mut self) -> &mut usize {
+        &mut self.lens[self.m.slot]
+    }
+
     /// The positions run in `slot`.
     fn slot_position(&self, slot: usize) -> usize {
-        if slot == self.m.slot {
-            self.len
-        } else {
-            self.lens[slot]
-        }
+        self.lens[slot]
     }
 
     /// Fits the row split of each one-position GEMV launch to the current masks, once per set
@@ -1033,7 +1033,7 @@ impl GpuLlama {
             self.m.set_splits(&slots, plans);
             return Ok(());
         }
-        if self.len + FIT_REPS + 2 > self.m.ctx {
+        if self.len() + FIT_REPS + 2 > self.m.ctx {
             return Ok(());
         }
         let mut plans: Vec<GemvPlan> = slots
@@ -1069,9 +1069,9 @@ impl GpuLlama {
         self.m.set_splits(slots, plans);
         let (g, m) = (&self.gpu, &mut self.m);
         let graph = g.capture(|| m.enqueue(g, Step::Decode).map_err(capture_error))?;
-        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+        self.gpu.write(&[self.len() as i32], &mut self.m.pos)?;
         let t = self.gpu.replay_seconds(&graph, FIT_REPS)?;
-        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+        self.gpu.write(&[self.len() as i32], &mut self.m.pos)?;
         Ok(t)
     }
 
@@ -1083,10 +1083,10 @@ impl GpuLlama {
                 "token id {t} is outside the vocabulary of {vocab}"
             )));
         }
-        if self.len + tokens.len() > self.m.ctx {
+        if self.len() + tokens.len() > self.m.ctx {
             return Err(Error::ContextOverflow {
                 what,
-                got: self.len + tokens.len(),
+                got: self.len() + tokens.len(),
                 ctx: self.m.ctx,
             });
         }
@@ -1114,7 +1114,7 @@ impl GpuLlama {
                 Some(Logits::Last) if ci + 1 == n_chunks => Some(rows - 1),
                 _ => None,
             };
-            let pos = positions(self.len, rows);
+            let pos = positions(self.len(), rows);
             let keys: Vec<i32> = pos.iter().map(|p| p + 1).collect();
             self.gpu.write(chunk, &mut self.m.chunk.tok)?;
             self.gpu.write(&pos, &mut self.m.chunk_pos)?;
@@ -1123,7 +1123,7 @@ impl GpuLlama {
                 rows,
                 logits: first.is_some(),
             })?;
-            self.len += rows;
+            *self.len_mut() += rows;
             if let Some(first) = first {
                 let all = self.gpu.download_prefix(&self.m.chunk.logits, rows * v)?;
                 out.extend_from_slice(&all[first * v..]);
@@ -1152,14 +1152,15 @@ impl GpuLlama {
         if matches!(self.gemm, GemmState::Untried) {
             self.gemm = self.new_gemm()?;
         }
+        let len = self.len();
         let GemmState::Ready(p) = &mut self.gemm else {
             return Ok(false);
         };
         let rows = tokens.len();
-        let pos = positions(self.len, rows);
+        let pos = positions(len, rows);
         self.gpu.write(tokens, &mut p.acts.tok)?;
         self.gpu.write(&pos, &mut p.pos)?;
-        self.m.enqueue_gemm(&self.gpu, p, self.len, rows, want)?;
+        self.m.enqueue_gemm(&self.gpu, p, len, rows, want)?;
         if self.m.dtype == WeightDtype::F16 && self.gpu.download(&p.work.overflow)?[0] != 0 {
             self.gpu.write(&[0i32], &mut p.work.overflow)?;
             return Ok(false);
@@ -1173,7 +1174,7 @@ impl GpuLlama {
             let d = self.m.config.hidden_size;
             st.extend(self.gpu.download_prefix(&p.acts.h, rows * d)?);
         }
-        self.len += rows;
+        *self.len_mut() += rows;
         Ok(true)
     }
 
@@ -1243,7 +1244,7 @@ impl GpuLlama {
             }
         }
         // The decode steps read their position on the device.
-        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+        self.gpu.write(&[self.len() as i32], &mut self.m.pos)?;
         Ok(())
     }
 
@@ -1258,7 +1259,7 @@ impl GpuLlama {
         self.check_input(&[token], "the sequence")?;
         self.gpu.write(&[token], &mut self.m.one.tok)?;
         self.launch(step)?;
-        self.len += 1;
+        *self.len_mut() += 1;
         Ok(())
     }
 }
@@ -1279,7 +1280,7 @@ impl Decoder for GpuLlama {
         self.m.ctx
     }
     fn position(&self) -> usize {
-        self.len
+        self.len()
     }
     fn clear(&mut self) -> Result<()> {
         self.truncate(0)
@@ -1287,8 +1288,9 @@ impl Decoder for GpuLlama {
     /// The cached keys and values past `len` stay in device memory and are overwritten by
     /// the next steps; attention reads only positions before the current one.
     fn truncate(&mut self, len: usize) -> Result<()> {
-        self.len = self.len.min(len);
-        self.gpu.write(&[self.len as i32], &mut self.m.pos)?;
+        let cut = self.len().min(len);
+        *self.len_mut() = cut;
+        self.gpu.write(&[self.len() as i32], &mut self.m.pos)?;
         Ok(())
     }
     /// In GEMM or GEMV chunks (`GpuLlama::run_prompt`).
