@@ -530,6 +530,18 @@ impl Block {
             &mut u[..m * ff],
             &mut out[..m * d],
         );
+        self.mlp_input(c, x, m, h);
+        observe(observer, Site::GateUp, h, d);
+        self.gate_proj.forward_batch(h, m, g);
+        self.up_proj.forward_batch(h, m, u);
+        cpu::silu_mul_in_place(g, u);
+        observe(observer, Site::Down, g, ff);
+        self.mlp_output(x, m, g, out);
+    }
+
+    /// The MLP's input on `m` rows of the residual `x`: `h = rmsnorm(x)`.
+    pub fn mlp_input(&self, c: &Config, x: &[f32], m: usize, h: &mut [f32]) {
+        let d = c.hidden_size;
         for t in 0..m {
             reference::rmsnorm(
                 &x[t * d..(t + 1) * d],
@@ -538,13 +550,13 @@ impl Block {
                 &mut h[t * d..(t + 1) * d],
             );
         }
-        observe(observer, Site::GateUp, h, d);
-        self.gate_proj.forward_batch(h, m, g);
-        self.up_proj.forward_batch(h, m, u);
-        cpu::silu_mul_in_place(g, u);
-        observe(observer, Site::Down, g, ff);
-        self.down_proj.forward_batch(g, m, out);
-        add_assign(&mut x[..m * d], out);
+    }
+
+    /// The MLP's last step on `m` rows: `x += down(act)`, with `out` (`m` rows of the hidden
+    /// size) as scratch.
+    pub fn mlp_output(&self, x: &mut [f32], m: usize, act: &[f32], out: &mut [f32]) {
+        self.down_proj.forward_batch(act, m, out);
+        add_assign(&mut x[..out.len()], out);
     }
 
     /// The same weights with an input mask on each of the seven projections, in the order of
