@@ -1009,13 +1009,9 @@ impl GpuLlama {
         self.lens[self.m.slot]
     }
 
+    /// The current slot's count, to advance or cut.
     fn len_mut(&mut self) -> &mut usize {
         &mut self.lens[self.m.slot]
-    }
-
-    /// The positions run in `slot`.
-    fn slot_position(&self, slot: usize) -> usize {
-        self.lens[slot]
     }
 
     /// Fits the row split of each one-position GEMV launch to the current masks, once per set
@@ -1290,7 +1286,7 @@ impl Decoder for GpuLlama {
     fn truncate(&mut self, len: usize) -> Result<()> {
         let cut = self.len().min(len);
         *self.len_mut() = cut;
-        self.gpu.write(&[self.len() as i32], &mut self.m.pos)?;
+        self.gpu.write(&[cut as i32], &mut self.m.pos)?;
         Ok(())
     }
     /// In GEMM or GEMV chunks (`GpuLlama::run_prompt`).
@@ -1511,7 +1507,7 @@ impl Decoder for GpuSlot {
         self.model.borrow().m.ctx
     }
     fn position(&self) -> usize {
-        self.model.borrow().slot_position(self.slot)
+        self.model.borrow().lens[self.slot]
     }
     fn clear(&mut self) -> Result<()> {
         self.on(|m| m.clear())
