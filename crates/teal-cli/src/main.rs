@@ -19,6 +19,7 @@ use teal::kv_cache::KvDtype;
 use teal::linear::InputMask;
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
+use teal::sparsity::fisher::FisherOptions;
 use teal::sparsity::greedy::GreedyOptions;
 use teal::sparsity::thresholds::{check_target, Fingerprint};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
@@ -110,6 +111,7 @@ enum AllocationArg {
     Auto,
     Uniform,
     Greedy,
+    Fisher,
 }
 #[derive(Clone, Copy, ValueEnum)]
 enum QuantileArg {
@@ -152,6 +154,7 @@ impl SparseArgs {
                 AllocationArg::Auto if th.is_some_and(|t| t.greedy.is_some()) => Allocation::Greedy,
                 AllocationArg::Auto | AllocationArg::Uniform => Allocation::Uniform,
                 AllocationArg::Greedy => Allocation::Greedy,
+                AllocationArg::Fisher => Allocation::Fisher,
             },
             quantile: self.quantile.into(),
             mode: match self.mode {
@@ -443,6 +446,16 @@ struct CalibrateArgs {
     /// Skip the weight-aware (wina) tables (calibration is faster; `--quantile wina` unavailable).
     #[arg(long)]
     no_wina: bool,
+    /// Also compute loss gradients for the loss-aware allocation (`--allocation fisher`): the
+    /// diagonal Fisher of every projection input, on the first calibration tokens.
+    #[arg(long)]
+    fisher: bool,
+    /// Windows of calibration text the loss gradients are taken on.
+    #[arg(long, default_value_t = 16)]
+    fisher_samples: usize,
+    /// Tokens per loss-gradient window (capped at the model's context).
+    #[arg(long, default_value_t = 512)]
+    fisher_seq_len: usize,
     /// Output file (default: the cache, where run/ppl find it).
     #[arg(short = 'o', long)]
     output: Option<PathBuf>,
@@ -1091,7 +1104,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     if out.exists() && !a.force {
         let th = Thresholds::load(&out)?;
         th.check_model(&fp)?;
-        if !a.greedy || th.greedy.is_some() {
+        if (!a.greedy || th.greedy.is_some()) && (!a.fisher || th.fisher.is_some()) {
             eprintln!(
                 "thresholds already calibrated: {} (use --force to redo)",
                 out.display()
@@ -1126,6 +1139,10 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         samples: a.samples,
         seq_len,
         greedy,
+        fisher: a.fisher.then(|| FisherOptions {
+            samples: a.fisher_samples,
+            seq_len: a.fisher_seq_len.min(files.config.max_position_embeddings),
+        }),
         text_label: data
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
@@ -1134,16 +1151,23 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     };
     let bar = ProgressBar::new(files.config.num_hidden_layers as u64);
     bar.set_style(ProgressStyle::with_template(
-        "{msg:24} [{bar:30}] {pos}/{len} layers, {elapsed} (eta {eta})",
+        "{msg:24} [{bar:30}] {pos}/{len}, {elapsed} (eta {eta})",
     )?);
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut progress = |stage: &str, done: usize, total: usize| {
-        bar.set_message(stage.to_string());
+        // The loss gradients count windows, the statistics and the search layers.
+        let unit = if stage == "fisher" {
+            "windows"
+        } else {
+            "layers"
+        };
+        bar.set_message(format!("{stage} ({unit})"));
+        bar.set_length(total as u64);
         bar.set_position(done as u64);
         if !tty {
             eprintln!(
-                "{stage}: {done}/{total} layers, {:.0}s",
+                "{stage}: {done}/{total} {unit}, {:.0}s",
                 t0.elapsed().as_secs_f64()
             );
         }
@@ -1176,10 +1200,11 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         opts.samples,
         opts.seq_len,
         opts.text_label,
-        if a.greedy {
-            " with greedy allocation"
-        } else {
-            ""
+        match (a.greedy, a.fisher) {
+            (true, true) => " with greedy and fisher allocations",
+            (true, false) => " with greedy allocation",
+            (false, true) => " with fisher allocation",
+            (false, false) => "",
         },
         t0.elapsed().as_secs_f64()
     );
@@ -1221,6 +1246,9 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     if let Some(g) = &th.greedy {
         methods.push((Allocation::Greedy, g.quantile));
     }
+    if th.fisher.is_some() {
+        methods.push((Allocation::Fisher, Quantile::Abs));
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     report::register_font()?;
     let bar = ProgressBar::new((methods.len() * a.sparsities.len()) as u64);
@@ -1231,7 +1259,10 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut dense_ppl = f64::NAN;
     for &(allocation, quantile) in &methods {
-        let name = format!("{} / {} quantile", allocation.name(), quantile.name());
+        let name = match allocation {
+            Allocation::Fisher => "fisher (loss-aware, one global threshold)".to_string(),
+            _ => format!("{} / {} quantile", allocation.name(), quantile.name()),
+        };
         for &target in a.sparsities.iter().filter(|&&s| s > 0.0) {
             bar.set_message(format!("{name} @ {target}"));
             let spec = SparsitySpec {

@@ -1289,6 +1289,88 @@ pub fn matmul_dot(x: &[f32], n_tok: usize, w: &RowsMat, y: &mut [f32]) {
         });
 }
 
+/// A read-only matrix view for [`gemm`]: element `(r, c)` at `data[r * rs + c * cs]`, so a
+/// transpose or a column block of a wider row-major matrix is a view, not a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct Strided<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// A view of `rows x cols` elements of `data` with row stride `rs` and column stride `cs`;
+    /// panics when an element would lie outside `data`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Strided<'a> {
+        if rows > 0 && cols > 0 {
+            assert!(
+                (rows - 1) * rs + (cols - 1) * cs < data.len(),
+                "Strided: a {rows} x {cols} view (strides {rs}, {cs}) overruns {} values",
+                data.len()
+            );
+        }
+        Strided {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// `rows x cols` of a row-major matrix whose rows are `ld` apart.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize, ld: usize) -> Strided<'a> {
+        Strided::new(data, rows, cols, ld, 1)
+    }
+
+    /// The transpose (the same elements).
+    pub fn t(self) -> Strided<'a> {
+        Strided {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
+/// `c = a * b + beta * c` on one thread, `c` row-major with rows `ldc` apart (for callers that
+/// thread over independent products, such as attention heads).
+pub fn gemm(a: Strided, b: Strided, beta: f32, c: &mut [f32], ldc: usize) {
+    assert_eq!(a.cols, b.rows, "gemm: inner sizes");
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * ldc + n <= c.len() && n <= ldc,
+        "gemm: output too small"
+    );
+    // SAFETY: the views' constructors checked that every element they address lies inside
+    // their slices, and the assert above does the same for c; k = 0 reads nothing.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.data.as_ptr(),
+            a.rs as isize,
+            a.cs as isize,
+            b.data.as_ptr(),
+            b.rs as isize,
+            b.cs as isize,
+            beta,
+            c.as_mut_ptr(),
+            ldc as isize,
+            1,
+        );
+    }
+}
+
 /// `y[T, out] = x[T, in] * wt[in, out]` (prefill), threaded over column blocks.
 pub fn matmul_t(x: &[f32], n_tok: usize, wt: &[f32], n_in: usize, n_out: usize, y: &mut [f32]) {
     assert_eq!(x.len(), n_tok * n_in, "matmul_t: input size");
@@ -1939,6 +2021,35 @@ mod tests {
 
     /// Both compactions against the reference, at every tail length, with values exactly at
     /// the threshold, NaN, infinities and a threshold that keeps everything.
+    #[test]
+    fn gemm_on_strided_views_matches_loops() {
+        // A 5 x 3 block at column 2 of a 5 x 7 matrix, against the transpose of a 4 x 3 one.
+        let a: Vec<f32> = (0..35).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..12).map(|i| (i as f32 * 0.71).cos()).collect();
+        let av = Strided::rows(&a[2..], 5, 3, 7);
+        let bv = Strided::rows(&b, 4, 3, 3).t();
+        let mut c = vec![1.0f32; 5 * 6];
+        gemm(av, bv, 0.5, &mut c, 6);
+        for r in 0..5 {
+            for col in 0..6 {
+                let want = if col < 4 {
+                    0.5 + (0..3)
+                        .map(|k| a[2 + r * 7 + k] * b[col * 3 + k])
+                        .sum::<f32>()
+                } else {
+                    1.0
+                };
+                assert!((c[r * 6 + col] - want).abs() < 1e-5, "({r}, {col})");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "overruns")]
+    fn strided_view_past_its_slice_panics() {
+        Strided::rows(&[0.0; 10], 3, 4, 4);
+    }
+
     #[test]
     fn compaction_paths_match_reference() {
         for n in [0usize, 1, 7, 8, 9, 16, 23, 1029] {

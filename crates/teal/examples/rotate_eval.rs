@@ -29,6 +29,7 @@ fn main() {
         seq_len: len,
         greedy: None,
         weight_aware: false,
+        fisher: None,
         text_label: "c4".into(),
         text_bytes: c4.len(),
     };

@@ -281,6 +281,7 @@ pub fn random_model(shape: &str, dtype: Dtype, seed: u64) -> Result<(Llama, Thre
         seq_len: tokens.len(),
         greedy: None,
         weight_aware: false,
+        fisher: None,
         text_label: format!("{} random token ids", tokens.len()),
         text_bytes: 0,
     };

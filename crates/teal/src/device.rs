@@ -313,7 +313,7 @@ impl Decoder for CpuDecoder<'_> {
         let masks = match masks {
             Some(m) => m,
             None => {
-                dense = vec![[None; 7]; base.layers.len()];
+                dense = vec![Default::default(); base.layers.len()];
                 &dense
             }
         };

@@ -6,17 +6,20 @@
 
 use crate::error::{Error, Result};
 use std::sync::{Arc, OnceLock};
-use teal_kernels::packed::{Data, Dtype, PackedRows, PackedT};
+use teal_kernels::packed::{Data, Dtype, PackedRows, PackedT, RowsMat, View};
 use teal_kernels::{cpu, reference};
 
 /// Which inputs of a sparse linear layer are zeroed before the product.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum InputMask {
     /// TEAL: `x_j` is zeroed when `|x_j| <= t`.
     Threshold(f32),
     /// Weight-aware (WINA): `x_j` is zeroed when `|x_j| * ||W[:, j]|| <= t`, i.e. a threshold
     /// `t / ||W[:, j]||` per input channel. Still whole weight rows are skipped.
     WeightAware(f32),
+    /// One threshold per input channel: `x_j` is zeroed when `|x_j| <= t[j]` (the loss-aware
+    /// allocation's masks).
+    Channels(Arc<Vec<f32>>),
 }
 
 /// An [`InputMask`] resolved against this layer's weights.
@@ -130,12 +133,16 @@ impl Linear {
 
     /// The same weights (shared, not copied) with an input mask; `None` makes it dense.
     pub fn with_mask(&self, mask: Option<InputMask>) -> Linear {
-        let sparsify = mask.map(|m| match m {
-            InputMask::Threshold(t) => Sparsify::Threshold(t),
+        let sparsify = mask.as_ref().map(|m| match m {
+            InputMask::Threshold(t) => Sparsify::Threshold(*t),
+            InputMask::Channels(t) => {
+                assert_eq!(t.len(), self.in_dim, "one threshold per input channel");
+                Sparsify::Channels(t.clone())
+            }
             InputMask::WeightAware(t) => Sparsify::Channels(Arc::new(
                 self.input_norms()
                     .iter()
-                    .map(|&n| if n > 0.0 { t / n } else { f32::INFINITY })
+                    .map(|&n| if n > 0.0 { *t / n } else { f32::INFINITY })
                     .collect(),
             )),
         });
@@ -146,8 +153,8 @@ impl Linear {
         }
     }
 
-    pub fn mask(&self) -> Option<InputMask> {
-        self.mask
+    pub fn mask(&self) -> Option<&InputMask> {
+        self.mask.as_ref()
     }
 
     /// The bias added after the product, if any.
@@ -251,6 +258,22 @@ impl Linear {
         }
     }
 
+    /// The gradient of the product with respect to its input, `dx[T, in] = dy[T, out] W`, for
+    /// every input whatever the mask: the backward pass of [`Linear::forward_batch`] (loss
+    /// gradients in calibration).
+    pub fn input_grad_batch(&self, dy: &[f32], n_tok: usize, dx: &mut [f32]) {
+        let owned;
+        let wt = match self.weight.mat().view {
+            View::F32(w) => w,
+            _ => {
+                owned = self.input_major();
+                &owned
+            }
+        };
+        // Row j of the input-major matrix is input j's weights: dx = dy . wt^T.
+        cpu::matmul_dot(dy, n_tok, &RowsMat::f32(wt, self.in_dim, self.out_dim), dx);
+    }
+
     fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for (v, b) in y.iter_mut().zip(b.iter()) {
@@ -345,6 +368,24 @@ impl Dense {
     /// Prefill: `y[T, out] = x[T, in] W^T`.
     pub fn forward_batch(&self, x: &[f32], n_tok: usize, y: &mut [f32]) {
         cpu::matmul_dot(x, n_tok, &self.weight.mat(), y);
+    }
+
+    /// `dx[T, in] = dy[T, out] W`: the backward pass of [`Dense::forward_batch`].
+    pub fn input_grad_batch(&self, dy: &[f32], n_tok: usize, dx: &mut [f32]) {
+        let owned;
+        let w = match self.weight.mat().view {
+            View::F32(w) => w,
+            _ => {
+                let mut v = vec![0.0f32; self.out_dim * self.in_dim];
+                for (o, row) in v.chunks_mut(self.in_dim).enumerate() {
+                    self.row(o, row);
+                }
+                owned = v;
+                &owned
+            }
+        };
+        // The output-major [out, in] matrix read as input-major with out inputs.
+        cpu::matmul_t(dy, n_tok, w, self.out_dim, self.in_dim, dx);
     }
 }
 

@@ -92,7 +92,7 @@ fn top(logits: &[f32]) -> Top {
 
 fn masks(t: &Option<Vec<[f32; 7]>>, n_layers: usize) -> Vec<[Option<InputMask>; 7]> {
     match t {
-        None => vec![[None; 7]; n_layers],
+        None => vec![Default::default(); n_layers],
         Some(t) => t
             .iter()
             .map(|l| l.map(|v| Some(InputMask::Threshold(v))))
@@ -807,6 +807,7 @@ fn calibration_case(
         samples: 2,
         seq_len: 24,
         greedy: None,
+        fisher: None,
         weight_aware: true,
         text_label: "spread ids".into(),
         text_bytes: 0,

@@ -7,6 +7,7 @@ use teal::linear::InputMask;
 use teal::loader::{SafetensorsSource, TensorSource};
 use teal::models::llama::{Llama, Logits};
 use teal::sparsity::calibrate::{calibrate, CalibOptions};
+use teal::sparsity::fisher::FisherOptions;
 use teal::sparsity::greedy::{greedy_block, GreedyOptions};
 use teal::sparsity::thresholds::{Fingerprint, Thresholds};
 use teal::sparsity::{
@@ -46,6 +47,10 @@ fn calibrated(greedy: bool) -> (Llama, Config, Fingerprint, Thresholds) {
             },
             Quantile::Abs,
         )),
+        fisher: Some(FisherOptions {
+            samples: 2,
+            seq_len: 64,
+        }),
         text_label: "random".into(),
         text_bytes: 0,
     };
@@ -78,7 +83,12 @@ fn zero_sparsity_reproduces_dense_logits_bit_for_bit() {
     assert_eq!(a, b);
     // A threshold below every |x| keeps everything, through the sparse kernels too.
     let keep_all = m
-        .with_masks(&[[Some(InputMask::Threshold(-1.0)); 7]; 3])
+        .with_masks(&vec![
+            std::array::from_fn(|_| Some(InputMask::Threshold(
+                -1.0
+            )));
+            3
+        ])
         .unwrap();
     let c = keep_all
         .prefill(&toks, &mut keep_all.new_cache(32), Logits::All)
@@ -311,13 +321,26 @@ fn calibration_text_too_short_is_an_error() {
         samples: 4,
         seq_len: 64,
         greedy: None,
+        fisher: None,
         text_label: "x".into(),
         text_bytes: 0,
+    };
+    let e = calibrate(&m, fp.clone(), &tokens(100, 1), &opts, &mut |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("calibration text too short"), "{e}");
+    let opts = CalibOptions {
+        samples: 1,
+        fisher: Some(FisherOptions {
+            samples: 4,
+            seq_len: 64,
+        }),
+        ..opts
     };
     let e = calibrate(&m, fp, &tokens(100, 1), &opts, &mut |_, _, _| {})
         .unwrap_err()
         .to_string();
-    assert!(e.contains("calibration text too short"), "{e}");
+    assert!(e.contains("4 windows of 64"), "{e}");
 }
 
 /// `compare_on` (what `teal ppl --device cuda:N` runs: one decoder, masks switched per window,
@@ -367,4 +390,211 @@ fn compare_on_a_decoder_matches_compare() {
         (got.tokens_scored, got.chunks, got.mode.as_str()),
         (want.tokens_scored, want.chunks, "all")
     );
+}
+
+/// Mean next-token NLL of `toks` through the model's own prefill, in f64.
+fn mean_nll(m: &Llama, toks: &[u32]) -> f64 {
+    let v = m.config.vocab_size;
+    let lg = m
+        .prefill(toks, &mut m.new_cache(toks.len()), Logits::All)
+        .unwrap();
+    let n = toks.len();
+    (0..n - 1)
+        .map(|t| {
+            let row = &lg[t * v..(t + 1) * v];
+            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
+            lse - row[toks[t + 1] as usize] as f64
+        })
+        .sum::<f64>()
+        / (n - 1) as f64
+}
+
+#[test]
+fn loss_gradients_at_projection_inputs_match_finite_differences() {
+    use teal::linear::Linear;
+    use teal::sparsity::fisher::input_gradients;
+    let (m, c, _) = model();
+    let toks = tokens(24, 3);
+    let mut grads: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); 7]; c.num_hidden_layers];
+    let mut inputs = grads.clone();
+    let loss = input_gradients(&m, &toks, &mut |l, p, x, g| {
+        inputs[l][p] = x.to_vec();
+        grads[l][p] = g.to_vec();
+    })
+    .unwrap();
+    assert!((loss - mean_nll(&m, &toks)).abs() < 1e-5 * loss, "{loss}");
+    // The inputs passed along are those the model's own prefill feeds each projection.
+    struct Sites(Vec<[Vec<f32>; 4]>);
+    impl teal::models::llama::Observer for Sites {
+        fn observe(&mut self, l: usize, site: teal::models::llama::Site, rows: &[f32], _: usize) {
+            let i = teal::models::llama::Site::ALL
+                .iter()
+                .position(|&s| s == site)
+                .unwrap();
+            self.0[l][i] = rows.to_vec();
+        }
+    }
+    let mut sites = Sites(vec![Default::default(); c.num_hidden_layers]);
+    m.prefill_observed(&toks, &mut m.new_cache(24), Logits::Last, Some(&mut sites))
+        .unwrap();
+    for (l, (got, want)) in inputs.iter().zip(&sites.0).enumerate() {
+        for p in 0..7 {
+            let want = &want[PROJ_SITE[p]];
+            let err = got[p]
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+                .fold(0.0f32, f32::max);
+            assert!(
+                got[p].len() == want.len() && err < 1e-4,
+                "layer {l} proj {p}: {err}"
+            );
+        }
+    }
+    // Adding eps * W[:, j] to projection p's output at every position is adding eps to its
+    // input j alone, so the loss changes by eps * sum_t dL/dx_tj.
+    const FD_ABS: f64 = 2e-4;
+    const FD_REL: f64 = 2e-3;
+    let eps = 1e-2f32;
+    let mut checked = 0;
+    for l in 0..c.num_hidden_layers {
+        for p in 0..7 {
+            let lin = m.layers[l].linears()[p].1.clone();
+            let wt = lin.input_major();
+            let g = &grads[l][p];
+            for j in [0, lin.in_dim / 2, lin.in_dim - 1] {
+                let analytic: f64 = g.chunks(lin.in_dim).map(|r| r[j] as f64).sum();
+                let shifted = |sign: f32| {
+                    let col = &wt[j * lin.out_dim..(j + 1) * lin.out_dim];
+                    let bias: Vec<f32> = (0..lin.out_dim)
+                        .map(|o| lin.bias().map_or(0.0, |b| b[o]) + sign * eps * col[o])
+                        .collect();
+                    let new = Linear::from_input_major_as(
+                        teal::Dtype::F32,
+                        "w",
+                        lin.in_dim,
+                        lin.out_dim,
+                        wt.clone(),
+                        Some(bias),
+                    )
+                    .unwrap();
+                    let mut layers = m.layers.clone();
+                    let b = &mut layers[l];
+                    *[
+                        &mut b.q_proj,
+                        &mut b.k_proj,
+                        &mut b.v_proj,
+                        &mut b.o_proj,
+                        &mut b.gate_proj,
+                        &mut b.up_proj,
+                        &mut b.down_proj,
+                    ][p] = new;
+                    let mm = m.with_weights(
+                        m.embed_tokens.clone(),
+                        layers,
+                        m.norm.clone(),
+                        m.lm_head.clone(),
+                    );
+                    mean_nll(&mm, &toks)
+                };
+                let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
+                // The f32 loss carries ~1e-6 of rounding, 5e-5 over 2 eps; eps^2 curvature is
+                // well under 1e-3 of the gradient at these sizes.
+                let excess = (fd - analytic).abs() - (FD_ABS + FD_REL * analytic.abs());
+                assert!(
+                    excess <= 0.0,
+                    "layer {l} proj {p} channel {j}: analytic {analytic:e}, finite differences {fd:e}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 7 * c.num_hidden_layers);
+}
+
+#[test]
+fn fisher_allocation_hits_the_target_over_the_whole_model() {
+    let (m, c, _, th) = calibrated(false);
+    let f = th.fisher.as_ref().unwrap();
+    assert_eq!(f.weights.len(), c.num_hidden_layers);
+    assert!(th
+        .resolve(&spec(0.0, Allocation::Fisher, Quantile::Abs))
+        .unwrap()
+        .iter()
+        .flatten()
+        .all(|x| x.is_none()));
+    let sizes = size_weights(&c);
+    let toks = tokens(3 * 64, 5);
+    for s in [0.25, 0.5, 0.75] {
+        let sp = spec(s, Allocation::Fisher, Quantile::Abs);
+        let sparse = m.with_masks(&th.resolve(&sp).unwrap()).unwrap();
+        let planned = th.allocate(&sp).unwrap();
+        // Zeros the masks would make on the dense model's activations of the calibration
+        // windows, the statistics the one global threshold was placed on.
+        struct Count<'a>(&'a Llama, Vec<[(usize, usize); 7]>);
+        impl teal::models::llama::Observer for Count<'_> {
+            fn observe(
+                &mut self,
+                l: usize,
+                site: teal::models::llama::Site,
+                rows: &[f32],
+                _: usize,
+            ) {
+                let si = teal::models::llama::Site::ALL
+                    .iter()
+                    .position(|&x| x == site)
+                    .unwrap();
+                for p in (0..7).filter(|&p| PROJ_SITE[p] == si) {
+                    let z = self.0.layers[l].linears()[p].1.count_zeroed(rows);
+                    self.1[l][p].0 += z;
+                    self.1[l][p].1 += rows.len();
+                }
+            }
+        }
+        let mut count = Count(&sparse, vec![[(0, 0); 7]; c.num_hidden_layers]);
+        for w in toks.chunks(64) {
+            m.prefill_observed(w, &mut m.new_cache(64), Logits::Last, Some(&mut count))
+                .unwrap();
+        }
+        let realized: Vec<[f64; 7]> = count
+            .1
+            .iter()
+            .map(|r| std::array::from_fn(|p| r[p].0 as f64 / r[p].1 as f64))
+            .collect();
+        let model_wide = realized
+            .iter()
+            .map(|r| effective_sparsity(r, &sizes))
+            .sum::<f64>()
+            / realized.len() as f64;
+        // Exact score quantiles at levels 0.005 apart, read between levels: the per-projection
+        // fractions are exact within one level spacing, the model-wide one within less.
+        assert!(
+            (model_wide - s).abs() < 0.005,
+            "s={s}: realized {model_wide}"
+        );
+        for (l, (r, p)) in realized.iter().zip(&planned).enumerate() {
+            for q in 0..7 {
+                assert!(
+                    (r[q] - p[q]).abs() < 0.01,
+                    "s={s} layer {l} proj {q}: {} vs {}",
+                    r[q],
+                    p[q]
+                );
+            }
+        }
+        // The allocation is not uniform: it follows the loss gradients.
+        let spread = planned
+            .iter()
+            .flatten()
+            .fold((1.0f64, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        assert!(spread.1 - spread.0 > 0.1, "s={s}: {spread:?}");
+    }
+    let mut plain = th.clone();
+    plain.fisher = None;
+    let e = plain
+        .resolve(&spec(0.5, Allocation::Fisher, Quantile::Abs))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--fisher"), "{e}");
 }

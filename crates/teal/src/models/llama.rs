@@ -563,13 +563,13 @@ impl Block {
     /// [`Block::linears`] (`None`: dense).
     pub fn with_masks(&self, t: &[Option<InputMask>; 7]) -> Block {
         Block {
-            q_proj: self.q_proj.with_mask(t[0]),
-            k_proj: self.k_proj.with_mask(t[1]),
-            v_proj: self.v_proj.with_mask(t[2]),
-            o_proj: self.o_proj.with_mask(t[3]),
-            gate_proj: self.gate_proj.with_mask(t[4]),
-            up_proj: self.up_proj.with_mask(t[5]),
-            down_proj: self.down_proj.with_mask(t[6]),
+            q_proj: self.q_proj.with_mask(t[0].clone()),
+            k_proj: self.k_proj.with_mask(t[1].clone()),
+            v_proj: self.v_proj.with_mask(t[2].clone()),
+            o_proj: self.o_proj.with_mask(t[3].clone()),
+            gate_proj: self.gate_proj.with_mask(t[4].clone()),
+            up_proj: self.up_proj.with_mask(t[5].clone()),
+            down_proj: self.down_proj.with_mask(t[6].clone()),
             ..self.clone()
         }
     }

@@ -107,13 +107,17 @@ const GEMM_MIN_ROWS: usize = 32;
 const GEMM_ROWS: usize = 512;
 
 /// The GEMV threshold of a mask: `|x| <= t` is zeroed; dense keeps everything.
-fn threshold(mask: Option<InputMask>, what: &str) -> Result<f32> {
+fn threshold(mask: Option<&InputMask>, what: &str) -> Result<f32> {
     match mask {
         None => Ok(-1.0),
-        Some(InputMask::Threshold(t)) => Ok(t),
+        Some(InputMask::Threshold(t)) => Ok(*t),
         Some(InputMask::WeightAware(_)) => Err(Error::Invalid(format!(
             "{what}: weight-aware (WINA) masks are not supported on the GPU; use TEAL \
              thresholds (--quantile abs or teal) or --device cpu"
+        ))),
+        Some(InputMask::Channels(_)) => Err(Error::Invalid(format!(
+            "{what}: per-channel (--allocation fisher) masks are not supported on the GPU; \
+             use --allocation uniform or greedy, or --device cpu"
         ))),
     }
 }
@@ -1405,7 +1409,7 @@ impl Decoder for GpuLlama {
             let what = format!("layer {i}");
             let mut t = [0.0f32; 7];
             for (p, tp) in t.iter_mut().enumerate() {
-                *tp = threshold(masks.and_then(|m| m[i][p]), &what)?;
+                *tp = threshold(masks.and_then(|m| m[i][p].as_ref()), &what)?;
             }
             l.qkv.set_thresholds(&t[0..3], &what)?;
             l.o.set_thresholds(&t[3..4], &what)?;

@@ -3,11 +3,12 @@
 //! reading and the exact |x| quantile); optionally run the greedy search on each block's dense
 //! inputs. Layer-wise processing keeps only one layer's activations in memory.
 
+use super::fisher::{input_fisher, FisherOptions};
 use super::greedy::{greedy_block, GreedyOptions};
 use super::histogram::{abs_quantiles, check_finite, TealHistogram};
 use super::thresholds::{
-    default_levels, interpolate, Fingerprint, GreedyTables, Provenance, Quantile, SiteTable,
-    Thresholds, FORMAT, VERSION,
+    default_levels, interpolate, Fingerprint, FisherTables, GreedyTables, Provenance, Quantile,
+    SiteTable, Thresholds, FORMAT, VERSION,
 };
 use super::{size_weights, PROJ_SITE};
 use crate::device::Decoder;
@@ -24,6 +25,8 @@ pub struct CalibOptions {
     pub greedy: Option<(GreedyOptions, Quantile)>,
     /// Also compute the weight-aware (wina) score quantiles of every projection.
     pub weight_aware: bool,
+    /// Loss gradients on these windows for the loss-aware allocation (CPU only).
+    pub fisher: Option<FisherOptions>,
     /// Name of the calibration text, for the provenance record.
     pub text_label: String,
     pub text_bytes: usize,
@@ -110,6 +113,23 @@ fn calibrate_blocks(
     };
     let levels = default_levels();
     let weights = size_weights(c);
+    // The loss-aware channel weights sqrt(F_j / out), before the statistics that use them.
+    let fisher_weights: Option<Vec<[Vec<f32>; 7]>> = match opts.fisher {
+        Some(f) => Some(
+            input_fisher(model, tokens, f.samples, f.seq_len, progress)?
+                .into_iter()
+                .zip(&model.layers)
+                .map(|(row, b)| {
+                    let lin = b.linears();
+                    std::array::from_fn(|p| {
+                        let out = lin[p].1.out_dim as f32;
+                        row[p].iter().map(|f| (f / out).sqrt()).collect()
+                    })
+                })
+                .collect(),
+        ),
+        None => None,
+    };
     let (cos, sin) = model.rope_tables_for(0, len);
 
     // Hidden states of every sample, advanced one block at a time.
@@ -127,6 +147,7 @@ fn calibrate_blocks(
     let mut vc = vec![0.0f32; len * c.kv_dim()];
     let mut sites = Vec::with_capacity(c.num_hidden_layers);
     let mut wina = Vec::with_capacity(c.num_hidden_layers);
+    let mut fisher_scores = Vec::with_capacity(c.num_hidden_layers);
     let mut greedy_layers = Vec::new();
     let total = c.num_hidden_layers;
     for (l, block) in model.layers.iter().enumerate() {
@@ -153,6 +174,11 @@ fn calibrate_blocks(
             );
         }
         let (tables, wina_row) = layer_tables(l, block, &col.values, &levels, opts.weight_aware)?;
+        if let Some(fw) = &fisher_weights {
+            fisher_scores.push(std::array::from_fn(|p| {
+                score_quantiles(&col.values[PROJ_SITE[p]], &fw[l][p], &levels)
+            }));
+        }
         drop(col);
         if let (Some((g, q)), Some(inp)) = (greedy, greedy_inputs) {
             progress(&format!("greedy layer {l}"), l, total);
@@ -200,6 +226,16 @@ fn calibrate_blocks(
             size_weights: weights,
             layers: greedy_layers,
         }),
+        fisher: match (opts.fisher, fisher_weights) {
+            (Some(f), Some(w)) => Some(FisherTables {
+                samples: f.samples,
+                seq_len: f.seq_len,
+                size_weights: weights,
+                weights: w,
+                scores: fisher_scores,
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -243,18 +279,22 @@ fn layer_tables(
     let linears = block.linears();
     let wina_row: Option<[Vec<f32>; 7]> = weight_aware.then(|| {
         std::array::from_fn(|p| {
-            let norms = linears[p].1.input_norms();
-            let scores: Vec<f32> = values[PROJ_SITE[p]]
-                .chunks(norms.len())
-                .flat_map(|r| r.iter().zip(norms).map(|(x, n)| x.abs() * n))
-                .collect();
-            abs_quantiles(&scores, levels)
+            score_quantiles(&values[PROJ_SITE[p]], linears[p].1.input_norms(), levels)
         })
     });
     let tables: [SiteTable; 4] = tables
         .try_into()
         .map_err(|_| Error::Invalid("four sites".into()))?;
     Ok((tables, wina_row))
+}
+
+/// Exact quantiles at `levels` of the score `|x_j| w_j` over rows of `values` (`w.len()` wide).
+fn score_quantiles(values: &[f32], w: &[f32], levels: &[f64]) -> Vec<f32> {
+    let scores: Vec<f32> = values
+        .chunks(w.len())
+        .flat_map(|r| r.iter().zip(w).map(|(x, w)| x.abs() * w))
+        .collect();
+    abs_quantiles(&scores, levels)
 }
 
 /// Collects every value of each site of the layers `first..first + values.len()`.
@@ -293,9 +333,11 @@ pub fn calibrate_on(
 ) -> Result<Thresholds> {
     let c = &model.config;
     let (n, len) = (opts.samples, opts.seq_len);
-    if opts.greedy.is_some() {
+    if opts.greedy.is_some() || opts.fisher.is_some() {
         return Err(Error::Invalid(
-            "the greedy search runs on the CPU only (calibrate without --greedy on a GPU)".into(),
+            "the greedy search and the loss gradients run on the CPU only (calibrate without \
+             --greedy and --fisher on a GPU)"
+                .into(),
         ));
     }
     if n == 0 || len < 4 || tokens.len() < n * len {
@@ -351,6 +393,7 @@ pub fn calibrate_on(
         sites,
         wina: opts.weight_aware.then_some(wina),
         greedy: None,
+        fisher: None,
     })
 }
 

@@ -2,6 +2,7 @@
 //! thresholds file that carries them (DESIGN §1).
 
 pub mod calibrate;
+pub mod fisher;
 pub mod greedy;
 pub mod histogram;
 pub mod thresholds;

@@ -35,6 +35,11 @@ pub enum Allocation {
     Uniform,
     /// TEAL's block-wise greedy search on dense block inputs.
     Greedy,
+    /// Loss-aware, with no search: one threshold for the whole model on `|x_j| w_j`, with
+    /// `w_j = sqrt(F_j / out)` from the diagonal Fisher `F_j` of each projection input (the
+    /// expected loss increase per weight skipped), placed so that the parameter-weighted
+    /// sparsity over the calibration activations is the target.
+    Fisher,
 }
 
 /// Which positions are sparsified (DESIGN §1).
@@ -63,6 +68,7 @@ impl Allocation {
         match self {
             Allocation::Uniform => "uniform",
             Allocation::Greedy => "greedy",
+            Allocation::Fisher => "fisher",
         }
     }
 }
@@ -201,6 +207,71 @@ pub struct GreedyTables {
     pub layers: Vec<Vec<GreedyStep>>,
 }
 
+/// The loss-aware allocation's statistics ([`Allocation::Fisher`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FisherTables {
+    /// Windows and tokens per window of the loss gradients.
+    pub samples: usize,
+    pub seq_len: usize,
+    /// Parameters of each projection relative to q_proj (the allocation's weights).
+    pub size_weights: [f64; 7],
+    /// `[layer][projection][channel]`: the channel weights `sqrt(F_j / out)`.
+    pub weights: Vec<[Vec<f32>; 7]>,
+    /// `[layer][projection]`: exact quantiles of the score `|x_j| w_j` over the calibration
+    /// activations at each level.
+    pub scores: Vec<[Vec<f32>; 7]>,
+}
+
+impl FisherTables {
+    /// The one score threshold whose parameter-weighted sparsity over the calibration
+    /// activations is `s`, and the sparsity it gives each projection of each layer.
+    fn global(&self, levels: &[f64], s: f64) -> (f32, Vec<[f64; 7]>) {
+        let sizes = &self.size_weights;
+        let fractions = |t: f32| -> Vec<[f64; 7]> {
+            self.scores
+                .iter()
+                .map(|row| std::array::from_fn(|p| fraction_below(levels, &row[p], t)))
+                .collect()
+        };
+        let total = sizes.iter().sum::<f64>() * self.scores.len() as f64;
+        let sparsity = |f: &[[f64; 7]]| {
+            f.iter()
+                .map(|r| r.iter().zip(sizes).map(|(a, b)| a * b).sum::<f64>())
+                .sum::<f64>()
+                / total
+        };
+        let top = self
+            .scores
+            .iter()
+            .flat_map(|r| r.iter().filter_map(|t| t.last()))
+            .fold(0.0f32, |a, &b| a.max(b));
+        let (mut lo, mut hi) = (0.0f32, top);
+        for _ in 0..60 {
+            let mid = 0.5 * (lo + hi);
+            if sparsity(&fractions(mid)) < s {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        (hi, fractions(hi))
+    }
+}
+
+/// The fraction of values at or below `t` in a quantile table (`tab[i]`: the value at level
+/// `levels[i]`), linear between levels; the last level's fraction above its value.
+fn fraction_below(levels: &[f64], tab: &[f32], t: f32) -> f64 {
+    let i = tab.partition_point(|&v| v <= t);
+    if i == 0 {
+        return 0.0;
+    }
+    if i == tab.len() {
+        return *levels.last().expect("validated levels");
+    }
+    let (a, b) = ((tab[i - 1] as f64).max(0.0), tab[i] as f64);
+    levels[i - 1] + (levels[i] - levels[i - 1]) * ((t as f64 - a) / (b - a)).clamp(0.0, 1.0)
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
     pub format: String,
@@ -216,6 +287,9 @@ pub struct Thresholds {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wina: Option<Vec<[Vec<f32>; 7]>>,
     pub greedy: Option<GreedyTables>,
+    /// The loss-aware allocation's tables (absent in files calibrated without `--fisher`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fisher: Option<FisherTables>,
 }
 
 /// The sparsity levels at which site tables are stored: 0 to 0.995 by 0.005.
@@ -290,6 +364,30 @@ impl Thresholds {
                     if t.len() != n || t.iter().any(|v| !v.is_finite()) {
                         return Err(format!(
                             "layer {l} projection {p}: bad wina table (length or non-finite)"
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(f) = &self.fisher {
+            if f.weights.len() != self.model.num_hidden_layers
+                || f.scores.len() != self.model.num_hidden_layers
+            {
+                return Err("fisher tables: one row per layer expected".into());
+            }
+            for (l, (w, t)) in f.weights.iter().zip(&f.scores).enumerate() {
+                for p in 0..7 {
+                    // Level 0's entry is -1 (nothing zeroed), as in the site tables.
+                    if t[p].len() != n
+                        || t[p].windows(2).any(|v| v[1] < v[0])
+                        || w[p]
+                            .iter()
+                            .chain(&t[p][1..])
+                            .any(|v| !v.is_finite() || *v < 0.0)
+                    {
+                        return Err(format!(
+                            "layer {l} projection {p}: bad fisher table (length, order or a \
+                             negative or non-finite value)"
                         ));
                     }
                 }
@@ -399,11 +497,41 @@ impl Thresholds {
                     })
                     .collect())
             }
+            Allocation::Fisher => Ok(self.fisher_tables()?.global(&self.levels, spec.target).1),
         }
+    }
+
+    fn fisher_tables(&self) -> Result<&FisherTables> {
+        self.fisher.as_ref().ok_or_else(|| {
+            Error::Invalid(
+                "this thresholds file has no fisher tables: calibrate with --fisher".into(),
+            )
+        })
     }
 
     /// The mask of every projection of every layer (`None`: dense).
     pub fn resolve(&self, spec: &SparsitySpec) -> Result<Vec<[Option<InputMask>; 7]>> {
+        if spec.allocation == Allocation::Fisher {
+            check_target(spec.target)?;
+            let f = self.fisher_tables()?;
+            if spec.target == 0.0 {
+                return Ok(vec![Default::default(); f.weights.len()]);
+            }
+            let (t, _) = f.global(&self.levels, spec.target);
+            return Ok(f
+                .weights
+                .iter()
+                .map(|row| {
+                    std::array::from_fn(|p| {
+                        let per_channel = row[p]
+                            .iter()
+                            .map(|&w| if w > 0.0 { t / w } else { f32::INFINITY })
+                            .collect();
+                        Some(InputMask::Channels(std::sync::Arc::new(per_channel)))
+                    })
+                })
+                .collect());
+        }
         self.check_quantile(spec.quantile)?;
         let alloc = self.allocate(spec)?;
         Ok(alloc
