@@ -303,15 +303,14 @@ fn smollm2_teal_uniform_and_fisher_sparsity() {
         chunks: Some(2),
         kv: teal::kv_cache::KvDtype::F32,
     };
-    for (target, quantile) in [(0.4, Quantile::Abs), (0.4, Quantile::Teal)] {
+    let eval = |target, allocation, quantile| {
         let spec = SparsitySpec {
             target,
-            allocation: Allocation::Uniform,
+            allocation,
             quantile,
             mode: Mode::All,
         };
-        let t = th.resolve(&spec).unwrap();
-        let sparse = model.with_masks(&t).unwrap();
+        let sparse = model.with_masks(&th.resolve(&spec).unwrap()).unwrap();
         let r = compare(
             &files.config,
             &model,
@@ -323,9 +322,13 @@ fn smollm2_teal_uniform_and_fisher_sparsity() {
         )
         .unwrap();
         eprintln!(
-            "{quantile:?}: PPL {:.3} vs {:.3} (x{:.4}), KL {:.4}, top1 {:.3}, realized {:.4}",
-            r.ppl, r.dense_ppl, r.ppl_ratio, r.kl, r.top1, r.model_sparsity
+            "{allocation:?} {quantile:?} {target}: PPL {:.3} vs {:.3} (x{:.4}), KL {:.4}, top1 {:.3}, realized {:.4}, {:?}",
+            r.ppl, r.dense_ppl, r.ppl_ratio, r.kl, r.top1, r.model_sparsity, r.site_sparsity
         );
+        r
+    };
+    for (target, quantile) in [(0.4, Quantile::Abs), (0.4, Quantile::Teal)] {
+        let r = eval(target, Allocation::Uniform, quantile);
         // Calibrated on C4, evaluated on WikiText: the realized sparsity drifts a little.
         assert!(
             (r.model_sparsity - target).abs() < 0.05,
@@ -347,31 +350,10 @@ fn smollm2_teal_uniform_and_fisher_sparsity() {
     // The loss-aware allocation at 50 % against uniform at 50 %, from the same statistics: on
     // 32 windows it has about half of uniform's perplexity increase (x1.41 against x1.70,
     // docs/QUALITY.md); a wrong gradient or a misplaced global threshold loses that.
-    let at_half = |allocation| {
-        let spec = SparsitySpec {
-            target: 0.5,
-            allocation,
-            quantile: Quantile::Abs,
-            mode: Mode::All,
-        };
-        let sparse = model.with_masks(&th.resolve(&spec).unwrap()).unwrap();
-        let r = compare(
-            &files.config,
-            &model,
-            &sparse,
-            Mode::All,
-            &tokens,
-            &ppl,
-            |_, _| {},
-        )
-        .unwrap();
-        eprintln!(
-            "{allocation:?} 0.5: x{:.4}, KL {:.4}, realized {:.4}, {:?}",
-            r.ppl_ratio, r.kl, r.model_sparsity, r.site_sparsity
-        );
-        r
-    };
-    let (uniform, fisher) = (at_half(Allocation::Uniform), at_half(Allocation::Fisher));
+    let (uniform, fisher) = (
+        eval(0.5, Allocation::Uniform, Quantile::Abs),
+        eval(0.5, Allocation::Fisher, Quantile::Abs),
+    );
     assert!(
         (fisher.model_sparsity - 0.5).abs() < 0.05,
         "fisher realized {}",

@@ -161,13 +161,7 @@ pub fn input_fisher(
 /// One block forward on `n` positions from 0 (`x[n, hidden]` updated in place), keeping what
 /// [`backward_block`] needs.
 fn forward_block(c: &Config, b: &Block, x: &mut [f32], n: usize, rope: (&[f32], &[f32])) -> Saved {
-    let (d, qd, kvd, ff, hd) = (
-        c.hidden_size,
-        c.q_dim(),
-        c.kv_dim(),
-        c.intermediate_size,
-        c.head_dim,
-    );
+    let (d, qd, kvd, ff, hd) = dims(c);
     let z = |w: usize| vec![0.0f32; n * w];
     let x_in = x.to_vec();
     let mut h = z(d);
@@ -214,13 +208,7 @@ fn backward_block(
     inverse_rope: (&[f32], &[f32]),
     visit: &mut ProjVisitor,
 ) {
-    let (d, qd, kvd, ff, hd) = (
-        c.hidden_size,
-        c.q_dim(),
-        c.kv_dim(),
-        c.intermediate_size,
-        c.head_dim,
-    );
+    let (d, qd, kvd, ff, hd) = dims(c);
     let z = |w: usize| vec![0.0f32; n * w];
     // MLP half: x_out = x_mid + down(silu(g) * u), g and u from rmsnorm(x_mid).
     let (mut h, mut a) = (z(d), z(ff));
@@ -273,6 +261,17 @@ fn backward_block(
     visit(2, &h, &gh);
     add_assign(&mut dh, &gh);
     rmsnorm_backward_add(&s.x_in, &b.input_layernorm, c.rms_norm_eps, &dh, dx);
+}
+
+/// Hidden, query, key/value and MLP widths, and the head size.
+fn dims(c: &Config) -> (usize, usize, usize, usize, usize) {
+    (
+        c.hidden_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+        c.head_dim,
+    )
 }
 
 /// Causal softmax probabilities of query head `h` over its KV head (`[n, n]`, zero above the
