@@ -131,17 +131,6 @@ impl Linear {
         }
     }
 
-    /// The same weights with `norms` standing in for `||W[:, j]||` in weight-aware masks.
-    pub fn with_input_norms(&self, norms: Vec<f32>) -> Linear {
-        assert_eq!(norms.len(), self.in_dim);
-        let lock = OnceLock::new();
-        lock.set(norms).expect("a fresh lock");
-        Linear {
-            input_norms: Arc::new(lock),
-            ..self.clone()
-        }
-    }
-
     /// The same weights (shared, not copied) with an input mask; `None` makes it dense.
     pub fn with_mask(&self, mask: Option<InputMask>) -> Linear {
         let sparsify = mask.as_ref().map(|m| match m {
