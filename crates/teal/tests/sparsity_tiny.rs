@@ -590,6 +590,19 @@ fn fisher_allocation_hits_the_target_over_the_whole_model() {
             .fold((1.0f64, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         assert!(spread.1 - spread.0 > 0.1, "s={s}: {spread:?}");
     }
+    // A table of the wrong width (a damaged file of the right model) is an error, not a panic.
+    let mut masks = th
+        .resolve(&spec(0.5, Allocation::Fisher, Quantile::Abs))
+        .unwrap();
+    masks[1][6] = Some(InputMask::Channels(std::sync::Arc::new(vec![0.1; 5])));
+    let e = match m.with_masks(&masks) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a mask of the wrong width was accepted"),
+    };
+    assert!(
+        e.contains("layer 1 down_proj: 5 per-channel thresholds"),
+        "{e}"
+    );
     let mut plain = th.clone();
     plain.fisher = None;
     let e = plain

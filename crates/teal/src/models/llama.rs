@@ -172,6 +172,19 @@ impl Llama {
                 self.layers.len()
             )));
         }
+        for (l, (b, t)) in self.layers.iter().zip(per_layer).enumerate() {
+            for ((name, lin), m) in b.linears().iter().zip(t) {
+                if let Some(InputMask::Channels(c)) = m {
+                    if c.len() != lin.in_dim {
+                        return Err(Error::Invalid(format!(
+                            "layer {l} {name}: {} per-channel thresholds for {} inputs",
+                            c.len(),
+                            lin.in_dim
+                        )));
+                    }
+                }
+            }
+        }
         let layers = self
             .layers
             .iter()
