@@ -130,6 +130,18 @@ fn calibrate_blocks(
         ),
         None => None,
     };
+    for (l, row) in fisher_weights.iter().flatten().enumerate() {
+        for (p, w) in row.iter().enumerate() {
+            if let Err(i) = check_finite(w) {
+                return Err(Error::Invalid(format!(
+                    "calibration: non-finite loss gradient statistic {} in layer {l} at {} \
+                     (channel {i})",
+                    w[i],
+                    super::PROJ_NAMES[p]
+                )));
+            }
+        }
+    }
     let (cos, sin) = model.rope_tables_for(0, len);
 
     // Hidden states of every sample, advanced one block at a time.
