@@ -400,12 +400,7 @@ fn mean_nll(m: &Llama, toks: &[u32]) -> f64 {
         .unwrap();
     let n = toks.len();
     (0..n - 1)
-        .map(|t| {
-            let row = &lg[t * v..(t + 1) * v];
-            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
-            lse - row[toks[t + 1] as usize] as f64
-        })
+        .map(|t| teal::eval::perplexity::nll(&lg[t * v..(t + 1) * v], toks[t + 1]))
         .sum::<f64>()
         / (n - 1) as f64
 }

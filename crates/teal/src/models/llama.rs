@@ -259,7 +259,7 @@ impl Llama {
         }
     }
 
-    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+    pub(crate) fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         match tokens
             .iter()
             .find(|&&t| t as usize >= self.config.vocab_size)
@@ -680,7 +680,7 @@ fn observe(
     }
 }
 
-fn add_assign(x: &mut [f32], y: &[f32]) {
+pub(crate) fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }

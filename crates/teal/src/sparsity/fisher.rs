@@ -8,7 +8,8 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::models::llama::{Block, Llama};
+use crate::eval::perplexity::nll;
+use crate::models::llama::{add_assign, Block, Llama};
 use rayon::prelude::*;
 use teal_kernels::cpu::{gemm, Strided};
 use teal_kernels::reference;
@@ -57,11 +58,7 @@ pub fn input_gradients(model: &Llama, window: &[u32], visit: &mut LayerVisitor) 
             "loss gradients need a window of at least 2 tokens, got {n}"
         )));
     }
-    if let Some(t) = window.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Invalid(format!(
-            "token id {t} is outside the vocabulary of {vocab}"
-        )));
-    }
+    model.check_tokens(window)?;
     let (cos, sin) = model.rope_tables_for(0, n);
     let mut x = vec![0.0f32; n * d];
     for (&t, xt) in window.iter().zip(x.chunks_mut(d)) {
@@ -88,9 +85,9 @@ pub fn input_gradients(model: &Llama, window: &[u32], visit: &mut LayerVisitor) 
             continue;
         }
         let target = window[t + 1] as usize;
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
-        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-        loss += lse - row[target] as f64;
+        let token_nll = nll(row, window[t + 1]);
+        let lse = token_nll + row[target] as f64;
+        loss += token_nll;
         for v in row.iter_mut() {
             *v = ((*v as f64 - lse).exp() * scale) as f32;
         }
@@ -177,13 +174,12 @@ fn forward_block(c: &Config, b: &Block, x: &mut [f32], n: usize, rope: (&[f32], 
     b.o_proj.forward_batch(&att, n, &mut out);
     add_assign(x, &out);
     let x_mid = x.to_vec();
-    rmsnorm_rows(x, &b.post_attention_layernorm, c.rms_norm_eps, d, &mut h);
+    b.mlp_input(c, x, n, &mut h);
     let (mut g, mut u, mut a) = (z(ff), z(ff), z(ff));
     b.gate_proj.forward_batch(&h, n, &mut g);
     b.up_proj.forward_batch(&h, n, &mut u);
     reference::silu_mul(&g, &u, &mut a);
-    b.down_proj.forward_batch(&a, n, &mut out);
-    add_assign(x, &out);
+    b.mlp_output(x, n, &a, &mut out);
     Saved {
         x_in,
         x_mid,
@@ -224,13 +220,7 @@ fn backward_block(
         du[i] = ga[i] * g * sg;
     }
     let (mut gh, mut dh) = (z(d), z(d));
-    rmsnorm_rows(
-        &s.x_mid,
-        &b.post_attention_layernorm,
-        c.rms_norm_eps,
-        d,
-        &mut h,
-    );
+    b.mlp_input(c, &s.x_mid, n, &mut h);
     b.gate_proj.input_grad_batch(&dg, n, &mut dh);
     visit(4, &h, &dh);
     b.up_proj.input_grad_batch(&du, n, &mut gh);
@@ -449,11 +439,5 @@ fn rmsnorm_backward_add(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mut [f3
         for (((o, &x), &g), &w) in dt.iter_mut().zip(xt).zip(gt).zip(w) {
             *o += (inv * (w as f64) * (g as f64) - (x as f64) * k) as f32;
         }
-    }
-}
-
-fn add_assign(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }
