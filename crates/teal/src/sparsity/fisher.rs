@@ -91,25 +91,6 @@ pub fn input_gradients(model: &Llama, window: &[u32], visit: &mut LayerVisitor) 
         for v in row.iter_mut() {
             *v = ((*v as f64 - lse).exp() * scale) as f32;
         }
-        let target = if std::env::var("TEAL_TRUE_FISHER").is_ok() {
-            use rand::{Rng, SeedableRng};
-            let mut rng = rand::rngs::StdRng::seed_from_u64(
-                (window[t] as u64) << 32 ^ (t as u64) ^ (window[0] as u64) << 17 ^ std::env::var("TEAL_TF_SEED").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0).wrapping_mul(0x9E3779B97F4A7C15),
-            );
-            let u: f64 = rng.random::<f64>() * scale;
-            let mut acc = 0.0f64;
-            let mut pick = row.len() - 1;
-            for (i, &v) in row.iter().enumerate() {
-                acc += v as f64;
-                if acc > u {
-                    pick = i;
-                    break;
-                }
-            }
-            pick
-        } else {
-            target
-        };
         row[target] -= scale as f32;
     }
     let mut dnormed = vec![0.0f32; n * d];
@@ -156,66 +137,21 @@ pub fn input_fisher(
             std::array::from_fn(|p| vec![0.0f64; lin[p].1.in_dim])
         })
         .collect();
-    let mut acc2 = acc.clone();
     for (i, w) in tokens.chunks_exact(seq_len).take(samples).enumerate() {
-        let mut win = acc.iter().map(|r| r.clone().map(|v| vec![0.0f64; v.len()])).collect::<Vec<_>>();
         input_gradients(model, w, &mut |l, p, _, g| {
-            let a = &mut win[l][p];
+            let a = &mut acc[l][p];
             for row in g.chunks(a.len()) {
                 for (s, &v) in a.iter_mut().zip(row) {
                     *s += (v as f64) * (v as f64);
                 }
             }
         })?;
-        for l in 0..acc.len() {
-            for p in 0..7 {
-                for j in 0..acc[l][p].len() {
-                    let m = win[l][p][j] / seq_len as f64;
-                    acc[l][p][j] += m;
-                    acc2[l][p][j] += m * m;
-                }
-            }
-        }
         progress("fisher", i + 1, samples);
     }
-    let wn = samples as f64;
-    let eb = std::env::var("TEAL_FISHER_EB").is_ok();
+    let rows = (samples * seq_len) as f64;
     Ok(acc
         .into_iter()
-        .zip(acc2)
-        .enumerate()
-        .map(|(l, (layer, layer2))| {
-            std::array::from_fn(|p| {
-                let f: Vec<f64> = layer[p].iter().map(|&s| s / wn).collect();
-                if !eb || samples < 2 {
-                    return f.iter().map(|&v| v as f32).collect();
-                }
-                let nv: Vec<f64> = layer2[p]
-                    .iter()
-                    .zip(&f)
-                    .map(|(&s2, &m)| ((s2 / wn - m * m) * wn / (wn - 1.0)).max(0.0) / wn)
-                    .collect();
-                let y: Vec<f64> = f.iter().map(|&v| v.max(1e-30).ln()).collect();
-                let sig: Vec<f64> = nv.iter().zip(&f).map(|(&v, &m)| v / (m * m).max(1e-60)).collect();
-                let n = y.len() as f64;
-                let mu = y.iter().sum::<f64>() / n;
-                let vy = y.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / n;
-                let ms = sig.iter().sum::<f64>() / n;
-                let tau = (vy - ms).max(0.0);
-                let mut ksum = 0.0;
-                let out = y
-                    .iter()
-                    .zip(&sig)
-                    .map(|(&yj, &sj)| {
-                        let k = if tau + sj > 0.0 { tau / (tau + sj) } else { 0.0 };
-                        ksum += k;
-                        (mu + k * (yj - mu)).exp() as f32
-                    })
-                    .collect();
-                eprintln!("eb layer {l} proj {p}: var(log F) {vy:.3}, noise {ms:.3}, mean k {:.3}", ksum / n);
-                out
-            })
-        })
+        .map(|layer| layer.map(|a| a.iter().map(|&s| (s / rows) as f32).collect()))
         .collect())
 }
 

@@ -256,34 +256,6 @@ impl FisherTables {
         }
         (hi, fractions(hi))
     }
-
-    /// Scratch: one threshold per layer, each layer at `s`.
-    fn per_layer(&self, levels: &[f64], s: f64) -> Vec<f32> {
-        let sizes = &self.size_weights;
-        let total = sizes.iter().sum::<f64>();
-        self.scores
-            .iter()
-            .map(|row| {
-                let sp = |t: f32| {
-                    (0..7)
-                        .map(|p| fraction_below(levels, &row[p], t) * sizes[p])
-                        .sum::<f64>()
-                        / total
-                };
-                let top = row.iter().filter_map(|t| t.last()).fold(0.0f32, |a, &b| a.max(b));
-                let (mut lo, mut hi) = (0.0f32, top);
-                for _ in 0..60 {
-                    let mid = 0.5 * (lo + hi);
-                    if sp(mid) < s {
-                        lo = mid;
-                    } else {
-                        hi = mid;
-                    }
-                }
-                hi
-            })
-            .collect()
-    }
 }
 
 /// The fraction of values at or below `t` in a quantile table (`tab[i]`: the value at level
@@ -546,16 +518,10 @@ impl Thresholds {
                 return Ok(vec![Default::default(); f.weights.len()]);
             }
             let (t, _) = f.global(&self.levels, spec.target);
-            let ts = if std::env::var("TEAL_FISHER_LAYER").is_ok() {
-                f.per_layer(&self.levels, spec.target)
-            } else {
-                vec![t; f.weights.len()]
-            };
             return Ok(f
                 .weights
                 .iter()
-                .zip(ts)
-                .map(|(row, t)| {
+                .map(|row| {
                     std::array::from_fn(|p| {
                         let per_channel = row[p]
                             .iter()
