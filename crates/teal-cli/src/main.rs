@@ -96,7 +96,7 @@ struct SparseArgs {
     thresholds: Option<PathBuf>,
     /// How the target is spread over the seven projections of each block (auto: greedy when the
     /// thresholds file has greedy tables, else uniform; fisher: one loss-aware threshold for the
-    /// whole model, from `calibrate --fisher`, CPU only).
+    /// whole model, from `calibrate --fisher`, whose gradients run on the CPU only).
     #[arg(long, value_enum, default_value_t = AllocationArg::Auto)]
     allocation: AllocationArg,
     /// How thresholds are read from the statistics: TEAL's signed histogram, or exact |x|.

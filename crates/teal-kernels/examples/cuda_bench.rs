@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaSlice, CudaStream};
-use teal_kernels::cuda::{CudaError, GemvOpts, GemvPlan, Gpu, GpuLinear, WeightDtype};
+use teal_kernels::cuda::{CudaError, GemvOpts, GemvPlan, Gpu, GpuLinear, Threshold, WeightDtype};
 
 type Res<T> = std::result::Result<T, CudaError>;
 
@@ -240,7 +240,7 @@ fn time_ours(
         lin, x32, y, batch, ..
     } = c;
     let (n, batch) = (lin.len(), *batch);
-    let ts = vec![t; lin[0].segments().len()];
+    let ts = vec![Threshold::Scalar(t); lin[0].segments().len()];
     let mut i = 0usize;
     let f = || -> Res<()> {
         for _ in 0..LAUNCHES {

@@ -18,7 +18,9 @@
 //! Usage: cuda_decode [--dtype f16|bf16] [--steps N]
 
 use cudarc::driver::{sys, CudaSlice};
-use teal_kernels::cuda::{AttentionSplit, CudaError, GemvOpts, Gpu, GpuLinear, WeightDtype};
+use teal_kernels::cuda::{
+    AttentionSplit, CudaError, GemvOpts, Gpu, GpuLinear, Threshold, WeightDtype,
+};
 
 type Res<T> = std::result::Result<T, CudaError>;
 
@@ -166,6 +168,7 @@ impl Model {
         let keep = |stage: &str| !self.leave_out.iter().any(|s| s == stage);
         let (attention, rmsnorm, head) = (keep("attention"), keep("rmsnorm"), keep("head"));
         for (li, (l, t)) in self.layers.iter_mut().zip(ts).enumerate() {
+            let t = t.map(Threshold::Scalar);
             if rmsnorm {
                 g.rmsnorm(&self.h, &l.attn_norm, &mut self.xn, 1, d, c.eps)?;
             }
@@ -226,7 +229,7 @@ impl Model {
                 &self.xn,
                 &mut self.logits,
                 1,
-                &[-1.0],
+                &[Threshold::Scalar(-1.0)],
                 GemvOpts::default(),
             )?;
         }

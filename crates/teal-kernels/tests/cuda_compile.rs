@@ -7,8 +7,8 @@ use teal_kernels::cuda::{compile_kernels, CudaError, KERNELS_CU};
 fn kernels_compile_with_nvrtc() {
     match compile_kernels("sm_90") {
         Ok(ptx) => {
-            // Every kernel the source declares by name, two of the GEMV macro's and the grouped
-            // decode attention's.
+            // Every kernel the source declares by name, some of the GEMV macro's (scalar and
+            // per-channel thresholds) and the grouped decode attention's.
             let declared = KERNELS_CU
                 .split("__global__ void")
                 .skip(1)
@@ -26,9 +26,14 @@ fn kernels_compile_with_nvrtc() {
                 })
                 .collect::<Vec<_>>();
             assert!(declared.len() >= 10, "kernels found: {declared:?}");
-            let macro_made = ["gemv_f16_b1_vec".to_string(), "gemv_bf16_b8_any".into()]
-                .into_iter()
-                .chain([1, 2, 4, 8].map(|g| format!("attn_rope_decode_g{g}_f32")));
+            let macro_made = [
+                "gemv_f16_b1_vec".to_string(),
+                "gemv_bf16_b8_any".into(),
+                "gemv_f16_b1_vec_pc".into(),
+                "gemv_bf16_b8_any_pc".into(),
+            ]
+            .into_iter()
+            .chain([1, 2, 4, 8].map(|g| format!("attn_rope_decode_g{g}_f32")));
             for name in declared.into_iter().chain(macro_made) {
                 assert!(
                     ptx.contains(&format!(".entry {name}(")),

@@ -2,7 +2,7 @@
 //! Needs a GPU with a driver and libnvrtc; without a driver or a GPU every test prints why and
 //! passes (CI has no GPU). Run them on the GPU machine with the test binary.
 
-use teal_kernels::cuda::{try_gpu, GemvOpts, Gpu, Norm, Prepare, WeightDtype};
+use teal_kernels::cuda::{try_gpu, GemvOpts, Gpu, Norm, Prepare, Threshold, WeightDtype};
 use teal_kernels::reference;
 
 /// GEMV: f32 accumulation in another order than the reference, relative to sum |x_j w_jo|.
@@ -55,6 +55,43 @@ fn threshold_for(x: &[f32], s: f64) -> f32 {
     a[k - 1]
 }
 
+/// Per-channel thresholds over the rows of `v` (`n_in` wide): channel j's at 1.5 |v[0, j]| (the
+/// first row's input dropped) for a fraction `s` of the channels, at 0.5 |v[0, j]| (kept) for
+/// the others; every one negative at s = 0, infinite at s = 1. Each is at least 1e-3 relative
+/// from every value of its channel, so that a value computed in another order (RMSNorm,
+/// SiLU*mul) falls on the same side on the GPU.
+fn channel_thresholds(v: &[f32], n_in: usize, s: f64, seed: u64) -> Vec<f32> {
+    if s <= 0.0 {
+        return vec![-1.0; n_in];
+    }
+    if s >= 1.0 {
+        return vec![f32::INFINITY; n_in];
+    }
+    let u = rand_vec(n_in, seed);
+    (0..n_in)
+        .map(|j| {
+            let col: Vec<f32> = v.iter().skip(j).step_by(n_in).map(|x| x.abs()).collect();
+            let drop = f64::from(u[j] + 1.0) / 2.0 < s;
+            let mut t = col[0] * if drop { 1.5 } else { 0.5 };
+            while col.iter().any(|&a| (a - t).abs() <= 1e-3 * a.max(t)) {
+                t = t * 1.01 + 1e-6;
+            }
+            t
+        })
+        .collect()
+}
+
+/// The reference of a GEMV on an input already sparsified (`xs`, one row), and its scale
+/// `sum_j |xs_j w_jo|` (the error bound's).
+fn gemv_and_scale(wq: &[f32], n_in: usize, n_out: usize, xs: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut want, mut scale) = (vec![0.0; n_out], vec![0.0; n_out]);
+    reference::gemv_t(wq, n_in, n_out, xs, &mut want);
+    let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
+    let xa: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
+    reference::gemv_t(&wa, n_in, n_out, &xa, &mut scale);
+    (want, scale)
+}
+
 const SHAPES: &[(usize, usize)] = &[
     (1, 1),
     (3, 7),
@@ -67,7 +104,18 @@ const SHAPES: &[(usize, usize)] = &[
     (3000, 2056),
 ];
 
-fn check_gemv(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, batch: usize, s: f64) {
+/// The GEMV of `batch` rows against the reference at sparsity `s` of the first row: one
+/// threshold for the whole batch, or with `per_channel` one per input
+/// ([`channel_thresholds`]).
+fn check_gemv(
+    g: &Gpu,
+    n_in: usize,
+    n_out: usize,
+    dtype: WeightDtype,
+    batch: usize,
+    s: f64,
+    per_channel: bool,
+) {
     let wt = rand_vec(n_in * n_out, 11 + n_in as u64);
     let bits = dtype.encode(&wt);
     let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
@@ -77,6 +125,17 @@ fn check_gemv(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, batch: usi
         f32::INFINITY
     } else {
         threshold_for(&x[..n_in], s)
+    };
+    let tc = if per_channel {
+        channel_thresholds(&x, n_in, s, 6 + n_in as u64)
+    } else {
+        vec![t; n_in]
+    };
+    let tcd = g.upload(&tc).unwrap();
+    let th = if per_channel {
+        Threshold::Channels(&tcd)
+    } else {
+        Threshold::Scalar(t)
     };
     let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
     let xd = g.upload(&x).unwrap();
@@ -92,7 +151,7 @@ fn check_gemv(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, batch: usi
                 &xd,
                 &mut yd,
                 batch,
-                &[t],
+                &[th],
                 GemvOpts {
                     plan,
                     ..Default::default()
@@ -102,16 +161,12 @@ fn check_gemv(g: &Gpu, n_in: usize, n_out: usize, dtype: WeightDtype, batch: usi
             let y = g.download(&yd).unwrap();
             for b in 0..batch {
                 let xb = &x[b * n_in..(b + 1) * n_in];
-                let mut want = vec![0.0; n_out];
-                reference::gemv_t_sparse(&wq, n_in, n_out, xb, t, &mut want);
                 let mut xs = vec![0.0; n_in];
-                reference::sparsify(xb, t, &mut xs);
-                let xa: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
-                let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
-                let mut scale = vec![0.0; n_out];
-                reference::gemv_t(&wa, n_in, n_out, &xa, &mut scale);
+                reference::sparsify_channels(xb, &tc, &mut xs);
+                let (want, scale) = gemv_and_scale(&wq, n_in, n_out, &xs);
                 let what = format!(
-                    "gemv {n_in}x{n_out} {} batch {batch} row {b} s {s} rows/chunk {rows}",
+                    "gemv {n_in}x{n_out} {} batch {batch} row {b} s {s} per-channel \
+                     {per_channel} rows/chunk {rows}",
                     dtype.name()
                 );
                 assert_close(
@@ -132,10 +187,51 @@ fn gemv_matches_reference_dense_sparse_empty() {
     for &(n_in, n_out) in SHAPES {
         for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
             for s in [0.0, 0.5, 1.0] {
-                check_gemv(&g, n_in, n_out, dtype, 1, s);
+                check_gemv(&g, n_in, n_out, dtype, 1, s, false);
             }
         }
     }
+}
+
+/// Per-channel thresholds (`Threshold::Channels`): every one negative (0 %), about half the
+/// inputs dropped, every one infinite (100 %), at every shape, batch 1, 3 and 8 (each row
+/// thresholded on its own, the rows read their union).
+#[test]
+fn gemv_per_channel_thresholds_match_reference() {
+    let Some(g) = gpu() else { return };
+    for &(n_in, n_out) in SHAPES {
+        for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+            for s in [0.0, 0.5, 1.0] {
+                for batch in [1, 3, 8] {
+                    check_gemv(&g, n_in, n_out, dtype, batch, s, true);
+                }
+            }
+        }
+    }
+    // A vector shorter than the input: a clear error, no launch.
+    let mut lin = g
+        .linear_from_f32(&[0.5; 64], 8, 8, WeightDtype::F16, &[])
+        .unwrap();
+    let (xd, mut yd, short) = (
+        g.zeros::<f32>(8).unwrap(),
+        g.zeros::<f32>(8).unwrap(),
+        g.zeros::<f32>(7).unwrap(),
+    );
+    let e = g
+        .gemv(
+            &mut lin,
+            &xd,
+            &mut yd,
+            1,
+            &[Threshold::Channels(&short)],
+            GemvOpts::default(),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("7 per-channel thresholds for 8 inputs"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -143,12 +239,15 @@ fn gemv_batches_up_to_eight() {
     let Some(g) = gpu() else { return };
     for batch in 1..=8 {
         for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
-            check_gemv(&g, 333, 264, dtype, batch, 0.6);
-            check_gemv(&g, 1024, 517, dtype, batch, 0.0);
+            check_gemv(&g, 333, 264, dtype, batch, 0.6, false);
+            check_gemv(&g, 1024, 517, dtype, batch, 0.0, false);
         }
     }
 }
 
+/// Three fused segments with a threshold each over a residual (beta 1, then accumulating with
+/// and without programmatic dependent launch): three scalar thresholds, then per-channel
+/// thresholds for the first and last segments with a scalar one for the middle.
 #[test]
 fn gemv_fused_segments_and_residual_add() {
     let Some(mut g) = gpu() else { return };
@@ -159,51 +258,69 @@ fn gemv_fused_segments_and_residual_add() {
     let bits = dtype.encode(&wt);
     let wq: Vec<f32> = bits.iter().map(|&b| dtype.decode(b)).collect();
     let x = rand_vec(n_in, 4);
-    let ts = [
+    let scalar = [
         threshold_for(&x, 0.3),
         threshold_for(&x, 0.5),
         threshold_for(&x, 0.9),
     ];
+    let (first, last) = (
+        channel_thresholds(&x, n_in, 0.3, 5),
+        channel_thresholds(&x, n_in, 0.8, 6),
+    );
+    let (first_d, last_d) = (g.upload(&first).unwrap(), g.upload(&last).unwrap());
     let mut lin = g
         .linear_from_bits(&bits, n_in, n_out, dtype, &segs)
         .unwrap();
     let resid = rand_vec(n_out, 9);
     let xd = g.upload(&x).unwrap();
-    let mut yd = g.upload(&resid).unwrap();
-    g.gemv(
-        &mut lin,
-        &xd,
-        &mut yd,
-        1,
-        &ts,
-        GemvOpts {
-            beta: 1.0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let y = g.download(&yd).unwrap();
-    // The same through f32 atomics straight into the residual, with and without
-    // programmatic dependent launch.
-    for pdl in [false, true] {
-        g.set_programmatic_launch(pdl);
-        let mut yd2 = g.upload(&resid).unwrap();
+    let cases = [
+        (scalar.map(Threshold::Scalar), scalar.map(|t| vec![t; n_in])),
+        (
+            [
+                Threshold::Channels(&first_d),
+                Threshold::Scalar(scalar[1]),
+                Threshold::Channels(&last_d),
+            ],
+            [first.clone(), vec![scalar[1]; n_in], last.clone()],
+        ),
+    ];
+    for (ts, host) in &cases {
+        let mut yd = g.upload(&resid).unwrap();
         g.gemv(
             &mut lin,
             &xd,
-            &mut yd2,
+            &mut yd,
             1,
-            &ts,
+            ts,
             GemvOpts {
-                accumulate: true,
+                beta: 1.0,
                 ..Default::default()
             },
         )
         .unwrap();
-        let y2 = g.download(&yd2).unwrap();
-        check_fused(&y2, &wq, &x, &resid, &segs, &ts, n_in, n_out);
+        let y = g.download(&yd).unwrap();
+        // The same through f32 atomics straight into the residual, with and without
+        // programmatic dependent launch.
+        for pdl in [false, true] {
+            g.set_programmatic_launch(pdl);
+            let mut yd2 = g.upload(&resid).unwrap();
+            g.gemv(
+                &mut lin,
+                &xd,
+                &mut yd2,
+                1,
+                ts,
+                GemvOpts {
+                    accumulate: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let y2 = g.download(&yd2).unwrap();
+            check_fused(&y2, &wq, &x, &resid, &segs, host, n_in, n_out);
+        }
+        check_fused(&y, &wq, &x, &resid, &segs, host, n_in, n_out);
     }
-    check_fused(&y, &wq, &x, &resid, &segs, &ts, n_in, n_out);
 }
 
 /// Three projections written side by side into one output by three launches at offsets
@@ -238,7 +355,8 @@ fn gemv_output_offsets_match_reference() {
                 y_stride: if batch > 1 { n_out } else { 0 },
                 ..Default::default()
             };
-            g.gemv(&mut lin, &xd, &mut yd, batch, &[t], opts).unwrap();
+            g.gemv(&mut lin, &xd, &mut yd, batch, &[Threshold::Scalar(t)], opts)
+                .unwrap();
             start = end;
         }
         let y = g.download(&yd).unwrap();
@@ -250,7 +368,7 @@ fn gemv_output_offsets_match_reference() {
                 &row(&x, n_in),
                 &row(&resid, n_out),
                 &segs,
-                &ts,
+                &ts.map(|t| vec![t; n_in]),
                 n_in,
                 n_out,
             );
@@ -267,7 +385,8 @@ fn gemv_output_offsets_match_reference() {
         .unwrap();
     let (xd, mut yd) = (g.zeros(2 * n_in).unwrap(), g.zeros(32).unwrap());
     assert!(
-        g.gemv(&mut lin, &xd, &mut yd, 2, &[-1.0], bad).is_err(),
+        g.gemv(&mut lin, &xd, &mut yd, 2, &[Threshold::Scalar(-1.0)], bad)
+            .is_err(),
         "8 columns at offset 1 of an 8-wide row"
     );
 }
@@ -306,9 +425,10 @@ fn gemv_rmsnorm_matches_reference() {
                     &mut xn[b * n_in..(b + 1) * n_in],
                 );
             }
-            for s in [0.0, 0.5] {
+            for (s, per_channel) in [(0.0, false), (0.5, false), (0.0, true), (0.5, true)] {
                 // Between two normalized inputs, so that none lies within rounding of t (the
-                // GPU's mean square is summed in another order).
+                // GPU's mean square is summed in another order); per channel, clear of every
+                // normalized input of the channel.
                 let t = if s == 0.0 {
                     -1.0
                 } else {
@@ -316,6 +436,17 @@ fn gemv_rmsnorm_matches_reference() {
                     a.sort_by(f32::total_cmp);
                     let k = a.len() / 2;
                     0.5 * (a[k - 1] + a[k])
+                };
+                let tc = if per_channel {
+                    channel_thresholds(&xn, n_in, s, 34)
+                } else {
+                    vec![t; n_in]
+                };
+                let tcd = g.upload(&tc).unwrap();
+                let th = if per_channel {
+                    Threshold::Channels(&tcd)
+                } else {
+                    Threshold::Scalar(t)
                 };
                 let (xd, nd) = (g.upload(&x).unwrap(), g.upload(&nw).unwrap());
                 let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
@@ -326,7 +457,7 @@ fn gemv_rmsnorm_matches_reference() {
                     norm,
                     &mut yd,
                     batch,
-                    &[t],
+                    &[th],
                     GemvOpts::default(),
                 )
                 .unwrap();
@@ -334,14 +465,9 @@ fn gemv_rmsnorm_matches_reference() {
                 let (mut want, mut scale) = (vec![0.0; batch * n_out], vec![0.0; batch * n_out]);
                 for b in 0..batch {
                     let xr = &xn[b * n_in..(b + 1) * n_in];
-                    reference::gemv_t_sparse(
-                        &wq,
-                        n_in,
-                        n_out,
-                        xr,
-                        t,
-                        &mut want[b * n_out..(b + 1) * n_out],
-                    );
+                    let mut xs = vec![0.0; n_in];
+                    reference::sparsify_channels(xr, &tc, &mut xs);
+                    reference::gemv_t(&wq, n_in, n_out, &xs, &mut want[b * n_out..(b + 1) * n_out]);
                     let xa: Vec<f32> = xr.iter().map(|v| v.abs()).collect();
                     reference::gemv_t(
                         &wa,
@@ -356,7 +482,10 @@ fn gemv_rmsnorm_matches_reference() {
                     &want,
                     &scale,
                     GPU_GEMV_REL_TOL,
-                    &format!("gemv_rmsnorm {} b{batch} s{s}", dtype.name()),
+                    &format!(
+                        "gemv_rmsnorm {} b{batch} s{s} per-channel {per_channel}",
+                        dtype.name()
+                    ),
                 );
             }
         }
@@ -371,7 +500,15 @@ fn gemv_rmsnorm_matches_reference() {
         let mut yd = g.zeros::<f32>(n_out).unwrap();
         let norm = Norm { weight: &nd, eps };
         assert!(g
-            .gemv_rmsnorm(&mut lin, &xd, norm, &mut yd, 1, &[-1.0], bad)
+            .gemv_rmsnorm(
+                &mut lin,
+                &xd,
+                norm,
+                &mut yd,
+                1,
+                &[Threshold::Scalar(-1.0)],
+                bad
+            )
             .is_err());
     }
 }
@@ -405,8 +542,17 @@ fn gemv_prepare_sets_the_other_buffer() {
             accumulate: true,
             ..Default::default()
         };
-        g.gemv_and_prepare(&mut lin, &xd, None, &mut yd, 1, &[-1.0], opts, prep)
-            .unwrap();
+        g.gemv_and_prepare(
+            &mut lin,
+            &xd,
+            None,
+            &mut yd,
+            1,
+            &[Threshold::Scalar(-1.0)],
+            opts,
+            prep,
+        )
+        .unwrap();
         let o = g.download(&other).unwrap();
         match from {
             None => assert!(o.iter().all(|&v| v == 0.0), "prepare: zeros"),
@@ -429,13 +575,15 @@ fn gemv_prepare_sets_the_other_buffer() {
             None,
             &mut yd,
             1,
-            &[-1.0],
+            &[Threshold::Scalar(-1.0)],
             GemvOpts::default(),
             prep
         )
         .is_err());
 }
 
+/// `y` against the reference of fused segments `segs` over `resid`, segment k's inputs
+/// thresholded per channel by `ts[k]` (a scalar threshold repeated for each input).
 #[allow(clippy::too_many_arguments)]
 fn check_fused(
     y: &[f32],
@@ -443,22 +591,17 @@ fn check_fused(
     x: &[f32],
     resid: &[f32],
     segs: &[usize],
-    ts: &[f32],
+    ts: &[Vec<f32>],
     n_in: usize,
     n_out: usize,
 ) {
     let mut want = vec![0.0; n_out];
     let mut scale = vec![0.0; n_out];
-    let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
     let mut start = 0;
-    for (seg, &t) in segs.iter().zip(ts) {
-        let mut full = vec![0.0; n_out];
-        reference::gemv_t_sparse(wq, n_in, n_out, x, t, &mut full);
+    for (seg, t) in segs.iter().zip(ts) {
         let mut xs = vec![0.0; n_in];
-        reference::sparsify(x, t, &mut xs);
-        let xa: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
-        let mut sc = vec![0.0; n_out];
-        reference::gemv_t(&wa, n_in, n_out, &xa, &mut sc);
+        reference::sparsify_channels(x, t, &mut xs);
+        let (full, sc) = gemv_and_scale(wq, n_in, n_out, &xs);
         for o in start..*seg {
             want[o] = full[o] + resid[o];
             scale[o] = sc[o] + resid[o].abs();
@@ -682,7 +825,7 @@ fn gemv_back_to_back_launches_stay_ordered() {
                 &xd,
                 &mut yd,
                 1,
-                &[t],
+                &[Threshold::Scalar(t)],
                 GemvOpts {
                     accumulate: true,
                     ..Default::default()
@@ -696,7 +839,7 @@ fn gemv_back_to_back_launches_stay_ordered() {
                 &xd,
                 &mut yd,
                 1,
-                &[t],
+                &[Threshold::Scalar(t)],
                 GemvOpts {
                     beta: 1.0,
                     ..Default::default()
@@ -893,30 +1036,39 @@ fn gemv_with_silu_mul_input_matches_reference() {
         );
     }
     let t = threshold_for(&act[..n_in], 0.5);
+    let tc = channel_thresholds(&act, n_in, 0.5, 63);
+    let tcd = g.upload(&tc).unwrap();
     let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
     let gud = g.upload(&gu).unwrap();
-    let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
     let opts = GemvOpts {
         silu_mul_input: true,
         ..Default::default()
     };
-    g.gemv(&mut lin, &gud, &mut yd, batch, &[t], opts).unwrap();
-    let y = g.download(&yd).unwrap();
-    let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
-    for b in 0..batch {
-        let a = &act[b * n_in..(b + 1) * n_in];
-        let mut want = vec![0.0; n_out];
-        reference::gemv_t_sparse(&wq, n_in, n_out, a, t, &mut want);
-        let aa: Vec<f32> = a.iter().map(|v| v.abs()).collect();
-        let mut scale = vec![0.0; n_out];
-        reference::gemv_t(&wa, n_in, n_out, &aa, &mut scale);
-        assert_close(
-            &y[b * n_out..(b + 1) * n_out],
-            &want,
-            &scale,
-            GPU_GEMV_REL_TOL,
-            "gemv silu*mul input",
-        );
+    for (label, th, ts) in [
+        ("one threshold", Threshold::Scalar(t), vec![t; n_in]),
+        ("per channel", Threshold::Channels(&tcd), tc.clone()),
+    ] {
+        let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
+        g.gemv(&mut lin, &gud, &mut yd, batch, &[th], opts).unwrap();
+        let y = g.download(&yd).unwrap();
+        let wa: Vec<f32> = wq.iter().map(|v| v.abs()).collect();
+        for b in 0..batch {
+            let a = &act[b * n_in..(b + 1) * n_in];
+            let mut xs = vec![0.0; n_in];
+            reference::sparsify_channels(a, &ts, &mut xs);
+            let mut want = vec![0.0; n_out];
+            reference::gemv_t(&wq, n_in, n_out, &xs, &mut want);
+            let aa: Vec<f32> = a.iter().map(|v| v.abs()).collect();
+            let mut scale = vec![0.0; n_out];
+            reference::gemv_t(&wa, n_in, n_out, &aa, &mut scale);
+            assert_close(
+                &y[b * n_out..(b + 1) * n_out],
+                &want,
+                &scale,
+                GPU_GEMV_REL_TOL,
+                &format!("gemv silu*mul input, {label}"),
+            );
+        }
     }
 }
 
@@ -1124,12 +1276,29 @@ fn gemm_prefill_pieces_match_reference() {
                 }
                 let norm = (kind == "rmsnorm").then_some(Norm { weight: &nwd, eps });
                 let xd = g.upload(&x).unwrap();
-                for s in [0.0, 0.5, 1.0] {
-                    let what = format!("{} {n_in}x{n_out} {kind} s={s}", dtype.name());
+                let cases = [0.0, 0.5, 1.0]
+                    .into_iter()
+                    .flat_map(|s| [(s, false), (s, true)]);
+                for (s, per_channel) in cases {
+                    let what = format!(
+                        "{} {n_in}x{n_out} {kind} s={s} per-channel {per_channel}",
+                        dtype.name()
+                    );
                     let t = match s {
                         s if s <= 0.0 => -1.0,
                         s if s >= 1.0 => f32::INFINITY,
                         s => threshold_for(&v[..n_in], s),
+                    };
+                    let tc = if per_channel {
+                        channel_thresholds(&v, n_in, s, 75)
+                    } else {
+                        vec![t; n_in]
+                    };
+                    let tcd = g.upload(&tc).unwrap();
+                    let th = if per_channel {
+                        Threshold::Channels(&tcd)
+                    } else {
+                        Threshold::Scalar(t)
                     };
                     let mut x16 = g.zeros::<u16>(rows * n_in).unwrap();
                     let mut flag = g.zeros::<i32>(1).unwrap();
@@ -1139,7 +1308,7 @@ fn gemm_prefill_pieces_match_reference() {
                         ldx,
                         rows,
                         n_in,
-                        t,
+                        th,
                         norm,
                         kind == "silu_mul",
                         dtype,
@@ -1155,6 +1324,7 @@ fn gemm_prefill_pieces_match_reference() {
                         .collect();
                     assert_eq!(g.download(&flag).unwrap()[0], 0, "{what}: overflow flag");
                     for (i, (&a, &r)) in got.iter().zip(&v).enumerate() {
+                        let t = tc[i % n_in];
                         if t.is_finite() && (r.abs() - t).abs() <= 1e-5 * t.max(1.0) {
                             continue;
                         }
@@ -1210,7 +1380,17 @@ fn gemm_prefill_pieces_match_reference() {
             let mut x16 = g.zeros::<u16>(2).unwrap();
             let mut flag = g.zeros::<i32>(1).unwrap();
             g.gemm_input(
-                &big, 0, 2, 1, 2, -1.0, None, false, dtype, &mut x16, &mut flag,
+                &big,
+                0,
+                2,
+                1,
+                2,
+                Threshold::Scalar(-1.0),
+                None,
+                false,
+                dtype,
+                &mut x16,
+                &mut flag,
             )
             .unwrap();
             let raised = g.download(&flag).unwrap()[0] != 0;

@@ -98,6 +98,45 @@ fn sparse_gemv_equals_dense_gemv_of_sparsified_input() {
     assert_eq!(a, b, "skipping a row must equal multiplying it by zero");
 }
 
+/// The per-channel mask (the GPU tests' reference for per-channel thresholds) keeps exactly
+/// `|x_j| > t_j` in every row, equals the one-threshold mask when every `t_j` is `t`, keeps every
+/// input with negative thresholds and none with infinite ones; its GEMV equals the GEMV over
+/// the per-channel index list.
+#[test]
+fn sparsify_channels_matches_its_definition() {
+    let (rows, n) = (3, 517);
+    let x = rand_vec(rows * n, 11);
+    let t: Vec<f32> = rand_vec(n, 12).iter().map(|v| v.abs()).collect();
+    let mut xs = vec![0.0; rows * n];
+    reference::sparsify_channels(&x, &t, &mut xs);
+    for (i, (&v, &s)) in x.iter().zip(&xs).enumerate() {
+        assert_eq!(s, if v.abs() > t[i % n] { v } else { 0.0 }, "index {i}");
+    }
+    let (mut one, mut all) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+    reference::sparsify(&x, 0.4, &mut one);
+    reference::sparsify_channels(&x, &vec![0.4; n], &mut all);
+    assert_eq!(one, all, "the same threshold for every channel");
+    reference::sparsify_channels(&x, &vec![-1.0; n], &mut all);
+    assert_eq!(all, x, "negative thresholds keep every input");
+    reference::sparsify_channels(&x, &vec![f32::INFINITY; n], &mut all);
+    assert!(
+        all.iter().all(|&v| v == 0.0),
+        "infinite thresholds keep none"
+    );
+    let n_out = 77;
+    let wt = rand_vec(n * n_out, 13);
+    let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
+    reference::gemv_t(&wt, n, n_out, &xs[..n], &mut a);
+    let (idx, val) = reference::compact_abs_gt_channel(&x[..n], &t);
+    let p = teal_kernels::packed::PackedT {
+        n_in: n,
+        n_out,
+        data: teal_kernels::packed::Data::F32(wt),
+    };
+    reference::gemv_packed_idx(&p.mat(), &idx, &val, &mut b);
+    assert_eq!(a, b, "dropping an input equals skipping its row");
+}
+
 #[test]
 fn matmul_matches_reference() {
     for &(n_in, n_out) in SHAPES {

@@ -22,11 +22,13 @@ pub enum InputMask {
     Channels(Arc<Vec<f32>>),
 }
 
-/// An [`InputMask`] resolved against this layer's weights.
+/// An [`InputMask`] resolved against this layer's weights ([`Linear::sparsify`]).
 #[derive(Clone, Debug)]
-enum Sparsify {
+pub enum Sparsify {
+    /// `x_j` is zeroed when `|x_j| <= t`.
     Threshold(f32),
-    /// Per-input-channel thresholds.
+    /// Per-input-channel thresholds: `x_j` is zeroed when `|x_j| <= t[j]` ([`InputMask::Channels`]
+    /// as given, [`InputMask::WeightAware`] as `t / ||W[:, j]||`).
     Channels(Arc<Vec<f32>>),
 }
 
@@ -155,6 +157,11 @@ impl Linear {
 
     pub fn mask(&self) -> Option<&InputMask> {
         self.mask.as_ref()
+    }
+
+    /// The mask as applied to this layer's inputs (`None`: dense).
+    pub fn sparsify(&self) -> Option<&Sparsify> {
+        self.sparsify.as_ref()
     }
 
     /// The bias added after the product, if any.

@@ -10,8 +10,9 @@
 //! --ignored write_gpu_fixtures`.
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use teal::config::Config;
-use teal::device::Device;
+use teal::device::{Decoder, Device};
 use teal::generate::Models;
 use teal::linear::InputMask;
 use teal::models::llama::{Llama, Logits, Observer, Site};
@@ -124,6 +125,77 @@ impl Observer for Samples {
     }
 }
 
+/// [`Samples`] of the dense `model` over `prompt`.
+fn site_samples(model: &Llama, prompt: &[u32]) -> Samples {
+    let mut samples = Samples(vec![Default::default(); model.config.num_hidden_layers]);
+    model
+        .prefill_observed(
+            prompt,
+            &mut model.new_cache(64),
+            Logits::Last,
+            Some(&mut samples),
+        )
+        .unwrap();
+    samples
+}
+
+/// The site ([`Site::ALL`] index) whose input each projection reads: q, k, v, o, gate, up,
+/// down.
+const PROJ_SITE: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
+
+/// Per-channel masks (`InputMask::Channels`, as the fisher allocation makes) of every
+/// projection, from the dense model's inputs over the prompt (`samples`, P positions): channel
+/// j's threshold is in the middle of the gap between two of its P observed |x_j|, below the
+/// (P/2 - 1)th, (P/2)th or (P/2 + 1)th smallest at random, so about half the inputs are zeroed,
+/// every channel has its own threshold, q, k and v (gate and up) differ on the same input, and
+/// no input of the prompt's dense pass lies within rounding of its threshold.
+fn channel_masks(model: &Llama, samples: &Samples) -> Vec<[Option<InputMask>; 7]> {
+    samples
+        .0
+        .iter()
+        .enumerate()
+        .map(|(l, sites)| {
+            std::array::from_fn(|p| {
+                let x = &sites[PROJ_SITE[p]];
+                let n = model.layers[l].linears()[p].1.in_dim;
+                let positions = x.len() / n;
+                let pick = teal_kernels::rand::uniform(n, (7 * l + p + 1) as u64);
+                let t = (0..n)
+                    .map(|j| {
+                        let mut a: Vec<f32> = x.iter().skip(j).step_by(n).copied().collect();
+                        a.sort_by(f32::total_cmp);
+                        let k = positions / 2 - 1 + ((pick[j] + 1.0) * 1.5) as usize;
+                        0.5 * (a[k - 1] + a[k])
+                    })
+                    .collect();
+                Some(InputMask::Channels(Arc::new(t)))
+            })
+        })
+        .collect()
+}
+
+/// Weight-aware masks (`InputMask::WeightAware`) of every projection: the threshold of
+/// `|x_j| * ||W[:, j]||` at about the median of the prompt's scores (`quantile`).
+fn weight_aware_masks(model: &Llama, samples: &Samples) -> Vec<[Option<InputMask>; 7]> {
+    samples
+        .0
+        .iter()
+        .zip(&model.layers)
+        .map(|(sites, b)| {
+            std::array::from_fn(|p| {
+                let w = b.linears()[p].1;
+                let norms = w.input_norms();
+                let scores: Vec<f32> = sites[PROJ_SITE[p]]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| x * norms[i % w.in_dim])
+                    .collect();
+                Some(InputMask::WeightAware(quantile(&scores, 0.5)))
+            })
+        })
+        .collect()
+}
+
 /// A threshold near the `s` quantile of `v`, in the middle of the widest gap between
 /// neighbouring values within 0.5% of the quantile's rank: no calibration value lies within
 /// rounding of it, so the CPU and the GPU keep the same inputs at the prompt's positions.
@@ -150,15 +222,7 @@ fn write_gpu_fixtures() {
         let prompt: Vec<u32> = (0..PROMPT_LEN as u32)
             .map(|i| (i * 7919 + 13) % c.vocab_size as u32)
             .collect();
-        let mut samples = Samples(vec![Default::default(); c.num_hidden_layers]);
-        model
-            .prefill_observed(
-                &prompt,
-                &mut model.new_cache(64),
-                Logits::Last,
-                Some(&mut samples),
-            )
-            .unwrap();
+        let samples = site_samples(&model, &prompt);
         // TEAL thresholds from the prompt's activations: about half the inputs zeroed, with
         // q/k/v and gate/up at different levels so that fused launches carry several.
         let sparse: Vec<[f32; 7]> = samples
@@ -181,25 +245,7 @@ fn write_gpu_fixtures() {
             let m = model
                 .with_masks(&masks(&thresholds, c.num_hidden_layers))
                 .unwrap();
-            let mut cache = m.new_cache(64);
-            let pl = m.prefill(&prompt, &mut cache, Logits::All).unwrap();
-            let prefill_top: Vec<Top> = pl.chunks(c.vocab_size).map(top).collect();
-            let mut next = prefill_top[PROMPT_LEN - 1].ids[0];
-            let mut scratch = teal::models::llama::DecodeScratch::new(&c, 64);
-            let (mut greedy, mut decode_top) = (vec![next], Vec::new());
-            for _ in 0..STEPS {
-                let l = m.decode(next, &mut cache, &mut scratch).unwrap();
-                let t = top(l);
-                next = t.ids[0];
-                greedy.push(next);
-                decode_top.push(t);
-            }
-            cases.push(Case {
-                thresholds,
-                greedy,
-                prefill_top,
-                decode_top,
-            });
+            cases.push(cpu_case(&m, &prompt, thresholds));
         }
         let f = Fixture {
             shape: name.into(),
@@ -210,6 +256,32 @@ fn write_gpu_fixtures() {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, serde_json::to_string(&f).unwrap()).unwrap();
         eprintln!("wrote {}", p.display());
+    }
+}
+
+/// What the CPU computes for `m` (with its masks) on `prompt`: the top logits of every prompt
+/// position, then of [`STEPS`] greedy decode steps, and the greedy ids; `thresholds` is what
+/// the case records of the masks.
+fn cpu_case(m: &Llama, prompt: &[u32], thresholds: Option<Vec<[f32; 7]>>) -> Case {
+    let c = &m.config;
+    let mut cache = m.new_cache(64);
+    let pl = m.prefill(prompt, &mut cache, Logits::All).unwrap();
+    let prefill_top: Vec<Top> = pl.chunks(c.vocab_size).map(top).collect();
+    let mut next = prefill_top[prompt.len() - 1].ids[0];
+    let mut scratch = teal::models::llama::DecodeScratch::new(c, 64);
+    let (mut greedy, mut decode_top) = (vec![next], Vec::new());
+    for _ in 0..STEPS {
+        let l = m.decode(next, &mut cache, &mut scratch).unwrap();
+        let t = top(l);
+        next = t.ids[0];
+        greedy.push(next);
+        decode_top.push(t);
+    }
+    Case {
+        thresholds,
+        greedy,
+        prefill_top,
+        decode_top,
     }
 }
 
@@ -274,111 +346,126 @@ fn check_shape(name: &str) {
     let c = shape(name);
     let model = random_model(&c);
     for case in &f.cases {
-        let label = if case.thresholds.is_some() {
-            "teal"
-        } else {
-            "dense"
+        let (label, sparse) = match case.thresholds {
+            Some(_) => ("teal", true),
+            None => ("dense", false),
         };
         let m = model
             .with_masks(&masks(&case.thresholds, c.num_hidden_layers))
             .unwrap();
         let mut dec = GPU_BF16.decoder(Models::single(&m), 64).unwrap();
-        let sparse = case.thresholds.is_some();
-        let (mut worst, mut bad) = (0.0f32, Vec::new());
-        // Indices into the greedy ids whose position was an accepted near tie.
-        let mut tie_at = Vec::new();
-        // The prompt in one prefill (one chunk of 8 positions), then in two (chunks of 3 and
-        // 5 positions, the second starting at position 3), which the decode steps continue.
-        for split in [f.prompt.len(), 3] {
-            dec.clear().unwrap();
-            let mut pl = dec.prefill(&f.prompt[..split], Logits::All).unwrap();
-            if split < f.prompt.len() {
-                pl.extend(dec.prefill(&f.prompt[split..], Logits::All).unwrap());
-            }
-            assert_eq!(pl.len(), f.prompt.len() * c.vocab_size);
-            for (i, (p, want)) in pl.chunks(c.vocab_size).zip(&case.prefill_top).enumerate() {
-                let (e, tie) = compare(
-                    p,
-                    want,
-                    &format!("{name} {label} prefill {i} (split at {split})"),
-                    sparse,
-                    &mut bad,
-                );
-                worst = worst.max(e);
-                if tie && i + 1 == f.prompt.len() && !tie_at.contains(&0) {
-                    tie_at.push(0);
-                }
-            }
+        check_case(name, label, dec.as_mut(), &f.prompt, case, sparse);
+    }
+}
+
+/// A GPU decoder (a context of at least 64 positions) against the CPU's `case` on `prompt`:
+/// the logits of every prompt position (one prefill, then two), of every decode step
+/// teacher-forced with the CPU's ids, and the free-running greedy ids. Dense (`!sparse`), the
+/// logits within [`GPU_LOGIT_TOL`]; sparse, within [`GPU_SPARSE_LOGIT_TOL`], a differing best
+/// token only at a near tie (see `compare`).
+fn check_case(
+    name: &str,
+    label: &str,
+    dec: &mut dyn Decoder,
+    prompt: &[u32],
+    case: &Case,
+    sparse: bool,
+) {
+    let c = dec.config().clone();
+    let (mut worst, mut bad) = (0.0f32, Vec::new());
+    // Indices into the greedy ids whose position was an accepted near tie.
+    let mut tie_at = Vec::new();
+    // The prompt in one prefill (one chunk of 8 positions), then in two (chunks of 3 and
+    // 5 positions, the second starting at position 3), which the decode steps continue.
+    for split in [prompt.len(), 3] {
+        dec.clear().unwrap();
+        let mut pl = dec.prefill(&prompt[..split], Logits::All).unwrap();
+        if split < prompt.len() {
+            pl.extend(dec.prefill(&prompt[split..], Logits::All).unwrap());
         }
-        // Teacher-forced with the CPU's ids: logits of every step.
-        for (s, want) in case.decode_top.iter().enumerate() {
-            let l = dec.decode(case.greedy[s]).unwrap();
+        assert_eq!(pl.len(), prompt.len() * c.vocab_size);
+        for (i, (p, want)) in pl.chunks(c.vocab_size).zip(&case.prefill_top).enumerate() {
             let (e, tie) = compare(
-                l,
+                p,
                 want,
-                &format!("{name} {label} step {s}"),
+                &format!("{name} {label} prefill {i} (split at {split})"),
                 sparse,
                 &mut bad,
             );
             worst = worst.max(e);
-            if tie {
-                tie_at.push(s + 1);
+            if tie && i + 1 == prompt.len() && !tie_at.contains(&0) {
+                tie_at.push(0);
             }
         }
-        // Free-running greedy. Dense: with the argmax on the device. Sparse: two GPU runs on
-        // the same tokens can differ by a threshold flip (the f32 atomics sum in a varying
-        // order), which the teacher-forced run above need not have met, so this run's own
-        // logits are compared while its ids are the CPU's, and a divergence is a near tie
-        // only by them.
-        dec.clear().unwrap();
-        let first = teal::sampler::argmax(&dec.prefill(&f.prompt, Logits::Last).unwrap());
-        let mut ids = vec![first];
-        for s in 0..STEPS {
-            let token = *ids.last().unwrap();
-            let next = if sparse {
-                let l = dec.decode(token).unwrap();
-                if ids[..] == case.greedy[..=s] {
-                    let what = format!("{name} {label} free-running step {s}");
-                    let (e, tie) = compare(l, &case.decode_top[s], &what, sparse, &mut bad);
-                    worst = worst.max(e);
-                    if tie {
-                        tie_at.push(s + 1);
-                    }
+    }
+    // Teacher-forced with the CPU's ids: logits of every step.
+    for (s, want) in case.decode_top.iter().enumerate() {
+        let l = dec.decode(case.greedy[s]).unwrap();
+        let (e, tie) = compare(
+            l,
+            want,
+            &format!("{name} {label} step {s}"),
+            sparse,
+            &mut bad,
+        );
+        worst = worst.max(e);
+        if tie {
+            tie_at.push(s + 1);
+        }
+    }
+    // Free-running greedy. Dense: with the argmax on the device. Sparse: two GPU runs on
+    // the same tokens can differ by a threshold flip (the f32 atomics sum in a varying
+    // order), which the teacher-forced run above need not have met, so this run's own
+    // logits are compared while its ids are the CPU's, and a divergence is a near tie
+    // only by them.
+    dec.clear().unwrap();
+    let first = teal::sampler::argmax(&dec.prefill(prompt, Logits::Last).unwrap());
+    let mut ids = vec![first];
+    for s in 0..STEPS {
+        let token = *ids.last().unwrap();
+        let next = if sparse {
+            let l = dec.decode(token).unwrap();
+            if ids[..] == case.greedy[..=s] {
+                let what = format!("{name} {label} free-running step {s}");
+                let (e, tie) = compare(l, &case.decode_top[s], &what, sparse, &mut bad);
+                worst = worst.max(e);
+                if tie {
+                    tie_at.push(s + 1);
                 }
-                teal::sampler::argmax(l)
-            } else {
-                dec.decode_greedy(token).unwrap()
-            };
-            ids.push(next);
-        }
-        eprintln!(
-            "{name} {label} on {}: max relative logit difference {worst:.2e}",
-            dec.describe()
-        );
-        assert!(
-            bad.is_empty(),
-            "{name} {label}: best tokens differ:\n{}",
-            bad.join("\n")
-        );
-        // Free-running ids agree up to the end, or up to a near tie (see `compare`; after it
-        // the two sequences are different prompts).
-        if let Some(k) = ids.iter().zip(&case.greedy).position(|(a, b)| a != b) {
-            assert!(
-                tie_at.contains(&k),
-                "{name} {label}: greedy ids differ at {k} (not a near tie): GPU {ids:?}, CPU {:?}",
-                case.greedy
-            );
-        }
-        let tol = if case.thresholds.is_some() {
-            GPU_SPARSE_LOGIT_TOL
+            }
+            teal::sampler::argmax(l)
         } else {
-            GPU_LOGIT_TOL
+            dec.decode_greedy(token).unwrap()
         };
+        ids.push(next);
+    }
+    eprintln!(
+        "{name} {label} on {}: max relative logit difference {worst:.2e}",
+        dec.describe()
+    );
+    assert!(
+        bad.is_empty(),
+        "{name} {label}: best tokens differ:\n{}",
+        bad.join("\n")
+    );
+    // Free-running ids agree up to the end, or up to a near tie (see `compare`; after it
+    // the two sequences are different prompts).
+    if let Some(k) = ids.iter().zip(&case.greedy).position(|(a, b)| a != b) {
         assert!(
-            worst <= tol,
-            "{name} {label}: logits differ by {worst} > {tol}"
+            tie_at.contains(&k),
+            "{name} {label}: greedy ids differ at {k} (not a near tie): GPU {ids:?}, CPU {:?}",
+            case.greedy
         );
     }
+    let tol = if sparse {
+        GPU_SPARSE_LOGIT_TOL
+    } else {
+        GPU_LOGIT_TOL
+    };
+    assert!(
+        worst <= tol,
+        "{name} {label}: logits differ by {worst} > {tol}"
+    );
 }
 
 #[test]
@@ -1026,6 +1113,149 @@ fn gpu_gemm_prefill_matches_gemv_chunks() {
         }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// Positions of the prompt that takes the GEMM prefill in [`gpu_per_channel_masks_match_cpu`].
+const CHANNELS_GEMM_LEN: usize = 64;
+
+/// `tokens` prefilled in pieces of 16 positions (GEMV chunks), every position's logits.
+fn prefill_gemv_chunks(dec: &mut dyn Decoder, tokens: &[u32]) -> Vec<f32> {
+    dec.clear().unwrap();
+    let mut out = Vec::new();
+    for piece in tokens.chunks(16) {
+        out.extend(dec.prefill(piece, Logits::All).unwrap());
+    }
+    out
+}
+
+/// Per-channel masks on the GPU: `InputMask::Channels` (the fisher allocation's) and
+/// `InputMask::WeightAware` (resolved to `t / ||W[:, j]||` per channel), about half the inputs
+/// zeroed ([`channel_masks`], [`weight_aware_masks`]). Against the CPU as the TEAL fixtures are
+/// (`check_case`, computed here): a decoder built from the masked model, and (where the fused
+/// projections lie on GEMV tiles; Qwen2-tiny's q|k|v launch takes one shared threshold) one
+/// built dense that gets the masks by `set_masks`, which resolves them as the CPU does. A prompt
+/// of [`CHANNELS_GEMM_LEN`] positions through the GEMM prefill applies them too: its logits are
+/// nearer the GEMV chunks' than those are to the dense model's (as
+/// `gpu_gemm_prefill_matches_gemv_chunks` checks TEAL thresholds).
+#[test]
+fn gpu_per_channel_masks_match_cpu() {
+    if !have_gpu("GPU per-channel mask test") {
+        return;
+    }
+    let mut bad = Vec::new();
+    for name in ["qwen2_tiny", "llama3_8b_2layers"] {
+        let f: Fixture = serde_json::from_str(fixture_text(name)).unwrap();
+        let c = shape(name);
+        let model = random_model(&c);
+        let v = c.vocab_size;
+        let samples = site_samples(&model, &f.prompt);
+        let tokens: Vec<u32> = (0..CHANNELS_GEMM_LEN)
+            .map(|i| ((i * 7919 + 13) % v) as u32)
+            .collect();
+        let mut dense = GPU_BF16.decoder(Models::single(&model), 64).unwrap();
+        let dense_logits = prefill_gemv_chunks(dense.as_mut(), &tokens);
+        for (label, masks) in [
+            ("channels", channel_masks(&model, &samples)),
+            ("weight-aware", weight_aware_masks(&model, &samples)),
+        ] {
+            let m = model.with_masks(&masks).unwrap();
+            let case = cpu_case(&m, &f.prompt, None);
+            let mut dec = GPU_BF16.decoder(Models::single(&m), 64).unwrap();
+            check_case(name, label, dec.as_mut(), &f.prompt, &case, true);
+            if name != "qwen2_tiny" {
+                let mut set = GPU_BF16.decoder(Models::single(&model), 64).unwrap();
+                set.set_masks(Some(&masks)).unwrap();
+                let what = format!("{label} by set_masks");
+                check_case(name, &what, set.as_mut(), &f.prompt, &case, true);
+            }
+            dec.clear().unwrap();
+            let gemm = dec.prefill(&tokens, Logits::All).unwrap();
+            let gemv = prefill_gemv_chunks(dec.as_mut(), &tokens);
+            let (rms, agree) = logit_agreement(&gemm, &gemv, v);
+            let (to_dense, _) = logit_agreement(&gemv, &dense_logits, v);
+            eprintln!(
+                "{name} {label}: GEMM vs GEMV prefill: relative RMS difference {rms:.2e}, best \
+                 tokens agree at {agree:.4} of {CHANNELS_GEMM_LEN} positions; GEMV path vs \
+                 dense: relative RMS {to_dense:.2e}"
+            );
+            if rms > GPU_GEMM_SPARSE_NEARER * to_dense {
+                bad.push(format!(
+                    "{name} {label}: GEMM {rms} from GEMV, which is {to_dense} from dense"
+                ));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// Per-channel thresholds that repeat the Llama-3-8B blocks fixture's TEAL thresholds (q, k
+/// and v different, so the fused projections take three vectors) give the TEAL masks' logits
+/// through the GEMM prefill, which has no f32 atomics (so no threshold flips between two runs,
+/// which the GEMV path's varying summation order can cause): within [`GPU_PATHS_TOL`]. The
+/// GEMV path's per-channel thresholds are checked against the CPU in
+/// [`gpu_per_channel_masks_match_cpu`].
+#[test]
+fn gpu_constant_channel_masks_equal_teal_masks() {
+    if !have_gpu("GPU constant per-channel mask test") {
+        return;
+    }
+    let name = "llama3_8b_2layers";
+    let f: Fixture = serde_json::from_str(fixture_text(name)).unwrap();
+    let c = shape(name);
+    let model = random_model(&c);
+    let case = f.cases.iter().find(|c| c.thresholds.is_some()).unwrap();
+    let teal = masks(&case.thresholds, c.num_hidden_layers);
+    let channels: Vec<[Option<InputMask>; 7]> = teal
+        .iter()
+        .zip(&model.layers)
+        .map(|(l, b)| {
+            std::array::from_fn(|p| match &l[p] {
+                Some(InputMask::Threshold(t)) => Some(InputMask::Channels(Arc::new(vec![
+                    *t;
+                    b.linears()[p].1.in_dim
+                ]))),
+                other => other.clone(),
+            })
+        })
+        .collect();
+    let v = c.vocab_size;
+    let tokens: Vec<u32> = (0..CHANNELS_GEMM_LEN)
+        .map(|i| ((i * 7919 + 13) % v) as u32)
+        .collect();
+    let gemm = |masks: &[[Option<InputMask>; 7]]| {
+        let m = model.with_masks(masks).unwrap();
+        let mut dec = GPU_BF16
+            .decoder(Models::single(&m), CHANNELS_GEMM_LEN)
+            .unwrap();
+        dec.prefill(&tokens, Logits::All).unwrap()
+    };
+    let worst = max_rel(&gemm(&channels), &gemm(&teal), name);
+    eprintln!(
+        "{name}: GEMM prefill, constant per-channel vs TEAL masks, max relative difference \
+         {worst:.2e}"
+    );
+    assert!(worst <= GPU_PATHS_TOL, "{name}: {worst}");
+}
+
+/// Per-channel thresholds of the wrong width (a damaged thresholds file of the right model),
+/// or masks for another number of layers, given to a GPU decoder: an error naming the layer
+/// and projection (the CPU's check), and the decoder runs on with its masks.
+#[test]
+fn gpu_per_channel_mask_of_the_wrong_width_is_an_error() {
+    if !have_gpu("GPU per-channel width test") {
+        return;
+    }
+    let c = shape("llama3_8b_2layers");
+    let model = random_model(&c);
+    let mut dec = GPU_BF16.decoder(Models::single(&model), 16).unwrap();
+    let mut masks = vec![<[Option<InputMask>; 7]>::default(); c.num_hidden_layers];
+    masks[1][1] = Some(InputMask::Channels(Arc::new(vec![0.1; c.hidden_size + 1])));
+    let e = dec.set_masks(Some(&masks)).unwrap_err().to_string();
+    assert!(e.contains("layer 1 k_proj"), "{e}");
+    let e = dec.set_masks(Some(&masks[..1])).unwrap_err().to_string();
+    assert!(e.contains("the model has 2"), "{e}");
+    let logits = dec.prefill(&[1, 2, 3], Logits::Last).unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
 }
 
 /// Embeddings (unit vectors), GPU vs CPU, Euclidean distance: through the GEMV chunks the GPU

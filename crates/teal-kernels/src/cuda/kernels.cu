@@ -172,14 +172,19 @@ __device__ __forceinline__ void fma_rows(float (&a)[B][8], const uint4 (&w)[U], 
 // With `accumulate` set, step 3 adds straight into y (y += W s_t(x): y must hold zeros or the
 // residual) and step 4 is skipped: two dependent memory round trips fewer (4 columns per
 // vector reduction where y's rows are 16-byte aligned).
-// Fused projections: column tiles before seg1 use t0, before seg2 t1, the rest t2.
+// Fused projections: column tiles before seg1 use t0, before seg2 t1, the rest t2. With PC
+// (per-channel), a segment whose vector (c0, c1, c2: n_in floats) is given keeps input j when
+// |x[b, j]| > c[j] instead; the kernels without PC read no vector (the scalar path's code).
 // With `nw` set (and not `glu`), the input is RMSNorm(x) = x / sqrt(mean(x^2) + eps) * nw,
 // each block computing the row's mean square itself (the RMSNorm kernel folded in).
-template <class WT, int B, bool VEC>
+template <class WT, int B, bool VEC, bool PC>
 __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const float* __restrict__ x,
                                           float* __restrict__ y, float* __restrict__ acc,
                                           u32* __restrict__ counters, int n_in, int n_out, int R,
-                                          float t0, float t1, float t2, int seg1, int seg2,
+                                          float t0, float t1, float t2,
+                                          const float* __restrict__ c0,
+                                          const float* __restrict__ c1,
+                                          const float* __restrict__ c2, int seg1, int seg2,
                                           float beta, int accumulate, int glu,
                                           const float* __restrict__ nw, float eps,
                                           float* __restrict__ init_dst,
@@ -196,6 +201,15 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
     __shared__ float inv_rms[B];
     const int k0 = blockIdx.y * R;
     const int k1 = min(k0 + R, n_in);
+    // With PC, this block's segment's per-channel thresholds (null: its scalar one) and those of
+    // the first compaction pass's rows, loaded with its inputs.
+    const float* __restrict__ tc = nullptr;
+    float tc_first = 0.0f;
+    if (PC) {
+        const int cb = blockIdx.x * GEMV_TILE, j = k0 + (int)threadIdx.x;
+        tc = cb < seg1 ? c0 : (cb < seg2 ? c1 : c2);
+        if (tc != nullptr && j < k1) tc_first = tc[j];
+    }
     // With the RMSNorm prologue, the first compaction pass's inputs and norm weights are
     // loaded before the mean square's loads, so that both share one L2 round trip.
     float x_first[B], nw_first = 0.0f;
@@ -244,6 +258,8 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
     // (two barriers).
     auto compact = [&](int r0, int cnt) -> int {
         const int j = r0 + tid;
+        const float tj =
+            !PC || tc == nullptr ? t : (r0 == k0 ? tc_first : (j < k1 ? tc[j] : t));
         float v[B];
         bool keep = false;
 #pragma unroll
@@ -260,7 +276,7 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
             } else {
                 v[b] = x[(size_t)b * n_in + j];
             }
-            keep |= (j < k1) && (fabsf(v[b]) > t);
+            keep |= (j < k1) && (fabsf(v[b]) > tj);
         }
         const u32 m = __ballot_sync(0xffffffffu, keep);
         if (lane == 0) wcount[warp] = __popc(m);
@@ -275,7 +291,7 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
             const int s = off + __popc(m & ((1u << lane) - 1u));
             idx[s] = j;
 #pragma unroll
-            for (int b = 0; b < B; ++b) xs[b * R + s] = fabsf(v[b]) > t ? v[b] : 0.0f;
+            for (int b = 0; b < B; ++b) xs[b * R + s] = fabsf(v[b]) > tj ? v[b] : 0.0f;
         }
         __syncthreads();
         return cnt + tot;
@@ -391,22 +407,27 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
 #define GEMV_ARGS                                                                             \
     const u16 *__restrict__ wt, const float *__restrict__ x, float *__restrict__ y,          \
         float *__restrict__ acc, u32 *__restrict__ counters, int n_in, int n_out, int R,     \
-        float t0, float t1, float t2, int seg1, int seg2, float beta, int accumulate, int glu, \
-        const float *__restrict__ nw, float eps, float *__restrict__ init_dst,                \
-        const float *__restrict__ init_src, int init_n, int ldy
+        float t0, float t1, float t2, const float *__restrict__ c0,                           \
+        const float *__restrict__ c1, const float *__restrict__ c2, int seg1, int seg2,       \
+        float beta, int accumulate, int glu, const float *__restrict__ nw, float eps,         \
+        float *__restrict__ init_dst, const float *__restrict__ init_src, int init_n, int ldy
 #define GEMV_PASS                                                                             \
-    wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, seg1, seg2, beta, accumulate, glu, nw, \
-        eps, init_dst, init_src, init_n, ldy
+    wt, x, y, acc, counters, n_in, n_out, R, t0, t1, t2, c0, c1, c2, seg1, seg2, beta,        \
+        accumulate, glu, nw, eps, init_dst, init_src, init_n, ldy
 
-#define GEMV_KERNEL(NAME, WT, B, VEC)                                                        \
+#define GEMV_KERNEL(NAME, WT, B, VEC, PC)                                                    \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) NAME(GEMV_ARGS) {             \
-        gemv_impl<WT, B, VEC>(GEMV_PASS);                                                    \
+        gemv_impl<WT, B, VEC, PC>(GEMV_PASS);                                                \
     }
 #define GEMV_KERNELS_B(B)                                                                    \
-    GEMV_KERNEL(gemv_f16_b##B##_vec, F16, B, true)                                           \
-    GEMV_KERNEL(gemv_f16_b##B##_any, F16, B, false)                                          \
-    GEMV_KERNEL(gemv_bf16_b##B##_vec, BF16, B, true)                                         \
-    GEMV_KERNEL(gemv_bf16_b##B##_any, BF16, B, false)
+    GEMV_KERNEL(gemv_f16_b##B##_vec, F16, B, true, false)                                    \
+    GEMV_KERNEL(gemv_f16_b##B##_any, F16, B, false, false)                                   \
+    GEMV_KERNEL(gemv_bf16_b##B##_vec, BF16, B, true, false)                                  \
+    GEMV_KERNEL(gemv_bf16_b##B##_any, BF16, B, false, false)                                 \
+    GEMV_KERNEL(gemv_f16_b##B##_vec_pc, F16, B, true, true)                                  \
+    GEMV_KERNEL(gemv_f16_b##B##_any_pc, F16, B, false, true)                                 \
+    GEMV_KERNEL(gemv_bf16_b##B##_vec_pc, BF16, B, true, true)                                \
+    GEMV_KERNEL(gemv_bf16_b##B##_any_pc, BF16, B, false, true)
 
 GEMV_KERNELS_B(1)
 GEMV_KERNELS_B(2)
@@ -446,11 +467,13 @@ __device__ __forceinline__ u16 f32_to_f16_rn(float v) {
 // The input of a GEMM prefill launch (cuBLAS multiplies f16/bf16 by f16/bf16): row b of
 // `out` = s_t(v) rounded to the weights' type (is_bf16), where v is row b of x (stride ldx),
 // RMSNorm(x) = x / sqrt(mean(x^2) + eps) * nw with `nw`, or silu(gate) * up with `glu`
-// (x = gate | up, n_in each), and s_t keeps |v| > t, the same arithmetic as the GEMV's.
+// (x = gate | up, n_in each), and s_t keeps |v| > t (|v_j| > tc[j] with a per-channel vector
+// tc), the same arithmetic as the GEMV's.
 // An f16 value beyond the type's range sets *overflow (the caller falls back to the GEMV).
 // Grid: rows; blocks of 256.
 extern "C" __global__ void gemm_input_f32(const float* __restrict__ x, u16* __restrict__ out,
                                           int n_in, int ldx, float t,
+                                          const float* __restrict__ tc,
                                           const float* __restrict__ nw, float eps, int glu,
                                           int is_bf16, int* __restrict__ overflow) {
     pdl_begin();
@@ -472,7 +495,7 @@ extern "C" __global__ void gemm_input_f32(const float* __restrict__ x, u16* __re
         } else {
             v = nw != nullptr ? xr[j] * inv * nw[j] : xr[j];
         }
-        v = fabsf(v) > t ? v : 0.0f;
+        v = fabsf(v) > (tc != nullptr ? tc[j] : t) ? v : 0.0f;
         over |= !is_bf16 && fabsf(v) > 65504.0f;
         o[j] = is_bf16 ? f32_to_bf16_rn(v) : f32_to_f16_rn(v);
     }

@@ -338,12 +338,14 @@ pub struct Gpu {
     pdl: bool,
 }
 
-fn gemv_kernel_index(dtype: WeightDtype, batch: usize, vec: bool) -> usize {
+/// Where a GEMV kernel sits in [`Gpu`]'s list: by batch, dtype, vector loads, and whether it
+/// takes per-channel thresholds (`pc`).
+fn gemv_kernel_index(dtype: WeightDtype, batch: usize, vec: bool, pc: bool) -> usize {
     let d = match dtype {
         WeightDtype::F16 => 0,
         WeightDtype::Bf16 => 1,
     };
-    ((batch - 1) * 2 + d) * 2 + usize::from(!vec)
+    (((batch - 1) * 2 + d) * 2 + usize::from(!vec)) * 2 + usize::from(pc)
 }
 
 /// Dynamic shared memory of a GEMV block: the chunk's thresholded inputs and kept row
@@ -417,6 +419,15 @@ pub struct Prepare<'a> {
     pub from: Option<&'a CudaSlice<f32>>,
 }
 
+/// The threshold of one fused segment of a sparse GEMV, or of a GEMM input
+/// ([`Gpu::gemm_input`]): input `x_j` is zeroed when `|x_j| <= t` (a negative `t` keeps every
+/// input), or, per input channel, when `|x_j| <= t[j]` (a vector of at least `n_in` values).
+#[derive(Clone, Copy)]
+pub enum Threshold<'a> {
+    Scalar(f32),
+    Channels(&'a CudaSlice<f32>),
+}
+
 /// How a GEMV launch splits its input rows: `rows_per_chunk` input rows per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvPlan {
@@ -435,11 +446,13 @@ impl Gpu {
         let (major, minor) = ctx.compute_capability()?;
         let ptx = compile_kernels(arch_name(major, minor)?)?;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
-        let mut gemv = Vec::with_capacity(MAX_BATCH * 4);
+        let mut gemv = Vec::with_capacity(MAX_BATCH * 8);
         for b in 1..=MAX_BATCH {
             for d in ["f16", "bf16"] {
                 for v in ["vec", "any"] {
-                    gemv.push(module.load_function(&format!("gemv_{d}_b{b}_{v}"))?);
+                    for pc in ["", "_pc"] {
+                        gemv.push(module.load_function(&format!("gemv_{d}_b{b}_{v}{pc}"))?);
+                    }
                 }
             }
         }
@@ -997,7 +1010,8 @@ impl Gpu {
     /// How many blocks of the batch-`batch` GEMV kernel one multiprocessor holds at once with
     /// chunks of `rows` rows (0 where the driver cannot say).
     fn resident_gemv_blocks(&self, batch: usize, rows: usize) -> usize {
-        let f = &self.gemv[gemv_kernel_index(WeightDtype::Bf16, batch.clamp(1, MAX_BATCH), true)];
+        let b = batch.clamp(1, MAX_BATCH);
+        let f = &self.gemv[gemv_kernel_index(WeightDtype::Bf16, b, true, false)];
         f.occupancy_max_active_blocks_per_multiprocessor(
             GEMV_THREADS,
             gemv_shared_bytes(batch, rows),
@@ -1006,9 +1020,11 @@ impl Gpu {
         .map_or(0, |n| n as usize)
     }
 
-    /// `y[b, :] = beta * y[b, :] + Wt^T s_t(x[b, :])` for b < batch, with one threshold per
-    /// fused segment (`thresholds.len() == w.segments().len()`); a negative threshold keeps
-    /// every input (dense). `x` is `[batch, n_in]`, `y` is `[batch, n_out]`, both f32.
+    /// `y[b, :] = beta * y[b, :] + Wt^T s_t(x[b, :])` for b < batch, with one [`Threshold`] per
+    /// fused segment (`thresholds.len() == w.segments().len()`), scalar or per input channel;
+    /// a negative scalar keeps every input (dense). Where every segment's is scalar, the
+    /// kernel reads no per-channel vector. `x` is `[batch, n_in]`, `y` is `[batch, n_out]`,
+    /// both f32.
     /// See [`GemvOpts`] for accumulation into y, a SiLU*mul input and the row split.
     pub fn gemv(
         &self,
@@ -1016,7 +1032,7 @@ impl Gpu {
         x: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         batch: usize,
-        thresholds: &[f32],
+        thresholds: &[Threshold<'_>],
         opts: GemvOpts,
     ) -> Result<()> {
         self.gemv_with_norm(w, x, None, y, batch, thresholds, opts, None)
@@ -1033,7 +1049,7 @@ impl Gpu {
         norm: Norm<'_>,
         y: &mut CudaSlice<f32>,
         batch: usize,
-        thresholds: &[f32],
+        thresholds: &[Threshold<'_>],
         opts: GemvOpts,
     ) -> Result<()> {
         self.gemv_with_norm(w, x, Some(norm), y, batch, thresholds, opts, None)
@@ -1049,7 +1065,7 @@ impl Gpu {
         norm: Option<Norm<'_>>,
         y: &mut CudaSlice<f32>,
         batch: usize,
-        thresholds: &[f32],
+        thresholds: &[Threshold<'_>],
         opts: GemvOpts,
         prepare: Prepare<'_>,
     ) -> Result<()> {
@@ -1064,7 +1080,7 @@ impl Gpu {
         norm: Option<Norm<'_>>,
         y: &mut CudaSlice<f32>,
         batch: usize,
-        thresholds: &[f32],
+        thresholds: &[Threshold<'_>],
         opts: GemvOpts,
         prepare: Option<Prepare<'_>>,
     ) -> Result<()> {
@@ -1116,13 +1132,19 @@ impl Gpu {
                 w.segments.len()
             )));
         }
+        // Per segment the scalar and the per-channel vector (null: the scalar applies); the
+        // segments past the last (at most 3) are empty.
+        let mut t: [(f32, sys::CUdeviceptr); 3] = [(f32::INFINITY, 0); 3];
+        for (ti, &th) in t.iter_mut().zip(thresholds) {
+            *ti = self.threshold_args(th, w.n_in)?;
+        }
+        let pc = t.iter().any(|&(_, c)| c != 0);
+        let [(t0, c0), (t1, c1), (t2, c2)] = t;
         let plan = plan.unwrap_or_else(|| self.gemv_plan(w.n_in, w.n_out, 1.0, batch));
         let r = plan.rows_per_chunk.clamp(1, MAX_ROWS_PER_CHUNK);
         let vec = w.n_out.is_multiple_of(8);
-        let f = &self.gemv[gemv_kernel_index(w.dtype, batch, vec)];
-        let t = |i: usize| thresholds.get(i).copied().unwrap_or(f32::INFINITY);
+        let f = &self.gemv[gemv_kernel_index(w.dtype, batch, vec, pc)];
         let seg = |i: usize| w.segments.get(i).copied().unwrap_or(w.n_out) as i32;
-        let (t0, t1, t2) = (t(0), t(1), t(2));
         let (seg1, seg2) = (seg(0), seg(1));
         let (n_in, n_out, r_i, ldy) = (w.n_in as i32, w.n_out as i32, r as i32, ldy as i32);
         let cfg = LaunchConfig {
@@ -1152,11 +1174,25 @@ impl Gpu {
             None => (0, 0, 0),
         };
         let mut p = params![
-            wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, seg1, seg2, beta, acc_mode, glu, nw,
-            eps, init_dst, init_src, init_n, ldy
+            wp, xp, yp, ap, cp, n_in, n_out, r_i, t0, t1, t2, c0, c1, c2, seg1, seg2, beta,
+            acc_mode, glu, nw, eps, init_dst, init_src, init_n, ldy
         ];
         // SAFETY: parameters match GEMV_ARGS in kernels.cu; buffer sizes checked above.
         unsafe { self.launch(f, cfg, &mut p) }
+    }
+
+    /// A [`Threshold`]'s kernel arguments: the scalar and the per-channel vector (null for a
+    /// scalar; with a vector the scalar is not read), the vector checked to cover `n_in`
+    /// inputs.
+    fn threshold_args(&self, t: Threshold<'_>, n_in: usize) -> Result<(f32, sys::CUdeviceptr)> {
+        match t {
+            Threshold::Scalar(t) => Ok((t, 0)),
+            Threshold::Channels(c) if c.len() >= n_in => Ok((f32::INFINITY, self.ptr(c))),
+            Threshold::Channels(c) => Err(CudaError::Invalid(format!(
+                "{} per-channel thresholds for {n_in} inputs",
+                c.len()
+            ))),
+        }
     }
 
     /// RMSNorm of `rows` rows of length `n`.
@@ -1457,8 +1493,8 @@ impl Gpu {
     /// The f16/bf16 input of a [`Gpu::gemm`] (cuBLAS multiplies two 16-bit operands):
     /// `out[b, :] = round(s_t(v_b))` for `rows` rows of `n_in`, in `dtype`, where `v_b` is row
     /// `row0 + b` of `x` (rows `ldx` apart), `RMSNorm(x)` with `norm`, or `silu(gate) * up`
-    /// with `silu_mul_input` (`x` rows = gate | up, `n_in` each); `s_t` keeps `|v| > t`, as
-    /// the GEMV does. An f16 value beyond the type's range sets `overflow[0]` to 1.
+    /// with `silu_mul_input` (`x` rows = gate | up, `n_in` each); `s_t` keeps `|v| > t`, or
+    /// `|v_j| > t[j]` with per-channel thresholds, as the GEMV does. An f16 value beyond the type's range sets `overflow[0]` to 1.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_input(
         &self,
@@ -1467,7 +1503,7 @@ impl Gpu {
         ldx: usize,
         rows: usize,
         n_in: usize,
-        t: f32,
+        t: Threshold<'_>,
         norm: Option<Norm<'_>>,
         silu_mul_input: bool,
         dtype: WeightDtype,
@@ -1485,6 +1521,7 @@ impl Gpu {
         {
             return Err(CudaError::Invalid("gemm_input arguments".into()));
         }
+        let (t, tc) = self.threshold_args(t, n_in)?;
         let (n_i, ld_i, glu) = (n_in as i32, ldx as i32, i32::from(silu_mul_input));
         let bf = i32::from(dtype == WeightDtype::Bf16);
         let (nw, eps) = match norm {
@@ -1494,7 +1531,7 @@ impl Gpu {
         let cfg = blocks_1d(rows as u32, 256);
         let xp = self.ptr(x) + (row0 * ldx * 4) as u64;
         let (op, fp) = (self.ptr_mut(out), self.ptr_mut(overflow));
-        let mut p = params![xp, op, n_i, ld_i, t, nw, eps, glu, bf, fp];
+        let mut p = params![xp, op, n_i, ld_i, t, tc, nw, eps, glu, bf, fp];
         // SAFETY: matches gemm_input_f32; sizes checked.
         unsafe { self.launch(&self.gemm_input, cfg, &mut p) }
     }

@@ -1,19 +1,21 @@
 //! The Llama forward pass on a CUDA GPU, for generation and perplexity.
 //!
 //! The weights of a CPU [`Llama`] are copied once, rounded to f16 or bf16, input-major; the
-//! thresholds of its TEAL masks ([`InputMask::Threshold`]) go into the sparse GEMV. One decode
-//! step: embedding row -> per block [q|k|v GEMV on RMSNorm(h) (+ bias), attention with RoPE and
-//! the KV append in the same kernel (long caches in runs of keys, several blocks per head), o
-//! GEMV into the residual h, gate|up GEMV on RMSNorm(h),
-//! down GEMV with SiLU*mul in its prologue into h] -> LM head on RMSNorm(h) (dense): 5 launches
-//! per block. Each RMSNorm is computed inside the GEMV that reads it, and every GEMV adds into
-//! its output with f32 atomics (no workspace pass): outputs that are not the residual are set
-//! to their biases or zeros by an earlier launch (see `enqueue`). Each kind of step is captured
-//! once as a CUDA graph and replayed; the token is written to the device before each replay
-//! and the position advances on the device. How many input rows each block of a decode GEMV
-//! takes is fitted to the masks at the first decode step after they change: the step is timed
-//! with each candidate split (`GpuLlama::fit_splits`), since the best split depends on how many
-//! rows the thresholds keep.
+//! thresholds of its masks go into the sparse GEMV: one per projection (TEAL's
+//! `InputMask::Threshold`), or one per input channel (`InputMask::Channels`, and
+//! `InputMask::WeightAware` resolved against the weights as the CPU does, `t / ||W[:, j]||`),
+//! copied to the device per projection and pass. One decode step: embedding row -> per block
+//! [q|k|v GEMV on RMSNorm(h) (+ bias), attention with RoPE and the KV append in the same kernel
+//! (long caches in runs of keys, several blocks per head), o GEMV into the residual h, gate|up
+//! GEMV on RMSNorm(h), down GEMV with SiLU*mul in its prologue into h] -> LM head on RMSNorm(h)
+//! (dense): 5 launches per block. Each RMSNorm is computed inside the GEMV that reads it, and
+//! every GEMV adds into its output with f32 atomics (no workspace pass): outputs that are not
+//! the residual are set to their biases or zeros by an earlier launch (see `enqueue`). Each
+//! kind of step is captured once as a CUDA graph and replayed; the token is written to the
+//! device before each replay and the position advances on the device. How many input rows each
+//! block of a decode GEMV takes is fitted to the masks at the first decode step after they
+//! change: the step is timed with each candidate split (`GpuLlama::fit_splits`), since the best
+//! split depends on how many rows the thresholds keep.
 //!
 //! Prefill uses the prefill thresholds. Prompts of `GEMM_MIN_ROWS` (32) positions or more run in
 //! chunks of up to `GEMM_ROWS` (512) through cuBLAS (`GpuLlama::prefill_gemm`, launched eagerly):
@@ -29,25 +31,25 @@
 //! over the cache: 7 launches per block, one captured graph per chunk size. The LM head runs
 //! on the chunks whose logits are wanted.
 //!
-//! Weight-aware masks (per-channel thresholds) are not supported on the GPU. An observed step
-//! (one position, prefill thresholds) also writes the input of each projection site of every
-//! layer into its own buffer (RMSNorm and SiLU*mul computed separately for that), which is
-//! copied back after the step for calibration and sparsity counting.
+//! An observed step (one position, prefill thresholds) also writes the input of each projection
+//! site of every layer into its own buffer (RMSNorm and SiLU*mul computed separately for that),
+//! which is copied back after the step for calibration and sparsity counting.
 
 use crate::config::Config;
 use crate::device::{Bandwidth, Decoder, Footprint, Masks};
 use crate::error::{Error, Result};
 use crate::generate::Models;
-use crate::linear::{transpose, Dense, InputMask, Linear};
+use crate::linear::{transpose, Dense, Linear, Sparsify};
 use crate::models::llama::{Llama, Logits, Observer, Site};
 use crate::sampler::Sampler;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use teal_kernels::cuda::{
     AttentionSplit, CudaBlas, CudaError, CudaGraph, DeviceBuffer, GemvOpts, GemvPlan, Gpu,
-    GpuLinear, Norm, Prepare, WeightDtype, MAX_BATCH,
+    GpuLinear, Norm, Prepare, Threshold, WeightDtype, MAX_BATCH,
 };
 
 /// The two threshold sets a model carries: the prefill model's and the decode model's.
@@ -79,8 +81,8 @@ struct Launch {
     w: GpuLinear,
     /// First output column.
     offset: usize,
-    /// Thresholds of the fused segments, per pass (negative: dense).
-    thresholds: [Vec<f32>; PASSES],
+    /// Thresholds of the fused segments, per pass.
+    thresholds: [Vec<SegThreshold>; PASSES],
     /// Row split of the one-position launches, fitted by [`GpuLlama::fit_splits`]; `None`:
     /// [`Gpu::gemv_plan`]'s.
     plan: Option<GemvPlan>,
@@ -106,19 +108,57 @@ const GEMM_MIN_ROWS: usize = 32;
 /// position are `GEMM_ROWS x vocab` f32, 263 MB for Llama 3).
 const GEMM_ROWS: usize = 512;
 
-/// The GEMV threshold of a mask: `|x| <= t` is zeroed; dense keeps everything.
-fn threshold(mask: Option<&InputMask>, what: &str) -> Result<f32> {
-    match mask {
-        None => Ok(-1.0),
-        Some(InputMask::Threshold(t)) => Ok(*t),
-        Some(InputMask::WeightAware(_)) => Err(Error::Invalid(format!(
-            "{what}: weight-aware (WINA) masks are not supported on the GPU; use TEAL \
-             thresholds (--quantile abs or teal) or --device cpu"
-        ))),
-        Some(InputMask::Channels(_)) => Err(Error::Invalid(format!(
-            "{what}: per-channel (--allocation fisher) masks are not supported on the GPU; \
-             use --allocation uniform or greedy, or --device cpu"
-        ))),
+/// The threshold of one fused segment in one pass: `|x| <= t` zeroed (negative: dense), or
+/// one per input channel (the values, and their copy on the device that the launches read).
+#[derive(Clone)]
+enum SegThreshold {
+    Scalar(f32),
+    Channels(Arc<Vec<f32>>, Arc<DeviceBuffer<f32>>),
+}
+
+/// Every input kept.
+const DENSE: SegThreshold = SegThreshold::Scalar(-1.0);
+
+impl SegThreshold {
+    /// The mask of `w` as its [`Linear::sparsify`] resolves it (per-channel thresholds copied
+    /// to the device).
+    fn of(g: &Gpu, w: &Linear) -> Result<SegThreshold> {
+        Ok(match w.sparsify() {
+            None => DENSE,
+            Some(Sparsify::Threshold(t)) => SegThreshold::Scalar(*t),
+            Some(Sparsify::Channels(t)) => {
+                SegThreshold::Channels(Arc::clone(t), Arc::new(g.upload(t)?))
+            }
+        })
+    }
+
+    /// What the kernels take.
+    fn kernel(&self) -> Threshold<'_> {
+        match self {
+            SegThreshold::Scalar(t) => Threshold::Scalar(*t),
+            SegThreshold::Channels(_, d) => Threshold::Channels(d),
+        }
+    }
+
+    /// The threshold values as bits (one, or one per input channel).
+    fn bits(&self) -> impl Iterator<Item = u32> + '_ {
+        let v: &[f32] = match self {
+            SegThreshold::Scalar(t) => std::slice::from_ref(t),
+            SegThreshold::Channels(t, _) => t,
+        };
+        v.iter().map(|t| t.to_bits())
+    }
+}
+
+impl PartialEq for SegThreshold {
+    /// The same kind with the same bits.
+    fn eq(&self, other: &SegThreshold) -> bool {
+        let kinds = matches!(
+            (self, other),
+            (SegThreshold::Scalar(_), SegThreshold::Scalar(_))
+                | (SegThreshold::Channels(..), SegThreshold::Channels(..))
+        );
+        kinds && self.bits().eq(other.bits())
     }
 }
 
@@ -189,7 +229,7 @@ impl Group {
             launches: vec![Launch {
                 w,
                 offset: 0,
-                thresholds: std::array::from_fn(|_| vec![-1.0]),
+                thresholds: std::array::from_fn(|_| vec![DENSE]),
                 plan: None,
             }],
             width: m.out_dim,
@@ -197,12 +237,13 @@ impl Group {
     }
 
     /// `parts[i][pass]` is part i as the model of `pass` holds it (same weights, its mask).
-    fn new(g: &Gpu, parts: &[[&Linear; PASSES]], dtype: WeightDtype, what: &str) -> Result<Group> {
-        let mut t = vec![[0.0f32; PASSES]; parts.len()];
-        for (i, p) in parts.iter().enumerate() {
-            for pass in 0..PASSES {
-                t[i][pass] = threshold(p[pass].mask(), what)?;
-            }
+    fn new(g: &Gpu, parts: &[[&Linear; PASSES]], dtype: WeightDtype) -> Result<Group> {
+        let mut t = Vec::with_capacity(parts.len());
+        for p in parts {
+            t.push([
+                SegThreshold::of(g, p[PREFILL])?,
+                SegThreshold::of(g, p[DECODE])?,
+            ]);
         }
         let weights: Vec<&Linear> = parts.iter().map(|p| p[DECODE]).collect();
         let n_in = weights[0].in_dim;
@@ -221,7 +262,7 @@ impl Group {
         // On tiles the fused launch always carries one threshold per part, so that
         // `set_thresholds` can give the parts different ones later.
         let launches = if uniform && !on_tiles {
-            let thresholds = std::array::from_fn(|pass| vec![t[0][pass]]);
+            let thresholds = std::array::from_fn(|pass| vec![t[0][pass].clone()]);
             let w = g.linear_from_bits(&fused_bits(&weights, dtype), n_in, n_out, dtype, &[])?;
             vec![Launch {
                 w,
@@ -230,7 +271,8 @@ impl Group {
                 plan: None,
             }]
         } else if on_tiles {
-            let thresholds = std::array::from_fn(|pass| t.iter().map(|ti| ti[pass]).collect());
+            let thresholds =
+                std::array::from_fn(|pass| t.iter().map(|ti| ti[pass].clone()).collect());
             let w = g.linear_from_bits(&fused_bits(&weights, dtype), n_in, n_out, dtype, &ends)?;
             vec![Launch {
                 w,
@@ -245,7 +287,7 @@ impl Group {
                 launches.push(Launch {
                     w: g.linear_from_bits(&bits, n_in, w.out_dim, dtype, &[])?,
                     offset: ends[i] - w.out_dim,
-                    thresholds: std::array::from_fn(|pass| vec![t[i][pass]]),
+                    thresholds: std::array::from_fn(|pass| vec![t[i][pass].clone()]),
                     plan: None,
                 });
             }
@@ -260,18 +302,18 @@ impl Group {
     /// New thresholds of the parts (both passes), where the launches built for the first ones
     /// can take them: one per part launch, one per fused segment, or one for a fused launch
     /// without segments when all parts share it.
-    fn set_thresholds(&mut self, t: &[f32], what: &str) -> Result<()> {
+    fn set_thresholds(&mut self, t: &[SegThreshold], what: &str) -> Result<()> {
         if self.launches.len() == t.len() {
-            for (l, &ti) in self.launches.iter_mut().zip(t) {
-                l.thresholds = [vec![ti], vec![ti]];
+            for (l, ti) in self.launches.iter_mut().zip(t) {
+                l.thresholds = [vec![ti.clone()], vec![ti.clone()]];
             }
             return Ok(());
         }
         let l = &mut self.launches[0];
         if l.w.segments().len() == t.len() {
             l.thresholds = [t.to_vec(), t.to_vec()];
-        } else if t.iter().all(|&x| x == t[0]) {
-            l.thresholds = [vec![t[0]], vec![t[0]]];
+        } else if t.iter().all(|x| *x == t[0]) {
+            l.thresholds = [vec![t[0].clone()], vec![t[0].clone()]];
         } else {
             return Err(Error::Invalid(format!(
                 "{what}: the fused projections were uploaded for one shared threshold; \
@@ -304,11 +346,14 @@ impl Group {
                 plan: if batch == 1 { l.plan } else { base.plan },
                 ..base
             };
-            let t = &l.thresholds[pass];
+            let t: Vec<Threshold<'_>> = l.thresholds[pass]
+                .iter()
+                .map(SegThreshold::kernel)
+                .collect();
             match (prepare.take(), norm) {
-                (Some(p), n) => g.gemv_and_prepare(&mut l.w, x, n, y, batch, t, opts, p)?,
-                (None, Some(n)) => g.gemv_rmsnorm(&mut l.w, x, n, y, batch, t, opts)?,
-                (None, None) => g.gemv(&mut l.w, x, y, batch, t, opts)?,
+                (Some(p), n) => g.gemv_and_prepare(&mut l.w, x, n, y, batch, &t, opts, p)?,
+                (None, Some(n)) => g.gemv_rmsnorm(&mut l.w, x, n, y, batch, &t, opts)?,
+                (None, None) => g.gemv(&mut l.w, x, y, batch, &t, opts)?,
             }
         }
         Ok(())
@@ -376,29 +421,34 @@ impl Group {
         pass: usize,
         beta: f32,
     ) -> Result<()> {
-        let mut current: Option<f32> = None;
+        let mut current: Option<&SegThreshold> = None;
         for l in &self.launches {
             let ends = l.w.segments();
             let ts = &l.thresholds[pass];
-            let mut pieces: Vec<(std::ops::Range<usize>, f32)> = Vec::with_capacity(ends.len());
+            let mut pieces: Vec<(std::ops::Range<usize>, &SegThreshold)> =
+                Vec::with_capacity(ends.len());
             let mut start = 0;
             for (k, &end) in ends.iter().enumerate() {
-                let t = if ts.len() == ends.len() { ts[k] } else { ts[0] };
+                let t = if ts.len() == ends.len() {
+                    &ts[k]
+                } else {
+                    &ts[0]
+                };
                 match pieces.last_mut() {
-                    Some((cols, tp)) if tp.to_bits() == t.to_bits() => cols.end = end,
+                    Some((cols, tp)) if *tp == t => cols.end = end,
                     _ => pieces.push((start..end, t)),
                 }
                 start = end;
             }
             for (cols, t) in pieces {
-                if current.map(f32::to_bits) != Some(t.to_bits()) {
+                if current != Some(t) {
                     g.gemm_input(
                         x.x,
                         x.row0,
                         x.ld,
                         rows,
                         l.w.n_in,
-                        t,
+                        t.kernel(),
                         x.norm,
                         x.silu_mul,
                         l.w.dtype,
@@ -478,6 +528,9 @@ pub struct GpuLlama {
     host_logits: Vec<f32>,
     /// The GEMM prefill, set up at the first prompt that takes it.
     gemm: GemmState,
+    /// The decode model on the host (its weights shared, not copied): [`Decoder::set_masks`]
+    /// resolves masks against it as the CPU does ([`Llama::with_masks`]).
+    host: Llama,
 }
 
 /// Whether the GEMM prefill is set up ([`GpuLlama::new_gemm`]).
@@ -631,16 +684,14 @@ impl GpuLlama {
                         [&pb.v_proj, &db.v_proj],
                     ],
                     dtype,
-                    &what,
                 )?,
-                o: Group::new(&gpu, &[[&pb.o_proj, &db.o_proj]], dtype, &what)?,
+                o: Group::new(&gpu, &[[&pb.o_proj, &db.o_proj]], dtype)?,
                 gate_up: Group::new(
                     &gpu,
                     &[[&pb.gate_proj, &db.gate_proj], [&pb.up_proj, &db.up_proj]],
                     dtype,
-                    &what,
                 )?,
-                down: Group::new(&gpu, &[[&pb.down_proj, &db.down_proj]], dtype, &what)?,
+                down: Group::new(&gpu, &[[&pb.down_proj, &db.down_proj]], dtype)?,
                 k_cache: (0..slots)
                     .map(|_| gpu.zeros(ctx * kvd))
                     .collect::<std::result::Result<_, _>>()?,
@@ -684,6 +735,7 @@ impl GpuLlama {
             fitted: HashMap::new(),
             lens: vec![0; slots],
             gemm: GemmState::Untried,
+            host: dm.clone(),
             m,
             gpu,
             ordinal,
@@ -730,7 +782,7 @@ impl Resident {
             .iter()
             .flat_map(Layer::groups)
             .flat_map(|g| &g.launches)
-            .flat_map(|l| l.thresholds[DECODE].iter().map(|t| t.to_bits()))
+            .flat_map(|l| l.thresholds[DECODE].iter().flat_map(SegThreshold::bits))
             .collect()
     }
 
@@ -1397,19 +1449,19 @@ impl Decoder for GpuLlama {
         }
         Ok(())
     }
+    /// Resolved as on the CPU ([`Llama::with_masks`]: the number of layers and the widths of
+    /// per-channel thresholds checked, weight-aware thresholds from the weights' column
+    /// norms), then the thresholds of every launch replaced (per-channel ones copied to the
+    /// device).
     fn set_masks(&mut self, masks: Option<&Masks>) -> Result<()> {
-        let n = self.m.layers.len();
-        if masks.is_some_and(|m| m.len() != n) {
-            return Err(Error::Invalid(format!(
-                "masks for {} layers, the model has {n}",
-                masks.map_or(0, |m| m.len())
-            )));
-        }
+        let masked = masks.map(|m| self.host.with_masks(m)).transpose()?;
         for (i, l) in self.m.layers.iter_mut().enumerate() {
             let what = format!("layer {i}");
-            let mut t = [0.0f32; 7];
-            for (p, tp) in t.iter_mut().enumerate() {
-                *tp = threshold(masks.and_then(|m| m[i][p].as_ref()), &what)?;
+            let mut t: [SegThreshold; 7] = std::array::from_fn(|_| DENSE);
+            if let Some(m) = &masked {
+                for (tp, (_, w)) in t.iter_mut().zip(m.layers[i].linears()) {
+                    *tp = SegThreshold::of(&self.gpu, w)?;
+                }
             }
             l.qkv.set_thresholds(&t[0..3], &what)?;
             l.o.set_thresholds(&t[3..4], &what)?;
