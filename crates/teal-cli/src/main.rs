@@ -1524,23 +1524,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         };
         match (&random_th, &files) {
             _ if s == 0.0 => Ok(None),
-            (Some(th), _) => {
-                let mut m = th.resolve(&spec)?;
-                if std::env::var("TEAL_PC_CONST").is_ok() {
-                    for (row, b) in m.iter_mut().zip(&model.layers) {
-                        let lin = b.linears();
-                        for (p, mask) in row.iter_mut().enumerate() {
-                            if let Some(InputMask::Threshold(t)) = mask {
-                                *mask = Some(InputMask::Channels(std::sync::Arc::new(vec![
-                                    *t;
-                                    lin[p].1.in_dim
-                                ])));
-                            }
-                        }
-                    }
-                }
-                Ok(Some(m))
-            }
+            (Some(th), _) => Ok(Some(th.resolve(&spec)?)),
             (None, Some(files)) => {
                 let sparse = SparseArgs {
                     sparsity: s,
