@@ -19,7 +19,7 @@ use teal::kv_cache::KvDtype;
 use teal::linear::InputMask;
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
-use teal::sparsity::fisher::FisherOptions;
+use teal::sparsity::fisher::{FisherLabels, FisherOptions};
 use teal::sparsity::greedy::GreedyOptions;
 use teal::sparsity::thresholds::{check_target, Fingerprint};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
@@ -113,6 +113,14 @@ enum AllocationArg {
     Uniform,
     Greedy,
     Fisher,
+}
+/// Whose next tokens the loss gradients of `calibrate --fisher` are taken for.
+#[derive(Clone, Copy, ValueEnum)]
+enum FisherLabelsArg {
+    /// Drawn from the model's own next-token distribution (the Fisher of its predictions).
+    Model,
+    /// The calibration text's next tokens (the empirical Fisher).
+    Text,
 }
 #[derive(Clone, Copy, ValueEnum)]
 enum QuantileArg {
@@ -457,6 +465,12 @@ struct CalibrateArgs {
     /// Tokens per loss-gradient window (capped at the model's context).
     #[arg(long, default_value_t = 512)]
     fisher_seq_len: usize,
+    /// Whose next tokens the loss gradients are taken for.
+    #[arg(long, value_enum, default_value_t = FisherLabelsArg::Model)]
+    fisher_labels: FisherLabelsArg,
+    /// Seed of the drawn labels (`--fisher-labels model`).
+    #[arg(long, default_value_t = 0)]
+    fisher_seed: u64,
     /// Output file (default: the cache, where run/ppl find it).
     #[arg(short = 'o', long)]
     output: Option<PathBuf>,
@@ -1143,6 +1157,12 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         fisher: a.fisher.then(|| FisherOptions {
             samples: a.fisher_samples,
             seq_len: a.fisher_seq_len.min(files.config.max_position_embeddings),
+            labels: match a.fisher_labels {
+                FisherLabelsArg::Model => FisherLabels::Model {
+                    seed: a.fisher_seed,
+                },
+                FisherLabelsArg::Text => FisherLabels::Text,
+            },
         }),
         text_label: data
             .file_name()

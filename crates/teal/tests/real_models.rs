@@ -292,6 +292,7 @@ fn smollm2_teal_uniform_and_fisher_sparsity() {
         fisher: Some(teal::sparsity::fisher::FisherOptions {
             samples: 2,
             seq_len: 512,
+            labels: teal::sparsity::fisher::FisherLabels::Model { seed: 0 },
         }),
         text_label: "c4.utf8".into(),
         text_bytes: cal.len(),

@@ -7,7 +7,7 @@ use teal::linear::InputMask;
 use teal::loader::{SafetensorsSource, TensorSource};
 use teal::models::llama::{Llama, Logits};
 use teal::sparsity::calibrate::{calibrate, CalibOptions};
-use teal::sparsity::fisher::FisherOptions;
+use teal::sparsity::fisher::{FisherLabels, FisherOptions};
 use teal::sparsity::greedy::{greedy_block, GreedyOptions};
 use teal::sparsity::thresholds::{Fingerprint, Thresholds};
 use teal::sparsity::{
@@ -50,6 +50,7 @@ fn calibrated(greedy: bool) -> (Llama, Config, Fingerprint, Thresholds) {
         fisher: Some(FisherOptions {
             samples: 2,
             seq_len: 64,
+            labels: FisherLabels::Model { seed: 1 },
         }),
         text_label: "random".into(),
         text_bytes: 0,
@@ -334,6 +335,7 @@ fn calibration_text_too_short_is_an_error() {
         fisher: Some(FisherOptions {
             samples: 4,
             seq_len: 64,
+            labels: FisherLabels::Text,
         }),
         ..opts
     };
@@ -392,33 +394,50 @@ fn compare_on_a_decoder_matches_compare() {
     );
 }
 
-/// Mean next-token NLL of `toks` through the model's own prefill, in f64.
-fn mean_nll(m: &Llama, toks: &[u32]) -> f64 {
+/// Mean NLL of `labels[t]` at position `t` of `toks` through the model's own prefill, in f64.
+fn mean_nll(m: &Llama, toks: &[u32], labels: &[u32]) -> f64 {
     let v = m.config.vocab_size;
     let lg = m
         .prefill(toks, &mut m.new_cache(toks.len()), Logits::All)
         .unwrap();
-    let n = toks.len();
-    (0..n - 1)
-        .map(|t| teal::eval::perplexity::nll(&lg[t * v..(t + 1) * v], toks[t + 1]))
+    labels
+        .iter()
+        .enumerate()
+        .map(|(t, &y)| teal::eval::perplexity::nll(&lg[t * v..(t + 1) * v], y))
         .sum::<f64>()
-        / (n - 1) as f64
+        / labels.len() as f64
 }
 
 #[test]
 fn loss_gradients_at_projection_inputs_match_finite_differences() {
+    // The text's next tokens, and tokens drawn from the model's own distribution.
+    loss_gradients_match_finite_differences(FisherLabels::Text);
+    loss_gradients_match_finite_differences(FisherLabels::Model { seed: 3 });
+}
+
+fn loss_gradients_match_finite_differences(labels: FisherLabels) {
     use teal::linear::Linear;
     use teal::sparsity::fisher::input_gradients;
     let (m, c, _) = model();
     let toks = tokens(24, 3);
     let mut grads: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); 7]; c.num_hidden_layers];
     let mut inputs = grads.clone();
-    let loss = input_gradients(&m, &toks, &mut |l, p, x, g| {
+    let (loss, ys) = input_gradients(&m, &toks, labels, &mut |l, p, x, g| {
         inputs[l][p] = x.to_vec();
         grads[l][p] = g.to_vec();
     })
     .unwrap();
-    assert!((loss - mean_nll(&m, &toks)).abs() < 1e-5 * loss, "{loss}");
+    assert_eq!(ys.len(), toks.len() - 1);
+    if labels == FisherLabels::Text {
+        assert_eq!(ys, toks[1..]);
+    } else {
+        // Drawn labels differ from the text at most positions of a random model.
+        assert!(ys.iter().zip(&toks[1..]).filter(|(a, b)| a != b).count() > ys.len() / 2);
+    }
+    assert!(
+        (loss - mean_nll(&m, &toks, &ys)).abs() < 1e-5 * loss,
+        "{loss}"
+    );
     // The inputs passed along are those the model's own prefill feeds each projection.
     struct Sites(Vec<[Vec<f32>; 4]>);
     impl teal::models::llama::Observer for Sites {
@@ -491,7 +510,7 @@ fn loss_gradients_at_projection_inputs_match_finite_differences() {
                         m.norm.clone(),
                         m.lm_head.clone(),
                     );
-                    mean_nll(&mm, &toks)
+                    mean_nll(&mm, &toks, &ys)
                 };
                 let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
                 // The f32 loss carries ~1e-6 of rounding, 5e-5 over 2 eps; eps^2 curvature is

@@ -116,7 +116,7 @@ fn calibrate_blocks(
     // The loss-aware channel weights sqrt(F_j / out), before the statistics that use them.
     let fisher_weights: Option<Vec<[Vec<f32>; 7]>> = match opts.fisher {
         Some(f) => Some(
-            input_fisher(model, tokens, f.samples, f.seq_len, progress)?
+            input_fisher(model, tokens, &f, progress)?
                 .into_iter()
                 .zip(&model.layers)
                 .map(|(row, b)| {
@@ -242,6 +242,7 @@ fn calibrate_blocks(
             (Some(f), Some(w)) => Some(FisherTables {
                 samples: f.samples,
                 seq_len: f.seq_len,
+                labels: f.labels,
                 size_weights: weights,
                 weights: w,
                 scores: fisher_scores,

@@ -3,14 +3,19 @@
 //! pass, in f32 on the CPU. The gradient at projection `p`'s input is taken through `p` alone
 //! (`dL/dx = dL/dy W`), so q, k and v (and gate and up) each get their own, and it covers
 //! every input channel whatever `p`'s mask. Its square averaged over positions is the
-//! diagonal empirical Fisher `F_j = E[(dL/dx_j)^2]`: zeroing `x_j` costs about `F_j x_j^2 / 2`
-//! of loss.
+//! diagonal Fisher `F_j = E[(dL/dx_j)^2]`: zeroing `x_j` costs about `F_j x_j^2 / 2`. The
+//! loss is the NLL of next tokens drawn from the model's own distribution
+//! ([`FisherLabels::Model`], the default): then `F` is the Fisher of the model's predictive
+//! distribution and the cost is the KL divergence of the perturbed model from the dense one.
+//! With the text's own next tokens ([`FisherLabels::Text`]) it is the empirical Fisher.
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::eval::perplexity::nll;
 use crate::models::llama::{add_assign, Block, Llama};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use teal_kernels::cpu::{gemm, Strided};
 use teal_kernels::reference;
 
@@ -23,11 +28,26 @@ type ProjVisitor<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
 /// One KV head's share of the attention gradients: its query heads' `dq`, and `dk`, `dv`.
 type KvHeadGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
 
-/// Windows of calibration text the loss gradients are taken on.
+/// Windows of calibration text the loss gradients are taken on, and for which labels.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FisherOptions {
     pub samples: usize,
     pub seq_len: usize,
+    pub labels: FisherLabels,
+}
+
+/// Which next token the loss at each position is the NLL of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FisherLabels {
+    /// The text's own next token: the empirical Fisher (files written before the choice
+    /// existed are of this kind).
+    #[default]
+    Text,
+    /// A token drawn from the model's next-token distribution, seeded (window `i` of
+    /// [`input_fisher`] draws with `seed + i`): the Fisher of the model's own predictive
+    /// distribution (its Gauss-Newton curvature).
+    Model { seed: u64 },
 }
 
 /// What the backward pass of one block needs from its forward pass.
@@ -49,8 +69,14 @@ struct Saved {
 /// Runs `window` through `model` (its masks applied in the forward pass) and calls
 /// `visit(layer, proj, x, grad)` with the input of every projection and the loss gradient
 /// there (both `[n, in]`, the input before the mask; `proj` in `PROJ_NAMES` order), layers
-/// from last to first. The loss is the mean next-token NLL of the window, which is returned.
-pub fn input_gradients(model: &Llama, window: &[u32], visit: &mut LayerVisitor) -> Result<f64> {
+/// from last to first. The loss is the mean NLL, over the positions but the last, of the next
+/// tokens `labels` chooses. Returns the loss and those tokens.
+pub fn input_gradients(
+    model: &Llama,
+    window: &[u32],
+    labels: FisherLabels,
+    visit: &mut LayerVisitor,
+) -> Result<(f64, Vec<u32>)> {
     let c = &model.config;
     let (n, d, vocab) = (window.len(), c.hidden_size, c.vocab_size);
     if n < 2 {
@@ -76,22 +102,37 @@ pub fn input_gradients(model: &Llama, window: &[u32], visit: &mut LayerVisitor) 
     }
     let mut logits = vec![0.0f32; n * vocab];
     model.lm_head.forward_batch(&normed, n, &mut logits);
+    let mut rng = match labels {
+        FisherLabels::Text => None,
+        FisherLabels::Model { seed } => Some(StdRng::seed_from_u64(seed)),
+    };
     // d(mean NLL)/d(logits): (softmax - one-hot) / (n - 1); the last position predicts nothing.
     let scale = 1.0 / (n - 1) as f64;
     let mut loss = 0.0f64;
+    let mut targets = Vec::with_capacity(n - 1);
     for (t, row) in logits.chunks_mut(vocab).enumerate() {
         if t + 1 == n {
             row.fill(0.0);
             continue;
         }
-        let target = window[t + 1] as usize;
-        let token_nll = nll(row, window[t + 1]);
-        let lse = token_nll + row[target] as f64;
-        loss += token_nll;
+        let text_nll = nll(row, window[t + 1]);
+        let lse = text_nll + row[window[t + 1] as usize] as f64;
         for v in row.iter_mut() {
             *v = ((*v as f64 - lse).exp() * scale) as f32;
         }
+        let target = match rng.as_mut() {
+            None => {
+                loss += text_nll;
+                window[t + 1] as usize
+            }
+            Some(r) => {
+                let i = draw(row, r.random::<f64>() * scale);
+                loss -= (row[i] as f64 / scale).ln();
+                i
+            }
+        };
         row[target] -= scale as f32;
+        targets.push(target as u32);
     }
     let mut dnormed = vec![0.0f32; n * d];
     model.lm_head.input_grad_batch(&logits, n, &mut dnormed);
@@ -104,19 +145,36 @@ pub fn input_gradients(model: &Llama, window: &[u32], visit: &mut LayerVisitor) 
             visit(l, p, x, g)
         });
     }
-    Ok(loss * scale)
+    Ok((loss * scale, targets))
 }
 
-/// The diagonal empirical Fisher of every projection input, `[layer][proj][channel]`: over
-/// the first `samples` windows of `seq_len` tokens of `tokens`, the mean over positions of the
-/// squared loss gradient. `progress(stage, done, total)` after each window.
+/// The first index at which the running sum of `weights` exceeds `u` (the last index with a
+/// positive weight when rounding leaves the sum at or below `u`).
+pub fn draw(weights: &[f32], u: f64) -> usize {
+    let mut acc = 0.0f64;
+    let mut last = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            acc += w as f64;
+            last = i;
+            if acc > u {
+                return i;
+            }
+        }
+    }
+    last
+}
+
+/// The diagonal Fisher of every projection input, `[layer][proj][channel]`: over the first
+/// `samples` windows of `seq_len` tokens of `tokens`, the mean over positions of the squared
+/// loss gradient. `progress(stage, done, total)` after each window.
 pub fn input_fisher(
     model: &Llama,
     tokens: &[u32],
-    samples: usize,
-    seq_len: usize,
+    opts: &FisherOptions,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Vec<[Vec<f32>; 7]>> {
+    let (samples, seq_len) = (opts.samples, opts.seq_len);
     if samples == 0 || seq_len < 2 || tokens.len() < samples * seq_len {
         return Err(Error::Invalid(format!(
             "the Fisher statistics need {samples} windows of {seq_len} >= 2 tokens, the text has {}",
@@ -138,7 +196,13 @@ pub fn input_fisher(
         })
         .collect();
     for (i, w) in tokens.chunks_exact(seq_len).take(samples).enumerate() {
-        input_gradients(model, w, &mut |l, p, _, g| {
+        let labels = match opts.labels {
+            FisherLabels::Model { seed } => FisherLabels::Model {
+                seed: seed.wrapping_add(i as u64),
+            },
+            text => text,
+        };
+        input_gradients(model, w, labels, &mut |l, p, _, g| {
             let a = &mut acc[l][p];
             for row in g.chunks(a.len()) {
                 for (s, &v) in a.iter_mut().zip(row) {
@@ -439,5 +503,50 @@ fn rmsnorm_backward_add(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mut [f3
         for (((o, &x), &g), &w) in dt.iter_mut().zip(xt).zip(gt).zip(w) {
             *o += (inv * (w as f64) * (g as f64) - (x as f64) * k) as f32;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draw_follows_the_weights() {
+        // Unnormalized weights with zeros between them; u on an even grid over the total.
+        let w = [0.0f32, 0.1, 0.0, 0.6, 0.3, 0.0];
+        let n = 10_000;
+        let mut counts = [0usize; 6];
+        for k in 0..n {
+            counts[draw(&w, (k as f64 + 0.5) / n as f64)] += 1;
+        }
+        assert_eq!(counts[0] + counts[2] + counts[5], 0);
+        for (c, &p) in counts.iter().zip(&w) {
+            assert!((*c as f64 / n as f64 - p as f64).abs() < 1e-3, "{counts:?}");
+        }
+        // Rounding that leaves the sum at or below u: the last positive weight.
+        assert_eq!(draw(&w, 1.5), 4);
+    }
+
+    #[test]
+    fn tables_without_labels_are_of_the_text() {
+        use crate::sparsity::thresholds::FisherTables;
+        let t = FisherTables {
+            samples: 2,
+            seq_len: 8,
+            labels: FisherLabels::Model { seed: 5 },
+            size_weights: [1.0; 7],
+            weights: vec![],
+            scores: vec![],
+        };
+        let mut v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["labels"], serde_json::json!({"model": {"seed": 5}}));
+        assert_eq!(
+            serde_json::from_value::<FisherTables>(v.clone()).unwrap(),
+            t
+        );
+        // A file written before the labels were recorded took the text's next tokens.
+        v.as_object_mut().unwrap().remove("labels");
+        let old: FisherTables = serde_json::from_value(v).unwrap();
+        assert_eq!(old.labels, FisherLabels::Text);
     }
 }

@@ -3,6 +3,7 @@
 //! the exact |x| quantile) and the greedy per-layer tables, so one file serves any target
 //! sparsity. Written atomically.
 
+use super::fisher::FisherLabels;
 use super::{effective_sparsity, size_weights, PROJ_SITE};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -210,9 +211,11 @@ pub struct GreedyTables {
 /// The loss-aware allocation's statistics ([`Allocation::Fisher`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FisherTables {
-    /// Windows and tokens per window of the loss gradients.
+    /// Windows and tokens per window of the loss gradients, and whose next tokens.
     pub samples: usize,
     pub seq_len: usize,
+    #[serde(default)]
+    pub labels: FisherLabels,
     /// Parameters of each projection relative to q_proj (the allocation's weights).
     pub size_weights: [f64; 7],
     /// `[layer][projection][channel]`: the channel weights `sqrt(F_j / out)`.
