@@ -2,7 +2,9 @@
 //! Needs a GPU with a driver and libnvrtc; without a driver or a GPU every test prints why and
 //! passes (CI has no GPU). Run them on the GPU machine with the test binary.
 
-use teal_kernels::cuda::{try_gpu, GemvOpts, Gpu, Norm, Prepare, Threshold, WeightDtype};
+use teal_kernels::cuda::{
+    try_gpu, DeviceBuffer, GemvOpts, Gpu, Norm, Prepare, Threshold, WeightDtype,
+};
 use teal_kernels::reference;
 
 /// GEMV: f32 accumulation in another order than the reference, relative to sum |x_j w_jo|.
@@ -104,6 +106,36 @@ const SHAPES: &[(usize, usize)] = &[
     (3000, 2056),
 ];
 
+/// A case's thresholds: per input, as the reference applies them (per channel,
+/// [`channel_thresholds`] of `v`; else `t` for every input), and as the kernel takes them.
+struct CaseThresholds {
+    per_input: Vec<f32>,
+    device: DeviceBuffer<f32>,
+    scalar: Option<f32>,
+}
+
+impl CaseThresholds {
+    fn new(g: &Gpu, v: &[f32], n_in: usize, s: f64, t: f32, per_channel: bool, seed: u64) -> Self {
+        let per_input = if per_channel {
+            channel_thresholds(v, n_in, s, seed)
+        } else {
+            vec![t; n_in]
+        };
+        CaseThresholds {
+            device: g.upload(&per_input).unwrap(),
+            per_input,
+            scalar: (!per_channel).then_some(t),
+        }
+    }
+
+    fn kernel(&self) -> Threshold<'_> {
+        match self.scalar {
+            Some(t) => Threshold::Scalar(t),
+            None => Threshold::Channels(&self.device),
+        }
+    }
+}
+
 /// The GEMV of `batch` rows against the reference at sparsity `s` of the first row: one
 /// threshold for the whole batch, or with `per_channel` one per input
 /// ([`channel_thresholds`]).
@@ -126,17 +158,8 @@ fn check_gemv(
     } else {
         threshold_for(&x[..n_in], s)
     };
-    let tc = if per_channel {
-        channel_thresholds(&x, n_in, s, 6 + n_in as u64)
-    } else {
-        vec![t; n_in]
-    };
-    let tcd = g.upload(&tc).unwrap();
-    let th = if per_channel {
-        Threshold::Channels(&tcd)
-    } else {
-        Threshold::Scalar(t)
-    };
+    let ct = CaseThresholds::new(g, &x, n_in, s, t, per_channel, 6 + n_in as u64);
+    let (tc, th) = (&ct.per_input, ct.kernel());
     let mut lin = g.linear_from_bits(&bits, n_in, n_out, dtype, &[]).unwrap();
     let xd = g.upload(&x).unwrap();
     let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
@@ -162,7 +185,7 @@ fn check_gemv(
             for b in 0..batch {
                 let xb = &x[b * n_in..(b + 1) * n_in];
                 let mut xs = vec![0.0; n_in];
-                reference::sparsify_channels(xb, &tc, &mut xs);
+                reference::sparsify_channels(xb, tc, &mut xs);
                 let (want, scale) = gemv_and_scale(&wq, n_in, n_out, &xs);
                 let what = format!(
                     "gemv {n_in}x{n_out} {} batch {batch} row {b} s {s} per-channel \
@@ -437,17 +460,8 @@ fn gemv_rmsnorm_matches_reference() {
                     let k = a.len() / 2;
                     0.5 * (a[k - 1] + a[k])
                 };
-                let tc = if per_channel {
-                    channel_thresholds(&xn, n_in, s, 34)
-                } else {
-                    vec![t; n_in]
-                };
-                let tcd = g.upload(&tc).unwrap();
-                let th = if per_channel {
-                    Threshold::Channels(&tcd)
-                } else {
-                    Threshold::Scalar(t)
-                };
+                let ct = CaseThresholds::new(&g, &xn, n_in, s, t, per_channel, 34);
+                let (tc, th) = (&ct.per_input, ct.kernel());
                 let (xd, nd) = (g.upload(&x).unwrap(), g.upload(&nw).unwrap());
                 let mut yd = g.upload(&vec![f32::NAN; batch * n_out]).unwrap();
                 let norm = Norm { weight: &nd, eps };
@@ -466,7 +480,7 @@ fn gemv_rmsnorm_matches_reference() {
                 for b in 0..batch {
                     let xr = &xn[b * n_in..(b + 1) * n_in];
                     let mut xs = vec![0.0; n_in];
-                    reference::sparsify_channels(xr, &tc, &mut xs);
+                    reference::sparsify_channels(xr, tc, &mut xs);
                     reference::gemv_t(&wq, n_in, n_out, &xs, &mut want[b * n_out..(b + 1) * n_out]);
                     let xa: Vec<f32> = xr.iter().map(|v| v.abs()).collect();
                     reference::gemv_t(
@@ -1289,17 +1303,8 @@ fn gemm_prefill_pieces_match_reference() {
                         s if s >= 1.0 => f32::INFINITY,
                         s => threshold_for(&v[..n_in], s),
                     };
-                    let tc = if per_channel {
-                        channel_thresholds(&v, n_in, s, 75)
-                    } else {
-                        vec![t; n_in]
-                    };
-                    let tcd = g.upload(&tc).unwrap();
-                    let th = if per_channel {
-                        Threshold::Channels(&tcd)
-                    } else {
-                        Threshold::Scalar(t)
-                    };
+                    let ct = CaseThresholds::new(&g, &v, n_in, s, t, per_channel, 75);
+                    let (tc, th) = (&ct.per_input, ct.kernel());
                     let mut x16 = g.zeros::<u16>(rows * n_in).unwrap();
                     let mut flag = g.zeros::<i32>(1).unwrap();
                     g.gemm_input(
