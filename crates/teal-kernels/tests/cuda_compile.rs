@@ -1,12 +1,13 @@
 //! The embedded CUDA source compiles with NVRTC (needs libnvrtc, not a GPU; skips without it,
 //! fails without it when TEAL_REQUIRE_NVRTC is set, as scripts/test.sh does after fetching it).
 
-use teal_kernels::cuda::{compile_kernels, CudaError, KERNELS_CU};
+use teal_kernels::cuda::{compile_kernels, image_defines, CudaError, KERNELS_CU, PARTS};
 
 #[test]
 fn kernels_compile_with_nvrtc() {
     match compile_kernels("sm_90") {
-        Ok(ptx) => {
+        Ok(images) => {
+            assert_eq!(images.len(), PARTS);
             // Every kernel the source declares by name, some of the GEMV macro's (scalar and
             // per-channel thresholds) and the grouped decode attention's.
             let declared = KERNELS_CU
@@ -34,11 +35,18 @@ fn kernels_compile_with_nvrtc() {
             ]
             .into_iter()
             .chain([1, 2, 4, 8].map(|g| format!("attn_rope_decode_g{g}_f32")));
+            // Each kernel in exactly one part: part 0 all but the GEMVs, part b the batch-b
+            // GEMVs.
             for name in declared.into_iter().chain(macro_made) {
-                assert!(
-                    ptx.contains(&format!(".entry {name}(")),
-                    "{name} missing from the PTX"
-                );
+                let parts: Vec<usize> = (0..PARTS)
+                    .filter(|&p| image_defines(&images[p], &name))
+                    .collect();
+                let want = name
+                    .strip_prefix("gemv_")
+                    .and_then(|r| r.split_once("_b"))
+                    .and_then(|(_, r)| r.split('_').next())
+                    .map_or(0, |b| b.parse().unwrap());
+                assert_eq!(parts, [want], "{name}: in parts {parts:?}");
             }
         }
         Err(CudaError::NoNvrtc) if std::env::var_os("TEAL_REQUIRE_NVRTC").is_some() => {

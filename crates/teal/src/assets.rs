@@ -6,19 +6,9 @@ use std::path::PathBuf;
 /// File name of the default model (SmolLM2-135M-Instruct, GGUF Q4_1).
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// The fetch script's cache: `$TEAL_CACHE_DIR`, else `$XDG_CACHE_HOME/teal`, else `~/.cache/teal`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("TEAL_CACHE_DIR") {
-        return d.into();
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("teal");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("teal")
-}
+/// The fetch script's cache (and the CUDA kernels'): `$TEAL_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/teal`, else `~/.cache/teal`.
+pub use teal_kernels::cache_dir;
 
 /// The default model's path in the cache (it may not exist yet).
 pub fn default_model_path() -> PathBuf {

@@ -2,6 +2,10 @@
 // written out), loaded once per process. All activations are f32; weights are f16 or bf16
 // stored input-major, `wt[in, out]`, so that the weights of one input channel are one
 // contiguous row and a zero input skips a whole row.
+//
+// NVRTC compiles this file as several programs at once (cuda/nvrtc.rs): with TEAL_PART = 0
+// every kernel but the GEMVs, with TEAL_PART = B (1..8) the GEMVs of batch B. Without
+// TEAL_PART, all of them.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -429,6 +433,10 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
     GEMV_KERNEL(gemv_bf16_b##B##_vec_pc, BF16, B, true, true)                                \
     GEMV_KERNEL(gemv_bf16_b##B##_any_pc, BF16, B, false, true)
 
+// Expands TEAL_PART to its number before GEMV_KERNELS_B pastes it into the names.
+#define GEMV_KERNELS_PART(B) GEMV_KERNELS_B(B)
+
+#if !defined(TEAL_PART)
 GEMV_KERNELS_B(1)
 GEMV_KERNELS_B(2)
 GEMV_KERNELS_B(3)
@@ -437,6 +445,12 @@ GEMV_KERNELS_B(5)
 GEMV_KERNELS_B(6)
 GEMV_KERNELS_B(7)
 GEMV_KERNELS_B(8)
+#elif TEAL_PART > 0
+GEMV_KERNELS_PART(TEAL_PART)
+#endif
+
+// Everything below is part 0.
+#if !defined(TEAL_PART) || TEAL_PART == 0
 
 // RMSNorm of each row: out = x / sqrt(mean(x^2) + eps) * w. One block per row.
 extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float* __restrict__ w,
@@ -1329,3 +1343,5 @@ extern "C" __global__ void advance_position(int* __restrict__ pos) {
     pdl_begin();
     if (threadIdx.x == 0 && blockIdx.x == 0) pos[0] += 1;
 }
+
+#endif  // part 0

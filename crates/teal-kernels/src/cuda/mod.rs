@@ -7,7 +7,7 @@
 //! Layout: weights are f16 or bf16, stored input-major (`wt[in, out]`) so that a zero input
 //! skips one contiguous row; activations are f32 `[batch, n]`, batch <= [`MAX_BATCH`].
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use std::ffi::c_void;
 
@@ -28,6 +28,9 @@ pub use cudarc::driver::{CudaGraph, CudaSlice as DeviceBuffer};
 
 /// The embedded CUDA C source of every kernel.
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
+
+mod nvrtc;
+pub use nvrtc::{compile_kernels, image_defines, Images, PARTS};
 
 /// Largest batch the sparse GEMV takes in one launch (the rows it reads are the union of the
 /// batch's nonzero inputs).
@@ -206,43 +209,6 @@ impl WeightDtype {
     }
 }
 
-/// NVRTC output, compiled once per process and architecture.
-static PTX: OnceLock<std::result::Result<(String, String), String>> = OnceLock::new();
-
-/// Compile [`KERNELS_CU`] to PTX for `arch` (e.g. `sm_90`). Needs libnvrtc, not a GPU.
-pub fn compile_kernels(arch: &'static str) -> Result<String> {
-    // SAFETY: only checks whether the shared library can be opened.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(CudaError::NoNvrtc);
-    }
-    let cached = PTX.get_or_init(|| {
-        let opts = cudarc::nvrtc::CompileOptions {
-            arch: Some(arch),
-            options: vec!["--std=c++17".into()],
-            ..Default::default()
-        };
-        cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts)
-            .map(|p| (arch.to_string(), p.to_src()))
-            .map_err(|e| compile_error_text(&e))
-    });
-    match cached {
-        Ok((a, ptx)) if a == arch => Ok(ptx.clone()),
-        Ok((a, _)) => Err(CudaError::Compile(format!(
-            "kernels already compiled for {a} in this process, asked for {arch}"
-        ))),
-        Err(e) => Err(CudaError::Compile(e.clone())),
-    }
-}
-
-fn compile_error_text(e: &cudarc::nvrtc::CompileError) -> String {
-    match e {
-        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-            format!("NVRTC: {}", log.to_string_lossy())
-        }
-        other => format!("NVRTC: {other:?}"),
-    }
-}
-
 fn arch_name(major: i32, minor: i32) -> Result<&'static str> {
     Ok(match (major, minor) {
         (7, 0) => "sm_70",
@@ -312,7 +278,7 @@ impl AttentionSplit {
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    _module: Arc<CudaModule>,
+    _modules: Vec<Arc<CudaModule>>,
     gemv: Vec<CudaFunction>,
     rmsnorm: CudaFunction,
     rope: CudaFunction,
@@ -444,14 +410,27 @@ impl Gpu {
         // SAFETY: every launch goes through `self.stream` only.
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability()?;
-        let ptx = compile_kernels(arch_name(major, minor)?)?;
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+        let cache = nvrtc::KernelCache::new(arch_name(major, minor)?, Some(nvrtc::default_dir()));
+        let images = cache.images()?;
+        let mut modules = Vec::with_capacity(PARTS);
+        for (part, image) in images.iter().enumerate() {
+            let module = match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.clone())) {
+                Ok(m) => m,
+                // A cached image that does not load (truncated, or from another driver):
+                // compiled again, and replaced on disk.
+                Err(_) => {
+                    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cache.recompile(part)?))?
+                }
+            };
+            modules.push(module);
+        }
+        let module = &modules[0];
         let mut gemv = Vec::with_capacity(MAX_BATCH * 8);
-        for b in 1..=MAX_BATCH {
+        for (b, part) in modules.iter().enumerate().skip(1) {
             for d in ["f16", "bf16"] {
                 for v in ["vec", "any"] {
                     for pc in ["", "_pc"] {
-                        gemv.push(module.load_function(&format!("gemv_{d}_b{b}_{v}{pc}"))?);
+                        gemv.push(part.load_function(&format!("gemv_{d}_b{b}_{v}{pc}"))?);
                     }
                 }
             }
@@ -483,7 +462,7 @@ impl Gpu {
             gemm_input: module.load_function("gemm_input_f32")?,
             fill_rows: module.load_function("fill_rows_f32")?,
             attn_prefill: module.load_function("attn_prefill_f32")?,
-            _module: module,
+            _modules: modules,
             gemv,
             pdl: major >= 9,
             ctx,
