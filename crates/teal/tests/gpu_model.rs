@@ -894,7 +894,11 @@ fn calibration_case(
         samples: 2,
         seq_len: 24,
         greedy: None,
-        fisher: None,
+        fisher: Some(teal::sparsity::fisher::FisherOptions {
+            samples: 2,
+            seq_len: 16,
+            labels: teal::sparsity::fisher::FisherLabels::Model { seed: 3 },
+        }),
         weight_aware: true,
         text_label: "spread ids".into(),
         text_bytes: 0,
@@ -962,6 +966,20 @@ fn gpu_calibration_matches_cpu() {
                 cmp(&w[p], &g[p], 0.0, format!("{name} layer {l} proj {p} wina"));
             }
         }
+        // The loss gradients run on the CPU model either way; the score quantiles are read
+        // from the GPU's activations.
+        let (wf, gf) = (want.fisher.unwrap(), got.fisher.unwrap());
+        assert_eq!(wf.weights, gf.weights, "{name}: fisher channel weights");
+        for (l, (w, g)) in wf.scores.iter().zip(&gf.scores).enumerate() {
+            for p in 0..7 {
+                cmp(
+                    &w[p],
+                    &g[p],
+                    0.0,
+                    format!("{name} layer {l} proj {p} fisher"),
+                );
+            }
+        }
         assert_eq!(want.sites.len(), got.sites.len());
         eprintln!("{name}: GPU calibration, max relative threshold difference {worst:.2e}");
     }
@@ -977,9 +995,37 @@ fn calibrate_on_cpu_decoder_equals_calibrate() {
     let want = calibrate(&model, fp.clone(), &tokens, &opts, &mut |_, _, _| {}).unwrap();
     let mut dec = Device::Cpu.decoder(Models::single(&model), 24).unwrap();
     // A budget of one layer: a pass over the windows per layer.
-    let got = calibrate_on(&mut *dec, &model, fp, &tokens, &opts, 1, &mut |_, _, _| {}).unwrap();
+    let got = calibrate_on(
+        &mut *dec,
+        &model,
+        fp.clone(),
+        &tokens,
+        &opts,
+        1,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     assert_eq!(want.sites, got.sites);
     assert_eq!(want.wina, got.wina);
+    assert!(want.fisher.is_some());
+    assert_eq!(want.fisher, got.fisher);
+    // The greedy search has no decoder path: refused, by name.
+    let greedy = teal::sparsity::calibrate::CalibOptions {
+        greedy: Some((Default::default(), teal::sparsity::Quantile::Abs)),
+        ..opts
+    };
+    let err = calibrate_on(
+        &mut *dec,
+        &model,
+        fp,
+        &tokens,
+        &greedy,
+        1,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("greedy search runs on the CPU only"), "{err}");
 }
 
 /// A prompt of `GEMM_PREFILL_LEN` positions runs through the GEMM prefill (two chunks of

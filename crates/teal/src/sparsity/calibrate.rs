@@ -25,7 +25,8 @@ pub struct CalibOptions {
     pub greedy: Option<(GreedyOptions, Quantile)>,
     /// Also compute the weight-aware (wina) score quantiles of every projection.
     pub weight_aware: bool,
-    /// Loss gradients on these windows for the loss-aware allocation (CPU only).
+    /// Loss gradients on these windows for the loss-aware allocation (computed on the CPU,
+    /// also by [`calibrate_on`]).
     pub fisher: Option<FisherOptions>,
     /// Name of the calibration text, for the provenance record.
     pub text_label: String,
@@ -113,35 +114,11 @@ fn calibrate_blocks(
     };
     let levels = default_levels();
     let weights = size_weights(c);
-    // The loss-aware channel weights sqrt(F_j / out), before the statistics that use them.
-    let fisher_weights: Option<Vec<[Vec<f32>; 7]>> = match opts.fisher {
-        Some(f) => Some(
-            input_fisher(model, tokens, &f, progress)?
-                .into_iter()
-                .zip(&model.layers)
-                .map(|(row, b)| {
-                    let lin = b.linears();
-                    std::array::from_fn(|p| {
-                        let out = lin[p].1.out_dim as f32;
-                        row[p].iter().map(|f| (f / out).sqrt()).collect()
-                    })
-                })
-                .collect(),
-        ),
-        None => None,
-    };
-    for (l, row) in fisher_weights.iter().flatten().enumerate() {
-        for (p, w) in row.iter().enumerate() {
-            if let Err(i) = check_finite(w) {
-                return Err(Error::Invalid(format!(
-                    "calibration: non-finite loss gradient statistic {} in layer {l} at {} \
-                     (channel {i})",
-                    w[i],
-                    super::PROJ_NAMES[p]
-                )));
-            }
-        }
-    }
+    // The loss-aware channel weights, before the statistics that use them.
+    let fisher_weights = opts
+        .fisher
+        .map(|f| loss_weights(model, tokens, &f, progress))
+        .transpose()?;
     let (cos, sin) = model.rope_tables_for(0, len);
 
     // Hidden states of every sample, advanced one block at a time.
@@ -238,17 +215,59 @@ fn calibrate_blocks(
             size_weights: weights,
             layers: greedy_layers,
         }),
-        fisher: match (opts.fisher, fisher_weights) {
-            (Some(f), Some(w)) => Some(FisherTables {
-                samples: f.samples,
-                seq_len: f.seq_len,
-                labels: f.labels,
-                size_weights: weights,
-                weights: w,
-                scores: fisher_scores,
-            }),
-            _ => None,
-        },
+        fisher: fisher_tables(opts, fisher_weights, fisher_scores, weights),
+    })
+}
+
+/// The loss-aware channel weights `sqrt(F_j / out)` of every layer and projection, from the
+/// loss gradients of [`input_fisher`] (on the CPU); a non-finite one is an error naming it.
+fn loss_weights(
+    model: &Llama,
+    tokens: &[u32],
+    f: &FisherOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Vec<[Vec<f32>; 7]>> {
+    let weights: Vec<[Vec<f32>; 7]> = input_fisher(model, tokens, f, progress)?
+        .into_iter()
+        .zip(&model.layers)
+        .map(|(row, b)| {
+            let lin = b.linears();
+            std::array::from_fn(|p| {
+                let out = lin[p].1.out_dim as f32;
+                row[p].iter().map(|f| (f / out).sqrt()).collect()
+            })
+        })
+        .collect();
+    for (l, row) in weights.iter().enumerate() {
+        for (p, w) in row.iter().enumerate() {
+            if let Err(i) = check_finite(w) {
+                return Err(Error::Invalid(format!(
+                    "calibration: non-finite loss gradient statistic {} in layer {l} at {} \
+                     (channel {i})",
+                    w[i],
+                    super::PROJ_NAMES[p]
+                )));
+            }
+        }
+    }
+    Ok(weights)
+}
+
+/// The thresholds file's loss-aware tables, when `opts` asked for them.
+fn fisher_tables(
+    opts: &CalibOptions,
+    weights: Option<Vec<[Vec<f32>; 7]>>,
+    scores: Vec<[Vec<f32>; 7]>,
+    size_weights: [f64; 7],
+) -> Option<FisherTables> {
+    let (f, w) = (opts.fisher?, weights?);
+    Some(FisherTables {
+        samples: f.samples,
+        seq_len: f.seq_len,
+        labels: f.labels,
+        size_weights,
+        weights: w,
+        scores,
     })
 }
 
@@ -333,7 +352,8 @@ impl Observer for RangeCollector {
 
 /// [`calibrate`] with the activations collected from a [`Decoder`] of the dense `model` (a GPU
 /// one: each window runs through the device's observed step, whose site inputs are copied
-/// back): the same statistics and tables, no greedy search. The values of as many layers as
+/// back): the same statistics and tables, no greedy search. The loss gradients of
+/// `opts.fisher` run on the CPU model, as in [`calibrate`]. The values of as many layers as
 /// fit in `budget_bytes` are held at once; the windows run again for each group of layers.
 pub fn calibrate_on(
     dec: &mut dyn Decoder,
@@ -346,11 +366,9 @@ pub fn calibrate_on(
 ) -> Result<Thresholds> {
     let c = &model.config;
     let (n, len) = (opts.samples, opts.seq_len);
-    if opts.greedy.is_some() || opts.fisher.is_some() {
+    if opts.greedy.is_some() {
         return Err(Error::Invalid(
-            "the greedy search and the loss gradients run on the CPU only (calibrate without \
-             --greedy and --fisher on a GPU)"
-                .into(),
+            "the greedy search runs on the CPU only (calibrate without --greedy on a GPU)".into(),
         ));
     }
     if n == 0 || len < 4 || tokens.len() < n * len {
@@ -367,11 +385,17 @@ pub fn calibrate_on(
         });
     }
     dec.set_masks(None)?;
+    // The loss gradients have no device path: they run on the CPU model.
+    let fisher_weights = opts
+        .fisher
+        .map(|f| loss_weights(model, tokens, &f, progress))
+        .transpose()?;
     let levels = default_levels();
     let per_layer = n * len * (2 * c.hidden_size + c.q_dim() + c.intermediate_size) * 4;
     let group = (budget_bytes / per_layer.max(1)).clamp(1, c.num_hidden_layers.max(1));
     let total = c.num_hidden_layers;
     let (mut sites, mut wina) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    let mut fisher_scores = Vec::with_capacity(total);
     for first in (0..total).step_by(group) {
         let count = group.min(total - first);
         let mut col = RangeCollector {
@@ -387,6 +411,11 @@ pub fn calibrate_on(
             let l = first + i;
             let (tables, wina_row) =
                 layer_tables(l, &model.layers[l], values, &levels, opts.weight_aware)?;
+            if let Some(fw) = &fisher_weights {
+                fisher_scores.push(std::array::from_fn(|p| {
+                    score_quantiles(&values[PROJ_SITE[p]], &fw[l][p], &levels)
+                }));
+            }
             sites.push(tables);
             if let Some(w) = wina_row {
                 wina.push(w);
@@ -406,7 +435,7 @@ pub fn calibrate_on(
         sites,
         wina: opts.weight_aware.then_some(wina),
         greedy: None,
-        fisher: None,
+        fisher: fisher_tables(opts, fisher_weights, fisher_scores, size_weights(c)),
     })
 }
 
