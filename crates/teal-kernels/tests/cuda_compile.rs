@@ -1,15 +1,15 @@
 //! The embedded CUDA source compiles with NVRTC (needs libnvrtc, not a GPU; skips without it,
 //! fails without it when TEAL_REQUIRE_NVRTC is set, as scripts/test.sh does after fetching it).
 
-use teal_kernels::cuda::{compile_kernels, image_defines, CudaError, KERNELS_CU, PARTS};
+use teal_kernels::cuda::{compile_kernels, gemv_part, image_defines, CudaError, KERNELS_CU, PARTS};
 
 #[test]
 fn kernels_compile_with_nvrtc() {
     match compile_kernels("sm_90") {
         Ok(images) => {
             assert_eq!(images.len(), PARTS);
-            // Every kernel the source declares by name, some of the GEMV macro's (scalar and
-            // per-channel thresholds) and the grouped decode attention's.
+            // Every kernel the source declares by name, the grouped decode attention's and
+            // (below) the GEMV macro's 64.
             let declared = KERNELS_CU
                 .split("__global__ void")
                 .skip(1)
@@ -27,27 +27,31 @@ fn kernels_compile_with_nvrtc() {
                 })
                 .collect::<Vec<_>>();
             assert!(declared.len() >= 10, "kernels found: {declared:?}");
-            let macro_made = [
-                "gemv_f16_b1_vec".to_string(),
-                "gemv_bf16_b8_any".into(),
-                "gemv_f16_b1_vec_pc".into(),
-                "gemv_bf16_b8_any_pc".into(),
-            ]
-            .into_iter()
-            .chain([1, 2, 4, 8].map(|g| format!("attn_rope_decode_g{g}_f32")));
-            // Each kernel in exactly one part: part 0 all but the GEMVs, part b the batch-b
-            // GEMVs.
-            for name in declared.into_iter().chain(macro_made) {
+            let macro_made = [1, 2, 4, 8].map(|g| format!("attn_rope_decode_g{g}_f32"));
+            // Each kernel in exactly one part: part 0 all but the GEMVs, each GEMV in the part
+            // of its batch size, weight type and threshold kind.
+            let gemvs = (1..=8).flat_map(|b| {
+                ["f16", "bf16"].into_iter().flat_map(move |d| {
+                    ["vec", "any"].into_iter().flat_map(move |v| {
+                        [("", false), ("_pc", true)].map(|(s, pc)| {
+                            (
+                                format!("gemv_{d}_b{b}_{v}{s}"),
+                                gemv_part(b, d == "bf16", pc),
+                            )
+                        })
+                    })
+                })
+            });
+            let named = declared.into_iter().chain(macro_made).map(|n| (n, 0));
+            let mut seen = 0;
+            for (name, want) in named.chain(gemvs) {
                 let parts: Vec<usize> = (0..PARTS)
                     .filter(|&p| image_defines(&images[p], &name))
                     .collect();
-                let want = name
-                    .strip_prefix("gemv_")
-                    .and_then(|r| r.split_once("_b"))
-                    .and_then(|(_, r)| r.split('_').next())
-                    .map_or(0, |b| b.parse().unwrap());
                 assert_eq!(parts, [want], "{name}: in parts {parts:?}");
+                seen += 1;
             }
+            assert!(seen >= 10 + 64, "kernels checked: {seen}");
         }
         Err(CudaError::NoNvrtc) if std::env::var_os("TEAL_REQUIRE_NVRTC").is_some() => {
             panic!("TEAL_REQUIRE_NVRTC is set: {}", CudaError::NoNvrtc)

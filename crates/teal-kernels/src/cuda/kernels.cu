@@ -4,8 +4,9 @@
 // contiguous row and a zero input skips a whole row.
 //
 // NVRTC compiles this file as several programs at once (cuda/nvrtc.rs): with TEAL_PART = 0
-// every kernel but the GEMVs, with TEAL_PART = B (1..8) the GEMVs of batch B. Without
-// TEAL_PART, all of them.
+// every kernel but the GEMVs; with TEAL_PART > 0 the two GEMVs (vector and any-width loads)
+// of one batch size TEAL_GEMV_B, weight type TEAL_GEMV_WT (named TEAL_GEMV_NAME) and
+// threshold kind TEAL_GEMV_PC (name suffix TEAL_GEMV_SUF). Without TEAL_PART, all of them.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -433,8 +434,12 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
     GEMV_KERNEL(gemv_bf16_b##B##_vec_pc, BF16, B, true, true)                                \
     GEMV_KERNEL(gemv_bf16_b##B##_any_pc, BF16, B, false, true)
 
-// Expands TEAL_PART to its number before GEMV_KERNELS_B pastes it into the names.
-#define GEMV_KERNELS_PART(B) GEMV_KERNELS_B(B)
+// One part's pair; GEMV_PART expands the TEAL_GEMV_* values before GEMV_PAIR pastes them
+// into the names (an empty suffix pastes as nothing).
+#define GEMV_PAIR(NAME, WT, B, PC, SUF)                                                     \
+    GEMV_KERNEL(gemv_##NAME##_b##B##_vec##SUF, WT, B, true, PC)                              \
+    GEMV_KERNEL(gemv_##NAME##_b##B##_any##SUF, WT, B, false, PC)
+#define GEMV_PART(NAME, WT, B, PC, SUF) GEMV_PAIR(NAME, WT, B, PC, SUF)
 
 #if !defined(TEAL_PART)
 GEMV_KERNELS_B(1)
@@ -446,7 +451,7 @@ GEMV_KERNELS_B(6)
 GEMV_KERNELS_B(7)
 GEMV_KERNELS_B(8)
 #elif TEAL_PART > 0
-GEMV_KERNELS_PART(TEAL_PART)
+GEMV_PART(TEAL_GEMV_NAME, TEAL_GEMV_WT, TEAL_GEMV_B, TEAL_GEMV_PC, TEAL_GEMV_SUF)
 #endif
 
 // Everything below is part 0.

@@ -30,7 +30,7 @@ pub use cudarc::driver::{CudaGraph, CudaSlice as DeviceBuffer};
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
 
 mod nvrtc;
-pub use nvrtc::{compile_kernels, image_defines, Images, PARTS};
+pub use nvrtc::{compile_kernels, gemv_part, image_defines, Images, PARTS};
 
 /// Largest batch the sparse GEMV takes in one launch (the rows it reads are the union of the
 /// batch's nonzero inputs).
@@ -426,11 +426,12 @@ impl Gpu {
         }
         let module = &modules[0];
         let mut gemv = Vec::with_capacity(MAX_BATCH * 8);
-        for (b, part) in modules.iter().enumerate().skip(1) {
-            for d in ["f16", "bf16"] {
+        for b in 1..=MAX_BATCH {
+            for (bf16, d) in [(false, "f16"), (true, "bf16")] {
                 for v in ["vec", "any"] {
-                    for pc in ["", "_pc"] {
-                        gemv.push(part.load_function(&format!("gemv_{d}_b{b}_{v}{pc}"))?);
+                    for (pc, suffix) in [(false, ""), (true, "_pc")] {
+                        let part = &modules[gemv_part(b, bf16, pc)];
+                        gemv.push(part.load_function(&format!("gemv_{d}_b{b}_{v}{suffix}"))?);
                     }
                 }
             }

@@ -1,7 +1,7 @@
 //! The kernels' compilation. NVRTC compiles [`KERNELS_CU`] for the GPU's own architecture to
 //! machine code (CUBIN, so the driver has no PTX left to translate), as [`PARTS`] programs in
-//! parallel threads: part 0 holds every kernel but the GEMVs, part `b` the GEMVs of batch `b`
-//! (kernels.cu's `TEAL_PART`). The images are kept for the process and on disk under
+//! parallel threads: part 0 holds every kernel but the GEMVs, each other part the two GEMVs of
+//! one batch size, weight type and threshold kind ([`gemv_part`]; kernels.cu's `TEAL_PART`). The images are kept for the process and on disk under
 //! `<cache>/cuda/`, named by a hash of the source, the options and NVRTC's version, so only
 //! the first process on a machine (or after the source changes) waits for the compiler.
 
@@ -13,8 +13,15 @@ use cudarc::nvrtc::{result, sys};
 
 use super::{CudaError, Result, KERNELS_CU, MAX_BATCH};
 
-/// Programs the source is compiled as (part 0, then one per GEMV batch size).
-pub const PARTS: usize = MAX_BATCH + 1;
+/// Programs the source is compiled as: part 0, then one per GEMV batch size, weight type and
+/// threshold kind.
+pub const PARTS: usize = 1 + MAX_BATCH * 4;
+
+/// The part holding the GEMVs of batch size `batch` (1..=[`MAX_BATCH`]) for f16 or bf16
+/// weights with scalar or per-channel (`pc`) thresholds.
+pub fn gemv_part(batch: usize, bf16: bool, pc: bool) -> usize {
+    1 + ((batch - 1) * 2 + usize::from(bf16)) * 2 + usize::from(pc)
+}
 
 /// One CUBIN per part, in part order.
 pub type Images = Arc<Vec<Vec<u8>>>;
@@ -143,11 +150,32 @@ fn nvrtc_present() -> Result<()> {
 }
 
 fn options(arch: &str, part: usize) -> Vec<String> {
-    vec![
+    let mut o = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".into(),
         format!("-DTEAL_PART={part}"),
-    ]
+    ];
+    if part > 0 {
+        let (batch, bf16, pc) = (
+            (part - 1) / 4 + 1,
+            (part - 1) / 2 % 2 == 1,
+            (part - 1) % 2 == 1,
+        );
+        debug_assert_eq!(gemv_part(batch, bf16, pc), part);
+        let (name, wt) = if bf16 {
+            ("bf16", "BF16")
+        } else {
+            ("f16", "F16")
+        };
+        o.extend([
+            format!("-DTEAL_GEMV_B={batch}"),
+            format!("-DTEAL_GEMV_NAME={name}"),
+            format!("-DTEAL_GEMV_WT={wt}"),
+            format!("-DTEAL_GEMV_PC={pc}"),
+            format!("-DTEAL_GEMV_SUF={}", if pc { "_pc" } else { "" }),
+        ]);
+    }
+    o
 }
 
 /// FNV-1a of the source, the options of every part and NVRTC's version.
