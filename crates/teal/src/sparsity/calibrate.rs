@@ -119,9 +119,6 @@ fn calibrate_blocks(
         .fisher
         .map(|f| loss_weights(model, tokens, &f, progress))
         .transpose()?;
-    let h2: Option<Vec<Vec<f32>>> = std::env::var("TEAL_H2")
-        .is_ok()
-        .then(|| super::fisher::RESID.lock().unwrap().clone());
     let (cos, sin) = model.rope_tables_for(0, len);
 
     // Hidden states of every sample, advanced one block at a time.
@@ -194,7 +191,6 @@ fn calibrate_blocks(
                 &lookup,
                 &weights,
                 g,
-                h2.as_ref().map(|r| &r[l][..]),
             ));
         }
         sites.push(tables);

@@ -28,9 +28,6 @@ type ProjVisitor<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
 /// One KV head's share of the attention gradients: its query heads' `dq`, and `dk`, `dv`.
 type KvHeadGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
 
-/// H2 experiment: the block-output Fisher of the last input_fisher call.
-pub static RESID: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
-
 /// Windows of calibration text the loss gradients are taken on, and for which labels.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FisherOptions {
@@ -144,7 +141,6 @@ pub fn input_gradients(
     rmsnorm_backward_add(&x, &model.norm, c.rms_norm_eps, &dnormed, &mut dx);
     let neg_sin: Vec<f32> = sin.iter().map(|v| -v).collect();
     for (l, (b, s)) in model.layers.iter().zip(&saved).enumerate().rev() {
-        visit(l, 7, &[], &dx);
         backward_block(c, b, s, &mut dx, n, (&cos, &neg_sin), &mut |p, x, g| {
             visit(l, p, x, g)
         });
@@ -199,8 +195,6 @@ pub fn input_fisher(
             std::array::from_fn(|p| vec![0.0f64; lin[p].1.in_dim])
         })
         .collect();
-    let d = model.config.hidden_size;
-    let mut res = vec![vec![0.0f64; d]; model.layers.len()];
     for (i, w) in tokens.chunks_exact(seq_len).take(samples).enumerate() {
         let labels = match opts.labels {
             FisherLabels::Model { seed } => FisherLabels::Model {
@@ -209,14 +203,6 @@ pub fn input_fisher(
             text => text,
         };
         input_gradients(model, w, labels, &mut |l, p, _, g| {
-            if p == 7 {
-                for row in g.chunks(d) {
-                    for (s, &v) in res[l].iter_mut().zip(row) {
-                        *s += (v as f64) * (v as f64);
-                    }
-                }
-                return;
-            }
             let a = &mut acc[l][p];
             for row in g.chunks(a.len()) {
                 for (s, &v) in a.iter_mut().zip(row) {
@@ -227,10 +213,6 @@ pub fn input_fisher(
         progress("fisher", i + 1, samples);
     }
     let rows = (samples * seq_len) as f64;
-    *RESID.lock().unwrap() = res
-        .iter()
-        .map(|r| r.iter().map(|&s| (s / rows) as f32).collect())
-        .collect();
     Ok(acc
         .into_iter()
         .map(|layer| layer.map(|a| a.iter().map(|&s| (s / rows) as f32).collect()))

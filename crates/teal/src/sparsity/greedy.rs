@@ -53,7 +53,6 @@ pub fn greedy_block(
     mask: &dyn Fn(usize, f64) -> Option<InputMask>,
     weights: &[f64; 7],
     opts: &GreedyOptions,
-    error_weights: Option<&[f32]>,
 ) -> Vec<GreedyStep> {
     let d = c.hidden_size;
     let tail_from = len - (len / 4).max(1);
@@ -120,22 +119,16 @@ pub fn greedy_block(
     let dense_att = attention(block, &mut ws);
     let dense = mlp_parts(block, &dense_att);
     let target = mlp_output(block, &dense_att, &dense.g, &dense.u);
-    let ew: Vec<f64> = match error_weights {
-        Some(w) => w.iter().map(|&v| v as f64).collect(),
-        None => vec![1.0; d],
-    };
     let norm: f64 = target
         .iter()
-        .enumerate()
-        .map(|(i, &v)| ew[i % d] * (v as f64) * (v as f64))
+        .map(|&v| (v as f64) * (v as f64))
         .sum::<f64>()
         .sqrt()
         .max(f64::MIN_POSITIVE);
     let rel_err = |y: &[f32]| -> f64 {
         y.iter()
             .zip(&target)
-            .enumerate()
-            .map(|(i, (&a, &b))| ew[i % d] * ((a - b) as f64).powi(2))
+            .map(|(&a, &b)| ((a - b) as f64).powi(2))
             .sum::<f64>()
             .sqrt()
             / norm
