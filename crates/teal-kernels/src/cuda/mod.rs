@@ -1474,7 +1474,8 @@ impl Gpu {
     /// `out[b, :] = round(s_t(v_b))` for `rows` rows of `n_in`, in `dtype`, where `v_b` is row
     /// `row0 + b` of `x` (rows `ldx` apart), `RMSNorm(x)` with `norm`, or `silu(gate) * up`
     /// with `silu_mul_input` (`x` rows = gate | up, `n_in` each); `s_t` keeps `|v| > t`, or
-    /// `|v_j| > t[j]` with per-channel thresholds, as the GEMV does. An f16 value beyond the type's range sets `overflow[0]` to 1.
+    /// `|v_j| > t[j]` with per-channel thresholds, as the GEMV does. An f16 value beyond the
+    /// type's range sets `overflow[0]` to 1.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_input(
         &self,

@@ -1,9 +1,10 @@
 //! The kernels' compilation. NVRTC compiles [`KERNELS_CU`] for the GPU's own architecture to
 //! machine code (CUBIN, so the driver has no PTX left to translate), as [`PARTS`] programs in
 //! parallel threads: part 0 holds every kernel but the GEMVs, each other part the two GEMVs of
-//! one batch size, weight type and threshold kind ([`gemv_part`]; kernels.cu's `TEAL_PART`). The images are kept for the process and on disk under
-//! `<cache>/cuda/`, named by a hash of the source, the options and NVRTC's version, so only
-//! the first process on a machine (or after the source changes) waits for the compiler.
+//! one batch size, weight type and threshold kind ([`gemv_part`]; kernels.cu's `TEAL_PART`).
+//! The images are kept for the process and on disk under `<cache>/cuda/`, named by a hash of
+//! the source, the options and NVRTC's version, so only the first process on a machine (or
+//! after the source changes) waits for the compiler.
 
 use std::ffi::{c_char, CStr, CString};
 use std::path::PathBuf;
