@@ -3,7 +3,7 @@
 //! rayon's pool. Each function computes exactly what its namesake in [`crate::reference`]
 //! computes (up to float summation order) and is tested against it.
 
-use crate::packed::{groups, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
+use crate::packed::{groups, q4_offsets, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q4_SUPER, Q8_BLOCK};
 use crate::pool;
 use rayon::prelude::*;
 
@@ -480,11 +480,15 @@ fn gemv_rows<R: Rows>(w: &Mat, rows: &R, y: &mut [f32]) {
     pool::for_each_chunk_mut(y, per, |c, yc| chunk(w, rows, c * per, yc, simd));
 }
 
-/// Output columns per work item: a multiple of the quantization group, so that every tile
-/// starts on a group boundary.
+/// Output columns per work item: a multiple of the quantization group (of q4's super-block),
+/// so that every tile starts on a group (super-block) boundary.
 fn column_split(w: &Mat) -> usize {
     let chunks = column_chunks(w.n_out, tile_width(&w.view));
-    w.n_out.div_ceil(chunks).next_multiple_of(GROUP).max(GROUP)
+    let align = match w.view {
+        View::Q4(_) => GROUP * Q4_SUPER,
+        _ => GROUP,
+    };
+    w.n_out.div_ceil(chunks).next_multiple_of(align).max(align)
 }
 
 /// One work item: columns `o0 .. o0 + yc.len()`, a tile at a time.
@@ -703,23 +707,33 @@ unsafe fn q8_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], std::arch::
     ([l0, l1, l2, l3], d)
 }
 
-/// The 32 nibbles of a q4 block (scale, minimum, 16 bytes: low nibbles are outputs 0..16,
-/// high ones 16..32) as four vectors of f32, and the scale and the minimum (lanes 0 and 1,
-/// converted together).
+/// 16 bytes of q4 nibbles (low nibbles are outputs 0..16, high ones 16..32) as four vectors of
+/// f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_nibbles(p: *const u8) -> [std::arch::x86_64::__m256; 4] {
+    use std::arch::x86_64::*;
+    let mask = _mm256_set1_epi32(15);
+    let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+    let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
+    [
+        _mm256_cvtepi32_ps(_mm256_and_si256(a, mask)),
+        _mm256_cvtepi32_ps(_mm256_and_si256(b, mask)),
+        _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)),
+        _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)),
+    ]
+}
+
+/// A GGML Q4_1 block (scale, minimum, 16 bytes of nibbles) as four vectors of f32, and the
+/// scale and the minimum (lanes 0 and 1, converted together).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn q4_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], std::arch::x86_64::__m128) {
     use std::arch::x86_64::*;
-    let mask = _mm256_set1_epi32(15);
-    let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(4) as *const __m128i));
-    let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(12) as *const __m128i));
-    let c0 = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
-    let c1 = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
-    let c2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
-    let c3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
     let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
-    ([c0, c1, c2, c3], dm)
+    (q4_nibbles(p.add(4)), dm)
 }
 
 /// Every f16 bit pattern as f32. The q8 tile and dot read their scales through it (a load)
@@ -737,13 +751,10 @@ fn f16_table() -> &'static [f32; 65536] {
     })
 }
 
-/// AVX2 tile over a blocked format: kept rows in passes of four (then one by one); per group
-/// of 32 outputs, a pass accumulates its rows in registers (`acc += (x_j d_jg) q_j`, plus
-/// `sum_j x_j m_jg` for formats with a minimum). With `$table` (q8) the scale is read
-/// through [`f16_table`]. A trailing partial group (only at the end of the matrix) goes
-/// through the scalar definition.
+/// AVX2 tile over a blocked format (q8, q4): kept rows in passes of four, then one by one
+/// (`$pass::<N>`), each next pass's row starts prefetched.
 macro_rules! blocked_tile {
-    ($name:ident, $pass:ident, $bsize:expr, $block:ident, $has_min:expr, $table:expr) => {
+    ($name:ident, $pass:ident, $bsize:expr) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn $name<R: Rows>(
@@ -757,6 +768,7 @@ macro_rules! blocked_tile {
             use std::arch::x86_64::*;
             yt.fill(0.0);
             let nr = rows.len();
+            // The tile's part of row 0.
             let seg = blocks.as_ptr().add(o0 / GROUP * $bsize);
             // The bytes of each next-pass row fetched ahead: no more than the tile holds of a
             // row (on a short row it would fetch the next row's, which a sparse GEMV mostly
@@ -781,90 +793,164 @@ macro_rules! blocked_tile {
                 k += 1;
             }
         }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        #[inline]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn $pass<const N: usize, R: Rows>(
-            w: &Mat,
-            blocks: &[u8],
-            ng: usize,
-            rows: &R,
-            k: usize,
-            o0: usize,
-            yt: &mut [f32],
-        ) {
-            use std::arch::x86_64::*;
-            let n = yt.len();
-            let full = n / GROUP;
-            let g0 = o0 / GROUP;
-            let yp = yt.as_mut_ptr();
-            let bp = blocks.as_ptr();
-            let mut ps = [bp; N];
-            let mut xs = [0.0f32; N];
-            let mut js = [0usize; N];
-            let mut xv = [_mm_setzero_ps(); N];
-            for r in 0..N {
-                (js[r], xs[r]) = rows.get(k + r);
-                xv[r] = _mm_set1_ps(xs[r]);
-                ps[r] = bp.add((js[r] * ng + g0) * $bsize);
-            }
-            let prefetch_end = full.saturating_sub(PREFETCH_BYTES.div_ceil($bsize));
-            let table = f16_table();
-            for g in 0..full {
-                let gy = yp.add(g * GROUP);
-                let mut acc = [
-                    _mm256_loadu_ps(gy),
-                    _mm256_loadu_ps(gy.add(8)),
-                    _mm256_loadu_ps(gy.add(16)),
-                    _mm256_loadu_ps(gy.add(24)),
-                ];
-                let mut bias = _mm_setzero_ps();
-                for r in 0..N {
-                    // Ahead within the row's part of the tile.
-                    if g < prefetch_end {
-                        _mm_prefetch::<TILE_PREFETCH>(
-                            ps[r].add(g * $bsize + PREFETCH_BYTES) as *const i8
-                        );
-                    }
-                    let (qv, dm) = $block(ps[r].add(g * $bsize));
-                    let s = if $table {
-                        let d = (ps[r].add(g * $bsize) as *const u16).read_unaligned();
-                        _mm256_set1_ps(xs[r] * table[d as usize])
-                    } else {
-                        let xdm = _mm_mul_ps(xv[r], dm);
-                        if $has_min {
-                            bias = _mm_add_ps(bias, xdm);
-                        }
-                        _mm256_broadcastss_ps(xdm)
-                    };
-                    for i in 0..4 {
-                        acc[i] = _mm256_fmadd_ps(s, qv[i], acc[i]);
-                    }
-                }
-                let b = _mm256_broadcastss_ps(_mm_movehdup_ps(bias));
-                for (i, a) in acc.iter().enumerate() {
-                    let a = if $has_min { _mm256_add_ps(*a, b) } else { *a };
-                    _mm256_storeu_ps(gy.add(i * 8), a);
-                }
-            }
-            if full * GROUP < n {
-                let mut buf = [0.0f32; GROUP];
-                let b = &mut buf[..n - full * GROUP];
-                for r in 0..N {
-                    w.dequant_row(js[r], o0 + full * GROUP, b);
-                    for (i, &v) in b.iter().enumerate() {
-                        *yp.add(full * GROUP + i) += xs[r] * v;
-                    }
-                }
-            }
-        }
     };
 }
 
-blocked_tile!(tile_q8_avx2, pass_q8_avx2, Q8_BLOCK, q8_block, false, true);
-blocked_tile!(tile_q4_avx2, pass_q4_avx2, Q4_BLOCK, q4_block, true, false);
+blocked_tile!(tile_q8_avx2, pass_q8_avx2, Q8_BLOCK);
+blocked_tile!(tile_q4_avx2, pass_q4_avx2, Q4_BLOCK);
+
+/// Adds the trailing partial group of a tile (only at the end of the matrix) through the
+/// scalar definition.
+fn partial_group(w: &Mat, js: &[usize], xs: &[f32], o: usize, y: &mut [f32]) {
+    let mut buf = [0.0f32; GROUP];
+    let b = &mut buf[..y.len()];
+    for (&j, &x) in js.iter().zip(xs) {
+        w.dequant_row(j, o, b);
+        for (y, &v) in y.iter_mut().zip(b.iter()) {
+            *y += x * v;
+        }
+    }
+}
+
+/// One q8 pass over `N` kept rows: per group of 32 outputs, `acc += (x_j d_jg) q_j` in
+/// registers, the scale read through [`f16_table`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
+    w: &Mat,
+    blocks: &[u8],
+    ng: usize,
+    rows: &R,
+    k: usize,
+    o0: usize,
+    yt: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = yt.len();
+    let full = n / GROUP;
+    let g0 = o0 / GROUP;
+    let yp = yt.as_mut_ptr();
+    let mut ps = [blocks.as_ptr(); N];
+    let mut xs = [0.0f32; N];
+    let mut js = [0usize; N];
+    for r in 0..N {
+        (js[r], xs[r]) = rows.get(k + r);
+        ps[r] = blocks.as_ptr().add((js[r] * ng + g0) * Q8_BLOCK);
+    }
+    let prefetch_end = full.saturating_sub(PREFETCH_BYTES.div_ceil(Q8_BLOCK));
+    let table = f16_table();
+    for g in 0..full {
+        let gy = yp.add(g * GROUP);
+        let mut acc = [
+            _mm256_loadu_ps(gy),
+            _mm256_loadu_ps(gy.add(8)),
+            _mm256_loadu_ps(gy.add(16)),
+            _mm256_loadu_ps(gy.add(24)),
+        ];
+        for r in 0..N {
+            let p = ps[r].add(g * Q8_BLOCK);
+            // Ahead within the row's part of the tile.
+            if g < prefetch_end {
+                _mm_prefetch::<TILE_PREFETCH>(p.add(PREFETCH_BYTES) as *const i8);
+            }
+            let (qv, _) = q8_block(p);
+            let d = (p as *const u16).read_unaligned();
+            let s = _mm256_set1_ps(xs[r] * table[d as usize]);
+            for i in 0..4 {
+                acc[i] = _mm256_fmadd_ps(s, qv[i], acc[i]);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(gy.add(i * 8), *a);
+        }
+    }
+    if full * GROUP < n {
+        partial_group(w, &js, &xs, o0 + full * GROUP, &mut yt[full * GROUP..]);
+    }
+}
+
+/// One q4 pass over `N` kept rows. Per super-block, each row's scales and minimums (up to
+/// eight of each) are converted with one F16C instruction each and multiplied by `x_j`; then
+/// per group `acc += (x_j d_jg) q_j` in registers, plus `sum_j x_j m_jg` once. A trailing
+/// partial group goes through the scalar definition.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pass_q4_avx2<const N: usize, R: Rows>(
+    w: &Mat,
+    blocks: &[u8],
+    ng: usize,
+    rows: &R,
+    k: usize,
+    o0: usize,
+    yt: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = yt.len();
+    let g0 = o0 / GROUP;
+    let gend = g0 + n / GROUP;
+    let yp = yt.as_mut_ptr();
+    let mut ps = [blocks.as_ptr(); N];
+    let mut xs = [0.0f32; N];
+    let mut js = [0usize; N];
+    for r in 0..N {
+        (js[r], xs[r]) = rows.get(k + r);
+        ps[r] = blocks.as_ptr().add(js[r] * ng * Q4_BLOCK);
+    }
+    // Prefetch ahead only while it stays within the tile's part of the row.
+    let prefetch_end = (gend * Q4_BLOCK).saturating_sub(PREFETCH_BYTES);
+    let mut sb = g0 / Q4_SUPER * Q4_SUPER;
+    while sb < gend {
+        // This super-block's groups, and those of them in the tile.
+        let kk = Q4_SUPER.min(ng - sb);
+        let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
+        let base = sb * Q4_BLOCK;
+        // Sixteen bytes from the scales and from the minimums: a partial super-block's
+        // 20 k >= 2 k + 16 bytes hold them, the lanes past `kk` are not used.
+        let mut xd = [[0.0f32; Q4_SUPER]; N];
+        let mut bias = _mm256_setzero_ps();
+        for r in 0..N {
+            let p = ps[r].add(base);
+            let x = _mm256_set1_ps(xs[r]);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * kk) as *const __m128i));
+            _mm256_storeu_ps(xd[r].as_mut_ptr(), _mm256_mul_ps(x, d));
+            bias = _mm256_fmadd_ps(x, m, bias);
+        }
+        let mut bs = [0.0f32; Q4_SUPER];
+        _mm256_storeu_ps(bs.as_mut_ptr(), bias);
+        for i in i0..i1 {
+            let gy = yp.add((sb + i - g0) * GROUP);
+            let b = _mm256_set1_ps(bs[i]);
+            let mut acc = [
+                _mm256_add_ps(_mm256_loadu_ps(gy), b),
+                _mm256_add_ps(_mm256_loadu_ps(gy.add(8)), b),
+                _mm256_add_ps(_mm256_loadu_ps(gy.add(16)), b),
+                _mm256_add_ps(_mm256_loadu_ps(gy.add(24)), b),
+            ];
+            let off = base + 4 * kk + 16 * i;
+            for r in 0..N {
+                if off < prefetch_end {
+                    _mm_prefetch::<TILE_PREFETCH>(ps[r].add(off + PREFETCH_BYTES) as *const i8);
+                }
+                let qv = q4_nibbles(ps[r].add(off));
+                let s = _mm256_set1_ps(xd[r][i]);
+                for t in 0..4 {
+                    acc[t] = _mm256_fmadd_ps(s, qv[t], acc[t]);
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(gy.add(t * 8), *a);
+            }
+        }
+        sb += Q4_SUPER;
+    }
+    let full = n / GROUP * GROUP;
+    if full < n {
+        partial_group(w, &js, &xs, o0 + full, &mut yt[full..]);
+    }
+}
 
 /// `w[j, o0 .. o0 + out.len()]` as f32, what [`Mat::dequant_row`] computes: f16/bf16 through
 /// `half`'s vectorized slice conversion, whole q8/q4 groups through the AVX2 block decoders
@@ -903,24 +989,27 @@ pub fn dequant_row(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dequant_groups_avx2(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let (blocks, bsize) = match w.view {
-        View::Q8(b) => (b, Q8_BLOCK),
-        View::Q4(b) => (b, Q4_BLOCK),
-        _ => unreachable!("dequant_groups_avx2 on a float format"),
-    };
-    let p0 = blocks
-        .as_ptr()
-        .add((j * groups(w.n_out) + o0 / GROUP) * bsize);
+    let ng = groups(w.n_out);
+    let g0 = o0 / GROUP;
     for (g, o) in out.chunks_exact_mut(GROUP).enumerate() {
-        let p = p0.add(g * bsize);
-        let (qv, d, m) = if bsize == Q4_BLOCK {
-            let (qv, dm) = q4_block(p);
-            let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
-            (qv, _mm256_broadcastss_ps(dm), m)
-        } else {
-            let (qv, d) = q8_block(p);
-            (qv, _mm256_broadcastss_ps(d), _mm256_setzero_ps())
+        let (qv, d, m) = match w.view {
+            View::Q8(b) => {
+                let (qv, d) = q8_block(b.as_ptr().add((j * ng + g0 + g) * Q8_BLOCK));
+                (qv, d, _mm_setzero_ps())
+            }
+            View::Q4(b) => {
+                let row = b.as_ptr().add(j * ng * Q4_BLOCK);
+                let (od, om, oq) = q4_offsets(ng, g0 + g);
+                let f16_at = |o: usize| {
+                    _mm_cvtph_ps(_mm_cvtsi32_si128(
+                        (row.add(o) as *const u16).read_unaligned() as i32,
+                    ))
+                };
+                (q4_nibbles(row.add(oq)), f16_at(od), f16_at(om))
+            }
+            _ => unreachable!("dequant_groups_avx2 on a float format"),
         };
+        let (d, m) = (_mm256_broadcastss_ps(d), _mm256_broadcastss_ps(m));
         for (i, q) in qv.iter().enumerate() {
             _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), _mm256_fmadd_ps(d, *q, m));
         }
@@ -2025,6 +2114,40 @@ unsafe fn sum_avx2(x: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use crate::packed::{Dtype, PackedRows, PackedT};
+
+    /// A q4 tile that starts inside a super-block (no work split makes one, the kernel allows
+    /// it) and one that starts on a boundary, both with a partial super-block and a partial
+    /// group at the end, against the scalar dequantization; 4 + 3 rows so that both pass
+    /// widths run.
+    #[test]
+    fn q4_tile_from_any_group_matches_dequant() {
+        let (n_in, n_out) = (7, 32 * 21 + 5);
+        let wt: Vec<f32> = (0..n_in * n_out).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x: Vec<f32> = (0..n_in).map(|i| (i as f32 * 0.71).cos()).collect();
+        let p = PackedT::from_input_major(Dtype::Q4, &wt, n_in, n_out).unwrap();
+        let m = p.mat();
+        for o0 in [0, 32 * 3, 32 * 8, 32 * 9] {
+            let n = n_out - o0;
+            let mut want = vec![0.0f32; n];
+            let mut row = vec![0.0f32; n];
+            for (j, &xj) in x.iter().enumerate() {
+                m.dequant_row(j, o0, &mut row);
+                for (w, &v) in want.iter_mut().zip(&row) {
+                    *w += xj * v;
+                }
+            }
+            for simd in [false, simd_available()] {
+                let mut got = vec![f32::NAN; n];
+                tile(&m, &AllRows(&x), o0, &mut got, simd);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "o0 {o0} column {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
 
     /// Both compactions against the reference, at every tail length, with values exactly at
     /// the threshold, NaN, infinities and a threshold that keeps everything.

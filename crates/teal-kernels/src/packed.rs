@@ -6,9 +6,11 @@
 //!   `w = d * q`, `q` in `[-127, 127]` (symmetric). A group is a 34-byte block `[d, q0..q31]`
 //!   (8.5 bits per weight, GGML's Q8_0 block, but along the output dimension).
 //! - `q4`: groups of [`GROUP`] consecutive outputs within one input row share an f16 scale `d`
-//!   and an f16 minimum `m`; `w = d * q + m`, `q` in `[0, 15]`. A group is a 20-byte block
-//!   `[d, m, 16 bytes]` (5 bits per weight like Q4_1); byte `b` holds output `b` in its low
-//!   nibble and output `b + 16` in its high one.
+//!   and an f16 minimum `m`; `w = d * q + m`, `q` in `[0, 15]`, 20 bytes a group (5 bits per
+//!   weight like Q4_1). A row is cut into super-blocks of [`Q4_SUPER`] groups (the last one may
+//!   have fewer, `k`): `[d of its k groups, m of its k groups, 16 bytes per group]`, so that a
+//!   kernel converts eight scales with one instruction ([`q4_offsets`]). In a group's 16 bytes,
+//!   byte `b` holds output `b` in its low nibble and output `b + 16` in its high one.
 //!
 //! Rows of the quantized formats are whole blocks (a partial last group is padded with zeros),
 //! so one kept input row is one contiguous run of blocks, scales inline.
@@ -23,8 +25,20 @@ use rayon::prelude::*;
 pub const GROUP: usize = 32;
 /// Bytes of one q8 block: f16 scale, 32 values.
 pub const Q8_BLOCK: usize = 2 + GROUP;
-/// Bytes of one q4 block: f16 scale, f16 minimum, 32 nibbles.
+/// Bytes of one q4 group: f16 scale, f16 minimum, 32 nibbles.
 pub const Q4_BLOCK: usize = 4 + GROUP / 2;
+/// Groups of a q4 row whose scales and minimums are stored together.
+pub const Q4_SUPER: usize = 8;
+
+/// Byte offsets, within a q4 row of `ng` groups, of group `g`'s scale, minimum and 16 bytes of
+/// nibbles. A row is `ng * Q4_BLOCK` bytes whatever `ng`; super-block `s` starts at byte
+/// `s * Q4_SUPER * Q4_BLOCK`.
+pub fn q4_offsets(ng: usize, g: usize) -> (usize, usize, usize) {
+    let (s, i) = (g / Q4_SUPER, g % Q4_SUPER);
+    let k = Q4_SUPER.min(ng - s * Q4_SUPER);
+    let base = s * Q4_SUPER * Q4_BLOCK;
+    (base + 2 * i, base + 2 * k + 2 * i, base + 4 * k + 16 * i)
+}
 
 /// A weight format chosen at load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,7 +94,7 @@ pub enum Data {
     Bf16(Vec<bf16>),
     /// Block `(j, g)` at byte `(j * groups + g) * Q8_BLOCK`.
     Q8(Vec<u8>),
-    /// Block `(j, g)` at byte `(j * groups + g) * Q4_BLOCK`.
+    /// Row `j` at byte `j * groups * Q4_BLOCK`, laid out as [`q4_offsets`] says.
     Q4(Vec<u8>),
 }
 
@@ -238,16 +252,18 @@ impl PackedT {
             }
             Dtype::Q4 => {
                 let mut blocks = vec![0u8; n_in * ng * Q4_BLOCK];
-                for j in 0..n_in {
-                    let row = &wt[j * n_out..(j + 1) * n_out];
+                for (row, out) in wt
+                    .chunks(n_out.max(1))
+                    .zip(blocks.chunks_mut(ng * Q4_BLOCK))
+                {
                     for (g, chunk) in row.chunks(GROUP).enumerate() {
-                        let blk = &mut blocks[(j * ng + g) * Q4_BLOCK..(j * ng + g + 1) * Q4_BLOCK];
+                        let (od, om, oq) = q4_offsets(ng, g);
                         let lo = chunk.iter().fold(f32::INFINITY, |a, &v| a.min(v));
                         let hi = chunk.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
                         let m = f16::from_f32(lo);
                         let d = f16::from_f32((hi - m.to_f32()).max(0.0) / 15.0);
-                        blk[..2].copy_from_slice(&d.to_le_bytes());
-                        blk[2..4].copy_from_slice(&m.to_le_bytes());
+                        out[od..od + 2].copy_from_slice(&d.to_le_bytes());
+                        out[om..om + 2].copy_from_slice(&m.to_le_bytes());
                         let inv = if d.to_f32() > 0.0 {
                             1.0 / d.to_f32()
                         } else {
@@ -255,7 +271,7 @@ impl PackedT {
                         };
                         for (i, &v) in chunk.iter().enumerate() {
                             let n = ((v - m.to_f32()) * inv).round().clamp(0.0, 15.0) as u8;
-                            blk[4 + i % 16] |= if i < 16 { n } else { n << 4 };
+                            out[oq + i % 16] |= if i < 16 { n } else { n << 4 };
                         }
                     }
                 }
@@ -337,10 +353,11 @@ impl<'a> Mat<'a> {
                     h(blk) * blk[2 + i] as i8 as f32
                 }
                 View::Q4(b) => {
-                    let blk = &b[g * Q4_BLOCK..(g + 1) * Q4_BLOCK];
-                    let byte = blk[4 + i % 16];
+                    let row = &b[j * ng * Q4_BLOCK..(j + 1) * ng * Q4_BLOCK];
+                    let (od, om, oq) = q4_offsets(ng, o / GROUP);
+                    let byte = row[oq + i % 16];
                     let nib = if i < 16 { byte & 15 } else { byte >> 4 };
-                    h(blk) * nib as f32 + h(&blk[2..])
+                    h(&row[od..]) * nib as f32 + h(&row[om..])
                 }
             };
         }
