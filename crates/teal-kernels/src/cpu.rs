@@ -818,6 +818,26 @@ fn partial_group(w: &Mat, js: &[usize], xs: &[f32], o: usize, y: &mut [f32]) {
     }
 }
 
+/// The `N` kept rows of a pass from the `k`-th: their indices, values, and pointers to byte
+/// `off` of each row (rows of `row_bytes`).
+#[inline(always)]
+fn pass_rows<const N: usize, R: Rows>(
+    rows: &R,
+    k: usize,
+    blocks: &[u8],
+    row_bytes: usize,
+    off: usize,
+) -> ([usize; N], [f32; N], [*const u8; N]) {
+    let mut js = [0usize; N];
+    let mut xs = [0.0f32; N];
+    let mut ps = [blocks.as_ptr(); N];
+    for r in 0..N {
+        (js[r], xs[r]) = rows.get(k + r);
+        ps[r] = blocks[js[r] * row_bytes + off..].as_ptr();
+    }
+    (js, xs, ps)
+}
+
 /// One q8 pass over `N` kept rows: per group of 32 outputs, `acc += (x_j d_jg) q_j` in
 /// registers, the scale read through [`f16_table`].
 #[cfg(target_arch = "x86_64")]
@@ -837,13 +857,7 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
     let full = n / GROUP;
     let g0 = o0 / GROUP;
     let yp = yt.as_mut_ptr();
-    let mut ps = [blocks.as_ptr(); N];
-    let mut xs = [0.0f32; N];
-    let mut js = [0usize; N];
-    for r in 0..N {
-        (js[r], xs[r]) = rows.get(k + r);
-        ps[r] = blocks.as_ptr().add((js[r] * ng + g0) * Q8_BLOCK);
-    }
+    let (js, xs, ps) = pass_rows::<N, R>(rows, k, blocks, ng * Q8_BLOCK, g0 * Q8_BLOCK);
     let prefetch_end = full.saturating_sub(PREFETCH_BYTES.div_ceil(Q8_BLOCK));
     let table = f16_table();
     for g in 0..full {
@@ -897,13 +911,7 @@ unsafe fn pass_q4_avx2<const N: usize, R: Rows>(
     let g0 = o0 / GROUP;
     let gend = g0 + n / GROUP;
     let yp = yt.as_mut_ptr();
-    let mut ps = [blocks.as_ptr(); N];
-    let mut xs = [0.0f32; N];
-    let mut js = [0usize; N];
-    for r in 0..N {
-        (js[r], xs[r]) = rows.get(k + r);
-        ps[r] = blocks.as_ptr().add(js[r] * ng * Q4_BLOCK);
-    }
+    let (js, xs, ps) = pass_rows::<N, R>(rows, k, blocks, ng * Q4_BLOCK, 0);
     // Prefetch ahead only while it stays within the tile's part of the row.
     let prefetch_end = (gend * Q4_BLOCK).saturating_sub(PREFETCH_BYTES);
     let mut sb = g0 / Q4_SUPER * Q4_SUPER;
