@@ -19,11 +19,12 @@ const TILE: usize = 8192;
 /// 0.28 (q4, 14336 x 4096) of the read bandwidth; at 1 KiB 0.99-1.03, 0.89-0.90 and 0.42-0.43
 /// (docs/PERFORMANCE.md, section 3).
 const PREFETCH_BYTES: usize = 1024;
-/// Where the input-major tiles prefetch to: L2 (`T1`), not L1 (`T0`). On the 2-core AMD EPYC
-/// (Zen 4) machine, T1 raised the dense GEMVs from 0.42 (q4) and 0.66-0.69 (q8) of the read
-/// bandwidth to 0.49-0.52 and 0.79-0.86 on 14336 x 4096, and SmolLM2 decoding by 10-35 % in
-/// f32, f16, q8 and q4 (docs/PERFORMANCE.md, twenty-eighth session). Likely because a T0
-/// prefetch holds one of the core's few L1 miss buffers until its line arrives from DRAM.
+/// Where the input-major tiles prefetch to: L2 (`T1`), not L1 (`T0`). On a 2-core AMD EPYC
+/// (Zen 4) machine, T1 raised the dense GEMVs on 14336 x 4096 from 0.67-0.74 (q8) and
+/// 0.42-0.46 (q4) of the read bandwidth to 0.86-0.87 and 0.50, and SmolLM2's decoding by
+/// 12-31 % in f32, f16, bf16 and q8 (q4: 13 % at 50 % sparsity, dense unchanged;
+/// docs/PERFORMANCE.md, twenty-eighth session). Likely because a T0 prefetch holds one of the
+/// core's few L1 miss buffers until its line arrives from DRAM.
 #[cfg(target_arch = "x86_64")]
 const TILE_PREFETCH: i32 = std::arch::x86_64::_MM_HINT_T1;
 /// Columns the portable tile dequantizes at a time.
@@ -874,7 +875,7 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
             if g < prefetch_end {
                 _mm_prefetch::<TILE_PREFETCH>(p.add(PREFETCH_BYTES) as *const i8);
             }
-            let (qv, _) = q8_block(p);
+            let qv = q8_values(p);
             let d = (p as *const u16).read_unaligned();
             let s = _mm256_set1_ps(xs[r] * table[d as usize]);
             for i in 0..4 {
@@ -914,8 +915,7 @@ unsafe fn pass_q4_avx2<const N: usize, R: Rows>(
     let (js, xs, ps) = pass_rows::<N, R>(rows, k, blocks, ng * Q4_BLOCK, 0);
     // Prefetch ahead only while it stays within the tile's part of the row.
     let prefetch_end = (gend * Q4_BLOCK).saturating_sub(PREFETCH_BYTES);
-    let mut sb = g0 / Q4_SUPER * Q4_SUPER;
-    while sb < gend {
+    for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
         // This super-block's groups, and those of them in the tile.
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
@@ -958,7 +958,6 @@ unsafe fn pass_q4_avx2<const N: usize, R: Rows>(
                 _mm256_storeu_ps(gy.add(t * 8), *a);
             }
         }
-        sb += Q4_SUPER;
     }
     let full = n / GROUP * GROUP;
     if full < n {
