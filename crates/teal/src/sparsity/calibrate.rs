@@ -95,23 +95,7 @@ fn calibrate_blocks(
             c.max_position_embeddings
         )));
     }
-    let greedy = match &opts.greedy {
-        Some((_, Quantile::Wina)) if !opts.weight_aware => {
-            return Err(Error::Invalid(
-                "a greedy search with the wina reading needs the weight-aware tables".into(),
-            ))
-        }
-        Some((g, q)) => {
-            if g.samples == 0 || g.samples > n || g.seq_len < 4 || g.seq_len > len {
-                return Err(Error::Invalid(format!(
-                    "greedy search on {} x {} tokens must fit in the {n} x {len} calibration tokens",
-                    g.samples, g.seq_len
-                )));
-            }
-            Some((g, *q))
-        }
-        None => None,
-    };
+    let greedy = greedy_options(opts)?;
     let levels = default_levels();
     let weights = size_weights(c);
     // The loss-aware channel weights, before the statistics that use them.
@@ -122,15 +106,7 @@ fn calibrate_blocks(
     let (cos, sin) = model.rope_tables_for(0, len);
 
     // Hidden states of every sample, advanced one block at a time.
-    let mut h = vec![0.0f32; n * len * d];
-    for (&t, ht) in tokens[..n * len].iter().zip(h.chunks_mut(d)) {
-        if t as usize >= c.vocab_size {
-            return Err(Error::Invalid(format!(
-                "token id {t} outside the vocabulary"
-            )));
-        }
-        model.embed(t, ht);
-    }
+    let mut h = embed_windows(model, &tokens[..n * len])?;
     let mut ws = PrefillBuffers::new(c, len);
     let mut kc = vec![0.0f32; len * c.kv_dim()];
     let mut vc = vec![0.0f32; len * c.kv_dim()];
@@ -141,11 +117,7 @@ fn calibrate_blocks(
     let total = c.num_hidden_layers;
     for (l, block) in model.layers.iter().enumerate() {
         // The greedy search needs this block's dense inputs (a prefix of each sample).
-        let greedy_inputs: Option<Vec<f32>> = greedy.map(|(g, _)| {
-            (0..g.samples)
-                .flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied())
-                .collect()
-        });
+        let greedy_inputs = greedy.map(|(g, _)| window_prefixes(&h, g, len, d));
         let mut col = Collector {
             values: Default::default(),
         };
@@ -171,26 +143,14 @@ fn calibrate_blocks(
         drop(col);
         if let (Some((g, q)), Some(inp)) = (greedy, greedy_inputs) {
             progress(&format!("greedy layer {l}"), l, total);
-            let lookup = |p: usize, s: f64| match q {
-                Quantile::Wina => wina_row
-                    .as_ref()
-                    .and_then(|w| interpolate(&levels, &w[p], s))
-                    .map(InputMask::WeightAware),
-                _ => tables[PROJ_SITE[p]]
-                    .threshold(&levels, s, q)
-                    .map(InputMask::Threshold),
+            let rope = (cos.as_slice(), sin.as_slice());
+            let masks = LayerMasks {
+                levels: &levels,
+                sites: &tables,
+                wina: wina_row.as_ref(),
             };
-            let gl = g.seq_len;
-            greedy_layers.push(greedy_block(
-                c,
-                block,
-                &inp,
-                g.samples,
-                gl,
-                (&cos[..gl * cos.len() / len], &sin[..gl * sin.len() / len]),
-                &lookup,
-                &weights,
-                g,
+            greedy_layers.push(greedy_layer(
+                c, block, &inp, g, q, masks, &weights, rope, len,
             ));
         }
         sites.push(tables);
@@ -207,16 +167,120 @@ fn calibrate_blocks(
         levels,
         sites,
         wina: opts.weight_aware.then_some(wina),
-        greedy: greedy.map(|(g, q)| GreedyTables {
-            step: g.step,
-            quantile: q,
-            samples: g.samples,
-            seq_len: g.seq_len,
-            size_weights: weights,
-            layers: greedy_layers,
-        }),
+        greedy: greedy.map(|(g, q)| greedy_tables(g, q, weights, greedy_layers)),
         fisher: fisher_tables(opts, fisher_weights, fisher_scores, weights),
     })
+}
+
+/// The embeddings of `tokens` (`[tokens, hidden]`); an id outside the vocabulary is an error.
+fn embed_windows(model: &Llama, tokens: &[u32]) -> Result<Vec<f32>> {
+    let c = &model.config;
+    let mut h = vec![0.0f32; tokens.len() * c.hidden_size];
+    for (&t, ht) in tokens.iter().zip(h.chunks_mut(c.hidden_size)) {
+        if t as usize >= c.vocab_size {
+            return Err(Error::Invalid(format!(
+                "token id {t} outside the vocabulary"
+            )));
+        }
+        model.embed(t, ht);
+    }
+    Ok(h)
+}
+
+/// The greedy search's block inputs: the first `g.seq_len` rows of each of the first
+/// `g.samples` windows of `len` rows of `h` (`d` wide).
+fn window_prefixes(h: &[f32], g: &GreedyOptions, len: usize, d: usize) -> Vec<f32> {
+    (0..g.samples)
+        .flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied())
+        .collect()
+}
+
+fn greedy_tables(
+    g: &GreedyOptions,
+    q: Quantile,
+    size_weights: [f64; 7],
+    layers: Vec<Vec<super::thresholds::GreedyStep>>,
+) -> GreedyTables {
+    GreedyTables {
+        step: g.step,
+        quantile: q,
+        samples: g.samples,
+        seq_len: g.seq_len,
+        size_weights,
+        layers,
+    }
+}
+
+/// The greedy search `opts` asks for, checked against the calibration windows (the search
+/// scores a prefix of the first windows) and the tables it reads.
+fn greedy_options(opts: &CalibOptions) -> Result<Option<(&GreedyOptions, Quantile)>> {
+    let (n, len) = (opts.samples, opts.seq_len);
+    match &opts.greedy {
+        Some((_, Quantile::Wina)) if !opts.weight_aware => Err(Error::Invalid(
+            "a greedy search with the wina reading needs the weight-aware tables".into(),
+        )),
+        Some((g, q)) => {
+            if g.samples == 0 || g.samples > n || g.seq_len < 4 || g.seq_len > len {
+                return Err(Error::Invalid(format!(
+                    "greedy search on {} x {} tokens must fit in the {n} x {len} calibration tokens",
+                    g.samples, g.seq_len
+                )));
+            }
+            Ok(Some((g, *q)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// What one layer's masks are read from: its site tables and, for the wina reading, its
+/// weight-aware score quantiles.
+#[derive(Clone, Copy)]
+struct LayerMasks<'a> {
+    levels: &'a [f64],
+    sites: &'a [SiteTable; 4],
+    wina: Option<&'a [Vec<f32>; 7]>,
+}
+
+/// TEAL's greedy search on one block: `inputs` are its dense inputs at the first `g.seq_len`
+/// positions of `g.samples` windows; `rope` the cos/sin tables of `len` positions.
+#[allow(clippy::too_many_arguments)]
+fn greedy_layer(
+    c: &crate::config::Config,
+    block: &Block,
+    inputs: &[f32],
+    g: &GreedyOptions,
+    q: Quantile,
+    masks: LayerMasks<'_>,
+    weights: &[f64; 7],
+    rope: (&[f32], &[f32]),
+    len: usize,
+) -> Vec<super::thresholds::GreedyStep> {
+    let LayerMasks {
+        levels,
+        sites,
+        wina,
+    } = masks;
+    let lookup = |p: usize, s: f64| match q {
+        Quantile::Wina => wina
+            .and_then(|w| interpolate(levels, &w[p], s))
+            .map(InputMask::WeightAware),
+        _ => sites[PROJ_SITE[p]]
+            .threshold(levels, s, q)
+            .map(InputMask::Threshold),
+    };
+    let (cos, sin) = rope;
+    let gl = g.seq_len;
+    greedy_block(
+        c,
+        block,
+        inputs,
+        g.samples,
+        gl,
+        (&cos[..gl * cos.len() / len], &sin[..gl * sin.len() / len]),
+        &lookup,
+        weights,
+        g,
+    )
 }
 
 /// The loss-aware channel weights `sqrt(F_j / out)` of every layer and projection, from the
@@ -352,8 +416,9 @@ impl Observer for RangeCollector {
 
 /// [`calibrate`] with the activations collected from a [`Decoder`] of the dense `model` (a GPU
 /// one: each window runs through the device's observed step, whose site inputs are copied
-/// back): the same statistics and tables, no greedy search. The loss gradients of
-/// `opts.fisher` run on the CPU model, as in [`calibrate`]. The values of as many layers as
+/// back): the same statistics and tables. The loss gradients of `opts.fisher` and the greedy
+/// search of `opts.greedy` run on the CPU model, as in [`calibrate`] (the search reads the
+/// device's tables). The values of as many layers as
 /// fit in `budget_bytes` are held at once; the windows run again for each group of layers.
 pub fn calibrate_on(
     dec: &mut dyn Decoder,
@@ -366,11 +431,7 @@ pub fn calibrate_on(
 ) -> Result<Thresholds> {
     let c = &model.config;
     let (n, len) = (opts.samples, opts.seq_len);
-    if opts.greedy.is_some() {
-        return Err(Error::Invalid(
-            "the greedy search runs on the CPU only (calibrate without --greedy on a GPU)".into(),
-        ));
-    }
+    let greedy = greedy_options(opts)?;
     if n == 0 || len < 4 || tokens.len() < n * len {
         return Err(Error::Invalid(format!(
             "calibration needs {n} samples of {len} >= 4 tokens, the text has {} tokens",
@@ -423,6 +484,13 @@ pub fn calibrate_on(
         }
         progress("calibrate", first + count, total);
     }
+    // The search has no device path: it runs on the CPU model, reading the device's tables.
+    let greedy = greedy
+        .map(|gq| {
+            let wina = opts.weight_aware.then_some(wina.as_slice());
+            greedy_on_cpu(model, tokens, len, gq, &levels, &sites, wina, progress)
+        })
+        .transpose()?;
     Ok(Thresholds {
         format: FORMAT.into(),
         version: VERSION,
@@ -434,9 +502,61 @@ pub fn calibrate_on(
         levels,
         sites,
         wina: opts.weight_aware.then_some(wina),
-        greedy: None,
+        greedy,
         fisher: fisher_tables(opts, fisher_weights, fisher_scores, size_weights(c)),
     })
+}
+
+/// TEAL's greedy search of every block of the CPU `model`, for [`calibrate_on`]: the dense
+/// block inputs are the first `g.samples` windows of `len` tokens advanced block by block as
+/// [`calibrate`] does, and the masks are read from `sites` and `wina` (the device's tables).
+#[allow(clippy::too_many_arguments)]
+fn greedy_on_cpu(
+    model: &Llama,
+    tokens: &[u32],
+    len: usize,
+    (g, q): (&GreedyOptions, Quantile),
+    levels: &[f64],
+    sites: &[[SiteTable; 4]],
+    wina: Option<&[[Vec<f32>; 7]]>,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<GreedyTables> {
+    let c = &model.config;
+    let (d, total) = (c.hidden_size, c.num_hidden_layers);
+    let weights = size_weights(c);
+    let (cos, sin) = model.rope_tables_for(0, len);
+    let mut h = embed_windows(model, &tokens[..g.samples * len])?;
+    let mut ws = PrefillBuffers::new(c, len);
+    let mut kc = vec![0.0f32; len * c.kv_dim()];
+    let mut vc = vec![0.0f32; len * c.kv_dim()];
+    let mut layers = Vec::with_capacity(total);
+    for (l, block) in model.layers.iter().enumerate() {
+        progress(&format!("greedy layer {l}"), l, total);
+        let masks = LayerMasks {
+            levels,
+            sites: &sites[l],
+            wina: wina.map(|w| &w[l]),
+        };
+        let inp = window_prefixes(&h, g, len, d);
+        let rope = (cos.as_slice(), sin.as_slice());
+        layers.push(greedy_layer(
+            c, block, &inp, g, q, masks, &weights, rope, len,
+        ));
+        for x in h.chunks_mut(len * d) {
+            block.prefill(
+                c,
+                x,
+                len,
+                0,
+                rope,
+                KvRows::F32(&mut kc, &mut vc),
+                &mut ws,
+                None,
+            );
+        }
+    }
+    progress("greedy", total, total);
+    Ok(greedy_tables(g, q, weights, layers))
 }
 
 /// The calibration record of a thresholds file: the text, the windows, the engine.
