@@ -10,13 +10,14 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use teal::chat::{encode_prompt, Infill, Message, Prompt};
 use teal::device::Decoder;
-use teal::device::Device;
+use teal::device::{Device, Masks};
 use teal::eval::perplexity::perplexity_on;
 use teal::eval::perplexity::PplOptions;
-use teal::eval::sparse::{compare, compare_on};
+use teal::eval::sparse::{compare, compare_on, SparseReport};
 use teal::generate::{generate_on, GenerateParams, Generation, Models, Session};
 use teal::kv_cache::KvDtype;
 use teal::linear::InputMask;
+use teal::models::llama::Llama;
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
 use teal::sparsity::fisher::{FisherLabels, FisherOptions};
@@ -643,17 +644,6 @@ impl Common {
             .with_context(|| format!("opening --device {}", self.device))
     }
 
-    /// For subcommands that have no GPU path yet (`auto` means the CPU there).
-    fn cpu_only(&self, what: &str) -> Result<()> {
-        if self.device != "auto" && Device::parse(&self.device, &self.gpu_dtype)? != Device::Cpu {
-            bail!(
-                "teal {what} runs on the CPU only for now (got --device {})",
-                self.device
-            );
-        }
-        Ok(())
-    }
-
     fn open(&self) -> Result<ModelFiles> {
         let path = self.model_path()?;
         ModelFiles::open(&path).with_context(|| format!("opening model {}", path.display()))
@@ -994,34 +984,9 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     if let Some((t, spec, th, path)) = resolved {
         let sparse = model.with_masks(&t)?;
         let progress = |d: usize, _| bar.set_position(d as u64);
-        let (r, where_) = if device == Device::Cpu {
-            let r = compare(
-                &files.config,
-                &model,
-                &sparse,
-                spec.mode,
-                &tokens,
-                &opts,
-                progress,
-            )?;
-            (r, teal::device::describe_cpu(kv))
-        } else {
-            // One decoder on the GPU: per window the dense and the sparse logits, then the
-            // sparse pass once more, one position at a time, to count the zeroed inputs. It is
-            // opened on the sparse model, so that its fused launches can take these masks.
-            if spec.mode != Mode::All {
-                bail!(
-                    "ppl --device {} supports --mode all only (got {}); use --device cpu",
-                    a.common.device,
-                    spec.mode.name()
-                );
-            }
-            let mut dec = a
-                .common
-                .decoder(device, Models::single(&sparse), opts.ctx)?;
-            let r = compare_on(&mut *dec, &sparse, &t, &tokens, &opts, progress)?;
-            (r, dec.describe())
-        };
+        let (r, where_) = compare_models(
+            &a.common, device, &model, &sparse, &t, spec.mode, &tokens, &opts, progress,
+        )?;
         bar.finish_and_clear();
         let planned = th.planned_sparsity(&spec, &files.config)?;
         if a.json {
@@ -1106,6 +1071,39 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The dense model and `sparse` (the same weights with `masks`) on the same windows:
+/// [`compare`] on the CPU, elsewhere [`compare_on`] through one decoder opened on `sparse` (so
+/// that its fused launches take these masks; mode `all` only). Also returns where it ran.
+#[allow(clippy::too_many_arguments)]
+fn compare_models(
+    common: &Common,
+    device: Device,
+    model: &Llama,
+    sparse: &Llama,
+    masks: &Masks,
+    mode: Mode,
+    tokens: &[u32],
+    opts: &PplOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<(SparseReport, String)> {
+    if device == Device::Cpu {
+        let r = compare(&model.config, model, sparse, mode, tokens, opts, progress)?;
+        return Ok((r, teal::device::describe_cpu(opts.kv)));
+    }
+    // Per window the dense and the sparse logits, then the sparse pass once more, one
+    // position at a time, to count the zeroed inputs.
+    if mode != Mode::All {
+        bail!(
+            "--device {} supports --mode all only (got {}); use --device cpu",
+            common.device,
+            mode.name()
+        );
+    }
+    let mut dec = common.decoder(device, Models::single(sparse), opts.ctx)?;
+    let r = compare_on(&mut *dec, sparse, masks, tokens, opts, progress)?;
+    Ok((r, dec.describe()))
 }
 
 fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
@@ -1234,7 +1232,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 fn cmd_report(a: ReportArgs) -> Result<()> {
-    a.common.cpu_only("report")?;
+    let device = a.common.device()?;
     let files = a.common.open()?;
     let sparse_args = SparseArgs {
         sparsity: a.sparsities.iter().cloned().fold(0.0, f64::max),
@@ -1255,7 +1253,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     let opts = PplOptions {
         ctx: a.ctx,
         chunks: Some(a.chunks),
-        kv: a.common.kv(Device::Cpu)?,
+        kv: a.common.kv(device)?,
     };
     let mut methods = vec![
         (Allocation::Uniform, Quantile::Teal),
@@ -1279,6 +1277,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     let mode = spec0.mode;
     let mut rows = Vec::new();
     let mut dense_ppl = f64::NAN;
+    let mut ran_on = String::new();
     for &(allocation, quantile) in &methods {
         let name = match allocation {
             Allocation::Fisher => "fisher (loss-aware, one global threshold)".to_string(),
@@ -1294,16 +1293,19 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
             };
             let t = th.resolve(&spec)?;
             let sparse = model.with_masks(&t)?;
-            let r = compare(
-                &files.config,
+            let (r, on) = compare_models(
+                &a.common,
+                device,
                 &model,
                 &sparse,
+                &t,
                 mode,
                 &tokens,
                 &opts,
                 |_, _| {},
             )?;
             dense_ppl = r.dense_ppl;
+            ran_on = on;
             rows.push(report::Row {
                 method: name.clone(),
                 target,
@@ -1356,12 +1358,9 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         values: Default::default(),
     };
     let first = &tokens[..a.ctx.min(tokens.len())];
-    model.prefill_observed(
-        first,
-        &mut model.new_cache(first.len()),
-        teal::models::llama::Logits::Last,
-        Some(&mut grab),
-    )?;
+    a.common
+        .decoder(device, Models::single(&model), first.len())?
+        .prefill_observed(first, &mut grab)?;
     let site_names = ["q/k/v input", "o input", "gate/up input", "down input"];
     let mut pngs = vec![ppl_png];
     for &l in &layers {
@@ -1379,7 +1378,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     }
     let header = format!(
         "# TEAL report\n\nModel `{}`, thresholds `{}` (calibrated on {} x {} tokens of {}), text `{}`, \
-         {} windows of {} tokens, sparsify mode `{}`.\n\n",
+         {} windows of {} tokens, sparsify mode `{}`, on {}.\n\n",
         a.common.model_path()?.display(),
         path.display(),
         th.calibration.samples,
@@ -1388,7 +1387,8 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         a.file.display(),
         a.chunks,
         a.ctx,
-        mode.name()
+        mode.name(),
+        ran_on
     );
     let figures: String = pngs
         .iter()
