@@ -167,3 +167,54 @@ fn bad_prompts_and_texts_are_clear_errors() {
     let e = fails(&["run", "-m", m, "-p", "hi", "-t", "0"]);
     assert!(e.contains("at least 1"), "{e}");
 }
+
+/// `teal report --device cuda:0 --mode half` is a clear error naming the device: where there is
+/// no GPU, why it cannot be opened; on a GPU, the mode (mode `all` only, as `ppl`).
+#[test]
+fn report_on_a_gpu_refuses_other_modes() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let th = dir.path().join("th.json");
+    let (text_s, th_s) = (text.to_str().unwrap(), th.to_str().unwrap());
+    let cal = Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args(["calibrate", "-m", m, "--data", text_s, "--samples", "1"])
+        .args(["--seq-len", "64", "--no-wina", "-o", th_s])
+        .output()
+        .unwrap();
+    assert!(
+        cal.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cal.stderr)
+    );
+    let out = dir.path().join("report");
+    let e = fails(&[
+        "report",
+        "-m",
+        m,
+        "--thresholds",
+        th_s,
+        "-f",
+        text_s,
+        "--sparsities",
+        "0.5",
+        "--chunks",
+        "1",
+        "-c",
+        "64",
+        "--mode",
+        "half",
+        "--device",
+        "cuda:0",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let gpu = e.contains("--device cuda:0 supports --mode all only (got half)");
+    assert!(gpu || e.starts_with("error: --device cuda:0: "), "{e}");
+}
