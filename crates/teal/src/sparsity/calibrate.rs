@@ -117,7 +117,11 @@ fn calibrate_blocks(
     let total = c.num_hidden_layers;
     for (l, block) in model.layers.iter().enumerate() {
         // The greedy search needs this block's dense inputs (a prefix of each sample).
-        let greedy_inputs = greedy.map(|(g, _)| window_prefixes(&h, g, len, d));
+        let greedy_inputs: Option<Vec<f32>> = greedy.map(|(g, _)| {
+            (0..g.samples)
+                .flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied())
+                .collect()
+        });
         let mut col = Collector {
             values: Default::default(),
         };
@@ -185,14 +189,6 @@ fn embed_windows(model: &Llama, tokens: &[u32]) -> Result<Vec<f32>> {
         model.embed(t, ht);
     }
     Ok(h)
-}
-
-/// The greedy search's block inputs: the first `g.seq_len` rows of each of the first
-/// `g.samples` windows of `len` rows of `h` (`d` wide).
-fn window_prefixes(h: &[f32], g: &GreedyOptions, len: usize, d: usize) -> Vec<f32> {
-    (0..g.samples)
-        .flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied())
-        .collect()
 }
 
 fn greedy_tables(
@@ -508,8 +504,10 @@ pub fn calibrate_on(
 }
 
 /// TEAL's greedy search of every block of the CPU `model`, for [`calibrate_on`]: the dense
-/// block inputs are the first `g.samples` windows of `len` tokens advanced block by block as
-/// [`calibrate`] does, and the masks are read from `sites` and `wina` (the device's tables).
+/// block inputs are the first `g.seq_len` tokens of each of the first `g.samples` windows of
+/// `len` tokens, advanced block by block (attention is causal, so these are the prefixes of
+/// what [`calibrate`] advances whole windows to), and the masks are read from `sites` and
+/// `wina` (the device's tables).
 #[allow(clippy::too_many_arguments)]
 fn greedy_on_cpu(
     model: &Llama,
@@ -522,13 +520,19 @@ fn greedy_on_cpu(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<GreedyTables> {
     let c = &model.config;
-    let (d, total) = (c.hidden_size, c.num_hidden_layers);
+    let (d, total, gl) = (c.hidden_size, c.num_hidden_layers, g.seq_len);
     let weights = size_weights(c);
-    let (cos, sin) = model.rope_tables_for(0, len);
-    let mut h = embed_windows(model, &tokens[..g.samples * len])?;
-    let mut ws = PrefillBuffers::new(c, len);
-    let mut kc = vec![0.0f32; len * c.kv_dim()];
-    let mut vc = vec![0.0f32; len * c.kv_dim()];
+    let (cos, sin) = model.rope_tables_for(0, gl);
+    let rope = (cos.as_slice(), sin.as_slice());
+    let prefixes: Vec<u32> = tokens
+        .chunks(len)
+        .take(g.samples)
+        .flat_map(|w| w[..gl].iter().copied())
+        .collect();
+    let mut h = embed_windows(model, &prefixes)?;
+    let mut ws = PrefillBuffers::new(c, gl);
+    let mut kc = vec![0.0f32; gl * c.kv_dim()];
+    let mut vc = vec![0.0f32; gl * c.kv_dim()];
     let mut layers = Vec::with_capacity(total);
     for (l, block) in model.layers.iter().enumerate() {
         progress(&format!("greedy layer {l}"), l, total);
@@ -537,16 +541,15 @@ fn greedy_on_cpu(
             sites: &sites[l],
             wina: wina.map(|w| &w[l]),
         };
-        let inp = window_prefixes(&h, g, len, d);
-        let rope = (cos.as_slice(), sin.as_slice());
-        layers.push(greedy_layer(
-            c, block, &inp, g, q, masks, &weights, rope, len,
-        ));
-        for x in h.chunks_mut(len * d) {
+        layers.push(greedy_layer(c, block, &h, g, q, masks, &weights, rope, gl));
+        if l + 1 == total {
+            break;
+        }
+        for x in h.chunks_mut(gl * d) {
             block.prefill(
                 c,
                 x,
-                len,
+                gl,
                 0,
                 rope,
                 KvRows::F32(&mut kc, &mut vc),
