@@ -5,6 +5,7 @@
 //! output-major, its rows double as the token embeddings.
 
 use crate::error::{Error, Result};
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 use teal_kernels::packed::{Data, Dtype, PackedRows, PackedT, RowsMat, View};
 use teal_kernels::{cpu, reference};
@@ -246,22 +247,64 @@ impl Linear {
 
     /// Prefill: `y[T, out] = s_t(x[T, in]) W^T + b`.
     pub fn forward_batch(&self, x: &[f32], n_tok: usize, y: &mut [f32]) {
-        let sparsified;
-        let x = match &self.sparsify {
-            None => x,
-            Some(s) => {
-                let mut v = vec![0.0; x.len()];
-                match s {
-                    Sparsify::Threshold(t) => reference::sparsify(x, *t, &mut v),
-                    Sparsify::Channels(t) => reference::sparsify_channels(x, t, &mut v),
-                }
-                sparsified = v;
-                &sparsified
-            }
-        };
-        cpu::matmul_packed(x, n_tok, &self.weight.mat(), y);
+        cpu::matmul_packed(&self.masked(x), n_tok, &self.weight.mat(), y);
         for row in y.chunks_mut(self.out_dim) {
             self.add_bias(row);
+        }
+    }
+
+    /// `s_t(x)`: rows of `x` through this layer's input mask.
+    fn masked<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+        let Some(s) = &self.sparsify else {
+            return Cow::Borrowed(x);
+        };
+        let mut v = vec![0.0; x.len()];
+        match s {
+            Sparsify::Threshold(t) => reference::sparsify(x, *t, &mut v),
+            Sparsify::Channels(t) => reference::sparsify_channels(x, t, &mut v),
+        }
+        Cow::Owned(v)
+    }
+
+    /// Adds `self(x) - from(x)` to `y` (`n_tok` rows), for `self` and `from` the same weights
+    /// under two input masks, reading only the weight rows of the inputs whose masked values
+    /// differ: a step of the greedy search changes a few percent of them, so this is that much
+    /// cheaper than running the product again.
+    pub fn add_mask_change(&self, from: &Linear, x: &[f32], n_tok: usize, y: &mut [f32]) {
+        assert!(
+            Arc::ptr_eq(&self.weight, &from.weight),
+            "add_mask_change: two masks of the same weights"
+        );
+        assert_eq!(x.len(), n_tok * self.in_dim, "add_mask_change: input size");
+        assert_eq!(
+            y.len(),
+            n_tok * self.out_dim,
+            "add_mask_change: output size"
+        );
+        let (new, old) = (self.masked(x), from.masked(x));
+        let (n_in, n_out) = (self.in_dim, self.out_dim);
+        let mat = self.weight.mat();
+        let (mut buf, mut changes) = (Vec::new(), Vec::new());
+        for j in 0..n_in {
+            changes.clear();
+            changes.extend((0..n_tok).filter_map(|t| {
+                let dx = new[t * n_in + j] - old[t * n_in + j];
+                (dx != 0.0).then_some((t, dx))
+            }));
+            if changes.is_empty() {
+                continue;
+            }
+            let w = match mat.view {
+                View::F32(w) => &w[j * n_out..(j + 1) * n_out],
+                _ => {
+                    buf.resize(n_out, 0.0);
+                    mat.dequant_row(j, 0, &mut buf);
+                    &buf[..]
+                }
+            };
+            for &(t, dx) in &changes {
+                cpu::axpy(dx, w, &mut y[t * n_out..(t + 1) * n_out]);
+            }
         }
     }
 
@@ -476,6 +519,51 @@ mod tests {
                     (a[o] - c[out + o]).abs() <= 1e-4 * scale,
                     "{dtype:?} prefill"
                 );
+            }
+        }
+    }
+
+    /// `add_mask_change` moves a product from one mask to another: within f32 rounding of the
+    /// product run again (relative to sum |x w| of a row), for every dtype, threshold and
+    /// per-channel masks, a change to no mask, and masks that zero nothing or everything.
+    #[test]
+    fn a_mask_change_equals_the_product_under_the_new_mask() {
+        const MASK_CHANGE_TOL: f32 = 1e-5;
+        let (out, inp, n_tok) = (45, 67, 3);
+        let w = values(out * inp, 1);
+        let x = values(n_tok * inp, 2);
+        let bias = values(out, 3);
+        let chans: Vec<f32> = (0..inp).map(|j| (j % 5) as f32 / 8.0).collect();
+        let masks = [
+            None,
+            Some(InputMask::Threshold(0.0)),
+            Some(InputMask::Threshold(0.3)),
+            Some(InputMask::Threshold(0.6)),
+            Some(InputMask::Threshold(2.0)),
+            Some(InputMask::Channels(chans.into())),
+        ];
+        for dtype in Dtype::ALL {
+            let l = Linear::from_rows_as(dtype, "w", out, inp, &w, Some(bias.clone())).unwrap();
+            for from in &masks {
+                for to in &masks {
+                    let (a, b) = (l.with_mask(from.clone()), l.with_mask(to.clone()));
+                    let mut got = vec![0.0; n_tok * out];
+                    a.forward_batch(&x, n_tok, &mut got);
+                    b.add_mask_change(&a, &x, n_tok, &mut got);
+                    let mut want = vec![0.0; n_tok * out];
+                    b.forward_batch(&x, n_tok, &mut want);
+                    for t in 0..n_tok {
+                        let scale: f32 = x[t * inp..(t + 1) * inp].iter().map(|v| v.abs()).sum();
+                        for o in t * out..(t + 1) * out {
+                            assert!(
+                                (got[o] - want[o]).abs() <= MASK_CHANGE_TOL * scale,
+                                "{dtype:?} {from:?} -> {to:?}: {} vs {}",
+                                got[o],
+                                want[o]
+                            );
+                        }
+                    }
+                }
             }
         }
     }

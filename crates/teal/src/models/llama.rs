@@ -450,30 +450,24 @@ impl Block {
         ws: &mut PrefillBuffers,
         mut observer: Option<(usize, &mut dyn Observer)>,
     ) {
-        self.attention_residual(c, x, n, pos0, 0, rope, kv, ws, &mut observer);
+        self.attention_residual(c, x, n, pos0, rope, kv, ws, &mut observer);
         self.mlp_residual(c, x, n, ws, &mut observer);
     }
 
-    /// The attention half of the block: `x += o_proj(attention(q, k, v))`. Keys and values are
-    /// computed for all `n` positions; queries (and the update of `x`) only for rows
-    /// `q_from..n`, so callers that need only the last rows (greedy calibration) skip the rest.
+    /// The attention half of the block on `n` positions: `x += o_proj(attention(q, k, v))`.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_residual(
+    fn attention_residual(
         &self,
         c: &Config,
         x: &mut [f32],
         n: usize,
         pos0: usize,
-        q_from: usize,
         rope: (&[f32], &[f32]),
-        mut kv: KvRows<'_>,
+        kv: KvRows<'_>,
         ws: &mut PrefillBuffers,
         observer: &mut Option<(usize, &mut dyn Observer)>,
     ) {
-        let (d, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
-        let half = hd / 2;
-        let (cos, sin) = rope;
-        let nq = n - q_from;
+        let (d, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
         let PrefillBuffers {
             h,
             q,
@@ -485,13 +479,27 @@ impl Block {
         } = ws;
         let (h, q, k, v, att, out) = (
             &mut h[..n * d],
-            &mut q[..nq * qd],
+            &mut q[..n * qd],
             &mut k[..n * kvd],
             &mut v[..n * kvd],
-            &mut att[..nq * qd],
-            &mut out[..nq * d],
+            &mut att[..n * qd],
+            &mut out[..n * d],
         );
-        for t in 0..n {
+        self.attention_input(c, x, n, h);
+        observe(observer, Site::Qkv, h, d);
+        self.q_proj.forward_batch(h, n, q);
+        self.k_proj.forward_batch(h, n, k);
+        self.v_proj.forward_batch(h, n, v);
+        attend(c, q, k, v, n, pos0, 0, rope, kv, att);
+        observe(observer, Site::O, att, qd);
+        self.o_proj.forward_batch(att, n, out);
+        add_assign(&mut x[..n * d], out);
+    }
+
+    /// The attention's input on `m` rows of the residual `x`: `h = rmsnorm(x)`.
+    pub fn attention_input(&self, c: &Config, x: &[f32], m: usize, h: &mut [f32]) {
+        let d = c.hidden_size;
+        for t in 0..m {
             reference::rmsnorm(
                 &x[t * d..(t + 1) * d],
                 &self.input_layernorm,
@@ -499,30 +507,6 @@ impl Block {
                 &mut h[t * d..(t + 1) * d],
             );
         }
-        observe(observer, Site::Qkv, h, d);
-        self.q_proj.forward_batch(&h[q_from * d..], nq, q);
-        self.k_proj.forward_batch(h, n, k);
-        self.v_proj.forward_batch(h, n, v);
-        for t in 0..n {
-            let (ct, st) = (
-                &cos[t * half..(t + 1) * half],
-                &sin[t * half..(t + 1) * half],
-            );
-            if t >= q_from {
-                for head in q[(t - q_from) * qd..(t - q_from + 1) * qd].chunks_mut(hd) {
-                    reference::rope_neox(head, ct, st);
-                }
-            }
-            for head in k[t * kvd..(t + 1) * kvd].chunks_mut(hd) {
-                reference::rope_neox(head, ct, st);
-            }
-        }
-        kv.store(pos0, kvd, k, v);
-        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        kv.attention(q, nq, pos0 + q_from, nh, nkv, hd, att);
-        observe(observer, Site::O, att, qd);
-        self.o_proj.forward_batch(att, nq, out);
-        add_assign(&mut x[q_from * d..n * d], out);
     }
 
     /// The MLP half of the block on `m` rows: `x += down(silu(gate(h)) * up(h))`,
@@ -667,6 +651,47 @@ impl PrefillBuffers {
             out: z(c.hidden_size),
         }
     }
+}
+
+/// Causal attention at positions `pos0..pos0 + n`, before the output projection: RoPE on the
+/// queries `q` (`n - q_from` rows, those of positions `pos0 + q_from..`) and on the keys `k`
+/// (`n` rows) in place, the keys and values `v` into `kv` (which must already hold positions
+/// `0..pos0`), and each query's attention over the positions up to its own into `att`. `rope`
+/// holds the cos/sin tables of the `n` positions. Callers that need only the last rows (the
+/// greedy search) pass `q_from > 0`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    c: &Config,
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &[f32],
+    n: usize,
+    pos0: usize,
+    q_from: usize,
+    rope: (&[f32], &[f32]),
+    mut kv: KvRows<'_>,
+    att: &mut [f32],
+) {
+    let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+    let half = hd / 2;
+    let (cos, sin) = rope;
+    for t in 0..n {
+        let (ct, st) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
+        if t >= q_from {
+            for head in q[(t - q_from) * qd..(t - q_from + 1) * qd].chunks_mut(hd) {
+                reference::rope_neox(head, ct, st);
+            }
+        }
+        for head in k[t * kvd..(t + 1) * kvd].chunks_mut(hd) {
+            reference::rope_neox(head, ct, st);
+        }
+    }
+    kv.store(pos0, kvd, k, v);
+    let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+    kv.attention(q, n - q_from, pos0 + q_from, nh, nkv, hd, att);
 }
 
 fn observe(

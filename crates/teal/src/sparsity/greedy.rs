@@ -5,16 +5,19 @@
 //! sparsity of `max_sparsity`. Every step is recorded.
 //!
 //! Only the last quarter of positions is scored, so queries, the attention output and the MLP are
-//! computed only there (keys and values need every position). MLP candidates reuse the
-//! attention half of the current state and its MLP input, gate and up outputs: a step on gate
-//! or up recomputes that projection and down, a step on down only down.
+//! computed only there (keys and values need every position). The search keeps every
+//! intermediate of the block at its current sparsities, and a candidate recomputes only what its
+//! step changes: the stepped projection's output by the weight rows of the inputs its new mask
+//! zeroes ([`Linear::add_mask_change`]), then everything after it in the block. The seven
+//! candidates of a step run in parallel.
 
 use super::effective_sparsity;
 use super::thresholds::GreedyStep;
 use crate::config::Config;
 use crate::kv_cache::KvRows;
 use crate::linear::{InputMask, Linear};
-use crate::models::llama::{Block, PrefillBuffers};
+use crate::models::llama::{attend, Block};
+use rayon::prelude::*;
 use teal_kernels::cpu;
 
 #[derive(Clone, Debug)]
@@ -56,69 +59,22 @@ pub fn greedy_block(
 ) -> Vec<GreedyStep> {
     let d = c.hidden_size;
     let tail_from = len - (len / 4).max(1);
-    let tail = len - tail_from;
-    let mut ws = PrefillBuffers::new(c, len);
-    let mut kc = vec![0.0f32; len * c.kv_dim()];
-    let mut vc = vec![0.0f32; len * c.kv_dim()];
-
-    // Attention half for the tail rows of every sample: `[samples, tail, hidden]`.
-    let mut attention = |b: &Block, ws: &mut PrefillBuffers| -> Vec<f32> {
-        let mut out = Vec::with_capacity(samples * tail * d);
-        for s in 0..samples {
-            let mut x = inputs[s * len * d..(s + 1) * len * d].to_vec();
-            b.attention_residual(
-                c,
-                &mut x,
-                len,
-                0,
-                tail_from,
-                rope,
-                KvRows::F32(&mut kc, &mut vc),
-                ws,
-                &mut None,
-            );
-            out.extend_from_slice(&x[tail_from * d..]);
-        }
-        out
-    };
-    // The MLP's input of the tail rows (`[samples, tail, hidden]`) and one projection of it
-    // (`[samples, tail, out]`), a sample at a time as the prefill runs it.
-    let mlp_input = |b: &Block, att: &[f32]| -> Vec<f32> {
-        let mut h = vec![0.0f32; att.len()];
-        b.mlp_input(c, att, samples * tail, &mut h);
-        h
-    };
-    let project = |l: &Linear, h: &[f32]| -> Vec<f32> {
-        let mut y = vec![0.0f32; samples * tail * l.out_dim];
-        for (hs, ys) in h.chunks(tail * d).zip(y.chunks_mut(tail * l.out_dim)) {
-            l.forward_batch(hs, tail, ys);
-        }
-        y
-    };
-    // The block's output from the attention half and the MLP's gate and up outputs.
-    let mlp_output = |b: &Block, att: &[f32], g: &[f32], u: &[f32]| -> Vec<f32> {
-        let ff = c.intermediate_size;
-        let mut x = att.to_vec();
-        let mut act = g.to_vec();
-        let mut out = vec![0.0f32; tail * d];
-        for s in 0..samples {
-            let a = &mut act[s * tail * ff..(s + 1) * tail * ff];
-            cpu::silu_mul_in_place(a, &u[s * tail * ff..(s + 1) * tail * ff]);
-            b.mlp_output(&mut x[s * tail * d..(s + 1) * tail * d], tail, a, &mut out);
-        }
-        x
-    };
-    let mlp_parts = |b: &Block, att: &[f32]| -> MlpParts {
-        let h = mlp_input(b, att);
-        let (g, u) = (project(&b.gate_proj, &h), project(&b.up_proj, &h));
-        MlpParts { h, g, u }
+    let mut hn = vec![0.0f32; inputs.len()];
+    block.attention_input(c, inputs, samples * len, &mut hn);
+    let run = Run {
+        c,
+        samples,
+        len,
+        tail_from,
+        rope,
+        x_tail: tail_rows(inputs, samples, len, tail_from, d),
+        hn_tail: tail_rows(&hn, samples, len, tail_from, d),
+        hn,
     };
     let with =
         |s: &[f64; 7]| -> Block { block.with_masks(&std::array::from_fn(|p| mask(p, s[p]))) };
 
-    let dense_att = attention(block, &mut ws);
-    let dense = mlp_parts(block, &dense_att);
-    let target = mlp_output(block, &dense_att, &dense.g, &dense.u);
+    let target = run.state(block).output();
     let norm: f64 = target
         .iter()
         .map(|&v| (v as f64) * (v as f64))
@@ -135,70 +91,37 @@ pub fn greedy_block(
     };
 
     let mut s = [0.0f64; 7];
-    let mut parts = mlp_parts(&with(&s), &dense_att);
-    let mut att = dense_att;
+    let mut cur = with(&s);
+    let mut state = run.state(&cur);
     let mut steps = vec![GreedyStep {
         sparsity: 0.0,
         error: 0.0,
         s,
     }];
     while effective_sparsity(&s, weights) < opts.max_sparsity {
-        // The best step so far: its error, the sparsities after it and what it changed of the
-        // state (the attention output, the MLP's parts).
-        let mut best: Option<Candidate> = None;
-        for p in 0..7 {
-            let mut cand = s;
-            cand[p] = (s[p] + opts.step / weights[p]).min(MAX_PROJ_SPARSITY);
-            if cand[p] <= s[p] {
-                continue;
-            }
-            let b = with(&cand);
-            let (err, change) = match p {
-                0..4 => {
-                    let a = attention(&b, &mut ws);
-                    let m = mlp_parts(&b, &a);
-                    let err = rel_err(&mlp_output(&b, &a, &m.g, &m.u));
-                    (err, Change::Attention(a, m))
-                }
-                4 => {
-                    let g = project(&b.gate_proj, &parts.h);
-                    (
-                        rel_err(&mlp_output(&b, &att, &g, &parts.u)),
-                        Change::Gate(g),
-                    )
-                }
-                5 => {
-                    let u = project(&b.up_proj, &parts.h);
-                    (rel_err(&mlp_output(&b, &att, &parts.g, &u)), Change::Up(u))
-                }
-                _ => (
-                    rel_err(&mlp_output(&b, &att, &parts.g, &parts.u)),
-                    Change::Down,
-                ),
-            };
-            if best.as_ref().is_none_or(|bst| err < bst.err) {
-                best = Some(Candidate {
-                    err,
-                    s: cand,
-                    change,
-                });
-            }
-        }
-        let Some(Candidate {
-            err,
-            s: cand,
-            change,
-        }) = best
-        else {
+        let cands: Vec<(usize, [f64; 7], Block)> = (0..7)
+            .filter_map(|p| {
+                let mut cand = s;
+                cand[p] = (s[p] + opts.step / weights[p]).min(MAX_PROJ_SPARSITY);
+                (cand[p] > s[p]).then(|| (p, cand, with(&cand)))
+            })
+            .collect();
+        let tried: Vec<(f64, [f64; 7], Block, Update)> = cands
+            .into_par_iter()
+            .map(|(p, cand, b)| {
+                let u = run.step(&state, &cur, &b, p);
+                (rel_err(&u.output(&state)), cand, b, u)
+            })
+            .collect();
+        // The least error; the first projection of equal ones.
+        let best = tried
+            .into_iter()
+            .reduce(|a, b| if b.0 < a.0 { b } else { a });
+        let Some((err, cand, b, update)) = best else {
             break;
         };
-        s = cand;
-        match change {
-            Change::Attention(a, m) => (att, parts) = (a, m),
-            Change::Gate(g) => parts.g = g,
-            Change::Up(u) => parts.u = u,
-            Change::Down => {}
-        }
+        (s, cur) = (cand, b);
+        update.apply(&mut state);
         steps.push(GreedyStep {
             sparsity: effective_sparsity(&s, weights),
             error: err,
@@ -208,25 +131,236 @@ pub fn greedy_block(
     steps
 }
 
-/// A candidate step of the greedy search.
-struct Candidate {
-    err: f64,
-    s: [f64; 7],
-    change: Change,
+/// Rows `from..len` of each of `samples` sequences of `len` rows of `w` values.
+fn tail_rows(x: &[f32], samples: usize, len: usize, from: usize, w: usize) -> Vec<f32> {
+    x.chunks(len * w)
+        .take(samples)
+        .flat_map(|seq| &seq[from * w..])
+        .copied()
+        .collect()
 }
 
-/// What a candidate step changes of the search's state.
-enum Change {
-    /// A step on q, k, v or o: the attention half's output and everything of the MLP.
-    Attention(Vec<f32>, MlpParts),
-    Gate(Vec<f32>),
-    Up(Vec<f32>),
-    Down,
+/// What the search runs the block on: its inputs and their normalized form, fixed for the
+/// whole search.
+struct Run<'a> {
+    c: &'a Config,
+    samples: usize,
+    len: usize,
+    /// The first scored position of each sample.
+    tail_from: usize,
+    rope: (&'a [f32], &'a [f32]),
+    /// The block's inputs at the scored positions, `[samples, tail, hidden]`.
+    x_tail: Vec<f32>,
+    /// The attention's normalized input at every position, `[samples, len, hidden]`, and at
+    /// the scored ones.
+    hn: Vec<f32>,
+    hn_tail: Vec<f32>,
 }
 
-/// The MLP's input and its gate and up outputs on the tail rows of every sample.
-struct MlpParts {
+/// The block's intermediates at the search's current sparsities. Rows are those of every
+/// sample: all `len` positions for keys and values, the scored ones for the rest.
+struct State {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// The attention's output, o_proj's input.
+    ctx: Vec<f32>,
+    /// The residual after the attention half.
+    att: Vec<f32>,
+    /// The MLP's input and its gate and up outputs.
     h: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
+    /// down_proj's output.
+    dn: Vec<f32>,
+}
+
+impl State {
+    /// The block's output at the scored positions.
+    fn output(&self) -> Vec<f32> {
+        self.att.iter().zip(&self.dn).map(|(a, d)| a + d).collect()
+    }
+}
+
+/// What a candidate step recomputed of the [`State`] (`None`: unchanged).
+#[derive(Default)]
+struct Update {
+    q: Option<Vec<f32>>,
+    k: Option<Vec<f32>>,
+    v: Option<Vec<f32>>,
+    ctx: Option<Vec<f32>>,
+    att: Option<Vec<f32>>,
+    h: Option<Vec<f32>>,
+    g: Option<Vec<f32>>,
+    u: Option<Vec<f32>>,
+    dn: Vec<f32>,
+}
+
+impl Update {
+    /// The block's output at the scored positions after this step.
+    fn output(&self, st: &State) -> Vec<f32> {
+        let att = self.att.as_ref().unwrap_or(&st.att);
+        att.iter().zip(&self.dn).map(|(a, d)| a + d).collect()
+    }
+
+    fn apply(self, st: &mut State) {
+        let put = |dst: &mut Vec<f32>, v: Option<Vec<f32>>| {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        };
+        put(&mut st.q, self.q);
+        put(&mut st.k, self.k);
+        put(&mut st.v, self.v);
+        put(&mut st.ctx, self.ctx);
+        put(&mut st.att, self.att);
+        put(&mut st.h, self.h);
+        put(&mut st.g, self.g);
+        put(&mut st.u, self.u);
+        st.dn = self.dn;
+    }
+}
+
+impl Run<'_> {
+    /// `l` on `x` (rows of its input size).
+    fn project(l: &Linear, x: &[f32]) -> Vec<f32> {
+        let n = x.len() / l.in_dim;
+        let mut y = vec![0.0f32; n * l.out_dim];
+        l.forward_batch(x, n, &mut y);
+        y
+    }
+
+    /// `y` changed from `old`'s mask on `x` to `new`'s.
+    fn changed(new: &Linear, old: &Linear, x: &[f32], y: &[f32]) -> Vec<f32> {
+        let mut y = y.to_vec();
+        new.add_mask_change(old, x, x.len() / new.in_dim, &mut y);
+        y
+    }
+
+    /// The attention's output at the scored positions from the queries there and the keys and
+    /// values of every position (all before RoPE).
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let (c, len) = (self.c, self.len);
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let tail = len - self.tail_from;
+        let mut out = vec![0.0f32; self.samples * tail * qd];
+        let (mut kc, mut vc) = (vec![0.0f32; len * kvd], vec![0.0f32; len * kvd]);
+        for (s, att) in out.chunks_mut(tail * qd).enumerate() {
+            let mut qs = q[s * tail * qd..(s + 1) * tail * qd].to_vec();
+            let mut ks = k[s * len * kvd..(s + 1) * len * kvd].to_vec();
+            let vs = &v[s * len * kvd..(s + 1) * len * kvd];
+            let kv = KvRows::F32(&mut kc, &mut vc);
+            attend(
+                c,
+                &mut qs,
+                &mut ks,
+                vs,
+                len,
+                0,
+                self.tail_from,
+                self.rope,
+                kv,
+                att,
+            );
+        }
+        out
+    }
+
+    /// The residual after the attention half from o_proj's input.
+    fn attention_output(&self, b: &Block, ctx: &[f32]) -> Vec<f32> {
+        let mut x = Self::project(&b.o_proj, ctx);
+        for (x, r) in x.iter_mut().zip(&self.x_tail) {
+            *x += r;
+        }
+        x
+    }
+
+    /// The MLP's input and its gate and up outputs from the residual after the attention.
+    fn mlp_front(&self, b: &Block, att: &[f32]) -> [Vec<f32>; 3] {
+        let mut h = vec![0.0f32; att.len()];
+        b.mlp_input(self.c, att, att.len() / self.c.hidden_size, &mut h);
+        let (g, u) = (
+            Self::project(&b.gate_proj, &h),
+            Self::project(&b.up_proj, &h),
+        );
+        [h, g, u]
+    }
+
+    /// down_proj's input.
+    fn act(g: &[f32], u: &[f32]) -> Vec<f32> {
+        let mut a = g.to_vec();
+        cpu::silu_mul_in_place(&mut a, u);
+        a
+    }
+
+    /// Every intermediate of `b` on the search's inputs.
+    fn state(&self, b: &Block) -> State {
+        let q = Self::project(&b.q_proj, &self.hn_tail);
+        let (k, v) = (
+            Self::project(&b.k_proj, &self.hn),
+            Self::project(&b.v_proj, &self.hn),
+        );
+        let ctx = self.attention(&q, &k, &v);
+        let att = self.attention_output(b, &ctx);
+        let [h, g, u] = self.mlp_front(b, &att);
+        let dn = Self::project(&b.down_proj, &Self::act(&g, &u));
+        State {
+            q,
+            k,
+            v,
+            ctx,
+            att,
+            h,
+            g,
+            u,
+            dn,
+        }
+    }
+
+    /// The step that moves projection `p` from `cur`'s mask to `new`'s (the two blocks differ
+    /// only there), from the state of `cur`.
+    fn step(&self, st: &State, cur: &Block, new: &Block, p: usize) -> Update {
+        let mut up = Update::default();
+        if p < 3 {
+            let (lin, old, x, y) = match p {
+                0 => (&new.q_proj, &cur.q_proj, &self.hn_tail[..], &st.q),
+                1 => (&new.k_proj, &cur.k_proj, &self.hn[..], &st.k),
+                _ => (&new.v_proj, &cur.v_proj, &self.hn[..], &st.v),
+            };
+            let y = Self::changed(lin, old, x, y);
+            match p {
+                0 => up.q = Some(y),
+                1 => up.k = Some(y),
+                _ => up.v = Some(y),
+            }
+            up.ctx = Some(self.attention(
+                up.q.as_ref().unwrap_or(&st.q),
+                up.k.as_ref().unwrap_or(&st.k),
+                up.v.as_ref().unwrap_or(&st.v),
+            ));
+        }
+        if p < 4 {
+            let att = match &up.ctx {
+                Some(ctx) => self.attention_output(new, ctx),
+                None => Self::changed(&new.o_proj, &cur.o_proj, &st.ctx, &st.att),
+            };
+            let [h, g, u] = self.mlp_front(new, &att);
+            (up.att, up.h, up.g, up.u) = (Some(att), Some(h), Some(g), Some(u));
+        }
+        match p {
+            4 => up.g = Some(Self::changed(&new.gate_proj, &cur.gate_proj, &st.h, &st.g)),
+            5 => up.u = Some(Self::changed(&new.up_proj, &cur.up_proj, &st.h, &st.u)),
+            _ => {}
+        }
+        let a = Self::act(
+            up.g.as_ref().unwrap_or(&st.g),
+            up.u.as_ref().unwrap_or(&st.u),
+        );
+        up.dn = if p == 6 {
+            Self::changed(&new.down_proj, &cur.down_proj, &a, &st.dn)
+        } else {
+            Self::project(&new.down_proj, &a)
+        };
+        up
+    }
 }
