@@ -212,6 +212,13 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
     let toks = tokens(3 * 64, 5);
     let d = c.hidden_size;
     let (cos, sin) = m.rope_tables_for(0, 32);
+    // A block's prefill of 32 positions from position 0, in place.
+    let run_block = |b: &teal::models::llama::Block, x: &mut [f32]| {
+        let mut ws = teal::models::llama::PrefillBuffers::new(&c, 32);
+        let (mut kc, mut vc) = (vec![0.0; 32 * c.kv_dim()], vec![0.0; 32 * c.kv_dim()]);
+        let kv = teal::kv_cache::KvRows::F32(&mut kc, &mut vc);
+        b.prefill(&c, x, 32, 0, (&cos, &sin), kv, &mut ws, None);
+    };
     // Dense inputs of block 1: embeddings run through block 0, first 32 positions of samples 0, 1.
     let mut inputs = Vec::new();
     for s in 0..2 {
@@ -220,18 +227,7 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
         for (&t, xt) in w.iter().zip(x.chunks_mut(d)) {
             m.embed(t, xt);
         }
-        let mut ws = teal::models::llama::PrefillBuffers::new(&c, 32);
-        let (mut kc, mut vc) = (vec![0.0; 32 * c.kv_dim()], vec![0.0; 32 * c.kv_dim()]);
-        m.layers[0].prefill(
-            &c,
-            &mut x,
-            32,
-            0,
-            (&cos, &sin),
-            teal::kv_cache::KvRows::F32(&mut kc, &mut vc),
-            &mut ws,
-            None,
-        );
+        run_block(&m.layers[0], &mut x);
         inputs.extend(x);
     }
     let lookup = |p: usize, s: f64| {
@@ -269,28 +265,8 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
         for smp in 0..2 {
             let mut xd = inputs[smp * 32 * d..(smp + 1) * 32 * d].to_vec();
             let mut xs = xd.clone();
-            let mut ws = teal::models::llama::PrefillBuffers::new(&c, 32);
-            let (mut kc, mut vc) = (vec![0.0; 32 * c.kv_dim()], vec![0.0; 32 * c.kv_dim()]);
-            m.layers[layer].prefill(
-                &c,
-                &mut xd,
-                32,
-                0,
-                (&cos, &sin),
-                teal::kv_cache::KvRows::F32(&mut kc, &mut vc),
-                &mut ws,
-                None,
-            );
-            b.prefill(
-                &c,
-                &mut xs,
-                32,
-                0,
-                (&cos, &sin),
-                teal::kv_cache::KvRows::F32(&mut kc, &mut vc),
-                &mut ws,
-                None,
-            );
+            run_block(&m.layers[layer], &mut xd);
+            run_block(&b, &mut xs);
             for i in 24 * d..32 * d {
                 num += ((xs[i] - xd[i]) as f64).powi(2);
                 den += (xd[i] as f64).powi(2);

@@ -499,14 +499,7 @@ impl Block {
     /// The attention's input on `m` rows of the residual `x`: `h = rmsnorm(x)`.
     pub fn attention_input(&self, c: &Config, x: &[f32], m: usize, h: &mut [f32]) {
         let d = c.hidden_size;
-        for t in 0..m {
-            reference::rmsnorm(
-                &x[t * d..(t + 1) * d],
-                &self.input_layernorm,
-                c.rms_norm_eps,
-                &mut h[t * d..(t + 1) * d],
-            );
-        }
+        rmsnorm_rows(&x[..m * d], &self.input_layernorm, c.rms_norm_eps, h);
     }
 
     /// The MLP half of the block on `m` rows: `x += down(silu(gate(h)) * up(h))`,
@@ -539,14 +532,12 @@ impl Block {
     /// The MLP's input on `m` rows of the residual `x`: `h = rmsnorm(x)`.
     pub fn mlp_input(&self, c: &Config, x: &[f32], m: usize, h: &mut [f32]) {
         let d = c.hidden_size;
-        for t in 0..m {
-            reference::rmsnorm(
-                &x[t * d..(t + 1) * d],
-                &self.post_attention_layernorm,
-                c.rms_norm_eps,
-                &mut h[t * d..(t + 1) * d],
-            );
-        }
+        rmsnorm_rows(
+            &x[..m * d],
+            &self.post_attention_layernorm,
+            c.rms_norm_eps,
+            h,
+        );
     }
 
     /// The MLP's last step on `m` rows: `x += down(act)`, with `out` (`m` rows of the hidden
@@ -650,6 +641,13 @@ impl PrefillBuffers {
             u: z(c.intermediate_size),
             out: z(c.hidden_size),
         }
+    }
+}
+
+/// RMSNorm with weights `w` of every row of `x` (rows of `w.len()`) into the rows of `h`.
+fn rmsnorm_rows(x: &[f32], w: &[f32], eps: f32, h: &mut [f32]) {
+    for (xr, hr) in x.chunks(w.len()).zip(h.chunks_mut(w.len())) {
+        reference::rmsnorm(xr, w, eps, hr);
     }
 }
 
