@@ -10,7 +10,7 @@ use super::thresholds::{
     default_levels, interpolate, Fingerprint, FisherTables, GreedyTables, Provenance, Quantile,
     SiteTable, Thresholds, FORMAT, VERSION,
 };
-use super::{size_weights, PROJ_SITE};
+use super::{size_weights, window_rows, PROJ_SITE};
 use crate::device::Decoder;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvRows;
@@ -117,11 +117,7 @@ fn calibrate_blocks(
     let total = c.num_hidden_layers;
     for (l, block) in model.layers.iter().enumerate() {
         // The greedy search needs this block's dense inputs (a prefix of each sample).
-        let greedy_inputs: Option<Vec<f32>> = greedy.map(|(g, _)| {
-            (0..g.samples)
-                .flat_map(|s| h[s * len * d..(s * len + g.seq_len) * d].iter().copied())
-                .collect()
-        });
+        let greedy_inputs = greedy.map(|(g, _)| window_rows(&h, d, len, g.samples, 0..g.seq_len));
         let mut col = Collector {
             values: Default::default(),
         };
@@ -524,12 +520,7 @@ fn greedy_on_cpu(
     let weights = size_weights(c);
     let (cos, sin) = model.rope_tables_for(0, gl);
     let rope = (cos.as_slice(), sin.as_slice());
-    let prefixes: Vec<u32> = tokens
-        .chunks(len)
-        .take(g.samples)
-        .flat_map(|w| w[..gl].iter().copied())
-        .collect();
-    let mut h = embed_windows(model, &prefixes)?;
+    let mut h = embed_windows(model, &window_rows(tokens, 1, len, g.samples, 0..gl))?;
     let mut ws = PrefillBuffers::new(c, gl);
     let mut kc = vec![0.0f32; gl * c.kv_dim()];
     let mut vc = vec![0.0f32; gl * c.kv_dim()];

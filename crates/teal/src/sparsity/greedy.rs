@@ -11,8 +11,8 @@
 //! zeroes ([`Linear::add_mask_change`]), then everything after it in the block. The seven
 //! candidates of a step run in parallel.
 
-use super::effective_sparsity;
 use super::thresholds::GreedyStep;
+use super::{effective_sparsity, window_rows};
 use crate::config::Config;
 use crate::kv_cache::KvRows;
 use crate::linear::{InputMask, Linear};
@@ -67,8 +67,8 @@ pub fn greedy_block(
         len,
         tail_from,
         rope,
-        x_tail: tail_rows(inputs, samples, len, tail_from, d),
-        hn_tail: tail_rows(&hn, samples, len, tail_from, d),
+        x_tail: window_rows(inputs, d, len, samples, tail_from..len),
+        hn_tail: window_rows(&hn, d, len, samples, tail_from..len),
         hn,
     };
     let with =
@@ -131,15 +131,6 @@ pub fn greedy_block(
     steps
 }
 
-/// Rows `from..len` of each of `samples` sequences of `len` rows of `w` values.
-fn tail_rows(x: &[f32], samples: usize, len: usize, from: usize, w: usize) -> Vec<f32> {
-    x.chunks(len * w)
-        .take(samples)
-        .flat_map(|seq| &seq[from * w..])
-        .copied()
-        .collect()
-}
-
 /// What the search runs the block on: its inputs and their normalized form, fixed for the
 /// whole search.
 struct Run<'a> {
@@ -178,8 +169,13 @@ struct State {
 impl State {
     /// The block's output at the scored positions.
     fn output(&self) -> Vec<f32> {
-        self.att.iter().zip(&self.dn).map(|(a, d)| a + d).collect()
+        block_output(&self.att, &self.dn)
     }
+}
+
+/// The block's output from the residual after the attention half and down_proj's output.
+fn block_output(att: &[f32], dn: &[f32]) -> Vec<f32> {
+    att.iter().zip(dn).map(|(a, d)| a + d).collect()
 }
 
 /// What a candidate step recomputed of the [`State`] (`None`: unchanged).
@@ -199,8 +195,7 @@ struct Update {
 impl Update {
     /// The block's output at the scored positions after this step.
     fn output(&self, st: &State) -> Vec<f32> {
-        let att = self.att.as_ref().unwrap_or(&st.att);
-        att.iter().zip(&self.dn).map(|(a, d)| a + d).collect()
+        block_output(self.att.as_ref().unwrap_or(&st.att), &self.dn)
     }
 
     fn apply(self, st: &mut State) {
@@ -321,18 +316,22 @@ impl Run<'_> {
     /// only there), from the state of `cur`.
     fn step(&self, st: &State, cur: &Block, new: &Block, p: usize) -> Update {
         let mut up = Update::default();
-        if p < 3 {
-            let (lin, old, x, y) = match p {
-                0 => (&new.q_proj, &cur.q_proj, &self.hn_tail[..], &st.q),
-                1 => (&new.k_proj, &cur.k_proj, &self.hn[..], &st.k),
-                _ => (&new.v_proj, &cur.v_proj, &self.hn[..], &st.v),
-            };
-            let y = Self::changed(lin, old, x, y);
-            match p {
-                0 => up.q = Some(y),
-                1 => up.k = Some(y),
-                _ => up.v = Some(y),
+        match p {
+            0 => {
+                up.q = Some(Self::changed(
+                    &new.q_proj,
+                    &cur.q_proj,
+                    &self.hn_tail,
+                    &st.q,
+                ))
             }
+            1 => up.k = Some(Self::changed(&new.k_proj, &cur.k_proj, &self.hn, &st.k)),
+            2 => up.v = Some(Self::changed(&new.v_proj, &cur.v_proj, &self.hn, &st.v)),
+            4 => up.g = Some(Self::changed(&new.gate_proj, &cur.gate_proj, &st.h, &st.g)),
+            5 => up.u = Some(Self::changed(&new.up_proj, &cur.up_proj, &st.h, &st.u)),
+            _ => {}
+        }
+        if p < 3 {
             up.ctx = Some(self.attention(
                 up.q.as_ref().unwrap_or(&st.q),
                 up.k.as_ref().unwrap_or(&st.k),
@@ -346,11 +345,6 @@ impl Run<'_> {
             };
             let [h, g, u] = self.mlp_front(new, &att);
             (up.att, up.h, up.g, up.u) = (Some(att), Some(h), Some(g), Some(u));
-        }
-        match p {
-            4 => up.g = Some(Self::changed(&new.gate_proj, &cur.gate_proj, &st.h, &st.g)),
-            5 => up.u = Some(Self::changed(&new.up_proj, &cur.up_proj, &st.h, &st.u)),
-            _ => {}
         }
         let a = Self::act(
             up.g.as_ref().unwrap_or(&st.g),

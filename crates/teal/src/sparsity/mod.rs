@@ -23,6 +23,22 @@ pub const PROJ_NAMES: [&str; 7] = [
 /// Site index (0 qkv, 1 o, 2 gate/up, 3 down) whose activations feed each projection.
 pub const PROJ_SITE: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
 
+/// Rows `rows` of each of the first `windows` windows of `len` rows (`width` values a row) in
+/// `x`, one window's after another: the greedy search's block inputs and scored positions.
+pub(crate) fn window_rows<T: Copy>(
+    x: &[T],
+    width: usize,
+    len: usize,
+    windows: usize,
+    rows: std::ops::Range<usize>,
+) -> Vec<T> {
+    x.chunks(len * width)
+        .take(windows)
+        .flat_map(|w| &w[rows.start * width..rows.end * width])
+        .copied()
+        .collect()
+}
+
 /// Parameter count of each projection relative to `q_proj` (TEAL's size weights `w_p`,
 /// derived from the config, not hard-coded).
 pub fn size_weights(c: &crate::config::Config) -> [f64; 7] {
