@@ -1,10 +1,12 @@
 //! Fast CPU paths: AVX2/FMA with run-time detection and a portable fallback, threaded over output
 //! columns (or input rows): the decode kernels on [`crate::pool`]'s spinning workers, prefill on
 //! rayon's pool. Each function computes exactly what its namesake in [`crate::reference`]
-//! computes (up to float summation order) and is tested against it.
+//! computes (up to float summation order) and is tested against it; the AVX2 q4 GEMV rounds
+//! its activations to 8 bits, as [`crate::reference::gemv_q4_int8`] defines.
 
 use crate::packed::{groups, q4_offsets, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q4_SUPER, Q8_BLOCK};
 use crate::pool;
+use crate::reference::{Q4_MID, Q4_PASS};
 use rayon::prelude::*;
 
 /// Output columns per tile (f32; formats with fewer bytes per weight take wider tiles): a
@@ -758,53 +760,66 @@ fn f16_table() -> &'static [f32; 65536] {
     })
 }
 
-/// AVX2 tile over a blocked format (q8, q4): kept rows in passes of four, then one by one
-/// (`$pass::<N>`), each next pass's row starts prefetched.
-macro_rules! blocked_tile {
-    ($name:ident, $pass:ident, $bsize:expr) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<R: Rows>(
-            w: &Mat,
-            blocks: &[u8],
-            ng: usize,
-            rows: &R,
-            o0: usize,
-            yt: &mut [f32],
-        ) {
-            use std::arch::x86_64::*;
-            yt.fill(0.0);
-            let nr = rows.len();
-            // The tile's part of row 0.
-            let seg = blocks.as_ptr().add(o0 / GROUP * $bsize);
-            // The bytes of each next-pass row fetched ahead: no more than the tile holds of a
-            // row (on a short row it would fetch the next row's, which a sparse GEMV mostly
-            // skips).
-            let start_bytes = PREFETCH_BYTES.min(yt.len().div_ceil(GROUP) * $bsize);
-            let mut k = 0;
-            while k + 4 <= nr {
-                // The start of the next pass's rows, as far as the pass itself prefetches
-                // ahead within each row, so that none of it is waited for: kept rows are far
-                // apart, which the hardware prefetcher does not follow.
-                for r in k + 4..(k + 8).min(nr) {
-                    let p = seg.add(rows.get(r).0 * ng * $bsize);
-                    for line in (0..start_bytes).step_by(64) {
-                        _mm_prefetch::<TILE_PREFETCH>(p.add(line) as *const i8);
-                    }
-                }
-                $pass::<4, R>(w, blocks, ng, rows, k, o0, yt);
-                k += 4;
-            }
-            while k < nr {
-                $pass::<1, R>(w, blocks, ng, rows, k, o0, yt);
-                k += 1;
-            }
-        }
-    };
+/// AVX2 tile over q8 weights: kept rows in passes of four, then one by one
+/// ([`pass_q8_avx2`]), each next pass's row starts prefetched.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q8_avx2<R: Rows>(
+    w: &Mat,
+    blocks: &[u8],
+    ng: usize,
+    rows: &R,
+    o0: usize,
+    yt: &mut [f32],
+) {
+    yt.fill(0.0);
+    let nr = rows.len();
+    let tile_bytes = yt.len().div_ceil(GROUP) * Q8_BLOCK;
+    let mut k = 0;
+    while k + 4 <= nr {
+        let next = k + 4..(k + 8).min(nr);
+        prefetch_row_starts(
+            blocks,
+            ng * Q8_BLOCK,
+            o0 / GROUP * Q8_BLOCK,
+            rows,
+            next,
+            tile_bytes,
+        );
+        pass_q8_avx2::<4, R>(w, blocks, ng, rows, k, o0, yt);
+        k += 4;
+    }
+    while k < nr {
+        pass_q8_avx2::<1, R>(w, blocks, ng, rows, k, o0, yt);
+        k += 1;
+    }
 }
 
-blocked_tile!(tile_q8_avx2, pass_q8_avx2, Q8_BLOCK);
-blocked_tile!(tile_q4_avx2, pass_q4_avx2, Q4_BLOCK);
+/// Prefetches the start of the rows `next` (of a blocked format's rows of `row_bytes`, from
+/// byte `off` of each, where the tile's part begins), as far as a pass itself prefetches ahead
+/// within each row, so that none of it is waited for: kept rows are far apart, which the
+/// hardware prefetcher does not follow. No more than the tile's `tile_bytes` of a row: on a
+/// short row it would fetch the next row's, which a sparse GEMV mostly skips.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn prefetch_row_starts<R: Rows>(
+    blocks: &[u8],
+    row_bytes: usize,
+    off: usize,
+    rows: &R,
+    next: std::ops::Range<usize>,
+    tile_bytes: usize,
+) {
+    use std::arch::x86_64::*;
+    let seg = blocks.as_ptr().add(off);
+    for r in next {
+        let p = seg.add(rows.get(r).0 * row_bytes);
+        for line in (0..PREFETCH_BYTES.min(tile_bytes)).step_by(64) {
+            _mm_prefetch::<TILE_PREFETCH>(p.add(line) as *const i8);
+        }
+    }
+}
 
 /// Adds the trailing partial group of a tile (only at the end of the matrix) through the
 /// scalar definition.
@@ -891,19 +906,59 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
     }
 }
 
-/// One q4 pass over `N` kept rows. Per super-block, each row's scales and minimums (up to
-/// eight of each) are converted with one F16C instruction each and multiplied by `x_j`; then
-/// per group `acc += (x_j d_jg) q_j` in registers, plus `sum_j x_j m_jg` once. A trailing
-/// partial group goes through the scalar definition.
+/// AVX2 tile over q4 weights with the products in integers: passes of [`Q4_PASS`] kept rows,
+/// the next pass's row starts prefetched. See [`pass_q4_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn pass_q4_avx2<const N: usize, R: Rows>(
+unsafe fn tile_q4_avx2<R: Rows>(
+    w: &Mat,
+    blocks: &[u8],
+    ng: usize,
+    rows: &R,
+    o0: usize,
+    yt: &mut [f32],
+) {
+    yt.fill(0.0);
+    let nr = rows.len();
+    let tile_bytes = yt.len().div_ceil(GROUP) * Q4_BLOCK;
+    let mut k = 0;
+    while k < nr {
+        let m = Q4_PASS.min(nr - k);
+        let next = k + m..(k + m + Q4_PASS).min(nr);
+        prefetch_row_starts(
+            blocks,
+            ng * Q4_BLOCK,
+            o0 / GROUP * Q4_BLOCK,
+            rows,
+            next,
+            tile_bytes,
+        );
+        pass_q4_avx2(w, blocks, ng, rows, k, m, o0, yt);
+        k += m;
+    }
+}
+
+/// One q4 pass over `m <= Q4_PASS` kept rows (the rest of the pass padded with zero inputs),
+/// what `reference::gemv_q4_int8` defines. Per super-block and group `g`, each row's
+/// `c_jg = x_j d_jg` is rounded to an int8 `k_jg = round(127 c_jg / max_j |c_jg|)` (the
+/// maximum over the pass's rows), the nibbles `q_jo` of two rows at a time are multiplied by
+/// their `k` and summed in int16 (`vpmaddubsw`: 16 products a group for one instruction, where
+/// the f32 path converted and multiplied 8), and the pass adds
+/// `S_g sum_j k_jg q_jo + sum_j x_j m_jg + 7.5 sum_j (c_jg - S_g k_jg)` to the output,
+/// `S_g = max_j |c_jg| / 127`. The rounding is GGML's quantization of the activations to 8
+/// bits for its Q4 dot products, here per group of outputs and pass of rows; the last term
+/// adds back the part of its error that the mean `q` carries (on SmolLM2-135M that cut the
+/// decode's KL divergence from exact products six-fold, docs/PERFORMANCE.md).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pass_q4_avx2<R: Rows>(
     w: &Mat,
     blocks: &[u8],
     ng: usize,
     rows: &R,
     k: usize,
+    m: usize,
     o0: usize,
     yt: &mut [f32],
 ) {
@@ -912,57 +967,152 @@ unsafe fn pass_q4_avx2<const N: usize, R: Rows>(
     let g0 = o0 / GROUP;
     let gend = g0 + n / GROUP;
     let yp = yt.as_mut_ptr();
-    let (js, xs, ps) = pass_rows::<N, R>(rows, k, blocks, ng * Q4_BLOCK, 0);
-    // Prefetch ahead only while it stays within the tile's part of the row.
+    let row_bytes = ng * Q4_BLOCK;
+    let mut js = [0usize; Q4_PASS];
+    let mut xs = [0.0f32; Q4_PASS];
+    for r in 0..m {
+        (js[r], xs[r]) = rows.get(k + r);
+    }
+    for r in m..Q4_PASS {
+        js[r] = js[0];
+    }
+    let ps: [*const u8; Q4_PASS] = std::array::from_fn(|r| blocks.as_ptr().add(js[r] * row_bytes));
     let prefetch_end = (gend * Q4_BLOCK).saturating_sub(PREFETCH_BYTES);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
-        // This super-block's groups, and those of them in the tile.
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
         let base = sb * Q4_BLOCK;
-        // Sixteen bytes from the scales and from the minimums: a partial super-block's
-        // 20 k >= 2 k + 16 bytes hold them, the lanes past `kk` are not used.
-        let mut xd = [[0.0f32; Q4_SUPER]; N];
+        // c_jg for the super-block's groups (lanes past kk unused), their maximum, and the
+        // minimums' sum; a partial super-block's 20 kk >= 2 kk + 16 bytes hold the loads.
+        let mut c = [_mm256_setzero_ps(); Q4_PASS];
+        let mut amax = _mm256_setzero_ps();
         let mut bias = _mm256_setzero_ps();
-        for r in 0..N {
+        for r in 0..Q4_PASS {
             let p = ps[r].add(base);
             let x = _mm256_set1_ps(xs[r]);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * kk) as *const __m128i));
-            _mm256_storeu_ps(xd[r].as_mut_ptr(), _mm256_mul_ps(x, d));
-            bias = _mm256_fmadd_ps(x, m, bias);
+            let mn = _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * kk) as *const __m128i));
+            c[r] = _mm256_mul_ps(x, d);
+            amax = _mm256_max_ps(amax, _mm256_and_ps(c[r], abs_mask));
+            bias = _mm256_fmadd_ps(x, mn, bias);
         }
+        let nonzero = _mm256_cmp_ps::<_CMP_GT_OQ>(amax, _mm256_setzero_ps());
+        let inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0), amax), nonzero);
+        let step = _mm256_mul_ps(amax, _mm256_set1_ps(1.0 / 127.0));
+        // kw[p][g]: the int8 pair (k of row 2p, k of row 2p + 1) of group g, as one u16 (one
+        // spare entry, read by a lone group's unused lane); `err`: sum_j (c_jg - S_g k_jg).
+        let mut kw = [[0u16; Q4_SUPER + 2]; Q4_PASS / 2];
+        let mut err = _mm256_setzero_ps();
+        for (p, kp) in kw.iter_mut().enumerate() {
+            let a = _mm256_cvtps_epi32(_mm256_mul_ps(c[2 * p], inv));
+            let b = _mm256_cvtps_epi32(_mm256_mul_ps(c[2 * p + 1], inv));
+            err = _mm256_add_ps(err, _mm256_fnmadd_ps(step, _mm256_cvtepi32_ps(a), c[2 * p]));
+            err = _mm256_add_ps(
+                err,
+                _mm256_fnmadd_ps(step, _mm256_cvtepi32_ps(b), c[2 * p + 1]),
+            );
+            let a16 = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+            let b16 = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256::<1>(b));
+            let ab = _mm_packs_epi16(a16, b16);
+            let pairs = _mm_unpacklo_epi8(ab, _mm_srli_si128::<8>(ab));
+            _mm_storeu_si128(kp.as_mut_ptr() as *mut __m128i, pairs);
+        }
+        let mut sc = [0.0f32; Q4_SUPER];
         let mut bs = [0.0f32; Q4_SUPER];
-        _mm256_storeu_ps(bs.as_mut_ptr(), bias);
-        for i in i0..i1 {
-            let gy = yp.add((sb + i - g0) * GROUP);
-            let b = _mm256_set1_ps(bs[i]);
-            let mut acc = [
-                _mm256_add_ps(_mm256_loadu_ps(gy), b),
-                _mm256_add_ps(_mm256_loadu_ps(gy.add(8)), b),
-                _mm256_add_ps(_mm256_loadu_ps(gy.add(16)), b),
-                _mm256_add_ps(_mm256_loadu_ps(gy.add(24)), b),
-            ];
+        _mm256_storeu_ps(sc.as_mut_ptr(), step);
+        _mm256_storeu_ps(
+            bs.as_mut_ptr(),
+            _mm256_fmadd_ps(_mm256_set1_ps(Q4_MID), err, bias),
+        );
+        let mut i = i0;
+        while i < i1 {
             let off = base + 4 * kk + 16 * i;
-            for r in 0..N {
-                if off < prefetch_end {
-                    _mm_prefetch::<TILE_PREFETCH>(ps[r].add(off + PREFETCH_BYTES) as *const i8);
-                }
-                let qv = q4_nibbles(ps[r].add(off));
-                let s = _mm256_set1_ps(xd[r][i]);
-                for t in 0..4 {
-                    acc[t] = _mm256_fmadd_ps(s, qv[t], acc[t]);
+            let acc = if i + 1 < i1 {
+                q4_groups_avx2::<true>(&ps, &kw, i, off, off < prefetch_end)
+            } else {
+                q4_groups_avx2::<false>(&ps, &kw, i, off, off < prefetch_end)
+            };
+            for l in 0..(i1 - i).min(2) {
+                let gy = yp.add((sb + i + l - g0) * GROUP);
+                let s = _mm256_set1_ps(sc[i + l]);
+                let b = _mm256_set1_ps(bs[i + l]);
+                // acc[0], acc[2], acc[1], acc[3] hold outputs 0..8, 8..16, 16..24, 24..32;
+                // lane l of each is group i + l.
+                for (t, a) in [acc[0], acc[2], acc[1], acc[3]].into_iter().enumerate() {
+                    let h = if l == 0 {
+                        _mm256_castsi256_si128(a)
+                    } else {
+                        _mm256_extracti128_si256::<1>(a)
+                    };
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h));
+                    let yv = _mm256_add_ps(_mm256_loadu_ps(gy.add(8 * t)), b);
+                    _mm256_storeu_ps(gy.add(8 * t), _mm256_fmadd_ps(s, f, yv));
                 }
             }
-            for (t, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(gy.add(t * 8), *a);
-            }
+            i += 2;
         }
     }
     let full = n / GROUP * GROUP;
     if full < n {
-        partial_group(w, &js, &xs, o0 + full, &mut yt[full..]);
+        partial_group(w, &js[..m], &xs[..m], o0 + full, &mut yt[full..]);
     }
+}
+
+/// The int16 sums `sum_j k_jg q_jo` of a pass over group `i` (lane 0) and, when `TWO`, group
+/// `i + 1` (lane 1), nibbles at byte `off` of each row: for outputs 0..8 (`[0]`), 16..24
+/// (`[1]`), 8..16 (`[2]`) and 24..32 (`[3]`) of each group.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_groups_avx2<const TWO: bool>(
+    ps: &[*const u8; Q4_PASS],
+    kw: &[[u16; Q4_SUPER + 2]; Q4_PASS / 2],
+    i: usize,
+    off: usize,
+    prefetch: bool,
+) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    let lo = _mm256_set1_epi8(0x0F);
+    // Lane 0 takes the pair word of group i (bytes 0, 1), lane 1 that of group i + 1.
+    let pick = _mm256_setr_epi8(
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+        2, 3,
+    );
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for (p, kp) in kw.iter().enumerate() {
+        let (pa, pb) = (ps[2 * p].add(off), ps[2 * p + 1].add(off));
+        if prefetch {
+            _mm_prefetch::<TILE_PREFETCH>(pa.add(PREFETCH_BYTES) as *const i8);
+            _mm_prefetch::<TILE_PREFETCH>(pb.add(PREFETCH_BYTES) as *const i8);
+        }
+        let (va, vb) = if TWO {
+            (
+                _mm256_loadu_si256(pa as *const __m256i),
+                _mm256_loadu_si256(pb as *const __m256i),
+            )
+        } else {
+            (
+                _mm256_zextsi128_si256(_mm_loadu_si128(pa as *const __m128i)),
+                _mm256_zextsi128_si256(_mm_loadu_si128(pb as *const __m128i)),
+            )
+        };
+        let u = _mm256_unpacklo_epi8(va, vb);
+        let h = _mm256_unpackhi_epi8(va, vb);
+        let kv = _mm256_shuffle_epi8(
+            _mm256_set1_epi32((kp.as_ptr().add(i) as *const i32).read_unaligned()),
+            pick,
+        );
+        let nib = |v: __m256i, t: usize| {
+            let v = if t == 0 { v } else { _mm256_srli_epi16::<4>(v) };
+            _mm256_maddubs_epi16(_mm256_and_si256(v, lo), kv)
+        };
+        acc[0] = _mm256_add_epi16(acc[0], nib(u, 0));
+        acc[1] = _mm256_add_epi16(acc[1], nib(u, 1));
+        acc[2] = _mm256_add_epi16(acc[2], nib(h, 0));
+        acc[3] = _mm256_add_epi16(acc[3], nib(h, 1));
+    }
+    acc
 }
 
 /// `w[j, o0 .. o0 + out.len()]` as f32, what [`Mat::dequant_row`] computes: f16/bf16 through
@@ -2125,34 +2275,87 @@ mod tests {
     use super::*;
     use crate::packed::{Dtype, PackedRows, PackedT};
 
-    /// A q4 tile that starts inside a super-block (no work split makes one, the kernel allows
-    /// it) and one that starts on a boundary, both with a partial super-block and a partial
-    /// group at the end, against the scalar dequantization; 4 + 3 rows so that both pass
-    /// widths run.
+    /// The integer q4 tile against its definition (`reference::gemv_q4_int8`, the same
+    /// passes of rows) within f32 summation error: tiles that start on and inside a
+    /// super-block, a partial super-block and a partial group at the end, every input (two
+    /// full passes and a short one), kept lists in any order, one row and none. The
+    /// definition itself is within its rounding bound of the exact product: each `c_j` is off
+    /// by at most half a step `A / 127`, times `|q - 7.5|` (the errors times 7.5 are added
+    /// back).
     #[test]
-    fn q4_tile_from_any_group_matches_dequant() {
-        let (n_in, n_out) = (7, 32 * 21 + 5);
+    fn q4_tile_matches_its_integer_definition() {
+        let (n_in, n_out) = (37, 32 * 21 + 5);
         let wt: Vec<f32> = (0..n_in * n_out).map(|i| (i as f32 * 0.37).sin()).collect();
-        let x: Vec<f32> = (0..n_in).map(|i| (i as f32 * 0.71).cos()).collect();
+        let x: Vec<f32> = (0..n_in)
+            .map(|i| (i as f32 * 0.71).cos() * (1 + i % 5) as f32)
+            .collect();
         let p = PackedT::from_input_major(Dtype::Q4, &wt, n_in, n_out).unwrap();
         let m = p.mat();
-        for o0 in [0, 32 * 3, 32 * 8, 32 * 9] {
-            let n = n_out - o0;
-            let mut want = vec![0.0f32; n];
-            let mut row = vec![0.0f32; n];
-            for (j, &xj) in x.iter().enumerate() {
-                m.dequant_row(j, o0, &mut row);
-                for (w, &v) in want.iter_mut().zip(&row) {
-                    *w += xj * v;
+        let every: Vec<u32> = (0..n_in as u32).collect();
+        let lists: [Vec<u32>; 4] = [every, vec![30, 2, 17, 5, 36, 0, 11], vec![9], vec![]];
+        for list in &lists {
+            let val: Vec<f32> = list.iter().map(|&j| x[j as usize]).collect();
+            let rows: Vec<(usize, f32)> =
+                list.iter().map(|&j| j as usize).zip(val.clone()).collect();
+            for o0 in [0, 32 * 3, 32 * 8, 32 * 9] {
+                let n = n_out - o0;
+                let mut want = vec![0.0f32; n];
+                crate::reference::gemv_q4_int8(&m, &rows, o0, &mut want);
+                let (mut exact, mut scale, mut bound) =
+                    (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+                let mut row = vec![0.0f32; n];
+                for pass in rows.chunks(Q4_PASS) {
+                    for (o, b) in bound.iter_mut().enumerate().take(n / GROUP * GROUP) {
+                        let g = (o0 + o) / GROUP;
+                        let a = pass
+                            .iter()
+                            .fold(0.0f32, |a, &(j, x)| a.max((x * m.q4_group(j, g).0).abs()));
+                        *b += a / 254.0
+                            * pass
+                                .iter()
+                                .map(|&(j, _)| {
+                                    (m.q4_group(j, g).2[(o0 + o) % GROUP] as f32 - Q4_MID).abs()
+                                })
+                                .sum::<f32>();
+                    }
                 }
-            }
-            for simd in [false, simd_available()] {
-                let mut got = vec![f32::NAN; n];
-                tile(&m, &AllRows(&x), o0, &mut got, simd);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                for &(j, xj) in &rows {
+                    m.dequant_row(j, o0, &mut row);
+                    for o in 0..n {
+                        exact[o] += xj * row[o];
+                        scale[o] += (xj * row[o]).abs();
+                    }
+                }
+                for o in 0..n {
+                    let lim = 1.001 * bound[o] + 1e-5 * (1.0 + scale[o]);
                     assert!(
-                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                        "o0 {o0} column {i}: {g} vs {w}"
+                        (want[o] - exact[o]).abs() <= lim,
+                        "definition, column {o}: {} vs {} (bound {lim})",
+                        want[o],
+                        exact[o]
+                    );
+                }
+                if !simd_available() {
+                    continue;
+                }
+                let mut got = vec![f32::NAN; n];
+                tile(
+                    &m,
+                    &Kept {
+                        idx: list,
+                        val: &val,
+                    },
+                    o0,
+                    &mut got,
+                    true,
+                );
+                for o in 0..n {
+                    assert!(
+                        (got[o] - want[o]).abs() <= 1e-5 * (1.0 + scale[o]),
+                        "{} rows, o0 {o0}, column {o}: {} vs {}",
+                        list.len(),
+                        got[o],
+                        want[o]
                     );
                 }
             }

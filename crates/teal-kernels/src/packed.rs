@@ -352,15 +352,34 @@ impl<'a> Mat<'a> {
                     let blk = &b[g * Q8_BLOCK..(g + 1) * Q8_BLOCK];
                     h(blk) * blk[2 + i] as i8 as f32
                 }
-                View::Q4(b) => {
-                    let row = &b[j * ng * Q4_BLOCK..(j + 1) * ng * Q4_BLOCK];
-                    let (od, om, oq) = q4_offsets(ng, o / GROUP);
-                    let byte = row[oq + i % 16];
-                    let nib = if i < 16 { byte & 15 } else { byte >> 4 };
-                    h(&row[od..]) * nib as f32 + h(&row[om..])
+                View::Q4(_) => {
+                    let (d, m, q) = self.q4_group(j, o / GROUP);
+                    d * q[i] as f32 + m
                 }
             };
         }
+    }
+
+    /// Group `g` of row `j` of a q4 matrix: its scale `d`, minimum `m` and the 32 values `q`
+    /// (0..=15), `w = d q + m` (scalar; the definition of the format).
+    pub fn q4_group(&self, j: usize, g: usize) -> (f32, f32, [u8; GROUP]) {
+        let View::Q4(b) = self.view else {
+            panic!("q4_group: not a q4 matrix")
+        };
+        let ng = groups(self.n_out);
+        assert!(j < self.n_in && g < ng, "q4_group: out of range");
+        let row = &b[j * ng * Q4_BLOCK..(j + 1) * ng * Q4_BLOCK];
+        let (od, om, oq) = q4_offsets(ng, g);
+        let h = |o: usize| f16::from_le_bytes([row[o], row[o + 1]]).to_f32();
+        let q = std::array::from_fn(|i| {
+            let byte = row[oq + i % 16];
+            if i < 16 {
+                byte & 15
+            } else {
+                byte >> 4
+            }
+        });
+        (h(od), h(om), q)
     }
 }
 

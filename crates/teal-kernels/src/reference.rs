@@ -213,6 +213,67 @@ pub fn gemv_packed(w: &crate::packed::Mat, x: &[f32], y: &mut [f32]) {
     gemv_packed_idx(w, &idx, x, y)
 }
 
+/// Kept rows that the q4 GEMV's integer passes take at a time (`cpu`'s AVX2 q4 tile).
+pub const Q4_PASS: usize = 16;
+
+/// The middle of q4's values 0..=15: the rounding errors of a pass's activations, summed, are
+/// added back times this (the part of their products with `q` that the mean `q` carries).
+pub const Q4_MID: f32 = 7.5;
+
+/// The q4 GEMV with the activations rounded to 8 bits, as the AVX2 q4 tile computes it over
+/// columns `o0 .. o0 + y.len()`: the rows `(input index, value)` in the tile's order, in passes
+/// of [`Q4_PASS`] consecutive rows. Per pass and group `g` of 32 outputs: `c_j = x_j d_jg`,
+/// `A = max_j |c_j|`, `k_j = round(c_j (127 / A))` (ties to even; 0 where `A = 0`), and the
+/// pass adds `(A / 127) sum_j k_j q_jo + sum_j x_j m_jg`. A partial last group is the exact
+/// `sum_j x_j w_jo`.
+pub fn gemv_q4_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], o0: usize, y: &mut [f32]) {
+    use crate::packed::GROUP;
+    assert!(
+        o0.is_multiple_of(GROUP) && o0 + y.len() <= w.n_out,
+        "gemv_q4_int8: columns"
+    );
+    y.fill(0.0);
+    let full = y.len() / GROUP * GROUP;
+    for pass in rows.chunks(Q4_PASS) {
+        for g in 0..full / GROUP {
+            let parts: Vec<_> = pass
+                .iter()
+                .map(|&(j, _)| w.q4_group(j, o0 / GROUP + g))
+                .collect();
+            let c: Vec<f32> = pass
+                .iter()
+                .zip(&parts)
+                .map(|(&(_, x), p)| x * p.0)
+                .collect();
+            let a = c.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
+            let s = a * (1.0 / 127.0);
+            let k: Vec<i32> = c
+                .iter()
+                .map(|&c| (c * inv).round_ties_even() as i32)
+                .collect();
+            let err: f32 = c.iter().zip(&k).map(|(&c, &k)| c - s * k as f32).sum();
+            let bias: f32 = pass
+                .iter()
+                .zip(&parts)
+                .map(|(&(_, x), p)| x * p.1)
+                .sum::<f32>()
+                + Q4_MID * err;
+            for (i, yo) in y[g * GROUP..(g + 1) * GROUP].iter_mut().enumerate() {
+                let dot: i32 = k.iter().zip(&parts).map(|(&k, p)| k * p.2[i] as i32).sum();
+                *yo += bias + s * dot as f32;
+            }
+        }
+        let mut row = vec![0.0; y.len() - full];
+        for &(j, x) in pass {
+            w.dequant_row(j, o0 + full, &mut row);
+            for (yo, &r) in y[full..].iter_mut().zip(&row) {
+                *yo += x * r;
+            }
+        }
+    }
+}
+
 /// Dense GEMV on an output-major matrix as dot products: `y[o] = sum_i w[o, i] x[i]`, each row
 /// dequantized, summed in order.
 pub fn gemv_dot(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {

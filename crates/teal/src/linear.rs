@@ -472,6 +472,11 @@ mod tests {
 
     /// q8 reproduces the f32 layer within its quantization error (relative to sum |x w|).
     const Q8_LAYER_TOL: f32 = 1e-2;
+    /// What q4's 8-bit activations in decode may change per input row, relative to the largest
+    /// |x| (the weights here are within [-1, 1]): each `x_j d_jg` is off by at most half a step
+    /// of `max |x d| / 127`, with `d <= 2 / 15`, times `|q - 7.5| <= 7.5`
+    /// (`teal_kernels::reference::gemv_q4_int8`).
+    const Q4_ACT_TOL: f32 = (2.0 / 15.0) / 254.0 * 7.5;
 
     fn weights(out: usize, inp: usize) -> Vec<f32> {
         (0..out * inp)
@@ -503,6 +508,8 @@ mod tests {
                 );
             }
             // Sparse decode equals the dense layer on the sparsified input, and prefill agrees.
+            // q4's decode rounds its activations to 8 bits in passes of rows, which the two
+            // decodes cut differently and prefill does not do: up to Q4_ACT_TOL apart.
             let s = l.with_mask(Some(InputMask::Threshold(0.5)));
             let xs: Vec<f32> = x
                 .iter()
@@ -513,10 +520,18 @@ mod tests {
             l.forward(&xs, &mut b);
             let two: Vec<f32> = x.iter().chain(&x).copied().collect();
             s.forward_batch(&two, 2, &mut c);
+            let act = if dtype == Dtype::Q4 {
+                Q4_ACT_TOL * inp as f32 * x.iter().fold(0.0f32, |a, v| a.max(v.abs()))
+            } else {
+                0.0
+            };
             for o in 0..out {
-                assert!((a[o] - b[o]).abs() <= 1e-5 * scale, "{dtype:?} sparse");
                 assert!(
-                    (a[o] - c[out + o]).abs() <= 1e-4 * scale,
+                    (a[o] - b[o]).abs() <= 1e-5 * scale + 2.0 * act,
+                    "{dtype:?} sparse"
+                );
+                assert!(
+                    (a[o] - c[out + o]).abs() <= 1e-4 * scale + act,
                     "{dtype:?} prefill"
                 );
             }

@@ -1,0 +1,72 @@
+//! Perplexity scored through decode steps (one token at a time, the GEMV kernels) next to the
+//! same windows scored by prefill (the GEMM path), in one weight format: what decode-only
+//! numerics, such as the q4 GEMV's 8-bit activations, change. Protocol P512 otherwise
+//! (windows of `ctx` tokens from the start of the text, no BOS, tokens 1.. of each scored).
+//!
+//!   cargo run --release -p teal --example decode_ppl -- MODEL DTYPE TEXT [WINDOWS] [CTX]
+//!
+//! Prints both perplexities, the mean KL divergence of the decode step's next-token
+//! distribution from prefill's, and how often their top tokens agree.
+use std::path::Path;
+use teal::models::llama::{DecodeScratch, Logits};
+use teal::{Dtype, ModelFiles};
+
+fn log_softmax(z: &[f32]) -> Vec<f64> {
+    let m = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+    let s: f64 = z.iter().map(|&v| (v as f64 - m).exp()).sum();
+    z.iter().map(|&v| v as f64 - m - s.ln()).collect()
+}
+
+fn argmax(z: &[f32]) -> usize {
+    (0..z.len()).fold(0, |b, i| if z[i] > z[b] { i } else { b })
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 4 {
+        return Err("usage: decode_ppl MODEL DTYPE TEXT [WINDOWS] [CTX]".into());
+    }
+    let dtype = Dtype::parse(&args[2]).ok_or("unknown dtype")?;
+    let windows: usize = args.get(4).map_or(Ok(2), |v| v.parse())?;
+    let ctx: usize = args.get(5).map_or(Ok(512), |v| v.parse())?;
+    let files = ModelFiles::open(Path::new(&args[1]))?;
+    let text = std::fs::read_to_string(&args[3])?;
+    let ids = files.tokenizer.encode(&text, false)?;
+    let model = files.load_model_as(dtype)?;
+    let vocab = model.config.vocab_size;
+    let (mut nll_d, mut nll_p, mut kl, mut agree, mut n) = (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
+    let mut scratch = DecodeScratch::new(&model.config, ctx);
+    for w in 0..windows {
+        let toks = &ids[w * ctx..(w + 1) * ctx];
+        let mut cache = model.new_cache(ctx);
+        let all = model.prefill(toks, &mut cache, Logits::All)?;
+        let mut cache = model.new_cache(ctx);
+        for (i, &t) in toks[..ctx - 1].iter().enumerate() {
+            let zd = model.decode(t, &mut cache, &mut scratch)?;
+            let zp = &all[i * vocab..(i + 1) * vocab];
+            let (ld, lp) = (log_softmax(zd), log_softmax(zp));
+            let next = toks[i + 1] as usize;
+            nll_d -= ld[next];
+            nll_p -= lp[next];
+            kl += lp
+                .iter()
+                .zip(&ld)
+                .map(|(&p, &d)| p.exp() * (p - d))
+                .sum::<f64>();
+            agree += (argmax(zd) == argmax(zp)) as usize;
+            n += 1;
+        }
+    }
+    let n_f = n as f64;
+    println!(
+        "{} {}: {windows} x {ctx} tokens, {n} scored: decode PPL {:.4}, prefill PPL {:.4} (x{:.5}), KL(prefill || decode) {:.2e}, top-1 agreement {:.4}",
+        args[1],
+        dtype.name(),
+        (nll_d / n_f).exp(),
+        (nll_p / n_f).exp(),
+        ((nll_d - nll_p) / n_f).exp(),
+        kl / n_f,
+        agree as f64 / n_f
+    );
+    Ok(())
+}
