@@ -506,22 +506,53 @@ fn chunk<R: Rows>(w: &Mat, rows: &R, o0: usize, yc: &mut [f32], simd: bool) {
 fn tile<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        let ng = w.n_out.div_ceil(GROUP);
         // SAFETY: the features were detected by `simd_available`; every index stays inside the
         // matrix (checked by the callers' size asserts and `o0 + yt.len() <= n_out`).
-        unsafe {
-            match w.view {
-                View::F32(a) => tile_f32_avx2(a, w.n_out, rows, o0, yt),
-                View::F16(a) => tile_f16_avx2(a, w.n_out, rows, o0, yt),
-                View::Bf16(a) => tile_bf16_avx2(a, w.n_out, rows, o0, yt),
-                View::Q8(b) => tile_q8_avx2(w, b, ng, rows, o0, yt),
-                View::Q4(b) => tile_q4_avx2(w, b, ng, rows, o0, yt),
-            }
-        }
+        unsafe { tile_avx2(w, rows, o0, yt) };
         return;
     }
     let _ = simd;
     tile_portable(w, rows, o0, yt)
+}
+
+/// [`tile`] on AVX2/FMA/F16C, one body per format. The q8 and q4 passes are called from
+/// closures defined here, so that they inherit the target features and are inlined.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32]) {
+    let ng = w.n_out.div_ceil(GROUP);
+    match w.view {
+        View::F32(a) => tile_f32_avx2(a, w.n_out, rows, o0, yt),
+        View::F16(a) => tile_f16_avx2(a, w.n_out, rows, o0, yt),
+        View::Bf16(a) => tile_bf16_avx2(a, w.n_out, rows, o0, yt),
+        // q8: passes of four rows, then one by one; q4: of Q4_PASS rows (the last one
+        // shorter).
+        View::Q8(b) => blocked_tile(
+            b,
+            ng * Q8_BLOCK,
+            Q8_BLOCK,
+            rows,
+            o0,
+            yt,
+            4,
+            |left| if left >= 4 { 4 } else { 1 },
+            |k, m, yt| match m {
+                4 => pass_q8_avx2::<4, R>(w, b, ng, rows, k, o0, yt),
+                _ => pass_q8_avx2::<1, R>(w, b, ng, rows, k, o0, yt),
+            },
+        ),
+        View::Q4(b) => blocked_tile(
+            b,
+            ng * Q4_BLOCK,
+            Q4_BLOCK,
+            rows,
+            o0,
+            yt,
+            Q4_PASS,
+            |left| left.min(Q4_PASS),
+            |k, m, yt| pass_q4_avx2(w, b, ng, rows, k, m, o0, yt),
+        ),
+    }
 }
 
 /// Portable tile: dequantize each kept row's slice (a piece at a time), then accumulate.
@@ -760,64 +791,44 @@ fn f16_table() -> &'static [f32; 65536] {
     })
 }
 
-/// AVX2 tile over q8 weights: kept rows in passes of four, then one by one
-/// ([`pass_q8_avx2`]), each next pass's row starts prefetched.
+/// AVX2 tile over a blocked format (q8, q4; blocks of `bsize` bytes): the kept rows in passes,
+/// `take(left)` rows at a time of the `left` still to do, `pass(k, m, yt)` adding rows
+/// `k .. k + m`. Before each pass the starts of the `ahead` rows after it are prefetched, as
+/// far as a pass itself prefetches ahead within each row, so that none of it is waited for:
+/// kept rows are far apart, which the hardware prefetcher does not follow. No more than the
+/// tile's part of a row: on a short row it would fetch the next row's, which a sparse GEMV
+/// mostly skips.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q8_avx2<R: Rows>(
-    w: &Mat,
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn blocked_tile<R: Rows>(
     blocks: &[u8],
-    ng: usize,
+    row_bytes: usize,
+    bsize: usize,
     rows: &R,
     o0: usize,
     yt: &mut [f32],
-) {
-    yt.fill(0.0);
-    let nr = rows.len();
-    let tile_bytes = yt.len().div_ceil(GROUP) * Q8_BLOCK;
-    let mut k = 0;
-    while k + 4 <= nr {
-        let next = k + 4..(k + 8).min(nr);
-        prefetch_row_starts(
-            blocks,
-            ng * Q8_BLOCK,
-            o0 / GROUP * Q8_BLOCK,
-            rows,
-            next,
-            tile_bytes,
-        );
-        pass_q8_avx2::<4, R>(w, blocks, ng, rows, k, o0, yt);
-        k += 4;
-    }
-    while k < nr {
-        pass_q8_avx2::<1, R>(w, blocks, ng, rows, k, o0, yt);
-        k += 1;
-    }
-}
-
-/// Prefetches the start of the rows `next` (of a blocked format's rows of `row_bytes`, from
-/// byte `off` of each, where the tile's part begins), as far as a pass itself prefetches ahead
-/// within each row, so that none of it is waited for: kept rows are far apart, which the
-/// hardware prefetcher does not follow. No more than the tile's `tile_bytes` of a row: on a
-/// short row it would fetch the next row's, which a sparse GEMV mostly skips.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn prefetch_row_starts<R: Rows>(
-    blocks: &[u8],
-    row_bytes: usize,
-    off: usize,
-    rows: &R,
-    next: std::ops::Range<usize>,
-    tile_bytes: usize,
+    ahead: usize,
+    take: impl Fn(usize) -> usize,
+    mut pass: impl FnMut(usize, usize, &mut [f32]),
 ) {
     use std::arch::x86_64::*;
-    let seg = blocks.as_ptr().add(off);
-    for r in next {
-        let p = seg.add(rows.get(r).0 * row_bytes);
-        for line in (0..PREFETCH_BYTES.min(tile_bytes)).step_by(64) {
-            _mm_prefetch::<TILE_PREFETCH>(p.add(line) as *const i8);
+    yt.fill(0.0);
+    let nr = rows.len();
+    let seg = blocks.as_ptr().add(o0 / GROUP * bsize);
+    let start_bytes = PREFETCH_BYTES.min(yt.len().div_ceil(GROUP) * bsize);
+    let mut k = 0;
+    while k < nr {
+        let m = take(nr - k);
+        for r in k + m..(k + m + ahead).min(nr) {
+            let p = seg.add(rows.get(r).0 * row_bytes);
+            for line in (0..start_bytes).step_by(64) {
+                _mm_prefetch::<TILE_PREFETCH>(p.add(line) as *const i8);
+            }
         }
+        pass(k, m, yt);
+        k += m;
     }
 }
 
@@ -903,38 +914,6 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
     }
     if full * GROUP < n {
         partial_group(w, &js, &xs, o0 + full * GROUP, &mut yt[full * GROUP..]);
-    }
-}
-
-/// AVX2 tile over q4 weights with the products in integers: passes of [`Q4_PASS`] kept rows,
-/// the next pass's row starts prefetched. See [`pass_q4_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q4_avx2<R: Rows>(
-    w: &Mat,
-    blocks: &[u8],
-    ng: usize,
-    rows: &R,
-    o0: usize,
-    yt: &mut [f32],
-) {
-    yt.fill(0.0);
-    let nr = rows.len();
-    let tile_bytes = yt.len().div_ceil(GROUP) * Q4_BLOCK;
-    let mut k = 0;
-    while k < nr {
-        let m = Q4_PASS.min(nr - k);
-        let next = k + m..(k + m + Q4_PASS).min(nr);
-        prefetch_row_starts(
-            blocks,
-            ng * Q4_BLOCK,
-            o0 / GROUP * Q4_BLOCK,
-            rows,
-            next,
-            tile_bytes,
-        );
-        pass_q4_avx2(w, blocks, ng, rows, k, m, o0, yt);
-        k += m;
     }
 }
 
