@@ -981,7 +981,7 @@ unsafe fn pass_q4_avx2<R: Rows>(
         let step = _mm256_mul_ps(amax, _mm256_set1_ps(1.0 / 127.0));
         // kw[p][g]: the int8 pair (k of row 2p, k of row 2p + 1) of group g, as one u16 (one
         // spare entry, read by a lone group's unused lane); `err`: sum_j (c_jg - S_g k_jg).
-        let mut kw = [[0u16; Q4_SUPER + 2]; Q4_PASS / 2];
+        let mut kw = [[0u16; Q4_SUPER + 1]; Q4_PASS / 2];
         let mut err = _mm256_setzero_ps();
         for (p, kp) in kw.iter_mut().enumerate() {
             let a = _mm256_cvtps_epi32(_mm256_mul_ps(c[2 * p], inv));
@@ -1047,7 +1047,7 @@ unsafe fn pass_q4_avx2<R: Rows>(
 #[inline(always)]
 unsafe fn q4_groups_avx2<const TWO: bool>(
     ps: &[*const u8; Q4_PASS],
-    kw: &[[u16; Q4_SUPER + 2]; Q4_PASS / 2],
+    kw: &[[u16; Q4_SUPER + 1]; Q4_PASS / 2],
     i: usize,
     off: usize,
     prefetch: bool,
