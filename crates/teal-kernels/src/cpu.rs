@@ -845,12 +845,14 @@ fn partial_group(w: &Mat, js: &[usize], xs: &[f32], o: usize, y: &mut [f32]) {
     }
 }
 
-/// The `N` kept rows of a pass from the `k`-th: their indices, values, and pointers to byte
-/// `off` of each row (rows of `row_bytes`).
+/// The `m <= N` kept rows of a pass from the `k`-th: their indices, values, and pointers to
+/// byte `off` of each row (rows of `row_bytes`); the pass's last `N - m` entries repeat its
+/// first row with the value 0.
 #[inline(always)]
 fn pass_rows<const N: usize, R: Rows>(
     rows: &R,
     k: usize,
+    m: usize,
     blocks: &[u8],
     row_bytes: usize,
     off: usize,
@@ -859,7 +861,7 @@ fn pass_rows<const N: usize, R: Rows>(
     let mut xs = [0.0f32; N];
     let mut ps = [blocks.as_ptr(); N];
     for r in 0..N {
-        (js[r], xs[r]) = rows.get(k + r);
+        (js[r], xs[r]) = if r < m { rows.get(k + r) } else { (js[0], 0.0) };
         ps[r] = blocks[js[r] * row_bytes + off..].as_ptr();
     }
     (js, xs, ps)
@@ -884,7 +886,7 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
     let full = n / GROUP;
     let g0 = o0 / GROUP;
     let yp = yt.as_mut_ptr();
-    let (js, xs, ps) = pass_rows::<N, R>(rows, k, blocks, ng * Q8_BLOCK, g0 * Q8_BLOCK);
+    let (js, xs, ps) = pass_rows::<N, R>(rows, k, N, blocks, ng * Q8_BLOCK, g0 * Q8_BLOCK);
     let prefetch_end = full.saturating_sub(PREFETCH_BYTES.div_ceil(Q8_BLOCK));
     let table = f16_table();
     for g in 0..full {
@@ -946,16 +948,7 @@ unsafe fn pass_q4_avx2<R: Rows>(
     let g0 = o0 / GROUP;
     let gend = g0 + n / GROUP;
     let yp = yt.as_mut_ptr();
-    let row_bytes = ng * Q4_BLOCK;
-    let mut js = [0usize; Q4_PASS];
-    let mut xs = [0.0f32; Q4_PASS];
-    for r in 0..m {
-        (js[r], xs[r]) = rows.get(k + r);
-    }
-    for r in m..Q4_PASS {
-        js[r] = js[0];
-    }
-    let ps: [*const u8; Q4_PASS] = std::array::from_fn(|r| blocks.as_ptr().add(js[r] * row_bytes));
+    let (js, xs, ps) = pass_rows::<Q4_PASS, R>(rows, k, m, blocks, ng * Q4_BLOCK, 0);
     let prefetch_end = (gend * Q4_BLOCK).saturating_sub(PREFETCH_BYTES);
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {

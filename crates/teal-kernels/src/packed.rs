@@ -40,6 +40,17 @@ pub fn q4_offsets(ng: usize, g: usize) -> (usize, usize, usize) {
     (base + 2 * i, base + 2 * k + 2 * i, base + 4 * k + 16 * i)
 }
 
+/// Value `i` (0..32) of a q4 group from its 16 bytes: byte `i` holds value `i` in its low
+/// nibble and value `i + 16` in its high one.
+fn q4_value(nibbles: &[u8], i: usize) -> u8 {
+    let byte = nibbles[i % 16];
+    if i < 16 {
+        byte & 15
+    } else {
+        byte >> 4
+    }
+}
+
 /// A weight format chosen at load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {
@@ -353,8 +364,8 @@ impl<'a> Mat<'a> {
                     h(blk) * blk[2 + i] as i8 as f32
                 }
                 View::Q4(_) => {
-                    let (d, m, q) = self.q4_group(j, o / GROUP);
-                    d * q[i] as f32 + m
+                    let (d, m, nibbles) = self.q4_parts(j, o / GROUP);
+                    d * q4_value(nibbles, i) as f32 + m
                 }
             };
         }
@@ -363,6 +374,12 @@ impl<'a> Mat<'a> {
     /// Group `g` of row `j` of a q4 matrix: its scale `d`, minimum `m` and the 32 values `q`
     /// (0..=15), `w = d q + m` (scalar; the definition of the format).
     pub fn q4_group(&self, j: usize, g: usize) -> (f32, f32, [u8; GROUP]) {
+        let (d, m, nibbles) = self.q4_parts(j, g);
+        (d, m, std::array::from_fn(|i| q4_value(nibbles, i)))
+    }
+
+    /// Scale, minimum and the 16 bytes of nibbles of group `g` of row `j` of a q4 matrix.
+    fn q4_parts(&self, j: usize, g: usize) -> (f32, f32, &[u8]) {
         let View::Q4(b) = self.view else {
             panic!("q4_group: not a q4 matrix")
         };
@@ -371,15 +388,7 @@ impl<'a> Mat<'a> {
         let row = &b[j * ng * Q4_BLOCK..(j + 1) * ng * Q4_BLOCK];
         let (od, om, oq) = q4_offsets(ng, g);
         let h = |o: usize| f16::from_le_bytes([row[o], row[o + 1]]).to_f32();
-        let q = std::array::from_fn(|i| {
-            let byte = row[oq + i % 16];
-            if i < 16 {
-                byte & 15
-            } else {
-                byte >> 4
-            }
-        });
-        (h(od), h(om), q)
+        (h(od), h(om), &row[oq..oq + GROUP / 2])
     }
 }
 

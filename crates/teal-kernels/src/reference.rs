@@ -223,9 +223,9 @@ pub const Q4_MID: f32 = 7.5;
 /// The q4 GEMV with the activations rounded to 8 bits, as the AVX2 q4 tile computes it over
 /// columns `o0 .. o0 + y.len()`: the rows `(input index, value)` in the tile's order, in passes
 /// of [`Q4_PASS`] consecutive rows. Per pass and group `g` of 32 outputs: `c_j = x_j d_jg`,
-/// `A = max_j |c_j|`, `k_j = round(c_j (127 / A))` (ties to even; 0 where `A = 0`), and the
-/// pass adds `(A / 127) sum_j k_j q_jo + sum_j x_j m_jg`. A partial last group is the exact
-/// `sum_j x_j w_jo`.
+/// `A = max_j |c_j|`, `S = A / 127`, `k_j = round(c_j (127 / A))` (ties to even; 0 where
+/// `A = 0`), and the pass adds `S sum_j k_j q_jo + sum_j x_j m_jg + Q4_MID sum_j (c_j - S k_j)`.
+/// A partial last group is the exact `sum_j x_j w_jo`.
 pub fn gemv_q4_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], o0: usize, y: &mut [f32]) {
     use crate::packed::GROUP;
     assert!(
