@@ -10,19 +10,10 @@
 //! and a sparsity, both run the TEAL-sparse model (greedy allocation, |x| quantiles, every
 //! position sparsified).
 use std::path::Path;
+use teal::eval::{perplexity::nll, sparse::kl_top1};
 use teal::models::llama::{DecodeScratch, Logits};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
 use teal::{Dtype, ModelFiles};
-
-fn log_softmax(z: &[f32]) -> Vec<f64> {
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
-    let s: f64 = z.iter().map(|&v| (v as f64 - m).exp()).sum();
-    z.iter().map(|&v| v as f64 - m - s.ln()).collect()
-}
-
-fn argmax(z: &[f32]) -> usize {
-    (0..z.len()).fold(0, |b, i| if z[i] > z[b] { i } else { b })
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -61,16 +52,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (i, &t) in toks[..ctx - 1].iter().enumerate() {
             let zd = model.decode(t, &mut cache, &mut scratch)?;
             let zp = &all[i * vocab..(i + 1) * vocab];
-            let (ld, lp) = (log_softmax(zd), log_softmax(zp));
-            let next = toks[i + 1] as usize;
-            nll_d -= ld[next];
-            nll_p -= lp[next];
-            kl += lp
-                .iter()
-                .zip(&ld)
-                .map(|(&p, &d)| p.exp() * (p - d))
-                .sum::<f64>();
-            agree += (argmax(zd) == argmax(zp)) as usize;
+            nll_d += nll(zd, toks[i + 1]);
+            nll_p += nll(zp, toks[i + 1]);
+            let (k, same) = kl_top1(zp, zd);
+            kl += k;
+            agree += same as usize;
             n += 1;
         }
     }

@@ -9,29 +9,16 @@
 //! Prints, per `e`, the PPL ratio to dense on the same tokens and the mean KL divergence from
 //! dense and from the unnudged sparse model.
 use std::path::Path;
+use teal::eval::{perplexity::nll, sparse::kl_top1};
 use teal::linear::InputMask;
 use teal::models::llama::{Llama, Logits};
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
 use teal::{Dtype, ModelFiles};
 
-fn log_softmax(z: &[f32]) -> Vec<f64> {
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
-    let s: f64 = z.iter().map(|&v| (v as f64 - m).exp()).sum();
-    z.iter().map(|&v| v as f64 - m - s.ln()).collect()
-}
-
-fn kl(p: &[f64], q: &[f64]) -> f64 {
-    p.iter().zip(q).map(|(&p, &q)| p.exp() * (p - q)).sum()
-}
-
-/// Log-probabilities of the 511 scored positions of one window.
-fn scores(model: &Llama, toks: &[u32]) -> Result<Vec<Vec<f64>>, teal::Error> {
-    let v = model.config.vocab_size;
+/// The logits of every position of one window (`[512, vocab]`).
+fn logits(model: &Llama, toks: &[u32]) -> Result<Vec<f32>, teal::Error> {
     let mut cache = model.new_cache(toks.len());
-    let z = model.prefill(toks, &mut cache, Logits::All)?;
-    Ok((0..toks.len() - 1)
-        .map(|i| log_softmax(&z[i * v..(i + 1) * v]))
-        .collect())
+    model.prefill(toks, &mut cache, Logits::All)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -77,23 +64,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Per e: NLL sum, KL from dense, KL from the first e.
     let mut acc = vec![(0.0f64, 0.0f64, 0.0f64); es.len()];
     let (mut nll_dense, mut n) = (0.0f64, 0usize);
+    let v = dense.config.vocab_size;
     for w in 0..windows {
         let toks = &ids[w * 512..(w + 1) * 512];
-        let d = scores(&dense, toks)?;
-        let mut first: Option<Vec<Vec<f64>>> = None;
+        let d = logits(&dense, toks)?;
+        let mut first: Option<Vec<f32>> = None;
         for (m, a) in models.iter().zip(acc.iter_mut()) {
-            let s = scores(m, toks)?;
-            for (i, (p, q)) in d.iter().zip(&s).enumerate() {
-                a.0 -= q[toks[i + 1] as usize];
-                a.1 += kl(p, q);
-                a.2 += first.as_ref().map_or(0.0, |f| kl(&f[i], q));
+            let s = logits(m, toks)?;
+            for i in 0..511 {
+                let (p, q) = (&d[i * v..(i + 1) * v], &s[i * v..(i + 1) * v]);
+                a.0 += nll(q, toks[i + 1]);
+                a.1 += kl_top1(p, q).0;
+                a.2 += first
+                    .as_ref()
+                    .map_or(0.0, |f| kl_top1(&f[i * v..(i + 1) * v], q).0);
             }
             first.get_or_insert(s);
         }
-        for (i, p) in d.iter().enumerate() {
-            nll_dense -= p[toks[i + 1] as usize];
-        }
-        n += d.len();
+        nll_dense += (0..511)
+            .map(|i| nll(&d[i * v..(i + 1) * v], toks[i + 1]))
+            .sum::<f64>();
+        n += 511;
     }
     let n = n as f64;
     for (e, a) in es.iter().zip(&acc) {

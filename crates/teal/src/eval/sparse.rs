@@ -67,8 +67,9 @@ impl Observer for MaskCounter<'_> {
     }
 }
 
-/// Mean KL(p || q) and argmax agreement for one position's logits.
-fn kl_top1(dense: &[f32], sparse: &[f32]) -> (f64, bool) {
+/// KL(dense || sparse) of the two next-token distributions of one position's logits (in
+/// f64), and whether their argmaxes agree.
+pub fn kl_top1(dense: &[f32], sparse: &[f32]) -> (f64, bool) {
     let lse = |l: &[f32]| {
         let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         l.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m
