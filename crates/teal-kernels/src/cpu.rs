@@ -2277,21 +2277,7 @@ mod tests {
                 let (mut exact, mut scale, mut bound) =
                     (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
                 let mut row = vec![0.0f32; n];
-                for pass in rows.chunks(Q4_PASS) {
-                    for (o, b) in bound.iter_mut().enumerate().take(n / GROUP * GROUP) {
-                        let g = (o0 + o) / GROUP;
-                        let a = pass
-                            .iter()
-                            .fold(0.0f32, |a, &(j, x)| a.max((x * m.q4_group(j, g).0).abs()));
-                        *b += a / 254.0
-                            * pass
-                                .iter()
-                                .map(|&(j, _)| {
-                                    (m.q4_group(j, g).2[(o0 + o) % GROUP] as f32 - Q4_MID).abs()
-                                })
-                                .sum::<f32>();
-                    }
-                }
+                crate::reference::q4_int8_bound(&m, &rows, o0, Q4_PASS, &mut bound);
                 for &(j, xj) in &rows {
                     m.dequant_row(j, o0, &mut row);
                     for o in 0..n {

@@ -274,6 +274,40 @@ pub fn gemv_q4_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], o0: usize, y:
     }
 }
 
+/// How far [`gemv_q4_int8`] may be from the exact product, per output of columns
+/// `o0 .. o0 + bound.len()`, with `rows` taken `pass` at a time: each `c_j` is rounded by at
+/// most half a step `A / 127` (`A` the pass's largest `|c_j|`), times `|q_jo - Q4_MID|` since
+/// the errors times `Q4_MID` are added back. Zero in a partial last group (exact). With `pass`
+/// the number of rows, a bound for any cut of the rows into passes.
+pub fn q4_int8_bound(
+    w: &crate::packed::Mat,
+    rows: &[(usize, f32)],
+    o0: usize,
+    pass: usize,
+    bound: &mut [f32],
+) {
+    use crate::packed::GROUP;
+    bound.fill(0.0);
+    for pass in rows.chunks(pass.max(1)) {
+        for (g, b) in bound.chunks_exact_mut(GROUP).enumerate() {
+            let parts: Vec<_> = pass
+                .iter()
+                .map(|&(j, x)| (x, w.q4_group(j, o0 / GROUP + g)))
+                .collect();
+            let a = parts
+                .iter()
+                .fold(0.0f32, |a, (x, p)| a.max((x * p.0).abs()));
+            for (i, b) in b.iter_mut().enumerate() {
+                let q: f32 = parts
+                    .iter()
+                    .map(|(_, p)| (p.2[i] as f32 - Q4_MID).abs())
+                    .sum();
+                *b += a / 254.0 * q;
+            }
+        }
+    }
+}
+
 /// Dense GEMV on an output-major matrix as dot products: `y[o] = sum_i w[o, i] x[i]`, each row
 /// dequantized, summed in order.
 pub fn gemv_dot(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {

@@ -417,17 +417,15 @@ mod packed_formats {
     fn gemv_limits(m: &Mat, idx: &[u32], val: &[f32], scale: &[f32]) -> Vec<f32> {
         let mut lim: Vec<f32> = scale.iter().map(|s| GEMV_REL_TOL * s.max(1.0)).collect();
         if let View::Q4(_) = m.view {
-            for g in 0..m.n_out / GROUP {
-                let a = idx.iter().zip(val).fold(0.0f32, |a, (&j, &x)| {
-                    a.max((x * m.q4_group(j as usize, g).0).abs())
-                });
-                for i in 0..GROUP {
-                    let q: f32 = idx
-                        .iter()
-                        .map(|&j| (m.q4_group(j as usize, g).2[i] as f32 - reference::Q4_MID).abs())
-                        .sum();
-                    lim[g * GROUP + i] += 1.001 * a / 254.0 * q;
-                }
+            let rows: Vec<(usize, f32)> = idx
+                .iter()
+                .map(|&j| j as usize)
+                .zip(val.iter().copied())
+                .collect();
+            let mut bound = vec![0.0f32; m.n_out];
+            reference::q4_int8_bound(m, &rows, 0, rows.len(), &mut bound);
+            for (l, b) in lim.iter_mut().zip(&bound) {
+                *l += 1.001 * b;
             }
         }
         lim
