@@ -277,9 +277,10 @@ mod packed_formats {
     /// Quantization error bound of q8 per weight, relative to its group's largest |w|: half a
     /// step (1/254) plus the f16 rounding of the scale.
     const Q8_PACK_TOL: f32 = 0.5 / 127.0 + 1.0 / 1024.0;
-    /// q4 error per weight, relative to its group's range: half a step (1/30) plus the f16
-    /// rounding of scale and minimum (relative to the group's largest |w|, added below).
-    const Q4_PACK_TOL: f32 = 0.5 / 15.0 + 1.0 / 1024.0;
+    /// q4 squared error per group, relative to that of the min/max grid (GGML's `Q4_1`
+    /// choice, which the packer's search starts from and keeps unless it finds a smaller
+    /// error): ties between two levels may round the other way.
+    const Q4_PACK_REL: f32 = 1e-5;
     const F16_PACK_TOL: f32 = 1.0 / 2048.0;
     const BF16_PACK_TOL: f32 = 1.0 / 256.0;
 
@@ -331,6 +332,19 @@ mod packed_formats {
         }
     }
 
+    /// A group on GGML's `Q4_1` grid (`d = (max - min) / 15`, `m = min`, both as f16), dequantized.
+    fn min_max_q4(v: &[f32]) -> Vec<f32> {
+        use half::f16;
+        let lo = v.iter().fold(f32::INFINITY, |a, &x| a.min(x));
+        let hi = v.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let m = f16::from_f32(lo).to_f32();
+        let d = f16::from_f32((hi - m).max(0.0) / 15.0).to_f32();
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        v.iter()
+            .map(|&x| d * ((x - m) * inv).round().clamp(0.0, 15.0) + m)
+            .collect()
+    }
+
     #[test]
     fn pack_is_within_format_error() {
         let (n_in, n_out) = (37, 77);
@@ -342,16 +356,27 @@ mod packed_formats {
             for j in 0..n_in {
                 for (g, chunk) in wt[j * n_out..(j + 1) * n_out].chunks(GROUP).enumerate() {
                     let amax = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-                    let lo = chunk.iter().fold(f32::INFINITY, |a, &v| a.min(v));
-                    let hi = chunk.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                    for (i, &w) in chunk.iter().enumerate() {
-                        let got = dq[j * n_out + g * GROUP + i];
+                    let got = &dq[j * n_out + g * GROUP..][..chunk.len()];
+                    if dtype == Dtype::Q4 {
+                        let sq = |a: &[f32]| -> f32 {
+                            a.iter().zip(chunk).map(|(x, w)| (x - w) * (x - w)).sum()
+                        };
+                        let grid = min_max_q4(chunk);
+                        assert!(
+                            sq(got) <= sq(&grid) * (1.0 + Q4_PACK_REL) + f32::MIN_POSITIVE,
+                            "q4 [{j}, group {g}]: squared error {} > min/max grid's {}",
+                            sq(got),
+                            sq(&grid)
+                        );
+                        continue;
+                    }
+                    for (i, (&w, &got)) in chunk.iter().zip(got).enumerate() {
                         let lim = match dtype {
-                            Dtype::F32 => 0.0,
                             Dtype::F16 => F16_PACK_TOL * w.abs(),
                             Dtype::Bf16 => BF16_PACK_TOL * w.abs(),
                             Dtype::Q8 => Q8_PACK_TOL * amax,
-                            Dtype::Q4 => Q4_PACK_TOL * (hi - lo) + amax / 1024.0,
+                            // f32, stored as it is (q4 is checked per group above).
+                            _ => 0.0,
                         };
                         assert!(
                             (got - w).abs() <= lim,
