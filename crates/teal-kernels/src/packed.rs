@@ -396,9 +396,9 @@ impl PackedT {
                             let (d, m) = q4_scale_min(chunk);
                             out[od..od + 2].copy_from_slice(&d.to_le_bytes());
                             out[om..om + 2].copy_from_slice(&m.to_le_bytes());
-                            let (d, m) = (d.to_f32(), m.to_f32());
+                            let (m, inv) = (m.to_f32(), q4_inverse(d.to_f32()));
                             for (i, &v) in chunk.iter().enumerate() {
-                                let n = q4_level(v, m, q4_inverse(d)) as u8;
+                                let n = q4_level(v, m, inv) as u8;
                                 out[oq + i % 16] |= if i < 16 { n } else { n << 4 };
                             }
                         }
