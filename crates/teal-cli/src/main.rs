@@ -244,7 +244,8 @@ struct ServeArgs {
     alias: Option<String>,
     /// KV caches kept between requests (slots), each with the tokens it holds: a prompt runs on
     /// the slot it continues, else an empty one, else the most similar or least recently used,
-    /// so that several conversations each keep their cache. Requests still run one at a time.
+    /// so that several conversations each keep their cache. Requests on different slots run at
+    /// the same time, a token each in turn (the speed of one stream divides among them).
     /// On a GPU the slots share one copy of the weights.
     #[arg(long, default_value_t = 1)]
     slots: usize,

@@ -1,7 +1,7 @@
 //! teal's HTTP server (OpenAI's API, and llama.cpp's own in `native.rs`), thin: the HTTP side
 //! (axum, on a small tokio runtime) checks requests and writes answers; one engine thread owns
-//! the decoder and runs one request at a time (the engine decodes batch 1), taking them from a
-//! queue in arrival order.
+//! the decoders (slots) and runs a request on each free slot, the running ones a token each in
+//! turn (the engine decodes batch 1), taking them from a queue in arrival order.
 //!
 //! - `GET /health`, `GET /v1/models`
 //! - `POST /v1/completions` (`prompt`) and `POST /v1/chat/completions` (`messages`, rendered with
@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use teal::chat::{encode_prompt, FunctionCall, Infill, Message, Prompt, ToolCall};
 use teal::device::Decoder;
-use teal::generate::{GenerateParams, Session, StopReason};
+use teal::generate::{GenerateParams, Session, StopReason, Turn};
 use teal::grammar::Grammar;
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::tokenizer::Tokenizer;
@@ -76,7 +76,7 @@ pub struct ModelInfo {
     pub meta: Value,
 }
 
-/// Work for the engine thread, served in arrival order.
+/// Work for the engine thread, taken in arrival order.
 pub enum Job {
     /// Generate for one prompt.
     Generate(Box<Generate>),
@@ -259,77 +259,131 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Serves jobs one after another until every sender of `jobs` is gone. Each decoder is a slot:
-/// a KV cache and the tokens it holds, kept between requests; a prompt runs on the slot
-/// [`pick_slot`] chooses, so that several conversations each keep their cache.
+/// Serves jobs until every sender of `jobs` is gone and none is left. Each decoder is a slot:
+/// a KV cache and the tokens it holds, kept between requests; a prompt runs on the free slot
+/// [`pick_slot`] chooses, so that several conversations each keep their cache. Requests on
+/// different slots run at the same time, interleaved a token each in turn (each decodes batch
+/// 1: the speed of one stream divides among them); a new request's prompt runs between two
+/// rounds. Requests that find no free slot wait, and take one in arrival order. An answer's
+/// decode timings are wall time, the other slots' turns included.
 pub fn run_engine(
     slots: Vec<&mut dyn Decoder>,
     tok: &Tokenizer,
     jobs: std::sync::mpsc::Receiver<Job>,
 ) {
+    use std::sync::mpsc::TryRecvError;
     let mut sessions: Vec<Session> = slots.into_iter().map(Session::new).collect();
     let Some(ctx) = sessions.first().map(Session::capacity) else {
         return;
     };
+    let mut running: Vec<Option<Running>> = sessions.iter().map(|_| None).collect();
     // When each slot was last used (0: never), in jobs served.
     let (mut used, mut clock) = (vec![0u64; sessions.len()], 0);
-    for job in jobs {
-        match job {
-            // A request whose client has gone while it waited (an editor's completion request
-            // that the next keystroke replaced) is dropped unrun.
-            Job::Generate(g) if g.events.is_closed() => {}
-            Job::Generate(g) => {
-                let tokens = match encode_prompt(tok, &g.prompt) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        g.events
-                            .send(Event::Failed(ApiError::bad_request(e.to_string())))
-                            .ok();
-                        continue;
-                    }
-                };
-                let state: Vec<SlotState> = sessions
-                    .iter()
-                    .zip(&used)
-                    .map(|(s, &last_used)| SlotState {
-                        cached: s.cached_len(),
-                        shared: if g.cache_prompt {
-                            s.shared_prefix(&tokens)
-                        } else {
-                            0
-                        },
-                        last_used,
-                    })
-                    .collect();
-                let i = match g.slot {
-                    None => pick_slot(&state, tokens.len()),
-                    Some(i) if i < sessions.len() => i,
-                    Some(i) => {
-                        let msg = format!(
-                            "id_slot = {i}: this server has {} slot(s), 0 to {}",
-                            sessions.len(),
-                            sessions.len() - 1
-                        );
-                        g.events
-                            .send(Event::Failed(ApiError::bad_request(msg)))
-                            .ok();
-                        continue;
-                    }
-                };
-                clock += 1;
-                used[i] = clock;
-                serve_job(&mut sessions[i], i, tok, *g, tokens);
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut open = true;
+    loop {
+        // Wait for a job while nothing runs, then take every job that has arrived.
+        let idle = running.iter().all(Option::is_none);
+        if open && idle && waiting.is_empty() {
+            match jobs.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => open = false,
             }
-            Job::Tokenizer(t, reply) => {
-                reply.send(tokenizer_job(tok, ctx, t)).ok();
+        }
+        while open {
+            match jobs.try_recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
             }
-            Job::Embed(inputs, reply) => {
-                // The least recently used slot (the last of those never used): its cache is
-                // emptied.
-                let i = (0..used.len()).rev().min_by_key(|&i| used[i]).unwrap_or(0);
-                clock += 1;
-                used[i] = clock;
-                reply.send(embed_job(&mut sessions[i], tok, &inputs)).ok();
+        }
+        if !open && idle && waiting.is_empty() {
+            return;
+        }
+        // Jobs in arrival order, each on a free slot if there is one for it.
+        for job in std::mem::take(&mut waiting) {
+            let free: Vec<usize> = (0..sessions.len())
+                .filter(|&i| running[i].is_none())
+                .collect();
+            match job {
+                // A request whose client has gone while it waited (an editor's completion
+                // request that the next keystroke replaced) is dropped unrun.
+                Job::Generate(g) if g.events.is_closed() => {}
+                Job::Generate(g) => {
+                    let tokens = match encode_prompt(tok, &g.prompt) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            g.events
+                                .send(Event::Failed(ApiError::bad_request(e.to_string())))
+                                .ok();
+                            continue;
+                        }
+                    };
+                    let i = match g.slot {
+                        None if free.is_empty() => {
+                            waiting.push_back(Job::Generate(g));
+                            continue;
+                        }
+                        None => {
+                            let state: Vec<SlotState> = free
+                                .iter()
+                                .map(|&i| SlotState {
+                                    cached: sessions[i].cached_len(),
+                                    shared: if g.cache_prompt {
+                                        sessions[i].shared_prefix(&tokens)
+                                    } else {
+                                        0
+                                    },
+                                    last_used: used[i],
+                                })
+                                .collect();
+                            free[pick_slot(&state, tokens.len())]
+                        }
+                        Some(i) if i >= sessions.len() => {
+                            let msg = format!(
+                                "id_slot = {i}: this server has {} slot(s), 0 to {}",
+                                sessions.len(),
+                                sessions.len() - 1
+                            );
+                            g.events
+                                .send(Event::Failed(ApiError::bad_request(msg)))
+                                .ok();
+                            continue;
+                        }
+                        Some(i) if running[i].is_some() => {
+                            waiting.push_back(Job::Generate(g));
+                            continue;
+                        }
+                        Some(i) => i,
+                    };
+                    clock += 1;
+                    used[i] = clock;
+                    running[i] = Running::start(&mut sessions[i], i, tok, *g, tokens);
+                }
+                Job::Tokenizer(t, reply) => {
+                    reply.send(tokenizer_job(tok, ctx, t)).ok();
+                }
+                Job::Embed(inputs, reply) => {
+                    // The least recently used free slot (the last of those never used): its
+                    // cache is emptied.
+                    let Some(i) = free.iter().rev().copied().min_by_key(|&i| used[i]) else {
+                        waiting.push_back(Job::Embed(inputs, reply));
+                        continue;
+                    };
+                    clock += 1;
+                    used[i] = clock;
+                    reply.send(embed_job(&mut sessions[i], tok, &inputs)).ok();
+                }
+            }
+        }
+        // A token for each running job.
+        for (i, slot) in running.iter_mut().enumerate() {
+            let Some(r) = slot else { continue };
+            let step = r.step(&mut sessions[i], tok);
+            if !matches!(step, Ok(false)) {
+                if let Some(r) = slot.take() {
+                    r.finish(&mut sessions[i], tok, step.map(|_| ()));
+                }
             }
         }
     }
@@ -421,115 +475,199 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
     })
 }
 
-/// Generates for `job`, whose prompt is `tokens`, on `session` (slot `slot`).
-fn serve_job(session: &mut Session, slot: usize, tok: &Tokenizer, job: Generate, tokens: Vec<u32>) {
-    let send = |e: Event| job.events.send(e).is_ok();
-    let mut sampler = job.sampler;
-    for (key, b) in job.logit_bias {
-        match key {
-            BiasKey::Id(id) => sampler.logit_bias.push((id, b)),
-            BiasKey::Text(text) => match tok.encode(&text, false) {
-                Ok(ids) => sampler.logit_bias.extend(ids.into_iter().map(|id| (id, b))),
-                Err(e) => {
-                    send(Event::Failed(ApiError::bad_request(format!(
-                        "logit_bias: {e}"
-                    ))));
-                    return;
-                }
-            },
-        }
+/// A generation job running on a slot, a token per [`Running::step`]: its turn, and what stands
+/// between the generated text and the client (stop sequences, the indentation limit, the time
+/// limit, text held back).
+struct Running<'t> {
+    slot: usize,
+    /// The prompt's tokens.
+    tokens: Vec<u32>,
+    prompt: Prompt,
+    echo: bool,
+    logprobs: Option<usize>,
+    time_limit: Option<Duration>,
+    events: mpsc::UnboundedSender<Event>,
+    turn: Turn<'t>,
+    filter: StopFilter,
+    indent: IndentLimit,
+    /// Where the indentation limit cut the generated text (bytes).
+    cut: Option<usize>,
+    /// Generated tokens not sent yet, each with the byte offset in the generated text where
+    /// its own text starts and its entry with `logprobs`.
+    pending: VecDeque<(usize, u32, Option<TokenInfo>)>,
+    /// Bytes generated, and how many of them were released.
+    raw: usize,
+    sent: usize,
+    /// When the first token came, whether the text has a line break, whether the time limit
+    /// stopped it.
+    first: Option<Instant>,
+    line_break: bool,
+    timed_out: bool,
+}
+
+/// Sends `text` with the pending tokens that start before byte `sent`; false once the client
+/// has gone.
+fn release(
+    events: &mpsc::UnboundedSender<Event>,
+    text: String,
+    sent: usize,
+    pending: &mut VecDeque<(usize, u32, Option<TokenInfo>)>,
+) -> bool {
+    let n = pending.iter().take_while(|(at, _, _)| *at < sent).count();
+    let (mut ids, mut logprobs) = (Vec::with_capacity(n), Vec::new());
+    for (_, id, info) in pending.drain(..n) {
+        ids.push(id);
+        logprobs.extend(info);
     }
-    if let Err(e) = sampler
-        .check()
-        .and_then(|()| sampler.check_tokens(tok.vocab_size()))
-    {
-        send(Event::Failed(ApiError::bad_request(e)));
-        return;
-    }
-    let params = GenerateParams {
-        max_tokens: job.max_tokens.unwrap_or(session.capacity()),
-        sampler,
-        ctx: session.capacity(),
-        stop_at_eos: !job.ignore_eos,
-        logprobs: job.logprobs,
-        prompt_logprobs: job.echo && job.logprobs.is_some(),
-    };
-    if !job.cache_prompt {
-        session.forget();
-    }
-    let mut filter = StopFilter::new(job.stop);
-    let mut indent = IndentLimit::new(job.min_indent);
-    // Where the indentation limit cut the generated text (bytes).
-    let mut cut = None;
-    // Generated tokens not sent yet, each with the byte offset in the generated text where its
-    // own text starts and its entry with `logprobs`; `raw` bytes generated, `sent` of them
-    // released.
-    let mut pending: VecDeque<(usize, u32, Option<TokenInfo>)> = VecDeque::new();
-    let (mut raw, mut sent) = (0, 0);
-    // Sends `text` with the pending tokens that start before byte `sent`; false once the
-    // client has gone.
-    let release = |text: String, sent: usize, pending: &mut VecDeque<_>| {
-        let n = pending.iter().take_while(|(at, _, _)| *at < sent).count();
-        let (mut ids, mut logprobs) = (Vec::with_capacity(n), Vec::new());
-        for (_, id, info) in pending.drain(..n) {
-            ids.push(id);
-            logprobs.extend(info);
-        }
-        (text.is_empty() && ids.is_empty())
-            || send(Event::Text {
+    (text.is_empty() && ids.is_empty())
+        || events
+            .send(Event::Text {
                 text,
                 tokens: ids,
                 logprobs,
             })
-    };
-    let (mut first, mut line_break, mut timed_out) = (None, false, false);
-    let result = session.generate(tok, &tokens, &params, |id, piece, entry| {
-        let info = entry.map(|e| token_info(tok, e.token, Some(e.logprob), &e.top));
-        pending.push_back((raw, id, info));
-        let keep = indent.push(piece).unwrap_or_else(|at| {
-            cut = Some(raw + at);
-            at
-        });
-        raw += piece.len();
-        line_break |= piece.contains('\n');
-        let text = filter.push(&piece[..keep]);
-        sent += text.len();
-        let since = *first.get_or_insert_with(Instant::now);
-        timed_out = line_break && job.time_limit.is_some_and(|t| since.elapsed() > t);
-        release(text, sent, &mut pending) && !filter.hit() && !timed_out && cut.is_none()
-    });
-    match result {
-        Ok(g) => {
-            if !filter.hit() {
-                // Generation ended without a stop sequence: the held-back text and every
-                // remaining token before the indentation cut go out.
-                let rest = filter.finish();
-                if !release(rest, cut.unwrap_or(usize::MAX), &mut pending) {
-                    return;
-                }
+            .is_ok()
+}
+
+impl<'t> Running<'t> {
+    /// Starts `job`, whose prompt is `tokens`, on `session` (slot `slot`): runs the prompt.
+    /// `None` if it failed (the client has been told).
+    fn start(
+        session: &mut Session,
+        slot: usize,
+        tok: &'t Tokenizer,
+        job: Generate,
+        tokens: Vec<u32>,
+    ) -> Option<Running<'t>> {
+        let fail = |e: ApiError| {
+            job.events.send(Event::Failed(e)).ok();
+            None
+        };
+        let mut sampler = job.sampler;
+        for (key, b) in job.logit_bias {
+            match key {
+                BiasKey::Id(id) => sampler.logit_bias.push((id, b)),
+                BiasKey::Text(text) => match tok.encode(&text, false) {
+                    Ok(ids) => sampler.logit_bias.extend(ids.into_iter().map(|id| (id, b))),
+                    Err(e) => return fail(ApiError::bad_request(format!("logit_bias: {e}"))),
+                },
             }
-            let stop = match (filter.stopping_word(), g.stop) {
-                (Some(w), _) => StopType::Word(w.to_string()),
-                (None, StopReason::Eos) => StopType::Eos,
-                (None, _) => StopType::Limit,
-            };
-            let prompt_text = match &job.prompt {
-                Prompt::Text(t) => t.clone(),
-                _ => tok.decode(&tokens).unwrap_or_default(),
-            };
-            let prompt_logprobs = match job.logprobs.is_some() && job.echo {
-                true => std::iter::once(token_info(tok, tokens[0], None, &[]))
-                    .chain(
-                        g.prompt_logprobs
-                            .iter()
-                            .map(|e| token_info(tok, e.token, Some(e.logprob), &e.top)),
-                    )
-                    .collect(),
-                false => Vec::new(),
-            };
-            send(Event::Done(Summary {
+        }
+        if let Err(e) = sampler
+            .check()
+            .and_then(|()| sampler.check_tokens(tok.vocab_size()))
+        {
+            return fail(ApiError::bad_request(e));
+        }
+        let params = GenerateParams {
+            max_tokens: job.max_tokens.unwrap_or(session.capacity()),
+            sampler,
+            ctx: session.capacity(),
+            stop_at_eos: !job.ignore_eos,
+            logprobs: job.logprobs,
+            prompt_logprobs: job.echo && job.logprobs.is_some(),
+        };
+        if !job.cache_prompt {
+            session.forget();
+        }
+        let turn = match session.start(tok, &tokens, &params) {
+            Ok(turn) => turn,
+            Err(e) => return fail(engine_error(e)),
+        };
+        Some(Running {
+            slot,
+            tokens,
+            prompt: job.prompt,
+            echo: job.echo,
+            logprobs: job.logprobs,
+            time_limit: job.time_limit,
+            events: job.events,
+            turn,
+            filter: StopFilter::new(job.stop),
+            indent: IndentLimit::new(job.min_indent),
+            cut: None,
+            pending: VecDeque::new(),
+            raw: 0,
+            sent: 0,
+            first: None,
+            line_break: false,
+            timed_out: false,
+        })
+    }
+
+    /// Generates and sends the next token; whether the job has ended.
+    fn step(&mut self, session: &mut Session, tok: &Tokenizer) -> teal::Result<bool> {
+        let Running {
+            turn,
+            events,
+            filter,
+            indent,
+            cut,
+            pending,
+            raw,
+            sent,
+            first,
+            line_break,
+            timed_out,
+            time_limit,
+            ..
+        } = self;
+        session.step(turn, |id, piece, entry| {
+            let info = entry.map(|e| token_info(tok, e.token, Some(e.logprob), &e.top));
+            pending.push_back((*raw, id, info));
+            let keep = indent.push(piece).unwrap_or_else(|at| {
+                *cut = Some(*raw + at);
+                at
+            });
+            *raw += piece.len();
+            *line_break |= piece.contains('\n');
+            let text = filter.push(&piece[..keep]);
+            *sent += text.len();
+            let since = *first.get_or_insert_with(Instant::now);
+            *timed_out = *line_break && time_limit.is_some_and(|t| since.elapsed() > t);
+            release(events, text, *sent, pending) && !filter.hit() && !*timed_out && cut.is_none()
+        })
+    }
+
+    /// Sends the end of the job: the rest of its text and its summary, or its error.
+    fn finish(mut self, session: &mut Session, tok: &Tokenizer, result: teal::Result<()>) {
+        if let Err(e) = result {
+            self.events.send(Event::Failed(engine_error(e))).ok();
+            return;
+        }
+        let g = session.finish(self.turn);
+        if !self.filter.hit() {
+            // Generation ended without a stop sequence: the held-back text and every
+            // remaining token before the indentation cut go out.
+            let rest = self.filter.finish();
+            let upto = self.cut.unwrap_or(usize::MAX);
+            if !release(&self.events, rest, upto, &mut self.pending) {
+                return;
+            }
+        }
+        let stop = match (self.filter.stopping_word(), g.stop) {
+            (Some(w), _) => StopType::Word(w.to_string()),
+            (None, StopReason::Eos) => StopType::Eos,
+            (None, _) => StopType::Limit,
+        };
+        let prompt_text = match &self.prompt {
+            Prompt::Text(t) => t.clone(),
+            _ => tok.decode(&self.tokens).unwrap_or_default(),
+        };
+        let prompt_logprobs = match self.logprobs.is_some() && self.echo {
+            true => std::iter::once(token_info(tok, self.tokens[0], None, &[]))
+                .chain(
+                    g.prompt_logprobs
+                        .iter()
+                        .map(|e| token_info(tok, e.token, Some(e.logprob), &e.top)),
+                )
+                .collect(),
+            false => Vec::new(),
+        };
+        self.events
+            .send(Event::Done(Summary {
                 stop,
-                slot,
+                slot: self.slot,
                 prompt_tokens: g.prompt_tokens,
                 cached_tokens: g.cached_tokens,
                 completion_tokens: g.tokens.len(),
@@ -538,18 +676,18 @@ fn serve_job(session: &mut Session, slot: usize, tok: &Tokenizer, job: Generate,
                 decode_secs: g.decode_secs,
                 prompt_text,
                 prompt_logprobs,
-            }));
-        }
-        Err(
-            e @ (teal::Error::EmptyPrompt
-            | teal::Error::ContextOverflow { .. }
-            | teal::Error::Invalid(_)),
-        ) => {
-            send(Event::Failed(ApiError::bad_request(e.to_string())));
-        }
-        Err(e) => {
-            send(Event::Failed(ApiError::internal(e.to_string())));
-        }
+            }))
+            .ok();
+    }
+}
+
+/// A failed generation's answer: the request's fault (400) or the engine's (500).
+fn engine_error(e: teal::Error) -> ApiError {
+    match e {
+        teal::Error::EmptyPrompt
+        | teal::Error::ContextOverflow { .. }
+        | teal::Error::Invalid(_) => ApiError::bad_request(e.to_string()),
+        e => ApiError::internal(e.to_string()),
     }
 }
 

@@ -15,7 +15,7 @@ use teal::device::{CpuDecoder, Decoder};
 use teal::generate::{generate, GenerateParams, Models};
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::ModelFiles;
-use teal_server::{router, run_engine, Job, ModelInfo};
+use teal_server::{router, run_engine, Event, Job, ModelInfo, Summary};
 use tower::ServiceExt;
 
 const CTX: usize = 256;
@@ -1216,6 +1216,128 @@ async fn native_infill_on_qwen() {
         v["tokens_evaluated"].as_u64().unwrap() <= (CTX - 8) as u64,
         "{v}"
     );
+}
+
+/// A generation job for the engine: greedy, `max_tokens`, on `slot` if given, past
+/// end-of-sequence tokens; its events come to the returned receiver.
+fn greedy_job(
+    prompt: &str,
+    max_tokens: usize,
+    slot: Option<usize>,
+) -> (Job, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+    let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+    let job = Job::Generate(Box::new(teal_server::Generate {
+        prompt: Prompt::Text(prompt.into()),
+        logprobs: None,
+        echo: false,
+        max_tokens: Some(max_tokens),
+        sampler: greedy(),
+        stop: Vec::new(),
+        cache_prompt: true,
+        ignore_eos: true,
+        time_limit: None,
+        min_indent: 0,
+        slot,
+        logit_bias: Vec::new(),
+        events,
+    }));
+    (job, rx)
+}
+
+/// Receives a job's events up to its summary: its text and summary.
+async fn collect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Summary) {
+    let mut text = String::new();
+    loop {
+        match rx.recv().await.expect("the engine dropped the job") {
+            Event::Text { text: t, .. } => text.push_str(&t),
+            Event::Done(s) => return (text, s),
+            Event::Failed(e) => panic!("{}", e.message),
+        }
+    }
+}
+
+/// The engine's own greedy text for `prompt`, `n` tokens, not stopping at end of sequence.
+fn solo_text(path: &std::path::Path, prompt: &str, n: usize) -> String {
+    let files = ModelFiles::open(path).unwrap();
+    let model = files.load_model().unwrap();
+    let ids = encode_prompt(&files.tokenizer, &Prompt::Text(prompt.into())).unwrap();
+    let params = GenerateParams {
+        max_tokens: n,
+        sampler: greedy(),
+        ctx: CTX,
+        stop_at_eos: false,
+        logprobs: None,
+        prompt_logprobs: false,
+    };
+    let mut text = String::new();
+    let g = generate(
+        Models::single(&model),
+        &files.tokenizer,
+        &ids,
+        &params,
+        |_, p, _| {
+            text.push_str(p);
+            true
+        },
+    )
+    .unwrap();
+    assert_eq!(g.tokens.len(), n);
+    text
+}
+
+/// Requests on different slots run at the same time: a short request sent while a long one
+/// runs on the other slot finishes first, a request for the busy slot waits for it, and every
+/// answer is the engine's own greedy answer run alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_different_slots_run_at_the_same_time() {
+    let Some(path) = smollm2() else { return };
+    let tx = spawn_engine(path.clone(), 2);
+    let (long, short, pinned) = (
+        "Once upon a time, in a small village,",
+        "The capital of France is",
+        "Water boils at",
+    );
+    let (job, mut rx_long) = greedy_job(long, 120, Some(0));
+    tx.send(job).unwrap();
+    // The long request has started (its prompt has run) before the others are sent.
+    let first = match rx_long.recv().await.unwrap() {
+        Event::Text { text, .. } => text,
+        e => panic!("{e:?}"),
+    };
+    let (job, mut rx_short) = greedy_job(short, 6, None);
+    tx.send(job).unwrap();
+    let (job, mut rx_pinned) = greedy_job(pinned, 6, Some(0));
+    tx.send(job).unwrap();
+    let (text_short, s_short) = collect(&mut rx_short).await;
+    assert_eq!(s_short.slot, 1, "the short request takes the free slot");
+    // The long request is still running: its summary has not come.
+    let mut text_long = first;
+    let done_long = loop {
+        match rx_long.try_recv() {
+            Ok(Event::Text { text, .. }) => text_long.push_str(&text),
+            Ok(Event::Done(s)) => break Some(s),
+            Ok(Event::Failed(e)) => panic!("{}", e.message),
+            Err(_) => break None,
+        }
+    };
+    assert!(
+        done_long.is_none(),
+        "the long request ended before the short one"
+    );
+    // The request for slot 0 waits for the long request, then runs on its slot.
+    let (text_pinned, s_pinned) = collect(&mut rx_pinned).await;
+    assert_eq!(s_pinned.slot, 0);
+    let s_long = loop {
+        match rx_long.try_recv() {
+            Ok(Event::Text { text, .. }) => text_long.push_str(&text),
+            Ok(Event::Done(s)) => break s,
+            other => panic!("the long request had not ended: {other:?}"),
+        }
+    };
+    assert_eq!((s_long.slot, s_long.completion_tokens), (0, 120));
+    assert_eq!(text_long, solo_text(&path, long, 120));
+    assert_eq!(text_short, solo_text(&path, short, 6));
+    assert_eq!(text_pinned, solo_text(&path, pinned, 6));
 }
 
 /// A queued request whose client has gone is dropped unrun: the slot's cache does not hold

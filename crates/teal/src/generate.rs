@@ -142,10 +142,12 @@ pub fn generate_on(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
+    mut on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
 ) -> Result<Generation> {
     check_prompt(dec, prompt)?;
-    generate_after(dec, 0, Vec::new(), tokenizer, prompt, params, on_text)
+    let mut turn = Turn::begin(dec, 0, Vec::new(), tokenizer, prompt, params)?;
+    while !turn.step(dec, &mut on_text)? {}
+    Ok(turn.finish())
 }
 
 /// A decoder and the tokens its KV cache holds. Each [`Session::generate`] keeps the cached
@@ -217,8 +219,24 @@ impl<'d> Session<'d> {
         tokenizer: &Tokenizer,
         prompt: &[u32],
         params: &GenerateParams,
-        on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
+        mut on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
     ) -> Result<Generation> {
+        let mut turn = self.start(tokenizer, prompt, params)?;
+        while !self.step(&mut turn, &mut on_text)? {}
+        Ok(self.finish(turn))
+    }
+
+    /// [`Session::generate`] a token at a time: runs the part of `prompt` that is not cached
+    /// and samples the first token; [`Session::step`] then generates, and [`Session::finish`]
+    /// records what the cache holds. Until then the session knows of no cached tokens (as
+    /// after a failure), so a caller running several sessions must not start another turn on
+    /// this one.
+    pub fn start<'t>(
+        &mut self,
+        tokenizer: &'t Tokenizer,
+        prompt: &[u32],
+        params: &GenerateParams,
+    ) -> Result<Turn<'t>> {
         check_prompt(self.dec, prompt)?;
         let common = self.shared_prefix(prompt);
         let k = params.logprobs.unwrap_or(0);
@@ -248,9 +266,27 @@ impl<'d> Session<'d> {
             Vec::new()
         };
         let kept: Vec<Option<TokenLogprob>> = self.scored.drain(..).take(keep + 1).collect();
-        // Until this generation is over, the cache holds no sequence known here.
+        // Until this turn is finished, the cache holds no sequence known here.
         self.cached.clear();
-        let g = generate_after(self.dec, keep, reused, tokenizer, prompt, params, on_text)?;
+        let mut turn = Turn::begin(self.dec, keep, reused, tokenizer, prompt, params)?;
+        turn.common = common;
+        turn.kept = kept;
+        Ok(turn)
+    }
+
+    /// [`Turn::step`] on this session's decoder (`turn` from this session's
+    /// [`Session::start`]).
+    pub fn step(
+        &mut self,
+        turn: &mut Turn,
+        on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
+    ) -> Result<bool> {
+        turn.step(self.dec, on_text)
+    }
+
+    /// The finished `turn`'s generation; the session now knows the tokens the cache holds.
+    pub fn finish(&mut self, turn: Turn) -> Generation {
+        let (g, prompt, common, kept) = turn.split();
         // The last generated token has been run only if generation stopped at an
         // end-of-sequence token (which is not in `tokens`).
         let n = self.dec.position();
@@ -268,7 +304,7 @@ impl<'d> Session<'d> {
                 _ => computed(i),
             })
             .collect();
-        Ok(g)
+        g
     }
 }
 
@@ -289,110 +325,180 @@ fn check_prompt(dec: &dyn Decoder, prompt: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Generation after keeping the first `keep` cached positions (`prompt[..keep]`, fewer than
-/// the prompt's tokens) and running the rest of the prompt. With `prompt_logprobs`, `reused`
-/// holds the entries of tokens `1..=keep`; the rest are computed.
-fn generate_after(
-    dec: &mut dyn Decoder,
+/// A generation in progress, a token per [`Turn::step`]: what [`generate_on`] and
+/// [`Session::generate`] run to the end, and what a server interleaves over its slots (each
+/// turn on its own decoder).
+pub struct Turn<'t> {
+    tokenizer: &'t Tokenizer,
+    params: GenerateParams,
+    sampler: Sampler,
+    stream: StreamDecoder<'t>,
+    prompt: Vec<u32>,
+    /// Cached prompt positions kept (not run again).
     keep: usize,
-    reused: Vec<TokenLogprob>,
-    tokenizer: &Tokenizer,
-    prompt: &[u32],
-    params: &GenerateParams,
-    mut on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
-) -> Result<Generation> {
-    let ctx = dec.capacity();
-    if keep == 0 {
-        dec.clear()?;
-    } else {
-        dec.truncate(keep)?;
-    }
-    let mut sampler = Sampler::for_tokenizer(params.sampler.clone(), tokenizer);
-    let recent = prompt.len().saturating_sub(params.sampler.penalties.last_n);
-    for &t in &prompt[recent..] {
-        sampler.accept(t);
-    }
-    let mut stream = StreamDecoder::with_context(tokenizer, prompt);
+    prompt_secs: f64,
+    prompt_logprobs: Vec<TokenLogprob>,
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    /// The sampled token not yet handed out, and its entry with `logprobs`.
+    next: u32,
+    next_lp: Option<TokenLogprob>,
+    /// When decoding started.
+    t1: Instant,
+    /// Why and after how many seconds of decoding it stopped, once it has.
+    ended: Option<(StopReason, f64)>,
+    /// For [`Session::finish`]: the prompt's tokens shared with the session's previous
+    /// sequence, and that sequence's entries kept.
+    common: usize,
+    kept: Vec<Option<TokenLogprob>>,
+}
 
-    let t0 = Instant::now();
-    let mut prompt_logprobs = reused;
-    let logits = if params.prompt_logprobs {
-        let k = params.logprobs.unwrap_or(0);
-        let vocab = dec.config().vocab_size;
-        let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab)).clamp(16, 1024);
-        let mut last = Vec::new();
-        for (c, piece) in prompt[keep..].chunks(chunk).enumerate() {
-            let rows = dec.prefill(piece, Logits::All)?;
-            let p0 = keep + c * chunk;
-            for (i, row) in rows.chunks(vocab).enumerate() {
-                match prompt.get(p0 + i + 1) {
-                    Some(&t) => prompt_logprobs.push(TokenLogprob::from_logits(row, t, k)),
-                    None => last = row.to_vec(),
+impl<'t> Turn<'t> {
+    /// Keeps the first `keep` cached positions (`prompt[..keep]`, fewer than the prompt's
+    /// tokens), runs the rest of the prompt and samples the first token. With
+    /// `prompt_logprobs`, `reused` holds the entries of tokens `1..=keep`; the rest are
+    /// computed.
+    fn begin(
+        dec: &mut dyn Decoder,
+        keep: usize,
+        reused: Vec<TokenLogprob>,
+        tokenizer: &'t Tokenizer,
+        prompt: &[u32],
+        params: &GenerateParams,
+    ) -> Result<Turn<'t>> {
+        if keep == 0 {
+            dec.clear()?;
+        } else {
+            dec.truncate(keep)?;
+        }
+        let mut sampler = Sampler::for_tokenizer(params.sampler.clone(), tokenizer);
+        let recent = prompt.len().saturating_sub(params.sampler.penalties.last_n);
+        for &t in &prompt[recent..] {
+            sampler.accept(t);
+        }
+        let stream = StreamDecoder::with_context(tokenizer, prompt);
+
+        let t0 = Instant::now();
+        let mut prompt_logprobs = reused;
+        let logits = if params.prompt_logprobs {
+            let k = params.logprobs.unwrap_or(0);
+            let vocab = dec.config().vocab_size;
+            let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab)).clamp(16, 1024);
+            let mut last = Vec::new();
+            for (c, piece) in prompt[keep..].chunks(chunk).enumerate() {
+                let rows = dec.prefill(piece, Logits::All)?;
+                let p0 = keep + c * chunk;
+                for (i, row) in rows.chunks(vocab).enumerate() {
+                    match prompt.get(p0 + i + 1) {
+                        Some(&t) => prompt_logprobs.push(TokenLogprob::from_logits(row, t, k)),
+                        None => last = row.to_vec(),
+                    }
                 }
             }
-        }
-        last
-    } else {
-        dec.prefill(&prompt[keep..], Logits::Last)?
-    };
-    let prompt_secs = t0.elapsed().as_secs_f64();
-    let mut tokens = Vec::with_capacity(params.max_tokens.min(ctx));
-    let mut logprobs = Vec::new();
-    let t1 = Instant::now();
-    if params.max_tokens == 0 {
-        return Ok(Generation {
-            decode_tokens: 0,
-            decode_secs: 0.0,
-            tokens,
-            stop: StopReason::MaxTokens,
-            prompt_tokens: prompt.len(),
-            cached_tokens: keep,
+            last
+        } else {
+            dec.prefill(&prompt[keep..], Logits::Last)?
+        };
+        let prompt_secs = t0.elapsed().as_secs_f64();
+        let (next, next_lp, ended) = if params.max_tokens == 0 {
+            (0, None, Some((StopReason::MaxTokens, 0.0)))
+        } else {
+            let next = sampler.sample(&logits);
+            let lp = params
+                .logprobs
+                .map(|k| TokenLogprob::from_logits(&logits, next, k));
+            (next, lp, None)
+        };
+        Ok(Turn {
+            tokenizer,
+            params: params.clone(),
+            sampler,
+            stream,
+            prompt: prompt.to_vec(),
+            keep,
             prompt_secs,
             prompt_logprobs,
-            logprobs,
-        });
+            tokens: Vec::with_capacity(params.max_tokens.min(dec.capacity())),
+            logprobs: Vec::new(),
+            next,
+            next_lp,
+            t1: Instant::now(),
+            ended,
+            common: 0,
+            kept: Vec::new(),
+        })
     }
-    let mut next = sampler.sample(&logits);
-    let mut next_lp = params
-        .logprobs
-        .map(|k| TokenLogprob::from_logits(&logits, next, k));
-    let stop = loop {
-        if params.stop_at_eos && tokenizer.eos_ids().contains(&next) {
-            break StopReason::Eos;
+
+    /// Hands out the sampled token (`on_text` as for [`generate`]) and, unless that ends the
+    /// generation, runs it on `dec` (the decoder the turn began on) and samples the next.
+    /// Returns whether the generation has ended.
+    pub fn step(
+        &mut self,
+        dec: &mut dyn Decoder,
+        mut on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
+    ) -> Result<bool> {
+        if self.ended.is_some() {
+            return Ok(true);
         }
-        tokens.push(next);
-        let piece = stream.push(next)?;
-        let go_on = on_text(next, &piece, next_lp.as_ref());
-        logprobs.extend(next_lp.take());
-        if !go_on {
-            break StopReason::Caller;
+        let next = self.next;
+        let stop = if self.params.stop_at_eos && self.tokenizer.eos_ids().contains(&next) {
+            Some(StopReason::Eos)
+        } else {
+            self.tokens.push(next);
+            let piece = self.stream.push(next)?;
+            let go_on = on_text(next, &piece, self.next_lp.as_ref());
+            self.logprobs.extend(self.next_lp.take());
+            if !go_on {
+                Some(StopReason::Caller)
+            } else if self.tokens.len() >= self.params.max_tokens {
+                Some(StopReason::MaxTokens)
+            } else if dec.position() >= dec.capacity() {
+                Some(StopReason::ContextFull)
+            } else {
+                None
+            }
+        };
+        if let Some(stop) = stop {
+            self.ended = Some((stop, self.t1.elapsed().as_secs_f64()));
+            return Ok(true);
         }
-        if tokens.len() >= params.max_tokens {
-            break StopReason::MaxTokens;
-        }
-        if dec.position() >= ctx {
-            break StopReason::ContextFull;
-        }
-        match params.logprobs {
-            None => next = dec.decode_sample(next, &mut sampler)?,
+        match self.params.logprobs {
+            None => self.next = dec.decode_sample(next, &mut self.sampler)?,
             Some(k) => {
                 let logits = dec.decode(next)?;
-                next = sampler.sample(logits);
-                next_lp = Some(TokenLogprob::from_logits(logits, next, k));
+                self.next = self.sampler.sample(logits);
+                self.next_lp = Some(TokenLogprob::from_logits(logits, self.next, k));
             }
         }
-    };
-    Ok(Generation {
-        decode_tokens: tokens.len().saturating_sub(1),
-        decode_secs: t1.elapsed().as_secs_f64(),
-        tokens,
-        stop,
-        prompt_tokens: prompt.len(),
-        cached_tokens: keep,
-        prompt_secs,
-        prompt_logprobs,
-        logprobs,
-    })
+        Ok(false)
+    }
+
+    /// The generation, once [`Turn::step`] has said it ended (before that: stopped by the
+    /// caller).
+    pub fn finish(self) -> Generation {
+        self.split().0
+    }
+
+    /// The generation, and for [`Session::finish`] the prompt, its tokens shared with the
+    /// session's previous sequence and that sequence's entries kept.
+    #[allow(clippy::type_complexity)]
+    fn split(self) -> (Generation, Vec<u32>, usize, Vec<Option<TokenLogprob>>) {
+        let (stop, decode_secs) = self
+            .ended
+            .unwrap_or((StopReason::Caller, self.t1.elapsed().as_secs_f64()));
+        let g = Generation {
+            decode_tokens: self.tokens.len().saturating_sub(1),
+            decode_secs,
+            tokens: self.tokens,
+            stop,
+            prompt_tokens: self.prompt.len(),
+            cached_tokens: self.keep,
+            prompt_secs: self.prompt_secs,
+            prompt_logprobs: self.prompt_logprobs,
+            logprobs: self.logprobs,
+        };
+        (g, self.prompt, self.common, self.kept)
+    }
 }
 
 #[cfg(test)]
