@@ -800,6 +800,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         stop_at_eos: !a.ignore_eos,
         logprobs: None,
         prompt_logprobs: false,
+        prefill_chunk: None,
     };
     let mut dec = a.common.decoder(device, models, ctx)?;
     eprintln!("device: {}", dec.describe());

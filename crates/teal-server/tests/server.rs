@@ -125,6 +125,7 @@ fn engine_text(
         stop_at_eos: true,
         logprobs: None,
         prompt_logprobs: false,
+        prefill_chunk: None,
     };
     let mut text = String::new();
     generate(
@@ -1268,6 +1269,7 @@ fn solo_text(path: &std::path::Path, prompt: &str, n: usize) -> String {
         stop_at_eos: false,
         logprobs: None,
         prompt_logprobs: false,
+        prefill_chunk: None,
     };
     let mut text = String::new();
     let g = generate(

@@ -25,6 +25,9 @@ pub struct GenerateParams {
     /// runs in pieces whose logits take about [`LOGITS_CHUNK_BYTES`]; a [`Session`] reuses a
     /// cached prefix only as far as it has these entries for it).
     pub prompt_logprobs: bool,
+    /// Most prompt tokens a [`Turn::step`] runs (`None`: the whole prompt in one step), so that
+    /// a server interleaving turns keeps the others going while a long prompt runs.
+    pub prefill_chunk: Option<usize>,
 }
 
 /// Bytes of logits a prompt with [`GenerateParams::prompt_logprobs`] holds at a time: it runs
@@ -226,9 +229,9 @@ impl<'d> Session<'d> {
         Ok(self.finish(turn))
     }
 
-    /// [`Session::generate`] a token at a time: runs the part of `prompt` that is not cached
-    /// and samples the first token; [`Session::step`] then generates, and [`Session::finish`]
-    /// records what the cache holds. Until then the session knows of no cached tokens (as
+    /// [`Session::generate`] a step at a time: keeps the cached prefix `prompt` shares;
+    /// [`Session::step`] then runs the rest of the prompt and generates, and
+    /// [`Session::finish`] records what the cache holds. Until then the session knows of no cached tokens (as
     /// after a failure), so a caller running several sessions must not start another turn on
     /// this one.
     pub fn start<'t>(
@@ -336,6 +339,9 @@ pub struct Turn<'t> {
     prompt: Vec<u32>,
     /// Cached prompt positions kept (not run again).
     keep: usize,
+    /// Prompt positions run so far (from `keep`), and most of them to run in one step.
+    ran: usize,
+    chunk: usize,
     prompt_secs: f64,
     prompt_logprobs: Vec<TokenLogprob>,
     tokens: Vec<u32>,
@@ -343,7 +349,7 @@ pub struct Turn<'t> {
     /// The sampled token not yet handed out, and its entry with `logprobs`.
     next: u32,
     next_lp: Option<TokenLogprob>,
-    /// When decoding started.
+    /// When decoding started (the prompt's last piece ran).
     t1: Instant,
     /// Why and after how many seconds of decoding it stopped, once it has.
     ended: Option<(StopReason, f64)>,
@@ -355,9 +361,8 @@ pub struct Turn<'t> {
 
 impl<'t> Turn<'t> {
     /// Keeps the first `keep` cached positions (`prompt[..keep]`, fewer than the prompt's
-    /// tokens), runs the rest of the prompt and samples the first token. With
-    /// `prompt_logprobs`, `reused` holds the entries of tokens `1..=keep`; the rest are
-    /// computed.
+    /// tokens); the first steps run the rest of the prompt. With `prompt_logprobs`, `reused`
+    /// holds the entries of tokens `1..=keep`; the rest are computed.
     fn begin(
         dec: &mut dyn Decoder,
         keep: usize,
@@ -376,62 +381,78 @@ impl<'t> Turn<'t> {
         for &t in &prompt[recent..] {
             sampler.accept(t);
         }
-        let stream = StreamDecoder::with_context(tokenizer, prompt);
-
-        let t0 = Instant::now();
-        let mut prompt_logprobs = reused;
-        let logits = if params.prompt_logprobs {
-            let k = params.logprobs.unwrap_or(0);
+        let mut chunk = params.prefill_chunk.unwrap_or(usize::MAX).max(1);
+        if params.prompt_logprobs {
             let vocab = dec.config().vocab_size;
-            let chunk = (LOGITS_CHUNK_BYTES / (4 * vocab)).clamp(16, 1024);
-            let mut last = Vec::new();
-            for (c, piece) in prompt[keep..].chunks(chunk).enumerate() {
-                let rows = dec.prefill(piece, Logits::All)?;
-                let p0 = keep + c * chunk;
-                for (i, row) in rows.chunks(vocab).enumerate() {
-                    match prompt.get(p0 + i + 1) {
-                        Some(&t) => prompt_logprobs.push(TokenLogprob::from_logits(row, t, k)),
-                        None => last = row.to_vec(),
-                    }
-                }
-            }
-            last
-        } else {
-            dec.prefill(&prompt[keep..], Logits::Last)?
-        };
-        let prompt_secs = t0.elapsed().as_secs_f64();
-        let (next, next_lp, ended) = if params.max_tokens == 0 {
-            (0, None, Some((StopReason::MaxTokens, 0.0)))
-        } else {
-            let next = sampler.sample(&logits);
-            let lp = params
-                .logprobs
-                .map(|k| TokenLogprob::from_logits(&logits, next, k));
-            (next, lp, None)
-        };
+            chunk = chunk.min((LOGITS_CHUNK_BYTES / (4 * vocab)).clamp(16, 1024));
+        }
         Ok(Turn {
             tokenizer,
             params: params.clone(),
             sampler,
-            stream,
+            stream: StreamDecoder::with_context(tokenizer, prompt),
             prompt: prompt.to_vec(),
             keep,
-            prompt_secs,
-            prompt_logprobs,
+            ran: keep,
+            chunk,
+            prompt_secs: 0.0,
+            prompt_logprobs: reused,
             tokens: Vec::with_capacity(params.max_tokens.min(dec.capacity())),
             logprobs: Vec::new(),
-            next,
-            next_lp,
+            next: 0,
+            next_lp: None,
             t1: Instant::now(),
-            ended,
+            ended: None,
             common: 0,
             kept: Vec::new(),
         })
     }
 
-    /// Hands out the sampled token (`on_text` as for [`generate`]) and, unless that ends the
-    /// generation, runs it on `dec` (the decoder the turn began on) and samples the next.
-    /// Returns whether the generation has ended.
+    /// Runs the next piece of the prompt (at most `chunk` tokens); after the last, samples
+    /// the first token, or ends the turn if no token is wanted.
+    fn prefill_piece(&mut self, dec: &mut dyn Decoder) -> Result<()> {
+        let t0 = Instant::now();
+        let end = self.ran.saturating_add(self.chunk).min(self.prompt.len());
+        let piece = &self.prompt[self.ran..end];
+        let logits = if self.params.prompt_logprobs {
+            let k = self.params.logprobs.unwrap_or(0);
+            let vocab = dec.config().vocab_size;
+            let rows = dec.prefill(piece, Logits::All)?;
+            let mut last = Vec::new();
+            for (i, row) in rows.chunks(vocab).enumerate() {
+                match self.prompt.get(self.ran + i + 1) {
+                    Some(&t) => self
+                        .prompt_logprobs
+                        .push(TokenLogprob::from_logits(row, t, k)),
+                    None => last = row.to_vec(),
+                }
+            }
+            last
+        } else {
+            dec.prefill(piece, Logits::Last)?
+        };
+        self.ran = end;
+        self.prompt_secs += t0.elapsed().as_secs_f64();
+        if self.ran < self.prompt.len() {
+            return Ok(());
+        }
+        if self.params.max_tokens == 0 {
+            self.ended = Some((StopReason::MaxTokens, 0.0));
+            return Ok(());
+        }
+        self.next = self.sampler.sample(&logits);
+        self.next_lp = self
+            .params
+            .logprobs
+            .map(|k| TokenLogprob::from_logits(&logits, self.next, k));
+        self.t1 = Instant::now();
+        Ok(())
+    }
+
+    /// On `dec` (the decoder the turn began on): while the prompt is not all run, runs its
+    /// next piece ([`GenerateParams::prefill_chunk`]); then hands out the sampled token
+    /// (`on_text` as for [`generate`]) and, unless that ends the generation, runs it and
+    /// samples the next. Returns whether the generation has ended.
     pub fn step(
         &mut self,
         dec: &mut dyn Decoder,
@@ -439,6 +460,10 @@ impl<'t> Turn<'t> {
     ) -> Result<bool> {
         if self.ended.is_some() {
             return Ok(true);
+        }
+        if self.ran < self.prompt.len() {
+            self.prefill_piece(dec)?;
+            return Ok(self.ended.is_some());
         }
         let next = self.next;
         let stop = if self.params.stop_at_eos && self.tokenizer.eos_ids().contains(&next) {

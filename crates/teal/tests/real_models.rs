@@ -50,6 +50,7 @@ fn greedy(files: &ModelFiles, prompt: &Prompt, n: usize) -> (Vec<u32>, String) {
         stop_at_eos: false,
         logprobs: None,
         prompt_logprobs: false,
+        prefill_chunk: None,
     };
     let mut text = String::new();
     let g = generate(
@@ -64,6 +65,70 @@ fn greedy(files: &ModelFiles, prompt: &Prompt, n: usize) -> (Vec<u32>, String) {
     )
     .unwrap();
     (g.tokens, text)
+}
+
+/// A prompt run in pieces (`prefill_chunk`, a piece per step, no token handed out before the
+/// last piece) gives the answer and the prompt's log-probabilities of the prompt run whole.
+#[test]
+fn smollm2_prompt_in_pieces_matches_the_whole_prompt() {
+    use teal::device::CpuDecoder;
+    use teal::generate::{Models, Session};
+    let Some(path) = smollm2() else { return };
+    let files = ModelFiles::open(&path).unwrap();
+    let model = files.load_model().unwrap();
+    let tok = &files.tokenizer;
+    let ids = encode_prompt(
+        tok,
+        &text("Once upon a time, in a small village by the sea, there lived"),
+    )
+    .unwrap();
+    let run = |chunk: Option<usize>| {
+        let params = GenerateParams {
+            max_tokens: 10,
+            sampler: SamplerConfig {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            ctx: 256,
+            stop_at_eos: false,
+            logprobs: Some(3),
+            prompt_logprobs: true,
+            prefill_chunk: chunk,
+        };
+        let mut dec = CpuDecoder::new(Models::single(&model), 256);
+        let mut session = Session::new(&mut dec);
+        let mut turn = session.start(tok, &ids, &params).unwrap();
+        // Steps before the first token is handed out.
+        let (mut steps, mut first) = (0, None);
+        loop {
+            steps += 1;
+            let ended = session
+                .step(&mut turn, |_, _, _| {
+                    first.get_or_insert(steps);
+                    true
+                })
+                .unwrap();
+            if ended {
+                break;
+            }
+        }
+        (session.finish(turn), first.unwrap())
+    };
+    let (whole, first_whole) = run(None);
+    let (pieces, first_pieces) = run(Some(4));
+    assert_eq!(first_whole, 2);
+    assert_eq!(first_pieces, ids.len().div_ceil(4) + 1);
+    assert_eq!(pieces.tokens, whole.tokens);
+    assert_eq!(pieces.prompt_logprobs.len(), ids.len() - 1);
+    for (a, b) in pieces
+        .prompt_logprobs
+        .iter()
+        .chain(&pieces.logprobs)
+        .zip(whole.prompt_logprobs.iter().chain(&whole.logprobs))
+    {
+        assert_eq!(a.token, b.token);
+        assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} {b:?}");
+    }
 }
 
 /// Greedy continuation as llama.cpp on the f32 dequantization of the Q4_1 file and transformers
