@@ -29,6 +29,7 @@
 //!   model's own tokenizer.
 //! - llama.cpp's `/completion`, `/infill`, `/apply-template` and `/props`: see `native.rs`.
 //! - `GET /metrics` with `--metrics`: see `metrics.rs`.
+//! - `GET /slots`: per slot, whether it is answering a request and the tokens its cache holds.
 //!
 //! Bad requests (malformed JSON, a missing field, a prompt longer than the context, an
 //! unsupported option) get status 400 and `{"error": {"message", "type", "code"}}`.
@@ -85,6 +86,8 @@ pub enum Job {
     /// Embeddings of texts or token ids ([`teal::device::Decoder::embed`]), answered with each
     /// one's vector and token count.
     Embed(Vec<Prompt>, oneshot::Sender<EmbedResult>),
+    /// The slots' state, answered with `/slots`' body.
+    Slots(oneshot::Sender<Value>),
 }
 
 /// What an embedding job answers: per input, its vector and its number of tokens.
@@ -363,6 +366,9 @@ pub fn run_engine(
                 Job::Tokenizer(t, reply) => {
                     reply.send(tokenizer_job(tok, ctx, t)).ok();
                 }
+                Job::Slots(reply) => {
+                    reply.send(slots_state(&sessions, &running, ctx)).ok();
+                }
                 Job::Embed(inputs, reply) => {
                     // The least recently used free slot (the last of those never used): its
                     // cache is emptied.
@@ -387,6 +393,26 @@ pub fn run_engine(
             }
         }
     }
+}
+
+/// `/slots`' body: per slot (llama.cpp's fields where they apply) its context, whether it is
+/// answering a request, and the tokens its cache holds; while answering, the request's prompt
+/// tokens and the tokens generated so far.
+fn slots_state(sessions: &[Session], running: &[Option<Running>], ctx: usize) -> Value {
+    let slot = |(i, (s, r)): (usize, (&Session, &Option<Running>))| {
+        let mut v = json!({
+            "id": i,
+            "n_ctx": ctx,
+            "is_processing": r.is_some(),
+            "cached_tokens": s.cached_len(),
+        });
+        if let Some(r) = r {
+            v["n_prompt_tokens"] = json!(r.tokens.len());
+            v["next_token"] = json!({"n_decoded": r.turn.generated()});
+        }
+        v
+    };
+    Value::Array(sessions.iter().zip(running).enumerate().map(slot).collect())
 }
 
 /// Each input's embedding and token count, run one after another on `session`.
@@ -781,6 +807,7 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, opts: ServeO
         .route("/embeddings", post(embeddings))
         .route("/props", get(native::props))
         .route("/metrics", get(metrics))
+        .route("/slots", get(slots))
         .fallback(|uri: Uri| async move {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -916,6 +943,18 @@ async fn tokenizer_value(st: &AppState, job: TokenizerJob) -> Result<Value, ApiE
         return Err(ApiError::engine_stopped());
     }
     rx.await.unwrap_or_else(|_| Err(ApiError::engine_dropped()))
+}
+
+/// `GET /slots`: each slot's state ([`Job::Slots`]).
+async fn slots(State(st): State<AppState>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if st.jobs.send(Job::Slots(reply)).is_err() {
+        return ApiError::engine_stopped().into_response();
+    }
+    match rx.await {
+        Ok(v) => Json(v).into_response(),
+        Err(_) => ApiError::engine_dropped().into_response(),
+    }
 }
 
 async fn tokenizer_info(State(st): State<AppState>) -> Response {

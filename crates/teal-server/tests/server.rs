@@ -1306,6 +1306,26 @@ async fn requests_on_different_slots_run_at_the_same_time() {
         Event::Text { text, .. } => text,
         e => panic!("{e:?}"),
     };
+    let files = ModelFiles::open(&path).unwrap();
+    let n_tokens = |p: &str| {
+        encode_prompt(&files.tokenizer, &Prompt::Text(p.into()))
+            .unwrap()
+            .len()
+    };
+    // `/slots` says slot 0 is answering the long request and slot 1 is free.
+    let (status, body) = call(&tx, "/slots", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v[0]["is_processing"], true, "{v}");
+    assert_eq!(v[0]["n_prompt_tokens"], n_tokens(long), "{v}");
+    assert!(
+        v[0]["next_token"]["n_decoded"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    assert_eq!(
+        (&v[1]["is_processing"], &v[1]["n_ctx"]),
+        (&json!(false), &json!(CTX))
+    );
     let (job, mut rx_short) = greedy_job(short, 6, None);
     tx.send(job).unwrap();
     let (job, mut rx_pinned) = greedy_job(pinned, 6, Some(0));
@@ -1340,6 +1360,14 @@ async fn requests_on_different_slots_run_at_the_same_time() {
     assert_eq!(text_long, solo_text(&path, long, 120));
     assert_eq!(text_short, solo_text(&path, short, 6));
     assert_eq!(text_pinned, solo_text(&path, pinned, 6));
+    // Both free again, each holding its last sequence.
+    let (_, body) = call(&tx, "/slots", None).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    // The last generated token has not been run.
+    for (i, want) in [(0, n_tokens(pinned) + 5), (1, n_tokens(short) + 5)] {
+        assert_eq!(v[i]["is_processing"], false, "{v}");
+        assert_eq!(v[i]["cached_tokens"], want, "{v}");
+    }
 }
 
 /// A queued request whose client has gone is dropped unrun: the slot's cache does not hold

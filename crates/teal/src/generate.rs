@@ -498,6 +498,11 @@ impl<'t> Turn<'t> {
         Ok(false)
     }
 
+    /// Tokens handed out so far.
+    pub fn generated(&self) -> usize {
+        self.tokens.len()
+    }
+
     /// The generation, once [`Turn::step`] has said it ended (before that: stopped by the
     /// caller).
     pub fn finish(self) -> Generation {
