@@ -109,5 +109,31 @@ ca, cb, cc = comp(8082, prompt=QA), comp(8082, prompt=QB), comp(8082, prompt=QA2
 same = [x["choices"][0]["text"] == y["choices"][0]["text"] for x, y in ((ra, ca), (rb, cb), (rc, cc))]
 kept = rc["usage"].get("prompt_tokens_details", {}).get("cached_tokens")
 check("two GPU slots: texts equal cpu, the first conversation's cache kept across the second", all(same) and (kept or 0) >= ra["usage"]["prompt_tokens"], f"same={same} cached={kept}")
+# Requests on the two slots at once (the engine interleaves them a token each): a short request
+# sent once a long streamed one has started finishes first, and both answers are those of each
+# run alone. (The 4-layer model decodes thousands of tokens a second on a GPU: the long request
+# takes most of the context.)
+import threading
+long_kw = dict(prompt=QB, max_tokens=1000, ignore_eos=True, temperature=0, cache_prompt=False)
+started, res = threading.Event(), {}
+def run_long():
+    r = urllib.request.Request("http://127.0.0.1:8083/v1/completions", json.dumps(dict(long_kw, stream=True)).encode(), {"Content-Type": "application/json"})
+    text = ""
+    for line in urllib.request.urlopen(r, timeout=120):
+        line = line.decode().strip()
+        if line.startswith("data: {"):
+            text += json.loads(line[6:])["choices"][0]["text"]; started.set()
+    res["long"] = (text, time.time())
+th = threading.Thread(target=run_long); th.start()
+started.wait(60)
+sl = json.load(urllib.request.urlopen("http://127.0.0.1:8083/slots", timeout=10))
+res["short"] = (comp(8083, prompt=QA, max_tokens=8, cache_prompt=False)["choices"][0]["text"], time.time())
+th.join()
+alone_long = post(8083, "/v1/completions", long_kw)["choices"][0]["text"]
+alone_short = comp(8083, prompt=QA, max_tokens=8, cache_prompt=False)["choices"][0]["text"]
+first = res["short"][1] < res["long"][1]
+same = (res["long"][0] == alone_long, res["short"][0] == alone_short)
+check("two GPU slots at once: the short request ends first, both answers as run alone", first and all(same),
+      f"short ended {res['long'][1] - res['short'][1]:.3f} s before the long; same={same}; /slots during: {[s.get('is_processing') for s in sl]}")
 g2.terminate(); cpu.terminate()
 print("ALL PASS" if ok else "SOME FAILED")
