@@ -245,7 +245,7 @@ struct ServeArgs {
     /// KV caches kept between requests (slots), each with the tokens it holds: a prompt runs on
     /// the slot it continues, else an empty one, else the most similar or least recently used,
     /// so that several conversations each keep their cache. Requests on different slots run at
-    /// the same time, a token each in turn (the speed of one stream divides among them).
+    /// the same time, a token each per round (on the CPU a layer at a time across them).
     /// On a GPU the slots share one copy of the weights.
     #[arg(long, default_value_t = 1)]
     slots: usize,

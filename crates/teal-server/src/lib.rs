@@ -1,7 +1,8 @@
 //! teal's HTTP server (OpenAI's API, and llama.cpp's own in `native.rs`), thin: the HTTP side
 //! (axum, on a small tokio runtime) checks requests and writes answers; one engine thread owns
-//! the decoders (slots) and runs a request on each free slot, the running ones a token each in
-//! turn (the engine decodes batch 1), taking them from a queue in arrival order.
+//! the decoders (slots) and runs a request on each free slot, the running ones a step each per
+//! round (on the CPU their decode steps a layer at a time across them), taking them from a queue
+//! in arrival order.
 //!
 //! - `GET /health`, `GET /v1/models`
 //! - `POST /v1/completions` (`prompt`) and `POST /v1/chat/completions` (`messages`, rendered with
@@ -55,7 +56,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use teal::chat::{encode_prompt, FunctionCall, Infill, Message, Prompt, ToolCall};
 use teal::device::Decoder;
-use teal::generate::{GenerateParams, Session, StopReason, Turn};
+use teal::generate::{
+    step_together, GenerateParams, OnText, Session, StopReason, TokenLogprob, Turn, TurnStep,
+};
 use teal::grammar::Grammar;
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::tokenizer::Tokenizer;
@@ -265,9 +268,10 @@ impl IntoResponse for ApiError {
 /// Serves jobs until every sender of `jobs` is gone and none is left. Each decoder is a slot:
 /// a KV cache and the tokens it holds, kept between requests; a prompt runs on the free slot
 /// [`pick_slot`] chooses, so that several conversations each keep their cache. Requests on
-/// different slots run at the same time, interleaved a token each in turn (each decodes batch
-/// 1: the speed of one stream divides among them); a new request's prompt runs in pieces of
-/// [`PREFILL_CHUNK`] tokens, one per round. Requests that find no free slot wait, and take one in arrival order. An answer's
+/// different slots run at the same time, a step each per round ([`step_together`]: the CPU
+/// slots' decode steps run a layer at a time across them, so that a layer that fits the
+/// last-level cache is read from memory once per round); a new request's prompt runs in pieces
+/// of [`PREFILL_CHUNK`] tokens, one per round. Requests that find no free slot wait, and take one in arrival order. An answer's
 /// decode timings are wall time, the other slots' turns included.
 pub fn run_engine(
     slots: Vec<&mut dyn Decoder>,
@@ -382,12 +386,26 @@ pub fn run_engine(
                 }
             }
         }
-        // A token for each running job.
-        for (i, slot) in running.iter_mut().enumerate() {
-            let Some(r) = slot else { continue };
-            let step = r.step(&mut sessions[i], tok);
+        // A step of each running job: a piece of its prompt, or a token (the CPU slots' decode
+        // steps together, a layer at a time across them).
+        let mut steps = Vec::new();
+        let mut which = Vec::new();
+        for (i, (slot, session)) in running.iter_mut().zip(sessions.iter_mut()).enumerate() {
+            if let Some(r) = slot {
+                let (turn, on_text) = r.parts(tok);
+                steps.push(TurnStep {
+                    session,
+                    turn,
+                    on_text,
+                });
+                which.push(i);
+            }
+        }
+        let results = step_together(&mut steps);
+        drop(steps);
+        for (i, step) in which.into_iter().zip(results) {
             if !matches!(step, Ok(false)) {
-                if let Some(r) = slot.take() {
+                if let Some(r) = running[i].take() {
                     r.finish(&mut sessions[i], tok, step.map(|_| ()));
                 }
             }
@@ -508,7 +526,7 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
 /// f32 (three rounds each).
 const PREFILL_CHUNK: usize = 512;
 
-/// A generation job running on a slot, a token per [`Running::step`]: its turn, and what stands
+/// A generation job running on a slot, a step per round (see [`Running::parts`]): its turn, and what stands
 /// between the generated text and the client (stop sequences, the indentation limit, the time
 /// limit, text held back).
 struct Running<'t> {
@@ -629,8 +647,10 @@ impl<'t> Running<'t> {
         })
     }
 
-    /// Generates and sends the next token; whether the job has ended.
-    fn step(&mut self, session: &mut Session, tok: &Tokenizer) -> teal::Result<bool> {
+    /// The job's turn, and what takes each generated token (holding back text for stop
+    /// sequences, applying the indentation and time limits, sending the rest); it returns
+    /// false to stop.
+    fn parts<'r>(&'r mut self, tok: &'r Tokenizer) -> (&'r mut Turn<'t>, OnText<'r>) {
         let Running {
             turn,
             events,
@@ -646,7 +666,7 @@ impl<'t> Running<'t> {
             time_limit,
             ..
         } = self;
-        session.step(turn, |id, piece, entry| {
+        let on_text = move |id: u32, piece: &str, entry: Option<&TokenLogprob>| {
             let info = entry.map(|e| token_info(tok, e.token, Some(e.logprob), &e.top));
             pending.push_back((*raw, id, info));
             let keep = indent.push(piece).unwrap_or_else(|at| {
@@ -660,7 +680,8 @@ impl<'t> Running<'t> {
             let since = *first.get_or_insert_with(Instant::now);
             *timed_out = *line_break && time_limit.is_some_and(|t| since.elapsed() > t);
             release(events, text, *sent, pending) && !filter.hit() && !*timed_out && cut.is_none()
-        })
+        };
+        (turn, Box::new(on_text))
     }
 
     /// Sends the end of the job: the rest of its text and its summary, or its error.

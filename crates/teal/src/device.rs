@@ -64,6 +64,11 @@ pub trait Decoder {
     fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
         Ok(sampler.sample(self.decode(token)?))
     }
+    /// The model, cache and buffers of a CPU decoder, for [`decode_each`] to run its decode
+    /// step in lockstep with others' (`None`: a device decoder, which decodes on its own).
+    fn lockstep(&mut self) -> Option<Lockstep<'_>> {
+        None
+    }
     /// Runs `tokens` like [`Decoder::prefill`] (no logits) and reports the input of every
     /// projection site of every layer to `observer`, in position order (a device decoder
     /// reports one position per call).
@@ -230,6 +235,44 @@ pub fn describe_cpu(kv: KvDtype) -> String {
     format!("cpu (KV cache {})", kv.name())
 }
 
+/// A CPU decoder's parts that a decode step uses ([`Decoder::lockstep`]).
+pub struct Lockstep<'s> {
+    pub model: &'s Llama,
+    pub cache: &'s mut KvCache,
+    pub scratch: &'s mut DecodeScratch,
+}
+
+/// One decode step on each decoder, `tokens[i]` on `decs[i]`, calling `f(i, logits)` for each
+/// step that succeeded; returns each step's result. The CPU decoders' steps run a layer at a
+/// time across them ([`Llama::decode_lockstep`]: on a model whose layers fit the last-level
+/// cache, every step after the first reads each layer's weights from there), each computing
+/// what it computes alone; other decoders decode one after another.
+pub fn decode_each<'d>(
+    decs: &mut [&mut (dyn Decoder + 'd)],
+    tokens: &[u32],
+    mut f: impl FnMut(usize, &[f32]),
+) -> Vec<Result<()>> {
+    assert_eq!(decs.len(), tokens.len(), "decode_each: a token per decoder");
+    let mut results: Vec<Result<()>> = (0..decs.len()).map(|_| Ok(())).collect();
+    for (i, d) in decs.iter_mut().enumerate() {
+        if d.lockstep().is_none() {
+            results[i] = d.decode(tokens[i]).map(|logits| f(i, logits));
+        }
+    }
+    let (mut steps, mut which) = (Vec::new(), Vec::new());
+    for (i, d) in decs.iter_mut().enumerate() {
+        if let Some(p) = d.lockstep() {
+            steps.push((p.model, tokens[i], p.cache, p.scratch));
+            which.push(i);
+        }
+    }
+    let done = Llama::decode_lockstep(&mut steps);
+    for ((&i, r), (_, _, _, s)) in which.iter().zip(done).zip(&steps) {
+        results[i] = r.map(|()| f(i, s.logits()));
+    }
+    results
+}
+
 /// The CPU model ([`crate::models::llama::Llama`]) with its cache and decode buffers.
 pub struct CpuDecoder<'a> {
     models: Models<'a>,
@@ -298,6 +341,13 @@ impl Decoder for CpuDecoder<'_> {
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let m = self.masked.as_ref().unwrap_or(self.models.decode);
         m.decode(token, &mut self.cache, &mut self.scratch)
+    }
+    fn lockstep(&mut self) -> Option<Lockstep<'_>> {
+        Some(Lockstep {
+            model: self.masked.as_ref().unwrap_or(self.models.decode),
+            cache: &mut self.cache,
+            scratch: &mut self.scratch,
+        })
     }
     fn prefill_observed(&mut self, tokens: &[u32], observer: &mut dyn Observer) -> Result<()> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);

@@ -311,6 +311,61 @@ impl<'d> Session<'d> {
     }
 }
 
+/// What receives a turn's tokens in [`step_together`]: `on_text` of [`generate`].
+pub type OnText<'r> = Box<dyn FnMut(u32, &str, Option<&TokenLogprob>) -> bool + 'r>;
+
+/// One turn of [`step_together`]: the session it runs on (the one that started it), the turn,
+/// and what receives its text.
+pub struct TurnStep<'r, 'd, 't> {
+    pub session: &'r mut Session<'d>,
+    pub turn: &'r mut Turn<'t>,
+    pub on_text: OnText<'r>,
+}
+
+/// [`Session::step`] of several turns, each on its own session, with the same results: the
+/// decode steps of the turns on CPU decoders run together ([`crate::device::decode_each`]: a
+/// layer at a time across them, so that where a layer fits the last-level cache its weights
+/// are read from memory once), the other turns' steps one after another. Returns each turn's
+/// result.
+pub fn step_together<'d, 't>(steps: &mut [TurnStep<'_, 'd, 't>]) -> Vec<Result<bool>> {
+    let mut results = Vec::with_capacity(steps.len());
+    // The turns whose step is a CPU decode step, and the token each runs.
+    let mut run: Vec<(usize, u32)> = Vec::new();
+    for (i, s) in steps.iter_mut().enumerate() {
+        let dec = &mut *s.session.dec;
+        let r = if s.turn.ended.is_some() {
+            Ok(true)
+        } else if s.turn.ran < s.turn.prompt.len() || dec.lockstep().is_none() {
+            s.turn.step(dec, &mut s.on_text)
+        } else {
+            match s.turn.emit(dec, &mut s.on_text) {
+                Ok(Some(t)) => {
+                    run.push((i, t));
+                    Ok(false)
+                }
+                Ok(None) => Ok(true),
+                Err(e) => Err(e),
+            }
+        };
+        results.push(r);
+    }
+    #[allow(clippy::type_complexity)]
+    let (mut decs, mut turns): (Vec<&mut (dyn Decoder + 'd)>, Vec<&mut Turn<'t>>) = steps
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| run.iter().any(|r| r.0 == *i))
+        .map(|(_, s)| (&mut *s.session.dec, &mut *s.turn))
+        .unzip();
+    let tokens: Vec<u32> = run.iter().map(|r| r.1).collect();
+    let done = crate::device::decode_each(&mut decs, &tokens, |k, logits| turns[k].accept(logits));
+    for ((i, _), r) in run.iter().zip(done) {
+        if let Err(e) = r {
+            results[*i] = Err(e);
+        }
+    }
+    results
+}
+
 /// The checks that leave the decoder untouched: a prompt that is empty or does not fit.
 /// (Ids outside the vocabulary are the decoders' own check, on every prefill.)
 fn check_prompt(dec: &dyn Decoder, prompt: &[u32]) -> Result<()> {
@@ -456,7 +511,7 @@ impl<'t> Turn<'t> {
     pub fn step(
         &mut self,
         dec: &mut dyn Decoder,
-        mut on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
+        on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
     ) -> Result<bool> {
         if self.ended.is_some() {
             return Ok(true);
@@ -465,6 +520,26 @@ impl<'t> Turn<'t> {
             self.prefill_piece(dec)?;
             return Ok(self.ended.is_some());
         }
+        let Some(next) = self.emit(dec, on_text)? else {
+            return Ok(true);
+        };
+        match self.params.logprobs {
+            None => self.next = dec.decode_sample(next, &mut self.sampler)?,
+            Some(_) => {
+                let logits = dec.decode(next)?;
+                self.accept(logits);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Hands out the sampled token (`on_text` as for [`generate`]); returns it if it is to be
+    /// run (`None`: the generation has ended).
+    fn emit(
+        &mut self,
+        dec: &dyn Decoder,
+        mut on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
+    ) -> Result<Option<u32>> {
         let next = self.next;
         let stop = if self.params.stop_at_eos && self.tokenizer.eos_ids().contains(&next) {
             Some(StopReason::Eos)
@@ -483,19 +558,21 @@ impl<'t> Turn<'t> {
                 None
             }
         };
-        if let Some(stop) = stop {
-            self.ended = Some((stop, self.t1.elapsed().as_secs_f64()));
-            return Ok(true);
-        }
-        match self.params.logprobs {
-            None => self.next = dec.decode_sample(next, &mut self.sampler)?,
-            Some(k) => {
-                let logits = dec.decode(next)?;
-                self.next = self.sampler.sample(logits);
-                self.next_lp = Some(TokenLogprob::from_logits(logits, self.next, k));
+        match stop {
+            Some(stop) => {
+                self.ended = Some((stop, self.t1.elapsed().as_secs_f64()));
+                Ok(None)
             }
+            None => Ok(Some(next)),
         }
-        Ok(false)
+    }
+
+    /// Samples the next token from the logits of the one handed out.
+    fn accept(&mut self, logits: &[f32]) {
+        self.next = self.sampler.sample(logits);
+        if let Some(k) = self.params.logprobs {
+            self.next_lp = Some(TokenLogprob::from_logits(logits, self.next, k));
+        }
     }
 
     /// Tokens handed out so far.

@@ -246,6 +246,60 @@ fn decode_and_chunked_prefill_match_full_prefill() {
     }
 }
 
+/// Decode steps of three sequences run a layer at a time across them (`decode_each` over CPU
+/// decoders, `Llama::decode_lockstep` beneath) give bit for bit the logits of each decoded
+/// alone; a step that cannot run (its cache full) fails alone and leaves the others running.
+#[test]
+fn decode_steps_together_equal_each_alone() {
+    use teal::device::{decode_each, CpuDecoder, Decoder};
+    use teal::generate::Models;
+    let (m, _, _, c) = load_both(Arch::Llama);
+    let prompts: [&[u32]; 3] = [&TOKENS[..3], &TOKENS[2..9], &TOKENS[5..]];
+    let new = |ctx: usize, p: &[u32]| {
+        let mut d = CpuDecoder::new(Models::single(&m), ctx);
+        d.prefill(p, Logits::Last).unwrap();
+        d
+    };
+    let mut alone: Vec<CpuDecoder> = prompts.iter().map(|p| new(32, p)).collect();
+    let mut together: Vec<CpuDecoder> = prompts.iter().map(|p| new(32, p)).collect();
+    for step in 0..4u32 {
+        let tokens: Vec<u32> = (0..3)
+            .map(|i| (7 * step + 11 * i) % c.vocab_size as u32)
+            .collect();
+        let want: Vec<Vec<f32>> = alone
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(d, &t)| d.decode(t).unwrap().to_vec())
+            .collect();
+        let mut decs: Vec<&mut dyn Decoder> =
+            together.iter_mut().map(|d| d as &mut dyn Decoder).collect();
+        let mut got = vec![Vec::new(); 3];
+        for r in decode_each(&mut decs, &tokens, |i, l| got[i] = l.to_vec()) {
+            r.unwrap();
+        }
+        assert_eq!(got, want, "step {step}");
+        assert!(together
+            .iter()
+            .zip(&alone)
+            .all(|(a, b)| a.position() == b.position()));
+    }
+    // The middle decoder's cache is full: its step fails, the others run as alone.
+    let mut full = new(prompts[1].len(), prompts[1]);
+    let want: Vec<Vec<f32>> = [0usize, 2]
+        .iter()
+        .map(|&i| alone[i].decode(5).unwrap().to_vec())
+        .collect();
+    let (first, rest) = together.split_at_mut(1);
+    let mut decs: Vec<&mut dyn Decoder> = vec![&mut first[0], &mut full, &mut rest[1]];
+    let mut got = vec![Vec::new(); 3];
+    let results = decode_each(&mut decs, &[5, 5, 5], |i, l| got[i] = l.to_vec());
+    assert!(results[0].is_ok() && results[2].is_ok());
+    let msg = results[1].as_ref().unwrap_err().to_string();
+    assert!(msg.contains("longer than the context"), "{msg}");
+    assert_eq!((&got[0], &got[2]), (&want[0], &want[1]));
+    assert!(got[1].is_empty());
+}
+
 /// A decoder truncated back to a shared prefix continues as a fresh sequence would (what
 /// `Session` and the server's prompt cache rely on): prefill `A + B`, truncate to `A`, then
 /// prefill `C` and decode: the logits of prefilling `A + C` and decoding on. Truncating past

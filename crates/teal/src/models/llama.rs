@@ -372,6 +372,53 @@ impl Llama {
         cache: &mut KvCache,
         s: &'s mut DecodeScratch,
     ) -> Result<&'s [f32]> {
+        self.decode_start(token, cache, s)?;
+        for l in 0..self.layers.len() {
+            self.decode_layer(l, cache, s);
+        }
+        Ok(self.decode_finish(cache, s))
+    }
+
+    /// Decode steps of several sequences (each `(model, token, cache, scratch)`, as
+    /// [`Llama::decode`]), run a layer at a time across them: each layer's weights are read by
+    /// every step in turn, so where a layer fits the last-level cache the steps after the first
+    /// read them from there. Each step computes exactly what [`Llama::decode`] does and leaves
+    /// its logits in its scratch ([`DecodeScratch::logits`]); returns each step's result (a
+    /// step that fails its checks, or whose model has another number of layers than the
+    /// first's, is not run).
+    pub fn decode_lockstep(
+        steps: &mut [(&Llama, u32, &mut KvCache, &mut DecodeScratch)],
+    ) -> Vec<Result<()>> {
+        let layers = steps.first().map_or(0, |(m, ..)| m.layers.len());
+        let results: Vec<Result<()>> = steps
+            .iter_mut()
+            .map(|(m, token, cache, s)| {
+                if m.layers.len() != layers {
+                    return Err(Error::Invalid(format!(
+                        "decode_lockstep: a model of {} layers among models of {layers}",
+                        m.layers.len()
+                    )));
+                }
+                m.decode_start(*token, cache, s)
+            })
+            .collect();
+        for l in 0..layers {
+            for ((m, _, cache, s), r) in steps.iter_mut().zip(&results) {
+                if r.is_ok() {
+                    m.decode_layer(l, cache, s);
+                }
+            }
+        }
+        for ((m, _, cache, s), r) in steps.iter_mut().zip(&results) {
+            if r.is_ok() {
+                m.decode_finish(cache, s);
+            }
+        }
+        results
+    }
+
+    /// A decode step's checks, RoPE tables and embedding.
+    fn decode_start(&self, token: u32, cache: &KvCache, s: &mut DecodeScratch) -> Result<()> {
         let c = &self.config;
         let pos = cache.len();
         if pos + 1 > cache.capacity() {
@@ -388,49 +435,60 @@ impl Llama {
                 pos + 1
             )));
         }
-        let (kvd, hd) = (c.kv_dim(), c.head_dim);
         self.rope_tables(pos, 1, &mut s.cos, &mut s.sin);
         self.embed(token, &mut s.x);
-        for (l, b) in self.layers.iter().enumerate() {
-            reference::rmsnorm(&s.x, &b.input_layernorm, c.rms_norm_eps, &mut s.h);
-            Linear::forward_many(
-                &s.h,
-                [
-                    (&b.q_proj, &mut s.q[..]),
-                    (&b.k_proj, &mut s.k[..]),
-                    (&b.v_proj, &mut s.v[..]),
-                ],
-            );
-            for head in s.q.chunks_mut(hd).chain(s.k.chunks_mut(hd)) {
-                reference::rope_neox(head, &s.cos, &s.sin);
-            }
-            let mut kv = cache.rows(l);
-            kv.store(pos, kvd, &s.k, &s.v);
-            kv.attention_decode(
-                &s.q,
-                pos + 1,
-                c.num_attention_heads,
-                c.num_key_value_heads,
-                hd,
-                &mut s.scores,
-                &mut s.att,
-            );
-            b.o_proj.forward(&s.att, &mut s.out);
-            add_assign(&mut s.x, &s.out);
+        Ok(())
+    }
 
-            reference::rmsnorm(&s.x, &b.post_attention_layernorm, c.rms_norm_eps, &mut s.h);
-            Linear::forward_many(
-                &s.h,
-                [(&b.gate_proj, &mut s.g[..]), (&b.up_proj, &mut s.u[..])],
-            );
-            cpu::silu_mul_in_place(&mut s.g, &s.u);
-            b.down_proj.forward(&s.g, &mut s.out);
-            add_assign(&mut s.x, &s.out);
+    /// Block `l` of a decode step, at position `cache.len()`.
+    fn decode_layer(&self, l: usize, cache: &mut KvCache, s: &mut DecodeScratch) {
+        let c = &self.config;
+        let b = &self.layers[l];
+        let pos = cache.len();
+        let (kvd, hd) = (c.kv_dim(), c.head_dim);
+        reference::rmsnorm(&s.x, &b.input_layernorm, c.rms_norm_eps, &mut s.h);
+        Linear::forward_many(
+            &s.h,
+            [
+                (&b.q_proj, &mut s.q[..]),
+                (&b.k_proj, &mut s.k[..]),
+                (&b.v_proj, &mut s.v[..]),
+            ],
+        );
+        for head in s.q.chunks_mut(hd).chain(s.k.chunks_mut(hd)) {
+            reference::rope_neox(head, &s.cos, &s.sin);
         }
+        let mut kv = cache.rows(l);
+        kv.store(pos, kvd, &s.k, &s.v);
+        kv.attention_decode(
+            &s.q,
+            pos + 1,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            hd,
+            &mut s.scores,
+            &mut s.att,
+        );
+        b.o_proj.forward(&s.att, &mut s.out);
+        add_assign(&mut s.x, &s.out);
+
+        reference::rmsnorm(&s.x, &b.post_attention_layernorm, c.rms_norm_eps, &mut s.h);
+        Linear::forward_many(
+            &s.h,
+            [(&b.gate_proj, &mut s.g[..]), (&b.up_proj, &mut s.u[..])],
+        );
+        cpu::silu_mul_in_place(&mut s.g, &s.u);
+        b.down_proj.forward(&s.g, &mut s.out);
+        add_assign(&mut s.x, &s.out);
+    }
+
+    /// A decode step's end: the position is in the cache, the logits in `s`.
+    fn decode_finish<'s>(&self, cache: &mut KvCache, s: &'s mut DecodeScratch) -> &'s [f32] {
+        let c = &self.config;
         cache.advance(1);
         reference::rmsnorm(&s.x, &self.norm, c.rms_norm_eps, &mut s.h);
         self.lm_head.forward(&s.h, &mut s.logits);
-        Ok(&s.logits)
+        &s.logits
     }
 }
 
@@ -595,6 +653,11 @@ pub struct DecodeScratch {
 }
 
 impl DecodeScratch {
+    /// The logits of the last decode step run with it.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
     pub fn new(c: &Config, ctx: usize) -> DecodeScratch {
         let z = |n: usize| vec![0.0f32; n];
         DecodeScratch {
