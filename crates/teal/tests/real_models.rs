@@ -131,6 +131,96 @@ fn smollm2_prompt_in_pieces_matches_the_whole_prompt() {
     }
 }
 
+/// Turns stepped together (`step_together`: their decode steps a layer at a time across the
+/// decoders) give what each gives alone: a greedy turn with log-probabilities, a seeded
+/// sampling turn, and one whose prompt runs in pieces, of different lengths (the shorter ends
+/// while the others go on).
+#[test]
+fn smollm2_turns_stepped_together_equal_each_alone() {
+    use teal::device::CpuDecoder;
+    use teal::generate::{step_together, Models, Session, TurnStep};
+    let Some(path) = smollm2() else { return };
+    let files = ModelFiles::open(&path).unwrap();
+    let model = files.load_model().unwrap();
+    let tok = &files.tokenizer;
+    let params = |max_tokens, temperature, logprobs, prefill_chunk| GenerateParams {
+        max_tokens,
+        sampler: SamplerConfig {
+            temperature,
+            seed: 5,
+            ..Default::default()
+        },
+        ctx: 256,
+        stop_at_eos: false,
+        logprobs,
+        prompt_logprobs: false,
+        prefill_chunk,
+    };
+    let jobs = [
+        ("The capital of France is", params(12, 0.0, Some(2), None)),
+        ("Once upon a time", params(20, 0.8, None, None)),
+        ("def fibonacci(n):", params(16, 0.0, None, Some(3))),
+    ];
+    let ids: Vec<Vec<u32>> = jobs
+        .iter()
+        .map(|(p, _)| encode_prompt(tok, &text(p)).unwrap())
+        .collect();
+    let alone: Vec<_> = jobs
+        .iter()
+        .zip(&ids)
+        .map(|((_, p), ids)| {
+            let mut dec = CpuDecoder::new(Models::single(&model), 256);
+            Session::new(&mut dec)
+                .generate(tok, ids, p, |_, _, _| true)
+                .unwrap()
+        })
+        .collect();
+    let mut decs: Vec<CpuDecoder> = (0..3)
+        .map(|_| CpuDecoder::new(Models::single(&model), 256))
+        .collect();
+    let mut sessions: Vec<Session> = decs.iter_mut().map(|d| Session::new(d)).collect();
+    let mut turns: Vec<_> = sessions
+        .iter_mut()
+        .zip(jobs.iter().zip(&ids))
+        .map(|(s, ((_, p), ids))| s.start(tok, ids, p).unwrap())
+        .collect();
+    let mut texts = vec![String::new(); 3];
+    let mut running = [true; 3];
+    while running.iter().any(|&r| r) {
+        let mut steps = Vec::new();
+        let mut which = Vec::new();
+        for (i, ((s, t), text)) in sessions
+            .iter_mut()
+            .zip(turns.iter_mut())
+            .zip(texts.iter_mut())
+            .enumerate()
+        {
+            if running[i] {
+                steps.push(TurnStep {
+                    session: s,
+                    turn: t,
+                    on_text: Box::new(move |_, piece: &str, _| {
+                        text.push_str(piece);
+                        true
+                    }),
+                });
+                which.push(i);
+            }
+        }
+        let results = step_together(&mut steps);
+        drop(steps);
+        for (i, r) in which.into_iter().zip(results) {
+            running[i] = !r.unwrap();
+        }
+    }
+    for (i, (s, t)) in sessions.iter_mut().zip(turns).enumerate() {
+        let g = s.finish(t);
+        assert_eq!(g.tokens, alone[i].tokens, "turn {i}: {:?}", texts[i]);
+        assert_eq!(g.logprobs, alone[i].logprobs, "turn {i}");
+        assert_eq!(g.tokens.len(), jobs[i].1.max_tokens);
+    }
+}
+
 /// Greedy continuation as llama.cpp on the f32 dequantization of the Q4_1 file and transformers
 /// in float32 both give (issue 2).
 #[test]
