@@ -271,8 +271,9 @@ impl IntoResponse for ApiError {
 /// different slots run at the same time, a step each per round ([`step_together`]: the CPU
 /// slots' decode steps run a layer at a time across them, so that a layer that fits the
 /// last-level cache is read from memory once per round); a new request's prompt runs in pieces
-/// of [`PREFILL_CHUNK`] tokens, one per round. Requests that find no free slot wait, and take one in arrival order. An answer's
-/// decode timings are wall time, the other slots' turns included.
+/// of [`PREFILL_CHUNK`] tokens, one per round. Requests that find no free slot wait, and take
+/// one in arrival order. An answer's decode timings are wall time, the other slots' turns
+/// included.
 pub fn run_engine(
     slots: Vec<&mut dyn Decoder>,
     tok: &Tokenizer,
@@ -316,6 +317,14 @@ pub fn run_engine(
                 // A request whose client has gone while it waited (an editor's completion
                 // request that the next keystroke replaced) is dropped unrun.
                 Job::Generate(g) if g.events.is_closed() => {}
+                // No free slot for it yet (its prompt is tokenized once it has one).
+                Job::Generate(g)
+                    if g.slot.map_or(free.is_empty(), |i| {
+                        running.get(i).is_some_and(Option::is_some)
+                    }) =>
+                {
+                    waiting.push_back(Job::Generate(g));
+                }
                 Job::Generate(g) => {
                     let tokens = match encode_prompt(tok, &g.prompt) {
                         Ok(t) => t,
@@ -327,10 +336,6 @@ pub fn run_engine(
                         }
                     };
                     let i = match g.slot {
-                        None if free.is_empty() => {
-                            waiting.push_back(Job::Generate(g));
-                            continue;
-                        }
                         None => {
                             let state: Vec<SlotState> = free
                                 .iter()
@@ -355,10 +360,6 @@ pub fn run_engine(
                             g.events
                                 .send(Event::Failed(ApiError::bad_request(msg)))
                                 .ok();
-                            continue;
-                        }
-                        Some(i) if running[i].is_some() => {
-                            waiting.push_back(Job::Generate(g));
                             continue;
                         }
                         Some(i) => i,

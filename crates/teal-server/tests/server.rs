@@ -115,6 +115,17 @@ fn engine_text(
     n: usize,
     sampler: SamplerConfig,
 ) -> String {
+    engine_generation(path, prompt, n, sampler, true).0
+}
+
+/// The engine's own text for `prompt`, up to `n` tokens, and how many tokens it generated.
+fn engine_generation(
+    path: &std::path::Path,
+    prompt: &Prompt,
+    n: usize,
+    sampler: SamplerConfig,
+    stop_at_eos: bool,
+) -> (String, usize) {
     let files = ModelFiles::open(path).unwrap();
     let model = files.load_model().unwrap();
     let ids = encode_prompt(&files.tokenizer, prompt).unwrap();
@@ -122,13 +133,13 @@ fn engine_text(
         max_tokens: n,
         sampler,
         ctx: CTX,
-        stop_at_eos: true,
+        stop_at_eos,
         logprobs: None,
         prompt_logprobs: false,
         prefill_chunk: None,
     };
     let mut text = String::new();
-    generate(
+    let g = generate(
         Models::single(&model),
         &files.tokenizer,
         &ids,
@@ -139,7 +150,7 @@ fn engine_text(
         },
     )
     .unwrap();
-    text
+    (text, g.tokens.len())
 }
 
 /// Greedy completion: llama.cpp's continuation of the same prompt (the text that
@@ -1259,31 +1270,8 @@ async fn collect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Strin
 
 /// The engine's own greedy text for `prompt`, `n` tokens, not stopping at end of sequence.
 fn solo_text(path: &std::path::Path, prompt: &str, n: usize) -> String {
-    let files = ModelFiles::open(path).unwrap();
-    let model = files.load_model().unwrap();
-    let ids = encode_prompt(&files.tokenizer, &Prompt::Text(prompt.into())).unwrap();
-    let params = GenerateParams {
-        max_tokens: n,
-        sampler: greedy(),
-        ctx: CTX,
-        stop_at_eos: false,
-        logprobs: None,
-        prompt_logprobs: false,
-        prefill_chunk: None,
-    };
-    let mut text = String::new();
-    let g = generate(
-        Models::single(&model),
-        &files.tokenizer,
-        &ids,
-        &params,
-        |_, p, _| {
-            text.push_str(p);
-            true
-        },
-    )
-    .unwrap();
-    assert_eq!(g.tokens.len(), n);
+    let (text, count) = engine_generation(path, &Prompt::Text(prompt.into()), n, greedy(), false);
+    assert_eq!(count, n);
     text
 }
 

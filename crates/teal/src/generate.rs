@@ -231,9 +231,9 @@ impl<'d> Session<'d> {
 
     /// [`Session::generate`] a step at a time: keeps the cached prefix `prompt` shares;
     /// [`Session::step`] then runs the rest of the prompt and generates, and
-    /// [`Session::finish`] records what the cache holds. Until then the session knows of no cached tokens (as
-    /// after a failure), so a caller running several sessions must not start another turn on
-    /// this one.
+    /// [`Session::finish`] records what the cache holds. Until then the session knows of no
+    /// cached tokens (as after a failure), so a caller running several sessions must not start
+    /// another turn on this one.
     pub fn start<'t>(
         &mut self,
         tokenizer: &'t Tokenizer,
@@ -383,9 +383,9 @@ fn check_prompt(dec: &dyn Decoder, prompt: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// A generation in progress, a token per [`Turn::step`]: what [`generate_on`] and
-/// [`Session::generate`] run to the end, and what a server interleaves over its slots (each
-/// turn on its own decoder).
+/// A generation in progress, a step at a time ([`Turn::step`]: a piece of the prompt, or a
+/// token): what [`generate_on`] and [`Session::generate`] run to the end, and what a server
+/// runs side by side over its slots (each turn on its own decoder, [`step_together`]).
 pub struct Turn<'t> {
     tokenizer: &'t Tokenizer,
     params: GenerateParams,
