@@ -333,7 +333,9 @@ pub fn step_together<'d, 't>(steps: &mut [TurnStep<'_, 'd, 't>]) -> Vec<Result<b
     let mut run: Vec<(usize, u32)> = Vec::new();
     for (i, s) in steps.iter_mut().enumerate() {
         let dec = &mut *s.session.dec;
-        let r = if s.turn.ended.is_some() {
+        let r = if let Err(e) = s.turn.check_owner(dec) {
+            Err(e)
+        } else if s.turn.ended.is_some() {
             Ok(true)
         } else if s.turn.ran < s.turn.prompt.len() || dec.lockstep().is_none() {
             s.turn.step(dec, &mut s.on_text)
@@ -412,6 +414,13 @@ pub struct Turn<'t> {
     /// sequence, and that sequence's entries kept.
     common: usize,
     kept: Vec<Option<TokenLogprob>>,
+    /// The address of the decoder the turn began on: its steps must run there.
+    owner: usize,
+}
+
+/// A decoder's address, which identifies it while it is borrowed.
+fn address(dec: &dyn Decoder) -> usize {
+    dec as *const dyn Decoder as *const () as usize
 }
 
 impl<'t> Turn<'t> {
@@ -460,7 +469,18 @@ impl<'t> Turn<'t> {
             ended: None,
             common: 0,
             kept: Vec::new(),
+            owner: address(dec),
         })
+    }
+
+    /// An error unless `dec` is the decoder the turn began on.
+    fn check_owner(&self, dec: &dyn Decoder) -> Result<()> {
+        if address(dec) != self.owner {
+            return Err(Error::Invalid(
+                "a turn was stepped on another decoder than the one it began on".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Runs the next piece of the prompt (at most `chunk` tokens); after the last, samples
@@ -504,15 +524,16 @@ impl<'t> Turn<'t> {
         Ok(())
     }
 
-    /// On `dec` (the decoder the turn began on): while the prompt is not all run, runs its
-    /// next piece ([`GenerateParams::prefill_chunk`]); then hands out the sampled token
-    /// (`on_text` as for [`generate`]) and, unless that ends the generation, runs it and
-    /// samples the next. Returns whether the generation has ended.
+    /// On `dec` (the decoder the turn began on, else an error): while the prompt is not all
+    /// run, runs its next piece ([`GenerateParams::prefill_chunk`]); then hands out the
+    /// sampled token (`on_text` as for [`generate`]) and, unless that ends the generation,
+    /// runs it and samples the next. Returns whether the generation has ended.
     pub fn step(
         &mut self,
         dec: &mut dyn Decoder,
         on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
     ) -> Result<bool> {
+        self.check_owner(dec)?;
         if self.ended.is_some() {
             return Ok(true);
         }

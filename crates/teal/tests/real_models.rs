@@ -114,6 +114,25 @@ fn smollm2_prompt_in_pieces_matches_the_whole_prompt() {
         }
         (session.finish(turn), first.unwrap())
     };
+    // A turn stepped on another session's decoder is an error, and leaves both untouched.
+    let params = GenerateParams {
+        max_tokens: 4,
+        sampler: SamplerConfig::default(),
+        ctx: 256,
+        stop_at_eos: false,
+        logprobs: None,
+        prompt_logprobs: false,
+        prefill_chunk: None,
+    };
+    let (mut a, mut b) = (
+        CpuDecoder::new(Models::single(&model), 256),
+        CpuDecoder::new(Models::single(&model), 256),
+    );
+    let (mut sa, mut sb) = (Session::new(&mut a), Session::new(&mut b));
+    let mut turn = sa.start(tok, &ids, &params).unwrap();
+    let err = sb.step(&mut turn, |_, _, _| true).unwrap_err().to_string();
+    assert!(err.contains("another decoder"), "{err}");
+    assert!(!sa.step(&mut turn, |_, _, _| true).unwrap());
     let (whole, first_whole) = run(None);
     let (pieces, first_pieces) = run(Some(4));
     assert_eq!(first_whole, 2);
