@@ -366,7 +366,7 @@ pub fn run_engine(
                     };
                     clock += 1;
                     used[i] = clock;
-                    running[i] = Running::start(&mut sessions[i], i, tok, *g, tokens);
+                    running[i] = Running::start(&mut sessions[i], i, tok, *g, &tokens);
                 }
                 Job::Tokenizer(t, reply) => {
                     reply.send(tokenizer_job(tok, ctx, t)).ok();
@@ -426,7 +426,7 @@ fn slots_state(sessions: &[Session], running: &[Option<Running>], ctx: usize) ->
             "cached_tokens": s.cached_len(),
         });
         if let Some(r) = r {
-            v["n_prompt_tokens"] = json!(r.tokens.len());
+            v["n_prompt_tokens"] = json!(r.turn.prompt().len());
             v["next_token"] = json!({"n_decoded": r.turn.generated()});
         }
         v
@@ -532,8 +532,6 @@ const PREFILL_CHUNK: usize = 512;
 /// limit, text held back).
 struct Running<'t> {
     slot: usize,
-    /// The prompt's tokens.
-    tokens: Vec<u32>,
     prompt: Prompt,
     echo: bool,
     logprobs: Option<usize>,
@@ -582,14 +580,14 @@ fn release(
 }
 
 impl<'t> Running<'t> {
-    /// Starts `job`, whose prompt is `tokens`, on `session` (slot `slot`): runs the prompt.
-    /// `None` if it failed (the client has been told).
+    /// Starts `job`, whose prompt is `tokens`, on `session` (slot `slot`); its steps then run
+    /// the prompt and generate. `None` if it failed (the client has been told).
     fn start(
         session: &mut Session,
         slot: usize,
         tok: &'t Tokenizer,
         job: Generate,
-        tokens: Vec<u32>,
+        tokens: &[u32],
     ) -> Option<Running<'t>> {
         let fail = |e: ApiError| {
             job.events.send(Event::Failed(e)).ok();
@@ -623,13 +621,12 @@ impl<'t> Running<'t> {
         if !job.cache_prompt {
             session.forget();
         }
-        let turn = match session.start(tok, &tokens, &params) {
+        let turn = match session.start(tok, tokens, &params) {
             Ok(turn) => turn,
             Err(e) => return fail(engine_error(e)),
         };
         Some(Running {
             slot,
-            tokens,
             prompt: job.prompt,
             echo: job.echo,
             logprobs: job.logprobs,
@@ -691,6 +688,11 @@ impl<'t> Running<'t> {
             self.events.send(Event::Failed(engine_error(e))).ok();
             return;
         }
+        let prompt_text = match &self.prompt {
+            Prompt::Text(t) => t.clone(),
+            _ => tok.decode(self.turn.prompt()).unwrap_or_default(),
+        };
+        let first = self.turn.prompt()[0];
         let g = session.finish(self.turn);
         if !self.filter.hit() {
             // Generation ended without a stop sequence: the held-back text and every
@@ -706,12 +708,8 @@ impl<'t> Running<'t> {
             (None, StopReason::Eos) => StopType::Eos,
             (None, _) => StopType::Limit,
         };
-        let prompt_text = match &self.prompt {
-            Prompt::Text(t) => t.clone(),
-            _ => tok.decode(&self.tokens).unwrap_or_default(),
-        };
         let prompt_logprobs = match self.logprobs.is_some() && self.echo {
-            true => std::iter::once(token_info(tok, self.tokens[0], None, &[]))
+            true => std::iter::once(token_info(tok, first, None, &[]))
                 .chain(
                     g.prompt_logprobs
                         .iter()

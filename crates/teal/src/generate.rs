@@ -596,6 +596,11 @@ impl<'t> Turn<'t> {
         }
     }
 
+    /// The prompt's tokens.
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
     /// Tokens handed out so far.
     pub fn generated(&self) -> usize {
         self.tokens.len()
