@@ -25,6 +25,12 @@
 //!
 //!   cargo run --release -p teal-kernels --example gemv_speed -- --vs-bandwidth f32 f16 bf16
 //!
+//!   cargo run --release -p teal-kernels --example gemv_speed -- --rows f16 q8 q4
+//!
+//! `--rows`: several decode steps' inputs through the same weights (`batch::gemv_many_rows`,
+//! the slots' lockstep) against the same steps one GEMV after another, from DRAM, dense and
+//! at 50 % (each row's own threshold), median microseconds for all the rows and the ratio.
+//!
 //! `--vs-bandwidth`: dense GEMV against this machine's read bandwidth in the same rounds: each
 //! round streams a 1 GiB buffer (every thread summing its share, as `teal bench` measures the
 //! bandwidth), then runs each format's dense GEMV once over copies of every Llama shape filling
@@ -113,10 +119,63 @@ fn main() {
         rayon::scope(|s| s.spawn(|_| fused(&dtypes)));
     } else if args.iter().any(|a| a == "--patterns") {
         rayon::scope(|s| s.spawn(|_| patterns(&dtypes)));
+    } else if args.iter().any(|a| a == "--rows") {
+        rayon::scope(|s| s.spawn(|_| rows(&dtypes)));
     } else if args.iter().any(|a| a == "--vs-bandwidth") {
         rayon::scope(|s| s.spawn(|_| vs_bandwidth(&dtypes)));
     } else {
         rayon::scope(|s| s.spawn(|_| matrices(&dtypes, small)));
+    }
+}
+
+/// `nb` rows at once against one after another, on Llama-3-8B's shapes from DRAM.
+fn rows(dtypes: &[Dtype]) {
+    use teal_kernels::batch;
+    for (n_in, n_out) in [(4096usize, 14336usize), (14336, 4096)] {
+        let wt = rand_vec(n_in * n_out, 5);
+        for &dtype in dtypes {
+            let ps = copies(dtype, &wt, n_in, n_out, 1 << 30);
+            for nb in [2usize, 4] {
+                let x = rand_vec(nb * n_in, 11);
+                let mut y = vec![0.0f32; nb * n_out];
+                for s in [0.0f64, 0.5] {
+                    let t = if s == 0.0 {
+                        -1.0
+                    } else {
+                        reference::abs_threshold(&x, s)
+                    };
+                    let mut times = [vec![], vec![]];
+                    for it in 0..(4 * ps.len()).max(40) {
+                        let p = &ps[it / 2 % ps.len()];
+                        let t0 = Instant::now();
+                        if it % 2 == 0 {
+                            for (xb, yb) in x.chunks(n_in).zip(y.chunks_mut(n_out)) {
+                                cpu::gemv_sparse(&p.mat(), xb, t, yb);
+                            }
+                        } else {
+                            let mask = Mask::Threshold(t);
+                            batch::gemv_many_rows(
+                                &x,
+                                nb,
+                                &mut [Gemv {
+                                    w: p.mat(),
+                                    mask,
+                                    y: &mut y,
+                                }],
+                            );
+                        }
+                        times[it % 2].push(t0.elapsed().as_secs_f64() * 1e6);
+                    }
+                    let [a, b] = &mut times;
+                    let (a, b) = (median(a), median(b));
+                    println!(
+                        "{n_in}x{n_out} {} rows {nb} s={s}: one after another {a:.0} us, together {b:.0} us ({:.2}x)",
+                        dtype.name(),
+                        a / b
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -33,7 +33,7 @@ const TILE_PREFETCH: i32 = std::arch::x86_64::_MM_HINT_T1;
 const PORTABLE_PIECE: usize = 1024;
 
 /// Tile width for a format: about 32 KiB of weights per row.
-fn tile_width(view: &View) -> usize {
+pub(crate) fn tile_width(view: &View) -> usize {
     match view {
         View::F32(_) => TILE,
         View::F16(_) | View::Bf16(_) => 2 * TILE,
@@ -44,13 +44,13 @@ fn tile_width(view: &View) -> usize {
 
 /// A raw pointer that may cross threads: every user writes a disjoint range.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     /// The pointer (a method, so closures capture the whole `Send` wrapper, not its field).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -226,14 +226,14 @@ const ROW_SPLIT_BELOW: usize = 16384;
 
 /// How a GEMV's work is cut into items.
 #[derive(Clone, Copy)]
-enum Split {
+pub(crate) enum Split {
     /// Items of this many output columns.
     Columns(usize),
     /// Items of this many input rows, each into its own partial output, summed at the end.
     Rows(usize),
 }
 
-fn split_of(w: &Mat) -> Split {
+pub(crate) fn split_of(w: &Mat) -> Split {
     let threads = pool::threads();
     let row_bytes = w.view.bytes_per_row(w.n_out);
     if threads > 1 && row_bytes < ROW_SPLIT_BELOW && w.n_in >= 64 * threads {
@@ -254,7 +254,7 @@ pub fn gemv_many(x: &[f32], gemvs: &mut [Gemv]) -> [usize; MAX_MANY] {
 }
 
 /// [`gemv_many`] with the SIMD choice explicit (tests run the portable path on AVX2 machines).
-fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] {
+pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] {
     let n = gemvs.len();
     assert!(n <= MAX_MANY, "gemv_many: {n} GEMVs, at most {MAX_MANY}");
     let mut kept = [0usize; MAX_MANY];
@@ -724,7 +724,9 @@ elementwise_tile!(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q8_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], std::arch::x86_64::__m128) {
+pub(crate) unsafe fn q8_block(
+    p: *const u8,
+) -> ([std::arch::x86_64::__m256; 4], std::arch::x86_64::__m128) {
     use std::arch::x86_64::*;
     let q = p.add(2);
     let l0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q as *const __m128i)));
@@ -746,7 +748,7 @@ unsafe fn q8_block(p: *const u8) -> ([std::arch::x86_64::__m256; 4], std::arch::
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4_nibbles(p: *const u8) -> [std::arch::x86_64::__m256; 4] {
+pub(crate) unsafe fn q4_nibbles(p: *const u8) -> [std::arch::x86_64::__m256; 4] {
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi32(15);
     let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
@@ -1202,7 +1204,7 @@ pub fn matmul_packed(x: &[f32], n_tok: usize, w: &Mat, y: &mut [f32]) {
 
 /// Output rows per work item of the dot-product GEMV: a multiple of the four rows of a pass, at
 /// least four items per thread so the claiming of items can even out a noisy machine.
-fn rows_per_chunk(n_out: usize) -> usize {
+pub(crate) fn rows_per_chunk(n_out: usize) -> usize {
     let threads = pool::threads();
     n_out.div_ceil(threads * 4).next_multiple_of(4).max(16)
 }
@@ -1214,7 +1216,7 @@ pub fn gemv_dot(w: &RowsMat, x: &[f32], y: &mut [f32]) {
 }
 
 /// [`gemv_dot`] with the SIMD choice explicit (tests run the portable path on AVX2 machines).
-fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
+pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
     assert_eq!(x.len(), w.n_in, "gemv_dot: input size");
     assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
     let per = rows_per_chunk(w.n_out);
@@ -1250,7 +1252,7 @@ fn dot_rows(w: &RowsMat, x: &[f32], o0: usize, yc: &mut [f32], simd: bool) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));

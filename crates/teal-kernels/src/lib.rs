@@ -2,6 +2,7 @@
 //! every fast path (SIMD, threads) in [`cpu`] is tested against it; [`pool`] runs the decode
 //! kernels' threads. [`packed`] defines the weight formats.
 
+pub mod batch;
 pub mod cpu;
 pub mod cuda;
 pub mod packed;
