@@ -120,7 +120,7 @@ fn main() {
     } else if args.iter().any(|a| a == "--patterns") {
         rayon::scope(|s| s.spawn(|_| patterns(&dtypes)));
     } else if args.iter().any(|a| a == "--rows") {
-        rayon::scope(|s| s.spawn(|_| rows(&dtypes)));
+        rayon::scope(|s| s.spawn(|_| rows(&dtypes, small)));
     } else if args.iter().any(|a| a == "--vs-bandwidth") {
         rayon::scope(|s| s.spawn(|_| vs_bandwidth(&dtypes)));
     } else {
@@ -128,13 +128,22 @@ fn main() {
     }
 }
 
-/// `nb` rows at once against one after another, on Llama-3-8B's shapes from DRAM.
-fn rows(dtypes: &[Dtype]) {
+/// `nb` rows at once against one after another, on Llama-3-8B's shapes from DRAM (`small`:
+/// SmolLM2's, one copy, from the caches, and its LM head).
+fn rows(dtypes: &[Dtype], small: bool) {
     use teal_kernels::batch;
-    for (n_in, n_out) in [(4096usize, 14336usize), (14336, 4096)] {
+    let shapes: &[(usize, usize)] = if small {
+        &[(576, 1536), (1536, 576), (576, 576)]
+    } else {
+        &[(4096, 14336), (14336, 4096)]
+    };
+    if small {
+        head_rows(dtypes);
+    }
+    for &(n_in, n_out) in shapes {
         let wt = rand_vec(n_in * n_out, 5);
         for &dtype in dtypes {
-            let ps = copies(dtype, &wt, n_in, n_out, 1 << 30);
+            let ps = copies(dtype, &wt, n_in, n_out, if small { 0 } else { 1 << 30 });
             for nb in [2usize, 4] {
                 let x = rand_vec(nb * n_in, 11);
                 let mut y = vec![0.0f32; nb * n_out];
@@ -145,7 +154,7 @@ fn rows(dtypes: &[Dtype]) {
                         reference::abs_threshold(&x, s)
                     };
                     let mut times = [vec![], vec![]];
-                    for it in 0..(4 * ps.len()).max(40) {
+                    for it in 0..(4 * ps.len()).max(if small { 400 } else { 40 }) {
                         let p = &ps[it / 2 % ps.len()];
                         let t0 = Instant::now();
                         if it % 2 == 0 {
@@ -175,6 +184,41 @@ fn rows(dtypes: &[Dtype]) {
                     );
                 }
             }
+        }
+    }
+}
+
+/// SmolLM2's LM head (49152 x 576, output-major), `nb` rows at once against one after another.
+fn head_rows(dtypes: &[Dtype]) {
+    use teal_kernels::batch;
+    use teal_kernels::packed::PackedRows;
+    let (n_in, n_out) = (576usize, 49152usize);
+    let w = rand_vec(n_in * n_out, 3);
+    for &dtype in dtypes {
+        let mut p = PackedRows::with_capacity(dtype, n_in, n_out);
+        p.push_rows(w.clone()).expect("pack");
+        for nb in [2usize, 4] {
+            let x = rand_vec(nb * n_in, 11);
+            let mut y = vec![0.0f32; nb * n_out];
+            let mut times = [vec![], vec![]];
+            for it in 0..200 {
+                let t0 = Instant::now();
+                if it % 2 == 0 {
+                    for (xb, yb) in x.chunks(n_in).zip(y.chunks_mut(n_out)) {
+                        cpu::gemv_dot(&p.mat(), xb, yb);
+                    }
+                } else {
+                    batch::gemv_dot_rows(&p.mat(), &x, nb, &mut y);
+                }
+                times[it % 2].push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+            let [a, b] = &mut times;
+            let (a, b) = (median(a), median(b));
+            println!(
+                "head {n_out}x{n_in} {} rows {nb}: one after another {a:.0} us, together {b:.0} us ({:.2}x)",
+                dtype.name(),
+                a / b
+            );
         }
     }
 }

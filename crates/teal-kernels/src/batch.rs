@@ -46,9 +46,9 @@ pub fn gemv_many_rows(x: &[f32], nb: usize, gemvs: &mut [Gemv]) {
     gemv_many_rows_on(x, nb, gemvs, cpu::simd_available(), worth_together)
 }
 
-/// Whether a GEMV runs its rows together: `(weights, rows, union of the kept inputs, kept
-/// inputs of all rows)`.
-type Choice = fn(&View, usize, usize, usize) -> bool;
+/// Whether a GEMV runs its rows together: `(weights, rows, bytes of the weights, union of the
+/// kept inputs, kept inputs of all rows)`.
+type Choice = fn(&View, usize, usize, usize, usize) -> bool;
 
 /// [`gemv_many_rows`] with the SIMD choice and the choice to run the rows together explicit
 /// (tests run the portable path on AVX2 machines, and both ways).
@@ -78,9 +78,14 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
             if let Mask::Channels(t) = g.mask {
                 assert_eq!(t.len(), g.w.n_in, "gemv_many_rows: per-channel thresholds");
             }
+            // Whether the rows could gain at all (all of them keeping every input), before
+            // their union is taken.
             let (idx, val) = &mut lists[i];
-            let kept = union_kept(x, nb, g.mask, idx, val);
-            together[i] = choose(&g.w.view, nb, idx.len(), kept);
+            let bytes = g.w.n_in * g.w.view.bytes_per_row(g.w.n_out);
+            together[i] = choose(&g.w.view, nb, bytes, g.w.n_in, nb * g.w.n_in) && {
+                let kept = union_kept(x, nb, g.mask, idx, val);
+                choose(&g.w.view, nb, bytes, idx.len(), kept)
+            };
             split[i] = cpu::split_of(&g.w);
             let items = match (together[i], split[i]) {
                 (false, _) => 0,
@@ -175,22 +180,50 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
     }
 }
 
-/// Whether `nb` rows' GEMV on weights `view` runs faster together, reading the `union` rows
-/// any of them keeps, than one row after another, reading `kept` rows in all: the tile here
-/// multiplies each weight it reads by every row, and costs `1 + a (nb - 1)` times the
-/// one-row kernel per row read, `a` measured per format on the 2-core machine (Llama-3-8B's
-/// 4096 x 14336 and 14336 x 4096 from DRAM, 2 and 4 rows, `gemv_speed --rows`). q4 never:
-/// its one-row kernel multiplies 8-bit activations by the nibbles 16 at a time, where the
-/// tile decodes each weight to f32, and the rows together ran 0.6-0.8x as fast as one after
-/// another.
-fn worth_together(view: &View, nb: usize, union: usize, kept: usize) -> bool {
+/// Whether `nb` rows' GEMV on weights `view` (`bytes` of them) runs faster together, reading
+/// the `union` rows any of them keeps, than one row after another, reading `kept` rows in all:
+/// the tile here multiplies each weight it reads by every row, and costs `1 + a (nb - 1)`
+/// times the one-row kernel per row read, `a` measured per format on the 2-core machine
+/// (Llama-3-8B's 4096 x 14336 and 14336 x 4096 from DRAM, 2 and 4 rows, `gemv_speed --rows`).
+/// - q8: from three rows, and only matrices larger than a quarter of the last-level cache.
+///   From DRAM two rows together were 1.2-1.4x faster than apart and four 1.5-1.7x, but on
+///   SmolLM2, whose layers fit the cache (so that the rows after the first, apart, read them
+///   from there), decoding went from 183-188 to 148 tok/s with two rows and from 173-197 to
+///   158-167 with four.
+/// - q4 never: its one-row kernel multiplies 8-bit activations by the nibbles 16 at a time,
+///   where the tile decodes each weight to f32, and the rows together ran 0.6-0.8x as fast as
+///   one after another.
+fn worth_together(view: &View, nb: usize, bytes: usize, union: usize, kept: usize) -> bool {
     let a = match view {
         View::F32(_) | View::F16(_) => 0.15,
         View::Bf16(_) => 0.25,
-        View::Q8(_) => 0.55,
-        View::Q4(_) => return false,
+        View::Q8(_) if nb >= 3 && bytes > last_level_cache() / 4 => 0.55,
+        View::Q8(_) | View::Q4(_) => return false,
     };
     union as f64 * (1.0 + a * (nb - 1) as f64) < kept as f64
+}
+
+/// Bytes of the last-level cache (Linux's sysfs; 32 MiB where it cannot be read).
+fn last_level_cache() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        (0..8)
+            .rev()
+            .find_map(|i| {
+                let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+                let size = std::fs::read_to_string(format!("{dir}/size")).ok()?;
+                let size = size.trim();
+                let (num, mult) = match size.strip_suffix('K') {
+                    Some(k) => (k, 1024),
+                    None => match size.strip_suffix('M') {
+                        Some(m) => (m, 1024 * 1024),
+                        None => (size, 1),
+                    },
+                };
+                Some(num.parse::<usize>().ok()? * mult)
+            })
+            .unwrap_or(32 << 20)
+    })
 }
 
 /// [`gemv_many_rows`] as one [`cpu::gemv_many`] per row.
@@ -369,6 +402,9 @@ trait Chunks {
     unsafe fn group(&self, j: usize, g: usize) -> Self::Group;
     /// Values `8 c .. 8 c + 8` of a group.
     unsafe fn chunk(&self, s: Self::Group, c: usize) -> std::arch::x86_64::__m256;
+    /// Where group `g` of row `j` lies, for prefetching (q4: about, its scales being stored
+    /// per eight groups).
+    fn at(&self, j: usize, g: usize) -> *const u8;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -387,6 +423,9 @@ impl Chunks for F32s {
     #[inline(always)]
     unsafe fn chunk(&self, p: *const f32, c: usize) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p.add(8 * c))
+    }
+    fn at(&self, j: usize, g: usize) -> *const u8 {
+        self.a.wrapping_add(j * self.n + g * GROUP) as *const u8
     }
 }
 
@@ -408,6 +447,9 @@ impl Chunks for F16s {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p.add(8 * c) as *const __m128i))
     }
+    fn at(&self, j: usize, g: usize) -> *const u8 {
+        self.a.wrapping_add(j * self.n + g * GROUP) as *const u8
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -426,6 +468,9 @@ impl Chunks for Bf16s {
     #[inline(always)]
     unsafe fn chunk(&self, p: *const u16, c: usize) -> std::arch::x86_64::__m256 {
         bf16x8(p.add(8 * c) as *const std::arch::x86_64::__m128i)
+    }
+    fn at(&self, j: usize, g: usize) -> *const u8 {
+        self.a.wrapping_add(j * self.n + g * GROUP) as *const u8
     }
 }
 
@@ -449,6 +494,9 @@ impl Chunks for Q8s {
         use std::arch::x86_64::*;
         let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * c) as *const __m128i));
         _mm256_mul_ps(d, _mm256_cvtepi32_ps(v))
+    }
+    fn at(&self, j: usize, g: usize) -> *const u8 {
+        self.b.wrapping_add((j * self.ng + g) * Q8_BLOCK)
     }
 }
 
@@ -475,6 +523,9 @@ impl Chunks for Q4s {
     #[inline(always)]
     unsafe fn chunk(&self, s: Self::Group, c: usize) -> std::arch::x86_64::__m256 {
         q4_chunk(s, c)
+    }
+    fn at(&self, j: usize, g: usize) -> *const u8 {
+        self.b.wrapping_add((j * self.ng + g) * Q4_BLOCK)
     }
 }
 
@@ -540,7 +591,19 @@ impl Tile<'_> {
         const R: usize = PASS;
         use std::arch::x86_64::*;
         let nb = self.nb;
+        let (g0, g1) = (self.g0, self.g0 + self.gn);
         for (pi, pass) in self.idx.chunks(R).enumerate() {
+            // The start of the next pass's rows (as far as this pass prefetches ahead within
+            // its rows), so that no pass waits for its first lines: kept rows are far apart,
+            // which the hardware prefetcher does not follow.
+            for &j in self.idx.iter().skip((pi + 1) * R).take(R) {
+                let (a, e) = (f.at(j as usize, g0), f.at(j as usize, g1));
+                let mut p = a;
+                while p < e && p < a.wrapping_add(cpu::PREFETCH_BYTES) {
+                    _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p as *const i8);
+                    p = p.wrapping_add(64);
+                }
+            }
             let mut js = [pass[0] as usize; R];
             // xs[b][r]: row b0 + b's value of the pass's r-th input.
             let mut xs = [[_mm256_setzero_ps(); R]; B];
@@ -550,8 +613,15 @@ impl Tile<'_> {
                     x[r] = _mm256_set1_ps(self.val[(pi * R + r) * nb + b0 + b]);
                 }
             }
+            let ends: [*const u8; R] = std::array::from_fn(|r| f.at(js[r], g1));
             for g in 0..self.gn {
-                let st: [F::Group; R] = std::array::from_fn(|r| f.group(js[r], self.g0 + g));
+                for (&j, &e) in js.iter().zip(&ends) {
+                    let p = f.at(j, g0 + g).wrapping_add(cpu::PREFETCH_BYTES);
+                    if p < e {
+                        _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p as *const i8);
+                    }
+                }
+                let st: [F::Group; R] = std::array::from_fn(|r| f.group(js[r], g0 + g));
                 for c in 0..4 {
                     let wv: [__m256; R] = std::array::from_fn(|r| f.chunk(st[r], c));
                     for (b, x) in xs.iter().enumerate() {
@@ -580,12 +650,18 @@ fn gemv_dot_rows_on(w: &RowsMat, x: &[f32], nb: usize, y: &mut [f32], simd: bool
         (1..=MAX_ROWS).contains(&nb),
         "gemv_dot_rows: {nb} rows, 1 to {MAX_ROWS}"
     );
-    if nb == 1 {
-        cpu::gemv_dot_on(w, x, y, simd);
-        return;
-    }
     assert_eq!(x.len(), nb * w.n_in, "gemv_dot_rows: input size");
     assert_eq!(y.len(), nb * w.n_out, "gemv_dot_rows: output size");
+    // Two rows of q8/q4 one after another: the dots here decode each block to f32 and scale
+    // every chunk, where the one-row dot scales each block's sum once; on SmolLM2's head
+    // (49152 x 576) two rows together took 1.06-1.19x the time of two apart, four 0.63-0.75x
+    // (`gemv_speed --rows --small`).
+    if nb == 1 || (nb == 2 && matches!(w.view, View::Q8(_) | View::Q4(_))) {
+        for (xb, yb) in x.chunks(w.n_in).zip(y.chunks_mut(w.n_out)) {
+            cpu::gemv_dot_on(w, xb, yb, simd);
+        }
+        return;
+    }
     let per = cpu::rows_per_chunk(w.n_out);
     let yp = SendPtr(y.as_mut_ptr());
     pool::for_each(w.n_out.div_ceil(per), |c| {
@@ -731,6 +807,9 @@ impl Chunks for Q4_1s {
     unsafe fn chunk(&self, s: Self::Group, c: usize) -> std::arch::x86_64::__m256 {
         q4_chunk(s, c)
     }
+    fn at(&self, o: usize, g: usize) -> *const u8 {
+        self.b.wrapping_add((o * self.ng + g) * Q4_BLOCK)
+    }
 }
 
 /// Eight bf16 values as f32.
@@ -751,7 +830,7 @@ mod tests {
     const DTYPES: [Dtype; 5] = [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::Q8, Dtype::Q4];
 
     /// Rows together whatever they keep.
-    const ALWAYS: Choice = |_, _, _, _| true;
+    const ALWAYS: Choice = |_, _, _, _, _| true;
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
         (0..n)

@@ -20,7 +20,7 @@ const TILE: usize = 8192;
 /// (160-272 bytes) in q8/q4, dense GEMVs ran at 0.80 (f32, 4096 x 14336), 0.78 (q8, same) and
 /// 0.28 (q4, 14336 x 4096) of the read bandwidth; at 1 KiB 0.99-1.03, 0.89-0.90 and 0.42-0.43
 /// (docs/PERFORMANCE.md, section 3).
-const PREFETCH_BYTES: usize = 1024;
+pub(crate) const PREFETCH_BYTES: usize = 1024;
 /// Where the input-major tiles prefetch to: L2 (`T1`), not L1 (`T0`). On a 2-core AMD EPYC
 /// (Zen 4) machine, T1 raised the dense GEMVs on 14336 x 4096 from 0.67-0.74 (q8) and
 /// 0.42-0.46 (q4) of the read bandwidth to 0.86-0.87 and 0.50, and SmolLM2's decoding by
@@ -28,7 +28,7 @@ const PREFETCH_BYTES: usize = 1024;
 /// docs/PERFORMANCE.md, twenty-eighth session). Likely because a T0 prefetch holds one of the
 /// core's few L1 miss buffers until its line arrives from DRAM.
 #[cfg(target_arch = "x86_64")]
-const TILE_PREFETCH: i32 = std::arch::x86_64::_MM_HINT_T1;
+pub(crate) const TILE_PREFETCH: i32 = std::arch::x86_64::_MM_HINT_T1;
 /// Columns the portable tile dequantizes at a time.
 const PORTABLE_PIECE: usize = 1024;
 

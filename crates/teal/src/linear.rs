@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 use teal_kernels::packed::{Data, Dtype, PackedRows, PackedT, RowsMat, View};
-use teal_kernels::{cpu, reference};
+use teal_kernels::{batch, cpu, reference};
 
 /// Which inputs of a sparse linear layer are zeroed before the product.
 #[derive(Clone, Debug, PartialEq)]
@@ -222,13 +222,15 @@ impl Linear {
 
     /// Decode: `y = W s_t(x) + b` for one vector.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
-        Linear::forward_many(x, [(self, y)]);
+        Linear::forward_rows(x, 1, [(self, y)]);
     }
 
-    /// Decode of several layers that read the same vector (q, k and v; gate and up), each with
-    /// its own mask, in one parallel section of the thread pool: `y_i = W_i s_i(x) + b_i`. At
-    /// most [`cpu::MAX_MANY`] layers.
-    pub fn forward_many<const N: usize>(x: &[f32], layers: [(&Linear, &mut [f32]); N]) {
+    /// Decode steps of `n` sequences (the rows of `x`) through several layers that read the
+    /// same vectors (q, k and v; gate and up), each with its own mask, in one parallel section
+    /// of the thread pool: row `r` of `y_i` is `W_i s_i(x_r) + b_i`. At most
+    /// [`cpu::MAX_MANY`] layers and [`batch::MAX_ROWS`] rows; one row is the one-row GEMV,
+    /// several share each weight row's read ([`batch::gemv_many_rows`]).
+    pub fn forward_rows<const N: usize>(x: &[f32], n: usize, layers: [(&Linear, &mut [f32]); N]) {
         let linears = layers.each_ref().map(|(l, _)| *l);
         let mut gemvs = layers.map(|(l, y)| cpu::Gemv {
             w: l.weight.mat(),
@@ -239,9 +241,11 @@ impl Linear {
             },
             y,
         });
-        cpu::gemv_many(x, &mut gemvs);
+        batch::gemv_many_rows(x, n, &mut gemvs);
         for (l, g) in linears.iter().zip(gemvs.iter_mut()) {
-            l.add_bias(g.y);
+            for row in g.y.chunks_mut(l.out_dim) {
+                l.add_bias(row);
+            }
         }
     }
 
@@ -412,7 +416,13 @@ impl Dense {
 
     /// Decode: `y = W x`.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
-        cpu::gemv_dot(&self.weight.mat(), x, y);
+        self.forward_rows(x, 1, y);
+    }
+
+    /// Decode steps of `n` sequences: row `r` of `y` is `W x_r`, each weight row read once for
+    /// all of them ([`batch::gemv_dot_rows`]; at most [`batch::MAX_ROWS`]).
+    pub fn forward_rows(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        batch::gemv_dot_rows(&self.weight.mat(), x, n, y);
     }
 
     /// Prefill: `y[T, out] = x[T, in] W^T`.

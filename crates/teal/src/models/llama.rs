@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvDtype, KvRows};
 use crate::linear::{Dense, InputMask, Linear};
 use crate::loader::TensorSource;
+use teal_kernels::batch::MAX_ROWS;
 use teal_kernels::packed::Dtype;
 use teal_kernels::{cpu, reference};
 
@@ -373,51 +374,104 @@ impl Llama {
         s: &'s mut DecodeScratch,
     ) -> Result<&'s [f32]> {
         self.decode_start(token, cache, s)?;
-        for l in 0..self.layers.len() {
-            self.decode_layer(l, cache, s);
-        }
-        Ok(self.decode_finish(cache, s))
+        self.run_rows(&mut s.rows, &mut [(cache, &mut s.seq)]);
+        Ok(&s.rows.logits)
     }
 
     /// Decode steps of several sequences (each `(model, token, cache, scratch)`, as
-    /// [`Llama::decode`]), run a layer at a time across them: each layer's weights are read by
-    /// every step in turn, so where a layer fits the last-level cache the steps after the first
-    /// read them from there. Each step computes exactly what [`Llama::decode`] does and leaves
-    /// its logits in its scratch ([`DecodeScratch::logits`]); returns each step's result (a
-    /// step that fails its checks, or whose model has another number of layers than the
-    /// first's, is not run).
+    /// [`Llama::decode`]), run together: the steps on the same model go through each layer as
+    /// rows of one batch ([`teal_kernels::batch`]: each weight row is read once for all of
+    /// them, at most [`MAX_ROWS`] at a time), the others one after another. Each step leaves
+    /// its logits in its scratch ([`DecodeScratch::logits`]); they equal what
+    /// [`Llama::decode`] computes up to the order of float sums (and, in q4, the one-row
+    /// kernel's 8-bit activations, which the rows together do not round). Returns each step's
+    /// result: a step that fails its checks is not run, and the others are.
     pub fn decode_lockstep(
         steps: &mut [(&Llama, u32, &mut KvCache, &mut DecodeScratch)],
     ) -> Vec<Result<()>> {
-        let layers = steps.first().map_or(0, |(m, ..)| m.layers.len());
         let results: Vec<Result<()>> = steps
             .iter_mut()
-            .map(|(m, token, cache, s)| {
-                if m.layers.len() != layers {
-                    return Err(Error::Invalid(format!(
-                        "decode_lockstep: a model of {} layers among models of {layers}",
-                        m.layers.len()
-                    )));
-                }
-                m.decode_start(*token, cache, s)
-            })
+            .map(|(m, token, cache, s)| m.decode_start(*token, cache, s))
             .collect();
-        for l in 0..layers {
-            for ((m, _, cache, s), r) in steps.iter_mut().zip(&results) {
-                if r.is_ok() {
-                    m.decode_layer(l, cache, s);
-                }
+        let mut done = vec![false; steps.len()];
+        for i in 0..steps.len() {
+            if done[i] || results[i].is_err() {
+                continue;
             }
-        }
-        for ((m, _, cache, s), r) in steps.iter_mut().zip(&results) {
-            if r.is_ok() {
-                m.decode_finish(cache, s);
+            let model = steps[i].0;
+            let same: Vec<usize> = (i..steps.len())
+                .filter(|&k| !done[k] && results[k].is_ok() && std::ptr::eq(steps[k].0, model))
+                .collect();
+            for batch in same.chunks(MAX_ROWS) {
+                let mut picked: Vec<&mut (&Llama, u32, &mut KvCache, &mut DecodeScratch)> = steps
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(k, _)| batch.contains(k))
+                    .map(|(_, st)| st)
+                    .collect();
+                model.decode_rows(&mut picked);
+                for &k in batch {
+                    done[k] = true;
+                }
             }
         }
         results
     }
 
-    /// A decode step's checks, RoPE tables and embedding.
+    /// The steps (past [`Llama::decode_start`]) as the rows of one batch.
+    fn decode_rows(&self, steps: &mut [&mut (&Llama, u32, &mut KvCache, &mut DecodeScratch)]) {
+        let c = &self.config;
+        let n = steps.len();
+        if n == 1 {
+            let (_, _, cache, s) = &mut *steps[0];
+            self.run_rows(&mut s.rows, &mut [(&mut **cache, &mut s.seq)]);
+            return;
+        }
+        BATCH_ROWS.with_borrow_mut(|rows| {
+            let rows = match rows {
+                Some(r) if r.shape == StepRows::shape(c, n) => r,
+                _ => rows.insert(StepRows::new(c, n)),
+            };
+            self.run_batch(rows, steps)
+        })
+    }
+
+    /// [`Llama::decode_rows`] of two steps or more, in `rows` (sized for them).
+    fn run_batch(
+        &self,
+        rows: &mut StepRows,
+        steps: &mut [&mut (&Llama, u32, &mut KvCache, &mut DecodeScratch)],
+    ) {
+        let c = &self.config;
+        let d = c.hidden_size;
+        for (x, st) in rows.x.chunks_mut(d).zip(steps.iter()) {
+            x.copy_from_slice(&st.3.rows.x);
+        }
+        let mut seqs: Vec<(&mut KvCache, &mut SeqScratch)> = steps
+            .iter_mut()
+            .map(|st| {
+                let (_, _, cache, s) = &mut **st;
+                (&mut **cache, &mut s.seq)
+            })
+            .collect();
+        self.run_rows(rows, &mut seqs);
+        drop(seqs);
+        let v = c.vocab_size;
+        for (logits, st) in rows.logits.chunks(v).zip(steps.iter_mut()) {
+            st.3.rows.logits.copy_from_slice(logits);
+        }
+    }
+
+    /// The decode steps whose activations are the rows of `r` (past [`Llama::decode_start`]),
+    /// sequence `i` at position `seqs[i].0.len()`: every block, then the logits into `r`.
+    fn run_rows(&self, r: &mut StepRows, seqs: &mut [(&mut KvCache, &mut SeqScratch)]) {
+        for l in 0..self.layers.len() {
+            self.decode_layer(l, r, seqs);
+        }
+        self.decode_finish(r, seqs);
+    }
+
+    /// A decode step's checks, RoPE tables and embedding (into the step's own row).
     fn decode_start(&self, token: u32, cache: &KvCache, s: &mut DecodeScratch) -> Result<()> {
         let c = &self.config;
         let pos = cache.len();
@@ -429,66 +483,81 @@ impl Llama {
             });
         }
         self.check_tokens(&[token])?;
-        if s.scores.len() < c.num_attention_heads * (pos + 1) {
+        if s.seq.scores.len() < c.num_attention_heads * (pos + 1) {
             return Err(Error::Invalid(format!(
                 "decode scratch was sized for fewer than {} positions",
                 pos + 1
             )));
         }
-        self.rope_tables(pos, 1, &mut s.cos, &mut s.sin);
-        self.embed(token, &mut s.x);
+        self.rope_tables(pos, 1, &mut s.seq.cos, &mut s.seq.sin);
+        self.embed(token, &mut s.rows.x);
         Ok(())
     }
 
-    /// Block `l` of a decode step, at position `cache.len()`.
-    fn decode_layer(&self, l: usize, cache: &mut KvCache, s: &mut DecodeScratch) {
+    /// Block `l` of the decode steps of [`Llama::run_rows`].
+    fn decode_layer(
+        &self,
+        l: usize,
+        r: &mut StepRows,
+        seqs: &mut [(&mut KvCache, &mut SeqScratch)],
+    ) {
         let c = &self.config;
         let b = &self.layers[l];
-        let pos = cache.len();
-        let (kvd, hd) = (c.kv_dim(), c.head_dim);
-        reference::rmsnorm(&s.x, &b.input_layernorm, c.rms_norm_eps, &mut s.h);
-        Linear::forward_many(
-            &s.h,
+        let n = seqs.len();
+        let (kvd, hd, qd) = (c.kv_dim(), c.head_dim, c.q_dim());
+        rmsnorm_rows(&r.x, &b.input_layernorm, c.rms_norm_eps, &mut r.h);
+        Linear::forward_rows(
+            &r.h,
+            n,
             [
-                (&b.q_proj, &mut s.q[..]),
-                (&b.k_proj, &mut s.k[..]),
-                (&b.v_proj, &mut s.v[..]),
+                (&b.q_proj, &mut r.q[..]),
+                (&b.k_proj, &mut r.k[..]),
+                (&b.v_proj, &mut r.v[..]),
             ],
         );
-        for head in s.q.chunks_mut(hd).chain(s.k.chunks_mut(hd)) {
-            reference::rope_neox(head, &s.cos, &s.sin);
+        for (i, (cache, seq)) in seqs.iter_mut().enumerate() {
+            let pos = cache.len();
+            let (q, k) = (
+                &mut r.q[i * qd..(i + 1) * qd],
+                &mut r.k[i * kvd..(i + 1) * kvd],
+            );
+            for head in q.chunks_mut(hd).chain(k.chunks_mut(hd)) {
+                reference::rope_neox(head, &seq.cos, &seq.sin);
+            }
+            let mut kv = cache.rows(l);
+            kv.store(pos, kvd, k, &r.v[i * kvd..(i + 1) * kvd]);
+            kv.attention_decode(
+                q,
+                pos + 1,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                hd,
+                &mut seq.scores,
+                &mut r.att[i * qd..(i + 1) * qd],
+            );
         }
-        let mut kv = cache.rows(l);
-        kv.store(pos, kvd, &s.k, &s.v);
-        kv.attention_decode(
-            &s.q,
-            pos + 1,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            hd,
-            &mut s.scores,
-            &mut s.att,
-        );
-        b.o_proj.forward(&s.att, &mut s.out);
-        add_assign(&mut s.x, &s.out);
+        Linear::forward_rows(&r.att, n, [(&b.o_proj, &mut r.out[..])]);
+        add_assign(&mut r.x, &r.out);
 
-        reference::rmsnorm(&s.x, &b.post_attention_layernorm, c.rms_norm_eps, &mut s.h);
-        Linear::forward_many(
-            &s.h,
-            [(&b.gate_proj, &mut s.g[..]), (&b.up_proj, &mut s.u[..])],
+        rmsnorm_rows(&r.x, &b.post_attention_layernorm, c.rms_norm_eps, &mut r.h);
+        Linear::forward_rows(
+            &r.h,
+            n,
+            [(&b.gate_proj, &mut r.g[..]), (&b.up_proj, &mut r.u[..])],
         );
-        cpu::silu_mul_in_place(&mut s.g, &s.u);
-        b.down_proj.forward(&s.g, &mut s.out);
-        add_assign(&mut s.x, &s.out);
+        cpu::silu_mul_in_place(&mut r.g, &r.u);
+        Linear::forward_rows(&r.g, n, [(&b.down_proj, &mut r.out[..])]);
+        add_assign(&mut r.x, &r.out);
     }
 
-    /// A decode step's end: the position is in the cache, the logits in `s`.
-    fn decode_finish<'s>(&self, cache: &mut KvCache, s: &'s mut DecodeScratch) -> &'s [f32] {
+    /// The decode steps' end: their positions are in the caches, their logits in `r`.
+    fn decode_finish(&self, r: &mut StepRows, seqs: &mut [(&mut KvCache, &mut SeqScratch)]) {
         let c = &self.config;
-        cache.advance(1);
-        reference::rmsnorm(&s.x, &self.norm, c.rms_norm_eps, &mut s.h);
-        self.lm_head.forward(&s.h, &mut s.logits);
-        &s.logits
+        for (cache, _) in seqs.iter_mut() {
+            cache.advance(1);
+        }
+        rmsnorm_rows(&r.x, &self.norm, c.rms_norm_eps, &mut r.h);
+        self.lm_head.forward_rows(&r.h, seqs.len(), &mut r.logits);
     }
 }
 
@@ -636,31 +705,59 @@ impl Block {
 
 /// Buffers for one decode step, sized once for the model and the context.
 pub struct DecodeScratch {
+    /// The step's activations (one row).
+    rows: StepRows,
+    seq: SeqScratch,
+}
+
+/// What a decode step needs of its own when it runs with others: its position's RoPE tables
+/// and room for its attention scores.
+struct SeqScratch {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+thread_local! {
+    /// The activations of the last batch of decode steps run on this thread
+    /// ([`Llama::decode_lockstep`]), reused while the number of steps stays the same.
+    static BATCH_ROWS: std::cell::RefCell<Option<StepRows>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The activations of decode steps run together, a row per step.
+struct StepRows {
+    /// What the buffers are sized for ([`StepRows::shape`]).
+    shape: [usize; 6],
     x: Vec<f32>,
     h: Vec<f32>,
     q: Vec<f32>,
-    /// The position's key (after RoPE) and value, before they go into the cache.
+    /// The positions' keys (after RoPE) and values, before they go into the caches.
     k: Vec<f32>,
     v: Vec<f32>,
     att: Vec<f32>,
     out: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    scores: Vec<f32>,
     logits: Vec<f32>,
 }
 
-impl DecodeScratch {
-    /// The logits of the last decode step run with it.
-    pub fn logits(&self) -> &[f32] {
-        &self.logits
+impl StepRows {
+    /// The rows and the widths of the model's activations.
+    fn shape(c: &Config, n: usize) -> [usize; 6] {
+        [
+            n,
+            c.hidden_size,
+            c.q_dim(),
+            c.kv_dim(),
+            c.intermediate_size,
+            c.vocab_size,
+        ]
     }
 
-    pub fn new(c: &Config, ctx: usize) -> DecodeScratch {
-        let z = |n: usize| vec![0.0f32; n];
-        DecodeScratch {
+    fn new(c: &Config, n: usize) -> StepRows {
+        let z = |w: usize| vec![0.0f32; n * w];
+        StepRows {
+            shape: StepRows::shape(c, n),
             x: z(c.hidden_size),
             h: z(c.hidden_size),
             q: z(c.q_dim()),
@@ -670,10 +767,25 @@ impl DecodeScratch {
             out: z(c.hidden_size),
             g: z(c.intermediate_size),
             u: z(c.intermediate_size),
-            cos: z(c.head_dim / 2),
-            sin: z(c.head_dim / 2),
-            scores: z(c.num_attention_heads * ctx),
             logits: z(c.vocab_size),
+        }
+    }
+}
+
+impl DecodeScratch {
+    /// The logits of the last decode step run with it.
+    pub fn logits(&self) -> &[f32] {
+        &self.rows.logits
+    }
+
+    pub fn new(c: &Config, ctx: usize) -> DecodeScratch {
+        DecodeScratch {
+            rows: StepRows::new(c, 1),
+            seq: SeqScratch {
+                cos: vec![0.0; c.head_dim / 2],
+                sin: vec![0.0; c.head_dim / 2],
+                scores: vec![0.0; c.num_attention_heads * ctx],
+            },
         }
     }
 }
