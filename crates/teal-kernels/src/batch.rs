@@ -26,20 +26,6 @@ const TILE_OUT_BYTES: usize = 128 * 1024;
 /// Columns the portable tile dequantizes at a time.
 const PIECE: usize = 512;
 
-/// Scratch of one [`gemv_many_rows`] call.
-#[derive(Default)]
-struct Scratch {
-    /// Per GEMV, the inputs any row keeps (indices) and, for each, the value of every row
-    /// (zero where that row's mask drops it).
-    lists: [(Vec<u32>, Vec<f32>); MAX_MANY],
-    /// The partial outputs of the row-split GEMVs.
-    partials: Vec<f32>,
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
-
 /// [`cpu::gemv_many`] on `nb` input rows: `x` holds `nb` rows of `n_in`, each GEMV's `y` `nb`
 /// rows of its `n_out`; row `b` of `y` is `W s(x_b)`, `s` the GEMV's mask.
 pub fn gemv_many_rows(x: &[f32], nb: usize, gemvs: &mut [Gemv]) {
@@ -71,7 +57,7 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
     let mut part = [0usize; MAX_MANY + 1];
     let mut ys = [SendPtr(std::ptr::null_mut()); MAX_MANY];
     let mut together = [false; MAX_MANY];
-    SCRATCH.with_borrow_mut(|Scratch { lists, partials }| {
+    cpu::SCRATCH.with_borrow_mut(|cpu::Scratch { lists, partials }| {
         for (i, g) in gemvs.iter_mut().enumerate() {
             assert_eq!(x.len(), nb * g.w.n_in, "gemv_many_rows: input size");
             assert_eq!(g.y.len(), nb * g.w.n_out, "gemv_many_rows: output size");
@@ -380,11 +366,11 @@ unsafe fn tile_rows_avx2(
     };
     match w.view {
         View::F32(a) => t.run(&F32s { a: a.as_ptr(), n }),
-        View::F16(a) => t.run(&F16s {
+        View::F16(a) => t.run(&Halves::<false> {
             a: a.as_ptr() as *const u16,
             n,
         }),
-        View::Bf16(a) => t.run(&Bf16s {
+        View::Bf16(a) => t.run(&Halves::<true> {
             a: a.as_ptr() as *const u16,
             n,
         }),
@@ -429,14 +415,15 @@ impl Chunks for F32s {
     }
 }
 
+/// f16 (`BF` false) or bf16 (`BF` true) values.
 #[cfg(target_arch = "x86_64")]
-struct F16s {
+struct Halves<const BF: bool> {
     a: *const u16,
     n: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Chunks for F16s {
+impl<const BF: bool> Chunks for Halves<BF> {
     type Group = *const u16;
     #[inline(always)]
     unsafe fn group(&self, j: usize, g: usize) -> *const u16 {
@@ -445,29 +432,12 @@ impl Chunks for F16s {
     #[inline(always)]
     unsafe fn chunk(&self, p: *const u16, c: usize) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p.add(8 * c) as *const __m128i))
-    }
-    fn at(&self, j: usize, g: usize) -> *const u8 {
-        self.a.wrapping_add(j * self.n + g * GROUP) as *const u8
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-struct Bf16s {
-    a: *const u16,
-    n: usize,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Chunks for Bf16s {
-    type Group = *const u16;
-    #[inline(always)]
-    unsafe fn group(&self, j: usize, g: usize) -> *const u16 {
-        self.a.add(j * self.n + g * GROUP)
-    }
-    #[inline(always)]
-    unsafe fn chunk(&self, p: *const u16, c: usize) -> std::arch::x86_64::__m256 {
-        bf16x8(p.add(8 * c) as *const std::arch::x86_64::__m128i)
+        let v = _mm_loadu_si128(p.add(8 * c) as *const __m128i);
+        if BF {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+        } else {
+            _mm256_cvtph_ps(v)
+        }
     }
     fn at(&self, j: usize, g: usize) -> *const u8 {
         self.a.wrapping_add(j * self.n + g * GROUP) as *const u8
@@ -732,7 +702,7 @@ unsafe fn dot_rows_avx2(w: &RowsMat, x: &[f32], nb: usize, o0: usize, len: usize
     match w.view {
         View::F32(a) => d.run(&F32s { a: a.as_ptr(), n }, o0, len),
         View::F16(a) => d.run(
-            &F16s {
+            &Halves::<false> {
                 a: a.as_ptr() as *const u16,
                 n,
             },
@@ -740,7 +710,7 @@ unsafe fn dot_rows_avx2(w: &RowsMat, x: &[f32], nb: usize, o0: usize, len: usize
             len,
         ),
         View::Bf16(a) => d.run(
-            &Bf16s {
+            &Halves::<true> {
                 a: a.as_ptr() as *const u16,
                 n,
             },
@@ -810,16 +780,6 @@ impl Chunks for Q4_1s {
     fn at(&self, o: usize, g: usize) -> *const u8 {
         self.b.wrapping_add((o * self.ng + g) * Q4_BLOCK)
     }
-}
-
-/// Eight bf16 values as f32.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn bf16x8(p: *const std::arch::x86_64::__m128i) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-        _mm_loadu_si128(p),
-    )))
 }
 
 #[cfg(test)]

@@ -205,16 +205,16 @@ pub const MAX_MANY: usize = 4;
 
 /// Scratch of one [`gemv_many`] call.
 #[derive(Default)]
-struct Scratch {
-    /// The kept inputs (indices, values) of each GEMV.
-    lists: [(Vec<u32>, Vec<f32>); MAX_MANY],
+pub(crate) struct Scratch {
+    /// The kept inputs (indices, values) of each GEMV (`batch`: the values of every row).
+    pub(crate) lists: [(Vec<u32>, Vec<f32>); MAX_MANY],
     /// The partial outputs of the row-split GEMVs.
-    partials: Vec<f32>,
+    pub(crate) partials: Vec<f32>,
 }
 
 thread_local! {
     /// The calling thread's scratch, so a decode step allocates nothing.
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    pub(crate) static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// Row segments (bytes of one input row's weights) below which a GEMV is split over input rows
