@@ -383,9 +383,8 @@ impl Llama {
     /// rows of one batch ([`teal_kernels::batch`]: each weight row is read once for all of
     /// them, at most [`MAX_ROWS`] at a time), the others one after another. Each step leaves
     /// its logits in its scratch ([`DecodeScratch::logits`]); they equal what
-    /// [`Llama::decode`] computes up to the order of float sums (and, in q4, the one-row
-    /// kernel's 8-bit activations, which the rows together do not round). Returns each step's
-    /// result: a step that fails its checks is not run, and the others are.
+    /// [`Llama::decode`] computes up to the order of float sums. Returns each step's result: a
+    /// step that fails its checks is not run, and the others are.
     pub fn decode_lockstep(
         steps: &mut [(&Llama, u32, &mut KvCache, &mut DecodeScratch)],
     ) -> Vec<Result<()>> {
