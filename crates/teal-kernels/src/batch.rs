@@ -2,9 +2,10 @@
 //! weight row is read once for all of them and multiplied by every step's input, so a step
 //! costs a fraction of the weights' bytes. The rows read are the union of the steps' kept
 //! inputs. Each output row is what [`crate::cpu::gemv_many`] / [`crate::cpu::gemv_dot`] compute
-//! for that input row, up to float summation order; one row is those kernels themselves. Here q4
-//! weights are multiplied in f32 (exact products, as in prefill), where the one-row q4 GEMV
-//! rounds its activations to 8 bits.
+//! for that input row, up to float summation order; one row is those kernels themselves. Where
+//! the rows together would be slower than one after another (by format, number of rows, size
+//! against the last-level cache and the union's size: `worth_together`), each GEMV runs its
+//! rows apart with the one-row kernels; q4 always does.
 
 use crate::cpu::{self, Gemv, Mask, SendPtr, Split, MAX_MANY};
 use crate::packed::{groups, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q8_BLOCK};

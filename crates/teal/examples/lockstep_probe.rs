@@ -5,7 +5,11 @@
 //!   cargo run --release -p teal --example lockstep_probe -- MODEL.gguf q8 4 [ROUNDS]
 //!   cargo run --release -p teal --example lockstep_probe -- random:llama3-8b-2l f16 4 20
 //!
-//! `random:SHAPE`: a random-weights model of that shape (`teal::bench::random_model`).
+//!   cargo run --release -p teal --example lockstep_probe -- MODEL.gguf q8 4 300 smollm2.json 0.5
+//!
+//! `random:SHAPE`: a random-weights model of that shape (`teal::bench::random_model`). After
+//! ROUNDS, a thresholds file and a sparsity run the TEAL-sparse model (uniform, mode all).
+//! Each sequence decodes its own greedy continuation.
 use std::time::Instant;
 use teal::device::{decode_each, CpuDecoder, Decoder};
 use teal::generate::Models;
@@ -25,6 +29,20 @@ fn main() {
             .unwrap(),
     };
     let rounds: usize = args.get(3).map_or(300, |r| r.parse().unwrap());
+    // Optional TEAL masks: THRESHOLDS.json SPARSITY (uniform allocation, mode all).
+    let model = match (args.get(4), args.get(5)) {
+        (Some(path), Some(s)) => {
+            let th = teal::sparsity::Thresholds::load(std::path::Path::new(path)).unwrap();
+            let spec = teal::sparsity::SparsitySpec {
+                target: s.parse().unwrap(),
+                allocation: teal::sparsity::Allocation::Uniform,
+                quantile: teal::sparsity::Quantile::Teal,
+                mode: teal::sparsity::Mode::All,
+            };
+            model.with_masks(&th.resolve(&spec).unwrap()).unwrap()
+        }
+        _ => model,
+    };
     rayon::scope(|s| {
         s.spawn(|_| {
             let mut decs: Vec<CpuDecoder> = (0..n)
