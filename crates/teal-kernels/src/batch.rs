@@ -53,13 +53,9 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
         n <= MAX_MANY,
         "gemv_many_rows: {n} GEMVs, at most {MAX_MANY}"
     );
-    let mut split = [Split::Columns(0); MAX_MANY];
-    let mut start = [0usize; MAX_MANY + 1];
-    let mut part = [0usize; MAX_MANY + 1];
-    let mut ys = [SendPtr(std::ptr::null_mut()); MAX_MANY];
     let mut together = [false; MAX_MANY];
     cpu::SCRATCH.with_borrow_mut(|cpu::Scratch { lists, partials }| {
-        for (i, g) in gemvs.iter_mut().enumerate() {
+        for (i, g) in gemvs.iter().enumerate() {
             assert_eq!(x.len(), nb * g.w.n_in, "gemv_many_rows: input size");
             assert_eq!(g.y.len(), nb * g.w.n_out, "gemv_many_rows: output size");
             if let Mask::Channels(t) = g.mask {
@@ -73,54 +69,31 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
                 let kept = union_kept(x, nb, g.mask, idx, val);
                 choose(&g.w.view, nb, bytes, idx.len(), kept)
             };
-            split[i] = cpu::split_of(&g.w);
-            let items = match (together[i], split[i]) {
-                (false, _) => 0,
-                (true, Split::Columns(per)) => g.w.n_out.div_ceil(per),
-                (true, Split::Rows(per)) => g.w.n_in.div_ceil(per),
-            };
-            start[i + 1] = start[i] + items;
-            part[i + 1] = part[i]
-                + match split[i] {
-                    Split::Columns(_) => 0,
-                    Split::Rows(_) => items * nb * g.w.n_out,
-                };
-            ys[i] = SendPtr(g.y.as_mut_ptr());
         }
-        partials.resize(part[n], 0.0);
+        let plan = cpu::Plan::new(gemvs, nb, &together);
+        partials.resize(plan.partials(), 0.0);
         let pp = SendPtr(partials.as_mut_ptr());
         let lists = &*lists;
         let gemvs = &*gemvs;
-        pool::for_each(start[n], |c| {
-            let i = (0..n).rev().find(|&i| start[i] <= c).unwrap_or(0);
-            let (g, c) = (&gemvs[i], c - start[i]);
+        pool::for_each(plan.items(), |c| {
+            let (i, c, items) = plan.item(c);
+            let g = &gemvs[i];
             let (idx, val) = &lists[i];
             let n_out = g.w.n_out;
-            match split[i] {
+            match plan.split[i] {
                 Split::Columns(per) => {
                     let (o0, len) = (c * per, per.min(n_out - c * per));
                     // SAFETY: item c of GEMV i writes columns o0..o0+len of each of the nb
                     // output rows (stride n_out), which no other item touches.
                     unsafe {
-                        tile_rows(
-                            &g.w,
-                            idx,
-                            val,
-                            nb,
-                            o0,
-                            len,
-                            ys[i].get().add(o0),
-                            n_out,
-                            simd,
-                        )
+                        tile_rows(&g.w, idx, val, nb, o0, len, plan.y(i).add(o0), n_out, simd)
                     }
                 }
                 Split::Rows(_) => {
                     // An equal share of the kept inputs, into this item's own nb partial rows.
-                    let items = start[i + 1] - start[i];
                     let (k0, k1) = (c * idx.len() / items, (c + 1) * idx.len() / items);
-                    // SAFETY: item c owns nb * n_out partial values at part[i] + c * nb * n_out,
-                    // inside `partials` (sized above).
+                    // SAFETY: item c owns nb * n_out partial values at
+                    // plan.partial_at(i, c, n_out), inside `partials` (sized above).
                     unsafe {
                         tile_rows(
                             &g.w,
@@ -129,7 +102,7 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
                             nb,
                             0,
                             n_out,
-                            pp.get().add(part[i] + c * nb * n_out),
+                            pp.get().add(plan.partial_at(i, c, n_out)),
                             n_out,
                             simd,
                         )
@@ -137,20 +110,7 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
                 }
             }
         });
-        for (i, g) in gemvs.iter().enumerate() {
-            if let (true, Split::Rows(_)) = (together[i], split[i]) {
-                let m = nb * g.w.n_out;
-                let parts = &partials[part[i]..part[i + 1]];
-                // SAFETY: the parallel section is over; y of GEMV i is borrowed by `gemvs`.
-                let y = unsafe { std::slice::from_raw_parts_mut(ys[i].get(), m) };
-                y.copy_from_slice(&parts[..m]);
-                for p in parts[m..].chunks(m) {
-                    for (a, b) in y.iter_mut().zip(p) {
-                        *a += b;
-                    }
-                }
-            }
-        }
+        plan.sum_partials(gemvs, partials);
     });
     let mut apart: Vec<Gemv> = gemvs
         .iter_mut()

@@ -244,6 +244,95 @@ pub(crate) fn split_of(w: &Mat) -> Split {
     }
 }
 
+/// How one parallel section cuts its GEMVs into work items (column chunks, or ranges of input
+/// rows where rows are short): per GEMV its split, the item numbers it owns, and where its
+/// items' partial outputs start. Each GEMV's `y` holds `rows` rows of its outputs (one for
+/// [`gemv_many`], one per decode step for `batch::gemv_many_rows`).
+pub(crate) struct Plan {
+    n: usize,
+    rows: usize,
+    pub(crate) split: [Split; MAX_MANY],
+    start: [usize; MAX_MANY + 1],
+    part: [usize; MAX_MANY + 1],
+    ys: [SendPtr; MAX_MANY],
+}
+
+impl Plan {
+    /// The items of the GEMVs `i` with `run[i]` (the others get none).
+    pub(crate) fn new(gemvs: &mut [Gemv], rows: usize, run: &[bool]) -> Plan {
+        let mut p = Plan {
+            n: gemvs.len(),
+            rows,
+            split: [Split::Columns(0); MAX_MANY],
+            start: [0; MAX_MANY + 1],
+            part: [0; MAX_MANY + 1],
+            ys: [SendPtr(std::ptr::null_mut()); MAX_MANY],
+        };
+        for (i, g) in gemvs.iter_mut().enumerate() {
+            p.split[i] = split_of(&g.w);
+            let items = match (run[i], p.split[i]) {
+                (false, _) => 0,
+                (true, Split::Columns(per)) => g.w.n_out.div_ceil(per),
+                (true, Split::Rows(per)) => g.w.n_in.div_ceil(per),
+            };
+            p.start[i + 1] = p.start[i] + items;
+            p.part[i + 1] = p.part[i]
+                + match p.split[i] {
+                    Split::Columns(_) => 0,
+                    Split::Rows(_) => items * rows * g.w.n_out,
+                };
+            p.ys[i] = SendPtr(g.y.as_mut_ptr());
+        }
+        p
+    }
+
+    /// Work items in all.
+    pub(crate) fn items(&self) -> usize {
+        self.start[self.n]
+    }
+
+    /// Partial output values in all.
+    pub(crate) fn partials(&self) -> usize {
+        self.part[self.n]
+    }
+
+    /// Item `c` of the section as `(GEMV, its item number, the GEMV's items)`.
+    pub(crate) fn item(&self, c: usize) -> (usize, usize, usize) {
+        let i = (0..self.n).rev().find(|&i| self.start[i] <= c).unwrap_or(0);
+        (i, c - self.start[i], self.start[i + 1] - self.start[i])
+    }
+
+    /// GEMV `i`'s output.
+    pub(crate) fn y(&self, i: usize) -> *mut f32 {
+        self.ys[i].get()
+    }
+
+    /// Where item `c` of GEMV `i` (of `n_out` outputs) writes its partial rows.
+    pub(crate) fn partial_at(&self, i: usize, c: usize, n_out: usize) -> usize {
+        self.part[i] + c * self.rows * n_out
+    }
+
+    /// The row-split GEMVs' outputs: the sum of their items' partial outputs.
+    pub(crate) fn sum_partials(&self, gemvs: &[Gemv], partials: &[f32]) {
+        for (i, g) in gemvs.iter().enumerate() {
+            if self.start[i + 1] == self.start[i] || !matches!(self.split[i], Split::Rows(_)) {
+                continue;
+            }
+            let m = self.rows * g.w.n_out;
+            let parts = &partials[self.part[i]..self.part[i + 1]];
+            // SAFETY: the parallel section is over; y of GEMV i (m values) is borrowed by
+            // `gemvs`.
+            let y = unsafe { std::slice::from_raw_parts_mut(self.y(i), m) };
+            y.copy_from_slice(&parts[..m]);
+            for p in parts[m..].chunks(m) {
+                for (a, b) in y.iter_mut().zip(p) {
+                    *a += b;
+                }
+            }
+        }
+    }
+}
+
 /// Several GEMVs on the same input `x` (q, k and v; gate and up) in one parallel section: each
 /// input list is compacted by its GEMV's own mask, then the work items of all of them (column
 /// chunks, or ranges of input rows where rows are short) share one fork-join of the thread
@@ -258,30 +347,14 @@ pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize;
     let n = gemvs.len();
     assert!(n <= MAX_MANY, "gemv_many: {n} GEMVs, at most {MAX_MANY}");
     let mut kept = [0usize; MAX_MANY];
-    let mut split = [Split::Columns(0); MAX_MANY];
-    let mut start = [0usize; MAX_MANY + 1];
-    // Where each row-split GEMV's partial outputs start in the partial buffer.
-    let mut part = [0usize; MAX_MANY + 1];
-    let mut ys = [SendPtr(std::ptr::null_mut()); MAX_MANY];
-    for (i, g) in gemvs.iter_mut().enumerate() {
+    for g in gemvs.iter() {
         assert_eq!(x.len(), g.w.n_in, "gemv: input size");
         assert_eq!(g.y.len(), g.w.n_out, "gemv: output size");
         if let Mask::Channels(t) = g.mask {
             assert_eq!(t.len(), x.len(), "gemv: per-channel thresholds");
         }
-        split[i] = split_of(&g.w);
-        let items = match split[i] {
-            Split::Columns(per) => g.w.n_out.div_ceil(per),
-            Split::Rows(per) => g.w.n_in.div_ceil(per),
-        };
-        start[i + 1] = start[i] + items;
-        part[i + 1] = part[i]
-            + match split[i] {
-                Split::Columns(_) => 0,
-                Split::Rows(_) => items * g.w.n_out,
-            };
-        ys[i] = SendPtr(g.y.as_mut_ptr());
     }
+    let plan = Plan::new(gemvs, 1, &[true; MAX_MANY]);
     SCRATCH.with_borrow_mut(|Scratch { lists, partials }| {
         for ((g, (idx, val)), k) in gemvs.iter().zip(lists.iter_mut()).zip(kept.iter_mut()) {
             idx.resize(x.len(), 0);
@@ -292,23 +365,23 @@ pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize;
                 Mask::Channels(t) => compact_abs_gt_channel(x, t, idx, val),
             };
         }
-        partials.resize(part[n], 0.0);
+        partials.resize(plan.partials(), 0.0);
         let pp = SendPtr(partials.as_mut_ptr());
         let lists = &*lists;
         let gemvs = &*gemvs;
         // One work item per item of any GEMV, claimed in order by whichever thread is free, so
         // items of unequal size even out.
-        pool::for_each(start[n], |c| {
-            let i = (0..n).rev().find(|&i| start[i] <= c).unwrap_or(0);
-            let (g, c) = (&gemvs[i], c - start[i]);
+        pool::for_each(plan.items(), |c| {
+            let (i, c, items) = plan.item(c);
+            let g = &gemvs[i];
             let (idx, val) = &lists[i];
             let (idx, val) = (&idx[..kept[i]], &val[..kept[i]]);
-            match split[i] {
+            match plan.split[i] {
                 Split::Columns(per) => {
                     let (o0, len) = (c * per, per.min(g.w.n_out - c * per));
                     // SAFETY: item c of GEMV i is columns o0..o0+len of its output, which
                     // no other item touches; the output outlives this call.
-                    let yc = unsafe { std::slice::from_raw_parts_mut(ys[i].get().add(o0), len) };
+                    let yc = unsafe { std::slice::from_raw_parts_mut(plan.y(i).add(o0), len) };
                     match g.mask {
                         Mask::Dense => chunk(&g.w, &AllRows(x), o0, yc, simd),
                         _ => chunk(&g.w, &Kept { idx, val }, o0, yc, simd),
@@ -316,10 +389,10 @@ pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize;
                 }
                 Split::Rows(per) => {
                     // SAFETY: item c of GEMV i owns its partial output, n_out values at
-                    // part[i] + c * n_out, inside `partials` (sized above).
+                    // plan.partial_at(i, c, n_out), inside `partials` (sized above).
                     let yc = unsafe {
                         std::slice::from_raw_parts_mut(
-                            pp.get().add(part[i] + c * g.w.n_out),
+                            pp.get().add(plan.partial_at(i, c, g.w.n_out)),
                             g.w.n_out,
                         )
                     };
@@ -332,7 +405,6 @@ pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize;
                         _ => {
                             // An equal share of the kept rows, wherever they lie: the items
                             // read the same bytes however unevenly the zeros fall.
-                            let items = start[i + 1] - start[i];
                             let (k0, k1) = (c * kept[i] / items, (c + 1) * kept[i] / items);
                             let rows = Quarters(Kept {
                                 idx: &idx[k0..k1],
@@ -344,21 +416,7 @@ pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize;
                 }
             }
         });
-        // The row-split GEMVs' outputs: the sum of their items' partial outputs.
-        for (i, g) in gemvs.iter().enumerate() {
-            if let Split::Rows(_) = split[i] {
-                let m = g.w.n_out;
-                let parts = &partials[part[i]..part[i + 1]];
-                // SAFETY: the parallel section is over; y of GEMV i is borrowed by `gemvs`.
-                let y = unsafe { std::slice::from_raw_parts_mut(ys[i].get(), m) };
-                y.copy_from_slice(&parts[..m]);
-                for p in parts[m..].chunks(m) {
-                    for (a, b) in y.iter_mut().zip(p) {
-                        *a += b;
-                    }
-                }
-            }
-        }
+        plan.sum_partials(gemvs, partials);
     });
     kept
 }
