@@ -234,15 +234,18 @@ fn copies(dtype: Dtype, wt: &[f32], n_in: usize, n_out: usize, bytes: usize) -> 
     ps
 }
 
-/// GB/s of weights read, dense and 50 % sparse, per shape and format (`small`: SmolLM2's
-/// shapes only).
+/// GB/s of weights read, dense and 50 % sparse, per shape and format (`small`: Qwen2.5's and
+/// SmolLM2's shapes only).
 fn matrices(dtypes: &[Dtype], small: bool) {
-    // Llama-3-8B gate/up, down and q/o, Llama-3-70B gate/up, SmolLM2-135M up and down.
+    // Llama-3-8B gate/up, down and q/o, Llama-3-70B gate/up, Qwen2.5-0.5B up and down,
+    // SmolLM2-135M up and down.
     let shapes = [
         (4096usize, 14336usize),
         (14336, 4096),
         (4096, 4096),
         (8192, 28672),
+        (896, 4864),
+        (4864, 896),
         (576, 1536),
         (1536, 576),
     ];

@@ -136,7 +136,9 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
 ///   From DRAM two rows together were 1.2-1.4x faster than apart and four 1.5-1.7x, but on
 ///   SmolLM2, whose layers fit the cache (so that the rows after the first, apart, read them
 ///   from there), decoding went from 183-188 to 148 tok/s with two rows and from 173-197 to
-///   158-167 with four.
+///   158-167 with four. Where the one-row kernel multiplies in integers ([`cpu::q8_int8`])
+///   apart costs less: dense, four rows together were 1.1-1.4x faster than apart, two
+///   1.0-1.1x, at 50 % 0.6-0.8x (`a` about 0.65-1.0).
 /// - q4 never: its one-row kernel multiplies 8-bit activations by the nibbles 16 at a time,
 ///   where the tile decodes each weight to f32, and the rows together ran 0.6-0.8x as fast as
 ///   one after another.
@@ -144,7 +146,13 @@ fn worth_together(view: &View, nb: usize, bytes: usize, union: usize, kept: usiz
     let a = match view {
         View::F32(_) | View::F16(_) => 0.15,
         View::Bf16(_) => 0.25,
-        View::Q8(_) if nb >= 3 && bytes > last_level_cache() / 4 => 0.55,
+        View::Q8(_) if nb >= 3 && bytes > last_level_cache() / 4 => {
+            if cpu::q8_int8() {
+                0.8
+            } else {
+                0.55
+            }
+        }
         View::Q8(_) | View::Q4(_) => return false,
     };
     union as f64 * (1.0 + a * (nb - 1) as f64) < kept as f64
@@ -405,6 +413,7 @@ impl<const BF: bool> Chunks for Halves<BF> {
     }
 }
 
+/// An input-major q8 matrix, row `j` laid out as [`crate::packed::q8_offsets`] says.
 #[cfg(target_arch = "x86_64")]
 struct Q8s {
     b: *const u8,
@@ -413,22 +422,30 @@ struct Q8s {
 
 #[cfg(target_arch = "x86_64")]
 impl Chunks for Q8s {
-    /// The block's values and its scale.
+    /// The group's values and its scale.
     type Group = (*const u8, std::arch::x86_64::__m256);
     #[inline(always)]
     unsafe fn group(&self, j: usize, g: usize) -> Self::Group {
-        let p = self.b.add((j * self.ng + g) * Q8_BLOCK);
-        (p.add(2), f16_at(p))
+        let row = self.b.add(j * self.ng * Q8_BLOCK);
+        let (od, oq) = crate::packed::q8_offsets(self.ng, g);
+        (row.add(oq), f16_at(row.add(od)))
     }
     #[inline(always)]
-    unsafe fn chunk(&self, (q, d): Self::Group, c: usize) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * c) as *const __m128i));
-        _mm256_mul_ps(d, _mm256_cvtepi32_ps(v))
+    unsafe fn chunk(&self, s: Self::Group, c: usize) -> std::arch::x86_64::__m256 {
+        q8_chunk(s, c)
     }
     fn at(&self, j: usize, g: usize) -> *const u8 {
         self.b.wrapping_add((j * self.ng + g) * Q8_BLOCK)
     }
+}
+
+/// Chunk `c` of a q8 group `(values, scale)`: values `8 c .. 8 c + 8` times the scale.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q8_chunk((q, d): <Q8s as Chunks>::Group, c: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * c) as *const __m128i));
+    _mm256_mul_ps(d, _mm256_cvtepi32_ps(v))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -678,7 +695,7 @@ unsafe fn dot_rows_avx2(w: &RowsMat, x: &[f32], nb: usize, o0: usize, len: usize
             o0,
             len,
         ),
-        View::Q8(b) => d.run(&Q8s { b: b.as_ptr(), ng }, o0, len),
+        View::Q8(b) => d.run(&Q8_0s { b: b.as_ptr(), ng }, o0, len),
         View::Q4(b) => d.run(&Q4_1s { b: b.as_ptr(), ng }, o0, len),
     }
 }
@@ -716,6 +733,31 @@ impl Dots<'_> {
                 *self.y.add(b * self.n_out + o) = cpu::hsum(*a);
             }
         }
+    }
+}
+
+/// An output-major q8 matrix (GGML's Q8_0 blocks, [`crate::packed::PackedRows`]): row `o`,
+/// group `g` of its inputs at block `o * ng + g`.
+#[cfg(target_arch = "x86_64")]
+struct Q8_0s {
+    b: *const u8,
+    ng: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Chunks for Q8_0s {
+    type Group = <Q8s as Chunks>::Group;
+    #[inline(always)]
+    unsafe fn group(&self, o: usize, g: usize) -> Self::Group {
+        let p = self.b.add((o * self.ng + g) * Q8_BLOCK);
+        (p.add(2), f16_at(p))
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, s: Self::Group, c: usize) -> std::arch::x86_64::__m256 {
+        q8_chunk(s, c)
+    }
+    fn at(&self, o: usize, g: usize) -> *const u8 {
+        self.b.wrapping_add((o * self.ng + g) * Q8_BLOCK)
     }
 }
 
@@ -811,8 +853,10 @@ mod tests {
                             gemv_many_rows_on(&x, nb, &mut g, simd, choose);
                             for b in 0..nb {
                                 let xb = &x[b * n_in..(b + 1) * n_in];
-                                if dtype == Dtype::Q4 && !ours {
-                                    // By its own choice q4 runs the one-row kernel on each row.
+                                if !ours && matches!(dtype, Dtype::Q4 | Dtype::Q8) {
+                                    // By its own choice q4 runs the one-row kernel on each
+                                    // row; q8 mostly does (exactly its result), or runs the
+                                    // rows together (checked below like the others).
                                     let mut want = vec![0.0f32; n_out];
                                     let mut g = [Gemv {
                                         w: p.mat(),
@@ -820,8 +864,11 @@ mod tests {
                                         y: &mut want,
                                     }];
                                     cpu::gemv_many_on(xb, &mut g, simd);
-                                    assert_eq!(&y[b * n_out..(b + 1) * n_out], &want[..]);
-                                    continue;
+                                    let alone = y[b * n_out..(b + 1) * n_out] == want[..];
+                                    assert!(alone || dtype == Dtype::Q8, "q4 row {b} apart");
+                                    if alone {
+                                        continue;
+                                    }
                                 }
                                 let masked: Vec<f32> = xb
                                     .iter()

@@ -2,11 +2,14 @@
 //! columns (or input rows): the decode kernels on [`crate::pool`]'s spinning workers, prefill on
 //! rayon's pool. Each function computes exactly what its namesake in [`crate::reference`]
 //! computes (up to float summation order) and is tested against it; the AVX2 q4 GEMV rounds
-//! its activations to 8 bits, as [`crate::reference::gemv_q4_int8`] defines.
+//! its activations to 8 bits, as [`crate::reference::gemv_q4_int8`] defines, and so does the
+//! q8 GEMV where the CPU has AVX-512 VNNI ([`q8_int8`], [`crate::reference::gemv_q8_int8`]).
 
-use crate::packed::{groups, q4_offsets, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q4_SUPER, Q8_BLOCK};
+use crate::packed::{
+    groups, q4_offsets, q8_offsets, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q4_SUPER, Q8_BLOCK,
+};
 use crate::pool;
-use crate::reference::{Q4_MID, Q4_PASS};
+use crate::reference::{Q4_MID, Q4_PASS, Q8_PASS};
 use rayon::prelude::*;
 
 /// Output columns per tile (f32; formats with fewer bytes per weight take wider tiles): a
@@ -80,6 +83,22 @@ pub fn simd_available() -> bool {
     {
         false
     }
+}
+
+/// Whether the q8 GEMV multiplies in 8-bit integers (`vpdpbusd`, AVX-512 VNNI with 256-bit
+/// vectors), its activations rounded to 8 bits per pass of rows and group of outputs
+/// ([`crate::reference::gemv_q8_int8`]); otherwise it decodes the weights to f32 and its
+/// products are exact.
+pub fn q8_int8() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd_available()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The inputs a GEMV multiplies: `(input index, value)` pairs.
@@ -564,27 +583,40 @@ fn chunk<R: Rows>(w: &Mat, rows: &R, o0: usize, yc: &mut [f32], simd: bool) {
 fn tile<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: the features were detected by `simd_available`; every index stays inside the
-        // matrix (checked by the callers' size asserts and `o0 + yt.len() <= n_out`).
-        unsafe { tile_avx2(w, rows, o0, yt) };
+        // SAFETY: the features were detected by `simd_available` (and VNNI's by `q8_int8`);
+        // every index stays inside the matrix (checked by the callers' size asserts and
+        // `o0 + yt.len() <= n_out`).
+        unsafe { tile_avx2(w, rows, o0, yt, q8_int8()) };
         return;
     }
     let _ = simd;
     tile_portable(w, rows, o0, yt)
 }
 
-/// [`tile`] on AVX2/FMA/F16C, one body per format. The q8 and q4 passes are called from
-/// closures defined here, so that they inherit the target features and are inlined.
+/// [`tile`] on AVX2/FMA/F16C, one body per format; q8 in integers where `vnni` (detected by
+/// the caller). The q8 and q4 passes are called from closures defined here, so that they
+/// inherit the target features and are inlined.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32]) {
+unsafe fn tile_avx2<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], vnni: bool) {
     let ng = w.n_out.div_ceil(GROUP);
     match w.view {
         View::F32(a) => tile_f32_avx2(a, w.n_out, rows, o0, yt),
         View::F16(a) => tile_f16_avx2(a, w.n_out, rows, o0, yt),
         View::Bf16(a) => tile_bf16_avx2(a, w.n_out, rows, o0, yt),
-        // q8: passes of four rows, then one by one; q4: of Q4_PASS rows (the last one
-        // shorter).
+        // q8 in integers and q4: passes of Q8_PASS / Q4_PASS rows (the last one shorter); q8
+        // in f32: of four rows, then one by one.
+        View::Q8(b) if vnni => blocked_tile(
+            b,
+            ng * Q8_BLOCK,
+            Q8_BLOCK,
+            rows,
+            o0,
+            yt,
+            Q8_PASS,
+            |left| left.min(Q8_PASS),
+            |k, m, yt| pass_q8_vnni(w, b, ng, rows, k, m, o0, yt),
+        ),
         View::Q8(b) => blocked_tile(
             b,
             ng * Q8_BLOCK,
@@ -786,19 +818,21 @@ pub(crate) unsafe fn q8_block(
     p: *const u8,
 ) -> ([std::arch::x86_64::__m256; 4], std::arch::x86_64::__m128) {
     use std::arch::x86_64::*;
-    let q = p.add(2);
-    let l0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q as *const __m128i)));
-    let l1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-        q.add(8) as *const __m128i
-    )));
-    let l2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-        q.add(16) as *const __m128i
-    )));
-    let l3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-        q.add(24) as *const __m128i
-    )));
     let d = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32));
-    ([l0, l1, l2, l3], d)
+    (q8_bytes(p.add(2)), d)
+}
+
+/// 32 int8 values as four vectors of f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q8_bytes(q: *const u8) -> [std::arch::x86_64::__m256; 4] {
+    use std::arch::x86_64::*;
+    std::array::from_fn(|i| {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+            q.add(8 * i) as *const __m128i
+        )))
+    })
 }
 
 /// 16 bytes of q4 nibbles (low nibbles are outputs 0..16, high ones 16..32) as four vectors of
@@ -946,11 +980,12 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
     let full = n / GROUP;
     let g0 = o0 / GROUP;
     let yp = yt.as_mut_ptr();
-    let (js, xs, ps) = pass_rows::<N, R>(rows, k, N, blocks, ng * Q8_BLOCK, g0 * Q8_BLOCK);
-    let prefetch_end = full.saturating_sub(PREFETCH_BYTES.div_ceil(Q8_BLOCK));
+    let (js, xs, ps) = pass_rows::<N, R>(rows, k, N, blocks, ng * Q8_BLOCK, 0);
+    let tile_end = q8_tile_end(ng, g0, full);
     let table = f16_table();
     for g in 0..full {
         let gy = yp.add(g * GROUP);
+        let (od, oq) = q8_offsets(ng, g0 + g);
         let mut acc = [
             _mm256_loadu_ps(gy),
             _mm256_loadu_ps(gy.add(8)),
@@ -958,13 +993,13 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
             _mm256_loadu_ps(gy.add(24)),
         ];
         for r in 0..N {
-            let p = ps[r].add(g * Q8_BLOCK);
+            let p = ps[r];
             // Ahead within the row's part of the tile.
-            if g < prefetch_end {
-                _mm_prefetch::<TILE_PREFETCH>(p.add(PREFETCH_BYTES) as *const i8);
+            if oq + PREFETCH_BYTES < tile_end {
+                _mm_prefetch::<TILE_PREFETCH>(p.add(oq + PREFETCH_BYTES) as *const i8);
             }
-            let qv = q8_values(p);
-            let d = (p as *const u16).read_unaligned();
+            let qv = q8_bytes(p.add(oq));
+            let d = (p.add(od) as *const u16).read_unaligned();
             let s = _mm256_set1_ps(xs[r] * table[d as usize]);
             for i in 0..4 {
                 acc[i] = _mm256_fmadd_ps(s, qv[i], acc[i]);
@@ -976,6 +1011,147 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
     }
     if full * GROUP < n {
         partial_group(w, &js, &xs, o0 + full * GROUP, &mut yt[full * GROUP..]);
+    }
+}
+
+/// The byte, within a q8 row of `ng` groups, where the values of groups `g0 .. g0 + full` end
+/// (0 when `full` is 0): how far a tile over them prefetches.
+fn q8_tile_end(ng: usize, g0: usize, full: usize) -> usize {
+    if full == 0 {
+        0
+    } else {
+        q8_offsets(ng, g0 + full - 1).1 + GROUP
+    }
+}
+
+/// One q8 pass over `m <= Q8_PASS` kept rows with 8-bit products (the rest of the pass padded
+/// with zero inputs), what `reference::gemv_q8_int8` defines. Per super-block and group `g`,
+/// each row's `c_jg = x_j d_jg` is rounded to an int8 `k_jg = round(127 c_jg / max_j |c_jg|)`
+/// (the maximum over the pass's rows; eight groups' scales converted at once), four rows'
+/// bytes are interleaved per output and `vpdpbusd` adds their four products to an int32 per
+/// output: 32 products an instruction, where the f32 tile converts and multiplies 8. The
+/// instruction multiplies unsigned bytes by signed ones, so the weights are taken as
+/// `q + 128` (their sign bit flipped) and the pass starts each sum at `-128 sum_j k_jg`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pass_q8_vnni<R: Rows>(
+    w: &Mat,
+    blocks: &[u8],
+    ng: usize,
+    rows: &R,
+    k: usize,
+    m: usize,
+    o0: usize,
+    yt: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    const QUADS: usize = Q8_PASS / 4;
+    let n = yt.len();
+    let g0 = o0 / GROUP;
+    let gend = g0 + n / GROUP;
+    let yp = yt.as_mut_ptr();
+    let (js, xs, ps) = pass_rows::<Q8_PASS, R>(rows, k, m, blocks, ng * Q8_BLOCK, 0);
+    let tile_end = q8_tile_end(ng, g0, gend - g0);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let byte = _mm256_set1_epi32(0xff);
+    let flip = _mm256_set1_epi8(-128);
+    for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
+        let kk = Q4_SUPER.min(ng - sb);
+        let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
+        let base = sb * Q8_BLOCK;
+        // c_jg for the super-block's groups (lanes past kk unused: a partial super-block's
+        // 34 kk >= 16 bytes hold the load), and their maximum per group.
+        let mut c = [_mm256_setzero_ps(); Q8_PASS];
+        let mut amax = _mm256_setzero_ps();
+        for r in 0..Q8_PASS {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(ps[r].add(base) as *const __m128i));
+            c[r] = _mm256_mul_ps(_mm256_set1_ps(xs[r]), d);
+            amax = _mm256_max_ps(amax, _mm256_and_ps(c[r], abs_mask));
+        }
+        let nonzero = _mm256_cmp_ps::<_CMP_GT_OQ>(amax, _mm256_setzero_ps());
+        let inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0), amax), nonzero);
+        let mut step = [0.0f32; Q4_SUPER];
+        _mm256_storeu_ps(
+            step.as_mut_ptr(),
+            _mm256_mul_ps(amax, _mm256_set1_ps(1.0 / 127.0)),
+        );
+        // kq[q][g]: the int8 k of rows 4q .. 4q + 4 of group g as one word, first row in its
+        // low byte; start[g] = -128 sum_j k_jg.
+        let mut kq = [[0i32; Q4_SUPER]; QUADS];
+        let mut ksum = _mm256_setzero_si256();
+        for (q, kw) in kq.iter_mut().enumerate() {
+            let kv: [__m256i; 4] =
+                std::array::from_fn(|b| _mm256_cvtps_epi32(_mm256_mul_ps(c[4 * q + b], inv)));
+            for v in kv {
+                ksum = _mm256_add_epi32(ksum, v);
+            }
+            let word = _mm256_or_si256(
+                _mm256_or_si256(
+                    _mm256_and_si256(kv[0], byte),
+                    _mm256_slli_epi32::<8>(_mm256_and_si256(kv[1], byte)),
+                ),
+                _mm256_or_si256(
+                    _mm256_slli_epi32::<16>(_mm256_and_si256(kv[2], byte)),
+                    _mm256_slli_epi32::<24>(kv[3]),
+                ),
+            );
+            _mm256_storeu_si256(kw.as_mut_ptr() as *mut __m256i, word);
+        }
+        let mut start = [0i32; Q4_SUPER];
+        _mm256_storeu_si256(
+            start.as_mut_ptr() as *mut __m256i,
+            _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<7>(ksum)),
+        );
+        for i in i0..i1 {
+            let off = base + 2 * kk + GROUP * i;
+            let mut acc = [_mm256_set1_epi32(start[i]); 4];
+            for (q, kw) in kq.iter().enumerate() {
+                let kv = _mm256_set1_epi32(kw[i]);
+                let v: [__m256i; 4] = std::array::from_fn(|b| {
+                    let p = ps[4 * q + b].add(off);
+                    if off + PREFETCH_BYTES < tile_end {
+                        _mm_prefetch::<TILE_PREFETCH>(p.add(PREFETCH_BYTES) as *const i8);
+                    }
+                    _mm256_loadu_si256(p as *const __m256i)
+                });
+                let (ab_lo, ab_hi) = (
+                    _mm256_unpacklo_epi8(v[0], v[1]),
+                    _mm256_unpackhi_epi8(v[0], v[1]),
+                );
+                let (cd_lo, cd_hi) = (
+                    _mm256_unpacklo_epi8(v[2], v[3]),
+                    _mm256_unpackhi_epi8(v[2], v[3]),
+                );
+                // Outputs 0..4 | 16..20, 4..8 | 20..24, 8..12 | 24..28, 12..16 | 28..32, each
+                // the four rows' bytes in row order.
+                let quads = [
+                    _mm256_unpacklo_epi16(ab_lo, cd_lo),
+                    _mm256_unpackhi_epi16(ab_lo, cd_lo),
+                    _mm256_unpacklo_epi16(ab_hi, cd_hi),
+                    _mm256_unpackhi_epi16(ab_hi, cd_hi),
+                ];
+                for (a, u) in acc.iter_mut().zip(quads) {
+                    *a = _mm256_dpbusd_epi32(*a, _mm256_xor_si256(u, flip), kv);
+                }
+            }
+            let gy = yp.add((sb + i - g0) * GROUP);
+            let s = _mm256_set1_ps(step[i]);
+            let ordered = [
+                _mm256_permute2x128_si256::<0x20>(acc[0], acc[1]),
+                _mm256_permute2x128_si256::<0x20>(acc[2], acc[3]),
+                _mm256_permute2x128_si256::<0x31>(acc[0], acc[1]),
+                _mm256_permute2x128_si256::<0x31>(acc[2], acc[3]),
+            ];
+            for (t, a) in ordered.into_iter().enumerate() {
+                let yv = _mm256_loadu_ps(gy.add(8 * t));
+                _mm256_storeu_ps(gy.add(8 * t), _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(a), yv));
+            }
+        }
+    }
+    let full = n / GROUP * GROUP;
+    if full < n {
+        partial_group(w, &js[..m], &xs[..m], o0 + full, &mut yt[full..]);
     }
 }
 
@@ -1180,6 +1356,15 @@ pub fn dequant_row(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
     }
 }
 
+/// The f16 at `p` as f32 (lane 0).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn f16_at(p: *const u8) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32))
+}
+
 /// Whole groups of a q8/q4 row, from the group-aligned column `o0`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1190,18 +1375,18 @@ unsafe fn dequant_groups_avx2(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
     for (g, o) in out.chunks_exact_mut(GROUP).enumerate() {
         let (qv, d, m) = match w.view {
             View::Q8(b) => {
-                let (qv, d) = q8_block(b.as_ptr().add((j * ng + g0 + g) * Q8_BLOCK));
-                (qv, d, _mm_setzero_ps())
+                let row = b.as_ptr().add(j * ng * Q8_BLOCK);
+                let (od, oq) = q8_offsets(ng, g0 + g);
+                (q8_bytes(row.add(oq)), f16_at(row.add(od)), _mm_setzero_ps())
             }
             View::Q4(b) => {
                 let row = b.as_ptr().add(j * ng * Q4_BLOCK);
                 let (od, om, oq) = q4_offsets(ng, g0 + g);
-                let f16_at = |o: usize| {
-                    _mm_cvtph_ps(_mm_cvtsi32_si128(
-                        (row.add(o) as *const u16).read_unaligned() as i32,
-                    ))
-                };
-                (q4_nibbles(row.add(oq)), f16_at(od), f16_at(om))
+                (
+                    q4_nibbles(row.add(oq)),
+                    f16_at(row.add(od)),
+                    f16_at(row.add(om)),
+                )
             }
             _ => unreachable!("dequant_groups_avx2 on a float format"),
         };
@@ -2376,6 +2561,78 @@ mod tests {
                         got[o],
                         want[o]
                     );
+                }
+            }
+        }
+    }
+
+    /// Both q8 tiles on the super-block layout: the f32 one against the exact product, the
+    /// integer one (where the CPU has VNNI) against its definition (`reference::gemv_q8_int8`,
+    /// the same passes of rows) within f32 summation error, and the definition within its
+    /// rounding bound of the exact product (each `c_j` off by at most half a step `A / 127`,
+    /// times `|q|`). Tiles that start on and inside a super-block, a partial super-block and a
+    /// partial group at the end, every input (two full passes and a short one), kept lists in
+    /// any order, one row and none.
+    #[test]
+    fn q8_tiles_match_their_definitions() {
+        let (n_in, n_out) = (37, 32 * 21 + 5);
+        let wt: Vec<f32> = (0..n_in * n_out).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x: Vec<f32> = (0..n_in)
+            .map(|i| (i as f32 * 0.71).cos() * (1 + i % 5) as f32)
+            .collect();
+        let p = PackedT::from_input_major(Dtype::Q8, &wt, n_in, n_out).unwrap();
+        let m = p.mat();
+        let every: Vec<u32> = (0..n_in as u32).collect();
+        let lists: [Vec<u32>; 4] = [every, vec![30, 2, 17, 5, 36, 0, 11], vec![9], vec![]];
+        for list in &lists {
+            let val: Vec<f32> = list.iter().map(|&j| x[j as usize]).collect();
+            let rows: Vec<(usize, f32)> =
+                list.iter().map(|&j| j as usize).zip(val.clone()).collect();
+            for o0 in [0, 32 * 3, 32 * 8, 32 * 9] {
+                let n = n_out - o0;
+                let mut int8 = vec![0.0f32; n];
+                crate::reference::gemv_q8_int8(&m, &rows, o0, &mut int8);
+                let (mut exact, mut scale, mut bound) =
+                    (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+                let mut row = vec![0.0f32; n];
+                crate::reference::q8_int8_bound(&m, &rows, o0, Q8_PASS, &mut bound);
+                for &(j, xj) in &rows {
+                    m.dequant_row(j, o0, &mut row);
+                    for o in 0..n {
+                        exact[o] += xj * row[o];
+                        scale[o] += (xj * row[o]).abs();
+                    }
+                }
+                for o in 0..n {
+                    let lim = 1.001 * bound[o] + 1e-5 * (1.0 + scale[o]);
+                    assert!(
+                        (int8[o] - exact[o]).abs() <= lim,
+                        "definition, column {o}: {} vs {} (bound {lim})",
+                        int8[o],
+                        exact[o]
+                    );
+                }
+                if !simd_available() {
+                    continue;
+                }
+                for vnni in [false, q8_int8()] {
+                    let want = if vnni { &int8 } else { &exact };
+                    let mut got = vec![f32::NAN; n];
+                    let kept = Kept {
+                        idx: list,
+                        val: &val,
+                    };
+                    // SAFETY: AVX2 (and VNNI where asked) detected; the tile lies in the matrix.
+                    unsafe { tile_avx2(&m, &kept, o0, &mut got, vnni) };
+                    for o in 0..n {
+                        assert!(
+                            (got[o] - want[o]).abs() <= 1e-5 * (1.0 + scale[o]),
+                            "vnni {vnni}, {} rows, o0 {o0}, column {o}: {} vs {}",
+                            list.len(),
+                            got[o],
+                            want[o]
+                        );
+                    }
                 }
             }
         }

@@ -3,8 +3,10 @@
 //!
 //! - `f32`, `f16`, `bf16`: one value per weight.
 //! - `q8`: groups of [`GROUP`] consecutive outputs within one input row share an f16 scale `d`;
-//!   `w = d * q`, `q` in `[-127, 127]` (symmetric). A group is a 34-byte block `[d, q0..q31]`
-//!   (8.5 bits per weight, GGML's Q8_0 block, but along the output dimension).
+//!   `w = d * q`, `q` in `[-127, 127]` (symmetric), 34 bytes a group (8.5 bits per weight,
+//!   GGML's Q8_0, but along the output dimension). A row is cut into super-blocks of
+//!   [`Q4_SUPER`] groups as q4's are: `[d of its k groups, 32 bytes per group]`
+//!   ([`q8_offsets`]).
 //! - `q4`: groups of [`GROUP`] consecutive outputs within one input row share an f16 scale `d`
 //!   and an f16 minimum `m`; `w = d * q + m`, `q` in `[0, 15]`, 20 bytes a group (5 bits per
 //!   weight like Q4_1). A row is cut into super-blocks of [`Q4_SUPER`] groups (the last one may
@@ -23,12 +25,22 @@ use rayon::prelude::*;
 
 /// Consecutive outputs of one input row that share a scale in `q8` and `q4`.
 pub const GROUP: usize = 32;
-/// Bytes of one q8 block: f16 scale, 32 values.
+/// Bytes of one q8 group: f16 scale, 32 values.
 pub const Q8_BLOCK: usize = 2 + GROUP;
 /// Bytes of one q4 group: f16 scale, f16 minimum, 32 nibbles.
 pub const Q4_BLOCK: usize = 4 + GROUP / 2;
-/// Groups of a q4 row whose scales and minimums are stored together.
+/// Groups of a q8 or q4 row whose scales (and minimums) are stored together.
 pub const Q4_SUPER: usize = 8;
+
+/// Byte offsets, within a q8 row of `ng` groups, of group `g`'s scale and 32 values. A row is
+/// `ng * Q8_BLOCK` bytes whatever `ng`; super-block `s` starts at byte `s * Q4_SUPER *
+/// Q8_BLOCK`.
+pub fn q8_offsets(ng: usize, g: usize) -> (usize, usize) {
+    let (s, i) = (g / Q4_SUPER, g % Q4_SUPER);
+    let k = Q4_SUPER.min(ng - s * Q4_SUPER);
+    let base = s * Q4_SUPER * Q8_BLOCK;
+    (base + 2 * i, base + 2 * k + GROUP * i)
+}
 
 /// Byte offsets, within a q4 row of `ng` groups, of group `g`'s scale, minimum and 16 bytes of
 /// nibbles. A row is `ng * Q4_BLOCK` bytes whatever `ng`; super-block `s` starts at byte
@@ -103,7 +115,7 @@ pub enum Data {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
-    /// Block `(j, g)` at byte `(j * groups + g) * Q8_BLOCK`.
+    /// Row `j` at byte `j * groups * Q8_BLOCK`, laid out as [`q8_offsets`] says.
     Q8(Vec<u8>),
     /// Row `j` at byte `j * groups * Q4_BLOCK`, laid out as [`q4_offsets`] says.
     Q4(Vec<u8>),
@@ -366,19 +378,21 @@ impl PackedT {
             Dtype::Bf16 => Data::Bf16(wt.par_iter().map(|&v| bf16::from_f32(v)).collect()),
             Dtype::Q8 => {
                 let mut blocks = vec![0u8; n_in * ng * Q8_BLOCK];
-                for j in 0..n_in {
-                    let row = &wt[j * n_out..(j + 1) * n_out];
+                for (row, out) in wt
+                    .chunks(n_out.max(1))
+                    .zip(blocks.chunks_mut(ng * Q8_BLOCK))
+                {
                     for (g, chunk) in row.chunks(GROUP).enumerate() {
-                        let blk = &mut blocks[(j * ng + g) * Q8_BLOCK..(j * ng + g + 1) * Q8_BLOCK];
+                        let (od, oq) = q8_offsets(ng, g);
                         let amax = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
                         let d = f16::from_f32(amax / 127.0);
-                        blk[..2].copy_from_slice(&d.to_le_bytes());
+                        out[od..od + 2].copy_from_slice(&d.to_le_bytes());
                         let inv = if d.to_f32() > 0.0 {
                             1.0 / d.to_f32()
                         } else {
                             0.0
                         };
-                        for (qv, &v) in blk[2..].iter_mut().zip(chunk) {
+                        for (qv, &v) in out[oq..oq + GROUP].iter_mut().zip(chunk) {
                             *qv = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
                         }
                     }
@@ -470,15 +484,16 @@ impl<'a> Mat<'a> {
         );
         for (i, v) in out.iter_mut().enumerate() {
             let o = o0 + i;
-            let (g, i) = (j * ng + o / GROUP, o % GROUP);
+            let i = o % GROUP;
             let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
             *v = match self.view {
                 View::F32(w) => w[j * n + o],
                 View::F16(w) => w[j * n + o].to_f32(),
                 View::Bf16(w) => w[j * n + o].to_f32(),
                 View::Q8(b) => {
-                    let blk = &b[g * Q8_BLOCK..(g + 1) * Q8_BLOCK];
-                    h(blk) * blk[2 + i] as i8 as f32
+                    let row = &b[j * ng * Q8_BLOCK..(j + 1) * ng * Q8_BLOCK];
+                    let (od, oq) = q8_offsets(ng, o / GROUP);
+                    h(&row[od..]) * row[oq + i] as i8 as f32
                 }
                 View::Q4(_) => {
                     let (d, m, nibbles) = self.q4_parts(j, o / GROUP);
@@ -493,6 +508,20 @@ impl<'a> Mat<'a> {
     pub fn q4_group(&self, j: usize, g: usize) -> (f32, f32, [u8; GROUP]) {
         let (d, m, nibbles) = self.q4_parts(j, g);
         (d, m, std::array::from_fn(|i| q4_value(nibbles, i)))
+    }
+
+    /// Group `g` of row `j` of a q8 matrix: its scale `d` and the 32 values `q`, `w = d q`
+    /// (scalar; the definition of the format).
+    pub fn q8_group(&self, j: usize, g: usize) -> (f32, [i8; GROUP]) {
+        let View::Q8(b) = self.view else {
+            panic!("q8_group: not a q8 matrix")
+        };
+        let ng = groups(self.n_out);
+        assert!(j < self.n_in && g < ng, "q8_group: out of range");
+        let row = &b[j * ng * Q8_BLOCK..(j + 1) * ng * Q8_BLOCK];
+        let (od, oq) = q8_offsets(ng, g);
+        let d = f16::from_le_bytes([row[od], row[od + 1]]).to_f32();
+        (d, std::array::from_fn(|i| row[oq + i] as i8))
     }
 
     /// Scale, minimum and the 16 bytes of nibbles of group `g` of row `j` of a q4 matrix.

@@ -308,6 +308,88 @@ pub fn q4_int8_bound(
     }
 }
 
+/// Kept rows that the q8 GEMV's integer passes take at a time (`cpu`'s q8 tile where the CPU
+/// has 8-bit dot products, AVX-512 VNNI).
+pub const Q8_PASS: usize = 16;
+
+/// The q8 GEMV with the activations rounded to 8 bits, as the VNNI q8 tile computes it over
+/// columns `o0 .. o0 + y.len()`: the rows `(input index, value)` in the tile's order, in passes
+/// of [`Q8_PASS`] consecutive rows. Per pass and group `g` of 32 outputs: `c_j = x_j d_jg`,
+/// `A = max_j |c_j|`, `S = A / 127`, `k_j = round(c_j (127 / A))` (ties to even; 0 where
+/// `A = 0`), and the pass adds `S sum_j k_j q_jo` (the integer sum exact). A partial last group
+/// is the exact `sum_j x_j w_jo`.
+pub fn gemv_q8_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], o0: usize, y: &mut [f32]) {
+    use crate::packed::GROUP;
+    assert!(
+        o0.is_multiple_of(GROUP) && o0 + y.len() <= w.n_out,
+        "gemv_q8_int8: columns"
+    );
+    y.fill(0.0);
+    let full = y.len() / GROUP * GROUP;
+    for pass in rows.chunks(Q8_PASS) {
+        for g in 0..full / GROUP {
+            let parts: Vec<_> = pass
+                .iter()
+                .map(|&(j, _)| w.q8_group(j, o0 / GROUP + g))
+                .collect();
+            let c: Vec<f32> = pass
+                .iter()
+                .zip(&parts)
+                .map(|(&(_, x), p)| x * p.0)
+                .collect();
+            let a = c.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
+            let s = a * (1.0 / 127.0);
+            let k: Vec<i32> = c
+                .iter()
+                .map(|&c| (c * inv).round_ties_even() as i32)
+                .collect();
+            for (i, yo) in y[g * GROUP..(g + 1) * GROUP].iter_mut().enumerate() {
+                let dot: i32 = k.iter().zip(&parts).map(|(&k, p)| k * p.1[i] as i32).sum();
+                *yo += s * dot as f32;
+            }
+        }
+        let mut row = vec![0.0; y.len() - full];
+        for &(j, x) in pass {
+            w.dequant_row(j, o0 + full, &mut row);
+            for (yo, &r) in y[full..].iter_mut().zip(&row) {
+                *yo += x * r;
+            }
+        }
+    }
+}
+
+/// How far [`gemv_q8_int8`] may be from the exact product, per output of columns
+/// `o0 .. o0 + bound.len()`, with `rows` taken `pass` at a time: each `c_j` is rounded by at
+/// most half a step `A / 127` (`A` the pass's largest `|c_j|`), times `|q_jo|`. Zero in a
+/// partial last group (exact). With `pass` the number of rows, a bound for any cut of the rows
+/// into passes.
+pub fn q8_int8_bound(
+    w: &crate::packed::Mat,
+    rows: &[(usize, f32)],
+    o0: usize,
+    pass: usize,
+    bound: &mut [f32],
+) {
+    use crate::packed::GROUP;
+    bound.fill(0.0);
+    for pass in rows.chunks(pass.max(1)) {
+        for (g, b) in bound.chunks_exact_mut(GROUP).enumerate() {
+            let parts: Vec<_> = pass
+                .iter()
+                .map(|&(j, x)| (x, w.q8_group(j, o0 / GROUP + g)))
+                .collect();
+            let a = parts
+                .iter()
+                .fold(0.0f32, |a, (x, p)| a.max((x * p.0).abs()));
+            for (i, b) in b.iter_mut().enumerate() {
+                let q: f32 = parts.iter().map(|(_, p)| (p.1[i] as f32).abs()).sum();
+                *b += a / 254.0 * q;
+            }
+        }
+    }
+}
+
 /// Dense GEMV on an output-major matrix as dot products: `y[o] = sum_i w[o, i] x[i]`, each row
 /// dequantized, summed in order.
 pub fn gemv_dot(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {

@@ -433,22 +433,31 @@ mod packed_formats {
         }
     }
 
+    /// An integer GEMV's rounding bound (`reference::q4_int8_bound`, `q8_int8_bound`).
+    type Bound = fn(&Mat, &[(usize, f32)], usize, usize, &mut [f32]);
+
     /// How far the fast GEMV may be from the exact product over the kept rows `idx` (values
-    /// `val`): [`GEMV_REL_TOL`] of the sum of |terms| for summation order, and for q4 the
-    /// rounding of its activations to 8 bits (`reference::gemv_q4_int8`): each `x_j d_jg` is
-    /// off by at most half a step, the step at most `max |x_j d_jg| / 127` over the kept rows,
-    /// times `|q_jo - 7.5|` (the errors times 7.5 are added back; exact products in a partial
-    /// last group).
+    /// `val`): [`GEMV_REL_TOL`] of the sum of |terms| for summation order, and for q4 (and q8
+    /// where the CPU has VNNI) the rounding of its activations to 8 bits
+    /// (`reference::gemv_q4_int8`, `gemv_q8_int8`): each `x_j d_jg` is off by at most half a
+    /// step, the step at most `max |x_j d_jg| / 127` over the kept rows, times `|q_jo - 7.5|`
+    /// for q4 (the errors times 7.5 are added back) and `|q_jo|` for q8 (exact products in a
+    /// partial last group).
     fn gemv_limits(m: &Mat, idx: &[u32], val: &[f32], scale: &[f32]) -> Vec<f32> {
         let mut lim: Vec<f32> = scale.iter().map(|s| GEMV_REL_TOL * s.max(1.0)).collect();
-        if let View::Q4(_) = m.view {
+        let int8 = match m.view {
+            View::Q4(_) => Some(reference::q4_int8_bound as Bound),
+            View::Q8(_) if cpu::q8_int8() => Some(reference::q8_int8_bound as Bound),
+            _ => None,
+        };
+        if let Some(int8_bound) = int8 {
             let rows: Vec<(usize, f32)> = idx
                 .iter()
                 .map(|&j| j as usize)
                 .zip(val.iter().copied())
                 .collect();
             let mut bound = vec![0.0f32; m.n_out];
-            reference::q4_int8_bound(m, &rows, 0, rows.len(), &mut bound);
+            int8_bound(m, &rows, 0, rows.len(), &mut bound);
             for (l, b) in lim.iter_mut().zip(&bound) {
                 *l += 1.001 * b;
             }
@@ -658,7 +667,8 @@ mod packed_formats {
         reference::gemv_packed_idx(&p.mat(), &ri, &rv, &mut a);
         cpu::gemv_idx(&p.mat(), &idx[..n], &val[..n], &mut b);
         let scale = abs_scale(&dequant_all(&p), 1029, 77, &x);
-        assert_close(&a, &b, &scale, GEMV_REL_TOL, "per-channel q8");
+        let lim = gemv_limits(&p.mat(), &ri, &rv, &scale);
+        assert_within(&a, &b, &lim, "per-channel q8");
     }
 
     #[test]

@@ -487,6 +487,9 @@ mod tests {
     /// of `max |x d| / 127`, with `d <= 2 / 15`, times `|q - 7.5| <= 7.5`
     /// (`teal_kernels::reference::gemv_q4_int8`).
     const Q4_ACT_TOL: f32 = (2.0 / 15.0) / 254.0 * 7.5;
+    /// The same for q8 where its decode multiplies in integers (`teal_kernels::cpu::q8_int8`):
+    /// `d <= 1 / 127`, times `|q| <= 127` (`teal_kernels::reference::gemv_q8_int8`).
+    const Q8_ACT_TOL: f32 = (1.0 / 127.0) / 254.0 * 127.0;
 
     fn weights(out: usize, inp: usize) -> Vec<f32> {
         (0..out * inp)
@@ -518,8 +521,9 @@ mod tests {
                 );
             }
             // Sparse decode equals the dense layer on the sparsified input, and prefill agrees.
-            // q4's decode rounds its activations to 8 bits in passes of rows, which the two
-            // decodes cut differently and prefill does not do: up to Q4_ACT_TOL apart.
+            // q4's decode (and q8's with VNNI) rounds its activations to 8 bits in passes of
+            // rows, which the two decodes cut differently and prefill does not do: up to
+            // Q4_ACT_TOL (Q8_ACT_TOL) apart.
             let s = l.with_mask(Some(InputMask::Threshold(0.5)));
             let xs: Vec<f32> = x
                 .iter()
@@ -530,11 +534,12 @@ mod tests {
             l.forward(&xs, &mut b);
             let two: Vec<f32> = x.iter().chain(&x).copied().collect();
             s.forward_batch(&two, 2, &mut c);
-            let act = if dtype == Dtype::Q4 {
-                Q4_ACT_TOL * inp as f32 * x.iter().fold(0.0f32, |a, v| a.max(v.abs()))
-            } else {
-                0.0
+            let per_row = match dtype {
+                Dtype::Q4 => Q4_ACT_TOL,
+                Dtype::Q8 if teal_kernels::cpu::q8_int8() => Q8_ACT_TOL,
+                _ => 0.0,
             };
+            let act = per_row * inp as f32 * x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             for o in 0..out {
                 assert!(
                     (a[o] - b[o]).abs() <= 1e-5 * scale + 2.0 * act,
