@@ -402,6 +402,78 @@ pub fn gemv_dot(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// An activation vector rounded to 8 bits in blocks of [`crate::packed::GROUP`] inputs, as
+/// GGML rounds it for its Q8_0 dot products: block `b`'s scale `d_b = A_b / 127` (`A_b` its
+/// largest `|x_i|`) and `k_i = round(x_i (127 / A_b))` (ties to even; 0 where `A_b = 0`), the
+/// last block padded with zeros.
+pub struct Int8Blocks {
+    pub k: Vec<i8>,
+    pub d: Vec<f32>,
+}
+
+/// `x` rounded as [`Int8Blocks`] says.
+pub fn int8_blocks(x: &[f32]) -> Int8Blocks {
+    use crate::packed::GROUP;
+    let nb = x.len().div_ceil(GROUP);
+    let mut k = vec![0i8; nb * GROUP];
+    let mut d = vec![0.0f32; nb];
+    for ((xb, kb), db) in x.chunks(GROUP).zip(k.chunks_mut(GROUP)).zip(&mut d) {
+        let a = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
+        *db = a * (1.0 / 127.0);
+        for (kv, &v) in kb.iter_mut().zip(xb) {
+            *kv = (v * inv).round_ties_even() as i8;
+        }
+    }
+    Int8Blocks { k, d }
+}
+
+/// The q8 output-major GEMV (the LM head) with 8-bit activations, as the VNNI dot computes it:
+/// `y[o] = sum_b d_ob d_b sum_{i in b} q_oi k_i` over `x`'s [`int8_blocks`], the integer sums
+/// exact.
+pub fn gemv_dot_q8_int8(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {
+    use crate::packed::{groups, View, GROUP, Q8_BLOCK};
+    let View::Q8(b) = w.view else {
+        panic!("gemv_dot_q8_int8: not a q8 matrix")
+    };
+    assert_eq!(x.len(), w.n_in);
+    assert_eq!(y.len(), w.n_out);
+    let xb = int8_blocks(x);
+    let nb = groups(w.n_in);
+    for (o, yo) in y.iter_mut().enumerate() {
+        *yo = 0.0;
+        for g in 0..nb {
+            let blk = &b[(o * nb + g) * Q8_BLOCK..(o * nb + g + 1) * Q8_BLOCK];
+            let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            let dot: i32 = blk[2..]
+                .iter()
+                .zip(&xb.k[g * GROUP..(g + 1) * GROUP])
+                .map(|(&q, &k)| q as i8 as i32 * k as i32)
+                .sum();
+            *yo += d * xb.d[g] * dot as f32;
+        }
+    }
+}
+
+/// How far [`gemv_dot_q8_int8`] may be from the exact product: each `x_i` is off by at most half
+/// its block's step `A_b / 127`, times `|w_oi|`.
+pub fn dot_q8_int8_bound(w: &crate::packed::RowsMat, x: &[f32], bound: &mut [f32]) {
+    use crate::packed::GROUP;
+    let steps: Vec<f32> = x
+        .chunks(GROUP)
+        .map(|b| b.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 254.0)
+        .collect();
+    let mut row = vec![0.0; w.n_in];
+    for (o, b) in bound.iter_mut().enumerate() {
+        w.dequant_row(o, &mut row);
+        *b = row
+            .iter()
+            .enumerate()
+            .map(|(i, v)| steps[i / GROUP] * v.abs())
+            .sum();
+    }
+}
+
 /// `sum x[i]` (the streaming read that measures memory bandwidth).
 pub fn sum(x: &[f32]) -> f32 {
     x.iter().sum()

@@ -829,13 +829,23 @@ mod rows_formats {
                 let (mut a, mut b) = (vec![0.0; n_out], vec![0.0; n_out]);
                 reference::gemv_dot(&p.mat(), &x, &mut a);
                 cpu::gemv_dot(&p.mat(), &x, &mut b);
-                assert_close(
-                    &a,
-                    &b,
-                    &scale,
-                    DOT_REL_TOL,
-                    &format!("gemv_dot {dtype:?} {n_out}x{n_in}"),
-                );
+                let what = format!("gemv_dot {dtype:?} {n_out}x{n_in}");
+                if dtype == Dtype::Q8 && cpu::q8_int8() {
+                    // 8-bit activations: the kernel against its definition, the definition
+                    // within its rounding bound of the exact product.
+                    let (mut d, mut bound) = (vec![0.0; n_out], vec![0.0; n_out]);
+                    reference::gemv_dot_q8_int8(&p.mat(), &x, &mut d);
+                    assert_close(&d, &b, &scale, DOT_REL_TOL, &what);
+                    reference::dot_q8_int8_bound(&p.mat(), &x, &mut bound);
+                    let lim: Vec<f32> = bound
+                        .iter()
+                        .zip(&scale)
+                        .map(|(b, s)| 1.001 * b + DOT_REL_TOL * s.max(1.0))
+                        .collect();
+                    assert_within(&a, &d, &lim, &format!("{what}, definition"));
+                } else {
+                    assert_close(&a, &b, &scale, DOT_REL_TOL, &what);
+                }
             }
         }
     }
