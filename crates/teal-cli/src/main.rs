@@ -1686,9 +1686,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         println!("{j}");
     } else {
         println!(
-            "model {model_path} | dtype {} | device {} | threads {threads} | bandwidth {:.2} GB/s ({}) | p {} n {} r {}",
+            "model {model_path} | dtype {} | device {} | threads {threads} | simd {} | bandwidth {:.2} GB/s ({}) | p {} n {} r {}",
             dtype.name(),
             dec.describe(),
+            teal_simd_note(),
             bw.bytes_per_s / 1e9,
             bw.method,
             a.n_prompt,
@@ -1732,10 +1733,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The CPU kernels' path: what the decode numbers were measured with (q8's products are exact
+/// without AVX-512 VNNI, 8-bit with it; q4's are 8-bit on any AVX2 CPU).
 fn teal_simd_note() -> &'static str {
-    if teal::simd_available() {
-        "avx2+fma+f16c"
-    } else {
+    if !teal::simd_available() {
         "portable (no AVX2/FMA/F16C)"
+    } else if teal::q8_int8() {
+        "avx2+fma+f16c+avx512vnni (q8 and q4 decode in 8-bit products)"
+    } else {
+        "avx2+fma+f16c (q4 decode in 8-bit products)"
     }
 }
