@@ -606,7 +606,10 @@ unsafe fn tile_avx2<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], vnni:
         View::F16(a) => tile_f16_avx2(a, w.n_out, rows, o0, yt),
         View::Bf16(a) => tile_bf16_avx2(a, w.n_out, rows, o0, yt),
         // q8 in integers and q4: passes of Q8_PASS / Q4_PASS rows (the last one shorter); q8
-        // in f32: of four rows, then one by one.
+        // in f32: of four rows, then one by one. The integer q8 pass is quick enough that the
+        // starts of two passes' rows are prefetched: on SmolLM2's short rows dense decoding
+        // went from 116-121 to 132-140 tok/s (three rounds alternating; Qwen2.5-0.5B 44 / 42
+        // -> 44 / 48; docs/PERFORMANCE.md).
         View::Q8(b) if vnni => blocked_tile(
             b,
             ng * Q8_BLOCK,
@@ -614,7 +617,7 @@ unsafe fn tile_avx2<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], vnni:
             rows,
             o0,
             yt,
-            Q8_PASS,
+            2 * Q8_PASS,
             |left| left.min(Q8_PASS),
             |k, m, yt| pass_q8_vnni(w, b, ng, rows, k, m, o0, yt),
         ),
