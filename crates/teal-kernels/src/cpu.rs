@@ -2576,94 +2576,25 @@ mod tests {
     use super::*;
     use crate::packed::{Dtype, PackedRows, PackedT};
 
-    /// The integer q4 tile against its definition (`reference::gemv_q4_int8`, the same
-    /// passes of rows) within f32 summation error: tiles that start on and inside a
-    /// super-block, a partial super-block and a partial group at the end, every input (two
-    /// full passes and a short one), kept lists in any order, one row and none. The
-    /// definition itself is within its rounding bound of the exact product: each `c_j` is off
-    /// by at most half a step `A / 127`, times `|q - 7.5|` (the errors times 7.5 are added
-    /// back).
-    #[test]
-    fn q4_tile_matches_its_integer_definition() {
+    /// The integer tiles against their definitions (`reference::gemv_q4_int8`,
+    /// `gemv_q8_int8`: the same passes of rows) within f32 summation error, q8's f32 tile (its
+    /// path without VNNI) against the exact product, and each definition within its rounding
+    /// bound of the exact product (each `c_j` off by at most half a step `A / 127`, times
+    /// `|q - 7.5|` for q4, whose errors times 7.5 are added back, and `|q|` for q8): tiles that
+    /// start on and inside a super-block, a partial super-block and a partial group at the end,
+    /// every input (two full passes and a short one), kept lists in any order, one row and none.
+    fn int8_tile_case(dtype: Dtype) {
+        type Gemv = fn(&Mat, &[(usize, f32)], usize, &mut [f32]);
+        let (definition, pass): (Gemv, usize) = match dtype {
+            Dtype::Q4 => (crate::reference::gemv_q4_int8, Q4_PASS),
+            _ => (crate::reference::gemv_q8_int8, Q8_PASS),
+        };
         let (n_in, n_out) = (37, 32 * 21 + 5);
         let wt: Vec<f32> = (0..n_in * n_out).map(|i| (i as f32 * 0.37).sin()).collect();
         let x: Vec<f32> = (0..n_in)
             .map(|i| (i as f32 * 0.71).cos() * (1 + i % 5) as f32)
             .collect();
-        let p = PackedT::from_input_major(Dtype::Q4, &wt, n_in, n_out).unwrap();
-        let m = p.mat();
-        let every: Vec<u32> = (0..n_in as u32).collect();
-        let lists: [Vec<u32>; 4] = [every, vec![30, 2, 17, 5, 36, 0, 11], vec![9], vec![]];
-        for list in &lists {
-            let val: Vec<f32> = list.iter().map(|&j| x[j as usize]).collect();
-            let rows: Vec<(usize, f32)> =
-                list.iter().map(|&j| j as usize).zip(val.clone()).collect();
-            for o0 in [0, 32 * 3, 32 * 8, 32 * 9] {
-                let n = n_out - o0;
-                let mut want = vec![0.0f32; n];
-                crate::reference::gemv_q4_int8(&m, &rows, o0, &mut want);
-                let (mut exact, mut scale, mut bound) =
-                    (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
-                let mut row = vec![0.0f32; n];
-                crate::reference::q4_int8_bound(&m, &rows, o0, Q4_PASS, &mut bound);
-                for &(j, xj) in &rows {
-                    m.dequant_row(j, o0, &mut row);
-                    for o in 0..n {
-                        exact[o] += xj * row[o];
-                        scale[o] += (xj * row[o]).abs();
-                    }
-                }
-                for o in 0..n {
-                    let lim = 1.001 * bound[o] + 1e-5 * (1.0 + scale[o]);
-                    assert!(
-                        (want[o] - exact[o]).abs() <= lim,
-                        "definition, column {o}: {} vs {} (bound {lim})",
-                        want[o],
-                        exact[o]
-                    );
-                }
-                if !simd_available() {
-                    continue;
-                }
-                let mut got = vec![f32::NAN; n];
-                tile(
-                    &m,
-                    &Kept {
-                        idx: list,
-                        val: &val,
-                    },
-                    o0,
-                    &mut got,
-                    true,
-                );
-                for o in 0..n {
-                    assert!(
-                        (got[o] - want[o]).abs() <= 1e-5 * (1.0 + scale[o]),
-                        "{} rows, o0 {o0}, column {o}: {} vs {}",
-                        list.len(),
-                        got[o],
-                        want[o]
-                    );
-                }
-            }
-        }
-    }
-
-    /// Both q8 tiles on the super-block layout: the f32 one against the exact product, the
-    /// integer one (where the CPU has VNNI) against its definition (`reference::gemv_q8_int8`,
-    /// the same passes of rows) within f32 summation error, and the definition within its
-    /// rounding bound of the exact product (each `c_j` off by at most half a step `A / 127`,
-    /// times `|q|`). Tiles that start on and inside a super-block, a partial super-block and a
-    /// partial group at the end, every input (two full passes and a short one), kept lists in
-    /// any order, one row and none.
-    #[test]
-    fn q8_tiles_match_their_definitions() {
-        let (n_in, n_out) = (37, 32 * 21 + 5);
-        let wt: Vec<f32> = (0..n_in * n_out).map(|i| (i as f32 * 0.37).sin()).collect();
-        let x: Vec<f32> = (0..n_in)
-            .map(|i| (i as f32 * 0.71).cos() * (1 + i % 5) as f32)
-            .collect();
-        let p = PackedT::from_input_major(Dtype::Q8, &wt, n_in, n_out).unwrap();
+        let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).unwrap();
         let m = p.mat();
         let every: Vec<u32> = (0..n_in as u32).collect();
         let lists: [Vec<u32>; 4] = [every, vec![30, 2, 17, 5, 36, 0, 11], vec![9], vec![]];
@@ -2674,11 +2605,11 @@ mod tests {
             for o0 in [0, 32 * 3, 32 * 8, 32 * 9] {
                 let n = n_out - o0;
                 let mut int8 = vec![0.0f32; n];
-                crate::reference::gemv_q8_int8(&m, &rows, o0, &mut int8);
+                definition(&m, &rows, o0, &mut int8);
                 let (mut exact, mut scale, mut bound) =
                     (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
                 let mut row = vec![0.0f32; n];
-                crate::reference::q8_int8_bound(&m, &rows, o0, Q8_PASS, &mut bound);
+                crate::reference::int8_bound(&m, &rows, o0, pass, &mut bound);
                 for &(j, xj) in &rows {
                     m.dequant_row(j, o0, &mut row);
                     for o in 0..n {
@@ -2690,7 +2621,7 @@ mod tests {
                     let lim = 1.001 * bound[o] + 1e-5 * (1.0 + scale[o]);
                     assert!(
                         (int8[o] - exact[o]).abs() <= lim,
-                        "definition, column {o}: {} vs {} (bound {lim})",
+                        "{dtype:?} definition, column {o}: {} vs {} (bound {lim})",
                         int8[o],
                         exact[o]
                     );
@@ -2699,7 +2630,11 @@ mod tests {
                     continue;
                 }
                 for vnni in [false, q8_int8()] {
-                    let want = if vnni { &int8 } else { &exact };
+                    let want = if dtype == Dtype::Q4 || vnni {
+                        &int8
+                    } else {
+                        &exact
+                    };
                     let mut got = vec![f32::NAN; n];
                     let kept = Kept {
                         idx: list,
@@ -2710,7 +2645,7 @@ mod tests {
                     for o in 0..n {
                         assert!(
                             (got[o] - want[o]).abs() <= 1e-5 * (1.0 + scale[o]),
-                            "vnni {vnni}, {} rows, o0 {o0}, column {o}: {} vs {}",
+                            "{dtype:?} vnni {vnni}, {} rows, o0 {o0}, column {o}: {} vs {}",
                             list.len(),
                             got[o],
                             want[o]
@@ -2719,6 +2654,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn q4_tile_matches_its_integer_definition() {
+        int8_tile_case(Dtype::Q4);
+    }
+
+    #[test]
+    fn q8_tiles_match_their_definitions() {
+        int8_tile_case(Dtype::Q8);
     }
 
     /// Both compactions against the reference, at every tail length, with values exactly at

@@ -220,25 +220,56 @@ pub const Q4_PASS: usize = 16;
 /// added back times this (the part of their products with `q` that the mean `q` carries).
 pub const Q4_MID: f32 = 7.5;
 
-/// The q4 GEMV with the activations rounded to 8 bits, as the AVX2 q4 tile computes it over
-/// columns `o0 .. o0 + y.len()`: the rows `(input index, value)` in the tile's order, in passes
-/// of [`Q4_PASS`] consecutive rows. Per pass and group `g` of 32 outputs: `c_j = x_j d_jg`,
-/// `A = max_j |c_j|`, `S = A / 127`, `k_j = round(c_j (127 / A))` (ties to even; 0 where
-/// `A = 0`), and the pass adds `S sum_j k_j q_jo + sum_j x_j m_jg + Q4_MID sum_j (c_j - S k_j)`.
-/// A partial last group is the exact `sum_j x_j w_jo`.
-pub fn gemv_q4_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], o0: usize, y: &mut [f32]) {
+/// One group of a quantized input row as the integer GEMVs see it: scale `d`, minimum `m`
+/// (0 for q8) and the 32 integer values `q`, `w = d q + m`.
+type IntGroup = (f32, f32, [i32; crate::packed::GROUP]);
+
+/// Group `g` of row `j` of a q4 or q8 matrix as an [`IntGroup`].
+fn int_group(w: &crate::packed::Mat, j: usize, g: usize) -> IntGroup {
+    use crate::packed::View;
+    match w.view {
+        View::Q4(_) => {
+            let (d, m, q) = w.q4_group(j, g);
+            (d, m, q.map(i32::from))
+        }
+        View::Q8(_) => {
+            let (d, q) = w.q8_group(j, g);
+            (d, 0.0, q.map(i32::from))
+        }
+        _ => panic!("integer GEMV on a float matrix"),
+    }
+}
+
+/// What the rounding errors of a pass's activations are added back times: [`Q4_MID`] for q4,
+/// 0 for q8 (whose values are centred on 0).
+fn int_mid(w: &crate::packed::Mat) -> f32 {
+    match w.view {
+        crate::packed::View::Q4(_) => Q4_MID,
+        _ => 0.0,
+    }
+}
+
+/// The GEMV of a q4 or q8 matrix with the activations rounded to 8 bits, as the integer tiles
+/// compute it over columns `o0 .. o0 + y.len()`: the rows `(input index, value)` in the
+/// tile's order, in passes of `pass` consecutive rows. Per pass and group `g` of 32 outputs:
+/// `c_j = x_j d_jg`, `A = max_j |c_j|`, `S = A / 127`, `k_j = round(c_j (127 / A))` (ties to
+/// even; 0 where `A = 0`), and the pass adds `S sum_j k_j q_jo + sum_j x_j m_jg + mid sum_j
+/// (c_j - S k_j)` (`mid` 7.5 for q4, 0 for q8). A partial last group is the exact
+/// `sum_j x_j w_jo`.
+fn gemv_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], pass: usize, o0: usize, y: &mut [f32]) {
     use crate::packed::GROUP;
     assert!(
         o0.is_multiple_of(GROUP) && o0 + y.len() <= w.n_out,
-        "gemv_q4_int8: columns"
+        "gemv_int8: columns"
     );
     y.fill(0.0);
+    let mid = int_mid(w);
     let full = y.len() / GROUP * GROUP;
-    for pass in rows.chunks(Q4_PASS) {
+    for pass in rows.chunks(pass) {
         for g in 0..full / GROUP {
-            let parts: Vec<_> = pass
+            let parts: Vec<IntGroup> = pass
                 .iter()
-                .map(|&(j, _)| w.q4_group(j, o0 / GROUP + g))
+                .map(|&(j, _)| int_group(w, j, o0 / GROUP + g))
                 .collect();
             let c: Vec<f32> = pass
                 .iter()
@@ -258,9 +289,9 @@ pub fn gemv_q4_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], o0: usize, y:
                 .zip(&parts)
                 .map(|(&(_, x), p)| x * p.1)
                 .sum::<f32>()
-                + Q4_MID * err;
+                + mid * err;
             for (i, yo) in y[g * GROUP..(g + 1) * GROUP].iter_mut().enumerate() {
-                let dot: i32 = k.iter().zip(&parts).map(|(&k, p)| k * p.2[i] as i32).sum();
+                let dot: i32 = k.iter().zip(&parts).map(|(&k, p)| k * p.2[i]).sum();
                 *yo += bias + s * dot as f32;
             }
         }
@@ -274,12 +305,13 @@ pub fn gemv_q4_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], o0: usize, y:
     }
 }
 
-/// How far [`gemv_q4_int8`] may be from the exact product, per output of columns
-/// `o0 .. o0 + bound.len()`, with `rows` taken `pass` at a time: each `c_j` is rounded by at
-/// most half a step `A / 127` (`A` the pass's largest `|c_j|`), times `|q_jo - Q4_MID|` since
-/// the errors times `Q4_MID` are added back. Zero in a partial last group (exact). With `pass`
-/// the number of rows, a bound for any cut of the rows into passes.
-pub fn q4_int8_bound(
+/// How far [`gemv_q4_int8`] or [`gemv_q8_int8`] may be from the exact product, per output of
+/// columns `o0 .. o0 + bound.len()`, with `rows` taken `pass` at a time: each `c_j` is rounded
+/// by at most half a step `A / 127` (`A` the pass's largest `|c_j|`), times `|q_jo - mid|`
+/// since the errors times `mid` are added back (`|q_jo - 7.5|` for q4, `|q_jo|` for q8). Zero
+/// in a partial last group (exact). With `pass` the number of rows, a bound for any cut of
+/// the rows into passes.
+pub fn int8_bound(
     w: &crate::packed::Mat,
     rows: &[(usize, f32)],
     o0: usize,
@@ -288,106 +320,40 @@ pub fn q4_int8_bound(
 ) {
     use crate::packed::GROUP;
     bound.fill(0.0);
+    let mid = int_mid(w);
     for pass in rows.chunks(pass.max(1)) {
         for (g, b) in bound.chunks_exact_mut(GROUP).enumerate() {
-            let parts: Vec<_> = pass
+            let parts: Vec<(f32, IntGroup)> = pass
                 .iter()
-                .map(|&(j, x)| (x, w.q4_group(j, o0 / GROUP + g)))
+                .map(|&(j, x)| (x, int_group(w, j, o0 / GROUP + g)))
                 .collect();
             let a = parts
                 .iter()
                 .fold(0.0f32, |a, (x, p)| a.max((x * p.0).abs()));
             for (i, b) in b.iter_mut().enumerate() {
-                let q: f32 = parts
-                    .iter()
-                    .map(|(_, p)| (p.2[i] as f32 - Q4_MID).abs())
-                    .sum();
+                let q: f32 = parts.iter().map(|(_, p)| (p.2[i] as f32 - mid).abs()).sum();
                 *b += a / 254.0 * q;
             }
         }
     }
+}
+
+/// The q4 GEMV with the activations rounded to 8 bits, as the AVX2 q4 tile computes it:
+/// [`gemv_int8`] in passes of [`Q4_PASS`] rows, the rounding errors added back times
+/// [`Q4_MID`].
+pub fn gemv_q4_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], o0: usize, y: &mut [f32]) {
+    gemv_int8(w, rows, Q4_PASS, o0, y)
 }
 
 /// Kept rows that the q8 GEMV's integer passes take at a time (`cpu`'s q8 tile where the CPU
 /// has 8-bit dot products, AVX-512 VNNI).
 pub const Q8_PASS: usize = 16;
 
-/// The q8 GEMV with the activations rounded to 8 bits, as the VNNI q8 tile computes it over
-/// columns `o0 .. o0 + y.len()`: the rows `(input index, value)` in the tile's order, in passes
-/// of [`Q8_PASS`] consecutive rows. Per pass and group `g` of 32 outputs: `c_j = x_j d_jg`,
-/// `A = max_j |c_j|`, `S = A / 127`, `k_j = round(c_j (127 / A))` (ties to even; 0 where
-/// `A = 0`), and the pass adds `S sum_j k_j q_jo` (the integer sum exact). A partial last group
-/// is the exact `sum_j x_j w_jo`.
+/// The q8 GEMV with the activations rounded to 8 bits, as the VNNI q8 tile computes it:
+/// [`gemv_int8`] in passes of [`Q8_PASS`] rows (no minimum, nothing added back), so the pass
+/// adds `S sum_j k_j q_jo`, the integer sum exact.
 pub fn gemv_q8_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], o0: usize, y: &mut [f32]) {
-    use crate::packed::GROUP;
-    assert!(
-        o0.is_multiple_of(GROUP) && o0 + y.len() <= w.n_out,
-        "gemv_q8_int8: columns"
-    );
-    y.fill(0.0);
-    let full = y.len() / GROUP * GROUP;
-    for pass in rows.chunks(Q8_PASS) {
-        for g in 0..full / GROUP {
-            let parts: Vec<_> = pass
-                .iter()
-                .map(|&(j, _)| w.q8_group(j, o0 / GROUP + g))
-                .collect();
-            let c: Vec<f32> = pass
-                .iter()
-                .zip(&parts)
-                .map(|(&(_, x), p)| x * p.0)
-                .collect();
-            let a = c.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
-            let s = a * (1.0 / 127.0);
-            let k: Vec<i32> = c
-                .iter()
-                .map(|&c| (c * inv).round_ties_even() as i32)
-                .collect();
-            for (i, yo) in y[g * GROUP..(g + 1) * GROUP].iter_mut().enumerate() {
-                let dot: i32 = k.iter().zip(&parts).map(|(&k, p)| k * p.1[i] as i32).sum();
-                *yo += s * dot as f32;
-            }
-        }
-        let mut row = vec![0.0; y.len() - full];
-        for &(j, x) in pass {
-            w.dequant_row(j, o0 + full, &mut row);
-            for (yo, &r) in y[full..].iter_mut().zip(&row) {
-                *yo += x * r;
-            }
-        }
-    }
-}
-
-/// How far [`gemv_q8_int8`] may be from the exact product, per output of columns
-/// `o0 .. o0 + bound.len()`, with `rows` taken `pass` at a time: each `c_j` is rounded by at
-/// most half a step `A / 127` (`A` the pass's largest `|c_j|`), times `|q_jo|`. Zero in a
-/// partial last group (exact). With `pass` the number of rows, a bound for any cut of the rows
-/// into passes.
-pub fn q8_int8_bound(
-    w: &crate::packed::Mat,
-    rows: &[(usize, f32)],
-    o0: usize,
-    pass: usize,
-    bound: &mut [f32],
-) {
-    use crate::packed::GROUP;
-    bound.fill(0.0);
-    for pass in rows.chunks(pass.max(1)) {
-        for (g, b) in bound.chunks_exact_mut(GROUP).enumerate() {
-            let parts: Vec<_> = pass
-                .iter()
-                .map(|&(j, x)| (x, w.q8_group(j, o0 / GROUP + g)))
-                .collect();
-            let a = parts
-                .iter()
-                .fold(0.0f32, |a, (x, p)| a.max((x * p.0).abs()));
-            for (i, b) in b.iter_mut().enumerate() {
-                let q: f32 = parts.iter().map(|(_, p)| (p.1[i] as f32).abs()).sum();
-                *b += a / 254.0 * q;
-            }
-        }
-    }
+    gemv_int8(w, rows, Q8_PASS, o0, y)
 }
 
 /// Dense GEMV on an output-major matrix as dot products: `y[o] = sum_i w[o, i] x[i]`, each row

@@ -433,9 +433,6 @@ mod packed_formats {
         }
     }
 
-    /// An integer GEMV's rounding bound (`reference::q4_int8_bound`, `q8_int8_bound`).
-    type Bound = fn(&Mat, &[(usize, f32)], usize, usize, &mut [f32]);
-
     /// How far the fast GEMV may be from the exact product over the kept rows `idx` (values
     /// `val`): [`GEMV_REL_TOL`] of the sum of |terms| for summation order, and for q4 (and q8
     /// where the CPU has VNNI) the rounding of its activations to 8 bits
@@ -446,18 +443,18 @@ mod packed_formats {
     fn gemv_limits(m: &Mat, idx: &[u32], val: &[f32], scale: &[f32]) -> Vec<f32> {
         let mut lim: Vec<f32> = scale.iter().map(|s| GEMV_REL_TOL * s.max(1.0)).collect();
         let int8 = match m.view {
-            View::Q4(_) => Some(reference::q4_int8_bound as Bound),
-            View::Q8(_) if cpu::q8_int8() => Some(reference::q8_int8_bound as Bound),
-            _ => None,
+            View::Q4(_) => true,
+            View::Q8(_) => cpu::q8_int8(),
+            _ => false,
         };
-        if let Some(int8_bound) = int8 {
+        if int8 {
             let rows: Vec<(usize, f32)> = idx
                 .iter()
                 .map(|&j| j as usize)
                 .zip(val.iter().copied())
                 .collect();
             let mut bound = vec![0.0f32; m.n_out];
-            int8_bound(m, &rows, 0, rows.len(), &mut bound);
+            reference::int8_bound(m, &rows, 0, rows.len(), &mut bound);
             for (l, b) in lim.iter_mut().zip(&bound) {
                 *l += 1.001 * b;
             }
