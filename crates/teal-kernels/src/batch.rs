@@ -7,6 +7,8 @@
 //! against the last-level cache and the union's size: `worth_together`), each GEMV runs its
 //! rows apart with the one-row kernels; q4 always does.
 
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::f16_at;
 use crate::cpu::{self, Gemv, Mask, SendPtr, Split, MAX_MANY};
 use crate::packed::{groups, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q8_BLOCK};
 use crate::pool;
@@ -490,16 +492,6 @@ unsafe fn q4_chunk((q, d, m): <Q4s as Chunks>::Group, c: usize) -> std::arch::x8
         _mm256_srli_epi32::<4>(v)
     };
     _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(v), m)
-}
-
-/// An f16 value at `p` broadcast to eight lanes of f32.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
-        (p as *const u16).read_unaligned() as i32,
-    )))
 }
 
 /// One tile of [`tile_rows_avx2`]: groups `g0 .. g0 + gn` of the output rows at `out`.

@@ -814,18 +814,6 @@ elementwise_tile!(
     |v| v.to_f32()
 );
 
-/// The 32 values of a q8 block (scale first) as four vectors of f32, and the scale (lane 0).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-pub(crate) unsafe fn q8_block(
-    p: *const u8,
-) -> ([std::arch::x86_64::__m256; 4], std::arch::x86_64::__m128) {
-    use std::arch::x86_64::*;
-    let d = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32));
-    (q8_bytes(p.add(2)), d)
-}
-
 /// 32 int8 values as four vectors of f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -866,12 +854,12 @@ unsafe fn q4_1_values(p: *const u8) -> [std::arch::x86_64::__m256; 4] {
     q4_nibbles(p.add(4))
 }
 
-/// The 32 values `q` of a q8 block as four vectors of f32.
+/// The 32 values `q` of a GGML Q8_0 block (scale, 32 bytes) as four vectors of f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn q8_values(p: *const u8) -> [std::arch::x86_64::__m256; 4] {
-    q8_block(p).0
+    q8_bytes(p.add(2))
 }
 
 /// Every f16 bit pattern as f32. The q8 tile and dot read their scales through it (a load)
@@ -1018,6 +1006,21 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
     }
 }
 
+/// From each group's largest `|c_jg|` over a pass, `A` (one lane per group): the factor
+/// `127 / A` that rounds the `c_jg` to int8 (0 where `A = 0`) and the step `A / 127` a unit of
+/// them is worth, as `reference::gemv_int8` defines them for q4 and q8. Only for callers with
+/// AVX2 detected: no `#[target_feature]`, so that it is inlined into them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn int8_steps(
+    amax: std::arch::x86_64::__m256,
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    let nonzero = _mm256_cmp_ps::<_CMP_GT_OQ>(amax, _mm256_setzero_ps());
+    let inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0), amax), nonzero);
+    (inv, _mm256_mul_ps(amax, _mm256_set1_ps(1.0 / 127.0)))
+}
+
 /// The byte, within a q8 row of `ng` groups, where the values of groups `g0 .. g0 + full` end
 /// (0 when `full` is 0): how far a tile over them prefetches.
 fn q8_tile_end(ng: usize, g0: usize, full: usize) -> usize {
@@ -1073,13 +1076,9 @@ unsafe fn pass_q8_vnni<R: Rows>(
             c[r] = _mm256_mul_ps(_mm256_set1_ps(xs[r]), d);
             amax = _mm256_max_ps(amax, _mm256_and_ps(c[r], abs_mask));
         }
-        let nonzero = _mm256_cmp_ps::<_CMP_GT_OQ>(amax, _mm256_setzero_ps());
-        let inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0), amax), nonzero);
+        let (inv, steps) = int8_steps(amax);
         let mut step = [0.0f32; Q4_SUPER];
-        _mm256_storeu_ps(
-            step.as_mut_ptr(),
-            _mm256_mul_ps(amax, _mm256_set1_ps(1.0 / 127.0)),
-        );
+        _mm256_storeu_ps(step.as_mut_ptr(), steps);
         // kq[q][g]: the int8 k of rows 4q .. 4q + 4 of group g as one word, first row in its
         // low byte; start[g] = -128 sum_j k_jg.
         let mut kq = [[0i32; Q4_SUPER]; QUADS];
@@ -1209,9 +1208,7 @@ unsafe fn pass_q4_avx2<R: Rows>(
             amax = _mm256_max_ps(amax, _mm256_and_ps(c[r], abs_mask));
             bias = _mm256_fmadd_ps(x, mn, bias);
         }
-        let nonzero = _mm256_cmp_ps::<_CMP_GT_OQ>(amax, _mm256_setzero_ps());
-        let inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0), amax), nonzero);
-        let step = _mm256_mul_ps(amax, _mm256_set1_ps(1.0 / 127.0));
+        let (inv, step) = int8_steps(amax);
         // kw[p][g]: the int8 pair (k of row 2p, k of row 2p + 1) of group g, as one u16 (one
         // spare entry, read by a lone group's unused lane); `err`: sum_j (c_jg - S_g k_jg).
         let mut kw = [[0u16; Q4_SUPER + 1]; Q4_PASS / 2];
@@ -1360,13 +1357,15 @@ pub fn dequant_row(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
     }
 }
 
-/// The f16 at `p` as f32 (lane 0).
+/// An f16 value at `p` broadcast to eight lanes of f32 (a scale or minimum of q8/q4). Only for
+/// callers with F16C detected: no `#[target_feature]`, so that it is inlined into them.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn f16_at(p: *const u8) -> std::arch::x86_64::__m128 {
+#[inline(always)]
+pub(crate) unsafe fn f16_at(p: *const u8) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32))
+    _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
+        (p as *const u16).read_unaligned() as i32,
+    )))
 }
 
 /// Whole groups of a q8/q4 row, from the group-aligned column `o0`.
@@ -1381,7 +1380,11 @@ unsafe fn dequant_groups_avx2(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
             View::Q8(b) => {
                 let row = b.as_ptr().add(j * ng * Q8_BLOCK);
                 let (od, oq) = q8_offsets(ng, g0 + g);
-                (q8_bytes(row.add(oq)), f16_at(row.add(od)), _mm_setzero_ps())
+                (
+                    q8_bytes(row.add(oq)),
+                    f16_at(row.add(od)),
+                    _mm256_setzero_ps(),
+                )
             }
             View::Q4(b) => {
                 let row = b.as_ptr().add(j * ng * Q4_BLOCK);
@@ -1394,7 +1397,6 @@ unsafe fn dequant_groups_avx2(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
             }
             _ => unreachable!("dequant_groups_avx2 on a float format"),
         };
-        let (d, m) = (_mm256_broadcastss_ps(d), _mm256_broadcastss_ps(m));
         for (i, q) in qv.iter().enumerate() {
             _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), _mm256_fmadd_ps(d, *q, m));
         }
