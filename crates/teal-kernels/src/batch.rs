@@ -56,64 +56,68 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
         "gemv_many_rows: {n} GEMVs, at most {MAX_MANY}"
     );
     let mut together = [false; MAX_MANY];
-    cpu::SCRATCH.with_borrow_mut(|cpu::Scratch { lists, partials }| {
-        for (i, g) in gemvs.iter().enumerate() {
-            assert_eq!(x.len(), nb * g.w.n_in, "gemv_many_rows: input size");
-            assert_eq!(g.y.len(), nb * g.w.n_out, "gemv_many_rows: output size");
-            if let Mask::Channels(t) = g.mask {
-                assert_eq!(t.len(), g.w.n_in, "gemv_many_rows: per-channel thresholds");
+    cpu::SCRATCH.with_borrow_mut(
+        |cpu::Scratch {
+             lists, partials, ..
+         }| {
+            for (i, g) in gemvs.iter().enumerate() {
+                assert_eq!(x.len(), nb * g.w.n_in, "gemv_many_rows: input size");
+                assert_eq!(g.y.len(), nb * g.w.n_out, "gemv_many_rows: output size");
+                if let Mask::Channels(t) = g.mask {
+                    assert_eq!(t.len(), g.w.n_in, "gemv_many_rows: per-channel thresholds");
+                }
+                // Whether the rows could gain at all (all of them keeping every input), before
+                // their union is taken.
+                let (idx, val) = &mut lists[i];
+                let bytes = g.w.n_in * g.w.view.bytes_per_row(g.w.n_out);
+                together[i] = choose(&g.w.view, nb, bytes, g.w.n_in, nb * g.w.n_in) && {
+                    let kept = union_kept(x, nb, g.mask, idx, val);
+                    choose(&g.w.view, nb, bytes, idx.len(), kept)
+                };
             }
-            // Whether the rows could gain at all (all of them keeping every input), before
-            // their union is taken.
-            let (idx, val) = &mut lists[i];
-            let bytes = g.w.n_in * g.w.view.bytes_per_row(g.w.n_out);
-            together[i] = choose(&g.w.view, nb, bytes, g.w.n_in, nb * g.w.n_in) && {
-                let kept = union_kept(x, nb, g.mask, idx, val);
-                choose(&g.w.view, nb, bytes, idx.len(), kept)
-            };
-        }
-        let plan = cpu::Plan::new(gemvs, nb, &together);
-        partials.resize(plan.partials(), 0.0);
-        let pp = SendPtr(partials.as_mut_ptr());
-        let lists = &*lists;
-        let gemvs = &*gemvs;
-        pool::for_each(plan.items(), |c| {
-            let (i, c, items) = plan.item(c);
-            let g = &gemvs[i];
-            let (idx, val) = &lists[i];
-            let n_out = g.w.n_out;
-            match plan.split[i] {
-                Split::Columns(per) => {
-                    let (o0, len) = (c * per, per.min(n_out - c * per));
-                    // SAFETY: item c of GEMV i writes columns o0..o0+len of each of the nb
-                    // output rows (stride n_out), which no other item touches.
-                    unsafe {
-                        tile_rows(&g.w, idx, val, nb, o0, len, plan.y(i).add(o0), n_out, simd)
+            let plan = cpu::Plan::new(gemvs, nb, &together);
+            partials.resize(plan.partials(), 0.0);
+            let pp = SendPtr(partials.as_mut_ptr());
+            let lists = &*lists;
+            let gemvs = &*gemvs;
+            pool::for_each(plan.items(), |c| {
+                let (i, c, items) = plan.item(c);
+                let g = &gemvs[i];
+                let (idx, val) = &lists[i];
+                let n_out = g.w.n_out;
+                match plan.split[i] {
+                    Split::Columns(per) => {
+                        let (o0, len) = (c * per, per.min(n_out - c * per));
+                        // SAFETY: item c of GEMV i writes columns o0..o0+len of each of the nb
+                        // output rows (stride n_out), which no other item touches.
+                        unsafe {
+                            tile_rows(&g.w, idx, val, nb, o0, len, plan.y(i).add(o0), n_out, simd)
+                        }
+                    }
+                    Split::Rows(_) => {
+                        // An equal share of the kept inputs, into this item's own nb partial rows.
+                        let (k0, k1) = (c * idx.len() / items, (c + 1) * idx.len() / items);
+                        // SAFETY: item c owns nb * n_out partial values at
+                        // plan.partial_at(i, c, n_out), inside `partials` (sized above).
+                        unsafe {
+                            tile_rows(
+                                &g.w,
+                                &idx[k0..k1],
+                                &val[k0 * nb..k1 * nb],
+                                nb,
+                                0,
+                                n_out,
+                                pp.get().add(plan.partial_at(i, c, n_out)),
+                                n_out,
+                                simd,
+                            )
+                        }
                     }
                 }
-                Split::Rows(_) => {
-                    // An equal share of the kept inputs, into this item's own nb partial rows.
-                    let (k0, k1) = (c * idx.len() / items, (c + 1) * idx.len() / items);
-                    // SAFETY: item c owns nb * n_out partial values at
-                    // plan.partial_at(i, c, n_out), inside `partials` (sized above).
-                    unsafe {
-                        tile_rows(
-                            &g.w,
-                            &idx[k0..k1],
-                            &val[k0 * nb..k1 * nb],
-                            nb,
-                            0,
-                            n_out,
-                            pp.get().add(plan.partial_at(i, c, n_out)),
-                            n_out,
-                            simd,
-                        )
-                    }
-                }
-            }
-        });
-        plan.sum_partials(gemvs, partials);
-    });
+            });
+            plan.sum_partials(gemvs, partials);
+        },
+    );
     let mut apart: Vec<Gemv> = gemvs
         .iter_mut()
         .zip(together)

@@ -230,6 +230,10 @@ pub(crate) struct Scratch {
     pub(crate) lists: [(Vec<u32>, Vec<f32>); MAX_MANY],
     /// The partial outputs of the row-split GEMVs.
     pub(crate) partials: Vec<f32>,
+    /// The q8 LM head's activations in 8 bits, and each block's lanes' starting sums
+    /// ([`gemv_dot`] where [`q8_int8`]).
+    int8: crate::reference::Int8Blocks,
+    starts: Vec<[i32; 8]>,
 }
 
 thread_local! {
@@ -375,69 +379,73 @@ pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize;
         }
     }
     let plan = Plan::new(gemvs, 1, &[true; MAX_MANY]);
-    SCRATCH.with_borrow_mut(|Scratch { lists, partials }| {
-        for ((g, (idx, val)), k) in gemvs.iter().zip(lists.iter_mut()).zip(kept.iter_mut()) {
-            idx.resize(x.len(), 0);
-            val.resize(x.len(), 0.0);
-            *k = match g.mask {
-                Mask::Dense => x.len(),
-                Mask::Threshold(t) => compact_abs_gt(x, t, idx, val),
-                Mask::Channels(t) => compact_abs_gt_channel(x, t, idx, val),
-            };
-        }
-        partials.resize(plan.partials(), 0.0);
-        let pp = SendPtr(partials.as_mut_ptr());
-        let lists = &*lists;
-        let gemvs = &*gemvs;
-        // One work item per item of any GEMV, claimed in order by whichever thread is free, so
-        // items of unequal size even out.
-        pool::for_each(plan.items(), |c| {
-            let (i, c, items) = plan.item(c);
-            let g = &gemvs[i];
-            let (idx, val) = &lists[i];
-            let (idx, val) = (&idx[..kept[i]], &val[..kept[i]]);
-            match plan.split[i] {
-                Split::Columns(per) => {
-                    let (o0, len) = (c * per, per.min(g.w.n_out - c * per));
-                    // SAFETY: item c of GEMV i is columns o0..o0+len of its output, which
-                    // no other item touches; the output outlives this call.
-                    let yc = unsafe { std::slice::from_raw_parts_mut(plan.y(i).add(o0), len) };
-                    match g.mask {
-                        Mask::Dense => chunk(&g.w, &AllRows(x), o0, yc, simd),
-                        _ => chunk(&g.w, &Kept { idx, val }, o0, yc, simd),
-                    }
-                }
-                Split::Rows(per) => {
-                    // SAFETY: item c of GEMV i owns its partial output, n_out values at
-                    // plan.partial_at(i, c, n_out), inside `partials` (sized above).
-                    let yc = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            pp.get().add(plan.partial_at(i, c, g.w.n_out)),
-                            g.w.n_out,
-                        )
-                    };
-                    match g.mask {
-                        Mask::Dense => {
-                            let (j0, j1) = (c * per, ((c + 1) * per).min(g.w.n_in));
-                            let rows = Quarters(AllRows(&x[j0..j1]));
-                            chunk(&g.w.rows(j0, j1), &rows, 0, yc, simd)
-                        }
-                        _ => {
-                            // An equal share of the kept rows, wherever they lie: the items
-                            // read the same bytes however unevenly the zeros fall.
-                            let (k0, k1) = (c * kept[i] / items, (c + 1) * kept[i] / items);
-                            let rows = Quarters(Kept {
-                                idx: &idx[k0..k1],
-                                val: &val[k0..k1],
-                            });
-                            chunk(&g.w, &rows, 0, yc, simd)
-                        }
-                    }
-                }
+    SCRATCH.with_borrow_mut(
+        |Scratch {
+             lists, partials, ..
+         }| {
+            for ((g, (idx, val)), k) in gemvs.iter().zip(lists.iter_mut()).zip(kept.iter_mut()) {
+                idx.resize(x.len(), 0);
+                val.resize(x.len(), 0.0);
+                *k = match g.mask {
+                    Mask::Dense => x.len(),
+                    Mask::Threshold(t) => compact_abs_gt(x, t, idx, val),
+                    Mask::Channels(t) => compact_abs_gt_channel(x, t, idx, val),
+                };
             }
-        });
-        plan.sum_partials(gemvs, partials);
-    });
+            partials.resize(plan.partials(), 0.0);
+            let pp = SendPtr(partials.as_mut_ptr());
+            let lists = &*lists;
+            let gemvs = &*gemvs;
+            // One work item per item of any GEMV, claimed in order by whichever thread is free, so
+            // items of unequal size even out.
+            pool::for_each(plan.items(), |c| {
+                let (i, c, items) = plan.item(c);
+                let g = &gemvs[i];
+                let (idx, val) = &lists[i];
+                let (idx, val) = (&idx[..kept[i]], &val[..kept[i]]);
+                match plan.split[i] {
+                    Split::Columns(per) => {
+                        let (o0, len) = (c * per, per.min(g.w.n_out - c * per));
+                        // SAFETY: item c of GEMV i is columns o0..o0+len of its output, which
+                        // no other item touches; the output outlives this call.
+                        let yc = unsafe { std::slice::from_raw_parts_mut(plan.y(i).add(o0), len) };
+                        match g.mask {
+                            Mask::Dense => chunk(&g.w, &AllRows(x), o0, yc, simd),
+                            _ => chunk(&g.w, &Kept { idx, val }, o0, yc, simd),
+                        }
+                    }
+                    Split::Rows(per) => {
+                        // SAFETY: item c of GEMV i owns its partial output, n_out values at
+                        // plan.partial_at(i, c, n_out), inside `partials` (sized above).
+                        let yc = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                pp.get().add(plan.partial_at(i, c, g.w.n_out)),
+                                g.w.n_out,
+                            )
+                        };
+                        match g.mask {
+                            Mask::Dense => {
+                                let (j0, j1) = (c * per, ((c + 1) * per).min(g.w.n_in));
+                                let rows = Quarters(AllRows(&x[j0..j1]));
+                                chunk(&g.w.rows(j0, j1), &rows, 0, yc, simd)
+                            }
+                            _ => {
+                                // An equal share of the kept rows, wherever they lie: the items
+                                // read the same bytes however unevenly the zeros fall.
+                                let (k0, k1) = (c * kept[i] / items, (c + 1) * kept[i] / items);
+                                let rows = Quarters(Kept {
+                                    idx: &idx[k0..k1],
+                                    val: &val[k0..k1],
+                                });
+                                chunk(&g.w, &rows, 0, yc, simd)
+                            }
+                        }
+                    }
+                }
+            });
+            plan.sum_partials(gemvs, partials);
+        },
+    );
     kept
 }
 
@@ -1472,21 +1480,22 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if let View::Q8(b) = w.view {
         if simd && q8_int8() {
-            let xb = crate::reference::int8_blocks(x);
-            // Per block, lane l: -128 times the sum of its four k (the weights are read as
-            // q + 128).
-            let start: Vec<[i32; 8]> =
-                xb.k.chunks(GROUP)
-                    .map(|kb| {
-                        std::array::from_fn(|l| {
-                            -128 * kb[4 * l..4 * l + 4].iter().map(|&k| k as i32).sum::<i32>()
-                        })
+            SCRATCH.with_borrow_mut(|Scratch { int8, starts, .. }| {
+                int8.fill(x);
+                // Per block, lane l: -128 times the sum of its four k (the weights are read
+                // as q + 128).
+                starts.clear();
+                starts.extend(int8.k.chunks(GROUP).map(|kb| -> [i32; 8] {
+                    std::array::from_fn(|l| {
+                        -128 * kb[4 * l..4 * l + 4].iter().map(|&k| k as i32).sum::<i32>()
                     })
-                    .collect();
-            pool::for_each_chunk_mut(y, per, |c, yc| {
-                // SAFETY: the features were detected by `simd_available` and `q8_int8`; the
-                // sizes were checked above, so every row read lies in the matrix.
-                unsafe { dot_q8_vnni(b, w.n_in, &xb, &start, c * per, yc) }
+                }));
+                let (xb, start) = (&*int8, &starts[..]);
+                pool::for_each_chunk_mut(y, per, |c, yc| {
+                    // SAFETY: the features were detected by `simd_available` and `q8_int8`;
+                    // the sizes were checked above, so every row read lies in the matrix.
+                    unsafe { dot_q8_vnni(b, w.n_in, xb, start, c * per, yc) }
+                });
             });
             return;
         }

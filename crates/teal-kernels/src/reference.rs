@@ -372,26 +372,41 @@ pub fn gemv_dot(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {
 /// GGML rounds it for its Q8_0 dot products: block `b`'s scale `d_b = A_b / 127` (`A_b` its
 /// largest `|x_i|`) and `k_i = round(x_i (127 / A_b))` (ties to even; 0 where `A_b = 0`), the
 /// last block padded with zeros.
+#[derive(Default)]
 pub struct Int8Blocks {
     pub k: Vec<i8>,
     pub d: Vec<f32>,
 }
 
-/// `x` rounded as [`Int8Blocks`] says.
-pub fn int8_blocks(x: &[f32]) -> Int8Blocks {
-    use crate::packed::GROUP;
-    let nb = x.len().div_ceil(GROUP);
-    let mut k = vec![0i8; nb * GROUP];
-    let mut d = vec![0.0f32; nb];
-    for ((xb, kb), db) in x.chunks(GROUP).zip(k.chunks_mut(GROUP)).zip(&mut d) {
-        let a = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
-        *db = a * (1.0 / 127.0);
-        for (kv, &v) in kb.iter_mut().zip(xb) {
-            *kv = (v * inv).round_ties_even() as i8;
+impl Int8Blocks {
+    /// Rounds `x` into these buffers (resized, so that a caller can reuse them).
+    pub fn fill(&mut self, x: &[f32]) {
+        use crate::packed::GROUP;
+        let nb = x.len().div_ceil(GROUP);
+        self.k.clear();
+        self.k.resize(nb * GROUP, 0);
+        self.d.clear();
+        self.d.resize(nb, 0.0);
+        for ((xb, kb), db) in x
+            .chunks(GROUP)
+            .zip(self.k.chunks_mut(GROUP))
+            .zip(&mut self.d)
+        {
+            let a = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
+            *db = a * (1.0 / 127.0);
+            for (kv, &v) in kb.iter_mut().zip(xb) {
+                *kv = (v * inv).round_ties_even() as i8;
+            }
         }
     }
-    Int8Blocks { k, d }
+}
+
+/// `x` rounded as [`Int8Blocks`] says.
+pub fn int8_blocks(x: &[f32]) -> Int8Blocks {
+    let mut b = Int8Blocks::default();
+    b.fill(x);
+    b
 }
 
 /// The q8 output-major GEMV (the LM head) with 8-bit activations, as the VNNI dot computes it:
