@@ -600,10 +600,12 @@ fn gemv_dot_rows_on(w: &RowsMat, x: &[f32], nb: usize, y: &mut [f32], simd: bool
     // every chunk, where the one-row dot scales each block's sum once; on SmolLM2's head
     // (49152 x 576) two rows together took 1.06-1.19x the time of two apart, four 0.63-0.75x
     // (`gemv_speed --rows --small`). q8 always, where its one-row dot multiplies in integers
-    // (`cpu::q8_int8`): four rows together took 0.91-0.98x the time of four apart.
+    // (`cpu::q8_int8`): four rows together took 0.91-0.98x the time of four apart; q4 too
+    // where its one-row dot does (the same CPUs), so that a row's head never depends on what
+    // runs beside it.
     let apart = match w.view {
-        View::Q8(_) => nb <= 2 || cpu::q8_int8(),
-        View::Q4(_) => nb <= 2,
+        View::Q8(_) | View::Q4(_) if cpu::q8_int8() => true,
+        View::Q8(_) | View::Q4(_) => nb <= 2,
         _ => nb == 1,
     };
     if apart {
@@ -987,10 +989,11 @@ mod tests {
                             let xb = &x[b * n_in..(b + 1) * n_in];
                             let mut want = vec![0.0f32; n_out];
                             crate::reference::gemv_dot(&m, xb, &mut want);
-                            // A q8 row run alone by the int8 dot: within its rounding bound.
+                            // A q8/q4 row run alone by the int8 dot: within its rounding
+                            // bound.
                             let mut int8 = vec![0.0f32; n_out];
-                            if dtype == Dtype::Q8 && simd && cpu::q8_int8() {
-                                crate::reference::dot_q8_int8_bound(&m, xb, &mut int8);
+                            if matches!(dtype, Dtype::Q8 | Dtype::Q4) && simd && cpu::q8_int8() {
+                                crate::reference::dot_int8_bound(&m, xb, &mut int8);
                             }
                             let mut row = vec![0.0f32; n_in];
                             for o in 0..n_out {

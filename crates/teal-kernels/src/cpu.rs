@@ -89,7 +89,8 @@ pub fn simd_available() -> bool {
 /// Whether the q8 GEMVs multiply in 8-bit integers (`vpdpbusd`, AVX-512 VNNI with 256-bit
 /// vectors): the input-major tile with its activations rounded to 8 bits per pass of rows and
 /// group of outputs ([`crate::reference::gemv_q8_int8`]), the output-major LM head's dots
-/// with them rounded per block of 32 inputs ([`crate::reference::gemv_dot_q8_int8`]).
+/// with them rounded per block of 32 inputs ([`crate::reference::gemv_dot_int8`], which the
+/// q4 LM head's dots follow too).
 /// Otherwise both decode the weights to f32 and their products are exact.
 pub fn q8_int8() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -231,10 +232,11 @@ pub(crate) struct Scratch {
     pub(crate) lists: [(Vec<u32>, Vec<f32>); MAX_MANY],
     /// The partial outputs of the row-split GEMVs.
     pub(crate) partials: Vec<f32>,
-    /// The q8 LM head's activations in 8 bits, and each block's lanes' starting sums
-    /// ([`gemv_dot`] where [`q8_int8`]).
+    /// The q8/q4 LM head's activations in 8 bits, each block's lanes' starting sums (q8) and
+    /// `d_b sum k` per block (q4) ([`gemv_dot`] where [`q8_int8`]).
     int8: crate::reference::Int8Blocks,
     starts: Vec<[i32; 8]>,
+    ksums: Vec<f32>,
 }
 
 thread_local! {
@@ -1651,8 +1653,8 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
     assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
     let per = rows_per_chunk(w.n_out);
     #[cfg(target_arch = "x86_64")]
-    if let View::Q8(b) = w.view {
-        if simd && q8_int8() {
+    if simd && q8_int8() {
+        if let View::Q8(b) = w.view {
             SCRATCH.with_borrow_mut(|Scratch { int8, starts, .. }| {
                 int8.fill(x);
                 // Per block, lane l: -128 times the sum of its four k (the weights are read
@@ -1668,6 +1670,24 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
                     // SAFETY: the features were detected by `simd_available` and `q8_int8`;
                     // the sizes were checked above, so every row read lies in the matrix.
                     unsafe { dot_q8_vnni(b, w.n_in, xb, start, c * per, yc) }
+                });
+            });
+            return;
+        }
+        if let View::Q4(b) = w.view {
+            SCRATCH.with_borrow_mut(|Scratch { int8, ksums, .. }| {
+                int8.fill(x);
+                ksums.clear();
+                ksums.extend(
+                    int8.k
+                        .chunks(GROUP)
+                        .zip(&int8.d)
+                        .map(|(kb, &d)| d * kb.iter().map(|&k| k as i32).sum::<i32>() as f32),
+                );
+                let (xb, ks) = (&*int8, &ksums[..]);
+                pool::for_each_chunk_mut(y, per, |c, yc| {
+                    // SAFETY: as for q8 above.
+                    unsafe { dot_q4_vnni(b, w.n_in, xb, ks, c * per, yc) }
                 });
             });
             return;
@@ -1922,7 +1942,7 @@ blocked_dot!(dot_q8_avx2, dot_pass_q8, Q8_BLOCK, q8_values, false);
 blocked_dot!(dot_q4_avx2, dot_pass_q4, Q4_BLOCK, q4_1_values, true);
 
 /// The q8 dot products of rows `o0 .. o0 + yc.len()` with 8-bit activations, what
-/// `reference::gemv_dot_q8_int8` defines: per block of 32 inputs, `vpdpbusd` adds the products
+/// `reference::gemv_dot_int8` defines: per block of 32 inputs, `vpdpbusd` adds the products
 /// of the weights (read as `q + 128`, the sums started at `start`) and the activations' `k`, four
 /// to an int32 lane, and the lanes are scaled by the block's two scales into f32 sums (about
 /// ten instructions a block and row, where the f32 dot takes fifteen).
@@ -1976,6 +1996,67 @@ unsafe fn dot_pass_q8_vnni<const N: usize>(
         }
     }
     std::array::from_fn(|r| hsum(acc[r]))
+}
+
+/// The q4 dot products of rows `o0 .. o0 + yc.len()` with 8-bit activations, what
+/// `reference::gemv_dot_int8` defines (GGML's Q4_1 x Q8_1): per block of 32 inputs the 16
+/// bytes of nibbles are read into both halves of a vector, the high half shifted down by four
+/// bits, so that after masking the 32 values `q` stand in the order of the activations' `k`;
+/// one `vpdpbusd` adds their products four to an int32 lane, the lanes are scaled into f32
+/// sums, and the minimum's part `m_ob d_b sum k` (`ksums[b] = d_b sum k`) is added per block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn dot_q4_vnni(
+    b: &[u8],
+    n_in: usize,
+    xb: &crate::reference::Int8Blocks,
+    ksums: &[f32],
+    o0: usize,
+    yc: &mut [f32],
+) {
+    dot_streams(
+        o0,
+        yc,
+        |os| dot_pass_q4_vnni::<DOT_ROWS>(b, n_in, xb, ksums, os),
+        |os| dot_pass_q4_vnni::<1>(b, n_in, xb, ksums, os),
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn dot_pass_q4_vnni<const N: usize>(
+    b: &[u8],
+    n_in: usize,
+    xb: &crate::reference::Int8Blocks,
+    ksums: &[f32],
+    os: [usize; N],
+) -> [f32; N] {
+    use std::arch::x86_64::*;
+    let nb = n_in.div_ceil(GROUP);
+    let rows: [*const u8; N] = std::array::from_fn(|r| b.as_ptr().add(os[r] * nb * Q4_BLOCK));
+    let ahead = DOT_PREFETCH_ROWS * nb * Q4_BLOCK;
+    let table = f16_table();
+    let lo = _mm256_set1_epi8(0x0F);
+    let shift = _mm256_setr_epi64x(0, 0, 4, 4);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut mins = [0.0f32; N];
+    for (g, (&dx, &ks)) in xb.d.iter().zip(ksums).enumerate() {
+        let kv = _mm256_loadu_si256(xb.k.as_ptr().add(g * GROUP) as *const __m256i);
+        for r in 0..N {
+            let p = rows[r].add(g * Q4_BLOCK);
+            // A prefetch never faults, past the matrix included.
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
+            let bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(4) as *const __m128i));
+            let q = _mm256_and_si256(_mm256_srlv_epi64(bytes, shift), lo);
+            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, kv);
+            let f16 = |o: usize| table[(p.add(o) as *const u16).read_unaligned() as usize];
+            let scale = _mm256_set1_ps(f16(0) * dx);
+            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[r]);
+            mins[r] += f16(2) * ks;
+        }
+    }
+    std::array::from_fn(|r| hsum(acc[r]) + mins[r])
 }
 
 /// Prefill on an output-major matrix: `y[T, out] = x[T, in] * W^T`, threaded over blocks of 256

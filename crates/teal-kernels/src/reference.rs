@@ -409,36 +409,61 @@ pub fn int8_blocks(x: &[f32]) -> Int8Blocks {
     b
 }
 
-/// The q8 output-major GEMV (the LM head) with 8-bit activations, as the VNNI dot computes it:
-/// `y[o] = sum_b d_ob d_b sum_{i in b} q_oi k_i` over `x`'s [`int8_blocks`], the integer sums
-/// exact.
-pub fn gemv_dot_q8_int8(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {
-    use crate::packed::{groups, View, GROUP, Q8_BLOCK};
-    let View::Q8(b) = w.view else {
-        panic!("gemv_dot_q8_int8: not a q8 matrix")
-    };
+/// Block `g` of output row `o` of a q8 or q4 output-major matrix as an [`IntGroup`] (the
+/// values of a partial last block past `n_in` are whatever the packing stored: they meet zero
+/// activations).
+fn dot_group(w: &crate::packed::RowsMat, o: usize, g: usize) -> IntGroup {
+    use crate::packed::{groups, View, GROUP, Q4_BLOCK, Q8_BLOCK};
+    let nb = groups(w.n_in);
+    let h = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    match w.view {
+        View::Q8(b) => {
+            let blk = &b[(o * nb + g) * Q8_BLOCK..(o * nb + g + 1) * Q8_BLOCK];
+            (
+                h(blk),
+                0.0,
+                std::array::from_fn(|i| blk[2 + i] as i8 as i32),
+            )
+        }
+        View::Q4(b) => {
+            let blk = &b[(o * nb + g) * Q4_BLOCK..(o * nb + g + 1) * Q4_BLOCK];
+            (
+                h(blk),
+                h(&blk[2..]),
+                std::array::from_fn(|i| {
+                    let byte = blk[4 + i % (GROUP / 2)];
+                    i32::from(if i < GROUP / 2 { byte & 15 } else { byte >> 4 })
+                }),
+            )
+        }
+        _ => panic!("integer dot on a float matrix"),
+    }
+}
+
+/// The q8 or q4 output-major GEMV (the LM head) with 8-bit activations, as the VNNI dots
+/// compute it: `y[o] = sum_b (d_ob d_b sum_{i in b} q_oi k_i + m_ob d_b sum_{i in b} k_i)`
+/// over `x`'s [`int8_blocks`] (`m` 0 for q8), the integer sums exact. For q4 that is GGML's
+/// Q4_1 x Q8_1 product.
+pub fn gemv_dot_int8(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {
+    use crate::packed::{groups, GROUP};
     assert_eq!(x.len(), w.n_in);
     assert_eq!(y.len(), w.n_out);
     let xb = int8_blocks(x);
-    let nb = groups(w.n_in);
     for (o, yo) in y.iter_mut().enumerate() {
         *yo = 0.0;
-        for g in 0..nb {
-            let blk = &b[(o * nb + g) * Q8_BLOCK..(o * nb + g + 1) * Q8_BLOCK];
-            let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-            let dot: i32 = blk[2..]
-                .iter()
-                .zip(&xb.k[g * GROUP..(g + 1) * GROUP])
-                .map(|(&q, &k)| q as i8 as i32 * k as i32)
-                .sum();
-            *yo += d * xb.d[g] * dot as f32;
+        for g in 0..groups(w.n_in) {
+            let (d, m, q) = dot_group(w, o, g);
+            let k = &xb.k[g * GROUP..(g + 1) * GROUP];
+            let dot: i32 = q.iter().zip(k).map(|(&q, &k)| q * k as i32).sum();
+            let ksum: i32 = k.iter().map(|&k| k as i32).sum();
+            *yo += d * xb.d[g] * dot as f32 + m * (xb.d[g] * ksum as f32);
         }
     }
 }
 
-/// How far [`gemv_dot_q8_int8`] may be from the exact product: each `x_i` is off by at most half
+/// How far [`gemv_dot_int8`] may be from the exact product: each `x_i` is off by at most half
 /// its block's step `A_b / 127`, times `|w_oi|`.
-pub fn dot_q8_int8_bound(w: &crate::packed::RowsMat, x: &[f32], bound: &mut [f32]) {
+pub fn dot_int8_bound(w: &crate::packed::RowsMat, x: &[f32], bound: &mut [f32]) {
     use crate::packed::GROUP;
     let steps: Vec<f32> = x
         .chunks(GROUP)

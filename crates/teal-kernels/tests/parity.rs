@@ -827,13 +827,13 @@ mod rows_formats {
                 reference::gemv_dot(&p.mat(), &x, &mut a);
                 cpu::gemv_dot(&p.mat(), &x, &mut b);
                 let what = format!("gemv_dot {dtype:?} {n_out}x{n_in}");
-                if dtype == Dtype::Q8 && cpu::q8_int8() {
+                if matches!(dtype, Dtype::Q8 | Dtype::Q4) && cpu::q8_int8() {
                     // 8-bit activations: the kernel against its definition, the definition
                     // within its rounding bound of the exact product.
                     let (mut d, mut bound) = (vec![0.0; n_out], vec![0.0; n_out]);
-                    reference::gemv_dot_q8_int8(&p.mat(), &x, &mut d);
+                    reference::gemv_dot_int8(&p.mat(), &x, &mut d);
                     assert_close(&d, &b, &scale, DOT_REL_TOL, &what);
-                    reference::dot_q8_int8_bound(&p.mat(), &x, &mut bound);
+                    reference::dot_int8_bound(&p.mat(), &x, &mut bound);
                     let lim: Vec<f32> = bound
                         .iter()
                         .zip(&scale)
