@@ -1738,7 +1738,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 fn teal_simd_note() -> &'static str {
     if !teal::simd_available() {
         "portable (no AVX2/FMA/F16C)"
-    } else if teal::q8_int8() {
+    } else if teal::int8_dots() {
         "avx2+fma+f16c+avx512vnni (q8 and q4 decode in 8-bit products)"
     } else {
         "avx2+fma+f16c (q4 decode in 8-bit products)"

@@ -142,7 +142,7 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
 ///   From DRAM two rows together were 1.2-1.4x faster than apart and four 1.5-1.7x, but on
 ///   SmolLM2, whose layers fit the cache (so that the rows after the first, apart, read them
 ///   from there), decoding went from 183-188 to 148 tok/s with two rows and from 173-197 to
-///   158-167 with four. Where the one-row kernel multiplies in integers ([`cpu::q8_int8`])
+///   158-167 with four. Where the one-row kernel multiplies in integers ([`cpu::int8_dots`])
 ///   apart costs less: dense, four rows together were 1.1-1.4x faster than apart, two
 ///   1.0-1.1x, at 50 % 0.6-0.8x (`a` about 0.65-1.0).
 /// - q4 never: its one-row kernel multiplies 8-bit activations by the nibbles 16 at a time,
@@ -153,7 +153,7 @@ fn worth_together(view: &View, nb: usize, bytes: usize, union: usize, kept: usiz
         View::F32(_) | View::F16(_) => 0.15,
         View::Bf16(_) => 0.25,
         View::Q8(_) if nb >= 3 && bytes > last_level_cache() / 4 => {
-            if cpu::q8_int8() {
+            if cpu::int8_dots() {
                 0.8
             } else {
                 0.55
@@ -600,11 +600,11 @@ fn gemv_dot_rows_on(w: &RowsMat, x: &[f32], nb: usize, y: &mut [f32], simd: bool
     // every chunk, where the one-row dot scales each block's sum once; on SmolLM2's head
     // (49152 x 576) two rows together took 1.06-1.19x the time of two apart, four 0.63-0.75x
     // (`gemv_speed --rows --small`). q8 always, where its one-row dot multiplies in integers
-    // (`cpu::q8_int8`): four rows together took 0.91-0.98x the time of four apart; q4 too
+    // (`cpu::int8_dots`): four rows together took 0.91-0.98x the time of four apart; q4 too
     // where its one-row dot does (the same CPUs), so that a row's head never depends on what
     // runs beside it.
     let apart = match w.view {
-        View::Q8(_) | View::Q4(_) if cpu::q8_int8() => true,
+        View::Q8(_) | View::Q4(_) if cpu::int8_dots() => true,
         View::Q8(_) | View::Q4(_) => nb <= 2,
         _ => nb == 1,
     };
@@ -992,7 +992,7 @@ mod tests {
                             // A q8/q4 row run alone by the int8 dot: within its rounding
                             // bound.
                             let mut int8 = vec![0.0f32; n_out];
-                            if matches!(dtype, Dtype::Q8 | Dtype::Q4) && simd && cpu::q8_int8() {
+                            if matches!(dtype, Dtype::Q8 | Dtype::Q4) && simd && cpu::int8_dots() {
                                 crate::reference::dot_int8_bound(&m, xb, &mut int8);
                             }
                             let mut row = vec![0.0f32; n_in];

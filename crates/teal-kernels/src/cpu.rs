@@ -4,7 +4,7 @@
 //! computes (up to float summation order) and is tested against it; the AVX2 q4 GEMV rounds
 //! its activations to 8 bits, as [`crate::reference::gemv_q4_int8`] defines (with `vpdpbusd`
 //! where the CPU has AVX-512 VNNI, `vpmaddubsw` otherwise), and so does the q8 GEMV where the
-//! CPU has AVX-512 VNNI ([`q8_int8`], [`crate::reference::gemv_q8_int8`]).
+//! CPU has AVX-512 VNNI ([`int8_dots`], [`crate::reference::gemv_q8_int8`]).
 
 use crate::packed::{
     groups, q4_offsets, q8_offsets, Mat, RowsMat, View, GROUP, Q4_BLOCK, Q4_SUPER, Q8_BLOCK,
@@ -86,13 +86,14 @@ pub fn simd_available() -> bool {
     }
 }
 
-/// Whether the q8 GEMVs multiply in 8-bit integers (`vpdpbusd`, AVX-512 VNNI with 256-bit
-/// vectors): the input-major tile with its activations rounded to 8 bits per pass of rows and
-/// group of outputs ([`crate::reference::gemv_q8_int8`]), the output-major LM head's dots
-/// with them rounded per block of 32 inputs ([`crate::reference::gemv_dot_int8`], which the
-/// q4 LM head's dots follow too).
-/// Otherwise both decode the weights to f32 and their products are exact.
-pub fn q8_int8() -> bool {
+/// Whether the CPU adds four 8-bit products to an int32 per instruction (`vpdpbusd`, AVX-512
+/// VNNI with 256-bit vectors). Then the q8 GEMVs multiply in 8-bit integers: the input-major
+/// tile with its activations rounded to 8 bits per pass of rows and group of outputs
+/// ([`crate::reference::gemv_q8_int8`]), the output-major LM head's dots, q8's and q4's, with
+/// them rounded per block of 32 inputs ([`crate::reference::gemv_dot_int8`]); otherwise those
+/// decode the weights to f32 and their products are exact. The q4 tile rounds its activations
+/// either way ([`crate::reference::gemv_q4_int8`]) and here multiplies with `vpdpbusd`.
+pub fn int8_dots() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         simd_available()
@@ -233,7 +234,7 @@ pub(crate) struct Scratch {
     /// The partial outputs of the row-split GEMVs.
     pub(crate) partials: Vec<f32>,
     /// The q8/q4 LM head's activations in 8 bits, each block's lanes' starting sums (q8) and
-    /// `d_b sum k` per block (q4) ([`gemv_dot`] where [`q8_int8`]).
+    /// `d_b sum k` per block (q4) ([`gemv_dot`] where [`int8_dots`]).
     int8: crate::reference::Int8Blocks,
     starts: Vec<[i32; 8]>,
     ksums: Vec<f32>,
@@ -595,10 +596,10 @@ fn chunk<R: Rows>(w: &Mat, rows: &R, o0: usize, yc: &mut [f32], simd: bool) {
 fn tile<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: the features were detected by `simd_available` (and VNNI's by `q8_int8`);
+        // SAFETY: the features were detected by `simd_available` (and VNNI's by `int8_dots`);
         // every index stays inside the matrix (checked by the callers' size asserts and
         // `o0 + yt.len() <= n_out`).
-        unsafe { tile_avx2(w, rows, o0, yt, q8_int8()) };
+        unsafe { tile_avx2(w, rows, o0, yt, int8_dots()) };
         return;
     }
     let _ = simd;
@@ -1653,7 +1654,7 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
     assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
     let per = rows_per_chunk(w.n_out);
     #[cfg(target_arch = "x86_64")]
-    if simd && q8_int8() {
+    if simd && int8_dots() {
         if let View::Q8(b) = w.view {
             SCRATCH.with_borrow_mut(|Scratch { int8, starts, .. }| {
                 int8.fill(x);
@@ -1667,7 +1668,7 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
                 }));
                 let (xb, start) = (&*int8, &starts[..]);
                 pool::for_each_chunk_mut(y, per, |c, yc| {
-                    // SAFETY: the features were detected by `simd_available` and `q8_int8`;
+                    // SAFETY: the features were detected by `simd_available` and `int8_dots`;
                     // the sizes were checked above, so every row read lies in the matrix.
                     unsafe { dot_q8_vnni(b, w.n_in, xb, start, c * per, yc) }
                 });
@@ -2894,7 +2895,7 @@ mod tests {
                 if !simd_available() {
                     continue;
                 }
-                for vnni in [false, q8_int8()] {
+                for vnni in [false, int8_dots()] {
                     let want = if dtype == Dtype::Q4 || vnni {
                         &int8
                     } else {

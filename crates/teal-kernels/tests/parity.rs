@@ -444,7 +444,7 @@ mod packed_formats {
         let mut lim: Vec<f32> = scale.iter().map(|s| GEMV_REL_TOL * s.max(1.0)).collect();
         let int8 = match m.view {
             View::Q4(_) => true,
-            View::Q8(_) => cpu::q8_int8(),
+            View::Q8(_) => cpu::int8_dots(),
             _ => false,
         };
         if int8 {
@@ -827,7 +827,7 @@ mod rows_formats {
                 reference::gemv_dot(&p.mat(), &x, &mut a);
                 cpu::gemv_dot(&p.mat(), &x, &mut b);
                 let what = format!("gemv_dot {dtype:?} {n_out}x{n_in}");
-                if matches!(dtype, Dtype::Q8 | Dtype::Q4) && cpu::q8_int8() {
+                if matches!(dtype, Dtype::Q8 | Dtype::Q4) && cpu::int8_dots() {
                     // 8-bit activations: the kernel against its definition, the definition
                     // within its rounding bound of the exact product.
                     let (mut d, mut bound) = (vec![0.0; n_out], vec![0.0; n_out]);

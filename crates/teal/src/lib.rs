@@ -26,5 +26,5 @@ pub mod tools;
 
 pub use error::{Error, Result};
 pub use load::ModelFiles;
-pub use teal_kernels::cpu::{q8_int8, simd_available};
+pub use teal_kernels::cpu::{int8_dots, simd_available};
 pub use teal_kernels::packed::Dtype;

@@ -487,7 +487,7 @@ mod tests {
     /// of `max |x d| / 127`, with `d <= 2 / 15`, times `|q - 7.5| <= 7.5`
     /// (`teal_kernels::reference::gemv_q4_int8`).
     const Q4_ACT_TOL: f32 = (2.0 / 15.0) / 254.0 * 7.5;
-    /// The same for q8 where its decode multiplies in integers (`teal_kernels::cpu::q8_int8`):
+    /// The same for q8 where its decode multiplies in integers (`teal_kernels::cpu::int8_dots`):
     /// `d <= 1 / 127`, times `|q| <= 127` (`teal_kernels::reference::gemv_q8_int8`).
     const Q8_ACT_TOL: f32 = (1.0 / 127.0) / 254.0 * 127.0;
 
@@ -536,7 +536,7 @@ mod tests {
             s.forward_batch(&two, 2, &mut c);
             let per_row = match dtype {
                 Dtype::Q4 => Q4_ACT_TOL,
-                Dtype::Q8 if teal_kernels::cpu::q8_int8() => Q8_ACT_TOL,
+                Dtype::Q8 if teal_kernels::cpu::int8_dots() => Q8_ACT_TOL,
                 _ => 0.0,
             };
             let act = per_row * inp as f32 * x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
