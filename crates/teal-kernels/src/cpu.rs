@@ -233,11 +233,20 @@ pub(crate) struct Scratch {
     pub(crate) lists: [(Vec<u32>, Vec<f32>); MAX_MANY],
     /// The partial outputs of the row-split GEMVs.
     pub(crate) partials: Vec<f32>,
-    /// The q8/q4 LM head's activations in 8 bits, each block's lanes' starting sums (q8) and
-    /// `d_b sum k` per block (q4) ([`gemv_dot`] where [`int8_dots`]).
+    /// The q8/q4 LM head's activations in 8 bits and what each block adds besides its
+    /// products ([`gemv_dot`] where [`int8_dots`]).
     int8: crate::reference::Int8Blocks,
-    starts: Vec<[i32; 8]>,
-    ksums: Vec<f32>,
+    sums: Vec<BlockSums>,
+}
+
+/// What a block of the 8-bit activations adds to an int8 dot besides the products: q8's
+/// int32 lanes start at `-128` times the sum of their four `k` (its weights are read as
+/// `q + 128`), and q4's minimum multiplies `d_b sum k` (`ksum`); each format leaves the
+/// other's part zero.
+#[derive(Clone, Copy)]
+pub(crate) struct BlockSums {
+    start: [i32; 8],
+    ksum: f32,
 }
 
 thread_local! {
@@ -1654,45 +1663,36 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
     assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
     let per = rows_per_chunk(w.n_out);
     #[cfg(target_arch = "x86_64")]
-    if simd && int8_dots() {
-        if let View::Q8(b) = w.view {
-            SCRATCH.with_borrow_mut(|Scratch { int8, starts, .. }| {
-                int8.fill(x);
-                // Per block, lane l: -128 times the sum of its four k (the weights are read
-                // as q + 128).
-                starts.clear();
-                starts.extend(int8.k.chunks(GROUP).map(|kb| -> [i32; 8] {
-                    std::array::from_fn(|l| {
-                        -128 * kb[4 * l..4 * l + 4].iter().map(|&k| k as i32).sum::<i32>()
-                    })
-                }));
-                let (xb, start) = (&*int8, &starts[..]);
-                pool::for_each_chunk_mut(y, per, |c, yc| {
-                    // SAFETY: the features were detected by `simd_available` and `int8_dots`;
-                    // the sizes were checked above, so every row read lies in the matrix.
-                    unsafe { dot_q8_vnni(b, w.n_in, xb, start, c * per, yc) }
-                });
+    if simd && int8_dots() && matches!(w.view, View::Q8(_) | View::Q4(_)) {
+        let q4 = matches!(w.view, View::Q4(_));
+        SCRATCH.with_borrow_mut(|Scratch { int8, sums, .. }| {
+            int8.fill(x);
+            sums.clear();
+            sums.extend(int8.k.chunks(GROUP).zip(&int8.d).map(|(kb, &d)| {
+                let lane = |l: usize| kb[4 * l..4 * l + 4].iter().map(|&k| k as i32).sum::<i32>();
+                BlockSums {
+                    start: std::array::from_fn(|l| if q4 { 0 } else { -128 * lane(l) }),
+                    ksum: if q4 {
+                        d * (0..8).map(lane).sum::<i32>() as f32
+                    } else {
+                        0.0
+                    },
+                }
+            }));
+            let (xb, sums) = (&*int8, &sums[..]);
+            pool::for_each_chunk_mut(y, per, |c, yc| {
+                // SAFETY: the features were detected by `simd_available` and `int8_dots`;
+                // the sizes were checked above, so every row read lies in the matrix.
+                unsafe {
+                    match w.view {
+                        View::Q4(b) => dot_int8::<true>(b, w.n_in, xb, sums, c * per, yc),
+                        View::Q8(b) => dot_int8::<false>(b, w.n_in, xb, sums, c * per, yc),
+                        _ => unreachable!(),
+                    }
+                }
             });
-            return;
-        }
-        if let View::Q4(b) = w.view {
-            SCRATCH.with_borrow_mut(|Scratch { int8, ksums, .. }| {
-                int8.fill(x);
-                ksums.clear();
-                ksums.extend(
-                    int8.k
-                        .chunks(GROUP)
-                        .zip(&int8.d)
-                        .map(|(kb, &d)| d * kb.iter().map(|&k| k as i32).sum::<i32>() as f32),
-                );
-                let (xb, ks) = (&*int8, &ksums[..]);
-                pool::for_each_chunk_mut(y, per, |c, yc| {
-                    // SAFETY: as for q8 above.
-                    unsafe { dot_q4_vnni(b, w.n_in, xb, ks, c * per, yc) }
-                });
-            });
-            return;
-        }
+        });
+        return;
     }
     pool::for_each_chunk_mut(y, per, |c, yc| dot_rows(w, x, c * per, yc, simd));
 }
@@ -1942,119 +1942,75 @@ macro_rules! blocked_dot {
 blocked_dot!(dot_q8_avx2, dot_pass_q8, Q8_BLOCK, q8_values, false);
 blocked_dot!(dot_q4_avx2, dot_pass_q4, Q4_BLOCK, q4_1_values, true);
 
-/// The q8 dot products of rows `o0 .. o0 + yc.len()` with 8-bit activations, what
-/// `reference::gemv_dot_int8` defines: per block of 32 inputs, `vpdpbusd` adds the products
-/// of the weights (read as `q + 128`, the sums started at `start`) and the activations' `k`, four
-/// to an int32 lane, and the lanes are scaled by the block's two scales into f32 sums (about
-/// ten instructions a block and row, where the f32 dot takes fifteen).
+/// The q8 (`Q4` false) or q4 dot products of rows `o0 .. o0 + yc.len()` with 8-bit
+/// activations, what `reference::gemv_dot_int8` defines (GGML's Q8_0 x Q8_0 and Q4_1 x
+/// Q8_1): per block of 32 inputs, one `vpdpbusd` adds the products of the weights and the
+/// activations' `k`, four to an int32 lane, and the lanes are scaled by the block's two scales
+/// into f32 sums (about ten instructions a block and row, where the f32 dots take fifteen).
+/// q8's weights are read as `q + 128` (sign bit flipped; the sums start at `sums[b].start`);
+/// q4's 16 bytes of nibbles are read into both halves of a vector, the upper half shifted down
+/// four bits and both masked, so that the 32 values stand in the order of the `k`, and the
+/// minimum's part `m_ob sums[b].ksum` is added per block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn dot_q8_vnni(
+unsafe fn dot_int8<const Q4: bool>(
     b: &[u8],
     n_in: usize,
     xb: &crate::reference::Int8Blocks,
-    start: &[[i32; 8]],
+    sums: &[BlockSums],
     o0: usize,
     yc: &mut [f32],
 ) {
     dot_streams(
         o0,
         yc,
-        |os| dot_pass_q8_vnni::<DOT_ROWS>(b, n_in, xb, start, os),
-        |os| dot_pass_q8_vnni::<1>(b, n_in, xb, start, os),
+        |os| dot_pass_int8::<Q4, DOT_ROWS>(b, n_in, xb, sums, os),
+        |os| dot_pass_int8::<Q4, 1>(b, n_in, xb, sums, os),
     );
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn dot_pass_q8_vnni<const N: usize>(
+unsafe fn dot_pass_int8<const Q4: bool, const N: usize>(
     b: &[u8],
     n_in: usize,
     xb: &crate::reference::Int8Blocks,
-    start: &[[i32; 8]],
+    sums: &[BlockSums],
     os: [usize; N],
 ) -> [f32; N] {
     use std::arch::x86_64::*;
+    let bsize = if Q4 { Q4_BLOCK } else { Q8_BLOCK };
     let nb = n_in.div_ceil(GROUP);
-    let rows: [*const u8; N] = std::array::from_fn(|r| b.as_ptr().add(os[r] * nb * Q8_BLOCK));
-    let ahead = DOT_PREFETCH_ROWS * nb * Q8_BLOCK;
+    let rows: [*const u8; N] = std::array::from_fn(|r| b.as_ptr().add(os[r] * nb * bsize));
+    let ahead = DOT_PREFETCH_ROWS * nb * bsize;
     let table = f16_table();
     let flip = _mm256_set1_epi8(-128);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (g, (st, &dx)) in start.iter().zip(&xb.d).enumerate() {
-        let kv = _mm256_loadu_si256(xb.k.as_ptr().add(g * GROUP) as *const __m256i);
-        let c = _mm256_loadu_si256(st.as_ptr() as *const __m256i);
-        for r in 0..N {
-            let p = rows[r].add(g * Q8_BLOCK);
-            // A prefetch never faults, past the matrix included.
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
-            let wv = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), flip);
-            let sums = _mm256_dpbusd_epi32(c, wv, kv);
-            let bits = (p as *const u16).read_unaligned();
-            let scale = _mm256_set1_ps(table[bits as usize] * dx);
-            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[r]);
-        }
-    }
-    std::array::from_fn(|r| hsum(acc[r]))
-}
-
-/// The q4 dot products of rows `o0 .. o0 + yc.len()` with 8-bit activations, what
-/// `reference::gemv_dot_int8` defines (GGML's Q4_1 x Q8_1): per block of 32 inputs the 16
-/// bytes of nibbles are read into both halves of a vector, the high half shifted down by four
-/// bits, so that after masking the 32 values `q` stand in the order of the activations' `k`;
-/// one `vpdpbusd` adds their products four to an int32 lane, the lanes are scaled into f32
-/// sums, and the minimum's part `m_ob d_b sum k` (`ksums[b] = d_b sum k`) is added per block.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn dot_q4_vnni(
-    b: &[u8],
-    n_in: usize,
-    xb: &crate::reference::Int8Blocks,
-    ksums: &[f32],
-    o0: usize,
-    yc: &mut [f32],
-) {
-    dot_streams(
-        o0,
-        yc,
-        |os| dot_pass_q4_vnni::<DOT_ROWS>(b, n_in, xb, ksums, os),
-        |os| dot_pass_q4_vnni::<1>(b, n_in, xb, ksums, os),
-    );
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn dot_pass_q4_vnni<const N: usize>(
-    b: &[u8],
-    n_in: usize,
-    xb: &crate::reference::Int8Blocks,
-    ksums: &[f32],
-    os: [usize; N],
-) -> [f32; N] {
-    use std::arch::x86_64::*;
-    let nb = n_in.div_ceil(GROUP);
-    let rows: [*const u8; N] = std::array::from_fn(|r| b.as_ptr().add(os[r] * nb * Q4_BLOCK));
-    let ahead = DOT_PREFETCH_ROWS * nb * Q4_BLOCK;
-    let table = f16_table();
     let lo = _mm256_set1_epi8(0x0F);
     let shift = _mm256_setr_epi64x(0, 0, 4, 4);
     let mut acc = [_mm256_setzero_ps(); N];
     let mut mins = [0.0f32; N];
-    for (g, (&dx, &ks)) in xb.d.iter().zip(ksums).enumerate() {
+    for (g, (bs, &dx)) in sums.iter().zip(&xb.d).enumerate() {
         let kv = _mm256_loadu_si256(xb.k.as_ptr().add(g * GROUP) as *const __m256i);
+        let c = _mm256_loadu_si256(bs.start.as_ptr() as *const __m256i);
         for r in 0..N {
-            let p = rows[r].add(g * Q4_BLOCK);
+            let p = rows[r].add(g * bsize);
             // A prefetch never faults, past the matrix included.
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
-            let bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(4) as *const __m128i));
-            let q = _mm256_and_si256(_mm256_srlv_epi64(bytes, shift), lo);
-            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, kv);
+            let wv = if Q4 {
+                let bytes =
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(4) as *const __m128i));
+                _mm256_and_si256(_mm256_srlv_epi64(bytes, shift), lo)
+            } else {
+                _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), flip)
+            };
+            let sums = _mm256_dpbusd_epi32(c, wv, kv);
             let f16 = |o: usize| table[(p.add(o) as *const u16).read_unaligned() as usize];
             let scale = _mm256_set1_ps(f16(0) * dx);
             acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[r]);
-            mins[r] += f16(2) * ks;
+            if Q4 {
+                mins[r] += f16(2) * bs.ksum;
+            }
         }
     }
     std::array::from_fn(|r| hsum(acc[r]) + mins[r])
