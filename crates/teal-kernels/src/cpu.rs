@@ -1054,6 +1054,61 @@ unsafe fn int8_steps(
     (inv, _mm256_mul_ps(amax, _mm256_set1_ps(1.0 / 127.0)))
 }
 
+/// Four rows' int8 `k` (the low byte of each int32 lane of `kv[0..4]`) as one word per lane,
+/// the first row in its low byte: the signed operand of `vpdpbusd` against four rows' weight
+/// bytes interleaved per output. Only for callers with AVX2 detected (no `#[target_feature]`,
+/// so that it is inlined into them).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn quad_words(kv: [std::arch::x86_64::__m256i; 4]) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let byte = _mm256_set1_epi32(0xff);
+    _mm256_or_si256(
+        _mm256_or_si256(
+            _mm256_and_si256(kv[0], byte),
+            _mm256_slli_epi32::<8>(_mm256_and_si256(kv[1], byte)),
+        ),
+        _mm256_or_si256(
+            _mm256_slli_epi32::<16>(_mm256_and_si256(kv[2], byte)),
+            _mm256_slli_epi32::<24>(kv[3]),
+        ),
+    )
+}
+
+/// For a q4 pass over the super-block at byte `base` of its rows (`kk` groups): each row's
+/// `c_jg = x_j d_jg` (lanes past `kk` unused), their largest `|c_jg|` per group, and the
+/// minimums' sum `sum_j x_j m_jg`; a partial super-block's `20 kk >= 2 kk + 16` bytes hold the
+/// loads. Only for callers with AVX2 and F16C detected (no `#[target_feature]`, so that it is
+/// inlined into them).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q4_super_scales(
+    ps: &[*const u8; Q4_PASS],
+    xs: &[f32; Q4_PASS],
+    base: usize,
+    kk: usize,
+) -> (
+    [std::arch::x86_64::__m256; Q4_PASS],
+    std::arch::x86_64::__m256,
+    std::arch::x86_64::__m256,
+) {
+    use std::arch::x86_64::*;
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut c = [_mm256_setzero_ps(); Q4_PASS];
+    let mut amax = _mm256_setzero_ps();
+    let mut bias = _mm256_setzero_ps();
+    for r in 0..Q4_PASS {
+        let p = ps[r].add(base);
+        let x = _mm256_set1_ps(xs[r]);
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        let mn = _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * kk) as *const __m128i));
+        c[r] = _mm256_mul_ps(x, d);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(c[r], abs_mask));
+        bias = _mm256_fmadd_ps(x, mn, bias);
+    }
+    (c, amax, bias)
+}
+
 /// The byte, within a q8 row of `ng` groups, where the values of groups `g0 .. g0 + full` end
 /// (0 when `full` is 0): how far a tile over them prefetches.
 fn q8_tile_end(ng: usize, g0: usize, full: usize) -> usize {
@@ -1094,7 +1149,6 @@ unsafe fn pass_q8_vnni<R: Rows>(
     let (js, xs, ps) = pass_rows::<Q8_PASS, R>(rows, k, m, blocks, ng * Q8_BLOCK, 0);
     let tile_end = q8_tile_end(ng, g0, gend - g0);
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let byte = _mm256_set1_epi32(0xff);
     let flip = _mm256_set1_epi8(-128);
     for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
         let kk = Q4_SUPER.min(ng - sb);
@@ -1122,17 +1176,7 @@ unsafe fn pass_q8_vnni<R: Rows>(
             for v in kv {
                 ksum = _mm256_add_epi32(ksum, v);
             }
-            let word = _mm256_or_si256(
-                _mm256_or_si256(
-                    _mm256_and_si256(kv[0], byte),
-                    _mm256_slli_epi32::<8>(_mm256_and_si256(kv[1], byte)),
-                ),
-                _mm256_or_si256(
-                    _mm256_slli_epi32::<16>(_mm256_and_si256(kv[2], byte)),
-                    _mm256_slli_epi32::<24>(kv[3]),
-                ),
-            );
-            _mm256_storeu_si256(kw.as_mut_ptr() as *mut __m256i, word);
+            _mm256_storeu_si256(kw.as_mut_ptr() as *mut __m256i, quad_words(kv));
         }
         let mut start = [0i32; Q4_SUPER];
         _mm256_storeu_si256(
@@ -1222,25 +1266,13 @@ unsafe fn pass_q4_avx2<R: Rows>(
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q4_PASS, R>(rows, k, m, blocks, ng * Q4_BLOCK, 0);
     let prefetch_end = (gend * Q4_BLOCK).saturating_sub(PREFETCH_BYTES);
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
         let base = sb * Q4_BLOCK;
         // c_jg for the super-block's groups (lanes past kk unused), their maximum, and the
         // minimums' sum; a partial super-block's 20 kk >= 2 kk + 16 bytes hold the loads.
-        let mut c = [_mm256_setzero_ps(); Q4_PASS];
-        let mut amax = _mm256_setzero_ps();
-        let mut bias = _mm256_setzero_ps();
-        for r in 0..Q4_PASS {
-            let p = ps[r].add(base);
-            let x = _mm256_set1_ps(xs[r]);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let mn = _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * kk) as *const __m128i));
-            c[r] = _mm256_mul_ps(x, d);
-            amax = _mm256_max_ps(amax, _mm256_and_ps(c[r], abs_mask));
-            bias = _mm256_fmadd_ps(x, mn, bias);
-        }
+        let (c, amax, bias) = q4_super_scales(&ps, &xs, base, kk);
         let (inv, step) = int8_steps(amax);
         // kw[p][g]: the int8 pair (k of row 2p, k of row 2p + 1) of group g, as one u16 (one
         // spare entry, read by a lone group's unused lane); `err`: sum_j (c_jg - S_g k_jg).
@@ -1329,8 +1361,6 @@ unsafe fn pass_q4_vnni<R: Rows>(
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q4_PASS, R>(rows, k, m, blocks, ng * Q4_BLOCK, 0);
     let prefetch_end = (gend * Q4_BLOCK).saturating_sub(PREFETCH_BYTES);
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let byte = _mm256_set1_epi32(0xff);
     let lo = _mm256_set1_epi8(0x0F);
     // Lane 0 takes the quad word of group i, lane 1 that of group i + 1.
     let lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
@@ -1338,18 +1368,7 @@ unsafe fn pass_q4_vnni<R: Rows>(
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
         let base = sb * Q4_BLOCK;
-        let mut c = [_mm256_setzero_ps(); Q4_PASS];
-        let mut amax = _mm256_setzero_ps();
-        let mut bias = _mm256_setzero_ps();
-        for r in 0..Q4_PASS {
-            let p = ps[r].add(base);
-            let x = _mm256_set1_ps(xs[r]);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let mn = _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * kk) as *const __m128i));
-            c[r] = _mm256_mul_ps(x, d);
-            amax = _mm256_max_ps(amax, _mm256_and_ps(c[r], abs_mask));
-            bias = _mm256_fmadd_ps(x, mn, bias);
-        }
+        let (c, amax, bias) = q4_super_scales(&ps, &xs, base, kk);
         let (inv, step) = int8_steps(amax);
         // kq[q][g]: the int8 k of rows 4q .. 4q + 4 of group g as one word, first row in its
         // low byte (one spare entry, read by a lone group's unused lane).
@@ -1364,17 +1383,7 @@ unsafe fn pass_q4_vnni<R: Rows>(
                     _mm256_fnmadd_ps(step, _mm256_cvtepi32_ps(*v), c[4 * q + b]),
                 );
             }
-            let word = _mm256_or_si256(
-                _mm256_or_si256(
-                    _mm256_and_si256(kv[0], byte),
-                    _mm256_slli_epi32::<8>(_mm256_and_si256(kv[1], byte)),
-                ),
-                _mm256_or_si256(
-                    _mm256_slli_epi32::<16>(_mm256_and_si256(kv[2], byte)),
-                    _mm256_slli_epi32::<24>(kv[3]),
-                ),
-            );
-            _mm256_storeu_si256(kw.as_mut_ptr() as *mut __m256i, word);
+            _mm256_storeu_si256(kw.as_mut_ptr() as *mut __m256i, quad_words(kv));
         }
         let mut sc = [0.0f32; Q4_SUPER];
         let mut bs = [0.0f32; Q4_SUPER];
