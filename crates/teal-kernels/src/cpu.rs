@@ -1054,6 +1054,30 @@ unsafe fn int8_steps(
     (inv, _mm256_mul_ps(amax, _mm256_set1_ps(1.0 / 127.0)))
 }
 
+/// Four rows' bytes `v[0..4]` interleaved per byte position, the four rows' bytes of a position
+/// in row order in one int32 lane, for `vpdpbusd`: `[t]` holds, per 128-bit half, positions
+/// `4t .. 4t + 4` (two byte and two word unpacks per row). Only for callers with AVX2 detected
+/// (no `#[target_feature]`, so that it is inlined into them).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn interleave4(v: [std::arch::x86_64::__m256i; 4]) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    let (ab_lo, ab_hi) = (
+        _mm256_unpacklo_epi8(v[0], v[1]),
+        _mm256_unpackhi_epi8(v[0], v[1]),
+    );
+    let (cd_lo, cd_hi) = (
+        _mm256_unpacklo_epi8(v[2], v[3]),
+        _mm256_unpackhi_epi8(v[2], v[3]),
+    );
+    [
+        _mm256_unpacklo_epi16(ab_lo, cd_lo),
+        _mm256_unpackhi_epi16(ab_lo, cd_lo),
+        _mm256_unpacklo_epi16(ab_hi, cd_hi),
+        _mm256_unpackhi_epi16(ab_hi, cd_hi),
+    ]
+}
+
 /// Four rows' int8 `k` (the low byte of each int32 lane of `kv[0..4]`) as one word per lane,
 /// the first row in its low byte: the signed operand of `vpdpbusd` against four rows' weight
 /// bytes interleaved per output. Only for callers with AVX2 detected (no `#[target_feature]`,
@@ -1195,22 +1219,8 @@ unsafe fn pass_q8_vnni<R: Rows>(
                     }
                     _mm256_loadu_si256(p as *const __m256i)
                 });
-                let (ab_lo, ab_hi) = (
-                    _mm256_unpacklo_epi8(v[0], v[1]),
-                    _mm256_unpackhi_epi8(v[0], v[1]),
-                );
-                let (cd_lo, cd_hi) = (
-                    _mm256_unpacklo_epi8(v[2], v[3]),
-                    _mm256_unpackhi_epi8(v[2], v[3]),
-                );
-                // Outputs 0..4 | 16..20, 4..8 | 20..24, 8..12 | 24..28, 12..16 | 28..32, each
-                // the four rows' bytes in row order.
-                let quads = [
-                    _mm256_unpacklo_epi16(ab_lo, cd_lo),
-                    _mm256_unpackhi_epi16(ab_lo, cd_lo),
-                    _mm256_unpacklo_epi16(ab_hi, cd_hi),
-                    _mm256_unpackhi_epi16(ab_hi, cd_hi),
-                ];
+                // Outputs 0..4 | 16..20, 4..8 | 20..24, 8..12 | 24..28, 12..16 | 28..32.
+                let quads = interleave4(v);
                 for (a, u) in acc.iter_mut().zip(quads) {
                     *a = _mm256_dpbusd_epi32(*a, _mm256_xor_si256(u, flip), kv);
                 }
@@ -1417,20 +1427,7 @@ unsafe fn pass_q4_vnni<R: Rows>(
                         _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i))
                     }
                 });
-                let (ab_lo, ab_hi) = (
-                    _mm256_unpacklo_epi8(v[0], v[1]),
-                    _mm256_unpackhi_epi8(v[0], v[1]),
-                );
-                let (cd_lo, cd_hi) = (
-                    _mm256_unpacklo_epi8(v[2], v[3]),
-                    _mm256_unpackhi_epi8(v[2], v[3]),
-                );
-                let quads = [
-                    _mm256_unpacklo_epi16(ab_lo, cd_lo),
-                    _mm256_unpackhi_epi16(ab_lo, cd_lo),
-                    _mm256_unpacklo_epi16(ab_hi, cd_hi),
-                    _mm256_unpackhi_epi16(ab_hi, cd_hi),
-                ];
+                let quads = interleave4(v);
                 for (t, u) in quads.into_iter().enumerate() {
                     full[t] = _mm256_dpbusd_epi32(full[t], u, kv);
                     let h = _mm256_and_si256(_mm256_srli_epi16::<4>(u), lo);
