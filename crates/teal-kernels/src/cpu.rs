@@ -1182,12 +1182,16 @@ unsafe fn pass_q8_vnni<R: Rows>(
         // 34 kk >= 16 bytes hold the load), and their maximum per group.
         let mut c = [_mm256_setzero_ps(); Q8_PASS];
         let mut amax = _mm256_setzero_ps();
+        let mut nan = _mm256_setzero_ps();
         for r in 0..Q8_PASS {
             let d = _mm256_cvtph_ps(_mm_loadu_si128(ps[r].add(base) as *const __m128i));
             c[r] = _mm256_mul_ps(_mm256_set1_ps(xs[r]), d);
             amax = _mm256_max_ps(amax, _mm256_and_ps(c[r], abs_mask));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(c[r], c[r]));
         }
-        let (inv, steps) = int8_steps(amax);
+        // A NaN `c_jg` makes its group's step NaN (the maximum alone would skip it), so that
+        // it reaches the outputs as in f32 (q4's passes carry it in their minimums' sum).
+        let (inv, steps) = int8_steps(_mm256_or_ps(amax, nan));
         let mut step = [0.0f32; Q4_SUPER];
         _mm256_storeu_ps(step.as_mut_ptr(), steps);
         // kq[q][g]: the int8 k of rows 4q .. 4q + 4 of group g as one word, first row in its

@@ -252,10 +252,10 @@ fn int_mid(w: &crate::packed::Mat) -> f32 {
 /// The GEMV of a q4 or q8 matrix with the activations rounded to 8 bits, as the integer tiles
 /// compute it over columns `o0 .. o0 + y.len()`: the rows `(input index, value)` in the
 /// tile's order, in passes of `pass` consecutive rows. Per pass and group `g` of 32 outputs:
-/// `c_j = x_j d_jg`, `A = max_j |c_j|`, `S = A / 127`, `k_j = round(c_j (127 / A))` (ties to
-/// even; 0 where `A = 0`), and the pass adds `S sum_j k_j q_jo + sum_j x_j m_jg + mid sum_j
-/// (c_j - S k_j)` (`mid` 7.5 for q4, 0 for q8). A partial last group is the exact
-/// `sum_j x_j w_jo`.
+/// `c_j = x_j d_jg`, `A = max_j |c_j|` (NaN if any `c_j` is), `S = A / 127`,
+/// `k_j = round(c_j (127 / A))` (ties to even; 0 where `A` is 0 or NaN), and the pass adds
+/// `S sum_j k_j q_jo + sum_j x_j m_jg + mid sum_j (c_j - S k_j)` (`mid` 7.5 for q4, 0 for
+/// q8). A partial last group is the exact `sum_j x_j w_jo`.
 fn gemv_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], pass: usize, o0: usize, y: &mut [f32]) {
     use crate::packed::GROUP;
     assert!(
@@ -276,7 +276,13 @@ fn gemv_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], pass: usize, o0: usi
                 .zip(&parts)
                 .map(|(&(_, x), p)| x * p.0)
                 .collect();
-            let a = c.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let a = c.iter().fold(0.0f32, |a, v| {
+                if v.is_nan() || a.is_nan() {
+                    f32::NAN
+                } else {
+                    a.max(v.abs())
+                }
+            });
             let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
             let s = a * (1.0 / 127.0);
             let k: Vec<i32> = c
@@ -370,8 +376,8 @@ pub fn gemv_dot(w: &crate::packed::RowsMat, x: &[f32], y: &mut [f32]) {
 
 /// An activation vector rounded to 8 bits in blocks of [`crate::packed::GROUP`] inputs, as
 /// GGML rounds it for its Q8_0 dot products: block `b`'s scale `d_b = A_b / 127` (`A_b` its
-/// largest `|x_i|`) and `k_i = round(x_i (127 / A_b))` (ties to even; 0 where `A_b = 0`), the
-/// last block padded with zeros.
+/// largest `|x_i|`, NaN if any `x_i` is) and `k_i = round(x_i (127 / A_b))` (ties to even; 0
+/// where `A_b = 0` or is NaN), the last block padded with zeros.
 #[derive(Default)]
 pub struct Int8Blocks {
     pub k: Vec<i8>,
@@ -392,7 +398,15 @@ impl Int8Blocks {
             .zip(self.k.chunks_mut(GROUP))
             .zip(&mut self.d)
         {
-            let a = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            // A NaN input makes its block's scale NaN (`f32::max` alone would skip it), so
+            // that it reaches the products as it does in f32.
+            let a = xb.iter().fold(0.0f32, |a, v| {
+                if v.is_nan() || a.is_nan() {
+                    f32::NAN
+                } else {
+                    a.max(v.abs())
+                }
+            });
             let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
             *db = a * (1.0 / 127.0);
             for (kv, &v) in kb.iter_mut().zip(xb) {

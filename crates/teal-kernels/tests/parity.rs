@@ -520,6 +520,28 @@ mod packed_formats {
     /// Several GEMVs on one input in one parallel section (q/k/v, gate/up), each with its own
     /// format, size and mask (dense, 0 %, about 50 % and 100 % sparse, per-channel), against the
     /// scalar reference of each alone.
+    /// A NaN in the input reaches every output of the dense GEMV, in every format: the integer
+    /// passes' rounding must not skip it (q8's makes its group's step NaN, q4's minimums' sum
+    /// carries it), as the f32 products do not.
+    #[test]
+    fn gemv_passes_nan_on() {
+        let (n_in, n_out) = (75, 32 * 9 + 5);
+        let wt = rand_vec(n_in * n_out, 40);
+        for dtype in Dtype::ALL {
+            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+            for at in [0, 17, n_in - 1] {
+                let mut x = rand_vec(n_in, 41);
+                x[at] = f32::NAN;
+                let mut y = vec![0.0; n_out];
+                cpu::gemv(&p.mat(), &x, &mut y);
+                assert!(
+                    y.iter().all(|v| v.is_nan()),
+                    "{dtype:?}, NaN at {at}: {y:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn gemv_many_matches_each_alone() {
         let n_in = 577;
@@ -843,6 +865,28 @@ mod rows_formats {
                 } else {
                     assert_close(&a, &b, &scale, DOT_REL_TOL, &what);
                 }
+            }
+        }
+    }
+
+    /// A NaN in the input reaches every output of the LM head's dots, in every format and on
+    /// both paths (the 8-bit activations' block scale turns NaN rather than skipping it), so
+    /// that the sampler reports it instead of reading finite logits.
+    #[test]
+    fn gemv_dot_passes_nan_on() {
+        let (n_out, n_in) = (37, 77);
+        let w = rand_vec(n_out * n_in, 38);
+        for dtype in Dtype::ALL {
+            let p = PackedRows::from_rows(dtype, w.clone(), n_out, n_in).expect("pack");
+            for at in [0, 40, n_in - 1] {
+                let mut x = rand_vec(n_in, 39);
+                x[at] = f32::NAN;
+                let mut y = vec![0.0; n_out];
+                cpu::gemv_dot(&p.mat(), &x, &mut y);
+                assert!(
+                    y.iter().all(|v| v.is_nan()),
+                    "{dtype:?}, NaN at {at}: {y:?}"
+                );
             }
         }
     }
