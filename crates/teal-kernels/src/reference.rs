@@ -249,6 +249,21 @@ fn int_mid(w: &crate::packed::Mat) -> f32 {
     }
 }
 
+/// How values are rounded to int8 together: from their largest `|v|`, `A` (NaN if any value
+/// is NaN: `f32::max` alone would skip it, and a NaN must reach the products as it does in
+/// f32), the factor `127 / A` that rounds them (0 where `A` is 0 or NaN) and the step `A / 127`
+/// a unit of the rounded values is worth.
+fn int8_scale(values: &[f32]) -> (f32, f32) {
+    let a = values.iter().fold(0.0f32, |a, v| {
+        if v.is_nan() || a.is_nan() {
+            f32::NAN
+        } else {
+            a.max(v.abs())
+        }
+    });
+    (if a > 0.0 { 127.0 / a } else { 0.0 }, a * (1.0 / 127.0))
+}
+
 /// The GEMV of a q4 or q8 matrix with the activations rounded to 8 bits, as the integer tiles
 /// compute it over columns `o0 .. o0 + y.len()`: the rows `(input index, value)` in the
 /// tile's order, in passes of `pass` consecutive rows. Per pass and group `g` of 32 outputs:
@@ -276,15 +291,7 @@ fn gemv_int8(w: &crate::packed::Mat, rows: &[(usize, f32)], pass: usize, o0: usi
                 .zip(&parts)
                 .map(|(&(_, x), p)| x * p.0)
                 .collect();
-            let a = c.iter().fold(0.0f32, |a, v| {
-                if v.is_nan() || a.is_nan() {
-                    f32::NAN
-                } else {
-                    a.max(v.abs())
-                }
-            });
-            let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
-            let s = a * (1.0 / 127.0);
+            let (inv, s) = int8_scale(&c);
             let k: Vec<i32> = c
                 .iter()
                 .map(|&c| (c * inv).round_ties_even() as i32)
@@ -398,17 +405,8 @@ impl Int8Blocks {
             .zip(self.k.chunks_mut(GROUP))
             .zip(&mut self.d)
         {
-            // A NaN input makes its block's scale NaN (`f32::max` alone would skip it), so
-            // that it reaches the products as it does in f32.
-            let a = xb.iter().fold(0.0f32, |a, v| {
-                if v.is_nan() || a.is_nan() {
-                    f32::NAN
-                } else {
-                    a.max(v.abs())
-                }
-            });
-            let inv = if a > 0.0 { 127.0 / a } else { 0.0 };
-            *db = a * (1.0 / 127.0);
+            let (inv, d) = int8_scale(xb);
+            *db = d;
             for (kv, &v) in kb.iter_mut().zip(xb) {
                 *kv = (v * inv).round_ties_even() as i8;
             }
