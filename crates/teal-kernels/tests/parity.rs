@@ -36,6 +36,23 @@ fn assert_within(a: &[f32], b: &[f32], lim: &[f32], what: &str) {
 }
 
 /// Sum of |x_j * w_jo| per output: the scale that bounds reordering error.
+/// Runs `gemv` on inputs of `n_in` values with a NaN at the first, a middle and the last
+/// position, and checks that every one of its `n_out` outputs is NaN.
+fn assert_nan_reaches_every_output(
+    n_in: usize,
+    n_out: usize,
+    what: &str,
+    gemv: impl Fn(&[f32], &mut [f32]),
+) {
+    for at in [0, n_in / 2, n_in - 1] {
+        let mut x = rand_vec(n_in, 41);
+        x[at] = f32::NAN;
+        let mut y = vec![0.0; n_out];
+        gemv(&x, &mut y);
+        assert!(y.iter().all(|v| v.is_nan()), "{what}, NaN at {at}: {y:?}");
+    }
+}
+
 fn abs_scale(wt: &[f32], n_in: usize, n_out: usize, x: &[f32]) -> Vec<f32> {
     let wa: Vec<f32> = wt.iter().map(|v| v.abs()).collect();
     let xa: Vec<f32> = x.iter().map(|v| v.abs()).collect();
@@ -517,9 +534,6 @@ mod packed_formats {
         }
     }
 
-    /// Several GEMVs on one input in one parallel section (q/k/v, gate/up), each with its own
-    /// format, size and mask (dense, 0 %, about 50 % and 100 % sparse, per-channel), against the
-    /// scalar reference of each alone.
     /// A NaN in the input reaches every output of the dense GEMV, in every format: the integer
     /// passes' rounding must not skip it (q8's makes its group's step NaN, q4's minimums' sum
     /// carries it), as the f32 products do not.
@@ -529,19 +543,15 @@ mod packed_formats {
         let wt = rand_vec(n_in * n_out, 40);
         for dtype in Dtype::ALL {
             let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
-            for at in [0, 17, n_in - 1] {
-                let mut x = rand_vec(n_in, 41);
-                x[at] = f32::NAN;
-                let mut y = vec![0.0; n_out];
-                cpu::gemv(&p.mat(), &x, &mut y);
-                assert!(
-                    y.iter().all(|v| v.is_nan()),
-                    "{dtype:?}, NaN at {at}: {y:?}"
-                );
-            }
+            assert_nan_reaches_every_output(n_in, n_out, &format!("gemv {dtype:?}"), |x, y| {
+                cpu::gemv(&p.mat(), x, y)
+            });
         }
     }
 
+    /// Several GEMVs on one input in one parallel section (q/k/v, gate/up), each with its own
+    /// format, size and mask (dense, 0 %, about 50 % and 100 % sparse, per-channel), against the
+    /// scalar reference of each alone.
     #[test]
     fn gemv_many_matches_each_alone() {
         let n_in = 577;
@@ -878,16 +888,9 @@ mod rows_formats {
         let w = rand_vec(n_out * n_in, 38);
         for dtype in Dtype::ALL {
             let p = PackedRows::from_rows(dtype, w.clone(), n_out, n_in).expect("pack");
-            for at in [0, 40, n_in - 1] {
-                let mut x = rand_vec(n_in, 39);
-                x[at] = f32::NAN;
-                let mut y = vec![0.0; n_out];
-                cpu::gemv_dot(&p.mat(), &x, &mut y);
-                assert!(
-                    y.iter().all(|v| v.is_nan()),
-                    "{dtype:?}, NaN at {at}: {y:?}"
-                );
-            }
+            assert_nan_reaches_every_output(n_in, n_out, &format!("gemv_dot {dtype:?}"), |x, y| {
+                cpu::gemv_dot(&p.mat(), x, y)
+            });
         }
     }
 
