@@ -1673,7 +1673,7 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
     assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
     let per = rows_per_chunk(w.n_out);
     #[cfg(target_arch = "x86_64")]
-    if simd && int8_dots() && matches!(w.view, View::Q8(_) | View::Q4(_)) {
+    if let (true, View::Q8(b) | View::Q4(b)) = (simd && int8_dots(), w.view) {
         let q4 = matches!(w.view, View::Q4(_));
         SCRATCH.with_borrow_mut(|Scratch { int8, sums, .. }| {
             int8.fill(x);
@@ -1694,10 +1694,10 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
                 // SAFETY: the features were detected by `simd_available` and `int8_dots`;
                 // the sizes were checked above, so every row read lies in the matrix.
                 unsafe {
-                    match w.view {
-                        View::Q4(b) => dot_int8::<true>(b, w.n_in, xb, sums, c * per, yc),
-                        View::Q8(b) => dot_int8::<false>(b, w.n_in, xb, sums, c * per, yc),
-                        _ => unreachable!(),
+                    if q4 {
+                        dot_int8::<true>(b, w.n_in, xb, sums, c * per, yc)
+                    } else {
+                        dot_int8::<false>(b, w.n_in, xb, sums, c * per, yc)
                     }
                 }
             });
