@@ -231,6 +231,10 @@ pub const MAX_MANY: usize = 4;
 pub(crate) struct Scratch {
     /// The kept inputs (indices, values) of each GEMV (`batch`: the values of every row).
     pub(crate) lists: [(Vec<u32>, Vec<f32>); MAX_MANY],
+    /// The [`gemv_many`] section whose kept inputs `lists` holds (0: none), and how many each
+    /// GEMV kept.
+    pub(crate) listed: u64,
+    kept: [usize; MAX_MANY],
     /// The partial outputs of the row-split GEMVs.
     pub(crate) partials: Vec<f32>,
     /// The q8/q4 LM head's activations in 8 bits and what each block adds besides its
@@ -274,8 +278,11 @@ pub(crate) fn split_of(w: &Mat) -> Split {
     let threads = pool::threads();
     let row_bytes = w.view.bytes_per_row(w.n_out);
     if threads > 1 && row_bytes < ROW_SPLIT_BELOW && w.n_in >= 64 * threads {
-        // Two items per thread, so the claiming of items can even out a noisy machine.
-        Split::Rows(w.n_in.div_ceil(2 * threads))
+        // One item per thread: each reads one run of rows in four streams, and there is one
+        // partial output per thread to zero and add. Two per thread (so that the claiming of
+        // items could even out a noisy machine) decoded SmolLM2 2-5 % slower dense and 8-11 %
+        // slower at 50 % in q4 and q8 (docs/PERFORMANCE.md, thirty-seventh session).
+        Split::Rows(w.n_in.div_ceil(threads))
     } else {
         Split::Columns(column_split(w))
     }
@@ -383,7 +390,6 @@ pub fn gemv_many(x: &[f32], gemvs: &mut [Gemv]) -> [usize; MAX_MANY] {
 pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize; MAX_MANY] {
     let n = gemvs.len();
     assert!(n <= MAX_MANY, "gemv_many: {n} GEMVs, at most {MAX_MANY}");
-    let mut kept = [0usize; MAX_MANY];
     for g in gemvs.iter() {
         assert_eq!(x.len(), g.w.n_in, "gemv: input size");
         assert_eq!(g.y.len(), g.w.n_out, "gemv: output size");
@@ -392,74 +398,109 @@ pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize;
         }
     }
     let plan = Plan::new(gemvs, 1, &[true; MAX_MANY]);
-    SCRATCH.with_borrow_mut(
-        |Scratch {
-             lists, partials, ..
-         }| {
-            for ((g, (idx, val)), k) in gemvs.iter().zip(lists.iter_mut()).zip(kept.iter_mut()) {
-                idx.resize(x.len(), 0);
-                val.resize(x.len(), 0.0);
-                *k = match g.mask {
-                    Mask::Dense => x.len(),
-                    Mask::Threshold(t) => compact_abs_gt(x, t, idx, val),
-                    Mask::Channels(t) => compact_abs_gt_channel(x, t, idx, val),
-                };
-            }
-            partials.resize(plan.partials(), 0.0);
-            let pp = SendPtr(partials.as_mut_ptr());
-            let lists = &*lists;
-            let gemvs = &*gemvs;
-            // One work item per item of any GEMV, claimed in order by whichever thread is free, so
-            // items of unequal size even out.
-            pool::for_each(plan.items(), |c| {
-                let (i, c, items) = plan.item(c);
-                let g = &gemvs[i];
-                let (idx, val) = &lists[i];
-                let (idx, val) = (&idx[..kept[i]], &val[..kept[i]]);
-                match plan.split[i] {
-                    Split::Columns(per) => {
-                        let (o0, len) = (c * per, per.min(g.w.n_out - c * per));
-                        // SAFETY: item c of GEMV i is columns o0..o0+len of its output, which
-                        // no other item touches; the output outlives this call.
-                        let yc = unsafe { std::slice::from_raw_parts_mut(plan.y(i).add(o0), len) };
-                        match g.mask {
-                            Mask::Dense => chunk(&g.w, &AllRows(x), o0, yc, simd),
-                            _ => chunk(&g.w, &Kept { idx, val }, o0, yc, simd),
-                        }
+    // Every thread compacts the input into its own lists, the caller before the section and
+    // each worker at its first item, so that no thread reads lines another has just written:
+    // lists written by the caller and read by the workers cost SmolLM2's decode 1.2 us per
+    // compaction of a few hundred inputs, in cache-line transfers between the cores, where
+    // compacting on each core takes 0.1-0.4 us.
+    let section = SECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let (kept, pp) = SCRATCH.with_borrow_mut(|s| {
+        s.list(section, x, gemvs);
+        grow(&mut s.partials, plan.partials());
+        (s.kept, SendPtr(s.partials.as_mut_ptr()))
+    });
+    let gemvs = &*gemvs;
+    // One work item per item of any GEMV, claimed in order by whichever thread is free, so
+    // items of unequal size even out.
+    pool::for_each(plan.items(), |c| {
+        let (i, c, items) = plan.item(c);
+        let g = &gemvs[i];
+        SCRATCH.with_borrow_mut(|s| {
+            s.list(section, x, gemvs);
+            let (idx, val) = &s.lists[i];
+            let (idx, val) = (&idx[..kept[i]], &val[..kept[i]]);
+            match plan.split[i] {
+                Split::Columns(per) => {
+                    let (o0, len) = (c * per, per.min(g.w.n_out - c * per));
+                    // SAFETY: item c of GEMV i is columns o0..o0+len of its output, which no
+                    // other item touches; the output outlives this call.
+                    let yc = unsafe { std::slice::from_raw_parts_mut(plan.y(i).add(o0), len) };
+                    match g.mask {
+                        Mask::Dense => chunk(&g.w, &AllRows(x), o0, yc, simd),
+                        _ => chunk(&g.w, &Kept { idx, val }, o0, yc, simd),
                     }
-                    Split::Rows(per) => {
-                        // SAFETY: item c of GEMV i owns its partial output, n_out values at
-                        // plan.partial_at(i, c, n_out), inside `partials` (sized above).
-                        let yc = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                pp.get().add(plan.partial_at(i, c, g.w.n_out)),
-                                g.w.n_out,
-                            )
-                        };
-                        match g.mask {
-                            Mask::Dense => {
-                                let (j0, j1) = (c * per, ((c + 1) * per).min(g.w.n_in));
-                                let rows = Quarters(AllRows(&x[j0..j1]));
-                                chunk(&g.w.rows(j0, j1), &rows, 0, yc, simd)
-                            }
-                            _ => {
-                                // An equal share of the kept rows, wherever they lie: the items
-                                // read the same bytes however unevenly the zeros fall.
-                                let (k0, k1) = (c * kept[i] / items, (c + 1) * kept[i] / items);
-                                let rows = Quarters(Kept {
-                                    idx: &idx[k0..k1],
-                                    val: &val[k0..k1],
-                                });
-                                chunk(&g.w, &rows, 0, yc, simd)
-                            }
+                }
+                Split::Rows(per) => {
+                    // SAFETY: item c of GEMV i owns its partial output, n_out values at
+                    // plan.partial_at(i, c, n_out), inside the caller's `partials` (sized
+                    // above, and not resized before the section ends).
+                    let yc = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            pp.get().add(plan.partial_at(i, c, g.w.n_out)),
+                            g.w.n_out,
+                        )
+                    };
+                    match g.mask {
+                        Mask::Dense => {
+                            let (j0, j1) = (c * per, ((c + 1) * per).min(g.w.n_in));
+                            let rows = Quarters(AllRows(&x[j0..j1]));
+                            chunk(&g.w.rows(j0, j1), &rows, 0, yc, simd)
+                        }
+                        _ => {
+                            // An equal share of the kept rows, wherever they lie: the items
+                            // read the same bytes however unevenly the zeros fall.
+                            let (k0, k1) = (c * kept[i] / items, (c + 1) * kept[i] / items);
+                            let rows = Quarters(Kept {
+                                idx: &idx[k0..k1],
+                                val: &val[k0..k1],
+                            });
+                            chunk(&g.w, &rows, 0, yc, simd)
                         }
                     }
                 }
-            });
-            plan.sum_partials(gemvs, partials);
-        },
-    );
+            }
+        })
+    });
+    SCRATCH.with_borrow(|s| plan.sum_partials(gemvs, &s.partials));
     kept
+}
+
+/// Numbers the parallel sections of [`gemv_many_on`] (from 1), so that a thread can tell
+/// whether its lists of kept inputs are the current section's.
+static SECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Scratch {
+    /// Makes `lists` and `kept` those of `section`: each GEMV's inputs compacted by its mask
+    /// (`kept` is every input where it is dense).
+    fn list(&mut self, section: u64, x: &[f32], gemvs: &[Gemv]) {
+        if self.listed == section {
+            return;
+        }
+        for ((g, (idx, val)), k) in gemvs
+            .iter()
+            .zip(self.lists.iter_mut())
+            .zip(self.kept.iter_mut())
+        {
+            grow(idx, x.len());
+            grow(val, x.len());
+            *k = match g.mask {
+                Mask::Dense => x.len(),
+                Mask::Threshold(t) => compact_abs_gt(x, t, idx, val),
+                Mask::Channels(t) => compact_abs_gt_channel(x, t, idx, val),
+            };
+        }
+        self.listed = section;
+    }
+}
+
+/// Makes a scratch buffer at least `n` long, never shorter: its contents are overwritten by
+/// its users, so a call after a larger one does not shrink it and the next larger one does
+/// not zero the regrown part again (the partial outputs of gate/up after down's: 34 KB per
+/// layer of SmolLM2).
+pub(crate) fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
 }
 
 /// Writes the indices and values of the inputs with `|x| > t` to the front of `idx`/`val`
