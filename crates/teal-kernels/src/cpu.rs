@@ -2703,6 +2703,30 @@ unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_mul_ps(y, _mm256_castsi256_ps(e))
 }
 
+/// RMSNorm as [`crate::reference::rmsnorm`], the sum of squares kept in eight partial sums
+/// that the compiler holds in vector registers. The reference's one running sum is a chain of
+/// dependent additions: 0.53 us for SmolLM2's 576 values against 0.12 us here (one core),
+/// 61 norms a decoded token on the calling thread while the workers wait.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    assert!(
+        w.len() == x.len() && out.len() == x.len(),
+        "rmsnorm: input, weight and output sizes"
+    );
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let ss = acc.iter().sum::<f32>() + tail.iter().map(|v| v * v).sum::<f32>();
+    let inv = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
 /// `g = silu(g) * up` in place ([`crate::reference::silu_mul`]'s arithmetic), eight at a time
 /// with the eight-lane exp where AVX2/FMA are available.
 pub fn silu_mul_in_place(g: &mut [f32], up: &[f32]) {
@@ -3059,6 +3083,29 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// RMSNorm against the reference at every tail length and SmolLM2's width, with an outlier
+    /// channel: only the summation order differs, so within a few f32 rounding steps.
+    #[test]
+    fn rmsnorm_matches_reference() {
+        for n in [1usize, 7, 8, 9, 31, 576, 1537] {
+            let mut x = crate::rand::uniform(n, 61);
+            x[n / 2] = 40.0;
+            let w: Vec<f32> = crate::rand::uniform(n, 62)
+                .iter()
+                .map(|v| 1.0 + v)
+                .collect();
+            let (mut want, mut got) = (vec![0.0; n], vec![0.0; n]);
+            crate::reference::rmsnorm(&x, &w, 1e-5, &mut want);
+            rmsnorm(&x, &w, 1e-5, &mut got);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "rmsnorm n {n} at {i}: {a} vs {b}"
+                );
             }
         }
     }

@@ -355,7 +355,7 @@ impl Llama {
 
         let mut normed = vec![0.0f32; rows.len() * d];
         for (i, &t) in rows.iter().enumerate() {
-            reference::rmsnorm(
+            cpu::rmsnorm(
                 &x[t * d..(t + 1) * d],
                 &self.norm,
                 c.rms_norm_eps,
@@ -821,7 +821,7 @@ impl PrefillBuffers {
 /// RMSNorm with weights `w` of every row of `x` (rows of `w.len()`) into the rows of `h`.
 fn rmsnorm_rows(x: &[f32], w: &[f32], eps: f32, h: &mut [f32]) {
     for (xr, hr) in x.chunks(w.len()).zip(h.chunks_mut(w.len())) {
-        reference::rmsnorm(xr, w, eps, hr);
+        cpu::rmsnorm(xr, w, eps, hr);
     }
 }
 
