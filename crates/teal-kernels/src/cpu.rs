@@ -265,6 +265,11 @@ thread_local! {
 /// faster for SmolLM2's 0.4-3 KiB rows and Llama-3-8B's 8 KiB ones; docs/PERFORMANCE.md).
 const ROW_SPLIT_BELOW: usize = 16384;
 
+/// Bytes of weights below which a row-split GEMV is cut into one item per thread, not two:
+/// about 130 us of reading at this machine's 30 GB/s, where a few microseconds per item
+/// count and a late thread costs little (all of SmolLM2's matrices, Qwen2.5-0.5B's in q8/q4).
+const ONE_ITEM_BELOW: usize = 4 << 20;
+
 /// How a GEMV's work is cut into items.
 #[derive(Clone, Copy)]
 pub(crate) enum Split {
@@ -278,11 +283,18 @@ pub(crate) fn split_of(w: &Mat) -> Split {
     let threads = pool::threads();
     let row_bytes = w.view.bytes_per_row(w.n_out);
     if threads > 1 && row_bytes < ROW_SPLIT_BELOW && w.n_in >= 64 * threads {
-        // One item per thread: each reads one run of rows in four streams, and there is one
-        // partial output per thread to zero and add. Two per thread (so that the claiming of
-        // items could even out a noisy machine) decoded SmolLM2 2-5 % slower dense and 8-11 %
-        // slower at 50 % in q4 and q8 (docs/PERFORMANCE.md, thirty-seventh session).
-        Split::Rows(w.n_in.div_ceil(threads))
+        // A short GEMV in one item per thread: each reads one run of rows in four streams, and
+        // there is one partial output per thread to zero and add. Two per thread decoded
+        // SmolLM2 2-5 % slower dense and 8-11 % slower at 50 % in q4 and q8. A long one in two
+        // per thread, so that the claiming of items can even out a noisy machine: in one item
+        // per thread, 28672 x 8192 q4 at 0.75 took 1.17-1.40 ms against 1.06-1.15
+        // (docs/PERFORMANCE.md, thirty-seventh session).
+        let per_thread = if w.n_in * row_bytes < ONE_ITEM_BELOW {
+            1
+        } else {
+            2
+        };
+        Split::Rows(w.n_in.div_ceil(per_thread * threads))
     } else {
         Split::Columns(column_split(w))
     }
