@@ -58,13 +58,8 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
     let mut together = [false; MAX_MANY];
     cpu::SCRATCH.with_borrow_mut(
         |cpu::Scratch {
-             lists,
-             listed,
-             partials,
-             ..
+             lists, partials, ..
          }| {
-            // The lists below are the rows' union, no section's of `cpu::gemv_many`.
-            *listed = 0;
             for (i, g) in gemvs.iter().enumerate() {
                 assert_eq!(x.len(), nb * g.w.n_in, "gemv_many_rows: input size");
                 assert_eq!(g.y.len(), nb * g.w.n_out, "gemv_many_rows: output size");

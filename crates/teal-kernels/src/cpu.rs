@@ -232,8 +232,9 @@ pub(crate) struct Scratch {
     /// The kept inputs (indices, values) of each GEMV (`batch`: the values of every row).
     pub(crate) lists: [(Vec<u32>, Vec<f32>); MAX_MANY],
     /// The [`gemv_many`] section whose kept inputs `lists` holds (0: none), and how many each
-    /// GEMV kept.
-    pub(crate) listed: u64,
+    /// GEMV kept. Every section has a new number, so lists written by anything else (`batch`
+    /// writes the rows' union into the caller's) never pass for a section's.
+    listed: u64,
     kept: [usize; MAX_MANY],
     /// The partial outputs of the row-split GEMVs.
     pub(crate) partials: Vec<f32>,
