@@ -535,19 +535,15 @@ impl Tile<'_> {
         const R: usize = PASS;
         use std::arch::x86_64::*;
         let nb = self.nb;
-        let (g0, g1) = (self.g0, self.g0 + self.gn);
+        let g0 = self.g0;
+        // Bytes from one group of a row to the next (128 for f32: two lines a group).
+        let step = f.at(0, 1) as usize - f.at(0, 0) as usize;
         for (pi, pass) in self.idx.chunks(R).enumerate() {
-            // The start of the next pass's rows (as far as this pass prefetches ahead within
-            // its rows), so that no pass waits for its first lines: kept rows are far apart,
-            // which the hardware prefetcher does not follow.
-            for &j in self.idx.iter().skip((pi + 1) * R).take(R) {
-                let (a, e) = (f.at(j as usize, g0), f.at(j as usize, g1));
-                let mut p = a;
-                while p < e && p < a.wrapping_add(cpu::PREFETCH_BYTES) {
-                    _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p as *const i8);
-                    p = p.wrapping_add(64);
-                }
-            }
+            // The next pass's rows, prefetched group by group as this pass reads its own (as
+            // `cpu::next_rows` does for one row), so that no pass waits for its lines: kept
+            // rows are far apart, which the hardware prefetcher does not follow.
+            let next = self.idx.get((pi + 1) * R..).unwrap_or(&[]);
+            let next = &next[..next.len().min(R)];
             let mut js = [pass[0] as usize; R];
             // xs[b][r]: row b0 + b's value of the pass's r-th input.
             let mut xs = [[_mm256_setzero_ps(); R]; B];
@@ -557,12 +553,12 @@ impl Tile<'_> {
                     x[r] = _mm256_set1_ps(self.val[(pi * R + r) * nb + b0 + b]);
                 }
             }
-            let ends: [*const u8; R] = std::array::from_fn(|r| f.at(js[r], g1));
             for g in 0..self.gn {
-                for (&j, &e) in js.iter().zip(&ends) {
-                    let p = f.at(j, g0 + g).wrapping_add(cpu::PREFETCH_BYTES);
-                    if p < e {
-                        _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p as *const i8);
+                for &j in next {
+                    let p = f.at(j as usize, g0 + g);
+                    _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p as *const i8);
+                    if step > 64 {
+                        _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p.wrapping_add(64) as *const i8);
                     }
                 }
                 let st: [F::Group; R] = std::array::from_fn(|r| f.group(js[r], g0 + g));

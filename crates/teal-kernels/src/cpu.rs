@@ -19,12 +19,6 @@ use rayon::prelude::*;
 /// Llama-sized row is one run of 32-40 KiB. Runs of 4 KiB (a quarter of this) left wide
 /// matrices at 17-22 GB/s on the 2-core machine, 28 GB/s with this width (docs/PERFORMANCE.md).
 const TILE: usize = 8192;
-/// How far ahead within a row the GEMV kernels prefetch: enough bytes in flight to cover the
-/// DRAM latency at these kernels' rates. At 512 bytes in f32/f16/bf16 and eight blocks
-/// (160-272 bytes) in q8/q4, dense GEMVs ran at 0.80 (f32, 4096 x 14336), 0.78 (q8, same) and
-/// 0.28 (q4, 14336 x 4096) of the read bandwidth; at 1 KiB 0.99-1.03, 0.89-0.90 and 0.42-0.43
-/// (docs/PERFORMANCE.md, section 3).
-pub(crate) const PREFETCH_BYTES: usize = 1024;
 /// Where the input-major tiles prefetch to: L2 (`T1`), not L1 (`T0`). On a 2-core AMD EPYC
 /// (Zen 4) machine, T1 raised the dense GEMVs on 14336 x 4096 from 0.67-0.74 (q8) and
 /// 0.42-0.46 (q4) of the read bandwidth to 0.86-0.87 and 0.50, and SmolLM2's decoding by
@@ -682,29 +676,16 @@ unsafe fn tile_avx2<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], vnni:
         View::F16(a) => tile_f16_avx2(a, w.n_out, rows, o0, yt),
         View::Bf16(a) => tile_bf16_avx2(a, w.n_out, rows, o0, yt),
         // q8 in integers and q4: passes of Q8_PASS / Q4_PASS rows (the last one shorter); q8
-        // in f32: of four rows, then one by one. The integer q8 pass is quick enough that the
-        // starts of two passes' rows are prefetched: on SmolLM2's short rows dense decoding
-        // went from 116-121 to 132-140 tok/s (three rounds alternating; Qwen2.5-0.5B 44 / 42
-        // -> 44 / 48; docs/PERFORMANCE.md).
+        // in f32: of four rows, then one by one.
         View::Q8(b) if vnni => blocked_tile(
-            b,
-            ng * Q8_BLOCK,
-            Q8_BLOCK,
             rows,
-            o0,
             yt,
-            2 * Q8_PASS,
             |left| left.min(Q8_PASS),
             |k, m, yt| pass_q8_vnni(w, b, ng, rows, k, m, o0, yt),
         ),
         View::Q8(b) => blocked_tile(
-            b,
-            ng * Q8_BLOCK,
-            Q8_BLOCK,
             rows,
-            o0,
             yt,
-            4,
             |left| if left >= 4 { 4 } else { 1 },
             |k, m, yt| match m {
                 4 => pass_q8_avx2::<4, R>(w, b, ng, rows, k, o0, yt),
@@ -712,24 +693,14 @@ unsafe fn tile_avx2<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], vnni:
             },
         ),
         View::Q4(b) if vnni => blocked_tile(
-            b,
-            ng * Q4_BLOCK,
-            Q4_BLOCK,
             rows,
-            o0,
             yt,
-            Q4_PASS,
             |left| left.min(Q4_PASS),
             |k, m, yt| pass_q4_vnni(w, b, ng, rows, k, m, o0, yt),
         ),
         View::Q4(b) => blocked_tile(
-            b,
-            ng * Q4_BLOCK,
-            Q4_BLOCK,
             rows,
-            o0,
             yt,
-            Q4_PASS,
             |left| left.min(Q4_PASS),
             |k, m, yt| pass_q4_avx2(w, b, ng, rows, k, m, o0, yt),
         ),
@@ -765,22 +736,14 @@ macro_rules! elementwise_tile {
             let n8 = n / 8 * 8;
             let yp = yt.as_mut_ptr();
             let base = w.as_ptr().add(o0);
-            // In-row prefetch distance (values), and the bytes of each next-pass row fetched
-            // ahead: no more than the tile holds of a row.
-            let ahead = PREFETCH_BYTES / std::mem::size_of::<$t>();
-            let start_bytes = PREFETCH_BYTES.min(n * std::mem::size_of::<$t>());
             let nr = rows.len();
             let mut k = 0;
             while k + 4 <= nr {
-                // The starts of the next pass's rows, as far as the in-row prefetch below
-                // runs ahead, so that none of their first lines is waited for (kept rows are
-                // far apart, which the hardware prefetcher does not follow).
-                for r in k + 4..(k + 8).min(nr) {
-                    let p = base.add(rows.get(r).0 * n_out) as *const i8;
-                    for line in (0..start_bytes).step_by(64) {
-                        _mm_prefetch::<TILE_PREFETCH>(p.add(line));
-                    }
-                }
+                // Where each of the four rows prefetches as it goes: the same place in the
+                // row the next pass reads in its stead ([`next_rows`]).
+                let nx: [*const $t; 4] = std::array::from_fn(|r| {
+                    base.add(rows.get(if k + 4 + r < nr { k + 4 + r } else { k + r }).0 * n_out)
+                });
                 let (j0, x0) = rows.get(k);
                 let (j1, x1) = rows.get(k + 1);
                 let (j2, x2) = rows.get(k + 2);
@@ -799,12 +762,8 @@ macro_rules! elementwise_tile {
                 );
                 let mut i = 0;
                 while i < n8 {
-                    // Ahead within the four rows' part of the tile (beyond it, on a short row,
-                    // it would fetch the next row's, which a sparse GEMV mostly skips).
-                    if i + ahead < n {
-                        for r in [r0, r1, r2, r3] {
-                            _mm_prefetch::<TILE_PREFETCH>(r.add(i + ahead) as *const i8);
-                        }
+                    for r in nx {
+                        _mm_prefetch::<TILE_PREFETCH>(r.add(i) as *const i8);
                     }
                     let mut a = _mm256_loadu_ps(yp.add(i));
                     a = _mm256_fmadd_ps(
@@ -964,42 +923,23 @@ fn f16_table() -> &'static [f32; 65536] {
     })
 }
 
-/// AVX2 tile over a blocked format (q8, q4; blocks of `bsize` bytes): the kept rows in passes,
-/// `take(left)` rows at a time of the `left` still to do, `pass(k, m, yt)` adding rows
-/// `k .. k + m`. Before each pass the starts of the `ahead` rows after it are prefetched, as
-/// far as a pass itself prefetches ahead within each row, so that none of it is waited for:
-/// kept rows are far apart, which the hardware prefetcher does not follow. No more than the
-/// tile's part of a row: on a short row it would fetch the next row's, which a sparse GEMV
-/// mostly skips.
+/// AVX2 tile over a blocked format (q8, q4): the kept rows in passes, `take(left)` rows at a
+/// time of the `left` still to do, `pass(k, m, yt)` adding rows `k .. k + m`. Each pass
+/// prefetches the rows of the next one as it reads its own ([`next_rows`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn blocked_tile<R: Rows>(
-    blocks: &[u8],
-    row_bytes: usize,
-    bsize: usize,
     rows: &R,
-    o0: usize,
     yt: &mut [f32],
-    ahead: usize,
     take: impl Fn(usize) -> usize,
     mut pass: impl FnMut(usize, usize, &mut [f32]),
 ) {
-    use std::arch::x86_64::*;
     yt.fill(0.0);
     let nr = rows.len();
-    let seg = blocks.as_ptr().add(o0 / GROUP * bsize);
-    let start_bytes = PREFETCH_BYTES.min(yt.len().div_ceil(GROUP) * bsize);
     let mut k = 0;
     while k < nr {
         let m = take(nr - k);
-        for r in k + m..(k + m + ahead).min(nr) {
-            let p = seg.add(rows.get(r).0 * row_bytes);
-            for line in (0..start_bytes).step_by(64) {
-                _mm_prefetch::<TILE_PREFETCH>(p.add(line) as *const i8);
-            }
-        }
         pass(k, m, yt);
         k += m;
     }
@@ -1040,6 +980,33 @@ fn pass_rows<const N: usize, R: Rows>(
     (js, xs, ps)
 }
 
+/// Where each row slot of a pass prefetches, at the offset the pass is reading: the same place
+/// in the row that takes the slot in the next pass (which starts at `rows`' `next`-th), or,
+/// where the next pass has no such row, the slot's own row (nothing to fetch). So every pass
+/// but an item's first finds its rows in the cache, fetched at the pace the previous pass
+/// read, one pass ahead; kept rows are far apart, which the hardware prefetcher does not
+/// follow. (Until the thirty-eighth session a pass prefetched the first KiB of the next rows
+/// all at once before it started, and 1 KiB ahead within its own rows. On short rows those
+/// 100-500 prefetches filled the core's miss buffers, and the core stalled until most of
+/// them had come from DRAM: fetching and arithmetic took turns instead of overlapping.
+/// SmolLM2's decoding was 8-24 % slower dense in every format; docs/PERFORMANCE.md.)
+#[inline(always)]
+fn next_rows<const N: usize, R: Rows>(
+    rows: &R,
+    next: usize,
+    blocks: &[u8],
+    row_bytes: usize,
+    own: &[*const u8; N],
+) -> [*const u8; N] {
+    std::array::from_fn(|r| {
+        if next + r < rows.len() {
+            blocks[rows.get(next + r).0 * row_bytes..].as_ptr()
+        } else {
+            own[r]
+        }
+    })
+}
+
 /// One q8 pass over `N` kept rows: per group of 32 outputs, `acc += (x_j d_jg) q_j` in
 /// registers, the scale read through [`f16_table`].
 #[cfg(target_arch = "x86_64")]
@@ -1060,7 +1027,7 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
     let g0 = o0 / GROUP;
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<N, R>(rows, k, N, blocks, ng * Q8_BLOCK, 0);
-    let tile_end = q8_tile_end(ng, g0, full);
+    let pf = next_rows::<N, R>(rows, k + N, blocks, ng * Q8_BLOCK, &ps);
     let table = f16_table();
     for g in 0..full {
         let gy = yp.add(g * GROUP);
@@ -1073,10 +1040,10 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
         ];
         for r in 0..N {
             let p = ps[r];
-            // Ahead within the row's part of the tile.
-            if oq + PREFETCH_BYTES < tile_end {
-                _mm_prefetch::<TILE_PREFETCH>(p.add(oq + PREFETCH_BYTES) as *const i8);
+            if g == 0 || (g0 + g).is_multiple_of(Q4_SUPER) {
+                _mm_prefetch::<TILE_PREFETCH>(pf[r].add(od) as *const i8);
             }
+            _mm_prefetch::<TILE_PREFETCH>(pf[r].add(oq) as *const i8);
             let qv = q8_bytes(p.add(oq));
             let d = (p.add(od) as *const u16).read_unaligned();
             let s = _mm256_set1_ps(xs[r] * table[d as usize]);
@@ -1187,16 +1154,6 @@ unsafe fn q4_super_scales(
     (c, amax, bias)
 }
 
-/// The byte, within a q8 row of `ng` groups, where the values of groups `g0 .. g0 + full` end
-/// (0 when `full` is 0): how far a tile over them prefetches.
-fn q8_tile_end(ng: usize, g0: usize, full: usize) -> usize {
-    if full == 0 {
-        0
-    } else {
-        q8_offsets(ng, g0 + full - 1).1 + GROUP
-    }
-}
-
 /// One q8 pass over `m <= Q8_PASS` kept rows with 8-bit products (the rest of the pass padded
 /// with zero inputs), what `reference::gemv_q8_int8` defines. Per super-block and group `g`,
 /// each row's `c_jg = x_j d_jg` is rounded to an int8 `k_jg = round(127 c_jg / max_j |c_jg|)`
@@ -1225,7 +1182,7 @@ unsafe fn pass_q8_vnni<R: Rows>(
     let gend = g0 + n / GROUP;
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q8_PASS, R>(rows, k, m, blocks, ng * Q8_BLOCK, 0);
-    let tile_end = q8_tile_end(ng, g0, gend - g0);
+    let pf = next_rows::<Q8_PASS, R>(rows, k + m, blocks, ng * Q8_BLOCK, &ps);
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let flip = _mm256_set1_epi8(-128);
     for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
@@ -1234,6 +1191,9 @@ unsafe fn pass_q8_vnni<R: Rows>(
         let base = sb * Q8_BLOCK;
         // c_jg for the super-block's groups (lanes past kk unused: a partial super-block's
         // 34 kk >= 16 bytes hold the load), and their maximum per group.
+        for p in pf {
+            _mm_prefetch::<TILE_PREFETCH>(p.add(base) as *const i8);
+        }
         let mut c = [_mm256_setzero_ps(); Q8_PASS];
         let mut amax = _mm256_setzero_ps();
         let mut nan = _mm256_setzero_ps();
@@ -1272,9 +1232,7 @@ unsafe fn pass_q8_vnni<R: Rows>(
                 let kv = _mm256_set1_epi32(kw[i]);
                 let v: [__m256i; 4] = std::array::from_fn(|b| {
                     let p = ps[4 * q + b].add(off);
-                    if off + PREFETCH_BYTES < tile_end {
-                        _mm_prefetch::<TILE_PREFETCH>(p.add(PREFETCH_BYTES) as *const i8);
-                    }
+                    _mm_prefetch::<TILE_PREFETCH>(pf[4 * q + b].add(off) as *const i8);
                     _mm256_loadu_si256(p as *const __m256i)
                 });
                 // Outputs 0..4 | 16..20, 4..8 | 20..24, 8..12 | 24..28, 12..16 | 28..32.
@@ -1333,13 +1291,16 @@ unsafe fn pass_q4_avx2<R: Rows>(
     let gend = g0 + n / GROUP;
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q4_PASS, R>(rows, k, m, blocks, ng * Q4_BLOCK, 0);
-    let prefetch_end = (gend * Q4_BLOCK).saturating_sub(PREFETCH_BYTES);
+    let pf = next_rows::<Q4_PASS, R>(rows, k + m, blocks, ng * Q4_BLOCK, &ps);
     for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
         let base = sb * Q4_BLOCK;
         // c_jg for the super-block's groups (lanes past kk unused), their maximum, and the
         // minimums' sum; a partial super-block's 20 kk >= 2 kk + 16 bytes hold the loads.
+        for p in pf {
+            _mm_prefetch::<TILE_PREFETCH>(p.add(base) as *const i8);
+        }
         let (c, amax, bias) = q4_super_scales(&ps, &xs, base, kk);
         let (inv, step) = int8_steps(amax);
         // kw[p][g]: the int8 pair (k of row 2p, k of row 2p + 1) of group g, as one u16 (one
@@ -1371,9 +1332,9 @@ unsafe fn pass_q4_avx2<R: Rows>(
         while i < i1 {
             let off = base + 4 * kk + 16 * i;
             let acc = if i + 1 < i1 {
-                q4_groups_avx2::<true>(&ps, &kw, i, off, off < prefetch_end)
+                q4_groups_avx2::<true>(&ps, &pf, &kw, i, off)
             } else {
-                q4_groups_avx2::<false>(&ps, &kw, i, off, off < prefetch_end)
+                q4_groups_avx2::<false>(&ps, &pf, &kw, i, off)
             };
             for l in 0..(i1 - i).min(2) {
                 let gy = yp.add((sb + i + l - g0) * GROUP);
@@ -1428,7 +1389,7 @@ unsafe fn pass_q4_vnni<R: Rows>(
     let gend = g0 + n / GROUP;
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q4_PASS, R>(rows, k, m, blocks, ng * Q4_BLOCK, 0);
-    let prefetch_end = (gend * Q4_BLOCK).saturating_sub(PREFETCH_BYTES);
+    let pf = next_rows::<Q4_PASS, R>(rows, k + m, blocks, ng * Q4_BLOCK, &ps);
     let lo = _mm256_set1_epi8(0x0F);
     // Lane 0 takes the quad word of group i, lane 1 that of group i + 1.
     let lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
@@ -1436,6 +1397,9 @@ unsafe fn pass_q4_vnni<R: Rows>(
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
         let base = sb * Q4_BLOCK;
+        for p in pf {
+            _mm_prefetch::<TILE_PREFETCH>(p.add(base) as *const i8);
+        }
         let (c, amax, bias) = q4_super_scales(&ps, &xs, base, kk);
         let (inv, step) = int8_steps(amax);
         // kq[q][g]: the int8 k of rows 4q .. 4q + 4 of group g as one word, first row in its
@@ -1464,7 +1428,6 @@ unsafe fn pass_q4_vnni<R: Rows>(
         while i < i1 {
             let two = i + 1 < i1;
             let off = base + 4 * kk + 16 * i;
-            let prefetch = off < prefetch_end;
             // full[t] / high[t]: sums over whole bytes / high nibbles, per lane (group) the
             // outputs 4t .. 4t + 4 (low nibbles) and 16 + 4t .. 20 + 4t (high ones).
             let mut full = [_mm256_setzero_si256(); 4];
@@ -1476,9 +1439,7 @@ unsafe fn pass_q4_vnni<R: Rows>(
                 );
                 let v: [__m256i; 4] = std::array::from_fn(|b| {
                     let p = ps[4 * q + b].add(off);
-                    if prefetch {
-                        _mm_prefetch::<TILE_PREFETCH>(p.add(PREFETCH_BYTES) as *const i8);
-                    }
+                    _mm_prefetch::<TILE_PREFETCH>(pf[4 * q + b].add(off) as *const i8);
                     if two {
                         _mm256_loadu_si256(p as *const __m256i)
                     } else {
@@ -1534,10 +1495,10 @@ unsafe fn pass_q4_vnni<R: Rows>(
 #[inline(always)]
 unsafe fn q4_groups_avx2<const TWO: bool>(
     ps: &[*const u8; Q4_PASS],
+    pf: &[*const u8; Q4_PASS],
     kw: &[[u16; Q4_SUPER + 1]; Q4_PASS / 2],
     i: usize,
     off: usize,
-    prefetch: bool,
 ) -> [std::arch::x86_64::__m256i; 4] {
     use std::arch::x86_64::*;
     let lo = _mm256_set1_epi8(0x0F);
@@ -1549,10 +1510,8 @@ unsafe fn q4_groups_avx2<const TWO: bool>(
     let mut acc = [_mm256_setzero_si256(); 4];
     for (p, kp) in kw.iter().enumerate() {
         let (pa, pb) = (ps[2 * p].add(off), ps[2 * p + 1].add(off));
-        if prefetch {
-            _mm_prefetch::<TILE_PREFETCH>(pa.add(PREFETCH_BYTES) as *const i8);
-            _mm_prefetch::<TILE_PREFETCH>(pb.add(PREFETCH_BYTES) as *const i8);
-        }
+        _mm_prefetch::<TILE_PREFETCH>(pf[2 * p].add(off) as *const i8);
+        _mm_prefetch::<TILE_PREFETCH>(pf[2 * p + 1].add(off) as *const i8);
         let (va, vb) = if TWO {
             (
                 _mm256_loadu_si256(pa as *const __m256i),
