@@ -739,11 +739,8 @@ macro_rules! elementwise_tile {
             let nr = rows.len();
             let mut k = 0;
             while k + 4 <= nr {
-                // Where each of the four rows prefetches as it goes: the same place in the
-                // row the next pass reads in its stead ([`next_rows`]).
-                let nx: [*const $t; 4] = std::array::from_fn(|r| {
-                    base.add(rows.get(if k + 4 + r < nr { k + 4 + r } else { k + r }).0 * n_out)
-                });
+                // Where each of the four rows prefetches as it goes.
+                let nx = next_rows::<4, R, $t>(rows, k, 4, |j| base.add(j * n_out));
                 let (j0, x0) = rows.get(k);
                 let (j1, x1) = rows.get(k + 1);
                 let (j2, x2) = rows.get(k + 2);
@@ -980,9 +977,10 @@ fn pass_rows<const N: usize, R: Rows>(
     (js, xs, ps)
 }
 
-/// Where each row slot of a pass prefetches, at the offset the pass is reading: the same place
-/// in the row that takes the slot in the next pass (which starts at `rows`' `next`-th), or,
-/// where the next pass has no such row, the slot's own row (nothing to fetch). So every pass
+/// Where each row slot of a pass over `rows`' `k .. k + m` prefetches, at the offset the pass is
+/// reading: the same place in the row that takes the slot in the next pass (`at(j)`: where row
+/// `j` starts), or, where the next pass has no such row, the slot's own row (the pass's first
+/// for a slot past `m`, as [`pass_rows`] pads; nothing to fetch). So every pass
 /// but an item's first finds its rows in the cache, fetched at the pace the previous pass
 /// read, one pass ahead; kept rows are far apart, which the hardware prefetcher does not
 /// follow. (Until the thirty-eighth session a pass prefetched the first KiB of the next rows
@@ -991,20 +989,32 @@ fn pass_rows<const N: usize, R: Rows>(
 /// them had come from DRAM: fetching and arithmetic took turns instead of overlapping.
 /// SmolLM2's decoding was 8-24 % slower dense in every format; docs/PERFORMANCE.md.)
 #[inline(always)]
-fn next_rows<const N: usize, R: Rows>(
+fn next_rows<const N: usize, R: Rows, T>(
     rows: &R,
-    next: usize,
-    blocks: &[u8],
-    row_bytes: usize,
-    own: &[*const u8; N],
-) -> [*const u8; N] {
+    k: usize,
+    m: usize,
+    at: impl Fn(usize) -> *const T,
+) -> [*const T; N] {
     std::array::from_fn(|r| {
-        if next + r < rows.len() {
-            blocks[rows.get(next + r).0 * row_bytes..].as_ptr()
+        let slot = if k + m + r < rows.len() {
+            k + m + r
+        } else if r < m {
+            k + r
         } else {
-            own[r]
-        }
+            k
+        };
+        at(rows.get(slot).0)
     })
+}
+
+/// Prefetches byte `off` of each of `rows` (the scales of a q8/q4 super-block in the rows
+/// [`next_rows`] gives).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_at(rows: &[*const u8], off: usize) {
+    for p in rows {
+        std::arch::x86_64::_mm_prefetch::<TILE_PREFETCH>(p.add(off) as *const i8);
+    }
 }
 
 /// One q8 pass over `N` kept rows: per group of 32 outputs, `acc += (x_j d_jg) q_j` in
@@ -1027,7 +1037,7 @@ unsafe fn pass_q8_avx2<const N: usize, R: Rows>(
     let g0 = o0 / GROUP;
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<N, R>(rows, k, N, blocks, ng * Q8_BLOCK, 0);
-    let pf = next_rows::<N, R>(rows, k + N, blocks, ng * Q8_BLOCK, &ps);
+    let pf = next_rows::<N, R, u8>(rows, k, N, |j| blocks[j * ng * Q8_BLOCK..].as_ptr());
     let table = f16_table();
     for g in 0..full {
         let gy = yp.add(g * GROUP);
@@ -1182,18 +1192,16 @@ unsafe fn pass_q8_vnni<R: Rows>(
     let gend = g0 + n / GROUP;
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q8_PASS, R>(rows, k, m, blocks, ng * Q8_BLOCK, 0);
-    let pf = next_rows::<Q8_PASS, R>(rows, k + m, blocks, ng * Q8_BLOCK, &ps);
+    let pf = next_rows::<Q8_PASS, R, u8>(rows, k, m, |j| blocks[j * ng * Q8_BLOCK..].as_ptr());
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let flip = _mm256_set1_epi8(-128);
     for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
         let base = sb * Q8_BLOCK;
+        prefetch_at(&pf, base);
         // c_jg for the super-block's groups (lanes past kk unused: a partial super-block's
         // 34 kk >= 16 bytes hold the load), and their maximum per group.
-        for p in pf {
-            _mm_prefetch::<TILE_PREFETCH>(p.add(base) as *const i8);
-        }
         let mut c = [_mm256_setzero_ps(); Q8_PASS];
         let mut amax = _mm256_setzero_ps();
         let mut nan = _mm256_setzero_ps();
@@ -1291,16 +1299,14 @@ unsafe fn pass_q4_avx2<R: Rows>(
     let gend = g0 + n / GROUP;
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q4_PASS, R>(rows, k, m, blocks, ng * Q4_BLOCK, 0);
-    let pf = next_rows::<Q4_PASS, R>(rows, k + m, blocks, ng * Q4_BLOCK, &ps);
+    let pf = next_rows::<Q4_PASS, R, u8>(rows, k, m, |j| blocks[j * ng * Q4_BLOCK..].as_ptr());
     for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
         let base = sb * Q4_BLOCK;
+        prefetch_at(&pf, base);
         // c_jg for the super-block's groups (lanes past kk unused), their maximum, and the
         // minimums' sum; a partial super-block's 20 kk >= 2 kk + 16 bytes hold the loads.
-        for p in pf {
-            _mm_prefetch::<TILE_PREFETCH>(p.add(base) as *const i8);
-        }
         let (c, amax, bias) = q4_super_scales(&ps, &xs, base, kk);
         let (inv, step) = int8_steps(amax);
         // kw[p][g]: the int8 pair (k of row 2p, k of row 2p + 1) of group g, as one u16 (one
@@ -1389,7 +1395,7 @@ unsafe fn pass_q4_vnni<R: Rows>(
     let gend = g0 + n / GROUP;
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q4_PASS, R>(rows, k, m, blocks, ng * Q4_BLOCK, 0);
-    let pf = next_rows::<Q4_PASS, R>(rows, k + m, blocks, ng * Q4_BLOCK, &ps);
+    let pf = next_rows::<Q4_PASS, R, u8>(rows, k, m, |j| blocks[j * ng * Q4_BLOCK..].as_ptr());
     let lo = _mm256_set1_epi8(0x0F);
     // Lane 0 takes the quad word of group i, lane 1 that of group i + 1.
     let lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
@@ -1397,9 +1403,7 @@ unsafe fn pass_q4_vnni<R: Rows>(
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
         let base = sb * Q4_BLOCK;
-        for p in pf {
-            _mm_prefetch::<TILE_PREFETCH>(p.add(base) as *const i8);
-        }
+        prefetch_at(&pf, base);
         let (c, amax, bias) = q4_super_scales(&ps, &xs, base, kk);
         let (inv, step) = int8_steps(amax);
         // kq[q][g]: the int8 k of rows 4q .. 4q + 4 of group g as one word, first row in its
