@@ -35,7 +35,6 @@ fn assert_within(a: &[f32], b: &[f32], lim: &[f32], what: &str) {
     }
 }
 
-/// Sum of |x_j * w_jo| per output: the scale that bounds reordering error.
 /// Runs `gemv` on inputs of `n_in` values with a NaN at the first, a middle and the last
 /// position, and checks that every one of its `n_out` outputs is NaN.
 fn assert_nan_reaches_every_output(
@@ -53,6 +52,7 @@ fn assert_nan_reaches_every_output(
     }
 }
 
+/// Sum of |x_j * w_jo| per output: the scale that bounds reordering error.
 fn abs_scale(wt: &[f32], n_in: usize, n_out: usize, x: &[f32]) -> Vec<f32> {
     let wa: Vec<f32> = wt.iter().map(|v| v.abs()).collect();
     let xa: Vec<f32> = x.iter().map(|v| v.abs()).collect();
