@@ -1300,6 +1300,10 @@ unsafe fn pass_q4_avx2<R: Rows>(
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q4_PASS, R>(rows, k, m, blocks, ng * Q4_BLOCK, 0);
     let pf = next_rows::<Q4_PASS, R, u8>(rows, k, m, |j| blocks[j * ng * Q4_BLOCK..].as_ptr());
+    // The pairs of rows the pass multiplies: those past the kept rows hold padding (zero k)
+    // only. A count known only at run time also keeps the compiler from unrolling the loop
+    // over them (see `quads` in `pass_q4_vnni`).
+    let pairs = m.div_ceil(2);
     for sb in (g0 / Q4_SUPER * Q4_SUPER..gend).step_by(Q4_SUPER) {
         let kk = Q4_SUPER.min(ng - sb);
         let (i0, i1) = (g0.max(sb) - sb, gend.min(sb + kk) - sb);
@@ -1338,9 +1342,9 @@ unsafe fn pass_q4_avx2<R: Rows>(
         while i < i1 {
             let off = base + 4 * kk + 16 * i;
             let acc = if i + 1 < i1 {
-                q4_groups_avx2::<true>(&ps, &pf, &kw, i, off)
+                q4_groups_avx2::<true>(&ps, &pf, &kw, pairs, i, off)
             } else {
-                q4_groups_avx2::<false>(&ps, &pf, &kw, i, off)
+                q4_groups_avx2::<false>(&ps, &pf, &kw, pairs, i, off)
             };
             for l in 0..(i1 - i).min(2) {
                 let gy = yp.add((sb + i + l - g0) * GROUP);
@@ -1396,6 +1400,13 @@ unsafe fn pass_q4_vnni<R: Rows>(
     let yp = yt.as_mut_ptr();
     let (js, xs, ps) = pass_rows::<Q4_PASS, R>(rows, k, m, blocks, ng * Q4_BLOCK, 0);
     let pf = next_rows::<Q4_PASS, R, u8>(rows, k, m, |j| blocks[j * ng * Q4_BLOCK..].as_ptr());
+    // The quads of rows the pass multiplies: those past the kept rows hold padding (zero k)
+    // only. Run-time counts matter beyond that: with the constant `QUADS` the compiler
+    // unrolled the loop over the quads, whose code then had 1.5 times as many stack
+    // operands, and the pass ran 1.3-1.5x slower from L2 on one thread (SmolLM2's decoding
+    // 6-9 % slower dense; with `pairs` in `pass_q4_avx2`, 18-26 %; docs/PERFORMANCE.md,
+    // thirty-ninth session).
+    let quads = m.div_ceil(4);
     let lo = _mm256_set1_epi8(0x0F);
     // Lane 0 takes the quad word of group i, lane 1 that of group i + 1.
     let lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
@@ -1436,7 +1447,7 @@ unsafe fn pass_q4_vnni<R: Rows>(
             // outputs 4t .. 4t + 4 (low nibbles) and 16 + 4t .. 20 + 4t (high ones).
             let mut full = [_mm256_setzero_si256(); 4];
             let mut high = [_mm256_setzero_si256(); 4];
-            for (q, kw) in kq.iter().enumerate() {
+            for (q, kw) in kq.iter().enumerate().take(quads) {
                 let kv = _mm256_permutevar8x32_epi32(
                     _mm256_castsi128_si256(_mm_loadl_epi64(kw.as_ptr().add(i) as *const __m128i)),
                     lanes,
@@ -1490,8 +1501,9 @@ unsafe fn pass_q4_vnni<R: Rows>(
     }
 }
 
-/// The int16 sums `sum_j k_jg q_jo` of a pass over group `i` (lane 0) and, when `TWO`, group
-/// `i + 1` (lane 1), nibbles at byte `off` of each row: for outputs 0..8 (`[0]`), 16..24
+/// The int16 sums `sum_j k_jg q_jo` over the first `pairs` pairs of rows of a pass, of group
+/// `i` (lane 0) and, when `TWO`, group `i + 1` (lane 1), nibbles at byte `off` of each row: for
+/// outputs 0..8 (`[0]`), 16..24
 /// (`[1]`), 8..16 (`[2]`) and 24..32 (`[3]`) of each group. Only for [`pass_q4_avx2`] (AVX2
 /// detected): it carries no `#[target_feature]` so that it can be `#[inline(always)]`; as a
 /// call it returned its four vectors through the stack (17 % of a q4 decode's samples).
@@ -1501,6 +1513,7 @@ unsafe fn q4_groups_avx2<const TWO: bool>(
     ps: &[*const u8; Q4_PASS],
     pf: &[*const u8; Q4_PASS],
     kw: &[[u16; Q4_SUPER + 1]; Q4_PASS / 2],
+    pairs: usize,
     i: usize,
     off: usize,
 ) -> [std::arch::x86_64::__m256i; 4] {
@@ -1512,7 +1525,7 @@ unsafe fn q4_groups_avx2<const TWO: bool>(
         2, 3,
     );
     let mut acc = [_mm256_setzero_si256(); 4];
-    for (p, kp) in kw.iter().enumerate() {
+    for (p, kp) in kw.iter().enumerate().take(pairs) {
         let (pa, pb) = (ps[2 * p].add(off), ps[2 * p + 1].add(off));
         _mm_prefetch::<TILE_PREFETCH>(pf[2 * p].add(off) as *const i8);
         _mm_prefetch::<TILE_PREFETCH>(pf[2 * p + 1].add(off) as *const i8);
