@@ -1503,10 +1503,10 @@ unsafe fn pass_q4_vnni<R: Rows>(
 
 /// The int16 sums `sum_j k_jg q_jo` over the first `pairs` pairs of rows of a pass, of group
 /// `i` (lane 0) and, when `TWO`, group `i + 1` (lane 1), nibbles at byte `off` of each row: for
-/// outputs 0..8 (`[0]`), 16..24
-/// (`[1]`), 8..16 (`[2]`) and 24..32 (`[3]`) of each group. Only for [`pass_q4_avx2`] (AVX2
-/// detected): it carries no `#[target_feature]` so that it can be `#[inline(always)]`; as a
-/// call it returned its four vectors through the stack (17 % of a q4 decode's samples).
+/// outputs 0..8 (`[0]`), 16..24 (`[1]`), 8..16 (`[2]`) and 24..32 (`[3]`) of each group. Only
+/// for [`pass_q4_avx2`] (AVX2 detected): it carries no `#[target_feature]` so that it can be
+/// `#[inline(always)]`; as a call it returned its four vectors through the stack (17 % of a q4
+/// decode's samples).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn q4_groups_avx2<const TWO: bool>(
