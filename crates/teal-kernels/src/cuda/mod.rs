@@ -320,6 +320,41 @@ fn gemv_shared_bytes(batch: usize, rows: usize) -> usize {
     (batch * rows + rows) * 4 + 8 * GEMV_TILE * 4
 }
 
+/// Waves counted by [`whole_wave_rows`].
+const WHOLE_WAVES: usize = 3;
+/// The shortest chunk [`whole_wave_rows`] proposes: below it a block's fixed costs (the
+/// compaction, the reduction) outweigh its rows.
+const MIN_WAVE_ROWS: usize = 64;
+
+/// For k = 1 ..= [`WHOLE_WAVES`], the shortest chunk of input rows (a multiple of 8, so the
+/// kernel's shared arrays stay 16-byte aligned) with which `tiles` column tiles times the
+/// chunks fit in k waves of `wave(rows)` resident blocks, where it is between
+/// [`MIN_WAVE_ROWS`] and [`MAX_ROWS_PER_CHUNK`]. A launch of 1.36 waves (Llama-3-8B's down
+/// projection in chunks of 320 rows on 528 resident blocks) starts its last blocks only as the
+/// first ones finish, each with its whole latency chain ahead of it; in chunks of 440 rows its
+/// 528 blocks start at once. Ascending, without repeats.
+fn whole_wave_rows(n_in: usize, tiles: usize, wave: impl Fn(usize) -> usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    if n_in == 0 || tiles == 0 {
+        return out;
+    }
+    for k in 1..=WHOLE_WAVES {
+        let chunks = k * wave(MIN_WAVE_ROWS) / tiles;
+        if chunks == 0 {
+            continue;
+        }
+        let mut rows = n_in.div_ceil(chunks).div_ceil(8) * 8;
+        while rows <= MAX_ROWS_PER_CHUNK && tiles * n_in.div_ceil(rows) > k * wave(rows) {
+            rows += 8;
+        }
+        if (MIN_WAVE_ROWS..=MAX_ROWS_PER_CHUNK).contains(&rows) && !out.contains(&rows) {
+            out.push(rows);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
 /// A weight matrix on the device, input-major `wt[n_in, n_out]`, with its GEMV workspace.
 /// `segments` splits the columns into up to three fused projections (e.g. q|k|v) that each
 /// have their own threshold.
@@ -985,6 +1020,15 @@ impl Gpu {
         GemvPlan {
             rows_per_chunk: rows,
         }
+    }
+
+    /// Row splits of a one-row GEMV whose blocks fill whole waves of resident blocks (see
+    /// [`whole_wave_rows`]): candidates for a split fitted by timing, beside round numbers
+    /// that can leave a last wave mostly idle.
+    pub fn whole_wave_splits(&self, n_in: usize, n_out: usize) -> Vec<usize> {
+        whole_wave_rows(n_in, n_out.div_ceil(GEMV_TILE), |rows| {
+            self.resident_gemv_blocks(1, rows) * self.sms
+        })
     }
 
     /// How many blocks of the batch-`batch` GEMV kernel one multiprocessor holds at once with
@@ -1790,4 +1834,46 @@ pub fn profiler_range(on: bool) -> Result<()> {
     };
     r.result()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama-3-8B's launches on 132 multiprocessors holding 4 GEMV blocks each (528).
+    #[test]
+    fn whole_wave_rows_fill_waves() {
+        let wave = |_: usize| 528;
+        // down, 14336 -> 4096 (16 tiles): 528 blocks of 440 rows, 1024 of 224, 1520 of 152.
+        assert_eq!(whole_wave_rows(14336, 16, wave), vec![152, 224, 440]);
+        // gate|up, 4096 -> 28672 (112 tiles): 4, 9 and 14 chunks.
+        assert_eq!(whole_wave_rows(4096, 112, wave), vec![296, 456, 1024]);
+        // q|k|v, 4096 -> 6144 (24 tiles): one wave is the split gemv_plan already picks.
+        assert_eq!(whole_wave_rows(4096, 24, wave), vec![64, 96, 192]);
+        for (n_in, tiles) in [(14336, 16), (4096, 112), (4096, 24), (4096, 16), (577, 3)] {
+            let rows = whole_wave_rows(n_in, tiles, wave);
+            for (k, &r) in rows.iter().rev().enumerate() {
+                assert!(r % 8 == 0 && (MIN_WAVE_ROWS..=MAX_ROWS_PER_CHUNK).contains(&r));
+                // The longest chunk fills one wave, the next two, ...: at most k + 1 waves,
+                // and a shorter chunk (by 8 rows) would need more.
+                let blocks = |r: usize| tiles * n_in.div_ceil(r);
+                assert!(blocks(r) <= (k + 1) * 528, "{n_in} x {tiles}: {r}");
+                assert!(r == MIN_WAVE_ROWS || blocks(r - 8) > (k + 1) * 528);
+            }
+        }
+    }
+
+    /// Shapes too small for a wave, a wave that depends on the chunk, and nothing to split.
+    #[test]
+    fn whole_wave_rows_edges() {
+        // SmolLM2's 576 -> 1536 (6 tiles): 88 chunks would be 8 rows each, under the minimum.
+        assert!(whole_wave_rows(576, 6, |_| 528).is_empty());
+        // Fewer blocks resident with longer chunks: the chunk grows until it fits.
+        let shrinking = |r: usize| if r > 400 { 264 } else { 528 };
+        assert_eq!(whole_wave_rows(14336, 16, shrinking), vec![152, 224, 896]);
+        assert!(whole_wave_rows(0, 16, |_| 528).is_empty());
+        assert!(whole_wave_rows(4096, 0, |_| 528).is_empty());
+        // The driver cannot say: no wave, no candidates.
+        assert!(whole_wave_rows(4096, 16, |_| 0).is_empty());
+    }
 }

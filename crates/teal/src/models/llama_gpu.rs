@@ -89,7 +89,8 @@ struct Launch {
 }
 
 /// Row splits that [`GpuLlama::fit_splits`] tries for each one-position launch, besides
-/// [`Gpu::gemv_plan`]'s.
+/// [`Gpu::gemv_plan`]'s and those that fill whole waves of blocks
+/// ([`Gpu::whole_wave_splits`]).
 const FIT_ROWS: [usize; 8] = [96, 128, 160, 192, 256, 320, 512, 1024];
 /// Decode steps timed per candidate split (median), after one untimed.
 const FIT_REPS: usize = 7;
@@ -1073,11 +1074,11 @@ impl GpuLlama {
     /// Fits the row split of each one-position GEMV launch to the current masks, once per set
     /// of decode thresholds (kept for later): the decode step itself, at the current position
     /// with the token already written, is captured with each candidate split of one slot at a
-    /// time ([`FIT_ROWS`], starting from [`Gpu::gemv_plan`]'s) and timed over [`FIT_REPS`]
-    /// replays; a candidate is kept where the step gets faster by [`FIT_MARGIN`]. The replays
-    /// write the KV cache rows from the current position on, which the real steps overwrite
-    /// before any step reads them; the position is restored. Without room for the replays
-    /// before the end of the context the splits stay as they are.
+    /// time ([`FIT_ROWS`] and [`Gpu::whole_wave_splits`], starting from [`Gpu::gemv_plan`]'s)
+    /// and timed over [`FIT_REPS`] replays; a candidate is kept where the step gets faster by
+    /// [`FIT_MARGIN`]. The replays write the KV cache rows from the current position on, which
+    /// the real steps overwrite before any step reads them; the position is restored. Without
+    /// room for the replays before the end of the context the splits stay as they are.
     fn fit_splits(&mut self) -> Result<()> {
         let key = self.m.decode_thresholds();
         let slots = self.m.slots();
@@ -1095,8 +1096,13 @@ impl GpuLlama {
         let mut best = self.time_decode(&slots, &plans)?;
         for i in 0..slots.len() {
             let start = plans[i];
-            let cap = slots[i].shape.0.div_ceil(32) * 32;
-            for rows in FIT_ROWS
+            let (n_in, n_out) = slots[i].shape;
+            let cap = n_in.div_ceil(32) * 32;
+            let mut candidates = FIT_ROWS.to_vec();
+            candidates.extend(self.gpu.whole_wave_splits(n_in, n_out));
+            candidates.sort_unstable();
+            candidates.dedup();
+            for rows in candidates
                 .into_iter()
                 .filter(|&r| r <= cap && r != start.rows_per_chunk)
             {
