@@ -100,7 +100,10 @@ struct SparseArgs {
     /// whole model, from `calibrate --fisher`, whose gradients run on the CPU only).
     #[arg(long, value_enum, default_value_t = AllocationArg::Auto)]
     allocation: AllocationArg,
-    /// How thresholds are read from the statistics: TEAL's signed histogram, or exact |x|.
+    /// Which inputs a projection zeroes for the sparsity the allocation gives it: those below
+    /// TEAL's signed-histogram threshold (teal), the exact |x| quantile (abs), the weight-aware
+    /// score |x_j| ||W[:, j]|| (wina), or the loss-aware score |x_j| w_j of `calibrate --fisher`
+    /// (fisher).
     #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
     quantile: QuantileArg,
     /// Which positions are sparsified: all, half (last half of each window), decode-only.
@@ -128,6 +131,7 @@ enum QuantileArg {
     Teal,
     Abs,
     Wina,
+    Fisher,
 }
 impl From<QuantileArg> for Quantile {
     fn from(q: QuantileArg) -> Quantile {
@@ -135,6 +139,7 @@ impl From<QuantileArg> for Quantile {
             QuantileArg::Teal => Quantile::Teal,
             QuantileArg::Abs => Quantile::Abs,
             QuantileArg::Wina => Quantile::Wina,
+            QuantileArg::Fisher => Quantile::Fisher,
         }
     }
 }
@@ -451,7 +456,7 @@ struct CalibrateArgs {
     /// Greedy step (a projection's sparsity rises by step / its relative size).
     #[arg(long, default_value_t = 0.05)]
     greedy_step: f64,
-    /// Quantile reading the greedy search uses.
+    /// Quantile reading the greedy search uses (fisher: the loss-aware masks, with --fisher).
     #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
     quantile: QuantileArg,
     /// Skip the weight-aware (wina) tables (calibration is faster; `--quantile wina` unavailable).
@@ -1274,6 +1279,13 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     }
     if th.fisher.is_some() {
         methods.push((Allocation::Fisher, Quantile::Abs));
+        if th
+            .greedy
+            .as_ref()
+            .is_some_and(|g| g.quantile != Quantile::Fisher)
+        {
+            methods.push((Allocation::Greedy, Quantile::Fisher));
+        }
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     report::register_font()?;

@@ -102,7 +102,12 @@ fn calibrated_thresholds_hit_the_target_on_calibration_data() {
     let (m, c, _, th) = calibrated(false);
     let toks = tokens(3 * 64, 5);
     for s in [0.25, 0.5, 0.75] {
-        for q in [Quantile::Abs, Quantile::Teal, Quantile::Wina] {
+        for q in [
+            Quantile::Abs,
+            Quantile::Teal,
+            Quantile::Wina,
+            Quantile::Fisher,
+        ] {
             let t = th.resolve(&spec(s, Allocation::Uniform, q)).unwrap();
             let sparse = m.with_masks(&t).unwrap();
             // Realized sparsity of layer 0's q_proj input on the same calibration windows:
@@ -138,8 +143,9 @@ fn calibrated_thresholds_hit_the_target_on_calibration_data() {
             }
             for (p, &z) in zeros.iter().enumerate() {
                 let got = z as f64 / total as f64;
-                // 3 x 64 x 48 = 9216 values: the exact quantiles (of |x| or of the weight-aware
-                // score) are exact up to 1/9216 plus the 0.005 level spacing interpolation;
+                // 3 x 64 x 48 = 9216 values: the exact quantiles (of |x| or of the weight- or
+                // loss-aware score) are exact up to 1/9216 plus the 0.005 level spacing
+                // interpolation;
                 // TEAL's signed reading assumes symmetry.
                 let tol = if q == Quantile::Teal { 0.05 } else { 0.005 };
                 assert!(
@@ -616,4 +622,94 @@ fn fisher_allocation_hits_the_target_over_the_whole_model() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("--fisher"), "{e}");
+}
+
+#[test]
+fn fisher_reading_picks_the_inputs_within_any_allocation() {
+    let (m, _, fp, th) = calibrated(true);
+    let f = th.fisher.as_ref().unwrap();
+    // Greedy's sparsities with the loss-aware choice of inputs: per-channel thresholds t / w_j,
+    // t the projection's score quantile at greedy's sparsity.
+    let sp = spec(0.5, Allocation::Greedy, Quantile::Fisher);
+    let alloc = th.allocate(&sp).unwrap();
+    let masks = th.resolve(&sp).unwrap();
+    let mut differ = 0;
+    for (l, row) in masks.iter().enumerate() {
+        for p in 0..7 {
+            match &row[p] {
+                None => assert_eq!(alloc[l][p], 0.0, "layer {l} proj {p}"),
+                Some(InputMask::Channels(t)) => {
+                    assert_eq!(t.len(), f.weights[l][p].len());
+                    let thr = t
+                        .iter()
+                        .zip(&f.weights[l][p])
+                        .find(|(_, &w)| w > 0.0)
+                        .unwrap();
+                    let score = thr.0 * thr.1;
+                    for (tj, &wj) in t.iter().zip(&f.weights[l][p]) {
+                        if wj > 0.0 {
+                            assert!(
+                                (tj * wj - score).abs() <= 1e-5 * score,
+                                "layer {l} proj {p}"
+                            );
+                        }
+                    }
+                    let abs = th.mask(l, p, alloc[l][p], Quantile::Abs);
+                    differ += usize::from(abs != row[p]);
+                }
+                Some(other) => panic!("layer {l} proj {p}: {other:?}"),
+            }
+        }
+    }
+    assert!(differ > 0);
+    m.with_masks(&masks).unwrap();
+
+    // Without fisher tables the reading is an error naming the missing step.
+    let mut plain = th.clone();
+    plain.fisher = None;
+    let e = plain.resolve(&sp).unwrap_err().to_string();
+    assert!(e.contains("--fisher"), "{e}");
+
+    // The greedy search over loss-aware masks needs the gradients, and records its reading.
+    let (m2, _, _) = model();
+    let mut opts = CalibOptions {
+        weight_aware: false,
+        samples: 3,
+        seq_len: 64,
+        greedy: Some((
+            GreedyOptions {
+                samples: 2,
+                seq_len: 32,
+                step: 0.05,
+                max_sparsity: 0.9,
+            },
+            Quantile::Fisher,
+        )),
+        fisher: None,
+        text_label: "random".into(),
+        text_bytes: 0,
+    };
+    let toks = tokens(3 * 64, 5);
+    let e = calibrate(&m2, fp.clone(), &toks, &opts, &mut |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--fisher"), "{e}");
+    opts.fisher = Some(FisherOptions {
+        samples: 2,
+        seq_len: 64,
+        labels: FisherLabels::Model { seed: 1 },
+    });
+    let searched = calibrate(&m2, fp, &toks, &opts, &mut |_, _, _| {}).unwrap();
+    let g = searched.greedy.as_ref().unwrap();
+    assert_eq!(g.quantile, Quantile::Fisher);
+    let sp = spec(0.5, Allocation::Greedy, Quantile::Fisher);
+    let masks = searched.resolve(&sp).unwrap();
+    assert!(masks
+        .iter()
+        .flatten()
+        .flatten()
+        .all(|x| matches!(x, InputMask::Channels(_))));
+    // The search's steps reach the target: the planned model-wide sparsity is near 0.5.
+    let planned = searched.planned_sparsity(&sp, &m2.config).unwrap();
+    assert!((planned - 0.5).abs() < 0.03, "planned {planned}");
 }

@@ -7,8 +7,8 @@ use super::fisher::{input_fisher, FisherOptions};
 use super::greedy::{greedy_block, GreedyOptions};
 use super::histogram::{abs_quantiles, check_finite, TealHistogram};
 use super::thresholds::{
-    default_levels, interpolate, Fingerprint, FisherTables, GreedyTables, Provenance, Quantile,
-    SiteTable, Thresholds, FORMAT, VERSION,
+    channel_mask, default_levels, interpolate, Fingerprint, FisherTables, GreedyTables, Provenance,
+    Quantile, SiteTable, Thresholds, FORMAT, VERSION,
 };
 use super::{size_weights, window_rows, PROJ_SITE};
 use crate::device::Decoder;
@@ -148,6 +148,10 @@ fn calibrate_blocks(
                 levels: &levels,
                 sites: &tables,
                 wina: wina_row.as_ref(),
+                fisher: fisher_weights
+                    .as_ref()
+                    .zip(fisher_scores.last())
+                    .map(|(fw, sc)| (&fw[l], sc)),
             };
             greedy_layers.push(greedy_layer(
                 c, block, &inp, g, q, masks, &weights, rope, len,
@@ -211,6 +215,9 @@ fn greedy_options(opts: &CalibOptions) -> Result<Option<(&GreedyOptions, Quantil
         Some((_, Quantile::Wina)) if !opts.weight_aware => Err(Error::Invalid(
             "a greedy search with the wina reading needs the weight-aware tables".into(),
         )),
+        Some((_, Quantile::Fisher)) if opts.fisher.is_none() => Err(Error::Invalid(
+            "a greedy search with the fisher reading needs the loss gradients (--fisher)".into(),
+        )),
         Some((g, q)) => {
             if g.samples == 0 || g.samples > n || g.seq_len < 4 || g.seq_len > len {
                 return Err(Error::Invalid(format!(
@@ -225,13 +232,22 @@ fn greedy_options(opts: &CalibOptions) -> Result<Option<(&GreedyOptions, Quantil
 }
 
 /// What one layer's masks are read from: its site tables and, for the wina reading, its
-/// weight-aware score quantiles.
+/// weight-aware score quantiles, for the fisher reading its loss-aware channel weights and
+/// score quantiles.
 #[derive(Clone, Copy)]
 struct LayerMasks<'a> {
     levels: &'a [f64],
     sites: &'a [SiteTable; 4],
     wina: Option<&'a [Vec<f32>; 7]>,
+    fisher: Option<LayerFisher<'a>>,
 }
+
+/// One layer's loss-aware channel weights and the quantiles of their scores, per projection.
+type LayerFisher<'a> = (&'a [Vec<f32>; 7], &'a [Vec<f32>; 7]);
+/// Per-projection tables of every layer (`[layer][projection]`).
+type ModelTables<'a> = &'a [[Vec<f32>; 7]];
+/// Every layer's loss-aware channel weights and score quantiles.
+type ModelFisher<'a> = (ModelTables<'a>, ModelTables<'a>);
 
 /// TEAL's greedy search on one block: `inputs` are its dense inputs at the first `g.seq_len`
 /// positions of `g.samples` windows; `rope` the cos/sin tables of `len` positions.
@@ -251,11 +267,15 @@ fn greedy_layer(
         levels,
         sites,
         wina,
+        fisher,
     } = masks;
     let lookup = |p: usize, s: f64| match q {
         Quantile::Wina => wina
             .and_then(|w| interpolate(levels, &w[p], s))
             .map(InputMask::WeightAware),
+        Quantile::Fisher => fisher.and_then(|(w, scores)| {
+            interpolate(levels, &scores[p], s).map(|t| channel_mask(&w[p], t))
+        }),
         _ => sites[PROJ_SITE[p]]
             .threshold(levels, s, q)
             .map(InputMask::Threshold),
@@ -480,7 +500,19 @@ pub fn calibrate_on(
     let greedy = greedy
         .map(|gq| {
             let wina = opts.weight_aware.then_some(wina.as_slice());
-            greedy_on_cpu(model, tokens, len, gq, &levels, &sites, wina, progress)
+            let fisher = fisher_weights
+                .as_deref()
+                .map(|fw| (fw, fisher_scores.as_slice()));
+            greedy_on_cpu(
+                model,
+                tokens,
+                len,
+                gq,
+                &levels,
+                &sites,
+                (wina, fisher),
+                progress,
+            )
         })
         .transpose()?;
     Ok(Thresholds {
@@ -503,7 +535,7 @@ pub fn calibrate_on(
 /// block inputs are the first `g.seq_len` tokens of each of the first `g.samples` windows of
 /// `len` tokens, advanced block by block (attention is causal, so these are the prefixes of
 /// what [`calibrate`] advances whole windows to), and the masks are read from `sites` and
-/// `wina` (the device's tables).
+/// the wina or fisher tables of `scores` (the device's tables).
 #[allow(clippy::too_many_arguments)]
 fn greedy_on_cpu(
     model: &Llama,
@@ -512,9 +544,10 @@ fn greedy_on_cpu(
     (g, q): (&GreedyOptions, Quantile),
     levels: &[f64],
     sites: &[[SiteTable; 4]],
-    wina: Option<&[[Vec<f32>; 7]]>,
+    scores: (Option<ModelTables<'_>>, Option<ModelFisher<'_>>),
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<GreedyTables> {
+    let (wina, fisher) = scores;
     let c = &model.config;
     let (d, total, gl) = (c.hidden_size, c.num_hidden_layers, g.seq_len);
     let weights = size_weights(c);
@@ -531,6 +564,7 @@ fn greedy_on_cpu(
             levels,
             sites: &sites[l],
             wina: wina.map(|w| &w[l]),
+            fisher: fisher.map(|(w, sc)| (&w[l], &sc[l])),
         };
         layers.push(greedy_layer(c, block, &h, g, q, masks, &weights, rope, gl));
         if l + 1 == total {

@@ -26,6 +26,11 @@ pub enum Quantile {
     /// Weight-aware (WINA): the exact quantile of `|x_j| * ||W[:, j]||`, per projection; the
     /// mask keeps the inputs whose contribution to the output is largest in norm.
     Wina,
+    /// Loss-aware: the exact quantile of `|x_j| w_j`, per projection, with the channel weights
+    /// `w_j = sqrt(F_j / out)` of the fisher tables (`calibrate --fisher`); the mask drops the
+    /// inputs whose expected loss per weight skipped is smallest, whatever allocation sets
+    /// each projection's sparsity.
+    Fisher,
 }
 
 /// How the model-wide target is spread over the seven projections of each block.
@@ -61,6 +66,7 @@ impl Quantile {
             Quantile::Teal => "teal",
             Quantile::Abs => "abs",
             Quantile::Wina => "wina",
+            Quantile::Fisher => "fisher",
         }
     }
 }
@@ -166,7 +172,7 @@ impl SiteTable {
     pub fn threshold(&self, levels: &[f64], s: f64, q: Quantile) -> Option<f32> {
         let tab = match q {
             Quantile::Teal => &self.teal,
-            Quantile::Abs | Quantile::Wina => &self.abs,
+            Quantile::Abs | Quantile::Wina | Quantile::Fisher => &self.abs,
         };
         interpolate(levels, tab, s)
     }
@@ -226,6 +232,20 @@ pub struct FisherTables {
 }
 
 impl FisherTables {
+    /// The mask of projection `p` of `layer` for sparsity `s` over the calibration activations
+    /// of that projection alone (`None`: dense): per-channel thresholds `t / w_j`, `t` the
+    /// score quantile at `s`.
+    pub fn projection_mask(
+        &self,
+        levels: &[f64],
+        layer: usize,
+        p: usize,
+        s: f64,
+    ) -> Option<InputMask> {
+        interpolate(levels, &self.scores[layer][p], s)
+            .map(|t| channel_mask(&self.weights[layer][p], t))
+    }
+
     /// The one score threshold whose parameter-weighted sparsity over the calibration
     /// activations is `s`, and the sparsity it gives each projection of each layer.
     fn global(&self, levels: &[f64], s: f64) -> (f32, Vec<[f64; 7]>) {
@@ -259,6 +279,16 @@ impl FisherTables {
         }
         (hi, fractions(hi))
     }
+}
+
+/// Per-channel input thresholds `t / w_j` for a score threshold `t` on `|x_j| w_j` (a channel
+/// of weight 0, on which the loss does not depend, is always zeroed).
+pub(crate) fn channel_mask(weights: &[f32], t: f32) -> InputMask {
+    let per_channel = weights
+        .iter()
+        .map(|&w| if w > 0.0 { t / w } else { f32::INFINITY })
+        .collect();
+    InputMask::Channels(std::sync::Arc::new(per_channel))
 }
 
 /// The fraction of values at or below `t` in a quantile table (`tab[i]`: the value at level
@@ -457,16 +487,20 @@ impl Thresholds {
                     .into(),
             ));
         }
+        if q == Quantile::Fisher {
+            self.fisher_tables()?;
+        }
         Ok(())
     }
 
     /// The mask of projection `proj` (`PROJ_NAMES` order) in `layer` for sparsity `s`
     /// (`None`: dense). Call [`Thresholds::check_quantile`] first.
     pub fn mask(&self, layer: usize, proj: usize, s: f64, q: Quantile) -> Option<InputMask> {
-        match (q, &self.wina) {
-            (Quantile::Wina, Some(w)) => {
+        match (q, &self.wina, &self.fisher) {
+            (Quantile::Wina, Some(w), _) => {
                 interpolate(&self.levels, &w[layer][proj], s).map(InputMask::WeightAware)
             }
+            (Quantile::Fisher, _, Some(f)) => f.projection_mask(&self.levels, layer, proj, s),
             _ => self
                 .site_threshold(layer, PROJ_SITE[proj], s, q)
                 .map(InputMask::Threshold),
@@ -524,15 +558,7 @@ impl Thresholds {
             return Ok(f
                 .weights
                 .iter()
-                .map(|row| {
-                    std::array::from_fn(|p| {
-                        let per_channel = row[p]
-                            .iter()
-                            .map(|&w| if w > 0.0 { t / w } else { f32::INFINITY })
-                            .collect();
-                        Some(InputMask::Channels(std::sync::Arc::new(per_channel)))
-                    })
-                })
+                .map(|row| std::array::from_fn(|p| Some(channel_mask(&row[p], t))))
                 .collect());
         }
         self.check_quantile(spec.quantile)?;
