@@ -7,8 +7,8 @@ use super::fisher::{input_fisher, FisherOptions};
 use super::greedy::{greedy_block, GreedyOptions};
 use super::histogram::{abs_quantiles, check_finite, TealHistogram};
 use super::thresholds::{
-    channel_mask, default_levels, interpolate, Fingerprint, FisherTables, GreedyTables, Provenance,
-    Quantile, SiteTable, Thresholds, FORMAT, VERSION,
+    default_levels, interpolate, loss_aware_mask, Fingerprint, FisherTables, GreedyTables,
+    Provenance, Quantile, SiteTable, Thresholds, FORMAT, VERSION,
 };
 use super::{size_weights, window_rows, PROJ_SITE};
 use crate::device::Decoder;
@@ -150,7 +150,7 @@ fn calibrate_blocks(
                 wina: wina_row.as_ref(),
                 fisher: fisher_weights
                     .as_ref()
-                    .zip(fisher_scores.last())
+                    .zip(fisher_scores.get(l))
                     .map(|(fw, sc)| (&fw[l], sc)),
             };
             greedy_layers.push(greedy_layer(
@@ -273,9 +273,9 @@ fn greedy_layer(
         Quantile::Wina => wina
             .and_then(|w| interpolate(levels, &w[p], s))
             .map(InputMask::WeightAware),
-        Quantile::Fisher => fisher.and_then(|(w, scores)| {
-            interpolate(levels, &scores[p], s).map(|t| channel_mask(&w[p], t))
-        }),
+        Quantile::Fisher => {
+            fisher.and_then(|(w, scores)| loss_aware_mask(levels, &scores[p], &w[p], s))
+        }
         _ => sites[PROJ_SITE[p]]
             .threshold(levels, s, q)
             .map(InputMask::Threshold),

@@ -232,20 +232,6 @@ pub struct FisherTables {
 }
 
 impl FisherTables {
-    /// The mask of projection `p` of `layer` for sparsity `s` over the calibration activations
-    /// of that projection alone (`None`: dense): per-channel thresholds `t / w_j`, `t` the
-    /// score quantile at `s`.
-    pub fn projection_mask(
-        &self,
-        levels: &[f64],
-        layer: usize,
-        p: usize,
-        s: f64,
-    ) -> Option<InputMask> {
-        interpolate(levels, &self.scores[layer][p], s)
-            .map(|t| channel_mask(&self.weights[layer][p], t))
-    }
-
     /// The one score threshold whose parameter-weighted sparsity over the calibration
     /// activations is `s`, and the sparsity it gives each projection of each layer.
     fn global(&self, levels: &[f64], s: f64) -> (f32, Vec<[f64; 7]>) {
@@ -281,9 +267,21 @@ impl FisherTables {
     }
 }
 
+/// The loss-aware mask of one projection for sparsity `s` over its calibration activations
+/// (`None`: dense): `t` the quantile of its scores `|x_j| w_j` (table `scores`, read at the
+/// `levels`), applied per channel as [`channel_mask`].
+pub(crate) fn loss_aware_mask(
+    levels: &[f64],
+    scores: &[f32],
+    weights: &[f32],
+    s: f64,
+) -> Option<InputMask> {
+    interpolate(levels, scores, s).map(|t| channel_mask(weights, t))
+}
+
 /// Per-channel input thresholds `t / w_j` for a score threshold `t` on `|x_j| w_j` (a channel
 /// of weight 0, on which the loss does not depend, is always zeroed).
-pub(crate) fn channel_mask(weights: &[f32], t: f32) -> InputMask {
+fn channel_mask(weights: &[f32], t: f32) -> InputMask {
     let per_channel = weights
         .iter()
         .map(|&w| if w > 0.0 { t / w } else { f32::INFINITY })
@@ -500,7 +498,12 @@ impl Thresholds {
             (Quantile::Wina, Some(w), _) => {
                 interpolate(&self.levels, &w[layer][proj], s).map(InputMask::WeightAware)
             }
-            (Quantile::Fisher, _, Some(f)) => f.projection_mask(&self.levels, layer, proj, s),
+            (Quantile::Fisher, _, Some(f)) => loss_aware_mask(
+                &self.levels,
+                &f.scores[layer][proj],
+                &f.weights[layer][proj],
+                s,
+            ),
             _ => self
                 .site_threshold(layer, PROJ_SITE[proj], s, q)
                 .map(InputMask::Threshold),
