@@ -31,6 +31,13 @@
 //! the slots' lockstep) against the same steps one GEMV after another, from DRAM, dense and
 //! at 50 % (each row's own threshold), median microseconds for all the rows and the ratio.
 //!
+//!   cargo run --release -p teal-kernels --example gemv_speed -- --prefill q4 q8 f16
+//!
+//! `--prefill`: the prompt's matrix products (`cpu::matmul_packed`, T tokens through one
+//! weight matrix) on Llama-3-8B's shapes (`--small`: SmolLM2's) for T = 8, 32, 64 and 512, median
+//! milliseconds and GFLOP/s (2 T in out per product), and the same positions as decode rows
+//! (`batch::gemv_many_rows`, eight at a time).
+//!
 //! `--vs-bandwidth`: dense GEMV against this machine's read bandwidth in the same rounds: each
 //! round streams a 1 GiB buffer (every thread summing its share, as `teal bench` measures the
 //! bandwidth), then runs each format's dense GEMV once over copies of every Llama shape filling
@@ -121,10 +128,69 @@ fn main() {
         rayon::scope(|s| s.spawn(|_| patterns(&dtypes)));
     } else if args.iter().any(|a| a == "--rows") {
         rayon::scope(|s| s.spawn(|_| rows(&dtypes, small)));
+    } else if args.iter().any(|a| a == "--prefill") {
+        rayon::scope(|s| s.spawn(|_| prefill(&dtypes, small)));
     } else if args.iter().any(|a| a == "--vs-bandwidth") {
         rayon::scope(|s| s.spawn(|_| vs_bandwidth(&dtypes)));
     } else {
         rayon::scope(|s| s.spawn(|_| matrices(&dtypes, small)));
+    }
+}
+
+/// `cpu::matmul_packed` for several prompt lengths, median of a few runs each.
+fn prefill(dtypes: &[Dtype], small: bool) {
+    let shapes: &[(usize, usize)] = if small {
+        &[(576, 1536), (1536, 576), (576, 576), (576, 192)]
+    } else {
+        &[(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]
+    };
+    for &(n_in, n_out) in shapes {
+        let wt = rand_vec(n_in * n_out, 5);
+        for &dtype in dtypes {
+            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+            for n_tok in [8usize, 32, 64, 512] {
+                let x = rand_vec(n_tok * n_in, 11);
+                let mut y = vec![0.0f32; n_tok * n_out];
+                let reps = if small {
+                    40
+                } else {
+                    (4096 / n_tok).clamp(3, 24)
+                };
+                let mut times = vec![];
+                for _ in 0..reps + 1 {
+                    let t0 = Instant::now();
+                    cpu::matmul_packed(&x, n_tok, &p.mat(), &mut y);
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+                times.remove(0);
+                let t = median(&mut times);
+                let gflop = 2.0 * (n_tok * n_in * n_out) as f64 / 1e9;
+                let mut rows_t = vec![];
+                for _ in 0..reps + 1 {
+                    let t0 = Instant::now();
+                    for (xc, yc) in x.chunks(8 * n_in).zip(y.chunks_mut(8 * n_out)) {
+                        teal_kernels::batch::gemv_many_rows(
+                            xc,
+                            xc.len() / n_in,
+                            &mut [Gemv {
+                                w: p.mat(),
+                                mask: Mask::Dense,
+                                y: yc,
+                            }],
+                        );
+                    }
+                    rows_t.push(t0.elapsed().as_secs_f64());
+                }
+                rows_t.remove(0);
+                let tr = median(&mut rows_t);
+                println!(
+                    "prefill {n_in}x{n_out} {dtype:?} T {n_tok}: {:.3} ms, {:.1} GFLOP/s; rows of 8: {:.3} ms",
+                    t * 1e3,
+                    gflop / t,
+                    tr * 1e3
+                );
+            }
+        }
     }
 }
 

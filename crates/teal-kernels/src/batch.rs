@@ -32,7 +32,30 @@ const PIECE: usize = 512;
 /// [`cpu::gemv_many`] on `nb` input rows: `x` holds `nb` rows of `n_in`, each GEMV's `y` `nb`
 /// rows of its `n_out`; row `b` of `y` is `W s(x_b)`, `s` the GEMV's mask.
 pub fn gemv_many_rows(x: &[f32], nb: usize, gemvs: &mut [Gemv]) {
+    if nb == 1 {
+        cpu::gemv_many(x, gemvs);
+        return;
+    }
     gemv_many_rows_on(x, nb, gemvs, cpu::simd_available(), worth_together)
+}
+
+/// Prefill's product on `nb` positions (`x` holds `nb` rows of `w.n_in`, `y` `nb` rows of
+/// `w.n_out`): every weight row is read once and multiplied in f32 by all the rows, whatever
+/// the format, so each row is the exact product with the dequantized weights up to summation
+/// order (the one-row q4 kernel, and q8's where the CPU has VNNI, round the activations to 8
+/// bits instead).
+pub fn matmul_rows(x: &[f32], nb: usize, w: Mat, y: &mut [f32]) {
+    let mut g = [Gemv {
+        w,
+        mask: Mask::Dense,
+        y,
+    }];
+    gemv_many_rows_on(x, nb, &mut g, cpu::simd_available(), always);
+}
+
+/// The choice that runs every GEMV's rows together.
+fn always(_: &View, _: usize, _: usize, _: usize, _: usize) -> bool {
+    true
 }
 
 /// Whether a GEMV runs its rows together: `(weights, rows, bytes of the weights, union of the
@@ -46,10 +69,6 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
         (1..=MAX_ROWS).contains(&nb),
         "gemv_many_rows: {nb} rows, 1 to {MAX_ROWS}"
     );
-    if nb == 1 {
-        cpu::gemv_many_on(x, gemvs, simd);
-        return;
-    }
     let n = gemvs.len();
     assert!(
         n <= MAX_MANY,
@@ -793,7 +812,7 @@ mod tests {
     const DTYPES: [Dtype; 5] = [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::Q8, Dtype::Q4];
 
     /// Rows together whatever they keep.
-    const ALWAYS: Choice = |_, _, _, _, _| true;
+    const ALWAYS: Choice = always;
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
         (0..n)
@@ -818,7 +837,7 @@ mod tests {
     /// fraction of `sum |x_j w_jo|` (f32 epsilon is 1.2e-7; sums of a few hundred terms).
     const TOL: f32 = 2e-6;
 
-    /// Every format, the SIMD and portable paths, 2, 3 and 8 rows, dense, one threshold,
+    /// Every format, the SIMD and portable paths, 1, 2, 3 and 8 rows, dense, one threshold,
     /// per-channel thresholds, a threshold that keeps nothing, and sizes that are not multiples
     /// of a group, the rows run together and as each GEMV chooses: each output row equals the
     /// reference GEMV of its own masked input (q4 as it chooses: the one-row kernel on that
@@ -831,7 +850,7 @@ mod tests {
                 let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).unwrap();
                 let m = p.mat();
                 let chan: Vec<f32> = (0..n_in).map(|j| 0.3 + 0.1 * (j % 5) as f32).collect();
-                for nb in [2, 3, 8] {
+                for nb in [1, 2, 3, 8] {
                     let x = values(nb * n_in, nb as f32);
                     for mask in [
                         Mask::Dense,

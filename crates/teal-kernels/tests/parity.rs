@@ -700,26 +700,31 @@ mod packed_formats {
         assert_within(&a, &b, &lim, "per-channel q8");
     }
 
+    /// The prefill product on every format against the scalar reference on the same packed
+    /// weights, exact up to summation order: up to [`cpu::MATMUL_ROWS_UP_TO`] positions as
+    /// rows (a part batch and a full one), longer pieces as a product over more than one tile of
+    /// inputs and a partial block of outputs.
     #[test]
     fn packed_matmul_matches_reference() {
-        let (n_tok, n_in, n_out) = (5, 37, 300);
-        let wt = rand_vec(n_in * n_out, 12);
-        let x = rand_vec(n_tok * n_in, 13);
-        for dtype in Dtype::ALL {
-            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
-            let dq = dequant_all(&p);
-            let (mut a, mut b) = (vec![0.0; n_tok * n_out], vec![0.0; n_tok * n_out]);
-            reference::matmul_t(&x, n_tok, &dq, n_in, n_out, &mut a);
-            cpu::matmul_packed(&x, n_tok, &p.mat(), &mut b);
-            for t in 0..n_tok {
-                let scale = abs_scale(&dq, n_in, n_out, &x[t * n_in..(t + 1) * n_in]);
-                assert_close(
-                    &a[t * n_out..(t + 1) * n_out],
-                    &b[t * n_out..(t + 1) * n_out],
-                    &scale,
-                    GEMV_REL_TOL,
-                    &format!("matmul {dtype:?}"),
-                );
+        for (n_tok, n_in, n_out) in [(5, 37, 300), (8, 300, 577), (9, 37, 300), (40, 300, 577)] {
+            let wt = rand_vec(n_in * n_out, 12);
+            let x = rand_vec(n_tok * n_in, 13);
+            for dtype in Dtype::ALL {
+                let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+                let dq = dequant_all(&p);
+                let (mut a, mut b) = (vec![0.0; n_tok * n_out], vec![0.0; n_tok * n_out]);
+                reference::matmul_t(&x, n_tok, &dq, n_in, n_out, &mut a);
+                cpu::matmul_packed(&x, n_tok, &p.mat(), &mut b);
+                for t in 0..n_tok {
+                    let scale = abs_scale(&dq, n_in, n_out, &x[t * n_in..(t + 1) * n_in]);
+                    assert_close(
+                        &a[t * n_out..(t + 1) * n_out],
+                        &b[t * n_out..(t + 1) * n_out],
+                        &scale,
+                        GEMV_REL_TOL,
+                        &format!("matmul {dtype:?}, {n_tok} positions, position {t}"),
+                    );
+                }
             }
         }
     }
