@@ -1644,9 +1644,9 @@ unsafe fn dequant_groups_avx2(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
 
 /// Longest prompt piece [`matmul_packed`] runs as rows ([`crate::batch::matmul_rows`], one
 /// read of the weights for all of them, each weight decoded in registers and multiplied by
-/// every row) instead of a matrix product: one batch. Eight positions ran 1.1-5x faster as rows
+/// every row) instead of a matrix product: one batch. Eight positions ran 1.1-8x faster as rows
 /// on Llama-3-8B's and SmolLM2's shapes (`gemv_speed --prefill`); at 32 the tiled product took
-/// 0.55-0.8x the time of four batches of rows in q4 and q8.
+/// 0.55-1.1x the time of four batches of rows in q4 and q8.
 pub const MATMUL_ROWS_UP_TO: usize = crate::batch::MAX_ROWS;
 
 /// Input rows of one dequantized tile of [`matmul_packed`].
