@@ -1646,7 +1646,11 @@ unsafe fn dequant_groups_avx2(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
 /// read of the weights for all of them, each weight decoded in registers and multiplied by
 /// every row) instead of a matrix product: one batch. Eight positions ran 1.1-8x faster as rows
 /// on Llama-3-8B's and SmolLM2's shapes (`gemv_speed --prefill`); at 32 the tiled product took
-/// 0.55-1.1x the time of four batches of rows in q4 and q8.
+/// 0.55-1.1x the time of four batches of rows in q4 and q8. With the wide tile (forty-fourth
+/// session) two batches at 16 positions took 0.4-0.75x the tiled product's time on the 8B
+/// shapes, but a longer limit makes a greedy window of 16 positions (prefilled alone by
+/// `calibrate_on`) sum in another order than the same positions inside a longer window
+/// (`calibrate`), and the two calibrations must agree exactly.
 pub const MATMUL_ROWS_UP_TO: usize = crate::batch::MAX_ROWS;
 
 /// Input rows of one dequantized tile of [`matmul_packed`].

@@ -702,11 +702,18 @@ mod packed_formats {
 
     /// The prefill product on every format against the scalar reference on the same packed
     /// weights, exact up to summation order: up to [`cpu::MATMUL_ROWS_UP_TO`] positions as
-    /// rows (a part batch and a full one), longer pieces as a product over more than one tile of
-    /// inputs and a partial block of outputs.
+    /// rows (a part batch, a full one, and seven rows over several blocks of the wide tile's
+    /// kept rows and columns), longer pieces as a product over more than one tile of inputs
+    /// and a partial block of outputs.
     #[test]
     fn packed_matmul_matches_reference() {
-        for (n_tok, n_in, n_out) in [(5, 37, 300), (8, 300, 577), (9, 37, 300), (40, 300, 577)] {
+        for (n_tok, n_in, n_out) in [
+            (5, 37, 300),
+            (8, 300, 577),
+            (7, 600, 2100),
+            (9, 37, 300),
+            (40, 300, 577),
+        ] {
             let wt = rand_vec(n_in * n_out, 12);
             let x = rand_vec(n_tok * n_in, 13);
             for dtype in Dtype::ALL {
