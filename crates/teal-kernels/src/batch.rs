@@ -376,9 +376,8 @@ pub(crate) fn wide_available() -> bool {
 }
 
 /// The [`Tile`] for five to eight rows, where the CPU has AVX-512 VL ([`wide_available`]):
-/// per sixteen columns, each row's two sums stay in
-/// registers over a block of [`WIDE_ROWS`] kept rows, each weight is decoded once and multiplied
-/// by every row's value, and the outputs are loaded and stored once per block. The AVX2 tile
+/// per sixteen columns, each row's two sums stay in registers over a block of [`WIDE_ROWS`]
+/// kept rows, each weight is decoded once and multiplied by every row's value, and the outputs are loaded and stored once per block. The AVX2 tile
 /// instead decodes each weight once per four rows and adds each pass of rows into the outputs
 /// in memory; for eight rows (a short prompt's product) it took 1.2-1.7x this tile's time on
 /// Llama-3-8B's and SmolLM2's shapes in q4, q8, f16 and f32 (`gemv_speed --prefill`).
@@ -442,7 +441,6 @@ impl Wide<'_> {
     unsafe fn blocks<F: Chunks, const B: usize>(&self, f: &F) {
         let t = &self.0;
         use std::arch::x86_64::*;
-        let step = f.at(0, 1) as usize - f.at(0, 0) as usize;
         let cols = WIDE_COLS / GROUP;
         let kn = t.idx.len();
         for gb in (0..t.gn).step_by(cols) {
@@ -458,7 +456,9 @@ impl Wide<'_> {
                 };
                 let vals = t.val.as_ptr().add(k0 * B);
                 for g in gb..ge {
-                    let pg = t.g0 + ng0 + (g - gb);
+                    // Where this group's pass prefetches the next block, if that is inside the
+                    // tile.
+                    let pg = (ng0 + (g - gb) < t.gn).then_some(t.g0 + ng0 + (g - gb));
                     for h in 0..2 {
                         let mut acc = [[_mm256_setzero_ps(); 2]; B];
                         for (b, a) in acc.iter_mut().enumerate() {
@@ -467,16 +467,8 @@ impl Wide<'_> {
                             a[1] = _mm256_loadu_ps(p.add(8));
                         }
                         for (kk, &j) in ks.iter().enumerate() {
-                            if h == 0 && ng0 + (g - gb) < t.gn {
-                                if let Some(&nj) = next.get(kk) {
-                                    let p = f.at(nj as usize, pg);
-                                    _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p as *const i8);
-                                    if step > 64 {
-                                        _mm_prefetch::<{ cpu::TILE_PREFETCH }>(
-                                            p.wrapping_add(64) as *const i8
-                                        );
-                                    }
-                                }
+                            if let (0, Some(pg), Some(&nj)) = (h, pg, next.get(kk)) {
+                                f.prefetch(nj as usize, pg);
                             }
                             let st = f.group(j as usize, t.g0 + g);
                             let w0 = f.chunk(st, 2 * h);
@@ -512,6 +504,17 @@ trait Chunks {
     /// Where group `g` of row `j` lies, for prefetching (q4: about, its scales being stored
     /// per eight groups).
     fn at(&self, j: usize, g: usize) -> *const u8;
+    /// Prefetches group `g` of row `j` into L2: its line, and the next where the bytes from
+    /// one group of a row to the next take more than one (f32's 128).
+    #[inline(always)]
+    unsafe fn prefetch(&self, j: usize, g: usize) {
+        use std::arch::x86_64::_mm_prefetch;
+        let p = self.at(j, g);
+        _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p as *const i8);
+        if self.at(0, 1) as usize - self.at(0, 0) as usize > 64 {
+            _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p.wrapping_add(64) as *const i8);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -690,8 +693,6 @@ impl Tile<'_> {
         use std::arch::x86_64::*;
         let nb = self.nb;
         let g0 = self.g0;
-        // Bytes from one group of a row to the next (128 for f32: two lines a group).
-        let step = f.at(0, 1) as usize - f.at(0, 0) as usize;
         for (pi, pass) in self.idx.chunks(R).enumerate() {
             // The next pass's rows, prefetched group by group as this pass reads its own (as
             // `cpu::next_rows` does for one row), so that no pass waits for its lines: kept
@@ -709,11 +710,7 @@ impl Tile<'_> {
             }
             for g in 0..self.gn {
                 for &j in next {
-                    let p = f.at(j as usize, g0 + g);
-                    _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p as *const i8);
-                    if step > 64 {
-                        _mm_prefetch::<{ cpu::TILE_PREFETCH }>(p.wrapping_add(64) as *const i8);
-                    }
+                    f.prefetch(j as usize, g0 + g);
                 }
                 let st: [F::Group; R] = std::array::from_fn(|r| f.group(js[r], g0 + g));
                 for c in 0..4 {
