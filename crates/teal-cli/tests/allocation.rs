@@ -1,0 +1,86 @@
+//! `--allocation auto` (the default of run, ppl and serve) takes the best allocation the
+//! thresholds file supports: greedy where it has greedy tables, else fisher where it has fisher
+//! tables, else uniform. Uses the real SmolLM2 file when it is cached (skips otherwise, or fails
+//! under TEAL_REQUIRE_ASSETS=1).
+
+use std::path::Path;
+use std::process::Command;
+
+fn teal(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "teal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The `allocation` key of `teal ppl --json` at 50 % with `th`, plus `extra` flags.
+fn allocation(m: &str, text: &str, th: &Path, extra: &[&str]) -> String {
+    let th = th.to_str().unwrap();
+    let args = [
+        "ppl",
+        "-m",
+        m,
+        "-f",
+        text,
+        "-c",
+        "64",
+        "--chunks",
+        "1",
+        "--sparsity",
+        "0.5",
+        "--thresholds",
+        th,
+        "--json",
+    ];
+    let out = teal(&[&args[..], extra].concat());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["allocation"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn auto_allocation_is_the_best_the_file_has() {
+    let Some(m) =
+        teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
+    else {
+        return;
+    };
+    let m = m.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let text = text.to_str().unwrap();
+    let calibrate = |name: &str, extra: &[&str]| {
+        let th = dir.path().join(name);
+        let base = ["calibrate", "-m", m, "--data", text, "--samples", "1"];
+        let rest = ["--seq-len", "64", "--no-wina", "-o", th.to_str().unwrap()];
+        teal(&[&base[..], &rest[..], extra].concat());
+        th
+    };
+    let plain = calibrate("plain.json", &[]);
+    assert_eq!(allocation(m, text, &plain, &[]), "uniform");
+    let fisher = calibrate(
+        "fisher.json",
+        &[
+            "--fisher",
+            "--fisher-samples",
+            "1",
+            "--fisher-seq-len",
+            "32",
+        ],
+    );
+    assert_eq!(allocation(m, text, &fisher, &[]), "fisher");
+    assert_eq!(
+        allocation(m, text, &fisher, &["--allocation", "uniform"]),
+        "uniform"
+    );
+}
