@@ -280,7 +280,7 @@ struct ServeArgs {
 struct BenchArgs {
     #[command(flatten)]
     common: Common,
-    /// Model-wide sparsities (uniform allocation from the thresholds file).
+    /// Model-wide sparsities (from the thresholds file, spread by --allocation).
     #[arg(
         long,
         value_delimiter = ',',
@@ -290,6 +290,10 @@ struct BenchArgs {
     /// Thresholds file (default: the cached one for this model).
     #[arg(long)]
     thresholds: Option<PathBuf>,
+    /// How each sparsity is spread over the seven projections of each block, as in `run`
+    /// (default uniform: the protocol of docs/PERFORMANCE.md; auto: what `run` would take).
+    #[arg(long, value_enum, default_value_t = AllocationArg::Uniform)]
+    allocation: AllocationArg,
     /// How thresholds are read from the statistics.
     #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
     quantile: QuantileArg,
@@ -1556,26 +1560,25 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             )
         }
     };
-    let masks_for = |s: f64| -> Result<Option<Vec<[Option<InputMask>; 7]>>> {
-        let spec = SparsitySpec {
-            target: s,
-            allocation: Allocation::Uniform,
-            quantile: a.quantile.into(),
-            mode: Mode::All,
+    // Each sparse row's masks and the allocation they were spread by.
+    type RowMasks = Option<(Vec<[Option<InputMask>; 7]>, Allocation)>;
+    let masks_for = |s: f64| -> Result<RowMasks> {
+        let sparse = SparseArgs {
+            sparsity: s,
+            thresholds: a.thresholds.clone(),
+            allocation: a.allocation,
+            quantile: a.quantile,
+            mode: ModeArg::All,
         };
         match (&random_th, &files) {
             _ if s == 0.0 => Ok(None),
-            (Some(th), _) => Ok(Some(th.resolve(&spec)?)),
-            (None, Some(files)) => {
-                let sparse = SparseArgs {
-                    sparsity: s,
-                    thresholds: a.thresholds.clone(),
-                    allocation: AllocationArg::Uniform,
-                    quantile: a.quantile,
-                    mode: ModeArg::All,
-                };
-                Ok(sparse.resolve(files)?.map(|(t, ..)| t))
+            (Some(th), _) => {
+                let spec = sparse.spec(Some(th));
+                Ok(Some((th.resolve(&spec)?, spec.allocation)))
             }
+            (None, Some(files)) => Ok(sparse
+                .resolve(files)?
+                .map(|(t, spec, ..)| (t, spec.allocation))),
             (None, None) => bail!("no thresholds"),
         }
     };
@@ -1601,11 +1604,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         n_decode: a.n_gen,
         reps: a.reps,
     };
-    let masks = a
+    let (masks, allocations): (Vec<_>, Vec<_>) = a
         .sparsity
         .iter()
         .map(|&s| masks_for(s))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .map(|m| match m {
+            Some((m, alloc)) => (Some(m), Some(alloc)),
+            None => (None, None),
+        })
+        .unzip();
+    let allocation = allocations.iter().flatten().next().map(|al| al.name());
     let models = masks
         .iter()
         .map(|m| match m {
@@ -1692,6 +1702,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             },
             "memory": memory,
             "model": model_path,
+            "allocation": allocation,
+            "quantile": Quantile::from(a.quantile).name(),
             "dtype": dtype.name(),
             "n_prompt": a.n_prompt,
             "n_gen": a.n_gen,
@@ -1699,8 +1711,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         });
         println!("{j}");
     } else {
+        let sparse_note = allocation.map_or(String::new(), |al| {
+            format!(
+                " | {al} allocation, {} quantile",
+                Quantile::from(a.quantile).name()
+            )
+        });
         println!(
-            "model {model_path} | dtype {} | device {} | threads {threads} | simd {} | bandwidth {:.2} GB/s ({}) | p {} n {} r {}",
+            "model {model_path} | dtype {} | device {} | threads {threads} | simd {} | bandwidth {:.2} GB/s ({}) | p {} n {} r {}{sparse_note}",
             dtype.name(),
             dec.describe(),
             teal_simd_note(),

@@ -1,7 +1,7 @@
-//! `--allocation auto` (the default of run, ppl and serve) takes the best allocation the
-//! thresholds file supports: greedy where it has greedy tables, else fisher where it has fisher
-//! tables, else uniform. Uses the real SmolLM2 file when it is cached (skips otherwise, or fails
-//! under TEAL_REQUIRE_ASSETS=1).
+//! `--allocation auto` (the default of run, ppl and serve; bench's when asked) takes the best
+//! allocation the thresholds file supports: greedy where it has greedy tables, else fisher where
+//! it has fisher tables, else uniform. Uses the real SmolLM2 file when it is cached (skips
+//! otherwise, or fails under TEAL_REQUIRE_ASSETS=1).
 
 use std::path::Path;
 use std::process::Command;
@@ -83,4 +83,31 @@ fn auto_allocation_is_the_best_the_file_has() {
         allocation(m, text, &fisher, &["--allocation", "uniform"]),
         "uniform"
     );
+
+    // `teal bench` keeps uniform unless asked, and takes what `run` would with auto.
+    let bench = |extra: &[&str]| {
+        let args = [
+            "bench",
+            "-m",
+            m,
+            "--thresholds",
+            fisher.to_str().unwrap(),
+            "--sparsity",
+            "0,0.5",
+            "-n",
+            "2",
+            "-p",
+            "4",
+            "-r",
+            "1",
+            "--bandwidth-mib",
+            "16",
+            "--json",
+        ];
+        let v: serde_json::Value =
+            serde_json::from_str(&teal(&[&args[..], extra].concat())).unwrap();
+        v["allocation"].as_str().unwrap().to_string()
+    };
+    assert_eq!(bench(&[]), "uniform");
+    assert_eq!(bench(&["--allocation", "auto"]), "fisher");
 }
