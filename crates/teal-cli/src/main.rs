@@ -96,9 +96,10 @@ struct SparseArgs {
     #[arg(long)]
     thresholds: Option<PathBuf>,
     /// How the target is spread over the seven projections of each block (auto: greedy when the
-    /// thresholds file has greedy tables, else fisher when it has fisher tables, else uniform;
-    /// fisher: one loss-aware threshold for the whole model, from `calibrate --fisher`, whose
-    /// gradients run on the CPU only).
+    /// thresholds file has greedy tables, else fisher when it has fisher tables (and the
+    /// quantile is abs or fisher), else uniform; fisher: one loss-aware threshold for the whole
+    /// model, from `calibrate --fisher`, whose gradients run on the CPU only; it picks the inputs
+    /// itself, so --quantile teal and wina do not apply to it).
     #[arg(long, value_enum, default_value_t = AllocationArg::Auto)]
     allocation: AllocationArg,
     /// Which inputs a projection zeroes for the sparsity the allocation gives it: those below
@@ -168,7 +169,12 @@ impl SparseArgs {
             target: self.sparsity,
             allocation: match self.allocation {
                 AllocationArg::Auto if th.is_some_and(|t| t.greedy.is_some()) => Allocation::Greedy,
-                AllocationArg::Auto if th.is_some_and(|t| t.fisher.is_some()) => Allocation::Fisher,
+                AllocationArg::Auto
+                    if th.is_some_and(|t| t.fisher.is_some())
+                        && matches!(self.quantile, QuantileArg::Abs | QuantileArg::Fisher) =>
+                {
+                    Allocation::Fisher
+                }
                 AllocationArg::Auto | AllocationArg::Uniform => Allocation::Uniform,
                 AllocationArg::Greedy => Allocation::Greedy,
                 AllocationArg::Fisher => Allocation::Fisher,

@@ -1,6 +1,6 @@
 //! `--allocation auto` (the default of run, ppl and serve; bench's when asked) takes the best
 //! allocation the thresholds file supports: greedy where it has greedy tables, else fisher where
-//! it has fisher tables, else uniform. Uses the real SmolLM2 file when it is cached (skips
+//! it has fisher tables (with the abs or fisher quantile), else uniform. Uses the real SmolLM2 file when it is cached (skips
 //! otherwise, or fails under TEAL_REQUIRE_ASSETS=1).
 
 use std::path::Path;
@@ -79,6 +79,11 @@ fn auto_allocation_is_the_best_the_file_has() {
         ],
     );
     assert_eq!(allocation(m, text, &fisher, &[]), "fisher");
+    // The fisher allocation picks the inputs itself, so a TEAL quantile keeps auto uniform.
+    assert_eq!(
+        allocation(m, text, &fisher, &["--quantile", "teal"]),
+        "uniform"
+    );
     assert_eq!(
         allocation(m, text, &fisher, &["--allocation", "uniform"]),
         "uniform"

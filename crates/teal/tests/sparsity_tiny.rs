@@ -536,6 +536,17 @@ fn fisher_allocation_hits_the_target_over_the_whole_model() {
         .iter()
         .flatten()
         .all(|x| x.is_none()));
+    // It picks the inputs itself: TEAL's and the weight-aware quantiles are refused by name.
+    for q in [Quantile::Teal, Quantile::Wina] {
+        let e = th
+            .resolve(&spec(0.5, Allocation::Fisher, q))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("the {} quantile does not apply", q.name())),
+            "{e}"
+        );
+    }
     let sizes = size_weights(&c);
     let toks = tokens(3 * 64, 5);
     for s in [0.25, 0.5, 0.75] {

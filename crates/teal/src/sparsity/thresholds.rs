@@ -553,6 +553,14 @@ impl Thresholds {
     pub fn resolve(&self, spec: &SparsitySpec) -> Result<Vec<[Option<InputMask>; 7]>> {
         if spec.allocation == Allocation::Fisher {
             check_target(spec.target)?;
+            if matches!(spec.quantile, Quantile::Teal | Quantile::Wina) {
+                return Err(Error::Invalid(format!(
+                    "the fisher allocation picks each projection's inputs by its own loss-aware \
+                     scores: the {} quantile does not apply to it (use it with the uniform or \
+                     greedy allocation)",
+                    spec.quantile.name()
+                )));
+            }
             let f = self.fisher_tables()?;
             if spec.target == 0.0 {
                 return Ok(vec![Default::default(); f.weights.len()]);
