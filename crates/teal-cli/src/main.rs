@@ -838,6 +838,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         Prompt::Text(text.to_string())
     };
     let prompt = encode_prompt(tok, &request)?;
+    teal::generate::check_prompt(&*dec, &prompt)?;
     let mut out = std::io::stdout().lock();
     if !a.chat {
         write!(out, "{text}")?;

@@ -62,6 +62,16 @@ fn bad_prompts_and_texts_are_clear_errors() {
     let long = "word ".repeat(300);
     let e = fails(&["run", "-m", m, "-p", &long, "-c", "64", "-n", "4"]);
     assert!(e.contains("longer than the context of 64"), "{e}");
+    // Refused before the prompt is echoed: nothing on standard output.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args(["run", "-m", m, "-p", &long, "-c", "64", "-n", "4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // More tokens asked for than any context holds: generation ends at the context (this
     // once reserved room for all of them and panicked with "capacity overflow").

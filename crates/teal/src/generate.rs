@@ -369,8 +369,9 @@ pub fn step_together<'d, 't>(steps: &mut [TurnStep<'_, 'd, 't>]) -> Vec<Result<b
 }
 
 /// The checks that leave the decoder untouched: a prompt that is empty or does not fit.
-/// (Ids outside the vocabulary are the decoders' own check, on every prefill.)
-fn check_prompt(dec: &dyn Decoder, prompt: &[u32]) -> Result<()> {
+/// (Ids outside the vocabulary are the decoders' own check, on every prefill.) Generation runs
+/// them itself; a caller that shows the prompt first can run them before.
+pub fn check_prompt(dec: &dyn Decoder, prompt: &[u32]) -> Result<()> {
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
