@@ -90,7 +90,7 @@ impl From<DtypeArg> for teal::Dtype {
 #[derive(Args, Clone)]
 struct SparseArgs {
     /// Model-wide activation sparsity in [0, 1) (0: dense).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     sparsity: f64,
     /// Thresholds file from `teal calibrate` (default: the cached one for this model).
     #[arg(long)]
@@ -290,7 +290,8 @@ struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "0,0.25,0.4,0.5,0.65,0.75"
+        default_value = "0,0.25,0.4,0.5,0.65,0.75",
+        allow_negative_numbers = true
     )]
     sparsity: Vec<f64>,
     /// Thresholds file (default: the cached one for this model).
@@ -360,7 +361,7 @@ struct RunArgs {
     #[arg(short = 'c', long)]
     ctx: Option<usize>,
     /// Temperature; 0 is greedy.
-    #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.temperature)]
+    #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.temperature, allow_negative_numbers = true)]
     temp: f32,
     /// Top-k cut (0: off).
     #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.top_k)]
@@ -513,7 +514,12 @@ struct ReportArgs {
     #[arg(short = 'f', long)]
     file: PathBuf,
     /// Target sparsities.
-    #[arg(long, value_delimiter = ',', default_value = "0.25,0.4,0.5,0.65,0.75")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.25,0.4,0.5,0.65,0.75",
+        allow_negative_numbers = true
+    )]
     sparsities: Vec<f64>,
     /// Windows of 512 tokens scored per point.
     #[arg(long, default_value_t = 8)]
@@ -543,9 +549,26 @@ struct InspectArgs {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = on_pool_worker(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes joined by ": ", each cause once: the library's messages already
+/// end with their cause where they have one (`FILE: No such file or directory`), which
+/// anyhow's `{:#}` would print a second time.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !out.ends_with(&msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&msg);
+        }
+    }
+    out
 }
 
 /// Runs the command on a worker of the global thread pool (built by `setup_threads`), so that the
@@ -1781,5 +1804,23 @@ fn teal_simd_note() -> &'static str {
         "avx2+fma+f16c+avx512vnni (q8 and q4 decode in 8-bit products)"
     } else {
         "avx2+fma+f16c (q4 decode in 8-bit products)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+    use anyhow::Context;
+
+    #[test]
+    fn error_chain_names_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let lib = anyhow::Error::from(teal::Error::Io {
+            path: "/x.txt".into(),
+            source: io(),
+        });
+        assert_eq!(error_chain(&lib), "/x.txt: No such file");
+        let ctx = Err::<(), _>(io()).context("reading the text").unwrap_err();
+        assert_eq!(error_chain(&ctx), "reading the text: No such file");
     }
 }

@@ -59,6 +59,12 @@ fn bad_prompts_and_texts_are_clear_errors() {
     let e = fails(&["run", "-m", m, "-p", "", "-n", "4"]);
     assert!(e.contains("prompt is empty"), "{e}");
 
+    // Negative numbers reach the checks (not clap's "unexpected argument '-0'").
+    let e = fails(&["run", "-m", m, "-p", "hi", "--sparsity", "-0.1"]);
+    assert!(e.contains("sparsity -0.1 is outside [0, 1)"), "{e}");
+    let e = fails(&["run", "-m", m, "-p", "hi", "--temp", "-1"]);
+    assert!(e.contains("temperature = -1"), "{e}");
+
     let long = "word ".repeat(300);
     let e = fails(&["run", "-m", m, "-p", &long, "-c", "64", "-n", "4"]);
     assert!(e.contains("longer than the context of 64"), "{e}");
