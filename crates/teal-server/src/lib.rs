@@ -1555,6 +1555,11 @@ fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
         .enumerate()
         .map(|(i, m)| {
             let content = match m.content {
+                None if m.tool_calls.is_none() => {
+                    return Err(ApiError::bad_request(format!(
+                        "messages[{i}]: expected 'content' or 'tool_calls'"
+                    )))
+                }
                 None => String::new(),
                 Some(Content::Text(t)) => t,
                 Some(Content::Parts(parts)) => parts

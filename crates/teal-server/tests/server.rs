@@ -709,6 +709,11 @@ async fn bad_requests_get_clear_errors() {
             "needs logprobs",
         ),
         (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "system", "content": "x"}, {"role": "user"}]}).to_string(),
+            "messages[1]: expected 'content' or 'tool_calls'",
+        ),
+        (
             "/v1/completions",
             json!({"prompt": "x", "echo": true, "stream": true}).to_string(),
             "echo: not available with stream",
