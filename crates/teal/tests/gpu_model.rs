@@ -288,9 +288,13 @@ fn cpu_case(m: &Llama, prompt: &[u32], thresholds: Option<Vec<[f32; 7]>>) -> Cas
 /// Largest |gpu - cpu| / max(1, |cpu|) over the fixture's top logits, and whether this
 /// position is a near tie. A differing best token is a line in `bad`, except in a sparse case
 /// (`ties`) where it is a near tie that the measured discrepancy explains: the GPU's token is
-/// in the CPU's top list and its CPU logit is below the best by no more than the largest
+/// in the CPU's top list and its CPU logit is below the best by no more than twice the largest
 /// |gpu - cpu| seen at this position (a TEAL input flipping across its threshold moves the
-/// logits by that much; see docs/perf-cuda.md). When the best tokens agree, the position is
+/// logits by that much, and the GPU's token can gain it while the CPU's best loses it: on the
+/// H100, the Llama-3-8B blocks with per-channel masks once had a gap of 0.708 against a largest
+/// difference of 0.62, the GPU's token up by 0.62 and the CPU's best down by 0.09; on the CPU
+/// alone, those per-channel thresholds scaled by 1 + 1e-7 move the teacher-forced logits by up
+/// to 0.66; see docs/perf-cuda.md). When the best tokens agree, the position is
 /// still a near tie if the CPU's two best logits are closer than twice that discrepancy: the
 /// GPU's f32 atomics sum in no fixed order, so another run (the free-running one) may differ
 /// from this one by as much as each differs from the CPU, and pick the other token.
@@ -317,7 +321,7 @@ fn compare(gpu: &[f32], want: &Top, what: &str, ties: bool, bad: &mut Vec<String
             .ids
             .iter()
             .position(|&i| i == best)
-            .is_some_and(|k| want.logits[0] - want.logits[k] <= abs_err);
+            .is_some_and(|k| want.logits[0] - want.logits[k] <= 2.0 * abs_err);
     if near_tie {
         eprintln!(
             "{what}: near tie accepted: GPU token {best}, CPU {} (CPU logits {:?}, largest |gpu - cpu| {abs_err:.3})",
