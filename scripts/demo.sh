@@ -2,7 +2,8 @@
 # The main job on the default model: fetch SmolLM2-135M-Instruct (cached), calibrate TEAL once
 # (cached; with the loss gradients, so that `--sparsity` takes the loss-aware allocation: on this
 # model 41% less PPL increase than uniform TEAL at 50%, docs/QUALITY.md), generate dense and with 50%
-# activation sparsity, and print the decode speed of both and the quality change on WikiText-2.
+# activation sparsity, and print the decode speed of both (each run's, then a benchmark that
+# alternates them) and the quality change on WikiText-2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,10 @@ echo "== dense =="
 echo
 echo "== TEAL, 50% activation sparsity =="
 "$teal" run -m "$model" -p "$prompt" -n 64 --temp 0 --sparsity 0.5
+echo
+# One short run of each is noisy on a shared machine; the bench alternates them round by round.
+echo "== decode speed, dense and 50% in alternating rounds (median of 3) =="
+"$teal" bench -m "$model" --sparsity 0,0.5 --allocation auto -n 64 -p 16 -r 3 --bandwidth-mib 256 2>/dev/null
 echo
 text=../shared/data/wikitext-2-raw-test.raw
 [ -f "$text" ] || text="$(scripts/fetch-assets.sh calib | tail -n1)"
