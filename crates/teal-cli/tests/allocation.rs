@@ -1,23 +1,12 @@
 //! `--allocation auto` (the default of run, ppl and serve; bench's when asked) takes the best
 //! allocation the thresholds file supports: greedy where it has greedy tables, else fisher where
-//! it has fisher tables (with the abs or fisher quantile), else uniform. Uses the real SmolLM2 file when it is cached (skips
-//! otherwise, or fails under TEAL_REQUIRE_ASSETS=1).
+//! it has fisher tables (with the abs or fisher quantile), else uniform. Uses the real SmolLM2
+//! file when it is cached (skips otherwise, or fails under TEAL_REQUIRE_ASSETS=1).
 
+mod common;
+
+use common::{calibrate_small, short_text, smollm2, teal_ok as teal};
 use std::path::Path;
-use std::process::Command;
-
-fn teal(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_teal"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "teal {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// The `allocation` key of `teal ppl --json` at 50 % with `th`, plus `extra` flags.
 fn allocation(m: &str, text: &str, th: &Path, extra: &[&str]) -> String {
@@ -45,27 +34,16 @@ fn allocation(m: &str, text: &str, th: &Path, extra: &[&str]) -> String {
 
 #[test]
 fn auto_allocation_is_the_best_the_file_has() {
-    let Some(m) =
-        teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
-    else {
-        return;
-    };
+    let Some(m) = smollm2() else { return };
     let m = m.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("text.txt");
-    std::fs::write(
-        &text,
-        "The quick brown fox jumps over the lazy dog. ".repeat(40),
-    )
-    .unwrap();
-    let text = text.to_str().unwrap();
+    let text = short_text(dir.path());
     let calibrate = |name: &str, extra: &[&str]| {
         let th = dir.path().join(name);
-        let base = ["calibrate", "-m", m, "--data", text, "--samples", "1"];
-        let rest = ["--seq-len", "64", "--no-wina", "-o", th.to_str().unwrap()];
-        teal(&[&base[..], &rest[..], extra].concat());
+        calibrate_small(m, &text, &th, extra);
         th
     };
+    let text = text.to_str().unwrap();
     let plain = calibrate("plain.json", &[]);
     assert_eq!(allocation(m, text, &plain, &[]), "uniform");
     let fisher = calibrate(

@@ -2,12 +2,10 @@
 //! never a panic. Uses the real SmolLM2 file when it is cached (skips otherwise, or fails under
 //! TEAL_REQUIRE_ASSETS=1).
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn smollm2() -> Option<PathBuf> {
-    teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
-}
+use common::{calibrate_small, short_text, smollm2};
+use std::process::Command;
 
 /// Runs teal and returns (exit code, stderr); asserts it failed without panicking.
 fn fails(args: &[&str]) -> String {
@@ -191,24 +189,10 @@ fn report_on_a_gpu_refuses_other_modes() {
     let Some(m) = smollm2() else { return };
     let m = m.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("text.txt");
-    std::fs::write(
-        &text,
-        "The quick brown fox jumps over the lazy dog. ".repeat(40),
-    )
-    .unwrap();
+    let text = short_text(dir.path());
     let th = dir.path().join("th.json");
+    calibrate_small(m, &text, &th, &[]);
     let (text_s, th_s) = (text.to_str().unwrap(), th.to_str().unwrap());
-    let cal = Command::new(env!("CARGO_BIN_EXE_teal"))
-        .args(["calibrate", "-m", m, "--data", text_s, "--samples", "1"])
-        .args(["--seq-len", "64", "--no-wina", "-o", th_s])
-        .output()
-        .unwrap();
-    assert!(
-        cal.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cal.stderr)
-    );
     let out = dir.path().join("report");
     let e = fails(&[
         "report",

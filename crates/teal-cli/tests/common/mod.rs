@@ -1,0 +1,44 @@
+//! What the CLI's integration tests share: the real SmolLM2 file, a short text, and a
+//! thresholds file calibrated on it in seconds.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The cached SmolLM2 file (`None`: the test skips, or fails under TEAL_REQUIRE_ASSETS=1).
+pub fn smollm2() -> Option<PathBuf> {
+    teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
+}
+
+/// Runs teal, asserts it succeeded and returns its standard output.
+pub fn teal_ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "teal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A short English text in `dir` (about 400 tokens).
+pub fn short_text(dir: &Path) -> PathBuf {
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    text
+}
+
+/// Thresholds of `model` calibrated on one window of 64 tokens of `text` into `out`, with the
+/// `extra` flags of `teal calibrate`.
+pub fn calibrate_small(model: &str, text: &Path, out: &Path, extra: &[&str]) {
+    let (text, out) = (text.to_str().unwrap(), out.to_str().unwrap());
+    let base = ["calibrate", "-m", model, "--data", text, "--samples", "1"];
+    let rest = ["--seq-len", "64", "--no-wina", "-o", out];
+    teal_ok(&[&base[..], &rest[..], extra].concat());
+}
