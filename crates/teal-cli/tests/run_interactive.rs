@@ -3,13 +3,11 @@
 //! reusing the cached conversation, `/clear` starting over, and the first answer equal to
 //! `teal run --chat` on the same message.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn smollm2() -> Option<PathBuf> {
-    teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
-}
+use common::smollm2;
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
 
 fn teal(args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_teal"))

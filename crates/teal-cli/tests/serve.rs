@@ -3,14 +3,12 @@
 //! reports an address it cannot bind.
 //! Uses the real SmolLM2 file (skips when it is not cached, unless TEAL_REQUIRE_ASSETS=1).
 
+mod common;
+
+use common::smollm2;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-
-fn smollm2() -> Option<PathBuf> {
-    teal::assets::test_model("TEAL_SMOLLM2_GGUF", teal::assets::DEFAULT_MODEL_FILE).unwrap()
-}
 
 /// Kills the server when the test ends, however it ends.
 struct Server(std::process::Child);

@@ -1,5 +1,6 @@
 //! What the CLI's integration tests share: the real SmolLM2 file, a short text, and a
-//! thresholds file calibrated on it in seconds.
+//! thresholds file calibrated on it in seconds. (Each test file uses some of them.)
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
