@@ -163,23 +163,28 @@ type Resolved = (
 );
 
 impl SparseArgs {
-    /// The request; `auto` allocation is decided by what `th` holds.
+    /// The request; `auto` allocation is decided by what `th` holds. The fisher allocation
+    /// picks the inputs by its loss-aware scores, so its quantile is `fisher` (results say so).
     fn spec(&self, th: Option<&Thresholds>) -> SparsitySpec {
+        let allocation = match self.allocation {
+            AllocationArg::Auto if th.is_some_and(|t| t.greedy.is_some()) => Allocation::Greedy,
+            AllocationArg::Auto
+                if th.is_some_and(|t| t.fisher.is_some())
+                    && matches!(self.quantile, QuantileArg::Abs | QuantileArg::Fisher) =>
+            {
+                Allocation::Fisher
+            }
+            AllocationArg::Auto | AllocationArg::Uniform => Allocation::Uniform,
+            AllocationArg::Greedy => Allocation::Greedy,
+            AllocationArg::Fisher => Allocation::Fisher,
+        };
         SparsitySpec {
             target: self.sparsity,
-            allocation: match self.allocation {
-                AllocationArg::Auto if th.is_some_and(|t| t.greedy.is_some()) => Allocation::Greedy,
-                AllocationArg::Auto
-                    if th.is_some_and(|t| t.fisher.is_some())
-                        && matches!(self.quantile, QuantileArg::Abs | QuantileArg::Fisher) =>
-                {
-                    Allocation::Fisher
-                }
-                AllocationArg::Auto | AllocationArg::Uniform => Allocation::Uniform,
-                AllocationArg::Greedy => Allocation::Greedy,
-                AllocationArg::Fisher => Allocation::Fisher,
+            allocation,
+            quantile: match (allocation, self.quantile) {
+                (Allocation::Fisher, QuantileArg::Abs) => Quantile::Fisher,
+                (_, q) => q.into(),
             },
-            quantile: self.quantile.into(),
             mode: match self.mode {
                 ModeArg::All => Mode::All,
                 ModeArg::Half => Mode::Half,
@@ -1590,8 +1595,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             )
         }
     };
-    // Each sparse row's masks and the allocation they were spread by.
-    type RowMasks = Option<(Vec<[Option<InputMask>; 7]>, Allocation)>;
+    // Each sparse row's masks and the request they were resolved for.
+    type RowMasks = Option<(Vec<[Option<InputMask>; 7]>, SparsitySpec)>;
     let masks_for = |s: f64| -> Result<RowMasks> {
         let sparse = SparseArgs {
             sparsity: s,
@@ -1604,11 +1609,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             _ if s == 0.0 => Ok(None),
             (Some(th), _) => {
                 let spec = sparse.spec(Some(th));
-                Ok(Some((th.resolve(&spec)?, spec.allocation)))
+                Ok(Some((th.resolve(&spec)?, spec)))
             }
-            (None, Some(files)) => Ok(sparse
-                .resolve(files)?
-                .map(|(t, spec, ..)| (t, spec.allocation))),
+            (None, Some(files)) => Ok(sparse.resolve(files)?.map(|(t, spec, ..)| (t, spec))),
             (None, None) => bail!("no thresholds"),
         }
     };
@@ -1634,18 +1637,22 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         n_decode: a.n_gen,
         reps: a.reps,
     };
-    let (masks, allocations): (Vec<_>, Vec<_>) = a
+    let (masks, specs): (Vec<_>, Vec<_>) = a
         .sparsity
         .iter()
         .map(|&s| masks_for(s))
         .collect::<Result<Vec<_>>>()?
         .into_iter()
         .map(|m| match m {
-            Some((m, alloc)) => (Some(m), Some(alloc)),
+            Some((m, spec)) => (Some(m), Some(spec)),
             None => (None, None),
         })
         .unzip();
-    let allocation = allocations.iter().flatten().next().map(|al| al.name());
+    let spec = specs.iter().flatten().next();
+    let (allocation, quantile) = (
+        spec.map(|s| s.allocation.name()),
+        spec.map(|s| s.quantile.name()),
+    );
     let models = masks
         .iter()
         .map(|m| match m {
@@ -1733,7 +1740,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "memory": memory,
             "model": model_path,
             "allocation": allocation,
-            "quantile": Quantile::from(a.quantile).name(),
+            "quantile": quantile,
             "dtype": dtype.name(),
             "n_prompt": a.n_prompt,
             "n_gen": a.n_gen,
@@ -1741,12 +1748,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         });
         println!("{j}");
     } else {
-        let sparse_note = allocation.map_or(String::new(), |al| {
-            format!(
-                " | {al} allocation, {} quantile",
-                Quantile::from(a.quantile).name()
-            )
-        });
+        let sparse_note = match (allocation, quantile) {
+            (Some(al), Some(q)) => format!(" | {al} allocation, {q} quantile"),
+            _ => String::new(),
+        };
         println!(
             "model {model_path} | dtype {} | device {} | threads {threads} | simd {} | bandwidth {:.2} GB/s ({}) | p {} n {} r {}{sparse_note}",
             dtype.name(),

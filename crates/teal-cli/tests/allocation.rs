@@ -8,7 +8,8 @@ mod common;
 use common::{calibrate_small, short_text, smollm2, teal_ok as teal};
 use std::path::Path;
 
-/// The `allocation` key of `teal ppl --json` at 50 % with `th`, plus `extra` flags.
+/// The `allocation` and `quantile` keys of `teal ppl --json` at 50 % with `th`, plus `extra`
+/// flags, as `allocation/quantile`.
 fn allocation(m: &str, text: &str, th: &Path, extra: &[&str]) -> String {
     let th = th.to_str().unwrap();
     let args = [
@@ -29,7 +30,11 @@ fn allocation(m: &str, text: &str, th: &Path, extra: &[&str]) -> String {
     ];
     let out = teal(&[&args[..], extra].concat());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["allocation"].as_str().unwrap().to_string()
+    format!(
+        "{}/{}",
+        v["allocation"].as_str().unwrap(),
+        v["quantile"].as_str().unwrap()
+    )
 }
 
 #[test]
@@ -45,7 +50,7 @@ fn auto_allocation_is_the_best_the_file_has() {
     };
     let text = text.to_str().unwrap();
     let plain = calibrate("plain.json", &[]);
-    assert_eq!(allocation(m, text, &plain, &[]), "uniform");
+    assert_eq!(allocation(m, text, &plain, &[]), "uniform/abs");
     let fisher = calibrate(
         "fisher.json",
         &[
@@ -56,15 +61,15 @@ fn auto_allocation_is_the_best_the_file_has() {
             "32",
         ],
     );
-    assert_eq!(allocation(m, text, &fisher, &[]), "fisher");
+    assert_eq!(allocation(m, text, &fisher, &[]), "fisher/fisher");
     // The fisher allocation picks the inputs itself, so a TEAL quantile keeps auto uniform.
     assert_eq!(
         allocation(m, text, &fisher, &["--quantile", "teal"]),
-        "uniform"
+        "uniform/teal"
     );
     assert_eq!(
         allocation(m, text, &fisher, &["--allocation", "uniform"]),
-        "uniform"
+        "uniform/abs"
     );
 
     // `teal bench` keeps uniform unless asked, and takes what `run` would with auto.
@@ -89,8 +94,12 @@ fn auto_allocation_is_the_best_the_file_has() {
         ];
         let v: serde_json::Value =
             serde_json::from_str(&teal(&[&args[..], extra].concat())).unwrap();
-        v["allocation"].as_str().unwrap().to_string()
+        format!(
+            "{}/{}",
+            v["allocation"].as_str().unwrap(),
+            v["quantile"].as_str().unwrap()
+        )
     };
-    assert_eq!(bench(&[]), "uniform");
-    assert_eq!(bench(&["--allocation", "auto"]), "fisher");
+    assert_eq!(bench(&[]), "uniform/abs");
+    assert_eq!(bench(&["--allocation", "auto"]), "fisher/fisher");
 }
