@@ -96,8 +96,8 @@ struct SparseArgs {
     #[arg(long)]
     thresholds: Option<PathBuf>,
     /// How the target is spread over the seven projections of each block (auto: greedy when the
-    /// thresholds file has greedy tables, else fisher when it has fisher tables (and the
-    /// quantile is abs or fisher), else uniform; fisher: one loss-aware threshold for the whole
+    /// thresholds file has greedy tables, else fisher when it has fisher tables (and no
+    /// quantile other than abs or fisher is asked), else uniform; fisher: one loss-aware threshold for the whole
     /// model, from `calibrate --fisher`, whose gradients run on the CPU only; it picks the inputs
     /// itself, so --quantile teal and wina do not apply to it).
     #[arg(long, value_enum, default_value_t = AllocationArg::Auto)]
@@ -105,9 +105,11 @@ struct SparseArgs {
     /// Which inputs a projection zeroes for the sparsity the allocation gives it: those below
     /// TEAL's signed-histogram threshold (teal), the exact |x| quantile (abs), the weight-aware
     /// score |x_j| ||W[:, j]|| (wina), or the loss-aware score |x_j| w_j of `calibrate --fisher`
-    /// (fisher).
-    #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
-    quantile: QuantileArg,
+    /// (fisher). Default: fisher for the greedy allocation where the file has fisher tables
+    /// (less PPL increase than abs on SmolLM2 and Qwen2.5, docs/QUALITY.md) and for the fisher
+    /// allocation, else abs.
+    #[arg(long, value_enum)]
+    quantile: Option<QuantileArg>,
     /// Which positions are sparsified: all, half (last half of each window), decode-only.
     #[arg(long, value_enum, default_value_t = ModeArg::All)]
     mode: ModeArg,
@@ -163,14 +165,18 @@ type Resolved = (
 );
 
 impl SparseArgs {
-    /// The request; `auto` allocation is decided by what `th` holds. The fisher allocation
-    /// picks the inputs by its loss-aware scores, so its quantile is `fisher` (results say so).
+    /// The request; `auto` allocation and an unset quantile are decided by what `th` holds. The
+    /// fisher allocation picks the inputs by its loss-aware scores, so its quantile is `fisher`
+    /// (results say so).
     fn spec(&self, th: Option<&Thresholds>) -> SparsitySpec {
         let allocation = match self.allocation {
             AllocationArg::Auto if th.is_some_and(|t| t.greedy.is_some()) => Allocation::Greedy,
             AllocationArg::Auto
                 if th.is_some_and(|t| t.fisher.is_some())
-                    && matches!(self.quantile, QuantileArg::Abs | QuantileArg::Fisher) =>
+                    && matches!(
+                        self.quantile,
+                        None | Some(QuantileArg::Abs | QuantileArg::Fisher)
+                    ) =>
             {
                 Allocation::Fisher
             }
@@ -182,8 +188,12 @@ impl SparseArgs {
             target: self.sparsity,
             allocation,
             quantile: match (allocation, self.quantile) {
-                (Allocation::Fisher, QuantileArg::Abs) => Quantile::Fisher,
-                (_, q) => q.into(),
+                (Allocation::Fisher, None | Some(QuantileArg::Abs)) => Quantile::Fisher,
+                (Allocation::Greedy, None) if th.is_some_and(|t| t.fisher.is_some()) => {
+                    Quantile::Fisher
+                }
+                (_, None) => Quantile::Abs,
+                (_, Some(q)) => q.into(),
             },
             mode: match self.mode {
                 ModeArg::All => Mode::All,
@@ -306,9 +316,10 @@ struct BenchArgs {
     /// (default uniform: the protocol of docs/PERFORMANCE.md; auto: what `run` would take).
     #[arg(long, value_enum, default_value_t = AllocationArg::Uniform)]
     allocation: AllocationArg,
-    /// How thresholds are read from the statistics.
-    #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
-    quantile: QuantileArg,
+    /// How thresholds are read from the statistics (default as in `run`: abs, or fisher for
+    /// the greedy and fisher allocations where the file has fisher tables).
+    #[arg(long, value_enum)]
+    quantile: Option<QuantileArg>,
     /// Tokens decoded per repetition.
     #[arg(short = 'n', long, default_value_t = 128)]
     n_gen: usize,
@@ -1291,7 +1302,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         sparsity: a.sparsities.iter().cloned().fold(0.0, f64::max),
         thresholds: a.thresholds.clone(),
         allocation: AllocationArg::Uniform,
-        quantile: QuantileArg::Teal,
+        quantile: Some(QuantileArg::Teal),
         mode: a.mode,
     };
     for &s in &a.sparsities {

@@ -1,6 +1,7 @@
 //! `--allocation auto` (the default of run, ppl and serve; bench's when asked) takes the best
 //! allocation the thresholds file supports: greedy where it has greedy tables, else fisher where
-//! it has fisher tables (with the abs or fisher quantile), else uniform. Uses the real SmolLM2
+//! it has fisher tables (with the abs or fisher quantile), else uniform; an unset `--quantile`
+//! is fisher for the greedy allocation where the file has fisher tables. Uses the real SmolLM2
 //! file when it is cached (skips otherwise, or fails under TEAL_REQUIRE_ASSETS=1).
 
 mod common;
@@ -69,6 +70,39 @@ fn auto_allocation_is_the_best_the_file_has() {
     );
     assert_eq!(
         allocation(m, text, &fisher, &["--allocation", "uniform"]),
+        "uniform/abs"
+    );
+
+    // With greedy tables too: greedy, choosing its inputs by the fisher scores unless asked
+    // otherwise.
+    let both = calibrate(
+        "greedy-fisher.json",
+        &[
+            "--greedy",
+            "--greedy-samples",
+            "1",
+            "--greedy-seq-len",
+            "16",
+            "--greedy-step",
+            "0.3",
+            "--fisher",
+            "--fisher-samples",
+            "1",
+            "--fisher-seq-len",
+            "32",
+        ],
+    );
+    assert_eq!(allocation(m, text, &both, &[]), "greedy/fisher");
+    assert_eq!(
+        allocation(m, text, &both, &["--quantile", "abs"]),
+        "greedy/abs"
+    );
+    assert_eq!(
+        allocation(m, text, &both, &["--allocation", "fisher"]),
+        "fisher/fisher"
+    );
+    assert_eq!(
+        allocation(m, text, &both, &["--allocation", "uniform"]),
         "uniform/abs"
     );
 
