@@ -29,8 +29,35 @@ fn allocation(m: &str, text: &str, th: &Path, extra: &[&str]) -> String {
         th,
         "--json",
     ];
-    let out = teal(&[&args[..], extra].concat());
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    allocation_of(&teal(&[&args[..], extra].concat()))
+}
+
+/// The same of `teal bench --json` (dense and 50 %, a few tokens).
+fn bench_allocation(m: &str, th: &Path, extra: &[&str]) -> String {
+    let args = [
+        "bench",
+        "-m",
+        m,
+        "--thresholds",
+        th.to_str().unwrap(),
+        "--sparsity",
+        "0,0.5",
+        "-n",
+        "2",
+        "-p",
+        "4",
+        "-r",
+        "1",
+        "--bandwidth-mib",
+        "16",
+        "--json",
+    ];
+    allocation_of(&teal(&[&args[..], extra].concat()))
+}
+
+/// `allocation/quantile` from a JSON result.
+fn allocation_of(json: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
     format!(
         "{}/{}",
         v["allocation"].as_str().unwrap(),
@@ -107,33 +134,9 @@ fn auto_allocation_is_the_best_the_file_has() {
     );
 
     // `teal bench` keeps uniform unless asked, and takes what `run` would with auto.
-    let bench = |extra: &[&str]| {
-        let args = [
-            "bench",
-            "-m",
-            m,
-            "--thresholds",
-            fisher.to_str().unwrap(),
-            "--sparsity",
-            "0,0.5",
-            "-n",
-            "2",
-            "-p",
-            "4",
-            "-r",
-            "1",
-            "--bandwidth-mib",
-            "16",
-            "--json",
-        ];
-        let v: serde_json::Value =
-            serde_json::from_str(&teal(&[&args[..], extra].concat())).unwrap();
-        format!(
-            "{}/{}",
-            v["allocation"].as_str().unwrap(),
-            v["quantile"].as_str().unwrap()
-        )
-    };
-    assert_eq!(bench(&[]), "uniform/abs");
-    assert_eq!(bench(&["--allocation", "auto"]), "fisher/fisher");
+    assert_eq!(bench_allocation(m, &fisher, &[]), "uniform/abs");
+    assert_eq!(
+        bench_allocation(m, &fisher, &["--allocation", "auto"]),
+        "fisher/fisher"
+    );
 }

@@ -7,8 +7,13 @@ mod common;
 use common::{calibrate_small, short_text, smollm2};
 use std::process::Command;
 
-/// Runs teal and returns (exit code, stderr); asserts it failed without panicking.
+/// Runs teal and returns its stderr; asserts it failed without panicking.
 fn fails(args: &[&str]) -> String {
+    fails_with_stdout(args).0
+}
+
+/// [`fails`], also returning what it wrote on standard output.
+fn fails_with_stdout(args: &[&str]) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_teal"))
         .args(args)
         .output()
@@ -24,7 +29,7 @@ fn fails(args: &[&str]) -> String {
         "teal {args:?} panicked: {err}"
     );
     assert!(!err.contains("panicked"), "teal {args:?} panicked: {err}");
-    err
+    (err, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[test]
@@ -64,18 +69,10 @@ fn bad_prompts_and_texts_are_clear_errors() {
     assert!(e.contains("temperature = -1"), "{e}");
 
     let long = "word ".repeat(300);
-    let e = fails(&["run", "-m", m, "-p", &long, "-c", "64", "-n", "4"]);
+    let (e, out) = fails_with_stdout(&["run", "-m", m, "-p", &long, "-c", "64", "-n", "4"]);
     assert!(e.contains("longer than the context of 64"), "{e}");
     // Refused before the prompt is echoed: nothing on standard output.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_teal"))
-        .args(["run", "-m", m, "-p", &long, "-c", "64", "-n", "4"])
-        .output()
-        .unwrap();
-    assert!(
-        out.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(out.is_empty(), "{out}");
 
     // More tokens asked for than any context holds: generation ends at the context (this
     // once reserved room for all of them and panicked with "capacity overflow").
