@@ -97,9 +97,9 @@ struct SparseArgs {
     thresholds: Option<PathBuf>,
     /// How the target is spread over the seven projections of each block (auto: greedy when the
     /// thresholds file has greedy tables, else fisher when it has fisher tables (and no
-    /// quantile other than abs or fisher is asked), else uniform; fisher: one loss-aware threshold for the whole
-    /// model, from `calibrate --fisher`, whose gradients run on the CPU only; it picks the inputs
-    /// itself, so --quantile teal and wina do not apply to it).
+    /// quantile other than abs or fisher is asked), else uniform; fisher: one loss-aware
+    /// threshold for the whole model, from `calibrate --fisher`, whose gradients run on the CPU
+    /// only; it picks the inputs itself, so --quantile teal and wina do not apply to it).
     #[arg(long, value_enum, default_value_t = AllocationArg::Auto)]
     allocation: AllocationArg,
     /// Which inputs a projection zeroes for the sparsity the allocation gives it: those below
@@ -169,10 +169,12 @@ impl SparseArgs {
     /// fisher allocation picks the inputs by its loss-aware scores, so its quantile is `fisher`
     /// (results say so).
     fn spec(&self, th: Option<&Thresholds>) -> SparsitySpec {
+        let has_greedy = th.is_some_and(|t| t.greedy.is_some());
+        let has_fisher = th.is_some_and(|t| t.fisher.is_some());
         let allocation = match self.allocation {
-            AllocationArg::Auto if th.is_some_and(|t| t.greedy.is_some()) => Allocation::Greedy,
+            AllocationArg::Auto if has_greedy => Allocation::Greedy,
             AllocationArg::Auto
-                if th.is_some_and(|t| t.fisher.is_some())
+                if has_fisher
                     && matches!(
                         self.quantile,
                         None | Some(QuantileArg::Abs | QuantileArg::Fisher)
@@ -189,9 +191,7 @@ impl SparseArgs {
             allocation,
             quantile: match (allocation, self.quantile) {
                 (Allocation::Fisher, None | Some(QuantileArg::Abs)) => Quantile::Fisher,
-                (Allocation::Greedy, None) if th.is_some_and(|t| t.fisher.is_some()) => {
-                    Quantile::Fisher
-                }
+                (Allocation::Greedy, None) if has_fisher => Quantile::Fisher,
                 (_, None) => Quantile::Abs,
                 (_, Some(q)) => q.into(),
             },
@@ -1659,11 +1659,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             None => (None, None),
         })
         .unzip();
-    let spec = specs.iter().flatten().next();
-    let (allocation, quantile) = (
-        spec.map(|s| s.allocation.name()),
-        spec.map(|s| s.quantile.name()),
-    );
+    // The request of the sparse rows (the same for each: only the target differs).
+    let spec = specs.into_iter().flatten().next();
     let models = masks
         .iter()
         .map(|m| match m {
@@ -1750,8 +1747,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             },
             "memory": memory,
             "model": model_path,
-            "allocation": allocation,
-            "quantile": quantile,
+            "allocation": spec.map(|s| s.allocation.name()),
+            "quantile": spec.map(|s| s.quantile.name()),
             "dtype": dtype.name(),
             "n_prompt": a.n_prompt,
             "n_gen": a.n_gen,
@@ -1759,10 +1756,13 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         });
         println!("{j}");
     } else {
-        let sparse_note = match (allocation, quantile) {
-            (Some(al), Some(q)) => format!(" | {al} allocation, {q} quantile"),
-            _ => String::new(),
-        };
+        let sparse_note = spec.map_or(String::new(), |s| {
+            format!(
+                " | {} allocation, {} quantile",
+                s.allocation.name(),
+                s.quantile.name()
+            )
+        });
         println!(
             "model {model_path} | dtype {} | device {} | threads {threads} | simd {} | bandwidth {:.2} GB/s ({}) | p {} n {} r {}{sparse_note}",
             dtype.name(),
