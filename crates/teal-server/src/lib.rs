@@ -4,14 +4,15 @@
 //! round (on the CPU their decode steps a layer at a time across them), taking them from a queue
 //! in arrival order.
 //!
-//! - `GET /health`, `GET /v1/models`
-//! - `POST /v1/completions` (`prompt`) and `POST /v1/chat/completions` (`messages`, rendered with
-//!   the model's chat template), both with `"stream": true` as server-sent events ending in
-//!   `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repeat_penalty`,
-//!   `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `seed`, `stop`, `n` (choices one
-//!   after another, choice j with seed + j), and for completions `suffix` (fill in the middle
-//!   with the model's FIM tokens); answers carry
-//!   `usage` and llama.cpp's `timings` (prompt and decode tokens per second).
+//! - `GET /health`, `GET /v1/models` (also llama-server's `/v1/health` and `/models`)
+//! - `POST /v1/completions` (`prompt`) and `POST /v1/chat/completions` (also `/chat/completions`;
+//!   `messages`, rendered with the model's chat template), both with `"stream": true` as
+//!   server-sent events ending in `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`,
+//!   `min_p`, `repeat_penalty`, `repeat_last_n`, `presence_penalty`, `frequency_penalty`,
+//!   `seed`, `stop`, `n` (choices one after another, choice j with seed + j), and for
+//!   completions `suffix` (fill in the middle with the model's FIM tokens); answers carry
+//!   `usage` (streamed: in a last chunk without choices, with `stream_options.include_usage`)
+//!   and llama.cpp's `timings` (prompt and decode tokens per second).
 //! - Scoring: a completion's `prompt` may be token ids, or a list of prompts (`n` choices each);
 //!   `logprobs: k` gives each token's log-probability and its `k` most likely alternatives, and
 //!   with `echo` also the prompt's tokens (`max_tokens` may then be 0): what lm-evaluation-harness's
@@ -32,16 +33,17 @@
 //! - `GET /metrics` with `--metrics`: see `metrics.rs`.
 //! - `GET /slots`: per slot, whether it is answering a request and the tokens its cache holds.
 //!
-//! Bad requests (malformed JSON, a missing field, a prompt longer than the context, an
-//! unsupported option) get status 400 and `{"error": {"message", "type", "code"}}`.
+//! Bad requests (malformed JSON, a missing field, a value of the wrong type, a prompt longer
+//! than the context, an unsupported option) get status 400 and `{"error": {"message", "type",
+//! "code"}}`, naming the field; other errors (404, 405, 413, ...) the same body.
 
 mod metrics;
 mod native;
 mod stop;
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{StatusCode, Uri};
+use axum::extract::{FromRequest, State};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -773,6 +775,8 @@ struct AppState {
     next_id: Arc<AtomicU64>,
     /// With `--metrics`.
     metrics: Option<Arc<Metrics>>,
+    /// When the routes were made (the model loaded), in Unix seconds: `/v1/models`' `created`.
+    created: u64,
 }
 
 impl AppState {
@@ -792,7 +796,8 @@ impl AppState {
 /// Who may use the server, and what it reports.
 #[derive(Clone, Debug, Default)]
 pub struct ServeOptions {
-    /// Every request but `/health` and `/v1/models` must carry one of these, as
+    /// Every request but `/health` and `/v1/models` (and their aliases `/v1/health` and
+    /// `/models`) must carry one of these, as
     /// `Authorization: Bearer KEY` or `X-Api-Key: KEY` (status 401 otherwise), as llama.cpp's
     /// `--api-key`; none: no check.
     pub api_keys: Vec<String>,
@@ -810,12 +815,16 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, opts: ServeO
         model: Arc::new(model),
         next_id: Arc::new(AtomicU64::new(1)),
         metrics: opts.metrics.then(Arc::default),
+        created: unix_secs(),
     };
     Router::new()
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(health))
+        .route("/v1/health", get(health))
         .route("/v1/models", get(models))
+        .route("/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/chat/completions", post(chat_completions))
         .route("/tokenizer_info", get(tokenizer_info))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -828,6 +837,12 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, opts: ServeO
         .route("/props", get(native::props))
         .route("/metrics", get(metrics))
         .route("/slots", get(slots))
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                message: format!("{method} is not allowed on {}", uri.path()),
+            }
+        })
         .fallback(|uri: Uri| async move {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -875,7 +890,10 @@ async fn require_key(
 
 /// Why `req` may not pass [`router`]'s key check, if it may not.
 fn key_error(keys: &[String], req: &axum::extract::Request) -> Option<ApiError> {
-    let public = matches!(req.uri().path(), "/health" | "/v1/models");
+    let public = matches!(
+        req.uri().path(),
+        "/health" | "/v1/health" | "/v1/models" | "/models"
+    );
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let given = header("authorization")
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -948,6 +966,24 @@ pub fn serve(
     Ok(())
 }
 
+/// A request's body. One that does not arrive whole (over the size limit: 413) gets the usual
+/// JSON error answer rather than axum's plain text.
+struct RequestBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RequestBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RequestBody)
+            .map_err(|e| ApiError {
+                status: e.status(),
+                message: e.body_text(),
+            })
+    }
+}
+
 /// Sends a tokenizer request to the engine and answers with its result.
 async fn tokenizer_answer(st: &AppState, job: TokenizerJob) -> Response {
     match tokenizer_value(st, job).await {
@@ -990,7 +1026,7 @@ struct TokenizeRequest {
     add_special_tokens: Option<bool>,
 }
 
-async fn tokenize(State(st): State<AppState>, body: Bytes) -> Response {
+async fn tokenize(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
     match parse::<TokenizeRequest>(&body) {
         Ok(r) => {
             let job = TokenizerJob::Encode {
@@ -1008,7 +1044,7 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-async fn detokenize(State(st): State<AppState>, body: Bytes) -> Response {
+async fn detokenize(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
     match parse::<DetokenizeRequest>(&body) {
         Ok(r) => tokenizer_answer(&st, TokenizerJob::Decode(r.tokens)).await,
         Err(e) => e.into_response(),
@@ -1026,7 +1062,7 @@ struct EmbeddingRequest {
     dimensions: Option<usize>,
 }
 
-async fn embeddings(State(st): State<AppState>, body: Bytes) -> Response {
+async fn embeddings(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
     let r = match parse::<EmbeddingRequest>(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -1108,12 +1144,23 @@ async fn metrics(State(st): State<AppState>) -> Response {
     }
 }
 
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
 async fn models(State(st): State<AppState>) -> Json<Value> {
     let m = &st.model;
     Json(json!({
         "object": "list",
-        "data": [{"id": m.id, "object": "model", "owned_by": "teal", "context_length": m.ctx, "teal": m.meta}],
+        "data": [{"id": m.id, "object": "model", "created": st.created, "owned_by": "teal", "context_length": m.ctx, "teal": m.meta}],
     }))
+}
+
+/// Now, in seconds since the Unix epoch.
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A string or a list of strings (OpenAI's `prompt` and `stop`).
@@ -1133,7 +1180,8 @@ impl OneOrMany {
     }
 }
 
-/// The options both endpoints take. Other OpenAI fields are accepted and ignored.
+/// The options both endpoints take, read from the request's object beside its own fields.
+/// Other OpenAI fields are accepted and ignored.
 #[derive(Deserialize)]
 struct Options {
     max_tokens: Option<usize>,
@@ -1149,6 +1197,7 @@ struct Options {
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
     stop: Option<OneOrMany>,
     n: Option<usize>,
     cache_prompt: Option<bool>,
@@ -1158,6 +1207,13 @@ struct Options {
     grammar: Option<String>,
     /// A JSON Schema the answer must meet (llama.cpp's extension).
     json_schema: Option<Value>,
+}
+
+/// OpenAI's `stream_options`: with `include_usage`, a last chunk before `[DONE]` carries the
+/// usage (and no choices).
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
 }
 
 /// OpenAI's `response_format`: `{"type": "text"}`, `{"type": "json_object"}` (JSON mode;
@@ -1257,8 +1313,6 @@ struct CompletionRequest {
     /// The text after the completion: the prompt is then the text before it, and the model
     /// fills in the middle (OpenAI's insertion field; needs the model's FIM tokens).
     suffix: Option<String>,
-    #[serde(flatten)]
-    options: Options,
 }
 
 #[derive(Deserialize)]
@@ -1271,8 +1325,6 @@ struct ChatRequest {
     tool_choice: Option<Value>,
     /// Several calls in one answer (on by default, as OpenAI's).
     parallel_tool_calls: Option<bool>,
-    #[serde(flatten)]
-    options: Options,
 }
 
 #[derive(Deserialize)]
@@ -1333,6 +1385,8 @@ struct Request {
     stop: Vec<String>,
     cache_prompt: bool,
     stream: bool,
+    /// Streamed: a last chunk with the usage (OpenAI's `stream_options.include_usage`).
+    include_usage: bool,
     ignore_eos: bool,
     time_limit: Option<Duration>,
     min_indent: usize,
@@ -1387,8 +1441,11 @@ fn parse_logit_bias(v: Value) -> Result<Vec<(BiasKey, f32)>, ApiError> {
 /// Whose API a request follows, where their rules differ.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Api {
-    /// At least one token unless echoing the prompt; at most four stop sequences.
-    OpenAi,
+    /// OpenAI's completions: at least one token unless echoing the prompt; at most four stop
+    /// sequences.
+    Completions,
+    /// OpenAI's chat completions: as its completions.
+    Chat,
     /// `n_predict` 0 runs the prompt only; any number of stop sequences.
     LlamaCpp,
 }
@@ -1398,7 +1455,8 @@ impl Api {
     /// for error messages.
     fn fields(self) -> (&'static str, &'static str) {
         match self {
-            Api::OpenAi => ("n", "logprobs"),
+            Api::Completions => ("n", "logprobs"),
+            Api::Chat => ("n", "top_logprobs"),
             Api::LlamaCpp => ("n_cmpl", "n_probs"),
         }
     }
@@ -1424,6 +1482,16 @@ fn check_options(
     if prompts.is_empty() {
         return Err(ApiError::bad_request("prompt: the list is empty"));
     }
+    // An empty prompt of a list is refused before the others run (a single one is the
+    // engine's to judge: with a BOS token it is not empty).
+    let empty = |p: &Prompt| match p {
+        Prompt::Text(t) => t.is_empty(),
+        Prompt::Tokens(ids) => ids.is_empty(),
+        _ => false,
+    };
+    if let Some(i) = prompts.iter().position(empty).filter(|_| prompts.len() > 1) {
+        return Err(ApiError::bad_request(format!("prompt[{i}] is empty")));
+    }
     let stream = o.stream.unwrap_or(false);
     if stream && n > 1 {
         return Err(ApiError::bad_request(format!(
@@ -1446,17 +1514,25 @@ fn check_options(
     if echo && stream {
         return Err(ApiError::bad_request("echo: not available with stream"));
     }
-    let max_tokens = o.max_tokens.or(o.max_completion_tokens);
-    if max_tokens == Some(0) && !echo && api == Api::OpenAi {
-        return Err(ApiError::bad_request(
-            "max_tokens must be at least 1 (0 only with echo)",
-        ));
+    let (max_tokens, max_tokens_field) = match (o.max_tokens, o.max_completion_tokens) {
+        (Some(n), _) => (Some(n), "max_tokens"),
+        (None, n) => (n, "max_completion_tokens"),
+    };
+    if max_tokens == Some(0) && !echo && api != Api::LlamaCpp {
+        let echo_note = if api == Api::Completions {
+            " (0 only with echo)"
+        } else {
+            ""
+        };
+        return Err(ApiError::bad_request(format!(
+            "{max_tokens_field} must be at least 1{echo_note}"
+        )));
     }
     let stop = o.stop.map(OneOrMany::into_vec).unwrap_or_default();
     if stop.iter().any(|s| s.is_empty()) {
         return Err(ApiError::bad_request("stop: a sequence is empty"));
     }
-    if stop.len() > 4 && api == Api::OpenAi {
+    if stop.len() > 4 && api != Api::LlamaCpp {
         return Err(ApiError::bad_request("stop: at most 4 sequences"));
     }
     let seed = o.seed.unwrap_or_else(|| {
@@ -1507,6 +1583,7 @@ fn check_options(
         stop,
         cache_prompt: o.cache_prompt.unwrap_or(true),
         stream,
+        include_usage: o.stream_options.and_then(|s| s.include_usage) == Some(true),
         ignore_eos: false,
         time_limit: None,
         min_indent: 0,
@@ -1516,17 +1593,36 @@ fn check_options(
     })
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(match e.classify() {
-            serde_json::error::Category::Data => format!("invalid request: {e}"),
-            _ => format!("malformed JSON in the request body: {e}"),
-        })
-    })
+/// A request body's JSON.
+fn json_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON in the request body: {e}")))
 }
 
-fn completion_request(body: &Bytes) -> Result<Request, ApiError> {
-    let r: CompletionRequest = parse(body)?;
+/// `T` read from a request's JSON; a value of the wrong type is an error that names its field
+/// (`max_tokens: invalid type: string "ten", expected usize`).
+fn from_json<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v)
+        .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    from_json(&json_body(body)?)
+}
+
+/// A request's own fields `R` and the options `O` it shares with other endpoints, both read
+/// from its JSON object (not with `#[serde(flatten)]`, whose errors do not name the field).
+fn parse_with_options<R, O>(body: &[u8]) -> Result<(R, O), ApiError>
+where
+    R: serde::de::DeserializeOwned,
+    O: serde::de::DeserializeOwned,
+{
+    let v = json_body(body)?;
+    Ok((from_json(&v)?, from_json(&v)?))
+}
+
+fn completion_request(body: &[u8]) -> Result<Request, ApiError> {
+    let (r, options): (CompletionRequest, Options) = parse_with_options(body)?;
     let echo = r.echo.unwrap_or(false);
     let prompts = match (r.prompt, r.suffix) {
         (PromptField::Text(prefix), Some(suffix)) => {
@@ -1545,15 +1641,27 @@ fn completion_request(body: &Bytes) -> Result<Request, ApiError> {
         (PromptField::Ids(ids), None) => vec![Prompt::Tokens(ids)],
         (PromptField::IdLists(v), None) => v.into_iter().map(Prompt::Tokens).collect(),
     };
-    check_options(Api::OpenAi, r.options, prompts, r.logprobs, echo)
+    check_options(Api::Completions, options, prompts, r.logprobs, echo)
 }
 
-/// A chat's messages, of text only.
+/// A chat's messages, of text only (a message's text parts joined with line breaks, as
+/// llama.cpp joins them). Roles are OpenAI's: `system`, `developer` (taken as `system`),
+/// `user`, `assistant` and `tool`.
 fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
     messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                r @ ("user" | "assistant" | "tool") => r,
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "messages[{i}].role: unknown role '{other}' (system, developer, user, \
+                         assistant or tool)"
+                    )))
+                }
+            };
             let content = match m.content {
                 None if m.tool_calls.is_none() => {
                     return Err(ApiError::bad_request(format!(
@@ -1570,9 +1678,10 @@ fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
                             "messages[{i}]: content parts of type '{kind}' are not supported (text only)"
                         ))),
                     })
-                    .collect::<Result<String, ApiError>>()?,
+                    .collect::<Result<Vec<String>, ApiError>>()?
+                    .join("\n"),
             };
-            let mut msg = Message::new(m.role, content);
+            let mut msg = Message::new(role, content);
             msg.tool_call_id = m.tool_call_id;
             for c in m.tool_calls.unwrap_or_default() {
                 // OpenAI sends the arguments as JSON text; the templates want the object.
@@ -1594,8 +1703,8 @@ fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
         .collect()
 }
 
-fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
-    let r: ChatRequest = parse(body)?;
+fn chat_request(body: &[u8]) -> Result<Request, ApiError> {
+    let (r, options): (ChatRequest, Options) = parse_with_options(body)?;
     if r.messages.is_empty() {
         return Err(ApiError::bad_request("messages: the list is empty"));
     }
@@ -1627,7 +1736,7 @@ fn chat_request(body: &Bytes) -> Result<Request, ApiError> {
         ToolChoice::Function(name) => (Some(name.as_str()), false),
         ToolChoice::Auto | ToolChoice::None => (None, true),
     };
-    let mut req = check_options(Api::OpenAi, r.options, vec![prompt], logprobs, false)?;
+    let mut req = check_options(Api::Chat, options, vec![prompt], logprobs, false)?;
     let own = req.sampler.grammar.is_some() || req.sampler.json_object;
     if own && !lazy {
         return Err(ApiError::bad_request(
@@ -1673,9 +1782,7 @@ impl Answer {
                 Kind::Completion => format!("cmpl-{n}"),
                 Kind::Chat => format!("chatcmpl-{n}"),
             },
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created: unix_secs(),
             model: st.model.id.clone(),
             tools: Vec::new(),
         }
@@ -1728,8 +1835,10 @@ impl Answer {
                 }
             })
             .collect();
+        let summaries = || results.iter().map(|c| &c.summary);
         let mut v = self.envelope(false, choices);
-        add_usage(&mut v, results.iter().map(|c| &c.summary), n);
+        v["usage"] = usage(summaries(), n);
+        v["timings"] = timings(summaries());
         v
     }
 
@@ -1767,9 +1876,10 @@ impl Answer {
         }
     }
 
-    /// A streamed chunk: a piece of text, or with `finish` the last one. With `logprobs`, the
-    /// entries of the piece's tokens and the characters of text streamed before it (where the
-    /// completion's `text_offset` counts from).
+    /// A streamed chunk: a piece of text, or with `finish` the one with the finish reason and
+    /// llama.cpp's `timings`. With `logprobs`, the entries of the piece's tokens and the
+    /// characters of text streamed before it (where the completion's `text_offset` counts
+    /// from).
     fn chunk(
         &self,
         text: Option<String>,
@@ -1794,8 +1904,15 @@ impl Answer {
         };
         let mut v = self.envelope(true, vec![choice]);
         if let Some(s) = finish {
-            add_usage(&mut v, [s], 1);
+            v["timings"] = timings([s]);
         }
+        v
+    }
+
+    /// The chunk after the last one with `stream_options.include_usage`: no choices, the usage.
+    fn usage_chunk(&self, s: &Summary) -> Value {
+        let mut v = self.envelope(true, Vec::new());
+        v["usage"] = usage([s], 1);
         v
     }
 }
@@ -1856,17 +1973,30 @@ fn token_entry(t: &TokenInfo, ids: bool) -> Value {
     v
 }
 
-/// `usage` and llama.cpp's `timings` of the answer's choices, `n` per prompt: `usage` counts
-/// each prompt once (OpenAI's way; its first choice's cached tokens), `timings` every run.
-fn add_usage<'a>(v: &mut Value, summaries: impl IntoIterator<Item = &'a Summary>, n: usize) {
-    let (mut prompt, mut cached, mut completion, mut decoded) = (0, 0, 0, 0);
-    let (mut cache_n, mut prompt_n) = (0, 0);
-    let (mut prompt_secs, mut decode_secs) = (0.0, 0.0);
+/// `usage` of the answer's choices, `n` per prompt: each prompt counts once (OpenAI's way; its
+/// first choice's cached tokens).
+fn usage<'a>(summaries: impl IntoIterator<Item = &'a Summary>, n: usize) -> Value {
+    let (mut prompt, mut cached, mut completion) = (0, 0, 0);
     for (i, s) in summaries.into_iter().enumerate() {
         if i % n == 0 {
             prompt += s.prompt_tokens;
             cached += s.cached_tokens;
         }
+        completion += s.completion_tokens;
+    }
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+/// llama.cpp's `timings` of the answer's choices, every run counted.
+fn timings<'a>(summaries: impl IntoIterator<Item = &'a Summary>) -> Value {
+    let (mut cache_n, mut prompt_n, mut completion, mut decoded) = (0, 0, 0, 0);
+    let (mut prompt_secs, mut decode_secs) = (0.0, 0.0);
+    for s in summaries {
         cache_n += s.cached_tokens;
         prompt_n += s.prompt_tokens - s.cached_tokens;
         completion += s.completion_tokens;
@@ -1875,29 +2005,23 @@ fn add_usage<'a>(v: &mut Value, summaries: impl IntoIterator<Item = &'a Summary>
         decode_secs += s.decode_secs;
     }
     let per_s = |n: usize, secs: f64| n as f64 / f64::max(secs, 1e-9);
-    v["usage"] = json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    });
-    v["timings"] = json!({
+    json!({
         "cache_n": cache_n,
         "prompt_n": prompt_n,
         "prompt_per_second": per_s(prompt_n, prompt_secs),
         "predicted_n": completion,
         "predicted_per_second": per_s(decoded, decode_secs),
-    });
+    })
 }
 
-async fn completions(State(st): State<AppState>, body: Bytes) -> Response {
+async fn completions(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
     match completion_request(&body) {
         Ok(r) => answer(st, Kind::Completion, r).await,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
+async fn chat_completions(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
     match chat_request(&body) {
         Ok(r) => answer(st, Kind::Chat, r).await,
         Err(e) => e.into_response(),
@@ -1916,7 +2040,8 @@ async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
     match run_jobs(&st, &r).await {
         Err(e) => e.into_response(),
         Ok(Outcome::Stream(first, rx)) => {
-            stream_answer(a, r.logprobs.is_some(), first, rx, (st, busy)).into_response()
+            let lp = r.logprobs.is_some();
+            stream_answer(a, lp, r.include_usage, first, rx, (st, busy)).into_response()
         }
         Ok(Outcome::Done(results)) => {
             Json(a.full(&results, r.n, r.echo, r.logprobs.is_some())).into_response()
@@ -2016,12 +2141,13 @@ fn submit(
 }
 
 /// Server-sent events: a chat's first chunk names the role, then one chunk per piece of text
-/// (with `logprobs`, its tokens' entries), the last chunk with the finish reason, usage and
-/// timings, then `[DONE]`. An error after the first event is sent as an `{"error": ...}` event
-/// and ends the stream.
+/// (with `logprobs`, its tokens' entries), the last chunk with the finish reason and timings,
+/// with `include_usage` one more with the usage, then `[DONE]`. An error after the first event
+/// is sent as an `{"error": ...}` event and ends the stream.
 fn stream_answer(
     a: Answer,
     logprobs: bool,
+    include_usage: bool,
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
     counted: (AppState, Option<InFlight>),
@@ -2087,6 +2213,9 @@ fn stream_answer(
                 out.push(sse_json(last));
             } else {
                 out.push(sse_json(a.chunk(None, None, Some(&s))));
+            }
+            if include_usage {
+                out.push(sse_json(a.usage_chunk(&s)));
             }
             out.push(SseEvent::default().data("[DONE]"));
             (out, true)

@@ -67,13 +67,13 @@ struct NativeOptions {
     post_sampling_probs: Option<bool>,
 }
 
+/// `/completion`'s own field, beside [`NativeOptions`].
 #[derive(Deserialize)]
 struct CompletionRequest {
     prompt: Value,
-    #[serde(flatten)]
-    options: NativeOptions,
 }
 
+/// `/infill`'s own fields, beside [`NativeOptions`].
 #[derive(Deserialize)]
 struct InfillRequest {
     #[serde(default)]
@@ -84,8 +84,6 @@ struct InfillRequest {
     input_extra: Vec<ExtraFile>,
     #[serde(default)]
     prompt: String,
-    #[serde(flatten)]
-    options: NativeOptions,
 }
 
 /// One of `/infill`'s other files.
@@ -213,6 +211,7 @@ fn check(
         presence_penalty: penalties[1],
         frequency_penalty: penalties[2],
         stream: o.stream,
+        stream_options: None,
         stop: o.stop.map(OneOrMany::Many),
         n: Some(n),
         cache_prompt: o.cache_prompt,
@@ -281,10 +280,13 @@ fn prompts(v: Value) -> Result<(Vec<Prompt>, bool), ApiError> {
     }
 }
 
-pub(crate) async fn completion(State(st): State<AppState>, body: Bytes) -> Response {
-    let checked = parse::<CompletionRequest>(&body).and_then(|r| {
+pub(crate) async fn completion(
+    State(st): State<AppState>,
+    RequestBody(body): RequestBody,
+) -> Response {
+    let checked = parse_with_options(&body).and_then(|(r, o): (CompletionRequest, _)| {
         let (p, many) = prompts(r.prompt)?;
-        check(r.options, p, many, st.model.ctx)
+        check(o, p, many, st.model.ctx)
     });
     match checked {
         Ok((r, shape)) => answer(st, r, shape).await,
@@ -292,8 +294,8 @@ pub(crate) async fn completion(State(st): State<AppState>, body: Bytes) -> Respo
     }
 }
 
-pub(crate) async fn infill(State(st): State<AppState>, body: Bytes) -> Response {
-    let checked = parse::<InfillRequest>(&body).and_then(|r| {
+pub(crate) async fn infill(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
+    let checked = parse_with_options(&body).and_then(|(r, o): (InfillRequest, _)| {
         let f = Infill {
             prefix: r.input_prefix,
             suffix: r.input_suffix,
@@ -305,7 +307,7 @@ pub(crate) async fn infill(State(st): State<AppState>, body: Bytes) -> Response 
                 .collect(),
             budget: None,
         };
-        check(r.options, vec![Prompt::Infill(f)], false, st.model.ctx)
+        check(o, vec![Prompt::Infill(f)], false, st.model.ctx)
     });
     match checked {
         Ok((r, shape)) => answer(st, r, shape).await,
@@ -313,7 +315,10 @@ pub(crate) async fn infill(State(st): State<AppState>, body: Bytes) -> Response 
     }
 }
 
-pub(crate) async fn apply_template(State(st): State<AppState>, body: Bytes) -> Response {
+pub(crate) async fn apply_template(
+    State(st): State<AppState>,
+    RequestBody(body): RequestBody,
+) -> Response {
     match parse::<TemplateRequest>(&body).and_then(|r| chat_messages(r.messages)) {
         Ok(m) => tokenizer_answer(&st, TokenizerJob::Template(m)).await,
         Err(e) => e.into_response(),

@@ -184,20 +184,20 @@ async fn greedy_completion_matches_llama_cpp_and_streams_the_same_text() {
     assert_eq!(text, " Paris.\n\nThe answer is: 201");
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "length");
-    assert_eq!(last["usage"]["completion_tokens"], 12);
+    assert_eq!(last["timings"]["predicted_n"], 12);
     assert!(chunks[..chunks.len() - 1]
         .iter()
         .all(|c| c["choices"][0]["finish_reason"].is_null()));
 }
 
-/// Chat: the model's own template, the engine's greedy answer, streamed as deltas after a
-/// first chunk that names the role.
+/// Chat: the model's own template (text parts joined with line breaks), the engine's greedy
+/// answer, streamed as deltas after a first chunk that names the role.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completion_is_the_engines_answer_whole_and_streamed() {
     let Some((tx, path)) = engine() else { return };
     let msgs = vec![
         Message::new("system", "You are brief."),
-        Message::new("user", "What is 2+2?"),
+        Message::new("user", "What is\n2+2?"),
     ];
     let expected = engine_text(&path, &Prompt::Chat(msgs), 40, greedy());
     assert!(!expected.is_empty());
@@ -205,7 +205,7 @@ async fn chat_completion_is_the_engines_answer_whole_and_streamed() {
         "model": "anything",
         "messages": [
             {"role": "system", "content": "You are brief."},
-            {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
+            {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]},
         ],
         "max_tokens": 40,
         "temperature": 0,
@@ -850,17 +850,38 @@ async fn generation_stops_at_the_context() {
     assert!(used <= CTX as u64 + 1, "{v}");
 }
 
+/// `/health` and `/v1/models`, also as llama-server's `/v1/health` and `/models`; the model
+/// object has OpenAI's fields (`created`: when the server started).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_models() {
     let Some((tx, _)) = engine() else { return };
-    let (s, b) = call(&tx, "/health", None).await;
-    assert_eq!((s, b.as_str()), (StatusCode::OK, "{\"status\":\"ok\"}"));
-    let (s, b) = call(&tx, "/v1/models", None).await;
-    assert_eq!(s, StatusCode::OK);
-    let v: Value = serde_json::from_str(&b).unwrap();
-    assert_eq!(v["object"], "list");
-    assert_eq!(v["data"][0]["id"], "smollm2");
-    assert_eq!(v["data"][0]["context_length"], CTX);
+    for uri in ["/health", "/v1/health"] {
+        let (s, b) = call(&tx, uri, None).await;
+        assert_eq!(
+            (s, b.as_str()),
+            (StatusCode::OK, "{\"status\":\"ok\"}"),
+            "{uri}"
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for uri in ["/v1/models", "/models"] {
+        let (s, b) = call(&tx, uri, None).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {b}");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["object"], "list");
+        let m = &v["data"][0];
+        assert_eq!(m["id"], "smollm2");
+        assert_eq!(m["object"], "model");
+        assert_eq!(m["owned_by"], "teal");
+        assert_eq!(m["context_length"], CTX);
+        let created = m["created"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{uri}: {m}"));
+        assert!(created.abs_diff(now) < 600, "{created} vs {now}");
+    }
 }
 
 /// The tokenizer endpoints with vLLM's field names (what lm-evaluation-harness's remote
@@ -1481,7 +1502,7 @@ async fn api_keys_guard_every_endpoint_but_health() {
         };
         app.clone().oneshot(req.body(body).unwrap())
     };
-    for uri in ["/health", "/v1/models"] {
+    for uri in ["/health", "/v1/health", "/v1/models", "/models"] {
         assert_eq!(
             send(uri, None).await.unwrap().status(),
             StatusCode::OK,
@@ -1951,4 +1972,311 @@ async fn embeddings_are_pooled_final_states() {
     ] {
         expect_400(&tx, "/v1/embeddings", body, needle).await;
     }
+}
+
+/// A value of the wrong type gets a 400 that names its field (the request structs share their
+/// options; the error still says which field), on OpenAI's endpoints and llama.cpp's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_errors_name_the_field() {
+    let Some((tx, _)) = engine() else { return };
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": "ten"}),
+            "max_tokens: invalid type: string \"ten\", expected usize",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "temperature": "hot"}),
+            "temperature: invalid type: string \"hot\"",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "logprobs": true}),
+            "logprobs: invalid type: boolean `true`",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "seed": -1}),
+            "seed: invalid value: integer `-1`",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "stream": "yes"}),
+            "stream: invalid type: string \"yes\"",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 1e3}),
+            "max_tokens: invalid type: floating point",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "stop": 5}),
+            "stop: a string or a list of strings",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": 5}),
+            "prompt: a string, a list of strings",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "stream_options": {"include_usage": 1}}),
+            "stream_options.include_usage: invalid type: integer `1`",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "max_tokens": "ten"}),
+            "max_tokens: invalid type: string \"ten\"",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "logprobs": 2}),
+            "logprobs: invalid type: integer `2`, expected a boolean",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content: a string or a list of content parts",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "hi", "n_predict": "ten"}),
+            "n_predict: invalid type: string \"ten\"",
+        ),
+        (
+            "/infill",
+            json!({"input_prefix": "def f(", "temperature": "hot"}),
+            "temperature: invalid type: string \"hot\"",
+        ),
+    ];
+    for (uri, body, needle) in cases {
+        expect_400(&tx, uri, body, needle).await;
+    }
+    // Missing fields are named as before.
+    expect_400(
+        &tx,
+        "/v1/completions",
+        json!({"max_tokens": 3}),
+        "missing field `prompt`",
+    )
+    .await;
+}
+
+/// Chat roles are OpenAI's: `developer` is the system message (not a turn after the template's
+/// default system prompt), an unknown role is a 400 naming the message; text parts are joined
+/// with line breaks, as llama.cpp joins them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_roles_and_content_parts() {
+    let Some((tx, _)) = engine() else { return };
+    let chat = |role: &str, content: Value| json!({"messages": [{"role": role, "content": content}, {"role": "user", "content": "Hi"}]});
+    let template = |body: Value| {
+        let tx = tx.clone();
+        async move {
+            let (s, v) = call_json(&tx, "/apply-template", body).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["prompt"].as_str().unwrap().to_string()
+        }
+    };
+    let system = template(chat("system", json!("Be brief."))).await;
+    assert_eq!(
+        template(chat("developer", json!("Be brief."))).await,
+        system
+    );
+    assert!(!system.contains("developer"), "{system}");
+
+    // Through the chat endpoint: the same prompt.
+    let mut tokens = Vec::new();
+    for role in ["system", "developer"] {
+        let mut body = chat(role, json!("Be brief."));
+        body["max_tokens"] = json!(1);
+        let (s, v) = call_json(&tx, "/v1/chat/completions", body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        tokens.push(v["usage"]["prompt_tokens"].clone());
+    }
+    assert_eq!(tokens[0], tokens[1]);
+
+    for uri in ["/v1/chat/completions", "/apply-template"] {
+        let body = json!({"messages": [{"role": "user", "content": "Hi"}, {"role": "wizard", "content": "x"}]});
+        expect_400(&tx, uri, body, "messages[1].role: unknown role 'wizard'").await;
+    }
+
+    let parts = json!([{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]);
+    assert_eq!(
+        template(chat("user", parts)).await,
+        template(chat("user", json!("Hello\nworld"))).await
+    );
+}
+
+/// Streamed answers carry `usage` only with `stream_options.include_usage`, as OpenAI's: then
+/// in one more chunk before `[DONE]`, with no choices; llama.cpp's `timings` stay on the chunk
+/// with the finish reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_usage_only_when_asked() {
+    let Some((tx, _)) = engine() else { return };
+    let bodies = [
+        (
+            "/v1/completions",
+            json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+                   "cache_prompt": false}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                   "temperature": 0, "cache_prompt": false}),
+        ),
+    ];
+    for (uri, body) in bodies {
+        let (s, whole) = call_json(&tx, uri, body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{whole}");
+        for include in [None, Some(false), Some(true)] {
+            let mut streamed = body.clone();
+            streamed["stream"] = json!(true);
+            if let Some(i) = include {
+                streamed["stream_options"] = json!({"include_usage": i});
+            }
+            let (s, b) = call(&tx, uri, Some(&streamed.to_string())).await;
+            assert_eq!(s, StatusCode::OK, "{b}");
+            let events = sse_data(&b);
+            assert_eq!(events.last().unwrap(), "[DONE]", "{b}");
+            let mut chunks = events[..events.len() - 1].to_vec();
+            if include == Some(true) {
+                let last = chunks.pop().unwrap();
+                assert_eq!(last["choices"], json!([]), "{last}");
+                assert_eq!(last["object"], chunks[0]["object"]);
+                assert_eq!(last["id"], chunks[0]["id"]);
+                assert_eq!(last["usage"], whole["usage"], "{last}");
+                assert!(last.get("timings").is_none(), "{last}");
+            }
+            assert!(
+                chunks.iter().all(|c| c["usage"].is_null()),
+                "{uri} {include:?}: {b}"
+            );
+            let finish = chunks.last().unwrap();
+            assert_eq!(finish["choices"][0]["finish_reason"], "length", "{b}");
+            assert_eq!(finish["timings"]["predicted_n"], 4, "{finish}");
+        }
+    }
+}
+
+/// Answers other than 200 are the usual JSON error, also where axum answers by itself: a method
+/// an endpoint does not take (405, with `Allow`) and a body over the size limit (413).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_json_for_every_status() {
+    let Some((tx, _)) = engine() else { return };
+    let send = |method: &str, uri: &str, body: String| {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::from(body))
+            .unwrap();
+        app(tx.clone()).oneshot(req)
+    };
+    let big = json!({"prompt": "x".repeat(3 << 20)}).to_string();
+    let cases = [
+        ("GET", "/v1/completions", String::new(), 405, "POST"),
+        ("POST", "/v1/models", "{}".to_string(), 405, "GET"),
+        ("DELETE", "/v1/chat/completions", String::new(), 405, "POST"),
+        ("POST", "/v1/completions", big, 413, ""),
+    ];
+    for (method, uri, body, status, allow) in cases {
+        let res = send(method, uri, body).await.unwrap();
+        assert_eq!(res.status().as_u16(), status, "{method} {uri}");
+        let header = |name: &str| {
+            res.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(header("content-type"), "application/json", "{method} {uri}");
+        assert!(header("allow").contains(allow), "{method} {uri}");
+        let b = res.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&b).unwrap_or_else(|e| panic!("{e}: {b:?}"));
+        assert_eq!(v["error"]["code"], status, "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty(), "{v}");
+    }
+}
+
+/// llama-server's `/chat/completions` (without `/v1`) is the chat endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_without_v1() {
+    let Some((tx, _)) = engine() else { return };
+    let body =
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0});
+    let (s, v) = call_json(&tx, "/chat/completions", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    let (_, w) = call_json(&tx, "/v1/chat/completions", body).await;
+    assert_eq!(v["choices"], w["choices"]);
+}
+
+/// Small things of the OpenAI endpoints' errors: they name the field the client sent
+/// (`top_logprobs`, `max_completion_tokens`), and an empty prompt of a list is refused before
+/// any prompt runs, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_what_was_sent() {
+    let Some((tx, _)) = engine() else { return };
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs = 21: at most 20",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "max_completion_tokens": 0}),
+            "max_completion_tokens must be at least 1",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "max_completion_tokens": 0}),
+            "max_completion_tokens must be at least 1",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ["a", ""], "max_tokens": 1}),
+            "prompt[1] is empty",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [[504, 3575], []], "max_tokens": 1}),
+            "prompt[1] is empty",
+        ),
+        (
+            "/completion",
+            json!({"prompt": ["", "a"], "n_predict": 1}),
+            "prompt[0] is empty",
+        ),
+    ];
+    for (uri, body, needle) in cases {
+        expect_400(&tx, uri, body, needle).await;
+    }
+    // The first prompt of `["a", ""]` did not run: no answer is counted.
+    let info = ModelInfo {
+        id: "smollm2".into(),
+        ctx: CTX,
+        slots: 1,
+        meta: json!({}),
+    };
+    let opts = teal_server::ServeOptions {
+        metrics: true,
+        ..Default::default()
+    };
+    let app = router(tx, info, opts);
+    let body = json!({"prompt": ["a", ""], "max_tokens": 1}).to_string();
+    let req = Request::post("/v1/completions").body(Body::from(body));
+    let res = app.clone().oneshot(req.unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let req = Request::get("/metrics").body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    let text = res.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    assert!(
+        text.lines().any(|l| l == "llamacpp:answers_total 0"),
+        "{text}"
+    );
 }
