@@ -52,12 +52,12 @@ struct Common {
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
     /// Where the model runs: cpu, cuda:N, or auto (cuda:0 where a driver, a GPU and NVRTC are
-    /// present, else the CPU with a note). run, ppl, bench, calibrate, serve; the others use
-    /// the CPU.
+    /// present, else the CPU with a note). run, ppl, bench, calibrate, report, serve; the
+    /// others use the CPU.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Weight type on a GPU: bf16 or f16.
-    #[arg(long, default_value = "bf16")]
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16"])]
     gpu_dtype: String,
     /// Element type of the KV cache: f16 (default on the CPU: half the bytes a long context
     /// reads, as llama.cpp) or f32 (the GPU's, and the CPU's with this flag). run, ppl, report,
@@ -96,10 +96,10 @@ struct SparseArgs {
     #[arg(long)]
     thresholds: Option<PathBuf>,
     /// How the target is spread over the seven projections of each block (auto: greedy when the
-    /// thresholds file has greedy tables, else fisher when it has fisher tables (and no
-    /// quantile other than abs or fisher is asked), else uniform; fisher: one loss-aware
-    /// threshold for the whole model, from `calibrate --fisher`, whose gradients run on the CPU
-    /// only; it picks the inputs itself, so --quantile teal and wina do not apply to it).
+    /// thresholds file has greedy tables, else fisher when it has fisher tables (and
+    /// --quantile is unset or fisher), else uniform; fisher: one loss-aware threshold for the
+    /// whole model, from `calibrate --fisher`, whose gradients run on the CPU only; it picks
+    /// the inputs itself, so --quantile teal, abs and wina do not apply to it).
     #[arg(long, value_enum, default_value_t = AllocationArg::Auto)]
     allocation: AllocationArg,
     /// Which inputs a projection zeroes for the sparsity the allocation gives it: those below
@@ -167,18 +167,24 @@ type Resolved = (
 impl SparseArgs {
     /// The request; `auto` allocation and an unset quantile are decided by what `th` holds. The
     /// fisher allocation picks the inputs by its loss-aware scores, so its quantile is `fisher`
-    /// (results say so).
-    fn spec(&self, th: Option<&Thresholds>) -> SparsitySpec {
+    /// (results say so), and asking it for another is an error.
+    fn spec(&self, th: Option<&Thresholds>) -> Result<SparsitySpec> {
+        if let (AllocationArg::Fisher, Some(q)) = (self.allocation, self.quantile) {
+            if !matches!(q, QuantileArg::Fisher) {
+                bail!(
+                    "--allocation fisher --quantile {}: the fisher allocation picks each \
+                     projection's inputs by its own loss-aware scores (leave --quantile out, or \
+                     use another allocation)",
+                    Quantile::from(q).name()
+                );
+            }
+        }
         let has_greedy = th.is_some_and(|t| t.greedy.is_some());
         let has_fisher = th.is_some_and(|t| t.fisher.is_some());
         let allocation = match self.allocation {
             AllocationArg::Auto if has_greedy => Allocation::Greedy,
             AllocationArg::Auto
-                if has_fisher
-                    && matches!(
-                        self.quantile,
-                        None | Some(QuantileArg::Abs | QuantileArg::Fisher)
-                    ) =>
+                if has_fisher && matches!(self.quantile, None | Some(QuantileArg::Fisher)) =>
             {
                 Allocation::Fisher
             }
@@ -186,11 +192,11 @@ impl SparseArgs {
             AllocationArg::Greedy => Allocation::Greedy,
             AllocationArg::Fisher => Allocation::Fisher,
         };
-        SparsitySpec {
+        Ok(SparsitySpec {
             target: self.sparsity,
             allocation,
             quantile: match (allocation, self.quantile) {
-                (Allocation::Fisher, None | Some(QuantileArg::Abs)) => Quantile::Fisher,
+                (Allocation::Fisher, None) => Quantile::Fisher,
                 (Allocation::Greedy, None) if has_fisher => Quantile::Fisher,
                 (_, None) => Quantile::Abs,
                 (_, Some(q)) => q.into(),
@@ -200,7 +206,7 @@ impl SparseArgs {
                 ModeArg::Half => Mode::Half,
                 ModeArg::DecodeOnly => Mode::DecodeOnly,
             },
-        }
+        })
     }
 
     /// The per-layer thresholds for this request, checked against the model; `None` when dense.
@@ -227,7 +233,7 @@ impl SparseArgs {
         let th = Thresholds::load(&path)?;
         th.check_model(&fp)
             .with_context(|| format!("thresholds {}", path.display()))?;
-        let spec = self.spec(Some(&th));
+        let spec = self.spec(Some(&th))?;
         let t = th.resolve(&spec)?;
         Ok(Some((t, spec, th, path)))
     }
@@ -370,11 +376,12 @@ struct RunArgs {
     /// new message is run). `/clear` starts a new conversation; end of input (Ctrl-D) ends.
     #[arg(short = 'i', long)]
     interactive: bool,
-    /// Tokens to generate (with --interactive: per answer).
-    #[arg(short = 'n', long, default_value_t = 128)]
+    /// Tokens to generate (with --interactive: per answer); -1: until an end-of-sequence
+    /// token or the context is full, as llama.cpp's.
+    #[arg(short = 'n', long, default_value_t = 128, allow_negative_numbers = true, value_parser = parse_n_predict)]
     n_predict: usize,
     /// Context length (default: the model's, at most 4096).
-    #[arg(short = 'c', long)]
+    #[arg(short = 'c', long, allow_negative_numbers = true)]
     ctx: Option<usize>,
     /// Temperature; 0 is greedy.
     #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.temperature, allow_negative_numbers = true)]
@@ -421,7 +428,8 @@ struct RunArgs {
     /// The JSON Schema from a file.
     #[arg(long, value_name = "FILE", conflicts_with = "json_object")]
     json_schema_file: Option<PathBuf>,
-    #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.seed)]
+    /// Seed of the sampler; -1: a random one (printed), as llama.cpp's.
+    #[arg(long, default_value_t = SamplerConfig::LLAMA_CPP.seed, allow_negative_numbers = true, value_parser = parse_seed)]
     seed: u64,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
@@ -430,7 +438,7 @@ struct RunArgs {
     /// writes what goes between (code models with FIM tokens, e.g. Qwen2.5-Coder).
     #[arg(long, conflicts_with_all = ["chat", "interactive"])]
     suffix: Option<String>,
-    /// System message for --chat.
+    /// System message for --chat and --interactive.
     #[arg(long)]
     system: Option<String>,
     /// Keep generating past end-of-sequence tokens.
@@ -648,6 +656,12 @@ impl Common {
         if n == 0 {
             bail!("-t/--threads must be at least 1");
         }
+        // Each thread is a pool worker with its own stack; far beyond the cores the process
+        // only runs out of memory for them.
+        let most = (4 * cores).max(1024);
+        if n > most {
+            bail!("-t {n}: at most {most} threads on this machine's {cores} cores");
+        }
         if n > cores {
             eprintln!("warning: {n} threads on {cores} cores: threads will share cores and decode slows down");
         }
@@ -770,6 +784,37 @@ impl Loaded {
     }
 }
 
+/// `-n`: a count, or -1 for no limit.
+fn parse_n_predict(s: &str) -> std::result::Result<usize, String> {
+    match s.trim() {
+        "-1" => Ok(usize::MAX),
+        t => t
+            .parse()
+            .map_err(|_| format!("'{s}': a count of tokens, or -1 for no limit")),
+    }
+}
+
+/// `--seed`: a number, or -1 for a random one (printed on stderr).
+fn parse_seed(s: &str) -> std::result::Result<u64, String> {
+    match s.trim() {
+        "-1" => {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            let seed = h.finish() >> 32;
+            eprintln!("seed: {seed}");
+            Ok(seed)
+        }
+        t => t
+            .parse()
+            .map_err(|_| format!("'{s}': a seed from 0 to 2^64-1, or -1 for a random one")),
+    }
+}
+
 /// `--logit-bias TOKEN_ID=BIAS`.
 fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
     let (id, b) = s
@@ -817,8 +862,34 @@ fn generation_ctx(ctx: Option<usize>, files: &ModelFiles) -> usize {
     ctx.unwrap_or(files.config.max_position_embeddings.min(4096))
 }
 
+/// Checks `sequences` contexts of `ctx` positions (`what` names the flag) before anything is
+/// loaded: on the CPU, caches beyond the available memory are an error; everywhere, a context
+/// beyond the model's is a warning, or with `strict` an error. (A GPU's caches are checked by
+/// its allocator.)
+fn check_ctx(
+    common: &Common,
+    device: Device,
+    config: &teal::config::Config,
+    (ctx, sequences): (usize, usize),
+    what: &str,
+    strict: bool,
+) -> Result<()> {
+    let kv = common.kv(device)?;
+    let host = if device == Device::Cpu { sequences } else { 0 };
+    if let Some(w) = teal::kv_cache::check_context(config, ctx, kv, host, what)? {
+        if strict {
+            bail!("{}", w.trim_start_matches("warning: "));
+        }
+        eprintln!("{w}");
+    }
+    Ok(())
+}
+
 fn cmd_run(a: RunArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
+    if a.system.is_some() && !a.chat && !a.interactive {
+        bail!("--system is the system message of a chat: add --chat (or --interactive)");
+    }
     let sampler = SamplerConfig {
         temperature: a.temp,
         top_k: a.top_k,
@@ -845,10 +916,18 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     sampler
         .check_tokens(tok.vocab_size())
         .map_err(|e| anyhow::anyhow!("sampling: {e}"))?;
+    let ctx = generation_ctx(a.ctx, &files);
+    check_ctx(
+        &a.common,
+        device,
+        &files.config,
+        (ctx, 1),
+        &format!("-c {ctx}"),
+        false,
+    )?;
     let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let models = loaded.models();
 
-    let ctx = generation_ctx(a.ctx, &files);
     let params = GenerateParams {
         max_tokens: a.n_predict,
         sampler,
@@ -981,8 +1060,16 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         bail!("--slots 0: at least 1");
     }
     let files = a.common.open()?;
-    let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let ctx = generation_ctx(a.ctx, &files);
+    check_ctx(
+        &a.common,
+        device,
+        &files.config,
+        (ctx, a.slots),
+        &format!("-c {ctx}"),
+        false,
+    )?;
+    let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let mut decs = device
         .decoders(loaded.models(), a.slots, ctx, a.common.kv(device)?)
         .with_context(|| format!("opening --device {}", a.common.device))?;
@@ -1028,6 +1115,14 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
     let device = a.common.device()?;
     let files = a.common.open()?;
+    check_ctx(
+        &a.common,
+        device,
+        &files.config,
+        (a.ctx, 1),
+        &format!("-c {}", a.ctx),
+        false,
+    )?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
     let model = a.common.load(&files)?;
@@ -1179,8 +1274,9 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| teal::assets::thresholds_path(&fp));
     if out.exists() && !a.force {
-        let th = Thresholds::load(&out)?;
-        th.check_model(&fp)?;
+        let redo = || format!("{} exists (--force recalibrates over it)", out.display());
+        let th = Thresholds::load(&out).with_context(redo)?;
+        th.check_model(&fp).with_context(redo)?;
         if (!a.greedy || th.greedy.is_some()) && (!a.fisher || th.fisher.is_some()) {
             eprintln!(
                 "thresholds already calibrated: {} (use --force to redo)",
@@ -1311,6 +1407,23 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     let Some((_, spec0, th, path)) = sparse_args.resolve(&files)? else {
         bail!("--sparsities must include a value above 0");
     };
+    let n_layers = files.config.num_hidden_layers;
+    let layers = if a.layers.is_empty() {
+        vec![0, n_layers / 2, n_layers - 1]
+    } else {
+        a.layers.clone()
+    };
+    if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
+        bail!("--layers: layer {l} does not exist (the model has {n_layers})");
+    }
+    check_ctx(
+        &a.common,
+        device,
+        &files.config,
+        (a.ctx, 1),
+        &format!("-c {}", a.ctx),
+        false,
+    )?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
     let model = a.common.load(&files)?;
@@ -1391,15 +1504,6 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     report::plot_ppl(&rows, dense_ppl, &ppl_png)?;
 
     // Activation distributions on the first window.
-    let n_layers = files.config.num_hidden_layers;
-    let layers = if a.layers.is_empty() {
-        vec![0, n_layers / 2, n_layers - 1]
-    } else {
-        a.layers.clone()
-    };
-    if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
-        bail!("--layers: layer {l} does not exist (the model has {n_layers})");
-    }
     struct Grab {
         layers: Vec<usize>,
         values: std::collections::BTreeMap<(usize, usize), Vec<f32>>,
@@ -1563,9 +1667,26 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     for &s in &a.sparsity {
         check_target(s)?;
     }
+    if a.n_gen == 0 || a.reps == 0 || a.n_prompt == 0 {
+        bail!(
+            "-n {} -r {} -p {}: bench needs at least one prompt token, one decoded token and one \
+             repetition",
+            a.n_gen,
+            a.reps,
+            a.n_prompt
+        );
+    }
+    if a.bandwidth_mib == 0 {
+        bail!("--bandwidth-mib 0: the bandwidth probe needs a buffer (default 1024)");
+    }
     let device = a.common.device()?;
+    let ctx = a.n_prompt + a.n_gen + 1;
+    let ctx_flag = format!("-p {} + -n {}", a.n_prompt, a.n_gen);
     let (model, dtype, model_label, prompt, random_th, files) = match &a.random_weights {
         Some(shape) => {
+            let config = teal::models::random::shape(shape)
+                .with_context(|| format!("--random-weights {shape}"))?;
+            check_ctx(&a.common, device, &config, (ctx, 1), &ctx_flag, true)?;
             let dtype = device.host_dtype(a.common.dtype.into());
             let t0 = std::time::Instant::now();
             let (model, th) = teal::bench::random_model(shape, dtype, a.seed)
@@ -1589,6 +1710,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
         None => {
             let files = a.common.open()?;
+            check_ctx(&a.common, device, &files.config, (ctx, 1), &ctx_flag, true)?;
             let model = a.common.load(&files)?;
             let base = files.tokenizer.encode(BENCH_TEXT, false)?;
             if base.is_empty() {
@@ -1619,7 +1741,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         match (&random_th, &files) {
             _ if s == 0.0 => Ok(None),
             (Some(th), _) => {
-                let spec = sparse.spec(Some(th));
+                let spec = sparse.spec(Some(th))?;
                 Ok(Some((th.resolve(&spec)?, spec)))
             }
             (None, Some(files)) => Ok(sparse.resolve(files)?.map(|(t, spec, ..)| (t, spec))),

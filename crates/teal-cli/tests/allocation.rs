@@ -1,12 +1,12 @@
 //! `--allocation auto` (the default of run, ppl and serve; bench's when asked) takes the best
 //! allocation the thresholds file supports: greedy where it has greedy tables, else fisher where
-//! it has fisher tables (with the abs or fisher quantile), else uniform; an unset `--quantile`
+//! it has fisher tables (with no quantile asked, or fisher), else uniform; an unset `--quantile`
 //! is fisher for the greedy allocation where the file has fisher tables. Uses the real SmolLM2
 //! file when it is cached (skips otherwise, or fails under TEAL_REQUIRE_ASSETS=1).
 
 mod common;
 
-use common::{calibrate_small, short_text, smollm2, teal_ok as teal};
+use common::{calibrate_small, fails, short_text, smollm2, teal_ok as teal};
 use std::path::Path;
 
 /// The `allocation` and `quantile` keys of `teal ppl --json` at 50 % with `th`, plus `extra`
@@ -90,11 +90,36 @@ fn auto_allocation_is_the_best_the_file_has() {
         ],
     );
     assert_eq!(allocation(m, text, &fisher, &[]), "fisher/fisher");
-    // The fisher allocation picks the inputs itself, so a TEAL quantile keeps auto uniform.
+    // The fisher allocation picks the inputs itself, so an explicit quantile of another kind
+    // keeps auto uniform, and asking the fisher allocation for one is an error.
     assert_eq!(
         allocation(m, text, &fisher, &["--quantile", "teal"]),
         "uniform/teal"
     );
+    assert_eq!(
+        allocation(m, text, &fisher, &["--quantile", "abs"]),
+        "uniform/abs"
+    );
+    let err = fails(&[
+        "ppl",
+        "-m",
+        m,
+        "-f",
+        text,
+        "--chunks",
+        "1",
+        "-c",
+        "64",
+        "--sparsity",
+        "0.5",
+        "--thresholds",
+        fisher.to_str().unwrap(),
+        "--allocation",
+        "fisher",
+        "--quantile",
+        "abs",
+    ]);
+    assert!(err.contains("--allocation fisher --quantile abs"), "{err}");
     assert_eq!(
         allocation(m, text, &fisher, &["--allocation", "uniform"]),
         "uniform/abs"

@@ -4,33 +4,8 @@
 
 mod common;
 
-use common::{calibrate_small, short_text, smollm2};
-use std::process::Command;
-
-/// Runs teal and returns its stderr; asserts it failed without panicking.
-fn fails(args: &[&str]) -> String {
-    fails_with_stdout(args).0
-}
-
-/// [`fails`], also returning what it wrote on standard output.
-fn fails_with_stdout(args: &[&str]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_teal"))
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "teal {args:?} succeeded; stderr: {err}"
-    );
-    assert_ne!(
-        out.status.code(),
-        Some(101),
-        "teal {args:?} panicked: {err}"
-    );
-    assert!(!err.contains("panicked"), "teal {args:?} panicked: {err}");
-    (err, String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use common::{calibrate_small, fails, fails_with_stdout, short_text, smollm2};
+use std::path::Path;
 
 #[test]
 fn corrupt_model_files_are_named() {
@@ -53,6 +28,31 @@ fn corrupt_model_files_are_named() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let e = fails(&["run", "-m", cut.to_str().unwrap(), "-p", "hi", "-n", "1"]);
     assert!(e.contains("truncated.gguf"), "{e}");
+
+    // A layer count that contradicts the tensors (llama.cpp refuses it too): one layer fewer
+    // than the file holds ran on the first 29 and printed nonsense.
+    let path = dir.path().join("layers.gguf");
+    std::fs::write(&path, patch_u32(&bytes, "llama.block_count", 29)).unwrap();
+    let e = fails(&["run", "-m", path.to_str().unwrap(), "-p", "hi", "-n", "1"]);
+    assert!(
+        e.contains("layers.gguf: tensors of layer 29, but the metadata gives 29 layers"),
+        "{e}"
+    );
+}
+
+/// `gguf` with the 32-bit integer value of metadata `key` replaced by `value`.
+fn patch_u32(gguf: &[u8], key: &str, value: u32) -> Vec<u8> {
+    let at = gguf
+        .windows(key.len())
+        .position(|w| w == key.as_bytes())
+        .unwrap_or_else(|| panic!("no {key} in the file"))
+        + key.len();
+    let ty = u32::from_le_bytes(gguf[at..at + 4].try_into().unwrap());
+    // GGUF value types 4 and 5: UINT32 and INT32.
+    assert!(ty == 4 || ty == 5, "{key} has value type {ty}");
+    let mut out = gguf.to_vec();
+    out[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+    out
 }
 
 #[test]
@@ -173,10 +173,114 @@ fn bad_prompts_and_texts_are_clear_errors() {
         "--thresholds",
         th.to_str().unwrap(),
     ]);
-    assert!(e.contains("unsupported thresholds file version"), "{e}");
+    assert!(
+        e.contains("unsupported thresholds file version 7 (this teal reads"),
+        "{e}"
+    );
 
     let e = fails(&["run", "-m", m, "-p", "hi", "-t", "0"]);
     assert!(e.contains("at least 1"), "{e}");
+}
+
+/// Limits checked before any work, with the flag named: contexts of no positions or beyond
+/// memory, thread counts that cannot be started, a greedy step that calibrates nothing, bench
+/// counts of zero, report layers the model lacks; and llama.cpp's -1 for `-n` and `--seed`.
+#[test]
+fn limits_are_checked_before_any_work() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = short_text(dir.path());
+    let text = text.to_str().unwrap();
+    let run = |extra: &[&str]| fails(&[&["run", "-m", m, "-p", "hi"][..], extra].concat());
+
+    let e = run(&["-c", "0"]);
+    assert!(e.contains("-c 0: a context of 0 positions"), "{e}");
+    // About 2 PB of f16 keys and values: more than any machine has (this once aborted in the
+    // allocator).
+    let e = run(&["-c", "100000000000"]);
+    assert!(
+        e.contains("-c 100000000000: the KV cache") && e.contains("GiB"),
+        "{e}"
+    );
+    let e = fails(&["ppl", "-m", m, "-f", text, "-c", "100000000000"]);
+    assert!(e.contains("-c 100000000000: the KV cache"), "{e}");
+    let e = fails(&["serve", "-m", m, "-c", "0"]);
+    assert!(e.contains("-c 0: a context of 0 positions"), "{e}");
+    let e = run(&["-t", "100000"]);
+    assert!(e.contains("-t 100000: at most"), "{e}");
+    let e = run(&["--system", "be brief"]);
+    assert!(e.contains("--system") && e.contains("--chat"), "{e}");
+    let e = run(&["--gpu-dtype", "f32"]);
+    assert!(e.contains("--gpu-dtype"), "{e}");
+    let e = run(&["-n", "-2"]);
+    assert!(e.contains("-1 for no limit"), "{e}");
+
+    let e = fails(&[
+        "calibrate",
+        "-m",
+        m,
+        "--data",
+        text,
+        "--samples",
+        "1",
+        "--seq-len",
+        "64",
+        "--greedy",
+        "--greedy-step",
+        "0",
+        "-o",
+        dir.path().join("never.json").to_str().unwrap(),
+    ]);
+    assert!(e.contains("greedy step 0: must be in (0, 1]"), "{e}");
+    assert!(!dir.path().join("never.json").exists());
+
+    let bench =
+        |extra: &[&str]| fails(&[&["bench", "-m", m, "--sparsity", "0"][..], extra].concat());
+    let e = bench(&["-n", "0"]);
+    assert!(e.contains("-n 0 -r 5 -p 64: bench needs"), "{e}");
+    let e = bench(&["--bandwidth-mib", "0"]);
+    assert!(e.contains("--bandwidth-mib 0"), "{e}");
+    let e = bench(&["-p", "100000"]);
+    assert!(e.contains("longer than the 8192 positions"), "{e}");
+
+    let th = dir.path().join("th.json");
+    calibrate_small(m, Path::new(text), &th, &[]);
+    let out = dir.path().join("report");
+    let e = fails(&[
+        "report",
+        "-m",
+        m,
+        "--thresholds",
+        th.to_str().unwrap(),
+        "-f",
+        text,
+        "--sparsities",
+        "0.5",
+        "--layers",
+        "99",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--layers: layer 99 does not exist"), "{e}");
+    assert!(
+        !out.exists(),
+        "the report wrote {} before failing",
+        out.display()
+    );
+
+    // llama.cpp's -1s: no limit on -n (here the context ends it), a random seed (printed).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args(["run", "-m", m, "-p", "one two", "-c", "12", "-n", "-1"])
+        .args(["--seed", "-1", "--ignore-eos"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("stop: ContextFull") && err.contains("seed: "),
+        "{err}"
+    );
 }
 
 /// `teal report --device cuda:0 --mode half` is a clear error naming the device: where there is

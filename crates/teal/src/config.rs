@@ -79,8 +79,14 @@ impl Config {
         {
             return bad(format!("zero dimension in {c:?}"));
         }
-        if c.num_attention_heads == 0 || c.num_key_value_heads == 0 {
+        if c.num_attention_heads == 0 {
             return bad("zero attention heads".into());
+        }
+        if c.num_key_value_heads == 0 {
+            return bad("zero key-value heads".into());
+        }
+        if c.max_position_embeddings == 0 {
+            return bad("a context length of 0 positions".into());
         }
         if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
             return bad(format!(

@@ -26,6 +26,8 @@ pub enum Error {
     UnsupportedArchitecture(String),
     #[error("model config: {0}")]
     Config(String),
+    #[error("{path}: {msg}")]
+    Model { path: PathBuf, msg: String },
     #[error("tensor '{name}' missing from {source_desc}")]
     MissingTensor { name: String, source_desc: String },
     #[error("tensor '{name}': shape {got:?}, expected {expected:?}")]

@@ -41,6 +41,66 @@ impl KvDtype {
     }
 }
 
+/// Bytes of the keys and values of `capacity` positions in every layer.
+pub fn cache_bytes(config: &Config, capacity: usize, dtype: KvDtype) -> u64 {
+    2 * config.num_hidden_layers as u64
+        * capacity as u64
+        * config.kv_dim() as u64
+        * dtype.bytes() as u64
+}
+
+/// Checks a context of `ctx` positions before `sequences` caches of it are made in host memory
+/// (`what` names it in messages, e.g. `-c 4096`): no positions, or caches larger than the
+/// memory available now ([`available_memory`]), are errors. Returns a warning for a context
+/// beyond the one the model was trained for, which runs (as llama.cpp's does) but degrades.
+pub fn check_context(
+    config: &Config,
+    ctx: usize,
+    dtype: KvDtype,
+    sequences: usize,
+    what: &str,
+) -> Result<Option<String>> {
+    if ctx == 0 {
+        return Err(Error::Invalid(format!(
+            "{what}: a context of 0 positions holds no prompt"
+        )));
+    }
+    let bytes = cache_bytes(config, ctx, dtype).saturating_mul(sequences as u64);
+    if let Some(avail) = available_memory() {
+        if bytes > avail {
+            return Err(Error::Invalid(format!(
+                "{what}: the KV cache ({sequences} x {ctx} positions in {}) needs {:.1} GiB, \
+                 more than the {:.1} GiB of memory available",
+                dtype.name(),
+                bytes as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
+    Ok((ctx > config.max_position_embeddings).then(|| {
+        format!(
+            "warning: {what}: longer than the {} positions the model was trained on; \
+             quality degrades beyond them",
+            config.max_position_embeddings
+        )
+    }))
+}
+
+/// Memory the kernel reports as available for new allocations (`MemAvailable` of
+/// /proc/meminfo), where it can be read.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// One layer's keys and values, `[capacity, kv_dim]` each.
 enum KvLayer {
     F32(Vec<f32>, Vec<f32>),
@@ -185,5 +245,41 @@ impl KvRows<'_> {
             scores,
             out
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contexts_are_checked_against_the_model_and_memory() {
+        let c = crate::models::random::shape("smollm2-135m").unwrap();
+        // 30 layers x 192 values x keys and values x 2 bytes a position.
+        assert_eq!(cache_bytes(&c, 10, KvDtype::F16), 2 * 30 * 10 * 192 * 2);
+        assert_eq!(
+            check_context(&c, 4096, KvDtype::F16, 1, "-c 4096").unwrap(),
+            None
+        );
+        let e = check_context(&c, 0, KvDtype::F16, 1, "-c 0").unwrap_err();
+        assert!(
+            e.to_string().contains("-c 0: a context of 0 positions"),
+            "{e}"
+        );
+        let w = check_context(&c, 9000, KvDtype::F32, 1, "-c 9000")
+            .unwrap()
+            .unwrap();
+        assert!(
+            w.contains("the 8192 positions the model was trained on"),
+            "{w}"
+        );
+        // No host caches (a GPU's): only the model's context is checked.
+        assert!(check_context(&c, 1 << 40, KvDtype::F32, 0, "-c")
+            .unwrap()
+            .is_some());
+        if available_memory().is_some() {
+            let e = check_context(&c, 1 << 40, KvDtype::F32, 1, "-c 2^40").unwrap_err();
+            assert!(e.to_string().contains("GiB of memory available"), "{e}");
+        }
     }
 }

@@ -39,26 +39,55 @@ impl ModelFiles {
             let config = Config::from_hf_json(&path.join("config.json"))?;
             let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
             let tensors = SafetensorsSource::open(path)?.describe();
-            Ok(ModelFiles {
+            ModelFiles {
                 config,
                 tokenizer,
                 format: "safetensors",
                 path: path.into(),
                 tensors,
-            })
+            }
+            .checked()
         } else {
             let file = GgufFile::open(path)?;
             let config = Config::from_gguf(&file)?;
             let tokenizer = Tokenizer::from_gguf(&file)?;
             let tensors = GgufSource::new(file, config.clone()).describe();
-            Ok(ModelFiles {
+            ModelFiles {
                 config,
                 tokenizer,
                 format: "gguf",
                 path: path.into(),
                 tensors,
-            })
+            }
+            .checked()
         }
+    }
+
+    /// The layer count of the metadata against the tensors, as llama.cpp checks it: a file with
+    /// tensors of layers beyond the count is an error (fewer are a missing tensor at load).
+    /// (Special token ids outside the vocabulary are ignored when the tokenizer is read, as
+    /// llama.cpp ignores them.)
+    fn checked(self) -> Result<ModelFiles> {
+        let layers = self.config.num_hidden_layers;
+        let beyond = self
+            .tensors
+            .iter()
+            .filter_map(|(name, ..)| {
+                let rest = name.strip_prefix("model.layers.")?;
+                rest.split('.').next()?.parse::<usize>().ok()
+            })
+            .filter(|&l| l >= layers)
+            .max();
+        if let Some(l) = beyond {
+            return Err(Error::Model {
+                path: self.path,
+                msg: format!(
+                    "tensors of layer {l}, but the metadata gives {layers} layers: wrong number \
+                     of tensors"
+                ),
+            });
+        }
+        Ok(self)
     }
 
     /// The weights, mapped (until the returned source is dropped).

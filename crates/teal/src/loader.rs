@@ -169,12 +169,18 @@ impl GgufSource {
 impl GgufSource {
     /// The GGUF tensor of Hugging Face name `name`, checked to have the row-major `shape`.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<&crate::gguf::TensorInfo> {
-        let missing = || Error::MissingTensor {
+        let gname = gguf_name(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             source_desc: self.label(),
-        };
-        let gname = gguf_name(name).ok_or_else(missing)?;
-        let t = self.file.tensor(&gname).ok_or_else(missing)?;
+        })?;
+        // Named as the file names it.
+        let t = self
+            .file
+            .tensor(&gname)
+            .ok_or_else(|| Error::MissingTensor {
+                name: gname.clone(),
+                source_desc: self.label(),
+            })?;
         // GGUF lists dims fastest first: the reverse of the row-major shape.
         let got: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         if got != shape {

@@ -201,6 +201,36 @@ fn thresholds_file_round_trips_and_rejects_other_models() {
     }
 }
 
+/// A greedy table that stops short of the target is an error, not the dense model (a table
+/// calibrated with a step of 0 held only its first row, and 50 % ran dense), and so is a
+/// file whose greedy step is not in (0, 1].
+#[test]
+fn greedy_tables_short_of_the_target_are_errors() {
+    let (_, _, _, mut th) = calibrated(true);
+    let greedy = |t: f64| spec(t, Allocation::Greedy, Quantile::Abs);
+    th.resolve(&greedy(0.5)).unwrap();
+    let g = th.greedy.as_mut().unwrap();
+    for steps in &mut g.layers {
+        steps.truncate(1);
+    }
+    let e = th.resolve(&greedy(0.5)).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "the greedy table of layer 0 reaches block sparsity 0.000 at most, short of \
+             the target 0.5"
+        ),
+        "{e}"
+    );
+    th.resolve(&greedy(0.04)).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.json");
+    th.greedy.as_mut().unwrap().step = 0.0;
+    th.save(&p).unwrap();
+    let e = Thresholds::load(&p).unwrap_err().to_string();
+    assert!(e.contains("greedy tables: step 0 outside (0, 1]"), "{e}");
+}
+
 #[test]
 fn greedy_picks_the_least_error_projection_at_each_step() {
     let (m, c, _, th) = calibrated(true);
@@ -337,10 +367,34 @@ fn calibration_text_too_short_is_an_error() {
         }),
         ..opts
     };
-    let e = calibrate(&m, fp, &tokens(100, 1), &opts, &mut |_, _, _| {})
+    let e = calibrate(&m, fp.clone(), &tokens(100, 1), &opts, &mut |_, _, _| {})
         .unwrap_err()
         .to_string();
     assert!(e.contains("4 windows of 64"), "{e}");
+
+    // Greedy steps that would calibrate nothing (0, negative, NaN) or jump past every table.
+    for step in [0.0, -0.1, f64::NAN, 5.0] {
+        let opts = CalibOptions {
+            fisher: None,
+            greedy: Some((
+                GreedyOptions {
+                    samples: 1,
+                    seq_len: 32,
+                    step,
+                    max_sparsity: 0.9,
+                },
+                Quantile::Abs,
+            )),
+            ..opts.clone()
+        };
+        let e = calibrate(&m, fp.clone(), &tokens(100, 1), &opts, &mut |_, _, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("greedy step {step}: must be in (0, 1]")),
+            "{e}"
+        );
+    }
 }
 
 /// `compare_on` (what `teal ppl --device cuda:N` runs: one decoder, masks switched per window,

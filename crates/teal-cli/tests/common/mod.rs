@@ -24,6 +24,31 @@ pub fn teal_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs teal and returns its stderr; asserts it failed without panicking.
+pub fn fails(args: &[&str]) -> String {
+    fails_with_stdout(args).0
+}
+
+/// [`fails`], also returning what it wrote on standard output.
+pub fn fails_with_stdout(args: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "teal {args:?} succeeded; stderr: {err}"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "teal {args:?} panicked: {err}"
+    );
+    assert!(!err.contains("panicked"), "teal {args:?} panicked: {err}");
+    (err, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A short English text in `dir` (about 400 tokens).
 pub fn short_text(dir: &Path) -> PathBuf {
     let text = dir.join("text.txt");

@@ -219,7 +219,18 @@ fn greedy_options(opts: &CalibOptions) -> Result<Option<(&GreedyOptions, Quantil
             "a greedy search with the fisher reading needs the loss gradients (--fisher)".into(),
         )),
         Some((g, q)) => {
-            if g.samples == 0 || g.samples > n || g.seq_len < 4 || g.seq_len > len {
+            if !(g.step > 0.0 && g.step <= 1.0) {
+                return Err(Error::Invalid(format!(
+                    "greedy step {}: must be in (0, 1] (the default is 0.05)",
+                    g.step
+                )));
+            }
+            if g.samples == 0 {
+                return Err(Error::Invalid(
+                    "greedy search on 0 windows: at least one is needed".into(),
+                ));
+            }
+            if g.samples > n || g.seq_len < 4 || g.seq_len > len {
                 return Err(Error::Invalid(format!(
                     "greedy search on {} x {} tokens must fit in the {n} x {len} calibration tokens",
                     g.samples, g.seq_len

@@ -175,7 +175,12 @@ pub fn input_fisher(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Vec<[Vec<f32>; 7]>> {
     let (samples, seq_len) = (opts.samples, opts.seq_len);
-    if samples == 0 || seq_len < 2 || tokens.len() < samples * seq_len {
+    if samples == 0 {
+        return Err(Error::Invalid(
+            "the Fisher statistics on 0 windows: at least one is needed".into(),
+        ));
+    }
+    if seq_len < 2 || tokens.len() < samples * seq_len {
         return Err(Error::Invalid(format!(
             "the Fisher statistics need {samples} windows of {seq_len} >= 2 tokens, the text has {}",
             tokens.len()

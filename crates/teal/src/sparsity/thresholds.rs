@@ -342,13 +342,14 @@ impl Thresholds {
                 "not a teal thresholds file (\"format\" is not \"{FORMAT}\")"
             )));
         }
-        match v.get("version").and_then(|f| f.as_u64()) {
-            Some(x) if x == VERSION as u64 => {}
-            other => {
+        match v.get("version") {
+            Some(x) if x.as_u64() == Some(VERSION as u64) => {}
+            Some(other) => {
                 return Err(bad(format!(
-                    "unsupported thresholds file version {other:?} (this teal reads {VERSION})"
+                    "unsupported thresholds file version {other} (this teal reads {VERSION})"
                 )))
             }
+            None => return Err(bad("no \"version\" field".into())),
         }
         let t: Thresholds = serde_json::from_value(v).map_err(|source| Error::Json {
             path: path.into(),
@@ -430,6 +431,9 @@ impl Thresholds {
             {
                 return Err("greedy tables: one non-empty table per layer expected".into());
             }
+            if !(g.step > 0.0 && g.step <= 1.0) {
+                return Err(format!("greedy tables: step {} outside (0, 1]", g.step));
+            }
         }
         Ok(())
     }
@@ -481,7 +485,7 @@ impl Thresholds {
     pub fn check_quantile(&self, q: Quantile) -> Result<()> {
         if q == Quantile::Wina && self.wina.is_none() {
             return Err(Error::Invalid(
-                "this thresholds file has no weight-aware (wina) tables: recalibrate with this teal"
+                "this thresholds file has no weight-aware (wina) tables: calibrate without --no-wina"
                     .into(),
             ));
         }
@@ -522,9 +526,10 @@ impl Thresholds {
                         "this thresholds file has no greedy tables: calibrate with --greedy".into(),
                     )
                 })?;
-                Ok(g.layers
+                g.layers
                     .iter()
-                    .map(|steps| {
+                    .enumerate()
+                    .map(|(l, steps)| {
                         let best = steps
                             .iter()
                             .min_by(|a, b| {
@@ -533,9 +538,19 @@ impl Thresholds {
                                     .total_cmp(&(b.sparsity - spec.target).abs())
                             })
                             .expect("validated non-empty");
-                        best.s
+                        // The rows lie about a step apart; a target beyond the last row by more
+                        // than that is one the search never reached.
+                        if spec.target > best.sparsity + g.step {
+                            return Err(Error::Invalid(format!(
+                                "the greedy table of layer {l} reaches block sparsity {:.3} at \
+                                 most, short of the target {}: use a lower target or another \
+                                 allocation",
+                                best.sparsity, spec.target
+                            )));
+                        }
+                        Ok(best.s)
                     })
-                    .collect())
+                    .collect()
             }
             Allocation::Fisher => Ok(self.fisher_tables()?.global(&self.levels, spec.target).1),
         }
