@@ -441,7 +441,8 @@ struct RunArgs {
     /// System message for --chat and --interactive.
     #[arg(long)]
     system: Option<String>,
-    /// Keep generating past end-of-sequence tokens.
+    /// Never end at an end-of-sequence token: they are not sampled (as llama.cpp's), so the
+    /// answer runs to -n or the context (a grammar or JSON answer still ends when complete).
     #[arg(long)]
     ignore_eos: bool,
     #[command(flatten)]

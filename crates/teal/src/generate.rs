@@ -17,6 +17,8 @@ pub struct GenerateParams {
     pub sampler: SamplerConfig,
     /// Context length (KV cache capacity).
     pub ctx: usize,
+    /// Whether an end-of-sequence token ends the generation; `false` never samples one
+    /// (llama.cpp's `ignore_eos`), so the generation runs to `max_tokens` or the context.
     pub stop_at_eos: bool,
     /// Log-probabilities of every generated token and of its `k` most likely alternatives
     /// (`None`: none; the decode steps may then sample on the device).
@@ -441,7 +443,14 @@ impl<'t> Turn<'t> {
         } else {
             dec.truncate(keep)?;
         }
-        let mut sampler = Sampler::for_tokenizer(params.sampler.clone(), tokenizer);
+        let mut cfg = params.sampler.clone();
+        if !params.stop_at_eos {
+            // As llama.cpp's `ignore_eos`: the end-of-sequence tokens are never sampled. (Where
+            // a constraint allows nothing else, its answer is complete: one still ends it.)
+            cfg.logit_bias
+                .extend(tokenizer.eos_ids().iter().map(|&t| (t, f32::NEG_INFINITY)));
+        }
+        let mut sampler = Sampler::for_tokenizer(cfg, tokenizer);
         let recent = prompt.len().saturating_sub(params.sampler.penalties.last_n);
         for &t in &prompt[recent..] {
             sampler.accept(t);
@@ -563,7 +572,7 @@ impl<'t> Turn<'t> {
         mut on_text: impl FnMut(u32, &str, Option<&TokenLogprob>) -> bool,
     ) -> Result<Option<u32>> {
         let next = self.next;
-        let stop = if self.params.stop_at_eos && self.tokenizer.eos_ids().contains(&next) {
+        let stop = if self.tokenizer.eos_ids().contains(&next) {
             Some(StopReason::Eos)
         } else {
             self.tokens.push(next);
