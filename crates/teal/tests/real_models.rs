@@ -269,6 +269,23 @@ fn smollm2_greedy_continuation_matches_references() {
     assert_eq!(text, " Paris.\n\nThe answer is: 201");
 }
 
+/// Without stopping at end tokens (`--ignore-eos`), none is sampled, as with llama.cpp's: a
+/// chat answer that ends after a few tokens goes on with other text instead of the end token
+/// and the template's next turn.
+#[test]
+fn smollm2_ignoring_eos_samples_no_end_token() {
+    let Some(path) = smollm2() else { return };
+    let files = ModelFiles::open(&path).unwrap();
+    let chat = Prompt::Chat(vec![teal::chat::Message::new("user", "Say hi.")]);
+    let (ids, text) = greedy(&files, &chat, 40);
+    assert_eq!(ids.len(), 40, "text: {text:?}");
+    let eos = files.tokenizer.eos_ids();
+    assert!(
+        ids.iter().all(|t| !eos.contains(t)),
+        "end tokens in {text:?}"
+    );
+}
+
 /// Dense P512 perplexity, first 32 windows of WikiText-2 test, against llama.cpp on the same
 /// (f32-dequantized) weights: see docs/QUALITY.md for how the reference was produced.
 #[test]
