@@ -231,6 +231,31 @@ fn greedy_tables_short_of_the_target_are_errors() {
     assert!(e.contains("greedy tables: step 0 outside (0, 1]"), "{e}");
 }
 
+/// Hand-edited site tables whose thresholds fall as the level rises, or with a negative |x|
+/// quantile, are refused at load.
+#[test]
+fn site_tables_out_of_order_are_refused() {
+    let (_, _, _, th) = calibrated(false);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.json");
+    th.save(&p).unwrap();
+    Thresholds::load(&p).unwrap();
+    let edits: [fn(&mut Thresholds); 2] = [
+        |t| t.sites[1][2].abs[3] = -0.5,
+        |t| t.sites[1][2].teal.swap(4, 9),
+    ];
+    for edit in edits {
+        let mut bad = th.clone();
+        edit(&mut bad);
+        bad.save(&p).unwrap();
+        let e = Thresholds::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("layer 1 site 2: thresholds that fall as the level rises"),
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn greedy_picks_the_least_error_projection_at_each_step() {
     let (m, c, _, th) = calibrated(true);

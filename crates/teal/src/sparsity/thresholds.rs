@@ -385,6 +385,15 @@ impl Thresholds {
                 if t.teal.iter().chain(&t.abs).any(|v| !v.is_finite()) {
                     return Err(format!("layer {l} site {s}: non-finite threshold"));
                 }
+                // Level 0's entry is -1 (nothing zeroed); the rest rise with the level, and
+                // |x| quantiles are not negative (TEAL's signed reading may be, at low levels).
+                let falls = |v: &[f32]| v[1..].windows(2).any(|w| w[1] < w[0]);
+                if falls(&t.teal) || falls(&t.abs) || t.abs[1..].iter().any(|&v| v < 0.0) {
+                    return Err(format!(
+                        "layer {l} site {s}: thresholds that fall as the level rises, or a \
+                         negative |x| quantile"
+                    ));
+                }
             }
         }
         if let Some(w) = &self.wina {
