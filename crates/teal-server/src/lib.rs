@@ -1919,33 +1919,78 @@ impl Answer {
 
 /// OpenAI's completion `logprobs`: token texts, their log-probabilities (`null` for the first
 /// prompt token), the alternatives as `{text: logprob}` and each token's character offset in
-/// the choice's text, the first at `offset`.
-fn completion_logprobs(tokens: &[TokenInfo], mut offset: usize) -> Value {
-    let text_offset: Vec<usize> = tokens
-        .iter()
-        .map(|t| {
-            let at = offset;
-            offset += t.text.chars().count();
-            at
-        })
-        .collect();
+/// the choice's text, the first at `offset`. A token that is part of a character (byte
+/// fallback) is written as OpenAI writes it, `bytes:\xf0\x9f`, and its offset is where that
+/// character starts.
+fn completion_logprobs(tokens: &[TokenInfo], offset: usize) -> Value {
     json!({
-        "tokens": tokens.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(),
+        "tokens": tokens.iter().map(|t| completion_token(&t.text, &t.bytes)).collect::<Vec<_>>(),
         "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
         "top_logprobs": tokens
             .iter()
             .map(|t| {
                 t.logprob.map(|_| {
                     let mut top = serde_json::Map::new();
-                    for (_, text, _, lp) in &t.top {
-                        top.entry(text.clone()).or_insert(json!(lp));
+                    for (_, text, bytes, lp) in &t.top {
+                        top.entry(completion_token(text, bytes)).or_insert(json!(lp));
                     }
                     top
                 })
             })
             .collect::<Vec<_>>(),
-        "text_offset": text_offset,
+        "text_offset": text_offsets(tokens.iter().map(|t| &t.bytes[..]), offset),
     })
+}
+
+/// A token's text in a completion's `logprobs`: its text, or where its bytes are not whole
+/// UTF-8 characters `bytes:` and each byte as `\xNN` (OpenAI's form).
+fn completion_token(text: &str, bytes: &[u8]) -> String {
+    if std::str::from_utf8(bytes).is_ok() {
+        return text.to_string();
+    }
+    let hex: String = bytes.iter().map(|b| format!("\\x{b:02x}")).collect();
+    format!("bytes:{hex}")
+}
+
+/// The character offset at which each token's text starts, the first at `offset`, in the
+/// text the tokens' bytes decode to (invalid bytes each as one replacement character): a token
+/// that ends inside a character adds nothing until the one that completes it.
+fn text_offsets<'a>(tokens: impl Iterator<Item = &'a [u8]>, mut offset: usize) -> Vec<usize> {
+    let mut pending: Vec<u8> = Vec::new();
+    tokens
+        .map(|bytes| {
+            let at = offset;
+            pending.extend_from_slice(bytes);
+            loop {
+                match std::str::from_utf8(&pending) {
+                    Ok(s) => {
+                        offset += s.chars().count();
+                        pending.clear();
+                        break;
+                    }
+                    Err(e) => {
+                        let valid = e.valid_up_to();
+                        let chars =
+                            std::str::from_utf8(&pending[..valid]).map_or(0, |s| s.chars().count());
+                        offset += chars;
+                        match e.error_len() {
+                            // Invalid bytes: one replacement character, then the rest.
+                            Some(n) => {
+                                offset += 1;
+                                pending.drain(..valid + n);
+                            }
+                            // A character not yet complete: wait for the next token.
+                            None => {
+                                pending.drain(..valid);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            at
+        })
+        .collect()
 }
 
 /// OpenAI's chat `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
@@ -2260,7 +2305,22 @@ fn sse_events(
 
 #[cfg(test)]
 mod tests {
-    use super::{pick_slot, SlotState};
+    use super::{completion_token, pick_slot, text_offsets, SlotState};
+
+    /// A character split over byte-fallback tokens: each part written as OpenAI writes it, all
+    /// at the character's offset, the text after it counted once.
+    #[test]
+    fn byte_fallback_tokens_in_completion_logprobs() {
+        let fish = "🐧".as_bytes();
+        let toks: [&[u8]; 6] = [b"a ", &fish[..1], &fish[1..3], &fish[3..], b"b", b"\xff"];
+        assert_eq!(text_offsets(toks.into_iter(), 5), [5, 7, 7, 7, 8, 9]);
+        assert_eq!(completion_token("\u{fffd}", &fish[..1]), "bytes:\\xf0");
+        assert_eq!(
+            completion_token("\u{fffd}", &fish[1..3]),
+            "bytes:\\x9f\\x90"
+        );
+        assert_eq!(completion_token(" b", b" b"), " b");
+    }
 
     fn slot(cached: usize, shared: usize, last_used: u64) -> SlotState {
         SlotState {
