@@ -243,7 +243,8 @@ impl SparseArgs {
 enum Cmd {
     /// Generate text from a prompt.
     Run(RunArgs),
-    /// Perplexity of a text file, protocol P512 (DESIGN §4); with --sparsity, against dense.
+    /// Perplexity of a text file (windows of -c tokens, each from an empty cache, every token
+    /// after a window's first scored: protocol P512 at -c 512); with --sparsity, against dense.
     Ppl(PplArgs),
     /// Calibrate TEAL thresholds (activation statistics, optional greedy allocation).
     Calibrate(CalibrateArgs),
@@ -519,7 +520,8 @@ struct CalibrateArgs {
     /// Output file (default: the cache, where run/ppl find it).
     #[arg(short = 'o', long)]
     output: Option<PathBuf>,
-    /// Recalibrate even if the output exists.
+    /// Recalibrate even if the output exists, with only the tables asked for (without it, a
+    /// file lacking tables asked for is recalibrated keeping the kinds it had).
     #[arg(long)]
     force: bool,
     /// On a GPU: host memory for the collected activations, MiB; the calibration windows run
@@ -1274,6 +1276,9 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         .output
         .clone()
         .unwrap_or_else(|| teal::assets::thresholds_path(&fp));
+    // Without --force, a file that lacks tables asked for is calibrated again with them and
+    // with the kinds it had (asking for greedy tables keeps its fisher ones, and the reverse).
+    let (mut greedy_wanted, mut fisher_wanted) = (a.greedy, a.fisher);
     if out.exists() && !a.force {
         let redo = || format!("{} exists (--force recalibrates over it)", out.display());
         let th = Thresholds::load(&out).with_context(redo)?;
@@ -1286,6 +1291,8 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
             println!("{}", out.display());
             return Ok(());
         }
+        greedy_wanted |= th.greedy.is_some();
+        fisher_wanted |= th.fisher.is_some();
     }
     let data = match &a.data {
         Some(d) => d.clone(),
@@ -1297,7 +1304,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let tokens = files.tokenizer.encode(&text, false)?;
     let model = a.common.load(&files)?;
     let seq_len = a.seq_len.min(files.config.max_position_embeddings);
-    let greedy = a.greedy.then(|| {
+    let greedy = greedy_wanted.then(|| {
         (
             GreedyOptions {
                 samples: a.greedy_samples,
@@ -1313,7 +1320,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         samples: a.samples,
         seq_len,
         greedy,
-        fisher: a.fisher.then(|| FisherOptions {
+        fisher: fisher_wanted.then(|| FisherOptions {
             samples: a.fisher_samples,
             seq_len: a.fisher_seq_len.min(files.config.max_position_embeddings),
             labels: match a.fisher_labels {
@@ -1380,7 +1387,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         opts.samples,
         opts.seq_len,
         opts.text_label,
-        match (a.greedy, a.fisher) {
+        match (greedy_wanted, fisher_wanted) {
             (true, true) => " with greedy and fisher allocations",
             (true, false) => " with greedy allocation",
             (false, true) => " with fisher allocation",

@@ -145,6 +145,24 @@ fn auto_allocation_is_the_best_the_file_has() {
         ],
     );
     assert_eq!(allocation(m, text, &both, &[]), "greedy/fisher");
+    // Asking a fisher file for greedy tables (no --force) keeps its fisher tables.
+    let added = dir.path().join("added.json");
+    std::fs::copy(&fisher, &added).unwrap();
+    let greedy_small = [
+        "--greedy",
+        "--greedy-samples",
+        "1",
+        "--greedy-seq-len",
+        "16",
+        "--greedy-step",
+        "0.3",
+        "--fisher-samples",
+        "1",
+        "--fisher-seq-len",
+        "32",
+    ];
+    calibrate_small(m, Path::new(text), &added, &greedy_small);
+    assert_eq!(allocation(m, text, &added, &[]), "greedy/fisher");
     assert_eq!(
         allocation(m, text, &both, &["--quantile", "abs"]),
         "greedy/abs"
