@@ -213,6 +213,9 @@ impl SparseArgs {
     fn resolve(&self, files: &ModelFiles) -> Result<Option<Resolved>> {
         check_target(self.sparsity)?;
         if self.sparsity == 0.0 {
+            if self.thresholds.is_some() {
+                eprintln!("note: --thresholds without --sparsity: the model runs dense");
+            }
             return Ok(None);
         }
         let fp = Fingerprint::of(&files.config, &files.tensors);
