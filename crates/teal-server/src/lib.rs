@@ -1198,6 +1198,8 @@ struct Options {
     frequency_penalty: Option<f32>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    /// llama.cpp's: generate past end tokens (none is sampled).
+    ignore_eos: Option<bool>,
     stop: Option<OneOrMany>,
     n: Option<usize>,
     cache_prompt: Option<bool>,
@@ -1482,13 +1484,9 @@ fn check_options(
     if prompts.is_empty() {
         return Err(ApiError::bad_request("prompt: the list is empty"));
     }
-    // An empty prompt of a list is refused before the others run (a single one is the
-    // engine's to judge: with a BOS token it is not empty).
-    let empty = |p: &Prompt| match p {
-        Prompt::Text(t) => t.is_empty(),
-        Prompt::Tokens(ids) => ids.is_empty(),
-        _ => false,
-    };
+    // An empty list of token ids in a list of prompts is refused before the others run (an
+    // empty text is the engine's to judge: with a BOS token it is not empty).
+    let empty = |p: &Prompt| matches!(p, Prompt::Tokens(ids) if ids.is_empty());
     if let Some(i) = prompts.iter().position(empty).filter(|_| prompts.len() > 1) {
         return Err(ApiError::bad_request(format!("prompt[{i}] is empty")));
     }
@@ -1584,7 +1582,7 @@ fn check_options(
         cache_prompt: o.cache_prompt.unwrap_or(true),
         stream,
         include_usage: o.stream_options.and_then(|s| s.include_usage) == Some(true),
-        ignore_eos: false,
+        ignore_eos: o.ignore_eos.unwrap_or(false),
         time_limit: None,
         min_indent: 0,
         slot: None,
@@ -1645,22 +1643,17 @@ fn completion_request(body: &[u8]) -> Result<Request, ApiError> {
 }
 
 /// A chat's messages, of text only (a message's text parts joined with line breaks, as
-/// llama.cpp joins them). Roles are OpenAI's: `system`, `developer` (taken as `system`),
-/// `user`, `assistant` and `tool`.
+/// llama.cpp joins them). OpenAI's `developer` role is the `system` one; other roles go to the
+/// chat template as they are, as llama.cpp passes them (Llama 3.1's `ipython`, the older
+/// `function`).
 fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
     messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
             let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                r @ ("user" | "assistant" | "tool") => r,
-                other => {
-                    return Err(ApiError::bad_request(format!(
-                        "messages[{i}].role: unknown role '{other}' (system, developer, user, \
-                         assistant or tool)"
-                    )))
-                }
+                "developer" => "system",
+                r => r,
             };
             let content = match m.content {
                 None if m.tool_calls.is_none() => {

@@ -212,6 +212,7 @@ fn check(
         frequency_penalty: penalties[2],
         stream: o.stream,
         stream_options: None,
+        ignore_eos: o.ignore_eos,
         stop: o.stop.map(OneOrMany::Many),
         n: Some(n),
         cache_prompt: o.cache_prompt,
@@ -223,7 +224,6 @@ fn check(
     let logprobs = o.n_probs.filter(|&k| k > 0);
     let list = many || n > 1;
     let mut r = check_options(Api::LlamaCpp, options, prompts, logprobs, false)?;
-    r.ignore_eos = o.ignore_eos.unwrap_or(false);
     r.sampler.infill = o
         .samplers
         .as_ref()
