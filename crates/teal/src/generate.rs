@@ -18,7 +18,9 @@ pub struct GenerateParams {
     /// Context length (KV cache capacity).
     pub ctx: usize,
     /// Whether an end-of-sequence token ends the generation; `false` never samples one
-    /// (llama.cpp's `ignore_eos`), so the generation runs to `max_tokens` or the context.
+    /// (llama.cpp's `ignore_eos`), so the generation runs to `max_tokens` or the context,
+    /// unless a constraint or the infill stage can only end it (a complete grammar or JSON
+    /// answer, an infill with no text left to write).
     pub stop_at_eos: bool,
     /// Log-probabilities of every generated token and of its `k` most likely alternatives
     /// (`None`: none; the decode steps may then sample on the device).

@@ -49,6 +49,24 @@ impl SamplerConfig {
             || self.infill
     }
 
+    /// Whether the only change to the logits is tokens banned (biases of -inf, e.g.
+    /// `ignore_eos`'s end tokens): a device may then pick as if unbiased and resample on the
+    /// host only when it picks a banned token ([`SamplerConfig::banned`]).
+    pub fn bans_only(&self) -> bool {
+        !self.penalties.active()
+            && !self.json_object
+            && self.grammar.is_none()
+            && !self.infill
+            && self.logit_bias.iter().all(|&(_, b)| b == f32::NEG_INFINITY)
+    }
+
+    /// Whether `token` has a bias of -inf.
+    pub fn banned(&self, token: u32) -> bool {
+        self.logit_bias
+            .iter()
+            .any(|&(t, b)| t == token && b == f32::NEG_INFINITY)
+    }
+
     /// The settings' ranges, each error naming the setting (as the server's request field).
     pub fn check(&self) -> Result<(), String> {
         let p = &self.penalties;
@@ -513,6 +531,32 @@ mod tests {
             )))),
             ..Sampler::new(cfg)
         }
+    }
+
+    /// Bans alone (biases of -inf, as `ignore_eos` adds) let a device pick and check after;
+    /// any other adjustment does not.
+    #[test]
+    fn bans_alone_are_told_apart() {
+        let ban = |bias: Vec<(u32, f32)>| SamplerConfig {
+            logit_bias: bias,
+            ..Default::default()
+        };
+        let c = ban(vec![(3, f32::NEG_INFINITY), (7, f32::NEG_INFINITY)]);
+        assert!(c.adjusts_logits() && c.bans_only());
+        assert!(c.banned(3) && c.banned(7) && !c.banned(4));
+        let c = ban(vec![(3, f32::NEG_INFINITY), (4, 2.0)]);
+        assert!(!c.bans_only() && !c.banned(4));
+        let c = SamplerConfig {
+            penalties: Penalties {
+                repeat: 1.1,
+                ..Penalties::OFF
+            },
+            ..ban(vec![(3, f32::NEG_INFINITY)])
+        };
+        assert!(!c.bans_only());
+        // Greedy over the logits with the bans applied: the best token not banned.
+        let mut s = Sampler::new(ban(vec![(1, f32::NEG_INFINITY)]));
+        assert_eq!(s.sample(&[0.0, 3.0, 2.0, 1.0]), 2);
     }
 
     #[test]

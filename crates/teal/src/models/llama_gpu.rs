@@ -1312,6 +1312,40 @@ impl GpuLlama {
         Ok(self.gpu.download(&self.m.one.logits)?)
     }
 
+    /// Runs `token` and picks the next one as `sampler` would from unbiased logits: greedy, or
+    /// for top-k up to [`teal_kernels::cuda::SAMPLE_MAX_K`] the CPU sampler's arithmetic on the
+    /// device with its next uniform number; a larger or no top-k cut samples on the host from
+    /// the copied logits (with the sampler's biases).
+    fn pick_on_device(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
+        let cfg = sampler.config();
+        if cfg.temperature <= 0.0 {
+            return self.decode_greedy(token);
+        }
+        let v = self.m.config.vocab_size;
+        let k = match cfg.top_k {
+            0 => v,
+            k => k.min(v),
+        };
+        if k > teal_kernels::cuda::SAMPLE_MAX_K {
+            return Ok(sampler.sample(self.decode(token)?));
+        }
+        let (inv_t, top_p, min_p) = (1.0 / cfg.temperature, cfg.top_p, cfg.min_p);
+        self.step(token, Step::Decode)?;
+        let r = sampler.draw();
+        self.gpu.write(&[r], &mut self.m.uniform)?;
+        self.gpu.sample_top_k(
+            &self.m.one.logits,
+            v,
+            k,
+            inv_t,
+            top_p,
+            min_p,
+            &self.m.uniform,
+            &mut self.m.next,
+        )?;
+        Ok(self.gpu.download(&self.m.next)?[0])
+    }
+
     /// Run `token` at the current position as a decode or observed step.
     fn step(&mut self, token: u32, step: Step) -> Result<()> {
         self.check_input(&[token], "the sequence")?;
@@ -1388,43 +1422,24 @@ impl Decoder for GpuLlama {
             .argmax(&self.m.one.logits, &mut self.m.next, 1, v)?;
         Ok(self.gpu.download(&self.m.next)?[0])
     }
-    /// Greedy: [`Decoder::decode_greedy`]. Otherwise, for top-k up to
-    /// [`teal_kernels::cuda::SAMPLE_MAX_K`], the CPU sampler's arithmetic on the device with the
-    /// sampler's next uniform number (same seed, same numbers); a larger or no top-k cut
-    /// samples on the host from the copied logits.
+    /// On the device where the sampler allows it ([`Self::pick_on_device`]: the CPU sampler's
+    /// arithmetic, same seed, same numbers), with banned tokens (biases of -inf) checked after
+    /// the pick; other biases, penalties and constraints on the host from the copied logits.
     fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
         let cfg = sampler.config();
-        if cfg.adjusts_logits() {
+        if cfg.adjusts_logits() && !cfg.bans_only() {
             // Biases and penalties (which need the recent tokens the host sampler keeps) are
             // applied on the host.
             return Ok(sampler.sample(self.decode(token)?));
         }
-        if cfg.temperature <= 0.0 {
-            return self.decode_greedy(token);
+        let picked = self.pick_on_device(token, sampler)?;
+        if sampler.config().banned(picked) {
+            // A banned token came first (e.g. an end token with `ignore_eos`): the host sampler
+            // picks again from this step's logits, with the bans applied.
+            let logits = self.gpu.download(&self.m.one.logits)?;
+            return Ok(sampler.sample(&logits));
         }
-        let v = self.m.config.vocab_size;
-        let k = match cfg.top_k {
-            0 => v,
-            k => k.min(v),
-        };
-        if k > teal_kernels::cuda::SAMPLE_MAX_K {
-            return Ok(sampler.sample(self.decode(token)?));
-        }
-        let (inv_t, top_p, min_p) = (1.0 / cfg.temperature, cfg.top_p, cfg.min_p);
-        self.step(token, Step::Decode)?;
-        let r = sampler.draw();
-        self.gpu.write(&[r], &mut self.m.uniform)?;
-        self.gpu.sample_top_k(
-            &self.m.one.logits,
-            v,
-            k,
-            inv_t,
-            top_p,
-            min_p,
-            &self.m.uniform,
-            &mut self.m.next,
-        )?;
-        Ok(self.gpu.download(&self.m.next)?[0])
+        Ok(picked)
     }
     fn prefill_observed(&mut self, tokens: &[u32], observer: &mut dyn Observer) -> Result<()> {
         if tokens.is_empty() {
