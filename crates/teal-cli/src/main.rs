@@ -164,21 +164,29 @@ type Resolved = (
     PathBuf,
 );
 
+/// The fisher allocation picks each projection's inputs by its own loss-aware scores: asking
+/// it for another quantile is an error.
+fn check_allocation_quantile(
+    allocation: AllocationArg,
+    quantile: Option<QuantileArg>,
+) -> Result<()> {
+    match (allocation, quantile) {
+        (AllocationArg::Fisher, Some(q)) if !matches!(q, QuantileArg::Fisher) => bail!(
+            "--allocation fisher --quantile {}: the fisher allocation picks each projection's \
+             inputs by its own loss-aware scores (leave --quantile out, or use another \
+             allocation)",
+            Quantile::from(q).name()
+        ),
+        _ => Ok(()),
+    }
+}
+
 impl SparseArgs {
     /// The request; `auto` allocation and an unset quantile are decided by what `th` holds. The
     /// fisher allocation picks the inputs by its loss-aware scores, so its quantile is `fisher`
     /// (results say so), and asking it for another is an error.
     fn spec(&self, th: Option<&Thresholds>) -> Result<SparsitySpec> {
-        if let (AllocationArg::Fisher, Some(q)) = (self.allocation, self.quantile) {
-            if !matches!(q, QuantileArg::Fisher) {
-                bail!(
-                    "--allocation fisher --quantile {}: the fisher allocation picks each \
-                     projection's inputs by its own loss-aware scores (leave --quantile out, or \
-                     use another allocation)",
-                    Quantile::from(q).name()
-                );
-            }
-        }
+        check_allocation_quantile(self.allocation, self.quantile)?;
         let has_greedy = th.is_some_and(|t| t.greedy.is_some());
         let has_fisher = th.is_some_and(|t| t.fisher.is_some());
         let allocation = match self.allocation {
@@ -446,7 +454,8 @@ struct RunArgs {
     #[arg(long)]
     system: Option<String>,
     /// Never end at an end-of-sequence token: they are not sampled (as llama.cpp's), so the
-    /// answer runs to -n or the context (a grammar or JSON answer still ends when complete).
+    /// answer runs to -n or the context (a grammar or JSON answer still ends when complete, an
+    /// infill when nothing is left to write).
     #[arg(long)]
     ignore_eos: bool,
     #[command(flatten)]
@@ -868,27 +877,29 @@ fn generation_ctx(ctx: Option<usize>, files: &ModelFiles) -> usize {
     ctx.unwrap_or(files.config.max_position_embeddings.min(4096))
 }
 
-/// Checks `sequences` contexts of `ctx` positions (`what` names the flag) before anything is
-/// loaded: on the CPU, caches beyond the available memory are an error; everywhere, a context
-/// beyond the model's is a warning, or with `strict` an error. (A GPU's caches are checked by
-/// its allocator.)
+/// Checks `caches` contexts of `ctx` positions (`what` names the flag), with `per_position`
+/// more host bytes a position (the logits ppl and report keep), before anything is loaded:
+/// more host memory than is available is an error, a context beyond the model's a warning.
+/// (A GPU's caches are on the device, where its allocator checks them.)
 fn check_ctx(
     common: &Common,
     device: Device,
     config: &teal::config::Config,
-    (ctx, sequences): (usize, usize),
+    (ctx, caches, per_position): (usize, usize, u64),
     what: &str,
-    strict: bool,
 ) -> Result<()> {
     let kv = common.kv(device)?;
-    let host = if device == Device::Cpu { sequences } else { 0 };
-    if let Some(w) = teal::kv_cache::check_context(config, ctx, kv, host, what)? {
-        if strict {
-            bail!("{}", w.trim_start_matches("warning: "));
-        }
+    let host = if device == Device::Cpu { caches } else { 0 };
+    if let Some(w) = teal::kv_cache::check_context(config, ctx, kv, (host, per_position), what)? {
         eprintln!("{w}");
     }
     Ok(())
+}
+
+/// Host bytes a position of a perplexity window keeps: its logits, dense and, with a sparse
+/// model, sparse.
+fn window_logit_bytes(config: &teal::config::Config, sparse: bool) -> u64 {
+    4 * config.vocab_size as u64 * if sparse { 2 } else { 1 }
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
@@ -927,9 +938,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         &a.common,
         device,
         &files.config,
-        (ctx, 1),
+        (ctx, 1, 0),
         &format!("-c {ctx}"),
-        false,
     )?;
     let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let models = loaded.models();
@@ -1071,9 +1081,8 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         &a.common,
         device,
         &files.config,
-        (ctx, a.slots),
+        (ctx, a.slots, 0),
         &format!("-c {ctx}"),
-        false,
     )?;
     let loaded = Loaded::new(&a.common, &a.sparse, &files)?;
     let mut decs = device
@@ -1121,13 +1130,14 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
     let device = a.common.device()?;
     let files = a.common.open()?;
+    let logits = window_logit_bytes(&files.config, a.sparse.sparsity > 0.0);
+    let ctx = (a.ctx, 1, logits);
     check_ctx(
         &a.common,
         device,
         &files.config,
-        (a.ctx, 1),
+        ctx,
         &format!("-c {}", a.ctx),
-        false,
     )?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
@@ -1280,8 +1290,30 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| teal::assets::thresholds_path(&fp));
     // Without --force, a file that lacks tables asked for is calibrated again with them and
-    // with the kinds it had (asking for greedy tables keeps its fisher ones, and the reverse).
-    let (mut greedy_wanted, mut fisher_wanted) = (a.greedy, a.fisher);
+    // with the kinds it had, those with the file's settings (asking for greedy tables keeps
+    // its fisher ones, and the reverse).
+    let seq_len = a.seq_len.min(files.config.max_position_embeddings);
+    let mut greedy = a.greedy.then(|| {
+        (
+            GreedyOptions {
+                samples: a.greedy_samples,
+                seq_len: a.greedy_seq_len.min(seq_len),
+                step: a.greedy_step,
+                max_sparsity: 0.9,
+            },
+            Quantile::from(a.quantile),
+        )
+    });
+    let mut fisher = a.fisher.then(|| FisherOptions {
+        samples: a.fisher_samples,
+        seq_len: a.fisher_seq_len.min(files.config.max_position_embeddings),
+        labels: match a.fisher_labels {
+            FisherLabelsArg::Model => FisherLabels::Model {
+                seed: a.fisher_seed,
+            },
+            FisherLabelsArg::Text => FisherLabels::Text,
+        },
+    });
     if out.exists() && !a.force {
         let redo = || format!("{} exists (--force recalibrates over it)", out.display());
         let th = Thresholds::load(&out).with_context(redo)?;
@@ -1294,8 +1326,33 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
             println!("{}", out.display());
             return Ok(());
         }
-        greedy_wanted |= th.greedy.is_some();
-        fisher_wanted |= th.fisher.is_some();
+        if let (None, Some(g)) = (&greedy, &th.greedy) {
+            eprintln!(
+                "keeping the file's greedy tables: searched again ({} x {} tokens, step {}, {} quantile)",
+                g.samples,
+                g.seq_len,
+                g.step,
+                g.quantile.name()
+            );
+            let opts = GreedyOptions {
+                samples: g.samples,
+                seq_len: g.seq_len,
+                step: g.step,
+                max_sparsity: 0.9,
+            };
+            greedy = Some((opts, g.quantile));
+        }
+        if let (None, Some(f)) = (&fisher, &th.fisher) {
+            eprintln!(
+                "keeping the file's fisher tables: loss gradients again ({} x {} tokens)",
+                f.samples, f.seq_len
+            );
+            fisher = Some(FisherOptions {
+                samples: f.samples,
+                seq_len: f.seq_len,
+                labels: f.labels,
+            });
+        }
     }
     let data = match &a.data {
         Some(d) => d.clone(),
@@ -1306,33 +1363,13 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let text = teal::error::read_text(&data)?;
     let tokens = files.tokenizer.encode(&text, false)?;
     let model = a.common.load(&files)?;
-    let seq_len = a.seq_len.min(files.config.max_position_embeddings);
-    let greedy = greedy_wanted.then(|| {
-        (
-            GreedyOptions {
-                samples: a.greedy_samples,
-                seq_len: a.greedy_seq_len.min(seq_len),
-                step: a.greedy_step,
-                max_sparsity: 0.9,
-            },
-            a.quantile.into(),
-        )
-    });
+    let (greedy_wanted, fisher_wanted) = (greedy.is_some(), fisher.is_some());
     let opts = CalibOptions {
         weight_aware: !a.no_wina,
         samples: a.samples,
         seq_len,
         greedy,
-        fisher: fisher_wanted.then(|| FisherOptions {
-            samples: a.fisher_samples,
-            seq_len: a.fisher_seq_len.min(files.config.max_position_embeddings),
-            labels: match a.fisher_labels {
-                FisherLabelsArg::Model => FisherLabels::Model {
-                    seed: a.fisher_seed,
-                },
-                FisherLabelsArg::Text => FisherLabels::Text,
-            },
-        }),
+        fisher,
         text_label: data
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
@@ -1427,13 +1464,13 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
         bail!("--layers: layer {l} does not exist (the model has {n_layers})");
     }
+    let ctx = (a.ctx, 1, window_logit_bytes(&files.config, true));
     check_ctx(
         &a.common,
         device,
         &files.config,
-        (a.ctx, 1),
+        ctx,
         &format!("-c {}", a.ctx),
-        false,
     )?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
@@ -1690,14 +1727,16 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.bandwidth_mib == 0 {
         bail!("--bandwidth-mib 0: the bandwidth probe needs a buffer (default 1024)");
     }
+    check_allocation_quantile(a.allocation, a.quantile)?;
     let device = a.common.device()?;
-    let ctx = a.n_prompt + a.n_gen + 1;
+    // The positions a repetition runs (the last token decoded is not run).
+    let ctx = a.n_prompt + a.n_gen;
     let ctx_flag = format!("-p {} + -n {}", a.n_prompt, a.n_gen);
     let (model, dtype, model_label, prompt, random_th, files) = match &a.random_weights {
         Some(shape) => {
             let config = teal::models::random::shape(shape)
                 .with_context(|| format!("--random-weights {shape}"))?;
-            check_ctx(&a.common, device, &config, (ctx, 1), &ctx_flag, true)?;
+            check_ctx(&a.common, device, &config, (ctx, 1, 0), &ctx_flag)?;
             let dtype = device.host_dtype(a.common.dtype.into());
             let t0 = std::time::Instant::now();
             let (model, th) = teal::bench::random_model(shape, dtype, a.seed)
@@ -1721,7 +1760,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
         None => {
             let files = a.common.open()?;
-            check_ctx(&a.common, device, &files.config, (ctx, 1), &ctx_flag, true)?;
+            check_ctx(&a.common, device, &files.config, (ctx, 1, 0), &ctx_flag)?;
             let model = a.common.load(&files)?;
             let base = files.tokenizer.encode(BENCH_TEXT, false)?;
             if base.is_empty() {

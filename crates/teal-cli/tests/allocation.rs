@@ -145,7 +145,9 @@ fn auto_allocation_is_the_best_the_file_has() {
         ],
     );
     assert_eq!(allocation(m, text, &both, &[]), "greedy/fisher");
-    // Asking a fisher file for greedy tables (no --force) keeps its fisher tables.
+    // Asking a fisher file for greedy tables (no --force) keeps its fisher tables, computed
+    // again with the file's settings (1 x 32 tokens: the default 16 x 512 would not fit the
+    // text).
     let added = dir.path().join("added.json");
     std::fs::copy(&fisher, &added).unwrap();
     let greedy_small = [
@@ -156,10 +158,6 @@ fn auto_allocation_is_the_best_the_file_has() {
         "16",
         "--greedy-step",
         "0.3",
-        "--fisher-samples",
-        "1",
-        "--fisher-seq-len",
-        "32",
     ];
     calibrate_small(m, Path::new(text), &added, &greedy_small);
     assert_eq!(allocation(m, text, &added, &[]), "greedy/fisher");

@@ -197,14 +197,20 @@ fn limits_are_checked_before_any_work() {
     let e = run(&["-c", "0"]);
     assert!(e.contains("-c 0: a context of 0 positions"), "{e}");
     // About 2 PB of f16 keys and values: more than any machine has (this once aborted in the
-    // allocator).
+    // allocator), and 2^58 positions, whose bytes do not fit 64 bits (this once wrapped to 0).
     let e = run(&["-c", "100000000000"]);
     assert!(
-        e.contains("-c 100000000000: the KV cache") && e.contains("GiB"),
+        e.contains("-c 100000000000: 100000000000 positions need") && e.contains("GiB available"),
         "{e}"
     );
-    let e = fails(&["ppl", "-m", m, "-f", text, "-c", "100000000000"]);
-    assert!(e.contains("-c 100000000000: the KV cache"), "{e}");
+    let e = run(&["-c", "288230376151711744"]);
+    assert!(e.contains("more than 2^64 bytes"), "{e}");
+    // A perplexity window keeps its logits: counted with the KV cache.
+    let e = fails(&["ppl", "-m", m, "-f", text, "-c", "400000"]);
+    assert!(
+        e.contains("-c 400000: 400000 positions need") && e.contains("and logits"),
+        "{e}"
+    );
     let e = fails(&["serve", "-m", m, "-c", "0"]);
     assert!(e.contains("-c 0: a context of 0 positions"), "{e}");
     let e = run(&["-t", "100000"]);
@@ -241,8 +247,13 @@ fn limits_are_checked_before_any_work() {
     assert!(e.contains("-n 0 -r 5 -p 64: bench needs"), "{e}");
     let e = bench(&["--bandwidth-mib", "0"]);
     assert!(e.contains("--bandwidth-mib 0"), "{e}");
-    let e = bench(&["-p", "100000"]);
-    assert!(e.contains("longer than the 8192 positions"), "{e}");
+    let e = bench(&["-p", "100000000000"]);
+    assert!(
+        e.contains("-p 100000000000 + -n 128: 100000000128 positions need"),
+        "{e}"
+    );
+    let e = bench(&["--allocation", "fisher", "--quantile", "abs"]);
+    assert!(e.contains("--allocation fisher --quantile abs"), "{e}");
 
     let th = dir.path().join("th.json");
     calibrate_small(m, Path::new(text), &th, &[]);

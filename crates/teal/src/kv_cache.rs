@@ -41,23 +41,30 @@ impl KvDtype {
     }
 }
 
-/// Bytes of the keys and values of `capacity` positions in every layer.
-pub fn cache_bytes(config: &Config, capacity: usize, dtype: KvDtype) -> u64 {
-    2 * config.num_hidden_layers as u64
-        * capacity as u64
-        * config.kv_dim() as u64
-        * dtype.bytes() as u64
+/// Bytes of the keys and values of `capacity` positions in every layer (`None`: more than
+/// 64 bits count).
+pub fn cache_bytes(config: &Config, capacity: usize, dtype: KvDtype) -> Option<u64> {
+    [
+        config.num_hidden_layers,
+        capacity,
+        config.kv_dim(),
+        dtype.bytes(),
+    ]
+    .iter()
+    .try_fold(2u64, |b, &n| b.checked_mul(n as u64))
 }
 
-/// Checks a context of `ctx` positions before `sequences` caches of it are made in host memory
-/// (`what` names it in messages, e.g. `-c 4096`): no positions, or caches larger than the
-/// memory available now ([`available_memory`]), are errors. Returns a warning for a context
-/// beyond the one the model was trained for, which runs (as llama.cpp's does) but degrades.
+/// Checks a context of `ctx` positions (`what` names it in messages, e.g. `-c 4096`) before
+/// `caches` KV caches of it are made in host memory, with `per_position` more host bytes for
+/// each position (e.g. the logits a perplexity window keeps): no positions, or more bytes
+/// than the memory available now ([`available_memory`]), are errors. Returns a warning for a
+/// context beyond the one the model was trained for, which runs (as llama.cpp's does) but
+/// degrades.
 pub fn check_context(
     config: &Config,
     ctx: usize,
     dtype: KvDtype,
-    sequences: usize,
+    (caches, per_position): (usize, u64),
     what: &str,
 ) -> Result<Option<String>> {
     if ctx == 0 {
@@ -65,15 +72,22 @@ pub fn check_context(
             "{what}: a context of 0 positions holds no prompt"
         )));
     }
-    let bytes = cache_bytes(config, ctx, dtype).saturating_mul(sequences as u64);
+    let bytes = cache_bytes(config, ctx, dtype)
+        .and_then(|kv| kv.checked_mul(caches as u64))
+        .and_then(|kv| kv.checked_add(per_position.checked_mul(ctx as u64)?));
     if let Some(avail) = available_memory() {
-        if bytes > avail {
+        if bytes.is_none_or(|b| b > avail) {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return Err(Error::Invalid(format!(
-                "{what}: the KV cache ({sequences} x {ctx} positions in {}) needs {:.1} GiB, \
-                 more than the {:.1} GiB of memory available",
+                "{what}: {ctx} positions need {} of host memory (KV caches in {}{}), more \
+                 than the {:.1} GiB available",
+                bytes.map_or("more than 2^64 bytes".into(), |b| format!(
+                    "{:.1} GiB",
+                    gib(b)
+                )),
                 dtype.name(),
-                bytes as f64 / (1u64 << 30) as f64,
-                avail as f64 / (1u64 << 30) as f64
+                if per_position > 0 { " and logits" } else { "" },
+                gib(avail)
             )));
         }
     }
@@ -256,17 +270,19 @@ mod tests {
     fn contexts_are_checked_against_the_model_and_memory() {
         let c = crate::models::random::shape("smollm2-135m").unwrap();
         // 30 layers x 192 values x keys and values x 2 bytes a position.
-        assert_eq!(cache_bytes(&c, 10, KvDtype::F16), 2 * 30 * 10 * 192 * 2);
         assert_eq!(
-            check_context(&c, 4096, KvDtype::F16, 1, "-c 4096").unwrap(),
-            None
+            cache_bytes(&c, 10, KvDtype::F16),
+            Some(2 * 30 * 10 * 192 * 2)
         );
-        let e = check_context(&c, 0, KvDtype::F16, 1, "-c 0").unwrap_err();
+        assert_eq!(cache_bytes(&c, 1 << 58, KvDtype::F16), None);
+        let check = |ctx, kv, host, what| check_context(&c, ctx, kv, host, what);
+        assert_eq!(check(4096, KvDtype::F16, (1, 0), "-c 4096").unwrap(), None);
+        let e = check(0, KvDtype::F16, (1, 0), "-c 0").unwrap_err();
         assert!(
             e.to_string().contains("-c 0: a context of 0 positions"),
             "{e}"
         );
-        let w = check_context(&c, 9000, KvDtype::F32, 1, "-c 9000")
+        let w = check(9000, KvDtype::F32, (1, 0), "-c 9000")
             .unwrap()
             .unwrap();
         assert!(
@@ -274,12 +290,25 @@ mod tests {
             "{w}"
         );
         // No host caches (a GPU's): only the model's context is checked.
-        assert!(check_context(&c, 1 << 40, KvDtype::F32, 0, "-c")
+        assert!(check(1 << 40, KvDtype::F32, (0, 0), "-c")
             .unwrap()
             .is_some());
-        if available_memory().is_some() {
-            let e = check_context(&c, 1 << 40, KvDtype::F32, 1, "-c 2^40").unwrap_err();
-            assert!(e.to_string().contains("GiB of memory available"), "{e}");
+        if let Some(avail) = available_memory() {
+            // Sizes beyond memory, and beyond 64 bits (this once wrapped to 0 and passed).
+            for ctx in [1 << 40, 1 << 58, usize::MAX] {
+                let e = check(ctx, KvDtype::F32, (1, 0), "-c")
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("GiB available"), "{e}");
+            }
+            // The logits of a window count too.
+            let per = c.vocab_size as u64 * 4;
+            let ctx = (2 * avail / per) as usize;
+            check(ctx, KvDtype::F16, (0, 0), "-c").unwrap();
+            let e = check(ctx, KvDtype::F16, (0, per), "-c")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("and logits"), "{e}");
         }
     }
 }

@@ -209,6 +209,10 @@ fn greedy_tables_short_of_the_target_are_errors() {
     let (_, _, _, mut th) = calibrated(true);
     let greedy = |t: f64| spec(t, Allocation::Greedy, Quantile::Abs);
     th.resolve(&greedy(0.5)).unwrap();
+    th.resolve(&greedy(0.9)).unwrap();
+    // The search stops at 0.9: 0.95 ran silently at 0.9 while the check allowed a whole step.
+    let e = th.resolve(&greedy(0.95)).unwrap_err().to_string();
+    assert!(e.contains("short of the target 0.95"), "{e}");
     let g = th.greedy.as_mut().unwrap();
     for steps in &mut g.layers {
         steps.truncate(1);
@@ -221,7 +225,7 @@ fn greedy_tables_short_of_the_target_are_errors() {
         ),
         "{e}"
     );
-    th.resolve(&greedy(0.04)).unwrap();
+    th.resolve(&greedy(0.004)).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.json");
@@ -241,7 +245,7 @@ fn site_tables_out_of_order_are_refused() {
     th.save(&p).unwrap();
     Thresholds::load(&p).unwrap();
     let edits: [fn(&mut Thresholds); 2] = [
-        |t| t.sites[1][2].abs[3] = -0.5,
+        |t| t.sites[1][2].abs[1] = -0.5,
         |t| t.sites[1][2].teal.swap(4, 9),
     ];
     for edit in edits {

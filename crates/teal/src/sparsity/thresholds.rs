@@ -547,9 +547,11 @@ impl Thresholds {
                                     .total_cmp(&(b.sparsity - spec.target).abs())
                             })
                             .expect("validated non-empty");
-                        // The rows lie about a step apart; a target beyond the last row by more
-                        // than that is one the search never reached.
-                        if spec.target > best.sparsity + g.step {
+                        // Each step of the search raises the block's sparsity by at most
+                        // step / (sum of the size weights): a target beyond the last row by
+                        // more than that is one the search never reached.
+                        let gap = g.step / g.size_weights.iter().sum::<f64>();
+                        if spec.target > best.sparsity + gap + 1e-9 {
                             return Err(Error::Invalid(format!(
                                 "the greedy table of layer {l} reaches block sparsity {:.3} at \
                                  most, short of the target {}: use a lower target or another \
