@@ -792,8 +792,8 @@ fn gpu_sampler_matches_cpu_sampler() {
 /// Sampling inside the GPU decoder with the CPU's seed: teacher-forced with the CPU's tokens,
 /// each step's sampled token equals the CPU decoder's (same seeded numbers; a flip needs a
 /// number within rounding of a boundary, at most one allowed), with min-p and with penalties
-/// (a flipped token then also changes the recent tokens) and with a logit bias; top-k 1
-/// gives the greedy ids.
+/// (a flipped token then also changes the recent tokens) and with a ban (a bias of -inf),
+/// greedy and sampled; top-k 1 gives the greedy ids.
 #[test]
 fn gpu_decode_sample_follows_the_cpu_seed() {
     if !have_gpu("GPU decode-sample test") {
@@ -841,13 +841,18 @@ fn gpu_decode_sample_follows_the_cpu_seed() {
         },
         ..sampled.clone()
     };
-    // Greedy with a ban on the greedy first token (host sampling too).
+    // Greedy with a ban on the greedy first token, and sampling with it: the device picks,
+    // and where it picks the banned token the host picks again with the same number.
     let banned = SamplerConfig {
         temperature: 0.0,
         logit_bias: vec![(dense.greedy[1], f32::NEG_INFINITY)],
         ..sampled.clone()
     };
-    for cfg in [sampled, penalized, banned] {
+    let banned_sampled = SamplerConfig {
+        temperature: 0.5,
+        ..banned.clone()
+    };
+    for cfg in [sampled, penalized, banned, banned_sampled] {
         let (mut sc, mut sg) = (Sampler::new(cfg.clone()), Sampler::new(cfg));
         cpu.clear().unwrap();
         gpu.clear().unwrap();

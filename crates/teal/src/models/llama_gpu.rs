@@ -1314,12 +1314,12 @@ impl GpuLlama {
 
     /// Runs `token` and picks the next one as `sampler` would from unbiased logits: greedy, or
     /// for top-k up to [`teal_kernels::cuda::SAMPLE_MAX_K`] the CPU sampler's arithmetic on the
-    /// device with its next uniform number; a larger or no top-k cut samples on the host from
-    /// the copied logits (with the sampler's biases).
-    fn pick_on_device(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
+    /// device with its next uniform number (returned with the token); a larger or no top-k cut
+    /// samples on the host from the copied logits (with the sampler's biases).
+    fn pick_on_device(&mut self, token: u32, sampler: &mut Sampler) -> Result<(u32, Option<f32>)> {
         let cfg = sampler.config();
         if cfg.temperature <= 0.0 {
-            return self.decode_greedy(token);
+            return Ok((self.decode_greedy(token)?, None));
         }
         let v = self.m.config.vocab_size;
         let k = match cfg.top_k {
@@ -1327,7 +1327,7 @@ impl GpuLlama {
             k => k.min(v),
         };
         if k > teal_kernels::cuda::SAMPLE_MAX_K {
-            return Ok(sampler.sample(self.decode(token)?));
+            return Ok((sampler.sample(self.decode(token)?), None));
         }
         let (inv_t, top_p, min_p) = (1.0 / cfg.temperature, cfg.top_p, cfg.min_p);
         self.step(token, Step::Decode)?;
@@ -1343,7 +1343,7 @@ impl GpuLlama {
             &self.m.uniform,
             &mut self.m.next,
         )?;
-        Ok(self.gpu.download(&self.m.next)?[0])
+        Ok((self.gpu.download(&self.m.next)?[0], Some(r)))
     }
 
     /// Run `token` at the current position as a decode or observed step.
@@ -1432,14 +1432,23 @@ impl Decoder for GpuLlama {
             // applied on the host.
             return Ok(sampler.sample(self.decode(token)?));
         }
-        let picked = self.pick_on_device(token, sampler)?;
-        if sampler.config().banned(picked) {
-            // A banned token came first (e.g. an end token with `ignore_eos`): the host sampler
-            // picks again from this step's logits, with the bans applied.
-            let logits = self.gpu.download(&self.m.one.logits)?;
-            return Ok(sampler.sample(&logits));
+        let (picked, r) = self.pick_on_device(token, sampler)?;
+        if !sampler.config().banned(picked) {
+            return Ok(picked);
         }
-        Ok(picked)
+        // A banned token came first (e.g. an end token with `ignore_eos`): the host picks again
+        // from this step's logits with the bans applied and the same uniform number, as the
+        // CPU sampler would have (its one draw for the token).
+        let mut logits = self.gpu.download(&self.m.one.logits)?;
+        for &(t, _) in &sampler.config().logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(match r {
+            None => crate::sampler::argmax(&logits),
+            Some(r) => sampler.sample_with(&logits, r),
+        })
     }
     fn prefill_observed(&mut self, tokens: &[u32], observer: &mut dyn Observer) -> Result<()> {
         if tokens.is_empty() {
