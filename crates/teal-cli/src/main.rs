@@ -896,10 +896,23 @@ fn check_ctx(
     Ok(())
 }
 
-/// Host bytes a position of a perplexity window keeps: its logits, dense and, with a sparse
-/// model, sparse.
-fn window_logit_bytes(config: &teal::config::Config, sparse: bool) -> u64 {
-    4 * config.vocab_size as u64 * if sparse { 2 } else { 1 }
+/// [`check_ctx`] for the windows of `-c ctx` positions of ppl and report, each position of
+/// which keeps its logits on the host: dense and, with a sparse model, sparse.
+fn check_window_ctx(
+    common: &Common,
+    device: Device,
+    config: &teal::config::Config,
+    ctx: usize,
+    sparse: bool,
+) -> Result<()> {
+    let logits = 4 * config.vocab_size as u64 * if sparse { 2 } else { 1 };
+    check_ctx(
+        common,
+        device,
+        config,
+        (ctx, 1, logits),
+        &format!("-c {ctx}"),
+    )
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
@@ -1130,15 +1143,8 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
     let device = a.common.device()?;
     let files = a.common.open()?;
-    let logits = window_logit_bytes(&files.config, a.sparse.sparsity > 0.0);
-    let ctx = (a.ctx, 1, logits);
-    check_ctx(
-        &a.common,
-        device,
-        &files.config,
-        ctx,
-        &format!("-c {}", a.ctx),
-    )?;
+    let sparse = a.sparse.sparsity > 0.0;
+    check_window_ctx(&a.common, device, &files.config, a.ctx, sparse)?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
     let model = a.common.load(&files)?;
@@ -1464,14 +1470,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
         bail!("--layers: layer {l} does not exist (the model has {n_layers})");
     }
-    let ctx = (a.ctx, 1, window_logit_bytes(&files.config, true));
-    check_ctx(
-        &a.common,
-        device,
-        &files.config,
-        ctx,
-        &format!("-c {}", a.ctx),
-    )?;
+    check_window_ctx(&a.common, device, &files.config, a.ctx, true)?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
     let model = a.common.load(&files)?;
