@@ -9,9 +9,27 @@ mod common;
 use common::{calibrate_small, fails, short_text, smollm2, teal_ok as teal};
 use std::path::Path;
 
-/// The `allocation` and `quantile` keys of `teal ppl --json` at 50 % with `th`, plus `extra`
-/// flags, as `allocation/quantile`.
-fn allocation(m: &str, text: &str, th: &Path, extra: &[&str]) -> String {
+/// A greedy search on a few tokens, for `calibrate_small`.
+const GREEDY_SMALL: [&str; 7] = [
+    "--greedy",
+    "--greedy-samples",
+    "1",
+    "--greedy-seq-len",
+    "16",
+    "--greedy-step",
+    "0.3",
+];
+/// Loss gradients on a few tokens, for `calibrate_small`.
+const FISHER_SMALL: [&str; 5] = [
+    "--fisher",
+    "--fisher-samples",
+    "1",
+    "--fisher-seq-len",
+    "32",
+];
+
+/// `teal ppl` on one window of 64 tokens at 50 % with `th`, plus `extra` flags.
+fn ppl_args<'a>(m: &'a str, text: &'a str, th: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let th = th.to_str().unwrap();
     let args = [
         "ppl",
@@ -27,9 +45,16 @@ fn allocation(m: &str, text: &str, th: &Path, extra: &[&str]) -> String {
         "0.5",
         "--thresholds",
         th,
-        "--json",
     ];
-    allocation_of(&teal(&[&args[..], extra].concat()))
+    [&args[..], extra].concat()
+}
+
+/// The `allocation` and `quantile` keys of `teal ppl --json` at 50 % with `th`, plus `extra`
+/// flags, as `allocation/quantile`.
+fn allocation(m: &str, text: &str, th: &Path, extra: &[&str]) -> String {
+    allocation_of(&teal(
+        &[&ppl_args(m, text, th, extra)[..], &["--json"]].concat(),
+    ))
 }
 
 /// The same of `teal bench --json` (dense and 50 %, a few tokens).
@@ -79,16 +104,7 @@ fn auto_allocation_is_the_best_the_file_has() {
     let text = text.to_str().unwrap();
     let plain = calibrate("plain.json", &[]);
     assert_eq!(allocation(m, text, &plain, &[]), "uniform/abs");
-    let fisher = calibrate(
-        "fisher.json",
-        &[
-            "--fisher",
-            "--fisher-samples",
-            "1",
-            "--fisher-seq-len",
-            "32",
-        ],
-    );
+    let fisher = calibrate("fisher.json", &FISHER_SMALL);
     assert_eq!(allocation(m, text, &fisher, &[]), "fisher/fisher");
     // The fisher allocation picks the inputs itself, so an explicit quantile of another kind
     // keeps auto uniform, and asking the fisher allocation for one is an error.
@@ -100,25 +116,12 @@ fn auto_allocation_is_the_best_the_file_has() {
         allocation(m, text, &fisher, &["--quantile", "abs"]),
         "uniform/abs"
     );
-    let err = fails(&[
-        "ppl",
-        "-m",
+    let err = fails(&ppl_args(
         m,
-        "-f",
         text,
-        "--chunks",
-        "1",
-        "-c",
-        "64",
-        "--sparsity",
-        "0.5",
-        "--thresholds",
-        fisher.to_str().unwrap(),
-        "--allocation",
-        "fisher",
-        "--quantile",
-        "abs",
-    ]);
+        &fisher,
+        &["--allocation", "fisher", "--quantile", "abs"],
+    ));
     assert!(err.contains("--allocation fisher --quantile abs"), "{err}");
     assert_eq!(
         allocation(m, text, &fisher, &["--allocation", "uniform"]),
@@ -129,20 +132,7 @@ fn auto_allocation_is_the_best_the_file_has() {
     // otherwise.
     let both = calibrate(
         "greedy-fisher.json",
-        &[
-            "--greedy",
-            "--greedy-samples",
-            "1",
-            "--greedy-seq-len",
-            "16",
-            "--greedy-step",
-            "0.3",
-            "--fisher",
-            "--fisher-samples",
-            "1",
-            "--fisher-seq-len",
-            "32",
-        ],
+        &[&GREEDY_SMALL[..], &FISHER_SMALL].concat(),
     );
     assert_eq!(allocation(m, text, &both, &[]), "greedy/fisher");
     // Asking a fisher file for greedy tables (no --force) keeps its fisher tables, computed
@@ -150,16 +140,7 @@ fn auto_allocation_is_the_best_the_file_has() {
     // text).
     let added = dir.path().join("added.json");
     std::fs::copy(&fisher, &added).unwrap();
-    let greedy_small = [
-        "--greedy",
-        "--greedy-samples",
-        "1",
-        "--greedy-seq-len",
-        "16",
-        "--greedy-step",
-        "0.3",
-    ];
-    calibrate_small(m, Path::new(text), &added, &greedy_small);
+    calibrate_small(m, Path::new(text), &added, &GREEDY_SMALL);
     assert_eq!(allocation(m, text, &added, &[]), "greedy/fisher");
     assert_eq!(
         allocation(m, text, &both, &["--quantile", "abs"]),
