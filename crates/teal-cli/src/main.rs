@@ -813,14 +813,12 @@ fn parse_n_predict(s: &str) -> std::result::Result<usize, String> {
 fn parse_seed(s: &str) -> std::result::Result<u64, String> {
     match s.trim() {
         "-1" => {
+            // Each RandomState is keyed from the system's random numbers.
             use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
-            let seed = h.finish() >> 32;
+            let seed = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+                >> 32;
             eprintln!("seed: {seed}");
             Ok(seed)
         }
@@ -1729,13 +1727,13 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     check_allocation_quantile(a.allocation, a.quantile)?;
     let device = a.common.device()?;
     // The positions a repetition runs (the last token decoded is not run).
-    let ctx = a.n_prompt + a.n_gen;
+    let positions = (a.n_prompt + a.n_gen, 1, 0);
     let ctx_flag = format!("-p {} + -n {}", a.n_prompt, a.n_gen);
     let (model, dtype, model_label, prompt, random_th, files) = match &a.random_weights {
         Some(shape) => {
             let config = teal::models::random::shape(shape)
                 .with_context(|| format!("--random-weights {shape}"))?;
-            check_ctx(&a.common, device, &config, (ctx, 1, 0), &ctx_flag)?;
+            check_ctx(&a.common, device, &config, positions, &ctx_flag)?;
             let dtype = device.host_dtype(a.common.dtype.into());
             let t0 = std::time::Instant::now();
             let (model, th) = teal::bench::random_model(shape, dtype, a.seed)
@@ -1759,7 +1757,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
         None => {
             let files = a.common.open()?;
-            check_ctx(&a.common, device, &files.config, (ctx, 1, 0), &ctx_flag)?;
+            check_ctx(&a.common, device, &files.config, positions, &ctx_flag)?;
             let model = a.common.load(&files)?;
             let base = files.tokenizer.encode(BENCH_TEXT, false)?;
             if base.is_empty() {
