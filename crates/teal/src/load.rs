@@ -114,6 +114,7 @@ impl ModelFiles {
         large_allocations_as_mappings();
         let model = Llama::load_as(self.config.clone(), self.source()?.as_ref(), dtype);
         release_free_heap();
+        release_code_pages();
         model
     }
 }
@@ -187,5 +188,94 @@ pub(crate) fn release_free_heap() {
     // SAFETY: malloc_trim only hands free memory back to the kernel; no live allocation is touched.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Drops this process's resident pages of its binary and shared libraries (their read-only
+/// mappings whose pages were never written, so hold nothing but the file's bytes): the code and
+/// tables that opened and converted the model are not used again, and what decoding uses comes
+/// back at its first use, a minor fault from the page cache (the pages stay there, as the model
+/// file's do after [`ModelFiles::load_model_as`] unmaps it).
+pub fn release_code_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+            return;
+        };
+        let mut lines = smaps.lines().peekable();
+        while let Some(header) = lines.next() {
+            let mut fields = header.split_whitespace();
+            let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let file_backed = fields.nth(3).is_some_and(|path| path.starts_with('/'));
+            // The mapping's attribute lines ("Key: value"), up to the next mapping's header.
+            let mut written = true;
+            while let Some(line) = lines.peek() {
+                let Some((key, value)) = line.split_once(':') else {
+                    break;
+                };
+                if key.contains(' ') || key.contains('-') {
+                    break;
+                }
+                if key == "Anonymous" {
+                    written = value.trim() != "0 kB";
+                }
+                lines.next();
+            }
+            if !file_backed || written || !perms.starts_with("r-") || !perms.ends_with('p') {
+                continue;
+            }
+            let Some((start, end)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) else {
+                continue;
+            };
+            // SAFETY: a private, read-only, file-backed mapping without anonymous (copied on
+            // write) pages holds no page that differs from its file; MADV_DONTNEED only unmaps
+            // them, and the next access maps them again from the file. No Rust object lives in
+            // these pages. A failure leaves them resident.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `RssFile:` line of `/proc/self/status`, in kB.
+    fn file_resident_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
+        line["RssFile:".len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn code_pages_released_and_code_still_runs() {
+        let before = file_resident_kib();
+        release_code_pages();
+        let after = file_resident_kib();
+        assert!(
+            after < before,
+            "file-backed resident {before} kB -> {after} kB"
+        );
+        // The code dropped runs again from the page cache.
+        let sum: u64 = (1..=1000u64).map(|x| x * x).sum();
+        assert_eq!(sum, 333_833_500);
+        let text = format!("{:?}", vec![1.5f32, 2.5]);
+        assert_eq!(text, "[1.5, 2.5]");
     }
 }
