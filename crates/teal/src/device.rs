@@ -267,8 +267,10 @@ pub fn decode_each<'d>(
         }
     }
     let done = Llama::decode_lockstep(&mut steps);
-    for ((&i, r), (_, _, _, s)) in which.iter().zip(done).zip(&steps) {
-        results[i] = r.map(|()| f(i, s.logits()));
+    for ((&i, r), (m, _, cache, s)) in which.iter().zip(done).zip(&steps) {
+        results[i] = r
+            .and_then(|()| check_logits(s.logits(), m.config.vocab_size, cache.len() - 1))
+            .map(|()| f(i, s.logits()));
     }
     results
 }
@@ -303,6 +305,20 @@ impl<'a> CpuDecoder<'a> {
     }
 }
 
+/// An error naming the first non-finite value of `logits` (`[n, vocab]`, its first row the
+/// position `first`), where a NaN would otherwise come out as a perplexity of NaN or as
+/// tokens sampled from garbage.
+pub(crate) fn check_logits(logits: &[f32], vocab: usize, first: usize) -> Result<()> {
+    match logits.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::NonFiniteLogits {
+            position: first + i / vocab,
+            token: i % vocab,
+            value: logits[i],
+        }),
+    }
+}
+
 impl Decoder for CpuDecoder<'_> {
     fn config(&self) -> &Config {
         &self.models.decode.config
@@ -327,8 +343,14 @@ impl Decoder for CpuDecoder<'_> {
     /// stayed resident while decoding (1.7-2.9 MB after an 8-token prompt on SmolLM2-135M).
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);
+        let first = match logits {
+            Logits::All => self.cache.len(),
+            Logits::Last => self.cache.len() + tokens.len().saturating_sub(1),
+        };
         let cache = &mut self.cache;
-        crate::load::reusing_heap(|| m.prefill(tokens, cache, logits))
+        let out = crate::load::reusing_heap(|| m.prefill(tokens, cache, logits))?;
+        check_logits(&out, m.config.vocab_size, first)?;
+        Ok(out)
     }
     fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);
@@ -340,7 +362,10 @@ impl Decoder for CpuDecoder<'_> {
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let m = self.masked.as_ref().unwrap_or(self.models.decode);
-        m.decode(token, &mut self.cache, &mut self.scratch)
+        let position = self.cache.len();
+        let logits = m.decode(token, &mut self.cache, &mut self.scratch)?;
+        check_logits(logits, m.config.vocab_size, position)?;
+        Ok(logits)
     }
     fn lockstep(&mut self) -> Option<Lockstep<'_>> {
         Some(Lockstep {

@@ -46,6 +46,16 @@ pub enum Error {
         got: usize,
         ctx: usize,
     },
+    #[error(
+        "logit {value} at position {position} (token {token}): the model's activations \
+         overflowed or its weights hold non-finite values (an f16 KV cache overflows beyond \
+         65504: try an f32 cache, --kv-dtype f32)"
+    )]
+    NonFiniteLogits {
+        position: usize,
+        token: usize,
+        value: f32,
+    },
     #[error("{path}: not valid UTF-8 text (first bad byte at offset {offset})")]
     NotUtf8 { path: PathBuf, offset: usize },
     #[error(transparent)]

@@ -508,3 +508,59 @@ fn row_slices_equal_the_whole_tensor() {
         }
     }
 }
+
+#[test]
+fn non_finite_activations_are_errors() {
+    use teal::device::{CpuDecoder, Decoder};
+    use teal::generate::Models;
+    use teal::kv_cache::KvDtype;
+    // A NaN bias is refused at load, named.
+    let c = tiny_config(Arch::Qwen2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = random_weights(&c, 3);
+    w.get_mut("model.layers.1.self_attn.v_proj.bias").unwrap().1[2] = f32::NAN;
+    write_safetensors(dir.path(), &c, &w);
+    let e = Llama::load(c.clone(), &SafetensorsSource::open(dir.path()).unwrap())
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string()
+            .contains("model.layers.1.self_attn.v_proj.bias"),
+        "{e}"
+    );
+
+    // Values beyond f16's 65504 overflow an f16 KV cache: the logits come out NaN, which is an
+    // error naming the position, not a perplexity of NaN or tokens sampled from garbage.
+    let c = tiny_config(Arch::Llama);
+    let mut w = random_weights(&c, 3);
+    w.get_mut("model.layers.0.self_attn.v_proj.weight")
+        .unwrap()
+        .1
+        .iter_mut()
+        .for_each(|x| *x *= 1e5);
+    let dir = tempfile::tempdir().unwrap();
+    write_safetensors(dir.path(), &c, &w);
+    let m = Llama::load(c.clone(), &SafetensorsSource::open(dir.path()).unwrap()).unwrap();
+    let mut f32_cache = CpuDecoder::with_kv(Models::single(&m), 32, KvDtype::F32);
+    let logits = f32_cache.prefill(&TOKENS, Logits::All).unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+    f32_cache.decode(3).unwrap();
+    let mut f16_cache = CpuDecoder::with_kv(Models::single(&m), 32, KvDtype::F16);
+    let e = f16_cache.prefill(&TOKENS, Logits::All).unwrap_err();
+    assert!(
+        matches!(e, teal::Error::NonFiniteLogits { position: 0, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--kv-dtype f32"), "{e}");
+    f16_cache.clear().unwrap();
+    let e = f16_cache.prefill(&TOKENS[..3], Logits::Last).unwrap_err();
+    assert!(
+        matches!(e, teal::Error::NonFiniteLogits { position: 2, .. }),
+        "{e}"
+    );
+    let e = f16_cache.decode(5).unwrap_err();
+    assert!(
+        matches!(e, teal::Error::NonFiniteLogits { position: 3, .. }),
+        "{e}"
+    );
+}

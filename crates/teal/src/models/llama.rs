@@ -84,7 +84,9 @@ impl Llama {
             let w = src.load(&format!("{name}.weight"), &[out, inp])?;
             check_finite(&format!("{name}.weight"), &w)?;
             let b = if bias {
-                Some(src.load(&format!("{name}.bias"), &[out])?)
+                let b = src.load(&format!("{name}.bias"), &[out])?;
+                check_finite(&format!("{name}.bias"), &b)?;
+                Some(b)
             } else {
                 None
             };

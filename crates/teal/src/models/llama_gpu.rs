@@ -1391,7 +1391,12 @@ impl Decoder for GpuLlama {
             Logits::Last => self.m.config.vocab_size,
             Logits::All => tokens.len() * self.m.config.vocab_size,
         });
+        let first = match logits {
+            Logits::All => self.position(),
+            Logits::Last => self.position() + tokens.len().saturating_sub(1),
+        };
         self.run_prompt(tokens, Some(logits), &mut out, None)?;
+        crate::device::check_logits(&out, self.m.config.vocab_size, first)?;
         Ok(out)
     }
     /// The residual of every position from the prefill model (GEMM or GEMV chunks, as
@@ -1412,7 +1417,9 @@ impl Decoder for GpuLlama {
         Ok(crate::device::mean_pooled(&normed, d))
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
+        let position = self.position();
         self.host_logits = self.decode_logits(token)?;
+        crate::device::check_logits(&self.host_logits, self.m.config.vocab_size, position)?;
         Ok(&self.host_logits)
     }
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
@@ -1608,7 +1615,10 @@ impl Decoder for GpuSlot {
         self.on(|m| m.embed(tokens))
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
+        let position = self.position();
         self.logits = self.on(|m| m.decode_logits(token))?;
+        let vocab = self.model.borrow().m.config.vocab_size;
+        crate::device::check_logits(&self.logits, vocab, position)?;
         Ok(&self.logits)
     }
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
