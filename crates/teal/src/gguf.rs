@@ -598,6 +598,10 @@ impl GgufFile {
         let data_offset = align_up(c.pos as u64, alignment).expect("header position is small");
 
         let mut tensors = Vec::with_capacity(n_tensors);
+        // Where the next tensor's data must start: as llama.cpp reads a file, each tensor's
+        // data follows the previous one's, padded to the alignment, so a wrong type, dims or
+        // offset cannot make two tensors share bytes or leave any unread.
+        let mut expected = 0u64;
         for (name, dims, type_id, rel) in raw {
             let ty = GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnsupportedType {
                 file: label.to_string(),
@@ -635,6 +639,16 @@ impl GgufFile {
                         data_offset
                     ))
                 })?;
+            if rel != expected {
+                return Err(bad(format!(
+                    "data offset {rel}, expected {expected} (where the previous tensor's data \
+                     ends, padded to {alignment} bytes): a tensor's type, dims or offset is wrong"
+                )));
+            }
+            expected = rel
+                .checked_add(n_bytes)
+                .and_then(|end| align_up(end, alignment))
+                .unwrap_or(u64::MAX);
             tensors.push(TensorInfo {
                 name,
                 dims,

@@ -404,6 +404,22 @@ fn lying_headers() {
     let mut r = Raw::new(3, 2, 0);
     r.tensor("w", &[8], 0, 0).tensor("w", &[8], 0, 32).pad(300);
     assert_has(&r.err(), &["duplicate tensor name 'w'"]);
+    // Each tensor's data where the previous one's ends (padded), as llama.cpp requires: a
+    // second tensor pointed at the first's bytes, or one whose type was changed to a shorter
+    // one, is refused instead of read from the wrong bytes.
+    let two = |ty_a: u32, off_b: u64| {
+        let mut r = Raw::new(3, 2, 0);
+        r.tensor("a", &[8], ty_a, 0)
+            .tensor("b", &[8], 0, off_b)
+            .pad(300);
+        r
+    };
+    assert!(GgufFile::from_bytes(two(0, 32).0, "good").is_ok());
+    assert_has(&two(0, 0).err(), &["tensor 'b'", "offset 0, expected 32"]);
+    assert_has(&two(0, 64).err(), &["tensor 'b'", "offset 64, expected 32"]);
+    let mut r = Raw::new(3, 2, 0);
+    r.tensor("a", &[16], 1, 0).tensor("b", &[8], 0, 64).pad(300);
+    assert_has(&r.err(), &["tensor 'b'", "offset 64, expected 32"]);
 }
 
 #[test]
