@@ -22,7 +22,7 @@ use teal::sampler::{Penalties, SamplerConfig};
 use teal::sparsity::calibrate::{calibrate, calibrate_on, CalibOptions};
 use teal::sparsity::fisher::{FisherLabels, FisherOptions};
 use teal::sparsity::greedy::GreedyOptions;
-use teal::sparsity::thresholds::{check_target, Fingerprint};
+use teal::sparsity::thresholds::check_target;
 use teal::sparsity::{Allocation, Mode, Quantile, SparsitySpec, Thresholds};
 use teal::tokenizer::Tokenizer;
 use teal::ModelFiles;
@@ -226,7 +226,7 @@ impl SparseArgs {
             }
             return Ok(None);
         }
-        let fp = Fingerprint::of(&files.config, &files.tensors);
+        let fp = files.fingerprint()?;
         let path = match &self.thresholds {
             Some(p) => p.clone(),
             None => {
@@ -244,6 +244,13 @@ impl SparseArgs {
         let th = Thresholds::load(&path)?;
         th.check_model(&fp)
             .with_context(|| format!("thresholds {}", path.display()))?;
+        if th.other_weights(&fp) {
+            eprintln!(
+                "warning: thresholds {} were calibrated on other weights of this architecture \
+                 (another fine-tune or quantization of it): `teal calibrate` for this model's own",
+                path.display()
+            );
+        }
         let spec = self.spec(Some(&th))?;
         let t = th.resolve(&spec)?;
         Ok(Some((t, spec, th, path)))
@@ -1288,7 +1295,7 @@ fn compare_models(
 fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let device = a.common.device()?;
     let files = a.common.open()?;
-    let fp = Fingerprint::of(&files.config, &files.tensors);
+    let fp = files.fingerprint()?;
     let out = a
         .output
         .clone()
@@ -1322,6 +1329,13 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         let redo = || format!("{} exists (--force recalibrates over it)", out.display());
         let th = Thresholds::load(&out).with_context(redo)?;
         th.check_model(&fp).with_context(redo)?;
+        if th.other_weights(&fp) {
+            bail!(
+                "{} was calibrated on other weights of this architecture (another fine-tune or \
+                 quantization of it); --force recalibrates over it",
+                out.display()
+            );
+        }
         if (!a.greedy || th.greedy.is_some()) && (!a.fisher || th.fisher.is_some()) {
             eprintln!(
                 "thresholds already calibrated: {} (use --force to redo)",

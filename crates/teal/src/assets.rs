@@ -47,8 +47,13 @@ pub fn test_model(env: &str, file: &str) -> Result<Option<PathBuf>, String> {
 /// Where `teal calibrate` keeps thresholds for a model by default: one file per model
 /// fingerprint, so a cached file is never used with another model.
 pub fn thresholds_path(fp: &crate::sparsity::thresholds::Fingerprint) -> PathBuf {
+    let weights = fp
+        .weights_hash
+        .as_ref()
+        .map(|h| format!("-{h}"))
+        .unwrap_or_default();
     cache_dir().join("thresholds").join(format!(
-        "{}-{}L-{}.json",
+        "{}-{}L-{}{weights}.json",
         fp.arch, fp.num_hidden_layers, fp.tensor_hash
     ))
 }

@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::loader::{GgufSource, SafetensorsSource, TensorDesc, TensorSource};
 use crate::models::llama::Llama;
+use crate::sparsity::thresholds::{weights_hash, Fingerprint};
 use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use teal_kernels::packed::Dtype;
@@ -88,6 +89,14 @@ impl ModelFiles {
             });
         }
         Ok(self)
+    }
+
+    /// The fingerprint a thresholds file for this model carries: its configuration, tensor
+    /// list and a sample of its weights' values.
+    pub fn fingerprint(&self) -> Result<Fingerprint> {
+        let mut fp = Fingerprint::of(&self.config, &self.tensors);
+        fp.weights_hash = Some(weights_hash(&self.config, self.source()?.as_ref())?);
+        Ok(fp)
     }
 
     /// The weights, mapped (until the returned source is dropped).

@@ -9,7 +9,7 @@ use teal::models::llama::{Llama, Logits};
 use teal::sparsity::calibrate::{calibrate, CalibOptions};
 use teal::sparsity::fisher::{FisherLabels, FisherOptions};
 use teal::sparsity::greedy::{greedy_block, GreedyOptions};
-use teal::sparsity::thresholds::{Fingerprint, Thresholds};
+use teal::sparsity::thresholds::{weights_hash, Fingerprint, Thresholds};
 use teal::sparsity::{
     effective_sparsity, size_weights, Allocation, Mode, Quantile, SparsitySpec, PROJ_SITE,
 };
@@ -174,6 +174,32 @@ fn thresholds_file_round_trips_and_rejects_other_models() {
     };
     let e = back.check_model(&other).unwrap_err().to_string();
     assert!(e.contains("another model"), "{e}");
+    let (h, h1) = (c.hidden_size, c.hidden_size + 1);
+    assert!(
+        e.contains(&format!("hidden_size {h} in the file, {h1} in the model")),
+        "{e}"
+    );
+
+    // Other weights of the same shapes (a fine-tune, another quantization): the tensor list
+    // hashes alike, the sample of values does not; the file is then usable, with a warning.
+    let hash_of = |seed: u64| {
+        let d = tempfile::tempdir().unwrap();
+        write_safetensors(d.path(), &c, &random_weights(&c, seed));
+        weights_hash(&c, &SafetensorsSource::open(d.path()).unwrap()).unwrap()
+    };
+    let (a, b) = (hash_of(1), hash_of(2));
+    assert_eq!(a, hash_of(1), "the weights hash of one model changed");
+    assert_ne!(a, b);
+    let mut mine = back.clone();
+    mine.model.weights_hash = Some(a.clone());
+    let this = |h: &str| Fingerprint {
+        weights_hash: Some(h.into()),
+        ..fp.clone()
+    };
+    mine.check_model(&this(&b)).unwrap();
+    assert!(mine.other_weights(&this(&b)));
+    assert!(!mine.other_weights(&this(&a)));
+    assert!(!back.other_weights(&this(&b)), "a file without the hash");
 
     let text = std::fs::read_to_string(&p)
         .unwrap()

@@ -8,7 +8,7 @@ use super::{effective_sparsity, size_weights, PROJ_SITE};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::linear::InputMask;
-use crate::loader::TensorDesc;
+use crate::loader::{TensorDesc, TensorSource};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -110,6 +110,49 @@ pub struct Fingerprint {
     pub vocab_size: usize,
     /// FNV-1a 64 of the sorted tensor names and shapes.
     pub tensor_hash: String,
+    /// FNV-1a 64 of a sample of the weights' values ([`weights_hash`]): tells apart models of
+    /// one architecture, such as a base model and its fine-tune or two quantizations of one
+    /// model. Absent from files written before it and for random-weights models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_hash: Option<String>,
+}
+
+/// FNV-1a 64 of `bytes`, continuing from `h`.
+fn fnv1a(mut h: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// A hash of the values of the first rows of the token embedding, of the first block's
+/// `q_proj` and of the last block's `down_proj`, as loaded (f32): the same for one file,
+/// different for other weights of the same shapes (a fine-tune, another quantization).
+pub fn weights_hash(c: &Config, src: &dyn TensorSource) -> Result<String> {
+    let last = c.num_hidden_layers - 1;
+    let samples = [
+        (
+            "model.embed_tokens.weight".to_string(),
+            [c.vocab_size, c.hidden_size],
+        ),
+        (
+            "model.layers.0.self_attn.q_proj.weight".to_string(),
+            [c.q_dim(), c.hidden_size],
+        ),
+        (
+            format!("model.layers.{last}.mlp.down_proj.weight"),
+            [c.hidden_size, c.intermediate_size],
+        ),
+    ];
+    let mut h = FNV_OFFSET;
+    for (name, shape) in samples {
+        let rows = src.load_rows(&name, shape, 0..shape[0].min(4))?;
+        h = fnv1a(h, rows.iter().flat_map(|x| x.to_le_bytes()));
+    }
+    Ok(format!("{h:016x}"))
 }
 
 impl Fingerprint {
@@ -121,11 +164,7 @@ impl Fingerprint {
             .map(|(n, s, _)| format!("{n}:{s:?}"))
             .collect();
         t.sort();
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in t.join("\n").bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = fnv1a(FNV_OFFSET, t.join("\n").bytes());
         Fingerprint::with_hash(c, format!("{h:016x}"))
     }
 
@@ -141,6 +180,7 @@ impl Fingerprint {
             num_key_value_heads: c.num_key_value_heads,
             vocab_size: c.vocab_size,
             tensor_hash,
+            weights_hash: None,
         }
     }
 }
@@ -464,24 +504,68 @@ impl Thresholds {
         })
     }
 
-    /// Fails with a clear error when the file was made for another model.
+    /// Fails with a clear error, naming each field that differs, when the file was made for a
+    /// model of another architecture or shapes. (Other weights of the same shapes are
+    /// [`Thresholds::other_weights`].)
     pub fn check_model(&self, fp: &Fingerprint) -> Result<()> {
-        if &self.model != fp {
+        let (a, b) = (&self.model, fp);
+        let fields = [
+            ("arch", a.arch.clone(), b.arch.clone()),
+            (
+                "hidden_size",
+                a.hidden_size.to_string(),
+                b.hidden_size.to_string(),
+            ),
+            (
+                "intermediate_size",
+                a.intermediate_size.to_string(),
+                b.intermediate_size.to_string(),
+            ),
+            (
+                "num_hidden_layers",
+                a.num_hidden_layers.to_string(),
+                b.num_hidden_layers.to_string(),
+            ),
+            (
+                "num_attention_heads",
+                a.num_attention_heads.to_string(),
+                b.num_attention_heads.to_string(),
+            ),
+            (
+                "num_key_value_heads",
+                a.num_key_value_heads.to_string(),
+                b.num_key_value_heads.to_string(),
+            ),
+            (
+                "vocab_size",
+                a.vocab_size.to_string(),
+                b.vocab_size.to_string(),
+            ),
+            (
+                "tensor_hash (tensor names and shapes)",
+                a.tensor_hash.clone(),
+                b.tensor_hash.clone(),
+            ),
+        ];
+        let differ: Vec<String> = fields
+            .iter()
+            .filter(|(_, x, y)| x != y)
+            .map(|(name, x, y)| format!("{name} {x} in the file, {y} in the model"))
+            .collect();
+        if !differ.is_empty() {
             return Err(Error::Invalid(format!(
-                "thresholds file was calibrated for another model: file has {} {}x{} layers={} tensors {}, model is {} {}x{} layers={} tensors {}",
-                self.model.arch,
-                self.model.hidden_size,
-                self.model.intermediate_size,
-                self.model.num_hidden_layers,
-                self.model.tensor_hash,
-                fp.arch,
-                fp.hidden_size,
-                fp.intermediate_size,
-                fp.num_hidden_layers,
-                fp.tensor_hash
+                "thresholds file was calibrated for another model: {}",
+                differ.join("; ")
             )));
         }
         Ok(())
+    }
+
+    /// Whether the file was calibrated on other weights of the same shapes (both fingerprints
+    /// sample the weights, and the samples differ): another fine-tune or quantization of the
+    /// model, whose activations, and so thresholds, are close but not the same.
+    pub fn other_weights(&self, fp: &Fingerprint) -> bool {
+        matches!((&self.model.weights_hash, &fp.weights_hash), (Some(a), Some(b)) if a != b)
     }
 
     /// The threshold of `site` in `layer` for sparsity `s`, interpolated linearly between the
