@@ -219,7 +219,9 @@ impl SiteTable {
 }
 
 /// A quantile table read at sparsity `s`, linearly between the stored `levels`; `None` for
-/// s = 0 (dense).
+/// s = 0 (dense). A magnitude threshold is at least 0, so the level-0 entry (a placeholder
+/// below every |x|) counts as 0: between it and the first level the threshold rises from 0
+/// instead of from below 0, where it would zero nothing.
 pub(crate) fn interpolate(levels: &[f64], tab: &[f32], s: f64) -> Option<f32> {
     if s <= 0.0 {
         return None;
@@ -228,7 +230,8 @@ pub(crate) fn interpolate(levels: &[f64], tab: &[f32], s: f64) -> Option<f32> {
         .partition_point(|&x| x <= s)
         .clamp(1, levels.len() - 1);
     let f = ((s - levels[i - 1]) / (levels[i] - levels[i - 1])).clamp(0.0, 1.0);
-    Some((tab[i - 1] as f64 + f * (tab[i] as f64 - tab[i - 1] as f64)) as f32)
+    let (lo, hi) = (tab[i - 1].max(0.0) as f64, tab[i].max(0.0) as f64);
+    Some((lo + f * (hi - lo)) as f32)
 }
 
 /// One step of the greedy search in one block.
@@ -705,4 +708,19 @@ pub fn check_target(s: f64) -> Result<()> {
         return Err(Error::Invalid(format!("sparsity {s} is outside [0, 1)")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::interpolate;
+
+    #[test]
+    fn interpolation_below_the_first_level_rises_from_zero() {
+        let (levels, tab) = ([0.0, 0.005, 0.01], [-1.0f32, 0.2, 0.4]);
+        assert_eq!(interpolate(&levels, &tab, 0.0), None);
+        assert!((interpolate(&levels, &tab, 0.0025).unwrap() - 0.1).abs() < 1e-6);
+        assert!((interpolate(&levels, &tab, 0.0075).unwrap() - 0.3).abs() < 1e-6);
+        assert_eq!(interpolate(&levels, &tab, 0.01), Some(0.4));
+        assert_eq!(interpolate(&levels, &tab, 0.5), Some(0.4));
+    }
 }
