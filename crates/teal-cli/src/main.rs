@@ -107,10 +107,14 @@ struct SparseArgs {
     /// score |x_j| ||W[:, j]|| (wina), or the loss-aware score |x_j| w_j of `calibrate --fisher`
     /// (fisher). Default: fisher for the greedy allocation where the file has fisher tables
     /// (less PPL increase than abs on SmolLM2 and Qwen2.5, docs/QUALITY.md) and for the fisher
-    /// allocation, else abs.
+    /// allocation; for the greedy allocation otherwise the quantile its search ran with
+    /// (`calibrate --greedy --quantile`); else abs.
     #[arg(long, value_enum)]
     quantile: Option<QuantileArg>,
-    /// Which positions are sparsified: all, half (last half of each window), decode-only.
+    /// Which positions are sparsified: all, half (the last half of each window, TEAL's
+    /// evaluation), decode-only (prefill dense; in ppl and report each window's first position
+    /// is the prefill, every later one a decode step). ppl and report score only the
+    /// predictions of sparsified positions, against dense on the same tokens.
     #[arg(long, value_enum, default_value_t = ModeArg::All)]
     mode: ModeArg,
 }
@@ -206,6 +210,10 @@ impl SparseArgs {
             quantile: match (allocation, self.quantile) {
                 (Allocation::Fisher, None) => Quantile::Fisher,
                 (Allocation::Greedy, None) if has_fisher => Quantile::Fisher,
+                // The quantile the greedy search ran with (`calibrate --greedy --quantile`).
+                (Allocation::Greedy, None) => th
+                    .and_then(|t| t.greedy.as_ref())
+                    .map_or(Quantile::Abs, |g| g.quantile),
                 (_, None) => Quantile::Abs,
                 (_, Some(q)) => q.into(),
             },

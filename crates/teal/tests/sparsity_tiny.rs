@@ -833,3 +833,34 @@ fn fisher_reading_picks_the_inputs_within_any_allocation() {
     let planned = searched.planned_sparsity(&sp, &m2.config).unwrap();
     assert!((planned - 0.5).abs() < 0.03, "planned {planned}");
 }
+
+/// The modes score what ran sparse, as TEAL's evaluation does: `half` only the predictions of
+/// the window's last `len / 2` positions (TEAL sparsifies them and scores within them), so its
+/// KL per token is not diluted by the dense half's zeros; `decode-only` all but position 0's.
+#[test]
+fn modes_score_only_the_positions_that_ran_sparse() {
+    use teal::eval::perplexity::PplOptions;
+    use teal::eval::sparse::compare;
+    let (m, c, _, th) = calibrated(false);
+    let t = th
+        .resolve(&spec(0.5, Allocation::Uniform, Quantile::Abs))
+        .unwrap();
+    let sparse = m.with_masks(&t).unwrap();
+    let text = tokens(2 * 41 + 1, 9);
+    let opts = PplOptions {
+        ctx: 41,
+        chunks: Some(2),
+        kv: teal::kv_cache::KvDtype::F32,
+    };
+    let run = |mode| compare(&c, &m, &sparse, mode, &text, &opts, |_, _| {}).unwrap();
+    let (all, half, dec) = (run(Mode::All), run(Mode::Half), run(Mode::DecodeOnly));
+    assert_eq!(all.tokens_scored, 2 * 40);
+    // 41 positions: 0..21 dense, 21..41 sparse (20 = 41 / 2), whose predictions are tokens 22..=40.
+    assert_eq!(half.tokens_scored, 2 * 19);
+    assert_eq!(dec.tokens_scored, 2 * 39);
+    assert!(half.kl > 0.0 && all.kl > 0.0);
+    assert_eq!(
+        (half.mode.as_str(), dec.mode.as_str()),
+        ("half", "decode-only")
+    );
+}

@@ -98,9 +98,11 @@ struct Tally {
 }
 
 impl Tally {
-    /// Scores window `w` from the dense and the sparse logits of its positions.
-    fn add(&mut self, w: &[u32], ld: &[f32], ls: &[f32], v: usize) {
-        for t in 1..w.len() {
+    /// Scores window `w` from the dense and the sparse logits of its positions, the
+    /// predictions of positions `first..` (those that ran sparse: as TEAL's evaluation, which
+    /// scores only tokens predicted by the sparsified half of each window).
+    fn add(&mut self, w: &[u32], ld: &[f32], ls: &[f32], v: usize, first: usize) {
+        for t in first + 1..w.len() {
             let (pd, ps) = (&ld[(t - 1) * v..t * v], &ls[(t - 1) * v..t * v]);
             self.nll_d += nll(pd, w[t]);
             self.nll_s += nll(ps, w[t]);
@@ -184,10 +186,11 @@ pub fn compare(
             let w = &tokens[s..e];
             cache.clear();
             let ld = dense.prefill(w, &mut cache, Logits::All)?;
-            // Positions 0..dense_upto run dense; the rest sparse.
+            // Positions 0..dense_upto run dense; the rest sparse (TEAL's half: the last
+            // `len / 2`).
             let dense_upto = match mode {
                 Mode::All => 0,
-                Mode::Half => w.len() / 2,
+                Mode::Half => w.len() - w.len() / 2,
                 Mode::DecodeOnly => 1,
             };
             cache.clear();
@@ -201,7 +204,7 @@ pub fn compare(
                 Logits::All,
                 Some(&mut counter),
             )?);
-            tally.add(w, &ld, &ls, v);
+            tally.add(w, &ld, &ls, v, dense_upto);
             progress(i + 1, wins.len());
         }
         Ok(tally.report(config, &counter, wins.len(), opts, mode))
@@ -235,7 +238,7 @@ pub fn compare_on(
         let ls = dec.prefill(w, Logits::All)?;
         dec.clear()?;
         dec.prefill_observed(w, &mut counter)?;
-        tally.add(w, &ld, &ls, config.vocab_size);
+        tally.add(w, &ld, &ls, config.vocab_size, 0);
         progress(i + 1, wins.len());
     }
     Ok(tally.report(&config, &counter, wins.len(), opts, Mode::All))
