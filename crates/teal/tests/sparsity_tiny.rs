@@ -426,6 +426,41 @@ fn calibration_text_too_short_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("4 windows of 64"), "{e}");
+    // Counts whose product overflows are too many, not a panic or minutes of work.
+    let huge = usize::MAX / 2;
+    let e = calibrate(
+        &m,
+        fp.clone(),
+        &tokens(100, 1),
+        &CalibOptions {
+            samples: huge,
+            seq_len: 4,
+            fisher: None,
+            ..opts.clone()
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("calibration text too short"), "{e}");
+    let opts_fisher_huge = CalibOptions {
+        fisher: Some(FisherOptions {
+            samples: huge,
+            seq_len: 4,
+            labels: FisherLabels::Text,
+        }),
+        ..opts.clone()
+    };
+    let e = calibrate(
+        &m,
+        fp.clone(),
+        &tokens(100, 1),
+        &opts_fisher_huge,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("windows of 4"), "{e}");
 
     // Greedy steps that would calibrate nothing (0, negative, NaN) or jump past every table.
     for step in [0.0, -0.1, f64::NAN, 5.0] {

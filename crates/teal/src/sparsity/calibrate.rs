@@ -82,11 +82,11 @@ fn calibrate_blocks(
             "calibration needs at least 1 sample of 4 tokens (got {n} x {len})"
         )));
     }
-    if tokens.len() < n * len {
+    if n.checked_mul(len).is_none_or(|need| tokens.len() < need) {
         return Err(Error::Invalid(format!(
             "calibration text too short: {} tokens, {n} samples x {len} tokens need {}",
             tokens.len(),
-            n * len
+            n as u128 * len as u128
         )));
     }
     if len > c.max_position_embeddings {
@@ -455,7 +455,7 @@ pub fn calibrate_on(
     let c = &model.config;
     let (n, len) = (opts.samples, opts.seq_len);
     let greedy = greedy_options(opts)?;
-    if n == 0 || len < 4 || tokens.len() < n * len {
+    if n == 0 || len < 4 || n.checked_mul(len).is_none_or(|need| tokens.len() < need) {
         return Err(Error::Invalid(format!(
             "calibration needs {n} samples of {len} >= 4 tokens, the text has {} tokens",
             tokens.len()

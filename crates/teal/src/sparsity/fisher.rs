@@ -180,7 +180,11 @@ pub fn input_fisher(
             "the Fisher statistics on 0 windows: at least one is needed".into(),
         ));
     }
-    if seq_len < 2 || tokens.len() < samples * seq_len {
+    if seq_len < 2
+        || samples
+            .checked_mul(seq_len)
+            .is_none_or(|need| tokens.len() < need)
+    {
         return Err(Error::Invalid(format!(
             "the Fisher statistics need {samples} windows of {seq_len} >= 2 tokens, the text has {}",
             tokens.len()
