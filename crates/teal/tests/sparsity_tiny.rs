@@ -899,3 +899,64 @@ fn modes_score_only_the_positions_that_ran_sparse() {
         ("half", "decode-only")
     );
 }
+
+/// Hand-edited greedy and fisher tables that would run a silently wrong allocation are refused
+/// at load, naming what is wrong; a target beyond the file's highest level is an error, not
+/// that level.
+#[test]
+fn greedy_and_fisher_tables_that_do_not_fit_are_refused() {
+    let (_, _, _, th) = calibrated(true);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.json");
+    th.save(&p).unwrap();
+    Thresholds::load(&p).unwrap();
+    let edits: [(fn(&mut Thresholds), &str); 7] = [
+        (
+            |t| t.greedy.as_mut().unwrap().layers[1][3].s[2] = 5.0,
+            "greedy tables: layer 1 step 3: a sparsity outside [0, 1)",
+        ),
+        (
+            |t| t.greedy.as_mut().unwrap().layers[0][2].sparsity = -1.0,
+            "greedy tables: layer 0 step 2: a sparsity outside [0, 1)",
+        ),
+        (
+            |t| t.greedy.as_mut().unwrap().size_weights[6] = 0.0,
+            "greedy tables: size weights",
+        ),
+        (
+            |t| t.fisher.as_mut().unwrap().size_weights[1] = 0.5,
+            "fisher tables: size weights",
+        ),
+        (
+            |t| t.fisher.as_mut().unwrap().size_weights[4] = -1.0,
+            "fisher tables: size weights",
+        ),
+        (
+            |t| t.fisher.as_mut().unwrap().weights[2][0].push(1.0),
+            "fisher tables: layer 2 projection 0 has 49 channel weights, its input has 48",
+        ),
+        (
+            |t| {
+                let w = &mut t.fisher.as_mut().unwrap().weights[1][6];
+                w.iter_mut().for_each(|x| *x = 0.0)
+            },
+            "fisher tables: layer 1 projection 6: every channel weight is 0",
+        ),
+    ];
+    for (edit, want) in edits {
+        let mut bad = th.clone();
+        edit(&mut bad);
+        bad.save(&p).unwrap();
+        let e = Thresholds::load(&p).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let top = *th.levels.last().unwrap();
+    let e = th
+        .resolve(&spec((top + 1.0) / 2.0, Allocation::Uniform, Quantile::Abs))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("beyond this thresholds file's highest calibrated level"),
+        "{e}"
+    );
+}

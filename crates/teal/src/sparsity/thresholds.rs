@@ -459,6 +459,27 @@ impl Thresholds {
             {
                 return Err("fisher tables: one row per layer expected".into());
             }
+            self.check_size_weights("fisher", &f.size_weights)?;
+            // Each projection's channels: q, k, v, gate and up read the hidden state, down the
+            // MLP's; o reads the attention output (the same width in every layer).
+            let (d, ff) = (self.model.hidden_size, self.model.intermediate_size);
+            let o_width = f.weights[0][3].len();
+            for (l, w) in f.weights.iter().enumerate() {
+                let widths = [d, d, d, o_width, d, d, ff];
+                if let Some(p) = (0..7).find(|&p| w[p].len() != widths[p]) {
+                    return Err(format!(
+                        "fisher tables: layer {l} projection {p} has {} channel weights, its \
+                         input has {}",
+                        w[p].len(),
+                        widths[p]
+                    ));
+                }
+                if let Some(p) = (0..7).find(|&p| w[p].iter().all(|&v| v == 0.0)) {
+                    return Err(format!(
+                        "fisher tables: layer {l} projection {p}: every channel weight is 0"
+                    ));
+                }
+            }
             for (l, (w, t)) in f.weights.iter().zip(&f.scores).enumerate() {
                 for p in 0..7 {
                     // Level 0's entry is -1 (nothing zeroed), as in the site tables.
@@ -486,8 +507,44 @@ impl Thresholds {
             if !(g.step > 0.0 && g.step <= 1.0) {
                 return Err(format!("greedy tables: step {} outside (0, 1]", g.step));
             }
+            self.check_size_weights("greedy", &g.size_weights)?;
+            let fraction = |x: f64| (0.0..1.0).contains(&x);
+            for (l, steps) in g.layers.iter().enumerate() {
+                if let Some(i) = steps
+                    .iter()
+                    .position(|st| !fraction(st.sparsity) || !st.s.iter().all(|&x| fraction(x)))
+                {
+                    return Err(format!(
+                        "greedy tables: layer {l} step {i}: a sparsity outside [0, 1)"
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// A table's size weights: finite and positive, q's 1, k's and v's alike (their share
+    /// of q's heads), o's 1 and gate's, up's and down's alike, as `sparsity::size_weights`
+    /// derives them from the configuration.
+    fn check_size_weights(&self, what: &str, w: &[f64; 7]) -> std::result::Result<(), String> {
+        let m = &self.model;
+        let kv = m.num_key_value_heads as f64 / m.num_attention_heads.max(1) as f64;
+        let near = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+        let ok = w.iter().all(|&x| x.is_finite() && x > 0.0)
+            && near(w[0], 1.0)
+            && near(w[1], kv)
+            && near(w[2], kv)
+            && near(w[3], 1.0)
+            && near(w[4], w[6])
+            && near(w[5], w[6]);
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} tables: size weights {w:?} do not fit the model (q and o 1, k and v \
+                 {kv}, gate, up and down alike, all positive)"
+            ))
+        }
     }
 
     /// Writes the file atomically (temporary file, then rename).
@@ -664,6 +721,14 @@ impl Thresholds {
 
     /// The mask of every projection of every layer (`None`: dense).
     pub fn resolve(&self, spec: &SparsitySpec) -> Result<Vec<[Option<InputMask>; 7]>> {
+        check_target(spec.target)?;
+        let top = *self.levels.last().expect("validated: at least two levels");
+        if spec.target > top {
+            return Err(Error::Invalid(format!(
+                "sparsity {} is beyond this thresholds file's highest calibrated level {top}",
+                spec.target
+            )));
+        }
         if spec.allocation == Allocation::Fisher {
             check_target(spec.target)?;
             if matches!(spec.quantile, Quantile::Teal | Quantile::Wina) {
