@@ -1380,6 +1380,11 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
             });
         }
     }
+    // Where the file goes, checked before minutes of calibration.
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Thresholds::check_writable(&out)?;
     let data = match &a.data {
         Some(d) => d.clone(),
         None => teal::assets::cached("data", "c4.utf8").ok_or_else(|| {
@@ -1444,9 +1449,6 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         }
     };
     bar.finish_and_clear();
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
     th.save(&out)?;
     eprintln!(
         "calibrated on {} x {} tokens of {}{} in {:.1}s",

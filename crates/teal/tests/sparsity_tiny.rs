@@ -167,6 +167,24 @@ fn thresholds_file_round_trips_and_rejects_other_models() {
     let back = Thresholds::load(&p).unwrap();
     assert!(back == th, "thresholds changed in a save/load round trip");
     back.check_model(&fp).unwrap();
+    // Saved through a temporary file of its own, which is gone afterwards, also when the
+    // rename fails (the path is a directory).
+    let names = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(dir.path()), ["t.json"]);
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    assert!(th.save(&sub).is_err());
+    assert!(Thresholds::check_writable(&sub).is_err());
+    Thresholds::check_writable(&dir.path().join("new.json")).unwrap();
+    assert_eq!(names(dir.path()), ["sub", "t.json"]);
+    assert!(names(&sub).is_empty());
 
     let other = Fingerprint {
         hidden_size: c.hidden_size + 1,

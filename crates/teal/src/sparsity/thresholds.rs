@@ -547,21 +547,40 @@ impl Thresholds {
         }
     }
 
-    /// Writes the file atomically (temporary file, then rename).
+    /// Writes the file atomically: a temporary file of its own in the same directory, synced
+    /// to disk, then renamed over `path` (removed again if anything fails), so a reader sees
+    /// the old file or the whole new one, and two writers never share the temporary file.
     pub fn save(&self, path: &Path) -> Result<()> {
+        use std::io::Write;
         let text = serde_json::to_string(self).map_err(|source| Error::Json {
             path: path.into(),
             source,
         })?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|source| Error::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: path.into(),
             source,
-        })
+        };
+        let mut tmp = temp_file_beside(path).map_err(io)?;
+        tmp.write_all(text.as_bytes()).map_err(io)?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+
+    /// Fails unless a thresholds file can be written at `path` (not a directory, in a
+    /// directory that exists and can be written): checked before a calibration spends minutes.
+    pub fn check_writable(path: &Path) -> Result<()> {
+        let io = |source| Error::Io {
+            path: path.into(),
+            source,
+        };
+        if path.is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory",
+            )));
+        }
+        temp_file_beside(path).map(drop).map_err(io)
     }
 
     /// Fails with a clear error, naming each field that differs, when the file was made for a
@@ -765,6 +784,23 @@ impl Thresholds {
         let a = self.allocate(spec)?;
         Ok(a.iter().map(|s| effective_sparsity(s, &w)).sum::<f64>() / a.len() as f64)
     }
+}
+
+/// An empty temporary file in `path`'s directory, with the usual permissions of a new file
+/// (tempfile's own are the owner's only), removed when dropped unless persisted.
+fn temp_file_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut b = tempfile::Builder::new();
+    b.prefix(".teal-thresholds-").suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    b.tempfile_in(dir)
 }
 
 /// Sparsity must lie in [0, 1).
