@@ -1247,7 +1247,20 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
             "ctx": r.ctx,
             "text_tokens": tokens.len(),
             "sparsity": 0.0,
+            "planned_sparsity": 0.0,
             "model_sparsity": 0.0,
+            "site_sparsity": teal::sparsity::PROJ_NAMES
+                .iter()
+                .map(|p| (p.to_string(), serde_json::json!(0.0)))
+                .collect::<serde_json::Map<_, _>>(),
+            // The dense model against itself: the keys of a sparse result, with no allocation
+            // or quantile (nothing is zeroed), so that a sweep from s = 0 reads alike.
+            "dense_ppl": r.ppl,
+            "ppl_ratio": 1.0,
+            "kl": 0.0,
+            "top1": 1.0,
+            "allocation": null,
+            "quantile": null,
             "mode": "dense",
             "chunk_nll": r.chunk_nll,
         });

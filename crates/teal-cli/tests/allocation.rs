@@ -1,8 +1,9 @@
 //! `--allocation auto` (the default of run, ppl and serve; bench's when asked) takes the best
 //! allocation the thresholds file supports: greedy where it has greedy tables, else fisher where
 //! it has fisher tables (with no quantile asked, or fisher), else uniform; an unset `--quantile`
-//! is fisher for the greedy allocation where the file has fisher tables. Uses the real SmolLM2
-//! file when it is cached (skips otherwise, or fails under TEAL_REQUIRE_ASSETS=1).
+//! is fisher for the greedy allocation where the file has fisher tables, else the quantile
+//! its greedy search ran with. Uses the real SmolLM2 file when it is cached (skips otherwise,
+//! or fails under TEAL_REQUIRE_ASSETS=1).
 
 mod common;
 
@@ -104,6 +105,12 @@ fn auto_allocation_is_the_best_the_file_has() {
     let text = text.to_str().unwrap();
     let plain = calibrate("plain.json", &[]);
     assert_eq!(allocation(m, text, &plain, &[]), "uniform/abs");
+    // Greedy tables alone: their masks are read with the quantile the search ran with.
+    let greedy_teal = calibrate(
+        "greedy-teal.json",
+        &[&GREEDY_SMALL[..], &["--quantile", "teal"]].concat(),
+    );
+    assert_eq!(allocation(m, text, &greedy_teal, &[]), "greedy/teal");
     let fisher = calibrate("fisher.json", &FISHER_SMALL);
     assert_eq!(allocation(m, text, &fisher, &[]), "fisher/fisher");
     // The fisher allocation picks the inputs itself, so an explicit quantile of another kind
