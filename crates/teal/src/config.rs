@@ -106,10 +106,18 @@ impl Config {
                 ));
             }
         }
-        // Written so that NaN fails too.
-        let positive = |v: f32| v.partial_cmp(&0.0) == Some(std::cmp::Ordering::Greater);
-        if !positive(c.rms_norm_eps) || !positive(c.rope_theta) {
-            return bad("rms_norm_eps and rope_theta must be positive".into());
+        let positive = |v: f32| v.is_finite() && v > 0.0;
+        if !positive(c.rms_norm_eps) {
+            return bad(format!(
+                "rms_norm_eps {} must be finite and positive",
+                c.rms_norm_eps
+            ));
+        }
+        if !positive(c.rope_theta) {
+            return bad(format!(
+                "rope_theta {} must be finite and positive",
+                c.rope_theta
+            ));
         }
         Ok(())
     }

@@ -40,7 +40,7 @@ pub enum Error {
     Tensor { name: String, msg: String },
     #[error("the prompt is empty")]
     EmptyPrompt,
-    #[error("{what} of {got} tokens is longer than the context of {ctx} tokens")]
+    #[error("{}", context_overflow(what, *got, *ctx))]
     ContextOverflow {
         what: &'static str,
         got: usize,
@@ -66,6 +66,26 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// [`Error::ContextOverflow`]'s message: `got` positions where the context holds `ctx` (a
+/// prompt as long as the context leaves no room for the token it is to generate).
+fn context_overflow(what: &str, got: usize, ctx: usize) -> String {
+    let tokens = |n: usize| if n == 1 { "token" } else { "tokens" };
+    if got == ctx {
+        format!(
+            "{what} of {got} {} fills the context of {ctx} {}: no room is left for a token to \
+             generate",
+            tokens(got),
+            tokens(ctx)
+        )
+    } else {
+        format!(
+            "{what} of {got} {} is longer than the context of {ctx} {}",
+            tokens(got),
+            tokens(ctx)
+        )
+    }
+}
+
 /// Reads a whole text file, naming the file in every error.
 pub fn read_text(path: &std::path::Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
@@ -76,4 +96,34 @@ pub fn read_text(path: &std::path::Path) -> Result<String> {
         path: path.into(),
         offset: e.utf8_error().valid_up_to(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn context_overflow_reads_right_at_every_count() {
+        let e = |got, ctx| {
+            Error::ContextOverflow {
+                what: "the prompt",
+                got,
+                ctx,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            e(9, 8),
+            "the prompt of 9 tokens is longer than the context of 8 tokens"
+        );
+        assert_eq!(
+            e(2, 1),
+            "the prompt of 2 tokens is longer than the context of 1 token"
+        );
+        assert_eq!(
+            e(1, 1),
+            "the prompt of 1 token fills the context of 1 token: no room is left for a token \
+             to generate"
+        );
+    }
 }

@@ -88,6 +88,18 @@ impl ModelFiles {
                 ),
             });
         }
+        // The tokenizer's ids must have rows in the embedding (more rows than ids is usual:
+        // padding to a multiple).
+        let (ids, rows) = (self.tokenizer.vocab_size(), self.config.vocab_size);
+        if ids > rows {
+            return Err(Error::Model {
+                path: self.path,
+                msg: format!(
+                    "the tokenizer has {ids} token ids, the model's vocab_size is {rows}: ids \
+                     beyond it have no embedding"
+                ),
+            });
+        }
         Ok(self)
     }
 

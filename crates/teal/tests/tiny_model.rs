@@ -564,3 +564,64 @@ fn non_finite_activations_are_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn config_values_that_cannot_run_are_named() {
+    let mut c = tiny_config(Arch::Llama);
+    c.validate().unwrap();
+    c.rope_theta = f32::INFINITY;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("rope_theta inf must be finite and positive"),
+        "{e}"
+    );
+    c.rope_theta = 10000.0;
+    c.rms_norm_eps = f32::NAN;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("rms_norm_eps NaN must be finite and positive"),
+        "{e}"
+    );
+}
+
+/// A minimal BPE `tokenizer.json` of `n` tokens (two special ones, then single characters).
+fn write_tokenizer(dir: &std::path::Path, n: usize) {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<s>".into(), 0.into());
+    vocab.insert("</s>".into(), 1.into());
+    for i in 2..n {
+        let ch = char::from_u32(0x100 + i as u32).unwrap().to_string();
+        vocab.insert(ch, i.into());
+    }
+    let special = |id: usize, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<s>"), special(1, "</s>")],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}
+
+#[test]
+fn a_tokenizer_with_ids_beyond_the_embedding_is_refused_at_open() {
+    let c = tiny_config(Arch::Llama);
+    let dir = tempfile::tempdir().unwrap();
+    write_safetensors(dir.path(), &c, &random_weights(&c, 1));
+    write_tokenizer(dir.path(), c.vocab_size);
+    teal::ModelFiles::open(dir.path()).unwrap();
+    write_tokenizer(dir.path(), c.vocab_size + 3);
+    let e = teal::ModelFiles::open(dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("the tokenizer has 100 token ids, the model's vocab_size is 97"),
+        "{e}"
+    );
+}
