@@ -752,7 +752,7 @@ impl Common {
 
     fn open(&self) -> Result<ModelFiles> {
         let path = self.model_path()?;
-        ModelFiles::open(&path).with_context(|| format!("opening model {}", path.display()))
+        ModelFiles::open(&path).context("opening the model")
     }
 }
 

@@ -36,6 +36,17 @@ impl ModelFiles {
                 ),
             });
         }
+        if path
+            .extension()
+            .is_some_and(|e| e == "safetensors" || e == "json")
+        {
+            return Err(Error::Model {
+                path: path.into(),
+                msg: "a Hugging Face model is opened by its directory (config.json, \
+                      tokenizer.json and the .safetensors weights), not one of its files"
+                    .into(),
+            });
+        }
         if path.is_dir() {
             let config = Config::from_hf_json(&path.join("config.json"))?;
             let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;

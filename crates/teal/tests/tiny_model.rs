@@ -615,6 +615,15 @@ fn a_tokenizer_with_ids_beyond_the_embedding_is_refused_at_open() {
     write_safetensors(dir.path(), &c, &random_weights(&c, 1));
     write_tokenizer(dir.path(), c.vocab_size);
     teal::ModelFiles::open(dir.path()).unwrap();
+    // One of its files instead of the directory: named, with what to pass.
+    let e = teal::ModelFiles::open(&dir.path().join("model.safetensors"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors: a Hugging Face model is opened by its directory"),
+        "{e}"
+    );
     write_tokenizer(dir.path(), c.vocab_size + 3);
     let e = teal::ModelFiles::open(dir.path())
         .err()
