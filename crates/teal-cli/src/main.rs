@@ -575,7 +575,7 @@ struct ReportArgs {
         allow_negative_numbers = true
     )]
     sparsities: Vec<f64>,
-    /// Windows of 512 tokens scored per point.
+    /// Windows of -c tokens scored per point.
     #[arg(long, default_value_t = 8)]
     chunks: usize,
     #[arg(short = 'c', long, default_value_t = 512)]
@@ -1635,7 +1635,8 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     }
     let header = format!(
         "# TEAL report\n\nModel `{}`, thresholds `{}` (calibrated on {} x {} tokens of {}), text `{}`, \
-         {} windows of {} tokens, sparsify mode `{}`, on {}.\n\n",
+         {} windows of {} tokens, sparsify mode `{}`, on {}. The activation histograms are the \
+         dense model's inputs of each site over the text's first window ({} tokens).\n\n",
         a.common.model_path()?.display(),
         path.display(),
         th.calibration.samples,
@@ -1645,7 +1646,8 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         a.chunks,
         a.ctx,
         mode.name(),
-        ran_on
+        ran_on,
+        first.len()
     );
     let figures: String = pngs
         .iter()

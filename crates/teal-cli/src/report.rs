@@ -34,7 +34,7 @@ pub fn markdown(rows: &[Row], dense_ppl: f64) -> String {
     for r in rows {
         let p = &r.report;
         s.push_str(&format!(
-            "| {} | {:.2} | {:.4} | {:.4} | {:.4} | {:.5} | {:.4} |\n",
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.5} | {:.4} |\n",
             r.method, r.target, p.model_sparsity, p.ppl, p.ppl_ratio, p.kl, p.top1
         ));
     }
@@ -58,11 +58,13 @@ pub fn plot_ppl(rows: &[Row], dense_ppl: f64, path: &Path) -> Result<()> {
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_s, (dense_ppl * 0.95)..max_ppl)?;
+        // Logarithmic: a collapsed model at 75 % (PPL in the thousands) would otherwise
+        // flatten the informative range near dense into one line.
+        .build_cartesian_2d(0.0..max_s, ((dense_ppl * 0.95)..max_ppl).log_scale())?;
     chart
         .configure_mesh()
         .x_desc("parameter-weighted sparsity (realized)")
-        .y_desc("PPL")
+        .y_desc("PPL (log scale)")
         .draw()?;
     chart
         .draw_series(LineSeries::new(
