@@ -766,6 +766,14 @@ struct Loaded {
 
 impl Loaded {
     fn new(common: &Common, sparse: &SparseArgs, files: &ModelFiles) -> Result<Loaded> {
+        // The thresholds first: a missing or mismatched file is reported before loading.
+        let resolved = sparse.resolve(files)?;
+        if resolved
+            .as_ref()
+            .is_some_and(|(_, spec, ..)| spec.mode == Mode::Half)
+        {
+            bail!("--mode half is an evaluation mode (teal ppl); for generation use all or decode-only");
+        }
         let t0 = std::time::Instant::now();
         let dense = common.load(files)?;
         eprintln!(
@@ -774,11 +782,8 @@ impl Loaded {
             files.format,
             t0.elapsed().as_secs_f64()
         );
-        let (sparse, teal) = match sparse.resolve(files)? {
+        let (sparse, teal) = match resolved {
             Some((t, spec, th, path)) => {
-                if spec.mode == Mode::Half {
-                    bail!("--mode half is an evaluation mode (teal ppl); for generation use all or decode-only");
-                }
                 let line = format!(
                     "sparsity {} ({} allocation, {} quantile, mode {}; planned model-wide {:.3}) from {}",
                     spec.target,
