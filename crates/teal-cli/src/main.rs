@@ -1721,7 +1721,29 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         println!("  {ty:>6}: {n:4} tensors, {:.2} M values", *el as f64 / 1e6);
     }
     if a.tensors {
-        for (name, shape, ty) in tensors {
+        // In the model's order: the embedding, the layers by number, then the rest.
+        let key = |name: &str| match name.strip_prefix("model.layers.") {
+            Some(rest) => {
+                let (l, tail) = rest.split_once('.').unwrap_or((rest, ""));
+                (
+                    1,
+                    l.parse::<usize>().unwrap_or(usize::MAX),
+                    tail.to_string(),
+                )
+            }
+            None => (
+                if name.starts_with("model.embed_tokens") {
+                    0
+                } else {
+                    2
+                },
+                0,
+                name.to_string(),
+            ),
+        };
+        let mut sorted: Vec<_> = tensors.iter().collect();
+        sorted.sort_by_cached_key(|(name, ..)| key(name));
+        for (name, shape, ty) in sorted {
             println!("  {name:50} {ty:>6} {shape:?}");
         }
     }
