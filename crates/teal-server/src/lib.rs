@@ -157,6 +157,8 @@ pub enum Event {
         text: String,
         tokens: Vec<u32>,
         logprobs: Vec<TokenInfo>,
+        /// The slot generating it.
+        slot: usize,
     },
     Done(Summary),
     Failed(ApiError),
@@ -561,6 +563,7 @@ struct Running<'t> {
 /// has gone.
 fn release(
     events: &mpsc::UnboundedSender<Event>,
+    slot: usize,
     text: String,
     sent: usize,
     pending: &mut VecDeque<(usize, u32, Option<TokenInfo>)>,
@@ -577,6 +580,7 @@ fn release(
                 text,
                 tokens: ids,
                 logprobs,
+                slot,
             })
             .is_ok()
 }
@@ -652,6 +656,7 @@ impl<'t> Running<'t> {
     /// false to stop.
     fn parts<'r>(&'r mut self, tok: &'r Tokenizer) -> (&'r mut Turn<'t>, OnText<'r>) {
         let Running {
+            slot,
             turn,
             events,
             filter,
@@ -679,7 +684,10 @@ impl<'t> Running<'t> {
             *sent += text.len();
             let since = *first.get_or_insert_with(Instant::now);
             *timed_out = *line_break && time_limit.is_some_and(|t| since.elapsed() > t);
-            release(events, text, *sent, pending) && !filter.hit() && !*timed_out && cut.is_none()
+            release(events, *slot, text, *sent, pending)
+                && !filter.hit()
+                && !*timed_out
+                && cut.is_none()
         };
         (turn, Box::new(on_text))
     }
@@ -701,7 +709,7 @@ impl<'t> Running<'t> {
             // remaining token before the indentation cut go out.
             let rest = self.filter.finish();
             let upto = self.cut.unwrap_or(usize::MAX);
-            if !release(&self.events, rest, upto, &mut self.pending) {
+            if !release(&self.events, self.slot, rest, upto, &mut self.pending) {
                 return;
             }
         }
@@ -2125,6 +2133,7 @@ async fn run_jobs(st: &AppState, r: &Request) -> Result<Outcome, ApiError> {
                     text: t,
                     tokens,
                     logprobs,
+                    ..
                 } => {
                     text.push_str(&t);
                     ids.extend(tokens);

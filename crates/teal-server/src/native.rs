@@ -509,6 +509,7 @@ fn stream(
             text: t,
             tokens,
             logprobs,
+            slot,
         } => {
             text.push_str(&t);
             ids.extend(&tokens);
@@ -517,7 +518,7 @@ fn stream(
                 "content": t,
                 "tokens": tokens,
                 "stop": false,
-                "id_slot": -1,
+                "id_slot": slot,
                 "tokens_predicted": ids.len(),
             });
             if r.logprobs.is_some() {

@@ -967,6 +967,7 @@ async fn native_completion_in_llama_cpps_shape() {
     let events = sse_data(&body);
     let (last, pieces) = events.split_last().unwrap();
     assert!(pieces.iter().all(|e| e["stop"] == false), "{body}");
+    assert!(pieces.iter().all(|e| e["id_slot"] == 0), "{body}");
     let text: String = pieces
         .iter()
         .map(|e| e["content"].as_str().unwrap())
