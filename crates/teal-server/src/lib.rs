@@ -427,7 +427,8 @@ fn slots_state(sessions: &[Session], running: &[Option<Running>], ctx: usize) ->
             "id": i,
             "n_ctx": ctx,
             "is_processing": r.is_some(),
-            "cached_tokens": s.cached_len(),
+            // While answering, the positions run so far (the prompt's and the answer's).
+            "cached_tokens": if r.is_some() { s.positions() } else { s.cached_len() },
         });
         if let Some(r) = r {
             v["n_prompt_tokens"] = json!(r.turn.prompt().len());

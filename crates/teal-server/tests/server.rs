@@ -1333,8 +1333,14 @@ async fn requests_on_different_slots_run_at_the_same_time() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v[0]["is_processing"], true, "{v}");
     assert_eq!(v[0]["n_prompt_tokens"], n_tokens(long), "{v}");
+    let decoded = v[0]["next_token"]["n_decoded"].as_u64().unwrap() as usize;
+    assert!(decoded >= 1, "{v}");
+    // Its cache holds the prompt and the answer's tokens run so far (the last one handed out
+    // may not have run yet).
+    let cached = v[0]["cached_tokens"].as_u64().unwrap() as usize;
+    let prompt_len = n_tokens(long);
     assert!(
-        v[0]["next_token"]["n_decoded"].as_u64().unwrap() >= 1,
+        (prompt_len + decoded - 1..=prompt_len + decoded).contains(&cached),
         "{v}"
     );
     assert_eq!(

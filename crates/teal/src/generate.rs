@@ -201,6 +201,11 @@ impl<'d> Session<'d> {
         self.cached.len()
     }
 
+    /// How many positions the decoder's cache holds now, a turn's included while it runs.
+    pub fn positions(&self) -> usize {
+        self.dec.position()
+    }
+
     /// How many leading tokens of `prompt` the cache holds.
     pub fn shared_prefix(&self, prompt: &[u32]) -> usize {
         self.cached
