@@ -242,7 +242,7 @@ impl SparseArgs {
                 if !p.exists() {
                     bail!(
                         "--sparsity needs thresholds: none given and none cached for this model ({}).\n\
-                         Calibrate once with: teal calibrate -m MODEL --greedy   (or pass --thresholds FILE)",
+                         Calibrate once with: teal calibrate -m MODEL --fisher   (as scripts/demo.sh; --greedy adds TEAL's search), or pass --thresholds FILE",
                         p.display()
                     );
                 }
