@@ -366,7 +366,9 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
         "the search is deterministic given its inputs"
     );
 
-    // A block error at sparsities `s`, computed independently with the full block prefill.
+    // A block error at sparsities `s`, computed independently with the full block prefill, as
+    // TEAL's `calculate_activation_error`: per sample and channel the L2 norm over positions
+    // 24..32 (the last quarter), averaged; relative to the same of the dense output.
     let block_error = |s: &[f64; 7]| -> f64 {
         let t: [Option<InputMask>; 7] = std::array::from_fn(|q| lookup(q, s[q]));
         let b = m.layers[layer].with_masks(&t);
@@ -376,12 +378,19 @@ fn greedy_picks_the_least_error_projection_at_each_step() {
             let mut xs = xd.clone();
             run_block(&m.layers[layer], &mut xd);
             run_block(&b, &mut xs);
-            for i in 24 * d..32 * d {
-                num += ((xs[i] - xd[i]) as f64).powi(2);
-                den += (xd[i] as f64).powi(2);
+            for j in 0..d {
+                let col = |x: &[f32], y: Option<&[f32]>| {
+                    (24..32)
+                        .map(|t| (x[t * d + j] - y.map_or(0.0, |y| y[t * d + j])) as f64)
+                        .map(|e| e * e)
+                        .sum::<f64>()
+                        .sqrt()
+                };
+                num += col(&xs, Some(&xd));
+                den += col(&xd, None);
             }
         }
-        (num / den).sqrt()
+        num / den
     };
     // Each single-step candidate's error.
     let errs: Vec<f64> = (0..7)

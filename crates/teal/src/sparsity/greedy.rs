@@ -58,7 +58,8 @@ pub fn greedy_block(
     opts: &GreedyOptions,
 ) -> Vec<GreedyStep> {
     let d = c.hidden_size;
-    let tail_from = len - (len / 4).max(1);
+    // TEAL's last quarter: from position floor(0.75 len).
+    let tail_from = (len * 3 / 4).min(len - 1);
     let mut hn = vec![0.0f32; inputs.len()];
     block.attention_input(c, inputs, samples * len, &mut hn);
     let run = Run {
@@ -75,20 +76,9 @@ pub fn greedy_block(
         |s: &[f64; 7]| -> Block { block.with_masks(&std::array::from_fn(|p| mask(p, s[p]))) };
 
     let target = run.state(block).output();
-    let norm: f64 = target
-        .iter()
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt()
-        .max(f64::MIN_POSITIVE);
-    let rel_err = |y: &[f32]| -> f64 {
-        y.iter()
-            .zip(&target)
-            .map(|(&a, &b)| ((a - b) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            / norm
-    };
+    let tail = len - tail_from;
+    let norm = channel_norms(&target, None, d, tail).max(f64::MIN_POSITIVE);
+    let rel_err = |y: &[f32]| -> f64 { channel_norms(y, Some(&target), d, tail) / norm };
 
     let mut s = [0.0f64; 7];
     let mut cur = with(&s);
@@ -171,6 +161,26 @@ impl State {
     fn output(&self) -> Vec<f32> {
         block_output(&self.att, &self.dn)
     }
+}
+
+/// TEAL's block error (its `calculate_activation_error`): per window and output channel, the
+/// L2 norm over the tail positions of `y - target` (of `y` alone without a target), averaged
+/// over windows and channels. `y` holds windows of `tail` rows of `d`.
+fn channel_norms(y: &[f32], target: Option<&[f32]>, d: usize, tail: usize) -> f64 {
+    let mut sq = vec![0.0f64; d];
+    let mut total = 0.0f64;
+    for (w, win) in y.chunks(tail * d).enumerate() {
+        sq.iter_mut().for_each(|v| *v = 0.0);
+        for (t, row) in win.chunks(d).enumerate() {
+            let at = (w * tail + t) * d;
+            for (j, &a) in row.iter().enumerate() {
+                let e = a as f64 - target.map_or(0.0, |b| b[at + j] as f64);
+                sq[j] += e * e;
+            }
+        }
+        total += sq.iter().map(|v| v.sqrt()).sum::<f64>();
+    }
+    total / (y.len() / tail) as f64
 }
 
 /// The block's output from the residual after the attention half and down_proj's output.

@@ -239,7 +239,9 @@ pub(crate) fn interpolate(levels: &[f64], tab: &[f32], s: f64) -> Option<f32> {
 pub struct GreedyStep {
     /// Parameter-weighted block sparsity after this step.
     pub sparsity: f64,
-    /// Relative L2 error of the block output against dense (last 25% of positions).
+    /// The block output's error against dense as TEAL measures it: per window and output
+    /// channel the L2 norm over the last 25 % of positions, averaged, relative to the same of
+    /// the dense output.
     pub error: f64,
     /// The seven sparsities, `PROJ_NAMES` order.
     pub s: [f64; 7],
