@@ -714,9 +714,15 @@ impl Common {
     /// Loads the weights in the requested format.
     fn load(&self, files: &ModelFiles) -> Result<teal::models::llama::Llama> {
         let dtype: teal::Dtype = self.dtype.into();
-        files
+        let model = files
             .load_model_as(dtype)
-            .with_context(|| format!("loading the weights as {}", dtype.name()))
+            .with_context(|| format!("loading the weights as {}", dtype.name()))?;
+        if self.device == "cpu" {
+            // SAFETY: a CPU run maps and unmaps memory only on this thread here: the weights
+            // are loaded, the thread pool is idle, and no library is being opened.
+            unsafe { teal::load::release_code_pages() };
+        }
+        Ok(model)
     }
 
     /// The device asked for; `auto` is resolved here and notes where it falls back.

@@ -146,7 +146,6 @@ impl ModelFiles {
         large_allocations_as_mappings();
         let model = Llama::load_as(self.config.clone(), self.source()?.as_ref(), dtype);
         release_free_heap();
-        release_code_pages();
         model
     }
 }
@@ -224,11 +223,20 @@ pub(crate) fn release_free_heap() {
 }
 
 /// Drops this process's resident pages of its binary and shared libraries (their read-only
-/// mappings whose pages were never written, so hold nothing but the file's bytes): the code and
-/// tables that opened and converted the model are not used again, and what decoding uses comes
-/// back at its first use, a minor fault from the page cache (the pages stay there, as the model
-/// file's do after [`ModelFiles::load_model_as`] unmaps it).
-pub fn release_code_pages() {
+/// private mappings of files whose pages were never written, so hold nothing but the file's
+/// bytes): the code and tables that opened and converted the model are not used again, and
+/// what decoding uses comes back at its first use, a minor fault from the page cache (the pages
+/// stay there, as the model file's do after [`ModelFiles::load_model_as`] unmaps it). Only
+/// mappings of ordinary 4 KiB pages qualify: not hugetlbfs, I/O or device mappings.
+///
+/// # Safety
+///
+/// No other thread may map, unmap or remap memory while it runs (no `dlopen`, no large
+/// allocation or free): it reads the mappings first and advises them after, and a range
+/// remapped in between (a library's segments mapped over its first mapping, a freed mapping's
+/// addresses reused by the heap) would lose its contents. Call it where the process is
+/// quiescent, e.g. a CPU run's main thread after loading, its thread pool idle.
+pub unsafe fn release_code_pages() {
     #[cfg(target_os = "linux")]
     {
         let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
@@ -242,7 +250,7 @@ pub fn release_code_pages() {
             };
             let file_backed = fields.nth(3).is_some_and(|path| path.starts_with('/'));
             // The mapping's attribute lines ("Key: value"), up to the next mapping's header.
-            let mut written = true;
+            let (mut written, mut small_pages, mut plain) = (true, false, false);
             while let Some(line) = lines.peek() {
                 let Some((key, value)) = line.split_once(':') else {
                     break;
@@ -250,12 +258,23 @@ pub fn release_code_pages() {
                 if key.contains(' ') || key.contains('-') {
                     break;
                 }
-                if key == "Anonymous" {
-                    written = value.trim() != "0 kB";
+                let value = value.trim();
+                match key {
+                    "Anonymous" => written = value != "0 kB",
+                    "KernelPageSize" => small_pages = value == "4 kB",
+                    // Not hugetlbfs (ht), I/O (io), raw page frames (pf) or a driver's
+                    // mapping that must not be dumped (dd).
+                    "VmFlags" => {
+                        plain = !value
+                            .split_whitespace()
+                            .any(|f| matches!(f, "ht" | "io" | "pf" | "dd"))
+                    }
+                    _ => {}
                 }
                 lines.next();
             }
-            if !file_backed || written || !perms.starts_with("r-") || !perms.ends_with('p') {
+            let read_only_private = matches!(perms, "r--p" | "r-xp");
+            if !(file_backed && read_only_private && small_pages && plain) || written {
                 continue;
             }
             let Some((start, end)) = range.split_once('-') else {
@@ -267,10 +286,10 @@ pub fn release_code_pages() {
             ) else {
                 continue;
             };
-            // SAFETY: a private, read-only, file-backed mapping without anonymous (copied on
-            // write) pages holds no page that differs from its file; MADV_DONTNEED only unmaps
-            // them, and the next access maps them again from the file. No Rust object lives in
-            // these pages. A failure leaves them resident.
+            // SAFETY: a private, read-only mapping of a file in ordinary pages, none of them
+            // copied on write, holds no page that differs from its file; MADV_DONTNEED only
+            // unmaps them, and the next access maps them again from the file. The caller
+            // guarantees the range still holds that mapping. A failure leaves them resident.
             unsafe {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
             }
@@ -278,7 +297,7 @@ pub fn release_code_pages() {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
@@ -294,20 +313,65 @@ mod tests {
             .unwrap()
     }
 
-    #[cfg(target_os = "linux")]
+    /// Code pages go and come back; a private file mapping that was written and then made
+    /// read-only (as the loader's relocated RELRO) keeps what was written. The release needs
+    /// a process whose other threads do not map memory meanwhile, so the test runs itself again
+    /// alone in a child process and does the work there.
     #[test]
-    fn code_pages_released_and_code_still_runs() {
-        let before = file_resident_kib();
-        release_code_pages();
-        let after = file_resident_kib();
-        assert!(
-            after < before,
-            "file-backed resident {before} kB -> {after} kB"
-        );
+    fn code_pages_released_and_written_pages_kept() {
+        const ALONE: &str = "TEAL_TEST_CODE_PAGES_ALONE";
+        if std::env::var_os(ALONE).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "load::tests::code_pages_released_and_written_pages_kept",
+                    "--exact",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(ALONE, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            return;
+        }
+        use std::io::Write;
+        let page = 4096;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![7u8; 2 * page]).unwrap();
+        // SAFETY: a fresh private mapping of our own temporary file, unmapped at the end; no
+        // other thread of this test maps or unmaps memory while the release runs.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            ) as *mut u8;
+            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            *p = 42;
+            assert_eq!(
+                libc::mprotect(p as *mut libc::c_void, 2 * page, libc::PROT_READ),
+                0
+            );
+            let before = file_resident_kib();
+            release_code_pages();
+            let after = file_resident_kib();
+            assert_eq!(*p, 42, "a written page of a private mapping was dropped");
+            assert_eq!(*p.add(page), 7);
+            libc::munmap(p as *mut libc::c_void, 2 * page);
+            assert!(
+                after < before,
+                "file-backed resident {before} kB -> {after} kB"
+            );
+        }
         // The code dropped runs again from the page cache.
         let sum: u64 = (1..=1000u64).map(|x| x * x).sum();
         assert_eq!(sum, 333_833_500);
-        let text = format!("{:?}", vec![1.5f32, 2.5]);
-        assert_eq!(text, "[1.5, 2.5]");
+        assert_eq!(format!("{:?}", vec![1.5f32, 2.5]), "[1.5, 2.5]");
     }
 }
