@@ -10,7 +10,8 @@
 #   Q4_0, Q8_0, F16, F32       vs teal --dtype q4, q8, f16, f32 (the same copy)
 # The copies are written once with tools/reference/llamacpp/{dequantize,requantize}_gguf.py
 # (gguf-py) into $BENCH_DIR (default ~/.cache/teal/bench-gguf). teal runs --sparsity 0,0.5
-# with the cached thresholds (run `teal calibrate` once first).
+# with the default model's thresholds (calibrated here once, cached) on every copy: the copies
+# are the same model in other formats (teal warns that the weights differ from the file's).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 N=128 P=64 R=3 ROUNDS=2 T=2 ONLY=""
@@ -50,6 +51,9 @@ for ty in Q4_0 Q8_0 F16; do
   [ -f "$f" ] || (cd "$REF" && python3 requantize_gguf.py "$F32" "$f" --type "$ty" >&2)
 done
 
+# One calibration serves every copy (`teal calibrate` prints the file's path last).
+TH=$("$TEAL" calibrate -m "$MODEL" --fisher --no-wina | tail -n 1)
+
 # label | file | teal dtype
 PAIRS="Q4_1|$MODEL|q4
 Q4_0|$BENCH_DIR/smollm2-Q4_0.gguf|q4
@@ -67,7 +71,7 @@ while IFS='|' read -r label file dtype; do
     l=$(cd "$REF" && node bench.mjs --model "$file" -t "$T" -p "$P" -n "$N" -r "$R")
     echo "{\"label\":\"$label\",\"engine\":\"llama.cpp\",\"run\":$l}" >> "$RUNS"
     echo "[$label round $round] teal --dtype $dtype" >&2
-    t=$("$TEAL" bench -m "$file" -t "$T" --dtype "$dtype" --sparsity 0,0.5 -p "$P" -n "$N" -r "$R" --bandwidth-mib 512 --json)
+    t=$("$TEAL" bench -m "$file" -t "$T" --dtype "$dtype" --sparsity 0,0.5 --thresholds "$TH" -p "$P" -n "$N" -r "$R" --bandwidth-mib 512 --json)
     echo "{\"label\":\"$label\",\"engine\":\"teal\",\"dtype\":\"$dtype\",\"run\":$t}" >> "$RUNS"
   done
 done <<< "$PAIRS"

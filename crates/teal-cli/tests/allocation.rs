@@ -169,3 +169,46 @@ fn auto_allocation_is_the_best_the_file_has() {
         "fisher/fisher"
     );
 }
+
+/// A thresholds file cached before the fingerprint sampled the weights (named without their
+/// hash, and without it inside) is still the default; a file under the newer name wins.
+#[test]
+fn a_cache_file_named_before_the_weights_hash_is_found() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = short_text(dir.path());
+    let th = dir.path().join("th.json");
+    calibrate_small(m, &text, &th, &[]);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&th).unwrap()).unwrap();
+    let fp = v["model"].clone();
+    let weights = fp["weights_hash"].as_str().unwrap().to_string();
+    v["model"].as_object_mut().unwrap().remove("weights_hash");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(cache.join("thresholds")).unwrap();
+    let stem = format!(
+        "{}-{}L-{}",
+        fp["arch"].as_str().unwrap(),
+        fp["num_hidden_layers"],
+        fp["tensor_hash"].as_str().unwrap()
+    );
+    let legacy = cache.join(format!("thresholds/{stem}.json"));
+    std::fs::write(&legacy, v.to_string()).unwrap();
+    let used = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_teal"))
+            .args(["ppl", "-m", m, "-f", text.to_str().unwrap(), "-c", "64"])
+            .args(["--chunks", "1", "--sparsity", "0.5", "--json"])
+            .env("TEAL_CACHE_DIR", &cache)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        j["thresholds"].as_str().unwrap().to_string()
+    };
+    assert_eq!(used(), legacy.to_str().unwrap());
+    let newer = cache.join(format!("thresholds/{stem}-{weights}.json"));
+    std::fs::copy(&th, &newer).unwrap();
+    assert_eq!(used(), newer.to_str().unwrap());
+}

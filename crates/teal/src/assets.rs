@@ -45,8 +45,25 @@ pub fn test_model(env: &str, file: &str) -> Result<Option<PathBuf>, String> {
 }
 
 /// Where `teal calibrate` keeps thresholds for a model by default: one file per model
-/// fingerprint, so a cached file is never used with another model.
+/// fingerprint, so a cached file is never used with another model. A file cached before the
+/// fingerprint sampled the weights (named without their hash) is still found: the path of
+/// the fingerprint without its weights hash, where that file exists and the newer one does
+/// not.
 pub fn thresholds_path(fp: &crate::sparsity::thresholds::Fingerprint) -> PathBuf {
+    let path = thresholds_path_of(fp);
+    if fp.weights_hash.is_some() && !path.exists() {
+        let mut older = fp.clone();
+        older.weights_hash = None;
+        let legacy = thresholds_path_of(&older);
+        if legacy.exists() {
+            return legacy;
+        }
+    }
+    path
+}
+
+/// The cache file named by `fp` alone.
+fn thresholds_path_of(fp: &crate::sparsity::thresholds::Fingerprint) -> PathBuf {
     let weights = fp
         .weights_hash
         .as_ref()

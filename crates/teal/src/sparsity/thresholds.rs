@@ -128,29 +128,31 @@ fn fnv1a(mut h: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// A hash of the values of the first rows of the token embedding, of the first block's
-/// `q_proj` and of the last block's `down_proj`, as loaded (f32): the same for one file,
-/// different for other weights of the same shapes (a fine-tune, another quantization).
+/// A hash of a sample of the weights' values as loaded (f32): the first rows of the token
+/// embedding, and in every block its `input_layernorm` and the first row of `v_proj`,
+/// `o_proj`, `gate_proj`, `up_proj` and `down_proj` (not q's and k's, which a GGUF file
+/// stores permuted, so that reading one row would convert the whole tensor). The same for one
+/// file; different for other weights of the same shapes that differ in any sampled row (a
+/// fine-tune of the whole model, another quantization; a fine-tune of q and k alone would
+/// hash alike).
 pub fn weights_hash(c: &Config, src: &dyn TensorSource) -> Result<String> {
-    let last = c.num_hidden_layers - 1;
-    let samples = [
-        (
-            "model.embed_tokens.weight".to_string(),
-            [c.vocab_size, c.hidden_size],
-        ),
-        (
-            "model.layers.0.self_attn.q_proj.weight".to_string(),
-            [c.q_dim(), c.hidden_size],
-        ),
-        (
-            format!("model.layers.{last}.mlp.down_proj.weight"),
-            [c.hidden_size, c.intermediate_size],
-        ),
-    ];
+    let (d, ff, q) = (c.hidden_size, c.intermediate_size, c.q_dim());
     let mut h = FNV_OFFSET;
-    for (name, shape) in samples {
-        let rows = src.load_rows(&name, shape, 0..shape[0].min(4))?;
-        h = fnv1a(h, rows.iter().flat_map(|x| x.to_le_bytes()));
+    let mut add = |v: Vec<f32>| h = fnv1a(h, v.iter().flat_map(|x| x.to_le_bytes()));
+    add(src.load_rows("model.embed_tokens.weight", [c.vocab_size, d], 0..4)?);
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        add(src.load(&format!("{p}.input_layernorm.weight"), &[d])?);
+        let rows = [
+            ("self_attn.v_proj", [c.kv_dim(), d]),
+            ("self_attn.o_proj", [d, q]),
+            ("mlp.gate_proj", [ff, d]),
+            ("mlp.up_proj", [ff, d]),
+            ("mlp.down_proj", [d, ff]),
+        ];
+        for (name, shape) in rows {
+            add(src.load_rows(&format!("{p}.{name}.weight"), shape, 0..1)?);
+        }
     }
     Ok(format!("{h:016x}"))
 }
