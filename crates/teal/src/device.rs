@@ -269,7 +269,14 @@ pub fn decode_each<'d>(
     let done = Llama::decode_lockstep(&mut steps);
     for ((&i, r), (m, _, cache, s)) in which.iter().zip(done).zip(&steps) {
         results[i] = r
-            .and_then(|()| check_logits(s.logits(), m.config.vocab_size, cache.len() - 1))
+            .and_then(|()| {
+                check_logits(
+                    s.logits(),
+                    m.config.vocab_size,
+                    cache.len() - 1,
+                    cache.dtype() == KvDtype::F16,
+                )
+            })
             .map(|()| f(i, s.logits()));
     }
     results
@@ -307,14 +314,15 @@ impl<'a> CpuDecoder<'a> {
 
 /// An error naming the first non-finite value of `logits` (`[n, vocab]`, its first row the
 /// position `first`), where a NaN would otherwise come out as a perplexity of NaN or as
-/// tokens sampled from garbage.
-pub(crate) fn check_logits(logits: &[f32], vocab: usize, first: usize) -> Result<()> {
+/// tokens sampled from garbage; `kv_f16`: the KV cache holds f16 (the error says so).
+pub(crate) fn check_logits(logits: &[f32], vocab: usize, first: usize, kv_f16: bool) -> Result<()> {
     match logits.iter().position(|x| !x.is_finite()) {
         None => Ok(()),
         Some(i) => Err(Error::NonFiniteLogits {
             position: first + i / vocab,
             token: i % vocab,
             value: logits[i],
+            kv_f16,
         }),
     }
 }
@@ -349,7 +357,12 @@ impl Decoder for CpuDecoder<'_> {
         };
         let cache = &mut self.cache;
         let out = crate::load::reusing_heap(|| m.prefill(tokens, cache, logits))?;
-        check_logits(&out, m.config.vocab_size, first)?;
+        check_logits(
+            &out,
+            m.config.vocab_size,
+            first,
+            self.cache.dtype() == KvDtype::F16,
+        )?;
         Ok(out)
     }
     fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
@@ -362,9 +375,9 @@ impl Decoder for CpuDecoder<'_> {
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let m = self.masked.as_ref().unwrap_or(self.models.decode);
-        let position = self.cache.len();
+        let (position, f16) = (self.cache.len(), self.cache.dtype() == KvDtype::F16);
         let logits = m.decode(token, &mut self.cache, &mut self.scratch)?;
-        check_logits(logits, m.config.vocab_size, position)?;
+        check_logits(logits, m.config.vocab_size, position, f16)?;
         Ok(logits)
     }
     fn lockstep(&mut self) -> Option<Lockstep<'_>> {

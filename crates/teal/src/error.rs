@@ -48,13 +48,15 @@ pub enum Error {
     },
     #[error(
         "logit {value} at position {position} (token {token}): the model's activations \
-         overflowed or its weights hold non-finite values (an f16 KV cache overflows beyond \
-         65504: try an f32 cache, --kv-dtype f32)"
+         overflowed or its weights hold non-finite values{}",
+        if *kv_f16 { " (an f16 KV cache overflows beyond 65504: try an f32 cache, --kv-dtype f32)" } else { "" }
     )]
     NonFiniteLogits {
         position: usize,
         token: usize,
         value: f32,
+        /// Whether the KV cache holds f16, which overflows where f32 would not.
+        kv_f16: bool,
     },
     #[error("{path}: not valid UTF-8 text (first bad byte at offset {offset})")]
     NotUtf8 { path: PathBuf, offset: usize },

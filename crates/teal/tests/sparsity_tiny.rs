@@ -925,6 +925,20 @@ fn modes_score_only_the_positions_that_ran_sparse() {
         (half.mode.as_str(), dec.mode.as_str()),
         ("half", "decode-only")
     );
+    // Windows too short for a mode to score any token: an error, not a PPL of NaN.
+    let short = PplOptions {
+        ctx: 3,
+        chunks: Some(1),
+        ..opts
+    };
+    let e = compare(&c, &m, &sparse, Mode::Half, &text, &short, |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("mode half with windows of 3 tokens scores no token"),
+        "{e}"
+    );
 }
 
 /// Hand-edited greedy and fisher tables that would run a silently wrong allocation are refused

@@ -563,6 +563,26 @@ fn non_finite_activations_are_errors() {
         matches!(e, teal::Error::NonFiniteLogits { position: 3, .. }),
         "{e}"
     );
+    // The sparse evaluation (ppl/report with --sparsity) runs the model itself: the same error.
+    let opts = teal::eval::perplexity::PplOptions {
+        ctx: 6,
+        chunks: Some(1),
+        kv: KvDtype::F16,
+    };
+    let tokens: Vec<u32> = TOKENS.to_vec();
+    let all = teal::sparsity::Mode::All;
+    let e = teal::eval::sparse::compare(&c, &m, &m, all, &tokens, &opts, |_, _| {})
+        .err()
+        .unwrap();
+    assert!(
+        matches!(e, teal::Error::NonFiniteLogits { kv_f16: true, .. }),
+        "{e}"
+    );
+    let f32_opts = teal::eval::perplexity::PplOptions {
+        kv: KvDtype::F32,
+        ..opts
+    };
+    teal::eval::sparse::compare(&c, &m, &m, all, &tokens, &f32_opts, |_, _| {}).unwrap();
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use super::perplexity::{nll, windows, PplOptions};
 use crate::config::Config;
 use crate::device::{Decoder, Masks};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::llama::{Llama, Logits, Observer, Site};
 use crate::sparsity::{effective_sparsity, size_weights, Mode, PROJ_NAMES, PROJ_SITE};
 use serde::Serialize;
@@ -204,8 +204,18 @@ pub fn compare(
                 Logits::All,
                 Some(&mut counter),
             )?);
+            let f16 = opts.kv == crate::kv_cache::KvDtype::F16;
+            crate::device::check_logits(&ld, v, 0, f16)?;
+            crate::device::check_logits(&ls, v, 0, f16)?;
             tally.add(w, &ld, &ls, v, dense_upto);
             progress(i + 1, wins.len());
+        }
+        if tally.scored == 0 {
+            return Err(Error::Invalid(format!(
+                "mode {} with windows of {} tokens scores no token: a longer -c is needed",
+                mode.name(),
+                opts.ctx
+            )));
         }
         Ok(tally.report(config, &counter, wins.len(), opts, mode))
     })

@@ -1396,7 +1396,7 @@ impl Decoder for GpuLlama {
             Logits::Last => self.position() + tokens.len().saturating_sub(1),
         };
         self.run_prompt(tokens, Some(logits), &mut out, None)?;
-        crate::device::check_logits(&out, self.m.config.vocab_size, first)?;
+        crate::device::check_logits(&out, self.m.config.vocab_size, first, false)?;
         Ok(out)
     }
     /// The residual of every position from the prefill model (GEMM or GEMV chunks, as
@@ -1419,7 +1419,7 @@ impl Decoder for GpuLlama {
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let position = self.position();
         self.host_logits = self.decode_logits(token)?;
-        crate::device::check_logits(&self.host_logits, self.m.config.vocab_size, position)?;
+        crate::device::check_logits(&self.host_logits, self.m.config.vocab_size, position, false)?;
         Ok(&self.host_logits)
     }
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
@@ -1618,7 +1618,7 @@ impl Decoder for GpuSlot {
         let position = self.position();
         self.logits = self.on(|m| m.decode_logits(token))?;
         let vocab = self.model.borrow().m.config.vocab_size;
-        crate::device::check_logits(&self.logits, vocab, position)?;
+        crate::device::check_logits(&self.logits, vocab, position, false)?;
         Ok(&self.logits)
     }
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
