@@ -758,7 +758,7 @@ impl Common {
 
     fn open(&self) -> Result<ModelFiles> {
         let path = self.model_path()?;
-        ModelFiles::open(&path).context("opening the model")
+        ModelFiles::open(&path).with_context(|| format!("opening model {}", path.display()))
     }
 }
 
@@ -1171,6 +1171,8 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     check_window_ctx(&a.common, device, &files.config, a.ctx, sparse)?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
+    // The thresholds before the weights: a missing or mismatched file is reported at once.
+    let resolved = a.sparse.resolve(&files)?;
     let model = a.common.load(&files)?;
     let kv = a.common.kv(device)?;
     let opts = PplOptions {
@@ -1185,7 +1187,6 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     )?);
     bar.set_message("perplexity");
     let model_path = a.common.model_path()?.display().to_string();
-    let resolved = a.sparse.resolve(&files)?;
     if let Some((t, spec, th, path)) = resolved {
         let sparse = model.with_masks(&t)?;
         let progress = |d: usize, _| bar.set_position(d as u64);
@@ -1272,6 +1273,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
             "top1": 1.0,
             "allocation": null,
             "quantile": null,
+            "thresholds": null,
             "mode": "dense",
             "chunk_nll": r.chunk_nll,
         });

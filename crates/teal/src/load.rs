@@ -36,10 +36,10 @@ impl ModelFiles {
                 ),
             });
         }
-        if path
+        let a_file_of_a_model = path
             .extension()
-            .is_some_and(|e| e == "safetensors" || e == "json")
-        {
+            .is_some_and(|e| e == "safetensors" || e == "json");
+        if a_file_of_a_model && !path.is_dir() {
             return Err(Error::Model {
                 path: path.into(),
                 msg: "a Hugging Face model is opened by its directory (config.json, \

@@ -221,9 +221,10 @@ impl SiteTable {
 }
 
 /// A quantile table read at sparsity `s`, linearly between the stored `levels`; `None` for
-/// s = 0 (dense). A magnitude threshold is at least 0, so the level-0 entry (a placeholder
-/// below every |x|) counts as 0: between it and the first level the threshold rises from 0
-/// instead of from below 0, where it would zero nothing.
+/// s = 0 (dense). The level-0 entry is a placeholder below every |x| (-1): it counts as 0, so
+/// that between it and the first level the threshold rises from 0 instead of from below 0,
+/// where it would zero nothing. (Other entries are read as stored: TEAL's signed reading may be
+/// negative at low levels.)
 pub(crate) fn interpolate(levels: &[f64], tab: &[f32], s: f64) -> Option<f32> {
     if s <= 0.0 {
         return None;
@@ -232,7 +233,8 @@ pub(crate) fn interpolate(levels: &[f64], tab: &[f32], s: f64) -> Option<f32> {
         .partition_point(|&x| x <= s)
         .clamp(1, levels.len() - 1);
     let f = ((s - levels[i - 1]) / (levels[i] - levels[i - 1])).clamp(0.0, 1.0);
-    let (lo, hi) = (tab[i - 1].max(0.0) as f64, tab[i].max(0.0) as f64);
+    let lo = if i == 1 { tab[0].max(0.0) } else { tab[i - 1] } as f64;
+    let hi = tab[i] as f64;
     Some((lo + f * (hi - lo)) as f32)
 }
 
@@ -407,6 +409,9 @@ impl Thresholds {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
+        if self.model.num_hidden_layers == 0 {
+            return Err("a model of 0 layers".into());
+        }
         let n = self.levels.len();
         if n < 2
             || self.levels[0] != 0.0
@@ -568,6 +573,13 @@ impl Thresholds {
         tmp.write_all(text.as_bytes()).map_err(io)?;
         tmp.as_file().sync_all().map_err(io)?;
         tmp.persist(path).map_err(|e| io(e.error))?;
+        // The rename itself reaches the disk with the directory's entry.
+        #[cfg(unix)]
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
         Ok(())
     }
 
@@ -745,7 +757,7 @@ impl Thresholds {
     /// The mask of every projection of every layer (`None`: dense).
     pub fn resolve(&self, spec: &SparsitySpec) -> Result<Vec<[Option<InputMask>; 7]>> {
         check_target(spec.target)?;
-        let top = *self.levels.last().expect("validated: at least two levels");
+        let top = self.levels.last().copied().unwrap_or(0.0);
         if spec.target > top {
             return Err(Error::Invalid(format!(
                 "sparsity {} is beyond this thresholds file's highest calibrated level {top}",
@@ -753,7 +765,6 @@ impl Thresholds {
             )));
         }
         if spec.allocation == Allocation::Fisher {
-            check_target(spec.target)?;
             if matches!(spec.quantile, Quantile::Teal | Quantile::Wina) {
                 return Err(Error::Invalid(format!(
                     "the fisher allocation picks each projection's inputs by its own loss-aware \
@@ -790,8 +801,9 @@ impl Thresholds {
     }
 }
 
-/// An empty temporary file in `path`'s directory, with the usual permissions of a new file
-/// (tempfile's own are the owner's only), removed when dropped unless persisted.
+/// An empty temporary file in `path`'s directory, readable by all as most tools write files
+/// (mode 0644 before the umask; tempfile's own are the owner's only), removed when dropped
+/// unless persisted.
 fn temp_file_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     let dir = path
         .parent()
@@ -827,5 +839,10 @@ mod tests {
         assert!((interpolate(&levels, &tab, 0.0075).unwrap() - 0.3).abs() < 1e-6);
         assert_eq!(interpolate(&levels, &tab, 0.01), Some(0.4));
         assert_eq!(interpolate(&levels, &tab, 0.5), Some(0.4));
+        // Only the placeholder counts as 0: a stored negative entry (TEAL's signed reading at
+        // a low level) is read as it is.
+        let tab = [-1.0f32, -0.2, 0.4];
+        assert!((interpolate(&levels, &tab, 0.0075).unwrap() - 0.1).abs() < 1e-6);
+        assert!((interpolate(&levels, &tab, 0.0025).unwrap() + 0.1).abs() < 1e-6);
     }
 }
