@@ -604,6 +604,19 @@ impl Thresholds {
     /// [`Thresholds::other_weights`].)
     pub fn check_model(&self, fp: &Fingerprint) -> Result<()> {
         let (a, b) = (&self.model, fp);
+        // Every field compared below; a field added to the fingerprint fails to compile here
+        // until it is compared too (or, as the weights hash, left to `other_weights`).
+        let Fingerprint {
+            arch: _,
+            hidden_size: _,
+            intermediate_size: _,
+            num_hidden_layers: _,
+            num_attention_heads: _,
+            num_key_value_heads: _,
+            vocab_size: _,
+            tensor_hash: _,
+            weights_hash: _,
+        } = a;
         let fields = [
             ("arch", a.arch.clone(), b.arch.clone()),
             (
