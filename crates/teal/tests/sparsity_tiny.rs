@@ -951,7 +951,8 @@ fn greedy_and_fisher_tables_that_do_not_fit_are_refused() {
     let p = dir.path().join("t.json");
     th.save(&p).unwrap();
     Thresholds::load(&p).unwrap();
-    let edits: [(fn(&mut Thresholds), &str); 7] = [
+    type Edit = (fn(&mut Thresholds), &'static str);
+    let edits: [Edit; 7] = [
         (
             |t| t.greedy.as_mut().unwrap().layers[1][3].s[2] = 5.0,
             "greedy tables: layer 1 step 3: a sparsity outside [0, 1)",
