@@ -1434,28 +1434,28 @@ impl Decoder for GpuLlama {
     /// the pick; other biases, penalties and constraints on the host from the copied logits.
     fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
         let cfg = sampler.config();
-        if cfg.adjusts_logits() && !cfg.bans_only() {
+        // Bans alone leave a greedy pick to the device (the argmax is the same unless it is
+        // banned); a sampled one not, as a ban renormalizes the distribution the uniform
+        // number is read against (measured on an H100: 4 of 32 tokens differed).
+        let device_picks = !cfg.adjusts_logits() || (cfg.bans_only() && cfg.temperature <= 0.0);
+        if !device_picks {
             // Biases and penalties (which need the recent tokens the host sampler keeps) are
             // applied on the host.
             return Ok(sampler.sample(self.decode(token)?));
         }
-        let (picked, r) = self.pick_on_device(token, sampler)?;
+        let (picked, _) = self.pick_on_device(token, sampler)?;
         if !sampler.config().banned(picked) {
             return Ok(picked);
         }
-        // A banned token came first (e.g. an end token with `ignore_eos`): the host picks again
-        // from this step's logits with the bans applied and the same uniform number, as the
-        // CPU sampler would have (its one draw for the token).
+        // A greedy pick of a banned token (e.g. an end token with `ignore_eos`): the host picks
+        // again from this step's logits with the bans applied, as the CPU sampler would have.
         let mut logits = self.gpu.download(&self.m.one.logits)?;
         for &(t, _) in &sampler.config().logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l = f32::NEG_INFINITY;
             }
         }
-        Ok(match r {
-            None => crate::sampler::argmax(&logits),
-            Some(r) => sampler.sample_with(&logits, r),
-        })
+        Ok(crate::sampler::argmax(&logits))
     }
     fn prefill_observed(&mut self, tokens: &[u32], observer: &mut dyn Observer) -> Result<()> {
         if tokens.is_empty() {
