@@ -33,21 +33,37 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     (buf.len() * 4) as f64 / best
 }
 
+/// The value in bytes of a `/proc` line `key value kB` (`key` with its colon, e.g. `VmRSS:`)
+/// in `text`, the contents of `/proc/self/status` or `/proc/meminfo`.
+pub(crate) fn proc_kib_field(text: &str, key: &str) -> Option<u64> {
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// This process's resident memory from `/proc/self/status`: `(VmRSS, VmHWM)` in bytes, the
 /// current and the peak resident set. `None` where there is no such file (not Linux).
 pub fn resident_memory() -> Option<(u64, u64)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |key: &str| -> Option<u64> {
-        let line = status.lines().find(|l| l.starts_with(key))?;
-        let kib: u64 = line[key.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kib * 1024)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    Some((
+        proc_kib_field(&status, "VmRSS:")?,
+        proc_kib_field(&status, "VmHWM:")?,
+    ))
+}
+
+/// Memory the kernel reports as available for new allocations (`MemAvailable` of
+/// /proc/meminfo) in bytes, where it can be read.
+pub fn available_memory() -> Option<u64> {
+    proc_kib_field(
+        &std::fs::read_to_string("/proc/meminfo").ok()?,
+        "MemAvailable:",
+    )
 }
 
 /// What to run.

@@ -57,9 +57,9 @@ pub fn cache_bytes(config: &Config, capacity: usize, dtype: KvDtype) -> Option<u
 /// Checks a context of `ctx` positions (`what` names it in messages, e.g. `-c 4096`) before
 /// `caches` KV caches of it are made in host memory, with `per_position` more host bytes for
 /// each position (e.g. the logits a perplexity window keeps): no positions, or more bytes
-/// than the memory available now ([`available_memory`]), are errors. Returns a warning for a
-/// context beyond the one the model was trained for, which runs (as llama.cpp's does) but
-/// degrades.
+/// than the memory available now ([`crate::bench::available_memory`]), are errors. Returns a
+/// warning for a context beyond the one the model was trained for, which runs (as llama.cpp's
+/// does) but degrades.
 pub fn check_context(
     config: &Config,
     ctx: usize,
@@ -75,7 +75,7 @@ pub fn check_context(
     let bytes = cache_bytes(config, ctx, dtype)
         .and_then(|kv| kv.checked_mul(caches as u64))
         .and_then(|kv| kv.checked_add(per_position.checked_mul(ctx as u64)?));
-    if let Some(avail) = available_memory() {
+    if let Some(avail) = crate::bench::available_memory() {
         if bytes.is_none_or(|b| b > avail) {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return Err(Error::Invalid(format!(
@@ -98,21 +98,6 @@ pub fn check_context(
             config.max_position_embeddings
         )
     }))
-}
-
-/// Memory the kernel reports as available for new allocations (`MemAvailable` of
-/// /proc/meminfo), where it can be read.
-pub fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
 }
 
 /// One layer's keys and values, `[capacity, kv_dim]` each.
@@ -293,7 +278,7 @@ mod tests {
         assert!(check(1 << 40, KvDtype::F32, (0, 0), "-c")
             .unwrap()
             .is_some());
-        if let Some(avail) = available_memory() {
+        if let Some(avail) = crate::bench::available_memory() {
             // Sizes beyond memory, and beyond 64 bits (this once wrapped to 0 and passed).
             for ctx in [1 << 40, 1 << 58, usize::MAX] {
                 let e = check(ctx, KvDtype::F32, (1, 0), "-c")

@@ -304,13 +304,7 @@ mod tests {
     /// The `RssFile:` line of `/proc/self/status`, in kB.
     fn file_resident_kib() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
-        line["RssFile:".len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .unwrap()
+        crate::bench::proc_kib_field(&status, "RssFile:").unwrap() / 1024
     }
 
     /// Code pages go and come back; a private file mapping that was written and then made

@@ -223,7 +223,7 @@ pub fn random_llama(c: &Config, seed: u64, round_to: Option<WeightDtype>) -> Res
 /// ([`host_bytes`] against the available memory).
 pub fn random_llama_as(c: &Config, seed: u64, dtype: Dtype) -> Result<Llama> {
     let need = host_bytes(c, dtype);
-    if let Some(avail) = available_memory() {
+    if let Some(avail) = crate::bench::available_memory() {
         if need > avail {
             return Err(Error::Invalid(format!(
                 "a random-weights model of this shape ({} layers, d {}, vocabulary {}) in {} \
@@ -266,14 +266,6 @@ pub fn host_bytes(c: &Config, dtype: Dtype) -> u64 {
             Dtype::Q4 => 20.0 / 32.0,
         };
     stored as u64 + 4 * head + 3 * 4 * head.max(d * ff)
-}
-
-/// `MemAvailable` of /proc/meminfo in bytes, where there is one.
-fn available_memory() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 #[cfg(test)]
