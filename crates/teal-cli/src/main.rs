@@ -1730,15 +1730,8 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     }
     if a.tensors {
         // In the model's order: the embedding, the layers by number, then the rest.
-        let key = |name: &str| match name.strip_prefix("model.layers.") {
-            Some(rest) => {
-                let (l, tail) = rest.split_once('.').unwrap_or((rest, ""));
-                (
-                    1,
-                    l.parse::<usize>().unwrap_or(usize::MAX),
-                    tail.to_string(),
-                )
-            }
+        let key = |name: &str| match teal::loader::layer_of(name) {
+            Some((l, tail)) => (1, l, tail.to_string()),
             None => (
                 if name.starts_with("model.embed_tokens") {
                     0

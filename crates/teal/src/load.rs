@@ -84,10 +84,7 @@ impl ModelFiles {
         let beyond = self
             .tensors
             .iter()
-            .filter_map(|(name, ..)| {
-                let rest = name.strip_prefix("model.layers.")?;
-                rest.split('.').next()?.parse::<usize>().ok()
-            })
+            .filter_map(|(name, ..)| crate::loader::layer_of(name).map(|(l, _)| l))
             .filter(|&l| l >= layers)
             .max();
         if let Some(l) = beyond {

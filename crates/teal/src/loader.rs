@@ -47,6 +47,12 @@ pub(crate) fn bad_rows(name: &str, rows: &Range<usize>, n_rows: usize) -> Error 
     }
 }
 
+/// The layer of a Hugging Face tensor name `model.layers.N.rest` and the rest after it.
+pub fn layer_of(hf: &str) -> Option<(usize, &str)> {
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    Some((layer.parse().ok()?, rest))
+}
+
 /// Maps a Hugging Face tensor name to its GGUF name (llama.cpp's convention).
 pub fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
@@ -58,9 +64,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     if let Some(f) = fixed {
         return Some(f.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
+    let (layer, tail) = layer_of(hf)?;
     let (module, kind) = tail.rsplit_once('.')?;
     let g = match module {
         "input_layernorm" => "attn_norm",
