@@ -50,8 +50,9 @@ impl SamplerConfig {
     }
 
     /// Whether the only change to the logits is tokens banned (biases of -inf, e.g.
-    /// `ignore_eos`'s end tokens): a device may then pick as if unbiased and resample on the
-    /// host only when it picks a banned token ([`SamplerConfig::banned`]).
+    /// `ignore_eos`'s end tokens): a device may then take the greedy pick as if unbiased and
+    /// pick again on the host only when it is a banned token ([`SamplerConfig::banned`]). (Not
+    /// a sampled pick: a ban renormalizes the distribution the random number is read against.)
     pub fn bans_only(&self) -> bool {
         !self.penalties.active()
             && !self.json_object
@@ -533,8 +534,8 @@ mod tests {
         }
     }
 
-    /// Bans alone (biases of -inf, as `ignore_eos` adds) let a device pick and check after;
-    /// any other adjustment does not.
+    /// Bans alone (biases of -inf, as `ignore_eos` adds) let a device take a greedy pick and
+    /// check after; any other adjustment does not.
     #[test]
     fn bans_alone_are_told_apart() {
         let ban = |bias: Vec<(u32, f32)>| SamplerConfig {

@@ -1314,12 +1314,12 @@ impl GpuLlama {
 
     /// Runs `token` and picks the next one as `sampler` would from unbiased logits: greedy, or
     /// for top-k up to [`teal_kernels::cuda::SAMPLE_MAX_K`] the CPU sampler's arithmetic on the
-    /// device with its next uniform number (returned with the token); a larger or no top-k cut
-    /// samples on the host from the copied logits (with the sampler's biases).
-    fn pick_on_device(&mut self, token: u32, sampler: &mut Sampler) -> Result<(u32, Option<f32>)> {
+    /// device with its next uniform number; a larger or no top-k cut samples on the host from
+    /// the copied logits.
+    fn pick_on_device(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
         let cfg = sampler.config();
         if cfg.temperature <= 0.0 {
-            return Ok((self.decode_greedy(token)?, None));
+            return self.decode_greedy(token);
         }
         let v = self.m.config.vocab_size;
         let k = match cfg.top_k {
@@ -1327,7 +1327,7 @@ impl GpuLlama {
             k => k.min(v),
         };
         if k > teal_kernels::cuda::SAMPLE_MAX_K {
-            return Ok((sampler.sample(self.decode(token)?), None));
+            return Ok(sampler.sample(self.decode(token)?));
         }
         let (inv_t, top_p, min_p) = (1.0 / cfg.temperature, cfg.top_p, cfg.min_p);
         self.step(token, Step::Decode)?;
@@ -1343,7 +1343,7 @@ impl GpuLlama {
             &self.m.uniform,
             &mut self.m.next,
         )?;
-        Ok((self.gpu.download(&self.m.next)?[0], Some(r)))
+        Ok(self.gpu.download(&self.m.next)?[0])
     }
 
     /// Run `token` at the current position as a decode or observed step.
@@ -1430,8 +1430,9 @@ impl Decoder for GpuLlama {
         Ok(self.gpu.download(&self.m.next)?[0])
     }
     /// On the device where the sampler allows it ([`Self::pick_on_device`]: the CPU sampler's
-    /// arithmetic, same seed, same numbers), with banned tokens (biases of -inf) checked after
-    /// the pick; other biases, penalties and constraints on the host from the copied logits.
+    /// arithmetic, same seed, same numbers), a greedy pick with banned tokens (biases of -inf)
+    /// checked after it; other biases, penalties and constraints, and sampling with bans, on
+    /// the host from the copied logits.
     fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
         let cfg = sampler.config();
         // Bans alone leave a greedy pick to the device (the argmax is the same unless it is
@@ -1443,7 +1444,7 @@ impl Decoder for GpuLlama {
             // applied on the host.
             return Ok(sampler.sample(self.decode(token)?));
         }
-        let (picked, _) = self.pick_on_device(token, sampler)?;
+        let picked = self.pick_on_device(token, sampler)?;
         if !sampler.config().banned(picked) {
             return Ok(picked);
         }
