@@ -351,10 +351,7 @@ impl Decoder for CpuDecoder<'_> {
     /// stayed resident while decoding (1.7-2.9 MB after an 8-token prompt on SmolLM2-135M).
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);
-        let first = match logits {
-            Logits::All => self.cache.len(),
-            Logits::Last => self.cache.len() + tokens.len().saturating_sub(1),
-        };
+        let first = logits.first_position(self.cache.len(), tokens.len());
         let cache = &mut self.cache;
         let out = crate::load::reusing_heap(|| m.prefill(tokens, cache, logits))?;
         check_logits(

@@ -69,6 +69,16 @@ pub enum Logits {
     All,
 }
 
+impl Logits {
+    /// The position of the first row returned for `n` tokens run from position `start`.
+    pub fn first_position(self, start: usize, n: usize) -> usize {
+        match self {
+            Logits::All => start,
+            Logits::Last => start + n.saturating_sub(1),
+        }
+    }
+}
+
 impl Llama {
     pub fn load(config: Config, src: &dyn TensorSource) -> Result<Llama> {
         Llama::load_as(config, src, Dtype::F32)

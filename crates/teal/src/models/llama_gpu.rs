@@ -1391,10 +1391,7 @@ impl Decoder for GpuLlama {
             Logits::Last => self.m.config.vocab_size,
             Logits::All => tokens.len() * self.m.config.vocab_size,
         });
-        let first = match logits {
-            Logits::All => self.position(),
-            Logits::Last => self.position() + tokens.len().saturating_sub(1),
-        };
+        let first = logits.first_position(self.position(), tokens.len());
         self.run_prompt(tokens, Some(logits), &mut out, None)?;
         crate::device::check_logits(&out, self.m.config.vocab_size, first, false)?;
         Ok(out)
