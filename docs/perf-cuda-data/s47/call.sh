@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 47: on any card the GPU tests (gpu_model and teal rebuilt at 257abd1; cuda_parity's
+# Session 47: on any card the GPU tests (gpu_model and teal rebuilt at c203644; cuda_parity's
 # kernels crate unchanged since session 45); on an H200 also the decode table (bf16, f16).
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt
