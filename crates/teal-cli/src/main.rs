@@ -1359,10 +1359,40 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
             FisherLabelsArg::Text => FisherLabels::Text,
         },
     });
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => teal::assets::cached("data", "c4.utf8").ok_or_else(|| {
+            anyhow::anyhow!("no --data given and the C4 calibration sample is not cached: run scripts/fetch-assets.sh calib")
+        })?,
+    };
+    let text = teal::error::read_text(&data)?;
+    let tokens = files.tokenizer.encode(&text, false)?;
+    let opts = CalibOptions {
+        weight_aware: false,
+        samples: a.samples,
+        seq_len,
+        greedy: None,
+        fisher: None,
+        text_label: data
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        text_bytes: text.len(),
+    };
     if out.exists() && !a.force {
         let redo = || format!("{} exists (--force recalibrates over it)", out.display());
         let th = Thresholds::load(&out).with_context(redo)?;
         th.check_model(&fp).with_context(redo)?;
+        let want = teal::sparsity::calibrate::provenance(&opts, &tokens, String::new());
+        let differ = th.calibration.differences(&want);
+        if !differ.is_empty() {
+            bail!(
+                "{} was calibrated on other text or windows: {}; --force recalibrates over it, \
+                 or -o names another file",
+                out.display(),
+                differ.join(", ")
+            );
+        }
         if th.other_weights(&fp) {
             bail!(
                 "{} was calibrated on other weights of this architecture (another fine-tune or \
@@ -1411,27 +1441,13 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     Thresholds::check_writable(&out)?;
-    let data = match &a.data {
-        Some(d) => d.clone(),
-        None => teal::assets::cached("data", "c4.utf8").ok_or_else(|| {
-            anyhow::anyhow!("no --data given and the C4 calibration sample is not cached: run scripts/fetch-assets.sh calib")
-        })?,
-    };
-    let text = teal::error::read_text(&data)?;
-    let tokens = files.tokenizer.encode(&text, false)?;
     let model = a.common.load(&files)?;
     let (greedy_wanted, fisher_wanted) = (greedy.is_some(), fisher.is_some());
     let opts = CalibOptions {
         weight_aware: !a.no_wina,
-        samples: a.samples,
-        seq_len,
         greedy,
         fisher,
-        text_label: data
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        text_bytes: text.len(),
+        ..opts
     };
     let bar = ProgressBar::new(files.config.num_hidden_layers as u64);
     bar.set_style(ProgressStyle::with_template(

@@ -257,6 +257,44 @@ fn limits_are_checked_before_any_work() {
 
     let th = dir.path().join("th.json");
     calibrate_small(m, Path::new(text), &th, &[]);
+    // The same calibration again keeps the file; other windows or text are refused, not
+    // answered with the old file.
+    calibrate_small(m, Path::new(text), &th, &[]);
+    let th_s = th.to_str().unwrap();
+    let again = |extra: &[&str]| {
+        let base = [
+            "calibrate",
+            "-m",
+            m,
+            "--seq-len",
+            "64",
+            "--no-wina",
+            "-o",
+            th_s,
+        ];
+        fails(&[&base[..], extra].concat())
+    };
+    let e = again(&["--data", text, "--samples", "2"]);
+    assert!(
+        e.contains("samples 1 (asked 2)") && e.contains("--force"),
+        "{e}"
+    );
+    // The same name and size, other words.
+    std::fs::create_dir(dir.path().join("other")).unwrap();
+    let other = dir
+        .path()
+        .join("other")
+        .join(Path::new(text).file_name().unwrap());
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(text).unwrap().replace('e', "a"),
+    )
+    .unwrap();
+    let e = again(&["--data", other.to_str().unwrap(), "--samples", "1"]);
+    assert!(
+        e.contains("tokens_hash") && !e.contains("text_bytes"),
+        "{e}"
+    );
     let out = dir.path().join("report");
     let e = fails(&[
         "report",

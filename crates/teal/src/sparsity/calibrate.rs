@@ -167,7 +167,7 @@ fn calibrate_blocks(
         format: FORMAT.into(),
         version: VERSION,
         model: fingerprint,
-        calibration: provenance(opts, format!("teal {}", env!("CARGO_PKG_VERSION"))),
+        calibration: provenance(opts, tokens, format!("teal {}", env!("CARGO_PKG_VERSION"))),
         levels,
         sites,
         wina: opts.weight_aware.then_some(wina),
@@ -532,6 +532,7 @@ pub fn calibrate_on(
         model: fingerprint,
         calibration: provenance(
             opts,
+            tokens,
             format!("teal {} on {}", env!("CARGO_PKG_VERSION"), dec.describe()),
         ),
         levels,
@@ -598,8 +599,9 @@ fn greedy_on_cpu(
     Ok(greedy_tables(g, q, weights, layers))
 }
 
-/// The calibration record of a thresholds file: the text, the windows, the engine.
-fn provenance(opts: &CalibOptions, engine: String) -> Provenance {
+/// The calibration record of a thresholds file: the text (`tokens`, all of it), the windows,
+/// the engine.
+pub fn provenance(opts: &CalibOptions, tokens: &[u32], engine: String) -> Provenance {
     Provenance {
         text: opts.text_label.clone(),
         text_bytes: opts.text_bytes,
@@ -607,5 +609,6 @@ fn provenance(opts: &CalibOptions, engine: String) -> Provenance {
         seq_len: opts.seq_len,
         tokens: opts.samples * opts.seq_len,
         engine,
+        tokens_hash: Some(Provenance::hash_tokens(tokens)),
     }
 }

@@ -196,6 +196,52 @@ pub struct Provenance {
     pub seq_len: usize,
     pub tokens: usize,
     pub engine: String,
+    /// FNV-1a 64 of the whole tokenized calibration text (its ids as little-endian u32):
+    /// tells apart two texts of one name and size. Absent from files written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_hash: Option<String>,
+}
+
+impl Provenance {
+    /// The [`Provenance::tokens_hash`] of `tokens`.
+    pub fn hash_tokens(tokens: &[u32]) -> String {
+        format!(
+            "{:016x}",
+            fnv1a(FNV_OFFSET, tokens.iter().flat_map(|t| t.to_le_bytes()))
+        )
+    }
+
+    /// How this record differs from one of the same calibration asked for again (`want`): the
+    /// text, its size, the windows; the tokens' hash where both have one. Empty if it is the
+    /// same. The engine is not compared.
+    pub fn differences(&self, want: &Provenance) -> Vec<String> {
+        let mut d = Vec::new();
+        let mut field = |name: &str, have: String, asked: String| {
+            if have != asked {
+                d.push(format!("{name} {have} (asked {asked})"));
+            }
+        };
+        field("text", self.text.clone(), want.text.clone());
+        field(
+            "text_bytes",
+            self.text_bytes.to_string(),
+            want.text_bytes.to_string(),
+        );
+        field(
+            "samples",
+            self.samples.to_string(),
+            want.samples.to_string(),
+        );
+        field(
+            "seq_len",
+            self.seq_len.to_string(),
+            want.seq_len.to_string(),
+        );
+        if let (Some(have), Some(asked)) = (&self.tokens_hash, &want.tokens_hash) {
+            field("tokens_hash", have.clone(), asked.clone());
+        }
+        d
+    }
 }
 
 /// Quantile tables of one site: thresholds at each of [`Thresholds::levels`].
@@ -842,7 +888,43 @@ pub fn check_target(s: f64) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::interpolate;
+    use super::{interpolate, Provenance};
+
+    #[test]
+    fn provenance_differences_name_the_fields() {
+        let p = Provenance {
+            text: "c4.utf8".into(),
+            text_bytes: 100,
+            samples: 10,
+            seq_len: 2048,
+            tokens: 20480,
+            engine: "teal".into(),
+            tokens_hash: Some(Provenance::hash_tokens(&[1, 2, 3])),
+        };
+        let same = Provenance {
+            engine: "teal on a GPU".into(),
+            ..p.clone()
+        };
+        assert!(p.differences(&same).is_empty());
+        let other = Provenance {
+            samples: 5,
+            tokens_hash: Some(Provenance::hash_tokens(&[1, 2, 4])),
+            ..p.clone()
+        };
+        let d = p.differences(&other);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[0], "samples 10 (asked 5)");
+        assert!(d[1].starts_with("tokens_hash "), "{d:?}");
+        let old_file = Provenance {
+            tokens_hash: None,
+            ..p.clone()
+        };
+        assert!(old_file.differences(&other).len() == 1);
+        assert_ne!(
+            Provenance::hash_tokens(&[1, 2]),
+            Provenance::hash_tokens(&[2, 1])
+        );
+    }
 
     #[test]
     fn interpolation_below_the_first_level_rises_from_zero() {
