@@ -1845,7 +1845,9 @@ impl Answer {
     }
 
     /// A chat answer's message and `finish_reason`: with tools, the calls in `text` become
-    /// `tool_calls` (ids `call_<answer>_<choice>_<call>`) and the reason `tool_calls`.
+    /// `tool_calls` (ids `call_<answer>_<choice>_<call>`) and the reason `tool_calls`, or
+    /// `length` where the token limit cut the answer (as llama.cpp's server: a call cut short
+    /// is dropped, the whole ones before it are kept, and the client learns it was cut).
     fn message(&self, text: &str, s: &Summary, choice: usize) -> (Value, &'static str) {
         let names: Vec<&str> = self.tools.iter().map(String::as_str).collect();
         let calls = match names.is_empty() {
@@ -1870,9 +1872,13 @@ impl Answer {
                     })
                     .collect();
                 let content = (!content.is_empty()).then_some(content);
+                let reason = match s.stop {
+                    StopType::Limit => s.stop.finish_reason(),
+                    StopType::Eos | StopType::Word(_) => "tool_calls",
+                };
                 (
                     json!({"role": "assistant", "content": content, "tool_calls": calls}),
-                    "tool_calls",
+                    reason,
                 )
             }
         }
