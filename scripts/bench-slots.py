@@ -10,6 +10,8 @@ prints the generated tokens per second of all of them together.
 import argparse
 import json
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -35,14 +37,24 @@ def measure(binary, dtype, n):
     cmd = [binary, "serve", "--slots", str(n), "--port", str(a.port), "--dtype", dtype, "-c", "1024"]
     if a.model:
         cmd += ["-m", a.model]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The server's stderr goes to a temporary file, shown if it exits before it is ready.
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     try:
         for _ in range(600):
+            rc = server.poll()
+            if rc is not None:
+                log.seek(0)
+                tail = log.read().decode(errors="replace").splitlines()[-20:]
+                sys.exit(f"{' '.join(cmd)}: the server exited with status {rc} before it was ready"
+                         + "".join(f"\n  {l}" for l in tail))
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{a.port}/health", timeout=1)
                 break
             except OSError:
                 time.sleep(0.2)
+        else:
+            sys.exit(f"{' '.join(cmd)}: the server did not answer /health on port {a.port}")
         body = lambda i: {"prompt": f"Story number {i}: once upon a time", "max_tokens": a.tokens,
                           "temperature": 0, "ignore_eos": True, "cache_prompt": False}
         post(body(0))
@@ -60,6 +72,7 @@ def measure(binary, dtype, n):
     finally:
         server.terminate()
         server.wait()
+        log.close()
 
 
 for dtype in a.dtypes.split(","):

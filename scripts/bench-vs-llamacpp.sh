@@ -8,9 +8,12 @@
 # Pairs at equal bytes per weight, all from the default model (SmolLM2-135M-Instruct Q4_1):
 #   Q4_1 (the file itself)     vs teal --dtype q4  (same file)
 #   Q4_0, Q8_0, F16, F32       vs teal --dtype q4, q8, f16, f32 (the same copy)
+# MODEL=FILE.gguf benches another file in its place (default: scripts/fetch-assets.sh default).
 # The copies are written once with tools/reference/llamacpp/{dequantize,requantize}_gguf.py
-# (gguf-py) into $BENCH_DIR (default ~/.cache/teal/bench-gguf). teal runs --sparsity 0,0.5
-# with the default model's thresholds (calibrated here once, cached) on every copy: the copies
+# (gguf-py) into $BENCH_DIR (default: bench-gguf/ in scripts/fetch-assets.sh's cache root,
+# $TEAL_CACHE_DIR, else $XDG_CACHE_HOME/teal, else ~/.cache/teal), named after the model file
+# (NAME.gguf -> NAME-F32.gguf, NAME-Q4_0.gguf, ...). teal runs --sparsity 0,0.5
+# with the model's thresholds (calibrated here once, cached) on every copy: the copies
 # are the same model in other formats (teal warns that the weights differ from the file's).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -27,12 +30,18 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-BENCH_DIR="${BENCH_DIR:-$HOME/.cache/teal/bench-gguf}"
-MODEL="${MODEL:-$HOME/.cache/teal/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+# The same cache root as scripts/fetch-assets.sh.
+CACHE="${TEAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/teal}"
+BENCH_DIR="${BENCH_DIR:-$CACHE/bench-gguf}"
+if [ -z "${MODEL:-}" ]; then
+  MODEL="$("$ROOT/scripts/fetch-assets.sh" default)"
+fi
 REF="$ROOT/tools/reference/llamacpp"
 OUT="${OUT:-$ROOT/target/bench-vs-llamacpp}"
 mkdir -p "$BENCH_DIR" "$OUT"
-[ -f "$MODEL" ] || { echo "no model at $MODEL (scripts/fetch-assets.sh fetches it)" >&2; exit 1; }
+[ -f "$MODEL" ] || { echo "no model at $MODEL" >&2; exit 1; }
+# The copies are named after the model file, so that another MODEL gets its own.
+STEM="$(basename "$MODEL" .gguf)"
 
 TEAL="${TEAL:-}"
 if [ -z "$TEAL" ]; then
@@ -44,11 +53,18 @@ if [ ! -d "$REF/node_modules/node-llama-cpp" ]; then
 fi
 python3 -c "import gguf" 2>/dev/null || pip install "gguf==0.19.0" numpy >&2
 
-F32="$BENCH_DIR/smollm2-F32.gguf"
-[ -f "$F32" ] || python3 "$REF/dequantize_gguf.py" "$MODEL" "$F32" >&2
+# Each copy is written to NAME.part and renamed when complete, so an interrupted write is redone.
+F32="$BENCH_DIR/$STEM-F32.gguf"
+if [ ! -f "$F32" ]; then
+  python3 "$REF/dequantize_gguf.py" "$MODEL" "$F32.part" >&2 || { rm -f -- "$F32.part"; exit 1; }
+  mv -- "$F32.part" "$F32"
+fi
 for ty in Q4_0 Q8_0 F16; do
-  f="$BENCH_DIR/smollm2-$ty.gguf"
-  [ -f "$f" ] || (cd "$REF" && python3 requantize_gguf.py "$F32" "$f" --type "$ty" >&2)
+  f="$BENCH_DIR/$STEM-$ty.gguf"
+  if [ ! -f "$f" ]; then
+    (cd "$REF" && python3 requantize_gguf.py "$F32" "$f.part" --type "$ty" >&2) || { rm -f -- "$f.part"; exit 1; }
+    mv -- "$f.part" "$f"
+  fi
 done
 
 # One calibration serves every copy (`teal calibrate` prints the file's path last).
@@ -56,9 +72,9 @@ TH=$("$TEAL" calibrate -m "$MODEL" --fisher --no-wina | tail -n 1)
 
 # label | file | teal dtype
 PAIRS="Q4_1|$MODEL|q4
-Q4_0|$BENCH_DIR/smollm2-Q4_0.gguf|q4
-Q8_0|$BENCH_DIR/smollm2-Q8_0.gguf|q8
-F16|$BENCH_DIR/smollm2-F16.gguf|f16
+Q4_0|$BENCH_DIR/$STEM-Q4_0.gguf|q4
+Q8_0|$BENCH_DIR/$STEM-Q8_0.gguf|q8
+F16|$BENCH_DIR/$STEM-F16.gguf|f16
 F32|$F32|f32"
 
 uptime >&2

@@ -3,7 +3,9 @@
 # (cached; with the loss gradients, so that `--sparsity` takes the loss-aware allocation: on this
 # model 41% less PPL increase than uniform TEAL at 50%, docs/QUALITY.md), generate dense and with 50%
 # activation sparsity, and print the decode speed of both (each run's, then a benchmark that
-# alternates them) and the quality change on WikiText-2.
+# alternates them) and the quality change on 4 windows of text: the WikiText-2 test split
+# (../shared/data/wikitext-2-raw-test.raw) where the environment provides it, else the wiki sample
+# of the calibration package (exllamav2's wiki.utf8, from scripts/fetch-assets.sh calib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,14 @@ echo "== TEAL, 50% activation sparsity =="
 echo
 # One short run of each is noisy on a shared machine; the bench alternates them round by round.
 echo "== decode speed, dense and 50% in alternating rounds (median of 3) =="
-"$teal" bench -m "$model" --sparsity 0,0.5 --allocation auto -n 64 -p 16 -r 3 --bandwidth-mib 256 2>/dev/null
+# Its progress on stderr is kept out of the way, and shown if it fails.
+bench_err="$(mktemp)"
+trap 'rm -f -- "$bench_err"' EXIT
+if ! "$teal" bench -m "$model" --sparsity 0,0.5 --allocation auto -n 64 -p 16 -r 3 --bandwidth-mib 256 2>"$bench_err"; then
+  cat "$bench_err" >&2
+  echo "demo.sh: error: teal bench failed" >&2
+  exit 1
+fi
 echo
 text=../shared/data/wikitext-2-raw-test.raw
 [ -f "$text" ] || text="$(scripts/fetch-assets.sh calib | tail -n1)"

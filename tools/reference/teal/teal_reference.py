@@ -20,7 +20,9 @@ difference):
      --ctx tokens, each from an empty cache, score tokens 1..ctx-1), dense and sparse (uniform s at
      the seven projections, rule x * (|x| > t)), PPL, ratio, KL(dense || sparse), top-1 agreement,
      realized sparsity per projection (exact zeros of the projection inputs) and the
-     parameter-weighted model-wide sparsity.
+     parameter-weighted model-wide sparsity. --mode half sparsifies only the last ctx // 2
+     positions of each window (TEAL's rule) and then scores only the tokens they predict and counts
+     zeros only at them, as TEAL's eval and the engine's `--mode half` do.
 
 Token ids come from tokenize.mjs (llama.cpp's tokenizer via node-llama-cpp, no BOS, no special-token
 parsing); run it first (the README has the commands).
@@ -318,8 +320,10 @@ def calibrate(m: Model, ids, n_windows, win, levels, exact_levels, hist_path=Non
 # Quality (P512)
 # ---------------------------------------------------------------------------------------------
 class Sparsifier:
-    """x * (|x| > t) on the input of each projection, with counts of exact zeros (all positions of
-    the window are counted)."""
+    """x * (|x| > t) on the input of each projection, with counts of exact zeros over the positions
+    that are sparsified (every position in mode `all`; the last T // 2 in mode `half`, as TEAL's
+    SparsifyFn.forward and the engine's eval). A dense Sparsifier (no thresholds) counts over the
+    same positions."""
 
     def __init__(self, m: Model, thresholds, mode="all"):
         # thresholds: {site: [t per layer]} or None (dense; zeros are still counted)
@@ -328,19 +332,26 @@ class Sparsifier:
         self.zeros = np.zeros((m.n_layer, len(PROJS)), dtype=np.int64)
         self.total = np.zeros((m.n_layer, len(PROJS)), dtype=np.int64)
 
+    @staticmethod
+    def first_sparse(T, mode):
+        """The first sparsified position of a T-token window: positions first.. run sparse."""
+        if mode == "all":
+            return 0
+        if mode == "half":  # TEAL SparsifyFn.forward: the last T // 2 positions of the sequence
+            return T - T // 2
+        raise ValueError(mode)
+
     def __call__(self, l, proj, a):
+        f = self.first_sparse(a.shape[0], self.mode)
         if self.th is not None:
             t = np.float32(self.th[PROJ_SITE[proj]][l])
-            if self.mode == "all":
+            if f == 0:
                 a = a * (np.abs(a) > t)
-            elif self.mode == "half":  # TEAL SparsifyFn.forward: last T // 2 positions of the sequence
-                h = a.shape[0] // 2
-                a = np.concatenate([a[:a.shape[0] - h], a[a.shape[0] - h:] * (np.abs(a[a.shape[0] - h:]) > t)])
             else:
-                raise ValueError(self.mode)
+                a = np.concatenate([a[:f], a[f:] * (np.abs(a[f:]) > t)])
         j = PROJS.index(proj)
-        self.zeros[l, j] += a.size - np.count_nonzero(a)
-        self.total[l, j] += a.size
+        self.zeros[l, j] += a[f:].size - np.count_nonzero(a[f:])
+        self.total[l, j] += a[f:].size
         return a
 
 
@@ -372,32 +383,39 @@ def evaluate(m: Model, ids, n_windows, ctx, configs, mode, checkpoint=None):
             log(f"resumed {w0} windows from {checkpoint}")
         else:
             log(f"{checkpoint} is for other settings; starting over")
+    # Only the predictions made at sparsified positions are scored (mode `half`: those of the last
+    # ctx // 2 positions, as TEAL's eval and the engine's): positions first..ctx-2 predict tokens
+    # first+1..ctx-1. Every run, the dense one included, scores the same tokens.
+    first = Sparsifier.first_sparse(ctx, mode)
+    nsc = ctx - 1 - first
+    if nsc <= 0:
+        raise SystemExit(f"mode {mode} with windows of {ctx} tokens scores no token: a longer --ctx is needed")
     for w in range(w0, n_windows):
         ids_w = np.asarray(ids[w * ctx:(w + 1) * ctx])
-        tgt = ids_w[1:]
+        tgt = ids_w[first + 1:]
         lp_dense = None
         for label, method, s, th in configs:
             t0 = time.time()
             S = st[label]
-            lg = m.forward(ids_w, sp=S["sp"])[:-1]
+            lg = m.forward(ids_w, sp=S["sp"])[first:-1]
             if lp_dense is None:
                 lp_dense = log_softmax64(lg)
                 p_dense = np.exp(lp_dense)
                 am_dense = lp_dense.argmax(axis=-1)
-                S["nll"].append(-lp_dense[np.arange(ctx - 1), tgt])
-                S["top1"] += ctx - 1
+                S["nll"].append(-lp_dense[np.arange(nsc), tgt])
+                S["top1"] += nsc
             else:
                 # row blocks keep the float64 temporaries small (vocab 152k for Qwen2)
-                nll = np.empty(ctx - 1)
-                for i in range(0, ctx - 1, 64):
-                    j = min(i + 64, ctx - 1)
+                nll = np.empty(nsc)
+                for i in range(0, nsc, 64):
+                    j = min(i + 64, nsc)
                     lp = log_softmax64(lg[i:j])
                     nll[i:j] = -lp[np.arange(j - i), tgt[i:j]]
                     S["kl"] += float((p_dense[i:j] * (lp_dense[i:j] - lp)).sum())
                     S["top1"] += int((lp.argmax(axis=-1) == am_dense[i:j]).sum())
                 S["nll"].append(nll)
             del lg
-            S["n"] += ctx - 1
+            S["n"] += nsc
             S["secs"] += time.time() - t0
         msg = ", ".join(f"{c[0]} {math.exp(np.concatenate(st[c[0]]['nll']).mean()):.4f}" for c in configs)
         log(f"window {w + 1}/{n_windows}: running PPL {msg}")
@@ -489,7 +507,8 @@ def main():
     ap.add_argument("--calib-len", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=32, help="P512 windows")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--mode", default="all", choices=["all", "half"], help="which positions are sparsified in eval")
+    ap.add_argument("--mode", default="all", choices=["all", "half"], help="which positions are sparsified in eval (half: the last ctx//2 of each window, which "
+                    "alone are then scored and counted)")
     ap.add_argument("--greedy-expect", default=None, help="comma-separated ids the greedy continuation of tokens.json's prompt must give")
     ap.add_argument("--reuse-calib", action="store_true", help="reuse <work>/calib.json if present")
     ap.add_argument("--skip-eval", action="store_true")
@@ -574,10 +593,14 @@ def main():
                        gateup="post-RMSNorm MLP input -> gate,up", down="silu(gate)*up -> down"),
             rule="x * (|x| > t), per projection input, uniform s at all seven projections",
             eval=dict(text=args.eval_ids, protocol=f"P{args.ctx}", windows=args.windows, ctx=args.ctx,
-                      scored="tokens 1..ctx-1 of each window, each window from an empty cache",
+                      scored=("tokens 1..ctx-1 of each window" if args.mode == "all" else
+                              "tokens ctx-ctx//2+1..ctx-1 of each window (predicted by the sparsified "
+                              "last ctx//2 positions)") + ", each window from an empty cache; the dense "
+                             "run scores the same tokens",
                       sparsify_mode=args.mode,
                       kl="mean over scored positions of sum_v p_dense (log p_dense - log p_sparse)",
-                      realized_sparsity="exact zeros / elements of each projection input, all positions of all "
+                      realized_sparsity="exact zeros / elements of each projection input, over the sparsified "
+                                        "positions (all in mode all, the last ctx//2 in mode half) of all "
                                         "eval windows, all layers",
                       model_wide_sparsity="sum_p params_p * realized_p / sum_p params_p over q,k,v,o,gate,up,down"),
         ),
