@@ -372,8 +372,16 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
                     s.w += r.w;
                 }
                 float* p = y + (size_t)b * ldy + c4;
+#if __CUDA_ARCH__ >= 900
                 asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
                              :: "l"(p), "f"(s.x), "f"(s.y), "f"(s.z), "f"(s.w) : "memory");
+#else
+                // Vector reductions are sm_90's: four scalar ones before it.
+                atomicAdd(p, s.x);
+                atomicAdd(p + 1, s.y);
+                atomicAdd(p + 2, s.z);
+                atomicAdd(p + 3, s.w);
+#endif
             }
             __syncthreads();
             continue;
