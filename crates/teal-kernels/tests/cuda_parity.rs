@@ -3,7 +3,7 @@
 //! passes (CI has no GPU). Run them on the GPU machine with the test binary.
 
 use teal_kernels::cuda::{
-    try_gpu, DeviceBuffer, GemvOpts, Gpu, Norm, Prepare, Threshold, WeightDtype,
+    try_gpu, DeviceBuffer, GemvOpts, Gpu, Norm, Prepare, Threshold, WeightDtype, NON_FINITE,
 };
 use teal_kernels::reference;
 
@@ -639,8 +639,9 @@ fn unsupported_dtype_is_a_clear_error() {
 }
 
 /// The multi-block argmax against the reference at a vocabulary's length: ties across blocks
-/// (the first index wins), NaN (never wins), a row of -inf (index 0), rows beyond one launch's
-/// group, odd lengths, and a second call on the same workspace.
+/// (the first index wins, -0 as +0), rows holding a NaN, a -inf or a +inf ([`NON_FINITE`], as
+/// the CPU reports non-finite logits), rows beyond one launch's group, odd lengths, and a
+/// second call on the same workspace.
 #[test]
 fn argmax_over_blocks_matches_reference() {
     let Some(g) = gpu() else { return };
@@ -650,31 +651,39 @@ fn argmax_over_blocks_matches_reference() {
         // Row 0: a tie between the first block and a later one.
         x[5] = top;
         x[n - 3] = top;
+        let mut want: Vec<u32> = (0..rows)
+            .map(|r| reference::argmax(&x[r * n..(r + 1) * n]) as u32)
+            .collect();
         if rows > 1 {
-            // Row 1: NaN everywhere it could win, the maximum in the last block.
+            // Row 1: NaN here and there, the maximum in the last block.
             x[n..2 * n]
                 .iter_mut()
                 .step_by(97)
                 .for_each(|v| *v = f32::NAN);
             x[2 * n - 1] = top;
+            want[1] = NON_FINITE;
         }
         if rows > 2 {
             x[2 * n..3 * n].fill(f32::NEG_INFINITY);
+            want[2] = NON_FINITE;
+        }
+        if rows > 4 {
+            // Row 3: the maximum 0, as -0 in the first block and +0 in the last: the first.
+            let row = &mut x[3 * n..4 * n];
+            row.iter_mut().for_each(|v| *v = -v.abs() - 1.0);
+            row[7] = -0.0;
+            row[n - 1] = 0.0;
+            want[3] = 7;
+            // Row 4: one +inf.
+            x[4 * n + n / 2] = f32::INFINITY;
+            want[4] = NON_FINITE;
         }
         let xd = g.upload(&x).unwrap();
         for call in 0..2 {
             let mut am = g.zeros::<u32>(rows).unwrap();
             g.argmax(&xd, &mut am, rows, n).unwrap();
             let got = g.download(&am).unwrap();
-            for r in 0..rows {
-                let row = &x[r * n..(r + 1) * n];
-                let want = if r == 1 {
-                    n - 1
-                } else {
-                    reference::argmax(row)
-                };
-                assert_eq!(got[r] as usize, want, "argmax n {n} row {r} call {call}");
-            }
+            assert_eq!(got, want, "argmax n {n} call {call}");
         }
     }
 }

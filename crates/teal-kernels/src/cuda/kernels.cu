@@ -37,6 +37,11 @@ __device__ __forceinline__ void pdl_begin() {
     pdl_wait();
 }
 
+// TEAL's s_t: input v kept where |v| > t. A negative t is a dense site, which keeps every
+// input, NaN included (as the CPU's dense products do), so that a NaN or an infinity reaches the
+// logits and is reported, not dropped as |NaN| > t would.
+__device__ __forceinline__ bool kept(float v, float t) { return t < 0.0f || fabsf(v) > t; }
+
 __device__ __forceinline__ float f16_to_f32(u32 h) {
     float f;
     asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
@@ -281,7 +286,7 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
             } else {
                 v[b] = x[(size_t)b * n_in + j];
             }
-            keep |= (j < k1) && (fabsf(v[b]) > tj);
+            keep |= (j < k1) && kept(v[b], tj);
         }
         const u32 m = __ballot_sync(0xffffffffu, keep);
         if (lane == 0) wcount[warp] = __popc(m);
@@ -296,7 +301,7 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ wt, const floa
             const int s = off + __popc(m & ((1u << lane) - 1u));
             idx[s] = j;
 #pragma unroll
-            for (int b = 0; b < B; ++b) xs[b * R + s] = fabsf(v[b]) > tj ? v[b] : 0.0f;
+            for (int b = 0; b < B; ++b) xs[b * R + s] = kept(v[b], tj) ? v[b] : 0.0f;
         }
         __syncthreads();
         return cnt + tot;
@@ -522,7 +527,7 @@ extern "C" __global__ void gemm_input_f32(const float* __restrict__ x, u16* __re
         } else {
             v = nw != nullptr ? xr[j] * inv * nw[j] : xr[j];
         }
-        v = fabsf(v) > (tc != nullptr ? tc[j] : t) ? v : 0.0f;
+        v = kept(v, tc != nullptr ? tc[j] : t) ? v : 0.0f;
         over |= !is_bf16 && fabsf(v) > 65504.0f;
         o[j] = is_bf16 ? f32_to_bf16_rn(v) : f32_to_f16_rn(v);
     }
@@ -1111,15 +1116,16 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gu, float* __r
     }
 }
 
-// Index of the largest value of each row (first one on ties; NaN never wins; 0 where no value
-// is larger than -inf). Grid: (chunks of `chunk` values, rows), 256 threads. Each block finds
+// Index of the largest value of each row (first one on ties, -0 and +0 equal; 0 where no value
+// is larger than -inf), or 0xffffffff where the row holds a NaN or an infinity (the host then
+// reports the logits as non-finite, as the CPU does). Grid: (chunks of `chunk` values, rows), 256 threads. Each block finds
 // its chunk's best (each thread 8 loads in flight, 16-byte loads when n % 4 == 0) and folds it
 // into the row's 64-bit key with one atomicMax: the value's order-keeping bits above the
 // complemented index, so the largest key is the largest value at its smallest index. The
 // row's last block (a counter per row) writes the index and resets the key and the counter
 // to zero, so the workspace is clean for the next call.
 __device__ __forceinline__ u32 order_key(float v) {
-    const u32 u = __float_as_uint(v);
+    const u32 u = v == 0.0f ? 0u : __float_as_uint(v);  // -0 as +0, as float comparisons
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 // Combine two candidates (index 0x7fffffff: none yet), ties to the smaller index.
@@ -1137,6 +1143,7 @@ argmax_f32(const float* __restrict__ x, int n, int chunk, u32* __restrict__ out,
     const int lo = blockIdx.x * chunk, hi = min(lo + chunk, n);
     float best = NEG_INF;
     int bidx = 0x7fffffff;
+    bool bad = false;
     if ((n & 3) == 0 && (chunk & 3) == 0) {
         const float4* r4 = (const float4*)r;
         for (int i0 = (lo >> 2) + tid; i0 < (hi >> 2); i0 += 8 * 256) {
@@ -1149,6 +1156,9 @@ argmax_f32(const float* __restrict__ x, int n, int chunk, u32* __restrict__ out,
             for (int u = 0; u < 8; ++u) {
                 // A thread's indices increase: only a larger value replaces its best.
                 const int i = 4 * (i0 + u * 256);
+                if (i0 + u * 256 < (hi >> 2))
+                    bad |= !(isfinite(v[u].x) && isfinite(v[u].y) && isfinite(v[u].z) &&
+                             isfinite(v[u].w));
                 if (v[u].x > best) { best = v[u].x; bidx = i; }
                 if (v[u].y > best) { best = v[u].y; bidx = i + 1; }
                 if (v[u].z > best) { best = v[u].z; bidx = i + 2; }
@@ -1161,8 +1171,10 @@ argmax_f32(const float* __restrict__ x, int n, int chunk, u32* __restrict__ out,
 #pragma unroll
             for (int u = 0; u < 8; ++u) v[u] = i0 + u * 256 < hi ? r[i0 + u * 256] : NEG_INF;
 #pragma unroll
-            for (int u = 0; u < 8; ++u)
+            for (int u = 0; u < 8; ++u) {
+                if (i0 + u * 256 < hi) bad |= !isfinite(v[u]);
                 if (v[u] > best) { best = v[u]; bidx = i0 + u * 256; }
+            }
         }
     }
 #pragma unroll
@@ -1172,17 +1184,20 @@ argmax_f32(const float* __restrict__ x, int n, int chunk, u32* __restrict__ out,
         argmax_take(ov, oi, best, bidx);
     }
     if ((tid & 31) == 0) { bv[tid >> 5] = best; bi[tid >> 5] = bidx; }
-    __syncthreads();
+    const int any_bad = __syncthreads_or(bad);
     if (tid != 0) return;
 #pragma unroll
     for (int w = 1; w < 8; ++w) argmax_take(bv[w], bi[w], best, bidx);
-    if (bidx != 0x7fffffff)
+    // All ones: above every value's key (a NaN never becomes `best`), so it stays the row's.
+    if (any_bad)
+        atomicMax(&keys[row], ~0ull);
+    else if (bidx != 0x7fffffff)
         atomicMax(&keys[row], ((unsigned long long)order_key(best) << 32) | (u32)~bidx);
     __threadfence();
     if (atomicAdd(&counters[row], 1u) != gridDim.x - 1) return;
     __threadfence();
     const unsigned long long k = atomicExch(&keys[row], 0ull);
-    out[row] = k == 0ull ? 0u : ~(u32)k;
+    out[row] = k == ~0ull ? 0xffffffffu : (k == 0ull ? 0u : ~(u32)k);
     counters[row] = 0u;
 }
 
@@ -1191,7 +1206,8 @@ argmax_f32(const float* __restrict__ x, int n, int chunk, u32* __restrict__ out,
 // threads, k <= SAMPLE_MAX_K. The k largest logits are found by a radix select on order-keeping
 // keys (4 passes of 8 bits), sorted descending (bitonic, ties by index), then one thread runs
 // the CPU's sequential arithmetic: p = exp((l - max) * inv_t), the nucleus prefix reaching
-// top_p, the min-p cut, and the walk r * kept_total -= p.
+// top_p, the min-p cut, and the walk r * kept_total -= p. A row holding a NaN or an infinity
+// gives 0xffffffff (non-finite logits, reported by the host).
 #define SAMPLE_MAX_K 256
 __device__ __forceinline__ bool sample_before(const float* cv, const int* ci, int a, int b) {
     return cv[a] > cv[b] || (cv[a] == cv[b] && ci[a] < ci[b]);
@@ -1237,8 +1253,10 @@ extern "C" __global__ void sample_topk_f32(const float* __restrict__ x, int n, i
     if (tid == 0) { n_gt = 0; n_eq = 0; }
     for (int i = tid; i < SAMPLE_MAX_K; i += blockDim.x) { cv[i] = NEG_INF; ci[i] = 0x7fffffff; }
     __syncthreads();
+    bool bad = false;
     for (int i = tid; i < n; i += blockDim.x) {
         const float v = x[i];
+        bad |= !isfinite(v);
         const u32 key = order_key(v);
         if (key > prefix) {
             const int at = atomicAdd(&n_gt, 1);
@@ -1248,7 +1266,10 @@ extern "C" __global__ void sample_topk_f32(const float* __restrict__ x, int n, i
             if (e < kk) { cv[k - kk + e] = v; ci[k - kk + e] = i; }
         }
     }
-    __syncthreads();
+    if (__syncthreads_or(bad)) {
+        if (tid == 0) out[0] = 0xffffffffu;
+        return;
+    }
     for (int size = 2; size <= SAMPLE_MAX_K; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
             for (int i = tid; i < SAMPLE_MAX_K; i += blockDim.x) {

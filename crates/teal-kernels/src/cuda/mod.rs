@@ -42,6 +42,10 @@ pub const ARGMAX_CHUNK: usize = 8192;
 /// Largest top-k [`Gpu::sample_top_k`] takes.
 pub const SAMPLE_MAX_K: usize = 256;
 
+/// What [`Gpu::argmax`] and [`Gpu::sample_top_k`] write for a row that holds a NaN or an
+/// infinity (never a token id: ids are below the vocabulary's size).
+pub const NON_FINITE: u32 = u32::MAX;
+
 /// Output columns of one GEMV block; inner boundaries of fused segments lie on these tiles.
 pub const GEMV_TILE: usize = 256;
 const GEMV_THREADS: u32 = 256;
@@ -57,8 +61,10 @@ const GQA_RED: usize = 256;
 /// Query heads one grouped attention block takes at most, and the group sizes it is compiled
 /// for (attn_rope_decode_g{1,2,4,8}_f32).
 const GQA_GROUPS: [usize; 4] = [1, 2, 4, 8];
-/// Shared memory a decode attention kernel may use (the default per-block limit).
-const ATTN_SHARED_BYTES: usize = 48 * 1024;
+/// Dynamic shared memory a decode attention kernel may use: the default per-block limit (48
+/// KiB) less 16 bytes for the grouped kernel's static `is_last` (the two together must fit:
+/// at exactly 48 KiB of dynamic memory its launch failed).
+const ATTN_SHARED_BYTES: usize = 48 * 1024 - 16;
 /// Keys per run of a split decode attention: caches up to this long are not split.
 const ATTN_SPLIT_KEYS: usize = 256;
 /// Most runs the keys of one head are split into.
@@ -93,20 +99,23 @@ pub fn attention_max_keys(hd: usize) -> usize {
     (ATTN_SHARED_BYTES / 4).saturating_sub(3 * hd + GQA_RED)
 }
 
-/// Shapes the decode attention kernels take: hd a multiple of 4 whose quarter divides the
-/// blocks (a power of two from 4 to 2048), whole key-value groups, and a cache whose scores
-/// fit in shared memory.
+/// Largest head dimension of the decode attention kernels: a key's dot product is split over
+/// at most one warp's 32 lanes of up to 4 float4s each (a larger head's lanes would span two
+/// warps, which the kernels' shuffles do not join).
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// Shapes the decode attention kernels take: hd a power of two from 4 to [`MAX_HEAD_DIM`],
+/// whole key-value groups, and a cache whose scores fit in shared memory.
 fn check_attention(n_head: usize, n_kv: usize, hd: usize, max_keys: usize) -> Result<()> {
-    if hd < 4
+    if !(4..=MAX_HEAD_DIM).contains(&hd)
         || !hd.is_multiple_of(4)
         || !GQA_THREADS.is_multiple_of(hd / 4)
         || n_kv == 0
         || !n_head.is_multiple_of(n_kv)
     {
         return Err(CudaError::Invalid(format!(
-            "attention: head dim {hd} must be a power of two from 4 to {}, heads {n_head} a \
-             multiple of {n_kv}",
-            4 * GQA_THREADS
+            "attention: head dim {hd} must be a power of two from 4 to {MAX_HEAD_DIM}, heads \
+             {n_head} a multiple of {n_kv}"
         )));
     }
     if max_keys > attention_max_keys(hd) {
@@ -429,7 +438,8 @@ pub enum Threshold<'a> {
     Channels(&'a CudaSlice<f32>),
 }
 
-/// How a GEMV launch splits its input rows: `rows_per_chunk` input rows per block.
+/// How a GEMV launch splits its input rows: `rows_per_chunk` input rows per block (1 to
+/// [`MAX_ROWS_PER_CHUNK`], rounded up to a multiple of 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvPlan {
     pub rows_per_chunk: usize,
@@ -1165,7 +1175,12 @@ impl Gpu {
         let pc = t.iter().any(|&(_, c)| c != 0);
         let [(t0, c0), (t1, c1), (t2, c2)] = t;
         let plan = plan.unwrap_or_else(|| self.gemv_plan(w.n_in, w.n_out, 1.0, batch));
-        let r = plan.rows_per_chunk.clamp(1, MAX_ROWS_PER_CHUNK);
+        // A multiple of 8 (MAX_ROWS_PER_CHUNK is one), so that the 16-byte reduction stores
+        // after the [B][R] inputs and R row numbers stay aligned for any batch.
+        let r = plan
+            .rows_per_chunk
+            .clamp(1, MAX_ROWS_PER_CHUNK)
+            .next_multiple_of(8);
         let vec = w.n_out.is_multiple_of(8);
         let f = &self.gemv[gemv_kernel_index(w.dtype, batch, vec, pc)];
         let seg = |i: usize| w.segments.get(i).copied().unwrap_or(w.n_out) as i32;
@@ -1437,9 +1452,10 @@ impl Gpu {
         unsafe { self.launch(&self.silu_mul, cfg, &mut p) }
     }
 
-    /// Index of the largest value of each of `rows` rows of length `n` (first on ties, NaN
-    /// never; 0 where no value is above -inf): up to [`MAX_BATCH`] rows per launch, each row
-    /// split over blocks of [`ARGMAX_CHUNK`] values.
+    /// Index of the largest value of each of `rows` rows of length `n` (first on ties, -0 and
+    /// +0 equal; 0 where no value is above -inf), or [`NON_FINITE`] for a row holding a NaN or
+    /// an infinity: up to [`MAX_BATCH`] rows per launch, each row split over blocks of
+    /// [`ARGMAX_CHUNK`] values.
     pub fn argmax(
         &self,
         x: &CudaSlice<f32>,
@@ -1478,7 +1494,8 @@ impl Gpu {
     /// Samples one token from the `n` logits `x` as teal's CPU sampler does, with its uniform
     /// number `r[0]` in [0, 1) given: the `k` largest (1 <= k <= [`SAMPLE_MAX_K`]), softmax at
     /// `1 / inv_t`, the nucleus prefix reaching `top_p` (1: off), then the token where
-    /// `r * kept total` runs out. Writes the id to `out[0]`.
+    /// `r * kept total` runs out. Writes the id to `out[0]`, or [`NON_FINITE`] where the
+    /// logits hold a NaN or an infinity.
     #[allow(clippy::too_many_arguments)]
     pub fn sample_top_k(
         &self,
@@ -1795,6 +1812,31 @@ fn check_device(ordinal: usize) -> Result<()> {
             "cuda:{ordinal} asked for, {count} device(s) present"
         )));
     }
+    let mut version = 0;
+    // SAFETY: writes one int; the driver is initialised (device_count above).
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| CudaError::NoGpu(format!("driver version query failed: {e}")))?;
+    check_driver_version(version)
+}
+
+/// The oldest driver API the backend calls into (as `major * 1000 + minor * 10`): CUDA 12.8,
+/// whose `cuEventElapsedTime_v2` the CUDA 13 bindings time with (the split fitting and the
+/// bandwidth probe). An older driver lacks the symbol, which the bindings report by panicking
+/// at the first call, so it is refused here with a message.
+const MIN_DRIVER_VERSION: i32 = 12080;
+
+fn check_driver_version(version: i32) -> Result<()> {
+    if version < MIN_DRIVER_VERSION {
+        return Err(CudaError::NoGpu(format!(
+            "the NVIDIA driver supports CUDA {}.{}; the CUDA backend needs {}.{} or newer \
+             (update the driver)",
+            version / 1000,
+            version % 1000 / 10,
+            MIN_DRIVER_VERSION / 1000,
+            MIN_DRIVER_VERSION % 1000 / 10
+        )));
+    }
     Ok(())
 }
 
@@ -1839,6 +1881,32 @@ pub fn profiler_range(on: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn old_drivers_are_refused_with_a_message() {
+        check_driver_version(12080).unwrap();
+        check_driver_version(13000).unwrap();
+        let e = check_driver_version(12040).unwrap_err();
+        assert!(matches!(e, CudaError::NoGpu(_)), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("CUDA 12.4") && e.contains("12.8 or newer"),
+            "{e}"
+        );
+    }
+
+    /// Head dims whose key lanes would span two warps (1024, 2048) are refused, not computed
+    /// wrong; 512 and the usual ones are taken.
+    #[test]
+    fn attention_head_dims_stay_within_a_warp() {
+        for hd in [4, 64, 128, 256, 512] {
+            check_attention(8, 2, hd, 64).unwrap();
+        }
+        for hd in [1024, 2048, 96, 2] {
+            let e = check_attention(8, 2, hd, 64).unwrap_err().to_string();
+            assert!(e.contains("from 4 to 512"), "{e}");
+        }
+    }
 
     /// Llama-3-8B's launches on 132 multiprocessors holding 4 GEMV blocks each (528).
     #[test]

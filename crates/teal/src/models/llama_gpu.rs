@@ -302,26 +302,40 @@ impl Group {
 
     /// New thresholds of the parts (both passes), where the launches built for the first ones
     /// can take them: one per part launch, one per fused segment, or one for a fused launch
-    /// without segments when all parts share it.
-    fn set_thresholds(&mut self, t: &[SegThreshold], what: &str) -> Result<()> {
+    /// without segments when all parts share it. Returns each launch's new thresholds,
+    /// changing nothing ([`Group::set_thresholds`] applies them), so that a model whose
+    /// later layer refuses keeps every layer's old ones.
+    fn new_thresholds(
+        &self,
+        t: &[SegThreshold],
+        what: &str,
+    ) -> Result<Vec<[Vec<SegThreshold>; PASSES]>> {
         if self.launches.len() == t.len() {
-            for (l, ti) in self.launches.iter_mut().zip(t) {
-                l.thresholds = [vec![ti.clone()], vec![ti.clone()]];
-            }
-            return Ok(());
+            return Ok(t
+                .iter()
+                .map(|ti| [vec![ti.clone()], vec![ti.clone()]])
+                .collect());
         }
-        let l = &mut self.launches[0];
-        if l.w.segments().len() == t.len() {
-            l.thresholds = [t.to_vec(), t.to_vec()];
+        let first = if self.launches[0].w.segments().len() == t.len() {
+            t.to_vec()
         } else if t.iter().all(|x| *x == t[0]) {
-            l.thresholds = [vec![t[0].clone()], vec![t[0].clone()]];
+            vec![t[0].clone()]
         } else {
             return Err(Error::Invalid(format!(
                 "{what}: the fused projections were uploaded for one shared threshold; \
                  open a new GPU decoder for per-projection thresholds"
             )));
+        };
+        let mut all: Vec<_> = self.launches.iter().map(|l| l.thresholds.clone()).collect();
+        all[0] = [first.clone(), first];
+        Ok(all)
+    }
+
+    /// Applies [`Group::new_thresholds`]'s result.
+    fn set_thresholds(&mut self, t: Vec<[Vec<SegThreshold>; PASSES]>) {
+        for (l, ti) in self.launches.iter_mut().zip(t) {
+            l.thresholds = ti;
         }
-        Ok(())
     }
 
     /// `y += W s_t(x)` for `batch` rows: y holds the residual, or what a [`Prepare`] of an
@@ -1330,6 +1344,7 @@ impl GpuLlama {
             return Ok(sampler.sample(self.decode(token)?));
         }
         let (inv_t, top_p, min_p) = (1.0 / cfg.temperature, cfg.top_p, cfg.min_p);
+        let position = self.position();
         self.step(token, Step::Decode)?;
         let r = sampler.draw();
         self.gpu.write(&[r], &mut self.m.uniform)?;
@@ -1343,7 +1358,21 @@ impl GpuLlama {
             &self.m.uniform,
             &mut self.m.next,
         )?;
-        Ok(self.gpu.download(&self.m.next)?[0])
+        self.picked(position)
+    }
+
+    /// The token an on-device pick of the step at `position` wrote; where the kernel found a
+    /// NaN or an infinity among the logits, the error the CPU gives (from the copied logits).
+    fn picked(&mut self, position: usize) -> Result<u32> {
+        let id = self.gpu.download(&self.m.next)?[0];
+        if id != teal_kernels::cuda::NON_FINITE {
+            return Ok(id);
+        }
+        let logits = self.gpu.download(&self.m.one.logits)?;
+        crate::device::check_logits(&logits, self.m.config.vocab_size, position, false)?;
+        Err(Error::Invalid(format!(
+            "position {position}: the device pick reported non-finite logits, the copy has none"
+        )))
     }
 
     /// Run `token` at the current position as a decode or observed step.
@@ -1420,11 +1449,12 @@ impl Decoder for GpuLlama {
         Ok(&self.host_logits)
     }
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
+        let position = self.position();
         self.step(token, Step::Decode)?;
         let v = self.m.config.vocab_size;
         self.gpu
             .argmax(&self.m.one.logits, &mut self.m.next, 1, v)?;
-        Ok(self.gpu.download(&self.m.next)?[0])
+        self.picked(position)
     }
     /// On the device where the sampler allows it ([`Self::pick_on_device`]: the CPU sampler's
     /// arithmetic, same seed, same numbers), a greedy pick with banned tokens (biases of -inf)
@@ -1487,10 +1517,13 @@ impl Decoder for GpuLlama {
     /// Resolved as on the CPU ([`Llama::with_masks`]: the number of layers and the widths of
     /// per-channel thresholds checked, weight-aware thresholds from the weights' column
     /// norms), then the thresholds of every launch replaced (per-channel ones copied to the
-    /// device).
+    /// device). All or nothing: every layer's new thresholds are made and checked before any
+    /// is replaced, so that an error (a refused fusion, device memory) leaves the old ones and
+    /// the captured graphs, whose launches read the old per-channel buffers, valid.
     fn set_masks(&mut self, masks: Option<&Masks>) -> Result<()> {
         let masked = masks.map(|m| self.host.with_masks(m)).transpose()?;
-        for (i, l) in self.m.layers.iter_mut().enumerate() {
+        let mut new = Vec::with_capacity(self.m.layers.len());
+        for (i, l) in self.m.layers.iter().enumerate() {
             let what = format!("layer {i}");
             let mut t: [SegThreshold; 7] = std::array::from_fn(|_| DENSE);
             if let Some(m) = &masked {
@@ -1498,12 +1531,20 @@ impl Decoder for GpuLlama {
                     *tp = SegThreshold::of(&self.gpu, w)?;
                 }
             }
-            l.qkv.set_thresholds(&t[0..3], &what)?;
-            l.o.set_thresholds(&t[3..4], &what)?;
-            l.gate_up.set_thresholds(&t[4..6], &what)?;
-            l.down.set_thresholds(&t[6..7], &what)?;
+            new.push([
+                l.qkv.new_thresholds(&t[0..3], &what)?,
+                l.o.new_thresholds(&t[3..4], &what)?,
+                l.gate_up.new_thresholds(&t[4..6], &what)?,
+                l.down.new_thresholds(&t[6..7], &what)?,
+            ]);
         }
         self.graphs.clear();
+        for (l, [qkv, o, gate_up, down]) in self.m.layers.iter_mut().zip(new) {
+            l.qkv.set_thresholds(qkv);
+            l.o.set_thresholds(o);
+            l.gate_up.set_thresholds(gate_up);
+            l.down.set_thresholds(down);
+        }
         Ok(())
     }
     fn footprint(&self) -> Footprint {
