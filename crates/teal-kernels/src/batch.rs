@@ -80,6 +80,7 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
              lists, partials, ..
          }| {
             for (i, g) in gemvs.iter().enumerate() {
+                g.w.assert_sized("gemv_many_rows");
                 assert_eq!(x.len(), nb * g.w.n_in, "gemv_many_rows: input size");
                 assert_eq!(g.y.len(), nb * g.w.n_out, "gemv_many_rows: output size");
                 if let Mask::Channels(t) = g.mask {
@@ -261,8 +262,9 @@ fn union_kept(x: &[f32], nb: usize, mask: Mask, idx: &mut Vec<u32>, val: &mut Ve
 /// at `out`): `y_b = sum_k val[k nb + b] w[idx[k], :]`.
 ///
 /// # Safety
-/// `out` must be valid for those writes; `o0` a multiple of [`GROUP`], `o0 + len <= n_out`,
-/// every index below `n_in`, `val.len() == nb * idx.len()`.
+/// `out` must be valid for those writes; `w`'s view must hold its `n_in` rows of `n_out`; `o0`
+/// a multiple of [`GROUP`], `o0 + len <= n_out`, every index below `n_in`,
+/// `val.len() == nb * idx.len()`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows(
     w: &Mat,
@@ -741,6 +743,7 @@ fn gemv_dot_rows_on(w: &RowsMat, x: &[f32], nb: usize, y: &mut [f32], simd: bool
         (1..=MAX_ROWS).contains(&nb),
         "gemv_dot_rows: {nb} rows, 1 to {MAX_ROWS}"
     );
+    w.assert_sized("gemv_dot_rows");
     assert_eq!(x.len(), nb * w.n_in, "gemv_dot_rows: input size");
     assert_eq!(y.len(), nb * w.n_out, "gemv_dot_rows: output size");
     // Two rows of q8/q4 one after another: the dots here decode each block to f32 and scale
@@ -774,8 +777,8 @@ fn gemv_dot_rows_on(w: &RowsMat, x: &[f32], nb: usize, y: &mut [f32], simd: bool
 /// Outputs `o0 .. o0 + len` of every row of `y` (at `y`, rows of `n_out`).
 ///
 /// # Safety
-/// As [`gemv_dot_rows_on`] checks: `x` holds `nb` rows of `n_in`, `y` `nb` rows of `n_out`, and
-/// `o0 + len <= n_out`.
+/// As [`gemv_dot_rows_on`] checks: `w`'s view holds its `n_out` rows of `n_in`, `x` `nb` rows
+/// of `n_in`, `y` `nb` rows of `n_out`, and `o0 + len <= n_out`.
 unsafe fn dot_rows(
     w: &RowsMat,
     x: &[f32],

@@ -398,6 +398,7 @@ pub(crate) fn gemv_many_on(x: &[f32], gemvs: &mut [Gemv], simd: bool) -> [usize;
     let n = gemvs.len();
     assert!(n <= MAX_MANY, "gemv_many: {n} GEMVs, at most {MAX_MANY}");
     for g in gemvs.iter() {
+        g.w.assert_sized("gemv");
         assert_eq!(x.len(), g.w.n_in, "gemv: input size");
         assert_eq!(g.y.len(), g.w.n_out, "gemv: output size");
         if let Mask::Channels(t) = g.mask {
@@ -630,6 +631,7 @@ unsafe fn compact_avx2(
 }
 
 fn gemv_rows<R: Rows>(w: &Mat, rows: &R, y: &mut [f32]) {
+    w.assert_sized("gemv");
     assert_eq!(y.len(), w.n_out, "gemv: output size");
     let per = column_split(w);
     let simd = simd_available();
@@ -660,8 +662,8 @@ fn tile<R: Rows>(w: &Mat, rows: &R, o0: usize, yt: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: the features were detected by `simd_available` (and VNNI's by `int8_dots`);
-        // every index stays inside the matrix (checked by the callers' size asserts and
-        // `o0 + yt.len() <= n_out`).
+        // every index stays inside the matrix (the entry points assert the view's size,
+        // `Mat::assert_sized`, and x's and y's, and `o0 + yt.len() <= n_out`).
         unsafe { tile_avx2(w, rows, o0, yt, int8_dots()) };
         return;
     }
@@ -1570,6 +1572,7 @@ unsafe fn q4_groups_avx2<const TWO: bool>(
 pub fn dequant_row(w: &Mat, j: usize, o0: usize, out: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
     let n = w.n_out;
+    w.assert_sized("dequant_row");
     assert!(
         j < w.n_in && o0 + out.len() <= n,
         "dequant_row: out of range"
@@ -1670,6 +1673,7 @@ const TILE_N: usize = 256;
 /// through memory as f32 twice.)
 pub fn matmul_packed(x: &[f32], n_tok: usize, w: &Mat, y: &mut [f32]) {
     let (n_in, n_out) = (w.n_in, w.n_out);
+    w.assert_sized("matmul_packed");
     assert_eq!(x.len(), n_tok * n_in, "matmul_packed: input size");
     assert_eq!(y.len(), n_tok * n_out, "matmul_packed: output size");
     if n_tok <= MATMUL_ROWS_UP_TO {
@@ -1736,6 +1740,7 @@ pub fn gemv_dot(w: &RowsMat, x: &[f32], y: &mut [f32]) {
 
 /// [`gemv_dot`] with the SIMD choice explicit (tests run the portable path on AVX2 machines).
 pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
+    w.assert_sized("gemv_dot");
     assert_eq!(x.len(), w.n_in, "gemv_dot: input size");
     assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
     let per = rows_per_chunk(w.n_out);
@@ -1759,7 +1764,8 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
             let (xb, sums) = (&*int8, &sums[..]);
             pool::for_each_chunk_mut(y, per, |c, yc| {
                 // SAFETY: the features were detected by `simd_available` and `int8_dots`;
-                // the sizes were checked above, so every row read lies in the matrix.
+                // the sizes (the view's among them) were checked above, so every row read
+                // lies in the matrix.
                 unsafe {
                     if q4 {
                         dot_int8::<true>(b, w.n_in, xb, sums, c * per, yc)
@@ -1778,8 +1784,9 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
 fn dot_rows(w: &RowsMat, x: &[f32], o0: usize, yc: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: the features were detected by `simd_available`; the callers checked
-        // `x.len() == n_in` and `o0 + yc.len() <= n_out`, so every row read lies in the matrix.
+        // SAFETY: the features were detected by `simd_available`; the callers checked the
+        // view's size, `x.len() == n_in` and `o0 + yc.len() <= n_out`, so every row read lies
+        // in the matrix.
         unsafe {
             match w.view {
                 View::F32(a) => dot_f32_avx2(a, w.n_in, x, o0, yc),
@@ -2105,6 +2112,7 @@ unsafe fn dot_pass_int8<const Q4: bool, const N: usize>(
 /// are dequantized one block of rows at a time into a thread-local f32 buffer.
 pub fn matmul_dot(x: &[f32], n_tok: usize, w: &RowsMat, y: &mut [f32]) {
     let (n_in, n_out) = (w.n_in, w.n_out);
+    w.assert_sized("matmul_dot");
     assert_eq!(x.len(), n_tok * n_in, "matmul_dot: input size");
     assert_eq!(y.len(), n_tok * n_out, "matmul_dot: output size");
     if n_tok == 1 {

@@ -185,6 +185,39 @@ impl View<'_> {
     }
 }
 
+impl View<'_> {
+    /// What the view holds: values for f32, f16 and bf16, bytes for q8 and q4.
+    fn stored(&self) -> usize {
+        match self {
+            View::F32(w) => w.len(),
+            View::F16(w) => w.len(),
+            View::Bf16(w) => w.len(),
+            View::Q8(b) | View::Q4(b) => b.len(),
+        }
+    }
+
+    /// Panics unless the view holds exactly `rows` rows of `n` weights each in its format
+    /// (values for the float formats, whole blocks for q8 and q4). The kernels' SIMD paths
+    /// index a view by its matrix's sizes without bounds checks, and [`Mat`]'s and
+    /// [`RowsMat`]'s fields are public, so every kernel that takes one checks it first.
+    fn assert_holds(&self, rows: usize, n: usize, what: &str) {
+        let (per_row, unit, format) = match self {
+            View::F32(_) => (Some(n), "values", "f32"),
+            View::F16(_) => (Some(n), "values", "f16"),
+            View::Bf16(_) => (Some(n), "values", "bf16"),
+            View::Q8(_) => (groups(n).checked_mul(Q8_BLOCK), "bytes", "q8"),
+            View::Q4(_) => (groups(n).checked_mul(Q4_BLOCK), "bytes", "q4"),
+        };
+        let need = per_row.and_then(|p| p.checked_mul(rows));
+        assert!(
+            need == Some(self.stored()),
+            "{what}: {rows} rows of {n} {format} weights need {} {unit}, the view holds {}",
+            need.map_or("more than usize::MAX".to_string(), |b| b.to_string()),
+            self.stored()
+        );
+    }
+}
+
 /// Weights plus dimensions, as the kernels see them.
 #[derive(Clone, Copy, Debug)]
 pub struct Mat<'a> {
@@ -453,6 +486,12 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Panics unless the view holds exactly `n_in` rows of `n_out` weights (what every
+    /// kernel that takes a `Mat` checks first; see [`View::assert_holds`]).
+    pub(crate) fn assert_sized(&self, what: &str) {
+        self.view.assert_holds(self.n_in, self.n_out, what);
+    }
+
     /// Input rows `j0..j1` as a matrix of their own (row `j0` becomes row 0).
     pub fn rows(&self, j0: usize, j1: usize) -> Mat<'a> {
         assert!(
@@ -696,6 +735,12 @@ impl<'a> RowsMat<'a> {
             n_in,
             view: View::F32(w),
         }
+    }
+
+    /// Panics unless the view holds exactly `n_out` rows of `n_in` weights (what every
+    /// kernel that takes a `RowsMat` checks first; see [`View::assert_holds`]).
+    pub(crate) fn assert_sized(&self, what: &str) {
+        self.view.assert_holds(self.n_out, self.n_in, what);
     }
 
     /// Writes row `o` (`n_in` values) as f32: an embedding lookup, or one output's weights

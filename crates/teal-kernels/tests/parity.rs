@@ -968,3 +968,34 @@ fn packed_rows_pushed_in_slices_equal_packed_at_once() {
         "{e}"
     );
 }
+
+/// A matrix whose view holds fewer weights than its sizes say (the fields are public) is
+/// refused before any kernel reads it: the SIMD paths index the view by the sizes unchecked.
+#[test]
+#[should_panic(expected = "4 rows of 64 f32 weights need 256 values, the view holds 16")]
+fn gemv_on_a_short_view_panics() {
+    use teal_kernels::packed::{Mat, View};
+    let small = vec![1.0f32; 16];
+    let m = Mat {
+        n_in: 4,
+        n_out: 64,
+        view: View::F32(&small),
+    };
+    let mut y = vec![0.0f32; 64];
+    cpu::gemv(&m, &[1.0; 4], &mut y);
+}
+
+/// The same for an output-major matrix and the dot-product GEMV (a q8 view one byte short).
+#[test]
+#[should_panic(expected = "the view holds 101")]
+fn gemv_dot_on_a_short_view_panics() {
+    use teal_kernels::packed::{RowsMat, View, Q8_BLOCK};
+    let bytes = vec![0u8; 3 * Q8_BLOCK - 1];
+    let m = RowsMat {
+        n_out: 3,
+        n_in: 32,
+        view: View::Q8(&bytes),
+    };
+    let mut y = vec![0.0f32; 3];
+    cpu::gemv_dot(&m, &[1.0; 32], &mut y);
+}
