@@ -2173,11 +2173,20 @@ pub struct Strided<'a> {
 
 impl<'a> Strided<'a> {
     /// A view of `rows x cols` elements of `data` with row stride `rs` and column stride `cs`;
-    /// panics when an element would lie outside `data`.
+    /// panics when an element would lie outside `data` (the offsets computed without
+    /// wrapping) or a stride exceeds `isize::MAX` (the product takes strides as `isize`).
     pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Strided<'a> {
+        assert!(
+            rs <= isize::MAX as usize && cs <= isize::MAX as usize,
+            "Strided: strides {rs}, {cs} exceed isize::MAX"
+        );
         if rows > 0 && cols > 0 {
+            let last = (rows - 1)
+                .checked_mul(rs)
+                .zip((cols - 1).checked_mul(cs))
+                .and_then(|(r, c)| r.checked_add(c));
             assert!(
-                (rows - 1) * rs + (cols - 1) * cs < data.len(),
+                last.is_some_and(|l| l < data.len()),
                 "Strided: a {rows} x {cols} view (strides {rs}, {cs}) overruns {} values",
                 data.len()
             );
@@ -2216,8 +2225,9 @@ pub fn gemm(a: Strided, b: Strided, beta: f32, c: &mut [f32], ldc: usize) {
     if m == 0 || n == 0 {
         return;
     }
+    let end = (m - 1).checked_mul(ldc).and_then(|r| r.checked_add(n));
     assert!(
-        (m - 1) * ldc + n <= c.len() && n <= ldc,
+        end.is_some_and(|e| e <= c.len()) && n <= ldc && ldc <= isize::MAX as usize,
         "gemm: output too small"
     );
     // SAFETY: the views' constructors checked that every element they address lies inside
@@ -3033,6 +3043,36 @@ mod tests {
     #[should_panic(expected = "overruns")]
     fn strided_view_past_its_slice_panics() {
         Strided::rows(&[0.0; 10], 3, 4, 4);
+    }
+
+    /// A row stride whose product with the rows wraps past `usize::MAX` to a small offset
+    /// ((2^64 + 2) / 3 times 3 is 2 modulo 2^64) is refused, not taken for one that fits.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    #[should_panic(expected = "overruns")]
+    fn strided_view_with_a_wrapping_stride_panics() {
+        Strided::new(&[0.0; 4], 4, 1, 6_148_914_691_236_517_206, 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "exceed isize::MAX")]
+    fn strided_view_with_a_stride_past_isize_panics() {
+        Strided::new(&[0.0; 4], 1, 1, usize::MAX, 1);
+    }
+
+    /// The output's extent is computed without wrapping either.
+    #[test]
+    #[should_panic(expected = "output too small")]
+    fn gemm_with_a_wrapping_output_stride_panics() {
+        let a = [1.0f32; 4];
+        let mut c = [0.0f32; 4];
+        gemm(
+            Strided::rows(&a, 4, 1, 1),
+            Strided::rows(&a, 1, 1, 1),
+            0.0,
+            &mut c,
+            usize::MAX / 3 + 1,
+        );
     }
 
     #[test]
