@@ -2559,7 +2559,7 @@ fn attention_decode_on<T: KvElem>(
             let m = ps
                 .chunks(slot)
                 .map(|p| p[hd])
-                .fold(f32::NEG_INFINITY, f32::max);
+                .fold(f32::NEG_INFINITY, max_nan);
             o.fill(0.0);
             let mut l = 0.0;
             for p in ps.chunks(slot) {
@@ -2572,8 +2572,20 @@ fn attention_decode_on<T: KvElem>(
     });
 }
 
+/// The larger of `a` and `b`, NaN if either is (`f32::max` returns the other one): a NaN score
+/// must reach the attention's output, as it does in the reference's softmax.
+#[inline(always)]
+fn max_nan(a: f32, b: f32) -> f32 {
+    if a > b || a.is_nan() {
+        a
+    } else {
+        b
+    }
+}
+
 /// `sc[p - p0] = scale * (qh . k_p)` for keys `p0..p1` of one query head, key `p` at
-/// `kb[p * kvs..][..hd]`; returns the largest score.
+/// `kb[p * kvs..][..hd]`; returns the largest score (NaN if any score is NaN, so that every
+/// weight, and the output, turns NaN).
 #[allow(clippy::too_many_arguments)]
 fn head_scores<T: KvElem>(
     qh: &[f32],
@@ -2602,7 +2614,7 @@ fn head_scores<T: KvElem>(
             .sum::<f32>()
             * scale;
         sc[p - p0] = s;
-        m = m.max(s);
+        m = max_nan(m, s);
     }
     m
 }
@@ -2691,12 +2703,14 @@ unsafe fn head_scores_avx2<T: KvElem>(
             sv,
         );
         _mm_storeu_ps(out.add(p - p0), s4);
-        mv = _mm_max_ps(mv, s4);
+        // NaN-propagating: `maxps` returns its second operand where either is NaN, so a lane
+        // that has seen a NaN is set to all ones (a NaN) and stays so.
+        mv = _mm_or_ps(_mm_max_ps(mv, s4), _mm_cmpunord_ps(mv, s4));
         p += 4;
     }
     let mut mb = [0.0f32; 4];
     _mm_storeu_ps(mb.as_mut_ptr(), mv);
-    let mut m = mb.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut m = mb.iter().cloned().fold(f32::NEG_INFINITY, max_nan);
     while p < p1 {
         let row = kp.add(p * kvs);
         let mut a = _mm256_setzero_ps();
@@ -2709,7 +2723,7 @@ unsafe fn head_scores_avx2<T: KvElem>(
         _mm256_storeu_ps(buf.as_mut_ptr(), a);
         let s = buf.iter().sum::<f32>() * scale;
         *out.add(p - p0) = s;
-        m = m.max(s);
+        m = max_nan(m, s);
         p += 1;
     }
     m
@@ -2718,14 +2732,15 @@ unsafe fn head_scores_avx2<T: KvElem>(
 /// `exp(x)` of eight lanes: `x = n ln 2 + r` with n rounded, a degree-6 polynomial in r
 /// (Cephes' expf coefficients, about 1e-7 relative error), scaled by `2^n` through the exponent
 /// bits; inputs clamped to [-87.3, 88.4] (below, the result is the smallest normal or less than
-/// it, where the reference gives a denormal or zero).
+/// it, where the reference gives a denormal or zero). A NaN stays NaN: the clamp passes `x` as
+/// the second operand of `maxps` and `minps`, which return it where either operand is NaN.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let x = _mm256_min_ps(
-        _mm256_max_ps(x, _mm256_set1_ps(-87.336_55)),
         _mm256_set1_ps(88.376_26),
+        _mm256_max_ps(_mm256_set1_ps(-87.336_55), x),
     );
     let n = _mm256_round_ps(
         _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
@@ -3239,6 +3254,11 @@ mod tests {
             assert!((g - w).abs() <= 3e-7 * w, "exp({x}): {g} vs {w}");
         }
         assert!((l as f64 - sum).abs() <= 1e-5 * sum);
+        let mut got = [1.0f32; 9];
+        got[2] = f32::NAN;
+        // SAFETY: AVX2/FMA checked above.
+        let l = unsafe { exp_shifted_avx2(&mut got, 0.0) };
+        assert!(got[2].is_nan() && l.is_nan(), "exp(NaN): {got:?}, sum {l}");
     }
 
     #[test]

@@ -202,6 +202,66 @@ fn attention_matches_reference() {
     }
 }
 
+/// `got` against the reference `want`: NaN exactly where the reference has NaN, the other
+/// values within `tol`.
+fn assert_close_nan(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.is_nan() == w.is_nan() && (w.is_nan() || (g - w).abs() <= tol),
+            "{what}: index {i}: {g} vs {w}"
+        );
+    }
+}
+
+/// A NaN in a query, a key or a value (an overflowed projection) reaches the attentions'
+/// outputs where it reaches the reference's (the engine reports non-finite logits from it):
+/// a NaN score makes its head's output NaN, a NaN value the column of the heads that read it.
+/// Head sizes that take the SIMD paths (multiples of 8) and the portable one, keys in the
+/// SIMD score loop's groups of four and in its tail, decode caches of one and several pieces.
+#[test]
+fn attention_passes_nan_on() {
+    for &(n_head, n_kv, hd) in &[(4, 2, 64), (2, 1, 6), (8, 2, 128)] {
+        for n_keys in [1, 7, 40, 700] {
+            let (qs, kvs, n_q) = (n_head * hd, n_kv * hd, n_keys.min(5));
+            // The last query position's second head, the middle key of the last key/value
+            // head, the last value of the first.
+            let cases = [
+                ("q", (n_q - 1) * qs + hd + 3),
+                ("k", n_keys / 2 * kvs + (n_kv - 1) * hd + 1),
+                ("v", (n_keys - 1) * kvs + 2),
+            ];
+            for (which, at) in cases {
+                let mut q = rand_vec(n_q * qs, 22);
+                let mut k = rand_vec(n_keys * kvs, 23);
+                let mut v = rand_vec(n_keys * kvs, 24);
+                match which {
+                    "q" => q[at] = f32::NAN,
+                    "k" => k[at] = f32::NAN,
+                    _ => v[at] = f32::NAN,
+                }
+                let what = format!("{n_head}/{n_kv} heads of {hd}, {n_keys} keys, NaN in {which}");
+                // Decode: the last query position over every key.
+                let qd = &q[(n_q - 1) * qs..];
+                let (mut a, mut b) = (vec![0.0; qs], vec![0.0; qs]);
+                let mut scores = vec![0.0; n_head * n_keys];
+                reference::attention(qd, &k, &v, 1, n_keys - 1, n_head, n_kv, hd, &mut a);
+                assert!(
+                    a.iter().any(|x| x.is_nan()),
+                    "{what}: the reference has no NaN"
+                );
+                cpu::attention_decode(qd, &k, &v, n_keys, n_head, n_kv, hd, &mut scores, &mut b);
+                assert_close_nan(&b, &a, ATTN_TOL, &format!("attention_decode, {what}"));
+                // Prefill: the last few positions, causal.
+                let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+                reference::attention(&q, &k, &v, n_q, n_keys - n_q, n_head, n_kv, hd, &mut a);
+                cpu::attention(&q, &k, &v, n_q, n_keys - n_q, n_head, n_kv, hd, &mut b);
+                assert_close_nan(&b, &a, ATTN_TOL, &format!("attention, {what}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn dot_matches_reference() {
     for n in [0, 1, 7, 8, 9, 64, 1000] {
