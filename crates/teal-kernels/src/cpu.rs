@@ -1670,12 +1670,18 @@ const TILE_N: usize = 256;
 /// the inputs one tile of `TILE_K` rows at a time, dequantizes the tile into a thread-local
 /// f32 buffer that stays in L2, and adds its product into the block's outputs. (Dequantizing
 /// a whole block of columns first, 14 MiB for Llama-3-8B's down_proj, sent every weight
-/// through memory as f32 twice.)
+/// through memory as f32 twice.) No positions is an empty product, no inputs zeros.
 pub fn matmul_packed(x: &[f32], n_tok: usize, w: &Mat, y: &mut [f32]) {
     let (n_in, n_out) = (w.n_in, w.n_out);
     w.assert_sized("matmul_packed");
     assert_eq!(x.len(), n_tok * n_in, "matmul_packed: input size");
     assert_eq!(y.len(), n_tok * n_out, "matmul_packed: output size");
+    // The rows take 1 to MATMUL_ROWS_UP_TO positions, and the tiles below add nothing where
+    // there are no inputs: every output is an empty sum.
+    if n_tok == 0 || n_in == 0 {
+        y.fill(0.0);
+        return;
+    }
     if n_tok <= MATMUL_ROWS_UP_TO {
         return crate::batch::matmul_rows(x, n_tok, *w, y);
     }

@@ -764,7 +764,8 @@ mod packed_formats {
     /// weights, exact up to summation order: up to [`cpu::MATMUL_ROWS_UP_TO`] positions as
     /// rows (a part batch, a full one, and seven rows over several blocks of the wide tile's
     /// kept rows and columns), longer pieces as a product over more than one tile of inputs
-    /// and a partial block of outputs.
+    /// and a partial block of outputs; no positions, and no inputs (zeros, written over what
+    /// the output held) as rows and as a product.
     #[test]
     fn packed_matmul_matches_reference() {
         for (n_tok, n_in, n_out) in [
@@ -773,13 +774,16 @@ mod packed_formats {
             (7, 600, 2100),
             (9, 37, 300),
             (40, 300, 577),
+            (0, 37, 300),
+            (3, 0, 40),
+            (9, 0, 40),
         ] {
             let wt = rand_vec(n_in * n_out, 12);
             let x = rand_vec(n_tok * n_in, 13);
             for dtype in Dtype::ALL {
                 let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
                 let dq = dequant_all(&p);
-                let (mut a, mut b) = (vec![0.0; n_tok * n_out], vec![0.0; n_tok * n_out]);
+                let (mut a, mut b) = (vec![0.0; n_tok * n_out], vec![f32::NAN; n_tok * n_out]);
                 reference::matmul_t(&x, n_tok, &dq, n_in, n_out, &mut a);
                 cpu::matmul_packed(&x, n_tok, &p.mat(), &mut b);
                 for t in 0..n_tok {
