@@ -972,9 +972,10 @@ mod tests {
     /// fraction of `sum |x_j w_jo|` (f32 epsilon is 1.2e-7; sums of a few hundred terms).
     const TOL: f32 = 2e-6;
 
-    /// Every format, the SIMD and portable paths, 1, 2, 3 and 8 rows, dense, one threshold,
-    /// per-channel thresholds, a threshold that keeps nothing, and sizes that are not multiples
-    /// of a group, the rows run together and as each GEMV chooses: each output row equals the
+    /// Every format, the SIMD and portable paths, 1 to 8 rows (the AVX2 tile's blocks of one
+    /// to four rows; from five rows the AVX-512 wide tile where the CPU has it), dense, one
+    /// threshold, per-channel thresholds, a threshold that keeps nothing, and sizes that are
+    /// not multiples of a group, the rows run together and as each GEMV chooses: each output row equals the
     /// reference GEMV of its own masked input (q4 as it chooses: the one-row kernel on that
     /// row, exactly).
     #[test]
@@ -985,7 +986,7 @@ mod tests {
                 let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).unwrap();
                 let m = p.mat();
                 let chan: Vec<f32> = (0..n_in).map(|j| 0.3 + 0.1 * (j % 5) as f32).collect();
-                for nb in [1, 2, 3, 8] {
+                for nb in 1..=MAX_ROWS {
                     let x = values(nb * n_in, nb as f32);
                     for mask in [
                         Mask::Dense,
@@ -1119,9 +1120,9 @@ mod tests {
         assert_eq!(ys, alone);
     }
 
-    /// The batched dot products (the LM head) of every format, SIMD and portable, 2 and 5 rows,
-    /// input sizes with and without a partial group, against the reference of each row (q8
-    /// with 8-bit activations, where a row may run alone, within their rounding bound).
+    /// The batched dot products (the LM head) of every format, SIMD and portable, 2, 4, 5 and 7
+    /// rows, input sizes with and without a partial group, against the reference of each row
+    /// (q8 with 8-bit activations, where a row may run alone, within their rounding bound).
     #[test]
     fn dot_rows_match_each_row_alone() {
         for (n_in, n_out) in [(96, 37), (75, 50)] {
@@ -1130,7 +1131,7 @@ mod tests {
                 let mut p = PackedRows::with_capacity(dtype, n_in, n_out);
                 p.push_rows(w.clone()).unwrap();
                 let m = p.mat();
-                for nb in [2, 5] {
+                for nb in [2, 4, 5, 7] {
                     let x = values(nb * n_in, 7.0 + nb as f32);
                     for simd in [false, cpu::simd_available()] {
                         let mut y = vec![f32::NAN; nb * n_out];

@@ -1746,12 +1746,23 @@ pub fn gemv_dot(w: &RowsMat, x: &[f32], y: &mut [f32]) {
 
 /// [`gemv_dot`] with the SIMD choice explicit (tests run the portable path on AVX2 machines).
 pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
+    gemv_dot_paths(w, x, y, simd, simd && int8_dots())
+}
+
+/// [`gemv_dot_on`] with the choice of q8's and q4's 8-bit dots explicit too, `int8` only
+/// where [`int8_dots`] (tests run the f32 dots of AVX2 machines without VNNI on machines
+/// with it).
+fn gemv_dot_paths(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool, int8: bool) {
     w.assert_sized("gemv_dot");
     assert_eq!(x.len(), w.n_in, "gemv_dot: input size");
     assert_eq!(y.len(), w.n_out, "gemv_dot: output size");
+    assert!(
+        !int8 || (simd && int8_dots()),
+        "gemv_dot: 8-bit dots without AVX-512 VNNI"
+    );
     let per = rows_per_chunk(w.n_out);
     #[cfg(target_arch = "x86_64")]
-    if let (true, View::Q8(b) | View::Q4(b)) = (simd && int8_dots(), w.view) {
+    if let (true, View::Q8(b) | View::Q4(b)) = (int8, w.view) {
         let q4 = matches!(w.view, View::Q4(_));
         SCRATCH.with_borrow_mut(|Scratch { int8, sums, .. }| {
             int8.fill(x);
@@ -1769,7 +1780,8 @@ pub(crate) fn gemv_dot_on(w: &RowsMat, x: &[f32], y: &mut [f32], simd: bool) {
             }));
             let (xb, sums) = (&*int8, &sums[..]);
             pool::for_each_chunk_mut(y, per, |c, yc| {
-                // SAFETY: the features were detected by `simd_available` and `int8_dots`;
+                // SAFETY: the features were detected by `simd_available` and `int8_dots`
+                // (asserted above);
                 // the sizes (the view's among them) were checked above, so every row read
                 // lies in the matrix.
                 unsafe {
@@ -3301,6 +3313,39 @@ mod tests {
                     (u - v).abs() <= 1e-4 * u.abs().max(1.0),
                     "{dtype:?}: {u} vs {v}"
                 );
+            }
+        }
+    }
+
+    /// The AVX2 f32 dots of q8 and q4 (the LM head of AVX2 machines without VNNI, which a
+    /// machine with it never takes by itself) and of the float formats against the scalar
+    /// reference, on odd sizes (partial last blocks, row counts not a multiple of four, one
+    /// row): f32 sums in another order, within 1e-5 of the sum of |terms|.
+    #[test]
+    fn f32_dots_match_reference() {
+        if !simd_available() {
+            return;
+        }
+        for (n_out, n_in) in [(37, 77), (13, 1029), (3, 31), (1, 1), (1000, 577), (65, 64)] {
+            let w = crate::rand::uniform(n_out * n_in, 71);
+            let x = crate::rand::uniform(n_in, 72);
+            for dtype in Dtype::ALL {
+                let p = PackedRows::from_rows(dtype, w.clone(), n_out, n_in).expect("pack");
+                let m = p.mat();
+                let (mut a, mut b) = (vec![0.0; n_out], vec![f32::NAN; n_out]);
+                crate::reference::gemv_dot(&m, &x, &mut a);
+                gemv_dot_paths(&m, &x, &mut b, true, false);
+                let mut row = vec![0.0f32; n_in];
+                for o in 0..n_out {
+                    m.dequant_row(o, &mut row);
+                    let scale: f32 = row.iter().zip(&x).map(|(r, v)| (r * v).abs()).sum();
+                    assert!(
+                        (a[o] - b[o]).abs() <= 1e-5 * scale.max(1.0),
+                        "{dtype:?} {n_out}x{n_in} row {o}: {} vs {}",
+                        b[o],
+                        a[o]
+                    );
+                }
             }
         }
     }
