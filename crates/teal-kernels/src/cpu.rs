@@ -3037,6 +3037,102 @@ mod tests {
         }
     }
 
+    /// What the threaded q4/q8 GEMV computes over the kept rows `idx` (values `val`; `dense`:
+    /// every input, through the dense path): the integer definition (`gemv_q4_int8` where the
+    /// AVX2 tiles run, `gemv_q8_int8` where VNNI does; else the exact product) applied as
+    /// [`split_of`] cuts the work: in a column split the rows in order; in a row split each
+    /// item's share of the rows in [`Quarters`] order, the items' partial outputs summed in
+    /// order.
+    fn threaded_int8_definition(m: &Mat, idx: &[u32], val: &[f32], dense: bool) -> Vec<f32> {
+        let definition = |rows: &[(usize, f32)], y: &mut [f32]| match m.view {
+            View::Q4(_) if simd_available() => crate::reference::gemv_q4_int8(m, rows, 0, y),
+            View::Q8(_) if int8_dots() => crate::reference::gemv_q8_int8(m, rows, 0, y),
+            _ => {
+                let (i, v): (Vec<u32>, Vec<f32>) = rows.iter().map(|&(j, x)| (j as u32, x)).unzip();
+                crate::reference::gemv_packed_idx(m, &i, &v, y)
+            }
+        };
+        let list: Vec<(usize, f32)> = idx.iter().map(|&j| j as usize).zip(val.to_vec()).collect();
+        let mut y = vec![0.0f32; m.n_out];
+        let Split::Rows(per) = split_of(m) else {
+            definition(&list, &mut y);
+            return y;
+        };
+        let items = m.n_in.div_ceil(per);
+        let mut part = vec![0.0f32; m.n_out];
+        for c in 0..items {
+            let share = if dense {
+                &list[c * per..((c + 1) * per).min(m.n_in)]
+            } else {
+                &list[c * list.len() / items..(c + 1) * list.len() / items]
+            };
+            let q = share.len() / 4;
+            let rows: Vec<(usize, f32)> = (0..share.len())
+                .map(|k| share[if k < 4 * q { k % 4 * q + k / 4 } else { k }])
+                .collect();
+            definition(&rows, &mut part);
+            if c == 0 {
+                y.copy_from_slice(&part);
+            } else {
+                y.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+            }
+        }
+        y
+    }
+
+    /// The threaded q4 and q8 GEMVs, dense and sparse, through the public entry points, against
+    /// their integer definitions cut as the work is (shapes that take the row split and the
+    /// column split, odd ones among them): the same roundings and the same rows, so only f32
+    /// summation order differs (seen within 2e-7 of the sum of |terms|); the tolerance, 1e-5
+    /// of it, is far below one row's term, so a row dropped or counted twice fails (checked).
+    #[test]
+    fn int8_gemvs_match_their_definitions_tightly() {
+        for (n_in, n_out) in [(1536, 577), (576, 1536), (37, 77), (301, 40), (1029, 13)] {
+            let wt = crate::rand::uniform(n_in * n_out, 81);
+            let x = crate::rand::uniform(n_in, 82);
+            for dtype in [Dtype::Q4, Dtype::Q8] {
+                let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).expect("pack");
+                let m = p.mat();
+                for t in [-1.0f32, 0.5, 0.9] {
+                    let dense = t < 0.0;
+                    let (idx, val) = crate::reference::compact_abs_gt(&x, t);
+                    let mut got = vec![f32::NAN; n_out];
+                    if dense {
+                        gemv(&m, &x, &mut got);
+                    } else {
+                        assert_eq!(gemv_sparse(&m, &x, t, &mut got), idx.len());
+                    }
+                    let want = threaded_int8_definition(&m, &idx, &val, dense);
+                    let mut scale = vec![0.0f32; n_out];
+                    let mut row = vec![0.0f32; n_out];
+                    for (&j, &xj) in idx.iter().zip(&val) {
+                        m.dequant_row(j as usize, 0, &mut row);
+                        scale
+                            .iter_mut()
+                            .zip(&row)
+                            .for_each(|(s, r)| *s += (xj * r).abs());
+                    }
+                    let lim: Vec<f32> = scale.iter().map(|s| 1e-5 * s.max(1.0)).collect();
+                    for o in 0..n_out {
+                        assert!(
+                            (got[o] - want[o]).abs() <= lim[o],
+                            "{dtype:?} {n_in}x{n_out} t {t} column {o}: {} vs {}",
+                            got[o],
+                            want[o]
+                        );
+                    }
+                    if dense && n_in > 1 {
+                        let short = threaded_int8_definition(&m, &idx[1..], &val[1..], false);
+                        assert!(
+                            (0..n_out).any(|o| (short[o] - want[o]).abs() > lim[o]),
+                            "{dtype:?} {n_in}x{n_out}: one row fewer passes the tolerance"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn q4_tile_matches_its_integer_definition() {
         int8_tile_case(Dtype::Q4);
