@@ -158,12 +158,13 @@ pub fn argmax(x: &[f32]) -> usize {
 }
 
 /// The threshold `t` at which `x * [|x| > t]` zeroes a fraction `s` of `x` (rounded down to
-/// whole entries): the `floor(s * n)`-th smallest `|x|`, or -1 (keep all) where that is none.
-/// The benchmarks' way to set a sparsity on synthetic inputs.
+/// whole entries; more where `|x|` has ties at `t`): the `floor(s * n)`-th smallest `|x|`
+/// (the largest for `s >= 1`: every entry zeroed), or -1 (keep all) where that is none. The
+/// benchmarks' way to set a sparsity on synthetic inputs.
 pub fn abs_threshold(x: &[f32], s: f64) -> f32 {
     let mut a: Vec<f32> = x.iter().map(|v| v.abs()).collect();
     a.sort_by(f32::total_cmp);
-    let k = ((s * a.len() as f64) as usize).min(a.len().saturating_sub(1));
+    let k = ((s * a.len() as f64) as usize).min(a.len());
     if k == 0 {
         -1.0
     } else {

@@ -724,12 +724,20 @@ mod packed_formats {
         }
     }
 
-    /// The benchmarks' threshold zeroes the requested fraction (rounded down) and keeps all
-    /// at s = 0.
+    /// The benchmarks' threshold zeroes the requested fraction (rounded down), keeps all at
+    /// s = 0 and zeroes all at s = 1.
     #[test]
     fn abs_threshold_zeroes_the_fraction() {
         let x = rand_vec(1000, 46);
-        for (s, zeroed) in [(0.0, 0), (0.0005, 0), (0.25, 250), (0.5, 500), (0.999, 999)] {
+        for (s, zeroed) in [
+            (0.0, 0),
+            (0.0005, 0),
+            (0.25, 250),
+            (0.5, 500),
+            (0.999, 999),
+            (1.0, 1000),
+            (1.5, 1000),
+        ] {
             let t = reference::abs_threshold(&x, s);
             assert_eq!(x.iter().filter(|v| v.abs() <= t).count(), zeroed, "s = {s}");
         }
