@@ -2363,6 +2363,10 @@ pub fn attention<T: KvElem>(
     hd: usize,
     out: &mut [f32],
 ) {
+    assert!(
+        n_kv_head > 0 && n_head.is_multiple_of(n_kv_head),
+        "attention: {n_head} query heads in groups over {n_kv_head} key/value heads"
+    );
     let group = n_head / n_kv_head;
     let scale = 1.0 / (hd as f32).sqrt();
     let (qs, kvs) = (n_head * hd, n_kv_head * hd);
@@ -3293,6 +3297,30 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Both attentions refuse query heads that do not fall into whole groups over the
+    /// key/value heads (and no key/value heads: a division by zero on a worker thread).
+    #[test]
+    fn attention_refuses_uneven_head_groups() {
+        let (q, kv) = (vec![0.0f32; 3 * 8], vec![0.0f32; 2 * 8]);
+        for n_kv in [0, 2] {
+            let prefill = std::panic::catch_unwind(|| {
+                attention(&q, &kv, &kv, 1, 0, 3, n_kv, 8, &mut [0.0; 3 * 8]);
+            });
+            let decode = std::panic::catch_unwind(|| {
+                let mut scores = vec![0.0; 3];
+                attention_decode(&q, &kv, &kv, 1, 3, n_kv, 8, &mut scores, &mut [0.0; 3 * 8]);
+            });
+            for (what, r) in [("attention", prefill), ("attention_decode", decode)] {
+                let e = r.expect_err("uneven groups accepted");
+                let msg = e.downcast_ref::<String>().map_or("", |m| m.as_str());
+                assert!(
+                    msg.contains("query heads in groups"),
+                    "{what}, {n_kv} kv heads: {msg}"
+                );
             }
         }
     }
