@@ -3147,8 +3147,8 @@ mod tests {
         int8_tile_case(Dtype::Q8);
     }
 
-    /// Both compactions against the reference, at every tail length, with values exactly at
-    /// the threshold, NaN, infinities and a threshold that keeps everything.
+    /// `gemm` on a column block of a wider matrix times a transposed view, against plain
+    /// loops: `beta` scales what `c` held, and columns past the product are left alone.
     #[test]
     fn gemm_on_strided_views_matches_loops() {
         // A 5 x 3 block at column 2 of a 5 x 7 matrix, against the transpose of a 4 x 3 one.
@@ -3208,6 +3208,8 @@ mod tests {
         );
     }
 
+    /// Both compactions against the reference, at every tail length, with values exactly at
+    /// the threshold, NaN, infinities and a threshold that keeps everything.
     #[test]
     fn compaction_paths_match_reference() {
         for n in [0usize, 1, 7, 8, 9, 16, 23, 1029] {
@@ -3251,8 +3253,6 @@ mod tests {
         }
     }
 
-    /// The portable path against the scalar reference, for every format (the SIMD path is
-    /// covered by tests/parity.rs).
     /// Decode attention in pieces, SIMD and portable, against the reference: one block and
     /// many (a last block shorter than the others), head sizes that take the 64-wide, the
     /// 8-wide and the portable weighted sums, and large scores (the merge rescales blocks
@@ -3403,6 +3403,8 @@ mod tests {
         assert!(got[2].is_nan() && l.is_nan(), "exp(NaN): {got:?}, sum {l}");
     }
 
+    /// The portable path against the scalar reference, for every format (the SIMD path is
+    /// covered by tests/parity.rs).
     #[test]
     fn portable_gemv_matches_reference() {
         // 3001 columns: a thread's share spans several pieces of the portable tile; 300 x 77:
