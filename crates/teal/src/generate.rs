@@ -471,7 +471,8 @@ impl<'t> Turn<'t> {
             tokenizer,
             params: params.clone(),
             sampler,
-            stream: StreamDecoder::with_context(tokenizer, prompt),
+            // Control tokens leave no text, as in llama.cpp's output (without --special).
+            stream: StreamDecoder::with_context(tokenizer, prompt).skip_special(true),
             prompt: prompt.to_vec(),
             keep,
             ran: keep,

@@ -1244,13 +1244,17 @@ fn spm_merges(tokens: &[String], scores: &[f32], vocab: &Vocab) -> Vec<(String, 
 }
 
 /// Incremental detokenizer for streaming: feed ids one at a time, get back the newly completed
-/// text. Characters split over several tokens come out once complete, and SentencePiece leading
-/// spaces are kept (the decoding window always starts at an earlier token).
+/// text. Characters split over several tokens come out once complete (the complete ones before
+/// them at once), and SentencePiece leading spaces are kept (the decoding window always starts
+/// at an earlier token).
 pub struct StreamDecoder<'a> {
     tok: &'a Tokenizer,
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
+    /// Bytes of the window's text past `read_offset` already handed out: the complete
+    /// characters before an incomplete one.
+    held: usize,
     skip_special: bool,
 }
 
@@ -1262,6 +1266,7 @@ impl<'a> StreamDecoder<'a> {
             ids: Vec::new(),
             prefix_offset: 0,
             read_offset: 0,
+            held: 0,
             skip_special: false,
         }
     }
@@ -1275,6 +1280,7 @@ impl<'a> StreamDecoder<'a> {
             ids: tail.to_vec(),
             prefix_offset: 0,
             read_offset: tail.len(),
+            held: 0,
             skip_special: false,
         }
     }
@@ -1285,7 +1291,10 @@ impl<'a> StreamDecoder<'a> {
         self
     }
 
-    /// Feeds one id; returns the text it completes (possibly empty).
+    /// Feeds one id; returns the text it completes (possibly empty). While the window ends in
+    /// an incomplete character, the complete characters before it are handed out (a token such
+    /// as " \xe7" holds a space and the first byte of a character; the space must not wait for
+    /// the rest, which may never come when the generation stops there).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
         let prefix = self.tok.decode_with(
@@ -1296,15 +1305,17 @@ impl<'a> StreamDecoder<'a> {
             .tok
             .decode_with(&self.ids[self.prefix_offset..], self.skip_special)?;
         let pending = self.ids.len() - self.read_offset;
-        // A UTF-8 character is at most 4 bytes: after 4 pending tokens, give up waiting.
-        if full.len() > prefix.len()
-            && (!full.ends_with('\u{FFFD}') || pending >= 4)
-            && full.starts_with(&prefix)
-        {
-            let new = full[prefix.len()..].to_string();
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-            self.compact();
+        if full.len() > prefix.len() && full.starts_with(&prefix) {
+            let tail = &full[prefix.len()..];
+            // A UTF-8 character is at most 4 bytes: after 4 pending tokens, give up waiting.
+            if !tail.ends_with('\u{FFFD}') || pending >= 4 {
+                let new = tail.get(self.held..).unwrap_or_default().to_string();
+                self.advance();
+                return Ok(new);
+            }
+            let complete = tail.trim_end_matches('\u{FFFD}');
+            let new = complete.get(self.held..).unwrap_or_default().to_string();
+            self.held = self.held.max(complete.len());
             Ok(new)
         } else if !full.starts_with(&prefix) && !full.ends_with('\u{FFFD}') {
             // The window no longer decodes to an extension of what was emitted (should not
@@ -1312,9 +1323,8 @@ impl<'a> StreamDecoder<'a> {
             let new = self
                 .tok
                 .decode_with(&self.ids[self.read_offset..], self.skip_special)?;
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-            self.compact();
+            let new = new.get(self.held..).unwrap_or_default().to_string();
+            self.advance();
             Ok(new)
         } else {
             Ok(String::new())
@@ -1333,9 +1343,21 @@ impl<'a> StreamDecoder<'a> {
         let full = self
             .tok
             .decode_with(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let new = full
+            .get(prefix.len()..)
+            .and_then(|tail| tail.get(self.held..))
+            .unwrap_or_default()
+            .to_string();
+        self.advance();
+        Ok(new)
+    }
+
+    /// The window's pending tokens are handed out: the next window starts after them.
+    fn advance(&mut self) {
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
-        Ok(full.get(prefix.len()..).unwrap_or("").to_string())
+        self.held = 0;
+        self.compact();
     }
 
     fn compact(&mut self) {

@@ -169,6 +169,20 @@ fn smollm2_matches_llama_cpp() {
     assert_eq!(t.encode("Hi", true).unwrap()[0], 1);
     check(&t, "smollm2-135m-instruct.json");
 
+    // A token holding a space and the first byte of a character (27709, " \xe7" of " 猫"): the space
+    // comes out with it, not only once the character is complete (a generation stopped there
+    // lost it); the character once its last byte comes; a control token leaves no text where
+    // the decoder skips them (as generated text does).
+    let ids = t.encode("Cat: 猫", false).unwrap();
+    let first = ids.iter().position(|&id| id == 27709).unwrap();
+    let mut d = StreamDecoder::new(&t);
+    let pieces: Vec<String> = ids.iter().map(|&id| d.push(id).unwrap()).collect();
+    assert!(pieces[first].ends_with(' '), "{pieces:?}");
+    assert_eq!(pieces.concat() + &d.finish().unwrap(), "Cat: 猫");
+    let mut d = StreamDecoder::with_context(&t, &ids).skip_special(true);
+    assert_eq!(d.push(1).unwrap(), "");
+    assert_eq!(d.push(4093).unwrap(), "user");
+
     // The same vocabulary through tokenizer.json + tokenizer_config.json (`Tokenizer::from_file`).
     let dir = tempfile::tempdir().unwrap();
     t.save_json(&dir.path().join("tokenizer.json"), false)
