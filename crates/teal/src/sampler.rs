@@ -467,7 +467,10 @@ impl Sampler {
         let m = self.cand[0].0;
         let mut total = 0.0;
         for c in self.cand.iter_mut() {
-            c.0 = ((c.0 - m) * inv_t).exp();
+            // The largest logits weigh 1 also where 1/T is infinite (T below about 3e-39,
+            // where 0 * inf gave NaN weights and the last candidate was drawn).
+            let d = c.0 - m;
+            c.0 = if d == 0.0 { 1.0 } else { (d * inv_t).exp() };
             total += c.0;
         }
         // Nucleus: the smallest prefix whose probability reaches top_p.
@@ -532,6 +535,25 @@ mod tests {
             )))),
             ..Sampler::new(cfg)
         }
+    }
+
+    /// A temperature so small that 1/T is infinite draws the largest logit (it drew the last
+    /// candidate kept: 0 * inf made the top weight NaN), and ties at the top share the draws
+    /// (half each).
+    #[test]
+    fn vanishing_temperature_is_greedy() {
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1e-40,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.0,
+            ..Default::default()
+        });
+        for r in [0.0, 0.3, 0.99] {
+            assert_eq!(s.sample_with(&[5.0, 1.0, 0.0, -1.0], r), 0, "r {r}");
+        }
+        let ties = [0.2, 0.7].map(|r| s.sample_with(&[1.0, 5.0, 5.0, 0.0], r));
+        assert!(ties.contains(&1) && ties.contains(&2), "{ties:?}");
     }
 
     /// Bans alone (biases of -inf, as `ignore_eos` adds) let a device take a greedy pick and

@@ -1289,7 +1289,11 @@ extern "C" __global__ void sample_topk_f32(const float* __restrict__ x, int n, i
     if (tid == 0) {
         const float m = cv[0];
         float total = 0.0f;
-        for (int c = 0; c < k; ++c) { cv[c] = expf((cv[c] - m) * inv_t); total += cv[c]; }
+        for (int c = 0; c < k; ++c) {
+            const float d = cv[c] - m;  // the largest weigh 1, also where inv_t is infinite
+            cv[c] = d == 0.0f ? 1.0f : expf(d * inv_t);
+            total += cv[c];
+        }
         int keep = k;
         if (top_p < 1.0f) {
             float acc = 0.0f;
