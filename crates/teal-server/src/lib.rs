@@ -1197,8 +1197,10 @@ struct Options {
     max_completion_tokens: Option<usize>,
     temperature: Option<f32>,
     top_p: Option<f32>,
-    top_k: Option<usize>,
-    seed: Option<u64>,
+    /// llama.cpp's: 0 or less for no top-k cut.
+    top_k: Option<i64>,
+    /// llama.cpp's: -1 for a random seed.
+    seed: Option<i64>,
     min_p: Option<f32>,
     repeat_penalty: Option<f32>,
     /// llama.cpp's: -1 for the whole context.
@@ -1542,11 +1544,14 @@ fn check_options(
     if stop.len() > 4 && api != Api::LlamaCpp {
         return Err(ApiError::bad_request("stop: at most 4 sequences"));
     }
-    let seed = o.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
+    let seed = match o.seed {
+        None | Some(-1) => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
+            .map_or(0, |d| d.as_nanos() as u64),
+        Some(s) => u64::try_from(s).map_err(|_| {
+            ApiError::bad_request(format!("seed = {s}: must be >= 0, or -1 for a random seed"))
+        })?,
+    };
     let d = SamplerConfig::LLAMA_CPP;
     let repeat_last_n = match o.repeat_last_n {
         None => d.penalties.last_n,
@@ -1559,7 +1564,7 @@ fn check_options(
     };
     let sampler = SamplerConfig {
         temperature: o.temperature.unwrap_or(d.temperature),
-        top_k: o.top_k.unwrap_or(d.top_k),
+        top_k: o.top_k.map_or(d.top_k, |k| usize::try_from(k).unwrap_or(0)),
         top_p: o.top_p.unwrap_or(d.top_p),
         min_p: o.min_p.unwrap_or(d.min_p),
         seed,

@@ -143,7 +143,7 @@ fn check(
         return bad(format!("{name}: not supported by teal"));
     }
     let mut temperature = o.temperature.map(|t| t.max(0.0));
-    let mut top_k = o.top_k.map(|k| k.max(0) as usize);
+    let mut top_k = o.top_k;
     let (mut top_p, mut min_p) = (o.top_p, o.min_p);
     let mut penalties = [o.repeat_penalty, o.presence_penalty, o.frequency_penalty];
     if let Some(list) = &o.samplers {
@@ -170,13 +170,6 @@ fn check(
             penalties = [Some(1.0), Some(0.0), Some(0.0)];
         }
     }
-    let seed = match o.seed {
-        None | Some(-1) => None,
-        Some(s) => match u64::try_from(s) {
-            Ok(s) => Some(s),
-            Err(_) => return bad(format!("seed = {s}: must be >= 0, or -1 for a random seed")),
-        },
-    };
     // -1: no limit; -2 (llama.cpp: until the context is full) is the same here.
     let max_tokens = match o.n_predict {
         None | Some(-1 | -2) => None,
@@ -204,7 +197,7 @@ fn check(
         temperature,
         top_p,
         top_k,
-        seed,
+        seed: o.seed,
         min_p,
         repeat_penalty: penalties[0],
         repeat_last_n: o.repeat_last_n,

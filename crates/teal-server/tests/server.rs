@@ -2010,8 +2010,13 @@ async fn type_errors_name_the_field() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "hi", "seed": -1}),
-            "seed: invalid value: integer `-1`",
+            json!({"prompt": "hi", "seed": -2}),
+            "seed = -2: must be >= 0, or -1 for a random seed",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "seed": 1.5}),
+            "seed: invalid type: floating point",
         ),
         (
             "/v1/completions",
@@ -2067,6 +2072,10 @@ async fn type_errors_name_the_field() {
     for (uri, body, needle) in cases {
         expect_400(&tx, uri, body, needle).await;
     }
+    // llama.cpp's -1s: a random seed, no top-k cut.
+    let req = json!({"prompt": "hi", "seed": -1, "top_k": -1, "max_tokens": 2});
+    let (s, v) = call_json(&tx, "/v1/completions", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     // Missing fields are named as before.
     expect_400(
         &tx,
