@@ -22,8 +22,8 @@
 //! [`teal::json_schema`]; `{}` and `{"type": "object"}` are JSON mode) constrain the answer.
 //! Options that would change the answer and that teal does not implement (Mirostat, DRY, XTC,
 //! typical-p, dynamic temperature, post-sampling probabilities) are refused with status 400 when set to anything
-//! but their neutral value. In `samplers`, the stages listed are used in teal's order
-//! (penalties, top-k, temperature, top-p, min-p, infill) and those left out are off (the
+//! but their neutral value. In `samplers`, the stages listed are used in llama.cpp's default
+//! order (penalties, top-k, top-p, min-p, temperature, infill) and those left out are off (the
 //! temperature then 1); `infill` is llama.cpp's stage for code completion
 //! ([`teal::constrain::InfillStage`]: prefix-sharing tokens merged, unlikely ones cut, end of
 //! generation where it weighs enough).
@@ -112,9 +112,9 @@ struct Shape {
 const SAMPLERS: &[&str] = &[
     "penalties",
     "top_k",
-    "temperature",
     "top_p",
     "min_p",
+    "temperature",
     "dry",
     "typ_p",
     "typical_p",
@@ -343,7 +343,7 @@ pub(crate) async fn props(State(st): State<AppState>) -> Response {
                 "stop": [],
                 "ignore_eos": false,
                 "n_probs": 0,
-                "samplers": ["penalties", "top_k", "temperature", "top_p", "min_p"],
+                "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
             },
         },
         "total_slots": m.slots,

@@ -19,8 +19,8 @@ pub struct SamplerConfig {
     pub top_k: usize,
     /// 1 means no nucleus cut.
     pub top_p: f32,
-    /// Drops the candidates less likely than `min_p` times the most likely one (after the
-    /// temperature, as the top-p cut); 0 means no cut.
+    /// Drops the candidates less likely than `min_p` times the most likely one (before the
+    /// temperature, as the top-p cut and as llama.cpp's chain); 0 means no cut.
     pub min_p: f32,
     pub seed: u64,
     pub penalties: Penalties,
@@ -460,42 +460,43 @@ impl Sampler {
         self.cand.sort_unstable_by(by_logit);
     }
 
-    /// Temperature, top-p, min-p (and the infill stage) over the candidates (logits, largest
-    /// first), then the token where `r` in [0, 1) falls in their weights.
+    /// Top-p, min-p, temperature (and the infill stage) over the candidates (logits, largest
+    /// first), then the token where `r` in [0, 1) falls in their weights. llama.cpp's order:
+    /// the cuts see the probabilities of the logits as they are, the temperature acts last.
     fn draw_candidates(&mut self, r: f32) -> u32 {
-        let inv_t = 1.0 / self.cfg.temperature;
         let m = self.cand[0].0;
-        let mut total = 0.0;
-        for c in self.cand.iter_mut() {
-            // The largest logits weigh 1 also where 1/T is infinite (T below about 3e-39,
-            // where 0 * inf gave NaN weights and the last candidate was drawn).
-            let d = c.0 - m;
-            c.0 = if d == 0.0 { 1.0 } else { (d * inv_t).exp() };
-            total += c.0;
-        }
         // Nucleus: the smallest prefix whose probability reaches top_p.
         let mut keep = self.cand.len();
         if self.cfg.top_p < 1.0 {
+            let total: f32 = self.cand.iter().map(|c| (c.0 - m).exp()).sum();
             let mut acc = 0.0;
             for (i, c) in self.cand.iter().enumerate() {
-                acc += c.0 / total;
+                acc += (c.0 - m).exp() / total;
                 if acc >= self.cfg.top_p {
                     keep = i + 1;
                     break;
                 }
             }
         }
-        // Min-p: the weights are relative to the first candidate's (1), so the cut is where
-        // they fall below min_p (never before the first).
+        // Min-p: the logits below the largest plus ln(min_p) (probability below min_p times
+        // the largest), never the first.
         if self.cfg.min_p > 0.0 {
+            let floor = self.cfg.min_p.ln();
             keep = self.cand[..keep]
                 .iter()
-                .position(|c| c.0 < self.cfg.min_p)
+                .position(|c| c.0 - m < floor)
                 .unwrap_or(keep)
                 .max(1);
         }
+        // The temperature: the weights of the kept candidates. The largest weigh 1 also where
+        // 1/T is infinite (T below about 3e-39, where 0 * inf gave NaN weights).
+        let inv_t = 1.0 / self.cfg.temperature;
+        self.cand.truncate(keep);
+        for c in self.cand.iter_mut() {
+            let d = c.0 - m;
+            c.0 = if d == 0.0 { 1.0 } else { (d * inv_t).exp() };
+        }
         if let Some(stage) = &self.infill {
-            self.cand.truncate(keep);
             keep = stage.apply(&mut self.cand);
         }
         let kept_total: f32 = self.cand[..keep].iter().map(|c| c.0).sum();
@@ -741,6 +742,35 @@ mod tests {
             ..Default::default()
         });
         assert!((0..1000).all(|_| s.sample(&logits) == 0));
+    }
+
+    /// llama.cpp's chain: top-p and min-p see the probabilities of the logits as they are and
+    /// the temperature acts on what they keep. With its defaults (T 0.8, min-p 0.05) logits 0
+    /// and -2.5 both pass min-p (-2.5 > ln 0.05 = -3.0), and the second is drawn with
+    /// e^(-2.5/0.8) / (1 + e^(-2.5/0.8)) = 0.0421 (after the temperature its weight 0.044 would
+    /// fall under 0.05: never drawn); top-p 0.9 keeps both of 0 and -1.5 (0.818 < 0.9), which
+    /// at T 0.5 (0.953) it would not.
+    #[test]
+    fn cuts_come_before_the_temperature() {
+        let mut s = Sampler::new(SamplerConfig {
+            top_k: 0,
+            top_p: 1.0,
+            seed: 11,
+            ..SamplerConfig::LLAMA_CPP
+        });
+        let n = 20000;
+        let second = (0..n).filter(|_| s.sample(&[0.0, -2.5]) == 1).count() as f64 / n as f64;
+        // 4.5 standard deviations of a binomial proportion at n = 20000.
+        assert!((second - 0.0421).abs() < 0.0064, "{second}");
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.5,
+            top_k: 0,
+            top_p: 0.9,
+            min_p: 0.0,
+            seed: 12,
+            ..Default::default()
+        });
+        assert!((0..2000).any(|_| s.sample(&[0.0, -1.5]) == 1));
     }
 
     #[test]

@@ -1205,9 +1205,10 @@ argmax_f32(const float* __restrict__ x, int n, int chunk, u32* __restrict__ out,
 // (crates/teal/src/sampler.rs), with its uniform number r[0] in [0, 1) given. One block of 1024
 // threads, k <= SAMPLE_MAX_K. The k largest logits are found by a radix select on order-keeping
 // keys (4 passes of 8 bits), sorted descending (bitonic, ties by index), then one thread runs
-// the CPU's sequential arithmetic: p = exp((l - max) * inv_t), the nucleus prefix reaching
-// top_p, the min-p cut, and the walk r * kept_total -= p. A row holding a NaN or an infinity
-// gives 0xffffffff (non-finite logits, reported by the host).
+// the CPU's sequential arithmetic: the nucleus prefix reaching top_p and the min-p cut on the
+// probabilities of the logits as they are, then p = exp((l - max) * inv_t) of the kept ones
+// (llama.cpp's order: the temperature last), and the walk r * kept_total -= p. A row holding
+// a NaN or an infinity gives 0xffffffff (non-finite logits, reported by the host).
 #define SAMPLE_MAX_K 256
 __device__ __forceinline__ bool sample_before(const float* cv, const int* ci, int a, int b) {
     return cv[a] > cv[b] || (cv[a] == cv[b] && ci[a] < ci[b]);
@@ -1288,25 +1289,28 @@ extern "C" __global__ void sample_topk_f32(const float* __restrict__ x, int n, i
     }
     if (tid == 0) {
         const float m = cv[0];
-        float total = 0.0f;
-        for (int c = 0; c < k; ++c) {
-            const float d = cv[c] - m;  // the largest weigh 1, also where inv_t is infinite
-            cv[c] = d == 0.0f ? 1.0f : expf(d * inv_t);
-            total += cv[c];
-        }
         int keep = k;
         if (top_p < 1.0f) {
+            float total = 0.0f;
+            for (int c = 0; c < k; ++c) total += expf(cv[c] - m);
             float acc = 0.0f;
             for (int c = 0; c < k; ++c) {
-                acc += cv[c] / total;
+                acc += expf(cv[c] - m) / total;
                 if (acc >= top_p) { keep = c + 1; break; }
             }
         }
-        // Min-p: weights relative to the first candidate's (1); never cuts before the first.
+        // Min-p: logits below the largest plus ln(min_p); never cuts before the first.
         if (min_p > 0.0f) {
+            const float floor_l = logf(min_p);
             for (int c = 1; c < keep; ++c) {
-                if (cv[c] < min_p) { keep = c; break; }
+                if (cv[c] - m < floor_l) { keep = c; break; }
             }
+        }
+        // The temperature last (llama.cpp's order); the largest weigh 1 also where inv_t is
+        // infinite.
+        for (int c = 0; c < keep; ++c) {
+            const float d = cv[c] - m;
+            cv[c] = d == 0.0f ? 1.0f : expf(d * inv_t);
         }
         float kept = 0.0f;
         for (int c = 0; c < keep; ++c) kept += cv[c];
