@@ -20,7 +20,7 @@
 //! first occurrence of a trigger text on (llama.cpp's lazy grammars, used for tool calls).
 
 use crate::tokenizer::{TokenBytes, Tokenizer};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -29,6 +29,10 @@ pub const MAX_REPEAT: u32 = 1000;
 
 /// The most stacks a state keeps; an ambiguous grammar beyond it is cut to the first ones.
 pub const MAX_STACKS: usize = 4096;
+
+/// The most distinct stacks one character may visit while rule references are followed; a
+/// grammar that needs more stops with an error ([`GrammarState::error`]).
+pub const MAX_STEP_STACKS: usize = 1 << 16;
 
 /// The most rules a grammar may have, those made for groups and repetitions included.
 pub const MAX_RULES: usize = 65536;
@@ -651,32 +655,48 @@ pub struct GrammarState {
     /// The code point's bits so far, the continuation bytes still due and the character's
     /// length in bytes.
     partial: (u32, u8, u8),
+    /// Why the state stopped though the text may still match: a limit on the stacks passed.
+    error: Option<String>,
 }
 
 impl GrammarState {
     pub fn new(g: Arc<Grammar>) -> GrammarState {
-        let mut stacks = Vec::new();
+        let mut step = Step::default();
         for alt in 0..g.rules[g.root as usize].len() {
             let start = vec![Pos {
                 rule: g.root,
                 alt: alt as u32,
                 idx: 0,
             }];
-            expand(&g, start, &mut stacks);
+            step.expand(&g, start);
         }
         let mut s = GrammarState {
             g,
-            stacks,
+            stacks: Vec::new(),
             partial: (0, 0, 0),
+            error: None,
         };
-        s.dedup();
+        s.finish(step);
         s
     }
 
-    fn dedup(&mut self) {
-        self.stacks.sort_unstable();
-        self.stacks.dedup();
-        self.stacks.truncate(MAX_STACKS);
+    /// Takes the stacks of a step, or stops with an error where it passed a limit.
+    fn finish(&mut self, step: Step) {
+        if step.over {
+            self.stacks.clear();
+            self.error = Some(format!(
+                "the grammar needs over {MAX_STEP_STACKS} stacks to follow one character"
+            ));
+        } else {
+            self.stacks = step.out;
+            self.stacks.truncate(MAX_STACKS);
+        }
+    }
+
+    /// Why the state stopped though the text may still match (a limit passed:
+    /// [`MAX_STEP_STACKS`]); `None` while it runs or when the text does not match.
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
     }
 
     /// Whether the text so far is a whole match of `root` (nothing more needs to come).
@@ -720,7 +740,7 @@ impl GrammarState {
     /// Advances by one code point; false when no match continues with it (the state is then
     /// dead).
     pub fn push_char(&mut self, cp: u32) -> bool {
-        let mut next = Vec::new();
+        let mut step = Step::default();
         for s in &self.stacks {
             let Some(&top) = s.last() else { continue };
             if self.g.rules[top.rule as usize][top.alt as usize][top.idx as usize].matches(cp) {
@@ -728,11 +748,10 @@ impl GrammarState {
                 if let Some(t) = s.last_mut() {
                     t.idx += 1;
                 }
-                expand(&self.g, s, &mut next);
+                step.expand(&self.g, s);
             }
         }
-        self.stacks = next;
-        self.dedup();
+        self.finish(step);
         self.alive()
     }
 
@@ -802,46 +821,72 @@ fn char_range(val: u32, due: u8, len: u8) -> (u32, u32) {
     )
 }
 
-/// Pushes onto `out` every stack that `stack` stands for with a character class on top (or
-/// empty: a whole match), following rule references and popping finished sequences.
-fn expand(g: &Grammar, stack: Vec<Pos>, out: &mut Vec<Vec<Pos>>) {
-    // A work list rather than recursion: chains of rule references and deeply nested matches
-    // (which may finish many sequences at once) cannot overflow the thread's stack.
-    let mut work = vec![stack];
-    while let Some(mut stack) = work.pop() {
-        let (top, seq) = loop {
-            let Some(&top) = stack.last() else {
-                break (None, &[][..]);
-            };
-            let seq = &g.rules[top.rule as usize][top.alt as usize];
-            if (top.idx as usize) < seq.len() {
-                break (Some(top), seq.as_slice());
-            }
-            stack.pop();
-        };
-        let Some(top) = top else {
-            out.push(stack);
-            continue;
-        };
-        match &seq[top.idx as usize] {
-            Elem::Char { .. } => out.push(stack),
-            &Elem::Rule(r) => {
-                // The continuation after the reference; dropped when nothing follows, so that
-                // right recursion (repetitions) keeps the stacks short.
-                if top.idx as usize + 1 == seq.len() {
-                    stack.pop();
-                } else if let Some(t) = stack.last_mut() {
-                    t.idx += 1;
+/// The stacks one character leads to, each followed once (as llama.cpp's
+/// `llama_grammar_advance_stack` does): where an item matches empty in several ways, the ways
+/// meet in the same stacks instead of multiplying.
+#[derive(Default)]
+struct Step {
+    /// Every stack met, so that none is followed twice.
+    seen: HashSet<Vec<Pos>>,
+    /// The stacks with a character class on top (or empty: a whole match).
+    out: Vec<Vec<Pos>>,
+    /// Whether more than [`MAX_STEP_STACKS`] stacks were met (the step then stopped).
+    over: bool,
+}
+
+impl Step {
+    /// Adds to `out` every stack that `stack` stands for with a character class on top (or
+    /// empty), following rule references and popping finished sequences.
+    fn expand(&mut self, g: &Grammar, stack: Vec<Pos>) {
+        // A work list rather than recursion: chains of rule references and deeply nested
+        // matches (which may finish many sequences at once) cannot overflow the thread's stack.
+        if self.over {
+            return;
+        }
+        let mut work = vec![stack];
+        while let Some(mut stack) = work.pop() {
+            let (top, seq) = loop {
+                let Some(&top) = stack.last() else {
+                    break (None, &[][..]);
+                };
+                let seq = &g.rules[top.rule as usize][top.alt as usize];
+                if (top.idx as usize) < seq.len() {
+                    break (Some(top), seq.as_slice());
                 }
-                let n = g.rules[r as usize].len() as u32;
-                for alt in (0..n).rev() {
-                    let mut s = stack.clone();
-                    s.push(Pos {
-                        rule: r,
-                        alt,
-                        idx: 0,
-                    });
-                    work.push(s);
+                stack.pop();
+            };
+            if self.seen.contains(&stack) {
+                continue;
+            }
+            if self.seen.len() == MAX_STEP_STACKS {
+                self.over = true;
+                return;
+            }
+            self.seen.insert(stack.clone());
+            let Some(top) = top else {
+                self.out.push(stack);
+                continue;
+            };
+            match &seq[top.idx as usize] {
+                Elem::Char { .. } => self.out.push(stack),
+                &Elem::Rule(r) => {
+                    // The continuation after the reference; dropped when nothing follows, so
+                    // that right recursion (repetitions) keeps the stacks short.
+                    if top.idx as usize + 1 == seq.len() {
+                        stack.pop();
+                    } else if let Some(t) = stack.last_mut() {
+                        t.idx += 1;
+                    }
+                    let n = g.rules[r as usize].len() as u32;
+                    for alt in (0..n).rev() {
+                        let mut s = stack.clone();
+                        s.push(Pos {
+                            rule: r,
+                            alt,
+                            idx: 0,
+                        });
+                        work.push(s);
+                    }
                 }
             }
         }
@@ -931,6 +976,11 @@ impl GrammarMode {
             }
         }
         self.first = self.state.first_bytes();
+    }
+
+    /// Why the grammar stopped though the text may still match ([`GrammarState::error`]).
+    pub fn error(&self) -> Option<&str> {
+        self.state.error()
     }
 
     /// The end-of-sequence tokens.
@@ -1140,6 +1190,42 @@ mod tests {
         let g = r#"root ::= "(" root ")" | "x""#;
         let n = 3000;
         assert!(accepts(g, &format!("{}x{}", "(".repeat(n), ")".repeat(n))));
+    }
+
+    #[test]
+    fn empty_matches_in_two_ways_do_not_multiply_the_stacks() {
+        // Each repetition of the item matches empty in two ways; the stacks are followed once.
+        let g = Arc::new(Grammar::parse("root ::= ((\" \"?)?){0,40} \"x\"").unwrap());
+        let t = std::time::Instant::now();
+        for text in [" x", "x", "     x"] {
+            let mut s = GrammarState::new(g.clone());
+            assert!(s.push_bytes(text.as_bytes()) && s.accepting(), "{text:?}");
+        }
+        assert!(t.elapsed().as_secs_f64() < 1.0, "{:?}", t.elapsed());
+        let mut s = GrammarState::new(g);
+        assert!(!s.push_bytes(b"xx") && s.error().is_none());
+    }
+
+    #[test]
+    fn a_step_past_the_stack_limit_is_an_error() {
+        // Nested 300 x 300 repetitions stay well within the limit.
+        assert!(accepts(r#"root ::= ("a"{0,300}){0,300} "b""#, "aaab"));
+        // 4^9 ways to stand before the first character: more stacks than a step may visit.
+        let levels: String = (0..9)
+            .map(|i| {
+                format!(
+                    "l{i} ::= l{0} \"a\" | l{0} \"b\" | l{0} \"c\" | l{0} \"d\"\n",
+                    i + 1
+                )
+            })
+            .collect();
+        let g = Grammar::parse(&format!("root ::= l0\n{levels}l9 ::= \"x\"\n")).unwrap();
+        let s = GrammarState::new(Arc::new(g));
+        assert!(
+            !s.alive() && s.error().unwrap().contains("65536"),
+            "{:?}",
+            s.error()
+        );
     }
 
     #[test]
