@@ -285,27 +285,42 @@ impl Parser {
         }
     }
 
-    fn id(&mut self, name: &str, at: usize) -> u32 {
+    fn id(&mut self, name: &str, at: usize) -> Result<u32, GrammarError> {
         if let Some(&i) = self.ids.get(name) {
-            return i;
+            return Ok(i);
         }
-        let i = self.rules.len() as u32;
+        let i = self.new_rule(at)?;
         self.ids.insert(name.to_string(), i);
         self.rules.push(None);
         self.names.push(name.to_string());
         self.first_use.push(at);
-        i
+        Ok(i)
+    }
+
+    /// The number of the next rule, or the error of one rule too many (counted as rules are
+    /// made, so that a grammar over the limit is refused before it grows any further).
+    fn new_rule(&self, at: usize) -> Result<u32, GrammarError> {
+        if self.rules.len() == MAX_RULES {
+            return self.err(
+                at,
+                format!(
+                    "{} rules (with those made for groups and repetitions): at most {MAX_RULES}",
+                    MAX_RULES + 1
+                ),
+            );
+        }
+        Ok(self.rules.len() as u32)
     }
 
     /// A rule made for a group or a repetition.
-    fn synthetic(&mut self, base: &str, alts: Vec<Vec<Elem>>) -> u32 {
+    fn synthetic(&mut self, base: &str, alts: Vec<Vec<Elem>>) -> Result<u32, GrammarError> {
         // Not in `ids`: the grammar's own names cannot refer to it (or clash with it).
-        let i = self.rules.len() as u32;
+        let i = self.new_rule(self.pos)?;
         let name = format!("{base}-{i}");
         self.rules.push(Some(alts));
         self.names.push(name);
         self.first_use.push(self.pos);
-        i
+        Ok(i)
     }
 
     fn name(&mut self) -> Result<String, GrammarError> {
@@ -334,7 +349,7 @@ impl Parser {
             self.pos += 3;
             self.space(true);
             let alts = self.alternates(&name, false)?;
-            let id = self.id(&name, at);
+            let id = self.id(&name, at)?;
             if self.rules[id as usize].is_some() {
                 return self.err(at, format!("rule '{name}' is defined twice"));
             }
@@ -442,12 +457,12 @@ impl Parser {
                         return self.err(at, "expected ')' to close this group");
                     }
                     self.pos += 1;
-                    let r = self.synthetic(name, alts);
+                    let r = self.synthetic(name, alts)?;
                     seq.push(Elem::Rule(r));
                 }
                 Some(c) if is_word(c) => {
                     let n = self.name()?;
-                    let r = self.id(&n, at);
+                    let r = self.id(&n, at)?;
                     seq.push(Elem::Rule(r));
                 }
                 _ => return Ok(seq),
@@ -509,7 +524,7 @@ impl Parser {
         let one = if item.len() == 1 {
             item[0].clone()
         } else {
-            Elem::Rule(self.synthetic(name, vec![item]))
+            Elem::Rule(self.synthetic(name, vec![item])?)
         };
         for _ in 0..min {
             seq.push(one.clone());
@@ -517,7 +532,7 @@ impl Parser {
         match max {
             None => {
                 // r ::= item r | (empty)
-                let r = self.synthetic(name, Vec::new());
+                let r = self.synthetic(name, Vec::new())?;
                 self.rules[r as usize] = Some(vec![vec![one, Elem::Rule(r)], Vec::new()]);
                 seq.push(Elem::Rule(r));
             }
@@ -529,7 +544,7 @@ impl Parser {
                     if let Some(i) = inner {
                         body.push(Elem::Rule(i));
                     }
-                    inner = Some(self.synthetic(name, vec![body, Vec::new()]));
+                    inner = Some(self.synthetic(name, vec![body, Vec::new()])?);
                 }
                 if let Some(i) = inner {
                     seq.push(Elem::Rule(i));
@@ -593,16 +608,6 @@ impl Parser {
     }
 
     fn finish(self) -> Result<Grammar, GrammarError> {
-        if self.rules.len() > MAX_RULES {
-            return Err(GrammarError {
-                line: 0,
-                col: 0,
-                msg: format!(
-                    "{} rules (with those made for groups and repetitions): at most {MAX_RULES}",
-                    self.rules.len()
-                ),
-            });
-        }
         let Some(&root) = self.ids.get("root") else {
             return Err(GrammarError {
                 line: 0,
@@ -1181,6 +1186,17 @@ mod tests {
         assert!(e(&deep).contains("nested over 128"), "{}", e(&deep));
         let many: String = (0..70000).map(|i| format!("r{i} ::= \"a\"\n")).collect();
         assert!(e(&format!("root ::= \"a\"\n{many}")).contains("at most 65536"));
+        // Refused as soon as the limit passes, not after 3000 x 1000 rules were built.
+        let t = std::time::Instant::now();
+        let big: String = (0..3000)
+            .map(|i| format!("r{i} ::= \"a\"{{0,1000}}\n"))
+            .collect();
+        let msg = e(&format!("root ::= \"a\"\n{big}"));
+        assert!(
+            msg.contains("65537 rules") && msg.starts_with("line 67 "),
+            "{msg}"
+        );
+        assert!(t.elapsed().as_secs_f64() < 1.0, "{:?}", t.elapsed());
         // A long chain of rules (no recursion on the way) and a deep match are fine.
         let chain: String = (0..5000)
             .map(|i| format!("r{i} ::= r{}\n", i + 1))
