@@ -201,22 +201,50 @@ pub fn schema_to_gbnf(schema: &Value) -> Result<String, String> {
 /// the rules made for its parts `top-...`), for a larger grammar whose rules take the names in
 /// `taken`: the caller writes `root` and checks the whole.
 pub fn schema_rules(schema: &Value, top: &str, taken: &[&str]) -> Result<String, String> {
-    let mut g = Gen {
-        root: schema,
-        rules: Vec::new(),
-        taken: HELPERS
-            .iter()
-            .map(|h| h.0.to_string())
-            .chain(taken.iter().map(|t| t.to_string()))
-            .collect(),
-        refs: HashMap::new(),
-        helpers: HashSet::from(["ws"]),
-    };
-    let slot = g.take(top);
-    g.refs.insert("#".to_string(), top.to_string());
-    let body = g.body(schema, top, "")?;
-    g.rules[slot].1 = Some(body);
-    Ok(g.text())
+    let mut d = Documents::new(taken);
+    d.add(schema, top)?;
+    Ok(d.text())
+}
+
+/// The rules for several schemas in one grammar, each a document of its own (its own `#` and
+/// `$defs`), their rules' names kept apart: the caller writes the rules that use them and
+/// checks the whole.
+pub struct Documents<'a>(Gen<'a>);
+
+impl<'a> Documents<'a> {
+    /// No schema yet; the caller's own rules take the names in `taken`.
+    pub fn new(taken: &[&str]) -> Documents<'a> {
+        Documents(Gen {
+            root: &Value::Null,
+            rules: Vec::new(),
+            taken: HELPERS
+                .iter()
+                .map(|h| h.0.to_string())
+                .chain(taken.iter().map(|t| t.to_string()))
+                .collect(),
+            refs: HashMap::new(),
+            helpers: HashSet::from(["ws"]),
+        })
+    }
+
+    /// Adds the rules for `schema` as [`schema_to_gbnf`] writes them; the name of its own rule
+    /// (like `top`, with a suffix where taken).
+    pub fn add(&mut self, schema: &'a Value, top: &str) -> Result<String, String> {
+        let g = &mut self.0;
+        g.root = schema;
+        g.refs.clear();
+        let slot = g.take(top);
+        let name = g.rules[slot].0.clone();
+        g.refs.insert("#".to_string(), name.clone());
+        let body = g.body(schema, &name, "")?;
+        g.rules[slot].1 = Some(body);
+        Ok(name)
+    }
+
+    /// The rules' text, the shared rules used included.
+    pub fn text(&self) -> String {
+        self.0.text()
+    }
 }
 
 /// `msg` at the schema `ptr` (a JSON pointer; the root shown as `/`).
@@ -258,7 +286,7 @@ fn is_name(body: &str) -> bool {
 }
 
 /// A GBNF literal matching exactly `s`.
-fn literal(s: &str) -> String {
+pub fn literal(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {
@@ -411,7 +439,7 @@ fn array_items(
 
 /// The grammar being made.
 struct Gen<'a> {
-    /// The whole schema, for `$ref`.
+    /// The whole schema (the document being made), for `$ref`.
     root: &'a Value,
     /// Each rule's name and body in the order the names were taken (`None`: taken, unused).
     rules: Vec<(String, Option<String>)>,

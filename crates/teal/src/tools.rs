@@ -17,6 +17,7 @@
 
 use crate::chat::{FunctionCall, Message};
 use crate::grammar::Grammar;
+use crate::json_schema::{literal, Documents};
 use serde_json::{json, Value};
 
 /// A declared tool: its name and the JSON Schema of its arguments.
@@ -142,24 +143,23 @@ pub fn call_grammar(
     parallel: bool,
     lazy: bool,
 ) -> Result<Grammar, String> {
-    let calls: Vec<Value> = tools
-        .iter()
-        .filter(|t| only.is_none_or(|n| n == t.name))
-        .map(|t| {
-            json!({
-                "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                "required": ["name", "arguments"],
-            })
-        })
-        .collect();
-    let schema = match calls.len() {
-        0 => return Err("no tool to call".into()),
-        1 => calls[0].clone(),
-        _ => json!({ "anyOf": calls }),
-    };
-    let rules = crate::json_schema::schema_rules(&schema, "call", &["root", "block", "body"])
-        .map_err(|e| format!("tool arguments schema: {e}"))?;
+    // Each tool's parameters are a schema document of their own (their `#` and `$defs`), the
+    // call object `{"name": ..., "arguments": ...}` around them.
+    let mut docs = Documents::new(&["root", "block", "body", "call"]);
+    let mut calls = Vec::new();
+    for t in tools.iter().filter(|t| only.is_none_or(|n| n == t.name)) {
+        let args = docs
+            .add(&t.parameters, "args")
+            .map_err(|e| format!("tool arguments schema of '{}': {e}", t.name))?;
+        let name = literal(&Value::String(t.name.clone()).to_string());
+        calls.push(format!(
+            r#""{{" ws "\"name\"" ws ":" ws {name} ws "," ws "\"arguments\"" ws ":" ws {args} "}}" ws"#
+        ));
+    }
+    if calls.is_empty() {
+        return Err("no tool to call".into());
+    }
+    let rules = format!("call ::= {}\n{}", calls.join(" | "), docs.text());
     let more = if parallel { " (\"\\n\" block)*" } else { "" };
     // Lazy, the grammar starts after the trigger `<tool_call>`.
     let (first, trigger) = if lazy {
@@ -452,6 +452,53 @@ mod tests {
         // What the grammar takes, parse_calls reads.
         let (_, calls) = parse_calls(&format!("{paris}\n{time}"), &[]).unwrap();
         assert_eq!(calls.len(), 2);
+    }
+
+    #[test]
+    fn each_tool_s_parameters_are_a_document_of_their_own() {
+        let ok = |g: &Arc<Grammar>, args: &str| {
+            let doc =
+                format!("<tool_call>\n{{\"name\": \"f\", \"arguments\": {args}}}\n</tool_call>");
+            let mut s = GrammarState::new(g.clone());
+            s.push_bytes(doc.as_bytes()) && s.accepting()
+        };
+        let tool = |name: &str, params: Value| json!({"type": "function", "function": {"name": name, "parameters": params}});
+        // Pydantic's shape: `$defs` and `$ref` in the parameters; two tools' `Point` apart.
+        let point = |t: &str| {
+            json!({
+                "type": "object",
+                "$defs": {"Point": {"type": "object", "properties": {"x": {"type": t}},
+                                    "required": ["x"]}},
+                "properties": {"p": {"$ref": "#/$defs/Point"}},
+                "required": ["p"]
+            })
+        };
+        let tools = parse_tools(&[tool("f", point("number")), tool("g", point("string"))]).unwrap();
+        let g = Arc::new(call_grammar(&tools, None, false, false).unwrap());
+        assert!(ok(&g, r#"{"p": {"x": 1.5}}"#));
+        assert!(!ok(&g, r#"{"p": {"x": "a"}}"#) && !ok(&g, r#"{"p": {}}"#));
+        let g_call =
+            "<tool_call>\n{\"name\": \"g\", \"arguments\": {\"p\": {\"x\": \"a\"}}}\n</tool_call>";
+        let mut s = GrammarState::new(g.clone());
+        assert!(s.push_bytes(g_call.as_bytes()) && s.accepting());
+        // `#` is the parameters, not the call object around them.
+        let params = json!({"type": "object",
+                            "properties": {"child": {"$ref": "#"}, "v": {"type": "integer"}}});
+        let tools = parse_tools(&[tool("f", params)]).unwrap();
+        let g = Arc::new(call_grammar(&tools, None, false, false).unwrap());
+        assert!(ok(&g, r#"{"child": {"v": 1}}"#));
+        assert!(!ok(&g, r#"{"child": {"name": "f", "arguments": {}}}"#));
+        // An undefined `$ref` names the tool.
+        let params = json!({"type": "object", "properties": {"p": {"$ref": "#/$defs/Nope"}}});
+        let e = call_grammar(
+            &parse_tools(&[tool("f", params)]).unwrap(),
+            None,
+            false,
+            false,
+        );
+        assert!(e
+            .unwrap_err()
+            .contains("of 'f': /properties/p: keyword '$ref'"));
     }
 
     #[test]
