@@ -660,6 +660,9 @@ pub struct GrammarState {
     /// The code point's bits so far, the continuation bytes still due and the character's
     /// length in bytes.
     partial: (u32, u8, u8),
+    /// The bytes the next continuation byte may be (narrower after some lead bytes, so that
+    /// no overlong form, surrogate or code point over U+10FFFF gets through).
+    next: (u8, u8),
     /// Why the state stopped though the text may still match: a limit on the stacks passed.
     error: Option<String>,
 }
@@ -679,6 +682,7 @@ impl GrammarState {
             g,
             stacks: Vec::new(),
             partial: (0, 0, 0),
+            next: (0x80, 0xbf),
             error: None,
         };
         s.finish(step);
@@ -734,7 +738,7 @@ impl GrammarState {
             .map(|t| &self.g.rules[t.rule as usize][t.alt as usize][t.idx as usize])
             .collect();
         for (b, slot) in ok.iter_mut().enumerate() {
-            if let Some((lead, due)) = utf8_lead(b as u8) {
+            if let Some((lead, due, _)) = utf8_lead(b as u8) {
                 let (lo, hi) = char_range(lead, due, due + 1);
                 *slot = tops.iter().any(|e| e.may_match(lo, hi));
             }
@@ -766,13 +770,15 @@ impl GrammarState {
         for &b in bytes {
             let (val, due, len) = self.partial;
             if due == 0 {
-                let Some((v, d)) = utf8_lead(b) else {
+                let Some((v, d, next)) = utf8_lead(b) else {
                     self.stacks.clear();
                     return false;
                 };
                 self.partial = (v, d, d + 1);
-            } else if b & 0xc0 == 0x80 {
+                self.next = next;
+            } else if (self.next.0..=self.next.1).contains(&b) {
                 self.partial = ((val << 6) | (b & 0x3f) as u32, due - 1, len);
+                self.next = (0x80, 0xbf);
             } else {
                 self.stacks.clear();
                 return false;
@@ -803,27 +809,37 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The bits a UTF-8 lead byte carries and the continuation bytes it asks for; `None` for a
-/// byte no well-formed character starts with.
-fn utf8_lead(b: u8) -> Option<(u32, u8)> {
+/// The bits a UTF-8 lead byte carries, the continuation bytes it asks for and the bytes the
+/// first of them may be (as `constrain`'s JSON mode: no overlong form, surrogate or code point
+/// over U+10FFFF); `None` for a byte no well-formed character starts with.
+fn utf8_lead(b: u8) -> Option<(u32, u8, (u8, u8))> {
+    let any = (0x80, 0xbf);
     match b {
-        0x00..=0x7f => Some((b as u32, 0)),
-        0xc2..=0xdf => Some(((b & 0x1f) as u32, 1)),
-        0xe0..=0xef => Some(((b & 0x0f) as u32, 2)),
-        0xf0..=0xf4 => Some(((b & 0x07) as u32, 3)),
+        0x00..=0x7f => Some((b as u32, 0, any)),
+        0xc2..=0xdf => Some(((b & 0x1f) as u32, 1, any)),
+        0xe0 => Some((0, 2, (0xa0, 0xbf))),
+        0xed => Some((0xd, 2, (0x80, 0x9f))),
+        0xe1..=0xef => Some(((b & 0x0f) as u32, 2, any)),
+        0xf0 => Some((0, 3, (0x90, 0xbf))),
+        0xf4 => Some((4, 3, (0x80, 0x8f))),
+        0xf1..=0xf3 => Some(((b & 0x07) as u32, 3, any)),
         _ => None,
     }
 }
 
 /// The code points a character of `len` bytes may be whose first bits are `val`, with `due`
-/// continuation bytes still to come (the shortest form only, at most U+10FFFF).
+/// continuation bytes still to come (the shortest form only, no surrogate, at most U+10FFFF).
 fn char_range(val: u32, due: u8, len: u8) -> (u32, u32) {
     let shift = 6 * due as u32;
     let min = [0, 0, 0x80, 0x800, 0x10000][len as usize];
-    (
-        (val << shift).max(min),
-        ((val << shift) | ((1 << shift) - 1)).min(0x10ffff),
-    )
+    let lo = (val << shift).max(min);
+    let hi = ((val << shift) | ((1 << shift) - 1)).min(0x10ffff);
+    // After the lead byte 0xed only U+D000..U+D7FF are left (the rest are surrogates).
+    if (0xd800..=0xdfff).contains(&hi) {
+        (lo, 0xd7ff)
+    } else {
+        (lo, hi)
+    }
 }
 
 /// The stacks one character leads to, each followed once (as llama.cpp's
@@ -1242,6 +1258,43 @@ mod tests {
             "{:?}",
             s.error()
         );
+    }
+
+    #[test]
+    fn only_well_formed_utf8_gets_through() {
+        let bad: [&[u8]; 5] = [
+            &[0xe0, 0x81, 0x81],       // overlong
+            &[0xed, 0xa0, 0x80],       // a surrogate
+            &[0xf4, 0x90, 0x80, 0x80], // over U+10FFFF
+            &[0xf0, 0x80, 0x80, 0x80], // overlong
+            &[0xc1, 0x81],             // overlong
+        ];
+        for g in [
+            "root ::= .",
+            r#"root ::= [^"]"#,
+            r#"root ::= [\x00-\U0010ffff]"#,
+        ] {
+            for b in bad {
+                let mut s = GrammarState::new(Arc::new(Grammar::parse(g).unwrap()));
+                assert!(!s.push_bytes(b), "{g} {b:02x?}");
+            }
+            for c in ["\u{800}", "\u{d7ff}", "\u{e000}", "\u{10000}", "\u{10ffff}"] {
+                assert!(accepts(g, c), "{g} {c:?}");
+            }
+        }
+        // Only surrogates are left after 0xed for a class that takes none of U+D000..U+D7FF.
+        let s = GrammarState::new(Arc::new(
+            Grammar::parse(r#"root ::= [^\ud000-\ud7ff]"#).unwrap(),
+        ));
+        assert!(!s.first_bytes()[0xed] && s.first_bytes()[0xee]);
+        // The JSON schema's strings too.
+        let text =
+            crate::json_schema::schema_to_gbnf(&serde_json::json!({"type": "string"})).unwrap();
+        let g = Arc::new(Grammar::parse(&text).unwrap());
+        for b in bad {
+            let doc = [&b"\""[..], b, b"\""].concat();
+            assert!(!GrammarState::new(g.clone()).push_bytes(&doc), "{b:02x?}");
+        }
     }
 
     #[test]
