@@ -14,8 +14,8 @@
 //! - Objects: the `properties` in the schema's order (serde_json's `preserve_order` is on, as
 //!   llama.cpp and OpenAI keep it), those in `required` always, the others possibly left out. `additionalProperties` absent or `false`
 //!   means no other keys, as OpenAI's structured outputs do; `true` or a schema lets further
-//!   `"key": value` pairs (any key, a listed name not excluded; values of that schema) follow
-//!   the listed ones. Without `properties` and `additionalProperties`, any object. A property
+//!   `"key": value` pairs (any key but the listed names as written, as llama.cpp does; values of
+//!   that schema) follow the listed ones. Without `properties` and `additionalProperties`, any object. A property
 //!   whose schema is `false` is left out.
 //! - Arrays: `items` (a schema, or the older list form: a tuple), `prefixItems` (a tuple: its
 //!   items come first; then items of the `items` schema if given, none if `items` is absent or
@@ -782,9 +782,10 @@ impl Gen<'_> {
             Some(x) => {
                 let here = join(ptr, "additionalProperties");
                 let value = self.schema(x, &format!("{name}-extra"), &here)?;
-                self.helper("string");
+                let listed: Vec<&str> = props.into_iter().flatten().map(|p| p.0.as_str()).collect();
+                let key = self.other_key(&listed, &format!("{name}-extra-key"));
                 Some(self.rule(&format!("{name}-extra-kv"), |_, _| {
-                    Ok(format!(r#"string ":" ws {value}"#))
+                    Ok(format!(r#"{key} ":" ws {value}"#))
                 })?)
             }
         };
@@ -793,6 +794,64 @@ impl Gen<'_> {
             &object_first(&items, 0, extra.as_deref()),
             r#""}" ws"#,
         ]))
+    }
+
+    /// The rule of a JSON string (and the whitespace after it) that is none of `names` as
+    /// written, for the keys of further properties (llama.cpp's `_not_strings`): a trie of the
+    /// names, a rule named like `hint` for each of its nodes. As there, a name spelled with an
+    /// escape (`"\u0061"` for `a`), or one holding `"`, `\` or a control character, is not
+    /// excluded.
+    fn other_key(&mut self, names: &[&str], hint: &str) -> String {
+        self.helper("char");
+        let names: Vec<Vec<char>> = names
+            .iter()
+            .filter(|n| {
+                !n.chars()
+                    .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20)
+            })
+            .map(|n| n.chars().collect())
+            .collect();
+        let top = self.take(hint);
+        // Each node: the names with its prefix, the prefix's length and the node's slot.
+        let mut todo: Vec<(Vec<&[char]>, usize, usize)> =
+            vec![(names.iter().map(|n| n.as_slice()).collect(), 0, top)];
+        while let Some((group, depth, slot)) = todo.pop() {
+            let mut ends = false;
+            let mut children: Vec<(char, Vec<&[char]>)> = Vec::new();
+            for n in group {
+                match n.get(depth) {
+                    None => ends = true,
+                    Some(&c) => match children.iter_mut().find(|k| k.0 == c) {
+                        Some(k) => k.1.push(n),
+                        None => children.push((c, vec![n])),
+                    },
+                }
+            }
+            let mut alts = Vec::new();
+            let mut class = String::new();
+            for (c, names) in children {
+                let next = self.take(hint);
+                alts.push(format!(
+                    "{} {}",
+                    literal(&c.to_string()),
+                    self.rules[next].0
+                ));
+                if matches!(c, ']' | '[' | '-' | '^') {
+                    class.push('\\');
+                }
+                class.push(c);
+                todo.push((names, depth + 1, next));
+            }
+            alts.push(format!(
+                r#"( [^"\\\x00-\x1f{class}] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{{4}} ) ) char* "\"""#
+            ));
+            if !ends {
+                alts.push(r#""\"""#.to_string());
+            }
+            self.rules[slot].1 = Some(alts.join(" | "));
+        }
+        let first = self.rules[top].0.clone();
+        format!(r#""\"" {first} ws"#)
     }
 
     /// An array: the tuple's items, then items of the `items` schema if allowed.
@@ -1282,10 +1341,32 @@ mod tests {
             ],
             &["{\"a\": 1, \"x\": \"s\"}", "{\"x\": true}"],
         );
-        // Further keys are any strings, a listed one included (not excluded, by design).
-        let g = grammar(&json!({"properties": {"a": {"type": "integer"}},
-                                "additionalProperties": {"type": "number"}}));
-        assert!(accepts(&g, "{\"a\": 1.5}"));
+        // Further keys are any strings but the listed ones (llama.cpp's `_not_strings`).
+        let g = grammar(
+            &json!({"properties": {"a": {"type": "integer"}, "ab": {}, "b-]": {}},
+                                "additionalProperties": {"type": "number"}}),
+        );
+        for doc in [
+            "{\"a\": 1.5}",
+            "{\"ab\": 1, \"a\": 1.5}",
+            "{\"b-]\": 1, \"b-]\": 2}",
+        ] {
+            assert!(!accepts(&g, doc), "{doc}");
+        }
+        for doc in [
+            "{\"a\": 1, \"\": 1.5}",
+            "{\"abc\": 1, \"b\": 2, \"b-\": 3, \"c\": 4}",
+            "{\"b-]x\": 1}",
+        ] {
+            assert!(accepts(&g, doc), "{doc}");
+        }
+        let g = grammar(
+            &json!({"properties": {"a": {"type": "integer"}}, "required": ["a"],
+                                "additionalProperties": true}),
+        );
+        assert!(
+            !accepts(&g, "{\"a\": 1, \"a\": \"x\"}") && accepts(&g, "{\"a\": 1, \"x\": \"a\"}")
+        );
         check(
             json!({"type": "object", "additionalProperties": {"type": "string"}}),
             &["{}", "{\"k\": \"v\", \"\": \"w\"}"],
