@@ -27,7 +27,8 @@ use std::sync::Arc;
 /// The most repetitions `{m,n}` may ask for (each is a copy of the item in the rules).
 pub const MAX_REPEAT: u32 = 1000;
 
-/// The most stacks a state keeps; an ambiguous grammar beyond it is cut to the first ones.
+/// The most stacks a state keeps; an ambiguous grammar that needs more stops with an error
+/// ([`GrammarState::error`]) rather than drop ways the text may still match.
 pub const MAX_STACKS: usize = 4096;
 
 /// The most distinct stacks one character may visit while rule references are followed; a
@@ -691,19 +692,23 @@ impl GrammarState {
 
     /// Takes the stacks of a step, or stops with an error where it passed a limit.
     fn finish(&mut self, step: Step) {
-        if step.over {
-            self.stacks.clear();
-            self.error = Some(format!(
-                "the grammar needs over {MAX_STEP_STACKS} stacks to follow one character"
-            ));
+        let error = if step.over {
+            format!("the grammar needs over {MAX_STEP_STACKS} stacks to follow one character")
+        } else if step.out.len() > MAX_STACKS {
+            format!(
+                "the grammar is ambiguous beyond {MAX_STACKS} stacks (ways to match the text so \
+                 far)"
+            )
         } else {
             self.stacks = step.out;
-            self.stacks.truncate(MAX_STACKS);
-        }
+            return;
+        };
+        self.stacks.clear();
+        self.error = Some(error);
     }
 
-    /// Why the state stopped though the text may still match (a limit passed:
-    /// [`MAX_STEP_STACKS`]); `None` while it runs or when the text does not match.
+    /// Why the state stopped though the text may still match (a limit passed: [`MAX_STACKS`]
+    /// or [`MAX_STEP_STACKS`]); `None` while it runs or when the text does not match.
     pub fn error(&self) -> Option<&str> {
         self.error.as_deref()
     }
@@ -1295,6 +1300,24 @@ mod tests {
             let doc = [&b"\""[..], b, b"\""].concat();
             assert!(!GrammarState::new(g.clone()).push_bytes(&doc), "{b:02x?}");
         }
+    }
+
+    #[test]
+    fn ambiguity_past_the_stack_limit_is_an_error_not_a_rejection() {
+        let g = Arc::new(
+            Grammar::parse("root ::= s\ns ::= \"a\" s \"b\" | \"a\" s \"c\" | \"x\"").unwrap(),
+        );
+        // After k "a"s, 3 * 2^k stacks: 10 fit, 13 do not.
+        let text = format!("{}x{}c", "a".repeat(10), "b".repeat(9));
+        let mut s = GrammarState::new(g.clone());
+        assert!(s.push_bytes(text.as_bytes()) && s.accepting());
+        let mut s = GrammarState::new(g);
+        assert!(!s.push_bytes(&[b'a'; 13]));
+        assert!(
+            s.error().unwrap().contains("beyond 4096"),
+            "{:?}",
+            s.error()
+        );
     }
 
     #[test]
