@@ -11,7 +11,9 @@
 //! \UHHHHHHHH`; `.` is any character; `( )` groups; `*`, `+`, `?` and `{m,n}` repeat the item
 //! before them; `#` starts a comment; a rule ends at the end of its line, except inside
 //! parentheses, after `::=` or `|`, and before a line that starts with `|`. The rule `root` is the whole text. Left-recursive rules
-//! are refused (as llama.cpp does), so matching always ends.
+//! that leave something to match after the return (`a ::= a "x"`) are refused (as llama.cpp
+//! does); a loop that matches empty (`("a"?)*`) is followed once per stack, so matching always
+//! ends.
 //!
 //! [`GrammarState`] recognizes prefixes the way llama.cpp's sampler does: a set of stacks of
 //! positions in the rules, each with a character class on top, advanced one code point at a
@@ -104,6 +106,9 @@ impl Elem {
 pub struct Grammar {
     rules: Vec<Vec<Vec<Elem>>>,
     names: Vec<String>,
+    /// The line and column where each rule is first named (or, made for a group or a
+    /// repetition, ends).
+    at: Vec<(usize, usize)>,
     root: u32,
     /// See [`Grammar::after`].
     trigger: Option<Vec<u8>>,
@@ -160,20 +165,46 @@ impl Grammar {
         }
     }
 
-    /// Refuses a rule that can reach itself before consuming a character.
+    /// Whether each rule matches some text.
+    fn productive(&self) -> Vec<bool> {
+        let mut some = vec![false; self.rules.len()];
+        loop {
+            let mut changed = false;
+            for (r, alts) in self.rules.iter().enumerate() {
+                if !some[r]
+                    && alts.iter().any(|seq| {
+                        seq.iter()
+                            .all(|e| !matches!(e, Elem::Rule(x) if !some[*x as usize]))
+                    })
+                {
+                    some[r] = true;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return some;
+            }
+        }
+    }
+
+    /// Refuses a rule that can reach itself before consuming a character with something left
+    /// to match after the return (`a ::= a "x"`): following it would grow the stacks without
+    /// end; or that can reach itself so and matches no text at all (`a ::= a`). A loop in which
+    /// each rule is the last thing left (`("a"?)*`, a repetition of an item that may match
+    /// empty) comes back to a stack already met, and [`Step`] follows each once.
     fn check_left_recursion(&self) -> Result<(), GrammarError> {
         let null = self.nullable();
-        // The rules each rule may start with.
-        let starts: Vec<Vec<u32>> = self
+        // The rules each rule may start with, and whether something follows them there.
+        let starts: Vec<Vec<(usize, bool)>> = self
             .rules
             .iter()
             .map(|alts| {
                 let mut s = Vec::new();
                 for seq in alts {
-                    for e in seq {
+                    for (i, e) in seq.iter().enumerate() {
                         match e {
                             Elem::Rule(x) => {
-                                s.push(*x);
+                                s.push((*x as usize, i + 1 < seq.len()));
                                 if !null[*x as usize] {
                                     break;
                                 }
@@ -185,50 +216,81 @@ impl Grammar {
                 s
             })
             .collect();
-        // Depth-first search for a cycle: 0 unseen, 1 on the path, 2 done.
-        let mut mark = vec![0u8; self.rules.len()];
-        for r in 0..self.rules.len() {
-            if mark[r] == 0 {
-                if let Some(c) = cycle(r, &starts, &mut mark) {
-                    return Err(GrammarError {
-                        line: 0,
-                        col: 0,
-                        msg: format!(
-                            "rule '{}' is left-recursive (it can reach itself before any \
-                             character)",
-                            self.names[c]
-                        ),
-                    });
-                }
+        let comp = components(&starts);
+        let some = self.productive();
+        for (r, edges) in starts.iter().enumerate() {
+            if edges
+                .iter()
+                .any(|&(x, more)| (more || !some[r]) && comp[x] == comp[r])
+            {
+                let (line, col) = self.at[r];
+                return Err(GrammarError {
+                    line,
+                    col,
+                    msg: format!(
+                        "rule '{}' is left-recursive (it can reach itself before any \
+                         character)",
+                        self.names[r]
+                    ),
+                });
             }
         }
         Ok(())
     }
 }
 
-/// A rule on a cycle of `starts` reachable from `r` (depth-first, with its own stack of
-/// rules and how many of their starts were followed).
-fn cycle(r: usize, starts: &[Vec<u32>], mark: &mut [u8]) -> Option<usize> {
-    let mut path = vec![(r, 0usize)];
-    mark[r] = 1;
-    while let Some((at, next)) = path.last_mut() {
-        let Some(&x) = starts[*at].get(*next) else {
-            mark[*at] = 2;
-            path.pop();
+/// The strongly connected components of the graph `edges` (Kosaraju's, without recursion):
+/// each node's component number.
+fn components(edges: &[Vec<(usize, bool)>]) -> Vec<usize> {
+    let n = edges.len();
+    // The nodes in the order their depth-first visits finish.
+    let mut order = Vec::with_capacity(n);
+    let mut seen = vec![false; n];
+    for r in 0..n {
+        if seen[r] {
             continue;
-        };
-        *next += 1;
-        let x = x as usize;
-        match mark[x] {
-            1 => return Some(x),
-            0 => {
-                mark[x] = 1;
-                path.push((x, 0));
+        }
+        seen[r] = true;
+        let mut path = vec![(r, 0usize)];
+        while let Some((at, next)) = path.last_mut() {
+            match edges[*at].get(*next) {
+                Some(&(x, _)) => {
+                    *next += 1;
+                    if !seen[x] {
+                        seen[x] = true;
+                        path.push((x, 0));
+                    }
+                }
+                None => {
+                    order.push(*at);
+                    path.pop();
+                }
             }
-            _ => {}
         }
     }
-    None
+    let mut back = vec![Vec::new(); n];
+    for (r, es) in edges.iter().enumerate() {
+        for &(x, _) in es {
+            back[x].push(r);
+        }
+    }
+    let mut comp = vec![usize::MAX; n];
+    for (c, &r) in order.iter().rev().enumerate() {
+        if comp[r] != usize::MAX {
+            continue;
+        }
+        comp[r] = c;
+        let mut todo = vec![r];
+        while let Some(at) = todo.pop() {
+            for &x in &back[at] {
+                if comp[x] == usize::MAX {
+                    comp[x] = c;
+                    todo.push(x);
+                }
+            }
+        }
+    }
+    comp
 }
 
 struct Parser {
@@ -635,9 +697,27 @@ impl Parser {
                 msg: "the rule 'root' is empty".into(),
             });
         }
+        let mut at = Vec::with_capacity(self.first_use.len());
+        let (mut line, mut col, mut i) = (1, 1, 0);
+        let mut order: Vec<(usize, usize)> = self.first_use.iter().copied().zip(0..).collect();
+        order.sort_unstable();
+        at.resize(order.len(), (0, 0));
+        for (pos, r) in order {
+            while i < pos.min(self.src.len()) {
+                if self.src[i] == '\n' {
+                    line += 1;
+                    col = 1;
+                } else {
+                    col += 1;
+                }
+                i += 1;
+            }
+            at[r] = (line, col);
+        }
         Ok(Grammar {
             rules,
             names: self.names,
+            at,
             root,
             trigger: None,
         })
@@ -1112,6 +1192,17 @@ mod tests {
         assert!(e("item ::= \"a\"").contains("no rule named 'root'"));
         assert!(e("root ::= item").contains("'item' is used but not defined"));
         assert!(e("root ::= root \"a\" | \"b\"").contains("left-recursive"));
+        let msg = e("root ::= ( \"a\"? root \"c\" ) | \"b\"");
+        assert!(
+            msg.starts_with("line 1 column 27: rule 'root-") && msg.contains("left-recursive"),
+            "{msg}"
+        );
+        // Loops that match empty but leave nothing after the return end, as in llama.cpp.
+        assert!(accepts(r#"root ::= ("a"?)*"#, "aaa") && accepts(r#"root ::= ("a"?)*"#, ""));
+        let g = "root ::= (ws)* \"x\"\nws ::= \" \"?";
+        assert!(accepts(g, "   x") && accepts(g, "x") && !accepts(g, " y"));
+        assert!(accepts(r#"root ::= ([a-z]*)+ "." "#, "ab."));
+        assert!(e("root ::= a | \"x\"\na ::= b\nb ::= a").contains("left-recursive"));
         assert!(e("root ::= x\nx ::= y? x \"a\"\ny ::= \"b\"").contains("left-recursive"));
         assert!(e("root ::= \"abc").contains("unterminated literal"));
         assert!(e("root ::= [a-").contains("unterminated character class"));
