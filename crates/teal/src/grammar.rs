@@ -66,7 +66,8 @@ impl std::error::Error for GrammarError {}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Elem {
-    /// A code point inside one of the inclusive ranges, or with `negated` outside all of them.
+    /// A code point inside one of the inclusive ranges (sorted, no two that overlap or touch:
+    /// see `merge`), or with `negated` outside all of them.
     Char {
         ranges: Vec<(u32, u32)>,
         negated: bool,
@@ -497,7 +498,10 @@ impl Parser {
                             }
                         }
                     }
-                    seq.push(Elem::Char { ranges, negated });
+                    seq.push(Elem::Char {
+                        ranges: merge(ranges),
+                        negated,
+                    });
                 }
                 Some('.') => {
                     self.pos += 1;
@@ -645,7 +649,8 @@ impl Parser {
         self.pos += 1;
         let hex = |p: &mut Parser, n: usize| -> Result<u32, GrammarError> {
             let s: String = p.src.iter().skip(p.pos).take(n).collect();
-            match (s.len() == n).then(|| u32::from_str_radix(&s, 16)) {
+            let digits = s.len() == n && s.chars().all(|c| c.is_ascii_hexdigit());
+            match digits.then(|| u32::from_str_radix(&s, 16)) {
                 Some(Ok(v)) if char::from_u32(v).is_some() => {
                     p.pos += n;
                     Ok(v)
@@ -722,6 +727,20 @@ impl Parser {
             trigger: None,
         })
     }
+}
+
+/// `ranges` sorted and merged where they overlap or touch, so that a range of code points is
+/// inside the class's ranges only if it is inside one of them.
+fn merge(mut ranges: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
+        match out.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
 }
 
 /// A position in a rule: the element `idx` of alternative `alt` of rule `rule` comes next.
@@ -1409,6 +1428,25 @@ mod tests {
             "{:?}",
             s.error()
         );
+    }
+
+    #[test]
+    fn classes_of_touching_ranges_and_hex_escapes() {
+        // Together the ranges cover all that may follow 0xc2: it may not start a character.
+        let g = r#"root ::= [^\u0080-\u009f\u00a0-\u00bf] | "x""#;
+        let s = GrammarState::new(Arc::new(Grammar::parse(g).unwrap()));
+        assert!(!s.first_bytes()[0xc2] && s.first_bytes()[0xc3]);
+        assert!(!s.clone().push_bytes(&[0xc2]) && s.clone().push_bytes(&[0xc3]));
+        assert!(accepts(g, "x") && accepts(g, "é") && !accepts(g, "\u{a0}"));
+        assert!(accepts("root ::= [b-cab]+", "abcba") && !accepts("root ::= [b-cab]+", "d"));
+        for bad in [
+            r#"root ::= "\x+1""#,
+            r#"root ::= "\u+041""#,
+            r#"root ::= [\x-1]"#,
+        ] {
+            let e = Grammar::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("hexadecimal digits"), "{bad}: {e}");
+        }
     }
 
     #[test]
