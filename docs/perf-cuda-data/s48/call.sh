@@ -1,6 +1,6 @@
 #!/bin/bash
-# Session 48: teal, gpu_model and cuda_parity built at b61653a, then at 8b7004e (NaN to the
-# checks, set_masks all or nothing; tiny temperatures). On any card the GPU tests first, then on an H200 the decode table.
+# Session 48: teal, gpu_model and cuda_parity built at b61653a, 8b7004e, then 5f742b6 (NaN to the
+# checks, set_masks all or nothing; tiny temperatures; sampling in llama.cpp order). On any card the GPU tests first, then on an H200 the decode table.
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt
 cat $OUT/gpu.txt
