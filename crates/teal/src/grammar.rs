@@ -30,7 +30,9 @@ use std::sync::Arc;
 pub const MAX_REPEAT: u32 = 1000;
 
 /// The most stacks a state keeps; an ambiguous grammar that needs more stops with an error
-/// ([`GrammarState::error`]) rather than drop ways the text may still match.
+/// ([`GrammarState::error`]) rather than drop ways the text may still match. In sampling, a
+/// token whose text would pass the limit is not allowed (the answer stays one the grammar
+/// accepts, though it cannot take that way).
 pub const MAX_STACKS: usize = 4096;
 
 /// The most distinct stacks one character may visit while rule references are followed; a
@@ -1101,11 +1103,6 @@ impl GrammarMode {
             }
         }
         self.first = self.state.first_bytes();
-    }
-
-    /// Why the grammar stopped though the text may still match ([`GrammarState::error`]).
-    pub fn error(&self) -> Option<&str> {
-        self.state.error()
     }
 
     /// The end-of-sequence tokens.
