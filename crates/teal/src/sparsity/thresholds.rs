@@ -213,35 +213,50 @@ impl Provenance {
 
     /// How this record differs from one of the same calibration asked for again (`want`): the
     /// text, its size, the windows; the tokens' hash where both have one. Empty if it is the
-    /// same. The engine is not compared.
+    /// same. The engine is not compared, nor `tokens` (the windows' product).
     pub fn differences(&self, want: &Provenance) -> Vec<String> {
-        let mut d = Vec::new();
-        let mut field = |name: &str, have: String, asked: String| {
-            if have != asked {
-                d.push(format!("{name} {have} (asked {asked})"));
-            }
-        };
-        field("text", self.text.clone(), want.text.clone());
-        field(
-            "text_bytes",
-            self.text_bytes.to_string(),
-            want.text_bytes.to_string(),
-        );
-        field(
-            "samples",
-            self.samples.to_string(),
-            want.samples.to_string(),
-        );
-        field(
-            "seq_len",
-            self.seq_len.to_string(),
-            want.seq_len.to_string(),
-        );
-        if let (Some(have), Some(asked)) = (&self.tokens_hash, &want.tokens_hash) {
-            field("tokens_hash", have.clone(), asked.clone());
+        // Every field named: a field added to the record fails to compile here until it is
+        // compared too (or said not to be).
+        let Provenance {
+            text: _,
+            text_bytes: _,
+            samples: _,
+            seq_len: _,
+            tokens: _,
+            engine: _,
+            tokens_hash: _,
+        } = self;
+        let (a, b) = (self, want);
+        let mut fields = vec![
+            ("text", a.text.clone(), b.text.clone()),
+            (
+                "text_bytes",
+                a.text_bytes.to_string(),
+                b.text_bytes.to_string(),
+            ),
+            ("samples", a.samples.to_string(), b.samples.to_string()),
+            ("seq_len", a.seq_len.to_string(), b.seq_len.to_string()),
+        ];
+        if let (Some(x), Some(y)) = (&a.tokens_hash, &b.tokens_hash) {
+            fields.push(("tokens_hash", x.clone(), y.clone()));
         }
-        d
+        differing(&fields, |name, have, asked| {
+            format!("{name} {have} (asked {asked})")
+        })
     }
+}
+
+/// The fields of `(name, one value, the other)` whose values differ, each as `describe` writes
+/// it (what the model and calibration checks report).
+fn differing(
+    fields: &[(&str, String, String)],
+    describe: impl Fn(&str, &str, &str) -> String,
+) -> Vec<String> {
+    fields
+        .iter()
+        .filter(|(_, x, y)| x != y)
+        .map(|(name, x, y)| describe(name, x, y))
+        .collect()
 }
 
 /// Quantile tables of one site: thresholds at each of [`Thresholds::levels`].
@@ -701,11 +716,9 @@ impl Thresholds {
                 b.tensor_hash.clone(),
             ),
         ];
-        let differ: Vec<String> = fields
-            .iter()
-            .filter(|(_, x, y)| x != y)
-            .map(|(name, x, y)| format!("{name} {x} in the file, {y} in the model"))
-            .collect();
+        let differ = differing(&fields, |name, x, y| {
+            format!("{name} {x} in the file, {y} in the model")
+        });
         if !differ.is_empty() {
             return Err(Error::Invalid(format!(
                 "thresholds file was calibrated for another model: {}",
