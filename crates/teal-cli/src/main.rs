@@ -1367,8 +1367,9 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     };
     let text = teal::error::read_text(&data)?;
     let tokens = files.tokenizer.encode(&text, false)?;
+    // The allocations' options come after the check below (which may take the file's).
     let opts = CalibOptions {
-        weight_aware: false,
+        weight_aware: !a.no_wina,
         samples: a.samples,
         seq_len,
         greedy: None,
@@ -1444,7 +1445,6 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let model = a.common.load(&files)?;
     let (greedy_wanted, fisher_wanted) = (greedy.is_some(), fisher.is_some());
     let opts = CalibOptions {
-        weight_aware: !a.no_wina,
         greedy,
         fisher,
         ..opts
