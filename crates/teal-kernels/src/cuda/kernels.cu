@@ -1116,8 +1116,8 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gu, float* __r
     }
 }
 
-// Index of the largest value of each row (first one on ties, -0 and +0 equal; 0 where no value
-// is larger than -inf), or 0xffffffff where the row holds a NaN or an infinity (the host then
+// Index of the largest value of each row (first one on ties, -0 and +0 equal; 0 for rows of no
+// values), or 0xffffffff where the row holds a NaN or an infinity, -inf included (the host then
 // reports the logits as non-finite, as the CPU does). Grid: (chunks of `chunk` values, rows), 256 threads. Each block finds
 // its chunk's best (each thread 8 loads in flight, 16-byte loads when n % 4 == 0) and folds it
 // into the row's 64-bit key with one atomicMax: the value's order-keeping bits above the

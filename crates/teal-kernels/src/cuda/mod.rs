@@ -1453,8 +1453,8 @@ impl Gpu {
     }
 
     /// Index of the largest value of each of `rows` rows of length `n` (first on ties, -0 and
-    /// +0 equal; 0 where no value is above -inf), or [`NON_FINITE`] for a row holding a NaN or
-    /// an infinity: up to [`MAX_BATCH`] rows per launch, each row split over blocks of
+    /// +0 equal; 0 for rows of no values), or [`NON_FINITE`] for a row holding a NaN or an
+    /// infinity (-inf included): up to [`MAX_BATCH`] rows per launch, each row split over blocks of
     /// [`ARGMAX_CHUNK`] values.
     pub fn argmax(
         &self,

@@ -302,9 +302,10 @@ impl Group {
 
     /// New thresholds of the parts (both passes), where the launches built for the first ones
     /// can take them: one per part launch, one per fused segment, or one for a fused launch
-    /// without segments when all parts share it. Returns each launch's new thresholds,
-    /// changing nothing ([`Group::set_thresholds`] applies them), so that a model whose
-    /// later layer refuses keeps every layer's old ones.
+    /// without segments when all parts share it. Returns the new thresholds of the launches
+    /// from the first (those after them keep theirs), changing nothing
+    /// ([`Group::set_thresholds`] applies them), so that a model whose later layer refuses
+    /// keeps every layer's old ones.
     fn new_thresholds(
         &self,
         t: &[SegThreshold],
@@ -326,12 +327,10 @@ impl Group {
                  open a new GPU decoder for per-projection thresholds"
             )));
         };
-        let mut all: Vec<_> = self.launches.iter().map(|l| l.thresholds.clone()).collect();
-        all[0] = [first.clone(), first];
-        Ok(all)
+        Ok(vec![[first.clone(), first]])
     }
 
-    /// Applies [`Group::new_thresholds`]'s result.
+    /// Applies [`Group::new_thresholds`]'s result (launch by launch from the first).
     fn set_thresholds(&mut self, t: Vec<[Vec<SegThreshold>; PASSES]>) {
         for (l, ti) in self.launches.iter_mut().zip(t) {
             l.thresholds = ti;
