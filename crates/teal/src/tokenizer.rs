@@ -1297,13 +1297,7 @@ impl<'a> StreamDecoder<'a> {
     /// the rest, which may never come when the generation stops there).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = self.tok.decode_with(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full = self
-            .tok
-            .decode_with(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let (prefix, full) = self.window()?;
         let pending = self.ids.len() - self.read_offset;
         if full.len() > prefix.len() && full.starts_with(&prefix) {
             let tail = &full[prefix.len()..];
@@ -1336,13 +1330,7 @@ impl<'a> StreamDecoder<'a> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = self.tok.decode_with(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full = self
-            .tok
-            .decode_with(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let (prefix, full) = self.window()?;
         let new = full
             .get(prefix.len()..)
             .and_then(|tail| tail.get(self.held..))
@@ -1350,6 +1338,15 @@ impl<'a> StreamDecoder<'a> {
             .to_string();
         self.advance();
         Ok(new)
+    }
+
+    /// The window's text up to the pending tokens, and with them.
+    fn window(&self) -> Result<(String, String)> {
+        let text = |ids: &[u32]| self.tok.decode_with(ids, self.skip_special);
+        Ok((
+            text(&self.ids[self.prefix_offset..self.read_offset])?,
+            text(&self.ids[self.prefix_offset..])?,
+        ))
     }
 
     /// The window's pending tokens are handed out: the next window starts after them.
