@@ -74,19 +74,10 @@ impl Utf8 {
         hi: 0xbf,
     };
 
-    /// After lead byte `b` (an ASCII byte: nothing due), or `None` if `b` leads no character.
+    /// After lead byte `b` (an ASCII byte: nothing due, [`Utf8::NONE`]), or `None` if `b`
+    /// leads no character (the grammars' table of lead bytes).
     fn lead(b: u8) -> Option<Utf8> {
-        let (due, lo, hi) = match b {
-            0..=0x7f => return Some(Utf8::NONE),
-            0xc2..=0xdf => (1, 0x80, 0xbf),
-            0xe0 => (2, 0xa0, 0xbf),
-            0xed => (2, 0x80, 0x9f),
-            0xe1..=0xef => (2, 0x80, 0xbf),
-            0xf0 => (3, 0x90, 0xbf),
-            0xf4 => (3, 0x80, 0x8f),
-            0xf1..=0xf3 => (3, 0x80, 0xbf),
-            _ => return None,
-        };
+        let (_, due, (lo, hi)) = crate::grammar::utf8_lead(b)?;
         Some(Utf8 { due, lo, hi })
     }
 

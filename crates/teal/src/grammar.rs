@@ -147,45 +147,30 @@ impl Grammar {
         self.rules.len()
     }
 
+    /// The rules that match the empty text.
     fn nullable(&self) -> Vec<bool> {
-        let mut null = vec![false; self.rules.len()];
-        loop {
-            let mut changed = false;
-            for (r, alts) in self.rules.iter().enumerate() {
-                if !null[r]
-                    && alts.iter().any(|seq| {
-                        seq.iter()
-                            .all(|e| matches!(e, Elem::Rule(x) if null[*x as usize]))
-                    })
-                {
-                    null[r] = true;
-                    changed = true;
-                }
-            }
-            if !changed {
-                return null;
-            }
-        }
+        self.least_fixed_point(|e, null| matches!(e, Elem::Rule(x) if null[*x as usize]))
     }
 
     /// Whether each rule matches some text.
     fn productive(&self) -> Vec<bool> {
-        let mut some = vec![false; self.rules.len()];
+        self.least_fixed_point(|e, some| !matches!(e, Elem::Rule(x) if !some[*x as usize]))
+    }
+
+    /// The rules marked by rounds until none changes: a rule is marked once one of its
+    /// alternatives has every element `holds` (given the marks so far).
+    fn least_fixed_point(&self, holds: impl Fn(&Elem, &[bool]) -> bool) -> Vec<bool> {
+        let mut marked = vec![false; self.rules.len()];
         loop {
             let mut changed = false;
             for (r, alts) in self.rules.iter().enumerate() {
-                if !some[r]
-                    && alts.iter().any(|seq| {
-                        seq.iter()
-                            .all(|e| !matches!(e, Elem::Rule(x) if !some[*x as usize]))
-                    })
-                {
-                    some[r] = true;
+                if !marked[r] && alts.iter().any(|seq| seq.iter().all(|e| holds(e, &marked))) {
+                    marked[r] = true;
                     changed = true;
                 }
             }
             if !changed {
-                return some;
+                return marked;
             }
         }
     }
@@ -916,9 +901,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The bits a UTF-8 lead byte carries, the continuation bytes it asks for and the bytes the
-/// first of them may be (as `constrain`'s JSON mode: no overlong form, surrogate or code point
-/// over U+10FFFF); `None` for a byte no well-formed character starts with.
-fn utf8_lead(b: u8) -> Option<(u32, u8, (u8, u8))> {
+/// first of them may be (well-formed UTF-8 only: no overlong form, surrogate or code point
+/// over U+10FFFF; `constrain`'s JSON mode reads it too); `None` for a byte no well-formed
+/// character starts with.
+pub(crate) fn utf8_lead(b: u8) -> Option<(u32, u8, (u8, u8))> {
     let any = (0x80, 0xbf);
     match b {
         0x00..=0x7f => Some((b as u32, 0, any)),
