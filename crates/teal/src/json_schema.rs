@@ -21,9 +21,12 @@
 //!   items come first; then items of the `items` schema if given, none if `items` is absent or
 //!   `false`), `minItems` (for a tuple, by default its length) and `maxItems`, up to 1000.
 //! - Strings: JSON string syntax, `minLength` and `maxLength` (characters, up to 1000), and
-//!   `format` `date`, `time` (with its offset), `date-time` and `uuid`.
+//!   `format` `date`, `time` (with its offset), `date-time` and `uuid`; other formats are
+//!   annotations (JSON Schema's default; llama.cpp's choice too): any string.
 //! - Numbers: JSON syntax with at most 16 integral digits (for `number` also a fraction of at
-//!   most 24 digits and an exponent of at most 3); `minimum: 0` on `integer` (no sign).
+//!   most 24 digits and an exponent of at most 3). On `integer`, `minimum`, `maximum`,
+//!   `exclusiveMinimum` and `exclusiveMaximum` (numbers; a fractional bound allows the integers
+//!   inside it): the grammar writes exactly the integers in range, without leading zeros.
 //! - `enum` and `const` (any JSON values, filtered by `type` when given): their compact
 //!   serializations, exactly (the other keywords beside them are not checked against them).
 //! - `anyOf` and `oneOf` (both as alternatives: `oneOf`'s "exactly one" is not enforced), `allOf`
@@ -39,8 +42,7 @@
 //! besides the annotations (`title`, `description`, `$schema`, `$id`, `$comment`, `default`,
 //! `examples`, `deprecated`, `readOnly`, `writeOnly`, and the `$defs`/`definitions` containers),
 //! so `pattern`, `not`, `if`, `patternProperties`, `minProperties`, `uniqueItems`,
-//! `contains`, ...; `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` and
-//! `multipleOf` (but `minimum: 0` on integers); other formats; `allOf` with several schemas;
+//! `contains`, ...; `multipleOf`, and the bounds on `number`; `allOf` with several schemas;
 //! other references; counts over 1000; and schemas that allow nothing.
 
 use crate::grammar::{Grammar, MAX_REPEAT};
@@ -96,7 +98,7 @@ const KEYWORDS: &[&str] = &[
 /// Keywords that stand for other schemas: each must be alone beside annotations.
 const COMPOSITIONS: &[&str] = &["$ref", "anyOf", "oneOf", "allOf"];
 
-/// Numeric bounds (refused, but `minimum: 0` on integers).
+/// Numeric bounds (on integers all but `multipleOf`; refused on numbers).
 const BOUNDS: &[&str] = &[
     "minimum",
     "maximum",
@@ -148,7 +150,6 @@ const HELPERS: &[(&str, &str, &[&str])] = &[
         &["ws"],
     ),
     ("integer", r#""-"? ( "0" | [1-9] [0-9]{0,15} ) ws"#, &["ws"]),
-    ("natural", r#"( "0" | [1-9] [0-9]{0,15} ) ws"#, &["ws"]),
     ("boolean", r#"( "true" | "false" ) ws"#, &["ws"]),
     ("null", r#""null" ws"#, &["ws"]),
     (
@@ -358,6 +359,109 @@ fn count(m: &Map<String, Value>, kw: &str, ptr: &str) -> Result<Option<u64>, Str
             format!("keyword '{kw}' must be a non-negative integer"),
         )),
     }
+}
+
+/// The largest magnitude the integer rules write: 16 digits.
+const INT_LIMIT: i128 = 9_999_999_999_999_999;
+
+/// The integer bound keyword `kw` of `m` as the bound it sets on integers (`minimum` 2.5 allows
+/// 3 and above, `exclusiveMaximum` 10 allows 9 and below), clamped to the written range.
+fn int_bound(m: &Map<String, Value>, kw: &str, ptr: &str) -> Result<Option<i128>, String> {
+    let Some(v) = m.get(kw) else {
+        return Ok(None);
+    };
+    let exact = v.as_i64().map(i128::from).or(v.as_u64().map(i128::from));
+    let f = v
+        .as_f64()
+        .ok_or_else(|| at(ptr, format!("keyword '{kw}' must be a number")))?;
+    let round = |r: f64| exact.unwrap_or(r.clamp(-1e17, 1e17) as i128);
+    let b = match kw {
+        "minimum" => round(f.ceil()),
+        "exclusiveMinimum" => round(f.floor()) + 1,
+        "maximum" => round(f.floor()),
+        _ => round(f.ceil()) - 1,
+    };
+    Ok(Some(b.clamp(-INT_LIMIT - 1, INT_LIMIT + 1)))
+}
+
+/// The decimal digits of the naturals from `lo` to `hi` (`lo <= hi`), without leading zeros.
+/// Lengths whose every number is in the range share one alternative.
+fn natural_range(lo: u64, hi: u64) -> Vec<String> {
+    let (lo, hi) = (lo.to_string(), hi.to_string());
+    let mut alts = Vec::new();
+    let mut full: Option<(usize, usize)> = None;
+    let flush = |full: &mut Option<(usize, usize)>, alts: &mut Vec<String>| {
+        if let Some((a, b)) = full.take() {
+            let rest = repeat("[0-9]", a as u64 - 1, Some(b as u64 - 1));
+            alts.push(seq(&["[1-9]", &rest]));
+        }
+    };
+    for len in lo.len()..=hi.len() {
+        let from = match len == lo.len() {
+            true => lo.clone(),
+            false => format!("1{}", "0".repeat(len - 1)),
+        };
+        let to = match len == hi.len() {
+            true => hi.clone(),
+            false => "9".repeat(len),
+        };
+        if from.starts_with('1') && from[1..].bytes().all(|d| d == b'0') && to == "9".repeat(len) {
+            full = Some((full.map_or(len, |f| f.0), len));
+        } else {
+            flush(&mut full, &mut alts);
+            same_length(from.as_bytes(), to.as_bytes(), &mut alts, "");
+        }
+    }
+    flush(&mut full, &mut alts);
+    alts
+}
+
+/// Pushes onto `alts`, each after `head`, sequences matching the digit strings from `lo` to
+/// `hi` (of one length, `lo <= hi`).
+fn same_length(lo: &[u8], hi: &[u8], alts: &mut Vec<String>, head: &str) {
+    let digits = |a: u8, b: u8| match b - a {
+        0 => format!("\"{}\"", a as char),
+        _ => format!("[{}-{}]", a as char, b as char),
+    };
+    let Some((&a, lo_rest)) = lo.split_first() else {
+        alts.push(head.to_string());
+        return;
+    };
+    let (&b, hi_rest) = hi.split_first().expect("same length");
+    if a == b {
+        same_length(lo_rest, hi_rest, alts, &seq(&[head, &digits(a, a)]));
+        return;
+    }
+    let any = repeat("[0-9]", lo_rest.len() as u64, Some(lo_rest.len() as u64));
+    let low_full = lo_rest.iter().all(|&d| d == b'0');
+    let high_full = hi_rest.iter().all(|&d| d == b'9');
+    let first = if low_full { a } else { a + 1 };
+    let last = if high_full { b } else { b - 1 };
+    if !low_full {
+        let nines = vec![b'9'; lo_rest.len()];
+        same_length(lo_rest, &nines, alts, &seq(&[head, &digits(a, a)]));
+    }
+    if first <= last {
+        alts.push(seq(&[head, &digits(first, last), &any]));
+    }
+    if !high_full {
+        let zeros = vec![b'0'; hi_rest.len()];
+        same_length(&zeros, hi_rest, alts, &seq(&[head, &digits(b, b)]));
+    }
+}
+
+/// The alternatives matching the integers from `lo` to `hi` (`lo <= hi`, both within
+/// [`INT_LIMIT`]) in JSON's form: no leading zeros, no `-0`.
+fn int_range(lo: i128, hi: i128) -> Vec<String> {
+    let mut alts = Vec::new();
+    if lo < 0 {
+        let neg = natural_range(hi.min(-1).unsigned_abs() as u64, lo.unsigned_abs() as u64);
+        alts.extend(neg.iter().map(|a| seq(&["\"-\"", a])));
+    }
+    if hi >= 0 {
+        alts.extend(natural_range(lo.max(0) as u64, hi as u64));
+    }
+    alts
 }
 
 /// The contents of an object after `{`: `items` (each a key-value rule, and whether required)
@@ -698,29 +802,51 @@ impl Gen<'_> {
             "object" => self.object(m, name, ptr),
             "array" => self.array(m, name, ptr),
             "string" => self.string(m, ptr),
-            "number" | "integer" => {
-                let natural =
-                    t == "integer" && m.get("minimum").and_then(Value::as_f64) == Some(0.0);
-                if let Some(k) = BOUNDS
-                    .iter()
-                    .find(|k| m.contains_key(**k) && !(natural && **k == "minimum"))
-                {
-                    let only = if t == "integer" && *k == "minimum" {
-                        " (only 0 on integers)"
-                    } else {
-                        ""
-                    };
-                    return Err(at(ptr, format!("keyword '{k}' is not supported{only}")));
-                }
-                Ok(self.helper(match (t, natural) {
-                    ("number", _) => "number",
-                    (_, true) => "natural",
-                    _ => "integer",
-                }))
-            }
+            "integer" => self.integer(m, ptr),
+            "number" => match BOUNDS.iter().find(|k| m.contains_key(**k)) {
+                Some(k) => Err(at(
+                    ptr,
+                    format!("keyword '{k}' is not supported on numbers (only on integers)"),
+                )),
+                None => Ok(self.helper("number")),
+            },
             "boolean" => Ok(self.helper("boolean")),
             _ => Ok(self.helper("null")),
         }
+    }
+
+    /// An integer, between its bounds if it has any.
+    fn integer(&mut self, m: &Map<String, Value>, ptr: &str) -> Result<String, String> {
+        if m.contains_key("multipleOf") {
+            return Err(at(ptr, "keyword 'multipleOf' is not supported"));
+        }
+        let lows = [
+            int_bound(m, "minimum", ptr)?,
+            int_bound(m, "exclusiveMinimum", ptr)?,
+        ];
+        let highs = [
+            int_bound(m, "maximum", ptr)?,
+            int_bound(m, "exclusiveMaximum", ptr)?,
+        ];
+        let (lo, hi) = (
+            lows.into_iter().flatten().max(),
+            highs.into_iter().flatten().min(),
+        );
+        if lo.is_none() && hi.is_none() {
+            return Ok(self.helper("integer"));
+        }
+        let (lo, hi) = (
+            lo.unwrap_or(-INT_LIMIT).max(-INT_LIMIT),
+            hi.unwrap_or(INT_LIMIT).min(INT_LIMIT),
+        );
+        if lo > hi {
+            return Err(at(
+                ptr,
+                "the integer bounds allow no value of at most 16 digits",
+            ));
+        }
+        self.helper("ws");
+        Ok(format!("( {} ) ws", int_range(lo, hi).join(" | ")))
     }
 
     /// An object: the `properties` in order, then further pairs if allowed.
@@ -914,22 +1040,21 @@ impl Gen<'_> {
     fn string(&mut self, m: &Map<String, Value>, ptr: &str) -> Result<String, String> {
         let lo = count(m, "minLength", ptr)?;
         let hi = count(m, "maxLength", ptr)?;
-        if let Some(f) = m.get("format") {
-            let helper = match f.as_str() {
-                Some("date") => "date-string",
-                Some("time") => "time-string",
-                Some("date-time") => "date-time-string",
-                Some("uuid") => "uuid-string",
-                _ => {
-                    return Err(at(
-                        ptr,
-                        format!(
-                            "keyword 'format': {f} is not supported (only date, time, \
-                             date-time and uuid)"
-                        ),
-                    ))
-                }
-            };
+        let format = match m.get("format") {
+            None => None,
+            Some(Value::String(f)) => Some(f.as_str()),
+            Some(_) => return Err(at(ptr, "keyword 'format' must be a string")),
+        };
+        // Other formats are annotations, as JSON Schema's default vocabulary has them (and
+        // llama.cpp): any string.
+        let helper = match format {
+            Some("date") => Some("date-string"),
+            Some("time") => Some("time-string"),
+            Some("date-time") => Some("date-time-string"),
+            Some("uuid") => Some("uuid-string"),
+            _ => None,
+        };
+        if let Some(helper) = helper {
             if let Some(k) = ["minLength", "maxLength"]
                 .iter()
                 .find(|k| m.contains_key(**k))
@@ -1149,8 +1274,8 @@ mod tests {
         );
         check(
             json!({"type": "integer", "minimum": 0}),
-            &["0", "7", "42"],
-            &["-1", "-0", "1.5"],
+            &["0", "7", "42", "1234567890123456"],
+            &["-1", "-0", "1.5", "01", "12345678901234567"],
         );
         check(
             json!({"type": "boolean"}),
@@ -1658,6 +1783,90 @@ mod tests {
         );
     }
 
+    /// The integers `lo..=hi` and a few written otherwise, each with whether `(min, max)`
+    /// allows it.
+    fn integer_cases(lo: i64, hi: i64, min: i64, max: i64) -> Vec<(String, bool)> {
+        let mut cases: Vec<(String, bool)> = (lo..=hi)
+            .map(|n| (n.to_string(), (min..=max).contains(&n)))
+            .collect();
+        cases.extend(["-0", "00", "007", "-01", "1.0", "+1", "-"].map(|t| (t.to_string(), false)));
+        cases
+    }
+
+    #[test]
+    fn integer_bounds_allow_exactly_the_integers_in_range() {
+        let bounds = [
+            (0, 0),
+            (0, 9),
+            (1, 9),
+            (7, 7),
+            (5, 123),
+            (-5, 5),
+            (-123, -7),
+            (-1000, -1000),
+            (10, 99),
+            (99, 1000),
+            (-99, 1099),
+            (101, 199),
+            (190, 1010),
+            (-1, 0),
+        ];
+        for (min, max) in bounds {
+            let g = grammar(&json!({"type": "integer", "minimum": min, "maximum": max}));
+            for (doc, ok) in integer_cases(-1200, 1200, min, max) {
+                assert_eq!(accepts(&g, &doc), ok, "[{min}, {max}] on {doc}");
+            }
+        }
+        // Exclusive and fractional bounds, and each side alone.
+        let cases = [
+            (json!({"exclusiveMinimum": 2, "exclusiveMaximum": 10}), 3, 9),
+            (json!({"minimum": 2.5, "maximum": 9.5}), 3, 9),
+            (
+                json!({"exclusiveMinimum": 2.5, "exclusiveMaximum": 9.5}),
+                3,
+                9,
+            ),
+            (json!({"minimum": -2.5, "exclusiveMaximum": -0.5}), -2, -1),
+            (
+                json!({"minimum": 0, "exclusiveMinimum": 4, "maximum": 8}),
+                5,
+                8,
+            ),
+            (json!({"maximum": 3}), -9_999_999_999_999_999, 3),
+            (json!({"minimum": -3}), -3, 9_999_999_999_999_999),
+        ];
+        for (mut schema, min, max) in cases {
+            schema["type"] = json!("integer");
+            let g = grammar(&schema);
+            for (doc, ok) in integer_cases(-1200, 1200, min, max) {
+                assert_eq!(accepts(&g, &doc), ok, "{schema} on {doc}");
+            }
+        }
+        let g = grammar(&json!({"type": "integer", "maximum": 3}));
+        assert!(accepts(&g, "-9999999999999999"));
+        assert!(!accepts(&g, "-10000000000000000"));
+    }
+
+    proptest! {
+        #[test]
+        fn integer_bounds_match_brute_force(a in -30_000i64..30_000, w in 0i64..3_000, n in -40_000i64..40_000) {
+            let (min, max) = (a, a + w);
+            let g = grammar(&json!({"type": "integer", "minimum": min, "maximum": max}));
+            prop_assert_eq!(accepts(&g, &n.to_string()), (min..=max).contains(&n));
+            prop_assert_eq!(accepts(&g, &min.to_string()), true);
+            prop_assert_eq!(accepts(&g, &max.to_string()), true);
+        }
+    }
+
+    #[test]
+    fn unknown_formats_are_annotations() {
+        check(
+            json!({"type": "string", "format": "email", "maxLength": 3}),
+            &["\"a@b\"", "\"\""],
+            &["\"abcd\"", "1"],
+        );
+    }
+
     #[test]
     fn errors_name_the_keyword_and_the_place() {
         let cases = [
@@ -1666,20 +1875,28 @@ mod tests {
                 "/properties/name: keyword 'pattern' is not supported",
             ),
             (
-                json!({"type": "string", "format": "email"}),
-                "/: keyword 'format'",
+                json!({"type": "string", "format": 7}),
+                "/: keyword 'format' must be a string",
             ),
             (
                 json!({"type": "number", "minimum": 0}),
-                "/: keyword 'minimum' is not supported",
+                "/: keyword 'minimum' is not supported on numbers",
             ),
             (
-                json!({"type": "integer", "minimum": 1}),
-                "/: keyword 'minimum' is not supported",
+                json!({"type": "integer", "minimum": "1"}),
+                "/: keyword 'minimum' must be a number",
             ),
             (
-                json!({"type": "integer", "maximum": 9}),
-                "/: keyword 'maximum' is not supported",
+                json!({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}),
+                "/: the integer bounds allow no value",
+            ),
+            (
+                json!({"type": "integer", "minimum": 1e17}),
+                "/: the integer bounds allow no value",
+            ),
+            (
+                json!({"type": "integer", "multipleOf": 2}),
+                "/: keyword 'multipleOf' is not supported",
             ),
             (
                 json!({"type": "number", "multipleOf": 2}),
