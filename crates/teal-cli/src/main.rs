@@ -473,6 +473,10 @@ struct RunArgs {
     /// infill when nothing is left to write).
     #[arg(long)]
     ignore_eos: bool,
+    /// Show the control tokens the model writes (`<|im_start|>`, FIM tokens, ...), as
+    /// llama.cpp's --special; by default they leave no text.
+    #[arg(long)]
+    special: bool,
     #[command(flatten)]
     sparse: SparseArgs,
 }
@@ -989,6 +993,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         logprobs: None,
         prompt_logprobs: false,
         prefill_chunk: None,
+        special: a.special,
     };
     let mut dec = a.common.decoder(device, models, ctx)?;
     eprintln!("device: {}", dec.describe());

@@ -624,6 +624,7 @@ impl<'t> Running<'t> {
             logprobs: job.logprobs,
             prompt_logprobs: job.echo && job.logprobs.is_some(),
             prefill_chunk: Some(PREFILL_CHUNK),
+            special: false,
         };
         if !job.cache_prompt {
             session.forget();

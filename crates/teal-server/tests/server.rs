@@ -137,6 +137,7 @@ fn engine_generation(
         logprobs: None,
         prompt_logprobs: false,
         prefill_chunk: None,
+        special: false,
     };
     let mut text = String::new();
     let g = generate(

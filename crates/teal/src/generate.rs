@@ -32,6 +32,10 @@ pub struct GenerateParams {
     /// Most prompt tokens a [`Turn::step`] runs (`None`: the whole prompt in one step), so that
     /// a server interleaving turns keeps the others going while a long prompt runs.
     pub prefill_chunk: Option<usize>,
+    /// Whether the text shows control tokens (`<|im_start|>`, FIM tokens, ...) that the model
+    /// writes, as llama.cpp's `--special`; by default they leave no text. The end-of-sequence
+    /// token that ends a generation is never shown.
+    pub special: bool,
 }
 
 /// Bytes of logits a prompt with [`GenerateParams::prompt_logprobs`] holds at a time: it runs
@@ -471,8 +475,7 @@ impl<'t> Turn<'t> {
             tokenizer,
             params: params.clone(),
             sampler,
-            // Control tokens leave no text, as in llama.cpp's output (without --special).
-            stream: StreamDecoder::with_context(tokenizer, prompt).skip_special(true),
+            stream: StreamDecoder::with_context(tokenizer, prompt).skip_special(!params.special),
             prompt: prompt.to_vec(),
             keep,
             ran: keep,

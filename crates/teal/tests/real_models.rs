@@ -51,6 +51,7 @@ fn greedy(files: &ModelFiles, prompt: &Prompt, n: usize) -> (Vec<u32>, String) {
         logprobs: None,
         prompt_logprobs: false,
         prefill_chunk: None,
+        special: false,
     };
     let mut text = String::new();
     let g = generate(
@@ -94,6 +95,7 @@ fn smollm2_prompt_in_pieces_matches_the_whole_prompt() {
             logprobs: Some(3),
             prompt_logprobs: true,
             prefill_chunk: chunk,
+            special: false,
         };
         let mut dec = CpuDecoder::new(Models::single(&model), 256);
         let mut session = Session::new(&mut dec);
@@ -123,6 +125,7 @@ fn smollm2_prompt_in_pieces_matches_the_whole_prompt() {
         logprobs: None,
         prompt_logprobs: false,
         prefill_chunk: None,
+        special: false,
     };
     let (mut a, mut b) = (
         CpuDecoder::new(Models::single(&model), 256),
@@ -175,6 +178,7 @@ fn smollm2_turns_stepped_together_equal_each_alone() {
         logprobs,
         prompt_logprobs: false,
         prefill_chunk,
+        special: false,
     };
     let jobs = [
         ("The capital of France is", params(12, 0.0, Some(2), None)),
@@ -636,4 +640,51 @@ fn smollm2_thresholds_match_the_teal_reference() {
         "largest relative threshold difference: teal {:.2e}, abs {:.2e}",
         worst[0], worst[1]
     );
+}
+
+/// Control tokens the model writes leave no text unless `special` asks for them (llama.cpp's
+/// `--special`); the tokens themselves are the same.
+#[test]
+fn smollm2_control_tokens_show_only_with_special() {
+    let Some(path) = smollm2() else { return };
+    let files = ModelFiles::open(&path).unwrap();
+    let model = files.load_model().unwrap();
+    let tok = &files.tokenizer;
+    let start = tok.token_to_id("<|im_start|>").unwrap();
+    let ids = encode_prompt(tok, &text("Hello")).unwrap();
+    let run = |special| {
+        let params = GenerateParams {
+            max_tokens: 3,
+            sampler: SamplerConfig {
+                temperature: 0.0,
+                logit_bias: vec![(start, 100.0)],
+                ..Default::default()
+            },
+            ctx: 64,
+            stop_at_eos: true,
+            logprobs: None,
+            prompt_logprobs: false,
+            prefill_chunk: None,
+            special,
+        };
+        let mut out = String::new();
+        let g = generate(
+            teal::generate::Models::single(&model),
+            tok,
+            &ids,
+            &params,
+            |_, p, _| {
+                out.push_str(p);
+                true
+            },
+        )
+        .unwrap();
+        (g.tokens, out)
+    };
+    let (plain_tokens, plain) = run(false);
+    let (special_tokens, shown) = run(true);
+    assert_eq!(plain_tokens, vec![start; 3]);
+    assert_eq!(special_tokens, plain_tokens);
+    assert_eq!(plain, "");
+    assert_eq!(shown, "<|im_start|>".repeat(3));
 }
