@@ -381,8 +381,6 @@ impl Sampler {
             (false, 0) => logits.len(),
             (false, k) => k,
         };
-        // Ties go to the lower id, as argmax's.
-        let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         self.cand.clear();
         self.cand.extend(
             logits
@@ -399,9 +397,9 @@ impl Sampler {
         while kept < want && start < n {
             let end = head.min(n);
             if end < n {
-                self.cand[start..].select_nth_unstable_by(end - start - 1, order);
+                self.cand[start..].select_nth_unstable_by(end - start - 1, candidate_order);
             }
-            self.cand[start..end].sort_unstable_by(order);
+            self.cand[start..end].sort_unstable_by(candidate_order);
             for i in start..end {
                 if kept == want {
                     break;
@@ -447,17 +445,16 @@ impl Sampler {
         self.cand.clear();
         self.cand
             .extend(logits.iter().enumerate().map(|(i, &v)| (v, i as u32)));
-        let by_logit = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
         let k = if self.cfg.top_k == 0 {
             self.cand.len()
         } else {
             self.cfg.top_k.min(self.cand.len())
         };
         if k < self.cand.len() {
-            self.cand.select_nth_unstable_by(k - 1, by_logit);
+            self.cand.select_nth_unstable_by(k - 1, candidate_order);
             self.cand.truncate(k);
         }
-        self.cand.sort_unstable_by(by_logit);
+        self.cand.sort_unstable_by(candidate_order);
     }
 
     /// Top-p, min-p, temperature (and the infill stage) over the candidates (logits, largest
@@ -511,6 +508,13 @@ impl Sampler {
     }
 }
 
+/// The candidates' order: larger logits first, ties (-0 and +0 too) to the lower id, as
+/// [`argmax`]'s, so the `top_k` kept and their order do not depend on the sort (the device
+/// sampler's order too). `x + 0.0` is +0 for either zero.
+fn candidate_order(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    (b.0 + 0.0).total_cmp(&(a.0 + 0.0)).then(a.1.cmp(&b.1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,6 +529,34 @@ mod tests {
             v.push(Some(p.as_bytes().to_vec()));
         }
         (Arc::new(v), vec![0])
+    }
+
+    /// Logits with many exact ties (and both zeros): the top-k candidates are the first k by
+    /// logit, then by id, whatever the sort does with equal keys.
+    #[test]
+    fn top_k_ties_keep_the_lower_ids_in_order() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for trial in 0..200 {
+            let n = rng.random_range(1..300);
+            let levels = [-0.0f32, 0.0, 1.0, 2.5, -3.0];
+            let logits: Vec<f32> = (0..n)
+                .map(|_| levels[rng.random_range(0..levels.len())])
+                .collect();
+            let k = rng.random_range(1..=n + 1);
+            let mut s = Sampler::new(SamplerConfig {
+                top_k: k,
+                ..Default::default()
+            });
+            s.top_k_candidates(&logits);
+            let mut want: Vec<u32> = (0..n as u32).collect();
+            want.sort_by(|&a, &b| {
+                let (x, y) = (logits[a as usize] + 0.0, logits[b as usize] + 0.0);
+                y.partial_cmp(&x).unwrap().then(a.cmp(&b))
+            });
+            want.truncate(k);
+            let got: Vec<u32> = s.cand.iter().map(|c| c.1).collect();
+            assert_eq!(got, want, "trial {trial}, n {n}, k {k}");
+        }
     }
 
     fn with_grammar(cfg: SamplerConfig, g: &str) -> Sampler {

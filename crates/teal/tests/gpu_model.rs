@@ -743,7 +743,8 @@ fn auto_device_falls_back_with_a_note() {
 
 /// The device sampler against the CPU sampler on the same logits and the same uniform number:
 /// the same token, except where the number sits within 1e-5 of a boundary between two tokens
-/// (the GPU's expf may differ from the CPU's in the last bits); top-k 1 is the argmax.
+/// (the GPU's expf may differ from the CPU's in the last bits); top-k 1 is the argmax. Ties
+/// included: both keep the lowest ids of the values tied with the k-th.
 #[test]
 fn gpu_sampler_matches_cpu_sampler() {
     if !have_gpu("GPU sampler test") {
@@ -760,10 +761,29 @@ fn gpu_sampler_matches_cpu_sampler() {
         (1.0, 256, 1.0, 0.1),
     ];
     let (mut checked, mut near) = (0, 0);
-    for (vi, n) in [1000usize, 49152, 128256].into_iter().enumerate() {
+    // The last two rows are mostly ties (halves, and -0 beside +0): of the values tied with
+    // the k-th largest, both take those of the lowest ids, in id order.
+    let rows = [
+        (1000usize, false),
+        (49152, false),
+        (128256, false),
+        (49152, true),
+        (300, true),
+    ];
+    for (vi, (n, ties)) in rows.into_iter().enumerate() {
         let logits: Vec<f32> = teal_kernels::rand::uniform(n, 7 + vi as u64)
             .iter()
-            .map(|v| v * 6.0)
+            .map(|v| match ties {
+                false => v * 6.0,
+                true => {
+                    let q = (v * 6.0).round() / 2.0 - 1.0;
+                    if q == 0.0 && *v < 0.33 {
+                        -0.0
+                    } else {
+                        q
+                    }
+                }
+            })
             .collect();
         let x = g.upload(&logits).unwrap();
         let mut out = g.zeros::<u32>(1).unwrap();

@@ -1204,7 +1204,8 @@ argmax_f32(const float* __restrict__ x, int n, int chunk, u32* __restrict__ out,
 // Temperature / top-k / top-p sampling of one row of logits, as teal's CPU sampler does it
 // (crates/teal/src/sampler.rs), with its uniform number r[0] in [0, 1) given. One block of 1024
 // threads, k <= SAMPLE_MAX_K. The k largest logits are found by a radix select on order-keeping
-// keys (4 passes of 8 bits), sorted descending (bitonic, ties by index), then one thread runs
+// keys (4 passes of 8 bits; of the values tied with the k-th, those of the lowest indices),
+// sorted descending (bitonic, ties by index), then one thread runs
 // the CPU's sequential arithmetic: the nucleus prefix reaching top_p and the min-p cut on the
 // probabilities of the logits as they are, then p = exp((l - max) * inv_t) of the kept ones
 // (llama.cpp's order: the temperature last), and the walk r * kept_total -= p. A row holding
@@ -1222,6 +1223,7 @@ extern "C" __global__ void sample_topk_f32(const float* __restrict__ x, int n, i
     __shared__ int s_k, n_gt, n_eq;
     __shared__ float cv[SAMPLE_MAX_K];
     __shared__ int ci[SAMPLE_MAX_K];
+    __shared__ int warp_eq[32];
     const int tid = threadIdx.x;
     u32 prefix = 0, mask = 0;
     int kk = k;
@@ -1270,6 +1272,28 @@ extern "C" __global__ void sample_topk_f32(const float* __restrict__ x, int n, i
     if (__syncthreads_or(bad)) {
         if (tid == 0) out[0] = 0xffffffffu;
         return;
+    }
+    // More values equal the k-th largest than are taken: those taken must be the ones with the
+    // lowest indices (the CPU's order), so they are taken again in index order, a block-wide
+    // stretch at a time (a ballot per warp, the warps' counts in shared memory).
+    if (n_eq > kk) {
+        int taken = 0;
+        for (int i0 = 0; i0 < n && taken < kk; i0 += blockDim.x) {
+            const int i = i0 + tid;
+            const bool eq = i < n && order_key(x[i]) == prefix;
+            const u32 ballot = __ballot_sync(0xffffffffu, eq);
+            if ((tid & 31) == 0) warp_eq[tid >> 5] = __popc(ballot);
+            __syncthreads();
+            int at = taken + __popc(ballot & ((1u << (tid & 31)) - 1u));
+            int total = 0;
+            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+                if (w < (tid >> 5)) at += warp_eq[w];
+                total += warp_eq[w];
+            }
+            if (eq && at < kk) { cv[k - kk + at] = x[i]; ci[k - kk + at] = i; }
+            taken += total;
+            __syncthreads();
+        }
     }
     for (int size = 2; size <= SAMPLE_MAX_K; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
