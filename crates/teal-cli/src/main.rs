@@ -843,12 +843,7 @@ fn parse_n_predict(s: &str) -> std::result::Result<usize, String> {
 fn parse_seed(s: &str) -> std::result::Result<u64, String> {
     match s.trim() {
         "-1" => {
-            // Each RandomState is keyed from the system's random numbers.
-            use std::hash::{BuildHasher, Hasher};
-            let seed = std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish()
-                >> 32;
+            let seed = teal::sampler::random_seed();
             eprintln!("seed: {seed}");
             Ok(seed)
         }

@@ -1546,9 +1546,7 @@ fn check_options(
         return Err(ApiError::bad_request("stop: at most 4 sequences"));
     }
     let seed = match o.seed {
-        None | Some(-1) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
+        None | Some(-1) => teal::sampler::random_seed(),
         Some(s) => u64::try_from(s).map_err(|_| {
             ApiError::bad_request(format!("seed = {s}: must be >= 0, or -1 for a random seed"))
         })?,

@@ -508,6 +508,16 @@ impl Sampler {
     }
 }
 
+/// A random seed (llama.cpp's seed -1), from the system's random numbers (each `RandomState`
+/// is keyed from them); 32 bits, as llama.cpp's seeds.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        >> 32
+}
+
 /// The candidates' order: larger logits first, ties (-0 and +0 too) to the lower id, as
 /// [`argmax`]'s, so the `top_k` kept and their order do not depend on the sort (the device
 /// sampler's order too). `x + 0.0` is +0 for either zero.
@@ -529,6 +539,13 @@ mod tests {
             v.push(Some(p.as_bytes().to_vec()));
         }
         (Arc::new(v), vec![0])
+    }
+
+    #[test]
+    fn random_seeds_are_32_bits_and_differ() {
+        let seeds: Vec<u64> = (0..8).map(|_| random_seed()).collect();
+        assert!(seeds.iter().all(|&s| s <= u64::from(u32::MAX)));
+        assert!(seeds.windows(2).any(|w| w[0] != w[1]), "{seeds:?}");
     }
 
     /// Logits with many exact ties (and both zeros): the top-k candidates are the first k by
