@@ -1298,10 +1298,15 @@ impl<'a> StreamDecoder<'a> {
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
         let (prefix, full) = self.window()?;
-        let pending = self.ids.len() - self.read_offset;
+        // Pending tokens that write text (a control token left out writes none).
+        let pending = self.ids[self.read_offset..]
+            .iter()
+            .filter(|&&id| !(self.skip_special && self.tok.is_special(id)))
+            .count();
         if full.len() > prefix.len() && full.starts_with(&prefix) {
             let tail = &full[prefix.len()..];
-            // A UTF-8 character is at most 4 bytes: after 4 pending tokens, give up waiting.
+            // A UTF-8 character is at most 4 bytes: after 4 pending tokens that write text,
+            // give up waiting.
             if !tail.ends_with('\u{FFFD}') || pending >= 4 {
                 let new = tail.get(self.held..).unwrap_or_default().to_string();
                 self.advance();

@@ -188,6 +188,14 @@ fn bpe_bytes_unicode_and_streaming() {
     }
     out.push_str(&s.finish().unwrap());
     assert_eq!(out, text);
+    // Control tokens left out of the text do not count as bytes of a character still coming:
+    // two of them before the crab's four byte tokens must not make the stream give it up.
+    let mut ids = vec![1, 2];
+    ids.extend(&crab);
+    let mut s = StreamDecoder::new(&t).skip_special(true);
+    let outs: Vec<String> = ids.iter().map(|&i| s.push(i).unwrap()).collect();
+    assert_eq!(outs, vec!["", "", "", "", "", "🦀"]);
+    assert_eq!(s.finish().unwrap(), "");
     // A lone continuation byte decodes lossily.
     assert_eq!(
         t.token_str(id(&tokens, &byte_char(0xA9).to_string()))
