@@ -1198,10 +1198,11 @@ fn normal_piece(text: &str, style: PieceStyle, cb: &HashMap<char, u8>) -> Vec<u8
     }
 }
 
-/// `tokenizer.ggml.merges` ("a b" strings, in rank order) as pairs the BPE model accepts: the
-/// split is at the first space after the first byte (as llama.cpp does); pairs whose parts or
-/// result are not in the vocabulary (never produced by llama.cpp either) and repeats are dropped.
-fn bpe_merges(raw: &[&str], vocab: &Vocab) -> Vec<(String, String)> {
+/// `tokenizer.ggml.merges` ("a b" strings, in rank order) as pairs with their ranks the BPE model
+/// accepts: the split is at the first space after the first byte (as llama.cpp does); pairs whose
+/// parts or result are not in the vocabulary (never produced by llama.cpp either) and repeats are
+/// dropped.
+fn bpe_merges(raw: &[&str], vocab: &Vocab) -> Vec<(String, String, u32)> {
     let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(raw.len());
     let mut out = Vec::with_capacity(raw.len());
     for m in raw {
@@ -1216,31 +1217,39 @@ fn bpe_merges(raw: &[&str], vocab: &Vocab) -> Vec<(String, String)> {
         if !vocab.contains_key(&format!("{a}{b}")) || !seen.insert((a, b)) {
             continue;
         }
-        out.push((a.to_string(), b.to_string()));
+        let rank = out.len() as u32;
+        out.push((a.to_string(), b.to_string(), rank));
     }
     out
 }
 
 /// SentencePiece as BPE: every split of a vocabulary token into two vocabulary tokens is a merge,
-/// ranked by the merged token's score (higher first), as llama.cpp's SPM tokenizer merges.
-fn spm_merges(tokens: &[String], scores: &[f32], vocab: &Vocab) -> Vec<(String, String)> {
-    let mut cands: Vec<(f32, u32, u32, String, String)> = Vec::new();
+/// ranked by the merged token's score (higher first), as llama.cpp's SPM tokenizer merges. Equal
+/// scores share a rank: llama.cpp merges the leftmost of such pairs first, whatever the tokens.
+fn spm_merges(tokens: &[String], scores: &[f32], vocab: &Vocab) -> Vec<(String, String, u32)> {
+    let mut cands: Vec<(f32, String, String)> = Vec::new();
     for (id, t) in tokens.iter().enumerate() {
         for (pos, _) in t.char_indices().skip(1) {
             let (a, b) = t.split_at(pos);
-            if let (Some(&ia), Some(_)) = (vocab.get(a), vocab.get(b)) {
-                cands.push((scores[id], id as u32, ia, a.to_string(), b.to_string()));
+            if vocab.contains_key(a) && vocab.contains_key(b) {
+                cands.push((scores[id], a.to_string(), b.to_string()));
             }
         }
     }
-    // Higher score first; ties: the merged token's id, then the left part's id.
-    cands.sort_by(|x, y| {
-        y.0.partial_cmp(&x.0)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(x.1.cmp(&y.1))
-            .then(x.2.cmp(&y.2))
-    });
-    cands.into_iter().map(|(_, _, _, a, b)| (a, b)).collect()
+    // Higher score first; the sort is stable, so ties stay in token order.
+    cands.sort_by(|x, y| y.0.partial_cmp(&x.0).unwrap_or(std::cmp::Ordering::Equal));
+    let mut rank = 0;
+    let mut prev = None;
+    cands
+        .into_iter()
+        .map(|(score, a, b)| {
+            if prev.is_some_and(|p| p != score) {
+                rank += 1;
+            }
+            prev = Some(score);
+            (a, b, rank)
+        })
+        .collect()
 }
 
 /// Incremental detokenizer for streaming: feed ids one at a time, get back the newly completed

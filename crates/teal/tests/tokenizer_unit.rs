@@ -332,16 +332,8 @@ fn pre_tokenizers_of_known_models_build() {
 // A tiny SentencePiece vocabulary (`tokenizer.ggml.model = llama`).
 
 fn spm_vocab() -> (Vec<String>, HashMap<String, MetaValue>) {
-    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
-    let mut types = vec![2, 3, 3];
-    let mut scores = vec![0.0f32; 3];
-    for b in 0..=255u32 {
-        tokens.push(format!("<0x{b:02X}>"));
-        types.push(6);
-        scores.push(0.0);
-    }
     // (piece, score): higher scores merge first.
-    let pieces: &[(&str, f32)] = &[
+    spm_vocab_with(&[
         ("▁", -1.0),
         ("h", -2.0),
         ("e", -2.1),
@@ -367,7 +359,20 @@ fn spm_vocab() -> (Vec<String>, HashMap<String, MetaValue>) {
         ("ab", -10.0),
         ("bc", -9.5),
         ("▁▁", -11.0),
-    ];
+    ])
+}
+
+/// `<unk>`, `<s>`, `</s>`, the 256 byte tokens (ids 3 to 258), `pieces` (from id 259), then the
+/// user-defined `<|user|>`.
+fn spm_vocab_with(pieces: &[(&str, f32)]) -> (Vec<String>, HashMap<String, MetaValue>) {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2, 3, 3];
+    let mut scores = vec![0.0f32; 3];
+    for b in 0..=255u32 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+        scores.push(0.0);
+    }
     for (p, s) in pieces {
         tokens.push(p.to_string());
         types.push(1);
@@ -465,6 +470,34 @@ fn spm_merges_by_score_like_llama_cpp() {
         ]
     );
     assert_eq!(t.decode(&ids).unwrap(), "a  b");
+}
+
+#[test]
+fn spm_equal_scores_merge_leftmost_first_like_llama_cpp() {
+    // Equal scores (GGUF files converted without SentencePiece scores have -1000 for every
+    // piece): llama.cpp merges the leftmost of the best-scoring pairs first, whatever the pieces.
+    // The ids are llama.cpp's (node-llama-cpp 3.21.1) for this vocabulary written as a GGUF file.
+    let (tokens, meta) = spm_vocab_with(&[
+        ("▁", -1.0),
+        ("a", -2.0),
+        ("b", -2.0),
+        ("c", -2.0),
+        ("bc", -5.0),
+        ("ab", -5.0),
+        ("▁a", -9.0),
+        ("cab", -5.0),
+        ("ca", -5.0),
+    ]);
+    let t = build(&meta).unwrap();
+    let ids = |s: &[&str]| -> Vec<u32> { s.iter().map(|p| id(&tokens, p)).collect() };
+    for (text, want) in [
+        ("abc", ids(&["▁", "ab", "c"])),
+        ("abcabc", ids(&["▁", "ab", "cab", "c"])),
+        ("bcab", ids(&["▁", "bc", "ab"])),
+        ("cabc", ids(&["▁", "cab", "c"])),
+    ] {
+        assert_eq!(t.encode(text, false).unwrap(), want, "{text:?}");
+    }
 }
 
 #[test]

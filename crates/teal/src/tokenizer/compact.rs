@@ -83,11 +83,12 @@ fn hash(s: &str) -> u64 {
 }
 
 impl CompactBpe {
-    /// `tokens` in id order; `merges` in rank order (a pair given twice keeps its later rank, as
-    /// in `BPE`); `byte_fallback`: characters not in the vocabulary become their `<0xXX>` tokens.
+    /// `tokens` in id order; `merges` with their ranks (the lowest rank merges first, the leftmost
+    /// pair among equal ranks; a pair given twice keeps its later rank, as in `BPE`);
+    /// `byte_fallback`: characters not in the vocabulary become their `<0xXX>` tokens.
     pub fn new(
         tokens: &[String],
-        merges: &[(String, String)],
+        merges: &[(String, String, u32)],
         unk: Option<&str>,
         byte_fallback: bool,
         ignore_merges: bool,
@@ -121,7 +122,7 @@ impl CompactBpe {
         }
 
         // A pair given twice keeps its later rank (`BPE` collects the list into a map).
-        for (rank, (a, b)) in merges.iter().enumerate() {
+        for &(ref a, ref b, rank) in merges {
             let ids = (bpe.id(a), bpe.id(b), bpe.id(&format!("{a}{b}")));
             let (Some(left), Some(right), Some(new_id)) = ids else {
                 return Err(CompactBpeError::MergeOutOfVocabulary(a.clone(), b.clone()));
@@ -130,7 +131,7 @@ impl CompactBpe {
             bpe.merges[slot] = MergeSlot {
                 left,
                 right,
-                rank: rank as u32,
+                rank,
                 new_id,
             };
         }
@@ -350,7 +351,8 @@ impl Model for CompactBpe {
 }
 
 /// Serialized as `tokenizers`' `BPE` model (vocabulary in id order, merges in rank order), so a
-/// saved `tokenizer.json` loads back as an ordinary BPE.
+/// saved `tokenizer.json` loads back as an ordinary BPE. `BPE` has no equal ranks: merges that
+/// share one here are written one after another and rank apart there.
 impl Serialize for CompactBpe {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         struct Vocab<'a>(&'a CompactBpe);
@@ -370,7 +372,7 @@ impl Serialize for CompactBpe {
                 let b = self.0;
                 let mut all: Vec<&MergeSlot> =
                     b.merges.iter().filter(|m| m.left != EMPTY).collect();
-                all.sort_unstable_by_key(|m| m.rank);
+                all.sort_unstable_by_key(|m| (m.rank, m.left, m.right));
                 let mut seq = serializer.serialize_seq(Some(all.len()))?;
                 for m in all {
                     seq.serialize_element(&(
@@ -463,9 +465,14 @@ mod tests {
         ) {
             let (tokens, merges) = vocab(&picks);
             let want = reference(&tokens, &merges, unk, byte_fallback, ignore_merges);
+            let ranked: Vec<(String, String, u32)> = merges
+                .iter()
+                .enumerate()
+                .map(|(rank, (a, b))| (a.clone(), b.clone(), rank as u32))
+                .collect();
             let got = CompactBpe::new(
                 &tokens,
-                &merges,
+                &ranked,
                 unk.then_some("<unk>"),
                 byte_fallback,
                 ignore_merges,
@@ -487,7 +494,7 @@ mod tests {
     #[test]
     fn rejects_a_merge_outside_the_vocabulary() {
         let tokens: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
-        let merges = vec![("a".to_string(), "b".to_string())];
+        let merges = vec![("a".to_string(), "b".to_string(), 0)];
         assert!(matches!(
             CompactBpe::new(&tokens, &merges, None, false, false),
             Err(CompactBpeError::MergeOutOfVocabulary(..))
