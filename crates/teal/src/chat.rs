@@ -226,7 +226,8 @@ const FIM_SNIPPET: &str = "\n\n--- snippet ---\n\n";
 
 /// An infill's tokens in prefix-suffix-middle order, as llama.cpp's `/infill` writes them and
 /// Qwen2.5-Coder's documentation describes: `[BOS] [extra] <PRE> prefix <SUF> suffix <MID>
-/// middle`. Extra files, where there are any, come first: where the model has repository and
+/// middle`. The code (prefix, suffix, extra files and their names) is tokenized without
+/// special-token parsing, as llama.cpp does: `<|endoftext|>` in it stays text. Extra files, where there are any, come first: where the model has repository and
 /// file-separator tokens, `<REPO>myproject\n`, `<SEP>name\ntext` per file and
 /// `<SEP>filename\n` for the current one (Qwen2.5-Coder's repository-level format, as
 /// llama.cpp writes it); otherwise each file's text after a snippet line. (llama.cpp writes the
@@ -239,8 +240,9 @@ fn encode_infill(tok: &Tokenizer, f: &Infill) -> crate::Result<Vec<u32>> {
                 .into(),
         )
     })?;
-    let mut prefix = tok.encode(&f.prefix, false)?;
-    let mut suffix = tok.encode(&f.suffix, false)?;
+    let code = |text: &str| tok.encode_with(text, false, false);
+    let mut prefix = code(&f.prefix)?;
+    let mut suffix = code(&f.suffix)?;
     let middle = tok.encode(&f.middle, false)?;
     let bos: Vec<u32> = tok
         .bos_id()
@@ -260,21 +262,21 @@ fn encode_infill(tok: &Tokenizer, f: &Infill) -> crate::Result<Vec<u32>> {
     if !f.extra.is_empty() {
         if let Some([rep, _]) = repo {
             extra.push(rep);
-            extra.extend(tok.encode(FIM_REPO_NAME, false)?);
+            extra.extend(code(FIM_REPO_NAME)?);
         }
         for (name, text) in &f.extra {
             match repo {
                 Some([_, sep]) => {
                     extra.push(sep);
-                    extra.extend(tok.encode(&format!("{name}\n"), false)?);
+                    extra.extend(code(&format!("{name}\n"))?);
                 }
-                None => extra.extend(tok.encode(FIM_SNIPPET, false)?),
+                None => extra.extend(code(FIM_SNIPPET)?),
             }
-            extra.extend(tok.encode(text, false)?);
+            extra.extend(code(text)?);
         }
         if let Some([_, sep]) = repo {
             extra.push(sep);
-            extra.extend(tok.encode(FIM_FILE_NAME, false)?);
+            extra.extend(code(FIM_FILE_NAME)?);
         }
     }
     let core = bos.len() + prefix.len() + suffix.len() + middle.len() + 3;

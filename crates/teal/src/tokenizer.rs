@@ -42,7 +42,10 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::PostProcessorWrapper;
-use tokenizers::{AddedToken, SplitDelimiterBehavior, TokenizerImpl};
+use tokenizers::{
+    AddedToken, AddedVocabulary, Model, OffsetType, PreTokenizer, SplitDelimiterBehavior,
+    TokenizerImpl,
+};
 
 use crate::gguf::{GgufFile, MetaValue};
 
@@ -361,12 +364,48 @@ enum Engine {
     Json(Box<hf::Tokenizer>),
 }
 
+/// The ids of `text` through `t`'s pipeline (`encode_fast` without added special tokens), with
+/// `added` splitting the added tokens out of the text.
+fn encode_ids<M: Model>(
+    t: &TokenizerImpl<
+        M,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >,
+    added: &AddedVocabulary,
+    text: &str,
+) -> hf::Result<Vec<u32>> {
+    let mut pre = added.extract_and_normalize(t.get_normalizer(), text);
+    if let Some(p) = t.get_pre_tokenizer() {
+        p.pre_tokenize(&mut pre)?;
+    }
+    pre.tokenize(|s| t.get_model().tokenize(s.get()))?;
+    Ok(pre
+        .into_encoding(None, 0, OffsetType::None)?
+        .get_ids()
+        .to_vec())
+}
+
 impl Engine {
-    fn encode(&self, text: &str) -> hf::Result<hf::Encoding> {
+    /// The ids of `text`; `added`: the added tokens to split out of it, where not the engine's.
+    fn encode(&self, text: &str, added: Option<&AddedVocabulary>) -> hf::Result<Vec<u32>> {
         match self {
-            Engine::Gguf(t) => t.encode_fast(text, false),
-            Engine::Json(t) => t.encode_fast(text, false),
+            Engine::Gguf(t) => encode_ids(t, added.unwrap_or(t.get_added_vocabulary()), text),
+            Engine::Json(t) => encode_ids(t, added.unwrap_or(t.get_added_vocabulary()), text),
         }
+    }
+
+    /// The engine's added tokens with the special ones left in the text (llama.cpp's
+    /// `parse_special = false`: user-defined tokens are still split out).
+    fn added_without_specials(&self) -> AddedVocabulary {
+        let mut added = match self {
+            Engine::Gguf(t) => t.get_added_vocabulary().clone(),
+            Engine::Json(t) => t.get_added_vocabulary().clone(),
+        };
+        added.set_encode_special_tokens(true);
+        added
     }
 
     fn decode(&self, ids: &[u32], skip_special: bool) -> hf::Result<String> {
@@ -422,6 +461,8 @@ pub struct Tokenizer {
     fim: [Option<u32>; 6],
     /// [`Tokenizer::text_bytes`], made on first use.
     text_bytes: std::sync::OnceLock<TokenBytes>,
+    /// The added tokens split out of a text encoded without special-token parsing.
+    plain_added: AddedVocabulary,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -739,8 +780,10 @@ impl Tokenizer {
             .unwrap_or(add_bos_default);
         let chat_template = meta.opt_str("tokenizer.chat_template")?.map(str::to_string);
 
+        let engine = Engine::Gguf(Box::new(hf_tok));
         Ok(Tokenizer {
-            engine: Engine::Gguf(Box::new(hf_tok)),
+            plain_added: engine.added_without_specials(),
+            engine,
             kind,
             vocab_size: n,
             bos,
@@ -902,8 +945,10 @@ impl Tokenizer {
 
         let id_of = |t: &str| hf_tok.token_to_id(t);
         let fim = std::array::from_fn(|kind| first_of(FIM_KINDS[kind].1, &id_of));
+        let engine = Engine::Json(Box::new(hf_tok));
         Ok(Tokenizer {
-            engine: Engine::Json(Box::new(hf_tok)),
+            plain_added: engine.added_without_specials(),
+            engine,
             kind: "tokenizer.json".to_string(),
             vocab_size,
             bos,
@@ -921,14 +966,22 @@ impl Tokenizer {
     /// Token ids of `text`. Special tokens written in the text are parsed to their ids; the only
     /// other token ever added is BOS in front, when `add_bos` (and the model has one).
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let enc = self.engine.encode(text).map_err(hf_err)?;
+        self.encode_with(text, add_bos, true)
+    }
+
+    /// [`Tokenizer::encode`]; without `parse_special`, control tokens written in the text
+    /// (`<|im_start|>`) are text like any other (llama.cpp's `parse_special = false`, for text
+    /// that is data, not prompt markup), user-defined ones are still parsed.
+    pub fn encode_with(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<u32>> {
+        let added = (!parse_special).then_some(&self.plain_added);
+        let enc = self.engine.encode(text, added).map_err(hf_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos {
             if let Some(b) = self.bos {
                 ids.push(b);
             }
         }
-        ids.extend_from_slice(enc.get_ids());
+        ids.extend(enc);
         Ok(ids)
     }
 

@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use teal::chat::{encode_prompt, Infill, Prompt};
 use teal::gguf::{GgufFile, MetaValue};
 use teal::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -347,4 +348,55 @@ fn tool_call_grammar_takes_qwens_tool_call_tokens() {
     assert!(m.allows(close));
     m.accept(close);
     assert!(m.allows(t.eos_ids()[0]));
+}
+
+/// Without special-token parsing (llama.cpp's `parse_special = false`) control tokens written in
+/// the text are text, user-defined ones (`<tool_call>`) are still single tokens; an infill's code
+/// is tokenized that way, as llama.cpp's `/infill` does, so a prefix that mentions
+/// `<|endoftext|>` or `<|fim_middle|>` does not get those control tokens. The ids are llama.cpp's
+/// (node-llama-cpp 3.21.1, `tokenize(text, false)`).
+#[test]
+fn qwen_text_without_special_parsing_matches_llama_cpp() {
+    let Some(t) = load("TEAL_QWEN_GGUF") else {
+        return;
+    };
+    for (text, plain, parsed) in [
+        (
+            "s = '<|endoftext|>'\n",
+            &[82, 284, 3857, 91, 8691, 723, 427, 91, 23431][..],
+            &[82, 284, 364, 151643, 1248][..],
+        ),
+        (
+            "<|fim_middle|>",
+            &[27, 91, 69, 318, 62580, 91, 29],
+            &[151660],
+        ),
+        (
+            "<|im_start|>user <tool_call>x",
+            &[27, 91, 318, 4906, 91, 29, 872, 220, 151657, 87],
+            &[151644, 872, 220, 151657, 87],
+        ),
+    ] {
+        assert_eq!(
+            t.encode_with(text, false, false).unwrap(),
+            plain,
+            "{text:?}"
+        );
+        assert_eq!(t.encode(text, false).unwrap(), parsed, "{text:?}");
+    }
+    let f = Infill {
+        prefix: "s = '<|endoftext|>'\n".into(),
+        suffix: "<|fim_middle|>".into(),
+        extra: vec![("a.py".into(), "<|file_sep|>".into())],
+        ..Infill::default()
+    };
+    let ids = encode_prompt(&t, &Prompt::Infill(f)).unwrap();
+    let count = |text: &str| {
+        let id = t.token_to_id(text).unwrap();
+        ids.iter().filter(|&&x| x == id).count()
+    };
+    assert_eq!(count("<|endoftext|>"), 0);
+    assert_eq!(count("<|fim_middle|>"), 1);
+    // One before the extra file, one before the current file.
+    assert_eq!(count("<|file_sep|>"), 2);
 }
