@@ -276,7 +276,8 @@ impl IntoResponse for ApiError {
 /// slots' decode steps run a layer at a time across them, so that a layer that fits the
 /// last-level cache is read from memory once per round); a new request's prompt runs in pieces
 /// of [`PREFILL_CHUNK`] tokens, one per round. Requests that find no free slot wait, and take
-/// one in arrival order. An answer's decode timings are wall time, the other slots' turns
+/// one in arrival order. A request whose client has gone ends, waiting or running, at the next
+/// round. An answer's decode timings are wall time, the other slots' turns
 /// included.
 pub fn run_engine(
     slots: Vec<&mut dyn Decoder>,
@@ -389,6 +390,13 @@ pub fn run_engine(
                     used[i] = clock;
                     reply.send(embed_job(&mut sessions[i], tok, &inputs)).ok();
                 }
+            }
+        }
+        // A running job whose client has gone ends here, also where no failed send would tell
+        // (its prompt still running, its text all held back for a stop sequence).
+        for (slot, session) in running.iter_mut().zip(sessions.iter_mut()) {
+            if let Some(r) = slot.take_if(|r| r.events.is_closed()) {
+                r.finish(session, tok, Ok(()));
             }
         }
         // A step of each running job: a piece of its prompt, or a token (the CPU slots' decode

@@ -1425,6 +1425,41 @@ async fn abandoned_requests_are_not_run() {
     assert_eq!(v["tokens_cached"], 4, "{v}");
 }
 
+/// A running request whose client has gone stops at once, even while nothing of it is sent
+/// (its answer all held back as the possible start of a stop sequence, so that no failed send
+/// tells the engine): the slot is free again long before the token limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_requests_stop_when_their_client_has_gone() {
+    let Some(path) = smollm2() else { return };
+    let (prompt, n) = ("Once upon a time, in a small village,", 200);
+    let stop = format!("{}\u{1}", solo_text(&path, prompt, n));
+    let tx = spawn_engine(path, 1);
+    let (mut job, rx) = greedy_job(prompt, n, None);
+    if let Job::Generate(g) = &mut job {
+        g.stop = vec![stop];
+    }
+    tx.send(job).unwrap();
+    let slot = || async {
+        let (_, body) = call(&tx, "/slots", None).await;
+        serde_json::from_str::<Value>(&body).unwrap()[0].clone()
+    };
+    // Each `/slots` is answered between two of the engine's rounds.
+    while slot().await["next_token"]["n_decoded"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {}
+    drop(rx);
+    let s = loop {
+        let s = slot().await;
+        if s["is_processing"] == false {
+            break s;
+        }
+    };
+    // The prompt's tokens and the few generated before the client went.
+    assert!(s["cached_tokens"].as_u64().unwrap() < 50, "{s}");
+}
+
 /// `logit_bias` by id (OpenAI's object, llama.cpp's pairs) and by text: banning the greedy
 /// first token (" Paris") gives the engine's own answer with that ban, pushing another one
 /// (" London") makes it the first; bad entries and ids outside the vocabulary get a 400.
