@@ -8,7 +8,9 @@ mod common;
 use common::smollm2;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// Kills the server when the test ends, however it ends.
 struct Server(std::process::Child);
@@ -29,8 +31,9 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (String, String) {
     http_with(addr, method, path, body, &format!("Bearer {KEY}"))
 }
 
-/// [`http`] with this `Authorization` header.
-fn http_with(addr: &str, method: &str, path: &str, body: &str, auth: &str) -> (String, String) {
+/// Sends a request over a new connection with this `Authorization` header; the connection to
+/// read the answer from.
+fn send(addr: &str, method: &str, path: &str, body: &str, auth: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
         s,
@@ -39,15 +42,20 @@ fn http_with(addr: &str, method: &str, path: &str, body: &str, auth: &str) -> (S
         body.len()
     )
     .unwrap();
+    s
+}
+
+/// [`http`] with this `Authorization` header.
+fn http_with(addr: &str, method: &str, path: &str, body: &str, auth: &str) -> (String, String) {
+    let mut s = send(addr, method, path, body, auth);
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     (head.lines().next().unwrap().to_string(), body.to_string())
 }
 
-#[test]
-fn serve_answers_over_http() {
-    let Some(model) = smollm2() else { return };
+/// `teal serve` on `model` with context `ctx` on a free port, behind [`KEY`]; its address.
+fn start(model: &Path, ctx: &str) -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_teal"))
         .args([
             "serve",
@@ -56,7 +64,7 @@ fn serve_answers_over_http() {
             "--port",
             "0",
             "-c",
-            "256",
+            ctx,
             "-t",
             "2",
         ])
@@ -65,7 +73,7 @@ fn serve_answers_over_http() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let _server = Server(child);
+    let server = Server(child);
     let mut addr = None;
     for line in BufReader::new(stderr).lines() {
         let line = line.unwrap();
@@ -74,7 +82,13 @@ fn serve_answers_over_http() {
             break;
         }
     }
-    let addr = addr.expect("teal serve never printed its address");
+    (server, addr.expect("teal serve never printed its address"))
+}
+
+#[test]
+fn serve_answers_over_http() {
+    let Some(model) = smollm2() else { return };
+    let (_server, addr) = start(&model, "256");
 
     let (status, body) = http(
         &addr,
@@ -104,6 +118,39 @@ fn serve_answers_over_http() {
     );
     assert!(status.contains("401"), "{status}: {body}");
     assert!(body.contains("invalid API key"), "{body}");
+}
+
+/// Ctrl-C stops the server at once, the request it is answering included (it used to wait
+/// for the whole answer, here 480 tokens, and a second Ctrl-C did nothing).
+#[test]
+fn ctrl_c_stops_a_busy_server() {
+    let Some(model) = smollm2() else { return };
+    let (mut server, addr) = start(&model, "512");
+    let body = r#"{"prompt": "Once upon a time,", "n_predict": 480, "temperature": 0,
+                   "ignore_eos": true, "stream": true}"#;
+    let mut s = send(&addr, "POST", "/completion", body, &format!("Bearer {KEY}"));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Generation has started once an event has come.
+    while !String::from_utf8_lossy(&raw).contains("data: ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let interrupted = Command::new("kill")
+        .args(["-INT", &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    // The answer is cut short: its last event (`"stop":true`) never comes.
+    while let Ok(n @ 1..) = s.read(&mut buf) {
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw);
+    assert!(!text.contains("\"stop\":true"), "{text}");
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "{status}");
 }
 
 #[test]

@@ -93,6 +93,8 @@ pub enum Job {
     Embed(Vec<Prompt>, oneshot::Sender<EmbedResult>),
     /// The slots' state, answered with `/slots`' body.
     Slots(oneshot::Sender<Value>),
+    /// Stop serving now: the jobs running and waiting are dropped (their answers end).
+    Shutdown,
 }
 
 /// What an embedding job answers: per input, its vector and its number of tokens.
@@ -379,6 +381,7 @@ pub fn run_engine(
                 Job::Slots(reply) => {
                     reply.send(slots_state(&sessions, &running, ctx)).ok();
                 }
+                Job::Shutdown => return,
                 Job::Embed(inputs, reply) => {
                     // The least recently used free slot (the last of those never used): its
                     // cache is emptied.
@@ -940,8 +943,9 @@ pub enum ServeError {
     Runtime(std::io::Error),
 }
 
-/// Listens on `addr` (`host:port`) and serves until Ctrl-C: HTTP on one tokio thread, the
-/// engine on the calling thread with one slot per decoder of `slots` ([`run_engine`]).
+/// Listens on `addr` (`host:port`) and serves until Ctrl-C, which ends the answers in progress:
+/// HTTP on one tokio thread, the engine on the calling thread with one slot per decoder of
+/// `slots` ([`run_engine`]).
 /// `on_listening` gets the bound address once requests can come.
 pub fn serve(
     addr: &str,
@@ -967,12 +971,13 @@ pub fn serve(
             source,
         })?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let app = router(tx, model, opts);
-    // When the server stops, the router and with it the queue's sender are dropped, which ends
-    // the engine's loop below after the job in progress.
+    let app = router(tx.clone(), model, opts);
+    // On Ctrl-C the server takes no more connections and the engine's loop below ends at its
+    // next round, rather than once every answer in progress is done.
     rt.spawn(async move {
-        let stop = async {
+        let stop = async move {
             tokio::signal::ctrl_c().await.ok();
+            tx.send(Job::Shutdown).ok();
         };
         axum::serve(listener, app)
             .with_graceful_shutdown(stop)
