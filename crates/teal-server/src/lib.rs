@@ -10,9 +10,10 @@
 //!   server-sent events ending in `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`,
 //!   `min_p`, `repeat_penalty`, `repeat_last_n`, `presence_penalty`, `frequency_penalty`,
 //!   `seed`, `stop`, `n` (choices one after another, choice j with seed + j), and for
-//!   completions `suffix` (fill in the middle with the model's FIM tokens); answers carry
-//!   `usage` (streamed: in a last chunk without choices, with `stream_options.include_usage`)
-//!   and llama.cpp's `timings` (prompt and decode tokens per second).
+//!   completions `suffix` (fill in the middle with the model's FIM tokens, cut to fit the
+//!   context as `/infill`'s); answers carry `usage` (streamed: in a last chunk without
+//!   choices, with `stream_options.include_usage`) and llama.cpp's `timings` (prompt and
+//!   decode tokens per second).
 //! - Scoring: a completion's `prompt` may be token ids, or a list of prompts (`n` choices each);
 //!   `logprobs: k` gives each token's log-probability and its `k` most likely alternatives, and
 //!   with `echo` also the prompt's tokens (`max_tokens` may then be 0): what lm-evaluation-harness's
@@ -1423,6 +1424,17 @@ struct Request {
     tools: Vec<String>,
 }
 
+impl Request {
+    /// Cuts an infill prompt to fit the context `ctx` with room for the answer: `max_tokens`
+    /// (at most half the context), a quarter of the context without a limit.
+    fn fit_infill(&mut self, ctx: usize) {
+        if let Some(Prompt::Infill(f)) = self.prompts.first_mut() {
+            let answer = self.max_tokens.map_or(ctx / 4, |n| n.clamp(1, ctx / 2));
+            f.budget = Some(ctx.saturating_sub(answer).max(1));
+        }
+    }
+}
+
 /// `logit_bias`: OpenAI's `{"id": bias}` or llama.cpp's `[[id, bias], ...]`, where `false`
 /// stands for never (-inf) and a token text may take the place of an id.
 fn parse_logit_bias(v: Value) -> Result<Vec<(BiasKey, f32)>, ApiError> {
@@ -1645,7 +1657,8 @@ where
     Ok((from_json(&v)?, from_json(&v)?))
 }
 
-fn completion_request(body: &[u8]) -> Result<Request, ApiError> {
+/// A `/v1/completions` request on a server with context `ctx`.
+fn completion_request(body: &[u8], ctx: usize) -> Result<Request, ApiError> {
     let (r, options): (CompletionRequest, Options) = parse_with_options(body)?;
     let echo = r.echo.unwrap_or(false);
     let prompts = match (r.prompt, r.suffix) {
@@ -1665,7 +1678,9 @@ fn completion_request(body: &[u8]) -> Result<Request, ApiError> {
         (PromptField::Ids(ids), None) => vec![Prompt::Tokens(ids)],
         (PromptField::IdLists(v), None) => v.into_iter().map(Prompt::Tokens).collect(),
     };
-    check_options(Api::Completions, options, prompts, r.logprobs, echo)
+    let mut req = check_options(Api::Completions, options, prompts, r.logprobs, echo)?;
+    req.fit_infill(ctx);
+    Ok(req)
 }
 
 /// A chat's messages, of text only (a message's text parts joined with line breaks, as
@@ -2085,7 +2100,7 @@ fn timings<'a>(summaries: impl IntoIterator<Item = &'a Summary>) -> Value {
 }
 
 async fn completions(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
-    match completion_request(&body) {
+    match completion_request(&body, st.model.ctx) {
         Ok(r) => answer(st, Kind::Completion, r).await,
         Err(e) => e.into_response(),
     }

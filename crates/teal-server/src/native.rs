@@ -227,12 +227,7 @@ fn check(
         .map(Duration::from_millis);
     r.min_indent = min_indent;
     r.slot = slot;
-    if let Some(Prompt::Infill(f)) = r.prompts.first_mut() {
-        // Room for the answer: n_predict tokens (at most half the context), a quarter of the
-        // context without a limit.
-        let answer = max_tokens.map_or(ctx / 4, |n| n.clamp(1, ctx / 2));
-        f.budget = Some(ctx.saturating_sub(answer).max(1));
-    }
+    r.fit_infill(ctx);
     let shape = Shape {
         return_tokens: o.return_tokens.unwrap_or(false),
         response_fields: o.response_fields,

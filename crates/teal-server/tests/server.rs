@@ -1197,7 +1197,7 @@ fn qwen() -> Option<PathBuf> {
 
 /// `/infill` on Qwen2.5-Coder: the plain prefix-suffix-middle prompt and its greedy middle;
 /// the typed start of the middle after `<|fim_middle|>`; other files in the repository-level
-/// format; a prefix too long for the context cut to its end.
+/// format; a prefix too long for the context cut to its end, also through OpenAI's `suffix`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_infill_on_qwen() {
     let Some(path) = qwen() else { return };
@@ -1256,6 +1256,20 @@ async fn native_infill_on_qwen() {
         v["tokens_evaluated"].as_u64().unwrap() <= (CTX - 8) as u64,
         "{v}"
     );
+
+    // OpenAI's `suffix` is cut to fit the same way (it was refused as longer than the context).
+    let req = json!({
+        "prompt": format!("{long}def add(a, b):\n    "), "suffix": "\n    return result\n",
+        "max_tokens": 8, "temperature": 0,
+    });
+    let (s, v) = call_json(&tx, "/v1/completions", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() <= (CTX - 8) as u64,
+        "{v}"
+    );
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("result = a + b"), "{text:?}");
 }
 
 /// A generation job for the engine: greedy, `max_tokens`, on `slot` if given, past
