@@ -105,8 +105,13 @@ pub type EmbedResult = Result<Vec<(Vec<f32>, usize)>, ApiError>;
 pub enum TokenizerJob {
     /// BOS, EOS and the chat template.
     Info,
-    /// Token ids of a text, with BOS where the model adds one if `add_special`.
-    Encode { text: String, add_special: bool },
+    /// Token ids of a text, with BOS where the model adds one if `add_special`; with
+    /// `with_pieces`, each id beside its piece (llama.cpp's).
+    Encode {
+        text: String,
+        add_special: bool,
+        with_pieces: bool,
+    },
     /// The text of token ids.
     Decode(Vec<u32>),
     /// A chat rendered with the model's template (llama.cpp's `/apply-template`).
@@ -519,11 +524,29 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
                 "model_max_length": ctx,
             })
         }
-        TokenizerJob::Encode { text, add_special } => {
+        TokenizerJob::Encode {
+            text,
+            add_special,
+            with_pieces,
+        } => {
             let ids = tok
                 .encode(&text, add_special && tok.add_bos_default())
                 .map_err(bad)?;
-            json!({"tokens": ids, "count": ids.len(), "max_model_len": ctx})
+            let tokens: Value = match with_pieces {
+                false => json!(ids),
+                // A piece that is not whole UTF-8 (part of a character) as its bytes.
+                true => ids
+                    .iter()
+                    .map(|&id| {
+                        let piece = match String::from_utf8(tok.piece_bytes(id)) {
+                            Ok(text) => json!(text),
+                            Err(e) => json!(e.into_bytes()),
+                        };
+                        json!({"id": id, "piece": piece})
+                    })
+                    .collect(),
+            };
+            json!({"tokens": tokens, "count": ids.len(), "max_model_len": ctx})
         }
         TokenizerJob::Decode(ids) => {
             let text = tok.decode(&ids).map_err(bad)?;
@@ -1048,6 +1071,9 @@ struct TokenizeRequest {
     prompt: String,
     #[serde(alias = "add_special")]
     add_special_tokens: Option<bool>,
+    /// llama.cpp's: each token as `{"id", "piece"}`, the piece a string, or its bytes where it
+    /// is not whole UTF-8.
+    with_pieces: Option<bool>,
 }
 
 async fn tokenize(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
@@ -1056,6 +1082,7 @@ async fn tokenize(State(st): State<AppState>, RequestBody(body): RequestBody) ->
             let job = TokenizerJob::Encode {
                 text: r.prompt,
                 add_special: r.add_special_tokens.unwrap_or(false),
+                with_pieces: r.with_pieces.unwrap_or(false),
             };
             tokenizer_answer(&st, job).await
         }

@@ -741,7 +741,7 @@ async fn bad_requests_get_clear_errors() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "x", "top_p": 0}).to_string(),
+            json!({"prompt": "x", "top_p": -0.1}).to_string(),
             "top_p",
         ),
         (
@@ -919,6 +919,25 @@ async fn tokenizer_endpoints() {
     )
     .await;
     expect_400(&tx, "/tokenize", json!({"text": "x"}), "prompt").await;
+    // llama.cpp's `with_pieces`: each id with its piece, the bytes of a piece that is part of
+    // a character; the pieces make up the text.
+    let text = "<|im_start|>Llama 🦙";
+    let body = json!({"content": text, "with_pieces": true});
+    let (s, v) = call_json(&tx, "/tokenize", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let tokens = v["tokens"].as_array().unwrap();
+    assert_eq!(tokens[0]["piece"], "<|im_start|>");
+    let mut bytes = Vec::new();
+    for t in tokens {
+        assert!(t["id"].is_u64(), "{t}");
+        match &t["piece"] {
+            Value::String(p) => bytes.extend(p.as_bytes()),
+            Value::Array(b) => bytes.extend(b.iter().map(|x| x.as_u64().unwrap() as u8)),
+            p => panic!("piece {p}"),
+        }
+    }
+    assert_eq!(bytes, text.as_bytes());
+    assert!(tokens.iter().any(|t| t["piece"].is_array()), "{v}");
 }
 
 /// llama.cpp's `/completion`: the greedy answer with its token ids and probabilities, the

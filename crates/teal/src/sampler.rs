@@ -82,8 +82,12 @@ impl SamplerConfig {
         if self.json_object && self.grammar.is_some() {
             return Err("JSON mode and a grammar: give one of the two".into());
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", self.top_p, "in (0, 1]");
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return bad(
+                "top_p",
+                self.top_p,
+                "in [0, 1] (0: the most likely token only)",
+            );
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad("min_p", self.min_p, "in [0, 1] (0: off)");
@@ -791,6 +795,18 @@ mod tests {
             ..Default::default()
         });
         assert!((0..1000).all(|_| s.sample(&logits) == 0));
+        // 0 keeps the most likely token only (OpenAI's range is [0, 1]; llama.cpp's top-p
+        // keeps its one token there).
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.0,
+            seed: 5,
+            ..Default::default()
+        };
+        assert!(cfg.check().is_ok());
+        let mut s = Sampler::new(cfg);
+        assert!((0..1000).all(|_| s.sample(&[0.0, 0.1, 0.0, 0.05]) == 1));
     }
 
     /// llama.cpp's chain: top-p and min-p see the probabilities of the logits as they are and
