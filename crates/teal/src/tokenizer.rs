@@ -1360,21 +1360,13 @@ impl<'a> StreamDecoder<'a> {
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
         let (prefix, full) = self.window()?;
-        // Pending tokens that write text (a control token left out writes none).
-        let pending = self.ids[self.read_offset..]
-            .iter()
-            .filter(|&&id| !(self.skip_special && self.tok.is_special(id)))
-            .count();
         if full.len() > prefix.len() && full.starts_with(&prefix) {
             let tail = &full[prefix.len()..];
-            // A UTF-8 character is at most 4 bytes: after 4 pending tokens that write text,
-            // give up waiting.
-            if !tail.ends_with('\u{FFFD}') || pending >= 4 {
+            let Some(complete) = tail.strip_suffix('\u{FFFD}').filter(|_| self.waits()) else {
                 let new = tail.get(self.held..).unwrap_or_default().to_string();
                 self.advance();
                 return Ok(new);
-            }
-            let complete = tail.trim_end_matches('\u{FFFD}');
+            };
             let new = complete.get(self.held..).unwrap_or_default().to_string();
             self.held = self.held.max(complete.len());
             Ok(new)
@@ -1390,6 +1382,32 @@ impl<'a> StreamDecoder<'a> {
         } else {
             Ok(String::new())
         }
+    }
+
+    /// Whether the pending tokens end inside a character that may still complete: their bytes
+    /// end in the valid start of one. Bytes that can never be part of a character (a stray
+    /// continuation byte) do not wait, so a character after them is not cut short. Where a
+    /// token's bytes are unknown (tokenizers without a byte table), up to 4 tokens that write
+    /// text are waited for, a UTF-8 character's most bytes.
+    fn waits(&self) -> bool {
+        let writing: Vec<u32> = self.ids[self.read_offset..]
+            .iter()
+            .copied()
+            .filter(|&id| !(self.skip_special && self.tok.is_special(id)))
+            .collect();
+        let mut bytes = Vec::new();
+        for &id in &writing {
+            let Some(b) = self.tok.token_bytes(id) else {
+                return writing.len() < 4;
+            };
+            bytes.extend_from_slice(b);
+        }
+        let last = bytes.len().saturating_sub(4)..bytes.len();
+        let Some(start) = last.rev().find(|&i| bytes[i] & 0xC0 != 0x80) else {
+            return false;
+        };
+        matches!(std::str::from_utf8(&bytes[start..]),
+            Err(e) if e.valid_up_to() == 0 && e.error_len().is_none())
     }
 
     /// Whatever is still pending (an incomplete character comes out as U+FFFD).

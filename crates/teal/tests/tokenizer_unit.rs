@@ -196,6 +196,21 @@ fn bpe_bytes_unicode_and_streaming() {
     let outs: Vec<String> = ids.iter().map(|&i| s.push(i).unwrap()).collect();
     assert_eq!(outs, vec!["", "", "", "", "", "🦀"]);
     assert_eq!(s.finish().unwrap(), "");
+    // Bytes that can never be part of a character (stray continuation bytes) do not wait:
+    // they come out at once as U+FFFD, and the crab after them still comes out whole.
+    let stray = id(&tokens, &byte_char(0xA9).to_string());
+    let mut ids = vec![stray, stray];
+    ids.extend(&crab);
+    let mut s = StreamDecoder::new(&t);
+    let outs: Vec<String> = ids.iter().map(|&i| s.push(i).unwrap()).collect();
+    assert_eq!(outs, vec!["\u{FFFD}", "\u{FFFD}", "", "", "", "🦀"]);
+    // A character cut short by the start of another: U+FFFD once the second starts, and the
+    // second comes out whole.
+    let ids = [crab[0], crab[0], crab[1], crab[2], crab[3]];
+    let mut s = StreamDecoder::new(&t);
+    let outs: Vec<String> = ids.iter().map(|&i| s.push(i).unwrap()).collect();
+    assert_eq!(outs, vec!["", "\u{FFFD}", "", "", "🦀"]);
+    assert_eq!(s.finish().unwrap(), "");
     // A lone continuation byte decodes lossily.
     assert_eq!(
         t.token_str(id(&tokens, &byte_char(0xA9).to_string()))
