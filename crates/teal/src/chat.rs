@@ -315,7 +315,8 @@ pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>
 }
 
 /// A chat rendered with the tokenizer's own template (ChatML where the model has none), ending
-/// with the header of the assistant's turn: the text [`encode_prompt`] encodes.
+/// with the header of the assistant's turn (or the text of a final assistant message, which
+/// the answer continues: see [`render_chat_with_tools`]): the text [`encode_prompt`] encodes.
 pub fn render_chat(tok: &Tokenizer, messages: &[Message]) -> crate::Result<String> {
     render_chat_with_tools(tok, messages, &[])
 }
@@ -323,7 +324,32 @@ pub fn render_chat(tok: &Tokenizer, messages: &[Message]) -> crate::Result<Strin
 /// [`render_chat`] with tools the model may call: given to the template where it writes them
 /// (Qwen2.5's, Hermes', ...), else described in the system message and the calls and results
 /// written as text ([`crate::tools::generic_messages`]), in the same `<tool_call>` format.
+///
+/// A chat that ends with an assistant message (without tool calls) is continued, as llama.cpp's
+/// server prefills it: the messages before it are rendered up to the assistant's header, and
+/// its text follows, unended. Two assistant messages at the end are an error.
 pub fn render_chat_with_tools(
+    tok: &Tokenizer,
+    messages: &[Message],
+    tools: &[serde_json::Value],
+) -> crate::Result<String> {
+    match messages.split_last() {
+        Some((last, before)) if last.role == "assistant" && last.tool_calls.is_empty() => {
+            if before.last().is_some_and(|m| m.role == "assistant") {
+                return Err(crate::Error::Invalid(
+                    "messages: two or more assistant messages at the end (only the last one \
+                     can be continued)"
+                        .into(),
+                ));
+            }
+            Ok(render_turns(tok, before, tools)? + &last.content)
+        }
+        _ => render_turns(tok, messages, tools),
+    }
+}
+
+/// `messages` rendered with the template, ending with the header of the assistant's turn.
+fn render_turns(
     tok: &Tokenizer,
     messages: &[Message],
     tools: &[serde_json::Value],

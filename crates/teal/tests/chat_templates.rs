@@ -225,3 +225,29 @@ fn smollm2_template_from_gguf_tokenizes_like_llama_cpp() {
         .collect();
     assert_eq!(tok.encode(&text, tok.add_bos_default()).unwrap(), want);
 }
+
+/// A chat ending with an assistant message is continued (llama.cpp's server prefills it): the
+/// messages before it up to the assistant's header, then its text, unended; two at the end are
+/// an error.
+#[test]
+fn a_final_assistant_message_is_continued() {
+    let Some(path) = std::env::var_os("TEAL_SMOLLM2_GGUF") else {
+        eprintln!("skipping: set TEAL_SMOLLM2_GGUF to the GGUF file to run this test");
+        return;
+    };
+    let g = teal::gguf::GgufFile::open(Path::new(&path)).unwrap();
+    let tok = teal::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let user = Message::new("user", "Name a color.");
+    let head = teal::chat::render_chat(&tok, std::slice::from_ref(&user)).unwrap();
+    assert!(head.ends_with("<|im_start|>assistant\n"), "{head}");
+    let prefilled = [user.clone(), Message::new("assistant", "The color")];
+    let text = teal::chat::render_chat(&tok, &prefilled).unwrap();
+    assert_eq!(text, head + "The color");
+    let two = [
+        user,
+        Message::new("assistant", "Blue."),
+        Message::new("assistant", "And"),
+    ];
+    let e = teal::chat::render_chat(&tok, &two).unwrap_err().to_string();
+    assert!(e.contains("two or more assistant messages"), "{e}");
+}
