@@ -1807,6 +1807,21 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.bandwidth_mib == 0 {
         bail!("--bandwidth-mib 0: the bandwidth probe needs a buffer (default 1024)");
     }
+    let avail = teal::bench::available_memory();
+    let Some(probe_bytes) = a
+        .bandwidth_mib
+        .checked_mul(1 << 20)
+        .filter(|&b| avail.is_none_or(|m| b as u64 <= m))
+    else {
+        bail!(
+            "--bandwidth-mib {}: the probe's buffer does not fit in memory{}",
+            a.bandwidth_mib,
+            avail.map_or(String::new(), |m| format!(
+                " ({:.1} GiB available)",
+                m as f64 / (1u64 << 30) as f64
+            ))
+        );
+    };
     check_allocation_quantile(a.allocation, a.quantile)?;
     let device = a.common.device()?;
     // The positions a repetition runs (the last token decoded is not run).
@@ -1890,7 +1905,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     );
     // Before the bandwidth probe, whose buffer would otherwise count as the load's peak.
     let after_load = teal::bench::resident_memory();
-    let bw = dec.bandwidth(a.bandwidth_mib << 20)?;
+    let bw = dec.bandwidth(probe_bytes)?;
     eprintln!(
         "bandwidth: {:.2} GB/s ({})",
         bw.bytes_per_s / 1e9,

@@ -247,6 +247,18 @@ fn limits_are_checked_before_any_work() {
     assert!(e.contains("-n 0 -r 5 -p 64: bench needs"), "{e}");
     let e = bench(&["--bandwidth-mib", "0"]);
     assert!(e.contains("--bandwidth-mib 0"), "{e}");
+    // A probe buffer beyond memory (this aborted in the allocator after loading the model),
+    // and one of 2^64 bytes (this wrapped to an empty buffer and a bandwidth of 0).
+    let e = bench(&["--bandwidth-mib", "100000000"]);
+    assert!(
+        e.contains("--bandwidth-mib 100000000: the probe's buffer does not fit"),
+        "{e}"
+    );
+    let e = bench(&["--bandwidth-mib", "17592186044416"]);
+    assert!(
+        e.contains("--bandwidth-mib 17592186044416: the probe's buffer does not fit"),
+        "{e}"
+    );
     let e = bench(&["-p", "100000000000"]);
     assert!(
         e.contains("-p 100000000000 + -n 128: 100000000128 positions need"),
