@@ -584,7 +584,8 @@ struct ReportArgs {
     chunks: usize,
     #[arg(short = 'c', long, default_value_t = 512)]
     ctx: usize,
-    /// Layers whose activation distributions are plotted (default: first, middle, last).
+    /// Layers whose activation distributions are plotted, in order (default: first, middle,
+    /// last).
     #[arg(long, value_delimiter = ',')]
     layers: Vec<usize>,
     /// Which positions are sparsified.
@@ -1526,11 +1527,14 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         bail!("--sparsities must include a value above 0");
     };
     let n_layers = files.config.num_hidden_layers;
-    let layers = if a.layers.is_empty() {
+    let mut layers = if a.layers.is_empty() {
         vec![0, n_layers / 2, n_layers - 1]
     } else {
         a.layers.clone()
     };
+    // Each layer plotted once (the default repeats layers of a model of one or two).
+    layers.sort_unstable();
+    layers.dedup();
     if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
         bail!("--layers: layer {l} does not exist (the model has {n_layers})");
     }

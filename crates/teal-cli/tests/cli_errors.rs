@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{calibrate_small, fails, fails_with_stdout, short_text, smollm2};
+use common::{calibrate_small, fails, fails_with_stdout, short_text, smollm2, teal_ok};
 use std::path::Path;
 
 #[test]
@@ -379,4 +379,48 @@ fn report_on_a_gpu_refuses_other_modes() {
     ]);
     let gpu = e.contains("--device cuda:0 supports --mode all only (got half)");
     assert!(gpu || e.starts_with("error: --device cuda:0: "), "{e}");
+}
+
+/// `teal report --layers` naming a layer twice plots it once (the second plot of it found no
+/// values left, and plotters panicked on the NaN range of their empty fit).
+#[test]
+fn report_plots_a_layer_named_twice_once() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = short_text(dir.path());
+    let th = dir.path().join("th.json");
+    calibrate_small(m, &text, &th, &[]);
+    let out = dir.path().join("report");
+    let md = teal_ok(&[
+        "report",
+        "-m",
+        m,
+        "--thresholds",
+        th.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--sparsities",
+        "0.5",
+        "--chunks",
+        "1",
+        "-c",
+        "64",
+        "--layers",
+        "3,1,3",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let figures: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("![activations"))
+        .collect();
+    assert_eq!(
+        figures,
+        [
+            "![activations_layer1.png](activations_layer1.png)",
+            "![activations_layer3.png](activations_layer3.png)"
+        ]
+    );
+    assert!(out.join("activations_layer3.png").exists());
 }
