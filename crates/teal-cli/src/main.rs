@@ -369,7 +369,7 @@ struct BenchArgs {
     /// Benchmark a seeded random-weights model of this shape instead of a model file
     /// (smollm2-135m, llama3-8b, llama3-8b-2l, qwen2-tiny), with thresholds calibrated on its
     /// own activations. Stored in --dtype on the CPU, in --gpu-dtype for a GPU.
-    #[arg(long, value_name = "SHAPE")]
+    #[arg(long, value_name = "SHAPE", conflicts_with_all = ["model", "thresholds"])]
     random_weights: Option<String>,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 1)]

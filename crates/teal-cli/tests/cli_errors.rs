@@ -424,3 +424,31 @@ fn report_plots_a_layer_named_twice_once() {
     );
     assert!(out.join("activations_layer3.png").exists());
 }
+
+/// `teal bench --random-weights` benchmarks a model and thresholds of its own: a model file or
+/// a thresholds file given with it is refused (both were ignored without a word, the results
+/// read as if for them).
+#[test]
+fn bench_random_weights_refuses_model_and_thresholds_files() {
+    let base = [
+        "bench",
+        "--random-weights",
+        "qwen2-tiny",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "-p",
+        "2",
+    ];
+    let e = fails(&[&base[..], &["--thresholds", "th.json", "--sparsity", "0.5"]].concat());
+    assert!(
+        e.contains("'--random-weights <SHAPE>' cannot be used with '--thresholds <THRESHOLDS>'"),
+        "{e}"
+    );
+    let e = fails(&[&base[..], &["-m", "model.gguf"]].concat());
+    assert!(
+        e.contains("'--random-weights <SHAPE>' cannot be used with '--model <MODEL>'"),
+        "{e}"
+    );
+}
