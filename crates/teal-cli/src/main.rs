@@ -1831,7 +1831,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     // The positions a repetition runs (the last token decoded is not run).
     let positions = (a.n_prompt + a.n_gen, 1, 0);
     let ctx_flag = format!("-p {} + -n {}", a.n_prompt, a.n_gen);
-    let (model, dtype, model_label, prompt, random_th, files) = match &a.random_weights {
+    // Each row's masks and the request they were resolved for (`None`: dense).
+    type RowMasks = Option<(Vec<[Option<InputMask>; 7]>, SparsitySpec)>;
+    let sparse_args = |s: f64| {
+        (s > 0.0).then(|| SparseArgs {
+            sparsity: s,
+            thresholds: a.thresholds.clone(),
+            allocation: a.allocation,
+            quantile: a.quantile,
+            mode: ModeArg::All,
+        })
+    };
+    let (model, dtype, model_label, prompt, rows) = match &a.random_weights {
         Some(shape) => {
             let config = teal::models::random::shape(shape)
                 .with_context(|| format!("--random-weights {shape}"))?;
@@ -1847,19 +1858,35 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 th.calibration.text,
                 t0.elapsed().as_secs_f64()
             );
+            let rows = a
+                .sparsity
+                .iter()
+                .map(|&s| -> Result<RowMasks> {
+                    let Some(sparse) = sparse_args(s) else {
+                        return Ok(None);
+                    };
+                    let spec = sparse.spec(Some(&th))?;
+                    Ok(Some((th.resolve(&spec)?, spec)))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let prompt = teal::bench::spread_tokens(a.n_prompt, model.config.vocab_size, 0);
-            (
-                model,
-                dtype,
-                format!("random {shape}"),
-                prompt,
-                Some(th),
-                None,
-            )
+            (model, dtype, format!("random {shape}"), prompt, rows)
         }
         None => {
             let files = a.common.open()?;
             check_ctx(&a.common, device, &files.config, positions, &ctx_flag)?;
+            // The thresholds before the weights: a missing or mismatched file is reported at
+            // once, as in run and ppl.
+            let rows = a
+                .sparsity
+                .iter()
+                .map(|&s| -> Result<RowMasks> {
+                    let Some(sparse) = sparse_args(s) else {
+                        return Ok(None);
+                    };
+                    Ok(sparse.resolve(&files)?.map(|(t, spec, ..)| (t, spec)))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let model = a.common.load(&files)?;
             let base = files.tokenizer.encode(BENCH_TEXT, false)?;
             if base.is_empty() {
@@ -1867,34 +1894,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             }
             let prompt: Vec<u32> = base.iter().cycle().take(a.n_prompt).copied().collect();
             let label = a.common.model_path()?.display().to_string();
-            (
-                model,
-                a.common.dtype.into(),
-                label,
-                prompt,
-                None,
-                Some(files),
-            )
-        }
-    };
-    // Each sparse row's masks and the request they were resolved for.
-    type RowMasks = Option<(Vec<[Option<InputMask>; 7]>, SparsitySpec)>;
-    let masks_for = |s: f64| -> Result<RowMasks> {
-        let sparse = SparseArgs {
-            sparsity: s,
-            thresholds: a.thresholds.clone(),
-            allocation: a.allocation,
-            quantile: a.quantile,
-            mode: ModeArg::All,
-        };
-        match (&random_th, &files) {
-            _ if s == 0.0 => Ok(None),
-            (Some(th), _) => {
-                let spec = sparse.spec(Some(th))?;
-                Ok(Some((th.resolve(&spec)?, spec)))
-            }
-            (None, Some(files)) => Ok(sparse.resolve(files)?.map(|(t, spec, ..)| (t, spec))),
-            (None, None) => bail!("no thresholds"),
+            (model, a.common.dtype.into(), label, prompt, rows)
         }
     };
     let ctx = prompt.len() + a.n_gen + 1;
@@ -1919,11 +1919,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         n_decode: a.n_gen,
         reps: a.reps,
     };
-    let (masks, specs): (Vec<_>, Vec<_>) = a
-        .sparsity
-        .iter()
-        .map(|&s| masks_for(s))
-        .collect::<Result<Vec<_>>>()?
+    let (masks, specs): (Vec<_>, Vec<_>) = rows
         .into_iter()
         .map(|m| match m {
             Some((m, spec)) => (Some(m), Some(spec)),

@@ -452,3 +452,23 @@ fn bench_random_weights_refuses_model_and_thresholds_files() {
         "{e}"
     );
 }
+
+/// `teal bench --sparsity` checks its thresholds before it loads the model and probes the
+/// bandwidth (a missing file was reported after both), as run and ppl do.
+#[test]
+fn bench_checks_thresholds_before_loading() {
+    let Some(m) = smollm2() else { return };
+    let e = fails(&[
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "--sparsity",
+        "0,0.5",
+        "--thresholds",
+        "/no/such.json",
+    ]);
+    assert_eq!(
+        e.lines().collect::<Vec<_>>(),
+        ["error: /no/such.json: No such file or directory (os error 2)"]
+    );
+}
