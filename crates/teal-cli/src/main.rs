@@ -1113,6 +1113,11 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.slots == 0 {
         bail!("--slots 0: at least 1");
     }
+    if a.api_keys.iter().any(String::is_empty) {
+        bail!(
+            "--api-key: an empty key (TEAL_API_KEY set to nothing?) would let in any request              that sends an empty one"
+        );
+    }
     let files = a.common.open()?;
     let ctx = generation_ctx(a.ctx, &files);
     check_ctx(

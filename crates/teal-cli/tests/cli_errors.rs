@@ -472,3 +472,22 @@ fn bench_checks_thresholds_before_loading() {
         ["error: /no/such.json: No such file or directory (os error 2)"]
     );
 }
+
+/// An empty API key (`--api-key ""`, or TEAL_API_KEY set to nothing) is refused before the
+/// model loads: it was taken as a key, and any request sending an empty `X-Api-Key` header
+/// passed the server's check. (The address cannot be bound: a server that starts fails too.)
+#[test]
+fn serve_refuses_an_empty_api_key() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let e = fails(&["serve", "-m", m, "--host", "256.0.0.1", "--api-key", ""]);
+    assert!(e.contains("--api-key: an empty key"), "{e}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args(["serve", "-m", m, "--host", "256.0.0.1"])
+        .env("TEAL_API_KEY", "")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(e.contains("--api-key: an empty key"), "{e}");
+}
