@@ -1834,7 +1834,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     check_allocation_quantile(a.allocation, a.quantile)?;
     let device = a.common.device()?;
     // The positions a repetition runs (the last token decoded is not run).
-    let positions = (a.n_prompt + a.n_gen, 1, 0);
+    let Some(n_positions) = a.n_prompt.checked_add(a.n_gen) else {
+        bail!(
+            "-p {} + -n {}: more positions than any context holds",
+            a.n_prompt,
+            a.n_gen
+        );
+    };
+    let positions = (n_positions, 1, 0);
     let ctx_flag = format!("-p {} + -n {}", a.n_prompt, a.n_gen);
     // Each row's masks and the request they were resolved for (`None`: dense).
     type RowMasks = Option<(Vec<[Option<InputMask>; 7]>, SparsitySpec)>;

@@ -264,6 +264,13 @@ fn limits_are_checked_before_any_work() {
         e.contains("-p 100000000000 + -n 128: 100000000128 positions need"),
         "{e}"
     );
+    // -p + -n beyond usize: this wrapped to one position, then panicked with "capacity
+    // overflow" building the prompt.
+    let e = bench(&["-p", "18446744073709551615", "-n", "2"]);
+    assert!(
+        e.contains("-p 18446744073709551615 + -n 2: more positions than any context holds"),
+        "{e}"
+    );
     let e = bench(&["--allocation", "fisher", "--quantile", "abs"]);
     assert!(e.contains("--allocation fisher --quantile abs"), "{e}");
 
