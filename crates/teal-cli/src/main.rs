@@ -1115,7 +1115,8 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     }
     if a.api_keys.iter().any(String::is_empty) {
         bail!(
-            "--api-key: an empty key (TEAL_API_KEY set to nothing?) would let in any request              that sends an empty one"
+            "--api-key: an empty key (TEAL_API_KEY set to nothing?) would let in any request \
+             that sends an empty one"
         );
     }
     let files = a.common.open()?;
@@ -1816,7 +1817,13 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.bandwidth_mib == 0 {
         bail!("--bandwidth-mib 0: the bandwidth probe needs a buffer (default 1024)");
     }
-    let avail = teal::bench::available_memory();
+    check_allocation_quantile(a.allocation, a.quantile)?;
+    let device = a.common.device()?;
+    // On the CPU the probe's buffer must fit in memory (a GPU's allocation fails cleanly).
+    let avail = match device {
+        Device::Cpu => teal::bench::available_memory(),
+        _ => None,
+    };
     let Some(probe_bytes) = a
         .bandwidth_mib
         .checked_mul(1 << 20)
@@ -1831,8 +1838,6 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             ))
         );
     };
-    check_allocation_quantile(a.allocation, a.quantile)?;
-    let device = a.common.device()?;
     // The positions a repetition runs (the last token decoded is not run).
     let Some(n_positions) = a.n_prompt.checked_add(a.n_gen) else {
         bail!(
