@@ -372,7 +372,7 @@ struct BenchArgs {
     #[arg(long, value_name = "SHAPE", conflicts_with_all = ["model", "thresholds"])]
     random_weights: Option<String>,
     /// Seed of the random weights.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, requires = "random_weights")]
     seed: u64,
     /// Print one JSON object on stdout.
     #[arg(long)]
@@ -1334,6 +1334,12 @@ fn compare_models(
 }
 
 fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
+    let Some(collect_bytes) = a.collect_mib.checked_mul(1 << 20) else {
+        bail!(
+            "--collect-mib {}: more bytes than memory holds",
+            a.collect_mib
+        );
+    };
     let device = a.common.device()?;
     let files = a.common.open()?;
     let fp = files.fingerprint()?;
@@ -1492,7 +1498,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
                 fp,
                 &tokens,
                 &opts,
-                a.collect_mib << 20,
+                collect_bytes,
                 &mut progress,
             )?
         }
@@ -1529,6 +1535,10 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     for &s in &a.sparsities {
         check_target(s)?;
     }
+    // In order, each once: the plot joins its points in this order.
+    let mut sparsities = a.sparsities.clone();
+    sparsities.sort_by(f64::total_cmp);
+    sparsities.dedup();
     let Some((_, spec0, th, path)) = sparse_args.resolve(&files)? else {
         bail!("--sparsities must include a value above 0");
     };
@@ -1547,6 +1557,13 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     check_window_ctx(&a.common, device, &files.config, a.ctx, true)?;
     let text = teal::error::read_text(&a.file)?;
     let tokens = files.tokenizer.encode(&text, false)?;
+    // The output directory once the arguments are checked, before any work: an unwritable one
+    // is found at once.
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let probe = a.out.join(".teal-report-probe");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .with_context(|| format!("-o {}: cannot write there", a.out.display()))?;
     let model = a.common.load(&files)?;
     let opts = PplOptions {
         ctx: a.ctx,
@@ -1573,9 +1590,8 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
             methods.push((Allocation::Greedy, Quantile::Fisher));
         }
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     report::register_font()?;
-    let bar = ProgressBar::new((methods.len() * a.sparsities.len()) as u64);
+    let bar = ProgressBar::new((methods.len() * sparsities.len()) as u64);
     bar.set_style(ProgressStyle::with_template(
         "{msg:28} [{bar:30}] {pos}/{len} points, {elapsed} (eta {eta})",
     )?);
@@ -1588,7 +1604,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
             Allocation::Fisher => "fisher (loss-aware, one global threshold)".to_string(),
             _ => format!("{} / {} quantile", allocation.name(), quantile.name()),
         };
-        for &target in a.sparsities.iter().filter(|&&s| s > 0.0) {
+        for &target in sparsities.iter().filter(|&&s| s > 0.0) {
             bar.set_message(format!("{name} @ {target}"));
             let spec = SparsitySpec {
                 target,

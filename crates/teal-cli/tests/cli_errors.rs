@@ -408,7 +408,7 @@ fn report_plots_a_layer_named_twice_once() {
         "-f",
         text.to_str().unwrap(),
         "--sparsities",
-        "0.5",
+        "0.5,0.25,0.5",
         "--chunks",
         "1",
         "-c",
@@ -430,6 +430,36 @@ fn report_plots_a_layer_named_twice_once() {
         ]
     );
     assert!(out.join("activations_layer3.png").exists());
+    // The sparsities in order, each once (the plot joins its points in the order given).
+    let targets: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| uniform / teal"))
+        .filter_map(|l| l.split('|').nth(2).map(str::trim))
+        .collect();
+    assert_eq!(targets, ["0.25", "0.5"], "{md}");
+    // An output directory that cannot be written is found before any work.
+    let e = fails(&[
+        "report",
+        "-m",
+        m,
+        "--thresholds",
+        th.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "-o",
+        "/proc/self",
+    ]);
+    assert!(e.contains("-o /proc/self: cannot write there"), "{e}");
+}
+
+/// Flags that would be ignored or overflow: `bench --seed` without `--random-weights`,
+/// `calibrate --collect-mib` beyond the address space.
+#[test]
+fn ignored_and_overflowing_flags_are_refused() {
+    let e = fails(&["bench", "--seed", "3", "-n", "1"]);
+    assert!(e.contains("--random-weights"), "{e}");
+    let e = fails(&["calibrate", "--collect-mib", "18446744073709551615"]);
+    assert!(e.contains("--collect-mib 18446744073709551615"), "{e}");
 }
 
 /// `teal bench --random-weights` benchmarks a model and thresholds of its own: a model file or
