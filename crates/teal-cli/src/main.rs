@@ -1866,14 +1866,21 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let ctx_flag = format!("-p {} + -n {}", a.n_prompt, a.n_gen);
     // Each row's masks and the request they were resolved for (`None`: dense).
     type RowMasks = Option<(Vec<[Option<InputMask>; 7]>, SparsitySpec)>;
-    let sparse_args = |s: f64| {
-        (s > 0.0).then(|| SparseArgs {
-            sparsity: s,
-            thresholds: a.thresholds.clone(),
-            allocation: a.allocation,
-            quantile: a.quantile,
-            mode: ModeArg::All,
-        })
+    // Each sparse row's request resolved by `resolve`; `None` for a dense row.
+    let rows_with = |resolve: &dyn Fn(SparseArgs) -> Result<RowMasks>| {
+        a.sparsity
+            .iter()
+            .map(|&s| match s > 0.0 {
+                false => Ok(None),
+                true => resolve(SparseArgs {
+                    sparsity: s,
+                    thresholds: a.thresholds.clone(),
+                    allocation: a.allocation,
+                    quantile: a.quantile,
+                    mode: ModeArg::All,
+                }),
+            })
+            .collect::<Result<Vec<_>>>()
     };
     let (model, dtype, model_label, prompt, rows) = match &a.random_weights {
         Some(shape) => {
@@ -1891,17 +1898,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 th.calibration.text,
                 t0.elapsed().as_secs_f64()
             );
-            let rows = a
-                .sparsity
-                .iter()
-                .map(|&s| -> Result<RowMasks> {
-                    let Some(sparse) = sparse_args(s) else {
-                        return Ok(None);
-                    };
-                    let spec = sparse.spec(Some(&th))?;
-                    Ok(Some((th.resolve(&spec)?, spec)))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let rows = rows_with(&|sparse| {
+                let spec = sparse.spec(Some(&th))?;
+                Ok(Some((th.resolve(&spec)?, spec)))
+            })?;
             let prompt = teal::bench::spread_tokens(a.n_prompt, model.config.vocab_size, 0);
             (model, dtype, format!("random {shape}"), prompt, rows)
         }
@@ -1910,16 +1910,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             check_ctx(&a.common, device, &files.config, positions, &ctx_flag)?;
             // The thresholds before the weights: a missing or mismatched file is reported at
             // once, as in run and ppl.
-            let rows = a
-                .sparsity
-                .iter()
-                .map(|&s| -> Result<RowMasks> {
-                    let Some(sparse) = sparse_args(s) else {
-                        return Ok(None);
-                    };
-                    Ok(sparse.resolve(&files)?.map(|(t, spec, ..)| (t, spec)))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let rows =
+                rows_with(&|sparse| Ok(sparse.resolve(&files)?.map(|(t, spec, ..)| (t, spec))))?;
             let model = a.common.load(&files)?;
             let base = files.tokenizer.encode(BENCH_TEXT, false)?;
             if base.is_empty() {

@@ -399,25 +399,16 @@ fn report_plots_a_layer_named_twice_once() {
     let th = dir.path().join("th.json");
     calibrate_small(m, &text, &th, &[]);
     let out = dir.path().join("report");
-    let md = teal_ok(&[
-        "report",
-        "-m",
-        m,
-        "--thresholds",
-        th.to_str().unwrap(),
-        "-f",
-        text.to_str().unwrap(),
-        "--sparsities",
-        "0.5,0.25,0.5",
-        "--chunks",
-        "1",
-        "-c",
-        "64",
-        "--layers",
-        "3,1,3",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let (th, text) = (th.to_str().unwrap(), text.to_str().unwrap());
+    let base = ["report", "-m", m, "--thresholds", th, "-f", text];
+    let md = teal_ok(
+        &[
+            &base[..],
+            &["-o", out.to_str().unwrap(), "--sparsities", "0.5,0.25,0.5"],
+            &["--chunks", "1", "-c", "64", "--layers", "3,1,3"],
+        ]
+        .concat(),
+    );
     let figures: Vec<&str> = md
         .lines()
         .filter(|l| l.starts_with("![activations"))
@@ -438,17 +429,7 @@ fn report_plots_a_layer_named_twice_once() {
         .collect();
     assert_eq!(targets, ["0.25", "0.5"], "{md}");
     // An output directory that cannot be written is found before any work.
-    let e = fails(&[
-        "report",
-        "-m",
-        m,
-        "--thresholds",
-        th.to_str().unwrap(),
-        "-f",
-        text.to_str().unwrap(),
-        "-o",
-        "/proc/self",
-    ]);
+    let e = fails(&[&base[..], &["-o", "/proc/self"]].concat());
     assert!(e.contains("-o /proc/self: cannot write there"), "{e}");
 }
 
