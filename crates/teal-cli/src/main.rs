@@ -12,7 +12,7 @@ use teal::chat::{encode_prompt, Infill, Message, Prompt};
 use teal::device::Decoder;
 use teal::device::{Device, Masks};
 use teal::eval::perplexity::perplexity_on;
-use teal::eval::perplexity::PplOptions;
+use teal::eval::perplexity::{PplOptions, Scoring};
 use teal::eval::sparse::{compare, compare_on, SparseReport};
 use teal::generate::{generate_on, GenerateParams, Generation, Models, Session};
 use teal::kv_cache::KvDtype;
@@ -150,6 +150,16 @@ impl From<QuantileArg> for Quantile {
             QuantileArg::Fisher => Quantile::Fisher,
         }
     }
+}
+
+/// `teal ppl --scoring`.
+#[derive(Clone, Copy, ValueEnum)]
+enum ScoringArg {
+    /// Every token after each window's first, the text without BOS (the docs' figures).
+    P512,
+    /// As llama-perplexity: the text with BOS where the model adds one, BOS in place of each
+    /// window's first token, the tokens after each window's first half scored.
+    LlamaCpp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -485,7 +495,7 @@ struct RunArgs {
 struct PplArgs {
     #[command(flatten)]
     common: Common,
-    /// UTF-8 text file, tokenized whole as stored (no BOS).
+    /// UTF-8 text file, tokenized whole as stored (no BOS; see --scoring).
     #[arg(short = 'f', long)]
     file: PathBuf,
     /// Window length in tokens.
@@ -494,6 +504,9 @@ struct PplArgs {
     /// Score only the first K windows (default: all).
     #[arg(long)]
     chunks: Option<usize>,
+    /// Which tokens are scored.
+    #[arg(long, value_enum, default_value_t = ScoringArg::P512)]
+    scoring: ScoringArg,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -1177,7 +1190,15 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     let sparse = a.sparse.sparsity > 0.0;
     check_window_ctx(&a.common, device, &files.config, a.ctx, sparse)?;
     let text = teal::error::read_text(&a.file)?;
-    let tokens = files.tokenizer.encode(&text, false)?;
+    let tok = &files.tokenizer;
+    let (scoring, bos) = match a.scoring {
+        ScoringArg::P512 => (Scoring::P512, false),
+        ScoringArg::LlamaCpp => {
+            let bos = tok.bos_id().filter(|_| tok.add_bos_default());
+            (Scoring::LlamaCpp { bos }, bos.is_some())
+        }
+    };
+    let tokens = tok.encode(&text, bos)?;
     // The thresholds before the weights: a missing or mismatched file is reported at once.
     let resolved = a.sparse.resolve(&files)?;
     let model = a.common.load(&files)?;
@@ -1186,6 +1207,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         ctx: a.ctx,
         chunks: a.chunks,
         kv,
+        scoring,
     };
     let n_windows = teal::eval::perplexity::windows(tokens.len(), &opts)?.len();
     let bar = ProgressBar::new(n_windows as u64);
@@ -1228,6 +1250,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
                 "tokens_scored": r.tokens_scored,
                 "chunks": r.chunks,
                 "ctx": r.ctx,
+                "scoring": scoring.name(),
             });
             println!("{j}");
         } else {
@@ -1243,8 +1266,11 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
                 println!("  {name:10} {s:.4}");
             }
             println!(
-                "{} tokens scored in {} windows of {}",
-                r.tokens_scored, r.chunks, r.ctx
+                "{} tokens scored in {} windows of {} ({} scoring)",
+                r.tokens_scored,
+                r.chunks,
+                r.ctx,
+                scoring.name()
             );
         }
         return Ok(());
@@ -1264,6 +1290,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
             "tokens_scored": r.tokens_scored,
             "chunks": r.chunks,
             "ctx": r.ctx,
+            "scoring": scoring.name(),
             "text_tokens": tokens.len(),
             "sparsity": 0.0,
             "planned_sparsity": 0.0,
@@ -1287,13 +1314,14 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         println!("{j}");
     } else {
         println!(
-            "{}: PPL = {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {}; text has {} tokens",
+            "{}: PPL = {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {} ({} scoring); text has {} tokens",
             dec.describe(),
             r.ppl,
             r.nll,
             r.tokens_scored,
             r.chunks,
             r.ctx,
+            scoring.name(),
             tokens.len()
         );
     }
@@ -1569,6 +1597,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         ctx: a.ctx,
         chunks: Some(a.chunks),
         kv: a.common.kv(device)?,
+        scoring: Default::default(),
     };
     let mut methods = vec![
         (Allocation::Uniform, Quantile::Teal),

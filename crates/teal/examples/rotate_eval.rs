@@ -37,6 +37,7 @@ fn main() {
         ctx: 512,
         chunks: Some(wins),
         kv: teal::kv_cache::KvDtype::F32,
+        scoring: Default::default(),
     };
     let t0 = std::time::Instant::now();
     let q = rotate::principal_basis(&model, &ctoks, n, len).unwrap();

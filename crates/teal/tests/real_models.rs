@@ -307,6 +307,7 @@ fn smollm2_wikitext_perplexity_matches_llama_cpp() {
             ctx: 512,
             chunks: Some(32),
             kv: teal::kv_cache::KvDtype::F32,
+            scoring: Default::default(),
         },
         |_, _| {},
     )
@@ -334,6 +335,7 @@ fn smollm2_wikitext_perplexity_matches_llama_cpp() {
             ctx: 512,
             chunks: Some(8),
             kv: teal::kv_cache::KvDtype::F16,
+            scoring: Default::default(),
         },
         |_, _| {},
     )
@@ -512,6 +514,7 @@ fn smollm2_teal_uniform_and_fisher_sparsity() {
         ctx: 512,
         chunks: Some(2),
         kv: teal::kv_cache::KvDtype::F32,
+        scoring: Default::default(),
     };
     let eval = |target, allocation, quantile| {
         let spec = SparsitySpec {

@@ -534,6 +534,7 @@ fn compare_on_a_decoder_matches_compare() {
         ctx: 40,
         chunks: Some(3),
         kv: teal::kv_cache::KvDtype::F32,
+        scoring: Default::default(),
     };
     let want = compare(&c, &m, &sparse, Mode::All, &text, &opts, |_, _| {}).unwrap();
     let mut dec = Device::Cpu
@@ -913,6 +914,7 @@ fn modes_score_only_the_positions_that_ran_sparse() {
         ctx: 41,
         chunks: Some(2),
         kv: teal::kv_cache::KvDtype::F32,
+        scoring: Default::default(),
     };
     let run = |mode| compare(&c, &m, &sparse, mode, &text, &opts, |_, _| {}).unwrap();
     let (all, half, dec) = (run(Mode::All), run(Mode::Half), run(Mode::DecodeOnly));

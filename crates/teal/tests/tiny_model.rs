@@ -568,6 +568,7 @@ fn non_finite_activations_are_errors() {
         ctx: 6,
         chunks: Some(1),
         kv: KvDtype::F16,
+        scoring: Default::default(),
     };
     let tokens: Vec<u32> = TOKENS.to_vec();
     let all = teal::sparsity::Mode::All;
@@ -583,6 +584,66 @@ fn non_finite_activations_are_errors() {
         ..opts
     };
     teal::eval::sparse::compare(&c, &m, &m, all, &tokens, &f32_opts, |_, _| {}).unwrap();
+}
+
+/// `llama-perplexity`'s scoring: BOS in place of each window's first token, the tokens after
+/// the first half scored; the dense and the sparse evaluations agree on it.
+#[test]
+fn llama_cpp_scoring_scores_the_second_half_after_bos() {
+    use teal::device::{CpuDecoder, Decoder};
+    use teal::eval::perplexity::{nll, perplexity, PplOptions, Scoring};
+    use teal::generate::Models;
+    use teal::kv_cache::KvDtype;
+    let (m, _, _, c) = load_both(Arch::Llama);
+    let tokens: Vec<u32> = (0..26).map(|i| (i * 7 + 3) % c.vocab_size as u32).collect();
+    let scoring = Scoring::LlamaCpp { bos: Some(1) };
+    let opts = PplOptions {
+        ctx: 8,
+        chunks: None,
+        kv: KvDtype::F32,
+        scoring,
+    };
+    let r = perplexity(&m, &tokens, &opts, |_, _| {}).unwrap();
+    assert_eq!((r.chunks, r.tokens_scored), (3, 3 * 3));
+    let mut sum = 0.0;
+    for w in tokens.chunks_exact(8).take(3) {
+        let mut run = w.to_vec();
+        run[0] = 1;
+        let mut dec = CpuDecoder::with_kv(Models::single(&m), 8, KvDtype::F32);
+        let logits = dec.prefill(&run, Logits::All).unwrap();
+        let v = c.vocab_size;
+        sum += (5..8)
+            .map(|t| nll(&logits[(t - 1) * v..t * v], w[t]))
+            .sum::<f64>();
+    }
+    assert!(
+        (r.nll - sum / 9.0).abs() < 1e-9,
+        "{} vs {}",
+        r.nll,
+        sum / 9.0
+    );
+    let all = teal::sparsity::Mode::All;
+    let cmp = teal::eval::sparse::compare(&c, &m, &m, all, &tokens, &opts, |_, _| {}).unwrap();
+    assert_eq!(cmp.tokens_scored, 9);
+    assert!((cmp.dense_ppl / r.ppl - 1.0).abs() < 1e-9);
+    // P512 on the same windows scores every token after the first.
+    let p512 = PplOptions {
+        scoring: Scoring::P512,
+        ..opts.clone()
+    };
+    assert_eq!(
+        perplexity(&m, &tokens, &p512, |_, _| {})
+            .unwrap()
+            .tokens_scored,
+        21
+    );
+    // A window too short to have a scored token.
+    let short = PplOptions { ctx: 2, ..opts };
+    let e = perplexity(&m, &tokens, &short, |_, _| {}).unwrap_err();
+    assert!(
+        e.to_string().contains("too short to score any token"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Perplexity, protocol P512 (DESIGN §4): the whole text tokenized as stored (no BOS), the first
 //! K non-overlapping windows of `ctx` tokens, each run from an empty cache, tokens 1..ctx-1 of
-//! each scored; PPL = exp(mean NLL).
+//! each scored; PPL = exp(mean NLL). [`Scoring::LlamaCpp`] scores as `llama-perplexity` does
+//! instead, on the same windows.
 
 use crate::device::{CpuDecoder, Decoder};
 use crate::error::{Error, Result};
@@ -15,6 +16,51 @@ pub struct PplOptions {
     pub chunks: Option<usize>,
     /// Element type of the CPU's KV cache.
     pub kv: KvDtype,
+    /// Which tokens of a window are scored.
+    pub scoring: Scoring,
+}
+
+/// Which tokens of each window are scored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scoring {
+    /// P512: every token after the window's first.
+    #[default]
+    P512,
+    /// `llama-perplexity`'s: the window's first token replaced by `bos` (where the model adds
+    /// one; the text is then tokenized with BOS in front), and only the tokens after its first
+    /// half scored (positions `ctx/2 + 1 ..`), each predicted with at least half a window of
+    /// context.
+    LlamaCpp { bos: Option<u32> },
+}
+
+impl Scoring {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scoring::P512 => "p512",
+            Scoring::LlamaCpp { .. } => "llama.cpp",
+        }
+    }
+
+    /// The tokens a window of the text runs: `w`, or with BOS in place of its first.
+    pub fn window(self, w: &[u32]) -> std::borrow::Cow<'_, [u32]> {
+        match self {
+            Scoring::LlamaCpp { bos: Some(b) } if !w.is_empty() => {
+                let mut v = w.to_vec();
+                v[0] = b;
+                v.into()
+            }
+            _ => w.into(),
+        }
+    }
+
+    /// The position whose prediction (of the next token) is the first scored in a window of
+    /// `len` tokens.
+    pub fn first(self, len: usize) -> usize {
+        match self {
+            Scoring::P512 => 0,
+            Scoring::LlamaCpp { .. } => len / 2,
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -40,9 +86,9 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
     lse - logits[target as usize] as f64
 }
 
-/// The windows P512 scores: `(start, end)` token ranges.
+/// The windows scored: `(start, end)` token ranges.
 pub fn windows(n_tokens: usize, opts: &PplOptions) -> Result<Vec<(usize, usize)>> {
-    if opts.ctx < 2 {
+    if opts.ctx < opts.scoring.first(opts.ctx) + 2 {
         return Err(Error::Invalid(format!(
             "context {} is too short to score any token",
             opts.ctx
@@ -94,14 +140,16 @@ pub fn perplexity_on(
     let mut scored = 0;
     for (i, &(s, e)) in wins.iter().enumerate() {
         dec.clear()?;
-        let w = &tokens[s..e];
-        let logits = dec.prefill(w, Logits::All)?;
-        let sum: f64 = (1..w.len())
+        let w = opts.scoring.window(&tokens[s..e]);
+        let logits = dec.prefill(&w, Logits::All)?;
+        let first = opts.scoring.first(w.len());
+        let sum: f64 = (first + 1..w.len())
             .map(|t| nll(&logits[(t - 1) * vocab..t * vocab], w[t]))
             .sum();
-        chunk_nll.push(sum / (w.len() - 1) as f64);
+        let n = w.len() - 1 - first;
+        chunk_nll.push(sum / n as f64);
         total += sum;
-        scored += w.len() - 1;
+        scored += n;
         progress(i + 1, wins.len());
     }
     let mean = total / scored as f64;

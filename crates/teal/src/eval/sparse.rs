@@ -183,7 +183,7 @@ pub fn compare(
         let mut counter = MaskCounter::new(sparse, 0);
         let mut tally = Tally::default();
         for (i, &(s, e)) in wins.iter().enumerate() {
-            let w = &tokens[s..e];
+            let w = &*opts.scoring.window(&tokens[s..e]);
             cache.clear();
             let ld = dense.prefill(w, &mut cache, Logits::All)?;
             // Positions 0..dense_upto run dense; the rest sparse (TEAL's half: the last
@@ -207,7 +207,7 @@ pub fn compare(
             let f16 = opts.kv == crate::kv_cache::KvDtype::F16;
             crate::device::check_logits(&ld, v, 0, f16)?;
             crate::device::check_logits(&ls, v, 0, f16)?;
-            tally.add(w, &ld, &ls, v, dense_upto);
+            tally.add(w, &ld, &ls, v, dense_upto.max(opts.scoring.first(w.len())));
             progress(i + 1, wins.len());
         }
         if tally.scored == 0 {
@@ -239,7 +239,7 @@ pub fn compare_on(
     let mut counter = MaskCounter::new(sparse, 0);
     let mut tally = Tally::default();
     for (i, &(s, e)) in wins.iter().enumerate() {
-        let w = &tokens[s..e];
+        let w = &*opts.scoring.window(&tokens[s..e]);
         dec.set_masks(None)?;
         dec.clear()?;
         let ld = dec.prefill(w, Logits::All)?;
@@ -248,7 +248,7 @@ pub fn compare_on(
         let ls = dec.prefill(w, Logits::All)?;
         dec.clear()?;
         dec.prefill_observed(w, &mut counter)?;
-        tally.add(w, &ld, &ls, config.vocab_size, 0);
+        tally.add(w, &ld, &ls, config.vocab_size, opts.scoring.first(w.len()));
         progress(i + 1, wins.len());
     }
     Ok(tally.report(&config, &counter, wins.len(), opts, Mode::All))
