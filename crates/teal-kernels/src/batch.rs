@@ -75,6 +75,7 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
         "gemv_many_rows: {n} GEMVs, at most {MAX_MANY}"
     );
     let mut together = [false; MAX_MANY];
+    let wide = simd && nb >= WIDE_FROM && wide_available();
     cpu::SCRATCH.with_borrow_mut(
         |cpu::Scratch {
              lists, partials, ..
@@ -111,7 +112,18 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
                         // SAFETY: item c of GEMV i writes columns o0..o0+len of each of the nb
                         // output rows (stride n_out), which no other item touches.
                         unsafe {
-                            tile_rows(&g.w, idx, val, nb, o0, len, plan.y(i).add(o0), n_out, simd)
+                            tile_rows(
+                                &g.w,
+                                idx,
+                                val,
+                                nb,
+                                o0,
+                                len,
+                                plan.y(i).add(o0),
+                                n_out,
+                                simd,
+                                wide,
+                            )
                         }
                     }
                     Split::Rows(_) => {
@@ -130,6 +142,7 @@ fn gemv_many_rows_on(x: &[f32], nb: usize, gemvs: &mut [Gemv], simd: bool, choos
                                 pp.get().add(plan.partial_at(i, c, n_out)),
                                 n_out,
                                 simd,
+                                wide,
                             )
                         }
                     }
@@ -259,12 +272,14 @@ fn union_kept(x: &[f32], nb: usize, mask: Mask, idx: &mut Vec<u32>, val: &mut Ve
 }
 
 /// Columns `o0 .. o0 + len` of the `nb` output rows (row `b` at `out + b * stride`, column `o0`
-/// at `out`): `y_b = sum_k val[k nb + b] w[idx[k], :]`.
+/// at `out`): `y_b = sum_k val[k nb + b] w[idx[k], :]`. With `simd`, the AVX2 tile, or with
+/// `wide` the AVX-512 one ([`Wide`]).
 ///
 /// # Safety
 /// `out` must be valid for those writes; `w`'s view must hold its `n_in` rows of `n_out`; `o0`
 /// a multiple of [`GROUP`], `o0 + len <= n_out`, every index below `n_in`,
-/// `val.len() == nb * idx.len()`.
+/// `val.len() == nb * idx.len()`; `simd` only where [`cpu::simd_available`], `wide` only with
+/// `simd` where [`wide_available`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows(
     w: &Mat,
@@ -276,6 +291,7 @@ unsafe fn tile_rows(
     out: *mut f32,
     stride: usize,
     simd: bool,
+    wide: bool,
 ) {
     for b in 0..nb {
         std::slice::from_raw_parts_mut(out.add(b * stride), len).fill(0.0);
@@ -292,7 +308,7 @@ unsafe fn tile_rows(
             out: out.add(g * GROUP),
             stride,
         };
-        if nb >= WIDE_FROM && wide_available() {
+        if wide {
             each_format(w, &Wide(tile(0, full / GROUP)));
         } else {
             // Tiles of about TILE_OUT_BYTES of outputs, whole multiples of eight groups.
@@ -313,7 +329,7 @@ unsafe fn tile_rows(
         );
         return;
     }
-    let _ = (simd, full);
+    let _ = (simd, wide, full);
     tile_rows_portable(w, idx, val, nb, o0, len, out, stride)
 }
 
@@ -347,7 +363,6 @@ unsafe fn tile_rows_portable(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 /// Rows from which [`tile_rows`] keeps the sums of every output row in registers
 /// ([`Wide`]) where the CPU has AVX-512's 32 vector registers.
 const WIDE_FROM: usize = 5;
@@ -1058,6 +1073,69 @@ mod tests {
                                     );
                                 }
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 tile on five to eight rows, which `gemv_many_rows` gives the wide tile where the
+    /// CPU has AVX-512 (so it runs there only on other machines): against the portable tile,
+    /// as the wide tile, every format, a subset of the inputs kept, an odd number of columns.
+    #[test]
+    fn avx2_tile_on_five_to_eight_rows() {
+        if !cpu::simd_available() {
+            return;
+        }
+        let (n_in, n_out) = (67, 32 * 5 + 7);
+        let wt = values(n_in * n_out, 0.25);
+        let idx: Vec<u32> = (0..n_in as u32).filter(|j| j % 3 != 1).collect();
+        for dtype in DTYPES {
+            let p = PackedT::from_input_major(dtype, &wt, n_in, n_out).unwrap();
+            let m = p.mat();
+            for nb in WIDE_FROM..=MAX_ROWS {
+                let val = values(nb * idx.len(), nb as f32);
+                let run = |simd, wide| {
+                    let mut y = vec![f32::NAN; nb * n_out];
+                    // SAFETY: y holds nb rows of n_out; idx below n_in; val nb per index.
+                    unsafe {
+                        tile_rows(
+                            &m,
+                            &idx,
+                            &val,
+                            nb,
+                            0,
+                            n_out,
+                            y.as_mut_ptr(),
+                            n_out,
+                            simd,
+                            wide,
+                        )
+                    };
+                    y
+                };
+                let want = run(false, false);
+                let mut paths = vec![(run(true, false), "avx2")];
+                if wide_available() {
+                    paths.push((run(true, true), "wide"));
+                }
+                for (got, path) in paths {
+                    for b in 0..nb {
+                        let mut scale = vec![0.0f32; n_out];
+                        let mut row = vec![0.0f32; n_out];
+                        for (k, &j) in idx.iter().enumerate() {
+                            m.dequant_row(j as usize, 0, &mut row);
+                            for (a, r) in scale.iter_mut().zip(&row) {
+                                *a += (val[k * nb + b] * r).abs();
+                            }
+                        }
+                        for o in 0..n_out {
+                            let (g, w) = (got[b * n_out + o], want[b * n_out + o]);
+                            assert!(
+                                (g - w).abs() <= TOL * (1.0 + scale[o]),
+                                "{dtype:?} {path} rows {nb}: row {b} col {o}: {g} vs {w}"
+                            );
                         }
                     }
                 }
