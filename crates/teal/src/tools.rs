@@ -84,6 +84,13 @@ pub fn parse_tools(tools: &[Value]) -> Result<Vec<Tool>, String> {
         }
         let parameters = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+            // The arguments are an object (OpenAI's rule): calls of another type are not calls.
+            Some(p) if p.get("type").is_some_and(|t| t != "object") => {
+                return Err(format!(
+                    "tools[{i}].function.parameters: 'type' must be \"object\" (the arguments \
+                     are an object)"
+                ))
+            }
             Some(p) if p.is_object() => p.clone(),
             Some(_) => {
                 return Err(format!(
@@ -338,6 +345,20 @@ mod tests {
                 .contains("tools[1].function.name: 'a' is declared twice")
         );
         assert!(e(json!([{"function": {"name": "a", "parameters": 3}}])).contains("parameters"));
+        // The arguments are an object: a schema of another type could only give calls that
+        // no client can read (and that are not read back as calls).
+        for t in [json!("string"), json!("array"), json!(["object", "null"])] {
+            let params = json!([{"function": {"name": "a", "parameters": {"type": t}}}]);
+            assert!(
+                e(params).contains("tools[0].function.parameters: 'type' must be \"object\""),
+                "{t}"
+            );
+        }
+        assert!(
+            parse_tools(&[json!({"function": {"name": "a", "parameters": {
+            "properties": {"x": {"type": "string"}}}}})])
+            .is_ok()
+        );
         let c = |v: Value| parse_tool_choice(Some(&v), &tools);
         assert_eq!(parse_tool_choice(None, &tools), Ok(ToolChoice::Auto));
         assert_eq!(c(json!("none")), Ok(ToolChoice::None));
