@@ -249,17 +249,18 @@ fn bare_calls(text: &str, names: &[&str]) -> Option<Vec<FunctionCall>> {
     (!calls.is_empty()).then_some(calls)
 }
 
-/// A call object's `{"name": ..., "arguments": {...}}` (arguments also as JSON text, or named
-/// `parameters`).
+/// A call object's `{"name": ..., "arguments": {...}}` (arguments also as the JSON text of an
+/// object, or named `parameters`).
 fn call(v: Value) -> Option<FunctionCall> {
     let name = v.get("name")?.as_str()?.to_string();
     let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
         Some(Value::String(s)) => serde_json::from_str(s).ok()?,
-        Some(a @ Value::Object(_)) => a.clone(),
+        Some(a) => a.clone(),
         None => json!({}),
-        Some(_) => return None,
     };
-    Some(FunctionCall { name, arguments })
+    arguments
+        .is_object()
+        .then_some(FunctionCall { name, arguments })
 }
 
 /// The messages for a template that does not write tools: the tools and how to call them are
@@ -407,6 +408,14 @@ mod tests {
         assert!(parse_calls("{\"a\": 1}", &["f"]).is_none());
         assert!(parse_calls("<tool_call>{\"name\": 3}</tool_call>", &[]).is_none());
         assert!(parse_calls("<tool_call>not json</tool_call>", &[]).is_none());
+        // Arguments are an object, also when written as JSON text.
+        for args in ["\"[1]\"", "\"5\"", "\"\\\"x\\\"\"", "[1]", "null"] {
+            let block =
+                format!("<tool_call>{{\"name\": \"f\", \"arguments\": {args}}}</tool_call>");
+            assert!(parse_calls(&block, &["f"]).is_none(), "{block}");
+            let bare = format!("{{\"name\": \"f\", \"arguments\": {args}}}");
+            assert!(parse_calls(&bare, &["f"]).is_none(), "{bare}");
+        }
         // Mistral's marker and array, Llama 3.1's marker and `parameters`.
         let mistral = "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"x\": 1}}, {\"name\": \"g\", \"arguments\": {}}]";
         let (_, calls) = parse_calls(mistral, &["f", "g"]).unwrap();
