@@ -218,11 +218,17 @@ pub fn parse_calls(text: &str, names: &[&str]) -> Option<(String, Vec<FunctionCa
 }
 
 /// Calls written as bare JSON objects, one after another, each naming one of `names` (the
-/// last may be cut short after whole ones); also as arrays of such objects, and after the
-/// markers other model families put first (Mistral's `[TOOL_CALLS]`, Llama 3.1's
-/// `<|python_tag|>`, both followed by the objects or an array of them).
+/// last may be cut short after whole ones); also as arrays of such objects, in a Markdown code
+/// block (```` ```json ````, as llama.cpp reads them too), and after the markers other model
+/// families put first (Mistral's `[TOOL_CALLS]`, Llama 3.1's `<|python_tag|>`, both followed
+/// by the objects or an array of them).
 fn bare_calls(text: &str, names: &[&str]) -> Option<Vec<FunctionCall>> {
     let text = text.trim();
+    let text = ["```json", "```xml", "```"]
+        .iter()
+        .find_map(|f| text.strip_prefix(f)?.strip_suffix("```"))
+        .unwrap_or(text)
+        .trim();
     let text = ["[TOOL_CALLS]", "<|python_tag|>"]
         .iter()
         .find_map(|m| text.strip_prefix(m))
@@ -416,6 +422,17 @@ mod tests {
             let bare = format!("{{\"name\": \"f\", \"arguments\": {args}}}");
             assert!(parse_calls(&bare, &["f"]).is_none(), "{bare}");
         }
+        // In a code block, as small models write them (Qwen2.5-Coder-0.5B with `auto`).
+        let fenced = "```json\n{\n  \"name\": \"f\",\n  \"arguments\": {\"x\": 1}\n}\n```";
+        let (content, calls) = parse_calls(fenced, &["f"]).unwrap();
+        assert_eq!(
+            (content.as_str(), calls[0].arguments.clone()),
+            ("", json!({"x": 1}))
+        );
+        let plain = "```\n[{\"name\": \"f\", \"arguments\": {}}]\n```\n";
+        assert_eq!(parse_calls(plain, &["f"]).unwrap().1.len(), 1);
+        assert!(parse_calls(fenced, &["g"]).is_none());
+        assert!(parse_calls("```json\n{\"a\": 1}\n```", &["f"]).is_none());
         // Mistral's marker and array, Llama 3.1's marker and `parameters`.
         let mistral = "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"x\": 1}}, {\"name\": \"g\", \"arguments\": {}}]";
         let (_, calls) = parse_calls(mistral, &["f", "g"]).unwrap();
