@@ -1972,6 +1972,36 @@ async fn tool_calls_are_answered_as_openai_does() {
     }
 }
 
+/// Under a request's own grammar (no call grammar holds the model), the answer is still read
+/// for calls of the declared tools only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_under_a_requests_own_grammar() {
+    let Some((tx, _)) = engine() else { return };
+    let time = json!({"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}}}});
+    let block = |name: &str| {
+        format!("<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {{}}}}\n</tool_call>")
+    };
+    let ask = |grammar: String| {
+        json!({"messages": [{"role": "user", "content": "What time is it?"}], "tools": [time],
+               "grammar": grammar, "temperature": 0, "max_tokens": 60})
+    };
+    let rm = block("rm");
+    let (s, v) = call_json(
+        &tx,
+        "/v1/chat/completions",
+        ask(format!("root ::= {}", serde_json::to_string(&rm).unwrap())),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert!(c["message"].get("tool_calls").is_none(), "{v}");
+    assert_eq!(
+        (&c["message"]["content"], &c["finish_reason"]),
+        (&json!(rm), &json!("stop"))
+    );
+}
+
 /// `/v1/embeddings`: unit vectors of the hidden size, the library's mean-pooled final states
 /// (text and token-id inputs alike), base64 as OpenAI's client asks; the slot's cache is
 /// emptied, so a generation afterwards gives the text it gave before; bad inputs get a 400.

@@ -183,11 +183,11 @@ pub fn call_grammar(
 }
 
 /// The tool calls in a model's answer and the text around them: every `<tool_call>` block
-/// must hold a JSON object with a string `name` and an `arguments` (or `parameters`) object,
-/// else `None` (the answer is then plain text). The last block may lack its `</tool_call>`;
-/// one cut short inside its object (the answer hit its token limit) is dropped when calls came
-/// before it. Small models also leave the tags out: an answer that is nothing but such
-/// objects, each naming one of `names`, is read as calls too.
+/// must hold a JSON object with a `name` of `names` and an `arguments` (or `parameters`)
+/// object, else `None` (the answer is then plain text). The last block may lack its
+/// `</tool_call>`; one cut short inside its object (the answer hit its token limit) is dropped
+/// when calls came before it. Small models also leave the tags out: an answer that is nothing
+/// but such objects, each naming one of `names`, is read as calls too.
 pub fn parse_calls(text: &str, names: &[&str]) -> Option<(String, Vec<FunctionCall>)> {
     const OPEN: &str = "<tool_call>";
     const CLOSE: &str = "</tool_call>";
@@ -203,7 +203,10 @@ pub fn parse_calls(text: &str, names: &[&str]) -> Option<(String, Vec<FunctionCa
             Some(end) => (&inner[..end], &inner[end + CLOSE.len()..], true),
             None => (inner, "", false),
         };
-        match serde_json::from_str(body.trim()).ok().and_then(call) {
+        match serde_json::from_str(body.trim())
+            .ok()
+            .and_then(|v| call(v, names))
+        {
             Some(c) => calls.push(c),
             None if !closed && !calls.is_empty() => {
                 rest = "";
@@ -234,12 +237,12 @@ fn bare_calls(text: &str, names: &[&str]) -> Option<Vec<FunctionCall>> {
         .find_map(|m| text.strip_prefix(m))
         .unwrap_or(text);
     let mut calls = Vec::new();
-    let mut push = |v: Value| match call(v) {
-        Some(c) if names.contains(&c.name.as_str()) => {
+    let mut push = |v: Value| match call(v, names) {
+        Some(c) => {
             calls.push(c);
             true
         }
-        _ => false,
+        None => false,
     };
     for v in serde_json::Deserializer::from_str(text.trim()).into_iter::<Value>() {
         let whole = match v {
@@ -255,10 +258,14 @@ fn bare_calls(text: &str, names: &[&str]) -> Option<Vec<FunctionCall>> {
     (!calls.is_empty()).then_some(calls)
 }
 
-/// A call object's `{"name": ..., "arguments": {...}}` (arguments also as the JSON text of an
-/// object, or named `parameters`).
-fn call(v: Value) -> Option<FunctionCall> {
-    let name = v.get("name")?.as_str()?.to_string();
+/// A call object's `{"name": ..., "arguments": {...}}` naming one of `names` (arguments also as
+/// the JSON text of an object, or named `parameters`).
+fn call(v: Value, names: &[&str]) -> Option<FunctionCall> {
+    let name = v
+        .get("name")?
+        .as_str()
+        .filter(|n| names.contains(n))?
+        .to_string();
     let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
         Some(Value::String(s)) => serde_json::from_str(s).ok()?,
         Some(a) => a.clone(),
@@ -387,7 +394,7 @@ mod tests {
     #[test]
     fn calls_are_parsed_from_blocks() {
         let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": \"{}\"}\n</tool_call>";
-        let (content, calls) = parse_calls(text, &[]).unwrap();
+        let (content, calls) = parse_calls(text, &["get_weather", "get_time"]).unwrap();
         assert_eq!(content, "Let me check.");
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].name, "get_weather");
@@ -396,14 +403,14 @@ mod tests {
         // An unclosed last block (the answer hit its limit after the object) still counts.
         let (_, calls) = parse_calls(
             "<tool_call>{\"name\": \"f\", \"parameters\": {\"x\": 1}}",
-            &[],
+            &["f"],
         )
         .unwrap();
         assert_eq!(calls[0].arguments, json!({"x": 1}));
         // A block cut short after a whole one is dropped; alone, the text is no call.
         let cut = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"f";
-        assert_eq!(parse_calls(cut, &[]).unwrap().1.len(), 1);
-        assert!(parse_calls("<tool_call>\n{\"name\": \"f", &[]).is_none());
+        assert_eq!(parse_calls(cut, &["f"]).unwrap().1.len(), 1);
+        assert!(parse_calls("<tool_call>\n{\"name\": \"f", &["f"]).is_none());
         assert!(parse_calls("no calls here", &["f"]).is_none());
         // Bare objects naming declared tools (the last cut short), and only those.
         let bare = "{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n{\"name\": \"f\", \"";
@@ -412,8 +419,11 @@ mod tests {
         assert!(parse_calls(bare, &["g"]).is_none());
         assert!(parse_calls("{\"name\": \"f\"} and more", &["f"]).is_none());
         assert!(parse_calls("{\"a\": 1}", &["f"]).is_none());
-        assert!(parse_calls("<tool_call>{\"name\": 3}</tool_call>", &[]).is_none());
-        assert!(parse_calls("<tool_call>not json</tool_call>", &[]).is_none());
+        assert!(parse_calls("<tool_call>{\"name\": 3}</tool_call>", &["f"]).is_none());
+        assert!(parse_calls("<tool_call>not json</tool_call>", &["f"]).is_none());
+        // A block calling an undeclared tool is no call (no grammar held the model to them).
+        let rm = "<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}\n</tool_call>";
+        assert!(parse_calls(rm, &["f"]).is_none());
         // Arguments are an object, also when written as JSON text.
         for args in ["\"[1]\"", "\"5\"", "\"\\\"x\\\"\"", "[1]", "null"] {
             let block =
@@ -497,7 +507,8 @@ mod tests {
         m.accept(1);
         assert!(m.allows(2) && !m.allows(3) && !m.allows(0));
         // What the grammar takes, parse_calls reads.
-        let (_, calls) = parse_calls(&format!("{paris}\n{time}"), &[]).unwrap();
+        let (_, calls) =
+            parse_calls(&format!("{paris}\n{time}"), &["get_weather", "get_time"]).unwrap();
         assert_eq!(calls.len(), 2);
     }
 
