@@ -1449,6 +1449,8 @@ struct Request {
     logit_bias: Vec<(BiasKey, f32)>,
     /// The answer's text is read for calls of these tools ([`teal::tools::parse_calls`]).
     tools: Vec<String>,
+    /// Several calls in one answer (`parallel_tool_calls`), else the first one only.
+    parallel_tool_calls: bool,
 }
 
 impl Request {
@@ -1653,6 +1655,7 @@ fn check_options(
         slot: None,
         logit_bias,
         tools: Vec::new(),
+        parallel_tool_calls: true,
     })
 }
 
@@ -1804,14 +1807,15 @@ fn chat_request(body: &[u8]) -> Result<Request, ApiError> {
             "tool_choice: a required tool call and a grammar or response format: give one",
         ));
     }
+    let parallel = r.parallel_tool_calls.unwrap_or(true);
     if choice != ToolChoice::None && !own {
-        let parallel = r.parallel_tool_calls.unwrap_or(true);
         let g = teal::tools::call_grammar(&tools, only, parallel, lazy)
             .map_err(ApiError::bad_request)?;
         req.sampler.grammar = Some(Arc::new(g));
     }
     if choice != ToolChoice::None {
         req.tools = tools.into_iter().map(|t| t.name).collect();
+        req.parallel_tool_calls = parallel;
     }
     Ok(req)
 }
@@ -1832,6 +1836,9 @@ struct Answer {
     model: String,
     /// A chat whose answers are read for calls of these tools.
     tools: Vec<String>,
+    /// Several calls in one answer, else the first one only (a request's own grammar may
+    /// give more).
+    parallel_tool_calls: bool,
 }
 
 impl Answer {
@@ -1846,6 +1853,7 @@ impl Answer {
             created: unix_secs(),
             model: st.model.id.clone(),
             tools: Vec::new(),
+            parallel_tool_calls: true,
         }
     }
 
@@ -1919,8 +1927,14 @@ impl Answer {
                 s.stop.finish_reason(),
             ),
             Some((content, calls)) => {
+                let keep = if self.parallel_tool_calls {
+                    calls.len()
+                } else {
+                    1
+                };
                 let calls: Vec<Value> = calls
                     .iter()
+                    .take(keep)
                     .enumerate()
                     .map(|(k, c)| {
                         json!({
@@ -2146,6 +2160,7 @@ async fn chat_completions(State(st): State<AppState>, RequestBody(body): Request
 async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
     let a = Answer {
         tools: r.tools.clone(),
+        parallel_tool_calls: r.parallel_tool_calls,
         ..Answer::new(&st, kind)
     };
     let busy = st.start();

@@ -2000,6 +2000,31 @@ async fn calls_under_a_requests_own_grammar() {
         (&c["message"]["content"], &c["finish_reason"]),
         (&json!(rm), &json!("stop"))
     );
+    // Two calls and parallel_tool_calls false: the first one only, whole and streamed.
+    let two =
+        serde_json::to_string(&format!("{}\n{}", block("get_time"), block("get_time"))).unwrap();
+    for stream in [false, true] {
+        let mut req = ask(format!("root ::= {two}"));
+        req["parallel_tool_calls"] = json!(false);
+        req["stream"] = json!(stream);
+        let (s, body) = call(&tx, "/v1/chat/completions", Some(&req.to_string())).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let calls: Vec<Value> = match stream {
+            false => serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["message"]
+                ["tool_calls"]
+                .as_array()
+                .unwrap()
+                .clone(),
+            true => sse_data(&body)
+                .iter()
+                .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array())
+                .flatten()
+                .cloned()
+                .collect(),
+        };
+        assert_eq!(calls.len(), 1, "{body}");
+        assert_eq!(calls[0]["function"]["name"], "get_time");
+    }
 }
 
 /// `/v1/embeddings`: unit vectors of the hidden size, the library's mean-pooled final states
