@@ -1747,10 +1747,14 @@ fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
             };
             let mut msg = Message::new(role, content);
             msg.tool_call_id = m.tool_call_id;
-            for c in m.tool_calls.unwrap_or_default() {
+            for (j, c) in m.tool_calls.unwrap_or_default().into_iter().enumerate() {
                 // OpenAI sends the arguments as JSON text; the templates want the object.
                 let arguments = match c.function.arguments {
-                    Value::String(t) => serde_json::from_str(&t).unwrap_or(Value::String(t)),
+                    Value::String(t) => serde_json::from_str(&t).map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "messages[{i}].tool_calls[{j}].function.arguments: not valid JSON ({e})"
+                        ))
+                    })?,
                     v => v,
                 };
                 msg.tool_calls.push(ToolCall {

@@ -1972,6 +1972,34 @@ async fn tool_calls_are_answered_as_openai_does() {
     }
 }
 
+/// A conversation's calls and results are checked before the template writes them: errors
+/// name the message and the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_messages_are_checked() {
+    let Some((tx, _)) = engine() else { return };
+    let user = json!({"role": "user", "content": "Weather in Paris?"});
+    let asked = |arguments: Value| {
+        json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+               "function": {"name": "get_weather", "arguments": arguments}}]})
+    };
+    let result = json!({"role": "tool", "tool_call_id": "call_1", "content": "Sunny"});
+    for uri in ["/v1/chat/completions", "/apply-template"] {
+        expect_400(
+            &tx,
+            uri,
+            json!({"messages": [user, asked(json!("{\"city\": \"Par")), result], "max_tokens": 1}),
+            "messages[1].tool_calls[0].function.arguments: not valid JSON",
+        )
+        .await;
+    }
+    // As JSON text or as an object, whole arguments pass.
+    for arguments in [json!("{\"city\": \"Paris\"}"), json!({"city": "Paris"})] {
+        let req = json!({"messages": [user, asked(arguments), result], "max_tokens": 1});
+        let (s, v) = call_json(&tx, "/v1/chat/completions", req).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+}
+
 /// Under a request's own grammar (no call grammar holds the model), the answer is still read
 /// for calls of the declared tools only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
