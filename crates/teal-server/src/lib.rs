@@ -1716,9 +1716,10 @@ fn completion_request(body: &[u8], ctx: usize) -> Result<Request, ApiError> {
 /// A chat's messages, of text only (a message's text parts joined with line breaks, as
 /// llama.cpp joins them). OpenAI's `developer` role is the `system` one; other roles go to the
 /// chat template as they are, as llama.cpp passes them (Llama 3.1's `ipython`, the older
-/// `function`).
+/// `function`). A `tool` message answers a call: it follows an assistant message with
+/// `tool_calls` (other results between them), as OpenAI requires.
 fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
-    messages
+    let messages = messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
@@ -1768,7 +1769,21 @@ fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
             }
             Ok(msg)
         })
-        .collect()
+        .collect::<Result<Vec<Message>, ApiError>>()?;
+    for (i, _) in messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.role == "tool")
+    {
+        let asked = messages[..i].iter().rev().find(|m| m.role != "tool");
+        if !asked.is_some_and(|m| m.role == "assistant" && !m.tool_calls.is_empty()) {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}]: a 'tool' message must follow an assistant message with \
+                 'tool_calls' (the calls it answers)"
+            )));
+        }
+    }
+    Ok(messages)
 }
 
 fn chat_request(body: &[u8]) -> Result<Request, ApiError> {

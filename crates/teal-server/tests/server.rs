@@ -1992,6 +1992,34 @@ async fn tool_messages_are_checked() {
         )
         .await;
     }
+    // A result answers a call of the assistant message before it (other results between).
+    for messages in [
+        json!([user, result]),
+        json!([result, user]),
+        json!([user, {"role": "assistant", "content": "Sunny."}, result]),
+        json!([user, asked(json!("{}")), result, user, result]),
+    ] {
+        let i = messages.as_array().unwrap().len() - 1;
+        let i = if messages[0] == result { 0 } else { i };
+        for uri in ["/v1/chat/completions", "/apply-template"] {
+            let needle = format!("messages[{i}]: a 'tool' message must follow");
+            expect_400(
+                &tx,
+                uri,
+                json!({"messages": messages, "max_tokens": 1}),
+                &needle,
+            )
+            .await;
+        }
+    }
+    let two = json!([user, asked(json!("{}")), result, result]);
+    let (s, v) = call_json(
+        &tx,
+        "/v1/chat/completions",
+        json!({"messages": two, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     // As JSON text or as an object, whole arguments pass.
     for arguments in [json!("{\"city\": \"Paris\"}"), json!({"city": "Paris"})] {
         let req = json!({"messages": [user, asked(arguments), result], "max_tokens": 1});
