@@ -392,9 +392,13 @@ pub const INFILL_MERGE: usize = 1024;
 
 impl InfillStage {
     /// The stage for `tok`'s vocabulary (end of text: its first end-of-generation token).
+    /// Special tokens count as empty, as llama.cpp writes the candidates without them: they
+    /// take no part in the prefix merge.
     pub fn new(tok: &Tokenizer) -> InfillStage {
-        let bytes = (0..tok.vocab_size() as u32)
-            .map(|id| tok.piece_bytes(id))
+        let bytes = tok
+            .text_bytes()
+            .iter()
+            .map(|b| b.clone().unwrap_or_default())
             .collect();
         let eog = tok.eos_ids().to_vec();
         let eot = eog.first().copied().unwrap_or(0);

@@ -400,3 +400,22 @@ fn qwen_text_without_special_parsing_matches_llama_cpp() {
     // One before the extra file, one before the current file.
     assert_eq!(count("<|file_sep|>"), 2);
 }
+
+/// llama.cpp's infill sampler compares the candidates' texts written without special tokens
+/// (`token_to_piece(..., special = false)`: a control token is empty), so `<` does not absorb
+/// `<|endoftext|>`, and the end-of-generation token stays a candidate.
+#[test]
+fn infill_stage_leaves_control_tokens_out_of_prefix_merges() {
+    let Some(t) = load("TEAL_QWEN_GGUF") else {
+        return;
+    };
+    let (lt, x, eot) = (
+        t.token_to_id("<").unwrap(),
+        t.token_to_id("x").unwrap(),
+        t.token_to_id("<|endoftext|>").unwrap(),
+    );
+    let stage = teal::constrain::InfillStage::new(&t);
+    let mut cand = vec![(0.5, lt), (0.44, x), (0.06, eot)];
+    assert_eq!(stage.apply(&mut cand), 3, "{cand:?}");
+    assert_eq!(cand, [(0.5, lt), (0.44, x), (0.06, eot)]);
+}
