@@ -1912,7 +1912,7 @@ impl Answer {
                         "finish_reason": s.stop.finish_reason(),
                     }),
                     Kind::Chat => {
-                        let (message, reason) = self.message(text, s, i);
+                        let (message, reason) = self.message(text, s);
                         json!({
                             "index": i,
                             "message": message,
@@ -1931,10 +1931,10 @@ impl Answer {
     }
 
     /// A chat answer's message and `finish_reason`: with tools, the calls in `text` become
-    /// `tool_calls` (ids `call_<answer>_<choice>_<call>`) and the reason `tool_calls`, or
+    /// `tool_calls` (ids from [`call_id`]) and the reason `tool_calls`, or
     /// `length` where the token limit cut the answer (as llama.cpp's server: a call cut short
     /// is dropped, the whole ones before it are kept, and the client learns it was cut).
-    fn message(&self, text: &str, s: &Summary, choice: usize) -> (Value, &'static str) {
+    fn message(&self, text: &str, s: &Summary) -> (Value, &'static str) {
         let names: Vec<&str> = self.tools.iter().map(String::as_str).collect();
         let calls = match names.is_empty() {
             true => None,
@@ -1954,10 +1954,9 @@ impl Answer {
                 let calls: Vec<Value> = calls
                     .iter()
                     .take(keep)
-                    .enumerate()
-                    .map(|(k, c)| {
+                    .map(|c| {
                         json!({
-                            "id": format!("call_{}_{choice}_{k}", self.id),
+                            "id": call_id(),
                             "type": "function",
                             "function": {"name": c.name, "arguments": c.arguments.to_string()},
                         })
@@ -2015,6 +2014,14 @@ impl Answer {
         v["usage"] = usage([s], 1);
         v
     }
+}
+
+/// A tool call's id: `call_` and 24 random hex digits, as OpenAI's are random. Clients key a
+/// call's result by it, so it must not repeat in a conversation, which may outlive the server
+/// (answer ids count from 1 again after a restart) or span several servers.
+fn call_id() -> String {
+    let r = teal::sampler::random_seed;
+    format!("call_{:08x}{:08x}{:08x}", r(), r(), r())
 }
 
 /// OpenAI's completion `logprobs`: token texts, their log-probabilities (`null` for the first
@@ -2329,7 +2336,7 @@ fn stream_answer(
             if !a.tools.is_empty() {
                 let (text, entries) = std::mem::take(&mut held);
                 let lp = logprobs.then_some((entries.as_slice(), 0));
-                let (message, reason) = a.message(&text, &s, 0);
+                let (message, reason) = a.message(&text, &s);
                 match message.get("tool_calls") {
                     None if !text.is_empty() => {
                         out.push(sse_json(a.chunk(Some(text), lp, None)));

@@ -2056,6 +2056,17 @@ async fn calls_under_a_requests_own_grammar() {
         (&c["message"]["content"], &c["finish_reason"]),
         (&json!(rm), &json!("stop"))
     );
+    // Call ids are unique across servers: each call here goes to a new router (a restarted
+    // server, whose answer ids start again), and a client keys the results by these ids.
+    let one = serde_json::to_string(&block("get_time")).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (s, v) = call_json(&tx, "/v1/chat/completions", ask(format!("root ::= {one}"))).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        ids.push(v["choices"][0]["message"]["tool_calls"][0]["id"].clone());
+    }
+    assert!(ids[0].as_str().unwrap().starts_with("call_"), "{ids:?}");
+    assert_ne!(ids[0], ids[1]);
     // Two calls and parallel_tool_calls false: the first one only, whole and streamed.
     let two =
         serde_json::to_string(&format!("{}\n{}", block("get_time"), block("get_time"))).unwrap();
