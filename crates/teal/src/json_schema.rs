@@ -43,7 +43,8 @@
 //! `examples`, `deprecated`, `readOnly`, `writeOnly`, and the `$defs`/`definitions` containers),
 //! so `pattern`, `not`, `if`, `patternProperties`, `minProperties`, `uniqueItems`,
 //! `contains`, ...; `multipleOf`, and the bounds on `number`; `allOf` with several schemas;
-//! other references; counts over 1000; and schemas that allow nothing.
+//! other references; counts over 1000; and schemas that allow nothing. [`Documents::set_lenient`]
+//! skips the keywords it cannot express instead (tools not asked to be `strict`).
 
 use crate::grammar::{Grammar, MAX_REPEAT};
 use serde_json::{Map, Value};
@@ -225,7 +226,16 @@ impl<'a> Documents<'a> {
                 .collect(),
             refs: HashMap::new(),
             helpers: HashSet::from(["ws"]),
+            lenient: false,
         })
+    }
+
+    /// With `on`, the schemas added next have the keywords the grammar cannot express
+    /// (`pattern`, `uniqueItems`, `not`, bounds on numbers, `multipleOf`, ...) skipped instead
+    /// of refused: their documents meet the schema except for those (llama.cpp's choice; for
+    /// tools not asked to be `strict`).
+    pub fn set_lenient(&mut self, on: bool) {
+        self.0.lenient = on;
     }
 
     /// Adds the rules for `schema` as [`schema_to_gbnf`] writes them; the name of its own rule
@@ -553,6 +563,9 @@ struct Gen<'a> {
     refs: HashMap<String, String>,
     /// The shared rules used.
     helpers: HashSet<&'static str>,
+    /// Keywords that cannot be written into the grammar are skipped, not refused (the
+    /// documents then meet the schema but for them).
+    lenient: bool,
 }
 
 impl Gen<'_> {
@@ -607,6 +620,7 @@ impl Gen<'_> {
         if let Some(k) = m
             .keys()
             .find(|k| !ANNOTATIONS.contains(&k.as_str()) && !KEYWORDS.contains(&k.as_str()))
+            .filter(|_| !self.lenient)
         {
             return Err(at(ptr, format!("keyword '{k}' is not supported")));
         }
@@ -803,7 +817,11 @@ impl Gen<'_> {
             "array" => self.array(m, name, ptr),
             "string" => self.string(m, ptr),
             "integer" => self.integer(m, ptr),
-            "number" => match BOUNDS.iter().find(|k| m.contains_key(**k)) {
+            "number" => match BOUNDS
+                .iter()
+                .find(|k| m.contains_key(**k))
+                .filter(|_| !self.lenient)
+            {
                 Some(k) => Err(at(
                     ptr,
                     format!("keyword '{k}' is not supported on numbers (only on integers)"),
@@ -817,7 +835,7 @@ impl Gen<'_> {
 
     /// An integer, between its bounds if it has any.
     fn integer(&mut self, m: &Map<String, Value>, ptr: &str) -> Result<String, String> {
-        if m.contains_key("multipleOf") {
+        if m.contains_key("multipleOf") && !self.lenient {
             return Err(at(ptr, "keyword 'multipleOf' is not supported"));
         }
         let lows = [

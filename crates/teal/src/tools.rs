@@ -25,6 +25,9 @@ use serde_json::{json, Value};
 pub struct Tool {
     pub name: String,
     pub parameters: Value,
+    /// OpenAI's `strict`: the arguments must meet the whole schema, so a keyword the grammar
+    /// cannot express is an error; otherwise such keywords are skipped.
+    pub strict: bool,
 }
 
 /// What the answer may or must do with the tools (OpenAI's `tool_choice`).
@@ -98,7 +101,16 @@ pub fn parse_tools(tools: &[Value]) -> Result<Vec<Tool>, String> {
                 ))
             }
         };
-        out.push(Tool { name, parameters });
+        let strict = match f.get("strict") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(format!("tools[{i}].function.strict: must be a boolean")),
+        };
+        out.push(Tool {
+            name,
+            parameters,
+            strict,
+        });
     }
     Ok(out)
 }
@@ -155,6 +167,7 @@ pub fn call_grammar(
     let mut docs = Documents::new(&["root", "block", "body", "call"]);
     let mut calls = Vec::new();
     for t in tools.iter().filter(|t| only.is_none_or(|n| n == t.name)) {
+        docs.set_lenient(!t.strict);
         let args = docs
             .add(&t.parameters, "args")
             .map_err(|e| format!("tool arguments schema of '{}': {e}", t.name))?;
@@ -557,6 +570,44 @@ mod tests {
         assert!(e
             .unwrap_err()
             .contains("of 'f': /properties/p: keyword '$ref'"));
+    }
+
+    /// Keywords the grammar cannot express (pydantic's `uniqueItems` for sets, `pattern`, bounds
+    /// on numbers) are skipped for a tool that is not `strict` (llama.cpp accepts them too), and
+    /// refused for one that is; what the grammar can express still holds.
+    #[test]
+    fn only_strict_tools_refuse_keywords_the_grammar_cannot_express() {
+        let params = json!({"type": "object", "properties": {
+            "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": true},
+            "code": {"type": "string", "pattern": "^[A-Z]+$"},
+            "x": {"type": "number", "minimum": 0, "multipleOf": 0.5},
+            "n": {"type": "integer", "minimum": 1, "maximum": 9}},
+            "required": ["tags", "code", "x", "n"]});
+        let tool = |strict: Value| {
+            json!({"type": "function",
+                   "function": {"name": "f", "parameters": params, "strict": strict}})
+        };
+        let tools = parse_tools(&[tool(Value::Null)]).unwrap();
+        let g = Arc::new(call_grammar(&tools, None, false, false).unwrap());
+        let ok = |args: &str| {
+            let doc =
+                format!("<tool_call>\n{{\"name\": \"f\", \"arguments\": {args}}}\n</tool_call>");
+            let mut s = GrammarState::new(g.clone());
+            s.push_bytes(doc.as_bytes()) && s.accepting()
+        };
+        assert!(ok(
+            r#"{"tags": ["a", "a"], "code": "abc", "x": -1, "n": 3}"#
+        ));
+        assert!(!ok(r#"{"tags": ["a"], "code": "A", "x": 1, "n": 10}"#));
+        assert!(!ok(r#"{"tags": "a", "code": "A", "x": 1, "n": 3}"#));
+        let strict = parse_tools(&[tool(json!(true))]).unwrap();
+        let e = call_grammar(&strict, None, false, false).unwrap_err();
+        assert!(e.contains("keyword 'uniqueItems' is not supported"), "{e}");
+        let e = parse_tools(&[tool(json!("yes"))]).unwrap_err();
+        assert!(
+            e.contains("tools[0].function.strict: must be a boolean"),
+            "{e}"
+        );
     }
 
     #[test]
