@@ -38,12 +38,25 @@ fn text(t: &str) -> Prompt {
 
 fn greedy(files: &ModelFiles, prompt: &Prompt, n: usize) -> (Vec<u32>, String) {
     let model = files.load_model().unwrap();
-    let tok = &files.tokenizer;
-    let ids = encode_prompt(tok, prompt).unwrap();
+    let ids = encode_prompt(&files.tokenizer, prompt).unwrap();
+    greedy_on(&model, &files.tokenizer, &ids, n, Vec::new(), false)
+}
+
+/// The greedy answer to `ids` (`n` tokens, end-of-sequence tokens never sampled), with
+/// `logit_bias`; `special`: control tokens' text shown.
+fn greedy_on(
+    model: &teal::models::llama::Llama,
+    tok: &teal::tokenizer::Tokenizer,
+    ids: &[u32],
+    n: usize,
+    logit_bias: Vec<(u32, f32)>,
+    special: bool,
+) -> (Vec<u32>, String) {
     let params = GenerateParams {
         max_tokens: n,
         sampler: SamplerConfig {
             temperature: 0.0,
+            logit_bias,
             ..Default::default()
         },
         ctx: 256,
@@ -51,13 +64,13 @@ fn greedy(files: &ModelFiles, prompt: &Prompt, n: usize) -> (Vec<u32>, String) {
         logprobs: None,
         prompt_logprobs: false,
         prefill_chunk: None,
-        special: false,
+        special,
     };
     let mut text = String::new();
     let g = generate(
-        teal::generate::Models::single(&model),
+        teal::generate::Models::single(model),
         tok,
-        &ids,
+        ids,
         &params,
         |_, p, _| {
             text.push_str(p);
@@ -655,35 +668,7 @@ fn smollm2_control_tokens_show_only_with_special() {
     let tok = &files.tokenizer;
     let start = tok.token_to_id("<|im_start|>").unwrap();
     let ids = encode_prompt(tok, &text("Hello")).unwrap();
-    let run = |special| {
-        let params = GenerateParams {
-            max_tokens: 3,
-            sampler: SamplerConfig {
-                temperature: 0.0,
-                logit_bias: vec![(start, 100.0)],
-                ..Default::default()
-            },
-            ctx: 64,
-            stop_at_eos: true,
-            logprobs: None,
-            prompt_logprobs: false,
-            prefill_chunk: None,
-            special,
-        };
-        let mut out = String::new();
-        let g = generate(
-            teal::generate::Models::single(&model),
-            tok,
-            &ids,
-            &params,
-            |_, p, _| {
-                out.push_str(p);
-                true
-            },
-        )
-        .unwrap();
-        (g.tokens, out)
-    };
+    let run = |special| greedy_on(&model, tok, &ids, 3, vec![(start, 100.0)], special);
     let (plain_tokens, plain) = run(false);
     let (special_tokens, shown) = run(true);
     assert_eq!(plain_tokens, vec![start; 3]);
