@@ -382,7 +382,8 @@ impl JsonMode {
 ///    no text token is left, the end-of-text token alone remains.
 #[derive(Clone, Debug)]
 pub struct InfillStage {
-    bytes: Vec<Vec<u8>>,
+    /// Each token's bytes, `None` for special tokens (empty here).
+    bytes: TokenBytes,
     eog: Vec<u32>,
     eot: u32,
 }
@@ -395,18 +396,14 @@ impl InfillStage {
     /// Special tokens count as empty, as llama.cpp writes the candidates without them: they
     /// take no part in the prefix merge.
     pub fn new(tok: &Tokenizer) -> InfillStage {
-        let bytes = tok
-            .text_bytes()
-            .iter()
-            .map(|b| b.clone().unwrap_or_default())
-            .collect();
+        let bytes = tok.text_bytes();
         let eog = tok.eos_ids().to_vec();
         let eot = eog.first().copied().unwrap_or(0);
         InfillStage { bytes, eog, eot }
     }
 
-    /// The stage for a vocabulary given as each token's bytes.
-    pub fn from_parts(bytes: Vec<Vec<u8>>, eog: Vec<u32>, eot: u32) -> InfillStage {
+    /// The stage for a vocabulary given as each token's bytes (`None`: a special token).
+    pub fn from_parts(bytes: TokenBytes, eog: Vec<u32>, eot: u32) -> InfillStage {
         InfillStage { bytes, eog, eot }
     }
 
@@ -420,7 +417,12 @@ impl InfillStage {
             cand.retain(|c| is_eog(c.1));
             return cand.len();
         }
-        let bytes = |t: u32| self.bytes.get(t as usize).map_or(&[][..], Vec::as_slice);
+        let bytes = |t: u32| {
+            self.bytes
+                .get(t as usize)
+                .and_then(Option::as_deref)
+                .unwrap_or_default()
+        };
         let n = cand.len().min(INFILL_MERGE);
         for i in 0..n {
             for j in 0..n {
@@ -459,6 +461,7 @@ impl InfillStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn prefix(s: &str) -> bool {
         JsonPrefix::default().push_all(s.as_bytes())
@@ -598,7 +601,7 @@ mod tests {
     fn infill_stage_merges_prefixes_and_cuts() {
         let words = ["hel", "hell", "hello", "dummy", "<eot>", "x"];
         let stage = InfillStage::from_parts(
-            words.iter().map(|w| w.as_bytes().to_vec()).collect(),
+            Arc::new(words.iter().map(|w| Some(w.as_bytes().to_vec())).collect()),
             vec![4],
             4,
         );
@@ -613,10 +616,12 @@ mod tests {
         assert_eq!(cand[0].1, 4);
         // Many small text tokens: none reaches 0.2 of the total, so end of text.
         let many = InfillStage::from_parts(
-            ["a", "b", "c", "d", "e", "f", "<eot>"]
-                .iter()
-                .map(|w| w.as_bytes().to_vec())
-                .collect(),
+            Arc::new(
+                ["a", "b", "c", "d", "e", "f", "<eot>"]
+                    .iter()
+                    .map(|w| Some(w.as_bytes().to_vec()))
+                    .collect(),
+            ),
             vec![6],
             6,
         );
