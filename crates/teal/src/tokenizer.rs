@@ -461,8 +461,9 @@ pub struct Tokenizer {
     fim: [Option<u32>; 6],
     /// [`Tokenizer::text_bytes`], made on first use.
     text_bytes: std::sync::OnceLock<TokenBytes>,
-    /// The added tokens split out of a text encoded without special-token parsing.
-    plain_added: AddedVocabulary,
+    /// The added tokens split out of a text encoded without special-token parsing, made on
+    /// first use.
+    plain_added: std::sync::OnceLock<AddedVocabulary>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -780,10 +781,9 @@ impl Tokenizer {
             .unwrap_or(add_bos_default);
         let chat_template = meta.opt_str("tokenizer.chat_template")?.map(str::to_string);
 
-        let engine = Engine::Gguf(Box::new(hf_tok));
         Ok(Tokenizer {
-            plain_added: engine.added_without_specials(),
-            engine,
+            plain_added: Default::default(),
+            engine: Engine::Gguf(Box::new(hf_tok)),
             kind,
             vocab_size: n,
             bos,
@@ -945,10 +945,9 @@ impl Tokenizer {
 
         let id_of = |t: &str| hf_tok.token_to_id(t);
         let fim = std::array::from_fn(|kind| first_of(FIM_KINDS[kind].1, &id_of));
-        let engine = Engine::Json(Box::new(hf_tok));
         Ok(Tokenizer {
-            plain_added: engine.added_without_specials(),
-            engine,
+            plain_added: Default::default(),
+            engine: Engine::Json(Box::new(hf_tok)),
             kind: "tokenizer.json".to_string(),
             vocab_size,
             bos,
@@ -973,7 +972,10 @@ impl Tokenizer {
     /// (`<|im_start|>`) are text like any other (llama.cpp's `parse_special = false`, for text
     /// that is data, not prompt markup), user-defined ones are still parsed.
     pub fn encode_with(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<u32>> {
-        let added = (!parse_special).then_some(&self.plain_added);
+        let added = (!parse_special).then(|| {
+            self.plain_added
+                .get_or_init(|| self.engine.added_without_specials())
+        });
         let enc = self.engine.encode(text, added).map_err(hf_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos {
