@@ -525,14 +525,15 @@ mod tests {
         assert_eq!(calls.len(), 2);
     }
 
+    /// Whether `g` takes one `<tool_call>` block calling `f` with `args`.
+    fn calls_f(g: &Arc<Grammar>, args: &str) -> bool {
+        let doc = format!("<tool_call>\n{{\"name\": \"f\", \"arguments\": {args}}}\n</tool_call>");
+        let mut s = GrammarState::new(g.clone());
+        s.push_bytes(doc.as_bytes()) && s.accepting()
+    }
+
     #[test]
     fn each_tool_s_parameters_are_a_document_of_their_own() {
-        let ok = |g: &Arc<Grammar>, args: &str| {
-            let doc =
-                format!("<tool_call>\n{{\"name\": \"f\", \"arguments\": {args}}}\n</tool_call>");
-            let mut s = GrammarState::new(g.clone());
-            s.push_bytes(doc.as_bytes()) && s.accepting()
-        };
         let tool = |name: &str, params: Value| json!({"type": "function", "function": {"name": name, "parameters": params}});
         // Pydantic's shape: `$defs` and `$ref` in the parameters; two tools' `Point` apart.
         let point = |t: &str| {
@@ -546,8 +547,8 @@ mod tests {
         };
         let tools = parse_tools(&[tool("f", point("number")), tool("g", point("string"))]).unwrap();
         let g = Arc::new(call_grammar(&tools, None, false, false).unwrap());
-        assert!(ok(&g, r#"{"p": {"x": 1.5}}"#));
-        assert!(!ok(&g, r#"{"p": {"x": "a"}}"#) && !ok(&g, r#"{"p": {}}"#));
+        assert!(calls_f(&g, r#"{"p": {"x": 1.5}}"#));
+        assert!(!calls_f(&g, r#"{"p": {"x": "a"}}"#) && !calls_f(&g, r#"{"p": {}}"#));
         let g_call =
             "<tool_call>\n{\"name\": \"g\", \"arguments\": {\"p\": {\"x\": \"a\"}}}\n</tool_call>";
         let mut s = GrammarState::new(g.clone());
@@ -557,8 +558,8 @@ mod tests {
                             "properties": {"child": {"$ref": "#"}, "v": {"type": "integer"}}});
         let tools = parse_tools(&[tool("f", params)]).unwrap();
         let g = Arc::new(call_grammar(&tools, None, false, false).unwrap());
-        assert!(ok(&g, r#"{"child": {"v": 1}}"#));
-        assert!(!ok(&g, r#"{"child": {"name": "f", "arguments": {}}}"#));
+        assert!(calls_f(&g, r#"{"child": {"v": 1}}"#));
+        assert!(!calls_f(&g, r#"{"child": {"name": "f", "arguments": {}}}"#));
         // An undefined `$ref` names the tool.
         let params = json!({"type": "object", "properties": {"p": {"$ref": "#/$defs/Nope"}}});
         let e = call_grammar(
@@ -589,17 +590,18 @@ mod tests {
         };
         let tools = parse_tools(&[tool(Value::Null)]).unwrap();
         let g = Arc::new(call_grammar(&tools, None, false, false).unwrap());
-        let ok = |args: &str| {
-            let doc =
-                format!("<tool_call>\n{{\"name\": \"f\", \"arguments\": {args}}}\n</tool_call>");
-            let mut s = GrammarState::new(g.clone());
-            s.push_bytes(doc.as_bytes()) && s.accepting()
-        };
-        assert!(ok(
+        assert!(calls_f(
+            &g,
             r#"{"tags": ["a", "a"], "code": "abc", "x": -1, "n": 3}"#
         ));
-        assert!(!ok(r#"{"tags": ["a"], "code": "A", "x": 1, "n": 10}"#));
-        assert!(!ok(r#"{"tags": "a", "code": "A", "x": 1, "n": 3}"#));
+        assert!(!calls_f(
+            &g,
+            r#"{"tags": ["a"], "code": "A", "x": 1, "n": 10}"#
+        ));
+        assert!(!calls_f(
+            &g,
+            r#"{"tags": "a", "code": "A", "x": 1, "n": 3}"#
+        ));
         let strict = parse_tools(&[tool(json!(true))]).unwrap();
         let e = call_grammar(&strict, None, false, false).unwrap_err();
         assert!(e.contains("keyword 'uniqueItems' is not supported"), "{e}");
