@@ -189,16 +189,23 @@ fn strftime_formats() {
     assert_eq!(strftime("%Y-%m-%d %a", 951_782_400), "2000-02-29 Tue");
 }
 
+/// The tokenizer of the SmolLM2 GGUF named by TEAL_SMOLLM2_GGUF (`None`, with a note: not set).
+fn smollm2_tokenizer() -> Option<teal::tokenizer::Tokenizer> {
+    let Some(path) = std::env::var_os("TEAL_SMOLLM2_GGUF") else {
+        eprintln!("skipping: set TEAL_SMOLLM2_GGUF to the GGUF file to run this test");
+        return None;
+    };
+    let g = teal::gguf::GgufFile::open(Path::new(&path)).unwrap();
+    Some(teal::tokenizer::Tokenizer::from_gguf(&g).unwrap())
+}
+
 /// The SmolLM2 GGUF's own template, rendered and tokenized, gives llama.cpp's ids for the same
 /// prompt (the `chatml_full` string of the tokenizer fixture).
 #[test]
 fn smollm2_template_from_gguf_tokenizes_like_llama_cpp() {
-    let Some(path) = std::env::var_os("TEAL_SMOLLM2_GGUF") else {
-        eprintln!("skipping: set TEAL_SMOLLM2_GGUF to the GGUF file to run this test");
+    let Some(tok) = smollm2_tokenizer() else {
         return;
     };
-    let g = teal::gguf::GgufFile::open(Path::new(&path)).unwrap();
-    let tok = teal::tokenizer::Tokenizer::from_gguf(&g).unwrap();
     let source = tok.chat_template().unwrap();
     assert_eq!(source, fixture()["templates"]["smollm2"].as_str().unwrap());
     let t = ChatTemplate::new(source).unwrap();
@@ -231,12 +238,9 @@ fn smollm2_template_from_gguf_tokenizes_like_llama_cpp() {
 /// an error.
 #[test]
 fn a_final_assistant_message_is_continued() {
-    let Some(path) = std::env::var_os("TEAL_SMOLLM2_GGUF") else {
-        eprintln!("skipping: set TEAL_SMOLLM2_GGUF to the GGUF file to run this test");
+    let Some(tok) = smollm2_tokenizer() else {
         return;
     };
-    let g = teal::gguf::GgufFile::open(Path::new(&path)).unwrap();
-    let tok = teal::tokenizer::Tokenizer::from_gguf(&g).unwrap();
     let user = Message::new("user", "Name a color.");
     let head = teal::chat::render_chat(&tok, std::slice::from_ref(&user)).unwrap();
     assert!(head.ends_with("<|im_start|>assistant\n"), "{head}");
