@@ -1832,11 +1832,12 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-fn rope_kind(r: &teal::config::RopeScaling) -> &'static str {
+fn rope_kind(r: &teal::config::RopeScaling) -> String {
     match r {
-        teal::config::RopeScaling::None => "none",
-        teal::config::RopeScaling::Llama3(_) => "llama3",
-        teal::config::RopeScaling::Factors(_) => "per-frequency factors (rope_freqs)",
+        teal::config::RopeScaling::None => "none".into(),
+        teal::config::RopeScaling::Llama3(_) => "llama3".into(),
+        teal::config::RopeScaling::Factors(_) => "per-frequency factors (rope_freqs)".into(),
+        teal::config::RopeScaling::Linear(f) => format!("linear (factor {f})"),
     }
 }
 

@@ -46,6 +46,9 @@ pub enum RopeScaling {
     Llama3(Llama3RopeScaling),
     /// Per-frequency divisors, as GGUF stores them (`rope_freqs.weight`).
     Factors(Vec<f32>),
+    /// Positions divided by a factor (every frequency divided by it): Hugging Face's `linear`
+    /// type, llama.cpp's `rope.scaling.type = linear`.
+    Linear(f32),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +64,7 @@ pub struct Config {
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub rope_scaling: RopeScaling,
+    /// The context length (capped at the sliding window where a Hugging Face config sets one).
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases (Qwen2).
@@ -97,16 +101,22 @@ impl Config {
         if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even and positive", c.head_dim));
         }
-        if let RopeScaling::Factors(f) = &c.rope_scaling {
-            if f.len() != c.head_dim / 2 {
+        let positive = |v: f32| v.is_finite() && v > 0.0;
+        match &c.rope_scaling {
+            RopeScaling::Factors(f) if f.len() != c.head_dim / 2 => {
                 return bad(format!(
                     "rope_freqs has {} values, expected {}",
                     f.len(),
                     c.head_dim / 2
                 ));
             }
+            RopeScaling::Linear(f) if !positive(*f) => {
+                return bad(format!(
+                    "linear rope scaling factor {f} must be finite and positive"
+                ));
+            }
+            _ => {}
         }
-        let positive = |v: f32| v.is_finite() && v > 0.0;
         if !positive(c.rms_norm_eps) {
             return bad(format!(
                 "rms_norm_eps {} must be finite and positive",
@@ -138,6 +148,7 @@ impl Config {
         match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Factors(f) => base.iter().zip(f).map(|(b, f)| b / f).collect(),
+            RopeScaling::Linear(factor) => base.iter().map(|b| b / factor).collect(),
             RopeScaling::Llama3(s) => base
                 .iter()
                 .map(|&f| {
@@ -174,13 +185,37 @@ impl Config {
                 as usize,
             None => num_attention_heads,
         };
-        let head_dim = match g.get(&k("attention.key_length")) {
-            Some(v) => v.as_u64().unwrap_or(0) as usize,
-            None if num_attention_heads > 0 => hidden_size / num_attention_heads,
-            None => 0,
+        let head_dim = match g.opt_u64(&k("attention.key_length"))? {
+            Some(v) => v as usize,
+            None => hidden_size.checked_div(num_attention_heads).unwrap_or(0),
         };
-        let vocab_size = match g.get(&k("vocab_size")) {
-            Some(v) => v.as_u64().unwrap_or(0) as usize,
+        let unsupported = |m: String| Err(Error::Config(format!("{}: {m}", g.label())));
+        // What the forward pass does not implement is refused here rather than run wrongly.
+        if let Some(v) = g.opt_u64(&k("attention.value_length"))? {
+            if v as usize != head_dim {
+                return unsupported(format!(
+                    "{arch_name}.attention.value_length {v} differs from the key length \
+                     {head_dim}, which is not supported"
+                ));
+            }
+        }
+        if let Some(d) = g.opt_u64(&k("rope.dimension_count"))? {
+            if d as usize != head_dim {
+                return unsupported(format!(
+                    "{arch_name}.rope.dimension_count {d} is not the head size {head_dim} \
+                     (partial rotary embeddings are not supported)"
+                ));
+            }
+        }
+        if let Some(n) = g.opt_u64(&k("expert_count"))? {
+            if n > 0 {
+                return unsupported(format!(
+                    "{arch_name}.expert_count {n}: mixture-of-experts models are not supported"
+                ));
+            }
+        }
+        let vocab_size = match g.opt_u64(&k("vocab_size"))? {
+            Some(v) => v as usize,
             None => g.get_array("tokenizer.ggml.tokens")?.len(),
         };
         let rope_theta = match g.get(&k("rope.freq_base")) {
@@ -189,9 +224,23 @@ impl Config {
                 .ok_or_else(|| Error::Config("rope.freq_base is not a float".into()))?,
             None => 10000.0,
         };
-        let rope_scaling = match g.tensor("rope_freqs.weight") {
-            Some(t) => RopeScaling::Factors(g.dequantize(t)?),
-            None => RopeScaling::None,
+        // llama.cpp reads the factor from `rope.scaling.factor` (older files: `rope.scale_linear`)
+        // and takes the type as linear unless the file names another.
+        let factor = match g.opt_f32(&k("rope.scaling.factor"))? {
+            Some(f) => Some(f),
+            None => g.opt_f32(&k("rope.scale_linear"))?,
+        };
+        let kind = g.opt_str(&k("rope.scaling.type"))?.unwrap_or("linear");
+        let rope_scaling = match (g.tensor("rope_freqs.weight"), kind, factor) {
+            (Some(t), _, _) => RopeScaling::Factors(g.dequantize(t)?),
+            (None, _, None) | (None, "none", _) => RopeScaling::None,
+            (None, _, Some(f)) if f == 0.0 || f == 1.0 => RopeScaling::None,
+            (None, "linear", Some(f)) => RopeScaling::Linear(f),
+            (None, other, Some(f)) => {
+                return unsupported(format!(
+                    "{arch_name}.rope.scaling.type {other:?} (factor {f}) is not supported"
+                ))
+            }
         };
         let tie_word_embeddings = g.tensor("output.weight").is_none();
         let c = Config {
@@ -239,8 +288,17 @@ impl Config {
                 .checked_div(j.num_attention_heads)
                 .unwrap_or(0),
         );
+        let rope_kind = j
+            .rope_scaling
+            .as_ref()
+            .and_then(|s| s.rope_type.as_deref().or(s.kind.as_deref()));
         let rope_scaling = match &j.rope_scaling {
-            Some(s) if s.rope_type.as_deref().or(s.kind.as_deref()) == Some("llama3") => {
+            Some(s) if rope_kind == Some("linear") => {
+                RopeScaling::Linear(s.factor.ok_or_else(|| {
+                    Error::Config(format!("{}: rope_scaling.factor missing", path.display()))
+                })?)
+            }
+            Some(s) if rope_kind == Some("llama3") => {
                 let need = |v: Option<f32>, n: &str| {
                     v.ok_or_else(|| {
                         Error::Config(format!("{}: rope_scaling.{n} missing", path.display()))
@@ -260,14 +318,20 @@ impl Config {
                         })?,
                 })
             }
-            Some(s) => {
+            Some(_) => {
                 return Err(Error::Config(format!(
                     "{}: unsupported rope_scaling type {:?}",
                     path.display(),
-                    s.rope_type.as_deref().or(s.kind.as_deref())
+                    rope_kind
                 )))
             }
             None => RopeScaling::None,
+        };
+        // Attention limited to a sliding window (Mistral-7B-v0.1's 4096 positions) equals full
+        // attention up to the window; the context is capped there rather than run past it.
+        let max_position_embeddings = match (j.sliding_window, j.use_sliding_window) {
+            (Some(w), None | Some(true)) => j.max_position_embeddings.unwrap_or(2048).min(w),
+            _ => j.max_position_embeddings.unwrap_or(2048),
         };
         let c = Config {
             arch,
@@ -281,7 +345,7 @@ impl Config {
             rms_norm_eps: j.rms_norm_eps,
             rope_theta: j.rope_theta.unwrap_or(10000.0),
             rope_scaling,
-            max_position_embeddings: j.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings,
             tie_word_embeddings: j.tie_word_embeddings.unwrap_or(false),
             attention_bias: j.attention_bias.unwrap_or(arch == Arch::Qwen2),
         };
@@ -316,6 +380,8 @@ struct HfConfig {
     rope_theta: Option<f32>,
     rope_scaling: Option<HfRopeScaling>,
     max_position_embeddings: Option<usize>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
 }

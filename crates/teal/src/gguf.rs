@@ -671,7 +671,7 @@ impl GgufFile {
         })
     }
 
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         self.path.display().to_string()
     }
 
@@ -727,6 +727,31 @@ impl GgufFile {
     pub fn get_array(&self, key: &str) -> Result<&[MetaValue], GgufError> {
         let v = self.require(key)?;
         v.as_array().ok_or_else(|| self.wrong(key, v, "ARRAY"))
+    }
+
+    /// An optional non-negative integer: `None` when absent, an error naming the key when it has
+    /// another type.
+    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
+        self.get(key)
+            .is_some()
+            .then(|| self.get_u64(key))
+            .transpose()
+    }
+
+    /// An optional F32 or F64 value (as [`GgufFile::opt_u64`]).
+    pub fn opt_f32(&self, key: &str) -> Result<Option<f32>, GgufError> {
+        self.get(key)
+            .is_some()
+            .then(|| self.get_f32(key))
+            .transpose()
+    }
+
+    /// An optional string value (as [`GgufFile::opt_u64`]).
+    pub fn opt_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
+        self.get(key)
+            .is_some()
+            .then(|| self.get_str(key))
+            .transpose()
     }
 
     /// `general.architecture` ("llama", "qwen2", ...).

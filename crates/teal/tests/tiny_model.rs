@@ -474,6 +474,131 @@ fn llama3_rope_scaling_follows_the_reference_formula() {
     assert!(f.windows(2).all(|w| w[0] > w[1]));
 }
 
+/// GGUF rope scaling as llama.cpp reads it: the factor from `rope.scaling.factor` (older files:
+/// `rope.scale_linear`), the type linear unless named; linear divides every frequency by the
+/// factor (llama.cpp's `freq_scale = 1 / factor`). Hyper-parameters the forward pass does not
+/// implement are refused by name instead of run wrongly.
+#[test]
+fn gguf_rope_scaling_and_unsupported_hyperparameters() {
+    use teal::config::RopeScaling;
+    use teal::gguf::{GgufWriter, MetaValue};
+    let c = tiny_config(Arch::Llama);
+    let hd = c.head_dim as u32;
+    let open = |extra: &[(&str, MetaValue)]| {
+        let mut g = GgufWriter::new();
+        add_config_meta(&mut g, &c);
+        for (k, v) in extra {
+            g.add_meta(&format!("llama.{k}"), v.clone());
+        }
+        Config::from_gguf(&GgufFile::from_bytes(g.to_bytes(), "meta.gguf").unwrap())
+    };
+    let (s, f) = (|v: &str| MetaValue::String(v.into()), MetaValue::F32);
+    let base = open(&[]).unwrap();
+    assert_eq!(base.rope_scaling, RopeScaling::None);
+    let linear = open(&[
+        ("rope.scaling.type", s("linear")),
+        ("rope.scaling.factor", f(4.0)),
+    ])
+    .unwrap();
+    assert_eq!(linear.rope_scaling, RopeScaling::Linear(4.0));
+    for (b, l) in base.rope_inv_freq().iter().zip(linear.rope_inv_freq()) {
+        assert_eq!(b / 4.0, l);
+    }
+    let scaling = |extra: &[(&str, MetaValue)]| open(extra).unwrap().rope_scaling;
+    assert_eq!(
+        scaling(&[("rope.scaling.factor", f(2.0))]),
+        RopeScaling::Linear(2.0)
+    );
+    assert_eq!(
+        scaling(&[("rope.scale_linear", f(2.0))]),
+        RopeScaling::Linear(2.0)
+    );
+    assert_eq!(
+        scaling(&[("rope.scaling.factor", f(1.0))]),
+        RopeScaling::None
+    );
+    assert_eq!(
+        scaling(&[
+            ("rope.scaling.type", s("none")),
+            ("rope.scaling.factor", f(8.0))
+        ]),
+        RopeScaling::None
+    );
+    // The values the forward pass implements are accepted.
+    let u = MetaValue::U32;
+    open(&[
+        ("rope.dimension_count", u(hd)),
+        ("attention.key_length", u(hd)),
+        ("attention.value_length", u(hd)),
+        ("expert_count", u(0)),
+    ])
+    .unwrap();
+    for (extra, want) in [
+        (
+            vec![
+                ("rope.scaling.type", s("yarn")),
+                ("rope.scaling.factor", f(4.0)),
+            ],
+            "llama.rope.scaling.type \"yarn\" (factor 4) is not supported",
+        ),
+        (vec![("rope.dimension_count", u(hd / 2))], "partial rotary"),
+        (
+            vec![("attention.value_length", u(2 * hd))],
+            "llama.attention.value_length",
+        ),
+        (vec![("expert_count", u(8))], "mixture-of-experts"),
+        (
+            vec![("attention.key_length", s("64"))],
+            "'llama.attention.key_length'",
+        ),
+        (
+            vec![("rope.scaling.factor", s("4"))],
+            "'llama.rope.scaling.factor'",
+        ),
+        (
+            vec![("rope.scaling.factor", f(-1.0))],
+            "linear rope scaling factor -1",
+        ),
+    ] {
+        let e = open(&extra).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}
+
+/// A Hugging Face config with `linear` rope scaling divides the frequencies by its factor; one
+/// with a sliding window shorter than its context (Mistral-7B-v0.1) caps the context there,
+/// unless `use_sliding_window` is false (Qwen2).
+#[test]
+fn hf_linear_rope_scaling_and_sliding_window() {
+    use teal::config::RopeScaling;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("config.json");
+    let config = |extra: serde_json::Value| {
+        let mut j = serde_json::json!({
+            "architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 100, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            j[k] = v.clone();
+        }
+        std::fs::write(&p, j.to_string()).unwrap();
+        Config::from_hf_json(&p)
+    };
+    let c = config(serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}})).unwrap();
+    assert_eq!(c.rope_scaling, RopeScaling::Linear(2.0));
+    assert_eq!(c.max_position_embeddings, 32768);
+    let e = config(serde_json::json!({"rope_scaling": {"type": "linear"}})).unwrap_err();
+    assert!(e.to_string().contains("rope_scaling.factor missing"), "{e}");
+    let c = config(serde_json::json!({"sliding_window": 4096})).unwrap();
+    assert_eq!(c.max_position_embeddings, 4096);
+    let c = config(serde_json::json!({"sliding_window": null})).unwrap();
+    assert_eq!(c.max_position_embeddings, 32768);
+    let c =
+        config(serde_json::json!({"sliding_window": 4096, "use_sliding_window": false})).unwrap();
+    assert_eq!(c.max_position_embeddings, 32768);
+}
+
 /// A matrix read a slice of rows at a time (how the embedding and head are converted) equals
 /// the same rows of the whole tensor, from both file formats; a range past the end is an error.
 #[test]

@@ -96,27 +96,7 @@ pub fn random_weights(c: &Config, seed: u64) -> Weights {
 
 pub fn write_gguf(path: &Path, c: &Config, w: &Weights) {
     let mut g = GgufWriter::new();
-    let a = c.arch.name();
-    g.add_meta("general.architecture", MetaValue::String(a.into()));
-    let u = |v: usize| MetaValue::U32(v as u32);
-    g.add_meta(&format!("{a}.embedding_length"), u(c.hidden_size));
-    g.add_meta(&format!("{a}.feed_forward_length"), u(c.intermediate_size));
-    g.add_meta(&format!("{a}.block_count"), u(c.num_hidden_layers));
-    g.add_meta(
-        &format!("{a}.attention.head_count"),
-        u(c.num_attention_heads),
-    );
-    g.add_meta(
-        &format!("{a}.attention.head_count_kv"),
-        u(c.num_key_value_heads),
-    );
-    g.add_meta(&format!("{a}.context_length"), u(c.max_position_embeddings));
-    g.add_meta(&format!("{a}.vocab_size"), u(c.vocab_size));
-    g.add_meta(
-        &format!("{a}.attention.layer_norm_rms_epsilon"),
-        MetaValue::F32(c.rms_norm_eps),
-    );
-    g.add_meta(&format!("{a}.rope.freq_base"), MetaValue::F32(c.rope_theta));
+    add_config_meta(&mut g, c);
     for (name, (shape, v)) in w {
         let n_head = if name.contains("q_proj") {
             Some(c.num_attention_heads)
@@ -182,4 +162,29 @@ pub fn write_safetensors(dir: &Path, c: &Config, w: &Weights) {
         "tie_word_embeddings": c.tie_word_embeddings,
     });
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+}
+
+/// The `{arch}.*` hyper-parameters of `c` as llama.cpp's converter writes them.
+pub fn add_config_meta(g: &mut GgufWriter, c: &Config) {
+    let a = c.arch.name();
+    g.add_meta("general.architecture", MetaValue::String(a.into()));
+    let u = |v: usize| MetaValue::U32(v as u32);
+    g.add_meta(&format!("{a}.embedding_length"), u(c.hidden_size));
+    g.add_meta(&format!("{a}.feed_forward_length"), u(c.intermediate_size));
+    g.add_meta(&format!("{a}.block_count"), u(c.num_hidden_layers));
+    g.add_meta(
+        &format!("{a}.attention.head_count"),
+        u(c.num_attention_heads),
+    );
+    g.add_meta(
+        &format!("{a}.attention.head_count_kv"),
+        u(c.num_key_value_heads),
+    );
+    g.add_meta(&format!("{a}.context_length"), u(c.max_position_embeddings));
+    g.add_meta(&format!("{a}.vocab_size"), u(c.vocab_size));
+    g.add_meta(
+        &format!("{a}.attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(c.rms_norm_eps),
+    );
+    g.add_meta(&format!("{a}.rope.freq_base"), MetaValue::F32(c.rope_theta));
 }
