@@ -96,6 +96,22 @@ impl ModelFiles {
                 ),
             });
         }
+        // Every tensor must be one the forward pass reads, as llama.cpp counts them: a bias,
+        // an expert or another architecture's tensor ignored would give wrong answers.
+        if let Some((name, ..)) = self
+            .tensors
+            .iter()
+            .find(|(name, ..)| !used_tensor(&self.config, name))
+        {
+            return Err(Error::Model {
+                path: self.path,
+                msg: format!(
+                    "tensor '{name}' is not one the {} architecture reads (teal implements no \
+                     such bias, expert or layer): wrong number of tensors",
+                    self.config.arch.name()
+                ),
+            });
+        }
         // The tokenizer's ids must have rows in the embedding (more rows than ids is usual:
         // padding to a multiple).
         let (ids, rows) = (self.tokenizer.vocab_size(), self.config.vocab_size);
@@ -145,6 +161,39 @@ impl ModelFiles {
         release_free_heap();
         model
     }
+}
+
+/// Whether the Hugging Face tensor `name` is one [`crate::models::llama::Llama`] reads (or, as
+/// `rope_freqs.weight` and the rotary tables old checkpoints carry, one the configuration reads
+/// or that only caches what the configuration gives).
+fn used_tensor(c: &Config, name: &str) -> bool {
+    const FIXED: [&str; 4] = [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "rope_freqs.weight",
+    ];
+    const LAYER: [&str; 10] = [
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+        "self_attn.rotary_emb.inv_freq",
+    ];
+    const BIAS: [&str; 3] = [
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.bias",
+    ];
+    FIXED.contains(&name)
+        || crate::loader::layer_of(name).is_some_and(|(_, rest)| {
+            LAYER.contains(&rest) || (c.attention_bias && BIAS.contains(&rest))
+        })
 }
 
 /// [`large_allocations_as_mappings`]'s threshold.

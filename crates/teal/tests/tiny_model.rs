@@ -840,3 +840,58 @@ fn a_tokenizer_with_ids_beyond_the_embedding_is_refused_at_open() {
         "{e}"
     );
 }
+
+/// Every tensor of a model must be one the forward pass reads (llama.cpp's "wrong number of
+/// tensors"): an MLP bias or an expert router would otherwise be ignored and the answers wrong.
+/// The rotary tables old checkpoints carry are only a cache of the configuration's.
+#[test]
+fn tensors_the_forward_pass_does_not_read_are_refused_at_open() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let c = tiny_config(arch);
+        let mut w = random_weights(&c, 1);
+        let d = c.hidden_size;
+        w.insert(
+            "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+            (vec![c.head_dim / 2], rand_vec(c.head_dim / 2, 2, 1.0)),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(dir.path(), &c, &w);
+        write_tokenizer(dir.path(), c.vocab_size);
+        teal::ModelFiles::open(dir.path()).unwrap();
+        for extra in [
+            "model.layers.0.mlp.down_proj.bias",
+            "model.layers.1.self_attn.o_proj.bias",
+            "model.layers.1.block_sparse_moe.gate.weight",
+        ] {
+            let mut w = w.clone();
+            w.insert(extra.into(), (vec![d], rand_vec(d, 3, 1.0)));
+            let dir = tempfile::tempdir().unwrap();
+            write_safetensors(dir.path(), &c, &w);
+            write_tokenizer(dir.path(), c.vocab_size);
+            let e = teal::ModelFiles::open(dir.path())
+                .err()
+                .unwrap()
+                .to_string();
+            let want = format!(
+                "tensor '{extra}' is not one the {} architecture reads",
+                arch.name()
+            );
+            assert!(e.contains(&want), "{e}");
+        }
+    }
+    // q/k/v biases only where the configuration has them.
+    let c = tiny_config(Arch::Llama);
+    let mut w = random_weights(&c, 1);
+    w.insert(
+        "model.layers.0.self_attn.q_proj.bias".into(),
+        (vec![c.q_dim()], rand_vec(c.q_dim(), 3, 1.0)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_safetensors(dir.path(), &c, &w);
+    write_tokenizer(dir.path(), c.vocab_size);
+    let e = teal::ModelFiles::open(dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("'model.layers.0.self_attn.q_proj.bias'"), "{e}");
+}
