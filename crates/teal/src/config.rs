@@ -282,6 +282,16 @@ impl Config {
                 ))
             })?;
         let arch = Arch::parse(&arch_name)?;
+        if let Some(act) = j
+            .hidden_act
+            .as_deref()
+            .filter(|a| !matches!(*a, "silu" | "swish"))
+        {
+            return Err(Error::Config(format!(
+                "{}: hidden_act {act:?} is not supported (the MLP is SiLU-gated)",
+                path.display()
+            )));
+        }
         let num_key_value_heads = j.num_key_value_heads.unwrap_or(j.num_attention_heads);
         let head_dim = j.head_dim.unwrap_or(
             j.hidden_size
@@ -382,6 +392,7 @@ struct HfConfig {
     max_position_embeddings: Option<usize>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    hidden_act: Option<String>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
 }

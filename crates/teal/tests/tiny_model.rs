@@ -567,7 +567,7 @@ fn gguf_rope_scaling_and_unsupported_hyperparameters() {
 
 /// A Hugging Face config with `linear` rope scaling divides the frequencies by its factor; one
 /// with a sliding window shorter than its context (Mistral-7B-v0.1) caps the context there,
-/// unless `use_sliding_window` is false (Qwen2).
+/// unless `use_sliding_window` is false (Qwen2). An activation other than SiLU is refused.
 #[test]
 fn hf_linear_rope_scaling_and_sliding_window() {
     use teal::config::RopeScaling;
@@ -597,6 +597,13 @@ fn hf_linear_rope_scaling_and_sliding_window() {
     let c =
         config(serde_json::json!({"sliding_window": 4096, "use_sliding_window": false})).unwrap();
     assert_eq!(c.max_position_embeddings, 32768);
+    config(serde_json::json!({"hidden_act": "silu"})).unwrap();
+    let e = config(serde_json::json!({"hidden_act": "gelu"})).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("hidden_act \"gelu\" is not supported"),
+        "{e}"
+    );
 }
 
 /// A matrix read a slice of rows at a time (how the embedding and head are converted) equals
