@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 model="$(scripts/fetch-assets.sh default)"
 scripts/fetch-assets.sh calib >/dev/null
 cargo build --release --quiet --bin teal
-teal=target/release/teal
+# Where cargo put it (CARGO_TARGET_DIR, as scripts/bench-vs-llamacpp.sh reads it).
+teal="${CARGO_TARGET_DIR:-target}/release/teal"
 
 "$teal" calibrate -m "$model" --fisher --no-wina >/dev/null
 
