@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The main job on the default model: fetch SmolLM2-135M-Instruct (cached), calibrate TEAL once
 # (cached; with the loss gradients, so that `--sparsity` takes the loss-aware allocation: on this
-# model 41% less PPL increase than uniform TEAL at 50%, docs/QUALITY.md), generate dense and with 50%
-# activation sparsity, and print the decode speed of both (each run's, then a benchmark that
-# alternates them) and the quality change on 4 windows of text: the WikiText-2 test split
-# (../shared/data/wikitext-2-raw-test.raw) where the environment provides it, else the wiki sample
-# of the calibration package (exllamav2's wiki.utf8, from scripts/fetch-assets.sh calib).
+# model x1.40 against uniform TEAL's x1.70 at 50%, 43% less PPL increase, docs/QUALITY.md),
+# generate dense and with 50% activation sparsity, and print the decode speed of both (each
+# run's, then a benchmark that alternates them) and the quality change on 4 windows of text: the
+# WikiText-2 test split (../shared/data/wikitext-2-raw-test.raw) where the environment provides
+# it, else the wiki sample of the calibration package (exllamav2's wiki.utf8, from
+# scripts/fetch-assets.sh calib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
