@@ -1,5 +1,5 @@
-//! `teal`: run, ppl, inspect. A thin layer over the `teal` library; flags mean the same in every
-//! subcommand, as in llama.cpp's tools.
+//! `teal`: run, ppl, calibrate, report, inspect, tokenize, bench, serve. A thin layer over the
+//! `teal` library; flags mean the same in every subcommand, as in llama.cpp's tools.
 
 mod report;
 
@@ -282,7 +282,8 @@ enum Cmd {
     /// Perplexity of a text file (windows of -c tokens, each from an empty cache, every token
     /// after a window's first scored: protocol P512 at -c 512); with --sparsity, against dense.
     Ppl(PplArgs),
-    /// Calibrate TEAL thresholds (activation statistics, optional greedy allocation).
+    /// Calibrate TEAL thresholds (activation statistics; optional greedy and fisher
+    /// allocations).
     Calibrate(CalibrateArgs),
     /// Quality vs sparsity for each allocation method (markdown + PNG) and activation plots.
     Report(ReportArgs),
@@ -321,7 +322,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = 1)]
     slots: usize,
     /// Requests must carry this key (`Authorization: Bearer KEY` or `X-Api-Key`); repeat for
-    /// several. `/health` and `/v1/models` stay open. Also read from TEAL_API_KEY.
+    /// several. `/health` and `/v1/models` (also `/v1/health`, `/models`) stay open. Also read
+    /// from TEAL_API_KEY.
     #[arg(
         long = "api-key",
         value_name = "KEY",
@@ -359,8 +361,9 @@ struct BenchArgs {
     /// (default uniform: the protocol of docs/PERFORMANCE.md; auto: what `run` would take).
     #[arg(long, value_enum, default_value_t = AllocationArg::Uniform)]
     allocation: AllocationArg,
-    /// How thresholds are read from the statistics (default as in `run`: abs, or fisher for
-    /// the greedy and fisher allocations where the file has fisher tables).
+    /// How thresholds are read from the statistics (default as in `run`: fisher for the fisher
+    /// allocation, and for the greedy one where the file has fisher tables; for the greedy
+    /// allocation otherwise the quantile its search ran with; else abs).
     #[arg(long, value_enum)]
     quantile: Option<QuantileArg>,
     /// Tokens decoded per repetition.
