@@ -112,7 +112,7 @@ struct SparseArgs {
     #[arg(long, value_enum)]
     quantile: Option<QuantileArg>,
     /// Which positions are sparsified: all, half (the last half of each window, TEAL's
-    /// evaluation), decode-only (prefill dense; in ppl and report each window's first position
+    /// evaluation; ppl only, an error in run and serve), decode-only (prefill dense; in ppl and report each window's first position
     /// is the prefill, every later one a decode step). ppl and report score only the
     /// predictions of sparsified positions, against dense on the same tokens.
     #[arg(long, value_enum, default_value_t = ModeArg::All)]
