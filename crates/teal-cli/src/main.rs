@@ -545,7 +545,8 @@ struct CalibrateArgs {
     /// Quantile reading the greedy search uses (fisher: the loss-aware masks, with --fisher).
     #[arg(long, value_enum, default_value_t = QuantileArg::Abs)]
     quantile: QuantileArg,
-    /// Skip the weight-aware (wina) tables (calibration is faster; `--quantile wina` unavailable).
+    /// Skip the weight-aware (wina) tables (calibration is faster; `--quantile wina` unavailable;
+    /// a file recalibrated without --force keeps those it has).
     #[arg(long)]
     no_wina: bool,
     /// Also compute loss gradients for the loss-aware allocation (`--allocation fisher`): the
@@ -1380,7 +1381,8 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         .unwrap_or_else(|| teal::assets::thresholds_path(&fp));
     // Without --force, a file that lacks tables asked for is calibrated again with them and
     // with the kinds it had, those with the file's settings (asking for greedy tables keeps
-    // its fisher ones, and the reverse).
+    // its fisher ones, and the reverse; the weight-aware tables count as a kind too).
+    let mut weight_aware = !a.no_wina;
     let seq_len = a.seq_len.min(files.config.max_position_embeddings);
     let mut greedy = a.greedy.then(|| {
         (
@@ -1413,7 +1415,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let tokens = files.tokenizer.encode(&text, false)?;
     // The allocations' options come after the check below (which may take the file's).
     let opts = CalibOptions {
-        weight_aware: !a.no_wina,
+        weight_aware,
         samples: a.samples,
         seq_len,
         greedy: None,
@@ -1445,7 +1447,10 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
                 out.display()
             );
         }
-        if (!a.greedy || th.greedy.is_some()) && (!a.fisher || th.fisher.is_some()) {
+        if (!a.greedy || th.greedy.is_some())
+            && (!a.fisher || th.fisher.is_some())
+            && (!weight_aware || th.wina.is_some())
+        {
             eprintln!(
                 "thresholds already calibrated: {} (use --force to redo)",
                 out.display()
@@ -1480,6 +1485,10 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
                 labels: f.labels,
             });
         }
+        if !weight_aware && th.wina.is_some() {
+            eprintln!("keeping the file's weight-aware (wina) tables");
+            weight_aware = true;
+        }
     }
     // Where the file goes, checked before minutes of calibration.
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -1489,6 +1498,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let model = a.common.load(&files)?;
     let (greedy_wanted, fisher_wanted) = (greedy.is_some(), fisher.is_some());
     let opts = CalibOptions {
+        weight_aware,
         greedy,
         fisher,
         ..opts

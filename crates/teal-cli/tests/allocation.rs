@@ -212,3 +212,36 @@ fn a_cache_file_named_before_the_weights_hash_is_found() {
     std::fs::copy(&th, &newer).unwrap();
     assert_eq!(used(), newer.to_str().unwrap());
 }
+
+/// Without `--force`, a file that lacks tables asked for is calibrated again with them,
+/// keeping the kinds it had: the weight-aware tables too. A file made with `--no-wina` (as
+/// scripts/demo.sh makes the cached one) gains them from a plain `teal calibrate`, which
+/// once answered "already calibrated" and left `--quantile wina` refused; and asking such a
+/// file for greedy tables with `--no-wina` keeps its wina tables.
+#[test]
+fn calibrate_adds_wina_tables_to_a_file_without_them_and_keeps_them() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = short_text(dir.path());
+    let th = dir.path().join("th.json");
+    calibrate_small(m, &text, &th, &[]);
+    let text = text.to_str().unwrap();
+    let wina = ["--allocation", "uniform", "--quantile", "wina"];
+    let err = fails(&ppl_args(m, text, &th, &wina));
+    assert!(err.contains("no weight-aware (wina) tables"), "{err}");
+    // The same calibration without --no-wina.
+    let (th_s, base) = (th.to_str().unwrap(), ["calibrate", "-m", m, "--data", text]);
+    teal(
+        &[
+            &base[..],
+            &["--samples", "1", "--seq-len", "64", "-o", th_s],
+        ]
+        .concat(),
+    );
+    assert_eq!(allocation(m, text, &th, &wina), "uniform/wina");
+    // Greedy tables asked for with --no-wina: the file keeps its wina tables.
+    calibrate_small(m, Path::new(text), &th, &GREEDY_SMALL);
+    assert_eq!(allocation(m, text, &th, &[]), "greedy/abs");
+    assert_eq!(allocation(m, text, &th, &wina), "uniform/wina");
+}
