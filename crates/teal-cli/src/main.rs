@@ -1781,7 +1781,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     println!("vocab:         {}", c.vocab_size);
     println!("context:       {}", c.max_position_embeddings);
     println!(
-        "rope:          theta {} scaling {:?}",
+        "rope:          theta {} scaling {}",
         c.rope_theta,
         rope_kind(&c.rope_scaling)
     );
