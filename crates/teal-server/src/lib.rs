@@ -68,7 +68,7 @@ use teal::tokenizer::Tokenizer;
 use teal::tools::ToolChoice;
 use tokio::sync::{mpsc, oneshot};
 
-pub use metrics::{InFlight, Metrics};
+pub use metrics::Metrics;
 pub use stop::{IndentLimit, StopFilter};
 
 /// The model the server answers with, for `/v1/models` and every answer's `model`.
@@ -94,8 +94,20 @@ pub enum Job {
     Embed(Vec<Prompt>, oneshot::Sender<EmbedResult>),
     /// The slots' state, answered with `/slots`' body.
     Slots(oneshot::Sender<Value>),
+    /// How many requests are on slots and how many wait for one, for `/metrics`.
+    Load(oneshot::Sender<Load>),
     /// Stop serving now: the jobs running and waiting are dropped (their answers end).
     Shutdown,
+}
+
+/// What the engine is doing, as it stands after taking the jobs that have arrived (llama.cpp's
+/// `requests_processing` and `requests_deferred`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Requests running on a slot.
+    pub processing: usize,
+    /// Requests waiting for a free slot.
+    pub deferred: usize,
 }
 
 /// What an embedding job answers: per input, its vector and its number of tokens.
@@ -301,6 +313,8 @@ pub fn run_engine(
     // When each slot was last used (0: never), in jobs served.
     let (mut used, mut clock) = (vec![0u64; sessions.len()], 0);
     let mut waiting: VecDeque<Job> = VecDeque::new();
+    // `/metrics`' questions, answered once this round's jobs have taken their slots.
+    let mut asked: Vec<oneshot::Sender<Load>> = Vec::new();
     let mut open = true;
     loop {
         // Wait for a job while nothing runs, then take every job that has arrived.
@@ -387,6 +401,7 @@ pub fn run_engine(
                 Job::Slots(reply) => {
                     reply.send(slots_state(&sessions, &running, ctx)).ok();
                 }
+                Job::Load(reply) => asked.push(reply),
                 Job::Shutdown => return,
                 Job::Embed(inputs, reply) => {
                     // The least recently used free slot (the last of those never used): its
@@ -407,6 +422,14 @@ pub fn run_engine(
             if let Some(r) = slot.take_if(|r| r.events.is_closed()) {
                 r.finish(session, tok, Ok(()));
             }
+        }
+        // Only requests wait: every other job is answered when it is taken.
+        let load = Load {
+            processing: running.iter().filter(|r| r.is_some()).count(),
+            deferred: waiting.len(),
+        };
+        for reply in asked.drain(..) {
+            reply.send(load).ok();
         }
         // A step of each running job: a piece of its prompt, or a token (the CPU slots' decode
         // steps together, a layer at a time across them).
@@ -825,11 +848,6 @@ struct AppState {
 }
 
 impl AppState {
-    /// Counts a request as being answered while the guard lives.
-    fn start(&self) -> Option<InFlight> {
-        self.metrics.as_ref().map(|m| m.start())
-    }
-
     /// Counts a finished answer.
     fn record(&self, s: &Summary) {
         if let Some(m) = &self.metrics {
@@ -1178,20 +1196,27 @@ async fn embeddings(State(st): State<AppState>, RequestBody(body): RequestBody) 
 
 /// `GET /metrics`: Prometheus' text format; 501 without `--metrics`, as llama.cpp's.
 async fn metrics(State(st): State<AppState>) -> Response {
-    match &st.metrics {
-        Some(m) => (
+    let Some(m) = &st.metrics else {
+        return ApiError {
+            status: StatusCode::NOT_IMPLEMENTED,
+            message: "metrics are off: start teal serve with --metrics".into(),
+        }
+        .into_response();
+    };
+    let (reply, rx) = oneshot::channel();
+    if st.jobs.send(Job::Load(reply)).is_err() {
+        return ApiError::engine_stopped().into_response();
+    }
+    match rx.await {
+        Ok(load) => (
             [(
                 axum::http::header::CONTENT_TYPE,
                 "text/plain; version=0.0.4",
             )],
-            m.render(),
+            m.render(load),
         )
             .into_response(),
-        None => ApiError {
-            status: StatusCode::NOT_IMPLEMENTED,
-            message: "metrics are off: start teal serve with --metrics".into(),
-        }
-        .into_response(),
+        Err(_) => ApiError::engine_dropped().into_response(),
     }
 }
 
@@ -2189,12 +2214,11 @@ async fn answer(st: AppState, kind: Kind, r: Request) -> Response {
         parallel_tool_calls: r.parallel_tool_calls,
         ..Answer::new(&st, kind)
     };
-    let busy = st.start();
     match run_jobs(&st, &r).await {
         Err(e) => e.into_response(),
         Ok(Outcome::Stream(first, rx)) => {
             let lp = r.logprobs.is_some();
-            stream_answer(a, lp, r.include_usage, first, rx, (st, busy)).into_response()
+            stream_answer(a, lp, r.include_usage, first, rx, st).into_response()
         }
         Ok(Outcome::Done(results)) => {
             Json(a.full(&results, r.n, r.echo, r.logprobs.is_some())).into_response()
@@ -2304,7 +2328,7 @@ fn stream_answer(
     include_usage: bool,
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
-    counted: (AppState, Option<InFlight>),
+    counted: AppState,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let head: Vec<SseEvent> = match a.kind {
         Kind::Chat => vec![sse_json(a.chunk(None, None, None))],
@@ -2386,11 +2410,11 @@ fn sse_json(v: Value) -> SseEvent {
 
 /// The server-sent events of a job: `first`, then the events from `rx`, each written by `step`,
 /// which also says whether the stream ends with it. The finished answer is counted in
-/// `counted`'s metrics, and its request as in flight until the stream is dropped.
+/// `counted`'s metrics.
 fn sse_events(
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
-    counted: (AppState, Option<InFlight>),
+    counted: AppState,
     step: impl FnMut(Event) -> (Vec<SseEvent>, bool) + Send + 'static,
 ) -> impl futures_util::Stream<Item = SseEvent> {
     let start = (Some(first), rx, (counted, step), false);
@@ -2402,7 +2426,7 @@ fn sse_events(
             Some(ev) => ev,
             None => rx.recv().await?,
         };
-        let ((st, _), step) = &mut state;
+        let (st, step) = &mut state;
         if let Event::Done(s) = &ev {
             st.record(s);
         }

@@ -1,10 +1,10 @@
 //! `GET /metrics` (with `teal serve --metrics`): counters in Prometheus' text format, under the
 //! names llama.cpp's server gives them, so that dashboards made for it read teal's too. The
-//! HTTP side counts what every finished answer's summary reports; the engine is not involved.
+//! HTTP side counts what every finished answer's summary reports; the requests on slots and
+//! those waiting for one are the engine's to say ([`Load`], asked at each `/metrics`).
 
-use crate::Summary;
+use crate::{Load, Summary};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 /// The server's counters since it started.
 #[derive(Debug, Default)]
@@ -17,27 +17,11 @@ pub struct Metrics {
     predicted: AtomicU64,
     decoded: AtomicU64,
     decode_micros: AtomicU64,
-    /// Answers finished, and requests being answered now.
+    /// Answers finished.
     answers: AtomicU64,
-    processing: AtomicU64,
-}
-
-/// Counts a request as being answered until dropped (the end of a streamed answer included).
-pub struct InFlight(Arc<Metrics>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.processing.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Metrics {
-    /// A request starts being answered.
-    pub fn start(self: &Arc<Self>) -> InFlight {
-        self.processing.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-
     /// An answer (one prompt's, one choice's) has finished.
     pub fn record(&self, s: &Summary) {
         let micros = |secs: f64| (secs * 1e6) as u64;
@@ -53,15 +37,15 @@ impl Metrics {
         add(&self.answers, 1);
     }
 
-    /// The counters in Prometheus' text exposition format.
-    pub fn render(&self) -> String {
+    /// The counters, and the engine's `load`, in Prometheus' text exposition format.
+    pub fn render(&self, load: Load) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let secs = |c: &AtomicU64| get(c) as f64 / 1e6;
         let rate = |n: &AtomicU64, t: &AtomicU64| match get(t) {
             0 => 0.0,
             _ => get(n) as f64 / secs(t),
         };
-        let rows: [(&str, &str, &str, String); 8] = [
+        let rows: [(&str, &str, &str, String); 9] = [
             (
                 "prompt_tokens_total",
                 "counter",
@@ -102,7 +86,13 @@ impl Metrics {
                 "requests_processing",
                 "gauge",
                 "Number of requests processing.",
-                get(&self.processing).to_string(),
+                load.processing.to_string(),
+            ),
+            (
+                "requests_deferred",
+                "gauge",
+                "Number of requests deferred.",
+                load.deferred.to_string(),
             ),
             (
                 "answers_total",

@@ -355,10 +355,9 @@ pub(crate) async fn props(State(st): State<AppState>) -> Response {
 
 /// Runs the request and answers in llama.cpp's shapes.
 async fn answer(st: AppState, r: Request, shape: Shape) -> Response {
-    let busy = st.start();
     match run_jobs(&st, &r).await {
         Err(e) => e.into_response(),
-        Ok(Outcome::Stream(first, rx)) => stream(r, shape, first, rx, (st, busy)).into_response(),
+        Ok(Outcome::Stream(first, rx)) => stream(r, shape, first, rx, st).into_response(),
         Ok(Outcome::Done(results)) => {
             let all: Vec<Value> = results
                 .iter()
@@ -487,11 +486,11 @@ fn stream(
     shape: Shape,
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
-    counted: (AppState, Option<InFlight>),
+    counted: AppState,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     // The text and tokens streamed so far.
     let (mut text, mut ids) = (String::new(), Vec::new());
-    let model = counted.0.model.clone();
+    let model = counted.model.clone();
     let events = sse_events(first, rx, counted, move |ev| match ev {
         Event::Text {
             text: t,

@@ -27,6 +27,12 @@ fn smollm2() -> Option<PathBuf> {
 /// An engine thread of its own on the model at `path`, with `slots` KV caches.
 fn spawn_engine(path: PathBuf, slots: usize) -> Sender<Job> {
     let (tx, rx) = std::sync::mpsc::channel();
+    spawn_engine_on(path, slots, rx);
+    tx
+}
+
+/// [`spawn_engine`] taking its jobs from `rx` (where some may wait already).
+fn spawn_engine_on(path: PathBuf, slots: usize, rx: std::sync::mpsc::Receiver<Job>) {
     std::thread::spawn(move || {
         let files = ModelFiles::open(&path).unwrap();
         let model = files.load_model().unwrap();
@@ -36,7 +42,6 @@ fn spawn_engine(path: PathBuf, slots: usize) -> Sender<Job> {
         let slots = decs.iter_mut().map(|d| d as &mut dyn Decoder).collect();
         run_engine(slots, &files.tokenizer, rx);
     });
-    tx
 }
 
 /// The engine thread, shared by every test of this file (jobs queue up), and the model path.
@@ -1800,12 +1805,79 @@ async fn metrics_count_the_answers() {
     assert_eq!(value("tokens_predicted_total"), 20.0, "{text}");
     assert_eq!(value("answers_total"), 2.0, "{text}");
     assert_eq!(value("requests_processing"), 0.0, "{text}");
+    assert_eq!(value("requests_deferred"), 0.0, "{text}");
     assert!(value("predicted_tokens_seconds") > 0.0, "{text}");
     assert!(text.contains("# TYPE llamacpp:tokens_predicted_total counter"));
     // Off by default.
     let (s, body) = call(&tx, "/metrics", None).await;
     assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{body}");
     assert!(body.contains("--metrics"), "{body}");
+}
+
+/// The value of `llamacpp:{name}` in a `/metrics` body.
+fn metric(text: &str, name: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("llamacpp:{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing: {text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// `requests_processing` counts the requests on a slot and `requests_deferred` those waiting
+/// for one (llama.cpp's gauges): with one slot, two requests and a `/metrics` queued before the
+/// engine starts, one request runs and the other waits; once both are done, neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_tell_running_requests_from_waiting_ones() {
+    let Some(path) = smollm2() else { return };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (long, short) = ("Once upon a time, in a small village,", "Water boils at");
+    let (job, rx_long) = greedy_job(long, 100, None);
+    tx.send(job).unwrap();
+    let (job, mut rx_short) = greedy_job(short, 4, None);
+    tx.send(job).unwrap();
+    // The router's jobs come to the test, which hands them to the engine: the first
+    // `/metrics` reaches it behind the two requests, before it has started.
+    let (http_tx, http_rx) = std::sync::mpsc::channel::<Job>();
+    let info = ModelInfo {
+        id: "smollm2".into(),
+        ctx: CTX,
+        slots: 1,
+        meta: json!({}),
+    };
+    let opts = teal_server::ServeOptions {
+        metrics: true,
+        ..Default::default()
+    };
+    let app = router(http_tx, info, opts);
+    let ask = |app: axum::Router| async move {
+        let req = Request::get("/metrics").body(Body::empty()).unwrap();
+        let res = app.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+    let asked = tokio::spawn(ask(app.clone()));
+    let question = http_rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("/metrics asks the engine");
+    tx.send(question).unwrap();
+    let forward = tx.clone();
+    std::thread::spawn(move || http_rx.iter().for_each(|job| forward.send(job).unwrap()));
+    spawn_engine_on(path.clone(), 1, rx);
+    let text = asked.await.unwrap();
+    assert_eq!(metric(&text, "requests_processing"), 1.0, "{text}");
+    assert_eq!(metric(&text, "requests_deferred"), 1.0, "{text}");
+    assert!(
+        text.contains("# TYPE llamacpp:requests_deferred gauge"),
+        "{text}"
+    );
+    // The long request's client goes: it ends, and the waiting one runs on its slot.
+    drop(rx_long);
+    let (text_short, _) = collect(&mut rx_short).await;
+    assert_eq!(text_short, solo_text(&path, short, 4));
+    let text = ask(app).await;
+    assert_eq!(metric(&text, "requests_processing"), 0.0, "{text}");
+    assert_eq!(metric(&text, "requests_deferred"), 0.0, "{text}");
 }
 
 /// Code completion's stops on `/completion`: `n_indent` ends at the first later line indented
