@@ -296,9 +296,10 @@ impl IntoResponse for ApiError {
 /// slots' decode steps run a layer at a time across them, so that a layer that fits the
 /// last-level cache is read from memory once per round); a new request's prompt runs in pieces
 /// of [`PREFILL_CHUNK`] tokens, one per round. Requests that find no free slot wait, and take
-/// one in arrival order. A request whose client has gone ends, waiting or running, at the next
-/// round. An answer's decode timings are wall time, the other slots' turns
-/// included.
+/// one in arrival order. An embeddings request takes a slot too and runs one of its inputs per
+/// round, so that the other slots' answers go on while it runs. A request whose client has
+/// gone ends, waiting or running, at the next round. An answer's decode timings are wall time,
+/// the other slots' turns included.
 pub fn run_engine(
     slots: Vec<&mut dyn Decoder>,
     tok: &Tokenizer,
@@ -309,7 +310,7 @@ pub fn run_engine(
     let Some(ctx) = sessions.first().map(Session::capacity) else {
         return;
     };
-    let mut running: Vec<Option<Running>> = sessions.iter().map(|_| None).collect();
+    let mut running: Vec<Option<Work>> = sessions.iter().map(|_| None).collect();
     // When each slot was last used (0: never), in jobs served.
     let (mut used, mut clock) = (vec![0u64; sessions.len()], 0);
     let mut waiting: VecDeque<Job> = VecDeque::new();
@@ -393,7 +394,8 @@ pub fn run_engine(
                     };
                     clock += 1;
                     used[i] = clock;
-                    running[i] = Running::start(&mut sessions[i], i, tok, *g, &tokens);
+                    running[i] = Running::start(&mut sessions[i], i, tok, *g, &tokens)
+                        .map(|r| Work::Generate(Box::new(r)));
                 }
                 Job::Tokenizer(t, reply) => {
                     reply.send(tokenizer_job(tok, ctx, t)).ok();
@@ -412,14 +414,18 @@ pub fn run_engine(
                     };
                     clock += 1;
                     used[i] = clock;
-                    reply.send(embed_job(&mut sessions[i], tok, &inputs)).ok();
+                    running[i] = Some(Work::Embed(Embedding {
+                        inputs,
+                        done: Vec::new(),
+                        reply,
+                    }));
                 }
             }
         }
         // A running job whose client has gone ends here, also where no failed send would tell
         // (its prompt still running, its text all held back for a stop sequence).
         for (slot, session) in running.iter_mut().zip(sessions.iter_mut()) {
-            if let Some(r) = slot.take_if(|r| r.events.is_closed()) {
+            if let Some(Work::Generate(r)) = slot.take_if(|w| w.client_gone()) {
                 r.finish(session, tok, Ok(()));
             }
         }
@@ -436,7 +442,7 @@ pub fn run_engine(
         let mut steps = Vec::new();
         let mut which = Vec::new();
         for (i, (slot, session)) in running.iter_mut().zip(sessions.iter_mut()).enumerate() {
-            if let Some(r) = slot {
+            if let Some(Work::Generate(r)) = slot {
                 let (turn, on_text) = r.parts(tok);
                 steps.push(TurnStep {
                     session,
@@ -450,19 +456,77 @@ pub fn run_engine(
         drop(steps);
         for (i, step) in which.into_iter().zip(results) {
             if !matches!(step, Ok(false)) {
-                if let Some(r) = running[i].take() {
+                if let Some(Work::Generate(r)) = running[i].take() {
                     r.finish(&mut sessions[i], tok, step.map(|_| ()));
+                }
+            }
+        }
+        // An input of each embeddings request; one whose inputs are all done is answered.
+        for (slot, session) in running.iter_mut().zip(sessions.iter_mut()) {
+            if let Some(Work::Embed(mut e)) = slot.take_if(|w| matches!(w, Work::Embed(_))) {
+                match e.step(session, tok) {
+                    None => *slot = Some(Work::Embed(e)),
+                    Some(answer) => {
+                        e.reply.send(answer).ok();
+                    }
                 }
             }
         }
     }
 }
 
+/// What a busy slot runs.
+enum Work<'t> {
+    /// A generation: a piece of its prompt or a token per round.
+    Generate(Box<Running<'t>>),
+    /// An embeddings request: an input per round.
+    Embed(Embedding),
+}
+
+impl Work<'_> {
+    /// Whether the request's client has gone.
+    fn client_gone(&self) -> bool {
+        match self {
+            Work::Generate(r) => r.events.is_closed(),
+            Work::Embed(e) => e.reply.is_closed(),
+        }
+    }
+}
+
+/// An embeddings request running on a slot: its inputs, the vectors and token counts of those
+/// done, and where the whole answer goes.
+struct Embedding {
+    inputs: Vec<Prompt>,
+    done: Vec<(Vec<f32>, usize)>,
+    reply: oneshot::Sender<EmbedResult>,
+}
+
+impl Embedding {
+    /// Embeds the next input on `session` (its cache is emptied); the answer once the inputs
+    /// are all done or one has failed, else `None`.
+    fn step(&mut self, session: &mut Session, tok: &Tokenizer) -> Option<EmbedResult> {
+        let i = self.done.len();
+        if let Some(p) = self.inputs.get(i) {
+            let bad = |e: String| ApiError::bad_request(format!("input[{i}]: {e}"));
+            let tokens = match encode_prompt(tok, p) {
+                Ok(t) if t.is_empty() => return Some(Err(bad("empty".into()))),
+                Ok(t) => t,
+                Err(e) => return Some(Err(bad(e.to_string()))),
+            };
+            match session.embed(&tokens) {
+                Ok(v) => self.done.push((v, tokens.len())),
+                Err(e) => return Some(Err(bad(e.to_string()))),
+            }
+        }
+        (self.done.len() == self.inputs.len()).then(|| Ok(std::mem::take(&mut self.done)))
+    }
+}
+
 /// `/slots`' body: per slot (llama.cpp's fields where they apply) its context, whether it is
 /// answering a request, and the tokens its cache holds; while answering, the request's prompt
 /// tokens and the tokens generated so far.
-fn slots_state(sessions: &[Session], running: &[Option<Running>], ctx: usize) -> Value {
-    let slot = |(i, (s, r)): (usize, (&Session, &Option<Running>))| {
+fn slots_state(sessions: &[Session], running: &[Option<Work>], ctx: usize) -> Value {
+    let slot = |(i, (s, r)): (usize, (&Session, &Option<Work>))| {
         let mut v = json!({
             "id": i,
             "n_ctx": ctx,
@@ -470,30 +534,13 @@ fn slots_state(sessions: &[Session], running: &[Option<Running>], ctx: usize) ->
             // While answering, the positions run so far (the prompt's and the answer's).
             "cached_tokens": if r.is_some() { s.positions() } else { s.cached_len() },
         });
-        if let Some(r) = r {
+        if let Some(Work::Generate(r)) = r {
             v["n_prompt_tokens"] = json!(r.turn.prompt().len());
             v["next_token"] = json!({"n_decoded": r.turn.generated()});
         }
         v
     };
     Value::Array(sessions.iter().zip(running).enumerate().map(slot).collect())
-}
-
-/// Each input's embedding and token count, run one after another on `session`.
-fn embed_job(session: &mut Session, tok: &Tokenizer, inputs: &[Prompt]) -> EmbedResult {
-    let bad = |i: usize, e: String| ApiError::bad_request(format!("input[{i}]: {e}"));
-    inputs
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let tokens = encode_prompt(tok, p).map_err(|e| bad(i, e.to_string()))?;
-            if tokens.is_empty() {
-                return Err(bad(i, "empty".into()));
-            }
-            let v = session.embed(&tokens).map_err(|e| bad(i, e.to_string()))?;
-            Ok((v, tokens.len()))
-        })
-        .collect()
 }
 
 /// What [`pick_slot`] knows of a slot.

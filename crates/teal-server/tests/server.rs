@@ -1463,6 +1463,23 @@ async fn abandoned_requests_are_not_run() {
     assert_eq!(v["tokens_cached"], 4, "{v}");
 }
 
+/// An embeddings request whose client has gone is dropped before its inputs run: the slot
+/// keeps the cache of the answer before it (embedding would have emptied it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_embeddings_are_not_run() {
+    let Some(path) = smollm2() else { return };
+    let tx = spawn_engine(path, 1);
+    let req = json!({"prompt": "The capital of France is", "n_predict": 4, "temperature": 0});
+    let (_, v) = call_json(&tx, "/completion", req.clone()).await;
+    assert_eq!(v["tokens_cached"], 0, "{v}");
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    drop(answer);
+    tx.send(Job::Embed(vec![Prompt::Text("cats".into()); 3], reply))
+        .unwrap();
+    let (_, v) = call_json(&tx, "/completion", req).await;
+    assert_eq!(v["tokens_cached"], 4, "{v}");
+}
+
 /// A running request whose client has gone stops at once, even while nothing of it is sent
 /// (its answer all held back as the possible start of a stop sequence, so that no failed send
 /// tells the engine): the slot is free again long before the token limit.
@@ -2246,6 +2263,47 @@ async fn embeddings_are_pooled_final_states() {
         (json!({"input": [[]]}), "input[0]: empty"),
     ] {
         expect_400(&tx, "/v1/embeddings", body, needle).await;
+    }
+}
+
+/// An embeddings request of many inputs runs an input per round beside the other slots'
+/// answers: a generation of a few tokens queued with it (both before the engine starts, each
+/// on a slot of its own) ends before it, with the text it gives alone, and each vector is that
+/// input's embedding run alone, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_take_turns_with_generations() {
+    let Some(path) = smollm2() else { return };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prompt = "The capital of France is";
+    let (job, mut rx_gen) = greedy_job(prompt, 4, None);
+    tx.send(job).unwrap();
+    let texts: Vec<String> = (0..8)
+        .map(|i| format!("Sentence number {i} is about cats."))
+        .collect();
+    let inputs = texts.iter().map(|t| Prompt::Text(t.clone())).collect();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(Job::Embed(inputs, reply)).unwrap();
+    spawn_engine_on(path.clone(), 2, rx);
+    let vectors = answer.await.unwrap().unwrap();
+    // The generation's tokens all came while the inputs were embedded.
+    let mut text = String::new();
+    let summary = loop {
+        match rx_gen.try_recv() {
+            Ok(Event::Text { text: t, .. }) => text.push_str(&t),
+            Ok(Event::Done(s)) => break s,
+            other => panic!("the generation had not ended before the embeddings: {other:?}"),
+        }
+    };
+    assert_eq!(summary.completion_tokens, 4);
+    assert_eq!(text, solo_text(&path, prompt, 4));
+    let files = ModelFiles::open(&path).unwrap();
+    let model = files.load_model().unwrap();
+    let mut dec = CpuDecoder::new(Models::single(&model), CTX);
+    assert_eq!(vectors.len(), texts.len());
+    for (t, (v, n)) in texts.iter().zip(&vectors) {
+        let ids = encode_prompt(&files.tokenizer, &Prompt::Text(t.clone())).unwrap();
+        assert_eq!(*n, ids.len());
+        assert_eq!(*v, dec.embed(&ids).unwrap(), "{t}");
     }
 }
 
