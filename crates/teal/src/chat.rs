@@ -294,24 +294,30 @@ fn encode_infill(tok: &Tokenizer, f: &Infill) -> crate::Result<Vec<u32>> {
     Ok(parts.concat())
 }
 
-/// The tokens of `prompt`. Plain text gets BOS where the tokenizer adds one. A chat is rendered
-/// with the tokenizer's own template (ChatML where the model has none), ending with the header
-/// of the assistant's turn; BOS is added only where the rendered text does not already start
-/// with it (templates that write `{{ bos_token }}` themselves). An infill: see
-/// [`Infill`]; a model without the prefix, suffix and middle tokens is an error.
+/// The tokens of `prompt`. Plain text gets BOS and EOS where the tokenizer adds them
+/// ([`Tokenizer::encode_special`]). A chat is rendered with the tokenizer's own template
+/// (ChatML where the model has none), ending with the header of the assistant's turn, and gets
+/// them too, each only once: BOS is added only where the rendered text does not already start
+/// with it (templates that write `{{ bos_token }}` themselves), EOS only where it does not
+/// already end with it (llama.cpp strips the template's own and adds the tokenizer's). An
+/// infill: see [`Infill`] (BOS only); a model without the prefix, suffix and middle tokens is
+/// an error.
 pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>> {
     let text = match prompt {
-        Prompt::Text(t) => return Ok(tok.encode(t, tok.add_bos_default())?),
+        Prompt::Text(t) => return Ok(tok.encode_special(t)?),
         Prompt::Tokens(ids) => return Ok(ids.clone()),
         Prompt::Infill(f) => return encode_infill(tok, f),
         Prompt::Chat(messages) => render_chat(tok, messages)?,
         Prompt::ToolChat { messages, tools } => render_chat_with_tools(tok, messages, tools)?,
     };
-    let bos_written = tok
-        .bos_id()
-        .and_then(|i| tok.token_str(i))
-        .is_some_and(|b| text.starts_with(&b));
-    Ok(tok.encode(&text, tok.add_bos_default() && !bos_written)?)
+    let text_of = |id: Option<u32>| id.and_then(|i| tok.token_str(i));
+    let bos_written = text_of(tok.bos_id()).is_some_and(|b| text.starts_with(&b));
+    let eos_written = text_of(tok.eos_id()).is_some_and(|e| text.ends_with(&e));
+    let mut ids = tok.encode(&text, tok.add_bos_default() && !bos_written)?;
+    if tok.add_eos_default() && !eos_written {
+        ids.extend(tok.eos_id());
+    }
+    Ok(ids)
 }
 
 /// A chat rendered with the tokenizer's own template (ChatML where the model has none), ending

@@ -446,8 +446,11 @@ pub struct Tokenizer {
     kind: String,
     vocab_size: usize,
     bos: Option<u32>,
+    /// The end-of-sequence token, which [`Tokenizer::encode_special`] appends where `add_eos`.
+    eos: Option<u32>,
     eos_ids: Vec<u32>,
     add_bos: bool,
+    add_eos: bool,
     chat_template: Option<String>,
     /// Bytes of each token as decoding writes them (llama.cpp `token_to_piece`, special tokens
     /// rendered). `None`: decode through the `tokenizers` decoder.
@@ -474,6 +477,7 @@ impl std::fmt::Debug for Tokenizer {
             .field("bos", &self.bos)
             .field("eos_ids", &self.eos_ids)
             .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
             .finish_non_exhaustive()
     }
 }
@@ -779,6 +783,10 @@ impl Tokenizer {
         let add_bos = meta
             .opt_bool("tokenizer.ggml.add_bos_token")?
             .unwrap_or(add_bos_default);
+        // llama.cpp's default for both vocabulary types read here: off.
+        let add_eos = meta
+            .opt_bool("tokenizer.ggml.add_eos_token")?
+            .unwrap_or(false);
         let chat_template = meta.opt_str("tokenizer.chat_template")?.map(str::to_string);
 
         Ok(Tokenizer {
@@ -787,8 +795,10 @@ impl Tokenizer {
             kind,
             vocab_size: n,
             bos,
+            eos,
             eos_ids,
             add_bos,
+            add_eos,
             chat_template,
             pieces: Some(pieces),
             special,
@@ -799,7 +809,7 @@ impl Tokenizer {
     }
 
     /// Loads a Hugging Face `tokenizer.json`. `tokenizer_config.json` (BOS/EOS tokens,
-    /// `add_bos_token`, `chat_template`) and `generation_config.json` (`eos_token_id`) next to it
+    /// `add_bos_token`, `add_eos_token`, `chat_template`) and `generation_config.json` (`eos_token_id`) next to it
     /// are read when present.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
@@ -854,13 +864,14 @@ impl Tokenizer {
         let bos_text = token_field(&config["bos_token"]);
         let eos_text = token_field(&config["eos_token"]);
         let bos = bos_text.as_deref().and_then(|t| hf_tok.token_to_id(t));
+        let eos = eos_text.as_deref().and_then(|t| hf_tok.token_to_id(t));
         let mut eos_ids: Vec<u32> = Vec::new();
         let mut push = |id: u32| {
             if !eos_ids.contains(&id) {
                 eos_ids.push(id);
             }
         };
-        if let Some(id) = eos_text.as_deref().and_then(|t| hf_tok.token_to_id(t)) {
+        if let Some(id) = eos {
             push(id);
         }
         match &gen_config["eos_token_id"] {
@@ -892,6 +903,7 @@ impl Tokenizer {
                 .map(|t| post.contains(&serde_json::Value::String(t.to_string()).to_string()))
                 .unwrap_or(false),
         };
+        let add_eos = config["add_eos_token"].as_bool().unwrap_or(false);
         let chat_template = match &config["chat_template"] {
             serde_json::Value::String(s) => Some(s.clone()),
             serde_json::Value::Array(list) => list
@@ -951,8 +963,10 @@ impl Tokenizer {
             kind: "tokenizer.json".to_string(),
             vocab_size,
             bos,
+            eos,
             eos_ids,
             add_bos,
+            add_eos,
             chat_template,
             pieces,
             special,
@@ -984,6 +998,15 @@ impl Tokenizer {
             }
         }
         ids.extend(enc);
+        Ok(ids)
+    }
+
+    /// Token ids of `text` with the special tokens the model puts around a text (llama.cpp's
+    /// `llama_tokenize` with `add_special`): BOS in front where [`Tokenizer::add_bos_default`],
+    /// EOS at the end where [`Tokenizer::add_eos_default`].
+    pub fn encode_special(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text, self.add_bos_default())?;
+        ids.extend(self.eos.filter(|_| self.add_eos_default()));
         Ok(ids)
     }
 
@@ -1032,6 +1055,12 @@ impl Tokenizer {
         self.bos
     }
 
+    /// The end-of-sequence token (`tokenizer.ggml.eos_token_id`, `eos_token` of
+    /// `tokenizer_config.json`): the first of [`Tokenizer::eos_ids`] where the model names one.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
     /// Ids that end generation: EOS first, then end-of-turn-like tokens (eot, `<|im_end|>`,
     /// `<|eot_id|>`, `<|endoftext|>`, `<|end_of_text|>`, ... when present; the set llama.cpp uses).
     pub fn eos_ids(&self) -> &[u32] {
@@ -1060,6 +1089,13 @@ impl Tokenizer {
     /// (SentencePiece and Llama-3-style BPE: yes; other BPE: no).
     pub fn add_bos_default(&self) -> bool {
         self.add_bos && self.bos.is_some()
+    }
+
+    /// Whether a text tokenized with the model's special tokens ends with EOS:
+    /// `tokenizer.ggml.add_eos_token` (`add_eos_token` of `tokenizer_config.json`), off where
+    /// absent; embedding models that pool the last token set it.
+    pub fn add_eos_default(&self) -> bool {
+        self.add_eos && self.eos.is_some()
     }
 
     /// The text `id` decodes to on its own (for streaming and inspection); SentencePiece tokens

@@ -163,6 +163,12 @@ fn smollm2_matches_llama_cpp() {
     // llama.cpp's end-of-generation set: <|im_end|> (eos), <|endoftext|>, <reponame> (FIM repo).
     assert_eq!(t.eos_ids(), &[2, 0, 4]);
     assert!(!t.add_bos_default());
+    // No `add_eos_token`: a text with the model's special tokens is the text alone.
+    assert!(!t.add_eos_default());
+    assert_eq!(
+        t.encode_special("Hi").unwrap(),
+        t.encode("Hi", false).unwrap()
+    );
     assert!(t.chat_template().unwrap().contains("<|im_start|>"));
     // The SmolLM2 trap: no prefix space after a special token.
     assert_eq!(t.encode("<|im_start|>user", false).unwrap(), vec![1, 4093]);
@@ -212,6 +218,11 @@ fn qwen25_coder_matches_llama_cpp() {
         &[151645, 128247, 151643, 151662, 151663, 151664]
     );
     assert!(!t.add_bos_default());
+    assert!(!t.add_eos_default());
+    assert_eq!(
+        t.encode_special("Hi").unwrap(),
+        t.encode("Hi", false).unwrap()
+    );
     assert!(t.chat_template().unwrap().contains("<|im_start|>"));
     check(&t, "qwen2.5-coder-0.5b-instruct.json");
 }

@@ -666,3 +666,92 @@ fn tokenizer_json_round_trip() {
         .to_string();
     assert!(e.contains("nope.json"), "{e}");
 }
+
+/// `tokenizer.ggml.add_eos_token`, read from a GGUF file (and `add_eos_token` of
+/// `tokenizer_config.json`): text tokenized with the model's special tokens ends with EOS
+/// (llama.cpp's `add_special`), and so do plain-text prompts and chats, once even where the
+/// template writes EOS itself; infills and text without special tokens do not. Set false or
+/// absent, nothing is appended.
+#[test]
+fn add_eos_token_ends_special_tokenizations_with_eos() {
+    use teal::chat::{encode_prompt, Infill, Message, Prompt};
+    use teal::gguf::{GgufFile, GgufWriter};
+    let (mut tokens, mut meta) = bpe_vocab();
+    // Fill-in-the-middle's tokens, so that an infill can be encoded.
+    let fim = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"];
+    let mut types = vec![1; tokens.len()];
+    types[..BPE_SPECIALS.len()].fill(3);
+    tokens.extend(fim.map(String::from));
+    types.extend([3; 3]);
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    meta.insert("tokenizer.ggml.tokens".into(), strs(&refs));
+    meta.insert("tokenizer.ggml.token_type".into(), ints(&types));
+    let template = "{% for m in messages %}{{ m.content }}{% endfor %}";
+    meta.insert(
+        "tokenizer.chat_template".into(),
+        MetaValue::String(template.into()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let open = |meta: &HashMap<String, MetaValue>| {
+        let path = dir.path().join("vocab.gguf");
+        let mut w = GgufWriter::new();
+        for (k, v) in meta {
+            w.add_meta(k, v.clone());
+        }
+        w.write(&path).unwrap();
+        Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap()
+    };
+    let [hello, pre, suf, mid] = ["hello", fim[0], fim[1], fim[2]].map(|t| id(&tokens, t));
+    let (bos, eos) = (1, 2);
+    let text = Prompt::Text("hello".into());
+    let chat = Prompt::Chat(vec![Message::new("user", "hello")]);
+    let infill = Prompt::Infill(Infill::new("hello", "hello"));
+    let key = "tokenizer.ggml.add_eos_token";
+    for off in [None, Some(false)] {
+        match off {
+            None => meta.remove(key),
+            Some(b) => meta.insert(key.into(), MetaValue::Bool(b)),
+        };
+        let t = open(&meta);
+        assert!(!t.add_eos_default());
+        assert_eq!(t.encode_special("hello").unwrap(), [hello]);
+        assert_eq!(encode_prompt(&t, &text).unwrap(), [hello]);
+        assert_eq!(encode_prompt(&t, &chat).unwrap(), [hello]);
+    }
+    meta.insert(key.into(), MetaValue::Bool(true));
+    let t = open(&meta);
+    assert!(t.add_eos_default());
+    assert_eq!(t.eos_id(), Some(eos));
+    assert_eq!(t.encode_special("hello").unwrap(), [hello, eos]);
+    assert_eq!(t.encode("hello", false).unwrap(), [hello]);
+    assert_eq!(encode_prompt(&t, &text).unwrap(), [hello, eos]);
+    assert_eq!(encode_prompt(&t, &chat).unwrap(), [hello, eos]);
+    let infill_ids = [pre, hello, suf, hello, mid];
+    assert_eq!(encode_prompt(&t, &infill).unwrap(), infill_ids);
+    // A template that writes EOS itself: one EOS still.
+    let own = MetaValue::String(format!("{template}{{{{ eos_token }}}}"));
+    meta.insert("tokenizer.chat_template".into(), own);
+    assert_eq!(encode_prompt(&open(&meta), &chat).unwrap(), [hello, eos]);
+    // With BOS as well: both around a text, BOS alone before an infill.
+    meta.insert("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(true));
+    let t = open(&meta);
+    assert_eq!(t.encode_special("hello").unwrap(), [bos, hello, eos]);
+    assert_eq!(encode_prompt(&t, &text).unwrap(), [bos, hello, eos]);
+    assert_eq!(
+        encode_prompt(&t, &infill).unwrap(),
+        [&[bos][..], &infill_ids].concat()
+    );
+    // tokenizer.json with tokenizer_config.json's `add_eos_token`.
+    t.save_json(&dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    for (add_eos, want) in [(true, vec![hello, eos]), (false, vec![hello])] {
+        let config = format!(
+            r#"{{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
+                "add_eos_token": {add_eos}}}"#
+        );
+        std::fs::write(dir.path().join("tokenizer_config.json"), config).unwrap();
+        let tj = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
+        assert_eq!(tj.add_eos_default(), add_eos);
+        assert_eq!(tj.encode_special("hello").unwrap(), want);
+    }
+}
