@@ -117,8 +117,9 @@ pub type EmbedResult = Result<Vec<(Vec<f32>, usize)>, ApiError>;
 pub enum TokenizerJob {
     /// BOS, EOS and the chat template.
     Info,
-    /// Token ids of a text, with BOS where the model adds one if `add_special`; with
-    /// `with_pieces`, each id beside its piece (llama.cpp's).
+    /// Token ids of a text, with BOS and EOS where the model adds them if `add_special`
+    /// ([`Tokenizer::encode_special`]); with `with_pieces`, each id beside its piece
+    /// (llama.cpp's).
     Encode {
         text: String,
         add_special: bool,
@@ -590,6 +591,7 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
                 "pad_token": null,
                 "chat_template": tok.chat_template(),
                 "add_bos_token": tok.add_bos_default(),
+                "add_eos_token": tok.add_eos_default(),
                 "vocab_size": tok.vocab_size(),
                 "model_max_length": ctx,
             })
@@ -599,9 +601,11 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
             add_special,
             with_pieces,
         } => {
-            let ids = tok
-                .encode(&text, add_special && tok.add_bos_default())
-                .map_err(bad)?;
+            let ids = match add_special {
+                true => tok.encode_special(&text),
+                false => tok.encode(&text, false),
+            }
+            .map_err(bad)?;
             let tokens: Value = match with_pieces {
                 false => json!(ids),
                 // A piece that is not whole UTF-8 (part of a character) as its bytes.
@@ -2485,7 +2489,52 @@ fn sse_events(
 
 #[cfg(test)]
 mod tests {
-    use super::{completion_token, pick_slot, text_offsets, SlotState};
+    use super::{
+        completion_token, pick_slot, text_offsets, tokenizer_job, SlotState, TokenizerJob,
+    };
+    use serde_json::json;
+    use std::collections::HashMap;
+    use teal::gguf::MetaValue;
+    use teal::tokenizer::Tokenizer;
+
+    /// `/tokenize` with `add_special` gives the tokens llama.cpp's `llama_tokenize` does with
+    /// it: BOS and EOS around the text where the model adds them (a vocabulary of five tokens
+    /// whose metadata says so); `/tokenizer_info` says both.
+    #[test]
+    fn tokenize_adds_eos_where_the_model_does() {
+        let strs = |v: &[&str]| {
+            MetaValue::Array(v.iter().map(|s| MetaValue::String(s.to_string())).collect())
+        };
+        let tokens = ["<s>", "</s>", "h", "i", "hi"];
+        let types = [3, 3, 1, 1, 1].map(MetaValue::I32).to_vec();
+        let meta: HashMap<&str, MetaValue> = [
+            ("tokenizer.ggml.model", MetaValue::String("gpt2".into())),
+            ("tokenizer.ggml.pre", MetaValue::String("smollm".into())),
+            ("tokenizer.ggml.tokens", strs(&tokens)),
+            ("tokenizer.ggml.token_type", MetaValue::Array(types)),
+            ("tokenizer.ggml.merges", strs(&["h i"])),
+            ("tokenizer.ggml.bos_token_id", MetaValue::U32(0)),
+            ("tokenizer.ggml.eos_token_id", MetaValue::U32(1)),
+            ("tokenizer.ggml.add_bos_token", MetaValue::Bool(true)),
+            ("tokenizer.ggml.add_eos_token", MetaValue::Bool(true)),
+        ]
+        .into_iter()
+        .collect();
+        let tok = Tokenizer::from_gguf_metadata(|k| meta.get(k)).unwrap();
+        let encode = |add_special| {
+            let job = TokenizerJob::Encode {
+                text: "hi".into(),
+                add_special,
+                with_pieces: false,
+            };
+            tokenizer_job(&tok, 64, job).unwrap()["tokens"].clone()
+        };
+        assert_eq!(encode(true), json!([0, 4, 1]));
+        assert_eq!(encode(false), json!([4]));
+        let info = tokenizer_job(&tok, 64, TokenizerJob::Info).unwrap();
+        assert_eq!(info["add_bos_token"], true, "{info}");
+        assert_eq!(info["add_eos_token"], true, "{info}");
+    }
 
     /// A character split over byte-fallback tokens: each part written as OpenAI writes it, all
     /// at the character's offset, the text after it counted once.

@@ -900,6 +900,7 @@ async fn tokenizer_endpoints() {
     assert_eq!(s, StatusCode::OK, "{info}");
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["eos_token"], "<|im_end|>");
+    assert_eq!(info["add_eos_token"], false);
     assert_eq!(info["model_max_length"], CTX);
     assert!(info["chat_template"].as_str().unwrap().contains("im_start"));
     let ids = json!([504, 3575, 282, 4649, 314]);
