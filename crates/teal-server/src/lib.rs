@@ -65,6 +65,7 @@ use teal::generate::{
 use teal::grammar::Grammar;
 use teal::sampler::{Penalties, SamplerConfig};
 use teal::tokenizer::Tokenizer;
+use teal::tools::stream::{CallStream, Delta};
 use teal::tools::ToolChoice;
 use tokio::sync::{mpsc, oneshot};
 
@@ -2034,21 +2035,53 @@ impl Answer {
                         json!({
                             "id": call_id(),
                             "type": "function",
-                            "function": {"name": c.name, "arguments": c.arguments.to_string()},
+                            "function": {"name": c.name, "arguments": c.arguments},
                         })
                     })
                     .collect();
                 let content = (!content.is_empty()).then_some(content);
-                let reason = match s.stop {
-                    StopType::Limit => s.stop.finish_reason(),
-                    StopType::Eos | StopType::Word(_) => "tool_calls",
-                };
                 (
                     json!({"role": "assistant", "content": content, "tool_calls": calls}),
-                    reason,
+                    call_reason(s),
                 )
             }
         }
+    }
+
+    /// The chunks of a streamed chat answer with tools for what [`CallStream`] read of a piece
+    /// of it, as OpenAI streams them: content as a `content` delta; a call's start as a
+    /// `tool_calls` delta with its index, a new id, its type and name and empty arguments; the
+    /// next piece of its arguments as one with its index and that piece (calls after the
+    /// first left out without `parallel_tool_calls`). With `logprobs`, the first chunk carries
+    /// the entries `held` has, taking them.
+    fn call_chunks(
+        &self,
+        deltas: Vec<Delta>,
+        logprobs: bool,
+        held: &mut Vec<TokenInfo>,
+    ) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        for d in deltas {
+            let delta = match d {
+                Delta::Call { index, .. } | Delta::Arguments { index, .. }
+                    if index > 0 && !self.parallel_tool_calls =>
+                {
+                    continue
+                }
+                Delta::Content(text) => json!({ "content": text }),
+                Delta::Call { index, name } => json!({"tool_calls": [{
+                    "index": index, "id": call_id(), "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }]}),
+                Delta::Arguments { index, text } => {
+                    json!({"tool_calls": [{"index": index, "function": {"arguments": text}}]})
+                }
+            };
+            let lp = logprobs.then(|| chat_logprobs(&std::mem::take(held)));
+            let choice = json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": null});
+            out.push(sse_json(self.envelope(true, vec![choice])));
+        }
+        out
     }
 
     /// A streamed chunk: a piece of text, or with `finish` the one with the finish reason and
@@ -2089,6 +2122,15 @@ impl Answer {
         let mut v = self.envelope(true, Vec::new());
         v["usage"] = usage([s], 1);
         v
+    }
+}
+
+/// The `finish_reason` of an answer with tool calls: `tool_calls`, or `length` where the token
+/// limit cut it.
+fn call_reason(s: &Summary) -> &'static str {
+    match s.stop {
+        StopType::Limit => s.stop.finish_reason(),
+        StopType::Eos | StopType::Word(_) => "tool_calls",
     }
 }
 
@@ -2372,7 +2414,10 @@ fn submit(
 /// Server-sent events: a chat's first chunk names the role, then one chunk per piece of text
 /// (with `logprobs`, its tokens' entries), the last chunk with the finish reason and timings,
 /// with `include_usage` one more with the usage, then `[DONE]`. An error after the first event
-/// is sent as an `{"error": ...}` event and ends the stream.
+/// is sent as an `{"error": ...}` event and ends the stream. With tools, the text is read for
+/// calls as it comes ([`CallStream`]): its content is streamed as before, but for text held
+/// while it may be a call's start, and each call as OpenAI streams them
+/// ([`Answer::call_chunks`]).
 fn stream_answer(
     a: Answer,
     logprobs: bool,
@@ -2387,69 +2432,56 @@ fn stream_answer(
     };
     // The characters streamed so far.
     let mut chars = 0;
-    // With tools, the text and entries held back until the answer is whole (a tool call is
-    // sent as one delta once it is read).
-    let mut held: (String, Vec<TokenInfo>) = Default::default();
-    let events = sse_events(first, rx, counted, move |ev| match ev {
-        Event::Text {
-            text, logprobs: t, ..
-        } if !a.tools.is_empty() => {
-            held.0.push_str(&text);
-            held.1.extend(t);
-            (vec![], false)
+    // With tools, the calls read from the text as it comes, and the entries of the tokens
+    // whose text is held back (as a possible call's start) until a chunk carries them.
+    let names: Vec<&str> = a.tools.iter().map(String::as_str).collect();
+    let mut calls = (!names.is_empty()).then(|| CallStream::new(&names));
+    let mut held: Vec<TokenInfo> = Vec::new();
+    let events = sse_events(first, rx, counted, move |ev| match (ev, calls.as_mut()) {
+        (
+            Event::Text {
+                text, logprobs: t, ..
+            },
+            Some(reader),
+        ) => {
+            held.extend(t);
+            (
+                a.call_chunks(reader.push(&text), logprobs, &mut held),
+                false,
+            )
         }
-        Event::Text {
-            text, logprobs: t, ..
-        } => {
+        (
+            Event::Text {
+                text, logprobs: t, ..
+            },
+            None,
+        ) => {
             let at = chars;
             chars += text.chars().count();
             let lp = logprobs.then_some((t.as_slice(), at));
             (vec![sse_json(a.chunk(Some(text), lp, None))], false)
         }
-        Event::Done(s) => {
-            let mut out = Vec::new();
-            if !a.tools.is_empty() {
-                let (text, entries) = std::mem::take(&mut held);
-                let lp = logprobs.then_some((entries.as_slice(), 0));
-                let (message, reason) = a.message(&text, &s);
-                match message.get("tool_calls") {
-                    None if !text.is_empty() => {
-                        out.push(sse_json(a.chunk(Some(text), lp, None)));
+        (Event::Done(s), reader) => {
+            let (mut out, last) = match reader {
+                Some(reader) => {
+                    let out = a.call_chunks(reader.finish(), logprobs, &mut held);
+                    let lp = (logprobs && !held.is_empty()).then_some((held.as_slice(), 0));
+                    let mut last = a.chunk(None, lp, Some(&s));
+                    if reader.called() {
+                        last["choices"][0]["finish_reason"] = json!(call_reason(&s));
                     }
-                    None => {}
-                    Some(calls) => {
-                        if let Some(c) = message["content"].as_str() {
-                            out.push(sse_json(a.chunk(Some(c.to_string()), lp, None)));
-                        }
-                        let deltas: Vec<Value> = calls
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .enumerate()
-                            .map(|(k, c)| {
-                                let mut c = c.clone();
-                                c["index"] = json!(k);
-                                c
-                            })
-                            .collect();
-                        let delta = json!({"tool_calls": deltas});
-                        let choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null});
-                        out.push(sse_json(a.envelope(true, vec![choice])));
-                    }
+                    (out, last)
                 }
-                let mut last = a.chunk(None, None, Some(&s));
-                last["choices"][0]["finish_reason"] = json!(reason);
-                out.push(sse_json(last));
-            } else {
-                out.push(sse_json(a.chunk(None, None, Some(&s))));
-            }
+                None => (Vec::new(), a.chunk(None, None, Some(&s))),
+            };
+            out.push(sse_json(last));
             if include_usage {
                 out.push(sse_json(a.usage_chunk(&s)));
             }
             out.push(SseEvent::default().data("[DONE]"));
             (out, true)
         }
-        Event::Failed(e) => (vec![sse_json(e.body())], true),
+        (Event::Failed(e), _) => (vec![sse_json(e.body())], true),
     });
     Sse::new(stream::iter(head).chain(events).map(Ok))
 }

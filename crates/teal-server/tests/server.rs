@@ -2003,28 +2003,19 @@ async fn tool_calls_are_answered_as_openai_does() {
             assert!(c["message"]["content"].is_string(), "{name}: {v}");
         }
         eprintln!("{name} auto: {}", c["message"]);
-        // Streamed: the call comes as one delta, then the reason and [DONE].
+        // Streamed: the call's name, then its arguments in pieces, then the reason and
+        // [DONE] (see tool_calls_are_streamed_as_they_are_generated).
         let req = json!({"messages": user, "tools": [weather], "tool_choice": "required",
                          "parallel_tool_calls": false, "temperature": 0, "max_tokens": 48,
                          "stream": true});
         let (s, body) = call(&tx, "/v1/chat/completions", Some(&req.to_string())).await;
         assert_eq!(s, StatusCode::OK, "{body}");
-        let events = sse_data(&body);
-        assert_eq!(events.last().unwrap(), "[DONE]", "{body}");
-        let deltas: Vec<&Value> = events
-            .iter()
-            .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array())
-            .flatten()
-            .collect();
-        assert_eq!(deltas.len(), 1, "{body}");
-        assert_eq!(deltas[0]["function"]["name"], "get_weather");
-        assert_eq!(deltas[0]["index"], 0);
-        let reasons: Vec<&Value> = events
-            .iter()
-            .map(|e| &e["choices"][0]["finish_reason"])
-            .filter(|r| !r.is_null())
-            .collect();
-        assert_eq!(reasons, [&json!("tool_calls")], "{body}");
+        let (_, calls, reason) = streamed_message(&body);
+        assert_eq!(calls.len(), 1, "{body}");
+        assert_eq!((calls[0].index, calls[0].name.as_str()), (0, "get_weather"));
+        let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        assert!(args["city"].is_string(), "{body}");
+        assert_eq!(reason, "tool_calls", "{body}");
         // The call and its result in the conversation (arguments as JSON text, as OpenAI's
         // clients send them); auto: the model may answer in text.
         let req = json!({
@@ -2166,21 +2157,238 @@ async fn calls_under_a_requests_own_grammar() {
         req["stream"] = json!(stream);
         let (s, body) = call(&tx, "/v1/chat/completions", Some(&req.to_string())).await;
         assert_eq!(s, StatusCode::OK, "{body}");
-        let calls: Vec<Value> = match stream {
+        let names: Vec<String> = match stream {
             false => serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["message"]
                 ["tool_calls"]
                 .as_array()
                 .unwrap()
-                .clone(),
-            true => sse_data(&body)
                 .iter()
-                .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array())
-                .flatten()
-                .cloned()
+                .map(|c| c["function"]["name"].as_str().unwrap().to_string())
+                .collect(),
+            true => streamed_message(&body)
+                .1
+                .into_iter()
+                .map(|c| c.name)
                 .collect(),
         };
-        assert_eq!(calls.len(), 1, "{body}");
-        assert_eq!(calls[0]["function"]["name"], "get_time");
+        assert_eq!(names, ["get_time"], "{body}");
+    }
+}
+
+/// A call of a streamed chat answer.
+#[derive(Debug)]
+struct StreamedCall {
+    index: u64,
+    id: String,
+    name: String,
+    /// The pieces joined, and how many chunks carried one.
+    arguments: String,
+    pieces: usize,
+}
+
+/// A streamed chat answer read back: its content, its calls and its finish reason, checking
+/// that the calls come as OpenAI streams them: a call's first delta has its index (the next
+/// one), a new id, its type and name and empty arguments, the others its index and a piece of
+/// arguments only.
+fn streamed_message(body: &str) -> (String, Vec<StreamedCall>, Value) {
+    let events = sse_data(body);
+    assert_eq!(events.last().unwrap(), "[DONE]", "{body}");
+    let mut content = String::new();
+    let mut calls: Vec<StreamedCall> = Vec::new();
+    let mut reasons = Vec::new();
+    for e in &events[..events.len() - 1] {
+        let c = &e["choices"][0];
+        if !c["finish_reason"].is_null() {
+            reasons.push(c["finish_reason"].clone());
+        }
+        content.push_str(c["delta"]["content"].as_str().unwrap_or_default());
+        for d in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let index = d["index"].as_u64().unwrap();
+            let f = &d["function"];
+            let args = f["arguments"].as_str().unwrap();
+            if index == calls.len() as u64 {
+                assert_eq!((&d["type"], args), (&json!("function"), ""), "{body}");
+                let id = d["id"].as_str().unwrap();
+                assert!(id.starts_with("call_"), "{body}");
+                let name = f["name"].as_str().unwrap();
+                calls.push(StreamedCall {
+                    index,
+                    id: id.into(),
+                    name: name.into(),
+                    arguments: String::new(),
+                    pieces: 0,
+                });
+            } else {
+                assert_eq!(index + 1, calls.len() as u64, "{body}");
+                assert!(d.get("id").is_none() && f.get("name").is_none(), "{body}");
+                let call = calls.last_mut().unwrap();
+                call.arguments.push_str(args);
+                call.pieces += 1;
+            }
+        }
+    }
+    assert_eq!(reasons.len(), 1, "{body}");
+    let ids: std::collections::HashSet<&String> = calls.iter().map(|c| &c.id).collect();
+    assert_eq!(ids.len(), calls.len(), "{body}");
+    (content, calls, reasons[0].clone())
+}
+
+/// `request` answered whole and streamed: the same content, calls (names and arguments, the
+/// streamed pieces joined) and finish reason; the streamed calls and the reason.
+async fn whole_and_streamed(tx: &Sender<Job>, request: &Value) -> (Vec<StreamedCall>, Value) {
+    let (s, v) = call_json(tx, "/v1/chat/completions", request.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let (s, body) = call(tx, "/v1/chat/completions", Some(&streamed.to_string())).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (content, calls, reason) = streamed_message(&body);
+    let c = &v["choices"][0];
+    assert_eq!(
+        (
+            c["message"]["content"].as_str().unwrap_or_default(),
+            &c["finish_reason"]
+        ),
+        (content.as_str(), &reason),
+        "{v}\n{body}"
+    );
+    let whole: Vec<(&str, &str)> = c["message"]["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let f = &t["function"];
+            (
+                f["name"].as_str().unwrap(),
+                f["arguments"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let pieces: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|c| (c.name.as_str(), c.arguments.as_str()))
+        .collect();
+    assert_eq!(whole, pieces, "{v}\n{body}");
+    (calls, reason)
+}
+
+/// Tool calls are streamed as they are generated, as OpenAI and llama.cpp's server stream
+/// them: the name first, then the arguments a piece at a time, which joined are the
+/// arguments of the same answer unstreamed; the content before a call streamed as text; the
+/// first call only without `parallel_tool_calls`; a stop sequence after a call. The text is
+/// the request's own grammar's (the call grammar holds no such text), in the `<tool_call>`
+/// format and in a Markdown code block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_are_streamed_as_they_are_generated() {
+    let Some((tx, _)) = engine() else { return };
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "get_time"}},
+    ]);
+    let weather = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \
+                   \"days\": 3, \"note\": \"\\u00e9t\\u00e9 \\\"ou\\\"\"}}";
+    let args = r#"{"city":"Paris","days":3,"note":"été \"ou\""}"#;
+    let time = "{\"name\": \"get_time\"}";
+    let ask = |text: String| {
+        let grammar = format!("root ::= {}", serde_json::to_string(&text).unwrap());
+        json!({"messages": [{"role": "user", "content": "Weather and time?"}], "tools": tools,
+               "grammar": grammar, "temperature": 0, "max_tokens": 120, "cache_prompt": false})
+    };
+    let blocks = format!(
+        "Let me look.\n<tool_call>\n{weather}\n</tool_call>\n<tool_call>\n{time}\n</tool_call>"
+    );
+    let (calls, reason) = whole_and_streamed(&tx, &ask(blocks.clone())).await;
+    assert_eq!(reason, "tool_calls");
+    let got: Vec<(u64, &str, &str)> = calls
+        .iter()
+        .map(|c| (c.index, c.name.as_str(), c.arguments.as_str()))
+        .collect();
+    assert_eq!(got, [(0, "get_weather", args), (1, "get_time", "{}")]);
+    // A piece of the arguments per token or so, not the whole at once.
+    assert!(calls[0].pieces > 5, "{calls:?}");
+    // The content comes before the calls, as text.
+    let mut req = ask(blocks.clone());
+    req["stream"] = json!(true);
+    let (_, body) = call(&tx, "/v1/chat/completions", Some(&req.to_string())).await;
+    let events = sse_data(&body);
+    let first_call = events
+        .iter()
+        .position(|e| e["choices"][0]["delta"].get("tool_calls").is_some())
+        .unwrap();
+    let before: String = events[..first_call]
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(before, "Let me look.", "{body}");
+    // Without parallel calls: the first one only, whole and streamed.
+    let mut req = ask(blocks.clone());
+    req["parallel_tool_calls"] = json!(false);
+    let (calls, reason) = whole_and_streamed(&tx, &req).await;
+    assert_eq!((calls.len(), reason), (1, json!("tool_calls")), "{calls:?}");
+    assert_eq!(calls[0].arguments, args);
+    // A stop sequence after the first call ends the answer there.
+    let mut req = ask(blocks);
+    req["stop"] = json!(["</tool_call>"]);
+    let (calls, reason) = whole_and_streamed(&tx, &req).await;
+    assert_eq!((calls.len(), reason), (1, json!("tool_calls")), "{calls:?}");
+    // A code block (as small models write calls with `auto`) is streamed too.
+    let fenced = format!("```json\n{weather}\n```");
+    let (calls, _) = whole_and_streamed(&tx, &ask(fenced)).await;
+    assert_eq!(
+        (calls.len(), calls[0].arguments.as_str()),
+        (1, args),
+        "{calls:?}"
+    );
+    assert!(calls[0].pieces > 5, "{calls:?}");
+    // Text that only looked like a call's start is content, whole and streamed.
+    let text = "<tool_call> is a tag; {\"a\": 1}";
+    let (calls, reason) = whole_and_streamed(&tx, &ask(text.into())).await;
+    assert_eq!((calls.len(), reason), (0, json!("stop")));
+}
+
+/// The models' own calls (grammar-constrained for `required` and a named tool, lazily for
+/// `auto`), greedy: streamed a piece at a time, the pieces joined are the unstreamed answer's
+/// arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_tool_calls_stream_as_their_whole_answers() {
+    let weather = json!({"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                       "required": ["city"]}}});
+    let time = json!({"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}}}});
+    let user = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let engines = [
+        ("qwen", qwen().map(|p| spawn_engine(p, 1))),
+        ("smollm2", engine().map(|(tx, _)| tx)),
+    ];
+    for (name, tx) in engines {
+        let Some(tx) = tx else { continue };
+        for (choice, parallel) in [
+            (json!("required"), true),
+            (json!("required"), false),
+            (
+                json!({"type": "function", "function": {"name": "get_weather"}}),
+                true,
+            ),
+            (json!("auto"), true),
+        ] {
+            let req = json!({
+                "messages": user, "tools": [weather, time], "tool_choice": choice,
+                "parallel_tool_calls": parallel, "temperature": 0, "max_tokens": 48,
+                "cache_prompt": false,
+            });
+            let (calls, _) = whole_and_streamed(&tx, &req).await;
+            eprintln!("{name} {choice} {parallel}: {calls:?}");
+            assert!(parallel || calls.len() <= 1, "{name}: {calls:?}");
+            if choice != "auto" {
+                assert!(!calls.is_empty(), "{name} {choice}");
+            }
+            // The city's call comes in pieces.
+            for c in calls.iter().filter(|c| c.name == "get_weather") {
+                assert!(c.pieces > 1, "{name} {choice}: {calls:?}");
+            }
+        }
     }
 }
 

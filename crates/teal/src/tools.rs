@@ -11,11 +11,13 @@
 //! </tool_call>
 //! ```
 //!
-//! which [`parse_calls`] reads back. With `tool_choice` `required` or a named function, the
+//! which [`parse_calls`] reads back ([`stream::CallStream`] as the answer is generated). With `tool_choice` `required` or a named function, the
 //! answer is constrained by [`call_grammar`]: only such blocks, each naming a declared tool
 //! with arguments that meet its JSON Schema (through [`crate::json_schema`]).
 
-use crate::chat::{FunctionCall, Message};
+pub mod stream;
+
+use crate::chat::Message;
 use crate::grammar::Grammar;
 use crate::json_schema::{literal, Documents};
 use serde_json::{json, Value};
@@ -195,98 +197,56 @@ pub fn call_grammar(
     Ok(g.after(trigger))
 }
 
-/// The tool calls in a model's answer and the text around them: every `<tool_call>` block
-/// must hold a JSON object with a `name` of `names` and an `arguments` (or `parameters`)
-/// object, else `None` (the answer is then plain text). The last block may lack its
-/// `</tool_call>`; one cut short inside its object (the answer hit its token limit) is dropped
-/// when calls came before it. Small models also leave the tags out: an answer that is nothing
-/// but such objects, each naming one of `names`, is read as calls too.
-pub fn parse_calls(text: &str, names: &[&str]) -> Option<(String, Vec<FunctionCall>)> {
-    const OPEN: &str = "<tool_call>";
-    const CLOSE: &str = "</tool_call>";
-    if !text.contains(OPEN) {
-        return bare_calls(text, names).map(|calls| (String::new(), calls));
-    }
-    let mut rest = text;
-    let (mut content, mut calls) = (String::new(), Vec::new());
-    while let Some(at) = rest.find(OPEN) {
-        content.push_str(&rest[..at]);
-        let inner = &rest[at + OPEN.len()..];
-        let (body, after, closed) = match inner.find(CLOSE) {
-            Some(end) => (&inner[..end], &inner[end + CLOSE.len()..], true),
-            None => (inner, "", false),
-        };
-        match serde_json::from_str(body.trim())
-            .ok()
-            .and_then(|v| call(v, names))
-        {
-            Some(c) => calls.push(c),
-            None if !closed && !calls.is_empty() => {
-                rest = "";
-                break;
-            }
-            None => return None,
-        }
-        rest = after;
-    }
-    content.push_str(rest);
-    Some((content.trim().to_string(), calls))
+/// A tool call read from an answer: the tool's name and its arguments, the JSON text of an
+/// object as serde_json writes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    pub name: String,
+    pub arguments: String,
 }
 
-/// Calls written as bare JSON objects, one after another, each naming one of `names` (the
-/// last may be cut short after whole ones); also as arrays of such objects, in a Markdown code
-/// block (```` ```json ````, as llama.cpp reads them too), and after the markers other model
-/// families put first (Mistral's `[TOOL_CALLS]`, Llama 3.1's `<|python_tag|>`, both followed
-/// by the objects or an array of them).
-fn bare_calls(text: &str, names: &[&str]) -> Option<Vec<FunctionCall>> {
-    let text = text.trim();
-    let text = ["```json", "```xml", "```"]
-        .iter()
-        .find_map(|f| text.strip_prefix(f)?.strip_suffix("```"))
-        .unwrap_or(text)
-        .trim();
-    let text = ["[TOOL_CALLS]", "<|python_tag|>"]
-        .iter()
-        .find_map(|m| text.strip_prefix(m))
-        .unwrap_or(text);
-    let mut calls = Vec::new();
-    let mut push = |v: Value| match call(v, names) {
-        Some(c) => {
-            calls.push(c);
-            true
-        }
-        None => false,
-    };
-    for v in serde_json::Deserializer::from_str(text.trim()).into_iter::<Value>() {
-        let whole = match v {
-            Ok(Value::Array(items)) => !items.is_empty() && items.into_iter().all(&mut push),
-            Ok(v) => push(v),
-            Err(e) if e.is_eof() => break,
-            Err(_) => false,
-        };
-        if !whole {
-            return None;
-        }
-    }
-    (!calls.is_empty()).then_some(calls)
+/// The tool calls in a model's answer and its content (the text around them), as
+/// [`stream::CallStream`] reads them; `None` if there is no whole call (the answer is then
+/// plain text). Calls are `<tool_call>` blocks anywhere, each holding a JSON object with a
+/// `name` of `names` and an `arguments` (or `parameters`) object, the last one possibly
+/// without its `</tool_call>`; or, at the start of the answer, such objects without the tags
+/// (small models leave them out), also as arrays of them, in a Markdown code block
+/// (```` ```json ````, as llama.cpp reads them too), and after the markers other model
+/// families put first (Mistral's `[TOOL_CALLS]`, Llama 3.1's `<|python_tag|>`). A block that
+/// holds no such call is content; a call cut short (the answer hit its token limit) is
+/// dropped.
+pub fn parse_calls(text: &str, names: &[&str]) -> Option<(String, Vec<Call>)> {
+    let mut s = stream::CallStream::new(names);
+    let mut deltas = s.push(text);
+    deltas.extend(s.finish());
+    let content = deltas
+        .into_iter()
+        .filter_map(|d| match d {
+            stream::Delta::Content(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    let calls: Vec<Call> = s.calls().cloned().collect();
+    (!calls.is_empty()).then_some((content, calls))
 }
 
 /// A call object's `{"name": ..., "arguments": {...}}` naming one of `names` (arguments also as
 /// the JSON text of an object, or named `parameters`).
-fn call(v: Value, names: &[&str]) -> Option<FunctionCall> {
+fn call(v: Value, names: &[String]) -> Option<Call> {
     let name = v
         .get("name")?
         .as_str()
-        .filter(|n| names.contains(n))?
+        .filter(|n| names.iter().any(|m| m == n))?
         .to_string();
     let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
         Some(Value::String(s)) => serde_json::from_str(s).ok()?,
         Some(a) => a.clone(),
         None => json!({}),
     };
-    arguments
-        .is_object()
-        .then_some(FunctionCall { name, arguments })
+    arguments.is_object().then(|| Call {
+        name,
+        arguments: arguments.to_string(),
+    })
 }
 
 /// The messages for a template that does not write tools: the tools and how to call them are
@@ -411,15 +371,15 @@ mod tests {
         assert_eq!(content, "Let me check.");
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].name, "get_weather");
-        assert_eq!(calls[0].arguments, json!({"city": "Paris"}));
-        assert_eq!(calls[1].arguments, json!({}));
+        assert_eq!(calls[0].arguments, r#"{"city":"Paris"}"#);
+        assert_eq!(calls[1].arguments, "{}");
         // An unclosed last block (the answer hit its limit after the object) still counts.
         let (_, calls) = parse_calls(
             "<tool_call>{\"name\": \"f\", \"parameters\": {\"x\": 1}}",
             &["f"],
         )
         .unwrap();
-        assert_eq!(calls[0].arguments, json!({"x": 1}));
+        assert_eq!(calls[0].arguments, r#"{"x":1}"#);
         // A block cut short after a whole one is dropped; alone, the text is no call.
         let cut = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"f";
         assert_eq!(parse_calls(cut, &["f"]).unwrap().1.len(), 1);
@@ -430,10 +390,15 @@ mod tests {
         let (content, calls) = parse_calls(bare, &["f"]).unwrap();
         assert_eq!((content.as_str(), calls.len()), ("", 1));
         assert!(parse_calls(bare, &["g"]).is_none());
-        assert!(parse_calls("{\"name\": \"f\"} and more", &["f"]).is_none());
         assert!(parse_calls("{\"a\": 1}", &["f"]).is_none());
         assert!(parse_calls("<tool_call>{\"name\": 3}</tool_call>", &["f"]).is_none());
         assert!(parse_calls("<tool_call>not json</tool_call>", &["f"]).is_none());
+        // Text after bare calls is content (a streamed call cannot be taken back).
+        let (content, calls) = parse_calls("{\"name\": \"f\"} and more", &["f"]).unwrap();
+        assert_eq!(
+            (content.as_str(), calls[0].arguments.as_str()),
+            ("and more", "{}")
+        );
         // A block calling an undeclared tool is no call (no grammar held the model to them).
         let rm = "<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}\n</tool_call>";
         assert!(parse_calls(rm, &["f"]).is_none());
@@ -449,8 +414,8 @@ mod tests {
         let fenced = "```json\n{\n  \"name\": \"f\",\n  \"arguments\": {\"x\": 1}\n}\n```";
         let (content, calls) = parse_calls(fenced, &["f"]).unwrap();
         assert_eq!(
-            (content.as_str(), calls[0].arguments.clone()),
-            ("", json!({"x": 1}))
+            (content.as_str(), calls[0].arguments.as_str()),
+            ("", r#"{"x":1}"#)
         );
         let plain = "```\n[{\"name\": \"f\", \"arguments\": {}}]\n```\n";
         assert_eq!(parse_calls(plain, &["f"]).unwrap().1.len(), 1);
@@ -460,13 +425,17 @@ mod tests {
         let mistral = "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"x\": 1}}, {\"name\": \"g\", \"arguments\": {}}]";
         let (_, calls) = parse_calls(mistral, &["f", "g"]).unwrap();
         assert_eq!((calls[0].name.as_str(), calls[1].name.as_str()), ("f", "g"));
-        assert_eq!(calls[0].arguments, json!({"x": 1}));
-        assert!(parse_calls(mistral, &["f"]).is_none());
+        assert_eq!(calls[0].arguments, r#"{"x":1}"#);
+        // An undeclared tool after a declared one: the call stands, the rest is content.
+        let (content, calls) = parse_calls(mistral, &["f"]).unwrap();
+        assert_eq!(calls.len(), 1);
+        assert!(content.contains("\"g\""), "{content}");
+        assert!(parse_calls(mistral, &["h"]).is_none());
         assert!(parse_calls("[TOOL_CALLS] []", &["f"]).is_none());
         let llama = "<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": 2}}";
         assert_eq!(
             parse_calls(llama, &["f"]).unwrap().1[0].arguments,
-            json!({"x": 2})
+            r#"{"x":2}"#
         );
     }
 
@@ -618,7 +587,7 @@ mod tests {
         asked.tool_calls.push(crate::chat::ToolCall {
             id: "call_1".into(),
             kind: "function".into(),
-            function: FunctionCall {
+            function: crate::chat::FunctionCall {
                 name: "get_time".into(),
                 arguments: json!({}),
             },
