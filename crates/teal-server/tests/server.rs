@@ -2053,6 +2053,61 @@ async fn tool_calls_are_answered_as_openai_does() {
     }
 }
 
+/// Every declared tool's schema is checked, not only those a grammar uses: a malformed
+/// schema of a tool that is not called gets a 400 naming the tool, whatever `tool_choice` or
+/// grammar the request has; a keyword a grammar cannot express passes in a tool that is not
+/// `strict`, and is refused in a `strict` one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_declared_tool_s_schema_is_checked() {
+    let Some((tx, _)) = engine() else { return };
+    let tool = |name: &str, params: Value, strict: bool| {
+        json!({"type": "function",
+               "function": {"name": name, "parameters": params, "strict": strict}})
+    };
+    let used = tool(
+        "get_time",
+        json!({"type": "object", "properties": {}}),
+        false,
+    );
+    let dangling = json!({"type": "object", "properties": {"p": {"$ref": "#/$defs/Nope"}}});
+    let unused = tool("unused", dangling, false);
+    let user = json!([{"role": "user", "content": "What time is it?"}]);
+    for extra in [
+        json!({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+        json!({"tool_choice": "none"}),
+        json!({"tool_choice": "auto", "grammar": "root ::= \"a\""}),
+        json!({}),
+    ] {
+        let mut req = json!({"messages": user, "tools": [used, unused], "max_tokens": 1});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        expect_400(
+            &tx,
+            "/v1/chat/completions",
+            req,
+            "tools[1].function.parameters: tool arguments schema of 'unused': /properties/p",
+        )
+        .await;
+    }
+    let pattern =
+        json!({"type": "object", "properties": {"s": {"type": "string", "pattern": "^a$"}}});
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    let req = |strict: bool| {
+        json!({"messages": user, "tools": [used, tool("unused", pattern.clone(), strict)],
+               "tool_choice": named, "max_tokens": 1})
+    };
+    let (s, v) = call_json(&tx, "/v1/chat/completions", req(false)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    expect_400(
+        &tx,
+        "/v1/chat/completions",
+        req(true),
+        "'unused': /properties/s: keyword 'pattern' is not supported",
+    )
+    .await;
+}
+
 /// A conversation's calls and results are checked before the template writes them: errors
 /// name the message and the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,7 +49,9 @@ pub enum ToolChoice {
 pub const MAX_TOOLS: usize = 128;
 
 /// Reads OpenAI's `tools` list (`{"type": "function", "function": {"name", "description",
-/// "parameters"}}` entries); errors name the entry (`tools[2].function.name: ...`).
+/// "parameters"}}` entries), each tool's `parameters` checked as [`call_grammar`] takes them
+/// (with its `strict`); errors name the entry (`tools[2].function.name: ...`) and for a schema
+/// the tool.
 pub fn parse_tools(tools: &[Value]) -> Result<Vec<Tool>, String> {
     if tools.len() > MAX_TOOLS {
         return Err(format!("tools: at most {MAX_TOOLS} tools"));
@@ -108,11 +110,16 @@ pub fn parse_tools(tools: &[Value]) -> Result<Vec<Tool>, String> {
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(format!("tools[{i}].function.strict: must be a boolean")),
         };
-        out.push(Tool {
+        let tool = Tool {
             name,
             parameters,
             strict,
-        });
+        };
+        // Every declared tool's schema as the call grammar takes it, also where no grammar
+        // uses it (a named call of another tool, `none`, a request's own grammar).
+        call_grammar(std::slice::from_ref(&tool), None, false, false)
+            .map_err(|e| format!("tools[{i}].function.parameters: {e}"))?;
+        out.push(tool);
     }
     Ok(out)
 }
@@ -531,15 +538,42 @@ mod tests {
         assert!(!calls_f(&g, r#"{"child": {"name": "f", "arguments": {}}}"#));
         // An undefined `$ref` names the tool.
         let params = json!({"type": "object", "properties": {"p": {"$ref": "#/$defs/Nope"}}});
-        let e = call_grammar(
-            &parse_tools(&[tool("f", params)]).unwrap(),
-            None,
-            false,
-            false,
+        let e = parse_tools(&[tool("f", params)]).unwrap_err();
+        assert!(e.contains("of 'f': /properties/p: keyword '$ref'"), "{e}");
+    }
+
+    /// Every declared tool's schema is checked as a grammar would take it, also where no
+    /// grammar uses it (a named call of another tool, `tool_choice` `none`, a request's own
+    /// grammar): the error names the tool and the problem; keywords a grammar cannot express
+    /// are skipped for tools not `strict` and refused for `strict` ones.
+    #[test]
+    fn every_declared_tool_s_schema_is_checked() {
+        let tool = |name: &str, params: Value, strict: bool| {
+            json!({"type": "function",
+                   "function": {"name": name, "parameters": params, "strict": strict}})
+        };
+        let used = tool("f", json!({"type": "object"}), false);
+        let dangling = json!({"type": "object", "properties": {"p": {"$ref": "#/$defs/Nope"}}});
+        let e = parse_tools(&[used.clone(), tool("g", dangling, false)]).unwrap_err();
+        assert!(
+            e.contains("tools[1].function.parameters")
+                && e.contains("'g'")
+                && e.contains("/properties/p: keyword '$ref'"),
+            "{e}"
         );
-        assert!(e
-            .unwrap_err()
-            .contains("of 'f': /properties/p: keyword '$ref'"));
+        let typo = json!({"type": "object", "properties": {"n": {"type": "integr"}}});
+        let e = parse_tools(&[used.clone(), tool("g", typo, false)]).unwrap_err();
+        assert!(e.contains("'g'") && e.contains("/properties/n"), "{e}");
+        let pattern =
+            json!({"type": "object", "properties": {"s": {"type": "string", "pattern": "^a$"}}});
+        assert!(parse_tools(&[used.clone(), tool("h", pattern.clone(), false)]).is_ok());
+        let e = parse_tools(&[used, tool("h", pattern, true)]).unwrap_err();
+        assert!(
+            e.contains("tools[1].function.parameters")
+                && e.contains("'h'")
+                && e.contains("keyword 'pattern' is not supported"),
+            "{e}"
+        );
     }
 
     /// Keywords the grammar cannot express (pydantic's `uniqueItems` for sets, `pattern`, bounds
@@ -571,8 +605,7 @@ mod tests {
             &g,
             r#"{"tags": "a", "code": "A", "x": 1, "n": 3}"#
         ));
-        let strict = parse_tools(&[tool(json!(true))]).unwrap();
-        let e = call_grammar(&strict, None, false, false).unwrap_err();
+        let e = parse_tools(&[tool(json!(true))]).unwrap_err();
         assert!(e.contains("keyword 'uniqueItems' is not supported"), "{e}");
         let e = parse_tools(&[tool(json!("yes"))]).unwrap_err();
         assert!(
