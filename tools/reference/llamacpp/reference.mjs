@@ -13,6 +13,7 @@
 //   --text PATH         perplexity text (default ../../../../shared/data/wikitext-2-raw-test.raw)
 //   --windows K         number of 512-token windows (default 32)
 //   --window N          window length in tokens (default 512)
+//   --protocol P        p512 (default) or llama-perplexity (see below)
 //   --threads T         CPU threads (default 2)
 //   --kv f32|f16        KV cache type for K and V (default f32; llama.cpp's own default is f16)
 //   --flash-attn on|off|auto (default off; llama.cpp's own default is auto)
@@ -28,6 +29,16 @@
 // tokens; each of the first K windows is evaluated from an empty KV cache (no BOS prepended) in one
 // batch of 512 tokens with logits at every position; tokens 1..511 are scored:
 // NLL_i = -log softmax(logits_{i-1})[tok_i].  PPL = exp(mean NLL over K*511 tokens).
+//
+// Protocol llama-perplexity (--protocol llama-perplexity): what llama.cpp's `llama-perplexity -f FILE
+// -c W` computes (tools/perplexity/perplexity.cpp, function perplexity, no --ppl-stride), on the same
+// llama.cpp tokenizer and logits: the file is read as `-f` reads it (one trailing '\n' dropped) and
+// tokenized with add_special (BOS in front where llama_vocab_get_add_bos says so; parse_special off);
+// at least 2W tokens are required; the windows are [W*i, W*i+W) for i < min(K, floor(n_tokens/W));
+// each is evaluated from an empty cache with its first token replaced by BOS (where the model adds
+// BOS), and only the predictions made at positions first..W-2, first = floor(W/2), are scored
+// (W - 1 - first tokens a window: 255 of 512). PPL = exp(sum NLL / count) over all scored tokens,
+// printed with llama.cpp's uncertainty sqrt((mean(NLL^2) - mean^2) / (count - 1)) * PPL.
 //
 // Where the probabilities come from: LlamaContextSequence.controlledEvaluate() with
 // generateNext.probabilities = true at every position. With temperature 0 node-llama-cpp's native
@@ -48,7 +59,7 @@ function parseArgs(argv) {
     const a = {
         model: null, label: null,
         text: path.resolve(here, "../../../../shared/data/wikitext-2-raw-test.raw"),
-        windows: 32, window: 512, threads: 2, kv: "f32", flashAttn: "off",
+        windows: 32, window: 512, protocol: "p512", threads: 2, kv: "f32", flashAttn: "off",
         prompt: "The capital of France is", nPredict: 12,
         skipGreedy: false, logLevel: "warn", skipPpl: false,
         results: path.join(here, "results.json"), fullOut: null
@@ -62,6 +73,7 @@ function parseArgs(argv) {
             case "--text": a.text = v(); break;
             case "--windows": a.windows = parseInt(v(), 10); break;
             case "--window": a.window = parseInt(v(), 10); break;
+            case "--protocol": a.protocol = v(); break;
             case "--threads": a.threads = parseInt(v(), 10); break;
             case "--kv": a.kv = v().toLowerCase(); break;
             case "--flash-attn": a.flashAttn = v(); break;
@@ -77,6 +89,7 @@ function parseArgs(argv) {
     }
     if (!a.model) throw new Error("--model is required");
     if (!["f32", "f16"].includes(a.kv)) throw new Error("--kv must be f32 or f16");
+    if (!["p512", "llama-perplexity"].includes(a.protocol)) throw new Error("--protocol must be p512 or llama-perplexity");
     if (!["on", "off", "auto"].includes(a.flashAttn)) throw new Error("--flash-attn must be on, off or auto");
     a.label ??= path.basename(a.model, ".gguf");
     return a;
@@ -118,18 +131,21 @@ function describeContext(ctx) {
     };
 }
 
-// Evaluate one window (one batch, logits at positions 0..W-2) and score tokens 1..W-1.
-// Each full-vocabulary probability map is consumed in the onTokenResult callback and dropped right
-// away (512 maps of 49152 entries would otherwise be held until the window ends).
-async function evalWindow(sequence, toks, nVocab) {
+// Evaluate one window in one batch with logits at positions first..W-2, and score tokens
+// first+1..W-1 (P512: first = 0). Each full-vocabulary probability map is consumed in the
+// onTokenResult callback and dropped right away (512 maps of 49152 entries would otherwise be held
+// until the window ends).
+async function evalWindow(sequence, toks, nVocab, first = 0) {
     const W = toks.length;
-    const nll = new Array(W - 1).fill(NaN);
-    const argmax = new Array(W - 1).fill(-1);
+    const n = W - 1 - first;
+    const nll = new Array(n).fill(NaN);
+    const argmax = new Array(n).fill(-1);
     let maxSumDev = 0, seen = 0, error = null;
     const gen = {generateNext: {probabilities: true, token: true, options: {temperature: 0, topK: 0}}};
-    const input = toks.map((t, i) => (i < W - 1 ? [t, gen] : t));
+    const input = toks.map((t, i) => (i >= first && i < W - 1 ? [t, gen] : t));
     const onTokenResult = (i, out) => {
         try {
+            if (i < first || i >= W - 1) throw new Error(`a result at position ${i}, outside ${first}..${W - 2}`);
             const probs = out?.next?.probabilities;
             if (probs == null) throw new Error(`no probabilities at position ${i}`);
             if (probs.size !== nVocab)
@@ -139,17 +155,17 @@ async function evalWindow(sequence, toks, nVocab) {
             let s = 0;
             for (const v of probs.values()) s += v;
             maxSumDev = Math.max(maxSumDev, Math.abs(s - 1));
-            nll[i] = -Math.log(p) + Math.log(s); // renormalized in double
-            argmax[i] = out.next.token;
+            nll[i - first] = -Math.log(p) + Math.log(s); // renormalized in double
+            argmax[i - first] = out.next.token;
             seen++;
         } catch (e) {
             error ??= e;
         }
-        delete out.next.probabilities;
+        if (out?.next) delete out.next.probabilities;
     };
     await sequence.controlledEvaluate(input, {onTokenResult});
     if (error) throw error;
-    if (seen !== W - 1) throw new Error(`got ${seen} probability maps, expected ${W - 1}`);
+    if (seen !== n) throw new Error(`got ${seen} probability maps, expected ${n}`);
     return {nll, argmax, maxSumDev};
 }
 
@@ -236,14 +252,30 @@ async function main() {
 
     if (!args.skipPpl) {
         const tp = Date.now();
-        const text = fs.readFileSync(args.text, "utf8");
+        const llamaPpl = args.protocol === "llama-perplexity";
+        let text = fs.readFileSync(args.text, "utf8");
         const textBytes = fs.statSync(args.text).size;
+        // llama-perplexity reads its -f file as common's --file does: one trailing '\n' dropped.
+        const droppedNewline = llamaPpl && text.endsWith("\n");
+        if (droppedNewline) text = text.slice(0, -1);
+        // ... and tokenizes it with add_special: BOS in front where the model adds one (add_eos
+        // is asserted false there).
+        const addBos = llamaPpl && model.tokens.shouldPrependBosToken;
+        const bos = model.tokens.bos;
+        if (llamaPpl && model.tokens.shouldAppendEosToken) throw new Error("the model adds EOS; llama-perplexity refuses it");
         const tT = Date.now();
-        const all = Array.from(model.tokenize(text, false));
-        console.error(`[ref] tokenized ${textBytes} bytes -> ${all.length} tokens in ${(Date.now() - tT) / 1000}s`);
+        const all = [...(addBos ? [bos] : []), ...Array.from(model.tokenize(text, false))];
+        console.error(`[ref] tokenized ${textBytes} bytes -> ${all.length} tokens in ${(Date.now() - tT) / 1000}s` +
+            (llamaPpl ? ` (protocol llama-perplexity: BOS ${addBos ? bos : "none"}, trailing newline ${droppedNewline ? "dropped" : "none"})` : ""));
         const W = args.window;
         const nWin = Math.floor(all.length / W);
-        if (nWin < args.windows) throw new Error(`only ${nWin} windows available`);
+        let K = args.windows;
+        if (llamaPpl) {
+            if (all.length < 2 * W) throw new Error(`llama-perplexity needs at least ${2 * W} tokens for windows of ${W}; the text has ${all.length}`);
+            K = Math.min(K, nWin);
+        } else if (nWin < K) throw new Error(`only ${nWin} windows available`);
+        const first = llamaPpl ? Math.floor(W / 2) : 0;
+        if (W - 1 - first < 1) throw new Error(`a window of ${W} tokens scores nothing`);
         // node-llama-cpp keeps one free cell (freeSpace = contextSize - 1 - used) and would context-shift
         // a 512-token window in a 512-cell context, so the context has 2*W cells; the window still
         // goes in as one batch of W tokens starting at position 0 (checked below).
@@ -253,39 +285,50 @@ async function main() {
         console.error(`[ref] context ${JSON.stringify(result.runtime.context)}`);
         const perWindow = [];
         const allNll = [];
-        let sumNll = 0, nScored = 0, top1 = 0, maxSumDev = 0;
+        const running = [];
+        let sumNll = 0, sumNll2 = 0, nScored = 0, top1 = 0, maxSumDev = 0;
         let win0 = null;
-        for (let w = 0; w < args.windows; w++) {
+        for (let w = 0; w < K; w++) {
             const tw = Date.now();
             await seq.clearHistory();
             if (seq.nextTokenIndex !== 0) throw new Error("sequence not empty after clearHistory");
             const toks = all.slice(w * W, (w + 1) * W);
-            const {nll: nlls, argmax, maxSumDev: dev} = await evalWindow(seq, toks, nVocab);
+            if (addBos) toks[0] = bos;
+            const {nll: nlls, argmax, maxSumDev: dev} = await evalWindow(seq, toks, nVocab, first);
             if (seq.nextTokenIndex !== W) throw new Error(`sequence holds ${seq.nextTokenIndex} tokens after the window, expected ${W} (context shift?)`);
             maxSumDev = Math.max(maxSumDev, dev);
-            for (let i = 1; i < W; i++) if (argmax[i - 1] === toks[i]) top1++;
+            for (let i = first; i < W - 1; i++) if (argmax[i - first] === toks[i + 1]) top1++;
             const m = nlls.reduce((a, b) => a + b, 0) / nlls.length;
             perWindow.push(m);
             allNll.push(nlls);
             sumNll += nlls.reduce((a, b) => a + b, 0);
+            sumNll2 += nlls.reduce((a, b) => a + b * b, 0);
             nScored += nlls.length;
+            running.push(Math.exp(sumNll / nScored));
             if (w === 0) win0 = {ids: toks, nll: nlls, argmax};
             console.error(`[ref] window ${w}: mean NLL ${m.toFixed(6)} (running PPL ${Math.exp(sumNll / nScored).toFixed(4)}) ${(Date.now() - tw) / 1000}s`);
         }
         await ctx.dispose();
         const meanNll = sumNll / nScored;
+        const ppl = Math.exp(meanNll);
+        // llama-perplexity's "+/-": the standard error of the mean NLL, times PPL.
+        const varNll = sumNll2 / nScored - meanNll * meanNll;
+        const pplUnc = varNll > 0 ? Math.sqrt(varNll / (nScored - 1)) * ppl : NaN;
         result.ppl = {
-            protocol: "P512",
+            protocol: llamaPpl ? "llama-perplexity" : "P512",
             text: path.basename(args.text),
             text_bytes: textBytes,
+            ...(llamaPpl ? {add_bos: addBos, bos: addBos ? bos : null, trailing_newline_dropped: droppedNewline} : {}),
             text_tokens: all.length,
             windows_available: nWin,
-            K: args.windows,
+            K,
             window: W,
-            scored_per_window: W - 1,
+            first_scored_prediction: first,
+            scored_per_window: W - 1 - first,
             tokens_scored: nScored,
             mean_nll: r8(meanNll),
-            ppl: r6(Math.exp(meanNll)),
+            ppl: r6(ppl),
+            ppl_uncertainty: r6(pplUnc),
             top1_agreement_with_text: r6(top1 / nScored),
             max_abs_prob_sum_deviation: maxSumDev,
             per_window_mean_nll: perWindow.map(r8),
@@ -297,9 +340,14 @@ async function main() {
         result.ppl_seconds = (Date.now() - tp) / 1000;
         if (args.fullOut) {
             fs.mkdirSync(path.dirname(path.resolve(args.fullOut)), {recursive: true});
-            fs.writeFileSync(args.fullOut, JSON.stringify({...result, all_windows_nll: allNll.map((a) => a.map(r8)), text_ids_first_windows: all.slice(0, args.windows * W)}) + "\n");
+            fs.writeFileSync(args.fullOut, JSON.stringify({...result, all_windows_nll: allNll.map((a) => a.map(r8)), text_ids_first_windows: all.slice(0, K * W)}) + "\n");
         }
-        console.error(`[ref] PPL ${result.ppl.ppl} mean NLL ${result.ppl.mean_nll} over ${nScored} tokens (K=${args.windows})`);
+        if (llamaPpl) {
+            // llama-perplexity's own lines: the running PPL after each window, then the estimate.
+            console.error(running.map((x, i) => `[${i + 1}]${x.toFixed(4)}`).join(",") + ",");
+            console.error(`[ref] Final estimate: PPL = ${ppl.toFixed(4)} +/- ${pplUnc.toFixed(5)}`);
+        }
+        console.error(`[ref] PPL ${result.ppl.ppl} mean NLL ${result.ppl.mean_nll} over ${nScored} tokens (K=${K}, protocol ${result.ppl.protocol})`);
     }
     await model.dispose();
     await llama.dispose();
