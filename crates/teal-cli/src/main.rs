@@ -157,7 +157,8 @@ impl From<QuantileArg> for Quantile {
 enum ScoringArg {
     /// Every token after each window's first, the text without BOS (the docs' figures).
     P512,
-    /// As llama-perplexity: the text with BOS where the model adds one, BOS in place of each
+    /// As llama-perplexity: the text read as its -f reads it (one trailing newline dropped,
+    /// control tokens' text not parsed) with BOS where the model adds one, BOS in place of each
     /// window's first token, the tokens after each window's first half scored.
     LlamaCpp,
 }
@@ -498,7 +499,8 @@ struct RunArgs {
 struct PplArgs {
     #[command(flatten)]
     common: Common,
-    /// UTF-8 text file, tokenized whole as stored (no BOS; see --scoring).
+    /// UTF-8 text file, tokenized whole as stored (no BOS; --scoring llama-cpp reads it as
+    /// llama-perplexity does).
     #[arg(short = 'f', long)]
     file: PathBuf,
     /// Window length in tokens.
@@ -1195,14 +1197,11 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     check_window_ctx(&a.common, device, &files.config, a.ctx, sparse)?;
     let text = teal::error::read_text(&a.file)?;
     let tok = &files.tokenizer;
-    let (scoring, bos) = match a.scoring {
-        ScoringArg::P512 => (Scoring::P512, false),
-        ScoringArg::LlamaCpp => {
-            let bos = tok.bos_id().filter(|_| tok.add_bos_default());
-            (Scoring::LlamaCpp { bos }, bos.is_some())
-        }
+    let scoring = match a.scoring {
+        ScoringArg::P512 => Scoring::P512,
+        ScoringArg::LlamaCpp => Scoring::llama_cpp(tok),
     };
-    let tokens = tok.encode(&text, bos)?;
+    let tokens = scoring.encode(tok, &text)?;
     // The thresholds before the weights: a missing or mismatched file is reported at once.
     let resolved = a.sparse.resolve(&files)?;
     let model = a.common.load(&files)?;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use teal::chat::{encode_prompt, Infill, Prompt};
-use teal::eval::perplexity::{perplexity, PplOptions};
+use teal::eval::perplexity::{perplexity, PplOptions, Scoring};
 use teal::generate::{generate, GenerateParams};
 use teal::sampler::SamplerConfig;
 use teal::ModelFiles;
@@ -360,6 +360,44 @@ fn smollm2_wikitext_perplexity_matches_llama_cpp() {
         f16.nll
     );
     assert!(d < 1e-3, "f16 KV cache moves the mean NLL by {d}");
+}
+
+/// `--scoring llama-cpp` reads a file as `llama-perplexity -f FILE` does: one trailing newline
+/// dropped, control tokens' text tokenized as text (`parse_special = false`), BOS where the model
+/// adds one (neither model here does). The ids are llama.cpp's (node-llama-cpp 3.21.1,
+/// `model.tokenize(text, false)` on "Hello<|im_start|> world\r"); `ppl` used to parse
+/// `<|im_start|>` to its id and keep the newline (SmolLM2: 19556 1 905 2738).
+#[test]
+fn llama_cpp_scoring_tokenizes_the_file_as_llama_perplexity() {
+    let text = "Hello<|im_start|> world\r\n";
+    let models = [
+        (
+            smollm2(),
+            &[19556, 44, 108, 306, 79, 3738, 108, 46, 905, 201][..],
+        ),
+        (
+            asset("TEAL_QWEN_GGUF", "Qwen2.5-Coder-0.5B-Instruct.gguf"),
+            &[9707, 27, 91, 318, 4906, 91, 29, 1879, 201][..],
+        ),
+    ];
+    for (path, llama_cpp) in models {
+        let Some(path) = path else { continue };
+        let files = ModelFiles::open(&path).unwrap();
+        let tok = &files.tokenizer;
+        let scoring = Scoring::llama_cpp(tok);
+        assert_eq!(scoring, Scoring::LlamaCpp { bos: None });
+        assert_eq!(scoring.encode(tok, text).unwrap(), llama_cpp);
+        // Where the model adds BOS, it comes first.
+        let bos = Scoring::LlamaCpp { bos: Some(7) }
+            .encode(tok, text)
+            .unwrap();
+        assert_eq!((bos[0], &bos[1..]), (7, llama_cpp));
+        // P512 keeps the text as stored.
+        assert_eq!(
+            Scoring::P512.encode(tok, text).unwrap(),
+            tok.encode(text, false).unwrap()
+        );
+    }
 }
 
 /// llama.cpp (node-llama-cpp 3.21.1) P512 PPL of the f32 dequantized SmolLM2 file, 32 windows;

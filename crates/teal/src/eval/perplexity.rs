@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::generate::Models;
 use crate::kv_cache::KvDtype;
 use crate::models::llama::{Llama, Logits};
+use crate::tokenizer::Tokenizer;
 
 #[derive(Clone, Debug)]
 pub struct PplOptions {
@@ -27,9 +28,9 @@ pub enum Scoring {
     #[default]
     P512,
     /// `llama-perplexity`'s: the window's first token replaced by `bos` (where the model adds
-    /// one; the text is then tokenized with BOS in front), and only the tokens after its first
-    /// half scored (positions `ctx/2 + 1 ..`), each predicted with at least half a window of
-    /// context.
+    /// one; the text is then tokenized with BOS in front, see [`Scoring::encode`]), and only the
+    /// tokens after its first half scored (positions `ctx/2 + 1 ..`), each predicted with at
+    /// least half a window of context.
     LlamaCpp { bos: Option<u32> },
 }
 
@@ -38,6 +39,30 @@ impl Scoring {
         match self {
             Scoring::P512 => "p512",
             Scoring::LlamaCpp { .. } => "llama.cpp",
+        }
+    }
+
+    /// `llama-perplexity`'s scoring for a model with tokenizer `tok`: BOS where the model adds one
+    /// (`tokenizer.ggml.add_bos_token`, else its tokenizer type's default).
+    pub fn llama_cpp(tok: &Tokenizer) -> Scoring {
+        Scoring::LlamaCpp {
+            bos: tok.bos_id().filter(|_| tok.add_bos_default()),
+        }
+    }
+
+    /// The tokens of `text` (a file's contents) that the windows are cut from. P512: the text as
+    /// stored, no BOS. llama.cpp: the text as `llama-perplexity -f FILE` reads and tokenizes it:
+    /// one trailing `\n` dropped (llama.cpp's `--file` drops it), `bos` in front where there is
+    /// one, and control tokens' text (`<|im_start|>`) tokenized as plain text, not parsed to
+    /// their ids (`common_tokenize` with `parse_special = false`).
+    pub fn encode(self, tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Scoring::P512 => Ok(tok.encode(text, false)?),
+            Scoring::LlamaCpp { bos } => {
+                let text = text.strip_suffix('\n').unwrap_or(text);
+                let ids = tok.encode_with(text, false, false)?;
+                Ok(bos.into_iter().chain(ids).collect())
+            }
         }
     }
 
