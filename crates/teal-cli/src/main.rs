@@ -159,7 +159,8 @@ enum ScoringArg {
     P512,
     /// As llama-perplexity: the text read as its -f reads it (one trailing newline dropped,
     /// control tokens' text not parsed) with BOS where the model adds one, BOS in place of each
-    /// window's first token, the tokens after each window's first half scored.
+    /// window's first token, the tokens after each window's first half scored; at least two
+    /// windows of text.
     LlamaCpp,
 }
 

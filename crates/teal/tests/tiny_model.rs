@@ -769,6 +769,28 @@ fn llama_cpp_scoring_scores_the_second_half_after_bos() {
             .tokens_scored,
         21
     );
+    // Like llama-perplexity, a text of fewer than two windows is refused (26 tokens, windows
+    // of 16); P512 scores its one window.
+    let wide = PplOptions {
+        ctx: 16,
+        ..opts.clone()
+    };
+    let e = perplexity(&m, &tokens, &wide, |_, _| {}).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the text has 26 tokens; llama.cpp's scoring, as llama-perplexity, needs at least two windows (32 tokens)"),
+        "{e}"
+    );
+    let wide_p512 = PplOptions {
+        scoring: Scoring::P512,
+        ..wide
+    };
+    assert_eq!(
+        perplexity(&m, &tokens, &wide_p512, |_, _| {})
+            .unwrap()
+            .chunks,
+        1
+    );
     // A window too short to have a scored token.
     let short = PplOptions { ctx: 2, ..opts };
     let e = perplexity(&m, &tokens, &short, |_, _| {}).unwrap_err();

@@ -30,7 +30,8 @@ pub enum Scoring {
     /// `llama-perplexity`'s: the window's first token replaced by `bos` (where the model adds
     /// one; the text is then tokenized with BOS in front, see [`Scoring::encode`]), and only the
     /// tokens after its first half scored (positions `ctx/2 + 1 ..`), each predicted with at
-    /// least half a window of context.
+    /// least half a window of context. Like `llama-perplexity`, it needs a text of at least two
+    /// windows.
     LlamaCpp { bos: Option<u32> },
 }
 
@@ -117,6 +118,14 @@ pub fn windows(n_tokens: usize, opts: &PplOptions) -> Result<Vec<(usize, usize)>
         return Err(Error::Invalid(format!(
             "context {} is too short to score any token",
             opts.ctx
+        )));
+    }
+    if matches!(opts.scoring, Scoring::LlamaCpp { .. }) && n_tokens < 2 * opts.ctx {
+        // llama-perplexity refuses such a text ("you need at least 2 n_ctx tokens").
+        return Err(Error::Invalid(format!(
+            "the text has {n_tokens} tokens; llama.cpp's scoring, as llama-perplexity, needs at \
+             least two windows ({} tokens)",
+            2 * opts.ctx
         )));
     }
     let full = n_tokens / opts.ctx;
