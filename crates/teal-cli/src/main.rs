@@ -1290,7 +1290,9 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
             "file": a.file.display().to_string(),
             "device": dec.describe(),
             "ppl": r.ppl,
+            "ppl_uncertainty": r.ppl * r.nll_std_err,
             "nll": r.nll,
+            "nll_std_err": r.nll_std_err,
             "tokens_scored": r.tokens_scored,
             "chunks": r.chunks,
             "ctx": r.ctx,
@@ -1318,9 +1320,10 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         println!("{j}");
     } else {
         println!(
-            "{}: PPL = {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {} ({} scoring); text has {} tokens",
+            "{}: PPL = {:.4} +/- {:.5} (mean NLL {:.5}) over {} tokens in {} windows of {} ({} scoring); text has {} tokens",
             dec.describe(),
             r.ppl,
+            r.ppl * r.nll_std_err,
             r.nll,
             r.tokens_scored,
             r.chunks,

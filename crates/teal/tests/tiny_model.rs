@@ -737,22 +737,24 @@ fn llama_cpp_scoring_scores_the_second_half_after_bos() {
     };
     let r = perplexity(&m, &tokens, &opts, |_, _| {}).unwrap();
     assert_eq!((r.chunks, r.tokens_scored), (3, 3 * 3));
-    let mut sum = 0.0;
+    let mut each = Vec::new();
     for w in tokens.chunks_exact(8).take(3) {
         let mut run = w.to_vec();
         run[0] = 1;
         let mut dec = CpuDecoder::with_kv(Models::single(&m), 8, KvDtype::F32);
         let logits = dec.prefill(&run, Logits::All).unwrap();
         let v = c.vocab_size;
-        sum += (5..8)
-            .map(|t| nll(&logits[(t - 1) * v..t * v], w[t]))
-            .sum::<f64>();
+        each.extend((5..8).map(|t| nll(&logits[(t - 1) * v..t * v], w[t])));
     }
+    let mean = each.iter().sum::<f64>() / 9.0;
+    assert!((r.nll - mean).abs() < 1e-9, "{} vs {mean}", r.nll);
+    // llama-perplexity's "+/-" is PPL times the standard error of the mean NLL.
+    let var = each.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 9.0;
+    let se = (var / 8.0).sqrt();
     assert!(
-        (r.nll - sum / 9.0).abs() < 1e-9,
-        "{} vs {}",
-        r.nll,
-        sum / 9.0
+        (r.nll_std_err - se).abs() < 1e-9,
+        "{} vs {se}",
+        r.nll_std_err
     );
     let all = teal::sparsity::Mode::All;
     let cmp = teal::eval::sparse::compare(&c, &m, &m, all, &tokens, &opts, |_, _| {}).unwrap();

@@ -93,6 +93,9 @@ impl Scoring {
 pub struct PplResult {
     pub ppl: f64,
     pub nll: f64,
+    /// Standard error of the mean NLL over the scored tokens, `sqrt((mean(NLL^2) - nll^2) /
+    /// (n - 1))` (NaN below two tokens); `ppl * nll_std_err` is llama-perplexity's "+/-".
+    pub nll_std_err: f64,
     pub tokens_scored: usize,
     pub chunks: usize,
     pub ctx: usize,
@@ -171,15 +174,19 @@ pub fn perplexity_on(
     let vocab = dec.config().vocab_size;
     let mut chunk_nll = Vec::with_capacity(wins.len());
     let mut total = 0.0;
+    let mut total2 = 0.0;
     let mut scored = 0;
     for (i, &(s, e)) in wins.iter().enumerate() {
         dec.clear()?;
         let w = opts.scoring.window(&tokens[s..e]);
         let logits = dec.prefill(&w, Logits::All)?;
         let first = opts.scoring.first(w.len());
-        let sum: f64 = (first + 1..w.len())
-            .map(|t| nll(&logits[(t - 1) * vocab..t * vocab], w[t]))
-            .sum();
+        let mut sum = 0.0;
+        for t in first + 1..w.len() {
+            let v = nll(&logits[(t - 1) * vocab..t * vocab], w[t]);
+            sum += v;
+            total2 += v * v;
+        }
         let n = w.len() - 1 - first;
         chunk_nll.push(sum / n as f64);
         total += sum;
@@ -187,9 +194,11 @@ pub fn perplexity_on(
         progress(i + 1, wins.len());
     }
     let mean = total / scored as f64;
+    let var = (total2 / scored as f64 - mean * mean).max(0.0);
     Ok(PplResult {
         ppl: mean.exp(),
         nll: mean,
+        nll_std_err: (var / (scored as f64 - 1.0)).sqrt(),
         tokens_scored: scored,
         chunks: wins.len(),
         ctx: opts.ctx,
