@@ -400,6 +400,65 @@ fn llama_cpp_scoring_tokenizes_the_file_as_llama_perplexity() {
     }
 }
 
+/// `--scoring llama-cpp` on the first 8 windows of WikiText-2 test against llama.cpp's
+/// `llama-perplexity` protocol on the same (f32-dequantized) weights (`reference.mjs --protocol
+/// llama-perplexity`, docs/QUALITY.md): the same token count and each window's mean NLL over its
+/// 255 scored tokens. Measured: within 6.5e-7 nats in every window, 1.3e-7 in the mean (at
+/// 2026-12-07, F32 KV cache on both sides). The bound, 1e-4 nats, leaves room for another
+/// machine's float summation order and is still far below what a change of protocol moves:
+/// one token fewer scored in a window (its first or its last) moves the window's mean by 4e-4
+/// to 3e-2 (1e-2 typically, on these 16 windows), P512's every-token scoring the 8-window mean
+/// by 0.24.
+#[test]
+fn smollm2_llama_cpp_scoring_matches_llama_perplexity() {
+    let (Some(path), Some(text)) = (smollm2(), wikitext()) else {
+        return;
+    };
+    let files = ModelFiles::open(&path).unwrap();
+    let tok = &files.tokenizer;
+    let scoring = Scoring::llama_cpp(tok);
+    let tokens = scoring.encode(tok, &text).unwrap();
+    assert_eq!(tokens.len(), LLAMA_PERPLEXITY_TEXT_TOKENS);
+    let model = files.load_model().unwrap();
+    let r = perplexity(
+        &model,
+        &tokens,
+        &PplOptions {
+            ctx: 512,
+            chunks: Some(8),
+            kv: teal::kv_cache::KvDtype::F32,
+            scoring,
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(r.tokens_scored, 8 * 255);
+    let reference = LLAMA_PERPLEXITY_WINDOW_NLL;
+    let mean = reference.iter().sum::<f64>() / reference.len() as f64;
+    eprintln!(
+        "teal PPL {:.6} (mean NLL {:.8}), llama-perplexity {:.6} ({mean:.8})",
+        r.ppl,
+        r.nll,
+        mean.exp()
+    );
+    for (w, (&a, &b)) in r.chunk_nll.iter().zip(&reference).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "window {w}: mean NLL {a} vs llama.cpp {b}"
+        );
+    }
+    assert!((r.nll - mean).abs() < 1e-4, "mean NLL {} vs {mean}", r.nll);
+}
+
+/// llama.cpp's (node-llama-cpp 3.21.1) `llama-perplexity` protocol on the f32 dequantized
+/// SmolLM2 file, WikiText-2 test, windows of 512: the text's tokens (no BOS, the trailing
+/// newline dropped) and the mean NLL of each of the first 8 windows (PPL 23.6173);
+/// `tools/reference/llamacpp/results.json`, label `f32_llama_perplexity`.
+const LLAMA_PERPLEXITY_TEXT_TOKENS: usize = 304_829;
+const LLAMA_PERPLEXITY_WINDOW_NLL: [f64; 8] = [
+    2.53064582, 3.58488114, 3.1857989, 3.08229936, 3.01865348, 3.14393719, 3.29474745, 3.45486986,
+];
+
 /// llama.cpp (node-llama-cpp 3.21.1) P512 PPL of the f32 dequantized SmolLM2 file, 32 windows;
 /// tools/reference/llamacpp/ reproduces it.
 const LLAMA_CPP_F32_PPL: f64 = 28.371406;
