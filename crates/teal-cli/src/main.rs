@@ -1600,7 +1600,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
     }
     check_window_ctx(&a.common, device, &files.config, a.ctx, true)?;
     let text = teal::error::read_text(&a.file)?;
-    let tokens = files.tokenizer.encode(&text, false)?;
+    let tokens = Scoring::P512.encode(&files.tokenizer, &text)?;
     // The output directory once the arguments are checked, before any work: an unwritable one
     // is found at once.
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;

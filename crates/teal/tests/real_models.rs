@@ -364,7 +364,7 @@ fn smollm2_wikitext_perplexity_matches_llama_cpp() {
 
 /// `--scoring llama-cpp` reads a file as `llama-perplexity -f FILE` does: one trailing newline
 /// dropped, control tokens' text tokenized as text (`parse_special = false`), BOS where the model
-/// adds one (neither model here does). The ids are llama.cpp's (node-llama-cpp 3.21.1,
+/// adds one (neither model here does); P512 keeps the newline. The ids are llama.cpp's (node-llama-cpp 3.21.1,
 /// `model.tokenize(text, false)` on "Hello<|im_start|> world\r"); `ppl` used to parse
 /// `<|im_start|>` to its id and keep the newline (SmolLM2: 19556 1 905 2738).
 #[test]
@@ -392,11 +392,12 @@ fn llama_cpp_scoring_tokenizes_the_file_as_llama_perplexity() {
             .encode(tok, text)
             .unwrap();
         assert_eq!((bos[0], &bos[1..]), (7, llama_cpp));
-        // P512 keeps the text as stored.
-        assert_eq!(
-            Scoring::P512.encode(tok, text).unwrap(),
-            tok.encode(text, false).unwrap()
-        );
+        // P512 keeps the text as stored, its control tokens' text as text too (as the reference
+        // script tokenizes it).
+        let p512 = Scoring::P512.encode(tok, text).unwrap();
+        assert_eq!(p512, tok.encode_with(text, false, false).unwrap());
+        let words = &llama_cpp[..llama_cpp.len() - 1];
+        assert_eq!(&p512[..words.len()], words);
     }
 }
 

@@ -52,13 +52,14 @@ impl Scoring {
     }
 
     /// The tokens of `text` (a file's contents) that the windows are cut from. P512: the text as
-    /// stored, no BOS. llama.cpp: the text as `llama-perplexity -f FILE` reads and tokenizes it:
+    /// stored, no BOS, control tokens' text tokenized as plain text (as the reference script
+    /// `tools/reference/llamacpp/reference.mjs` tokenizes it). llama.cpp: the text as `llama-perplexity -f FILE` reads and tokenizes it:
     /// one trailing `\n` dropped (llama.cpp's `--file` drops it), `bos` in front where there is
     /// one, and control tokens' text (`<|im_start|>`) tokenized as plain text, not parsed to
     /// their ids (`common_tokenize` with `parse_special = false`).
     pub fn encode(self, tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         match self {
-            Scoring::P512 => Ok(tok.encode(text, false)?),
+            Scoring::P512 => Ok(tok.encode_with(text, false, false)?),
             Scoring::LlamaCpp { bos } => {
                 let text = text.strip_suffix('\n').unwrap_or(text);
                 let ids = tok.encode_with(text, false, false)?;
