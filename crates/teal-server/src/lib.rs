@@ -2467,7 +2467,9 @@ fn stream_answer(
                     let out = a.call_chunks(reader.finish(), logprobs, &mut held);
                     let lp = (logprobs && !held.is_empty()).then_some((held.as_slice(), 0));
                     let mut last = a.chunk(None, lp, Some(&s));
-                    if reader.called() {
+                    // As the unstreamed answer: `tool_calls` where a call is whole (one begun
+                    // and cut short by a stop sequence is no call there).
+                    if reader.calls().next().is_some() {
                         last["choices"][0]["finish_reason"] = json!(call_reason(&s));
                     }
                     (out, last)

@@ -2382,10 +2382,24 @@ async fn tool_calls_are_streamed_as_they_are_generated() {
     assert_eq!((calls.len(), reason), (1, json!("tool_calls")), "{calls:?}");
     assert_eq!(calls[0].arguments, args);
     // A stop sequence after the first call ends the answer there.
-    let mut req = ask(blocks);
+    let mut req = ask(blocks.clone());
     req["stop"] = json!(["</tool_call>"]);
     let (calls, reason) = whole_and_streamed(&tx, &req).await;
     assert_eq!((calls.len(), reason), (1, json!("tool_calls")), "{calls:?}");
+    // A stop sequence inside the only call's arguments: the stream had begun the call, but
+    // it is no whole call, so both answers end for the stop sequence.
+    let mut req = ask(blocks);
+    req["stop"] = json!(["Paris"]);
+    let (_, v) = call_json(&tx, "/v1/chat/completions", req.clone()).await;
+    assert_eq!(v["choices"][0]["finish_reason"], json!("stop"), "{v}");
+    assert!(
+        v["choices"][0]["message"].get("tool_calls").is_none(),
+        "{v}"
+    );
+    req["stream"] = json!(true);
+    let (_, body) = call(&tx, "/v1/chat/completions", Some(&req.to_string())).await;
+    let (_, begun, reason) = streamed_message(&body);
+    assert_eq!((begun.len(), reason), (1, json!("stop")), "{body}");
     // A code block (as small models write calls with `auto`) is streamed too.
     let fenced = format!("```json\n{weather}\n```");
     let (calls, _) = whole_and_streamed(&tx, &ask(fenced)).await;
