@@ -401,7 +401,7 @@ struct TokenizeArgs {
     /// The text.
     #[arg(short = 'p', long)]
     prompt: String,
-    /// Prepend BOS (default: the model's own setting).
+    /// Prepend BOS and no EOS (default: the model's own setting for both).
     #[arg(long)]
     bos: Option<bool>,
 }
@@ -1841,7 +1841,12 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
 fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
     let files = a.common.open()?;
     let tok = &files.tokenizer;
-    let ids = tok.encode(&a.prompt, a.bos.unwrap_or(tok.add_bos_default()))?;
+    // The model's own special tokens (BOS, and EOS where it adds one) as llama-tokenize adds
+    // them, unless --bos says otherwise.
+    let ids = match a.bos {
+        None => tok.encode_special(&a.prompt)?,
+        Some(bos) => tok.encode(&a.prompt, bos)?,
+    };
     for id in &ids {
         println!("{id:6} -> {:?}", tok.token_str(*id).unwrap_or_default());
     }
