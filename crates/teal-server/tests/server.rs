@@ -1925,13 +1925,9 @@ async fn native_code_stops() {
     assert!(v["tokens_predicted"].as_u64().unwrap() < 60, "{v}");
 }
 
-/// OpenAI's tool calling on Qwen2.5-Coder (whose template writes the tools) and SmolLM2 (whose
-/// template does not: the tools go into the system message): a required call, a named one
-/// and parallel calls are well-formed calls of declared tools with valid arguments, whole and
-/// streamed; `auto` gives text or well-formed calls; a conversation with a call and its result
-/// runs; bad tools get a 400.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tool_calls_are_answered_as_openai_does() {
+/// Two tools (`get_weather` of a city, `get_time` of nothing) and a user's question that asks
+/// for the first.
+fn weather_and_time() -> (Value, Value, Value) {
     let weather = json!({"type": "function", "function": {
         "name": "get_weather", "description": "The weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
@@ -1939,6 +1935,17 @@ async fn tool_calls_are_answered_as_openai_does() {
     let time = json!({"type": "function", "function": {"name": "get_time", "parameters": {
         "type": "object", "properties": {}}}});
     let user = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    (weather, time, user)
+}
+
+/// OpenAI's tool calling on Qwen2.5-Coder (whose template writes the tools) and SmolLM2 (whose
+/// template does not: the tools go into the system message): a required call, a named one
+/// and parallel calls are well-formed calls of declared tools with valid arguments, whole and
+/// streamed; `auto` gives text or well-formed calls; a conversation with a call and its result
+/// runs; bad tools get a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_are_answered_as_openai_does() {
+    let (weather, time, user) = weather_and_time();
     let engines = [
         ("qwen", qwen().map(|p| spawn_engine(p, 1))),
         ("smollm2", engine().map(|(tx, _)| tx)),
@@ -2420,13 +2427,7 @@ async fn tool_calls_are_streamed_as_they_are_generated() {
 /// arguments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_tool_calls_stream_as_their_whole_answers() {
-    let weather = json!({"type": "function", "function": {
-        "name": "get_weather", "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                       "required": ["city"]}}});
-    let time = json!({"type": "function", "function": {"name": "get_time", "parameters": {
-        "type": "object", "properties": {}}}});
-    let user = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let (weather, time, user) = weather_and_time();
     let engines = [
         ("qwen", qwen().map(|p| spawn_engine(p, 1))),
         ("smollm2", engine().map(|(tx, _)| tx)),

@@ -877,6 +877,15 @@ fn a_tokenizer_with_ids_beyond_the_embedding_is_refused_at_open() {
 /// The rotary tables old checkpoints carry are only a cache of the configuration's.
 #[test]
 fn tensors_the_forward_pass_does_not_read_are_refused_at_open() {
+    // The model directory of `c` and `w`, opened: the error's text where it is refused.
+    let open = |c: &Config, w: &Weights| {
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(dir.path(), c, w);
+        write_tokenizer(dir.path(), c.vocab_size);
+        teal::ModelFiles::open(dir.path())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
     for arch in [Arch::Llama, Arch::Qwen2] {
         let c = tiny_config(arch);
         let mut w = random_weights(&c, 1);
@@ -885,10 +894,7 @@ fn tensors_the_forward_pass_does_not_read_are_refused_at_open() {
             "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
             (vec![c.head_dim / 2], rand_vec(c.head_dim / 2, 2, 1.0)),
         );
-        let dir = tempfile::tempdir().unwrap();
-        write_safetensors(dir.path(), &c, &w);
-        write_tokenizer(dir.path(), c.vocab_size);
-        teal::ModelFiles::open(dir.path()).unwrap();
+        open(&c, &w).unwrap();
         for extra in [
             "model.layers.0.mlp.down_proj.bias",
             "model.layers.1.self_attn.o_proj.bias",
@@ -896,13 +902,7 @@ fn tensors_the_forward_pass_does_not_read_are_refused_at_open() {
         ] {
             let mut w = w.clone();
             w.insert(extra.into(), (vec![d], rand_vec(d, 3, 1.0)));
-            let dir = tempfile::tempdir().unwrap();
-            write_safetensors(dir.path(), &c, &w);
-            write_tokenizer(dir.path(), c.vocab_size);
-            let e = teal::ModelFiles::open(dir.path())
-                .err()
-                .unwrap()
-                .to_string();
+            let e = open(&c, &w).unwrap_err();
             let want = format!(
                 "tensor '{extra}' is not one the {} architecture reads",
                 arch.name()
@@ -917,12 +917,6 @@ fn tensors_the_forward_pass_does_not_read_are_refused_at_open() {
         "model.layers.0.self_attn.q_proj.bias".into(),
         (vec![c.q_dim()], rand_vec(c.q_dim(), 3, 1.0)),
     );
-    let dir = tempfile::tempdir().unwrap();
-    write_safetensors(dir.path(), &c, &w);
-    write_tokenizer(dir.path(), c.vocab_size);
-    let e = teal::ModelFiles::open(dir.path())
-        .err()
-        .unwrap()
-        .to_string();
+    let e = open(&c, &w).unwrap_err();
     assert!(e.contains("'model.layers.0.self_attn.q_proj.bias'"), "{e}");
 }
