@@ -625,9 +625,14 @@ enum At {
     Done,
 }
 
+/// The most arrays and objects open in one another that serde_json reads (its recursion
+/// limit): a call nested deeper is not JSON, as its arguments could not be read back.
+const MAX_DEPTH: usize = 127;
+
 /// One JSON value read a character at a time and written as serde_json writes it
 /// (`Value::to_string`), written text taken with [`Json::take`]: no whitespace, numbers once
-/// whole as serde_json reads and writes them, strings with its escapes.
+/// whole as serde_json reads and writes them, strings with its escapes, arrays and objects
+/// nested [`MAX_DEPTH`] deep at most.
 #[derive(Debug, Default)]
 struct Json {
     at: At,
@@ -781,6 +786,7 @@ impl Json {
             At::FirstItem if c == ']' => self.close(b'[', c),
             At::Value | At::FirstItem => {
                 match c {
+                    '{' | '[' if self.open.len() >= MAX_DEPTH => return false,
                     '{' | '[' => {
                         self.open.push(c as u8);
                         self.out.push(c);
@@ -1113,6 +1119,29 @@ mod tests {
         let (content, calls, whole) = read("{\"name\": \"f\", \"arguments\": {\"x\" oops", &["f"]);
         assert_eq!((content.as_str(), calls.len()), ("oops", 1));
         assert!(whole.is_empty());
+    }
+
+    #[test]
+    fn calls_nest_as_deep_as_serde_json_reads() {
+        // Nested in the call object (depth 1) and its arguments (2): at the limit, a call
+        // whose arguments serde_json reads back, in either key order; one deeper is no call.
+        for (depth, whole) in [(MAX_DEPTH - 2, true), (MAX_DEPTH - 1, false), (200, false)] {
+            let value = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+            for text in [
+                format!("{{\"name\": \"f\", \"arguments\": {{\"a\": {value}}}}}"),
+                format!("{{\"arguments\": {{\"a\": {value}}}, \"name\": \"f\"}}"),
+            ] {
+                let (_, _, calls) = read(&text, &["f"]);
+                assert_eq!(calls.len(), usize::from(whole), "{depth}: {text}");
+                for c in calls {
+                    let args: Value = serde_json::from_str(&c.arguments).unwrap();
+                    assert_eq!(
+                        args,
+                        serde_json::json!({ "a": serde_json::from_str::<Value>(&value).unwrap() })
+                    );
+                }
+            }
+        }
     }
 
     /// Pieces of answers: of calls in every format, and text that is near them.
