@@ -1183,6 +1183,11 @@ mod tests {
         "<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>",
         "{\"arguments\": {}, \"name\": \"g\"}",
         "[{\"name\": \"f\", \"parameters\": {}}]",
+        "😀",
+        "中文",
+        "\0",
+        "\"\\ud800\"",
+        "\"\\ud83d\\ude00\"",
     ];
 
     proptest::proptest! {
@@ -1193,11 +1198,12 @@ mod tests {
         #[test]
         fn pieces_do_not_change_what_is_read(
             parts in proptest::collection::vec(0..PARTS.len(), 0..24),
-            cuts in proptest::collection::vec(0usize..64, 0..8),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..12),
         ) {
             let text: String = parts.iter().map(|&i| PARTS[i]).collect();
             let chars: Vec<char> = text.chars().collect();
-            let mut at: Vec<usize> = cuts.iter().map(|&c| c.min(chars.len())).collect();
+            // Cuts anywhere in the text (not only near its start, where calls are rarer).
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(chars.len() + 1)).collect();
             at.sort();
             let mut s = CallStream::new(&["f", "g"]);
             let mut deltas = Vec::new();
@@ -1225,6 +1231,9 @@ mod tests {
             let (content, calls) = join(&deltas);
             proptest::prop_assert_eq!(&(content.clone(), calls.clone()), &join(&once), "{:?}", text);
             proptest::prop_assert_eq!(s.calls().collect::<Vec<_>>(), whole.calls().collect::<Vec<_>>());
+            // The content is the text less what calls took: nothing added, nothing repeated.
+            let mut rest = text.chars();
+            proptest::prop_assert!(content.chars().all(|c| rest.any(|d| d == c)), "{:?}", text);
             if calls.is_empty() {
                 proptest::prop_assert_eq!(content, text);
             }
