@@ -443,7 +443,8 @@ impl CallStream {
                     }
                 }
                 (Item::Next, ']') => {
-                    self.raw.push(c);
+                    // The end of an array of whole calls: no content, as its start.
+                    self.raw.clear();
                     Mode::Bare { fenced, ticks: 0 }
                 }
                 _ => self.not_a_call(c),
@@ -1076,6 +1077,11 @@ mod tests {
                 "{\"name\": \"f\", \"arguments\": {}}\n{\"name\": \"g\", \"arguments\": {}} and more",
                 "and more",
                 &[("f", "{}"), ("g", "{}")],
+            ),
+            (
+                "[{\"name\": \"f\", \"arguments\": {}}] and more",
+                "and more",
+                &[("f", "{}")],
             ),
             // Cut short after whole calls: dropped.
             (
