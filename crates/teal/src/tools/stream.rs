@@ -1250,4 +1250,145 @@ mod tests {
             }
         }
     }
+
+    /// A JSON value of any kind, strings with what JSON escapes and characters near calls.
+    fn value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            "[a-z<>/\\[\\]{}`\"\\\\ \n\t\u{0}\u{1f}\u{7f}é😀]{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 24, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                proptest::collection::vec(("[a-z\"\\\\é]{0,4}", inner), 0..5)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A call object's text as a model may write it: `style`'s bits choose `parameters`,
+    /// the arguments as JSON text, the arguments before the name, pretty-printed.
+    fn call_text(name: &str, args: &Value, style: u8) -> String {
+        let key = if style & 1 == 1 {
+            "parameters"
+        } else {
+            "arguments"
+        };
+        let args = match style & 2 {
+            0 => args.clone(),
+            _ => Value::String(args.to_string()),
+        };
+        let mut object = serde_json::Map::new();
+        if style & 4 == 4 {
+            object.insert(key.into(), args);
+            object.insert("name".into(), name.into());
+        } else {
+            object.insert("name".into(), name.into());
+            object.insert(key.into(), args);
+        }
+        let object = Value::Object(object);
+        match style & 8 {
+            0 => object.to_string(),
+            _ => serde_json::to_string_pretty(&object).unwrap(),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+
+        /// Calls written in every format, with text around them where the format has it:
+        /// read back with their names and arguments (serde_json's text of the value written),
+        /// the streamed pieces the same, the content the text outside the calls.
+        #[test]
+        fn calls_in_every_format_are_read_back(
+            calls in proptest::collection::vec(
+                (0..2usize, proptest::collection::vec(("[a-z_\"é]{0,6}", value()), 0..5), 0u8..16),
+                1..4,
+            ),
+            format in 0u8..7,
+            texts in proptest::collection::vec("[A-Za-z][A-Za-z .,é😀中\n]{0,10}", 4),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..12),
+        ) {
+            let calls: Vec<(&str, Value, u8)> = calls
+                .into_iter()
+                .map(|(n, kv, style)| (["f", "g"][n], Value::Object(kv.into_iter().collect()), style))
+                .collect();
+            let calls = match format {
+                6 => &calls[..1],
+                _ => &calls[..],
+            };
+            let objects: Vec<String> = calls.iter().map(|(n, a, s)| call_text(n, a, *s)).collect();
+            let (text, content) = match format {
+                // Blocks, text before, between and after them.
+                0 => {
+                    let mut text = String::new();
+                    let mut content = String::new();
+                    for (i, o) in objects.iter().enumerate() {
+                        let before = if i == 0 { format!("{}\n", texts[0]) } else { "\n".into() };
+                        let after = match i + 1 == objects.len() {
+                            true => format!("\n{}", texts[3]),
+                            false => format!("\n{}", texts[1 + i % 2]),
+                        };
+                        text.push_str(&format!("{before}<tool_call>\n{o}\n</tool_call>{after}"));
+                        content.push_str(&before);
+                        content.push_str(&after);
+                    }
+                    (text, content.trim_end().to_string())
+                }
+                1 => (format!("{}\n{}", objects.join("\n"), texts[0]), texts[0].trim_end().to_string()),
+                2 => (format!("[{}] {}", objects.join(", "), texts[0]), texts[0].trim_end().to_string()),
+                3 => (format!("```json\n{}\n```\n", objects.join("\n")), String::new()),
+                4 => (format!("  ```\n[{}]\n```\n{}", objects.join(",\n"), texts[0]), texts[0].trim_end().to_string()),
+                5 => (format!("[TOOL_CALLS] [{}]", objects.join(", ")), String::new()),
+                _ => (format!("<|python_tag|>{}", objects[0]), String::new()),
+            };
+            let chars: Vec<char> = text.chars().collect();
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(chars.len() + 1)).collect();
+            at.sort();
+            let mut s = CallStream::new(&["f", "g"]);
+            let mut deltas = Vec::new();
+            let mut from = 0;
+            for &to in at.iter().chain([chars.len()].iter()) {
+                deltas.extend(s.push(&chars[from..to].iter().collect::<String>()));
+                from = to;
+            }
+            deltas.extend(s.finish());
+            let mut got_content = String::new();
+            let mut streamed: Vec<(String, String)> = Vec::new();
+            for d in deltas {
+                match d {
+                    Delta::Content(t) => got_content.push_str(&t),
+                    Delta::Call { index, name } => {
+                        proptest::prop_assert_eq!(index, streamed.len());
+                        streamed.push((name, String::new()));
+                    }
+                    Delta::Arguments { index, text } => streamed[index].1.push_str(&text),
+                }
+            }
+            proptest::prop_assert_eq!(&got_content, &content, "{:?}", text);
+            let whole: Vec<(String, String)> =
+                s.calls().map(|c| (c.name.clone(), c.arguments.clone())).collect();
+            let want: Vec<(String, String)> =
+                calls.iter().map(|(n, a, _)| (n.to_string(), a.to_string())).collect();
+            proptest::prop_assert_eq!(&whole, &want, "{:?}", text);
+            proptest::prop_assert_eq!(&streamed, &want, "{:?}", text);
+            for ((_, args), (_, value, _)) in whole.iter().zip(calls) {
+                proptest::prop_assert_eq!(&serde_json::from_str::<Value>(args).unwrap(), value);
+            }
+            let parsed = crate::tools::parse_calls(&text, &["f", "g"]).unwrap();
+            proptest::prop_assert_eq!(parsed.0, content);
+            proptest::prop_assert_eq!(
+                parsed.1.into_iter().map(|c| (c.name, c.arguments)).collect::<Vec<_>>(),
+                want
+            );
+        }
+    }
 }
