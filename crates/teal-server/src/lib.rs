@@ -2467,9 +2467,14 @@ fn stream_answer(
                     let out = a.call_chunks(reader.finish(), logprobs, &mut held);
                     let lp = (logprobs && !held.is_empty()).then_some((held.as_slice(), 0));
                     let mut last = a.chunk(None, lp, Some(&s));
-                    // As the unstreamed answer: `tool_calls` where a call is whole (one begun
-                    // and cut short by a stop sequence is no call there).
-                    if reader.calls().next().is_some() {
+                    // `tool_calls` where a call sent is whole, as the unstreamed answer (one
+                    // begun and cut short by a stop sequence is no call there); without
+                    // parallel calls only the first begun was sent.
+                    let whole = match a.parallel_tool_calls {
+                        true => reader.calls().next().is_some(),
+                        false => reader.is_whole(0),
+                    };
+                    if whole {
                         last["choices"][0]["finish_reason"] = json!(call_reason(&s));
                     }
                     (out, last)

@@ -2407,6 +2407,28 @@ async fn tool_calls_are_streamed_as_they_are_generated() {
     let (_, body) = call(&tx, "/v1/chat/completions", Some(&req.to_string())).await;
     let (_, begun, reason) = streamed_message(&body);
     assert_eq!((begun.len(), reason), (1, json!("stop")), "{body}");
+    // A call broken mid-object, then a whole one, without parallel calls: the stream sent the
+    // broken one only (it cannot take it back), so it does not end as `tool_calls`; the
+    // unstreamed answer has the whole call.
+    let broken = format!(
+        "<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"a\": 1\n</tool_call>\n\
+         <tool_call>\n{time}\n</tool_call>"
+    );
+    let mut req = ask(broken);
+    req["parallel_tool_calls"] = json!(false);
+    let (_, v) = call_json(&tx, "/v1/chat/completions", req.clone()).await;
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], json!("tool_calls"), "{v}");
+    assert_eq!(
+        c["message"]["tool_calls"][0]["function"]["name"],
+        json!("get_time"),
+        "{v}"
+    );
+    req["stream"] = json!(true);
+    let (_, body) = call(&tx, "/v1/chat/completions", Some(&req.to_string())).await;
+    let (_, begun, reason) = streamed_message(&body);
+    assert_eq!((begun.len(), reason), (1, json!("stop")), "{body}");
+    assert_eq!(begun[0].name, "get_weather", "{body}");
     // A code block (as small models write calls with `auto`) is streamed too.
     let fenced = format!("```json\n{weather}\n```");
     let (calls, _) = whole_and_streamed(&tx, &ask(fenced)).await;

@@ -262,6 +262,11 @@ impl CallStream {
         self.calls.iter().filter(|(_, w)| *w).map(|(c, _)| c)
     }
 
+    /// Whether call `index` (in the order the calls began) is whole.
+    pub fn is_whole(&self, index: usize) -> bool {
+        self.calls.get(index).is_some_and(|(_, whole)| *whole)
+    }
+
     /// Whether a call has begun (whole or not).
     pub fn called(&self) -> bool {
         !self.calls.is_empty()
