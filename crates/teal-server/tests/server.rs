@@ -1772,12 +1772,8 @@ async fn grammar_and_json_schema_constrain_the_answer() {
     );
 }
 
-/// `--metrics`: after a whole and a streamed answer (on an engine of its own), `/metrics`
-/// counts their tokens in llama.cpp's names, and no request is in flight; without it, 501.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_the_answers() {
-    let Some(path) = smollm2() else { return };
-    let tx = spawn_engine(path, 1);
+/// The router of a one-slot SmolLM2 server with `--metrics`, its jobs sent to `jobs`.
+fn metrics_router(jobs: std::sync::mpsc::Sender<Job>) -> axum::Router {
     let info = ModelInfo {
         id: "smollm2".into(),
         ctx: CTX,
@@ -1788,7 +1784,16 @@ async fn metrics_count_the_answers() {
         metrics: true,
         ..Default::default()
     };
-    let app = router(tx.clone(), info, opts);
+    router(jobs, info, opts)
+}
+
+/// `--metrics`: after a whole and a streamed answer (on an engine of its own), `/metrics`
+/// counts their tokens in llama.cpp's names, and no request is in flight; without it, 501.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_answers() {
+    let Some(path) = smollm2() else { return };
+    let tx = spawn_engine(path, 1);
+    let app = metrics_router(tx.clone());
     let post = |uri: &'static str, body: Value| {
         let req = Request::post(uri)
             .body(Body::from(body.to_string()))
@@ -1856,17 +1861,7 @@ async fn metrics_tell_running_requests_from_waiting_ones() {
     // The router's jobs come to the test, which hands them to the engine: the first
     // `/metrics` reaches it behind the two requests, before it has started.
     let (http_tx, http_rx) = std::sync::mpsc::channel::<Job>();
-    let info = ModelInfo {
-        id: "smollm2".into(),
-        ctx: CTX,
-        slots: 1,
-        meta: json!({}),
-    };
-    let opts = teal_server::ServeOptions {
-        metrics: true,
-        ..Default::default()
-    };
-    let app = router(http_tx, info, opts);
+    let app = metrics_router(http_tx);
     let ask = |app: axum::Router| async move {
         let req = Request::get("/metrics").body(Body::empty()).unwrap();
         let res = app.oneshot(req).await.unwrap();
@@ -2910,17 +2905,7 @@ async fn errors_name_what_was_sent() {
         expect_400(&tx, uri, body, needle).await;
     }
     // The first prompt of `[[504, 3575], []]` did not run: no answer is counted.
-    let info = ModelInfo {
-        id: "smollm2".into(),
-        ctx: CTX,
-        slots: 1,
-        meta: json!({}),
-    };
-    let opts = teal_server::ServeOptions {
-        metrics: true,
-        ..Default::default()
-    };
-    let app = router(tx, info, opts);
+    let app = metrics_router(tx);
     let body = json!({"prompt": [[504, 3575], []], "max_tokens": 1}).to_string();
     let req = Request::post("/v1/completions").body(Body::from(body));
     let res = app.clone().oneshot(req.unwrap()).await.unwrap();

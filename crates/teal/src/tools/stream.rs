@@ -1208,6 +1208,23 @@ mod tests {
         "{\"name\": \"f\", \"arguments\": {\"a\": 1, \"a\": 2}}",
     ];
 
+    /// `text` pushed to a reader of `f` and `g` in pieces cut at `cuts` (anywhere in the
+    /// text), then finished: the reader and every delta it gave.
+    fn fed_in_pieces(text: &str, cuts: &[proptest::sample::Index]) -> (CallStream, Vec<Delta>) {
+        let chars: Vec<char> = text.chars().collect();
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(chars.len() + 1)).collect();
+        at.sort();
+        let mut s = CallStream::new(&["f", "g"]);
+        let mut deltas = Vec::new();
+        let mut from = 0;
+        for &to in at.iter().chain([chars.len()].iter()) {
+            deltas.extend(s.push(&chars[from..to].iter().collect::<String>()));
+            from = to;
+        }
+        deltas.extend(s.finish());
+        (s, deltas)
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
 
@@ -1219,18 +1236,8 @@ mod tests {
             cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..12),
         ) {
             let text: String = parts.iter().map(|&i| PARTS[i]).collect();
-            let chars: Vec<char> = text.chars().collect();
             // Cuts anywhere in the text (not only near its start, where calls are rarer).
-            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(chars.len() + 1)).collect();
-            at.sort();
-            let mut s = CallStream::new(&["f", "g"]);
-            let mut deltas = Vec::new();
-            let mut from = 0;
-            for &to in at.iter().chain([chars.len()].iter()) {
-                deltas.extend(s.push(&chars[from..to].iter().collect::<String>()));
-                from = to;
-            }
-            deltas.extend(s.finish());
+            let (s, deltas) = fed_in_pieces(&text, &cuts);
             let mut whole = CallStream::new(&["f", "g"]);
             let mut once = whole.push(&text);
             once.extend(whole.finish());
@@ -1362,17 +1369,7 @@ mod tests {
                 5 => (format!("[TOOL_CALLS] [{}]", objects.join(", ")), String::new()),
                 _ => (format!("<|python_tag|>{}", objects[0]), String::new()),
             };
-            let chars: Vec<char> = text.chars().collect();
-            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(chars.len() + 1)).collect();
-            at.sort();
-            let mut s = CallStream::new(&["f", "g"]);
-            let mut deltas = Vec::new();
-            let mut from = 0;
-            for &to in at.iter().chain([chars.len()].iter()) {
-                deltas.extend(s.push(&chars[from..to].iter().collect::<String>()));
-                from = to;
-            }
-            deltas.extend(s.finish());
+            let (s, deltas) = fed_in_pieces(&text, &cuts);
             let mut got_content = String::new();
             let mut streamed: Vec<(String, String)> = Vec::new();
             for d in deltas {
