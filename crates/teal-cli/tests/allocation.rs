@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::{calibrate_small, fails, short_text, smollm2, teal_ok as teal};
+use common::{
+    calibrate_small, calibrated_smollm2, fails, short_text, smollm2, teal_ok as teal, Calibrated,
+};
 use std::path::Path;
 
 /// A greedy search on a few tokens, for `calibrate_small`.
@@ -174,12 +176,16 @@ fn auto_allocation_is_the_best_the_file_has() {
 /// hash, and without it inside) is still the default; a file under the newer name wins.
 #[test]
 fn a_cache_file_named_before_the_weights_hash_is_found() {
-    let Some(m) = smollm2() else { return };
-    let m = m.to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = short_text(dir.path());
-    let th = dir.path().join("th.json");
-    calibrate_small(m, &text, &th, &[]);
+    let Some(Calibrated {
+        model,
+        dir,
+        text,
+        th,
+    }) = calibrated_smollm2()
+    else {
+        return;
+    };
+    let m = model.as_str();
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&th).unwrap()).unwrap();
     let fp = v["model"].clone();
@@ -220,12 +226,16 @@ fn a_cache_file_named_before_the_weights_hash_is_found() {
 /// file for greedy tables with `--no-wina` keeps its wina tables.
 #[test]
 fn calibrate_adds_wina_tables_to_a_file_without_them_and_keeps_them() {
-    let Some(m) = smollm2() else { return };
-    let m = m.to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = short_text(dir.path());
-    let th = dir.path().join("th.json");
-    calibrate_small(m, &text, &th, &[]);
+    let Some(Calibrated {
+        model,
+        dir: _dir,
+        text,
+        th,
+    }) = calibrated_smollm2()
+    else {
+        return;
+    };
+    let m = model.as_str();
     let text = text.to_str().unwrap();
     let wina = ["--allocation", "uniform", "--quantile", "wina"];
     let err = fails(&ppl_args(m, text, &th, &wina));

@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{calibrate_small, fails, fails_with_stdout, short_text, smollm2, teal_ok};
+use common::{
+    calibrate_small, calibrated_smollm2, fails, fails_with_stdout, short_text, smollm2, teal_ok,
+    Calibrated,
+};
 use std::path::Path;
 
 #[test]
@@ -355,12 +358,16 @@ fn limits_are_checked_before_any_work() {
 /// no GPU, why it cannot be opened; on a GPU, the mode (mode `all` only, as `ppl`).
 #[test]
 fn report_on_a_gpu_refuses_other_modes() {
-    let Some(m) = smollm2() else { return };
-    let m = m.to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = short_text(dir.path());
-    let th = dir.path().join("th.json");
-    calibrate_small(m, &text, &th, &[]);
+    let Some(Calibrated {
+        model,
+        dir,
+        text,
+        th,
+    }) = calibrated_smollm2()
+    else {
+        return;
+    };
+    let m = model.as_str();
     let (text_s, th_s) = (text.to_str().unwrap(), th.to_str().unwrap());
     let out = dir.path().join("report");
     let e = fails(&[
@@ -392,12 +399,16 @@ fn report_on_a_gpu_refuses_other_modes() {
 /// values left, and plotters panicked on the NaN range of their empty fit).
 #[test]
 fn report_plots_a_layer_named_twice_once() {
-    let Some(m) = smollm2() else { return };
-    let m = m.to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = short_text(dir.path());
-    let th = dir.path().join("th.json");
-    calibrate_small(m, &text, &th, &[]);
+    let Some(Calibrated {
+        model,
+        dir,
+        text,
+        th,
+    }) = calibrated_smollm2()
+    else {
+        return;
+    };
+    let m = model.as_str();
     let out = dir.path().join("report");
     let (th, text) = (th.to_str().unwrap(), text.to_str().unwrap());
     let base = ["report", "-m", m, "--thresholds", th, "-f", text];

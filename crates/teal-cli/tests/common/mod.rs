@@ -68,3 +68,29 @@ pub fn calibrate_small(model: &str, text: &Path, out: &Path, extra: &[&str]) {
     let rest = ["--seq-len", "64", "--no-wina", "-o", out];
     teal_ok(&[&base[..], &rest[..], extra].concat());
 }
+
+/// SmolLM2 with thresholds calibrated in seconds ([`calibrate_small`], no extra flags) on a
+/// [`short_text`], all in a fresh directory.
+pub struct Calibrated {
+    /// The model file's path.
+    pub model: String,
+    /// Holds the text and the thresholds (removed when dropped).
+    pub dir: tempfile::TempDir,
+    pub text: PathBuf,
+    pub th: PathBuf,
+}
+
+/// [`Calibrated`] for the cached SmolLM2 (`None` as [`smollm2`]).
+pub fn calibrated_smollm2() -> Option<Calibrated> {
+    let model = smollm2()?.to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let text = short_text(dir.path());
+    let th = dir.path().join("th.json");
+    calibrate_small(&model, &text, &th, &[]);
+    Some(Calibrated {
+        model,
+        dir,
+        text,
+        th,
+    })
+}
