@@ -178,13 +178,9 @@ impl Config {
         let u = |s: &str| -> Result<usize> { Ok(g.get_u64(&k(s))? as usize) };
         let hidden_size = u("embedding_length")?;
         let num_attention_heads = u("attention.head_count")?;
-        let num_key_value_heads = match g.get(&k("attention.head_count_kv")) {
-            Some(v) => v
-                .as_u64()
-                .ok_or_else(|| Error::Config("attention.head_count_kv is not an integer".into()))?
-                as usize,
-            None => num_attention_heads,
-        };
+        let num_key_value_heads = g
+            .opt_u64(&k("attention.head_count_kv"))?
+            .map_or(num_attention_heads, |v| v as usize);
         let head_dim = match g.opt_u64(&k("attention.key_length"))? {
             Some(v) => v as usize,
             None => hidden_size.checked_div(num_attention_heads).unwrap_or(0),
@@ -218,12 +214,7 @@ impl Config {
             Some(v) => v as usize,
             None => g.get_array("tokenizer.ggml.tokens")?.len(),
         };
-        let rope_theta = match g.get(&k("rope.freq_base")) {
-            Some(v) => v
-                .as_f32()
-                .ok_or_else(|| Error::Config("rope.freq_base is not a float".into()))?,
-            None => 10000.0,
-        };
+        let rope_theta = g.opt_f32(&k("rope.freq_base"))?.unwrap_or(10000.0);
         // llama.cpp reads the factor from `rope.scaling.factor` (older files: `rope.scale_linear`)
         // and takes the type as linear unless the file names another.
         let factor = match g.opt_f32(&k("rope.scaling.factor"))? {

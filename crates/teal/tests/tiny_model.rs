@@ -556,6 +556,11 @@ fn gguf_rope_scaling_and_unsupported_hyperparameters() {
             "'llama.rope.scaling.factor'",
         ),
         (
+            vec![("attention.head_count_kv", s("2"))],
+            "'llama.attention.head_count_kv'",
+        ),
+        (vec![("rope.freq_base", s("1e4"))], "'llama.rope.freq_base'"),
+        (
             vec![("rope.scaling.factor", f(-1.0))],
             "linear rope scaling factor -1",
         ),
