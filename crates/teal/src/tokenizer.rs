@@ -489,27 +489,14 @@ struct Meta<'m, F: Fn(&str) -> Option<&'m MetaValue>> {
     get: F,
 }
 
+/// An integer of any width, or a bool as 0/1 (the tokenizer's keys are read leniently).
 fn meta_i64(v: &MetaValue) -> Option<i64> {
-    Some(match v {
-        MetaValue::U8(x) => *x as i64,
-        MetaValue::I8(x) => *x as i64,
-        MetaValue::U16(x) => *x as i64,
-        MetaValue::I16(x) => *x as i64,
-        MetaValue::U32(x) => *x as i64,
-        MetaValue::I32(x) => *x as i64,
-        MetaValue::U64(x) => i64::try_from(*x).ok()?,
-        MetaValue::I64(x) => *x,
-        MetaValue::Bool(b) => *b as i64,
-        _ => return None,
-    })
+    v.as_i64().or_else(|| v.as_bool().map(i64::from))
 }
 
+/// A float, or an integer read as one.
 fn meta_f32(v: &MetaValue) -> Option<f32> {
-    match v {
-        MetaValue::F32(x) => Some(*x),
-        MetaValue::F64(x) => Some(*x as f32),
-        other => meta_i64(other).map(|x| x as f32),
-    }
+    v.as_f32().or_else(|| meta_i64(v).map(|x| x as f32))
 }
 
 impl<'m, F: Fn(&str) -> Option<&'m MetaValue>> Meta<'m, F> {
