@@ -411,8 +411,11 @@ struct RunArgs {
     #[command(flatten)]
     common: Common,
     /// The prompt (with --interactive: the first message, optional).
-    #[arg(short = 'p', long, required_unless_present = "interactive")]
+    #[arg(short = 'p', long, required_unless_present_any = ["interactive", "file"])]
     prompt: Option<String>,
+    /// The prompt from a file, less one trailing newline (as llama.cpp's -f).
+    #[arg(short = 'f', long, value_name = "FILE", conflicts_with = "prompt")]
+    file: Option<PathBuf>,
     /// Chat turn by turn: each line of standard input is a user message in the model's chat
     /// template, answered in one conversation whose cached tokens each turn reuses (only the
     /// new message is run). `/clear` starts a new conversation; end of input (Ctrl-D) ends.
@@ -964,6 +967,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     if a.system.is_some() && !a.chat && !a.interactive {
         bail!("--system is the system message of a chat: add --chat (or --interactive)");
     }
+    let text = run_prompt(&a)?;
     let sampler = SamplerConfig {
         temperature: a.temp,
         top_k: a.top_k,
@@ -1014,20 +1018,20 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let mut dec = a.common.decoder(device, models, ctx)?;
     eprintln!("device: {}", dec.describe());
     if a.interactive {
-        return chat_loop(&a, &mut *dec, tok, &params);
+        return chat_loop(&a, text, &mut *dec, tok, &params);
     }
-    let text = a.prompt.as_deref().unwrap_or_default();
+    let text = text.unwrap_or_default();
     let request = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(Message::new("system", s.as_str()));
         }
-        msgs.push(Message::new("user", text));
+        msgs.push(Message::new("user", text.as_str()));
         Prompt::Chat(msgs)
     } else if let Some(suffix) = &a.suffix {
-        Prompt::Infill(Infill::new(text, suffix.as_str()))
+        Prompt::Infill(Infill::new(text.as_str(), suffix.as_str()))
     } else {
-        Prompt::Text(text.to_string())
+        Prompt::Text(text.clone())
     };
     let prompt = encode_prompt(tok, &request)?;
     teal::generate::check_prompt(&*dec, &prompt)?;
@@ -1062,10 +1066,26 @@ fn generation_stats(g: &Generation) -> String {
     )
 }
 
+/// The prompt of `teal run`: `-p`, or the text of `-f` less one trailing newline (llama.cpp's
+/// `-f` drops it); `None` with neither (--interactive without a first message).
+fn run_prompt(a: &RunArgs) -> Result<Option<String>> {
+    let Some(p) = &a.file else {
+        return Ok(a.prompt.clone());
+    };
+    let mut text =
+        std::fs::read_to_string(p).with_context(|| format!("prompt file {}", p.display()))?;
+    if text.ends_with('\n') {
+        text.pop();
+    }
+    Ok(Some(text))
+}
+
 /// `teal run --interactive`: one conversation in the chat template, a user message per line of
-/// standard input (`-p` first, where given); each turn reuses the cached conversation so far.
+/// standard input (`first`, the prompt of `-p` or `-f`, before them where given); each turn
+/// reuses the cached conversation so far.
 fn chat_loop(
     a: &RunArgs,
+    first: Option<String>,
     dec: &mut dyn Decoder,
     tok: &Tokenizer,
     params: &GenerateParams,
@@ -1081,7 +1101,7 @@ fn chat_loop(
     let stdin = std::io::stdin();
     let tty = stdin.is_terminal();
     let mut lines = stdin.lock().lines();
-    let mut first = a.prompt.clone();
+    let mut first = first;
     loop {
         let line = match first.take() {
             Some(p) => p,

@@ -1,7 +1,7 @@
 //! `teal run --interactive` end to end on the real SmolLM2 file (skips when it is not cached,
 //! unless TEAL_REQUIRE_ASSETS=1): one conversation over lines of standard input, each turn
 //! reusing the cached conversation, `/clear` starting over, and the first answer equal to
-//! `teal run --chat` on the same message.
+//! `teal run --chat` on the same message; the prompt read from a file (`-f`).
 
 mod common;
 
@@ -88,4 +88,40 @@ fn run_needs_a_prompt_unless_interactive() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--prompt"), "{err}");
+}
+
+#[test]
+fn a_prompt_file_is_the_prompt_less_one_newline() {
+    let dir = std::env::temp_dir().join(format!("teal-prompt-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("missing.txt");
+    let out = Command::new(env!("CARGO_BIN_EXE_teal"))
+        .args(["run", "-f", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("prompt file") && err.contains("missing.txt"),
+        "{err}"
+    );
+
+    let Some(model) = smollm2() else { return };
+    let m = model.to_str().unwrap();
+    let file = dir.join("prompt.txt");
+    std::fs::write(&file, "What is 2+2?\n").unwrap();
+    let f = file.to_str().unwrap();
+    let common = [
+        "run", "-m", m, "--temp", "0", "-n", "16", "-c", "256", "-t", "2",
+    ];
+    let by_flag = teal(
+        &[&common[..], &["--chat", "-p", "What is 2+2?"]].concat(),
+        "",
+    );
+    let by_file = teal(&[&common[..], &["--chat", "-f", f]].concat(), "");
+    assert_eq!(by_file.stdout, by_flag.stdout);
+    // The file's text is the first message of a conversation too.
+    let chat = teal(&[&common[..], &["-i", "-f", f]].concat(), "");
+    assert_eq!(chat.stdout, by_flag.stdout);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
