@@ -495,6 +495,10 @@ struct RunArgs {
     /// llama.cpp's --special; by default they leave no text.
     #[arg(long)]
     special: bool,
+    /// Write only the generated text, not the prompt before it (as llama.cpp's; a chat's
+    /// prompt is never written).
+    #[arg(long)]
+    no_display_prompt: bool,
     #[command(flatten)]
     sparse: SparseArgs,
 }
@@ -1036,7 +1040,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let prompt = encode_prompt(tok, &request)?;
     teal::generate::check_prompt(&*dec, &prompt)?;
     let mut out = std::io::stdout().lock();
-    if !a.chat {
+    if !a.chat && !a.no_display_prompt {
         write!(out, "{text}")?;
     }
     let g = generate_on(&mut *dec, tok, &prompt, &params, |_, piece, _| {

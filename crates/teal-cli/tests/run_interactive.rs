@@ -1,7 +1,8 @@
 //! `teal run --interactive` end to end on the real SmolLM2 file (skips when it is not cached,
 //! unless TEAL_REQUIRE_ASSETS=1): one conversation over lines of standard input, each turn
 //! reusing the cached conversation, `/clear` starting over, and the first answer equal to
-//! `teal run --chat` on the same message; the prompt read from a file (`-f`).
+//! `teal run --chat` on the same message; the prompt read from a file (`-f`)
+//! and `--no-display-prompt`.
 
 mod common;
 
@@ -123,5 +124,15 @@ fn a_prompt_file_is_the_prompt_less_one_newline() {
     // The file's text is the first message of a conversation too.
     let chat = teal(&[&common[..], &["-i", "-f", f]].concat(), "");
     assert_eq!(chat.stdout, by_flag.stdout);
+    // Without a chat the prompt is written before the answer, unless --no-display-prompt.
+    let shown = teal(&[&common[..], &["-p", "What is 2+2?"]].concat(), "");
+    let bare = teal(
+        &[&common[..], &["-f", f, "--no-display-prompt"]].concat(),
+        "",
+    );
+    let shown = String::from_utf8(shown.stdout).unwrap();
+    let bare = String::from_utf8(bare.stdout).unwrap();
+    assert!(!bare.is_empty());
+    assert_eq!(shown, format!("What is 2+2?{bare}"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
