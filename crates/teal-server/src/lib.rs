@@ -60,7 +60,8 @@ use std::time::{Duration, Instant};
 use teal::chat::{encode_prompt, FunctionCall, Infill, Message, Prompt, ToolCall};
 use teal::device::Decoder;
 use teal::generate::{
-    step_together, GenerateParams, OnText, Session, StopReason, TokenLogprob, Turn, TurnStep,
+    step_together, EmbedTurn, GenerateParams, OnText, Session, StopReason, TokenLogprob, Turn,
+    TurnStep,
 };
 use teal::grammar::Grammar;
 use teal::sampler::{Penalties, SamplerConfig};
@@ -298,10 +299,11 @@ impl IntoResponse for ApiError {
 /// slots' decode steps run a layer at a time across them, so that a layer that fits the
 /// last-level cache is read from memory once per round); a new request's prompt runs in pieces
 /// of [`PREFILL_CHUNK`] tokens, one per round. Requests that find no free slot wait, and take
-/// one in arrival order. An embeddings request takes a slot too and runs one of its inputs per
-/// round, so that the other slots' answers go on while it runs. A request whose client has
-/// gone ends, waiting or running, at the next round. An answer's decode timings are wall time,
-/// the other slots' turns included.
+/// one in arrival order. An embeddings request takes a slot too and runs a piece of one of its
+/// inputs per round (pieces of at most [`PREFILL_CHUNK`] tokens, of equal sizes:
+/// [`Session::embed_start`]), so that the other slots' answers go on while it runs, however
+/// long its inputs. A request whose client has gone ends, waiting or running, at the next
+/// round. An answer's decode timings are wall time, the other slots' turns included.
 pub fn run_engine(
     slots: Vec<&mut dyn Decoder>,
     tok: &Tokenizer,
@@ -419,6 +421,7 @@ pub fn run_engine(
                     running[i] = Some(Work::Embed(Embedding {
                         inputs,
                         done: Vec::new(),
+                        current: None,
                         reply,
                     }));
                 }
@@ -463,7 +466,8 @@ pub fn run_engine(
                 }
             }
         }
-        // An input of each embeddings request; one whose inputs are all done is answered.
+        // A piece of an input of each embeddings request; one whose inputs are all done is
+        // answered.
         for (slot, session) in running.iter_mut().zip(sessions.iter_mut()) {
             if let Some(Work::Embed(mut e)) = slot.take_if(|w| matches!(w, Work::Embed(_))) {
                 match e.step(session, tok) {
@@ -481,7 +485,7 @@ pub fn run_engine(
 enum Work<'t> {
     /// A generation: a piece of its prompt or a token per round.
     Generate(Box<Running<'t>>),
-    /// An embeddings request: an input per round.
+    /// An embeddings request: a piece of an input per round.
     Embed(Embedding),
 }
 
@@ -496,29 +500,45 @@ impl Work<'_> {
 }
 
 /// An embeddings request running on a slot: its inputs, the vectors and token counts of those
-/// done, and where the whole answer goes.
+/// done, the input being embedded (with its token count), and where the whole answer goes.
 struct Embedding {
     inputs: Vec<Prompt>,
     done: Vec<(Vec<f32>, usize)>,
+    current: Option<(EmbedTurn, usize)>,
     reply: oneshot::Sender<EmbedResult>,
 }
 
 impl Embedding {
-    /// Embeds the next input on `session` (its cache is emptied); the answer once the inputs
-    /// are all done or one has failed, else `None`.
+    /// Runs a piece of the current input, or of the next one (its first piece empties the
+    /// slot's cache), in pieces of at most [`PREFILL_CHUNK`] tokens; the answer once the
+    /// inputs are all done or one has failed, else `None`.
     fn step(&mut self, session: &mut Session, tok: &Tokenizer) -> Option<EmbedResult> {
         let i = self.done.len();
-        if let Some(p) = self.inputs.get(i) {
-            let bad = |e: String| ApiError::bad_request(format!("input[{i}]: {e}"));
-            let tokens = match encode_prompt(tok, p) {
-                Ok(t) if t.is_empty() => return Some(Err(bad("empty".into()))),
-                Ok(t) => t,
-                Err(e) => return Some(Err(bad(e.to_string()))),
-            };
-            match session.embed(&tokens) {
-                Ok(v) => self.done.push((v, tokens.len())),
-                Err(e) => return Some(Err(bad(e.to_string()))),
+        let bad = |e: String| ApiError::bad_request(format!("input[{i}]: {e}"));
+        let (mut turn, n) = match self.current.take() {
+            Some(current) => current,
+            None => {
+                let Some(p) = self.inputs.get(i) else {
+                    return Some(Ok(std::mem::take(&mut self.done)));
+                };
+                let tokens = match encode_prompt(tok, p) {
+                    Ok(t) if t.is_empty() => return Some(Err(bad("empty".into()))),
+                    Ok(t) => t,
+                    Err(e) => return Some(Err(bad(e.to_string()))),
+                };
+                match session.embed_start(&tokens, PREFILL_CHUNK) {
+                    Ok(turn) => (turn, tokens.len()),
+                    Err(e) => return Some(Err(bad(e.to_string()))),
+                }
             }
+        };
+        match session.embed_step(&mut turn) {
+            Ok(None) => {
+                self.current = Some((turn, n));
+                return None;
+            }
+            Ok(Some(v)) => self.done.push((v, n)),
+            Err(e) => return Some(Err(bad(e.to_string()))),
         }
         (self.done.len() == self.inputs.len()).then(|| Ok(std::mem::take(&mut self.done)))
     }

@@ -27,17 +27,18 @@ fn smollm2() -> Option<PathBuf> {
 /// An engine thread of its own on the model at `path`, with `slots` KV caches.
 fn spawn_engine(path: PathBuf, slots: usize) -> Sender<Job> {
     let (tx, rx) = std::sync::mpsc::channel();
-    spawn_engine_on(path, slots, rx);
+    spawn_engine_on(path, slots, CTX, rx);
     tx
 }
 
-/// [`spawn_engine`] taking its jobs from `rx` (where some may wait already).
-fn spawn_engine_on(path: PathBuf, slots: usize, rx: std::sync::mpsc::Receiver<Job>) {
+/// [`spawn_engine`] with a context of `ctx`, taking its jobs from `rx` (where some may wait
+/// already).
+fn spawn_engine_on(path: PathBuf, slots: usize, ctx: usize, rx: std::sync::mpsc::Receiver<Job>) {
     std::thread::spawn(move || {
         let files = ModelFiles::open(&path).unwrap();
         let model = files.load_model().unwrap();
         let mut decs: Vec<CpuDecoder> = (0..slots)
-            .map(|_| CpuDecoder::new(Models::single(&model), CTX))
+            .map(|_| CpuDecoder::new(Models::single(&model), ctx))
             .collect();
         let slots = decs.iter_mut().map(|d| d as &mut dyn Decoder).collect();
         run_engine(slots, &files.tokenizer, rx);
@@ -1876,7 +1877,7 @@ async fn metrics_tell_running_requests_from_waiting_ones() {
     tx.send(question).unwrap();
     let forward = tx.clone();
     std::thread::spawn(move || http_rx.iter().for_each(|job| forward.send(job).unwrap()));
-    spawn_engine_on(path.clone(), 1, rx);
+    spawn_engine_on(path.clone(), 1, CTX, rx);
     let text = asked.await.unwrap();
     assert_eq!(metric(&text, "requests_processing"), 1.0, "{text}");
     assert_eq!(metric(&text, "requests_deferred"), 1.0, "{text}");
@@ -2562,24 +2563,38 @@ async fn embeddings_are_pooled_final_states() {
     }
 }
 
-/// An embeddings request of many inputs runs an input per round beside the other slots'
-/// answers: a generation of a few tokens queued with it (both before the engine starts, each
-/// on a slot of its own) ends before it, with the text it gives alone, and each vector is that
-/// input's embedding run alone, bit for bit.
+/// An embeddings request runs a piece of an input per round beside the other slots' answers:
+/// two short inputs take a round each, and a long one (over two pieces of 512 tokens) three,
+/// in pieces of equal size; a generation of 4 tokens queued with it (both before the engine
+/// starts, each on a slot of its own) takes 5 rounds (its prompt, then a token each), and so
+/// ends before the embeddings, with the text it gives alone (run whole, the long input would
+/// have been answered in the third round, with the generation's second token). Each vector is
+/// that input's embedding run whole, bit for bit: the pieces attend to the ones before them,
+/// and no piece is short enough to take other kernels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_take_turns_with_generations() {
     let Some(path) = smollm2() else { return };
+    let ctx = 2048;
+    let files = ModelFiles::open(&path).unwrap();
+    let ids = |t: &str| encode_prompt(&files.tokenizer, &Prompt::Text(t.into())).unwrap();
+    let long: Vec<String> = (0..130)
+        .map(|i| format!("Sentence number {i} is about cats."))
+        .collect();
+    let texts = [
+        "Sentence number 1 is about cats.".to_string(),
+        "Sentence number 2 is about dogs.".to_string(),
+        long.join(" "),
+    ];
+    let n_long = ids(&texts[2]).len();
+    assert!((1025..=1536).contains(&n_long), "{n_long} tokens");
     let (tx, rx) = std::sync::mpsc::channel();
     let prompt = "The capital of France is";
     let (job, mut rx_gen) = greedy_job(prompt, 4, None);
     tx.send(job).unwrap();
-    let texts: Vec<String> = (0..8)
-        .map(|i| format!("Sentence number {i} is about cats."))
-        .collect();
     let inputs = texts.iter().map(|t| Prompt::Text(t.clone())).collect();
     let (reply, answer) = tokio::sync::oneshot::channel();
     tx.send(Job::Embed(inputs, reply)).unwrap();
-    spawn_engine_on(path.clone(), 2, rx);
+    spawn_engine_on(path.clone(), 2, ctx, rx);
     let vectors = answer.await.unwrap().unwrap();
     // The generation's tokens all came while the inputs were embedded.
     let mut text = String::new();
@@ -2592,14 +2607,13 @@ async fn embeddings_take_turns_with_generations() {
     };
     assert_eq!(summary.completion_tokens, 4);
     assert_eq!(text, solo_text(&path, prompt, 4));
-    let files = ModelFiles::open(&path).unwrap();
     let model = files.load_model().unwrap();
-    let mut dec = CpuDecoder::new(Models::single(&model), CTX);
+    let mut dec = CpuDecoder::new(Models::single(&model), ctx);
     assert_eq!(vectors.len(), texts.len());
     for (t, (v, n)) in texts.iter().zip(&vectors) {
-        let ids = encode_prompt(&files.tokenizer, &Prompt::Text(t.clone())).unwrap();
+        let ids = ids(t);
         assert_eq!(*n, ids.len());
-        assert_eq!(*v, dec.embed(&ids).unwrap(), "{t}");
+        assert_eq!(*v, dec.embed(&ids).unwrap(), "{n} tokens");
     }
 }
 

@@ -50,10 +50,24 @@ pub trait Decoder {
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>>;
     /// Runs one token at `position()` with the decode model and returns its logits.
     fn decode(&mut self, token: u32) -> Result<&[f32]>;
-    /// The embedding of `tokens` as a sequence of its own: the mean of the final hidden states
-    /// (after the last RMSNorm) over its positions, scaled to unit length (llama.cpp's mean
-    /// pooling with its default normalization). The cache is left empty.
-    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// Runs `tokens` at positions `position()..` with the prefill model, keeping their keys
+    /// and values in the cache (a next piece attends to them), and adds their final hidden
+    /// states (after the last RMSNorm) to `pooled`: an input run in pieces this way pools what
+    /// it pools run whole, up to the order of float sums inside the forward pass (none where
+    /// the pieces take the kernels the whole input takes).
+    fn embed_piece(&mut self, tokens: &[u32], pooled: &mut Pooled) -> Result<()>;
+    /// The embedding of `tokens` as a sequence of its own, run whole ([`Decoder::embed_piece`]
+    /// from an empty cache): the mean of the final hidden states over its positions, scaled to
+    /// unit length (llama.cpp's mean pooling with its default normalization). The cache is
+    /// left empty.
+    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.clear()?;
+        let mut pooled = Pooled::new(self.config().hidden_size);
+        let ran = self.embed_piece(tokens, &mut pooled);
+        self.clear()?;
+        ran?;
+        Ok(pooled.unit())
+    }
     /// [`Decoder::decode`] followed by greedy sampling (first index on ties); a device
     /// decoder picks the token without copying the logits back.
     fn decode_greedy(&mut self, token: u32) -> Result<u32> {
@@ -84,17 +98,41 @@ pub trait Decoder {
     fn describe(&self) -> String;
 }
 
-/// The mean of the rows (`d` wide) of `states`, scaled to unit length: [`Decoder::embed`]'s
-/// pooling.
-pub(crate) fn mean_pooled(states: &[f32], d: usize) -> Vec<f32> {
-    let mut mean = vec![0.0f64; d];
-    for row in states.chunks(d) {
-        for (a, &v) in mean.iter_mut().zip(row) {
-            *a += v as f64;
+/// An embedding's pooling ([`Decoder::embed_piece`]): the sum of the final hidden states of the
+/// positions run so far, added in f64 position by position, so that an input run in pieces
+/// sums its states in the order of the input run whole.
+#[derive(Clone, Debug)]
+pub struct Pooled {
+    sum: Vec<f64>,
+}
+
+impl Pooled {
+    /// Nothing pooled yet, for states `d` wide.
+    pub fn new(d: usize) -> Pooled {
+        Pooled { sum: vec![0.0; d] }
+    }
+
+    /// Adds the rows (`d` wide) of `states`, in order.
+    pub fn add(&mut self, states: &[f32]) {
+        for row in states.chunks(self.sum.len()) {
+            for (a, &v) in self.sum.iter_mut().zip(row) {
+                *a += v as f64;
+            }
         }
     }
-    let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
-    mean.iter().map(|v| (v / norm) as f32).collect()
+
+    /// The mean of the states added, scaled to unit length (computed from their sum, which
+    /// points the same way).
+    pub fn unit(&self) -> Vec<f32> {
+        let norm = self
+            .sum
+            .iter()
+            .map(|v| v * v)
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
+        self.sum.iter().map(|v| (v / norm) as f32).collect()
+    }
 }
 
 /// A device a model can run on.
@@ -362,13 +400,13 @@ impl Decoder for CpuDecoder<'_> {
         )?;
         Ok(out)
     }
-    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+    fn embed_piece(&mut self, tokens: &[u32], pooled: &mut Pooled) -> Result<()> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);
-        self.cache.clear();
         let cache = &mut self.cache;
-        let states = crate::load::reusing_heap(|| m.hidden_states(tokens, cache));
-        self.cache.clear();
-        Ok(mean_pooled(&states?, m.config.hidden_size))
+        pooled.add(&crate::load::reusing_heap(|| {
+            m.hidden_states(tokens, cache)
+        })?);
+        Ok(())
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let m = self.masked.as_ref().unwrap_or(self.models.decode);

@@ -3,7 +3,7 @@
 //! decoder's cache holds, so that the next prompt prefills only what follows the prefix it
 //! shares with them (a chat's next turn, a repeated request).
 
-use crate::device::{CpuDecoder, Decoder};
+use crate::device::{CpuDecoder, Decoder, Pooled};
 use crate::error::{Error, Result};
 use crate::models::llama::{Llama, Logits};
 use crate::sampler::{Sampler, SamplerConfig};
@@ -189,10 +189,59 @@ impl<'d> Session<'d> {
         }
     }
 
-    /// [`Decoder::embed`] of `tokens`; the cache is emptied, so nothing is reused afterwards.
-    pub fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+    /// Starts the embedding of `tokens` as a sequence of its own ([`Decoder::embed`]) in
+    /// pieces of at most `max_piece` tokens, a piece per [`Session::embed_step`]; the cache is
+    /// emptied, so nothing is reused afterwards. The pieces are of equal sizes (the last up to
+    /// a token per piece shorter), so that none is short: a short piece would take other
+    /// kernels than the input run whole (on the CPU up to 8 positions run as rows, not through
+    /// sgemm; on a GPU under 32 as GEMV chunks), and its sums another order. So the vector is
+    /// the whole input's bit for bit on the CPU, and on a GPU where `max_piece` is its GEMM
+    /// chunk (512), which it splits the whole input into the same way.
+    pub fn embed_start(&mut self, tokens: &[u32], max_piece: usize) -> Result<EmbedTurn> {
         self.forget();
-        self.dec.embed(tokens)
+        self.dec.clear()?;
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let (n, ctx) = (tokens.len(), self.dec.capacity());
+        if n > ctx {
+            return Err(Error::ContextOverflow {
+                what: "the input",
+                got: n,
+                ctx,
+            });
+        }
+        Ok(EmbedTurn {
+            tokens: tokens.to_vec(),
+            piece: n.div_ceil(n.div_ceil(max_piece.max(1))),
+            ran: 0,
+            pooled: Pooled::new(self.dec.config().hidden_size),
+            owner: address(self.dec),
+        })
+    }
+
+    /// Runs the next piece of `turn` (from this session's [`Session::embed_start`]): after the
+    /// last, the embedding, with the cache emptied (also after a failure); before, `None`.
+    pub fn embed_step(&mut self, turn: &mut EmbedTurn) -> Result<Option<Vec<f32>>> {
+        if address(self.dec) != turn.owner || turn.ran == turn.tokens.len() {
+            return Err(Error::Invalid(
+                "an embedding was stepped after its end or on another session than its own".into(),
+            ));
+        }
+        let end = (turn.ran + turn.piece).min(turn.tokens.len());
+        if let Err(e) = self
+            .dec
+            .embed_piece(&turn.tokens[turn.ran..end], &mut turn.pooled)
+        {
+            self.dec.clear()?;
+            return Err(e);
+        }
+        turn.ran = end;
+        if end < turn.tokens.len() {
+            return Ok(None);
+        }
+        self.dec.clear()?;
+        Ok(Some(turn.pooled.unit()))
     }
 
     /// The decoder's capacity: the context.
@@ -397,6 +446,19 @@ pub fn check_prompt(dec: &dyn Decoder, prompt: &[u32]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// An embedding in progress, a piece of its input at a time: what a server runs beside the
+/// other slots' turns ([`Session::embed_start`], [`Session::embed_step`]).
+pub struct EmbedTurn {
+    tokens: Vec<u32>,
+    /// Tokens per piece.
+    piece: usize,
+    /// Tokens run so far.
+    ran: usize,
+    pooled: Pooled,
+    /// The decoder it runs on ([`address`]).
+    owner: usize,
 }
 
 /// A generation in progress, a step at a time ([`Turn::step`]: a piece of the prompt, or a

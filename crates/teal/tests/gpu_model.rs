@@ -1418,7 +1418,9 @@ const GPU_EMBED_GEMM_TOL: f64 = GPU_GEMM_PREFILL_RMS_TOL;
 
 /// [`teal::device::Decoder::embed`] on the GPU gives the CPU's vector for a short input (GEMV
 /// chunks) and a long one (GEMM chunks), leaves the cache empty, and the next prompt runs as
-/// in a fresh decoder.
+/// in a fresh decoder. An input over one GEMM chunk embedded in pieces on a session (the
+/// server's way, pieces of at most 512) runs the whole input's chunks, and so gives its vector
+/// bit for bit.
 #[test]
 fn gpu_embeddings_match_cpu() {
     if !have_gpu("GPU embedding test") {
@@ -1456,6 +1458,22 @@ fn gpu_embeddings_match_cpu() {
             assert!(w <= GPU_PATHS_TOL, "{name}: prefill after embed {w}");
             gpu.clear().unwrap();
         }
+        // 1100 tokens: three chunks (pieces) of 367, 367 and 366 positions.
+        let tokens: Vec<u32> = (0..1100).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+        let mut long = GPU_BF16.decoder(Models::single(&model), 1100).unwrap();
+        let whole = long.embed(&tokens).unwrap();
+        let mut session = teal::generate::Session::new(&mut *long);
+        let mut turn = session.embed_start(&tokens, 512).unwrap();
+        let mut pieces = 1;
+        let got = loop {
+            match session.embed_step(&mut turn).unwrap() {
+                Some(v) => break v,
+                None => pieces += 1,
+            }
+        };
+        assert_eq!(pieces, 3, "{name}");
+        assert_eq!(got, whole, "{name}: 1100 tokens in pieces");
+        assert_eq!(session.positions(), 0, "{name}");
     }
 }
 

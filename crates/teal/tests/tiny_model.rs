@@ -362,6 +362,69 @@ fn a_truncated_decoder_continues_like_a_fresh_one() {
     assert_close(next, &expected_next, LOGIT_TOL, "decode after truncate");
 }
 
+/// An embedding run in pieces on a session (`Session::embed_start`, a piece per
+/// `embed_step`) is the input's embedding run whole (`Decoder::embed`) bit for bit, in f32 and
+/// q8 weights with either KV cache: its pieces are of equal sizes, none short enough to take
+/// other kernels than the whole input, each attends to the pieces before it through the cache,
+/// and the states are summed in order. Pooling the same pieces run as sequences of their own
+/// gives another vector (the comparison sees the cache). The cache is empty afterwards; an
+/// input longer than the context is refused before anything runs, naming its whole length.
+#[test]
+fn an_embedding_in_pieces_is_the_whole_inputs() {
+    use teal::device::{CpuDecoder, Decoder, Pooled};
+    use teal::generate::{Models, Session};
+    use teal::kv_cache::KvDtype;
+    let (dir, _, c) = write_both(Arch::Llama);
+    let input: Vec<u32> = (0..40)
+        .map(|i| (i * 37 + 11) % c.vocab_size as u32)
+        .collect();
+    for dtype in [Dtype::F32, Dtype::Q8] {
+        let g = GgufFile::open(&dir.path().join("tiny.gguf")).unwrap();
+        let m = Llama::load_as(c.clone(), &GgufSource::new(g, c.clone()), dtype).unwrap();
+        for kv in [KvDtype::F32, KvDtype::F16] {
+            let what = format!("{dtype:?}, KV {}", kv.name());
+            let mut dec = CpuDecoder::with_kv(Models::single(&m), 64, kv);
+            let whole = dec.embed(&input).unwrap();
+            // Pieces of at most 16: three of 14, 14 and 12 tokens, a step each.
+            let mut session = Session::new(&mut dec);
+            let mut turn = session.embed_start(&input, 16).unwrap();
+            let mut steps = 1;
+            let got = loop {
+                match session.embed_step(&mut turn).unwrap() {
+                    Some(v) => break v,
+                    None => steps += 1,
+                }
+            };
+            assert_eq!(steps, 3, "{what}");
+            assert_eq!(got, whole, "{what}");
+            assert_eq!(session.positions(), 0, "{what}");
+            let e = session.embed_step(&mut turn).unwrap_err();
+            assert!(e.to_string().contains("after its end"), "{what}: {e}");
+            drop(session);
+            let mut apart = Pooled::new(c.hidden_size);
+            for piece in input.chunks(14) {
+                dec.clear().unwrap();
+                dec.embed_piece(piece, &mut apart).unwrap();
+            }
+            assert_ne!(apart.unit(), whole, "{what}");
+        }
+    }
+    let m = Llama::load(
+        c.clone(),
+        &GgufSource::new(
+            GgufFile::open(&dir.path().join("tiny.gguf")).unwrap(),
+            c.clone(),
+        ),
+    )
+    .unwrap();
+    let mut dec = CpuDecoder::new(Models::single(&m), 32);
+    let e = Session::new(&mut dec)
+        .embed_start(&input, 16)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("the input of 40 tokens"), "{e}");
+}
+
 /// Against the f32 cache, the f16 cache moves the logits by the rounding of the keys and
 /// values (f16 keeps 11 significant bits, 4.9e-4 relative), which this small random model
 /// amplifies: measured 3.5e-3 relative to max(1, |logit|), bounded by `KV_F16_TOL`.

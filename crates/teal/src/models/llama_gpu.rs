@@ -36,7 +36,7 @@
 //! which is copied back after the step for calibration and sparsity counting.
 
 use crate::config::Config;
-use crate::device::{Bandwidth, Decoder, Footprint, Masks};
+use crate::device::{Bandwidth, Decoder, Footprint, Masks, Pooled};
 use crate::error::{Error, Result};
 use crate::generate::Models;
 use crate::linear::{transpose, Dense, Linear, Sparsify};
@@ -1426,12 +1426,11 @@ impl Decoder for GpuLlama {
     }
     /// The residual of every position from the prefill model (GEMM or GEMV chunks, as
     /// [`Decoder::prefill`]), copied back; the final RMSNorm and the pooling run on the host.
-    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.clear()?;
+    /// A piece is chunked on its own: an input in pieces of the sizes the whole input's GEMM
+    /// chunks have runs the same chunks.
+    fn embed_piece(&mut self, tokens: &[u32], pooled: &mut Pooled) -> Result<()> {
         let mut states = Vec::with_capacity(tokens.len() * self.m.config.hidden_size);
-        let ran = self.run_prompt(tokens, None, &mut Vec::new(), Some(&mut states));
-        self.clear()?;
-        ran?;
+        self.run_prompt(tokens, None, &mut Vec::new(), Some(&mut states))?;
         let c = &self.m.config;
         let (d, eps) = (c.hidden_size, c.rms_norm_eps);
         let norm = self.gpu.download(&self.m.norm)?;
@@ -1439,7 +1438,8 @@ impl Decoder for GpuLlama {
         for (x, y) in states.chunks(d).zip(normed.chunks_mut(d)) {
             teal_kernels::reference::rmsnorm(x, &norm, eps, y);
         }
-        Ok(crate::device::mean_pooled(&normed, d))
+        pooled.add(&normed);
+        Ok(())
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let position = self.position();
@@ -1649,8 +1649,8 @@ impl Decoder for GpuSlot {
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         self.on(|m| m.prefill(tokens, logits))
     }
-    fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.on(|m| m.embed(tokens))
+    fn embed_piece(&mut self, tokens: &[u32], pooled: &mut Pooled) -> Result<()> {
+        self.on(|m| m.embed_piece(tokens, pooled))
     }
     fn decode(&mut self, token: u32) -> Result<&[f32]> {
         let position = self.position();
