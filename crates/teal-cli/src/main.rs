@@ -514,7 +514,8 @@ struct PplArgs {
     /// Window length in tokens.
     #[arg(short = 'c', long, default_value_t = 512)]
     ctx: usize,
-    /// Score only the first K windows (default: all).
+    /// Score only the first K windows (default: all; more than the text has: all, with a note,
+    /// as llama-perplexity caps it).
     #[arg(long)]
     chunks: Option<usize>,
     /// Which tokens are scored.
@@ -606,7 +607,7 @@ struct ReportArgs {
         allow_negative_numbers = true
     )]
     sparsities: Vec<f64>,
-    /// Windows of -c tokens scored per point.
+    /// Windows of -c tokens scored per point (at most the text's, with a note, as `ppl`).
     #[arg(long, default_value_t = 8)]
     chunks: usize,
     #[arg(short = 'c', long, default_value_t = 512)]
@@ -1214,6 +1215,19 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// How many windows `opts` scores on `n_tokens` tokens; where `--chunks` asks for more than the
+/// text has, a note on stderr says that all of them are scored (llama-perplexity's cap).
+fn scored_windows(n_tokens: usize, opts: &PplOptions) -> Result<usize> {
+    let n = teal::eval::perplexity::windows(n_tokens, opts)?.len();
+    if let Some(k) = opts.chunks.filter(|&k| k > n) {
+        eprintln!(
+            "note: --chunks {k}: the text has {n} windows of {} tokens; scoring those {n}",
+            opts.ctx
+        );
+    }
+    Ok(n)
+}
+
 fn cmd_ppl(a: PplArgs) -> Result<()> {
     check_target(a.sparse.sparsity)?;
     let device = a.common.device()?;
@@ -1237,7 +1251,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         kv,
         scoring,
     };
-    let n_windows = teal::eval::perplexity::windows(tokens.len(), &opts)?.len();
+    let n_windows = scored_windows(tokens.len(), &opts)?;
     let bar = ProgressBar::new(n_windows as u64);
     bar.set_style(ProgressStyle::with_template(
         "{msg} [{bar:30}] {pos}/{len} windows, {elapsed} (eta {eta})",
@@ -1639,6 +1653,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         kv: a.common.kv(device)?,
         scoring: Default::default(),
     };
+    let n_windows = scored_windows(tokens.len(), &opts)?;
     let mut methods = vec![
         (Allocation::Uniform, Quantile::Teal),
         (Allocation::Uniform, Quantile::Abs),
@@ -1767,7 +1782,7 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
         th.calibration.seq_len,
         th.calibration.text,
         a.file.display(),
-        a.chunks,
+        n_windows,
         a.ctx,
         mode.name(),
         ran_on,

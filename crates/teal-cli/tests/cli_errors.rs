@@ -185,6 +185,62 @@ fn bad_prompts_and_texts_are_clear_errors() {
     assert!(e.contains("at least 1"), "{e}");
 }
 
+/// `ppl --chunks N` beyond the windows the text has scores all of them, as llama-perplexity caps
+/// `--chunks` (`n_chunk = min(n_chunks, n_chunk_max)`), with a one-line note on stderr, and
+/// gives what scoring every window gives; asking for no more than there are prints no note.
+/// The minimums stay errors: a text shorter than two windows with `--scoring llama-cpp`, one
+/// shorter than one window with the default scoring.
+#[test]
+fn ppl_chunks_beyond_the_text_are_capped() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = short_text(dir.path());
+    let text = text.to_str().unwrap();
+    let ppl = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_teal"))
+            .args(["ppl", "-m", m, "-f", text, "-c", "64", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{extra:?}: {err}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, err)
+    };
+    let (all, err) = ppl(&[]);
+    assert!(!err.contains("note: --chunks"), "{err}");
+    let n = all["chunks"].as_u64().unwrap();
+    assert!(n >= 2, "{all}");
+    let (capped, err) = ppl(&["--chunks", "99"]);
+    let note =
+        format!("note: --chunks 99: the text has {n} windows of 64 tokens; scoring those {n}");
+    let notes: Vec<&str> = err.lines().filter(|l| l.contains("--chunks")).collect();
+    assert_eq!(notes, [note.as_str()], "{err}");
+    assert_eq!(capped["chunks"], n);
+    assert_eq!(capped["tokens_scored"], all["tokens_scored"]);
+    assert_eq!(capped["ppl"], all["ppl"]);
+    let (exact, err) = ppl(&["--chunks", &n.to_string()]);
+    assert!(!err.contains("note: --chunks"), "{err}");
+    assert_eq!(exact["ppl"], all["ppl"]);
+    let e = fails(&[
+        "ppl",
+        "-m",
+        m,
+        "-f",
+        text,
+        "-c",
+        "512",
+        "--chunks",
+        "99",
+        "--scoring",
+        "llama-cpp",
+    ]);
+    assert!(e.contains("needs at least two windows"), "{e}");
+    let e = fails(&["ppl", "-m", m, "-f", text, "-c", "4096", "--chunks", "99"]);
+    assert!(e.contains("fewer than one window"), "{e}");
+}
+
 /// Limits checked before any work, with the flag named: contexts of no positions or beyond
 /// memory, thread counts that cannot be started, a greedy step that calibrates nothing, bench
 /// counts of zero, report layers the model lacks; and llama.cpp's -1 for `-n` and `--seed`.

@@ -787,7 +787,8 @@ fn non_finite_activations_are_errors() {
 }
 
 /// `llama-perplexity`'s scoring: BOS in place of each window's first token, the tokens after
-/// the first half scored; the dense and the sparse evaluations agree on it.
+/// the first half scored; the dense and the sparse evaluations agree on it. `chunks` beyond the
+/// text's windows scores them all.
 #[test]
 fn llama_cpp_scoring_scores_the_second_half_after_bos() {
     use teal::device::{CpuDecoder, Decoder};
@@ -824,6 +825,14 @@ fn llama_cpp_scoring_scores_the_second_half_after_bos() {
         "{} vs {se}",
         r.nll_std_err
     );
+    // More windows asked for than the text has: all of them, as llama-perplexity caps
+    // `--chunks`.
+    let more = PplOptions {
+        chunks: Some(99),
+        ..opts.clone()
+    };
+    let capped = perplexity(&m, &tokens, &more, |_, _| {}).unwrap();
+    assert_eq!((capped.chunks, capped.nll), (3, r.nll));
     let all = teal::sparsity::Mode::All;
     let cmp = teal::eval::sparse::compare(&c, &m, &m, all, &tokens, &opts, |_, _| {}).unwrap();
     assert_eq!(cmp.tokens_scored, 9);

@@ -13,7 +13,8 @@ use crate::tokenizer::Tokenizer;
 #[derive(Clone, Debug)]
 pub struct PplOptions {
     pub ctx: usize,
-    /// First K windows; `None`: every full window.
+    /// First K windows, at most every full window (llama-perplexity caps `--chunks` so);
+    /// `None`: every full window.
     pub chunks: Option<usize>,
     /// Element type of the CPU's KV cache.
     pub kv: KvDtype,
@@ -116,7 +117,9 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
     lse - logits[target as usize] as f64
 }
 
-/// The windows scored: `(start, end)` token ranges.
+/// The windows scored: `(start, end)` token ranges, the first `opts.chunks` full windows or
+/// every one where the text has fewer (as llama-perplexity's `n_chunk = min(n_chunks,
+/// n_chunk_max)`).
 pub fn windows(n_tokens: usize, opts: &PplOptions) -> Result<Vec<(usize, usize)>> {
     if opts.ctx < opts.scoring.first(opts.ctx) + 2 {
         return Err(Error::Invalid(format!(
@@ -141,13 +144,7 @@ pub fn windows(n_tokens: usize, opts: &PplOptions) -> Result<Vec<(usize, usize)>
     }
     let k = match opts.chunks {
         Some(0) => return Err(Error::Invalid("--chunks must be at least 1".into())),
-        Some(k) if k > full => {
-            return Err(Error::Invalid(format!(
-                "asked for {k} windows but the text has only {full} of {} tokens",
-                opts.ctx
-            )))
-        }
-        Some(k) => k,
+        Some(k) => k.min(full),
         None => full,
     };
     Ok((0..k).map(|i| (i * opts.ctx, (i + 1) * opts.ctx)).collect())
