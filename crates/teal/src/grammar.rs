@@ -18,8 +18,9 @@
 //! [`GrammarState`] recognizes prefixes the way llama.cpp's sampler does: a set of stacks of
 //! positions in the rules, each with a character class on top, advanced one code point at a
 //! time (a token's bytes may end inside a UTF-8 character). [`GrammarMode`] is the sampler's
-//! view: which tokens may come next. A lazy grammar ([`Grammar::after`]) applies only from the
-//! first occurrence of a trigger text on (llama.cpp's lazy grammars, used for tool calls).
+//! view: which tokens may come next. A lazy grammar ([`Grammar::lazy`]) applies only once one
+//! of its [`Trigger`]s matches, from the start of that match on (llama.cpp's lazy grammars,
+//! used for tool calls).
 
 use crate::tokenizer::{TokenBytes, Tokenizer};
 use std::collections::{HashMap, HashSet};
@@ -113,8 +114,20 @@ pub struct Grammar {
     /// repetition, ends).
     at: Vec<(usize, usize)>,
     root: u32,
-    /// See [`Grammar::after`].
-    trigger: Option<Vec<u8>>,
+    /// See [`Grammar::lazy`]; empty: the grammar applies from the start.
+    triggers: Vec<Trigger>,
+}
+
+/// What makes a lazy grammar apply ([`Grammar::lazy`]), as llama.cpp's grammar triggers: the
+/// grammar then reads the output from the start of the trigger's match, the match included.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// This text anywhere in the output (llama.cpp's trigger words).
+    Word(String),
+    /// A whole match of this grammar at the start of the output, as soon as the output so far
+    /// is one (llama.cpp's full patterns, anchored at the start); its own triggers are
+    /// ignored.
+    Start(Arc<Grammar>),
 }
 
 impl Grammar {
@@ -135,10 +148,13 @@ impl Grammar {
         Ok(g)
     }
 
-    /// The same grammar made lazy (llama.cpp's lazy grammars): the text is free until
-    /// `trigger` first appears in it, and what follows the trigger must match the grammar.
-    pub fn after(mut self, trigger: &str) -> Grammar {
-        self.trigger = (!trigger.is_empty()).then(|| trigger.as_bytes().to_vec());
+    /// The same grammar made lazy (llama.cpp's lazy grammars): the output is free until one of
+    /// `triggers` matches, and from the start of that match on (the trigger's text included)
+    /// it must match the grammar. Where several could match, the first to be whole wins (a
+    /// start trigger where both are whole at the same byte). Without triggers, the grammar
+    /// applies from the start.
+    pub fn lazy(mut self, triggers: Vec<Trigger>) -> Grammar {
+        self.triggers = triggers;
         self
     }
 
@@ -736,7 +752,7 @@ impl Parser {
             names: self.names,
             at,
             root,
-            trigger: None,
+            triggers: Vec::new(),
         })
     }
 }
@@ -920,11 +936,6 @@ impl GrammarState {
     }
 }
 
-/// Where `needle` first occurs in `hay`.
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 /// The bits a UTF-8 lead byte carries, the continuation bytes it asks for and the bytes the
 /// first of them may be (well-formed UTF-8 only: no overlong form, surrogate or code point
 /// over U+10FFFF; `constrain`'s JSON mode reads it too); `None` for a byte no well-formed
@@ -1031,6 +1042,70 @@ impl Step {
     }
 }
 
+/// A lazy grammar's wait for its triggers: the output read so far, as much of it as a trigger
+/// may still need.
+#[derive(Clone, Debug)]
+struct Waiting {
+    words: Vec<Vec<u8>>,
+    /// The start triggers that the output so far may still become a match of.
+    starts: Vec<GrammarState>,
+    /// The output: all of it while a start trigger may match, else its last bytes (fewer than
+    /// the longest word's).
+    text: Vec<u8>,
+}
+
+impl Waiting {
+    fn new(triggers: &[Trigger]) -> Waiting {
+        let mut words = Vec::new();
+        let mut starts = Vec::new();
+        for t in triggers {
+            match t {
+                Trigger::Word(w) => words.push(w.as_bytes().to_vec()),
+                Trigger::Start(g) => starts.push(GrammarState::new(g.clone())),
+            }
+        }
+        Waiting {
+            words,
+            starts,
+            text: Vec::new(),
+        }
+    }
+
+    /// Whether a trigger matches the empty output (the grammar applies from the start).
+    fn at_once(&self) -> bool {
+        self.words.iter().any(Vec::is_empty) || self.starts.iter().any(GrammarState::accepting)
+    }
+
+    /// Reads the next bytes of the output. Once a trigger matches: the output from the start
+    /// of its match to the end of `bytes`, which the grammar must take.
+    fn read(&mut self, bytes: &[u8]) -> Option<Vec<u8>> {
+        for (i, &b) in bytes.iter().enumerate() {
+            self.text.push(b);
+            self.starts.retain_mut(|s| s.push_bytes(&[b]));
+            let start = match self.starts.iter().any(GrammarState::accepting) {
+                true => Some(0),
+                false => self
+                    .words
+                    .iter()
+                    .filter(|w| self.text.ends_with(w))
+                    .map(|w| self.text.len() - w.len())
+                    .min(),
+            };
+            if let Some(at) = start {
+                let mut out = self.text.split_off(at);
+                out.extend_from_slice(&bytes[i + 1..]);
+                return Some(out);
+            }
+            if self.starts.is_empty() {
+                let longest = self.words.iter().map(Vec::len).max().unwrap_or(0);
+                let drop = self.text.len().saturating_sub(longest.saturating_sub(1));
+                self.text.drain(..drop);
+            }
+        }
+        None
+    }
+}
+
 /// A grammar as a sampler's constraint: which tokens keep the text a prefix of a match; once
 /// the text is a whole match, end-of-sequence tokens too, and only they once nothing can follow.
 #[derive(Clone, Debug)]
@@ -1040,9 +1115,8 @@ pub struct GrammarMode {
     first: [bool; 256],
     bytes: TokenBytes,
     eos: Vec<u32>,
-    /// A lazy grammar's trigger and the last bytes of text before it (fewer than the
-    /// trigger's), until the trigger has come.
-    waiting: Option<(Vec<u8>, Vec<u8>)>,
+    /// A lazy grammar's wait for its triggers, until one has matched.
+    waiting: Option<Waiting>,
 }
 
 impl GrammarMode {
@@ -1053,7 +1127,8 @@ impl GrammarMode {
     /// From each token's bytes (`None`: a special token, never allowed) and the
     /// end-of-sequence tokens.
     pub fn from_parts(g: Arc<Grammar>, bytes: TokenBytes, eos: Vec<u32>) -> Self {
-        let waiting = g.trigger.clone().map(|t| (t, Vec::new()));
+        let waiting =
+            Some(Waiting::new(&g.triggers)).filter(|w| !g.triggers.is_empty() && !w.at_once());
         let state = GrammarState::new(g);
         GrammarMode {
             first: state.first_bytes(),
@@ -1066,19 +1141,15 @@ impl GrammarMode {
 
     /// Whether `token` may come next.
     pub fn allows(&self, token: u32) -> bool {
-        if let Some((trigger, tail)) = &self.waiting {
-            // Free text, unless the token completes the trigger: then what follows it in the
-            // token must begin a match.
+        if let Some(waiting) = &self.waiting {
+            // Free text, unless the token completes a trigger: then the grammar must take the
+            // output from the start of the trigger's match to the token's end.
             let Some(Some(b)) = self.bytes.get(token as usize) else {
                 return true;
             };
-            let joined = [tail.as_slice(), b].concat();
-            return match find(&joined, trigger) {
+            return match waiting.clone().read(b) {
                 None => true,
-                Some(at) => {
-                    let rest = &joined[at + trigger.len()..];
-                    rest.is_empty() || self.state.clone().push_bytes(rest)
-                }
+                Some(text) => self.state.clone().push_bytes(&text),
             };
         }
         if self.eos.contains(&token) {
@@ -1101,16 +1172,10 @@ impl GrammarMode {
             None => {
                 self.state.push_bytes(b);
             }
-            Some((trigger, tail)) => {
-                tail.extend_from_slice(b);
-                let Some(at) = find(tail, trigger) else {
-                    let keep = tail.len().saturating_sub(trigger.len() - 1);
-                    tail.drain(..keep);
-                    return;
-                };
-                let rest = tail.split_off(at + trigger.len());
+            Some(waiting) => {
+                let Some(text) = waiting.read(b) else { return };
                 self.waiting = None;
-                self.state.push_bytes(&rest);
+                self.state.push_bytes(&text);
             }
         }
         self.first = self.state.first_bytes();
@@ -1293,27 +1358,23 @@ mod tests {
         }
     }
 
+    /// A mode over `vocab` (token 0: the end of sequence) for `g`.
+    fn mode(g: Grammar, vocab: &[&str]) -> GrammarMode {
+        let bytes: Vec<Option<Vec<u8>>> = std::iter::once(None)
+            .chain(vocab.iter().map(|t| Some(t.as_bytes().to_vec())))
+            .collect();
+        GrammarMode::from_parts(Arc::new(g), Arc::new(bytes), vec![0])
+    }
+
     #[test]
-    fn a_lazy_grammar_applies_after_its_trigger() {
-        let vocab: Vec<Option<Vec<u8>>> = [
-            None,
-            Some("hi "),
-            Some("<"),
-            Some("t>"),
-            Some("<t>1"),
-            Some("<t>x"),
-            Some("1"),
-            Some("2"),
-            Some(";"),
-            Some("x"),
-        ]
-        .into_iter()
-        .map(|t| t.map(|t| t.as_bytes().to_vec()))
-        .collect();
-        let g = Grammar::parse(r#"root ::= [0-9]+ ";""#)
-            .unwrap()
-            .after("<t>");
-        let mut m = GrammarMode::from_parts(Arc::new(g), Arc::new(vocab), vec![0]);
+    fn a_lazy_grammar_applies_from_its_trigger_word() {
+        let lazy = || {
+            Grammar::parse(r#"root ::= "<t>" [0-9]+ ";""#)
+                .unwrap()
+                .lazy(vec![Trigger::Word("<t>".into())])
+        };
+        let vocab = ["hi ", "<", "t>", "<t>1", "<t>x", "1", "2", ";", "x"];
+        let mut m = mode(lazy(), &vocab);
         // Before the trigger anything goes, the end included; a token completing it must go on
         // with a match.
         assert!((0..10).filter(|&t| t != 5).all(|t| m.allows(t)));
@@ -1321,7 +1382,7 @@ mod tests {
         m.accept(1);
         m.accept(2);
         assert!(m.allows(3) && m.allows(9));
-        m.accept(3); // "<" + "t>": triggered across two tokens
+        m.accept(3); // "<" + "t>": triggered across two tokens, the grammar reads "<t>"
         assert!(!m.allows(9) && !m.allows(0) && !m.allows(8) && m.allows(6));
         m.accept(6);
         m.accept(7);
@@ -1329,16 +1390,73 @@ mod tests {
         m.accept(8);
         assert!(m.allows(0) && !m.allows(6));
         // The trigger inside one token, with the first of the match after it.
-        let g = Grammar::parse(r#"root ::= [0-9]+ ";""#)
-            .unwrap()
-            .after("<t>");
-        let vocab: Vec<Option<Vec<u8>>> = [None, Some("<t>1"), Some(";")]
-            .into_iter()
-            .map(|t| t.map(|t| t.as_bytes().to_vec()))
-            .collect();
-        let mut m = GrammarMode::from_parts(Arc::new(g), Arc::new(vocab), vec![0]);
+        let mut m = mode(lazy(), &["<t>1", ";"]);
         m.accept(1);
         assert!(m.allows(2) && !m.allows(0));
+        // Without triggers the grammar applies from the start; an empty word matches at once.
+        for g in [
+            Grammar::parse(r#"root ::= "<t>" [0-9]+ ";""#).unwrap(),
+            lazy().lazy(vec![Trigger::Word(String::new())]),
+        ] {
+            let m = mode(g, &["hi", "<t>1"]);
+            assert!(!m.allows(1) && m.allows(2));
+        }
+    }
+
+    /// A start trigger: the grammar reads the output from its start once the output is a match
+    /// of the trigger; text that begins like one and diverges, or a match later in the
+    /// output, is free.
+    #[test]
+    fn a_lazy_grammar_applies_from_the_start_when_a_start_trigger_matches() {
+        let lazy = || {
+            let start = Grammar::parse(r#"root ::= " "* "{k""#).unwrap();
+            Grammar::parse(r#"root ::= " "* "{" [a-z]+ "}" | "<t>" [0-9]+"#)
+                .unwrap()
+                .lazy(vec![
+                    Trigger::Start(Arc::new(start)),
+                    Trigger::Word("<t>".into()),
+                ])
+        };
+        let vocab = [
+            " ", "{", "k", "{k", "{k!", "{kz", "}", "!", "x {k", "{j", "<t>", "1",
+        ];
+        let mut m = mode(lazy(), &vocab);
+        // Whole in one token: the grammar must take what follows in it.
+        assert!(m.allows(4) && m.allows(6) && !m.allows(5));
+        // Across tokens, after leading spaces.
+        m.accept(1);
+        m.accept(1);
+        m.accept(2);
+        assert!(
+            m.allows(3) && m.allows(8) && m.allows(0),
+            "not triggered yet"
+        );
+        m.accept(3);
+        assert!(!m.allows(8) && !m.allows(0) && m.allows(3) && m.allows(7));
+        m.accept(3);
+        m.accept(7);
+        assert!(m.allows(0) && !m.allows(3));
+        // Not at the start: free, also where a match of the trigger follows.
+        let mut m = mode(lazy(), &vocab);
+        m.accept(9);
+        assert!(m.allows(8) && m.allows(5) && m.allows(0));
+        m.accept(5);
+        assert!(m.allows(8) && m.allows(0));
+        // Diverging from the trigger: free, however the text goes on.
+        let mut m = mode(lazy(), &vocab);
+        m.accept(10);
+        assert!(m.allows(8) && m.allows(3) && m.allows(0));
+        // A trigger word later in the output still applies, from its own start.
+        m.accept(11);
+        assert!(m.allows(12) && !m.allows(0) && !m.allows(8));
+        // A start trigger that matches the empty output applies at once.
+        let g = Grammar::parse(r#"root ::= "{" [a-z]+ "}""#)
+            .unwrap()
+            .lazy(vec![Trigger::Start(Arc::new(
+                Grammar::parse(r#"root ::= " "*"#).unwrap(),
+            ))]);
+        let m = mode(g, &vocab);
+        assert!(m.allows(2) && !m.allows(1) && !m.allows(0));
     }
 
     #[test]

@@ -18,7 +18,7 @@
 pub mod stream;
 
 use crate::chat::Message;
-use crate::grammar::Grammar;
+use crate::grammar::{Grammar, Trigger};
 use crate::json_schema::{literal, Documents};
 use serde_json::{json, Value};
 
@@ -163,8 +163,8 @@ pub fn parse_tool_choice(v: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice
 /// The grammar of an answer that calls a tool: a `<tool_call>` block holding `{"name": ...,
 /// "arguments": ...}` for one of `tools` (only `only` if given) with arguments that meet its
 /// schema; with `parallel`, one or more blocks on separate lines. Lazy (for `tool_choice`
-/// `auto`), the answer is free text until `<tool_call>`, and that block and any after it must
-/// then be well-formed calls.
+/// `auto`), the answer is free text until `<tool_call>`, and from it on (that block and any
+/// after it) the grammar's.
 pub fn call_grammar(
     tools: &[Tool],
     only: Option<&str>,
@@ -190,18 +190,16 @@ pub fn call_grammar(
     }
     let rules = format!("call ::= {}\n{}", calls.join(" | "), docs.text());
     let more = if parallel { " (\"\\n\" block)*" } else { "" };
-    // Lazy, the grammar starts after the trigger `<tool_call>`.
-    let (first, trigger) = if lazy {
-        ("body", "<tool_call>")
-    } else {
-        ("block", "")
-    };
     let text = format!(
-        "root ::= {first}{more}\nblock ::= \"<tool_call>\" body\n\
+        "root ::= block{more}\nblock ::= \"<tool_call>\" body\n\
          body ::= \"\\n\" call \"\\n</tool_call>\"\n{rules}"
     );
     let g = Grammar::parse(&text).map_err(|e| format!("tool arguments schema: {e}"))?;
-    Ok(g.after(trigger))
+    // Lazy, the grammar reads the answer from the trigger `<tool_call>` on.
+    Ok(match lazy {
+        true => g.lazy(vec![Trigger::Word(stream::OPEN.into())]),
+        false => g,
+    })
 }
 
 /// A tool call read from an answer: the tool's name and its arguments, the JSON text of an

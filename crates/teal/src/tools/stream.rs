@@ -43,7 +43,7 @@ pub enum Delta {
 }
 
 /// The opening and closing tags of a call block.
-const OPEN: &str = "<tool_call>";
+pub(super) const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 /// The starts of a Markdown code block around calls (the longest first).
 const FENCES: [&str; 3] = ["```json", "```xml", "```"];
