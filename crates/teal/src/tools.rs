@@ -11,9 +11,12 @@
 //! </tool_call>
 //! ```
 //!
-//! which [`parse_calls`] reads back ([`stream::CallStream`] as the answer is generated). With `tool_choice` `required` or a named function, the
-//! answer is constrained by [`call_grammar`]: only such blocks, each naming a declared tool
-//! with arguments that meet its JSON Schema (through [`crate::json_schema`]).
+//! which [`parse_calls`] reads back ([`stream::CallStream`] as the answer is generated), as
+//! well as calls without the tags at the answer's start. With `tool_choice` `required` or a
+//! named function, the answer is constrained by [`call_grammar`]: only such blocks, each
+//! naming a declared tool with arguments that meet its JSON Schema (through
+//! [`crate::json_schema`]); with `auto`, by its lazy form: free text until a call begins (a
+//! block, or a call without the tags at the answer's start), then well-formed calls only.
 
 pub mod stream;
 
@@ -21,6 +24,7 @@ use crate::chat::Message;
 use crate::grammar::{Grammar, Trigger};
 use crate::json_schema::{literal, Documents};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// A declared tool: its name and the JSON Schema of its arguments.
 #[derive(Clone, Debug, PartialEq)]
@@ -162,9 +166,16 @@ pub fn parse_tool_choice(v: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice
 
 /// The grammar of an answer that calls a tool: a `<tool_call>` block holding `{"name": ...,
 /// "arguments": ...}` for one of `tools` (only `only` if given) with arguments that meet its
-/// schema; with `parallel`, one or more blocks on separate lines. Lazy (for `tool_choice`
-/// `auto`), the answer is free text until `<tool_call>`, and from it on (that block and any
-/// after it) the grammar's.
+/// schema; with `parallel`, one or more blocks on separate lines.
+///
+/// Lazy (for `tool_choice` `auto`, as llama.cpp's lazy grammars), the answer is free text until
+/// a call begins, and from the start of the call on it must be well-formed calls and nothing
+/// after them: where `<tool_call>` comes, the blocks above; where the answer's start is the
+/// start of a bare call of one of the tools, as [`stream::CallStream`] reads one (whitespace,
+/// optionally a code fence and a marker, optionally `[`, then `{"name": "NAME"` with JSON's
+/// whitespace between its tokens: [`bare_start`]), bare calls from the answer's start: call
+/// objects (`parallel`: one or more, one per line) or an array of them, after the code fence
+/// and marker that began them, the fence closed after them.
 pub fn call_grammar(
     tools: &[Tool],
     only: Option<&str>,
@@ -173,33 +184,100 @@ pub fn call_grammar(
 ) -> Result<Grammar, String> {
     // Each tool's parameters are a schema document of their own (their `#` and `$defs`), the
     // call object `{"name": ..., "arguments": ...}` around them.
-    let mut docs = Documents::new(&["root", "block", "body", "call"]);
-    let mut calls = Vec::new();
+    let mut docs = Documents::new(&[
+        "root",
+        "tagged",
+        "block",
+        "call",
+        "named",
+        "bare",
+        "bare-calls",
+        "bare-call",
+        "sp",
+        "jws",
+    ]);
+    let mut named = Vec::new();
+    let mut names = Vec::new();
     for t in tools.iter().filter(|t| only.is_none_or(|n| n == t.name)) {
         docs.set_lenient(!t.strict);
         let args = docs
             .add(&t.parameters, "args")
             .map_err(|e| format!("tool arguments schema of '{}': {e}", t.name))?;
         let name = literal(&Value::String(t.name.clone()).to_string());
-        calls.push(format!(
-            r#""{{" ws "\"name\"" ws ":" ws {name} ws "," ws "\"arguments\"" ws ":" ws {args} "}}" ws"#
+        named.push(format!(
+            r#"{name} ws "," ws "\"arguments\"" ws ":" ws {args} "}}" ws"#
         ));
+        names.push(name);
     }
-    if calls.is_empty() {
+    if named.is_empty() {
         return Err("no tool to call".into());
     }
-    let rules = format!("call ::= {}\n{}", calls.join(" | "), docs.text());
-    let more = if parallel { " (\"\\n\" block)*" } else { "" };
-    let text = format!(
-        "root ::= block{more}\nblock ::= \"<tool_call>\" body\n\
-         body ::= \"\\n\" call \"\\n</tool_call>\"\n{rules}"
+    // A call object from its start (`call`), or from its name on (`named`).
+    let calls = format!(
+        "call ::= \"{{\" ws \"\\\"name\\\"\" ws \":\" ws named\nnamed ::= {}\n{}",
+        named.join(" | "),
+        docs.text()
     );
-    let g = Grammar::parse(&text).map_err(|e| format!("tool arguments schema: {e}"))?;
-    // Lazy, the grammar reads the answer from the trigger `<tool_call>` on.
-    Ok(match lazy {
-        true => g.lazy(vec![Trigger::Word(stream::OPEN.into())]),
-        false => g,
-    })
+    let (blocks, objects, items) = match parallel {
+        true => (
+            r#" ( "\n" block )*"#,
+            r#" ( "\n" call )*"#,
+            r#" ( "," ws call )*"#,
+        ),
+        false => ("", "", ""),
+    };
+    let tagged = format!(
+        "tagged ::= block{blocks}\nblock ::= \"<tool_call>\\n\" call \"\\n</tool_call>\"\n"
+    );
+    let grammar =
+        |text: String| Grammar::parse(&text).map_err(|e| format!("tool arguments schema: {e}"));
+    if !lazy {
+        return grammar(format!("root ::= tagged\n{tagged}{calls}"));
+    }
+    // The first call object's start is the trigger's end: its whitespace as the trigger's,
+    // the later calls' as the grammar's JSON (bounded, as after the trigger the model could
+    // otherwise write whitespace without end).
+    let (fence, marker) = (words(&stream::FENCES), words(&stream::MARKERS));
+    let bare = format!(
+        "bare ::= sp ( {fence} sp bare-calls \"```\" \"\\n\"? | bare-calls )\n\
+         bare-calls ::= ( {marker} sp )? ( bare-call{objects} | \"[\" sp bare-call{items} \"]\" ws )\n\
+         bare-call ::= {BARE_HEAD} named\n{BARE_SPACE}"
+    );
+    let text = format!("root ::= tagged | bare\n{tagged}{bare}{calls}");
+    let triggers = vec![
+        Trigger::Word(stream::OPEN.into()),
+        Trigger::Start(Arc::new(bare_start(&names)?)),
+    ];
+    Ok(grammar(text)?.lazy(triggers))
+}
+
+/// GBNF for whitespace where [`stream::CallStream`] reads it around a bare call's start
+/// (`sp`: `char::is_whitespace`) and inside a call object (`jws`: JSON's).
+const BARE_SPACE: &str =
+    "sp ::= [\\t-\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]*\n\
+                          jws ::= [ \\t\\n\\r]*\n";
+
+/// GBNF for a bare call object's start up to its name.
+const BARE_HEAD: &str = r#""{" jws "\"name\"" jws ":" jws"#;
+
+/// GBNF for one of `words`.
+fn words(words: &[&str]) -> String {
+    let alts: Vec<String> = words.iter().map(|w| literal(w)).collect();
+    format!("( {} )", alts.join(" | "))
+}
+
+/// The trigger of bare calls: the answer's start as [`stream::CallStream`] reads a bare call
+/// up to its name (`names`: GBNF literals of the JSON strings): whitespace, optionally a code
+/// fence and whitespace, a marker and whitespace, `[` and whitespace, then `{"name": "NAME"`
+/// with JSON's whitespace between its tokens.
+fn bare_start(names: &[String]) -> Result<Grammar, String> {
+    let (fence, marker) = (words(&stream::FENCES), words(&stream::MARKERS));
+    let text = format!(
+        "root ::= sp ( {fence} sp )? ( {marker} sp )? ( \"[\" sp )? {BARE_HEAD} ( {} )\n\
+         {BARE_SPACE}",
+        names.join(" | ")
+    );
+    Grammar::parse(&text).map_err(|e| format!("bare call trigger: {e}"))
 }
 
 /// A tool call read from an answer: the tool's name and its arguments, the JSON text of an
@@ -215,11 +293,11 @@ pub struct Call {
 /// plain text). Calls are `<tool_call>` blocks anywhere, each holding a JSON object with a
 /// `name` of `names` and an `arguments` (or `parameters`) object, the last one possibly
 /// without its `</tool_call>`; or, at the start of the answer, such objects without the tags
-/// (small models leave them out), also as arrays of them, in a Markdown code block
-/// (```` ```json ````, as llama.cpp reads them too), and after the markers other model
-/// families put first (Mistral's `[TOOL_CALLS]`, Llama 3.1's `<|python_tag|>`). A block that
-/// holds no such call is content; a call cut short (the answer hit its token limit) is
-/// dropped.
+/// (small models leave them out) that name their tool first, also as arrays of them, in a
+/// Markdown code block (```` ```json ````, as llama.cpp reads them too), and after the markers
+/// other model families put first (Mistral's `[TOOL_CALLS]`, Llama 3.1's `<|python_tag|>`). A
+/// block that holds no such call is content; a call cut short (the answer hit its token limit)
+/// is dropped.
 pub fn parse_calls(text: &str, names: &[&str]) -> Option<(String, Vec<Call>)> {
     let mut s = stream::CallStream::new(names);
     let mut deltas = s.push(text);
@@ -497,6 +575,363 @@ mod tests {
         let (_, calls) =
             parse_calls(&format!("{paris}\n{time}"), &["get_weather", "get_time"]).unwrap();
         assert_eq!(calls.len(), 2);
+    }
+
+    /// A grammar mode over `tokens` (token 0: the end of sequence) for `g`.
+    fn mode_over(g: &Grammar, tokens: &[&str]) -> crate::grammar::GrammarMode {
+        let bytes: Vec<Option<Vec<u8>>> = std::iter::once(None)
+            .chain(tokens.iter().map(|t| Some(t.as_bytes().to_vec())))
+            .collect();
+        crate::grammar::GrammarMode::from_parts(Arc::new(g.clone()), Arc::new(bytes), vec![0])
+    }
+
+    /// Whether `g` lets `next` follow the answer `before` (as tokens, each of which it must
+    /// let by); `None` for the end of the answer.
+    fn follows(g: &Grammar, before: &[&str], next: Option<&str>) -> bool {
+        let mut tokens = before.to_vec();
+        tokens.extend(next);
+        let mut m = mode_over(g, &tokens);
+        for t in 1..=before.len() as u32 {
+            assert!(m.allows(t), "{before:?}: {}", tokens[t as usize - 1]);
+            m.accept(t);
+        }
+        m.allows(match next {
+            Some(_) => tokens.len() as u32,
+            None => 0,
+        })
+    }
+
+    /// The tools of [`weather`] for the lazy grammar, with and without parallel calls.
+    fn auto_grammars() -> [Grammar; 2] {
+        let tools = parse_tools(&weather()).unwrap();
+        [false, true].map(|parallel| call_grammar(&tools, None, parallel, true).unwrap())
+    }
+
+    const TIME: &str = "{\"name\": \"get_time\", \"arguments\": {}}";
+
+    /// With `auto`, a call the answer begins bare (without `<tool_call>`) is held to the
+    /// grammar from the answer's start, as llama.cpp's start-anchored triggers do: it cannot
+    /// break mid-object, where the stream has sent its name and part of its arguments and the
+    /// unstreamed answer would have no such call.
+    #[test]
+    fn a_bare_call_cannot_break_mid_object() {
+        let head = "{\"name\": \"get_weather\", \"arguments\": {\"city\": ";
+        for g in &auto_grammars() {
+            assert!(!follows(g, &[head], Some("oops")));
+            assert!(!follows(g, &[head], Some("\"Paris\"}\nmore")));
+            assert!(!follows(g, &[head, "\"Paris\"", "}"], None));
+            assert!(follows(g, &[head], Some("\"Paris\"}}")));
+            let weather = "{\"name\": \"get_weather\"";
+            assert!(
+                !follows(g, &[weather], Some(", \"arguments\": {}}")),
+                "city is required"
+            );
+            // In a code block, with the whitespace Qwen2.5-Coder writes.
+            let fenced = [
+                "```json\n",
+                "{\n  \"name\": \"get_weather\",\n  \"arguments\": {",
+            ];
+            assert!(!follows(g, &fenced, Some("\n  }")));
+        }
+    }
+
+    /// Nothing but calls follows bare calls: no array item that is no call, no code fence
+    /// that was never opened (Qwen2.5-Coder wrote one after a call it began without).
+    #[test]
+    fn nothing_but_calls_follows_bare_calls() {
+        for g in &auto_grammars() {
+            assert!(!follows(g, &["[", TIME], Some(", 5]")));
+            assert!(follows(g, &["[", TIME], Some("]")));
+            assert!(!follows(g, &[TIME], Some("\n```")) && !follows(g, &[TIME], Some(" ok")));
+            assert!(follows(g, &[TIME], None) && follows(g, &[TIME, "\n"], None));
+            assert!(follows(g, &["```json\n", TIME, "\n```"], None));
+            assert!(
+                !follows(g, &["```json\n", TIME], None),
+                "the fence is closed"
+            );
+        }
+        // Several calls: one per line, or in an array; one only without parallel calls.
+        let [one, many] = auto_grammars();
+        let calls = [TIME, "\n", TIME];
+        assert!(follows(&many, &calls, None) && !follows(&one, &calls[..2], Some(TIME)));
+        let array = ["[", TIME, ", ", TIME, "]"];
+        assert!(follows(&many, &array, None) && !follows(&one, &array[..2], Some(", ")));
+    }
+
+    /// Each form the stream reads at an answer's start begins a bare call as far as the
+    /// grammar goes (whitespace, a code fence, a marker, an array, JSON's whitespace in the
+    /// object, the trigger across tokens); text that only starts like one (a name not
+    /// declared, or not first, or written with escapes), or that comes later in the answer,
+    /// is free; `<tool_call>` is held anywhere, as before.
+    #[test]
+    fn bare_calls_are_held_in_each_form_the_stream_reads_and_only_there() {
+        for g in &auto_grammars() {
+            for before in [
+                vec![
+                    "\n ",
+                    "```",
+                    "json",
+                    "\n",
+                    "{\n  \"name\"",
+                    " :\t\"get_time\"",
+                ],
+                vec![
+                    "```xml",
+                    " [TOOL_CALLS] [ {",
+                    "\"name\"",
+                    ":",
+                    "\"get_",
+                    "time\"",
+                ],
+                vec!["<|python_tag|>", "{\"name\": \"get_time\""],
+            ] {
+                assert!(!follows(g, &before, Some(", \"x\": 1}")), "{before:?}");
+                assert!(
+                    follows(g, &before, Some(", \"arguments\": {}}")),
+                    "{before:?}"
+                );
+            }
+            for before in [
+                "{\"name\": \"rm\"",
+                "{\"answer\": 1",
+                "{\"arguments\": {}, \"name\": \"get_time\"",
+                "Sure: {\"name\": \"get_time\"",
+                "{\"name\": \"get\\u005ftime\"",
+                "```py\n{\"name\": \"get_time\"",
+            ] {
+                assert!(follows(g, &[before], Some(", oops")), "{before}");
+                assert!(follows(g, &[before], None), "{before}");
+            }
+            assert!(!follows(g, &["Let me see. ", "<tool_call>"], Some("{")));
+            assert!(follows(g, &["Let me see. ", "<tool_call>"], Some("\n{")));
+        }
+    }
+
+    /// The trigger of bare calls takes whitespace where the stream does: any (Rust's
+    /// `char::is_whitespace`) before the call object, JSON's in it.
+    #[test]
+    fn the_bare_call_trigger_takes_the_stream_s_whitespace() {
+        let g = Arc::new(bare_start(&[literal("\"f\"")]).unwrap());
+        let start = GrammarState::new(g.clone());
+        for c in (0..=0x10ffffu32).filter_map(char::from_u32) {
+            let mut s = start.clone();
+            let took = s.push_char(c as u32) && s.push_bytes(b"{\"name\":\"f\"") && s.accepting();
+            assert_eq!(took, c.is_whitespace() || c == '[', "{c:?}");
+        }
+        for c in (0..0x3100u32).filter_map(char::from_u32) {
+            let mut s = start.clone();
+            let text = format!("{{{c}\"name\"{c}:{c}\"f\"");
+            let took = s.push_bytes(text.as_bytes()) && s.accepting();
+            assert_eq!(took, matches!(c, ' ' | '\t' | '\n' | '\r'), "{c:?}");
+        }
+    }
+
+    /// Pieces of the starts of answers: of bare calls of `f` and `fo`, and near them.
+    const STARTS: &[&str] = &[
+        " ",
+        "\n",
+        "\u{a0}",
+        "\t",
+        "```",
+        "```json",
+        "json",
+        "```xml",
+        "[TOOL_CALLS]",
+        "<|python_tag|>",
+        "[",
+        "]",
+        "{",
+        "}",
+        "\"",
+        "\"name\"",
+        "name",
+        ":",
+        "\"f\"",
+        "\"fo",
+        "f",
+        "\"g\"",
+        "\\",
+        "\\u0061",
+        "1",
+        ",",
+        "\"arguments\"",
+        "{}",
+        "<",
+        "`",
+        "x",
+        "<tool",
+        "{\"name\": \"f\"",
+        "{\"answer\"",
+    ];
+
+    /// What [`stream::CallStream`] has given of `text` as content when it is all content: the
+    /// text but for what it holds at its end (whitespace, and before it what may begin
+    /// `<tool_call>`).
+    fn given(text: &str) -> &str {
+        let tag = (1..stream::OPEN.len())
+            .rev()
+            .find(|&n| text.ends_with(&stream::OPEN[..n]))
+            .unwrap_or(0);
+        text[..text.len() - tag].trim_end()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// The stream reads a bare call's start as the grammar's trigger matches it: a call
+        /// begins only once the trigger matched; while the trigger may still match, nothing
+        /// is given; once it cannot, the text held is given as content at once.
+        #[test]
+        fn the_stream_holds_a_bare_call_s_start_as_the_trigger_matches_it(
+            parts in proptest::collection::vec(0..STARTS.len(), 0..16),
+        ) {
+            let text: String = parts.iter().map(|&i| STARTS[i]).collect();
+            proptest::prop_assume!(!text.contains(stream::OPEN));
+            let names = ["f", "fo"];
+            let literals: Vec<String> =
+                names.iter().map(|n| literal(&Value::String(n.to_string()).to_string())).collect();
+            let mut trigger = Some(GrammarState::new(Arc::new(bare_start(&literals).unwrap())));
+            let mut matched = false;
+            let mut s = stream::CallStream::new(&names);
+            let mut content = String::new();
+            for (at, c) in text.char_indices() {
+                let end = at + c.len_utf8();
+                let deltas = s.push(&c.to_string());
+                for d in &deltas {
+                    match d {
+                        stream::Delta::Content(t) => content.push_str(t),
+                        _ => proptest::prop_assert!(matched, "{:?}", &text[..end]),
+                    }
+                }
+                let Some(t) = trigger.as_mut() else { continue };
+                let mut buf = [0; 4];
+                if !t.push_bytes(c.encode_utf8(&mut buf).as_bytes()) {
+                    trigger = None;
+                    proptest::prop_assert_eq!(&content, given(&text[..end]), "{:?}", &text[..end]);
+                    continue;
+                }
+                proptest::prop_assert!(content.is_empty(), "{:?}", &text[..end]);
+                if t.accepting() {
+                    matched = true;
+                    trigger = None;
+                }
+            }
+        }
+    }
+
+    /// Tokens of answers with calls of `f` (an integer `x`) and `g`, and near them.
+    const TOKENS: &[&str] = &[
+        "{\"name\": \"f\", \"arguments\": {",
+        "\"x\"",
+        ": ",
+        "1",
+        "}",
+        "}}",
+        "\n",
+        " ",
+        "```json\n",
+        "```",
+        "[",
+        "]",
+        ", ",
+        "[TOOL_CALLS]",
+        "<|python_tag|>",
+        "<tool_call>",
+        "\n</tool_call>",
+        "Hi",
+        "{\"name\": \"g\", \"arguments\": {}}",
+        "{\"a\": 1}",
+        "{\"name\": \"",
+        "f\"",
+        "g\"",
+        "h\"",
+        ", \"arguments\": {}}",
+        ", \"arguments\": {\"x\": 2}}",
+        "oops",
+        "5",
+        "\"name\"",
+        "\"",
+        "{",
+        ":",
+        "\"f\"",
+        "<tool",
+        "_call>",
+        ", \"name\": \"g\"",
+        "\n{",
+    ];
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Answers sampled under the `auto` grammar (any token it allows, the end included):
+        /// once one ends, every call the stream began is whole (so the streamed and the
+        /// unstreamed answer have the same calls at the same indices), one at most without
+        /// parallel calls, and the content is the text before the calls only (none for bare
+        /// calls, which begin the answer).
+        #[test]
+        fn answers_under_the_auto_grammar_have_whole_calls_only(
+            picks in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 1..32),
+            parallel in proptest::prelude::any::<bool>(),
+        ) {
+            let tools = parse_tools(&[
+                json!({"function": {"name": "f", "parameters": {"type": "object",
+                    "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}),
+                json!({"function": {"name": "g"}}),
+            ]).unwrap();
+            let g = call_grammar(&tools, None, parallel, true).unwrap();
+            let mut m = mode_over(&g, TOKENS);
+            let mut answer: Vec<&str> = Vec::new();
+            let mut ended = false;
+            for pick in &picks {
+                // The end (as likely as four tokens) where it is allowed; with no token allowed
+                // (tokens this vocabulary lacks), no answer.
+                let mut allowed: Vec<u32> =
+                    (0..=TOKENS.len() as u32).filter(|&t| m.allows(t)).collect();
+                if allowed.first() == Some(&0) {
+                    allowed.extend([0; 3]);
+                }
+                if allowed.is_empty() {
+                    break;
+                }
+                let t = *pick.get(&allowed);
+                if t == 0 {
+                    ended = true;
+                    break;
+                }
+                m.accept(t);
+                answer.push(TOKENS[t as usize - 1]);
+            }
+            if !ended {
+                return Ok(());
+            }
+            let text = answer.concat();
+            let mut s = stream::CallStream::new(&["f", "g"]);
+            let mut deltas: Vec<stream::Delta> = answer.iter().flat_map(|t| s.push(t)).collect();
+            deltas.extend(s.finish());
+            let begun = deltas.iter().filter(|d| matches!(d, stream::Delta::Call { .. })).count();
+            let content: String = deltas
+                .iter()
+                .filter_map(|d| match d {
+                    stream::Delta::Content(t) => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect();
+            proptest::prop_assert_eq!(s.calls().count(), begun, "{:?}", text);
+            proptest::prop_assert!(parallel || begun <= 1, "{:?}", text);
+            let literals = [literal("\"f\""), literal("\"g\"")];
+            let mut start = GrammarState::new(Arc::new(bare_start(&literals).unwrap()));
+            let bare = text.chars().any(|c| {
+                let mut buf = [0; 4];
+                start.push_bytes(c.encode_utf8(&mut buf).as_bytes()) && start.accepting()
+            });
+            let want = match (bare, text.find(stream::OPEN)) {
+                (true, _) => "",
+                (false, Some(at)) => text[..at].trim_end(),
+                (false, None) => &text,
+            };
+            proptest::prop_assert_eq!(content.as_str(), want, "{:?}", text);
+            proptest::prop_assert_eq!(begun > 0, bare || want != text, "{:?}", text);
+        }
     }
 
     /// Whether `g` takes one `<tool_call>` block calling `f` with `args`.

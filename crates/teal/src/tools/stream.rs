@@ -8,9 +8,15 @@
 //!
 //! - `<tool_call>` blocks anywhere in the answer, each holding a call object
 //!   `{"name": ..., "arguments": {...}}` (or `"parameters"`, or the arguments as JSON text);
-//! - at the start of the answer, call objects one after another or in arrays, optionally in a
-//!   Markdown code block (```` ```json ````) and after Mistral's `[TOOL_CALLS]` or Llama 3.1's
-//!   `<|python_tag|>`; text after them is the answer's content.
+//! - at the start of the answer, bare call objects one after another or in arrays, optionally
+//!   in a Markdown code block (```` ```json ````) and after Mistral's `[TOOL_CALLS]` or Llama
+//!   3.1's `<|python_tag|>`; text after them is the answer's content. A bare call names its
+//!   tool first: it begins `{"name": "NAME"` for a declared name, written without escapes
+//!   (JSON's whitespace between the tokens), as llama.cpp's trigger of such calls has it; an
+//!   object that begins otherwise (`{"answer"`, `{"name": "undeclared"`, `{"arguments"`) is
+//!   content as soon as it does, so that a plain JSON answer streams. With `tool_choice`
+//!   `auto`, [`super::call_grammar`]'s trigger matches exactly these starts, and holds the
+//!   rest of the answer to well-formed calls.
 //!
 //! A call object whose `name` (one of the declared names) comes first and whose arguments are
 //! an object is streamed: its name once `"arguments": {` follows it, then its arguments.
@@ -46,9 +52,9 @@ pub enum Delta {
 pub(super) const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 /// The starts of a Markdown code block around calls (the longest first).
-const FENCES: [&str; 3] = ["```json", "```xml", "```"];
+pub(super) const FENCES: [&str; 3] = ["```json", "```xml", "```"];
 /// The markers other model families write before their calls.
-const MARKERS: [&str; 2] = ["[TOOL_CALLS]", "<|python_tag|>"];
+pub(super) const MARKERS: [&str; 2] = ["[TOOL_CALLS]", "<|python_tag|>"];
 
 /// Reads tool calls from an answer given a piece at a time ([`CallStream::push`], then
 /// [`CallStream::finish`]), calls of the declared `names` only.
@@ -134,6 +140,9 @@ struct Object {
     call: Option<usize>,
     in_args: bool,
     after: After,
+    /// A bare call object whose name has not been read yet: it must begin `{"name": "NAME"`
+    /// (without escapes) for one of the declared names.
+    unnamed: bool,
 }
 
 /// Whether `lead` is the start of one of `words` (`None`: it cannot be), or one of them and
@@ -150,6 +159,23 @@ fn word_at(lead: &str, words: &[&str]) -> Option<usize> {
         .filter(|w| lead.starts_with(**w))
         .map(|w| w.len())
         .max()
+}
+
+/// How the start of a bare call object (as serde_json writes it) stands against
+/// `{"name":"NAME"` for one of `names`: `None` while it may still become one.
+fn name_first(head: &str, names: &[String]) -> Option<bool> {
+    const NAME: &str = "{\"name\":\"";
+    let Some(rest) = head.strip_prefix(NAME) else {
+        return match NAME.starts_with(head) {
+            true => None,
+            false => Some(false),
+        };
+    };
+    match rest.find('"') {
+        Some(end) => Some(names.iter().any(|n| *n == rest[..end])),
+        None if names.iter().any(|n| n.starts_with(rest)) => None,
+        None => Some(false),
+    }
 }
 
 /// How the start of a call object (as serde_json writes it) stands against the early form
@@ -428,7 +454,8 @@ impl CallStream {
                         at: Item::First,
                     }
                 }
-                '`' if fenced => {
+                // The end of a code block of calls (without a call, it is none).
+                '`' if fenced && self.called() => {
                     self.raw.push(c);
                     Mode::Bare { fenced, ticks: 1 }
                 }
@@ -520,12 +547,13 @@ impl CallStream {
             call: None,
             in_args: false,
             after,
+            unnamed: after != After::Block,
         };
         self.object_char(Box::new(o), c)
     }
 
     fn object_char(&mut self, mut o: Box<Object>, c: char) -> Mode {
-        if !o.json.push(c) {
+        if (o.unnamed && c == '\\') || !o.json.push(c) {
             // Not JSON: a call begun is left incomplete; otherwise the text is content.
             return match o.call {
                 Some(_) => {
@@ -543,6 +571,13 @@ impl CallStream {
             }
             Some(_) => {}
             None => {
+                if o.unnamed {
+                    match name_first(&format!("{}{text}", o.head), &self.names) {
+                        Some(false) => return self.not_a_call(c),
+                        Some(true) => o.unnamed = false,
+                        None => {}
+                    }
+                }
                 self.raw.push(c);
                 o.head.push_str(&text);
                 if o.early {
@@ -1009,15 +1044,27 @@ mod tests {
         // ... and given as soon as it cannot be one.
         let mut s = CallStream::new(&["f"]);
         assert_eq!(s.push("  ```py"), [Delta::Content("  ```py".into())]);
-        let mut s = CallStream::new(&["f"]);
-        assert_eq!(s.push("{\"name\": \"g\", "), []);
-        assert_eq!(
-            s.push("\"arguments\": {}}"),
-            [Delta::Content(
-                "{\"name\": \"g\", \"arguments\": {}}".into()
-            )]
-        );
-        assert_eq!(s.push(" ok"), [Delta::Content(" ok".into())]);
+        // A bare call names a declared tool first: an object that does not is content at
+        // once, not when it closes (a plain JSON answer streams).
+        for (start, held) in [
+            ("{\"name\": \"g", "{\"name\": \""),
+            ("{\"answer\"", "{\""),
+            ("[{\"arguments\": {", "[{\""),
+            ("```json\n{ \"n\\u0061me\"", "```json\n{ \""),
+            (
+                "<|python_tag|>{\"name\": \"ff\"",
+                "<|python_tag|>{\"name\": \"f",
+            ),
+        ] {
+            let mut s = CallStream::new(&["f"]);
+            assert_eq!(s.push(held), [], "{start}");
+            assert_eq!(
+                s.push(&start[held.len()..]),
+                [Delta::Content(start.into())],
+                "{start}"
+            );
+            assert_eq!(s.push("}"), [Delta::Content("}".into())], "{start}");
+        }
         // Without a call, the content is the text exactly.
         for text in [
             "  Hello <b>x</b>\n\n",
@@ -1135,12 +1182,13 @@ mod tests {
     #[test]
     fn calls_nest_as_deep_as_serde_json_reads() {
         // Nested in the call object (depth 1) and its arguments (2): at the limit, a call
-        // whose arguments serde_json reads back, in either key order; one deeper is no call.
+        // whose arguments serde_json reads back, in either key order (in a block: a bare
+        // call names its tool first); one deeper is no call.
         for (depth, whole) in [(MAX_DEPTH - 2, true), (MAX_DEPTH - 1, false), (200, false)] {
             let value = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
             for text in [
                 format!("{{\"name\": \"f\", \"arguments\": {{\"a\": {value}}}}}"),
-                format!("{{\"arguments\": {{\"a\": {value}}}, \"name\": \"f\"}}"),
+                format!("{OPEN}{{\"arguments\": {{\"a\": {value}}}, \"name\": \"f\"}}"),
             ] {
                 let (_, _, calls) = read(&text, &["f"]);
                 assert_eq!(calls.len(), usize::from(whole), "{depth}: {text}");
@@ -1344,7 +1392,10 @@ mod tests {
                 6 => &calls[..1],
                 _ => &calls[..],
             };
-            let objects: Vec<String> = calls.iter().map(|(n, a, s)| call_text(n, a, *s)).collect();
+            // Bare calls name their tool first; blocks have either order.
+            let order = if format == 0 { 4 } else { 0 };
+            let objects: Vec<String> =
+                calls.iter().map(|(n, a, s)| call_text(n, a, *s & (11 | order))).collect();
             let (text, content) = match format {
                 // Blocks, text before, between and after them.
                 0 => {
