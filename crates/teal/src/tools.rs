@@ -658,6 +658,17 @@ mod tests {
         assert!(follows(&many, &array, None) && !follows(&one, &array[..2], Some(", ")));
     }
 
+    /// A bare call gives its name once (the stream took the first name of a call written
+    /// name first, and serde_json the last of one held whole).
+    #[test]
+    fn a_bare_call_names_its_tool_once() {
+        for g in &auto_grammars() {
+            let before = ["{\"name\": \"get_time\", \"arguments\": {}"];
+            assert!(!follows(g, &before, Some(", \"name\": \"get_weather\"}")));
+            assert!(follows(g, &before, Some("}")));
+        }
+    }
+
     /// Each form the stream reads at an answer's start begins a bare call as far as the
     /// grammar goes (whitespace, a code fence, a marker, an array, JSON's whitespace in the
     /// object, the trigger across tokens); text that only starts like one (a name not

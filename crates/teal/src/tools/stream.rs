@@ -25,9 +25,11 @@
 //! whitespace, its escapes and numbers; a repeated key is kept as written), a piece whenever
 //! the model has written more of them. Text that turns out not to be a call (an undeclared
 //! name, not JSON, arguments that are not an object) is content, as are blocks that are not
-//! calls. A call whose text is cut short (the token limit, a stop sequence, text that is not
-//! JSON after its arguments began) is left incomplete: [`CallStream::calls`] has the complete
-//! calls only.
+//! calls. A call object that has `name` twice, or two of `arguments` and `parameters`, is no
+//! call either (which one would count depends on the order it is read in): held, it is
+//! content; streamed, it is left incomplete. A call whose text is cut short (the token limit,
+//! a stop sequence, text that is not JSON after its arguments began) is left incomplete:
+//! [`CallStream::calls`] has the complete calls only.
 //!
 //! The content is the text outside the calls. Its whitespace is held until text follows it; it
 //! is dropped at the end when there are calls, and before the first text when a call came
@@ -143,6 +145,9 @@ struct Object {
     /// A bare call object whose name has not been read yet: it must begin `{"name": "NAME"`
     /// (without escapes) for one of the declared names.
     unnamed: bool,
+    /// How many times the object has the key `name`, and `arguments` or `parameters`.
+    names: u8,
+    args: u8,
 }
 
 /// Whether `lead` is the start of one of `words` (`None`: it cannot be), or one of them and
@@ -548,6 +553,8 @@ impl CallStream {
             in_args: false,
             after,
             unnamed: after != After::Block,
+            names: 0,
+            args: 0,
         };
         self.object_char(Box::new(o), c)
     }
@@ -562,6 +569,11 @@ impl CallStream {
                 }
                 None => self.not_a_call(c),
             };
+        }
+        match o.json.key().as_deref() {
+            Some("name") => o.names += 1,
+            Some("arguments" | "parameters") => o.args += 1,
+            _ => {}
         }
         let text = o.json.take();
         match o.call {
@@ -598,11 +610,15 @@ impl CallStream {
         if !o.json.done() {
             return Mode::Object(o);
         }
+        // A key that says which call it is, given twice: no call (a call streamed from its
+        // name on is left incomplete).
+        let twice = o.names > 1 || o.args > 1;
         let index = match o.call {
             Some(index) => index,
             None => {
                 let found = serde_json::from_str(&o.head)
                     .ok()
+                    .filter(|_| !twice)
                     .and_then(|v| call(v, &self.names));
                 let Some(found) = found else {
                     let raw = std::mem::take(&mut self.raw);
@@ -614,7 +630,7 @@ impl CallStream {
                 index
             }
         };
-        self.calls[index].1 = true;
+        self.calls[index].1 = !twice;
         match o.after {
             After::Block => Mode::Close {
                 space: String::new(),
@@ -684,6 +700,9 @@ struct Json {
     /// A high surrogate waiting for its low one.
     high: Option<u32>,
     out: String,
+    /// The top-level key being read, and one the last character ended.
+    key: String,
+    key_read: Option<String>,
 }
 
 /// Writes `c` into a JSON string as serde_json does.
@@ -743,13 +762,18 @@ impl Json {
                     '"' => {
                         self.out.push('"');
                         match key {
-                            true => self.at = At::Colon,
+                            true => {
+                                if self.open.len() == 1 {
+                                    self.key_read = Some(std::mem::take(&mut self.key));
+                                }
+                                self.at = At::Colon;
+                            }
                             false => self.value_done(),
                         }
                     }
                     '\\' => self.at = At::Escape { key },
                     c if (c as u32) < 0x20 => return false,
-                    c => self.out.push(c),
+                    c => self.put(c, key),
                 }
                 true
             }
@@ -767,7 +791,7 @@ impl Json {
                     }
                     _ => return false,
                 };
-                escape(&mut self.out, c);
+                self.put(c, key);
                 self.at = At::Str { key };
                 true
             }
@@ -797,7 +821,7 @@ impl Json {
                 let Some(c) = char::from_u32(n) else {
                     return false;
                 };
-                escape(&mut self.out, c);
+                self.put(c, key);
                 self.at = At::Str { key };
                 true
             }
@@ -868,6 +892,19 @@ impl Json {
             },
             At::FirstKey | At::Key => false,
         }
+    }
+
+    /// Writes a string's character `c` (`key`: of an object's key), as serde_json does.
+    fn put(&mut self, c: char, key: bool) {
+        escape(&mut self.out, c);
+        if key && self.open.len() == 1 {
+            self.key.push(c);
+        }
+    }
+
+    /// The top-level key the last character ended, if it did.
+    fn key(&mut self) -> Option<String> {
+        self.key_read.take()
     }
 
     /// Closes the innermost array or object (`open`) with `c`.
@@ -1177,6 +1214,32 @@ mod tests {
         let (content, calls, whole) = read("{\"name\": \"f\", \"arguments\": {\"x\" oops", &["f"]);
         assert_eq!((content.as_str(), calls.len()), ("oops", 1));
         assert!(whole.is_empty());
+    }
+
+    /// A call object that gives its name, or its arguments, twice is no call, whatever the
+    /// order of its keys: streamed from its name on, it is left incomplete; held, it is
+    /// content. (The first name was streamed and the last one read from a held object.)
+    #[test]
+    fn a_call_with_a_key_given_twice_is_no_call() {
+        for object in [
+            r#"{"name": "f", "arguments": {"x": 1}, "name": "g"}"#,
+            r#"{"name": "f", "id": 1, "name": "g", "arguments": {}}"#,
+            r#"{"arguments": {}, "name": "f", "name": "g"}"#,
+            r#"{"name": "f", "arguments": {"x": 1}, "arguments": {"y": 2}}"#,
+            r#"{"name": "f", "parameters": {"x": 1}, "arguments": {"y": 2}}"#,
+            r#"{"arguments": {}, "name": "f", "n\u0061me": "g"}"#,
+        ] {
+            let block = format!("{OPEN}{object}{CLOSE}");
+            let (content, _, whole) = read(&block, &["f", "g"]);
+            assert!(whole.is_empty(), "{block}");
+            if !content.is_empty() {
+                assert_eq!(content, block);
+            }
+        }
+        // Keys of the arguments are theirs.
+        let nested = r#"{"name": "f", "arguments": {"name": "a", "arguments": 1}}"#;
+        let (_, _, whole) = read(nested, &["f"]);
+        assert_eq!(whole[0].arguments, r#"{"name":"a","arguments":1}"#);
     }
 
     #[test]
