@@ -140,9 +140,12 @@ const HELPERS: &[(&str, &str, &[&str])] = &[
         &["value", "ws"],
     ),
     ("string", r#""\"" char* "\"" ws"#, &["char", "ws"]),
+    ("char", r#"[^"\\\x00-\x1f] | escape"#, &["escape"]),
+    // A `\u` escape of a UTF-16 surrogate only as a pair, high then low: a lone one is no
+    // character, and parsers (serde_json among them) refuse it.
     (
-        "char",
-        r#"[^"\\\x00-\x1f] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )"#,
+        "escape",
+        r#""\\" ( ["\\/bfnrt] | "u" ( [0-9a-cA-CefEF] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2} | [dD] [89abAB] [0-9a-fA-F]{2} "\\u" [dD] [c-fC-F] [0-9a-fA-F]{2} ) )"#,
         &[],
     ),
     (
@@ -986,9 +989,7 @@ impl Gen<'_> {
                 class.push(c);
                 todo.push((names, depth + 1, next));
             }
-            alts.push(format!(
-                r#"( [^"\\\x00-\x1f{class}] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{{4}} ) ) char* "\"""#
-            ));
+            alts.push(format!(r#"( [^"\\\x00-\x1f{class}] | escape ) char* "\"""#));
             if !ends {
                 alts.push(r#""\"""#.to_string());
             }
@@ -1259,8 +1260,24 @@ mod tests {
                 "\"a b\"",
                 "\"é世界\"",
                 "\"\\\"\\\\\\/\\b\\f\\n\\r\\t\\u00E9\"",
+                // A surrogate pair (U+1F600), the last code units before and after the
+                // surrogates.
+                "\"\\ud83d\\uDE00\"",
+                "\"\\uD7FF\\uE000\"",
             ],
-            &["1", "null", "\"a", "\"\t\"", "\"\\a\"", "\"\\u00G0\""],
+            &[
+                "1",
+                "null",
+                "\"a",
+                "\"\t\"",
+                "\"\\a\"",
+                "\"\\u00G0\"",
+                // Lone surrogates, and a pair in the wrong order.
+                "\"\\uD800\"",
+                "\"\\udfff\"",
+                "\"\\uD83D x\"",
+                "\"\\uDE00\\uD83D\"",
+            ],
         );
         check(
             json!({"type": "number"}),
