@@ -34,16 +34,36 @@ enum Expect {
 enum Lex {
     None,
     /// In a string (a key if `key`); `esc`: after a backslash; `hex`: \u digits still due;
-    /// `utf8`: the continuation bytes still due of a UTF-8 character and the range of the next.
+    /// `utf8`: the continuation bytes still due of a UTF-8 character and the range of the next;
+    /// `sur`: where a \u escape stands against UTF-16 surrogates.
     Str {
         key: bool,
         esc: bool,
         hex: u8,
         utf8: Utf8,
+        sur: Sur,
     },
     Num(Num),
     /// In `true`, `false` or `null`: the word and how many of its bytes came.
     Lit(&'static [u8], u8),
+}
+
+/// A `\u` escape of a UTF-16 surrogate is taken only as a high-low pair (a lone one is no
+/// character, and parsers such as serde_json refuse it): where the escapes stand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sur {
+    /// No surrogate under way.
+    No,
+    /// The first digit was `d`: the second says whether it is a surrogate.
+    Lead,
+    /// In the digits of a high surrogate.
+    High,
+    /// After a high surrogate: its low one's `\`, then its `u`.
+    Slash,
+    U,
+    /// The low surrogate's first digit (`d`), then its second (`c`-`f`).
+    LowD,
+    LowC,
 }
 
 /// The rest of a UTF-8 character in a string: bytes still due, and the range of the next one
@@ -63,6 +83,7 @@ impl Lex {
             esc: false,
             hex: 0,
             utf8: Utf8::NONE,
+            sur: Sur::No,
         }
     }
 }
@@ -172,29 +193,46 @@ impl JsonPrefix {
                 esc,
                 hex,
                 utf8,
+                sur,
             } => {
-                let string = |esc, hex, utf8| Lex::Str {
+                let string = |esc, hex, utf8, sur| Lex::Str {
                     key,
                     esc,
                     hex,
                     utf8,
+                    sur,
                 };
-                self.lex = match (esc, hex, b) {
+                self.lex = match (esc, hex, b, sur) {
                     _ if utf8.due > 0 => match utf8.next(b) {
-                        Some(u) => string(false, 0, u),
+                        Some(u) => string(false, 0, u, Sur::No),
                         None => return false,
                     },
-                    (_, 1.., b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
-                        string(false, hex - 1, utf8)
+                    // A high surrogate's low one: `\u`, `d`, `c`-`f`, two digits.
+                    (_, _, b'\\', Sur::Slash) => string(true, 0, utf8, Sur::U),
+                    (_, _, b'u', Sur::U) => string(false, 4, utf8, Sur::LowD),
+                    (_, _, b'd' | b'D', Sur::LowD) => string(false, 3, utf8, Sur::LowC),
+                    (_, _, b'c'..=b'f' | b'C'..=b'F', Sur::LowC) => string(false, 2, utf8, Sur::No),
+                    (_, _, _, Sur::Slash | Sur::U | Sur::LowD | Sur::LowC) => return false,
+                    (_, 1.., b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F', _) => {
+                        let sur = match (hex, sur, b) {
+                            (4, _, b'd' | b'D') => Sur::Lead,
+                            (3, Sur::Lead, b'8' | b'9' | b'a' | b'b' | b'A' | b'B') => Sur::High,
+                            // A low surrogate without a high one before it.
+                            (3, Sur::Lead, b'c'..=b'f' | b'C'..=b'F') => return false,
+                            (1, Sur::High, _) => Sur::Slash,
+                            (_, Sur::High, _) => Sur::High,
+                            _ => Sur::No,
+                        };
+                        string(false, hex - 1, utf8, sur)
                     }
-                    (_, 1.., _) => return false,
-                    (true, _, b'u') => string(false, 4, utf8),
-                    (true, _, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
-                        string(false, 0, utf8)
+                    (_, 1.., _, _) => return false,
+                    (true, _, b'u', _) => string(false, 4, utf8, Sur::No),
+                    (true, _, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't', _) => {
+                        string(false, 0, utf8, Sur::No)
                     }
-                    (true, _, _) => return false,
-                    (false, _, b'\\') => string(true, 0, utf8),
-                    (false, _, b'"') => {
+                    (true, _, _, _) => return false,
+                    (false, _, b'\\', _) => string(true, 0, utf8, Sur::No),
+                    (false, _, b'"', _) => {
                         self.lex = Lex::None;
                         match key {
                             true => self.expect = Expect::Colon,
@@ -202,9 +240,9 @@ impl JsonPrefix {
                         }
                         return true;
                     }
-                    (false, _, 0..=0x1f) => return false,
-                    (false, _, _) => match Utf8::lead(b) {
-                        Some(u) => string(false, 0, u),
+                    (false, _, 0..=0x1f, _) => return false,
+                    (false, _, _, _) => match Utf8::lead(b) {
+                        Some(u) => string(false, 0, u, Sur::No),
                         None => return false,
                     },
                 };
@@ -523,6 +561,20 @@ mod tests {
         ] {
             assert!(!JsonPrefix::default().push_all(bad), "{bad:?}");
         }
+        // A \u escape of a surrogate only as a high-low pair.
+        assert!(complete("{\"a\": \"\\ud83d\\uDE00\\uD7FF\\uE000\"}"));
+        assert!(prefix("{\"a\": \"\\uD83D"));
+        for bad in [
+            "{\"a\": \"\\uD83D\"",
+            "{\"a\": \"\\uD83Dx",
+            "{\"a\": \"\\uD83D\\n",
+            "{\"a\": \"\\uD83D\\uD8",
+            "{\"a\": \"\\uD83D\\u0041",
+            "{\"a\": \"\\uDC",
+            "{\"a\": \"\\udfff",
+        ] {
+            assert!(!prefix(bad), "{bad:?} should not be a prefix");
+        }
         assert!(JsonPrefix::default().push_all(b"{\"a\": \"\xc3"));
         assert!(JsonPrefix::default().push_all(b"{\"a\": \"\xc3\xa9\""));
         assert!(complete("{\"a\": [1, {\"b\": null}]}"));
@@ -544,15 +596,16 @@ mod tests {
     }
 
     /// Against serde_json, an independent parser: single-byte changes of valid documents
-    /// (compact and pretty) are complete here exactly when serde_json reads them as one
+    /// (as written, compact and pretty) are complete here exactly when serde_json reads them as one
     /// object, and every prefix of a valid document is a prefix here.
     #[test]
     fn agrees_with_serde_json() {
         let docs = [
             r#"{"name": "Felix", "age": 2, "tags": ["a", "b\n", "\u00e9"], "w": -1.5e-3, "x": {"y": [true, false, null, []]}}"#,
             r#"{"a": [0, 10, 2.50, 1E5, -0], "b": {}, "c": "q\"\\/"}"#,
+            r#"{"e": "\ud83d\uDE00 \uD7FF\ue000"}"#,
         ];
-        let alphabet = b"{}[]\":,0123456789-+.eEtrufalsn \\u\n\tx\x01";
+        let alphabet = b"{}[]\":,0123456789-+.eEtrufalsn \\u\n\tx\x01dDcC8b";
         let mut seed = 0x2545f4914f6cdd1du64;
         let mut next = move |n: usize| {
             seed ^= seed << 13;
@@ -563,7 +616,9 @@ mod tests {
         let mut checked = 0;
         for doc in docs {
             let v: serde_json::Value = serde_json::from_str(doc).unwrap();
+            // As written (with its escapes: serde_json writes the characters), compact, pretty.
             for text in [
+                doc.to_string(),
                 serde_json::to_string(&v).unwrap(),
                 serde_json::to_string_pretty(&v).unwrap(),
             ] {
@@ -592,7 +647,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 12000);
+        assert_eq!(checked, 27000);
     }
 
     /// llama.cpp's example: "hel" absorbs "hell" and "hello"; a likely end-of-generation token
