@@ -1124,6 +1124,15 @@ impl GrammarMode {
         GrammarMode::from_parts(g, tok.text_bytes(), tok.eos_ids().to_vec())
     }
 
+    /// For tests: a vocabulary of `texts` as tokens 1.., token 0 the end of sequence.
+    #[cfg(test)]
+    pub(crate) fn over_texts(g: Arc<Grammar>, texts: &[&str]) -> GrammarMode {
+        let bytes: Vec<Option<Vec<u8>>> = std::iter::once(None)
+            .chain(texts.iter().map(|t| Some(t.as_bytes().to_vec())))
+            .collect();
+        GrammarMode::from_parts(g, Arc::new(bytes), vec![0])
+    }
+
     /// From each token's bytes (`None`: a special token, never allowed) and the
     /// end-of-sequence tokens.
     pub fn from_parts(g: Arc<Grammar>, bytes: TokenBytes, eos: Vec<u32>) -> Self {
@@ -1360,10 +1369,7 @@ mod tests {
 
     /// A mode over `vocab` (token 0: the end of sequence) for `g`.
     fn mode(g: Grammar, vocab: &[&str]) -> GrammarMode {
-        let bytes: Vec<Option<Vec<u8>>> = std::iter::once(None)
-            .chain(vocab.iter().map(|t| Some(t.as_bytes().to_vec())))
-            .collect();
-        GrammarMode::from_parts(Arc::new(g), Arc::new(bytes), vec![0])
+        GrammarMode::over_texts(Arc::new(g), vocab)
     }
 
     #[test]

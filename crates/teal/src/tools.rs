@@ -386,7 +386,7 @@ pub fn generic_messages(messages: &[Message], tools: &[Value]) -> Vec<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grammar::GrammarState;
+    use crate::grammar::{GrammarMode, GrammarState};
     use std::sync::Arc;
 
     fn weather() -> Vec<Value> {
@@ -552,37 +552,23 @@ mod tests {
         assert!(ok(&named, time) && !ok(&named, paris));
         // Lazy: free text, then from `<tool_call>` on only calls.
         let lazy = call_grammar(&tools, None, false, true).unwrap();
-        let mut m = crate::grammar::GrammarMode::from_parts(
+        let mut m = GrammarMode::over_texts(
             Arc::new(lazy),
-            Arc::new(
-                [
-                    "Let me look. ",
-                    "<tool_call>",
-                    "\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>",
-                    "\nok",
-                ]
-                .iter()
-                .map(|t| Some(t.as_bytes().to_vec()))
-                .collect(),
-            ),
-            vec![],
+            &[
+                "Let me look. ",
+                "<tool_call>",
+                "\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>",
+                "\nok",
+            ],
         );
-        assert!(m.allows(0) && m.allows(3));
-        m.accept(0);
+        assert!(m.allows(1) && m.allows(4));
         m.accept(1);
-        assert!(m.allows(2) && !m.allows(3) && !m.allows(0));
+        m.accept(2);
+        assert!(m.allows(3) && !m.allows(4) && !m.allows(1));
         // What the grammar takes, parse_calls reads.
         let (_, calls) =
             parse_calls(&format!("{paris}\n{time}"), &["get_weather", "get_time"]).unwrap();
         assert_eq!(calls.len(), 2);
-    }
-
-    /// A grammar mode over `tokens` (token 0: the end of sequence) for `g`.
-    fn mode_over(g: &Grammar, tokens: &[&str]) -> crate::grammar::GrammarMode {
-        let bytes: Vec<Option<Vec<u8>>> = std::iter::once(None)
-            .chain(tokens.iter().map(|t| Some(t.as_bytes().to_vec())))
-            .collect();
-        crate::grammar::GrammarMode::from_parts(Arc::new(g.clone()), Arc::new(bytes), vec![0])
     }
 
     /// Whether `g` lets `next` follow the answer `before` (as tokens, each of which it must
@@ -590,7 +576,7 @@ mod tests {
     fn follows(g: &Grammar, before: &[&str], next: Option<&str>) -> bool {
         let mut tokens = before.to_vec();
         tokens.extend(next);
-        let mut m = mode_over(g, &tokens);
+        let mut m = GrammarMode::over_texts(Arc::new(g.clone()), &tokens);
         for t in 1..=before.len() as u32 {
             assert!(m.allows(t), "{before:?}: {}", tokens[t as usize - 1]);
             m.accept(t);
@@ -890,7 +876,7 @@ mod tests {
                 json!({"function": {"name": "g"}}),
             ]).unwrap();
             let g = call_grammar(&tools, None, parallel, true).unwrap();
-            let mut m = mode_over(&g, TOKENS);
+            let mut m = GrammarMode::over_texts(Arc::new(g), TOKENS);
             let mut answer: Vec<&str> = Vec::new();
             let mut ended = false;
             for pick in &picks {
