@@ -1464,13 +1464,7 @@ fn gpu_embeddings_match_cpu() {
         let whole = long.embed(&tokens).unwrap();
         let mut session = teal::generate::Session::new(&mut *long);
         let mut turn = session.embed_start(&tokens, 512).unwrap();
-        let mut pieces = 1;
-        let got = loop {
-            match session.embed_step(&mut turn).unwrap() {
-                Some(v) => break v,
-                None => pieces += 1,
-            }
-        };
+        let (got, pieces) = common::embed_in_pieces(&mut session, &mut turn);
         assert_eq!(pieces, 3, "{name}");
         assert_eq!(got, whole, "{name}: 1100 tokens in pieces");
         assert_eq!(session.positions(), 0, "{name}");

@@ -388,13 +388,7 @@ fn an_embedding_in_pieces_is_the_whole_inputs() {
             // Pieces of at most 16: three of 14, 14 and 12 tokens, a step each.
             let mut session = Session::new(&mut dec);
             let mut turn = session.embed_start(&input, 16).unwrap();
-            let mut steps = 1;
-            let got = loop {
-                match session.embed_step(&mut turn).unwrap() {
-                    Some(v) => break v,
-                    None => steps += 1,
-                }
-            };
+            let (got, steps) = common::embed_in_pieces(&mut session, &mut turn);
             assert_eq!(steps, 3, "{what}");
             assert_eq!(got, whole, "{what}");
             assert_eq!(session.positions(), 0, "{what}");

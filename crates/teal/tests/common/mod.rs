@@ -188,3 +188,18 @@ pub fn add_config_meta(g: &mut GgufWriter, c: &Config) {
     );
     g.add_meta(&format!("{a}.rope.freq_base"), MetaValue::F32(c.rope_theta));
 }
+
+/// Runs `turn` (from [`teal::generate::Session::embed_start`]) to its end: the embedding and
+/// the number of steps (pieces) it took.
+pub fn embed_in_pieces(
+    session: &mut teal::generate::Session,
+    turn: &mut teal::generate::EmbedTurn,
+) -> (Vec<f32>, usize) {
+    let mut steps = 1;
+    loop {
+        match session.embed_step(turn).unwrap() {
+            Some(v) => return (v, steps),
+            None => steps += 1,
+        }
+    }
+}
