@@ -1221,6 +1221,16 @@ fn qwen() -> Option<PathBuf> {
     teal::assets::test_model("TEAL_QWEN_GGUF", "Qwen2.5-Coder-0.5B-Instruct.gguf").unwrap()
 }
 
+/// The engines the tool-call tests run on, by model: Qwen2.5-Coder (whose template writes the
+/// tools) on a slot of its own, and the shared SmolLM2 engine (whose template does not);
+/// `None` where the model is not cached.
+fn tool_engines() -> [(&'static str, Option<Sender<Job>>); 2] {
+    [
+        ("qwen", qwen().map(|p| spawn_engine(p, 1))),
+        ("smollm2", engine().map(|(tx, _)| tx)),
+    ]
+}
+
 /// `/infill` on Qwen2.5-Coder: the plain prefix-suffix-middle prompt and its greedy middle;
 /// the typed start of the middle after `<|fim_middle|>`; other files in the repository-level
 /// format; a prefix too long for the context cut to its end, also through OpenAI's `suffix`.
@@ -1942,10 +1952,7 @@ fn weather_and_time() -> (Value, Value, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_are_answered_as_openai_does() {
     let (weather, time, user) = weather_and_time();
-    let engines = [
-        ("qwen", qwen().map(|p| spawn_engine(p, 1))),
-        ("smollm2", engine().map(|(tx, _)| tx)),
-    ];
+    let engines = tool_engines();
     for (name, tx) in engines {
         let Some(tx) = tx else { continue };
         for (choice, temperature, parallel) in [
@@ -2460,10 +2467,7 @@ async fn tool_calls_are_streamed_as_they_are_generated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_tool_calls_stream_as_their_whole_answers() {
     let (weather, time, user) = weather_and_time();
-    let engines = [
-        ("qwen", qwen().map(|p| spawn_engine(p, 1))),
-        ("smollm2", engine().map(|(tx, _)| tx)),
-    ];
+    let engines = tool_engines();
     for (name, tx) in engines {
         let Some(tx) = tx else { continue };
         for (choice, parallel) in [
