@@ -500,11 +500,11 @@ impl Work<'_> {
 }
 
 /// An embeddings request running on a slot: its inputs, the vectors and token counts of those
-/// done, the input being embedded (with its token count), and where the whole answer goes.
+/// done, the input being embedded, and where the whole answer goes.
 struct Embedding {
     inputs: Vec<Prompt>,
     done: Vec<(Vec<f32>, usize)>,
-    current: Option<(EmbedTurn, usize)>,
+    current: Option<EmbedTurn>,
     reply: oneshot::Sender<EmbedResult>,
 }
 
@@ -515,8 +515,8 @@ impl Embedding {
     fn step(&mut self, session: &mut Session, tok: &Tokenizer) -> Option<EmbedResult> {
         let i = self.done.len();
         let bad = |e: String| ApiError::bad_request(format!("input[{i}]: {e}"));
-        let (mut turn, n) = match self.current.take() {
-            Some(current) => current,
+        let mut turn = match self.current.take() {
+            Some(turn) => turn,
             None => {
                 let Some(p) = self.inputs.get(i) else {
                     return Some(Ok(std::mem::take(&mut self.done)));
@@ -527,17 +527,17 @@ impl Embedding {
                     Err(e) => return Some(Err(bad(e.to_string()))),
                 };
                 match session.embed_start(&tokens, PREFILL_CHUNK) {
-                    Ok(turn) => (turn, tokens.len()),
+                    Ok(turn) => turn,
                     Err(e) => return Some(Err(bad(e.to_string()))),
                 }
             }
         };
         match session.embed_step(&mut turn) {
             Ok(None) => {
-                self.current = Some((turn, n));
+                self.current = Some(turn);
                 return None;
             }
-            Ok(Some(v)) => self.done.push((v, n)),
+            Ok(Some(v)) => self.done.push((v, turn.input_tokens())),
             Err(e) => return Some(Err(bad(e.to_string()))),
         }
         (self.done.len() == self.inputs.len()).then(|| Ok(std::mem::take(&mut self.done)))

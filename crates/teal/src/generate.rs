@@ -461,6 +461,13 @@ pub struct EmbedTurn {
     owner: usize,
 }
 
+impl EmbedTurn {
+    /// How many tokens its input has.
+    pub fn input_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
 /// A generation in progress, a step at a time ([`Turn::step`]: a piece of the prompt, or a
 /// token): what [`generate_on`] and [`Session::generate`] run to the end, and what a server
 /// runs side by side over its slots (each turn on its own decoder, [`step_together`]).
