@@ -1077,8 +1077,7 @@ fn run_prompt(a: &RunArgs) -> Result<Option<String>> {
     let Some(p) = &a.file else {
         return Ok(a.prompt.clone());
     };
-    let mut text =
-        std::fs::read_to_string(p).with_context(|| format!("prompt file {}", p.display()))?;
+    let mut text = teal::error::read_text(p).context("prompt file")?;
     if text.ends_with('\n') {
         text.pop();
     }
@@ -1090,7 +1089,7 @@ fn run_prompt(a: &RunArgs) -> Result<Option<String>> {
 /// reuses the cached conversation so far.
 fn chat_loop(
     a: &RunArgs,
-    first: Option<String>,
+    mut first: Option<String>,
     dec: &mut dyn Decoder,
     tok: &Tokenizer,
     params: &GenerateParams,
@@ -1106,7 +1105,6 @@ fn chat_loop(
     let stdin = std::io::stdin();
     let tty = stdin.is_terminal();
     let mut lines = stdin.lock().lines();
-    let mut first = first;
     loop {
         let line = match first.take() {
             Some(p) => p,
