@@ -387,6 +387,8 @@ impl Decoder for CpuDecoder<'_> {
     /// packing buffers) come from the heap, reused from call to call, and are handed back to
     /// the system before decoding starts (`load::reusing_heap`): left there, they
     /// stayed resident while decoding (1.7-2.9 MB after an 8-token prompt on SmolLM2-135M).
+    /// The program's code pages go too (`load::release_executable_pages`): decoding maps back
+    /// the code it runs, and tokenizing's, prefill's and loading's stay out (2.5-3 MB).
     fn prefill(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         let m = self.masked.as_ref().unwrap_or(self.models.prefill);
         let first = logits.first_position(self.cache.len(), tokens.len());

@@ -237,11 +237,13 @@ static HEAP_REUSE_DEPTH: std::sync::atomic::AtomicUsize = std::sync::atomic::Ato
 
 /// Runs `f` with allocations of up to 32 MiB served from the heap, where freed blocks are
 /// reused, then restores [`large_allocations_as_mappings`]'s policy (once the outermost call
-/// ends) and returns the free pages ([`release_free_heap`]). For batch work (prefill,
-/// calibration): its per-call buffers (GEMM packing, dequantized weight blocks, activations)
-/// are otherwise each mapped and faulted in afresh, and unmapped with a TLB flush of every
-/// thread. On SmolLM2-135M this makes prefill 25-45 % faster and the greedy search's system
-/// time 42 s -> 6 s; decoding keeps the mapped policy, whose freed blocks do not stay resident.
+/// ends), returns the free pages ([`release_free_heap`]) and drops the resident pages of the
+/// program's code ([`release_executable_pages`]: decoding maps back what it runs). For batch
+/// work (prefill, calibration): its per-call buffers (GEMM packing, dequantized weight blocks,
+/// activations) are otherwise each mapped and faulted in afresh, and unmapped with a TLB flush
+/// of every thread. On SmolLM2-135M this makes prefill 25-45 % faster and the greedy search's
+/// system time 42 s -> 6 s; decoding keeps the mapped policy, whose freed blocks do not stay
+/// resident.
 pub(crate) fn reusing_heap<R>(f: impl FnOnce() -> R) -> R {
     use std::sync::atomic::Ordering;
     if HEAP_REUSE_DEPTH.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -251,6 +253,7 @@ pub(crate) fn reusing_heap<R>(f: impl FnOnce() -> R) -> R {
     if HEAP_REUSE_DEPTH.fetch_sub(1, Ordering::SeqCst) == 1 {
         set_mmap_threshold(MMAP_THRESHOLD);
         release_free_heap();
+        release_executable_pages();
     }
     out
 }
@@ -343,6 +346,105 @@ pub unsafe fn release_code_pages() {
     }
 }
 
+/// This program's own read-only mappings of its executable file (code, read-only data and
+/// the relocated RELRO), found once from `/proc/self/maps`. The executable stays mapped for the
+/// life of the process, so these ranges hold it until the process ends.
+#[cfg(target_os = "linux")]
+static EXECUTABLE_READ_ONLY: std::sync::OnceLock<Vec<(usize, usize)>> = std::sync::OnceLock::new();
+
+/// The address ranges of `maps` (the text of `/proc/self/maps`) that map the file `exe`
+/// read-only and private.
+#[cfg(target_os = "linux")]
+fn read_only_ranges_of(maps: &str, exe: &str) -> Vec<(usize, usize)> {
+    maps.lines()
+        .filter_map(|line| {
+            // "start-end perms offset dev inode path", the path last (it may hold spaces).
+            let mut fields = line.splitn(6, ' ');
+            let range = fields.next()?;
+            let perms = fields.next()?;
+            let path = fields.nth(3)?.trim_start();
+            if path != exe || !matches!(perms, "r--p" | "r-xp") {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            Some((
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Drops the resident pages of this program's executable file that hold nothing but the file's
+/// bytes (its code and read-only data), as [`release_code_pages`] does after loading, but safe
+/// at any time from any thread: the ranges are the executable's own, which are never unmapped,
+/// and within them a page is kept where it was written (the relocated RELRO; a debugger's
+/// breakpoint or a uprobe, written into a private copy of the page), as `/proc/self/pagemap`
+/// tells (present and not a file page). [`reusing_heap`] calls it when batch work (prefill)
+/// ends, so that while decoding the program's resident code is what decoding runs: tokenizing
+/// and prefill's code, and loading's, come back only when they run again (minor faults from
+/// the page cache). Nothing happens where `/proc` cannot be read.
+pub(crate) fn release_executable_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::FileExt;
+        const PAGE: usize = 4096;
+        let ranges = EXECUTABLE_READ_ONLY.get_or_init(|| {
+            let exe = std::fs::read_link("/proc/self/exe");
+            match (exe, std::fs::read_to_string("/proc/self/maps")) {
+                (Ok(exe), Ok(maps)) => exe
+                    .to_str()
+                    .map(|exe| read_only_ranges_of(&maps, exe))
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            }
+        });
+        let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+            return;
+        };
+        // pagemap: one little-endian u64 per page; bit 63 present, bit 62 swapped out (only
+        // anonymous memory is), bit 61 a file page (or shared anonymous memory).
+        let written =
+            |entry: u64| (entry >> 62) & 1 == 1 || (entry >> 63 == 1 && (entry >> 61) & 1 == 0);
+        let mut entries = Vec::new();
+        for &(start, end) in ranges {
+            entries.resize((end - start) / PAGE * 8, 0u8);
+            if pagemap
+                .read_exact_at(&mut entries, (start / PAGE * 8) as u64)
+                .is_err()
+            {
+                continue;
+            }
+            let kept = entries.chunks_exact(8).map(|e| {
+                let entry = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+                written(entry)
+            });
+            // Runs of pages to drop, each ended by a kept page or the range's end.
+            let mut first = None;
+            for (i, keep) in kept.chain([true]).enumerate() {
+                match (keep, first) {
+                    (false, None) => first = Some(i),
+                    (true, Some(f)) => {
+                        // SAFETY: pages of the executable's read-only private mapping (mapped
+                        // for the life of the process) that hold the file's bytes and no
+                        // written copy: MADV_DONTNEED only unmaps them, and the next access
+                        // maps them again from the file.
+                        unsafe {
+                            libc::madvise(
+                                (start + f * PAGE) as *mut libc::c_void,
+                                (i - f) * PAGE,
+                                libc::MADV_DONTNEED,
+                            );
+                        }
+                        first = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
@@ -409,6 +511,59 @@ mod tests {
                 "file-backed resident {before} kB -> {after} kB"
             );
         }
+        // The code dropped runs again from the page cache.
+        let sum: u64 = (1..=1000u64).map(|x| x * x).sum();
+        assert_eq!(sum, 333_833_500);
+        assert_eq!(format!("{:?}", vec![1.5f32, 2.5]), "[1.5, 2.5]");
+    }
+
+    /// The executable's code and read-only data leave the resident set and come back when they
+    /// run; a page written into a private copy (as a debugger writes a breakpoint, here
+    /// through `/proc/self/mem`) keeps what was written. Run alone in a child process, as the
+    /// test above, so that other tests' threads do not fault pages back in meanwhile.
+    #[test]
+    fn executable_pages_released_and_written_copies_kept() {
+        const ALONE: &str = "TEAL_TEST_EXECUTABLE_PAGES_ALONE";
+        if std::env::var_os(ALONE).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "load::tests::executable_pages_released_and_written_copies_kept",
+                    "--exact",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(ALONE, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            return;
+        }
+        use std::os::unix::fs::FileExt;
+        const PAGE: usize = 4096;
+        static PROBE: [u8; 3 * PAGE] = [7; 3 * PAGE];
+        // A whole page of PROBE, in the executable's read-only data.
+        let at = PROBE.as_ptr() as usize;
+        let page = at.div_ceil(PAGE) * PAGE;
+        let probe = page as *const u8;
+        assert!(page + PAGE <= at + PROBE.len());
+        let mem = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/proc/self/mem")
+            .unwrap();
+        mem.write_all_at(&[42], page as u64).unwrap();
+        // SAFETY: `probe` points into PROBE, a static of this program.
+        let read = || unsafe { std::ptr::read_volatile(probe) };
+        assert_eq!(read(), 42);
+        let before = file_resident_kib();
+        release_executable_pages();
+        let after = file_resident_kib();
+        assert_eq!(read(), 42, "a written copy of a page was dropped");
+        assert!(
+            after + 256 < before,
+            "file-backed resident {before} kB -> {after} kB"
+        );
         // The code dropped runs again from the page cache.
         let sum: u64 = (1..=1000u64).map(|x| x * x).sum();
         assert_eq!(sum, 333_833_500);
