@@ -463,16 +463,16 @@ fn result(
 }
 
 /// `response_fields`: only these fields, a nested one (`timings/prompt_n`) moved to the top
-/// under its last name; missing ones left out.
+/// under its path (llama.cpp's `"timings/prompt_n": 5`); missing ones left out. An empty list
+/// leaves the answer whole, as llama.cpp's does.
 fn pick(v: Value, fields: Option<&[String]>) -> Value {
-    let Some(fields) = fields else {
+    let Some(fields) = fields.filter(|f| !f.is_empty()) else {
         return v;
     };
     let mut out = serde_json::Map::new();
     for f in fields {
-        let found = f.split('/').try_fold(&v, |cur, part| cur.get(part));
-        if let (Some(x), Some(name)) = (found, f.rsplit('/').next()) {
-            out.insert(name.to_string(), x.clone());
+        if let Some(x) = f.split('/').try_fold(&v, |cur, part| cur.get(part)) {
+            out.insert(f.clone(), x.clone());
         }
     }
     Value::Object(out)

@@ -1024,14 +1024,19 @@ async fn native_completion_in_llama_cpps_shape() {
     assert_eq!(v["stopping_word"], "answer");
     assert_eq!(json!(v["tokens"]), json!(ids[..6]));
 
-    // response_fields: those fields only, nested ones under their last name.
+    // response_fields: those fields only, nested ones under their path (llama.cpp's
+    // `res.body["generation_settings/n_predict"]`); an empty list leaves the answer whole.
     let mut fields = plain.clone();
     fields["response_fields"] = json!(["content", "timings/predicted_n", "missing"]);
-    let (_, v) = call_json(&tx, "/completion", fields).await;
+    let (_, v) = call_json(&tx, "/completion", fields.clone()).await;
     assert_eq!(
         v,
-        json!({"content": " Paris.\n\nThe answer is: 201", "predicted_n": 12})
+        json!({"content": " Paris.\n\nThe answer is: 201", "timings/predicted_n": 12})
     );
+    fields["response_fields"] = json!([]);
+    let (_, v) = call_json(&tx, "/completion", fields).await;
+    assert_eq!(v["content"], " Paris.\n\nThe answer is: 201");
+    assert_eq!(v["generation_settings"]["n_predict"], 12);
 
     // A list of prompts (text and token ids): a list of results.
     let (_, t) = call_json(
