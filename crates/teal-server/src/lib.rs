@@ -1192,15 +1192,26 @@ async fn detokenize(State(st): State<AppState>, RequestBody(body): RequestBody) 
     }
 }
 
-/// `/v1/embeddings`: OpenAI's request (`input`: a text, texts, token ids or lists of them;
-/// llama.cpp's `content` too) and answer, `encoding_format` `float` or `base64` (little-endian
-/// f32, what OpenAI's Python client asks for).
+/// `/v1/embeddings`: OpenAI's request (`input`: a text, texts, token ids or lists of them,
+/// and llama.cpp's ids and texts in one input; llama.cpp's `content` too) and answer,
+/// `encoding_format` `float` or `base64` (little-endian f32, what OpenAI's Python client asks
+/// for).
 #[derive(Deserialize)]
 struct EmbeddingRequest {
     #[serde(alias = "content")]
-    input: PromptField,
+    input: Value,
     encoding_format: Option<String>,
     dimensions: Option<usize>,
+}
+
+/// The request's inputs run by the engine: per input, its vector and its number of tokens.
+async fn embed(st: &AppState, r: &EmbeddingRequest) -> EmbedResult {
+    let (inputs, _) = native::prompts(&r.input, "input")?;
+    let (reply, rx) = oneshot::channel();
+    if st.jobs.send(Job::Embed(inputs, reply)).is_err() {
+        return Err(ApiError::engine_stopped());
+    }
+    rx.await.unwrap_or_else(|_| Err(ApiError::engine_dropped()))
 }
 
 async fn embeddings(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
@@ -1218,20 +1229,7 @@ async fn embeddings(State(st): State<AppState>, RequestBody(body): RequestBody) 
             .into_response()
         }
     };
-    let inputs = match r.input {
-        PromptField::Text(t) => vec![Prompt::Text(t)],
-        PromptField::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
-        PromptField::Ids(ids) => vec![Prompt::Tokens(ids)],
-        PromptField::IdLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
-    };
-    if inputs.is_empty() {
-        return ApiError::bad_request("input: the list is empty").into_response();
-    }
-    let (reply, rx) = oneshot::channel();
-    if st.jobs.send(Job::Embed(inputs, reply)).is_err() {
-        return ApiError::engine_stopped().into_response();
-    }
-    let vectors = match rx.await.unwrap_or_else(|_| Err(ApiError::engine_dropped())) {
+    let vectors = match embed(&st, &r).await {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };

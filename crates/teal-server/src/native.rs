@@ -1,9 +1,9 @@
 //! llama.cpp's own endpoints (not OpenAI's), in the shapes its server documents, so that the
 //! clients written for `llama-server` work unchanged:
 //!
-//! - `POST /completion` (also `/completions`): `prompt` (text, token ids, or a list of them:
-//!   the answer is then a list), `n_predict` (-1: no limit; 0: run the prompt only),
-//!   `temperature` (<= 0: greedy), `top_k` (<= 0: off), `top_p`, `min_p`, `seed` (-1: random),
+//! - `POST /completion` (also `/completions`): `prompt` (text, token ids, ids and texts in one
+//!   prompt as `[12, "text", 34]`, or a list of them: the answer is then a list), `n_predict`
+//!   (-1: no limit; 0: run the prompt only), `temperature` (<= 0: greedy), `top_k` (<= 0: off), `top_p`, `min_p`, `seed` (-1: random),
 //!   `repeat_penalty`, `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `stop`,
 //!   `stream`, `cache_prompt`, `n_probs`, `ignore_eos`, `return_tokens`, `n_indent`,
 //!   `t_max_predict_ms`, `n_cmpl`, `id_slot`, `logit_bias`, `samplers` and `response_fields`.
@@ -29,6 +29,7 @@
 //! generation where it weighs enough).
 
 use super::*;
+use teal::chat::Piece;
 
 /// The options of `/completion` and `/infill`, llama.cpp's names. Other fields are ignored.
 #[derive(Deserialize)]
@@ -236,33 +237,40 @@ fn check(
     Ok((r, shape))
 }
 
-/// `/completion`'s `prompt`: a text, token ids, or a list of texts and id lists (one prompt
-/// each). Token ids mixed with text in one prompt are not supported.
-fn prompts(v: Value) -> Result<(Vec<Prompt>, bool), ApiError> {
-    let ids = |a: &[Value]| -> Option<Vec<u32>> {
-        a.iter()
-            .map(|x| x.as_u64().and_then(|i| u32::try_from(i).ok()))
-            .collect()
-    };
-    let mixed = || {
-        ApiError::bad_request(
-            "prompt: token ids mixed with text in one prompt are not supported (give text, \
-             token ids, or a list of texts and id lists)",
-        )
-    };
+/// `/completion`'s `prompt` (and the embeddings' `input`, named by `field`), as llama.cpp
+/// reads it: a text, token ids, token ids and texts in one prompt (a list with a number in
+/// it), or a list of prompts (texts, and lists of ids or of ids and texts); with several, the
+/// answer is a list.
+pub(crate) fn prompts(v: &Value, field: &str) -> Result<(Vec<Prompt>, bool), ApiError> {
     let one = |v: &Value| -> Result<Prompt, ApiError> {
+        let bad = || {
+            ApiError::bad_request(format!(
+                "{field}: expected a string, token ids (with texts among them), or a list of them"
+            ))
+        };
+        let id = |x: &Value| x.as_u64().and_then(|i| u32::try_from(i).ok());
         match v {
             Value::String(s) => Ok(Prompt::Text(s.clone())),
-            Value::Array(a) => ids(a).map(Prompt::Tokens).ok_or_else(mixed),
-            _ => Err(ApiError::bad_request(
-                "prompt: expected a string, token ids, or a list of them",
-            )),
+            Value::Array(a) => match a.iter().map(id).collect::<Option<Vec<u32>>>() {
+                Some(ids) => Ok(Prompt::Tokens(ids)),
+                None => a
+                    .iter()
+                    .map(|x| match (x, id(x)) {
+                        (Value::String(s), _) => Ok(Piece::Text(s.clone())),
+                        (_, Some(i)) => Ok(Piece::Token(i)),
+                        _ => Err(bad()),
+                    })
+                    .collect::<Result<_, _>>()
+                    .map(Prompt::Mixed),
+            },
+            _ => Err(bad()),
         }
     };
-    match &v {
-        Value::Array(a) if a.is_empty() => Err(ApiError::bad_request("prompt: the list is empty")),
-        Value::Array(a) if a.iter().all(Value::is_number) => Ok((vec![one(&v)?], false)),
-        Value::Array(a) if a.iter().any(Value::is_number) => Err(mixed()),
+    match v {
+        Value::Array(a) if a.is_empty() => {
+            Err(ApiError::bad_request(format!("{field}: the list is empty")))
+        }
+        Value::Array(a) if a.iter().any(Value::is_number) => Ok((vec![one(v)?], false)),
         Value::Array(a) => Ok((a.iter().map(one).collect::<Result<_, _>>()?, a.len() > 1)),
         v => Ok((vec![one(v)?], false)),
     }
@@ -273,7 +281,7 @@ pub(crate) async fn completion(
     RequestBody(body): RequestBody,
 ) -> Response {
     let checked = parse_with_options(&body).and_then(|(r, o): (CompletionRequest, _)| {
-        let (p, many) = prompts(r.prompt)?;
+        let (p, many) = prompts(&r.prompt, "prompt")?;
         check(o, p, many, st.model.ctx)
     });
     match checked {

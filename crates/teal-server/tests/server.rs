@@ -1064,6 +1064,52 @@ async fn native_completion_in_llama_cpps_shape() {
     assert_eq!(v["tokens_evaluated"], 5);
 }
 
+/// Token ids and texts in one prompt (llama.cpp's `[12, "text", 34]`): the ids with each
+/// text's tokens in its place, on `/completion` (also in a list of prompts) and on the
+/// embeddings' `input`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_mix_token_ids_and_text() {
+    let Some((tx, _)) = engine() else { return };
+    let ids = |text: &str| {
+        let tx = tx.clone();
+        let text = text.to_string();
+        async move {
+            let (_, t) = call_json(&tx, "/tokenize", json!({ "content": text })).await;
+            t["tokens"].as_array().unwrap().clone()
+        }
+    };
+    let (the, rest) = (ids("The").await, ids(" capital of France").await);
+    let mut mixed = the.clone();
+    mixed.push(json!(" capital of France"));
+    mixed.extend(ids(" is").await);
+    let flat: Vec<Value> = the
+        .iter()
+        .chain(&rest)
+        .cloned()
+        .chain(ids(" is").await)
+        .collect();
+    let req = |prompt: Value| json!({"prompt": prompt, "n_predict": 4, "temperature": 0});
+    let (s, a) = call_json(&tx, "/completion", req(json!(mixed))).await;
+    assert_eq!(s, StatusCode::OK, "{a}");
+    let (_, b) = call_json(&tx, "/completion", req(json!(flat))).await;
+    assert_eq!(a["content"], b["content"]);
+    assert_eq!(a["tokens_evaluated"], flat.len());
+    let (s, v) = call_json(&tx, "/completion", req(json!([mixed, "x"]))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v[0]["content"], b["content"]);
+
+    let (s, e) = call_json(&tx, "/v1/embeddings", json!({ "input": mixed })).await;
+    assert_eq!(s, StatusCode::OK, "{e}");
+    let (_, f) = call_json(&tx, "/v1/embeddings", json!({ "input": flat })).await;
+    assert_eq!(e["data"].as_array().unwrap().len(), 1);
+    assert_eq!(e["data"][0]["embedding"], f["data"][0]["embedding"]);
+    let input = json!(["The capital", flat, mixed]);
+    let (s, e) = call_json(&tx, "/v1/embeddings", json!({ "input": input })).await;
+    assert_eq!(s, StatusCode::OK, "{e}");
+    assert_eq!(e["data"].as_array().unwrap().len(), 3);
+    assert_eq!(e["data"][1]["embedding"], e["data"][2]["embedding"]);
+}
+
 /// `samplers` turns off the stages it leaves out: with only top-k listed, the temperature is
 /// 1 whatever `temperature` says, and top-p and min-p are off, as OpenAI's endpoint with those
 /// settings and the same seed samples. With `infill` listed too, the text is the library's
@@ -1158,7 +1204,11 @@ async fn native_bad_requests_name_the_field() {
             json!({"prompt": "x", "n_indent": -1}),
             "n_indent",
         ),
-        ("/completion", json!({"prompt": [1, "x"]}), "mixed"),
+        (
+            "/completion",
+            json!({"prompt": [1, "x", {"a": 1}]}),
+            "expected a string, token ids",
+        ),
         ("/completion", json!({"prompt": []}), "empty"),
         (
             "/completion",

@@ -173,11 +173,16 @@ impl ChatTemplate {
 }
 
 /// What the model is asked: plain text to continue, token ids to continue (as given: no BOS
-/// is added), a chat to answer, or the middle between a prefix and a suffix (code infilling).
+/// is added), token ids and texts in one sequence, a chat to answer, or the middle between a
+/// prefix and a suffix (code infilling).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Prompt {
     Text(String),
     Tokens(Vec<u32>),
+    /// Token ids and texts in one prompt (llama.cpp's `[12, 34, "text", 56]`): each text's
+    /// tokens in its place, BOS and EOS (where the tokenizer adds them) only around the first
+    /// piece's text, if the first piece is a text, as llama.cpp's server tokenizes it.
+    Mixed(Vec<Piece>),
     Chat(Vec<Message>),
     /// A chat with tools the model may call (see [`crate::tools`]).
     ToolChat {
@@ -185,6 +190,13 @@ pub enum Prompt {
         tools: Vec<serde_json::Value>,
     },
     Infill(Infill),
+}
+
+/// A piece of a [`Prompt::Mixed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Piece {
+    Token(u32),
+    Text(String),
 }
 
 /// A fill-in-the-middle request, as llama.cpp's `/infill` takes it: the text before and after
@@ -306,6 +318,17 @@ pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> crate::Result<Vec<u32>
     let text = match prompt {
         Prompt::Text(t) => return Ok(tok.encode_special(t)?),
         Prompt::Tokens(ids) => return Ok(ids.clone()),
+        Prompt::Mixed(pieces) => {
+            let mut ids = Vec::new();
+            for (i, piece) in pieces.iter().enumerate() {
+                match piece {
+                    Piece::Token(id) => ids.push(*id),
+                    Piece::Text(t) if i == 0 => ids.extend(tok.encode_special(t)?),
+                    Piece::Text(t) => ids.extend(tok.encode(t, false)?),
+                }
+            }
+            return Ok(ids);
+        }
         Prompt::Infill(f) => return encode_infill(tok, f),
         Prompt::Chat(messages) => render_chat(tok, messages)?,
         Prompt::ToolChat { messages, tools } => render_chat_with_tools(tok, messages, tools)?,
