@@ -17,6 +17,8 @@
 //!   `prompt` (the start of the middle), with every option of `/completion`; the parts are cut
 //!   to fit the context as [`teal::chat::Infill`] describes.
 //! - `POST /apply-template` (`messages`: the prompt text of a chat) and `GET /props`.
+//! - `POST /embeddings` (also `/embedding`): `/v1/embeddings`' request, answered as a list of
+//!   `{"index", "embedding": [vector]}`.
 //!
 //! `grammar` (GBNF, [`teal::grammar`]) and `json_schema` (converted to a grammar by
 //! [`teal::json_schema`]; `{}` and `{"type": "object"}` are JSON mode) constrain the answer.
@@ -317,6 +319,30 @@ pub(crate) async fn apply_template(
 ) -> Response {
     match parse::<TemplateRequest>(&body).and_then(|r| chat_messages(r.messages)) {
         Ok(m) => tokenizer_answer(&st, TokenizerJob::Template(m)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// llama.cpp's `/embeddings` (also `/embedding`): `/v1/embeddings`' request, llama.cpp's own
+/// answer: per input `{"index", "embedding": [vector]}`, the pooled vector in a list (where
+/// llama.cpp's `--pooling none` would list one per token).
+pub(crate) async fn embeddings(
+    State(st): State<AppState>,
+    RequestBody(body): RequestBody,
+) -> Response {
+    let vectors = match parse::<EmbeddingRequest>(&body) {
+        Ok(r) => embed(&st, &r).await,
+        Err(e) => Err(e),
+    };
+    match vectors {
+        Ok(v) => {
+            let all: Vec<Value> = v
+                .iter()
+                .enumerate()
+                .map(|(i, (v, _))| json!({"index": i, "embedding": [v]}))
+                .collect();
+            Json(Value::Array(all)).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -2684,6 +2684,36 @@ async fn embeddings_are_pooled_final_states() {
     }
 }
 
+/// llama.cpp's own `/embeddings` (and `/embedding`): `/v1/embeddings`' vectors, answered as
+/// its list of `{"index", "embedding": [vector]}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_embeddings_in_llama_cpps_shape() {
+    let Some((tx, _)) = engine() else { return };
+    let texts = json!(["The cat sat on the mat.", "Quantum chromodynamics"]);
+    let (s, oai) = call_json(&tx, "/v1/embeddings", json!({ "input": texts })).await;
+    assert_eq!(s, StatusCode::OK, "{oai}");
+    for (uri, body) in [
+        ("/embeddings", json!({ "input": texts })),
+        ("/embedding", json!({ "content": texts })),
+    ] {
+        let (s, v) = call_json(&tx, uri, body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let all = v.as_array().unwrap_or_else(|| panic!("{uri}: {v}"));
+        assert_eq!(all.len(), 2);
+        for (i, e) in all.iter().enumerate() {
+            assert_eq!(e["index"], i);
+            assert_eq!(e["embedding"], json!([oai["data"][i]["embedding"]]));
+        }
+    }
+    expect_400(
+        &tx,
+        "/embeddings",
+        json!({"input": []}),
+        "input: the list is empty",
+    )
+    .await;
+}
+
 /// An embeddings request runs a piece of an input per round beside the other slots' answers:
 /// two short inputs take a round each, and a long one (over two pieces of 512 tokens) three,
 /// in pieces of equal size; a generation of 4 tokens queued with it (both before the engine
