@@ -12,6 +12,8 @@ pub struct Metrics {
     /// Prompt tokens run (not those reused from a cache) and their microseconds.
     prompt_tokens: AtomicU64,
     prompt_micros: AtomicU64,
+    /// Prompt tokens reused from a slot's cache.
+    cached: AtomicU64,
     /// Tokens generated, and the microseconds of decoding them (after the first of each
     /// answer, which comes with its prompt).
     predicted: AtomicU64,
@@ -31,6 +33,7 @@ impl Metrics {
             (s.prompt_tokens - s.cached_tokens) as u64,
         );
         add(&self.prompt_micros, micros(s.prompt_secs));
+        add(&self.cached, s.cached_tokens as u64);
         add(&self.predicted, s.completion_tokens as u64);
         add(&self.decoded, s.decode_tokens as u64);
         add(&self.decode_micros, micros(s.decode_secs));
@@ -45,12 +48,29 @@ impl Metrics {
             0 => 0.0,
             _ => get(n) as f64 / secs(t),
         };
-        let rows: [(&str, &str, &str, String); 9] = [
+        let (run, cached) = (get(&self.prompt_tokens), get(&self.cached));
+        let hit_ratio = match run + cached {
+            0 => 0.0,
+            all => cached as f64 / all as f64,
+        };
+        let rows: [(&str, &str, &str, String); 11] = [
             (
                 "prompt_tokens_total",
                 "counter",
                 "Number of prompt tokens processed.",
-                get(&self.prompt_tokens).to_string(),
+                run.to_string(),
+            ),
+            (
+                "prompt_tokens_cache_total",
+                "counter",
+                "Number of prompt tokens reused from the cache.",
+                cached.to_string(),
+            ),
+            (
+                "prompt_cache_hit_ratio",
+                "gauge",
+                "Share of the prompt tokens reused from the cache.",
+                hit_ratio.to_string(),
             ),
             (
                 "prompt_seconds_total",

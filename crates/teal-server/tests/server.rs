@@ -1903,6 +1903,46 @@ async fn metrics_count_the_answers() {
     assert!(body.contains("--metrics"), "{body}");
 }
 
+/// `--metrics` counts the prompt tokens reused from the cache, as llama.cpp's
+/// `prompt_tokens_cache_total`, and their share of all prompt tokens (`prompt_cache_hit_ratio`):
+/// the same prompt twice, the second run from the first's cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_cached_prompt_tokens() {
+    let Some(path) = smollm2() else { return };
+    let tx = spawn_engine(path, 1);
+    let app = metrics_router(tx);
+    let send = |req: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8(body.to_vec()).unwrap()
+        }
+    };
+    let req = json!({"prompt": "The capital of France is", "n_predict": 4, "temperature": 0});
+    let mut cached = 0;
+    for _ in 0..2 {
+        let post = Request::post("/completion").body(Body::from(req.to_string()));
+        let v: Value = serde_json::from_str(&send(post.unwrap()).await).unwrap();
+        cached = v["timings"]["cache_n"].as_u64().unwrap();
+    }
+    assert!(cached > 0);
+    let text = send(Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    assert_eq!(
+        metric(&text, "prompt_tokens_cache_total"),
+        cached as f64,
+        "{text}"
+    );
+    let run = metric(&text, "prompt_tokens_total");
+    let ratio = metric(&text, "prompt_cache_hit_ratio");
+    assert!(
+        (ratio - cached as f64 / (cached as f64 + run)).abs() < 1e-9,
+        "{text}"
+    );
+    assert!(text.contains("# TYPE llamacpp:prompt_cache_hit_ratio gauge"));
+}
+
 /// The value of `llamacpp:{name}` in a `/metrics` body.
 fn metric(text: &str, name: &str) -> f64 {
     let line = text
