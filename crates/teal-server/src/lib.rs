@@ -120,11 +120,13 @@ pub enum TokenizerJob {
     /// BOS, EOS and the chat template.
     Info,
     /// Token ids of a text, with BOS and EOS where the model adds them if `add_special`
-    /// ([`Tokenizer::encode_special`]); with `with_pieces`, each id beside its piece
-    /// (llama.cpp's).
+    /// ([`Tokenizer::encode_special`]), control tokens written in it (`<|im_start|>`) as
+    /// themselves if `parse_special`, else as text ([`Tokenizer::encode_with`]); with
+    /// `with_pieces`, each id beside its piece (llama.cpp's).
     Encode {
         text: String,
         add_special: bool,
+        parse_special: bool,
         with_pieces: bool,
     },
     /// The text of token ids.
@@ -620,13 +622,16 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
         TokenizerJob::Encode {
             text,
             add_special,
+            parse_special,
             with_pieces,
         } => {
-            let ids = match add_special {
-                true => tok.encode_special(&text),
-                false => tok.encode(&text, false),
+            let add_bos = add_special && tok.add_bos_default();
+            let mut ids = tok
+                .encode_with(&text, add_bos, parse_special)
+                .map_err(bad)?;
+            if add_special && tok.add_eos_default() {
+                ids.extend(tok.eos_id());
             }
-            .map_err(bad)?;
             let tokens: Value = match with_pieces {
                 false => json!(ids),
                 // A piece that is not whole UTF-8 (part of a character) as its bytes.
@@ -1165,6 +1170,8 @@ struct TokenizeRequest {
     /// llama.cpp's: each token as `{"id", "piece"}`, the piece a string, or its bytes where it
     /// is not whole UTF-8.
     with_pieces: Option<bool>,
+    /// llama.cpp's: control tokens written in the text are those tokens (default), or text.
+    parse_special: Option<bool>,
 }
 
 async fn tokenize(State(st): State<AppState>, RequestBody(body): RequestBody) -> Response {
@@ -1173,6 +1180,7 @@ async fn tokenize(State(st): State<AppState>, RequestBody(body): RequestBody) ->
             let job = TokenizerJob::Encode {
                 text: r.prompt,
                 add_special: r.add_special_tokens.unwrap_or(false),
+                parse_special: r.parse_special.unwrap_or(true),
                 with_pieces: r.with_pieces.unwrap_or(false),
             };
             tokenizer_answer(&st, job).await
@@ -2583,6 +2591,7 @@ mod tests {
             let job = TokenizerJob::Encode {
                 text: "hi".into(),
                 add_special,
+                parse_special: true,
                 with_pieces: false,
             };
             tokenizer_job(&tok, 64, job).unwrap()["tokens"].clone()

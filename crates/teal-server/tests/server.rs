@@ -945,6 +945,21 @@ async fn tokenizer_endpoints() {
     }
     assert_eq!(bytes, text.as_bytes());
     assert!(tokens.iter().any(|t| t["piece"].is_array()), "{v}");
+    // llama.cpp's `parse_special` (default true): with false, a control token's text is text.
+    let special = |parse: Option<bool>| {
+        let mut body = json!({"content": "<|im_start|>"});
+        if let Some(p) = parse {
+            body["parse_special"] = json!(p);
+        }
+        let tx = tx.clone();
+        async move { call_json(&tx, "/tokenize", body).await.1["tokens"].clone() }
+    };
+    assert_eq!(special(None).await, json!([1]));
+    assert_eq!(special(Some(true)).await, json!([1]));
+    let as_text = special(Some(false)).await;
+    assert!(as_text.as_array().unwrap().len() > 1, "{as_text}");
+    let (_, d) = call_json(&tx, "/detokenize", json!({ "tokens": as_text })).await;
+    assert_eq!(d["content"], "<|im_start|>");
 }
 
 /// llama.cpp's `/completion`: the greedy answer with its token ids and probabilities, the
