@@ -131,8 +131,13 @@ pub enum TokenizerJob {
     },
     /// The text of token ids.
     Decode(Vec<u32>),
-    /// A chat rendered with the model's template (llama.cpp's `/apply-template`).
-    Template(Vec<Message>),
+    /// A chat rendered with the model's template (llama.cpp's `/apply-template`), ending with
+    /// the header of the assistant's turn if `generation_prompt` ([`teal::chat::render_chat`]),
+    /// else as it is ([`teal::chat::render_chat_as_is`]).
+    Template {
+        messages: Vec<Message>,
+        generation_prompt: bool,
+    },
 }
 
 /// What to generate for one prompt and where to send it.
@@ -652,9 +657,15 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
             let text = tok.decode(&ids).map_err(bad)?;
             json!({"prompt": text, "content": text})
         }
-        TokenizerJob::Template(messages) => {
-            let text = teal::chat::render_chat(tok, &messages)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        TokenizerJob::Template {
+            messages,
+            generation_prompt,
+        } => {
+            let text = match generation_prompt {
+                true => teal::chat::render_chat(tok, &messages),
+                false => teal::chat::render_chat_as_is(tok, &messages),
+            }
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
             json!({ "prompt": text })
         }
     })

@@ -16,7 +16,8 @@
 //!   `input_prefix`, `input_suffix`, `input_extra` (other files, `{filename, text}`) and
 //!   `prompt` (the start of the middle), with every option of `/completion`; the parts are cut
 //!   to fit the context as [`teal::chat::Infill`] describes.
-//! - `POST /apply-template` (`messages`: the prompt text of a chat) and `GET /props`.
+//! - `POST /apply-template` (`messages`: the prompt text of a chat; `add_generation_prompt:
+//!   false` leaves out the assistant's header after it) and `GET /props`.
 //! - `POST /embeddings` (also `/embedding`): `/v1/embeddings`' request, answered as a list of
 //!   `{"index", "embedding": [vector]}`.
 //!
@@ -100,6 +101,8 @@ struct ExtraFile {
 #[derive(Deserialize)]
 struct TemplateRequest {
     messages: Vec<ChatMessage>,
+    /// End with the header of the assistant's turn (default), as llama.cpp's.
+    add_generation_prompt: Option<bool>,
 }
 
 /// What a native answer needs beyond the engine's [`Request`].
@@ -317,8 +320,14 @@ pub(crate) async fn apply_template(
     State(st): State<AppState>,
     RequestBody(body): RequestBody,
 ) -> Response {
-    match parse::<TemplateRequest>(&body).and_then(|r| chat_messages(r.messages)) {
-        Ok(m) => tokenizer_answer(&st, TokenizerJob::Template(m)).await,
+    let job = parse::<TemplateRequest>(&body).and_then(|r| {
+        Ok(TokenizerJob::Template {
+            generation_prompt: r.add_generation_prompt.unwrap_or(true),
+            messages: chat_messages(r.messages)?,
+        })
+    });
+    match job {
+        Ok(job) => tokenizer_answer(&st, job).await,
         Err(e) => e.into_response(),
     }
 }

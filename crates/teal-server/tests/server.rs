@@ -1278,6 +1278,18 @@ async fn native_template_and_props() {
         want.contains("Hi there") && want.ends_with("assistant\n"),
         "{want}"
     );
+    // llama.cpp's `add_generation_prompt: false`: the chat without the assistant's header.
+    let (s, v) = call_json(
+        &tx,
+        "/apply-template",
+        json!({"messages": [{"role": "user", "content": "Hi there"}], "add_generation_prompt": false}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["prompt"].as_str().unwrap(),
+        want.strip_suffix("<|im_start|>assistant\n").unwrap()
+    );
     let (s, b) = call(&tx, "/props", None).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let v: Value = serde_json::from_str(&b).unwrap();

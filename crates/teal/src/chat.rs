@@ -371,17 +371,26 @@ pub fn render_chat_with_tools(
                         .into(),
                 ));
             }
-            Ok(render_turns(tok, before, tools)? + &last.content)
+            Ok(render_turns(tok, before, tools, true)? + &last.content)
         }
-        _ => render_turns(tok, messages, tools),
+        _ => render_turns(tok, messages, tools, true),
     }
 }
 
-/// `messages` rendered with the template, ending with the header of the assistant's turn.
+/// `messages` rendered with the tokenizer's own template as they are: without the header of
+/// the assistant's turn after them, and a final assistant message ended as the others
+/// (llama.cpp's `/apply-template` with `add_generation_prompt: false`).
+pub fn render_chat_as_is(tok: &Tokenizer, messages: &[Message]) -> crate::Result<String> {
+    render_turns(tok, messages, &[], false)
+}
+
+/// `messages` rendered with the template, ending with the header of the assistant's turn if
+/// `generation_prompt`.
 fn render_turns(
     tok: &Tokenizer,
     messages: &[Message],
     tools: &[serde_json::Value],
+    generation_prompt: bool,
 ) -> crate::Result<String> {
     let template = match tok.chat_template() {
         Some(src) => ChatTemplate::new(src)?,
@@ -396,9 +405,9 @@ fn render_turns(
     let uses_tools = !tools.is_empty() || messages.iter().any(|m| !m.tool_calls.is_empty());
     if uses_tools && !template.takes_tools() {
         let generic = crate::tools::generic_messages(messages, tools);
-        return Ok(template.render(&generic, true, bos, eos)?);
+        return Ok(template.render(&generic, generation_prompt, bos, eos)?);
     }
-    Ok(template.render_with_tools(messages, tools, true, bos, eos)?)
+    Ok(template.render_with_tools(messages, tools, generation_prompt, bos, eos)?)
 }
 
 /// Python's Jinja treats a backslash before a newline inside a string literal as a line
