@@ -3,10 +3,11 @@
 //!
 //! - `POST /completion` (also `/completions`): `prompt` (text, token ids, ids and texts in one
 //!   prompt as `[12, "text", 34]`, or a list of them: the answer is then a list), `n_predict`
-//!   (-1: no limit; 0: run the prompt only), `temperature` (<= 0: greedy), `top_k` (<= 0: off), `top_p`, `min_p`, `seed` (-1: random),
-//!   `repeat_penalty`, `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `stop`,
-//!   `stream`, `cache_prompt`, `n_probs`, `ignore_eos`, `return_tokens`, `n_indent`,
-//!   `t_max_predict_ms`, `n_cmpl`, `id_slot`, `logit_bias`, `samplers` and `response_fields`.
+//!   (-1: no limit; 0: run the prompt only), `temperature` (<= 0: greedy), `top_k` (<= 0:
+//!   off), `top_p`, `min_p`, `seed` (-1: random), `repeat_penalty`, `repeat_last_n`,
+//!   `presence_penalty`, `frequency_penalty`, `stop`, `stream`, `cache_prompt`, `n_probs`,
+//!   `ignore_eos`, `return_tokens`, `n_indent`, `t_max_predict_ms`, `n_cmpl`, `id_slot`,
+//!   `logit_bias`, `samplers` and `response_fields`.
 //!   The answer has `content`, `tokens`, `stop_type` (`eos`, `word`, `limit`),
 //!   `stopping_word`, `tokens_predicted`, `tokens_evaluated`, `tokens_cached`,
 //!   `generation_settings`, `prompt`, `timings` and with `n_probs` `completion_probabilities`;
