@@ -324,8 +324,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = 1)]
     slots: usize,
     /// Requests must carry this key (`Authorization: Bearer KEY` or `X-Api-Key`); repeat for
-    /// several. `/health` and `/v1/models` (also `/v1/health`, `/models`) stay open. Also read
-    /// from TEAL_API_KEY.
+    /// several. `/health` and `/v1/models` (also `/v1/health`, `/models`, `/v1/models/{id}`)
+    /// stay open. Also read from TEAL_API_KEY.
     #[arg(
         long = "api-key",
         value_name = "KEY",

@@ -4,7 +4,8 @@
 //! round (on the CPU their decode steps a layer at a time across them), taking them from a queue
 //! in arrival order.
 //!
-//! - `GET /health`, `GET /v1/models` (also llama-server's `/v1/health` and `/models`)
+//! - `GET /health`, `GET /v1/models` (also llama-server's `/v1/health` and `/models`) and
+//!   `GET /v1/models/{id}` (OpenAI's retrieve: the model by its id, 404 for another)
 //! - `POST /v1/completions` (`prompt`) and `POST /v1/chat/completions` (also `/chat/completions`;
 //!   `messages`, rendered with the model's chat template), both with `"stream": true` as
 //!   server-sent events ending in `data: [DONE]`, `max_tokens`, `temperature`, `top_p`, `top_k`,
@@ -948,7 +949,7 @@ impl AppState {
 #[derive(Clone, Debug, Default)]
 pub struct ServeOptions {
     /// Every request but `/health` and `/v1/models` (and their aliases `/v1/health` and
-    /// `/models`) must carry one of these, as
+    /// `/models`, and `/v1/models/{id}`) must carry one of these, as
     /// `Authorization: Bearer KEY` or `X-Api-Key: KEY` (status 401 otherwise), as llama.cpp's
     /// `--api-key`; none: no check.
     pub api_keys: Vec<String>,
@@ -973,6 +974,8 @@ pub fn router(jobs: std::sync::mpsc::Sender<Job>, model: ModelInfo, opts: ServeO
         .route("/v1/health", get(health))
         .route("/v1/models", get(models))
         .route("/models", get(models))
+        .route("/v1/models/{*id}", get(model_by_id))
+        .route("/models/{*id}", get(model_by_id))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/chat/completions", post(chat_completions))
@@ -1042,10 +1045,10 @@ async fn require_key(
 
 /// Why `req` may not pass [`router`]'s key check, if it may not.
 fn key_error(keys: &[String], req: &axum::extract::Request) -> Option<ApiError> {
-    let public = matches!(
-        req.uri().path(),
-        "/health" | "/v1/health" | "/v1/models" | "/models"
-    );
+    let path = req.uri().path();
+    let public = matches!(path, "/health" | "/v1/health" | "/v1/models" | "/models")
+        || path.starts_with("/v1/models/")
+        || path.starts_with("/models/");
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let given = header("authorization")
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -1315,11 +1318,34 @@ async fn health() -> Json<Value> {
 }
 
 async fn models(State(st): State<AppState>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_object(&st)]}))
+}
+
+/// `GET /v1/models/{id}` (OpenAI's retrieve, which clients call to check that a model is
+/// there): the model `/v1/models` lists, by its id (percent-decoded: OpenAI's Python client
+/// encodes a `/` in it); 404 for any other id.
+async fn model_by_id(
+    State(st): State<AppState>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let id = match id {
+        Ok(axum::extract::Path(id)) => id,
+        Err(e) => return ApiError::bad_request(format!("model id: {e}")).into_response(),
+    };
+    if id != st.model.id {
+        return ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no model '{id}' here: this server serves '{}'", st.model.id),
+        }
+        .into_response();
+    }
+    Json(model_object(&st)).into_response()
+}
+
+/// The served model as `/v1/models` lists it.
+fn model_object(st: &AppState) -> Value {
     let m = &st.model;
-    Json(json!({
-        "object": "list",
-        "data": [{"id": m.id, "object": "model", "created": st.created, "owned_by": "teal", "context_length": m.ctx, "teal": m.meta}],
-    }))
+    json!({"id": m.id, "object": "model", "created": st.created, "owned_by": "teal", "context_length": m.ctx, "teal": m.meta})
 }
 
 /// Now, in seconds since the Unix epoch.

@@ -891,6 +891,49 @@ async fn health_and_models() {
     }
 }
 
+/// `GET /v1/models/{id}` (OpenAI's retrieve, `client.models.retrieve(id)`): the model
+/// `/v1/models` lists, by its id, also percent-encoded as OpenAI's Python client sends one with
+/// a `/`; another id is a 404 in OpenAI's error shape; open without a key, as `/v1/models`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_is_retrieved_by_its_id() {
+    let Some((tx, _)) = engine() else { return };
+    let (_, list) = call(&tx, "/v1/models", None).await;
+    let listed = serde_json::from_str::<Value>(&list).unwrap()["data"][0].clone();
+    for uri in ["/v1/models/smollm2", "/models/smollm2"] {
+        let (s, b) = call(&tx, uri, None).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {b}");
+        assert_eq!(serde_json::from_str::<Value>(&b).unwrap(), listed, "{uri}");
+    }
+    let (s, b) = call(&tx, "/v1/models/llama", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("'llama'") && msg.contains("'smollm2'"),
+        "{msg}"
+    );
+    // An id with a slash, plain and percent-encoded.
+    let info = ModelInfo {
+        id: "org/smol.gguf".into(),
+        ctx: CTX,
+        slots: 1,
+        meta: json!({}),
+    };
+    let keys = teal_server::ServeOptions {
+        api_keys: vec!["k1".into()],
+        ..Default::default()
+    };
+    let app = router(tx, info, keys);
+    for uri in ["/v1/models/org/smol.gguf", "/v1/models/org%2Fsmol.gguf"] {
+        let req = Request::get(uri).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{uri}");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["id"], "org/smol.gguf", "{uri}: {v}");
+    }
+}
+
 /// The tokenizer endpoints with vLLM's field names (what lm-evaluation-harness's remote
 /// tokenizer sends) and llama.cpp's: the ids `teal tokenize` gives, back to the same text; BOS
 /// only on request (SmolLM2 adds none by default); an id outside the vocabulary is a 400.
