@@ -2167,7 +2167,17 @@ impl Answer {
             Kind::Chat => {
                 let delta = match text {
                     Some(t) => json!({"content": t}),
-                    None if finish.is_none() => json!({"role": "assistant", "content": ""}),
+                    // The first chunk, naming the role: its content is OpenAI's "" for a text
+                    // answer, but null where the answer may be tool calls (as OpenAI and
+                    // llama.cpp stream calls), so that a client that accumulates the deltas
+                    // (OpenAI's SDK) has null content for calls only, as the whole answer.
+                    None if finish.is_none() => {
+                        let content = match self.tools.is_empty() {
+                            true => json!(""),
+                            false => Value::Null,
+                        };
+                        json!({"role": "assistant", "content": content})
+                    }
                     None => json!({}),
                 };
                 let lp = logprobs.map(|(t, _)| chat_logprobs(t));
