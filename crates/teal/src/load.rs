@@ -455,27 +455,37 @@ mod tests {
         crate::bench::proc_kib_field(&status, "RssFile:").unwrap() / 1024
     }
 
+    /// Whether this process is the one to run test `name` (of this module): the test runs
+    /// itself again alone (one thread, no other test) in a child process, where this is true;
+    /// here it checks that the child passed and is false.
+    fn alone(name: &str) -> bool {
+        const ALONE: &str = "TEAL_TEST_ALONE";
+        if std::env::var_os(ALONE).is_some() {
+            return true;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                &format!("load::tests::{name}"),
+                "--exact",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(ALONE, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        false
+    }
+
     /// Code pages go and come back; a private file mapping that was written and then made
     /// read-only (as the loader's relocated RELRO) keeps what was written. The release needs
     /// a process whose other threads do not map memory meanwhile, so the test runs itself again
     /// alone in a child process and does the work there.
     #[test]
     fn code_pages_released_and_written_pages_kept() {
-        const ALONE: &str = "TEAL_TEST_CODE_PAGES_ALONE";
-        if std::env::var_os(ALONE).is_none() {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "load::tests::code_pages_released_and_written_pages_kept",
-                    "--exact",
-                    "--test-threads=1",
-                    "--nocapture",
-                ])
-                .env(ALONE, "1")
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        if !alone("code_pages_released_and_written_pages_kept") {
             return;
         }
         use std::io::Write;
@@ -523,21 +533,7 @@ mod tests {
     /// test above, so that other tests' threads do not fault pages back in meanwhile.
     #[test]
     fn executable_pages_released_and_written_copies_kept() {
-        const ALONE: &str = "TEAL_TEST_EXECUTABLE_PAGES_ALONE";
-        if std::env::var_os(ALONE).is_none() {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "load::tests::executable_pages_released_and_written_copies_kept",
-                    "--exact",
-                    "--test-threads=1",
-                    "--nocapture",
-                ])
-                .env(ALONE, "1")
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        if !alone("executable_pages_released_and_written_copies_kept") {
             return;
         }
         use std::os::unix::fs::FileExt;
