@@ -2466,10 +2466,10 @@ fn streamed_message(body: &str) -> (Value, Vec<StreamedCall>, Value) {
     (content, calls, reasons[0].clone())
 }
 
-/// `request` answered whole and streamed: the same content (null for calls only), calls (names and arguments, the
-/// streamed pieces joined) and finish reason (where the token limit cut the answer, the
-/// stream may have begun one more call, the one cut short); the streamed calls and the
-/// reason.
+/// `request` answered whole and streamed: the same content (null for calls only), calls
+/// (names and arguments, the streamed pieces joined) and finish reason (where the token limit
+/// cut the answer, the stream may have begun one more call, the one cut short); the streamed
+/// calls and the reason.
 async fn whole_and_streamed(tx: &Sender<Job>, request: &Value) -> (Vec<StreamedCall>, Value) {
     let (calls, v) = whole_and_streamed_answer(tx, request).await;
     (calls, v["choices"][0]["finish_reason"].clone())
