@@ -22,57 +22,24 @@ import json
 import os
 import re
 import struct
-import subprocess
 import sys
 import threading
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from teal_serve import TealServer  # noqa: E402
 
 N_CTX = 1024
 N_SLOTS = 2
 PROMPT = "I believe the meaning of life is"
 
 
-class Server:
-    """A `teal serve` process on a free port."""
+class Server(TealServer):
+    """A `teal serve` process on a free port, with the requests the checks make."""
 
     def __init__(self, binary, model, extra=()):
-        args = [binary, "serve", "-m", model, "--port", "0", "-c", str(N_CTX)]
-        args += list(extra)
-        self.args = args
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        self.log = []
-        deadline = time.time() + 300
-        self.host, self.port = None, None
-        while time.time() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            m = re.search(r"listening on http://([\d.]+):(\d+)", line)
-            if m:
-                self.host, self.port = m.group(1), int(m.group(2))
-                break
-        if self.port is None:
-            self.stop()
-            raise RuntimeError("server did not start: " + "".join(self.log))
-        # Keep draining stderr so that the server never blocks on a full pipe.
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(binary, model, N_CTX, extra)
 
     def request(self, method, path, data=None, timeout=600, raw=None):
         """Status and body (JSON where it parses, else text)."""

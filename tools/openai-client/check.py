@@ -19,10 +19,7 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from typing import Callable, Optional
@@ -30,55 +27,10 @@ from typing import Callable, Optional
 import openai
 from pydantic import BaseModel
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from teal_serve import TealServer  # noqa: E402
+
 API_KEY = "sk-teal-check"
-
-
-class Server:
-    """`teal serve` on a free port, stopped (Ctrl-C, then kill) on exit."""
-
-    def __init__(self, teal: str, model: str, ctx: int, extra: list[str]):
-        cmd = [teal, "serve", "-m", model, "--port", "0", "-c", str(ctx), "--api-key", API_KEY]
-        cmd += extra
-        self.cmd = cmd
-        self.log: list[str] = []
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-        )
-        self.url: Optional[str] = None
-        found = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.log.append(line.rstrip("\n"))
-                m = re.search(r"listening on (http://\S+)", line)
-                if m and self.url is None:
-                    self.url = m.group(1)
-                    found.set()
-            found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        found.wait(timeout=300)
-        if self.url is None:
-            self.stop()
-            raise RuntimeError(
-                f"teal serve did not start: {' '.join(cmd)}\n" + "\n".join(self.log[-20:])
-            )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class Checks:
@@ -890,7 +842,9 @@ def main() -> int:
     c = Checks(a.only)
 
     def with_server(model: str, body: Callable[[openai.OpenAI, str, str], None]) -> None:
-        with Server(a.teal, os.path.expanduser(model), a.ctx, a.serve_arg) as s:
+        with TealServer(
+            a.teal, os.path.expanduser(model), a.ctx, ["--api-key", API_KEY, *a.serve_arg]
+        ) as s:
             assert s.url is not None
             base_url = s.url + "/v1"
             client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=300)
