@@ -121,7 +121,7 @@ pub enum TokenizerJob {
     /// BOS, EOS and the chat template.
     Info,
     /// Token ids of a text, with BOS and EOS where the model adds them if `add_special`
-    /// ([`Tokenizer::encode_special`]), control tokens written in it (`<|im_start|>`) as
+    /// ([`Tokenizer::encode_special_with`]), control tokens written in it (`<|im_start|>`) as
     /// themselves if `parse_special`, else as text ([`Tokenizer::encode_with`]); with
     /// `with_pieces`, each id beside its piece (llama.cpp's).
     Encode {
@@ -631,13 +631,11 @@ fn tokenizer_job(tok: &Tokenizer, ctx: usize, job: TokenizerJob) -> Result<Value
             parse_special,
             with_pieces,
         } => {
-            let add_bos = add_special && tok.add_bos_default();
-            let mut ids = tok
-                .encode_with(&text, add_bos, parse_special)
-                .map_err(bad)?;
-            if add_special && tok.add_eos_default() {
-                ids.extend(tok.eos_id());
+            let ids = match add_special {
+                true => tok.encode_special_with(&text, parse_special),
+                false => tok.encode_with(&text, false, parse_special),
             }
+            .map_err(bad)?;
             let tokens: Value = match with_pieces {
                 false => json!(ids),
                 // A piece that is not whole UTF-8 (part of a character) as its bytes.

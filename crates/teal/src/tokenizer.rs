@@ -992,7 +992,13 @@ impl Tokenizer {
     /// `llama_tokenize` with `add_special`): BOS in front where [`Tokenizer::add_bos_default`],
     /// EOS at the end where [`Tokenizer::add_eos_default`].
     pub fn encode_special(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.encode(text, self.add_bos_default())?;
+        self.encode_special_with(text, true)
+    }
+
+    /// [`Tokenizer::encode_special`]; without `parse_special`, control tokens written in the
+    /// text are text ([`Tokenizer::encode_with`]).
+    pub fn encode_special_with(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let mut ids = self.encode_with(text, self.add_bos_default(), parse_special)?;
         ids.extend(self.eos.filter(|_| self.add_eos_default()));
         Ok(ids)
     }
