@@ -326,13 +326,7 @@ pub unsafe fn release_code_pages() {
             if !(file_backed && read_only_private && small_pages && plain) || written {
                 continue;
             }
-            let Some((start, end)) = range.split_once('-') else {
-                continue;
-            };
-            let (Ok(start), Ok(end)) = (
-                usize::from_str_radix(start, 16),
-                usize::from_str_radix(end, 16),
-            ) else {
+            let Some((start, end)) = address_range(range) else {
                 continue;
             };
             // SAFETY: a private, read-only mapping of a file in ordinary pages, none of them
@@ -366,13 +360,19 @@ fn read_only_ranges_of(maps: &str, exe: &str) -> Vec<(usize, usize)> {
             if path != exe || !matches!(perms, "r--p" | "r-xp") {
                 return None;
             }
-            let (start, end) = range.split_once('-')?;
-            Some((
-                usize::from_str_radix(start, 16).ok()?,
-                usize::from_str_radix(end, 16).ok()?,
-            ))
+            address_range(range)
         })
         .collect()
+}
+
+/// A mapping's `start-end` (hexadecimal) of `/proc/self/maps` or `smaps`.
+#[cfg(target_os = "linux")]
+fn address_range(range: &str) -> Option<(usize, usize)> {
+    let (start, end) = range.split_once('-')?;
+    Some((
+        usize::from_str_radix(start, 16).ok()?,
+        usize::from_str_radix(end, 16).ok()?,
+    ))
 }
 
 /// Drops the resident pages of this program's executable file that hold nothing but the file's
